@@ -1,0 +1,143 @@
+"""Validation at the public boundary. Every error reads ``"<func>(<arg>=...): expected ..., got ..."``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+
+def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
+    text = f"{func}({arg}=...): expected {expected}, got {got}."
+    return f"{text} {fix}" if fix else text
+
+
+def check_tensor(func: str, arg: str, x, *, ndim: int | None = None,
+                 dim_size: dict[int, int] | None = None, finite: bool = True,
+                 floating: bool = False) -> Tensor:
+    """Raise unless ``x`` is a Tensor with ``ndim`` dims, fixed sizes and finite values."""
+    if not isinstance(x, Tensor):
+        raise TypeError(_msg(func, arg, "a torch.Tensor", type(x).__name__))
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(_msg(func, arg, f"a {ndim}-d tensor", f"shape {list(x.shape)}"))
+    for axis, size in (dim_size or {}).items():
+        if x.shape[axis] != size:
+            raise ValueError(_msg(func, arg, f"size {size} at dim {axis}", f"shape {list(x.shape)}"))
+    if floating and not x.is_floating_point():
+        raise TypeError(_msg(func, arg, "a floating-point tensor", str(x.dtype)))
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
+    return x
+
+
+def check_positive(func: str, arg: str, value, *, allow_zero: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number > 0 (or >= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(_msg(func, arg, "a real number", type(value).__name__))
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(_msg(func, arg, "a finite number " + (">= 0" if allow_zero else "> 0"),
+                              repr(value)))
+    return float(value)
+
+
+def check_int(func: str, arg: str, value, *, minimum: int = 1) -> int:
+    """Raise unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(_msg(func, arg, "an int", type(value).__name__))
+    if value < minimum:
+        raise ValueError(_msg(func, arg, f"an int >= {minimum}", repr(value)))
+    return value
+
+
+def check_optional_int(func: str, arg: str, value, *, minimum: int = 1) -> int | None:
+    return None if value is None else check_int(func, arg, value, minimum=minimum)
+
+
+def check_params(func: str, arg: str, params) -> dict[str, Tensor]:
+    """Raise unless ``params`` is a non-empty ``dict[str, Tensor]`` of finite floats."""
+    if not isinstance(params, Mapping) or not params:
+        raise TypeError(_msg(func, arg, "a non-empty dict[str, Tensor]", type(params).__name__))
+    for k, v in params.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(_msg(func, arg, "Tensor values", f"{type(v).__name__} at key {k!r}"))
+        if not v.is_floating_point():
+            raise TypeError(_msg(func, arg, "floating-point tensors", f"{v.dtype} at key {k!r}"))
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(_msg(func, arg, "finite values", f"NaN or inf at key {k!r}"))
+    return dict(params)
+
+
+def is_batch(obj) -> bool:
+    """True for a single Batch: a Tensor, or a tuple/list/dict whose leaves are Tensors."""
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return bool(obj) and all(isinstance(v, Tensor) for v in obj)
+    return False
+
+
+def batch_leaves(batch) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return list(batch.values())
+    return list(batch)
+
+
+def batch_size(func: str, arg: str, batch) -> int:
+    """Return the shared leading size ``B`` of a Batch; raise on a non-batch, mismatch or B == 0."""
+    if not is_batch(batch):
+        raise TypeError(_msg(func, arg, "a Tensor or a tuple/list/dict of Tensors",
+                             type(batch).__name__))
+    leaves = batch_leaves(batch)
+    if any(t.ndim == 0 for t in leaves):
+        raise ValueError(_msg(func, arg, "tensors with a leading batch dim", "a 0-d tensor"))
+    sizes = {t.shape[0] for t in leaves}
+    if len(sizes) != 1:
+        raise ValueError(_msg(func, arg, "one leading batch size shared by all tensors",
+                              f"sizes {sorted(sizes)}"))
+    (size,) = sizes
+    if size == 0:
+        raise ValueError(_msg(func, arg, "a non-empty batch", "B = 0"))
+    for t in leaves:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
+    return size
+
+
+def batch_slice(batch, start: int, stop: int):
+    """Rows ``start:stop`` of every leaf, keeping the container type."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return type(batch)(v[start:stop] for v in batch)
+
+
+def batch_to(batch, device):
+    """Move every leaf to ``device`` (a no-op for tensors already there)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) for k, v in batch.items()}
+    return type(batch)(v.to(device) for v in batch)
+
+
+def iter_batches(func: str, arg: str, data) -> Iterable:
+    """Return a re-iterable of batches: ``[data]`` for a single Batch, ``data`` for a list/DataLoader.
+
+    Generators and iterators are refused, since operators re-read their data on every call.
+    """
+    if is_batch(data):
+        return [data]
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(_msg(func, arg, "a Batch or a re-iterable of Batches", type(data).__name__))
+    if iter(data) is data:
+        raise TypeError(_msg(func, arg, "a re-iterable of Batches (list, DataLoader)",
+                             "a one-shot iterator", "Wrap it in list(...)."))
+    return data

@@ -1,0 +1,131 @@
+"""Curvature operators ``V -> C V`` of a per-example loss, averaged over a data set.
+
+Every factory returns a :class:`~dattri_fn._types.LinOp` on raveled params (dict order) that
+handles ``k`` right-hand sides at once (``vmap`` over rows) and streams over the data in
+mini-batches: ``C = (1/N) sum_batches sum_{i in batch} C_i``. Nothing ``[P, P]`` is formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ._checks import (
+    batch_leaves,
+    batch_size,
+    batch_to,
+    check_optional_int,
+    check_params,
+    iter_batches,
+)
+from ._types import Batch, LinOp, Loss, Params
+from .grad import per_sample_grad_unchecked
+from .tree import ravel, ravel_batched
+
+
+def _prepare(func: str, params: Params, data, chunk_size):
+    check_params(func, "params", params)
+    check_optional_int(func, "chunk_size", chunk_size)
+    batches = iter_batches(func, "data", data)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError(f"{func}(data=...): expected at least one batch, got an empty iterable.")
+    batch_size(func, "data", first)
+    flat0, unravel = ravel({k: v.detach() for k, v in params.items()})
+    return batches, flat0, unravel
+
+
+def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches):
+    """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)``."""
+    device = flat0.device
+
+    def matmat(V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        n = 0
+        for batch in batches:
+            batch = batch_to(batch, device)
+            out = out + per_batch(V, batch)
+            n += batch_leaves(batch)[0].shape[0]
+        return out / n
+
+    return LinOp(matmat, flat0.numel(), flat0.dtype, device, name=func)
+
+
+def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None) -> LinOp:
+    """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
+
+    Forward-over-reverse: ``jvp`` of ``grad`` of the batch-summed loss, ``vmap``-ed over rows.
+
+    Args:
+        loss: per-example loss ``loss(params, example) -> Tensor[]``.
+        params: point of linearisation ``dict[str, Tensor]``; defines P and the ravel order.
+        data: one Batch or a re-iterable of Batches (list, DataLoader), re-read on every call.
+        chunk_size: rows of ``V`` per vmap call (bounds memory); None = all ``k`` at once.
+
+    Note:
+        ``H`` of a non-convex loss is indefinite; pass ``damping`` to the solver, not here.
+    """
+    batches, flat0, unravel = _prepare("hvp", params, data, chunk_size)
+
+    def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
+        return vmap(loss, in_dims=(None, 0))(unravel(flat), batch).sum()
+
+    grad_fn = torch.func.grad(batch_loss)
+
+    def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        def one(v: Tensor) -> Tensor:
+            return jvp(lambda f: grad_fn(f, batch), (flat0,), (v,))[1]
+
+        return vmap(one, chunk_size=chunk_size)(V)
+
+    return _streamed("hvp", per_batch, flat0, batches)
+
+
+def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
+         chunk_size: int | None = None) -> LinOp:
+    """Return ``V -> G V`` with the Gauss-Newton ``G = (1/N) sum_i J_i^T H_i J_i``.  # [k, P] -> [k, P]
+
+    ``J_i`` is the Jacobian of ``forward(params, x_i)`` w.r.t. the params and ``H_i`` the Hessian of
+    ``out_loss(output, x_i)`` w.r.t. the output. For softmax cross-entropy ``G`` is the true Fisher.
+
+    Args:
+        forward: ``forward(params, example) -> output`` for one example (any output shape).
+        out_loss: ``out_loss(output, example) -> Tensor[]``, convex in ``output``.
+        params, data, chunk_size: as in :func:`hvp`.
+    """
+    batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size)
+
+    def one_example(v: Tensor, example) -> Tensor:
+        f = lambda flat: forward(unravel(flat), example)
+        out, vjp_fn = vjp(f, flat0)
+        jv = jvp(f, (flat0,), (v,))[1]
+        out_grad = torch.func.grad(lambda o: out_loss(o, example))
+        h_jv = jvp(out_grad, (out,), (jv,))[1]
+        return vjp_fn(h_jv)[0]
+
+    def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        def one(v: Tensor) -> Tensor:
+            return vmap(one_example, in_dims=(None, 0))(v, batch).sum(0)
+
+        return vmap(one, chunk_size=chunk_size)(V)
+
+    return _streamed("gnvp", per_batch, flat0, batches)
+
+
+def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None) -> LinOp:
+    """Return ``V -> F V`` with the empirical Fisher ``F = (1/N) sum_i g_i g_i^T``.  # [k, P] -> [k, P]
+
+    ``g_i`` is the per-example gradient; each batch's ``[B, P]`` gradients live only while that
+    batch is processed. ``chunk_size`` bounds the per-sample gradient ``vmap``.
+    """
+    batches, flat0, unravel = _prepare("fvp", params, data, chunk_size)
+    p = unravel(flat0)
+
+    def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        G = ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size))
+        return (V @ G.T) @ G
+
+    return _streamed("fvp", per_batch, flat0, batches)

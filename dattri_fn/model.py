@@ -1,0 +1,169 @@
+"""The model bridge: ``nn.Module`` + batch loss -> pure ``(params, loss, forward)``.
+
+An example is one element of a Batch. By default a tuple/list example ``(x1, ..., xm, y)`` feeds
+``x1..xm`` to the module and ``y`` to the loss; a dict example feeds every key but ``"labels"`` as
+keyword arguments; a bare Tensor example is the only input (no target). Pass ``unpack`` for any
+other layout. The module is called on a batch of one (``unsqueeze(0)``), so ordinary modules and
+ordinary batch losses (``F.cross_entropy``) work unchanged under ``vmap``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from ._checks import check_params
+from ._types import Params
+
+Selector = None | str | Iterable[str] | Callable[[str], bool]
+
+
+class FunctionalModel(NamedTuple):
+    """A module seen as pure functions of the selected parameters.
+
+    Attributes:
+        params: the selected (attributed) parameters, detached, in ``named_parameters`` order.
+        loss: ``loss(params, example) -> Tensor[]`` for ONE example.
+        forward: ``forward(params, example) -> output`` for ONE example (batch dim removed).
+        fixed: parameters not selected, held constant, and the buffers (BatchNorm statistics).
+        module: the module itself (its mode, train/eval, is used as is).
+    """
+
+    params: Params
+    loss: Callable[[Params, Any], Tensor]
+    forward: Callable[[Params, Any], Any]
+    fixed: Params
+    module: nn.Module
+
+
+def default_unpack(example) -> tuple[tuple, dict, Any]:
+    """Split an example into ``(args, kwargs, target)`` by the layout rules of this module."""
+    if isinstance(example, Tensor):
+        return (example,), {}, None
+    if isinstance(example, Mapping):
+        kwargs = {k: v for k, v in example.items() if k != "labels"}
+        return (), kwargs, example.get("labels")
+    if isinstance(example, (tuple, list)):
+        if len(example) < 2:
+            return tuple(example), {}, None
+        return tuple(example[:-1]), {}, example[-1]
+    raise TypeError(f"default_unpack(example=...): expected a Tensor, tuple, list or dict, "
+                    f"got {type(example).__name__}.")
+
+
+def select_params(names: list[str], selector: Selector, *, func: str = "select_params") -> list[str]:
+    """Return the names picked by ``selector``: None (all), a name or module prefix, a list of
+    them, or a predicate ``name -> bool``. Unknown names raise, listing what exists."""
+    if selector is None:
+        return list(names)
+    if callable(selector):
+        chosen = [n for n in names if selector(n)]
+    else:
+        wanted = [selector] if isinstance(selector, str) else list(selector)
+        unknown = [w for w in wanted
+                   if not any(n == w or n.startswith(w + ".") for n in names)]
+        if unknown:
+            raise ValueError(f"{func}(params=...): expected parameter names or module prefixes "
+                             f"of the model, got unknown {unknown}. Known: {names}.")
+        chosen = [n for n in names if any(n == w or n.startswith(w + ".") for w in wanted)]
+    if not chosen:
+        raise ValueError(f"{func}(params=...): the selection matched no parameter. Known: {names}.")
+    return chosen
+
+
+def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
+                     params: Selector = None,
+                     unpack: Callable[[Any], tuple[tuple, dict, Any]] = default_unpack,
+                     ) -> FunctionalModel:
+    """Return ``FunctionalModel(params, loss, forward, fixed, module)`` for ``module``.
+
+    ``loss(p, example) = loss_fn(module_p(*args[None]), target[None])`` for one example, where
+    ``module_p`` is the module with the selected parameters replaced by ``p`` (and the rest fixed).
+
+    Args:
+        module: any ``nn.Module``; for BatchNorm/Dropout call ``module.eval()`` first.
+        loss_fn: batch loss ``loss_fn(output, target) -> Tensor[]`` (e.g. ``F.cross_entropy``);
+            None if only ``forward`` is needed.
+        params: which parameters to attribute over (see :func:`select_params`).
+        unpack: ``example -> (args, kwargs, target)``.
+
+    Raises:
+        ValueError: unknown parameter names; later, a params dict whose keys differ from the
+            selection (the error names the missing and unexpected keys).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"functional_model(module=...): expected an nn.Module, "
+                        f"got {type(module).__name__}.")
+    all_params = dict(module.named_parameters())
+    chosen = select_params(list(all_params), params, func="functional_model")
+    selected = {n: all_params[n].detach() for n in chosen}
+    fixed = {n: p.detach() for n, p in all_params.items() if n not in selected}
+    fixed.update({n: b.detach() for n, b in module.named_buffers()})
+    if module.training and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout))
+                               for m in module.modules()):
+        warnings.warn("functional_model(module=...): the module is in training mode and has "
+                      "BatchNorm/Dropout; per-example gradients need module.eval().", stacklevel=2)
+    expected = set(chosen)
+
+    def call(p: Params, example):
+        if p.keys() != expected:
+            missing, extra = sorted(expected - p.keys()), sorted(p.keys() - expected)
+            raise ValueError(f"loss/forward(params=...): expected the keys of the selected "
+                             f"parameters, got missing {missing}, unexpected {extra}.")
+        args, kwargs, target = unpack(example)
+        add_batch = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t
+        args = tuple(add_batch(a) for a in args)
+        kwargs = {k: add_batch(v) for k, v in kwargs.items()}
+        out = functional_call(module, {**fixed, **p}, args, kwargs, strict=True)
+        return out, target
+
+    def forward(p: Params, example):
+        out, _ = call(p, example)
+        return tree_map(lambda t: t.squeeze(0) if isinstance(t, Tensor) else t, out)
+
+    def loss(p: Params, example) -> Tensor:
+        if loss_fn is None:
+            raise ValueError("loss(...): functional_model was built with loss_fn=None.")
+        out, target = call(p, example)
+        if target is None:
+            return loss_fn(out)
+        return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
+
+    return FunctionalModel(selected, loss, forward, fixed, module)
+
+
+def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, *,
+                map_location=None) -> Params:
+    """Return a checkpoint's tensors for exactly the keys of ``like``, in ``like``'s order.
+
+    ``source`` is a state dict or a path loaded with ``torch.load(weights_only=True)`` (no
+    arbitrary code runs). Extra keys (buffers, other layers) are ignored; missing keys or shape
+    mismatches raise, naming them. Tensors are moved to the device and dtype of ``like``.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        state = torch.load(source, map_location=map_location or "cpu", weights_only=True)
+    elif isinstance(source, Mapping):
+        state = source
+    else:
+        raise TypeError(f"load_params(source=...): expected a path or a state dict, "
+                        f"got {type(source).__name__}.")
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    missing = [k for k in like if k not in state]
+    if missing:
+        raise ValueError(f"load_params(source=...): expected keys {list(like)}, "
+                         f"missing {missing}.")
+    bad = [k for k in like if tuple(state[k].shape) != tuple(like[k].shape)]
+    if bad:
+        raise ValueError(f"load_params(source=...): shape mismatch at {bad}: expected "
+                         f"{[tuple(like[k].shape) for k in bad]}, got "
+                         f"{[tuple(state[k].shape) for k in bad]}.")
+    out = {k: state[k].detach().to(device=like[k].device, dtype=like[k].dtype) for k in like}
+    return check_params("load_params", "source", out)

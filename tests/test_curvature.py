@@ -1,0 +1,120 @@
+"""hvp, gnvp and fvp against their dense definitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
+from torch.func import hessian, jacrev
+
+from dattri_fn import fvp, gnvp, hvp
+from dattri_fn.tree import ravel
+
+problem_names = st.sampled_from(sorted(PROBLEMS))
+
+
+def _V(k, P, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(k, P, generator=g, dtype=torch.float64).to(device)
+
+
+@given(problem_names, st.integers(1, 10), st.integers(1, 4), st.integers(0, 2**16),
+       st.sampled_from([None, 1, 2]))
+def test_hvp_equals_dense_hessian(name, n, k, seed, chunk_size):
+    """hvp(loss)(V) == V @ torch.func.hessian(mean loss) (H symmetric) for k rows at once."""
+    params, loss, batch = PROBLEMS[name](n=n, seed=seed)
+    H = dense_hessian(params, loss, batch)
+    V = _V(k, H.shape[0], seed)
+    torch.testing.assert_close(hvp(loss, params, batch, chunk_size=chunk_size)(V), V @ H,
+                               rtol=0, atol=1e-11)
+
+
+@given(problem_names, st.integers(0, 2**16), st.integers(1, 8))
+def test_hvp_averaged_over_batches_equals_full_batch(name, seed, split):
+    """The operator over a list of mini-batches is the mean over ALL examples, not of batch means."""
+    params, loss, (x, y) = PROBLEMS[name](n=9, seed=seed)
+    H = dense_hessian(params, loss, (x, y))
+    op = hvp(loss, params, [(x[:split], y[:split]), (x[split:], y[split:])])
+    V = _V(2, H.shape[0], seed)
+    torch.testing.assert_close(op(V), V @ H, rtol=0, atol=1e-11)
+    torch.testing.assert_close(op(V[0]), V[0] @ H, rtol=0, atol=1e-11)
+
+
+@given(problem_names, st.integers(1, 8), st.integers(0, 2**16))
+def test_adjoint_identity(name, n, seed):
+    """<u, H v> == <H u, v>: the operator is symmetric."""
+    params, loss, batch = PROBLEMS[name](n=n, seed=seed)
+    op = hvp(loss, params, batch)
+    u, v = _V(2, op.dim, seed)
+    torch.testing.assert_close(u @ op(v), op(u) @ v, rtol=1e-10, atol=1e-12)
+
+
+@given(problem_names, st.integers(1, 8), st.integers(0, 2**16))
+def test_fvp_equals_empirical_fisher(name, n, seed):
+    """fvp(V) == V @ (G^T G / n) with G the [n, P] per-sample gradients."""
+    params, loss, batch = PROBLEMS[name](n=n, seed=seed)
+    G = dense_per_sample_grads(params, loss, batch)
+    V = _V(3, G.shape[1], seed)
+    torch.testing.assert_close(fvp(loss, params, batch, chunk_size=2)(V), V @ (G.T @ G / n),
+                               rtol=0, atol=1e-11)
+
+
+def _mlp_forward(p, ex):
+    x, _ = ex
+    h = torch.tanh(p["l1.weight"] @ x + p["l1.bias"])
+    return p["l2.weight"] @ h + p["l2.bias"]
+
+
+def _ce(out, ex):
+    return F.cross_entropy(out.unsqueeze(0), ex[1].unsqueeze(0))
+
+
+@given(st.integers(1, 8), st.integers(0, 2**16))
+def test_gnvp_equals_dense_gauss_newton(n, seed):
+    """gnvp(V) == V @ mean_i J_i^T H_out,i J_i with J, H_out from jacrev/hessian (dense)."""
+    params, loss, (x, y) = PROBLEMS["mlp"](n=n, seed=seed)
+    flat0, unravel = ravel(params)
+    G = 0
+    for i in range(n):
+        ex = (x[i], y[i])
+        J = jacrev(lambda f: _mlp_forward(unravel(f), ex))(flat0)
+        out = _mlp_forward(params, ex)
+        Ho = hessian(lambda o: _ce(o, ex))(out)
+        G = G + J.T @ Ho @ J
+    G = G / n
+    V = _V(3, flat0.numel(), seed)
+    torch.testing.assert_close(gnvp(_mlp_forward, _ce, params, (x, y))(V), V @ G,
+                               rtol=0, atol=1e-11)
+
+
+def test_gauss_newton_equals_hessian_for_linear_model():
+    """For logistic regression (linear logits) GN == Hessian exactly."""
+    params, loss, batch = PROBLEMS["logistic"](n=6)
+    fwd = lambda p, ex: p["W"] @ ex[0] + p["b"]
+    H = dense_hessian(params, loss, batch)
+    V = _V(2, H.shape[0], 0)
+    torch.testing.assert_close(gnvp(fwd, _ce, params, batch)(V), V @ H, rtol=0, atol=1e-12)
+
+
+def test_device_dtype_follow_params(device):
+    """The operator and its output live on the params' device and dtype."""
+    params, loss, batch = PROBLEMS["mlp"](n=4, device=device)
+    op = hvp(loss, params, batch)
+    out = op(torch.ones(op.dim, dtype=torch.float64, device=device))
+    assert out.device.type == device.type and out.dtype == torch.float64
+    assert op.device.type == device.type
+
+
+def test_bad_inputs():
+    """Wrong V shape, empty data, one-shot iterator: errors name the argument."""
+    params, loss, (x, y) = PROBLEMS["linear"](n=4)
+    op = hvp(loss, params, (x, y))
+    with pytest.raises(ValueError, match=r"hvp\(V=...\): expected shape \[k, 5\]"):
+        op(torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"hvp\(data=...\): expected at least one batch"):
+        hvp(loss, params, [])
+    with pytest.raises(TypeError, match=r"fvp\(data=...\): expected a re-iterable"):
+        fvp(loss, params, iter([(x, y)]))
+    with pytest.raises(ValueError, match=r"hvp\(data=...\): expected a non-empty batch"):
+        hvp(loss, params, (x[:0], y[:0]))
