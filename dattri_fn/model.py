@@ -34,6 +34,7 @@ class FunctionalModel(NamedTuple):
         forward: ``forward(params, example) -> output`` for ONE example (batch dim removed).
         fixed: parameters not selected, held constant, and the buffers (BatchNorm statistics).
         module: the module itself (its mode, train/eval, is used as is).
+        loss_fn: the batch loss the bridge was built with (K-FAC/EK-FAC re-use it).
     """
 
     params: Params
@@ -41,6 +42,7 @@ class FunctionalModel(NamedTuple):
     forward: Callable[[Params, Any], Any]
     fixed: Params
     module: nn.Module
+    loss_fn: Callable | None = None
 
 
 def default_unpack(example) -> tuple[tuple, dict, Any]:
@@ -136,7 +138,7 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
             return loss_fn(out)
         return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
 
-    return FunctionalModel(selected, loss, forward, fixed, module)
+    return FunctionalModel(selected, loss, forward, fixed, module, loss_fn)
 
 
 def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, *,

@@ -1,0 +1,146 @@
+"""Gradient-similarity methods: Grad-Dot, Grad-Cos and TracIn over checkpoints.
+
+    Grad-Dot   s_ij = <g_i, g_j>
+    Grad-Cos   s_ij = <g_i, g_j> / (|g_i| |g_j|)
+    TracIn     s_ij = sum_c lr_c <g_i(theta_c), g_j(theta_c)>
+
+with ``g = grad loss(params, z)`` (optionally randomly projected to ``proj_dim``). A positive
+score means a gradient step on ``z_i`` lowers ``z_j``'s loss to first order: a proponent.
+Without ``proj_dim`` the scores are exact (no silent projection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._checks import check_optional_int, check_positive
+from .._types import Loss, Params
+from .method import Method, device_of, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
+from .pipeline import collect, in_chunks, stream_scores, stream_self
+
+
+def _projector(stacked: Params, proj_dim, kind, seed):
+    if proj_dim is None:
+        return None
+    from ..project import make_projector
+
+    P = sum(v[0].numel() for v in stacked.values())
+    v0 = next(iter(stacked.values()))
+    return make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed, dtype=v0.dtype,
+                          device=v0.device)
+
+
+def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, lrs=None,
+                         normalize: bool = False,
+                         proj_dim: int | None = None, kind: str = "rademacher", seed: int = 0,
+                         chunk_size: int | None = None) -> Method:
+    check_optional_int(name, "proj_dim", proj_dim)
+    check_optional_int(name, "chunk_size", chunk_size)
+
+    def features(params, state=None):
+        stacked = stack_checkpoints(name, params)
+        C = num_checkpoints(stacked)
+        if lrs is None:
+            weights = torch.ones(C, dtype=torch.float64)
+        else:
+            weights = torch.as_tensor(lrs, dtype=torch.float64)
+            if weights.shape != (C,):
+                raise ValueError(f"{name}(lrs=...): expected {C} learning rates (one per "
+                                 f"checkpoint), got shape {list(weights.shape)}.")
+        v0 = next(iter(stacked.values()))
+        weights = weights.to(dtype=v0.dtype, device=v0.device)
+        proj = _projector(stacked, proj_dim, kind, seed)
+
+        def grads(batch, fn=loss) -> Tensor:
+            G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
+            if proj is not None:
+                G = proj(G.reshape(-1, G.shape[-1])).reshape(C, G.shape[1], -1)
+            if normalize:
+                G = G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+            return G
+
+        def train_f(batch) -> Tensor:
+            G = grads(batch) * weights[:, None, None]
+            return G.transpose(0, 1).reshape(G.shape[1], -1)  # [B, C*F]
+
+        def test_f(batch) -> Tensor:
+            G = grads(batch, loss if target is None else target)
+            return G.transpose(0, 1).reshape(G.shape[1], -1)
+
+        return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
+
+    def prepare(params, train=None):
+        stack_checkpoints(name, params)
+        return ()
+
+    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
+        train_f, test_f, device = features(params)
+        test_feats = collect(name, "test", test_f, test, device)
+        return stream_scores(name, train_f, train, test_feats, device, top_k=top_k,
+                             largest=largest)
+
+    def self_score(params, state, train):
+        train_f, test_f, device = features(params)
+        return stream_self(name, train_f, test_f, train, device)
+
+    return Method(prepare, score, self_score, name)
+
+
+def grad_dot(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = None,
+             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+    """Return Grad-Dot: ``scores[i, j] = <g_i, g_j>`` at one checkpoint.  # -> [n_train, n_test]
+
+    Args:
+        loss: per-example loss ``loss(params, example) -> Tensor[]``.
+        target: test-side function whose DECREASE a positive score predicts (default ``loss``).
+        proj_dim: project gradients to this many dims first (None = exact, no projection).
+        kind, seed: projector kind and seed (see :func:`dattri_fn.project.make_projector`).
+        chunk_size: examples per per-sample-gradient call (bounds memory to chunk x P).
+
+    References:
+        Charpiat et al. 2019, "Input Similarity from the Neural Network Perspective".
+    """
+    return _gradient_similarity(loss, "grad_dot", target=target, proj_dim=proj_dim, kind=kind, seed=seed,
+                                chunk_size=chunk_size)
+
+
+def grad_cos(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = None,
+             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+    """Return Grad-Cos: ``scores[i, j] = <g_i, g_j> / (|g_i| |g_j|)``.  # -> [n_train, n_test]
+
+    Args: as :func:`grad_dot`. Zero gradients score 0. Self-influence is 1 for nonzero g_i.
+    """
+    return _gradient_similarity(loss, "grad_cos", target=target, normalize=True, proj_dim=proj_dim, kind=kind,
+                                seed=seed, chunk_size=chunk_size)
+
+
+def tracin(loss: Loss, *, lrs: Sequence[float] | Tensor, target: Loss | None = None,
+           proj_dim: int | None = None,
+           kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+    """Return TracIn-CP: ``scores[i, j] = sum_c lr_c <g_i(theta_c), g_j(theta_c)>``.
+
+    ``params`` passed to ``score`` is the list of C checkpoints; gradients at all checkpoints are
+    computed together by ``vmap`` over the stacked checkpoints.  # -> [n_train, n_test]
+
+    Args:
+        loss: per-example loss.
+        lrs: the learning rate in effect at each checkpoint, ``[C]``.
+        target: test-side function whose DECREASE a positive score predicts (default ``loss``).
+        proj_dim, kind, seed, chunk_size: as :func:`grad_dot` (the same projector at every
+            checkpoint).
+
+    References:
+        Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
+        arXiv 2002.08484.
+    """
+    lrs_t = torch.as_tensor(lrs, dtype=torch.float64)
+    if lrs_t.ndim != 1 or lrs_t.numel() == 0 or not bool(torch.isfinite(lrs_t).all()):
+        raise ValueError(f"tracin(lrs=...): expected a non-empty 1-d sequence of finite learning "
+                         f"rates, got {lrs!r}.")
+    for lr in lrs_t.tolist():
+        check_positive("tracin", "lrs", lr)
+    return _gradient_similarity(loss, "tracin", target=target, lrs=lrs_t, proj_dim=proj_dim, kind=kind,
+                                seed=seed, chunk_size=chunk_size)

@@ -1,0 +1,156 @@
+"""Influence functions with any inverse-curvature backend: one pipeline, the solver a parameter.
+
+    scores[i, j] = g_i^T (C + damping I)^-1 g_j
+
+with ``g = grad loss(params, z)`` and ``C`` the curvature of the MEAN training loss (the Hessian
+by default; Gauss-Newton, empirical Fisher or K-FAC/EK-FAC on request). This is minus the
+first-order change of test loss ``j`` when training example ``i`` is up-weighted
+(Koh & Liang 2017, arXiv 1703.04730): positive = proponent. The curvature operator averages
+over all training batches (never a sum of per-batch inverses); the inverse is applied to the
+n_test test gradients once, and train gradients stream batch by batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from .._checks import check_positive, iter_batches
+from .._types import LinOp, Loss, Params
+from ..curvature import fvp, hvp
+from ..grad import per_sample_grad
+from .method import Method, device_of
+from .pipeline import collect, in_chunks, stream_scores, stream_self
+
+SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
+CURVATURES = ("hessian", "fisher")
+
+
+class InfluenceState(NamedTuple):
+    """``ihvp``: the inverse operator ``V -> (C + damping I)^-1 V``; ``factors``: the tensors it
+    was built from (eigenpairs, K-FAC factors...) or ``None`` for matrix-free solvers."""
+
+    ihvp: LinOp
+    factors: Any
+
+
+def _concat(train) -> Any:
+    batches = list(iter_batches("influence", "train", train))
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(batches)
+    if isinstance(first, dict):
+        return {k: torch.cat([b[k] for b in batches]) for k in first}
+    return type(first)(torch.cat([b[i] for b in batches]) for i in range(len(first)))
+
+
+def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
+              curvature: str | Callable[[Params, Any], LinOp] = "hessian",
+              target: Loss | None = None, model=None, chunk_size: int | None = None,
+              **solver_options) -> Method:
+    """Return the influence-function method with the given inverse-curvature backend.
+
+    Args:
+        loss: per-example loss ``loss(params, example) -> Tensor[]``.
+        solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``.
+        damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
+            model is indefinite; see each solver's rule for non-positive directions).
+        curvature: ``"hessian"`` (default), ``"fisher"`` (empirical Fisher), or a callable
+            ``(params, train) -> LinOp`` (e.g. a Gauss-Newton built with :func:`gnvp`).
+            Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
+        model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
+            ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks).
+        chunk_size: examples per per-sample-gradient call and rows per HVP call.
+        **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
+            ``depth``, ``repeats``, ``batch_size``, ``seed``...).
+        target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
+            positive score predicts (default: ``loss``; e.g. the loss without its L2 term, or
+            minus a margin).
+
+    Returns:
+        ``Method(prepare, score, self_score)``; scores ``[n_train, n_test]``.
+
+    References:
+        Koh & Liang 2017 (arXiv 1703.04730); Schioppa et al. 2022 (Arnoldi, arXiv 2112.03052);
+        Agarwal et al. 2017 (LiSSA, arXiv 1602.03943); Kwon et al. 2023 (DataInf, arXiv
+        2310.00902); George et al. 2018 (EK-FAC, arXiv 1806.03884); Grosse et al. 2023
+        (arXiv 2308.03296).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)}, got {solver!r}.")
+    check_positive("influence", "damping", damping)
+    if isinstance(curvature, str) and curvature not in CURVATURES:
+        raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
+                         f"callable (params, train) -> LinOp, got {curvature!r}.")
+    if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
+        raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
+                         "(with its loss_fn) that the loss came from, got None.")
+    name = f"if_{solver}"
+    grads = lambda params, fn=loss: in_chunks(lambda b: per_sample_grad(fn, params, b), chunk_size)
+    test_fn = loss if target is None else target
+
+    def curvature_op(params, train) -> LinOp:
+        if callable(curvature):
+            return curvature(params, train)
+        build = hvp if curvature == "hessian" else fvp
+        return build(loss, params, train, chunk_size=chunk_size)
+
+    def prepare(params: Params, train) -> InfluenceState:
+        from .. import solve
+        from ..solve import datainf, kfac
+
+        if solver == "explicit":
+            inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
+                                      **solver_options)
+            return InfluenceState(inv, getattr(inv, "eigen", None))
+        if solver == "cg":
+            return InfluenceState(solve.ihvp_cg(curvature_op(params, train), damping=damping,
+                                                **solver_options), None)
+        if solver == "arnoldi":
+            inv = solve.ihvp_arnoldi(curvature_op(params, train), damping=damping,
+                                     **solver_options)
+            return InfluenceState(inv, getattr(inv, "eigen", None))
+        if solver == "lissa":
+            if callable(curvature):
+                batch_op = lambda b: curvature(params, b)
+            else:
+                build = hvp if curvature == "hessian" else fvp
+                batch_op = lambda b: build(loss, params, b, chunk_size=chunk_size)
+            return InfluenceState(solve.ihvp_lissa(batch_op, _concat(train), damping=damping,
+                                                   **solver_options), None)
+        if solver == "datainf":
+            from ..tree import block_slices
+
+            G = collect(name, "train", grads(params), train, device_of(params))
+            inv = datainf.ihvp_datainf(G, damping=damping, blocks=block_slices(params),
+                                     **solver_options)
+            return InfluenceState(inv, None)
+        factor_fn = kfac.kfac_factors if solver == "kfac" else kfac.ekfac_factors
+        inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
+        factors = factor_fn(model.module, model.loss_fn, params, train, chunk_size=chunk_size,
+                            **solver_options)
+        return InfluenceState(inverse_fn(factors, damping=damping), factors)
+
+    def _check_state(state):
+        if not isinstance(state, InfluenceState):
+            raise TypeError(f"{name}(state=...): expected the InfluenceState returned by "
+                            f"prepare, got {type(state).__name__}.")
+
+    def score(params: Params, state: InfluenceState, train, test, *, top_k: int | None = None,
+              largest: bool = True):
+        _check_state(state)
+        device = device_of(params)
+        test_g = collect(name, "test", grads(params, test_fn), test, device)
+        return stream_scores(name, grads(params), train, state.ihvp(test_g), device,
+                             top_k=top_k, largest=largest)
+
+    def self_score(params: Params, state: InfluenceState, train):
+        _check_state(state)
+        g, gt = grads(params), grads(params, test_fn)
+        return stream_self(name, g, lambda b: state.ihvp(gt(b)), train, device_of(params))
+
+    return Method(prepare, score, self_score, name)

@@ -1,0 +1,76 @@
+"""The shape every attribution method shares, and checkpoint stacking for ensembles.
+
+A method is an optax-style NamedTuple of pure functions, with its configuration bound by the
+factory that built it (``grad_dot(loss, proj_dim=512)``, ``influence(loss, solver="cg")``...):
+
+    state  = method.prepare(params, train)                 # curvature, kernels, factorisations
+    scores = method.score(params, state, train, test)      # [n_train, n_test]
+    diag   = method.self_score(params, state, train)       # [n_train], == diag of the above
+
+``params`` is one params dict or, for ensemble methods, a list of them (checkpoints or
+independently trained models, all with the same keys and shapes). ``train`` and ``test`` are one
+Batch or a re-iterable of Batches. Scores: positive = up-weighting train ``i`` lowers test ``j``'s
+loss (a proponent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .._checks import check_params
+from .._types import Batch, Loss, Params
+from ..grad import per_sample_grad_unchecked
+from ..tree import ravel_batched
+
+
+class Method(NamedTuple):
+    """``prepare(params, train) -> state``; ``score(params, state, train, test, *, top_k=None)``;
+    ``self_score(params, state, train)``; ``name`` for tables and errors."""
+
+    prepare: Callable[..., Any]
+    score: Callable[..., Any]
+    self_score: Callable[..., Tensor]
+    name: str
+
+
+def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Params:
+    """Return ``{name: [C, *shape]}`` from one params dict (C = 1) or a list of them.
+
+    Raises a ValueError naming the first checkpoint whose keys or shapes differ from the first.
+    """
+    if isinstance(checkpoints, dict):
+        checkpoints = [checkpoints]
+    if not isinstance(checkpoints, Sequence) or not checkpoints:
+        raise TypeError(f"{func}(params=...): expected a params dict or a non-empty list of them, "
+                        f"got {type(checkpoints).__name__}.")
+    first = check_params(func, "params[0]", checkpoints[0])
+    for c, ckpt in enumerate(checkpoints[1:], start=1):
+        ckpt = check_params(func, f"params[{c}]", ckpt)
+        if list(ckpt) != list(first):
+            raise ValueError(f"{func}(params[{c}]=...): expected the keys of params[0] "
+                             f"{list(first)}, got {list(ckpt)}.")
+        bad = [k for k in first if ckpt[k].shape != first[k].shape]
+        if bad:
+            raise ValueError(f"{func}(params[{c}]=...): expected the shapes of params[0], "
+                             f"mismatch at {bad}.")
+    return {k: torch.stack([c[k].detach() for c in checkpoints]) for k in first}
+
+
+def num_checkpoints(stacked: Params) -> int:
+    return next(iter(stacked.values())).shape[0]
+
+
+def device_of(params: Params) -> torch.device:
+    return next(iter(params.values())).device
+
+
+def stacked_per_sample_grad(loss: Loss, stacked: Params, batch: Batch, *,
+                            chunk_size: int | None = None) -> Tensor:
+    """Return per-sample gradients at every checkpoint, vmapped over C.  # -> [C, B, P]"""
+    per_ckpt = lambda p: per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size)
+    return ravel_batched(vmap(per_ckpt)(stacked), batch_dims=2)

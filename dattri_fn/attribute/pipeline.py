@@ -1,0 +1,111 @@
+"""The streaming pipeline shared by every attributor: scores as blockwise feature products.
+
+Every method reduces to ``scores = T P^T``: a train feature row ``t_i`` per training example and
+a (preconditioned) test feature row ``p_j`` per test example, ``scores[i, j] = <t_i, p_j>``
+(``[n_train, n_test]``; positive = up-weighting train ``i`` lowers test ``j``'s loss). Test
+features are computed once; train features are produced one data batch (shard) at a time and
+dropped after their block of scores is formed, so memory is bounded by the batch size, not by
+``n_train x P``. ``top_k`` keeps a running top-k per test point instead of the full matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import batch_size, batch_to, check_int, check_optional_int, iter_batches
+from .._types import Batch
+
+FeatureFn = Callable[[Batch], Tensor]
+
+
+class TopK(NamedTuple):
+    """Strongest proponents (``largest=True``) or opponents per test point.  # [k, n_test] each"""
+
+    values: Tensor
+    indices: Tensor
+
+
+def collect(func: str, arg: str, feature_fn: FeatureFn, data, device) -> Tensor:
+    """Return ``cat_b feature_fn(batch_b)`` over every batch of ``data``.  # -> [n, F]"""
+    blocks = []
+    for batch in iter_batches(func, arg, data):
+        batch_size(func, arg, batch)
+        blocks.append(feature_fn(batch_to(batch, device)))
+    if not blocks:
+        raise ValueError(f"{func}({arg}=...): expected at least one batch, got an empty iterable.")
+    return torch.cat(blocks, dim=-2)
+
+
+def _merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: bool) -> TopK:
+    idx = torch.arange(offset, offset + block.shape[0], device=block.device)
+    idx = idx[:, None].expand_as(block)
+    if best is not None:
+        block = torch.cat([best.values, block])
+        idx = torch.cat([best.indices, idx])
+    kk = min(k, block.shape[0])
+    values, pos = torch.topk(block, kk, dim=0, largest=largest)
+    return TopK(values, torch.gather(idx, 0, pos))
+
+
+def stream_scores(func: str, train_features: FeatureFn, train, test_features: Tensor, device, *,
+                  top_k: int | None = None, largest: bool = True) -> Tensor | TopK:
+    """Return ``T P^T`` with ``T`` streamed batch by batch.  # -> [n_train, n_test] or TopK
+
+    Args:
+        func: the public caller's name, for error messages.
+        train_features: ``batch -> [b, F]`` (or ``[C, b, F]``, summed over ``C``... callers flatten).
+        train: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
+        test_features: ``[n_test, F]``, already preconditioned.
+        top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
+    """
+    check_optional_int(func, "top_k", top_k)
+    blocks, best, offset = [], None, 0
+    for batch in iter_batches(func, "train", train):
+        batch_size(func, "train", batch)
+        block = train_features(batch_to(batch, device)) @ test_features.T
+        if top_k is None:
+            blocks.append(block)
+        else:
+            best = _merge_topk(best, block, offset, top_k, largest)
+        offset += block.shape[0]
+    if offset == 0:
+        raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
+    return torch.cat(blocks) if top_k is None else best
+
+
+def stream_self(func: str, train_features: FeatureFn, test_features: FeatureFn, train,
+                device) -> Tensor:
+    """Return the diagonal ``s_i = <t(z_i), p(z_i)>`` without the full matrix.  # -> [n_train]"""
+    out = []
+    for batch in iter_batches(func, "train", train):
+        batch_size(func, "train", batch)
+        batch = batch_to(batch, device)
+        out.append((train_features(batch) * test_features(batch)).sum(-1))
+    if not out:
+        raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
+    return torch.cat(out)
+
+
+def in_chunks(fn: FeatureFn, chunk_size: int | None) -> FeatureFn:
+    """Apply a batch feature map ``chunk_size`` rows at a time (bounds peak memory)."""
+    if chunk_size is None:
+        return fn
+    check_int("in_chunks", "chunk_size", chunk_size)
+
+    def chunked(batch: Batch) -> Tensor:
+        from .._checks import batch_leaves, batch_slice
+
+        n = batch_leaves(batch)[0].shape[0]
+        return torch.cat([fn(batch_slice(batch, s, s + chunk_size))
+                          for s in range(0, n, chunk_size)], dim=-2)
+
+    return chunked
+
+
+def as_batches(data) -> Iterable:
+    """Expose :func:`iter_batches` for methods that read data more than once."""
+    return iter_batches("as_batches", "data", data)

@@ -1,0 +1,368 @@
+"""TRAK: random-projected after-kernel features, a per-checkpoint kernel and an ensemble average.
+
+For checkpoint ``c`` (of ``C``, or ``C`` independently trained models) and example ``z``:
+
+    phi_c(z)  = R^T grad_theta f(theta_c; z)                      # [d], R the [P, d] projection
+    K_c       = (Phi_c^T Phi_c + damping I)^-1                    # [d, d], Phi_c: train rows
+    Qbar_i    = (1/C) sum_c Q(theta_c; z_i)                       # the output-to-loss weight
+
+    scores[i, j] = ((1/C) sum_c phi_c(z_i)^T K_c phi_c(z_j)) * Qbar_i      # [n_train, n_test]
+
+``f`` is the model output function (for classification the margin
+``logit_y - logsumexp_{c != y} logit_c``) and ``Q`` its weight (``1 - p_y`` for that margin and
+cross-entropy). A positive score means up-weighting train ``i`` raises test ``j``'s margin, i.e.
+LOWERS its loss: a proponent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .._checks import (
+    _msg,
+    batch_size,
+    batch_to,
+    check_int,
+    check_optional_int,
+    check_positive,
+    is_batch,
+    iter_batches,
+)
+from .._types import Params
+from .method import Method, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
+from .pipeline import TopK, collect, in_chunks, stream_scores
+
+OutputFn = Callable[[Params, Any], Tensor]
+_MARGIN_FIX = "For classification use classification_margin(forward)."
+_WEIGHT_FIX = "For classification use classification_weight(forward)."
+
+
+class TRAKState(NamedTuple):
+    """What :func:`trak`'s ``prepare`` computes once from the training set.
+
+    Attributes:
+        kernel: ``K_c = (Phi_c^T Phi_c + damping I)^-1`` per checkpoint.  # [C, d, d]
+        train_features: the projected train features ``phi_c(z_i)``, or None when built with
+            ``cache_features=False``.  # [C, n_train, d]
+        train_weights: ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``, or None likewise.  # [n_train]
+    """
+
+    kernel: Tensor
+    train_features: Tensor | None
+    train_weights: Tensor | None
+
+
+# -- classification helpers --------------------------------------------------------------
+def example_label(example) -> Tensor:
+    """Return the label of one example: ``example["labels"]`` for a dict, else ``example[-1]``."""
+    if isinstance(example, Mapping):
+        if "labels" not in example:
+            raise ValueError(_msg("example_label", "example", "a dict with a 'labels' key",
+                                  f"keys {list(example)}"))
+        return example["labels"]
+    if isinstance(example, (tuple, list)) and len(example) >= 2:
+        return example[-1]
+    raise TypeError(_msg("example_label", "example", "a (x, ..., y) tuple/list or a dict with "
+                         "'labels'", type(example).__name__, "Pass your own label_fn."))
+
+
+def classification_margin(forward: Callable[[Params, Any], Tensor],
+                          label_fn: Callable[[Any], Tensor] = example_label) -> OutputFn:
+    """Return ``f(params, z) = logit_y - logsumexp_{c != y} logit_c``, TRAK's margin.  # -> []
+
+    Args:
+        forward: ``forward(params, example) -> logits [K]`` for ONE example (e.g.
+            ``functional_model(module).forward``).
+        label_fn: ``example -> y`` (an integer 0-d tensor); default: the last element of a
+            tuple example or ``example["labels"]``.
+
+    Returns:
+        ``output_fn(params, example) -> Tensor[]``, vmappable. ``sigmoid(f) = p_y``, the softmax
+        probability of the label, so raising ``f`` lowers the cross-entropy.
+    """
+
+    def margin(params: Params, example) -> Tensor:
+        logits = forward(params, example)
+        if not isinstance(logits, Tensor) or logits.ndim != 1:
+            got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(_msg("classification_margin", "forward", "logits of shape [K] for "
+                                  "one example", f"{got}"))
+        y = label_fn(example).reshape(1).long()
+        own = logits.gather(0, y).squeeze(0)
+        mask = torch.arange(logits.shape[0], device=logits.device) == y
+        return own - logits.masked_fill(mask, float("-inf")).logsumexp(0)
+
+    return margin
+
+
+def classification_weight(forward: Callable[[Params, Any], Tensor],
+                          label_fn: Callable[[Any], Tensor] = example_label) -> OutputFn:
+    """Return ``Q(params, z) = 1 - p_y = sigmoid(-margin)``, TRAK's weight for the margin.  # -> []
+
+    ``d CE / d margin = -(1 - p_y)``: the factor that turns a change of the margin into a change
+    of the cross-entropy loss. Args as :func:`classification_margin`.
+    """
+    margin = classification_margin(forward, label_fn)
+    return lambda params, example: torch.sigmoid(-margin(params, example))
+
+
+# -- boundary checks ---------------------------------------------------------------------
+def first_example(batch):
+    """Return row 0 of every leaf of a Batch: one example, the leading dim removed."""
+    if isinstance(batch, Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return {k: v[0] for k, v in batch.items()}
+    return type(batch)(v[0] for v in batch)
+
+
+def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: Params, batch,
+                     *, ndim: int = 0, fix: str = "") -> Tensor:
+    """Call ``fn(params, example_0)`` eagerly; raise a clear error unless it gives an ``ndim``-d
+    Tensor (a failing call is blamed on the data, the usual cause)."""
+    try:
+        out = fn(params, first_example(batch))
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(_msg(func, data_arg, f"examples that {arg} accepts (the layout of the "
+                              "training examples)", f"an error on the first example: {err}"))\
+            from err
+    if not isinstance(out, Tensor):
+        raise TypeError(_msg(func, arg, "a function returning a Tensor per example",
+                             type(out).__name__))
+    if out.ndim != ndim:
+        want = "a scalar Tensor[]" if ndim == 0 else f"a {ndim}-d Tensor"
+        raise ValueError(_msg(func, arg, f"a function returning {want} per example",
+                              f"shape {list(out.shape)}", fix))
+    return out
+
+
+def first_batch(func: str, arg: str, data, device):
+    """Return the first Batch of ``data`` on ``device``, checked; raise if there is none."""
+    for batch in iter_batches(func, arg, data):
+        batch_size(func, arg, batch)
+        return batch_to(batch, device)
+    raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
+
+
+def check_cached_train(func: str, train, n_cached: int) -> None:
+    """Raise if a countable ``train`` (a Batch or a list/tuple of them) has != ``n_cached`` rows."""
+    if train is None:
+        return
+    if is_batch(train):
+        n = batch_size(func, "train", train)
+    elif isinstance(train, (list, tuple)):
+        n = sum(batch_size(func, "train", b) for b in train)
+    else:
+        return
+    if n != n_cached:
+        raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
+                              "prepared on (its cached features are used)", f"{n} examples",
+                              "Call prepare on this training set, or pass train=None."))
+
+
+# -- the method --------------------------------------------------------------------------
+def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: int | None = None,
+         kind: str = "rademacher", seed: int = 0, damping: float = 1e-3,
+         chunk_size: int | None = None, cache_features: bool = True) -> Method:
+    """Return TRAK: ``s_ij = (1/C sum_c phi_i^c^T K_c phi_j^c) * Qbar_i``.  # -> [n_train, n_test]
+
+    With ``phi^c = R^T grad f(theta_c; z)`` (``R`` the seeded ``[P, d]`` projection of
+    :func:`dattri_fn.project.make_projector`, the same at every checkpoint),
+    ``K_c = (Phi_c^T Phi_c + damping I)^-1`` and ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``.
+    As in TRAK's ensemble, the kernel-weighted feature products are averaged over checkpoints
+    and the weights ``Q`` are averaged separately, then multiplied (not the mean of per-checkpoint
+    products). Scores are ``[n_train, n_test]``; positive = up-weighting train ``i`` LOWERS test
+    ``j``'s loss (a proponent). ``self_score`` is the diagonal ``s_ii``.
+
+    ``params`` is one params dict or a list of ``C`` checkpoints / independently trained models
+    (same keys and shapes); features at all checkpoints come from one ``vmap`` over the stacked
+    checkpoints. ``prepare`` streams the training set and accumulates ``Phi_c^T Phi_c`` batch by
+    batch; the kernel is inverted once per checkpoint by Cholesky.
+
+    Args:
+        output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
+            (classification: :func:`classification_margin`).
+        weight_fn: ``Q(params, example) -> Tensor[]``, the output-to-loss weight
+            (classification with the margin: :func:`classification_weight`, ``1 - p_y``);
+            None = 1.
+        proj_dim: ``d``; None = no projection, ``phi`` is the full ``[P]`` gradient (the kernel
+            is then ``[P, P]``: only for small models).
+        kind, seed: the projector's kind (``"rademacher"``, ``"gaussian"``, ``"sjlt"``) and seed.
+        damping: ABSOLUTE ``>= 0`` added to ``Phi^T Phi``, a SUM over the training set (not a
+            mean), so its relative effect shrinks as ``n_train`` grows. Needed (> 0) when
+            ``d > n_train`` or when the output gradients span fewer than ``d`` directions (e.g.
+            the margin's gradient w.r.t. a softmax bias always sums to zero).
+        chunk_size: examples per per-sample-gradient call (bounds memory to ``C x chunk x P``).
+        cache_features: keep the projected train features ``[C, n_train, d]`` and weights in the
+            state, so ``score``/``self_score`` need no train pass (``train`` may be None). A
+            ``train`` given anyway must have ``n_train`` examples (checked for a Batch or a list
+            of Batches) and is not read. With False, ``train`` is streamed again on every call.
+
+    Returns:
+        ``Method(prepare, score, self_score, "trak")``; ``prepare(params, train) -> TRAKState``;
+        ``score(params, state, train, test, *, top_k=None, largest=True)`` -> ``[n_train,
+        n_test]`` or :class:`~dattri_fn.attribute.pipeline.TopK`;
+        ``self_score(params, state, train) -> [n_train]``.
+
+    Raises:
+        TypeError/ValueError: naming the argument: bad settings here; at call time checkpoints
+            with mismatched keys/shapes, NaN params, an ``output_fn``/``weight_fn`` that does not
+            return a scalar, examples the model rejects, a state from other params/``proj_dim``,
+            or a singular ``Phi^T Phi + damping I`` (raise ``damping``).
+
+    References:
+        Park et al., "TRAK: Attributing Model Behavior at Scale" (ICML 2023), arXiv 2303.14186.
+
+    Example:
+        >>> fm = functional_model(net, F.cross_entropy)
+        >>> m = trak(classification_margin(fm.forward), weight_fn=classification_weight(
+        ...     fm.forward), proj_dim=512)
+        >>> state = m.prepare(checkpoints, train_loader)
+        >>> scores = m.score(checkpoints, state, None, test_batch)   # [n_train, n_test]
+    """
+    name = "trak"
+    from ..project import KINDS, make_projector
+
+    if not callable(output_fn):
+        raise TypeError(_msg(name, "output_fn", "a callable (params, example) -> Tensor[]",
+                             type(output_fn).__name__))
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(_msg(name, "weight_fn", "None or a callable (params, example) -> "
+                             "Tensor[]", type(weight_fn).__name__))
+    check_optional_int(name, "proj_dim", proj_dim)
+    if kind not in KINDS:
+        raise ValueError(_msg(name, "kind", f"one of {KINDS}", repr(kind)))
+    check_int(name, "seed", seed, minimum=0)
+    damping = check_positive(name, "damping", damping, allow_zero=True)
+    check_optional_int(name, "chunk_size", chunk_size)
+    if not isinstance(cache_features, bool):
+        raise TypeError(_msg(name, "cache_features", "a bool", type(cache_features).__name__))
+    projectors: dict = {}  # one per (P, dtype, device), so a small R is generated once
+
+    def setup(func: str, params):
+        stacked = stack_checkpoints(func, params)
+        v0 = next(iter(stacked.values()))
+        P = sum(v[0].numel() for v in stacked.values())
+        proj = None
+        if proj_dim is not None:
+            key = (P, v0.dtype, v0.device)
+            if key not in projectors:
+                projectors[key] = make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed,
+                                                 dtype=v0.dtype, device=v0.device)
+            proj = projectors[key]
+        d = P if proj_dim is None else proj_dim
+
+        def packed(batch) -> Tensor:  # [C, b, d + 1]: features, then the weight Q
+            C = num_checkpoints(stacked)
+            G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P]
+            if proj is not None:
+                G = proj(G.reshape(-1, P)).reshape(C, -1, d)
+            if weight_fn is None:
+                Q = torch.ones(G.shape[:2], dtype=G.dtype, device=G.device)
+            else:
+                per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
+                Q = vmap(per_ckpt)(stacked).to(G.dtype)
+            return torch.cat([G, Q.unsqueeze(-1)], dim=-1)
+
+        first = {k: v[0] for k, v in stacked.items()}
+        return stacked, in_chunks(packed, chunk_size), d, first, v0.device
+
+    def check_first(func: str, arg: str, first: Params, data, device) -> None:
+        """Validate the first example of ``data`` eagerly, once (the public boundary)."""
+        batch = first_batch(func, arg, data, device)
+        check_example_fn(func, "output_fn", arg, output_fn, first, batch, fix=_MARGIN_FIX)
+        if weight_fn is not None:
+            check_example_fn(func, "weight_fn", arg, weight_fn, first, batch, fix=_WEIGHT_FIX)
+
+    def split(out: Tensor) -> tuple[Tensor, Tensor]:  # -> phi [C, b, d], Qbar [b]
+        return out[..., :-1], out[..., -1].mean(0)
+
+    def prepare(params, train) -> TRAKState:
+        func = f"{name}.prepare"
+        stacked, packed, d, first, device = setup(func, params)
+        check_first(func, "train", first, train, device)
+        gram, phis, weights, n = None, [], [], 0
+        for batch in iter_batches(func, "train", train):
+            batch_size(func, "train", batch)
+            phi, q = split(packed(batch_to(batch, device)))
+            block = phi.mT @ phi
+            gram = block if gram is None else gram + block
+            n += phi.shape[1]
+            if cache_features:
+                phis.append(phi)
+                weights.append(q)
+        eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+        L, info = torch.linalg.cholesky_ex(gram + damping * eye)
+        if bool((info != 0).any()):
+            bad = torch.nonzero(info).flatten().tolist()
+            raise ValueError(_msg(func, "damping", "Phi^T Phi + damping I positive definite at "
+                                  "every checkpoint", f"a singular matrix at checkpoints {bad} "
+                                  f"(d={d}, n_train={n}, damping={damping})",
+                                  "Raise damping or lower proj_dim."))
+        K = torch.cholesky_inverse(L)
+        K = (K + K.mT) / 2  # exactly symmetric, so phi @ K == (K phi)^T bit for bit
+        if not cache_features:
+            return TRAKState(K, None, None)
+        return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights))
+
+    def check_state(func: str, state, stacked, d: int) -> None:
+        if not isinstance(state, TRAKState):
+            raise TypeError(_msg(func, "state", "the TRAKState returned by trak's prepare",
+                                 type(state).__name__))
+        C = num_checkpoints(stacked)
+        if tuple(state.kernel.shape) != (C, d, d):
+            raise ValueError(_msg(func, "state", f"a kernel of shape [C, d, d] = [{C}, {d}, {d}] "
+                                  "(prepared with the same checkpoints and proj_dim)",
+                                  f"{list(state.kernel.shape)}"))
+
+    def train_rows(phi: Tensor, q: Tensor) -> Tensor:  # [C, b, d], [b] -> [b, C*d]
+        C = phi.shape[0]
+        return (q / C).unsqueeze(-1) * phi.transpose(0, 1).reshape(phi.shape[1], -1)
+
+    def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [b, C*d], rows K_c phi
+        return (phi @ K).transpose(0, 1).reshape(phi.shape[1], -1)
+
+    def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
+              largest: bool = True) -> Tensor | TopK:
+        func = f"{name}.score"
+        stacked, packed, d, first, device = setup(func, params)
+        check_state(func, state, stacked, d)
+        K = state.kernel.to(device)
+        check_first(func, "test", first, test, device)
+        test_feats = test_rows(K, collect(func, "test", lambda b: packed(b)[..., :-1], test,
+                                          device))
+        if state.train_features is not None:
+            check_cached_train(func, train, state.train_features.shape[1])
+            T = train_rows(state.train_features.to(device), state.train_weights.to(device))
+            return stream_scores(func, lambda t: t, T, test_feats, device, top_k=top_k,
+                                 largest=largest)
+        if train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        check_first(func, "train", first, train, device)
+        return stream_scores(func, lambda b: train_rows(*split(packed(b))), train, test_feats,
+                             device, top_k=top_k, largest=largest)
+
+    def self_score(params, state: TRAKState, train) -> Tensor:
+        func = f"{name}.self_score"
+        stacked, packed, d, first, device = setup(func, params)
+        check_state(func, state, stacked, d)
+        K = state.kernel.to(device)
+        if state.train_features is not None:
+            check_cached_train(func, train, state.train_features.shape[1])
+            blocks = [(state.train_features.to(device), state.train_weights.to(device))]
+        elif train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        else:
+            check_first(func, "train", first, train, device)
+            blocks = (split(packed(batch_to(b, device))) for b in iter_batches(func, "train", train)
+                      if batch_size(func, "train", b))
+        return torch.cat([(train_rows(phi, q) * test_rows(K, phi)).sum(-1) for phi, q in blocks])
+
+    return Method(prepare, score, self_score, name)

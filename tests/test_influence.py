@@ -1,0 +1,281 @@
+"""Influence functions: closed forms, every backend against IF-explicit, LOO retraining, streaming."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
+from torch import nn
+
+from dattri_fn import functional_model, per_sample_grad
+from dattri_fn.attribute import InfluenceState, influence
+
+D = torch.float64
+
+
+def _closed_form(params, loss, train, test, damping, fisher=False):
+    G, Gt = dense_per_sample_grads(params, loss, train), dense_per_sample_grads(params, loss, test)
+    C = G.T @ G / G.shape[0] if fisher else dense_hessian(params, loss, train)
+    A = C + damping * torch.eye(C.shape[0], dtype=D)
+    return G @ torch.linalg.solve(A, Gt.T)
+
+
+def _split(batch, cuts):
+    x, y = batch
+    edges = [0, *cuts, x.shape[0]]
+    return [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+@given(st.sampled_from(["linear", "logistic"]), st.integers(3, 10), st.integers(0, 2**16),
+       st.sampled_from([1e-3, 0.1, 1.0]))
+def test_explicit_equals_closed_form(name, n, seed, damping):
+    """IF-explicit == G_train (H + damping I)^-1 G_test^T with H from torch.func.hessian."""
+    params, loss, train = PROBLEMS[name](n=n, seed=seed)
+    _, _, test = PROBLEMS[name](n=3, seed=seed + 7)
+    m = influence(loss, solver="explicit", damping=damping)
+    S = m.score(params, m.prepare(params, train), train, test)
+    torch.testing.assert_close(S, _closed_form(params, loss, train, test, damping),
+                               rtol=1e-9, atol=1e-10)
+
+
+BACKENDS = {
+    "cg": dict(rtol=1e-12, max_iter=200),
+    "arnoldi": dict(rank=31, max_iter=31),
+}
+
+
+@pytest.mark.slow
+@given(st.sampled_from(sorted(BACKENDS)), st.sampled_from(["linear", "logistic", "mlp"]),
+       st.integers(0, 2**16))
+def test_converged_backends_match_explicit(solver, name, seed):
+    """CG (rtol 1e-12) and Arnoldi (rank = P) == IF-explicit to 1e-7 relative, any batching."""
+    params, loss, train = PROBLEMS[name](n=8, seed=seed)
+    _, _, test = PROBLEMS[name](n=3, seed=seed + 7)
+    damping = 2.0  # makes the MLP's indefinite Hessian (min eig ~ -0.9) + damping positive definite
+    P = sum(v.numel() for v in params.values())
+    opts = dict(BACKENDS[solver])
+    if solver == "arnoldi":
+        opts.update(rank=P, max_iter=P)
+    ref_m = influence(loss, solver="explicit", damping=damping)
+    ref = ref_m.score(params, ref_m.prepare(params, train), train, test)
+    m = influence(loss, solver=solver, damping=damping, **opts)
+    batches = _split(train, [3, 5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        S = m.score(params, m.prepare(params, batches), batches, test)
+    torch.testing.assert_close(S, ref, rtol=1e-7, atol=1e-9 * ref.abs().max())
+
+
+@pytest.mark.slow
+def test_lissa_matches_explicit():
+    """LiSSA, full batch, scale > lambda_max + damping, depth 2000: within 1e-6 relative."""
+    params, loss, train = PROBLEMS["linear"](n=10, seed=1)
+    _, _, test = PROBLEMS["linear"](n=3, seed=2)
+    lam_max = torch.linalg.eigvalsh(dense_hessian(params, loss, train))[-1]
+    ref_m = influence(loss, solver="explicit", damping=0.1)
+    ref = ref_m.score(params, ref_m.prepare(params, train), train, test)
+    m = influence(loss, solver="lissa", damping=0.1, scale=float(lam_max) * 1.5 + 0.1, depth=2000)
+    S = m.score(params, m.prepare(params, _split(train, [4])), train, test)
+    torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_many_batches_equal_one_batch_for_cached_curvature():
+    """The curvature averages over batches: 5 training batches give the 1-batch scores exactly.
+
+    (dattri 0.3.0's cached IF sums per-batch inverses and scales with the number of batches.)
+    """
+    params, loss, train = PROBLEMS["logistic"](n=10, seed=3)
+    _, _, test = PROBLEMS["logistic"](n=2, seed=4)
+    for solver, opts in [("explicit", {}), ("cg", dict(rtol=1e-12)), ("datainf", {})]:
+        m = influence(loss, solver=solver, damping=0.1, **opts)
+        one = m.score(params, m.prepare(params, train), train, test)
+        batches = _split(train, [2, 4, 6, 8])
+        five = m.score(params, m.prepare(params, batches), batches, test)
+        torch.testing.assert_close(five, one, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+@given(st.sampled_from(["explicit", "cg", "datainf"]), st.integers(0, 2**16),
+       st.lists(st.integers(1, 8), max_size=3, unique=True))
+def test_self_influence_is_diagonal(solver, seed, cuts):
+    """self_score == diag(score(train, train)) for any batching of train."""
+    params, loss, train = PROBLEMS["mlp"](n=9, seed=seed)
+    m = influence(loss, solver=solver, damping=1.0, **({"rtol": 1e-12} if solver == "cg" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = m.prepare(params, train)
+        diag = m.self_score(params, state, _split(train, sorted(cuts)))
+        full = m.score(params, state, train, train)
+    torch.testing.assert_close(diag, torch.diagonal(full), rtol=1e-8, atol=1e-10)
+
+
+def test_topk_equals_topk_of_full_matrix():
+    """top_k streaming == torch.topk(full, k, dim=0)."""
+    params, loss, train = PROBLEMS["logistic"](n=12, seed=0)
+    _, _, test = PROBLEMS["logistic"](n=4, seed=1)
+    m = influence(loss, solver="explicit", damping=0.1)
+    state = m.prepare(params, train)
+    full = m.score(params, state, train, test)
+    top = m.score(params, state, _split(train, [5, 7]), test, top_k=3)
+    torch.testing.assert_close(top.values, torch.topk(full, 3, dim=0).values, rtol=0, atol=1e-13)
+
+
+def _fit_logistic(x, y, l2, init=None):
+    """Minimise mean CE + l2/2 |W|^2 by LBFGS to a tight gradient tolerance (float64)."""
+    W = (init.clone() if init is not None else torch.zeros(3, x.shape[1] + 1, dtype=D)).requires_grad_()
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=D)], 1)
+    opt = torch.optim.LBFGS([W], lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = F.cross_entropy(xa @ W.T, y) + 0.5 * l2 * (W ** 2).sum()
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+    return W.detach()
+
+
+def test_loo_correlation_logistic_regression():
+    """IF-explicit vs actual leave-one-out retraining on logistic regression: Pearson > 0.9.
+
+    n * (L_test(w_-i) - L_test(w)) ~ score_i: removing a proponent raises the test loss.
+    """
+    g = torch.Generator().manual_seed(0)
+    n, dim, l2 = 40, 4, 1e-2
+    x = torch.randn(n, dim, generator=g, dtype=D)
+    y = (x[:, :3] + 0.5 * torch.randn(n, 3, generator=g, dtype=D)).argmax(1)
+    xt, yt = x[:1] + 0.3, y[:1]
+
+    def loss(p, ex):
+        xi, yi = ex
+        logits = p["W"] @ torch.cat([xi, xi.new_ones(1)])
+        return F.cross_entropy(logits[None], yi[None]) + 0.5 * l2 * (p["W"] ** 2).sum()
+
+    W = _fit_logistic(x, y, l2)
+    params = {"W": W}
+    m = influence(loss, solver="explicit", damping=1e-8)
+    scores = m.score(params, m.prepare(params, (x, y)), (x, y), (xt, yt))[:, 0]
+    test_loss = lambda W_: F.cross_entropy(torch.cat([xt, xt.new_ones(1, 1)], 1) @ W_.T, yt)
+    base = test_loss(W)
+    keep = torch.ones(n, dtype=torch.bool)
+    diffs = []
+    for i in range(n):
+        keep[i] = False
+        diffs.append(n * (test_loss(_fit_logistic(x[keep], y[keep], l2, init=W)) - base))
+        keep[i] = True
+    diffs = torch.stack(diffs)
+    corr = torch.corrcoef(torch.stack([scores, diffs]))[0, 1]
+    assert corr > 0.9, float(corr)
+
+
+def test_ridge_matches_exact_leave_one_out():
+    """Ridge: IF (test side = data loss, no L2 term) predicts the exact LOO change of test loss
+    (closed-form refit) with Pearson > 0.95; the gap is the leverage factor 1/(1 - h_ii)."""
+    g = torch.Generator().manual_seed(1)
+    n, dim, lam = 30, 5, 0.1
+    x = torch.randn(n, dim, generator=g, dtype=D)
+    y = x @ torch.randn(dim, generator=g, dtype=D) + 0.3 * torch.randn(n, generator=g, dtype=D)
+    xt, yt = torch.randn(1, dim, generator=g, dtype=D), torch.randn(1, generator=g, dtype=D)
+
+    def fit(xs, ys):  # argmin (1/m) sum 0.5 r^2 + lam/2 |w|^2
+        m_ = xs.shape[0]
+        return torch.linalg.solve(xs.T @ xs / m_ + lam * torch.eye(dim, dtype=D), xs.T @ ys / m_)
+
+    def loss(p, ex):
+        return 0.5 * (ex[0] @ p["w"] - ex[1]) ** 2 + 0.5 * lam * (p["w"] ** 2).sum()
+
+    w = fit(x, y)
+    data_loss = lambda p, ex: 0.5 * (ex[0] @ p["w"] - ex[1]) ** 2
+    m = influence(loss, solver="explicit", damping=1e-10, target=data_loss)
+    scores = m.score({"w": w}, m.prepare({"w": w}, (x, y)), (x, y), (xt, yt))[:, 0]
+    tl = lambda w_: 0.5 * (xt[0] @ w_ - yt[0]) ** 2
+    keep = torch.ones(n, dtype=torch.bool)
+    diffs = []
+    for i in range(n):
+        keep[i] = False
+        diffs.append(n * (tl(fit(x[keep], y[keep])) - tl(w)))
+        keep[i] = True
+    corr = torch.corrcoef(torch.stack([scores, torch.stack(diffs)]))[0, 1]
+    assert corr > 0.95, float(corr)
+
+
+def _linear_model(seed, bias=True):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 2, bias=bias)).double()
+
+
+def test_kfac_and_ekfac_exact_for_one_example():
+    """One Linear layer, one training example: Fisher = (g g^T) kron (a a^T) is exactly Kronecker,
+    so IF-kfac == IF-ekfac == IF-explicit with the empirical Fisher."""
+    net = _linear_model(0)
+    fm = functional_model(net, lambda out, t: 0.5 * ((out - t) ** 2).sum())
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(1, 3, generator=g, dtype=D), torch.randn(1, 2, generator=g, dtype=D))
+    test = (torch.randn(4, 3, generator=g, dtype=D), torch.randn(4, 2, generator=g, dtype=D))
+    ref_m = influence(fm.loss, solver="explicit", damping=0.3, curvature="fisher")
+    ref = ref_m.score(fm.params, ref_m.prepare(fm.params, train), train, test)
+    for solver in ("kfac", "ekfac"):
+        m = influence(fm.loss, solver=solver, damping=0.3, model=fm)
+        S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+        torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_ekfac_close_to_fisher_if_on_mlp():
+    """On an MLP, IF-ekfac scores correlate with IF-explicit(empirical Fisher) above 0.9."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, generator=g, dtype=D)
+    y = torch.randint(0, 3, (30,), generator=g)
+    ref_m = influence(fm.loss, solver="explicit", damping=0.05, curvature="fisher")
+    ref = ref_m.score(fm.params, ref_m.prepare(fm.params, (x, y)), (x, y), (x[:5], y[:5]))
+    m = influence(fm.loss, solver="ekfac", damping=0.05, model=fm)
+    S = m.score(fm.params, m.prepare(fm.params, _split((x, y), [10, 20])), (x, y), (x[:5], y[:5]))
+    corr = torch.corrcoef(torch.stack([S.flatten(), ref.flatten()]))[0, 1]
+    assert corr > 0.9, float(corr)
+
+
+def test_indefinite_mlp_never_nan():
+    """MLP Hessian is indefinite: explicit/arnoldi with tiny damping warn and stay finite."""
+    params, loss, train = PROBLEMS["mlp"](n=16, seed=0)
+    assert torch.linalg.eigvalsh(dense_hessian(params, loss, train))[0] < 0
+    for solver, opts in [("explicit", {}), ("arnoldi", dict(rank=10, max_iter=20))]:
+        m = influence(loss, solver=solver, damping=1e-6, **opts)
+        with pytest.warns(RuntimeWarning, match="damping"):
+            state = m.prepare(params, train)
+        assert torch.isfinite(m.score(params, state, train, train)).all()
+
+
+def test_sign_duplicate_is_proponent():
+    """A training duplicate of the test point has a positive score and ranks first."""
+    params, loss, (x, y) = PROBLEMS["logistic"](n=12, seed=2)
+    m = influence(loss, solver="explicit", damping=0.1)
+    s = m.score(params, m.prepare(params, (x, y)), (x, y), (x[5:6], y[5:6]))[:, 0]
+    assert s[5] > 0 and int(s.argmax()) == 5
+
+
+def test_bad_inputs():
+    """Unknown solver/curvature, non-positive damping, K-FAC without model, wrong state."""
+    params, loss, train = PROBLEMS["linear"](n=4)
+    with pytest.raises(ValueError, match=r"influence\(solver=...\): expected one of"):
+        influence(loss, solver="newton")
+    with pytest.raises(ValueError, match=r"influence\(damping=...\): expected a finite number > 0"):
+        influence(loss, damping=0.0)
+    with pytest.raises(ValueError, match=r"influence\(curvature=...\)"):
+        influence(loss, curvature="ggn")
+    with pytest.raises(ValueError, match=r"influence\(model=...\)"):
+        influence(loss, solver="kfac")
+    m = influence(loss, solver="explicit")
+    with pytest.raises(TypeError, match=r"if_explicit\(state=...\): expected the InfluenceState"):
+        m.score(params, None, train, train)
+    state = m.prepare(params, train)
+    assert isinstance(state, InfluenceState)
+    with pytest.raises(ValueError, match=r"if_explicit\(test=...\)"):
+        m.score(params, state, train, (train[0], train[1][:1]))
+    assert per_sample_grad(loss, params, train).shape == (4, 5)
