@@ -54,20 +54,30 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
     return LinOp(matmat, flat0.numel(), flat0.dtype, device, name=func)
 
 
-def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None) -> LinOp:
+HVP_MODES = ("fwd-rev", "rev-rev")
+
+
+def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
+        mode: str = "fwd-rev") -> LinOp:
     """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
 
-    Forward-over-reverse: ``jvp`` of ``grad`` of the batch-summed loss, ``vmap``-ed over rows.
+    ``mode="fwd-rev"`` (default): forward-over-reverse, ``jvp`` of ``grad`` of the batch-summed
+    loss, ``vmap``-ed over rows. ``mode="rev-rev"``: ``vjp`` of ``grad`` linearised once per
+    batch and call, then ``vmap``-ed over rows; it shares one forward/backward pass across the
+    ``k`` rows, which is faster for small models (see ``benchmarks/RESULTS.md``).
 
     Args:
         loss: per-example loss ``loss(params, example) -> Tensor[]``.
         params: point of linearisation ``dict[str, Tensor]``; defines P and the ravel order.
         data: one Batch or a re-iterable of Batches (list, DataLoader), re-read on every call.
         chunk_size: rows of ``V`` per vmap call (bounds memory); None = all ``k`` at once.
+        mode: ``"fwd-rev"`` or ``"rev-rev"``, as above; both give the same operator.
 
     Note:
         ``H`` of a non-convex loss is indefinite; pass ``damping`` to the solver, not here.
     """
+    if mode not in HVP_MODES:
+        raise ValueError(f"hvp(mode=...): expected one of {list(HVP_MODES)}, got {mode!r}.")
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size)
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
@@ -76,6 +86,10 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None) -> L
     grad_fn = torch.func.grad(batch_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        if mode == "rev-rev":
+            _, vjp_fn = vjp(lambda f: grad_fn(f, batch), flat0)
+            return vmap(lambda v: vjp_fn(v)[0], chunk_size=chunk_size)(V)
+
         def one(v: Tensor) -> Tensor:
             return jvp(lambda f: grad_fn(f, batch), (flat0,), (v,))[1]
 

@@ -20,14 +20,14 @@ def _V(k, P, seed, device="cpu"):
 
 
 @given(problem_names, st.integers(1, 10), st.integers(1, 4), st.integers(0, 2**16),
-       st.sampled_from([None, 1, 2]))
-def test_hvp_equals_dense_hessian(name, n, k, seed, chunk_size):
-    """hvp(loss)(V) == V @ torch.func.hessian(mean loss) (H symmetric) for k rows at once."""
+       st.sampled_from([None, 1, 2]), st.sampled_from(["fwd-rev", "rev-rev"]))
+def test_hvp_equals_dense_hessian(name, n, k, seed, chunk_size, mode):
+    """hvp(loss)(V) == V @ torch.func.hessian(mean loss) (H symmetric) for k rows, both modes."""
     params, loss, batch = PROBLEMS[name](n=n, seed=seed)
     H = dense_hessian(params, loss, batch)
     V = _V(k, H.shape[0], seed)
-    torch.testing.assert_close(hvp(loss, params, batch, chunk_size=chunk_size)(V), V @ H,
-                               rtol=0, atol=1e-11)
+    op = hvp(loss, params, batch, chunk_size=chunk_size, mode=mode)
+    torch.testing.assert_close(op(V), V @ H, rtol=0, atol=1e-11)
 
 
 @given(problem_names, st.integers(0, 2**16), st.integers(1, 8))
@@ -112,6 +112,8 @@ def test_bad_inputs():
     op = hvp(loss, params, (x, y))
     with pytest.raises(ValueError, match=r"hvp\(V=...\): expected shape \[k, 5\]"):
         op(torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"hvp\(mode=...\): expected one of"):
+        hvp(loss, params, (x, y), mode="fwd")
     with pytest.raises(ValueError, match=r"hvp\(data=...\): expected at least one batch"):
         hvp(loss, params, [])
     with pytest.raises(TypeError, match=r"fvp\(data=...\): expected a re-iterable"):

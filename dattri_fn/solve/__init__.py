@@ -1,0 +1,46 @@
+"""Inverse solvers: operator in, operator out, ``V -> (A + damping*I)^-1 V`` row by row.
+
+Damping is absolute and added to the operator. Every solver refuses to return NaN for an
+indefinite or singular ``A``: explicit and Arnoldi drop non-positive damped eigen-directions
+(with a warning), CG stops rows at negative curvature (flagged and warned), LiSSA raises when
+its recursion diverges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._types import LinOp
+from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
+from .cg import CGResult, cg_solve, ihvp_cg
+from .datainf import ihvp_datainf
+from .explicit import Eigen, ihvp_explicit
+from .kfac import EKFACFactors, KFACFactors, ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
+from .lissa import ihvp_lissa
+
+# Factories callable as ``factory(op, damping=...)`` with every other setting defaulted.
+# LiSSA is absent: it needs a mini-batch curvature and data, not one operator.
+SOLVERS: dict[str, Callable[..., LinOp]] = {
+    "explicit": ihvp_explicit,
+    "cg": ihvp_cg,
+    "arnoldi": ihvp_arnoldi_full_rank,
+}
+
+__all__ = [
+    "CGResult",
+    "EKFACFactors",
+    "Eigen",
+    "KFACFactors",
+    "SOLVERS",
+    "arnoldi",
+    "cg_solve",
+    "ekfac_factors",
+    "ihvp_arnoldi",
+    "ihvp_cg",
+    "ihvp_datainf",
+    "ihvp_ekfac",
+    "ihvp_explicit",
+    "ihvp_kfac",
+    "ihvp_lissa",
+    "kfac_factors",
+]

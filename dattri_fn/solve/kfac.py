@@ -1,0 +1,371 @@
+"""K-FAC and EK-FAC inverse-Fisher products for the ``nn.Linear`` layers of a module.
+
+For a Linear layer with input ``a`` (augmented to ``[a, 1]`` when its bias is among the params)
+and output-gradient ``g``, one example's gradient block of ``[W | b]`` is
+``DW_n = sum_t g_nt a_nt^T``  (``[out, in(+1)]``; ``t`` runs over tokens, ``T = 1`` for 2-D
+inputs). The empirical Fisher block ``F = (1/N) sum_n vec(DW_n) vec(DW_n)^T`` is approximated by
+
+    K-FAC     F ~ A (x) G,   A = (1/N) sum_n (1/T) sum_t a_nt a_nt^T,
+                             G = (1/N) sum_n sum_t g_nt g_nt^T,
+    EK-FAC    F ~ (Q_A (x) Q_G) diag(Lambda) (Q_A (x) Q_G)^T,
+              Lambda_ij = (1/N) sum_n (Q_G^T DW_n Q_A)_ij^2,
+
+with ``Q_A``, ``Q_G`` the eigenvectors of ``A``, ``G``. Sequence convention ("expand", tokens
+treated as independent, as in Grosse et al. 2023): ``A`` averages over tokens and ``G`` sums
+over them, so that ``A (x) G = T * E_tok[a a^T] (x) E_tok[g g^T]``, the dense Fisher with the
+cross-token terms dropped; for ``T = 1`` this is the usual K-FAC. The ``Lambda`` of EK-FAC does
+not depend on this choice (only the eigenvectors of ``A`` and ``G`` enter).
+
+The inverse is block-diagonal over layers; per layer (``M`` the layer's slice of a row of ``V``
+reshaped to ``[out, in(+1)]``):
+
+    M -> Q_G ((Q_G^T M Q_A) / (Lambda + damping)) Q_A^T,
+
+with ``Lambda = s_G s_A^T`` (outer product of eigenvalues) for K-FAC, which makes it the exact
+inverse of ``A (x) G + damping * I``. The raveled layout follows the params dict: the weight's
+``out * in`` entries (row-major) and the bias's ``out`` entries sit wherever ``ravel`` puts them,
+never as one concatenated ``[out, in + 1]`` block.
+
+References:
+    Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+    Curvature", 2015, arXiv:1503.05671.
+    George et al., "Fast Approximate Natural Gradient Descent in a Kronecker-factored
+    Eigenbasis", 2018, arXiv:1806.03884.
+    Grosse et al., "Studying Large Language Model Generalization with Influence Functions",
+    2023, arXiv:2308.03296.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import _msg, batch_size, check_optional_int, check_positive, iter_batches
+from .._types import LinOp
+from ..layers import _layer_io, _tap, module_state, select_linear
+
+__all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors", "ihvp_kfac",
+           "ihvp_ekfac"]
+
+
+class KFACFactors(NamedTuple):
+    """K-FAC state: per-layer Kronecker factors and the raveled layout they act on.
+
+    Fields:
+        A: ``{layer: [in(+1), in(+1)]}`` input second moments (``+1`` when the bias is a param).
+        G: ``{layer: [out, out]}`` output-gradient second moments.
+        param_names: the selected params' names in ravel order (defines the operator's layout).
+        num_examples: ``N``, the examples the factors average over (int64 scalar tensor).
+    """
+
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    param_names: tuple[str, ...]
+    num_examples: Tensor
+
+
+class EKFACFactors(NamedTuple):
+    """EK-FAC state: per-layer Kronecker eigenbases, corrected eigenvalues and the layout.
+
+    Fields:
+        QA: ``{layer: [in(+1), in(+1)]}`` eigenvectors of ``A`` (columns).
+        QG: ``{layer: [out, out]}`` eigenvectors of ``G`` (columns).
+        Lambda: ``{layer: [out, in(+1)]}`` ``E[(Q_G^T DW_n Q_A)^2]``, the Fisher's diagonal in
+            that basis.
+        param_names: the selected params' names in ravel order.
+        num_examples: ``N`` (int64 scalar tensor).
+    """
+
+    QA: dict[str, Tensor]
+    QG: dict[str, Tensor]
+    Lambda: dict[str, Tensor]
+    param_names: tuple[str, ...]
+    num_examples: Tensor
+
+
+def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ...]]:
+    """Return (layers in module order, param names in dict order); validate their match."""
+    if layers is None:
+        owned = {k.rsplit(".", 1)[0] for k in params}
+        lin = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n in owned]
+        lin = select_linear(func, "layers", module, lin) if lin else []
+    else:
+        lin = select_linear(func, "layers", module, layers)
+    owner = {}
+    for name in lin:
+        owner[f"{name}.weight"] = name
+        owner[f"{name}.bias"] = name
+    stray = [k for k in params if k not in owner]
+    if stray:
+        raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear "
+                              f"layers {lin}", f"other keys {stray}",
+                              "K-FAC covers Linear layers only: drop these keys from params "
+                              "or select their layers."))
+    no_weight = [n for n in lin if f"{n}.weight" not in params]
+    if no_weight:
+        raise ValueError(_msg(func, "params", "the weight of every selected layer",
+                              f"no weight for {no_weight}",
+                              "Add '<layer>.weight' to params or deselect the layer."))
+    return lin, tuple(params)
+
+
+def _check_call(func, module, loss_fn, params, data, layers, chunk_size):
+    if not isinstance(module, nn.Module):
+        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    if not callable(loss_fn):
+        raise TypeError(_msg(func, "loss_fn", "a callable loss_fn(output, target)",
+                             type(loss_fn).__name__))
+    chunk_size = check_optional_int(func, "chunk_size", chunk_size)
+    state = module_state(func, module, params)
+    names, param_names = _select(func, module, params, layers)
+    batches = iter_batches(func, "data", data)
+    tapped = _tap(func, module, names)
+    return state, names, param_names, batches, tapped, chunk_size
+
+
+def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+    """Flatten per-example token dims: ``a -> [B, T, in(+1)]``, ``g -> [B, T, out]``."""
+    B = a.shape[0]
+    a = a.reshape(B, -1, a.shape[-1])
+    g = g.reshape(B, -1, g.shape[-1])
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a, g
+
+
+def _passes(func, batches, tapped, loss_fn, state, chunk_size, step):
+    """Run ``step(layer, a, g)`` on every batch; return the number of examples seen."""
+    n = 0
+    for batch in batches:
+        n += batch_size(func, "data", batch)
+        for layer, (a, g) in _layer_io(tapped, loss_fn, state, batch, chunk_size).items():
+            step(layer, a, g)
+    if n == 0:
+        raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
+    return n
+
+
+def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size):
+    bias = {n: f"{n}.bias" in param_names for n in names}
+    A, G = {}, {}
+
+    def step(layer, a, g):
+        a, g = _tokens(a, g, bias[layer])
+        dA = torch.einsum("bti,btj->ij", a, a / a.shape[1])
+        dG = torch.einsum("bto,btp->op", g, g)
+        A[layer] = dA if layer not in A else A[layer] + dA
+        G[layer] = dG if layer not in G else G[layer] + dG
+
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step)
+    A = {k: A[k] / n for k in names}
+    G = {k: G[k] / n for k in names}
+    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64))
+
+
+def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
+                 layers: str | Iterable[str] | None = None,
+                 chunk_size: int | None = None) -> KFACFactors:
+    """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
+
+    One pass over ``data``, accumulating running sums batch by batch (activations are never
+    held beyond one batch). ``a`` is augmented to ``[a, 1]`` for layers whose bias is in
+    ``params``. See the module docstring for the sequence convention.
+
+    Args:
+        module: the model (traced with ``torch.fx``; see :mod:`dattri_fn.layers` for limits).
+        loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
+        params: ``dict[str, Tensor]``, the weights (and optionally biases) of the Linear layers
+            to precondition, in the order of the raveled vectors the operator will act on.
+            The module's other parameters are its own.
+        data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader); other
+            layouts as :func:`dattri_fn.layers.unpack_example`.
+        layers: Linear layer names; ``None`` selects the layers owning ``params``.
+        chunk_size: examples per ``vmap`` chunk; ``None`` for a whole batch.
+
+    Returns:
+        :class:`KFACFactors`.
+
+    Raises:
+        TypeError, ValueError: bad module, loss_fn, layer names, data or chunk_size; params
+            with keys that are not module parameters, or not weights/biases of the selected
+            layers (the keys are named).
+
+    References:
+        Martens & Grosse 2015, arXiv:1503.05671; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    func = "kfac_factors"
+    state, names, pnames, batches, tapped, chunk_size = _check_call(
+        func, module, loss_fn, params, data, layers, chunk_size)
+    return _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size)
+
+
+def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
+                  layers: str | Iterable[str] | None = None,
+                  chunk_size: int | None = None) -> EKFACFactors:
+    """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
+
+    Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
+    from the per-example gradient blocks ``DW_n = sum_t g_nt a_nt^T`` rotated into the
+    eigenbasis, accumulated as running sums. ``Lambda`` is the diagonal of the empirical
+    Fisher in the Kronecker eigenbasis, the Frobenius-closest such approximation.
+
+    Args:
+        module, loss_fn, params, data, layers, chunk_size: as :func:`kfac_factors`.
+
+    Returns:
+        :class:`EKFACFactors`.
+
+    Raises:
+        TypeError, ValueError: as :func:`kfac_factors`.
+
+    References:
+        George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    func = "ekfac_factors"
+    state, names, pnames, batches, tapped, chunk_size = _check_call(
+        func, module, loss_fn, params, data, layers, chunk_size)
+    kf = _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size)
+    QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
+    QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
+    bias = {n: f"{n}.bias" in pnames for n in names}
+    L = {}
+
+    def step(layer, a, g):
+        a, g = _tokens(a, g, bias[layer])
+        rot = torch.einsum("bto,bti->boi", g @ QG[layer], a @ QA[layer])
+        dL = (rot * rot).sum(0)
+        L[layer] = dL if layer not in L else L[layer] + dL
+
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step)
+    Lambda = {k: L[k] / n for k in names}
+    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64))
+
+
+def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int, int]]):
+    """Return (P, {layer: (w_slice, b_slice | None)}) locating each layer in the raveled vector."""
+    sizes = {}
+    for layer, (out, inp) in shapes.items():
+        sizes[f"{layer}.weight"] = out * inp
+        sizes[f"{layer}.bias"] = out
+    unknown = [k for k in param_names if k not in sizes]
+    if unknown:
+        raise ValueError(_msg(func, "factors", "param_names of the factored layers",
+                              f"unmatched {unknown}"))
+    offsets, start = {}, 0
+    for k in param_names:
+        offsets[k] = slice(start, start + sizes[k])
+        start += sizes[k]
+    return start, {layer: (offsets[f"{layer}.weight"], offsets.get(f"{layer}.bias"))
+                   for layer in shapes}
+
+
+def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``."""
+    layers = list(QA)
+    shapes = {}
+    for layer in layers:
+        bias = f"{layer}.bias" in param_names
+        shapes[layer] = (QG[layer].shape[0], QA[layer].shape[0] - int(bias))
+    P, where = _layout(name, param_names, shapes)
+    inv = {layer: 1.0 / (Lambda[layer] + damping) for layer in layers}
+    ref = QA[layers[0]]
+    order = {k: i for i, k in enumerate(param_names)}
+
+    def matmat(V: Tensor) -> Tensor:
+        k = V.shape[0]
+        pieces = {}
+        for layer in layers:
+            out, inp = shapes[layer]
+            ws, bs = where[layer]
+            M = V[:, ws].reshape(k, out, inp)
+            if bs is not None:
+                M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
+            R = QG[layer].T @ M @ QA[layer]
+            X = QG[layer] @ (R * inv[layer]) @ QA[layer].T
+            pieces[f"{layer}.weight"] = X[..., :inp].reshape(k, -1)
+            if bs is not None:
+                pieces[f"{layer}.bias"] = X[..., inp]
+        return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
+
+    return LinOp(matmat, P, ref.dtype, ref.device, name=name)
+
+
+def _check_factors(func: str, factors, kind, maker, fields):
+    if not isinstance(factors, kind):
+        raise TypeError(_msg(func, "factors", f"a {kind.__name__} (from {maker})",
+                             type(factors).__name__))
+    for field in fields:
+        d = getattr(factors, field)
+        if not isinstance(d, dict) or not d:
+            raise TypeError(_msg(func, f"factors.{field}", "a non-empty dict[str, Tensor]",
+                                 type(d).__name__))
+        for layer, t in d.items():
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(_msg(func, f"factors.{field}", "floating-point tensors",
+                                     f"{type(t).__name__} at {layer!r}"))
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(_msg(func, f"factors.{field}", "finite values",
+                                      f"NaN or inf at {layer!r}"))
+
+
+def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
+    """Return ``V -> (A (x) G + damping*I)^-1 V``, block-diagonal over layers.  # [k, P] -> [k, P]
+
+    Exact inverse of the damped Kronecker product, through the eigendecompositions
+    ``A = Q_A diag(s_A) Q_A^T``, ``G = Q_G diag(s_G) Q_G^T`` computed once here:
+    ``M -> Q_G ((Q_G^T M Q_A) / (s_G s_A^T + damping)) Q_A^T`` for each layer's ``[out, in(+1)]``
+    block ``M``, read from and written to the params' ravel layout.
+
+    Args:
+        factors: from :func:`kfac_factors`.
+        damping: ``> 0``, added to the Kronecker product (not split between the factors).
+
+    Returns:
+        a :class:`~dattri_fn._types.LinOp` of dim ``P`` (the selected params).
+
+    Raises:
+        TypeError, ValueError: bad factors, non-positive damping.
+
+    References:
+        Martens & Grosse 2015, arXiv:1503.05671.
+    """
+    func = "ihvp_kfac"
+    _check_factors(func, factors, KFACFactors, "kfac_factors", ("A", "G"))
+    damping = check_positive(func, "damping", damping)
+    QA, QG, Lam = {}, {}, {}
+    for layer in factors.A:
+        sA, QA[layer] = torch.linalg.eigh(factors.A[layer])
+        sG, QG[layer] = torch.linalg.eigh(factors.G[layer])
+        # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
+        Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
+    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping)
+
+
+def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
+    """Return ``V -> Q_G ((Q_G^T V Q_A) / (Lambda + damping)) Q_A^T`` per layer.  # [k, P] -> [k, P]
+
+    The inverse of the EK-FAC Fisher ``(Q_A (x) Q_G) diag(Lambda) (Q_A (x) Q_G)^T + damping*I``,
+    block-diagonal over layers, in the params' ravel layout.
+
+    Args:
+        factors: from :func:`ekfac_factors`.
+        damping: ``> 0``.
+
+    Returns:
+        a :class:`~dattri_fn._types.LinOp` of dim ``P`` (the selected params).
+
+    Raises:
+        TypeError, ValueError: bad factors, non-positive damping.
+
+    References:
+        George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    func = "ihvp_ekfac"
+    _check_factors(func, factors, EKFACFactors, "ekfac_factors",
+                   ("QA", "QG", "Lambda"))
+    damping = check_positive(func, "damping", damping)
+    return _eigen_inverse(func, factors.QA, factors.QG, factors.Lambda, factors.param_names,
+                          damping)

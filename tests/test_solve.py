@@ -1,0 +1,225 @@
+"""Truth tests of the deterministic inverse solvers: explicit (eigh), CG and Arnoldi."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from problems import DTYPE, dense_hessian, mlp, spd_matrix
+
+from dattri_fn._types import LinOp
+from dattri_fn.solve import arnoldi, cg_solve, ihvp_arnoldi, ihvp_cg, ihvp_explicit
+
+dims = st.integers(2, 10)
+seeds = st.integers(0, 2**31 - 1)
+dampings = st.sampled_from([0.0, 1e-3, 0.1, 1.0])
+conds = st.sampled_from([1.0, 10.0, 1e3])
+rows = st.integers(1, 4)
+
+
+def _randn(seed, *shape, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE).to(device)
+
+
+def _system(dim, seed, cond, damping, k, device):
+    """Return (A, M = A + damping*I, X_true, B = X_true M) for an SPD A of condition cond."""
+    A = spd_matrix(dim, seed, cond=cond, device=device)
+    M = A + damping * torch.eye(dim, dtype=DTYPE, device=device)
+    X = _randn(seed + 1, k, dim, device=device)
+    return A, M, X, X @ M
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def _matmul_op(A):
+    """The same matrix as an opaque LinOp, so solvers cannot shortcut the dense path."""
+    return LinOp(lambda V: V @ A, A.shape[0], A.dtype, A.device, name="matmul")
+
+
+def _positive_part_inverse(A, damping, rtol):
+    """Dense reference of the drop rule: inverse of A + damping*I on directions with mu > tol."""
+    lam, U = torch.linalg.eigh(A)
+    mu = lam + damping
+    keep = mu > rtol * mu.abs().max()
+    return (U[:, keep] / mu[keep]) @ U[:, keep].T, int((~keep).sum())
+
+
+@given(dim=dims, seed=seeds, cond=conds, damping=dampings, k=rows)
+def test_explicit_solves_back(device, dim, seed, cond, damping, k):
+    """ihvp_explicit(A, damping)((A + damping I) x) = x = torch.linalg.solve, to 1e-10."""
+    A, M, X, B = _system(dim, seed, cond, damping, k, device)
+    for op in (A, _matmul_op(A)):
+        Y = ihvp_explicit(op, damping=damping)(B)
+        assert _rel(Y, X) < 1e-10
+        assert _rel(Y, torch.linalg.solve(M, B.T).T) < 1e-10
+
+
+@given(dim=dims, seed=seeds, cond=conds, damping=dampings, k=rows)
+def test_cg_solves_back(device, dim, seed, cond, damping, k):
+    """cg_solve(A, (A + damping I) x, rtol=1e-12).x = x to ~cond * 1e-12, all rows converged."""
+    A, M, X, B = _system(dim, seed, cond, damping, k, device)
+    res = cg_solve(_matmul_op(A), B, damping=damping, rtol=1e-12)
+    assert res.converged.all() and not res.negative_curvature.any()
+    assert (res.residual_norm <= 1e-12 * B.norm(dim=1)).all()
+    bound = 10 * cond * 1e-12
+    assert _rel(res.x, X) < bound
+    assert _rel(res.x, torch.linalg.solve(M, B.T).T) < bound
+    assert _rel(ihvp_cg(A, damping=damping, rtol=1e-12)(B), X) < bound
+
+
+@given(dim=dims, seed=seeds, damping=st.sampled_from([1e-3, 0.1, 1.0]))
+def test_cg_rows_are_independent(device, dim, seed, damping):
+    """A zero row needs 0 steps, a row x0-started at its solution needs 0, the others converge."""
+    A, _, X, B = _system(dim, seed, 10.0, damping, 3, device)
+    B = B.clone()
+    B[1] = 0
+    x0 = torch.zeros_like(B)
+    x0[2] = X[2]
+    res = cg_solve(A, B, damping=damping, rtol=1e-12, x0=x0)
+    assert res.num_iters[1] == 0 and res.num_iters[2] == 0 and res.num_iters[0] >= 1
+    assert res.converged.all()
+    assert torch.equal(res.x[1], torch.zeros_like(res.x[1])) and torch.equal(res.x[2], X[2])
+    assert _rel(res.x[0], X[0]) < 1e-9
+
+
+@given(dim=dims, seed=seeds, cond=conds, damping=dampings, k=rows)
+def test_arnoldi_full_rank_is_exact(device, dim, seed, cond, damping, k):
+    """ihvp_arnoldi(rank = max_iter = P) = torch.linalg.solve; Ritz values = eigvalsh(A)."""
+    A, M, X, B = _system(dim, seed, cond, damping, k, device)
+    eig = arnoldi(_matmul_op(A), max_iter=dim, seed=seed)
+    ref = torch.linalg.eigvalsh(A)
+    assert _rel(torch.sort(eig.values).values, ref) < 1e-10
+    assert _rel(eig.vectors.T @ eig.vectors, torch.eye(dim, dtype=DTYPE, device=device)) < 1e-12
+    op = ihvp_arnoldi(A, rank=dim, max_iter=dim, damping=damping, seed=seed)
+    assert bool(op.kept.all())
+    assert _rel(op(B), torch.linalg.solve(M, B.T).T) < 1e-9 * cond
+    assert _rel(op(B), X) < 1e-9 * cond
+
+
+@given(dim=st.integers(3, 10), distinct=st.integers(1, 3), seed=seeds)
+def test_arnoldi_handles_invariant_subspaces(device, dim, distinct, seed):
+    """A with <= 3 distinct eigenvalues (Krylov space invariant early): all P eigvalsh recovered."""
+    lam = torch.tensor([2.0, -1.0, 0.5], dtype=DTYPE)[torch.arange(dim) % distinct]
+    Q, _ = torch.linalg.qr(_randn(seed, dim, dim))
+    A = ((Q * lam) @ Q.T).to(device)
+    eig = arnoldi(A, max_iter=dim, seed=seed)
+    assert torch.isfinite(eig.vectors).all()
+    assert _rel(torch.sort(eig.values).values, torch.sort(lam).values.to(device)) < 1e-10
+    assert _rel(eig.vectors.T @ eig.vectors, torch.eye(dim, dtype=DTYPE, device=device)) < 1e-10
+
+
+@given(dim=st.integers(4, 10), seed=seeds, damping=dampings, data=st.data())
+def test_arnoldi_low_rank_is_projected_inverse(device, dim, seed, damping, data):
+    """rank r < P: ihvp_arnoldi = sum over eigh's top-r |lam| pairs of u u^T / (lam + damping)."""
+    rank = data.draw(st.integers(1, dim - 1), label="rank")
+    A = spd_matrix(dim, seed, cond=100.0, device=device)
+    lam, U = torch.linalg.eigh(A)
+    top = torch.argsort(lam.abs(), descending=True)[:rank]
+    ref = (U[:, top] / (lam[top] + damping)) @ U[:, top].T
+    V = _randn(seed + 1, 3, dim, device=device)
+    op = ihvp_arnoldi(A, rank=rank, max_iter=dim, damping=damping, seed=seed)
+    assert _rel(op.eigen.values, lam[top]) < 1e-10
+    assert _rel(op(V), V @ ref) < 1e-9
+
+
+@given(dim=st.integers(12, 24), rank=st.integers(1, 3), seed=seeds)
+def test_arnoldi_few_steps_find_gapped_top(device, dim, rank, seed):
+    """Top-r eigenvalues 1e2..1e3 over a bulk in [0, 1]: max_iter = 2r + 6 < P gets them to 1e-8."""
+    Q, _ = torch.linalg.qr(_randn(seed, dim, dim))
+    gen = torch.Generator().manual_seed(seed)
+    lam = torch.cat([torch.logspace(2, 3, rank, dtype=DTYPE),
+                     torch.rand(dim - rank, generator=gen, dtype=DTYPE)])
+    A = ((Q * lam) @ Q.T).to(device)
+    Ut = Q[:, :rank].to(device)
+    ref = (Ut / lam[:rank].to(device)) @ Ut.T
+    op = ihvp_arnoldi(A, rank=rank, max_iter=2 * rank + 6, seed=seed)
+    V = _randn(seed + 1, 2, dim, device=device)
+    assert _rel(torch.sort(op.eigen.values).values, lam[:rank].to(device)) < 1e-8
+    assert _rel(op(V), V @ ref) < 1e-6
+
+
+# -- indefinite curvature: no NaN, a warning, the documented rule -------------------------------
+
+
+def _shifted(dim, seed, shift, device):
+    """SPD (eigenvalues 1..10) minus shift*I: indefinite for shift > 1."""
+    return spd_matrix(dim, seed, cond=10.0, device=device) - shift * torch.eye(
+        dim, dtype=DTYPE, device=device)
+
+
+@given(dim=st.integers(3, 10), seed=seeds, shift=st.sampled_from([2.0, 5.0, 9.0]),
+       damping=st.sampled_from([0.0, 0.5]))
+def test_explicit_and_arnoldi_drop_rule_on_shifted_spd(device, dim, seed, shift, damping):
+    """Indefinite A: both equal the inverse on {lam + damping > tol}, warn 'raise damping', no NaN."""
+    A = _shifted(dim, seed, shift, device)
+    lam = torch.linalg.eigvalsh(A)
+    assume(bool(((lam + damping).abs() > 1e-6).all()))  # no eigenvalue on the threshold
+    V = _randn(seed + 1, 3, dim, device=device)
+    for make in (lambda: ihvp_explicit(A, damping=damping),
+                 lambda: ihvp_arnoldi(A, rank=dim, max_iter=dim, damping=damping, seed=seed)):
+        with pytest.warns(RuntimeWarning, match="Raise damping") as record:
+            op = make()
+        ref, dropped = _positive_part_inverse(A, damping, rtol=dim * torch.finfo(DTYPE).eps)
+        assert dropped >= 1 and f"dropped {dropped} of {dim}" in str(record[0].message)
+        assert int((~op.kept).sum()) == dropped
+        Y = op(V)
+        assert torch.isfinite(Y).all()
+        assert _rel(Y, V @ ref) < 1e-9
+
+
+@given(seed=st.integers(0, 50), damping=st.sampled_from([0.01, 0.05]))
+def test_mlp_hessian_drop_rule(device, seed, damping):
+    """MLP Hessian (indefinite): explicit and Arnoldi(P) both give the positive-part inverse."""
+    params, loss, batch = mlp(n=8, seed=seed, device=device)
+    H = dense_hessian(params, loss, batch)
+    lam = torch.linalg.eigvalsh(H)
+    assume(bool((lam + damping < -1e-8).any() and ((lam + damping).abs() > 1e-8).all()))
+    P = H.shape[0]
+    ref, dropped = _positive_part_inverse(H, damping, rtol=P * torch.finfo(DTYPE).eps)
+    V = _randn(seed, 2, P, device=device)
+    with pytest.warns(RuntimeWarning, match="Raise damping"):
+        explicit = ihvp_explicit(H, damping=damping)
+    with pytest.warns(RuntimeWarning, match="Raise damping"):
+        krylov = ihvp_arnoldi(H, rank=P, max_iter=P, damping=damping, seed=seed)
+    for op in (explicit, krylov):
+        assert int((~op.kept).sum()) == dropped
+        assert torch.isfinite(op(V)).all()
+        assert _rel(op(V), V @ ref) < 1e-7
+
+
+@given(dim=st.integers(3, 10), seed=seeds, shift=st.sampled_from([2.0, 5.0]), k=rows)
+def test_cg_negative_curvature_rule(device, dim, seed, shift, k):
+    """CG on indefinite A: each row converges or is flagged and stopped at its last iterate."""
+    A = _shifted(dim, seed, shift, device)
+    lam, U = torch.linalg.eigh(A)
+    B = _randn(seed + 1, k, dim, device=device)
+    B[0] = U[:, 0]  # an eigenvector with lam < 0: p^T A p < 0 at the very first step
+    with pytest.warns(RuntimeWarning, match="negative curvature"):
+        res = cg_solve(A, B, rtol=1e-10)
+    assert torch.isfinite(res.x).all()
+    assert res.negative_curvature[0] and res.num_iters[0] == 0
+    assert torch.equal(res.x[0], torch.zeros_like(res.x[0]))
+    assert not (res.converged & res.negative_curvature).any()
+    assert (res.converged | res.negative_curvature).all()
+    for i in torch.nonzero(res.negative_curvature).flatten().tolist():
+        steps = int(res.num_iters[i])
+        if steps == 0:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            replay = cg_solve(A, B[i], rtol=0.0, max_iter=steps).x
+        torch.testing.assert_close(res.x[i], replay, rtol=1e-12, atol=1e-12)
+
+
+def test_cg_flags_mlp_hessian(device):
+    """CG on the undamped MLP Hessian flags negative curvature and returns finite rows."""
+    params, loss, batch = mlp(device=device)
+    H = dense_hessian(params, loss, batch)
+    B = _randn(0, 4, H.shape[0], device=device)
+    with pytest.warns(RuntimeWarning, match="Raise damping"):
+        res = cg_solve(H, B)
+    assert res.negative_curvature.any() and torch.isfinite(res.x).all()
+    assert not res.converged[res.negative_curvature].any()

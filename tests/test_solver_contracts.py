@@ -1,0 +1,205 @@
+"""Contracts every inverse solver keeps: dtype/device, row batching, vectors, seeds, clear errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from problems import spd_matrix
+
+from dattri_fn._types import LinOp
+from dattri_fn.solve import SOLVERS, cg_solve, ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
+
+DIM = 6
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def _lissa(op, *, damping=0.0, seed=0):
+    """LiSSA adapter: per-example curvatures A + E_i with sum_i E_i = 0, batches of 2 of 4."""
+    A = op if isinstance(op, torch.Tensor) else op.dense()
+    gen = torch.Generator().manual_seed(123)
+    E = 0.05 * torch.randn(4, *A.shape, generator=gen, dtype=torch.float64).to(A)
+    E = E + E.transpose(1, 2)
+    Hs = A + (E - E.mean(0))
+    scale = 1.2 * (float(torch.linalg.eigvalsh(Hs).max()) + damping)
+    return ihvp_lissa(lambda idx: Hs[idx].mean(0), torch.arange(4), damping=damping,
+                      scale=scale, depth=40, batch_size=2, repeats=2, seed=seed)
+
+
+REGISTRY = {**SOLVERS, "lissa": _lissa}
+EXACT = ("explicit", "cg", "arnoldi")  # lissa is stochastic: truth tested in test_solve_lissa.py
+
+
+def _matrix(dtype, device, seed=0):
+    return spd_matrix(DIM, seed, cond=10.0).to(dtype=dtype, device=device)
+
+
+def _V(k, dtype, device, seed=1):
+    return torch.randn(k, DIM, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _as_opaque(A):
+    return LinOp(lambda V: V @ A, A.shape[0], A.dtype, A.device, name="matmul")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_and_device_follow_input(device, name, dtype):
+    """out = factory(A, damping)(V): out.dtype = V.dtype, out.device = V.device, dense or LinOp."""
+    A = _matrix(dtype, device)
+    V = _V(3, dtype, device)
+    for op_in in (A, _as_opaque(A)):
+        op = REGISTRY[name](op_in, damping=0.1)
+        assert (op.dim, op.dtype, op.device) == (DIM, dtype, device)
+        out = op(V)
+        assert out.dtype == dtype and out.device == V.device and out.shape == V.shape
+        assert torch.isfinite(out).all()
+        if name in EXACT:
+            ref = torch.linalg.solve(A.double() + 0.1 * torch.eye(DIM, dtype=torch.float64,
+                                                                   device=device), V.double().T).T
+            torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype] * 10,
+                                       atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@given(k=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       damping=st.sampled_from([0.0, 0.1, 1.0]))
+def test_rows_are_independent(device, name, k, seed, damping):
+    """op(V)[i] = op(V[i:i+1])[0] for every row i, and op(v) for a [P] vector is op(v[None])[0]."""
+    A = _matrix(torch.float64, device, seed=seed)
+    op = REGISTRY[name](A, damping=damping)
+    V = _V(k, torch.float64, device, seed=seed + 1)
+    out = op(V)
+    for i in range(k):
+        torch.testing.assert_close(out[i], op(V[i : i + 1])[0], rtol=1e-10, atol=1e-12)
+        vec = op(V[i])
+        assert vec.shape == (DIM,)
+        torch.testing.assert_close(vec, out[i], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_same_seed_same_output(device, name):
+    """Two factories built alike give bit-identical outputs; a second call repeats the first."""
+    A = _matrix(torch.float64, device)
+    V = _V(3, torch.float64, device)
+    first = REGISTRY[name](A, damping=0.1)
+    out = first(V)
+    assert torch.equal(out, REGISTRY[name](A, damping=0.1)(V))
+    assert torch.equal(out, first(V))
+
+
+def test_seed_changes_stochastic_solvers(device):
+    """LiSSA and Arnoldi(rank < P) draw from their seed: another seed, another answer."""
+    A = _matrix(torch.float64, device)
+    V = _V(2, torch.float64, device)
+    assert not torch.equal(_lissa(A, seed=0)(V), _lissa(A, seed=1)(V))
+    a0 = ihvp_arnoldi(A, rank=2, max_iter=3, seed=0)(V)
+    assert not torch.equal(a0, ihvp_arnoldi(A, rank=2, max_iter=3, seed=1)(V))
+
+
+# -- errors: "<func>(<arg>=...): expected ..., got ..." -------------------------------------------
+
+FACTORY_NAMES = {"explicit": "ihvp_explicit", "cg": "ihvp_cg", "arnoldi": "ihvp_arnoldi",
+                 "lissa": "ihvp_lissa"}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_bad_right_hand_sides(device, name):
+    """Wrong shape, non-finite values, wrong dtype or a non-tensor V: a clear error."""
+    A = _matrix(torch.float64, device)
+    op = REGISTRY[name](A, damping=0.1)
+    func = FACTORY_NAMES[name]
+    with pytest.raises(ValueError, match=rf"{func}\(V=...\): expected shape \[k, {DIM}\]"):
+        op(torch.zeros(2, DIM + 1, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=rf"{func}\(V=...\): expected shape"):
+        op(torch.zeros(2, 2, DIM, dtype=torch.float64, device=device))
+    bad = _V(2, torch.float64, device)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{func}\(V=...\): expected finite values"):
+        op(bad)
+    with pytest.raises(TypeError, match=rf"{func}\(V=...\): expected dtype torch.float64"):
+        op(_V(2, torch.float32, device))
+    with pytest.raises(TypeError, match=rf"{func}\(V=...\): expected a Tensor"):
+        op([[0.0] * DIM])
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_bad_operators_and_damping(device, name):
+    """Negative damping, non-square, non-finite or non-tensor operators: a clear error."""
+    factory, func = REGISTRY[name], FACTORY_NAMES[name]
+    A = _matrix(torch.float64, device)
+    with pytest.raises(ValueError, match=rf"{func}\(damping=...\): expected a finite number >= 0"):
+        factory(A, damping=-0.1)
+    with pytest.raises(ValueError, match=rf"{func}\(op=...\): expected a square \[P, P\] matrix"):
+        factory(A[:, :-1], damping=0.1)
+    with pytest.raises(ValueError, match=rf"{func}\(op=...\): expected a 2-d tensor"):
+        factory(A[0], damping=0.1)
+    nan = A.clone()
+    nan[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=rf"{func}\(op=...\): expected finite values"):
+        factory(nan, damping=0.1)
+    with pytest.raises(TypeError, match=rf"{func}\(op=...\): expected a LinOp"):
+        factory("A", damping=0.1)
+    with pytest.raises(TypeError, match=rf"{func}\(op=...\): expected a floating-point"):
+        factory(torch.eye(DIM, dtype=torch.int64, device=device), damping=0.1)
+
+
+def test_bad_solver_settings(device):
+    """rank > P, rank > max_iter, negative rtol, max_iter = 0: ValueError naming the argument."""
+    A = _matrix(torch.float64, device)
+    with pytest.raises(ValueError, match=rf"ihvp_arnoldi\(rank=...\): expected rank <= P = {DIM}"):
+        ihvp_arnoldi(A, rank=DIM + 1)
+    with pytest.raises(ValueError, match=r"ihvp_arnoldi\(max_iter=...\): expected max_iter >= rank"):
+        ihvp_arnoldi(A, rank=3, max_iter=2)
+    with pytest.raises(ValueError, match=r"ihvp_explicit\(rtol=...\): expected a finite number"):
+        ihvp_explicit(A, rtol=-1.0)
+    with pytest.raises(ValueError, match=r"ihvp_cg\(max_iter=...\): expected an int >= 1"):
+        ihvp_cg(A, max_iter=0)
+    with pytest.raises(ValueError, match=r"cg_solve\(atol=...\): expected a finite number >= 0"):
+        cg_solve(A, _V(1, torch.float64, device), atol=-1.0)
+    with pytest.raises(ValueError, match=r"cg_solve\(x0=...\): expected shape \[2, 6\]"):
+        cg_solve(A, _V(2, torch.float64, device), x0=_V(3, torch.float64, device))
+    with pytest.raises(ValueError, match=r"cg_solve\(B=...\): expected size 6 at dim 1"):
+        cg_solve(A, torch.zeros(2, DIM + 1, dtype=torch.float64, device=device))
+
+
+def test_nonfinite_linop_output_raises(device):
+    """An operator that returns NaN is caught: explicit on its dense form, CG on its iterates."""
+    P = DIM
+    nan_op = LinOp(lambda V: V * float("nan"), P, torch.float64, device, name="nan")
+    with pytest.raises(ValueError, match=r"ihvp_explicit\(op=...\): expected finite values"):
+        ihvp_explicit(nan_op)
+    with pytest.raises(ValueError, match=r"cg_solve\(op=...\): expected an operator returning"):
+        cg_solve(nan_op, _V(1, torch.float64, device))
+    with pytest.raises(ValueError, match=r"ihvp_arnoldi\(op=...\): expected an operator returning"):
+        ihvp_arnoldi(nan_op, rank=2)
+
+
+@given(k=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_cg_reports_non_convergence(device, k, seed):
+    """max_iter = 1 on an ill-conditioned A: converged is False, a warning says raise max_iter."""
+    A = spd_matrix(DIM, seed, cond=1e3, device=device)
+    B = _V(k, torch.float64, device, seed=seed)
+    with pytest.warns(RuntimeWarning, match=r"did not reach rtol.*Raise max_iter"):
+        res = cg_solve(A, B, max_iter=1)
+    assert not res.converged.any() and not res.negative_curvature.any()
+    assert (res.num_iters == 1).all() and res.residual_norm.shape == (k,)
+    assert (res.residual_norm > 1e-6 * B.norm(dim=1)).all()
+    with pytest.warns(RuntimeWarning, match="Raise max_iter"):
+        ihvp_cg(A, max_iter=1)(B)
+
+
+def test_cg_vector_input_gives_scalar_diagnostics(device):
+    """cg_solve on a [P] vector returns x [P] and 0-d diagnostics."""
+    A = _matrix(torch.float64, device)
+    res = cg_solve(A, _V(1, torch.float64, device)[0], rtol=1e-12)
+    assert res.x.shape == (DIM,)
+    assert all(t.ndim == 0 for t in res[1:])
+    assert bool(res.converged)
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_bare_callable_is_refused(device, name):
+    """A bare function (no P, dtype, device) is refused with the LinOp wrapping spelled out."""
+    with pytest.raises(TypeError, match=r"\(op=...\): expected a LinOp .* got a bare callable"):
+        REGISTRY[name](lambda V: V, damping=0.1)
