@@ -1,19 +1,32 @@
-"""Attribution methods as thin pipelines over the core transforms (see :mod:`.method`)."""
+"""Attribution methods as thin pipelines over the core transforms (see :mod:`.method`).
+
+Every method: ``Method(prepare, score, self_score, name)``; scores ``[n_train, n_test]``,
+positive = up-weighting the training example lowers the test loss (a proponent).
+"""
 
 from .gradsim import grad_cos, grad_dot, tracin
 from .influence import InfluenceState, influence
 from .method import Method, stack_checkpoints
-from .pipeline import TopK, stream_scores, stream_self
+from .pipeline import TopK, merge_topk, stream_scores, stream_self
+from .representer import RepresenterState, representer
+from .trak import TRAKState, classification_margin, classification_weight, trak
 
 __all__ = [
     "InfluenceState",
     "Method",
+    "RepresenterState",
+    "TRAKState",
     "TopK",
+    "classification_margin",
+    "classification_weight",
     "grad_cos",
     "grad_dot",
     "influence",
+    "merge_topk",
+    "representer",
     "stack_checkpoints",
     "stream_scores",
     "stream_self",
     "tracin",
+    "trak",
 ]

@@ -40,7 +40,8 @@ def collect(func: str, arg: str, feature_fn: FeatureFn, data, device) -> Tensor:
     return torch.cat(blocks, dim=-2)
 
 
-def _merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: bool) -> TopK:
+def merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: bool) -> TopK:
+    """Merge a score block (rows ``offset...``) into a running per-column top-k.  # [k, n_test]"""
     idx = torch.arange(offset, offset + block.shape[0], device=block.device)
     idx = idx[:, None].expand_as(block)
     if best is not None:
@@ -70,7 +71,7 @@ def stream_scores(func: str, train_features: FeatureFn, train, test_features: Te
         if top_k is None:
             blocks.append(block)
         else:
-            best = _merge_topk(best, block, offset, top_k, largest)
+            best = merge_topk(best, block, offset, top_k, largest)
         offset += block.shape[0]
     if offset == 0:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")

@@ -32,7 +32,7 @@ from .._checks import (
 )
 from .._types import Params
 from .method import Method, device_of
-from .pipeline import TopK
+from .pipeline import TopK, merge_topk
 from .trak import (
     check_cached_train,
     check_example_fn,
@@ -57,15 +57,6 @@ class RepresenterState(NamedTuple):
     features: Tensor
     alpha: Tensor
     classes: Tensor
-
-
-def _merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: bool) -> TopK:
-    idx = torch.arange(offset, offset + block.shape[0], device=block.device)
-    idx = idx[:, None].expand_as(block)
-    if best is not None:
-        block, idx = torch.cat([best.values, block]), torch.cat([best.indices, idx])
-    values, pos = torch.topk(block, min(k, block.shape[0]), dim=0, largest=largest)
-    return TopK(values, torch.gather(idx, 0, pos))
 
 
 def representer(feature_fn: Callable[[Params, Any], Tensor],
@@ -96,7 +87,8 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         l2: ``> 0``, the coefficient of ``|W|^2`` in the training objective (no 1/2).
         label_fn: ``example -> y``; default: the last element of a tuple example or
             ``example["labels"]``.
-        explain: ``"label"`` or ``"prediction"``.
+        explain: ``"label"`` or ``"prediction"``; with ``"prediction"`` test examples need no
+            label (e.g. a Batch ``(x,)``, if ``feature_fn`` reads only ``x``).
         chunk_size: examples per vmapped feature call, and train rows per block of scores.
 
     Returns:
@@ -130,13 +122,19 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         raise ValueError(_msg(name, "explain", f"one of {EXPLAIN}", repr(explain)))
     check_optional_int(name, "chunk_size", chunk_size)
 
-    def per_example(params: Params, example):
+    def explained(example, logits: Tensor) -> Tensor:
+        return (label_fn(example) if explain == "label" else logits.argmax(-1)).long()
+
+    def train_example(params: Params, example):  # -> h [F], dL/dlogits [K], class []
         h = feature_fn(params, example)
         logits = head_fn(params, h)
-        y = label_fn(example)
-        dlogits = torch.func.grad(loss_on_logits)(logits, y)
-        c = y if explain == "label" else logits.argmax(-1)
-        return h, dlogits, c.long()
+        dlogits = torch.func.grad(loss_on_logits)(logits, label_fn(example))
+        return h, dlogits, explained(example, logits)
+
+    def test_example(params: Params, example):  # -> h [F], class []
+        # No loss here, so with explain="prediction" test examples need no label at all.
+        h = feature_fn(params, example)
+        return h, explained(example, head_fn(params, h))
 
     def check_first(func: str, arg: str, params: Params, data) -> None:
         """Validate the first example of ``data`` eagerly, once (the public boundary)."""
@@ -144,18 +142,22 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         h = check_example_fn(func, "feature_fn", arg, feature_fn, params, batch, ndim=1)
         logits = check_example_fn(func, "head_fn", arg, lambda p, _: head_fn(p, h), params,
                                   batch, ndim=1)
-        y = label_fn(first_example(batch))
-        check_example_fn(func, "loss_on_logits", arg, lambda *_: loss_on_logits(logits, y),
-                         params, batch, ndim=0)
-        if explain == "label" and (not isinstance(y, Tensor) or y.is_floating_point()):
-            raise TypeError(_msg(func, "label_fn", "an integer class label per example for "
-                                 "explain='label'", repr(y),
-                                 "Use explain='prediction' for soft targets."))
+        if arg == "train":
+            y = label_fn(first_example(batch))
+            check_example_fn(func, "loss_on_logits", arg, lambda *_: loss_on_logits(logits, y),
+                             params, batch, ndim=0)
+        if explain == "label":
+            y = label_fn(first_example(batch))
+            if not isinstance(y, Tensor) or y.is_floating_point():
+                raise TypeError(_msg(func, "label_fn", "an integer class label per example for "
+                                     "explain='label'", repr(y),
+                                     "Use explain='prediction' for soft targets."))
 
-    def rows(func: str, arg: str, params: Params, data) -> tuple[Tensor, Tensor, Tensor]:
-        """Return ``(h [n, F], dL/dlogits [n, K], classes [n])`` over every batch of ``data``."""
+    def rows(func: str, arg: str, params: Params, data) -> tuple[Tensor, ...]:
+        """Return the per-example outputs over every batch: ``(h [n, F], dL/dlogits [n, K],
+        classes [n])`` for train, ``(h [n, F], classes [n])`` for test."""
         check_first(func, arg, params, data)
-        fn = vmap(per_example, in_dims=(None, 0))
+        fn = vmap(train_example if arg == "train" else test_example, in_dims=(None, 0))
         parts = []
         for batch in iter_batches(func, arg, data):
             n = batch_size(func, arg, batch)
@@ -184,7 +186,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         params = check_params(func, "params", params)
         check_optional_int(func, "top_k", top_k)
         H, alpha, _ = check_state(func, state, params, train)
-        h_test, _, c_test = rows(func, "test", params, test)
+        h_test, c_test = rows(func, "test", params, test)
         (n, F), K = H.shape, alpha.shape[1]
         if h_test.shape[1] != F:
             raise ValueError(_msg(func, "test", f"penultimate features of size F={F} like the "
@@ -200,7 +202,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             if top_k is None:
                 blocks.append(block)
             else:
-                best = _merge_topk(best, block, a, top_k, largest)
+                best = merge_topk(best, block, a, top_k, largest)
         return torch.cat(blocks) if top_k is None else best
 
     def self_score(params: Params, state: RepresenterState, train) -> Tensor:

@@ -257,11 +257,14 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
             proj = projectors[key]
         d = P if proj_dim is None else proj_dim
 
-        def packed(batch) -> Tensor:  # [C, b, d + 1]: features, then the weight Q
-            C = num_checkpoints(stacked)
+        def features(batch) -> Tensor:  # [C, b, d]
             G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P]
-            if proj is not None:
-                G = proj(G.reshape(-1, P)).reshape(C, -1, d)
+            if proj is None:
+                return G
+            return proj(G.reshape(-1, P)).reshape(G.shape[0], -1, d)
+
+        def packed(batch) -> Tensor:  # [C, b, d + 1]: features, then the weight Q
+            G = features(batch)
             if weight_fn is None:
                 Q = torch.ones(G.shape[:2], dtype=G.dtype, device=G.device)
             else:
@@ -270,13 +273,14 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
             return torch.cat([G, Q.unsqueeze(-1)], dim=-1)
 
         first = {k: v[0] for k, v in stacked.items()}
-        return stacked, in_chunks(packed, chunk_size), d, first, v0.device
+        return (stacked, in_chunks(packed, chunk_size), in_chunks(features, chunk_size), d, first,
+                v0.device)
 
     def check_first(func: str, arg: str, first: Params, data, device) -> None:
         """Validate the first example of ``data`` eagerly, once (the public boundary)."""
         batch = first_batch(func, arg, data, device)
         check_example_fn(func, "output_fn", arg, output_fn, first, batch, fix=_MARGIN_FIX)
-        if weight_fn is not None:
+        if weight_fn is not None and arg == "train":
             check_example_fn(func, "weight_fn", arg, weight_fn, first, batch, fix=_WEIGHT_FIX)
 
     def split(out: Tensor) -> tuple[Tensor, Tensor]:  # -> phi [C, b, d], Qbar [b]
@@ -284,13 +288,16 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
 
     def prepare(params, train) -> TRAKState:
         func = f"{name}.prepare"
-        stacked, packed, d, first, device = setup(func, params)
+        stacked, packed, features, d, first, device = setup(func, params)
         check_first(func, "train", first, train, device)
         gram, phis, weights, n = None, [], [], 0
         for batch in iter_batches(func, "train", train):
             batch_size(func, "train", batch)
             phi, q = split(packed(batch_to(batch, device)))
-            block = phi.mT @ phi
+            # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
+            # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
+            phi64 = phi.to(torch.float64)
+            block = phi64.mT @ phi64
             gram = block if gram is None else gram + block
             n += phi.shape[1]
             if cache_features:
@@ -305,10 +312,13 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
                                   f"(d={d}, n_train={n}, damping={damping})",
                                   "Raise damping or lower proj_dim."))
         K = torch.cholesky_inverse(L)
-        K = (K + K.mT) / 2  # exactly symmetric, so phi @ K == (K phi)^T bit for bit
+        K = ((K + K.mT) / 2).to(phis[0].dtype if phis else stacked_dtype(stacked))
         if not cache_features:
             return TRAKState(K, None, None)
         return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights))
+
+    def stacked_dtype(stacked) -> torch.dtype:
+        return next(iter(stacked.values())).dtype
 
     def check_state(func: str, state, stacked, d: int) -> None:
         if not isinstance(state, TRAKState):
@@ -330,12 +340,11 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        stacked, packed, d, first, device = setup(func, params)
+        stacked, packed, features, d, first, device = setup(func, params)
         check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         check_first(func, "test", first, test, device)
-        test_feats = test_rows(K, collect(func, "test", lambda b: packed(b)[..., :-1], test,
-                                          device))
+        test_feats = test_rows(K, collect(func, "test", features, test, device))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             T = train_rows(state.train_features.to(device), state.train_weights.to(device))
@@ -350,7 +359,7 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
-        stacked, packed, d, first, device = setup(func, params)
+        stacked, packed, features, d, first, device = setup(func, params)
         check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         if state.train_features is not None:

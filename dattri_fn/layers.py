@@ -1,0 +1,290 @@
+"""Hook-free capture of ``nn.Linear`` inputs and output-gradients via ``torch.fx``.
+
+A K-FAC style method needs, per example and per Linear layer, the layer input ``a`` and the
+gradient of the loss w.r.t. the layer output ``g``: the per-sample weight gradient is then
+``sum_t g_t a_t^T`` (and the bias gradient ``sum_t g_t``). Module hooks would give both, but they
+hold hidden state and do not compose with ``torch.func``. Here the module is traced once with
+``torch.fx.symbolic_trace`` and rewritten into a pure function
+
+    tapped(params_and_buffers, probes, *inputs) -> (output, {layer: input})
+
+in which every selected Linear's output gets ``+ probes[layer]``. At ``probes = 0`` the output is
+unchanged, and ``torch.func.grad`` w.r.t. the probes is exactly ``g``.
+
+Limits (those of ``torch.fx`` symbolic tracing): the module's ``forward`` must not branch or
+loop on tensor values, nor call non-traceable Python on them; each selected Linear must be
+called as a module exactly once per forward (shared or re-used layers are refused), and its
+``forward`` must be ``nn.Linear.forward`` (subclasses overriding it are refused). Modules that
+update buffers in ``forward`` (BatchNorm in train mode) must be put in ``eval()`` first.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
+
+TappedFn = Callable[..., tuple[object, dict[str, Tensor]]]
+
+
+def linear_layers(module: nn.Module, include: str | Iterable[str] | None = None) -> list[str]:
+    """Return the qualified names of the ``nn.Linear`` submodules, in ``named_modules`` order.
+
+    Args:
+        module: the model.
+        include: a name or names to select (validated); ``None`` selects every Linear.
+
+    Returns:
+        ``list[str]`` of qualified names (``"0"``, ``"encoder.proj"``, ...).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module`` or ``include`` not a str/iterable of str.
+        ValueError: an unknown name, a duplicate, a non-Linear submodule, a Linear whose
+            ``forward`` is overridden, or a root module that is itself a Linear.
+    """
+    return select_linear("linear_layers", "include", module, include)
+
+
+def select_linear(func: str, arg: str, module: nn.Module, include) -> list[str]:
+    """:func:`linear_layers` with errors naming ``func(arg=...)``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    modules = dict(module.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if "" in linears:
+        raise ValueError(_msg(func, "module", "a model containing nn.Linear submodules",
+                              "a bare nn.Linear", "Wrap it: nn.Sequential(module)."))
+    if include is None:
+        names = linears
+    else:
+        if isinstance(include, str):
+            include = [include]
+        if not isinstance(include, Iterable):
+            raise TypeError(_msg(func, arg, "a layer name or an iterable of names",
+                                 type(include).__name__))
+        include = list(include)
+        bad_kind = [n for n in include if not isinstance(n, str)]
+        if bad_kind:
+            raise TypeError(_msg(func, arg, "layer names (str)", repr(bad_kind[0])))
+        if not include:
+            raise ValueError(_msg(func, arg, "at least one layer name", "an empty list"))
+        unknown = [n for n in include if n not in modules or n == ""]
+        if unknown:
+            raise ValueError(_msg(func, arg, "names of submodules", f"unknown {unknown}",
+                                  f"Linear layers are {linears}."))
+        not_linear = [f"{n!r} ({type(modules[n]).__name__})" for n in include
+                      if not isinstance(modules[n], nn.Linear)]
+        if not_linear:
+            raise ValueError(_msg(func, arg, "names of nn.Linear submodules",
+                                  ", ".join(not_linear), f"Linear layers are {linears}."))
+        dup = sorted({n for n in include if include.count(n) > 1})
+        if dup:
+            raise ValueError(_msg(func, arg, "distinct names", f"duplicates {dup}"))
+        chosen = set(include)
+        names = [n for n in linears if n in chosen]
+    overridden = [n for n in names if type(modules[n]).forward is not nn.Linear.forward]
+    if overridden:
+        raise ValueError(_msg(func, arg, "Linear layers using nn.Linear.forward",
+                              f"overridden forward in {overridden}",
+                              "Select only plain affine layers."))
+    return names
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps the selected layers as ``call_module`` nodes even when they are subclasses."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self._leaves or super().is_leaf_module(m, qualname)
+
+
+def tap_layers(module: nn.Module, layers: str | Iterable[str] | None = None) -> TappedFn:
+    """Return ``tapped(params_and_buffers, probes, *inputs, **kw) -> (output, {layer: input})``.
+
+    ``tapped`` runs ``module`` functionally (``torch.func.functional_call``) with each selected
+    Linear output ``z`` replaced by ``z + probes[layer]``; passing zeros of ``z``'s shape leaves
+    the output unchanged, and ``torch.func.grad`` w.r.t. ``probes`` gives ``dL/dz``.
+    ``params_and_buffers`` may hold any subset of the module's parameters and buffers (missing
+    ones are the module's own); ``tapped.state_keys`` lists the names it accepts.
+
+    Args:
+        module: the model, traceable by ``torch.fx.symbolic_trace`` (see the module docstring).
+        layers: Linear layer names (see :func:`linear_layers`); ``None`` taps every Linear.
+
+    Returns:
+        the pure function ``tapped``, with attributes ``layers`` (the tapped names, in module
+        order) and ``graph_module`` (the rewritten ``torch.fx.GraphModule``).
+
+    Raises:
+        TypeError, ValueError: as :func:`linear_layers`; ValueError when tracing fails or a
+        selected layer is not called exactly once as a module.
+    """
+    return _tap("tap_layers", module, select_linear("tap_layers", "layers", module, layers))
+
+
+def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
+    """:func:`tap_layers` on validated names, with errors naming ``func``."""
+    try:
+        graph = _LeafTracer(set(names)).trace(module)
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        raise ValueError(_msg(func, "module", "a module torch.fx.symbolic_trace can trace "
+                              "(no data-dependent control flow)", f"{type(err).__name__}: {err}",
+                              "Tap a traceable sub-module or remove the tensor-dependent "
+                              "branch.")) from err
+    calls: dict[str, list[fx.Node]] = {n: [] for n in names}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in calls:
+            calls[node.target].append(node)
+    bad = {n: len(c) for n, c in calls.items() if len(c) != 1}
+    if bad:
+        raise ValueError(_msg(func, "layers", "Linear layers called once as modules in forward",
+                              f"call counts {bad}",
+                              "Unused, re-used or functionally-called (F.linear) layers "
+                              "cannot be tapped; exclude them with layers=[...]."))
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first):
+        probes = graph.placeholder("tap_probes")
+    acts = {}
+    for name, (node,) in calls.items():
+        acts[name] = node.args[0] if node.args else node.kwargs["input"]
+        with graph.inserting_after(node):
+            probe = graph.call_function(operator.getitem, (probes, name))
+        with graph.inserting_after(probe):
+            shifted = graph.call_function(operator.add, (node, probe))
+        node.replace_all_uses_with(shifted, delete_user_cb=lambda user, s=shifted: user is not s)
+    (out_node,) = [n for n in graph.nodes if n.op == "output"]
+    out_node.args = ((out_node.args[0], acts),)
+    graph.lint()
+    gm = fx.GraphModule(module, graph)
+    state_keys = frozenset(
+        [k for k, _ in gm.named_parameters(remove_duplicate=False)]
+        + [k for k, _ in gm.named_buffers(remove_duplicate=False)]
+    )
+
+    def tapped(params_and_buffers: Mapping[str, Tensor], probes: Mapping[str, Tensor], *inputs,
+               **kwargs):
+        state = {k: v for k, v in params_and_buffers.items() if k in state_keys}
+        return torch.func.functional_call(gm, state, (probes, *inputs), kwargs)
+
+    tapped.layers = names
+    tapped.graph_module = gm
+    tapped.state_keys = state_keys
+    return tapped
+
+
+def module_state(func: str, module: nn.Module, params) -> dict[str, Tensor]:
+    """Return the module's detached parameters and buffers overridden by ``params``.
+
+    Raises ValueError naming keys of ``params`` that are not module parameters or whose shape
+    differs, so ``functional_call`` never silently falls back to the module's own tensors.
+    """
+    params = check_params(func, "params", params)
+    own = dict(module.named_parameters())
+    unknown = [k for k in params if k not in own]
+    if unknown:
+        raise ValueError(_msg(func, "params", "names of the module's parameters",
+                              f"unknown keys {unknown}",
+                              "Build params from dict(module.named_parameters())."))
+    shape = [f"{k}: {list(v.shape)} vs {list(own[k].shape)}" for k, v in params.items()
+             if v.shape != own[k].shape]
+    if shape:
+        raise ValueError(_msg(func, "params", "the module's parameter shapes",
+                              "; ".join(shape)))
+    state = {k: v.detach() for k, v in module.named_buffers()}
+    state.update({k: v.detach() for k, v in own.items()})
+    state.update(params)
+    return state
+
+
+def unpack_example(example) -> tuple[tuple, dict, object]:
+    """Split an example into ``(args, kwargs, target)``, as ``dattri_fn.model.default_unpack``.
+
+    A Tensor is the only input (no target); a tuple/list is ``(*inputs, target)`` (no target
+    when of length 1); a dict gives keyword inputs and the target under ``"labels"``.
+    """
+    if isinstance(example, Tensor):
+        return (example,), {}, None
+    if isinstance(example, Mapping):
+        return (), {k: v for k, v in example.items() if k != "labels"}, example.get("labels")
+    if len(example) < 2:
+        return tuple(example), {}, None
+    return tuple(example[:-1]), {}, example[-1]
+
+
+def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
+    """Bare core of :func:`layer_io` (no validation)."""
+    names = tapped.layers
+    args0, kwargs0, _ = unpack_example(batch_slice(batch, 0, 1))
+    # One cheap forward on example 0 with broadcasting probes gives every layer's output shape.
+    with torch.no_grad():
+        flat = {n: torch.zeros((), dtype=state[f"{n}.weight"].dtype,
+                               device=state[f"{n}.weight"].device) for n in names}
+        _, acts0 = tapped(state, flat, *args0, **kwargs0)
+    shapes = {n: (*acts0[n].shape[:-1], state[f"{n}.weight"].shape[0]) for n in names}
+    dtypes = {n: acts0[n].dtype for n in names}
+
+    def one(example):
+        args, kwargs, target = unpack_example(example)
+        args = [x.unsqueeze(0) for x in args]
+        kwargs = {k: v.unsqueeze(0) for k, v in kwargs.items()}
+        if isinstance(target, Tensor):
+            target = target.unsqueeze(0)
+        probes = {n: torch.zeros(shapes[n], dtype=dtypes[n], device=state[f"{n}.weight"].device)
+                  for n in names}
+
+        def f(pr):
+            out, acts = tapped(state, pr, *args, **kwargs)
+            return (loss_fn(out) if target is None else loss_fn(out, target)), acts
+
+        g, acts = torch.func.grad(f, has_aux=True)(probes)
+        return {n: (acts[n].squeeze(0), g[n].squeeze(0)) for n in names}
+
+    return torch.func.vmap(one, chunk_size=chunk_size)(batch)
+
+
+def layer_io(module: nn.Module, loss_fn: Callable[[object, Tensor], Tensor],
+             layers: str | Iterable[str] | None, params, batch, *,
+             chunk_size: int | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Return per-example ``{layer: (a, g)}``: Linear inputs, dloss/doutput.  # a [B, (T,) in]
+
+    ``g`` is ``[B, (T,) out]``. For example ``i`` with inputs ``x_i = example[:-1]`` and
+    target ``y_i = example[-1]`` the loss is ``loss_fn(module(*x_i[None]), y_i[None])``, a
+    batch of one like ``F.cross_entropy`` expects. Other layouts follow :func:`unpack_example`
+    (a Tensor example has no target and gives ``loss_fn(output)``; a dict passes keyword
+    inputs, target ``"labels"``). Per-sample gradients follow as ``dW_i = sum_t g_it a_it^T``
+    and ``db_i = sum_t g_it`` (no sum for 2-D layer inputs). Computed with ``vmap`` over the
+    batch and ``torch.func.grad`` w.r.t. zero probes added to the layer outputs (no hooks).
+
+    Args:
+        module: the model (see :func:`tap_layers` for the tracing limits).
+        loss_fn: ``loss_fn(output, target) -> Tensor[]`` (or ``loss_fn(output)`` when the
+            example has no target) on a batch of one.
+        layers: Linear layer names, or ``None`` for all.
+        params: ``dict[str, Tensor]`` of (a subset of) the module's parameters to use.
+        batch: a Batch with leading dim ``B``, usually ``(*inputs, target)``.
+        chunk_size: examples per ``vmap`` chunk (bounds memory); ``None`` for all at once.
+
+    Returns:
+        ``{layer: (a, g)}`` in module order; ``a`` has the layer input's per-example shape,
+        ``g`` the layer output's.
+
+    Raises:
+        TypeError, ValueError: for a bad module, layer name, params, batch or chunk_size.
+    """
+    func = "layer_io"
+    if not callable(loss_fn):
+        raise TypeError(_msg(func, "loss_fn", "a callable loss_fn(output, target)",
+                             type(loss_fn).__name__))
+    chunk_size = check_optional_int(func, "chunk_size", chunk_size)
+    tapped = _tap(func, module, select_linear(func, "layers", module, layers))
+    state = module_state(func, module, params)
+    batch_size(func, "batch", batch)
+    return _layer_io(tapped, loss_fn, state, batch, chunk_size)

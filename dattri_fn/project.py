@@ -1,0 +1,441 @@
+"""Random projections ``X -> X R`` that shrink ``P`` features to ``d = proj_dim``.  # [B, P] -> [B, d]
+
+``R`` is a ``[P, d]`` random matrix with ``E[R R^T] = I_P``, so inner products are preserved in
+expectation (Johnson-Lindenstrauss). Three kinds:
+
+    gaussian    ``R_ij ~ N(0, 1) / sqrt(d)``
+    rademacher  ``R_ij = +-1 / sqrt(d)`` with equal probability
+    sjlt        sparse JL / count-sketch: row ``i`` of ``R`` has exactly ``nnz`` non-zeros
+                ``+-1 / sqrt(nnz)``, one in each of ``nnz`` near-equal segments of ``[0, d)``
+                (the Kane-Nelson block construction; ``nnz=1`` is the count-sketch). Applied by
+                ``index_add_``, never as a dense matrix.
+
+Definition of ``R`` (what the seed fixes). Rows are cut into blocks of ``block_rows`` rows,
+``block_rows = clamp(2**21 // width, 1, 2**16)`` with ``width = d`` (dense kinds) or ``nnz``
+(sjlt). Block ``c`` is drawn from a CPU ``torch.Generator`` seeded with
+``splitmix64(splitmix64(seed) + c)``: dense kinds in float32, sjlt as segment offsets and signs.
+So ``R`` depends only on ``(P, d, kind, seed, nnz)``; ``chunk_size`` only says how many rows of
+``R`` are materialised at once (rounded up to whole blocks) and changes nothing but float
+round-off in the accumulation (nothing at all for sjlt with ``nnz=1`` on the CPU).
+
+Trade-off: blocks are always drawn on the CPU and copied to the features' device, so the same
+seed gives the same ``R`` on every device and in every dtype (float64 features see the float32
+draws exactly). On a GPU this costs CPU generation plus a host-to-device copy per block, which is
+slower than an on-device generator; CUDA's Philox stream would, however, give a different ``R``.
+
+Caching: a projector whose ``R`` has at most ``2**22`` stored entries (``P * d`` for the dense
+kinds, ``P * nnz`` for sjlt: 16 MiB of float32) keeps it after the first call, once per
+``(dtype, device)``; larger ones regenerate ``R`` block by block on every call and hold only
+their settings. The cached path uses the same blocks and the same accumulation order, so it
+returns bit-identical results.
+
+References:
+    Johnson & Lindenstrauss, "Extensions of Lipschitz mappings into a Hilbert space" (1984).
+    Achlioptas, "Database-friendly random projections" (PODS 2001 / JCSS 2003).
+    Charikar, Chen & Farach-Colton, "Finding frequent items in data streams" (ICALP 2002).
+    Kane & Nelson, "Sparser Johnson-Lindenstrauss Transforms" (2014), arXiv:1012.1577.
+    Park et al., "TRAK: Attributing Model Behavior at Scale" (2023), arXiv:2303.14186.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from ._checks import _msg, check_int, check_optional_int, check_tensor
+
+KINDS = ("gaussian", "rademacher", "sjlt")
+
+_MASK64 = (1 << 64) - 1
+_BLOCK_ENTRIES = 2**21  # entries drawn per generator seed; fixes the definition of R
+_MAX_BLOCK_ROWS = 2**16
+_CHUNK_ENTRIES = 2**22  # default materialised per step: 16 MiB of float32
+_CACHE_ENTRIES = 2**22  # R is kept when it stores at most this many entries
+_SJLT_STEP_ENTRIES = 2**20  # bounds the [B, rows] temporary of one index_add_
+
+ColumnFn = Callable[[int, int], Tensor]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """Return the generator seed of row block ``block``; well mixed so nearby seeds decorrelate."""
+    return _splitmix64((_splitmix64(seed) + block) & _MASK64)
+
+
+def _block_rows(kind: str, proj_dim: int, nnz: int) -> int:
+    width = nnz if kind == "sjlt" else proj_dim
+    return max(1, min(_MAX_BLOCK_ROWS, _BLOCK_ENTRIES // width))
+
+
+def _segments(proj_dim: int, nnz: int) -> tuple[Tensor, Tensor]:
+    """Return ``(start, length)`` of the ``nnz`` near-equal segments of ``[0, d)``.  # [nnz] x 2"""
+    bounds = torch.tensor([(j * proj_dim) // nnz for j in range(nnz + 1)], dtype=torch.int64)
+    return bounds[:-1], bounds[1:] - bounds[:-1]
+
+
+class Projector:
+    """A seeded random projection ``X -> X R`` with ``R`` generated block by block.  # [B, P] -> [B, d]
+
+    Build it with :func:`make_projector`. Calling it accepts a ``[B, P]`` tensor, a ``[P]``
+    vector (returns ``[d]``) or a dict ``{name: [B, *shape]}`` of per-sample gradients whose
+    raveled length is ``P`` (returns ``[B, d]``, equal to projecting
+    ``dattri_fn.tree.ravel_batched(grads)``). Output dtype and device follow the input.
+
+    Attributes:
+        dim: ``P``, the input dimension.
+        proj_dim: ``d``, the output dimension.
+        kind: one of :data:`KINDS`.
+        seed: the integer that fixes ``R``.
+        nnz: non-zeros per row of ``R`` (sjlt only; 1 otherwise).
+        chunk_size: rows of ``R`` materialised at once (``None``: about 2**22 entries).
+        dtype, device: defaults of :meth:`matrix` only.
+        block_rows: rows per generator seed (part of the definition of ``R``).
+    """
+
+    __slots__ = ("dim", "proj_dim", "kind", "seed", "nnz", "chunk_size", "dtype", "device",
+                 "block_rows", "_cache")
+
+    def __init__(self, dim: int, proj_dim: int, kind: str, seed: int, nnz: int,
+                 chunk_size: int | None, dtype: torch.dtype, device: torch.device):
+        self.dim = dim
+        self.proj_dim = proj_dim
+        self.kind = kind
+        self.seed = seed
+        self.nnz = nnz
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self.device = device
+        self.block_rows = _block_rows(kind, proj_dim, nnz)
+        self._cache: dict = {}
+
+    # -- definition of R -----------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """The factor that turns the raw +-1 / N(0, 1) draws into ``R``."""
+        return 1.0 / math.sqrt(self.nnz if self.kind == "sjlt" else self.proj_dim)
+
+    @property
+    def cacheable(self) -> bool:
+        """True when ``R`` stores at most 2**22 entries and is kept after the first call."""
+        width = self.nnz if self.kind == "sjlt" else self.proj_dim
+        return self.dim * width <= _CACHE_ENTRIES
+
+    def _steps(self) -> list[tuple[int, int]]:
+        """Return the row ranges materialised one at a time (whole blocks each)."""
+        br = self.block_rows
+        if self.chunk_size is None:
+            width = self.nnz if self.kind == "sjlt" else self.proj_dim
+            blocks = max(1, _CHUNK_ENTRIES // (br * width))
+        else:
+            blocks = max(1, -(-self.chunk_size // br))
+        rows = blocks * br
+        return [(a, min(a + rows, self.dim)) for a in range(0, self.dim, rows)]
+
+    def _blocks(self, start: int, stop: int):
+        """Yield ``(block_start, block_stop, generator)`` covering rows ``[start, stop)``."""
+        br = self.block_rows
+        for c in range(start // br, -(-stop // br)):
+            g = torch.Generator().manual_seed(_block_seed(self.seed, c))
+            yield c * br, min((c + 1) * br, self.dim), g
+
+    def _raw_dense(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Return the unscaled rows ``[start, stop)`` of ``R`` on the CPU.  # [n, d] float32"""
+        if out is None:
+            out = torch.empty(stop - start, self.proj_dim, dtype=torch.float32)
+        for a, b, g in self._blocks(start, stop):
+            view = out[a - start:b - start]
+            if self.kind == "gaussian":
+                torch.randn(view.shape, generator=g, out=view)
+            else:
+                torch.randint(0, 2, view.shape, generator=g, out=view).mul_(2).sub_(1)
+        return out
+
+    def _raw_sjlt(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Return the columns and signs of rows ``[start, stop)`` of ``R``.  # [n, nnz] x 2"""
+        seg_start, seg_len = _segments(self.proj_dim, self.nnz)
+        n = stop - start
+        idx = torch.empty(n, self.nnz, dtype=torch.int64)
+        sgn = torch.empty(n, self.nnz, dtype=torch.float32)
+        for a, b, g in self._blocks(start, stop):
+            u = torch.rand(b - a, self.nnz, generator=g, dtype=torch.float64)
+            # floor(u * len) < len for u < 1; the clamp guards the float64 rounding edge.
+            off = torch.minimum((u * seg_len).long(), seg_len - 1)
+            idx[a - start:b - start] = seg_start + off
+            torch.randint(0, 2, (b - a, self.nnz), generator=g, out=sgn[a - start:b - start])
+        sgn.mul_(2).sub_(1)
+        return idx, sgn
+
+    def _raw(self, start: int, stop: int, dtype: torch.dtype, device: torch.device):
+        """Return the raw rows ``[start, stop)`` moved to ``(dtype, device)``, cached if small."""
+        key = (dtype, device)
+        if self.cacheable:
+            if key not in self._cache:
+                self._cache[key] = self._raw_uncached(0, self.dim, dtype, device)
+            full = self._cache[key]
+            if isinstance(full, tuple):
+                return full[0][start:stop], full[1][start:stop]
+            return full[start:stop]
+        return self._raw_uncached(start, stop, dtype, device)
+
+    def _raw_uncached(self, start, stop, dtype, device):
+        if self.kind == "sjlt":
+            idx, sgn = self._raw_sjlt(start, stop)
+            return idx.to(device), sgn.to(device=device, dtype=dtype)
+        return self._raw_dense(start, stop).to(device=device, dtype=dtype)
+
+    # -- application ---------------------------------------------------------------------
+    def _apply(self, cols: ColumnFn, batch: int, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+        """Return ``sum_steps cols(a, b) @ R[a:b]``.  # -> [B, d]"""
+        out = torch.zeros(batch, self.proj_dim, dtype=dtype, device=device)
+        sub = max(1, _SJLT_STEP_ENTRIES // max(batch, 1))
+        steps = self._steps()
+        streamed = self.kind != "sjlt" and not self.cacheable
+        if streamed:
+            # One buffer (two off-CPU or off-float32) per call, refilled per step: allocating per
+            # step lets the C allocator's dynamic thresholds keep several freed copies resident.
+            rows = max(b - a for a, b in steps)
+            raw = torch.empty(rows, self.proj_dim, dtype=torch.float32)
+            same = dtype == torch.float32 and device.type == "cpu"
+            moved = raw if same else torch.empty(rows, self.proj_dim, dtype=dtype, device=device)
+        for a, b in steps:
+            X = cols(a, b)
+            if self.kind == "sjlt":
+                idx, sgn = self._raw(a, b, dtype, device)
+                for j in range(self.nnz):
+                    for c in range(0, b - a, sub):
+                        out.index_add_(1, idx[c:c + sub, j], X[:, c:c + sub] * sgn[c:c + sub, j])
+            elif streamed:
+                R = self._raw_dense(a, b, out=raw[:b - a])
+                if not same:
+                    R = moved[:b - a].copy_(R)
+                out.addmm_(X, R)
+            else:
+                out.addmm_(X, self._raw(a, b, dtype, device))
+        return out.mul_(self.scale)
+
+    def __call__(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Return ``X R`` for ``[B, P]``, ``[P]`` or ``{name: [B, *shape]}``.  # -> [B, d] / [d]
+
+        Raises:
+            TypeError: not a floating tensor or a dict of them.
+            ValueError: wrong shape or raveled size, NaN/inf, or leaves that disagree.
+        """
+        name = "Projector"
+        if isinstance(features, Mapping):
+            cols, batch, _, dtype, device = _tree_columns(name, "grads", features, self.dim)
+            return self._apply(cols, batch, dtype, device)
+        X = _check_features(name, features, self.dim)
+        if X.ndim == 1:
+            return self._apply(lambda a, b: X[a:b].unsqueeze(0), 1, X.dtype, X.device)[0]
+        return self._apply(lambda a, b: X[:, a:b], X.shape[0], X.dtype, X.device)
+
+    def matrix(self, dtype: torch.dtype | None = None, device=None) -> Tensor:
+        """Return the dense ``R`` with ``projector(X) == X @ R`` (for tests and small P).  # [P, d]
+
+        Args:
+            dtype: defaults to the projector's ``dtype``.
+            device: defaults to the projector's ``device``.
+        """
+        dtype = self.dtype if dtype is None else dtype
+        device = self.device if device is None else torch.device(device)
+        if self.kind == "sjlt":
+            idx, sgn = self._raw_uncached(0, self.dim, dtype, device)
+            R = torch.zeros(self.dim, self.proj_dim, dtype=dtype, device=device)
+            return R.scatter_(1, idx, sgn * self.scale)
+        return self._raw_uncached(0, self.dim, dtype, device).mul_(self.scale)
+
+    def __repr__(self) -> str:
+        extra = f", nnz={self.nnz}" if self.kind == "sjlt" else ""
+        return (f"Projector(dim={self.dim}, proj_dim={self.proj_dim}, kind={self.kind!r}, "
+                f"seed={self.seed}{extra}, chunk_size={self.chunk_size})")
+
+
+# -- validation ------------------------------------------------------------------------
+def _check_settings(func: str, *, proj_dim, kind, seed, nnz, chunk_size) -> None:
+    check_int(func, "proj_dim", proj_dim, minimum=1)
+    if not isinstance(kind, str):
+        raise TypeError(_msg(func, "kind", f"a str, one of {KINDS}", type(kind).__name__))
+    if kind not in KINDS:
+        raise ValueError(_msg(func, "kind", f"one of {KINDS}", repr(kind)))
+    check_int(func, "seed", seed, minimum=0)
+    check_int(func, "nnz", nnz, minimum=1)
+    if kind != "sjlt" and nnz != 1:
+        raise ValueError(_msg(func, "nnz", f"nnz=1 for kind={kind!r}", repr(nnz),
+                              "nnz only applies to kind='sjlt'."))
+    if kind == "sjlt" and nnz > proj_dim:
+        raise ValueError(_msg(func, "nnz", f"an int <= proj_dim={proj_dim} for kind='sjlt'",
+                              repr(nnz), "Each row of R needs nnz distinct columns."))
+    check_optional_int(func, "chunk_size", chunk_size, minimum=1)
+
+
+def _check_finite(func: str, arg: str, x: Tensor) -> None:
+    """Raise unless ``x`` is finite, without the ``isfinite`` temporaries (~1.6x ``x``'s memory).
+
+    Any NaN/inf entry makes ``x.sum()`` NaN/inf, so a finite sum proves all entries finite; a
+    non-finite sum (a NaN/inf, or only an overflow) falls back to the exact check.
+    """
+    if x.numel() and not bool(torch.isfinite(x.sum())):
+        check_tensor(func, arg, x)
+
+
+def _check_features(func: str, features, dim: int | None) -> Tensor:
+    check_tensor(func, "features", features, floating=True, finite=False)
+    if features.ndim not in (1, 2) or (dim is not None and features.shape[-1] != dim):
+        want = "P" if dim is None else str(dim)
+        raise ValueError(_msg(func, "features", f"shape [B, {want}] or [{want}]",
+                              f"shape {list(features.shape)}"))
+    _check_finite(func, "features", features)
+    return features
+
+
+def _tree_columns(func: str, arg: str, grads, dim: int | None):
+    """Return ``(cols, B, P, dtype, device)``: ``cols(a, b)`` = columns ``[a, b)`` of the raveled tree.
+
+    Only the layers overlapping ``[a, b)`` are touched, so the ``[B, P]`` concatenation of all
+    layers is never formed.
+    """
+    if not isinstance(grads, Mapping) or not grads:
+        raise TypeError(_msg(func, arg, "a non-empty dict {name: [B, *shape]}",
+                             type(grads).__name__))
+    flats, offsets, total, lead = [], [], 0, None
+    for name, g in grads.items():
+        check_tensor(func, f"{arg}[{name!r}]", g, floating=True, finite=False)
+        _check_finite(func, f"{arg}[{name!r}]", g)
+        if g.ndim == 0:
+            raise ValueError(_msg(func, f"{arg}[{name!r}]", "a [B, *shape] tensor", "a 0-d tensor"))
+        if lead is None:
+            lead = g
+        elif g.shape[0] != lead.shape[0] or g.dtype != lead.dtype or g.device != lead.device:
+            raise ValueError(_msg(func, f"{arg}[{name!r}]",
+                                  f"batch {lead.shape[0]}, {lead.dtype} on {lead.device} "
+                                  "like the first leaf",
+                                  f"batch {g.shape[0]}, {g.dtype} on {g.device}"))
+        flats.append(g.reshape(g.shape[0], math.prod(g.shape[1:])))
+        offsets.append(total)
+        total += flats[-1].shape[1]
+    if dim is not None and total != dim:
+        raise ValueError(_msg(func, arg, f"{dim} features per example in total",
+                              f"{total}", "The projector's dim must equal the raveled size."))
+
+    def cols(a: int, b: int) -> Tensor:
+        i = bisect.bisect_right(offsets, a) - 1
+        pieces = []
+        while a < b:
+            off, flat = offsets[i], flats[i]
+            stop = min(b, off + flat.shape[1])
+            if stop > a:
+                pieces.append(flat[:, a - off:stop - off])
+            a, i = stop, i + 1
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    return cols, lead.shape[0], total, lead.dtype, lead.device
+
+
+# -- public API ------------------------------------------------------------------------
+def make_projector(dim: int, *, proj_dim: int, kind: str = "rademacher", seed: int = 0,
+                   nnz: int = 1, chunk_size: int | None = None,
+                   dtype: torch.dtype | None = None, device=None) -> Projector:
+    """Return a seeded projector ``X -> X R`` with ``E[R R^T] = I``.  # [B, P] -> [B, d]
+
+    Args:
+        dim: ``P``, the number of input features.
+        proj_dim: ``d``, the number of output features.
+        kind: ``"gaussian"``, ``"rademacher"`` or ``"sjlt"`` (see the module docstring).
+        seed: non-negative int; the same ``(dim, proj_dim, kind, seed, nnz)`` always gives the
+            same ``R``, on any device and in any dtype.
+        nnz: non-zeros per row of ``R`` for ``"sjlt"`` (1 = count-sketch); ``<= proj_dim``.
+        chunk_size: rows of ``R`` materialised at once, rounded up to whole blocks; ``None``
+            picks about 2**22 entries per step. It bounds memory and does not change ``R``.
+        dtype: default dtype of :meth:`Projector.matrix` (calls follow their input).
+        device: default device of :meth:`Projector.matrix` (calls follow their input).
+
+    Returns:
+        A :class:`Projector`.
+
+    Raises:
+        TypeError: a setting of the wrong type.
+        ValueError: ``dim``/``proj_dim``/``nnz``/``chunk_size`` < 1, ``seed`` < 0, an unknown
+            ``kind`` (the message lists the allowed ones), or ``nnz > proj_dim`` for sjlt.
+
+    Example:
+        >>> proj = make_projector(10, proj_dim=4, kind="gaussian", seed=1, dtype=torch.float64)
+        >>> X = torch.randn(3, 10, dtype=torch.float64)
+        >>> torch.allclose(proj(X), X @ proj.matrix())
+        True
+    """
+    func = "make_projector"
+    check_int(func, "dim", dim, minimum=1)
+    _check_settings(func, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
+                    chunk_size=chunk_size)
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(_msg(func, "dtype", "a floating torch.dtype or None", repr(dtype)))
+    device = torch.device("cpu" if device is None else device)
+    return Projector(dim, proj_dim, kind, seed, nnz, chunk_size,
+                     dtype, device)
+
+
+def project(features: Tensor, *, proj_dim: int, kind: str = "rademacher", seed: int = 0,
+            nnz: int = 1, chunk_size: int | None = None) -> Tensor:
+    """Return ``features @ R`` for the seeded random ``R`` of :func:`make_projector`.  # [B, P] -> [B, d]
+
+    Args:
+        features: ``[B, P]`` (or a ``[P]`` vector, giving ``[d]``), finite floats.
+        proj_dim, kind, seed, nnz, chunk_size: as in :func:`make_projector`.
+
+    Returns:
+        ``[B, d]`` (or ``[d]``) in the dtype and on the device of ``features``.
+
+    Raises:
+        TypeError: ``features`` not a floating tensor, or a setting of the wrong type.
+        ValueError: ``features`` not 1-d/2-d or not finite, or a bad setting.
+    """
+    func = "project"
+    X = _check_features(func, features, None)
+    _check_settings(func, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
+                    chunk_size=chunk_size)
+    proj = Projector(X.shape[-1], proj_dim, kind, seed, nnz,
+                     chunk_size, X.dtype, X.device)
+    if X.ndim == 1:
+        return proj._apply(lambda a, b: X[a:b].unsqueeze(0), 1, X.dtype, X.device)[0]
+    return proj._apply(lambda a, b: X[:, a:b], X.shape[0], X.dtype, X.device)
+
+
+def project_tree(grads: Mapping[str, Tensor], *, proj_dim: int, kind: str = "rademacher",
+                 seed: int = 0, nnz: int = 1, chunk_size: int | None = None) -> Tensor:
+    """Return ``ravel_batched(grads) @ R`` layer by layer, never concatenating all layers.  # -> [B, d]
+
+    Each layer meets its own row block of the same ``R`` that :func:`project` uses for the
+    raveled ``[B, P]`` features, so the two agree to round-off.
+
+    Args:
+        grads: ``{name: [B, *shape]}`` per-sample gradients (dict order = ravel order), one
+            shared ``B``, dtype and device.
+        proj_dim, kind, seed, nnz, chunk_size: as in :func:`make_projector`.
+
+    Returns:
+        ``[B, d]`` in the dtype and on the device of ``grads``.
+
+    Raises:
+        TypeError: ``grads`` not a non-empty dict of floating tensors, or a bad setting type.
+        ValueError: leaves disagree on ``B``/dtype/device, hold NaN/inf, or a bad setting.
+    """
+    func = "project_tree"
+    _check_settings(func, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
+                    chunk_size=chunk_size)
+    cols, batch, dim, dtype, device = _tree_columns(func, "grads", grads, None)
+    proj = Projector(dim, proj_dim, kind, seed, nnz, chunk_size,
+                     dtype, device)
+    return proj._apply(cols, batch, dtype, device)

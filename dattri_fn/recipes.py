@@ -1,0 +1,193 @@
+"""Every method, configured for a bundled :class:`~dattri_fn.tasks.Task`, by name.
+
+The demo, the benchmark runner and the notebooks share these settings, so a table row and a
+picture always come from the same configuration. Conventions for a task trained on
+``mean loss + 0.5 * weight_decay * |theta|^2``:
+
+* influence: train side ``loss_i + 0.5 wd |theta|^2``, test side the plain loss; curvature the
+  Gauss-Newton ``G`` of the loss (positive semi-definite: the Hessian of a non-convex model is
+  indefinite and CG meets negative curvature; ``G`` equals the Hessian for logistic regression)
+  with damping ``wd + damping`` (the Hessian of the weight decay plus extra damping). K-FAC and
+  EK-FAC cover the ``nn.Linear`` layers only (convolutions are held fixed);
+* gradient similarity and TracIn: the plain loss on both sides;
+* TRAK: the correct-class margin and ``1 - p_y`` weight (classification), else minus the loss;
+* RPS: the last ``nn.Linear`` is the head (bias folded in as a constant feature), ``l2 = wd / 2``.
+
+``models`` is a list of trained modules of the task: the first is "the" model; ensemble methods
+(TRAK, TracIn) use all of them as checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .attribute import Method, grad_cos, grad_dot, influence, tracin
+from .model import FunctionalModel, functional_model
+
+METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
+           "grad-dot", "grad-cos", "tracin", "trak", "rps")
+DEMO_METHODS = ("if-cg", "grad-dot", "tracin", "trak", "rps")
+
+
+class Recipe(NamedTuple):
+    """A configured method and the params it runs on: ``method.prepare(params, train)``..."""
+
+    name: str
+    method: Method
+    params: Any
+    train: Any
+    test: Any
+
+
+def _is_classification(task) -> bool:
+    return task.y_train.ndim == 1
+
+
+def _l2_loss(fm: FunctionalModel, wd: float):
+    fixed_sq = sum((v * v).sum() for k, v in fm.fixed.items()
+                   if k in dict(fm.module.named_parameters()))
+
+    def loss(p, ex):
+        reg = sum((v * v).sum() for v in p.values()) + fixed_sq
+        return fm.loss(p, ex) + 0.5 * wd * reg
+
+    return loss
+
+
+def _head_split(model: nn.Module):
+    if isinstance(model, nn.Linear):
+        return nn.Identity(), model
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    raise ValueError(f"recipe('rps'): expected an nn.Linear or an nn.Sequential ending in "
+                     f"nn.Linear, got {type(model).__name__}. RPS needs a linear head.")
+
+
+def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
+    from .attribute.representer import representer
+
+    body, head = _head_split(model)
+    W = head.weight.detach()
+    if head.bias is not None:
+        W = torch.cat([W, head.bias.detach()[:, None]], 1)
+    params = {"W": W}
+
+    def feature_fn(p, ex):
+        with torch.no_grad():
+            h = body(ex[0][None])[0].reshape(-1)
+        return torch.cat([h, h.new_ones(1)]) if head.bias is not None else h
+
+    head_fn = lambda p, h: p["W"] @ h
+    loss_on_logits = lambda logits, y: F.cross_entropy(logits[None], y[None])
+    return representer(feature_fn, head_fn, loss_on_logits, l2=wd / 2), params
+
+
+def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float):
+    from .attribute.trak import classification_margin, classification_weight, trak
+
+    fm = fms[0]
+    if _is_classification(task):
+        return trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+                    proj_dim=proj_dim, seed=seed, damping=damping)
+    neg_loss = lambda p, ex: -fm.loss(p, ex)
+    return trak(neg_loss, proj_dim=proj_dim, seed=seed, damping=damping)
+
+
+def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-3,
+           proj_dim: int = 512, seed: int = 0, batch_size: int = 256,
+           max_iter: int = 100, arnoldi_rank: int = 64) -> Recipe:
+    """Return :class:`Recipe` ``name`` (one of :data:`METHODS`) for ``task`` and its ``models``.
+
+    Args:
+        damping: extra absolute damping of the influence methods (on top of the weight decay);
+            TRAK's kernel damping.
+        proj_dim, seed: projection size and seed of TRAK.
+        batch_size: training data is streamed in batches of this many examples.
+        max_iter: CG iterations; arnoldi_rank: Arnoldi eigenpairs kept (2x Krylov steps).
+    """
+    if name not in METHODS:
+        raise ValueError(f"recipe(name=...): expected one of {list(METHODS)}, got {name!r}.")
+    if not models:
+        raise ValueError("recipe(models=...): expected at least one trained model, got none.")
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    fms = [functional_model(m.eval(), task.loss_fn) for m in models]
+    fm = fms[0]
+    n = task.n_train
+    train = [(task.x_train[i:i + batch_size], task.y_train[i:i + batch_size])
+             for i in range(0, n, batch_size)]
+    test = (task.x_test, task.y_test)
+    if name.startswith("if-"):
+        solver = name[3:]
+        if solver in ("kfac", "ekfac"):
+            fm = _linear_only(models[0], task.loss_fn)
+        loss = _l2_loss(fm, wd)
+        curvature = gauss_newton(fm, task.loss_fn)
+        opts: dict = {}
+        if solver == "cg":
+            opts = dict(max_iter=max_iter, rtol=1e-4)
+        elif solver == "arnoldi":
+            P = sum(v.numel() for v in fm.params.values())
+            opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P))
+        elif solver == "lissa":
+            opts = dict(scale=_lissa_scale(curvature(fm.params, train[0]), wd + damping),
+                        depth=200, batch_size=64)
+        method = influence(loss, solver=solver, damping=damping + wd, curvature=curvature,
+                           target=fm.loss, model=fm, **opts)
+        return Recipe(name, method, fm.params, train, test)
+    if name in ("grad-dot", "grad-cos"):
+        build = grad_dot if name == "grad-dot" else grad_cos
+        return Recipe(name, build(fm.loss), fm.params, train, test)
+    if name == "tracin":
+        lr = float(task.hparams.get("lr", 1.0))
+        return Recipe(name, tracin(fm.loss, lrs=[lr] * len(fms)), [f.params for f in fms],
+                      train, test)
+    if name == "trak":
+        return Recipe(name, _trak(task, fms, proj_dim, seed, damping), [f.params for f in fms],
+                      train, test)
+    method, params = _rps(task, models[0], wd)
+    return Recipe(name, method, params, train, test)
+
+
+def gauss_newton(fm: FunctionalModel, loss_fn):
+    """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model."""
+    from .curvature import gnvp
+
+    out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
+    return lambda params, data: gnvp(fm.forward, out_loss, params, data)
+
+
+def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:
+    """The model's ``nn.Linear`` parameters only (K-FAC's domain); a bare Linear is wrapped."""
+    from .layers import linear_layers
+
+    if isinstance(model, nn.Linear):
+        model = nn.Sequential(model)
+    return functional_model(model, loss_fn, params=linear_layers(model))
+
+
+def _lissa_scale(op, damping: float) -> float:
+    """A safe LiSSA scale: 2x the top eigenvalue (20 power iterations on one batch) + damping."""
+    v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
+    for _ in range(20):
+        v = op(v)
+        v = v / v.norm()
+    return float(2.0 * (v @ op(v)).abs() + damping)
+
+
+def run(r: Recipe) -> tuple[Tensor, Tensor | None]:
+    """Return ``(scores [n_train, n_test], self_scores [n_train] or None)`` for a recipe."""
+    state = r.method.prepare(r.params, r.train)
+    scores = r.method.score(r.params, state, r.train, r.test)
+    return scores, state
+
+
+def functional_call_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of ``model`` on ``x`` via ``functional_call`` (no grad); used by plots."""
+    with torch.no_grad():
+        return functional_call(model, dict(model.named_parameters()), (x,))

@@ -1,0 +1,328 @@
+"""K-FAC / EK-FAC factors and inverse-Fisher products against dense references."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from dattri_fn.solve.kfac import (
+    EKFACFactors,
+    KFACFactors,
+    ekfac_factors,
+    ihvp_ekfac,
+    ihvp_kfac,
+    kfac_factors,
+)
+
+DT = torch.float64
+
+
+class SeqNet(nn.Module):
+    """Linear over tokens [B, T, D] -> tanh -> LayerNorm -> mean over T -> Linear head."""
+
+    def __init__(self, dim, hidden, classes, bias):
+        super().__init__()
+        self.emb = nn.Linear(dim, hidden, bias=bias)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, classes, bias=bias)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.emb(x))).mean(1))
+
+
+def _problem(kind, seed, n, dim, hidden, classes, T, bias, device):
+    """Return (model, layers, batch) for a tanh MLP on [B, D] or SeqNet on [B, T, D], with CE."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.Tanh(),
+                              nn.Linear(hidden, classes, bias=bias))
+        x = torch.randn(n, dim, generator=g, dtype=DT)
+        layers = ["0", "2"]
+    else:
+        model = SeqNet(dim, hidden, classes, bias)
+        x = torch.randn(n, T, dim, generator=g, dtype=DT)
+        layers = ["emb", "head"]
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model.double().to(device), layers, (x.to(device), y.to(device))
+
+
+def _capture(model, kind, batch):
+    """Per example: {layer: (a [T, in], g [T, out])} by an explicit forward and autograd.grad."""
+    x, y = batch
+    rec = {}
+    for n in range(x.shape[0]):
+        if kind == "mlp":
+            l1, l2 = model[0], model[2]
+            z1 = F.linear(x[n], l1.weight, l1.bias)
+            h = torch.tanh(z1)
+            z2 = F.linear(h, l2.weight, l2.bias)
+            names = ("0", "2")
+        else:
+            l1, l2, ln = model.emb, model.head, model.norm
+            z1 = F.linear(x[n], l1.weight, l1.bias)
+            h = F.layer_norm(torch.tanh(z1), ln.normalized_shape, ln.weight, ln.bias).mean(0)
+            z2 = F.linear(h, l2.weight, l2.bias)
+            names = ("emb", "head")
+        loss = F.cross_entropy(z2[None], y[n][None])
+        g1, g2 = torch.autograd.grad(loss, [z1, z2])
+        for name, a, g in ((names[0], x[n], g1), (names[1], h, g2)):
+            rec.setdefault(name, []).append((a.detach().reshape(-1, a.shape[-1]),
+                                             g.reshape(-1, g.shape[-1])))
+    return rec
+
+
+def _aug(a, bias):
+    return torch.cat([a, torch.ones_like(a[:, :1])], 1) if bias else a
+
+
+def _dense_factors(rec, bias):
+    """A = (1/N) sum_n (1/T) sum_t a a^T, G = (1/N) sum_n sum_t g g^T, by loops over examples."""
+    A, G = {}, {}
+    for layer, items in rec.items():
+        A[layer] = sum(_aug(a, bias).T @ _aug(a, bias) / a.shape[0] for a, _ in items) / len(items)
+        G[layer] = sum(g.T @ g for _, g in items) / len(items)
+    return A, G
+
+
+def _ravel_index(names, shapes):
+    """{layer: (ravel positions, column-major vec([W|b]) positions)} for a params order."""
+    sizes = {}
+    for layer, (out, inp, _) in shapes.items():
+        sizes[f"{layer}.weight"], sizes[f"{layer}.bias"] = out * inp, out
+    offset, start = {}, 0
+    for k in names:
+        offset[k], start = start, start + sizes[k]
+    out_idx = {}
+    for layer, (out, inp, bias) in shapes.items():
+        o, i = torch.meshgrid(torch.arange(out), torch.arange(inp), indexing="ij")
+        rav = [offset[f"{layer}.weight"] + (o * inp + i).reshape(-1)]
+        col = [(i * out + o).reshape(-1)]
+        if bias:
+            rav.append(offset[f"{layer}.bias"] + torch.arange(out))
+            col.append(inp * out + torch.arange(out))
+        out_idx[layer] = (torch.cat(rav), torch.cat(col))
+    return start, out_idx
+
+
+def _blockdiag(names, shapes, blocks, device):
+    """Place column-major per-layer [W|b] matrices into the params' ravel layout."""
+    P, idx = _ravel_index(names, shapes)
+    D = torch.zeros(P, P, dtype=DT, device=device)
+    for layer, K in blocks.items():
+        rav, col = idx[layer]
+        D[rav[:, None], rav[None, :]] = K[col[:, None], col[None, :]]
+    return D
+
+
+def _per_sample_flat(model, loss_fn, params, batch):
+    """[N, P] per-sample gradients of the raveled params by torch.func."""
+    full = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, ex):
+        x, y = ex
+        return loss_fn(functional_call(model, {**full, **p}, (x[None],)), y[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0))(params, batch)
+    return torch.cat([g[k].reshape(g[k].shape[0], -1) for k in params], 1)
+
+
+def _tol(K, damping):
+    """1e-12 * cond / damping, cond = 1 + |K|_2 / damping: the float64 error bound of a solve."""
+    return 1e-12 * (1 + float(torch.linalg.matrix_norm(K, 2)) / damping) / damping
+
+
+def _params(model, layers, bias, order_seed):
+    """Weights (and biases) of the layers, in an order drawn from order_seed."""
+    keys = [f"{layer}.{w}" for layer in layers for w in (("weight", "bias") if bias else
+                                                         ("weight",))]
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(order_seed))
+    mp = dict(model.named_parameters())
+    return {keys[i]: mp[keys[i]].detach() for i in perm.tolist()}
+
+
+def _shapes(model, layers, bias):
+    mods = dict(model.named_modules())
+    return {lay: (mods[lay].out_features, mods[lay].in_features, bias) for lay in layers}
+
+
+SIZES = dict(seed=st.integers(0, 2**16), n=st.integers(2, 6), dim=st.integers(1, 3),
+             hidden=st.integers(2, 4), classes=st.integers(2, 3), T=st.integers(1, 3),
+             bias=st.booleans(), order=st.integers(0, 100))
+
+
+@given(kind=st.sampled_from(["mlp", "seq"]), **SIZES)
+def test_kfac_factors_equal_dense_definition(device, kind, seed, n, dim, hidden, classes, T,
+                                             bias, order):
+    """A = E_n[(1/T) sum_t [a,1][a,1]^T], G = E_n[sum_t g g^T] from explicitly captured a, g."""
+    model, layers, batch = _problem(kind, seed, n, dim, hidden, classes, T, bias, device)
+    params = _params(model, layers, bias, order)
+    half = n // 2
+    data = [tuple(t[:half] for t in batch), tuple(t[half:] for t in batch)]
+    f = kfac_factors(model, F.cross_entropy, params, data, chunk_size=2)
+    A, G = _dense_factors(_capture(model, kind, batch), bias)
+    assert isinstance(f, KFACFactors) and int(f.num_examples) == n
+    assert f.param_names == tuple(params) and list(f.A) == layers
+    for layer in layers:
+        torch.testing.assert_close(f.A[layer], A[layer], atol=1e-12, rtol=0)
+        torch.testing.assert_close(f.G[layer], G[layer], atol=1e-12, rtol=0)
+
+
+@given(kind=st.sampled_from(["mlp", "seq"]), damping=st.sampled_from([1e-2, 0.1, 1.0]),
+       **SIZES)
+def test_ihvp_kfac_equals_dense_kronecker_inverse(device, kind, seed, n, dim, hidden, classes,
+                                                  T, bias, order, damping):
+    """ihvp_kfac = (blockdiag_l P_l (A_l kron G_l) P_l^T + damping I)^-1 in ravel layout."""
+    model, layers, batch = _problem(kind, seed, n, dim, hidden, classes, T, bias, device)
+    params = _params(model, layers, bias, order)
+    f = kfac_factors(model, F.cross_entropy, params, batch)
+    op = ihvp_kfac(f, damping=damping)
+    K = _blockdiag(tuple(params), _shapes(model, layers, bias),
+                   {lay: torch.kron(f.A[lay], f.G[lay]) for lay in layers}, device)
+    eye = torch.eye(K.shape[0], dtype=DT, device=device)
+    ref = torch.linalg.solve(K + damping * eye, eye)
+    assert op.dim == K.shape[0] and op.dtype == DT and op.device.type == device.type
+    tol = _tol(K, damping)
+    torch.testing.assert_close(op.dense(), ref, atol=tol, rtol=0)
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    V = V.to(device)
+    torch.testing.assert_close(op(V), V @ ref, atol=10 * tol * float(V.abs().max()), rtol=0)
+    torch.testing.assert_close(op(V[1]), op(V[1:2])[0], atol=1e-13, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), n_a=st.integers(1, 4), n_g=st.integers(1, 4),
+       dim=st.integers(1, 3), out=st.integers(1, 3), bias=st.booleans(),
+       damping=st.sampled_from([1e-2, 0.1, 1.0]))
+def test_ekfac_and_kfac_exact_on_independent_pairs(device, seed, n_a, n_g, dim, out, bias,
+                                                   damping):
+    """MSE on all pairs (a_i, g_j), y_ij = W a_i + b - g_j: F = A kron G, so both are exact."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, out, bias=bias)).double().to(device)
+    a = torch.randn(n_a, dim, generator=gen, dtype=DT).to(device)
+    g = torch.randn(n_g, out, generator=gen, dtype=DT).to(device)
+    x = a.repeat_interleave(n_g, 0)
+    with torch.no_grad():
+        y = model(x) - g.repeat(n_a, 1)
+    loss_fn = lambda o, t: 0.5 * ((o - t) ** 2).sum()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = [(x[: n_g], y[: n_g]), (x[n_g:], y[n_g:])] if n_a > 1 else (x, y)
+    J = _per_sample_flat(model, loss_fn, params, (x, y))
+    eye = torch.eye(J.shape[1], dtype=DT, device=device)
+    Fisher = J.T @ J / J.shape[0]
+    exact = torch.linalg.inv(Fisher + damping * eye)
+    for op in (ihvp_ekfac(ekfac_factors(model, loss_fn, params, data), damping=damping),
+               ihvp_kfac(kfac_factors(model, loss_fn, params, data), damping=damping)):
+        torch.testing.assert_close(op.dense(), exact, atol=_tol(Fisher, damping), rtol=0)
+
+
+def _dense_ekfac(model, kind, layers, params, batch, bias, damping):
+    """Dense EK-FAC inverse: Q_A, Q_G by eigh of loop factors, Lambda from torch.func DW_n."""
+    A, G = _dense_factors(_capture(model, kind, batch), bias)
+    J = _per_sample_flat(model, F.cross_entropy, params, batch)
+    shapes = _shapes(model, layers, bias)
+    _, idx = _ravel_index(tuple(params), shapes)
+    blocks = {}
+    for layer in layers:
+        out, inp, _ = shapes[layer]
+        rav, col = idx[layer]
+        DW = torch.zeros(J.shape[0], out * (inp + bias), dtype=DT, device=J.device)
+        DW[:, col] = J[:, rav]  # column-major vec([W|b]) of each example's gradient
+        Q = torch.kron(torch.linalg.eigh(A[layer])[1], torch.linalg.eigh(G[layer])[1])
+        lam = ((DW @ Q) ** 2).mean(0)
+        blocks[layer] = (Q / (lam + damping)) @ Q.T
+    return _blockdiag(tuple(params), shapes, blocks, J.device)
+
+
+@given(damping=st.sampled_from([0.1, 1.0]), **(SIZES | {"bias": st.just(True),
+                                                         "T": st.integers(2, 3)}))
+def test_ihvp_ekfac_with_bias_and_sequence_equals_dense_definition(
+        device, seed, n, dim, hidden, classes, T, bias, order, damping):
+    """ihvp_ekfac = blockdiag (Q_A kron Q_G) diag(1/(E[(Q^T vec DW_n)^2] + damping)) (..)^T."""
+    model, layers, batch = _problem("seq", seed, n, dim, hidden, classes, T, bias, device)
+    params = _params(model, layers, bias, order)
+    f = ekfac_factors(model, F.cross_entropy, params, batch, chunk_size=3)
+    assert isinstance(f, EKFACFactors) and f.Lambda["emb"].shape == (hidden, dim + 1)
+    ref = _dense_ekfac(model, "seq", layers, params, batch, bias, damping)
+    torch.testing.assert_close(ihvp_ekfac(f, damping=damping).dense(), ref,
+                               atol=1e-8 / damping, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(3, 8), dim=st.integers(1, 3),
+       hidden=st.integers(2, 4), classes=st.integers(2, 3), bias=st.booleans(),
+       damping=st.sampled_from([1e-3, 1e-2, 0.1]))
+def test_ekfac_fisher_at_least_as_close_as_kfac(device, seed, n, dim, hidden, classes, bias,
+                                                damping):
+    """|C_ekfac - F|_F <= |C_kfac - F|_F, C = op^-1 - damping I, F the exact empirical Fisher."""
+    model, layers, batch = _problem("mlp", seed, n, dim, hidden, classes, 1, bias, device)
+    params = _params(model, layers, bias, 0)
+    J = _per_sample_flat(model, F.cross_entropy, params, batch)
+    Fisher = J.T @ J / n
+    eye = torch.eye(J.shape[1], dtype=DT, device=device)
+    assume(float(Fisher.norm()) > 1e-6)
+    err = {}
+    for name, op in (("ek", ihvp_ekfac(ekfac_factors(model, F.cross_entropy, params, batch),
+                                       damping=damping)),
+                     ("k", ihvp_kfac(kfac_factors(model, F.cross_entropy, params, batch),
+                                     damping=damping))):
+        C = torch.linalg.inv(op.dense()) - damping * eye
+        err[name] = float((C - Fisher).norm())
+    assert err["ek"] <= err["k"] + 1e-9 * (1 + float(Fisher.norm()))
+
+
+def test_factors_save_load_round_trip(device, tmp_path):
+    """torch.save/torch.load of the NamedTuple state gives the same operator."""
+    model, layers, batch = _problem("seq", 3, 4, 2, 3, 2, 2, True, device)
+    params = _params(model, layers, True, 1)
+    f = ekfac_factors(model, F.cross_entropy, params, batch)
+    buf = io.BytesIO()
+    torch.save(f._asdict(), buf)
+    buf.seek(0)
+    g = EKFACFactors(**torch.load(buf))
+    torch.testing.assert_close(ihvp_ekfac(g, damping=0.1).dense(),
+                               ihvp_ekfac(f, damping=0.1).dense(), atol=0, rtol=0)
+
+
+def test_kfac_errors(device):
+    """Unknown layers, params not matching the module or layers, bad damping, non-finite data."""
+    model, layers, batch = _problem("seq", 0, 3, 2, 3, 2, 2, True, device)
+    params = _params(model, layers, True, 0)
+    ce = F.cross_entropy
+    with pytest.raises(ValueError, match=r"kfac_factors\(layers=...\).*unknown \['nope'\]"):
+        kfac_factors(model, ce, params, batch, layers=["nope"])
+    with pytest.raises(ValueError, match=r"kfac_factors\(layers=...\).*'norm' \(LayerNorm\)"):
+        kfac_factors(model, ce, params, batch, layers=["norm"])
+    with pytest.raises(ValueError, match=r"kfac_factors\(params=...\).*unknown keys \['x'\]"):
+        kfac_factors(model, ce, {**params, "x": params["emb.bias"]}, batch)
+    with pytest.raises(ValueError, match=r"ekfac_factors\(params=...\).*other keys "
+                                         r"\['norm.weight'\]"):
+        ekfac_factors(model, ce, {**params, "norm.weight": model.norm.weight.detach()}, batch)
+    with pytest.raises(ValueError, match=r"other keys \['head.weight', 'head.bias'\]"):
+        kfac_factors(model, ce, {k: params[k] for k in ("emb.weight", "head.weight",
+                                                        "head.bias")}, batch, layers=["emb"])
+    with pytest.raises(ValueError, match=r"no weight for \['head'\]"):
+        kfac_factors(model, ce, {"emb.weight": params["emb.weight"]}, batch,
+                     layers=["emb", "head"])
+    nan_params = {**params, "emb.weight": params["emb.weight"] * float("nan")}
+    with pytest.raises(ValueError, match=r"kfac_factors\(params=...\): expected finite"):
+        kfac_factors(model, ce, nan_params, batch)
+    bad = (batch[0].clone(), batch[1])
+    bad[0][1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"kfac_factors\(data=...\): expected finite"):
+        kfac_factors(model, ce, params, [batch, bad])
+    with pytest.raises(TypeError, match=r"kfac_factors\(data=...\).*one-shot iterator"):
+        kfac_factors(model, ce, params, iter([batch]))
+    f = kfac_factors(model, ce, params, batch)
+    for bad_damping in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"ihvp_kfac\(damping=...\): expected a finite "
+                                             r"number > 0"):
+            ihvp_kfac(f, damping=bad_damping)
+    with pytest.raises(TypeError, match=r"ihvp_ekfac\(factors=...\): expected a EKFACFactors"):
+        ihvp_ekfac(f, damping=1.0)
+    with pytest.raises(ValueError, match=r"ihvp_kfac\(factors.A=...\): expected finite"):
+        ihvp_kfac(f._replace(A={**f.A, "emb": f.A["emb"] * float("inf")}), damping=1.0)

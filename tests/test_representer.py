@@ -1,0 +1,220 @@
+"""Representer Point Selection against its formula built by hand, and the representer theorem."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from dattri_fn import io
+from dattri_fn.attribute.representer import RepresenterState, representer
+from dattri_fn.model import functional_model
+
+F64 = torch.float64
+seeds = st.integers(0, 2**16)
+BODY = ("0.weight", "0.bias")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _model(seed, device, dim=3, hidden=4, classes=3):
+    """Linear-Tanh body + bias-free Linear head, through functional_model; (params, feat, head)."""
+    net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(),
+                        nn.Linear(hidden, classes, bias=False)).to(F64)
+    g = _gen(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.8 * torch.randn(p.shape, generator=g, dtype=F64))
+    body = functional_model(net[:2].to(device))
+    feature_fn = lambda p, ex: body.forward({k: p[k] for k in BODY}, ex[0])
+    head_fn = lambda p, h: p["2.weight"] @ h
+    return functional_model(net.to(device), F.cross_entropy).params, feature_fn, head_fn
+
+
+def _data(n, seed, device, dim=3, classes=3):
+    g = _gen(seed)
+    x = torch.randn(n, dim, generator=g, dtype=F64)
+    return x.to(device), torch.randint(0, classes, (n,), generator=g).to(device)
+
+
+def _split(batch, cuts):
+    x, y = batch
+    edges = [0, *cuts, x.shape[0]]
+    return [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _close(got, ref, tol=1e-12):
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+
+
+def _by_hand(params, feature_fn, head_fn, l2, train, test, explain="label"):
+    """s_ij = alpha_i[c_j] <h_i, h_j>, alpha_i = -dCE/dlogits_i / (2 l2 n), one pair at a time."""
+    (x, y), (xt, yt) = train, test
+    n = x.shape[0]
+    S = torch.empty(n, xt.shape[0], dtype=F64, device=x.device)
+    for i in range(n):
+        h_i = feature_fn(params, (x[i], y[i]))
+        logits = head_fn(params, h_i).detach().requires_grad_(True)
+        (dl,) = torch.autograd.grad(F.cross_entropy(logits, y[i]), logits)
+        alpha = -dl / (2 * l2 * n)
+        for j in range(xt.shape[0]):
+            h_j = feature_fn(params, (xt[j], yt[j]))
+            c = yt[j] if explain == "label" else head_fn(params, h_j).argmax()
+            S[i, j] = alpha[c] * (h_i @ h_j)
+    return S
+
+
+@given(seed=seeds, n_train=st.integers(1, 8), n_test=st.integers(1, 4),
+       l2=st.sampled_from([1e-3, 0.1, 2.0]), explain=st.sampled_from(["label", "prediction"]))
+def test_scores_equal_formula_by_hand(device, seed, n_train, n_test, l2, explain):
+    """score[i, j] == alpha_i[c_j] <h_i, h_j> built pair by pair with autograd, to 1e-12."""
+    params, feat, head = _model(seed, device)
+    train, test = _data(n_train, seed + 1, device), _data(n_test, seed + 2, device)
+    m = representer(feat, head, F.cross_entropy, l2=l2, explain=explain)
+    S = m.score(params, m.prepare(params, train), None, test)
+    assert S.shape == (n_train, n_test) and S.dtype == F64 and S.device.type == device.type
+    _close(S, _by_hand(params, feat, head, l2, train, test, explain))
+
+
+@pytest.mark.parametrize("l2", [1e-2, 0.3])
+def test_row_sums_reproduce_logits_at_stationarity(device, l2):
+    """W stationary for (1/n) sum CE + l2 |W|^2  =>  sum_i s_ij = (W h_j)[c_j], alpha^T H h = W h."""
+    params, feat, head = _model(3, device)
+    train, test = _data(30, 4, device), _data(5, 5, device)
+    with torch.no_grad():
+        H = torch.stack([feat(params, (x, None)) for x in train[0]])
+    objective = lambda w: F.cross_entropy(H @ w.T, train[1]) + l2 * (w**2).sum()
+    W = params["2.weight"].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([W], max_iter=200, tolerance_grad=1e-12, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = objective(W)
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+    W = W.detach()
+    for _ in range(3):  # Newton polish: quadratic convergence from LBFGS's ~1e-9 to round-off
+        g = torch.func.grad(objective)(W).reshape(-1)
+        Hw = torch.func.hessian(lambda v: objective(v.reshape(W.shape)))(W.reshape(-1))
+        W = W - torch.linalg.solve(Hw, g).reshape(W.shape)
+    assert torch.func.grad(objective)(W).abs().max() < 1e-14  # the theorem's premise
+    params = {**params, "2.weight": W}
+    m = representer(feat, head, F.cross_entropy, l2=l2, explain="prediction")
+    state = m.prepare(params, train)
+    logits = torch.stack([head(params, feat(params, (x, None))) for x in test[0]])
+    S = m.score(params, state, None, test)
+    _close(S.sum(0), logits.max(-1).values, 1e-9)
+    h_test = torch.stack([feat(params, (x, None)) for x in test[0]])
+    _close(h_test @ state.features.T @ state.alpha, logits, 1e-9)
+
+
+@given(seed=seeds, cuts=st.tuples(st.integers(1, 4), st.integers(5, 8)), k=st.integers(1, 4),
+       chunk=st.sampled_from([None, 2, 5]), explain=st.sampled_from(["label", "prediction"]))
+def test_streamed_topk_and_self_score(device, seed, cuts, k, chunk, explain):
+    """3 uneven train batches == one batch; top_k == torch.topk(full); self == diag(full)."""
+    params, feat, head = _model(seed, device)
+    train, test = _data(9, seed + 1, device), _data(4, seed + 2, device)
+    shards = _split(train, list(cuts))
+    m = representer(feat, head, F.cross_entropy, l2=0.1, explain=explain, chunk_size=chunk)
+    full = m.score(params, m.prepare(params, train), train, test)
+    state = m.prepare(params, shards)
+    _close(m.score(params, state, shards, test), full, 1e-13)
+    for largest in (True, False):
+        top = m.score(params, state, None, test, top_k=k, largest=largest)
+        ref = torch.topk(full, k, dim=0, largest=largest)
+        _close(top.values, ref.values, 1e-13)
+        _close(full.gather(0, top.indices), ref.values, 1e-13)
+    _close(m.self_score(params, state, None),
+           torch.diagonal(m.score(params, state, None, train)), 1e-13)
+
+
+@given(seed=seeds)
+def test_prediction_needs_no_test_labels(device, seed):
+    """explain='prediction': score(test=(x,)) == score(test=(x, y)), c_j = argmax logits_j."""
+    params, feat, head = _model(seed, device)
+    train, test = _data(5, seed + 1, device), _data(3, seed + 2, device)
+    m = representer(feat, head, F.cross_entropy, l2=0.1, explain="prediction")
+    state = m.prepare(params, train)
+    assert torch.equal(m.score(params, state, None, (test[0],)),
+                       m.score(params, state, None, test))
+
+
+@given(seed=seeds)
+def test_cross_entropy_self_scores_are_positive(device, seed):
+    """CE: alpha_i[y_i] = (1 - p_{y_i}) / (2 l2 n) > 0, so s_ii = alpha_i[y_i] |h_i|^2 > 0."""
+    params, feat, head = _model(seed, device)
+    train = _data(8, seed + 1, device)
+    m = representer(feat, head, F.cross_entropy, l2=0.1)
+    state = m.prepare(params, train)
+    assert (m.self_score(params, state, train) > 0).all()
+    p = torch.stack([head(params, h) for h in state.features]).softmax(-1)
+    _close(state.alpha.gather(1, train[1][:, None])[:, 0],
+           (1 - p.gather(1, train[1][:, None])[:, 0]) / (2 * 0.1 * 8))
+
+
+def test_state_is_tensors_and_round_trips(device, tmp_path):
+    """The state is a NamedTuple of tensors [n, F], [n, K], [n]; io round trip keeps scores."""
+    params, feat, head = _model(0, device)
+    train, test = _data(6, 1, device), _data(2, 2, device)
+    m = representer(feat, head, F.cross_entropy, l2=0.1)
+    state = m.prepare(params, train)
+    assert isinstance(state, RepresenterState)
+    assert state.features.shape == (6, 4) and state.alpha.shape == (6, 3)
+    assert state.classes.shape == (6,) and state.classes.dtype == torch.int64
+    io.save(state, tmp_path / "rps.pt")
+    assert torch.equal(m.score(params, io.load(tmp_path / "rps.pt"), None, test),
+                       m.score(params, state, None, test))
+
+
+def test_bad_input_raises_clear_errors(device):
+    """Bad settings, shapes, feature sizes, labels and params raise errors naming the argument."""
+    params, feat, head = _model(0, device)
+    train, test = _data(6, 1, device), _data(2, 2, device)
+    m = representer(feat, head, F.cross_entropy, l2=0.1)
+    state = m.prepare(params, train)
+    with pytest.raises(ValueError, match=r"representer\(l2=...\): expected a finite number > 0"):
+        representer(feat, head, F.cross_entropy, l2=0.0)
+    with pytest.raises(ValueError, match=r"representer\(explain=...\): expected one of"):
+        representer(feat, head, F.cross_entropy, l2=0.1, explain="gradient")
+    with pytest.raises(TypeError, match=r"representer\(head_fn=...\): expected a callable"):
+        representer(feat, None, F.cross_entropy, l2=0.1)
+    with pytest.raises(ValueError, match=r"representer.score\(test=...\): expected examples "
+                                         r"that feature_fn accepts"):
+        m.score(params, state, None, _data(2, 2, device, dim=5))
+    wide, wfeat, whead = _model(0, device, hidden=6)
+    with pytest.raises(ValueError, match=r"representer.score\(test=...\): expected penultimate "
+                                         r"features of size F=4"):
+        representer(wfeat, whead, F.cross_entropy, l2=0.1).score(wide, state, None, test)
+    with pytest.raises(ValueError, match=r"feature_fn=...\): expected a function returning a "
+                                         r"1-d Tensor per example, got shape \[\]"):
+        representer(lambda p, ex: feat(p, ex).sum(), head, F.cross_entropy,
+                    l2=0.1).prepare(params, train)
+    with pytest.raises(ValueError, match=r"loss_on_logits=...\): expected a function returning "
+                                         r"a scalar"):
+        representer(feat, head, lambda z, y: z * 1.0, l2=0.1).prepare(params, train)
+    with pytest.raises(TypeError, match=r"representer.prepare\(label_fn=...\): expected an "
+                                        r"integer class label"):
+        representer(feat, head, lambda z, y: (z * y).sum(), l2=0.1,
+                    label_fn=lambda ex: ex[0]).prepare(params, train)
+    with pytest.raises(ValueError, match=r"representer.score\(test=...\): expected classes in "
+                                         r"\[0, 3\)"):
+        m.score(params, state, None, (test[0], test[1] + 3))
+    with pytest.raises(TypeError, match=r"representer.prepare\(params=...\): expected a "
+                                        r"non-empty dict"):
+        m.prepare([params], train)
+    nan = {k: v.clone() for k, v in params.items()}
+    nan["2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"finite values, got NaN or inf at key '2.weight'"):
+        m.prepare(nan, train)
+    with pytest.raises(ValueError, match=r"representer.self_score\(train=...\): expected the 6 "
+                                         r"training examples"):
+        m.self_score(params, state, _data(3, 1, device))
+    with pytest.raises(TypeError, match=r"representer.score\(state=...\): expected the "
+                                        r"RepresenterState"):
+        m.score(params, (), None, test)

@@ -1,0 +1,299 @@
+"""TRAK against its closed form built densely: autograd-loop features, torch.linalg.inv kernels."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from problems import dense_per_sample_grads, linear_regression, logistic_regression
+from torch import nn
+
+from dattri_fn import io
+from dattri_fn.attribute.trak import (
+    TRAKState,
+    classification_margin,
+    classification_weight,
+    trak,
+)
+from dattri_fn.model import functional_model
+from dattri_fn.project import KINDS, make_projector
+from dattri_fn.tree import num_params
+
+F64 = torch.float64
+seeds = st.integers(0, 2**16)
+dampings = st.sampled_from([0.1, 1.0])
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _mlp(seed, device, dim=3, hidden=4, classes=3):
+    """A Linear-Tanh-Linear classifier seen through functional_model, weights drawn from seed."""
+    net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(F64)
+    g = _gen(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.8 * torch.randn(p.shape, generator=g, dtype=F64))
+    return functional_model(net.to(device), F.cross_entropy)
+
+
+def _data(n, seed, device, dim=3, classes=3):
+    g = _gen(seed)
+    x = torch.randn(n, dim, generator=g, dtype=F64)
+    return x.to(device), torch.randint(0, classes, (n,), generator=g).to(device)
+
+
+def _perturbed(params, seed, scale=0.3):
+    g = _gen(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device)
+            for k, v in params.items()}
+
+
+def _split(batch, cuts):
+    x, y = batch
+    edges = [0, *cuts, x.shape[0]]
+    return [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _weights(weight_fn, params, batch):
+    x, y = batch
+    if weight_fn is None:
+        return torch.ones(x.shape[0], dtype=F64, device=x.device)
+    return torch.stack([weight_fn(params, (x[i], y[i])) for i in range(x.shape[0])])
+
+
+def _closed_form(ckpts, out, weight_fn, train, test, damping, R=None):
+    """(1/C sum_c Phi_c K_c Phi_test_c^T) * (1/C sum_c Q_c), with Phi_c = G_c R from autograd."""
+    feats, qs = [], []
+    for p in ckpts:
+        G, Gt = dense_per_sample_grads(p, out, train), dense_per_sample_grads(p, out, test)
+        if R is not None:
+            G, Gt = G @ R, Gt @ R
+        K = torch.linalg.inv(G.T @ G + damping * torch.eye(G.shape[1], dtype=F64,
+                                                           device=G.device))
+        feats.append(G @ K @ Gt.T)
+        qs.append(_weights(weight_fn, p, train))
+    return torch.stack(feats).mean(0) * torch.stack(qs).mean(0)[:, None]
+
+
+def _close(got, ref, tol=1e-10):
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+
+
+@given(seed=seeds, n_train=st.integers(2, 9), n_test=st.integers(1, 4), damping=dampings)
+def test_unprojected_equals_dense_closed_form(device, seed, n_train, n_test, damping):
+    """proj_dim=None: s = G (G^T G + damping I)^-1 G_test^T * (1 - p_y), G by autograd loops."""
+    fm = _mlp(seed, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    train, test = _data(n_train, seed + 1, device), _data(n_test, seed + 2, device)
+    m = trak(out, weight_fn=w, damping=damping)
+    S = m.score(fm.params, m.prepare(fm.params, train), None, test)
+    assert S.shape == (n_train, n_test) and S.dtype == F64 and S.device.type == device.type
+    _close(S, _closed_form([fm.params], out, w, train, test, damping))
+
+
+@given(seed=seeds, kind=st.sampled_from(KINDS), proj_dim=st.integers(2, 40), damping=dampings)
+def test_projected_equals_closed_form_from_matrix(device, seed, kind, proj_dim, damping):
+    """phi = G R with R = make_projector(P, ...).matrix(): TRAK == its dense closed form."""
+    fm = _mlp(seed, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    train, test = _data(7, seed + 1, device), _data(3, seed + 2, device)
+    m = trak(out, weight_fn=w, proj_dim=proj_dim, kind=kind, seed=seed, damping=damping)
+    S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    R = make_projector(num_params(fm.params), proj_dim=proj_dim, kind=kind, seed=seed,
+                       dtype=F64, device=device).matrix()
+    _close(S, _closed_form([fm.params], out, w, train, test, damping, R))
+
+
+@given(seed=seeds, C=st.integers(2, 3), proj_dim=st.sampled_from([None, 5]))
+def test_ensemble_by_vmap_equals_loop_over_checkpoints(device, seed, C, proj_dim):
+    """s = (1/C sum_c phi^c K_c phi_t^c) * (1/C sum_c Q^c): vmap over C == a Python loop."""
+    fm = _mlp(seed, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
+    train, test = _data(6, seed + 1, device), _data(3, seed + 2, device)
+    m = trak(out, weight_fn=w, proj_dim=proj_dim, seed=seed, damping=0.5)
+    state = m.prepare(ckpts, train)
+    assert state.kernel.shape[0] == C and state.train_features.shape[:2] == (C, 6)
+    R = None if proj_dim is None else make_projector(
+        num_params(fm.params), proj_dim=proj_dim, seed=seed, dtype=F64, device=device).matrix()
+    _close(m.score(ckpts, state, train, test), _closed_form(ckpts, out, w, train, test, 0.5, R))
+    # Without weights the ensemble is the plain mean of single-checkpoint TRAK scores.
+    m1 = trak(out, proj_dim=proj_dim, seed=seed, damping=0.5)
+    loop = torch.stack([m1.score(p, m1.prepare(p, train), train, test) for p in ckpts]).mean(0)
+    _close(m1.score(ckpts, m1.prepare(ckpts, train), train, test), loop)
+
+
+@given(seed=seeds, cuts=st.tuples(st.integers(1, 4), st.integers(5, 8)), k=st.integers(1, 4),
+       cache=st.booleans(), C=st.integers(1, 2))
+def test_streamed_topk_and_self_score(device, seed, cuts, k, cache, C):
+    """3 uneven batches == one == unchunked; top_k == torch.topk(full); self == diag(full)."""
+    fm = _mlp(seed, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
+    train, test = _data(9, seed + 1, device), _data(4, seed + 2, device)
+    shards = _split(train, list(cuts))
+    m = trak(out, weight_fn=w, proj_dim=6, seed=seed, damping=0.3, cache_features=cache,
+             chunk_size=2)
+    full = m.score(ckpts, m.prepare(ckpts, train), train, test)
+    whole = trak(out, weight_fn=w, proj_dim=6, seed=seed, damping=0.3)  # chunk_size=None
+    _close(whole.score(ckpts, whole.prepare(ckpts, train), None, test), full, 1e-12)
+    state = m.prepare(ckpts, shards)
+    _close(m.score(ckpts, state, shards, test), full, 1e-12)
+    for largest in (True, False):
+        top = m.score(ckpts, state, shards, test, top_k=k, largest=largest)
+        ref = torch.topk(full, k, dim=0, largest=largest)
+        _close(top.values, ref.values, 1e-12)
+        _close(full.gather(0, top.indices), ref.values, 1e-12)
+    square = m.score(ckpts, state, shards, train)
+    _close(m.self_score(ckpts, state, shards), torch.diagonal(square), 1e-12)
+    _close(m.self_score(ckpts, state, _split(train, [2, 3])), torch.diagonal(square), 1e-12)
+
+
+@given(seed=seeds)
+def test_same_seed_same_scores_other_seed_differs(device, seed):
+    """R is fixed by the seed: equal scores for equal seeds, different for another seed."""
+    fm = _mlp(seed, device)
+    out = classification_margin(fm.forward)
+    train, test = _data(8, seed + 1, device), _data(3, seed + 2, device)
+    run = lambda s: trak(out, proj_dim=4, seed=s, damping=0.1).score(
+        fm.params, trak(out, proj_dim=4, seed=s, damping=0.1).prepare(fm.params, train),
+        None, test)
+    assert torch.equal(run(seed), run(seed))
+    assert not torch.allclose(run(seed), run(seed + 1), rtol=1e-6, atol=1e-9)
+
+
+@given(seed=seeds, kind=st.sampled_from(["gaussian", "rademacher"]))
+def test_invertible_projection_changes_nothing_without_damping(device, seed, kind):
+    """R [P, P] invertible, damping 0: g^T R (R^T G^T G R)^-1 R^T g_t == g^T (G^T G)^-1 g_t."""
+    params, loss, train = linear_regression(n=12, dim=4, seed=seed, device=device)
+    _, _, test = linear_regression(n=3, dim=4, seed=seed + 1, device=device)
+    out = lambda p, ex: ex[0] @ p["w"] + p["b"]  # the prediction; its gradient is [x, 1]
+    P = num_params(params)
+    R = make_projector(P, proj_dim=P, kind=kind, seed=seed, dtype=F64).matrix()
+    assume(torch.linalg.cond(R) < 1e4)  # a singular +-1 draw has nothing to compare
+    exact = trak(out, damping=0.0)
+    proj = trak(out, proj_dim=P, kind=kind, seed=seed, damping=0.0)
+    ref = exact.score(params, exact.prepare(params, train), None, test)
+    _close(proj.score(params, proj.prepare(params, train), None, test), ref, 1e-8)
+    _close(ref, _closed_form([params], out, None, train, test, 0.0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_duplicate_of_the_test_example_is_a_top_proponent(device, seed):
+    """Trained logistic regression: train[j] == test gets s > 0 (K PD, Q > 0) and ranks top-4/20."""
+    params, _, (x, y) = logistic_regression(n=20, dim=3, classes=3, seed=seed, device=device)
+    W = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.LBFGS(list(W.values()), max_iter=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = F.cross_entropy(x @ W["W"].T + W["b"], y)
+        obj = obj + 1e-2 * sum((v**2).sum() for v in W.values())
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+    params = {k: v.detach() for k, v in W.items()}
+    forward = lambda p, ex: p["W"] @ ex[0] + p["b"]
+    j = seed % 5
+    for proj_dim in (None, 4):
+        m = trak(classification_margin(forward), weight_fn=classification_weight(forward),
+                 proj_dim=proj_dim, seed=seed, damping=1e-2)
+        s = m.score(params, m.prepare(params, (x, y)), None, (x[j:j + 1], y[j:j + 1]))[:, 0]
+        assert s[j] > 0
+        assert int((s > s[j]).sum()) <= 3
+
+
+@given(seed=seeds, K=st.integers(2, 6))
+def test_classification_margin_and_weight(device, seed, K):
+    """margin = l_y - logsumexp_{c != y} l_c; weight = 1 - softmax(l)_y; vmappable; dict labels."""
+    g = _gen(seed)
+    logits = torch.randn(5, K, generator=g, dtype=F64).to(device)
+    y = torch.randint(0, K, (5,), generator=g).to(device)
+    forward = lambda p, ex: ex[0] * p["s"]
+    p = {"s": torch.ones((), dtype=F64, device=device)}
+    margin, weight = classification_margin(forward), classification_weight(forward)
+    got_m = torch.func.vmap(margin, in_dims=(None, 0))(p, (logits, y))
+    got_w = torch.func.vmap(weight, in_dims=(None, 0))(p, (logits, y))
+    for i in range(5):
+        others = torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]])
+        _close(got_m[i], logits[i, y[i]] - others.logsumexp(0), 1e-13)
+        _close(got_w[i], 1 - logits[i].softmax(0)[y[i]], 1e-13)
+    dict_margin = classification_margin(lambda p, ex: ex["x"] * p["s"])
+    _close(dict_margin(p, {"x": logits[0], "labels": y[0]}), got_m[0], 1e-15)
+
+
+def test_state_is_tensors_and_round_trips(device, tmp_path):
+    """The state is a NamedTuple of tensors; io.save/io.load gives the same scores."""
+    fm = _mlp(0, device)
+    out = classification_margin(fm.forward)
+    train, test = _data(6, 1, device), _data(2, 2, device)
+    m = trak(out, weight_fn=classification_weight(fm.forward), proj_dim=3)
+    state = m.prepare(fm.params, train)
+    assert isinstance(state, TRAKState)
+    assert state.kernel.shape == (1, 3, 3) and state.train_weights.shape == (6,)
+    io.save(state, tmp_path / "trak.pt")
+    loaded = io.load(tmp_path / "trak.pt")
+    assert torch.equal(m.score(fm.params, loaded, None, test),
+                       m.score(fm.params, state, None, test))
+
+
+def test_dtype_and_device_follow_params(device):
+    """float32 params give float32 kernels and scores on the params' device."""
+    fm = _mlp(0, device)
+    fm32 = functional_model(copy.deepcopy(fm.module).float(), F.cross_entropy)
+    x, y = _data(5, 1, device)
+    m = trak(classification_margin(fm32.forward), proj_dim=3, damping=0.1)
+    state = m.prepare(fm32.params, (x.float(), y))
+    S = m.score(fm32.params, state, None, (x.float(), y))
+    assert state.kernel.dtype == S.dtype == torch.float32 and S.device.type == device.type
+
+
+def test_bad_input_raises_clear_errors(device):
+    """Mismatched checkpoints, NaN, non-scalar outputs, wrong test layout, bad state/settings."""
+    fm = _mlp(0, device)
+    out = classification_margin(fm.forward)
+    train, test = _data(6, 1, device), _data(2, 2, device)
+    m = trak(out, proj_dim=3, damping=0.1)
+    renamed = {("x" + k): v for k, v in fm.params.items()}
+    with pytest.raises(ValueError, match=r"trak.prepare\(params\[1\]=...\): expected the keys"):
+        m.prepare([fm.params, renamed], train)
+    nan = {k: v.clone() for k, v in fm.params.items()}
+    nan["0.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"finite values, got NaN or inf at key '0.weight'"):
+        m.prepare(nan, train)
+    with pytest.raises(ValueError, match=r"output_fn=...\): expected a function returning a "
+                                         r"scalar Tensor\[\] per example, got shape \[3\]"):
+        trak(fm.forward).prepare(fm.params, train)
+    with pytest.raises(ValueError, match=r"weight_fn=...\): expected a function returning a "
+                                         r"scalar"):
+        trak(out, weight_fn=fm.forward).prepare(fm.params, train)
+    state = m.prepare(fm.params, train)
+    with pytest.raises(ValueError, match=r"trak.score\(test=...\): expected examples that "
+                                         r"output_fn accepts"):
+        m.score(fm.params, state, None, _data(2, 2, device, dim=5))
+    with pytest.raises(ValueError, match=r"trak.score\(state=...\): expected a kernel of shape "
+                                         r"\[C, d, d\] = \[2, 3, 3\]"):
+        m.score([fm.params, fm.params], state, None, test)
+    with pytest.raises(TypeError, match=r"trak.score\(state=...\): expected the TRAKState"):
+        m.score(fm.params, (), train, test)
+    with pytest.raises(ValueError, match=r"trak.score\(train=...\): expected the 6 training"):
+        m.score(fm.params, state, _data(4, 1, device), test)
+    uncached = trak(out, proj_dim=3, damping=0.1, cache_features=False)
+    with pytest.raises(ValueError, match=r"trak.self_score\(train=...\): expected the training"):
+        uncached.self_score(fm.params, uncached.prepare(fm.params, train), None)
+    with pytest.raises(ValueError, match=r"trak.prepare\(damping=...\): expected Phi\^T Phi "
+                                         r"\+ damping I positive definite"):
+        trak(out, damping=0.0).prepare(fm.params, train)  # P = 31 > n_train = 6
+    with pytest.raises(ValueError, match=r"trak\(kind=...\): expected one of"):
+        trak(out, kind="dense")
+    with pytest.raises(ValueError, match=r"trak\(damping=...\): expected a finite number >= 0"):
+        trak(out, damping=-1.0)
+    with pytest.raises(ValueError, match=r"trak\(proj_dim=...\): expected an int >= 1"):
+        trak(out, proj_dim=0)
+    with pytest.raises(TypeError, match=r"trak\(output_fn=...\): expected a callable"):
+        trak(None)
