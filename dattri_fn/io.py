@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ._checks import _msg
+
 # A key no user dict is expected to carry; it marks an encoded NamedTuple.
 TAG = "__dattri_fn_namedtuple__"
 
@@ -92,7 +94,7 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
         ``path`` is left as it was.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"save(path=...): expected a str or os.PathLike, got {type(path).__name__}.")
+        raise TypeError(_msg("save", "path", "a str or os.PathLike", type(path).__name__))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -144,8 +146,8 @@ def load(path: str | os.PathLike, *, map_location=None, weights_only: bool = Tru
         FileNotFoundError: nothing at ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load(path=...): expected a str or os.PathLike, got {type(path).__name__}.")
+        raise TypeError(_msg("load", "path", "a str or os.PathLike", type(path).__name__))
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"load(path=...): expected an existing file, got {str(path)!r}.")
+        raise FileNotFoundError(_msg("load", "path", "an existing file", repr(str(path))))
     return _decode(torch.load(path, map_location=map_location, weights_only=weights_only))

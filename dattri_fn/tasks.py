@@ -1,0 +1,424 @@
+"""Bundled real-data tasks for tests, benchmarks and evaluation; nothing is downloaded.
+
+``get_task(name)`` returns a :class:`Task`: data tensors, a model factory, a deterministic
+trainer and a ``target`` whose orientation matches the library's score convention
+(``scores [n_train, n_test]``, positive = up-weighting the training example LOWERS the test
+loss): every target is HIGHER = BETTER for the test point.
+
+============  ==================================================================================
+name          what
+============  ==================================================================================
+digits-lr     multinomial logistic regression on the 64 standardised pixels of sklearn's digits
+digits-mlp    64-32-10 tanh MLP on the same features
+digits-cnn    Conv(1->8)-ReLU-Conv(8->8)-ReLU-MaxPool-Linear(128->10) on 1x8x8 images (~2k params)
+text-lm       a one-block character-level transformer LM on docstrings of fixed stdlib modules
+============  ==================================================================================
+
+Training minimises ``mean loss + 0.5 * weight_decay * ||theta||^2`` over ALL parameters, full
+batch (L-BFGS for ``digits-lr``, Adam otherwise), so a model is a deterministic function of its
+init seed and its training subset; influence methods match the objective with
+``damping = weight_decay``. Hyper-parameters are in ``Task.hparams``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import _msg, check_int, check_optional_int
+
+TASKS = ("digits-lr", "digits-mlp", "digits-cnn", "text-lm")
+NOISE_FRACTION = 0.1
+
+# Fixed so the corpus (and its SHA-256) only changes with the Python version's docstrings.
+CORPUS_MODULES = ("collections", "contextlib", "copy", "dataclasses", "difflib", "functools",
+                  "heapq", "json", "statistics", "string", "textwrap")
+# Printable ASCII plus newline: a vocabulary that does not depend on the corpus.
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A supervised task: data, model factory, trainer and a HIGHER = BETTER test target.
+
+    Attributes:
+        name: one of :data:`TASKS` (or a user's own).
+        make_model: ``seed -> nn.Module``, initialised from ``seed`` without touching the
+            global RNG.
+        loss_fn: ``(output, target) -> Tensor[]``, the batch MEAN loss (cross-entropy; for
+            ``text-lm`` over all tokens). One example's loss is ``loss_fn(out[i:i+1],
+            y[i:i+1])``.
+        train: ``(model, x, y, *, seed=0, epochs=None) -> model``; trains in place
+            (deterministic full batch), ``epochs`` overrides ``hparams["epochs"]``.
+        target: ``(model, x, y) -> Tensor[n]``, higher = better for each example: the correct-class
+            margin ``logit_y - max_{c != y} logit_c`` (classification) or the negative
+            per-sequence mean token loss (``text-lm``). No gradient.
+        x_train, y_train, x_test, y_test: float32 features (int64 tokens for ``text-lm``) and
+            int64 labels (next tokens ``[n, T]`` for ``text-lm``).
+        hparams: training hyper-parameters (part of every retraining cache key).
+        flipped: ``[n_train]`` bool marking flipped labels for ``noisy=True``, else ``None``.
+        meta: facts about the data (``seed``, ``n_classes``, ``corpus_sha256``, ...).
+    """
+
+    name: str
+    make_model: Callable[[int], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    train: Callable[..., nn.Module]
+    target: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    hparams: dict[str, Any]
+    flipped: Tensor | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_train(self) -> int:
+        return self.x_train.shape[0]
+
+    @property
+    def n_test(self) -> int:
+        return self.x_test.shape[0]
+
+    def to(self, device) -> Task:
+        """Return a copy with every data tensor on ``device``."""
+        moved = {f: getattr(self, f).to(device) for f in
+                 ("x_train", "y_train", "x_test", "y_test", "flipped")
+                 if getattr(self, f) is not None}
+        return dataclasses.replace(self, **moved)
+
+
+def derive_seed(*parts) -> int:
+    """Return a 63-bit seed mixed from ``parts`` by SHA-256 (stable across runs/platforms)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# ----------------------------------------------------------------------------------- models
+class TinyLM(nn.Module):
+    """A pre-LN one-block causal transformer.  # tokens [..., T] -> logits [..., T, V]"""
+
+    def __init__(self, vocab: int, context: int, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(context, dim))
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.register_buffer("causal", torch.ones(context, context).tril().bool(),
+                             persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[-1]
+        h = self.tok(idx) + self.pos[:T]
+        lead, dim = h.shape[:-2], h.shape[-1]
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works.
+        q, k, v = (t.reshape(*lead, T, self.heads, -1).transpose(-2, -3) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        att = att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(-1)
+        h = h + self.proj((att @ v).transpose(-2, -3).reshape(*lead, T, dim))
+        h = h + self.fc2(torch.relu(self.fc1(self.ln2(h))))
+        return self.head(self.ln_f(h))
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    # fork_rng keeps the caller's global RNG untouched while the default inits draw from it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed("init", seed))
+        return build()
+
+
+def _make_lr(seed: int, *, features: int, classes: int) -> nn.Module:
+    return _seeded(lambda: nn.Linear(features, classes), seed)
+
+
+def _make_mlp(seed: int, *, features: int, hidden: int, classes: int) -> nn.Module:
+    return _seeded(lambda: nn.Sequential(nn.Linear(features, hidden), nn.Tanh(),
+                                         nn.Linear(hidden, classes)), seed)
+
+
+def _make_cnn(seed: int, *, channels: int, classes: int) -> nn.Module:
+    return _seeded(lambda: nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(channels * 16, classes)), seed)
+
+
+def _make_lm(seed: int, **sizes) -> nn.Module:
+    return _seeded(lambda: TinyLM(**sizes), seed)
+
+
+# ------------------------------------------------------------------------- losses, targets
+def classification_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Return the mean cross-entropy.  # [B, C], [B] -> []"""
+    return F.cross_entropy(output, target)
+
+
+def lm_loss(output: Tensor, target: Tensor) -> Tensor:
+    """Return the mean next-token cross-entropy over all tokens.  # [B, T, V], [B, T] -> []"""
+    return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+@torch.no_grad()
+def margin_target(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Return the correct-class margin logit_y - max_{c != y} logit_c (higher = better).  # [n]"""
+    logits = model(x)
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return correct - others.amax(1)
+
+
+@torch.no_grad()
+def neg_sequence_loss_target(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Return -mean_t CE(logits_t, y_t) per sequence (higher = better).  # [n, T] -> [n]"""
+    logits = model(x)
+    ce = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    return -ce.mean(1)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Return the share of argmax predictions equal to ``y`` (per token for an LM).  # -> []"""
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).to(torch.float32).mean()
+
+
+# ------------------------------------------------------------------------------- training
+def _objective(model: nn.Module, loss_fn, x: Tensor, y: Tensor, weight_decay: float) -> Tensor:
+    reg = sum((p * p).sum() for p in model.parameters())
+    return loss_fn(model(x), y) + 0.5 * weight_decay * reg
+
+
+def _train_lbfgs(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
+                 epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
+                 default_epochs: int) -> nn.Module:
+    del seed  # full-batch L-BFGS is deterministic: the init seed alone fixes the model
+    model.train()
+    opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=epochs or default_epochs,
+                            history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _objective(model, loss_fn, x, y, weight_decay)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model.eval()
+
+
+def _train_adam(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
+                epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
+                default_epochs: int) -> nn.Module:
+    del seed  # full batch: the init seed alone fixes the model
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs or default_epochs
+    # Cosine decay lands close to a stationary point, which influence methods assume.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for _ in range(steps):
+        opt.zero_grad()
+        _objective(model, loss_fn, x, y, weight_decay).backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+_TRAINERS = {"lbfgs": _train_lbfgs, "adam": _train_adam}
+
+
+# ----------------------------------------------------------------------------------- data
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64)
+
+
+def text_corpus() -> str:
+    """Return the ``text-lm`` corpus: docstrings of :data:`CORPUS_MODULES`, mapped to ``VOCAB``.
+
+    Per module: its docstring, then those of its public classes and functions defined in it,
+    sorted by name, joined by blank lines; characters outside printable ASCII become ``"?"``
+    (tabs become spaces). Its SHA-256 is recorded as ``Task.meta["corpus_sha256"]``.
+    """
+    docs = []
+    for name in CORPUS_MODULES:
+        mod = importlib.import_module(name)
+        docs.append(mod.__doc__ or "")
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if (not attr.startswith("_") and getattr(obj, "__module__", None) == name
+                    and (inspect.isclass(obj) or inspect.isfunction(obj))
+                    and isinstance(obj.__doc__, str)):
+                docs.append(inspect.cleandoc(obj.__doc__))
+    text = "\n\n".join(d.strip() for d in docs if d.strip()).replace("\t", " ")
+    allowed = set(VOCAB)
+    return "".join(c if c in allowed else "?" for c in text)
+
+
+def _split(n_total: int, n_train: int, n_test: int, seed: int, func: str):
+    if n_train + n_test > n_total:
+        raise ValueError(_msg(func, "n_train", f"n_train + n_test <= {n_total}",
+                              f"{n_train} + {n_test}"))
+    perm = torch.randperm(n_total, generator=_generator("split", seed))
+    return perm[:n_train], perm[n_train:n_train + n_test]
+
+
+def _flip_labels(y: Tensor, classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    n = y.shape[0]
+    g = _generator("noisy", seed)
+    idx = torch.randperm(n, generator=g)[: round(NOISE_FRACTION * n)]
+    # Adding 1..C-1 mod C guarantees the new label differs from the old one.
+    shift = torch.randint(1, classes, (idx.numel(),), generator=g)
+    y = y.clone()
+    y[idx] = (y[idx] + shift) % classes
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[idx] = True
+    return y, flipped
+
+
+_DEFAULT_SIZES = {"digits-lr": (1000, 200), "digits-mlp": (1000, 200),
+                  "digits-cnn": (1000, 200), "text-lm": (256, 64)}
+
+_HPARAMS = {
+    "digits-lr": dict(optimizer="lbfgs", lr=1.0, epochs=100, weight_decay=1e-3),
+    "digits-mlp": dict(optimizer="adam", lr=1e-2, epochs=300, weight_decay=1e-3, hidden=32),
+    "digits-cnn": dict(optimizer="adam", lr=1e-2, epochs=100, weight_decay=1e-3, channels=8),
+    "text-lm": dict(optimizer="adam", lr=1e-2, epochs=80, weight_decay=1e-4, context=32,
+                    dim=32, heads=2, hidden=64),
+}
+
+
+def _trainer(hp: dict, loss_fn) -> Callable[..., nn.Module]:
+    return functools.partial(_TRAINERS[hp["optimizer"]], loss_fn=loss_fn,
+                             weight_decay=hp["weight_decay"], lr=hp["lr"],
+                             default_epochs=hp["epochs"])
+
+
+def _digits_task(name: str, n_train: int, n_test: int, seed: int, noisy: bool,
+                 hp: dict) -> Task:
+    x, y = _digits()
+    tr, te = _split(x.shape[0], n_train, n_test, seed, "get_task")
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std))  # border pixels are constant 0
+    x = (x - mean) / std
+    if name == "digits-cnn":
+        x = x.reshape(-1, 1, 8, 8)
+    make = {"digits-lr": functools.partial(_make_lr, features=64, classes=10),
+            "digits-mlp": functools.partial(_make_mlp, features=64, hidden=hp.get("hidden", 0),
+                                            classes=10),
+            "digits-cnn": functools.partial(_make_cnn, channels=hp.get("channels", 0),
+                                            classes=10)}[name]
+    y_train, flipped = y[tr], None
+    if noisy:
+        y_train, flipped = _flip_labels(y_train, 10, seed)
+    return Task(name, make, classification_loss, _trainer(hp, classification_loss),
+                margin_target, x[tr].contiguous(), y_train, x[te].contiguous(), y[te], hp,
+                flipped, {"seed": seed, "noisy": noisy, "n_classes": 10, "source":
+                          "sklearn.datasets.load_digits"})
+
+
+def _text_task(n_train: int, n_test: int, seed: int, hp: dict) -> Task:
+    text = text_corpus()
+    lookup = {c: i for i, c in enumerate(VOCAB)}
+    tokens = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    T = hp["context"]
+    chunks = tokens[: (tokens.numel() // (T + 1)) * (T + 1)].reshape(-1, T + 1)
+    tr, te = _split(chunks.shape[0], n_train, n_test, seed, "get_task")
+    make = functools.partial(_make_lm, vocab=len(VOCAB), context=T, dim=hp["dim"],
+                             heads=hp["heads"], hidden=hp["hidden"])
+    meta = {"seed": seed, "noisy": False, "vocab": VOCAB, "modules": CORPUS_MODULES,
+            "corpus_chars": len(text),
+            "corpus_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return Task("text-lm", make, lm_loss, _trainer(hp, lm_loss), neg_sequence_loss_target,
+                chunks[tr, :-1].contiguous(), chunks[tr, 1:].contiguous(),
+                chunks[te, :-1].contiguous(), chunks[te, 1:].contiguous(), hp, None, meta)
+
+
+def get_task(name: str, *, n_train: int | None = None, n_test: int | None = None,
+             seed: int = 0, noisy: bool = False, hparams: dict | None = None) -> Task:
+    """Return the bundled task ``name`` with a ``seed``-drawn train/test split.
+
+    Args:
+        name: one of ``"digits-lr"``, ``"digits-mlp"``, ``"digits-cnn"``, ``"text-lm"``.
+        n_train: training examples (default 1000 for digits, 256 sequences for ``text-lm``).
+        n_test: test examples (default 200 for digits, 64 sequences for ``text-lm``).
+        seed: draws the split (and the flipped labels); digits features are standardised
+            with the training split's statistics.
+        noisy: flip 10% of the training labels (classification only); ``Task.flipped`` marks
+            them.
+        hparams: overrides of the task's training hyper-parameters, e.g.
+            ``{"weight_decay": 1e-2, "epochs": 50}``; see ``get_task(name).hparams`` for keys.
+
+    Returns:
+        A :class:`Task` with float32 data on the CPU (``Task.to(device)`` to move it).
+
+    Raises:
+        TypeError: wrong kinds of arguments.
+        ValueError: unknown ``name`` or ``hparams`` key, sizes beyond the data, or ``noisy``
+            for ``text-lm``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(_msg("get_task", "name", "a str", type(name).__name__))
+    if name not in TASKS:
+        raise ValueError(_msg("get_task", "name", "one of " + ", ".join(map(repr, TASKS)),
+                              repr(name)))
+    n_train = check_optional_int("get_task", "n_train", n_train) or _DEFAULT_SIZES[name][0]
+    n_test = check_optional_int("get_task", "n_test", n_test) or _DEFAULT_SIZES[name][1]
+    seed = check_int("get_task", "seed", seed, minimum=0)
+    hp = dict(_HPARAMS[name])
+    if hparams is not None:
+        if not isinstance(hparams, dict):
+            raise TypeError(_msg("get_task", "hparams", "a dict or None", type(hparams).__name__))
+        unknown = sorted(set(hparams) - set(hp))
+        if unknown:
+            raise ValueError(_msg("get_task", "hparams", f"keys among {sorted(hp)}",
+                                  f"unknown {unknown}"))
+        hp.update(hparams)
+    if name == "text-lm":
+        if noisy:
+            raise ValueError(_msg("get_task", "noisy", "False for 'text-lm'", "True",
+                                  "Label noise is defined for the digits tasks only."))
+        return _text_task(n_train, n_test, seed, hp)
+    return _digits_task(name, n_train, n_test, seed, bool(noisy), hp)
+
+
+def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
+                epochs: int | None = None) -> nn.Module:
+    """Return ``task.make_model(seed)`` trained on the rows of ``keep`` (all by default).
+
+    Args:
+        task: the task.
+        seed: init (and training) seed.
+        keep: ``[n_train]`` bool mask or int64 indices of the training examples to use.
+        epochs: overrides ``task.hparams["epochs"]``.
+    """
+    x, y = task.x_train, task.y_train
+    if keep is not None:
+        x, y = x[keep], y[keep]
+    model = task.make_model(seed).to(x.device)
+    return task.train(model, x, y, seed=seed, epochs=epochs)
