@@ -421,4 +421,12 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
     if keep is not None:
         x, y = x[keep], y[keep]
     model = task.make_model(seed).to(x.device)
-    return task.train(model, x, y, seed=seed, epochs=epochs)
+    # One CPU thread: float32 reductions then run in one order whatever the caller's thread
+    # setting (a retraining worker, a test, the demo), so a seed fixes the model bit for bit;
+    # for these small models one thread was also the fastest (see dattri_fn.retrain).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return task.train(model, x, y, seed=seed, epochs=epochs)
+    finally:
+        torch.set_num_threads(threads)
