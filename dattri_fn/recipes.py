@@ -11,6 +11,9 @@ picture always come from the same configuration. Conventions for a task trained 
   EK-FAC cover the ``nn.Linear`` layers only (convolutions are held fixed);
 * gradient similarity and TracIn: the plain loss on both sides;
 * TRAK: the correct-class margin and ``1 - p_y`` weight (classification), else minus the loss;
+  ``proj_dim`` capped at ``n_train // 4``: with ``d`` near ``n_train`` the kernel
+  ``(Phi^T Phi + damping I)^-1`` is near-singular and the scores are noise (on digits-mlp,
+  n_train = 500: LDS 0.09 at d = 512 against 0.39 at d = 128);
 * RPS: the last ``nn.Linear`` is the head (bias folded in as a constant feature), ``l2 = wd / 2``.
 
 ``models`` is a list of trained modules of the task: the first is "the" model; ensemble methods
@@ -148,7 +151,8 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         return Recipe(name, tracin(fm.loss, lrs=[lr] * len(fms)), [f.params for f in fms],
                       train, test)
     if name == "trak":
-        return Recipe(name, _trak(task, fms, proj_dim, seed, damping), [f.params for f in fms],
+        d = min(proj_dim, max(16, n // 4))
+        return Recipe(name, _trak(task, fms, d, seed, damping), [f.params for f in fms],
                       train, test)
     method, params = _rps(task, models[0], wd)
     return Recipe(name, method, params, train, test)

@@ -339,7 +339,7 @@ def _digits_task(name: str, n_train: int, n_test: int, seed: int, noisy: bool,
     return Task(name, make, classification_loss, _trainer(hp, classification_loss),
                 margin_target, x[tr].contiguous(), y_train, x[te].contiguous(), y[te], hp,
                 flipped, {"seed": seed, "noisy": noisy, "n_classes": 10, "source":
-                          "sklearn.datasets.load_digits"})
+                          "sklearn.datasets.load_digits", "pixel_mean": mean, "pixel_std": std})
 
 
 def _text_task(n_train: int, n_test: int, seed: int, hp: dict) -> Task:

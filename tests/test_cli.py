@@ -1,0 +1,73 @@
+"""The command line: help texts, error paths (exit 2) and the demo end to end on a small setting."""
+
+import re
+
+import pytest
+import torch
+
+from dattri_fn.cli import main
+from dattri_fn.recipes import METHODS
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr()
+
+
+def test_help_is_complete(capsys):
+    """`--help` names both subcommands; `demo --help` documents every option."""
+    code, out = _exit_code(["--help"], capsys)
+    assert code == 0 and "demo" in out.out and "bench" in out.out
+    code, out = _exit_code(["demo", "--help"], capsys)
+    assert code == 0
+    for option in ("--task", "--methods", "--n-train", "--n-test", "--subsets", "--models",
+                   "--device", "--out", "--seed", "--show", "--quiet"):
+        assert option in out.out
+    flat = re.sub(r"\s+", "", out.out)  # argparse wraps long lines, even inside a name
+    assert all(m in flat for m in METHODS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--methods", "if-cg,nope"], r"unknown method\(s\) \['nope'\]"),
+    (["demo", "--task", "cifar"], r"invalid choice: 'cifar'"),
+    (["demo", "--device", "tpu"], r"--device: unsupported device type 'tpu'|unknown device"),
+    (["demo", "--device", "banana"], r"--device: unknown device 'banana'"),
+    (["demo", "--n-train", "0"], r"expected an integer >= 1, got '0'"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
+    """Unknown method, task or device and bad sizes exit with code 2 and say what is wrong."""
+    code, out = _exit_code(argv, capsys)
+    assert code == 2 and re.search(message, out.err), out.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_cuda_without_gpu_exits_2(capsys):
+    """--device cuda on a machine without CUDA: exit 2, not a traceback."""
+    code, out = _exit_code(["demo", "--device", "cuda"], capsys)
+    assert code == 2 and "CUDA is not available" in out.err
+
+
+def test_no_command_prints_help(capsys):
+    """No subcommand: help on stdout, exit status 2."""
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    """A small demo run prints an LDS table for every method and writes a non-empty PNG."""
+    methods = ["if-cg", "grad-dot", "tracin", "trak", "rps"]
+    assert main(["demo", "--task", "digits-lr", "--n-train", "80", "--n-test", "6",
+                 "--subsets", "6", "--models", "2", "--methods", ",".join(methods),
+                 "--out", str(tmp_path), "--show", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for m in methods:
+        row = re.search(rf"^\| {m} \| (-?[0-9.]+) \|", out, flags=re.M)
+        assert row, out
+        assert -1.0 <= float(row.group(1)) <= 1.0
+    png = tmp_path / "attributions.png"
+    assert png.is_file() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results.md").read_text().startswith("digits-lr")
+    assert "wrote" in out
