@@ -112,19 +112,18 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
     """
     batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size)
 
-    def one_example(v: Tensor, example) -> Tensor:
-        f = lambda flat: forward(unravel(flat), example)
-        out, vjp_fn = vjp(f, flat0)
-        jv = jvp(f, (flat0,), (v,))[1]
+    def out_hvp(out, jv, example):
         out_grad = torch.func.grad(lambda o: out_loss(o, example))
-        h_jv = jvp(out_grad, (out,), (jv,))[1]
-        return vjp_fn(h_jv)[0]
+        return jvp(out_grad, (out,), (jv,))[1]
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
-        def one(v: Tensor) -> Tensor:
-            return vmap(one_example, in_dims=(None, 0))(v, batch).sum(0)
-
-        return vmap(one, chunk_size=chunk_size)(V)
+        # Linearise the batched forward once: J V by k jvps, H_out by the output-space HVP,
+        # J^T by k vjps through the one stored graph (no per-row recomputation of the forward).
+        f = lambda flat: vmap(forward, in_dims=(None, 0))(unravel(flat), batch)
+        out, vjp_fn = vjp(f, flat0)
+        JV = vmap(lambda v: jvp(f, (flat0,), (v,))[1], chunk_size=chunk_size)(V)
+        HJV = vmap(lambda jv: vmap(out_hvp)(out, jv, batch), chunk_size=chunk_size)(JV)
+        return vmap(lambda u: vjp_fn(u)[0], chunk_size=chunk_size)(HJV)
 
     return _streamed("gnvp", per_batch, flat0, batches)
 

@@ -79,4 +79,11 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
 def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
                               chunk_size: int | None = None) -> Params:
     """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}"""
-    return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, batch)
+    try:
+        return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, batch)
+    except RuntimeError as e:
+        if "scalar" not in str(e):
+            raise
+        raise ValueError("per_sample_grad(loss=...): expected a per-example function (loss or "
+                         "target) returning a 0-d Tensor for ONE example, got a non-scalar "
+                         f"output ({e}). Reduce it to a scalar, e.g. .sum() or a margin.") from e

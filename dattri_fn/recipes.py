@@ -139,7 +139,7 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
             opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P))
         elif solver == "lissa":
             opts = dict(scale=_lissa_scale(curvature(fm.params, train[0]), wd + damping),
-                        depth=200, batch_size=64)
+                        depth=200, batch_size=min(64, n))
         method = influence(loss, solver=solver, damping=damping + wd, curvature=curvature,
                            target=fm.loss, model=fm, **opts)
         return Recipe(name, method, fm.params, train, test)
