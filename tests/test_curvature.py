@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
 from torch.func import hessian, jacrev
 
 from dattri_fn import fvp, gnvp, hvp
 from dattri_fn.tree import ravel
+from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
 
 problem_names = st.sampled_from(sorted(PROBLEMS))
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import PROBLEMS, dense_per_sample_grads
 
 from dattri_fn import grad, per_sample_grad
+from problems import PROBLEMS, dense_per_sample_grads
 
 problem_names = st.sampled_from(sorted(PROBLEMS))
 

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
 from torch import nn
 
 from dattri_fn import functional_model, per_sample_grad
 from dattri_fn.attribute import InfluenceState, influence
+from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
 
 D = torch.float64
 

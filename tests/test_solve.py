@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from problems import DTYPE, dense_hessian, mlp, spd_matrix
 
 from dattri_fn._types import LinOp
 from dattri_fn.solve import arnoldi, cg_solve, ihvp_arnoldi, ihvp_cg, ihvp_explicit
+from problems import DTYPE, dense_hessian, mlp, spd_matrix
 
 dims = st.integers(2, 10)
 seeds = st.integers(0, 2**31 - 1)

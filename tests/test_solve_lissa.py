@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from problems import DTYPE, dense_hessian, linear_regression, mlp
 
 from dattri_fn.curvature import hvp
 from dattri_fn.solve import ihvp_lissa
+from problems import DTYPE, dense_hessian, linear_regression, mlp
 
 seeds = st.integers(0, 2**31 - 1)
 # Full batch, depth set so that (1 - mu_min/scale)^depth <= 1e-9: error of the Neumann series.

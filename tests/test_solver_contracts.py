@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import spd_matrix
 
 from dattri_fn._types import LinOp
 from dattri_fn.solve import SOLVERS, cg_solve, ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
+from problems import spd_matrix
 
 DIM = 6
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from problems import dense_per_sample_grads, linear_regression, logistic_regression
 from torch import nn
 
 from dattri_fn import io
@@ -20,6 +19,7 @@ from dattri_fn.attribute.trak import (
 from dattri_fn.model import functional_model
 from dattri_fn.project import KINDS, make_projector
 from dattri_fn.tree import num_params
+from problems import dense_per_sample_grads, linear_regression, logistic_regression
 
 F64 = torch.float64
 seeds = st.integers(0, 2**16)
