@@ -120,3 +120,28 @@ def test_bad_inputs():
         grad_dot(loss).score(params, (), train, (train[0], train[1][:2]))
     with pytest.raises(ValueError, match=r"grad_dot\(top_k=...\)"):
         grad_dot(loss).score(params, (), train, train, top_k=0)
+
+
+def test_dataloader_train_and_test_give_the_same_scores():
+    """A torch DataLoader (lists from default_collate) streams like a list of tuples."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    params, loss, (x, y) = PROBLEMS["mlp"](n=10, seed=3)
+    m = grad_dot(loss)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    torch.testing.assert_close(m.score(params, (), loader, loader), m.score(params, (), (x, y), (x, y)),
+                               rtol=0, atol=1e-13)
+
+
+def test_attributor_verbs_map_onto_the_pure_pair():
+    """Attributor.cache/attribute/self_attribute == prepare/score/self_score."""
+    from dattri_fn.attribute import Attributor, influence
+
+    params, loss, batch = PROBLEMS["logistic"](n=6)
+    m = influence(loss, solver="explicit", damping=0.1)
+    a = Attributor(m, params)
+    ref = m.score(params, m.prepare(params, batch), batch, batch)
+    torch.testing.assert_close(a.attribute(batch, batch), ref)
+    torch.testing.assert_close(a.self_attribute(batch), torch.diagonal(ref))
+    with pytest.raises(TypeError, match=r"Attributor\(method=...\)"):
+        Attributor(lambda: None, params)

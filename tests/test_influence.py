@@ -279,3 +279,18 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"if_explicit\(test=...\)"):
         m.score(params, state, train, (train[0], train[1][:1]))
     assert per_sample_grad(loss, params, train).shape == (4, 5)
+
+
+def test_test_gradients_computed_once_per_test_point():
+    """The test-side function runs once per test batch, not once per (train, test) batch pair."""
+    params, loss, train = PROBLEMS["logistic"](n=12, seed=0)
+    calls = []
+
+    def target(p, ex):
+        calls.append(1)
+        return loss(p, ex)
+
+    m = influence(loss, solver="cg", damping=0.1, target=target)
+    state = m.prepare(params, train)
+    m.score(params, state, _split(train, [3, 6, 9]), train)
+    assert len(calls) == 1  # vmap traces the python function once for the single test batch

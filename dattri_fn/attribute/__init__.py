@@ -6,12 +6,13 @@ positive = up-weighting the training example lowers the test loss (a proponent).
 
 from .gradsim import grad_cos, grad_dot, tracin
 from .influence import InfluenceState, influence
-from .method import Method, stack_checkpoints
+from .method import Attributor, Method, stack_checkpoints
 from .pipeline import TopK, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
 from .trak import TRAKState, classification_margin, classification_weight, trak
 
 __all__ = [
+    "Attributor",
     "InfluenceState",
     "Method",
     "RepresenterState",

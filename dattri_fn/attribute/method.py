@@ -74,3 +74,34 @@ def stacked_per_sample_grad(loss: Loss, stacked: Params, batch: Batch, *,
     """Return per-sample gradients at every checkpoint, vmapped over C.  # -> [C, B, P]"""
     per_ckpt = lambda p: per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size)
     return ravel_batched(vmap(per_ckpt)(stacked), batch_dims=2)
+
+
+class Attributor:
+    """dattri-style verbs over a pure :class:`Method`, for users migrating from dattri.
+
+    ``cache(train)`` = ``prepare``; ``attribute(train, test)`` = ``score``;
+    ``self_attribute(train)`` = ``self_score``. The only state is the ``state`` it caches, which
+    is also returned, so the pure pair stays one call away (``attributor.method``).
+    """
+
+    def __init__(self, method: Method, params):
+        if not isinstance(method, Method):
+            raise TypeError(f"Attributor(method=...): expected a Method from a factory such as "
+                            f"influence(...) or trak(...), got {type(method).__name__}.")
+        self.method, self.params, self.state = method, params, None
+
+    def cache(self, train):
+        """Run ``prepare`` once and keep its state.  # -> state"""
+        self.state = self.method.prepare(self.params, train)
+        return self.state
+
+    def _state(self, train):
+        return self.state if self.state is not None else self.cache(train)
+
+    def attribute(self, train, test, *, top_k: int | None = None):
+        """Return ``[n_train, n_test]`` scores (or a TopK); caches on first use."""
+        return self.method.score(self.params, self._state(train), train, test, top_k=top_k)
+
+    def self_attribute(self, train) -> Tensor:
+        """Return the ``[n_train]`` self-influence (the diagonal)."""
+        return self.method.self_score(self.params, self._state(train), train)
