@@ -95,6 +95,15 @@ def _pearson(x: Tensor, y: Tensor, dim: int) -> Tensor:
     return (xc * yc).sum(dim) / torch.sqrt((xc * xc).sum(dim) * (yc * yc).sum(dim))
 
 
+def _check_pair(func: str, x: Tensor, y: Tensor, dim: int) -> None:
+    check_tensor(func, "x", x)
+    check_tensor(func, "y", y)
+    _same_shape(func, x, y)
+    if x.ndim == 0 or x.shape[dim] < 2:
+        raise ValueError(_msg(func, "x", "at least 2 entries along dim",
+                              f"shape {list(x.shape)} with dim={dim}"))
+
+
 def pearson(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
     """Return Pearson's r between ``x`` and ``y`` along ``dim``.  # [..., n], [..., n] -> [...]
 
@@ -105,12 +114,7 @@ def pearson(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
         TypeError: an input is not a tensor.
         ValueError: shapes differ, fewer than 2 entries along ``dim``, or non-finite values.
     """
-    check_tensor("pearson", "x", x)
-    check_tensor("pearson", "y", y)
-    _same_shape("pearson", x, y)
-    if x.ndim == 0 or x.shape[dim] < 2:
-        raise ValueError(_msg("pearson", "x", "at least 2 entries along dim",
-                              f"shape {list(x.shape)} with dim={dim}"))
+    _check_pair("pearson", x, y, dim)
     return _pearson(_float(x), _float(y).to(_float(x).dtype), dim)
 
 
@@ -123,12 +127,7 @@ def spearman(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
         TypeError: an input is not a tensor.
         ValueError: shapes differ, fewer than 2 entries along ``dim``, or non-finite values.
     """
-    check_tensor("spearman", "x", x)
-    check_tensor("spearman", "y", y)
-    _same_shape("spearman", x, y)
-    if x.ndim == 0 or x.shape[dim] < 2:
-        raise ValueError(_msg("spearman", "x", "at least 2 entries along dim",
-                              f"shape {list(x.shape)} with dim={dim}"))
+    _check_pair("spearman", x, y, dim)
     rx = rank(x, dim)
     return _pearson(rx, rank(y, dim).to(rx.dtype), dim)
 

@@ -6,6 +6,7 @@ batch ``(x, y)`` of ``n`` examples, all on ``device`` in float64, drawn from ``s
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import hessian
 
 from dattri_fn.tree import ravel
@@ -111,3 +112,16 @@ def spd_matrix(dim, seed, cond=10.0, dtype=DTYPE, device="cpu"):
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=dtype))
     eig = torch.logspace(0, float(torch.log10(torch.tensor(cond))), dim, dtype=dtype)
     return ((q * eig) @ q.T).to(device)
+
+
+class SeqNet(nn.Module):
+    """A Linear over tokens ``[B, T, D]``, tanh, LayerNorm, mean over tokens, a Linear head."""
+
+    def __init__(self, dim, hidden, classes, bias):
+        super().__init__()
+        self.emb = nn.Linear(dim, hidden, bias=bias)
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, classes, bias=bias)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.tanh(self.emb(x))).mean(1))

@@ -18,21 +18,9 @@ from dattri_fn.solve.kfac import (
     ihvp_kfac,
     kfac_factors,
 )
+from problems import SeqNet
 
 DT = torch.float64
-
-
-class SeqNet(nn.Module):
-    """Linear over tokens [B, T, D] -> tanh -> LayerNorm -> mean over T -> Linear head."""
-
-    def __init__(self, dim, hidden, classes, bias):
-        super().__init__()
-        self.emb = nn.Linear(dim, hidden, bias=bias)
-        self.norm = nn.LayerNorm(hidden)
-        self.head = nn.Linear(hidden, classes, bias=bias)
-
-    def forward(self, x):
-        return self.head(self.norm(torch.tanh(self.emb(x))).mean(1))
 
 
 def _problem(kind, seed, n, dim, hidden, classes, T, bias, device):

@@ -9,21 +9,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dattri_fn.layers import layer_io, linear_layers, tap_layers
+from problems import SeqNet
 
 DT = torch.float64
-
-
-class SeqNet(nn.Module):
-    """A Linear over tokens ``[B, T, D]``, tanh, mean over tokens, then a Linear head."""
-
-    def __init__(self, dim, hidden, classes, bias):
-        super().__init__()
-        self.emb = nn.Linear(dim, hidden, bias=bias)
-        self.norm = nn.LayerNorm(hidden)
-        self.head = nn.Linear(hidden, classes, bias=bias)
-
-    def forward(self, x):
-        return self.head(self.norm(torch.tanh(self.emb(x))).mean(1))
 
 
 class Branchy(nn.Module):
