@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m dattri_fn.cli demo
 
 test: $(STAMP)
-	$(PY) -m ruff check dattri_fn tests benchmarks
+	$(PY) -m ruff check dattri_fn tests benchmarks notebooks
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
