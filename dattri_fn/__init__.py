@@ -9,7 +9,7 @@ from torch.func import vmap
 from ._types import LinOp, as_linop
 from .curvature import fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
-from .model import FunctionalModel, functional_model, load_params, select_params
+from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
 from .project import make_projector, project, project_tree
 from .solve import (
     CGResult,
@@ -52,6 +52,7 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_lissa",
     "kfac_factors",
+    "load_checkpoints",
     "load_params",
     "make_projector",
     "num_params",

@@ -169,3 +169,23 @@ def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, 
                          f"{[tuple(state[k].shape) for k in bad]}.")
     out = {k: state[k].detach().to(device=like[k].device, dtype=like[k].dtype) for k in like}
     return check_params("load_params", "source", out)
+
+
+def load_checkpoints(sources, like: Params, *, map_location=None) -> list[Params]:
+    """Return ``[load_params(s, like) for s in sources]``: checkpoints for ensemble methods.
+
+    Each source is a path (loaded with ``weights_only=True``) or a state dict; every one must
+    hold the keys of ``like`` with its shapes (errors name the source's position).
+    """
+    if isinstance(sources, (str, os.PathLike, Mapping)) or not isinstance(sources, Iterable):
+        raise TypeError(f"load_checkpoints(sources=...): expected a list of paths or state "
+                        f"dicts, got {type(sources).__name__}.")
+    out = []
+    for i, src in enumerate(sources):
+        try:
+            out.append(load_params(src, like, map_location=map_location))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"load_checkpoints(sources[{i}]=...): {e}") from e
+    if not out:
+        raise ValueError("load_checkpoints(sources=...): expected at least one checkpoint, got none.")
+    return out

@@ -110,3 +110,18 @@ def test_load_params(tmp_path):
         load_params({"3.weight": fm.params["3.weight"], "3.bias": torch.zeros(7)}, fm.params)
     with pytest.raises(ValueError, match=r"expected finite values"):
         load_params({k: v * float("nan") for k, v in fm.params.items()}, fm.params)
+
+
+def test_load_checkpoints_for_an_ensemble(tmp_path):
+    """Paths and state dicts load to the selected keys; a bad one is named by position."""
+    from dattri_fn import load_checkpoints
+
+    net = _net().eval()
+    fm = functional_model(net, F.cross_entropy, params="3")
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    ckpts = load_checkpoints([tmp_path / "a.pt", net.state_dict()], fm.params)
+    assert len(ckpts) == 2 and all(list(c) == list(fm.params) for c in ckpts)
+    with pytest.raises(ValueError, match=r"load_checkpoints\(sources\[1\]=...\): .*missing"):
+        load_checkpoints([net.state_dict(), {"3.weight": fm.params["3.weight"]}], fm.params)
+    with pytest.raises(TypeError, match=r"load_checkpoints\(sources=...\)"):
+        load_checkpoints(str(tmp_path / "a.pt"), fm.params)

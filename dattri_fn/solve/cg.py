@@ -36,7 +36,12 @@ class CGResult(NamedTuple):
 
 
 def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
-    """Bare batched CG on rows from ``X`` (zeros if None): no validation, ``tol`` is ``[k]``."""
+    """Bare batched CG on rows from ``X`` (zeros if None): no validation, ``tol`` is ``[k]``.
+
+    At each stopping check, rows that are done leave the batch once they are a quarter of it:
+    the operator, the expensive part, then runs only on rows still iterating.
+    """
+    k = B.shape[0]
     if X is None:
         X, R = torch.zeros_like(B), B.clone()
     else:
@@ -45,11 +50,25 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
     rs = (R * R).sum(1)
     tol2 = tol * tol
     active = rs > tol2
-    iters = torch.zeros(B.shape[0], dtype=torch.int64, device=B.device)
+    iters = torch.zeros(k, dtype=torch.int64, device=B.device)
     negative = torch.zeros_like(active)
+    out = [X.clone(), iters.clone(), rs.clone(), negative.clone()]
+    rows = torch.arange(k, device=B.device)
+
+    def retire(mask: Tensor) -> None:
+        for buf, live in zip(out, (X, iters, rs, negative), strict=True):
+            buf[rows[mask]] = live[mask]
+
     for it in range(max_iter):
-        if it % _CHECK_EVERY == 0 and not bool(active.any()):
-            break
+        if it % _CHECK_EVERY == 0:
+            n_active = int(active.sum())
+            if n_active == 0:
+                break
+            if n_active <= 3 * rows.numel() // 4:
+                retire(~active)
+                X, R, Pdir, rs, tol2, iters, negative, rows = (
+                    t[active] for t in (X, R, Pdir, rs, tol2, iters, negative, rows))
+                active = torch.ones_like(rs, dtype=torch.bool)
         AP = matmat(Pdir)
         pAp = (Pdir * AP).sum(1)
         neg = active & (pAp <= 0)
@@ -66,7 +85,9 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
         rs = torch.where(step, rs_new, rs)
         iters += step
         active = step & (rs_new > tol2)
-    converged = (rs <= tol2) & ~negative
+    retire(torch.ones_like(rs, dtype=torch.bool))
+    X, iters, rs, negative = out
+    converged = (rs <= tol * tol) & ~negative
     return X, iters, rs.sqrt(), converged, negative
 
 
