@@ -6,76 +6,22 @@ Each side runs in its own freshly spawned process so that its peak resident set 
 
 from __future__ import annotations
 
-import multiprocessing
-import re
-import resource
 import time
 
 import torch
 
-
-def _rss_kib() -> int:
-    """Return the current resident set size (VmRSS) in KiB, parsed from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        return int(re.search(r"^VmRSS:\s+(\d+)\s+kB", f.read(), re.M).group(1))
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0); return False where it is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _measure_in_child(conn, fn, args) -> None:
-    try:
-        step = fn(*args)
-        reset = _reset_peak_rss()
-        before = _rss_kib()
-        result = step()
-        # ru_maxrss is in KiB on Linux; after the reset it is the peak of this step alone.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(("ok", (result, (peak - before) / 1024.0, reset)))
-    except BaseException as exc:  # hand any failure back instead of a silent exit
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
+from benchmarks.peak import measure_peak
 
 
 def measure_peak_rss(fn, *args) -> dict:
-    """Return ``{"result", "peak_mib", "peak_reset"}``: peak RSS minus RSS before ``step()``, MiB.
+    """Return ``{"result", "peak_mib", "peak_reset"}`` for ``step = fn(*args); step()``.
 
-    Runs in a fresh ``spawn`` process: ``step = fn(*args)`` is the setup (not measured; it
-    builds the inputs), then the peak mark is reset, VmRSS is read, ``result = step()`` runs,
-    and ``ru_maxrss`` is read. ``fn`` must be a module-level function and ``args`` and
-    ``result`` picklable (keep them small: sizes and seeds in, timings out). Let the setup warm
-    up the code the step runs: a first call pages in library code, which counts as RSS.
-    ``peak_reset`` is
-    False where /proc/self/clear_refs cannot be written; the peak then also covers the setup,
-    so the increment is an upper bound. The caller's ``__main__`` must be importable (a script
-    or ``-m`` module, not stdin), as for any ``spawn``.
-
-    Raises:
-        RuntimeError: the child raised or died; the message carries its error.
+    See :func:`benchmarks.peak.measure_peak`; raises ``RuntimeError`` with the child's error.
     """
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_in_child, args=(send, fn, args), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        status, payload = recv.recv()
-    except EOFError:
-        status, payload = "error", f"the child exited with code {proc.join() or proc.exitcode}"
-    finally:
-        proc.join()
-    if status != "ok":
-        raise RuntimeError(f"measure_peak_rss(fn={getattr(fn, '__name__', fn)!r}): {payload}")
-    result, peak_mib, reset = payload
-    return {"result": result, "peak_mib": peak_mib, "peak_reset": reset}
+    out = measure_peak(fn, *args)
+    if "error" in out:
+        raise RuntimeError(f"measure_peak_rss: the measured child failed: {out['error']}")
+    return out
 
 
 def _inputs(P: int, B: int, seed: int) -> torch.Tensor:

@@ -58,13 +58,15 @@ HVP_MODES = ("fwd-rev", "rev-rev")
 
 
 def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
-        mode: str = "fwd-rev") -> LinOp:
+        mode: str = "rev-rev") -> LinOp:
     """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
 
-    ``mode="fwd-rev"`` (default): forward-over-reverse, ``jvp`` of ``grad`` of the batch-summed
-    loss, ``vmap``-ed over rows. ``mode="rev-rev"``: ``vjp`` of ``grad`` linearised once per
-    batch and call, then ``vmap``-ed over rows; it shares one forward/backward pass across the
-    ``k`` rows, which is faster for small models (see ``benchmarks/RESULTS.md``).
+    ``mode="rev-rev"`` (default): ``vjp`` of ``grad`` of the batch-summed loss, linearised once
+    per batch and call, then ``vmap``-ed over the ``k`` rows (one forward/backward shared by all
+    rows). ``mode="fwd-rev"``: forward-over-reverse, ``jvp`` of ``grad`` ``vmap``-ed over rows.
+    Both give the same operator; rev-rev measured 1.2-2.6x faster on the digits MLP and CNN for
+    k = 1..64 rows on one CPU thread (forward-over-reverse was faster only for the CNN at
+    k = 16, by 5%), so it is the default.
 
     Args:
         loss: per-example loss ``loss(params, example) -> Tensor[]``.

@@ -66,9 +66,12 @@ def _weights(weight_fn, params, batch):
 
 
 def _closed_form(ckpts, out, weight_fn, train, test, damping, R=None):
-    """(1/C sum_c Phi_c K_c Phi_test_c^T) * (1/C sum_c Q_c), with Phi_c = G_c R from autograd."""
+    """(1/C sum_c Phi_c K_c Phi_test_c^T) * (1/C sum_c Q_c), with Phi_c = G_c R_c from autograd.
+
+    ``R`` is one ``[P, d]`` matrix or a list of them, one per checkpoint."""
     feats, qs = [], []
-    for p in ckpts:
+    Rs = R if isinstance(R, list) else [R] * len(ckpts)
+    for p, R in zip(ckpts, Rs, strict=True):
         G, Gt = dense_per_sample_grads(p, out, train), dense_per_sample_grads(p, out, test)
         if R is not None:
             G, Gt = G @ R, Gt @ R
@@ -118,12 +121,18 @@ def test_ensemble_by_vmap_equals_loop_over_checkpoints(device, seed, C, proj_dim
     m = trak(out, weight_fn=w, proj_dim=proj_dim, seed=seed, damping=0.5)
     state = m.prepare(ckpts, train)
     assert state.kernel.shape[0] == C and state.train_features.shape[:2] == (C, 6)
-    R = None if proj_dim is None else make_projector(
-        num_params(fm.params), proj_dim=proj_dim, seed=seed, dtype=F64, device=device).matrix()
+    R = None if proj_dim is None else [make_projector(
+        num_params(fm.params), proj_dim=proj_dim, seed=seed + c, dtype=F64, device=device).matrix()
+        for c in range(C)]
     _close(m.score(ckpts, state, train, test), _closed_form(ckpts, out, w, train, test, 0.5, R))
-    # Without weights the ensemble is the plain mean of single-checkpoint TRAK scores.
+    # Without weights the ensemble is the plain mean of single-checkpoint TRAK scores, each
+    # checkpoint c with its own projection seed (seed + c).
     m1 = trak(out, proj_dim=proj_dim, seed=seed, damping=0.5)
-    loop = torch.stack([m1.score(p, m1.prepare(p, train), train, test) for p in ckpts]).mean(0)
+    loop = []
+    for c, p in enumerate(ckpts):
+        mc = trak(out, proj_dim=proj_dim, seed=seed + c, damping=0.5)
+        loop.append(mc.score(p, mc.prepare(p, train), train, test))
+    loop = torch.stack(loop).mean(0)
     _close(m1.score(ckpts, m1.prepare(ckpts, train), train, test), loop)
 
 

@@ -1,0 +1,447 @@
+"""dattri 0.3.0's attributors configured like our recipes, and our side matched to their definitions.
+
+Used by ``python -m benchmarks.run --against dattri``; dattri is an optional benchmark extra
+(``pip install dattri_fn[bench]``), never a runtime dependency. Read from dattri 0.3.0's source
+(site-packages ``dattri/algorithm/*.py``, ``dattri/func/{hessian,projection,fisher}.py``).
+
+Orientation and sign. Every dattri attributor used here returns ``[n_train, n_test]`` with
+"positive = proponent", the library's convention, so the conversion is the identity:
+
+=============  ===================  =====================================================  ========
+ours           dattri class         what dattri returns                                    convert
+=============  ===================  =====================================================  ========
+if-explicit    IFAttributorExplicit g_i^T (H + reg I)^-1 g_j (H of the loss it is given)  identity
+if-cg          IFAttributorCG       same, ``max_iter`` CG steps from x0 = v, no tolerance  identity
+if-lissa       IFAttributorLiSSA    g_i^T (H + scaling*damping I)^-1 g_j (LiSSA recursion) identity
+if-arnoldi     IFAttributorArnoldi  <g_i V/sqrt(l), g_j V/sqrt(l)>, top-|l| Ritz pairs     identity
+if-datainf     IFAttributorDataInf  DataInf per LAYER (weight+bias of a module together)  identity
+if-ekfac       IFAttributorEKFAC    EK-FAC empirical Fisher of the target, damping on L    identity
+grad-dot       TracInAttributor     sum_c w_c <g_i, g_j>, w = [1]                         identity
+grad-cos       TracInAttributor     normalized_grad=True                                  identity
+tracin         TracInAttributor     w = learning rate per checkpoint                      identity
+trak           TRAKAttributor       ``attribute(test, train)`` (test FIRST) -> [n_tr, n_te] identity
+rps            RPSAttributor        <f_i, f_j> alpha_i[y_j] after fine-tuning the head      identity
+if-kfac        (none in 0.3.0)      --                                                     --
+=============  ===================  =====================================================  ========
+
+Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra ``damping``:
+
+* influence: dattri differentiates the loss it is given, so it gets ``CE + 0.5 wd |theta|^2``
+  (the train side of our recipes) and ``regularization = damping``; our matched side uses the
+  Hessian of the same loss (``curvature="hessian"``, damping ``damping``), where our recipe uses
+  the Gauss-Newton with damping ``wd + damping`` (identical for digits-lr, whose Hessian is its
+  Gauss-Newton). Explicit/CG/LiSSA need the WHOLE training set as ONE cached batch: dattri sums
+  the inverse over cached batches (``vector_product += ihvp(batch)``) instead of averaging the
+  curvature. It recomputes the inverse for every (train batch, test batch) pair.
+* LiSSA: dattri iterates ``x <- v + (1 - d) x - Hx / s`` and returns ``x / s = (H + s d I)^-1 v``,
+  so ``scaling = scale`` and ``damping = damping / scale``; same depth and mini-batch size. Its
+  collate function casts every non-first tensor to float, labels included: the loss casts back.
+* Arnoldi: ``proj_dim = rank``, same ``max_iter``, ``regularization = damping``.
+* DataInf / EK-FAC: ``regularization`` / ``damping = wd + damping`` as our recipe.
+* TRAK: dattri divides gradients by ``sqrt(P)`` before a ``proj_dim`` projection with
+  ``E[R R^T] = I`` (as ours), so ``regularization = damping / P`` gives the same kernel; its
+  projection is drawn afresh per checkpoint (seed + 1e5 * checkpoint) where ours reuses one.
+* TracIn / Grad-Dot / Grad-Cos: ours is exact (no projection); dattri ALWAYS projects (its
+  ``projector_kwargs=None`` still applies a module-level default of ``proj_dim=512``, a dict it
+  also mutates in place), so it gets ``proj_type="identity"`` to compute the same quantity.
+* RPS: ``l2_strength = wd / 2``. dattri fine-tunes the head weight (no bias) towards the model's
+  own softmax outputs for up to 3000 line-search steps and takes ``alpha`` from those soft
+  labels; ours takes the trained head as is (bias folded in as a constant feature) and the true
+  labels. Different definitions: a high correlation is not expected.
+* a bare ``nn.Linear`` (digits-lr) is wrapped as ``Sequential(Identity(), Linear)`` for dattri:
+  its EK-FAC and RPS address layers by submodule name. dattri loads every checkpoint INTO the
+  module it is given, so it gets a copy.
+* EK-FAC: dattri 0.3.0 rotates by eigenvector rows where ``eigh`` returns columns, and scrambles
+  the ``[W | b]`` block of a layer with a bias; :func:`dattri_ekfac_fixed` repairs both on
+  dattri's own factors, and :func:`diagnose` reports its correlation with ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+DATTRI_VERSION = "0.3.0"
+# Methods with a dattri counterpart; if-kfac has none in 0.3.0 (only EK-FAC).
+COUNTERPARTS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-ekfac",
+                "grad-dot", "grad-cos", "tracin", "trak", "rps")
+# Our side runs a configuration other than the recipe's to compute dattri's quantity.
+MATCHED = {"if-explicit": "hessian", "if-cg": "hessian", "if-lissa": "hessian",
+           "if-arnoldi": "hessian"}
+
+
+class Runner(NamedTuple):
+    """``prepare() -> state`` and ``score(state) -> scores [n_train, n_test]`` (our convention)."""
+
+    prepare: Callable[[], Any]
+    score: Callable[[Any], Tensor]
+
+
+def dattri_available() -> bool:
+    """Return True when ``import dattri`` would find dattri (without importing it)."""
+    return importlib.util.find_spec("dattri") is not None
+
+
+def dattri_version() -> str | None:
+    """Return the installed dattri version, or None."""
+    if not dattri_available():
+        return None
+    from importlib.metadata import version
+
+    return version("dattri")
+
+
+# ------------------------------------------------------------------------------- model, loss
+def dattri_module(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return ``(module, name of its last nn.Linear)``; a bare Linear is wrapped (see module doc)."""
+    if isinstance(model, nn.Linear):
+        model = nn.Sequential(nn.Identity(), model)
+    if not (isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear)):
+        raise ValueError(f"dattri_module(model=...): expected an nn.Linear or an nn.Sequential "
+                         f"ending in nn.Linear, got {type(model).__name__}.")
+    return model, str(len(model) - 1)
+
+
+def _as_batch(x: Tensor, y: Tensor, shape: tuple) -> tuple[Tensor, Tensor]:
+    # dattri hands a loss one example as [*shape] (vmap in_dims 0) or [1, *shape] (in_dims 1);
+    # labels may arrive cast to float by its LiSSA collate function.
+    return x.reshape(-1, *shape), y.reshape(-1).long()
+
+
+class Losses(NamedTuple):
+    """The functions dattri's AttributionTask takes, ``(params dict, data) -> Tensor[]``."""
+
+    train: Callable  # mean CE + 0.5 wd |theta|^2 (every parameter)
+    test: Callable  # mean CE
+    margin: Callable  # TRAK's log(p / (1 - p)) of one example
+    prob: Callable  # p_y of one example
+    head: Callable  # RPS: CE of pre-activations against soft labels
+
+
+def make_losses(module: nn.Module, shape: tuple, wd: float) -> Losses:
+    """Return dattri-facing losses of ``module`` (examples of ``shape``, class labels)."""
+
+    def test(params, data):
+        x, y = _as_batch(*data, shape)
+        return F.cross_entropy(functional_call(module, params, (x,)), y)
+
+    def train(params, data):
+        reg = sum((p * p).sum() for p in params.values())
+        return test(params, data) + 0.5 * wd * reg
+
+    def margin(params, data):
+        x, y = _as_batch(*data, shape)
+        logits = functional_call(module, params, (x,))[0]
+        # gather and a comparison: logits[y] and F.one_hot call .item(), which vmap rejects
+        own = logits.gather(0, y)[0]
+        mask = torch.arange(logits.shape[-1], device=logits.device) == y[0]
+        return own - logits.masked_fill(mask, float("-inf")).logsumexp(-1)
+
+    def prob(params, data):
+        x, y = _as_batch(*data, shape)
+        return torch.exp(-F.cross_entropy(functional_call(module, params, (x,)), y))
+
+    def head(pre, soft):
+        return F.cross_entropy(pre, soft)
+
+    return Losses(train, test, margin, prob, head)
+
+
+# ------------------------------------------------------------------------------- dattri side
+def _loader(x: Tensor, y: Tensor, batch_size: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Setup(NamedTuple):
+    """What every dattri attributor of one run shares: module, losses, checkpoints, loaders."""
+
+    module: nn.Module
+    last: str  # name of the final nn.Linear
+    losses: Losses
+    states: list  # state dicts of the (wrapped) models
+    P: int
+    wd: float
+    train: Any  # DataLoader, batch_size rows
+    whole: Any  # DataLoader, all n_train rows in one batch
+    test: Any  # DataLoader, all n_test rows in one batch
+
+    def task(self, loss, target=None, n_models: int = 1):
+        from dattri.task import AttributionTask
+
+        states = self.states[:n_models]
+        return AttributionTask(loss_func=loss, model=self.module,
+                               checkpoints=states[0] if n_models == 1 else states,
+                               target_func=target)
+
+
+def dattri_setup(task, models: list[nn.Module], hp: dict) -> Setup:
+    """Return the :class:`Setup` of ``task`` and ``models`` (``hp["batch_size"]`` rows a batch)."""
+    mods = [dattri_module(m)[0] for m in models]
+    # dattri loads each checkpoint INTO the module it is given: hand it a copy, or the
+    # caller's first model ends up holding the last checkpoint's weights
+    module, last = dattri_module(copy.deepcopy(models[0]))
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    losses = make_losses(module, tuple(task.x_train.shape[1:]), wd)
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods]
+    P = sum(p.numel() for p in module.parameters())
+    return Setup(module, last, losses, states, P, wd,
+                 _loader(task.x_train, task.y_train, hp["batch_size"]),
+                 _loader(task.x_train, task.y_train, task.n_train),
+                 _loader(task.x_test, task.y_test, task.n_test))
+
+
+def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
+    """Return dattri 0.3.0's counterpart of recipe ``name`` on the same data, models and settings.
+
+    ``hp``: ``damping, proj_dim, max_iter, arnoldi_rank, batch_size, seed, device`` (as
+    :func:`dattri_fn.recipes.recipe`); ``proj_dim=None`` runs TRAK without projection.
+
+    Raises:
+        ValueError: ``name`` has no dattri counterpart.
+    """
+    if name not in COUNTERPARTS:
+        raise ValueError(f"dattri_runner(name=...): expected one of {list(COUNTERPARTS)}, got "
+                         f"{name!r}. dattri {DATTRI_VERSION} has no such attributor.")
+    s = dattri_setup(task, models, hp)
+    import dattri.algorithm as da
+
+    damping, device, P = hp["damping"], hp.get("device", "cpu"), s.P
+    if_task = s.task(s.losses.train, s.losses.test)
+
+    def inner_product(attributor, cache_loader):
+        return Runner(lambda: attributor.cache(cache_loader),
+                      lambda _: attributor.attribute(s.train, s.test))
+
+    if name == "if-explicit":
+        return inner_product(da.IFAttributorExplicit(if_task, device=device,
+                                                     regularization=damping), s.whole)
+    if name == "if-cg":
+        return inner_product(da.IFAttributorCG(if_task, device=device, max_iter=hp["max_iter"],
+                                               regularization=damping), s.whole)
+    if name == "if-lissa":
+        scale = lissa_scale(task, models, hp)
+        return inner_product(da.IFAttributorLiSSA(if_task, device=device,
+                                                  batch_size=min(64, task.n_train),
+                                                  num_repeat=1, recursion_depth=200,
+                                                  damping=damping / scale, scaling=scale),
+                             s.whole)
+    if name == "if-arnoldi":
+        rank = min(hp["arnoldi_rank"], P)
+        return inner_product(da.IFAttributorArnoldi(if_task, device=device, proj_dim=rank,
+                                                    max_iter=min(2 * rank, P),
+                                                    regularization=damping, seed=hp["seed"]),
+                             s.train)
+    if name == "if-datainf":
+        return inner_product(da.IFAttributorDataInf(if_task, device=device,
+                                                    regularization=s.wd + damping), s.train)
+    if name == "if-ekfac":
+        return inner_product(da.IFAttributorEKFAC(if_task, device=device,
+                                                  damping=s.wd + damping), s.train)
+    if name in ("grad-dot", "grad-cos", "tracin"):
+        kw = {"proj_type": "identity", "proj_dim": P, "proj_seed": hp["seed"], "device": device}
+        n_ckpt = len(s.states) if name == "tracin" else 1
+        lr = float(task.hparams.get("lr", 1.0)) if name == "tracin" else 1.0
+        attributor = da.TracInAttributor(s.task(s.losses.test, n_models=n_ckpt),
+                                         weight_list=torch.full((n_ckpt,), lr),
+                                         normalized_grad=name == "grad-cos",
+                                         projector_kwargs=kw, device=device)
+        return Runner(lambda: None, lambda _: attributor.attribute(s.train, s.test))
+    if name == "trak":
+        if hp["proj_dim"] is None:
+            kw = {"proj_type": "identity", "proj_dim": P}
+        else:
+            kw = {"proj_type": "rademacher", "proj_dim": trak_proj_dim(task, models, hp)}
+        kw.update(proj_seed=hp["seed"], device=device)
+        attributor = da.TRAKAttributor(s.task(s.losses.margin, n_models=len(s.states)),
+                                       correct_probability_func=s.losses.prob,
+                                       projector_kwargs=kw, device=device,
+                                       regularization=damping / P)
+        # dattri's TRAK takes (test, train): the cached training set is used
+        return Runner(lambda: attributor.cache(s.train), lambda _: attributor.attribute(s.test))
+    attributor = da.RPSAttributor(s.task(s.losses.test, s.losses.head),
+                                  final_linear_layer_name=s.last, l2_strength=s.wd / 2,
+                                  device=device)
+    return Runner(lambda: attributor.cache(s.whole),
+                  lambda _: attributor.attribute(s.train, s.test))
+
+
+# --------------------------------------------------------------------------------- our side
+def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
+    """Return OUR method configured to compute dattri's quantity for ``name`` in :data:`MATCHED`.
+
+    Influence with the Hessian of ``CE + 0.5 wd |theta|^2`` and damping ``hp["damping"]`` (the
+    recipe: Gauss-Newton of CE, damping ``wd + damping``), the rest of the recipe's settings.
+    """
+    from dattri_fn.attribute import influence
+    from dattri_fn.model import functional_model
+    from dattri_fn.recipes import _l2_loss, recipe
+
+    base = recipe(name, task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
+                  seed=hp["seed"], batch_size=hp["batch_size"], max_iter=hp["max_iter"],
+                  arnoldi_rank=hp["arnoldi_rank"])
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    fm = functional_model(models[0].eval(), task.loss_fn)
+    loss = _l2_loss(fm, wd)
+    solver = name[3:]
+    P = sum(v.numel() for v in fm.params.values())
+    opts: dict = {}
+    if solver == "cg":
+        opts = dict(max_iter=hp["max_iter"], rtol=1e-4)
+    elif solver == "arnoldi":
+        rank = min(hp["arnoldi_rank"], P)
+        opts = dict(rank=rank, max_iter=min(2 * rank, P))
+    elif solver == "lissa":
+        opts = dict(scale=lissa_scale(task, models, hp), depth=200,
+                    batch_size=min(64, task.n_train))
+    method = influence(loss, solver=solver, damping=hp["damping"], curvature="hessian",
+                       target=fm.loss, model=fm, **opts)
+    return Runner(lambda: method.prepare(fm.params, base.train),
+                  lambda st: method.score(fm.params, st, base.train, base.test))
+
+
+def lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
+    """Return the LiSSA scale both sides use: 2 x top Hessian eigenvalue of batch 0 + damping."""
+    from dattri_fn.curvature import hvp
+    from dattri_fn.model import functional_model
+    from dattri_fn.recipes import _l2_loss, _lissa_scale
+
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    fm = functional_model(models[0].eval(), task.loss_fn)
+    bs = hp["batch_size"]
+    batch = (task.x_train[:bs], task.y_train[:bs])
+    return _lissa_scale(hvp(_l2_loss(fm, wd), fm.params, batch), hp["damping"])
+
+
+def trak_proj_dim(task, models: list[nn.Module], hp: dict) -> int:
+    """Return the projection size our TRAK recipe uses (it caps ``proj_dim`` by ``n_train``)."""
+    from dattri_fn.recipes import recipe
+
+    r = recipe("trak", task, models[:1], damping=hp["damping"], proj_dim=hp["proj_dim"],
+               seed=hp["seed"], batch_size=hp["batch_size"])
+    return int(r.method.prepare(r.params, r.train[:1]).kernel.shape[-1])
+
+
+# ------------------------------------------------------------------------------ referees
+def exact_influence(task, models: list[nn.Module], hp: dict, *, max_params: int = 6000) -> Tensor:
+    """Return g_i^T (H + damping I)^-1 g_j in float64 by a dense solve.  # -> [n_train, n_test]
+
+    ``H`` is the Hessian of ``mean CE + 0.5 wd |theta|^2`` over the training set, ``g_i`` the
+    gradient of example ``i``'s CE + L2 term and ``g_j`` of test ``j``'s CE: the quantity both
+    matched influence sides approximate, built with plain ``torch.func`` (no dattri_fn, no
+    dattri code). For an indefinite ``H + damping I`` it is still this literal solve.
+
+    Raises:
+        RuntimeError: more than ``max_params`` parameters (the dense Hessian is P x P).
+    """
+    from torch.func import grad, jacrev, vmap
+
+    model = models[0]
+    named = {k: v.detach().to("cpu", torch.float64) for k, v in model.named_parameters()}
+    P = sum(v.numel() for v in named.values())
+    if P > max_params:
+        raise RuntimeError(f"exact_influence: {P} parameters > max_params={max_params}")
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    shapes = [v.shape for v in named.values()]
+    sizes = [v.numel() for v in named.values()]
+    flat0 = torch.cat([v.reshape(-1) for v in named.values()])
+    module = copy.deepcopy(model).to("cpu", torch.float64)
+    mkeys = list(named)
+
+    def logits(flat, x):
+        pieces = [t.reshape(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+        parts = dict(zip(mkeys, pieces, strict=True))
+        return functional_call(module, parts, (x,))
+
+    x = task.x_train.to("cpu", torch.float64)
+    y = task.y_train.cpu()
+    objective = lambda f: F.cross_entropy(logits(f, x), y) + 0.5 * wd * (f @ f)
+    H = jacrev(jacrev(objective), chunk_size=128)(flat0)
+    H = (H + H.T) / 2
+    one = lambda f, xi, yi: F.cross_entropy(logits(f, xi[None]), yi[None])
+    g_train = vmap(grad(lambda f, xi, yi: one(f, xi, yi) + 0.5 * wd * (f @ f)),
+                   in_dims=(None, 0, 0))(flat0, x, y)
+    g_test = vmap(grad(one), in_dims=(None, 0, 0))(flat0, task.x_test.to("cpu", torch.float64),
+                                                   task.y_test.cpu())
+    A = H + hp["damping"] * torch.eye(P, dtype=H.dtype)
+    return g_train @ torch.linalg.solve(A, g_test.T)
+
+
+def dattri_ekfac_fixed(task, models: list[nn.Module], hp: dict) -> Tensor:
+    """Return dattri's EK-FAC scores with its two defects fixed.  # -> [n_train, n_test]
+
+    dattri 0.3.0 (``dattri/func/fisher.py``, ``IFAttributorEKFAC.transform_test_rep``) keeps
+    ``torch.linalg.eigh``'s eigenvector COLUMNS but rotates with ``q_s @ dW @ q_a.T`` (rows),
+    so ``Lambda`` is fitted in a basis that is not the Kronecker eigenbasis; and for a layer
+    with a bias it builds the ``[out, in+1]`` block by reshaping ``cat(W.flatten(), b)``,
+    which scrambles weight and bias entries. Here the eigenvectors are transposed before
+    ``estimate_lambda`` and the block is assembled row by row; everything else is dattri's own
+    (covariances, Lambda, gradients).
+    """
+    import dattri.algorithm as da
+    import dattri.func.fisher as fisher
+
+    s = dattri_setup(task, models, hp)
+    damping = s.wd + hp["damping"]
+    att = da.IFAttributorEKFAC(s.task(s.losses.train, s.losses.test),
+                               device=hp.get("device", "cpu"), damping=damping)
+    original = fisher.estimate_eigenvector
+    fisher.estimate_eigenvector = lambda cov: {k: (qa.T, qs.T) for k, (qa, qs) in
+                                              original(cov).items()}
+    try:
+        att.cache(s.train)
+    finally:
+        fisher.estimate_eigenvector = original
+    batch = lambda x, y: (x.unsqueeze(0), y.unsqueeze(0))
+    g_train = torch.cat([att.generate_train_rep(0, batch(x, y)) for x, y in s.train])
+    g_test = att.generate_test_rep(0, batch(task.x_test, task.y_test))
+    named = dict(s.module.named_parameters())
+    pieces, start = [], 0
+    for name in att.module_name:
+        W = named[f"{name}.weight"]
+        out, inp = W.shape
+        has_bias = f"{name}.bias" in att.layer_name
+        k = g_test.shape[0]
+        Wv = g_test[:, start:start + out * inp].reshape(k, out, inp)
+        M = torch.cat([Wv, g_test[:, start + out * inp:start + out * inp + out].reshape(
+            k, out, 1)], -1) if has_bias else Wv
+        qa, qs = att.cached_q[name]
+        X = qs.T @ ((qs @ M @ qa.T) / (att.cached_lambdas[name] + damping)) @ qa
+        pieces.append(X[..., :inp].reshape(k, -1))
+        if has_bias:
+            pieces.append(X[..., inp])
+        start += out * inp + (out if has_bias else 0)
+    return g_train @ torch.cat(pieces, 1).T
+
+
+def diagnose(name: str, task, models: list[nn.Module], hp: dict, ours: Tensor) -> dict:
+    """Return extra correlations that explain a difference: ``{label: value}``.
+
+    ``if-ekfac``: ours vs :func:`dattri_ekfac_fixed`. ``trak``: ours vs ours with the next
+    projection seed (the spread a different random projection alone causes).
+    """
+    def corr(a, b):
+        a, b = a.detach().double().flatten(), b.detach().double().flatten()
+        a, b = a - a.mean(), b - b.mean()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    if name == "if-ekfac":
+        return {"corr_vs_dattri_fixed": corr(ours, dattri_ekfac_fixed(task, models, hp))}
+    if name == "trak":
+        from dattri_fn.recipes import recipe
+
+        r = recipe("trak", task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
+                   seed=hp["seed"] + 1, batch_size=hp["batch_size"])
+        with torch.no_grad():
+            other = r.method.score(r.params, r.method.prepare(r.params, r.train), r.train,
+                                   r.test)
+        return {"corr_ours_next_seed": corr(ours, other)}
+    return {}

@@ -1,0 +1,304 @@
+"""How time and peak memory grow with n_train and with the parameter count, one process a point.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.scaling [--quick] [--budget 120] [--out benchmarks]
+
+Methods: Grad-Dot, TracIn (3 checkpoints), TRAK (3 models, ``proj_dim = min(512, n // 4)``),
+IF-CG (Gauss-Newton, exactly ``--cg-iters`` iterations: ``rtol = 0``, so the cost does not
+depend on when CG happens to converge) and IF-Arnoldi (64 eigenpairs from 128 Krylov steps),
+configured as :func:`dattri_fn.recipes.recipe`; 32 test points.
+
+* n_train sweep (1k, 4k, 16k, 64k) on the digits-mlp network (64-32-10, 2,410 parameters).
+  Rows beyond the 1,797 digits are synthesised: digits rows (standardised) drawn with
+  replacement and perturbed by N(0, 0.1^2) noise per pixel (seeded), labels kept.
+* parameter sweep (~10k, 100k, 1M) at n_train = 1k: the hidden layer widened to 133, 1,333
+  and 13,333 units (``P = 75 h + 10``); training batches shrink to ``2**25 // P`` rows (at
+  least 8) so one batch of per-sample gradients stays near 128 MiB.
+
+Models are the untrained, seeded initialisations: time and memory do not depend on the weights
+here (CG runs a fixed number of iterations). Each point runs in a fresh spawned process (setup
+and a 64-row warm-up not measured; "peak MiB" is the peak resident size during prepare + score
+minus the size before). A point over ``--budget`` seconds is killed; a size whose run time,
+extrapolated linearly from the previous size, would exceed the budget is skipped. Both are
+reported. The plot goes to ``<out>/scaling.png`` (``scaling-quick.png`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from benchmarks.run import measure_peak
+
+METHODS = ("grad-dot", "tracin", "trak", "if-cg", "if-arnoldi")
+N_SIZES = (1_000, 4_000, 16_000, 64_000)
+WIDTHS = (133, 1_333, 13_333)  # P = 75 h + 10: ~10k, 100k, 1M
+BASE_WIDTH = 32  # digits-mlp
+QUICK = {"methods": ("grad-dot", "if-cg"), "n_sizes": (128, 256), "widths": (16, 64),
+         "n_fixed": 128}
+NOISE = 0.1
+N_TEST = 32
+N_MODELS = 3
+
+
+class Point(NamedTuple):
+    """One measurement: ``sweep`` is ``"n"`` or ``"P"``; ``status`` ok / timeout / skipped /
+    error (``detail`` says why)."""
+
+    method: str
+    sweep: str
+    n_train: int
+    width: int
+    params: int
+    status: str
+    prepare_s: float | None = None
+    score_s: float | None = None
+    peak_mib: float | None = None
+    detail: str = ""
+
+
+def num_params(width: int, features: int = 64, classes: int = 10) -> int:
+    """Return the parameter count of the features-width-classes MLP: ``(f + 1) w + (w + 1) c``."""
+    return (features + 1) * width + (width + 1) * classes
+
+
+def batch_rows(params: int) -> int:
+    """Return training rows per batch: 256, fewer for big models (``2**25 // P``, at least 8)."""
+    return max(8, min(256, 2**25 // params))
+
+
+# ------------------------------------------------------------------------------- the data
+def synthetic_digits(n_train: int, *, seed: int = 0, noise: float = NOISE):
+    """Return a digits-mlp Task with ``n_train`` rows resampled from the digits plus noise.
+
+    Pool: the 1,765 standardised training rows of ``get_task("digits-mlp", n_train=1765,
+    n_test=32)``; ``x = pool[idx] + noise * N(0, 1)``, ``y = labels[idx]`` with ``idx`` drawn
+    with replacement from a ``torch.Generator(seed)``. The test set is the task's own 32 rows.
+    """
+    from dattri_fn.tasks import get_task
+
+    base = get_task("digits-mlp", n_train=1797 - N_TEST, n_test=N_TEST, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(base.n_train, (n_train,), generator=g)
+    x = base.x_train[idx] + noise * torch.randn(n_train, base.x_train.shape[1], generator=g)
+    return dataclasses.replace(base, x_train=x, y_train=base.y_train[idx].clone())
+
+
+def mlp(width: int, seed: int) -> nn.Module:
+    """Return the seeded, untrained 64-width-10 tanh MLP."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10)).eval()
+
+
+# ----------------------------------------------------------------------------- the method
+def runner(name: str, task, models: list[nn.Module], *, cg_iters: int):
+    """Return ``() -> (prepare_s, score_s)`` running method ``name`` once on ``task``."""
+    from dattri_fn.attribute import influence
+    from dattri_fn.model import functional_model
+    from dattri_fn.recipes import _l2_loss, gauss_newton, recipe
+
+    P = sum(p.numel() for p in models[0].parameters())
+    r = recipe(name if name != "if-cg" else "grad-dot", task, models,
+               batch_size=batch_rows(P))
+    method, params = r.method, r.params
+    if name == "if-cg":
+        wd = float(task.hparams["weight_decay"])
+        fm = functional_model(models[0], task.loss_fn)
+        method = influence(_l2_loss(fm, wd), solver="cg", damping=wd + 1e-3,
+                           curvature=gauss_newton(fm, task.loss_fn), target=fm.loss,
+                           max_iter=cg_iters, rtol=0.0)
+        params = fm.params
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        state = method.prepare(params, r.train)
+        t1 = time.perf_counter()
+        method.score(params, state, r.train, r.test)
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
+
+
+def point_setup(name: str, n_train: int, width: int, cg_iters: int):
+    """Build the point in this (spawned) process, warm it up on 64 rows; return the step."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # CG with rtol = 0 warns that it did not converge
+    task = synthetic_digits(n_train)
+    models = [mlp(width, c) for c in range(N_MODELS)]
+    k = min(64, n_train)
+    warm = dataclasses.replace(task, x_train=task.x_train[:k], y_train=task.y_train[:k],
+                               x_test=task.x_test[:2], y_test=task.y_test[:2])
+    runner(name, warm, models, cg_iters=min(cg_iters, 2))()
+    run = runner(name, task, models, cg_iters=cg_iters)
+    return lambda: run()
+
+
+# ------------------------------------------------------------------------------ the sweep
+def plan(sizes: Sequence[int]) -> list[tuple[int, float]]:
+    """Return ``(size, growth from the previous size)`` pairs; the first growth is 0."""
+    return [(s, 0.0 if i == 0 else s / sizes[i - 1]) for i, s in enumerate(sizes)]
+
+
+def predicted_over(last: Point | None, growth: float, budget: float) -> bool:
+    """True when the previous point's time times ``growth`` (linear) exceeds ``budget``, or the
+    previous point did not finish."""
+    if last is None:
+        return False
+    if last.status != "ok":
+        return True
+    return (last.prepare_s + last.score_s) * growth > budget
+
+
+def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fixed: int,
+          budget: float, cg_iters: int, log) -> list[Point]:
+    """Measure ``name`` over ``sizes`` of ``kind`` (``"n"``: n_train, ``"P"``: widths)."""
+    points: list[Point] = []
+    last = None
+    for size, growth in plan(sizes):
+        n, w = (size, width_fixed) if kind == "n" else (n_fixed, size)
+        base = dict(method=name, sweep=kind, n_train=n, width=w, params=num_params(w))
+        if predicted_over(last, growth, budget):
+            why = (f"previous size {last.status}" if last.status != "ok" else
+                   f"predicted {(last.prepare_s + last.score_s) * growth:.0f} s > budget "
+                   f"{budget:.0f} s")
+            points.append(Point(**base, status="skipped", detail=why))
+            log(f"  {name:<10} {kind}: n={n} P={base['params']} skipped ({why})")
+            continue
+        t0 = time.perf_counter()
+        out = measure_peak(point_setup, name, n, w, cg_iters,
+                           timeout=budget + 60)  # + setup and warm-up
+        if out.get("timeout"):
+            last = Point(**base, status="timeout", detail=f"killed after {budget + 60:.0f} s")
+        elif "error" in out:
+            last = Point(**base, status="error", detail=out["error"][:200])
+        else:
+            prep, score = out["result"]
+            last = Point(**base, status="ok", prepare_s=prep, score_s=score,
+                         peak_mib=out["peak_mib"])
+        points.append(last)
+        log(f"  {name:<10} {kind}: n={n} P={base['params']} {last.status} "
+            f"wall {time.perf_counter() - t0:.1f}s"
+            + (f" time {last.prepare_s + last.score_s:.2f}s peak {last.peak_mib:.0f} MiB"
+               if last.status == "ok" else f" {last.detail}"))
+    return points
+
+
+# ----------------------------------------------------------------------------- reporting
+def table(points: list[Point]) -> str:
+    """Return a markdown table of the points."""
+    head = ["method", "sweep", "n_train", "params", "prepare s", "score s", "total s",
+            "peak MiB", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        ok = p.status == "ok"
+        cells = [p.method, p.sweep, str(p.n_train), f"{p.params:,}",
+                 f"{p.prepare_s:.3f}" if ok else "—", f"{p.score_s:.3f}" if ok else "—",
+                 f"{p.prepare_s + p.score_s:.3f}" if ok else "—",
+                 f"{p.peak_mib:.1f}" if ok else "—",
+                 p.status + (f": {p.detail}" if p.detail else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(points: list[Point], path: str) -> None:
+    """Save time and peak memory against n_train and against P (log-log) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
+    for col, (kind, xlabel, key) in enumerate((("n", "n_train", "n_train"),
+                                               ("P", "parameters P", "params"))):
+        for name in dict.fromkeys(p.method for p in points):
+            ok = [p for p in points if p.method == name and p.sweep == kind and p.status == "ok"]
+            if not ok:
+                continue
+            xs = [getattr(p, key) for p in ok]
+            axes[0, col].plot(xs, [p.prepare_s + p.score_s for p in ok], "o-", label=name)
+            axes[1, col].plot(xs, [max(p.peak_mib, 0.1) for p in ok], "o-", label=name)
+        for row, ylabel in enumerate(("prepare + score, s", "peak RSS increment, MiB")):
+            ax = axes[row, col]
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"dattri_fn scaling, 1 thread (torch {torch.__version__})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Return the parsed command line (see ``python -m benchmarks.scaling --help``)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="Grad-Dot and IF-CG on tiny sizes only (about half a minute)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="seconds a point may take; bigger sizes predicted over it are skipped "
+                        "(default 120)")
+    p.add_argument("--cg-iters", type=int, default=20, help="CG iterations (default 20)")
+    p.add_argument("--out", default="benchmarks",
+                   help="folder of scaling.png (default benchmarks)")
+    p.add_argument("--json", default=".cache/bench/scaling.jsonl",
+                   help="append points as JSON lines here ('' = none)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Point]:
+    """Run both sweeps; print the table; save the plot; return the points."""
+    args = parse_args(argv)
+    methods = QUICK["methods"] if args.quick else METHODS
+    if args.methods:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise SystemExit(f"--methods: unknown {bad}; expected among {list(METHODS)}")
+    n_sizes = QUICK["n_sizes"] if args.quick else N_SIZES
+    widths = QUICK["widths"] if args.quick else WIDTHS
+    n_fixed = QUICK["n_fixed"] if args.quick else N_SIZES[0]
+    log = functools.partial(print, file=sys.stderr, flush=True) if not args.quiet else (
+        lambda *a, **k: None)
+    start = time.perf_counter()
+    points: list[Point] = []
+    for name in methods:
+        common = dict(n_fixed=n_fixed, width_fixed=BASE_WIDTH, budget=args.budget,
+                      cg_iters=args.cg_iters, log=log)
+        points += sweep(name, "n", n_sizes, **common)
+        points += sweep(name, "P", widths, **common)
+    elapsed = time.perf_counter() - start
+    print(f"\n### scaling ({'quick' if args.quick else 'full'}): {elapsed:.0f} s wall, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}\n")
+    print(table(points))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    plot(points, str(Path(args.out) / ("scaling-quick.png" if args.quick else "scaling.png")))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "a") as f:
+            for p in points:
+                f.write(json.dumps({**p._asdict(), "quick": args.quick,
+                                    "cg_iters": args.cg_iters, "budget": args.budget,
+                                    "torch": torch.__version__}) + "\n")
+    return points
+
+
+if __name__ == "__main__":
+    main()
