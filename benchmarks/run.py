@@ -2,16 +2,15 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.run --task digits-mlp --methods all --against dattri
 
-Each (method, side) runs in its own spawned process (:func:`benchmarks.peak.measure_peak`, the
-peak read from ``VmHWM``). The setup builds the task, the trained models and the method and
-runs it once on a 64-example slice (first calls page in library code, which would count as
-memory); then the peak mark is reset and ``prepare`` + ``score`` are timed (best of up to
-``--repeats`` runs while a run takes under a second). "peak MiB" is the peak resident size during that step minus the size just
+Each (method, side) runs in its own spawned process (:func:`benchmarks.peak.measure_peak`, the peak
+read from ``VmHWM``). The setup builds the task, the trained models and the method and runs it once
+on a 64-example slice (first calls page in library code, which would count as memory); then the peak
+mark is reset and ``prepare`` + ``score`` are timed (best of up to ``--repeats`` runs while a run
+takes under a second). "peak MiB" is the peak resident size during that step minus the size just
 before it. LDS uses :func:`dattri_fn.retrain.lds_ground_truth` on the same task (cached under
-``--cache-dir``); the models attributed are ``train_model(task, seed=c)`` for ``c <
---models`` (the first one for single-model methods; TRAK and TracIn use all of them).
-A method that fails is a table row with its error. Raw numbers are appended as JSON lines.
-"""
+``--cache-dir``); the models attributed are ``train_model(task, seed=c)`` for ``c < --models`` (the
+first one for single-model methods; TRAK and TracIn use all of them). A method that fails is a table
+row with its error. Raw numbers are appended as JSON lines. """
 
 from __future__ import annotations
 
