@@ -8,8 +8,8 @@ if any, untouched.
 ``load`` reads with ``torch.load(weights_only=True)``, which refuses to unpickle arbitrary
 objects. NamedTuples (our method states and results) are not on that allow-list, so ``save``
 stores each one as a tagged dict ``{TAG: "module:QualName", "fields": {...}}`` and ``load``
-rebuilds it: with the original class when it can be imported and is a NamedTuple with the same
-fields, otherwise with an ad-hoc ``collections.namedtuple`` of the same name and fields (and a
+rebuilds it: with the original class when its module is ``dattri_fn``'s or already imported
+(a file never makes another module import) and it is a NamedTuple with the same fields, otherwise with an ad-hoc ``collections.namedtuple`` of the same name and fields (and a
 warning). Tensors, numbers, strings, ``None``, dicts, lists and tuples round-trip as themselves.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import importlib
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -52,7 +53,13 @@ def _encode(obj):
 def _namedtuple_class(name: str, fields: tuple[str, ...]):
     module, _, qualname = name.partition(":")
     try:
-        cls = importlib.import_module(module)
+        # A file must not choose what gets imported: only dattri_fn's modules are imported by
+        # name; any other class is looked up among the modules already loaded.
+        cls = sys.modules.get(module)
+        if cls is None:
+            if module.split(".")[0] != "dattri_fn":
+                raise ImportError(module)
+            cls = importlib.import_module(module)
         for part in qualname.split("."):
             cls = getattr(cls, part)
         if isinstance(cls, type) and issubclass(cls, tuple) and tuple(cls._fields) == fields:
