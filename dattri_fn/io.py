@@ -8,9 +8,10 @@ if any, untouched.
 ``load`` reads with ``torch.load(weights_only=True)``, which refuses to unpickle arbitrary
 objects. NamedTuples (our method states and results) are not on that allow-list, so ``save``
 stores each one as a tagged dict ``{TAG: "module:QualName", "fields": {...}}`` and ``load``
-rebuilds it: with the original class when its module is ``dattri_fn``'s or already imported
-(a file never makes another module import) and it is a NamedTuple with the same fields, otherwise with an ad-hoc ``collections.namedtuple`` of the same name and fields (and a
-warning). Tensors, numbers, strings, ``None``, dicts, lists and tuples round-trip as themselves.
+rebuilds it: with the original class when its module is ``dattri_fn``'s or already imported (a
+file never makes another module import) and it is a NamedTuple with the same fields, otherwise
+with an ad-hoc ``collections.namedtuple`` of the same name and fields (and a warning). Tensors,
+numbers, strings, ``None``, dicts, lists and tuples round-trip as themselves.
 """
 
 from __future__ import annotations
