@@ -228,7 +228,7 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
         return inner_product(da.IFAttributorCG(if_task, device=device, max_iter=hp["max_iter"],
                                                regularization=damping), s.whole)
     if name == "if-lissa":
-        scale = lissa_scale(task, models, hp)
+        scale = matched_lissa_scale(task, models, hp)
         return inner_product(da.IFAttributorLiSSA(if_task, device=device,
                                                   batch_size=min(64, task.n_train),
                                                   num_repeat=1, recursion_depth=200,
@@ -283,14 +283,14 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
     """
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import _l2_loss, recipe
+    from dattri_fn.recipes import l2_loss, recipe
 
     base = recipe(name, task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
                   seed=hp["seed"], batch_size=hp["batch_size"], max_iter=hp["max_iter"],
                   arnoldi_rank=hp["arnoldi_rank"])
     wd = float(task.hparams.get("weight_decay", 0.0))
     fm = functional_model(models[0].eval(), task.loss_fn)
-    loss = _l2_loss(fm, wd)
+    loss = l2_loss(fm, wd)
     solver = name[3:]
     P = sum(v.numel() for v in fm.params.values())
     opts: dict = {}
@@ -300,7 +300,7 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
         rank = min(hp["arnoldi_rank"], P)
         opts = dict(rank=rank, max_iter=min(2 * rank, P))
     elif solver == "lissa":
-        opts = dict(scale=lissa_scale(task, models, hp), depth=200,
+        opts = dict(scale=matched_lissa_scale(task, models, hp), depth=200,
                     batch_size=min(64, task.n_train))
     method = influence(loss, solver=solver, damping=hp["damping"], curvature="hessian",
                        target=fm.loss, model=fm, **opts)
@@ -308,17 +308,17 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
                   lambda st: method.score(fm.params, st, base.train, base.test))
 
 
-def lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
+def matched_lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
     """Return the LiSSA scale both sides use: 2 x top Hessian eigenvalue of batch 0 + damping."""
     from dattri_fn.curvature import hvp
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import _l2_loss, _lissa_scale
+    from dattri_fn.recipes import l2_loss, lissa_scale
 
     wd = float(task.hparams.get("weight_decay", 0.0))
     fm = functional_model(models[0].eval(), task.loss_fn)
     bs = hp["batch_size"]
     batch = (task.x_train[:bs], task.y_train[:bs])
-    return _lissa_scale(hvp(_l2_loss(fm, wd), fm.params, batch), hp["damping"])
+    return lissa_scale(hvp(l2_loss(fm, wd), fm.params, batch), hp["damping"])
 
 
 def trak_proj_dim(task, models: list[nn.Module], hp: dict) -> int:

@@ -106,7 +106,7 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int):
     """Return ``() -> (prepare_s, score_s)`` running method ``name`` once on ``task``."""
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import _l2_loss, gauss_newton, recipe
+    from dattri_fn.recipes import gauss_newton, l2_loss, recipe
 
     P = sum(p.numel() for p in models[0].parameters())
     r = recipe(name if name != "if-cg" else "grad-dot", task, models,
@@ -115,7 +115,7 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int):
     if name == "if-cg":
         wd = float(task.hparams["weight_decay"])
         fm = functional_model(models[0], task.loss_fn)
-        method = influence(_l2_loss(fm, wd), solver="cg", damping=wd + 1e-3,
+        method = influence(l2_loss(fm, wd), solver="cg", damping=wd + 1e-3,
                            curvature=gauss_newton(fm, task.loss_fn), target=fm.loss,
                            max_iter=cg_iters, rtol=0.0)
         params = fm.params

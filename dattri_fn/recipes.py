@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import nn
 
 from .attribute import Method, grad_cos, grad_dot, influence, tracin
 from .model import FunctionalModel, functional_model
@@ -52,9 +51,10 @@ def _is_classification(task) -> bool:
     return task.y_train.ndim == 1
 
 
-def _l2_loss(fm: FunctionalModel, wd: float):
-    fixed_sq = sum((v * v).sum() for k, v in fm.fixed.items()
-                   if k in dict(fm.module.named_parameters()))
+def l2_loss(fm: FunctionalModel, wd: float):
+    """Return ``(p, z) -> fm.loss(p, z) + 0.5 wd |theta|^2`` over ALL parameters (fixed ones too)."""
+    param_names = {k for k, _ in fm.module.named_parameters()}
+    fixed_sq = sum((v * v).sum() for k, v in fm.fixed.items() if k in param_names)
 
     def loss(p, ex):
         reg = sum((v * v).sum() for v in p.values()) + fixed_sq
@@ -129,7 +129,7 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         solver = name[3:]
         if solver in ("kfac", "ekfac"):
             fm = _linear_only(models[0], task.loss_fn)
-        loss = _l2_loss(fm, wd)
+        loss = l2_loss(fm, wd)
         curvature = gauss_newton(fm, task.loss_fn)
         opts: dict = {}
         if solver == "cg":
@@ -138,7 +138,7 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
             P = sum(v.numel() for v in fm.params.values())
             opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P))
         elif solver == "lissa":
-            opts = dict(scale=_lissa_scale(curvature(fm.params, train[0]), wd + damping),
+            opts = dict(scale=lissa_scale(curvature(fm.params, train[0]), wd + damping),
                         depth=200, batch_size=min(64, n))
         method = influence(loss, solver=solver, damping=damping + wd, curvature=curvature,
                            target=fm.loss, model=fm, **opts)
@@ -175,23 +175,10 @@ def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:
     return functional_model(model, loss_fn, params=linear_layers(model))
 
 
-def _lissa_scale(op, damping: float) -> float:
+def lissa_scale(op, damping: float) -> float:
     """A safe LiSSA scale: 2x the top eigenvalue (20 power iterations on one batch) + damping."""
     v = torch.ones(op.dim, dtype=op.dtype, device=op.device)
     for _ in range(20):
         v = op(v)
         v = v / v.norm()
     return float(2.0 * (v @ op(v)).abs() + damping)
-
-
-def run(r: Recipe) -> tuple[Tensor, Tensor | None]:
-    """Return ``(scores [n_train, n_test], self_scores [n_train] or None)`` for a recipe."""
-    state = r.method.prepare(r.params, r.train)
-    scores = r.method.score(r.params, state, r.train, r.test)
-    return scores, state
-
-
-def functional_call_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits of ``model`` on ``x`` via ``functional_call`` (no grad); used by plots."""
-    with torch.no_grad():
-        return functional_call(model, dict(model.named_parameters()), (x,))

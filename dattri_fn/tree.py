@@ -75,8 +75,3 @@ def tree_add(a: Params, b: Params, alpha: float = 1.0) -> Params:
 def tree_dot(a: Params, b: Params) -> Tensor:
     """Return ``<a, b>`` summed over all leaves.  # -> []"""
     return sum((x * y).sum() for x, y in zip(a.values(), b.values(), strict=True))
-
-
-def detach_params(params: Params) -> Params:
-    """Return a detached copy of the dict (same storage), in the same order."""
-    return {k: v.detach() for k, v in params.items()}

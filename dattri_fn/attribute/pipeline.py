@@ -10,7 +10,7 @@ dropped after their block of scores is formed, so memory is bounded by the batch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -105,8 +105,3 @@ def in_chunks(fn: FeatureFn, chunk_size: int | None) -> FeatureFn:
                           for s in range(0, n, chunk_size)], dim=-2)
 
     return chunked
-
-
-def as_batches(data) -> Iterable:
-    """Expose :func:`iter_batches` for methods that read data more than once."""
-    return iter_batches("as_batches", "data", data)
