@@ -62,13 +62,14 @@ def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, l
                 G = G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
             return G
 
+        # Features stay [C, B, F]: the pipeline sums the per-checkpoint products.
         def train_f(batch) -> Tensor:
-            G = grads(batch) * weights[:, None, None]
-            return G.transpose(0, 1).reshape(G.shape[1], -1)  # [B, C*F]
+            G = grads(batch)
+            return G[0] if C == 1 and lrs is None else G * weights[:, None, None]
 
         def test_f(batch) -> Tensor:
             G = grads(batch, loss if target is None else target)
-            return G.transpose(0, 1).reshape(G.shape[1], -1)
+            return G[0] if C == 1 and lrs is None else G
 
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
 

@@ -52,22 +52,33 @@ def merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: b
     return TopK(values, torch.gather(idx, 0, pos))
 
 
+def block_scores(train_rows: Tensor, test_rows: Tensor) -> Tensor:
+    """Return ``T P^T`` for ``[b, F]`` rows, or ``sum_c T_c P_c^T`` for ``[C, b, F]`` stacks.  # [b, n]
+
+    The stacked form lets ensembles keep their per-checkpoint features apart (no ``[b, C*F]``
+    copy); it equals the product of the side-by-side concatenations.
+    """
+    if train_rows.ndim == 2:
+        return train_rows @ test_rows.T
+    return torch.einsum("cbf,cnf->bn", train_rows, test_rows)
+
+
 def stream_scores(func: str, train_features: FeatureFn, train, test_features: Tensor, device, *,
                   top_k: int | None = None, largest: bool = True) -> Tensor | TopK:
     """Return ``T P^T`` with ``T`` streamed batch by batch.  # -> [n_train, n_test] or TopK
 
     Args:
         func: the public caller's name, for error messages.
-        train_features: ``batch -> [b, F]`` (or ``[C, b, F]``, summed over ``C``... callers flatten).
+        train_features: ``batch -> [b, F]``, or ``[C, b, F]`` for an ensemble (summed over C).
         train: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
-        test_features: ``[n_test, F]``, already preconditioned.
+        test_features: ``[n_test, F]`` (or ``[C, n_test, F]``), already preconditioned.
         top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
     """
     check_optional_int(func, "top_k", top_k)
     blocks, best, offset = [], None, 0
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
-        block = train_features(batch_to(batch, device)) @ test_features.T
+        block = block_scores(train_features(batch_to(batch, device)), test_features)
         if top_k is None:
             blocks.append(block)
         else:
@@ -85,7 +96,8 @@ def stream_self(func: str, train_features: FeatureFn, test_features: FeatureFn, 
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
         batch = batch_to(batch, device)
-        out.append((train_features(batch) * test_features(batch)).sum(-1))
+        diag = (train_features(batch) * test_features(batch)).sum(-1)
+        out.append(diag if diag.ndim == 1 else diag.sum(0))
     if not out:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
     return torch.cat(out)
