@@ -17,10 +17,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._checks import check_positive, iter_batches
+from .._checks import check_params, check_positive, iter_batches
 from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
-from ..grad import per_sample_grad
+from ..grad import per_sample_grad_unchecked
+from ..tree import ravel_batched
 from .method import Method, device_of
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
@@ -90,7 +91,12 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
     name = f"if_{solver}"
-    grads = lambda params, fn=loss: in_chunks(lambda b: per_sample_grad(fn, params, b), chunk_size)
+    def grads(params: Params, fn: Loss = loss):
+        # Params are validated here, once per public call; batches by collect/stream_*.
+        check_params(name, "params", params)
+        return in_chunks(lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b)),
+                         chunk_size)
+
     test_fn = loss if target is None else target
 
     def curvature_op(params, train) -> LinOp:
