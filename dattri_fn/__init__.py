@@ -9,6 +9,7 @@ from torch.func import vmap
 from ._types import LinOp, as_linop
 from .curvature import fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
+from .layer_grads import LayerGrads, layer_plan, per_sample_layer_grads
 from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
 from .project import make_projector, project, project_tree
 from .solve import (
@@ -34,6 +35,7 @@ __all__ = [
     "EKFACFactors",
     "FunctionalModel",
     "KFACFactors",
+    "LayerGrads",
     "LinOp",
     "arnoldi",
     "as_linop",
@@ -52,11 +54,13 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_lissa",
     "kfac_factors",
+    "layer_plan",
     "load_checkpoints",
     "load_params",
     "make_projector",
     "num_params",
     "per_sample_grad",
+    "per_sample_layer_grads",
     "project",
     "project_tree",
     "ravel",

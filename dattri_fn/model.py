@@ -35,6 +35,7 @@ class FunctionalModel(NamedTuple):
         fixed: parameters not selected, held constant, and the buffers (BatchNorm statistics).
         module: the module itself (its mode, train/eval, is used as is).
         loss_fn: the batch loss the bridge was built with (K-FAC/EK-FAC re-use it).
+        unpack: ``example -> (args, kwargs, target)``, the layout rule it was built with.
     """
 
     params: Params
@@ -43,6 +44,7 @@ class FunctionalModel(NamedTuple):
     fixed: Params
     module: nn.Module
     loss_fn: Callable | None = None
+    unpack: Callable[[Any], tuple[tuple, dict, Any]] | None = None
 
 
 def default_unpack(example) -> tuple[tuple, dict, Any]:
@@ -138,7 +140,7 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
             return loss_fn(out)
         return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
 
-    return FunctionalModel(selected, loss, forward, fixed, module, loss_fn)
+    return FunctionalModel(selected, loss, forward, fixed, module, loss_fn, unpack)
 
 
 def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, *,

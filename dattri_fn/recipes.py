@@ -145,10 +145,10 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         return Recipe(name, method, fm.params, train, test)
     if name in ("grad-dot", "grad-cos"):
         build = grad_dot if name == "grad-dot" else grad_cos
-        return Recipe(name, build(fm.loss), fm.params, train, test)
+        return Recipe(name, build(fm), fm.params, train, test)
     if name == "tracin":
         lr = float(task.hparams.get("lr", 1.0))
-        return Recipe(name, tracin(fm.loss, lrs=[lr] * len(fms)), [f.params for f in fms],
+        return Recipe(name, tracin(fm, lrs=[lr] * len(fms)), [f.params for f in fms],
                       train, test)
     if name == "trak":
         d = min(proj_dim, max(16, n // 4))

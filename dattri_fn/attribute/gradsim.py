@@ -7,6 +7,10 @@
 with ``g = grad loss(params, z)`` (optionally randomly projected to ``proj_dim``). A positive
 score means a gradient step on ``z_i`` lowers ``z_j``'s loss to first order: a proponent.
 Without ``proj_dim`` the scores are exact (no silent projection).
+
+``loss`` (and ``target``) may be a plain per-example function or a
+:class:`~dattri_fn.model.FunctionalModel`: with a model, the gradients of its ``nn.Linear``
+layers stay factored (:mod:`dattri_fn.layer_grads`) and the scores never form ``[B, P]``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from torch import Tensor
 
 from .._checks import check_optional_int, check_positive
 from .._types import Loss, Params
+from ..layer_grads import LayerGrads, layer_grads_stacked, layer_plan
+from ..model import FunctionalModel
 from .method import Method, device_of, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
@@ -33,15 +39,33 @@ def _projector(stacked: Params, proj_dim, kind, seed):
                           device=v0.device)
 
 
-def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, lrs=None,
+def _side(name: str, arg: str, fn):
+    """Return ``(per-example loss, factored plan or None)`` for a function or a FunctionalModel."""
+    if isinstance(fn, FunctionalModel):
+        return fn.loss, layer_plan(fn)
+    if not callable(fn):
+        raise TypeError(f"{name}({arg}=...): expected a per-example function (params, example) "
+                        f"-> Tensor[] or a FunctionalModel, got {type(fn).__name__}.")
+    return fn, None
+
+
+def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          normalize: bool = False,
                          proj_dim: int | None = None, kind: str = "rademacher", seed: int = 0,
                          chunk_size: int | None = None) -> Method:
     check_optional_int(name, "proj_dim", proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
+    loss, plan = _side(name, "loss", loss)
+    target, plan_t = (loss, plan) if target is None else _side(name, "target", target)
+    if plan is None or plan_t is None:
+        plan = plan_t = None  # both sides factored, or neither
+    keys = None if plan is None else list(plan.model.params)
 
     def features(params, state=None):
         stacked = stack_checkpoints(name, params)
+        if keys is not None and list(stacked) != keys:
+            raise ValueError(f"{name}(params=...): expected the keys of the model's params "
+                             f"{keys}, got {list(stacked)}.")
         C = num_checkpoints(stacked)
         if lrs is None:
             weights = torch.ones(C, dtype=torch.float64)
@@ -54,8 +78,17 @@ def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, l
         weights = weights.to(dtype=v0.dtype, device=v0.device)
         proj = _projector(stacked, proj_dim, kind, seed)
 
-        def grads(batch, fn=loss) -> Tensor:
-            G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
+        def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
+            if fn_plan is None:
+                G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
+            else:
+                lg = layer_grads_stacked(fn_plan, stacked, batch)
+                if proj is None:
+                    if normalize:
+                        tiny = torch.finfo(lg.dense.dtype).tiny
+                        lg = lg.scale(lg.sq_norms().sqrt().clamp_min(tiny).reciprocal())
+                    return lg
+                G = lg.to_dense()
             if proj is not None:
                 G = proj(G.reshape(-1, G.shape[-1])).reshape(C, G.shape[1], -1)
             if normalize:
@@ -63,13 +96,15 @@ def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, l
             return G
 
         # Features stay [C, B, F]: the pipeline sums the per-checkpoint products.
-        def train_f(batch) -> Tensor:
-            G = grads(batch)
+        def train_f(batch) -> Tensor | LayerGrads:
+            G = grads(batch, loss, plan)
+            if isinstance(G, LayerGrads):
+                return G if lrs is None else G.scale(weights[:, None])
             return G[0] if C == 1 and lrs is None else G * weights[:, None, None]
 
-        def test_f(batch) -> Tensor:
-            G = grads(batch, loss if target is None else target)
-            return G[0] if C == 1 and lrs is None else G
+        def test_f(batch) -> Tensor | LayerGrads:
+            G = grads(batch, target, plan_t)
+            return G if isinstance(G, LayerGrads) or C > 1 or lrs is not None else G[0]
 
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
 
@@ -90,13 +125,17 @@ def _gradient_similarity(loss: Loss, name: str, *, target: Loss | None = None, l
     return Method(prepare, score, self_score, name)
 
 
-def grad_dot(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = None,
+def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,
+             proj_dim: int | None = None,
              kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
     """Return Grad-Dot: ``scores[i, j] = <g_i, g_j>`` at one checkpoint.  # -> [n_train, n_test]
 
     Args:
-        loss: per-example loss ``loss(params, example) -> Tensor[]``.
-        target: test-side function whose DECREASE a positive score predicts (default ``loss``).
+        loss: per-example loss ``loss(params, example) -> Tensor[]``, or a FunctionalModel
+            (its ``loss``; its Linear layers' gradients stay factored: same scores, no
+            ``[B, P]`` matrix).
+        target: test-side function whose DECREASE a positive score predicts (default ``loss``);
+            factored only when both ``loss`` and ``target`` are FunctionalModels.
         proj_dim: project gradients to this many dims first (None = exact, no projection).
         kind, seed: projector kind and seed (see :func:`dattri_fn.project.make_projector`).
         chunk_size: examples per per-sample-gradient call (bounds memory to chunk x P).
@@ -108,7 +147,8 @@ def grad_dot(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = N
                                 chunk_size=chunk_size)
 
 
-def grad_cos(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = None,
+def grad_cos(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,
+             proj_dim: int | None = None,
              kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
     """Return Grad-Cos: ``scores[i, j] = <g_i, g_j> / (|g_i| |g_j|)``.  # -> [n_train, n_test]
 
@@ -118,7 +158,8 @@ def grad_cos(loss: Loss, *, target: Loss | None = None, proj_dim: int | None = N
                                 seed=seed, chunk_size=chunk_size)
 
 
-def tracin(loss: Loss, *, lrs: Sequence[float] | Tensor, target: Loss | None = None,
+def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
+           target: Loss | FunctionalModel | None = None,
            proj_dim: int | None = None,
            kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
     """Return TracIn-CP: ``scores[i, j] = sum_c lr_c <g_i(theta_c), g_j(theta_c)>``.
@@ -127,7 +168,8 @@ def tracin(loss: Loss, *, lrs: Sequence[float] | Tensor, target: Loss | None = N
     computed together by ``vmap`` over the stacked checkpoints.  # -> [n_train, n_test]
 
     Args:
-        loss: per-example loss.
+        loss: per-example loss, or a FunctionalModel (factored Linear layers, as
+            :func:`grad_dot`).
         lrs: the learning rate in effect at each checkpoint, ``[C]``.
         target: test-side function whose DECREASE a positive score predicts (default ``loss``).
         proj_dim, kind, seed, chunk_size: as :func:`grad_dot` (the same projector at every

@@ -1,0 +1,209 @@
+"""Factored per-example gradients (dattri_fn.layer_grads) against vmap(grad) in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from dattri_fn import functional_model, per_sample_grad
+from dattri_fn.attribute import grad_cos, grad_dot, tracin
+from dattri_fn.layer_grads import layer_grads_stacked, layer_plan, per_sample_layer_grads
+
+ATOL = 1e-12
+
+
+def _mlp(seed, widths, bias, device):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers += [nn.Linear(a, b, bias=bias[i % len(bias)]), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double().to(device).eval()
+
+
+def _data(seed, n, dim, classes, device):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+class _Seq(nn.Module):
+    """Token-wise Linear layers on ``[B, T, d]`` then a mean over T."""
+
+    def __init__(self, d, classes):
+        super().__init__()
+        self.inner = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x))).mean(1)
+
+
+class _Shared(nn.Module):
+    """One Linear used twice: it cannot be factored and stays dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(self.a(torch.tanh(self.a(x))))
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+def _check(fm, batch, C=1):
+    """to_dense, scores, row_dots and sq_norms equal the dense per-sample gradients."""
+    G = per_sample_grad(fm.loss, fm.params, batch)
+    lg = per_sample_layer_grads(fm, fm.params, batch)
+    torch.testing.assert_close(lg.to_dense()[0], G, rtol=0, atol=ATOL)
+    torch.testing.assert_close(lg.scores(lg), G @ G.T, rtol=0, atol=ATOL)
+    torch.testing.assert_close(lg.row_dots(lg), (G * G).sum(1), rtol=0, atol=ATOL)
+    torch.testing.assert_close(lg.sq_norms()[0], (G * G).sum(1), rtol=0, atol=ATOL)
+    return lg
+
+
+@given(st.integers(0, 2**16), st.lists(st.integers(1, 6), min_size=2, max_size=4),
+       st.lists(st.booleans(), min_size=1, max_size=3), st.integers(1, 9))
+def test_mlp_factors_equal_per_sample_grad(device, seed, widths, bias, n):
+    """Linear layers: dW_i = g_i a_i^T, db_i = g_i; <grad_i, grad_j> = (ã_i.ã_j)(g_i.g_j)."""
+    widths = [*widths, 3]
+    fm = functional_model(_mlp(seed, widths, bias, device), F.cross_entropy)
+    lg = _check(fm, _data(seed, n, widths[0], 3, device))
+    assert lg.dense.shape[-1] == 0 and len(lg.factors) == len(widths) - 1
+
+
+@given(st.integers(0, 2**16), st.sampled_from(["0.bias", "2", ["0.weight", "2.bias"]]))
+def test_partial_selection(device, seed, selection):
+    """Only the selected weights/biases enter the factors (ã = [a, 1], [a] or [1])."""
+    fm = functional_model(_mlp(seed, [4, 5, 3], [True], device), F.cross_entropy, params=selection)
+    _check(fm, _data(seed, 6, 4, 3, device))
+
+
+@given(st.integers(0, 2**16))
+def test_non_linear_parameters_stay_dense(device, seed):
+    """Conv2d and LayerNorm parameters: dense per-example gradients next to the factors."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3))
+    fm = functional_model(net.double().to(device).eval(), F.cross_entropy)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 3, (5,), generator=g).to(device)
+    lg = _check(fm, (x, y))
+    assert list(lg.factors) == ["3"] and lg.dense.shape[-1] == 2 * 9 + 2 + 16
+
+
+@given(st.integers(0, 2**16), st.sampled_from([(2, 32), (3, 4), (4, 2)]))
+def test_sequence_layers(device, seed, shape):
+    """[B, T, d] inputs: sum_{t,s} (ã_t.ã'_s)(g_t.g'_s), factored when T^2(in+out) < in*out."""
+    T, d = shape
+    torch.manual_seed(seed)
+    fm = functional_model(_Seq(d, 3).double().to(device).eval(), F.cross_entropy)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, T, d, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 3, (6,), generator=g).to(device)
+    lg = _check(fm, (x, y))
+    factored = [n for n, (a, _) in lg.factors.items() if a.ndim == 4]
+    assert (factored == ["inner"]) == (T * T * (d + 1 + d) < (d + 1) * d)
+
+
+def test_shared_and_untraceable_layers(device):
+    """A Linear called twice is dense; an untraceable module has no plan (generic path)."""
+    torch.manual_seed(0)
+    fm = functional_model(_Shared().double().to(device).eval(), F.cross_entropy)
+    lg = _check(fm, _data(0, 5, 3, 2, device))
+    assert list(lg.factors) == ["b"]
+    branchy = functional_model(_Branchy().double().to(device).eval(), F.cross_entropy)
+    assert layer_plan(branchy) is None
+    with pytest.raises(ValueError, match=r"per_sample_layer_grads\(model=...\): expected a model "
+                                         r"with an attributed nn.Linear"):
+        per_sample_layer_grads(branchy, branchy.params, _data(0, 4, 3, 2, device))
+
+
+@given(st.integers(0, 2**16), st.integers(2, 3))
+def test_stacked_checkpoints(device, seed, C):
+    """C checkpoints through vmap(torch.func.grad): row c equals per_sample_grad at theta_c."""
+    fm = functional_model(_mlp(seed, [4, 5, 3], [True, False], device), F.cross_entropy)
+    batch = _data(seed, 7, 4, 3, device)
+    g = torch.Generator().manual_seed(seed)
+    ckpts = [{k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype).to(device)
+              for k, v in fm.params.items()} for _ in range(C)]
+    stacked = {k: torch.stack([c[k] for c in ckpts]) for k in fm.params}
+    dense = layer_grads_stacked(layer_plan(fm), stacked, batch).to_dense()
+    for c in range(C):
+        torch.testing.assert_close(dense[c], per_sample_grad(fm.loss, ckpts[c], batch),
+                                   rtol=0, atol=ATOL)
+
+
+def test_tensor_and_dict_examples(device):
+    """Examples without target (loss_fn(output)) and dict examples (keyword inputs)."""
+    torch.manual_seed(0)
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, scale):
+            return self.lin(x) * scale
+
+    x, _ = _data(0, 5, 3, 2, device)
+    fm = functional_model(_mlp(0, [3, 4, 2], [True], device), lambda out: (out ** 2).sum())
+    _check(fm, x)
+    kw = functional_model(Kw().double().to(device).eval(), F.cross_entropy)
+    batch = {"x": x, "scale": torch.rand(5, 1, dtype=torch.float64).to(device),
+             "labels": torch.tensor([0, 1, 1, 0, 1]).to(device)}
+    _check(kw, batch)
+
+
+@given(st.integers(0, 2**16), st.sampled_from(["grad_dot", "grad_cos", "tracin"]),
+       st.integers(1, 3))
+def test_methods_with_a_model_equal_the_generic_path(device, seed, name, C):
+    """grad_dot/grad_cos/tracin(model) == the same method on model.loss: scores, self, top-k."""
+    fm = functional_model(_mlp(seed, [4, 6, 3], [True], device), F.cross_entropy)
+    train = [_data(seed, 5, 4, 3, device), _data(seed + 1, 4, 4, 3, device)]
+    test = _data(seed + 2, 3, 4, 3, device)
+    g = torch.Generator().manual_seed(seed)
+    params = [{k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype).to(device)
+               for k, v in fm.params.items()} for _ in range(C)]
+    build = {"grad_dot": grad_dot, "grad_cos": grad_cos,
+             "tracin": lambda f, **kw: tracin(f, lrs=[0.5 + c for c in range(C)], **kw)}[name]
+    fast, slow = build(fm, chunk_size=3), build(fm.loss)
+    p = params if name == "tracin" else params[0]
+    S = fast.score(p, (), train, test)
+    torch.testing.assert_close(S, slow.score(p, (), train, test), rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast.self_score(p, (), train), slow.self_score(p, (), train),
+                               rtol=0, atol=ATOL)
+    top = fast.score(p, (), train, test, top_k=2)
+    torch.testing.assert_close(top.values, torch.topk(S, 2, dim=0).values, rtol=0, atol=ATOL)
+    proj = dict(proj_dim=8, seed=seed)
+    torch.testing.assert_close(build(fm, **proj).score(p, (), train, test),
+                               build(fm.loss, **proj).score(p, (), train, test),
+                               rtol=0, atol=ATOL)
+
+
+def test_errors(device):
+    """Bad model, params keys or loss give errors naming the argument."""
+    fm = functional_model(_mlp(0, [3, 4, 2], [True], device), F.cross_entropy)
+    batch = _data(0, 4, 3, 2, device)
+    with pytest.raises(TypeError, match=r"layer_plan\(model=...\): expected a FunctionalModel"):
+        layer_plan(fm.loss)
+    with pytest.raises(ValueError, match=r"per_sample_layer_grads\(params=...\): expected the keys"):
+        per_sample_layer_grads(fm, {"0.weight": fm.params["0.weight"]}, batch)
+    with pytest.raises(ValueError, match=r"grad_dot\(params=...\): expected the keys of the model"):
+        m = grad_dot(fm)
+        m.score({"0.weight": fm.params["0.weight"]}, (), batch, batch)
+    with pytest.raises(TypeError, match=r"grad_dot\(loss=...\): expected a per-example function"):
+        grad_dot(3)
