@@ -20,6 +20,11 @@ and a 64-row warm-up not measured; "peak MiB" is the peak resident size during p
 minus the size before). A point over ``--budget`` seconds is killed; a size whose run time,
 extrapolated linearly from the previous size, would exceed the budget is skipped. Both are
 reported. The plot goes to ``<out>/scaling.png`` (``scaling-quick.png`` with ``--quick``).
+
+``--against dattri`` also measures dattri 0.3.0's counterpart of every point (configured by
+:func:`benchmarks.against_dattri.dattri_runner`: same data, models, batch size, CG iterations,
+Arnoldi rank, TRAK projection size; its IF-CG solves with the Hessian on the whole training set
+as one cached batch, as that module documents) and prints time and memory ratios ours/dattri.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Point(NamedTuple):
     score_s: float | None = None
     peak_mib: float | None = None
     detail: str = ""
+    side: str = "ours"
 
 
 def num_params(width: int, features: int = 64, classes: int = 10) -> int:
@@ -102,8 +108,10 @@ def mlp(width: int, seed: int) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- the method
-def runner(name: str, task, models: list[nn.Module], *, cg_iters: int):
-    """Return ``() -> (prepare_s, score_s)`` running method ``name`` once on ``task``."""
+def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str = "ours"):
+    """Return ``() -> (prepare_s, score_s)`` running method ``name`` (of ``side``) once."""
+    if side == "dattri":
+        return dattri_point(name, task, models, cg_iters=cg_iters)
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
     from dattri_fn.recipes import gauss_newton, l2_loss, recipe
@@ -130,7 +138,26 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int):
     return run
 
 
-def point_setup(name: str, n_train: int, width: int, cg_iters: int):
+def dattri_point(name: str, task, models: list[nn.Module], *, cg_iters: int):
+    """Return ``() -> (prepare_s, score_s)`` running dattri's counterpart of ``name`` once."""
+    from benchmarks.against_dattri import dattri_runner
+
+    P = sum(p.numel() for p in models[0].parameters())
+    hp = dict(damping=1e-3, proj_dim=512, max_iter=cg_iters, arnoldi_rank=64,
+              batch_size=batch_rows(P), seed=0, device="cpu")
+    r = dattri_runner(name, task, models, hp)
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        state = r.prepare()
+        t1 = time.perf_counter()
+        r.score(state)
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
+
+
+def point_setup(name: str, n_train: int, width: int, cg_iters: int, side: str = "ours"):
     """Build the point in this (spawned) process, warm it up on 64 rows; return the step."""
     import warnings
 
@@ -140,8 +167,8 @@ def point_setup(name: str, n_train: int, width: int, cg_iters: int):
     k = min(64, n_train)
     warm = dataclasses.replace(task, x_train=task.x_train[:k], y_train=task.y_train[:k],
                                x_test=task.x_test[:2], y_test=task.y_test[:2])
-    runner(name, warm, models, cg_iters=min(cg_iters, 2))()
-    run = runner(name, task, models, cg_iters=cg_iters)
+    runner(name, warm, models, cg_iters=min(cg_iters, 2), side=side)()
+    run = runner(name, task, models, cg_iters=cg_iters, side=side)
     return lambda: run()
 
 
@@ -162,22 +189,22 @@ def predicted_over(last: Point | None, growth: float, budget: float) -> bool:
 
 
 def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fixed: int,
-          budget: float, cg_iters: int, log) -> list[Point]:
+          budget: float, cg_iters: int, log, side: str = "ours") -> list[Point]:
     """Measure ``name`` over ``sizes`` of ``kind`` (``"n"``: n_train, ``"P"``: widths)."""
     points: list[Point] = []
     last = None
     for size, growth in plan(sizes):
         n, w = (size, width_fixed) if kind == "n" else (n_fixed, size)
-        base = dict(method=name, sweep=kind, n_train=n, width=w, params=num_params(w))
+        base = dict(method=name, sweep=kind, n_train=n, width=w, params=num_params(w), side=side)
         if predicted_over(last, growth, budget):
             why = (f"previous size {last.status}" if last.status != "ok" else
                    f"predicted {(last.prepare_s + last.score_s) * growth:.0f} s > budget "
                    f"{budget:.0f} s")
             points.append(Point(**base, status="skipped", detail=why))
-            log(f"  {name:<10} {kind}: n={n} P={base['params']} skipped ({why})")
+            log(f"  {side:<6} {name:<10} {kind}: n={n} P={base['params']} skipped ({why})")
             continue
         t0 = time.perf_counter()
-        out = measure_peak(point_setup, name, n, w, cg_iters,
+        out = measure_peak(point_setup, name, n, w, cg_iters, side,
                            timeout=budget + 60)  # + setup and warm-up
         if out.get("timeout"):
             last = Point(**base, status="timeout", detail=f"killed after {budget + 60:.0f} s")
@@ -188,7 +215,7 @@ def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fix
             last = Point(**base, status="ok", prepare_s=prep, score_s=score,
                          peak_mib=out["peak_mib"])
         points.append(last)
-        log(f"  {name:<10} {kind}: n={n} P={base['params']} {last.status} "
+        log(f"  {side:<6} {name:<10} {kind}: n={n} P={base['params']} {last.status} "
             f"wall {time.perf_counter() - t0:.1f}s"
             + (f" time {last.prepare_s + last.score_s:.2f}s peak {last.peak_mib:.0f} MiB"
                if last.status == "ok" else f" {last.detail}"))
@@ -198,17 +225,40 @@ def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fix
 # ----------------------------------------------------------------------------- reporting
 def table(points: list[Point]) -> str:
     """Return a markdown table of the points."""
-    head = ["method", "sweep", "n_train", "params", "prepare s", "score s", "total s",
+    head = ["method", "side", "sweep", "n_train", "params", "prepare s", "score s", "total s",
             "peak MiB", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         ok = p.status == "ok"
-        cells = [p.method, p.sweep, str(p.n_train), f"{p.params:,}",
+        cells = [p.method, p.side, p.sweep, str(p.n_train), f"{p.params:,}",
                  f"{p.prepare_s:.3f}" if ok else "—", f"{p.score_s:.3f}" if ok else "—",
                  f"{p.prepare_s + p.score_s:.3f}" if ok else "—",
                  f"{p.peak_mib:.1f}" if ok else "—",
                  p.status + (f": {p.detail}" if p.detail else "")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(points: list[Point]) -> str:
+    """Return time and memory ratios ours/dattri for every point both sides measured."""
+    theirs = {(p.method, p.sweep, p.n_train, p.params): p for p in points if p.side == "dattri"}
+    head = ["method", "sweep", "n_train", "params", "ours s", "dattri s", "time ratio",
+            "ours MiB", "dattri MiB", "mem ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in points:
+        d = theirs.get((p.method, p.sweep, p.n_train, p.params))
+        if p.side != "ours" or d is None:
+            continue
+        t_o = p.prepare_s + p.score_s if p.status == "ok" else None
+        t_d = d.prepare_s + d.score_s if d.status == "ok" else None
+        fmt = lambda v, f: "—" if v is None else format(v, f)
+        m_o = p.peak_mib if p.status == "ok" else None
+        m_d = d.peak_mib if d.status == "ok" else None
+        ratio = lambda a, b: fmt(a / b if a is not None and b else None, ".3f")
+        lines.append("| " + " | ".join([
+            p.method, p.sweep, str(p.n_train), f"{p.params:,}", fmt(t_o, ".3f"),
+            fmt(t_d, ".3f") if d.status == "ok" else d.status, ratio(t_o, t_d),
+            fmt(m_o, ".1f"), fmt(m_d, ".1f"), ratio(m_o, m_d)]) + " |")
     return "\n".join(lines)
 
 
@@ -222,13 +272,21 @@ def plot(points: list[Point], path: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
     for col, (kind, xlabel, key) in enumerate((("n", "n_train", "n_train"),
                                                ("P", "parameters P", "params"))):
-        for name in dict.fromkeys(p.method for p in points):
-            ok = [p for p in points if p.method == name and p.sweep == kind and p.status == "ok"]
+        colours = {}
+        for name, side in dict.fromkeys((p.method, p.side) for p in points):
+            ok = [p for p in points if p.method == name and p.sweep == kind and p.side == side
+                  and p.status == "ok"]
             if not ok:
                 continue
             xs = [getattr(p, key) for p in ok]
-            axes[0, col].plot(xs, [p.prepare_s + p.score_s for p in ok], "o-", label=name)
-            axes[1, col].plot(xs, [max(p.peak_mib, 0.1) for p in ok], "o-", label=name)
+            style = dict(ls="-" if side == "ours" else "--", marker="o" if side == "ours" else "x",
+                         label=name if side == "ours" else f"{name} (dattri)")
+            if name in colours:
+                style["color"] = colours[name]
+            line, = axes[0, col].plot(xs, [p.prepare_s + p.score_s for p in ok], **style)
+            colours[name] = line.get_color()
+            axes[1, col].plot(xs, [max(p.peak_mib, 0.1) for p in ok], **{**style,
+                                                                          "color": colours[name]})
         for row, ylabel in enumerate(("prepare + score, s", "peak RSS increment, MiB")):
             ax = axes[row, col]
             ax.set_xscale("log")
@@ -259,6 +317,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="folder of scaling.png (default benchmarks)")
     p.add_argument("--json", default=".cache/bench/scaling.jsonl",
                    help="append points as JSON lines here ('' = none)")
+    p.add_argument("--against", choices=("dattri",), default=None,
+                   help="also measure dattri 0.3.0's counterpart of every point")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p.parse_args(argv)
 
@@ -279,15 +339,20 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
         lambda *a, **k: None)
     start = time.perf_counter()
     points: list[Point] = []
+    sides = ("ours", "dattri") if args.against else ("ours",)
     for name in methods:
-        common = dict(n_fixed=n_fixed, width_fixed=BASE_WIDTH, budget=args.budget,
-                      cg_iters=args.cg_iters, log=log)
-        points += sweep(name, "n", n_sizes, **common)
-        points += sweep(name, "P", widths, **common)
+        for side in sides:
+            common = dict(n_fixed=n_fixed, width_fixed=BASE_WIDTH, budget=args.budget,
+                          cg_iters=args.cg_iters, log=log, side=side)
+            points += sweep(name, "n", n_sizes, **common)
+            points += sweep(name, "P", widths, **common)
     elapsed = time.perf_counter() - start
     print(f"\n### scaling ({'quick' if args.quick else 'full'}): {elapsed:.0f} s wall, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch {torch.__version__}\n")
     print(table(points))
+    if args.against:
+        print("\n### ours / dattri 0.3.0\n")
+        print(ratio_table(points))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     plot(points, str(Path(args.out) / ("scaling-quick.png" if args.quick else "scaling.png")))
     if args.json:

@@ -70,10 +70,22 @@ class LinOp:
             )
         return self.matmat(V)
 
-    def dense(self) -> Tensor:
-        """Return the operator as a dense matrix ``A`` with ``A @ v == op(v)``.  # [P, P]"""
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        return self.matmat(eye).T
+    def dense(self, chunk_size: int | None = 256) -> Tensor:
+        """Return the operator as a dense matrix ``A`` with ``A @ v == op(v)``.  # [P, P]
+
+        Applied to ``chunk_size`` unit rows at a time (None = all ``P`` at once): a vmapped
+        curvature holds per-row activations, so one ``[P, P]`` call can need many times the
+        memory of the result.
+        """
+        P = self.dim
+        step = P if chunk_size is None else max(1, int(chunk_size))
+        out = torch.empty(P, P, dtype=self.dtype, device=self.device)
+        for start in range(0, P, step):
+            stop = min(P, start + step)
+            rows = torch.zeros(stop - start, P, dtype=self.dtype, device=self.device)
+            rows[:, start:stop].fill_diagonal_(1)
+            out[start:stop] = self.matmat(rows)
+        return out.T
 
     def __repr__(self) -> str:
         return f"{self.name}(dim={self.dim}, dtype={self.dtype}, device={self.device})"
