@@ -31,7 +31,8 @@ CURVATURES = ("hessian", "fisher")
 
 class InfluenceState(NamedTuple):
     """``ihvp``: the inverse operator ``V -> (C + damping I)^-1 V``; ``factors``: the tensors it
-    was built from (eigenpairs, K-FAC factors...) or ``None`` for matrix-free solvers."""
+    was built from (eigenpairs, a Cholesky factor, K-FAC factors...) or ``None`` for
+    matrix-free solvers."""
 
     ihvp: LinOp
     factors: Any
@@ -112,7 +113,9 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
                                       **solver_options)
-            return InfluenceState(inv, getattr(inv, "eigen", None))
+            # eigenpairs (eigh path) or the Cholesky factor L of C + damping I (SPD fast path)
+            return InfluenceState(inv, inv.eigen if isinstance(inv, solve.EigenInverse)
+                                  else inv.factor)
         if solver == "cg":
             return InfluenceState(solve.ihvp_cg(curvature_op(params, train), damping=damping,
                                                 **solver_options), None)

@@ -14,7 +14,7 @@ from .._types import LinOp
 from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
-from .explicit import Eigen, ihvp_explicit
+from .explicit import CholeskyInverse, Eigen, EigenInverse, ihvp_explicit
 from .kfac import EKFACFactors, KFACFactors, ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
 from .lissa import ihvp_lissa
 
@@ -28,8 +28,10 @@ SOLVERS: dict[str, Callable[..., LinOp]] = {
 
 __all__ = [
     "CGResult",
+    "CholeskyInverse",
     "EKFACFactors",
     "Eigen",
+    "EigenInverse",
     "KFACFactors",
     "SOLVERS",
     "arnoldi",
