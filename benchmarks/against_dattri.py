@@ -298,7 +298,7 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
         opts = dict(max_iter=hp["max_iter"], rtol=1e-4)
     elif solver == "arnoldi":
         rank = min(hp["arnoldi_rank"], P)
-        opts = dict(rank=rank, max_iter=min(2 * rank, P))
+        opts = dict(rank=rank, max_iter=min(2 * rank, P), block_size=hp.get("arnoldi_block", 16))
     elif solver == "lissa":
         opts = dict(scale=matched_lissa_scale(task, models, hp), depth=200,
                     batch_size=min(64, task.n_train))

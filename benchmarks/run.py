@@ -84,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="TRAK projection size (default 512; the recipe caps it at n_train // 4)")
     p.add_argument("--max-iter", type=int, default=100, help="CG iterations (default 100)")
     p.add_argument("--arnoldi-rank", type=int, default=64, help="Arnoldi eigenpairs kept (default 64)")
+    p.add_argument("--arnoldi-block", type=int, default=16,
+                   help="Krylov columns per curvature call of our Arnoldi (default 16; dattri: 1)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size (default 256)")
     p.add_argument("--repeats", type=int, default=3,
                    help="best of up to this many runs while a run takes < 1 s (default 3)")
@@ -108,7 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def hyper_parameters(args: argparse.Namespace) -> dict:
     """Return the method settings both sides share (see :func:`dattri_fn.recipes.recipe`)."""
     return {"damping": args.damping, "proj_dim": args.proj_dim, "max_iter": args.max_iter,
-            "arnoldi_rank": args.arnoldi_rank, "batch_size": args.batch_size,
+            "arnoldi_rank": args.arnoldi_rank, "arnoldi_block": args.arnoldi_block,
+            "batch_size": args.batch_size,
             "seed": args.seed, "device": args.device}
 
 
@@ -171,7 +174,7 @@ def ours_runner(name: str, task, models: list, hp: dict) -> Runner:
                       lambda st: method.score(params, st, r.train, r.test))
     r = recipe(name, task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
                seed=hp["seed"], batch_size=hp["batch_size"], max_iter=hp["max_iter"],
-               arnoldi_rank=hp["arnoldi_rank"])
+               arnoldi_rank=hp["arnoldi_rank"], arnoldi_block=hp.get("arnoldi_block", 16))
     return Runner(lambda: r.method.prepare(r.params, r.train),
                   lambda st: r.method.score(r.params, st, r.train, r.test))
 
@@ -301,8 +304,13 @@ def method_table(rows: list[dict], loo: bool) -> str:
     return "\n".join(lines)
 
 
-def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None) -> dict:
-    """Return the side-by-side numbers of one method: ratios, LDS difference, correlations."""
+def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None,
+                recipe_row: dict | None = None) -> dict:
+    """Return the side-by-side numbers of one method: ratios, LDS difference, correlations.
+
+    ``recipe_row``: our recipe's row when ``ours`` is a matched configuration; its time over
+    dattri's is reported too (``recipe_time_ratio``).
+    """
     t_ours = ours.get("prepare_s", 0) + ours.get("score_s", 0) if "score_s" in ours else None
     t_theirs = (theirs.get("prepare_s", 0) + theirs.get("score_s", 0)
                 if "score_s" in theirs else None)
@@ -312,6 +320,9 @@ def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None
            "lds_dattri": theirs.get("lds"), "error_ours": _err(ours),
            "error_dattri": _err(theirs)}
     rec["time_ratio"] = t_ours / t_theirs if t_ours is not None and t_theirs else None
+    if recipe_row is not None and "score_s" in recipe_row and t_theirs:
+        t_recipe = recipe_row.get("prepare_s", 0) + recipe_row["score_s"]
+        rec["recipe_time_ratio"] = t_recipe / t_theirs
     po, pt = rec["peak_ours_mib"], rec["peak_dattri_mib"]
     rec["peak_ratio"] = po / pt if po is not None and pt and pt > 0 else None
     lo, lt = rec["lds_ours"], rec["lds_dattri"]
@@ -336,6 +347,8 @@ def against_table(pairs: list[dict]) -> str:
             "ours: " + p["error_ours"] if p["error_ours"] else "",
             "dattri: " + p["error_dattri"] if p["error_dattri"] else "",
             "ours = matched config" if p["ours_side"] == "matched" else "",
+            f"recipe/dattri time {p['recipe_time_ratio']:.3f}" if p.get("recipe_time_ratio")
+            else "",
             *(f"{k.removeprefix('corr_').replace('_', ' ')}: {v:.4f}" for k, v in p.items()
               if k in DIAGNOSES)) if x)
         cells = [p["method"], _num(p["time_ours_s"]), _num(p["time_dattri_s"]),
@@ -448,7 +461,8 @@ def run_against(args, task, states, gt, loo, base, rows) -> list[dict]:
             rows.append(mine)
         theirs = run_side(args, name, "dattri", states, gt, loo, base)
         rows.append(theirs)
-        pair = pair_record(name, mine, theirs, exact if name in MATCHED else None)
+        pair = pair_record(name, mine, theirs, exact if name in MATCHED else None,
+                           ours.get(name) if side == "matched" else None)
         if "scores" in mine:
             pair.update(diagnose(name, task, models, hyper_parameters(args), mine["scores"]))
         pairs.append(pair)

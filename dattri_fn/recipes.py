@@ -104,7 +104,7 @@ def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: f
 
 def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-3,
            proj_dim: int = 512, seed: int = 0, batch_size: int = 256,
-           max_iter: int = 100, arnoldi_rank: int = 64) -> Recipe:
+           max_iter: int = 100, arnoldi_rank: int = 64, arnoldi_block: int = 16) -> Recipe:
     """Return :class:`Recipe` ``name`` (one of :data:`METHODS`) for ``task`` and its ``models``.
 
     Args:
@@ -112,7 +112,9 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
             TRAK's kernel damping.
         proj_dim, seed: projection size and seed of TRAK.
         batch_size: training data is streamed in batches of this many examples.
-        max_iter: CG iterations; arnoldi_rank: Arnoldi eigenpairs kept (2x Krylov steps).
+        max_iter: CG iterations; arnoldi_rank: Arnoldi eigenpairs kept (from a Krylov space of
+            twice that dimension); arnoldi_block: Krylov columns per curvature call (block
+            Arnoldi: 2 * rank / block calls; one call's fixed cost dominates at these sizes).
     """
     if name not in METHODS:
         raise ValueError(f"recipe(name=...): expected one of {list(METHODS)}, got {name!r}.")
@@ -136,7 +138,8 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
             opts = dict(max_iter=max_iter, rtol=1e-4)
         elif solver == "arnoldi":
             P = sum(v.numel() for v in fm.params.values())
-            opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P))
+            opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P),
+                        block_size=arnoldi_block)
         elif solver == "lissa":
             opts = dict(scale=lissa_scale(curvature(fm.params, train[0]), wd + damping),
                         depth=200, batch_size=min(64, n))
