@@ -153,14 +153,17 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if model.loss_fn is None:
         raise ValueError("layer_plan(model=...): expected a FunctionalModel built with a "
                          "loss_fn, got loss_fn=None.")
-    keys = set(model.params)
-    candidates = [n for n, m in model.module.named_modules()
+    # A bare Linear is traced inside a one-layer Sequential (fx cannot keep the root as a leaf).
+    prefix = "0." if isinstance(model.module, nn.Linear) else ""
+    module = nn.Sequential(model.module) if prefix else model.module
+    keys = {prefix + k for k in model.params}
+    candidates = [n for n, m in module.named_modules()
                   if n and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
                   and (f"{n}.weight" in keys or f"{n}.bias" in keys)]
     if not candidates:
         return None
     try:
-        graph = _LeafTracer(set(candidates)).trace(model.module)
+        graph = _LeafTracer(set(candidates)).trace(module)
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return None
     calls = {n: 0 for n in candidates}
@@ -170,12 +173,16 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     names = [n for n in candidates if calls[n] == 1]
     if not names:
         return None
-    tapped = _tap("layer_plan", model.module, names)
-    layers = {n: (f"{n}.weight" if f"{n}.weight" in keys else None,
-                  f"{n}.bias" if f"{n}.bias" in keys else None) for n in names}
+    tapped = _tap("layer_plan", module, names)
+    if prefix:
+        inner = tapped
+        tapped = lambda state, probes, *a, **kw: inner(
+            {prefix + k: v for k, v in state.items()}, probes, *a, **kw)
+    layers = {n: (f"{n}.weight"[len(prefix):] if f"{n}.weight" in keys else None,
+                  f"{n}.bias"[len(prefix):] if f"{n}.bias" in keys else None) for n in names}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    modules = dict(model.module.named_modules())
+    modules = dict(module.named_modules())
     return LayerPlan(model, tapped, layers, rest, {n: modules[n].out_features for n in names}, {})
 
 

@@ -119,6 +119,15 @@ def test_sequence_layers(device, seed, shape):
     assert (factored == ["inner"]) == (T * T * (d + 1 + d) < (d + 1) * d)
 
 
+@given(st.integers(0, 2**16), st.booleans())
+def test_bare_linear(device, seed, bias):
+    """A bare nn.Linear (logistic regression) is factored too."""
+    torch.manual_seed(seed)
+    fm = functional_model(nn.Linear(4, 3, bias=bias).double().to(device).eval(), F.cross_entropy)
+    lg = _check(fm, _data(seed, 6, 4, 3, device))
+    assert len(lg.factors) == 1 and lg.dense.shape[-1] == 0
+
+
 def test_shared_and_untraceable_layers(device):
     """A Linear called twice is dense; an untraceable module has no plan (generic path)."""
     torch.manual_seed(0)
