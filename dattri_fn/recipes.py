@@ -92,12 +92,13 @@ def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
 
 
 def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float):
-    from .attribute.trak import classification_margin, classification_weight, trak
+    from .attribute.trak import classification_margin_loss, classification_weight_loss, trak
 
     fm = fms[0]
     if _is_classification(task):
-        return trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
-                    proj_dim=proj_dim, seed=seed, damping=damping)
+        margin = functional_model(fm.module, classification_margin_loss)
+        weight = functional_model(fm.module, classification_weight_loss)
+        return trak(margin, weight_fn=weight, proj_dim=proj_dim, seed=seed, damping=damping)
     neg_loss = lambda p, ex: -fm.loss(p, ex)
     return trak(neg_loss, proj_dim=proj_dim, seed=seed, damping=damping)
 

@@ -13,7 +13,9 @@ from dattri_fn import io
 from dattri_fn.attribute.trak import (
     TRAKState,
     classification_margin,
+    classification_margin_loss,
     classification_weight,
+    classification_weight_loss,
     trak,
 )
 from dattri_fn.model import functional_model
@@ -234,6 +236,23 @@ def test_classification_margin_and_weight(device, seed, K):
         _close(got_w[i], 1 - logits[i].softmax(0)[y[i]], 1e-13)
     dict_margin = classification_margin(lambda p, ex: ex["x"] * p["s"])
     _close(dict_margin(p, {"x": logits[0], "labels": y[0]}), got_m[0], 1e-15)
+
+
+@given(seed=seeds, C=st.integers(1, 3), proj_dim=st.sampled_from([None, 5]))
+def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_dim):
+    """trak(functional_model(net, margin_loss)) == trak(classification_margin(forward))."""
+    fm = _mlp(seed, device)
+    margin_fm = functional_model(fm.module, classification_margin_loss)
+    weight_fm = functional_model(fm.module, classification_weight_loss)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
+    train, test = _split(_data(7, seed, device), [3]), _data(3, seed + 1, device)
+    fast = trak(margin_fm, weight_fn=weight_fm, proj_dim=proj_dim, damping=0.1)
+    slow = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+                proj_dim=proj_dim, damping=0.1)
+    got = fast.score(ckpts, fast.prepare(ckpts, train), train, test)
+    _close(got, slow.score(ckpts, slow.prepare(ckpts, train), train, test), 1e-9)
+    with pytest.raises(ValueError, match=r"trak.prepare\(params=...\): expected the keys"):
+        fast.prepare({"0.weight": fm.params["0.weight"]}, train)
 
 
 def test_state_is_tensors_and_round_trips(device, tmp_path):

@@ -34,6 +34,8 @@ from .._checks import (
     iter_batches,
 )
 from .._types import Params
+from ..layer_grads import layer_grads_stacked, layer_plan
+from ..model import FunctionalModel
 from .method import Method, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import TopK, collect, in_chunks, stream_scores
 
@@ -98,6 +100,25 @@ def classification_margin(forward: Callable[[Params, Any], Tensor],
         return own - logits.masked_fill(mask, float("-inf")).logsumexp(0)
 
     return margin
+
+
+def classification_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Return the batch mean of ``logit_y - logsumexp_{c != y} logit_c``.  # [B, K], [B] -> []
+
+    The batch-loss form of :func:`classification_margin`, for
+    ``functional_model(module, classification_margin_loss)``: pass that model as ``trak``'s
+    ``output_fn`` and its ``nn.Linear`` gradients come from the factored path.
+    """
+    own = logits.gather(1, labels.long()[:, None]).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels.long()[:, None]
+    return (own - logits.masked_fill(mask, float("-inf")).logsumexp(1)).mean()
+
+
+def classification_weight_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Return the batch mean of ``1 - p_y = sigmoid(-margin)``.  # [B, K], [B] -> []"""
+    own = logits.gather(1, labels.long()[:, None]).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels.long()[:, None]
+    return torch.sigmoid(logits.masked_fill(mask, float("-inf")).logsumexp(1) - own).mean()
 
 
 def classification_weight(forward: Callable[[Params, Any], Tensor],
@@ -166,7 +187,8 @@ def check_cached_train(func: str, train, n_cached: int) -> None:
 
 
 # -- the method --------------------------------------------------------------------------
-def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: int | None = None,
+def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | FunctionalModel | None = None,
+         proj_dim: int | None = None,
          kind: str = "rademacher", seed: int = 0, damping: float = 1e-3,
          chunk_size: int | None = None, cache_features: bool = True) -> Method:
     """Return TRAK: ``s_ij = (1/C sum_c phi_i^c^T K_c phi_j^c) * Qbar_i``.  # -> [n_train, n_test]
@@ -188,10 +210,13 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
-            (classification: :func:`classification_margin`).
+            (classification: :func:`classification_margin`), or a FunctionalModel whose loss is
+            that output (``functional_model(module, classification_margin_loss)``): its
+            ``nn.Linear`` gradients then come from one batched backward
+            (:mod:`dattri_fn.layer_grads`), not a per-example ``vmap``; same features.
         weight_fn: ``Q(params, example) -> Tensor[]``, the output-to-loss weight
             (classification with the margin: :func:`classification_weight`, ``1 - p_y``);
-            None = 1.
+            a FunctionalModel means its ``loss``; None = 1.
         proj_dim: ``d``; None = no projection, ``phi`` is the full ``[P]`` gradient (the kernel
             is then ``[P, P]``: only for small models).
         kind, seed: the projector's kind (``"rademacher"``, ``"gaussian"``, ``"sjlt"``) and seed.
@@ -230,9 +255,14 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
     name = "trak"
     from ..project import KINDS, make_projector
 
+    plan = keys = None
+    if isinstance(output_fn, FunctionalModel):
+        plan, keys, output_fn = layer_plan(output_fn), list(output_fn.params), output_fn.loss
+    if isinstance(weight_fn, FunctionalModel):
+        weight_fn = weight_fn.loss
     if not callable(output_fn):
-        raise TypeError(_msg(name, "output_fn", "a callable (params, example) -> Tensor[]",
-                             type(output_fn).__name__))
+        raise TypeError(_msg(name, "output_fn", "a callable (params, example) -> Tensor[] or a "
+                             "FunctionalModel", type(output_fn).__name__))
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(_msg(name, "weight_fn", "None or a callable (params, example) -> "
                              "Tensor[]", type(weight_fn).__name__))
@@ -248,6 +278,9 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
 
     def setup(func: str, params):
         stacked = stack_checkpoints(func, params)
+        if keys is not None and list(stacked) != keys:
+            raise ValueError(_msg(func, "params", f"the keys of output_fn's params {keys}",
+                                  f"{list(stacked)}"))
         v0 = next(iter(stacked.values()))
         P = sum(v[0].numel() for v in stacked.values())
         projs = None
@@ -263,7 +296,10 @@ def trak(output_fn: OutputFn, *, weight_fn: OutputFn | None = None, proj_dim: in
         d = P if proj_dim is None else proj_dim
 
         def features(batch) -> Tensor:  # [C, b, d]
-            G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
+            if plan is not None:
+                G = layer_grads_stacked(plan, stacked, batch).to_dense()  # [C, b, P]
+            else:
+                G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
             if projs is None:
                 return G
             return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
