@@ -29,7 +29,7 @@ from torch.func import grad, vmap
 
 from ._checks import batch_size, batch_to
 from ._types import Batch, Params
-from .layers import _LeafTracer, _tap
+from .layers import _LeafTracer, _tap, batched_io, output_shapes, tree_unsqueeze
 from .model import FunctionalModel, default_unpack
 
 
@@ -176,8 +176,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     tapped = _tap("layer_plan", module, names)
     if prefix:
         inner = tapped
-        tapped = lambda state, probes, *a, **kw: inner(
-            {prefix + k: v for k, v in state.items()}, probes, *a, **kw)
+
+        def tapped(state, probes, *a, **kw):
+            return inner({prefix + k: v for k, v in state.items()}, probes, *a, **kw)
+
+        tapped.layers = inner.layers
     layers = {n: (f"{n}.weight"[len(prefix):] if f"{n}.weight" in keys else None,
                   f"{n}.bias"[len(prefix):] if f"{n}.bias" in keys else None) for n in names}
     owned = {k for pair in layers.values() for k in pair if k is not None}
@@ -190,51 +193,24 @@ def _unpack(model: FunctionalModel):
     return model.unpack or default_unpack
 
 
-def _per_example_loss(loss_fn, out, target):
-    if target is None:
-        return vmap(lambda o: loss_fn(tree_unsqueeze(o)))(out)
-    return vmap(lambda o, t: loss_fn(tree_unsqueeze(o), tree_unsqueeze(t)))(out, target)
-
-
-def tree_unsqueeze(x):
-    return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
-
-
 def _probe_shapes(plan: LayerPlan, params: Params, args, kwargs) -> dict[str, tuple]:
-    """Layer output shapes ``[B, ..., out]`` from one forward with scalar (broadcast) probes."""
+    """Layer output shapes ``[B, ..., out]``, cached per input signature (saves a forward)."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
                 for t in leaves)
-    if key in plan.shapes:
-        return plan.shapes[key]
-    state = {**plan.model.fixed, **params}
-    w = next(iter(params.values()))
-    zeros = {n: w.new_zeros(()) for n in plan.layers}
-    with torch.no_grad():
-        _, acts = plan.tapped(state, zeros, *args, **kwargs)
-    plan.shapes[key] = {n: (*acts[n].shape[:-1], plan.out_features[n]) for n in plan.layers}
+    if key not in plan.shapes:
+        state = {**plan.model.fixed, **params}
+        plan.shapes[key] = output_shapes(plan.tapped, state, plan.out_features, args, kwargs,
+                                         next(iter(params.values())))
     return plan.shapes[key]
 
 
 def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
     """``({layer: (a, g)}, {})`` from one batched forward/backward (no dense parameters)."""
     state = {**plan.model.fixed, **params}
-    w = next(iter(params.values()))
-
-    def total(pr):
-        out, acts = plan.tapped(state, pr, *args, **kwargs)
-        return _per_example_loss(plan.model.loss_fn, out, target).sum(), acts
-
-    if torch._C._functorch.maybe_current_level() is None:
-        # Outside any torch.func transform plain autograd does the same at ~half the overhead.
-        probes = {n: w.new_zeros(shapes[n], requires_grad=True) for n in plan.layers}
-        with torch.enable_grad():
-            value, acts = total(probes)
-            g = dict(zip(probes, torch.autograd.grad(value, list(probes.values())), strict=True))
-        return {n: (acts[n].detach(), g[n]) for n in plan.layers}, {}
-    probes = {n: w.new_zeros(shapes[n]) for n in plan.layers}
-    g, acts = grad(total, has_aux=True)(probes)
-    return {n: (acts[n], g[n]) for n in plan.layers}, {}
+    io = batched_io(plan.tapped, plan.model.loss_fn, state, args, kwargs, target, shapes,
+                    next(iter(params.values())))
+    return io, {}
 
 
 def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):

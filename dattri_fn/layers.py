@@ -219,35 +219,66 @@ def unpack_example(example) -> tuple[tuple, dict, object]:
     return tuple(example[:-1]), {}, example[-1]
 
 
-def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
-    """Bare core of :func:`layer_io` (no validation)."""
-    names = tapped.layers
-    args0, kwargs0, _ = unpack_example(batch_slice(batch, 0, 1))
-    # One cheap forward on example 0 with broadcasting probes gives every layer's output shape.
+def tree_unsqueeze(x):
+    """Add a leading batch dim of one to every Tensor leaf of ``x``."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+
+
+def per_example_losses(loss_fn, out, target) -> Tensor:
+    """Return ``[loss_fn(out_i[None], target_i[None]) for i]`` by ``vmap``.  # -> [B]"""
+    if target is None:
+        return torch.func.vmap(lambda o: loss_fn(tree_unsqueeze(o)))(out)
+    return torch.func.vmap(lambda o, t: loss_fn(tree_unsqueeze(o), tree_unsqueeze(t)))(out, target)
+
+
+def output_shapes(tapped: TappedFn, state, out_features: Mapping[str, int], args, kwargs,
+                  like: Tensor) -> dict[str, tuple]:
+    """Return each tapped layer's output shape ``[B, ..., out]`` from one no-grad forward."""
+    zeros = {n: like.new_zeros(()) for n in tapped.layers}
     with torch.no_grad():
-        flat = {n: torch.zeros((), dtype=state[f"{n}.weight"].dtype,
-                               device=state[f"{n}.weight"].device) for n in names}
-        _, acts0 = tapped(state, flat, *args0, **kwargs0)
-    shapes = {n: (*acts0[n].shape[:-1], state[f"{n}.weight"].shape[0]) for n in names}
-    dtypes = {n: acts0[n].dtype for n in names}
+        _, acts = tapped(state, zeros, *args, **kwargs)
+    return {n: (*acts[n].shape[:-1], out_features[n]) for n in tapped.layers}
 
-    def one(example):
-        args, kwargs, target = unpack_example(example)
-        args = [x.unsqueeze(0) for x in args]
-        kwargs = {k: v.unsqueeze(0) for k, v in kwargs.items()}
-        if isinstance(target, Tensor):
-            target = target.unsqueeze(0)
-        probes = {n: torch.zeros(shapes[n], dtype=dtypes[n], device=state[f"{n}.weight"].device)
-                  for n in names}
 
-        def f(pr):
-            out, acts = tapped(state, pr, *args, **kwargs)
-            return (loss_fn(out) if target is None else loss_fn(out, target)), acts
+def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
+               like: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Return ``{layer: (a, g)}`` from ONE batched forward and backward.  # a [B, ..., in]
 
-        g, acts = torch.func.grad(f, has_aux=True)(probes)
-        return {n: (acts[n].squeeze(0), g[n].squeeze(0)) for n in names}
+    ``g = d loss_i / d z_i`` w.r.t. zero probes on the layer outputs, with the per-example
+    losses summed: exact when the module treats the examples of a batch independently (eval
+    mode). Outside ``torch.func`` transforms plain autograd does it at about half the overhead.
+    """
+    def total(pr):
+        out, acts = tapped(state, pr, *args, **kwargs)
+        return per_example_losses(loss_fn, out, target).sum(), acts
 
-    return torch.func.vmap(one, chunk_size=chunk_size)(batch)
+    if torch._C._functorch.maybe_current_level() is None:
+        probes = {n: like.new_zeros(shapes[n], requires_grad=True) for n in tapped.layers}
+        with torch.enable_grad():
+            value, acts = total(probes)
+            grads = torch.autograd.grad(value, list(probes.values()))
+        return {n: (acts[n].detach(), g) for n, g in zip(probes, grads, strict=True)}
+    probes = {n: like.new_zeros(shapes[n]) for n in tapped.layers}
+    g, acts = torch.func.grad(total, has_aux=True)(probes)
+    return {n: (acts[n], g[n]) for n in tapped.layers}
+
+
+def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
+    """Bare core of :func:`layer_io` (no validation): batched, ``chunk_size`` rows at a time."""
+    like = state[f"{tapped.layers[0]}.weight"]
+    out_features = {n: state[f"{n}.weight"].shape[0] for n in tapped.layers}
+    n = batch_size("layer_io", "batch", batch)
+    step = n if chunk_size is None else chunk_size
+    parts = []
+    for start in range(0, n, step):
+        args, kwargs, target = unpack_example(batch_slice(batch, start, start + step))
+        shapes = output_shapes(tapped, state, out_features, args, kwargs, like)
+        parts.append(batched_io(tapped, loss_fn, state, args, kwargs, target, shapes, like))
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts]))
+            for k in tapped.layers}
 
 
 def layer_io(module: nn.Module, loss_fn: Callable[[object, Tensor], Tensor],
@@ -260,8 +291,9 @@ def layer_io(module: nn.Module, loss_fn: Callable[[object, Tensor], Tensor],
     batch of one like ``F.cross_entropy`` expects. Other layouts follow :func:`unpack_example`
     (a Tensor example has no target and gives ``loss_fn(output)``; a dict passes keyword
     inputs, target ``"labels"``). Per-sample gradients follow as ``dW_i = sum_t g_it a_it^T``
-    and ``db_i = sum_t g_it`` (no sum for 2-D layer inputs). Computed with ``vmap`` over the
-    batch and ``torch.func.grad`` w.r.t. zero probes added to the layer outputs (no hooks).
+    and ``db_i = sum_t g_it`` (no sum for 2-D layer inputs). Computed by one batched forward
+    and backward w.r.t. zero probes added to the layer outputs (no hooks), which assumes the
+    module treats the examples of a batch independently (eval mode).
 
     Args:
         module: the model (see :func:`tap_layers` for the tracing limits).
@@ -270,7 +302,7 @@ def layer_io(module: nn.Module, loss_fn: Callable[[object, Tensor], Tensor],
         layers: Linear layer names, or ``None`` for all.
         params: ``dict[str, Tensor]`` of (a subset of) the module's parameters to use.
         batch: a Batch with leading dim ``B``, usually ``(*inputs, target)``.
-        chunk_size: examples per ``vmap`` chunk (bounds memory); ``None`` for all at once.
+        chunk_size: examples per forward/backward (bounds memory); ``None`` for all at once.
 
     Returns:
         ``{layer: (a, g)}`` in module order; ``a`` has the layer input's per-example shape,

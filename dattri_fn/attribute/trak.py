@@ -186,6 +186,18 @@ def check_cached_train(func: str, train, n_cached: int) -> None:
                               "Call prepare on this training set, or pass train=None."))
 
 
+def _count_rows(func: str, train) -> int | None:
+    """Rows of a Batch or a list/tuple of Batches; None for other iterables (DataLoaders)."""
+    if is_batch(train):
+        return batch_size(func, "train", train)
+    if isinstance(train, (list, tuple)):
+        return sum(batch_size(func, "train", b) for b in train)
+    return None
+
+
+_CACHED_ROWS = 4096  # cached train rows scored per block (bounds the [rows, n_test] block)
+
+
 # -- the method --------------------------------------------------------------------------
 def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | FunctionalModel | None = None,
          proj_dim: int | None = None,
@@ -332,18 +344,27 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         stacked, packed, features, d, first, device = setup(func, params)
         check_first(func, "train", first, train, device)
         gram, phis, weights, n = None, [], [], 0
+        total = _count_rows(func, train) if cache_features else None
+        feats = None
         for batch in iter_batches(func, "train", train):
             batch_size(func, "train", batch)
             phi, q = split(packed(batch_to(batch, device)))
+            if total is not None and feats is None:
+                # Rows known up front: write into one buffer (no list + cat double peak).
+                feats = phi.new_empty((phi.shape[0], total, phi.shape[2]))
+                wts = q.new_empty(total)
             # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
             # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
             phi64 = phi.to(torch.float64)
             block = phi64.mT @ phi64
             gram = block if gram is None else gram + block
-            n += phi.shape[1]
-            if cache_features:
+            if feats is not None:
+                feats[:, n:n + phi.shape[1]] = phi
+                wts[n:n + phi.shape[1]] = q
+            elif cache_features:
                 phis.append(phi)
                 weights.append(q)
+            n += phi.shape[1]
         eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
         L, info = torch.linalg.cholesky_ex(gram + damping * eye)
         if bool((info != 0).any()):
@@ -353,9 +374,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   f"(d={d}, n_train={n}, damping={damping})",
                                   "Raise damping or lower proj_dim."))
         K = torch.cholesky_inverse(L)
-        K = ((K + K.mT) / 2).to(phis[0].dtype if phis else stacked_dtype(stacked))
+        K = ((K + K.mT) / 2).to(stacked_dtype(stacked))
         if not cache_features:
             return TRAKState(K, None, None)
+        if feats is not None:
+            return TRAKState(K, feats, wts)
         return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights))
 
     def stacked_dtype(stacked) -> torch.dtype:
@@ -371,12 +394,22 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   "(prepared with the same checkpoints and proj_dim)",
                                   f"{list(state.kernel.shape)}"))
 
-    def train_rows(phi: Tensor, q: Tensor) -> Tensor:  # [C, b, d], [b] -> [b, C*d]
-        C = phi.shape[0]
-        return (q / C).unsqueeze(-1) * phi.transpose(0, 1).reshape(phi.shape[1], -1)
+    # Rows stay [C, b, d] stacks: the pipeline sums the per-checkpoint products (no transposed
+    # [b, C*d] copy of the cached features).
+    def train_rows(phi: Tensor, q: Tensor) -> Tensor:  # [C, b, d], [b] -> [C, b, d]
+        return phi * (q / phi.shape[0])[:, None]
 
-    def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [b, C*d], rows K_c phi
-        return (phi @ K).transpose(0, 1).reshape(phi.shape[1], -1)
+    def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [C, b, d], rows K_c phi
+        return phi @ K
+
+    def cached_chunks(state: TRAKState, device):
+        """Row ranges of the cached features and ``idx -> train rows``, ``_CACHED_ROWS`` a time."""
+        n = state.train_features.shape[1]
+        feats, wts = state.train_features.to(device), state.train_weights.to(device)
+        # 1-tuples: a list of bare tensors would read as ONE (x, y, ...) batch
+        idx = [(torch.arange(s, min(n, s + _CACHED_ROWS), device=device),)
+               for s in range(0, n, _CACHED_ROWS)]
+        return idx, lambda i: (feats[:, i[0]], wts[i[0]])
 
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -388,9 +421,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         test_feats = test_rows(K, collect(func, "test", features, test, device))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
-            T = train_rows(state.train_features.to(device), state.train_weights.to(device))
-            return stream_scores(func, lambda t: t, T, test_feats, device, top_k=top_k,
-                                 largest=largest)
+            idx, rows = cached_chunks(state, device)
+            return stream_scores(func, lambda i: train_rows(*rows(i)), idx, test_feats, device,
+                                 top_k=top_k, largest=largest)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -405,7 +438,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         K = state.kernel.to(device)
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
-            blocks = [(state.train_features.to(device), state.train_weights.to(device))]
+            idx, rows = cached_chunks(state, device)
+            blocks = (rows(i) for i in idx)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -413,6 +447,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             check_first(func, "train", first, train, device)
             blocks = (split(packed(batch_to(b, device))) for b in iter_batches(func, "train", train)
                       if batch_size(func, "train", b))
-        return torch.cat([(train_rows(phi, q) * test_rows(K, phi)).sum(-1) for phi, q in blocks])
+        return torch.cat([(train_rows(phi, q) * test_rows(K, phi)).sum((0, 2))
+                          for phi, q in blocks])
 
     return Method(prepare, score, self_score, name)
