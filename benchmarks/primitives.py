@@ -2,7 +2,9 @@
 
     python -m benchmarks.primitives [--quick]
 
-Rows: per-sample gradients (vmap vs a Python loop of ``torch.autograd.grad``), k HVPs at once
+Rows: per-sample gradients (vmap vs a Python loop of ``torch.autograd.grad``), the Grad-Dot
+Gram ``G G^T`` of a batch (Linear layers factored by ``per_sample_layer_grads`` vs ``vmap``
+gradients and a matmul), k HVPs at once
 (vmap'd forward-over-reverse vs a loop of double-backward HVPs), chunked projection vs a dense
 ``X @ R``. Each side runs in its own spawned process; "peak MiB" is that process's peak resident
 size minus its size just before the measured step (interpreter, torch import and inputs excluded).
@@ -67,6 +69,34 @@ def psg_loop(width, depth, B, repeats):
     return lambda: _best(run, repeats)
 
 
+def gram_factored(width, depth, B, repeats):
+    from dattri_fn import functional_model, per_sample_layer_grads
+
+    fm = functional_model(_mlp(width, depth), F.cross_entropy)
+    batch = _data(B)
+
+    def run():
+        lg = per_sample_layer_grads(fm, fm.params, batch)
+        return lg.scores(lg)
+
+    run()
+    return lambda: _best(run, repeats)
+
+
+def gram_dense(width, depth, B, repeats):
+    from dattri_fn import functional_model, per_sample_grad
+
+    fm = functional_model(_mlp(width, depth), F.cross_entropy)
+    batch = _data(B)
+
+    def run():
+        G = per_sample_grad(fm.loss, fm.params, batch)
+        return G @ G.T
+
+    run()
+    return lambda: _best(run, repeats)
+
+
 def hvp_vmap(width, depth, B, k, repeats, mode="fwd-rev"):
     from dattri_fn import functional_model, hvp
 
@@ -114,6 +144,9 @@ def main(argv=None):
     print(_row(f"per-sample grads, B={B} (vmap vs autograd loop)",
                measure_peak_rss(psg_vmap, width, depth, B, rep),
                measure_peak_rss(psg_loop, width, depth, B, rep)))
+    print(_row(f"Grad-Dot Gram G G^T, B={B} (factored vs vmap grads + matmul)",
+               measure_peak_rss(gram_factored, width, depth, B, rep),
+               measure_peak_rss(gram_dense, width, depth, B, rep)))
     hvp_ref = measure_peak_rss(hvp_loop, width, depth, B, k, rep)
     for mode in ("fwd-rev", "rev-rev"):
         print(_row(f"{k} HVPs, hvp(mode={mode!r}) vs double-backward loop",

@@ -43,7 +43,8 @@ class LayerGrads(NamedTuple):
         dense: ``[C, B, P_dense]``: every other attributed parameter, plus the materialised
             sequence layers (``P_dense`` may be 0).
         layout: ``(key, source)`` per attributed parameter, in params order, for
-            :meth:`to_dense`: source ``("w", layer)``, ``("b", layer)`` or ``("d", start, stop)``.
+            :meth:`to_dense`: source ``("w", layer, has_bias)``, ``("b", layer)`` or
+            ``("d", start, stop)``.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
@@ -137,7 +138,7 @@ class LayerPlan(NamedTuple):
     layers: dict[str, tuple[str | None, str | None]]  # layer -> (weight key, bias key)
     rest: tuple[str, ...]
     out_features: dict[str, int]
-    shapes: dict  # input signature -> layer output shapes (filled lazily; saves a forward)
+    shapes: dict  # input signature -> layer output shapes: a cache, filled on first use
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
