@@ -113,18 +113,17 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
         params, data, chunk_size: as in :func:`hvp`.
     """
     batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size)
-
-    def out_hvp(out, jv, example):
-        out_grad = torch.func.grad(lambda o: out_loss(o, example))
-        return jvp(out_grad, (out,), (jv,))[1]
+    out_grad = torch.func.grad(out_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
-        # Linearise the batched forward once: J V by k jvps, H_out by the output-space HVP,
-        # J^T by k vjps through the one stored graph (no per-row recomputation of the forward).
+        # Linearise once per batch and reuse for all k rows: J V by k jvps, H_out as the vjp of
+        # the per-example output gradients (H_out is symmetric), J^T by k vjps through the one
+        # stored graph. Linearising H_out once took half the time of k nested grad/jvp vmaps.
         f = lambda flat: vmap(forward, in_dims=(None, 0))(unravel(flat), batch)
         out, vjp_fn = vjp(f, flat0)
         JV = vmap(lambda v: jvp(f, (flat0,), (v,))[1], chunk_size=chunk_size)(V)
-        HJV = vmap(lambda jv: vmap(out_hvp)(out, jv, batch), chunk_size=chunk_size)(JV)
+        _, h_vjp = vjp(lambda o: vmap(out_grad)(o, batch), out)
+        HJV = vmap(lambda u: h_vjp(u)[0], chunk_size=chunk_size)(JV)
         return vmap(lambda u: vjp_fn(u)[0], chunk_size=chunk_size)(HJV)
 
     return _streamed("gnvp", per_batch, flat0, batches)
