@@ -91,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="best of up to this many runs while a run takes < 1 s (default 3)")
     p.add_argument("--cache-dir", default=".cache/dattri_fn",
                    help="retraining cache root (default .cache/dattri_fn)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds one method may take, setup included; it is then killed and "
+                        "reported as failed (default 600; 0 = none)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     args.methods = list(METHODS) if args.methods == "all" else [
@@ -233,10 +236,17 @@ def bench_setup(spec: dict):
     return step
 
 
-def measure(spec: dict) -> dict:
-    """Return ``{prepare_s, score_s, peak_mib, peak_reset, scores}`` or ``{error}`` for ``spec``."""
+def measure(spec: dict, timeout: float | None = None) -> dict:
+    """Return ``{prepare_s, score_s, peak_mib, peak_reset, scores}`` or ``{error}`` for ``spec``.
+
+    A method still running after ``timeout`` seconds (setup and warm-up included) is killed and
+    reported as an error.
+    """
     t0 = time.perf_counter()
-    out = measure_peak(bench_setup, spec)
+    out = measure_peak(bench_setup, spec, timeout=timeout)
+    if out.get("timeout"):
+        return {"error": f"TimeoutError: killed after {timeout:g} s (--timeout)",
+                "wall_s": time.perf_counter() - t0}
     if "error" in out:
         return {"error": out["error"], "wall_s": time.perf_counter() - t0}
     res = {**out["result"], "scores": torch.from_numpy(out["result"]["scores"])}
@@ -389,7 +399,8 @@ def run_side(args, name: str, side: str, states, gt, loo, base: dict) -> dict:
     """Measure ``name`` on ``side`` in a fresh process and score its quality; return its row."""
     spec = {"task": task_spec(args), "states": states, "method": name, "side": side,
             "hp": hyper_parameters(args), "repeats": args.repeats}
-    row = {**base, "record": "method", "method": name, "side": side, **measure(spec)}
+    row = {**base, "record": "method", "method": name, "side": side,
+           **measure(spec, args.timeout or None)}
     if "scores" in row:
         row.update(quality(row["scores"], gt, loo))
     _log(args, f"  {side:>7} {name:<12} wall {row['wall_s']:.1f}s"
