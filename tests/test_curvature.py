@@ -120,3 +120,11 @@ def test_bad_inputs():
         fvp(loss, params, iter([(x, y)]))
     with pytest.raises(ValueError, match=r"hvp\(data=...\): expected a non-empty batch"):
         hvp(loss, params, (x[:0], y[:0]))
+
+
+@given(problem_names, st.integers(0, 2**16), st.sampled_from([None, 1, 3, 7, 256]))
+def test_dense_in_chunks_equals_dense_hessian(name, seed, chunk_size):
+    """LinOp.dense(chunk_size) == torch.func.hessian, whatever rows per operator call."""
+    params, loss, batch = PROBLEMS[name](n=6, seed=seed)
+    H = dense_hessian(params, loss, batch)
+    torch.testing.assert_close(hvp(loss, params, batch).dense(chunk_size), H, rtol=0, atol=1e-11)
