@@ -116,6 +116,7 @@ class TinyLM(nn.Module):
     def __init__(self, vocab: int, context: int, dim: int, heads: int, hidden: int):
         super().__init__()
         self.heads = heads
+        self.scale = math.sqrt(dim // heads)
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(context, dim))
         self.ln1 = nn.LayerNorm(dim)
@@ -132,13 +133,14 @@ class TinyLM(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         T = idx.shape[-1]
         h = self.tok(idx) + self.pos[:T]
-        lead, dim = h.shape[:-2], h.shape[-1]
         q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
-        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works.
-        q, k, v = (t.reshape(*lead, T, self.heads, -1).transpose(-2, -3) for t in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        att = att.masked_fill(~self.causal[:T, :T], float("-inf")).softmax(-1)
-        h = h + self.proj((att @ v).transpose(-2, -3).reshape(*lead, T, dim))
+        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works,
+        # and without Python arithmetic on shapes so torch.fx can trace it (hook-free K-FAC).
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(-2, -3) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2)) / self.scale
+        mask = self.causal.narrow(0, 0, T).narrow(1, 0, T)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + self.proj((att @ v).transpose(-2, -3).flatten(-2))
         h = h + self.fc2(torch.relu(self.fc1(self.ln2(h))))
         return self.head(self.ln_f(h))
 
