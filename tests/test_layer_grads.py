@@ -216,3 +216,6 @@ def test_errors(device):
         m.score({"0.weight": fm.params["0.weight"]}, (), batch, batch)
     with pytest.raises(TypeError, match=r"grad_dot\(loss=...\): expected a per-example function"):
         grad_dot(3)
+    head_only = functional_model(fm.module, F.cross_entropy, params="2")
+    with pytest.raises(ValueError, match=r"grad_dot\(target=...\): expected a FunctionalModel over"):
+        grad_dot(fm, target=head_only)

@@ -60,6 +60,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
     if plan is None or plan_t is None:
         plan = plan_t = None  # both sides factored, or neither
     keys = None if plan is None else list(plan.model.params)
+    if plan is not None and list(plan_t.model.params) != keys:
+        raise ValueError(f"{name}(target=...): expected a FunctionalModel over the same "
+                         f"parameters as loss {keys}, got {list(plan_t.model.params)}.")
 
     def features(params, state=None):
         stacked = stack_checkpoints(name, params)
