@@ -365,8 +365,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 phis.append(phi)
                 weights.append(q)
             n += phi.shape[1]
-        eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-        L, info = torch.linalg.cholesky_ex(gram + damping * eye)
+        # In place and one float64 [C, d, d] buffer at a time: unprojected (d = P) kernels are big.
+        gram.diagonal(dim1=-2, dim2=-1).add_(damping)
+        L, info = torch.linalg.cholesky_ex(gram)
+        del gram
         if bool((info != 0).any()):
             bad = torch.nonzero(info).flatten().tolist()
             raise ValueError(_msg(func, "damping", "Phi^T Phi + damping I positive definite at "
@@ -374,7 +376,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   f"(d={d}, n_train={n}, damping={damping})",
                                   "Raise damping or lower proj_dim."))
         K = torch.cholesky_inverse(L)
-        K = ((K + K.mT) / 2).to(stacked_dtype(stacked))
+        del L
+        K = K.to(stacked_dtype(stacked))
+        K = K.add_(K.mT.clone()).mul_(0.5)
         if not cache_features:
             return TRAKState(K, None, None)
         if feats is not None:
