@@ -14,12 +14,19 @@ tapped Linear layers (convolutions, embeddings, norms) keep dense per-example gr
 
 Assumption of the batched path: the module treats the examples of a batch independently
 (``module(X)[i] == module(X[i:i+1])[0]``), as every model in eval mode does. Sequence layers
-whose factored product would cost more than the dense one (``T^2 (in + out) >= in * out``)
-are materialised per example.
+whose factored product would cost more than the dense one (``T^2 (in + out) >= in * out``, T
+of the first batch) are materialised per example.
+
+Safety: a layer is not factored when its parameters are used outside its one module call
+(tied or shared weights, ``F.linear(h, layer.weight)``) or when it has forward hooks. On its
+first batch a plan compares its gradients of a few examples with ``vmap(grad)``; if they differ
+(a layer applied to a non-batch-first tensor, examples mixed inside the batch, a traced branch
+that differs from the call, ...) it warns and computes every later gradient densely.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -27,10 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from ._checks import batch_size, batch_to
+from ._checks import batch_size, batch_slice, batch_to
 from ._types import Batch, Params
+from .grad import per_sample_grad_unchecked
 from .layers import _LeafTracer, _tap, batched_io, output_shapes, tree_unsqueeze
 from .model import FunctionalModel, default_unpack
+from .tree import ravel_batched
 
 
 class LayerGrads(NamedTuple):
@@ -121,9 +130,18 @@ class LayerGrads(NamedTuple):
     def cat(blocks: Sequence[LayerGrads]) -> LayerGrads:
         """Concatenate blocks of rows (examples).  # -> [C, sum B, ...]"""
         first = blocks[0]
-        factors = {n: (torch.cat([b.factors[n][0] for b in blocks], 1),
-                       torch.cat([b.factors[n][1] for b in blocks], 1)) for n in first.factors}
+        factors = {n: (_cat_padded([b.factors[n][0] for b in blocks]),
+                       _cat_padded([b.factors[n][1] for b in blocks])) for n in first.factors}
         return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), first.layout)
+
+
+def _cat_padded(parts: list[Tensor]) -> Tensor:
+    """Concatenate along examples; sequence factors of different T are zero-padded (zero rows
+    of ``a`` and ``g`` add nothing to ``sum_t g_t a_t^T``)."""
+    if parts[0].ndim == 4:
+        T = max(p.shape[2] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, 0, 0, T - p.shape[2])) for p in parts]
+    return torch.cat(parts, 1)
 
 
 def _weight_cols(a: Tensor, source) -> int:
@@ -139,6 +157,7 @@ class LayerPlan(NamedTuple):
     rest: tuple[str, ...]
     out_features: dict[str, int]
     shapes: dict  # input signature -> layer output shapes: a cache, filled on first use
+    status: dict  # "checked"/"dense" flags and per-layer layouts, fixed by the first batch
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
@@ -168,10 +187,28 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
         return None
     calls = {n: 0 for n in candidates}
+    attrs = set()
     for node in graph.nodes:
         if node.op == "call_module" and node.target in calls:
             calls[node.target] += 1
-    names = [n for n in candidates if calls[n] == 1]
+        elif node.op == "get_attr":
+            attrs.add(node.target)
+    uses: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = dict(module.named_modules())
+
+    def factorable(n: str) -> bool:
+        m = modules[n]
+        own = [p for p in (m.weight, m.bias) if p is not None]
+        return (calls[n] == 1 and not (m._forward_hooks or m._forward_pre_hooks)
+                and f"{n}.weight" not in attrs and f"{n}.bias" not in attrs
+                and all(uses[id(p)] == 1 for p in own))
+
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None
+    names = [n for n in candidates if factorable(n)]
     if not names:
         return None
     tapped = _tap("layer_plan", module, names)
@@ -186,8 +223,8 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
                   f"{n}.bias"[len(prefix):] if f"{n}.bias" in keys else None) for n in names}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    modules = dict(module.named_modules())
-    return LayerPlan(model, tapped, layers, rest, {n: modules[n].out_features for n in names}, {})
+    return LayerPlan(model, tapped, layers, rest, {n: modules[n].out_features for n in names},
+                     {}, {"checked": False, "dense": False, "layout": {}})
 
 
 def _unpack(model: FunctionalModel):
@@ -248,8 +285,10 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
             layout_of[k] = ("d", offset, offset + v.shape[-1])
             dense.append(v)
             offset += v.shape[-1]
+    kinds = plan.status["layout"]
     for n, (wk, bk) in plan.layers.items():
         a, g = raw[n]
+        seq = a.ndim > lead + 1
         shape = a.shape[:lead]
         a = a.reshape(*shape, -1, a.shape[-1])
         g = g.reshape(*shape, -1, g.shape[-1])
@@ -258,9 +297,12 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
             cols.append(a.new_ones((*a.shape[:-1], 1)))
         a = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
         T, i, o = a.shape[-2], a.shape[-1], g.shape[-1]
-        if T == 1:
+        # Decided on the first batch and kept, so blocks of any sequence length line up.
+        kind = kinds.setdefault(n, "flat" if not seq else
+                                "seq" if T * T * (i + o) < i * o else "dense")
+        if kind == "flat":
             factors[n] = (a[..., 0, :], g[..., 0, :])
-        elif T * T * (i + o) < i * o:
+        elif kind == "seq":
             factors[n] = (a, g)
         else:
             if wk is not None:
@@ -284,8 +326,62 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
     return LayerGrads(factors, dense_t, layout)
 
 
+def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
+    """The fallback: ``vmap(grad)`` gradients, all in the dense block.  # [C, B, P]"""
+    C = next(iter(stacked.values())).shape[0]
+    per = lambda p: per_sample_grad_unchecked(plan.model.loss, p, batch)
+    if C == 1:
+        G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
+    else:
+        G = ravel_batched(vmap(per)(stacked), batch_dims=2)
+    layout, start = [], 0
+    for k, v in stacked.items():
+        size = v[0].numel()
+        layout.append((k, ("d", start, start + size)))
+        start += size
+    return LayerGrads({}, G, tuple(layout))
+
+
+def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
+    """Compare a few examples' factored gradients with ``vmap(grad)``; on a mismatch or an
+    error, warn and switch the plan to dense gradients for good."""
+    first = {k: v[:1] for k, v in stacked.items()}
+    n = batch_size("layer_grads", "batch", batch)
+    head = batch_slice(batch, 0, min(n, 3))
+    ref = _dense(plan, first, head).dense[0]
+    why = None
+    try:
+        got = _factored(plan, first, head).to_dense()[0]
+        err = float((got - ref).abs().max())
+        scale = float(ref.abs().max())
+        if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
+            why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
+    except Exception as e:  # an untraceable call path surfaces as any error type
+        why = f"{type(e).__name__}: {e}"
+    plan.status["checked"] = True
+    plan.status["layout"].clear()
+    if why is not None:
+        plan.status["dense"] = True
+        warnings.warn(f"layer_grads: the factored gradients of {type(plan.model.module).__name__} "
+                      f"do not match vmap(grad) on its first examples ({why}); computing them "
+                      f"densely from now on. Layers applied to non-batch-first tensors, examples "
+                      f"mixed in a batch or branches torch.fx traces differently cause this.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
-    """Return per-example gradients at ``C`` stacked checkpoints ``{key: [C, ...]}``, unchecked."""
+    """Return per-example gradients at ``C`` stacked checkpoints ``{key: [C, ...]}``, unchecked.
+
+    The plan's first call verifies the factored path on a few examples (see the module Note).
+    """
+    if not plan.status["checked"]:
+        _verify(plan, stacked, batch)
+    if plan.status["dense"]:
+        return _dense(plan, stacked, batch)
+    return _factored(plan, stacked, batch)
+
+
+def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     unpack = _unpack(plan.model)
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}

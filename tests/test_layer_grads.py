@@ -1,5 +1,7 @@
 """Factored per-example gradients (dattri_fn.layer_grads) against vmap(grad) in float64."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,6 +218,113 @@ def test_errors(device):
         m.score({"0.weight": fm.params["0.weight"]}, (), batch, batch)
     with pytest.raises(TypeError, match=r"grad_dot\(loss=...\): expected a per-example function"):
         grad_dot(3)
+    with pytest.raises(ValueError, match=r"grad_dot\(loss=...\): expected a FunctionalModel built"):
+        grad_dot(functional_model(fm.module))
     head_only = functional_model(fm.module, F.cross_entropy, params="2")
     with pytest.raises(ValueError, match=r"grad_dot\(target=...\): expected a FunctionalModel over"):
         grad_dot(fm, target=head_only)
+
+
+class _Tied(nn.Module):
+    """The encoder's weight is reused by F.linear: the layer must not be factored."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.T)
+
+
+class _SharedWeight(nn.Module):
+    """Two Linear modules holding one weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+class _Masked(nn.Module):
+    """An optional argument: torch.fx traces the ``is None`` branch the wrong way."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        h = self.l(x)
+        if mask is not None:
+            h = h * mask
+        return h
+
+
+class _SeqFirst(nn.Module):
+    """A Linear applied to a [T, B, d] tensor: its dim 0 is not the example."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.h = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.l(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize("build, shape, n_factored", [
+    (_Tied, (5, 4), 0), (_SharedWeight, (5, 4), 1), (_Masked, (5, 4), None),
+    (_SeqFirst, (3, 3, 4), None), (_SeqFirst, (5, 2, 4), None)])
+def test_unsafe_layers_fall_back_to_exact_gradients(device, build, shape, n_factored):
+    """Weights used elsewhere are not factored; a factored path that disagrees with vmap(grad)
+    on the first examples (wrong fx branch, non-batch-first layer) warns and goes dense."""
+    torch.manual_seed(0)
+    fm = functional_model(build().double().to(device).eval(),
+                          F.mse_loss if build is _Tied else F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
+    y = (torch.randn(shape[0], 4, generator=g, dtype=torch.float64).to(device) if build is _Tied
+         else torch.randint(0, 3, (shape[0],), generator=g).to(device))
+    if n_factored == 0:
+        assert layer_plan(fm) is None
+    elif n_factored is None:
+        with pytest.warns(RuntimeWarning, match="do not match vmap"):
+            lg = _check(fm, (x, y))
+        assert not lg.factors
+    else:
+        assert len(_check(fm, (x, y)).factors) == n_factored
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the same fallback warning, again
+        fast = grad_dot(fm).score(fm.params, (), (x, y), (x, y))
+    torch.testing.assert_close(fast, grad_dot(fm.loss).score(fm.params, (), (x, y), (x, y)),
+                               rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("hooked, kind", [(0, "forward"), (2, "pre")])
+def test_hooked_layers_are_not_factored(device, hooked, kind):
+    """A forward (pre-)hook changes the layer's output or input: that layer stays dense."""
+    net = _mlp(0, [4, 5, 3], [True], device)
+    if kind == "forward":
+        net[hooked].register_forward_hook(lambda mod, inp, out: out * 2)
+    else:
+        net[hooked].register_forward_pre_hook(lambda mod, inp: (inp[0] * 3,))
+    lg = _check(functional_model(net, F.cross_entropy), _data(0, 5, 4, 3, device))
+    assert list(lg.factors) == [str(2 - hooked)]
+
+
+@given(st.integers(0, 2**16), st.sampled_from([(2, 8), (8, 2), (2, 1), (1, 3)]))
+def test_sequence_lengths_may_differ_between_batches(device, seed, lengths):
+    """Train and test (and train batches) of different T: layouts fixed by the first batch."""
+    torch.manual_seed(seed)
+    fm = functional_model(_Seq(16, 3).double().to(device).eval(), F.cross_entropy)
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, T, 16, generator=g, dtype=torch.float64).to(device),
+             torch.randint(0, 3, (4,), generator=g).to(device)) for T in lengths]
+    S = grad_dot(fm).score(fm.params, (), data, data[1])
+    ref = grad_dot(fm.loss).score(fm.params, (), data, data[1])
+    torch.testing.assert_close(S, ref, rtol=0, atol=ATOL)
+    torch.testing.assert_close(grad_dot(fm, chunk_size=2).self_score(fm.params, (), data),
+                               grad_dot(fm.loss).self_score(fm.params, (), data),
+                               rtol=0, atol=ATOL)

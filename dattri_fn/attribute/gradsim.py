@@ -42,6 +42,9 @@ def _projector(stacked: Params, proj_dim, kind, seed):
 def _side(name: str, arg: str, fn):
     """Return ``(per-example loss, factored plan or None)`` for a function or a FunctionalModel."""
     if isinstance(fn, FunctionalModel):
+        if fn.loss_fn is None:
+            raise ValueError(f"{name}({arg}=...): expected a FunctionalModel built with a "
+                             f"loss_fn, got loss_fn=None.")
         return fn.loss, layer_plan(fn)
     if not callable(fn):
         raise TypeError(f"{name}({arg}=...): expected a per-example function (params, example) "

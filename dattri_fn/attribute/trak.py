@@ -269,6 +269,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     plan = keys = None
     if isinstance(output_fn, FunctionalModel):
+        if output_fn.loss_fn is None:
+            raise ValueError(_msg(name, "output_fn", "a FunctionalModel built with a loss_fn "
+                                  "(the output function)", "loss_fn=None"))
         plan, keys, output_fn = layer_plan(output_fn), list(output_fn.params), output_fn.loss
     if isinstance(weight_fn, FunctionalModel):
         weight_fn = weight_fn.loss
