@@ -119,6 +119,34 @@ def batch_slice(batch, start: int, stop: int):
     return type(batch)(v[start:stop] for v in batch)
 
 
+def batch_cat(batches: list):
+    """Concatenate Batches of one layout along their leading (example) dim."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return {k: torch.cat([b[k] for b in batches]) for k in first}
+    return type(first)(torch.cat([b[i] for b in batches]) for i in range(len(first)))
+
+
+def regroup(batches: Iterable, rows: int | None) -> Iterable:
+    """Yield consecutive batches merged until each has ``>= rows`` examples (None: as given)."""
+    if rows is None:
+        yield from batches
+        return
+    buf, n = [], 0
+    for b in batches:
+        buf.append(b)
+        n += batch_leaves(b)[0].shape[0]
+        if n >= rows:
+            yield batch_cat(buf)
+            buf, n = [], 0
+    if buf:
+        yield batch_cat(buf)
+
+
 def batch_to(batch, device):
     """Move every leaf to ``device`` (a no-op for tensors already there)."""
     if isinstance(batch, Tensor):

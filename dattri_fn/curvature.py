@@ -3,6 +3,9 @@
 Every factory returns a :class:`~dattri_fn._types.LinOp` on raveled params (dict order) that
 handles ``k`` right-hand sides at once (``vmap`` over rows) and streams over the data in
 mini-batches: ``C = (1/N) sum_batches sum_{i in batch} C_i``. Nothing ``[P, P]`` is formed.
+``batch_rows`` merges consecutive data batches into calls of at least that many examples: one
+call has a fixed ``torch.func`` cost (a few ms on CPU), so small batches are dominated by it;
+memory per call grows like ``k x batch_rows x`` (activations of one example).
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from ._checks import (
     check_optional_int,
     check_params,
     iter_batches,
+    regroup,
 )
 from ._types import Batch, LinOp, Loss, Params
 from .grad import per_sample_grad_unchecked
 from .tree import ravel, ravel_batched
 
 
-def _prepare(func: str, params: Params, data, chunk_size):
+def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
     check_params(func, "params", params)
     check_optional_int(func, "chunk_size", chunk_size)
+    check_optional_int(func, "batch_rows", batch_rows)
     batches = iter_batches(func, "data", data)
     first = next(iter(batches), None)
     if first is None:
@@ -38,14 +43,15 @@ def _prepare(func: str, params: Params, data, chunk_size):
     return batches, flat0, unravel
 
 
-def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches):
+def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches,
+              batch_rows: int | None = None):
     """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)``."""
     device = flat0.device
 
     def matmat(V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         n = 0
-        for batch in batches:
+        for batch in regroup(batches, batch_rows):
             batch = batch_to(batch, device)
             out = out + per_batch(V, batch)
             n += batch_leaves(batch)[0].shape[0]
@@ -58,7 +64,7 @@ HVP_MODES = ("fwd-rev", "rev-rev")
 
 
 def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
-        mode: str = "rev-rev") -> LinOp:
+        mode: str = "rev-rev", batch_rows: int | None = None) -> LinOp:
     """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
 
     ``mode="rev-rev"`` (default): ``vjp`` of ``grad`` of the batch-summed loss, linearised once
@@ -74,13 +80,15 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         data: one Batch or a re-iterable of Batches (list, DataLoader), re-read on every call.
         chunk_size: rows of ``V`` per vmap call (bounds memory); None = all ``k`` at once.
         mode: ``"fwd-rev"`` or ``"rev-rev"``, as above; both give the same operator.
+        batch_rows: merge consecutive batches into calls of at least this many examples
+            (see the module docstring); None = one call per batch as given.
 
     Note:
         ``H`` of a non-convex loss is indefinite; pass ``damping`` to the solver, not here.
     """
     if mode not in HVP_MODES:
         raise ValueError(f"hvp(mode=...): expected one of {list(HVP_MODES)}, got {mode!r}.")
-    batches, flat0, unravel = _prepare("hvp", params, data, chunk_size)
+    batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
         return vmap(loss, in_dims=(None, 0))(unravel(flat), batch).sum()
@@ -97,11 +105,11 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
 
         return vmap(one, chunk_size=chunk_size)(V)
 
-    return _streamed("hvp", per_batch, flat0, batches)
+    return _streamed("hvp", per_batch, flat0, batches, batch_rows)
 
 
 def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
-         chunk_size: int | None = None) -> LinOp:
+         chunk_size: int | None = None, batch_rows: int | None = None) -> LinOp:
     """Return ``V -> G V`` with the Gauss-Newton ``G = (1/N) sum_i J_i^T H_i J_i``.  # [k, P] -> [k, P]
 
     ``J_i`` is the Jacobian of ``forward(params, x_i)`` w.r.t. the params and ``H_i`` the Hessian of
@@ -110,9 +118,9 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
     Args:
         forward: ``forward(params, example) -> output`` for one example (any output shape).
         out_loss: ``out_loss(output, example) -> Tensor[]``, convex in ``output``.
-        params, data, chunk_size: as in :func:`hvp`.
+        params, data, chunk_size, batch_rows: as in :func:`hvp`.
     """
-    batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size)
+    batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size, batch_rows)
     out_grad = torch.func.grad(out_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
@@ -126,20 +134,22 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
         HJV = vmap(lambda u: h_vjp(u)[0], chunk_size=chunk_size)(JV)
         return vmap(lambda u: vjp_fn(u)[0], chunk_size=chunk_size)(HJV)
 
-    return _streamed("gnvp", per_batch, flat0, batches)
+    return _streamed("gnvp", per_batch, flat0, batches, batch_rows)
 
 
-def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None) -> LinOp:
+def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
+        batch_rows: int | None = None) -> LinOp:
     """Return ``V -> F V`` with the empirical Fisher ``F = (1/N) sum_i g_i g_i^T``.  # [k, P] -> [k, P]
 
     ``g_i`` is the per-example gradient; each batch's ``[B, P]`` gradients live only while that
-    batch is processed. ``chunk_size`` bounds the per-sample gradient ``vmap``.
+    batch is processed. ``chunk_size`` bounds the per-sample gradient ``vmap``; ``batch_rows``
+    as in :func:`hvp`.
     """
-    batches, flat0, unravel = _prepare("fvp", params, data, chunk_size)
+    batches, flat0, unravel = _prepare("fvp", params, data, chunk_size, batch_rows)
     p = unravel(flat0)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
         G = ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size))
         return (V @ G.T) @ G
 
-    return _streamed("fvp", per_batch, flat0, batches)
+    return _streamed("fvp", per_batch, flat0, batches, batch_rows)

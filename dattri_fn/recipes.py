@@ -133,12 +133,12 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         if solver in ("kfac", "ekfac"):
             fm = _linear_only(models[0], task.loss_fn)
         loss = l2_loss(fm, wd)
-        curvature = gauss_newton(fm, task.loss_fn)
+        P = sum(v.numel() for v in fm.params.values())
+        curvature = gauss_newton(fm, task.loss_fn, curvature_rows(P, batch_size))
         opts: dict = {}
         if solver == "cg":
             opts = dict(max_iter=max_iter, rtol=1e-4)
         elif solver == "arnoldi":
-            P = sum(v.numel() for v in fm.params.values())
             opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P),
                         block_size=arnoldi_block)
         elif solver == "lissa":
@@ -162,12 +162,24 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
     return Recipe(name, method, params, train, test)
 
 
-def gauss_newton(fm: FunctionalModel, loss_fn):
-    """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model."""
+def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
+    """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model.
+
+    ``batch_rows``: merge data batches into curvature calls of at least this many examples.
+    """
     from .curvature import gnvp
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
-    return lambda params, data: gnvp(fm.forward, out_loss, params, data)
+    return lambda params, data: gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows)
+
+
+def curvature_rows(num_params: int, batch_size: int) -> int:
+    """Examples per curvature call in the recipes: ``max(batch_size, min(2048, 2**24 // P))``.
+
+    One ``torch.func`` call costs a few ms of fixed overhead on CPU, so small models get bigger
+    calls; the ``2**24 / P`` cap keeps a call's ``k x rows`` activations to tens of MiB.
+    """
+    return max(batch_size, min(2048, 2**24 // max(1, num_params)))
 
 
 def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:

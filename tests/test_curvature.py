@@ -128,3 +128,36 @@ def test_dense_in_chunks_equals_dense_hessian(name, seed, chunk_size):
     params, loss, batch = PROBLEMS[name](n=6, seed=seed)
     H = dense_hessian(params, loss, batch)
     torch.testing.assert_close(hvp(loss, params, batch).dense(chunk_size), H, rtol=0, atol=1e-11)
+
+
+@given(problem_names, st.integers(0, 2**16), st.integers(1, 12), st.sampled_from(["hvp", "fvp"]))
+def test_batch_rows_merging_keeps_the_operator(name, seed, rows, kind):
+    """Merging batches into calls of >= batch_rows examples leaves C V unchanged (mean over ALL)."""
+    params, loss, (x, y) = PROBLEMS[name](n=9, seed=seed)
+    data = [(x[:2], y[:2]), (x[2:3], y[2:3]), (x[3:7], y[3:7]), (x[7:], y[7:])]
+    V = _V(3, sum(v.numel() for v in params.values()), seed)
+    build = hvp if kind == "hvp" else fvp
+    torch.testing.assert_close(build(loss, params, data, batch_rows=rows)(V),
+                               build(loss, params, data)(V), rtol=0, atol=1e-11)
+
+
+@given(st.integers(0, 2**16), st.integers(1, 12))
+def test_gnvp_batch_rows(seed, rows):
+    """gnvp with merged batches == gnvp batch by batch (softmax regression, W x)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    params = {"W": torch.randn(3, 4, generator=g, dtype=torch.float64)}
+    forward = lambda p, ex: p["W"] @ ex[0]
+    out_loss = lambda out, ex: F.cross_entropy(out[None], ex[1][None])
+    data = [(x[:4], y[:4]), (x[4:5], y[4:5]), (x[5:], y[5:])]
+    V = _V(2, 12, seed)
+    torch.testing.assert_close(gnvp(forward, out_loss, params, data, batch_rows=rows)(V),
+                               gnvp(forward, out_loss, params, data)(V), rtol=0, atol=1e-12)
+
+
+def test_batch_rows_is_validated():
+    """batch_rows must be a positive int; the error names the factory and the argument."""
+    params, loss, batch = PROBLEMS["mlp"](n=4, seed=0)
+    with pytest.raises(ValueError, match=r"hvp\(batch_rows=...\)"):
+        hvp(loss, params, batch, batch_rows=0)

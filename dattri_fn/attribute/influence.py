@@ -15,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import torch
-
-from .._checks import check_params, check_positive, iter_batches
+from .._checks import batch_cat, check_params, check_positive, iter_batches
 from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
@@ -39,15 +37,7 @@ class InfluenceState(NamedTuple):
 
 
 def _concat(train) -> Any:
-    batches = list(iter_batches("influence", "train", train))
-    if len(batches) == 1:
-        return batches[0]
-    first = batches[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(batches)
-    if isinstance(first, dict):
-        return {k: torch.cat([b[k] for b in batches]) for k in first}
-    return type(first)(torch.cat([b[i] for b in batches]) for i in range(len(first)))
+    return batch_cat(list(iter_batches("influence", "train", train)))
 
 
 def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
