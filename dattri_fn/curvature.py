@@ -4,7 +4,7 @@ Every factory returns a :class:`~dattri_fn._types.LinOp` on raveled params (dict
 handles ``k`` right-hand sides at once (``vmap`` over rows) and streams over the data in
 mini-batches: ``C = (1/N) sum_batches sum_{i in batch} C_i``. Nothing ``[P, P]`` is formed.
 ``batch_rows`` merges consecutive data batches into calls of at least that many examples: one
-call has a fixed ``torch.func`` cost (a few ms on CPU), so small batches are dominated by it;
+call has a fixed ``torch.func`` cost (1-2 ms on one CPU thread), so small batches pay mostly it;
 memory per call grows like ``k x batch_rows x`` (activations of one example).
 """
 
