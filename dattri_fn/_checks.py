@@ -131,20 +131,33 @@ def batch_cat(batches: list):
     return type(first)(torch.cat([b[i] for b in batches]) for i in range(len(first)))
 
 
-def regroup(batches: Iterable, rows: int | None) -> Iterable:
-    """Yield consecutive batches merged until each has ``>= rows`` examples (None: as given)."""
+def regroup(batches: Iterable, rows: int | None, func: str = "regroup") -> Iterable:
+    """Yield consecutive batches merged until each has ``>= rows`` examples (None: as given).
+
+    Raises a ValueError naming ``func(batch_rows=...)`` when batches cannot be concatenated
+    (shapes that differ beyond the first dim, e.g. per-batch padding).
+    """
     if rows is None:
         yield from batches
         return
+
+    def merged(buf):
+        try:
+            return batch_cat(buf)
+        except (RuntimeError, TypeError, KeyError, IndexError) as err:
+            raise ValueError(_msg(func, "batch_rows", "batches that concatenate along the first "
+                                  "dim (same layout and trailing shapes)", f"{err}",
+                                  "Pass batch_rows=None or pad batches to one shape.")) from err
+
     buf, n = [], 0
     for b in batches:
         buf.append(b)
         n += batch_leaves(b)[0].shape[0]
         if n >= rows:
-            yield batch_cat(buf)
+            yield merged(buf)
             buf, n = [], 0
     if buf:
-        yield batch_cat(buf)
+        yield merged(buf)
 
 
 def batch_to(batch, device):

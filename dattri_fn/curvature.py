@@ -51,7 +51,7 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
     def matmat(V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         n = 0
-        for batch in regroup(batches, batch_rows):
+        for batch in regroup(batches, batch_rows, func):
             batch = batch_to(batch, device)
             out = out + per_batch(V, batch)
             n += batch_leaves(batch)[0].shape[0]

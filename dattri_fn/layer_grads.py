@@ -375,6 +375,9 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
     The plan's first call verifies the factored path on a few examples (see the module Note).
     """
     if not plan.status["checked"]:
+        if batch_size("layer_grads", "batch", batch) < 2:
+            # One example cannot reveal examples mixed within a batch: exact path, check later.
+            return _dense(plan, stacked, batch)
         _verify(plan, stacked, batch)
     if plan.status["dense"]:
         return _dense(plan, stacked, batch)
@@ -405,7 +408,8 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch)
 
     ``per_sample_layer_grads(fm, p, batch).to_dense()[0]`` equals
     ``per_sample_grad(fm.loss, p, batch)``; ``.scores(other)`` gives the Grad-Dot matrix
-    without forming either ``[B, P]`` matrix.
+    without forming either ``[B, P]`` matrix. The batch is checked against ``vmap(grad)`` on
+    its first examples (see the module docstring); a batch of one example is returned dense.
 
     Args:
         model: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn``.

@@ -161,3 +161,9 @@ def test_batch_rows_is_validated():
     params, loss, batch = PROBLEMS["mlp"](n=4, seed=0)
     with pytest.raises(ValueError, match=r"hvp\(batch_rows=...\)"):
         hvp(loss, params, batch, batch_rows=0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    padded = [(x[:2, :3], torch.tensor([0, 1])), (x[2:], torch.tensor([1, 0]))]
+    f = lambda p, ex: (p["w"][: ex[0].shape[0]] * ex[0]).sum() ** 2
+    op = hvp(f, {"w": torch.ones(5, dtype=torch.float64)}, padded, batch_rows=4)
+    with pytest.raises(ValueError, match=r"hvp\(batch_rows=...\): expected batches that concat"):
+        op(torch.ones(1, 5, dtype=torch.float64))

@@ -176,3 +176,16 @@ def test_float32_in_float32_out(device, method):
     assert _rel(out.double(), ref) < 1e-4
     with pytest.raises(TypeError, match=r"ihvp_explicit\(V=...\): expected dtype torch.float32"):
         op(V64)
+
+
+def test_auto_accepts_a_matrix_that_requires_grad(device):
+    """A dense operator with requires_grad (e.g. a torch.func.hessian) works and stays
+    differentiable: d/dA of sum((A + dI)^-1 v) matches the eigh path."""
+    A0 = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64, device=device)
+    v = torch.tensor([1.0, -2.0], dtype=torch.float64, device=device)
+    grads = []
+    for method in ("auto", "eigh"):
+        A = A0.clone().requires_grad_(True)
+        ihvp_explicit(A, damping=0.1, method=method)(v).sum().backward()
+        grads.append(A.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)

@@ -146,6 +146,31 @@ def _sorted_eigen(S: Tensor) -> Eigen:
     return Eigen(values[order], vectors[:, order])
 
 
+def _check_pd(func: str, info: Tensor, damping: float) -> None:
+    if int(info):  # one sync, at construction
+        raise ValueError(
+            f"{func}(op=..., damping=...): expected A + damping*I positive definite, got a "
+            f"non-positive pivot at row {int(info)} (damping = {damping:g}). "
+            f"Raise damping or use method='eigh' (drops non-positive directions).")
+
+
+def _differentiable(func: str, S: Tensor, damping: float, rtol: float, method: str) -> LinOp:
+    """:func:`ihvp_explicit` for an ``S`` that autograd tracks: out-of-place shifts (the
+    in-place ones of the main path would invalidate the graph), the decision without grad."""
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    M = S + damping * eye
+    if method == "auto":
+        with torch.no_grad():
+            tau = rtol * torch.linalg.vector_norm(M)
+            if int(torch.linalg.cholesky_ex(M - tau * eye).info):
+                return spectral_inverse(func, _sorted_eigen(S), damping=damping, rtol=rtol)
+    L, info = torch.linalg.cholesky_ex(M)
+    if method == "auto" and int(info):  # rounding: M - tau*I factored but M did not
+        return spectral_inverse(func, _sorted_eigen(S), damping=damping, rtol=rtol)
+    _check_pd(func, info, damping)
+    return _cholesky_inverse(func, L, damping=damping)
+
+
 def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
                   method: str = "auto") -> EigenInverse | CholeskyInverse:
     """Return V -> (A + damping*I)^-1 V from one Cholesky or eigendecomposition.  # [k, P] -> [k, P]
@@ -224,16 +249,14 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     del dense  # frees A.dense() before the factorisations (a caller's tensor stays alive)
     if method == "eigh":
         return spectral_inverse(func, _sorted_eigen(S), damping=damping, rtol=rtol)
+    if S.requires_grad:
+        return _differentiable(func, S, damping, rtol, method)
     diag = S.diagonal()  # a view: shifting it touches nothing else
     lam_diag = diag.clone()  # to restore A_s bit for bit before an eigh fallback
     diag.add_(damping)
     if method == "cholesky":
         L, info = torch.linalg.cholesky_ex(S)
-        if int(info):  # one sync, at construction
-            raise ValueError(
-                f"{func}(op=..., damping=...): expected A + damping*I positive definite, got a "
-                f"non-positive pivot at row {int(info)} of {A.dim} (damping = {damping:g}). "
-                f"Raise damping or use method='eigh' (drops non-positive directions).")
+        _check_pd(func, info, damping)
         return _cholesky_inverse(func, L, damping=damping)
     if rtol > 0:  # with rtol = 0, tau = 0: the test matrix is M and its factor is the answer
         diag.sub_(rtol * torch.linalg.vector_norm(S))  # M - tau*I; tau stays on device
@@ -241,7 +264,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     if not int(info):  # one sync: the drop rule provably drops nothing
         if rtol > 0:
             diag.copy_(lam_diag).add_(damping)  # M again, bit for bit
-            torch.linalg.cholesky_ex(S, out=(L, info))
+            del L  # (no out=: autograd refuses it for an input that requires grad)
+            L, info = torch.linalg.cholesky_ex(S)
         # M - tau*I factored, so M does too unless rounding says otherwise; check, never assume
         if not int(info):
             return _cholesky_inverse(func, L, damping=damping)
