@@ -19,6 +19,18 @@ def _orthogonalise(Q: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
     return W - (W @ Q.T) @ Q, H
 
 
+def _ritz_pairs(func: str, Q: Tensor, T: Tensor) -> Eigen:
+    """Ritz pairs from the basis rows ``Q`` and the upper triangle of ``T = Q A Q^T``, sorted
+    by ``|value|``; raise if the operator produced non-finite values."""
+    if not bool(torch.isfinite(T).all()):
+        raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
+                         f"NaN or inf in the Krylov basis. Check the curvature operator.")
+    T = torch.triu(T) + torch.triu(T, 1).T
+    theta, S = torch.linalg.eigh(T)
+    order = torch.argsort(theta.abs(), descending=True)
+    return Eigen(theta[order], Q.T @ S[:, order])
+
+
 def _arnoldi(func: str, A: LinOp, m: int, seed: int) -> Eigen:
     """Arnoldi core: ``m <= P`` steps from a seeded start; returns all ``m`` Ritz pairs."""
     P, dtype, device = A.dim, A.dtype, A.device
@@ -46,13 +58,7 @@ def _arnoldi(func: str, A: LinOp, m: int, seed: int) -> Eigen:
         anorm = torch.maximum(anorm, torch.hypot(H[0].norm(), beta))
         restart = beta <= breakdown * anorm
         Q[j + 1] = torch.where(restart, z / z.norm().clamp_min(tiny), w / beta.clamp_min(tiny))
-    if not bool(torch.isfinite(T).all()):
-        raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
-                         f"NaN or inf in the Krylov basis. Check the curvature operator.")
-    T = torch.triu(T) + torch.triu(T, 1).T
-    theta, S = torch.linalg.eigh(T)
-    order = torch.argsort(theta.abs(), descending=True)
-    return Eigen(theta[order], Q.T @ S[:, order])
+    return _ritz_pairs(func, Q, T)
 
 
 def _next_block(Q: Tensor, W: Tensor, Z: Tensor, tol: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,13 +113,7 @@ def _block_arnoldi(func: str, A: LinOp, m: int, b: int, seed: int) -> Eigen:
         Z = torch.randn(n, P, generator=gen, dtype=dtype, device=device)
         Q[e : e + n], H = _next_block(Q[:e], W, Z, breakdown * anorm)
         T[:e, s:e] = H.T  # q_i . A q_j for i < e and j in this block: the upper block triangle
-    if not bool(torch.isfinite(T).all()):
-        raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
-                         f"NaN or inf in the Krylov basis. Check the curvature operator.")
-    T = torch.triu(T) + torch.triu(T, 1).T
-    theta, S = torch.linalg.eigh(T)
-    order = torch.argsort(theta.abs(), descending=True)
-    return Eigen(theta[order], Q.T @ S[:, order])
+    return _ritz_pairs(func, Q, T)
 
 
 def _krylov(func: str, A: LinOp, m: int, b: int, seed: int) -> Eigen:
