@@ -172,15 +172,8 @@ def first_batch(func: str, arg: str, data, device):
 
 def check_cached_train(func: str, train, n_cached: int) -> None:
     """Raise if a countable ``train`` (a Batch or a list/tuple of them) has != ``n_cached`` rows."""
-    if train is None:
-        return
-    if is_batch(train):
-        n = batch_size(func, "train", train)
-    elif isinstance(train, (list, tuple)):
-        n = sum(batch_size(func, "train", b) for b in train)
-    else:
-        return
-    if n != n_cached:
+    n = None if train is None else _count_rows(func, train)
+    if n is not None and n != n_cached:
         raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
                               "prepared on (its cached features are used)", f"{n} examples",
                               "Call prepare on this training set, or pass train=None."))
