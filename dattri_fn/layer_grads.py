@@ -156,7 +156,6 @@ class LayerPlan(NamedTuple):
     layers: dict[str, tuple[str | None, str | None]]  # layer -> (weight key, bias key)
     rest: tuple[str, ...]
     out_features: dict[str, int]
-    shapes: dict  # input signature -> layer output shapes: a cache, filled on first use
     status: dict  # "checked"/"dense" flags and per-layer layouts, fixed by the first batch
 
 
@@ -218,29 +217,17 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
         def tapped(state, probes, *a, **kw):
             return inner({prefix + k: v for k, v in state.items()}, probes, *a, **kw)
 
-        tapped.layers = inner.layers
+        tapped.layers, tapped.shapes = inner.layers, {}
     layers = {n: (f"{n}.weight"[len(prefix):] if f"{n}.weight" in keys else None,
                   f"{n}.bias"[len(prefix):] if f"{n}.bias" in keys else None) for n in names}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
     return LayerPlan(model, tapped, layers, rest, {n: modules[n].out_features for n in names},
-                     {}, {"checked": False, "dense": False, "layout": {}})
+                     {"checked": False, "dense": False, "layout": {}})
 
 
 def _unpack(model: FunctionalModel):
     return model.unpack or default_unpack
-
-
-def _probe_shapes(plan: LayerPlan, params: Params, args, kwargs) -> dict[str, tuple]:
-    """Layer output shapes ``[B, ..., out]``, cached per input signature (saves a forward)."""
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
-                for t in leaves)
-    if key not in plan.shapes:
-        state = {**plan.model.fixed, **params}
-        plan.shapes[key] = output_shapes(plan.tapped, state, plan.out_features, args, kwargs,
-                                         next(iter(params.values())))
-    return plan.shapes[key]
 
 
 def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
@@ -389,7 +376,8 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}
     args, kwargs, target = unpack(batch)
-    shapes = _probe_shapes(plan, first, args, kwargs)
+    shapes = output_shapes(plan.tapped, {**plan.model.fixed, **first}, plan.out_features, args,
+                           kwargs, next(iter(first.values())))
     if plan.rest:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:

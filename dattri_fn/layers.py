@@ -175,6 +175,7 @@ def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
         return torch.func.functional_call(gm, state, (probes, *inputs), kwargs)
 
     tapped.layers = names
+    tapped.shapes = {}  # input signature -> layer output shapes (see output_shapes)
     tapped.graph_module = gm
     tapped.state_keys = state_keys
     return tapped
@@ -234,11 +235,20 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
 
 def output_shapes(tapped: TappedFn, state, out_features: Mapping[str, int], args, kwargs,
                   like: Tensor) -> dict[str, tuple]:
-    """Return each tapped layer's output shape ``[B, ..., out]`` from one no-grad forward."""
-    zeros = {n: like.new_zeros(()) for n in tapped.layers}
-    with torch.no_grad():
-        _, acts = tapped(state, zeros, *args, **kwargs)
-    return {n: (*acts[n].shape[:-1], out_features[n]) for n in tapped.layers}
+    """Return each tapped layer's output shape ``[B, ..., out]`` from one no-grad forward.
+
+    Cached on ``tapped`` per input signature (shapes, dtypes, devices of the inputs), so
+    repeated batches of one shape cost no extra forward.
+    """
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
+                for t in leaves)
+    if key not in tapped.shapes:
+        zeros = {n: like.new_zeros(()) for n in tapped.layers}
+        with torch.no_grad():
+            _, acts = tapped(state, zeros, *args, **kwargs)
+        tapped.shapes[key] = {n: (*acts[n].shape[:-1], out_features[n]) for n in tapped.layers}
+    return tapped.shapes[key]
 
 
 def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
