@@ -283,14 +283,13 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
     """
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import l2_loss, recipe
+    from dattri_fn.recipes import recipe
 
     base = recipe(name, task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
                   seed=hp["seed"], batch_size=hp["batch_size"], max_iter=hp["max_iter"],
                   arnoldi_rank=hp["arnoldi_rank"])
     wd = float(task.hparams.get("weight_decay", 0.0))
     fm = functional_model(models[0].eval(), task.loss_fn)
-    loss = l2_loss(fm, wd)
     solver = name[3:]
     P = sum(v.numel() for v in fm.params.values())
     opts: dict = {}
@@ -302,8 +301,8 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
     elif solver == "lissa":
         opts = dict(scale=matched_lissa_scale(task, models, hp), depth=200,
                     batch_size=min(64, task.n_train))
-    method = influence(loss, solver=solver, damping=hp["damping"], curvature="hessian",
-                       target=fm.loss, model=fm, **opts)
+    method = influence(fm, l2=wd / 2, solver=solver, damping=hp["damping"],
+                       curvature="hessian", **opts)
     return Runner(lambda: method.prepare(fm.params, base.train),
                   lambda st: method.score(fm.params, st, base.train, base.test))
 

@@ -114,7 +114,7 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str
         return dattri_point(name, task, models, cg_iters=cg_iters)
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import curvature_rows, gauss_newton, l2_loss, recipe
+    from dattri_fn.recipes import curvature_rows, gauss_newton, recipe
 
     P = sum(p.numel() for p in models[0].parameters())
     r = recipe(name if name != "if-cg" else "grad-dot", task, models,
@@ -123,9 +123,8 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str
     if name == "if-cg":
         wd = float(task.hparams["weight_decay"])
         fm = functional_model(models[0], task.loss_fn)
-        method = influence(l2_loss(fm, wd), solver="cg", damping=wd + 1e-3,
+        method = influence(fm, l2=wd / 2, solver="cg", damping=wd + 1e-3,
                            curvature=gauss_newton(fm, task.loss_fn, curvature_rows(P, batch_rows(P))),
-                           target=fm.loss,
                            max_iter=cg_iters, rtol=0.0)
         params = fm.params
 

@@ -27,6 +27,7 @@ from .solve import (
     ihvp_kfac,
     ihvp_lissa,
     kfac_factors,
+    kfac_tap,
 )
 from .tree import num_params, ravel, ravel_batched
 
@@ -54,6 +55,7 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_lissa",
     "kfac_factors",
+    "kfac_tap",
     "layer_plan",
     "load_checkpoints",
     "load_params",

@@ -177,6 +177,7 @@ def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
     tapped.layers = names
     tapped.shapes = {}  # input signature -> layer output shapes (see output_shapes)
     tapped.graph_module = gm
+    tapped.module = module
     tapped.state_keys = state_keys
     return tapped
 

@@ -132,7 +132,6 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         solver = name[3:]
         if solver in ("kfac", "ekfac"):
             fm = _linear_only(models[0], task.loss_fn)
-        loss = l2_loss(fm, wd)
         P = sum(v.numel() for v in fm.params.values())
         curvature = gauss_newton(fm, task.loss_fn, curvature_rows(P, batch_size))
         opts: dict = {}
@@ -144,8 +143,8 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         elif solver == "lissa":
             opts = dict(scale=lissa_scale(curvature(fm.params, train[0]), wd + damping),
                         depth=200, batch_size=min(64, n))
-        method = influence(loss, solver=solver, damping=damping + wd, curvature=curvature,
-                           target=fm.loss, model=fm, **opts)
+        method = influence(fm, l2=wd / 2, solver=solver, damping=damping + wd,
+                           curvature=curvature, **opts)
         return Recipe(name, method, fm.params, train, test)
     if name in ("grad-dot", "grad-cos"):
         build = grad_dot if name == "grad-dot" else grad_cos

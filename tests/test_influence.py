@@ -294,3 +294,64 @@ def test_test_gradients_computed_once_per_test_point():
     state = m.prepare(params, train)
     m.score(params, state, _split(train, [3, 6, 9]), train)
     assert len(calls) == 1  # vmap traces the python function once for the single test batch
+
+
+@given(st.sampled_from(["explicit", "cg", "datainf", "ekfac"]), st.integers(0, 2**16),
+       st.floats(0.0, 0.5), st.sampled_from([[], [5], [3, 11]]))
+def test_functional_model_with_l2_equals_plain_loss(solver, seed, l2, cuts):
+    """influence(fm, l2=c) == influence(loss + c|p|^2, target=loss): scores and self-scores.
+
+    The FunctionalModel path takes Linear gradients from one batched backward; the plain path
+    is vmap(grad) of the regularised loss (float64, 1e-10)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 4, generator=g, dtype=D), torch.randint(0, 3, (16,), generator=g)
+    train, test = _split((x, y), cuts), (x[:4] + 0.1, y[:4])
+    reg = lambda p, ex: fm.loss(p, ex) + l2 * sum((v * v).sum() for v in p.values())
+    opts = dict(max_iter=200, rtol=1e-12) if solver == "cg" else {}
+    ref_m = influence(reg, solver=solver, damping=0.2, target=fm.loss, model=fm,
+                      curvature="fisher", **opts)
+    m = influence(fm, l2=l2, solver=solver, damping=0.2, curvature="fisher", **opts)
+    ref_state, state = ref_m.prepare(fm.params, train), m.prepare(fm.params, train)
+    torch.testing.assert_close(m.score(fm.params, state, train, test),
+                               ref_m.score(fm.params, ref_state, train, test),
+                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.self_score(fm.params, state, train),
+                               ref_m.self_score(fm.params, ref_state, train),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_functional_model_hessian_includes_l2():
+    """With curvature='hessian', influence(fm, l2=c) inverts the Hessian of loss + c|p|^2."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(10, 3, generator=g, dtype=D), torch.randint(0, 2, (10,), generator=g)
+    l2, damping = 0.3, 0.1
+    reg = lambda p, ex: fm.loss(p, ex) + l2 * sum((v * v).sum() for v in p.values())
+    H = dense_hessian(fm.params, reg, (x, y))
+    G = dense_per_sample_grads(fm.params, reg, (x, y))
+    T = dense_per_sample_grads(fm.params, fm.loss, (x[:3], y[:3]))
+    ref = G @ torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=D), T.T)
+    m = influence(fm, l2=l2, solver="explicit", damping=damping, curvature="hessian")
+    S = m.score(fm.params, m.prepare(fm.params, (x, y)), (x, y), (x[:3], y[:3]))
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_functional_model_errors():
+    """Negative l2, a model without loss_fn, and params with other keys name the argument."""
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    fm = functional_model(net, F.cross_entropy)
+    with pytest.raises(ValueError, match=r"influence\(l2=...\): expected a finite number >= 0"):
+        influence(fm, l2=-1.0)
+    with pytest.raises(ValueError, match=r"influence\(loss=...\): expected a FunctionalModel "
+                                         r"built with a loss_fn"):
+        influence(functional_model(net))
+    m = influence(fm, solver="cg")
+    x, y = torch.randn(4, 3, dtype=D), torch.randint(0, 2, (4,))
+    bad = {"w": fm.params["0.weight"], "b": fm.params["0.bias"]}
+    with pytest.raises(ValueError, match=r"if_cg\(params=...\): expected the keys"):
+        m.score(bad, m.prepare(fm.params, (x, y)), (x, y), (x, y))

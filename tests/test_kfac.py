@@ -17,6 +17,7 @@ from dattri_fn.solve.kfac import (
     ihvp_ekfac,
     ihvp_kfac,
     kfac_factors,
+    kfac_tap,
 )
 from problems import SeqNet
 
@@ -314,3 +315,25 @@ def test_kfac_errors(device):
         ihvp_ekfac(f, damping=1.0)
     with pytest.raises(ValueError, match=r"ihvp_kfac\(factors.A=...\): expected finite"):
         ihvp_kfac(f._replace(A={**f.A, "emb": f.A["emb"] * float("inf")}), damping=1.0)
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_reused_tap_gives_identical_factors(device, fit):
+    """fit(..., tapped=kfac_tap(...)) == fit(...) exactly; a tap of other layers or of another
+    module is refused, naming tapped."""
+    model, layers, batch = _problem("seq", 1, 5, 2, 3, 2, 3, True, device)
+    params = _params(model, layers, True, 0)
+    tap = kfac_tap(model, params)
+    ref = fit(model, F.cross_entropy, params, [batch, batch])
+    for _ in range(2):
+        got = fit(model, F.cross_entropy, params, [batch, batch], tapped=tap)
+        for a, b in zip(got, ref, strict=True):
+            if isinstance(a, dict):
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    one = {k: v for k, v in params.items() if k.startswith("emb")}
+    with pytest.raises(ValueError, match=r"(e)?kfac_factors\(tapped=...\): expected tap_layers"):
+        fit(model, F.cross_entropy, one, batch, tapped=tap)
+    other, _, _ = _problem("seq", 2, 5, 2, 3, 2, 3, True, device)
+    with pytest.raises(ValueError, match=r"tapped=...\): expected tap_layers"):
+        fit(other, F.cross_entropy, params, batch, tapped=tap)

@@ -22,9 +22,16 @@ from torch import Tensor
 
 from .._checks import check_optional_int, check_positive
 from .._types import Loss, Params
-from ..layer_grads import LayerGrads, layer_grads_stacked, layer_plan
+from ..layer_grads import LayerGrads, layer_grads_stacked
 from ..model import FunctionalModel
-from .method import Method, device_of, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
+from .method import (
+    Method,
+    device_of,
+    loss_and_plan,
+    num_checkpoints,
+    stack_checkpoints,
+    stacked_per_sample_grad,
+)
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 
@@ -39,27 +46,14 @@ def _projector(stacked: Params, proj_dim, kind, seed):
                           device=v0.device)
 
 
-def _side(name: str, arg: str, fn):
-    """Return ``(per-example loss, factored plan or None)`` for a function or a FunctionalModel."""
-    if isinstance(fn, FunctionalModel):
-        if fn.loss_fn is None:
-            raise ValueError(f"{name}({arg}=...): expected a FunctionalModel built with a "
-                             f"loss_fn, got loss_fn=None.")
-        return fn.loss, layer_plan(fn)
-    if not callable(fn):
-        raise TypeError(f"{name}({arg}=...): expected a per-example function (params, example) "
-                        f"-> Tensor[] or a FunctionalModel, got {type(fn).__name__}.")
-    return fn, None
-
-
 def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          normalize: bool = False,
                          proj_dim: int | None = None, kind: str = "rademacher", seed: int = 0,
                          chunk_size: int | None = None) -> Method:
     check_optional_int(name, "proj_dim", proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
-    loss, plan = _side(name, "loss", loss)
-    target, plan_t = (loss, plan) if target is None else _side(name, "target", target)
+    loss, plan = loss_and_plan(name, "loss", loss)
+    target, plan_t = (loss, plan) if target is None else loss_and_plan(name, "target", target)
     if plan is None or plan_t is None:
         plan = plan_t = None  # both sides factored, or neither
     keys = None if plan is None else list(plan.model.params)

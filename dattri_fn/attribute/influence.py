@@ -19,8 +19,10 @@ from .._checks import batch_cat, check_params, check_positive, iter_batches
 from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
-from ..tree import ravel_batched
-from .method import Method, device_of
+from ..layer_grads import LayerPlan, layer_grads_stacked
+from ..model import FunctionalModel
+from ..tree import ravel, ravel_batched
+from .method import Method, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
@@ -40,14 +42,41 @@ def _concat(train) -> Any:
     return batch_cat(list(iter_batches("influence", "train", train)))
 
 
-def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
+def _with_l2(loss: Loss, l2: float) -> Loss:
+    """Return ``(p, z) -> loss(p, z) + l2 |p|^2``."""
+    if l2 == 0:
+        return loss
+    return lambda p, z: loss(p, z) + l2 * sum((v * v).sum() for v in p.values())
+
+
+def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
+    """Return ``batch -> [B, P]`` raveled per-example gradients of ``fn + l2 |p|^2``.
+
+    With a plan, Linear layers come from one batched backward (``l2`` added as ``2 l2 p``);
+    without, ``fn`` already holds the ``l2`` term and ``vmap(grad)`` does it.
+    """
+    if plan is None:
+        return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b))
+    stacked = {k: v[None] for k, v in params.items()}
+    shift = 2 * l2 * ravel(params)[0] if l2 else None
+
+    def rows(b):
+        G = layer_grads_stacked(plan, stacked, b).to_dense()[0]
+        return G if shift is None else G.add_(shift)
+
+    return rows
+
+
+def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: float = 1e-3,
               curvature: str | Callable[[Params, Any], LinOp] = "hessian",
-              target: Loss | None = None, model=None, chunk_size: int | None = None,
-              **solver_options) -> Method:
+              target: Loss | FunctionalModel | None = None, model=None, l2: float = 0.0,
+              chunk_size: int | None = None, **solver_options) -> Method:
     """Return the influence-function method with the given inverse-curvature backend.
 
     Args:
-        loss: per-example loss ``loss(params, example) -> Tensor[]``.
+        loss: per-example loss ``loss(params, example) -> Tensor[]``, or a FunctionalModel
+            (its ``loss``; its Linear layers' per-example gradients then come from one batched
+            backward instead of ``vmap(grad)``: same scores, less time; it is also ``model``).
         solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``.
         damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
             model is indefinite; see each solver's rule for non-positive directions).
@@ -55,7 +84,12 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
             ``(params, train) -> LinOp`` (e.g. a Gauss-Newton built with :func:`gnvp`).
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
-            ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks).
+            ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
+            ``loss`` when that is a FunctionalModel.
+        l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
+            ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params`` and the ``"hessian"``
+            / ``"fisher"`` curvature is that of the regularised loss; the test side stays
+            ``target`` (default: ``loss`` WITHOUT the ``l2`` term).
         chunk_size: examples per per-sample-gradient call and rows per HVP call.
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
             ``depth``, ``repeats``, ``batch_size``, ``seed``...).
@@ -78,23 +112,35 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
     if isinstance(curvature, str) and curvature not in CURVATURES:
         raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
                          f"callable (params, train) -> LinOp, got {curvature!r}.")
+    check_positive("influence", "l2", l2, allow_zero=True)
+    base, plan = loss_and_plan("influence", "loss", loss)
+    test_fn, plan_t = (base, plan) if target is None else loss_and_plan("influence", "target",
+                                                                        target)
+    if model is None and isinstance(loss, FunctionalModel):
+        model = loss
+    train_fn = _with_l2(base, l2)
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
     name = f"if_{solver}"
-    def grads(params: Params, fn: Loss = loss):
+    def grads(params: Params, test: bool = False):
         # Params are validated here, once per public call; batches by collect/stream_*.
         check_params(name, "params", params)
-        return in_chunks(lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b)),
-                         chunk_size)
+        fn_plan = plan_t if test else plan
+        if fn_plan is not None and list(params) != list(fn_plan.model.params):
+            raise ValueError(f"{name}(params=...): expected the keys of the model's params "
+                             f"{list(fn_plan.model.params)}, got {list(params)}.")
+        rows = (_grad_rows(test_fn, plan_t, 0.0, params) if test
+                else _grad_rows(train_fn if plan is None else base, plan, l2, params))
+        return in_chunks(rows, chunk_size)
 
-    test_fn = loss if target is None else target
+    taps: dict = {}  # K-FAC's traced forward, built on the first prepare and reused
 
     def curvature_op(params, train) -> LinOp:
         if callable(curvature):
             return curvature(params, train)
         build = hvp if curvature == "hessian" else fvp
-        return build(loss, params, train, chunk_size=chunk_size)
+        return build(train_fn, params, train, chunk_size=chunk_size)
 
     def prepare(params: Params, train) -> InfluenceState:
         from .. import solve
@@ -118,7 +164,7 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
                 batch_op = lambda b: curvature(params, b)
             else:
                 build = hvp if curvature == "hessian" else fvp
-                batch_op = lambda b: build(loss, params, b, chunk_size=chunk_size)
+                batch_op = lambda b: build(train_fn, params, b, chunk_size=chunk_size)
             return InfluenceState(solve.ihvp_lissa(batch_op, _concat(train), damping=damping,
                                                    **solver_options), None)
         if solver == "datainf":
@@ -130,8 +176,12 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
             return InfluenceState(inv, None)
         factor_fn = kfac.kfac_factors if solver == "kfac" else kfac.ekfac_factors
         inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
+        key = tuple(params)
+        if key not in taps:
+            taps.clear()
+            taps[key] = kfac.kfac_tap(model.module, params, layers=solver_options.get("layers"))
         factors = factor_fn(model.module, model.loss_fn, params, train, chunk_size=chunk_size,
-                            **solver_options)
+                            tapped=taps[key], **solver_options)
         return InfluenceState(inverse_fn(factors, damping=damping), factors)
 
     def _check_state(state):
@@ -143,13 +193,13 @@ def influence(loss: Loss, *, solver: str = "cg", damping: float = 1e-3,
               largest: bool = True):
         _check_state(state)
         device = device_of(params)
-        test_g = collect(name, "test", grads(params, test_fn), test, device)
+        test_g = collect(name, "test", grads(params, test=True), test, device)
         return stream_scores(name, grads(params), train, state.ihvp(test_g), device,
                              top_k=top_k, largest=largest)
 
     def self_score(params: Params, state: InfluenceState, train):
         _check_state(state)
-        g, gt = grads(params), grads(params, test_fn)
+        g, gt = grads(params), grads(params, test=True)
         return stream_self(name, g, lambda b: state.ihvp(gt(b)), train, device_of(params))
 
     return Method(prepare, score, self_score, name)

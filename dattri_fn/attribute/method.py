@@ -61,6 +61,26 @@ def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Para
     return {k: torch.stack([c[k].detach() for c in checkpoints]) for k in first}
 
 
+def loss_and_plan(func: str, arg: str, fn):
+    """Return ``(per-example loss, LayerPlan or None)`` for a function or a FunctionalModel.
+
+    A FunctionalModel's Linear layers get a plan (:func:`~dattri_fn.layer_grads.layer_plan`):
+    their per-example gradients then come from one batched backward instead of ``vmap(grad)``.
+    """
+    from ..layer_grads import layer_plan
+    from ..model import FunctionalModel
+
+    if isinstance(fn, FunctionalModel):
+        if fn.loss_fn is None:
+            raise ValueError(f"{func}({arg}=...): expected a FunctionalModel built with a "
+                             f"loss_fn, got loss_fn=None.")
+        return fn.loss, layer_plan(fn)
+    if not callable(fn):
+        raise TypeError(f"{func}({arg}=...): expected a per-example function (params, example) "
+                        f"-> Tensor[] or a FunctionalModel, got {type(fn).__name__}.")
+    return fn, None
+
+
 def num_checkpoints(stacked: Params) -> int:
     return next(iter(stacked.values())).shape[0]
 

@@ -191,6 +191,28 @@ def _count_rows(func: str, train) -> int | None:
 _CACHED_ROWS = 4096  # cached train rows scored per block (bounds the [rows, n_test] block)
 
 
+class WeightedRows(NamedTuple):
+    """TRAK's train rows ``w_i phi_ci`` with the weight kept apart.  # phi [C, b, d], w [b]
+
+    ``scores`` scales the ``[b, n]`` product instead of a ``[C, b, d]`` copy of the features.
+    """
+
+    phi: Tensor
+    w: Tensor
+
+    def scores(self, other: Tensor) -> Tensor:
+        """Return ``w_i sum_c <phi_ci, other_cj>``.  # other [C, n, d] -> [b, n]"""
+        return torch.bmm(self.phi, other.transpose(1, 2)).sum(0).mul_(self.w[:, None])
+
+    def row_dots(self, other: Tensor) -> Tensor:
+        """Return ``w_i sum_c <phi_ci, other_ci>``.  # -> [b]"""
+        return (self.phi * other).sum((0, 2)) * self.w
+
+    @staticmethod
+    def cat(blocks) -> WeightedRows:
+        return WeightedRows(torch.cat([b.phi for b in blocks], 1), torch.cat([b.w for b in blocks]))
+
+
 # -- the method --------------------------------------------------------------------------
 def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | FunctionalModel | None = None,
          proj_dim: int | None = None,
@@ -352,8 +374,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
             # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
             phi64 = phi.to(torch.float64)
-            block = phi64.mT @ phi64
-            gram = block if gram is None else gram + block
+            if gram is None:
+                gram = phi64.mT @ phi64
+            else:
+                gram.baddbmm_(phi64.mT, phi64)
+            del phi64
             if feats is not None:
                 feats[:, n:n + phi.shape[1]] = phi
                 wts[n:n + phi.shape[1]] = q
@@ -394,10 +419,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   "(prepared with the same checkpoints and proj_dim)",
                                   f"{list(state.kernel.shape)}"))
 
-    # Rows stay [C, b, d] stacks: the pipeline sums the per-checkpoint products (no transposed
-    # [b, C*d] copy of the cached features).
-    def train_rows(phi: Tensor, q: Tensor) -> Tensor:  # [C, b, d], [b] -> [C, b, d]
-        return phi * (q / phi.shape[0])[:, None]
+    def train_rows(phi: Tensor, q: Tensor) -> WeightedRows:  # [C, b, d], [b]
+        return WeightedRows(phi, q / phi.shape[0])
 
     def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [C, b, d], rows K_c phi
         return phi @ K
@@ -409,7 +432,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         # 1-tuples: a list of bare tensors would read as ONE (x, y, ...) batch
         idx = [(torch.arange(s, min(n, s + _CACHED_ROWS), device=device),)
                for s in range(0, n, _CACHED_ROWS)]
-        return idx, lambda i: (feats[:, i[0]], wts[i[0]])
+
+        def rows(i):  # views of the cache, not an indexed copy (one sync per block)
+            start = int(i[0][0])
+            return feats[:, start:start + i[0].shape[0]], wts[start:start + i[0].shape[0]]
+
+        return idx, rows
 
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -447,7 +475,6 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             check_first(func, "train", first, train, device)
             blocks = (split(packed(batch_to(b, device))) for b in iter_batches(func, "train", train)
                       if batch_size(func, "train", b))
-        return torch.cat([(train_rows(phi, q) * test_rows(K, phi)).sum((0, 2))
-                          for phi, q in blocks])
+        return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi)) for phi, q in blocks])
 
     return Method(prepare, score, self_score, name)

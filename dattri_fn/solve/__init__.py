@@ -15,7 +15,15 @@ from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
 from .explicit import CholeskyInverse, Eigen, EigenInverse, ihvp_explicit
-from .kfac import EKFACFactors, KFACFactors, ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
+from .kfac import (
+    EKFACFactors,
+    KFACFactors,
+    ekfac_factors,
+    ihvp_ekfac,
+    ihvp_kfac,
+    kfac_factors,
+    kfac_tap,
+)
 from .lissa import ihvp_lissa
 
 # Factories callable as ``factory(op, damping=...)`` with every other setting defaulted.
@@ -45,4 +53,5 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_lissa",
     "kfac_factors",
+    "kfac_tap",
 ]
