@@ -111,20 +111,49 @@ class LayerGrads(NamedTuple):
 
     def to_dense(self) -> Tensor:
         """Return the raveled gradients in params order.  # -> [C, B, P]"""
-        parts = []
+        return self.columns(0, sum(self._size(src) for _, src in self.layout))
+
+    def columns(self, start: int, stop: int) -> Tensor:
+        """Return columns ``[start, stop)`` of :meth:`to_dense`, forming only those.  # [C, B, n]
+
+        A projector that streams ``R`` row block by row block meets the matching gradient
+        columns here, so the ``[C, B, P]`` matrix never exists at once.
+        """
+        parts, off = [], 0
         for _, source in self.layout:
-            if source[0] == "d":
-                parts.append(self.dense[..., source[1]:source[2]])
-                continue
-            a, g = self.factors[source[1]]
-            if a.ndim == 3:
-                a, g = a[:, :, None], g[:, :, None]
-            if source[0] == "b":
-                parts.append(g.sum(2))
-            else:
-                w = torch.einsum("cbto,cbti->cboi", g, a[..., : _weight_cols(a, source)])
-                parts.append(w.flatten(2))
-        return torch.cat(parts, dim=-1)
+            size = self._size(source)
+            lo, hi = max(start, off), min(stop, off + size)
+            if lo < hi:
+                parts.append(self._block(source, lo - off, hi - off))
+            off += size
+            if off >= stop:
+                break
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def select(self, c: int) -> LayerGrads:
+        """Return checkpoint ``c`` alone (views, leading dim kept).  # C = 1"""
+        factors = {n: (a[c:c + 1], g[c:c + 1]) for n, (a, g) in self.factors.items()}
+        return LayerGrads(factors, self.dense[c:c + 1], self.layout)
+
+    def _size(self, source) -> int:
+        if source[0] == "d":
+            return source[2] - source[1]
+        a, g = self.factors[source[1]]
+        return g.shape[-1] if source[0] == "b" else g.shape[-1] * _weight_cols(a, source)
+
+    def _block(self, source, lo: int, hi: int) -> Tensor:
+        """Columns ``[lo, hi)`` of one parameter's raveled gradient.  # -> [C, B, hi - lo]"""
+        if source[0] == "d":
+            return self.dense[..., source[1] + lo:source[1] + hi]
+        a, g = self.factors[source[1]]
+        if a.ndim == 3:
+            a, g = a[:, :, None], g[:, :, None]
+        if source[0] == "b":
+            return g.sum(2)[..., lo:hi]
+        n_in = _weight_cols(a, source)
+        r0, r1 = lo // n_in, -(-hi // n_in)  # output rows of dW that the range touches
+        w = torch.einsum("cbto,cbti->cboi", g[..., r0:r1], a[..., :n_in]).flatten(2)
+        return w[..., lo - r0 * n_in:hi - r0 * n_in]
 
     @staticmethod
     def cat(blocks: Sequence[LayerGrads]) -> LayerGrads:

@@ -240,6 +240,17 @@ class Projector:
             return self._apply(lambda a, b: X[a:b].unsqueeze(0), 1, X.dtype, X.device)[0]
         return self._apply(lambda a, b: X[:, a:b], X.shape[0], X.dtype, X.device)
 
+    def apply_columns(self, cols: ColumnFn, rows: int, *, dtype: torch.dtype,
+                      device) -> Tensor:
+        """Return ``X R`` for an ``X`` given as column blocks ``cols(a, b) -> [rows, b - a]``.  # [rows, d]
+
+        ``X`` is never formed whole: each step of ``R``'s rows meets only its own columns (for
+        example :meth:`dattri_fn.layer_grads.LayerGrads.columns`), so memory is bounded by
+        one step. The blocks are not validated: they must be finite, of ``dtype`` on
+        ``device``.
+        """
+        return self._apply(cols, rows, dtype, torch.device(device))
+
     def matrix(self, dtype: torch.dtype | None = None, device=None) -> Tensor:
         """Return the dense ``R`` with ``projector(X) == X @ R`` (for tests and small P).  # [P, d]
 

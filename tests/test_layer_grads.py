@@ -14,6 +14,7 @@ from dattri_fn.attribute import grad_cos, grad_dot, tracin
 from dattri_fn.layer_grads import layer_grads_stacked, layer_plan, per_sample_layer_grads
 
 ATOL = 1e-12
+DT = torch.float64
 
 
 def _mlp(seed, widths, bias, device):
@@ -74,6 +75,12 @@ def _check(fm, batch, C=1):
     torch.testing.assert_close(lg.scores(lg), G @ G.T, rtol=0, atol=ATOL)
     torch.testing.assert_close(lg.row_dots(lg), (G * G).sum(1), rtol=0, atol=ATOL)
     torch.testing.assert_close(lg.sq_norms()[0], (G * G).sum(1), rtol=0, atol=ATOL)
+    P = G.shape[1]
+    for start, stop in [(0, P), (1, P // 2 + 1), (P // 3, P - 1), (P - 1, P)]:
+        if start < stop:
+            torch.testing.assert_close(lg.columns(start, stop)[0], G[:, start:stop], rtol=0,
+                                       atol=ATOL)
+    torch.testing.assert_close(lg.select(0).to_dense(), lg.to_dense(), rtol=0, atol=0)
     return lg
 
 
@@ -354,3 +361,21 @@ def test_mixing_examples_is_caught_even_after_a_one_example_batch(device):
         S = grad_dot(fm).score(fm.params, (), train, (x[:3], y[:3]))
     torch.testing.assert_close(S, grad_dot(fm.loss).score(fm.params, (), train, (x[:3], y[:3])),
                                rtol=0, atol=ATOL)
+
+
+@given(st.integers(0, 2**16), st.integers(1, 40), st.integers(1, 7))
+def test_projected_columns_equal_projected_dense(seed, chunk, proj_dim):
+    """proj.apply_columns(lg.columns) == proj(lg.to_dense()) for any projector step size."""
+    from dattri_fn.project import make_projector
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(seed)
+    batch = (torch.randn(6, 4, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g))
+    lg = per_sample_layer_grads(fm, fm.params, batch)
+    G = lg.to_dense()[0]
+    proj = make_projector(G.shape[1], proj_dim=proj_dim, seed=seed, chunk_size=chunk,
+                          dtype=DT)
+    got = proj.apply_columns(lambda a, b: lg.columns(a, b)[0], 6, dtype=DT, device="cpu")
+    torch.testing.assert_close(got, G @ proj.matrix(), rtol=1e-12, atol=1e-12)

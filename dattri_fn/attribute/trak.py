@@ -327,9 +327,18 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
         def features(batch) -> Tensor:  # [C, b, d]
             if plan is not None:
-                G = layer_grads_stacked(plan, stacked, batch).to_dense()  # [C, b, P]
-            else:
-                G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
+                lg = layer_grads_stacked(plan, stacked, batch)
+                if projs is None:
+                    return lg.to_dense()  # [C, b, P]
+                # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
+                b = lg.num_rows
+                out = v0.new_empty((len(projs), b, proj_dim))
+                for c, proj in enumerate(projs):
+                    lc = lg.select(c)
+                    out[c] = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0], b,
+                                                dtype=v0.dtype, device=v0.device)
+                return out
+            G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
             if projs is None:
                 return G
             return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
