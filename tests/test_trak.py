@@ -1,6 +1,7 @@
 """TRAK against its closed form built densely: autograd-loop features, torch.linalg.inv kernels."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -238,10 +239,16 @@ def test_classification_margin_and_weight(device, seed, K):
     _close(dict_margin(p, {"x": logits[0], "labels": y[0]}), got_m[0], 1e-15)
 
 
-@given(seed=seeds, C=st.integers(1, 3), proj_dim=st.sampled_from([None, 5]))
-def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_dim):
-    """trak(functional_model(net, margin_loss)) == trak(classification_margin(forward))."""
+@given(seed=seeds, C=st.integers(1, 3), proj_dim=st.sampled_from([None, 5]),
+       by_columns=st.booleans())
+def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_dim,
+                                                         by_columns):
+    """trak(functional_model(net, margin_loss)) == trak(classification_margin(forward)), with
+    the factored gradients densified whole or projected column block by column block."""
+    trak_module = importlib.import_module("dattri_fn.attribute.trak")
     fm = _mlp(seed, device)
+    saved = trak_module._DENSE_ENTRIES
+    trak_module._DENSE_ENTRIES = 0 if by_columns else saved
     margin_fm = functional_model(fm.module, classification_margin_loss)
     weight_fm = functional_model(fm.module, classification_weight_loss)
     ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
@@ -249,7 +256,10 @@ def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_d
     fast = trak(margin_fm, weight_fn=weight_fm, proj_dim=proj_dim, damping=0.1)
     slow = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
                 proj_dim=proj_dim, damping=0.1)
-    got = fast.score(ckpts, fast.prepare(ckpts, train), train, test)
+    try:
+        got = fast.score(ckpts, fast.prepare(ckpts, train), train, test)
+    finally:
+        trak_module._DENSE_ENTRIES = saved
     _close(got, slow.score(ckpts, slow.prepare(ckpts, train), train, test), 1e-9)
     with pytest.raises(ValueError, match=r"trak.prepare\(params=...\): expected the keys"):
         fast.prepare({"0.weight": fm.params["0.weight"]}, train)

@@ -188,6 +188,7 @@ def _count_rows(func: str, train) -> int | None:
     return None
 
 
+_DENSE_ENTRIES = 2**21  # below this C * b * P, projecting densified gradients is faster
 _CACHED_ROWS = 4096  # cached train rows scored per block (bounds the [rows, n_test] block)
 
 
@@ -328,10 +329,13 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         def features(batch) -> Tensor:  # [C, b, d]
             if plan is not None:
                 lg = layer_grads_stacked(plan, stacked, batch)
+                b = lg.num_rows
                 if projs is None:
                     return lg.to_dense()  # [C, b, P]
+                if len(projs) * b * P <= _DENSE_ENTRIES:  # small: one batched densification
+                    G = lg.to_dense()
+                    return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
                 # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
-                b = lg.num_rows
                 out = v0.new_empty((len(projs), b, proj_dim))
                 for c, proj in enumerate(projs):
                     lc = lg.select(c)
