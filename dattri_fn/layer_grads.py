@@ -111,7 +111,22 @@ class LayerGrads(NamedTuple):
 
     def to_dense(self) -> Tensor:
         """Return the raveled gradients in params order.  # -> [C, B, P]"""
-        return self.columns(0, sum(self._size(src) for _, src in self.layout))
+        sizes = [self._size(src) for _, src in self.layout]
+        C, B = self.dense.shape[:2]
+        out = self.dense.new_empty((C, B, sum(sizes)))
+        off = 0
+        for (_, source), size in zip(self.layout, sizes, strict=True):
+            view = out[..., off:off + size]
+            a, g = self.factors[source[1]] if source[0] != "d" else (None, None)
+            if source[0] == "w" and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
+                # The outer product written in place: no per-layer block, no concatenation.
+                n_in = _weight_cols(a, source)
+                torch.mul(g[..., :, None], a[..., None, :n_in],
+                          out=view.unflatten(-1, (g.shape[-1], n_in)))
+            else:
+                view.copy_(self._block(source, 0, size))
+            off += size
+        return out
 
     def columns(self, start: int, stop: int) -> Tensor:
         """Return columns ``[start, stop)`` of :meth:`to_dense`, forming only those.  # [C, B, n]
