@@ -7,7 +7,7 @@ up-weighting the training example LOWERS the test loss (a proponent).
 from torch.func import vmap
 
 from ._types import LinOp, as_linop
-from .curvature import fvp, gnvp, hvp
+from .curvature import cross_entropy_out_hvp, fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
 from .layer_grads import LayerGrads, layer_plan, per_sample_layer_grads
 from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
@@ -41,6 +41,7 @@ __all__ = [
     "arnoldi",
     "as_linop",
     "cg_solve",
+    "cross_entropy_out_hvp",
     "ekfac_factors",
     "functional_model",
     "fvp",

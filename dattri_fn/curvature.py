@@ -108,8 +108,23 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     return _streamed("hvp", per_batch, flat0, batches, batch_rows)
 
 
+def cross_entropy_out_hvp(out: Tensor, example, u: Tensor) -> Tensor:
+    """Return ``H u`` for ``H`` the Hessian of softmax cross-entropy w.r.t. the logits.  # [..., K]
+
+    ``out``: one example's logits ``[..., K]`` (classes last; leading positions, e.g. tokens,
+    averaged as ``F.cross_entropy`` does with its default mean). Per position
+    ``H = diag(p) - p p^T`` with ``p = softmax(logits)``, independent of the label; divided by
+    the number of positions. For :func:`gnvp`'s ``out_hvp`` with a cross-entropy without
+    ``ignore_index`` targets, class weights or label smoothing. ``example`` is unused.
+    """
+    p = torch.softmax(out, dim=-1)
+    hu = p * u - p * (p * u).sum(-1, keepdim=True)
+    return hu / (out.numel() // out.shape[-1])
+
+
 def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
-         chunk_size: int | None = None, batch_rows: int | None = None) -> LinOp:
+         chunk_size: int | None = None, batch_rows: int | None = None,
+         out_hvp: Callable[[Tensor, Batch, Tensor], Tensor] | None = None) -> LinOp:
     """Return ``V -> G V`` with the Gauss-Newton ``G = (1/N) sum_i J_i^T H_i J_i``.  # [k, P] -> [k, P]
 
     ``J_i`` is the Jacobian of ``forward(params, x_i)`` w.r.t. the params and ``H_i`` the Hessian of
@@ -119,8 +134,15 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
         forward: ``forward(params, example) -> output`` for one example (any output shape).
         out_loss: ``out_loss(output, example) -> Tensor[]``, convex in ``output``.
         params, data, chunk_size, batch_rows: as in :func:`hvp`.
+        out_hvp: optional closed form ``out_hvp(output, example, u) -> H_i u`` for one example
+            (e.g. :func:`cross_entropy_out_hvp`); it must equal the Hessian of ``out_loss``. It
+            replaces the autodiff linearisation of ``out_loss`` (about 1/3 of a call's time on
+            the digits MLP).
     """
     batches, flat0, unravel = _prepare("gnvp", params, data, chunk_size, batch_rows)
+    if out_hvp is not None and not callable(out_hvp):
+        raise TypeError(f"gnvp(out_hvp=...): expected None or a callable (output, example, u) "
+                        f"-> H u, got {type(out_hvp).__name__}.")
     out_grad = torch.func.grad(out_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
@@ -130,8 +152,11 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
         f = lambda flat: vmap(forward, in_dims=(None, 0))(unravel(flat), batch)
         out, vjp_fn = vjp(f, flat0)
         JV = vmap(lambda v: jvp(f, (flat0,), (v,))[1], chunk_size=chunk_size)(V)
-        _, h_vjp = vjp(lambda o: vmap(out_grad)(o, batch), out)
-        HJV = vmap(lambda u: h_vjp(u)[0], chunk_size=chunk_size)(JV)
+        if out_hvp is None:
+            _, h_vjp = vjp(lambda o: vmap(out_grad)(o, batch), out)
+            HJV = vmap(lambda u: h_vjp(u)[0], chunk_size=chunk_size)(JV)
+        else:
+            HJV = vmap(lambda u: vmap(out_hvp)(out, batch, u), chunk_size=chunk_size)(JV)
         return vmap(lambda u: vjp_fn(u)[0], chunk_size=chunk_size)(HJV)
 
     return _streamed("gnvp", per_batch, flat0, batches, batch_rows)

@@ -165,11 +165,16 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model.
 
     ``batch_rows``: merge data batches into curvature calls of at least this many examples.
+    The tasks' cross-entropies (:func:`~dattri_fn.tasks.classification_loss`,
+    :func:`~dattri_fn.tasks.lm_loss`) use the closed-form output Hessian.
     """
-    from .curvature import gnvp
+    from .curvature import cross_entropy_out_hvp, gnvp
+    from .tasks import classification_loss, lm_loss
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
-    return lambda params, data: gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows)
+    out_hvp = cross_entropy_out_hvp if loss_fn in (classification_loss, lm_loss) else None
+    return lambda params, data: gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows,
+                                     out_hvp=out_hvp)
 
 
 def curvature_rows(num_params: int, batch_size: int) -> int:

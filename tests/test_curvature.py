@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.func import hessian, jacrev
 
-from dattri_fn import fvp, gnvp, hvp
+from dattri_fn import cross_entropy_out_hvp, fvp, gnvp, hvp
 from dattri_fn.tree import ravel
 from problems import PROBLEMS, dense_hessian, dense_per_sample_grads
 
@@ -86,6 +86,25 @@ def test_gnvp_equals_dense_gauss_newton(n, seed):
     V = _V(3, flat0.numel(), seed)
     torch.testing.assert_close(gnvp(_mlp_forward, _ce, params, (x, y))(V), V @ G,
                                rtol=0, atol=1e-11)
+    torch.testing.assert_close(gnvp(_mlp_forward, _ce, params, (x, y),
+                                    out_hvp=cross_entropy_out_hvp)(V), V @ G, rtol=0, atol=1e-11)
+
+
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(2, 6), st.integers(0, 2**16))
+def test_cross_entropy_out_hvp_equals_autodiff_hessian(T, k, K, seed):
+    """cross_entropy_out_hvp(z, ex, u) == hessian(mean_t CE(z_t, y_t)) u for [K] and [T, K]."""
+    g = torch.Generator().manual_seed(seed)
+    for shape in ((K,), (T, K)):
+        z = torch.randn(*shape, generator=g, dtype=torch.float64)
+        y = torch.randint(0, K, shape[:-1], generator=g)
+        U = torch.randn(k, *shape, generator=g, dtype=torch.float64)
+        ce = lambda o: F.cross_entropy(o.reshape(-1, K), y.reshape(-1))
+        H = hessian(ce)(z).reshape(z.numel(), z.numel())
+        got = torch.stack([cross_entropy_out_hvp(z, None, u) for u in U])
+        torch.testing.assert_close(got.reshape(k, -1), U.reshape(k, -1) @ H, rtol=0,
+                                   atol=1e-13)
+    with pytest.raises(TypeError, match=r"gnvp\(out_hvp=...\): expected None or a callable"):
+        gnvp(_mlp_forward, _ce, {"w": z}, (z[None], y[None]), out_hvp=1.0)
 
 
 def test_gauss_newton_equals_hessian_for_linear_model():
