@@ -30,8 +30,10 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
   (the train side of our recipes) and ``regularization = damping``; our matched side uses the
   Hessian of the same loss (``curvature="hessian"``, damping ``damping``), where our recipe uses
   the Gauss-Newton with damping ``wd + damping`` (identical for digits-lr, whose Hessian is its
-  Gauss-Newton). Explicit/CG/LiSSA need the WHOLE training set as ONE cached batch: dattri sums
-  the inverse over cached batches (``vector_product += ihvp(batch)``) instead of averaging the
+  Gauss-Newton). Our matched explicit side factors ``H + damping I`` by LU
+  (``method="lu"``): dattri solves that literal, indefinite system, where our default drops
+  the non-positive directions. Explicit/CG/LiSSA need the WHOLE training set as ONE cached
+  batch: dattri sums the inverse over cached batches (``vector_product += ihvp(batch)``) instead of averaging the
   curvature. It recomputes the inverse for every (train batch, test batch) pair.
 * LiSSA: dattri iterates ``x <- v + (1 - d) x - Hx / s`` and returns ``x / s = (H + s d I)^-1 v``,
   so ``scaling = scale`` and ``damping = damping / scale``; same depth and mini-batch size. Its
@@ -293,7 +295,9 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
     solver = name[3:]
     P = sum(v.numel() for v in fm.params.values())
     opts: dict = {}
-    if solver == "cg":
+    if solver == "explicit":
+        opts = dict(method="lu")
+    elif solver == "cg":
         opts = dict(max_iter=hp["max_iter"], rtol=1e-4)
     elif solver == "arnoldi":
         rank = min(hp["arnoldi_rank"], P)

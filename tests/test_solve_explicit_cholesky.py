@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from dattri_fn._types import LinOp
-from dattri_fn.solve.explicit import CholeskyInverse, EigenInverse, ihvp_explicit
+from dattri_fn.solve.explicit import CholeskyInverse, EigenInverse, LUInverse, ihvp_explicit
 from problems import DTYPE, spd_matrix
 
 dims = st.integers(2, 12)
@@ -152,24 +152,26 @@ def test_bad_method(device):
     """An unknown method is a ValueError, a non-str one a TypeError, both naming method=."""
     A = spd_matrix(4, 0, device=device)
     with pytest.raises(ValueError, match=r"ihvp_explicit\(method=...\): expected one of 'auto', "
-                       r"'eigh', 'cholesky', got 'lu'"):
-        ihvp_explicit(A, method="lu")
+                       r"'eigh', 'cholesky', 'lu', got 'qr'"):
+        ihvp_explicit(A, method="qr")
     with pytest.raises(TypeError,
                        match=r"ihvp_explicit\(method=...\): expected a str, got NoneType"):
         ihvp_explicit(A, method=None)
 
 
-@pytest.mark.parametrize("method", ["auto", "eigh", "cholesky"])
+@pytest.mark.parametrize("method", ["auto", "eigh", "cholesky", "lu"])
 def test_float32_in_float32_out(device, method):
     """float32 SPD A: op, factor and output are float32 on A's device, = float64 solve to 1e-4."""
     A64 = spd_matrix(6, 0, cond=10.0, device=device)
     V64 = _randn(1, 3, 6, device=device)
     A, V = A64.float(), V64.float()
     op = _no_warning(lambda: ihvp_explicit(A, damping=0.1, method=method))
-    assert isinstance(op, EigenInverse if method == "eigh" else CholeskyInverse)
+    kind = {"eigh": EigenInverse, "lu": LUInverse}.get(method, CholeskyInverse)
+    assert isinstance(op, kind)
     assert (op.dtype, op.device) == (torch.float32, A.device)
     if method != "eigh":
-        assert op.factor.dtype == torch.float32 and op.factor.device == A.device
+        factor = op.factor[0] if method == "lu" else op.factor
+        assert factor.dtype == torch.float32 and factor.device == A.device
     out = op(V)
     assert out.dtype == torch.float32 and out.device == V.device
     ref = torch.linalg.solve(A64 + 0.1 * _eye(6, device), V64.T).T
@@ -189,3 +191,32 @@ def test_auto_accepts_a_matrix_that_requires_grad(device):
         ihvp_explicit(A, damping=0.1, method=method)(v).sum().backward()
         grads.append(A.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-10)
+
+
+@given(dim=dims, seed=seeds, k=rows, neg=st.integers(0, 3), grad=st.booleans())
+def test_lu_is_the_literal_inverse_even_when_indefinite(device, dim, seed, k, neg, grad):
+    """method='lu' == solve((A+A^T)/2 + damping I) to 1e-10 with `neg` negative damped
+    eigenvalues (nothing dropped, no warning); differentiable when A requires grad."""
+    neg = min(neg, dim - 1)
+    mu = torch.linspace(0.5, 3.0, dim, dtype=DTYPE)
+    mu[:neg] = -mu[:neg]
+    damping = 0.25
+    A = _with_spectrum(mu - damping, seed, device)
+    V = _randn(seed + 1, k, dim, device=device)
+    M = A + damping * _eye(dim, device)
+    op = A.clone().requires_grad_(True) if grad else _matmul_op(A)
+    inv = _no_warning(lambda: ihvp_explicit(op, damping=damping, method="lu"))
+    assert isinstance(inv, LUInverse) and inv.damping == damping
+    x = inv(V)
+    assert _rel(x, torch.linalg.solve(M, V.T).T) < 1e-10
+    if grad:
+        (x * V).sum().backward()  # d/dA of <V, V M^-1> = -M^-1 V^T V M^-1 (symmetrised)
+        W = torch.linalg.solve(M, V.T)
+        assert _rel(op.grad, -(W @ W.T)) < 1e-9
+
+
+def test_lu_refuses_a_singular_matrix(device):
+    """method='lu' on a singular A + damping I (exact zero pivot) raises, naming damping."""
+    with pytest.raises(ValueError, match=r"ihvp_explicit\(op=..., damping=...\): expected A "
+                                         r"\+ damping\*I non-singular"):
+        ihvp_explicit(torch.zeros(3, 3, dtype=DTYPE, device=device), damping=0.0, method="lu")

@@ -149,7 +149,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
                                       **solver_options)
-            # eigenpairs (eigh path) or the Cholesky factor L of C + damping I (SPD fast path)
+            # eigenpairs (eigh path), the Cholesky factor L of C + damping I (SPD fast path)
+            # or its (LU, pivots) (method="lu")
             return InfluenceState(inv, inv.eigen if isinstance(inv, solve.EigenInverse)
                                   else inv.factor)
         if solver == "cg":

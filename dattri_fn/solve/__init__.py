@@ -14,7 +14,7 @@ from .._types import LinOp
 from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
 from .cg import CGResult, cg_solve, ihvp_cg
 from .datainf import ihvp_datainf
-from .explicit import CholeskyInverse, Eigen, EigenInverse, ihvp_explicit
+from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
 from .kfac import (
     EKFACFactors,
     KFACFactors,
@@ -41,6 +41,7 @@ __all__ = [
     "Eigen",
     "EigenInverse",
     "KFACFactors",
+    "LUInverse",
     "SOLVERS",
     "arnoldi",
     "cg_solve",

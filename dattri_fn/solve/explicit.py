@@ -1,4 +1,4 @@
-"""Exact damped inverse by one Cholesky or eigendecomposition; the spectral tools Arnoldi shares.
+"""Exact damped inverse by one Cholesky, LU or eigendecomposition; the spectral tools Arnoldi shares.
 
 The drop rule (shared by :func:`ihvp_explicit` and :func:`~dattri_fn.solve.ihvp_arnoldi`):
 with eigenvalues ``lam_i`` of the (symmetrised) operator and damped eigenvalues
@@ -122,7 +122,36 @@ class CholeskyInverse(LinOp):
     __slots__ = ("factor", "damping")
 
 
-METHODS = ("auto", "eigh", "cholesky")
+class LUInverse(LinOp):
+    """A LinOp ``V -> (M^-1 V^T)^T`` with ``M = (A + A^T) / 2 + damping*I`` factored by LU.
+
+    Attributes (besides LinOp's): ``factor`` the ``(LU, pivots)`` of
+    ``torch.linalg.lu_factor(M)``, ``damping`` the absolute damping in ``M``.
+    """
+
+    __slots__ = ("factor", "damping")
+
+
+METHODS = ("auto", "eigh", "cholesky", "lu")
+
+
+def _lu_inverse(func: str, M: Tensor, *, damping: float) -> LUInverse:
+    """Return ``V -> (M^-1 V^T)^T`` by LU with partial pivoting; raise if ``M`` is singular."""
+    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    if int(info):  # one sync, at construction
+        raise ValueError(
+            f"{func}(op=..., damping=...): expected A + damping*I non-singular for "
+            f"method='lu', got a zero pivot at row {int(info)} (damping = {damping:g}). "
+            f"Raise damping or use method='eigh' (drops non-positive directions).")
+    dtype, device = LU.dtype, LU.device
+
+    def matmat(V: Tensor) -> Tensor:
+        check_rhs(func, V, dtype, device)
+        return torch.linalg.lu_solve(LU, pivots, V.T).T
+
+    out = LUInverse(matmat, LU.shape[0], dtype, device, name=func)
+    out.factor, out.damping = (LU, pivots), damping
+    return out
 
 
 def _cholesky_inverse(func: str, L: Tensor, *, damping: float) -> CholeskyInverse:
@@ -159,6 +188,8 @@ def _differentiable(func: str, S: Tensor, damping: float, rtol: float, method: s
     in-place ones of the main path would invalidate the graph), the decision without grad."""
     eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
     M = S + damping * eye
+    if method == "lu":
+        return _lu_inverse(func, M, damping=damping)
     if method == "auto":
         with torch.no_grad():
             tau = rtol * torch.linalg.vector_norm(M)
@@ -172,7 +203,7 @@ def _differentiable(func: str, S: Tensor, damping: float, rtol: float, method: s
 
 
 def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
-                  method: str = "auto") -> EigenInverse | CholeskyInverse:
+                  method: str = "auto") -> EigenInverse | CholeskyInverse | LUInverse:
     """Return V -> (A + damping*I)^-1 V from one Cholesky or eigendecomposition.  # [k, P] -> [k, P]
 
     The factory densifies ``op`` (``op.dense()``), symmetrises it as ``A_s = (A + A^T) / 2`` and
@@ -185,6 +216,10 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     - ``"cholesky"``: ``M = L L^T`` by ``torch.linalg.cholesky_ex`` (``P^3 / 3`` flops); the
       operator is ``V -> (M^-1 V^T)^T`` by ``torch.cholesky_solve``. ``M`` must be positive
       definite; nothing is dropped and ``rtol`` is unused.
+    - ``"lu"``: the literal ``M^-1`` by LU with partial pivoting (``2 P^3 / 3`` flops), for an
+      indefinite but non-singular ``M`` too: nothing is dropped and ``rtol`` is unused. This
+      is what Koh & Liang's explicit influence (and dattri's) computes; a negative damped
+      eigenvalue then flips the sign of its direction, which the drop rule exists to avoid.
     - ``"auto"``: Cholesky if a test proves the drop rule drops nothing, else ``"eigh"``. With
       ``u = ||M||_F >= max|lam + damping|`` and ``tau = rtol * u``, a successful Cholesky of
       ``M - tau*I`` proves every ``lam + damping > tau >= rtol * max|lam + damping|``, so
@@ -197,10 +232,11 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
             hold ``P x P``).
         damping: absolute damping ``>= 0`` added to every eigenvalue.
         rtol: relative drop threshold of the drop rule; default ``P * eps(dtype)``.
-        method: ``"auto"`` (default), ``"eigh"`` or ``"cholesky"``.
+        method: ``"auto"`` (default), ``"eigh"``, ``"cholesky"`` or ``"lu"``.
 
     Returns:
-        A :class:`CholeskyInverse` LinOp (``.factor`` is ``L``) for ``method="cholesky"``, and
+        A :class:`LUInverse` for ``method="lu"`` (``.factor`` is ``(LU, pivots)``); a
+        :class:`CholeskyInverse` LinOp (``.factor`` is ``L``) for ``method="cholesky"``, and
         for ``"auto"`` when the test above passes (positive definite, not near-singular ``M``);
         otherwise an :class:`EigenInverse` LinOp (``.eigen`` holds all ``P`` eigenpairs of
         ``A_s``, sorted by ``|lam|`` descending; ``.kept`` marks the inverted ones). Both have
@@ -210,7 +246,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     Raises:
         TypeError: ``op`` is not a LinOp/tensor, or is not floating point; ``method`` is not a str.
         ValueError: non-square or non-finite ``op``; negative ``damping`` or ``rtol``; unknown
-            ``method``; ``method="cholesky"`` and ``A_s + damping*I`` not positive definite.
+            ``method``; ``method="cholesky"`` and ``A_s + damping*I`` not positive definite;
+            ``method="lu"`` and ``A_s + damping*I`` singular.
 
     Note:
         Drop rule (``"eigh"``, and ``"auto"`` when it falls back): directions with
@@ -258,6 +295,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
         L, info = torch.linalg.cholesky_ex(S)
         _check_pd(func, info, damping)
         return _cholesky_inverse(func, L, damping=damping)
+    if method == "lu":
+        return _lu_inverse(func, S, damping=damping)
     if rtol > 0:  # with rtol = 0, tau = 0: the test matrix is M and its factor is the answer
         diag.sub_(rtol * torch.linalg.vector_norm(S))  # M - tau*I; tau stays on device
     L, info = torch.linalg.cholesky_ex(S)
