@@ -33,8 +33,8 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
   Gauss-Newton). Our matched explicit side factors ``H + damping I`` by LU
   (``method="lu"``): dattri solves that literal, indefinite system, where our default drops
   the non-positive directions. Explicit/CG/LiSSA need the WHOLE training set as ONE cached
-  batch: dattri sums the inverse over cached batches (``vector_product += ihvp(batch)``) instead of averaging the
-  curvature. It recomputes the inverse for every (train batch, test batch) pair.
+  batch: dattri sums the inverse over cached batches (``vector_product += ihvp(batch)``)
+  instead of averaging the curvature. It recomputes the inverse for every (train batch, test batch) pair.
 * LiSSA: dattri iterates ``x <- v + (1 - d) x - Hx / s`` and returns ``x / s = (H + s d I)^-1 v``,
   so ``scaling = scale`` and ``damping = damping / scale``; same depth and mini-batch size. Its
   collate function casts every non-first tensor to float, labels included: the loss casts back.
