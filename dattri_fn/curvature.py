@@ -108,17 +108,34 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     return _streamed("hvp", per_batch, flat0, batches, batch_rows)
 
 
-def cross_entropy_out_hvp(out: Tensor, example, u: Tensor) -> Tensor:
+def _integer_target(example):
+    """The label of one example (last item of a tuple/list, or ``"labels"``) if integer, else None."""
+    if isinstance(example, dict):
+        y = example.get("labels")
+    elif isinstance(example, (tuple, list)) and example:
+        y = example[-1]
+    else:
+        return None
+    return y if isinstance(y, Tensor) and not y.is_floating_point() else None
+
+
+def cross_entropy_out_hvp(out: Tensor, example, u: Tensor, *,
+                          ignore_index: int = -100) -> Tensor:
     """Return ``H u`` for ``H`` the Hessian of softmax cross-entropy w.r.t. the logits.  # [..., K]
 
-    ``out``: one example's logits ``[..., K]`` (classes last; leading positions, e.g. tokens,
-    averaged as ``F.cross_entropy`` does with its default mean). Per position
-    ``H = diag(p) - p p^T`` with ``p = softmax(logits)``, independent of the label; divided by
-    the number of positions. For :func:`gnvp`'s ``out_hvp`` with a cross-entropy without
-    ``ignore_index`` targets, class weights or label smoothing. ``example`` is unused.
+    ``out``: one example's logits ``[..., K]``, classes LAST (leading positions, e.g. tokens,
+    averaged as ``F.cross_entropy``'s default mean does). Per position ``H = diag(p) - p p^T``
+    with ``p = softmax(logits)``, independent of the label. When the example's integer target
+    (its last item, or ``"labels"``) has one entry per position, positions whose target is
+    ``ignore_index`` are skipped and the mean runs over the others, as in ``F.cross_entropy``.
+    For :func:`gnvp`'s ``out_hvp``; not for class weights or label smoothing.
     """
     p = torch.softmax(out, dim=-1)
     hu = p * u - p * (p * u).sum(-1, keepdim=True)
+    y = _integer_target(example)
+    if y is not None and y.shape == out.shape[:-1]:
+        keep = (y != ignore_index).to(out.dtype)
+        return hu * keep[..., None] / keep.sum().clamp_min(1)
     return hu / (out.numel() // out.shape[-1])
 
 

@@ -172,7 +172,12 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     from .tasks import classification_loss, lm_loss
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
-    out_hvp = cross_entropy_out_hvp if loss_fn in (classification_loss, lm_loss) else None
+    out_hvp = None
+    if loss_fn is lm_loss:  # [T, V] per example: classes last
+        out_hvp = cross_entropy_out_hvp
+    elif loss_fn is classification_loss:  # F.cross_entropy's classes: dim 0 of one example
+        out_hvp = lambda out, ex, u: cross_entropy_out_hvp(
+            out.movedim(0, -1), ex, u.movedim(0, -1)).movedim(-1, 0)
     return lambda params, data: gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows,
                                      out_hvp=out_hvp)
 

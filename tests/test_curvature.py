@@ -92,15 +92,18 @@ def test_gnvp_equals_dense_gauss_newton(n, seed):
 
 @given(st.integers(1, 4), st.integers(1, 5), st.integers(2, 6), st.integers(0, 2**16))
 def test_cross_entropy_out_hvp_equals_autodiff_hessian(T, k, K, seed):
-    """cross_entropy_out_hvp(z, ex, u) == hessian(mean_t CE(z_t, y_t)) u for [K] and [T, K]."""
+    """cross_entropy_out_hvp(z, ex, u) == hessian(mean_t CE(z_t, y_t)) u for [K] and [T, K],
+    tokens with target -100 ignored."""
     g = torch.Generator().manual_seed(seed)
     for shape in ((K,), (T, K)):
         z = torch.randn(*shape, generator=g, dtype=torch.float64)
         y = torch.randint(0, K, shape[:-1], generator=g)
+        if len(shape) == 2 and T > 1:
+            y[: T // 2] = -100  # ignored tokens: F.cross_entropy averages over the others
         U = torch.randn(k, *shape, generator=g, dtype=torch.float64)
         ce = lambda o: F.cross_entropy(o.reshape(-1, K), y.reshape(-1))
         H = hessian(ce)(z).reshape(z.numel(), z.numel())
-        got = torch.stack([cross_entropy_out_hvp(z, None, u) for u in U])
+        got = torch.stack([cross_entropy_out_hvp(z, (None, y), u) for u in U])
         torch.testing.assert_close(got.reshape(k, -1), U.reshape(k, -1) @ H, rtol=0,
                                    atol=1e-13)
     with pytest.raises(TypeError, match=r"gnvp\(out_hvp=...\): expected None or a callable"):
@@ -186,3 +189,37 @@ def test_batch_rows_is_validated():
     op = hvp(f, {"w": torch.ones(5, dtype=torch.float64)}, padded, batch_rows=4)
     with pytest.raises(ValueError, match=r"hvp\(batch_rows=...\): expected batches that concat"):
         op(torch.ones(1, 5, dtype=torch.float64))
+
+
+@given(st.integers(0, 2**16), st.integers(1, 4))
+def test_recipe_gauss_newton_closed_form_equals_autodiff(seed, T):
+    """recipes.gauss_newton (closed-form CE Hessian, classes on dim 1) == gnvp by autodiff for
+    [B, K] and [B, K, T] logits, and lm_loss with ignored tokens on [B, T, V]."""
+    from torch import nn
+
+    from dattri_fn import functional_model
+    from dattri_fn.recipes import gauss_newton
+    from dattri_fn.tasks import classification_loss, lm_loss
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 3, T, generator=g, dtype=torch.float64)
+    cases = [
+        (nn.Sequential(nn.Flatten(), nn.Linear(3 * T, 4)), classification_loss,
+         torch.randint(0, 4, (5,), generator=g)),
+        (nn.Conv1d(3, 4, 1), classification_loss, torch.randint(0, 4, (5, T), generator=g)),
+        (nn.Sequential(nn.Conv1d(3, 4, 1), _Swap()), lm_loss,
+         torch.randint(0, 4, (5, T), generator=g).masked_fill(torch.arange(T) == 0, -100)),
+    ]
+    for module, loss_fn, y in cases:
+        fm = functional_model(module.double(), loss_fn)
+        V = _V(2, sum(v.numel() for v in fm.params.values()), seed)
+        out_loss = lambda out, ex, f=loss_fn: f(out[None], ex[-1][None])
+        ref = gnvp(fm.forward, out_loss, fm.params, (x, y))(V)
+        got = gauss_newton(fm, loss_fn)(fm.params, (x, y))(V)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+class _Swap(torch.nn.Module):
+    def forward(self, h):
+        return h.transpose(1, 2)

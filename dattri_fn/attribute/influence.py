@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+
 from .._checks import batch_cat, check_params, check_positive, iter_batches
 from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
 from ..layer_grads import LayerPlan, layer_grads_stacked
 from ..model import FunctionalModel
-from ..tree import ravel, ravel_batched
+from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
@@ -58,7 +60,7 @@ def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
     if plan is None:
         return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b))
     stacked = {k: v[None] for k, v in params.items()}
-    shift = 2 * l2 * ravel(params)[0] if l2 else None
+    shift = 2 * l2 * torch.cat([v.reshape(-1) for v in params.values()]) if l2 else None
 
     def rows(b):
         G = layer_grads_stacked(plan, stacked, b).to_dense()[0]
@@ -87,15 +89,17 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
             ``loss`` when that is a FunctionalModel.
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
-            ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params`` and the ``"hessian"``
-            / ``"fisher"`` curvature is that of the regularised loss; the test side stays
-            ``target`` (default: ``loss`` WITHOUT the ``l2`` term).
+            ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params``; ``"hessian"`` is
+            then ``H + 2 l2 I`` and ``"fisher"`` the empirical Fisher of the regularised
+            gradients ``E[(g_i + 2 l2 p)(g_i + 2 l2 p)^T]`` (not ``F + 2 l2 I``: add that as
+            ``damping``); the test side stays ``target`` (default: ``loss`` WITHOUT the
+            ``l2`` term).
         chunk_size: examples per per-sample-gradient call and rows per HVP call.
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
             ``depth``, ``repeats``, ``batch_size``, ``seed``...).
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
-            positive score predicts (default: ``loss``; e.g. the loss without its L2 term, or
-            minus a margin).
+            positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
+            gradients); default: ``loss`` (e.g. pass minus a margin).
 
     Returns:
         ``Method(prepare, score, self_score)``; scores ``[n_train, n_test]``.
@@ -129,7 +133,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         fn_plan = plan_t if test else plan
         if fn_plan is not None and list(params) != list(fn_plan.model.params):
             raise ValueError(f"{name}(params=...): expected the keys of the model's params "
-                             f"{list(fn_plan.model.params)}, got {list(params)}.")
+                             f"in this order {list(fn_plan.model.params)}, got {list(params)}.")
         rows = (_grad_rows(test_fn, plan_t, 0.0, params) if test
                 else _grad_rows(train_fn if plan is None else base, plan, l2, params))
         return in_chunks(rows, chunk_size)

@@ -132,10 +132,11 @@ def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=
     if tapped is None:
         tapped = _tap(func, module, names)
     elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(names):
+        got = ("a tap of another module" if getattr(tapped, "module", None) is not module
+               else f"a tap of layers {list(tapped.layers)}")
         raise ValueError(_msg(func, "tapped", f"tap_layers(module, {names}) of this module",
-                              f"a tap of layers {list(getattr(tapped, 'layers', []))}",
-                              "Pass the tapped function from a call on the same module and "
-                              "layers, or None."))
+                              got, "Pass the tapped function from a call on the same module "
+                              "and layers, or None."))
     return state, names, param_names, batches, tapped, chunk_size
 
 
