@@ -338,3 +338,20 @@ def test_reused_tap_gives_identical_factors(device, fit):
     with pytest.raises(ValueError, match=r"tapped=...\): expected tap_layers.*got a tap of "
                                          r"another module"):
         fit(other, F.cross_entropy, params, batch, tapped=tap)
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_batch_rows_merges_batches_without_changing_factors(device, fit, rows):
+    """fit(data, batch_rows=r) == fit(data) to 1e-12: merging batches only changes the calls."""
+    model, layers, batch = _problem("seq", 4, 9, 2, 3, 2, 3, True, device)
+    params = _params(model, layers, True, 0)
+    data = [tuple(t[a:b] for t in batch) for a, b in [(0, 2), (2, 5), (5, 6), (6, 9)]]
+    ref = fit(model, F.cross_entropy, params, data)
+    got = fit(model, F.cross_entropy, params, data, batch_rows=rows)
+    for a, b in zip(got, ref, strict=True):
+        if isinstance(a, dict):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"factors\(batch_rows=...\): expected an int >= 1"):
+        fit(model, F.cross_entropy, params, data, batch_rows=0)

@@ -50,6 +50,7 @@ from .._checks import (
     check_params,
     check_positive,
     iter_batches,
+    regroup,
 )
 from .._types import LinOp
 from ..layers import _layer_io, _tap, module_state, select_linear
@@ -163,10 +164,10 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
     return a, g
 
 
-def _passes(func, batches, tapped, loss_fn, state, chunk_size, step):
+def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None):
     """Run ``step(layer, a, g)`` on every batch; return the number of examples seen."""
     n = 0
-    for batch in batches:
+    for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
         for layer, (a, g) in _layer_io(tapped, loss_fn, state, batch, chunk_size).items():
             step(layer, a, g)
@@ -175,7 +176,8 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step):
     return n
 
 
-def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size):
+def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
+               batch_rows=None):
     bias = {n: f"{n}.bias" in param_names for n in names}
     A, G = {}, {}
 
@@ -186,7 +188,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
         A[layer] = dA if layer not in A else A[layer] + dA
         G[layer] = dG if layer not in G else G[layer] + dG
 
-    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step)
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
     A = {k: A[k] / n for k in names}
     G = {k: G[k] / n for k in names}
     return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64))
@@ -194,7 +196,8 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 
 def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                  layers: str | Iterable[str] | None = None,
-                 chunk_size: int | None = None, tapped=None) -> KFACFactors:
+                 chunk_size: int | None = None, tapped=None,
+                 batch_rows: int | None = None) -> KFACFactors:
     """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
 
     One pass over ``data``, accumulating running sums batch by batch (activations are never
@@ -213,6 +216,9 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         chunk_size: examples per ``vmap`` chunk; ``None`` for a whole batch.
         tapped: ``tap_layers(module, layers)`` of the selected layers, to reuse across calls
             (tracing costs ~2 ms per call on a small MLP); ``None`` traces anew.
+        batch_rows: merge consecutive batches into calls of at least this many examples (one
+            batched forward/backward has a fixed cost of ~0.3 ms on one CPU thread); ``None``
+            takes the batches as given.
 
     Returns:
         :class:`KFACFactors`.
@@ -228,12 +234,15 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     func = "kfac_factors"
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
-    return _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size)
+    check_optional_int(func, "batch_rows", batch_rows)
+    return _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size,
+                      batch_rows)
 
 
 def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                   layers: str | Iterable[str] | None = None,
-                  chunk_size: int | None = None, tapped=None) -> EKFACFactors:
+                  chunk_size: int | None = None, tapped=None,
+                  batch_rows: int | None = None) -> EKFACFactors:
     """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
 
     Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
@@ -242,7 +251,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     Fisher in the Kronecker eigenbasis, the Frobenius-closest such approximation.
 
     Args:
-        module, loss_fn, params, data, layers, chunk_size, tapped: as :func:`kfac_factors`.
+        module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows: as
+            :func:`kfac_factors`.
 
     Returns:
         :class:`EKFACFactors`.
@@ -256,7 +266,9 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     func = "ekfac_factors"
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
-    kf = _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size)
+    check_optional_int(func, "batch_rows", batch_rows)
+    kf = _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size,
+                    batch_rows)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
     bias = {n: f"{n}.bias" in pnames for n in names}
@@ -268,7 +280,7 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         dL = (rot * rot).sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
-    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step)
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
     Lambda = {k: L[k] / n for k in names}
     return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64))
 
