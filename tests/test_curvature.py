@@ -194,7 +194,7 @@ def test_batch_rows_is_validated():
 @given(st.integers(0, 2**16), st.integers(1, 4))
 def test_recipe_gauss_newton_closed_form_equals_autodiff(seed, T):
     """recipes.gauss_newton (closed-form CE Hessian, classes on dim 1) == gnvp by autodiff for
-    [B, K] and [B, K, T] logits, and lm_loss with ignored tokens on [B, T, V]."""
+    [B, K] and [B, K, T] logits; lm_loss (autodiff there) with ignored tokens on [B, T, V]."""
     from torch import nn
 
     from dattri_fn import functional_model
