@@ -112,6 +112,8 @@ class LayerGrads(NamedTuple):
     def to_dense(self) -> Tensor:
         """Return the raveled gradients in params order.  # -> [C, B, P]"""
         sizes = [self._size(src) for _, src in self.layout]
+        if not self._plain():  # autograd or a torch.func transform: no out= writes
+            return self.columns(0, sum(sizes))
         C, B = self.dense.shape[:2]
         out = self.dense.new_empty((C, B, sum(sizes)))
         off = 0
@@ -127,6 +129,13 @@ class LayerGrads(NamedTuple):
                 view.copy_(self._block(source, 0, size))
             off += size
         return out
+
+    def _plain(self) -> bool:
+        """True outside autograd and torch.func: every tensor is a plain, grad-free one."""
+        if torch._C._functorch.maybe_current_level() is not None:
+            return False
+        tensors = [self.dense, *(t for pair in self.factors.values() for t in pair)]
+        return not any(t.requires_grad for t in tensors)
 
     def columns(self, start: int, stop: int) -> Tensor:
         """Return columns ``[start, stop)`` of :meth:`to_dense`, forming only those.  # [C, B, n]

@@ -379,3 +379,26 @@ def test_projected_columns_equal_projected_dense(seed, chunk, proj_dim):
                           dtype=DT)
     got = proj.apply_columns(lambda a, b: lg.columns(a, b)[0], 6, dtype=DT, device="cpu")
     torch.testing.assert_close(got, G @ proj.matrix(), rtol=1e-12, atol=1e-12)
+
+
+def test_to_dense_differentiable_and_under_vmap():
+    """to_dense keeps autograd (d sum/d a_i = sum_o g_o) and works inside torch.func.vmap."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(5, 3, generator=g, dtype=DT), torch.randint(0, 2, (5,), generator=g))
+    lg = per_sample_layer_grads(fm, fm.params, batch)
+    ref = lg.to_dense()
+    factors = {n: (a.clone().requires_grad_(True), g_) for n, (a, g_) in lg.factors.items()}
+    lg2 = lg._replace(factors=factors)
+    dense = lg2.to_dense()
+    torch.testing.assert_close(dense, ref, rtol=0, atol=0)
+    dense.sum().backward()
+    for a, g_ in factors.values():  # d/da_i sum_oi g_o a_i = sum_o g_o; the ones column: 0
+        want = g_.sum(-1, keepdim=True).expand_as(a[..., :-1])
+        torch.testing.assert_close(a.grad[..., :-1], want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.grad[..., -1], torch.zeros_like(a.grad[..., -1]))
+    scaled = torch.func.vmap(lambda s: lg._replace(dense=lg.dense * s).to_dense())(
+        torch.ones(2, dtype=DT))
+    torch.testing.assert_close(scaled[0], ref, rtol=0, atol=0)
