@@ -355,3 +355,21 @@ def test_functional_model_errors():
     bad = {"w": fm.params["0.weight"], "b": fm.params["0.bias"]}
     with pytest.raises(ValueError, match=r"if_cg\(params=...\): expected the keys"):
         m.score(bad, m.prepare(fm.params, (x, y)), (x, y), (x, y))
+
+
+def test_kfac_retraces_after_a_submodule_is_swapped():
+    """influence(fm, solver='ekfac') traces once, and again after a layer is replaced in place:
+    its factors then equal a fresh method's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 3, generator=g, dtype=D), torch.randint(0, 2, (8,), generator=g))
+    m = influence(fm, solver="ekfac", damping=0.1)
+    m.prepare(fm.params, data)
+    net[1] = nn.Sigmoid()
+    got = m.prepare(fm.params, data).factors
+    ref = influence(functional_model(net, F.cross_entropy), solver="ekfac",
+                    damping=0.1).prepare(fm.params, data).factors
+    for k in ref.Lambda:
+        torch.testing.assert_close(got.Lambda[k], ref.Lambda[k], rtol=0, atol=1e-14)

@@ -181,7 +181,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             return InfluenceState(inv, None)
         factor_fn = kfac.kfac_factors if solver == "kfac" else kfac.ekfac_factors
         inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
-        key = tuple(params)
+        # Re-trace when the params or the module's submodules (swapped in place) change.
+        key = (tuple(params), tuple(map(id, model.module.modules())))
         if key not in taps:
             taps.clear()
             taps[key] = kfac.kfac_tap(model.module, params, layers=solver_options.get("layers"))
