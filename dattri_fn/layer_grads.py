@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.func import grad, vmap
 
 from ._checks import batch_size, batch_slice, batch_to
@@ -131,18 +132,26 @@ class LayerGrads(NamedTuple):
         return out
 
     def _plain(self) -> bool:
-        """True outside autograd and torch.func: every tensor is a plain, grad-free one."""
+        """True outside autograd, forward AD and torch.func: plain, grad-free tensors only."""
         if torch._C._functorch.maybe_current_level() is not None:
             return False
         tensors = [self.dense, *(t for pair in self.factors.values() for t in pair)]
-        return not any(t.requires_grad for t in tensors)
+        return not any(t.requires_grad or forward_ad.unpack_dual(t).tangent is not None
+                       for t in tensors)
 
     def columns(self, start: int, stop: int) -> Tensor:
         """Return columns ``[start, stop)`` of :meth:`to_dense`, forming only those.  # [C, B, n]
 
         A projector that streams ``R`` row block by row block meets the matching gradient
         columns here, so the ``[C, B, P]`` matrix never exists at once.
+
+        Raises:
+            ValueError: unless ``0 <= start < stop <= P``.
         """
+        P = sum(self._size(src) for _, src in self.layout)
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= P):
+            raise ValueError(f"LayerGrads.columns(start=..., stop=...): expected ints with "
+                             f"0 <= start < stop <= P = {P}, got start={start!r}, stop={stop!r}.")
         parts, off = [], 0
         for _, source in self.layout:
             size = self._size(source)
@@ -156,6 +165,10 @@ class LayerGrads(NamedTuple):
 
     def select(self, c: int) -> LayerGrads:
         """Return checkpoint ``c`` alone (views, leading dim kept).  # C = 1"""
+        C = self.dense.shape[0]
+        if not (isinstance(c, int) and 0 <= c < C):
+            raise ValueError(f"LayerGrads.select(c=...): expected an int in [0, {C}), "
+                             f"got {c!r}.")
         factors = {n: (a[c:c + 1], g[c:c + 1]) for n, (a, g) in self.factors.items()}
         return LayerGrads(factors, self.dense[c:c + 1], self.layout)
 

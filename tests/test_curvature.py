@@ -106,6 +106,17 @@ def test_cross_entropy_out_hvp_equals_autodiff_hessian(T, k, K, seed):
         got = torch.stack([cross_entropy_out_hvp(z, (None, y), u) for u in U])
         torch.testing.assert_close(got.reshape(k, -1), U.reshape(k, -1) @ H, rtol=0,
                                    atol=1e-13)
+    z, y = torch.randn(T, K, generator=g, dtype=torch.float64), torch.randint(0, K, (T,))
+    u = torch.randn(T, K, generator=g, dtype=torch.float64)
+    by_dict = cross_entropy_out_hvp(z, {"x": z, "labels": y}, u)
+    torch.testing.assert_close(by_dict, cross_entropy_out_hvp(z, (z, y), u), rtol=0, atol=0)
+    # no integer target per position: the plain mean over the T positions
+    p = torch.softmax(z, -1)
+    plain = (p * u - p * (p * u).sum(-1, keepdim=True)) / T
+    torch.testing.assert_close(cross_entropy_out_hvp(z, None, u), plain, rtol=0, atol=1e-15)
+    if T > 1:  # a target of another shape is not per position: the plain mean again
+        torch.testing.assert_close(cross_entropy_out_hvp(z, (z, y[:1]), u), plain, rtol=0,
+                                   atol=1e-15)
     with pytest.raises(TypeError, match=r"gnvp\(out_hvp=...\): expected None or a callable"):
         gnvp(_mlp_forward, _ce, {"w": z}, (z[None], y[None]), out_hvp=1.0)
 

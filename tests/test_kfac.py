@@ -334,6 +334,10 @@ def test_reused_tap_gives_identical_factors(device, fit):
     one = {k: v for k, v in params.items() if k.startswith("emb")}
     with pytest.raises(ValueError, match=r"(e)?kfac_factors\(tapped=...\): expected tap_layers"):
         fit(model, F.cross_entropy, one, batch, tapped=tap)
+    with pytest.raises(TypeError, match=r"kfac_tap\(module=...\): expected an nn.Module"):
+        kfac_tap(params, params)
+    with pytest.raises(ValueError, match=r"kfac_tap\(layers=...\)"):
+        kfac_tap(model, params, layers=["nope"])
     other, _, _ = _problem("seq", 2, 5, 2, 3, 2, 3, True, device)
     with pytest.raises(ValueError, match=r"tapped=...\): expected tap_layers.*got a tap of "
                                          r"another module"):

@@ -382,7 +382,8 @@ def test_projected_columns_equal_projected_dense(seed, chunk, proj_dim):
 
 
 def test_to_dense_differentiable_and_under_vmap():
-    """to_dense keeps autograd (d sum/d a_i = sum_o g_o) and works inside torch.func.vmap."""
+    """to_dense keeps autograd (d sum/d a_i = sum_o g_o) and works under vmap and forward AD;
+    columns/select name a bad range."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     fm = functional_model(net, F.cross_entropy)
@@ -402,3 +403,15 @@ def test_to_dense_differentiable_and_under_vmap():
     scaled = torch.func.vmap(lambda s: lg._replace(dense=lg.dense * s).to_dense())(
         torch.ones(2, dtype=DT))
     torch.testing.assert_close(scaled[0], ref, rtol=0, atol=0)
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        name, (a, g_) = next(iter(lg.factors.items()))
+        dual = forward_ad.make_dual(a, torch.ones_like(a))
+        primal = lg._replace(factors={**lg.factors, name: (dual, g_)}).to_dense()
+        torch.testing.assert_close(forward_ad.unpack_dual(primal).primal, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"LayerGrads.columns\(start=..., stop=...\): "
+                                         r"expected ints with 0 <= start < stop <= P"):
+        lg.columns(3, 3)
+    with pytest.raises(ValueError, match=r"LayerGrads.select\(c=...\): expected an int"):
+        lg.select(1)

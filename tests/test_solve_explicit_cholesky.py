@@ -216,7 +216,10 @@ def test_lu_is_the_literal_inverse_even_when_indefinite(device, dim, seed, k, ne
 
 
 def test_lu_refuses_a_singular_matrix(device):
-    """method='lu' on a singular A + damping I (exact zero pivot) raises, naming damping."""
-    with pytest.raises(ValueError, match=r"ihvp_explicit\(op=..., damping=...\): expected A "
-                                         r"\+ damping\*I non-singular"):
-        ihvp_explicit(torch.zeros(3, 3, dtype=DTYPE, device=device), damping=0.0, method="lu")
+    """method='lu' on a (numerically) singular A + damping I raises, naming damping: zeros,
+    and a rank-1 v v^T whose pivots fall under P * eps * max pivot."""
+    v = _randn(0, 5, 1, device=device)
+    for A in (torch.zeros(3, 3, dtype=DTYPE, device=device), v @ v.T):
+        with pytest.raises(ValueError, match=r"ihvp_explicit\(op=..., damping=...\): expected "
+                                             r"A \+ damping\*I non-singular"):
+            ihvp_explicit(A, damping=0.0, method="lu")

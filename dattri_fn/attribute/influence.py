@@ -87,7 +87,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
             ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
-            ``loss`` when that is a FunctionalModel.
+            ``loss`` when that is a FunctionalModel. The trace (torch.fx) is made on the first
+            ``prepare`` and reused; it is redone when the params' keys or the module's
+            submodules change, but Python attributes that ``forward`` reads are baked into
+            it: build a new method after changing those (as for every method that takes a
+            FunctionalModel, whose Linear-layer plan is traced when the method is built).
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
             ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params``; ``"hessian"`` is
             then ``H + 2 l2 I`` and ``"fisher"`` the empirical Fisher of the regularised

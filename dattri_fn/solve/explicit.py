@@ -136,12 +136,17 @@ METHODS = ("auto", "eigh", "cholesky", "lu")
 
 
 def _lu_inverse(func: str, M: Tensor, *, damping: float) -> LUInverse:
-    """Return ``V -> (M^-1 V^T)^T`` by LU with partial pivoting; raise if ``M`` is singular."""
-    LU, pivots, info = torch.linalg.lu_factor_ex(M)
-    if int(info):  # one sync, at construction
+    """Return ``V -> (M^-1 V^T)^T`` by LU with partial pivoting; raise if ``M`` is numerically
+    singular: a pivot ``|u_ii| <= P * eps * max_j |u_jj|`` (the drop rule's default scale)."""
+    LU, pivots, _ = torch.linalg.lu_factor_ex(M)
+    with torch.no_grad():
+        u = LU.diagonal().abs()
+        tiny = u <= M.shape[0] * torch.finfo(M.dtype).eps * u.max()
+    if bool(tiny.any()):  # one sync, at construction
         raise ValueError(
             f"{func}(op=..., damping=...): expected A + damping*I non-singular for "
-            f"method='lu', got a zero pivot at row {int(info)} (damping = {damping:g}). "
+            f"method='lu', got {int(tiny.sum())} pivot(s) <= P * eps * max pivot "
+            f"(damping = {damping:g}): the solve would return huge, meaningless values. "
             f"Raise damping or use method='eigh' (drops non-positive directions).")
     dtype, device = LU.dtype, LU.device
 
@@ -204,7 +209,7 @@ def _differentiable(func: str, S: Tensor, damping: float, rtol: float, method: s
 
 def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
                   method: str = "auto") -> EigenInverse | CholeskyInverse | LUInverse:
-    """Return V -> (A + damping*I)^-1 V from one Cholesky or eigendecomposition.  # [k, P] -> [k, P]
+    """Return V -> (A + damping*I)^-1 V from one Cholesky, LU or eigendecomposition.  # [k, P] -> [k, P]
 
     The factory densifies ``op`` (``op.dense()``), symmetrises it as ``A_s = (A + A^T) / 2`` and
     factors ``M = A_s + damping*I`` once; the returned operator applies the inverse to any
@@ -239,7 +244,7 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
         :class:`CholeskyInverse` LinOp (``.factor`` is ``L``) for ``method="cholesky"``, and
         for ``"auto"`` when the test above passes (positive definite, not near-singular ``M``);
         otherwise an :class:`EigenInverse` LinOp (``.eigen`` holds all ``P`` eigenpairs of
-        ``A_s``, sorted by ``|lam|`` descending; ``.kept`` marks the inverted ones). Both have
+        ``A_s``, sorted by ``|lam|`` descending; ``.kept`` marks the inverted ones). All have
         ``.damping``, the operator's ``dtype``/``device``, and map ``[k, P] -> [k, P]`` and
         ``[P] -> [P]``.
 
@@ -247,7 +252,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
         TypeError: ``op`` is not a LinOp/tensor, or is not floating point; ``method`` is not a str.
         ValueError: non-square or non-finite ``op``; negative ``damping`` or ``rtol``; unknown
             ``method``; ``method="cholesky"`` and ``A_s + damping*I`` not positive definite;
-            ``method="lu"`` and ``A_s + damping*I`` singular.
+            ``method="lu"`` and ``A_s + damping*I`` numerically singular (a pivot
+            ``<= P * eps * max pivot``).
 
     Note:
         Drop rule (``"eigh"``, and ``"auto"`` when it falls back): directions with
