@@ -327,22 +327,22 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         d = P if proj_dim is None else proj_dim
 
         def features(batch) -> Tensor:  # [C, b, d]
-            if plan is not None:
-                lg = layer_grads_stacked(plan, stacked, batch)
-                b = lg.num_rows
-                if projs is None:
-                    return lg.to_dense()  # [C, b, P]
-                if len(projs) * b * P <= _DENSE_ENTRIES:  # small: one batched densification
-                    G = lg.to_dense()
-                    return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
+            lg = None if plan is None else layer_grads_stacked(plan, stacked, batch)
+            by_columns = (lg is not None and projs is not None
+                          and len(projs) * lg.num_rows * P > _DENSE_ENTRIES)
+            if by_columns:
                 # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
+                b = lg.num_rows
                 out = v0.new_empty((len(projs), b, proj_dim))
                 for c, proj in enumerate(projs):
                     lc = lg.select(c)
                     out[c] = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0], b,
                                                 dtype=v0.dtype, device=v0.device)
                 return out
-            G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
+            if lg is None:
+                G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
+            else:
+                G = lg.to_dense()  # [C, b, P], the factored gradients densified in one pass
             if projs is None:
                 return G
             return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
