@@ -188,7 +188,7 @@ def _count_rows(func: str, train) -> int | None:
     return None
 
 
-_DENSE_ENTRIES = 2**21  # below this C * b * P, projecting densified gradients is faster
+_DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's densified [b, P] is projected whole
 _CACHED_ROWS = 4096  # cached train rows scored per block (bounds the [rows, n_test] block)
 
 
@@ -328,21 +328,21 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
         def features(batch) -> Tensor:  # [C, b, d]
             lg = None if plan is None else layer_grads_stacked(plan, stacked, batch)
-            by_columns = (lg is not None and projs is not None
-                          and len(projs) * lg.num_rows * P > _DENSE_ENTRIES)
-            if by_columns:
-                # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
+            if lg is not None and projs is not None:
                 b = lg.num_rows
+                if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] at a time, projected whole
+                    return torch.stack([proj(lg.select(c).to_dense()[0])
+                                        for c, proj in enumerate(projs)])
+                # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
                 out = v0.new_empty((len(projs), b, proj_dim))
                 for c, proj in enumerate(projs):
                     lc = lg.select(c)
                     out[c] = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0], b,
                                                 dtype=v0.dtype, device=v0.device)
                 return out
-            if lg is None:
-                G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
-            else:
-                G = lg.to_dense()  # [C, b, P], the factored gradients densified in one pass
+            if lg is not None:
+                return lg.to_dense()  # unprojected: [C, b, P]
+            G = stacked_per_sample_grad(output_fn, stacked, batch)  # [C, b, P], one vmap
             if projs is None:
                 return G
             return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
