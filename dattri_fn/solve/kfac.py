@@ -276,8 +276,14 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     def step(layer, a, g):
         a, g = _tokens(a, g, bias[layer])
-        rot = torch.einsum("bto,bti->boi", g @ QG[layer], a @ QA[layer])
-        dL = (rot * rot).sum(0)
+        ga, aa = g @ QG[layer], a @ QA[layer]
+        if a.shape[1] == 1:
+            # One position: (Q_G^T DW Q_A)^2 = (g~ a~^T)^2 = g~^2 (a~^2)^T, summed over the
+            # batch by one [out, B] x [B, in] product, never the [B, out, in] blocks.
+            dL = ga[:, 0].square().T @ aa[:, 0].square()
+        else:
+            rot = torch.einsum("bto,bti->boi", ga, aa)
+            dL = (rot * rot).sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
