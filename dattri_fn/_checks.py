@@ -160,6 +160,21 @@ def regroup(batches: Iterable, rows: int | None, func: str = "regroup") -> Itera
         yield merged(buf)
 
 
+class _Regrouped:
+    """A re-iterable view of ``data`` whose consecutive batches are merged (see :func:`regroup`)."""
+
+    def __init__(self, func: str, arg: str, data, rows: int):
+        self.func, self.arg, self.data, self.rows = func, arg, data, rows
+
+    def __iter__(self):
+        return iter(regroup(iter_batches(self.func, self.arg, self.data), self.rows, self.func))
+
+
+def regrouped(func: str, arg: str, data, rows: int | None):
+    """Return ``data`` (None) or a re-iterable of its batches merged to ``>= rows`` examples."""
+    return data if rows is None else _Regrouped(func, arg, data, rows)
+
+
 def batch_to(batch, device):
     """Move every leaf to ``device`` (a no-op for tensors already there)."""
     if isinstance(batch, Tensor):

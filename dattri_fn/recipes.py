@@ -140,13 +140,11 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         elif solver == "arnoldi":
             opts = dict(rank=min(arnoldi_rank, P), max_iter=min(2 * arnoldi_rank, P),
                         block_size=arnoldi_block)
-        elif solver in ("kfac", "ekfac"):
-            opts = dict(batch_rows=curvature_rows(P, batch_size))
         elif solver == "lissa":
             opts = dict(scale=lissa_scale(curvature(fm.params, train[0]), wd + damping),
                         depth=200, batch_size=min(64, n))
         method = influence(fm, l2=wd / 2, solver=solver, damping=damping + wd,
-                           curvature=curvature, **opts)
+                           curvature=curvature, batch_rows=curvature_rows(P, batch_size), **opts)
         return Recipe(name, method, fm.params, train, test)
     if name in ("grad-dot", "grad-cos"):
         build = grad_dot if name == "grad-dot" else grad_cos

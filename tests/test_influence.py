@@ -373,3 +373,30 @@ def test_kfac_retraces_after_a_submodule_is_swapped():
                     damping=0.1).prepare(fm.params, data).factors
     for k in ref.Lambda:
         torch.testing.assert_close(got.Lambda[k], ref.Lambda[k], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["explicit", "datainf", "ekfac", "cg"])
+def test_batch_rows_merges_batches_without_changing_scores(solver):
+    """influence(..., batch_rows=r) == batch_rows=None for score, top_k and self_score (1e-12):
+    merging consecutive train/test batches only changes the calls."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fm = functional_model(net, F.cross_entropy)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(14, 4, generator=g, dtype=D), torch.randint(0, 3, (14,), generator=g)
+    train, test = _split((x, y), [3, 4, 9, 10]), _split((x[:5] + 0.1, y[:5]), [2])
+    opts = dict(curvature="fisher", damping=0.3)
+    if solver == "cg":
+        opts.update(max_iter=100, rtol=1e-12)
+    ref, got = influence(fm, solver=solver, **opts), influence(fm, solver=solver, batch_rows=4,
+                                                              **opts)
+    s_ref, s_got = ref.prepare(fm.params, train), got.prepare(fm.params, train)
+    torch.testing.assert_close(got.score(fm.params, s_got, train, test),
+                               ref.score(fm.params, s_ref, train, test), rtol=1e-12, atol=1e-12)
+    top_got = got.score(fm.params, s_got, train, test, top_k=3)
+    top_ref = ref.score(fm.params, s_ref, train, test, top_k=3)
+    assert torch.equal(top_got.indices, top_ref.indices)
+    torch.testing.assert_close(got.self_score(fm.params, s_got, train),
+                               ref.self_score(fm.params, s_ref, train), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"influence\(batch_rows=...\): expected an int >= 1"):
+        influence(fm, batch_rows=0)
