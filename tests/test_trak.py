@@ -335,3 +335,30 @@ def test_bad_input_raises_clear_errors(device):
         trak(out, proj_dim=0)
     with pytest.raises(TypeError, match=r"trak\(output_fn=...\): expected a callable"):
         trak(None)
+
+
+@given(seed=seeds, C=st.integers(1, 2), proj_dim=st.sampled_from([None, 10]),
+       k=st.integers(1, 3))
+def test_dual_form_equals_primal_when_d_exceeds_n_train(device, seed, C, proj_dim, k, tmp_path_factory):
+    """d > n_train with cached features: K = (Phi Phi^T + damping I)^-1 [C, n, n] gives the
+    primal scores (Phi^T Phi + damping I)^-1 (push-through identity), top_k and self-scores,
+    and survives io.save/io.load."""
+    fm = _mlp(seed, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
+    train, test = _data(6, seed + 1, device), _data(3, seed + 2, device)
+    dual = trak(out, weight_fn=w, proj_dim=proj_dim, seed=seed, damping=0.3)
+    primal = trak(out, weight_fn=w, proj_dim=proj_dim, seed=seed, damping=0.3,
+                  cache_features=False)
+    s_dual, s_primal = dual.prepare(ckpts, train), primal.prepare(ckpts, train)
+    d = num_params(fm.params) if proj_dim is None else proj_dim
+    assert s_dual.kernel.shape == (C, 6, 6) and s_primal.kernel.shape == (C, d, d)
+    ref = primal.score(ckpts, s_primal, train, test)
+    _close(dual.score(ckpts, s_dual, None, test), ref)
+    for largest in (True, False):
+        top = dual.score(ckpts, s_dual, train, test, top_k=k, largest=largest)
+        _close(top.values, torch.topk(ref, k, dim=0, largest=largest).values)
+    _close(dual.self_score(ckpts, s_dual, None), primal.self_score(ckpts, s_primal, train))
+    path = tmp_path_factory.mktemp("dual") / "trak.pt"
+    io.save(s_dual, path)
+    _close(dual.score(ckpts, io.load(path), None, test), ref)

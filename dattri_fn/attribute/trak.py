@@ -37,7 +37,7 @@ from .._types import Params
 from ..layer_grads import layer_grads_stacked, layer_plan
 from ..model import FunctionalModel
 from .method import Method, num_checkpoints, stack_checkpoints, stacked_per_sample_grad
-from .pipeline import TopK, collect, in_chunks, stream_scores
+from .pipeline import TopK, collect, in_chunks, merge_topk, stream_scores
 
 OutputFn = Callable[[Params, Any], Tensor]
 _MARGIN_FIX = "For classification use classification_margin(forward)."
@@ -48,7 +48,9 @@ class TRAKState(NamedTuple):
     """What :func:`trak`'s ``prepare`` computes once from the training set.
 
     Attributes:
-        kernel: ``K_c = (Phi_c^T Phi_c + damping I)^-1`` per checkpoint.  # [C, d, d]
+        kernel: ``K_c = (Phi_c^T Phi_c + damping I)^-1`` per checkpoint  # [C, d, d]
+            or, in the dual form (``d > n_train``, features cached, ``damping > 0``),
+            ``(Phi_c Phi_c^T + damping I)^-1``.  # [C, n_train, n_train]
         train_features: the projected train features ``phi_c(z_i)``, or None when built with
             ``cache_features=False``.  # [C, n_train, d]
         train_weights: ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``, or None likewise.  # [n_train]
@@ -234,7 +236,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``params`` is one params dict or a list of ``C`` checkpoints / independently trained models
     (same keys and shapes); features at all checkpoints come from one ``vmap`` over the stacked
     checkpoints. ``prepare`` streams the training set and accumulates ``Phi_c^T Phi_c`` batch by
-    batch; the kernel is inverted once per checkpoint by Cholesky.
+    batch; the kernel is inverted once per checkpoint by Cholesky. When ``d > n_train``, the
+    features are cached and ``train`` is countable (a Batch or a list of them), it uses the dual
+    kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores,
+    since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
+    ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when ``n_train``
+    is moderate.
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
@@ -370,12 +377,36 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def split(out: Tensor) -> tuple[Tensor, Tensor]:  # -> phi [C, b, d], Qbar [b]
         return out[..., :-1], out[..., -1].mean(0)
 
+    def singular(func: str, where, d: int, n: int) -> ValueError:
+        return ValueError(_msg(func, "damping", "Phi^T Phi + damping I positive definite at "
+                               "every checkpoint", f"a singular matrix at checkpoints {where} "
+                               f"(d={d}, n_train={n}, damping={damping})",
+                               "Raise damping or lower proj_dim."))
+
+    def dual_kernel(func: str, feats: Tensor, d: int, dtype) -> Tensor:
+        """``(Phi Phi^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]"""
+        f64 = feats.to(torch.float64)
+        gram = f64 @ f64.mT
+        del f64
+        gram.diagonal(dim1=-2, dim2=-1).add_(damping)
+        L, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            raise singular(func, torch.nonzero(info).flatten().tolist(), d, feats.shape[1])
+        K = torch.cholesky_inverse(L).to(dtype)
+        return K.add_(K.mT.clone()).mul_(0.5)
+
     def prepare(params, train) -> TRAKState:
         func = f"{name}.prepare"
         stacked, packed, features, d, first, device = setup(func, params)
         check_first(func, "train", first, train, device)
         gram, phis, weights, n = None, [], [], 0
         total = _count_rows(func, train) if cache_features else None
+        if total is not None and d > total and damping == 0:
+            raise singular(func, "all (d > n_train)", d, total)
+        # Dual form: with d > n_train the n x n kernel (Phi Phi^T + damping I)^-1 gives the same
+        # scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1, and
+        # never forms the d x d one (d = P without projection).
+        dual = total is not None and d > total
         feats = None
         for batch in iter_batches(func, "train", train):
             batch_size(func, "train", batch)
@@ -384,14 +415,15 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 # Rows known up front: write into one buffer (no list + cat double peak).
                 feats = phi.new_empty((phi.shape[0], total, phi.shape[2]))
                 wts = q.new_empty(total)
-            # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
-            # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
-            phi64 = phi.to(torch.float64)
-            if gram is None:
-                gram = phi64.mT @ phi64
-            else:
-                gram.baddbmm_(phi64.mT, phi64)
-            del phi64
+            if not dual:
+                # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
+                # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
+                phi64 = phi.to(torch.float64)
+                if gram is None:
+                    gram = phi64.mT @ phi64
+                else:
+                    gram.baddbmm_(phi64.mT, phi64)
+                del phi64
             if feats is not None:
                 feats[:, n:n + phi.shape[1]] = phi
                 wts[n:n + phi.shape[1]] = q
@@ -399,16 +431,14 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 phis.append(phi)
                 weights.append(q)
             n += phi.shape[1]
+        if dual:
+            return TRAKState(dual_kernel(func, feats, d, stacked_dtype(stacked)), feats, wts)
         # In place and one float64 [C, d, d] buffer at a time: unprojected (d = P) kernels are big.
         gram.diagonal(dim1=-2, dim2=-1).add_(damping)
         L, info = torch.linalg.cholesky_ex(gram)
         del gram
         if bool((info != 0).any()):
-            bad = torch.nonzero(info).flatten().tolist()
-            raise ValueError(_msg(func, "damping", "Phi^T Phi + damping I positive definite at "
-                                  "every checkpoint", f"a singular matrix at checkpoints {bad} "
-                                  f"(d={d}, n_train={n}, damping={damping})",
-                                  "Raise damping or lower proj_dim."))
+            raise singular(func, torch.nonzero(info).flatten().tolist(), d, n)
         K = torch.cholesky_inverse(L)
         del L
         K = K.to(stacked_dtype(stacked))
@@ -422,15 +452,20 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def stacked_dtype(stacked) -> torch.dtype:
         return next(iter(stacked.values())).dtype
 
-    def check_state(func: str, state, stacked, d: int) -> None:
+    def check_state(func: str, state, stacked, d: int) -> bool:
+        """Raise unless ``state`` fits these checkpoints and ``d``; return True for the dual form."""
         if not isinstance(state, TRAKState):
             raise TypeError(_msg(func, "state", "the TRAKState returned by trak's prepare",
                                  type(state).__name__))
         C = num_checkpoints(stacked)
+        n = None if state.train_features is None else state.train_features.shape[1]
+        if n is not None and n < d and tuple(state.kernel.shape) == (C, n, n):
+            return True
         if tuple(state.kernel.shape) != (C, d, d):
             raise ValueError(_msg(func, "state", f"a kernel of shape [C, d, d] = [{C}, {d}, {d}] "
                                   "(prepared with the same checkpoints and proj_dim)",
                                   f"{list(state.kernel.shape)}"))
+        return False
 
     def train_rows(phi: Tensor, q: Tensor) -> WeightedRows:  # [C, b, d], [b]
         return WeightedRows(phi, q / phi.shape[0])
@@ -456,9 +491,18 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
         stacked, packed, features, d, first, device = setup(func, params)
-        check_state(func, state, stacked, d)
+        dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         check_first(func, "test", first, test, device)
+        if dual:
+            check_cached_train(func, train, state.train_features.shape[1])
+            check_optional_int(func, "top_k", top_k)
+            test_phi = collect(func, "test", features, test, device)
+            feats, wts = state.train_features.to(device), state.train_weights.to(device)
+            # K_c (Phi_c Psi_c^T): [C, n, n] x [C, n, m], summed over checkpoints
+            S = torch.bmm(K, torch.bmm(feats, test_phi.mT)).sum(0)
+            S.mul_((wts / K.shape[0])[:, None])
+            return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
         test_feats = test_rows(K, collect(func, "test", features, test, device))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
@@ -475,8 +519,13 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
         stacked, packed, features, d, first, device = setup(func, params)
-        check_state(func, state, stacked, d)
+        dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
+        if dual:
+            check_cached_train(func, train, state.train_features.shape[1])
+            feats, wts = state.train_features.to(device), state.train_weights.to(device)
+            # s_ii = sum_c [K_c Phi_c Phi_c^T]_ii / C * Qbar_i, row by row without the n x n
+            return (torch.bmm(K, feats) * feats).sum((0, 2)) * (wts / K.shape[0])
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             idx, rows = cached_chunks(state, device)
