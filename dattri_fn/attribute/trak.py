@@ -385,8 +385,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def dual_kernel(func: str, feats: Tensor, d: int, dtype) -> Tensor:
         """``(Phi Phi^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]"""
-        f64 = feats.to(torch.float64)
-        gram = f64 @ f64.mT
+        n = feats.shape[1]
+        gram = feats.new_empty((feats.shape[0], n, n), dtype=torch.float64)
+        for c, f in enumerate(feats):  # one checkpoint's float64 copy at a time
+            f64 = f.to(torch.float64)
+            torch.mm(f64, f64.T, out=gram[c])
         del f64
         gram.diagonal(dim1=-2, dim2=-1).add_(damping)
         L, info = torch.linalg.cholesky_ex(gram)
