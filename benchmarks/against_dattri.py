@@ -86,9 +86,14 @@ class Runner(NamedTuple):
     score: Callable[[Any], Tensor]
 
 
+# dattri 0.3.0's attributors import these at import time; ``pip install --no-deps`` skips them.
+DATTRI_IMPORTS = ("dattri", "tqdm", "yaml")
+DATTRI_INSTALL = f"pip install --no-deps dattri=={DATTRI_VERSION} tqdm pyyaml"
+
+
 def dattri_available() -> bool:
-    """Return True when ``import dattri`` would find dattri (without importing it)."""
-    return importlib.util.find_spec("dattri") is not None
+    """Return True when dattri and what its attributors import are installed (none imported)."""
+    return all(importlib.util.find_spec(m) is not None for m in DATTRI_IMPORTS)
 
 
 def dattri_version() -> str | None:

@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.against_dattri import (
     COUNTERPARTS,
+    DATTRI_INSTALL,
     DATTRI_VERSION,
     MATCHED,
     Runner,
@@ -416,8 +417,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # tqdm reads it when imported (torch imports it): set before spawning the workers
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.against == "dattri" and not dattri_available():
-        raise SystemExit(f"--against dattri: dattri is not installed (pip install "
-                         f"dattri=={DATTRI_VERSION} --no-deps, or the [bench] extra)")
+        raise SystemExit(f"--against dattri: dattri or a module it imports is missing "
+                         f"({DATTRI_INSTALL}, or the [bench] extra)")
     task = load_task(task_spec(args))
     _log(args, f"{args.task}: n_train={args.n_train} n_test={args.n_test} m={args.subsets} "
                f"models={args.models}")
