@@ -89,7 +89,9 @@ class Projector:
     Build it with :func:`make_projector`. Calling it accepts a ``[B, P]`` tensor, a ``[P]``
     vector (returns ``[d]``) or a dict ``{name: [B, *shape]}`` of per-sample gradients whose
     raveled length is ``P`` (returns ``[B, d]``, equal to projecting
-    ``dattri_fn.tree.ravel_batched(grads)``). Output dtype and device follow the input.
+    ``dattri_fn.tree.ravel_batched(grads)``). Output dtype and device follow the input; a
+    bfloat16/float16 input is multiplied in that precision (fast where the hardware has
+    half-precision matrix units) and summed over ``R``'s row steps in float32.
 
     Attributes:
         dim: ``P``, the input dimension.
@@ -196,8 +198,13 @@ class Projector:
     # -- application ---------------------------------------------------------------------
     def _apply(self, cols: ColumnFn, batch: int, dtype: torch.dtype,
                device: torch.device) -> Tensor:
-        """Return ``sum_steps cols(a, b) @ R[a:b]``.  # -> [B, d]"""
-        out = torch.zeros(batch, self.proj_dim, dtype=dtype, device=device)
+        """Return ``sum_steps cols(a, b) @ R[a:b]``.  # -> [B, d]
+
+        Half-precision inputs (bfloat16/float16) are multiplied in their dtype, where matrix
+        units are fast, and the steps are summed in float32, so rounding does not grow with P.
+        """
+        acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        out = torch.zeros(batch, self.proj_dim, dtype=acc, device=device)
         sub = max(1, _SJLT_STEP_ENTRIES // max(batch, 1))
         steps = self._steps()
         streamed = self.kind != "sjlt" and not self.cacheable
@@ -211,7 +218,8 @@ class Projector:
         for a, b in steps:
             X = cols(a, b)
             if self.kind == "sjlt":
-                idx, sgn = self._raw(a, b, dtype, device)
+                X = X.to(acc)
+                idx, sgn = self._raw(a, b, acc, device)
                 for j in range(self.nnz):
                     for c in range(0, b - a, sub):
                         out.index_add_(1, idx[c:c + sub, j], X[:, c:c + sub] * sgn[c:c + sub, j])
@@ -219,10 +227,10 @@ class Projector:
                 R = self._raw_dense(a, b, out=raw[:b - a])
                 if not same:
                     R = moved[:b - a].copy_(R)
-                out.addmm_(X, R)
+                _add_product(out, X, R)
             else:
-                out.addmm_(X, self._raw(a, b, dtype, device))
-        return out.mul_(self.scale)
+                _add_product(out, X, self._raw(a, b, dtype, device))
+        return out.mul_(self.scale).to(dtype)
 
     def __call__(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Return ``X R`` for ``[B, P]``, ``[P]`` or ``{name: [B, *shape]}``.  # -> [B, d] / [d]
@@ -270,6 +278,14 @@ class Projector:
         extra = f", nnz={self.nnz}" if self.kind == "sjlt" else ""
         return (f"Projector(dim={self.dim}, proj_dim={self.proj_dim}, kind={self.kind!r}, "
                 f"seed={self.seed}{extra}, chunk_size={self.chunk_size})")
+
+
+def _add_product(out: Tensor, X: Tensor, R: Tensor) -> None:
+    """``out += X @ R``; a half-precision product is rounded once, then added in ``out``'s dtype."""
+    if X.dtype == out.dtype:
+        out.addmm_(X, R)
+    else:
+        out.add_(X @ R)
 
 
 # -- validation ------------------------------------------------------------------------
@@ -450,3 +466,20 @@ def project_tree(grads: Mapping[str, Tensor], *, proj_dim: int, kind: str = "rad
     proj = Projector(dim, proj_dim, kind, seed, nnz, chunk_size,
                      dtype, device)
     return proj._apply(cols, batch, dtype, device)
+
+
+def bfloat16_is_fast(device) -> bool:
+    """Return True when ``device`` multiplies bfloat16 matrices natively (faster than float32).
+
+    CUDA: compute capability 8.0 or newer (tensor cores with bfloat16). CPU: the AVX512-BF16 or
+    AMX instructions, as torch detects them (without them a bfloat16 GEMM is emulated, slower
+    than float32). Other devices: False.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
+    return False
+

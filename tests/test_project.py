@@ -8,7 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dattri_fn.project import KINDS, Projector, make_projector, project, project_tree
+from dattri_fn.project import (
+    KINDS,
+    Projector,
+    bfloat16_is_fast,
+    make_projector,
+    project,
+    project_tree,
+)
 from dattri_fn.tree import ravel_batched
 
 # The package re-exports the function ``project``, which shadows the module attribute.
@@ -266,6 +273,44 @@ def test_dtype_and_device_follow_input(device, kind, nnz, dtype):
     tree = {"w": X[:, :30].reshape(3, 5, 6).to(dtype), "b": X[:, 30:].to(dtype)}
     assert project_tree(tree, proj_dim=8, kind=kind, seed=2, nnz=nnz).dtype == dtype
     assert proj.matrix(dtype=dtype, device=device).dtype == dtype
+
+
+U_BF16 = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+
+
+@pytest.mark.parametrize("kind,nnz", CASES)
+@given(seed=seed_st, P=st.integers(1, 300), d=st.integers(3, 40), B=st.integers(1, 4),
+       chunk=st.sampled_from([1, None]))
+@settings(max_examples=10)
+def test_bfloat16_input_is_the_product_within_three_roundings(device, small_blocks, kind, nnz,
+                                                              seed, P, d, B, chunk):
+    """bfloat16 X: the output is bfloat16 and |Y - X R| <= 4u |X| |R| entrywise (R rounded to
+    bfloat16, each step's product rounded, the steps summed in float32, the output rounded)."""
+    Xb = _randn(seed, B, P, device=device).to(torch.bfloat16)
+    proj = make_projector(P, proj_dim=d, kind=kind, seed=seed, nnz=nnz, chunk_size=chunk)
+    Y = proj(Xb)
+    assert Y.dtype == torch.bfloat16 and Y.device == Xb.device
+    X, R = Xb.to(F64), proj.matrix(dtype=F64, device=device)
+    assert bool(((Y.to(F64) - X @ R).abs() <= 4 * U_BF16 * (X.abs() @ R.abs()) + 1e-30).all())
+
+
+@pytest.mark.parametrize("kind,nnz", CASES)
+def test_bfloat16_error_does_not_grow_with_steps(device, small_blocks, kind, nnz):
+    """Over about 19 steps of R the relative error stays ~u, below 2u in norm (a bfloat16
+    running sum would add about u sqrt(steps / 3))."""
+    Xb = _randn(7, 4, 300, device=device).to(torch.bfloat16)
+    proj = make_projector(300, proj_dim=40, kind=kind, seed=7, nnz=nnz, chunk_size=1)
+    assert len(proj._steps()) >= 15
+    ref = Xb.to(F64) @ proj.matrix(dtype=F64, device=device)
+    assert float((proj(Xb).to(F64) - ref).norm()) <= 2 * U_BF16 * float(ref.norm())
+
+
+def test_bfloat16_is_fast_answers_per_device():
+    """A bool per device; never True for a device without native bfloat16 GEMMs."""
+    assert bfloat16_is_fast("meta") is False
+    assert isinstance(bfloat16_is_fast("cpu"), bool)
+    if not torch.cuda.is_available():
+        assert bfloat16_is_fast("cuda") is False
 
 
 def test_projector_holds_settings_not_matrix():

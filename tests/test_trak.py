@@ -291,6 +291,45 @@ def test_dtype_and_device_follow_params(device):
     assert state.kernel.dtype == S.dtype == torch.float32 and S.device.type == device.type
 
 
+@given(seed=seeds, C=st.integers(1, 2), proj_dim=st.sampled_from([None, 4]),
+       dtype=st.sampled_from([torch.float32, F64]), cache=st.booleans())
+def test_bfloat16_features(device, seed, C, proj_dim, dtype, cache):
+    """feature_dtype=bfloat16: the cache is the float features rounded (2^-7 relative), Q and
+    the kernel are in the params' dtype, the kernel is the closed form of the cached features
+    (primal, or dual when d = P > n_train),
+    scores are within 5% of the float path and self-scores are the score diagonal."""
+    fm = _mlp(seed, device)
+    net = copy.deepcopy(fm.module).to(dtype)
+    fm = functional_model(net, F.cross_entropy)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
+    train = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data(12, seed + 1, device))
+    test = tuple(t.to(dtype) if t.is_floating_point() else t for t in _data(3, seed + 2, device))
+    opts = dict(weight_fn=w, proj_dim=proj_dim, seed=seed, damping=0.5)
+    half = trak(out, feature_dtype=torch.bfloat16, cache_features=cache, **opts)
+    full = trak(out, **opts)
+    s_half, s_full = half.prepare(ckpts, train), full.prepare(ckpts, train)
+    assert s_half.kernel.dtype == dtype
+    if cache:
+        phi = s_half.train_features
+        assert phi.dtype == torch.bfloat16 and s_half.train_weights.dtype == dtype
+        ref = s_full.train_features
+        assert bool(((phi.to(F64) - ref.to(F64)).abs() <= 2**-7 * ref.abs().to(F64)
+                     + 2**-7 * float(ref.abs().max())).all())
+        _close(s_half.train_weights, s_full.train_weights, tol=1e-6)
+        f = phi.to(F64)
+        gram = f @ f.mT if f.shape[2] > f.shape[1] else f.mT @ f  # dual form when d > n_train
+        K = torch.linalg.inv(gram + 0.5 * torch.eye(gram.shape[1], dtype=F64, device=f.device))
+        _close(s_half.kernel.to(F64), K, tol=1e-4 if dtype == torch.float32 else 1e-10)
+    S, ref = half.score(ckpts, s_half, train, test), full.score(ckpts, s_full, train, test)
+    assert S.dtype == dtype
+    assert float((S - ref).norm()) <= 0.05 * float(ref.norm())
+    _close(half.self_score(ckpts, s_half, train),
+           half.score(ckpts, s_half, train, train).diagonal(), tol=1e-4)
+    with pytest.raises(TypeError, match=r"trak\(feature_dtype=...\): expected None or a floating"):
+        trak(out, feature_dtype=torch.int8)
+
+
 def test_bad_input_raises_clear_errors(device):
     """Mismatched checkpoints, NaN, non-scalar outputs, wrong test layout, bad state/settings."""
     fm = _mlp(0, device)
