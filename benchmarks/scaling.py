@@ -326,6 +326,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Point]:
     """Run both sweeps; print the table; save the plot; return the points."""
     args = parse_args(argv)
+    # tqdm reads it when imported (dattri's progress bars): set before spawning the workers
+    os.environ.setdefault("TQDM_DISABLE", "1")
     methods = QUICK["methods"] if args.quick else METHODS
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

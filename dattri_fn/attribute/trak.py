@@ -191,7 +191,7 @@ def _count_rows(func: str, train) -> int | None:
 
 
 _DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's densified [b, P] is projected whole
-_CACHED_ROWS = 4096  # cached train rows scored per block (bounds the [rows, n_test] block)
+_CACHED_ENTRIES = 2**21  # cached features widened and scored per block: C x rows x d entries
 
 
 class WeightedRows(NamedTuple):
@@ -496,13 +496,16 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         return phi @ K
 
     def cached_chunks(state: TRAKState, device):
-        """Row ranges of the cached features and ``idx -> train rows``, ``_CACHED_ROWS`` a time."""
-        n = state.train_features.shape[1]
+        """Row ranges of the cached features and ``idx -> train rows``, ``C x rows x d`` about
+        ``_CACHED_ENTRIES`` a block (256 to 4096 rows): bounds the widened copy of a bfloat16
+        cache and the ``[rows, n_test]`` score block."""
+        C, n, d = state.train_features.shape
+        block = max(256, min(4096, _CACHED_ENTRIES // max(1, C * d)))
         feats, wts = state.train_features.to(device), state.train_weights.to(device)
         dtype = wts.dtype  # the params' dtype; a bfloat16 cache is widened block by block
         # 1-tuples: a list of bare tensors would read as ONE (x, y, ...) batch
-        idx = [(torch.arange(s, min(n, s + _CACHED_ROWS), device=device),)
-               for s in range(0, n, _CACHED_ROWS)]
+        idx = [(torch.arange(s, min(n, s + block), device=device),)
+               for s in range(0, n, block)]
 
         def rows(i):  # views of the cache, not an indexed copy (one sync per block)
             start = int(i[0][0])
