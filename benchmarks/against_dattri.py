@@ -106,45 +106,51 @@ def dattri_version() -> str | None:
 
 
 # ------------------------------------------------------------------------------- model, loss
-def dattri_module(model: nn.Module) -> tuple[nn.Module, str]:
-    """Return ``(module, name of its last nn.Linear)``; a bare Linear is wrapped (see module doc)."""
+def dattri_module(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """Return ``(module, name of its final nn.Linear or None)``; a bare Linear is wrapped (see
+    the module doc). Only RPS needs the name (an ``nn.Sequential`` ending in ``nn.Linear``)."""
     if isinstance(model, nn.Linear):
         model = nn.Sequential(nn.Identity(), model)
-    if not (isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear)):
-        raise ValueError(f"dattri_module(model=...): expected an nn.Linear or an nn.Sequential "
-                         f"ending in nn.Linear, got {type(model).__name__}.")
-    return model, str(len(model) - 1)
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model, str(len(model) - 1)
+    return model, None
 
 
-def _as_batch(x: Tensor, y: Tensor, shape: tuple) -> tuple[Tensor, Tensor]:
+def _as_batch(x: Tensor, y: Tensor, x_shape: tuple, y_shape: tuple) -> tuple[Tensor, Tensor]:
     # dattri hands a loss one example as [*shape] (vmap in_dims 0) or [1, *shape] (in_dims 1);
     # labels may arrive cast to float by its LiSSA collate function.
-    return x.reshape(-1, *shape), y.reshape(-1).long()
+    inputs = x.reshape(-1, *x_shape)
+    return (inputs if inputs.is_floating_point() else inputs.long()), y.reshape(-1, *y_shape).long()
 
 
 class Losses(NamedTuple):
     """The functions dattri's AttributionTask takes, ``(params dict, data) -> Tensor[]``."""
 
-    train: Callable  # mean CE + 0.5 wd |theta|^2 (every parameter)
-    test: Callable  # mean CE
-    margin: Callable  # TRAK's log(p / (1 - p)) of one example
-    prob: Callable  # p_y of one example
+    train: Callable  # the task's mean loss + 0.5 wd |theta|^2 (every parameter)
+    test: Callable  # the task's mean loss (cross-entropy; next-token cross-entropy for text-lm)
+    margin: Callable  # TRAK's output of one example: log(p / (1 - p)), or minus the loss
+    prob: Callable  # p_y of one example (TRAK's Q = 1 - p), or 0 (Q = 1) without classes
     head: Callable  # RPS: CE of pre-activations against soft labels
 
 
-def make_losses(module: nn.Module, shape: tuple, wd: float) -> Losses:
-    """Return dattri-facing losses of ``module`` (examples of ``shape``, class labels)."""
+def make_losses(module: nn.Module, x_shape: tuple, y_shape: tuple, wd: float,
+                loss_fn: Callable = F.cross_entropy) -> Losses:
+    """Return dattri-facing losses of ``module``: examples of ``x_shape``, targets of ``y_shape``
+    (``()``: class labels, TRAK's margin and ``1 - p_y``; else, as our recipe, TRAK's output is
+    minus the loss with ``Q = 1``)."""
 
     def test(params, data):
-        x, y = _as_batch(*data, shape)
-        return F.cross_entropy(functional_call(module, params, (x,)), y)
+        x, y = _as_batch(*data, x_shape, y_shape)
+        return loss_fn(functional_call(module, params, (x,)), y)
 
     def train(params, data):
         reg = sum((p * p).sum() for p in params.values())
         return test(params, data) + 0.5 * wd * reg
 
     def margin(params, data):
-        x, y = _as_batch(*data, shape)
+        if y_shape:
+            return -test(params, data)
+        x, y = _as_batch(*data, x_shape, y_shape)
         logits = functional_call(module, params, (x,))[0]
         # gather and a comparison: logits[y] and F.one_hot call .item(), which vmap rejects
         own = logits.gather(0, y)[0]
@@ -152,8 +158,9 @@ def make_losses(module: nn.Module, shape: tuple, wd: float) -> Losses:
         return own - logits.masked_fill(mask, float("-inf")).logsumexp(-1)
 
     def prob(params, data):
-        x, y = _as_batch(*data, shape)
-        return torch.exp(-F.cross_entropy(functional_call(module, params, (x,)), y))
+        if y_shape:
+            return 0 * test(params, data)
+        return torch.exp(-test(params, data))
 
     def head(pre, soft):
         return F.cross_entropy(pre, soft)
@@ -172,7 +179,7 @@ class Setup(NamedTuple):
     """What every dattri attributor of one run shares: module, losses, checkpoints, loaders."""
 
     module: nn.Module
-    last: str  # name of the final nn.Linear
+    last: str | None  # name of the final nn.Linear (RPS), None without one
     losses: Losses
     states: list  # state dicts of the (wrapped) models
     P: int
@@ -197,7 +204,8 @@ def dattri_setup(task, models: list[nn.Module], hp: dict) -> Setup:
     # caller's first model ends up holding the last checkpoint's weights
     module, last = dattri_module(copy.deepcopy(models[0]))
     wd = float(task.hparams.get("weight_decay", 0.0))
-    losses = make_losses(module, tuple(task.x_train.shape[1:]), wd)
+    losses = make_losses(module, tuple(task.x_train.shape[1:]), tuple(task.y_train.shape[1:]),
+                         wd, task.loss_fn)
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods]
     P = sum(p.numel() for p in module.parameters())
     return Setup(module, last, losses, states, P, wd,
@@ -274,6 +282,10 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
                                        regularization=damping / P)
         # dattri's TRAK takes (test, train): the cached training set is used
         return Runner(lambda: attributor.cache(s.train), lambda _: attributor.attribute(s.test))
+    if s.last is None:
+        raise ValueError(f"dattri_runner('rps'): expected an nn.Linear or an nn.Sequential "
+                         f"ending in nn.Linear, got {type(s.module).__name__}. RPS needs a "
+                         "linear head.")
     attributor = da.RPSAttributor(s.task(s.losses.test, s.losses.head),
                                   final_linear_layer_name=s.last, l2_strength=s.wd / 2,
                                   device=device)
@@ -342,8 +354,8 @@ def trak_proj_dim(task, models: list[nn.Module], hp: dict) -> int:
 def exact_influence(task, models: list[nn.Module], hp: dict, *, max_params: int = 6000) -> Tensor:
     """Return g_i^T (H + damping I)^-1 g_j in float64 by a dense solve.  # -> [n_train, n_test]
 
-    ``H`` is the Hessian of ``mean CE + 0.5 wd |theta|^2`` over the training set, ``g_i`` the
-    gradient of example ``i``'s CE + L2 term and ``g_j`` of test ``j``'s CE: the quantity both
+    ``H`` is the Hessian of ``mean loss + 0.5 wd |theta|^2`` over the training set, ``g_i`` the
+    gradient of example ``i``'s loss + L2 term and ``g_j`` of test ``j``'s loss: the quantity both
     matched influence sides approximate, built with plain ``torch.func`` (no dattri_fn, no
     dattri code). For an indefinite ``H + damping I`` it is still this literal solve.
 
@@ -369,16 +381,16 @@ def exact_influence(task, models: list[nn.Module], hp: dict, *, max_params: int 
         parts = dict(zip(mkeys, pieces, strict=True))
         return functional_call(module, parts, (x,))
 
-    x = task.x_train.to("cpu", torch.float64)
+    f64 = lambda t: t.to("cpu", torch.float64) if t.is_floating_point() else t.cpu()
+    x = f64(task.x_train)
     y = task.y_train.cpu()
-    objective = lambda f: F.cross_entropy(logits(f, x), y) + 0.5 * wd * (f @ f)
+    objective = lambda f: task.loss_fn(logits(f, x), y) + 0.5 * wd * (f @ f)
     H = jacrev(jacrev(objective), chunk_size=128)(flat0)
     H = (H + H.T) / 2
-    one = lambda f, xi, yi: F.cross_entropy(logits(f, xi[None]), yi[None])
+    one = lambda f, xi, yi: task.loss_fn(logits(f, xi[None]), yi[None])
     g_train = vmap(grad(lambda f, xi, yi: one(f, xi, yi) + 0.5 * wd * (f @ f)),
                    in_dims=(None, 0, 0))(flat0, x, y)
-    g_test = vmap(grad(one), in_dims=(None, 0, 0))(flat0, task.x_test.to("cpu", torch.float64),
-                                                   task.y_test.cpu())
+    g_test = vmap(grad(one), in_dims=(None, 0, 0))(flat0, f64(task.x_test), task.y_test.cpu())
     A = H + hp["damping"] * torch.eye(P, dtype=H.dtype)
     return g_train @ torch.linalg.solve(A, g_test.T)
 

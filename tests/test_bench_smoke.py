@@ -148,3 +148,34 @@ def test_scaling_synthetic_digits_and_one_point():
     assert int(a.y_train.min()) >= 0 and int(a.y_train.max()) <= 9
     prep, score = scaling.point_setup("if-cg", 80, 8, 3)()
     assert prep >= 0 and score > 0
+
+
+def test_dattri_losses_follow_the_task():
+    """The dattri-facing losses use the task's loss: class labels give TRAK's margin
+    log(p / (1 - p)) and p_y; sequence targets (text-lm) give minus the loss and p = 0 (Q = 1);
+    a model without a final Linear has no RPS head."""
+    from benchmarks.against_dattri import dattri_module, make_losses
+    from dattri_fn.tasks import TinyLM, classification_loss, lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    params = dict(net.named_parameters())
+    x, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+    cls = make_losses(net, (4,), (), 0.1, classification_loss)
+    assert torch.allclose(cls.test(params, (x, y)), classification_loss(net(x), y))
+    reg = 0.05 * sum((p * p).sum() for p in params.values())
+    assert torch.allclose(cls.train(params, (x, y)), cls.test(params, (x, y)) + reg)
+    p = torch.softmax(net(x[:1]), -1)[0, y[0]]
+    assert torch.allclose(cls.prob(params, (x[0], y[0])), p)
+    assert torch.allclose(cls.margin(params, (x[0], y[0])), torch.log(p / (1 - p)), atol=1e-6)
+    assert dattri_module(net)[1] == "0"
+
+    lm = TinyLM(vocab=7, context=6, dim=8, heads=2, hidden=8)
+    tok, nxt = torch.randint(0, 7, (3, 6), generator=g), torch.randint(0, 7, (3, 6), generator=g)
+    lm_params = dict(lm.named_parameters())
+    seq = make_losses(lm, (6,), (6,), 0.0, lm_loss)
+    assert torch.allclose(seq.test(lm_params, (tok, nxt)), lm_loss(lm(tok), nxt))
+    one = seq.test(lm_params, (tok[0], nxt[0]))
+    assert torch.allclose(seq.margin(lm_params, (tok[0], nxt[0])), -one)
+    assert float(seq.prob(lm_params, (tok[0], nxt[0])).detach()) == 0.0
+    assert dattri_module(lm)[1] is None
