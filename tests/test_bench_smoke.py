@@ -42,14 +42,16 @@ def test_pearson_all_affine(n, k, scale, shift, seed):
 
 
 def test_parse_args_defaults_and_errors():
-    """Digits defaults are n_train 500, n_test 50, m 64; unknown methods and tasks are refused."""
+    """Digits defaults are n_train 500, n_test 50, m 64; unknown methods and tasks are refused;
+    --against dattri is accepted on every task."""
     args = run.parse_args(["--task", "digits-lr"])
     assert (args.n_train, args.n_test, args.subsets) == (500, 50, 64)
     assert "if-explicit" in args.methods and len(args.methods) == 12
     with pytest.raises(SystemExit):
         run.parse_args(["--methods", "if-cg,nope"])
     with pytest.raises(SystemExit):
-        run.parse_args(["--task", "text-lm", "--against", "dattri"])
+        run.parse_args(["--task", "nope"])
+    assert run.parse_args(["--task", "text-lm", "--against", "dattri"]).n_train == 128
 
 
 def test_bench_step_in_process_and_quality(tiny_task, tmp_path):
