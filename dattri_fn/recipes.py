@@ -17,7 +17,9 @@ picture always come from the same configuration. Conventions for a task trained 
   ``proj_dim`` capped at ``n_train // 4``: with ``d`` near ``n_train`` the kernel
   ``(Phi^T Phi + damping I)^-1`` is near-singular and the scores are noise (on digits-mlp,
   n_train = 500: LDS 0.09 at d = 512 against 0.39 at d = 128);
-* RPS: the last ``nn.Linear`` is the head (bias folded in as a constant feature), ``l2 = wd / 2``.
+* RPS: the last ``nn.Linear`` is the head (bias folded in as a constant feature), ``l2 = wd / 2``,
+  refitted to the model's own predicted probabilities (``refit="predictions"``, as Yeh et al.):
+  the trained head is not stationary for the head-only objective the theorem needs.
 
 ``models`` is a list of trained modules of the task: the first is "the" model; ensemble methods
 (TRAK, TracIn) use all of them as checkpoints.
@@ -92,7 +94,8 @@ def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
 
     head_fn = lambda p, h: p["W"] @ h
     loss_on_logits = lambda logits, y: F.cross_entropy(logits[None], y[None])
-    return representer(feature_fn, head_fn, loss_on_logits, l2=wd / 2), params
+    return representer(feature_fn, head_fn, loss_on_logits, l2=wd / 2,
+                       refit="predictions"), params
 
 
 def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dattri_fn import io
-from dattri_fn.attribute.representer import RepresenterState, representer
+from dattri_fn.attribute.representer import RepresenterState, fit_head, representer
 from dattri_fn.model import functional_model
 
 F64 = torch.float64
@@ -218,3 +218,65 @@ def test_bad_input_raises_clear_errors(device):
     with pytest.raises(TypeError, match=r"representer.score\(state=...\): expected the "
                                         r"RepresenterState"):
         m.score(params, (), None, test)
+
+
+def _newton_head(H, targets, l2, W0):
+    """argmin_W mean CE(W h_i, t_i) + l2 |W|^2 by damped Newton (torch.func.hessian, Armijo
+    backtracking: globally convergent on this strongly convex objective)."""
+    objective = lambda w: F.cross_entropy(H @ w.reshape(W0.shape).T, targets) + l2 * (w * w).sum()
+    w = W0.reshape(-1).clone()
+    for _ in range(100):
+        g = torch.func.grad(objective)(w)
+        if g.abs().max() < 1e-13:
+            break
+        step, t = torch.linalg.solve(torch.func.hessian(objective)(w), g), 1.0
+        while t > 1e-8 and objective(w - t * step) > objective(w) - 0.25 * t * (g @ step):
+            t /= 2
+        w = w - t * step
+    assert torch.func.grad(objective)(w).abs().max() < 1e-9
+    return w.reshape(W0.shape)
+
+
+@given(seed=seeds, n=st.integers(2, 12), l2=st.sampled_from([1e-2, 0.3]),
+       soft=st.booleans())
+def test_fit_head_is_the_newton_minimiser(device, seed, n, l2, soft):
+    """fit_head is stationary (largest gradient entry <= 1e-7 max(1, at the start)) and within
+    (|grad| + |grad at ref|) / (2 l2) of the damped-Newton minimiser ref (strong convexity), for
+    labels or probability targets; the body parameters, which head_fn does not read, come back
+    unchanged."""
+    params, feat, head = _model(seed, device)
+    x, y = _data(n, seed + 1, device)
+    H = torch.stack([feat(params, (xi, None)) for xi in x]).detach()
+    targets = torch.softmax(torch.randn(n, 3, generator=_gen(seed), dtype=F64), -1).to(device) \
+        if soft else y
+    fitted = fit_head(head, F.cross_entropy, params, H, targets, l2=l2)
+    W = fitted["2.weight"]
+    grad_fn = torch.func.grad(lambda w: F.cross_entropy(H @ w.T, targets) + l2 * (w * w).sum())
+    start = float(grad_fn(params["2.weight"].detach()).abs().max())
+    grad = grad_fn(W)
+    assert float(grad.abs().max()) <= 1e-7 * max(1.0, start)
+    ref = _newton_head(H, targets, l2, params["2.weight"].detach())
+    slack = float(grad.norm()) + float(grad_fn(ref).norm())
+    assert float((W - ref).norm()) <= slack / (2 * l2) * 1.01 + 1e-12
+    assert all(fitted[k] is params[k] for k in params if k != "2.weight")
+
+
+@pytest.mark.parametrize("refit", ["labels", "predictions"])
+def test_refit_makes_row_sums_reproduce_the_fitted_logits(device, refit):
+    """refit: alpha comes from the fitted head W* and its targets, so sum_i s_ij = (W* h_j)[y_j]
+    (the representer theorem at W*), though the head in params is far from stationary."""
+    params, feat, head = _model(5, device)
+    train, test = _data(25, 6, device), _data(4, 7, device)
+    l2 = 0.05
+    H = torch.stack([feat(params, (xi, None)) for xi in train[0]]).detach()
+    W0 = params["2.weight"].detach()
+    targets = train[1] if refit == "labels" else torch.softmax(H @ W0.T, -1)
+    W = _newton_head(H, targets, l2, W0)
+    m = representer(feat, head, F.cross_entropy, l2=l2, refit=refit)
+    S = m.score(params, m.prepare(params, train), None, test)
+    h_test = torch.stack([feat(params, (xi, None)) for xi in test[0]])
+    _close(S.sum(0), (h_test @ W.T).gather(1, test[1][:, None]).squeeze(1), 1e-5)
+    plain = representer(feat, head, F.cross_entropy, l2=l2)
+    assert not torch.allclose(plain.score(params, plain.prepare(params, train), None, test), S)
+    with pytest.raises(ValueError, match=r"representer\(refit=...\): expected None or one of"):
+        representer(feat, head, F.cross_entropy, l2=l2, refit="soft")
