@@ -116,11 +116,12 @@ def dattri_module(model: nn.Module) -> tuple[nn.Module, str | None]:
     return model, None
 
 
-def _as_batch(x: Tensor, y: Tensor, x_shape: tuple, y_shape: tuple) -> tuple[Tensor, Tensor]:
+def _as_batch(x: Tensor, y: Tensor, x_shape: tuple, y_shape: tuple,
+              tokens: bool) -> tuple[Tensor, Tensor]:
     # dattri hands a loss one example as [*shape] (vmap in_dims 0) or [1, *shape] (in_dims 1);
-    # labels may arrive cast to float by its LiSSA collate function.
+    # its LiSSA collate function casts every tensor to float: labels and tokens are cast back.
     inputs = x.reshape(-1, *x_shape)
-    return (inputs if inputs.is_floating_point() else inputs.long()), y.reshape(-1, *y_shape).long()
+    return (inputs.long() if tokens else inputs), y.reshape(-1, *y_shape).long()
 
 
 class Losses(NamedTuple):
@@ -134,13 +135,13 @@ class Losses(NamedTuple):
 
 
 def make_losses(module: nn.Module, x_shape: tuple, y_shape: tuple, wd: float,
-                loss_fn: Callable = F.cross_entropy) -> Losses:
-    """Return dattri-facing losses of ``module``: examples of ``x_shape``, targets of ``y_shape``
-    (``()``: class labels, TRAK's margin and ``1 - p_y``; else, as our recipe, TRAK's output is
-    minus the loss with ``Q = 1``)."""
+                loss_fn: Callable = F.cross_entropy, tokens: bool = False) -> Losses:
+    """Return dattri-facing losses of ``module``: examples of ``x_shape`` (integer ``tokens`` or
+    features), targets of ``y_shape`` (``()``: class labels, TRAK's margin and ``1 - p_y``;
+    else, as our recipe, TRAK's output is minus the loss with ``Q = 1``)."""
 
     def test(params, data):
-        x, y = _as_batch(*data, x_shape, y_shape)
+        x, y = _as_batch(*data, x_shape, y_shape, tokens)
         return loss_fn(functional_call(module, params, (x,)), y)
 
     def train(params, data):
@@ -150,7 +151,7 @@ def make_losses(module: nn.Module, x_shape: tuple, y_shape: tuple, wd: float,
     def margin(params, data):
         if y_shape:
             return -test(params, data)
-        x, y = _as_batch(*data, x_shape, y_shape)
+        x, y = _as_batch(*data, x_shape, y_shape, tokens)
         logits = functional_call(module, params, (x,))[0]
         # gather and a comparison: logits[y] and F.one_hot call .item(), which vmap rejects
         own = logits.gather(0, y)[0]
@@ -205,7 +206,7 @@ def dattri_setup(task, models: list[nn.Module], hp: dict) -> Setup:
     module, last = dattri_module(copy.deepcopy(models[0]))
     wd = float(task.hparams.get("weight_decay", 0.0))
     losses = make_losses(module, tuple(task.x_train.shape[1:]), tuple(task.y_train.shape[1:]),
-                         wd, task.loss_fn)
+                         wd, task.loss_fn, tokens=not task.x_train.is_floating_point())
     states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in mods]
     P = sum(p.numel() for p in module.parameters())
     return Setup(module, last, losses, states, P, wd,

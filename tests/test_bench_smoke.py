@@ -154,8 +154,8 @@ def test_scaling_synthetic_digits_and_one_point():
 
 def test_dattri_losses_follow_the_task():
     """The dattri-facing losses use the task's loss: class labels give TRAK's margin
-    log(p / (1 - p)) and p_y; sequence targets (text-lm) give minus the loss and p = 0 (Q = 1);
-    a model without a final Linear has no RPS head."""
+    log(p / (1 - p)) and p_y; sequence targets (text-lm) give minus the loss and p = 0 (Q = 1),
+    tokens cast to float come back as indices; a model without a final Linear has no RPS head."""
     from benchmarks.against_dattri import dattri_module, make_losses
     from dattri_fn.tasks import TinyLM, classification_loss, lm_loss
 
@@ -175,8 +175,10 @@ def test_dattri_losses_follow_the_task():
     lm = TinyLM(vocab=7, context=6, dim=8, heads=2, hidden=8)
     tok, nxt = torch.randint(0, 7, (3, 6), generator=g), torch.randint(0, 7, (3, 6), generator=g)
     lm_params = dict(lm.named_parameters())
-    seq = make_losses(lm, (6,), (6,), 0.0, lm_loss)
+    seq = make_losses(lm, (6,), (6,), 0.0, lm_loss, tokens=True)
     assert torch.allclose(seq.test(lm_params, (tok, nxt)), lm_loss(lm(tok), nxt))
+    # dattri's LiSSA collate casts tokens and targets to float: they are cast back
+    assert torch.allclose(seq.test(lm_params, (tok.float(), nxt.float())), lm_loss(lm(tok), nxt))
     one = seq.test(lm_params, (tok[0], nxt[0]))
     assert torch.allclose(seq.margin(lm_params, (tok[0], nxt[0])), -one)
     assert float(seq.prob(lm_params, (tok[0], nxt[0])).detach()) == 0.0
