@@ -272,7 +272,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             projection's own ``sqrt(2 / d)`` distortion (TRAK's reference implementation keeps
             its features in float16). ``Q``, the kernel and the scores keep the params' dtype;
             the kernel is still factored in float64 (its per-batch Gram then is one float32
-            GEMM: products of bfloat16 values are exact in float32).
+            GEMM: products of bfloat16 values are exact in float32). ``torch.float16`` works
+            the same way but has no fast GEMM on CPUs.
 
     Returns:
         ``Method(prepare, score, self_score, "trak")``; ``prepare(params, train) -> TRAKState``;
