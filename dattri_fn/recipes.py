@@ -98,12 +98,13 @@ def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
                        refit="predictions"), params
 
 
-def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float):
+def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float,
+          batch_rows: int | None = None):
     from .attribute.trak import classification_margin_loss, classification_weight_loss, trak
 
     fm = fms[0]
     device = next(iter(fm.params.values())).device
-    opts = dict(proj_dim=proj_dim, seed=seed, damping=damping,
+    opts = dict(proj_dim=proj_dim, seed=seed, damping=damping, batch_rows=batch_rows,
                 feature_dtype=torch.bfloat16 if bfloat16_is_fast(device) else None)
     if _is_classification(task):
         margin = functional_model(fm.module, classification_margin_loss)
@@ -165,8 +166,9 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
                       train, test)
     if name == "trak":
         d = min(proj_dim, max(16, n // 4))
-        return Recipe(name, _trak(task, fms, d, seed, damping), [f.params for f in fms],
-                      train, test)
+        P = sum(v.numel() for v in fm.params.values())
+        return Recipe(name, _trak(task, fms, d, seed, damping, trak_rows(P, batch_size)),
+                      [f.params for f in fms], train, test)
     method, params = _rps(task, models[0], wd)
     return Recipe(name, method, params, train, test)
 
@@ -199,6 +201,16 @@ def curvature_rows(num_params: int, batch_size: int) -> int:
     calls; the ``2**24 / P`` cap keeps a call's ``k x rows`` activations to tens of MiB.
     """
     return max(batch_size, min(2048, 2**24 // max(1, num_params)))
+
+
+def trak_rows(num_params: int, batch_size: int) -> int:
+    """Examples per TRAK feature call in the recipes: ``max(batch_size, min(2048, 2**21 // P))``.
+
+    Up to ``2**21`` entries a checkpoint's ``[rows, P]`` gradients are projected whole (beyond,
+    column block by column block); merging 256-row batches into 864-row calls took TRAK at
+    n_train = 16k from 0.95 to 0.81 s on the digits MLP (one CPU thread).
+    """
+    return max(batch_size, min(2048, 2**21 // max(1, num_params)))
 
 
 def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:

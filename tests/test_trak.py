@@ -142,7 +142,8 @@ def test_ensemble_by_vmap_equals_loop_over_checkpoints(device, seed, C, proj_dim
 @given(seed=seeds, cuts=st.tuples(st.integers(1, 4), st.integers(5, 8)), k=st.integers(1, 4),
        cache=st.booleans(), C=st.integers(1, 2))
 def test_streamed_topk_and_self_score(device, seed, cuts, k, cache, C):
-    """3 uneven batches == one == unchunked; top_k == torch.topk(full); self == diag(full)."""
+    """3 uneven batches == one == unchunked == batches merged (batch_rows); top_k ==
+    torch.topk(full); self == diag(full)."""
     fm = _mlp(seed, device)
     out, w = classification_margin(fm.forward), classification_weight(fm.forward)
     ckpts = [_perturbed(fm.params, seed + c) for c in range(C)]
@@ -163,6 +164,11 @@ def test_streamed_topk_and_self_score(device, seed, cuts, k, cache, C):
     square = m.score(ckpts, state, shards, train)
     _close(m.self_score(ckpts, state, shards), torch.diagonal(square), 1e-12)
     _close(m.self_score(ckpts, state, _split(train, [2, 3])), torch.diagonal(square), 1e-12)
+    merged = trak(out, weight_fn=w, proj_dim=6, seed=seed, damping=0.3, cache_features=cache,
+                  batch_rows=k + 1)  # shards merged into calls of >= k + 1 rows
+    s_merged = merged.prepare(ckpts, shards)
+    _close(merged.score(ckpts, s_merged, shards, _split(test, [1])), full, 1e-12)
+    _close(merged.self_score(ckpts, s_merged, shards), torch.diagonal(square), 1e-12)
 
 
 @given(seed=seeds)

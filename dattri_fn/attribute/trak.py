@@ -32,6 +32,7 @@ from .._checks import (
     check_positive,
     is_batch,
     iter_batches,
+    regrouped,
 )
 from .._types import Params
 from ..layer_grads import layer_grads_stacked, layer_plan
@@ -221,7 +222,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
          proj_dim: int | None = None,
          kind: str = "rademacher", seed: int = 0, damping: float = 1e-3,
          chunk_size: int | None = None, cache_features: bool = True,
-         feature_dtype: torch.dtype | None = None) -> Method:
+         feature_dtype: torch.dtype | None = None, batch_rows: int | None = None) -> Method:
     """Return TRAK: ``s_ij = (1/C sum_c phi_i^c^T K_c phi_j^c) * Qbar_i``.  # -> [n_train, n_test]
 
     With ``phi^c = R_c^T grad f(theta_c; z)`` (``R_c`` the ``[P, d]`` projection of
@@ -261,6 +262,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             ``d > n_train`` or when the output gradients span fewer than ``d`` directions (e.g.
             the margin's gradient w.r.t. a softmax bias always sums to zero).
         chunk_size: examples per per-sample-gradient call (bounds memory to ``C x chunk x P``).
+        batch_rows: merge consecutive batches of ``train`` and ``test`` into calls of at least
+            this many examples (fewer, larger gradient and projection calls; same scores).
         cache_features: keep the projected train features ``[C, n_train, d]`` and weights in the
             state, so ``score``/``self_score`` need no train pass (``train`` may be None). A
             ``train`` given anyway must have ``n_train`` examples (checked for a Batch or a list
@@ -320,6 +323,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     check_int(name, "seed", seed, minimum=0)
     damping = check_positive(name, "damping", damping, allow_zero=True)
     check_optional_int(name, "chunk_size", chunk_size)
+    rows_min = check_optional_int(name, "batch_rows", batch_rows)
     if not isinstance(cache_features, bool):
         raise TypeError(_msg(name, "cache_features", "a bool", type(cache_features).__name__))
     if feature_dtype is not None and (not isinstance(feature_dtype, torch.dtype)
@@ -427,7 +431,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         # never forms the d x d one (d = P without projection).
         dual = total is not None and d > total
         feats = None
-        for batch in iter_batches(func, "train", train):
+        for batch in regrouped(func, "train", iter_batches(func, "train", train), rows_min):
             batch_size(func, "train", batch)
             phi, q = split(packed(batch_to(batch, device)))
             if total is not None and feats is None:
@@ -525,13 +529,15 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if dual:
             check_cached_train(func, train, state.train_features.shape[1])
             check_optional_int(func, "top_k", top_k)
-            test_phi = collect(func, "test", features, test, device).to(K.dtype)
+            test_phi = collect(func, "test", features, regrouped(func, "test", test, rows_min),
+                               device).to(K.dtype)
             feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
             # K_c (Phi_c Psi_c^T): [C, n, n] x [C, n, m], summed over checkpoints
             S = torch.bmm(K, torch.bmm(feats, test_phi.mT)).sum(0)
             S.mul_((wts / K.shape[0])[:, None])
             return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
-        test_feats = test_rows(K, collect(func, "test", features, test, device).to(K.dtype))
+        test_phi = collect(func, "test", features, regrouped(func, "test", test, rows_min), device)
+        test_feats = test_rows(K, test_phi.to(K.dtype))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             idx, rows = cached_chunks(state, device)
@@ -541,7 +547,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         check_first(func, "train", first, train, device)
-        return stream_scores(func, lambda b: train_rows(*split(packed(b))), train, test_feats,
+        return stream_scores(func, lambda b: train_rows(*split(packed(b))),
+                             regrouped(func, "train", train, rows_min), test_feats,
                              device, top_k=top_k, largest=largest)
 
     def self_score(params, state: TRAKState, train) -> Tensor:
@@ -563,7 +570,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   "features: cache_features=False)", "None"))
         else:
             check_first(func, "train", first, train, device)
-            blocks = (split(packed(batch_to(b, device))) for b in iter_batches(func, "train", train)
+            merged = regrouped(func, "train", iter_batches(func, "train", train), rows_min)
+            blocks = (split(packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
         return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi)) for phi, q in blocks])
 
