@@ -110,13 +110,17 @@ class LayerGrads(NamedTuple):
                    for n, (a, g) in self.factors.items()}
         return LayerGrads(factors, self.dense * w[..., None], self.layout)
 
-    def to_dense(self) -> Tensor:
-        """Return the raveled gradients in params order.  # -> [C, B, P]"""
+    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
+
+        A narrower ``dtype`` (e.g. bfloat16) receives each product rounded once, as written:
+        no full-precision ``[C, B, P]`` copy is made.
+        """
         sizes = [self._size(src) for _, src in self.layout]
         if not self._plain():  # autograd or a torch.func transform: no out= writes
-            return self.columns(0, sum(sizes))
+            return self.columns(0, sum(sizes)).to(dtype or self.dense.dtype)
         C, B = self.dense.shape[:2]
-        out = self.dense.new_empty((C, B, sum(sizes)))
+        out = self.dense.new_empty((C, B, sum(sizes)), dtype=dtype)
         off = 0
         for (_, source), size in zip(self.layout, sizes, strict=True):
             view = out[..., off:off + size]

@@ -204,13 +204,13 @@ def curvature_rows(num_params: int, batch_size: int) -> int:
 
 
 def trak_rows(num_params: int, batch_size: int) -> int:
-    """Examples per TRAK feature call in the recipes: ``max(batch_size, min(2048, 2**21 // P))``.
+    """Examples per TRAK feature call in the recipes: ``max(batch_size, min(2048, 2**20 // P))``.
 
-    Up to ``2**21`` entries a checkpoint's ``[rows, P]`` gradients are projected whole (beyond,
-    column block by column block); merging 256-row batches into 864-row calls took TRAK at
-    n_train = 16k from 0.95 to 0.81 s on the digits MLP (one CPU thread).
+    On the digits MLP (P = 2,410, n_train = 16k, one CPU thread) merging 256-row batches into
+    435-row calls took TRAK from 0.94 to 0.81 s; 870-row calls were no faster and held 16 MiB
+    more (a checkpoint's ``[rows, P]`` gradients are densified whole up to ``2**21`` entries).
     """
-    return max(batch_size, min(2048, 2**21 // max(1, num_params)))
+    return max(batch_size, min(2048, 2**20 // max(1, num_params)))
 
 
 def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:

@@ -357,7 +357,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             if lg is not None and projs is not None:
                 b = lg.num_rows
                 if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] at a time, projected whole
-                    return torch.stack([proj(lg.select(c).to_dense()[0].to(fdt))
+                    return torch.stack([proj(lg.select(c).to_dense(fdt)[0])
                                         for c, proj in enumerate(projs)])
                 # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
                 out = v0.new_empty((len(projs), b, proj_dim), dtype=fdt)
@@ -367,7 +367,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                                 b, dtype=fdt, device=v0.device)
                 return out
             if lg is not None:
-                return lg.to_dense().to(fdt)  # unprojected: [C, b, P]
+                return lg.to_dense(fdt)  # unprojected: [C, b, P]
             G = stacked_per_sample_grad(output_fn, stacked, batch).to(fdt)  # [C, b, P], one vmap
             if projs is None:
                 return G
