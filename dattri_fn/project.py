@@ -482,4 +482,3 @@ def bfloat16_is_fast(device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, c, lambda: False)()) for c in checks)
     return False
-
