@@ -177,17 +177,22 @@ class Projector:
         sgn.mul_(2).sub_(1)
         return idx, sgn
 
-    def _raw(self, start: int, stop: int, dtype: torch.dtype, device: torch.device):
-        """Return the raw rows ``[start, stop)`` moved to ``(dtype, device)``, cached if small."""
+    def _raw(self, start: int, stop: int, dtype: torch.dtype, device: torch.device,
+             shift: float = 1.0):
+        """Return the raw rows ``[start, stop)`` moved to ``(dtype, device)`` and times ``shift``
+        (a power of two, dense kinds only), cached if small."""
         key = (dtype, device)
         if self.cacheable:
             if key not in self._cache:
                 self._cache[key] = self._raw_uncached(0, self.dim, dtype, device)
+                if shift != 1.0:
+                    self._cache[key].mul_(shift)
             full = self._cache[key]
             if isinstance(full, tuple):
                 return full[0][start:stop], full[1][start:stop]
             return full[start:stop]
-        return self._raw_uncached(start, stop, dtype, device)
+        R = self._raw_uncached(start, stop, dtype, device)
+        return R if shift == 1.0 else R.mul_(shift)
 
     def _raw_uncached(self, start, stop, dtype, device):
         if self.kind == "sjlt":
@@ -202,8 +207,11 @@ class Projector:
 
         Half-precision inputs (bfloat16/float16) are multiplied in their dtype, where matrix
         units are fast, and the steps are summed in float32, so rounding does not grow with P.
+        For float16 (max 65504) the dense ``R`` is first scaled by the power of two nearest
+        below ``1 / sqrt(d)`` (exact), so a product overflows only when the output nearly does.
         """
         acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        shift = _float16_shift(self.scale) if dtype == torch.float16 else 1.0
         out = torch.zeros(batch, self.proj_dim, dtype=acc, device=device)
         sub = max(1, _SJLT_STEP_ENTRIES // max(batch, 1))
         steps = self._steps()
@@ -227,10 +235,10 @@ class Projector:
                 R = self._raw_dense(a, b, out=raw[:b - a])
                 if not same:
                     R = moved[:b - a].copy_(R)
-                _add_product(out, X, R)
+                _add_product(out, X, R if shift == 1.0 else R.mul_(shift))
             else:
-                _add_product(out, X, self._raw(a, b, dtype, device))
-        return out.mul_(self.scale).to(dtype)
+                _add_product(out, X, self._raw(a, b, dtype, device, shift))
+        return out.mul_(self.scale / shift).to(dtype)
 
     def __call__(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Return ``X R`` for ``[B, P]``, ``[P]`` or ``{name: [B, *shape]}``.  # -> [B, d] / [d]
@@ -278,6 +286,11 @@ class Projector:
         extra = f", nnz={self.nnz}" if self.kind == "sjlt" else ""
         return (f"Projector(dim={self.dim}, proj_dim={self.proj_dim}, kind={self.kind!r}, "
                 f"seed={self.seed}{extra}, chunk_size={self.chunk_size})")
+
+
+def _float16_shift(scale: float) -> float:
+    """The power of two at or below ``scale``: multiplying float16 values by it is exact."""
+    return 2.0 ** math.floor(math.log2(scale))
 
 
 def _add_product(out: Tensor, X: Tensor, R: Tensor) -> None:

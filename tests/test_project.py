@@ -294,15 +294,31 @@ def test_bfloat16_input_is_the_product_within_three_roundings(device, small_bloc
     assert bool(((Y.to(F64) - X @ R).abs() <= 4 * U_BF16 * (X.abs() @ R.abs()) + 1e-30).all())
 
 
-@pytest.mark.parametrize("kind,nnz", CASES)
-def test_bfloat16_error_does_not_grow_with_steps(device, small_blocks, kind, nnz):
-    """Over about 19 steps of R the relative error stays ~u, below 2u in norm (a bfloat16
-    running sum would add about u sqrt(steps / 3))."""
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_bfloat16_error_does_not_grow_with_steps(device, small_blocks, kind):
+    """Over 150 steps of a dense R the relative error stays ~u, below 2u in norm (a bfloat16
+    running sum measured 3.4-3.7u). sjlt widens to float32 before summing, so only the dense
+    kinds sum half-precision products."""
     Xb = _randn(7, 4, 300, device=device).to(torch.bfloat16)
-    proj = make_projector(300, proj_dim=40, kind=kind, seed=7, nnz=nnz, chunk_size=1)
-    assert len(proj._steps()) >= 15
+    proj = make_projector(300, proj_dim=40, kind=kind, seed=7, chunk_size=1)
+    assert len(proj._steps()) >= 100
     ref = Xb.to(F64) @ proj.matrix(dtype=F64, device=device)
     assert float((proj(Xb).to(F64) - ref).norm()) <= 2 * U_BF16 * float(ref.norm())
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_float16_products_do_not_overflow_before_scaling(device, monkeypatch, kind, cached):
+    """float16 X whose projection fits float16 (|Y| ~ 7e3 < 65504) gives no inf: R is scaled by
+    a power of two before the product, not only the float32 sum after it."""
+    if not cached:
+        monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 0)
+    X = torch.full((2, 4096), 1000.0, dtype=torch.float16, device=device)
+    X[:, ::3] = -1000.0
+    proj = make_projector(4096, proj_dim=1024, kind=kind, seed=1)
+    Y, ref = proj(X), proj(X.to(F64))
+    assert bool(torch.isfinite(Y).all())
+    assert float((Y.to(F64) - ref).norm()) <= 4 * 2.0**-11 * float(ref.norm())
 
 
 def test_bfloat16_is_fast_answers_per_device():

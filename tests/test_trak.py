@@ -336,6 +336,21 @@ def test_bfloat16_features(device, seed, C, proj_dim, dtype, cache):
         trak(out, feature_dtype=torch.int8)
 
 
+def test_batch_rows_with_a_bare_tensor_batch(device):
+    """batch_rows merges batches of a bare-Tensor Batch too (one example = one row): the same
+    scores and self-scores, cached or streamed."""
+    g = _gen(3)
+    X = torch.randn(10, 3, generator=g, dtype=F64).to(device)
+    p = {"w": torch.randn(3, generator=g, dtype=F64).to(device)}
+    out = lambda P, x: (P["w"] * x).sum().tanh()
+    for cache in (True, False):
+        ref = trak(out, proj_dim=None, damping=0.1, cache_features=cache)
+        got = trak(out, proj_dim=None, damping=0.1, cache_features=cache, batch_rows=4)
+        s_ref, s_got = ref.prepare([p], X), got.prepare([p], X)
+        _close(got.score([p], s_got, X, X[:3]), ref.score([p], s_ref, X, X[:3]))
+        _close(got.self_score([p], s_got, X), ref.self_score([p], s_ref, X))
+
+
 def test_bad_input_raises_clear_errors(device):
     """Mismatched checkpoints, NaN, non-scalar outputs, wrong test layout, bad state/settings."""
     fm = _mlp(0, device)

@@ -44,7 +44,8 @@ from .trak import (
 
 EXPLAIN = ("label", "prediction")
 REFIT = ("labels", "predictions")
-_NEWTON_ENTRIES = 4096  # heads up to this size finish with dense Newton steps
+_NEWTON_ENTRIES = 4096  # heads up to this size finish with dense Newton steps,
+_NEWTON_WORK = 2**27  # when head entries x n x K (the Hessian's intermediates) stay below this
 
 
 def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
@@ -57,7 +58,8 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
     as given). For a linear head this is strictly convex and ``W*`` is the stationary point the
     representer theorem needs (Yeh et al. fine-tune the last layer this way). Solved in float64
     by L-BFGS with a strong-Wolfe line search from ``params``, then (heads of up to 4,096
-    entries) dense Newton steps, until the largest gradient entry is at most
+    entries, and entries x n x K up to 2**27: ~1 GiB of float64 intermediates for the dense
+    Hessian) dense Newton steps, until the largest gradient entry is at most
     ``tol * max(1, its value at the start)``; warns when it is still above. ``W*`` is then
     within ``|grad| / (2 l2)`` of the exact minimiser (strong convexity).
 
@@ -76,8 +78,8 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
         raise ValueError(_msg(func, "targets", "one target per row of features "
                               f"{list(features.shape)}", f"shape {list(targets.shape)}"))
     probe = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    used = torch.autograd.grad(head_fn(probe, features[0]).sum(), list(probe.values()),
-                               allow_unused=True)
+    logits0 = head_fn(probe, features[0])
+    used = torch.autograd.grad(logits0.sum(), list(probe.values()), allow_unused=True)
     keys = [k for k, g in zip(probe, used, strict=True) if g is not None]
     if not keys:
         raise ValueError(_msg(func, "params", "the parameters head_fn reads",
@@ -110,7 +112,8 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
 
     opt.step(closure)
     flat = w.detach()
-    if flat.numel() <= _NEWTON_ENTRIES:
+    work = flat.numel() * h.shape[0] * logits0.numel()
+    if flat.numel() <= _NEWTON_ENTRIES and work <= _NEWTON_WORK:
         # L-BFGS's line search stalls near round-off; Newton converges quadratically from here.
         for _ in range(8):
             g = grad_fn(flat)

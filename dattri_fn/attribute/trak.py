@@ -431,7 +431,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         # never forms the d x d one (d = P without projection).
         dual = total is not None and d > total
         feats = None
-        for batch in regrouped(func, "train", iter_batches(func, "train", train), rows_min):
+        for batch in iter_batches(func, "train", regrouped(func, "train", train, rows_min)):
             batch_size(func, "train", batch)
             phi, q = split(packed(batch_to(batch, device)))
             if total is not None and feats is None:
@@ -570,7 +570,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                   "features: cache_features=False)", "None"))
         else:
             check_first(func, "train", first, train, device)
-            merged = regrouped(func, "train", iter_batches(func, "train", train), rows_min)
+            merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
             blocks = (split(packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
         return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi)) for phi, q in blocks])
