@@ -522,7 +522,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        stacked, packed, features, d, first, device, fdt = setup(func, params)
+        stacked, packed, features, d, first, device, _ = setup(func, params)
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         check_first(func, "test", first, test, device)
@@ -553,7 +553,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
-        stacked, packed, features, d, first, device, fdt = setup(func, params)
+        stacked, packed, features, d, first, device, _ = setup(func, params)
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         if dual:
