@@ -344,11 +344,9 @@ def matched_lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
 
 def trak_proj_dim(task, models: list[nn.Module], hp: dict) -> int:
     """Return the projection size our TRAK recipe uses (it caps ``proj_dim`` by ``n_train``)."""
-    from dattri_fn.recipes import recipe
+    from dattri_fn.recipes import trak_dim
 
-    r = recipe("trak", task, models[:1], damping=hp["damping"], proj_dim=hp["proj_dim"],
-               seed=hp["seed"], batch_size=hp["batch_size"])
-    return int(r.method.prepare(r.params, r.train[:1]).kernel.shape[-1])
+    return trak_dim(task.n_train, hp["proj_dim"])
 
 
 # ------------------------------------------------------------------------------ referees

@@ -110,17 +110,27 @@ class LayerGrads(NamedTuple):
                    for n, (a, g) in self.factors.items()}
         return LayerGrads(factors, self.dense * w[..., None], self.layout)
 
-    def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
+    def to_dense(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
         """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
 
         A narrower ``dtype`` (e.g. bfloat16) receives each product rounded once, as written:
-        no full-precision ``[C, B, P]`` copy is made.
+        no full-precision ``[C, B, P]`` copy is made. ``out``: a ``[C, B, P]`` tensor to write
+        into (its dtype wins), e.g. one buffer reused over the batches of a stream.
         """
         sizes = [self._size(src) for _, src in self.layout]
-        if not self._plain():  # autograd or a torch.func transform: no out= writes
-            return self.columns(0, sum(sizes)).to(dtype or self.dense.dtype)
         C, B = self.dense.shape[:2]
-        out = self.dense.new_empty((C, B, sum(sizes)), dtype=dtype)
+        if out is not None:
+            want = (C, B, sum(sizes))
+            if not isinstance(out, Tensor) or tuple(out.shape) != want:
+                got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"LayerGrads.to_dense(out=...): expected a Tensor of shape "
+                                 f"{list(want)}, got {got}.")
+            dtype = out.dtype
+        if not self._plain():  # autograd or a torch.func transform: no out= writes
+            dense = self.columns(0, sum(sizes)).to(dtype or self.dense.dtype)
+            return dense if out is None else out.copy_(dense)
+        if out is None:
+            out = self.dense.new_empty((C, B, sum(sizes)), dtype=dtype)
         off = 0
         for (_, source), size in zip(self.layout, sizes, strict=True):
             view = out[..., off:off + size]

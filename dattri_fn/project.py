@@ -151,9 +151,11 @@ class Projector:
             yield c * br, min((c + 1) * br, self.dim), g
 
     def _raw_dense(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """Return the unscaled rows ``[start, stop)`` of ``R`` on the CPU.  # [n, d] float32"""
+        """Return the unscaled rows ``[start, stop)`` of ``R`` on the CPU, in ``out`` or new:
+        float32, or int8 for rademacher (the same draws, a quarter of the memory).  # [n, d]"""
         if out is None:
-            out = torch.empty(stop - start, self.proj_dim, dtype=torch.float32)
+            small = torch.int8 if self.kind == "rademacher" else torch.float32
+            out = torch.empty(stop - start, self.proj_dim, dtype=small)
         for a, b, g in self._blocks(start, stop):
             view = out[a - start:b - start]
             if self.kind == "gaussian":

@@ -83,6 +83,12 @@ def _check(fm, batch, C=1):
     torch.testing.assert_close(lg.select(0).to_dense(), lg.to_dense(), rtol=0, atol=0)
     # a narrower dtype holds each entry rounded once: the full-precision result, cast
     assert torch.equal(lg.to_dense(torch.bfloat16), lg.to_dense().to(torch.bfloat16))
+    for dtype in (G.dtype, torch.bfloat16):  # out= is filled whole, in its own dtype
+        buf = torch.full((1, *G.shape), float("nan"), dtype=dtype, device=G.device)
+        assert lg.to_dense(out=buf) is buf and torch.equal(buf, lg.to_dense(dtype))
+    with pytest.raises(ValueError, match=r"LayerGrads.to_dense\(out=...\): expected a Tensor "
+                                         r"of shape \[1, "):
+        lg.to_dense(out=torch.empty(1, G.shape[0], G.shape[1] + 1, dtype=G.dtype))
     return lg
 
 

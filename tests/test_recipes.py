@@ -72,3 +72,14 @@ def test_no_shared_mutable_configuration():
     assert a.prepare(params, batch) is not a.prepare(params, batch)
     g1, g2 = grad_dot(loss), grad_dot(loss, proj_dim=4)
     assert g1.score(params, (), batch, batch).shape == g2.score(params, (), batch, batch).shape
+
+
+def test_trak_sizes():
+    """trak_dim keeps four training examples per feature; trak_rows merges small models' batches
+    and makes calls of >= 256 rows when R is too big to keep (regenerated per call)."""
+    from dattri_fn.recipes import trak_dim, trak_rows
+
+    assert [trak_dim(n, 512) for n in (10, 1000, 4000, 64000)] == [16, 250, 512, 512]
+    assert trak_rows(2410, 256) == 435 and trak_rows(2410, 256, 512) == 435
+    assert trak_rows(10**6, 33) == 33 and trak_rows(10**6, 33, 512) == 256
+    assert trak_rows(10**6, 1000, 512) == 1000

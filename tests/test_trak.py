@@ -17,6 +17,7 @@ from dattri_fn.attribute.trak import (
     classification_margin_loss,
     classification_weight,
     classification_weight_loss,
+    gram_of,
     trak,
 )
 from dattri_fn.model import functional_model
@@ -422,3 +423,37 @@ def test_dual_form_equals_primal_when_d_exceeds_n_train(device, seed, C, proj_di
     path = tmp_path_factory.mktemp("dual") / "trak.pt"
     io.save(s_dual, path)
     _close(dual.score(ckpts, io.load(path), None, test), ref)
+
+
+@given(seed=seeds, n=st.integers(1, 1200), d=st.sampled_from([1, 7, 192, 193, 300]),
+       half=st.booleans())
+def test_gram_of_equals_dense_product(seed, n, d, half):
+    """gram_of(x) == x^T x in float64 for every row-block count and column-block split; bfloat16
+    rows multiplied in float32 give their exact products, summed in float32 within a block of
+    512 rows (round-off at most 512 u_32 of the column norms)."""
+    x = torch.randn(n, d, generator=_gen(seed), dtype=F64)
+    if half:
+        x = x.to(torch.bfloat16)
+    x64 = x.to(F64)
+    ref = x64.T @ x64
+    got = gram_of(x, torch.float32 if half else F64)
+    assert got.dtype == F64 and got.shape == (d, d)
+    scale = float((x64 * x64).sum(0).max())  # |x^T x| entries <= max column norm^2
+    tol = (512 * 2**-24 if half else 1e-13) * scale
+    torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+
+
+def test_singular_kernel_names_the_checkpoint(device):
+    """A checkpoint whose features span fewer than d directions (damping 0): the error names it,
+    on the cached (Batch) path and the streamed one."""
+    out = lambda p, ex: (p["w"] @ ex[0] + 0.5 * p["s"].sum()) * p["s"].sum()
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64, device=device)
+    ok = {"w": w, "s": torch.ones(1, dtype=F64, device=device)}
+    bad = {"w": w, "s": torch.zeros(1, dtype=F64, device=device)}  # d/dw = s x = 0: rank 1
+    train = _data(8, 1, device)
+    for cache in (True, False):
+        m = trak(out, damping=0.0, cache_features=cache)
+        with pytest.raises(ValueError, match=r"trak.prepare\(damping=...\): .*singular matrix at "
+                                             r"checkpoints \[1\]"):
+            m.prepare([ok, bad], train)
+        assert m.prepare([ok, ok], train).kernel.shape == (2, 4, 4)

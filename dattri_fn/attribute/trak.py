@@ -26,6 +26,7 @@ from torch.func import vmap
 from .._checks import (
     _msg,
     batch_size,
+    batch_slice,
     batch_to,
     check_int,
     check_optional_int,
@@ -192,7 +193,36 @@ def _count_rows(func: str, train) -> int | None:
 
 
 _DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's densified [b, P] is projected whole
-_CACHED_ENTRIES = 2**21  # cached features widened and scored per block: C x rows x d entries
+_CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
+
+
+_GRAM_ROWS = 512  # rows per widened block of gram_of
+_GRAM_COLS = 128  # column block of gram_of's upper block triangle
+
+
+def gram_of(x: Tensor, wide: torch.dtype = torch.float64) -> Tensor:
+    """Return ``x^T x`` in float64, by blocks of rows and the upper column-block triangle.  # -> [d, d]
+
+    Each block of rows is widened to ``wide`` and multiplied there (float32 suffices for
+    half-precision rows: their products are exact), each block's product summed in float64.
+    With ``d > 192`` only the column-block pairs ``i <= j`` are multiplied (``(k + 1) / 2k`` of
+    the flops for ``k`` blocks of 128) and the rest mirrored.
+    """
+    n, d = x.shape
+    h = d if d <= 192 else _GRAM_COLS
+    g = x.new_zeros((d, d), dtype=torch.float64)
+    buf = None
+    for s in range(0, n, _GRAM_ROWS):
+        blk = x[s:s + _GRAM_ROWS]
+        if blk.dtype != wide:
+            if buf is None:
+                buf = x.new_empty((min(n, _GRAM_ROWS), d), dtype=wide)
+            blk = buf[:blk.shape[0]].copy_(blk)
+        for a in range(0, d, h):
+            g[a:a + h, a:] += blk[:, a:a + h].mT @ blk[:, a:]
+    for a in range(h, d, h):
+        g[a:a + h, :a] = g[:a, a:a + h].mT
+    return g
 
 
 class WeightedRows(NamedTuple):
@@ -237,8 +267,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     ``params`` is one params dict or a list of ``C`` checkpoints / independently trained models
     (same keys and shapes); features at all checkpoints come from one ``vmap`` over the stacked
-    checkpoints. ``prepare`` streams the training set and accumulates ``Phi_c^T Phi_c`` batch by
-    batch; the kernel is inverted once per checkpoint by Cholesky. When ``d > n_train``, the
+    checkpoints. ``prepare`` streams the training set once; with the cache and a countable
+    ``train`` it fills the ``[C, n_train, d]`` cache in place and forms ``Phi_c^T Phi_c`` from it
+    (:func:`gram_of`: large blocks, upper block triangle), otherwise it accumulates
+    ``Phi_c^T Phi_c`` batch by batch; each kernel is factored and inverted by Cholesky in
+    float64, one checkpoint at a time. When ``d > n_train``, the
     features are cached and ``train`` is countable (a Batch or a list of them), it uses the dual
     kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores,
     since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
@@ -352,39 +385,63 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         d = P if proj_dim is None else proj_dim
         fdt = v0.dtype if feature_dtype is None else feature_dtype
 
-        def features(batch) -> Tensor:  # [C, b, d] in fdt
+        def dense_buffer(buffers: list, b: int) -> Tensor | None:
+            """``[1, b, P]`` in fdt from ``buffers`` (one tensor, grown when needed): a stream's
+            batches reuse one buffer; None = a fresh tensor per call."""
+            if buffers is None:
+                return None
+            if not buffers or buffers[0].shape[0] < b:
+                buffers[:] = [v0.new_empty((b, P), dtype=fdt)]
+            return buffers[0][:b].unsqueeze(0)
+
+        def feature_rows(batch, buffers: list | None = None):  # yields [b, d] in fdt per checkpoint
             lg = None if plan is None else layer_grads_stacked(plan, stacked, batch)
             if lg is not None and projs is not None:
                 b = lg.num_rows
-                if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] at a time, projected whole
-                    return torch.stack([proj(lg.select(c).to_dense(fdt)[0])
-                                        for c, proj in enumerate(projs)])
-                # One checkpoint's columns per projector step: never [C, b, P] (nor [b, P]).
-                out = v0.new_empty((len(projs), b, proj_dim), dtype=fdt)
                 for c, proj in enumerate(projs):
                     lc = lg.select(c)
-                    out[c] = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
-                                                b, dtype=fdt, device=v0.device)
-                return out
+                    if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] projected whole
+                        yield proj(lc.to_dense(fdt, out=dense_buffer(buffers, b))[0])
+                    else:  # one checkpoint's columns per projector step: never [b, P]
+                        yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
+                                                 b, dtype=fdt, device=v0.device)
+                return
             if lg is not None:
-                return lg.to_dense(fdt)  # unprojected: [C, b, P]
+                yield from lg.to_dense(fdt)  # unprojected: [b, P] each
+                return
             G = stacked_per_sample_grad(output_fn, stacked, batch).to(fdt)  # [C, b, P], one vmap
-            if projs is None:
-                return G
-            return torch.stack([proj(g) for proj, g in zip(projs, G, strict=True)])
+            yield from (G if projs is None else (p(g) for p, g in zip(projs, G, strict=True)))
+
+        def features(batch) -> Tensor:  # [C, b, d] in fdt
+            return torch.stack(list(feature_rows(batch)))
+
+        def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
+            if weight_fn is None:
+                return torch.ones(b, dtype=v0.dtype, device=v0.device)
+            per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
+            return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
 
         def packed(batch) -> Tensor:  # [C, b, d + 1] in the params' dtype: features, then Q
             G = features(batch).to(v0.dtype)
-            if weight_fn is None:
-                Q = torch.ones(G.shape[:2], dtype=G.dtype, device=G.device)
-            else:
-                per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
-                Q = vmap(per_ckpt)(stacked).to(G.dtype)
-            return torch.cat([G, Q.unsqueeze(-1)], dim=-1)
+            Q = weights(batch, G.shape[1])
+            return torch.cat([G, Q.expand(G.shape[0], -1).unsqueeze(-1)], dim=-1)
+
+        def write_rows(func: str, batch, feats: Tensor, wts: Tensor, start: int,
+                       buffers: list) -> int:
+            """Write a batch's features and weights at row ``start`` of the cache; return rows."""
+            b = batch_size(func, "train", batch)
+            step = b if chunk_size is None else chunk_size
+            for s in range(0, b, step):
+                part = batch if step >= b else batch_slice(batch, s, s + step)
+                rows = slice(start + s, start + min(b, s + step))
+                for c, phi in enumerate(feature_rows(part, buffers)):
+                    feats[c, rows] = phi
+                wts[rows] = weights(part, rows.stop - rows.start)
+            return b
 
         first = {k: v[0] for k, v in stacked.items()}
         return (stacked, in_chunks(packed, chunk_size), in_chunks(features, chunk_size), d, first,
-                v0.device, fdt)
+                v0.device, fdt, write_rows)
 
     def check_first(func: str, arg: str, first: Params, data, device) -> None:
         """Validate the first example of ``data`` eagerly, once (the public boundary)."""
@@ -414,67 +471,75 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         L, info = torch.linalg.cholesky_ex(gram)
         if bool((info != 0).any()):
             raise singular(func, torch.nonzero(info).flatten().tolist(), d, feats.shape[1])
-        K = torch.cholesky_inverse(L).to(dtype)
-        return K.add_(K.mT.clone()).mul_(0.5)
+        return torch.cholesky_inverse(L).to(dtype)
+
+    def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device) -> Tensor:
+        """``(gram_c + damping I)^-1`` by Cholesky, factored and inverted in place in each
+        float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]"""
+        K = torch.empty((C, d, d), dtype=dtype, device=device)
+        info = torch.empty((), dtype=torch.int32, device=device)
+        bad = []
+        for c, g in enumerate(grams):
+            g.diagonal().add_(damping)
+            torch.linalg.cholesky_ex(g, out=(g, info))
+            if int(info) != 0:
+                bad.append(c)
+                continue
+            K[c] = torch.cholesky_inverse(g, out=g)
+            del g
+        if bad:
+            raise singular(func, bad, d, n)
+        return K
 
     def prepare(params, train) -> TRAKState:
         func = f"{name}.prepare"
-        stacked, packed, features, d, first, device, fdt = setup(func, params)
+        stacked, packed, _, d, first, device, fdt, write_rows = setup(func, params)
         check_first(func, "train", first, train, device)
-        half = fdt.itemsize <= 2
-        gram, phis, weights, n = None, [], [], 0
         total = _count_rows(func, train) if cache_features else None
         if total is not None and d > total and damping == 0:
             raise singular(func, "all (d > n_train)", d, total)
-        # Dual form: with d > n_train the n x n kernel (Phi Phi^T + damping I)^-1 gives the same
-        # scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1, and
-        # never forms the d x d one (d = P without projection).
-        dual = total is not None and d > total
-        feats = None
-        for batch in iter_batches(func, "train", regrouped(func, "train", train, rows_min)):
+        data = regrouped(func, "train", train, rows_min)
+        dtype = stacked_dtype(stacked)
+        if total is not None:
+            # Rows known up front: the cache is filled in place, then the kernel is read from
+            # it (no per-batch Gram: fewer, larger GEMMs, and only the upper block triangle).
+            C = num_checkpoints(stacked)
+            feats = torch.empty((C, total, d), dtype=fdt, device=device)
+            wts = torch.empty(total, dtype=dtype, device=device)
+            n, buffers = 0, []
+            for batch in iter_batches(func, "train", data):
+                n += write_rows(func, batch_to(batch, device), feats, wts, n, buffers)
+            del buffers
+            # Dual form: with d > n_train the n x n kernel (Phi Phi^T + damping I)^-1 gives the
+            # same scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1,
+            # and never forms the d x d one (d = P without projection).
+            if d > total:
+                return TRAKState(dual_kernel(func, feats, d, dtype), feats, wts)
+            grams = (gram_of(f, gram_dtype(fdt, dtype)) for f in feats)
+            return TRAKState(primal_kernel(func, grams, C, d, total, dtype, device), feats, wts)
+        # Uncounted data (a DataLoader) or no cache: Phi^T Phi accumulated batch by batch.
+        gram, phis, weights, n = None, [], [], 0
+        for batch in iter_batches(func, "train", data):
             batch_size(func, "train", batch)
             phi, q = split(packed(batch_to(batch, device)))
-            if total is not None and feats is None:
-                # Rows known up front: write into one buffer (no list + cat double peak).
-                feats = phi.new_empty((phi.shape[0], total, phi.shape[2]), dtype=fdt)
-                wts = q.new_empty(total)
-            if not dual:
-                # float64 accumulation and Cholesky: float32 Phi^T Phi is too ill-conditioned to
-                # factor once d approaches n_train; the [d, d] kernel is cheap in any precision.
-                if gram is None:
-                    gram = phi.new_zeros((phi.shape[0], d, d), dtype=torch.float64)
-                if half and phi.dtype == torch.float32:
-                    # Products of half-precision values are exact in float32: one float32 GEMM
-                    # per batch (half the float64 time), summed over batches in float64.
-                    gram.add_(phi.mT @ phi)
-                else:
-                    phi64 = phi.to(torch.float64)
-                    gram.baddbmm_(phi64.mT, phi64)
-                    del phi64
-            if feats is not None:
-                feats[:, n:n + phi.shape[1]] = phi
-                wts[n:n + phi.shape[1]] = q
-            elif cache_features:
+            if gram is None:
+                gram = phi.new_zeros((phi.shape[0], d, d), dtype=torch.float64)
+            for c in range(phi.shape[0]):
+                gram[c] += gram_of(phi[c].to(fdt), gram_dtype(fdt, dtype))
+            if cache_features:
                 phis.append(phi.to(fdt))
                 weights.append(q)
             n += phi.shape[1]
-        if dual:
-            return TRAKState(dual_kernel(func, feats, d, stacked_dtype(stacked)), feats, wts)
-        # In place and one float64 [C, d, d] buffer at a time: unprojected (d = P) kernels are big.
-        gram.diagonal(dim1=-2, dim2=-1).add_(damping)
-        L, info = torch.linalg.cholesky_ex(gram)
-        del gram
-        if bool((info != 0).any()):
-            raise singular(func, torch.nonzero(info).flatten().tolist(), d, n)
-        K = torch.cholesky_inverse(L)
-        del L
-        K = K.to(stacked_dtype(stacked))
-        K = K.add_(K.mT.clone()).mul_(0.5)
+        K = primal_kernel(func, gram, gram.shape[0], d, n, dtype, device)
         if not cache_features:
             return TRAKState(K, None, None)
-        if feats is not None:
-            return TRAKState(K, feats, wts)
         return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights))
+
+    def gram_dtype(fdt: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+        """float32 for half-precision features with float32 params (exact products, one fast
+        GEMM per block), else float64: float32 Phi^T Phi is too ill-conditioned to factor once
+        d approaches n_train."""
+        return torch.float32 if fdt.itemsize <= 2 and dtype == torch.float32 else torch.float64
 
     def stacked_dtype(stacked) -> torch.dtype:
         return next(iter(stacked.values())).dtype
@@ -522,7 +587,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        stacked, packed, features, d, first, device, _ = setup(func, params)
+        stacked, packed, features, d, first, device, _, _ = setup(func, params)
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         check_first(func, "test", first, test, device)
@@ -553,7 +618,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
-        stacked, packed, features, d, first, device, _ = setup(func, params)
+        stacked, packed, features, d, first, device, _, _ = setup(func, params)
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         if dual:
