@@ -170,6 +170,18 @@ class _Regrouped:
         return iter(regroup(iter_batches(self.func, self.arg, self.data), self.rows, self.func))
 
 
+def count_rows(func: str, arg: str, data) -> int | None:
+    """Examples in a Batch, a list/tuple of Batches or a regrouped view of one; None for other
+    iterables (a DataLoader's length is not its row count)."""
+    if isinstance(data, _Regrouped):
+        data = data.data
+    if is_batch(data):
+        return batch_size(func, arg, data)
+    if isinstance(data, (list, tuple)):
+        return sum(batch_size(func, arg, b) for b in data)
+    return None
+
+
 def regrouped(func: str, arg: str, data, rows: int | None):
     """Return ``data`` (None) or a re-iterable of its batches merged to ``>= rows`` examples."""
     return data if rows is None else _Regrouped(func, arg, data, rows)

@@ -16,7 +16,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import batch_size, batch_to, check_int, check_optional_int, iter_batches
+from .._checks import (
+    batch_size,
+    batch_to,
+    check_int,
+    check_optional_int,
+    count_rows,
+    iter_batches,
+)
 from .._types import Batch
 
 FeatureFn = Callable[[Batch], Tensor]
@@ -97,18 +104,27 @@ def stream_scores(func: str, train_features: FeatureFn, train, test_features: Te
         top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
     """
     check_optional_int(func, "top_k", top_k)
-    blocks, best, offset = [], None, 0
+    # A countable train set's [n_train, n_test] is written in place: concatenating the blocks
+    # at the end would hold the result twice.
+    total = count_rows(func, "train", train) if top_k is None else None
+    blocks, out, best, offset = [], None, None, 0
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
         block = block_scores(train_features(batch_to(batch, device)), test_features)
-        if top_k is None:
-            blocks.append(block)
-        else:
+        if top_k is not None:
             best = merge_topk(best, block, offset, top_k, largest)
+        elif total is not None:
+            if out is None:
+                out = block.new_empty((total, block.shape[1]))
+            out[offset:offset + block.shape[0]] = block
+        else:
+            blocks.append(block)
         offset += block.shape[0]
     if offset == 0:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
-    return torch.cat(blocks) if top_k is None else best
+    if top_k is not None:
+        return best
+    return out if out is not None else torch.cat(blocks)
 
 
 def stream_self(func: str, train_features: FeatureFn, test_features: FeatureFn, train,

@@ -31,7 +31,7 @@ from .._checks import (
     check_int,
     check_optional_int,
     check_positive,
-    is_batch,
+    count_rows,
     iter_batches,
     regrouped,
 )
@@ -176,20 +176,11 @@ def first_batch(func: str, arg: str, data, device):
 
 def check_cached_train(func: str, train, n_cached: int) -> None:
     """Raise if a countable ``train`` (a Batch or a list/tuple of them) has != ``n_cached`` rows."""
-    n = None if train is None else _count_rows(func, train)
+    n = None if train is None else count_rows(func, "train", train)
     if n is not None and n != n_cached:
         raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
                               "prepared on (its cached features are used)", f"{n} examples",
                               "Call prepare on this training set, or pass train=None."))
-
-
-def _count_rows(func: str, train) -> int | None:
-    """Rows of a Batch or a list/tuple of Batches; None for other iterables (DataLoaders)."""
-    if is_batch(train):
-        return batch_size(func, "train", train)
-    if isinstance(train, (list, tuple)):
-        return sum(batch_size(func, "train", b) for b in train)
-    return None
 
 
 _DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's densified [b, P] is projected whole
@@ -495,7 +486,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         func = f"{name}.prepare"
         stacked, packed, _, d, first, device, fdt, write_rows = setup(func, params)
         check_first(func, "train", first, train, device)
-        total = _count_rows(func, train) if cache_features else None
+        total = count_rows(func, "train", train) if cache_features else None
         if total is not None and d > total and damping == 0:
             raise singular(func, "all (d > n_train)", d, total)
         data = regrouped(func, "train", train, rows_min)
