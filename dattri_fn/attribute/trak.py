@@ -191,17 +191,18 @@ _GRAM_ROWS = 512  # rows per widened block of gram_of
 _GRAM_COLS = 128  # column block of gram_of's upper block triangle
 
 
-def gram_of(x: Tensor, wide: torch.dtype = torch.float64) -> Tensor:
+def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None) -> Tensor:
     """Return ``x^T x`` in float64, by blocks of rows and the upper column-block triangle.  # -> [d, d]
 
     Each block of rows is widened to ``wide`` and multiplied there (float32 suffices for
     half-precision rows: their products are exact), each block's product summed in float64.
     With ``d > 192`` only the column-block pairs ``i <= j`` are multiplied (``(k + 1) / 2k`` of
-    the flops for ``k`` blocks of 128) and the rest mirrored.
+    the flops for ``k`` blocks of 128) and the rest mirrored. ``out``: a float64 ``[d, d]``
+    symmetric accumulator to add ``x^T x`` to (no second ``[d, d]``), returned.
     """
     n, d = x.shape
     h = d if d <= 192 else _GRAM_COLS
-    g = x.new_zeros((d, d), dtype=torch.float64)
+    g = x.new_zeros((d, d), dtype=torch.float64) if out is None else out
     buf = None
     for s in range(0, n, _GRAM_ROWS):
         blk = x[s:s + _GRAM_ROWS]
@@ -516,7 +517,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             if gram is None:
                 gram = phi.new_zeros((phi.shape[0], d, d), dtype=torch.float64)
             for c in range(phi.shape[0]):
-                gram[c] += gram_of(phi[c].to(fdt), gram_dtype(fdt, dtype))
+                gram_of(phi[c].to(fdt), gram_dtype(fdt, dtype), out=gram[c])
             if cache_features:
                 phis.append(phi.to(fdt))
                 weights.append(q)
