@@ -170,16 +170,25 @@ class _Regrouped:
         return iter(regroup(iter_batches(self.func, self.arg, self.data), self.rows, self.func))
 
 
-def count_rows(func: str, arg: str, data) -> int | None:
+def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
     """Examples in a Batch, a list/tuple of Batches or a regrouped view of one; None for other
-    iterables (a DataLoader's length is not its row count)."""
+    iterables (a DataLoader's length is not its row count). ``check=False`` reads leading sizes
+    only, for a caller that validates every batch as it goes (None if one is not a batch)."""
     if isinstance(data, _Regrouped):
         data = data.data
     if is_batch(data):
-        return batch_size(func, arg, data)
-    if isinstance(data, (list, tuple)):
+        data = [data]
+    if not isinstance(data, (list, tuple)):
+        return None
+    if check:
         return sum(batch_size(func, arg, b) for b in data)
-    return None
+    n = 0
+    for b in data:
+        leaves = batch_leaves(b) if is_batch(b) else []
+        if not leaves or leaves[0].ndim == 0:
+            return None
+        n += leaves[0].shape[0]
+    return n
 
 
 def regrouped(func: str, arg: str, data, rows: int | None):

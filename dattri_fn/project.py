@@ -150,12 +150,15 @@ class Projector:
             g = torch.Generator().manual_seed(_block_seed(self.seed, c))
             yield c * br, min((c + 1) * br, self.dim), g
 
-    def _raw_dense(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    def _raw_dense(self, start: int, stop: int, out: Tensor | None = None,
+                   small: bool = False) -> Tensor:
         """Return the unscaled rows ``[start, stop)`` of ``R`` on the CPU, in ``out`` or new:
-        float32, or int8 for rademacher (the same draws, a quarter of the memory).  # [n, d]"""
+        float32, or with ``small`` int8 for rademacher (the same draws in a quarter of the
+        memory, for a caller that converts them anyway).  # [n, d]"""
         if out is None:
-            small = torch.int8 if self.kind == "rademacher" else torch.float32
-            out = torch.empty(stop - start, self.proj_dim, dtype=small)
+            small = small and self.kind == "rademacher"
+            out = torch.empty(stop - start, self.proj_dim,
+                              dtype=torch.int8 if small else torch.float32)
         for a, b, g in self._blocks(start, stop):
             view = out[a - start:b - start]
             if self.kind == "gaussian":
@@ -200,7 +203,8 @@ class Projector:
         if self.kind == "sjlt":
             idx, sgn = self._raw_sjlt(start, stop)
             return idx.to(device), sgn.to(device=device, dtype=dtype)
-        return self._raw_dense(start, stop).to(device=device, dtype=dtype)
+        converted = dtype != torch.float32 or torch.device(device).type != "cpu"
+        return self._raw_dense(start, stop, small=converted).to(device=device, dtype=dtype)
 
     # -- application ---------------------------------------------------------------------
     def _apply(self, cols: ColumnFn, batch: int, dtype: torch.dtype,

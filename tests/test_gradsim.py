@@ -145,3 +145,19 @@ def test_attributor_verbs_map_onto_the_pure_pair():
     torch.testing.assert_close(a.self_attribute(batch), torch.diagonal(ref))
     with pytest.raises(TypeError, match=r"Attributor\(method=...\)"):
         Attributor(lambda: None, params)
+
+
+@pytest.mark.parametrize("countable", [True, False])
+def test_stream_scores_refuses_a_feature_map_that_drops_rows(countable):
+    """A countable train set's scores are written in place: a feature map returning fewer rows
+    than its batch is an error (never uninitialised rows), as for a DataLoader."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dattri_fn.attribute import stream_scores
+
+    X, T = torch.randn(10, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    train = [(X[:5],), (X[5:],)] if countable else DataLoader(TensorDataset(X), batch_size=5)
+    assert torch.equal(stream_scores("f", lambda b: b[0], train, T, "cpu"), X @ T.T)
+    with pytest.raises(ValueError, match=r"f\(train=...\): expected the train feature map to "
+                                         r"give one row per example \(5\), got 4"):
+        stream_scores("f", lambda b: b[0][:-1], train, T, "cpu")

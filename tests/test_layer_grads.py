@@ -403,6 +403,9 @@ def test_to_dense_differentiable_and_under_vmap():
     lg2 = lg._replace(factors=factors)
     dense = lg2.to_dense()
     torch.testing.assert_close(dense, ref, rtol=0, atol=0)
+    with torch.no_grad():  # out= on the autograd path: the values copied into out
+        buf = torch.empty_like(ref, dtype=torch.bfloat16)
+        assert lg2.to_dense(out=buf) is buf and torch.equal(buf, ref.to(torch.bfloat16))
     dense.sum().backward()
     for a, g_ in factors.values():  # d/da_i sum_oi g_o a_i = sum_o g_o; the ones column: 0
         want = g_.sum(-1, keepdim=True).expand_as(a[..., :-1])

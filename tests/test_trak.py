@@ -460,4 +460,49 @@ def test_singular_kernel_names_the_checkpoint(device):
         with pytest.raises(ValueError, match=r"trak.prepare\(damping=...\): .*singular matrix at "
                                              r"checkpoints \[1\]"):
             m.prepare([ok, bad], train)
+        with pytest.raises(ValueError, match=r"singular matrix at checkpoints \[0, 2\]"):
+            m.prepare([bad, ok, bad], train)  # the loop goes on after a failure
         assert m.prepare([ok, ok], train).kernel.shape == (2, 4, 4)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_kernel_across_gram_blocks(device, monkeypatch, cache):
+    """gram_of's row and column blocks (shrunk to 4 rows and 3 columns) and the in-place
+    Cholesky per checkpoint give the closed-form scores, cached (Batch) and streamed."""
+    trak_module = importlib.import_module("dattri_fn.attribute.trak")
+    for name, value in (("_GRAM_ROWS", 4), ("_GRAM_COLS", 3), ("_GRAM_WHOLE", 2)):
+        monkeypatch.setattr(trak_module, name, value)
+    fm = _mlp(3, device)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ckpts = [_perturbed(fm.params, 3 + c) for c in range(3)]
+    train, test = _data(11, 4, device), _data(3, 5, device)
+    m = trak(out, weight_fn=w, proj_dim=8, seed=3, damping=0.5, cache_features=cache)
+    R = [make_projector(num_params(fm.params), proj_dim=8, seed=3 + c, dtype=F64,
+                        device=device).matrix() for c in range(3)]
+    state = m.prepare(ckpts, train)
+    assert state.kernel.shape == (3, 8, 8)
+    _close(m.score(ckpts, state, train, test), _closed_form(ckpts, out, w, train, test, 0.5, R))
+
+
+def test_gram_of_sums_blocks_in_float64():
+    """Block sums are float64: 4,096 rows of 64^2 and one of 1 give 2^24 + 1 exactly (a float32
+    running sum rounds it to 2^24)."""
+    x = torch.cat([torch.full((4096, 1), 64.0), torch.ones(1, 1)]).to(torch.bfloat16)
+    assert float(gram_of(x, torch.float32)[0, 0]) == 2.0**24 + 1
+
+
+def test_kernel_factored_in_place(device, monkeypatch):
+    """primal_kernel hands LAPACK each Gram column-major, so the Cholesky factor and its
+    inverse are written into it (a row-major input costs a hidden full [d, d] copy per call)."""
+    seen = []
+    cholesky_ex = torch.linalg.cholesky_ex
+
+    def recording(A, *args, **kwargs):
+        seen.append((A.mT.is_contiguous(), kwargs.get("out", (None,))[0] is A))
+        return cholesky_ex(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
+    fm = _mlp(1, device)
+    m = trak(classification_margin(fm.forward), proj_dim=5, damping=0.5)
+    m.prepare([fm.params, _perturbed(fm.params, 2)], _data(9, 1, device))
+    assert seen == [(True, True), (True, True)]

@@ -106,11 +106,14 @@ def stream_scores(func: str, train_features: FeatureFn, train, test_features: Te
     check_optional_int(func, "top_k", top_k)
     # A countable train set's [n_train, n_test] is written in place: concatenating the blocks
     # at the end would hold the result twice.
-    total = count_rows(func, "train", train) if top_k is None else None
+    total = count_rows(func, "train", train, check=False) if top_k is None else None
     blocks, out, best, offset = [], None, None, 0
     for batch in iter_batches(func, "train", train):
-        batch_size(func, "train", batch)
+        b = batch_size(func, "train", batch)
         block = block_scores(train_features(batch_to(batch, device)), test_features)
+        if block.shape[0] != b:
+            raise ValueError(f"{func}(train=...): expected the train feature map to give one row "
+                             f"per example ({b}), got {block.shape[0]}.")
         if top_k is not None:
             best = merge_topk(best, block, offset, top_k, largest)
         elif total is not None:

@@ -189,6 +189,7 @@ _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x row
 
 _GRAM_ROWS = 512  # rows per widened block of gram_of
 _GRAM_COLS = 128  # column block of gram_of's upper block triangle
+_GRAM_WHOLE = 192  # up to this d, gram_of multiplies whole blocks of rows
 
 
 def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None) -> Tensor:
@@ -196,12 +197,12 @@ def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None 
 
     Each block of rows is widened to ``wide`` and multiplied there (float32 suffices for
     half-precision rows: their products are exact), each block's product summed in float64.
-    With ``d > 192`` only the column-block pairs ``i <= j`` are multiplied (``(k + 1) / 2k`` of
-    the flops for ``k`` blocks of 128) and the rest mirrored. ``out``: a float64 ``[d, d]``
-    symmetric accumulator to add ``x^T x`` to (no second ``[d, d]``), returned.
+    With ``d > 192`` (``_GRAM_WHOLE``) only the column-block pairs ``i <= j`` are multiplied
+    (``(k + 1) / 2k`` of the flops for ``k`` blocks of 128) and the rest mirrored. ``out``: a
+    float64 ``[d, d]`` symmetric accumulator to add ``x^T x`` to (no second ``[d, d]``), returned.
     """
     n, d = x.shape
-    h = d if d <= 192 else _GRAM_COLS
+    h = d if d <= _GRAM_WHOLE else _GRAM_COLS
     g = x.new_zeros((d, d), dtype=torch.float64) if out is None else out
     buf = None
     for s in range(0, n, _GRAM_ROWS):
@@ -473,6 +474,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         bad = []
         for c, g in enumerate(grams):
             g.diagonal().add_(damping)
+            g = g.mT  # the same symmetric matrix, column-major: LAPACK then works in g itself
             torch.linalg.cholesky_ex(g, out=(g, info))
             if int(info) != 0:
                 bad.append(c)
