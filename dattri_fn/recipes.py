@@ -36,7 +36,7 @@ from torch import nn
 
 from .attribute import Method, grad_cos, grad_dot, influence, tracin
 from .model import FunctionalModel, functional_model
-from .project import bfloat16_is_fast
+from .project import bfloat16_is_fast, make_projector
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
            "grad-dot", "grad-cos", "tracin", "trak", "rps")
@@ -229,7 +229,7 @@ def trak_rows(num_params: int, batch_size: int, proj_dim: int | None = None) -> 
     calls 16.1 s (263 MiB peak); 512 and 1024 rows were no faster and held 380 / 640 MiB.
     """
     rows = max(batch_size, min(2048, 2**20 // max(1, num_params)))
-    if proj_dim is not None and num_params * proj_dim > 2**22:
+    if proj_dim is not None and not make_projector(num_params, proj_dim=proj_dim).cacheable:
         rows = max(rows, 256)
     return rows
 
