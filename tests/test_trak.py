@@ -436,15 +436,14 @@ def test_gram_of_equals_dense_product(seed, n, d, half):
         x = x.to(torch.bfloat16)
     x64 = x.to(F64)
     ref = x64.T @ x64
-    got = gram_of(x, torch.float32 if half else F64)
-    assert got.dtype == F64 and got.shape == (d, d)
-    acc = ref.clone()  # out= adds to a symmetric accumulator in place
-    assert gram_of(x, torch.float32 if half else F64, out=acc) is acc
-    torch.testing.assert_close(acc, 2 * ref, rtol=0, atol=2 * (512 * 2**-24 if half else 1e-13)
-                               * float((x64 * x64).sum(0).max()))
     scale = float((x64 * x64).sum(0).max())  # |x^T x| entries <= max column norm^2
     tol = (512 * 2**-24 if half else 1e-13) * scale
+    got = gram_of(x, torch.float32 if half else F64)
+    assert got.dtype == F64 and got.shape == (d, d)
     torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+    acc = ref.clone()  # out= adds to a symmetric accumulator in place
+    assert gram_of(x, torch.float32 if half else F64, out=acc) is acc
+    torch.testing.assert_close(acc, 2 * ref, rtol=0, atol=2 * tol)
 
 
 def test_singular_kernel_names_the_checkpoint(device):
