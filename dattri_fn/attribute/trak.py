@@ -489,7 +489,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         func = f"{name}.prepare"
         stacked, packed, _, d, first, device, fdt, write_rows = setup(func, params)
         check_first(func, "train", first, train, device)
-        total = count_rows(func, "train", train) if cache_features else None
+        # every batch is validated as it is read
+        total = count_rows(func, "train", train, check=False) if cache_features else None
         if total is not None and d > total and damping == 0:
             raise singular(func, "all (d > n_train)", d, total)
         data = regrouped(func, "train", train, rows_min)
