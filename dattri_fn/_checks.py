@@ -27,7 +27,10 @@ def check_tensor(func: str, arg: str, x, *, ndim: int | None = None,
             raise ValueError(_msg(func, arg, f"size {size} at dim {axis}", f"shape {list(x.shape)}"))
     if floating and not x.is_floating_point():
         raise TypeError(_msg(func, arg, "a floating-point tensor", str(x.dtype)))
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # A finite sum proves every entry finite (NaN and inf propagate); only an overflowing sum
+    # pays for the elementwise test, which then decides.
+    if (finite and x.is_floating_point() and not bool(torch.isfinite(x.sum()))
+            and not bool(torch.isfinite(x).all())):
         raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
     return x
 

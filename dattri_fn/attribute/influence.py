@@ -29,7 +29,9 @@ from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
 from ..layer_grads import LayerPlan, layer_grads_stacked
-from ..model import FunctionalModel
+from ..linear_hessian import FactoredHessianError, linear_hessian
+from ..model import FunctionalModel, default_unpack
+from ..solve import kfac
 from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
@@ -93,6 +95,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         curvature: ``"hessian"`` (default), ``"fisher"`` (empirical Fisher), or a callable
             ``(params, train) -> LinOp`` (e.g. a Gauss-Newton built with :func:`gnvp`).
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
+            ``explicit`` with ``"hessian"`` and a FunctionalModel whose params are all Linear
+            weights/biases builds the dense matrix from per-layer factors
+            (:func:`~dattri_fn.linear_hessian.linear_hessian`: the same matrix, ~5x faster on
+            the digits MLP) and from ``P`` Hessian-vector products otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
             ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
             ``loss`` when that is a FunctionalModel. The trace (torch.fx) is made on the first
@@ -156,16 +162,43 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         return in_chunks(rows, chunk_size)
 
     taps: dict = {}  # K-FAC's traced forward, built on the first prepare and reused
+    factored = (solver == "explicit" and curvature == "hessian"
+                and isinstance(loss, FunctionalModel) and loss.loss_fn is not None
+                and loss.unpack in (None, default_unpack))
+
+    def dense_hessian(params, train):
+        """``H + 2 l2 I`` from per-layer factors, or None for a model outside their limits."""
+        key = (tuple(params), tuple(map(id, loss.module.modules())))
+        if key not in taps:
+            taps.clear()
+            try:
+                taps[key] = kfac.kfac_tap(loss.module, params)
+            except ValueError:
+                taps[key] = None
+        if taps[key] is None:
+            return None
+        try:
+            H = linear_hessian(loss.module, loss.loss_fn, params, train, chunk_size=chunk_size,
+                               tapped=taps[key], batch_rows=rows)
+        except FactoredHessianError:
+            taps[key] = None
+            return None
+        H.diagonal().add_(2 * l2)
+        return H
 
     def curvature_op(params, train) -> LinOp:
         if callable(curvature):
             return curvature(params, train)
+        if factored:
+            H = dense_hessian(params, train)
+            if H is not None:
+                return H
         build = hvp if curvature == "hessian" else fvp
         return build(train_fn, params, train, chunk_size=chunk_size, batch_rows=rows)
 
     def prepare(params: Params, train) -> InfluenceState:
         from .. import solve
-        from ..solve import datainf, kfac
+        from ..solve import datainf
 
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,

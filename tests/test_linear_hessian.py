@@ -1,0 +1,243 @@
+"""The factored exact Hessian of Linear-only models against ``torch.func.hessian``."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, hessian
+
+from dattri_fn import functional_model, hvp
+from dattri_fn.attribute import influence
+from dattri_fn.linear_hessian import FactoredHessianError, linear_hessian
+from dattri_fn.solve import kfac_tap
+from dattri_fn.tree import ravel
+
+DT = torch.float64
+ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "softplus": nn.Softplus,
+        "identity": nn.Identity}
+
+
+def _mse(out, target):
+    return F.mse_loss(out, target)
+
+
+def _dense(module, loss_fn, params, batch):
+    """``torch.func.hessian`` of the mean loss over the raveled ``params`` (dict order)."""
+    flat, unravel = ravel(params)
+    x, y = batch
+
+    def mean_loss(f):
+        out = functional_call(module, {**dict(module.named_parameters()), **unravel(f)}, (x,))
+        return torch.stack([loss_fn(out[i:i + 1], y[i:i + 1]) for i in range(len(x))]).mean()
+
+    return hessian(mean_loss)(flat)
+
+
+class Skip(nn.Module):
+    """Layer ``a`` feeds ``b`` and ``c``, ``b`` feeds ``c`` through a product: a DAG, not a chain."""
+
+    def __init__(self, dim, hidden, classes, bias_b):
+        super().__init__()
+        self.a = nn.Linear(dim, hidden)
+        self.b = nn.Linear(hidden, hidden, bias=bias_b)
+        self.c = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        u = torch.sigmoid(self.b(h))
+        return self.c(torch.cat([h * u, F.softplus(h)], -1))
+
+
+class Tied(nn.Module):
+    """``b.weight`` is also read outside ``b``: a tied weight the factored Hessian refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + h @ self.b.weight
+
+
+def _chain(seed, dims, biases, act):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+        if i:
+            layers.append(ACTS[act]())
+        layers.append(nn.Linear(d_in, d_out, bias=biases[i]))
+    return nn.Sequential(*layers).to(DT).eval()
+
+
+def _batch(seed, n, dim, classes, loss, device):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=DT)
+    if loss == "ce":
+        y = torch.randint(0, classes, (n,), generator=g)
+    else:
+        y = torch.randn(n, classes, generator=g, dtype=DT)
+    return x.to(device), y.to(device)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), depth=st.integers(1, 3),
+       widths=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+       biases=st.lists(st.booleans(), min_size=3, max_size=3),
+       act=st.sampled_from(sorted(ACTS)), loss=st.sampled_from(["ce", "mse"]),
+       subset=st.integers(1, 7), reverse=st.booleans())
+def test_linear_hessian_equals_dense_hessian(device, seed, n, depth, widths, biases, act, loss,
+                                             subset, reverse):
+    """H[(l,j,k),(m,p,q)] from probes equals torch.func.hessian of the mean loss, any layers."""
+    dims = widths[:depth + 1]
+    if loss == "ce":
+        dims[-1] = max(dims[-1], 2)
+    model = _chain(seed, dims, biases, act).to(device)
+    loss_fn = F.cross_entropy if loss == "ce" else _mse
+    owned = [k for k, _ in model.named_parameters()]
+    lin = sorted({k.rsplit(".", 1)[0] for k in owned}, key=int)
+    chosen = [m for i, m in enumerate(lin) if subset >> i & 1] or lin[-1:]
+    keys = [k for k in owned if k.rsplit(".", 1)[0] in chosen]
+    if reverse:
+        keys = keys[::-1]
+    params = {k: dict(model.named_parameters())[k].detach() for k in keys}
+    batch = _batch(seed, n, dims[0], dims[-1], loss, device)
+    H = linear_hessian(model, loss_fn, params, batch)
+    ref = _dense(model, loss_fn, params, batch)
+    assert H.dtype == DT and H.device == ref.device
+    torch.testing.assert_close(H, ref, rtol=1e-10, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), bias_b=st.booleans(),
+       reverse=st.booleans())
+def test_linear_hessian_on_a_dag_with_shared_activations(device, seed, n, bias_b, reverse):
+    """A layer feeding two later layers (and a product of branches) is exact too."""
+    torch.manual_seed(seed)
+    model = Skip(3, 4, 3, bias_b).to(DT).to(device).eval()
+    items = list(model.named_parameters())
+    params = {k: v.detach() for k, v in (items[::-1] if reverse else items)}
+    batch = _batch(seed, n, 3, 3, "ce", device)
+    torch.testing.assert_close(linear_hessian(model, F.cross_entropy, params, batch),
+                               _dense(model, F.cross_entropy, params, batch),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size,batch_rows", [(None, None), (2, None), (3, 5), (None, 4)])
+def test_batches_chunks_and_merges_give_one_matrix(device, chunk_size, batch_rows):
+    """Summing over batches, chunks or merged batches gives the single-batch matrix."""
+    model = _chain(3, [4, 5, 3], [True, True], "tanh").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _batch(3, 9, 4, 3, "ce", device)
+    whole = linear_hessian(model, F.cross_entropy, params, (x, y))
+    parts = [(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])]
+    tap = kfac_tap(model, params)
+    H = linear_hessian(model, F.cross_entropy, params, parts, chunk_size=chunk_size,
+                       batch_rows=batch_rows, tapped=tap)
+    torch.testing.assert_close(H, whole, rtol=1e-12, atol=1e-14)
+
+
+def _scores(loss, params, train, test, **kw):
+    method = influence(loss, solver="explicit", damping=1.0, **kw)
+    return method.score(params, method.prepare(params, train), train, test)
+
+
+@pytest.mark.parametrize("method", ["lu", "auto"])
+def test_influence_explicit_takes_the_factored_path(device, monkeypatch, method):
+    """explicit + hessian on a Linear-only FunctionalModel: no hvp call, the hvp path's scores."""
+    inf = importlib.import_module("dattri_fn.attribute.influence")
+    model = _chain(5, [4, 6, 3], [True, False], "tanh").to(device)
+    fm = functional_model(model, F.cross_entropy)
+    train = [_batch(s, 5, 4, 3, "ce", device) for s in (1, 2)]
+    test = _batch(4, 3, 4, 3, "ce", device)
+    ref = _scores(fm.loss, fm.params, train, test, l2=0.05, method=method)  # a bare loss: hvp
+
+    def refuse(*a, **k):
+        raise AssertionError("hvp called")
+
+    monkeypatch.setattr(inf, "hvp", refuse)
+    got = _scores(fm, fm.params, train, test, l2=0.05, method=method)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+
+
+class Norm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.norm(torch.tanh(self.a(x))))
+
+
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 3] -> [B, 2]
+        return self.b(torch.tanh(self.a(x))).mean(1)
+
+
+def _refusals(device):
+    x = torch.randn(5, 3, dtype=DT, device=device)
+    y = torch.tensor([0, 1, 1, 0, 1], device=device)
+    train_mode = _chain(0, [3, 4, 2], [True, True], "tanh").to(device).train()
+    return [
+        (Norm().eval(), (x, y), "only weights/biases"),
+        (Tied().eval(), (x, y.new_tensor([0, 1, 2, 3, 0])), "tied weights"),
+        (Seq().eval(), (torch.randn(5, 2, 3, dtype=DT, device=device), y), "2-D layer outputs"),
+        (train_mode, (x, y), "eval mode"),
+    ]
+
+
+def test_models_outside_the_limits_are_refused_by_name(device):
+    """Non-Linear params, tied weights, sequence outputs, training mode: FactoredHessianError."""
+    for model, batch, match in _refusals(device):
+        model = model.to(DT).to(device)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        with pytest.raises(FactoredHessianError, match=rf"linear_hessian\(.*{match}"):
+            linear_hessian(model, F.cross_entropy, params, batch)
+
+
+def test_influence_falls_back_to_hvp_outside_the_limits(device):
+    """Each refused model still gets explicit influence: the hvp path, equal to a bare loss."""
+    for model, batch, _ in _refusals(device):
+        model = model.to(DT).to(device)
+        fm = functional_model(model, F.cross_entropy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # train-mode warning of the bridge
+            got = _scores(fm, fm.params, batch, batch, method="lu")
+            ref = _scores(fm.loss, fm.params, batch, batch, method="lu")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_plain_errors(device):
+    """Bad module, unknown keys and empty data are ordinary errors, not refusals."""
+    model = _chain(0, [3, 2], [True], "tanh").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = _batch(0, 4, 3, 2, "ce", device)
+    with pytest.raises(TypeError, match=r"linear_hessian\(module=...\)"):
+        linear_hessian(lambda x: x, F.cross_entropy, params, batch)
+    with pytest.raises(ValueError, match=r"linear_hessian\(params=...\).*unknown") as err:
+        linear_hessian(model, F.cross_entropy, {"0.wait": params["0.weight"]}, batch)
+    assert not isinstance(err.value, FactoredHessianError)
+    with pytest.raises(ValueError, match=r"linear_hessian\(data=...\)"):
+        linear_hessian(model, F.cross_entropy, params, [])
+    with pytest.raises(TypeError, match=r"linear_hessian\(loss_fn=...\)"):
+        linear_hessian(model, None, params, batch)
+
+
+def test_dense_hvp_agrees_in_float32(device):
+    """The factored matrix equals hvp(...).dense() to float32 rounding on a float32 model."""
+    model = _chain(1, [8, 16, 4], [True, True], "tanh").float().to(device)
+    fm = functional_model(model, F.cross_entropy)
+    x = torch.randn(64, 8, device=device)
+    y = torch.randint(0, 4, (64,), device=device)
+    H = linear_hessian(model, F.cross_entropy, fm.params, (x, y))
+    ref = hvp(fm.loss, fm.params, (x, y)).dense()
+    assert H.dtype == torch.float32
+    torch.testing.assert_close(H, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
