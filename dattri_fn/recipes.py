@@ -182,12 +182,18 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model.
 
     ``batch_rows``: merge data batches into curvature calls of at least this many examples.
-    :func:`~dattri_fn.tasks.classification_loss` uses the closed-form output Hessian
+    A model whose params are all Linear weights/biases (eval mode, ``[B, C]`` output) gets
+    :func:`~dattri_fn.linear_curvature.linear_gnvp` (its factors kept: 0.071 against 0.097 s
+    per 16-row call on 16k digits-MLP examples); any other model :func:`~dattri_fn.gnvp`.
+    There, :func:`~dattri_fn.tasks.classification_loss` uses the closed-form output Hessian
     (``cross_entropy_out_hvp``: ~25% less per call on the digits MLP); for
     :func:`~dattri_fn.tasks.lm_loss` it measured no faster than autodiff (text-lm), so the
     language model keeps the default.
     """
     from .curvature import cross_entropy_out_hvp, gnvp
+    from .linear_curvature import FactoredCurvatureError, linear_gnvp
+    from .model import default_unpack
+    from .solve import kfac_tap
     from .tasks import classification_loss
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
@@ -195,8 +201,24 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     if loss_fn is classification_loss:  # F.cross_entropy's classes: dim 0 of one example
         out_hvp = lambda out, ex, u: cross_entropy_out_hvp(
             out.movedim(0, -1), ex, u.movedim(0, -1)).movedim(-1, 0)
-    return lambda params, data: gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows,
-                                     out_hvp=out_hvp)
+    taps: dict = {}  # params' keys -> the traced forward, or None outside linear_gnvp's limits
+
+    def build(params, data):
+        key = tuple(params)
+        if key not in taps:
+            try:
+                taps[key] = kfac_tap(fm.module, params)
+            except ValueError:
+                taps[key] = None
+        if taps[key] is not None and fm.unpack in (None, default_unpack):
+            try:
+                return linear_gnvp(fm.module, loss_fn, params, data, batch_rows=batch_rows,
+                                   tapped=taps[key])
+            except FactoredCurvatureError:
+                taps[key] = None
+        return gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows, out_hvp=out_hvp)
+
+    return build
 
 
 def curvature_rows(num_params: int, batch_size: int) -> int:

@@ -29,7 +29,7 @@ from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
 from ..layer_grads import LayerPlan, layer_grads_stacked
-from ..linear_hessian import FactoredHessianError, linear_hessian
+from ..linear_curvature import FactoredCurvatureError, linear_hessian
 from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
@@ -97,7 +97,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
             ``explicit`` with ``"hessian"`` and a FunctionalModel whose params are all Linear
             weights/biases builds the dense matrix from per-layer factors
-            (:func:`~dattri_fn.linear_hessian.linear_hessian`: the same matrix, ~5x faster on
+            (:func:`~dattri_fn.linear_curvature.linear_hessian`: the same matrix, ~5x faster on
             the digits MLP) and from ``P`` Hessian-vector products otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
             ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
@@ -180,7 +180,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         try:
             H = linear_hessian(loss.module, loss.loss_fn, params, train, chunk_size=chunk_size,
                                tapped=taps[key], batch_rows=rows)
-        except FactoredHessianError:
+        except FactoredCurvatureError:
             taps[key] = None
             return None
         H.diagonal().add_(2 * l2)

@@ -1,4 +1,4 @@
-"""The factored exact Hessian of Linear-only models against ``torch.func.hessian``."""
+"""Factored curvature of Linear-only models against ``torch.func.hessian`` / ``jacrev``."""
 
 import importlib
 import warnings
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import functional_call, hessian, jacrev
 
-from dattri_fn import functional_model, hvp
+from dattri_fn import functional_model, gnvp, hvp
 from dattri_fn.attribute import influence
-from dattri_fn.linear_hessian import FactoredHessianError, linear_hessian
+from dattri_fn.linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian
 from dattri_fn.solve import kfac_tap
 from dattri_fn.tree import ravel
 
@@ -195,11 +195,11 @@ def _refusals(device):
 
 
 def test_models_outside_the_limits_are_refused_by_name(device):
-    """Non-Linear params, tied weights, sequence outputs, training mode: FactoredHessianError."""
+    """Non-Linear params, tied weights, sequence outputs, training mode: FactoredCurvatureError."""
     for model, batch, match in _refusals(device):
         model = model.to(DT).to(device)
         params = {k: v.detach() for k, v in model.named_parameters()}
-        with pytest.raises(FactoredHessianError, match=rf"linear_hessian\(.*{match}"):
+        with pytest.raises(FactoredCurvatureError, match=rf"linear_hessian\(.*{match}"):
             linear_hessian(model, F.cross_entropy, params, batch)
 
 
@@ -224,7 +224,7 @@ def test_plain_errors(device):
         linear_hessian(lambda x: x, F.cross_entropy, params, batch)
     with pytest.raises(ValueError, match=r"linear_hessian\(params=...\).*unknown") as err:
         linear_hessian(model, F.cross_entropy, {"0.wait": params["0.weight"]}, batch)
-    assert not isinstance(err.value, FactoredHessianError)
+    assert not isinstance(err.value, FactoredCurvatureError)
     with pytest.raises(ValueError, match=r"linear_hessian\(data=...\)"):
         linear_hessian(model, F.cross_entropy, params, [])
     with pytest.raises(TypeError, match=r"linear_hessian\(loss_fn=...\)"):
@@ -241,3 +241,144 @@ def test_dense_hvp_agrees_in_float32(device):
     ref = hvp(fm.loss, fm.params, (x, y)).dense()
     assert H.dtype == torch.float32
     torch.testing.assert_close(H, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+def _dense_gn(module, loss_fn, params, batch):
+    """``mean_i J_i^T A_i J_i`` with ``J_i = jacrev`` of the output, ``A_i = hessian`` of the loss."""
+    flat, unravel = ravel(params)
+    x, y = batch
+    G = 0
+    for i in range(len(x)):
+        f = lambda p: functional_call(module, {**dict(module.named_parameters()), **unravel(p)},
+                                      (x[i:i + 1],))[0]
+        J = jacrev(f)(flat)
+        A = hessian(lambda o: loss_fn(o[None], y[i:i + 1]))(f(flat))
+        G = G + J.T @ A @ J
+    return G / len(x)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), depth=st.integers(1, 3),
+       widths=st.lists(st.integers(1, 4), min_size=4, max_size=4),
+       biases=st.lists(st.booleans(), min_size=3, max_size=3),
+       act=st.sampled_from(sorted(ACTS)), loss=st.sampled_from(["ce", "mse"]),
+       reverse=st.booleans(), cache=st.booleans(), k=st.integers(1, 3))
+def test_linear_gnvp_equals_dense_gauss_newton(device, seed, n, depth, widths, biases, act,
+                                               loss, reverse, cache, k):
+    """linear_gnvp(V) == V @ mean_i J_i^T A_i J_i (jacrev / hessian), any chain, either loss."""
+    dims = widths[:depth + 1]
+    if loss == "ce":
+        dims[-1] = max(dims[-1], 2)
+    model = _chain(seed, dims, biases, act).to(device)
+    loss_fn = F.cross_entropy if loss == "ce" else _mse
+    items = list(model.named_parameters())
+    params = {key: v.detach() for key, v in (items[::-1] if reverse else items)}
+    batch = _batch(seed, n, dims[0], dims[-1], loss, device)
+    op = linear_gnvp(model, loss_fn, params, batch, cache=cache)
+    G = _dense_gn(model, loss_fn, params, batch)
+    V = torch.randn(k, G.shape[0], generator=torch.Generator().manual_seed(seed),
+                    dtype=DT).to(device)
+    torch.testing.assert_close(op(V), V @ G, rtol=1e-10, atol=1e-12)
+    assert op.dtype == DT and op.device == V.device and op.dim == G.shape[0]
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), bias_b=st.booleans())
+def test_linear_gnvp_on_a_dag_equals_autodiff_gnvp(device, seed, n, bias_b):
+    """On the Skip DAG the factored operator equals gnvp's, row by row and as a [P] vector."""
+    torch.manual_seed(seed)
+    model = Skip(3, 4, 3, bias_b).to(DT).to(device).eval()
+    fm = functional_model(model, F.cross_entropy)
+    batch = _batch(seed, n, 3, 3, "ce", device)
+    out_loss = lambda o, ex: F.cross_entropy(o[None], ex[-1][None])
+    ref = gnvp(fm.forward, out_loss, fm.params, batch)
+    op = linear_gnvp(model, F.cross_entropy, fm.params, batch)
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(seed),
+                    dtype=DT).to(device)
+    torch.testing.assert_close(op(V), ref(V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op(V[1]), op(V[1:2])[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_size,batch_rows,cache", [(None, None, True), (2, None, False),
+                                                         (3, 5, True), (None, 4, False)])
+def test_linear_gnvp_batches_chunks_and_merges(device, chunk_size, batch_rows, cache):
+    """Batches, chunks, merges and the uncached path give the single-batch operator."""
+    model = _chain(3, [4, 5, 3], [True, False], "tanh").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = _batch(3, 9, 4, 3, "ce", device)
+    V = torch.randn(2, sum(v.numel() for v in params.values()), dtype=DT, device=device)
+    whole = linear_gnvp(model, F.cross_entropy, params, (x, y))(V)
+    parts = [(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])]
+    op = linear_gnvp(model, F.cross_entropy, params, parts, chunk_size=chunk_size,
+                     batch_rows=batch_rows, cache=cache, tapped=kfac_tap(model, params))
+    torch.testing.assert_close(op(V), whole, rtol=1e-12, atol=1e-14)
+
+
+class Squeeze(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.a(x)[:, 0]
+
+
+def test_linear_gnvp_refusals_and_errors(device):
+    """Outside the limits: FactoredCurvatureError at construction; bad arguments: plain errors."""
+    for model, batch, match in _refusals(device):
+        model = model.to(DT).to(device)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        with pytest.raises(FactoredCurvatureError, match=rf"linear_gnvp\(.*{match}"):
+            linear_gnvp(model, F.cross_entropy, params, batch)
+    sq = Squeeze().to(DT).to(device).eval()
+    x = torch.randn(4, 3, dtype=DT, device=device)
+    with pytest.raises(FactoredCurvatureError, match=r"linear_gnvp\(module=...\): expected an "
+                       r"output \[B, C\], got \[4\]"):
+        linear_gnvp(sq, _mse, {k: v.detach() for k, v in sq.named_parameters()}, (x, x[:, 0]))
+    model = _chain(0, [3, 2], [True], "tanh").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = _batch(0, 4, 3, 2, "ce", device)
+    with pytest.raises(TypeError, match=r"linear_gnvp\(cache=...\): expected a bool"):
+        linear_gnvp(model, F.cross_entropy, params, batch, cache=1)
+    with pytest.raises(ValueError, match=r"linear_gnvp\(data=...\)"):
+        linear_gnvp(model, F.cross_entropy, params, [], cache=False)
+
+
+def test_linear_gnvp_without_a_target(device):
+    """A bare-Tensor example has no target: A is the Hessian of loss_fn(output) alone."""
+    model = _chain(2, [3, 4, 2], [True, True], "sigmoid").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 3, dtype=DT, device=device)
+    loss_fn = lambda out: (out.sum(-1) ** 4).mean()
+    op = linear_gnvp(model, loss_fn, params, x)
+    fm = functional_model(model, loss_fn)
+    ref = gnvp(fm.forward, lambda o, ex: loss_fn(o[None]), params, x)
+    V = torch.randn(2, op.dim, dtype=DT, device=device)
+    torch.testing.assert_close(op(V), ref(V), rtol=1e-10, atol=1e-12)
+
+
+def test_recipe_gauss_newton_factors_linear_models_and_falls_back(device, monkeypatch):
+    """recipes.gauss_newton: linear_gnvp for an eval-mode MLP (no autodiff gnvp call), gnvp
+    for a Conv model; the same operator either way."""
+    import dattri_fn.curvature as curv
+    from dattri_fn.recipes import gauss_newton
+
+    model = _chain(4, [4, 6, 3], [True, True], "tanh").to(device)
+    fm = functional_model(model, F.cross_entropy)
+    batch = _batch(4, 6, 4, 3, "ce", device)
+    V = torch.randn(2, sum(v.numel() for v in fm.params.values()), dtype=DT, device=device)
+    ref = gnvp(fm.forward, lambda o, ex: F.cross_entropy(o[None], ex[-1][None]), fm.params,
+               batch)(V)
+    real = curv.gnvp
+    calls = []
+    monkeypatch.setattr(curv, "gnvp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.testing.assert_close(gauss_newton(fm, F.cross_entropy)(fm.params, batch)(V), ref,
+                               rtol=1e-10, atol=1e-12)
+    assert not calls
+    conv = nn.Sequential(nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(6, 3)).to(DT).to(device)
+    fc = functional_model(conv.eval(), F.cross_entropy)
+    xc = torch.randn(5, 1, 4, dtype=DT, device=device)
+    yc = torch.tensor([0, 1, 2, 1, 0], device=device)
+    Vc = torch.randn(2, sum(v.numel() for v in fc.params.values()), dtype=DT, device=device)
+    out = gauss_newton(fc, F.cross_entropy)(fc.params, (xc, yc))(Vc)
+    assert calls
+    torch.testing.assert_close(out, real(fc.forward, lambda o, ex: F.cross_entropy(
+        o[None], ex[-1][None]), fc.params, (xc, yc))(Vc), rtol=1e-12, atol=1e-14)
