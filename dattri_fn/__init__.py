@@ -7,7 +7,7 @@ up-weighting the training example LOWERS the test loss (a proponent).
 from torch.func import vmap
 
 from ._types import LinOp, as_linop
-from .curvature import cross_entropy_out_hvp, fvp, gnvp, hvp
+from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
 from .layer_grads import LayerGrads, layer_plan, per_sample_layer_grads
 from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian
@@ -43,6 +43,7 @@ __all__ = [
     "arnoldi",
     "as_linop",
     "cg_solve",
+    "cross_entropy_out_hessian",
     "cross_entropy_out_hvp",
     "ekfac_factors",
     "functional_model",

@@ -139,6 +139,18 @@ def cross_entropy_out_hvp(out: Tensor, example, u: Tensor, *,
     return hu / (out.numel() // out.shape[-1])
 
 
+def cross_entropy_out_hessian(out: Tensor, target=None) -> Tensor:
+    """Return ``diag(p) - p p^T``, ``p = softmax(out)``: each row's Hessian of softmax
+    cross-entropy w.r.t. its logits.  # [B, K] -> [B, K, K]
+
+    For :func:`~dattri_fn.linear_curvature.linear_gnvp`'s ``out_hessian`` with
+    ``F.cross_entropy`` on ``[B, K]`` logits (no ignored targets, class weights or label
+    smoothing); ``target`` is unused (the Hessian does not depend on the label).
+    """
+    p = torch.softmax(out, dim=-1)
+    return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+
 def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
          chunk_size: int | None = None, batch_rows: int | None = None,
          out_hvp: Callable[[Tensor, Batch, Tensor], Tensor] | None = None) -> LinOp:

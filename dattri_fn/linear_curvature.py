@@ -145,19 +145,27 @@ def _add(H: Tensor, rows: tuple, cols: tuple, blk: Tensor) -> None:
             H[bl, bm].add_(blk[:, inl, :, inm])
 
 
-def _accumulate(H: Tensor, layout: dict, terms, feeds) -> None:
-    """Add one batch's sum of per-example Hessians into ``H`` (module docstring's formula)."""
-    acts, g, Ht, dacts = terms
+def _augment(acts: dict, layout: dict) -> dict:
+    """Append a column of ones to each layer input ``[B, in]`` whose bias is a param."""
+    return {n: torch.cat([a, a.new_ones(a.shape[0], 1)], 1) if layout[n][1] is not None else a
+            for n, a in acts.items()}
+
+
+def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=None,
+                feeds=()) -> None:
+    """Add one batch's ``sum_i`` of the module docstring's Hessian terms into ``H``.
+
+    ``aug``: augmented layer inputs; ``Ht``: ``[B, D, D]`` (for the Gauss-Newton, ``J^T A J``
+    with no ``feeds``); ``g``, ``dacts``: the probe gradients and ``T`` of :func:`_probe_terms`.
+    """
     names = list(layout)
     B = Ht.shape[0]
-    aug = {n: torch.cat([acts[n], acts[n].new_ones(B, 1)], 1) if layout[n][1] is not None
-           else acts[n] for n in names}
-    unit = dict(zip(names, torch.tensor([0] + [g[n].shape[1] for n in names]).cumsum(0)
-                    .tolist()))
+    d = {n: (ws.stop - ws.start) // inp for n, (ws, _, inp) in layout.items()}
+    unit = dict(zip(names, torch.tensor([0] + [d[n] for n in names]).cumsum(0).tolist()))
     for i, l in enumerate(names):
-        dl, kl, ol = g[l].shape[1], aug[l].shape[1], unit[l]
+        dl, kl, ol = d[l], aug[l].shape[1], unit[l]
         for m in names[i:]:
-            dm, km, om = g[m].shape[1], aug[m].shape[1], unit[m]
+            dm, km, om = d[m], aug[m].shape[1], unit[m]
             Hlm = Ht[:, ol:ol + dl, om:om + dm].reshape(B, dl * dm)
             X = (aug[l][:, :, None] * aug[m][:, None, :]).reshape(B, kl * km)
             blk = (Hlm.T @ X).view(dl, dm, kl, km).permute(0, 2, 1, 3)
@@ -165,8 +173,8 @@ def _accumulate(H: Tensor, layout: dict, terms, feeds) -> None:
             if m != l:
                 _add(H, layout[m], layout[l], blk.permute(2, 3, 0, 1))
     for l, m in feeds:  # layer l feeds layer m: the activations' first-order term
-        dl, kl, ol = g[l].shape[1], aug[l].shape[1], unit[l]
-        dm, inm = g[m].shape[1], acts[m].shape[1]
+        dl, kl, ol = d[l], aug[l].shape[1], unit[l]
+        dm, inm = d[m], layout[m][2]
         T = dacts[m][ol:ol + dl].permute(1, 2, 0)  # [B, in_m, d_l]
         if dm <= kl:
             Y = (g[m][:, :, None, None] * T[:, None]).reshape(B, dm * inm * dl)
@@ -266,14 +274,31 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     H = like.new_zeros(P, P)
     n_seen = 0
     for part, rows in _chunks(func, batches, batch_rows, chunk_size):
-        _accumulate(H, layout, _probe_terms(tapped, loss_fn, state, part, like, func), feeds)
+        acts, g, Ht, dacts = _probe_terms(tapped, loss_fn, state, part, like, func)
+        _accumulate(H, layout, _augment(acts, layout), Ht, g, dacts, feeds)
         n_seen += rows
     if n_seen == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     return H.div_(n_seen)
 
 
-def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, bias: dict, func: str):
+class FactoredOperator(LinOp):
+    """A :class:`~dattri_fn._types.LinOp` whose ``dense()`` assembles ``[P, P]`` from its
+    factors (per layer pair, ``2 N P_l P_m`` flops) instead of applying it to ``P`` unit rows;
+    ``dense``'s ``chunk_size`` is accepted and unused."""
+
+    __slots__ = ("_dense",)
+
+    def __init__(self, matmat, dense, dim, dtype, device, name="LinOp"):
+        super().__init__(matmat, dim, dtype, device, name)
+        self._dense = dense
+
+    def dense(self, chunk_size: int | None = 256) -> Tensor:
+        return self._dense()
+
+
+def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: str,
+              out_hessian=None):
     """Return ``(a, J, A)`` for one batch: ``{layer: [B, in(+1)]}`` (augmented with a column
     of ones when the bias is a param), ``{layer: [B, C, d]}`` and ``[B, C, C]``."""
     names = tapped.layers
@@ -289,18 +314,18 @@ def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, bias: dict, func: str
     eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, B, C)
     cols = vmap(pull)(eye)[0]
     J = {n: cols[n].transpose(0, 1).contiguous() for n in names}
-    if target is None:
+    if out_hessian is not None:
+        A = out_hessian(out, target)
+    elif target is None:
         A = vmap(hessian(lambda o: loss_fn(o[None])))(out)
     else:
         A = vmap(hessian(lambda o, t: loss_fn(o[None], t[None])))(out, target)
-    a = {n: torch.cat([acts[n], acts[n].new_ones(B, 1)], 1) if bias[n] else acts[n]
-         for n in names}
-    return a, J, A
+    return _augment(acts, layout), J, A
 
 
 def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 chunk_size: int | None = None, batch_rows: int | None = None, tapped=None,
-                cache: bool = True) -> LinOp:
+                cache: bool = True, out_hessian: Callable | None = None) -> LinOp:
     """Return ``V -> G V``, ``G = (1/N) sum_i J_i^T A_i J_i``, of a Linear-only model.  # [k, P] -> [k, P]
 
     The operator of :func:`~dattri_fn.curvature.gnvp` with ``forward`` the module and
@@ -314,6 +339,10 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         cache: keep every batch's factors (``N x (C D + C^2 + sum_l in_l)`` numbers, built
             here, once) instead of rebuilding them on every call from ``data`` (for data sets
             whose factors do not fit in memory; about twice the time per call).
+        out_hessian: optional closed form ``out_hessian(output, target) -> [B, C, C]``, each
+            example's Hessian of ``loss_fn`` w.r.t. its output row (e.g. ``diag(p) - p p^T``
+            for softmax cross-entropy); it must equal the autodiff one it replaces (~1.4 of
+            1.8 ms per 64-row batch of the digits MLP).
 
     Returns:
         A :class:`~dattri_fn._types.LinOp` in the params' dtype and device.
@@ -328,6 +357,9 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                                                         chunk_size, tapped, batch_rows)
     if not isinstance(cache, bool):
         raise TypeError(_msg(func, "cache", "a bool", type(cache).__name__))
+    if out_hessian is not None and not callable(out_hessian):
+        raise TypeError(_msg(func, "out_hessian", "None or a callable (output, target) -> "
+                             "[B, C, C]", type(out_hessian).__name__))
     names = tapped.layers
     like = state[f"{names[0]}.weight"]
     P = sum(v.numel() for v in params.values())
@@ -335,7 +367,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
 
     def factors():
         for part, _ in _chunks(func, batches, batch_rows, chunk_size):
-            yield _gn_terms(tapped, loss_fn, state, part, like, bias, func)
+            yield _gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian)
 
     kept = list(factors()) if cache else None
     first = kept[0] if cache else next(iter(factors()), None)
@@ -370,4 +402,13 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 out[:, bs].copy_(g[:, :, inp])
         return out.div_(n if n_total is None else n_total)
 
-    return LinOp(matmat, P, like.dtype, like.device, name=func)
+    def dense() -> Tensor:
+        H = like.new_zeros(P, P)
+        n = 0
+        for a, J, A in (kept if cache else factors()):
+            Jc = torch.cat([J[name] for name in names], dim=-1)
+            _accumulate(H, layout, a, Jc.mT @ A @ Jc)
+            n += A.shape[0]
+        return H.div_(n if n_total is None else n_total)
+
+    return FactoredOperator(matmat, dense, P, like.dtype, like.device, name=func)

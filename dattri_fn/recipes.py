@@ -190,17 +190,18 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     :func:`~dattri_fn.tasks.lm_loss` it measured no faster than autodiff (text-lm), so the
     language model keeps the default.
     """
-    from .curvature import cross_entropy_out_hvp, gnvp
+    from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
     from .linear_curvature import FactoredCurvatureError, linear_gnvp
     from .model import default_unpack
     from .solve import kfac_tap
     from .tasks import classification_loss
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
-    out_hvp = None
+    out_hvp = out_hessian = None
     if loss_fn is classification_loss:  # F.cross_entropy's classes: dim 0 of one example
         out_hvp = lambda out, ex, u: cross_entropy_out_hvp(
             out.movedim(0, -1), ex, u.movedim(0, -1)).movedim(-1, 0)
+        out_hessian = cross_entropy_out_hessian
     taps: dict = {}  # params' keys -> the traced forward, or None outside linear_gnvp's limits
 
     def build(params, data):
@@ -213,7 +214,7 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
         if taps[key] is not None and fm.unpack in (None, default_unpack):
             try:
                 return linear_gnvp(fm.module, loss_fn, params, data, batch_rows=batch_rows,
-                                   tapped=taps[key])
+                                   tapped=taps[key], out_hessian=out_hessian)
             except FactoredCurvatureError:
                 taps[key] = None
         return gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows, out_hvp=out_hvp)

@@ -264,7 +264,8 @@ def _dense_gn(module, loss_fn, params, batch):
        reverse=st.booleans(), cache=st.booleans(), k=st.integers(1, 3))
 def test_linear_gnvp_equals_dense_gauss_newton(device, seed, n, depth, widths, biases, act,
                                                loss, reverse, cache, k):
-    """linear_gnvp(V) == V @ mean_i J_i^T A_i J_i (jacrev / hessian), any chain, either loss."""
+    """linear_gnvp(V) == V @ mean_i J_i^T A_i J_i (jacrev / hessian), any chain, either loss;
+    its dense() (assembled per layer pair) is that matrix."""
     dims = widths[:depth + 1]
     if loss == "ce":
         dims[-1] = max(dims[-1], 2)
@@ -278,6 +279,7 @@ def test_linear_gnvp_equals_dense_gauss_newton(device, seed, n, depth, widths, b
     V = torch.randn(k, G.shape[0], generator=torch.Generator().manual_seed(seed),
                     dtype=DT).to(device)
     torch.testing.assert_close(op(V), V @ G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.dense(chunk_size=1), G, rtol=1e-10, atol=1e-12)
     assert op.dtype == DT and op.device == V.device and op.dim == G.shape[0]
 
 
@@ -382,3 +384,29 @@ def test_recipe_gauss_newton_factors_linear_models_and_falls_back(device, monkey
     assert calls
     torch.testing.assert_close(out, real(fc.forward, lambda o, ex: F.cross_entropy(
         o[None], ex[-1][None]), fc.params, (xc, yc))(Vc), rtol=1e-12, atol=1e-14)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), K=st.integers(2, 5))
+def test_cross_entropy_out_hessian_equals_autodiff(device, seed, n, K):
+    """diag(p) - p p^T == hessian of F.cross_entropy(o[None], y[None]) w.r.t. o, per row; as
+    linear_gnvp's out_hessian it gives the autodiff operator."""
+    from dattri_fn.curvature import cross_entropy_out_hessian
+
+    g = torch.Generator().manual_seed(seed)
+    out = (3 * torch.randn(n, K, generator=g, dtype=DT)).to(device)
+    y = torch.randint(0, K, (n,), generator=g).to(device)
+    ref = torch.stack([hessian(lambda o: F.cross_entropy(o[None], y[i:i + 1]))(out[i])
+                       for i in range(n)])
+    torch.testing.assert_close(cross_entropy_out_hessian(out, y), ref, rtol=1e-12, atol=1e-14)
+    model = _chain(seed, [3, 4, K], [True, True], "tanh").to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = _batch(seed, n, 3, K, "ce", device)
+    V = torch.randn(2, sum(v.numel() for v in params.values()), generator=g,
+                    dtype=DT).to(device)
+    closed = linear_gnvp(model, F.cross_entropy, params, batch,
+                         out_hessian=cross_entropy_out_hessian)
+    torch.testing.assert_close(closed(V), linear_gnvp(model, F.cross_entropy, params, batch)(V),
+                               rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match=r"linear_gnvp\(out_hessian=...\): expected None or a "
+                       r"callable"):
+        linear_gnvp(model, F.cross_entropy, params, batch, out_hessian="ce")
