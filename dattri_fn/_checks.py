@@ -14,6 +14,15 @@ def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
     return f"{text} {fix}" if fix else text
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of the floating ``x`` is finite, in one reduction when it is.
+
+    A NaN or inf entry makes ``x.sum()`` NaN or inf, so a finite sum proves every entry
+    finite; only a non-finite sum (a bad entry, or an overflow) pays for the elementwise test.
+    """
+    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+
+
 def check_tensor(func: str, arg: str, x, *, ndim: int | None = None,
                  dim_size: dict[int, int] | None = None, finite: bool = True,
                  floating: bool = False) -> Tensor:
@@ -27,10 +36,7 @@ def check_tensor(func: str, arg: str, x, *, ndim: int | None = None,
             raise ValueError(_msg(func, arg, f"size {size} at dim {axis}", f"shape {list(x.shape)}"))
     if floating and not x.is_floating_point():
         raise TypeError(_msg(func, arg, "a floating-point tensor", str(x.dtype)))
-    # A finite sum proves every entry finite (NaN and inf propagate); only an overflowing sum
-    # pays for the elementwise test, which then decides.
-    if (finite and x.is_floating_point() and not bool(torch.isfinite(x.sum()))
-            and not bool(torch.isfinite(x).all())):
+    if finite and x.is_floating_point() and not all_finite(x):
         raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
     return x
 
@@ -68,7 +74,7 @@ def check_params(func: str, arg: str, params) -> dict[str, Tensor]:
             raise TypeError(_msg(func, arg, "Tensor values", f"{type(v).__name__} at key {k!r}"))
         if not v.is_floating_point():
             raise TypeError(_msg(func, arg, "floating-point tensors", f"{v.dtype} at key {k!r}"))
-        if not bool(torch.isfinite(v).all()):
+        if not all_finite(v):
             raise ValueError(_msg(func, arg, "finite values", f"NaN or inf at key {k!r}"))
     return dict(params)
 
@@ -108,7 +114,7 @@ def batch_size(func: str, arg: str, batch) -> int:
     if size == 0:
         raise ValueError(_msg(func, arg, "a non-empty batch", "B = 0"))
     for t in leaves:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
     return size
 

@@ -42,14 +42,15 @@ module that treats the examples of a batch independently (eval mode).
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.func import grad, hessian, jvp, vjp, vmap
 
-from ._types import LinOp
 from ._checks import _msg, batch_size, batch_slice, check_optional_int, regroup
+from ._types import LinOp
 from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
 
@@ -73,7 +74,7 @@ def _feeds(tapped) -> set[tuple[str, str]]:
                 continue
             seen.add(cur)
             stack.extend(cur.all_input_nodes)
-        out.update((l, m) for l, other in calls.items() if other in seen)
+        out.update((src, m) for src, other in calls.items() if other in seen)
     return out
 
 
@@ -161,29 +162,29 @@ def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=No
     names = list(layout)
     B = Ht.shape[0]
     d = {n: (ws.stop - ws.start) // inp for n, (ws, _, inp) in layout.items()}
-    unit = dict(zip(names, torch.tensor([0] + [d[n] for n in names]).cumsum(0).tolist()))
-    for i, l in enumerate(names):
-        dl, kl, ol = d[l], aug[l].shape[1], unit[l]
+    unit = dict(zip(names, accumulate([0] + [d[n] for n in names[:-1]]), strict=True))
+    for i, lay in enumerate(names):
+        dl, kl, ol = d[lay], aug[lay].shape[1], unit[lay]
         for m in names[i:]:
             dm, km, om = d[m], aug[m].shape[1], unit[m]
             Hlm = Ht[:, ol:ol + dl, om:om + dm].reshape(B, dl * dm)
-            X = (aug[l][:, :, None] * aug[m][:, None, :]).reshape(B, kl * km)
+            X = (aug[lay][:, :, None] * aug[m][:, None, :]).reshape(B, kl * km)
             blk = (Hlm.T @ X).view(dl, dm, kl, km).permute(0, 2, 1, 3)
-            _add(H, layout[l], layout[m], blk)
-            if m != l:
-                _add(H, layout[m], layout[l], blk.permute(2, 3, 0, 1))
-    for l, m in feeds:  # layer l feeds layer m: the activations' first-order term
-        dl, kl, ol = d[l], aug[l].shape[1], unit[l]
+            _add(H, layout[lay], layout[m], blk)
+            if m != lay:
+                _add(H, layout[m], layout[lay], blk.permute(2, 3, 0, 1))
+    for src, m in feeds:  # layer src feeds layer m: the activations' first-order term
+        dl, kl, ol = d[src], aug[src].shape[1], unit[src]
         dm, inm = d[m], layout[m][2]
         T = dacts[m][ol:ol + dl].permute(1, 2, 0)  # [B, in_m, d_l]
         if dm <= kl:
             Y = (g[m][:, :, None, None] * T[:, None]).reshape(B, dm * inm * dl)
-            R = (Y.T @ aug[l]).view(dm, inm, dl, kl)
+            R = (Y.T @ aug[src]).view(dm, inm, dl, kl)
         else:
-            Z = (T[..., None] * aug[l][:, None, None, :]).reshape(B, inm * dl * kl)
+            Z = (T[..., None] * aug[src][:, None, None, :]).reshape(B, inm * dl * kl)
             R = (g[m].T @ Z).view(dm, inm, dl, kl)
-        _add(H, layout[m], layout[l], R)
-        _add(H, layout[l], layout[m], R.permute(2, 3, 0, 1))
+        _add(H, layout[m], layout[src], R)
+        _add(H, layout[src], layout[m], R.permute(2, 3, 0, 1))
 
 
 def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):

@@ -69,7 +69,7 @@ class Tied(nn.Module):
 def _chain(seed, dims, biases, act):
     torch.manual_seed(seed)
     layers = []
-    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:], strict=False)):
         if i:
             layers.append(ACTS[act]())
         layers.append(nn.Linear(d_in, d_out, bias=biases[i]))

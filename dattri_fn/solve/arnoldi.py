@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_optional_int, check_positive
+from .._checks import all_finite, check_int, check_optional_int, check_positive
 from .._types import LinOp
 from .explicit import Eigen, EigenInverse, as_operator, default_rtol, spectral_inverse
 
@@ -22,7 +22,7 @@ def _orthogonalise(Q: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
 def _ritz_pairs(func: str, Q: Tensor, T: Tensor) -> Eigen:
     """Ritz pairs from the basis rows ``Q`` and the upper triangle of ``T = Q A Q^T``, sorted
     by ``|value|``; raise if the operator produced non-finite values."""
-    if not bool(torch.isfinite(T).all()):
+    if not all_finite(T):
         raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
                          f"NaN or inf in the Krylov basis. Check the curvature operator.")
     T = torch.triu(T) + torch.triu(T, 1).T

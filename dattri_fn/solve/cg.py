@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_optional_int, check_positive, check_tensor
+from .._checks import all_finite, check_optional_int, check_positive, check_tensor
 from .._types import LinOp
 from .explicit import as_operator, check_rhs
 
@@ -94,7 +94,7 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
 def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damping,
                     stacklevel: int) -> None:
     X, _, res_norm, converged, negative = res
-    if not bool(torch.isfinite(X).all()):
+    if not all_finite(X):
         raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
                          f"NaN or inf in the CG iterates. Check the curvature operator.")
     num_neg, num_bad = (int(c) for c in torch.stack([negative.sum(), (~converged).sum()]))

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_size,
     check_optional_int,
     check_params,
@@ -353,7 +354,7 @@ def _check_factors(func: str, factors, kind, maker, fields):
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 raise TypeError(_msg(func, f"factors.{field}", "floating-point tensors",
                                      f"{type(t).__name__} at {layer!r}"))
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ValueError(_msg(func, f"factors.{field}", "finite values",
                                       f"NaN or inf at {layer!r}"))
 
