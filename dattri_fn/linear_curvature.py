@@ -324,9 +324,22 @@ def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: s
     return _augment(acts, layout), J, A
 
 
+def _keep(factors, cache: bool | int):
+    """Return ``(kept list or None, first batch's factors or None)`` under the cache rule."""
+    if cache is False:
+        return None, next(iter(factors), None)
+    kept, size = [], 0
+    for item in factors:
+        kept.append(item)
+        size += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(item))
+        if cache is not True and size > cache:
+            return None, kept[0]
+    return kept, (kept[0] if kept else None)
+
+
 def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 chunk_size: int | None = None, batch_rows: int | None = None, tapped=None,
-                cache: bool = True, out_hessian: Callable | None = None) -> LinOp:
+                cache: bool | int = True, out_hessian: Callable | None = None) -> LinOp:
     """Return ``V -> G V``, ``G = (1/N) sum_i J_i^T A_i J_i``, of a Linear-only model.  # [k, P] -> [k, P]
 
     The operator of :func:`~dattri_fn.curvature.gnvp` with ``forward`` the module and
@@ -337,9 +350,11 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     Args:
         module, loss_fn, params, data, chunk_size, batch_rows, tapped: as
             :func:`linear_hessian`; the module's output must be ``[B, C]``.
-        cache: keep every batch's factors (``N x (C D + C^2 + sum_l in_l)`` numbers, built
-            here, once) instead of rebuilding them on every call from ``data`` (for data sets
-            whose factors do not fit in memory; about twice the time per call).
+        cache: ``True``: keep every batch's factors (``N x (C D + C^2 + sum_l in_l)``
+            numbers, built here, once); ``False``: rebuild them from ``data`` on every call
+            (memory of one batch's factors; on the digits MLP as fast as ``gnvp``, 0.083 against
+            0.059 s per 16-row call at 16k examples, and at P = 1M 2.8 against 4.5 s for
+            ``gnvp``); an int: a byte budget, keep them if they fit in it, else rebuild.
         out_hessian: optional closed form ``out_hessian(output, target) -> [B, C, C]``, each
             example's Hessian of ``loss_fn`` w.r.t. its output row (e.g. ``diag(p) - p p^T``
             for softmax cross-entropy); it must equal the autodiff one it replaces (~1.4 of
@@ -356,8 +371,11 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     func = "linear_gnvp"
     state, tapped, batches, chunk_size, layout = _setup(func, module, loss_fn, params, data,
                                                         chunk_size, tapped, batch_rows)
-    if not isinstance(cache, bool):
-        raise TypeError(_msg(func, "cache", "a bool", type(cache).__name__))
+    if not isinstance(cache, int):
+        raise TypeError(_msg(func, "cache", "a bool or a byte budget (int)",
+                             type(cache).__name__))
+    if not isinstance(cache, bool) and cache < 0:
+        raise ValueError(_msg(func, "cache", "a byte budget >= 0", repr(cache)))
     if out_hessian is not None and not callable(out_hessian):
         raise TypeError(_msg(func, "out_hessian", "None or a callable (output, target) -> "
                              "[B, C, C]", type(out_hessian).__name__))
@@ -370,13 +388,13 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         for part, _ in _chunks(func, batches, batch_rows, chunk_size):
             yield _gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian)
 
-    kept = list(factors()) if cache else None
-    first = kept[0] if cache else next(iter(factors()), None)
+    kept, first = _keep(factors(), cache)
     if first is None:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
-    n_total = sum(A.shape[0] for _, _, A in kept) if cache else None
+    n_total = None if kept is None else sum(A.shape[0] for _, _, A in kept)
 
     def matmat(V: Tensor) -> Tensor:
+        V = V.contiguous()  # the per-layer views below need row-major rows
         k = V.shape[0]
         blocks = {}  # layer -> V's rows as [k * d, in(+1)]
         for name in names:
@@ -386,7 +404,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 -1, inp + bias[name])
         grads = {name: None for name in names}
         n = 0
-        for a, J, A in (kept if cache else factors()):
+        for a, J, A in (factors() if kept is None else kept):
             B = A.shape[0]
             JU = sum((a[name] @ blocks[name].T).view(B, k, -1) @ J[name].mT for name in names)
             HJU = JU @ A
@@ -406,7 +424,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     def dense() -> Tensor:
         H = like.new_zeros(P, P)
         n = 0
-        for a, J, A in (kept if cache else factors()):
+        for a, J, A in (factors() if kept is None else kept):
             Jc = torch.cat([J[name] for name in names], dim=-1)
             _accumulate(H, layout, a, Jc.mT @ A @ Jc)
             n += A.shape[0]

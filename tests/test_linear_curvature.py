@@ -297,12 +297,14 @@ def test_linear_gnvp_on_a_dag_equals_autodiff_gnvp(device, seed, n, bias_b):
                     dtype=DT).to(device)
     torch.testing.assert_close(op(V), ref(V), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op(V[1]), op(V[1:2])[0], rtol=0, atol=0)
+    torch.testing.assert_close(op(V.T.contiguous().T), op(V), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("chunk_size,batch_rows,cache", [(None, None, True), (2, None, False),
-                                                         (3, 5, True), (None, 4, False)])
+                                                         (3, 5, True), (None, 4, False),
+                                                         (2, None, 0), (None, 4, 10**9)])
 def test_linear_gnvp_batches_chunks_and_merges(device, chunk_size, batch_rows, cache):
-    """Batches, chunks, merges and the uncached path give the single-batch operator."""
+    """Batches, chunks, merges, the uncached path and byte budgets give one operator."""
     model = _chain(3, [4, 5, 3], [True, False], "tanh").to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, y = _batch(3, 9, 4, 3, "ce", device)
@@ -338,8 +340,11 @@ def test_linear_gnvp_refusals_and_errors(device):
     model = _chain(0, [3, 2], [True], "tanh").to(device)
     params = {k: v.detach() for k, v in model.named_parameters()}
     batch = _batch(0, 4, 3, 2, "ce", device)
-    with pytest.raises(TypeError, match=r"linear_gnvp\(cache=...\): expected a bool"):
-        linear_gnvp(model, F.cross_entropy, params, batch, cache=1)
+    with pytest.raises(TypeError, match=r"linear_gnvp\(cache=...\): expected a bool or a "
+                       r"byte budget"):
+        linear_gnvp(model, F.cross_entropy, params, batch, cache=1.0)
+    with pytest.raises(ValueError, match=r"linear_gnvp\(cache=...\): expected a byte budget"):
+        linear_gnvp(model, F.cross_entropy, params, batch, cache=-1)
     with pytest.raises(ValueError, match=r"linear_gnvp\(data=...\)"):
         linear_gnvp(model, F.cross_entropy, params, [], cache=False)
 
@@ -410,3 +415,16 @@ def test_cross_entropy_out_hessian_equals_autodiff(device, seed, n, K):
     with pytest.raises(TypeError, match=r"linear_gnvp\(out_hessian=...\): expected None or a "
                        r"callable"):
         linear_gnvp(model, F.cross_entropy, params, batch, out_hessian="ce")
+
+
+def test_cache_budget_keeps_factors_only_when_they_fit():
+    """_keep: True keeps all, False keeps none, an int keeps all iff their bytes fit."""
+    from dattri_fn.linear_curvature import _keep
+
+    items = [(torch.zeros(4), {"a": torch.zeros(2)}) for _ in range(3)]  # 24 bytes each
+    assert _keep(iter(items), True)[0] == items
+    assert _keep(iter(items), False) == (None, items[0])
+    assert _keep(iter(items), 72)[0] == items
+    kept, first = _keep(iter(items), 71)
+    assert kept is None and first is items[0]
+    assert _keep(iter([]), 10) == ([], None)
