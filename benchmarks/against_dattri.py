@@ -42,7 +42,7 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
 * DataInf / EK-FAC: ``regularization`` / ``damping = wd + damping`` as our recipe.
 * TRAK: dattri divides gradients by ``sqrt(P)`` before a ``proj_dim`` projection with
   ``E[R R^T] = I`` (as ours), so ``regularization = damping / P`` gives the same kernel; its
-  projection is drawn afresh per checkpoint (seed + 1e5 * checkpoint) where ours reuses one.
+  projection is drawn afresh per checkpoint (seed + 1e5 * checkpoint), ours too (seed + c).
 * TracIn / Grad-Dot / Grad-Cos: ours is exact (no projection); dattri ALWAYS projects (its
   ``projector_kwargs=None`` still applies a module-level default of ``proj_dim=512``, a dict it
   also mutates in place), so it gets ``proj_type="identity"`` to compute the same quantity.
