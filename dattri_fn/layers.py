@@ -152,14 +152,16 @@ def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
     first = next(iter(graph.nodes))
     with graph.inserting_before(first):
         probes = graph.placeholder("tap_probes")
-    acts = {}
     for name, (node,) in calls.items():
-        acts[name] = node.args[0] if node.args else node.kwargs["input"]
         with graph.inserting_after(node):
             probe = graph.call_function(operator.getitem, (probes, name))
         with graph.inserting_after(probe):
             shifted = graph.call_function(operator.add, (node, probe))
         node.replace_all_uses_with(shifted, delete_user_cb=lambda user, s=shifted: user is not s)
+    # Read after every rewrite: a layer fed by another tapped layer then gets that layer's
+    # probed output as its input, which derivatives w.r.t. the probes must see.
+    acts = {name: node.args[0] if node.args else node.kwargs["input"]
+            for name, (node,) in calls.items()}
     (out_node,) = [n for n in graph.nodes if n.op == "output"]
     out_node.args = ((out_node.args[0], acts),)
     graph.lint()

@@ -34,9 +34,14 @@ two matrix products per layer and three ``[C, D]``-sized ones per example and ro
 forward and backward pass per row for :func:`~dattri_fn.curvature.gnvp`.
 
 Limits: those of :func:`~dattri_fn.layers.tap_layers` (torch.fx tracing, each Linear called
-once as a module), 2-D layer inputs ``[B, in]`` (no sequence dimension), every parameter a
-weight or bias of a tapped Linear, no parameter used outside its layer (weight tying), and a
-module that treats the examples of a batch independently (eval mode).
+once as a module), one row per example at every layer (``[B, in]``, no sequence dimension),
+every parameter a weight or bias of a tapped Linear, no parameter shared with another module or
+read outside its layer (tied weights), no hooks on the tapped layers, and a module that treats
+the examples of a batch independently (only Linear, activation and container modules may be in
+training mode). A model outside them raises :class:`FactoredCurvatureError`. What a trace cannot
+see (``torch.no_grad`` inside ``forward``, say) is caught by a check of the first batch's
+factored product against autodiff through the module itself (one Hessian- or Gauss-Newton-vector
+product), which raises the same error.
 """
 
 from __future__ import annotations
@@ -47,12 +52,13 @@ from itertools import accumulate
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.func import grad, hessian, jvp, vjp, vmap
+from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
 from ._checks import _msg, batch_size, batch_slice, check_optional_int, regroup
 from ._types import LinOp
 from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
+from .tree import ravel
 
 __all__ = ["FactoredCurvatureError", "linear_gnvp", "linear_hessian"]
 
@@ -78,27 +84,65 @@ def _feeds(tapped) -> set[tuple[str, str]]:
     return out
 
 
+_MODE_FREE = (nn.Linear, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten,
+              nn.Unflatten)
+
+
+def _refuse(func: str, arg: str, expected: str, got: str) -> FactoredCurvatureError:
+    return FactoredCurvatureError(_msg(func, arg, expected, got,
+                                       "Use the autodiff hvp/gnvp for this model."))
+
+
+def _check_structure(func: str, module: nn.Module, params) -> None:
+    """Raise :class:`FactoredCurvatureError` unless the model is within the module's limits
+    (those visible without tracing)."""
+    modules = dict(module.named_modules())
+    linear = {n for n, m in modules.items() if n and isinstance(m, nn.Linear)}
+    stray = [k for k in params if k.rpartition(".")[0] not in linear
+             or k.rpartition(".")[2] not in ("weight", "bias")]
+    if stray:
+        raise _refuse(func, "params", "weights/biases of nn.Linear submodules only",
+                      f"other keys {stray}")
+    uses: dict[int, int] = {}
+    for _, m in module.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    shared = [k for k in params if uses[id(module.get_parameter(k))] > 1]
+    if shared:
+        raise _refuse(func, "params", "parameters owned by one module each",
+                      f"{shared} shared with another module (tied weights)")
+    owners = sorted({k.rpartition(".")[0] for k in params})
+    hooked = [n for n in owners if modules[n]._forward_hooks or modules[n]._forward_pre_hooks]
+    if hooked or nn.modules.module._global_forward_hooks \
+            or nn.modules.module._global_forward_pre_hooks:
+        raise _refuse(func, "module", "Linear layers without forward hooks",
+                      f"hooks on {hooked or 'every module (global)'}")
+    training = [n or type(module).__name__ for n, m in modules.items() if m.training
+                and not isinstance(m, _MODE_FREE)
+                and type(m).__module__ != "torch.nn.modules.activation"]
+    if training:
+        raise _refuse(func, "module", "a module in eval mode (Linear, activation and container "
+                      "modules aside)", f"training mode in {training[:3]}")
+
+
 def _check_untied(func: str, tapped, param_names) -> None:
     """Raise unless every parameter is read only by its own (leaf) Linear call."""
     gm: fx.GraphModule = tapped.graph_module
     used = sorted(n.target for n in gm.graph.nodes
                   if n.op == "get_attr" and n.target in set(param_names))
     if used:
-        raise FactoredCurvatureError(_msg(
-            func, "params", "parameters used only by their own Linear layer",
-            f"{used} also read elsewhere in forward (tied weights)",
-            "Use the dense hvp for such a model."))
+        raise _refuse(func, "params", "parameters used only by their own Linear layer",
+                      f"{used} also read elsewhere in forward (tied weights)")
 
 
-def _flat_shapes(func, tapped, state, args, kwargs, like) -> dict[str, tuple]:
+def _flat_shapes(func, tapped, state, args, kwargs, like, B: int) -> dict[str, tuple]:
     """Return each tapped layer's output shape; raise unless every one is ``[B, out]``."""
     out_features = {n: state[f"{n}.weight"].shape[0] for n in tapped.layers}
     shapes = output_shapes(tapped, state, out_features, args, kwargs, like)
-    deep = {n: list(s) for n, s in shapes.items() if len(s) != 2}
-    if deep:
-        raise FactoredCurvatureError(_msg(
-            func, "data", "2-D layer outputs [B, out] (one position per example)",
-            f"output shapes {deep}", "Use the autodiff hvp/gnvp for sequence models."))
+    bad = {n: list(s) for n, s in shapes.items() if len(s) != 2 or s[0] != B}
+    if bad:
+        raise _refuse(func, "data", f"layer outputs [B, out] with B = {B} (one row per example)",
+                      f"output shapes {bad}")
     return shapes
 
 
@@ -110,7 +154,7 @@ def _probe_terms(tapped, loss_fn, state, batch, like: Tensor, func: str):
     """
     names = tapped.layers
     args, kwargs, target = unpack_example(batch)
-    shapes = _flat_shapes(func, tapped, state, args, kwargs, like)
+    shapes = _flat_shapes(func, tapped, state, args, kwargs, like, batch_size(func, "data", batch))
     out_features = {n: s[1] for n, s in shapes.items()}
 
     def total(probes):
@@ -130,6 +174,12 @@ def _probe_terms(tapped, loss_fn, state, batch, like: Tensor, func: str):
     dg, dacts = vmap(lambda t: jvp(grad_acts, (probes,), (t,))[1])(tangents)
     Ht = torch.cat([dg[n] for n in names], dim=-1).permute(1, 2, 0)
     return acts, g, Ht, dacts
+
+
+def _hessian_terms(tapped, loss_fn, state, batch, like, layout, func):
+    """:func:`_accumulate`'s ``(aug, Ht, g, dacts)`` for one batch."""
+    acts, g, Ht, dacts = _probe_terms(tapped, loss_fn, state, batch, like, func)
+    return _augment(acts, layout), Ht, g, dacts
 
 
 def _add(H: Tensor, rows: tuple, cols: tuple, blk: Tensor) -> None:
@@ -152,6 +202,56 @@ def _augment(acts: dict, layout: dict) -> dict:
             for n, a in acts.items()}
 
 
+_BLOCK = 2**24  # numbers in one intermediate of a layer pair's product: rows are sub-chunked
+
+
+def _pair_block(Ht: Tensor, al: Tensor, am: Tensor) -> Tensor:
+    """Return ``sum_i Ht_i (x) a_l,i (x) a_m,i`` as ``[d_l, k_l, d_m, k_m]``.  # Ht [B, d_l, d_m]
+
+    Contracted over the examples by one GEMM per ``_BLOCK``-sized piece, with the smallest of the
+    three per-example intermediates (``a_l a_m^T``, ``Ht (x) a_l``, ``Ht (x) a_m``).
+    """
+    B, dl, dm = Ht.shape
+    kl, km = al.shape[1], am.shape[1]
+    sizes = (kl * km, dl * dm * kl, dl * dm * km)
+    route = sizes.index(min(sizes))
+    step = max(1, _BLOCK // min(sizes))
+    out = None
+    for r in range(0, B, step):
+        h, a, b = Ht[r:r + step], al[r:r + step], am[r:r + step]
+        n = h.shape[0]
+        if route == 0:
+            part = (h.reshape(n, dl * dm).T @ (a[:, :, None] * b[:, None, :]).reshape(n, -1))
+            part = part.view(dl, dm, kl, km).permute(0, 2, 1, 3)
+        elif route == 1:
+            part = ((h[..., None] * a[:, None, None, :]).reshape(n, -1).T @ b)
+            part = part.view(dl, dm, kl, km).permute(0, 2, 1, 3)
+        else:
+            part = ((h[..., None] * b[:, None, None, :]).reshape(n, -1).T @ a)
+            part = part.view(dl, dm, km, kl).permute(0, 3, 1, 2)
+        out = part.contiguous() if out is None else out.add_(part)
+    return out
+
+
+def _activation_block(gm: Tensor, T: Tensor, al: Tensor) -> Tensor:
+    """Return ``sum_i g_m,i (x) T_i (x) a_l,i`` as ``[d_m, in_m, d_l, k_l]``.  # T [B, in_m, d_l]"""
+    B, inm, dl = T.shape
+    dm, kl = gm.shape[1], al.shape[1]
+    left = dm <= kl  # the smaller per-example intermediate: g (x) T, or T (x) a_l
+    step = max(1, _BLOCK // (inm * dl * min(dm, kl)))
+    out = None
+    for r in range(0, B, step):
+        g, t, a = gm[r:r + step], T[r:r + step], al[r:r + step]
+        n = g.shape[0]
+        if left:
+            part = ((g[:, :, None, None] * t[:, None]).reshape(n, -1).T @ a)
+        else:
+            part = g.T @ (t[..., None] * a[:, None, None, :]).reshape(n, -1)
+        part = part.view(dm, inm, dl, kl)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=None,
                 feeds=()) -> None:
     """Add one batch's ``sum_i`` of the module docstring's Hessian terms into ``H``.
@@ -160,31 +260,63 @@ def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=No
     with no ``feeds``); ``g``, ``dacts``: the probe gradients and ``T`` of :func:`_probe_terms`.
     """
     names = list(layout)
-    B = Ht.shape[0]
     d = {n: (ws.stop - ws.start) // inp for n, (ws, _, inp) in layout.items()}
     unit = dict(zip(names, accumulate([0] + [d[n] for n in names[:-1]]), strict=True))
     for i, lay in enumerate(names):
-        dl, kl, ol = d[lay], aug[lay].shape[1], unit[lay]
+        ol = unit[lay]
         for m in names[i:]:
-            dm, km, om = d[m], aug[m].shape[1], unit[m]
-            Hlm = Ht[:, ol:ol + dl, om:om + dm].reshape(B, dl * dm)
-            X = (aug[lay][:, :, None] * aug[m][:, None, :]).reshape(B, kl * km)
-            blk = (Hlm.T @ X).view(dl, dm, kl, km).permute(0, 2, 1, 3)
+            om = unit[m]
+            blk = _pair_block(Ht[:, ol:ol + d[lay], om:om + d[m]], aug[lay], aug[m])
             _add(H, layout[lay], layout[m], blk)
             if m != lay:
                 _add(H, layout[m], layout[lay], blk.permute(2, 3, 0, 1))
     for src, m in feeds:  # layer src feeds layer m: the activations' first-order term
-        dl, kl, ol = d[src], aug[src].shape[1], unit[src]
-        dm, inm = d[m], layout[m][2]
-        T = dacts[m][ol:ol + dl].permute(1, 2, 0)  # [B, in_m, d_l]
-        if dm <= kl:
-            Y = (g[m][:, :, None, None] * T[:, None]).reshape(B, dm * inm * dl)
-            R = (Y.T @ aug[src]).view(dm, inm, dl, kl)
-        else:
-            Z = (T[..., None] * aug[src][:, None, None, :]).reshape(B, inm * dl * kl)
-            R = (g[m].T @ Z).view(dm, inm, dl, kl)
+        ol = unit[src]
+        T = dacts[m][ol:ol + d[src]].permute(1, 2, 0)  # [B, in_m, d_src]
+        R = _activation_block(g[m], T, aug[src])
         _add(H, layout[m], layout[src], R)
         _add(H, layout[src], layout[m], R.permute(2, 3, 0, 1))
+
+
+def _check_close(func: str, what: str, got: Tensor, ref: Tensor) -> None:
+    """Raise :class:`FactoredCurvatureError` unless ``got`` equals autodiff's ``ref`` to a
+    tolerance of the dtype (``1e4 eps``, within ``[1e-6, 0.05]``, relative to their norms)."""
+    tol = min(0.05, max(1e-6, 1e4 * torch.finfo(got.dtype).eps))
+    err = float(torch.linalg.vector_norm(got - ref))
+    scale = float(torch.linalg.vector_norm(got) + torch.linalg.vector_norm(ref))
+    if not err <= tol * scale:  # NaN fails too
+        raise _refuse(func, "module", f"a forward that its torch.fx trace reproduces ({what} of "
+                      "the first batch equal to autodiff through the module)",
+                      f"a relative difference of {err / max(scale, 1e-300):.3g} (tolerance "
+                      f"{tol:.1g}): state the trace cannot see, e.g. torch.no_grad inside "
+                      "forward")
+
+
+def _autodiff(module, loss_fn, state, pnames, batch):
+    """Return ``(flat0, out_fn, total)``: the raveled params, ``flat -> module output`` and
+    ``flat -> sum_i loss_i`` by ``functional_call`` of the module itself (no trace)."""
+    args, kwargs, target = unpack_example(batch)
+    flat0, unravel = ravel({k: state[k] for k in pnames})
+    out_fn = lambda flat: functional_call(module, {**state, **unravel(flat)}, args, kwargs)
+    total = lambda flat: per_example_losses(loss_fn, out_fn(flat), target).sum()
+    return flat0, out_fn, total
+
+
+def _probe_vector(P: int, like: Tensor) -> Tensor:
+    g = torch.Generator(device=like.device).manual_seed(0)
+    return torch.randn(P, generator=g, dtype=like.dtype, device=like.device)
+
+
+def _first_pass(func: str, compute):
+    """Run the first batch's factor computation; an error from the traced module there means
+    the trace does not fit the model: a :class:`FactoredCurvatureError`."""
+    try:
+        return compute()
+    except FactoredCurvatureError:
+        raise
+    except Exception as err:  # whatever the traced forward raises
+        raise _refuse(func, "module", "a module that its torch.fx trace can run",
+                      f"{type(err).__name__}: {err}") from err
 
 
 def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
@@ -197,19 +329,15 @@ def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
     module_state(func, module, params)  # unknown keys and wrong shapes are plain errors
+    _check_structure(func, module, params)
     if tapped is None:
         try:
             tapped = _tap(func, module, _select(func, module, params, None)[0])
-        except ValueError as err:  # a parameter outside Linear layers, an untraceable module
+        except ValueError as err:  # a weight missing, an untraceable module, a layer re-used
             raise FactoredCurvatureError(str(err)) from err
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, None, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
-    training = [n or type(module).__name__ for n, m in module.named_modules() if m.training]
-    if training:
-        raise FactoredCurvatureError(_msg(func, "module", "a module in eval mode",
-                                          f"training mode in {training[:3]}",
-                                          "Call module.eval() first."))
     _check_untied(func, tapped, pnames)
     shapes = {n: tuple(state[f"{n}.weight"].shape) for n in names}
     _, where = _layout(func, pnames, shapes)
@@ -242,8 +370,9 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
         params: ``dict[str, Tensor]`` of weights (and optionally biases) of the module's Linear
             layers; their order is the ravel order of ``H``'s rows and columns.
         data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader).
-        chunk_size: examples per batched pass (bounds memory: ``~chunk_size x P_l x d_m``
-            per layer pair); ``None`` for a whole batch.
+        chunk_size: examples per batched pass (its memory: ``chunk_size x D x (D + sum_l
+            (2 in_l + 1))`` numbers, ``D = sum_l out_l``); ``None``: as many as keep that within
+            ``2**24``. Layer-pair products are split further to keep each intermediate there.
         tapped: the traced forward from :func:`~dattri_fn.solve.kfac_tap` on the same module
             and params, to trace once across calls; ``None`` traces anew.
         batch_rows: merge consecutive batches into passes of at least this many examples.
@@ -253,8 +382,9 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
 
     Raises:
         TypeError, ValueError: bad module, loss_fn, params, data, chunk_size or batch_rows.
-        FactoredCurvatureError (a ValueError): a parameter outside the Linear layers, a tied
-            weight, layer outputs with a sequence dimension, or a module in training mode.
+        FactoredCurvatureError (a ValueError): a model outside the module docstring's limits,
+            including a first batch whose factored Hessian-vector product differs from
+            autodiff's through the module.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
@@ -272,11 +402,26 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     P = sum(v.numel() for v in params.values())
     feeds = _feeds(tapped)
     like = state[f"{tapped.layers[0]}.weight"]
+    if chunk_size is None:  # bound the per-chunk [B, D, D] and the D vmapped tangents
+        D = sum((ws.stop - ws.start) // inp for ws, _, inp in layout.values())
+        per_row = D * (D + sum(2 * inp + 1 for _, _, inp in layout.values()))
+        chunk_size = max(1, _BLOCK // per_row)
     H = like.new_zeros(P, P)
     n_seen = 0
     for part, rows in _chunks(func, batches, batch_rows, chunk_size):
-        acts, g, Ht, dacts = _probe_terms(tapped, loss_fn, state, part, like, func)
-        _accumulate(H, layout, _augment(acts, layout), Ht, g, dacts, feeds)
+        step = lambda part=part: _accumulate(H, layout, *_hessian_terms(
+            tapped, loss_fn, state, part, like, layout, func), feeds)
+        if n_seen:
+            step()
+        else:
+            _first_pass(func, step)
+            done, sig = _verified(tapped, "hessian", part, loss_fn)
+            if sig not in done:
+                flat0, _, total = _autodiff(module, loss_fn, state, list(params), part)
+                v = _probe_vector(P, like)
+                ref = vjp(grad(total), flat0)[1](v)[0]  # H symmetric; reverse mode only
+                _check_close(func, "the Hessian-vector product", H @ v, ref)
+                done.add(sig)
         n_seen += rows
     if n_seen == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
@@ -304,13 +449,12 @@ def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: s
     of ones when the bias is a param), ``{layer: [B, C, d]}`` and ``[B, C, C]``."""
     names = tapped.layers
     args, kwargs, target = unpack_example(batch)
-    shapes = _flat_shapes(func, tapped, state, args, kwargs, like)
+    shapes = _flat_shapes(func, tapped, state, args, kwargs, like, batch_size(func, "data", batch))
     probes = {n: like.new_zeros(shapes[n]) for n in names}
     out, pull, acts = vjp(lambda pr: tapped(state, pr, *args, **kwargs), probes, has_aux=True)
     if not isinstance(out, Tensor) or out.ndim != 2:
         got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise FactoredCurvatureError(_msg(func, "module", "an output [B, C]", f"{got}",
-                                          "Use the autodiff gnvp for other outputs."))
+        raise _refuse(func, "module", "an output [B, C]", f"{got}")
     B, C = out.shape
     eye = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, B, C)
     cols = vmap(pull)(eye)[0]
@@ -324,17 +468,28 @@ def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: s
     return _augment(acts, layout), J, A
 
 
-def _keep(factors, cache: bool | int):
-    """Return ``(kept list or None, first batch's factors or None)`` under the cache rule."""
+def _keep(factors, cache: bool | int) -> list | None:
+    """Return the list of ``factors`` under the cache rule, or None to rebuild them per call."""
     if cache is False:
-        return None, next(iter(factors), None)
+        return None
     kept, size = [], 0
     for item in factors:
         kept.append(item)
         size += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(item))
         if cache is not True and size > cache:
-            return None, kept[0]
-    return kept, (kept[0] if kept else None)
+            return None
+    return kept
+
+
+def _verified(tapped, kind: str, batch, *extra) -> tuple[set, tuple]:
+    """Return ``(the trace's set of checked signatures, this call's signature)``: the first-batch
+    check runs once per trace, loss and input layout (shapes past the batch dim, dtypes)."""
+    leaves = torch.utils._pytree.tree_leaves(batch)
+    sig = (kind, *map(id, extra), tuple((tuple(t.shape[1:]), t.dtype, t.device)
+                                        if isinstance(t, Tensor) else repr(t) for t in leaves))
+    if not hasattr(tapped, "verified"):
+        tapped.verified = set()
+    return tapped.verified, sig
 
 
 def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
@@ -388,12 +543,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         for part, _ in _chunks(func, batches, batch_rows, chunk_size):
             yield _gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian)
 
-    kept, first = _keep(factors(), cache)
-    if first is None:
-        raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
-    n_total = None if kept is None else sum(A.shape[0] for _, _, A in kept)
-
-    def matmat(V: Tensor) -> Tensor:
+    def apply(V: Tensor, items, n_total: int | None) -> Tensor:
         V = V.contiguous()  # the per-layer views below need row-major rows
         k = V.shape[0]
         blocks = {}  # layer -> V's rows as [k * d, in(+1)]
@@ -404,7 +554,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 -1, inp + bias[name])
         grads = {name: None for name in names}
         n = 0
-        for a, J, A in (factors() if kept is None else kept):
+        for a, J, A in items:
             B = A.shape[0]
             JU = sum((a[name] @ blocks[name].T).view(B, k, -1) @ J[name].mT for name in names)
             HJU = JU @ A
@@ -420,6 +570,29 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
             if bias[name]:
                 out[:, bs].copy_(g[:, :, inp])
         return out.div_(n if n_total is None else n_total)
+
+    first = next(iter(_chunks(func, batches, batch_rows, chunk_size)), None)
+    if first is None:
+        raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
+    done, sig = _verified(tapped, "gnvp", first[0], loss_fn, out_hessian)
+    if sig not in done:
+        terms = _first_pass(func, lambda: _gn_terms(tapped, loss_fn, state, first[0], like,
+                                                    layout, func, out_hessian))
+        v = _probe_vector(P, like)
+        flat0, out_fn, _ = _autodiff(module, loss_fn, state, list(params), first[0])
+        out, pull = vjp(out_fn, flat0)
+        Jv = vjp(lambda u: pull(u)[0], torch.zeros_like(out))[1](v)[0]  # reverse mode only
+        target = unpack_example(first[0])[2]
+        out_grad = grad(lambda o: per_example_losses(loss_fn, o, target).sum())
+        ref = pull(vjp(out_grad, out)[1](Jv)[0])[0]
+        _check_close(func, "the Gauss-Newton-vector product (out_hessian included)",
+                     apply(v[None], [terms], 1)[0], ref)
+        done.add(sig)
+    kept = _keep(factors(), cache)
+    n_total = None if kept is None else sum(A.shape[0] for _, _, A in kept)
+
+    def matmat(V: Tensor) -> Tensor:
+        return apply(V, factors() if kept is None else kept, n_total)
 
     def dense() -> Tensor:
         H = like.new_zeros(P, P)

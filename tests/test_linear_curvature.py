@@ -182,20 +182,89 @@ class Seq(nn.Module):
         return self.b(torch.tanh(self.a(x))).mean(1)
 
 
+class Shared(nn.Module):
+    """``b`` reuses ``a``'s weight Parameter: a tie that no get_attr node shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 3), nn.Linear(3, 3, bias=False), nn.Linear(3, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class NoGrad(nn.Module):
+    """A ``torch.no_grad`` block inside forward: invisible to the fx trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            h2 = h * 2
+        return self.b(h2 + h)
+
+
+class Rows(nn.Module):
+    """Layers run on ``[B * T, in]`` rows: 2-D, but not one row per example."""
+
+    def __init__(self, partial):
+        super().__init__()
+        self.partial = partial
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, T, 3]
+        B, T = x.shape[0], x.shape[1]
+        h = torch.tanh(self.a(x.reshape(-1, 3)))
+        if self.partial:
+            return self.b(h.reshape(B, T, 4).mean(1))
+        return self.b(h).reshape(B, T, 2).mean(1)
+
+
+class Masked(nn.Module):
+    """fx traces ``mask`` as a proxy (not None), so the traced call without a mask fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, mask=None):
+        h = torch.tanh(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return self.b(h)
+
+
+def _hooked():
+    model = _chain(0, [3, 4, 2], [True, True], "tanh")
+    model[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    return model
+
+
 def _refusals(device):
+    """(model, batch, message) for every kind of model the factored curvature refuses."""
     x = torch.randn(5, 3, dtype=DT, device=device)
     y = torch.tensor([0, 1, 1, 0, 1], device=device)
-    train_mode = _chain(0, [3, 4, 2], [True, True], "tanh").to(device).train()
+    xt = torch.randn(5, 2, 3, dtype=DT, device=device)
     return [
-        (Norm().eval(), (x, y), "only weights/biases"),
+        (Norm().eval(), (x, y), "weights/biases of nn.Linear submodules only"),
         (Tied().eval(), (x, y.new_tensor([0, 1, 2, 3, 0])), "tied weights"),
-        (Seq().eval(), (torch.randn(5, 2, 3, dtype=DT, device=device), y), "2-D layer outputs"),
-        (train_mode, (x, y), "eval mode"),
+        (Shared().eval(), (x, y), "shared with another module"),
+        (_hooked().eval(), (x, y), "without forward hooks"),
+        (Seq().eval(), (xt, y), r"layer outputs \[B, out\] with B = 5"),
+        (Rows(False).eval(), (xt, y), r"layer outputs \[B, out\] with B = 5"),
+        (Rows(True).eval(), (xt, y), r"layer outputs \[B, out\] with B = 5"),
+        (Skip(3, 4, 2, True).train(), (x, y), "eval mode"),
+        (NoGrad().eval(), (x, y), "first batch equal to autodiff"),
+        (Masked().eval(), (x, y), "a module that its torch.fx trace can run"),
     ]
 
 
 def test_models_outside_the_limits_are_refused_by_name(device):
-    """Non-Linear params, tied weights, sequence outputs, training mode: FactoredCurvatureError."""
+    """Every model outside the limits raises FactoredCurvatureError naming the reason."""
     for model, batch, match in _refusals(device):
         model = model.to(DT).to(device)
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -210,6 +279,7 @@ def test_influence_falls_back_to_hvp_outside_the_limits(device):
         fm = functional_model(model, F.cross_entropy)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # train-mode warning of the bridge
+            warnings.simplefilter("ignore", RuntimeWarning)  # layer_grads' own fallback
             got = _scores(fm, fm.params, batch, batch, method="lu")
             ref = _scores(fm.loss, fm.params, batch, batch, method="lu")
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
@@ -422,9 +492,49 @@ def test_cache_budget_keeps_factors_only_when_they_fit():
     from dattri_fn.linear_curvature import _keep
 
     items = [(torch.zeros(4), {"a": torch.zeros(2)}) for _ in range(3)]  # 24 bytes each
-    assert _keep(iter(items), True)[0] == items
-    assert _keep(iter(items), False) == (None, items[0])
-    assert _keep(iter(items), 72)[0] == items
-    kept, first = _keep(iter(items), 71)
-    assert kept is None and first is items[0]
-    assert _keep(iter([]), 10) == ([], None)
+    assert _keep(iter(items), True) == items
+    assert _keep(iter(items), False) is None
+    assert _keep(iter(items), 72) == items
+    assert _keep(iter(items), 71) is None
+
+
+def test_registration_order_and_train_mode_containers(device):
+    """A consumer Linear registered before its producer, and a plain MLP left in training mode
+    (only Linear/activation/container modules): both factored, both exact."""
+
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b, self.a = nn.Linear(4, 3), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for model in (Reversed().to(DT).to(device).eval(),
+                  _chain(2, [4, 5, 3], [True, True], "tanh").to(device).train()):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        batch = _batch(2, 6, 4, 3, "ce", device)
+        torch.testing.assert_close(linear_hessian(model, F.cross_entropy, params, batch),
+                                   _dense(model, F.cross_entropy, params, batch),
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dims", [(2, 3, 4, 5), (1, 1, 9, 8), (3, 2, 1, 1)])
+def test_pair_blocks_every_route_and_sub_chunk(monkeypatch, dims):
+    """_pair_block / _activation_block equal their einsum definitions whichever intermediate
+    they pick and however the rows are split (the block budget shrunk to force splits)."""
+    import dattri_fn.linear_curvature as lc
+
+    dl, dm, kl, km = dims
+    g = torch.Generator().manual_seed(sum(dims))
+    B = 7
+    Ht = torch.randn(B, dl, dm, generator=g, dtype=DT)
+    al, am = torch.randn(B, kl, generator=g, dtype=DT), torch.randn(B, km, generator=g, dtype=DT)
+    T, gm = torch.randn(B, km, dl, generator=g, dtype=DT), torch.randn(B, dm, generator=g, dtype=DT)
+    want = torch.einsum("bjp,bk,bq->jkpq", Ht, al, am)
+    want_r = torch.einsum("bp,bqj,bk->pqjk", gm, T, al)
+    for block in (2**24, 5, 1):
+        monkeypatch.setattr(lc, "_BLOCK", block)
+        torch.testing.assert_close(lc._pair_block(Ht, al, am), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lc._activation_block(gm, T, al), want_r, rtol=1e-12,
+                                   atol=1e-12)
