@@ -10,7 +10,7 @@ from ._types import LinOp, as_linop
 from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
 from .layer_grads import LayerGrads, layer_plan, per_sample_layer_grads
-from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian
+from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian, linear_tap
 from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
 from .project import make_projector, project, project_tree
 from .solve import (
@@ -63,6 +63,7 @@ __all__ = [
     "layer_plan",
     "linear_gnvp",
     "linear_hessian",
+    "linear_tap",
     "load_checkpoints",
     "load_params",
     "make_projector",

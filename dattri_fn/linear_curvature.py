@@ -60,7 +60,7 @@ from .layers import _tap, module_state, output_shapes, per_example_losses, unpac
 from .solve.kfac import _check_call, _layout, _select
 from .tree import ravel
 
-__all__ = ["FactoredCurvatureError", "linear_gnvp", "linear_hessian"]
+__all__ = ["FactoredCurvatureError", "linear_gnvp", "linear_hessian", "linear_tap"]
 
 
 class FactoredCurvatureError(ValueError):
@@ -319,8 +319,40 @@ def _first_pass(func: str, compute):
                       f"{type(err).__name__}: {err}") from err
 
 
+def _unwrapped(module: nn.Module, params, tapped=None):
+    """Return ``(module, params)`` with a bare ``nn.Linear`` root wrapped in a one-layer
+    ``nn.Sequential`` (fx cannot keep a root as a leaf; keys gain ``"0."``, order kept)."""
+    if not isinstance(module, nn.Linear) or not isinstance(params, dict):
+        return module, params
+    inner = getattr(tapped, "module", None)
+    wrapper = (inner if isinstance(inner, nn.Sequential) and len(inner) == 1
+               and inner[0] is module else nn.Sequential(module))
+    return wrapper, {f"0.{k}": v for k, v in params.items()}
+
+
+def linear_tap(module: nn.Module, params):
+    """Return the traced forward that :func:`linear_hessian` / :func:`linear_gnvp` take as
+    ``tapped=`` (trace once, reuse across calls); a bare ``nn.Linear`` is traced wrapped.
+
+    Raises:
+        FactoredCurvatureError: a model outside the module docstring's limits that shows
+            without data (parameters, hooks, training mode, tracing).
+    """
+    func = "linear_tap"
+    if not isinstance(module, nn.Module):
+        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    module, params = _unwrapped(module, params)
+    module_state(func, module, params)
+    _check_structure(func, module, params)
+    try:
+        return _tap(func, module, _select(func, module, params, None)[0])
+    except ValueError as err:
+        raise FactoredCurvatureError(str(err)) from err
+
+
 def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
-    """Validate a call; return ``(state, tapped, batches, chunk_size, layout)``.
+    """Validate a call; return ``(state, tapped, batches, chunk_size, layout, module, params)``
+    (a bare Linear wrapped, see :func:`_unwrapped`).
 
     ``layout[layer] = (weight slice, bias slice or None, in_features)`` in the raveled params.
     Plain errors for bad arguments; :class:`FactoredCurvatureError` for a model outside the
@@ -328,6 +360,7 @@ def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
     """
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    module, params = _unwrapped(module, params, tapped)
     module_state(func, module, params)  # unknown keys and wrong shapes are plain errors
     _check_structure(func, module, params)
     if tapped is None:
@@ -342,7 +375,7 @@ def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
     shapes = {n: tuple(state[f"{n}.weight"].shape) for n in names}
     _, where = _layout(func, pnames, shapes)
     layout = {n: (ws, bs, shapes[n][1]) for n, (ws, bs) in where.items()}
-    return state, tapped, batches, chunk_size, layout
+    return state, tapped, batches, chunk_size, layout, module, params
 
 
 def _chunks(func, batches, batch_rows, chunk_size):
@@ -373,8 +406,8 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
         chunk_size: examples per batched pass (its memory: ``chunk_size x D x (D + sum_l
             (2 in_l + 1))`` numbers, ``D = sum_l out_l``); ``None``: as many as keep that within
             ``2**24``. Layer-pair products are split further to keep each intermediate there.
-        tapped: the traced forward from :func:`~dattri_fn.solve.kfac_tap` on the same module
-            and params, to trace once across calls; ``None`` traces anew.
+        tapped: :func:`linear_tap` of the same module and params, to trace once across
+            calls; ``None`` traces anew.
         batch_rows: merge consecutive batches into passes of at least this many examples.
 
     Returns:
@@ -397,8 +430,8 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
         True
     """
     func = "linear_hessian"
-    state, tapped, batches, chunk_size, layout = _setup(func, module, loss_fn, params, data,
-                                                        chunk_size, tapped, batch_rows)
+    state, tapped, batches, chunk_size, layout, module, params = _setup(
+        func, module, loss_fn, params, data, chunk_size, tapped, batch_rows)
     P = sum(v.numel() for v in params.values())
     feeds = _feeds(tapped)
     like = state[f"{tapped.layers[0]}.weight"]
@@ -524,8 +557,8 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
             found here, at construction, from the first batch.
     """
     func = "linear_gnvp"
-    state, tapped, batches, chunk_size, layout = _setup(func, module, loss_fn, params, data,
-                                                        chunk_size, tapped, batch_rows)
+    state, tapped, batches, chunk_size, layout, module, params = _setup(
+        func, module, loss_fn, params, data, chunk_size, tapped, batch_rows)
     if not isinstance(cache, int):
         raise TypeError(_msg(func, "cache", "a bool or a byte budget (int)",
                              type(cache).__name__))

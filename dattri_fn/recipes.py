@@ -182,8 +182,8 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model.
 
     ``batch_rows``: merge data batches into curvature calls of at least this many examples.
-    A model whose params are all weights/biases of Linear submodules (within
-    :mod:`~dattri_fn.linear_curvature`'s limits; a bare ``nn.Linear`` root is not traced) gets
+    A model whose params are all Linear weights/biases (within
+    :mod:`~dattri_fn.linear_curvature`'s limits) gets
     :func:`~dattri_fn.linear_curvature.linear_gnvp`, its factors kept when they fit in 256 MiB
     (0.059 against 0.086 s per 16-row call on 16k digits-MLP examples; rebuilt per call
     otherwise, as fast as ``gnvp`` or faster); any other model :func:`~dattri_fn.gnvp`.
@@ -193,9 +193,8 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     language model keeps the default.
     """
     from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
-    from .linear_curvature import FactoredCurvatureError, linear_gnvp
+    from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
     from .model import default_unpack
-    from .solve import kfac_tap
     from .tasks import classification_loss
 
     out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
@@ -210,7 +209,7 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
         key = tuple(params)
         if key not in taps:
             try:
-                taps[key] = kfac_tap(fm.module, params)
+                taps[key] = linear_tap(fm.module, params)
             except ValueError:
                 taps[key] = None
         if taps[key] is not None and fm.unpack in (None, default_unpack):

@@ -13,8 +13,12 @@ from torch.func import functional_call, hessian, jacrev
 
 from dattri_fn import functional_model, gnvp, hvp
 from dattri_fn.attribute import influence
-from dattri_fn.linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian
-from dattri_fn.solve import kfac_tap
+from dattri_fn.linear_curvature import (
+    FactoredCurvatureError,
+    linear_gnvp,
+    linear_hessian,
+    linear_tap,
+)
 from dattri_fn.tree import ravel
 
 DT = torch.float64
@@ -135,7 +139,7 @@ def test_batches_chunks_and_merges_give_one_matrix(device, chunk_size, batch_row
     x, y = _batch(3, 9, 4, 3, "ce", device)
     whole = linear_hessian(model, F.cross_entropy, params, (x, y))
     parts = [(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])]
-    tap = kfac_tap(model, params)
+    tap = linear_tap(model, params)
     H = linear_hessian(model, F.cross_entropy, params, parts, chunk_size=chunk_size,
                        batch_rows=batch_rows, tapped=tap)
     torch.testing.assert_close(H, whole, rtol=1e-12, atol=1e-14)
@@ -382,7 +386,7 @@ def test_linear_gnvp_batches_chunks_and_merges(device, chunk_size, batch_rows, c
     whole = linear_gnvp(model, F.cross_entropy, params, (x, y))(V)
     parts = [(x[:2], y[:2]), (x[2:7], y[2:7]), (x[7:], y[7:])]
     op = linear_gnvp(model, F.cross_entropy, params, parts, chunk_size=chunk_size,
-                     batch_rows=batch_rows, cache=cache, tapped=kfac_tap(model, params))
+                     batch_rows=batch_rows, cache=cache, tapped=linear_tap(model, params))
     torch.testing.assert_close(op(V), whole, rtol=1e-12, atol=1e-14)
 
 
@@ -538,3 +542,24 @@ def test_pair_blocks_every_route_and_sub_chunk(monkeypatch, dims):
         torch.testing.assert_close(lc._pair_block(Ht, al, am), want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(lc._activation_block(gm, T, al), want_r, rtol=1e-12,
                                    atol=1e-12)
+
+
+def test_bare_linear_root_is_factored(device, monkeypatch):
+    """A bare nn.Linear (logistic regression) is traced wrapped: exact Hessian and Gauss-Newton,
+    the params' own keys and order, and explicit influence without an hvp call."""
+    torch.manual_seed(3)
+    model = nn.Linear(4, 3).to(DT).to(device).eval()
+    params = {k: v.detach() for k, v in reversed(list(model.named_parameters()))}
+    batch = _batch(3, 6, 4, 3, "ce", device)
+    tap = linear_tap(model, params)
+    H = linear_hessian(model, F.cross_entropy, params, batch, tapped=tap)
+    torch.testing.assert_close(H, _dense(model, F.cross_entropy, params, batch), rtol=1e-10,
+                               atol=1e-12)
+    op = linear_gnvp(model, F.cross_entropy, params, batch, tapped=tap)
+    torch.testing.assert_close(op.dense(), H, rtol=1e-10, atol=1e-12)  # GN = H for a linear model
+    fm = functional_model(model, F.cross_entropy)
+    ref = _scores(fm.loss, fm.params, batch, batch, method="lu")
+    inf = importlib.import_module("dattri_fn.attribute.influence")
+    monkeypatch.setattr(inf, "hvp", lambda *a, **k: (_ for _ in ()).throw(AssertionError("hvp")))
+    torch.testing.assert_close(_scores(fm, fm.params, batch, batch, method="lu"), ref,
+                               rtol=1e-10, atol=1e-12)

@@ -29,7 +29,7 @@ from .._types import LinOp, Loss, Params
 from ..curvature import fvp, hvp
 from ..grad import per_sample_grad_unchecked
 from ..layer_grads import LayerPlan, layer_grads_stacked
-from ..linear_curvature import FactoredCurvatureError, linear_hessian
+from ..linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
 from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
@@ -172,7 +172,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         if key not in taps:
             taps.clear()
             try:
-                taps[key] = kfac.kfac_tap(loss.module, params)
+                taps[key] = linear_tap(loss.module, params)
             except ValueError:
                 taps[key] = None
         if taps[key] is None:
