@@ -39,9 +39,10 @@ every parameter a weight or bias of a tapped Linear, no parameter shared with an
 read outside its layer (tied weights), no hooks on the tapped layers, and a module that treats
 the examples of a batch independently (only Linear, activation and container modules may be in
 training mode). A model outside them raises :class:`FactoredCurvatureError`. What a trace cannot
-see (``torch.no_grad`` inside ``forward``, say) is caught by a check of the first batch's
-factored product against autodiff through the module itself (one Hessian- or Gauss-Newton-vector
-product), which raises the same error.
+see (``torch.no_grad`` inside ``forward``, say) is caught by a check of the factored product
+against autodiff through the module itself (one Hessian-vector product on the first batch, one
+Gauss-Newton-vector product on its first 64 examples; once per trace and input layout), which
+raises the same error.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ def _augment(acts: dict, layout: dict) -> dict:
 
 
 _BLOCK = 2**24  # numbers in one intermediate of a layer pair's product: rows are sub-chunked
+_CHECK_ROWS = 64  # examples of the first batch linear_gnvp checks against autodiff
 
 
 def _pair_block(Ht: Tensor, al: Tensor, am: Tensor) -> Tensor:
@@ -609,13 +611,14 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     done, sig = _verified(tapped, "gnvp", first[0], loss_fn, out_hessian)
     if sig not in done:
-        terms = _first_pass(func, lambda: _gn_terms(tapped, loss_fn, state, first[0], like,
+        few = batch_slice(first[0], 0, min(first[1], _CHECK_ROWS))
+        terms = _first_pass(func, lambda: _gn_terms(tapped, loss_fn, state, few, like,
                                                     layout, func, out_hessian))
         v = _probe_vector(P, like)
-        flat0, out_fn, _ = _autodiff(module, loss_fn, state, list(params), first[0])
+        flat0, out_fn, _ = _autodiff(module, loss_fn, state, list(params), few)
         out, pull = vjp(out_fn, flat0)
         Jv = vjp(lambda u: pull(u)[0], torch.zeros_like(out))[1](v)[0]  # reverse mode only
-        target = unpack_example(first[0])[2]
+        target = unpack_example(few)[2]
         out_grad = grad(lambda o: per_example_losses(loss_fn, o, target).sum())
         ref = pull(vjp(out_grad, out)[1](Jv)[0])[0]
         _check_close(func, "the Gauss-Newton-vector product (out_hessian included)",

@@ -95,10 +95,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         curvature: ``"hessian"`` (default), ``"fisher"`` (empirical Fisher), or a callable
             ``(params, train) -> LinOp`` (e.g. a Gauss-Newton built with :func:`gnvp`).
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
-            ``explicit`` with ``"hessian"`` and a FunctionalModel (eval mode, default unpack)
-            whose params are all Linear weights/biases builds the dense matrix from per-layer
-            factors (:func:`~dattri_fn.linear_curvature.linear_hessian`: the same matrix, ~5x
-            faster on the digits MLP), and from ``P`` Hessian-vector products otherwise.
+            ``explicit`` with ``"hessian"`` and a FunctionalModel (default unpack) whose params
+            are all Linear weights/biases builds the dense matrix from per-layer factors
+            (:func:`~dattri_fn.linear_curvature.linear_hessian`, within its limits: the same
+            matrix, ~5x faster on the digits MLP), and from ``P`` Hessian-vector products
+            otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
             ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
             ``loss`` when that is a FunctionalModel. The trace (torch.fx) is made on the first
