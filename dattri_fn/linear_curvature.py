@@ -400,7 +400,7 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     products (module docstring: the formula, the cost and the limits).
 
     Args:
-        module: the model, in eval mode; traced with ``torch.fx``.
+        module: the model, within the module docstring's limits; traced with ``torch.fx``.
         loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
         params: ``dict[str, Tensor]`` of weights (and optionally biases) of the module's Linear
             layers; their order is the ravel order of ``H``'s rows and columns.
