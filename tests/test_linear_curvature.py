@@ -267,13 +267,15 @@ def _refusals(device):
     ]
 
 
-def test_models_outside_the_limits_are_refused_by_name(device):
-    """Every model outside the limits raises FactoredCurvatureError naming the reason."""
+@pytest.mark.parametrize("build", [linear_hessian, linear_gnvp], ids=["hessian", "gnvp"])
+def test_models_outside_the_limits_are_refused_by_name(device, build):
+    """Every model outside the limits raises FactoredCurvatureError naming the reason (for
+    linear_gnvp at construction)."""
     for model, batch, match in _refusals(device):
         model = model.to(DT).to(device)
         params = {k: v.detach() for k, v in model.named_parameters()}
-        with pytest.raises(FactoredCurvatureError, match=rf"linear_hessian\(.*{match}"):
-            linear_hessian(model, F.cross_entropy, params, batch)
+        with pytest.raises(FactoredCurvatureError, match=rf"{build.__name__}\(.*{match}"):
+            build(model, F.cross_entropy, params, batch)
 
 
 def test_influence_falls_back_to_hvp_outside_the_limits(device):
@@ -399,13 +401,8 @@ class Squeeze(nn.Module):
         return self.a(x)[:, 0]
 
 
-def test_linear_gnvp_refusals_and_errors(device):
-    """Outside the limits: FactoredCurvatureError at construction; bad arguments: plain errors."""
-    for model, batch, match in _refusals(device):
-        model = model.to(DT).to(device)
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        with pytest.raises(FactoredCurvatureError, match=rf"linear_gnvp\(.*{match}"):
-            linear_gnvp(model, F.cross_entropy, params, batch)
+def test_linear_gnvp_output_and_argument_errors(device):
+    """A non-[B, C] output is a refusal; bad cache, out_hessian or data are plain errors."""
     sq = Squeeze().to(DT).to(device).eval()
     x = torch.randn(4, 3, dtype=DT, device=device)
     with pytest.raises(FactoredCurvatureError, match=r"linear_gnvp\(module=...\): expected an "
