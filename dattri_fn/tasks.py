@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import _msg, check_int, check_optional_int
+from .layers import cross_entropy_rows
 
 TASKS = ("digits-lr", "digits-mlp", "digits-cnn", "text-lm")
 NOISE_FRACTION = 0.1
@@ -176,6 +177,9 @@ def _make_lm(seed: int, **sizes) -> nn.Module:
 def classification_loss(output: Tensor, target: Tensor) -> Tensor:
     """Return the mean cross-entropy.  # [B, C], [B] -> []"""
     return F.cross_entropy(output, target)
+
+
+classification_loss.per_example = cross_entropy_rows  # see layers.per_example_losses
 
 
 def lm_loss(output: Tensor, target: Tensor) -> Tensor:

@@ -169,3 +169,33 @@ def test_layer_io_errors(device):
     with pytest.raises(ValueError, match=r"call counts \{'lin': 2\}"):
         tap_layers(Twice())
     assert tap_layers(Twice(), ["out"]).layers == ["out"]
+
+
+def test_per_example_losses_batched_cross_entropy_equals_vmap():
+    """F.cross_entropy / classification_loss on [B, C] and class indices: the one-call path
+    equals vmap over batches of one (an ignored target's NaN included), gradients too; other
+    layouts take vmap."""
+    import torch.nn.functional as F
+
+    from dattri_fn.layers import per_example_losses
+    from dattri_fn.tasks import classification_loss
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, -100, 1, 2, 2])
+    slow = lambda o, t: torch.func.vmap(lambda a, b: F.cross_entropy(a[None], b[None]))(o, t)
+    want = slow(out, y)
+    for loss_fn in (F.cross_entropy, classification_loss):
+        got = per_example_losses(loss_fn, out, y)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=0, equal_nan=True)
+        keep = y != -100
+        torch.testing.assert_close(
+            torch.autograd.grad(got[keep].sum(), out)[0],
+            torch.autograd.grad(slow(out, y)[keep].sum(), out)[0], rtol=1e-14, atol=1e-16)
+    seq = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    ys = torch.randint(0, 4, (3, 5), generator=g)
+    torch.testing.assert_close(per_example_losses(F.cross_entropy, seq, ys), slow(seq, ys),
+                               rtol=1e-14, atol=0)
+    soft = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), -1)
+    torch.testing.assert_close(per_example_losses(F.cross_entropy, out.detach(), soft),
+                               slow(out.detach(), soft), rtol=1e-14, atol=0)
