@@ -332,34 +332,10 @@ def _unwrapped(module: nn.Module, params, tapped=None):
     return wrapper, {f"0.{k}": v for k, v in params.items()}
 
 
-def linear_tap(module: nn.Module, params):
-    """Return the traced forward that :func:`linear_hessian` / :func:`linear_gnvp` take as
-    ``tapped=`` (trace once, reuse across calls); a bare ``nn.Linear`` is traced wrapped.
-
-    Raises:
-        FactoredCurvatureError: a model outside the module docstring's limits that shows
-            without data (parameters, hooks, training mode, tracing).
-    """
-    func = "linear_tap"
-    if not isinstance(module, nn.Module):
-        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
-    module, params = _unwrapped(module, params)
-    module_state(func, module, params)
-    _check_structure(func, module, params)
-    try:
-        return _tap(func, module, _select(func, module, params, None)[0])
-    except ValueError as err:
-        raise FactoredCurvatureError(str(err)) from err
-
-
-def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
-    """Validate a call; return ``(state, tapped, batches, chunk_size, layout, module, params)``
-    (a bare Linear wrapped, see :func:`_unwrapped`).
-
-    ``layout[layer] = (weight slice, bias slice or None, in_features)`` in the raveled params.
-    Plain errors for bad arguments; :class:`FactoredCurvatureError` for a model outside the
-    limits (module docstring).
-    """
+def _checked(func: str, module, params, tapped=None):
+    """Return ``(module, params, tapped)``: the model validated against the limits visible
+    without data (bare Linear wrapped, see :func:`_unwrapped`), traced unless ``tapped`` is
+    given. Plain errors for bad arguments, :class:`FactoredCurvatureError` for the limits."""
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
     module, params = _unwrapped(module, params, tapped)
@@ -370,6 +346,29 @@ def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
             tapped = _tap(func, module, _select(func, module, params, None)[0])
         except ValueError as err:  # a weight missing, an untraceable module, a layer re-used
             raise FactoredCurvatureError(str(err)) from err
+    return module, params, tapped
+
+
+def linear_tap(module: nn.Module, params):
+    """Return the traced forward that :func:`linear_hessian` / :func:`linear_gnvp` take as
+    ``tapped=`` (trace once, reuse across calls); a bare ``nn.Linear`` is traced wrapped.
+
+    Raises:
+        FactoredCurvatureError: a model outside the module docstring's limits that shows
+            without data (parameters, hooks, training mode, tracing).
+    """
+    return _checked("linear_tap", module, params)[2]
+
+
+def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
+    """Validate a call; return ``(state, tapped, batches, chunk_size, layout, module, params)``
+    (a bare Linear wrapped, see :func:`_unwrapped`).
+
+    ``layout[layer] = (weight slice, bias slice or None, in_features)`` in the raveled params.
+    Plain errors for bad arguments; :class:`FactoredCurvatureError` for a model outside the
+    limits (module docstring).
+    """
+    module, params, tapped = _checked(func, module, params, tapped)
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, None, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
