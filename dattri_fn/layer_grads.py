@@ -136,10 +136,15 @@ class LayerGrads(NamedTuple):
             view = out[..., off:off + size]
             a, g = self.factors[source[1]] if source[0] != "d" else (None, None)
             if source[0] == "w" and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
-                # The outer product written in place: no per-layer block, no concatenation.
+                # The outer product written in place: no per-layer block, no concatenation. Into
+                # a narrower dtype torch forms each product in a full-precision temporary first,
+                # so that goes by blocks of rows of about 2**18 products.
                 n_in = _weight_cols(a, source)
-                torch.mul(g[..., :, None], a[..., None, :n_in],
-                          out=view.unflatten(-1, (g.shape[-1], n_in)))
+                dst = view.unflatten(-1, (g.shape[-1], n_in))
+                step = B if dst.dtype == g.dtype else max(1, _NARROW_ENTRIES // max(1, C * size))
+                for r in range(0, B, step):
+                    torch.mul(g[:, r:r + step, :, None], a[:, r:r + step, None, :n_in],
+                              out=dst[:, r:r + step])
             else:
                 view.copy_(self._block(source, 0, size))
             off += size
@@ -176,6 +181,11 @@ class LayerGrads(NamedTuple):
             if off >= stop:
                 break
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def rows(self, start: int, stop: int) -> LayerGrads:
+        """Return examples ``[start, stop)`` (views).  # B = stop - start"""
+        factors = {n: (a[:, start:stop], g[:, start:stop]) for n, (a, g) in self.factors.items()}
+        return LayerGrads(factors, self.dense[:, start:stop], self.layout)
 
     def select(self, c: int) -> LayerGrads:
         """Return checkpoint ``c`` alone (views, leading dim kept).  # C = 1"""
@@ -222,6 +232,9 @@ def _cat_padded(parts: list[Tensor]) -> Tensor:
         T = max(p.shape[2] for p in parts)
         parts = [torch.nn.functional.pad(p, (0, 0, 0, T - p.shape[2])) for p in parts]
     return torch.cat(parts, 1)
+
+
+_NARROW_ENTRIES = 2**18  # products per block when to_dense writes a narrower dtype
 
 
 def _weight_cols(a: Tensor, source) -> int:

@@ -1,5 +1,6 @@
 """Factored per-example gradients (dattri_fn.layer_grads) against vmap(grad) in float64."""
 
+import importlib
 import warnings
 
 import pytest
@@ -81,6 +82,9 @@ def _check(fm, batch, C=1):
             torch.testing.assert_close(lg.columns(start, stop)[0], G[:, start:stop], rtol=0,
                                        atol=ATOL)
     torch.testing.assert_close(lg.select(0).to_dense(), lg.to_dense(), rtol=0, atol=0)
+    n = G.shape[0]
+    for start, stop in [(0, n), (n // 2, n), (n - 1, n)]:
+        assert torch.equal(lg.rows(start, stop).to_dense(), lg.to_dense()[:, start:stop])
     # a narrower dtype holds each entry rounded once: the full-precision result, cast
     assert torch.equal(lg.to_dense(torch.bfloat16), lg.to_dense().to(torch.bfloat16))
     for dtype in (G.dtype, torch.bfloat16):  # out= is filled whole, in its own dtype
@@ -101,6 +105,17 @@ def test_mlp_factors_equal_per_sample_grad(device, seed, widths, bias, n):
     lg = _check(fm, _data(seed, n, widths[0], 3, device))
     if n >= 2:  # a plan's first batch of one example is computed densely (nothing to verify)
         assert lg.dense.shape[-1] == 0 and len(lg.factors) == len(widths) - 1
+
+
+@given(st.integers(0, 2**16), st.integers(1, 9), st.sampled_from([1, 40, 2**18]))
+def test_narrow_to_dense_by_blocks_of_rows(device, monkeypatch, seed, n, entries):
+    """A bfloat16 to_dense formed a few rows at a time (bounding torch's float64 temporary)
+    is the full-precision result rounded once, whatever the block."""
+    monkeypatch.setattr(importlib.import_module("dattri_fn.layer_grads"), "_NARROW_ENTRIES",
+                        entries)
+    fm = functional_model(_mlp(seed, [4, 5, 3], [True], device), F.cross_entropy)
+    lg = per_sample_layer_grads(fm, fm.params, _data(seed, n, 4, 3, device))
+    assert torch.equal(lg.to_dense(torch.bfloat16), lg.to_dense().to(torch.bfloat16))
 
 
 @given(st.integers(0, 2**16), st.sampled_from(["0.bias", "2", ["0.weight", "2.bias"]]))

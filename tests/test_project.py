@@ -1,5 +1,6 @@
 """Tests for dattri_fn.project: seeded, chunked random projections X -> X R."""
 
+import contextlib
 import importlib
 import math
 
@@ -38,6 +39,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(project_mod, "_BLOCK_ENTRIES", 96)
     monkeypatch.setattr(project_mod, "_MAX_BLOCK_ROWS", 16)
     monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 0)
+    monkeypatch.setattr(project_mod, "_BITS_BYTES", 0)
 
 
 # -- reproducibility -------------------------------------------------------------------
@@ -69,21 +71,43 @@ def test_chunk_size_does_not_change_output(device, small_blocks, case, seed, P, 
     assert ((got(X) - X @ R).abs() <= tol).all()
 
 
-@given(case=case_st, seed=seed_st, P=st.integers(1, 300), d=st.integers(3, 24))
-def test_cached_equals_streamed_bitwise(device, monkeypatch, case, seed, P, d):
-    """A cached R (P*width <= threshold) gives bit-identical output to regenerating it."""
+@given(case=case_st, seed=seed_st, P=st.integers(1, 300), d=st.integers(3, 24),
+       dtype=st.sampled_from([F64, torch.float32, torch.bfloat16]))
+def test_cached_packed_held_and_streamed_agree_bitwise(device, monkeypatch, case, seed, P, d,
+                                                       dtype):
+    """A kept dense R, packed rademacher signs, an R held by ``kept`` and regenerating R per
+    step all give bit-identical output, for several steps and blocks and in every dtype."""
     kind, nnz = case
     monkeypatch.setattr(project_mod, "_BLOCK_ENTRIES", 96)
     monkeypatch.setattr(project_mod, "_MAX_BLOCK_ROWS", 16)
-    X = _randn(seed, 4, P, device=device)
+    monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 2**22)  # per example: reset below
+    monkeypatch.setattr(project_mod, "_BITS_BYTES", 2**24)
+    X = _randn(seed, 4, P, device=device).to(dtype)
     proj = make_projector(P, proj_dim=d, kind=kind, seed=seed, nnz=nnz, chunk_size=40)
-    monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 2**22)
-    assert proj.cacheable
-    cached_first, cached_again = proj(X), proj(X)
+    assert proj.cacheable and proj._packable == (kind == "rademacher")
+    first, again = proj(X), proj(X)
+    assert (proj._bits != {}) == (kind == "rademacher") and (proj._cache == {}) == (
+        kind == "rademacher")
+    with proj.kept(dtype, device):
+        held = proj(X)
+        assert (dtype, torch.device(device)) in proj._cache
+    assert (proj._cache == {}) == (kind == "rademacher")  # a rademacher R is let go again
     monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 0)
+    monkeypatch.setattr(project_mod, "_BITS_BYTES", 0)
     assert not proj.cacheable
-    streamed = proj(X)
-    assert torch.equal(cached_first, streamed) and torch.equal(cached_again, streamed)
+    streamed = make_projector(P, proj_dim=d, kind=kind, seed=seed, nnz=nnz, chunk_size=40)(X)
+    for out in (first, again, held):
+        assert torch.equal(out, streamed)
+
+
+def test_packed_signs_are_the_draws():
+    """Bit j of byte k of row i is 1 exactly where R[i, 8k + j] > 0 (d not a multiple of 8)."""
+    proj = make_projector(37, proj_dim=13, kind="rademacher", seed=3)
+    bits = proj._signs(torch.device("cpu"))
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (37, 2)
+    unpacked = (bits[:, :, None] >> torch.arange(8)) & 1
+    assert torch.equal(unpacked.flatten(1)[:, :13].bool(), proj.matrix(dtype=F64) > 0)
+    assert not bool(unpacked.flatten(1)[:, 13:].any())
 
 
 @given(seed=seed_st, d=st.sampled_from([600, 2048]), kind=st.sampled_from(["gaussian",
@@ -307,16 +331,22 @@ def test_bfloat16_error_does_not_grow_with_steps(device, small_blocks, kind):
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("cached", [True, False])
-def test_float16_products_do_not_overflow_before_scaling(device, monkeypatch, kind, cached):
+@pytest.mark.parametrize("mode", ["kept", "held", "streamed"])
+def test_float16_products_do_not_overflow_before_scaling(device, monkeypatch, kind, mode):
     """float16 X whose projection fits float16 (|Y| ~ 7e3 < 65504) gives no inf: R is scaled by
-    a power of two before the product, not only the float32 sum after it."""
-    if not cached:
+    a power of two before the product, not only the float32 sum after it: from a kept R
+    (rademacher: its packed signs), one held by ``kept`` or one regenerated per step."""
+    if mode == "streamed":
         monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 0)
+        monkeypatch.setattr(project_mod, "_BITS_BYTES", 0)
+    else:
+        monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 2**22)
     X = torch.full((2, 4096), 1000.0, dtype=torch.float16, device=device)
     X[:, ::3] = -1000.0
     proj = make_projector(4096, proj_dim=1024, kind=kind, seed=1)
-    Y, ref = proj(X), proj(X.to(F64))
+    with proj.kept(torch.float16, device) if mode == "held" else contextlib.nullcontext():
+        Y = proj(X)
+    ref = proj(X.to(F64))
     assert bool(torch.isfinite(Y).all())
     assert float((Y.to(F64) - ref).norm()) <= 4 * 2.0**-11 * float(ref.norm())
 
@@ -329,12 +359,20 @@ def test_bfloat16_is_fast_answers_per_device():
         assert bfloat16_is_fast("cuda") is False
 
 
-def test_projector_holds_settings_not_matrix():
-    """A projector above the cache threshold stores no tensor after a call."""
+def test_projector_holds_settings_not_matrix(monkeypatch):
+    """A projector above the cache thresholds stores no tensor after a call; a rademacher one
+    below the packed threshold stores one bit per entry of R and no dense R."""
+    proj = make_projector(20_000, proj_dim=300, kind="rademacher", seed=0)
+    assert proj.cacheable
+    proj(torch.ones(1, 20_000))
+    assert proj._cache == {} and proj._bits[torch.device("cpu")].numel() == 20_000 * 38
+    monkeypatch.setattr(project_mod, "_BITS_BYTES", 20_000 * 38 - 1)
     proj = make_projector(20_000, proj_dim=300, kind="rademacher", seed=0)
     assert not proj.cacheable
     proj(torch.ones(1, 20_000))
-    assert proj._cache == {}
+    assert proj._cache == {} and proj._bits == {}
+    with proj.kept(torch.float32, "cpu"):  # too big to hold: a no-op
+        assert proj._cache == {}
     assert "kind='rademacher'" in repr(proj) and set(KINDS) == {"gaussian", "rademacher", "sjlt"}
 
 

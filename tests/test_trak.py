@@ -1,5 +1,6 @@
 """TRAK against its closed form built densely: autograd-loop features, torch.linalg.inv kernels."""
 
+import contextlib
 import copy
 import importlib
 
@@ -270,6 +271,54 @@ def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_d
     _close(got, slow.score(ckpts, slow.prepare(ckpts, train), train, test), 1e-9)
     with pytest.raises(ValueError, match=r"trak.prepare\(params=...\): expected the keys"):
         fast.prepare({"0.weight": fm.params["0.weight"]}, train)
+
+
+class _Loader:
+    """A re-iterable of batches that is not a list: its rows are not counted up front."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@given(seed=seeds, kind=st.sampled_from(KINDS), row_block=st.sampled_from([1, 2**19]))
+def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_block):
+    """Counted data is read once per checkpoint, holding one checkpoint's dense R at a time
+    (a rademacher R is let go after: its packed signs stay), and scores as reading batch by
+    batch with every R held, also with the densified rows projected a few at a time."""
+    trak_module = importlib.import_module("dattri_fn.attribute.trak")
+    project_module = importlib.import_module("dattri_fn.project")
+    monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", row_block * 31)  # P = 31
+    held, most, kept = [0], [0], project_module.Projector.kept
+
+    def counted(self, dtype, device):
+        with kept(self, dtype, device):
+            held[0] += (dtype, torch.device(device)) in self._cache
+            most[0] = max(most[0], held[0])
+            try:
+                yield self
+            finally:
+                held[0] -= (dtype, torch.device(device)) in self._cache
+
+    monkeypatch.setattr(project_module.Projector, "kept", contextlib.contextmanager(counted))
+    fm = _mlp(seed, device)
+    ckpts = [_perturbed(fm.params, seed + c) for c in range(3)]
+    model = functional_model(fm.module, classification_margin_loss)
+    m = trak(model, weight_fn=functional_model(fm.module, classification_weight_loss),
+             proj_dim=5, kind=kind, seed=seed, damping=0.1)
+    train, test = _split(_data(7, seed, device), [3]), _split(_data(3, seed + 1, device), [1])
+    scores = m.score(ckpts, m.prepare(ckpts, train), None, test)
+    assert most[0] == 1
+    most[0] = 0
+    streamed = m.score(ckpts, m.prepare(ckpts, _Loader(train)), None, _Loader(test))
+    assert most[0] == 3
+    _close(scores, streamed, 1e-12)
+    monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", 2**19)
+    whole = trak(model, weight_fn=functional_model(fm.module, classification_weight_loss),
+                 proj_dim=5, kind=kind, seed=seed, damping=0.1)
+    _close(scores, whole.score(ckpts, whole.prepare(ckpts, train), None, test), 1e-12)
 
 
 def test_state_is_tensors_and_round_trips(device, tmp_path):

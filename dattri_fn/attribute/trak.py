@@ -16,6 +16,8 @@ LOWERS its loss: a proponent.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -183,7 +185,8 @@ def check_cached_train(func: str, train, n_cached: int) -> None:
                               "Call prepare on this training set, or pass train=None."))
 
 
-_DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's densified [b, P] is projected whole
+_DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's [b, P] is densified (not by columns)
+_ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is kept: rows x P entries
 _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
 
 
@@ -240,6 +243,21 @@ class WeightedRows(NamedTuple):
         return WeightedRows(torch.cat([b.phi for b in blocks], 1), torch.cat([b.w for b in blocks]))
 
 
+class _Calls(NamedTuple):
+    """What one of :func:`trak`'s calls works with, built from its params by ``setup``."""
+
+    stacked: Params  # {key: [C, ...]}
+    packed: Callable  # batch -> [C, b, d + 1] in the params' dtype: features, then Q
+    collect: Callable  # (func, arg, data, device) -> [C, n, d] in fdt
+    fill: Callable  # (func, data, feats, wts, c) -> the rows of the cache it wrote
+    by_checkpoint: Callable  # data -> whether it is read once per checkpoint
+    holding: Callable  # c | None -> a context holding that checkpoint's (every) dense R
+    d: int
+    first: Params  # checkpoint 0
+    device: torch.device
+    fdt: torch.dtype  # the features' dtype
+
+
 # -- the method --------------------------------------------------------------------------
 def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | FunctionalModel | None = None,
          proj_dim: int | None = None,
@@ -259,12 +277,14 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``j``'s loss (a proponent). ``self_score`` is the diagonal ``s_ii``.
 
     ``params`` is one params dict or a list of ``C`` checkpoints / independently trained models
-    (same keys and shapes); features at all checkpoints come from one ``vmap`` over the stacked
-    checkpoints. ``prepare`` streams the training set once; with the cache and a countable
-    ``train`` it fills the ``[C, n_train, d]`` cache in place and forms ``Phi_c^T Phi_c`` from it
-    (:func:`gram_of`: large blocks, upper block triangle), otherwise it accumulates
-    ``Phi_c^T Phi_c`` batch by batch; each kernel is factored and inverted by Cholesky in
-    float64, one checkpoint at a time. When ``d > n_train``, the
+    (same keys and shapes). With a projection and a countable ``train`` (a Batch or a list of
+    them), ``prepare`` reads it once per checkpoint, holding one ``R_c`` at a time (a rademacher
+    ``R`` is kept between calls as packed signs, one bit per entry), fills that checkpoint's
+    rows of the ``[C, n_train, d]`` cache in place and forms ``Phi_c^T Phi_c`` from them
+    (:func:`gram_of`: large blocks, upper block triangle); ``score`` reads a countable ``test``
+    the same way. Other data are read once, every checkpoint's features from one ``vmap``, and
+    ``Phi_c^T Phi_c`` accumulated batch by batch. Each kernel is factored and inverted by
+    Cholesky in float64, one checkpoint at a time. When ``d > n_train``, the
     features are cached and ``train`` is countable (a Batch or a list of them), it uses the dual
     kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores,
     since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
@@ -356,27 +376,35 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                       or not feature_dtype.is_floating_point):
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
-    projectors: dict = {}  # one per (P, dtype, device), so a small R is generated once
+    projectors: dict = {}  # (P, dtype, device, c) -> Projector
 
-    def setup(func: str, params):
+    def setup(func: str, params) -> _Calls:
         stacked = stack_checkpoints(func, params)
         if keys is not None and list(stacked) != keys:
             raise ValueError(_msg(func, "params", f"the keys of output_fn's params {keys}",
                                   f"{list(stacked)}"))
         v0 = next(iter(stacked.values()))
         P = sum(v[0].numel() for v in stacked.values())
-        projs = None
-        if proj_dim is not None:
-            projs = []
-            for c in range(num_checkpoints(stacked)):
-                key = (P, v0.dtype, v0.device, c)
-                if key not in projectors:
-                    projectors[key] = make_projector(P, proj_dim=proj_dim, kind=kind,
-                                                     seed=seed + c, dtype=v0.dtype,
-                                                     device=v0.device)
-                projs.append(projectors[key])
+        C = num_checkpoints(stacked)
         d = P if proj_dim is None else proj_dim
         fdt = v0.dtype if feature_dtype is None else feature_dtype
+
+        def projector(c: int):  # kept by the method: a rademacher R's packed signs persist
+            key = (P, v0.dtype, v0.device, c)
+            if key not in projectors:
+                projectors[key] = make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed + c,
+                                                 dtype=v0.dtype, device=v0.device)
+            return projectors[key]
+
+        projs = None if proj_dim is None else [projector(c) for c in range(C)]
+
+        @contextlib.contextmanager
+        def holding(c: int | None = None):
+            """Hold checkpoint ``c``'s dense R (None: every checkpoint's) for one pass."""
+            with contextlib.ExitStack() as stack:
+                for p in (projs or []) if c is None else [projs[c]]:
+                    stack.enter_context(p.kept(fdt, v0.device))
+                yield
 
         def dense_buffer(buffers: list, b: int) -> Tensor | None:
             """``[1, b, P]`` in fdt from ``buffers`` (one tensor, grown when needed): a stream's
@@ -387,14 +415,22 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 buffers[:] = [v0.new_empty((b, P), dtype=fdt)]
             return buffers[0][:b].unsqueeze(0)
 
-        def feature_rows(batch, buffers: list | None = None):  # yields [b, d] in fdt per checkpoint
-            lg = None if plan is None else layer_grads_stacked(plan, stacked, batch)
-            if lg is not None and projs is not None:
+        def feature_rows(batch, buffers: list | None = None, one=None):
+            """Yield ``[b, d]`` in fdt per checkpoint; ``one = (c, projector)``: checkpoint c only."""
+            sub, plist = (stacked, projs) if one is None else (
+                {k: v[one[0]:one[0] + 1] for k, v in stacked.items()}, [one[1]])
+            lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
+            if lg is not None and plist is not None:
                 b = lg.num_rows
-                for c, proj in enumerate(projs):
+                for c, proj in enumerate(plist):
                     lc = lg.select(c)
-                    if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] projected whole
-                        yield proj(lc.to_dense(fdt, out=dense_buffer(buffers, b))[0])
+                    if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] densified, projected
+                        # by blocks of rows when R is kept (the densified block stays small)
+                        rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.cacheable else b
+                        parts = [proj(lc.rows(r, r + rb).to_dense(
+                            fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
+                            for r in range(0, b, rb)]
+                        yield parts[0] if len(parts) == 1 else torch.cat(parts)
                     else:  # one checkpoint's columns per projector step: never [b, P]
                         yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                                  b, dtype=fdt, device=v0.device)
@@ -402,11 +438,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             if lg is not None:
                 yield from lg.to_dense(fdt)  # unprojected: [b, P] each
                 return
-            G = stacked_per_sample_grad(output_fn, stacked, batch).to(fdt)  # [C, b, P], one vmap
-            yield from (G if projs is None else (p(g) for p, g in zip(projs, G, strict=True)))
+            G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
+            yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
 
-        def features(batch) -> Tensor:  # [C, b, d] in fdt
-            return torch.stack(list(feature_rows(batch)))
+        def features(batch, one=None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
+            return torch.stack(list(feature_rows(batch, one=one)))
 
         def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
             if weight_fn is None:
@@ -419,22 +455,46 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             Q = weights(batch, G.shape[1])
             return torch.cat([G, Q.expand(G.shape[0], -1).unsqueeze(-1)], dim=-1)
 
-        def write_rows(func: str, batch, feats: Tensor, wts: Tensor, start: int,
-                       buffers: list) -> int:
-            """Write a batch's features and weights at row ``start`` of the cache; return rows."""
-            b = batch_size(func, "train", batch)
-            step = b if chunk_size is None else chunk_size
-            for s in range(0, b, step):
-                part = batch if step >= b else batch_slice(batch, s, s + step)
-                rows = slice(start + s, start + min(b, s + step))
-                for c, phi in enumerate(feature_rows(part, buffers)):
-                    feats[c, rows] = phi
-                wts[rows] = weights(part, rows.stop - rows.start)
-            return b
+        def by_checkpoint(data) -> bool:
+            """Whether ``data`` is read once per checkpoint: projected, ``C > 1`` and a Batch or
+            a list of them (the same rows in the same order on every pass)."""
+            return projs is not None and C > 1 and count_rows(func, "data", data,
+                                                              check=False) is not None
 
-        first = {k: v[0] for k, v in stacked.items()}
-        return (stacked, in_chunks(packed, chunk_size), in_chunks(features, chunk_size), d, first,
-                v0.device, fdt, write_rows)
+        def collect_features(func: str, arg: str, data, device) -> Tensor:  # [C, n, d] in fdt
+            data = regrouped(func, arg, data, rows_min)
+            if not by_checkpoint(data):
+                with holding():
+                    return collect(func, arg, in_chunks(features, chunk_size), data, device)
+            per_ckpt = []
+            for c in range(C):
+                with holding(c):
+                    per_ckpt.append(collect(func, arg, in_chunks(functools.partial(
+                        features, one=(c, projs[c])), chunk_size), data, device))
+            return torch.cat(per_ckpt)
+
+        def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None) -> Tensor:
+            """Write every row of checkpoint ``c`` (None: all) and the weights into the cache
+            ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``."""
+            one = None if c is None else (c, projs[c])
+            n, buffers = 0, []
+            with holding(c):
+                for batch in iter_batches(func, "train", data):
+                    batch = batch_to(batch, v0.device)
+                    b = batch_size(func, "train", batch)
+                    step = b if chunk_size is None else chunk_size
+                    for s in range(0, b, step):
+                        part = batch if step >= b else batch_slice(batch, s, s + step)
+                        rows = slice(n + s, n + min(b, s + step))
+                        for i, phi in enumerate(feature_rows(part, buffers, one)):
+                            feats[i if c is None else c, rows] = phi
+                        if not c:  # None or 0: the weights, once
+                            wts[rows] = weights(part, rows.stop - rows.start)
+                    n += b
+            return feats if c is None else feats[c:c + 1]
+
+        return _Calls(stacked, in_chunks(packed, chunk_size), collect_features, fill, by_checkpoint,
+                      holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt)
 
     def check_first(func: str, arg: str, first: Params, data, device) -> None:
         """Validate the first example of ``data`` eagerly, once (the public boundary)."""
@@ -487,7 +547,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def prepare(params, train) -> TRAKState:
         func = f"{name}.prepare"
-        stacked, packed, _, d, first, device, fdt, write_rows = setup(func, params)
+        calls = setup(func, params)
+        stacked, d, first, device, fdt = calls.stacked, calls.d, calls.first, calls.device, calls.fdt
         check_first(func, "train", first, train, device)
         # every batch is validated as it is read
         total = count_rows(func, "train", train, check=False) if cache_features else None
@@ -498,33 +559,36 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if total is not None:
             # Rows known up front: the cache is filled in place, then the kernel is read from
             # it (no per-batch Gram: fewer, larger GEMMs, and only the upper block triangle).
+            # Projected, one pass per checkpoint: one R resident, and each Gram formed and
+            # factored right after its checkpoint's pass.
             C = num_checkpoints(stacked)
             feats = torch.empty((C, total, d), dtype=fdt, device=device)
             wts = torch.empty(total, dtype=dtype, device=device)
-            n, buffers = 0, []
-            for batch in iter_batches(func, "train", data):
-                n += write_rows(func, batch_to(batch, device), feats, wts, n, buffers)
-            del buffers
+            passes = range(C) if calls.by_checkpoint(data) else [None]
             # Dual form: with d > n_train the n x n kernel (Phi Phi^T + damping I)^-1 gives the
             # same scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1,
             # and never forms the d x d one (d = P without projection).
             if d > total:
+                for c in passes:
+                    calls.fill(func, data, feats, wts, c)
                 return TRAKState(dual_kernel(func, feats, d, dtype), feats, wts)
-            grams = (gram_of(f, gram_dtype(fdt, dtype)) for f in feats)
+            grams = (gram_of(f, gram_dtype(fdt, dtype)) for c in passes
+                     for f in calls.fill(func, data, feats, wts, c))
             return TRAKState(primal_kernel(func, grams, C, d, total, dtype, device), feats, wts)
         # Uncounted data (a DataLoader) or no cache: Phi^T Phi accumulated batch by batch.
         gram, phis, weights, n = None, [], [], 0
-        for batch in iter_batches(func, "train", data):
-            batch_size(func, "train", batch)
-            phi, q = split(packed(batch_to(batch, device)))
-            if gram is None:
-                gram = phi.new_zeros((phi.shape[0], d, d), dtype=torch.float64)
-            for c in range(phi.shape[0]):
-                gram_of(phi[c].to(fdt), gram_dtype(fdt, dtype), out=gram[c])
-            if cache_features:
-                phis.append(phi.to(fdt))
-                weights.append(q)
-            n += phi.shape[1]
+        with calls.holding():
+            for batch in iter_batches(func, "train", data):
+                batch_size(func, "train", batch)
+                phi, q = split(calls.packed(batch_to(batch, device)))
+                if gram is None:
+                    gram = phi.new_zeros((phi.shape[0], d, d), dtype=torch.float64)
+                for c in range(phi.shape[0]):
+                    gram_of(phi[c].to(fdt), gram_dtype(fdt, dtype), out=gram[c])
+                if cache_features:
+                    phis.append(phi.to(fdt))
+                    weights.append(q)
+                n += phi.shape[1]
         K = primal_kernel(func, gram, gram.shape[0], d, n, dtype, device)
         if not cache_features:
             return TRAKState(K, None, None)
@@ -572,32 +636,35 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         idx = [(torch.arange(s, min(n, s + block), device=device),)
                for s in range(0, n, block)]
 
+        # One widening buffer for every block: a fresh block each time lets the C allocator's
+        # dynamic thresholds keep freed copies resident. A block is used before the next is read.
+        buf = None if feats.dtype == dtype else feats.new_empty((C, min(n, block), d), dtype=dtype)
+
         def rows(i):  # views of the cache, not an indexed copy (one sync per block)
-            start = int(i[0][0])
-            return (feats[:, start:start + i[0].shape[0]].to(dtype),
-                    wts[start:start + i[0].shape[0]])
+            start, b = int(i[0][0]), i[0].shape[0]
+            part = feats[:, start:start + b]
+            return (part if buf is None else buf[:, :b].copy_(part)), wts[start:start + b]
 
         return idx, rows
 
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        stacked, packed, features, d, first, device, _, _ = setup(func, params)
+        calls = setup(func, params)
+        stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         check_first(func, "test", first, test, device)
         if dual:
             check_cached_train(func, train, state.train_features.shape[1])
             check_optional_int(func, "top_k", top_k)
-            test_phi = collect(func, "test", features, regrouped(func, "test", test, rows_min),
-                               device).to(K.dtype)
+            test_phi = calls.collect(func, "test", test, device).to(K.dtype)
             feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
             # K_c (Phi_c Psi_c^T): [C, n, n] x [C, n, m], summed over checkpoints
             S = torch.bmm(K, torch.bmm(feats, test_phi.mT)).sum(0)
             S.mul_((wts / K.shape[0])[:, None])
             return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
-        test_phi = collect(func, "test", features, regrouped(func, "test", test, rows_min), device)
-        test_feats = test_rows(K, test_phi.to(K.dtype))
+        test_feats = test_rows(K, calls.collect(func, "test", test, device).to(K.dtype))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             idx, rows = cached_chunks(state, device)
@@ -607,13 +674,15 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         check_first(func, "train", first, train, device)
-        return stream_scores(func, lambda b: train_rows(*split(packed(b))),
-                             regrouped(func, "train", train, rows_min), test_feats,
-                             device, top_k=top_k, largest=largest)
+        with calls.holding():
+            return stream_scores(func, lambda b: train_rows(*split(calls.packed(b))),
+                                 regrouped(func, "train", train, rows_min), test_feats,
+                                 device, top_k=top_k, largest=largest)
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
-        stacked, packed, features, d, first, device, _, _ = setup(func, params)
+        calls = setup(func, params)
+        stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
         if dual:
@@ -631,8 +700,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         else:
             check_first(func, "train", first, train, device)
             merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
-            blocks = (split(packed(batch_to(b, device))) for b in merged
+            blocks = (split(calls.packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
-        return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi)) for phi, q in blocks])
+        with calls.holding():
+            return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi))
+                              for phi, q in blocks])
 
     return Method(prepare, score, self_score, name)
