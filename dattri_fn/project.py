@@ -140,6 +140,11 @@ class Projector:
         return self._packable or self._dense_keepable
 
     @property
+    def holdable(self) -> bool:
+        """True when ``R`` stores at most 2**22 entries: :meth:`kept` holds it dense."""
+        return self._dense_keepable
+
+    @property
     def _packable(self) -> bool:
         return self.kind == "rademacher" and self.dim * -(-self.proj_dim // 8) <= _BITS_BYTES
 
@@ -257,7 +262,7 @@ class Projector:
         if self._dense_keepable:
             if key not in self._cache:
                 self._cache[key] = (self._unpacked(0, self.dim, dtype, device, shift)
-                                    .contiguous() if self._packable else
+                                    if self._packable else
                                     self._raw_uncached(0, self.dim, dtype, device))
                 if shift != 1.0 and not self._packable:
                     self._cache[key].mul_(shift)

@@ -185,8 +185,8 @@ def check_cached_train(func: str, train, n_cached: int) -> None:
                               "Call prepare on this training set, or pass train=None."))
 
 
-_DENSE_ENTRIES = 2**21  # up to this b * P, a checkpoint's [b, P] is densified (not by columns)
-_ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is kept: rows x P entries
+_DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is densified
+_ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is held: rows x P entries
 _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
 
 
@@ -424,9 +424,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 b = lg.num_rows
                 for c, proj in enumerate(plist):
                     lc = lg.select(c)
-                    if b * P <= _DENSE_ENTRIES:  # one checkpoint's [b, P] densified, projected
-                        # by blocks of rows when R is kept (the densified block stays small)
-                        rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.cacheable else b
+                    if proj.holdable or b * P <= _DENSE_ENTRIES:  # densified, then projected:
+                        # by blocks of rows when R is held dense (the block stays small)
+                        rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
                         parts = [proj(lc.rows(r, r + rb).to_dense(
                             fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
                             for r in range(0, b, rb)]
