@@ -187,6 +187,7 @@ def check_cached_train(func: str, train, n_cached: int) -> None:
 
 _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is densified
 _ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is held: rows x P entries
+_HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
 _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
 
 
@@ -277,19 +278,20 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``j``'s loss (a proponent). ``self_score`` is the diagonal ``s_ii``.
 
     ``params`` is one params dict or a list of ``C`` checkpoints / independently trained models
-    (same keys and shapes). With a projection and a countable ``train`` (a Batch or a list of
-    them), ``prepare`` reads it once per checkpoint, holding one ``R_c`` at a time (a rademacher
-    ``R`` is kept between calls as packed signs, one bit per entry), fills that checkpoint's
-    rows of the ``[C, n_train, d]`` cache in place and forms ``Phi_c^T Phi_c`` from them
-    (:func:`gram_of`: large blocks, upper block triangle); ``score`` reads a countable ``test``
-    the same way. Other data are read once, every checkpoint's features from one ``vmap``, and
-    ``Phi_c^T Phi_c`` accumulated batch by batch. Each kernel is factored and inverted by
-    Cholesky in float64, one checkpoint at a time. When ``d > n_train``, the
-    features are cached and ``train`` is countable (a Batch or a list of them), it uses the dual
-    kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores,
-    since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
-    ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when ``n_train``
-    is moderate.
+    (same keys and shapes). ``prepare`` streams the training set; with the cache and a countable
+    ``train`` (a Batch or a list of them) it fills the ``[C, n_train, d]`` cache in place and
+    forms ``Phi_c^T Phi_c`` from it (:func:`gram_of`: large blocks, upper block triangle),
+    otherwise it accumulates ``Phi_c^T Phi_c`` batch by batch. Features at all checkpoints come
+    from one ``vmap`` over the stacked checkpoints, except where the ``C`` dense projections
+    would take over 4 MiB together: countable data (``train`` here, ``test`` in ``score``) are
+    then read once per checkpoint, holding one ``R_c`` at a time, each Gram formed right after
+    its pass. A rademacher ``R`` is kept between calls as packed signs (one bit per entry). Each
+    kernel is factored and inverted by Cholesky in float64, one checkpoint at a time. When
+    ``d > n_train``, the features are cached and ``train`` is countable, it uses the dual kernel
+    ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores, since
+    ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
+    ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when ``n_train`` is
+    moderate.
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
@@ -456,10 +458,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return torch.cat([G, Q.expand(G.shape[0], -1).unsqueeze(-1)], dim=-1)
 
         def by_checkpoint(data) -> bool:
-            """Whether ``data`` is read once per checkpoint: projected, ``C > 1`` and a Batch or
-            a list of them (the same rows in the same order on every pass)."""
-            return projs is not None and C > 1 and count_rows(func, "data", data,
-                                                              check=False) is not None
+            """Whether ``data`` is read once per checkpoint, holding one dense R at a time: when
+            the ``C > 1`` held R's would take over 4 MiB together, for a Batch or a list of
+            them (the same rows in the same order on every pass)."""
+            held = 0 if projs is None or not projs[0].holdable else P * d * fdt.itemsize
+            return C > 1 and C * held > _HELD_BYTES and count_rows(func, "data", data,
+                                                                   check=False) is not None
 
         def collect_features(func: str, arg: str, data, device) -> Tensor:  # [C, n, d] in fdt
             data = regrouped(func, arg, data, rows_min)
@@ -559,8 +563,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if total is not None:
             # Rows known up front: the cache is filled in place, then the kernel is read from
             # it (no per-batch Gram: fewer, larger GEMMs, and only the upper block triangle).
-            # Projected, one pass per checkpoint: one R resident, and each Gram formed and
-            # factored right after its checkpoint's pass.
+            # By checkpoint (big projections): one R held, and each Gram formed and factored
+            # right after its checkpoint's pass.
             C = num_checkpoints(stacked)
             feats = torch.empty((C, total, d), dtype=fdt, device=device)
             wts = torch.empty(total, dtype=dtype, device=device)
