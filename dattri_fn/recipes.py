@@ -243,12 +243,14 @@ def trak_dim(n_train: int, proj_dim: int) -> int:
 
 def trak_rows(num_params: int, batch_size: int, proj_dim: int | None = None) -> int:
     """Examples per TRAK feature call in the recipes: ``max(batch_size, min(2048, 2**20 // P))``,
-    at least 256 when the ``[P, proj_dim]`` projection is too big to keep (``P * d > 2**22``).
+    at least 256 when the ``[P, proj_dim]`` projection is too big to keep in any form (not
+    ``Projector.cacheable``: a rademacher one's packed signs over 16 MiB, another kind's ``R``
+    over 2**22 entries).
 
     On the digits MLP (P = 2,410, n_train = 16k, one CPU thread) merging 256-row batches into
     435-row calls took TRAK from 0.94 to 0.81 s; 870-row calls were no faster and held 16 MiB
     more (a checkpoint's ``[rows, P]`` gradients are densified whole up to ``2**21`` entries).
-    A projection that is not kept is regenerated on every call, so there fewer, larger calls
+    A projection that is not kept is drawn again on every call, so there fewer, larger calls
     win: at P = 1M, d = 512, n_train = 1k and 3 checkpoints, 33-row calls took 68.7 s, 256-row
     calls 16.1 s (263 MiB peak); 512 and 1024 rows were no faster and held 380 / 640 MiB.
     """
