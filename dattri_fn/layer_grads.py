@@ -138,7 +138,7 @@ class LayerGrads(NamedTuple):
             if source[0] == "w" and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
                 # The outer product written in place: no per-layer block, no concatenation. Into
                 # a narrower dtype torch forms each product in a full-precision temporary first,
-                # so that goes by blocks of rows of about 2**18 products.
+                # so that goes by blocks of rows of about 2**18 products (at least one row).
                 n_in = _weight_cols(a, source)
                 dst = view.unflatten(-1, (g.shape[-1], n_in))
                 step = B if dst.dtype == g.dtype else max(1, _NARROW_ENTRIES // max(1, C * size))

@@ -23,15 +23,18 @@ seed gives the same ``R`` on every device and in every dtype (float64 features s
 draws exactly). On a GPU this costs CPU generation plus a host-to-device copy per block, which is
 slower than an on-device generator; CUDA's Philox stream would, however, give a different ``R``.
 
-Caching: a rademacher projector keeps the signs of ``R`` packed, one bit per entry, when they
-take at most ``2**24`` bytes (``P * ceil(d / 8)``; ``P * d`` up to about 1.3e8); every call then
-unpacks the rows it needs (about 8x faster than drawing them) and holds no dense ``R``. Other
-kinds keep a dense ``R`` with at most ``2**22`` stored entries (``P * d`` for gaussian,
+Caching: a rademacher projector from :func:`make_projector` keeps the signs of ``R`` packed,
+one bit per entry, when they take at most ``2**24`` bytes (``P * ceil(d / 8)``; ``P * d`` up to
+about 1.3e8) and ``d`` is a multiple of 8 or at least 64 (unpacked rows are padded to a multiple
+of 8 columns); every call then unpacks the rows it needs (about 8x faster than drawing them) and
+holds no dense ``R``; :meth:`Projector.kept` holds the dense ``R`` (up to ``2**22`` entries) for
+a block of calls. Other projectors (other kinds, ``packed=False``, the one-call functions)
+keep a dense ``R`` with at most ``2**22`` stored entries (``P * d`` for dense kinds,
 ``P * nnz`` for sjlt: 16 MiB of float32) after the first call, once per ``(dtype, device)``.
-Larger ones regenerate ``R`` block by block on every call and hold only their settings.
-:meth:`Projector.kept` holds the dense ``R`` (up to ``2**22`` entries) for a block of calls.
-Every path uses the same draws and the same accumulation order, so all return bit-identical
-results.
+Larger ones regenerate ``R`` block by block on every call and hold only their settings. Every
+path uses the same draws and the same accumulation order, so all return bit-identical results
+(on the CPU; a held rademacher ``R`` with ``d`` not a multiple of 8 is a strided view, which a
+GPU BLAS may sum in another order).
 
 References:
     Johnson & Lindenstrauss, "Extensions of Lipschitz mappings into a Hilbert space" (1984).
@@ -111,10 +114,11 @@ class Projector:
     """
 
     __slots__ = ("dim", "proj_dim", "kind", "seed", "nnz", "chunk_size", "dtype", "device",
-                 "block_rows", "_cache", "_bits")
+                 "packed", "block_rows", "_cache", "_bits")
 
     def __init__(self, dim: int, proj_dim: int, kind: str, seed: int, nnz: int,
-                 chunk_size: int | None, dtype: torch.dtype, device: torch.device):
+                 chunk_size: int | None, dtype: torch.dtype, device: torch.device,
+                 packed: bool = True):
         self.dim = dim
         self.proj_dim = proj_dim
         self.kind = kind
@@ -123,6 +127,7 @@ class Projector:
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.device = device
+        self.packed = packed
         self.block_rows = _block_rows(kind, proj_dim, nnz)
         self._cache: dict = {}
         self._bits: dict = {}
@@ -141,12 +146,21 @@ class Projector:
 
     @property
     def holdable(self) -> bool:
-        """True when ``R`` stores at most 2**22 entries: :meth:`kept` holds it dense."""
+        """True when ``R`` stores at most 2**22 entries: calls reuse a dense ``R``, kept after
+        the first call or, for packed signs, held by :meth:`kept`."""
         return self._dense_keepable
+
+    def held_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the dense ``R`` that :meth:`kept` holds in ``dtype`` (0: it holds none)."""
+        if not (self._packable and self._dense_keepable):
+            return 0
+        return self.dim * -(-self.proj_dim // 8) * 8 * dtype.itemsize
 
     @property
     def _packable(self) -> bool:
-        return self.kind == "rademacher" and self.dim * -(-self.proj_dim // 8) <= _BITS_BYTES
+        d = self.proj_dim
+        return (self.packed and self.kind == "rademacher" and (d % 8 == 0 or d >= 64)
+                and self.dim * -(-d // 8) <= _BITS_BYTES)
 
     @property
     def _dense_keepable(self) -> bool:
@@ -157,21 +171,20 @@ class Projector:
     def kept(self, dtype: torch.dtype, device):
         """Hold the dense ``R`` for calls in ``dtype`` on ``device`` until the block exits.
 
-        For a caller that makes many calls in a row (one per batch): the draws are unpacked
-        or generated once, not once per call. A no-op for an ``R`` of more than 2**22 entries
-        or one already held.
+        For a caller that makes many calls in a row (one per batch) with packed signs: they
+        are unpacked once, not once per call. A no-op where :meth:`held_bytes` is 0 (other
+        projectors keep a small ``R`` after their first call anyway) or when already held.
         """
-        key = (dtype, torch.device(device))
-        if key not in self._cache and self._dense_keepable:
-            self._raw(0, 0, dtype, key[1], _float16_shift(self.scale)
-                      if dtype == torch.float16 else 1.0, keep=True)
-            if self._packable:  # other kinds keep a small R anyway
-                try:
-                    yield self
-                finally:
-                    self._cache.pop(key, None)
-                return
-        yield self
+        key = (dtype, _device_key(device))
+        if key in self._cache or not self.held_bytes(dtype):
+            yield self
+            return
+        self._raw(0, 0, dtype, key[1], _float16_shift(self.scale)
+                  if dtype == torch.float16 else 1.0, keep=True)
+        try:
+            yield self
+        finally:
+            self._cache.pop(key, None)
 
     def _steps(self) -> list[tuple[int, int]]:
         """Return the row ranges materialised one at a time (whole blocks each)."""
@@ -373,6 +386,14 @@ class Projector:
                 f"seed={self.seed}{extra}, chunk_size={self.chunk_size})")
 
 
+def _device_key(device) -> torch.device:
+    """``device`` with its index: ``"cuda"`` is the current CUDA device, as tensors report it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _float16_shift(scale: float) -> float:
     """The power of two at or below ``scale``: multiplying float16 values by it is exact."""
     return 2.0 ** math.floor(math.log2(scale))
@@ -460,7 +481,8 @@ def _tree_columns(func: str, arg: str, grads, dim: int | None):
 # -- public API ------------------------------------------------------------------------
 def make_projector(dim: int, *, proj_dim: int, kind: str = "rademacher", seed: int = 0,
                    nnz: int = 1, chunk_size: int | None = None,
-                   dtype: torch.dtype | None = None, device=None) -> Projector:
+                   dtype: torch.dtype | None = None, device=None,
+                   packed: bool = True) -> Projector:
     """Return a seeded projector ``X -> X R`` with ``E[R R^T] = I``.  # [B, P] -> [B, d]
 
     Args:
@@ -474,6 +496,10 @@ def make_projector(dim: int, *, proj_dim: int, kind: str = "rademacher", seed: i
             picks about 2**22 entries per step. It bounds memory and does not change ``R``.
         dtype: default dtype of :meth:`Projector.matrix` (calls follow their input).
         device: default device of :meth:`Projector.matrix` (calls follow their input).
+        packed: keep a rademacher ``R`` between calls as packed signs (one bit per entry,
+            unpacked per call; :meth:`Projector.kept` holds it dense for a pass). False: keep
+            a dense ``R`` of up to 2**22 entries instead (faster per call, 16-32x the memory),
+            e.g. for a projector that lives for one pass only.
 
     Returns:
         A :class:`Projector`.
@@ -498,8 +524,9 @@ def make_projector(dim: int, *, proj_dim: int, kind: str = "rademacher", seed: i
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(_msg(func, "dtype", "a floating torch.dtype or None", repr(dtype)))
     device = torch.device("cpu" if device is None else device)
-    return Projector(dim, proj_dim, kind, seed, nnz, chunk_size,
-                     dtype, device)
+    if not isinstance(packed, bool):
+        raise TypeError(_msg(func, "packed", "a bool", type(packed).__name__))
+    return Projector(dim, proj_dim, kind, seed, nnz, chunk_size, dtype, device, packed)
 
 
 def project(features: Tensor, *, proj_dim: int, kind: str = "rademacher", seed: int = 0,
@@ -521,8 +548,8 @@ def project(features: Tensor, *, proj_dim: int, kind: str = "rademacher", seed: 
     X = _check_features(func, features, None)
     _check_settings(func, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
                     chunk_size=chunk_size)
-    proj = Projector(X.shape[-1], proj_dim, kind, seed, nnz,
-                     chunk_size, X.dtype, X.device)
+    proj = Projector(X.shape[-1], proj_dim, kind, seed, nnz, chunk_size, X.dtype, X.device,
+                     packed=False)
     if X.ndim == 1:
         return proj._apply(lambda a, b: X[a:b].unsqueeze(0), 1, X.dtype, X.device)[0]
     return proj._apply(lambda a, b: X[:, a:b], X.shape[0], X.dtype, X.device)
@@ -551,8 +578,7 @@ def project_tree(grads: Mapping[str, Tensor], *, proj_dim: int, kind: str = "rad
     _check_settings(func, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
                     chunk_size=chunk_size)
     cols, batch, dim, dtype, device = _tree_columns(func, "grads", grads, None)
-    proj = Projector(dim, proj_dim, kind, seed, nnz, chunk_size,
-                     dtype, device)
+    proj = Projector(dim, proj_dim, kind, seed, nnz, chunk_size, dtype, device, packed=False)
     return proj._apply(cols, batch, dtype, device)
 
 

@@ -71,12 +71,13 @@ def test_chunk_size_does_not_change_output(device, small_blocks, case, seed, P, 
     assert ((got(X) - X @ R).abs() <= tol).all()
 
 
-@given(case=case_st, seed=seed_st, P=st.integers(1, 300), d=st.integers(3, 24),
+@given(case=case_st, seed=seed_st, P=st.integers(1, 300), d=st.sampled_from([3, 8, 13, 24, 67]),
        dtype=st.sampled_from([F64, torch.float32, torch.bfloat16]))
 def test_cached_packed_held_and_streamed_agree_bitwise(device, monkeypatch, case, seed, P, d,
                                                        dtype):
     """A kept dense R, packed rademacher signs, an R held by ``kept`` and regenerating R per
-    step all give bit-identical output, for several steps and blocks and in every dtype."""
+    step all give bit-identical output, for several steps and blocks and in every dtype. Signs
+    are packed for d a multiple of 8 or >= 64 (unpacked rows are padded to 8 columns)."""
     kind, nnz = case
     monkeypatch.setattr(project_mod, "_BLOCK_ENTRIES", 96)
     monkeypatch.setattr(project_mod, "_MAX_BLOCK_ROWS", 16)
@@ -84,14 +85,15 @@ def test_cached_packed_held_and_streamed_agree_bitwise(device, monkeypatch, case
     monkeypatch.setattr(project_mod, "_BITS_BYTES", 2**24)
     X = _randn(seed, 4, P, device=device).to(dtype)
     proj = make_projector(P, proj_dim=d, kind=kind, seed=seed, nnz=nnz, chunk_size=40)
-    assert proj.cacheable and proj._packable == (kind == "rademacher")
+    packed = kind == "rademacher" and (d % 8 == 0 or d >= 64)
+    assert proj.cacheable and proj._packable == packed
+    assert proj.held_bytes(dtype) == (P * -(-d // 8) * 8 * dtype.itemsize if packed else 0)
     first, again = proj(X), proj(X)
-    assert (proj._bits != {}) == (kind == "rademacher") and (proj._cache == {}) == (
-        kind == "rademacher")
+    assert (proj._bits != {}) == packed and (proj._cache == {}) == packed
     with proj.kept(dtype, device):
         held = proj(X)
-        assert (dtype, torch.device(device)) in proj._cache
-    assert (proj._cache == {}) == (kind == "rademacher")  # a rademacher R is let go again
+        assert not packed or (dtype, torch.device(device)) in proj._cache
+    assert (proj._cache == {}) == packed  # packed signs: the dense R is let go again
     monkeypatch.setattr(project_mod, "_CACHE_ENTRIES", 0)
     monkeypatch.setattr(project_mod, "_BITS_BYTES", 0)
     assert not proj.cacheable
@@ -101,13 +103,31 @@ def test_cached_packed_held_and_streamed_agree_bitwise(device, monkeypatch, case
 
 
 def test_packed_signs_are_the_draws():
-    """Bit j of byte k of row i is 1 exactly where R[i, 8k + j] > 0 (d not a multiple of 8)."""
-    proj = make_projector(37, proj_dim=13, kind="rademacher", seed=3)
+    """Bit j of byte k of row i is 1 exactly where R[i, 8k + j] > 0 (d not a multiple of 8);
+    small d not a multiple of 8 is not packed (its padded rows would waste up to 8x)."""
+    proj = make_projector(37, proj_dim=67, kind="rademacher", seed=3)
     bits = proj._signs(torch.device("cpu"))
-    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (37, 2)
+    assert bits.dtype == torch.uint8 and tuple(bits.shape) == (37, 9)
     unpacked = (bits[:, :, None] >> torch.arange(8)) & 1
-    assert torch.equal(unpacked.flatten(1)[:, :13].bool(), proj.matrix(dtype=F64) > 0)
-    assert not bool(unpacked.flatten(1)[:, 13:].any())
+    assert torch.equal(unpacked.flatten(1)[:, :67].bool(), proj.matrix(dtype=F64) > 0)
+    assert not bool(unpacked.flatten(1)[:, 67:].any())
+    assert not make_projector(37, proj_dim=13, kind="rademacher")._packable
+    assert not make_projector(37, proj_dim=64, kind="rademacher", packed=False)._packable
+
+
+@pytest.mark.parametrize("kind,nnz", [("sjlt", 2), ("gaussian", 1), ("rademacher", 1)])
+def test_kept_holds_only_packed_signs(kind, nnz):
+    """``kept`` unpacks packed signs for the block and lets them go; for other projectors
+    (which keep a small R anyway) it changes nothing, in any dtype (float16 included)."""
+    proj = make_projector(100, proj_dim=16, kind=kind, nnz=nnz, seed=2)
+    X = _randn(2, 3, 100).to(torch.float16)
+    want = proj(X)
+    before = dict(proj._cache)
+    with proj.kept(torch.float16, "cpu"):
+        held = proj._cache.keys() - before.keys()
+        assert held == ({(torch.float16, torch.device("cpu"))} if kind == "rademacher" else set())
+        assert torch.equal(proj(X), want)
+    assert proj._cache.keys() == before.keys()
 
 
 @given(seed=seed_st, d=st.sampled_from([600, 2048]), kind=st.sampled_from(["gaussian",

@@ -294,7 +294,7 @@ def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_bloc
     trak_module = importlib.import_module("dattri_fn.attribute.trak")
     project_module = importlib.import_module("dattri_fn.project")
     monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", row_block * 31)  # P = 31
-    # R's of 31 x 5 entries: read by checkpoint only when even these count as big
+    # R's of 31 x 8 entries: read by checkpoint only when even these count as big
     monkeypatch.setattr(trak_module, "_HELD_BYTES", 0 if by_checkpoint else 2**22)
     held, most, kept = [0], [0], project_module.Projector.kept
 
@@ -312,17 +312,21 @@ def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_bloc
     ckpts = [_perturbed(fm.params, seed + c) for c in range(3)]
     model = functional_model(fm.module, classification_margin_loss)
     m = trak(model, weight_fn=functional_model(fm.module, classification_weight_loss),
-             proj_dim=5, kind=kind, seed=seed, damping=0.1)
+             proj_dim=8, kind=kind, seed=seed, damping=0.1)
     train, test = _split(_data(7, seed, device), [3]), _split(_data(3, seed + 1, device), [1])
-    scores = m.score(ckpts, m.prepare(ckpts, train), None, test)
-    assert most[0] == (1 if by_checkpoint else 3)
+    state = m.prepare(ckpts, train)
+    scores = m.score(ckpts, state, None, test)
+    packed = kind == "rademacher"  # other kinds keep their small R: nothing is held
+    assert most[0] == (0 if not packed else 1 if by_checkpoint else 3)
     most[0] = 0
+    m.self_score(ckpts, state, None)  # from the cache: no projection at all
+    assert most[0] == 0
     streamed = m.score(ckpts, m.prepare(ckpts, _Loader(train)), None, _Loader(test))
-    assert most[0] == 3
+    assert most[0] == (3 if packed else 0)
     _close(scores, streamed, 1e-12)
     monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", 2**19)
     whole = trak(model, weight_fn=functional_model(fm.module, classification_weight_loss),
-                 proj_dim=5, kind=kind, seed=seed, damping=0.1)
+                 proj_dim=8, kind=kind, seed=seed, damping=0.1)
     _close(scores, whole.score(ckpts, whole.prepare(ckpts, train), None, test), 1e-12)
 
 

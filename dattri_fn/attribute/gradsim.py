@@ -43,7 +43,7 @@ def _projector(stacked: Params, proj_dim, kind, seed):
     P = sum(v[0].numel() for v in stacked.values())
     v0 = next(iter(stacked.values()))
     return make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed, dtype=v0.dtype,
-                          device=v0.device)
+                          device=v0.device, packed=False)  # one per call: a dense R is reused
 
 
 def _gradient_similarity(loss, name: str, *, target=None, lrs=None,

@@ -282,10 +282,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``train`` (a Batch or a list of them) it fills the ``[C, n_train, d]`` cache in place and
     forms ``Phi_c^T Phi_c`` from it (:func:`gram_of`: large blocks, upper block triangle),
     otherwise it accumulates ``Phi_c^T Phi_c`` batch by batch. Features at all checkpoints come
-    from one ``vmap`` over the stacked checkpoints, except where the ``C`` dense projections
-    would take over 4 MiB together: countable data (``train`` here, ``test`` in ``score``) are
-    then read once per checkpoint, holding one ``R_c`` at a time, each Gram formed right after
-    its pass. A rademacher ``R`` is kept between calls as packed signs (one bit per entry). Each
+    from one ``vmap`` over the stacked checkpoints, except where the ``C`` dense rademacher
+    projections would take over 4 MiB together: countable data (a cached ``train`` here,
+    ``test`` in ``score``) are then read once per checkpoint, holding one ``R_c`` at a time,
+    each Gram formed right after its pass. A rademacher ``R`` is kept between calls as packed
+    signs (one bit per entry); other kinds keep a dense ``R`` of up to 2**22 entries. Each
     kernel is factored and inverted by Cholesky in float64, one checkpoint at a time. When
     ``d > n_train``, the features are cached and ``train`` is countable, it uses the dual kernel
     ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores, since
@@ -459,9 +460,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
         def by_checkpoint(data) -> bool:
             """Whether ``data`` is read once per checkpoint, holding one dense R at a time: when
-            the ``C > 1`` held R's would take over 4 MiB together, for a Batch or a list of
-            them (the same rows in the same order on every pass)."""
-            held = 0 if projs is None or not projs[0].holdable else P * d * fdt.itemsize
+            the ``C > 1`` R's that a pass holds (packed rademacher signs unpacked) would take
+            over 4 MiB together, for a Batch or a list of them (the same rows in the same order
+            on every pass)."""
+            held = 0 if projs is None else projs[0].held_bytes(fdt)
             return C > 1 and C * held > _HELD_BYTES and count_rows(func, "data", data,
                                                                    check=False) is not None
 
@@ -706,7 +708,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
             blocks = (split(calls.packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
-        with calls.holding():
+        with contextlib.nullcontext() if state.train_features is not None else calls.holding():
             return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi))
                               for phi, q in blocks])
 
