@@ -137,8 +137,8 @@ class LayerGrads(NamedTuple):
             a, g = self.factors[source[1]] if source[0] != "d" else (None, None)
             if source[0] == "w" and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
                 # The outer product written in place: no per-layer block, no concatenation. Into
-                # a narrower dtype torch forms each product in a full-precision temporary first,
-                # so that goes by blocks of rows of about 2**18 products (at least one row).
+                # another dtype torch forms each product in a temporary of the factors' dtype
+                # first, so that goes by blocks of rows of about 2**18 products (at least one).
                 n_in = _weight_cols(a, source)
                 dst = view.unflatten(-1, (g.shape[-1], n_in))
                 step = B if dst.dtype == g.dtype else max(1, _NARROW_ENTRIES // max(1, C * size))
@@ -234,7 +234,7 @@ def _cat_padded(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts, 1)
 
 
-_NARROW_ENTRIES = 2**18  # products per block when to_dense writes a narrower dtype
+_NARROW_ENTRIES = 2**18  # products per block when to_dense writes another dtype
 
 
 def _weight_cols(a: Tensor, source) -> int:

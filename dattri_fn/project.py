@@ -110,6 +110,7 @@ class Projector:
         nnz: non-zeros per row of ``R`` (sjlt only; 1 otherwise).
         chunk_size: rows of ``R`` materialised at once (``None``: about 2**22 entries).
         dtype, device: defaults of :meth:`matrix` only.
+        packed: whether a rademacher ``R`` is kept as packed signs (see the module docstring).
         block_rows: rows per generator seed (part of the definition of ``R``).
     """
 
@@ -140,8 +141,9 @@ class Projector:
 
     @property
     def cacheable(self) -> bool:
-        """True when ``R`` is kept after the first call: a rademacher ``R``'s packed signs fit
-        2**24 bytes, or another kind's ``R`` stores at most 2**22 entries."""
+        """True when ``R`` is kept after the first call: as packed signs (a rademacher ``R``
+        whose signs fit 2**24 bytes, see the module docstring) or dense (at most 2**22
+        stored entries)."""
         return self._packable or self._dense_keepable
 
     @property
@@ -268,7 +270,8 @@ class Projector:
              shift: float = 1.0, keep: bool = False):
         """Return the raw rows ``[start, stop)`` moved to ``(dtype, device)`` and times ``shift``
         (a power of two, dense kinds only): from a held dense ``R``, from the packed signs, or
-        kept after this call if small (``keep``: always, when small)."""
+        kept after this call if small (``keep``: into the held dense ``R`` even with packed
+        signs)."""
         key = (dtype, device)
         if key not in self._cache and self._packable and not keep:
             return self._unpacked(start, stop, dtype, device, shift)
