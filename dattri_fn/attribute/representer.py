@@ -305,12 +305,14 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         step = n if chunk_size is None else chunk_size
         blocks, best = [], None
         for a in range(0, n, step):
-            block = (H[a:a + step] @ h_test.T) * alpha[a:a + step, c_test]
+            block = (H[a:a + step] @ h_test.T).mul_(alpha[a:a + step, c_test])
             if top_k is None:
                 blocks.append(block)
             else:
                 best = merge_topk(best, block, a, top_k, largest)
-        return torch.cat(blocks) if top_k is None else best
+        if top_k is not None:
+            return best
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def self_score(params: Params, state: RepresenterState, train) -> Tensor:
         func = f"{name}.self_score"
