@@ -286,7 +286,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     projections would take over 4 MiB together: countable data (a cached ``train`` here,
     ``test`` in ``score``) are then read once per checkpoint, holding one ``R_c`` at a time,
     each Gram formed right after its pass. A rademacher ``R`` is kept between calls as packed
-    signs (one bit per entry); other kinds keep a dense ``R`` of up to 2**22 entries. Each
+    signs (one bit per entry, unpacked by each call); other kinds keep a dense ``R`` of up to
+    2**22 entries. Each
     kernel is factored and inverted by Cholesky in float64, one checkpoint at a time. When
     ``d > n_train``, the features are cached and ``train`` is countable, it uses the dual kernel
     ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores, since
