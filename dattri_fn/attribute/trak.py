@@ -287,13 +287,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``test`` in ``score``) are then read once per checkpoint, holding one ``R_c`` at a time,
     each Gram formed right after its pass. A rademacher ``R`` is kept between calls as packed
     signs (one bit per entry, unpacked by each call); other kinds keep a dense ``R`` of up to
-    2**22 entries. Each
-    kernel is factored and inverted by Cholesky in float64, one checkpoint at a time. When
-    ``d > n_train``, the features are cached and ``train`` is countable, it uses the dual kernel
-    ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the same scores, since
-    ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``, without the
-    ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when ``n_train`` is
-    moderate.
+    2**22 entries. Each kernel is factored and inverted by Cholesky in float64, one checkpoint
+    at a time. When ``d > n_train``, the features are cached and ``train`` is countable, it uses
+    the dual kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the
+    same scores, since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``,
+    without the ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when
+    ``n_train`` is moderate.
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
