@@ -418,10 +418,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 buffers[:] = [v0.new_empty((b, P), dtype=fdt)]
             return buffers[0][:b].unsqueeze(0)
 
-        def feature_rows(batch, buffers: list | None = None, one=None):
-            """Yield ``[b, d]`` in fdt per checkpoint; ``one = (c, projector)``: checkpoint c only."""
+        def feature_rows(batch, buffers: list | None = None, one: int | None = None):
+            """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only."""
             sub, plist = (stacked, projs) if one is None else (
-                {k: v[one[0]:one[0] + 1] for k, v in stacked.items()}, [one[1]])
+                {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
             lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
             if lg is not None and plist is not None:
                 b = lg.num_rows
@@ -444,7 +444,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
             yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
 
-        def features(batch, one=None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
+        def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
             return torch.stack(list(feature_rows(batch, one=one)))
 
         def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
@@ -476,13 +476,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             for c in range(C):
                 with holding(c):
                     per_ckpt.append(collect(func, arg, in_chunks(functools.partial(
-                        features, one=(c, projs[c])), chunk_size), data, device))
+                        features, one=c), chunk_size), data, device))
             return torch.cat(per_ckpt)
 
         def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None) -> Tensor:
             """Write every row of checkpoint ``c`` (None: all) and the weights into the cache
             ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``."""
-            one = None if c is None else (c, projs[c])
             n, buffers = 0, []
             with holding(c):
                 for batch in iter_batches(func, "train", data):
@@ -492,7 +491,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                     for s in range(0, b, step):
                         part = batch if step >= b else batch_slice(batch, s, s + step)
                         rows = slice(n + s, n + min(b, s + step))
-                        for i, phi in enumerate(feature_rows(part, buffers, one)):
+                        for i, phi in enumerate(feature_rows(part, buffers, c)):
                             feats[i if c is None else c, rows] = phi
                         if not c:  # None or 0: the weights, once
                             wts[rows] = weights(part, rows.stop - rows.start)
