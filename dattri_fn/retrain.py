@@ -35,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,9 @@ from ._checks import _msg, check_int, check_positive
 from .tasks import Task, derive_seed, train_model
 
 ENGINE_VERSION = 1
+# task.name names a cache directory: a plain name can neither leave cache_dir ("../x", "/x",
+# "a/b") nor hide in it (".x").
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class GroundTruth(NamedTuple):
@@ -246,6 +250,13 @@ def _check_common(func: str, task, r, seed, workers):
     if not isinstance(task, Task):
         raise TypeError(_msg(func, "task", "a dattri_fn.tasks.Task", type(task).__name__,
                              "Build one with dattri_fn.tasks.get_task(name)."))
+    if not isinstance(task.name, str):
+        raise TypeError(_msg(func, "task", "a str task.name", type(task.name).__name__))
+    if not _TASK_NAME.fullmatch(task.name):
+        raise ValueError(_msg(func, "task", "a task.name of letters, digits, '-', '_' and '.', "
+                              "not starting with '.'", f"name {task.name!r}",
+                              "It names the cache directory: rename the task, e.g. "
+                              "dataclasses.replace(task, name='my-task')."))
     check_int(func, "r", r)
     check_int(func, "seed", seed, minimum=0)
     check_int(func, "workers", workers)
@@ -278,8 +289,10 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
         :class:`GroundTruth` ``(subsets, targets)``; ``targets`` on the CPU in the target's dtype.
 
     Raises:
-        TypeError: ``task`` is not a :class:`~dattri_fn.tasks.Task`, or wrong kinds.
-        ValueError: ``m``, ``r``, ``workers`` < 1, or ``alpha`` outside (0, 1).
+        TypeError: ``task`` is not a :class:`~dattri_fn.tasks.Task` (or its ``name`` not a
+            str), or wrong kinds.
+        ValueError: ``m``, ``r``, ``workers`` < 1, ``alpha`` outside (0, 1), or a
+            ``task.name`` that is not a plain name (letters, digits, ``-_.``; no leading ``.``).
     """
     _check_common("lds_ground_truth", task, r, seed, workers)
     check_int("lds_ground_truth", "m", m)
@@ -321,7 +334,8 @@ def loo_ground_truth(task: Task, indices: Sequence[int] | Tensor, r: int = 1, *,
 
     Raises:
         TypeError: wrong kinds.
-        ValueError: empty, repeated or out-of-range ``indices``; ``r``/``workers`` < 1.
+        ValueError: empty, repeated or out-of-range ``indices``; ``r``/``workers`` < 1; a
+            ``task.name`` that is not a plain name (as :func:`lds_ground_truth`).
     """
     func = "loo_ground_truth"
     _check_common(func, task, r, seed, workers)

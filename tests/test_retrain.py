@@ -149,6 +149,30 @@ def test_retrain_errors(task):
         lds_ground_truth(task, 2, workers=0)
 
 
+@pytest.mark.parametrize("name", ["../../escape", "/abs", "a/b", "a\\b", ".hidden", "..", "",
+                                  "tab\tname", "caf\u00e9"])
+def test_task_name_must_be_a_plain_name(task, tmp_path, name):
+    """task.name becomes a directory under cache_dir: a path-like name is refused, nothing written."""
+    bad = dataclasses.replace(task, name=name)
+    cache = tmp_path / "deep" / "cache"
+    for run in (lambda: lds_ground_truth(bad, 1, cache_dir=cache, progress=False),
+                lambda: loo_ground_truth(bad, [0], cache_dir=cache, progress=False)):
+        with pytest.raises(ValueError, match=r"_ground_truth\(task=...\): expected a task\.name "
+                                             r"of letters, digits, '-', '_' and '\.', not starting "
+                                             r"with '\.', got name .*rename the task"):
+            run()
+    assert list(tmp_path.rglob("*")) == []
+    with pytest.raises(TypeError, match=r"lds_ground_truth\(task=...\): expected a str task\.name"):
+        lds_ground_truth(dataclasses.replace(task, name=7), 1, cache_dir=cache, progress=False)
+
+
+def test_task_name_plain_names_accepted(task, tmp_path):
+    """Letters, digits, '-', '_' and inner dots form one directory right under cache_dir."""
+    named = dataclasses.replace(task, name="my_task-v1.2")
+    lds_ground_truth(named, 1, cache_dir=tmp_path, progress=False)
+    assert [p.name.split("-lds-")[0] for p in tmp_path.iterdir()] == ["my_task-v1.2"]
+
+
 def test_exact_influence_scores_positive_lds_and_loo(tmp_path):
     """Exact IF, scores = g_i^T H^-1 g_test / n (positive = proponent): LDS and LOO r > 0.6."""
     from torch.func import functional_call, grad, hessian, vmap
