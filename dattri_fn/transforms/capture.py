@@ -1,0 +1,427 @@
+"""Per-layer capture of layer inputs ``a`` and output gradients ``g``, without tracing the model.
+
+A layer ``z = W a + b`` applied at positions ``t`` has the per-example gradients
+``dW_i = sum_t g_it a_it^T`` and ``db_i = sum_t g_it`` with ``g = dloss_i / dz``. To get ``a`` and
+``g`` for selected layers, the model runs under ``torch.func.functional_call`` inside a
+:class:`torch.overrides.TorchFunctionMode` that recognises each selected layer's weight **by
+identity** where a torch function consumes it, records that call's input and adds a zero probe
+to its output. At probes ``= 0`` the output is unchanged and the derivative of the loss w.r.t.
+a probe is ``g``. No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
+``functional_call`` can run works (Python control flow, ``**kwargs``, attention masks, stock
+Hugging Face models), and a layer called several times gets one record per call, summed.
+
+Recognised calls (the "kinds"), each normalised to a linear form ``dW = sum_t g_t a_t^T``:
+
+* ``linear``: ``F.linear(a, W, b)`` on ``[B, ..., in]`` (``nn.Linear`` and subclasses);
+* ``conv1d``: ``torch.addmm(b, x, W)`` with ``W`` ``[in, out]`` on rows ``[B * T, in]``
+  (Hugging Face ``Conv1D``); ``dW = sum_t a_t g_t^T`` (transposed);
+* ``conv2d``: ``F.conv2d(x, W, b, ...)`` with ``groups = 1``; ``a`` = the unfolded patches
+  ``[B, L, C_in kh kw]``, ``g`` ``[B, L, C_out]`` (``L`` output positions);
+* ``embedding``: ``F.embedding(idx, W, padding_idx)``; ``a`` holds the indices ``[B, T]``
+  (``-1`` where ``padding_idx`` gets no gradient), ``dW[v] = sum_{t: idx_t = v} g_t``.
+
+Shapes: a layer with one call on a ``[B, in]`` input (or ``[B]`` indices) is *flat*: ``a``
+``[B, in]``, ``g`` ``[B, out]``; otherwise the calls' positions are concatenated: ``a``
+``[B, T, in]``, ``g`` ``[B, T, out]`` (``T`` summed over calls). Anything else that touches a
+selected weight or bias (a tied weight read by another op, ``W.t()``, a non-batch-first input,
+``max_norm``, grouped convolutions, ...) is a *problem*: :func:`check` lists them per layer so a
+caller can compute those layers densely (after one warning), and ``tapped`` raises
+:class:`CaptureError` rather than return wrong factors. Batch-first inputs are assumed to hold
+one example per row and the examples to be independent (eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["CaptureError", "LayerSpec", "bias_grad", "check", "layer_specs", "probe_shapes", "tap",
+           "weight_grad"]
+
+KINDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+class CaptureError(ValueError):
+    """A selected layer was used in a way the engine cannot factor (``.problems``: layer -> why)."""
+
+    def __init__(self, problems: Mapping[str, str]):
+        self.problems = dict(problems)
+        text = "; ".join(f"{n or '<root>'}: {why}" for n, why in self.problems.items())
+        super().__init__(f"capture: layers outside the per-layer capture engine: {text}.")
+
+
+class LayerSpec(NamedTuple):
+    """A capturable layer: its kind, state keys and output width (``g``'s last dim)."""
+
+    kind: str
+    weight: str
+    bias: str | None
+    out_features: int
+
+
+def _spec(name: str, m: nn.Module) -> LayerSpec | None:
+    prefix = f"{name}." if name else ""
+    bias = f"{prefix}bias" if getattr(m, "bias", None) is not None else None
+    if isinstance(m, nn.Linear):
+        return LayerSpec("linear", f"{prefix}weight", bias, m.out_features)
+    if isinstance(m, nn.Conv2d):
+        return LayerSpec("conv2d", f"{prefix}weight", bias, m.out_channels)
+    if isinstance(m, nn.Embedding):
+        return LayerSpec("embedding", f"{prefix}weight", None, m.embedding_dim)
+    w = getattr(m, "weight", None)
+    if type(m).__name__ == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2:
+        return LayerSpec("conv1d", f"{prefix}weight", bias, w.shape[1])
+    return None
+
+
+def layer_specs(module: nn.Module) -> dict[str, LayerSpec]:
+    """Return ``{name: LayerSpec}`` of every capturable submodule, in ``named_modules`` order.
+
+    A module reached under several names (shared) is listed once, under its first name; the
+    root module counts (name ``""``).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"layer_specs(module=...): expected an nn.Module, got "
+                        f"{type(module).__name__}.")
+    return {n: s for n, m in module.named_modules() if (s := _spec(n, m)) is not None}
+
+
+_BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
+                             "layout", "is_sparse", "is_quantized", "is_meta", "names"})
+_BENIGN_METHODS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point",
+                             "is_complex", "stride", "element_size", "get_device",
+                             "is_contiguous", "ndimension", "nelement", "data_ptr",
+                             "storage_offset", "__hash__", "__format__", "__repr__"})
+
+
+def _benign(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _BENIGN_GETTERS
+    return name in _BENIGN_METHODS
+
+
+def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(key, default)
+
+
+class _Record(NamedTuple):
+    kind: str
+    a: Tensor  # [B, T, in] (or [B, T] indices); T = 1 for a 2-d input
+    flat: bool  # the call's input was [B, in] / [B]
+
+
+class _Capture(TorchFunctionMode):
+    """Records selected layers' inputs and adds their probes (see the module docstring)."""
+
+    def __init__(self, specs: Mapping[str, LayerSpec], state: Mapping[str, Tensor],
+                 probes: Mapping[str, Tensor] | None, batch: int | None):
+        super().__init__()
+        self.specs, self.probes, self.batch = specs, probes, batch
+        self.roles: dict[int, tuple[str, str]] = {}
+        for n, s in specs.items():
+            self.roles[id(state[s.weight])] = (n, "weight")
+            if s.bias is not None:
+                self.roles[id(state[s.bias])] = (n, "bias")
+        self.records: dict[str, list[_Record]] = {n: [] for n in specs}
+        self.offsets = dict.fromkeys(specs, 0)
+        self.problems: dict[str, str] = {}
+
+    def _hits(self, args, kwargs) -> list[tuple[str, str]]:
+        out = []
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, Tensor):
+                role = self.roles.get(id(x))
+                if role is not None:
+                    out.append(role)
+            elif isinstance(x, (list, tuple)):
+                out.extend(self.roles[id(t)] for t in x
+                           if isinstance(t, Tensor) and id(t) in self.roles)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.roles:
+            return func(*args, **kwargs)
+        hits = self._hits(args, kwargs)
+        if not hits or _benign(func):
+            return func(*args, **kwargs)
+        layers = {n for n, _ in hits}
+        name = next(iter(layers))
+        call = _CALLS.get(func)
+        why = None
+        if len(layers) > 1:
+            why = f"shares a {func.__name__} call with layer(s) {sorted(layers - {name})}"
+        elif call is None or call[0] != self.specs[name].kind:
+            why = f"its tensors are used by {getattr(func, '__name__', func)}"
+        if why is None:
+            why = call[1](self, name, args, kwargs)
+        if isinstance(why, str):
+            for n in layers:
+                self.problems.setdefault(n, why)
+            return func(*args, **kwargs)
+        a, flat, T = why
+        out = func(*args, **kwargs)
+        self.records[name].append(_Record(self.specs[name].kind, a, flat))
+        return call[2](self, name, out, T)
+
+    def _probe(self, name: str, T: int, shape_out) -> Tensor | None:
+        """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes)."""
+        if self.probes is None:
+            return None
+        p = self.probes[name]
+        if p.ndim == 0:
+            return p
+        if p.ndim == 2:
+            if T != 1 or self.offsets[name]:
+                raise CaptureError({name: "a flat probe [B, out] for a layer with several "
+                                          "positions or calls; build probes from probe_shapes"})
+            self.offsets[name] = 1
+            return p
+        off = self.offsets[name]
+        self.offsets[name] = off + T
+        return p[:, off:off + T]
+
+    def rows_of(self, name: str, x: Tensor) -> int | str:
+        """``B`` when ``x`` is batch-first, else the reason it is not."""
+        if self.batch is None or x.ndim == 0 or x.shape[0] != self.batch:
+            got = list(x.shape) if x.ndim else "a scalar"
+            return f"an input {got} that is not batch-first (B = {self.batch})"
+        return self.batch
+
+
+# Each kind: (kind, inspect(mode, name, args, kwargs) -> (a, flat, T) or a reason,
+#             add_probe(mode, name, out, T) -> out).
+def _linear_inspect(mode: _Capture, name, args, kwargs):
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
+        _arg(args, kwargs, 2, "bias")
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return "its bias is used without its weight"
+    spec = mode.specs[name]
+    if spec.bias is not None and mode.roles.get(id(b)) != (name, "bias"):
+        return "its weight is used without its bias"
+    B = mode.rows_of(name, x)
+    if isinstance(B, str):
+        return B
+    T = math.prod(x.shape[1:-1])
+    return x.reshape(B, T, x.shape[-1]), x.ndim == 2, T
+
+
+def _add_positions(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
+    p = mode._probe(name, T, out.shape)
+    if p is None:
+        return out
+    return out + (p if p.ndim == 0 else p.reshape(out.shape))
+
+
+def _addmm_inspect(mode: _Capture, name, args, kwargs):
+    b, x, w = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"),
+               _arg(args, kwargs, 2, "mat2"))
+    if mode.roles.get(id(w)) != (name, "weight") or kwargs.get("beta", 1) != 1 \
+            or kwargs.get("alpha", 1) != 1:
+        return "addmm with the weight not as mat2 (or beta/alpha set)"
+    spec = mode.specs[name]
+    if (spec.bias is not None and mode.roles.get(id(b)) != (name, "bias")) or \
+            (spec.bias is None and mode.roles.get(id(b)) is not None):
+        return "its weight is used without its bias"
+    if mode.batch is None or x.shape[0] % mode.batch:
+        return f"rows {x.shape[0]} that are not B = {mode.batch} blocks of positions"
+    T = x.shape[0] // mode.batch
+    return x.reshape(mode.batch, T, x.shape[1]), T == 1, T
+
+
+def _conv2d_inspect(mode: _Capture, name, args, kwargs):
+    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
+        _arg(args, kwargs, 2, "bias")
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return "its bias is used without its weight"
+    spec = mode.specs[name]
+    if spec.bias is not None and mode.roles.get(id(b)) != (name, "bias"):
+        return "its weight is used without its bias"
+    stride, padding, dilation, groups = (_arg(args, kwargs, 3, "stride", 1),
+                                         _arg(args, kwargs, 4, "padding", 0),
+                                         _arg(args, kwargs, 5, "dilation", 1),
+                                         _arg(args, kwargs, 6, "groups", 1))
+    if groups != 1:
+        return f"groups = {groups} (only groups = 1 is factored)"
+    if x.ndim != 4:
+        return f"an unbatched input {list(x.shape)}"
+    B = mode.rows_of(name, x)
+    if isinstance(B, str):
+        return B
+    kernel = w.shape[2:]
+    dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        else:  # "same": symmetric only when every dilated kernel extent is odd
+            total = [d * (k - 1) for d, k in zip(dil, kernel, strict=True)]
+            if any(t % 2 for t in total):
+                return "padding='same' with an even kernel extent (asymmetric padding)"
+            padding = tuple(t // 2 for t in total)
+    cols = F.unfold(x, kernel, dilation=dil, padding=padding, stride=stride)  # [B, k, L]
+    return cols.transpose(1, 2), False, cols.shape[2]
+
+
+def _conv2d_probe(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
+    p = mode._probe(name, T, out.shape)
+    if p is None:
+        return out
+    return out + (p if p.ndim == 0 else p.transpose(1, 2).reshape(out.shape))
+
+
+def _embedding_inspect(mode: _Capture, name, args, kwargs):
+    idx, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return "its weight is the indices argument"
+    if _arg(args, kwargs, 3, "max_norm") is not None:
+        return "max_norm (renormalises the weight in place)"
+    if _arg(args, kwargs, 5, "scale_grad_by_freq", False):
+        return "scale_grad_by_freq (a gradient that depends on the whole batch)"
+    B = mode.rows_of(name, idx)
+    if isinstance(B, str):
+        return B
+    T = math.prod(idx.shape[1:])
+    a = idx.reshape(B, T)
+    pad = _arg(args, kwargs, 2, "padding_idx")
+    if pad is not None:
+        pad = pad if pad >= 0 else w.shape[0] + pad
+        a = a.masked_fill(a == pad, -1)
+    return a, idx.ndim == 1, T
+
+
+_CALLS = {
+    F.linear: ("linear", _linear_inspect, _add_positions),
+    torch.addmm: ("conv1d", _addmm_inspect, _add_positions),
+    F.conv2d: ("conv2d", _conv2d_inspect, _conv2d_probe),
+    F.embedding: ("embedding", _embedding_inspect, _add_positions),
+}
+
+
+def _batch_rows(args, kwargs) -> int | None:
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, Tensor) and t.ndim:
+            return t.shape[0]
+    return None
+
+
+def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Return ``({layer: a}, problems)`` from a finished mode (module docstring's shapes)."""
+    acts, problems = {}, dict(mode.problems)
+    for n, recs in mode.records.items():
+        if n in problems:
+            continue
+        if not recs:
+            problems[n] = "not called in this forward (or its weight reached a call as a copy)"
+        elif len(recs) == 1 and recs[0].flat:
+            acts[n] = recs[0].a[:, 0]
+        else:
+            acts[n] = torch.cat([r.a for r in recs], 1)
+    return acts, problems
+
+
+def tap(module: nn.Module, layers: Iterable[str]):
+    """Return ``tapped(state, probes, *args, **kwargs) -> (output, {layer: a})`` for ``layers``.
+
+    ``tapped`` calls ``functional_call(module, state, args, kwargs)`` with each selected layer's
+    probe added to its outputs (module docstring); ``torch.func.grad`` w.r.t. the probes gives
+    ``g``. ``probes[layer]`` has :func:`probe_shapes`' shape, or is a 0-d zero (no gradient
+    wanted). ``state`` must hold every selected layer's weight and bias (tied keys may be
+    missing: ``functional_call`` ties them). Raises :class:`CaptureError` if a layer is used in
+    a way the engine cannot factor (:func:`check` lists them without raising).
+
+    Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
+    ``state_keys`` (the names ``functional_call`` accepts), ``shapes`` (a cache for
+    :func:`dattri_fn.layers.output_shapes`).
+    """
+    specs_all = layer_specs(module)
+    names = list(layers)
+    unknown = [n for n in names if n not in specs_all]
+    if unknown:
+        raise ValueError(f"tap(layers=...): expected names of capturable layers "
+                         f"({', '.join(KINDS)}), got {unknown}. Capturable: {list(specs_all)}.")
+    order = {n: i for i, n in enumerate(specs_all)}
+    names = sorted(set(names), key=order.__getitem__)
+    specs = {n: specs_all[n] for n in names}
+    state_keys = frozenset([k for k, _ in module.named_parameters(remove_duplicate=False)]
+                           + [k for k, _ in module.named_buffers(remove_duplicate=False)])
+
+    def run(state, probes, args, kwargs):
+        state = {k: v for k, v in state.items() if k in state_keys}
+        missing = [k for s in specs.values() for k in (s.weight, s.bias)
+                   if k is not None and k not in state]
+        if missing:
+            raise ValueError(f"tapped(state=...): expected the selected layers' weights and "
+                             f"biases, missing {missing}.")
+        mode = _Capture(specs, state, probes, _batch_rows(args, kwargs))
+        with mode:
+            out = torch.func.functional_call(module, state, args, kwargs)
+        return out, mode
+
+    def tapped(state: Mapping[str, Tensor], probes: Mapping[str, Tensor], *args, **kwargs):
+        out, mode = run(state, probes, args, kwargs)
+        acts, problems = _acts(mode)
+        if problems:
+            raise CaptureError(problems)
+        return out, acts
+
+    def check_fn(state, *args, **kwargs) -> dict[str, str]:
+        with torch.no_grad():
+            _, mode = run(state, None, args, kwargs)
+        return _acts(mode)[1]
+
+    tapped.layers = names
+    tapped.specs = specs
+    tapped.module = module
+    tapped.state_keys = state_keys
+    tapped.shapes = {}
+    tapped.check = check_fn
+    return tapped
+
+
+def check(tapped, state: Mapping[str, Tensor], *args, **kwargs) -> dict[str, str]:
+    """Return ``{layer: why}`` for the layers of ``tapped`` that one no-grad forward on
+    ``(args, kwargs)`` shows cannot be captured (empty: every layer is captured)."""
+    return tapped.check(state, *args, **kwargs)
+
+
+def probe_shapes(tapped, acts: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Return each layer's probe (= ``g``) shape from its ``a`` (one forward's ``acts``)."""
+    out = {}
+    for n, a in acts.items():
+        spec = tapped.specs[n]
+        lead = a.shape if spec.kind == "embedding" else a.shape[:-1]
+        out[n] = (*lead, spec.out_features)
+    return out
+
+
+def _tokens(a: Tensor, g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """``a``, ``g`` with a positions dim: ``[B, T, in]`` (``[B, T]`` indices), ``[B, T, out]``."""
+    if g.ndim == 2:
+        return a[:, None], g[:, None]
+    return a, g
+
+
+def weight_grad(spec: LayerSpec, a: Tensor, g: Tensor, weight_shape) -> Tensor:
+    """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]"""
+    a, g = _tokens(a, g, spec.kind)
+    if spec.kind == "embedding":
+        V = weight_shape[0]
+        rows = torch.where(a < 0, V, a)[..., None].expand(-1, -1, g.shape[-1])
+        out = g.new_zeros(g.shape[0], V + 1, g.shape[-1]).scatter_add(1, rows, g)
+        return out[:, :V]
+    if spec.kind == "conv1d":
+        return torch.einsum("bti,bto->bio", a, g)
+    return torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], *weight_shape)
+
+
+def bias_grad(spec: LayerSpec, g: Tensor) -> Tensor:
+    """Return the per-example bias gradients ``sum_t g_t``.  # [B, out]"""
+    return g if g.ndim == 2 else g.sum(1)
