@@ -3,7 +3,15 @@
 ``save`` never leaves a half-written file under the target name: it writes a temporary file in
 the same directory, flushes and fsyncs it, then ``os.replace``-s it over the target (atomic on
 POSIX and Windows within one file system). A crash or an exception mid-write leaves the old file,
-if any, untouched.
+if any, untouched. Files get the mode the umask gives a new file (``0o666 & ~umask``: 0644 by
+default), so a shared cache stays readable to its other users.
+
+Temp files. The one for target ``d/name`` is ``d/.name.XXXXXXXX.tmp`` (8 characters of
+``[a-z0-9_]``), locked (``flock``) by its writer until it is renamed. A save killed mid-write
+(SIGKILL, power loss) leaves it behind; the next ``save`` or ``load`` of the same target removes
+every such file that no live writer holds, and nothing else (other targets' temp files are left
+to their own saves). On Windows, which has no ``flock``, a file still open by its writer cannot
+be deleted, which protects it the same way.
 
 ``load`` reads with ``torch.load(weights_only=True)``, which refuses to unpickle arbitrary
 objects. NamedTuples (our method states and results) are not on that allow-list, so ``save``
@@ -17,10 +25,12 @@ numbers, strings, ``None``, dicts, lists and tuples round-trip as themselves.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
+import re
+import secrets
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,8 +39,25 @@ import torch
 
 from ._checks import _msg
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 # A key no user dict is expected to carry; it marks an encoded NamedTuple.
 TAG = "__dattri_fn_namedtuple__"
+# tempfile.mkstemp's alphabet and length, so leftovers of older versions (which used it) match.
+_TMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_TMP_RANDOM = re.compile(r"[a-z0-9_]{8}")
+_OPEN_FLAGS = (getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+# Directories seen with no temp file at all, by (st_dev, st_ino, st_mtime_ns): a save or load
+# there skips the listing (~0.6 us an entry: O(n^2) over a cache of n files) until the directory
+# changes. A save into a clean directory marks it clean again after its rename, so one process
+# filling a cache lists it once. The cost: a temp file created by another process during that
+# save (or within a coarse mtime tick) is seen only after the next change or by the next
+# process; a stamp can delay a cleanup, never remove a file.
+_CLEAN_DIRS: dict[str, tuple[int, int, int]] = {}
 
 
 def _is_namedtuple(obj) -> bool:
@@ -88,6 +115,9 @@ def _decode(obj):
 def save(obj: Any, path: str | os.PathLike) -> Path:
     """Return the path after writing ``obj`` there atomically (temp file, fsync, ``os.replace``).
 
+    Stale temp files of this target (left by a killed save, see the module docstring) are
+    removed first. The file gets mode ``0o666 & ~umask``.
+
     Args:
         obj: tensors, numbers, strings, ``None`` and NamedTuples / dicts / lists / tuples of
             them (anything ``torch.load(weights_only=True)`` can read back, plus NamedTuples).
@@ -105,22 +135,108 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
         raise TypeError(_msg("save", "path", "a str or os.PathLike", type(path).__name__))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    was_clean = _remove_stale_tmps(path)
+    fd, tmp = _create_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(_encode(obj), f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                # Renamed while still locked: no cleaner ever sees this temp unlocked.
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)  # Windows cannot rename a file that is still open
     except BaseException:
         # BaseException: a KeyboardInterrupt mid-write must not leave temp files behind either.
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(path.parent)
+    if was_clean:
+        _mark_clean(path.parent)
     return path
+
+
+def _create_tmp(path: Path) -> tuple[int, Path]:
+    """Return ``(fd, name)`` of a new temp file for ``path``, locked for writing."""
+    for _ in range(100):
+        token = "".join(secrets.choice(_TMP_ALPHABET) for _ in range(8))
+        tmp = path.parent / f".{path.name}.{token}.tmp"
+        try:
+            # 0o666 lets the umask decide, as for any new file; mkstemp's 0600 would hide a
+            # shared cache from its other users.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o666)
+        except FileExistsError:
+            continue
+        if fcntl is None:
+            return fd, tmp
+        with contextlib.suppress(OSError):  # no locks on this file system: nobody cleans
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # A cleaner may have removed the file between its creation and the lock.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return fd, tmp
+        os.close(fd)
+    raise FileExistsError(_msg("save", "path", "a free temp file name next to it",
+                               f"100 taken names like {tmp.name!r}"))
+
+
+def _dir_stamp(directory: Path) -> tuple[str, tuple[int, int, int]]:
+    st = os.stat(directory)
+    return os.path.abspath(directory), (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def _mark_clean(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        key, stamp = _dir_stamp(directory)
+        _CLEAN_DIRS[key] = stamp
+
+
+def _remove_stale_tmps(path: Path) -> bool:
+    """Remove ``path``'s temp files that no live writer holds, never any other file; return
+    True when its directory held no temp file at all."""
+    directory = path.parent
+    try:
+        key, stamp = _dir_stamp(directory)
+        if _CLEAN_DIRS.get(key) == stamp:
+            return True
+        with os.scandir(directory) as entries:
+            tmps = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return False
+    prefix = f".{path.name}."
+    for name in tmps:
+        if name.startswith(prefix) and _TMP_RANDOM.fullmatch(name[len(prefix):-len(".tmp")]):
+            _remove_if_unlocked(directory / name)
+    if tmps:
+        _CLEAN_DIRS.pop(key, None)
+        return False
+    _CLEAN_DIRS[key] = stamp
+    return True
+
+
+def _remove_if_unlocked(tmp: Path) -> None:
+    if fcntl is None:
+        # Windows refuses to delete a file its writer still holds open (only in the instant
+        # between its close and its rename can a cleaner win; that save then raises).
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return
+    try:
+        fd = os.open(tmp, os.O_RDWR | _OPEN_FLAGS)  # RDWR: NFS emulates flock by write locks
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Locked: its writer is gone. The name is checked again: a finished save renames its
+        # temp away before unlocking it.
+        if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+            os.unlink(tmp)
+    except OSError:  # BlockingIOError: a live save holds it
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -140,6 +256,8 @@ def _fsync_dir(directory: Path) -> None:
 def load(path: str | os.PathLike, *, map_location=None, weights_only: bool = True) -> Any:
     """Return the object stored at ``path`` by :func:`save`, NamedTuples rebuilt.
 
+    Stale temp files of this target are removed first, as by :func:`save`.
+
     Args:
         path: a file written by :func:`save` (or by ``torch.save``).
         map_location: as in ``torch.load``, e.g. ``"cpu"``.
@@ -156,6 +274,7 @@ def load(path: str | os.PathLike, *, map_location=None, weights_only: bool = Tru
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_msg("load", "path", "a str or os.PathLike", type(path).__name__))
     path = Path(path)
+    _remove_stale_tmps(path)
     if not path.is_file():
         raise FileNotFoundError(_msg("load", "path", "an existing file", repr(str(path))))
     return _decode(torch.load(path, map_location=map_location, weights_only=weights_only))

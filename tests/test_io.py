@@ -1,5 +1,12 @@
-"""Atomic save/load: round trips (tensors, NamedTuples, containers) and failed writes."""
+"""Atomic save/load: round trips (tensors, NamedTuples, containers), failed and killed writes,
+stale temp files and file modes."""
 
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 from typing import NamedTuple
 
 import pytest
@@ -8,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dattri_fn import io
+from dattri_fn.io import fcntl
 from dattri_fn.metrics import LDSResult
 
 
@@ -106,3 +114,110 @@ def test_errors(tmp_path):
         io.load(None)
     with pytest.raises(FileNotFoundError, match=r"load\(path=...\): expected an existing file"):
         io.load(tmp_path / "missing.pt")
+
+
+# -- temp files and modes ---------------------------------------------------------------
+posix_only = pytest.mark.skipif(fcntl is None, reason="flock and POSIX modes")
+LEFTOVER = ".obj.pt.ab12cd_9.tmp"  # what a save of obj.pt killed mid-write leaves behind
+# Near misses that are not obj.pt's temp files: they must survive every save and load.
+OTHERS = [".obj.pt.tmp", ".obj.pt.ab12cd9.tmp", ".obj.pt.AB12CD_9.tmp", ".obj.pt.ab12cd_9x.tmp",
+          ".other.pt.ab12cd_9.tmp", ".obj.pt.ab12cd_9.ab12cd_9.tmp", "obj.pt.ab12cd_9.tmp",
+          ".obj.pt.ab12cd_9.tmp.keep", ".obj.ab12cd_9.tmp", "notes.txt"]
+
+
+@pytest.mark.parametrize("op", ["save", "load"])
+def test_next_save_or_load_removes_leftover_temp_only(tmp_path, op):
+    """A leftover .obj.pt.XXXXXXXX.tmp is removed by the next save/load of obj.pt; nothing else."""
+    path = tmp_path / "obj.pt"
+    torch.save(torch.arange(3), path)  # as an earlier process left it
+    for name in [LEFTOVER, *OTHERS]:
+        (tmp_path / name).write_bytes(b"partial")
+    if op == "save":
+        io.save(torch.arange(4), path)
+    assert torch.equal(io.load(path), torch.arange(4 if op == "save" else 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["obj.pt", *OTHERS])
+    assert (tmp_path / "notes.txt").read_bytes() == b"partial"
+
+
+@posix_only
+def test_temp_held_by_a_live_writer_is_kept(tmp_path):
+    """A temp file whose writer still holds its flock is not stale: kept until it is released."""
+    path = tmp_path / "obj.pt"
+    tmp = tmp_path / LEFTOVER
+    with open(tmp, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        io.save(torch.zeros(1), path)
+        io.load(path)
+        assert tmp.exists()
+    io.load(path)
+    assert not tmp.exists()
+
+
+def test_clean_directory_is_listed_once(tmp_path, monkeypatch):
+    """Saves and loads into a directory with no temp file list it once, until it changes."""
+    calls = []
+    real_scandir = io.os.scandir
+    monkeypatch.setattr(io.os, "scandir", lambda d: calls.append(d) or real_scandir(d))
+    for i in range(5):
+        io.save(torch.tensor(i), tmp_path / f"u{i}.pt")
+    for i in range(5):
+        assert io.load(tmp_path / f"u{i}.pt") == i
+    assert len(calls) == 1
+    time.sleep(0.05)  # past the file system clock's tick (a coarse one is <= 10 ms on Linux)
+    (tmp_path / ".u3.pt.zzzzzzzz.tmp").write_bytes(b"")  # changes the directory's mtime
+    io.load(tmp_path / "u3.pt")
+    assert len(calls) == 2 and not (tmp_path / ".u3.pt.zzzzzzzz.tmp").exists()
+
+
+@posix_only
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_mode_follows_umask(tmp_path, umask):
+    """Written files get 0o666 & ~umask (0644 by default), new or replacing a 0600 file."""
+    old = os.umask(umask)
+    try:
+        io.save(torch.zeros(1), tmp_path / "new.pt")
+        (tmp_path / "old.pt").write_bytes(b"")
+        os.chmod(tmp_path / "old.pt", 0o600)
+        io.save(torch.zeros(1), tmp_path / "old.pt")
+    finally:
+        os.umask(old)
+    for name in ("new.pt", "old.pt"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask
+
+
+@posix_only
+def test_sigkilled_writer_leftover_removed_by_next_save(tmp_path):
+    """A writer SIGKILLed mid-write leaves its locked temp; while alive it is kept, then removed."""
+    path = tmp_path / "obj.pt"
+    io.save(torch.zeros(1), path)
+    child = subprocess.Popen([sys.executable, "-c", _STUCK_WRITER, str(path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        temps = [p for p in tmp_path.iterdir() if p.name != "obj.pt"]
+        assert len(temps) == 1 and temps[0].name.startswith(".obj.pt.")
+        io.save(torch.ones(1), path)  # the writer is alive: its temp stays
+        assert temps[0].exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    io.save(torch.full((1,), 2.0), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["obj.pt"]
+    assert io.load(path).item() == 2.0
+
+
+# A save that writes part of its file, says so, and hangs until killed.
+_STUCK_WRITER = """
+import sys, time, torch
+from dattri_fn import io
+
+def stuck(obj, f, *args, **kwargs):
+    f.write(b"partial")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+torch.save = stuck
+io.save({"x": torch.zeros(3)}, sys.argv[1])
+"""
