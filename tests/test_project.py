@@ -3,6 +3,8 @@
 import contextlib
 import importlib
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,41 +223,70 @@ def test_tree_never_concatenates_all_layers(monkeypatch, small_blocks):
 
 
 # -- Johnson-Lindenstrauss -------------------------------------------------------------
-# For unit u, v every kind has Var[<R^T u, R^T v>] <= (1 + <u,v>^2)/d <= 2/d (sjlt: each of
-# the nnz segments is a count-sketch of size d/nnz weighted 1/nnz). JL_TOL = 8/sqrt(d) is
-# > 5.6 standard deviations.
-JL_D = 2048
+# err = <R^T u, R^T v> - <u, v> has mean 0 and Var[err] <= (|u|^2 |v|^2 + <u,v>^2) / d_eff:
+#   gaussian    = that, d_eff = d (E[(g.u)^2 (g.v)^2] = |u|^2 |v|^2 + 2 <u,v>^2);
+#   rademacher  = that less 2 sum_i u_i^2 v_i^2 / d (E[s^4] = 1, not 3);
+#   sjlt, nnz s = mean of s independent count-sketches, segment j with L_j >= floor(d/s)
+#                 buckets: sum_j (the rademacher numerator) / (s^2 L_j), so d_eff = s floor(d/s).
+# The tails are not Gaussian (nnz=1: one collision of two large coordinates moves err by
+# 2 u_i v_k), so one draw has only Chebyshev, P(|err| > k sd) <= 1/k^2: too weak to test a
+# single draw at a small failure rate. The median over n seeds exceeds k sd only when n/2
+# draws do: P <= P(Bin(n, 1/k^2) >= n/2) <= exp(-n KL(1/2 || 1/k^2)) (Chernoff).
+JL_D, JL_SEEDS, JL_K = 1024, 64, 3.0
 
 
-def JL_TOL(d):
-    return 8.0 / math.sqrt(d)
+def _jl_sd(U, kind, nnz, d):
+    """sqrt((|u|^2 |v|^2 + <u,v>^2) / d_eff) for every pair of rows.  # [m, P] -> [m, m]"""
+    G = U @ U.T
+    d_eff = nnz * (d // nnz) if kind == "sjlt" else d
+    sq = G.diagonal()
+    return ((sq[:, None] * sq[None, :] + G**2) / d_eff).sqrt()
+
+
+def _median_failure_bound(n, k):
+    """exp(-n KL(1/2 || p)), p = 1/k^2: P(median of n iid |err| > k sd) at most this."""
+    p = 1 / k**2
+    return math.exp(-n * (0.5 * math.log(0.5 / p) + 0.5 * math.log(0.5 / (1 - p))))
 
 
 @pytest.mark.parametrize("kind,nnz", CASES + [("sjlt", 8)])
-@given(seed=seed_st, P=st.integers(64, 400))
-@settings(max_examples=4)
+@given(seed=seed_st, P=st.integers(16, 128))
+@settings(max_examples=2)
 def test_jl_inner_products_preserved(device, kind, nnz, seed, P):
-    """|<R^T u, R^T v> - <u, v>| <= 8/sqrt(d) for unit u, v (norms included: u = v)."""
+    """median_s |<R_s^T u, R_s^T v> - <u, v>| <= 3 sd(u, v) over 64 seeds, all 15 pairs (u = v too).
+
+    sd and the median bound as derived above: P(fail) <= 15 exp(-64 KL(1/2 || 1/9)) < 2e-12.
+    """
+    assert 15 * _median_failure_bound(JL_SEEDS, JL_K) < 2e-12
     U = _randn(seed + 1, 5, P, device=device)
     U = U / U.norm(dim=1, keepdim=True)
     U[1] = (U[0] + U[1]) / (U[0] + U[1]).norm()  # one correlated pair
-    Y = project(U, proj_dim=JL_D, kind=kind, seed=seed, nnz=nnz)
-    err = (Y @ Y.T - U @ U.T).abs().max()
-    assert err <= JL_TOL(JL_D), f"{err} > {JL_TOL(JL_D)}"
+    errs = []
+    for s in range(JL_SEEDS):
+        Y = project(U, proj_dim=JL_D, kind=kind, seed=seed + s, nnz=nnz)
+        errs.append((Y @ Y.T - U @ U.T).abs())
+    med = torch.stack(errs).median(0).values
+    bound = JL_K * _jl_sd(U, kind, nnz, JL_D)
+    assert (med <= bound).all(), f"{(med / bound).max()} x the bound"
 
 
 @pytest.mark.parametrize("kind,nnz", CASES)
 @given(seed=seed_st)
 @settings(max_examples=2)
 def test_mean_of_rrt_over_seeds_is_identity(kind, nnz, seed):
-    """max |mean_s R_s R_s^T - I| <= 8/sqrt(n d) over n seeds (entry std <= sqrt(2/(n d)))."""
+    """max |mean_s R_s R_s^T - I| <= 10/sqrt(n d) over n seeds: P(fail) < 1e-10 per entry.
+
+    Each entry is a mean of n d products of normals (gaussian; chi-square on the diagonal), of
+    n d signs (rademacher) or of n terms in [-1, 1] with variance <= 1.01/d (sjlt): Chernoff or
+    Bernstein at 10/sqrt(n d) (sd <= sqrt(2/(n d))) gives < 1e-10.
+    """
     P, d, n = 10, 32, 300
     acc = torch.zeros(P, P, dtype=F64)
     for s in range(seed, seed + n):
         R = make_projector(P, proj_dim=d, kind=kind, seed=s, nnz=nnz, dtype=F64).matrix()
         acc += R @ R.T
     err = (acc / n - torch.eye(P, dtype=F64)).abs().max()
-    assert err <= 8 / math.sqrt(n * d), err
+    assert err <= 10 / math.sqrt(n * d), err
 
 
 # -- sjlt structure --------------------------------------------------------------------
@@ -297,7 +328,8 @@ def test_sjlt_forward_never_builds_a_dense_matrix(monkeypatch):
     proj = make_projector(P, proj_dim=d, kind="sjlt", seed=5, nnz=2)
     Y = proj(X)
     assert Y.shape == (2, d)
-    # JL: relative error of |x R|^2 has std <= sqrt(2/d); 8/sqrt(d) as in JL_TOL below.
+    # Fixed seeds. Relative error of |x R|^2: sd <= sqrt(2/d) (JL block above); 8/sqrt(d) is
+    # 5.7 sd, and with 150000 coordinates each below 1% of |x| the sum is near Gaussian.
     rel = (Y.norm(dim=1) ** 2 / X.norm(dim=1) ** 2 - 1).abs()
     assert (rel <= 8 / math.sqrt(d)).all(), rel
     Yc = make_projector(P, proj_dim=d, kind="sjlt", seed=5, nnz=2, chunk_size=70_000)(X)
@@ -447,3 +479,31 @@ def test_finite_check_has_no_false_alarm_on_overflowing_sum():
     X = torch.full((2, 4), 3e38)
     assert torch.isinf(X.sum())
     assert project(X, proj_dim=3, kind="sjlt", nnz=3).shape == (2, 3)
+
+
+# -- the suite itself ------------------------------------------------------------------
+# A JL bound once failed on a second `make test` because hypothesis drew new seeds each run.
+def test_hypothesis_profiles_are_derandomized():
+    """Both profiles, and the loaded one, are derandomized without a database; CI picks "ci"."""
+    for name in ("default", "ci"):
+        prof = settings.get_profile(name)
+        assert prof.derandomize and prof.database is None, name
+    assert settings.get_current_profile_name() == os.environ.get("HYPOTHESIS_PROFILE", "default")
+    assert settings.default.derandomize and settings.default.database is None
+    ci_run = Path(__file__).resolve().parents[1] / ".ci" / "run"
+    assert "HYPOTHESIS_PROFILE=ci make test" in ci_run.read_text()
+
+
+def test_same_examples_every_run():
+    """A @given test called twice draws the same examples (as a second pytest run does)."""
+    seen = []
+
+    @given(x=seed_st)
+    @settings(max_examples=5)
+    def probe(x):
+        seen.append(x)
+
+    probe()
+    first, seen[:] = list(seen), []
+    probe()
+    assert seen == first and len(set(first)) > 1
