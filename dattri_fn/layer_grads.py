@@ -31,15 +31,16 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd import forward_ad
 from torch.func import grad, vmap
 
 from ._checks import batch_size, batch_slice, batch_to
 from ._types import Batch, Params
 from .grad import per_sample_grad_unchecked
-from .layers import _LeafTracer, _tap, batched_io, output_shapes, tree_unsqueeze
+from .layers import batched_io, output_shapes, tree_unsqueeze
 from .model import FunctionalModel, default_unpack
+from .transforms import capture
 from .tree import ravel_batched
 
 
@@ -53,7 +54,8 @@ class LayerGrads(NamedTuple):
         dense: ``[C, B, P_dense]``: every other attributed parameter, plus the materialised
             sequence layers (``P_dense`` may be 0).
         layout: ``(key, source)`` per attributed parameter, in params order, for
-            :meth:`to_dense`: source ``("w", layer, has_bias)``, ``("b", layer)`` or
+            :meth:`to_dense`: source ``("w", layer, has_bias)`` (``"wt"``: a transposed
+            ``[in, out]`` weight, HF Conv1D), ``("b", layer)`` or
             ``("d", start, stop)``.
     """
 
@@ -65,8 +67,14 @@ class LayerGrads(NamedTuple):
     def num_rows(self) -> int:
         return self.dense.shape[1]
 
+    def _same_layout(self, other: LayerGrads) -> bool:
+        return self.layout == other.layout and self.factors.keys() == other.factors.keys() and all(
+            self.factors[n][0].ndim == other.factors[n][0].ndim for n in self.factors)
+
     def scores(self, other: LayerGrads) -> Tensor:
         """Return ``sum_c <grad_ci, other_cj>`` for every pair of rows.  # -> [B, n]"""
+        if not self._same_layout(other):  # e.g. a dense batch of one against factored blocks
+            return torch.bmm(self.to_dense(), other.to_dense().transpose(1, 2)).sum(0)
         out = 0
         if self.dense.shape[-1]:
             out = torch.bmm(self.dense, other.dense.transpose(1, 2)).sum(0)
@@ -83,6 +91,8 @@ class LayerGrads(NamedTuple):
 
     def row_dots(self, other: LayerGrads) -> Tensor:
         """Return ``sum_c <grad_ci, other_ci>`` row by row (same examples).  # -> [B]"""
+        if not self._same_layout(other):
+            return (self.to_dense() * other.to_dense()).sum((0, 2))
         out = (self.dense * other.dense).sum((0, 2))
         for name, (a, g) in self.factors.items():
             a2, g2 = other.factors[name]
@@ -135,16 +145,22 @@ class LayerGrads(NamedTuple):
         for (_, source), size in zip(self.layout, sizes, strict=True):
             view = out[..., off:off + size]
             a, g = self.factors[source[1]] if source[0] != "d" else (None, None)
-            if source[0] == "w" and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
+            if source[0] in ("w", "wt") and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
                 # The outer product written in place: no per-layer block, no concatenation. Into
                 # another dtype torch forms each product in a temporary of the factors' dtype
                 # first, so that goes by blocks of rows of about 2**18 products (at least one).
                 n_in = _weight_cols(a, source)
-                dst = view.unflatten(-1, (g.shape[-1], n_in))
-                step = B if dst.dtype == g.dtype else max(1, _NARROW_ENTRIES // max(1, C * size))
-                for r in range(0, B, step):
-                    torch.mul(g[:, r:r + step, :, None], a[:, r:r + step, None, :n_in],
-                              out=dst[:, r:r + step])
+                step = B if view.dtype == g.dtype else max(1, _NARROW_ENTRIES // max(1, C * size))
+                if source[0] == "w":
+                    dst = view.unflatten(-1, (g.shape[-1], n_in))
+                    for r in range(0, B, step):
+                        torch.mul(g[:, r:r + step, :, None], a[:, r:r + step, None, :n_in],
+                                  out=dst[:, r:r + step])
+                else:  # a transposed weight [in, out] (Conv1D)
+                    dst = view.unflatten(-1, (n_in, g.shape[-1]))
+                    for r in range(0, B, step):
+                        torch.mul(a[:, r:r + step, :n_in, None], g[:, r:r + step, None, :],
+                                  out=dst[:, r:r + step])
             else:
                 view.copy_(self._block(source, 0, size))
             off += size
@@ -212,6 +228,11 @@ class LayerGrads(NamedTuple):
         if source[0] == "b":
             return g.sum(2)[..., lo:hi]
         n_in = _weight_cols(a, source)
+        if source[0] == "wt":  # [in, out]: rows of dW are inputs
+            n_out = g.shape[-1]
+            r0, r1 = lo // n_out, -(-hi // n_out)
+            w = torch.einsum("cbti,cbto->cbio", a[..., r0:min(r1, n_in)], g).flatten(2)
+            return w[..., lo - r0 * n_out:hi - r0 * n_out]
         r0, r1 = lo // n_in, -(-hi // n_in)  # output rows of dW that the range touches
         w = torch.einsum("cbto,cbti->cboi", g[..., r0:r1], a[..., :n_in]).flatten(2)
         return w[..., lo - r0 * n_in:hi - r0 * n_in]
@@ -242,22 +263,24 @@ def _weight_cols(a: Tensor, source) -> int:
 
 
 class LayerPlan(NamedTuple):
-    """What :func:`layer_plan` decided for a model: which Linear layers are factored."""
+    """What :func:`layer_plan` decided for a model: which layers are captured (factored)."""
 
     model: FunctionalModel
     tapped: Any
     layers: dict[str, tuple[str | None, str | None]]  # layer -> (weight key, bias key)
     rest: tuple[str, ...]
     out_features: dict[str, int]
-    status: dict  # "checked"/"dense" flags and per-layer layouts, fixed by the first batch
+    status: dict  # "checked"/"dense" flags, per-layer layouts and the narrowed "plan"
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
-    """Return the factored plan of ``model``'s attributed Linear layers, or None if there is none.
+    """Return the capture plan of ``model``'s attributed layers, or None if there is none.
 
-    A Linear layer is factored when one of its parameters is attributed, its ``forward`` is
-    ``nn.Linear.forward`` and ``torch.fx`` sees it called exactly once; every other attributed
-    parameter stays dense. None when the module cannot be traced or no layer qualifies.
+    Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
+    attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
+    forward works); every other attributed parameter stays dense. A layer the first batch shows
+    cannot be captured (a tied weight read by another op, a grouped convolution, ...) is computed
+    densely from then on, after one warning naming it and why.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -265,58 +288,37 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if model.loss_fn is None:
         raise ValueError("layer_plan(model=...): expected a FunctionalModel built with a "
                          "loss_fn, got loss_fn=None.")
-    # A bare Linear is traced inside a one-layer Sequential (fx cannot keep the root as a leaf).
-    prefix = "0." if isinstance(model.module, nn.Linear) else ""
-    module = nn.Sequential(model.module) if prefix else model.module
-    keys = {prefix + k for k in model.params}
-    candidates = [n for n, m in module.named_modules()
-                  if n and isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-                  and (f"{n}.weight" in keys or f"{n}.bias" in keys)]
-    if not candidates:
-        return None
-    try:
-        graph = _LeafTracer(set(candidates)).trace(module)
-    except Exception:  # fx raises TraceError, TypeError, NotImplementedError...
-        return None
-    calls = {n: 0 for n in candidates}
-    attrs = set()
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in calls:
-            calls[node.target] += 1
-        elif node.op == "get_attr":
-            attrs.add(node.target)
-    uses: dict[int, int] = {}
-    for _, m in module.named_modules(remove_duplicate=False):
-        for p in m.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
-    modules = dict(module.named_modules())
+    return _plan_of(model, [n for n, s in capture.layer_specs(model.module).items()
+                            if s.weight in model.params or s.bias in model.params])
 
-    def factorable(n: str) -> bool:
-        m = modules[n]
-        own = [p for p in (m.weight, m.bias) if p is not None]
-        return (calls[n] == 1 and not (m._forward_hooks or m._forward_pre_hooks)
-                and f"{n}.weight" not in attrs and f"{n}.bias" not in attrs
-                and all(uses[id(p)] == 1 for p in own))
 
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return None
-    names = [n for n in candidates if factorable(n)]
+def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     if not names:
         return None
-    tapped = _tap("layer_plan", module, names)
-    if prefix:
-        inner = tapped
-
-        def tapped(state, probes, *a, **kw):
-            return inner({prefix + k: v for k, v in state.items()}, probes, *a, **kw)
-
-        tapped.layers, tapped.shapes = inner.layers, {}
-    layers = {n: (f"{n}.weight"[len(prefix):] if f"{n}.weight" in keys else None,
-                  f"{n}.bias"[len(prefix):] if f"{n}.bias" in keys else None) for n in names}
+    tapped = capture.tap(model.module, names)
+    keys = set(model.params)
+    layers = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
+              for n, s in tapped.specs.items()}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest, {n: modules[n].out_features for n in names},
+    return LayerPlan(model, tapped, layers, rest,
+                     {n: s.out_features for n, s in tapped.specs.items()},
                      {"checked": False, "dense": False, "layout": {}})
+
+
+def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
+    """Return ``plan`` without the layers one forward on ``batch`` shows cannot be captured
+    (one warning names them), or None when no layer is left."""
+    args, kwargs, _ = _unpack(plan.model)(batch)
+    state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
+    problems = plan.tapped.check(state, *args, **kwargs)
+    if not problems:
+        return plan
+    why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
+    warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
+                  f"densely (vmap(grad)) instead of from captured factors: {why}.",
+                  RuntimeWarning, stacklevel=4)
+    return _plan_of(plan.model, [n for n in plan.layers if n not in problems])
 
 
 def _unpack(model: FunctionalModel):
@@ -368,6 +370,14 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
     kinds = plan.status["layout"]
     for n, (wk, bk) in plan.layers.items():
         a, g = raw[n]
+        spec = plan.tapped.specs[n]
+        if spec.kind == "embedding":  # indices: dense rows (factored products: not yet)
+            if wk is not None:
+                v = _embedding_rows(spec, a, g, lead, plan.model.params[wk].shape)
+                layout_of[wk] = ("d", offset, offset + v.shape[-1])
+                dense.append(v)
+                offset += v.shape[-1]
+            continue
         seq = a.ndim > lead + 1
         shape = a.shape[:lead]
         a = a.reshape(*shape, -1, a.shape[-1])
@@ -380,14 +390,16 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
         # Decided on the first batch and kept, so blocks of any sequence length line up.
         kind = kinds.setdefault(n, "flat" if not seq else
                                 "seq" if T * T * (i + o) < i * o else "dense")
+        w_src = "wt" if spec.kind == "conv1d" else "w"
         if kind == "flat":
             factors[n] = (a[..., 0, :], g[..., 0, :])
         elif kind == "seq":
             factors[n] = (a, g)
         else:
             if wk is not None:
-                v = torch.einsum("...to,...ti->...oi", g, a[..., : a.shape[-1] - (bk is not None)])
-                v = v.flatten(lead)
+                a_w = a[..., : a.shape[-1] - (bk is not None)]
+                v = (torch.einsum("...ti,...to->...io", a_w, g) if w_src == "wt" else
+                     torch.einsum("...to,...ti->...oi", g, a_w)).flatten(lead)
                 layout_of[wk] = ("d", offset, offset + v.shape[-1])
                 dense.append(v)
                 offset += v.shape[-1]
@@ -397,13 +409,21 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
                 offset += o
             continue
         if wk is not None:
-            layout_of[wk] = ("w", n, int(bk is not None))
+            layout_of[wk] = (w_src, n, int(bk is not None))
         if bk is not None:
             layout_of[bk] = ("b", n)
     some = next(iter(raw.values()))[1]
     dense_t = torch.cat(dense, -1) if dense else some.new_zeros((*some.shape[:lead], 0))
     layout = tuple((k, layout_of[k]) for k in plan.model.params)
     return LayerGrads(factors, dense_t, layout)
+
+
+def _embedding_rows(spec, idx: Tensor, g: Tensor, lead: int, shape) -> Tensor:
+    """Per-example embedding gradients, raveled.  # idx [C, B, (T)], g [C, B, (T), D] -> [C, B, V D]"""
+    C, B = idx.shape[:2]
+    flat = capture.weight_grad(spec, idx.reshape(C * B, *idx.shape[2:]),
+                               g.reshape(C * B, *g.shape[2:]), shape)
+    return flat.reshape(C, B, -1)
 
 
 def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
@@ -423,45 +443,62 @@ def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
 
 
 def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
-    """Compare a few examples' factored gradients with ``vmap(grad)``; on a mismatch or an
-    error, warn and switch the plan to dense gradients for good."""
+    """Drop the layers the first batch shows cannot be captured, then compare a few examples'
+    factored gradients with ``vmap(grad)``; on a mismatch or an error, warn and switch the plan
+    to dense gradients for good. The plan used from then on is ``plan.status["plan"]``."""
     first = {k: v[:1] for k, v in stacked.items()}
     n = batch_size("layer_grads", "batch", batch)
     head = batch_slice(batch, 0, min(n, 3))
-    ref = _dense(plan, first, head).dense[0]
-    why = None
+    why, active = None, None
     try:
-        got = _factored(plan, first, head).to_dense()[0]
-        err = float((got - ref).abs().max())
-        scale = float(ref.abs().max())
-        if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
-            why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
-    except Exception as e:  # an untraceable call path surfaces as any error type
+        active = _narrowed(plan, head, first)
+        if active is not None:
+            ref = _dense(plan, first, head).dense[0]
+            got = _factored(active, first, head).to_dense()[0]
+            err = float((got - ref).abs().max())
+            scale = float(ref.abs().max())
+            if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
+                why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
+    except Exception as e:  # whatever the model's forward raises with probes
         why = f"{type(e).__name__}: {e}"
     plan.status["checked"] = True
-    plan.status["layout"].clear()
-    if why is not None:
+    plan.status["plan"] = active
+    if active is not None:
+        active.status["layout"].clear()
+    if active is None or why is not None:
         plan.status["dense"] = True
-        warnings.warn(f"layer_grads: the factored gradients of {type(plan.model.module).__name__} "
-                      f"do not match vmap(grad) on its first examples ({why}); computing them "
-                      f"densely from now on. Layers applied to non-batch-first tensors, examples "
-                      f"mixed in a batch or branches torch.fx traces differently cause this.",
-                      RuntimeWarning, stacklevel=3)
+    if why is not None:
+        _warn_dense(plan, f"they do not match vmap(grad) on its first examples ({why})")
+
+
+def _warn_dense(plan: LayerPlan, why: str) -> None:
+    warnings.warn(f"layer_grads: computing the per-example gradients of "
+                  f"{type(plan.model.module).__name__} densely from now on: {why}. Layers "
+                  f"applied to non-batch-first tensors or examples mixed in a batch cause this.",
+                  RuntimeWarning, stacklevel=4)
 
 
 def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     """Return per-example gradients at ``C`` stacked checkpoints ``{key: [C, ...]}``, unchecked.
 
-    The plan's first call verifies the factored path on a few examples (see the module Note).
+    The plan's first call with two or more examples verifies the factored path on a few of them
+    (see the module Note); a batch of one before it is computed densely. Blocks of different
+    layouts still meet in :meth:`LayerGrads.scores` and :meth:`LayerGrads.row_dots`.
     """
-    if not plan.status["checked"]:
+    status = plan.status
+    if not status["checked"]:
         if batch_size("layer_grads", "batch", batch) < 2:
             # One example cannot reveal examples mixed within a batch: exact path, check later.
             return _dense(plan, stacked, batch)
         _verify(plan, stacked, batch)
-    if plan.status["dense"]:
+    if status["dense"]:
         return _dense(plan, stacked, batch)
-    return _factored(plan, stacked, batch)
+    try:
+        return _factored(status["plan"], stacked, batch)
+    except capture.CaptureError as err:  # a later batch takes a path the first did not
+        status["dense"] = True
+        _warn_dense(plan, str(err))
+        return _dense(plan, stacked, batch)
 
 
 def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
@@ -506,9 +543,9 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch)
     func = "per_sample_layer_grads"
     plan = layer_plan(model)
     if plan is None:
-        raise ValueError(f"{func}(model=...): expected a model with an attributed nn.Linear "
-                         f"layer called once in a torch.fx-traceable forward, got none. "
-                         f"Use per_sample_grad for this model.")
+        raise ValueError(f"{func}(model=...): expected a model with an attributed nn.Linear, "
+                         f"Conv1D, Conv2d or Embedding layer, got none. Use per_sample_grad "
+                         f"for this model.")
     params = check_params(func, "params", params)
     if list(params) != list(model.params):
         raise ValueError(f"{func}(params=...): expected the keys {list(model.params)}, got "

@@ -1,34 +1,28 @@
-"""Hook-free capture of ``nn.Linear`` inputs and output-gradients via ``torch.fx``.
+"""Linear-layer selection and the batched ``(a, g)`` pass shared by K-FAC and the curvatures.
 
 A K-FAC style method needs, per example and per Linear layer, the layer input ``a`` and the
 gradient of the loss w.r.t. the layer output ``g``: the per-sample weight gradient is then
-``sum_t g_t a_t^T`` (and the bias gradient ``sum_t g_t``). Module hooks would give both, but they
-hold hidden state and do not compose with ``torch.func``. Here the module is traced once with
-``torch.fx.symbolic_trace`` and rewritten into a pure function
+``sum_t g_t a_t^T`` (and the bias gradient ``sum_t g_t``). Both come from the per-layer capture
+engine (:mod:`dattri_fn.transforms.capture`: zero probes added to the layer outputs inside
+``functional_call``, no trace and no hooks) as a pure function
 
     tapped(params_and_buffers, probes, *inputs) -> (output, {layer: input})
 
-in which every selected Linear's output gets ``+ probes[layer]``. At ``probes = 0`` the output is
-unchanged, and ``torch.func.grad`` w.r.t. the probes is exactly ``g``.
-
-Limits (those of ``torch.fx`` symbolic tracing): the module's ``forward`` must not branch or
-loop on tensor values, nor call non-traceable Python on them; each selected Linear must be
-called as a module exactly once per forward (shared or re-used layers are refused), and its
-``forward`` must be ``nn.Linear.forward`` (subclasses overriding it are refused). Modules that
-update buffers in ``forward`` (BatchNorm in train mode) must be put in ``eval()`` first.
+At ``probes = 0`` the output is unchanged, and ``torch.func.grad`` w.r.t. the probes is exactly
+``g``. Modules that update buffers in ``forward`` (BatchNorm in train mode) must be put in
+``eval()`` first: the examples of a batch must not interact.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
+from .transforms import capture
 
 TappedFn = Callable[..., tuple[object, dict[str, Tensor]]]
 
@@ -96,17 +90,6 @@ def select_linear(func: str, arg: str, module: nn.Module, include) -> list[str]:
     return names
 
 
-class _LeafTracer(fx.Tracer):
-    """Keeps the selected layers as ``call_module`` nodes even when they are subclasses."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self._leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self._leaves or super().is_leaf_module(m, qualname)
-
-
 def tap_layers(module: nn.Module, layers: str | Iterable[str] | None = None) -> TappedFn:
     """Return ``tapped(params_and_buffers, probes, *inputs, **kw) -> (output, {layer: input})``.
 
@@ -114,75 +97,28 @@ def tap_layers(module: nn.Module, layers: str | Iterable[str] | None = None) -> 
     Linear output ``z`` replaced by ``z + probes[layer]``; passing zeros of ``z``'s shape leaves
     the output unchanged, and ``torch.func.grad`` w.r.t. ``probes`` gives ``dL/dz``.
     ``params_and_buffers`` may hold any subset of the module's parameters and buffers (missing
-    ones are the module's own); ``tapped.state_keys`` lists the names it accepts.
+    ones are the module's own); ``tapped.state_keys`` lists the names it accepts. Built on
+    :func:`dattri_fn.transforms.capture.tap` (no trace: any forward ``functional_call`` runs).
 
     Args:
-        module: the model, traceable by ``torch.fx.symbolic_trace`` (see the module docstring).
+        module: the model.
         layers: Linear layer names (see :func:`linear_layers`); ``None`` taps every Linear.
 
     Returns:
         the pure function ``tapped``, with attributes ``layers`` (the tapped names, in module
-        order) and ``graph_module`` (the rewritten ``torch.fx.GraphModule``).
+        order), ``specs`` and ``module``.
 
     Raises:
-        TypeError, ValueError: as :func:`linear_layers`; ValueError when tracing fails or a
-        selected layer is not called exactly once as a module.
+        TypeError, ValueError: as :func:`linear_layers`; calling ``tapped`` raises
+        :class:`~dattri_fn.transforms.capture.CaptureError` for a layer used in a way that
+        cannot be factored (a tied weight read by another op, a non-batch-first input, ...).
     """
     return _tap("tap_layers", module, select_linear("tap_layers", "layers", module, layers))
 
 
 def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
-    """:func:`tap_layers` on validated names, with errors naming ``func``."""
-    try:
-        graph = _LeafTracer(set(names)).trace(module)
-    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        raise ValueError(_msg(func, "module", "a module torch.fx.symbolic_trace can trace "
-                              "(no data-dependent control flow)", f"{type(err).__name__}: {err}",
-                              "Tap a traceable sub-module or remove the tensor-dependent "
-                              "branch.")) from err
-    calls: dict[str, list[fx.Node]] = {n: [] for n in names}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in calls:
-            calls[node.target].append(node)
-    bad = {n: len(c) for n, c in calls.items() if len(c) != 1}
-    if bad:
-        raise ValueError(_msg(func, "layers", "Linear layers called once as modules in forward",
-                              f"call counts {bad}",
-                              "Unused, re-used or functionally-called (F.linear) layers "
-                              "cannot be tapped; exclude them with layers=[...]."))
-    first = next(iter(graph.nodes))
-    with graph.inserting_before(first):
-        probes = graph.placeholder("tap_probes")
-    for name, (node,) in calls.items():
-        with graph.inserting_after(node):
-            probe = graph.call_function(operator.getitem, (probes, name))
-        with graph.inserting_after(probe):
-            shifted = graph.call_function(operator.add, (node, probe))
-        node.replace_all_uses_with(shifted, delete_user_cb=lambda user, s=shifted: user is not s)
-    # Read after every rewrite: a layer fed by another tapped layer then gets that layer's
-    # probed output as its input, which derivatives w.r.t. the probes must see.
-    acts = {name: node.args[0] if node.args else node.kwargs["input"]
-            for name, (node,) in calls.items()}
-    (out_node,) = [n for n in graph.nodes if n.op == "output"]
-    out_node.args = ((out_node.args[0], acts),)
-    graph.lint()
-    gm = fx.GraphModule(module, graph)
-    state_keys = frozenset(
-        [k for k, _ in gm.named_parameters(remove_duplicate=False)]
-        + [k for k, _ in gm.named_buffers(remove_duplicate=False)]
-    )
-
-    def tapped(params_and_buffers: Mapping[str, Tensor], probes: Mapping[str, Tensor], *inputs,
-               **kwargs):
-        state = {k: v for k, v in params_and_buffers.items() if k in state_keys}
-        return torch.func.functional_call(gm, state, (probes, *inputs), kwargs)
-
-    tapped.layers = names
-    tapped.shapes = {}  # input signature -> layer output shapes (see output_shapes)
-    tapped.graph_module = gm
-    tapped.module = module
-    tapped.state_keys = state_keys
-    return tapped
+    """:func:`tap_layers` on validated names (``func`` kept for the callers' signatures)."""
+    return capture.tap(module, names)
 
 
 def module_state(func: str, module: nn.Module, params) -> dict[str, Tensor]:
@@ -274,7 +210,7 @@ def output_shapes(tapped: TappedFn, state, out_features: Mapping[str, int], args
         zeros = {n: like.new_zeros(()) for n in tapped.layers}
         with torch.no_grad():
             _, acts = tapped(state, zeros, *args, **kwargs)
-        tapped.shapes[key] = {n: (*acts[n].shape[:-1], out_features[n]) for n in tapped.layers}
+        tapped.shapes[key] = capture.probe_shapes(tapped, acts)
     return tapped.shapes[key]
 
 

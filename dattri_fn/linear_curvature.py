@@ -33,15 +33,16 @@ to ``[d_l, in_l]``, plus its bias ``v_l``) is
 two matrix products per layer and three ``[C, D]``-sized ones per example and row, against a
 forward and backward pass per row for :func:`~dattri_fn.curvature.gnvp`.
 
-Limits: those of :func:`~dattri_fn.layers.tap_layers` (torch.fx tracing, each Linear called
-once as a module), one row per example at every layer (``[B, in]``, no sequence dimension),
-every parameter a weight or bias of a tapped Linear, no parameter shared with another module or
-read outside its layer (tied weights), no hooks on the tapped layers, and a module that treats
-the examples of a batch independently (only Linear, activation and container modules may be in
-training mode). A model outside them raises :class:`FactoredCurvatureError`. What a trace cannot
-see (``torch.no_grad`` inside ``forward``, say) is caught by a check of the factored product
+Limits: those of the capture engine (:mod:`dattri_fn.transforms.capture`: each Linear weight
+consumed by ``F.linear`` once per forward, on a batch-first input), one row per example at
+every layer (``[B, in]``, no sequence dimension), every parameter a weight or bias of a
+captured Linear, no parameter shared with another module or read outside its layer (tied
+weights), no hooks on the captured layers, and a module that treats the examples of a batch
+independently (only Linear, activation and container modules may be in training mode). A
+model outside them raises :class:`FactoredCurvatureError`. What the capture cannot see
+(``torch.no_grad`` inside ``forward``, say) is caught by a check of the factored product
 against autodiff through the module itself (one Hessian-vector product on the first batch, one
-Gauss-Newton-vector product on its first 64 examples; once per trace and input layout), which
+Gauss-Newton-vector product on its first 64 examples; once per tap and input layout), which
 raises the same error.
 """
 
@@ -51,7 +52,6 @@ from collections.abc import Callable
 from itertools import accumulate
 
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
@@ -59,6 +59,7 @@ from ._checks import _msg, batch_size, batch_slice, check_optional_int, regroup
 from ._types import LinOp
 from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
+from .transforms.capture import CaptureError
 from .tree import ravel
 
 __all__ = ["FactoredCurvatureError", "linear_gnvp", "linear_hessian", "linear_tap"]
@@ -68,21 +69,11 @@ class FactoredCurvatureError(ValueError):
     """The model is outside what this module factors (see the module docstring's limits)."""
 
 
-def _feeds(tapped) -> set[tuple[str, str]]:
-    """Return ``{(l, m)}``: layer ``l``'s output reaches layer ``m``'s input in the traced graph."""
-    calls = {n.target: n for n in tapped.graph_module.graph.nodes
-             if n.op == "call_module" and n.target in tapped.layers}
-    out = set()
-    for m, node in calls.items():
-        seen, stack = set(), list(node.all_input_nodes)
-        while stack:
-            cur = stack.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            stack.extend(cur.all_input_nodes)
-        out.update((src, m) for src, other in calls.items() if other in seen)
-    return out
+def _feeds(names: list[str], dacts: dict, d: dict, unit: dict) -> list[tuple[str, str]]:
+    """Return ``[(l, m)]``: layer ``l``'s probe moves layer ``m``'s input in this batch
+    (a nonzero block of ``T_ml``), found from the forward-mode products, not from a graph."""
+    return [(src, m) for m in names for src in names
+            if src != m and bool(dacts[m][unit[src]:unit[src] + d[src]].any())]
 
 
 _MODE_FREE = (nn.Linear, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten,
@@ -124,16 +115,6 @@ def _check_structure(func: str, module: nn.Module, params) -> None:
     if training:
         raise _refuse(func, "module", "a module in eval mode (Linear, activation and container "
                       "modules aside)", f"training mode in {training[:3]}")
-
-
-def _check_untied(func: str, tapped, param_names) -> None:
-    """Raise unless every parameter is read only by its own (leaf) Linear call."""
-    gm: fx.GraphModule = tapped.graph_module
-    used = sorted(n.target for n in gm.graph.nodes
-                  if n.op == "get_attr" and n.target in set(param_names))
-    if used:
-        raise _refuse(func, "params", "parameters used only by their own Linear layer",
-                      f"{used} also read elsewhere in forward (tied weights)")
 
 
 def _flat_shapes(func, tapped, state, args, kwargs, like, B: int) -> dict[str, tuple]:
@@ -255,11 +236,12 @@ def _activation_block(gm: Tensor, T: Tensor, al: Tensor) -> Tensor:
 
 
 def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=None,
-                feeds=()) -> None:
+                feeds: bool = False) -> None:
     """Add one batch's ``sum_i`` of the module docstring's Hessian terms into ``H``.
 
     ``aug``: augmented layer inputs; ``Ht``: ``[B, D, D]`` (for the Gauss-Newton, ``J^T A J``
-    with no ``feeds``); ``g``, ``dacts``: the probe gradients and ``T`` of :func:`_probe_terms`.
+    without the activation terms); ``g``, ``dacts``: the probe gradients and ``T`` of
+    :func:`_probe_terms`, whose nonzero blocks give the activation terms when ``feeds``.
     """
     names = list(layout)
     d = {n: (ws.stop - ws.start) // inp for n, (ws, _, inp) in layout.items()}
@@ -272,7 +254,8 @@ def _accumulate(H: Tensor, layout: dict, aug: dict, Ht: Tensor, g=None, dacts=No
             _add(H, layout[lay], layout[m], blk)
             if m != lay:
                 _add(H, layout[m], layout[lay], blk.permute(2, 3, 0, 1))
-    for src, m in feeds:  # layer src feeds layer m: the activations' first-order term
+    for src, m in (_feeds(names, dacts, d, unit) if feeds else ()):
+        # layer src feeds layer m: the activations' first-order term
         ol = unit[src]
         T = dacts[m][ol:ol + d[src]].permute(1, 2, 0)  # [B, in_m, d_src]
         R = _activation_block(g[m], T, aug[src])
@@ -287,7 +270,7 @@ def _check_close(func: str, what: str, got: Tensor, ref: Tensor) -> None:
     err = float(torch.linalg.vector_norm(got - ref))
     scale = float(torch.linalg.vector_norm(got) + torch.linalg.vector_norm(ref))
     if not err <= tol * scale:  # NaN fails too
-        raise _refuse(func, "module", f"a forward that its torch.fx trace reproduces ({what} of "
+        raise _refuse(func, "module", f"a forward whose captured factors reproduce it ({what} of "
                       "the first batch equal to autodiff through the module)",
                       f"a relative difference of {err / max(scale, 1e-300):.3g} (tolerance "
                       f"{tol:.1g}): state the trace cannot see, e.g. torch.no_grad inside "
@@ -310,14 +293,18 @@ def _probe_vector(P: int, like: Tensor) -> Tensor:
 
 
 def _first_pass(func: str, compute):
-    """Run the first batch's factor computation; an error from the traced module there means
-    the trace does not fit the model: a :class:`FactoredCurvatureError`."""
+    """Run the first batch's factor computation; an error of the captured forward there means
+    the capture does not fit the model: a :class:`FactoredCurvatureError`."""
     try:
         return compute()
     except FactoredCurvatureError:
         raise
-    except Exception as err:  # whatever the traced forward raises
-        raise _refuse(func, "module", "a module that its torch.fx trace can run",
+    except CaptureError as err:
+        why = "; ".join(f"{n}: {w}" for n, w in err.problems.items())
+        raise _refuse(func, "params", "weights read only by their own F.linear call (no tied "
+                      "weights, batch-first inputs)", why) from err
+    except Exception as err:  # whatever the forward raises with probes
+        raise _refuse(func, "module", "a module whose Linear layers the capture engine can factor",
                       f"{type(err).__name__}: {err}") from err
 
 
@@ -372,7 +359,6 @@ def _setup(func, module, loss_fn, params, data, chunk_size, tapped, batch_rows):
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, None, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
-    _check_untied(func, tapped, pnames)
     shapes = {n: tuple(state[f"{n}.weight"].shape) for n in names}
     _, where = _layout(func, pnames, shapes)
     layout = {n: (ws, bs, shapes[n][1]) for n, (ws, bs) in where.items()}
@@ -399,7 +385,8 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     products (module docstring: the formula, the cost and the limits).
 
     Args:
-        module: the model, within the module docstring's limits; traced with ``torch.fx``.
+        module: the model, within the module docstring's limits (its Linear layers captured
+            by :mod:`dattri_fn.transforms.capture`).
         loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
         params: ``dict[str, Tensor]`` of weights (and optionally biases) of the module's Linear
             layers; their order is the ravel order of ``H``'s rows and columns.
@@ -434,7 +421,6 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     state, tapped, batches, chunk_size, layout, module, params = _setup(
         func, module, loss_fn, params, data, chunk_size, tapped, batch_rows)
     P = sum(v.numel() for v in params.values())
-    feeds = _feeds(tapped)
     like = state[f"{tapped.layers[0]}.weight"]
     if chunk_size is None:  # bound the per-chunk [B, D, D] and the D vmapped tangents
         D = sum((ws.stop - ws.start) // inp for ws, _, inp in layout.values())
@@ -444,7 +430,7 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
     n_seen = 0
     for part, rows in _chunks(func, batches, batch_rows, chunk_size):
         step = lambda part=part: _accumulate(H, layout, *_hessian_terms(
-            tapped, loss_fn, state, part, like, layout, func), feeds)
+            tapped, loss_fn, state, part, like, layout, func), feeds=True)
         if n_seen:
             step()
         else:

@@ -181,55 +181,22 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
 def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     """Return ``(params, data) -> LinOp`` of the Gauss-Newton of ``loss_fn`` through the model.
 
-    ``batch_rows``: merge data batches into curvature calls of at least this many examples.
-    A model whose params are all Linear weights/biases (within
-    :mod:`~dattri_fn.linear_curvature`'s limits) gets
-    :func:`~dattri_fn.linear_curvature.linear_gnvp`, its factors kept when they fit in 256 MiB
-    (0.059 against 0.086 s per 16-row call on 16k digits-MLP examples; rebuilt per call
-    otherwise, as fast as ``gnvp`` or faster); any other model :func:`~dattri_fn.gnvp`.
-    There, :func:`~dattri_fn.tasks.classification_loss` uses the closed-form output Hessian
-    (``cross_entropy_out_hvp``: ~25% less per call on the digits MLP); for
-    :func:`~dattri_fn.tasks.lm_loss` it measured no faster than autodiff (text-lm), so the
-    language model keeps the default.
+    :func:`dattri_fn.operators.gauss_newton` with the task's loss: the builder picks the fast
+    path (factored for Linear-only models, the closed-form output Hessian of
+    :func:`~dattri_fn.tasks.classification_loss`; :func:`~dattri_fn.tasks.lm_loss` measured no
+    faster with it on text-lm, so the language model keeps autodiff).
     """
-    from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
-    from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
-    from .model import default_unpack
-    from .tasks import classification_loss
+    from .operators import gauss_newton as build
 
-    out_loss = lambda out, ex: loss_fn(out[None], ex[-1][None])
-    out_hvp = out_hessian = None
-    if loss_fn is classification_loss:  # F.cross_entropy's classes: dim 0 of one example
-        out_hvp = lambda out, ex, u: cross_entropy_out_hvp(
-            out.movedim(0, -1), ex, u.movedim(0, -1)).movedim(-1, 0)
-        out_hessian = cross_entropy_out_hessian
-    taps: dict = {}  # params' keys -> the traced forward, or None outside linear_gnvp's limits
-
-    def build(params, data):
-        key = tuple(params)
-        if key not in taps:
-            try:
-                taps[key] = linear_tap(fm.module, params)
-            except ValueError:
-                taps[key] = None
-        if taps[key] is not None and fm.unpack in (None, default_unpack):
-            try:
-                return linear_gnvp(fm.module, loss_fn, params, data, batch_rows=batch_rows,
-                                   tapped=taps[key], out_hessian=out_hessian, cache=2**28)
-            except FactoredCurvatureError:
-                taps[key] = None
-        return gnvp(fm.forward, out_loss, params, data, batch_rows=batch_rows, out_hvp=out_hvp)
-
-    return build
+    return build(fm if fm.loss_fn is loss_fn else fm._replace(loss_fn=loss_fn),
+                 batch_rows=batch_rows)
 
 
 def curvature_rows(num_params: int, batch_size: int) -> int:
-    """Examples per curvature call in the recipes: ``max(batch_size, min(2048, 2**24 // P))``.
+    """Examples per curvature call in the recipes (:func:`dattri_fn.operators.curvature_rows`)."""
+    from .operators import curvature_rows as rows
 
-    One ``torch.func`` call costs a few ms of fixed overhead on CPU, so small models get bigger
-    calls; the ``2**24 / P`` cap keeps a call's ``k x rows`` activations to tens of MiB.
-    """
-    return max(batch_size, min(2048, 2**24 // max(1, num_params)))
+    return rows(num_params, batch_size)
 
 
 def trak_dim(n_train: int, proj_dim: int) -> int:

@@ -32,7 +32,9 @@ def user_methods(fm):
             "user-grad-cos": (grad_cos(fm), fm.params),
             "user-tracin": (tracin(fm, lrs=[0.1]), [fm.params]),
             "user-if-ekfac": (influence(fm, solver="ekfac", damping=0.1), fm.params),
-            "user-if-cg": (influence(fm, solver="cg", damping=0.1, max_iter=20), fm.params)}
+            # the default curvature when these were saved (now: the Gauss-Newton)
+            "user-if-cg": (influence(fm, solver="cg", damping=0.1, max_iter=20,
+                                     curvature="hessian"), fm.params)}
 
 
 def compute(task_name: str) -> dict[str, torch.Tensor]:

@@ -164,11 +164,19 @@ def test_layer_io_errors(device):
         layer_io(model, loss_fn, None, params, [batch[0], "y"])
     with pytest.raises(ValueError, match=r"layer_io\(chunk_size=...\)"):
         layer_io(model, loss_fn, None, params, batch, chunk_size=0)
-    with pytest.raises(ValueError, match=r"tap_layers\(module=...\).*symbolic_trace"):
-        tap_layers(Branchy())
-    with pytest.raises(ValueError, match=r"call counts \{'lin': 2\}"):
-        tap_layers(Twice())
     assert tap_layers(Twice(), ["out"]).layers == ["out"]
+
+
+def test_no_trace_branches_and_reused_layers():
+    """Without a trace a tensor-valued branch runs as written, and a layer called twice records
+    both calls' inputs as two positions [B, 2, in] (its gradient sums over them)."""
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]])
+    for module, shape in ((Branchy(), (3, 2)), (Twice(), (3, 2, 2))):
+        tapped = tap_layers(module, ["lin"])
+        state = dict(module.named_parameters())
+        out, acts = tapped(state, {"lin": torch.zeros(())}, x)
+        torch.testing.assert_close(out, module(x))
+        assert acts["lin"].shape == shape
 
 
 def test_per_example_losses_batched_cross_entropy_equals_vmap():

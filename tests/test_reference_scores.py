@@ -10,12 +10,19 @@ def reference():
     return torch.load(PATH, weights_only=True)
 
 
+# CG stopped at 20 iterations amplifies the rounding of its right-hand sides: on digits-cnn in
+# float64 a 4e-17 change of the test gradients (capture engine vs vmap) moved CG's scores by
+# 1.4e-4 relative while the explicit inverse moved by 3e-16; in float32 2.8e-3.
+TOLERANCE = {"if-cg": 1e-2}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task_name", list(TASKS))
 def test_scores_unchanged(reference, task_name):
-    """|S_now - S_saved| <= 1e-4 max|S_saved| per method (float32 models: reordered sums only)."""
+    """|S_now - S_saved| <= 1e-4 max|S_saved| per method (float32 models: reordered sums only;
+    TOLERANCE for the methods that amplify rounding)."""
     now, saved = compute(task_name), reference[task_name]
     assert set(now) == set(saved)
     for name, S in saved.items():
         err = float((now[name] - S).abs().max())
-        assert err <= 1e-4 * float(S.abs().max()) + 1e-12, (name, err)
+        assert err <= TOLERANCE.get(name, 1e-4) * float(S.abs().max()) + 1e-12, (name, err)

@@ -37,7 +37,7 @@ from .method import Method, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
-CURVATURES = ("hessian", "fisher")
+CURVATURES = ("gauss_newton", "hessian", "fisher")
 
 
 class InfluenceState(NamedTuple):
@@ -79,7 +79,7 @@ def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
 
 
 def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: float = 1e-3,
-              curvature: str | Callable[[Params, Any], LinOp] = "hessian",
+              curvature: str | Callable[[Params, Any], LinOp] | None = None,
               target: Loss | FunctionalModel | None = None, model=None, l2: float = 0.0,
               chunk_size: int | None = None, batch_rows: int | None = None,
               **solver_options) -> Method:
@@ -92,8 +92,12 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``.
         damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
             model is indefinite; see each solver's rule for non-positive directions).
-        curvature: ``"hessian"`` (default), ``"fisher"`` (empirical Fisher), or a callable
-            ``(params, train) -> LinOp`` (e.g. a Gauss-Newton built with :func:`gnvp`).
+        curvature: ``"gauss_newton"`` (the default for a FunctionalModel: positive
+            semi-definite, the Hessian for GLMs; built by
+            :func:`~dattri_fn.operators.gauss_newton`, which picks the factored product for
+            Linear-only models and the closed-form cross-entropy output Hessian; with ``l2``
+            it is ``G + 2 l2 I``), ``"hessian"`` (the default for a plain loss), ``"fisher"``
+            (empirical Fisher), or a callable ``(params, train) -> LinOp``.
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
             ``explicit`` with ``"hessian"`` and a FunctionalModel (default unpack) whose params
             are all Linear weights/biases builds the dense matrix from per-layer factors
@@ -136,9 +140,22 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     if solver not in SOLVERS:
         raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)}, got {solver!r}.")
     check_positive("influence", "damping", damping)
-    if isinstance(curvature, str) and curvature not in CURVATURES:
+    if curvature is None:
+        curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)
+                     and loss.loss_fn is not None else "hessian")
+    if (isinstance(curvature, str) and curvature not in CURVATURES) or not (
+            isinstance(curvature, str) or callable(curvature)):
         raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
                          f"callable (params, train) -> LinOp, got {curvature!r}.")
+    if curvature == "gauss_newton":
+        if not (isinstance(loss, FunctionalModel) and loss.loss_fn is not None):
+            raise ValueError("influence(curvature=...): expected 'hessian', 'fisher' or a "
+                             "callable for a plain loss, got 'gauss_newton' (it needs the "
+                             "model's output: pass functional_model(module, loss_fn) as loss).")
+        from ..operators import gauss_newton
+
+        # G of the regularised objective is G + 2 l2 I: every solver adds damping the same way.
+        curvature, damping = gauss_newton(loss, batch_rows=batch_rows), damping + 2 * l2
     check_positive("influence", "l2", l2, allow_zero=True)
     rows = check_optional_int("influence", "batch_rows", batch_rows)
     base, plan = loss_and_plan("influence", "loss", loss)

@@ -108,6 +108,13 @@ def _benign(func) -> bool:
     return name in _BENIGN_METHODS
 
 
+def _name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
+    return name
+
+
 def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
     return args[i] if len(args) > i else kwargs.get(key, default)
 
@@ -126,13 +133,17 @@ class _Capture(TorchFunctionMode):
         super().__init__()
         self.specs, self.probes, self.batch = specs, probes, batch
         self.roles: dict[int, tuple[str, str]] = {}
+        self.problems: dict[str, str] = {}
         for n, s in specs.items():
-            self.roles[id(state[s.weight])] = (n, "weight")
-            if s.bias is not None:
-                self.roles[id(state[s.bias])] = (n, "bias")
+            for role, key in (("weight", s.weight), ("bias", s.bias)):
+                if key is None:
+                    continue
+                other = self.roles.setdefault(id(state[key]), (n, role))
+                if other[0] != n:  # one tensor, two layers: neither factor is the layer's own
+                    self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
+                    self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
         self.records: dict[str, list[_Record]] = {n: [] for n in specs}
         self.offsets = dict.fromkeys(specs, 0)
-        self.problems: dict[str, str] = {}
 
     def _hits(self, args, kwargs) -> list[tuple[str, str]]:
         out = []
@@ -158,9 +169,9 @@ class _Capture(TorchFunctionMode):
         call = _CALLS.get(func)
         why = None
         if len(layers) > 1:
-            why = f"shares a {func.__name__} call with layer(s) {sorted(layers - {name})}"
+            why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
         elif call is None or call[0] != self.specs[name].kind:
-            why = f"its tensors are used by {getattr(func, '__name__', func)}"
+            why = f"its tensors are used by {_name(func)}"
         if why is None:
             why = call[1](self, name, args, kwargs)
         if isinstance(why, str):
@@ -352,9 +363,19 @@ def tap(module: nn.Module, layers: Iterable[str]):
     specs = {n: specs_all[n] for n in names}
     state_keys = frozenset([k for k, _ in module.named_parameters(remove_duplicate=False)]
                            + [k for k, _ in module.named_buffers(remove_duplicate=False)])
+    tied: dict[int, list[str]] = {}
+    for k, v in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(v), []).append(k)
+    aliases = {k: ks for ks in tied.values() for k in ks}
 
     def run(state, probes, args, kwargs):
         state = {k: v for k, v in state.items() if k in state_keys}
+        for s in specs.values():  # a tied key missing from state is its alias's tensor
+            for k in (s.weight, s.bias):
+                if k is not None and k not in state:
+                    present = [a for a in aliases.get(k, ()) if a in state]
+                    if present:
+                        state[k] = state[present[0]]
         missing = [k for s in specs.values() for k in (s.weight, s.bias)
                    if k is not None and k not in state]
         if missing:

@@ -1,0 +1,138 @@
+"""The Gauss-Newton curvature of a model, as a builder that picks its own fast path.
+
+``gauss_newton(fm)`` returns ``build(params, data) -> LinOp`` for ``G = (1/N) sum_i J_i^T A_i J_i``
+(``J_i`` the Jacobian of the output w.r.t. the params, ``A_i`` the Hessian of the loss w.r.t.
+the output: positive semi-definite for a convex loss, the Hessian itself for a GLM). The builder,
+not the caller, chooses how:
+
+* a model whose params are all Linear weights/biases (within
+  :mod:`~dattri_fn.linear_curvature`'s limits) gets
+  :func:`~dattri_fn.linear_curvature.linear_gnvp`: per-layer factors from the capture engine,
+  kept between products when they fit the memory budget;
+* any other model gets :func:`~dattri_fn.curvature.gnvp` (autodiff ``J V``, ``J^T u``);
+* softmax cross-entropy on ``[B, C]`` logits (``F.cross_entropy``, or a loss carrying the
+  batched form ``per_example`` as :func:`~dattri_fn.tasks.classification_loss` does) uses the
+  closed-form output Hessian ``diag(p) - p p^T`` in both;
+* data batches are merged into calls of ``max(B, min(2048, 2**24 // P))`` examples (a
+  ``torch.func`` call has a fixed cost of a few ms on CPU; the cap keeps a call's ``k x rows``
+  activations to tens of MiB).
+
+The memory budget is one setting: ``memory=`` bytes, default the environment variable
+``DATTRI_FN_MEMORY`` (bytes; ``256M``/``2G`` suffixes allowed) or 256 MiB.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch.nn.functional as F
+
+from .._checks import _msg, batch_leaves, is_batch
+from .._types import LinOp
+from ..curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
+from ..layers import cross_entropy_rows
+from ..linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
+from ..model import FunctionalModel, default_unpack
+
+__all__ = ["curvature_rows", "gauss_newton", "memory_budget"]
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def memory_budget(memory: int | str | None = None) -> int:
+    """Return the memory budget in bytes: ``memory``, else ``$DATTRI_FN_MEMORY``, else 256 MiB.
+
+    Raises:
+        ValueError: a budget that is not a positive number of bytes (``"512M"``, ``2**28``).
+    """
+    value = os.environ.get("DATTRI_FN_MEMORY", "256M") if memory is None else memory
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    number = text[:-1] if unit else text
+    try:
+        out = int(float(number) * _UNITS[unit])
+    except ValueError:
+        out = 0
+    if out <= 0:
+        arg = "memory" if memory is not None else "DATTRI_FN_MEMORY"
+        raise ValueError(_msg("memory_budget", arg, "a positive number of bytes such as "
+                              "268435456, '256M' or '2G'", repr(value)))
+    return out
+
+
+def curvature_rows(num_params: int, batch_size: int) -> int:
+    """Examples per curvature call: ``max(batch_size, min(2048, 2**24 // P))``."""
+    return max(batch_size, min(2048, 2**24 // max(1, num_params)))
+
+
+def _is_softmax_cross_entropy(loss_fn) -> bool:
+    return loss_fn is F.cross_entropy or getattr(loss_fn, "per_example", None) is cross_entropy_rows
+
+
+def _first_rows(data) -> int:
+    """Rows of ``data``'s first batch (a Batch or a list of them); 1 for other iterables."""
+    if not is_batch(data):
+        data = data[0] if isinstance(data, (list, tuple)) and data else None
+    leaves = batch_leaves(data) if data is not None and is_batch(data) else []
+    return leaves[0].shape[0] if leaves and leaves[0].ndim else 1
+
+
+def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
+                 batch_rows: int | None = None) -> Callable[..., LinOp]:
+    """Return ``build(params, data) -> LinOp``: ``V -> G V`` of ``fm``'s loss.  # [k, P] -> [k, P]
+
+    The fast path is chosen here (module docstring): factored for Linear-only models, the
+    closed-form softmax cross-entropy Hessian, merged batches; a model outside the factored
+    limits gets autodiff after one warning-free fallback (the factored path's refusal names
+    why; see :func:`~dattri_fn.linear_curvature.linear_gnvp`).
+
+    Args:
+        fm: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn`` (a batch loss such as
+            ``F.cross_entropy``, convex in the output).
+        memory: bytes the factors may keep between products (see :func:`memory_budget`).
+        batch_rows: examples per curvature call; ``None``: :func:`curvature_rows` of the params
+            and the first batch.
+
+    Raises:
+        TypeError: ``fm`` is not a FunctionalModel with a loss_fn.
+    """
+    if not isinstance(fm, FunctionalModel) or fm.loss_fn is None:
+        raise TypeError(_msg("gauss_newton", "fm", "a FunctionalModel built with a loss_fn",
+                             type(fm).__name__))
+    budget = memory_budget(memory)
+    loss_fn = fm.loss_fn
+    unpack = fm.unpack or default_unpack
+
+    def out_loss(out, ex):
+        target = unpack(ex)[2]
+        return loss_fn(out[None]) if target is None else loss_fn(out[None], target[None])
+
+    out_hvp = out_hessian = None
+    if _is_softmax_cross_entropy(loss_fn):  # one example's logits: classes on dim 0
+        out_hvp = lambda out, ex, u: cross_entropy_out_hvp(
+            out.movedim(0, -1), ex, u.movedim(0, -1)).movedim(-1, 0)
+        out_hessian = cross_entropy_out_hessian
+    taps: dict = {}  # params' keys -> the capture for linear_gnvp, or None outside its limits
+
+    def build(params, data) -> LinOp:
+        rows = batch_rows or curvature_rows(sum(v.numel() for v in params.values()),
+                                            _first_rows(data))
+        key = tuple(params)
+        if key not in taps:
+            try:
+                taps[key] = (linear_tap(fm.module, params)
+                             if fm.unpack in (None, default_unpack) else None)
+            except ValueError:
+                taps[key] = None
+        if taps[key] is not None:
+            try:
+                return linear_gnvp(fm.module, loss_fn, params, data, batch_rows=rows,
+                                   tapped=taps[key], out_hessian=out_hessian, cache=budget)
+            except FactoredCurvatureError:
+                taps[key] = None
+        return gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
+
+    return build
