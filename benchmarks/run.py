@@ -43,7 +43,10 @@ from benchmarks.peak import measure_peak
 DEFAULT_SIZES = {"digits-lr": (500, 50, 64), "digits-mlp": (500, 50, 64),
                  "digits-cnn": (300, 30, 32), "text-lm": (128, 16, 32)}
 WARM_ROWS = 64
-SIDES = ("ours", "matched", "dattri")
+SIDES = ("ours", "matched", "dattri", "defaults")
+# Methods with a README-level "defaults" row (RPS has no setting-free form: it needs a head split).
+DEFAULTS = ("if-explicit", "if-cg", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
+            "grad-dot", "grad-cos", "tracin", "trak")
 EXTRA_PAIRS = {"trak": "trak-noproj"}  # also compared without projection: the same quantity
 DIAGNOSES = ("corr_vs_dattri_fixed", "corr_ours_next_seed")
 
@@ -95,6 +98,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds one method may take, setup included; it is then killed and "
                         "reported as failed (default 600; 0 = none)")
+    p.add_argument("--defaults", action="store_true",
+                   help="also run each method as a user writes it from the README (only the "
+                        "settings one must choose: solver, damping, iterations, rank, "
+                        "projection size) next to the recipe rows")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = p.parse_args(argv)
     args.methods = list(METHODS) if args.methods == "all" else [
@@ -181,10 +188,50 @@ def ours_runner(name: str, task, models: list, hp: dict) -> Runner:
                   lambda st: r.method.score(r.params, st, r.train, r.test))
 
 
+def defaults_runner(name: str, task, models: list, hp: dict) -> Runner:
+    """Return ``name`` written as in the README: a FunctionalModel, the solver, the damping of
+    the training objective (``l2 = wd / 2``) and the sizes a user must pick; nothing else."""
+    from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin, trak
+    from dattri_fn.attribute.trak import classification_margin_loss, classification_weight_loss
+    from dattri_fn.model import functional_model
+    from dattri_fn.recipes import trak_dim
+
+    wd = float(task.hparams.get("weight_decay", 0.0))
+    fms = [functional_model(m.eval(), task.loss_fn) for m in models]
+    fm = fms[0]
+    bs = hp["batch_size"]
+    train = [(task.x_train[i:i + bs], task.y_train[i:i + bs]) for i in range(0, task.n_train, bs)]
+    test = (task.x_test, task.y_test)
+    params = fm.params
+    if name.startswith("if-"):
+        solver = name[3:]
+        opts = {"cg": dict(max_iter=hp["max_iter"]),
+                "arnoldi": dict(rank=hp["arnoldi_rank"])}.get(solver, {})
+        method = influence(fm, solver=solver, l2=wd / 2, damping=hp["damping"], **opts)
+    elif name in ("grad-dot", "grad-cos"):
+        method = (grad_dot if name == "grad-dot" else grad_cos)(fm)
+    elif name == "tracin":
+        method = tracin(fm, lrs=[float(task.hparams.get("lr", 1.0))] * len(fms))
+        params = [f.params for f in fms]
+    elif name == "trak":
+        margin = functional_model(fm.module, classification_margin_loss)
+        weight = functional_model(fm.module, classification_weight_loss)
+        method = trak(margin, weight_fn=weight, proj_dim=trak_dim(task.n_train, hp["proj_dim"]))
+        params = [f.params for f in fms]
+    else:
+        raise ValueError(f"defaults_runner(name=...): expected one of {list(DEFAULTS)}, "
+                         f"got {name!r}.")
+    return Runner(lambda: method.prepare(params, train),
+                  lambda st: method.score(params, st, train, test))
+
+
 def runner_for(side: str, name: str, task, models: list, hp: dict) -> Runner:
-    """Return the Runner of ``name`` on ``side`` (``ours``, ``matched`` or ``dattri``)."""
+    """Return the Runner of ``name`` on ``side`` (``ours``, ``matched``, ``dattri`` or
+    ``defaults``)."""
     from benchmarks import against_dattri
 
+    if side == "defaults":
+        return defaults_runner(name, task, models, hp)
     if side == "ours" or name == "trak-noproj" and side == "matched":
         return ours_runner(name, task, models, hp)
     if side == "matched":
@@ -313,6 +360,20 @@ def method_table(rows: list[dict], loo: bool) -> str:
     return "\n".join(lines)
 
 
+def defaults_table(rows: list[dict]) -> str:
+    """Markdown: each method's defaults row next to its recipe row, time ratio defaults/recipe."""
+    recipe = {r["method"]: r for r in rows if r["side"] == "ours"}
+    lines = ["| method | LDS defaults | LDS recipe | defaults s | recipe s | time ratio | "
+             "defaults MiB |", "|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["side"] == "defaults"):
+        o = recipe.get(r["method"], {})
+        t = lambda x: x.get("prepare_s", math.nan) + x.get("score_s", math.nan)
+        lines.append(f"| {r['method']} | {_num(r.get('lds'))} | {_num(o.get('lds'))} | "
+                     f"{_num(t(r))} | {_num(t(o))} | {_ratio(t(r), t(o))} | "
+                     f"{_num(r.get('peak_mib'), '.1f')} |" + (f" {_err(r)}" if _err(r) else ""))
+    return "\n".join(lines)
+
+
 def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None,
                 recipe_row: dict | None = None) -> dict:
     """Return the side-by-side numbers of one method: ratios, LDS difference, correlations.
@@ -436,12 +497,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "machine": machine(), "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]])
             if argv is None else " ".join(["python -m benchmarks.run", *argv])}
     rows = [run_side(args, name, "ours", states, gt, loo, base) for name in args.methods]
+    if args.defaults:
+        rows += [run_side(args, name, "defaults", states, gt, loo, base)
+                 for name in args.methods if name in DEFAULTS]
     pairs = []
     if args.against == "dattri":
         pairs = run_against(args, task, states, gt, loo, base, rows)
     print(f"\n### {args.task}: n_train={args.n_train}, n_test={args.n_test}, LDS over "
           f"m={args.subsets} half-subsets, {args.models} model(s)\n")
     print(method_table([r for r in rows if r["side"] == "ours"], loo is not None))
+    if args.defaults:
+        print("\n### README defaults (only the settings a user must choose) vs the recipes\n")
+        print(defaults_table(rows))
     if pairs:
         print(f"\n### ours vs dattri {dattri_version()} (ratios: ours / dattri)\n")
         print(against_table(pairs))

@@ -186,6 +186,7 @@ def _augment(acts: dict, layout: dict) -> dict:
 
 _BLOCK = 2**24  # numbers in one intermediate of a layer pair's product: rows are sub-chunked
 _CHECK_ROWS = 64  # examples of the first batch linear_gnvp checks against autodiff
+_ROW_BLOCK = 2**22  # numbers in one [B, k d] intermediate of a cached linear_gnvp product
 
 
 def _pair_block(Ht: Tensor, al: Tensor, am: Tensor) -> Tensor:
@@ -613,7 +614,17 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     n_total = None if kept is None else sum(A.shape[0] for _, _, A in kept)
 
     def matmat(V: Tensor) -> Tensor:
-        return apply(V, factors() if kept is None else kept, n_total)
+        if kept is None:
+            return apply(V, factors(), n_total)
+        # Rows in blocks whose [B, k d] intermediates stay near 2**22 numbers: at P = 9,610 and
+        # B = 1,000 one 200-row product took 0.38 s, ten 20-row ones 0.26 s (one CPU thread).
+        width = max(A.shape[0] for _, _, A in kept) * max(
+            (layout[n][0].stop - layout[n][0].start) // layout[n][2] for n in names)
+        step = max(1, _ROW_BLOCK // max(1, width))
+        if step >= V.shape[0]:
+            return apply(V, kept, n_total)
+        return torch.cat([apply(V[r:r + step], kept, n_total)
+                          for r in range(0, V.shape[0], step)])
 
     def dense() -> Tensor:
         H = like.new_zeros(P, P)

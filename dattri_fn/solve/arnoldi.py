@@ -180,7 +180,8 @@ def arnoldi(op, *, max_iter: int, seed: int = 0, block_size: int = 1) -> Eigen:
 
 
 def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = None,
-                 seed: int = 0, rtol: float | None = None, block_size: int = 1) -> EigenInverse:
+                 seed: int = 0, rtol: float | None = None,
+                 block_size: int | None = None) -> EigenInverse:
     """Return V -> ((V U) / (lam + damping)) U^T on A's top-rank eigenpairs (lam, U).  # [k, P] -> [k, P]
 
     The projected inverse of ``A + damping*I`` on the span of its ``rank`` largest-magnitude
@@ -198,7 +199,10 @@ def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = 
         seed: seed of the Arnoldi start block.
         rtol: relative drop threshold of the drop rule; default ``max_iter * eps(dtype)``.
         block_size: rows per operator call (see :func:`arnoldi`); ``1`` is single-vector
-            Lanczos. Raise it when one call's fixed cost dominates its per-row cost.
+            Lanczos. Default ``min(16, max(1, max_iter // 8))``: at least 8 block steps, and
+            16 rows per call where one call's fixed cost dominates its per-row cost (digits
+            MLP, rank 64: 0.16 s with 128 one-row calls, 0.05 s with 8 calls of 16 rows, the
+            same LDS).
 
     Returns:
         An :class:`~dattri_fn.solve.explicit.EigenInverse`: ``.eigen`` holds the ``rank``
@@ -245,7 +249,8 @@ def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = 
         raise ValueError(f"{func}(max_iter=...): expected max_iter >= rank = {rank}, got "
                          f"{max_iter}. Raise max_iter (each Krylov column gives one Ritz pair).")
     seed = check_int(func, "seed", seed, minimum=0)
-    block_size = check_int(func, "block_size", block_size)
+    block_size = (min(16, max(1, m // 8)) if block_size is None
+                  else check_int(func, "block_size", block_size))
     rtol = default_rtol(m, A.dtype) if rtol is None else check_positive(
         func, "rtol", rtol, allow_zero=True)
     values, vectors = _krylov(func, A, m, block_size, seed)
