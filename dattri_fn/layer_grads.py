@@ -1,27 +1,29 @@
-"""Per-example gradients with ``nn.Linear`` layers kept in factored form (hook-free).
+"""Per-example gradients with Linear-like layers kept in factored form (hook-free).
 
-For a Linear layer ``z = W a + b`` applied at positions ``t`` (one position for a plain
-``[B, in]`` input), example ``i``'s gradient is ``dW_i = sum_t g_it a_it^T``, ``db_i = sum_t
-g_it``, with ``a`` the layer input and ``g = dloss_i / dz``. With ``ã = [a, 1]`` (bias
-appended) two examples' gradients meet without ever forming ``dW``:
+For a layer ``z = W a + b`` applied at positions ``t`` (one position for a plain ``[B, in]``
+input), example ``i``'s gradient is ``dW_i = sum_t g_it a_it^T``, ``db_i = sum_t g_it``, with
+``a`` the layer input and ``g = dloss_i / dz``. With ``ã = [a, 1]`` (bias appended) two
+examples' gradients meet without ever forming ``dW``:
 
     <grad_i, grad_j>_layer = sum_{t,s} (ã_it . ã_js) (g_it . g_js)
 
 which costs ``in + out`` per pair instead of ``in * out`` (no ``[B, P]`` matrix, no
-``[B, P] x [P, n]`` product). ``a`` and ``g`` come from ONE batched forward and backward with
-zero "probes" added to the layer outputs (see :mod:`dattri_fn.layers`); parameters outside the
-tapped Linear layers (convolutions, embeddings, norms) keep dense per-example gradients.
+``[B, P] x [P, n]`` product). ``a`` and ``g`` come from ONE batched forward and backward through
+the capture engine (:mod:`dattri_fn.transforms.capture`: zero probes on the layer outputs, no
+trace, no hooks), for ``nn.Linear``, HF ``Conv1D`` (transposed weight), ``nn.Conv2d``
+(unfolded patches) and ``nn.Embedding`` (whose rows are materialised per example from the
+same pass); every other attributed parameter keeps dense ``vmap(grad)`` gradients.
 
 Assumption of the batched path: the module treats the examples of a batch independently
-(``module(X)[i] == module(X[i:i+1])[0]``), as every model in eval mode does. Sequence layers
-whose factored product would cost more than the dense one (``T^2 (in + out) >= in * out``, T
-of the first batch) are materialised per example.
+(``module(X)[i] == module(X[i:i+1])[0]``), as every model in eval mode does. Layers with
+several positions whose factored product would cost more than the dense one
+(``T^2 (in + out) >= in * out``, T of the first batch) are materialised per example.
 
-Safety: a layer is not factored when its parameters are used outside its one module call
-(tied or shared weights, ``F.linear(h, layer.weight)``) or when it has forward hooks. On its
-first batch a plan compares its gradients of a few examples with ``vmap(grad)``; if they differ
-(a layer applied to a non-batch-first tensor, examples mixed inside the batch, a traced branch
-that differs from the call, ...) it warns and computes every later gradient densely.
+Safety: a layer whose tensors the first batch shows used in a way the engine cannot factor (a
+tied weight read by another op, a non-batch-first input, a grouped convolution...) is computed
+densely after one warning naming it. A plan then compares a few examples' gradients with
+``vmap(grad)``; if they differ (a layer applied to a ``[T, B, d]`` tensor with ``T = B``,
+examples mixed inside the batch, ...) it warns and computes every later gradient densely.
 """
 
 from __future__ import annotations

@@ -239,8 +239,8 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
 
 def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
     """Bare core of :func:`layer_io` (no validation): batched, ``chunk_size`` rows at a time."""
-    like = state[f"{tapped.layers[0]}.weight"]
-    out_features = {n: state[f"{n}.weight"].shape[0] for n in tapped.layers}
+    like = state[tapped.specs[tapped.layers[0]].weight]
+    out_features = {n: sp.out_features for n, sp in tapped.specs.items()}
     n = batch_size("layer_io", "batch", batch)
     step = n if chunk_size is None else chunk_size
     parts = []

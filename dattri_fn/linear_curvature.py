@@ -322,8 +322,8 @@ def _unwrapped(module: nn.Module, params, tapped=None):
 
 def _checked(func: str, module, params, tapped=None):
     """Return ``(module, params, tapped)``: the model validated against the limits visible
-    without data (bare Linear wrapped, see :func:`_unwrapped`), traced unless ``tapped`` is
-    given. Plain errors for bad arguments, :class:`FactoredCurvatureError` for the limits."""
+    without data (bare Linear wrapped, see :func:`_unwrapped`), captured unless ``tapped``
+    is given. Plain errors for bad arguments, :class:`FactoredCurvatureError` for the limits."""
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
     module, params = _unwrapped(module, params, tapped)
@@ -332,14 +332,14 @@ def _checked(func: str, module, params, tapped=None):
     if tapped is None:
         try:
             tapped = _tap(func, module, _select(func, module, params, None)[0])
-        except ValueError as err:  # a weight missing, an untraceable module, a layer re-used
+        except ValueError as err:  # a weight missing, a layer the engine does not know
             raise FactoredCurvatureError(str(err)) from err
     return module, params, tapped
 
 
 def linear_tap(module: nn.Module, params):
-    """Return the traced forward that :func:`linear_hessian` / :func:`linear_gnvp` take as
-    ``tapped=`` (trace once, reuse across calls); a bare ``nn.Linear`` is traced wrapped.
+    """Return the captured forward that :func:`linear_hessian` / :func:`linear_gnvp` take as
+    ``tapped=`` (build once, reuse across calls); a bare ``nn.Linear`` is wrapped.
 
     Raises:
         FactoredCurvatureError: a model outside the module docstring's limits that shows

@@ -135,8 +135,7 @@ class TinyLM(nn.Module):
         T = idx.shape[-1]
         h = self.tok(idx) + self.pos[:T]
         q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
-        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works,
-        # and without Python arithmetic on shapes so torch.fx can trace it (hook-free K-FAC).
+        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works.
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(-2, -3) for t in (q, k, v))
         att = (q @ k.transpose(-1, -2)) / self.scale
         mask = self.causal.narrow(0, 0, T).narrow(1, 0, T)

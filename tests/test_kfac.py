@@ -359,3 +359,95 @@ def test_batch_rows_merges_batches_without_changing_factors(device, fit, rows):
                 torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"factors\(batch_rows=...\): expected an int >= 1"):
         fit(model, F.cross_entropy, params, data, batch_rows=0)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: weight ``[in, out]``, ``addmm`` on flattened rows."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / 2)
+        self.bias = nn.Parameter(torch.randn(nf) / 2)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(
+            *x.shape[:-1], self.nf)
+
+
+class _PatchLinear(nn.Module):
+    """A Conv2d written as a Linear on its unfolded patches: the same function."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.lin = nn.Linear(conv.in_channels * 9, conv.out_channels)
+        self.lin.weight, self.lin.bias = (nn.Parameter(conv.weight.detach().flatten(1)),
+                                          nn.Parameter(conv.bias.detach()))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        z = self.lin(F.unfold(x, 3, padding=1).transpose(1, 2))  # [B, L, out]
+        return z.transpose(1, 2).reshape(B, -1, H, W)
+
+
+@pytest.mark.parametrize("fit, inverse", [(kfac_factors, ihvp_kfac), (ekfac_factors, ihvp_ekfac)])
+def test_conv1d_and_conv2d_equal_their_linear_forms(device, fit, inverse):
+    """K-FAC/EK-FAC of a HF Conv1D (transposed weight) and of a Conv2d (unfolded patches) equal
+    those of the same function written with nn.Linear: the factors, and the inverse in each
+    model's own ravel layout (Conv1D's weight block transposed)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    c1 = Conv1D(3, 4).to(DT).to(device)
+    lin = nn.Linear(4, 3).to(DT).to(device)
+    lin.weight, lin.bias = nn.Parameter(c1.weight.detach().T.clone()), nn.Parameter(c1.bias.detach())
+    x = torch.randn(6, 5, 4, generator=g, dtype=DT).to(device)
+    y = torch.randint(0, 3, (6,), generator=g).to(device)
+    loss = lambda out, t: F.cross_entropy(out.mean(-2), t)
+    pairs = []
+    for m, keys in ((nn.Sequential(c1), ("0.weight", "0.bias")),
+                    (nn.Sequential(lin), ("0.weight", "0.bias"))):
+        params = {k: v.detach() for k, v in m.named_parameters() if k in keys}
+        pairs.append((fit(m, loss, params, (x, y)), params))
+    (fc, pc), (fl, pl) = pairs
+    for field in fc._fields[:-3]:
+        for layer in getattr(fc, field):
+            torch.testing.assert_close(getattr(fc, field)[layer], getattr(fl, field)[layer])
+    assert fc.transposed == ("0",) and fl.transposed == ()
+    V = torch.randn(2, 15, generator=g, dtype=DT).to(device)  # rows in Conv1D's layout
+    V_lin = torch.cat([V[:, :12].reshape(2, 4, 3).transpose(1, 2).reshape(2, 12), V[:, 12:]], 1)
+    out_c, out_l = inverse(fc, damping=0.1)(V), inverse(fl, damping=0.1)(V_lin)
+    torch.testing.assert_close(out_c[:, :12].reshape(2, 4, 3).transpose(1, 2).reshape(2, 12),
+                               out_l[:, :12], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out_c[:, 12:], out_l[:, 12:], rtol=1e-10, atol=1e-12)
+
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(DT).to(device)
+    patch = _PatchLinear(conv).to(device)
+    xi = torch.randn(4, 2, 5, 5, generator=g, dtype=DT).to(device)
+    yi = torch.randint(0, 3, (4,), generator=g).to(device)
+    img_loss = lambda out, t: F.cross_entropy(out.mean((2, 3)), t)
+    fc = fit(nn.Sequential(conv), img_loss, {k: v.detach() for k, v in
+                                             nn.Sequential(conv).named_parameters()}, (xi, yi))
+    fp = fit(patch, img_loss, {"lin.weight": patch.lin.weight.detach(),
+                               "lin.bias": patch.lin.bias.detach()}, (xi, yi))
+    for field in fc._fields[:-3]:
+        torch.testing.assert_close(getattr(fc, field)["0"], getattr(fp, field)["lin"])
+    V = torch.randn(2, 57, generator=g, dtype=DT).to(device)
+    torch.testing.assert_close(inverse(fc, damping=0.1)(V), inverse(fp, damping=0.1)(V),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_bare_linear_root(device):
+    """A bare nn.Linear (logistic regression) is its own K-FAC layer, keys 'weight'/'bias'."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3).to(DT).to(device)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 4, generator=g, dtype=DT).to(device), torch.randint(0, 3, (7,), generator=g)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    wrapped = nn.Sequential(m)
+    f = ekfac_factors(m, F.cross_entropy, params, (x, y.to(device)))
+    ref = ekfac_factors(wrapped, F.cross_entropy, {f"0.{k}": v for k, v in params.items()},
+                        (x, y.to(device)))
+    assert list(f.QA) == [""] and f.param_names == ("weight", "bias")
+    torch.testing.assert_close(ihvp_ekfac(f, damping=0.1).dense(),
+                               ihvp_ekfac(ref, damping=0.1).dense(), rtol=1e-12, atol=1e-14)

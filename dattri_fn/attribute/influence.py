@@ -105,12 +105,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             matrix, ~5x faster on the digits MLP), and from ``P`` Hessian-vector products
             otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
-            ``kfac``/``ekfac`` (they trace the module's Linear layers, no hooks); defaults to
-            ``loss`` when that is a FunctionalModel. The trace (torch.fx) is made on the first
-            ``prepare`` and reused; it is redone when the params' keys or the module's
-            submodules change, but Python attributes that ``forward`` reads are baked into
-            it: build a new method after changing those (as for every method that takes a
-            FunctionalModel, whose Linear-layer plan is traced when the method is built).
+            ``kfac``/``ekfac`` (they capture the module's Linear, Conv1D and Conv2d layers:
+            :mod:`dattri_fn.transforms.capture`, no trace, no hooks); defaults to ``loss``
+            when that is a FunctionalModel. The capture is built on the first ``prepare`` and
+            rebuilt when the params' keys or the module's submodules change.
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
             ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params``; ``"hessian"`` is
             then ``H + 2 l2 I`` and ``"fisher"`` the empirical Fisher of the regularised
@@ -179,7 +177,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                 else _grad_rows(train_fn if plan is None else base, plan, l2, params))
         return in_chunks(rows, chunk_size)
 
-    taps: dict = {}  # K-FAC's traced forward, built on the first prepare and reused
+    taps: dict = {}  # K-FAC's captured forward, built on the first prepare and reused
     factored = (solver == "explicit" and curvature == "hessian"
                 and isinstance(loss, FunctionalModel) and loss.loss_fn is not None
                 and loss.unpack in (None, default_unpack))

@@ -1,6 +1,11 @@
-"""K-FAC and EK-FAC inverse-Fisher products for the ``nn.Linear`` layers of a module.
+"""K-FAC and EK-FAC inverse-Fisher products for the Linear-like layers of a module.
 
-For a Linear layer with input ``a`` (augmented to ``[a, 1]`` when its bias is among the params)
+Layers: ``nn.Linear``, Hugging Face ``Conv1D`` (weight ``[in, out]``: its blocks are read and
+written transposed) and ``nn.Conv2d`` with ``groups = 1`` (``a`` = the unfolded patches, one
+position per output pixel, as in KFC, Grosse & Martens 2016, arXiv 1602.01407), captured by
+:mod:`dattri_fn.transforms.capture` (no trace, no hooks; the root module may be the layer).
+
+For a layer with input ``a`` (augmented to ``[a, 1]`` when its bias is among the params)
 and output-gradient ``g``, one example's gradient block of ``[W | b]`` is
 ``DW_n = sum_t g_nt a_nt^T``  (``[out, in(+1)]``; ``t`` runs over tokens, ``T = 1`` for 2-D
 inputs). The empirical Fisher block ``F = (1/N) sum_n vec(DW_n) vec(DW_n)^T`` is approximated by
@@ -54,7 +59,8 @@ from .._checks import (
     regroup,
 )
 from .._types import LinOp
-from ..layers import _layer_io, _tap, module_state, select_linear
+from ..layers import _layer_io, _tap, module_state
+from ..transforms import capture
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors", "kfac_tap",
            "ihvp_kfac", "ihvp_ekfac"]
@@ -68,12 +74,14 @@ class KFACFactors(NamedTuple):
         G: ``{layer: [out, out]}`` output-gradient second moments.
         param_names: the selected params' names in ravel order (defines the operator's layout).
         num_examples: ``N``, the examples the factors average over (int64 scalar tensor).
+        transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
     """
 
     A: dict[str, Tensor]
     G: dict[str, Tensor]
     param_names: tuple[str, ...]
     num_examples: Tensor
+    transposed: tuple[str, ...] = ()
 
 
 class EKFACFactors(NamedTuple):
@@ -86,6 +94,7 @@ class EKFACFactors(NamedTuple):
             that basis.
         param_names: the selected params' names in ravel order.
         num_examples: ``N`` (int64 scalar tensor).
+        transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
     """
 
     QA: dict[str, Tensor]
@@ -93,27 +102,69 @@ class EKFACFactors(NamedTuple):
     Lambda: dict[str, Tensor]
     param_names: tuple[str, ...]
     num_examples: Tensor
+    transposed: tuple[str, ...] = ()
+
+
+_KFAC_KINDS = ("linear", "conv1d", "conv2d")
+
+
+def _keys(layer: str) -> tuple[str, str]:
+    """The state keys of a layer's weight and bias (the root module's are bare)."""
+    prefix = f"{layer}." if layer else ""
+    return f"{prefix}weight", f"{prefix}bias"
+
+
+def _kfac_specs(module: nn.Module) -> dict:
+    return {n: s for n, s in capture.layer_specs(module).items() if s.kind in _KFAC_KINDS}
 
 
 def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ...]]:
-    """Return (layers in module order, param names in dict order); validate their match."""
+    """Return (layers in module order, param names in dict order); validate their match.
+
+    Layers: ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` (ungrouped), the root
+    module included (see :mod:`dattri_fn.transforms.capture`).
+    """
+    specs = _kfac_specs(module)
     if layers is None:
-        owned = {k.rsplit(".", 1)[0] for k in params}
-        lin = [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n in owned]
-        lin = select_linear(func, "layers", module, lin) if lin else []
+        owned = set(params)
+        lin = [n for n, sp in specs.items() if sp.weight in owned or sp.bias in owned]
     else:
-        lin = select_linear(func, "layers", module, layers)
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, Iterable):
+            raise TypeError(_msg(func, "layers", "a layer name or an iterable of names",
+                                 type(layers).__name__))
+        layers = list(layers)
+        bad_kind = [n for n in layers if not isinstance(n, str)]
+        if bad_kind:
+            raise TypeError(_msg(func, "layers", "layer names (str)", repr(bad_kind[0])))
+        if not layers:
+            raise ValueError(_msg(func, "layers", "at least one layer name", "an empty list"))
+        modules = dict(module.named_modules())
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
+            raise ValueError(_msg(func, "layers", "names of submodules", f"unknown {unknown}",
+                                  f"K-FAC layers are {list(specs)}."))
+        other = [f"{n!r} ({type(modules[n]).__name__})" for n in layers if n not in specs]
+        if other:
+            raise ValueError(_msg(func, "layers", "names of nn.Linear, Conv1D or Conv2d "
+                                  "submodules", ", ".join(other), f"K-FAC layers are {list(specs)}."))
+        dup = sorted({n for n in layers if layers.count(n) > 1})
+        if dup:
+            raise ValueError(_msg(func, "layers", "distinct names", f"duplicates {dup}"))
+        chosen = set(layers)
+        lin = [n for n in specs if n in chosen]
     owner = {}
     for name in lin:
-        owner[f"{name}.weight"] = name
-        owner[f"{name}.bias"] = name
+        owner[specs[name].weight] = name
+        owner[_keys(name)[1]] = name
     stray = [k for k in params if k not in owner]
     if stray:
-        raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear "
-                              f"layers {lin}", f"other keys {stray}",
-                              "K-FAC covers Linear layers only: drop these keys from params "
+        raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear, "
+                              f"Conv1D or Conv2d layers {lin}", f"other keys {stray}",
+                              "K-FAC covers those layers only: drop these keys from params "
                               "or select their layers."))
-    no_weight = [n for n in lin if f"{n}.weight" not in params]
+    no_weight = [n for n in lin if specs[n].weight not in params]
     if no_weight:
         raise ValueError(_msg(func, "params", "the weight of every selected layer",
                               f"no weight for {no_weight}",
@@ -146,7 +197,7 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     """Return the tapped forward that :func:`kfac_factors` traces for ``params`` / ``layers``.
 
     Pass it as ``tapped=`` to repeated :func:`kfac_factors` / :func:`ekfac_factors` calls on
-    the same module to trace once (see :func:`dattri_fn.layers.tap_layers`).
+    the same module (see :func:`dattri_fn.transforms.capture.tap`).
     """
     func = "kfac_tap"
     if not isinstance(module, nn.Module):
@@ -177,9 +228,13 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
     return n
 
 
+def _transposed(tapped) -> tuple[str, ...]:
+    return tuple(n for n, sp in tapped.specs.items() if sp.kind == "conv1d")
+
+
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
                batch_rows=None):
-    bias = {n: f"{n}.bias" in param_names for n in names}
+    bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
 
     def step(layer, a, g):
@@ -192,7 +247,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
     A = {k: A[k] / n for k in names}
     G = {k: G[k] / n for k in names}
-    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64))
+    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64), _transposed(tapped))
 
 
 def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
@@ -206,17 +261,18 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     ``params``. See the module docstring for the sequence convention.
 
     Args:
-        module: the model (traced with ``torch.fx``; see :mod:`dattri_fn.layers` for limits).
+        module: the model (its layers captured by :mod:`dattri_fn.transforms.capture`).
         loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
         params: ``dict[str, Tensor]``, the weights (and optionally biases) of the Linear layers
             to precondition, in the order of the raveled vectors the operator will act on.
             The module's other parameters are its own.
         data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader); other
             layouts as :func:`dattri_fn.layers.unpack_example`.
-        layers: Linear layer names; ``None`` selects the layers owning ``params``.
+        layers: Linear, Conv1D or Conv2d layer names; ``None`` selects the layers owning
+            ``params``.
         chunk_size: examples per ``vmap`` chunk; ``None`` for a whole batch.
-        tapped: ``tap_layers(module, layers)`` of the selected layers, to reuse across calls
-            (tracing costs ~2 ms per call on a small MLP); ``None`` traces anew.
+        tapped: :func:`kfac_tap` of the selected layers, to reuse across calls; ``None``
+            builds it anew.
         batch_rows: merge consecutive batches into calls of at least this many examples (one
             batched forward/backward has a fixed cost of ~0.3 ms on one CPU thread); ``None``
             takes the batches as given.
@@ -272,7 +328,7 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                     batch_rows)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
-    bias = {n: f"{n}.bias" in pnames for n in names}
+    bias = {n: _keys(n)[1] in pnames for n in names}
     L = {}
 
     def step(layer, a, g):
@@ -289,15 +345,16 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
     Lambda = {k: L[k] / n for k in names}
-    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64))
+    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed)
 
 
 def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int, int]]):
     """Return (P, {layer: (w_slice, b_slice | None)}) locating each layer in the raveled vector."""
     sizes = {}
     for layer, (out, inp) in shapes.items():
-        sizes[f"{layer}.weight"] = out * inp
-        sizes[f"{layer}.bias"] = out
+        wk, bk = _keys(layer)
+        sizes[wk] = out * inp
+        sizes[bk] = out
     unknown = [k for k in param_names if k not in sizes]
     if unknown:
         raise ValueError(_msg(func, "factors", "param_names of the factored layers",
@@ -306,16 +363,16 @@ def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int
     for k in param_names:
         offsets[k] = slice(start, start + sizes[k])
         start += sizes[k]
-    return start, {layer: (offsets[f"{layer}.weight"], offsets.get(f"{layer}.bias"))
+    return start, {layer: (offsets[_keys(layer)[0]], offsets.get(_keys(layer)[1]))
                    for layer in shapes}
 
 
-def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping) -> LinOp:
+def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
     """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``."""
     layers = list(QA)
     shapes = {}
     for layer in layers:
-        bias = f"{layer}.bias" in param_names
+        bias = _keys(layer)[1] in param_names
         shapes[layer] = (QG[layer].shape[0], QA[layer].shape[0] - int(bias))
     P, where = _layout(name, param_names, shapes)
     inv = {layer: 1.0 / (Lambda[layer] + damping) for layer in layers}
@@ -328,14 +385,18 @@ def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping) -> LinOp:
         for layer in layers:
             out, inp = shapes[layer]
             ws, bs = where[layer]
-            M = V[:, ws].reshape(k, out, inp)
+            wk, bk = _keys(layer)
+            flip = layer in transposed
+            M = (V[:, ws].reshape(k, inp, out).transpose(1, 2) if flip
+                 else V[:, ws].reshape(k, out, inp))
             if bs is not None:
                 M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
             R = QG[layer].T @ M @ QA[layer]
             X = QG[layer] @ (R * inv[layer]) @ QA[layer].T
-            pieces[f"{layer}.weight"] = X[..., :inp].reshape(k, -1)
+            W = X[..., :inp]
+            pieces[wk] = (W.transpose(1, 2) if flip else W).reshape(k, -1)
             if bs is not None:
-                pieces[f"{layer}.bias"] = X[..., inp]
+                pieces[bk] = X[..., inp]
         return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
 
     return LinOp(matmat, P, ref.dtype, ref.device, name=name)
@@ -389,7 +450,7 @@ def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
         sG, QG[layer] = torch.linalg.eigh(factors.G[layer])
         # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
         Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
-    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping)
+    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping, factors.transposed)
 
 
 def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
@@ -416,4 +477,4 @@ def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
                    ("QA", "QG", "Lambda"))
     damping = check_positive(func, "damping", damping)
     return _eigen_inverse(func, factors.QA, factors.QG, factors.Lambda, factors.param_names,
-                          damping)
+                          damping, factors.transposed)
