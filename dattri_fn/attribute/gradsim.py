@@ -15,7 +15,7 @@ layers stay factored (:mod:`dattri_fn.layer_grads`) and the scores never form ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 
 import torch
 from torch import Tensor
@@ -46,6 +46,16 @@ def _projector(stacked: Params, proj_dim, kind, seed):
                           device=v0.device, packed=False)  # one per call: a dense R is reused
 
 
+def _inverse_norms(sq_norms: Tensor) -> Tensor:
+    """Return ``1/|g|`` where ``|g|^2 > 0`` and 0 elsewhere: a zero gradient scores 0.
+
+    A factored zero gradient can have one nonzero factor (e.g. ``a = 0``, ``g != 0``), so a
+    huge ``1/clamp_min(|g|, tiny)`` on the other factor overflows and ``0 * inf`` gives NaN.
+    """
+    pos = sq_norms > 0
+    return torch.where(pos, sq_norms.where(pos, 1).rsqrt(), 0)
+
+
 def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          normalize: bool = False,
                          proj_dim: int | None = None, kind: str = "rademacher", seed: int = 0,
@@ -73,7 +83,8 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             weights = torch.as_tensor(lrs, dtype=torch.float64)
             if weights.shape != (C,):
                 raise ValueError(f"{name}(lrs=...): expected {C} learning rates (one per "
-                                 f"checkpoint), got shape {list(weights.shape)}.")
+                                 f"checkpoint in params), got {weights.numel()}. Pass params as "
+                                 f"the list of checkpoints the rates belong to.")
         v0 = next(iter(stacked.values()))
         weights = weights.to(dtype=v0.dtype, device=v0.device)
         proj = _projector(stacked, proj_dim, kind, seed)
@@ -84,14 +95,12 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             else:
                 lg = layer_grads_stacked(fn_plan, stacked, batch)
                 if proj is None:
-                    if normalize:
-                        tiny = torch.finfo(lg.dense.dtype).tiny
-                        lg = lg.scale(lg.sq_norms().sqrt().clamp_min(tiny).reciprocal())
-                    return lg
+                    return lg.scale(_inverse_norms(lg.sq_norms())) if normalize else lg
                 G = lg.to_dense()
             if proj is not None:
                 G = proj(G.reshape(-1, G.shape[-1])).reshape(C, G.shape[1], -1)
             if normalize:
+                # 0 / tiny = 0: a zero gradient scores 0 here too.
                 G = G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
             return G
 
@@ -158,6 +167,27 @@ def grad_cos(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | N
                                 seed=seed, chunk_size=chunk_size)
 
 
+def _learning_rates(lrs) -> Tensor:
+    """Return ``lrs`` as a float64 ``[C]`` tensor, or raise naming ``tracin(lrs=...)``."""
+    if isinstance(lrs, (str, bytes, Mapping, Set)) or not isinstance(lrs, (Tensor, Iterable)):
+        raise TypeError(f"tracin(lrs=...): expected a sequence of learning rates, one per "
+                        f"checkpoint in order, got {type(lrs).__name__}.")
+    if not isinstance(lrs, Tensor):
+        lrs = list(lrs)  # a generator is read once, here, not at every score call
+    try:
+        lrs_t = torch.as_tensor(lrs, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"tracin(lrs=...): expected real numbers, got {lrs!r}.") from e
+    if lrs_t.ndim != 1:
+        raise ValueError(f"tracin(lrs=...): expected a 1-d sequence of learning rates, got "
+                         f"shape {list(lrs_t.shape)}.")
+    if lrs_t.numel() == 0:
+        raise ValueError("tracin(lrs=...): expected one learning rate per checkpoint, got none. "
+                         "TracIn sums over checkpoints: pass at least one checkpoint as params "
+                         "and the learning rate in effect at each.")
+    return lrs_t
+
+
 def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
            target: Loss | FunctionalModel | None = None,
            proj_dim: int | None = None,
@@ -179,10 +209,7 @@ def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
         Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
         arXiv 2002.08484.
     """
-    lrs_t = torch.as_tensor(lrs, dtype=torch.float64)
-    if lrs_t.ndim != 1 or lrs_t.numel() == 0 or not bool(torch.isfinite(lrs_t).all()):
-        raise ValueError(f"tracin(lrs=...): expected a non-empty 1-d sequence of finite learning "
-                         f"rates, got {lrs!r}.")
+    lrs_t = _learning_rates(lrs)
     for lr in lrs_t.tolist():
         check_positive("tracin", "lrs", lr)
     return _gradient_similarity(loss, "tracin", target=target, lrs=lrs_t, proj_dim=proj_dim, kind=kind,

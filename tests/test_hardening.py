@@ -1,0 +1,90 @@
+"""Regression tests for issue 15 (outside probe): bad or edge inputs get a clear error or the
+right answer, never a silent wrong one or a raw torch error."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn.attribute import grad_cos, tracin
+from dattri_fn.model import functional_model
+
+
+# -- grad_cos: a zero gradient scores 0 on every path ------------------------------------
+def _zero_grad_problem():
+    """A bias-free linear classifier; example 2 has x = 0, so its gradient is exactly zero
+    although the factored output gradient is not (0 * finite)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False))
+    fm = functional_model(net, F.cross_entropy)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    x[2] = 0
+    return fm, params, (x, y)
+
+
+@pytest.mark.parametrize("path", ["model", "plain-loss", "projected"])
+def test_grad_cos_zero_gradient_scores_zero_everywhere(path):
+    """score, self_score and top_k agree: the zero-gradient row and column are 0, never NaN,
+    and the other self-scores are 1."""
+    fm, params, data = _zero_grad_problem()
+    m = {"model": grad_cos(fm), "plain-loss": grad_cos(fm.loss),
+         "projected": grad_cos(fm, proj_dim=8)}[path]
+    S = m.score(params, (), data, data)
+    assert not S.isnan().any()
+    assert (S[2] == 0).all() and (S[:, 2] == 0).all()
+    diag = m.self_score(params, (), data)
+    assert diag[2] == 0 and not diag.isnan().any()
+    if path != "projected":
+        torch.testing.assert_close(diag[[0, 1, 3, 4, 5]], torch.ones(5))
+    top = m.score(params, (), data, data, top_k=2)
+    assert not top.values.isnan().any()
+    assert top.values[0, 2] == 0  # the zero column ties at 0; nothing outranks it as NaN did
+
+
+def test_grad_cos_model_and_plain_loss_agree_with_a_zero_gradient():
+    fm, params, data = _zero_grad_problem()
+    torch.testing.assert_close(grad_cos(fm).score(params, (), data, data),
+                               grad_cos(fm.loss).score(params, (), data, data))
+
+
+# -- tracin: lrs ---------------------------------------------------------------------------
+def _tiny_regression():
+    loss = lambda p, ex: ((ex[0] @ p["w"]) - ex[1]).pow(2)
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, generator=g)}
+    return loss, params, (torch.randn(5, 3, generator=g), torch.randn(5, generator=g))
+
+
+def test_tracin_accepts_a_generator_of_lrs_read_once():
+    loss, params, data = _tiny_regression()
+    ckpts = [params, {"w": params["w"] + 0.1}]
+    m = tracin(loss, lrs=(lr for lr in [0.1, 0.2]))
+    ref = tracin(loss, lrs=[0.1, 0.2]).score(ckpts, (), data, data)
+    torch.testing.assert_close(m.score(ckpts, (), data, data), ref)
+    torch.testing.assert_close(m.score(ckpts, (), data, data), ref)  # not exhausted
+
+
+@pytest.mark.parametrize("lrs, exc, match", [
+    ([], ValueError, r"tracin\(lrs=...\): expected one learning rate per checkpoint, got none\. "
+                     r"TracIn sums over checkpoints"),
+    ({0.1}, TypeError, r"tracin\(lrs=...\): expected a sequence of learning rates, one per "
+                       r"checkpoint in order, got set"),
+    ("0.1", TypeError, r"tracin\(lrs=...\): expected a sequence .* got str"),
+    (["a"], TypeError, r"tracin\(lrs=...\): expected real numbers"),
+    ([[0.1]], ValueError, r"tracin\(lrs=...\): expected a 1-d sequence"),
+    ([math.inf], ValueError, r"tracin\(lrs=...\): expected a finite number > 0"),
+])
+def test_tracin_bad_lrs(lrs, exc, match):
+    loss, _, _ = _tiny_regression()
+    with pytest.raises(exc, match=match):
+        tracin(loss, lrs=lrs)
+
+
+def test_tracin_lrs_count_mismatch_names_the_checkpoints():
+    loss, params, data = _tiny_regression()
+    with pytest.raises(ValueError, match=r"tracin\(lrs=...\): expected 1 learning rates \(one per "
+                                         r"checkpoint in params\), got 2\. Pass params as the list"):
+        tracin(loss, lrs=[0.1, 0.2]).score(params, (), data, data)
