@@ -26,7 +26,7 @@ from ._checks import (
     regroup,
 )
 from ._types import Batch, LinOp, Loss, Params
-from .grad import per_sample_grad_unchecked
+from .grad import per_sample_grad_unchecked, summed_loss
 from .tree import ravel, ravel_batched
 
 
@@ -91,7 +91,7 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
-        return vmap(loss, in_dims=(None, 0))(unravel(flat), batch).sum()
+        return summed_loss("hvp", loss, unravel(flat), batch)
 
     grad_fn = torch.func.grad(batch_loss)
 
@@ -203,7 +203,8 @@ def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     p = unravel(flat0)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
-        G = ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size))
+        G = ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size,
+                                                     func="fvp"))
         return (V @ G.T) @ G
 
     return _streamed("fvp", per_batch, flat0, batches, batch_rows)

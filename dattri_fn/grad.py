@@ -15,9 +15,24 @@ def _first_device(params: Params) -> torch.device:
     return next(iter(params.values())).device
 
 
+def summed_loss(func: str, loss: Loss, params: Params, batch: Batch) -> Tensor:
+    """Return ``sum_i loss(params, x_i)``; raise naming ``func(loss=...)`` unless each is 0-d.
+
+    Without the check a ``[K]``-valued loss would be differentiated as the sum of its outputs.
+    """
+    out = vmap(loss, in_dims=(None, 0))(params, batch)
+    if not isinstance(out, Tensor) or out.ndim != 1:
+        got = (f"output shape {list(out.shape[1:])} per example" if isinstance(out, Tensor)
+               else type(out).__name__)
+        raise ValueError(f"{func}(loss=...): expected a per-example function returning a 0-d "
+                         f"Tensor for ONE example, got {got}. Reduce it to a scalar, e.g. "
+                         f".sum() or a margin.")
+    return out.sum()
+
+
 def _summed_loss(loss: Loss):
     def total(params: Params, batch: Batch) -> Tensor:
-        return vmap(loss, in_dims=(None, 0))(params, batch).sum()
+        return summed_loss("grad", loss, params, batch)
 
     return total
 
@@ -77,13 +92,17 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
 
 
 def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
-                              chunk_size: int | None = None) -> Params:
-    """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}"""
+                              chunk_size: int | None = None,
+                              func: str = "per_sample_grad") -> Params:
+    """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}
+
+    ``func``: the public caller named by the error for a non-scalar loss.
+    """
     try:
         return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, batch)
     except RuntimeError as e:
         if "scalar" not in str(e):
             raise
-        raise ValueError("per_sample_grad(loss=...): expected a per-example function (loss or "
+        raise ValueError(f"{func}(loss=...): expected a per-example function (loss or "
                          "target) returning a 0-d Tensor for ONE example, got a non-scalar "
                          f"output ({e}). Reduce it to a scalar, e.g. .sum() or a margin.") from e

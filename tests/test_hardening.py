@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dattri_fn import LinOp, as_linop, fvp, gnvp, grad, hvp
 from dattri_fn.attribute import grad_cos, tracin
 from dattri_fn.model import functional_model
 
@@ -88,3 +89,79 @@ def test_tracin_lrs_count_mismatch_names_the_checkpoints():
     with pytest.raises(ValueError, match=r"tracin\(lrs=...\): expected 1 learning rates \(one per "
                                          r"checkpoint in params\), got 2\. Pass params as the list"):
         tracin(loss, lrs=[0.1, 0.2]).score(params, (), data, data)
+
+
+# -- grad / hvp / fvp: a non-scalar per-example loss is refused ---------------------------
+def _vector_loss(p, ex):
+    return ex[0] * p["w"] - ex[1]  # [3] per example: not a loss
+
+
+@pytest.mark.parametrize("func, call", [
+    ("grad", lambda p, d: grad(_vector_loss, p, d)),
+    ("hvp", lambda p, d: hvp(_vector_loss, p, d)(torch.ones(3))),
+    ("hvp", lambda p, d: hvp(_vector_loss, p, d, mode="fwd-rev")(torch.ones(3))),
+    ("fvp", lambda p, d: fvp(_vector_loss, p, d)(torch.ones(3))),
+])
+def test_non_scalar_loss_is_refused(func, call):
+    params = {"w": torch.ones(3)}
+    data = (torch.randn(5, 3), torch.randn(5, 1))
+    with pytest.raises(ValueError, match=rf"^{func}\(loss=...\): expected a per-example function "
+                                         rf".*returning a 0-d Tensor for ONE example"):
+        call(params, data)
+
+
+# -- LinOps: non-finite V, bad dim, wrong width -------------------------------------------
+@pytest.mark.parametrize("factory", ["hvp", "gnvp", "fvp"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_curvature_linop_refuses_non_finite_V(factory, bad):
+    loss, params, data = _tiny_regression()
+    op = {"hvp": lambda: hvp(loss, params, data),
+          "fvp": lambda: fvp(loss, params, data),
+          "gnvp": lambda: gnvp(lambda p, ex: ex[0] @ p["w"],
+                               lambda out, ex: (out - ex[1]).pow(2), params, data)}[factory]()
+    V = torch.ones(2, 3)
+    V[1, 0] = bad
+    with pytest.raises(ValueError, match=rf"{factory}\(V=...\): expected finite values, "
+                                         r"got NaN or inf"):
+        op(V)
+    with pytest.raises(ValueError, match=rf"{factory}\(V=...\): expected finite"):
+        op(V[1])
+
+
+def test_linop_finite_check_stays_out_of_torch_func_transforms():
+    loss, params, data = _tiny_regression()
+    H = hvp(loss, params, data)
+    V = torch.randn(4, 3)
+    torch.testing.assert_close(torch.func.vmap(H)(V), H(V))
+
+
+@pytest.mark.parametrize("dim, exc, match", [
+    (0, ValueError, r"as_linop\(dim=...\): expected an int >= 1, got 0"),
+    (-2, ValueError, r"as_linop\(dim=...\): expected an int >= 1, got -2"),
+    (3.0, TypeError, r"as_linop\(dim=...\): expected an int, got float"),
+])
+def test_as_linop_refuses_bad_dim(dim, exc, match):
+    with pytest.raises(exc, match=match):
+        as_linop(lambda V: V, dim=dim)
+
+
+def test_linop_refuses_bad_dim_and_accepts_integer_types():
+    with pytest.raises(ValueError, match=r"LinOp\(dim=...\): expected an int >= 1, got 0"):
+        LinOp(lambda V: V, 0, torch.float32, "cpu")
+    assert LinOp(lambda V: V, torch.tensor(3), torch.float32, "cpu").dim == 3
+
+
+def test_as_linop_refuses_an_empty_matrix():
+    with pytest.raises(ValueError, match=r"op: expected a square \[P, P\] matrix \(P >= 1\)"):
+        as_linop(torch.zeros(0, 0))
+
+
+def test_as_linop_callable_of_the_wrong_width_raises_at_call_naming_the_op():
+    op = as_linop(lambda V: V[:, :2], dim=3, name="my_op")
+    with pytest.raises(ValueError, match=r"my_op: expected the callable to map \[k, 3\] to "
+                                         r"\[k, 3\], got \[1, 2\] for V of shape \[1, 3\]"):
+        op(torch.ones(3))
+    with pytest.raises(ValueError, match=r"my_op: expected the callable to map"):
+        op.matmat(torch.ones(4, 3))  # solvers call matmat directly
+    with pytest.raises(TypeError, match=r"my_op: expected the callable to return a Tensor, got list"):
+        as_linop(lambda V: [1.0], dim=3, name="my_op")(torch.ones(3))
