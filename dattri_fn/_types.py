@@ -23,11 +23,15 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import torch
 from torch import Tensor
+
+from ._checks import all_finite, check_int
 
 Params = dict[str, Tensor]
 Batch = Union[Tensor, tuple, list, Mapping[str, Tensor]]
@@ -53,7 +57,7 @@ class LinOp:
         name: str = "LinOp",
     ):
         self.matmat = matmat
-        self.dim = int(dim)
+        self.dim = _dim("LinOp", dim)
         self.dtype = dtype
         self.device = torch.device(device)
         self.name = name
@@ -68,6 +72,11 @@ class LinOp:
                 f"{self.name}(V=...): expected shape [k, {self.dim}] or [{self.dim}], "
                 f"got {list(V.shape)}."
             )
+        # The one finite check of a call; the matmat (and solver loops calling it) stay bare.
+        # Under a torch.func transform values cannot be read, so it is skipped there.
+        if (V.is_floating_point() and torch._C._functorch.maybe_current_level() is None
+                and not all_finite(V)):
+            raise ValueError(f"{self.name}(V=...): expected finite values, got NaN or inf.")
         return self.matmat(V)
 
     def dense(self, chunk_size: int | None = 256) -> Tensor:
@@ -100,8 +109,8 @@ def as_linop(op: LinOp | Tensor | Callable, *, dim: int | None = None,
     if isinstance(op, LinOp):
         return op
     if isinstance(op, Tensor):
-        if op.ndim != 2 or op.shape[0] != op.shape[1]:
-            raise ValueError(f"{name}: expected a square [P, P] matrix, got shape {list(op.shape)}.")
+        if op.ndim != 2 or op.shape[0] != op.shape[1] or op.shape[0] == 0:
+            raise ValueError(f"{name}: expected a square [P, P] matrix (P >= 1), got shape {list(op.shape)}.")
         A = op
         return LinOp(lambda V: V @ A.T, A.shape[0], A.dtype, A.device, name=name)
     if callable(op):
@@ -109,6 +118,32 @@ def as_linop(op: LinOp | Tensor | Callable, *, dim: int | None = None,
             raise ValueError(
                 f"{name}: a bare callable needs dim=P; pass dim= or wrap it in LinOp(...)."
             )
-        return LinOp(op, dim, dtype or torch.get_default_dtype(),
+        dim = _dim("as_linop", dim)
+        return LinOp(_width_checked(op, dim, name), dim, dtype or torch.get_default_dtype(),
                      device if device is not None else "cpu", name=name)
     raise TypeError(f"{name}: expected a LinOp, a [P, P] Tensor or a callable, got {type(op).__name__}.")
+
+
+def _dim(func: str, dim) -> int:
+    """Return ``dim`` as an int >= 1 (any integer type, e.g. ``numpy.int64``), or raise."""
+    if not isinstance(dim, bool):
+        with contextlib.suppress(TypeError):
+            dim = operator.index(dim)
+    return check_int(func, "dim", dim)
+
+
+def _width_checked(fn: Callable[[Tensor], Tensor], dim: int, name: str):
+    """Wrap a user's ``[k, P] -> [k, P]`` callable so a wrong output shape raises at call time
+    (a shape test, no reduction: it stays in solver loops)."""
+
+    def matmat(V: Tensor) -> Tensor:
+        out = fn(V)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{name}: expected the callable to return a Tensor, got "
+                            f"{type(out).__name__}.")
+        if out.shape != V.shape:
+            raise ValueError(f"{name}: expected the callable to map [k, {dim}] to [k, {dim}], "
+                             f"got {list(out.shape)} for V of shape {list(V.shape)}.")
+        return out
+
+    return matmat
