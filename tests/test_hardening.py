@@ -10,6 +10,12 @@ from torch import nn
 
 from dattri_fn import LinOp, as_linop, fvp, gnvp, grad, hvp
 from dattri_fn.attribute import grad_cos, tracin
+from dattri_fn.attribute.trak import (
+    classification_margin,
+    classification_margin_loss,
+    classification_weight,
+    classification_weight_loss,
+)
 from dattri_fn.model import functional_model
 
 
@@ -165,3 +171,64 @@ def test_as_linop_callable_of_the_wrong_width_raises_at_call_naming_the_op():
         op.matmat(torch.ones(4, 3))  # solvers call matmat directly
     with pytest.raises(TypeError, match=r"my_op: expected the callable to return a Tensor, got list"):
         as_linop(lambda V: [1.0], dim=3, name="my_op")(torch.ones(3))
+
+
+# -- classification_margin / classification_weight: labels ---------------------------------
+def _logit_problem(labels):
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 3, generator=g)}
+    return params, (torch.randn(len(labels), 4, generator=g), torch.tensor(labels))
+
+
+_forward = lambda p, ex: ex[0] @ p["w"]
+_OUTPUTS = {"classification_margin": classification_margin,
+            "classification_weight": classification_weight}
+
+
+@pytest.mark.parametrize("func", sorted(_OUTPUTS))
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_float_labels_are_refused(func, vmapped):
+    fn = _OUTPUTS[func](_forward)
+    params, (x, y) = _logit_problem([0.0, 1.5, 2.0])
+    call = (lambda: torch.func.vmap(fn, in_dims=(None, 0))(params, (x, y))) if vmapped else \
+        (lambda: fn(params, (x[1], y[1])))
+    with pytest.raises(TypeError, match=rf"{func}\(example=...\): expected an integer class "
+                                        r"label \(one per example\), got dtype torch.float32"):
+        call()
+
+
+@pytest.mark.parametrize("func", sorted(_OUTPUTS))
+@pytest.mark.parametrize("label", [3, -1])
+def test_out_of_range_labels_are_refused(func, label):
+    fn = _OUTPUTS[func](_forward)
+    params, (x, y) = _logit_problem([0, label, 2])
+    with pytest.raises(ValueError, match=rf"{func}\(example=...\): expected class labels in "
+                                         rf"\[0, 3\) for 3 logits, got label {label}\."):
+        fn(params, (x[1], y[1]))
+    with pytest.raises(ValueError, match=rf"{func}\(example=...\): expected class labels in "
+                                         r"\[0, 3\) for 3 logits, got an out-of-range label"):
+        torch.func.vmap(torch.func.grad(fn), in_dims=(None, 0))(params, (x, y))
+
+
+def test_valid_labels_still_give_the_margin():
+    params, (x, y) = _logit_problem([0, 1, 2])
+    logits = x @ params["w"]
+    ref = torch.stack([logits[i, y[i]] - torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]])
+                       .logsumexp(0) for i in range(3)])
+    m = torch.func.vmap(classification_margin(_forward), in_dims=(None, 0))(params, (x, y))
+    torch.testing.assert_close(m, ref)
+    torch.testing.assert_close(classification_margin_loss(logits, y), ref.mean())
+    torch.testing.assert_close(classification_weight_loss(logits, y),
+                               torch.sigmoid(-ref).mean())
+
+
+@pytest.mark.parametrize("func", ["classification_margin_loss", "classification_weight_loss"])
+def test_batch_loss_forms_refuse_bad_labels(func):
+    fn = {"classification_margin_loss": classification_margin_loss,
+          "classification_weight_loss": classification_weight_loss}[func]
+    logits = torch.randn(3, 3)
+    with pytest.raises(TypeError, match=rf"{func}\(labels=...\): expected integer class labels"):
+        fn(logits, torch.tensor([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=rf"{func}\(labels=...\): expected class labels in "
+                                         r"\[0, 3\) for 3 logits, got label -1"):
+        fn(logits, torch.tensor([0, -1, 2]))

@@ -94,18 +94,60 @@ def classification_margin(forward: Callable[[Params, Any], Tensor],
         probability of the label, so raising ``f`` lowers the cross-entropy.
     """
 
+    return _margin_fn("classification_margin", forward, label_fn)
+
+
+def _margin_fn(func: str, forward: Callable[[Params, Any], Tensor],
+               label_fn: Callable[[Any], Tensor]) -> OutputFn:
     def margin(params: Params, example) -> Tensor:
         logits = forward(params, example)
         if not isinstance(logits, Tensor) or logits.ndim != 1:
             got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(_msg("classification_margin", "forward", "logits of shape [K] for "
-                                  "one example", f"{got}"))
-        y = label_fn(example).reshape(1).long()
-        own = logits.gather(0, y).squeeze(0)
+            raise ValueError(_msg(func, "forward", "logits of shape [K] for one example",
+                                  f"{got}"))
+        y = _class_labels(func, label_fn(example), logits.shape[0]).reshape(1)
+        own = _gather_labels(func, logits, y, 0).squeeze(0)
         mask = torch.arange(logits.shape[0], device=logits.device) == y
         return own - logits.masked_fill(mask, float("-inf")).logsumexp(0)
 
     return margin
+
+
+def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
+    """Return ``y`` as int64 class indices in ``[0, K)``, or raise naming ``func``'s labels.
+
+    A float label would be truncated (1.5 -> class 1) and an out-of-range one gives a raw index
+    error. Values are checked eagerly; under a torch.func transform they cannot be read, and
+    :func:`_gather_labels` reports the out-of-range index instead.
+    """
+    arg = "labels" if batched else "example"
+    want = "integer class labels [B]" if batched else "an integer class label (one per example)"
+    if not isinstance(y, Tensor):
+        raise TypeError(_msg(func, arg, f"{want} as a Tensor", type(y).__name__))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(_msg(func, arg, want, f"dtype {y.dtype}",
+                             "Class labels index the logits: convert them with .long()."))
+    if (y.ndim != 1) if batched else (y.numel() != 1):
+        raise ValueError(_msg(func, arg, want, f"label shape {list(y.shape)}"))
+    if torch._C._functorch.maybe_current_level() is None:
+        bad = (y < 0) | (y >= K)
+        if bool(bad.any()):
+            raise ValueError(_msg(func, arg, f"class labels in [0, {K}) for {K} logits",
+                                  f"label {int(y[bad].reshape(-1)[0])}"))
+    return y.long()
+
+
+def _gather_labels(func: str, logits: Tensor, y: Tensor, dim: int) -> Tensor:
+    """Return ``logits.gather(dim, y)``; an out-of-range label raises naming ``func``'s labels."""
+    try:
+        return logits.gather(dim, y)
+    except RuntimeError as err:  # under vmap: the labels' values could not be checked first
+        if "out of bounds" not in str(err):
+            raise
+        arg = "example" if dim == 0 else "labels"
+        raise ValueError(_msg(func, arg, f"class labels in [0, {logits.shape[-1]}) for "
+                              f"{logits.shape[-1]} logits", f"an out-of-range label ({err})"))\
+            from err
 
 
 def classification_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -115,15 +157,17 @@ def classification_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
     ``functional_model(module, classification_margin_loss)``: pass that model as ``trak``'s
     ``output_fn`` and its ``nn.Linear`` gradients come from the factored path.
     """
-    own = logits.gather(1, labels.long()[:, None]).squeeze(1)
-    mask = torch.arange(logits.shape[1], device=logits.device) == labels.long()[:, None]
+    labels = _class_labels("classification_margin_loss", labels, logits.shape[1], batched=True)
+    own = _gather_labels("classification_margin_loss", logits, labels[:, None], 1).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
     return (own - logits.masked_fill(mask, float("-inf")).logsumexp(1)).mean()
 
 
 def classification_weight_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Return the batch mean of ``1 - p_y = sigmoid(-margin)``.  # [B, K], [B] -> []"""
-    own = logits.gather(1, labels.long()[:, None]).squeeze(1)
-    mask = torch.arange(logits.shape[1], device=logits.device) == labels.long()[:, None]
+    labels = _class_labels("classification_weight_loss", labels, logits.shape[1], batched=True)
+    own = _gather_labels("classification_weight_loss", logits, labels[:, None], 1).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
     return torch.sigmoid(logits.masked_fill(mask, float("-inf")).logsumexp(1) - own).mean()
 
 
@@ -134,7 +178,7 @@ def classification_weight(forward: Callable[[Params, Any], Tensor],
     ``d CE / d margin = -(1 - p_y)``: the factor that turns a change of the margin into a change
     of the cross-entropy loss. Args as :func:`classification_margin`.
     """
-    margin = classification_margin(forward, label_fn)
+    margin = _margin_fn("classification_weight", forward, label_fn)
     return lambda params, example: torch.sigmoid(-margin(params, example))
 
 
