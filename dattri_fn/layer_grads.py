@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.func import grad, vmap
+from torch.utils._pytree import tree_map
 
 from ._checks import batch_size, batch_slice, batch_to
 from ._types import Batch, Params
@@ -335,6 +336,38 @@ def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
     return io, {}
 
 
+def _loop_grads(loss, params: Params, batch: Batch) -> Params:
+    """``{key: [B, ...]}`` per-example gradients by one ``torch.func.grad`` call per example."""
+    n = batch_size("layer_grads", "batch", batch)
+    g = grad(loss)
+    rows = [g(params, tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, batch))
+            for i in range(n)]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+def _vmap_failed(err: Exception) -> bool:
+    """True for vmap's refusal of data-dependent control flow (``.item()``, ``if tensor``)."""
+    return isinstance(err, RuntimeError) and "vmap" in str(err)
+
+
+def _looping(plan: LayerPlan, err: Exception) -> None:
+    """Switch ``plan`` to per-example loops for its dense parameters, with one warning."""
+    plan.status["loop"] = True
+    warnings.warn(f"layer_grads: vmap cannot run {type(plan.model.module).__name__} ({err}"[:300]
+                  + "...); its parameters outside the captured layers get per-example gradients "
+                  "from a loop of one backward pass per example (the captured layers keep one "
+                  "batched pass).", RuntimeWarning, stacklevel=4)
+
+
+def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, shapes):
+    """``({layer: (a, g)}, {rest key: grad})``: captured layers from one batched pass, the
+    dense parameters by a loop over examples (for models vmap cannot run)."""
+    io, _ = _raw_batched(plan, params, args, kwargs, target, shapes)
+    rest = _loop_grads(lambda r, ex: plan.model.loss({**params, **r}, ex),
+                       {k: params[k] for k in plan.rest}, batch)
+    return io, rest
+
+
 def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):
     """``({layer: (a, g)}, {rest key: grad})`` by ``vmap`` over examples (dense parameters)."""
     unpack = _unpack(plan.model)
@@ -432,10 +465,21 @@ def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     """The fallback: ``vmap(grad)`` gradients, all in the dense block.  # [C, B, P]"""
     C = next(iter(stacked.values())).shape[0]
     per = lambda p: per_sample_grad_unchecked(plan.model.loss, p, batch)
-    if C == 1:
-        G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
-    else:
-        G = ravel_batched(vmap(per)(stacked), batch_dims=2)
+    try:
+        if plan.status.get("loop"):
+            raise RuntimeError("vmap: known to fail for this model")
+        if C == 1:
+            G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
+        else:
+            G = ravel_batched(vmap(per)(stacked), batch_dims=2)
+    except RuntimeError as err:
+        if not _vmap_failed(err):
+            raise
+        if not plan.status.get("loop"):
+            _looping(plan, err)
+        G = torch.stack([ravel_batched(_loop_grads(plan.model.loss, {k: v[c] for k, v in
+                                                                     stacked.items()}, batch))
+                         for c in range(C)])
     layout, start = [], 0
     for k, v in stacked.items():
         size = v[0].numel()
@@ -456,6 +500,7 @@ def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
         active = _narrowed(plan, head, first)
         if active is not None:
             ref = _dense(plan, first, head).dense[0]
+            active.status["loop"] = plan.status.get("loop", False)
             got = _factored(active, first, head).to_dense()[0]
             err = float((got - ref).abs().max())
             scale = float(ref.abs().max())
@@ -514,12 +559,25 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:
         fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes)
-    if C == 1:
-        raw, rest = fn(first)
-        raw = {n: (a[None], g[None]) for n, (a, g) in raw.items()}
-        rest = {k: v[None] for k, v in rest.items()}
-    else:
-        raw, rest = vmap(fn, out_dims=0)(stacked)
+    if not plan.status.get("loop"):
+        try:
+            if C == 1:
+                raw, rest = fn(first)
+                raw = {n: (a[None], g[None]) for n, (a, g) in raw.items()}
+                rest = {k: v[None] for k, v in rest.items()}
+            else:
+                raw, rest = vmap(fn, out_dims=0)(stacked)
+            return _assemble(plan, raw, rest, lead=2)
+        except RuntimeError as err:
+            if not _vmap_failed(err):
+                raise
+            _looping(plan, err)
+    if plan.rest:
+        fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes)
+    parts = [fn({k: v[c] for k, v in stacked.items()}) for c in range(C)]
+    raw = {n: (torch.stack([p[0][n][0] for p in parts]), torch.stack([p[0][n][1] for p in parts]))
+           for n in plan.layers}
+    rest = {k: torch.stack([p[1][k] for p in parts]) for k in plan.rest}
     return _assemble(plan, raw, rest, lead=2)
 
 

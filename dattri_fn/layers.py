@@ -191,9 +191,25 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
             and isinstance(target, Tensor) and target.ndim == 1
             and not target.is_floating_point()):
         return rows(out, target)
+    if isinstance(out, Tensor):
+        if target is None:
+            return torch.func.vmap(lambda o: loss_fn(tree_unsqueeze(o)))(out)
+        return torch.func.vmap(lambda o, t: loss_fn(tree_unsqueeze(o), tree_unsqueeze(t)))(
+            out, target)
+    # A structured output (a Hugging Face ModelOutput): its non-tensor leaves (a KV cache
+    # object) are passed whole, not mapped over.
+    leaves, spec = torch.utils._pytree.tree_flatten(out)
+    dims = [0 if isinstance(t, Tensor) and t.ndim else None for t in leaves]
+
+    def one(parts, *t):
+        o = torch.utils._pytree.tree_unflatten(
+            [x.unsqueeze(0) if isinstance(x, Tensor) and d == 0 else x
+             for x, d in zip(parts, dims, strict=True)], spec)
+        return loss_fn(o) if not t else loss_fn(o, tree_unsqueeze(t[0]))
+
     if target is None:
-        return torch.func.vmap(lambda o: loss_fn(tree_unsqueeze(o)))(out)
-    return torch.func.vmap(lambda o, t: loss_fn(tree_unsqueeze(o), tree_unsqueeze(t)))(out, target)
+        return torch.func.vmap(one, in_dims=(dims,))(leaves)
+    return torch.func.vmap(one, in_dims=(dims, 0))(leaves, target)
 
 
 def output_shapes(tapped: TappedFn, state, out_features: Mapping[str, int], args, kwargs,

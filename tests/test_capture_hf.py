@@ -77,3 +77,34 @@ def test_stock_models_per_example_gradients(name):
             if spec.bias is not None:
                 torch.testing.assert_close(bias_grad(spec, grads[n][i:i + 1])[0],
                                            params[spec.bias].grad, rtol=1e-9, atol=1e-11)
+
+
+def test_grad_dot_on_stock_gpt2_end_to_end():
+    """grad_dot(fm) on GPT-2 with its default (sdpa) attention, which vmap cannot run: the
+    captured layers from one batched pass, the rest by a per-example loop (one warning each
+    for the tied/broadcast embeddings and the loop), equal to per-example autograd."""
+    from dattri_fn import functional_model
+    from dattri_fn.attribute import grad_dot
+
+    torch.manual_seed(0)
+    gpt2 = _models()["gpt2"][0].double().eval()
+    loss = lambda out, labels: _lm_rows(out.logits, labels).sum()
+    fm = functional_model(gpt2, loss)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (4, 5), generator=g)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    with pytest.warns(RuntimeWarning) as record:
+        S = grad_dot(fm).score(fm.params, (), batch, batch)
+    text = " ".join(str(w.message) for w in record)
+    assert "transformer.wpe" in text and "loop" in text and "do not match" not in text
+    params = dict(gpt2.named_parameters())
+    rows = []
+    for i in range(4):
+        gpt2.zero_grad()
+        out = gpt2(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+        loss(out, batch["labels"][i:i + 1]).backward()
+        rows.append(torch.cat([params[k].grad.flatten() for k in fm.params]))
+    G = torch.stack(rows)
+    torch.testing.assert_close(S, G @ G.T, rtol=1e-9, atol=1e-11)
