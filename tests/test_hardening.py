@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dattri_fn import LinOp, as_linop, fvp, gnvp, grad, hvp
-from dattri_fn.attribute import grad_cos, tracin
+from dattri_fn.attribute import grad_cos, merge_topk, tracin
 from dattri_fn.attribute.trak import (
     classification_margin,
     classification_margin_loss,
@@ -232,3 +232,44 @@ def test_batch_loss_forms_refuse_bad_labels(func):
     with pytest.raises(ValueError, match=rf"{func}\(labels=...\): expected class labels in "
                                          r"\[0, 3\) for 3 logits, got label -1"):
         fn(logits, torch.tensor([0, -1, 2]))
+
+
+# -- merge_topk -------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"k": 0}, ValueError, r"merge_topk\(k=...\): expected an int >= 1, got 0"),
+    ({"k": -2}, ValueError, r"merge_topk\(k=...\): expected an int >= 1, got -2"),
+    ({"k": 1.5}, TypeError, r"merge_topk\(k=...\): expected an int, got float"),
+    ({"block": torch.ones(4)}, ValueError, r"merge_topk\(block=...\): expected a 2-d tensor, "
+                                           r"got shape \[4\]"),
+    ({"block": [[1.0]]}, TypeError, r"merge_topk\(block=...\): expected a torch.Tensor, got list"),
+    ({"offset": -1}, ValueError, r"merge_topk\(offset=...\): expected an int >= 0"),
+])
+def test_merge_topk_refuses_bad_arguments(kwargs, exc, match):
+    args = {"best": None, "block": torch.ones(4, 2), "offset": 0, "k": 2, "largest": True}
+    with pytest.raises(exc, match=match):
+        merge_topk(**{**args, **kwargs})
+
+
+def test_merge_topk_refuses_a_block_of_other_columns():
+    best = merge_topk(None, torch.ones(3, 2), 0, 2, True)
+    with pytest.raises(ValueError, match=r"merge_topk\(block=...\): expected 2 columns, as in "
+                                         r"best, got shape \[3, 5\]"):
+        merge_topk(best, torch.ones(3, 5), 3, 2, True)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_merge_topk_ranks_nan_last_streamed_or_not(largest):
+    nan = math.nan
+    S = torch.tensor([[1.0, nan], [nan, 2.0], [0.5, -math.inf], [3.0, 1.0], [nan, nan]])
+    once = merge_topk(None, S, 0, 5, largest)
+    best = None
+    for a in range(0, 5, 2):
+        best = merge_topk(best, S[a:a + 2], a, 5, largest)
+    for top in (once, best):
+        # every number first, in order; then the NaNs
+        order0 = [3, 0, 2] if largest else [2, 0, 3]
+        assert top.indices[:3, 0].tolist() == order0
+        assert set(top.indices[3:, 0].tolist()) == {1, 4}
+        assert top.values[3:, 0].isnan().all() and not top.values[:3, 0].isnan().any()
+    top2 = merge_topk(None, S, 0, 2, largest)
+    assert not top2.values.isnan().any()

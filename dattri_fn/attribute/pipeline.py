@@ -10,6 +10,7 @@ dropped after their block of scores is formed, so memory is bounded by the batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from .._checks import (
     batch_to,
     check_int,
     check_optional_int,
+    check_tensor,
     count_rows,
     iter_batches,
 )
@@ -58,15 +60,30 @@ def cat_rows(blocks: list) -> Tensor:
 
 
 def merge_topk(best: TopK | None, block: Tensor, offset: int, k: int, largest: bool) -> TopK:
-    """Merge a score block (rows ``offset...``) into a running per-column top-k.  # [k, n_test]"""
+    """Merge a score block (rows ``offset...``) into a running per-column top-k.  # [k, n_test]
+
+    ``block`` is ``[b, n_test]``; ``k >= 1`` (fewer rows are kept while fewer have been seen).
+    A NaN score ranks last, after every number (``torch.topk`` alone would rank it first), and
+    comes back as NaN.
+    """
+    check_tensor("merge_topk", "block", block, ndim=2, finite=False)
+    check_int("merge_topk", "k", k)
+    check_int("merge_topk", "offset", offset, minimum=0)
+    if best is not None and best.values.shape[1:] != block.shape[1:]:
+        raise ValueError(f"merge_topk(block=...): expected {best.values.shape[1]} columns, as "
+                         f"in best, got shape {list(block.shape)}.")
     idx = torch.arange(offset, offset + block.shape[0], device=block.device)
     idx = idx[:, None].expand_as(block)
     if best is not None:
         block = torch.cat([best.values, block])
         idx = torch.cat([best.indices, idx])
     kk = min(k, block.shape[0])
-    values, pos = torch.topk(block, kk, dim=0, largest=largest)
-    return TopK(values, torch.gather(idx, 0, pos))
+    key = block
+    if block.is_floating_point():
+        key = block.nan_to_num(nan=-math.inf if largest else math.inf, posinf=math.inf,
+                               neginf=-math.inf)
+    pos = torch.topk(key, kk, dim=0, largest=largest).indices
+    return TopK(torch.gather(block, 0, pos), torch.gather(idx, 0, pos))
 
 
 def block_scores(train_rows: Tensor, test_rows: Tensor) -> Tensor:
