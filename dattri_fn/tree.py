@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from ._checks import check_params, check_tensor
+from ._checks import check_int, check_params, check_tensor
 from ._types import Params
 
 
 def num_params(params: Params) -> int:
     """Return ``P``, the total number of entries of a params dict."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"num_params(params=...): expected a dict[str, Tensor], got "
+                        f"{type(params).__name__}.")
+    bad = [k for k, v in params.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"num_params(params=...): expected Tensor values, got "
+                        f"{type(params[bad[0]]).__name__} at key {bad[0]!r}.")
     return sum(v.numel() for v in params.values())
 
 
@@ -43,8 +50,21 @@ def ravel(params: Params) -> tuple[Tensor, Callable[[Tensor], Params]]:
 
 def ravel_batched(tree: Params, batch_dims: int = 1) -> Tensor:
     """Concatenate ``{name: [B, *shape]}`` into ``[B, P]`` (dict order).  # -> [B, P]"""
+    if not isinstance(tree, Mapping) or not tree:
+        raise TypeError(f"ravel_batched(tree=...): expected a non-empty dict[str, Tensor], got "
+                        f"{type(tree).__name__}.")
+    for k, v in tree.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"ravel_batched(tree=...): expected Tensor values, got "
+                            f"{type(v).__name__} at key {k!r}.")
+    check_int("ravel_batched", "batch_dims", batch_dims, minimum=0)
     leaves = list(tree.values())
     lead = leaves[0].shape[:batch_dims]
+    bad = {k: list(v.shape) for k, v in tree.items()
+           if v.ndim < batch_dims or v.shape[:batch_dims] != lead}
+    if bad:
+        raise ValueError(f"ravel_batched(tree=...): expected every leaf to lead with the batch "
+                         f"dims {list(lead)} of {next(iter(tree))!r}, got shapes {bad}.")
     return torch.cat([v.reshape(*lead, -1) for v in leaves], dim=-1)
 
 

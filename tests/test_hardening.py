@@ -16,7 +16,8 @@ from dattri_fn.attribute.trak import (
     classification_weight,
     classification_weight_loss,
 )
-from dattri_fn.model import functional_model
+from dattri_fn.model import functional_model, load_checkpoints, load_params
+from dattri_fn.tree import num_params, ravel_batched
 
 
 # -- grad_cos: a zero gradient scores 0 on every path ------------------------------------
@@ -273,3 +274,61 @@ def test_merge_topk_ranks_nan_last_streamed_or_not(largest):
         assert top.values[3:, 0].isnan().all() and not top.values[:3, 0].isnan().any()
     top2 = merge_topk(None, S, 0, 2, largest)
     assert not top2.values.isnan().any()
+
+
+# -- tree ------------------------------------------------------------------------------
+@pytest.mark.parametrize("params, match", [
+    ([torch.ones(3)], r"num_params\(params=...\): expected a dict\[str, Tensor\], got list"),
+    ({"a": 3}, r"num_params\(params=...\): expected Tensor values, got int at key 'a'"),
+])
+def test_num_params_refuses_non_dicts(params, match):
+    with pytest.raises(TypeError, match=match):
+        num_params(params)
+
+
+def test_ravel_batched_refuses_mismatched_batches():
+    with pytest.raises(ValueError, match=r"ravel_batched\(tree=...\): expected every leaf to lead "
+                                         r"with the batch dims \[3\] of 'a', got shapes "
+                                         r"\{'b': \[4, 2\]\}"):
+        ravel_batched({"a": torch.ones(3, 2), "b": torch.ones(4, 2)})
+    with pytest.raises(ValueError, match=r"batch dims \[3, 2\] of 'a', got shapes \{'b': \[3\]\}"):
+        ravel_batched({"a": torch.ones(3, 2), "b": torch.ones(3)}, batch_dims=2)
+    with pytest.raises(TypeError, match=r"ravel_batched\(tree=...\): expected a non-empty "
+                                        r"dict\[str, Tensor\], got list"):
+        ravel_batched([torch.ones(3, 2)])
+    assert ravel_batched({"a": torch.ones(3, 2), "b": torch.ones(3)}).shape == (3, 3)
+
+
+# -- load_params: damaged checkpoints ---------------------------------------------------
+def test_load_params_truncated_or_garbage_file(tmp_path):
+    like = {"w": torch.zeros(3, 4)}
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(3, 4)}, good)
+    data = good.read_bytes()
+    for name, content in [("truncated.pt", data[: len(data) // 2]), ("empty.pt", b""),
+                          ("garbage.pt", b"not a checkpoint")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"load_params\(source=...\): expected a checkpoint "
+                                             rf"that torch.load\(weights_only=True\) reads, got "
+                                             rf"'.*{name}' that fails .* may be truncated"):
+            load_params(path, like)
+        with pytest.raises(ValueError, match=r"load_checkpoints\(sources\[1\]=...\): "
+                                             r"load_params\(source=...\): expected a checkpoint"):
+            load_checkpoints([good, path], like)
+
+
+def test_load_params_non_tensor_values(tmp_path):
+    like = {"w": torch.zeros(3, 4)}
+    with pytest.raises(TypeError, match=r"load_params\(source=...\): expected Tensor values, "
+                                        r"got float at key 'w'"):
+        load_params({"w": 3.0}, like)
+    path = tmp_path / "list.pt"
+    torch.save({"w": [1.0, 2.0]}, path)
+    with pytest.raises(TypeError, match=r"load_params\(source=...\): expected Tensor values, "
+                                        r"got list at key 'w'"):
+        load_params(path, like)
+    torch.save([torch.ones(2)], path)
+    with pytest.raises(TypeError, match=r"load_params\(source=...\): expected a state dict "
+                                        r"\(name -> Tensor\), got a list"):
+        load_params(path, like)
