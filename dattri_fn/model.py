@@ -152,7 +152,16 @@ def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, 
     mismatches raise, naming them. Tensors are moved to the device and dtype of ``like``.
     """
     if isinstance(source, (str, os.PathLike)):
-        state = torch.load(source, map_location=map_location or "cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location=map_location or "cpu", weights_only=True)
+        except OSError:
+            raise  # a missing or unreadable path: its own message names the file
+        except Exception as e:  # torch.load fails on a damaged file in many ways
+            why = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"load_params(source=...): expected a checkpoint that "
+                             f"torch.load(weights_only=True) reads, got {os.fspath(source)!r} "
+                             f"that fails ({type(e).__name__}: {why}). The file may be "
+                             f"truncated or not a torch checkpoint; save it again.") from e
     elif isinstance(source, Mapping):
         state = source
     else:
@@ -160,10 +169,18 @@ def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, 
                         f"got {type(source).__name__}.")
     if isinstance(state, nn.Module):
         state = state.state_dict()
+    if not isinstance(state, Mapping):
+        raise TypeError(f"load_params(source=...): expected a state dict (name -> Tensor), "
+                        f"got a {type(state).__name__}.")
     missing = [k for k in like if k not in state]
     if missing:
         raise ValueError(f"load_params(source=...): expected keys {list(like)}, "
                          f"missing {missing}.")
+    not_tensors = [k for k in like if not isinstance(state[k], Tensor)]
+    if not_tensors:
+        k = not_tensors[0]
+        raise TypeError(f"load_params(source=...): expected Tensor values, got "
+                        f"{type(state[k]).__name__} at key {k!r}.")
     bad = [k for k in like if tuple(state[k].shape) != tuple(like[k].shape)]
     if bad:
         raise ValueError(f"load_params(source=...): shape mismatch at {bad}: expected "
