@@ -3,7 +3,8 @@
     dattri-fn demo [--task digits-mlp] [--methods if-cg,grad-dot,tracin,trak,rps] [--device cpu]
     dattri-fn bench --task digits-mlp --methods all     (from a checkout: runs benchmarks/run.py)
 
-Exit codes: 0 done, 2 bad arguments (unknown task, method or device).
+Exit codes: 0 done, 2 bad arguments (unknown task, method or device; sizes too small for an
+LDS or the picture; an ``--out`` that is not a folder), all refused before any training.
 """
 
 from __future__ import annotations
@@ -26,14 +27,29 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+# A Spearman correlation over m retrained models takes few values for small m (m = 2 gives
+# only +-1, m = 3 four values) and cannot be significant at 5% below m = 5.
+MIN_SUBSETS = 5
+# The picture shows 3 proponents and 3 opponents per test digit: 6 distinct training digits.
+MIN_N_TRAIN = 6
+N_DIGITS = 1797  # sklearn's bundled digits
+
+
+def _at_least(minimum: int, why: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}"
+                                             + (f": {why}" if why else ""))
+        return value
+
+    return parse
+
+
+_positive_int = _at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", type=_methods, default=list(DEMO_METHODS),
                       help=f"comma-separated methods or 'all' (default: {','.join(DEMO_METHODS)}); "
                            f"known: {', '.join(METHODS)}")
-    demo.add_argument("--n-train", type=_positive_int, default=500,
-                      help="training digits (default: %(default)s)")
+    demo.add_argument("--n-train", type=_at_least(MIN_N_TRAIN, "the picture shows 3 "
+                                                  "proponents and 3 opponents per test digit"),
+                      default=500, help=f"training digits, >= {MIN_N_TRAIN} (default: "
+                                        f"%(default)s)")
     demo.add_argument("--n-test", type=_positive_int, default=40,
                       help="test digits attributed (default: %(default)s)")
-    demo.add_argument("--subsets", type=_positive_int, default=48,
-                      help="retrained models for the LDS ground truth (default: %(default)s)")
+    demo.add_argument("--subsets", type=_at_least(MIN_SUBSETS, "the LDS is a Spearman "
+                                                  "correlation over the retrained models, which "
+                                                  "over fewer points takes only a few values "
+                                                  "(2 give only +-1) and cannot be significant"),
+                      default=48, help=f"retrained models for the LDS ground truth, "
+                                       f">= {MIN_SUBSETS} (default: %(default)s)")
     demo.add_argument("--models", type=_positive_int, default=3,
                       help="independently trained models for TRAK/TracIn (default: %(default)s)")
     demo.add_argument("--device", default="cpu",
@@ -92,6 +114,18 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
         parser.error(f"--device: unsupported device type {dev.type!r}; use cpu or cuda[:N]")
 
 
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """Create the output folder now: a bad path fails before any training, not after."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        parser.error(f"--out: expected a folder (for the table, scores, picture and cache), got "
+                     f"{out!r}, an existing file; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create the folder {out!r}: {e.strerror or e}")
+
+
 def _bench(argv: Sequence[str]) -> int:
     root = Path(__file__).resolve().parents[1]
     if (root / "benchmarks" / "run.py").is_file() and str(root) not in sys.path:
@@ -114,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args.args)
     _check_device(parser, args.device)
+    if args.n_train + args.n_test > N_DIGITS:
+        parser.error(f"--n-train/--n-test: expected n_train + n_test <= {N_DIGITS} (the bundled "
+                     f"digits), got {args.n_train} + {args.n_test}")
+    _check_out(parser, args.out)
     run_demo(task_name=args.task, methods=args.methods, n_train=args.n_train,
              n_test=args.n_test, subsets=args.subsets, models=args.models, device=args.device,
              out=args.out, seed=args.seed, show=args.show, quiet=args.quiet)

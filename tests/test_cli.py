@@ -33,12 +33,34 @@ def test_help_is_complete(capsys):
     (["demo", "--task", "cifar"], r"invalid choice: 'cifar'"),
     (["demo", "--device", "tpu"], r"--device: unsupported device type 'tpu'|unknown device"),
     (["demo", "--device", "banana"], r"--device: unknown device 'banana'"),
-    (["demo", "--n-train", "0"], r"expected an integer >= 1, got '0'"),
+    # >= 6 since issue 15 (was >= 1): --n-train 1 crashed drawing 3 proponents after all the work
+    (["demo", "--n-train", "0"], r"expected an integer >= 6, got '0'"),
+    (["demo", "--n-train", "1"], r"--n-train: expected an integer >= 6, got '1': the picture "
+                                 r"shows 3 proponents and 3 opponents"),
+    (["demo", "--subsets", "2"], r"--subsets: expected an integer >= 5, got '2': the LDS is a "
+                                 r"Spearman correlation"),
+    (["demo", "--subsets", "4"], r"--subsets: expected an integer >= 5, got '4'"),
+    (["demo", "--models", "0"], r"--models: expected an integer >= 1, got '0'"),
+    (["demo", "--n-train", "1790", "--n-test", "8"],
+     r"--n-train/--n-test: expected n_train \+ n_test <= 1797 \(the bundled digits\), "
+     r"got 1790 \+ 8"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, message, capsys):
     """Unknown method, task or device and bad sizes exit with code 2 and say what is wrong."""
     code, out = _exit_code(argv, capsys)
     assert code == 2 and re.search(message, out.err), out.err
+
+
+def test_out_naming_a_file_exits_2_before_any_work(tmp_path, capsys):
+    """--out naming an existing file (or a path under one): exit 2 with a clear message."""
+    afile = tmp_path / "results.txt"
+    afile.write_text("keep me")
+    code, out = _exit_code(["demo", "--out", str(afile)], capsys)
+    assert code == 2 and re.search(r"--out: expected a folder .* got '.*results.txt', an "
+                                   r"existing file", out.err), out.err
+    code, out = _exit_code(["demo", "--out", str(afile / "sub")], capsys)
+    assert code == 2 and "--out: cannot create the folder" in out.err, out.err
+    assert afile.read_text() == "keep me"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
