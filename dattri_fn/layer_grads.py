@@ -337,11 +337,23 @@ def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
 
 
 def _loop_grads(loss, params: Params, batch: Batch) -> Params:
-    """``{key: [B, ...]}`` per-example gradients by one ``torch.func.grad`` call per example."""
+    """``{key: [B, ...]}`` per-example gradients by one backward pass per example.
+
+    Plain ``torch.autograd.grad`` outside torch.func transforms: ``torch.func.grad``'s first
+    call imports torch._dynamo and sympy (~1 s), which the factored path otherwise never needs.
+    """
     n = batch_size("layer_grads", "batch", batch)
-    g = grad(loss)
-    rows = [g(params, tree_map(lambda t, i=i: t[i] if isinstance(t, Tensor) else t, batch))
-            for i in range(n)]
+    example = lambda i: tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
+    if torch._C._functorch.maybe_current_level() is None:
+        rows = []
+        with torch.enable_grad():
+            for i in range(n):
+                live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                rows.append(dict(zip(live, torch.autograd.grad(
+                    loss(live, example(i)), list(live.values()), allow_unused=True,
+                    materialize_grads=True), strict=True)))
+    else:
+        rows = [grad(loss)(params, example(i)) for i in range(n)]
     return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
@@ -490,8 +502,9 @@ def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
 
 def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
     """Drop the layers the first batch shows cannot be captured, then compare a few examples'
-    factored gradients with ``vmap(grad)``; on a mismatch or an error, warn and switch the plan
-    to dense gradients for good. The plan used from then on is ``plan.status["plan"]``."""
+    factored gradients with per-example autodiff; on a mismatch or an error, warn and switch
+    the plan to dense gradients for good. The plan used from then on is
+    ``plan.status["plan"]``."""
     first = {k: v[:1] for k, v in stacked.items()}
     n = batch_size("layer_grads", "batch", batch)
     head = batch_slice(batch, 0, min(n, 3))
@@ -499,8 +512,10 @@ def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
     try:
         active = _narrowed(plan, head, first)
         if active is not None:
-            ref = _dense(plan, first, head).dense[0]
-            active.status["loop"] = plan.status.get("loop", False)
+            # A loop of torch.func.grad, not vmap: vmap's nll_loss batching rule imports sympy
+            # (~0.9 s on a first call) and some models (transformers' SDPA) refuse vmap.
+            ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()},
+                                            head))
             got = _factored(active, first, head).to_dense()[0]
             err = float((got - ref).abs().max())
             scale = float(ref.abs().max())
