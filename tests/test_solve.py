@@ -223,3 +223,34 @@ def test_cg_flags_mlp_hessian(device):
         res = cg_solve(H, B)
     assert res.negative_curvature.any() and torch.isfinite(res.x).all()
     assert not res.converged[res.negative_curvature].any()
+
+
+@given(seed=st.integers(0, 2**16), P=st.integers(2, 12), k=st.integers(1, 3),
+       damping=st.floats(0.0, 1.0))
+def test_preconditioned_cg_equals_solve(seed, P, k, damping):
+    """PCG with any SPD M solves (A + damping I) X = B (== torch.linalg.solve); M = the exact
+    inverse converges in one step."""
+    g = torch.Generator().manual_seed(seed)
+    R = torch.randn(P, P, generator=g, dtype=torch.float64)
+    A = R @ R.T / P + 0.1 * torch.eye(P, dtype=torch.float64)
+    S = torch.randn(P, P, generator=g, dtype=torch.float64)
+    M = S @ S.T / P + 0.5 * torch.eye(P, dtype=torch.float64)
+    B = torch.randn(k, P, generator=g, dtype=torch.float64)
+    Ad = A + damping * torch.eye(P, dtype=torch.float64)
+    want = torch.linalg.solve(Ad, B.T).T
+    res = cg_solve(A, B, damping=damping, rtol=1e-13, M=M, max_iter=10 * P)
+    torch.testing.assert_close(res.x, want, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ihvp_cg(A, damping=damping, rtol=1e-13, M=M)(B), want,
+                               rtol=1e-8, atol=1e-10)
+    exact = cg_solve(A, B, damping=damping, rtol=1e-10, M=torch.linalg.inv(Ad))
+    assert int(exact.num_iters.max()) == 1
+
+
+def test_preconditioner_errors():
+    """A preconditioner of the wrong kind or size is refused naming M."""
+    A = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"ihvp_cg\(M=...\): expected None, a LinOp"):
+        ihvp_cg(A, M=lambda V: V)
+    with pytest.raises(ValueError, match=r"cg_solve\(M=...\): expected a preconditioner of "
+                                         r"size P = 3, got 4"):
+        cg_solve(A, torch.ones(3, dtype=torch.float64), M=torch.eye(4, dtype=torch.float64))

@@ -121,7 +121,9 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             curvature and K-FAC/EK-FAC's passes. Same scores; fewer, larger calls (each has a
             fixed cost of ~0.3-2 ms on one CPU thread), memory ``batch_rows x P``.
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
-            ``depth``, ``repeats``, ``batch_size``, ``seed``...).
+            ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``: a
+            preconditioner LinOp, or ``"kfac"``/``"ekfac"`` to build ``(F + damping I)^-1``
+            from the model's layers on the same training data (fewer CG iterations).
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
@@ -165,6 +167,14 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
+    precondition = solver_options.get("M") if isinstance(solver_options.get("M"), str) else None
+    if precondition is not None:
+        if solver != "cg" or precondition not in ("kfac", "ekfac"):
+            raise ValueError(f"influence(M=...): expected 'kfac' or 'ekfac' with solver='cg' "
+                             f"(or a LinOp), got {precondition!r} with solver={solver!r}.")
+        if model is None or model.loss_fn is None:
+            raise ValueError(f"influence(M=...): {precondition!r} needs the FunctionalModel "
+                             "(with its loss_fn) that the loss came from, got None.")
     name = f"if_{solver}"
     def grads(params: Params, test: bool = False):
         # Params are validated here, once per public call; batches by collect/stream_*.
@@ -212,6 +222,18 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         build = hvp if curvature == "hessian" else fvp
         return build(train_fn, params, train, chunk_size=chunk_size, batch_rows=rows)
 
+    def factored_inverse(kind: str, params: Params, train) -> LinOp:
+        """``(F_kfac + damping I)^-1`` (or EK-FAC's) of the model's layers on ``train``."""
+        key = (tuple(params), tuple(map(id, model.module.modules())))
+        if key not in taps:
+            taps.clear()
+            taps[key] = kfac.kfac_tap(model.module, params)
+        fit = kfac.kfac_factors if kind == "kfac" else kfac.ekfac_factors
+        inverse = kfac.ihvp_kfac if kind == "kfac" else kfac.ihvp_ekfac
+        factors = fit(model.module, model.loss_fn, params, train, chunk_size=chunk_size,
+                      tapped=taps[key], batch_rows=rows)
+        return inverse(factors, damping=damping)
+
     def prepare(params: Params, train) -> InfluenceState:
         from .. import solve
         from ..solve import datainf
@@ -224,8 +246,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             return InfluenceState(inv, inv.eigen if isinstance(inv, solve.EigenInverse)
                                   else inv.factor)
         if solver == "cg":
+            opts = dict(solver_options)
+            if precondition is not None:  # M ~ (C + damping I)^-1 from the same training data
+                opts["M"] = factored_inverse(precondition, params, train)
             return InfluenceState(solve.ihvp_cg(curvature_op(params, train), damping=damping,
-                                                **solver_options), None)
+                                                **opts), None)
         if solver == "arnoldi":
             inv = solve.ihvp_arnoldi(curvature_op(params, train), damping=damping,
                                      **solver_options)

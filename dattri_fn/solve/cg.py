@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import all_finite, check_optional_int, check_positive, check_tensor
-from .._types import LinOp
+from .._types import LinOp, as_linop
 from .explicit import as_operator, check_rhs
 
 # The stopping test costs one device sync; doing it every few iterations keeps the loop
@@ -35,19 +35,23 @@ class CGResult(NamedTuple):
     negative_curvature: Tensor
 
 
-def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
+def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond=None):
     """Bare batched CG on rows from ``X`` (zeros if None): no validation, ``tol`` is ``[k]``.
 
     At each stopping check, rows that are done leave the batch once they are a quarter of it:
-    the operator, the expensive part, then runs only on rows still iterating.
+    the operator, the expensive part, then runs only on rows still iterating. ``precond``:
+    ``R -> M R`` rows (preconditioned CG: directions from ``z = M r``, steps ``r^T z / p^T A p``);
+    the stopping test stays on ``||r||``.
     """
     k = B.shape[0]
     if X is None:
         X, R = torch.zeros_like(B), B.clone()
     else:
         R = B - matmat(X)
-    Pdir = R.clone()
+    Z = R if precond is None else precond(R)
+    Pdir = Z.clone()
     rs = (R * R).sum(1)
+    rz = rs if precond is None else (R * Z).sum(1)
     tol2 = tol * tol
     active = rs > tol2
     iters = torch.zeros(k, dtype=torch.int64, device=B.device)
@@ -66,8 +70,8 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
                 break
             if n_active <= 3 * rows.numel() // 4:
                 retire(~active)
-                X, R, Pdir, rs, tol2, iters, negative, rows = (
-                    t[active] for t in (X, R, Pdir, rs, tol2, iters, negative, rows))
+                X, R, Pdir, rs, rz, tol2, iters, negative, rows = (
+                    t[active] for t in (X, R, Pdir, rs, rz, tol2, iters, negative, rows))
                 active = torch.ones_like(rs, dtype=torch.bool)
         AP = matmat(Pdir)
         pAp = (Pdir * AP).sum(1)
@@ -76,13 +80,19 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int):
         step = active & ~neg
         # Frozen rows get alpha = beta = 0: x and r stay put; the safe denominators only avoid
         # 0/0 in the lanes torch.where discards.
-        alpha = torch.where(step, rs / torch.where(step, pAp, 1.0), 0.0)
+        alpha = torch.where(step, rz / torch.where(step, pAp, 1.0), 0.0)
         X = X.addcmul(alpha[:, None], Pdir)
         R = R.addcmul(alpha[:, None], AP, value=-1.0)
         rs_new = (R * R).sum(1)
-        beta = torch.where(step, rs_new / torch.where(step, rs, 1.0), 0.0)
-        Pdir = R.addcmul(beta[:, None], Pdir)
+        if precond is None:
+            Z, rz_new = R, rs_new
+        else:
+            Z = precond(R)
+            rz_new = (R * Z).sum(1)
+        beta = torch.where(step, rz_new / torch.where(step, rz, 1.0), 0.0)
+        Pdir = Z.addcmul(beta[:, None], Pdir)
         rs = torch.where(step, rs_new, rs)
+        rz = torch.where(step, rz_new, rz)
         iters += step
         active = step & (rs_new > tol2)
     retire(torch.ones_like(rs, dtype=torch.bool))
@@ -130,8 +140,27 @@ def _damped(A: LinOp, damping: float):
     return lambda V: A.matmat(V).add(V, alpha=damping)
 
 
+def _preconditioner(func: str, M, A: LinOp):
+    """``M`` as a bare row map (None stays None), checked against ``A``'s size and dtype."""
+    if M is None:
+        return None
+    if isinstance(M, Tensor):
+        check_tensor(func, "M", M, ndim=2, floating=True)
+        if M.shape[0] != M.shape[1]:
+            raise ValueError(f"{func}(M=...): expected a square [P, P] tensor, got "
+                             f"{list(M.shape)}.")
+    elif not isinstance(M, LinOp):
+        raise TypeError(f"{func}(M=...): expected None, a LinOp or a [P, P] tensor, got "
+                        f"{type(M).__name__}.")
+    op = as_linop(M, name=f"{func}(M=...)")
+    if op.dim != A.dim:
+        raise ValueError(f"{func}(M=...): expected a preconditioner of size P = {A.dim}, got "
+                         f"{op.dim}.")
+    return op.matmat
+
+
 def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
-             max_iter: int | None = None, x0: Tensor | None = None) -> CGResult:
+             max_iter: int | None = None, x0: Tensor | None = None, M=None) -> CGResult:
     """Return X with (A + damping*I) X_i = B_i by conjugate gradient, per row.  # [k, P] -> [k, P]
 
     All ``k`` rows run together as one batched CG (per-row step sizes, one operator call per
@@ -146,6 +175,9 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
         atol: absolute residual tolerance (``>= 0``).
         max_iter: CG steps at most; default ``10 * P``.
         x0: initial guess shaped like ``B``; default zeros.
+        M: a symmetric positive-definite preconditioner ``M ~ (A + damping*I)^-1`` (a LinOp or
+            a dense ``[P, P]`` tensor, e.g. ``ihvp_ekfac(...)``): preconditioned CG, fewer
+            iterations when ``M`` is close; ``None``: plain CG.
 
     Returns:
         A :class:`CGResult` with per-row diagnostics.
@@ -191,13 +223,13 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
                              f"got {list(x0.shape)}.")
         X0 = check_rhs(func, x0.unsqueeze(0) if vector else x0, A.dtype, A.device)
     tol = torch.clamp(rtol * B2.norm(dim=1), min=atol)
-    res = _cg(_damped(A, damping), B2, X0, tol, max_iter)
+    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, _preconditioner(func, M, A))
     _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else CGResult(*res)
 
 
 def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
-            max_iter: int | None = None) -> LinOp:
+            max_iter: int | None = None, M=None) -> LinOp:
     """Return V -> (A + damping*I)^-1 V by conjugate gradient, per row.  # [k, P] -> [k, P]
 
     The operator form of :func:`cg_solve` (settings validated here, once); every call runs a
@@ -209,6 +241,7 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
         rtol: relative residual tolerance per row.
         atol: absolute residual tolerance per row.
         max_iter: CG steps at most per call; default ``10 * P``.
+        M: a preconditioner, as in :func:`cg_solve`.
 
     Returns:
         A LinOp on ``[k, P]`` rows (or a ``[P]`` vector).
@@ -229,11 +262,12 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
     A = as_operator(func, op)
     damping, rtol, atol, max_iter = _validate(func, damping, rtol, atol, max_iter, A.dim)
     matmat = _damped(A, damping)
+    precond = _preconditioner(func, M, A)
 
     def solve(V: Tensor) -> Tensor:
         check_rhs(func, V, A.dtype, A.device)
         tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
-        res = _cg(matmat, V, None, tol, max_iter)
+        res = _cg(matmat, V, None, tol, max_iter, precond)
         _warn_and_check(func, res, V, rtol, atol, max_iter, damping, stacklevel=4)
         return res[0]
 
