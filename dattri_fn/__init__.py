@@ -4,14 +4,13 @@ Score convention (every method): scores are ``[n_train, n_test]``; a positive sc
 up-weighting the training example LOWERS the test loss (a proponent).
 """
 
-from torch.func import vmap
-
 from ._types import LinOp, as_linop
 from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
-from .layer_grads import LayerGrads, layer_plan, per_sample_layer_grads
-from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_hessian, linear_tap
+from .layer_grads import LayerGrads, per_sample_layer_grads
+from .linear_curvature import linear_gnvp, linear_hessian
 from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
+from .operators import gauss_newton
 from .project import make_projector, project, project_tree
 from .solve import (
     CGResult,
@@ -28,14 +27,12 @@ from .solve import (
     ihvp_kfac,
     ihvp_lissa,
     kfac_factors,
-    kfac_tap,
 )
 from .tree import num_params, ravel, ravel_batched
 
 __all__ = [
     "CGResult",
     "EKFACFactors",
-    "FactoredCurvatureError",
     "FunctionalModel",
     "KFACFactors",
     "LayerGrads",
@@ -48,6 +45,7 @@ __all__ = [
     "ekfac_factors",
     "functional_model",
     "fvp",
+    "gauss_newton",
     "gnvp",
     "grad",
     "hvp",
@@ -59,11 +57,8 @@ __all__ = [
     "ihvp_kfac",
     "ihvp_lissa",
     "kfac_factors",
-    "kfac_tap",
-    "layer_plan",
     "linear_gnvp",
     "linear_hessian",
-    "linear_tap",
     "load_checkpoints",
     "load_params",
     "make_projector",
@@ -75,7 +70,6 @@ __all__ = [
     "ravel",
     "ravel_batched",
     "select_params",
-    "vmap",
 ]
 
 __version__ = "0.1.0"

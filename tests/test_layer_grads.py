@@ -449,3 +449,20 @@ def test_to_dense_differentiable_and_under_vmap():
         lg.columns(3, 3)
     with pytest.raises(ValueError, match=r"LayerGrads.select\(c=...\): expected an int"):
         lg.select(1)
+
+
+@pytest.mark.parametrize("build", [grad_dot, grad_cos, tracin])
+def test_one_row_test_set_and_short_last_batch(device, build):
+    """A test set of one example (dense on the plan's first call) meets factored training
+    blocks, with top_k too; a short last batch: the same scores as the plain loss."""
+    fm = functional_model(_mlp(0, [4, 5, 3], [True], device), F.cross_entropy)
+    x, y = _data(0, 9, 4, 3, device)
+    train = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    one = (x[:1], y[:1])
+    kw = dict(lrs=[0.5]) if build is tracin else {}
+    params = [fm.params] if build is tracin else fm.params
+    fast, ref = build(fm, **kw), build(fm.loss, **kw)
+    S = fast.score(params, (), train, one)
+    torch.testing.assert_close(S, ref.score(params, (), train, one), rtol=1e-10, atol=1e-12)
+    top = fast.score(params, (), train, one, top_k=2)
+    assert torch.equal(top.indices, ref.score(params, (), train, one, top_k=2).indices)
