@@ -120,7 +120,6 @@ def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
 
 
 class _Record(NamedTuple):
-    kind: str
     a: Tensor  # [B, T, in] (or [B, T] indices); T = 1 for a 2-d input
     flat: bool  # the call's input was [B, in] / [B]
 
@@ -180,10 +179,10 @@ class _Capture(TorchFunctionMode):
             return func(*args, **kwargs)
         a, flat, T = why
         out = func(*args, **kwargs)
-        self.records[name].append(_Record(self.specs[name].kind, a, flat))
+        self.records[name].append(_Record(a, flat))
         return call[2](self, name, out, T)
 
-    def _probe(self, name: str, T: int, shape_out) -> Tensor | None:
+    def _probe(self, name: str, T: int) -> Tensor | None:
         """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes)."""
         if self.probes is None:
             return None
@@ -200,7 +199,7 @@ class _Capture(TorchFunctionMode):
         self.offsets[name] = off + T
         return p[:, off:off + T]
 
-    def rows_of(self, name: str, x: Tensor) -> int | str:
+    def rows_of(self, x: Tensor) -> int | str:
         """``B`` when ``x`` is batch-first, else the reason it is not."""
         if self.batch is None or x.ndim == 0 or x.shape[0] != self.batch:
             got = list(x.shape) if x.ndim else "a scalar"
@@ -210,15 +209,22 @@ class _Capture(TorchFunctionMode):
 
 # Each kind: (kind, inspect(mode, name, args, kwargs) -> (a, flat, T) or a reason,
 #             add_probe(mode, name, out, T) -> out).
-def _linear_inspect(mode: _Capture, name, args, kwargs):
+def _input_of(mode: _Capture, name, args, kwargs) -> Tensor | str:
+    """``(input, weight, bias, ...)`` calls (linear, conv2d): the input, or why not captured."""
     x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
         _arg(args, kwargs, 2, "bias")
     if mode.roles.get(id(w)) != (name, "weight"):
         return "its bias is used without its weight"
-    spec = mode.specs[name]
-    if spec.bias is not None and mode.roles.get(id(b)) != (name, "bias"):
+    if mode.specs[name].bias is not None and mode.roles.get(id(b)) != (name, "bias"):
         return "its weight is used without its bias"
-    B = mode.rows_of(name, x)
+    return x
+
+
+def _linear_inspect(mode: _Capture, name, args, kwargs):
+    x = _input_of(mode, name, args, kwargs)
+    if isinstance(x, str):
+        return x
+    B = mode.rows_of(x)
     if isinstance(B, str):
         return B
     T = math.prod(x.shape[1:-1])
@@ -226,7 +232,7 @@ def _linear_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _add_positions(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T, out.shape)
+    p = mode._probe(name, T)
     if p is None:
         return out
     return out + (p if p.ndim == 0 else p.reshape(out.shape))
@@ -249,13 +255,10 @@ def _addmm_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _conv2d_inspect(mode: _Capture, name, args, kwargs):
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
-        _arg(args, kwargs, 2, "bias")
-    if mode.roles.get(id(w)) != (name, "weight"):
-        return "its bias is used without its weight"
-    spec = mode.specs[name]
-    if spec.bias is not None and mode.roles.get(id(b)) != (name, "bias"):
-        return "its weight is used without its bias"
+    x = _input_of(mode, name, args, kwargs)
+    if isinstance(x, str):
+        return x
+    w = _arg(args, kwargs, 1, "weight")
     stride, padding, dilation, groups = (_arg(args, kwargs, 3, "stride", 1),
                                          _arg(args, kwargs, 4, "padding", 0),
                                          _arg(args, kwargs, 5, "dilation", 1),
@@ -264,7 +267,7 @@ def _conv2d_inspect(mode: _Capture, name, args, kwargs):
         return f"groups = {groups} (only groups = 1 is factored)"
     if x.ndim != 4:
         return f"an unbatched input {list(x.shape)}"
-    B = mode.rows_of(name, x)
+    B = mode.rows_of(x)
     if isinstance(B, str):
         return B
     kernel = w.shape[2:]
@@ -282,7 +285,7 @@ def _conv2d_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _conv2d_probe(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T, out.shape)
+    p = mode._probe(name, T)
     if p is None:
         return out
     return out + (p if p.ndim == 0 else p.transpose(1, 2).reshape(out.shape))
@@ -296,7 +299,7 @@ def _embedding_inspect(mode: _Capture, name, args, kwargs):
         return "max_norm (renormalises the weight in place)"
     if _arg(args, kwargs, 5, "scale_grad_by_freq", False):
         return "scale_grad_by_freq (a gradient that depends on the whole batch)"
-    B = mode.rows_of(name, idx)
+    B = mode.rows_of(idx)
     if isinstance(B, str):
         return B
     T = math.prod(idx.shape[1:])
@@ -423,7 +426,7 @@ def probe_shapes(tapped, acts: Mapping[str, Tensor]) -> dict[str, tuple[int, ...
     return out
 
 
-def _tokens(a: Tensor, g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def _tokens(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """``a``, ``g`` with a positions dim: ``[B, T, in]`` (``[B, T]`` indices), ``[B, T, out]``."""
     if g.ndim == 2:
         return a[:, None], g[:, None]
@@ -432,7 +435,7 @@ def _tokens(a: Tensor, g: Tensor, kind: str) -> tuple[Tensor, Tensor]:
 
 def weight_grad(spec: LayerSpec, a: Tensor, g: Tensor, weight_shape) -> Tensor:
     """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]"""
-    a, g = _tokens(a, g, spec.kind)
+    a, g = _tokens(a, g)
     if spec.kind == "embedding":
         V = weight_shape[0]
         rows = torch.where(a < 0, V, a)[..., None].expand(-1, -1, g.shape[-1])
