@@ -99,6 +99,57 @@ class LinOp:
     def __repr__(self) -> str:
         return f"{self.name}(dim={self.dim}, dtype={self.dtype}, device={self.device})"
 
+    def __add__(self, other) -> LinOp:
+        """``A + B`` for a LinOp or ``[P, P]`` tensor ``B``; ``A + c`` is ``A + c I``.  # [k, P] -> [k, P]
+
+        ``damping`` as a value: ``ihvp_cg(C + 0.1)`` solves the same system as
+        ``ihvp_cg(C, damping=0.1)``.
+        """
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            c = float(other)
+            return LinOp(lambda V: self.matmat(V).add(V, alpha=c), self.dim, self.dtype,
+                         self.device, name=f"({self.name} + {c:g} I)")
+        B = _operand("LinOp.__add__", other, self)
+        return LinOp(lambda V: self.matmat(V) + B.matmat(V), self.dim, self.dtype, self.device,
+                     name=f"({self.name} + {B.name})")
+
+    __radd__ = __add__
+
+    def __mul__(self, c) -> LinOp:
+        """``c A`` for a real number ``c``.  # [k, P] -> [k, P]"""
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            return NotImplemented
+        c = float(c)
+        return LinOp(lambda V: self.matmat(V).mul(c), self.dim, self.dtype, self.device,
+                     name=f"{c:g} {self.name}")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> LinOp:
+        return self * -1.0
+
+    def __sub__(self, other) -> LinOp:
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return self + (-float(other))
+        return self + (-_operand("LinOp.__sub__", other, self))
+
+    @staticmethod
+    def identity(dim: int, dtype: torch.dtype = torch.float32, device="cpu") -> LinOp:
+        """The identity ``V -> V`` on ``P = dim``.  # [k, P] -> [k, P]"""
+        return LinOp(lambda V: V, dim, dtype, device, name="I")
+
+
+def _operand(func: str, other, like: LinOp) -> LinOp:
+    """``other`` (a LinOp or a square tensor) as a LinOp of ``like``'s size and dtype, or raise."""
+    if not isinstance(other, (LinOp, Tensor)):
+        raise TypeError(f"{func}(other=...): expected a LinOp, a [P, P] tensor or a real "
+                        f"number, got {type(other).__name__}.")
+    B = as_linop(other, name="other")
+    if B.dim != like.dim or B.dtype != like.dtype:
+        raise ValueError(f"{func}(other=...): expected an operator of size {like.dim} and "
+                         f"dtype {like.dtype}, got size {B.dim} and {B.dtype}.")
+    return B
+
 
 def as_linop(op: LinOp | Tensor | Callable, *, dim: int | None = None,
              dtype: torch.dtype | None = None, device=None, name: str = "op") -> LinOp:

@@ -203,3 +203,37 @@ def test_bare_callable_is_refused(device, name):
     """A bare function (no P, dtype, device) is refused with the LinOp wrapping spelled out."""
     with pytest.raises(TypeError, match=r"\(op=...\): expected a LinOp .* got a bare callable"):
         REGISTRY[name](lambda V: V, damping=0.1)
+
+
+@given(seed=st.integers(0, 2**16), P=st.integers(1, 6), a=st.floats(-2, 2), c=st.floats(0, 3))
+def test_linop_arithmetic_equals_dense(seed, P, a, c):
+    """(a A + B - c).dense() == a A + B - c I; rows are independent; damping as a value:
+    ihvp_cg(A + c) == ihvp_cg(A, damping=c)."""
+    from dattri_fn._types import LinOp, as_linop
+    from dattri_fn.solve import ihvp_cg
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(P, P, generator=g, dtype=torch.float64)
+    A = A @ A.T
+    B = torch.randn(P, P, generator=g, dtype=torch.float64)
+    I = torch.eye(P, dtype=torch.float64)
+    op = a * as_linop(A) + B - c
+    torch.testing.assert_close(op.dense(), a * A + B - c * I, rtol=1e-12, atol=1e-12)
+    V = torch.randn(3, P, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op(V)[1:2], op(V[1:2]), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close((LinOp.identity(P, torch.float64) * 2 + A).dense(), A + 2 * I)
+    torch.testing.assert_close(ihvp_cg(as_linop(A) + (c + 0.1), rtol=1e-12)(V),
+                               ihvp_cg(A, damping=c + 0.1, rtol=1e-12)(V), rtol=1e-8, atol=1e-10)
+
+
+def test_linop_arithmetic_errors():
+    from dattri_fn._types import as_linop
+
+    A = as_linop(torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"LinOp.__add__\(other=...\): expected an operator of "
+                                         r"size 3 and dtype torch.float64, got size 2"):
+        A + torch.eye(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"LinOp.__add__\(other=...\): expected a LinOp"):
+        A + "I"
+    with pytest.raises(TypeError):
+        A * torch.ones(3)
