@@ -4,6 +4,7 @@ Score convention (every method): scores are ``[n_train, n_test]``; a positive sc
 up-weighting the training example LOWERS the test loss (a proponent).
 """
 
+from . import solvers
 from ._types import LinOp, as_linop
 from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
 from .grad import grad, per_sample_grad
@@ -70,6 +71,7 @@ __all__ = [
     "ravel",
     "ravel_batched",
     "select_params",
+    "solvers",
 ]
 
 __version__ = "0.1.0"

@@ -89,7 +89,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         loss: per-example loss ``loss(params, example) -> Tensor[]``, or a FunctionalModel
             (its ``loss``; its Linear layers' per-example gradients then come from one batched
             backward instead of ``vmap(grad)``: same scores, less time; it is also ``model``).
-        solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``.
+        solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``, or a configured
+            value from :mod:`dattri_fn.solvers` (``solvers.cg(max_iter=100, M="ekfac")``).
         damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
             model is indefinite; see each solver's rule for non-positive directions).
         curvature: ``"gauss_newton"`` (the default for a FunctionalModel: positive
@@ -137,8 +138,18 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         2310.00902); George et al. 2018 (EK-FAC, arXiv 1806.03884); Grosse et al. 2023
         (arXiv 2308.03296).
     """
+    from ..solvers import Solver
+
+    if isinstance(solver, Solver):  # a configured value: its settings are the solver options
+        clash = sorted(set(solver.options) & set(solver_options))
+        if clash:
+            raise ValueError(f"influence(solver=...): settings {clash} given both in the solver "
+                             "value and as keywords; give them once.")
+        solver_options = {**solver.options, **solver_options}
+        solver = solver.name
     if solver not in SOLVERS:
-        raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)}, got {solver!r}.")
+        raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)} or a "
+                         f"dattri_fn.solvers value, got {solver!r}.")
     check_positive("influence", "damping", damping)
     if curvature is None:
         curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)
