@@ -21,9 +21,9 @@ import torch
 
 from ._checks import check_int
 from ._types import LinOp
-from .solve import ihvp_arnoldi, ihvp_cg, ihvp_explicit
+from .solve import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_minres
 
-__all__ = ["Solver", "arnoldi", "cg", "explicit"]
+__all__ = ["Solver", "arnoldi", "cg", "explicit", "minres"]
 
 
 class Solver(NamedTuple):
@@ -45,7 +45,8 @@ class Solver(NamedTuple):
         return _FACTORIES[self.name](op, damping=damping, **self.options)
 
 
-_FACTORIES = {"cg": ihvp_cg, "explicit": ihvp_explicit, "arnoldi": ihvp_arnoldi}
+_FACTORIES = {"cg": ihvp_cg, "explicit": ihvp_explicit, "arnoldi": ihvp_arnoldi,
+              "minres": ihvp_minres}
 _PROBE = torch.eye(1, dtype=torch.float64)
 
 
@@ -57,6 +58,13 @@ def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=
     if M is not None:
         options["M"] = M
     return Solver("cg", options)
+
+
+def minres(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None) -> Solver:
+    """MINRES (:func:`~dattri_fn.solve.ihvp_minres`): symmetric systems, indefinite allowed."""
+    options = {"rtol": rtol, "atol": atol, "max_iter": max_iter}
+    ihvp_minres(_PROBE, **options)
+    return Solver("minres", options)
 
 
 def explicit(*, method: str = "auto", rtol: float | None = None) -> Solver:

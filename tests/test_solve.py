@@ -254,3 +254,35 @@ def test_preconditioner_errors():
     with pytest.raises(ValueError, match=r"cg_solve\(M=...\): expected a preconditioner of "
                                          r"size P = 3, got 4"):
         cg_solve(A, torch.ones(3, dtype=torch.float64), M=torch.eye(4, dtype=torch.float64))
+
+
+@given(seed=st.integers(0, 2**16), P=st.integers(1, 10), k=st.integers(1, 3),
+       damping=st.floats(0.0, 1.0))
+def test_minres_solves_indefinite_systems(seed, P, k, damping):
+    """MINRES: (A + damping I)^-1 B == torch.linalg.solve for symmetric INDEFINITE A whose damped
+    eigenvalues are bounded away from zero (|lam| >= 0.2); CG could stop at negative curvature."""
+    from dattri_fn.solve import ihvp_minres
+
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    lam = torch.randn(P, generator=g, dtype=torch.float64) * 2
+    lam = torch.where((lam + damping).abs() < 0.2, lam + 0.5, lam)
+    assume(bool(((lam + damping).abs() >= 0.2).all()))
+    A = Q @ torch.diag(lam) @ Q.T
+    A = (A + A.T) / 2
+    B = torch.randn(k, P, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(A + damping * torch.eye(P, dtype=torch.float64), B.T).T
+    got = ihvp_minres(A, damping=damping, rtol=1e-13, max_iter=20 * P)(B)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-8)
+
+
+def test_minres_warns_when_not_converged_and_names_errors():
+    """Too few iterations warn (no NaN); bad settings name ihvp_minres."""
+    from dattri_fn.solve import ihvp_minres
+
+    A = torch.diag(torch.linspace(-3, 3, 8, dtype=torch.float64)) + 0.05
+    with pytest.warns(RuntimeWarning, match=r"ihvp_minres: 1 of 1 rows did not reach"):
+        x = ihvp_minres(A, max_iter=2)(torch.ones(8, dtype=torch.float64))
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=r"ihvp_minres\(rtol=...\)"):
+        ihvp_minres(A, rtol=-1.0)

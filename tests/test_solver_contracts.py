@@ -100,7 +100,7 @@ def test_seed_changes_stochastic_solvers(device):
 # -- errors: "<func>(<arg>=...): expected ..., got ..." -------------------------------------------
 
 FACTORY_NAMES = {"explicit": "ihvp_explicit", "cg": "ihvp_cg", "arnoldi": "ihvp_arnoldi",
-                 "lissa": "ihvp_lissa"}
+                 "lissa": "ihvp_lissa", "minres": "ihvp_minres"}
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

@@ -36,7 +36,7 @@ from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
-SOLVERS = ("explicit", "cg", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
+SOLVERS = ("explicit", "cg", "minres", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
 CURVATURES = ("gauss_newton", "hessian", "fisher")
 
 
@@ -89,7 +89,9 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         loss: per-example loss ``loss(params, example) -> Tensor[]``, or a FunctionalModel
             (its ``loss``; its Linear layers' per-example gradients then come from one batched
             backward instead of ``vmap(grad)``: same scores, less time; it is also ``model``).
-        solver: one of ``explicit, cg, lissa, arnoldi, datainf, kfac, ekfac``, or a configured
+        solver: one of ``explicit, cg, minres, lissa, arnoldi, datainf, kfac, ekfac`` (``minres``:
+            symmetric indefinite systems, e.g. the Hessian, see
+            :func:`~dattri_fn.solve.ihvp_minres`), or a configured
             value from :mod:`dattri_fn.solvers` (``solvers.cg(max_iter=100, M="ekfac")``).
         damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
             model is indefinite; see each solver's rule for non-positive directions).
@@ -262,6 +264,9 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                 opts["M"] = factored_inverse(precondition, params, train)
             return InfluenceState(solve.ihvp_cg(curvature_op(params, train), damping=damping,
                                                 **opts), None)
+        if solver == "minres":
+            return InfluenceState(solve.ihvp_minres(curvature_op(params, train), damping=damping,
+                                                    **solver_options), None)
         if solver == "arnoldi":
             inv = solve.ihvp_arnoldi(curvature_op(params, train), damping=damping,
                                      **solver_options)

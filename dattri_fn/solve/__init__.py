@@ -25,6 +25,7 @@ from .kfac import (
     kfac_tap,
 )
 from .lissa import ihvp_lissa
+from .minres import ihvp_minres
 
 # Factories callable as ``factory(op, damping=...)`` with every other setting defaulted.
 # LiSSA is absent: it needs a mini-batch curvature and data, not one operator.
@@ -32,6 +33,7 @@ SOLVERS: dict[str, Callable[..., LinOp]] = {
     "explicit": ihvp_explicit,
     "cg": ihvp_cg,
     "arnoldi": ihvp_arnoldi_full_rank,
+    "minres": ihvp_minres,
 }
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "ihvp_explicit",
     "ihvp_kfac",
     "ihvp_lissa",
+    "ihvp_minres",
     "kfac_factors",
     "kfac_tap",
 ]
