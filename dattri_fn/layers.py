@@ -180,13 +180,15 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     """Return ``[loss_fn(out_i[None], target_i[None]) for i]``.  # -> [B]
 
     By ``vmap``, or in one call by ``loss_fn.per_example(out, target)`` when the loss carries
-    that batched form (as :func:`~dattri_fn.tasks.classification_loss` does), or for
-    ``F.cross_entropy`` itself on ``[B, C]`` logits and class indices (~0.1 ms less per
-    500-row forward and backward on one CPU thread).
+    that batched form (as :func:`~dattri_fn.tasks.classification_loss` and
+    :mod:`dattri_fn.losses` do), or for ``F.cross_entropy`` itself on ``[B, C]`` logits and
+    class indices (~0.1 ms less per 500-row forward and backward on one CPU thread).
     """
     rows = getattr(loss_fn, "per_example", None)
     if rows is None and loss_fn is F.cross_entropy:
         rows = cross_entropy_rows
+    if rows is not None and rows is not cross_entropy_rows and target is not None:
+        return rows(out, target)
     if (rows is not None and isinstance(out, Tensor) and out.ndim == 2
             and isinstance(target, Tensor) and target.ndim == 1
             and not target.is_floating_point()):

@@ -1,5 +1,7 @@
 """The capture engine on stock Hugging Face models (default attention, no code changes), float64."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +110,42 @@ def test_grad_dot_on_stock_gpt2_end_to_end():
         rows.append(torch.cat([params[k].grad.flatten() for k in fm.params]))
     G = torch.stack(rows)
     torch.testing.assert_close(S, G @ G.T, rtol=1e-9, atol=1e-11)
+
+
+def test_causal_lm_loss_helpers_and_ekfac_on_gpt2_mlp_blocks():
+    """dattri_fn.losses.causal_lm_loss (shift, -100 ignored, per-sequence sum) on a HF output
+    equals the hand-written loss, its batched per_example form the per-sequence values; EK-FAC
+    on GPT-2's MLP Conv1D blocks (params selected by name) runs on the stock model."""
+    from dattri_fn import functional_model
+    from dattri_fn.attribute import grad_dot, influence
+    from dattri_fn.losses import causal_lm_loss, causal_lm_mean_loss
+
+    torch.manual_seed(0)
+    gpt2 = _models()["gpt2"][0].double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out = gpt2(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(causal_lm_loss.per_example(out, labels), _lm_rows(out.logits, labels))
+    keep = (labels[:, 1:] != -100).sum(1)
+    torch.testing.assert_close(causal_lm_mean_loss.per_example(out, labels),
+                               _lm_rows(out.logits, labels) / keep)
+    with pytest.raises(ValueError, match=r"causal_lm_loss\(labels=...\): expected integer token"):
+        causal_lm_loss(out, labels.double())
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    fm = functional_model(gpt2, causal_lm_loss, params=lambda n: ".mlp." in n)
+    ref = functional_model(gpt2, lambda o, y: _lm_rows(o.logits, y).sum(),
+                           params=lambda n: ".mlp." in n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every MLP block captured: no fallback, no vmap
+        S = grad_dot(fm).score(fm.params, (), batch, batch)
+        S_ref = grad_dot(ref).score(ref.params, (), batch, batch)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+    m = influence(fm, solver="ekfac", damping=0.1)
+    state = m.prepare(fm.params, batch)
+    assert state.factors.transposed == tuple(sorted(state.factors.transposed))
+    assert len(state.factors.transposed) == 4
+    scores = m.score(fm.params, state, batch, batch)
+    assert scores.shape == (4, 4) and torch.isfinite(scores).all()

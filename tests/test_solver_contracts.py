@@ -216,12 +216,12 @@ def test_linop_arithmetic_equals_dense(seed, P, a, c):
     A = torch.randn(P, P, generator=g, dtype=torch.float64)
     A = A @ A.T
     B = torch.randn(P, P, generator=g, dtype=torch.float64)
-    I = torch.eye(P, dtype=torch.float64)
+    eye = torch.eye(P, dtype=torch.float64)
     op = a * as_linop(A) + B - c
-    torch.testing.assert_close(op.dense(), a * A + B - c * I, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op.dense(), a * A + B - c * eye, rtol=1e-12, atol=1e-12)
     V = torch.randn(3, P, generator=g, dtype=torch.float64)
     torch.testing.assert_close(op(V)[1:2], op(V[1:2]), rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close((LinOp.identity(P, torch.float64) * 2 + A).dense(), A + 2 * I)
+    torch.testing.assert_close((LinOp.identity(P, torch.float64) * 2 + A).dense(), A + 2 * eye)
     torch.testing.assert_close(ihvp_cg(as_linop(A) + (c + 0.1), rtol=1e-12)(V),
                                ihvp_cg(A, damping=c + 0.1, rtol=1e-12)(V), rtol=1e-8, atol=1e-10)
 
