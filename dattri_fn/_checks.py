@@ -214,10 +214,58 @@ def batch_to(batch, device):
     return type(batch)(v.to(device) for v in batch)
 
 
+class _Passes:
+    """A re-iterable whose every complete pass must yield the rows of its first one.
+
+    :func:`peek` reads the first batch from an iterator that the next pass continues, so a
+    look at the first batch loses nothing even when the data can be read only once.
+    """
+
+    def __init__(self, func: str, arg: str, data: Iterable):
+        self.func, self.arg, self.data, self.rows = func, arg, data, None
+        self._pending = None  # (iterator, first batch) left by peek
+
+    def peek(self):
+        it = iter(self.data)
+        first = next(it, None)
+        self._pending = (it, first)
+        return first
+
+    def _source(self):
+        if self._pending is None:
+            yield from self.data
+            return
+        (it, first), self._pending = self._pending, None
+        if first is not None:
+            yield first
+            yield from it
+
+    def __iter__(self):
+        n = 0
+        for batch in self._source():
+            leaves = batch_leaves(batch) if is_batch(batch) else []
+            n += leaves[0].shape[0] if leaves and leaves[0].ndim else 0
+            yield batch
+        if self.rows is None:
+            self.rows = n
+        elif n != self.rows:
+            raise ValueError(_msg(self.func, self.arg, f"the same {self.rows} rows on every pass "
+                                  "over the data", f"{n} rows on a later pass (an iterable that "
+                                  "can be read only once, e.g. a DataLoader over a generator)",
+                                  "Materialise it: list(loader)."))
+
+
+def peek(batches: Iterable):
+    """The first batch of ``batches`` (from :func:`iter_batches`) or None, losing nothing."""
+    return batches.peek() if isinstance(batches, _Passes) else next(iter(batches), None)
+
+
 def iter_batches(func: str, arg: str, data) -> Iterable:
     """Return a re-iterable of batches: ``[data]`` for a single Batch, ``data`` for a list/DataLoader.
 
-    Generators and iterators are refused, since operators re-read their data on every call.
+    Generators and iterators are refused, since operators re-read their data on every call;
+    a re-iterable that is not a list or tuple (a DataLoader) has the rows of each complete pass
+    counted, and a pass that differs from the first raises, naming ``arg``.
     """
     if is_batch(data):
         return [data]
@@ -226,4 +274,6 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
     if iter(data) is data:
         raise TypeError(_msg(func, arg, "a re-iterable of Batches (list, DataLoader)",
                              "a one-shot iterator", "Wrap it in list(...)."))
-    return data
+    if isinstance(data, (list, tuple, _Passes)):
+        return data
+    return _Passes(func, arg, data)

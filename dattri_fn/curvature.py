@@ -23,6 +23,7 @@ from ._checks import (
     check_optional_int,
     check_params,
     iter_batches,
+    peek,
     regroup,
 )
 from ._types import Batch, LinOp, Loss, Params
@@ -35,7 +36,7 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
     check_optional_int(func, "chunk_size", chunk_size)
     check_optional_int(func, "batch_rows", batch_rows)
     batches = iter_batches(func, "data", data)
-    first = next(iter(batches), None)
+    first = peek(batches)
     if first is None:
         raise ValueError(f"{func}(data=...): expected at least one batch, got an empty iterable.")
     batch_size(func, "data", first)

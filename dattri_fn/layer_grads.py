@@ -12,7 +12,8 @@ which costs ``in + out`` per pair instead of ``in * out`` (no ``[B, P]`` matrix,
 the capture engine (:mod:`dattri_fn.transforms.capture`: zero probes on the layer outputs, no
 trace, no hooks), for ``nn.Linear``, HF ``Conv1D`` (transposed weight), ``nn.Conv2d``
 (unfolded patches) and ``nn.Embedding`` (whose rows are materialised per example from the
-same pass); every other attributed parameter keeps dense ``vmap(grad)`` gradients.
+same pass); every other attributed parameter keeps dense ``vmap(grad)`` gradients (a loop of
+one backward pass per example where vmap cannot run the model).
 
 Assumption of the batched path: the module treats the examples of a batch independently
 (``module(X)[i] == module(X[i:i+1])[0]``), as every model in eval mode does. Layers with
@@ -22,7 +23,7 @@ several positions whose factored product would cost more than the dense one
 Safety: a layer whose tensors the first batch shows used in a way the engine cannot factor (a
 tied weight read by another op, a non-batch-first input, a grouped convolution...) is computed
 densely after one warning naming it. A plan then compares a few examples' gradients with
-``vmap(grad)``; if they differ (a layer applied to a ``[T, B, d]`` tensor with ``T = B``,
+per-example autodiff; if they differ (a layer applied to a ``[T, B, d]`` tensor with ``T = B``,
 examples mixed inside the batch, ...) it warns and computes every later gradient densely.
 """
 

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-from ._checks import _msg, batch_size, batch_slice, check_optional_int, regroup
+from ._checks import _msg, batch_size, batch_slice, check_optional_int, peek, regroup
 from ._types import LinOp
 from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
@@ -592,9 +592,10 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 out[:, bs].copy_(g[:, :, inp])
         return out.div_(n if n_total is None else n_total)
 
-    first = next(iter(_chunks(func, batches, batch_rows, chunk_size)), None)
+    first = peek(batches)  # read without losing it, even from data readable only once
     if first is None:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
+    first = (first, batch_size(func, "data", first))
     done, sig = _verified(tapped, "gnvp", first[0], loss_fn, out_hessian)
     if sig not in done:
         few = batch_slice(first[0], 0, min(first[1], _CHECK_ROWS))

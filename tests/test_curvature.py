@@ -234,3 +234,39 @@ def test_recipe_gauss_newton_closed_form_equals_autodiff(seed, T):
 class _Swap(torch.nn.Module):
     def forward(self, h):
         return h.transpose(1, 2)
+
+
+def test_data_readable_once_is_refused_not_silently_shortened():
+    """A DataLoader over a one-shot generator passes the re-iterability check: its first batch
+    is peeked without loss (the first product uses all 12 rows, as the list does), and a later
+    pass that yields other rows raises naming data (issue 15, item 3); the Gauss-Newton builder
+    keeps its factors after one pass, so its later products stay right."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from dattri_fn import functional_model, gauss_newton
+
+    torch.manual_seed(0)
+    fm = functional_model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                              torch.nn.Linear(4, 2)).double(),
+                          torch.nn.functional.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (12,), generator=g)
+
+    class Once(IterableDataset):
+        def __init__(self):
+            self.rows = ((x[i], y[i]) for i in range(12))
+
+        def __iter__(self):
+            return self.rows
+
+    V = torch.randn(2, 26, generator=g, dtype=torch.float64)
+    for build in (lambda d: hvp(fm.loss, fm.params, d), lambda d: gauss_newton(fm)(fm.params, d)):
+        op = build(DataLoader(Once(), batch_size=4))
+        want = build([(x, y)])(V)
+        torch.testing.assert_close(op(V), want, rtol=1e-10, atol=1e-12)
+        if op.name == "linear_gnvp":
+            torch.testing.assert_close(op(V), want, rtol=1e-10, atol=1e-12)
+            continue
+        with pytest.raises(ValueError, match=r"hvp\(data=...\): expected the same 12 rows on every "
+                                             r"pass over the data, got 0 rows on a later pass"):
+            op(V)
