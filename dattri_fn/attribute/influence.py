@@ -126,7 +126,9 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
             ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``: a
             preconditioner LinOp, or ``"kfac"``/``"ekfac"`` to build ``(F + damping I)^-1``
-            from the model's layers on the same training data (fewer CG iterations).
+            from the model's layers on the same training data. It saves iterations only where
+            it approximates the curvature: these factor the empirical Fisher, and on the digits
+            MLP they did not precondition the Gauss-Newton (benchmarks/RESULTS.md).
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
