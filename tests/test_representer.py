@@ -280,3 +280,26 @@ def test_refit_makes_row_sums_reproduce_the_fitted_logits(device, refit):
     assert not torch.allclose(plain.score(params, plain.prepare(params, train), None, test), S)
     with pytest.raises(ValueError, match=r"representer\(refit=...\): expected None or one of"):
         representer(feat, head, F.cross_entropy, l2=l2, refit="soft")
+
+
+def test_dataloader_over_a_subset_is_refused(device):
+    """score/self_score with a DataLoader over a subset of the prepared training set refuse
+    (the cached state scores all n_train rows) instead of returning n_train rows (issue 15 #5);
+    a DataLoader over the whole set is accepted."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    params, feat, head = _model(0, device)
+    x, y = _data(10, 1, device)
+    m = representer(feat, head, F.cross_entropy, l2=0.1)
+    state = m.prepare(params, (x, y))
+    data = TensorDataset(x, y)
+    assert m.score(params, state, DataLoader(data, batch_size=4), (x[:2], y[:2])).shape == (10, 2)
+    subset = DataLoader(Subset(data, range(6)), batch_size=4)
+    with pytest.raises(ValueError, match=r"representer.score\(train=...\): expected the 10 "
+                                         r"training examples .* got 6 examples"):
+        m.score(params, state, subset, (x[:2], y[:2]))
+    with pytest.raises(ValueError, match=r"representer.self_score\(train=...\): expected the 10"):
+        m.self_score(params, state, subset)
+    dropped = DataLoader(data, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match=r"got 8 examples"):
+        m.self_score(params, state, dropped)

@@ -221,8 +221,15 @@ def first_batch(func: str, arg: str, data, device):
 
 
 def check_cached_train(func: str, train, n_cached: int) -> None:
-    """Raise if a countable ``train`` (a Batch or a list/tuple of them) has != ``n_cached`` rows."""
+    """Raise if ``train`` has != ``n_cached`` rows: a Batch or a list/tuple of them counted, a
+    DataLoader by its dataset's length (a loader over a subset scores no other rows)."""
     n = None if train is None else count_rows(func, "train", train)
+    dataset = getattr(train, "dataset", None)
+    if n is None and dataset is not None and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        size = getattr(train, "batch_size", None)
+        if getattr(train, "drop_last", False) and size:
+            n -= n % size
     if n is not None and n != n_cached:
         raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
                               "prepared on (its cached features are used)", f"{n} examples",
