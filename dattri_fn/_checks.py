@@ -226,10 +226,10 @@ class _Passes:
         self._pending = None  # (iterator, first batch) left by peek
 
     def peek(self):
-        it = iter(self.data)
-        first = next(it, None)
-        self._pending = (it, first)
-        return first
+        if self._pending is None:
+            it = iter(self.data)
+            self._pending = (it, next(it, None))
+        return self._pending[1]
 
     def _source(self):
         if self._pending is None:

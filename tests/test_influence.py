@@ -400,3 +400,18 @@ def test_batch_rows_merges_batches_without_changing_scores(solver):
                                ref.self_score(fm.params, s_ref, train), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"influence\(batch_rows=...\): expected an int >= 1"):
         influence(fm, batch_rows=0)
+
+
+@pytest.mark.parametrize("solver, curvature", [("cg", "hessian"), ("cg", None),
+                                               ("explicit", "hessian"), ("datainf", None)])
+def test_prepare_names_train_for_empty_or_one_shot_data(solver, curvature):
+    """prepare([]) and prepare(<generator>) name influence's own `train`, never an inner call
+    (hvp / linear_gnvp / linear_hessian) (issue 15)."""
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    fm = functional_model(net, F.cross_entropy)
+    x, y = torch.randn(4, 3, dtype=D), torch.randint(0, 2, (4,))
+    m = influence(fm, solver=solver, curvature=curvature)
+    with pytest.raises(ValueError, match=rf"if_{solver}\(train=...\): expected at least one batch"):
+        m.prepare(fm.params, [])
+    with pytest.raises(TypeError, match=rf"if_{solver}\(train=...\): expected a re-iterable"):
+        m.prepare(fm.params, (b for b in [(x, y)]))

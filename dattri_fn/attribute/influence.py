@@ -18,11 +18,13 @@ from typing import Any, NamedTuple
 import torch
 
 from .._checks import (
+    _msg,
     batch_cat,
     check_optional_int,
     check_params,
     check_positive,
     iter_batches,
+    peek,
     regrouped,
 )
 from .._types import LinOp, Loss, Params
@@ -253,6 +255,9 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         from .. import solve
         from ..solve import datainf
 
+        train = iter_batches(name, "train", train)  # errors name train, not an inner call
+        if peek(train) is None:
+            raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
                                       **solver_options)
