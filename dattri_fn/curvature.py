@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from ._checks import (
     batch_leaves,
@@ -173,6 +174,16 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
     if out_hvp is not None and not callable(out_hvp):
         raise TypeError(f"gnvp(out_hvp=...): expected None or a callable (output, example, u) "
                         f"-> H u, got {type(out_hvp).__name__}.")
+    if not callable(out_loss):
+        raise TypeError(f"gnvp(out_loss=...): expected a callable (output, example) -> Tensor[], "
+                        f"got {type(out_loss).__name__}.")
+    example = tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, peek(batches))
+    with torch.no_grad():
+        value = out_loss(forward(unravel(flat0), example), example)
+    if not isinstance(value, Tensor) or value.ndim != 0:
+        got = f"shape {list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"gnvp(out_loss=...): expected a 0-d Tensor for one example's output, "
+                         f"got {got}. Reduce it to a scalar (e.g. .sum()).")
     out_grad = torch.func.grad(out_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:

@@ -270,3 +270,14 @@ def test_data_readable_once_is_refused_not_silently_shortened():
         with pytest.raises(ValueError, match=r"hvp\(data=...\): expected the same 12 rows on every "
                                              r"pass over the data, got 0 rows on a later pass"):
             op(V)
+
+
+def test_gnvp_refuses_a_non_scalar_out_loss():
+    """An out_loss returning a vector per example is refused at construction, naming out_loss."""
+    params, loss, batch = PROBLEMS["logistic"](n=5)
+    forward = lambda p, ex: p["W"] @ ex[0]
+    with pytest.raises(ValueError, match=r"gnvp\(out_loss=...\): expected a 0-d Tensor for one "
+                                         r"example's output, got shape \["):
+        gnvp(forward, lambda out, ex: out * 2, params, batch)
+    with pytest.raises(TypeError, match=r"gnvp\(out_loss=...\): expected a callable"):
+        gnvp(forward, None, params, batch)
