@@ -121,6 +121,10 @@ def _integer_target(example):
     return y if isinstance(y, Tensor) and not y.is_floating_point() else None
 
 
+def _kind(x) -> str:
+    return f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def cross_entropy_out_hvp(out: Tensor, example, u: Tensor, *,
                           ignore_index: int = -100) -> Tensor:
     """Return ``H u`` for ``H`` the Hessian of softmax cross-entropy w.r.t. the logits.  # [..., K]
@@ -132,6 +136,12 @@ def cross_entropy_out_hvp(out: Tensor, example, u: Tensor, *,
     ``ignore_index`` are skipped and the mean runs over the others, as in ``F.cross_entropy``.
     For :func:`gnvp`'s ``out_hvp``; not for class weights or label smoothing.
     """
+    if not (isinstance(out, Tensor) and out.is_floating_point() and out.ndim >= 1):
+        raise TypeError(f"cross_entropy_out_hvp(out=...): expected floating logits [..., K], "
+                        f"got {_kind(out)}.")
+    if not isinstance(u, Tensor) or u.shape != out.shape:
+        raise ValueError(f"cross_entropy_out_hvp(u=...): expected a tensor shaped like out "
+                         f"{list(out.shape)}, got {_kind(u)}.")
     p = torch.softmax(out, dim=-1)
     hu = p * u - p * (p * u).sum(-1, keepdim=True)
     y = _integer_target(example)
@@ -149,6 +159,9 @@ def cross_entropy_out_hessian(out: Tensor, target=None) -> Tensor:
     ``F.cross_entropy`` on ``[B, K]`` logits (no ignored targets, class weights or label
     smoothing); ``target`` is unused (the Hessian does not depend on the label).
     """
+    if not (isinstance(out, Tensor) and out.is_floating_point() and out.ndim == 2):
+        raise ValueError(f"cross_entropy_out_hessian(out=...): expected floating logits "
+                         f"[B, K], got {_kind(out)}.")
     p = torch.softmax(out, dim=-1)
     return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 

@@ -281,3 +281,18 @@ def test_gnvp_refuses_a_non_scalar_out_loss():
         gnvp(forward, lambda out, ex: out * 2, params, batch)
     with pytest.raises(TypeError, match=r"gnvp\(out_loss=...\): expected a callable"):
         gnvp(forward, None, params, batch)
+
+
+def test_cross_entropy_out_hessian_and_hvp_refuse_bad_inputs():
+    """Integer or wrongly shaped logits and a u of another shape name the argument."""
+    from dattri_fn import cross_entropy_out_hessian
+
+    with pytest.raises(ValueError, match=r"cross_entropy_out_hessian\(out=...\): expected "
+                                         r"floating logits \[B, K\], got torch.int64 \[3\]"):
+        cross_entropy_out_hessian(torch.tensor([1, 2, 3]))
+    out = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cross_entropy_out_hvp\(u=...\): expected a tensor "
+                                         r"shaped like out \[4\], got torch.float64 \[3\]"):
+        cross_entropy_out_hvp(out, (None, torch.tensor(1)), torch.randn(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"cross_entropy_out_hvp\(out=...\): expected floating"):
+        cross_entropy_out_hvp(torch.tensor([1, 2]), (None, torch.tensor(1)), torch.ones(2))
