@@ -14,6 +14,39 @@ def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
     return f"{text} {fix}" if fix else text
 
 
+def available_bytes(device) -> int | None:
+    """Memory a new tensor on ``device`` can take now: CUDA's free memory, the host's
+    ``MemAvailable`` (Linux) for the CPU; None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_dense_fits(func: str, P: int, dtype: torch.dtype, device, copies: int = 1) -> None:
+    """Refuse a dense ``[P, P]`` request (``copies`` of it) that cannot fit, before allocating.
+
+    Raises:
+        MemoryError: naming ``func``, ``P`` and the bytes asked against the bytes available.
+    """
+    need = copies * P * P * torch.empty((), dtype=dtype).element_size()
+    have = available_bytes(device)
+    if have is not None and need > have:
+        raise MemoryError(f"{func}: a dense [P, P] matrix with P = {P:,} needs {need / 2**30:.1f} "
+                          f"GiB ({copies} x {P:,}^2 x {dtype}), but {have / 2**30:.1f} GiB are "
+                          f"available on {torch.device(device)}. Use a matrix-free solver (cg, "
+                          f"minres, arnoldi) or a factored one (kfac, ekfac, datainf).")
+
+
 def all_finite(x: Tensor) -> bool:
     """Whether every entry of the floating ``x`` is finite, in one reduction when it is.
 

@@ -31,7 +31,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from ._checks import all_finite, check_int
+from ._checks import all_finite, check_dense_fits, check_int
 
 Params = dict[str, Tensor]
 Batch = Union[Tensor, tuple, list, Mapping[str, Tensor]]
@@ -87,6 +87,7 @@ class LinOp:
         memory of the result.
         """
         P = self.dim
+        check_dense_fits(f"{self.name}.dense", P, self.dtype, self.device)
         step = P if chunk_size is None else max(1, int(chunk_size))
         out = torch.empty(P, P, dtype=self.dtype, device=self.device)
         for start in range(0, P, step):

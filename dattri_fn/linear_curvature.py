@@ -55,7 +55,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-from ._checks import _msg, batch_size, batch_slice, check_optional_int, peek, regroup
+from ._checks import (
+    _msg,
+    batch_size,
+    batch_slice,
+    check_dense_fits,
+    check_optional_int,
+    peek,
+    regroup,
+)
 from ._types import LinOp
 from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
@@ -427,6 +435,7 @@ def linear_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
         D = sum((ws.stop - ws.start) // inp for ws, _, inp in layout.values())
         per_row = D * (D + sum(2 * inp + 1 for _, _, inp in layout.values()))
         chunk_size = max(1, _BLOCK // per_row)
+    check_dense_fits(func, P, like.dtype, like.device)
     H = like.new_zeros(P, P)
     n_seen = 0
     for part, rows in _chunks(func, batches, batch_rows, chunk_size):
@@ -628,6 +637,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                           for r in range(0, V.shape[0], step)])
 
     def dense() -> Tensor:
+        check_dense_fits(f"{func}.dense", P, like.dtype, like.device)
         H = like.new_zeros(P, P)
         n = 0
         for a, J, A in (factors() if kept is None else kept):

@@ -237,3 +237,21 @@ def test_linop_arithmetic_errors():
         A + "I"
     with pytest.raises(TypeError):
         A * torch.ones(3)
+
+
+def test_dense_requests_that_cannot_fit_are_refused_before_allocating(monkeypatch):
+    """P = 100k in float32 asks 37 GiB: LinOp.dense, ihvp_explicit and linear_hessian refuse it
+    naming P and the bytes, before any allocation (the available memory is faked small)."""
+    import dattri_fn._checks as checks
+    from dattri_fn._types import LinOp
+
+    monkeypatch.setattr(checks, "available_bytes", lambda device: 2**30)
+    big = LinOp(lambda V: V, 100_000, torch.float32, "cpu", name="big")
+    with pytest.raises(MemoryError, match=r"big.dense: a dense \[P, P\] matrix with P = 100,000 "
+                                          r"needs 37.3 GiB .* but 1.0 GiB are available"):
+        big.dense()
+    with pytest.raises(MemoryError, match=r"ihvp_explicit: a dense \[P, P\] matrix with "
+                                          r"P = 100,000 needs 74.5 GiB \(2 x"):
+        ihvp_explicit(big, damping=1.0)
+    small = LinOp(lambda V: 2 * V, 3, torch.float64, "cpu", name="small")
+    torch.testing.assert_close(small.dense(), 2 * torch.eye(3, dtype=torch.float64))

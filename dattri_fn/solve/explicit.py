@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_positive, check_tensor
+from .._checks import check_dense_fits, check_positive, check_tensor
 from .._types import LinOp, as_linop
 
 
@@ -285,6 +285,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     if method not in METHODS:
         raise ValueError(f"{func}(method=...): expected one of {', '.join(map(repr, METHODS))}, "
                          f"got {method!r}.")
+    # The dense matrix and its symmetrised copy live together; the factorisation reuses S.
+    check_dense_fits(func, A.dim, A.dtype, A.device, copies=1 if isinstance(op, Tensor) else 2)
     dense = op if isinstance(op, Tensor) else A.dense()
     check_tensor(func, "op", dense)  # a LinOp returning NaN must not reach a factorisation
     S = dense + dense.T  # the one P x P buffer this call owns and shifts in place
