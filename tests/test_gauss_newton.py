@@ -1,6 +1,7 @@
 """The Gauss-Newton builder (dattri_fn.operators) against dense J^T A J, and influence's default."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def test_gauss_newton_equals_dense(seed, n, kind, loss):
 
 
 def test_fast_path_is_chosen_by_the_builder(monkeypatch):
-    """A Linear-only model takes linear_gnvp with cached factors, never gnvp; a CNN takes gnvp."""
+    """A Linear-only model takes linear_gnvp with cached factors, never gnvp, silently; a CNN
+    takes gnvp after one warning naming why."""
     calls = []
     real = linear_curvature.linear_gnvp
     monkeypatch.setattr(gn_module, "linear_gnvp",
@@ -81,10 +83,19 @@ def test_fast_path_is_chosen_by_the_builder(monkeypatch):
     monkeypatch.setattr(gn_module, "gnvp",
                         lambda *a, **k: calls.append(("autodiff", k["out_hvp"] is not None))
                         or real_gnvp(*a, **k))
-    for kind in ("mlp", "cnn"):
-        fm = functional_model(_model(kind, 0), F.cross_entropy)
-        gauss_newton(fm, memory="1M")(fm.params, _batch(kind, 0, 4, F.cross_entropy))
-    assert calls == [("factored", 2**20), ("autodiff", True)]
+    fm = functional_model(_model("mlp", 0), F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path applies: no warning
+        gauss_newton(fm, memory="1M")(fm.params, _batch("mlp", 0, 4, F.cross_entropy))
+    fm = functional_model(_model("cnn", 0), F.cross_entropy)
+    build = gauss_newton(fm, memory="1M")
+    with pytest.warns(RuntimeWarning, match=r"gauss_newton: the factored Gauss-Newton does not "
+                                            r"apply to Cnn .*conv.weight"):
+        build(fm.params, _batch("cnn", 0, 4, F.cross_entropy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per params selection
+        build(fm.params, _batch("cnn", 0, 4, F.cross_entropy))
+    assert calls == [("factored", 2**20), ("autodiff", True), ("autodiff", True)]
 
 
 def test_memory_budget():

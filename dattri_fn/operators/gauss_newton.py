@@ -24,6 +24,7 @@ The memory budget is one setting: ``memory=`` bytes, default the environment var
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import torch.nn.functional as F
@@ -80,14 +81,21 @@ def _first_rows(data) -> int:
     return leaves[0].shape[0] if leaves and leaves[0].ndim else 1
 
 
+def _fallback(fm: FunctionalModel, err: Exception) -> None:
+    """The one warning of a builder whose model the factored product cannot take."""
+    warnings.warn(f"gauss_newton: the factored Gauss-Newton does not apply to "
+                  f"{type(fm.module).__name__} ({err}); using the autodiff product gnvp.",
+                  RuntimeWarning, stacklevel=4)
+
+
 def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
                  batch_rows: int | None = None) -> Callable[..., LinOp]:
     """Return ``build(params, data) -> LinOp``: ``V -> G V`` of ``fm``'s loss.  # [k, P] -> [k, P]
 
     The fast path is chosen here (module docstring): factored for Linear-only models, the
     closed-form softmax cross-entropy Hessian, merged batches; a model outside the factored
-    limits gets autodiff after one warning-free fallback (the factored path's refusal names
-    why; see :func:`~dattri_fn.linear_curvature.linear_gnvp`).
+    limits gets autodiff after one ``RuntimeWarning`` per params selection, naming why (see
+    :func:`~dattri_fn.linear_curvature.linear_gnvp`).
 
     Args:
         fm: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn`` (a batch loss such as
@@ -123,16 +131,19 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
         key = tuple(params)
         if key not in taps:
             try:
-                taps[key] = (linear_tap(fm.module, params)
-                             if fm.unpack in (None, default_unpack) else None)
-            except ValueError:
+                if fm.unpack not in (None, default_unpack):
+                    raise FactoredCurvatureError("a custom unpack")
+                taps[key] = linear_tap(fm.module, params)
+            except (FactoredCurvatureError, ValueError) as err:
                 taps[key] = None
+                _fallback(fm, err)
         if taps[key] is not None:
             try:
                 return linear_gnvp(fm.module, loss_fn, params, data, batch_rows=rows,
                                    tapped=taps[key], out_hessian=out_hessian, cache=budget)
-            except FactoredCurvatureError:
+            except FactoredCurvatureError as err:
                 taps[key] = None
+                _fallback(fm, err)
         return gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
 
     return build
