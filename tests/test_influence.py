@@ -415,3 +415,19 @@ def test_prepare_names_train_for_empty_or_one_shot_data(solver, curvature):
         m.prepare(fm.params, [])
     with pytest.raises(TypeError, match=rf"if_{solver}\(train=...\): expected a re-iterable"):
         m.prepare(fm.params, (b for b in [(x, y)]))
+
+
+def test_data_in_another_dtype_than_the_model_is_named():
+    """float64 data for a float32 model: a TypeError naming the method and the argument the
+    data came through (train or test), not torch's matmul message alone (issue 15)."""
+    from dattri_fn.attribute import grad_dot
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    fm = functional_model(net, F.cross_entropy)
+    x, y = torch.randn(6, 3, dtype=D), torch.randint(0, 2, (6,))
+    with pytest.raises(TypeError, match=r"grad_dot\(test=...\): expected floating tensors in the "
+                                        r"dtype of the model's parameters, got data of "
+                                        r"\['torch.float64'\]"):
+        grad_dot(fm).score(fm.params, (), (x, y), (x, y))
+    with pytest.warns(RuntimeWarning), pytest.raises(TypeError, match=r"if_cg\(train=...\)"):
+        influence(fm, solver="cg").prepare(fm.params, (x, y))

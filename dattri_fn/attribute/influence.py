@@ -36,7 +36,7 @@ from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan
-from .pipeline import collect, in_chunks, stream_scores, stream_self
+from .pipeline import collect, dtype_error, in_chunks, stream_scores, stream_self
 
 SOLVERS = ("explicit", "cg", "minres", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
 CURVATURES = ("gauss_newton", "hessian", "fisher")
@@ -252,12 +252,23 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         return inverse(factors, damping=damping)
 
     def prepare(params: Params, train) -> InfluenceState:
+        train = iter_batches(name, "train", train)  # errors name train, not an inner call
+        first = peek(train)
+        if first is None:
+            raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
+        try:
+            return build(params, train)
+        except RuntimeError as err:
+            clear = dtype_error(name, "train", first, err)
+            if clear is None:
+                raise
+            raise clear from err
+
+    def build(params: Params, train) -> InfluenceState:
+        """The state of ``solver`` on validated ``train`` (see ``prepare``)."""
         from .. import solve
         from ..solve import datainf
 
-        train = iter_batches(name, "train", train)  # errors name train, not an inner call
-        if peek(train) is None:
-            raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
                                       **solver_options)

@@ -11,6 +11,7 @@ dropped after their block of scores is formed, so memory is bounded by the batch
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .._checks import (
+    _msg,
+    batch_leaves,
     batch_size,
     batch_to,
     check_int,
@@ -41,12 +44,38 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and \w+ type|Double and Float|"
+                          r"Float and Double")
+
+
+def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | None:
+    """A clear TypeError for torch's dtype mismatch between ``batch`` and the model (None for
+    any other error): the user's data, not an inner matmul, is what to fix."""
+    if not _DTYPE_ERROR.search(str(err)):
+        return None
+    dtypes = sorted({str(t.dtype) for t in batch_leaves(batch) if t.is_floating_point()})
+    return TypeError(_msg(func, arg, "floating tensors in the dtype of the model's parameters",
+                          f"data of {dtypes} (torch: {str(err).splitlines()[0]})",
+                          "Cast one to the other, e.g. x.float() or model.double()."))
+
+
+def features(func: str, arg: str, feature_fn: FeatureFn, batch) -> Tensor:
+    """``feature_fn(batch)``, with a dtype mismatch reported against ``func(arg=...)``."""
+    try:
+        return feature_fn(batch)
+    except RuntimeError as err:
+        clear = dtype_error(func, arg, batch, err)
+        if clear is None:
+            raise
+        raise clear from err
+
+
 def collect(func: str, arg: str, feature_fn: FeatureFn, data, device) -> Tensor:
     """Return ``cat_b feature_fn(batch_b)`` over every batch of ``data``.  # -> [n, F]"""
     blocks = []
     for batch in iter_batches(func, arg, data):
         batch_size(func, arg, batch)
-        blocks.append(feature_fn(batch_to(batch, device)))
+        blocks.append(features(func, arg, feature_fn, batch_to(batch, device)))
     if not blocks:
         raise ValueError(f"{func}({arg}=...): expected at least one batch, got an empty iterable.")
     return cat_rows(blocks)
@@ -127,7 +156,8 @@ def stream_scores(func: str, train_features: FeatureFn, train, test_features: Te
     blocks, out, best, offset = [], None, None, 0
     for batch in iter_batches(func, "train", train):
         b = batch_size(func, "train", batch)
-        block = block_scores(train_features(batch_to(batch, device)), test_features)
+        block = block_scores(features(func, "train", train_features, batch_to(batch, device)),
+                             test_features)
         if block.shape[0] != b:
             raise ValueError(f"{func}(train=...): expected the train feature map to give one row "
                              f"per example ({b}), got {block.shape[0]}.")
@@ -154,7 +184,8 @@ def stream_self(func: str, train_features: FeatureFn, test_features: FeatureFn, 
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
         batch = batch_to(batch, device)
-        out.append(row_dots(train_features(batch), test_features(batch)))
+        out.append(row_dots(features(func, "train", train_features, batch),
+                            features(func, "train", test_features, batch)))
     if not out:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
     return torch.cat(out)
