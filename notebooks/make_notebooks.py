@@ -410,11 +410,11 @@ def projected_influence(loss, forward, out_loss, *, proj_dim, damping, seed=0):
 
     def score(params, state, train, test, *, top_k=None, largest=True):
         train_f, test_f = features(params, state)
-        return stream_scores(name, train_f, train, test_f(test), state[0].device,
-                             top_k=top_k, largest=largest)
+        return stream_scores(train_f, train, test_f(test), top_k=top_k, largest=largest,
+                             func=name)
 
     def self_score(params, state, train):
-        return stream_self(name, *features(params, state), train, state[0].device)
+        return stream_self(*features(params, state), train, device=state[0].device, func=name)
 
     return Method(prepare, score, self_score, name)
 

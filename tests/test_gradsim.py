@@ -157,7 +157,7 @@ def test_stream_scores_refuses_a_feature_map_that_drops_rows(countable):
 
     X, T = torch.randn(10, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     train = [(X[:5],), (X[5:],)] if countable else DataLoader(TensorDataset(X), batch_size=5)
-    assert torch.equal(stream_scores("f", lambda b: b[0], train, T, "cpu"), X @ T.T)
+    assert torch.equal(stream_scores(lambda b: b[0], train, T, func="f"), X @ T.T)
     with pytest.raises(ValueError, match=r"f\(train=...\): expected the train feature map to "
                                          r"give one row per example \(5\), got 4"):
-        stream_scores("f", lambda b: b[0][:-1], train, T, "cpu")
+        stream_scores(lambda b: b[0][:-1], train, T, func="f")

@@ -7,7 +7,7 @@ positive = up-weighting the training example lowers the test loss (a proponent).
 from .gradsim import grad_cos, grad_dot, tracin
 from .influence import InfluenceState, influence
 from .method import Attributor, Method, stack_checkpoints
-from .pipeline import TopK, merge_topk, stream_scores, stream_self
+from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
 from .trak import TRAKState, classification_margin, classification_weight, trak
 
@@ -20,6 +20,7 @@ __all__ = [
     "TopK",
     "classification_margin",
     "classification_weight",
+    "collect",
     "grad_cos",
     "grad_dot",
     "influence",

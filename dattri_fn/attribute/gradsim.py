@@ -123,13 +123,12 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         train_f, test_f, device = features(params)
-        test_feats = collect(name, "test", test_f, test, device)
-        return stream_scores(name, train_f, train, test_feats, device, top_k=top_k,
-                             largest=largest)
+        test_feats = collect(test_f, test, device=device, func=name, arg="test")
+        return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
 
     def self_score(params, state, train):
         train_f, test_f, device = features(params)
-        return stream_self(name, train_f, test_f, train, device)
+        return stream_self(train_f, test_f, train, device=device, func=name)
 
     return Method(prepare, score, self_score, name)
 

@@ -300,8 +300,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         if solver == "datainf":
             from ..tree import block_slices
 
-            G = collect(name, "train", grads(params), regrouped(name, "train", train, rows),
-                        device_of(params))
+            G = collect(grads(params), regrouped(name, "train", train, rows),
+                        device=device_of(params), func=name, arg="train")
             inv = datainf.ihvp_datainf(G, damping=damping, blocks=block_slices(params),
                                      **solver_options)
             return InfluenceState(inv, None)
@@ -325,15 +325,15 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
               largest: bool = True):
         _check_state(state)
         device = device_of(params)
-        test_g = collect(name, "test", grads(params, test=True),
-                         regrouped(name, "test", test, rows), device)
-        return stream_scores(name, grads(params), regrouped(name, "train", train, rows),
-                             state.ihvp(test_g), device, top_k=top_k, largest=largest)
+        test_g = collect(grads(params, test=True), regrouped(name, "test", test, rows),
+                         device=device, func=name, arg="test")
+        return stream_scores(grads(params), regrouped(name, "train", train, rows),
+                             state.ihvp(test_g), top_k=top_k, largest=largest, func=name)
 
     def self_score(params: Params, state: InfluenceState, train):
         _check_state(state)
         g, gt = grads(params), grads(params, test=True)
-        return stream_self(name, g, lambda b: state.ihvp(gt(b)),
-                           regrouped(name, "train", train, rows), device_of(params))
+        return stream_self(g, lambda b: state.ihvp(gt(b)), regrouped(name, "train", train, rows),
+                           device=device_of(params), func=name)
 
     return Method(prepare, score, self_score, name)

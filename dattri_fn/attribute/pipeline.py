@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 
 from .._checks import (
     _msg,
@@ -70,12 +71,22 @@ def features(func: str, arg: str, feature_fn: FeatureFn, batch) -> Tensor:
         raise clear from err
 
 
-def collect(func: str, arg: str, feature_fn: FeatureFn, data, device) -> Tensor:
-    """Return ``cat_b feature_fn(batch_b)`` over every batch of ``data``.  # -> [n, F]"""
+def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
+            arg: str = "data") -> Tensor:
+    """Return ``cat_b feature_fn(batch_b)`` over every batch of ``data``.  # -> [n, F]
+
+    Args:
+        feature_fn: ``batch -> [b, F]`` (or ``[C, b, F]``).
+        data: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
+        device: where each batch is moved first; None leaves batches where they are.
+        func, arg: the public call and argument that errors name (``func(arg=...)``).
+    """
     blocks = []
     for batch in iter_batches(func, arg, data):
         batch_size(func, arg, batch)
-        blocks.append(features(func, arg, feature_fn, batch_to(batch, device)))
+        if device is not None:
+            batch = batch_to(batch, device)
+        blocks.append(features(func, arg, feature_fn, batch))
     if not blocks:
         raise ValueError(f"{func}({arg}=...): expected at least one batch, got an empty iterable.")
     return cat_rows(blocks)
@@ -138,26 +149,32 @@ def row_dots(train_rows, test_rows) -> Tensor:
     return diag if diag.ndim == 1 else diag.sum(0)
 
 
-def stream_scores(func: str, train_features: FeatureFn, train, test_features: Tensor, device, *,
-                  top_k: int | None = None, largest: bool = True) -> Tensor | TopK:
+def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
+                  top_k: int | None = None, largest: bool = True,
+                  func: str = "stream_scores") -> Tensor | TopK:
     """Return ``T P^T`` with ``T`` streamed batch by batch.  # -> [n_train, n_test] or TopK
 
+    Each training batch is moved to ``test_features``' device (of its first tensor: a Tensor, a
+    ``LayerGrads``...) before its features are taken.
+
     Args:
-        func: the public caller's name, for error messages.
         train_features: ``batch -> [b, F]``, or ``[C, b, F]`` for an ensemble (summed over C).
         train: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
         test_features: ``[n_test, F]`` (or ``[C, n_test, F]``), already preconditioned.
         top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
+        func: the public caller's name, for error messages (``func(train=...)``).
     """
     check_optional_int(func, "top_k", top_k)
+    device = next((t.device for t in tree_leaves(test_features) if isinstance(t, Tensor)), None)
     # A countable train set's [n_train, n_test] is written in place: concatenating the blocks
     # at the end would hold the result twice.
     total = count_rows(func, "train", train, check=False) if top_k is None else None
     blocks, out, best, offset = [], None, None, 0
     for batch in iter_batches(func, "train", train):
         b = batch_size(func, "train", batch)
-        block = block_scores(features(func, "train", train_features, batch_to(batch, device)),
-                             test_features)
+        if device is not None:
+            batch = batch_to(batch, device)
+        block = block_scores(features(func, "train", train_features, batch), test_features)
         if block.shape[0] != b:
             raise ValueError(f"{func}(train=...): expected the train feature map to give one row "
                              f"per example ({b}), got {block.shape[0]}.")
@@ -177,13 +194,18 @@ def stream_scores(func: str, train_features: FeatureFn, train, test_features: Te
     return out if out is not None else torch.cat(blocks)
 
 
-def stream_self(func: str, train_features: FeatureFn, test_features: FeatureFn, train,
-                device) -> Tensor:
-    """Return the diagonal ``s_i = <t(z_i), p(z_i)>`` without the full matrix.  # -> [n_train]"""
+def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, device=None,
+                func: str = "stream_self") -> Tensor:
+    """Return the diagonal ``s_i = <t(z_i), p(z_i)>`` without the full matrix.  # -> [n_train]
+
+    ``device``: where each batch is moved first (None: left where it is); ``func`` names the
+    public call in errors.
+    """
     out = []
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
-        batch = batch_to(batch, device)
+        if device is not None:
+            batch = batch_to(batch, device)
         out.append(row_dots(features(func, "train", train_features, batch),
                             features(func, "train", test_features, batch)))
     if not out:

@@ -522,12 +522,13 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             data = regrouped(func, arg, data, rows_min)
             if not by_checkpoint(data):
                 with holding():
-                    return collect(func, arg, in_chunks(features, chunk_size), data, device)
+                    return collect(in_chunks(features, chunk_size), data, device=device, func=func,
+                                   arg=arg)
             per_ckpt = []
             for c in range(C):
                 with holding(c):
-                    per_ckpt.append(collect(func, arg, in_chunks(functools.partial(
-                        features, one=c), chunk_size), data, device))
+                    per_ckpt.append(collect(in_chunks(functools.partial(features, one=c), chunk_size),
+                                            data, device=device, func=func, arg=arg))
             return torch.cat(per_ckpt)
 
         def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None) -> Tensor:
@@ -724,16 +725,16 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             idx, rows = cached_chunks(state, device)
-            return stream_scores(func, lambda i: train_rows(*rows(i)), idx, test_feats, device,
-                                 top_k=top_k, largest=largest)
+            return stream_scores(lambda i: train_rows(*rows(i)), idx, test_feats, top_k=top_k,
+                                 largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         check_first(func, "train", first, train, device)
         with calls.holding():
-            return stream_scores(func, lambda b: train_rows(*split(calls.packed(b))),
+            return stream_scores(lambda b: train_rows(*split(calls.packed(b))),
                                  regrouped(func, "train", train, rows_min), test_feats,
-                                 device, top_k=top_k, largest=largest)
+                                 top_k=top_k, largest=largest, func=func)
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
