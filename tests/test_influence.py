@@ -431,3 +431,22 @@ def test_data_in_another_dtype_than_the_model_is_named():
         grad_dot(fm).score(fm.params, (), (x, y), (x, y))
     with pytest.warns(RuntimeWarning), pytest.raises(TypeError, match=r"if_cg\(train=...\)"):
         influence(fm, solver="cg").prepare(fm.params, (x, y))
+
+
+def test_other_params_and_half_precision_are_named():
+    """Scoring with another model's params names params (not ihvp_explicit(V=...)); a float16
+    operator is refused by ihvp_explicit by dtype (issue 15)."""
+    from dattri_fn import ihvp_explicit
+
+    fm = functional_model(nn.Sequential(nn.Linear(3, 2)).double(), F.cross_entropy)
+    other = functional_model(nn.Sequential(nn.Linear(4, 2)).double(), F.cross_entropy)
+    x, y = torch.randn(5, 3, dtype=D), torch.randint(0, 2, (5,))
+    m = influence(fm, solver="explicit", damping=0.1)
+    state = m.prepare(fm.params, (x, y))
+    x4 = torch.randn(5, 4, dtype=D)
+    with pytest.raises(ValueError, match=r"if_explicit\(params=...\): expected params of the "
+                                         r"model the state was prepared with \(P = 8\), got P = 10"):
+        m.score(other.params, state, (x4, y), (x4[:2], y[:2]))
+    with pytest.raises(TypeError, match=r"ihvp_explicit\(op=...\): expected a float32 or float64 "
+                                        r"operator .* got torch.float16"):
+        ihvp_explicit(torch.eye(3, dtype=torch.float16), damping=0.1)

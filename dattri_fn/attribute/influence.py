@@ -316,14 +316,19 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                             tapped=taps[key], batch_rows=rows, **solver_options)
         return InfluenceState(inverse_fn(factors, damping=damping), factors)
 
-    def _check_state(state):
+    def _check_state(state, params):
         if not isinstance(state, InfluenceState):
             raise TypeError(f"{name}(state=...): expected the InfluenceState returned by "
                             f"prepare, got {type(state).__name__}.")
+        P = sum(v.numel() for v in check_params(name, "params", params).values())
+        if P != state.ihvp.dim:
+            raise ValueError(f"{name}(params=...): expected params of the model the state was "
+                             f"prepared with (P = {state.ihvp.dim}), got P = {P}. Prepare the "
+                             f"state with these params.")
 
     def score(params: Params, state: InfluenceState, train, test, *, top_k: int | None = None,
               largest: bool = True):
-        _check_state(state)
+        _check_state(state, params)
         device = device_of(params)
         test_g = collect(grads(params, test=True), regrouped(name, "test", test, rows),
                          device=device, func=name, arg="test")
@@ -331,7 +336,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                              state.ihvp(test_g), top_k=top_k, largest=largest, func=name)
 
     def self_score(params: Params, state: InfluenceState, train):
-        _check_state(state)
+        _check_state(state, params)
         g, gt = grads(params), grads(params, test=True)
         return stream_self(g, lambda b: state.ihvp(gt(b)), regrouped(name, "train", train, rows),
                            device=device_of(params), func=name)

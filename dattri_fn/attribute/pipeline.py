@@ -54,7 +54,9 @@ def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | No
     any other error): the user's data, not an inner matmul, is what to fix."""
     if not _DTYPE_ERROR.search(str(err)):
         return None
-    dtypes = sorted({str(t.dtype) for t in batch_leaves(batch) if t.is_floating_point()})
+    leaves = [t for t in batch_leaves(batch) if isinstance(t, Tensor)]
+    floats = {str(t.dtype) for t in leaves if t.is_floating_point()}
+    dtypes = sorted(floats or {str(t.dtype) for t in leaves})  # integer inputs: show them
     return TypeError(_msg(func, arg, "floating tensors in the dtype of the model's parameters",
                           f"data of {dtypes} (torch: {str(err).splitlines()[0]})",
                           "Cast one to the other, e.g. x.float() or model.double()."))

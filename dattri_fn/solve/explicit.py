@@ -285,6 +285,10 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     if method not in METHODS:
         raise ValueError(f"{func}(method=...): expected one of {', '.join(map(repr, METHODS))}, "
                          f"got {method!r}.")
+    if A.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{func}(op=...): expected a float32 or float64 operator (the dense "
+                        f"factorisations need one), got {A.dtype}. Build it in float32, e.g. "
+                        f"from params cast with .float().")
     # The dense matrix and its symmetrised copy live together; the factorisation reuses S.
     check_dense_fits(func, A.dim, A.dtype, A.device, copies=1 if isinstance(op, Tensor) else 2)
     dense = op if isinstance(op, Tensor) else A.dense()
