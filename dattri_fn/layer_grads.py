@@ -273,7 +273,6 @@ class LayerPlan(NamedTuple):
     tapped: Any
     layers: dict[str, tuple[str | None, str | None]]  # layer -> (weight key, bias key)
     rest: tuple[str, ...]
-    out_features: dict[str, int]
     status: dict  # "checked"/"dense" flags, per-layer layouts and the narrowed "plan"
 
 
@@ -305,9 +304,7 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
               for n, s in tapped.specs.items()}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest,
-                     {n: s.out_features for n, s in tapped.specs.items()},
-                     {"checked": False, "dense": False, "layout": {}})
+    return LayerPlan(model, tapped, layers, rest, {"checked": False, "dense": False, "layout": {}})
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
@@ -569,8 +566,8 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}
     args, kwargs, target = unpack(batch)
-    shapes = output_shapes(plan.tapped, {**plan.model.fixed, **first}, plan.out_features, args,
-                           kwargs, next(iter(first.values())))
+    shapes = output_shapes(plan.tapped, {**plan.model.fixed, **first}, args, kwargs,
+                           next(iter(first.values())))
     if plan.rest:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:

@@ -45,6 +45,38 @@ def linear_layers(module: nn.Module, include: str | Iterable[str] | None = None)
     return select_linear("linear_layers", "include", module, include)
 
 
+def layer_names(func: str, arg: str, modules: Mapping[str, nn.Module], include,
+                allowed: list[str], kind: str, listing: str) -> list[str]:
+    """Return the names ``include`` selects among ``allowed`` (all when None), in ``allowed``'s
+    order; errors name ``func(arg=...)``, the ``kind`` of layer expected and the ``listing``."""
+    if include is None:
+        return list(allowed)
+    if isinstance(include, str):
+        include = [include]
+    if not isinstance(include, Iterable):
+        raise TypeError(_msg(func, arg, "a layer name or an iterable of names",
+                             type(include).__name__))
+    include = list(include)
+    bad_kind = [n for n in include if not isinstance(n, str)]
+    if bad_kind:
+        raise TypeError(_msg(func, arg, "layer names (str)", repr(bad_kind[0])))
+    if not include:
+        raise ValueError(_msg(func, arg, "at least one layer name", "an empty list"))
+    unknown = [n for n in include if n not in modules or (n == "" and n not in allowed)]
+    if unknown:
+        raise ValueError(_msg(func, arg, "names of submodules", f"unknown {unknown}",
+                              f"{listing} are {allowed}."))
+    other = [f"{n!r} ({type(modules[n]).__name__})" for n in include if n not in allowed]
+    if other:
+        raise ValueError(_msg(func, arg, f"names of {kind} submodules", ", ".join(other),
+                              f"{listing} are {allowed}."))
+    dup = sorted({n for n in include if include.count(n) > 1})
+    if dup:
+        raise ValueError(_msg(func, arg, "distinct names", f"duplicates {dup}"))
+    chosen = set(include)
+    return [n for n in allowed if n in chosen]
+
+
 def select_linear(func: str, arg: str, module: nn.Module, include) -> list[str]:
     """:func:`linear_layers` with errors naming ``func(arg=...)``."""
     if not isinstance(module, nn.Module):
@@ -54,34 +86,7 @@ def select_linear(func: str, arg: str, module: nn.Module, include) -> list[str]:
     if "" in linears:
         raise ValueError(_msg(func, "module", "a model containing nn.Linear submodules",
                               "a bare nn.Linear", "Wrap it: nn.Sequential(module)."))
-    if include is None:
-        names = linears
-    else:
-        if isinstance(include, str):
-            include = [include]
-        if not isinstance(include, Iterable):
-            raise TypeError(_msg(func, arg, "a layer name or an iterable of names",
-                                 type(include).__name__))
-        include = list(include)
-        bad_kind = [n for n in include if not isinstance(n, str)]
-        if bad_kind:
-            raise TypeError(_msg(func, arg, "layer names (str)", repr(bad_kind[0])))
-        if not include:
-            raise ValueError(_msg(func, arg, "at least one layer name", "an empty list"))
-        unknown = [n for n in include if n not in modules or n == ""]
-        if unknown:
-            raise ValueError(_msg(func, arg, "names of submodules", f"unknown {unknown}",
-                                  f"Linear layers are {linears}."))
-        not_linear = [f"{n!r} ({type(modules[n]).__name__})" for n in include
-                      if not isinstance(modules[n], nn.Linear)]
-        if not_linear:
-            raise ValueError(_msg(func, arg, "names of nn.Linear submodules",
-                                  ", ".join(not_linear), f"Linear layers are {linears}."))
-        dup = sorted({n for n in include if include.count(n) > 1})
-        if dup:
-            raise ValueError(_msg(func, arg, "distinct names", f"duplicates {dup}"))
-        chosen = set(include)
-        names = [n for n in linears if n in chosen]
+    names = layer_names(func, arg, modules, include, linears, "nn.Linear", "Linear layers")
     overridden = [n for n in names if type(modules[n]).forward is not nn.Linear.forward]
     if overridden:
         raise ValueError(_msg(func, arg, "Linear layers using nn.Linear.forward",
@@ -113,12 +118,7 @@ def tap_layers(module: nn.Module, layers: str | Iterable[str] | None = None) -> 
         :class:`~dattri_fn.transforms.capture.CaptureError` for a layer used in a way that
         cannot be factored (a tied weight read by another op, a non-batch-first input, ...).
     """
-    return _tap("tap_layers", module, select_linear("tap_layers", "layers", module, layers))
-
-
-def _tap(func: str, module: nn.Module, names: list[str]) -> TappedFn:
-    """:func:`tap_layers` on validated names (``func`` kept for the callers' signatures)."""
-    return capture.tap(module, names)
+    return capture.tap(module, select_linear("tap_layers", "layers", module, layers))
 
 
 def module_state(func: str, module: nn.Module, params) -> dict[str, Tensor]:
@@ -214,8 +214,7 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     return torch.func.vmap(one, in_dims=(dims, 0))(leaves, target)
 
 
-def output_shapes(tapped: TappedFn, state, out_features: Mapping[str, int], args, kwargs,
-                  like: Tensor) -> dict[str, tuple]:
+def output_shapes(tapped: TappedFn, state, args, kwargs, like: Tensor) -> dict[str, tuple]:
     """Return each tapped layer's output shape ``[B, ..., out]`` from one no-grad forward.
 
     Cached on ``tapped`` per input signature (shapes, dtypes, devices of the inputs), so
@@ -258,13 +257,12 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
 def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
     """Bare core of :func:`layer_io` (no validation): batched, ``chunk_size`` rows at a time."""
     like = state[tapped.specs[tapped.layers[0]].weight]
-    out_features = {n: sp.out_features for n, sp in tapped.specs.items()}
     n = batch_size("layer_io", "batch", batch)
     step = n if chunk_size is None else chunk_size
     parts = []
     for start in range(0, n, step):
         args, kwargs, target = unpack_example(batch_slice(batch, start, start + step))
-        shapes = output_shapes(tapped, state, out_features, args, kwargs, like)
+        shapes = output_shapes(tapped, state, args, kwargs, like)
         parts.append(batched_io(tapped, loss_fn, state, args, kwargs, target, shapes, like))
     if len(parts) == 1:
         return parts[0]
@@ -307,7 +305,7 @@ def layer_io(module: nn.Module, loss_fn: Callable[[object, Tensor], Tensor],
         raise TypeError(_msg(func, "loss_fn", "a callable loss_fn(output, target)",
                              type(loss_fn).__name__))
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
-    tapped = _tap(func, module, select_linear(func, "layers", module, layers))
+    tapped = capture.tap(module, select_linear(func, "layers", module, layers))
     state = module_state(func, module, params)
     batch_size(func, "batch", batch)
     return _layer_io(tapped, loss_fn, state, batch, chunk_size)

@@ -65,8 +65,9 @@ from ._checks import (
     regroup,
 )
 from ._types import LinOp
-from .layers import _tap, module_state, output_shapes, per_example_losses, unpack_example
+from .layers import module_state, output_shapes, per_example_losses, unpack_example
 from .solve.kfac import _check_call, _layout, _select
+from .transforms import capture
 from .transforms.capture import CaptureError
 from .tree import ravel
 
@@ -127,8 +128,7 @@ def _check_structure(func: str, module: nn.Module, params) -> None:
 
 def _flat_shapes(func, tapped, state, args, kwargs, like, B: int) -> dict[str, tuple]:
     """Return each tapped layer's output shape; raise unless every one is ``[B, out]``."""
-    out_features = {n: state[f"{n}.weight"].shape[0] for n in tapped.layers}
-    shapes = output_shapes(tapped, state, out_features, args, kwargs, like)
+    shapes = output_shapes(tapped, state, args, kwargs, like)
     bad = {n: list(s) for n, s in shapes.items() if len(s) != 2 or s[0] != B}
     if bad:
         raise _refuse(func, "data", f"layer outputs [B, out] with B = {B} (one row per example)",
@@ -339,7 +339,7 @@ def _checked(func: str, module, params, tapped=None):
     _check_structure(func, module, params)
     if tapped is None:
         try:
-            tapped = _tap(func, module, _select(func, module, params, None)[0])
+            tapped = capture.tap(module, _select(func, module, params, None)[0])
         except ValueError as err:  # a weight missing, a layer the engine does not know
             raise FactoredCurvatureError(str(err)) from err
     return module, params, tapped

@@ -59,7 +59,7 @@ from .._checks import (
     regroup,
 )
 from .._types import LinOp
-from ..layers import _layer_io, _tap, module_state
+from ..layers import _layer_io, layer_names, module_state
 from ..transforms import capture
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors", "kfac_tap",
@@ -129,31 +129,8 @@ def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ..
         owned = set(params)
         lin = [n for n, sp in specs.items() if sp.weight in owned or sp.bias in owned]
     else:
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, Iterable):
-            raise TypeError(_msg(func, "layers", "a layer name or an iterable of names",
-                                 type(layers).__name__))
-        layers = list(layers)
-        bad_kind = [n for n in layers if not isinstance(n, str)]
-        if bad_kind:
-            raise TypeError(_msg(func, "layers", "layer names (str)", repr(bad_kind[0])))
-        if not layers:
-            raise ValueError(_msg(func, "layers", "at least one layer name", "an empty list"))
-        modules = dict(module.named_modules())
-        unknown = [n for n in layers if n not in modules]
-        if unknown:
-            raise ValueError(_msg(func, "layers", "names of submodules", f"unknown {unknown}",
-                                  f"K-FAC layers are {list(specs)}."))
-        other = [f"{n!r} ({type(modules[n]).__name__})" for n in layers if n not in specs]
-        if other:
-            raise ValueError(_msg(func, "layers", "names of nn.Linear, Conv1D or Conv2d "
-                                  "submodules", ", ".join(other), f"K-FAC layers are {list(specs)}."))
-        dup = sorted({n for n in layers if layers.count(n) > 1})
-        if dup:
-            raise ValueError(_msg(func, "layers", "distinct names", f"duplicates {dup}"))
-        chosen = set(layers)
-        lin = [n for n in specs if n in chosen]
+        lin = layer_names(func, "layers", dict(module.named_modules()), layers, list(specs),
+                          "nn.Linear, Conv1D or Conv2d", "K-FAC layers")
     owner = {}
     for name in lin:
         owner[specs[name].weight] = name
@@ -183,7 +160,7 @@ def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=
     names, param_names = _select(func, module, params, layers)
     batches = iter_batches(func, "data", data)
     if tapped is None:
-        tapped = _tap(func, module, names)
+        tapped = capture.tap(module, names)
     elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(names):
         got = ("a tap of another module" if getattr(tapped, "module", None) is not module
                else f"a tap of layers {list(tapped.layers)}")
@@ -202,7 +179,7 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     func = "kfac_tap"
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
-    return _tap(func, module, _select(func, module, check_params(func, "params", params),
+    return capture.tap(module, _select(func, module, check_params(func, "params", params),
                                       layers)[0])
 
 
