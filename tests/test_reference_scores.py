@@ -13,7 +13,9 @@ def reference():
 # CG stopped at 20 iterations amplifies the rounding of its right-hand sides: on digits-cnn in
 # float64 a 4e-17 change of the test gradients (capture engine vs vmap) moved CG's scores by
 # 1.4e-4 relative while the explicit inverse moved by 3e-16; in float32 2.8e-3.
-TOLERANCE = {"if-cg": 1e-2}
+# RPS refits the head of a float32 conv net; with one BLAS thread instead of two, digits-cnn's
+# scores moved by 2.1e-4 relative (reduction order only), so its bound is 1e-3.
+TOLERANCE = {"if-cg": 1e-2, "rps": 1e-3}
 
 
 @pytest.mark.slow

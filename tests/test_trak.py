@@ -253,7 +253,7 @@ def test_model_output_fn_equals_the_per_example_function(device, seed, C, proj_d
                                                          by_columns):
     """trak(functional_model(net, margin_loss)) == trak(classification_margin(forward)), with
     the factored gradients densified whole or projected column block by column block."""
-    trak_module = importlib.import_module("dattri_fn.attribute.trak")
+    trak_module = importlib.import_module("dattri_fn.attribute.trak_features")
     fm = _mlp(seed, device)
     saved = trak_module._DENSE_ENTRIES
     trak_module._DENSE_ENTRIES = 0 if by_columns else saved
@@ -291,7 +291,7 @@ def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_bloc
     at a time (a rademacher R is let go after: its packed signs stay), and scores as reading
     batch by batch with every R held, also with the densified rows projected a few at a
     time."""
-    trak_module = importlib.import_module("dattri_fn.attribute.trak")
+    trak_module = importlib.import_module("dattri_fn.attribute.trak_features")
     project_module = importlib.import_module("dattri_fn.project")
     monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", row_block * 31)  # P = 31
     # R's of 31 x 8 entries: read by checkpoint only when even these count as big
@@ -526,7 +526,7 @@ def test_singular_kernel_names_the_checkpoint(device):
 def test_kernel_across_gram_blocks(device, monkeypatch, cache):
     """gram_of's row and column blocks (shrunk to 4 rows and 3 columns) and the in-place
     Cholesky per checkpoint give the closed-form scores, cached (Batch) and streamed."""
-    trak_module = importlib.import_module("dattri_fn.attribute.trak")
+    trak_module = importlib.import_module("dattri_fn.attribute.trak_kernel")
     for name, value in (("_GRAM_ROWS", 4), ("_GRAM_COLS", 3), ("_GRAM_WHOLE", 2)):
         monkeypatch.setattr(trak_module, name, value)
     fm = _mlp(3, device)

@@ -1,0 +1,64 @@
+"""Eager checks at a method's public boundary: the first example through a user function, and a
+``train`` argument against the rows a state cached."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from torch import Tensor
+
+from .._checks import _msg, batch_size, batch_to, count_rows, iter_batches
+from .._types import Params
+
+
+def first_example(batch):
+    """Return row 0 of every leaf of a Batch: one example, the leading dim removed."""
+    if isinstance(batch, Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return {k: v[0] for k, v in batch.items()}
+    return type(batch)(v[0] for v in batch)
+
+
+def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: Params, batch,
+                     *, ndim: int = 0, fix: str = "") -> Tensor:
+    """Call ``fn(params, example_0)`` eagerly; raise a clear error unless it gives an ``ndim``-d
+    Tensor (a failing call is blamed on the data, the usual cause)."""
+    try:
+        out = fn(params, first_example(batch))
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(_msg(func, data_arg, f"examples that {arg} accepts (the layout of the "
+                              "training examples)", f"an error on the first example: {err}"))\
+            from err
+    if not isinstance(out, Tensor):
+        raise TypeError(_msg(func, arg, "a function returning a Tensor per example",
+                             type(out).__name__))
+    if out.ndim != ndim:
+        want = "a scalar Tensor[]" if ndim == 0 else f"a {ndim}-d Tensor"
+        raise ValueError(_msg(func, arg, f"a function returning {want} per example",
+                              f"shape {list(out.shape)}", fix))
+    return out
+
+
+def first_batch(func: str, arg: str, data, device):
+    """Return the first Batch of ``data`` on ``device``, checked; raise if there is none."""
+    for batch in iter_batches(func, arg, data):
+        batch_size(func, arg, batch)
+        return batch_to(batch, device)
+    raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
+
+
+def check_cached_train(func: str, train, n_cached: int) -> None:
+    """Raise if ``train`` has != ``n_cached`` rows: a Batch or a list/tuple of them counted, a
+    DataLoader by its dataset's length (a loader over a subset scores no other rows)."""
+    n = None if train is None else count_rows(func, "train", train)
+    dataset = getattr(train, "dataset", None)
+    if n is None and dataset is not None and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        size = getattr(train, "batch_size", None)
+        if getattr(train, "drop_last", False) and size:
+            n -= n % size
+    if n is not None and n != n_cached:
+        raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
+                              "prepared on (its cached features are used)", f"{n} examples",
+                              "Call prepare on this training set, or pass train=None."))

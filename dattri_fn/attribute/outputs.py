@@ -1,0 +1,137 @@
+"""Model-output functions for TRAK-style methods: the classification margin and its weight.
+
+``f(params, z)`` is the output whose gradient a method projects; ``Q(params, z)`` turns a change
+of ``f`` into a change of the loss (``dL/df = -Q``). For softmax cross-entropy the margin is
+``logit_y - logsumexp_{c != y} logit_c`` and ``Q = 1 - p_y``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg
+from .._types import Params
+
+OutputFn = Callable[[Params, Any], Tensor]
+_MARGIN_FIX = "For classification use classification_margin(forward)."
+_WEIGHT_FIX = "For classification use classification_weight(forward)."
+
+
+def example_label(example) -> Tensor:
+    """Return the label of one example: ``example["labels"]`` for a dict, else ``example[-1]``."""
+    if isinstance(example, Mapping):
+        if "labels" not in example:
+            raise ValueError(_msg("example_label", "example", "a dict with a 'labels' key",
+                                  f"keys {list(example)}"))
+        return example["labels"]
+    if isinstance(example, (tuple, list)) and len(example) >= 2:
+        return example[-1]
+    raise TypeError(_msg("example_label", "example", "a (x, ..., y) tuple/list or a dict with "
+                         "'labels'", type(example).__name__, "Pass your own label_fn."))
+
+
+def classification_margin(forward: Callable[[Params, Any], Tensor],
+                          label_fn: Callable[[Any], Tensor] = example_label) -> OutputFn:
+    """Return ``f(params, z) = logit_y - logsumexp_{c != y} logit_c``, TRAK's margin.  # -> []
+
+    Args:
+        forward: ``forward(params, example) -> logits [K]`` for ONE example (e.g.
+            ``functional_model(module).forward``).
+        label_fn: ``example -> y`` (an integer 0-d tensor); default: the last element of a
+            tuple example or ``example["labels"]``.
+
+    Returns:
+        ``output_fn(params, example) -> Tensor[]``, vmappable. ``sigmoid(f) = p_y``, the softmax
+        probability of the label, so raising ``f`` lowers the cross-entropy.
+    """
+
+    return _margin_fn("classification_margin", forward, label_fn)
+
+
+def _margin_fn(func: str, forward: Callable[[Params, Any], Tensor],
+               label_fn: Callable[[Any], Tensor]) -> OutputFn:
+    def margin(params: Params, example) -> Tensor:
+        logits = forward(params, example)
+        if not isinstance(logits, Tensor) or logits.ndim != 1:
+            got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(_msg(func, "forward", "logits of shape [K] for one example",
+                                  f"{got}"))
+        y = _class_labels(func, label_fn(example), logits.shape[0]).reshape(1)
+        own = _gather_labels(func, logits, y, 0).squeeze(0)
+        mask = torch.arange(logits.shape[0], device=logits.device) == y
+        return own - logits.masked_fill(mask, float("-inf")).logsumexp(0)
+
+    return margin
+
+
+def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
+    """Return ``y`` as int64 class indices in ``[0, K)``, or raise naming ``func``'s labels.
+
+    A float label would be truncated (1.5 -> class 1) and an out-of-range one gives a raw index
+    error. Values are checked eagerly; under a torch.func transform they cannot be read, and
+    :func:`_gather_labels` reports the out-of-range index instead.
+    """
+    arg = "labels" if batched else "example"
+    want = "integer class labels [B]" if batched else "an integer class label (one per example)"
+    if not isinstance(y, Tensor):
+        raise TypeError(_msg(func, arg, f"{want} as a Tensor", type(y).__name__))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(_msg(func, arg, want, f"dtype {y.dtype}",
+                             "Class labels index the logits: convert them with .long()."))
+    if (y.ndim != 1) if batched else (y.numel() != 1):
+        raise ValueError(_msg(func, arg, want, f"label shape {list(y.shape)}"))
+    if torch._C._functorch.maybe_current_level() is None:
+        bad = (y < 0) | (y >= K)
+        if bool(bad.any()):
+            raise ValueError(_msg(func, arg, f"class labels in [0, {K}) for {K} logits",
+                                  f"label {int(y[bad].reshape(-1)[0])}"))
+    return y.long()
+
+
+def _gather_labels(func: str, logits: Tensor, y: Tensor, dim: int) -> Tensor:
+    """Return ``logits.gather(dim, y)``; an out-of-range label raises naming ``func``'s labels."""
+    try:
+        return logits.gather(dim, y)
+    except RuntimeError as err:  # under vmap: the labels' values could not be checked first
+        if "out of bounds" not in str(err):
+            raise
+        arg = "example" if dim == 0 else "labels"
+        raise ValueError(_msg(func, arg, f"class labels in [0, {logits.shape[-1]}) for "
+                              f"{logits.shape[-1]} logits", f"an out-of-range label ({err})"))\
+            from err
+
+
+def classification_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Return the batch mean of ``logit_y - logsumexp_{c != y} logit_c``.  # [B, K], [B] -> []
+
+    The batch-loss form of :func:`classification_margin`, for
+    ``functional_model(module, classification_margin_loss)``: pass that model as ``trak``'s
+    ``output_fn`` and its ``nn.Linear`` gradients come from the factored path.
+    """
+    labels = _class_labels("classification_margin_loss", labels, logits.shape[1], batched=True)
+    own = _gather_labels("classification_margin_loss", logits, labels[:, None], 1).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    return (own - logits.masked_fill(mask, float("-inf")).logsumexp(1)).mean()
+
+
+def classification_weight_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Return the batch mean of ``1 - p_y = sigmoid(-margin)``.  # [B, K], [B] -> []"""
+    labels = _class_labels("classification_weight_loss", labels, logits.shape[1], batched=True)
+    own = _gather_labels("classification_weight_loss", logits, labels[:, None], 1).squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    return torch.sigmoid(logits.masked_fill(mask, float("-inf")).logsumexp(1) - own).mean()
+
+
+def classification_weight(forward: Callable[[Params, Any], Tensor],
+                          label_fn: Callable[[Any], Tensor] = example_label) -> OutputFn:
+    """Return ``Q(params, z) = 1 - p_y = sigmoid(-margin)``, TRAK's weight for the margin.  # -> []
+
+    ``d CE / d margin = -(1 - p_y)``: the factor that turns a change of the margin into a change
+    of the cross-entropy loss. Args as :func:`classification_margin`.
+    """
+    margin = _margin_fn("classification_weight", forward, label_fn)
+    return lambda params, example: torch.sigmoid(-margin(params, example))

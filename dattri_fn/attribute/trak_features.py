@@ -1,0 +1,189 @@
+"""TRAK's feature engine: projected output gradients and weights at every checkpoint, streamed.
+
+One value per call, built from the params by :func:`feature_calls`: features from one ``vmap``
+over stacked checkpoints (or factored layer gradients through the capture engine), projected by a
+seeded ``R_c`` per checkpoint; data read once per checkpoint when the ``C`` dense ``R``'s would not
+fit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .._checks import _msg, batch_size, batch_slice, batch_to, count_rows, iter_batches, regrouped
+from .._types import Params
+from ..layer_grads import layer_grads_stacked
+from ..project import make_projector
+from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
+from .pipeline import collect, in_chunks
+
+_DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is densified
+_ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is held: rows x P entries
+_HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
+
+
+class Calls(NamedTuple):
+    """What one of :func:`trak`'s calls works with, built from its params by ``setup``."""
+
+    stacked: Params  # {key: [C, ...]}
+    packed: Callable  # batch -> [C, b, d + 1] in the params' dtype: features, then Q
+    collect: Callable  # (func, arg, data, device) -> [C, n, d] in fdt
+    fill: Callable  # (func, data, feats, wts, c) -> the rows of the cache it wrote
+    by_checkpoint: Callable  # data -> whether it is read once per checkpoint
+    holding: Callable  # c | None -> a context holding that checkpoint's (every) dense R
+    d: int
+    first: Params  # checkpoint 0
+    device: torch.device
+    fdt: torch.dtype  # the features' dtype
+
+class FeatureConfig(NamedTuple):
+    """The settings of one :func:`trak` method that its feature engine reads."""
+
+    output_fn: Callable
+    weight_fn: Callable | None
+    plan: object  # a LayerPlan when output_fn came as a FunctionalModel, else None
+    keys: list | None  # that FunctionalModel's params keys
+    proj_dim: int | None
+    kind: str
+    seed: int
+    chunk_size: int | None
+    rows_min: int | None  # batch_rows
+    feature_dtype: torch.dtype | None
+    projectors: dict  # (P, dtype, device, c) -> Projector, kept by the method
+
+
+def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
+    """Return the feature engine for ``params`` (one dict or a list of checkpoints) under ``cfg``.
+
+    ``phi_c(z) = R_c^T grad f(theta_c; z)`` with ``R_c`` seeded ``cfg.seed + c`` (kept in
+    ``cfg.projectors`` between calls) and ``Q`` averaged over checkpoints; see :func:`trak`.
+    """
+    output_fn, weight_fn, plan, keys = cfg.output_fn, cfg.weight_fn, cfg.plan, cfg.keys
+    proj_dim, chunk_size, rows_min, projectors = (cfg.proj_dim, cfg.chunk_size, cfg.rows_min,
+                                                  cfg.projectors)
+    stacked = stack_checkpoints(func, params)
+    if keys is not None and list(stacked) != keys:
+        raise ValueError(_msg(func, "params", f"the keys of output_fn's params {keys}",
+                              f"{list(stacked)}"))
+    v0 = next(iter(stacked.values()))
+    P = sum(v[0].numel() for v in stacked.values())
+    C = num_checkpoints(stacked)
+    d = P if proj_dim is None else proj_dim
+    fdt = v0.dtype if cfg.feature_dtype is None else cfg.feature_dtype
+
+    def projector(c: int):  # kept by the method: a rademacher R's packed signs persist
+        key = (P, v0.dtype, v0.device, c)
+        if key not in projectors:
+            projectors[key] = make_projector(P, proj_dim=proj_dim, kind=cfg.kind, seed=cfg.seed + c,
+                                             dtype=v0.dtype, device=v0.device)
+        return projectors[key]
+
+    projs = None if proj_dim is None else [projector(c) for c in range(C)]
+
+    @contextlib.contextmanager
+    def holding(c: int | None = None):
+        """Hold checkpoint ``c``'s dense R (None: every checkpoint's) for one pass."""
+        with contextlib.ExitStack() as stack:
+            for p in (projs or []) if c is None else [projs[c]]:
+                stack.enter_context(p.kept(fdt, v0.device))
+            yield
+
+    def dense_buffer(buffers: list, b: int) -> Tensor | None:
+        """``[1, b, P]`` in fdt from ``buffers`` (one tensor, grown when needed): a stream's
+        batches reuse one buffer; None = a fresh tensor per call."""
+        if buffers is None:
+            return None
+        if not buffers or buffers[0].shape[0] < b:
+            buffers[:] = [v0.new_empty((b, P), dtype=fdt)]
+        return buffers[0][:b].unsqueeze(0)
+
+    def feature_rows(batch, buffers: list | None = None, one: int | None = None):
+        """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only."""
+        sub, plist = (stacked, projs) if one is None else (
+            {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
+        lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
+        if lg is not None and plist is not None:
+            b = lg.num_rows
+            for c, proj in enumerate(plist):
+                lc = lg.select(c)
+                if proj.holdable or b * P <= _DENSE_ENTRIES:  # densified, then projected:
+                    # by blocks of rows when R is held dense (the block stays small)
+                    rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
+                    parts = [proj(lc.rows(r, r + rb).to_dense(
+                        fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
+                        for r in range(0, b, rb)]
+                    yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                else:  # one checkpoint's columns per projector step: never [b, P]
+                    yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
+                                             b, dtype=fdt, device=v0.device)
+            return
+        if lg is not None:
+            yield from lg.to_dense(fdt)  # unprojected: [b, P] each
+            return
+        G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
+        yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
+
+    def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
+        return torch.stack(list(feature_rows(batch, one=one)))
+
+    def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
+        if weight_fn is None:
+            return torch.ones(b, dtype=v0.dtype, device=v0.device)
+        per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
+        return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
+
+    def packed(batch) -> Tensor:  # [C, b, d + 1] in the params' dtype: features, then Q
+        G = features(batch).to(v0.dtype)
+        Q = weights(batch, G.shape[1])
+        return torch.cat([G, Q.expand(G.shape[0], -1).unsqueeze(-1)], dim=-1)
+
+    def by_checkpoint(data) -> bool:
+        """Whether ``data`` is read once per checkpoint, holding one dense R at a time: when
+        the ``C > 1`` R's that a pass holds (packed rademacher signs unpacked) would take
+        over 4 MiB together, for a Batch or a list of them (the same rows in the same order
+        on every pass)."""
+        held = 0 if projs is None else projs[0].held_bytes(fdt)
+        return C > 1 and C * held > _HELD_BYTES and count_rows(func, "data", data,
+                                                               check=False) is not None
+
+    def collect_features(func: str, arg: str, data, device) -> Tensor:  # [C, n, d] in fdt
+        data = regrouped(func, arg, data, rows_min)
+        if not by_checkpoint(data):
+            with holding():
+                return collect(in_chunks(features, chunk_size), data, device=device, func=func,
+                               arg=arg)
+        per_ckpt = []
+        for c in range(C):
+            with holding(c):
+                per_ckpt.append(collect(in_chunks(functools.partial(features, one=c), chunk_size),
+                                        data, device=device, func=func, arg=arg))
+        return torch.cat(per_ckpt)
+
+    def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None) -> Tensor:
+        """Write every row of checkpoint ``c`` (None: all) and the weights into the cache
+        ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``."""
+        n, buffers = 0, []
+        with holding(c):
+            for batch in iter_batches(func, "train", data):
+                batch = batch_to(batch, v0.device)
+                b = batch_size(func, "train", batch)
+                step = b if chunk_size is None else chunk_size
+                for s in range(0, b, step):
+                    part = batch if step >= b else batch_slice(batch, s, s + step)
+                    rows = slice(n + s, n + min(b, s + step))
+                    for i, phi in enumerate(feature_rows(part, buffers, c)):
+                        feats[i if c is None else c, rows] = phi
+                    if not c:  # None or 0: the weights, once
+                        wts[rows] = weights(part, rows.stop - rows.start)
+                n += b
+        return feats if c is None else feats[c:c + 1]
+
+    return Calls(stacked, in_chunks(packed, chunk_size), collect_features, fill, by_checkpoint,
+                  holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt)

@@ -1,0 +1,90 @@
+"""TRAK's kernel: ``(Phi^T Phi + damping I)^-1`` per checkpoint (or the dual ``(Phi Phi^T +
+damping I)^-1``), from float64 Grams factored by Cholesky."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg
+
+_GRAM_ROWS = 512  # rows per widened block of gram_of
+_GRAM_COLS = 128  # column block of gram_of's upper block triangle
+_GRAM_WHOLE = 192  # up to this d, gram_of multiplies whole blocks of rows
+
+
+def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None) -> Tensor:
+    """Return ``x^T x`` in float64, by blocks of rows and the upper column-block triangle.  # -> [d, d]
+
+    Each block of rows is widened to ``wide`` and multiplied there (float32 suffices for
+    half-precision rows: their products are exact), each block's product summed in float64.
+    With ``d > 192`` (``_GRAM_WHOLE``) only the column-block pairs ``i <= j`` are multiplied
+    (``(k + 1) / 2k`` of the flops for ``k`` blocks of 128) and the rest mirrored. ``out``: a
+    float64 ``[d, d]`` symmetric accumulator to add ``x^T x`` to (no second ``[d, d]``), returned.
+    """
+    n, d = x.shape
+    h = d if d <= _GRAM_WHOLE else _GRAM_COLS
+    g = x.new_zeros((d, d), dtype=torch.float64) if out is None else out
+    buf = None
+    for s in range(0, n, _GRAM_ROWS):
+        blk = x[s:s + _GRAM_ROWS]
+        if blk.dtype != wide:
+            if buf is None:
+                buf = x.new_empty((min(n, _GRAM_ROWS), d), dtype=wide)
+            blk = buf[:blk.shape[0]].copy_(blk)
+        for a in range(0, d, h):
+            g[a:a + h, a:] += blk[:, a:a + h].mT @ blk[:, a:]
+    for a in range(h, d, h):
+        g[a:a + h, :a] = g[:a, a:a + h].mT
+    return g
+
+
+def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
+    return ValueError(_msg(func, "damping", "Phi^T Phi + damping I positive definite at "
+                           "every checkpoint", f"a singular matrix at checkpoints {where} "
+                           f"(d={d}, n_train={n}, damping={damping})",
+                           "Raise damping or lower proj_dim."))
+
+
+def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float) -> Tensor:
+    """``(Phi Phi^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]"""
+    n = feats.shape[1]
+    gram = feats.new_empty((feats.shape[0], n, n), dtype=torch.float64)
+    for c, f in enumerate(feats):  # one checkpoint's float64 copy at a time
+        f64 = f.to(torch.float64)
+        torch.mm(f64, f64.T, out=gram[c])
+    del f64
+    gram.diagonal(dim1=-2, dim2=-1).add_(damping)
+    L, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        raise singular(func, torch.nonzero(info).flatten().tolist(), d, feats.shape[1],
+                       damping)
+    return torch.cholesky_inverse(L).to(dtype)
+
+
+def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device,
+                  damping: float) -> Tensor:
+    """``(gram_c + damping I)^-1`` by Cholesky, factored and inverted in place in each
+    float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]"""
+    K = torch.empty((C, d, d), dtype=dtype, device=device)
+    info = torch.empty((), dtype=torch.int32, device=device)
+    bad = []
+    for c, g in enumerate(grams):
+        g.diagonal().add_(damping)
+        g = g.mT  # the same symmetric matrix, column-major: LAPACK then works in g itself
+        torch.linalg.cholesky_ex(g, out=(g, info))
+        if int(info) != 0:
+            bad.append(c)
+            continue
+        K[c] = torch.cholesky_inverse(g, out=g)
+        del g
+    if bad:
+        raise singular(func, bad, d, n, damping)
+    return K
+
+
+def gram_dtype(fdt: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision features with float32 params (exact products, one fast
+    GEMM per block), else float64: float32 Phi^T Phi is too ill-conditioned to factor once
+    d approaches n_train."""
+    return torch.float32 if fdt.itemsize <= 2 and dtype == torch.float32 else torch.float64
