@@ -563,3 +563,83 @@ def test_kernel_factored_in_place(device, monkeypatch):
     m = trak(classification_margin(fm.forward), proj_dim=5, damping=0.5)
     m.prepare([fm.params, _perturbed(fm.params, 2)], _data(9, 1, device))
     assert seen == [(True, True), (True, True)]
+
+
+# -- binary classifiers: one logit, BCE-with-logits ---------------------------------------
+def _binary_mlp(seed, dim=3, hidden=4):
+    net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(F64)
+    g = _gen(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.8 * torch.randn(p.shape, generator=g, dtype=F64))
+    bce = lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(-1), y.to(out.dtype))
+    return functional_model(net, bce)
+
+
+def _binary_data(n, seed, dim=3, float_labels=False):
+    g = _gen(seed)
+    x, y = torch.randn(n, dim, generator=g, dtype=F64), torch.randint(0, 2, (n,), generator=g)
+    return x, (y.to(F64) if float_labels else y)
+
+
+@given(seed=seeds, float_labels=st.booleans())
+def test_binary_margin_is_the_two_class_margin_and_its_weight_the_bce_slope(seed, float_labels):
+    """One logit s: f = (2y-1) s = the margin of logits (0, s); Q = sigmoid(-f); grad BCE = -Q grad f."""
+    fm = _binary_mlp(seed)
+    x, y = _binary_data(5, seed + 1, float_labels=float_labels)
+    two = lambda p, ex: torch.cat([torch.zeros(1, dtype=F64), fm.forward(p, ex).reshape(1)])
+    for fwd in (fm.forward, lambda p, ex: fm.forward(p, ex).reshape(())):  # logits [1] and []
+        m = torch.func.vmap(classification_margin(fwd), in_dims=(None, 0))(fm.params, (x, y))
+        ref = torch.func.vmap(classification_margin(two), in_dims=(None, 0))(fm.params,
+                                                                          (x, y.long()))
+        _close(m, ref, 1e-13)
+        q = torch.func.vmap(classification_weight(fwd), in_dims=(None, 0))(fm.params, (x, y))
+        _close(q, torch.sigmoid(-ref), 1e-13)
+    for i in range(5):
+        g_loss = torch.func.grad(fm.loss)(fm.params, (x[i], y[i]))
+        g_margin = torch.func.grad(classification_margin(fm.forward))(fm.params, (x[i], y[i]))
+        q = classification_weight(fm.forward)(fm.params, (x[i], y[i]))
+        for k in g_loss:
+            _close(g_loss[k], -q * g_margin[k], 1e-12)
+
+
+@given(seed=seeds, float_labels=st.booleans(), column=st.booleans())
+def test_binary_batch_losses_equal_the_per_example_means(seed, float_labels, column):
+    """classification_margin_loss / _weight_loss on logits [B] or [B, 1] = mean of the per-example forms."""
+    fm = _binary_mlp(seed)
+    x, y = _binary_data(6, seed + 1, float_labels=float_labels)
+    logits = fm.module(x)  # [B, 1]
+    logits = logits if column else logits.reshape(-1)
+    m = torch.func.vmap(classification_margin(fm.forward), in_dims=(None, 0))(fm.params, (x, y))
+    _close(classification_margin_loss(logits, y), m.mean(), 1e-13)
+    _close(classification_weight_loss(logits, y), torch.sigmoid(-m).mean(), 1e-13)
+
+
+def test_binary_labels_other_than_0_1_are_refused():
+    """A label 0.5 or 2 with one logit is named, eagerly and in the batch form."""
+    fm = _binary_mlp(0)
+    x, _ = _binary_data(3, 1)
+    with pytest.raises(ValueError, match=r"classification_margin\(example=...\): expected a binary "
+                                         r"label 0/1 .* got label 0.5"):
+        classification_margin(fm.forward)(fm.params, (x[0], torch.tensor(0.5, dtype=F64)))
+    with pytest.raises(ValueError, match=r"classification_weight_loss\(labels=...\): expected "
+                                         r"binary labels 0/1 \[B\] .* got label 2"):
+        classification_weight_loss(fm.module(x), torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match=r"classification_margin_loss\(labels=...\): expected "
+                                         r"binary labels 0/1 \[B\] for 3 logits, got label shape"):
+        classification_margin_loss(fm.module(x), torch.tensor([0, 1]))
+
+
+@given(seed=seeds, n_train=st.integers(2, 7), damping=dampings)
+def test_binary_trak_equals_the_dense_closed_form_on_both_paths(seed, n_train, damping):
+    """Binary TRAK = G (G^T G + damping I)^-1 G_test^T * sigmoid(-f), by vmap and by the capture engine."""
+    fm = _binary_mlp(seed)
+    train, test = _binary_data(n_train, seed + 1), _binary_data(3, seed + 2)
+    out, w = classification_margin(fm.forward), classification_weight(fm.forward)
+    ref = _closed_form([fm.params], out, w, train, test, damping)
+    m = trak(out, weight_fn=w, damping=damping)
+    _close(m.score(fm.params, m.prepare(fm.params, train), None, test), ref)
+    factored = trak(functional_model(fm.module, classification_margin_loss),
+                    weight_fn=functional_model(fm.module, classification_weight_loss),
+                    damping=damping)
+    _close(factored.score(fm.params, factored.prepare(fm.params, train), None, test), ref)

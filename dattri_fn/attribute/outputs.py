@@ -38,15 +38,18 @@ def classification_margin(forward: Callable[[Params, Any], Tensor],
                           label_fn: Callable[[Any], Tensor] = example_label) -> OutputFn:
     """Return ``f(params, z) = logit_y - logsumexp_{c != y} logit_c``, TRAK's margin.  # -> []
 
+    One logit ``s`` (a binary classifier trained with BCE-with-logits, logits ``[]`` or ``[1]``,
+    labels 0/1): ``f = (2y - 1) s``, the same margin for two classes with logits ``(0, s)``.
+
     Args:
-        forward: ``forward(params, example) -> logits [K]`` for ONE example (e.g.
+        forward: ``forward(params, example) -> logits [K]`` (or one logit) for ONE example (e.g.
             ``functional_model(module).forward``).
-        label_fn: ``example -> y`` (an integer 0-d tensor); default: the last element of a
-            tuple example or ``example["labels"]``.
+        label_fn: ``example -> y`` (an integer 0-d tensor; binary: 0/1, float allowed);
+            default: the last element of a tuple example or ``example["labels"]``.
 
     Returns:
         ``output_fn(params, example) -> Tensor[]``, vmappable. ``sigmoid(f) = p_y``, the softmax
-        probability of the label, so raising ``f`` lowers the cross-entropy.
+        (binary: sigmoid) probability of the label, so raising ``f`` lowers the cross-entropy.
     """
 
     return _margin_fn("classification_margin", forward, label_fn)
@@ -56,16 +59,51 @@ def _margin_fn(func: str, forward: Callable[[Params, Any], Tensor],
                label_fn: Callable[[Any], Tensor]) -> OutputFn:
     def margin(params: Params, example) -> Tensor:
         logits = forward(params, example)
-        if not isinstance(logits, Tensor) or logits.ndim != 1:
+        if not isinstance(logits, Tensor) or logits.ndim > 1:
             got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(_msg(func, "forward", "logits of shape [K] for one example",
-                                  f"{got}"))
-        y = _class_labels(func, label_fn(example), logits.shape[0]).reshape(1)
-        own = _gather_labels(func, logits, y, 0).squeeze(0)
-        mask = torch.arange(logits.shape[0], device=logits.device) == y
-        return own - logits.masked_fill(mask, float("-inf")).logsumexp(0)
+            raise ValueError(_msg(func, "forward", "logits of shape [K] (or one logit) for one "
+                                  "example", f"{got}"))
+        y = label_fn(example)
+        if isinstance(y, Tensor):
+            y = y.reshape(1) if y.numel() == 1 else y
+        return margins(func, logits.reshape(1, -1), y, batched=False).squeeze(0)
 
     return margin
+
+
+def margins(func: str, logits: Tensor, labels: Tensor, *, batched: bool = True) -> Tensor:
+    """Return ``logit_y - logsumexp_{c != y} logit_c`` per row.  # [B, K], [B] -> [B]
+
+    ``K = 1`` (or logits ``[B]``): a binary classifier's logit ``s`` and 0/1 labels give
+    ``(2y - 1) s``.
+    """
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        return _binary_signs(func, labels, logits, batched) * logits.reshape(-1)
+    labels = _class_labels(func, labels, logits.shape[1], batched=batched)
+    own = _gather_labels(func, logits, labels[:, None], "labels" if batched else "example")
+    own = own.squeeze(1)
+    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
+    return own - logits.masked_fill(mask, float("-inf")).logsumexp(1)
+
+
+def _binary_signs(func: str, y, logits: Tensor, batched: bool) -> Tensor:
+    """Return ``2y - 1`` in the logits' dtype for 0/1 labels (integer, bool or float), or raise."""
+    arg = "labels" if batched else "example"
+    want = "binary labels 0/1 [B]" if batched else "a binary label 0/1 (one per example)"
+    if not isinstance(y, Tensor):
+        raise TypeError(_msg(func, arg, f"{want} as a Tensor", type(y).__name__))
+    if y.is_complex():
+        raise TypeError(_msg(func, arg, want, f"dtype {y.dtype}"))
+    n = logits.reshape(-1).shape[0]
+    if y.numel() != n or (batched and y.ndim not in (1, 2)):
+        raise ValueError(_msg(func, arg, f"{want} for {n} logits", f"label shape {list(y.shape)}"))
+    y = y.reshape(-1)
+    if torch._C._functorch.maybe_current_level() is None:
+        bad = (y != 0) & (y != 1)
+        if bool(bad.any()):
+            raise ValueError(_msg(func, arg, f"{want} for one logit per example (BCE-with-"
+                                  "logits)", f"label {y[bad][0].item()}"))
+    return y.to(logits.dtype) * 2 - 1
 
 
 def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
@@ -92,14 +130,13 @@ def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
     return y.long()
 
 
-def _gather_labels(func: str, logits: Tensor, y: Tensor, dim: int) -> Tensor:
-    """Return ``logits.gather(dim, y)``; an out-of-range label raises naming ``func``'s labels."""
+def _gather_labels(func: str, logits: Tensor, y: Tensor, arg: str) -> Tensor:
+    """Return ``logits.gather(1, y)``; an out-of-range label raises naming ``func``'s ``arg``."""
     try:
-        return logits.gather(dim, y)
+        return logits.gather(1, y)
     except RuntimeError as err:  # under vmap: the labels' values could not be checked first
         if "out of bounds" not in str(err):
             raise
-        arg = "example" if dim == 0 else "labels"
         raise ValueError(_msg(func, arg, f"class labels in [0, {logits.shape[-1]}) for "
                               f"{logits.shape[-1]} logits", f"an out-of-range label ({err})"))\
             from err
@@ -108,22 +145,17 @@ def _gather_labels(func: str, logits: Tensor, y: Tensor, dim: int) -> Tensor:
 def classification_margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Return the batch mean of ``logit_y - logsumexp_{c != y} logit_c``.  # [B, K], [B] -> []
 
-    The batch-loss form of :func:`classification_margin`, for
-    ``functional_model(module, classification_margin_loss)``: pass that model as ``trak``'s
-    ``output_fn`` and its ``nn.Linear`` gradients come from the factored path.
+    The batch-loss form of :func:`classification_margin` (one logit ``[B]`` or ``[B, 1]`` with
+    0/1 labels: ``(2y - 1) s``), for ``functional_model(module, classification_margin_loss)``:
+    pass that model as ``trak``'s ``output_fn`` and its layer gradients come from the factored
+    path.
     """
-    labels = _class_labels("classification_margin_loss", labels, logits.shape[1], batched=True)
-    own = _gather_labels("classification_margin_loss", logits, labels[:, None], 1).squeeze(1)
-    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
-    return (own - logits.masked_fill(mask, float("-inf")).logsumexp(1)).mean()
+    return margins("classification_margin_loss", logits, labels).mean()
 
 
 def classification_weight_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Return the batch mean of ``1 - p_y = sigmoid(-margin)``.  # [B, K], [B] -> []"""
-    labels = _class_labels("classification_weight_loss", labels, logits.shape[1], batched=True)
-    own = _gather_labels("classification_weight_loss", logits, labels[:, None], 1).squeeze(1)
-    mask = torch.arange(logits.shape[1], device=logits.device) == labels[:, None]
-    return torch.sigmoid(logits.masked_fill(mask, float("-inf")).logsumexp(1) - own).mean()
+    return torch.sigmoid(-margins("classification_weight_loss", logits, labels)).mean()
 
 
 def classification_weight(forward: Callable[[Params, Any], Tensor],

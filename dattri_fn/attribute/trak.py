@@ -139,7 +139,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
-            (classification: :func:`classification_margin`), or a FunctionalModel whose loss is
+            (classification: :func:`classification_margin`, which also takes a binary
+            classifier's one logit and 0/1 labels), or a FunctionalModel whose loss is
             that output (``functional_model(module, classification_margin_loss)``): its
             ``nn.Linear`` gradients then come from one batched backward
             (:mod:`dattri_fn.layer_grads`), not a per-example ``vmap``; same features.
