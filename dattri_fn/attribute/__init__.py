@@ -6,6 +6,7 @@ positive = up-weighting the training example lowers the test loss (a proponent).
 
 from .gradsim import grad_cos, grad_dot, tracin
 from .influence import InfluenceState, influence
+from .logra import LoGraState, logra
 from .method import Attributor, Method, stack_checkpoints
 from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
@@ -14,6 +15,7 @@ from .trak import TRAKState, classification_margin, classification_weight, trak
 __all__ = [
     "Attributor",
     "InfluenceState",
+    "LoGraState",
     "Method",
     "RepresenterState",
     "TRAKState",
@@ -24,6 +26,7 @@ __all__ = [
     "grad_cos",
     "grad_dot",
     "influence",
+    "logra",
     "merge_topk",
     "representer",
     "stack_checkpoints",

@@ -1,0 +1,317 @@
+"""LoGra: influence through low-rank projected layer gradients, with EK-FAC in the projected space.
+
+For a captured layer with input ``a`` (``[a, 1]`` when its bias is attributed) and output
+gradient ``g`` (:mod:`dattri_fn.transforms.capture`), example ``i``'s weight gradient is
+``DW_i = sum_t g_it a_it^T``. LoGra projects both factors before they meet:
+
+    DW'_i = P_out^T DW_i P_in = sum_t (P_out^T g_it)(P_in^T a_it)^T      # [k_out, k_in]
+
+so ``DW_i`` (``out x in``) is never formed: the cost per position is ``out k_out + in k_in``.
+The curvature is EK-FAC on the projected factors (``A' = E[(1/T) sum_t a' a'^T]``,
+``G' = E[sum_t g' g'^T]``, eigenvectors ``Q_A``, ``Q_G``, corrected eigenvalues
+``Lambda = E[(Q_G^T DW'_i Q_A)^2]``), inverted per layer:
+
+    M -> Q_G ((Q_G^T M Q_A) / (Lambda + damping)) Q_A^T
+
+and ``scores[i, j] = <DW'_i, (F' + damping)^-1 DW'_j>`` summed over layers
+(``[n_train, n_test]``; positive = up-weighting train ``i`` lowers test ``j``'s loss).
+``proj_dim=None`` keeps the full factors: then LoGra IS EK-FAC influence on those layers.
+
+References:
+    Choe et al., "What is Your Data Worth to GPT? LLM-Scale Data Valuation with Influence
+    Functions", 2024, arXiv 2405.13954 (LoGra).
+    George et al., 2018, arXiv 1806.03884 (EK-FAC).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import (
+    _msg,
+    batch_size,
+    batch_slice,
+    batch_to,
+    check_int,
+    check_optional_int,
+    check_params,
+    check_positive,
+    iter_batches,
+    regrouped,
+)
+from ..layers import batched_io, output_shapes
+from ..model import FunctionalModel, default_unpack
+from ..solve.kfac import _kfac_specs, _tokens
+from ..transforms import capture
+from .boundary import check_cached_train
+from .method import Method
+from .pipeline import TopK, collect, stream_scores
+
+
+class LoGraState(NamedTuple):
+    """What :func:`logra`'s ``prepare`` computes once from the training set.
+
+    Attributes:
+        projections: ``{layer: (P_in [in', k_in], P_out [out, k_out])}`` (None: not projected).
+        eigvecs: ``{layer: (Q_A [k_in, k_in], Q_G [k_out, k_out])}``.
+        eigvals: ``{layer: Lambda + damping}``, EK-FAC's corrected eigenvalues.  # [k_out, k_in]
+        train_features: ``DW'_i`` of every training example, layers side by side, or None
+            (``cache_features=False``).  # [n_train, d]
+    """
+
+    projections: dict
+    eigvecs: dict
+    eigvals: dict
+    train_features: Tensor | None
+
+
+def _projection(rows: int, k: int | None, seed: int, like: Tensor) -> Tensor | None:
+    """Gaussian ``[rows, k]`` with entries N(0, 1/k): ``E[P P^T] = I``; None keeps all rows."""
+    if k is None or k >= rows:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, k, generator=g, dtype=torch.float64) / k ** 0.5).to(like)
+
+
+def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
+          damping: float | None = None, seed: int = 0, chunk_size: int | None = None,
+          batch_rows: int | None = None, cache_features: bool = True) -> Method:
+    """Return LoGra: ``s_ij = <DW'_i, (F' + damping)^-1 DW'_j>`` over captured layers.  # [n_train, n_test]
+
+    Args:
+        model: a FunctionalModel with a ``loss_fn``; its ``nn.Linear``, Hugging Face ``Conv1D``
+            and ``nn.Conv2d`` layers whose weight is in ``model.params`` are attributed (any
+            forward: the capture engine needs no trace). Other attributed parameters are left
+            out after one warning naming them (select them away with ``functional_model(...,
+            params=...)`` to silence it).
+        proj_dim: ``k`` for both sides, or ``(k_in, k_out)``: each layer's feature is
+            ``k_out x k_in``; a side no wider than ``k`` is kept whole; None = no projection.
+        damping: added to every projected eigenvalue; None = ``0.1 * mean(Lambda)`` per layer.
+        seed: the projections' seed (layer ``l`` uses ``seed``-derived generators).
+        chunk_size: examples per batched forward/backward (bounds memory).
+        batch_rows: merge consecutive batches into calls of at least this many examples.
+        cache_features: keep the train features ``[n_train, d]`` in the state, so ``score`` and
+            ``self_score`` read no training data (``train`` may be None).
+
+    Returns:
+        ``Method(prepare, score, self_score, "logra")``; ``prepare(params, train) -> LoGraState``.
+
+    Raises:
+        TypeError/ValueError: naming the argument: a model without a loss_fn or without a
+            capturable layer, bad settings, a list of checkpoints, a state of another model.
+    """
+    name = "logra"
+    if not isinstance(model, FunctionalModel):
+        raise TypeError(_msg(name, "model", "a FunctionalModel from functional_model(module, "
+                             "loss_fn)", type(model).__name__))
+    if model.loss_fn is None:
+        raise ValueError(_msg(name, "model", "a FunctionalModel built with a loss_fn",
+                              "loss_fn=None"))
+    k_in, k_out = (proj_dim, proj_dim) if not isinstance(proj_dim, tuple) else proj_dim
+    for k, arg in ((k_in, "proj_dim"), (k_out, "proj_dim")):
+        check_optional_int(name, arg, k)
+    if damping is not None:
+        damping = check_positive(name, "damping", damping, allow_zero=True)
+    check_int(name, "seed", seed, minimum=0)
+    check_optional_int(name, "chunk_size", chunk_size)
+    rows_min = check_optional_int(name, "batch_rows", batch_rows)
+    specs = {n: s for n, s in _kfac_specs(model.module).items() if s.weight in model.params}
+    if not specs:
+        raise ValueError(_msg(name, "model", "an attributed nn.Linear, Conv1D or Conv2d layer "
+                              "(its weight in model.params)", "none"))
+    owned = {k for s in specs.values() for k in (s.weight, s.bias)}
+    left = [k for k in model.params if k not in owned]
+    if left:
+        warnings.warn(f"logra: attributing through the layers {list(specs)} only; these "
+                      f"parameters are left out: {left}.", RuntimeWarning, stacklevel=2)
+    unpack = model.unpack or default_unpack
+    taps: dict = {}  # layer tuple -> tapped forward (built once per layer set)
+
+    def tapped_for(layers: tuple[str, ...]):
+        if layers not in taps:
+            taps[layers] = capture.tap(model.module, layers)
+        return taps[layers]
+
+    def state_of(func: str, params) -> dict:
+        if isinstance(params, (list, tuple)):
+            raise TypeError(_msg(func, "params", "one params dict (LoGra runs on one model)",
+                                 f"a {type(params).__name__} of {len(params)}"))
+        params = check_params(func, "params", params)
+        if list(params) != list(model.params):
+            raise ValueError(_msg(func, "params", f"the keys of model.params {list(model.params)}",
+                                  f"{list(params)}"))
+        return {**model.fixed, **params}
+
+    def layers_for(func: str, state: dict, batch) -> tuple[str, ...]:
+        """The layers the first batch shows can be captured (one warning names the others)."""
+        args, kwargs, _ = unpack(batch)
+        problems = tapped_for(tuple(specs)).check(state, *args, **kwargs)
+        if problems:
+            why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
+            warnings.warn(f"{func}: leaving out layers the capture engine cannot factor: {why}.",
+                          RuntimeWarning, stacklevel=3)
+        kept = tuple(n for n in specs if n not in problems)
+        if not kept:
+            raise ValueError(_msg(func, "model", "at least one layer the capture engine can "
+                                  "factor", "none"))
+        return kept
+
+    def raw(state: dict, layers: tuple[str, ...], batch):
+        """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``, projected, chunk by chunk."""
+        tapped, like = tapped_for(layers), state[specs[layers[0]].weight]
+        b = batch_size(name, "batch", batch)
+        step = b if chunk_size is None else chunk_size
+        parts = []
+        for s in range(0, b, step):
+            part = batch if step >= b else batch_slice(batch, s, s + step)
+            args, kwargs, target = unpack(part)
+            shapes = output_shapes(tapped, state, args, kwargs, like)
+            parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, shapes,
+                                    like))
+        out = {}
+        for n in layers:
+            a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]
+            g = torch.cat([p[n][1] for p in parts]) if len(parts) > 1 else parts[0][n][1]
+            out[n] = _tokens(a.detach(), g.detach(), specs[n].bias in model.params)
+        return out
+
+    def projected(io: dict, projections: dict) -> dict:
+        out = {}
+        for n, (a, g) in io.items():
+            Pa, Pg = projections[n]
+            out[n] = (a if Pa is None else a @ Pa, g if Pg is None else g @ Pg)
+        return out
+
+    def features(io: dict) -> Tensor:  # [B, d]
+        return torch.cat([torch.einsum("bto,bti->boi", g, a).flatten(1) for a, g in io.values()],
+                         dim=1)
+
+    def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
+        out, start = torch.empty_like(phi), 0
+        for n, (QA, QG) in state.eigvecs.items():
+            ki, ko = QA.shape[0], QG.shape[0]
+            M = phi[:, start:start + ko * ki].reshape(-1, ko, ki)
+            R = (QG.mT @ M @ QA) / state.eigvals[n]
+            out[:, start:start + ko * ki] = (QG @ R @ QA.mT).flatten(1)
+            start += ko * ki
+        return out
+
+    def feature_fn(params_state: dict, state: LoGraState):
+        layers = tuple(state.eigvecs)
+        return lambda batch: features(projected(raw(params_state, layers, batch), state.projections))
+
+    def prepare(params, train) -> LoGraState:
+        func = f"{name}.prepare"
+        st = state_of(func, params)
+        device = next(iter(st.values())).device
+        data = regrouped(func, "train", train, rows_min)
+        A: dict = {}
+        G: dict = {}
+        feats, n, layers, projections = [], 0, None, None
+        for batch in iter_batches(func, "train", data):
+            batch_size(func, "train", batch)
+            batch = batch_to(batch, device)
+            if layers is None:
+                layers = layers_for(func, st, batch)
+                io = raw(st, layers, batch)
+                projections = {ln: (_projection(a.shape[-1], k_in, seed * 7919 + 2 * i, a),
+                                   _projection(g.shape[-1], k_out, seed * 7919 + 2 * i + 1, g))
+                               for i, (ln, (a, g)) in enumerate(io.items())}
+            else:
+                io = raw(st, layers, batch)
+            io = projected(io, projections)
+            for ln, (a, g) in io.items():
+                dA = torch.einsum("bti,btj->ij", a, a / a.shape[1])
+                dG = torch.einsum("bto,btp->op", g, g)
+                A[ln] = dA if ln not in A else A[ln] + dA
+                G[ln] = dG if ln not in G else G[ln] + dG
+            phi = features(io)
+            n += phi.shape[0]
+            if cache_features:
+                feats.append(phi)
+        if layers is None:
+            raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
+        eigvecs = {ln: (torch.linalg.eigh(A[ln] / n)[1], torch.linalg.eigh(G[ln] / n)[1])
+                   for ln in layers}
+        sums = {ln: 0.0 for ln in layers}
+
+        def add_lambda(phi: Tensor) -> None:
+            start = 0
+            for ln, (QA, QG) in eigvecs.items():
+                ki, ko = QA.shape[0], QG.shape[0]
+                M = phi[:, start:start + ko * ki].reshape(-1, ko, ki)
+                sums[ln] = sums[ln] + ((QG.mT @ M @ QA) ** 2).sum(0)
+                start += ko * ki
+
+        if cache_features:
+            for phi in feats:
+                add_lambda(phi)
+        else:
+            fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None))
+            for batch in iter_batches(func, "train", data):
+                add_lambda(fn(batch_to(batch, device)))
+        eigvals = {}
+        for ln in layers:
+            lam = sums[ln] / n
+            eigvals[ln] = lam + (0.1 * lam.mean() if damping is None else damping)
+            if not bool((eigvals[ln] > 0).all()):
+                raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
+                                      f"projected eigenvalues of layer {ln!r} vanish",
+                                      f"damping={damping}"))
+        return LoGraState(projections, eigvecs, eigvals,
+                          torch.cat(feats) if cache_features else None)
+
+    def check_state(func: str, state) -> None:
+        if not isinstance(state, LoGraState):
+            raise TypeError(_msg(func, "state", "the LoGraState returned by logra's prepare",
+                                 type(state).__name__))
+
+    def cached_blocks(state: LoGraState):
+        n, block = state.train_features.shape[0], 4096
+        return [(torch.arange(s, min(n, s + block)),) for s in range(0, n, block)]
+
+    def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
+              largest: bool = True) -> Tensor | TopK:
+        func = f"{name}.score"
+        check_state(func, state)
+        st = state_of(func, params)
+        device = next(iter(st.values())).device
+        check_optional_int(func, "top_k", top_k)
+        fn = feature_fn(st, state)
+        test_pre = precondition(state, collect(fn, test, device=device, func=func, arg="test"))
+        if state.train_features is not None:
+            check_cached_train(func, train, state.train_features.shape[0])
+            feats = state.train_features.to(device)
+            return stream_scores(lambda i: feats[i[0]], cached_blocks(state), test_pre,
+                                 top_k=top_k, largest=largest, func=func)
+        if train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        return stream_scores(fn, regrouped(func, "train", train, rows_min), test_pre, top_k=top_k,
+                             largest=largest, func=func)
+
+    def self_score(params, state: LoGraState, train) -> Tensor:
+        func = f"{name}.self_score"
+        check_state(func, state)
+        st = state_of(func, params)
+        device = next(iter(st.values())).device
+        if state.train_features is not None:
+            check_cached_train(func, train, state.train_features.shape[0])
+            blocks = [state.train_features.to(device)[i[0]] for i in cached_blocks(state)]
+        elif train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        else:
+            fn = feature_fn(st, state)
+            blocks = (fn(batch_to(b, device)) for b in
+                      iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
+        return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in blocks])
+
+    return Method(prepare, score, self_score, name)
+
+
+__all__ = ["LoGraState", "logra"]
