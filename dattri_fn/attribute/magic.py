@@ -1,0 +1,255 @@
+"""MAGIC: exact metagradients of test targets with respect to every training example's weight.
+
+A run of ``T`` pure steps ``s_{t+1} = step(s_t, batch_t, w[batch_t])`` (state ``s = (theta,
+opt_state)``, :mod:`dattri_fn.training`) makes the final parameters a function of the data
+weights ``w`` (``w = 1``: the run that happened). MAGIC returns, for every test target ``f_j``,
+
+    tau_ij = d f_j(theta_T(w)) / d w_i   at  w = 1
+
+by reverse mode through the whole run: ``sbar_T = (grad f_j(theta_T), 0)``, then for
+``t = T-1 .. 0`` one :func:`torch.func.vjp` of step ``t`` at ``s_t`` gives ``sbar_t`` and the
+rows' weight cotangents, which are added into ``tau[:, batch_t]``. The ``k`` test targets ride
+along as a batch of cotangents (``vmap`` over the vjp). With ``f_j`` = higher-is-better (the
+default ``-loss``), ``tau_ij > 0`` means up-weighting ``i`` lowers ``j``'s loss: a proponent,
+the library's sign.
+
+Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Adam; ``c`` =
+``checkpoint_every``; ``k`` test targets; ``B`` batch size):
+
+* ``prepare``: ``T`` steps; holds ``ceil(T/c) + 1`` states: ``(T/c) S`` floats.
+* ``score``: replays each segment of ``c`` steps once from its checkpoint (``T`` more steps in
+  all) and runs ``T`` vjps, each over ``k`` cotangents: time ``~ T (1 + k r) t_step`` with
+  ``r`` the cost of one vjp of a step relative to the step (a second-order pass, ~2-4).
+  Memory ``(T/c + c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp
+  residuals batched over ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
+  the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
+
+References:
+    Ilyas & Engstrom, "MAGIC: Near-Optimal Data Attribution for Deep Learning", arXiv 2504.16430.
+    Maclaurin, Duvenaud & Adams, "Gradient-based Hyperparameter Optimization through Reversible
+    Learning", ICML 2015 (reverse mode through SGD with momentum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .._checks import _msg, batch_cat, batch_slice, check_int, check_optional_int, is_batch
+from .._checks import batch_size as rows_of
+from .._types import Batch, Loss, Params
+from ..model import FunctionalModel
+from ..training.run import Trajectory, batch_order, check_run, run_steps, take, train
+from ..training.steps import Optimizer, make_step
+from .method import Method
+from .pipeline import TopK, merge_topk
+
+
+class MetaGradient(NamedTuple):
+    """``weights [k, n_train]``: d f_j / d w_i; ``params {name: [k, *shape]}``: d f_j / d theta_0."""
+
+    weights: Tensor
+    params: Params
+
+
+class MagicState(NamedTuple):
+    """One :class:`~dattri_fn.training.Trajectory` and data order per run (initial params)."""
+
+    runs: tuple[Trajectory, ...]
+    orders: tuple[list[Tensor], ...]
+
+
+def _split(state) -> tuple[list[Tensor], tuple]:
+    """Return the floating tensors of a state (the differentiable part) and how to rebuild it."""
+    leaves, spec = tree_flatten(state)
+    mask = [isinstance(x, Tensor) and x.is_floating_point() for x in leaves]
+    return [x for x, m in zip(leaves, mask, strict=True) if m], (leaves, spec, mask)
+
+
+def _join(floats: Sequence[Tensor], how: tuple):
+    leaves, spec, mask = how
+    it = iter(floats)
+    return tree_unflatten([next(it) if m else x for x, m in zip(leaves, mask, strict=True)], spec)
+
+
+def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
+                 cotangent: Params, *, weights: Tensor | None = None,
+                 chunk_size: int | None = None) -> MetaGradient:
+    """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
+
+    ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
+    final params. Segments between consecutive ``trajectory.checkpoints`` are replayed from
+    their first state (:func:`~dattri_fn.training.run_steps`, the forward run's own loop) and
+    walked backward with one :func:`torch.func.vjp` per step.  # -> [k, n_train], {[k, ...]}
+
+    Args:
+        step: the pure step the trajectory was trained with.
+        trajectory: from :func:`~dattri_fn.training.train` with the same ``data``, ``order``,
+            ``weights``.
+        data, order, weights: as in :func:`~dattri_fn.training.train`.
+        cotangent: the final-params cotangents, one row per target.
+        chunk_size: cotangents per vmapped vjp (None: all ``k`` at once).
+    """
+    n, weights = check_run("metagradient", data, order, weights)
+    chunk_size = check_optional_int("metagradient", "chunk_size", chunk_size)
+    T = len(order)
+    marks = sorted(trajectory.checkpoints)
+    if marks[0] != 0 or marks[-1] != T:
+        raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
+                              f"steps {marks[0]}..{marks[-1]}"))
+    final_params, final_opt = trajectory.checkpoints[T]
+    if set(cotangent) != set(final_params):
+        raise ValueError(_msg("metagradient", "cotangent", f"the keys {list(final_params)}",
+                              f"{list(cotangent)}"))
+    k = next(iter(cotangent.values())).shape[0]
+    dtype = next(iter(final_params.values())).dtype
+    # Weights in the params' dtype: a float32 weight would round its float64 cotangent.
+    weights = weights.to(dtype)
+    zeros = tree_map(lambda x: x.new_zeros((k, *x.shape))
+                     if isinstance(x, Tensor) and x.is_floating_point() else x, final_opt)
+    bar, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
+    w_bar = torch.zeros(k, n, dtype=dtype, device=weights.device)
+    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
+        states = {}
+        run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
+                  every=1, keep=states)
+        for t in range(hi - 1, lo - 1, -1):
+            floats, how = _split(states.pop(t))
+            rows = order[t]
+            batch = take(data, rows)
+
+            def one_step(floats_t, w_rows, how=how, batch=batch):
+                params, opt_state = _join(floats_t, how)
+                return _split(step(params, opt_state, batch, w_rows))[0]
+
+            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
+            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
+            w_bar.index_add_(1, rows.to(w_bar.device), rows_bar)
+    params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
+    return MetaGradient(w_bar, params0)
+
+
+def _as_batch(func: str, arg: str, data) -> Batch:
+    if is_batch(data):
+        return data
+    if isinstance(data, (list, tuple)) and data and all(is_batch(b) for b in data):
+        return batch_cat(list(data))
+    raise TypeError(_msg(func, arg, "a Batch (tensor or tuple/dict of tensors) or a list of "
+                         "Batches", type(data).__name__))
+
+
+def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
+          batch_size: int | None = None, seed: int = 0,
+          target: Callable[[Params, Any], Tensor] | None = None,
+          checkpoint_every: int | None = None, chunk_size: int | None = None,
+          self_chunk: int = 256) -> Method:
+    """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
+
+    ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
+    them: an ensemble of runs, run ``c`` with data order seed ``seed + c``, scores averaged).
+    ``prepare(params, train)`` trains ``epochs`` epochs of ``optimizer`` on the per-example
+    ``loss`` (batches of ``batch_size``, None = full batch) and keeps every
+    ``checkpoint_every``-th state (default ``ceil(sqrt(T))``); ``score`` runs the reverse pass
+    for all test targets at once. See the module docstring for memory and time.
+
+    Args:
+        loss: per-example ``loss(params, example) -> Tensor[]`` or a FunctionalModel.
+        optimizer: :func:`~dattri_fn.training.sgd`, ``adam`` or ``adamw``.
+        epochs, batch_size, seed: the data order (:func:`~dattri_fn.training.batch_order`).
+        target: ``f(params, example) -> Tensor[]``, HIGHER = better for the test point
+            (default ``-loss``), e.g. the correct-class margin.
+        checkpoint_every: states between checkpoints (1: keep every state, no replay).
+        chunk_size: test targets per vmapped vjp (None: all at once).
+        self_chunk: training examples per reverse pass in ``self_score``.
+
+    Returns:
+        ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
+        proponent; ``self_score -> [n_train]`` = ``d f(theta_T, z_i) / d w_i``.
+
+    Example:
+        >>> method = magic(loss, sgd(0.1, momentum=0.9), epochs=5, batch_size=8)
+        >>> state = method.prepare(params0, train)
+        >>> scores = method.score(params0, state, train, test)   # [n_train, n_test]
+    """
+    if isinstance(loss, FunctionalModel):
+        loss = loss.loss
+    if not callable(loss):
+        raise TypeError(_msg("magic", "loss", "a per-example function (params, example) -> "
+                             "Tensor[] or a FunctionalModel", type(loss).__name__))
+    step = make_step(loss, optimizer)
+    epochs = check_int("magic", "epochs", epochs)
+    batch_size = check_optional_int("magic", "batch_size", batch_size)
+    seed = check_int("magic", "seed", seed, minimum=0)
+    checkpoint_every = check_optional_int("magic", "checkpoint_every", checkpoint_every)
+    chunk_size = check_optional_int("magic", "chunk_size", chunk_size)
+    self_chunk = check_int("magic", "self_chunk", self_chunk)
+    if target is None:
+        target = lambda p, ex: -loss(p, ex)
+    elif not callable(target):
+        raise TypeError(_msg("magic", "target", "a function (params, example) -> Tensor[]",
+                             type(target).__name__))
+    target_grads = vmap(grad(target), in_dims=(None, 0))
+
+    def _runs(params) -> list[Params]:
+        runs = [params] if isinstance(params, dict) else list(params)
+        if not runs or not all(isinstance(p, dict) for p in runs):
+            raise TypeError(_msg("magic", "params", "a params dict or a list of them (initial "
+                                 "parameters)", type(params).__name__))
+        return runs
+
+    def prepare(params, train_data) -> MagicState:
+        train_data = _as_batch("magic.prepare", "train", train_data)
+        n = batch_size_of(train_data)
+        trajs, orders = [], []
+        for c, p0 in enumerate(_runs(params)):
+            order = batch_order(n, batch_size=batch_size, epochs=epochs, seed=seed + c)
+            every = checkpoint_every or max(1, math.ceil(math.sqrt(len(order))))
+            trajs.append(train(step, p0, optimizer.init(p0), train_data, order,
+                               checkpoint_every=every))
+            orders.append(order)
+        return MagicState(tuple(trajs), tuple(orders))
+
+    def _scores(state: MagicState, train_data, test) -> Tensor:
+        total = None
+        for traj, order in zip(state.runs, state.orders, strict=True):
+            cot = target_grads(traj.params, test)  # {name: [k, *shape]}
+            mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size)
+            total = mg.weights if total is None else total + mg.weights
+        return (total / len(state.runs)).T  # [n_train, k]
+
+    def score(params, state: MagicState, train_data, test, *, top_k: int | None = None):
+        if not isinstance(state, MagicState):
+            raise TypeError(_msg("magic.score", "state", "the MagicState of magic.prepare",
+                                 type(state).__name__))
+        _runs(params)
+        train_data = _as_batch("magic.score", "train", train_data)
+        test = _as_batch("magic.score", "test", test)
+        batch_size_of(test, "test")
+        scores = _scores(state, train_data, test)
+        if top_k is None:
+            return scores
+        return merge_topk(None, scores, 0, check_int("magic.score", "top_k", top_k), True)
+
+    def self_score(params, state: MagicState, train_data) -> Tensor:
+        train_data = _as_batch("magic.self_score", "train", train_data)
+        n = batch_size_of(train_data)
+        out = []
+        for lo in range(0, n, self_chunk):
+            hi = min(n, lo + self_chunk)
+            block = _scores(state, train_data, batch_slice(train_data, lo, hi))  # [n, hi-lo]
+            out.append(block[torch.arange(lo, hi), torch.arange(hi - lo)])
+        return torch.cat(out)
+
+    def batch_size_of(data, arg: str = "train") -> int:
+        return rows_of("magic", arg, data)
+
+    return Method(prepare, score, self_score, "magic")
+
+
+__all__ = ["MagicState", "MetaGradient", "TopK", "magic", "metagradient"]

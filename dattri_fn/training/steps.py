@@ -1,0 +1,204 @@
+"""Pure optimizer steps with per-example data weights: ``(params, opt_state, batch, weights)``.
+
+A training step is a pure function
+
+    params', opt_state' = step(params, opt_state, batch, weights)
+
+of the weighted batch objective ``L(theta) = (1/B) sum_i w_i loss(theta, z_i)`` (``w = 1`` is
+the ordinary run; ``w_i = 0`` drops example ``i``). Because it is pure, a run can be replayed
+bit for bit and differentiated with :func:`torch.func.vjp` with respect to ``theta``, the
+optimizer state and ``w`` (see :mod:`dattri_fn.attribute.magic`).
+
+Optimizers follow optax: :class:`Optimizer` ``(init, update, name)``, configured once by a
+factory. The updates are written out in the order ``torch.optim`` uses, so a functional run
+follows a ``torch.optim`` run of the same model to float round-off:
+
+    SGD      g <- g + wd theta;  b <- mu b + g (b = g at the first step);  theta <- theta - lr b
+    Adam     g <- g + wd theta;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+             theta <- theta - lr/(1 - b1^t) * m / (sqrt(v)/sqrt(1 - b2^t) + eps)
+    AdamW    as Adam without the coupled ``wd theta``; first theta <- (1 - lr wd) theta
+
+The step counter ``count`` is a Python int in the state (not a tensor): the learning rate
+``lr(count)`` is then a Python float, the same in a forward run, a replay and a reverse pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from .._checks import _msg, check_int
+from .._types import Batch, Loss, Params
+
+Schedule = Callable[[int], float]
+
+
+class SGDState(NamedTuple):
+    """``count`` steps taken; ``momentum`` the heavy-ball buffers (zeros before the first step)."""
+
+    count: int
+    momentum: Params
+
+
+class AdamState(NamedTuple):
+    """``count`` steps taken; ``mu``/``nu`` the first and second moment estimates."""
+
+    count: int
+    mu: Params
+    nu: Params
+
+
+class Optimizer(NamedTuple):
+    """``init(params) -> state``; ``update(grads, state, params) -> (params, state)``."""
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    name: str
+
+
+def _schedule(func: str, lr) -> Schedule:
+    if callable(lr):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(_msg(func, "lr", "a finite float >= 0 or a schedule count -> float",
+                              repr(lr)))
+    value = float(lr)
+    return lambda count: value
+
+
+def _check_rate(func: str, arg: str, value, *, upper: float | None = None) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and value >= 0 and (upper is None or value < upper))
+    if not ok:
+        bound = f"a float in [0, {upper:g})" if upper is not None else "a finite float >= 0"
+        raise ValueError(_msg(func, arg, bound, repr(value)))
+    return float(value)
+
+
+def cosine_schedule(lr: float, steps: int) -> Schedule:
+    """Return ``t -> lr (1 + cos(pi t / steps)) / 2``: cosine decay to 0 over ``steps`` steps.
+
+    The closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=steps)``, which
+    computes the same values recursively (they agree to float round-off).
+    """
+    lr = _check_rate("cosine_schedule", "lr", lr)
+    steps = check_int("cosine_schedule", "steps", steps)
+    return lambda t: lr * (1.0 + math.cos(math.pi * t / steps)) / 2.0
+
+
+def sgd(lr: float | Schedule, *, momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
+    """Return SGD with heavy-ball momentum and coupled weight decay (``torch.optim.SGD``).
+
+    ``g <- g + wd theta``, ``b <- mu b + g`` (``b = g`` at the first step),
+    ``theta <- theta - lr(t) b``.
+
+    Args:
+        lr: a learning rate or a schedule ``count -> lr`` (``count`` = steps already taken).
+        momentum: ``mu`` in ``[0, 1)``.
+        weight_decay: ``wd``, the gradient of ``0.5 wd |theta|^2`` added to the loss gradient.
+    """
+    sched = _schedule("sgd", lr)
+    mu = _check_rate("sgd", "momentum", momentum, upper=1.0)
+    wd = _check_rate("sgd", "weight_decay", weight_decay)
+
+    def init(params: Params) -> SGDState:
+        return SGDState(0, {k: torch.zeros_like(v) for k, v in params.items()})
+
+    def update(grads: Params, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+        rate = sched(state.count)
+        new_params, buf = {}, {}
+        for k, p in params.items():
+            g = grads[k] + wd * p if wd else grads[k]
+            # torch.optim.SGD seeds the buffer with the first gradient (no (1 - mu) damping).
+            b = g if state.count == 0 or not mu else mu * state.momentum[k] + g
+            buf[k] = b
+            new_params[k] = p - rate * b
+        return new_params, SGDState(state.count + 1, buf)
+
+    return Optimizer(init, update, "sgd")
+
+
+def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer:
+    sched = _schedule(func, lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(_msg(func, "betas", "a pair (b1, b2)", repr(betas)))
+    b1 = _check_rate(func, "betas", betas[0], upper=1.0)
+    b2 = _check_rate(func, "betas", betas[1], upper=1.0)
+    eps = _check_rate(func, "eps", eps)
+    wd = _check_rate(func, "weight_decay", weight_decay)
+
+    def init(params: Params) -> AdamState:
+        zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}
+        return AdamState(0, zeros(), zeros())
+
+    def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
+        rate, t = sched(state.count), state.count + 1
+        step_size = rate / (1.0 - b1 ** t)
+        root_c2 = math.sqrt(1.0 - b2 ** t)
+        new_params, mu, nu = {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if wd and decoupled:
+                p = p * (1.0 - rate * wd)
+            elif wd:
+                g = g + wd * p
+            mu[k] = state.mu[k] + (1.0 - b1) * (g - state.mu[k])  # the lerp torch uses
+            nu[k] = b2 * state.nu[k] + (1.0 - b2) * g * g
+            new_params[k] = p - step_size * mu[k] / (nu[k].sqrt() / root_c2 + eps)
+        return new_params, AdamState(t, mu, nu)
+
+    return Optimizer(init, update, func)
+
+
+def adam(lr: float | Schedule, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: float = 0.0) -> Optimizer:
+    """Return Adam with coupled weight decay (``torch.optim.Adam``): ``g <- g + wd theta``.
+
+    ``m <- b1 m + (1-b1) g``, ``v <- b2 v + (1-b2) g^2``,
+    ``theta <- theta - lr(t)/(1-b1^t) m / (sqrt(v)/sqrt(1-b2^t) + eps)``.
+    """
+    return _adam("adam", lr, betas, eps, weight_decay, decoupled=False)
+
+
+def adamw(lr: float | Schedule, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 1e-2) -> Optimizer:
+    """Return AdamW (``torch.optim.AdamW``): Adam with decoupled decay
+    ``theta <- (1 - lr(t) wd) theta`` before the moment step."""
+    return _adam("adamw", lr, betas, eps, weight_decay, decoupled=True)
+
+
+def weighted_loss(loss: Loss) -> Callable[[Params, Batch, Tensor], Tensor]:
+    """Return ``(params, batch, weights) -> (1/B) sum_i w_i loss(params, z_i)``.  # [B] -> []"""
+
+    per_example = vmap(loss, in_dims=(None, 0))
+
+    def objective(params: Params, batch: Batch, weights: Tensor) -> Tensor:
+        losses = per_example(params, batch)  # [B]
+        return (weights.to(losses.dtype) * losses).sum() / losses.shape[0]
+
+    return objective
+
+
+def make_step(loss: Loss, optimizer: Optimizer) -> Callable[..., tuple[Params, Any]]:
+    """Return the pure step ``(params, opt_state, batch, weights) -> (params, opt_state)``.
+
+    One ``optimizer.update`` on the gradient of ``(1/B) sum_i w_i loss(params, z_i)``.
+    ``weights`` ``[B]`` (ones = the ordinary step) may be differentiated through.
+    """
+    if not callable(loss):
+        raise TypeError(_msg("make_step", "loss", "a per-example function (params, example) -> "
+                             "Tensor[]", type(loss).__name__))
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(_msg("make_step", "optimizer", "an Optimizer from sgd/adam/adamw",
+                             type(optimizer).__name__))
+    objective_grad = grad(weighted_loss(loss))
+
+    def step(params: Params, opt_state, batch: Batch, weights: Tensor):
+        return optimizer.update(objective_grad(params, batch, weights), opt_state, params)
+
+    return step
