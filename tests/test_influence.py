@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -450,3 +450,94 @@ def test_other_params_and_half_precision_are_named():
     with pytest.raises(TypeError, match=r"ihvp_explicit\(op=...\): expected a float32 or float64 "
                                         r"operator .* got torch.float16"):
         ihvp_explicit(torch.eye(3, dtype=torch.float16), damping=0.1)
+
+
+def _checkpoints(name, seed, C):
+    """C parameter sets of one problem (different seeds), sharing one training/test set."""
+    ps = [PROBLEMS[name](n=6, seed=seed + 11 * c)[0] for c in range(C)]
+    _, loss, train = PROBLEMS[name](n=6, seed=seed)
+    _, _, test = PROBLEMS[name](n=3, seed=seed + 7)
+    return ps, loss, train, test
+
+
+@settings(max_examples=10)
+@given(st.sampled_from(["linear", "logistic"]), st.sampled_from(["explicit", "cg"]),
+       st.integers(1, 3), st.integers(0, 2**16), st.sampled_from([None, "l"]))
+def test_checkpoint_list_is_mean_of_single_runs(name, solver, C, seed, relatif):
+    """score([p_1..p_C]) == (1/C) sum_c score(p_c), and self_score likewise (RelatIF too)."""
+    ps, loss, train, test = _checkpoints(name, seed, C)
+    opts = dict(rtol=1e-13, max_iter=300) if solver == "cg" else {}
+    m = influence(loss, solver=solver, damping=0.5, relatif=relatif, **opts)
+    state = m.prepare(ps, [train])
+    assert len(state.states) == C
+    singles = [m.prepare(p, train) for p in ps]
+    ref = torch.stack([m.score(p, s, train, test) for p, s in zip(ps, singles, strict=True)]).mean(0)
+    ref_self = torch.stack([m.self_score(p, s, train) for p, s in zip(ps, singles, strict=True)]).mean(0)
+    torch.testing.assert_close(m.score(ps, state, train, test), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.self_score(ps, state, train), ref_self, rtol=1e-10, atol=1e-12)
+    top = m.score(ps, state, train, test, top_k=2)
+    torch.testing.assert_close(top.values, ref.topk(2, dim=0).values, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoint_list_errors():
+    """A list state with one dict, a dict state with a list, a wrong count: errors naming them."""
+    ps, loss, train, test = _checkpoints("linear", 0, 2)
+    m = influence(loss, solver="explicit", damping=0.1)
+    ens, one = m.prepare(ps, train), m.prepare(ps[0], train)
+    with pytest.raises(TypeError, match=r"if_explicit\(params=...\): expected the list of 2 "):
+        m.score(ps[0], ens, train, test)
+    with pytest.raises(TypeError, match=r"if_explicit\(state=...\): expected the "
+                                        r"InfluenceEnsembleState"):
+        m.score(ps, one, train, test)
+    with pytest.raises(ValueError, match=r"if_explicit\(params=...\): expected the 2 checkpoints"):
+        m.self_score(ps[:1], ens, train)
+    bad = dict(ps[1], w=torch.zeros(7, dtype=D))
+    with pytest.raises(ValueError, match=r"if_explicit\(params\[1\]=...\): expected the shapes"):
+        m.prepare([ps[0], bad], train)
+    with pytest.raises(TypeError, match=r"if_explicit\(params=...\): expected a params dict or"):
+        m.prepare("w", train)
+
+
+def _bce_mlp(seed, n=8):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(D)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=D))
+    x = torch.randn(n, 3, generator=g, dtype=D)
+    y = torch.randint(0, 2, (n,), generator=g)
+
+    def bce(out, target):  # one logit per example: [B, 1] -> [B]
+        return F.binary_cross_entropy_with_logits(out.squeeze(-1), target.to(out.dtype))
+
+    return functional_model(net, bce), (x, y)
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "hessian"])
+def test_binary_one_logit_matches_dense(curvature):
+    """One-logit BCE model: IF-explicit == G (C + damping I)^-1 G_t^T, C the dense GN / Hessian."""
+    fm, (x, y) = _bce_mlp(4)
+    train, test = (x, y), (x[:3], y[:3])
+
+    def loss(p, ex):
+        s = torch.func.functional_call(fm.module, p, (ex[0][None],))[0, 0]
+        return F.binary_cross_entropy_with_logits(s, ex[1].to(D))
+
+    G = dense_per_sample_grads(fm.params, loss, train)
+    if curvature == "hessian":
+        C = dense_hessian(fm.params, loss, train)
+    else:  # J^T sigma'(s) J averaged: the BCE output Hessian is p (1 - p)
+        from dattri_fn.tree import ravel
+
+        flat0, unravel = ravel(fm.params)
+        J = torch.stack([torch.func.jacrev(lambda f, xi=xi: torch.func.functional_call(
+            fm.module, unravel(f), (xi[None],))[0, 0])(flat0) for xi in x])
+        s = torch.func.functional_call(fm.module, fm.params, (x,))[:, 0]
+        w = torch.sigmoid(s) * torch.sigmoid(-s)
+        C = (J.T * w) @ J / x.shape[0]
+    ref = G @ torch.linalg.solve(C + 0.5 * torch.eye(C.shape[0], dtype=D), G[:3].T)
+    m = influence(fm, solver="explicit", damping=0.5, curvature=curvature)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Hessian of a tanh MLP may be indefinite
+        S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-11)

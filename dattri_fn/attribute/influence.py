@@ -8,11 +8,14 @@ first-order change of test loss ``j`` when training example ``i`` is up-weighted
 (Koh & Liang 2017, arXiv 1703.04730): positive = proponent. The curvature operator averages
 over all training batches (never a sum of per-batch inverses); the inverse is applied to the
 n_test test gradients once, and train gradients stream batch by batch.
+
+Options beyond Koh & Liang: a list of checkpoints as ``params`` (the mean of the per-checkpoint
+scores, each with its own curvature) and RelatIF's normalisations (``relatif="l"|"theta"``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -35,9 +38,10 @@ from ..linear_curvature import FactoredCurvatureError, linear_hessian, linear_ta
 from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
-from .method import Method, device_of, loss_and_plan
+from .method import Method, device_of, loss_and_plan, stack_checkpoints
 from .pipeline import collect, dtype_error, in_chunks, stream_scores, stream_self
 
+RELATIF = ("l", "theta")
 SOLVERS = ("explicit", "cg", "minres", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
 CURVATURES = ("gauss_newton", "hessian", "fisher")
 
@@ -49,6 +53,23 @@ class InfluenceState(NamedTuple):
 
     ihvp: LinOp
     factors: Any
+
+
+class InfluenceEnsembleState(NamedTuple):
+    """``states``: one :class:`InfluenceState` per checkpoint, in the order of the params list
+    given to ``prepare`` (each checkpoint has its own curvature and inverse)."""
+
+    states: tuple[InfluenceState, ...]
+
+
+def _relatif_scale(kind: str | None, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor | None:
+    """Return ``1 / n_i`` per row: ``n_i = sqrt|g_i^T Q_i|`` ("l") or ``|Q_i|`` ("theta"),
+    with ``Q_i = (C + damping I)^-1 g_i``; 0 where ``n_i = 0`` (a zero gradient scores 0).  # [B]"""
+    if kind is None:
+        return None
+    sq = (G * Q).sum(1).abs() if kind == "l" else (Q * Q).sum(1)
+    pos = sq > 0
+    return torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
 
 
 def _concat(train) -> Any:
@@ -84,8 +105,15 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
               curvature: str | Callable[[Params, Any], LinOp] | None = None,
               target: Loss | FunctionalModel | None = None, model=None, l2: float = 0.0,
               chunk_size: int | None = None, batch_rows: int | None = None,
-              **solver_options) -> Method:
+              relatif: str | None = None, **solver_options) -> Method:
     """Return the influence-function method with the given inverse-curvature backend.
+
+    ``params`` may be one params dict or a list of checkpoints (an ensemble: independently
+    trained models or one run's checkpoints, same keys and shapes): ``prepare`` builds one
+    inverse per checkpoint (an :class:`InfluenceEnsembleState`) and ``score``/``self_score``
+    return the MEAN of the per-checkpoint scores, ``(1/C) sum_c g_i(c)^T (C_c + damping I)^-1
+    g_j(c)``, streamed as one product over concatenated per-checkpoint features (``top_k``
+    ranks the mean).
 
     Args:
         loss: per-example loss ``loss(params, example) -> Tensor[]``, or a FunctionalModel
@@ -134,6 +162,16 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
+        relatif: None (plain influence) or RelatIF's normalisation of each training row
+            (Barshan et al. 2020): ``"l"`` divides ``s_ij`` by ``sqrt|g_i^T (C + damping I)^-1
+            g_i|`` (the train example's own influence on its loss; the absolute value keeps it
+            real where the curvature is indefinite), ``"theta"`` by ``|(C + damping I)^-1
+            g_i|`` (the length of its parameter change). A zero denominator scores 0. The
+            denominators take one more inverse application per training batch at every
+            ``score``/``self_score``; ``self_score`` stays the diagonal of ``score`` (with
+            ``"l"`` and the default target it is ``sqrt|g_i^T (C + damping I)^-1 g_i|``).
+            With a list of checkpoints each checkpoint's scores are normalised with its own
+            curvature, then averaged.
 
     Returns:
         ``Method(prepare, score, self_score)``; scores ``[n_train, n_test]``.
@@ -142,7 +180,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         Koh & Liang 2017 (arXiv 1703.04730); Schioppa et al. 2022 (Arnoldi, arXiv 2112.03052);
         Agarwal et al. 2017 (LiSSA, arXiv 1602.03943); Kwon et al. 2023 (DataInf, arXiv
         2310.00902); George et al. 2018 (EK-FAC, arXiv 1806.03884); Grosse et al. 2023
-        (arXiv 2308.03296).
+        (arXiv 2308.03296); Barshan, Brunet & Dziugaite 2020 (RelatIF, arXiv 2003.11630).
     """
     from ..solvers import Solver
 
@@ -157,6 +195,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)} or a "
                          f"dattri_fn.solvers value, got {solver!r}.")
     check_positive("influence", "damping", damping)
+    if relatif is not None and relatif not in RELATIF:
+        raise ValueError(f"influence(relatif=...): expected None, 'l' or 'theta', got {relatif!r}.")
     if curvature is None:
         curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)
                      and loss.loss_fn is not None else "hessian")
@@ -251,13 +291,26 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                       tapped=taps[key], batch_rows=rows)
         return inverse(factors, damping=damping)
 
-    def prepare(params: Params, train) -> InfluenceState:
+    def checkpoints(params) -> list[Params] | None:
+        """The list of checkpoints (validated alike), or None for one params dict."""
+        if isinstance(params, dict):
+            return None
+        if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
+            raise TypeError(f"{name}(params=...): expected a params dict or a non-empty list of "
+                            f"them (checkpoints), got {type(params).__name__}.")
+        stack_checkpoints(name, list(params))  # same keys and shapes, or an error naming one
+        return list(params)
+
+    def prepare(params, train) -> InfluenceState | InfluenceEnsembleState:
+        ckpts = checkpoints(params)
         train = iter_batches(name, "train", train)  # errors name train, not an inner call
         first = peek(train)
         if first is None:
             raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
         try:
-            return build(params, train)
+            if ckpts is None:
+                return build(params, train)
+            return InfluenceEnsembleState(tuple(build(p, train) for p in ckpts))
         except RuntimeError as err:
             clear = dtype_error(name, "train", first, err)
             if clear is None:
@@ -326,19 +379,68 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                              f"prepared with (P = {state.ihvp.dim}), got P = {P}. Prepare the "
                              f"state with these params.")
 
-    def score(params: Params, state: InfluenceState, train, test, *, top_k: int | None = None,
-              largest: bool = True):
-        _check_state(state, params)
-        device = device_of(params)
-        test_g = collect(grads(params, test=True), regrouped(name, "test", test, rows),
-                         device=device, func=name, arg="test")
-        return stream_scores(grads(params), regrouped(name, "train", train, rows),
-                             state.ihvp(test_g), top_k=top_k, largest=largest, func=name)
+    def pairs(params, state) -> list[tuple[Params, InfluenceState]]:
+        """``[(params_c, state_c)]`` for one checkpoint or an ensemble, checked against each
+        other."""
+        ckpts = checkpoints(params)
+        if ckpts is None:
+            if isinstance(state, InfluenceEnsembleState):
+                raise TypeError(f"{name}(params=...): expected the list of "
+                                f"{len(state.states)} checkpoints the InfluenceEnsembleState "
+                                "was prepared with, got one params dict.")
+            _check_state(state, params)
+            return [(params, state)]
+        if not isinstance(state, InfluenceEnsembleState):
+            raise TypeError(f"{name}(state=...): expected the InfluenceEnsembleState that "
+                            f"prepare returns for a list of checkpoints, got "
+                            f"{type(state).__name__}.")
+        if len(state.states) != len(ckpts):
+            raise ValueError(f"{name}(params=...): expected the {len(state.states)} "
+                             f"checkpoints the state was prepared with, got {len(ckpts)}.")
+        for p, st in zip(ckpts, state.states, strict=True):
+            _check_state(st, p)
+        return list(zip(ckpts, state.states, strict=True))
 
-    def self_score(params: Params, state: InfluenceState, train):
-        _check_state(state, params)
-        g, gt = grads(params), grads(params, test=True)
-        return stream_self(g, lambda b: state.ihvp(gt(b)), regrouped(name, "train", train, rows),
-                           device=device_of(params), func=name)
+    def train_side(ps):
+        """``batch -> [B, C P]``: per checkpoint ``g_i / C`` (RelatIF: also ``/ n_i``)."""
+        fns = [(grads(p), st.ihvp) for p, st in ps]
+        weight = 1.0 / len(ps)
+
+        def rows(b):
+            parts = []
+            for g, ihvp in fns:
+                G = g(b)
+                scale = _relatif_scale(relatif, G, ihvp(G))
+                if scale is not None:
+                    G = G * scale[:, None]
+                parts.append(G if len(fns) == 1 else G * weight)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+        return rows
+
+    def test_side(ps):
+        """``batch -> [B, C P]``: per checkpoint ``(C_c + damping I)^-1 g_j``."""
+        fns = [(grads(p, test=True), st.ihvp) for p, st in ps]
+
+        def rows(b):
+            parts = [ihvp(g(b)) for g, ihvp in fns]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+        return rows
+
+    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
+        ps = pairs(params, state)
+        # The inverse is applied to all n_test gradients at once: an iterative solver then
+        # passes over the training data once per iteration, not once per test batch.
+        parts = [st.ihvp(collect(grads(p, test=True), regrouped(name, "test", test, rows),
+                                 device=device_of(p), func=name, arg="test")) for p, st in ps]
+        test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return stream_scores(train_side(ps), regrouped(name, "train", train, rows), test_f,
+                             top_k=top_k, largest=largest, func=name)
+
+    def self_score(params, state, train):
+        ps = pairs(params, state)
+        return stream_self(train_side(ps), test_side(ps), regrouped(name, "train", train, rows),
+                           device=device_of(ps[0][0]), func=name)
 
     return Method(prepare, score, self_score, name)
