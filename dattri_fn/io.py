@@ -158,6 +158,72 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a locked temp path next to ``path``; on a clean exit it is fsynced and renamed over
+    ``path`` (atomic, as :func:`save`), on an exception removed.
+
+    For writers that need a file name rather than a file object (``numpy.lib.format.open_memmap``,
+    ``numpy.save`` on an opened file): whatever they write under the yielded name becomes
+    ``path`` all at once or not at all. The temp file follows :func:`save`'s naming and locking,
+    so a killed writer's leftover is removed by the next save, load or :func:`clean_temps`.
+
+    Raises:
+        TypeError: ``path`` is not a str or PathLike.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg("atomic_path", "path", "a str or os.PathLike", type(path).__name__))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmps(path)
+    fd, tmp = _create_tmp(path)
+    try:
+        yield tmp
+        os.fsync(fd)  # the inode's pages, whichever descriptor the writer used
+        if fcntl is not None:
+            os.replace(tmp, path)  # renamed while locked, as in save
+        else:
+            os.close(fd)
+            fd = None
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    _fsync_dir(path.parent)
+
+
+def clean_temps(directory: str | os.PathLike) -> int:
+    """Remove every temp file in ``directory`` left by a killed :func:`save` or
+    :func:`atomic_path` (of any target) that no live writer holds; return how many went.
+
+    ``save``/``load`` clean only their own target's leftovers, so a target never written again
+    kept its temp files; a store (:mod:`dattri_fn.store`) calls this on every resume.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(_msg("clean_temps", "directory", "a str or os.PathLike",
+                             type(directory).__name__))
+    directory = Path(directory)
+    try:
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        # ".<target>.<8 random chars>.tmp": only our own temp names, never a user's file.
+        stem = name[1:-len(".tmp")]
+        target, _, token = stem.rpartition(".")
+        if target and _TMP_RANDOM.fullmatch(token):
+            removed += _remove_if_unlocked(directory / name)
+    if removed:
+        _CLEAN_DIRS.pop(_dir_stamp(directory)[0], None)
+    return removed
+
+
 def _create_tmp(path: Path) -> tuple[int, Path]:
     """Return ``(fd, name)`` of a new temp file for ``path``, locked for writing."""
     for _ in range(100):
@@ -216,27 +282,31 @@ def _remove_stale_tmps(path: Path) -> bool:
     return True
 
 
-def _remove_if_unlocked(tmp: Path) -> None:
+def _remove_if_unlocked(tmp: Path) -> bool:
     if fcntl is None:
         # Windows refuses to delete a file its writer still holds open (only in the instant
         # between its close and its rename can a cleaner win; that save then raises).
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
-        return
+        except OSError:
+            return False
+        return True
     try:
         fd = os.open(tmp, os.O_RDWR | _OPEN_FLAGS)  # RDWR: NFS emulates flock by write locks
     except OSError:
-        return
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # Locked: its writer is gone. The name is checked again: a finished save renames its
         # temp away before unlocking it.
         if os.path.samestat(os.fstat(fd), os.stat(tmp)):
             os.unlink(tmp)
+            return True
     except OSError:  # BlockingIOError: a live save holds it
         pass
     finally:
         os.close(fd)
+    return False
 
 
 def _fsync_dir(directory: Path) -> None:

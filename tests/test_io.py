@@ -221,3 +221,47 @@ def stuck(obj, f, *args, **kwargs):
 torch.save = stuck
 io.save({"x": torch.zeros(3)}, sys.argv[1])
 """
+
+
+# -- temp files of targets never written again; atomic_path ----------------------------
+def test_clean_temps_removes_every_targets_leftovers_only(tmp_path):
+    """clean_temps removes the unlocked temp files of every target (a target never saved again
+    kept them before) and nothing that is not one of our temp names."""
+    leftovers = [LEFTOVER, ".other.pt.ab12cd_9.tmp", ".shard-000003.npy.zz99aa__.tmp"]
+    keep = [".obj.pt.tmp", ".obj.pt.ab12cd9.tmp", ".obj.pt.AB12CD_9.tmp", "obj.pt.ab12cd_9.tmp",
+            ".obj.pt.ab12cd_9.tmp.keep", ".ab12cd_9.tmp", "notes.txt"]
+    for name in leftovers + keep:
+        (tmp_path / name).write_bytes(b"partial")
+    assert io.clean_temps(tmp_path) == len(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert io.clean_temps(tmp_path / "missing") == 0
+    with pytest.raises(TypeError, match=r"clean_temps\(directory=...\): expected a str"):
+        io.clean_temps(3)
+
+
+@posix_only
+def test_clean_temps_keeps_a_live_writers_temp(tmp_path):
+    """A temp whose writer holds its flock survives clean_temps until released."""
+    tmp = tmp_path / LEFTOVER
+    with open(tmp, "wb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert io.clean_temps(tmp_path) == 0 and tmp.exists()
+    assert io.clean_temps(tmp_path) == 1 and not tmp.exists()
+
+
+def test_atomic_path_renames_on_success_removes_on_error(tmp_path):
+    """atomic_path: the target appears whole on a clean exit; an exception leaves the old file
+    and no temp."""
+    path = tmp_path / "a.bin"
+    with io.atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".a.bin.") and not path.exists()
+        tmp.write_bytes(b"first")
+    assert path.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="stop"), io.atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("stop")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    with pytest.raises(TypeError, match=r"atomic_path\(path=...\): expected a str"):
+        with io.atomic_path(None):
+            pass

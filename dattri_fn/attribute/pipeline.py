@@ -79,10 +79,15 @@ def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
 
     Args:
         feature_fn: ``batch -> [b, F]`` (or ``[C, b, F]``).
-        data: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
+        data: one Batch or a re-iterable of Batches (a shard list, a DataLoader), a
+            :class:`~dattri_fn.store.FeatureStore` (its rows returned) or a
+            :class:`~dattri_fn.store.StoreRecording` (built first, resuming).
         device: where each batch is moved first; None leaves batches where they are.
         func, arg: the public call and argument that errors name (``func(arg=...)``).
     """
+    data = from_store(func, feature_fn, data, device)
+    if _is_store(data):
+        return data.read() if device is None else data.read().to(device)
     blocks = []
     for batch in iter_batches(func, arg, data):
         batch_size(func, arg, batch)
@@ -151,6 +156,56 @@ def row_dots(train_rows, test_rows) -> Tensor:
     return diag if diag.ndim == 1 else diag.sum(0)
 
 
+def from_store(func: str, feature_fn: FeatureFn, train, device=None):
+    """``train`` as given, or a :class:`~dattri_fn.store.FeatureStore` when it is one or a
+    :class:`~dattri_fn.store.StoreRecording` (built now with ``feature_fn``, resuming)."""
+    from ..store import StoreRecording, build_store
+
+    if isinstance(train, StoreRecording):
+        return build_store(train.path, feature_fn, train.data, params=None, config=train.config,
+                           shard_rows=train.shard_rows, device=device,
+                           block_rows=train.block_rows, func=func, _params_hash=train.params_hash)
+    return train
+
+
+def _is_store(train) -> bool:
+    from ..store import FeatureStore
+
+    return isinstance(train, FeatureStore)
+
+
+def _train_blocks(func: str, train_features: FeatureFn, train, device):
+    """Yield ``(features, rows)`` per train batch, or per block of a store."""
+    if _is_store(train):
+        for block in train.blocks(device):
+            yield block, block.shape[-2] if train.manifest["layout"] == "stacked" else block.shape[0]
+        return
+    for batch in iter_batches(func, "train", train):
+        b = batch_size(func, "train", batch)
+        if device is not None:
+            batch = batch_to(batch, device)
+        yield features(func, "train", train_features, batch), b
+
+
+def _dense_test(func: str, train, test_features):
+    """Test features a store's dense rows can multiply: structured rows made dense, widths
+    checked (a store of another method or projection is caught here, not by a matmul)."""
+    if not isinstance(test_features, Tensor):
+        if not hasattr(test_features, "to_dense"):
+            raise TypeError(_msg(func, "train", "a store only for methods with Tensor test "
+                                 "features (or rows with to_dense())", type(test_features).__name__))
+        test_features = test_features.to_dense()
+    want = train.manifest.get("row_shape", [None])[-1]
+    if want is not None and test_features.shape[-1] != want:
+        raise ValueError(_msg(func, "train", f"a store of features as wide as the test features "
+                              f"({test_features.shape[-1]})", f"a store of width {want}",
+                              "It was built by another method or projection."))
+    if train.dtype != test_features.dtype:
+        raise TypeError(_msg(func, "train", f"a store of {test_features.dtype} features, as the "
+                             f"test features", f"{train.dtype}"))
+    return test_features
+
+
 def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
                   top_k: int | None = None, largest: bool = True,
                   func: str = "stream_scores") -> Tensor | TopK:
@@ -159,27 +214,49 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
     Each training batch is moved to ``test_features``' device (of its first tensor: a Tensor, a
     ``LayerGrads``...) before its features are taken.
 
+    ``train`` may be a :class:`~dattri_fn.store.FeatureStore`: its rows are ``T``, read in blocks
+    of its ``block_rows`` (no training data is read; peak memory ``block_rows x (F + n_test)``),
+    and with its ``out`` set the full matrix is written there as a ``.npy`` memmap, finalised
+    atomically, and returned memory-mapped. A :class:`~dattri_fn.store.StoreRecording` builds
+    that store first (resuming a killed build) with ``train_features``.
+
     Args:
         train_features: ``batch -> [b, F]``, or ``[C, b, F]`` for an ensemble (summed over C).
-        train: one Batch or a re-iterable of Batches (a shard list, a DataLoader).
+        train: one Batch, a re-iterable of Batches (a shard list, a DataLoader), a FeatureStore
+            or a StoreRecording.
         test_features: ``[n_test, F]`` (or ``[C, n_test, F]``), already preconditioned.
         top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
         func: the public caller's name, for error messages (``func(train=...)``).
     """
     check_optional_int(func, "top_k", top_k)
     device = next((t.device for t in tree_leaves(test_features) if isinstance(t, Tensor)), None)
+    train = from_store(func, train_features, train, device)
+    store = _is_store(train)
+    if store:
+        test_features = _dense_test(func, train, test_features)
     # A countable train set's [n_train, n_test] is written in place: concatenating the blocks
     # at the end would hold the result twice.
-    total = count_rows(func, "train", train, check=False) if top_k is None else None
+    if top_k is not None:
+        total = None
+    elif store:
+        total = train.n_rows
+    else:
+        total = count_rows(func, "train", train, check=False)
+
+    def score_blocks():
+        for feats, b in _train_blocks(func, train_features, train, device):
+            block = block_scores(feats, test_features)
+            if block.shape[0] != b:
+                raise ValueError(f"{func}(train=...): expected the train feature map to give one "
+                                 f"row per example ({b}), got {block.shape[0]}.")
+            yield block
+
+    if store and top_k is None and train.out is not None:
+        from ..store import scores_file
+
+        return scores_file(train.out, total, score_blocks())
     blocks, out, best, offset = [], None, None, 0
-    for batch in iter_batches(func, "train", train):
-        b = batch_size(func, "train", batch)
-        if device is not None:
-            batch = batch_to(batch, device)
-        block = block_scores(features(func, "train", train_features, batch), test_features)
-        if block.shape[0] != b:
-            raise ValueError(f"{func}(train=...): expected the train feature map to give one row "
-                             f"per example ({b}), got {block.shape[0]}.")
+    for block in score_blocks():
         if top_k is not None:
             best = merge_topk(best, block, offset, top_k, largest)
         elif total is not None:
@@ -203,6 +280,13 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
     ``device``: where each batch is moved first (None: left where it is); ``func`` names the
     public call in errors.
     """
+    from ..store import FeatureStore, StoreRecording
+
+    if isinstance(train, (FeatureStore, StoreRecording)):
+        # The diagonal needs each train example under the test-side map too; a store holds
+        # only the train side.
+        raise TypeError(_msg(func, "train", "the training data (self-scores need the examples "
+                             "themselves)", type(train).__name__))
     out = []
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)

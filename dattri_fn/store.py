@@ -1,0 +1,443 @@
+"""Feature stores: per-example features on disk, written shard by shard, resumable after a kill.
+
+A store is a directory::
+
+    manifest.json        request (config, params hash, dtype, row shape) + the committed shards
+    shard-000000.npy     rows [0, n_0) of the features, a plain .npy read back memory-mapped
+    shard-000001.npy     rows [n_0, n_0 + n_1) ...
+
+Every attributor reduces to ``scores = T P^T`` (:mod:`dattri_fn.attribute.pipeline`); a store
+holds ``T``, the train-side features, so a later run with new test points reads no training
+data: pass the store where the method takes ``train``.
+
+Crash safety. Each shard is written to a locked temp file, fsynced and renamed
+(:func:`dattri_fn.io.atomic_path`); then the manifest, listing it, is replaced the same way. The
+manifest is the commit record: a shard file it does not list (a kill between the two renames)
+is recomputed. A resumed :func:`build_store` first removes every temp file no live writer holds
+(:func:`dattri_fn.io.clean_temps`), re-reads the data (hashing it, without computing features)
+up to the last committed shard and continues from there, so the finished store is bit-identical
+to one written without interruption (features of a shard depend only on its rows).
+
+Refusal. A store records what produced it: the caller's ``config`` (method, projection
+dimension, seed...), a SHA-256 of the params (names, dtypes, shapes, bytes), the SHA-256 of
+every shard's input rows (the data and its order), the features' dtype and row shape, the
+shard size, and the library, torch and numpy versions. Resuming or opening it with a request
+that differs in any of these raises a ValueError naming the field, never a silent reuse.
+
+A store written by several ranks (:mod:`dattri_fn.distributed`) is a directory of parts, one
+per rank, with a manifest listing them; it reads as their concatenation in rank order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import (
+    _msg,
+    batch_leaves,
+    batch_size,
+    batch_to,
+    check_int,
+    check_optional_int,
+    iter_batches,
+    regroup,
+)
+from .io import atomic_path, clean_temps
+
+FORMAT = "dattri_fn.store/1"
+MANIFEST = "manifest.json"
+# Rows per block when a store is streamed: ``block_rows x F`` values are in memory at a time.
+BLOCK_ROWS = 4096
+
+__all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
+           "params_hash", "batch_hash", "FORMAT"]
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dattri_fn")
+    except Exception:  # not installed (a source checkout on sys.path)
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    return {"dattri_fn": _version(), "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _update_tensor(h, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{list(t.shape)}".encode())
+    # bytes of the storage as it lies: bit-exact, dtype-agnostic (bfloat16 has no numpy view)
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def params_hash(params) -> str:
+    """Return the SHA-256 (hex) of a params dict, or of a list of them, in key order.
+
+    Names, dtypes, shapes and the exact bytes enter; any change of a weight changes it.
+    """
+    h = hashlib.sha256()
+    for p in params if isinstance(params, (list, tuple)) else [params]:
+        if not isinstance(p, Mapping):
+            raise TypeError(_msg("params_hash", "params", "a dict[str, Tensor] or a list of them",
+                                 type(p).__name__))
+        for k, v in p.items():
+            h.update(str(k).encode() + b"\0")
+            _update_tensor(h, torch.as_tensor(v))
+    return h.hexdigest()
+
+
+def batch_hash(batch) -> str:
+    """Return the SHA-256 (hex) of a Batch's leaves (dtype, shape, bytes), in order."""
+    h = hashlib.sha256()
+    for t in batch_leaves(batch):
+        _update_tensor(h, t)
+    return h.hexdigest()
+
+
+def _canonical(config) -> dict:
+    """``config`` as JSON would give it back (tuples -> lists), refusing what JSON cannot hold."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise TypeError(_msg("build_store", "config", "a dict of JSON values (method, proj_dim, "
+                             "seed...)", type(config).__name__))
+    try:
+        return json.loads(json.dumps(dict(config), sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise TypeError(_msg("build_store", "config", "JSON-serialisable values", str(err))) from err
+
+
+class StoreRecording(NamedTuple):
+    """A request to build a store while scoring: pass it as ``train`` to any attributor.
+
+    The pipeline (:func:`~dattri_fn.attribute.pipeline.stream_scores`, ``collect``) computes
+    the train features of ``data`` with the attributor's own feature map, writes them to
+    ``path`` shard by shard (resuming a killed run) and scores from the store.
+    """
+
+    path: str
+    data: Any
+    params_hash: str
+    config: dict
+    shard_rows: int | None
+    block_rows: int
+
+
+def record_store(path: str | os.PathLike, data, *, params, config: Mapping | None = None,
+                 shard_rows: int | None = None, block_rows: int = BLOCK_ROWS) -> StoreRecording:
+    """Return a :class:`StoreRecording` of ``data``'s train features into ``path``.
+
+    Args:
+        path: the store directory (created; an existing store there is resumed or refused).
+        data: the training data, one Batch or a re-iterable of Batches, in a fixed order.
+        params: the params (or list of checkpoints) the features are taken at; hashed.
+        config: what else determines the features: method name, proj_dim, seed... (JSON).
+        shard_rows: merge consecutive batches into shards of at least this many rows (None:
+            one shard per batch); a shard is the unit of resume.
+        block_rows: rows per block when scoring from the store (bounds memory).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg("record_store", "path", "a str or os.PathLike", type(path).__name__))
+    check_optional_int("record_store", "shard_rows", shard_rows)
+    check_int("record_store", "block_rows", block_rows)
+    return StoreRecording(os.fspath(path), data, params_hash(params), _canonical(config),
+                          shard_rows, block_rows)
+
+
+class FeatureStore(NamedTuple):
+    """A complete store opened for reading: ``n_rows`` feature rows in shards.
+
+    Fields:
+        path: the store directory.
+        manifest: its manifest (the request and the shards).
+        shards: ``(file, rows)`` per shard, in row order (over every part of a sharded store).
+        block_rows: rows per block when streamed (bounds memory: ``block_rows x F`` values).
+        out: where the pipeline writes the full ``[n_train, n_test]`` scores (a ``.npy``
+            memmap, finalised atomically), or None to return them in memory.
+    """
+
+    path: str
+    manifest: dict
+    shards: tuple[tuple[str, int], ...]
+    block_rows: int = BLOCK_ROWS
+    out: str | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return sum(r for _, r in self.shards)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest["dtype"])
+
+    def blocks(self, device=None) -> Iterator[Tensor]:
+        """Yield the features in row order, at most ``block_rows`` rows a block.
+
+        A block is ``[b, *row_shape]``, or ``[C, b, F]`` for a store of stacked (ensemble)
+        features, as the feature map gave them; each is a copy, so the memory-mapped shard
+        is never written through.
+        """
+        stacked = self.manifest["layout"] == "stacked"
+        for file, rows in self.shards:
+            arr = np.load(file, mmap_mode="r")
+            if arr.shape[0] != rows:
+                raise ValueError(_msg("FeatureStore", "path", f"{rows} rows in {file} as the "
+                                      "manifest lists", f"{arr.shape[0]}",
+                                      "The store was altered; rebuild it."))
+            for s in range(0, rows, self.block_rows):
+                block = torch.from_numpy(np.array(arr[s:s + self.block_rows]))
+                if stacked:
+                    block = block.transpose(0, 1)  # stored [b, C, F] -> [C, b, F]
+                yield block if device is None else block.to(device)
+
+    def read(self) -> Tensor:
+        """Return every row at once (``[n, *row_shape]`` or ``[C, n, F]``): small stores only."""
+        blocks = list(self.blocks())
+        return torch.cat(blocks, dim=1 if self.manifest["layout"] == "stacked" else 0)
+
+
+def _load_manifest(func: str, path: Path) -> dict | None:
+    try:
+        with open(path / MANIFEST) as f:
+            man = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ValueError(_msg(func, "path", f"a readable store manifest at {path / MANIFEST}",
+                              str(err))) from err
+    if man.get("format") != FORMAT:
+        raise ValueError(_msg(func, "path", f"a store of format {FORMAT!r}",
+                              f"{man.get('format')!r} at {path}"))
+    return man
+
+
+def _write_manifest(path: Path, man: dict) -> None:
+    with atomic_path(path / MANIFEST) as tmp, open(tmp, "w") as f:
+        json.dump(man, f, indent=1, sort_keys=True)
+
+
+def _check_request(func: str, man: dict, request: Mapping, *, arg_of: Mapping[str, str]) -> None:
+    """Raise naming the first field of ``request`` that the manifest ``man`` does not match."""
+    for field, want in request.items():
+        have = man.get(field)
+        if field == "config":
+            keys = sorted(set(have or {}) | set(want))
+            for k in keys:
+                if (have or {}).get(k, "<absent>") != want.get(k, "<absent>"):
+                    raise ValueError(_msg(func, "config", f"the store's config[{k!r}] = "
+                                          f"{(have or {}).get(k, '<absent>')!r}",
+                                          f"config[{k!r}] = {want.get(k, '<absent>')!r}",
+                                          "Use a new path, or the request the store was built "
+                                          "with."))
+        elif have != want:
+            raise ValueError(_msg(func, arg_of.get(field, field), f"the store's {field} = "
+                                  f"{have!r}", f"{want!r}", "The store was built for another "
+                                  "request; use a new path."))
+
+
+def _stack_layout(feats) -> tuple[str, np.ndarray]:
+    """Features of one shard as ``(layout, [b, ...] array)``; ``[C, b, F]`` stored as ``[b, C, F]``."""
+    if not isinstance(feats, Tensor):
+        if not hasattr(feats, "to_dense"):
+            raise TypeError(_msg("build_store", "feature_fn", "Tensor features (or structured "
+                                 "rows with to_dense())", type(feats).__name__))
+        feats = feats.to_dense()
+        layout = "stacked"
+    else:
+        layout = "stacked" if feats.ndim == 3 else "rows"
+    feats = feats.detach().cpu()
+    if layout == "stacked":
+        feats = feats.transpose(0, 1)
+    return layout, np.ascontiguousarray(feats.numpy())
+
+
+def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
+                config: Mapping | None = None, shard_rows: int | None = None, device=None,
+                block_rows: int = BLOCK_ROWS, func: str = "build_store",
+                _params_hash: str | None = None) -> FeatureStore:
+    """Return the complete store of ``feature_fn`` over ``data`` at ``path``, resuming a partial one.
+
+    ``T = cat_s feature_fn(shard_s)``  # [n, F] (or [C, n, F]) on disk, shard by shard
+
+    Args:
+        path: the store directory; created if missing.
+        feature_fn: ``batch -> [b, F]`` (``[C, b, F]``, or rows with ``to_dense()``).
+        data: one Batch or a re-iterable of Batches in a fixed order.
+        params: the params the features are taken at (hashed into the manifest).
+        config: what else determines the features (method, proj_dim, seed...; JSON values).
+        shard_rows: merge consecutive batches into shards of at least this many rows (None:
+            one shard per batch).
+        device: where each shard's batch is moved before ``feature_fn`` (None: left as is).
+        block_rows: rows per block when the returned store is streamed.
+
+    Returns:
+        The :class:`FeatureStore`.
+
+    Raises:
+        ValueError: the directory holds a store of another request (config key, params hash,
+            shard_rows, dtype, row shape, versions) or of other data (a shard's rows hash
+            differently, or there are fewer rows), naming the field.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg(func, "path", "a str or os.PathLike", type(path).__name__))
+    check_optional_int(func, "shard_rows", shard_rows)
+    check_int(func, "block_rows", block_rows)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    clean_temps(path)
+    request = {"format": FORMAT, "kind": "features",
+               "params_hash": _params_hash or params_hash(params),
+               "config": _canonical(config), "shard_rows": shard_rows,
+               "versions": _versions()}
+    man = _load_manifest(func, path)
+    if man is None:
+        man = dict(request, shards=[], complete=False)
+        _write_manifest(path, man)
+    else:
+        _check_request(func, man, request, arg_of={"params_hash": "params",
+                                                  "shard_rows": "shard_rows"})
+    done = man["shards"]
+    s = 0
+    for batch in regroup(iter_batches(func, "data", data), shard_rows, func):
+        rows = batch_size(func, "data", batch)
+        digest = batch_hash(batch)
+        if s < len(done):
+            if done[s]["data_hash"] != digest or done[s]["rows"] != rows:
+                raise ValueError(_msg(func, "data", f"the rows of shard {s} as the store holds "
+                                      f"them ({done[s]['rows']} rows, hash "
+                                      f"{done[s]['data_hash'][:12]})",
+                                      f"{rows} rows hashing to {digest[:12]}",
+                                      "The data or its order changed; use a new path."))
+            s += 1
+            continue
+        if man["complete"]:
+            raise ValueError(_msg(func, "data", f"the store's {len(done)} shards "
+                                  f"({sum(d['rows'] for d in done)} rows)", "more rows",
+                                  "The data changed; use a new path."))
+        if device is not None:
+            batch = batch_to(batch, device)
+        from .attribute.pipeline import features
+
+        layout, arr = _stack_layout(features(func, "data", feature_fn, batch))
+        if arr.shape[0] != rows:
+            raise ValueError(_msg(func, "feature_fn", f"one row per example ({rows})",
+                                  f"{arr.shape[0]}"))
+        meta = {"layout": layout, "dtype": str(arr.dtype), "row_shape": list(arr.shape[1:])}
+        if "layout" in man:
+            _check_request(func, man, meta, arg_of={k: "feature_fn" for k in meta})
+        else:
+            man.update(meta)
+        name = f"shard-{s:06d}.npy"
+        with atomic_path(path / name) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+        done.append({"file": name, "rows": rows, "data_hash": digest})
+        _write_manifest(path, man)
+        s += 1
+    if s == 0:
+        raise ValueError(f"{func}(data=...): expected at least one batch, got an empty iterable.")
+    if s < len(done):
+        raise ValueError(_msg(func, "data", f"the store's {len(done)} shards "
+                              f"({sum(d['rows'] for d in done)} rows)", f"{s} shards",
+                              "The data changed; use a new path."))
+    if not man["complete"]:
+        h = hashlib.sha256("".join(d["data_hash"] for d in done).encode())
+        man.update(complete=True, n_rows=sum(d["rows"] for d in done), data_hash=h.hexdigest())
+        _write_manifest(path, man)
+    return _opened(path, man, block_rows, None)
+
+
+def _opened(path: Path, man: dict, block_rows: int, out) -> FeatureStore:
+    if "parts" in man:
+        shards, first = [], None
+        for part in man["parts"]:
+            sub = _load_manifest("open_store", path / part)
+            if sub is None or not sub.get("complete"):
+                raise ValueError(_msg("open_store", "path", f"a complete part {part!r}",
+                                      "a missing or partial one", "Rerun the writing ranks."))
+            shards += [(str(path / part / d["file"]), d["rows"]) for d in sub["shards"]]
+            first = first or sub
+        man = dict(first, **{k: v for k, v in man.items() if k != "shards"})
+    else:
+        shards = [(str(path / d["file"]), d["rows"]) for d in man["shards"]]
+    return FeatureStore(str(path), man, tuple(shards), block_rows,
+                        None if out is None else os.fspath(out))
+
+
+def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None = None,
+               block_rows: int = BLOCK_ROWS, out: str | os.PathLike | None = None) -> FeatureStore:
+    """Return the complete store at ``path``, refusing one built for another request.
+
+    Args:
+        path: a store directory written by :func:`build_store` (or by several ranks).
+        params: if given, must hash as the params the store was built at.
+        config: if given, must equal the store's config key by key.
+        block_rows: rows per block when streamed (bounds memory).
+        out: where the pipeline writes the full ``[n_train, n_test]`` scores as a ``.npy``
+            memmap (finalised atomically; returned memory-mapped), or None for memory.
+
+    Raises:
+        FileNotFoundError: no store at ``path``.
+        ValueError: an incomplete store, or one whose params hash or config differs (named).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg("open_store", "path", "a str or os.PathLike", type(path).__name__))
+    check_int("open_store", "block_rows", block_rows)
+    path = Path(path)
+    man = _load_manifest("open_store", path)
+    if man is None:
+        raise FileNotFoundError(_msg("open_store", "path", "a store directory with a manifest",
+                                     repr(str(path))))
+    if not man.get("complete") and "parts" not in man:
+        raise ValueError(_msg("open_store", "path", "a complete store",
+                              f"one with {len(man['shards'])} committed shards",
+                              "Resume it with build_store (or score with a record_store)."))
+    request = {}
+    if params is not None:
+        request["params_hash"] = params_hash(params)
+    if config is not None:
+        request["config"] = _canonical(config)
+    _check_request("open_store", man, request, arg_of={"params_hash": "params"})
+    return _opened(path, man, block_rows, out)
+
+
+def write_parts_manifest(path: str | os.PathLike, parts: list[str], *, params_hash_: str,
+                         config: Mapping | None) -> None:
+    """Write the manifest of a store made of ``parts`` (sub-directories, in row order)."""
+    man = {"format": FORMAT, "kind": "features", "parts": list(parts), "complete": True,
+           "params_hash": params_hash_, "config": _canonical(config), "shards": []}
+    _write_manifest(Path(path), man)
+
+
+def scores_file(out: str | os.PathLike, n_rows: int, blocks: Iterator[Tensor]) -> Tensor:
+    """Write score blocks (``[b, n_test]`` in row order) into ``out`` as an ``[n_rows, n_test]``
+    ``.npy`` memmap, renamed into place only when complete; return it memory-mapped
+    (copy-on-write: editing the tensor never changes the file)."""
+    out = Path(out)
+    mm, offset = None, 0
+    with atomic_path(out) as tmp:
+        for block in blocks:
+            block = block.detach().cpu()
+            if mm is None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=block.numpy().dtype,
+                                               shape=(n_rows, block.shape[1]))
+            mm[offset:offset + block.shape[0]] = block.numpy()
+            offset += block.shape[0]
+        if mm is None or offset != n_rows:
+            raise ValueError(_msg("scores_file", "blocks", f"{n_rows} rows", f"{offset}"))
+        mm.flush()
+        del mm
+    return torch.from_numpy(np.load(out, mmap_mode="c"))
