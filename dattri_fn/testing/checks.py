@@ -1,0 +1,484 @@
+"""Contract checks: one call each, raising ``AssertionError`` naming the property and worst case.
+
+    check_linop(op)                 a curvature operator ``[k, P] -> [k, P]``
+    check_inverse(solver)           ``solver(op, damping=...) -> V -> (op + damping I)^-1 V``
+    check_projector(make)           ``make(dim, proj_dim, seed) -> X -> X R``, ``[B, P] -> [B, d]``
+    check_method(method, problem)   an attribution ``Method(prepare, score, self_score, name)``
+
+Every message reads ``"<check>(<name>): <property> violated: <worst case>"``, so a failing
+property test says what broke and where without a debugger. Tolerances are relative to the
+magnitude of the compared values and are arguments with stated defaults; ``default_rtol``
+gives the one used when none is passed: 1e-10 in float64, 1e-4 in float32, 1e-2 in 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .._types import LinOp, as_linop
+from .problems import (
+    DTYPE,
+    MATRICES,
+    Problem,
+    exact_loo,
+    indefinite_matrix,
+    psd_matrix,
+)
+
+__all__ = ["check_inverse", "check_linop", "check_method", "check_projector", "default_rtol",
+           "jl_d_eff"]
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of an exact computation in ``dtype``."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-4
+    return 1e-2
+
+
+def _fail(check: str, name: str, prop: str, detail: str):
+    raise AssertionError(f"{check}({name}): {prop} violated: {detail}")
+
+
+def _where(index: tuple[int, ...], labels: Sequence[str]) -> str:
+    return ", ".join(f"{lab} {i}" for lab, i in zip(labels, index, strict=False))
+
+
+def _assert_close(check: str, name: str, prop: str, got: Tensor, want: Tensor, rtol: float,
+                  labels: Sequence[str] = ("row", "col"), scale: float | None = None) -> None:
+    """``|got - want| <= rtol * scale`` entrywise, ``scale`` = the largest magnitude of either."""
+    if got.shape != want.shape:
+        _fail(check, name, prop, f"shape {list(got.shape)}, expected {list(want.shape)}")
+    got64, want64 = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if not bool(torch.isfinite(got64).all()):
+        idx = tuple(int(i) for i in (~torch.isfinite(got64)).nonzero()[0])
+        _fail(check, name, prop, f"non-finite value at {_where(idx, labels)}")
+    if scale is None:
+        scale = max(float(want64.abs().max()) if want64.numel() else 0.0,
+                    float(got64.abs().max()) if got64.numel() else 0.0)
+    err = (got64 - want64).abs()
+    tol = rtol * max(scale, 1e-300)
+    if err.numel() and float(err.max()) > tol:
+        flat = int(err.argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+        _fail(check, name, prop,
+              f"worst at {_where(idx, labels)}: {float(got64[idx]):.6g} vs {float(want64[idx]):.6g} "
+              f"(|diff| {float(err[idx]):.2e} > {rtol:.0e} x scale {scale:.3g})")
+
+
+def _randn(seed: int, *shape, dtype=DTYPE, device="cpu") -> Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _name(obj, fallback: str) -> str:
+    name = getattr(obj, "name", None)
+    if isinstance(name, str):
+        return name
+    return getattr(obj, "__name__", fallback)
+
+
+# -- operators ------------------------------------------------------------------------------------
+def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetric: bool = True,
+                k: int = 3, seed: int = 0, rtol: float | None = None,
+                name: str | None = None) -> None:
+    """Check the LinOp contract of ``op`` on ``k`` seeded random rows.
+
+    Properties: the output has the input's shape, dtype and device and is finite; rows are
+    independent (``op(V)[i] == op(V[i:i+1])[0]``, ``op(v) == op(v[None])[0]``); linearity
+    (``op(a U + b V) == a op(U) + b op(V)``); determinism (a second call is bitwise equal);
+    symmetry ``<u, A v> == <A u, v>`` (unless ``symmetric=False``); ``op.dense()`` applied to
+    the rows equals ``op`` and, with ``reference`` (a dense ``[P, P]``), equals it.
+
+    Args:
+        op: a :class:`~dattri_fn.LinOp` or a dense ``[P, P]`` tensor.
+        reference: the dense matrix ``op`` should equal, e.g. :func:`dense_hessian`.
+        rtol: relative to the largest magnitude compared (default :func:`default_rtol`).
+
+    Raises:
+        AssertionError: naming the violated property and the worst row/entry.
+    """
+    check = "check_linop"
+    op = as_linop(op) if isinstance(op, Tensor) else op
+    if not isinstance(op, LinOp):
+        raise TypeError(f"check_linop(op=...): expected a LinOp or a [P, P] tensor, got "
+                        f"{type(op).__name__}.")
+    name = name or _name(op, "op")
+    P, dtype, device = op.dim, op.dtype, op.device
+    rtol = default_rtol(dtype) if rtol is None else rtol
+    V = _randn(seed, k, P, dtype=dtype, device=device)
+    U = _randn(seed + 1, k, P, dtype=dtype, device=device)
+    out = op(V)
+    if not isinstance(out, Tensor):
+        _fail(check, name, "output is a Tensor", f"got {type(out).__name__}")
+    if tuple(out.shape) != (k, P):
+        _fail(check, name, "shape [k, P] -> [k, P]", f"got {list(out.shape)} for [{k}, {P}]")
+    if out.dtype != V.dtype or out.device != V.device:
+        _fail(check, name, "dtype/device follow the input",
+              f"got {out.dtype} on {out.device} for {V.dtype} on {V.device}")
+    if not bool(torch.isfinite(out).all()):
+        _fail(check, name, "finite output", "NaN or inf for finite input")
+    rows = torch.cat([op(V[i : i + 1]) for i in range(k)])
+    _assert_close(check, name, "row batching op(V)[i] == op(V[i:i+1])[0]", rows, out, rtol)
+    vec = op(V[0])
+    if tuple(vec.shape) != (P,):
+        _fail(check, name, "a [P] vector maps to a [P] vector", f"got {list(vec.shape)}")
+    _assert_close(check, name, "vector form op(v) == op(v[None])[0]", vec[None], out[:1], rtol)
+    a, b = 0.7, -1.3
+    _assert_close(check, name, "linearity op(aU + bV) == a op(U) + b op(V)", op(a * U + b * V),
+                  a * op(U) + b * out, rtol)
+    again = op(V)
+    if not torch.equal(again, out):
+        diff = float((again - out).abs().max())
+        _fail(check, name, "determinism (a second call is bitwise equal)", f"max |diff| {diff:.2e}")
+    if symmetric:
+        _assert_close(check, name, "symmetry <u_i, A v_j> == <A u_i, v_j>", U @ out.T,
+                      op(U) @ V.T, rtol, labels=("u", "v"))
+    if reference is not None or hasattr(op, "dense"):
+        D = op.dense()
+        if tuple(D.shape) != (P, P):
+            _fail(check, name, "dense() is [P, P]", f"got {list(D.shape)}")
+        _assert_close(check, name, "dense() consistent: V dense()^T == op(V)", V @ D.T, out, rtol)
+        if reference is not None:
+            ref = reference.to(dtype=D.dtype, device=D.device)
+            _assert_close(check, name, "equals the dense reference", D, ref, rtol)
+
+
+# -- inverse solvers ------------------------------------------------------------------------------
+class _Outcome:
+    """What a solver did on one system: its output, or the exception, and the warnings."""
+
+    def __init__(self, solver, A, V, damping):
+        self.x, self.error, self.warnings = None, None, []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self.x = solver(A, damping=damping)(V)
+            except Exception as e:  # a clear refusal is an allowed answer; recorded, not raised
+                self.error = e
+        self.warnings = [str(w.message) for w in caught]
+
+    @property
+    def said_so(self) -> bool:
+        return self.error is not None or bool(self.warnings)
+
+
+def _opaque(A: Tensor) -> LinOp:
+    """``A`` behind a LinOp that only multiplies (no dense form the solver could read)."""
+    return LinOp(lambda V: V @ A.T, A.shape[0], A.dtype, A.device, name="opaque")
+
+
+def _solve_ref(A: Tensor, V: Tensor, damping: float) -> Tensor:
+    A64 = A.to(torch.float64)
+    M = A64 + damping * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+    return torch.linalg.solve(M, V.to(torch.float64).T).T
+
+
+def _row_relative_error(x: Tensor, want: Tensor) -> Tensor:
+    return (x.to(torch.float64) - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-300)
+
+
+def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float = 0.1,
+                  k: int = 3, seed: int = 0, rtol: float = 1e-6, cond: float = 100.0,
+                  kinds: Sequence[str] = ("spd", "low_rank_diag"),
+                  dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
+                  indefinite: bool = True, singular: bool = True, name: str | None = None) -> None:
+    """Check ``solver(op, damping=damping)`` returns ``V -> (op + damping I)^-1 V``.
+
+    Properties, on seeded random operators (:data:`MATRICES`) given both as a dense tensor and
+    as a LinOp that only multiplies:
+
+    - accuracy: every row within ``rtol`` (relative, 2-norm) of ``torch.linalg.solve`` on
+      ``kinds`` (positive definite, condition number ``cond``) in float64;
+    - dtype/device follow the operator, rows are independent, a ``[P]`` vector works, two
+      solvers built alike give bitwise-equal outputs (``dtypes``; float32 to ``1e-3``);
+    - never silent: on an indefinite operator (``indefinite``) and on a singular PSD one with
+      ``damping = 0`` (``singular``) the solver is accurate (the solve, or a least-squares
+      solution), or warns, or raises — a wrong answer without a word fails.
+
+    Args:
+        solver: ``solver(op, damping=...) -> LinOp``: a :mod:`dattri_fn.solvers` value, an
+            ``ihvp_*`` factory, or your own function.
+        rtol: the accuracy you claim for the solver (default ``1e-6``).
+
+    Raises:
+        AssertionError: naming the violated property, the operator kind and the worst row.
+    """
+    check = "check_inverse"
+    name = name or _name(solver, "solver")
+    if not callable(solver):
+        raise TypeError(f"check_inverse(solver=...): expected a callable (op, damping=...) -> "
+                        f"LinOp, got {type(solver).__name__}.")
+    for kind in kinds:
+        if kind not in MATRICES:
+            raise ValueError(f"check_inverse(kinds=...): expected names in {list(MATRICES)}, "
+                             f"got {kind!r}.")
+    for dtype in dtypes:
+        tol = rtol if dtype == torch.float64 else max(rtol, 1e-3)
+        for kind in kinds:
+            make = MATRICES[kind]
+            A = make(dim, seed, cond=cond, dtype=dtype) if kind in ("spd", "psd") else \
+                make(dim, seed, dtype=dtype)
+            V = _randn(seed + 7, k, dim, dtype=dtype)
+            want = _solve_ref(A, V, damping)
+            for form, op in (("dense", A), ("LinOp", _opaque(A))):
+                where = f"{kind} {form} {dtype}"
+                inv = solver(op, damping=damping)
+                x = inv(V)
+                if not isinstance(x, Tensor) or tuple(x.shape) != (k, dim):
+                    got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                    _fail(check, name, f"shape [k, P] -> [k, P] ({where})", f"got {got}")
+                if x.dtype != dtype or x.device != V.device:
+                    _fail(check, name, f"dtype/device follow the input ({where})",
+                          f"got {x.dtype} on {x.device}")
+                err = _row_relative_error(x, want)
+                if not bool(torch.isfinite(err).all()) or float(err.max()) > tol:
+                    i = int(torch.nan_to_num(err, nan=math.inf).argmax())
+                    _fail(check, name, f"(A + damping I)^-1 V == linalg.solve within rtol "
+                          f"{tol:.0e} ({where}, cond {cond:g}, damping {damping:g})",
+                          f"worst row {i}: relative error {float(err[i]):.2e}")
+                if dtype == dtypes[0] and form == "dense":
+                    rows = torch.cat([inv(V[i : i + 1]) for i in range(k)])
+                    _assert_close(check, name, f"row batching ({where})", rows, x,
+                                  max(default_rtol(dtype), tol * 1e-2))
+                    vec = inv(V[0])
+                    if tuple(vec.shape) != (dim,):
+                        _fail(check, name, "a [P] vector maps to a [P] vector",
+                              f"got {list(vec.shape)}")
+                    again = solver(op, damping=damping)(V)
+                    if not torch.equal(again, x):
+                        _fail(check, name, f"determinism: built alike, bitwise equal ({where})",
+                              f"max |diff| {float((again - x).abs().max()):.2e}")
+    if indefinite:
+        A = indefinite_matrix(dim, seed, cond=cond)
+        V = _randn(seed + 11, k, dim)
+        res = _Outcome(solver, A, V, damping)
+        if not res.said_so:
+            err = _row_relative_error(res.x, _solve_ref(A, V, damping))
+            if not bool(torch.isfinite(err).all()) or float(err.max()) > rtol:
+                i = int(torch.nan_to_num(err, nan=math.inf).argmax())
+                _fail(check, name, "never silent on an indefinite operator (accurate, or a "
+                      "warning, or an error)",
+                      f"no warning and no error, row {i} off by relative {float(err[i]):.2e}")
+    if singular and dim >= 2:
+        A = psd_matrix(dim, seed, rank=dim // 2, cond=cond)
+        W = _randn(seed + 13, k, dim)
+        for label, V in (("a right-hand side in its range", W @ A.T), ("any right-hand side", W)):
+            res = _Outcome(solver, A, V, 0.0)
+            if res.said_so:
+                continue
+            x = res.x.to(torch.float64)
+            resid = (x @ A.T - V).norm(dim=1)
+            best = (torch.linalg.lstsq(A, V.T).solution.T @ A.T - V).norm(dim=1)
+            bad = ~torch.isfinite(resid) | (resid > best + rtol * V.norm(dim=1))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                _fail(check, name, f"never silent on a singular PSD operator, damping 0, "
+                      f"{label} (a least-squares solution, or a warning, or an error)",
+                      f"no warning and no error, row {i}: |A x - v| = {float(resid[i]):.3g} "
+                      f"against the least-squares {float(best[i]):.3g}")
+
+
+# -- projectors -----------------------------------------------------------------------------------
+def jl_d_eff(kind: str, proj_dim: int, nnz: int = 1) -> int:
+    """The ``d_eff`` in ``Var <R^T u, R^T v> <= (|u|^2 |v|^2 + <u,v>^2) / d_eff``: ``d`` for a
+    Gaussian or Rademacher ``R``; ``nnz floor(d / nnz)`` for a sparse JL with ``nnz`` segments."""
+    if kind in ("gaussian", "rademacher"):
+        return int(proj_dim)
+    if kind == "sjlt":
+        return int(nnz * (proj_dim // nnz))
+    raise ValueError(f"jl_d_eff(kind=...): expected 'gaussian', 'rademacher' or 'sjlt', got "
+                     f"{kind!r}.")
+
+
+def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]], *,
+                    dim: int = 12, proj_dim: int = 256, seeds: int = 100, seed: int = 0,
+                    d_eff: int | None = None, name: str | None = None) -> None:
+    """Check a seeded random projection family ``make(dim, proj_dim, seed)(X) = X R``.
+
+    Properties: ``[B, P] -> [B, d]`` with the input's dtype and device; rows independent and
+    linear (to 1e-10 in float64); the same seed gives bitwise-equal output (twice from one
+    projector and from a second one built alike) and the next seed a different one;
+    ``E[R R^T] = I``: ``max |mean_s R_s R_s^T - I| <= 10 / sqrt(seeds d)`` with ``R_s`` read as
+    ``proj_s(I_P)`` (each entry a mean of ``seeds d`` terms of variance ``<= 2 / d``: a 7 sd
+    bound); Johnson-Lindenstrauss: over ``seeds`` seeds the MEDIAN of
+    ``|<R^T u, R^T v> - <u, v>|`` is at most ``3 sd``, ``sd = sqrt((|u|^2 |v|^2 + <u,v>^2) /
+    d_eff)`` for 15 pairs of 5 unit vectors (one pair correlated), which a projector with that
+    variance fails with probability ``<= 15 exp(-seeds KL(1/2 || 1/9))`` (7e-20 at 100 seeds).
+
+    Args:
+        make: ``(dim, proj_dim, seed) -> projector`` (``[B, P] -> [B, d]``).
+        d_eff: the variance bound's effective dimension for the kind (:func:`jl_d_eff`);
+            default ``proj_dim`` (a dense Gaussian or Rademacher ``R``).
+
+    Raises:
+        AssertionError: naming the violated property and the worst entry or pair.
+    """
+    check = "check_projector"
+    name = name or _name(make, "projector")
+    P, d = dim, proj_dim
+    d_eff = d if d_eff is None else d_eff
+    X = _randn(seed, 4, P)
+    Y = _randn(seed + 1, 4, P)
+    proj = make(P, d, seed)
+    out = proj(X)
+    if not isinstance(out, Tensor) or tuple(out.shape) != (4, d):
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        _fail(check, name, "shape [B, P] -> [B, d]", f"got {got} for [4, {P}] -> d = {d}")
+    for dtype in (torch.float64, torch.float32):
+        o = proj(X.to(dtype))
+        if o.dtype != dtype or o.device != X.device:
+            _fail(check, name, "dtype/device follow the input", f"got {o.dtype} for {dtype}")
+    rows = torch.cat([proj(X[i : i + 1]) for i in range(4)])
+    _assert_close(check, name, "row batching proj(X)[i] == proj(X[i:i+1])[0]", rows, out, 1e-10)
+    _assert_close(check, name, "linearity proj(aX + bY) == a proj(X) + b proj(Y)",
+                  proj(0.7 * X - 1.3 * Y), 0.7 * out - 1.3 * proj(Y), 1e-10)
+    if not torch.equal(proj(X), out):
+        _fail(check, name, "determinism (a second call is bitwise equal)", "outputs differ")
+    if not torch.equal(make(P, d, seed)(X), out):
+        _fail(check, name, "same seed, same output (a second projector built alike)",
+              "outputs differ")
+    if torch.equal(make(P, d, seed + 1)(X), out):
+        _fail(check, name, "another seed, another projection", f"seeds {seed} and {seed + 1} "
+              "give the same output (is the seed used?)")
+    eye = torch.eye(P, dtype=torch.float64)
+    U = _randn(seed + 2, 5, P)
+    U = U / U.norm(dim=1, keepdim=True)
+    U[1] = (U[0] + U[1]) / (U[0] + U[1]).norm()
+    acc = torch.zeros(P, P, dtype=torch.float64)
+    errs = []
+    for s in range(seed, seed + seeds):
+        p = make(P, d, s)
+        R = p(eye)
+        acc += R @ R.T
+        Z = p(U)
+        errs.append((Z @ Z.T - U @ U.T).abs())
+    mean = acc / seeds
+    bound = 10 / math.sqrt(seeds * d)
+    _assert_close(check, name, f"E[R R^T] = I over {seeds} seeds (|mean - I| <= 10/sqrt(n d))",
+                  mean, eye, bound, labels=("row", "col"), scale=1.0)
+    G = U @ U.T
+    sq = G.diagonal()
+    sd = ((sq[:, None] * sq[None, :] + G**2) / d_eff).sqrt()
+    med = torch.stack(errs).median(0).values
+    ratio = med / (3 * sd)
+    if float(ratio.max()) > 1:
+        i, j = (int(t) for t in torch.unravel_index(ratio.argmax(), ratio.shape))
+        _fail(check, name, f"Johnson-Lindenstrauss: median over {seeds} seeds of "
+              f"|<R^T u, R^T v> - <u, v>| <= 3 sqrt((|u|^2|v|^2 + <u,v>^2) / d_eff), "
+              f"d_eff = {d_eff}",
+              f"worst pair ({i}, {j}): median error {float(med[i, j]):.3g} = "
+              f"{float(ratio[i, j]):.2f} x the bound {float(3 * sd[i, j]):.3g}")
+
+
+# -- methods --------------------------------------------------------------------------------------
+def _split(data, size: int) -> list:
+    x, y = data
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def _take(data, idx) -> tuple:
+    return tuple(t[idx] for t in data)
+
+
+def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
+                 batch_size: int = 3, rtol: float = 1e-8, min_loo_corr: float | None = 0.9,
+                 top_k: int = 3, loo: Tensor | None = None, name: str | None = None) -> None:
+    """Check an attribution :class:`~dattri_fn.attribute.Method` on a :class:`Problem`.
+
+    Properties, with ``train = problem.data`` and ``test`` its first ``n_test`` examples:
+
+    - ``score`` is ``[n_train, n_test]`` and finite; ``self_score`` equals the diagonal of
+      ``score(train, train)``;
+    - scores do not depend on how data is given: one batch, a list of batches of
+      ``batch_size``, or a ``DataLoader`` over a ``TensorDataset`` (``rtol`` relative to the
+      largest score);
+    - ``score(..., top_k=k)`` equals ``torch.topk`` of the full matrix over the training axis
+      (values; the indices point at those values);
+    - sign convention: a training set with example 0 duplicated scores both copies equally on
+      test example 0 (a copy of them), and positively (a proponent);
+    - on a convex problem fitted at its minimiser, the Pearson correlation of the
+      ``[n_train, n_train]`` scores with :func:`exact_loo` is at least ``min_loo_corr``
+      (None skips it; exact influence on the kit's convex problems reaches 0.93-0.99).
+
+    Args:
+        method: ``Method(prepare, score, self_score, name)``.
+        params: what ``prepare``/``score`` take as params (default ``problem.params``; e.g.
+            a list of checkpoints for an ensemble).
+        loo: ``exact_loo(problem)`` if already computed (it refits ``n`` times).
+
+    Raises:
+        AssertionError: naming the violated property and the worst entry.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    check = "check_method"
+    name = name or _name(method, "method")
+    params = problem.params if params is None else params
+    train = problem.data
+    n = problem.n
+    m = min(n_test, n)
+    test = _take(train, slice(0, m))
+    state = method.prepare(params, train)
+    S = method.score(params, state, train, test)
+    if not isinstance(S, Tensor) or tuple(S.shape) != (n, m):
+        got = list(S.shape) if isinstance(S, Tensor) else type(S).__name__
+        _fail(check, name, "scores are [n_train, n_test]", f"got {got} for [{n}, {m}]")
+    if not bool(torch.isfinite(S).all()):
+        i, j = (int(t) for t in (~torch.isfinite(S)).nonzero()[0])
+        _fail(check, name, "finite scores", f"non-finite at train {i}, test {j}")
+    labels = ("train", "test")
+    full = method.score(params, state, train, train)
+    _assert_close(check, name, "score(train, test) == score(train, train)[:, :n_test]",
+                  S, full[:, :m], rtol, labels)
+    diag = method.self_score(params, state, train)
+    _assert_close(check, name, "self_score == diag(score(train, train))", diag[:, None],
+                  full.diagonal()[:, None], rtol, ("train", "-"))
+    listed = _split(train, batch_size)
+    S_list = method.score(params, method.prepare(params, listed), listed, _split(test, batch_size))
+    _assert_close(check, name, f"batching invariance (lists of batches of {batch_size})",
+                  S_list, S, rtol, labels)
+    loader = lambda d: DataLoader(TensorDataset(*d), batch_size=batch_size)
+    S_loader = method.score(params, method.prepare(params, loader(train)), loader(train),
+                            loader(test))
+    _assert_close(check, name, f"DataLoader invariance (batch_size {batch_size})", S_loader, S,
+                  rtol, labels)
+    k = min(top_k, n)
+    tk = method.score(params, state, train, test, top_k=k)
+    want = torch.topk(S, k, dim=0)
+    values = getattr(tk, "values", None)
+    indices = getattr(tk, "indices", None)
+    if values is None or indices is None:
+        _fail(check, name, "top_k returns (values, indices)", f"got {type(tk).__name__}")
+    _assert_close(check, name, f"top_k values == torch.topk(scores, {k}, dim=0)", values,
+                  want.values, rtol, ("rank", "test"))
+    _assert_close(check, name, "top_k indices point at their values",
+                  S.gather(0, indices.to(S.device)), values, rtol, ("rank", "test"))
+    dup = tuple(torch.cat([t, t[:1]]) for t in train)
+    S_dup = method.score(params, method.prepare(params, dup), dup, _take(train, slice(0, 1)))
+    first, copy = float(S_dup[0, 0]), float(S_dup[-1, 0])
+    scale = max(abs(first), abs(copy), 1e-300)
+    if abs(first - copy) > rtol * scale:
+        _fail(check, name, "a duplicated training point scores like its original",
+              f"train 0 scores {first:.6g}, its copy {copy:.6g} on test 0")
+    if not first > 0:
+        _fail(check, name, "sign convention: a training point identical to the test point is "
+              "a proponent (positive score)", f"score {first:.6g} on its own copy")
+    if min_loo_corr is not None and problem.convex and problem.fitted:
+        loo = exact_loo(problem) if loo is None else loo
+        pair = torch.stack([full.detach().to(torch.float64).flatten(), loo.flatten().to(full.device)])
+        corr = float(torch.corrcoef(pair)[0, 1])
+        if not corr >= min_loo_corr:
+            col = torch.stack([torch.corrcoef(torch.stack([full[:, j].double(), loo[:, j]]))[0, 1]
+                               for j in range(n)])
+            j = int(torch.nan_to_num(col, nan=-2.0).argmin())
+            _fail(check, name, f"agreement with exact leave-one-out on {problem.name}: Pearson "
+                  f"correlation >= {min_loo_corr}",
+                  f"correlation {corr:.4f}; worst test column {j}: {float(col[j]):.4f}")

@@ -1,0 +1,214 @@
+"""ONE registry of dattri_fn's own solvers, operators, projectors and methods, with the check
+each must pass and the settings it is checked under. ``tests/test_registry_contracts.py`` runs
+every contract over all of it, so the kit and what the library trusts cannot drift apart.
+
+    SOLVERS      name -> Entry(build() -> solver(op, damping=...) -> LinOp, check_inverse options)
+    OPERATORS    name -> Entry(build(problem) -> (LinOp, dense reference) or None, check_linop options)
+    PROJECTORS   name -> Entry(build() -> make(dim, proj_dim, seed), check_projector options)
+    METHODS      name -> Entry(build(problem) -> Method or None, check_method options)
+
+``build`` returns None where an entry does not apply to a problem (e.g. the factored
+Gauss-Newton needs the MLP's ``nn.Module``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import solvers as _solvers
+from ..attribute import grad_cos, grad_dot, influence, representer, tracin, trak
+from ..curvature import fvp, gnvp, hvp
+from ..linear_curvature import linear_gnvp, linear_hessian
+from ..model import functional_model
+from ..operators import gauss_newton
+from ..project import make_projector
+from ..solve import ihvp_cg, ihvp_explicit, ihvp_lissa
+from .checks import jl_d_eff
+from .problems import Problem, dense_curvature
+
+__all__ = ["METHODS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry", "mlp_module"]
+
+
+class Entry(NamedTuple):
+    """A registered value: how to build it and the keyword arguments of its check."""
+
+    build: Callable[..., Any]
+    options: dict[str, Any]
+
+
+# -- solvers --------------------------------------------------------------------------------------
+def _lissa(depth: int):
+    """LiSSA over full batches of per-example curvatures ``A + E_i`` (``sum_i E_i = 0``), scale
+    ``1.2 (lambda_max + damping)``: a deterministic Neumann series that converges to the solve."""
+
+    def solver(op, damping=0.0):
+        A = op if isinstance(op, torch.Tensor) else op.dense()
+        g = torch.Generator().manual_seed(123)
+        E = 0.05 * torch.randn(4, *A.shape, generator=g, dtype=torch.float64).to(A)
+        E = E + E.transpose(1, 2)
+        Hs = A + (E - E.mean(0))
+        scale = 1.2 * (float(torch.linalg.eigvalsh(A.double()).max()) + damping)
+        return ihvp_lissa(lambda idx: Hs[idx].mean(0), torch.arange(4), damping=damping,
+                          scale=scale, depth=depth)
+
+    solver.__name__ = "lissa"
+    return solver
+
+
+SOLVERS: dict[str, Entry] = {
+    "explicit": Entry(lambda: _solvers.explicit(), {"rtol": 1e-9}),
+    "explicit_lu": Entry(lambda: _solvers.explicit(method="lu"), {"rtol": 1e-9}),
+    "cg": Entry(lambda: _solvers.cg(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
+    "minres": Entry(lambda: _solvers.minres(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
+    "arnoldi": Entry(lambda: _solvers.arnoldi(rank=6, max_iter=6), {"rtol": 1e-8, "dim": 6}),
+    "lissa": Entry(lambda: _lissa(depth=3000), {"rtol": 1e-6, "cond": 10.0}),
+}
+
+
+# -- operators ------------------------------------------------------------------------------------
+class _MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, classes: int):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def mlp_module(problem: Problem) -> nn.Module:
+    """The :func:`~dattri_fn.testing.problems.mlp` problem as an ``nn.Module`` (same parameter
+    names, values, dtype and device), for the factored paths that need the module."""
+    if problem.name != "mlp":
+        raise ValueError(f"mlp_module(problem=...): expected the mlp problem, got {problem.name!r}.")
+    W1, W2 = problem.params["l1.weight"], problem.params["l2.weight"]
+    module = _MLP(W1.shape[1], W1.shape[0], W2.shape[0]).to(dtype=W1.dtype, device=W1.device)
+    with torch.no_grad():
+        for k, v in module.named_parameters():
+            v.copy_(problem.params[k])
+    return module.eval()
+
+
+def _batches(problem: Problem, size: int = 5) -> list:
+    x, y = problem.data
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, x.shape[0], size)]
+
+
+def _op(kind: str, make):
+    def build(problem: Problem):
+        made = make(problem)
+        return None if made is None else (made, dense_curvature(problem, kind))
+
+    return build
+
+
+def _gnvp(p: Problem):
+    op = gnvp(p.forward, p.out_loss, p.params, p.data)
+    return op + 2 * p.l2 if p.l2 else op
+
+
+def _only_mlp(make):
+    return lambda p: make(p) if p.name == "mlp" and not p.l2 else None
+
+
+def _fm(p: Problem):
+    return functional_model(mlp_module(p), F.cross_entropy)
+
+
+def _sum_reference(p: Problem):
+    eye = torch.eye(p.num_params, dtype=p.params[next(iter(p.params))].dtype,
+                    device=p.params[next(iter(p.params))].device)
+    return 2 * dense_curvature(p, "hessian") + dense_curvature(p, "fisher") - 0.5 * eye
+
+
+def _damped_inverse(p: Problem):
+    G = dense_curvature(p, "gauss_newton")
+    return ihvp_explicit(G, damping=0.1)
+
+
+def _inverse_reference(p: Problem):
+    G = dense_curvature(p, "gauss_newton")
+    return torch.linalg.inv(G + 0.1 * torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
+
+
+OPERATORS: dict[str, Entry] = {
+    "hvp": Entry(_op("hessian", lambda p: hvp(p.loss, p.params, p.data)), {}),
+    "hvp_fwd_rev": Entry(_op("hessian", lambda p: hvp(p.loss, p.params, p.data, mode="fwd-rev")),
+                         {}),
+    "hvp_batches": Entry(_op("hessian", lambda p: hvp(p.loss, p.params, _batches(p),
+                                                      batch_rows=7)), {}),
+    "gnvp": Entry(_op("gauss_newton", _gnvp), {}),
+    "fvp": Entry(_op("fisher", lambda p: fvp(p.loss, p.params, _batches(p))), {}),
+    "hvp_plus_fvp": Entry(lambda p: (2 * hvp(p.loss, p.params, p.data)
+                                     + fvp(p.loss, p.params, p.data) - 0.5, _sum_reference(p)), {}),
+    "explicit_inverse": Entry(lambda p: (_damped_inverse(p), _inverse_reference(p)), {}),
+    "cg_inverse": Entry(lambda p: (ihvp_cg(dense_curvature(p, "gauss_newton"), damping=0.1,
+                                           rtol=1e-13, max_iter=500), _inverse_reference(p)),
+                        {"rtol": 1e-8}),
+    "linear_hessian": Entry(_op("hessian", _only_mlp(lambda p: linear_hessian(
+        mlp_module(p), F.cross_entropy, p.params, p.data))), {}),
+    "linear_gnvp": Entry(_op("gauss_newton", _only_mlp(lambda p: linear_gnvp(
+        mlp_module(p), F.cross_entropy, p.params, p.data))), {}),
+    "gauss_newton": Entry(_op("gauss_newton", _only_mlp(lambda p: gauss_newton(_fm(p))(
+        p.params, p.data))), {}),
+}
+
+
+# -- projectors -----------------------------------------------------------------------------------
+def _projector(kind: str, nnz: int = 1):
+    def make(dim, proj_dim, seed):
+        return make_projector(dim, proj_dim=proj_dim, kind=kind, seed=seed, nnz=nnz,
+                              dtype=torch.float64)
+
+    make.__name__ = f"{kind}" + (f"(nnz={nnz})" if kind == "sjlt" else "")
+    return make
+
+
+PROJECTORS: dict[str, Entry] = {
+    "gaussian": Entry(lambda: _projector("gaussian"), {"d_eff": jl_d_eff("gaussian", 256)}),
+    "rademacher": Entry(lambda: _projector("rademacher"), {"d_eff": jl_d_eff("rademacher", 256)}),
+    "sjlt": Entry(lambda: _projector("sjlt"), {"d_eff": jl_d_eff("sjlt", 256)}),
+    "sjlt_nnz3": Entry(lambda: _projector("sjlt", 3), {"d_eff": jl_d_eff("sjlt", 256, 3)}),
+}
+
+
+# -- methods --------------------------------------------------------------------------------------
+def _influence(solver, **options):
+    def build(p: Problem):
+        # A plain loss's Hessian is indefinite off the convex problems: the Fisher there.
+        curvature = "hessian" if p.convex else "fisher"
+        opts = {k: v(p) if callable(v) else v for k, v in options.items()}
+        return influence(p.loss, solver=solver, damping=1e-3, curvature=curvature, **opts)
+
+    return build
+
+
+def _representer(p: Problem):
+    if p.name not in ("logistic", "mlp"):
+        return None
+    if p.name == "logistic":
+        feature, head = (lambda q, z: z[0]), (lambda q, h: q["W"] @ h + q["b"])
+    else:
+        feature = lambda q, z: torch.tanh(q["l1.weight"] @ z[0] + q["l1.bias"])
+        head = lambda q, h: q["l2.weight"] @ h + q["l2.bias"]
+    return representer(feature, head, lambda o, y: F.cross_entropy(o[None], y[None]), l2=0.05)
+
+
+_P = lambda p: p.num_params
+
+METHODS: dict[str, Entry] = {
+    "if_explicit": Entry(_influence("explicit"), {"min_loo_corr": 0.9}),
+    "if_cg": Entry(_influence("cg", rtol=1e-12, max_iter=200), {"min_loo_corr": 0.9}),
+    "if_minres": Entry(_influence("minres", rtol=1e-12, max_iter=200), {"min_loo_corr": 0.9}),
+    "if_arnoldi": Entry(_influence("arnoldi", rank=_P, max_iter=_P), {"min_loo_corr": 0.9}),
+    "if_datainf": Entry(_influence("datainf"), {"min_loo_corr": None}),
+    "grad_dot": Entry(lambda p: grad_dot(p.loss), {"min_loo_corr": None}),
+    "grad_cos": Entry(lambda p: grad_cos(p.loss), {"min_loo_corr": None}),
+    "tracin": Entry(lambda p: tracin(p.loss, lrs=[0.5]), {"min_loo_corr": None}),
+    "trak": Entry(lambda p: trak(p.loss, damping=1e-3), {"min_loo_corr": None}),
+    "representer": Entry(_representer, {"min_loo_corr": None}),
+}
