@@ -303,3 +303,75 @@ def test_dataloader_over_a_subset_is_refused(device):
     dropped = DataLoader(data, batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match=r"got 8 examples"):
         m.self_score(params, state, dropped)
+
+
+def _binary(seed, n, device):
+    """Linear-Tanh body + one-logit bias-free head, BCE-with-logits on 0/1 integer labels."""
+    g = _gen(seed)
+    params = {"0.weight": 0.8 * torch.randn(4, 3, generator=g, dtype=F64),
+              "0.bias": 0.8 * torch.randn(4, generator=g, dtype=F64),
+              "2.weight": 0.8 * torch.randn(1, 4, generator=g, dtype=F64)}
+    params = {k: v.to(device) for k, v in params.items()}
+    feature_fn = lambda p, ex: torch.tanh(p["0.weight"] @ ex[0] + p["0.bias"])
+    head_fn = lambda p, h: p["2.weight"] @ h  # [1]
+    bce = lambda s, y: F.binary_cross_entropy_with_logits(s[0], y.to(s.dtype))
+    x = torch.randn(n, 3, generator=g, dtype=F64).to(device)
+    y = torch.randint(0, 2, (n,), generator=g).to(device)
+    return params, feature_fn, head_fn, bce, (x, y)
+
+
+@given(seeds, st.integers(3, 9), st.sampled_from(["label", "prediction"]),
+       st.sampled_from([None, "labels", "predictions"]))
+def test_binary_one_logit_by_hand_and_theorem(device, seed, n, explain, refit):
+    """One logit: s_ij = (2c_j - 1) alpha_i <h_i, h_j>, alpha_i = -dBCE/ds_i / (2 l2 n); refit:
+    sum_i s_ij = (2c_j - 1) s_j (the representer theorem on the two-class margin)."""
+    params, feat, head, bce, train = _binary(seed, n, device)
+    _, _, _, _, test = _binary(seed + 1, 4, device)
+    l2 = 0.05
+    m = representer(feat, head, bce, l2=l2, explain=explain, refit=refit)
+    state = m.prepare(params, train)
+    S = m.score(params, state, train, test)
+    if refit is None:  # by hand, one pair at a time
+        (x, y), (xt, yt) = train, test
+        ref = torch.empty_like(S)
+        for i in range(n):
+            s_i = head(params, feat(params, (x[i], y[i]))).detach().requires_grad_(True)
+            (ds,) = torch.autograd.grad(bce(s_i, y[i]), s_i)
+            alpha = -ds[0] / (2 * l2 * n)
+            for j in range(xt.shape[0]):
+                h_j = feat(params, (xt[j], yt[j]))
+                c = yt[j] if explain == "label" else (head(params, h_j)[0] > 0).long()
+                ref[i, j] = (2 * c - 1) * alpha * (feat(params, (x[i], y[i])) @ h_j)
+        _close(S, ref)
+    c_self = train[1] if explain == "label" else None
+    diag = m.self_score(params, state, train)
+    _close(diag, m.score(params, state, train, train).diagonal())
+    if refit is None and c_self is not None:
+        assert bool((diag > 0).all())  # each point supports its own label
+    if refit == "labels":  # the fitted head is stationary: the theorem holds on the test logit
+        from dattri_fn.attribute.representer import fit_head
+
+        h_train = torch.stack([feat(params, (a, b)) for a, b in zip(*train, strict=True)])
+        fitted = fit_head(head, bce, params, h_train, train[1], l2=l2)
+        xt, yt = test
+        s_t = torch.stack([head(fitted, feat(params, (a, b)))[0] for a, b in zip(xt, yt,
+                                                                                strict=True)])
+        c = yt if explain == "label" else torch.stack(
+            [(head(params, feat(params, (a, b)))[0] > 0).long() for a, b in zip(xt, yt,
+                                                                               strict=True)])
+        # fit_head stops at |grad| <= 1e-7 max(1, |grad_0|): W* is then within |grad| / (2 l2)
+        _close(S.sum(0), (2 * c - 1) * s_t, tol=1e-5)
+
+
+def test_binary_one_logit_errors(device):
+    """One logit: labels outside {0, 1} are refused naming the argument, classes in [0, 2)."""
+    params, feat, head, bce, train = _binary(0, 5, device)
+    m = representer(feat, head, bce, l2=0.1)
+    state = m.prepare(params, train)
+    with pytest.raises(ValueError, match=r"representer.score\(test=...\): expected classes in "
+                                         r"\[0, 2\)"):
+        m.score(params, state, None, (train[0], train[1] + 2))
+    bad = m.prepare(params, (train[0], train[1] * 0 + 3))
+    with pytest.raises(ValueError, match=r"representer.self_score\(train=...\): expected "
+                                         r"classes in \[0, 2\)"):
+        m.self_score(params, bad, None)

@@ -9,6 +9,11 @@ and whose last layer ``W`` is stationary for ``(1/n) sum_i L(logits_i, y_i) + l2
 so train ``i`` contributes ``alpha_i[c] <h_i, h_t>`` to the test logit of class ``c``. With ``c``
 the class being explained (the test label by default), a positive value raises that logit,
 i.e. supports the prediction of ``c`` and lowers the test loss: a proponent ("excitatory" point).
+
+A binary classifier with ONE logit ``s = w^T h`` (BCE-with-logits, ``K = 1``) has classes 0 and
+1: class 1's two-class margin is ``s`` and class 0's is ``-s``, so train ``i`` contributes
+``(2c - 1) alpha_i <h_i, h_t>`` to the margin of class ``c``, and the predicted class is
+``s > 0``.
 """
 
 from __future__ import annotations
@@ -131,6 +136,24 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
             for k, v in params.items()}
 
 
+def _coefficients(alpha: Tensor, classes: Tensor) -> Tensor:
+    """Return ``alpha_i[c_j]`` for all pairs; with one logit ``(2 c_j - 1) alpha_i[0]``.
+
+    # alpha [n, K], classes [m] -> [n, m]
+    """
+    if alpha.shape[1] == 1:
+        return alpha[:, :1] * (2 * classes - 1).to(alpha.dtype)[None, :]
+    return alpha[:, classes]
+
+
+def _soft_targets(logits: Tensor) -> Tensor:
+    """The model's own predicted probabilities: ``softmax`` of ``[..., K]`` logits, or for one
+    logit the 0-d probability ``sigmoid(s)`` of class 1 per example (a label's shape)."""
+    if logits.shape[-1] == 1:
+        return torch.sigmoid(logits[..., 0])
+    return torch.softmax(logits, -1)
+
+
 class RepresenterState(NamedTuple):
     """What :func:`representer`'s ``prepare`` computes from the training set.
 
@@ -156,7 +179,10 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     ``h = feature_fn(params, z)``, ``alpha_i = -1/(2 l2 n) dL(head_fn(params, h_i), y_i) /
     dlogits`` with ``n`` the number of training examples given to ``prepare``, and ``c_j`` the
     class being explained for test ``j``: its label (``explain="label"``, the default) or the
-    model's prediction ``argmax_c logits_j`` (``explain="prediction"``). Scores are
+    model's prediction ``argmax_c logits_j`` (``explain="prediction"``). A head with ONE
+    logit ``s`` (binary, BCE-with-logits) takes labels 0/1 and scores ``(2 c_j - 1) alpha_i[0]
+    <h_i, h_j>`` (class 0's margin is ``-s``; the prediction is ``s > 0``): every self-score
+    is again positive. Scores are
     ``[n_train, n_test]``; positive = train ``i`` raises test ``j``'s logit ``c_j`` (an
     excitatory point supporting that class), which for the label LOWERS test ``j``'s loss: a
     proponent. For cross-entropy ``alpha_i[y_i] = (1 - p_{y_i}) / (2 l2 n) > 0``, so every
@@ -182,7 +208,8 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             fits the head to the training labels) or ``"predictions"`` (to the model's own
             predicted probabilities ``softmax(head_fn(params, h_i))``, Yeh et al.'s choice;
             ``loss_on_logits`` must take ``[K]`` probability targets, as ``F.cross_entropy``
-            does). ``alpha`` then comes from the fitted head and those targets; test features
+            does; for one logit the targets are ``sigmoid(s_i)``, 0-d per example like a
+            label). ``alpha`` then comes from the fitted head and those targets; test features
             and predicted classes still come from ``params``. LDS on the bundled digits tasks:
             0.38 / 0.24 / 0.56 with ``"predictions"`` against 0.36 / 0.18 / 0.53 as given
             (mlp / cnn / lr).
@@ -222,7 +249,9 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     check_optional_int(name, "chunk_size", chunk_size)
 
     def explained(example, logits: Tensor) -> Tensor:
-        return (label_fn(example) if explain == "label" else logits.argmax(-1)).long()
+        if explain == "label":
+            return label_fn(example).long()
+        return (logits[..., 0] > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
 
     def train_example(params: Params, example):  # -> h [F], dL/dlogits [K], class [], label
         h = feature_fn(params, example)
@@ -244,7 +273,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         if arg == "train":
             y = label_fn(first_example(batch))
             if refit == "predictions":  # the fit's targets are probabilities, not labels
-                y = torch.softmax(logits.detach(), -1)
+                y = _soft_targets(logits.detach())
             check_example_fn(func, "loss_on_logits", arg, lambda *_: loss_on_logits(logits, y),
                              params, batch, ndim=0)
         if explain == "label":
@@ -273,7 +302,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         h, dlogits, classes, labels = rows(func, "train", params, train)
         if refit is not None:
             logits = vmap(head_fn, in_dims=(None, 0))(params, h)
-            targets = labels if refit == "labels" else torch.softmax(logits, -1).detach()
+            targets = labels if refit == "labels" else _soft_targets(logits).detach()
             fitted = fit_head(head_fn, loss_on_logits, params, h, targets, l2=l2)
             grad_logits = vmap(torch.func.grad(loss_on_logits))
             dlogits = grad_logits(vmap(head_fn, in_dims=(None, 0))(fitted, h), targets)
@@ -294,7 +323,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         check_optional_int(func, "top_k", top_k)
         H, alpha, _ = check_state(func, state, params, train)
         h_test, c_test = rows(func, "test", params, test)
-        (n, F), K = H.shape, alpha.shape[1]
+        (n, F), K = H.shape, max(2, alpha.shape[1])  # one logit: classes 0 and 1
         if h_test.shape[1] != F:
             raise ValueError(_msg(func, "test", f"penultimate features of size F={F} like the "
                                   "state's", f"size {h_test.shape[1]}",
@@ -305,7 +334,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         step = n if chunk_size is None else chunk_size
         blocks, best = [], None
         for a in range(0, n, step):
-            block = (H[a:a + step] @ h_test.T).mul_(alpha[a:a + step, c_test])
+            block = (H[a:a + step] @ h_test.T).mul_(_coefficients(alpha[a:a + step], c_test))
             if top_k is None:
                 blocks.append(block)
             else:
@@ -318,6 +347,12 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         func = f"{name}.self_score"
         params = check_params(func, "params", params)
         H, alpha, classes = check_state(func, state, params, train)
+        K = max(2, alpha.shape[1])
+        if bool(((classes < 0) | (classes >= K)).any()):
+            raise ValueError(_msg(func, "train", f"classes in [0, {K})",
+                                  f"range [{int(classes.min())}, {int(classes.max())}]"))
+        if alpha.shape[1] == 1:
+            return (H * H).sum(-1) * alpha[:, 0] * (2 * classes - 1).to(alpha.dtype)
         return (H * H).sum(-1) * alpha.gather(1, classes[:, None]).squeeze(1)
 
     return Method(prepare, score, self_score, name)
