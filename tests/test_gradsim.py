@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dattri_fn.attribute import grad_cos, grad_dot, tracin
+from dattri_fn.attribute.gradsim import tracin_cos
 from problems import PROBLEMS, dense_per_sample_grads
 
 problem_names = st.sampled_from(sorted(PROBLEMS))
@@ -161,3 +162,71 @@ def test_stream_scores_refuses_a_feature_map_that_drops_rows(countable):
     with pytest.raises(ValueError, match=r"f\(train=...\): expected the train feature map to "
                                          r"give one row per example \(5\), got 4"):
         stream_scores(lambda b: b[0][:-1], train, T, func="f")
+
+
+def _cosines(p, loss, train, test):
+    G, Gt = dense_per_sample_grads(p, loss, train), dense_per_sample_grads(p, loss, test)
+    return (G / G.norm(dim=1, keepdim=True)) @ (Gt / Gt.norm(dim=1, keepdim=True)).T
+
+
+@given(problem_names, st.integers(1, 3), st.integers(0, 2**16), st.booleans())
+def test_tracin_cos_equals_weighted_sum_of_cosines(name, C, seed, model):
+    """tracin_cos == sum_c lr_c cos(G_train(theta_c), G_test(theta_c)); self = sum_c lr_c."""
+    params, loss, train = PROBLEMS[name](n=6, seed=seed)
+    _, _, test = PROBLEMS[name](n=3, seed=seed + 1)
+    ckpts = [_perturbed(params, seed + c) for c in range(C)]
+    lrs = [0.1 * (c + 1) for c in range(C)]
+    m = tracin_cos(loss, lrs=lrs)
+    S = m.score(ckpts, m.prepare(ckpts, train), _split(train, [2, 3]), test)
+    ref = sum(lr * _cosines(p, loss, train, test) for lr, p in zip(lrs, ckpts, strict=True))
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.self_score(ckpts, (), train),
+                               torch.full((6,), sum(lrs), dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_tracin_cos_factored_model_and_errors():
+    """A FunctionalModel (factored Linear gradients) gives the dense cosine sum; bad lrs named."""
+    from torch import nn
+
+    from dattri_fn import functional_model
+
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+    bce = lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(
+        out.squeeze(-1), y.to(out.dtype))
+    fm = functional_model(net, bce)
+    x, y = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (7,), generator=g)
+    ckpts = [fm.params, _perturbed(fm.params, 4)]
+    m = tracin_cos(fm, lrs=[0.3, 0.2])
+    S = m.score(ckpts, (), (x, y), (x[:3], y[:3]))
+    ref = sum(lr * _cosines(p, fm.loss, (x, y), (x[:3], y[:3]))
+              for lr, p in zip([0.3, 0.2], ckpts, strict=True))
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"tracin_cos\(lrs=...\): expected 2 learning rates"):
+        tracin_cos(fm, lrs=[0.1, 0.1, 0.1]).score(ckpts, (), (x, y), (x, y))
+    with pytest.raises(TypeError, match=r"tracin_cos\(lrs=...\): expected a sequence"):
+        tracin_cos(fm, lrs="a")
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "tracin"])
+def test_binary_one_logit_grad_similarity(method):
+    """One-logit BCE model: grad_dot / tracin == sum_c lr_c <g_i, g_j> with autograd gradients."""
+    from torch import nn
+
+    from dattri_fn import functional_model
+
+    g = torch.Generator().manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(torch.float64)
+    bce = lambda out, y: torch.nn.functional.binary_cross_entropy_with_logits(
+        out.squeeze(-1), y.to(out.dtype))
+    fm = functional_model(net, bce)
+    x, y = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g)
+    ckpts = [fm.params] if method == "grad_dot" else [fm.params, _perturbed(fm.params, 6)]
+    lrs = [1.0] if method == "grad_dot" else [0.5, 0.25]
+    m = grad_dot(fm) if method == "grad_dot" else tracin(fm, lrs=lrs)
+    params = ckpts[0] if method == "grad_dot" else ckpts
+    S = m.score(params, (), (x, y), (x[:2], y[:2]))
+    ref = sum(lr * dense_per_sample_grads(p, fm.loss, (x, y))
+              @ dense_per_sample_grads(p, fm.loss, (x[:2], y[:2])).T
+              for lr, p in zip(lrs, ckpts, strict=True))
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-12)

@@ -1,8 +1,9 @@
-"""Gradient-similarity methods: Grad-Dot, Grad-Cos and TracIn over checkpoints.
+"""Gradient-similarity methods: Grad-Dot, Grad-Cos, TracIn and TracIn-Cos over checkpoints.
 
-    Grad-Dot   s_ij = <g_i, g_j>
-    Grad-Cos   s_ij = <g_i, g_j> / (|g_i| |g_j|)
-    TracIn     s_ij = sum_c lr_c <g_i(theta_c), g_j(theta_c)>
+    Grad-Dot     s_ij = <g_i, g_j>
+    Grad-Cos     s_ij = <g_i, g_j> / (|g_i| |g_j|)
+    TracIn       s_ij = sum_c lr_c <g_i(theta_c), g_j(theta_c)>
+    TracIn-Cos   s_ij = sum_c lr_c cos(g_i(theta_c), g_j(theta_c))
 
 with ``g = grad loss(params, z)`` (optionally randomly projected to ``proj_dim``). A positive
 score means a gradient step on ``z_i`` lowers ``z_j``'s loss to first order: a proponent.
@@ -166,23 +167,23 @@ def grad_cos(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | N
                                 seed=seed, chunk_size=chunk_size)
 
 
-def _learning_rates(lrs) -> Tensor:
-    """Return ``lrs`` as a float64 ``[C]`` tensor, or raise naming ``tracin(lrs=...)``."""
+def _learning_rates(lrs, func: str = "tracin") -> Tensor:
+    """Return ``lrs`` as a float64 ``[C]`` tensor, or raise naming ``<func>(lrs=...)``."""
     if isinstance(lrs, (str, bytes, Mapping, Set)) or not isinstance(lrs, (Tensor, Iterable)):
-        raise TypeError(f"tracin(lrs=...): expected a sequence of learning rates, one per "
+        raise TypeError(f"{func}(lrs=...): expected a sequence of learning rates, one per "
                         f"checkpoint in order, got {type(lrs).__name__}.")
     if not isinstance(lrs, Tensor):
         lrs = list(lrs)  # a generator is read once, here, not at every score call
     try:
         lrs_t = torch.as_tensor(lrs, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"tracin(lrs=...): expected real numbers, got {lrs!r}.") from e
+        raise TypeError(f"{func}(lrs=...): expected real numbers, got {lrs!r}.") from e
     if lrs_t.ndim != 1:
-        raise ValueError(f"tracin(lrs=...): expected a 1-d sequence of learning rates, got "
+        raise ValueError(f"{func}(lrs=...): expected a 1-d sequence of learning rates, got "
                          f"shape {list(lrs_t.shape)}.")
     if lrs_t.numel() == 0:
-        raise ValueError("tracin(lrs=...): expected one learning rate per checkpoint, got none. "
-                         "TracIn sums over checkpoints: pass at least one checkpoint as params "
+        raise ValueError(f"{func}(lrs=...): expected one learning rate per checkpoint, got "
+                         "none. TracIn sums over checkpoints: pass at least one checkpoint as params "
                          "and the learning rate in effect at each.")
     return lrs_t
 
@@ -213,3 +214,26 @@ def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
         check_positive("tracin", "lrs", lr)
     return _gradient_similarity(loss, "tracin", target=target, lrs=lrs_t, proj_dim=proj_dim, kind=kind,
                                 seed=seed, chunk_size=chunk_size)
+
+
+def tracin_cos(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
+               target: Loss | FunctionalModel | None = None, proj_dim: int | None = None,
+               kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+    """Return TracIn-Cos: ``scores[i, j] = sum_c lr_c cos(g_i(theta_c), g_j(theta_c))``.
+
+    The cosine is taken at each checkpoint (each gradient pair normalised with its own norms),
+    then weighted by that checkpoint's learning rate and summed; a zero gradient scores 0.
+    ``self_score`` is ``sum_c lr_c`` for train examples with nonzero gradients (target = loss).
+    ``params`` is the list of C checkpoints.  # -> [n_train, n_test]
+
+    Args: as :func:`tracin` (with ``proj_dim``, the cosine of the projected gradients).
+
+    References:
+        Pruthi et al. 2020 (TracIn, arXiv 2002.08484); the cosine form as in dattri's
+        ``TracInAttributor`` with a normalising ``similarity="cos"``.
+    """
+    lrs_t = _learning_rates(lrs, "tracin_cos")
+    for lr in lrs_t.tolist():
+        check_positive("tracin_cos", "lrs", lr)
+    return _gradient_similarity(loss, "tracin_cos", target=target, lrs=lrs_t, normalize=True,
+                                proj_dim=proj_dim, kind=kind, seed=seed, chunk_size=chunk_size)
