@@ -5,16 +5,24 @@ sequence (the bridge adds the batch dim): logits ``[1, T, V]`` (or a Hugging Fac
 ``.logits``) against labels ``[1, T]``, shifted by one position, ``-100`` ignored. Its batched
 form ``causal_lm_loss.per_example`` gives every sequence's loss in one call, which the factored
 paths use instead of ``vmap`` (see :func:`dattri_fn.layers.per_example_losses`).
+
+Samplers draw targets from the model's own predictive distribution, for the TRUE Fisher
+(``E_{y ~ p(y|x)}[g g^T]``, kronfluence's default) instead of the empirical one: a sampler is
+``sample(output, target, generator) -> target'`` on a whole batch, outside any torch.func
+transform, with an explicit ``torch.Generator``. :func:`sample_categorical` serves logits
+``[B, K]``; ``causal_lm_loss.sample`` and ``causal_lm_mean_loss.sample`` draw every kept next
+token.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import _msg
 
-__all__ = ["causal_lm_loss", "causal_lm_mean_loss"]
+__all__ = ["causal_lm_loss", "causal_lm_mean_loss", "sample_categorical"]
 
 
 def _logits(output, func: str) -> Tensor:
@@ -70,3 +78,41 @@ def causal_lm_mean_loss(output, labels: Tensor) -> Tensor:
 
 
 causal_lm_mean_loss.per_example = _mean_rows
+
+
+def _draw(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """One class per row of ``logits [..., K]`` from ``softmax``, on the generator's device."""
+    probs = logits.detach().float().softmax(-1).to(generator.device)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1]).to(
+        logits.device)
+
+
+def sample_categorical(output, target, generator: torch.Generator) -> Tensor:
+    """Return classes ``y ~ softmax(logits)`` per row, for the true Fisher.  # [B, K] -> [B]
+
+    ``output``: logits ``[B, K]`` or an output with ``.logits``; ``target`` is ignored (replaced).
+    """
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(_msg("sample_categorical", "output", "logits [B, K] (pass a sampler "
+                              "for other outputs)", got))
+    return _draw(logits, generator)
+
+
+def _sample_next_tokens(output, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """Return ``labels`` with every kept next token drawn from ``softmax(logits[:, t - 1])``.
+
+    Position 0 (never a target after the shift) and ``-100`` positions are kept.  # -> [B, T]
+    """
+    logits = _logits(output, "causal_lm_loss.sample")
+    drawn = _draw(logits[:, :-1], generator)
+    out = labels.clone()
+    keep = labels[:, 1:] != -100
+    out[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
+    return out
+
+
+causal_lm_loss.sample = _sample_next_tokens
+causal_lm_mean_loss.sample = _sample_next_tokens

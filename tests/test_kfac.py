@@ -451,3 +451,82 @@ def test_bare_linear_root(device):
     assert list(f.QA) == [""] and f.param_names == ("weight", "bias")
     torch.testing.assert_close(ihvp_ekfac(f, damping=0.1).dense(),
                                ihvp_ekfac(ref, damping=0.1).dense(), rtol=1e-12, atol=1e-14)
+
+
+# -- true Fisher: targets drawn from the model ---------------------------------------------
+def _mlp_batch(seed, n=8, dim=3, hidden=4, classes=3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=DT)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model, {k: v.detach() for k, v in model.named_parameters()}, x, y
+
+
+@given(seed=st.integers(0, 2**16), draw_seed=st.integers(0, 2**16))
+def test_true_fisher_factors_are_the_empirical_factors_of_the_drawn_labels(seed, draw_seed):
+    """fisher="true": factors = empirical factors on y' ~ softmax(f(x)), drawn batch by batch
+    from one Generator(seed) that restarts every pass (EK-FAC's two passes see the same y')."""
+    from dattri_fn.losses import sample_categorical
+
+    model, params, x, y = _mlp_batch(seed)
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    gen = torch.Generator().manual_seed(draw_seed)
+    with torch.no_grad():
+        drawn = [(b, sample_categorical(model(b), t, gen)) for b, t in data]
+    for make in (kfac_factors, ekfac_factors):
+        true = make(model, F.cross_entropy, params, data, fisher="true", seed=draw_seed)
+        emp = make(model, F.cross_entropy, params, drawn)
+        for a, b in zip(true, emp, strict=True):
+            for k in a if isinstance(a, dict) else ():
+                torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
+
+
+def test_true_fisher_output_factor_approaches_its_expectation():
+    """Softmax regression: G_true = mean_n (p_n - e_{y_n})(..)^T with y_n ~ p_n tends to
+    E = mean_x diag(p) - p p^T; each entry lies in [-1, 1], so with n = 30000 draws Hoeffding
+    gives |G_true - E| <= sqrt(2 ln(2 K^2 / 1e-6) / n) = 0.034 with probability 1 - 1e-6 (K = 3);
+    the empirical G of fixed labels is farther than that."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(2, 3, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(3, 2, generator=g, dtype=DT))
+    x0 = torch.randn(3, 2, generator=g, dtype=DT)
+    x = x0.repeat(10000, 1)
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    params = {"weight": model.weight.detach()}
+    G = kfac_factors(model, F.cross_entropy, params, (x, y), fisher="true", seed=3).G[""]
+    p = model(x0).softmax(-1).detach()
+    expected = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    bound = (2 * torch.log(torch.tensor(2 * 9 / 1e-6)) / x.shape[0]).sqrt()
+    assert float((G - expected).abs().max()) <= float(bound)
+    G_emp = kfac_factors(model, F.cross_entropy, params, (x, y)).G[""]
+    assert float((G_emp - expected).abs().max()) > 3 * float(bound)
+
+
+def test_causal_lm_sample_draws_each_kept_next_token_and_keeps_the_rest():
+    """causal_lm_loss.sample: y'_t ~ softmax(logits_{t-1}) where y_t != -100; y'_0 and -100 kept
+    (peaked logits make the draw the argmax)."""
+    from dattri_fn.losses import causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    peak = torch.randint(0, 7, (2, 5), generator=g)
+    logits = 60.0 * F.one_hot(peak, 7).to(DT)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [6, 0, -100, -100, -100]])
+    drawn = causal_lm_loss.sample(logits, labels, torch.Generator().manual_seed(1))
+    want = labels.clone()
+    want[:, 1:] = torch.where(labels[:, 1:] != -100, peak[:, :-1], labels[:, 1:])
+    assert torch.equal(drawn, want)
+
+
+def test_fisher_settings_are_checked():
+    """A bad fisher name, seed or sampler is named."""
+    model, params, x, y = _mlp_batch(0)
+    with pytest.raises(ValueError, match=r"ekfac_factors\(fisher=...\): expected 'empirical' or "
+                                         r"'true', got 'exact'"):
+        ekfac_factors(model, F.cross_entropy, params, (x, y), fisher="exact")
+    with pytest.raises(TypeError, match=r"kfac_factors\(sampler=...\): expected None or a "
+                                        r"callable"):
+        kfac_factors(model, F.cross_entropy, params, (x, y), fisher="true", sampler=3)
+    with pytest.raises(ValueError, match=r"kfac_factors\(seed=...\)"):
+        kfac_factors(model, F.cross_entropy, params, (x, y), fisher="true", seed=-1)

@@ -47,11 +47,13 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from .._checks import (
     _msg,
     all_finite,
     batch_size,
+    check_int,
     check_optional_int,
     check_params,
     check_positive,
@@ -183,6 +185,46 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
                                       layers)[0])
 
 
+class _SampledLoss:
+    """``loss_fn`` on targets drawn by ``sampler`` from the batch's own output (true Fisher).
+
+    The draw happens on the whole batch in ``per_example``, outside any torch.func transform
+    (:func:`dattri_fn.layers.per_example_losses` calls it instead of vmapping the loss).
+    """
+
+    def __init__(self, loss_fn: Callable, sampler: Callable, seed: int):
+        self.loss_fn, self.sampler = loss_fn, sampler
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, output, target):
+        return self.loss_fn(output, target)
+
+    def per_example(self, output, target) -> Tensor:
+        from ..layers import per_example_losses
+
+        detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
+        drawn = self.sampler(detached, target, self.generator)
+        return per_example_losses(self.loss_fn, output, drawn)
+
+
+def fisher_losses(func: str, loss_fn: Callable, fisher: str, seed: int,
+                  sampler: Callable | None) -> Callable[[], Callable]:
+    """Return ``() -> loss`` for one pass: ``loss_fn`` itself (empirical Fisher) or a
+    :class:`_SampledLoss` whose generator restarts at ``seed`` (true Fisher)."""
+    from ..losses import sample_categorical
+
+    if fisher not in ("empirical", "true"):
+        raise ValueError(_msg(func, "fisher", "'empirical' or 'true'", repr(fisher)))
+    check_int(func, "seed", seed, minimum=0)
+    if sampler is not None and not callable(sampler):
+        raise TypeError(_msg(func, "sampler", "None or a callable (output, target, generator) "
+                             "-> target", type(sampler).__name__))
+    if fisher == "empirical":
+        return lambda: loss_fn
+    draw = sampler or getattr(loss_fn, "sample", None) or sample_categorical
+    return lambda: _SampledLoss(loss_fn, draw, seed)
+
+
 def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
     """Flatten per-example token dims: ``a -> [B, T, in(+1)]``, ``g -> [B, T, out]``."""
     B = a.shape[0]
@@ -230,7 +272,9 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                  layers: str | Iterable[str] | None = None,
                  chunk_size: int | None = None, tapped=None,
-                 batch_rows: int | None = None) -> KFACFactors:
+                 batch_rows: int | None = None,
+                 fisher: str = "empirical", seed: int = 0,
+                 sampler: Callable | None = None) -> KFACFactors:
     """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
 
     One pass over ``data``, accumulating running sums batch by batch (activations are never
@@ -253,6 +297,14 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         batch_rows: merge consecutive batches into calls of at least this many examples (one
             batched forward/backward has a fixed cost of ~0.3 ms on one CPU thread); ``None``
             takes the batches as given.
+        fisher: ``"empirical"`` (``g`` of the data's targets) or ``"true"`` (``g`` of targets
+            drawn from the model's predictive distribution, one draw per example and pass,
+            kronfluence's default).
+        seed: the true Fisher's draws: a ``torch.Generator`` seeded with it starts every pass,
+            so equal data give equal draws.
+        sampler: ``sample(output, target, generator) -> target'`` on a batch (see
+            :mod:`dattri_fn.losses`); None = ``loss_fn.sample`` if the loss has one, else
+            :func:`~dattri_fn.losses.sample_categorical` (logits ``[B, K]``).
 
     Returns:
         :class:`KFACFactors`.
@@ -269,14 +321,17 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
-    return _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size,
+    losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
+    return _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
                       batch_rows)
 
 
 def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                   layers: str | Iterable[str] | None = None,
                   chunk_size: int | None = None, tapped=None,
-                  batch_rows: int | None = None) -> EKFACFactors:
+                  batch_rows: int | None = None,
+                  fisher: str = "empirical", seed: int = 0,
+                  sampler: Callable | None = None) -> EKFACFactors:
     """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
 
     Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
@@ -285,8 +340,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     Fisher in the Kronecker eigenbasis, the Frobenius-closest such approximation.
 
     Args:
-        module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows: as
-            :func:`kfac_factors`.
+        module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher, seed,
+            sampler: as :func:`kfac_factors`.
 
     Returns:
         :class:`EKFACFactors`.
@@ -301,7 +356,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
-    kf = _kfac_core(func, state, names, pnames, batches, tapped, loss_fn, chunk_size,
+    losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
+    kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
                     batch_rows)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
@@ -320,7 +376,7 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             dL = (rot * rot).sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
-    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
+    n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows)
     Lambda = {k: L[k] / n for k in names}
     return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed)
 
