@@ -1,0 +1,116 @@
+"""torch.distributed with 2 gloo processes on loopback: sharded == single-process results, and a
+dead rank makes the other fail with a clear error, not a hang."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dattri_fn import io
+from dattri_fn.attribute import grad_dot
+from dattri_fn.curvature import hvp
+from dattri_fn.distributed import shard_data, shard_range
+from dattri_fn.solve import ekfac_factors, ihvp_cg, kfac_factors
+from dattri_fn.store import open_store
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import _dist_worker as W  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+
+def _launch(scenario: str, out: Path, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """Start 2 ranks as torchrun would (RANK/WORLD_SIZE/MASTER_*), wait with a timeout."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "_dist_worker.py"), scenario,
+                                       str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    done = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def test_shard_range_partitions_contiguously():
+    """shard_range over w ranks tiles range(n) in order, sizes differing by at most one."""
+    for n in range(0, 12):
+        for w in range(1, 5):
+            parts = [shard_range(n, rank=r, world_size=w) for r in range(w)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    batch = (torch.arange(5.0), torch.arange(5))
+    assert torch.equal(shard_data(batch, rank=1, world_size=2)[0], torch.tensor([3.0, 4.0]))
+    assert shard_data([1, 2, 3], rank=0, world_size=2) == [1, 2]
+    with pytest.raises(ValueError, match=r"shard_range\(rank=...\): expected a rank < world_size = 2"):
+        shard_range(4, rank=2, world_size=2)
+    with pytest.raises(TypeError, match=r"shard_data\(data=...\): expected one Batch or a list"):
+        shard_data(iter([]), rank=0, world_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("error")
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """2 ranks (3 + 2 batches): CG on the all-reduced H V, K-FAC/EK-FAC factors, Grad-Dot from
+    the sharded store (blocks and rank-0 top-k) equal one process: to 1e-12 where the sums are
+    regrouped over ranks (CG, factors), bit for bit for the scores; both ranks hold
+    bit-identical CG solutions and EK-FAC eigenvalues."""
+    runs = _launch("all", tmp_path)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (io.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    model, params, loss, train, test, V = W.problem()
+    tol = dict(rtol=0, atol=1e-12)
+    assert torch.equal(r0["X"], r1["X"])
+    torch.testing.assert_close(r0["X"], ihvp_cg(hvp(loss, params, train), damping=1.0, rtol=1e-12)(V), **tol)
+    kf = kfac_factors(model, W.ce, params, train)
+    ek = ekfac_factors(model, W.ce, params, train)
+    assert int(r0["kfac"].num_examples) == 30 and int(r0["ekfac"].num_examples) == 30
+    for name in kf.A:
+        torch.testing.assert_close(r0["kfac"].A[name], kf.A[name], **tol)
+        torch.testing.assert_close(r0["kfac"].G[name], kf.G[name], **tol)
+        assert torch.equal(r0["ekfac"].Lambda[name], r1["ekfac"].Lambda[name])
+        # eigenbases are unique only up to sign and order: compare the sorted eigenvalues
+        torch.testing.assert_close(torch.sort(r0["ekfac"].Lambda[name].flatten()).values,
+                                   torch.sort(ek.Lambda[name].flatten()).values, rtol=0, atol=1e-10)
+    m = grad_dot(loss)
+    S = m.score(params, (), train, test)
+    assert (r0["offset"], r1["offset"]) == (0, 18)
+    # same batches, same per-batch products: the score rows are bit-identical
+    assert torch.equal(torch.cat([r0["block"], r1["block"]]), S)
+    top = m.score(params, (), train, test, top_k=4)
+    assert r1["top"] is None and torch.equal(r0["top"].indices, top.indices)
+    assert torch.equal(r0["top"].values, top.values)
+    store = open_store(tmp_path / "store", params=params, config=W.CONFIG)  # both parts, rank order
+    assert store.n_rows == 30
+    assert torch.equal(m.score(params, (), store, test), S)
+
+
+@pytest.mark.slow
+def test_dead_rank_fails_the_other_clearly(tmp_path):
+    """Rank 1 exits after joining: rank 0's next collective raises a RuntimeError naming the call,
+    its rank and the world size within seconds (no hang)."""
+    runs = _launch("die", tmp_path, timeout=90)
+    assert runs[1].returncode == 3
+    assert runs[0].returncode == 0, runs[0].stderr[-3000:]
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert float(seconds) < 25
+    assert message.startswith("row_offset: rank 0 of 2: a collective failed: a peer rank died")
