@@ -28,34 +28,49 @@ _Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 
 class LDSResult(NamedTuple):
-    """Linear datamodeling score: ``mean`` over test points, ``per_test`` ``[n_test]`` and a
-    95% confidence interval ``ci95 = (lo, hi)`` for the mean (0-d tensors)."""
+    """Linear datamodeling score: ``mean`` over test points, ``per_test`` ``[n_test]``, a
+    95% confidence interval ``ci95 = (lo, hi)`` for the mean (0-d tensors) and ``pvalues``
+    ``[n_test]``: the two-sided p-value of each test point's Spearman correlation (NaN where it
+    is NaN; see :func:`correlation_pvalue`)."""
 
     mean: Tensor
     per_test: Tensor
     ci95: tuple[Tensor, Tensor]
+    pvalues: Tensor | None = None
 
 
 class LOOCorrelation(NamedTuple):
-    """Mean over test points of the Pearson and Spearman correlations with LOO effects."""
+    """Mean over test points of the Pearson and Spearman correlations with LOO effects, and
+    per test point ``[n_test]``: both correlations and their two-sided p-values."""
 
     pearson: Tensor
     spearman: Tensor
+    pearson_per_test: Tensor | None = None
+    spearman_per_test: Tensor | None = None
+    pearson_pvalues: Tensor | None = None
+    spearman_pvalues: Tensor | None = None
 
 
 class NoisyLabelResult(NamedTuple):
-    """ROC-AUC of flagging flipped labels, and the fraction of them found in the top ``x``."""
+    """ROC-AUC of flagging flipped labels, the fraction of them found in the top ``x``, and the
+    ROC curve: ``fpr``, ``tpr`` ``[T + 1]`` at ``thresholds`` ``[T]`` (every distinct
+    self-influence, descending; the curve starts at (0, 0))."""
 
     auc: Tensor
     found_fraction_at: dict[float, Tensor]
+    fpr: Tensor | None = None
+    tpr: Tensor | None = None
+    thresholds: Tensor | None = None
 
 
 class BrittlenessResult(NamedTuple):
     """Smallest number of removed top proponents that flips the prediction (``None`` if no k
-    tried does), and ``{k: flipped?}`` for every ``k`` evaluated."""
+    tried does), ``{k: flipped?}`` and ``{k: prediction}`` for every ``k`` evaluated (the
+    removal curve of one test point; :func:`brittleness_curve` aggregates test points)."""
 
     smallest_k: int | None
     flipped: dict[int, bool]
+    predictions: dict[int, Any] | None = None
 
 
 def _float(x: Tensor) -> Tensor:
@@ -93,6 +108,54 @@ def _pearson(x: Tensor, y: Tensor, dim: int) -> Tensor:
     xc = x - x.mean(dim, keepdim=True)
     yc = y - y.mean(dim, keepdim=True)
     return (xc * yc).sum(dim) / torch.sqrt((xc * xc).sum(dim) * (yc * yc).sum(dim))
+
+
+def _betainc(a: Tensor, b: Tensor, x: Tensor, iters: int = 1000) -> Tensor:
+    """Regularised incomplete beta ``I_x(a, b)`` by its continued fraction (modified Lentz),
+    elementwise; the symmetry ``I_x(a, b) = 1 - I_{1-x}(b, a)`` keeps the fraction in its fast
+    region ``x < (a + 1) / (a + b + 2)``."""
+    flip = x > (a + 1) / (a + b + 2)
+    a, b, x = torch.where(flip, b, a), torch.where(flip, a, b), torch.where(flip, 1 - x, x)
+    tiny = torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps
+
+    def guard(v: Tensor) -> Tensor:
+        return torch.where(v.abs() < tiny, torch.full_like(v, tiny), v)
+
+    c = torch.ones_like(x)
+    d = 1 / guard(1 - (a + b) * x / (a + 1))
+    h = d.clone()
+    eps = torch.finfo(x.dtype).eps
+    for m in range(1, iters + 1):
+        for coef in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                     -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / guard(1 + coef * d)
+            c = guard(1 + coef / c)
+            h = h * d * c
+        # Converged once the last factor is 1 to rounding everywhere (NaN lanes are ignored).
+        if not bool(((d * c - 1).abs() > eps).any()):
+            break
+    log_front = (a * torch.log(x) + b * torch.log1p(-x) + torch.lgamma(a + b) - torch.lgamma(a)
+                 - torch.lgamma(b))
+    value = torch.exp(log_front) * h / a
+    value = torch.where(x <= 0, torch.zeros_like(value), value)
+    return torch.where(flip, 1 - value, value)
+
+
+def correlation_pvalue(r: Tensor, n: int) -> Tensor:
+    """Return the two-sided p-value of correlations ``r`` over ``n`` pairs.  # [...] -> [...]
+
+    Under independence ``t = r sqrt((n - 2) / (1 - r^2))`` is Student-t with ``n - 2`` degrees
+    of freedom, so ``p = P(|T| >= |t|) = I_{1 - r^2}((n - 2) / 2, 1 / 2)`` (the regularised
+    incomplete beta function). This is ``scipy.stats.pearsonr``'s exact p-value and
+    ``scipy.stats.spearmanr``'s (t-approximation) p-value. NaN where ``r`` is NaN or
+    ``n < 3``; 0 where ``|r| = 1``.
+    """
+    r = _float(r)
+    if n < 3:
+        return torch.full_like(r, float("nan"))
+    x = (1 - r * r).clamp(0, 1)
+    p = _betainc(torch.full_like(r, (n - 2) / 2), torch.full_like(r, 0.5), x)
+    return torch.where(torch.isnan(r), r, p.clamp(0, 1))
 
 
 def _check_pair(func: str, x: Tensor, y: Tensor, dim: int) -> None:
@@ -174,7 +237,9 @@ def lds(scores: Tensor, subsets: Tensor, targets: Tensor, *, ci: str = "normal",
         seed: bootstrap seed.
 
     Returns:
-        ``LDSResult(mean, per_test [n_test], ci95=(lo, hi))``.
+        ``LDSResult(mean, per_test [n_test], ci95=(lo, hi), pvalues [n_test])``; ``pvalues``
+        are the two-sided p-values of the per-test Spearman correlations over the ``m``
+        subsets (:func:`correlation_pvalue`, as ``scipy.stats.spearmanr``).
 
     Raises:
         TypeError: wrong kinds (non-tensors, non-bool ``subsets``).
@@ -199,7 +264,7 @@ def lds(scores: Tensor, subsets: Tensor, targets: Tensor, *, ci: str = "normal",
     predicted = subsets.to(scores.dtype) @ scores
     per_test = _pearson(rank(predicted, 0), rank(targets.to(scores.dtype), 0), 0)
     mean, ci95 = _mean_ci(per_test, ci, n_boot, seed)
-    return LDSResult(mean, per_test, ci95)
+    return LDSResult(mean, per_test, ci95, correlation_pvalue(per_test, m))
 
 
 def loo_correlation(scores: Tensor, loo_diffs: Tensor) -> LOOCorrelation:
@@ -216,8 +281,11 @@ def loo_correlation(scores: Tensor, loo_diffs: Tensor) -> LOOCorrelation:
         loo_diffs: ``[n, n_test]`` leave-one-out effects, same rows.
 
     Returns:
-        ``LOOCorrelation(pearson, spearman)``, 0-d tensors; test points with constant columns are
-        left out of the means.
+        ``LOOCorrelation(pearson, spearman, pearson_per_test, spearman_per_test,
+        pearson_pvalues, spearman_pvalues)``: the means are 0-d tensors over the test points
+        whose columns are not constant (those are NaN per test); per test point ``[n_test]``
+        the correlations and their two-sided p-values over the ``n`` rows
+        (:func:`correlation_pvalue`).
 
     Raises:
         TypeError: a non-tensor input.
@@ -234,7 +302,9 @@ def loo_correlation(scores: Tensor, loo_diffs: Tensor) -> LOOCorrelation:
     d = loo_diffs.to(scores.dtype)
     p = _pearson(scores, d, 0)
     s = _pearson(rank(scores, 0), rank(d, 0), 0)
-    return LOOCorrelation(p[torch.isfinite(p)].mean(), s[torch.isfinite(s)].mean())
+    n = scores.shape[0]
+    return LOOCorrelation(p[torch.isfinite(p)].mean(), s[torch.isfinite(s)].mean(), p, s,
+                          correlation_pvalue(p, n), correlation_pvalue(s, n))
 
 
 def noisy_label_detection(self_influence: Tensor, flipped: Tensor,
@@ -255,7 +325,9 @@ def noisy_label_detection(self_influence: Tensor, flipped: Tensor,
         fractions: inspection budgets in ``(0, 1]``.
 
     Returns:
-        ``NoisyLabelResult(auc, found_fraction_at)``.
+        ``NoisyLabelResult(auc, found_fraction_at, fpr, tpr, thresholds)``: the ROC curve
+        flags every point with self-influence ``>= thresholds[t]`` at point ``t + 1`` (point 0
+        is (0, 0), the last (1, 1)); its trapezoid area is ``auc``.
 
     Raises:
         TypeError: non-tensor inputs or a non-bool ``flipped``.
@@ -286,7 +358,20 @@ def noisy_label_detection(self_influence: Tensor, flipped: Tensor,
     recall = flipped[order].cumsum(0).to(self_influence.dtype) / n_pos
     # round() guards against 0.1 * 100 = 10.000000000000002 becoming 11.
     found = {x: recall[max(1, math.ceil(round(x * n, 9))) - 1] for x in fractions}
-    return NoisyLabelResult(auc, found)
+    fpr, tpr, thresholds = _roc_curve(self_influence, flipped, order, n_pos, n_neg)
+    return NoisyLabelResult(auc, found, fpr, tpr, thresholds)
+
+
+def _roc_curve(scores: Tensor, positive: Tensor, order: Tensor, n_pos: int, n_neg: int):
+    """``(fpr, tpr, thresholds)`` at every distinct score, descending; ties enter together."""
+    srt = scores[order]
+    pos = positive[order].to(scores.dtype).cumsum(0)
+    neg = (~positive[order]).to(scores.dtype).cumsum(0)
+    last = torch.ones_like(srt, dtype=torch.bool)  # the last index of each run of equal scores
+    last[:-1] = srt[1:] != srt[:-1]
+    zero = scores.new_zeros(1)
+    return (torch.cat([zero, neg[last] / n_neg]), torch.cat([zero, pos[last] / n_pos]),
+            srt[last])
 
 
 def _same_prediction(a: Any, b: Any) -> bool:
@@ -315,7 +400,7 @@ def brittleness(scores: Tensor, retrain_fn: Callable[[Tensor], Any],
         stop_at_first: stop retraining at the first flip (the remaining ``k`` are not tried).
 
     Returns:
-        ``BrittlenessResult(smallest_k, flipped={k: bool})``.
+        ``BrittlenessResult(smallest_k, flipped={k: bool}, predictions={k: prediction})``.
 
     Raises:
         TypeError: ``scores`` is not a tensor or ``retrain_fn`` is not callable.
@@ -338,13 +423,45 @@ def brittleness(scores: Tensor, retrain_fn: Callable[[Tensor], Any],
         prediction = retrain_fn(torch.ones(n, dtype=torch.bool, device=scores.device))
     order = torch.argsort(scores, descending=True, stable=True)
     flipped: dict[int, bool] = {}
+    predictions: dict[int, Any] = {}
     smallest = None
     for k in ks:
         keep = torch.ones(n, dtype=torch.bool, device=scores.device)
         keep[order[:k]] = False
-        flipped[k] = not _same_prediction(retrain_fn(keep), prediction)
+        predictions[k] = retrain_fn(keep)
+        flipped[k] = not _same_prediction(predictions[k], prediction)
         if flipped[k] and smallest is None:
             smallest = k
             if stop_at_first:
                 break
-    return BrittlenessResult(smallest, flipped)
+    return BrittlenessResult(smallest, flipped, predictions)
+
+
+def brittleness_curve(results: Sequence[BrittlenessResult],
+                      ks: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Return ``(ks, fraction)``: the share of test points flipped by removing at most ``k``
+    top proponents, i.e. with ``smallest_k <= k``.  # -> [K] int64, [K] float64
+
+    Args:
+        results: one :func:`brittleness` result per test point.
+        ks: where to evaluate the curve; default every ``k`` any result evaluated.
+
+    Raises:
+        TypeError: an element is not a BrittlenessResult.
+        ValueError: no results.
+    """
+    func = "brittleness_curve"
+    results = list(results)
+    if not results:
+        raise ValueError(_msg(func, "results", "at least one BrittlenessResult", "none"))
+    for r in results:
+        if not isinstance(r, BrittlenessResult):
+            raise TypeError(_msg(func, "results", "BrittlenessResult values (one per test "
+                                 "point)", type(r).__name__))
+    if ks is None:
+        ks = sorted({k for r in results for k in r.flipped})
+    ks_t = torch.tensor(sorted(set(ks)), dtype=torch.int64)
+    smallest = torch.tensor([math.inf if r.smallest_k is None else r.smallest_k
+                             for r in results], dtype=torch.float64)
+    fraction = (smallest[None, :] <= ks_t[:, None]).to(torch.float64).mean(1)
+    return ks_t, fraction

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from dattri_fn.metrics import (
     brittleness,
+    brittleness_curve,
+    correlation_pvalue,
     lds,
     loo_correlation,
     noisy_label_detection,
@@ -107,9 +109,9 @@ def test_lds_bootstrap_and_nan_columns(device):
 def test_loo_correlation_hand(device):
     """scores [1,2,3] vs diffs [1,2,4]: pearson 9/sqrt(84), spearman 1; negated diffs flip sign."""
     scores, diffs = t([[1], [2], [3]], device), t([[1], [2], [4]], device)
-    p, s = loo_correlation(scores, diffs)
+    p, s = loo_correlation(scores, diffs)[:2]
     assert abs(p.item() - 9 / math.sqrt(84)) < 1e-12 and abs(s.item() - 1) < 1e-12
-    p, s = loo_correlation(scores, -diffs)
+    p, s = loo_correlation(scores, -diffs)[:2]
     assert abs(p.item() + 9 / math.sqrt(84)) < 1e-12 and abs(s.item() + 1) < 1e-12
 
 
@@ -117,15 +119,15 @@ def test_noisy_label_hand(device):
     """Flipped {.9, .3} vs clean {.1, .8, .5}: 4 of 6 pairs ordered, AUC 2/3; recall at top-k."""
     si = t([0.9, 0.1, 0.8, 0.3, 0.5], device)
     flipped = torch.tensor([True, False, False, True, False], device=device)
-    auc, found = noisy_label_detection(si, flipped, fractions=(0.2, 0.4, 0.8, 1.0))
+    auc, found = noisy_label_detection(si, flipped, fractions=(0.2, 0.4, 0.8, 1.0))[:2]
     assert abs(auc.item() - 2 / 3) < 1e-12
     assert [found[x].item() for x in (0.2, 0.4, 0.8, 1.0)] == [0.5, 0.5, 1.0, 1.0]
 
 
 def test_noisy_label_ties_hand(device):
     """si [1,1,0,0], flipped [T,F,T,F]: pairs score 1/2 + 1 + 0 + 1/2 over 4 = 1/2."""
-    auc, _ = noisy_label_detection(t([1, 1, 0, 0], device),
-                                   torch.tensor([True, False, True, False], device=device))
+    auc = noisy_label_detection(t([1, 1, 0, 0], device),
+                                torch.tensor([True, False, True, False], device=device)).auc
     assert abs(auc.item() - 0.5) < 1e-12
 
 
@@ -138,7 +140,7 @@ def test_noisy_label_auc_matches_sklearn(seed, n):
     si = torch.randint(0, 5, (n,), generator=g).to(F64)
     flipped = torch.rand(n, generator=g) < 0.3
     assume(0 < int(flipped.sum()) < n)
-    auc, _ = noisy_label_detection(si, flipped)
+    auc = noisy_label_detection(si, flipped).auc
     assert abs(auc.item() - roc_auc_score(flipped.numpy(), si.numpy())) < 1e-12
 
 
@@ -183,3 +185,93 @@ def test_metric_errors(device):
         brittleness(torch.zeros(3), lambda keep: 0, ks=(4,))
     with pytest.raises(TypeError, match=r"brittleness\(retrain_fn=...\): expected a callable"):
         brittleness(torch.zeros(3), 5)
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 40), batch=st.integers(1, 4))
+def test_pvalues_match_scipy(seed, n, batch):
+    """correlation_pvalue(r, n) == scipy's pearsonr / spearmanr two-sided p-values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, batch, generator=g, dtype=F64)
+    y = x * torch.rand(batch, generator=g, dtype=F64) * 2 + torch.randn(n, batch, generator=g,
+                                                                        dtype=F64)
+    p_got = correlation_pvalue(pearson(x, y, dim=0), n)
+    s_got = correlation_pvalue(spearman(x, y, dim=0), n)
+    for b in range(batch):
+        p_ref = scipy_stats.pearsonr(x[:, b], y[:, b]).pvalue
+        s_ref = scipy_stats.spearmanr(x[:, b], y[:, b]).pvalue
+        assert abs(p_got[b].item() - p_ref) <= 1e-10 * max(1.0, p_ref)
+        assert abs(s_got[b].item() - s_ref) <= 1e-10 * max(1.0, s_ref)
+
+
+def test_pvalue_edges():
+    """|r| = 1 gives p = 0, r = 0 gives p = 1, NaN stays NaN, n < 3 gives NaN."""
+    p = correlation_pvalue(torch.tensor([1.0, -1.0, 0.0, float("nan")], dtype=F64), 10)
+    assert p[:3].tolist() == [0.0, 0.0, 1.0] and torch.isnan(p[3])
+    assert torch.isnan(correlation_pvalue(torch.tensor([0.5], dtype=F64), 2)).all()
+
+
+@given(seed=st.integers(0, 2**31 - 1), n_train=st.integers(4, 12), n_test=st.integers(1, 4),
+       m=st.integers(3, 12))
+def test_lds_and_loo_per_test_pvalues(seed, n_train, n_test, m):
+    """lds.pvalues[j] == spearmanr(pred[:, j], targets[:, j]).pvalue; LOO per test likewise."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_train, n_test, generator=g, dtype=F64)
+    subsets = torch.rand(m, n_train, generator=g) < 0.5
+    targets = torch.randn(m, n_test, generator=g, dtype=F64)
+    res = lds(scores, subsets, targets)
+    pred = subsets.to(F64) @ scores
+    for j in range(n_test):
+        ref = scipy_stats.spearmanr(pred[:, j], targets[:, j])
+        if math.isnan(ref.statistic):
+            assert torch.isnan(res.pvalues[j])
+            continue
+        assert abs(res.pvalues[j].item() - ref.pvalue) <= 1e-10 * max(1.0, ref.pvalue)
+    diffs = torch.randn(n_train, n_test, generator=g, dtype=F64)
+    loo = loo_correlation(scores, diffs)
+    for j in range(n_test):
+        p_ref = scipy_stats.pearsonr(scores[:, j], diffs[:, j])
+        s_ref = scipy_stats.spearmanr(scores[:, j], diffs[:, j])
+        assert abs(loo.pearson_per_test[j].item() - p_ref.statistic) < 1e-12
+        assert abs(loo.spearman_per_test[j].item() - s_ref.statistic) < 1e-12
+        assert abs(loo.pearson_pvalues[j].item() - p_ref.pvalue) <= 1e-10 * max(1.0, p_ref.pvalue)
+        assert abs(loo.spearman_pvalues[j].item() - s_ref.pvalue) <= 1e-10 * max(1.0,
+                                                                                  s_ref.pvalue)
+    assert abs(loo.pearson.item() - loo.pearson_per_test.mean().item()) < 1e-12
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(4, 40))
+def test_roc_curve_matches_sklearn(seed, n):
+    """(fpr, tpr, thresholds) == sklearn roc_curve(drop_intermediate=False); trapezoid = AUC."""
+    from sklearn.metrics import roc_curve
+
+    g = torch.Generator().manual_seed(seed)
+    si = torch.randint(0, 6, (n,), generator=g).to(F64)
+    flipped = torch.rand(n, generator=g) < 0.3
+    assume(0 < int(flipped.sum()) < n)
+    res = noisy_label_detection(si, flipped)
+    fpr, tpr, thr = roc_curve(flipped.numpy(), si.numpy(), drop_intermediate=False)
+    assert torch.allclose(res.fpr, torch.tensor(fpr, dtype=F64), rtol=0, atol=1e-15)
+    assert torch.allclose(res.tpr, torch.tensor(tpr, dtype=F64), rtol=0, atol=1e-15)
+    assert torch.equal(res.thresholds, torch.tensor(thr[1:], dtype=F64))
+    area = torch.trapezoid(res.tpr, res.fpr)
+    assert abs(area.item() - res.auc.item()) < 1e-12
+
+
+def test_brittleness_removal_curve():
+    """predictions[k] is the retrained prediction; curve(k) = #{smallest_k <= k} / n_test."""
+    scores = torch.arange(10, dtype=F64)
+    res = brittleness(scores, lambda keep: int(keep[7:].any()), ks=(1, 2, 3, 5),
+                      stop_at_first=False)
+    assert res.predictions == {1: 1, 2: 1, 3: 0, 5: 0}
+    never = brittleness(scores, lambda keep: 1, ks=(1, 5))
+    early = brittleness(scores, lambda keep: int(keep[9]), ks=(1, 5))
+    ks, frac = brittleness_curve([res, never, early])
+    assert ks.tolist() == [1, 2, 3, 5]
+    assert torch.equal(frac, torch.tensor([1 / 3, 1 / 3, 2 / 3, 2 / 3], dtype=F64))
+    ks, frac = brittleness_curve([res], ks=[4, 2])
+    assert ks.tolist() == [2, 4] and frac.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"brittleness_curve\(results=...\): expected at least"):
+        brittleness_curve([])
+    with pytest.raises(TypeError, match=r"brittleness_curve\(results=...\): expected "
+                                        r"BrittlenessResult"):
+        brittleness_curve([3])
