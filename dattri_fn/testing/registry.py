@@ -147,7 +147,7 @@ OPERATORS: dict[str, Entry] = {
                                      + fvp(p.loss, p.params, p.data) - 0.5, _sum_reference(p)), {}),
     "explicit_inverse": Entry(lambda p: (_damped_inverse(p), _inverse_reference(p)), {}),
     "cg_inverse": Entry(lambda p: (ihvp_cg(dense_curvature(p, "gauss_newton"), damping=0.1,
-                                           rtol=1e-13, max_iter=500), _inverse_reference(p)),
+                                           rtol=1e-13, max_iter=200), _inverse_reference(p)),
                         {"rtol": 1e-8}),
     "linear_hessian": Entry(_op("hessian", _only_mlp(lambda p: linear_hessian(
         mlp_module(p), F.cross_entropy, p.params, p.data))), {}),
