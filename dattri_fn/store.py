@@ -60,7 +60,7 @@ MANIFEST = "manifest.json"
 BLOCK_ROWS = 4096
 
 __all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
-           "params_hash", "batch_hash", "FORMAT"]
+           "stats_store", "params_hash", "batch_hash", "FORMAT"]
 
 
 def _version() -> str:
@@ -296,6 +296,8 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
         raise TypeError(_msg(func, "path", "a str or os.PathLike", type(path).__name__))
     check_optional_int(func, "shard_rows", shard_rows)
     check_int(func, "block_rows", block_rows)
+    from .attribute.pipeline import features
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     clean_temps(path)
@@ -330,8 +332,6 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
                                   "The data changed; use a new path."))
         if device is not None:
             batch = batch_to(batch, device)
-        from .attribute.pipeline import features
-
         layout, arr = _stack_layout(features(func, "data", feature_fn, batch))
         if arr.shape[0] != rows:
             raise ValueError(_msg(func, "feature_fn", f"one row per example ({rows})",
@@ -441,3 +441,49 @@ def scores_file(out: str | os.PathLike, n_rows: int, blocks: Iterator[Tensor]) -
         mm.flush()
         del mm
     return torch.from_numpy(np.load(out, mmap_mode="c"))
+
+
+STATS = "stats.pt"
+
+
+def stats_store(path: str | os.PathLike, compute: Callable[[], Any], *, params,
+                config: Mapping | None = None, map_location=None) -> Any:
+    """Return curvature statistics cached at ``path``, computing and saving them when absent.
+
+    ``compute()`` (e.g. ``lambda: ekfac_factors(model, loss_fn, params, train)``) runs only when
+    the directory holds no complete statistics; its result (tensors, NamedTuples such as
+    :class:`~dattri_fn.solve.kfac.KFACFactors`, dicts) is saved atomically
+    (:func:`dattri_fn.io.save`), then a manifest marks it complete. A kill at any point leaves
+    either no statistics (recomputed) or complete ones; no temp file survives the next call.
+
+    Args:
+        path: a directory for this statistic.
+        compute: ``() -> state``.
+        params: the params the statistics are taken at (hashed; must match on reuse).
+        config: what else determines them (method, layers, damping-free settings...; JSON).
+        map_location: as in :func:`dattri_fn.io.load`.
+
+    Raises:
+        ValueError: the directory holds statistics of another request (params hash, config key
+            or kind), naming the field.
+    """
+    from . import io
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg("stats_store", "path", "a str or os.PathLike", type(path).__name__))
+    if not callable(compute):
+        raise TypeError(_msg("stats_store", "compute", "a callable () -> state", type(compute).__name__))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    clean_temps(path)
+    request = {"format": FORMAT, "kind": "stats", "params_hash": params_hash(params),
+               "config": _canonical(config)}
+    man = _load_manifest("stats_store", path)
+    if man is not None:
+        _check_request("stats_store", man, request, arg_of={"params_hash": "params"})
+        if man.get("complete"):
+            return io.load(path / STATS, map_location=map_location)
+    state = compute()
+    io.save(state, path / STATS)
+    _write_manifest(path, dict(request, complete=True, file=STATS, versions=_versions()))
+    return state

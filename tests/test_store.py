@@ -224,3 +224,36 @@ def test_stream_self_and_hash_errors(tmp_path):
     assert params_hash(params) == params_hash({k: v.clone() for k, v in params.items()})
     with pytest.raises(TypeError, match=r"build_store\(config=...\): expected JSON-serialisable"):
         build_store(tmp_path / "x", f, train, params=params, config={"bad": object()})
+
+
+def test_stats_store_caches_kfac_factors(tmp_path):
+    """stats_store computes K-FAC factors once; a second call loads them equal bit for bit without
+    computing; other params or config are refused by name; a killed save's temp is removed."""
+    from torch import nn
+
+    from dattri_fn.solve import kfac_factors
+    from dattri_fn.solve.kfac import KFACFactors
+    from dattri_fn.store import stats_store
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = (torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (10,), generator=g))
+    ce = torch.nn.functional.cross_entropy
+    cfg = {"kind": "kfac", "layers": ["0", "2"]}
+    f1 = stats_store(tmp_path, lambda: kfac_factors(model, ce, params, data), params=params, config=cfg)
+    (tmp_path / ".stats.pt.ab12cd_9.tmp").write_bytes(b"partial")
+
+    def never():
+        raise AssertionError("recomputed")
+
+    f2 = stats_store(tmp_path, never, params=params, config=cfg)
+    assert isinstance(f2, KFACFactors) and _temps(tmp_path) == []
+    for k in f1.A:
+        assert torch.equal(f1.A[k], f2.A[k]) and torch.equal(f1.G[k], f2.G[k])
+    with pytest.raises(ValueError, match=r"stats_store\(params=...\): expected the store's params_hash"):
+        stats_store(tmp_path, never, params={k: v * 2 for k, v in params.items()}, config=cfg)
+    with pytest.raises(ValueError, match=r"stats_store\(config=...\): expected the store's "
+                                         r"config\['kind'\] = 'kfac'"):
+        stats_store(tmp_path, never, params=params, config=dict(cfg, kind="ekfac"))
