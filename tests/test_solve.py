@@ -286,3 +286,87 @@ def test_minres_warns_when_not_converged_and_names_errors():
     assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match=r"ihvp_minres\(rtol=...\)"):
         ihvp_minres(A, rtol=-1.0)
+
+
+def _indefinite(seed, P, damping):
+    """Symmetric indefinite A with every |lam + damping| >= 0.2 (so A + damping I is invertible)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    lam = torch.randn(P, generator=g, dtype=torch.float64) * 2
+    lam = torch.where((lam + damping).abs() < 0.2, lam + 0.5, lam)
+    A = Q @ torch.diag(lam) @ Q.T
+    return (A + A.T) / 2, lam, g
+
+
+@given(seed=st.integers(0, 2**16), P=st.integers(1, 8), k=st.integers(1, 3),
+       damping=st.sampled_from([0.0, 0.1, 0.5]))
+def test_literal_cg_and_arnoldi_equal_lu_on_indefinite(seed, P, k, damping):
+    """negative_curvature='continue' (CG) and keep='all' (Arnoldi, rank P) ==
+    ihvp_explicit(method='lu') == linalg.solve(A + damping I) on symmetric indefinite A."""
+    A, lam, g = _indefinite(seed, P, damping)
+    assume(bool(((lam + damping).abs() >= 0.2).all()))
+    B = torch.randn(k, P, generator=g, dtype=torch.float64)
+    want = torch.linalg.solve(A + damping * torch.eye(P, dtype=torch.float64), B.T).T
+    lu = ihvp_explicit(A, damping=damping, method="lu")(B)
+    torch.testing.assert_close(lu, want, rtol=1e-10, atol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the literal options never warn about negative lam
+        res = cg_solve(_matmul_op(A), B, damping=damping, rtol=1e-14, max_iter=50 * P,
+                       negative_curvature="continue")
+        arn = ihvp_arnoldi(_matmul_op(A), rank=P, max_iter=P, damping=damping, keep="all")(B)
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.x, want, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(arn, want, rtol=1e-9, atol=1e-9)
+    cg_op = ihvp_cg(A, damping=damping, rtol=1e-14, max_iter=50 * P, negative_curvature="continue")
+    torch.testing.assert_close(cg_op(B), want, rtol=1e-8, atol=1e-8)
+
+
+def test_literal_arnoldi_low_rank_keeps_negative_pairs():
+    """keep='all', rank r: V -> sum over the r largest-|lam| pairs of (V.u) u / (lam + damping),
+    the negative pair included; keep='positive' drops it with a warning."""
+    lam = torch.tensor([-4.0, 3.0, 1.0, 0.5], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.float64))
+    A = Q @ torch.diag(lam) @ Q.T
+    A = (A + A.T) / 2
+    V = torch.randn(2, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    U = Q[:, :2]
+    want = ((V @ U) / (lam[:2] + 0.1)) @ U.T
+    got = ihvp_arnoldi(A, rank=2, max_iter=4, damping=0.1, keep="all")(V)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"dropped 1 of 2 eigen-directions"):
+        pos = ihvp_arnoldi(A, rank=2, max_iter=4, damping=0.1)(V)
+    torch.testing.assert_close(pos, ((V @ U[:, 1:]) / (lam[1:2] + 0.1)) @ U[:, 1:].T,
+                               rtol=1e-10, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match=r"numerically singular"):
+        ihvp_arnoldi(A, rank=4, max_iter=4, damping=0.0, keep="all", rtol=0.2)
+    with pytest.raises(ValueError, match=r"ihvp_arnoldi\(keep=...\): expected 'positive' or"):
+        ihvp_arnoldi(A, rank=2, keep="none")
+    with pytest.raises(ValueError, match=r"ihvp_cg\(negative_curvature=...\): expected 'stop'"):
+        ihvp_cg(A, negative_curvature="skip")
+
+
+def test_literal_options_through_influence_on_mlp_hessian():
+    """influence on a tanh MLP's indefinite Hessian: CG 'continue' and Arnoldi 'all' (rank P)
+    == explicit method='lu' == G (H + damping I)^-1 G_t^T; CG flags the negative curvature."""
+    from dattri_fn.attribute import influence
+
+    params, loss, train = mlp(n=8, seed=3)
+    _, _, test = mlp(n=2, seed=4)
+    H = dense_hessian(params, loss, train)
+    lam = torch.linalg.eigvalsh(H)
+    damping = 0.05
+    assert float(lam.min()) + damping < -0.05  # the damped Hessian stays indefinite
+    P = H.shape[0]
+    ref_m = influence(loss, solver="explicit", damping=damping, method="lu")
+    ref = ref_m.score(params, ref_m.prepare(params, train), train, test)
+    for solver, opts in (("cg", dict(negative_curvature="continue", rtol=1e-13, max_iter=40 * P)),
+                         ("arnoldi", dict(keep="all", rank=P, max_iter=P))):
+        m = influence(loss, solver=solver, damping=damping, **opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            S = m.score(params, m.prepare(params, train), train, test)
+        torch.testing.assert_close(S, ref, rtol=1e-6, atol=1e-8 * float(ref.abs().max()))
+    res = cg_solve(H, torch.ones(1, P, dtype=DTYPE), damping=damping, rtol=1e-13,
+                   max_iter=40 * P, negative_curvature="continue")
+    assert bool(res.negative_curvature.all()) and bool(res.converged.all())

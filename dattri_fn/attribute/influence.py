@@ -124,7 +124,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             :func:`~dattri_fn.solve.ihvp_minres`), or a configured
             value from :mod:`dattri_fn.solvers` (``solvers.cg(max_iter=100, M="ekfac")``).
         damping: absolute damping added to the curvature, > 0 (the curvature of a non-convex
-            model is indefinite; see each solver's rule for non-positive directions).
+            model is indefinite; see each solver's rule for non-positive directions: by
+            default they are dropped or stopped at, and ``method="lu"`` (explicit),
+            ``negative_curvature="continue"`` (CG) and ``keep="all"`` (Arnoldi) invert them
+            literally).
         curvature: ``"gauss_newton"`` (the default for a FunctionalModel: positive
             semi-definite, the Hessian for GLMs; built by
             :func:`~dattri_fn.operators.gauss_newton`, which picks the factored product for

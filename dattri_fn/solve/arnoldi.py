@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
 from .._checks import all_finite, check_int, check_optional_int, check_positive
 from .._types import LinOp
-from .explicit import Eigen, EigenInverse, as_operator, default_rtol, spectral_inverse
+from .explicit import (
+    Eigen,
+    EigenInverse,
+    as_operator,
+    check_rhs,
+    default_rtol,
+    spectral_inverse,
+)
 
 
 def _orthogonalise(Q: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,9 +187,39 @@ def arnoldi(op, *, max_iter: int, seed: int = 0, block_size: int = 1) -> Eigen:
     return _krylov(func, A, min(max_iter, A.dim), block_size, seed)
 
 
+KEEP = ("positive", "all")
+
+
+def _literal_inverse(func: str, eigen: Eigen, *, damping: float, rtol: float) -> EigenInverse:
+    """Return ``V -> ((V U) / (lam + damping)) U^T`` over every pair with ``|lam + damping| >
+    rtol * max|lam + damping|``, negative ones included; warns when a pair is dropped as
+    numerically singular.  # [k, P] -> [k, P]"""
+    values, vectors = eigen
+    mu = values + damping
+    kept = mu.abs() > rtol * mu.abs().max()
+    num_dropped = int((~kept).sum())  # one sync, at construction
+    if num_dropped:
+        warnings.warn(
+            f"{func}: dropped {num_dropped} of {mu.numel()} eigen-directions whose damped "
+            f"eigenvalue |lam + damping| <= rtol * max|lam + damping| = {rtol:.3g} * "
+            f"{float(mu.abs().max()):.3g} (numerically singular: no literal inverse there). "
+            f"Change damping (now {damping:g}) to move them off zero.", RuntimeWarning,
+            stacklevel=3)
+    U, inv_mu = vectors[:, kept], 1.0 / mu[kept]
+    dtype, device = vectors.dtype, vectors.device
+
+    def matmat(V: Tensor) -> Tensor:
+        check_rhs(func, V, dtype, device)
+        return ((V @ U) * inv_mu) @ U.T
+
+    out = EigenInverse(matmat, vectors.shape[0], dtype, device, name=func)
+    out.eigen, out.kept, out.damping = eigen, kept, damping
+    return out
+
+
 def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = None,
                  seed: int = 0, rtol: float | None = None,
-                 block_size: int | None = None) -> EigenInverse:
+                 block_size: int | None = None, keep: str = "positive") -> EigenInverse:
     """Return V -> ((V U) / (lam + damping)) U^T on A's top-rank eigenpairs (lam, U).  # [k, P] -> [k, P]
 
     The projected inverse of ``A + damping*I`` on the span of its ``rank`` largest-magnitude
@@ -203,6 +241,11 @@ def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = 
             16 rows per call where one call's fixed cost dominates its per-row cost (digits
             MLP, rank 64: 0.16 s with 128 one-row calls, 0.05 s with 8 calls of 16 rows, the
             same LDS).
+        keep: ``"positive"`` (default, the drop rule in the Note) or ``"all"``: the literal
+            inverse on the selected pairs, ``1 / (lam + damping)`` for negative ``lam +
+            damping`` too (as ``ihvp_explicit(method="lu")`` on the full space); only pairs
+            with ``|lam + damping| <= rtol * max|lam + damping|`` (numerically singular) are
+            dropped, with a warning.
 
     Returns:
         An :class:`~dattri_fn.solve.explicit.EigenInverse`: ``.eigen`` holds the ``rank``
@@ -216,7 +259,8 @@ def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = 
     Note:
         Drop rule (identical to :func:`ihvp_explicit`): of the selected pairs, directions with
         ``lam + damping <= rtol * max|lam + damping|`` are dropped with a ``RuntimeWarning``
-        ("raise damping"); the dropped ones are not replaced by smaller pairs. Directions
+        ("raise damping"); the dropped ones are not replaced by smaller pairs
+        (``keep="all"`` keeps the negative ones). Directions
         outside the top-``rank`` span are mapped to zero, not to ``v / damping``.
 
         Blocks: at equal ``max_iter`` a block space is slightly less accurate per column than
@@ -253,8 +297,12 @@ def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = 
                   else check_int(func, "block_size", block_size))
     rtol = default_rtol(m, A.dtype) if rtol is None else check_positive(
         func, "rtol", rtol, allow_zero=True)
+    if keep not in KEEP:
+        raise ValueError(f"{func}(keep=...): expected 'positive' or 'all', got {keep!r}.")
     values, vectors = _krylov(func, A, m, block_size, seed)
     top = Eigen(values[:rank], vectors[:, :rank])
+    if keep == "all":
+        return _literal_inverse(func, top, damping=damping, rtol=rtol)
     return spectral_inverse(func, top, damping=damping, rtol=rtol)
 
 

@@ -35,13 +35,19 @@ class CGResult(NamedTuple):
     negative_curvature: Tensor
 
 
-def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond=None):
+NEGATIVE_CURVATURE = ("stop", "continue")
+
+
+def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond=None,
+        stop_on_negative: bool = True):
     """Bare batched CG on rows from ``X`` (zeros if None): no validation, ``tol`` is ``[k]``.
 
     At each stopping check, rows that are done leave the batch once they are a quarter of it:
     the operator, the expensive part, then runs only on rows still iterating. ``precond``:
     ``R -> M R`` rows (preconditioned CG: directions from ``z = M r``, steps ``r^T z / p^T A p``);
-    the stopping test stays on ``||r||``.
+    the stopping test stays on ``||r||``. ``stop_on_negative=False``: a row goes on through
+    ``p^T A p < 0`` (flagged all the same) and stops only at ``p^T A p = 0``, where the
+    recurrence breaks down.
     """
     k = B.shape[0]
     if X is None:
@@ -77,7 +83,7 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond
         pAp = (Pdir * AP).sum(1)
         neg = active & (pAp <= 0)
         negative |= neg
-        step = active & ~neg
+        step = active & ~neg if stop_on_negative else active & (pAp != 0)
         # Frozen rows get alpha = beta = 0: x and r stay put; the safe denominators only avoid
         # 0/0 in the lanes torch.where discards.
         alpha = torch.where(step, rz / torch.where(step, pAp, 1.0), 0.0)
@@ -97,18 +103,21 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond
         active = step & (rs_new > tol2)
     retire(torch.ones_like(rs, dtype=torch.bool))
     X, iters, rs, negative = out
-    converged = (rs <= tol * tol) & ~negative
+    converged = (rs <= tol * tol) & (~negative if stop_on_negative else True)
     return X, iters, rs.sqrt(), converged, negative
 
 
 def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damping,
-                    stacklevel: int) -> None:
+                    stacklevel: int, stop_on_negative: bool = True) -> None:
     X, _, res_norm, converged, negative = res
     if not all_finite(X):
         raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
                          f"NaN or inf in the CG iterates. Check the curvature operator.")
     num_neg, num_bad = (int(c) for c in torch.stack([negative.sum(), (~converged).sum()]))
     k = B.shape[0]
+    if not stop_on_negative:  # the literal inverse was asked for: only non-convergence warns
+        num_neg = 0
+        negative = torch.zeros_like(negative)
     if num_neg:
         warnings.warn(
             f"{func}: negative curvature p^T (A + damping*I) p <= 0 met in {num_neg} of {k} "
@@ -119,11 +128,20 @@ def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damp
     if num_slow:
         bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
         worst = float((res_norm / bnorm).masked_fill(converged | negative, 0).max())
+        hint = "" if stop_on_negative else " (or use ihvp_minres for an indefinite operator)"
         warnings.warn(
             f"{func}: {num_slow} of {k} rows did not reach rtol={rtol:g}, atol={atol:g} within "
             f"max_iter={max_iter} (worst relative residual {worst:.3g}). Raise max_iter, or "
-            f"raise damping (now {damping:g}) to improve the conditioning.",
+            f"raise damping (now {damping:g}) to improve the conditioning{hint}.",
             RuntimeWarning, stacklevel=stacklevel)
+
+
+def _negative_rule(func: str, negative_curvature) -> bool:
+    """``True`` for ``"stop"`` (the default rule), ``False`` for ``"continue"``."""
+    if negative_curvature not in NEGATIVE_CURVATURE:
+        raise ValueError(f"{func}(negative_curvature=...): expected 'stop' or 'continue', got "
+                         f"{negative_curvature!r}.")
+    return negative_curvature == "stop"
 
 
 def _validate(func: str, damping, rtol, atol, max_iter, dim: int):
@@ -160,7 +178,8 @@ def _preconditioner(func: str, M, A: LinOp):
 
 
 def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
-             max_iter: int | None = None, x0: Tensor | None = None, M=None) -> CGResult:
+             max_iter: int | None = None, x0: Tensor | None = None, M=None,
+             negative_curvature: str = "stop") -> CGResult:
     """Return X with (A + damping*I) X_i = B_i by conjugate gradient, per row.  # [k, P] -> [k, P]
 
     All ``k`` rows run together as one batched CG (per-row step sizes, one operator call per
@@ -178,6 +197,16 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
         M: a symmetric positive-definite preconditioner ``M ~ (A + damping*I)^-1`` (a LinOp or
             a dense ``[P, P]`` tensor, e.g. ``ihvp_ekfac(...)``): preconditioned CG, fewer
             iterations when ``M`` is close; ``None``: plain CG.
+        negative_curvature: ``"stop"`` (default: the rule in the Note) or ``"continue"``: the
+            literal ``(A + damping*I)^-1 B`` of an indefinite but nonsingular operator, as
+            ``ihvp_explicit(method="lu")`` gives it. CG's recurrence goes on through
+            ``p^T (A + damping*I) p < 0`` (the row is still flagged in ``negative_curvature``,
+            without a warning) and stops only at ``p^T (A + damping*I) p = 0`` (breakdown);
+            ``converged`` then means the residual test alone. In exact arithmetic CG reaches
+            the solution within ``P`` steps whenever no breakdown occurs; rounding makes it
+            slower and less reliable than for a positive-definite operator: MINRES
+            (:func:`~dattri_fn.solve.ihvp_minres`) minimises the residual and is the robust
+            solver for indefinite systems.
 
     Returns:
         A :class:`CGResult` with per-row diagnostics.
@@ -194,6 +223,7 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
         if ``p^T (A + damping*I) p <= 0`` for a row's search direction (indefinite curvature of a
         non-convex model), that row stops at its last iterate, is flagged in
         ``negative_curvature`` and a warning says to raise damping; no NaN is returned.
+        ``negative_curvature="continue"`` keeps those directions (the literal inverse).
 
     References:
         Hestenes & Stiefel (1952), Methods of conjugate gradients for solving linear systems.
@@ -209,6 +239,7 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
     func = "cg_solve"
     A = as_operator(func, op)
     damping, rtol, atol, max_iter = _validate(func, damping, rtol, atol, max_iter, A.dim)
+    stop = _negative_rule(func, negative_curvature)
     if not isinstance(B, Tensor):
         raise TypeError(f"{func}(B=...): expected a torch.Tensor, got {type(B).__name__}.")
     vector = B.ndim == 1
@@ -223,13 +254,14 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
                              f"got {list(x0.shape)}.")
         X0 = check_rhs(func, x0.unsqueeze(0) if vector else x0, A.dtype, A.device)
     tol = torch.clamp(rtol * B2.norm(dim=1), min=atol)
-    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, _preconditioner(func, M, A))
-    _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3)
+    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, _preconditioner(func, M, A), stop)
+    _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3,
+                    stop_on_negative=stop)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else CGResult(*res)
 
 
 def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
-            max_iter: int | None = None, M=None) -> LinOp:
+            max_iter: int | None = None, M=None, negative_curvature: str = "stop") -> LinOp:
     """Return V -> (A + damping*I)^-1 V by conjugate gradient, per row.  # [k, P] -> [k, P]
 
     The operator form of :func:`cg_solve` (settings validated here, once); every call runs a
@@ -242,6 +274,8 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
         atol: absolute residual tolerance per row.
         max_iter: CG steps at most per call; default ``10 * P``.
         M: a preconditioner, as in :func:`cg_solve`.
+        negative_curvature: ``"stop"`` (default) or ``"continue"`` (the literal inverse of
+            an indefinite operator), as in :func:`cg_solve`.
 
     Returns:
         A LinOp on ``[k, P]`` rows (or a ``[P]`` vector).
@@ -263,12 +297,14 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
     damping, rtol, atol, max_iter = _validate(func, damping, rtol, atol, max_iter, A.dim)
     matmat = _damped(A, damping)
     precond = _preconditioner(func, M, A)
+    stop = _negative_rule(func, negative_curvature)
 
     def solve(V: Tensor) -> Tensor:
         check_rhs(func, V, A.dtype, A.device)
         tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
-        res = _cg(matmat, V, None, tol, max_iter, precond)
-        _warn_and_check(func, res, V, rtol, atol, max_iter, damping, stacklevel=4)
+        res = _cg(matmat, V, None, tol, max_iter, precond, stop)
+        _warn_and_check(func, res, V, rtol, atol, max_iter, damping, stacklevel=4,
+                        stop_on_negative=stop)
         return res[0]
 
     return LinOp(solve, A.dim, A.dtype, A.device, name=func)
