@@ -189,7 +189,8 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                   k: int = 3, seed: int = 0, rtol: float = 1e-6, cond: float = 100.0,
                   kinds: Sequence[str] = ("spd", "low_rank_diag"),
                   dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
-                  indefinite: bool = True, singular: bool = True, name: str | None = None) -> None:
+                  indefinite: bool = True, singular: bool = True, device="cpu",
+                  name: str | None = None) -> None:
     """Check ``solver(op, damping=damping)`` returns ``V -> (op + damping I)^-1 V``.
 
     Properties, on seeded random operators (:data:`MATRICES`) given both as a dense tensor and
@@ -199,7 +200,8 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
       ``kinds`` (positive definite, condition number ``cond``) in float64;
     - dtype/device follow the operator, rows are independent, a ``[P]`` vector works, two
       solvers built alike give bitwise-equal outputs (``dtypes``; float32 to ``1e-3``);
-    - never silent: on an indefinite operator (``indefinite``) and on a singular PSD one with
+    - never silent: on an indefinite operator (``indefinite``: ``A + damping I`` has
+      eigenvalues of both signs, all ``|lambda| >= 1``) and on a singular PSD one with
       ``damping = 0`` (``singular``) the solver is accurate (the solve, or a least-squares
       solution), or warns, or raises — a wrong answer without a word fails.
 
@@ -207,6 +209,7 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
         solver: ``solver(op, damping=...) -> LinOp``: a :mod:`dattri_fn.solvers` value, an
             ``ihvp_*`` factory, or your own function.
         rtol: the accuracy you claim for the solver (default ``1e-6``).
+        device: where the operators and right-hand sides live.
 
     Raises:
         AssertionError: naming the violated property, the operator kind and the worst row.
@@ -224,9 +227,9 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
         tol = rtol if dtype == torch.float64 else max(rtol, 1e-3)
         for kind in kinds:
             make = MATRICES[kind]
-            A = make(dim, seed, cond=cond, dtype=dtype) if kind in ("spd", "psd") else \
-                make(dim, seed, dtype=dtype)
-            V = _randn(seed + 7, k, dim, dtype=dtype)
+            A = make(dim, seed, cond=cond, dtype=dtype, device=device) if kind in ("spd", "psd") \
+                else make(dim, seed, dtype=dtype, device=device)
+            V = _randn(seed + 7, k, dim, dtype=dtype, device=device)
             want = _solve_ref(A, V, damping)
             for form, op in (("dense", A), ("LinOp", _opaque(A))):
                 where = f"{kind} {form} {dtype}"
@@ -257,8 +260,9 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                         _fail(check, name, f"determinism: built alike, bitwise equal ({where})",
                               f"max |diff| {float((again - x).abs().max()):.2e}")
     if indefinite:
-        A = indefinite_matrix(dim, seed, cond=cond)
-        V = _randn(seed + 11, k, dim)
+        # Scaled by 1 + damping: A + damping I keeps eigenvalues of both signs, |lambda| >= 1.
+        A = (1 + damping) * indefinite_matrix(dim, seed, cond=cond, device=device)
+        V = _randn(seed + 11, k, dim, device=device)
         res = _Outcome(solver, A, V, damping)
         if not res.said_so:
             err = _row_relative_error(res.x, _solve_ref(A, V, damping))
@@ -268,8 +272,8 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                       "warning, or an error)",
                       f"no warning and no error, row {i} off by relative {float(err[i]):.2e}")
     if singular and dim >= 2:
-        A = psd_matrix(dim, seed, rank=dim // 2, cond=cond)
-        W = _randn(seed + 13, k, dim)
+        A = psd_matrix(dim, seed, rank=dim // 2, cond=cond, device=device)
+        W = _randn(seed + 13, k, dim, device=device)
         for label, V in (("a right-hand side in its range", W @ A.T), ("any right-hand side", W)):
             res = _Outcome(solver, A, V, 0.0)
             if res.said_so:

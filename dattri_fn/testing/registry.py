@@ -13,6 +13,7 @@ Gauss-Newton needs the MLP's ``nn.Module``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +28,7 @@ from ..linear_curvature import linear_gnvp, linear_hessian
 from ..model import functional_model
 from ..operators import gauss_newton
 from ..project import make_projector
-from ..solve import ihvp_cg, ihvp_explicit, ihvp_lissa
+from ..solve import ihvp_arnoldi_full_rank, ihvp_cg, ihvp_explicit, ihvp_lissa
 from .checks import jl_d_eff
 from .problems import Problem, dense_curvature
 
@@ -42,9 +43,11 @@ class Entry(NamedTuple):
 
 
 # -- solvers --------------------------------------------------------------------------------------
-def _lissa(depth: int):
+def _lissa(max_depth: int):
     """LiSSA over full batches of per-example curvatures ``A + E_i`` (``sum_i E_i = 0``), scale
-    ``1.2 (lambda_max + damping)``: a deterministic Neumann series that converges to the solve."""
+    ``1.2 (lambda_max + damping)``: a deterministic Neumann series that converges to the solve.
+    Its depth is what a contraction rate ``1 - mu_min / scale`` needs for ``1e-10`` (at most
+    ``max_depth``): LiSSA's own settings, chosen as a user who knows the spectrum would."""
 
     def solver(op, damping=0.0):
         A = op if isinstance(op, torch.Tensor) else op.dense()
@@ -52,7 +55,11 @@ def _lissa(depth: int):
         E = 0.05 * torch.randn(4, *A.shape, generator=g, dtype=torch.float64).to(A)
         E = E + E.transpose(1, 2)
         Hs = A + (E - E.mean(0))
-        scale = 1.2 * (float(torch.linalg.eigvalsh(A.double()).max()) + damping)
+        lam = torch.linalg.eigvalsh(A.double())
+        scale = 1.2 * (float(lam[-1].abs()) + damping)
+        mu = float(lam[0]) + damping
+        rate = 1 - mu / scale if 0 < mu < scale else 1.0
+        depth = max_depth if rate >= 1 else min(max_depth, max(1, math.ceil(-23 / math.log(rate))))
         return ihvp_lissa(lambda idx: Hs[idx].mean(0), torch.arange(4), damping=damping,
                           scale=scale, depth=depth)
 
@@ -65,8 +72,9 @@ SOLVERS: dict[str, Entry] = {
     "explicit_lu": Entry(lambda: _solvers.explicit(method="lu"), {"rtol": 1e-9}),
     "cg": Entry(lambda: _solvers.cg(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
     "minres": Entry(lambda: _solvers.minres(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
-    "arnoldi": Entry(lambda: _solvers.arnoldi(rank=6, max_iter=6), {"rtol": 1e-8, "dim": 6}),
-    "lissa": Entry(lambda: _lissa(depth=3000), {"rtol": 1e-6, "cond": 10.0}),
+    "arnoldi": Entry(lambda: ihvp_arnoldi_full_rank, {"rtol": 1e-8}),  # rank P: exact
+    "lissa": Entry(lambda: _lissa(max_depth=3000), {"rtol": 1e-6, "cond": 10.0,
+                                                    "kinds": ("spd",)}),
 }
 
 
