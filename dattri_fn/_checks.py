@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -107,6 +109,10 @@ def check_params(func: str, arg: str, params) -> dict[str, Tensor]:
             raise TypeError(_msg(func, arg, "Tensor values", f"{type(v).__name__} at key {k!r}"))
         if not v.is_floating_point():
             raise TypeError(_msg(func, arg, "floating-point tensors", f"{v.dtype} at key {k!r}"))
+        if v.is_meta:
+            raise TypeError(_msg(func, arg, "tensors with data", f"a meta tensor at key {k!r}",
+                                 "Load the weights (e.g. module.to_empty(...) then a state "
+                                 "dict) before attributing."))
         if not all_finite(v):
             raise ValueError(_msg(func, arg, "finite values", f"NaN or inf at key {k!r}"))
     return dict(params)
@@ -310,3 +316,32 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
     if isinstance(data, (list, tuple, _Passes)):
         return data
     return _Passes(func, arg, data)
+
+
+_LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
+_TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)")
+
+
+@contextlib.contextmanager
+def blame_data(func: str, arg: str, batch):
+    """Report torch's error on the user's examples as ``func(arg=...)``, at a public boundary.
+
+    A RuntimeError or IndexError raised while the model and loss run on ``batch`` (a feature
+    width the model does not take, a label out of range, a float label for a class index, data
+    in another dtype) becomes a ValueError (TypeError for dtypes) naming the call and the
+    argument, with torch's message and the original chained. Errors already worded by the
+    library, and the limits of torch.func transforms (vmap), pass through unchanged.
+    """
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        text = str(err)
+        if _LIBRARY_ERROR.match(text) or _TRANSFORM_LIMIT.search(text):
+            raise
+        from .attribute.pipeline import dtype_error
+
+        clear = dtype_error(func, arg, batch, err) if isinstance(err, RuntimeError) else None
+        raise (clear or ValueError(_msg(
+            func, arg, "examples the model and its loss accept (input shapes, label values "
+            "and dtypes)", f"an error from torch: {text.splitlines()[0] if text else err!r}"))
+        ) from err

@@ -21,6 +21,7 @@ from ._checks import (
     batch_leaves,
     batch_size,
     batch_to,
+    blame_data,
     check_optional_int,
     check_params,
     iter_batches,
@@ -55,7 +56,8 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
         n = 0
         for batch in regroup(batches, batch_rows, func):
             batch = batch_to(batch, device)
-            out = out + per_batch(V, batch)
+            with blame_data(func, "data", batch):
+                out = out + per_batch(V, batch)
             n += batch_leaves(batch)[0].shape[0]
         return out / n
 
@@ -191,7 +193,7 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
         raise TypeError(f"gnvp(out_loss=...): expected a callable (output, example) -> Tensor[], "
                         f"got {type(out_loss).__name__}.")
     example = tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, peek(batches))
-    with torch.no_grad():
+    with torch.no_grad(), blame_data("gnvp", "data", peek(batches)):
         value = out_loss(forward(unravel(flat0), example), example)
     if not isinstance(value, Tensor) or value.ndim != 0:
         got = f"shape {list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__

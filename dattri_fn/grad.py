@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import batch_size, batch_to, check_optional_int, check_params, iter_batches
+from ._checks import (
+    batch_size,
+    batch_to,
+    blame_data,
+    check_optional_int,
+    check_params,
+    iter_batches,
+)
 from ._types import Batch, Loss, Params
 from .tree import ravel_batched
 
@@ -55,7 +62,8 @@ def grad(loss: Loss, params: Params, data, *, flat: bool = True) -> Tensor | Par
     acc, n = None, 0
     for batch in iter_batches("grad", "data", data):
         n += batch_size("grad", "data", batch)
-        g = total_grad(params, batch_to(batch, device))
+        with blame_data("grad", "data", batch):
+            g = total_grad(params, batch_to(batch, device))
         acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
     if acc is None:
         raise ValueError("grad(data=...): expected at least one batch, got an empty iterable.")
@@ -86,8 +94,9 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
     check_params("per_sample_grad", "params", params)
     batch_size("per_sample_grad", "batch", batch)
     check_optional_int("per_sample_grad", "chunk_size", chunk_size)
-    grads = per_sample_grad_unchecked(loss, params, batch_to(batch, _first_device(params)),
-                                      chunk_size=chunk_size)
+    with blame_data("per_sample_grad", "batch", batch):
+        grads = per_sample_grad_unchecked(loss, params, batch_to(batch, _first_device(params)),
+                                          chunk_size=chunk_size)
     return ravel_batched(grads) if flat else grads
 
 

@@ -115,12 +115,19 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         warnings.warn("functional_model(module=...): the module is in training mode and has "
                       "BatchNorm/Dropout; per-example gradients need module.eval().", stacklevel=2)
     expected = set(chosen)
+    shapes = {n: tuple(v.shape) for n, v in selected.items()}
 
     def call(p: Params, example):
         if p.keys() != expected:
             missing, extra = sorted(expected - p.keys()), sorted(p.keys() - expected)
             raise ValueError(f"loss/forward(params=...): expected the keys of the selected "
                              f"parameters, got missing {missing}, unexpected {extra}.")
+        bad = [k for k, v in p.items() if tuple(v.shape) != shapes[k]]
+        if bad:
+            k = bad[0]
+            raise ValueError(f"loss/forward(params=...): expected the module's shapes, got "
+                             f"{list(p[k].shape)} at key {k!r} (the module has "
+                             f"{list(shapes[k])}).")
         args, kwargs, target = unpack(example)
         add_batch = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t
         args = tuple(add_batch(a) for a in args)

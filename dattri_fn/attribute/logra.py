@@ -36,6 +36,7 @@ from .._checks import (
     batch_size,
     batch_slice,
     batch_to,
+    blame_data,
     check_int,
     check_optional_int,
     check_params,
@@ -200,9 +201,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             start += ko * ki
         return out
 
-    def feature_fn(params_state: dict, state: LoGraState):
+    def feature_fn(params_state: dict, state: LoGraState, func: str, arg: str):
         layers = tuple(state.eigvecs)
-        return lambda batch: features(projected(raw(params_state, layers, batch), state.projections))
+
+        def rows(batch) -> Tensor:
+            with blame_data(func, arg, batch):
+                return features(projected(raw(params_state, layers, batch), state.projections))
+
+        return rows
 
     def prepare(params, train) -> LoGraState:
         func = f"{name}.prepare"
@@ -215,14 +221,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         for batch in iter_batches(func, "train", data):
             batch_size(func, "train", batch)
             batch = batch_to(batch, device)
-            if layers is None:
-                layers = layers_for(func, st, batch)
+            with blame_data(func, "train", batch):
+                if layers is None:
+                    layers = layers_for(func, st, batch)
                 io = raw(st, layers, batch)
+            if projections is None:
                 projections = {ln: (_projection(a.shape[-1], k_in, seed * 7919 + 2 * i, a),
-                                   _projection(g.shape[-1], k_out, seed * 7919 + 2 * i + 1, g))
+                                    _projection(g.shape[-1], k_out, seed * 7919 + 2 * i + 1, g))
                                for i, (ln, (a, g)) in enumerate(io.items())}
-            else:
-                io = raw(st, layers, batch)
             io = projected(io, projections)
             for ln, (a, g) in io.items():
                 dA = torch.einsum("bti,btj->ij", a, a / a.shape[1])
@@ -251,7 +257,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             for phi in feats:
                 add_lambda(phi)
         else:
-            fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None))
+            fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None), func, "train")
             for batch in iter_batches(func, "train", data):
                 add_lambda(fn(batch_to(batch, device)))
         eigvals = {}
@@ -281,8 +287,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         st = state_of(func, params)
         device = next(iter(st.values())).device
         check_optional_int(func, "top_k", top_k)
-        fn = feature_fn(st, state)
-        test_pre = precondition(state, collect(fn, test, device=device, func=func, arg="test"))
+        fn = feature_fn(st, state, func, "train")
+        test_fn = feature_fn(st, state, func, "test")
+        test_pre = precondition(state, collect(test_fn, test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
             feats = state.train_features.to(device)
@@ -306,7 +313,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            fn = feature_fn(st, state)
+            fn = feature_fn(st, state, func, "train")
             blocks = (fn(batch_to(b, device)) for b in
                       iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in blocks])
