@@ -424,22 +424,26 @@ def write_parts_manifest(path: str | os.PathLike, parts: list[str], *, params_ha
 
 def scores_file(out: str | os.PathLike, n_rows: int, blocks: Iterator[Tensor]) -> Tensor:
     """Write score blocks (``[b, n_test]`` in row order) into ``out`` as an ``[n_rows, n_test]``
-    ``.npy`` memmap, renamed into place only when complete; return it memory-mapped
-    (copy-on-write: editing the tensor never changes the file)."""
+    ``.npy`` file, renamed into place only when complete; return it memory-mapped
+    (copy-on-write: editing the tensor never changes the file).
+
+    Blocks are appended through a file object, not a writable memmap: written pages then sit
+    in the page cache, not in this process's resident set, so peak memory is one block.
+    """
     out = Path(out)
-    mm, offset = None, 0
-    with atomic_path(out) as tmp:
+    offset, width = 0, None
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
         for block in blocks:
-            block = block.detach().cpu()
-            if mm is None:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=block.numpy().dtype,
-                                               shape=(n_rows, block.shape[1]))
-            mm[offset:offset + block.shape[0]] = block.numpy()
-            offset += block.shape[0]
-        if mm is None or offset != n_rows:
+            arr = np.ascontiguousarray(block.detach().cpu().numpy())
+            if width is None:
+                width = arr.shape[1]
+                np.lib.format.write_array_header_1_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False,
+                    "shape": (n_rows, width)})
+            f.write(arr.tobytes())
+            offset += arr.shape[0]
+        if width is None or offset != n_rows:
             raise ValueError(_msg("scores_file", "blocks", f"{n_rows} rows", f"{offset}"))
-        mm.flush()
-        del mm
     return torch.from_numpy(np.load(out, mmap_mode="c"))
 
 

@@ -3,8 +3,9 @@
 Usage: RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/_dist_worker.py
 SCENARIO OUT. Scenario "all": CG on the all-reduced Hessian product, K-FAC/EK-FAC factors, a
 sharded Grad-Dot store and its scores (block and top-k); each rank saves its results to
-OUT/rank{r}.pt. Scenario "die": rank 1 exits right after joining; rank 0 writes the error its
-next collective raises to OUT/rank0.txt.
+OUT/rank{r}.pt. Scenario "die": both ranks build the sharded store, rank 1 exits after its
+first shard; rank 0 writes the error its next collective raises (and how long it took) to
+OUT/rank0.txt.
 """
 
 import os
@@ -72,13 +73,19 @@ def run_all(out):
 
 def run_die(out):
     rank, _ = D.init(backend="gloo", timeout_s=20)
-    if rank == 1:
-        os._exit(3)
-    time.sleep(0.5)
     _, params, loss, train, _, _ = problem()
+    calls = []
+
+    def features(batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os._exit(3)  # dies mid-build: its first shard committed, the second not
+        return per_sample_grad(loss, params, batch)
+
     t0 = time.perf_counter()
     try:
-        D.all_reduce_linop(hvp(loss, params, train[:2]), 12)
+        D.sharded_store(os.path.join(out, "store"), features, D.shard_data(train), params=params,
+                        config=CONFIG)
     except RuntimeError as err:
         with open(os.path.join(out, "rank0.txt"), "w") as f:
             f.write(f"{time.perf_counter() - t0:.2f}\n{err}")

@@ -1,6 +1,7 @@
 """torch.distributed with 2 gloo processes on loopback: sharded == single-process results, and a
 dead rank makes the other fail with a clear error, not a hang."""
 
+import json
 import os
 import socket
 import subprocess
@@ -68,14 +69,27 @@ def test_shard_range_partitions_contiguously():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error")
-def test_two_gloo_ranks_equal_one_process(tmp_path):
-    """2 ranks (3 + 2 batches): CG on the all-reduced H V, K-FAC/EK-FAC factors, Grad-Dot from
-    the sharded store (blocks and rank-0 top-k) equal one process: to 1e-12 where the sums are
-    regrouped over ranks (CG, factors), bit for bit for the scores; both ranks hold
+def test_dead_rank_fails_clearly_then_rerun_resumes_and_equals_one_process(tmp_path):
+    """Rank 1 dies mid-build: rank 0 fails within seconds naming the call, its rank and the world.
+    The rerun (2 ranks) resumes rank 1's store part; CG on the all-reduced H V, K-FAC/EK-FAC
+    factors equal one process to 1e-12 (sums regrouped over ranks), Grad-Dot scores from the
+    sharded store (blocks, rank-0 top-k, the whole store) bit for bit; both ranks hold
     bit-identical CG solutions and EK-FAC eigenvalues."""
+    died = _launch("die", tmp_path, timeout=90)
+    assert died[1].returncode == 3
+    assert died[0].returncode == 0, died[0].stderr[-3000:]
+    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert float(seconds) < 25
+    assert message.startswith("sharded_store: rank 0 of 2: a collective failed: a peer rank died")
+    parts = [json.loads((tmp_path / "store" / p / "manifest.json").read_text())
+             for p in ("rank-00000", "rank-00001")]
+    assert [len(p["shards"]) for p in parts] == [3, 1] and [p["complete"] for p in parts] == [True, False]
+    kept = os.stat(tmp_path / "store" / "rank-00001" / "shard-000000.npy")
     runs = _launch("all", tmp_path)
     for r in runs:
         assert r.returncode == 0, r.stderr[-3000:]
+    again = os.stat(tmp_path / "store" / "rank-00001" / "shard-000000.npy")
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # resumed, not rewritten
     r0, r1 = (io.load(tmp_path / f"rank{r}.pt") for r in range(2))
     model, params, loss, train, test, V = W.problem()
     tol = dict(rtol=0, atol=1e-12)
@@ -102,15 +116,3 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     store = open_store(tmp_path / "store", params=params, config=W.CONFIG)  # both parts, rank order
     assert store.n_rows == 30
     assert torch.equal(m.score(params, (), store, test), S)
-
-
-@pytest.mark.slow
-def test_dead_rank_fails_the_other_clearly(tmp_path):
-    """Rank 1 exits after joining: rank 0's next collective raises a RuntimeError naming the call,
-    its rank and the world size within seconds (no hang)."""
-    runs = _launch("die", tmp_path, timeout=90)
-    assert runs[1].returncode == 3
-    assert runs[0].returncode == 0, runs[0].stderr[-3000:]
-    seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
-    assert float(seconds) < 25
-    assert message.startswith("row_offset: rank 0 of 2: a collective failed: a peer rank died")

@@ -257,3 +257,23 @@ def test_stats_store_caches_kfac_factors(tmp_path):
     with pytest.raises(ValueError, match=r"stats_store\(config=...\): expected the store's "
                                          r"config\['kind'\] = 'kfac'"):
         stats_store(tmp_path, never, params=params, config=dict(cfg, kind="ekfac"))
+
+
+def test_functional_model_grad_dot_through_store(tmp_path):
+    """grad_dot(FunctionalModel) (factored LayerGrads rows) through a store (stored dense) equals
+    the factored scores from the data and G_train G_test^T, to 1e-12."""
+    from torch import nn
+
+    from dattri_fn.model import functional_model
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fm = functional_model(model, torch.nn.functional.cross_entropy)
+    x, y = torch.randn(14, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (14,), generator=g)
+    train, test = _split((x[:10], y[:10]), 4), (x[10:], y[10:])
+    m = grad_dot(fm)
+    S = m.score(fm.params, (), record_store(tmp_path, train, params=fm.params), test)
+    torch.testing.assert_close(S, m.score(fm.params, (), train, test), rtol=0, atol=1e-12)
+    G = per_sample_grad(fm.loss, fm.params, (x, y))
+    torch.testing.assert_close(S, G[:10] @ G[10:].T, rtol=0, atol=1e-12)
