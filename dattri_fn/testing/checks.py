@@ -198,8 +198,9 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
 
     - accuracy: every row within ``rtol`` (relative, 2-norm) of ``torch.linalg.solve`` on
       ``kinds`` (positive definite, condition number ``cond``) in float64;
-    - dtype/device follow the operator, rows are independent, a ``[P]`` vector works, two
-      solvers built alike give bitwise-equal outputs (``dtypes``; float32 to ``1e-3``);
+    - dtype/device follow the operator, rows are independent (to ``2 rtol``), a ``[P]``
+      vector works, two solvers built alike give bitwise-equal outputs (``dtypes``; float32
+      to ``1e-3``);
     - never silent: on an indefinite operator (``indefinite``: ``A + damping I`` has
       eigenvalues of both signs, all ``|lambda| >= 1``) and on a singular PSD one with
       ``damping = 0`` (``singular``) the solver is accurate (the solve, or a least-squares
@@ -249,8 +250,9 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                           f"worst row {i}: relative error {float(err[i]):.2e}")
                 if dtype == dtypes[0] and form == "dense":
                     rows = torch.cat([inv(V[i : i + 1]) for i in range(k)])
+                    # Each row is within tol of the solve, so within 2 tol of each other.
                     _assert_close(check, name, f"row batching ({where})", rows, x,
-                                  max(default_rtol(dtype), tol * 1e-2))
+                                  max(default_rtol(dtype), 2 * tol))
                     vec = inv(V[0])
                     if tuple(vec.shape) != (dim,):
                         _fail(check, name, "a [P] vector maps to a [P] vector",
@@ -441,8 +443,8 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
     _assert_close(check, name, "score(train, test) == score(train, train)[:, :n_test]",
                   S, full[:, :m], rtol, labels)
     diag = method.self_score(params, state, train)
-    _assert_close(check, name, "self_score == diag(score(train, train))", diag[:, None],
-                  full.diagonal()[:, None], rtol, ("train", "-"))
+    _assert_close(check, name, "self_score == diag(score(train, train))", diag,
+                  full.diagonal(), rtol, ("train",))
     listed = _split(train, batch_size)
     S_list = method.score(params, method.prepare(params, listed), listed, _split(test, batch_size))
     _assert_close(check, name, f"batching invariance (lists of batches of {batch_size})",
