@@ -32,6 +32,7 @@ agree across the two modes to float32 round-off (thread counts change reduction 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -147,9 +148,10 @@ def _model_seed(seed: int, s: int) -> int:
     return derive_seed("model", seed, s) % (2**31)
 
 
-def _train_unit(task: Task, keep: Tensor | None, model_seed: int, path: str) -> float:
+def _train_unit(task: Task, keep: Tensor | None, model_seed: int, path: str,
+                weighted: bool = False) -> float:
     start = time.perf_counter()
-    model = train_model(task, seed=model_seed, keep=keep)
+    model = train_model(task, seed=model_seed, keep=keep, weighted=weighted)
     targets = task.target(model, task.x_test, task.y_test).detach().cpu()
     seconds = time.perf_counter() - start
     io.save({"targets": targets, "seconds": seconds}, path)
@@ -165,8 +167,8 @@ def _init_worker(task: Task) -> None:
     _WORKER_TASK = task
 
 
-def _worker_unit(keep: Tensor | None, model_seed: int, path: str) -> float:
-    return _train_unit(_WORKER_TASK, keep, model_seed, path)
+def _worker_unit(keep: Tensor | None, model_seed: int, path: str, weighted: bool) -> float:
+    return _train_unit(_WORKER_TASK, keep, model_seed, path, weighted)
 
 
 class _Progress:
@@ -205,23 +207,23 @@ class _Progress:
 
 def _run_units(task: Task, units: list[tuple[str, Tensor | None, int]], directory: Path, *,
                workers: int, progress: bool, on_unit: Callable[[str], None] | None,
-               label: str) -> dict[str, Tensor]:
+               label: str, weighted: bool = False) -> dict[str, Tensor]:
     """Train every unit whose file is missing; return ``{name: targets [n_test]}`` for all."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{name}.pt" for name, _, _ in units}
     missing = [u for u in units if not paths[u[0]].is_file()]
     bar = _Progress(label, len(units), len(units) - len(missing), progress)
     try:
-        _train_missing(task, missing, paths, workers, bar, on_unit)
+        _train_missing(task, missing, paths, workers, bar, on_unit, weighted)
     finally:
         bar.close()
     return {name: io.load(paths[name])["targets"] for name, _, _ in units}
 
 
-def _train_missing(task, missing, paths, workers, bar, on_unit) -> None:
+def _train_missing(task, missing, paths, workers, bar, on_unit, weighted=False) -> None:
     if workers == 1 or len(missing) <= 1:
         for name, keep, model_seed in missing:
-            _train_unit(task, keep, model_seed, str(paths[name]))
+            _train_unit(task, keep, model_seed, str(paths[name]), weighted)
             bar.step()
             if on_unit is not None:
                 on_unit(name)
@@ -229,7 +231,7 @@ def _train_missing(task, missing, paths, workers, bar, on_unit) -> None:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(missing)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(task,)) as pool:
-            pending = {pool.submit(_worker_unit, keep, s, str(paths[name])): name
+            pending = {pool.submit(_worker_unit, keep, s, str(paths[name]), weighted): name
                        for name, keep, s in missing}
             try:
                 while pending:
@@ -264,8 +266,8 @@ def _check_common(func: str, task, r, seed, workers):
 
 def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed: int = 0,
                      cache_dir: str | os.PathLike | None = None, workers: int = 1,
-                     progress: bool = True, on_unit: Callable[[str], None] | None = None
-                     ) -> GroundTruth:
+                     progress: bool = True, on_unit: Callable[[str], None] | None = None,
+                     weighted: bool = False) -> GroundTruth:
     """Return targets of models retrained on ``m`` random ``alpha``-subsets, ``r`` seeds each.
 
     ``targets[k, j] = mean_s task.target(model(S_k, seed_s))[j]`` with ``S_k`` =
@@ -284,6 +286,10 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
             processes with one thread each.
         progress: draw a progress line on stderr.
         on_unit: called with each unit's name after its file is written (in this process).
+        weighted: the fixed-randomness protocol (MAGIC's): every model trains on all rows in
+            the full run's data order with the examples outside ``S_k`` weighted 0
+            (:func:`~dattri_fn.tasks.train_model` ``weighted=True``; an ``"sgd"`` task). Cached
+            apart from the standard units.
 
     Returns:
         :class:`GroundTruth` ``(subsets, targets)``; ``targets`` on the CPU in the target's dtype.
@@ -300,13 +306,21 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
     if alpha >= 1:
         raise ValueError(_msg("lds_ground_truth", "alpha", "a fraction in (0, 1)", repr(alpha)))
     subsets = draw_subsets(task.n_train, m, alpha=alpha, seed=seed)
-    key = cache_key(task, kind="lds", seed=seed, alpha=float(alpha))
-    directory = _cache_root("lds_ground_truth", cache_dir) / f"{task.name}-lds-{key[:20]}"
+    if not isinstance(weighted, bool):
+        raise TypeError(_msg("lds_ground_truth", "weighted", "a bool", type(weighted).__name__))
+    if weighted and "weights" not in inspect.signature(task.train).parameters:
+        raise ValueError(_msg("lds_ground_truth", "weighted", "a task whose trainer takes "
+                              "weights (hparams optimizer 'sgd')",
+                              f"optimizer {task.hparams.get('optimizer')!r}",
+                              "Build the task with get_task(name, hparams=SGD_HPARAMS)."))
+    kind = "lds-weighted" if weighted else "lds"
+    key = cache_key(task, kind=kind, seed=seed, alpha=float(alpha))
+    directory = _cache_root("lds_ground_truth", cache_dir) / f"{task.name}-{kind}-{key[:20]}"
     device = task.x_train.device
     units = [(f"subset{k:06d}-seed{s:04d}", subsets[k].to(device), _model_seed(seed, s))
              for k in range(m) for s in range(r)]
     got = _run_units(task, units, directory, workers=workers, progress=progress,
-                     on_unit=on_unit, label=f"lds_ground_truth {task.name}")
+                     on_unit=on_unit, label=f"lds_ground_truth {task.name}", weighted=weighted)
     targets = torch.stack([got[name] for name, _, _ in units]).reshape(m, r, -1).mean(1)
     return GroundTruth(subsets, targets)
 

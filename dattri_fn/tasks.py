@@ -18,6 +18,12 @@ Training minimises ``mean loss + 0.5 * weight_decay * ||theta||^2`` over ALL par
 batch (L-BFGS for ``digits-lr``, Adam otherwise), so a model is a deterministic function of its
 init seed and its training subset; influence methods match the objective with
 ``damping = weight_decay``. Hyper-parameters are in ``Task.hparams``.
+
+``hparams={"optimizer": "sgd", ...}`` (e.g. :data:`SGD_HPARAMS`) trains with mini-batch SGD with
+momentum on the functional trainer (:mod:`dattri_fn.training`): a pure, replayable run that
+MAGIC (:func:`dattri_fn.attribute.magic.magic`) differentiates, with the data order drawn from
+:func:`order_seed` of the init seed; it also takes per-example ``weights``
+(``train_model(..., weighted=True)``).
 """
 
 from __future__ import annotations
@@ -251,7 +257,53 @@ def _train_adam(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
     return model.eval()
 
 
-_TRAINERS = {"lbfgs": _train_lbfgs, "adam": _train_adam}
+def order_seed(seed: int) -> int:
+    """The data-order seed of the ``"sgd"`` trainer for init seed ``seed`` (MAGIC replays it)."""
+    return derive_seed("order", seed)
+
+
+def _train_sgd(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
+               epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
+               default_epochs: int, batch_size: int = 64, momentum: float = 0.9,
+               weights: Tensor | None = None) -> nn.Module:
+    """Mini-batch SGD with momentum on the functional trainer (:mod:`dattri_fn.training`).
+
+    Cosine-decayed ``lr``, coupled weight decay, batches of ``batch_size`` in the order
+    ``batch_order(n, seed=order_seed(seed))``; ``weights [n]`` weight each example's loss (0 =
+    removed with the order kept: the fixed-randomness protocol of
+    :func:`dattri_fn.retrain.lds_ground_truth`).
+    """
+    from .model import functional_model
+    from .training import make_step, train
+
+    optimizer, order = sgd_run(x.shape[0], seed=seed, epochs=epochs or default_epochs, lr=lr,
+                               weight_decay=weight_decay, batch_size=batch_size,
+                               momentum=momentum)
+    fm = functional_model(model, loss_fn)
+    run = train(make_step(fm, optimizer), fm.params, optimizer.init(fm.params), (x, y), order,
+                weights=weights)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(run.params[name])
+    return model.eval()
+
+
+def sgd_run(n: int, *, seed: int, epochs: int, lr: float, weight_decay: float,
+            batch_size: int, momentum: float):
+    """Return ``(Optimizer, order)`` of the ``"sgd"`` trainer on ``n`` examples."""
+    from .training import batch_order, cosine_schedule, sgd
+
+    order = batch_order(n, batch_size=batch_size, epochs=epochs, seed=order_seed(seed))
+    optimizer = sgd(cosine_schedule(lr, len(order)), momentum=momentum,
+                    weight_decay=weight_decay)
+    return optimizer, order
+
+
+_TRAINERS = {"lbfgs": _train_lbfgs, "adam": _train_adam, "sgd": _train_sgd}
+# Keys only the "sgd" trainer reads: accepted as hparams overrides, absent from the defaults
+# (so the other trainers' hparams, and the retraining cache keys built from them, are unchanged).
+_SGD_KEYS = {"batch_size": 64, "momentum": 0.9}
+SGD_HPARAMS = dict(optimizer="sgd", lr=0.05, epochs=40, batch_size=64, momentum=0.9)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -319,9 +371,10 @@ _HPARAMS = {
 
 
 def _trainer(hp: dict, loss_fn) -> Callable[..., nn.Module]:
+    extra = {k: hp[k] for k in _SGD_KEYS if k in hp} if hp["optimizer"] == "sgd" else {}
     return functools.partial(_TRAINERS[hp["optimizer"]], loss_fn=loss_fn,
                              weight_decay=hp["weight_decay"], lr=hp["lr"],
-                             default_epochs=hp["epochs"])
+                             default_epochs=hp["epochs"], **extra)
 
 
 def _digits_task(name: str, n_train: int, n_test: int, seed: int, noisy: bool,
@@ -378,6 +431,8 @@ def get_task(name: str, *, n_train: int | None = None, n_test: int | None = None
             them.
         hparams: overrides of the task's training hyper-parameters, e.g.
             ``{"weight_decay": 1e-2, "epochs": 50}``; see ``get_task(name).hparams`` for keys.
+            ``{"optimizer": "sgd", ...}`` also accepts ``batch_size`` and ``momentum``
+            (defaults 64 and 0.9; :data:`SGD_HPARAMS` is the setting of the MAGIC benchmark).
 
     Returns:
         A :class:`Task` with float32 data on the CPU (``Task.to(device)`` to move it).
@@ -399,11 +454,18 @@ def get_task(name: str, *, n_train: int | None = None, n_test: int | None = None
     if hparams is not None:
         if not isinstance(hparams, dict):
             raise TypeError(_msg("get_task", "hparams", "a dict or None", type(hparams).__name__))
-        unknown = sorted(set(hparams) - set(hp))
+        known = set(hp) | (set(_SGD_KEYS) if hparams.get("optimizer") == "sgd" else set())
+        unknown = sorted(set(hparams) - known)
         if unknown:
-            raise ValueError(_msg("get_task", "hparams", f"keys among {sorted(hp)}",
+            raise ValueError(_msg("get_task", "hparams", f"keys among {sorted(known)}",
                                   f"unknown {unknown}"))
+        if hparams.get("optimizer", hp["optimizer"]) not in _TRAINERS:
+            raise ValueError(_msg("get_task", "hparams", "optimizer among "
+                                  + ", ".join(map(repr, _TRAINERS)),
+                                  repr(hparams.get("optimizer"))))
         hp.update(hparams)
+        if hp["optimizer"] == "sgd":
+            hp = {**_SGD_KEYS, **hp}
     if name == "text-lm":
         if noisy:
             raise ValueError(_msg("get_task", "noisy", "False for 'text-lm'", "True",
@@ -413,7 +475,7 @@ def get_task(name: str, *, n_train: int | None = None, n_test: int | None = None
 
 
 def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
-                epochs: int | None = None) -> nn.Module:
+                epochs: int | None = None, weighted: bool = False) -> nn.Module:
     """Return ``task.make_model(seed)`` trained on the rows of ``keep`` (all by default).
 
     Args:
@@ -421,9 +483,29 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
         seed: init (and training) seed.
         keep: ``[n_train]`` bool mask or int64 indices of the training examples to use.
         epochs: overrides ``task.hparams["epochs"]``.
+        weighted: train on ALL rows in the full run's data order with the examples outside
+            ``keep`` weighted 0 (the fixed-randomness protocol); needs a trainer that takes
+            ``weights`` (``hparams["optimizer"] == "sgd"``).
+
+    Raises:
+        ValueError: ``weighted=True`` with a trainer that takes no ``weights``.
     """
     x, y = task.x_train, task.y_train
-    if keep is not None:
+    extra = {}
+    if weighted:
+        if "weights" not in inspect.signature(task.train).parameters:
+            raise ValueError(_msg("train_model", "weighted", "a task whose trainer takes "
+                                  "weights (hparams optimizer 'sgd')",
+                                  f"optimizer {task.hparams.get('optimizer')!r}",
+                                  "Build the task with get_task(name, hparams=SGD_HPARAMS)."))
+        w = torch.ones(x.shape[0], dtype=x.dtype if x.is_floating_point() else torch.float32,
+                       device=x.device)
+        if keep is not None:
+            mask = torch.zeros_like(w, dtype=torch.bool)
+            mask[keep] = True
+            w = w * mask
+        extra["weights"] = w
+    elif keep is not None:
         x, y = x[keep], y[keep]
     model = task.make_model(seed).to(x.device)
     # One CPU thread: float32 reductions then run in one order whatever the caller's thread
@@ -432,6 +514,6 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return task.train(model, x, y, seed=seed, epochs=epochs)
+        return task.train(model, x, y, seed=seed, epochs=epochs, **extra)
     finally:
         torch.set_num_threads(threads)

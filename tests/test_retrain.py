@@ -205,3 +205,26 @@ def test_exact_influence_scores_positive_lds_and_loo(tmp_path):
     loo = loo_ground_truth(task, list(range(20)), cache_dir=tmp_path, progress=False)
     corr = loo_correlation(scores[:20], loo.diffs.double())
     assert corr.pearson > 0.6 and corr.spearman > 0.5  # measured 0.95 and 0.80
+
+
+def test_weighted_lds_ground_truth_is_the_fixed_randomness_run(tmp_path):
+    """weighted=True: targets[k] == target of train_model(keep=S_k, weighted=True), model seed
+    shared; cached apart from the standard units (which train on the subset alone)."""
+    from dattri_fn.tasks import SGD_HPARAMS
+
+    sgd_task = get_task("digits-mlp", n_train=40, n_test=6, hparams={**SGD_HPARAMS, "epochs": 2})
+    gt = lds_ground_truth(sgd_task, 2, cache_dir=tmp_path, weighted=True, progress=False)
+    standard = lds_ground_truth(sgd_task, 2, cache_dir=tmp_path, progress=False)
+    seed = retrain._model_seed(0, 0)
+    for k in range(2):
+        model = train_model(sgd_task, seed=seed, keep=gt.subsets[k], weighted=True)
+        expected = sgd_task.target(model, sgd_task.x_test, sgd_task.y_test)
+        torch.testing.assert_close(gt.targets[k], expected, rtol=0, atol=0)
+    assert not torch.equal(gt.targets, standard.targets)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_weighted_needs_a_weighted_trainer(task, tmp_path):
+    """lds_ground_truth(weighted=True) on an L-BFGS task is refused before any training."""
+    with pytest.raises(ValueError, match=r"lds_ground_truth\(weighted=...\): expected a task"):
+        lds_ground_truth(task, 2, cache_dir=tmp_path, weighted=True)

@@ -137,3 +137,44 @@ def test_hparams_override_changes_training():
     norm = [sum(p.square().sum() for p in train_model(t, seed=0).parameters())
             for t in (small, big)]
     assert norm[1] < norm[0]
+
+
+def test_sgd_trainer_is_the_functional_run_magic_replays():
+    """hparams optimizer 'sgd': train_model == train(make_step(fm, sgd_run(...))) bit for bit;
+    weighted=True with every row kept == the unweighted run; a 0 weight changes the model."""
+    from dattri_fn.model import functional_model
+    from dattri_fn.tasks import SGD_HPARAMS, sgd_run
+    from dattri_fn.training import make_step, train
+
+    task = get_task("digits-mlp", n_train=70, n_test=5, hparams={**SGD_HPARAMS, "epochs": 2})
+    assert task.hparams["batch_size"] == 64 and task.hparams["momentum"] == 0.9
+    model = train_model(task, seed=3)
+    optimizer, order = sgd_run(70, seed=3, epochs=2, lr=0.05, weight_decay=1e-3,
+                               batch_size=64, momentum=0.9)
+    assert len(order) == 4 and [len(r) for r in order] == [64, 6, 64, 6]
+    fm = functional_model(task.make_model(3), task.loss_fn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # train_model's setting: the same reduction order
+    try:
+        run = train(make_step(fm, optimizer), fm.params, optimizer.init(fm.params),
+                    (task.x_train, task.y_train), order)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(p, run.params[k]) for k, p in model.named_parameters())
+    same = train_model(task, seed=3, keep=torch.ones(70, dtype=torch.bool), weighted=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), same.parameters(), strict=True))
+    keep = torch.ones(70, dtype=torch.bool)
+    keep[5] = False
+    other = train_model(task, seed=3, keep=keep, weighted=True)
+    assert not torch.equal(other[0].weight, model[0].weight)
+
+
+def test_sgd_options_and_weighted_errors():
+    """batch_size/momentum are sgd-only keys; weighted=True needs the sgd trainer."""
+    with pytest.raises(ValueError, match=r"get_task\(hparams=...\): expected keys among"):
+        get_task("digits-mlp", hparams={"batch_size": 32})
+    with pytest.raises(ValueError, match=r"get_task\(hparams=...\): expected optimizer among"):
+        get_task("digits-mlp", hparams={"optimizer": "rmsprop"})
+    task = get_task("digits-lr", n_train=20, n_test=5)
+    with pytest.raises(ValueError, match=r"train_model\(weighted=...\): expected a task whose"):
+        train_model(task, weighted=True)

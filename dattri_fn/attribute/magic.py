@@ -177,12 +177,13 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         >>> state = method.prepare(params0, train)
         >>> scores = method.score(params0, state, train, test)   # [n_train, n_test]
     """
-    if isinstance(loss, FunctionalModel):
-        loss = loss.loss
+    model = loss if isinstance(loss, FunctionalModel) else None
+    loss = model.loss if model is not None else loss
     if not callable(loss):
         raise TypeError(_msg("magic", "loss", "a per-example function (params, example) -> "
                              "Tensor[] or a FunctionalModel", type(loss).__name__))
-    step = make_step(loss, optimizer)
+    # A FunctionalModel trains with its batched forward (one call per batch, not per example).
+    step = make_step(model if model is not None else loss, optimizer)
     epochs = check_int("magic", "epochs", epochs)
     batch_size = check_optional_int("magic", "batch_size", batch_size)
     seed = check_int("magic", "seed", seed, minimum=0)
