@@ -23,37 +23,38 @@ from dattri_fn.testing.registry import METHODS, OPERATORS, PROJECTORS, SOLVERS
 
 # One instance per kind, small enough that each check takes about a second.
 PROBLEMS = {
-    "ridge": lambda: ridge_regression(n=12, dim=3, seed=1, l2=0.05),
-    "linear": lambda: linear_regression(n=14, dim=2, seed=2, fit=True),
-    "logistic": lambda: logistic_regression(n=12, dim=2, classes=3, seed=3, l2=0.05, fit=True),
-    "mlp": lambda: mlp(n=8, seed=4),
-    "conv": lambda: conv_net(n=6, size=4, seed=5),
-    "sequence": lambda: sequence_model(n=6, length=3, seed=6),
+    "ridge": lambda d: ridge_regression(n=12, dim=3, seed=1, l2=0.05, device=d),
+    "linear": lambda d: linear_regression(n=14, dim=2, seed=2, fit=True, device=d),
+    "logistic": lambda d: logistic_regression(n=12, dim=2, classes=3, seed=3, l2=0.05, fit=True,
+                                              device=d),
+    "mlp": lambda d: mlp(n=8, seed=4, device=d),
+    "conv": lambda d: conv_net(n=6, size=4, seed=5, device=d),
+    "sequence": lambda d: sequence_model(n=6, length=3, seed=6, device=d),
 }
 _CACHE: dict = {}
 
 
-def _problem(name):
+def _problem(name, device):
     """Problems and their exact LOO are built once per session (LOO refits n times)."""
-    if name not in _CACHE:
-        p = PROBLEMS[name]()
-        _CACHE[name] = (p, exact_loo(p) if p.fitted else None)
-    return _CACHE[name]
+    if (name, device) not in _CACHE:
+        p = PROBLEMS[name](device)
+        _CACHE[name, device] = (p, exact_loo(p) if p.fitted else None)
+    return _CACHE[name, device]
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_solver_contract(name):
+def test_solver_contract(device, name):
     """check_inverse: (A + damping I)^-1 V == linalg.solve within the entry's rtol, dtype/device,
     rows, vectors, determinism; never silent on indefinite or singular operators."""
     entry = SOLVERS[name]
-    check_inverse(entry.build(), name=name, **entry.options)
+    check_inverse(entry.build(), name=name, device=device, **entry.options)
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 @pytest.mark.parametrize("name", sorted(OPERATORS))
 def test_operator_contract(device, name, problem):
     """check_linop: rows, linearity, determinism, symmetry, dense() == the dense reference."""
-    p, _ = _problem(problem)
+    p, _ = _problem(problem, device)
     built = OPERATORS[name].build(p)
     if built is None:
         pytest.skip(f"{name} does not apply to {problem}")
@@ -62,10 +63,10 @@ def test_operator_contract(device, name, problem):
 
 
 @pytest.mark.parametrize("name", sorted(PROJECTORS))
-def test_projector_contract(name):
+def test_projector_contract(device, name):
     """check_projector: shapes, dtype, rows, linearity, seeds, E[R R^T] = I, the JL bound of the kind."""
     entry = PROJECTORS[name]
-    check_projector(entry.build(), name=name, **entry.options)
+    check_projector(entry.build(), name=name, device=device, **entry.options)
 
 
 # Matrix-free solvers run one HVP per iteration and ten prepare/score calls per check: two
@@ -76,10 +77,10 @@ CASES = [(m, p) for m in sorted(METHODS) for p in sorted(PROBLEMS)
 
 
 @pytest.mark.parametrize("name,problem", CASES)
-def test_method_contract(name, problem):
+def test_method_contract(device, name, problem):
     """check_method: self_score == diag, batching/list/DataLoader invariance, top_k == topk,
     a duplicated point scores alike and positively, agreement with exact LOO on convex problems."""
-    p, loo = _problem(problem)
+    p, loo = _problem(problem, device)
     method = METHODS[name].build(p)
     if method is None:
         pytest.skip(f"{name} does not apply to {problem}")

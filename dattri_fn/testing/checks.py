@@ -306,7 +306,7 @@ def jl_d_eff(kind: str, proj_dim: int, nnz: int = 1) -> int:
 
 def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]], *,
                     dim: int = 12, proj_dim: int = 256, seeds: int = 100, seed: int = 0,
-                    d_eff: int | None = None, name: str | None = None) -> None:
+                    d_eff: int | None = None, device="cpu", name: str | None = None) -> None:
     """Check a seeded random projection family ``make(dim, proj_dim, seed)(X) = X R``.
 
     Properties: ``[B, P] -> [B, d]`` with the input's dtype and device; rows independent and
@@ -323,6 +323,7 @@ def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]],
         make: ``(dim, proj_dim, seed) -> projector`` (``[B, P] -> [B, d]``).
         d_eff: the variance bound's effective dimension for the kind (:func:`jl_d_eff`);
             default ``proj_dim`` (a dense Gaussian or Rademacher ``R``).
+        device: where the features live.
 
     Raises:
         AssertionError: naming the violated property and the worst entry or pair.
@@ -331,8 +332,8 @@ def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]],
     name = name or _name(make, "projector")
     P, d = dim, proj_dim
     d_eff = d if d_eff is None else d_eff
-    X = _randn(seed, 4, P)
-    Y = _randn(seed + 1, 4, P)
+    X = _randn(seed, 4, P, device=device)
+    Y = _randn(seed + 1, 4, P, device=device)
     proj = make(P, d, seed)
     out = proj(X)
     if not isinstance(out, Tensor) or tuple(out.shape) != (4, d):
@@ -354,11 +355,11 @@ def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]],
     if torch.equal(make(P, d, seed + 1)(X), out):
         _fail(check, name, "another seed, another projection", f"seeds {seed} and {seed + 1} "
               "give the same output (is the seed used?)")
-    eye = torch.eye(P, dtype=torch.float64)
-    U = _randn(seed + 2, 5, P)
+    eye = torch.eye(P, dtype=torch.float64, device=device)
+    U = _randn(seed + 2, 5, P, device=device)
     U = U / U.norm(dim=1, keepdim=True)
     U[1] = (U[0] + U[1]) / (U[0] + U[1]).norm()
-    acc = torch.zeros(P, P, dtype=torch.float64)
+    acc = torch.zeros(P, P, dtype=torch.float64, device=device)
     errs = []
     for s in range(seed, seed + seeds):
         p = make(P, d, s)
