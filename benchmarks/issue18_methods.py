@@ -1,0 +1,80 @@
+"""The issue-18 methods on digits-mlp: LDS, time, against the methods they extend.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.issue18_methods
+
+digits-mlp (n_train 500, n_test 50, the task of ``benchmarks.hessian_solvers``), LDS over the
+64 retrained half-subsets (cached under ``.cache/dattri_fn``), time of prepare + score. Models:
+``train_model(task, seed=s)`` for s = 0, 1, 2 (three independently trained models: the
+"ensemble" rows use all three, the others seed 0). Rows: influence (Gauss-Newton, CG 100) on one
+model, on the list of three (mean of per-model scores) and with RelatIF's two normalisations;
+Grad-Dot / Grad-Cos on one model and TracIn / TracIn-Cos over the three; the dropout ensemble
+(a dropout of p = 0.2 on the hidden layer at attribution time, 8 masks) against Grad-Dot; and
+KNN-Shapley (K = 5) on raw inputs and on the hidden features, whose scores are data values, not
+influence (its LDS is reported for scale).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from dattri_fn import functional_model
+from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin
+from dattri_fn.attribute.ensemble import dropout_ensemble
+from dattri_fn.attribute.gradsim import tracin_cos
+from dattri_fn.attribute.knn_shapley import knn_shapley
+from dattri_fn.metrics import lds
+from dattri_fn.retrain import lds_ground_truth
+from dattri_fn.tasks import get_task, train_model
+
+
+def main() -> None:
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    task = get_task("digits-mlp", n_train=500, n_test=50, seed=0)
+    gt = lds_ground_truth(task, 64, cache_dir=".cache/dattri_fn", seed=0, progress=False)
+    fms = [functional_model(train_model(task, seed=s).eval(), task.loss_fn) for s in range(3)]
+    fm, params = fms[0], [f.params for f in fms]
+    wd, lr = float(task.hparams["weight_decay"]), float(task.hparams["lr"])
+    train = [(task.x_train[i:i + 256], task.y_train[i:i + 256]) for i in range(0, 500, 256)]
+    test = (task.x_test, task.y_test)
+    base = dict(solver="cg", max_iter=100, l2=wd / 2, damping=1e-3 + wd)
+
+    def dropout_loss(p, z):  # the MLP with dropout on its hidden layer
+        x, y = z
+        h = F.dropout(torch.tanh(p["0.weight"] @ x + p["0.bias"]), 0.2, training=True)
+        return F.cross_entropy((p["2.weight"] @ h + p["2.bias"])[None], y[None])
+
+    hidden = lambda p, z: torch.tanh(p["0.weight"] @ z[0] + p["0.bias"])
+    rows = [
+        ("IF (GN, CG 100), one model", influence(fm, **base), fm.params),
+        ("IF (GN, CG 100), list of 3 models", influence(fm, **base), params),
+        ("RelatIF 'l' (GN, CG 100)", influence(fm, relatif="l", **base), fm.params),
+        ("RelatIF 'theta' (GN, CG 100)", influence(fm, relatif="theta", **base), fm.params),
+        ("Grad-Dot, one model", grad_dot(fm), fm.params),
+        ("Grad-Cos, one model", grad_cos(fm), fm.params),
+        ("TracIn, 3 models", tracin(fm, lrs=[lr] * 3), params),
+        ("TracIn-Cos, 3 models", tracin_cos(fm, lrs=[lr] * 3), params),
+        ("dropout ensemble Grad-Dot, 8 masks", dropout_ensemble(dropout_loss, n_masks=8),
+         fm.params),
+        ("KNN-Shapley K=5, raw inputs", knn_shapley(k=5), fm.params),
+        ("KNN-Shapley K=5, hidden features", knn_shapley(hidden, k=5), fm.params),
+    ]
+    out = []
+    for label, method, p in rows:
+        t0 = time.perf_counter()
+        S = method.score(p, method.prepare(p, train), train, test)
+        dt = time.perf_counter() - t0
+        res = lds(S.double(), gt.subsets, gt.targets.double())
+        out.append(f"| {label} | {float(res.mean):.3f} [{float(res.ci95[0]):.3f}, "
+                   f"{float(res.ci95[1]):.3f}] | {dt:.2f} |")
+    print("| method | LDS [95% CI] | seconds |")
+    print("|---|---|---|")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
