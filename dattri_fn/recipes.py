@@ -20,6 +20,12 @@ picture always come from the same configuration. Conventions for a task trained 
 * RPS: the last ``nn.Linear`` is the head (bias folded in as a constant feature), ``l2 = wd / 2``,
   refitted to the model's own predicted probabilities (``refit="predictions"``, as Yeh et al.):
   the trained head is not stationary for the head-only objective the theorem needs.
+* MAGIC: the metagradient through the task's own training run, replayed by the functional
+  trainer from ``task.make_model(c)`` for model ``c`` (``models[c]`` must be
+  ``train_model(task, seed=c)``): the ``"sgd"`` trainer (same order seed) or full-batch Adam
+  with cosine decay; L-BFGS is refused. Target: the correct-class margin
+  ``logit_y - logsumexp_{c != y} logit_c`` (classification), else minus the loss. ``magic``
+  runs the first model, ``magic-ens`` averages over all of them.
 
 ``models`` is a list of trained modules of the task: the first is "the" model; ensemble methods
 (TRAK, TracIn) use all of them as checkpoints.
@@ -39,7 +45,7 @@ from .model import FunctionalModel, functional_model
 from .project import bfloat16_is_fast, make_projector
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
-           "grad-dot", "grad-cos", "tracin", "trak", "rps")
+           "grad-dot", "grad-cos", "tracin", "trak", "rps", "magic", "magic-ens")
 DEMO_METHODS = ("if-cg", "grad-dot", "tracin", "trak", "rps")
 
 
@@ -174,8 +180,49 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
         d = trak_dim(n, proj_dim)
         return Recipe(name, _trak(task, fms, d, seed, damping, trak_rows(P, batch_size, d)),
                       [f.params for f in fms], train, test)
+    if name in ("magic", "magic-ens"):
+        count = 1 if name == "magic" else len(models)
+        method, params = magic_recipe(task, count)
+        data = (task.x_train, task.y_train)
+        return Recipe(name, method, params, data, test)
     method, params = _rps(task, models[0], wd)
     return Recipe(name, method, params, train, test)
+
+
+def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
+                 chunk_size: int | None = None) -> tuple[Method, list]:
+    """Return ``(magic method, initial params of models 0..count-1)`` replaying ``task.train``.
+
+    Raises:
+        ValueError: a task trained by L-BFGS (its line search is no fixed sequence of steps).
+    """
+    from .attribute.magic import magic
+    from .attribute.trak import classification_margin_loss
+    from .tasks import order_seed, sgd_run
+    from .training import adam, cosine_schedule
+
+    hp = task.hparams
+    wd = float(hp.get("weight_decay", 0.0))
+    device = task.x_train.device
+    models = [task.make_model(c).to(device) for c in range(count)]
+    fm = functional_model(models[0], task.loss_fn)
+    opts = dict(checkpoint_every=checkpoint_every, chunk_size=chunk_size)
+    if _is_classification(task):
+        opts["target"] = functional_model(models[0], classification_margin_loss).loss
+    if hp.get("optimizer") == "sgd":
+        optimizer, _ = sgd_run(task.n_train, seed=0, epochs=hp["epochs"], lr=hp["lr"],
+                               weight_decay=wd, batch_size=hp["batch_size"],
+                               momentum=hp["momentum"])
+        method = magic(fm, optimizer, epochs=hp["epochs"], batch_size=hp["batch_size"],
+                       seed=[order_seed(c) for c in range(count)], **opts)
+    elif hp.get("optimizer") == "adam":
+        optimizer = adam(cosine_schedule(hp["lr"], hp["epochs"]), weight_decay=wd)
+        method = magic(fm, optimizer, epochs=hp["epochs"], **opts)
+    else:
+        raise ValueError(f"recipe('magic'): expected a task trained by 'sgd' or 'adam' steps, "
+                         f"got optimizer {hp.get('optimizer')!r}. Build the task with "
+                         f"get_task(name, hparams=SGD_HPARAMS).")
+    return method, [functional_model(m, task.loss_fn).params for m in models]
 
 
 def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):

@@ -145,14 +145,15 @@ def _as_batch(func: str, arg: str, data) -> Batch:
 
 
 def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
-          batch_size: int | None = None, seed: int = 0,
+          batch_size: int | None = None, seed: int | Sequence[int] = 0,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
           self_chunk: int = 256) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
-    them: an ensemble of runs, run ``c`` with data order seed ``seed + c``, scores averaged).
+    them: an ensemble of runs, run ``c`` with data order seed ``seed + c`` or ``seed[c]``, scores
+    averaged).
     ``prepare(params, train)`` trains ``epochs`` epochs of ``optimizer`` on the per-example
     ``loss`` (batches of ``batch_size``, None = full batch) and keeps every
     ``checkpoint_every``-th state (default ``ceil(sqrt(T))``); ``score`` runs the reverse pass
@@ -161,7 +162,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     Args:
         loss: per-example ``loss(params, example) -> Tensor[]`` or a FunctionalModel.
         optimizer: :func:`~dattri_fn.training.sgd`, ``adam`` or ``adamw``.
-        epochs, batch_size, seed: the data order (:func:`~dattri_fn.training.batch_order`).
+        epochs, batch_size, seed: the data order (:func:`~dattri_fn.training.batch_order`);
+            ``seed`` an int (run ``c`` uses ``seed + c``) or one seed per run.
         target: ``f(params, example) -> Tensor[]``, HIGHER = better for the test point
             (default ``-loss``), e.g. the correct-class margin.
         checkpoint_every: states between checkpoints (1: keep every state, no replay).
@@ -186,7 +188,11 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     step = make_step(model if model is not None else loss, optimizer)
     epochs = check_int("magic", "epochs", epochs)
     batch_size = check_optional_int("magic", "batch_size", batch_size)
-    seed = check_int("magic", "seed", seed, minimum=0)
+    seeds = None
+    if isinstance(seed, Sequence):
+        seeds = [check_int("magic", "seed", s, minimum=0) for s in seed]
+    else:
+        seed = check_int("magic", "seed", seed, minimum=0)
     checkpoint_every = check_optional_int("magic", "checkpoint_every", checkpoint_every)
     chunk_size = check_optional_int("magic", "chunk_size", chunk_size)
     self_chunk = check_int("magic", "self_chunk", self_chunk)
@@ -208,8 +214,13 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         train_data = _as_batch("magic.prepare", "train", train_data)
         n = batch_size_of(train_data)
         trajs, orders = [], []
-        for c, p0 in enumerate(_runs(params)):
-            order = batch_order(n, batch_size=batch_size, epochs=epochs, seed=seed + c)
+        runs = _runs(params)
+        if seeds is not None and len(seeds) != len(runs):
+            raise ValueError(_msg("magic.prepare", "params", f"{len(seeds)} runs, one per seed",
+                                  f"{len(runs)}"))
+        for c, p0 in enumerate(runs):
+            order = batch_order(n, batch_size=batch_size, epochs=epochs,
+                                seed=seed + c if seeds is None else seeds[c])
             every = checkpoint_every or max(1, math.ceil(math.sqrt(len(order))))
             trajs.append(train(step, p0, optimizer.init(p0), train_data, order,
                                checkpoint_every=every))
