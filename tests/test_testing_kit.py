@@ -27,7 +27,7 @@ from dattri_fn.testing import (
     sequence_model,
 )
 from dattri_fn.testing.problems import BUILDERS, MATRICES
-from dattri_fn.testing.strategies import operators, problems
+from dattri_fn.testing.strategies import dampings, linops, operators, problems
 from dattri_fn.tree import ravel
 
 F64 = torch.float64
@@ -40,7 +40,7 @@ def _design(problem):
 
 # -- the references ------------------------------------------------------------------------------
 @given(problem=problems())
-@settings(max_examples=8)
+@settings(max_examples=5)
 def test_references_agree_with_the_library_and_each_other(problem):
     """per_example_grads (autograd loop) == per_sample_grad (vmap); H, G, F symmetric; F = G^T G/n."""
     G = per_example_grads(problem.loss, problem.params, problem.data)
@@ -314,7 +314,28 @@ def test_check_method_catches_broken_methods():
 
 
 @given(seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=5)
 def test_check_method_accepts_exact_influence_on_sequences(seed):
     """Influence with the damped empirical Fisher on the token model keeps every contract."""
     p = sequence_model(n=6, seed=seed)
     check_method(influence(p.loss, solver="explicit", damping=0.1, curvature="fisher"), p)
+
+
+@given(op=linops(kinds=("spd", "low_rank_diag")), damping=dampings(), seed=st.integers(0, 99))
+@settings(max_examples=10)
+def test_drawn_linops_are_solved_by_the_library(op, damping, seed):
+    """solvers.cg(rtol=1e-12)(op, damping)(V) == linalg.solve(op.dense() + damping I, V) (1e-8)."""
+    from dattri_fn import solvers
+
+    V = torch.randn(2, op.dim, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    A = op.dense() + damping * torch.eye(op.dim, dtype=F64)
+    x = solvers.cg(rtol=1e-12, max_iter=20 * op.dim)(op, damping)(V)
+    torch.testing.assert_close(x, torch.linalg.solve(A, V.T).T, rtol=1e-8, atol=1e-10)
+
+
+def test_check_method_takes_checkpoints():
+    """TracIn over two identical checkpoints at lr 0.5 each: the contract holds with params=[p, p]."""
+    from dattri_fn.attribute import tracin
+
+    p = ridge_regression(n=10, seed=2)
+    check_method(tracin(p.loss, lrs=[0.5, 0.5]), p, params=[p.params, p.params], min_loo_corr=None)
