@@ -1,6 +1,7 @@
 """``dattri-fn``: the demo and the benchmark runner from the command line.
 
     dattri-fn demo [--task digits-mlp] [--methods if-cg,grad-dot,tracin,trak,rps] [--device cpu]
+    dattri-fn demo --sgd --methods magic,if-explicit    (MAGIC through the SGD run)
     dattri-fn bench --task digits-mlp --methods all     (from a checkout: runs benchmarks/run.py)
 
 Exit codes: 0 done, 2 bad arguments (unknown task, method or device; sizes too small for an
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=_positive_int, default=4,
                       help="test digits drawn in the picture (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    demo.add_argument("--sgd", action="store_true",
+                      help="train and retrain with mini-batch SGD on the functional trainer "
+                           "(tasks.SGD_HPARAMS): the run the magic method differentiates")
     bench = sub.add_parser(
         "bench", help="run the benchmark runner (benchmarks/run.py; from a repository checkout)",
         description="Forward every argument to `python -m benchmarks.run` (see its --help).",
@@ -154,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_out(parser, args.out)
     run_demo(task_name=args.task, methods=args.methods, n_train=args.n_train,
              n_test=args.n_test, subsets=args.subsets, models=args.models, device=args.device,
-             out=args.out, seed=args.seed, show=args.show, quiet=args.quiet)
+             out=args.out, seed=args.seed, show=args.show, quiet=args.quiet, sgd=args.sgd)
     return 0
 
 

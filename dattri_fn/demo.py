@@ -23,7 +23,7 @@ from . import io
 from .metrics import lds
 from .recipes import DEMO_METHODS, recipe
 from .retrain import lds_ground_truth
-from .tasks import get_task, train_model
+from .tasks import SGD_HPARAMS, get_task, train_model
 
 DIGITS_TASKS = ("digits-lr", "digits-mlp", "digits-cnn")
 
@@ -46,7 +46,7 @@ def _log(msg: str, quiet: bool) -> None:
 def run_demo(*, task_name: str = "digits-mlp", methods: Sequence[str] = DEMO_METHODS,
              n_train: int = 500, n_test: int = 40, subsets: int = 48, models: int = 3,
              device: str = "cpu", out: str | Path = "out/demo", seed: int = 0, show: int = 4,
-             quiet: bool = False) -> list[MethodResult]:
+             quiet: bool = False, sgd: bool = False) -> list[MethodResult]:
     """Run the demo; return one :class:`MethodResult` per method and write ``out/attributions.png``.
 
     Args:
@@ -58,10 +58,13 @@ def run_demo(*, task_name: str = "digits-mlp", methods: Sequence[str] = DEMO_MET
         device: where attribution runs (training of the ground truth stays on the CPU).
         out: output folder: ``attributions.png``, ``scores.pt``, ``results.md`` and the cache.
         show: test digits drawn in the picture.
+        sgd: train (and retrain) with mini-batch SGD on the functional trainer
+            (:data:`dattri_fn.tasks.SGD_HPARAMS`), the run MAGIC (``magic``) differentiates.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    task = get_task(task_name, n_train=n_train, n_test=n_test, seed=seed)
+    task = get_task(task_name, n_train=n_train, n_test=n_test, seed=seed,
+                    hparams=dict(SGD_HPARAMS) if sgd else None)
     _log(f"[1/4] training {models} x {task_name} on {n_train} digits", quiet)
     nets = [train_model(task, seed=seed + s) for s in range(models)]
     dev_task = task.to(device)

@@ -22,7 +22,7 @@ def test_help_is_complete(capsys):
     code, out = _exit_code(["demo", "--help"], capsys)
     assert code == 0
     for option in ("--task", "--methods", "--n-train", "--n-test", "--subsets", "--models",
-                   "--device", "--out", "--seed", "--show", "--quiet"):
+                   "--device", "--out", "--seed", "--show", "--quiet", "--sgd"):
         assert option in out.out
     flat = re.sub(r"\s+", "", out.out)  # argparse wraps long lines, even inside a name
     assert all(m in flat for m in METHODS)
@@ -93,3 +93,17 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "results.md").read_text().startswith("digits-lr")
     assert "wrote" in out
+
+
+@pytest.mark.slow
+def test_demo_magic_through_the_sgd_run(tmp_path, capsys):
+    """`demo --sgd --methods magic,grad-dot`: MAGIC scores the SGD run, both rows in the table,
+    each LDS in [-1, 1]."""
+    assert main(["demo", "--task", "digits-mlp", "--sgd", "--n-train", "60", "--n-test", "4",
+                 "--subsets", "5", "--models", "1", "--methods", "magic,grad-dot",
+                 "--out", str(tmp_path), "--show", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for m in ("magic", "grad-dot"):
+        row = re.search(rf"^\| {m} \| (-?[0-9.]+) \|", out, flags=re.M)
+        assert row, out
+        assert -1.0 <= float(row.group(1)) <= 1.0
