@@ -9,7 +9,8 @@ no rows), so the data themselves take no memory. Per size, each step in a fresh 
 (``benchmarks.peak.measure_peak``: peak = ``VmHWM`` increment over the RSS just before it):
 
 * ``build``: :func:`dattri_fn.store.build_store` of the per-example gradients (``[n, 330]`` on
-  disk, one shard per batch);
+  disk, one shard per batch); ``build (coarse)``: the same with ``shard_rows=--coarse`` (fewer
+  shards: fewer fsyncs and manifest commits, a coarser unit of resume);
 * ``top-k``: Grad-Dot scored from the store (:func:`~dattri_fn.store.open_store`) against
   ``n_test`` test points, keeping the top ``top_k`` per test point; no training data read;
 * ``full``: the same with the whole ``[n, n_test]`` written to a ``.npy`` memmap (``out=``);
@@ -73,13 +74,14 @@ def _features(params, loss):
 CONFIG = {"method": "grad_dot", "proj_dim": None, "seed": SEED}
 
 
-def setup_build(path, n, batch):
+def setup_build(path, n, batch, shard_rows=None):
     from dattri_fn.store import build_store
 
     params, loss = problem()
     f = _features(params, loss)
     f(next(iter(Generated(64, 64))))  # warm-up: library code paged in before the clock
-    return lambda: build_store(path, f, Generated(n, batch), params=params, config=CONFIG).n_rows
+    return lambda: build_store(path, f, Generated(n, batch), params=params, config=CONFIG,
+                               shard_rows=shard_rows).n_rows
 
 
 def setup_score(path, n_test, top_k, out):
@@ -183,27 +185,31 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--procs-n", type=int, default=100_000)
+    ap.add_argument("--coarse", type=int, default=10_000, help="shard_rows of the coarse build")
     ap.add_argument("--root", default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args(argv)
     root = args.root or tempfile.mkdtemp(prefix="store_scaling_")
     print(f"store-backed Grad-Dot, P = {CLASSES * DIM + CLASSES}, float32, n_test = {args.n_test}, "
           f"batch = {args.batch}, top_k = {args.top_k}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)\n")
-    print("| n_train | store MiB | build s | build peak MiB | top-k s | top-k peak MiB | "
-          "full s | full peak MiB | direct top-k s | direct peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| n_train | store MiB | build s | build peak MiB | build s ({args.coarse:,}-row shards) | "
+          "top-k s | top-k peak MiB | full s | full peak MiB | direct top-k s | direct peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         for n in args.sizes:
             path = os.path.join(root, f"store-{n}")
             tb, pb, e1 = _timed(setup_build, path, n, args.batch)
             mib = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+            coarse = os.path.join(root, f"coarse-{n}")
+            tc, _, e0 = _timed(setup_build, coarse, n, args.batch, args.coarse)
+            shutil.rmtree(coarse, ignore_errors=True)
             ts, ps, e2 = _timed(setup_score, path, args.n_test, args.top_k, None)
             out = os.path.join(root, f"scores-{n}.npy")
             tf, pf, e3 = _timed(setup_score, path, args.n_test, args.top_k, out)
             td, pd, e4 = _timed(setup_direct, n, args.batch, args.n_test, args.top_k)
-            print(f"| {n:,} | {mib:.0f} | {tb:.2f} | {pb:.1f} | {ts:.2f} | {ps:.1f} | {tf:.2f} | "
-                  f"{pf:.1f} | {td:.2f} | {pd:.1f} |" + " ".join(e for e in (e1, e2, e3, e4) if e),
-                  flush=True)
+            print(f"| {n:,} | {mib:.0f} | {tb:.2f} | {pb:.1f} | {tc:.2f} | {ts:.2f} | {ps:.1f} | "
+                  f"{tf:.2f} | {pf:.1f} | {td:.2f} | {pd:.1f} |"
+                  + " ".join(e for e in (e0, e1, e2, e3, e4) if e), flush=True)
             shutil.rmtree(path, ignore_errors=True)
             if os.path.exists(out):
                 os.remove(out)
