@@ -339,3 +339,11 @@ def test_check_method_takes_checkpoints():
 
     p = ridge_regression(n=10, seed=2)
     check_method(tracin(p.loss, lrs=[0.5, 0.5]), p, params=[p.params, p.params], min_loo_corr=None)
+
+
+@given(problem=problems(fitted=True))
+@settings(max_examples=6)
+def test_default_loo_bound_holds_for_exact_influence(problem):
+    """influence(explicit, Hessian, damping 1e-3) keeps every check_method contract, LOO corr
+    >= 0.9 included, on fitted convex draws: the default bound rejects no correct method there."""
+    check_method(influence(problem.loss, solver="explicit", damping=1e-3), problem)
