@@ -50,7 +50,7 @@ def _explicit_grads(params, batch, mask):
     return torch.stack(rows)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(st.integers(0, 2**16), st.integers(1, 4), st.booleans())
 def test_dropout_ensemble_equals_mean_over_explicit_masks(seed, M, normalize):
     """s_ij = (1/M) sum_m <g_i^m, g_j^m> (or cos) with g^m by autograd under mask m; every
@@ -112,3 +112,38 @@ def test_dropout_errors():
     with pytest.raises(TypeError, match=r"dropout_ensemble\(target=...\): expected a "
                                         r"per-example function"):
         dropout_ensemble(fm, n_masks=2, target=3)
+
+
+@settings(max_examples=10)
+@given(st.integers(0, 2**16), st.integers(1, 3), st.booleans())
+def test_dropout_tracin_is_lr_weighted_sum_over_checkpoints(seed, M, normalize):
+    """lrs: sum_c lr_c (1/M) sum_m <g_i^{c,m}, g_j^{c,m}> == sum_c lr_c single-checkpoint scores,
+    each of those checked against explicit masks above; explicit for mask 0 of checkpoint 1."""
+    p0, train = _problem(seed)
+    p1, test = _problem(seed + 1, n=3)
+    lrs = [0.3, 0.7]
+    m = dropout_ensemble(dropout_loss, n_masks=M, seed=seed, normalize=normalize, lrs=lrs)
+    S = m.score([p0, p1], (), train, test)
+    one = dropout_ensemble(dropout_loss, n_masks=M, seed=seed, normalize=normalize)
+    ref = sum(lr * one.score(p, (), train, test) for lr, p in zip(lrs, [p0, p1], strict=True))
+    torch.testing.assert_close(S, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.self_score([p0, p1], (), train),
+                               m.score([p0, p1], (), train, train).diagonal(), rtol=1e-12,
+                               atol=1e-12)
+    if M == 1 and not normalize:
+        mask = _masks(p1, train, 1, seed)[0, 0]
+        G, Gt = _explicit_grads(p1, train, mask), _explicit_grads(p1, test, mask)
+        torch.testing.assert_close(ref - 0.3 * one.score(p0, (), train, test), 0.7 * G @ Gt.T,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_tracin_errors():
+    """With lrs, params must be a list of len(lrs) checkpoints; lrs must be positive."""
+    p0, train = _problem(0)
+    m = dropout_ensemble(dropout_loss, n_masks=2, lrs=[0.1, 0.2])
+    with pytest.raises(TypeError, match=r"dropout_ensemble\(params=...\): expected a list of 2 "):
+        m.score(p0, (), train, train)
+    with pytest.raises(ValueError, match=r"dropout_ensemble\(params=...\): expected 2 checkpoints"):
+        m.score([p0], (), train, train)
+    with pytest.raises(ValueError, match=r"dropout_ensemble\(lrs=...\): expected learning rates"):
+        dropout_ensemble(dropout_loss, n_masks=2, lrs=[0.1, -1.0])

@@ -17,7 +17,7 @@ repeated calls all see the same M networks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from .._checks import _msg, check_int, check_params
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..tree import ravel_batched
-from .method import Method, device_of
+from .method import Method, device_of, stack_checkpoints
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 
@@ -57,12 +57,16 @@ def dropout_grads(loss: Loss, params: Params, batch, *, n_masks: int, seed: int 
 
 def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 0,
                      target: Loss | FunctionalModel | None = None, normalize: bool = False,
+                     lrs: Sequence[float] | None = None,
                      chunk_size: int | None = None) -> Method:
     """Return the dropout-ensemble Grad-Dot: ``s_ij = (1/M) sum_m <g_i^m, g_j^m>``.  # -> [n_train, n_test]
 
     ``g^m`` is the gradient of ``loss`` at ONE checkpoint ``params`` under dropout mask ``m``
     (``M = n_masks``, drawn from ``seed``; see the module note). ``normalize=True`` gives the
     dropout-ensemble Grad-Cos, ``(1/M) sum_m cos(g_i^m, g_j^m)`` (a zero gradient scores 0).
+    With ``lrs``, ``params`` is a list of C checkpoints and the method is the dropout-ensemble
+    TracIn (TracIn-Cos with ``normalize``): ``sum_c lr_c (1/M) sum_m <g_i^{c,m}, g_j^{c,m}>``,
+    the same M masks at every checkpoint.
     ``self_score`` is the diagonal. The loss must apply dropout at attribution time (a module in
     ``train()`` mode, or ``F.dropout(..., training=True)``): ``prepare`` refuses a loss whose
     members agree on the first training example.
@@ -76,6 +80,8 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
             same order and shapes as ``loss`` (the same forward) so that member ``m`` is the same
             network on both sides.
         normalize: cosine per mask instead of the inner product.
+        lrs: None (one checkpoint) or the learning rate in effect at each checkpoint of the
+            params list, each > 0.
         chunk_size: examples per vmapped call (bounds memory to ``M x chunk x P``).
 
     References:
@@ -97,26 +103,48 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
                                  "Tensor[] or a FunctionalModel", type(fn).__name__))
         fns.append(fn)
     train_fn, test_fn = fns
+    if lrs is not None:
+        from .gradsim import _learning_rates
 
-    def features(fn, params: Params):
-        def rows(batch) -> Tensor:  # [M, B, P]
-            G = dropout_grads(fn, params, batch, n_masks=n_masks, seed=seed)
-            if normalize:
-                sq = (G * G).sum(-1, keepdim=True)
-                pos = sq > 0
-                G = G * torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
-            return G
+        lrs = _learning_rates(lrs, name).tolist()
+        if any(not lr > 0 for lr in lrs):
+            raise ValueError(_msg(name, "lrs", "learning rates > 0", repr(lrs)))
+
+    def checkpoints(params) -> list[Params]:
+        """``[params]`` (no ``lrs``) or the validated list of C = len(lrs) checkpoints."""
+        if lrs is None:
+            return [check_params(name, "params", params)]
+        if isinstance(params, dict) or not isinstance(params, Sequence):
+            raise TypeError(_msg(name, "params", f"a list of {len(lrs)} checkpoints (one per "
+                                 "learning rate)", type(params).__name__))
+        if len(params) != len(lrs):
+            raise ValueError(_msg(name, "params", f"{len(lrs)} checkpoints (one per learning "
+                                  "rate)", f"{len(params)}"))
+        stack_checkpoints(name, list(params))
+        return list(params)
+
+    def features(fn, ckpts: list[Params], weights: list[float] | None = None):
+        def rows(batch) -> Tensor:  # [C M, B, P]
+            parts = []
+            for c, params in enumerate(ckpts):
+                G = dropout_grads(fn, params, batch, n_masks=n_masks, seed=seed)
+                if normalize:
+                    sq = (G * G).sum(-1, keepdim=True)
+                    pos = sq > 0
+                    G = G * torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
+                parts.append(G if weights is None else G * weights[c])
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         return in_chunks(rows, chunk_size)
 
-    def train_features(params: Params):
-        rows = features(train_fn, params)
-        return lambda batch: rows(batch) / n_masks
+    def train_features(ckpts: list[Params]):
+        weights = [1 / n_masks] if lrs is None else [lr / n_masks for lr in lrs]
+        return features(train_fn, ckpts, weights)
 
-    def prepare(params: Params, train) -> tuple:
+    def prepare(params, train) -> tuple:
         from .._checks import batch_slice, iter_batches, peek
 
-        params = check_params(name, "params", params)
+        params = checkpoints(params)[0]
         first = peek(iter_batches(name, "train", train))
         if first is None:
             raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
@@ -129,17 +157,16 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
                                       f"the same value under all {n_masks} masks"))
         return ()
 
-    def score(params: Params, state, train, test, *, top_k: int | None = None,
-              largest: bool = True):
-        params = check_params(name, "params", params)
-        test_feats = collect(features(test_fn, params), test, device=device_of(params),
+    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
+        ckpts = checkpoints(params)
+        test_feats = collect(features(test_fn, ckpts), test, device=device_of(ckpts[0]),
                              func=name, arg="test")
-        return stream_scores(train_features(params), train, test_feats, top_k=top_k,
+        return stream_scores(train_features(ckpts), train, test_feats, top_k=top_k,
                              largest=largest, func=name)
 
-    def self_score(params: Params, state, train) -> Tensor:
-        params = check_params(name, "params", params)
-        return stream_self(train_features(params), features(test_fn, params), train,
-                           device=device_of(params), func=name)
+    def self_score(params, state, train) -> Tensor:
+        ckpts = checkpoints(params)
+        return stream_self(train_features(ckpts), features(test_fn, ckpts), train,
+                           device=device_of(ckpts[0]), func=name)
 
     return Method(prepare, score, self_score, name)
