@@ -653,7 +653,7 @@ iteration, sums terms until they stop mattering and **says so** (a warning) when
 did not converge, e.g. on an indefinite or singular operator.
 
 # %%
-def neumann(*, rtol=1e-10, max_iter=20_000, forget_damping=False):
+def neumann(*, rtol=1e-10, max_iter=5_000, forget_damping=False):
     """Return solver(op, damping) -> V -> (op + damping I)^-1 V by the Neumann series."""
 
     def solver(op, damping=0.0):
@@ -670,13 +670,13 @@ def neumann(*, rtol=1e-10, max_iter=20_000, forget_damping=False):
         def apply(V):
             term = V / s
             x = term.clone()
-            for _ in range(max_iter):
+            for t in range(max_iter):
                 term = term - M(term) / s
                 x = x + term
-                if not bool(torch.isfinite(x).all()):
+                if t % 10 == 0 and not bool(torch.isfinite(x).all()):
                     break
                 # the tail after t terms is ~ |term| s / lambda_min: stop well below tol
-                if bool((term.norm(dim=-1) <= 1e-2 * tol * x.norm(dim=-1)).all()):
+                if t % 10 == 0 and bool((term.norm(dim=-1) <= 1e-2 * tol * x.norm(dim=-1)).all()):
                     break
             resid = (M(x) - V).norm(dim=-1) / V.norm(dim=-1).clamp_min(1e-300)
             if not bool(torch.isfinite(resid).all()) or float(resid.max()) > 1e3 * tol:
