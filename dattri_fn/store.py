@@ -30,6 +30,7 @@ per rank, with a manifest listing them; it reads as their concatenation in rank 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -300,6 +301,37 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(func, path):
+        return _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
+                      block_rows, _params_hash)
+
+
+@contextlib.contextmanager
+def _writer_lock(func: str, path: Path):
+    """Hold ``path/writer.lock`` (flock) while writing: a second live writer is refused; a
+    killed one's lock goes with its process."""
+    from .io import fcntl
+
+    if fcntl is None:  # Windows: no flock; one writer per store is the caller's to keep
+        yield
+        return
+    fd = os.open(path / "writer.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(_msg(func, "path", "a store no other live process is writing",
+                                  f"{str(path)!r} locked by another writer",
+                                  "Wait for it, or write elsewhere.")) from None
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
+           block_rows, _params_hash):
     clean_temps(path)
     request = {"format": FORMAT, "kind": "features",
                "params_hash": _params_hash or params_hash(params),

@@ -277,3 +277,19 @@ def test_functional_model_grad_dot_through_store(tmp_path):
     torch.testing.assert_close(S, m.score(fm.params, (), train, test), rtol=0, atol=1e-12)
     G = per_sample_grad(fm.loss, fm.params, (x, y))
     torch.testing.assert_close(S, G[:10] @ G[10:].T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="flock (POSIX)")
+def test_second_live_writer_refused(tmp_path):
+    """While a live writer holds a store's writer.lock, another build_store is refused by name;
+    once it is released (as when its process dies) the build proceeds."""
+    import fcntl
+
+    params, loss, train, _ = _problem()
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / "writer.lock", "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match=r"build_store\(path=...\): expected a store no other live "
+                                             r"process is writing"):
+            build_store(tmp_path, _features(params, loss), train, params=params)
+    assert build_store(tmp_path, _features(params, loss), train, params=params).n_rows == 20
