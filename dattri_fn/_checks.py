@@ -319,7 +319,11 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
 
 
 _LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
-_TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)")
+_TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)|out of memory")
+# What torch says when examples do not fit the model or the loss (shapes, labels, dtypes);
+# any other error (a user's own exception, out of memory) passes through as raised.
+_DATA_ERROR = re.compile(r"shape|size|mat1|mat2|out of bounds|out of range|dtype|scalar type|"
+                         r"[Tt]arget|index", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -329,19 +333,32 @@ def blame_data(func: str, arg: str, batch):
     A RuntimeError or IndexError raised while the model and loss run on ``batch`` (a feature
     width the model does not take, a label out of range, a float label for a class index, data
     in another dtype) becomes a ValueError (TypeError for dtypes) naming the call and the
-    argument, with torch's message and the original chained. Errors already worded by the
-    library, and the limits of torch.func transforms (vmap), pass through unchanged.
+    argument, with torch's message and the original chained (other errors, e.g. the user's own
+    or out of memory, are raised as they are). An error an inner boundary already
+    blamed on the data (``hvp(data=...)`` inside an influence method) is re-worded for this,
+    the outer call. Other library errors and the limits of torch.func transforms (vmap) pass
+    through unchanged.
     """
     try:
         yield
+    except (TypeError, ValueError) as err:
+        inner = getattr(err, "blamed", None)
+        if inner is None or inner == (func, arg):
+            raise
+        text = str(err).split("): ", 1)[1]
+        outer = type(err)(f"{func}({arg}=...): {text}")
+        outer.blamed = (func, arg)
+        raise outer from err
     except (RuntimeError, IndexError) as err:
         text = str(err)
-        if _LIBRARY_ERROR.match(text) or _TRANSFORM_LIMIT.search(text):
+        if (_LIBRARY_ERROR.match(text) or _TRANSFORM_LIMIT.search(text)
+                or not _DATA_ERROR.search(text)):
             raise
         from .attribute.pipeline import dtype_error
 
         clear = dtype_error(func, arg, batch, err) if isinstance(err, RuntimeError) else None
-        raise (clear or ValueError(_msg(
+        clear = clear or ValueError(_msg(
             func, arg, "examples the model and its loss accept (input shapes, label values "
             "and dtypes)", f"an error from torch: {text.splitlines()[0] if text else err!r}"))
-        ) from err
+        clear.blamed = (func, arg)
+        raise clear from err

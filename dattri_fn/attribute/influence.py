@@ -23,6 +23,7 @@ import torch
 from .._checks import (
     _msg,
     batch_cat,
+    blame_data,
     check_optional_int,
     check_params,
     check_positive,
@@ -39,7 +40,7 @@ from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan, stack_checkpoints
-from .pipeline import collect, dtype_error, in_chunks, stream_scores, stream_self
+from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 RELATIF = ("l", "theta")
 SOLVERS = ("explicit", "cg", "minres", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
@@ -62,11 +63,9 @@ class InfluenceEnsembleState(NamedTuple):
     states: tuple[InfluenceState, ...]
 
 
-def _relatif_scale(kind: str | None, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor | None:
+def _relatif_scale(kind: str, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Return ``1 / n_i`` per row: ``n_i = sqrt|g_i^T Q_i|`` ("l") or ``|Q_i|`` ("theta"),
     with ``Q_i = (C + damping I)^-1 g_i``; 0 where ``n_i = 0`` (a zero gradient scores 0).  # [B]"""
-    if kind is None:
-        return None
     sq = (G * Q).sum(1).abs() if kind == "l" else (Q * Q).sum(1)
     pos = sq > 0
     return torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
@@ -310,15 +309,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         first = peek(train)
         if first is None:
             raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
-        try:
+        with blame_data(name, "train", first):
             if ckpts is None:
                 return build(params, train)
             return InfluenceEnsembleState(tuple(build(p, train) for p in ckpts))
-        except RuntimeError as err:
-            clear = dtype_error(name, "train", first, err)
-            if clear is None:
-                raise
-            raise clear from err
 
     def build(params: Params, train) -> InfluenceState:
         """The state of ``solver`` on validated ``train`` (see ``prepare``)."""
@@ -413,9 +407,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             parts = []
             for g, ihvp in fns:
                 G = g(b)
-                scale = _relatif_scale(relatif, G, ihvp(G))
-                if scale is not None:
-                    G = G * scale[:, None]
+                if relatif is not None:  # one more inverse application, RelatIF's only
+                    G = G * _relatif_scale(relatif, G, ihvp(G))[:, None]
                 parts.append(G if len(fns) == 1 else G * weight)
             return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 

@@ -24,6 +24,7 @@ from .._checks import (
     batch_leaves,
     batch_size,
     batch_to,
+    blame_data,
     check_int,
     check_optional_int,
     check_tensor,
@@ -63,14 +64,10 @@ def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | No
 
 
 def features(func: str, arg: str, feature_fn: FeatureFn, batch) -> Tensor:
-    """``feature_fn(batch)``, with a dtype mismatch reported against ``func(arg=...)``."""
-    try:
+    """``feature_fn(batch)``, with torch's error on the examples (a dtype or shape the model
+    does not take, a label out of range) reported against ``func(arg=...)``."""
+    with blame_data(func, arg, batch):
         return feature_fn(batch)
-    except RuntimeError as err:
-        clear = dtype_error(func, arg, batch, err)
-        if clear is None:
-            raise
-        raise clear from err
 
 
 def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
