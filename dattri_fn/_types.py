@@ -44,9 +44,12 @@ class LinOp:
 
     Wraps a row-batched ``matmat`` with the facts solvers need at construction time
     (``dim``, ``dtype``, ``device``). Calling it with a ``[P]`` vector returns a ``[P]`` vector.
+    ``inverse``: for an operator with a closed-form inverse (K-FAC, EK-FAC), ``damping ->
+    (A + damping I)^-1`` as a LinOp; :func:`~dattri_fn.solve.ihvp_explicit` then uses it
+    instead of a dense factorisation. Sums and multiples of operators drop it.
     """
 
-    __slots__ = ("matmat", "dim", "dtype", "device", "name")
+    __slots__ = ("matmat", "dim", "dtype", "device", "name", "inverse")
 
     def __init__(
         self,
@@ -55,12 +58,14 @@ class LinOp:
         dtype: torch.dtype,
         device: torch.device | str,
         name: str = "LinOp",
+        inverse: Callable[[float], LinOp] | None = None,
     ):
         self.matmat = matmat
         self.dim = _dim("LinOp", dim)
         self.dtype = dtype
         self.device = torch.device(device)
         self.name = name
+        self.inverse = inverse
 
     def __call__(self, V: Tensor) -> Tensor:
         if not isinstance(V, Tensor):

@@ -530,3 +530,45 @@ def test_fisher_settings_are_checked():
         kfac_factors(model, F.cross_entropy, params, (x, y), fisher="true", sampler=3)
     with pytest.raises(ValueError, match=r"kfac_factors\(seed=...\)"):
         kfac_factors(model, F.cross_entropy, params, (x, y), fisher="true", seed=-1)
+
+
+# -- the factored Fisher as an operator with its closed-form inverse ----------------------
+@given(seed=st.integers(0, 2**16), kind=st.sampled_from(["kfac", "ekfac"]),
+       damping=st.sampled_from([0.1, 1.0]), bias=st.booleans())
+def test_kfac_operator_is_the_factored_fisher_and_inverts_in_closed_form(seed, kind, damping,
+                                                                         bias):
+    """kfac_operator(f).dense() = blockdiag A (x) G (or Q diag(Lambda) Q^T); its .inverse(d) =
+    (F + d I)^-1 = ihvp_kfac/ekfac; ihvp_explicit and solvers.explicit take the closed form."""
+    from dattri_fn import solvers
+    from dattri_fn.operators import kfac_operator
+    from dattri_fn.solve import ihvp_explicit
+
+    model, params, x, y = _mlp_batch(seed)
+    if not bias:
+        params = {k: v for k, v in params.items() if k.endswith("weight")}
+    make = kfac_factors if kind == "kfac" else ekfac_factors
+    f = make(model, F.cross_entropy, params, (x, y))
+    op = kfac_operator(f)
+    Fd = op.dense()
+    torch.testing.assert_close(Fd, Fd.T, rtol=0, atol=1e-12)
+    eye = torch.eye(op.dim, dtype=DT)
+    exact = torch.linalg.inv(Fd + damping * eye)
+    ref = (ihvp_kfac if kind == "kfac" else ihvp_ekfac)(f, damping=damping).dense()
+    for inv in (op.inverse(damping), ihvp_explicit(op, damping=damping),
+                solvers.explicit()(op, damping)):
+        torch.testing.assert_close(inv.dense(), exact, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(inv.dense(), ref, rtol=1e-10, atol=1e-12)
+    if kind == "kfac":  # the forward product against the Kronecker definition, layer by layer
+        start = 0
+        for layer in ("0", "2"):
+            A, G = f.A[layer], f.G[layer]
+            out, inp = G.shape[0], A.shape[0] - int(bias)
+            K = torch.kron(G, A)  # row-major vec of [out, in(+1)]
+            idx = torch.arange(out * A.shape[0]).reshape(out, A.shape[0])
+            w = idx[:, :inp].reshape(-1)
+            cols = torch.cat([w, idx[:, inp]]) if bias else w
+            n = cols.numel()
+            block = Fd[start:start + n, start:start + n]
+            torch.testing.assert_close(block, K[cols][:, cols], rtol=1e-10, atol=1e-12)
+            start += n
+    assert (op + damping).inverse is None  # a sum has no closed form: solvers go iterative

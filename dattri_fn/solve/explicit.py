@@ -232,6 +232,10 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
       (``2 P^3 / 3`` flops in all; once when ``rtol = 0``, since then ``tau = 0``). A failed
       test costs ``P^3 / 3`` before ``eigh``.
 
+    An operator that carries its closed-form inverse (``op.inverse``: K-FAC, EK-FAC, see
+    :func:`~dattri_fn.solve.kfac.kfac_operator`) is inverted by it: no ``[P, P]`` is formed and
+    ``rtol``/``method`` do not apply.
+
     Args:
         op: the curvature ``A``: a LinOp or a dense ``[P, P]`` tensor (``P`` small enough to
             hold ``P x P``).
@@ -278,6 +282,8 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
     func = "ihvp_explicit"
     A = as_operator(func, op)
     damping = check_positive(func, "damping", damping, allow_zero=True)
+    if getattr(A, "inverse", None) is not None:
+        return A.inverse(damping)
     rtol = default_rtol(A.dim, A.dtype) if rtol is None else check_positive(
         func, "rtol", rtol, allow_zero=True)
     if not isinstance(method, str):

@@ -400,15 +400,14 @@ def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int
                    for layer in shapes}
 
 
-def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
-    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``."""
+def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``.  # [k, P] -> [k, P]"""
     layers = list(QA)
     shapes = {}
     for layer in layers:
         bias = _keys(layer)[1] in param_names
         shapes[layer] = (QG[layer].shape[0], QA[layer].shape[0] - int(bias))
     P, where = _layout(name, param_names, shapes)
-    inv = {layer: 1.0 / (Lambda[layer] + damping) for layer in layers}
     ref = QA[layers[0]]
     order = {k: i for i, k in enumerate(param_names)}
 
@@ -425,7 +424,7 @@ def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=(
             if bs is not None:
                 M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
             R = QG[layer].T @ M @ QA[layer]
-            X = QG[layer] @ (R * inv[layer]) @ QA[layer].T
+            X = QG[layer] @ (R * scale[layer]) @ QA[layer].T
             W = X[..., :inp]
             pieces[wk] = (W.transpose(1, 2) if flip else W).reshape(k, -1)
             if bs is not None:
@@ -433,6 +432,51 @@ def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=(
         return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
 
     return LinOp(matmat, P, ref.dtype, ref.device, name=name)
+
+
+def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``."""
+    inv = {layer: 1.0 / (Lambda[layer] + damping) for layer in QA}
+    return _eigen_apply(name, QA, QG, inv, param_names, transposed)
+
+
+def _kfac_eigen(factors: KFACFactors):
+    """``Q_A, Q_G`` and ``Lambda = s_G s_A^T`` of each layer's K-FAC factors."""
+    QA, QG, Lam = {}, {}, {}
+    for layer in factors.A:
+        sA, QA[layer] = torch.linalg.eigh(factors.A[layer])
+        sG, QG[layer] = torch.linalg.eigh(factors.G[layer])
+        # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
+        Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
+    return QA, QG, Lam
+
+
+def kfac_operator(factors: KFACFactors | EKFACFactors) -> LinOp:
+    """Return the factored Fisher ``V -> F V`` itself, with its closed-form inverse.  # [k, P] -> [k, P]
+
+    K-FAC: ``F = blockdiag_l A_l (x) G_l``; EK-FAC: ``(Q_A (x) Q_G) diag(Lambda)
+    (Q_A (x) Q_G)^T``; each layer's ``[out, in(+1)]`` block read from and written to the
+    params' ravel layout. ``op.inverse(damping)`` is :func:`ihvp_kfac` / :func:`ihvp_ekfac`, so
+    ``ihvp_explicit(op, damping=...)`` and ``solvers.explicit()`` invert it in closed form, and
+    ``op + damping`` composes with any other solver (CG on a K-FAC curvature).
+
+    Raises:
+        TypeError, ValueError: factors that are neither, or not finite.
+    """
+    func = "kfac_operator"
+    if isinstance(factors, EKFACFactors):
+        _check_factors(func, factors, EKFACFactors, "ekfac_factors", ("QA", "QG", "Lambda"))
+        QA, QG, Lam = factors.QA, factors.QG, factors.Lambda
+        inverse = lambda damping: ihvp_ekfac(factors, damping=damping)
+    else:
+        _check_factors(func, factors, KFACFactors, "kfac_factors or ekfac_factors", ("A", "G"))
+        QA, QG, Lam = _kfac_eigen(factors)
+        inverse = lambda damping: _eigen_inverse(
+            "ihvp_kfac", QA, QG, Lam, factors.param_names,
+            check_positive("ihvp_kfac", "damping", damping), factors.transposed)
+    op = _eigen_apply(func, QA, QG, Lam, factors.param_names, factors.transposed)
+    op.inverse = inverse
+    return op
 
 
 def _check_factors(func: str, factors, kind, maker, fields):
@@ -477,12 +521,7 @@ def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
     func = "ihvp_kfac"
     _check_factors(func, factors, KFACFactors, "kfac_factors", ("A", "G"))
     damping = check_positive(func, "damping", damping)
-    QA, QG, Lam = {}, {}, {}
-    for layer in factors.A:
-        sA, QA[layer] = torch.linalg.eigh(factors.A[layer])
-        sG, QG[layer] = torch.linalg.eigh(factors.G[layer])
-        # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
-        Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
+    QA, QG, Lam = _kfac_eigen(factors)
     return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping, factors.transposed)
 
 
