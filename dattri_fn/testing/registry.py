@@ -3,12 +3,12 @@ each must pass and the settings it is checked under. ``tests/test_registry_contr
 every contract over all of it, so the kit and what the library trusts cannot drift apart.
 
     SOLVERS      name -> Entry(build() -> solver(op, damping=...) -> LinOp, check_inverse options)
-    OPERATORS    name -> Entry(build(problem) -> (LinOp, dense reference) or None, check_linop options)
+    OPERATORS    name -> Entry(build(problem) -> (LinOp, dense reference), check_linop options)
     PROJECTORS   name -> Entry(build() -> make(dim, proj_dim, seed), check_projector options)
-    METHODS      name -> Entry(build(problem) -> Method or None, check_method options)
+    METHODS      name -> Entry(build(problem) -> Method, check_method options)
 
-``build`` returns None where an entry does not apply to a problem (e.g. the factored
-Gauss-Newton needs the MLP's ``nn.Module``).
+``Entry.kinds`` names the problem kinds an entry applies to (e.g. the factored Gauss-Newton
+needs the MLP's ``nn.Module``); ``Entry.applies(problem)`` says it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,17 @@ __all__ = ["METHODS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry", "mlp_module
 
 
 class Entry(NamedTuple):
-    """A registered value: how to build it and the keyword arguments of its check."""
+    """A registered value: how to build it, the keyword arguments of its check, and the
+    problem kinds it applies to (None: all; solvers and projectors take no problem)."""
 
     build: Callable[..., Any]
     options: dict[str, Any]
+    kinds: tuple[str, ...] | None = None
+
+    def applies(self, problem: Problem) -> bool:
+        """Whether the entry applies to ``problem`` (its kind, and no l2 term for the module)."""
+        return self.kinds is None or (problem.name in self.kinds and not (
+            problem.name == "mlp" and problem.l2))
 
 
 # -- solvers --------------------------------------------------------------------------------------
@@ -107,11 +114,7 @@ def _batches(problem: Problem, size: int = 5) -> list:
 
 
 def _op(kind: str, make):
-    def build(problem: Problem):
-        made = make(problem)
-        return None if made is None else (made, dense_curvature(problem, kind))
-
-    return build
+    return lambda problem: (make(problem), dense_curvature(problem, kind))
 
 
 def _gnvp(p: Problem):
@@ -119,8 +122,7 @@ def _gnvp(p: Problem):
     return op + 2 * p.l2 if p.l2 else op
 
 
-def _only_mlp(make):
-    return lambda p: make(p) if p.name == "mlp" and not p.l2 else None
+MLP = ("mlp",)
 
 
 def _fm(p: Problem):
@@ -157,12 +159,12 @@ OPERATORS: dict[str, Entry] = {
     "cg_inverse": Entry(lambda p: (ihvp_cg(dense_curvature(p, "gauss_newton"), damping=0.1,
                                            rtol=1e-13, max_iter=200), _inverse_reference(p)),
                         {"rtol": 1e-8}),
-    "linear_hessian": Entry(_op("hessian", _only_mlp(lambda p: linear_hessian(
-        mlp_module(p), F.cross_entropy, p.params, p.data))), {}),
-    "linear_gnvp": Entry(_op("gauss_newton", _only_mlp(lambda p: linear_gnvp(
-        mlp_module(p), F.cross_entropy, p.params, p.data))), {}),
-    "gauss_newton": Entry(_op("gauss_newton", _only_mlp(lambda p: gauss_newton(_fm(p))(
-        p.params, p.data))), {}),
+    "linear_hessian": Entry(_op("hessian", lambda p: linear_hessian(
+        mlp_module(p), F.cross_entropy, p.params, p.data)), {}, MLP),
+    "linear_gnvp": Entry(_op("gauss_newton", lambda p: linear_gnvp(
+        mlp_module(p), F.cross_entropy, p.params, p.data)), {}, MLP),
+    "gauss_newton": Entry(_op("gauss_newton", lambda p: gauss_newton(_fm(p))(p.params, p.data)),
+                          {}, MLP),
 }
 
 
@@ -196,8 +198,6 @@ def _influence(solver, **options):
 
 
 def _representer(p: Problem):
-    if p.name not in ("logistic", "mlp"):
-        return None
     if p.name == "logistic":
         feature, head = (lambda q, z: z[0]), (lambda q, h: q["W"] @ h + q["b"])
     else:
@@ -218,5 +218,15 @@ METHODS: dict[str, Entry] = {
     "grad_cos": Entry(lambda p: grad_cos(p.loss), {"min_loo_corr": None}),
     "tracin": Entry(lambda p: tracin(p.loss, lrs=[0.5]), {"min_loo_corr": None}),
     "trak": Entry(lambda p: trak(p.loss, damping=1e-3), {"min_loo_corr": None}),
-    "representer": Entry(_representer, {"min_loo_corr": None}),
+    "representer": Entry(_representer, {"min_loo_corr": None}, ("logistic", "mlp")),
+    # The model's own fast paths (capture engine, factored curvature), on the MLP's module:
+    "if_gauss_newton_fm": Entry(lambda p: influence(_fm(p), solver="cg", damping=1e-3,
+                                                    rtol=1e-12, max_iter=200),
+                                {"min_loo_corr": None}, MLP),
+    "if_kfac_fm": Entry(lambda p: influence(_fm(p), solver="kfac", damping=1e-3),
+                        {"min_loo_corr": None}, MLP),
+    "if_ekfac_fm": Entry(lambda p: influence(_fm(p), solver="ekfac", damping=1e-3),
+                         {"min_loo_corr": None}, MLP),
+    "grad_dot_fm": Entry(lambda p: grad_dot(_fm(p)), {"min_loo_corr": None}, MLP),
+    "tracin_fm": Entry(lambda p: tracin(_fm(p), lrs=[0.5]), {"min_loo_corr": None}, MLP),
 }
