@@ -541,3 +541,22 @@ def test_binary_one_logit_matches_dense(curvature):
         warnings.simplefilter("ignore")  # the Hessian of a tanh MLP may be indefinite
         S = m.score(fm.params, m.prepare(fm.params, train), train, test)
     torch.testing.assert_close(S, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("solver", ["ekfac", "datainf", "arnoldi"])
+def test_checkpoint_list_with_factored_solvers(solver):
+    """EK-FAC / DataInf / Arnoldi on a FunctionalModel: score([p0, p1]) == mean of single runs."""
+    g = torch.Generator().manual_seed(9)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    fm = functional_model(net, F.cross_entropy)
+    p1 = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=D) for k, v in fm.params.items()}
+    x, y = torch.randn(10, 3, generator=g, dtype=D), torch.randint(0, 3, (10,), generator=g)
+    train, test = [(x[:6], y[:6]), (x[6:], y[6:])], (x[:3], y[:3])
+    opts = dict(rank=8, max_iter=16) if solver == "arnoldi" else {}
+    m = influence(fm, solver=solver, damping=0.1, **opts)
+    ps = [fm.params, p1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Arnoldi may drop directions of an indefinite part
+        S = m.score(ps, m.prepare(ps, train), train, test)
+        ref = sum(m.score(p, m.prepare(p, train), train, test) for p in ps) / 2
+    torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-12)
