@@ -180,7 +180,7 @@ def procs_wall(world, root, n, batch, n_test, top_k) -> tuple[float, float]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000, 200_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 50_000, 100_000, 200_000])
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--top-k", type=int, default=10)
