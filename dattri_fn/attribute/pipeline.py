@@ -156,8 +156,11 @@ def row_dots(train_rows, test_rows) -> Tensor:
 def from_store(func: str, feature_fn: FeatureFn, train, device=None):
     """``train`` as given, or a :class:`~dattri_fn.store.FeatureStore` when it is one or a
     :class:`~dattri_fn.store.StoreRecording` (built now with ``feature_fn``, resuming)."""
-    from ..store import StoreRecording, build_store
+    from .._checks import _Regrouped
+    from ..store import FeatureStore, StoreRecording, build_store
 
+    if isinstance(train, _Regrouped) and isinstance(train.data, (FeatureStore, StoreRecording)):
+        train = train.data  # merging batches (a method's batch_rows) means nothing to a store
     if isinstance(train, StoreRecording):
         return build_store(train.path, feature_fn, train.data, params=None, config=train.config,
                            shard_rows=train.shard_rows, device=device,
