@@ -83,3 +83,20 @@ def test_method_contract(device, name, problem):
     assert METHODS[name].applies(p)
     method = METHODS[name].build(p)
     check_method(method, p, loo=loo, name=name, **METHODS[name].options)
+
+
+def test_registry_covers_the_library():
+    """Every ihvp factory, projector kind, influence solver and exported method factory has an
+    entry: a new primitive cannot ship outside the contracts."""
+    from dattri_fn import attribute, solve
+    from dattri_fn.attribute.influence import SOLVERS as INFLUENCE_SOLVERS
+    from dattri_fn.project import KINDS
+
+    assert set(solve.SOLVERS) | {"lissa"} <= set(SOLVERS)
+    kinds = {getattr(e.build(), "__name__", "").split("(")[0] for e in PROJECTORS.values()}
+    assert set(KINDS) <= kinds
+    assert all(f"if_{s}" in METHODS or f"if_{s}_fm" in METHODS for s in INFLUENCE_SOLVERS)
+    factories = {"grad_cos", "grad_dot", "tracin", "trak", "representer"}
+    assert factories <= set(attribute.__all__) and factories <= set(METHODS)
+    assert all(e.kinds is None or set(e.kinds) <= set(PROBLEMS)
+               for e in (*OPERATORS.values(), *METHODS.values()))
