@@ -23,6 +23,7 @@ import torch
 from .._checks import (
     _msg,
     batch_cat,
+    blame_data,
     check_optional_int,
     check_params,
     check_positive,
@@ -39,7 +40,7 @@ from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
 from .method import Method, device_of, loss_and_plan, stack_checkpoints
-from .pipeline import collect, dtype_error, in_chunks, stream_scores, stream_self
+from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 RELATIF = ("l", "theta")
 SOLVERS = ("explicit", "cg", "minres", "lissa", "arnoldi", "datainf", "kfac", "ekfac")
@@ -308,15 +309,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         first = peek(train)
         if first is None:
             raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
-        try:
+        with blame_data(name, "train", first):
             if ckpts is None:
                 return build(params, train)
             return InfluenceEnsembleState(tuple(build(p, train) for p in ckpts))
-        except RuntimeError as err:
-            clear = dtype_error(name, "train", first, err)
-            if clear is None:
-                raise
-            raise clear from err
 
     def build(params: Params, train) -> InfluenceState:
         """The state of ``solver`` on validated ``train`` (see ``prepare``)."""
