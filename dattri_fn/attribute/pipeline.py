@@ -6,6 +6,12 @@ a (preconditioned) test feature row ``p_j`` per test example, ``scores[i, j] = <
 features are computed once; train features are produced one data batch (shard) at a time and
 dropped after their block of scores is formed, so memory is bounded by the batch size, not by
 ``n_train x P``. ``top_k`` keeps a running top-k per test point instead of the full matrix.
+
+``train`` may also be a :class:`~dattri_fn.store.FeatureStore` (the train features, already on
+disk: no training data is read) or a :class:`~dattri_fn.store.StoreRecording` (the features are
+written to a store as they are computed, resuming a killed run), wherever a method passes its
+``train`` to :func:`collect` or :func:`stream_scores`; :func:`stream_self` refuses both (the
+diagonal needs the examples under the test-side map).
 """
 
 from __future__ import annotations
