@@ -127,12 +127,16 @@ class LayerGrads(NamedTuple):
     def to_dense(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
         """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
 
+        When every parameter already sits in the dense block (in params order) and no other
+        dtype or ``out`` is asked for, that block itself is returned (no copy).
         A narrower ``dtype`` (e.g. bfloat16) receives each product rounded once, as written:
         no full-precision ``[C, B, P]`` copy is made. ``out``: a ``[C, B, P]`` tensor to write
         into (its dtype wins), e.g. one buffer reused over the batches of a stream.
         """
         sizes = [self._size(src) for _, src in self.layout]
         C, B = self.dense.shape[:2]
+        if out is None and (dtype is None or dtype == self.dense.dtype) and self._is_dense():
+            return self.dense  # every parameter already sits in the dense block, in order
         if out is not None:
             want = (C, B, sum(sizes))
             if not isinstance(out, Tensor) or tuple(out.shape) != want:
@@ -169,6 +173,15 @@ class LayerGrads(NamedTuple):
                 view.copy_(self._block(source, 0, size))
             off += size
         return out
+
+    def _is_dense(self) -> bool:
+        """True when the dense block holds every parameter, in params order, and nothing else."""
+        off = 0
+        for _, src in self.layout:
+            if src[0] != "d" or src[1] != off:
+                return False
+            off = src[2]
+        return off == self.dense.shape[-1]
 
     def _plain(self) -> bool:
         """True outside autograd, forward AD and torch.func: plain, grad-free tensors only."""
@@ -443,11 +456,14 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
         else:
             if wk is not None:
                 a_w = a[..., : a.shape[-1] - (bk is not None)]
-                v = (torch.einsum("...ti,...to->...io", a_w, g) if w_src == "wt" else
-                     torch.einsum("...to,...ti->...oi", g, a_w)).flatten(lead)
-                layout_of[wk] = ("d", offset, offset + v.shape[-1])
+                eq = "...ti,...to->...io" if w_src == "wt" else "...to,...ti->...oi"
+                ops = (a_w, g) if w_src == "wt" else (g, a_w)
+                width = a_w.shape[-1] * o
+                # formed when written into the block: one layer's [C, B, out * in] at a time
+                v = _Lazy(lambda eq=eq, ops=ops: torch.einsum(eq, *ops).flatten(lead), width, ops)
+                layout_of[wk] = ("d", offset, offset + width)
                 dense.append(v)
-                offset += v.shape[-1]
+                offset += width
             if bk is not None:
                 layout_of[bk] = ("d", offset, offset + o)
                 dense.append(g.sum(-2))
@@ -458,9 +474,36 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
         if bk is not None:
             layout_of[bk] = ("b", n)
     some = next(iter(raw.values()))[1]
-    dense_t = torch.cat(dense, -1) if dense else some.new_zeros((*some.shape[:lead], 0))
+    dense_t = _concat(dense, some, lead)
     layout = tuple((k, layout_of[k]) for k in plan.model.params)
     return LayerGrads(factors, dense_t, layout)
+
+
+class _Lazy(NamedTuple):
+    """A dense block formed only when :func:`_concat` writes it (``make() -> [C, B, width]``)."""
+
+    make: Any
+    width: int
+    inputs: tuple
+
+
+def _concat(parts: list, like: Tensor, lead: int) -> Tensor:
+    """Return the parts side by side, written into ONE buffer: peak ``[C, B, P_dense]`` plus
+    the widest part, not the parts and their concatenation together.  # -> [C, B, P_dense]"""
+    if not parts:
+        return like.new_zeros((*like.shape[:lead], 0))
+    tensors = [t for p in parts for t in (p.inputs if isinstance(p, _Lazy) else (p,))]
+    plain = (torch._C._functorch.maybe_current_level() is None
+             and not any(t.requires_grad for t in tensors))
+    if not plain:  # autograd or a transform: cat keeps the graph / batching intact
+        return torch.cat([p.make() if isinstance(p, _Lazy) else p for p in parts], -1)
+    widths = [p.width if isinstance(p, _Lazy) else p.shape[-1] for p in parts]
+    out = like.new_empty((*like.shape[:lead], sum(widths)))
+    off = 0
+    for p, w in zip(parts, widths, strict=True):
+        out[..., off:off + w] = p.make() if isinstance(p, _Lazy) else p
+        off += w
+    return out
 
 
 def _embedding_rows(spec, idx: Tensor, g: Tensor, lead: int, shape) -> Tensor:
