@@ -14,14 +14,12 @@ import time
 
 import torch
 
-torch.set_num_threads(1)
-
-from dattri_fn import distributed as D  # noqa: E402
-from dattri_fn import io  # noqa: E402
-from dattri_fn.attribute import grad_dot  # noqa: E402
-from dattri_fn.curvature import hvp  # noqa: E402
-from dattri_fn.grad import per_sample_grad  # noqa: E402
-from dattri_fn.solve import ihvp_cg, kfac_factors  # noqa: E402
+from dattri_fn import distributed as D
+from dattri_fn import io
+from dattri_fn.attribute import grad_dot
+from dattri_fn.curvature import hvp
+from dattri_fn.grad import per_sample_grad
+from dattri_fn.solve import ihvp_cg, kfac_factors
 
 CONFIG = {"method": "grad_dot", "proj_dim": None, "seed": 0}
 DT = torch.float64
@@ -94,4 +92,5 @@ def run_die(out):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # set here, not at import: the test module imports problem() from this file
     {"all": run_all, "die": run_die}[sys.argv[1]](sys.argv[2])
