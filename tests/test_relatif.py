@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dattri_fn.attribute.influence import influence
@@ -19,6 +19,7 @@ def _dense_relatif(params, loss, train, test, damping, kind):
     return (G @ torch.linalg.solve(A, Gt.T)) / norm[:, None], (G * Q).sum(1) / norm
 
 
+@settings(max_examples=10)
 @given(st.sampled_from(["linear", "logistic"]), st.sampled_from(["l", "theta"]),
        st.integers(3, 9), st.integers(0, 2**16), st.sampled_from([1e-2, 0.5]))
 def test_relatif_matches_dense(name, kind, n, seed, damping):
@@ -31,6 +32,22 @@ def test_relatif_matches_dense(name, kind, n, seed, damping):
     torch.testing.assert_close(m.score(params, state, train, test), ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(m.self_score(params, state, train), ref_self, rtol=1e-9,
                                atol=1e-10)
+
+
+@settings(max_examples=8)
+@given(st.sampled_from(["l", "theta"]), st.integers(0, 2**16))
+@example("l", 65536)  # 5 of its 8 rows have g_i^T A^-1 g_i < 0
+def test_relatif_on_indefinite_mlp_hessian_with_literal_inverse(kind, seed):
+    """tanh MLP, damping 0.01 (H + damping I indefinite), method='lu': RelatIF == dense, with
+    n_i = sqrt|g_i^T A^-1 g_i| real where g_i^T A^-1 g_i < 0."""
+    params, loss, train = PROBLEMS["mlp"](n=8, seed=seed)
+    _, _, test = PROBLEMS["mlp"](n=2, seed=seed + 7)
+    m = influence(loss, solver="explicit", damping=0.01, relatif=kind, method="lu")
+    state = m.prepare(params, train)
+    ref, ref_self = _dense_relatif(params, loss, train, test, 0.01, kind)
+    torch.testing.assert_close(m.score(params, state, train, test), ref, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(m.self_score(params, state, train), ref_self, rtol=1e-8,
+                               atol=1e-9)
 
 
 def test_relatif_self_score_is_diagonal_and_l_is_sqrt():
