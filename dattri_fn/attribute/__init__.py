@@ -10,6 +10,7 @@ from .logra import LoGraState, logra
 from .method import Attributor, Method, stack_checkpoints
 from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
+from .tokens import token_scores
 from .trak import TRAKState, classification_margin, classification_weight, trak
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "stack_checkpoints",
     "stream_scores",
     "stream_self",
+    "token_scores",
     "tracin",
     "trak",
 ]

@@ -1,0 +1,104 @@
+"""Per-token scores: how much each position of a training sequence contributes to a score.
+
+For a captured layer (input ``a``, output gradient ``g``) a training example's gradient is a
+sum over positions, ``DW_i = sum_t g_it a_it^T`` (``db_i = sum_t g_it``), so any score that is
+linear in the training gradient splits exactly over positions:
+
+    s_ij = <grad_i, p_j> = sum_t sum_layers (g_it^T M_jl a_it + g_it . m_jl)
+
+with ``p_j`` a test feature in the params' ravel layout (for influence ``p_j = (C + damping
+I)^-1 grad_j``, for Grad-Dot ``p_j = grad_j``) and ``M_jl``, ``m_jl`` its weight and bias blocks.
+``token_scores(...).sum(1)`` is the per-example score (kronfluence's per-token scores).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
+from ..layers import batched_io, output_shapes
+from ..model import FunctionalModel, default_unpack
+from ..transforms import capture
+
+
+def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -> Tensor:
+    """Return ``s_itj``, position ``t`` of train example ``i`` against test ``j``.  # -> [B, T, n_test]
+
+    ``s_itj = sum_l g_itl^T M_jl a_itl (+ g_itl . m_jl)``; summed over ``t`` it equals
+    ``grad_i . p_j`` exactly.
+
+    Args:
+        model: a FunctionalModel with a ``loss_fn`` whose every attributed parameter is the weight
+            or bias of an ``nn.Linear``, HF ``Conv1D`` or ``nn.Conv2d`` (positions: tokens, or a
+            convolution's output pixels), all applied at the same ``T`` positions.
+        params: the attributed parameters (keys and order of ``model.params``).
+        batch: training examples (a Batch laid out as ``model``'s loss takes them).
+        test_features: ``p_j`` in the params' ravel layout.  # [n_test, P]
+
+    Raises:
+        TypeError/ValueError: naming the argument: a parameter outside captured layers, layers
+            at different numbers of positions, features of another width.
+    """
+    func = "token_scores"
+    if not isinstance(model, FunctionalModel) or model.loss_fn is None:
+        raise TypeError(_msg(func, "model", "a FunctionalModel with a loss_fn",
+                             type(model).__name__))
+    params = check_params(func, "params", params)
+    if list(params) != list(model.params):
+        raise ValueError(_msg(func, "params", f"the keys of model.params {list(model.params)}",
+                              f"{list(params)}"))
+    P = sum(v.numel() for v in params.values())
+    check_tensor(func, "test_features", test_features)
+    if test_features.ndim != 2 or test_features.shape[1] != P:
+        raise ValueError(_msg(func, "test_features", f"[n_test, {P}] (the params' ravel layout)",
+                              f"{list(test_features.shape)}"))
+    specs = {n: s for n, s in capture.layer_specs(model.module).items()
+             if s.kind in ("linear", "conv1d", "conv2d") and s.weight in params}
+    owned = {k for s in specs.values() for k in (s.weight, s.bias) if k in params}
+    left = [k for k in params if k not in owned]
+    if left:
+        raise ValueError(_msg(func, "params", "only weights and biases of Linear, Conv1D or "
+                              "Conv2d layers (their gradients split over positions)",
+                              f"other parameters {left}",
+                              "Select them away: functional_model(..., params=...)."))
+    B = batch_size(func, "batch", batch)
+    state = {**model.fixed, **params}
+    device = next(iter(params.values())).device
+    batch = batch_to(batch, device)
+    tapped = capture.tap(model.module, list(specs))
+    like = params[specs[next(iter(specs))].weight]
+    args, kwargs, target = (model.unpack or default_unpack)(batch)
+    with blame_data(func, "batch", batch):
+        problems = tapped.check(state, *args, **kwargs)
+        if problems:
+            raise ValueError(_msg(func, "model", "layers the capture engine can factor",
+                                  "; ".join(f"{n}: {w}" for n, w in problems.items())))
+        shapes = output_shapes(tapped, state, args, kwargs, like)
+        io = batched_io(tapped, model.loss_fn, state, args, kwargs, target, shapes, like)
+    offsets, start = {}, 0
+    for k, v in params.items():
+        offsets[k] = slice(start, start + v.numel())
+        start += v.numel()
+    feats = test_features.to(like.dtype)
+    total, T0 = None, None
+    for name, spec in specs.items():
+        a, g = io[name]
+        a = a.reshape(B, -1, a.shape[-1]).detach()
+        g = g.reshape(B, -1, g.shape[-1]).detach()
+        if T0 is None:
+            T0 = a.shape[1]
+        elif a.shape[1] != T0:
+            raise ValueError(_msg(func, "model", "layers applied at the same number of positions",
+                                  f"{T0} and {a.shape[1]} (layer {name!r})"))
+        out, inp = g.shape[-1], a.shape[-1]
+        M = feats[:, offsets[spec.weight]]
+        M = M.reshape(-1, inp, out).mT if spec.kind == "conv1d" else M.reshape(-1, out, inp)
+        part = torch.einsum("btjo,bto->btj", torch.einsum("joi,bti->btjo", M, a), g)
+        if spec.bias in params:
+            part = part + g @ feats[:, offsets[spec.bias]].T
+        total = part if total is None else total + part
+    return total
+
+
+__all__ = ["token_scores"]
