@@ -550,13 +550,14 @@ def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
     n = batch_size("layer_grads", "batch", batch)
     head = batch_slice(batch, 0, min(n, 3))
     why, active = None, None
+    # A loop of torch.func.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9 s
+    # on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
+    # autodiff rejects too (a wrong dtype or width) raise here and leave the plan unchecked:
+    # a bad batch must not switch a good model to dense gradients for good.
+    ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()}, head))
     try:
         active = _narrowed(plan, head, first)
         if active is not None:
-            # A loop of torch.func.grad, not vmap: vmap's nll_loss batching rule imports sympy
-            # (~0.9 s on a first call) and some models (transformers' SDPA) refuse vmap.
-            ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()},
-                                            head))
             got = _factored(active, first, head).to_dense()[0]
             err = float((got - ref).abs().max())
             scale = float(ref.abs().max())

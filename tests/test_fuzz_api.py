@@ -224,3 +224,18 @@ def test_blame_data_rewords_data_errors_only():
         with blame_data("outer", "test", BATCH), blame_data("hvp", "data", BATCH):
             torch.ones(2, 3) @ torch.ones(2, 3)
     assert str(info.value.__cause__).startswith("hvp(data=...)")
+
+
+def test_a_bad_batch_leaves_the_fast_path_of_a_good_model():
+    """grad_dot(fm) given data in the wrong dtype first: a named error, no 'densely from now
+    on' warning, and the next good call still takes the factored path (no warning)."""
+    import warnings
+
+    m = grad_dot(functional_model(FM.module, F.cross_entropy))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(TypeError, match=r"grad_dot\(test=...\): expected floating"):
+            m.score(FM.params, (), BATCH, (X.float(), Y))
+        S = m.score(FM.params, (), BATCH, BATCH)
+    torch.testing.assert_close(S, per_sample_grad(FM.loss, FM.params, BATCH) @
+                               per_sample_grad(FM.loss, FM.params, BATCH).T)
