@@ -21,7 +21,7 @@ def _axes(func: str, ax):
         import matplotlib.pyplot as plt
     except ImportError as err:  # an optional dependency: say which extra brings it
         raise ImportError(f"{func}: matplotlib is needed for plots (pip install "
-                          "'dattri_fn[dev]' or matplotlib).") from err
+                          "'dattri_fn[plots]').") from err
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 3.2))
     return ax

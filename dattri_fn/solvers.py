@@ -50,10 +50,13 @@ _FACTORIES = {"cg": ihvp_cg, "explicit": ihvp_explicit, "arnoldi": ihvp_arnoldi,
 _PROBE = torch.eye(1, dtype=torch.float64)
 
 
-def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None) -> Solver:
+def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None,
+       negative_curvature: str = "stop") -> Solver:
     """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: a preconditioner LinOp, or
-    ``"kfac"``/``"ekfac"`` for influence to build from the model."""
-    options = {"rtol": rtol, "atol": atol, "max_iter": max_iter}
+    ``"kfac"``/``"ekfac"`` for influence to build from the model; ``negative_curvature=
+    "continue"``: the literal inverse of an indefinite system (no stop at ``p^T A p <= 0``)."""
+    options = {"rtol": rtol, "atol": atol, "max_iter": max_iter,
+               "negative_curvature": negative_curvature}
     ihvp_cg(_PROBE, **options)
     if M is not None:
         options["M"] = M
@@ -75,10 +78,11 @@ def explicit(*, method: str = "auto", rtol: float | None = None) -> Solver:
 
 
 def arnoldi(*, rank: int, max_iter: int | None = None, block_size: int | None = None,
-            seed: int = 0, rtol: float | None = None) -> Solver:
-    """Top-``rank`` Krylov eigenpairs (:func:`~dattri_fn.solve.ihvp_arnoldi`)."""
+            seed: int = 0, rtol: float | None = None, keep: str = "positive") -> Solver:
+    """Top-``rank`` Krylov eigenpairs (:func:`~dattri_fn.solve.ihvp_arnoldi`); ``keep="all"``
+    inverts the non-positive damped directions too (the literal inverse)."""
     check_int("arnoldi", "rank", rank)
     options = {"rank": rank, "max_iter": max_iter, "block_size": block_size, "seed": seed,
-               "rtol": rtol}
+               "rtol": rtol, "keep": keep}
     ihvp_arnoldi(_PROBE, **{**options, "rank": 1, "max_iter": None if max_iter is None else 1})
     return Solver("arnoldi", options)

@@ -51,3 +51,22 @@ def test_influence_takes_a_solver_value():
     torch.testing.assert_close(Sa, Sb, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"influence\(solver=...\): settings \['max_iter'\] given both"):
         influence(fm, solver=solvers.cg(max_iter=5), max_iter=6)
+
+
+def test_literal_inverse_settings_are_solver_values_too():
+    """solvers.cg(negative_curvature="continue") and solvers.arnoldi(keep="all") equal their
+    ihvp_* forms: the literal (A + dI)^-1 of an indefinite symmetric A (linalg.solve)."""
+    from dattri_fn.solve import ihvp_arnoldi, ihvp_cg
+
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.tensor([3.0, 2.0, 1.5, -0.5, -1.0, -2.5], dtype=torch.float64)) @ Q.T
+    V = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    exact = torch.linalg.solve(A + 0.1 * torch.eye(6, dtype=torch.float64), V.T).T
+    cg_value = solvers.cg(negative_curvature="continue", rtol=1e-12, max_iter=60)(A, 0.1)(V)
+    torch.testing.assert_close(cg_value, ihvp_cg(A, damping=0.1, negative_curvature="continue",
+                                                 rtol=1e-12, max_iter=60)(V))
+    torch.testing.assert_close(cg_value, exact, rtol=1e-8, atol=1e-8)
+    ar = solvers.arnoldi(rank=6, keep="all")(A, 0.1)(V)
+    torch.testing.assert_close(ar, ihvp_arnoldi(A, rank=6, damping=0.1, keep="all")(V))
+    torch.testing.assert_close(ar, exact, rtol=1e-8, atol=1e-8)

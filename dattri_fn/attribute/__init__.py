@@ -4,8 +4,10 @@ Every method: ``Method(prepare, score, self_score, name)``; scores ``[n_train, n
 positive = up-weighting the training example lowers the test loss (a proponent).
 """
 
-from .gradsim import grad_cos, grad_dot, tracin
-from .influence import InfluenceState, influence
+from .ensemble import dropout_ensemble, dropout_grads
+from .gradsim import grad_cos, grad_dot, tracin, tracin_cos
+from .influence import InfluenceEnsembleState, InfluenceState, influence
+from .knn_shapley import KNNShapleyState, knn_shapley, knn_shapley_values
 from .logra import LoGraState, logra
 from .method import Attributor, Method, stack_checkpoints
 from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
@@ -15,7 +17,9 @@ from .trak import TRAKState, classification_margin, classification_weight, trak
 
 __all__ = [
     "Attributor",
+    "InfluenceEnsembleState",
     "InfluenceState",
+    "KNNShapleyState",
     "LoGraState",
     "Method",
     "RepresenterState",
@@ -24,9 +28,13 @@ __all__ = [
     "classification_margin",
     "classification_weight",
     "collect",
+    "dropout_ensemble",
+    "dropout_grads",
     "grad_cos",
     "grad_dot",
     "influence",
+    "knn_shapley",
+    "knn_shapley_values",
     "logra",
     "merge_topk",
     "representer",
@@ -35,5 +43,6 @@ __all__ = [
     "stream_self",
     "token_scores",
     "tracin",
+    "tracin_cos",
     "trak",
 ]
