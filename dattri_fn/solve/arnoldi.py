@@ -14,8 +14,8 @@ from .explicit import (
     Eigen,
     EigenInverse,
     as_operator,
-    check_rhs,
     default_rtol,
+    eigen_operator,
     spectral_inverse,
 )
 
@@ -205,16 +205,7 @@ def _literal_inverse(func: str, eigen: Eigen, *, damping: float, rtol: float) ->
             f"{float(mu.abs().max()):.3g} (numerically singular: no literal inverse there). "
             f"Change damping (now {damping:g}) to move them off zero.", RuntimeWarning,
             stacklevel=3)
-    U, inv_mu = vectors[:, kept], 1.0 / mu[kept]
-    dtype, device = vectors.dtype, vectors.device
-
-    def matmat(V: Tensor) -> Tensor:
-        check_rhs(func, V, dtype, device)
-        return ((V @ U) * inv_mu) @ U.T
-
-    out = EigenInverse(matmat, vectors.shape[0], dtype, device, name=func)
-    out.eigen, out.kept, out.damping = eigen, kept, damping
-    return out
+    return eigen_operator(func, eigen, kept, mu, damping)
 
 
 def ihvp_arnoldi(op, *, rank: int, damping: float = 0.0, max_iter: int | None = None,

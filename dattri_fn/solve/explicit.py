@@ -99,8 +99,16 @@ def spectral_inverse(func: str, eigen: Eigen, *, damping: float, rtol: float) ->
             RuntimeWarning,
             stacklevel=3,
         )
-    U = vectors if num_dropped == 0 else vectors[:, kept]
-    inv_mu = (1.0 / mu[kept]) if num_dropped else 1.0 / mu
+    return eigen_operator(func, eigen, kept, mu, damping)
+
+
+def eigen_operator(func: str, eigen: Eigen, kept: Tensor, mu: Tensor,
+                   damping: float) -> EigenInverse:
+    """Return ``V -> ((V U) / mu) U^T`` over the ``kept`` pairs of ``eigen``.  # [k, P] -> [k, P]"""
+    vectors = eigen[1]
+    every = bool(kept.all())
+    U = vectors if every else vectors[:, kept]
+    inv_mu = 1.0 / (mu if every else mu[kept])
     dtype, device = vectors.dtype, vectors.device
 
     def matmat(V: Tensor) -> Tensor:
