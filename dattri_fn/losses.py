@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ._checks import _msg
 
-__all__ = ["causal_lm_loss", "causal_lm_mean_loss", "sample_categorical"]
+__all__ = ["causal_lm_loss", "causal_lm_margin", "causal_lm_margin_weight", "causal_lm_mean_loss",
+           "sample_categorical"]
 
 
 def _logits(output, func: str) -> Tensor:
@@ -33,8 +34,8 @@ def _logits(output, func: str) -> Tensor:
     return logits
 
 
-def _token_losses(output, labels: Tensor, func: str) -> tuple[Tensor, Tensor]:
-    """``([B, T-1] token losses, [B, T-1] kept mask)`` of the shifted cross-entropy."""
+def _checked(output, labels: Tensor, func: str) -> Tensor:
+    """Return the logits ``[B, T, V]`` after checking ``labels`` are integer ids ``[B, T]``."""
     logits = _logits(output, func)
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:2] \
             or labels.is_floating_point():
@@ -42,6 +43,12 @@ def _token_losses(output, labels: Tensor, func: str) -> tuple[Tensor, Tensor]:
                else type(labels).__name__)
         raise ValueError(_msg(func, "labels", f"integer token ids {list(logits.shape[:2])} "
                               "(-100 ignored)", got))
+    return logits
+
+
+def _token_losses(output, labels: Tensor, func: str) -> tuple[Tensor, Tensor]:
+    """``([B, T-1] token losses, [B, T-1] kept mask)`` of the shifted cross-entropy."""
+    logits = _checked(output, labels, func)
     target = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
     return loss, target != -100
@@ -78,6 +85,50 @@ def causal_lm_mean_loss(output, labels: Tensor) -> Tensor:
 
 
 causal_lm_mean_loss.per_example = _mean_rows
+
+
+def _token_margins(output, labels: Tensor, func: str) -> tuple[Tensor, Tensor]:
+    """``([B, T-1] margins logit_y - logsumexp_{c != y} logit_c, [B, T-1] kept mask)``."""
+    logits = _checked(output, labels, func)[:, :-1]
+    keep = labels[:, 1:] != -100
+    target = labels[:, 1:].clamp_min(0)
+    own = logits.gather(-1, target[..., None]).squeeze(-1)
+    others = logits.scatter(-1, target[..., None], float("-inf")).logsumexp(-1)
+    return (own - others) * keep, keep
+
+
+def _margin_rows(output, labels: Tensor) -> Tensor:
+    """Each sequence's summed next-token margin.  # [B, T, V], [B, T] -> [B]"""
+    return _token_margins(output, labels, "causal_lm_margin")[0].sum(1)
+
+
+def causal_lm_margin(output, labels: Tensor) -> Tensor:
+    """Return TRAK's output for a causal LM: the SUM over kept tokens of the next-token margin
+    ``logit_y - logsumexp_{c != y} logit_c = log(p_y / (1 - p_y))``.  # -> []
+
+    For ``trak(functional_model(lm, causal_lm_margin), weight_fn=functional_model(lm,
+    causal_lm_margin_weight))``: raising it lowers every kept token's cross-entropy.
+    """
+    return _margin_rows(output, labels).sum()
+
+
+causal_lm_margin.per_example = _margin_rows
+
+
+def _margin_weight_rows(output, labels: Tensor) -> Tensor:
+    """Each sequence's mean over kept tokens of ``1 - p_y = sigmoid(-margin)``.  # -> [B]"""
+    margin, keep = _token_margins(output, labels, "causal_lm_margin_weight")
+    weight = torch.sigmoid(-margin) * keep
+    return weight.sum(1) / keep.sum(1).clamp_min(1)
+
+
+def causal_lm_margin_weight(output, labels: Tensor) -> Tensor:
+    """Return TRAK's weight ``Q`` for :func:`causal_lm_margin`: the mean over kept tokens of
+    ``1 - p_y`` (``d CE_t / d margin_t = -(1 - p_y)``, one weight per sequence).  # -> []"""
+    return _margin_weight_rows(output, labels).sum()
+
+
+causal_lm_margin_weight.per_example = _margin_weight_rows
 
 
 def _draw(logits: Tensor, generator: torch.Generator) -> Tensor:

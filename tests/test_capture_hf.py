@@ -149,3 +149,45 @@ def test_causal_lm_loss_helpers_and_ekfac_on_gpt2_mlp_blocks():
     assert len(state.factors.transposed) == 4
     scores = m.score(fm.params, state, batch, batch)
     assert scores.shape == (4, 4) and torch.isfinite(scores).all()
+
+
+def test_causal_lm_margin_and_weight_and_trak_on_gpt2():
+    """causal_lm_margin = sum over kept tokens of log(p_y / (1 - p_y)), its weight the mean of
+    1 - p_y; TRAK on stock GPT-2's MLP blocks with them (capture engine, no fallback) equals
+    the dense TRAK formula from per-sequence autograd, float64."""
+    from dattri_fn import functional_model
+    from dattri_fn.attribute import trak
+    from dattri_fn.losses import causal_lm_margin, causal_lm_margin_weight
+
+    torch.manual_seed(0)
+    gpt2 = _models()["gpt2"][0].double().eval()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 50, (5, 6), generator=g)
+    labels = ids.clone()
+    labels[1, 3:] = -100
+    out = gpt2(input_ids=ids)
+    p = out.logits[:, :-1].softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    keep = labels[:, 1:] != -100
+    want = (torch.log(p / (1 - p)) * keep).sum(1)
+    torch.testing.assert_close(causal_lm_margin.per_example(out, labels), want)
+    torch.testing.assert_close(causal_lm_margin_weight.per_example(out, labels),
+                               ((1 - p) * keep).sum(1) / keep.sum(1))
+    torch.testing.assert_close(causal_lm_margin(out, labels), want.sum())
+    batch = {"input_ids": ids, "labels": labels}
+    mlp = lambda n: ".mlp." in n
+    out_fm = functional_model(gpt2, causal_lm_margin, params=mlp)
+    w_fm = functional_model(gpt2, causal_lm_margin_weight, params=mlp)
+    m = trak(out_fm, weight_fn=w_fm, proj_dim=16, damping=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback of ours
+        S = m.score(out_fm.params, m.prepare(out_fm.params, batch), batch, batch)
+    # the same scores from plain autograd, one sequence at a time
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(5)]
+    G = torch.stack([torch.cat([t.reshape(-1) for t in torch.func.grad(out_fm.loss)(
+        out_fm.params, r).values()]) for r in rows])
+    Q = torch.stack([w_fm.loss(w_fm.params, r) for r in rows])
+    from dattri_fn.project import make_projector
+    R = make_projector(G.shape[1], proj_dim=16, seed=0, dtype=G.dtype)
+    Phi = R(G)
+    K = torch.linalg.inv(Phi.T @ Phi + 0.1 * torch.eye(16, dtype=G.dtype))
+    torch.testing.assert_close(S, (Phi @ K @ Phi.T) * Q[:, None], rtol=1e-8, atol=1e-10)
