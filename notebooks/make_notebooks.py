@@ -680,8 +680,10 @@ def neumann(*, rtol=1e-10, max_iter=5_000, forget_damping=False):
                     break
             resid = (M(x) - V).norm(dim=-1) / V.norm(dim=-1).clamp_min(1e-300)
             if not bool(torch.isfinite(resid).all()) or float(resid.max()) > 1e3 * tol:
-                warnings.warn(f"neumann: relative residual {float(resid.max()):.1e}: is op + "
-                              "damping I positive definite?", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"neumann: relative residual {float(resid.max()):.1e} after "
+                              f"{t + 1} terms: op + damping I is ill-conditioned (raise "
+                              "max_iter or damping) or not positive definite.", RuntimeWarning,
+                              stacklevel=3)
             return x
 
         return LinOp(apply, A.dim, A.dtype, A.device, name="neumann")
@@ -746,12 +748,13 @@ def neumann_influence(loss, *, damping, self_score_bug=False):
 the scores; one batch, lists of batches and a DataLoader give the same scores; `top_k` is
 `torch.topk` of the full matrix; a duplicated training point scores like its original and
 positively; and on a convex problem the scores correlate with the **exact leave-one-out**
-(refitted in closed form) at least `min_loo_corr`:
+(refitted in closed form) at least `min_loo_corr` (default 0.85; the exact influence reaches
+0.92 or more on the kit's fitted problems, Grad-Dot 0.25-0.82 on ill-conditioned ones):
 
 # %%
-problem = ridge_regression(n=16, dim=3, seed=0, l2=0.05)
+problem = ridge_regression(n=32, dim=3, seed=0, l2=0.05, cond=10.0)  # features scaled 1..10
 method = neumann_influence(problem.loss, damping=1e-3)
-check_method(method, problem, min_loo_corr=0.9)
+check_method(method, problem)
 print("neumann_influence keeps the method contract on", problem)
 
 # %% [markdown]
@@ -768,15 +771,17 @@ except AssertionError as e:
 # %% [markdown]
 ## Property tests: many problems, drawn by hypothesis
 
-`problems()` draws a problem kind, its sizes and a seed (never raw float arrays), so a failure
-prints a reproducible draw. Here the method must keep its contract on fitted ridge and logistic
-regressions of random sizes:
+`problems()` draws a problem kind, its sizes, its conditioning and a seed (never raw float
+arrays), so a failure prints a reproducible draw. Here the method must keep its contract on
+fitted ridge and logistic regressions of random sizes. Some draws have features scaled by
+up to 30, and our series then stops at `max_iter` short of `rtol`: it says so (the warnings
+below), and the scores still agree with the exact leave-one-out.
 
 # %%
 @given(problem=problems(kinds=("ridge", "logistic"), fitted=True))
 @settings(max_examples=5, derandomize=True, deadline=None, database=None)
 def test_neumann_influence(problem):
-    check_method(neumann_influence(problem.loss, damping=1e-3), problem, min_loo_corr=0.9)
+    check_method(neumann_influence(problem.loss, damping=1e-3), problem)
 
 
 test_neumann_influence()
@@ -801,7 +806,7 @@ plt.ylabel("exact leave-one-out")
 plt.title(f"ridge, n = {problem.n}: Pearson r = {r:.3f}", fontsize=9)
 plt.tight_layout()
 plt.show()
-assert r > 0.9
+assert r > 0.85
 '''
 
 NOTEBOOKS = {

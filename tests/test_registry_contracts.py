@@ -23,10 +23,10 @@ from dattri_fn.testing.registry import METHODS, OPERATORS, PROJECTORS, SOLVERS
 
 # One instance per kind, small enough that each check takes about a second.
 PROBLEMS = {
-    "ridge": lambda d: ridge_regression(n=12, dim=3, seed=1, l2=0.05, device=d),
-    "linear": lambda d: linear_regression(n=14, dim=2, seed=2, fit=True, device=d),
-    "logistic": lambda d: logistic_regression(n=12, dim=2, classes=3, seed=3, l2=0.05, fit=True,
-                                              device=d),
+    "ridge": lambda d: ridge_regression(n=24, dim=2, seed=1, l2=0.05, cond=10.0, device=d),
+    "linear": lambda d: linear_regression(n=24, dim=2, seed=2, fit=True, cond=10.0, device=d),
+    "logistic": lambda d: logistic_regression(n=27, dim=2, classes=3, seed=3, l2=0.05, fit=True,
+                                              cond=10.0, device=d),
     "mlp": lambda d: mlp(n=8, seed=4, device=d),
     "conv": lambda d: conv_net(n=6, size=4, seed=5, device=d),
     "sequence": lambda d: sequence_model(n=6, length=3, seed=6, device=d),

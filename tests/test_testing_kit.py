@@ -280,7 +280,7 @@ def _wrapped(method, name, *, score=None, self_score=None):
 def test_check_method_catches_broken_methods():
     """Flipped sign, wrong self-score, batch-dependent scores, top_k of the opponents, and an
     influence method that multiplies by H instead of H^-1: each property named."""
-    p = ridge_regression(n=12, seed=1)
+    p = ridge_regression(n=32, dim=3, seed=1, cond=10.0)
     loo = exact_loo(p)
     gd = grad_dot(p.loss)
 
@@ -316,7 +316,7 @@ def test_check_method_catches_broken_methods():
     wrong_if = influence(p.loss, solver="explicit", damping=1e-3, curvature=lambda pa, tr: LinOp(
         lambda V: V @ times_hessian(pa, tr), p.num_params, F64, "cpu", name="H^-1"))
     with pytest.raises(AssertionError, match=r"agreement with exact leave-one-out on ridge: Pearson "
-                                             r"correlation >= 0.9 violated: correlation"):
+                                             r"correlation >= 0.85 violated: correlation"):
         check_method(_wrapped(wrong_if, "if_times_H"), p, loo=loo)
     check_method(influence(p.loss, solver="explicit", damping=1e-3), p, loo=loo)
 
@@ -350,8 +350,8 @@ def test_check_method_takes_checkpoints():
 
 
 @given(problem=problems(fitted=True))
-@settings(max_examples=6)
+@settings(max_examples=15)
 def test_default_loo_bound_holds_for_exact_influence(problem):
     """influence(explicit, Hessian, damping 1e-3) keeps every check_method contract, LOO corr
-    >= 0.9 included, on fitted convex draws: the default bound rejects no correct method there."""
+    >= 0.85 included, on fitted convex draws: the default bound rejects no correct method there."""
     check_method(influence(problem.loss, solver="explicit", damping=1e-3), problem)

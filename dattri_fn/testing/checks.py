@@ -87,7 +87,7 @@ def _name(obj, fallback: str) -> str:
 
 # -- operators ------------------------------------------------------------------------------------
 def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetric: bool = True,
-                k: int = 3, seed: int = 0, rtol: float | None = None,
+                dense: bool = True, k: int = 3, seed: int = 0, rtol: float | None = None,
                 name: str | None = None) -> None:
     """Check the LinOp contract of ``op`` on ``k`` seeded random rows.
 
@@ -100,6 +100,8 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
     Args:
         op: a :class:`~dattri_fn.LinOp` or a dense ``[P, P]`` tensor.
         reference: the dense matrix ``op`` should equal, e.g. :func:`dense_hessian`.
+        dense: check ``op.dense()`` (``P`` products; False for a large operator without a
+            reference).
         rtol: relative to the largest magnitude compared (default :func:`default_rtol`).
 
     Raises:
@@ -141,7 +143,7 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
     if symmetric:
         _assert_close(check, name, "symmetry <u_i, A v_j> == <A u_i, v_j>", U @ out.T,
                       op(U) @ V.T, rtol, labels=("u", "v"))
-    if reference is not None or hasattr(op, "dense"):
+    if reference is not None or dense:
         D = op.dense()
         if tuple(D.shape) != (P, P):
             _fail(check, name, "dense() is [P, P]", f"got {list(D.shape)}")
@@ -395,7 +397,7 @@ def _take(data, idx) -> tuple:
 
 
 def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
-                 batch_size: int = 3, rtol: float = 1e-8, min_loo_corr: float | None = 0.9,
+                 batch_size: int = 3, rtol: float = 1e-8, min_loo_corr: float | None = 0.85,
                  top_k: int = 3, loo: Tensor | None = None, name: str | None = None) -> None:
     """Check an attribution :class:`~dattri_fn.attribute.Method` on a :class:`Problem`.
 
@@ -412,8 +414,9 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
       test example 0 (a copy of them), and positively (a proponent);
     - on a convex problem fitted at its minimiser, the Pearson correlation of the
       ``[n_train, n_train]`` scores with :func:`exact_loo` is at least ``min_loo_corr``
-      (None skips it; the exact influence reached >= 0.93 on the draws of
-      ``strategies.problems(fitted=True)``, median 0.98-0.996).
+      (None skips it; the exact influence reached >= 0.918 on the draws of
+      ``strategies.problems(fitted=True)``; Grad-Dot, and influence multiplying by ``H``
+      instead of ``H^-1``, 0.25-0.82 on ridge and logistic regression with ``cond=10``).
 
     Args:
         method: ``Method(prepare, score, self_score, name)``.

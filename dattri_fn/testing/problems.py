@@ -125,15 +125,18 @@ def _linear_forward(p, ex):
 
 
 def linear_regression(n: int = 12, dim: int = 4, seed: int = 0, *, l2: float = 0.0,
-                      fit: bool = False, dtype: torch.dtype = DTYPE, device="cpu") -> Problem:
+                      fit: bool = False, cond: float = 1.0, dtype: torch.dtype = DTYPE,
+                      device="cpu") -> Problem:
     """Return least squares ``0.5 (w.x + b - y)^2 + l2 |p|^2`` on ``n`` Gaussian examples.
 
     ``fit=False``: ``w`` is a random draw (not a minimiser); ``fit=True``: ``(w, b)`` solve the
     normal equations ``(Z^T Z / n + 2 l2 I) theta = Z^T y / n`` with ``Z = [x, 1]``.
+    ``cond``: feature ``j`` is scaled by ``cond^(j / (dim - 1))``, so the Hessian's
+    conditioning grows with it (1: isotropic features).
     """
     _check_l2("linear_regression", l2, fit)
     g = _gen(seed)
-    x = torch.randn(n, dim, generator=g, dtype=DTYPE)
+    x = _scaled(torch.randn(n, dim, generator=g, dtype=DTYPE), cond)
     y = torch.randn(n, generator=g, dtype=DTYPE)
     params = {"w": torch.randn(dim, generator=g, dtype=DTYPE), "b": torch.zeros((), dtype=DTYPE)}
     if fit:
@@ -146,11 +149,21 @@ def linear_regression(n: int = 12, dim: int = 4, seed: int = 0, *, l2: float = 0
 
 
 def ridge_regression(n: int = 16, dim: int = 3, seed: int = 0, *, l2: float = 0.05,
-                     dtype: torch.dtype = DTYPE, device="cpu") -> Problem:
+                     cond: float = 10.0, dtype: torch.dtype = DTYPE, device="cpu") -> Problem:
     """Return :func:`linear_regression` with ``l2 > 0``, fitted: exact LOO in closed form."""
     if not (isinstance(l2, (int, float)) and l2 > 0):
         raise ValueError(f"ridge_regression(l2=...): expected a number > 0, got {l2!r}.")
-    return linear_regression(n, dim, seed, l2=l2, fit=True, dtype=dtype, device=device)
+    return linear_regression(n, dim, seed, l2=l2, fit=True, cond=cond, dtype=dtype,
+                             device=device)
+
+
+def _scaled(x: Tensor, cond: float) -> Tensor:
+    if not (isinstance(cond, (int, float)) and cond >= 1):
+        raise ValueError(f"expected cond >= 1 (the feature scale ratio), got {cond!r}.")
+    dim = x.shape[1]
+    if cond == 1 or dim == 1:
+        return x
+    return x * torch.logspace(0, math.log10(cond), dim, dtype=x.dtype)
 
 
 def _ridge_solution(x: Tensor, y: Tensor, l2: float) -> Tensor:
@@ -166,15 +179,16 @@ def _logistic_forward(p, ex):
 
 
 def logistic_regression(n: int = 16, dim: int = 3, classes: int = 3, seed: int = 0, *,
-                        l2: float = 0.0, fit: bool = False, dtype: torch.dtype = DTYPE,
-                        device="cpu") -> Problem:
+                        l2: float = 0.0, fit: bool = False, cond: float = 1.0,
+                        dtype: torch.dtype = DTYPE, device="cpu") -> Problem:
     """Return multinomial logistic regression ``CE(W x + b, y) + l2 |p|^2``: convex.
 
-    ``fit=True`` (needs ``l2 > 0``) runs Newton's method to a gradient norm below ``1e-12``.
+    ``fit=True`` (needs ``l2 > 0``) runs Newton's method to a gradient norm below ``1e-12``;
+    ``cond`` scales the features as in :func:`linear_regression`.
     """
     _check_l2("logistic_regression", l2, fit)
     g = _gen(seed)
-    x = torch.randn(n, dim, generator=g, dtype=DTYPE)
+    x = _scaled(torch.randn(n, dim, generator=g, dtype=DTYPE), cond)
     y = torch.randint(0, classes, (n,), generator=g)
     params = {
         "W": 0.5 * torch.randn(classes, dim, generator=g, dtype=DTYPE),
@@ -495,9 +509,9 @@ def spd_matrix(dim: int, seed: int, cond: float = 10.0, dtype: torch.dtype = DTY
 
 def psd_matrix(dim: int, seed: int, rank: int | None = None, cond: float = 10.0,
                dtype: torch.dtype = DTYPE, device="cpu") -> Tensor:
-    """Return a random PSD matrix of ``rank`` (default ``dim // 2``): a null space of
+    """Return a random PSD matrix of ``rank`` (default ``max(1, dim // 2)``): a null space of
     ``dim - rank`` directions, the other eigenvalues in ``[1, cond]``.  # [P, P]"""
-    rank = max(dim // 2, 0) if rank is None else rank
+    rank = max(1, dim // 2) if rank is None else rank
     g = _gen(seed)
     eig = torch.zeros(dim, dtype=DTYPE)
     if rank:

@@ -215,13 +215,13 @@ def _lissa_scale(p: Problem) -> float:
     return 1.2 * (float(torch.linalg.eigvalsh(C)[-1]) + 1e-3)
 
 METHODS: dict[str, Entry] = {
-    "if_explicit": Entry(_influence("explicit"), {"min_loo_corr": 0.9}),
-    "if_cg": Entry(_influence("cg", rtol=1e-12, max_iter=200), {"min_loo_corr": 0.9}),
-    "if_minres": Entry(_influence("minres", rtol=1e-12, max_iter=200), {"min_loo_corr": 0.9}),
-    "if_arnoldi": Entry(_influence("arnoldi", rank=_P, max_iter=_P), {"min_loo_corr": 0.9}),
+    "if_explicit": Entry(_influence("explicit"), {}),
+    "if_cg": Entry(_influence("cg", rtol=1e-12, max_iter=200), {}),
+    "if_minres": Entry(_influence("minres", rtol=1e-12, max_iter=200), {}),
+    "if_arnoldi": Entry(_influence("arnoldi", rank=_P, max_iter=_P), {}),
     # One HVP per recursion step and ~10 prepare/score calls per check: one problem only.
     "if_lissa": Entry(_influence("lissa", scale=lambda p: _lissa_scale(p), depth=50),
-                      {"min_loo_corr": 0.9}, ("ridge",)),
+                      {"min_loo_corr": None}, ("ridge",)),  # 50 steps: not converged
     "if_datainf": Entry(_influence("datainf"), {"min_loo_corr": None}),
     "grad_dot": Entry(lambda p: grad_dot(p.loss), {"min_loo_corr": None}),
     "grad_cos": Entry(lambda p: grad_cos(p.loss), {"min_loo_corr": None}),
