@@ -522,7 +522,8 @@ def psd_matrix(dim: int, seed: int, rank: int | None = None, cond: float = 10.0,
 def indefinite_matrix(dim: int, seed: int, negative: int | None = None, cond: float = 10.0,
                       dtype: torch.dtype = DTYPE, device="cpu") -> Tensor:
     """Return a random symmetric matrix with ``negative`` (default ``max(1, dim // 3)``)
-    eigenvalues in ``[-cond, -1]`` and the rest in ``[1, cond]``: non-singular, indefinite.  # [P, P]"""
+    eigenvalues in ``[-cond, -1]`` and the rest in ``[1, cond]``: non-singular, indefinite
+    (negative definite for ``P = 1``).  # [P, P]"""
     negative = max(1, dim // 3) if negative is None else negative
     g = _gen(seed)
     mags = torch.logspace(0, float(math.log10(cond)), dim, dtype=DTYPE)
