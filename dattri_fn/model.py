@@ -150,6 +150,24 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
     return FunctionalModel(selected, loss, forward, fixed, module, loss_fn, unpack)
 
 
+def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:
+    """Return ``(params, batch) -> [loss_fn(out_i, target_i) for i]`` from ONE forward.  # -> [B]
+
+    The model's ``loss`` for every example of a batch at once (no vmap: any forward, e.g.
+    transformers' SDPA attention), assuming the examples are independent (eval mode).
+    """
+    from .layers import per_example_losses
+
+    unpack = model.unpack or default_unpack
+
+    def rows(params: Params, batch) -> Tensor:
+        args, kwargs, target = unpack(batch)
+        out = functional_call(model.module, {**model.fixed, **params}, args, kwargs, strict=True)
+        return per_example_losses(model.loss_fn, out, target)
+
+    return rows
+
+
 def load_params(source: str | os.PathLike | Mapping[str, Tensor], like: Params, *,
                 map_location=None) -> Params:
     """Return a checkpoint's tensors for exactly the keys of ``like``, in ``like``'s order.

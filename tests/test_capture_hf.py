@@ -179,7 +179,7 @@ def test_causal_lm_margin_and_weight_and_trak_on_gpt2():
     w_fm = functional_model(gpt2, causal_lm_margin_weight, params=mlp)
     m = trak(out_fm, weight_fn=w_fm, proj_dim=16, damping=0.1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no fallback of ours
+        warnings.simplefilter("error")  # no fallback, no vmap over SDPA (weights: one forward)
         S = m.score(out_fm.params, m.prepare(out_fm.params, batch), batch, batch)
     # the same scores from plain autograd, one sequence at a time
     rows = [{k: v[i] for k, v in batch.items()} for i in range(5)]

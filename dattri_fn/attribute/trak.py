@@ -35,7 +35,7 @@ from .._checks import (
 )
 from .._types import Params
 from ..layer_grads import layer_plan
-from ..model import FunctionalModel
+from ..model import FunctionalModel, batched_loss
 from ..project import KINDS
 from .boundary import (  # noqa: F401  (first_example, example_label: re-exported for callers)
     check_cached_train,
@@ -146,7 +146,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             (:mod:`dattri_fn.layer_grads`), not a per-example ``vmap``; same features.
         weight_fn: ``Q(params, example) -> Tensor[]``, the output-to-loss weight
             (classification with the margin: :func:`classification_weight`, ``1 - p_y``);
-            a FunctionalModel means its ``loss``; None = 1.
+            a FunctionalModel means its ``loss``, taken for a whole batch by one forward; None = 1.
         proj_dim: ``d``; None = no projection, ``phi`` is the full ``[P]`` gradient (the kernel
             is then ``[P, P]``: only for small models).
         kind, seed: the projector's kind (``"rademacher"``, ``"gaussian"``, ``"sjlt"``) and seed.
@@ -200,8 +200,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             raise ValueError(_msg(name, "output_fn", "a FunctionalModel built with a loss_fn "
                                   "(the output function)", "loss_fn=None"))
         plan, keys, output_fn = layer_plan(output_fn), list(output_fn.params), output_fn.loss
+    weight_rows = None
     if isinstance(weight_fn, FunctionalModel):
-        weight_fn = weight_fn.loss
+        if weight_fn.loss_fn is None:
+            raise ValueError(_msg(name, "weight_fn", "a FunctionalModel built with a loss_fn "
+                                  "(the weight function)", "loss_fn=None"))
+        weight_rows, weight_fn = batched_loss(weight_fn), weight_fn.loss
     if not callable(output_fn):
         raise TypeError(_msg(name, "output_fn", "a callable (params, example) -> Tensor[] or a "
                              "FunctionalModel", type(output_fn).__name__))
@@ -222,7 +226,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
-                        feature_dtype, {})
+                        feature_dtype, {}, weight_rows)
     setup = lambda func, params: feature_calls(func, params, cfg)
 
     def check_first(func: str, arg: str, first: Params, data, device) -> None:

@@ -57,6 +57,7 @@ class FeatureConfig(NamedTuple):
     rows_min: int | None  # batch_rows
     feature_dtype: torch.dtype | None
     projectors: dict  # (P, dtype, device, c) -> Projector, kept by the method
+    weight_rows: Callable | None = None  # (params, batch) -> Q [b] in one forward (a model's loss)
 
 
 def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
@@ -136,6 +137,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
     def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
         if weight_fn is None:
             return torch.ones(b, dtype=v0.dtype, device=v0.device)
+        if cfg.weight_rows is not None:  # one batched forward per checkpoint, no vmap
+            return torch.stack([cfg.weight_rows({k: v[c] for k, v in stacked.items()}, batch)
+                                for c in range(C)]).to(v0.dtype).mean(0)
         per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
         return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
 
