@@ -141,3 +141,21 @@ def test_logra_on_stock_gpt2_with_a_causal_lm_loss():
     torch.testing.assert_close(exact.score(fm.params, exact.prepare(fm.params, batch), batch, batch),
                                ref.score(fm.params, ref.prepare(fm.params, batch), batch, batch),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_logra_scores_from_a_feature_store(tmp_path):
+    """cache_features=False: the projected train features written to a store while scoring, then
+    read back with new test points, give the scores from the data exactly."""
+    from dattri_fn.store import open_store, record_store
+
+    fm, (x, y) = _problem("mlp", 3, 12)
+    train = [(x[:6], y[:6]), (x[6:], y[6:])]
+    m = logra(fm, proj_dim=2, cache_features=False)
+    state = m.prepare(fm.params, train)
+    cfg = {"method": "logra", "proj_dim": 2, "seed": 0}
+    rec = record_store(tmp_path, train, params=fm.params, config=cfg)
+    torch.testing.assert_close(m.score(fm.params, state, rec, (x[:3], y[:3])),
+                               m.score(fm.params, state, train, (x[:3], y[:3])), rtol=0, atol=0)
+    store = open_store(tmp_path, params=fm.params, config=cfg)
+    torch.testing.assert_close(m.score(fm.params, state, store, (x[3:], y[3:])),
+                               m.score(fm.params, state, train, (x[3:], y[3:])), rtol=0, atol=0)
