@@ -28,9 +28,19 @@ from ..linear_curvature import linear_gnvp, linear_hessian
 from ..model import functional_model
 from ..operators import gauss_newton
 from ..project import make_projector
-from ..solve import ihvp_arnoldi_full_rank, ihvp_cg, ihvp_explicit, ihvp_lissa
+from ..solve import (
+    ekfac_factors,
+    ihvp_arnoldi_full_rank,
+    ihvp_cg,
+    ihvp_datainf,
+    ihvp_ekfac,
+    ihvp_explicit,
+    ihvp_kfac,
+    ihvp_lissa,
+    kfac_factors,
+)
 from .checks import jl_d_eff
-from .problems import Problem, dense_curvature
+from .problems import Problem, dense_curvature, per_example_grads
 
 __all__ = ["METHODS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry", "mlp_module"]
 
@@ -135,6 +145,18 @@ def _sum_reference(p: Problem):
     return 2 * dense_curvature(p, "hessian") + dense_curvature(p, "fisher") - 0.5 * eye
 
 
+def _grads(p: Problem):
+    return per_example_grads(p.loss, p.params, p.data)
+
+
+def _datainf_reference(p: Problem, damping: float):
+    """DataInf's one-block operator ``(1/n) sum_i (g_i g_i^T + damping I)^-1``, inverted densely."""
+    G = _grads(p)
+    eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+    return torch.stack([torch.linalg.inv(g[:, None] * g[None, :] + damping * eye)
+                        for g in G]).mean(0)
+
+
 def _damped_inverse(p: Problem):
     G = dense_curvature(p, "gauss_newton")
     return ihvp_explicit(G, damping=0.1)
@@ -159,6 +181,12 @@ OPERATORS: dict[str, Entry] = {
     "cg_inverse": Entry(lambda p: (ihvp_cg(dense_curvature(p, "gauss_newton"), damping=0.1,
                                            rtol=1e-13, max_iter=200), _inverse_reference(p)),
                         {"rtol": 1e-8}),
+    "datainf_inverse": Entry(lambda p: (ihvp_datainf(_grads(p), damping=0.1),
+                                        _datainf_reference(p, 0.1)), {}),
+    "kfac_inverse": Entry(lambda p: (ihvp_kfac(kfac_factors(
+        mlp_module(p), F.cross_entropy, p.params, p.data), damping=0.1), None), {}, MLP),
+    "ekfac_inverse": Entry(lambda p: (ihvp_ekfac(ekfac_factors(
+        mlp_module(p), F.cross_entropy, p.params, p.data), damping=0.1), None), {}, MLP),
     "linear_hessian": Entry(_op("hessian", lambda p: linear_hessian(
         mlp_module(p), F.cross_entropy, p.params, p.data)), {}, MLP),
     "linear_gnvp": Entry(_op("gauss_newton", lambda p: linear_gnvp(
