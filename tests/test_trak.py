@@ -643,3 +643,22 @@ def test_binary_trak_equals_the_dense_closed_form_on_both_paths(seed, n_train, d
                     weight_fn=functional_model(fm.module, classification_weight_loss),
                     damping=damping)
     _close(factored.score(fm.params, factored.prepare(fm.params, train), None, test), ref)
+
+
+def test_trak_scores_from_a_feature_store(tmp_path):
+    """cache_features=False: TRAK's weighted train rows (w_i phi_ci, stacked over 2 checkpoints)
+    written to a store while scoring, then read back for new test points, equal the data's."""
+    from dattri_fn.store import open_store, record_store
+
+    fm = _mlp(0, "cpu")
+    train, test = _data(10, 1, "cpu"), _data(4, 2, "cpu")
+    ckpts = [fm.params, _perturbed(fm.params, 5)]
+    m = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+             proj_dim=5, cache_features=False, damping=0.1)
+    state = m.prepare(ckpts, train)
+    cfg = {"method": "trak", "proj_dim": 5, "seed": 0}
+    rec = record_store(tmp_path, _split(train, [5]), params=ckpts, config=cfg)
+    _close(m.score(ckpts, state, rec, test), m.score(ckpts, state, train, test))
+    store = open_store(tmp_path, params=ckpts, config=cfg)
+    _close(m.score(ckpts, state, store, test, top_k=3).values,
+           m.score(ckpts, state, train, test).topk(3, dim=0).values)

@@ -363,6 +363,17 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
+        from ..store import FeatureStore, StoreRecording
+
+        if isinstance(train, (FeatureStore, StoreRecording)):
+            # A store holds plain rows: w_i phi_ci stacked over checkpoints, [C, b, d].
+            if isinstance(train, StoreRecording):
+                check_first(func, "train", first, train.data, device)
+            rows = lambda b: (lambda phi, q: phi * (q / phi.shape[0])[None, :, None])(
+                *split(calls.packed(b)))
+            with calls.holding():
+                return stream_scores(rows, train, test_feats, top_k=top_k, largest=largest,
+                                     func=func)
         check_first(func, "train", first, train, device)
         with calls.holding():
             return stream_scores(lambda b: train_rows(*split(calls.packed(b))),
