@@ -255,6 +255,10 @@ METHODS: dict[str, Entry] = {
     "grad_cos": Entry(lambda p: grad_cos(p.loss), {"min_loo_corr": None}),
     "tracin": Entry(lambda p: tracin(p.loss, lrs=[0.5]), {"min_loo_corr": None}),
     "trak": Entry(lambda p: trak(p.loss, damping=1e-3), {"min_loo_corr": None}),
+    "trak_projected": Entry(lambda p: trak(p.loss, proj_dim=8, kind="gaussian", damping=1e-3),
+                            {"min_loo_corr": None}),
+    "grad_dot_projected": Entry(lambda p: grad_dot(p.loss, proj_dim=8, kind="sjlt"),
+                                {"min_loo_corr": None}),
     "representer": Entry(_representer, {"min_loo_corr": None}, ("logistic", "mlp")),
     # The model's own fast paths (capture engine, factored curvature), on the MLP's module:
     "if_gauss_newton_fm": Entry(lambda p: influence(_fm(p), solver="cg", damping=1e-3,
