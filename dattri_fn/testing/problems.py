@@ -13,10 +13,14 @@ loss as ``loss(p, z) = out_loss(forward(p, z), z) + l2 |p|^2`` for the Gauss-New
     conv_net            Conv2d(1 -> c, 3x3), tanh, Linear: a small conv net
     sequence_model      token embeddings + positions, tanh Linear per token, mean, Linear head
 
-References, all dense and loop-based (independent of ``vmap``), ``P`` the raveled size:
-:func:`dense_hessian`, :func:`dense_gauss_newton`, :func:`dense_fisher` (``[P, P]``),
+Dense references, ``P`` the raveled size, gradients and curvatures by Python loops over the
+examples (independent of the ``vmap`` paths they check): :func:`dense_hessian`,
+:func:`dense_gauss_newton`, :func:`dense_fisher` and :func:`dense_curvature` (``[P, P]``),
 :func:`per_example_grads` (``[n, P]``), :func:`exact_influence` (``g_i^T (C + damping I)^-1 g_j``,
-``[n_train, n_test]``) and :func:`exact_loo` (``loss_j(theta_{-i}) - loss_j(theta)``).
+``[n_train, n_test]``); :func:`loo_params` (normal equations without row ``i``, or Newton refits
+with the closed-form logistic gradient and Hessian) and :func:`exact_loo`
+(``loss_j(theta_{-i}) - loss_j(theta)``). Convex problems take ``cond``, the ratio of their
+feature scales, so that ``H^-1`` matters to how influence ranks training points.
 
 Random operators with a known spectrum for solver tests: :func:`spd_matrix`,
 :func:`psd_matrix` (a null space), :func:`indefinite_matrix`, :func:`low_rank_plus_diagonal`.
