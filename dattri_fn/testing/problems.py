@@ -47,6 +47,8 @@ CURVATURES = ("hessian", "gauss_newton", "fisher")
 class Problem(NamedTuple):
     """A problem with known answers: ``(params, loss, data)`` plus what the references need.
 
+    ``params, loss, data = problem[:3]`` unpacks what every transform takes.
+
     Fields:
         params: ``dict[str, Tensor]``; their raveled order defines ``P``.
         loss: ``loss(params, example) -> Tensor[]`` for one example ``(x_i, y_i)``, ``l2`` term
