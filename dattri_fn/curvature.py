@@ -218,6 +218,75 @@ def gnvp(forward: Callable, out_loss: Callable, params: Params, data, *,
     return _streamed("gnvp", per_batch, flat0, batches, batch_rows)
 
 
+def batch_gnvp(model, params: Params, data, *, batch_rows: int | None = None) -> LinOp:
+    """Return ``V -> G V``, the Gauss-Newton of ``model``'s loss, by batch products.  # [k, P] -> [k, P]
+
+    ``G = (1/N) sum_batches J^T H J`` with ``J`` the Jacobian of the model's output on the whole
+    batch (one forward, every tensor leaf of a structured output) and ``H`` the Hessian of the
+    summed per-example losses w.r.t. that output (block-diagonal over examples): the same
+    operator as :func:`gnvp`, but no ``vmap`` over examples, so any forward runs (transformers'
+    SDPA attention, outputs holding a KV cache). ``J v`` is a reverse-over-reverse product
+    (``vjp`` of ``J^T u``), so only reverse mode is needed; the ``k`` rows are ``vmap``-ed, or
+    looped where a backward has no batching rule.
+
+    Args:
+        model: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn`` convex in the
+            output (cross-entropy, ``causal_lm_loss``...).
+        params, data, batch_rows: as in :func:`hvp`.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from .layers import per_example_losses
+    from .model import default_unpack
+
+    func = "batch_gnvp"
+    if getattr(model, "loss_fn", None) is None:
+        raise TypeError(f"{func}(model=...): expected a FunctionalModel built with a loss_fn, "
+                        f"got {type(model).__name__}.")
+    batches, flat0, unravel = _prepare(func, params, data, None, batch_rows)
+    unpack = model.unpack or default_unpack
+
+    def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        # The math kernel of scaled_dot_product_attention has second derivatives; the fused
+        # CPU/GPU kernels do not (J v here is a vjp of a vjp). Same function, same values.
+        with sdpa_kernel(SDPBackend.MATH):
+            return _batch_gn_rows(V, batch)
+
+    def _batch_gn_rows(V: Tensor, batch: Batch) -> Tensor:
+        args, kwargs, target = unpack(batch)
+        spec_box = {}
+
+        def out_leaves(flat: Tensor):
+            out = torch.func.functional_call(model.module, {**model.fixed, **unravel(flat)},
+                                             args, kwargs, strict=True)
+            leaves, spec = tree_flatten(out)
+            keep = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)
+                    and t.is_floating_point()]
+            spec_box.update(spec=spec, leaves=leaves, keep=keep)
+            return tuple(leaves[i] for i in keep)
+
+        outs, vjp_fn = vjp(out_leaves, flat0)
+
+        def total(leaves_kept):
+            leaves = list(spec_box["leaves"])
+            for i, t in zip(spec_box["keep"], leaves_kept, strict=True):
+                leaves[i] = t
+            return per_example_losses(model.loss_fn, tree_unflatten(leaves, spec_box["spec"]),
+                                      target).sum()
+
+        _, h_vjp = vjp(torch.func.grad(total), outs)
+        zeros = tuple(torch.zeros_like(t) for t in outs)
+        _, jv_fn = vjp(lambda u: vjp_fn(u)[0], zeros)
+        row = lambda v: vjp_fn(h_vjp(jv_fn(v)[0])[0])[0]  # J^T H (J v)
+        try:
+            return vmap(row)(V)
+        except RuntimeError:  # a backward with no batching rule: one row at a time
+            return torch.stack([row(v) for v in V])
+
+    return _streamed(func, per_batch, flat0, batches, batch_rows)
+
+
 def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         batch_rows: int | None = None) -> LinOp:
     """Return ``V -> F V`` with the empirical Fisher ``F = (1/N) sum_i g_i g_i^T``.  # [k, P] -> [k, P]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import dattri_fn.linear_curvature as linear_curvature
-from dattri_fn import functional_model, per_sample_grad
+from dattri_fn import functional_model, gnvp, per_sample_grad
 from dattri_fn.attribute import influence
 from dattri_fn.operators import gauss_newton, memory_budget
 from dattri_fn.tasks import classification_loss
@@ -166,3 +166,27 @@ def test_preconditioner_option_errors():
         influence(fm, solver="arnoldi", M="ekfac", rank=2)
     with pytest.raises(ValueError, match=r"influence\(M=...\): 'ekfac' needs the FunctionalModel"):
         influence(fm.loss, solver="cg", M="ekfac")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "seq"])
+def test_batch_gnvp_is_the_gauss_newton_without_vmap_over_examples(kind):
+    """batch_gnvp (one forward per batch, J v by reverse-over-reverse) = gnvp (vmap over
+    examples) as dense matrices, float64, over two batches."""
+    from dattri_fn.curvature import batch_gnvp
+    from problems import SeqNet
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if kind == "mlp":
+        net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+        x = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    else:
+        net = SeqNet(3, 4, 4, True).double()
+        x = torch.randn(7, 2, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=g)
+    fm = functional_model(net.eval(), F.cross_entropy)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    out_loss = lambda o, ex: F.cross_entropy(o[None], ex[1][None])
+    ref = gnvp(fm.forward, out_loss, fm.params, data).dense()
+    torch.testing.assert_close(batch_gnvp(fm, fm.params, data).dense(), ref, rtol=1e-12,
+                               atol=1e-14)

@@ -9,7 +9,10 @@ not the caller, chooses how:
   :mod:`~dattri_fn.linear_curvature`'s limits) gets
   :func:`~dattri_fn.linear_curvature.linear_gnvp`: per-layer factors from the capture engine,
   kept between products when they fit the memory budget;
-* any other model gets :func:`~dattri_fn.curvature.gnvp` (autodiff ``J V``, ``J^T u``);
+* any other model gets :func:`~dattri_fn.curvature.gnvp` (autodiff ``J V``, ``J^T u``, vmapped
+  over examples), or, where ``vmap`` cannot run the model (transformers' SDPA attention, an
+  output holding a KV cache: probed on the first two examples),
+  :func:`~dattri_fn.curvature.batch_gnvp` (the same operator from one forward per batch);
 * softmax cross-entropy on ``[B, C]`` logits (``F.cross_entropy``, or a loss carrying the
   batched form ``per_example`` as :func:`~dattri_fn.tasks.classification_loss` does) uses the
   closed-form output Hessian ``diag(p) - p p^T`` in both;
@@ -27,11 +30,14 @@ import os
 import warnings
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_leaves, is_batch
 from .._types import LinOp
-from ..curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
+from ..curvature import batch_gnvp, cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
 from ..layers import cross_entropy_rows
 from ..linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
 from ..model import FunctionalModel, default_unpack
@@ -116,7 +122,9 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
 
     def out_loss(out, ex):
         target = unpack(ex)[2]
-        return loss_fn(out[None]) if target is None else loss_fn(out[None], target[None])
+        out = tree_map(lambda t: t[None] if isinstance(t, Tensor) else t, out)  # ModelOutput too
+        return loss_fn(out) if target is None else loss_fn(out, tree_map(
+            lambda t: t[None] if isinstance(t, Tensor) else t, target))
 
     out_hvp = out_hessian = None
     if _is_softmax_cross_entropy(loss_fn):  # one example's logits: classes on dim 0
@@ -144,6 +152,27 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
             except FactoredCurvatureError as err:
                 taps[key] = None
                 _fallback(fm, err)
+        if key not in vmappable:
+            vmappable[key] = _vmaps(fm, params, data)
+        if not vmappable[key]:  # transformers' SDPA, a KV-cache output: batch-level products
+            return batch_gnvp(fm, params, data, batch_rows=rows)
         return gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
 
+    vmappable: dict = {}  # params' keys -> whether vmap over examples runs the model
     return build
+
+
+def _vmaps(fm: FunctionalModel, params, data) -> bool:
+    """Whether ``vmap(fm.forward)`` runs on the first two examples of ``data`` (a probe)."""
+    from .._checks import batch_size, batch_slice, blame_data, iter_batches
+
+    first = next(iter(iter_batches("gauss_newton", "data", data)))
+    head = batch_slice(first, 0, min(2, batch_size("gauss_newton", "data", first)))
+    with torch.no_grad(), blame_data("gauss_newton", "data", head):
+        fm.forward(params, tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, head))
+    try:  # the examples are fine: only vmap itself can fail below
+        with torch.no_grad():
+            torch.func.vmap(fm.forward, in_dims=(None, 0))(params, head)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
