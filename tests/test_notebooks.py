@@ -29,11 +29,11 @@ def _code_cells(nb):
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def test_the_five_numbered_notebooks_are_stored():
-    """notebooks/ holds exactly 01..05 as .ipynb, the ones make_notebooks.py writes."""
+def test_the_six_numbered_notebooks_are_stored():
+    """notebooks/ holds exactly 01..06 as .ipynb, the ones make_notebooks.py writes."""
     stored = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
     assert stored == NAMES
-    assert [n[:3] for n in NAMES] == ["01_", "02_", "03_", "04_", "05_"]
+    assert [n[:3] for n in NAMES] == ["01_", "02_", "03_", "04_", "05_", "06_"]
 
 
 @pytest.mark.parametrize("name", NAMES)
