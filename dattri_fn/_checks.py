@@ -147,8 +147,10 @@ def batch_size(func: str, arg: str, batch) -> int:
         raise ValueError(_msg(func, arg, "tensors with a leading batch dim", "a 0-d tensor"))
     sizes = {t.shape[0] for t in leaves}
     if len(sizes) != 1:
+        fix = ("A list of Tensors is ONE batch (x, y, ...); pass shards of bare tensors as a "
+               "list of 1-tuples, [(x1,), (x2,)]." if isinstance(batch, list) else "")
         raise ValueError(_msg(func, arg, "one leading batch size shared by all tensors",
-                              f"sizes {sorted(sizes)}"))
+                              f"sizes {sorted(sizes)}", fix))
     (size,) = sizes
     if size == 0:
         raise ValueError(_msg(func, arg, "a non-empty batch", "B = 0"))

@@ -332,3 +332,18 @@ def test_load_params_non_tensor_values(tmp_path):
     with pytest.raises(TypeError, match=r"load_params\(source=...\): expected a state dict "
                                         r"\(name -> Tensor\), got a list"):
         load_params(path, like)
+
+
+def test_a_list_of_bare_tensor_shards_is_named_with_the_fix():
+    """[x1, x2] of different lengths reads as ONE batch (x, y): the error says so and how to pass
+    shards ([(x1,), (x2,)], each example then a 1-tuple), which then work (Grad-Dot)."""
+    from dattri_fn.attribute import grad_dot
+
+    w = {"w": torch.randn(3, dtype=torch.float64)}
+    loss = lambda p, ex: (ex[0] @ p["w"]) ** 2  # an example is the 1-tuple (x,)
+    x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"sizes \[2, 4\]\. A list of Tensors is ONE batch .* "
+                                         r"\[\(x1,\), \(x2,\)\]"):
+        grad_dot(loss).score(w, (), [x1, x2], x1)
+    S = grad_dot(loss).score(w, (), [(x1,), (x2,)], (x1,))
+    assert S.shape == (6, 4)
