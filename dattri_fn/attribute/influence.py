@@ -159,8 +159,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``: a
             preconditioner LinOp, or ``"kfac"``/``"ekfac"`` to build ``(F + damping I)^-1``
             from the model's layers on the same training data. It saves iterations only where
-            it approximates the curvature: these factor the empirical Fisher, and on the digits
-            MLP they did not precondition the Gauss-Newton (benchmarks/RESULTS.md).
+            it approximates the curvature: on the digits MLPs neither the empirical nor the
+            true Fisher factors preconditioned the Gauss-Newton (benchmarks/RESULTS.md).
+            ``kfac``/``ekfac`` take ``fisher="true"`` and ``seed`` (targets drawn from the
+            model, kronfluence's default; see :func:`~dattri_fn.solve.kfac.kfac_factors`).
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
