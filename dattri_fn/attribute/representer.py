@@ -37,15 +37,10 @@ from .._checks import (
     iter_batches,
 )
 from .._types import Params
+from .boundary import check_cached_train, check_example_fn, first_batch, first_example
 from .method import Method, device_of
+from .outputs import example_label
 from .pipeline import TopK, merge_topk
-from .trak import (
-    check_cached_train,
-    check_example_fn,
-    example_label,
-    first_batch,
-    first_example,
-)
 
 EXPLAIN = ("label", "prediction")
 REFIT = ("labels", "predictions")

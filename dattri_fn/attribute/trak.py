@@ -37,14 +37,9 @@ from .._types import Params
 from ..layer_grads import layer_plan
 from ..model import FunctionalModel, batched_loss
 from ..project import KINDS
-from .boundary import (  # noqa: F401  (first_example, example_label: re-exported for callers)
-    check_cached_train,
-    check_example_fn,
-    first_batch,
-    first_example,
-)
+from .boundary import check_cached_train, check_example_fn, first_batch
 from .method import Method, num_checkpoints
-from .outputs import (  # noqa: F401  (re-exported: trak's public output helpers)
+from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
     _MARGIN_FIX,
     _WEIGHT_FIX,
     OutputFn,
@@ -52,7 +47,6 @@ from .outputs import (  # noqa: F401  (re-exported: trak's public output helpers
     classification_margin_loss,
     classification_weight,
     classification_weight_loss,
-    example_label,
 )
 from .pipeline import TopK, merge_topk, stream_scores
 from .trak_features import FeatureConfig, feature_calls
