@@ -344,6 +344,6 @@ def test_a_list_of_bare_tensor_shards_is_named_with_the_fix():
     x1, x2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"sizes \[2, 4\]\. A list of Tensors is ONE batch .* "
                                          r"\[\(x1,\), \(x2,\)\]"):
-        grad_dot(loss).score(w, (), [x1, x2], x1)
+        grad_dot(loss).score(w, (), [x1, x2], (x1,))
     S = grad_dot(loss).score(w, (), [(x1,), (x2,)], (x1,))
     assert S.shape == (6, 4)
