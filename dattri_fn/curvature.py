@@ -29,7 +29,7 @@ from ._checks import (
     regroup,
 )
 from ._types import Batch, LinOp, Loss, Params
-from .grad import per_sample_grad_unchecked, summed_loss
+from .grad import check_randomness, per_sample_grad_unchecked, seeded, summed_loss
 from .tree import ravel, ravel_batched
 
 
@@ -47,18 +47,20 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
 
 
 def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches,
-              batch_rows: int | None = None):
-    """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)``."""
+              batch_rows: int | None = None, seed: int | None = None):
+    """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)`` (``seed``: every call
+    replays the same random draws, see :func:`~dattri_fn.grad.seeded`)."""
     device = flat0.device
 
     def matmat(V: Tensor) -> Tensor:
         out = torch.zeros_like(V)
         n = 0
-        for batch in regroup(batches, batch_rows, func):
-            batch = batch_to(batch, device)
-            with blame_data(func, "data", batch):
-                out = out + per_batch(V, batch)
-            n += batch_leaves(batch)[0].shape[0]
+        with seeded(seed, device):
+            for batch in regroup(batches, batch_rows, func):
+                batch = batch_to(batch, device)
+                with blame_data(func, "data", batch):
+                    out = out + per_batch(V, batch)
+                n += batch_leaves(batch)[0].shape[0]
         return out / n
 
     return LinOp(matmat, flat0.numel(), flat0.dtype, device, name=func)
@@ -68,7 +70,8 @@ HVP_MODES = ("fwd-rev", "rev-rev")
 
 
 def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
-        mode: str = "rev-rev", batch_rows: int | None = None) -> LinOp:
+        mode: str = "rev-rev", batch_rows: int | None = None, randomness: str = "error",
+        seed: int | None = None) -> LinOp:
     """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
 
     ``mode="rev-rev"`` (default): ``vjp`` of ``grad`` of the batch-summed loss, linearised once
@@ -86,16 +89,23 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         mode: ``"fwd-rev"`` or ``"rev-rev"``, as above; both give the same operator.
         batch_rows: merge consecutive batches into calls of at least this many examples
             (see the module docstring); None = one call per batch as given.
+        randomness, seed: for a loss that samples (dropout), as in
+            :func:`~dattri_fn.grad.per_sample_grad`; with a ``seed`` every call of the operator
+            replays the same draws, so it stays one linear map (what CG needs).
 
     Note:
         ``H`` of a non-convex loss is indefinite; pass ``damping`` to the solver, not here.
     """
     if mode not in HVP_MODES:
         raise ValueError(f"hvp(mode=...): expected one of {list(HVP_MODES)}, got {mode!r}.")
+    check_randomness("hvp", randomness, seed)
+    if randomness != "error" and mode == "fwd-rev":
+        raise ValueError("hvp(mode=...): expected 'rev-rev' for a loss that samples (the "
+                         "forward-over-reverse product re-runs the loss per row), got 'fwd-rev'.")
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
-        return summed_loss("hvp", loss, unravel(flat), batch)
+        return summed_loss("hvp", loss, unravel(flat), batch, randomness)
 
     grad_fn = torch.func.grad(batch_loss)
 
@@ -109,7 +119,7 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
 
         return vmap(one, chunk_size=chunk_size)(V)
 
-    return _streamed("hvp", per_batch, flat0, batches, batch_rows)
+    return _streamed("hvp", per_batch, flat0, batches, batch_rows, seed)
 
 
 def _integer_target(example):

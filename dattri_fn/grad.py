@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from torch.func import vmap
@@ -10,6 +12,7 @@ from ._checks import (
     batch_size,
     batch_to,
     blame_data,
+    check_int,
     check_optional_int,
     check_params,
     iter_batches,
@@ -22,12 +25,54 @@ def _first_device(params: Params) -> torch.device:
     return next(iter(params.values())).device
 
 
-def summed_loss(func: str, loss: Loss, params: Params, batch: Batch) -> Tensor:
+RANDOMNESS = ("error", "different", "same")
+
+
+def check_randomness(func: str, randomness: str, seed) -> None:
+    """Raise unless ``randomness`` is one of :data:`RANDOMNESS` and ``seed`` None or an int >= 0."""
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"{func}(randomness=...): expected one of {list(RANDOMNESS)}, got "
+                         f"{randomness!r}.")
+    if seed is not None:
+        check_int(func, "seed", seed, minimum=0)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """Run with the RNG forked and seeded (CPU and ``device``'s CUDA generator), so a loss that
+    samples (dropout) draws the same values on every call; the caller's RNG is untouched.
+    ``None``: no change."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_error(func: str, err: RuntimeError) -> Exception | None:
+    if "randomness" not in str(err):
+        return None
+    return ValueError(f"{func}(randomness=...): expected randomness='different' (one draw per "
+                      f"example) or 'same' (one draw shared by the batch) for a loss that samples "
+                      f"(dropout...), got 'error' ({err}). Pass seed= too for the same draws on "
+                      f"every call.")
+
+
+def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
+                randomness: str = "error") -> Tensor:
     """Return ``sum_i loss(params, x_i)``; raise naming ``func(loss=...)`` unless each is 0-d.
 
     Without the check a ``[K]``-valued loss would be differentiated as the sum of its outputs.
     """
-    out = vmap(loss, in_dims=(None, 0))(params, batch)
+    try:
+        out = vmap(loss, in_dims=(None, 0), randomness=randomness)(params, batch)
+    except RuntimeError as err:
+        clear = _random_error(func, err)
+        if clear is None:
+            raise
+        raise clear from err
     if not isinstance(out, Tensor) or out.ndim != 1:
         got = (f"output shape {list(out.shape[1:])} per example" if isinstance(out, Tensor)
                else type(out).__name__)
@@ -72,7 +117,8 @@ def grad(loss: Loss, params: Params, data, *, flat: bool = True) -> Tensor | Par
 
 
 def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int | None = None,
-                    flat: bool = True) -> Tensor | Params:
+                    flat: bool = True, randomness: str = "error",
+                    seed: int | None = None) -> Tensor | Params:
     """Return every example's gradient ``G[i] = grad loss(params, x_i)``.  # -> [B, P]
 
     Computed by ``vmap(grad(loss))`` over the leading dim of every leaf of ``batch``.
@@ -83,9 +129,14 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
         batch: a Tensor, tuple/list or dict of Tensors with leading dim ``B``; integer labels ok.
         chunk_size: examples per vmap call (bounds memory to ``chunk_size x P``); None = all.
         flat: return ``[B, P]``; otherwise ``{name: [B, *shape]}``.
+        randomness: for a loss that samples (dropout): ``"different"`` draws per example,
+            ``"same"`` one draw for the batch (``torch.func.vmap``'s modes); ``"error"`` refuses.
+        seed: draw from a forked generator seeded so (the same draws on every call, the
+            caller's RNG untouched); None: the global generator.
 
     Raises:
-        TypeError/ValueError: naming the argument, for a bad params dict, batch or chunk_size.
+        TypeError/ValueError: naming the argument, for a bad params dict, batch, chunk_size,
+            randomness or seed; a loss that samples under ``randomness="error"``.
 
     Example:
         >>> G = per_sample_grad(loss, params, (x, y))      # [B, P]
@@ -94,22 +145,28 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
     check_params("per_sample_grad", "params", params)
     batch_size("per_sample_grad", "batch", batch)
     check_optional_int("per_sample_grad", "chunk_size", chunk_size)
-    with blame_data("per_sample_grad", "batch", batch):
-        grads = per_sample_grad_unchecked(loss, params, batch_to(batch, _first_device(params)),
-                                          chunk_size=chunk_size)
+    check_randomness("per_sample_grad", randomness, seed)
+    device = _first_device(params)
+    with blame_data("per_sample_grad", "batch", batch), seeded(seed, device):
+        grads = per_sample_grad_unchecked(loss, params, batch_to(batch, device),
+                                          chunk_size=chunk_size, randomness=randomness)
     return ravel_batched(grads) if flat else grads
 
 
 def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
                               chunk_size: int | None = None,
-                              func: str = "per_sample_grad") -> Params:
+                              func: str = "per_sample_grad", randomness: str = "error") -> Params:
     """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}
 
     ``func``: the public caller named by the error for a non-scalar loss.
     """
     try:
-        return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size)(params, batch)
+        return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size,
+                    randomness=randomness)(params, batch)
     except RuntimeError as e:
+        clear = _random_error(func, e)
+        if clear is not None:
+            raise clear from e
         if "scalar" not in str(e):
             raise
         raise ValueError(f"{func}(loss=...): expected a per-example function (loss or "
