@@ -328,6 +328,23 @@ _DATA_ERROR = re.compile(r"shape|size|mat1|mat2|out of bounds|out of range|dtype
                          r"[Tt]arget|index", re.IGNORECASE)
 
 
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and \w+ type|Double and Float|"
+                          r"Float and Double")
+
+
+def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | None:
+    """A clear TypeError for torch's dtype mismatch between ``batch`` and the model (None for
+    any other error): the user's data, not an inner matmul, is what to fix."""
+    if not _DTYPE_ERROR.search(str(err)):
+        return None
+    leaves = [t for t in batch_leaves(batch) if isinstance(t, Tensor)]
+    floats = {str(t.dtype) for t in leaves if t.is_floating_point()}
+    dtypes = sorted(floats or {str(t.dtype) for t in leaves})  # integer inputs: show them
+    return TypeError(_msg(func, arg, "floating tensors in the dtype of the model's parameters",
+                          f"data of {dtypes} (torch: {str(err).splitlines()[0]})",
+                          "Cast one to the other, e.g. x.float() or model.double()."))
+
+
 @contextlib.contextmanager
 def blame_data(func: str, arg: str, batch):
     """Report torch's error on the user's examples as ``func(arg=...)``, at a public boundary.
@@ -356,8 +373,6 @@ def blame_data(func: str, arg: str, batch):
         if (_LIBRARY_ERROR.match(text) or _TRANSFORM_LIMIT.search(text)
                 or not _DATA_ERROR.search(text)):
             raise
-        from .attribute.pipeline import dtype_error
-
         clear = dtype_error(func, arg, batch, err) if isinstance(err, RuntimeError) else None
         clear = clear or ValueError(_msg(
             func, arg, "examples the model and its loss accept (input shapes, label values "

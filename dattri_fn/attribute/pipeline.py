@@ -17,7 +17,6 @@ diagonal needs the examples under the test-side map).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -50,23 +49,6 @@ class TopK(NamedTuple):
 
     values: Tensor
     indices: Tensor
-
-
-_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and \w+ type|Double and Float|"
-                          r"Float and Double")
-
-
-def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | None:
-    """A clear TypeError for torch's dtype mismatch between ``batch`` and the model (None for
-    any other error): the user's data, not an inner matmul, is what to fix."""
-    if not _DTYPE_ERROR.search(str(err)):
-        return None
-    leaves = [t for t in batch_leaves(batch) if isinstance(t, Tensor)]
-    floats = {str(t.dtype) for t in leaves if t.is_floating_point()}
-    dtypes = sorted(floats or {str(t.dtype) for t in leaves})  # integer inputs: show them
-    return TypeError(_msg(func, arg, "floating tensors in the dtype of the model's parameters",
-                          f"data of {dtypes} (torch: {str(err).splitlines()[0]})",
-                          "Cast one to the other, e.g. x.float() or model.double()."))
 
 
 def features(func: str, arg: str, feature_fn: FeatureFn, batch) -> Tensor:
@@ -312,7 +294,7 @@ def in_chunks(fn: FeatureFn, chunk_size: int | None) -> FeatureFn:
     check_int("in_chunks", "chunk_size", chunk_size)
 
     def chunked(batch: Batch) -> Tensor:
-        from .._checks import batch_leaves, batch_slice
+        from .._checks import batch_slice
 
         n = batch_leaves(batch)[0].shape[0]
         return cat_rows([fn(batch_slice(batch, s, s + chunk_size))
