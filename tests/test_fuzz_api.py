@@ -31,7 +31,16 @@ from dattri_fn import (
     make_projector,
     per_sample_grad,
 )
-from dattri_fn.attribute import grad_cos, grad_dot, influence, logra, tracin, trak
+from dattri_fn.attribute import (
+    grad_cos,
+    grad_dot,
+    influence,
+    knn_shapley,
+    logra,
+    tracin,
+    tracin_cos,
+    trak,
+)
 from dattri_fn.attribute.trak import classification_margin, classification_weight
 
 DT = torch.float64
@@ -102,7 +111,15 @@ def _method_calls():
         "influence": lambda: influence(FM, solver="cg", damping=0.1, max_iter=5),
         "trak": lambda: trak(margin, weight_fn=weight, proj_dim=4),
         "logra": lambda: logra(FM, proj_dim=2),
+        "tracin_cos": lambda: tracin_cos(FM, lrs=[0.1]),
+        "knn_shapley": lambda: knn_shapley(k=3),
     }
+
+
+def _params_of(method: str):
+    """The params each method takes: a list of checkpoints for TracIn, none for KNN-Shapley."""
+    return {"tracin": [FM.params], "tracin_cos": [FM.params], "knn_shapley": {}}.get(
+        method, FM.params)
 
 
 LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
@@ -121,7 +138,8 @@ def _check_outcome(func: str, call) -> None:
 
 
 # -- data ----------------------------------------------------------------------------------
-METHODS = ["grad_dot", "grad_cos", "tracin", "influence", "trak", "logra"]
+METHODS = ["grad_dot", "grad_cos", "tracin", "influence", "trak", "logra", "tracin_cos",
+           "knn_shapley"]
 
 
 @pytest.mark.parametrize("corruption", sorted(DATA_CORRUPTIONS))
@@ -130,20 +148,19 @@ def test_methods_name_bad_train_and_test_data(method, corruption):
     """prepare(params, bad train) and score(params, state, train, bad test): named error or finite."""
     m = _method_calls()[method]()
     bad = DATA_CORRUPTIONS[corruption]
-    _check_outcome(f"{method}.prepare", lambda: m.prepare(FM.params if method != "tracin"
-                                                           else [FM.params], bad))
-    params = FM.params if method != "tracin" else [FM.params]
+    params = _params_of(method)
+    _check_outcome(f"{method}.prepare", lambda: m.prepare(params, bad))
     state = m.prepare(params, BATCH)
     _check_outcome(f"{method}.score", lambda: m.score(params, state, BATCH, bad))
 
 
 @pytest.mark.parametrize("corruption", sorted(PARAM_CORRUPTIONS))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "knn_shapley"])  # no params
 def test_methods_name_bad_params(method, corruption):
     """prepare(bad params, train): a named error (or finite scores)."""
     m = _method_calls()[method]()
     bad = PARAM_CORRUPTIONS[corruption]
-    bad = [bad] if method == "tracin" and isinstance(bad, dict) else bad
+    bad = [bad] if method.startswith("tracin") and isinstance(bad, dict) else bad
     _check_outcome(f"{method}.prepare", lambda: m.score(bad, m.prepare(bad, BATCH), BATCH, BATCH))
 
 
