@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="Methods: " + ", ".join(METHODS) + ". Run with OMP_NUM_THREADS=1 on shared CPUs.")
     p.add_argument("--task", default="digits-mlp", choices=TASKS, help="bundled task (default: digits-mlp)")
     p.add_argument("--methods", default="all",
-                   help="'all' (default) or a comma-separated list of method names")
+                   help="'all' (default; every method but magic and magic-ens, which are "
+                        "named: --sgd --methods magic,magic-ens) or a comma-separated list")
     p.add_argument("--n-train", type=int, default=None,
                    help="training examples (default: 500 digits, 300 digits-cnn, 128 text-lm)")
     p.add_argument("--n-test", type=int, default=None,
@@ -103,8 +104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "settings one must choose: solver, damping, iterations, rank, "
                         "projection size) next to the recipe rows")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--sgd", action="store_true",
+                   help="train (and retrain) with mini-batch SGD on the functional trainer "
+                        "(dattri_fn.tasks.SGD_HPARAMS): the run magic/magic-ens differentiate")
     args = p.parse_args(argv)
-    args.methods = list(METHODS) if args.methods == "all" else [
+    # 'all' keeps the table of the single-model methods; MAGIC trains the run it differentiates
+    # (on an L-BFGS task it is refused), so it is asked for by name.
+    args.methods = [m for m in METHODS if not m.startswith("magic")] if args.methods == "all" else [
         m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -125,8 +131,11 @@ def hyper_parameters(args: argparse.Namespace) -> dict:
 
 
 def task_spec(args: argparse.Namespace) -> dict:
+    from dattri_fn.tasks import SGD_HPARAMS
+
     return {"name": args.task, "n_train": args.n_train, "n_test": args.n_test,
-            "seed": args.seed, "device": args.device}
+            "seed": args.seed, "device": args.device,
+            "hparams": dict(SGD_HPARAMS) if getattr(args, "sgd", False) else None}
 
 
 def load_task(spec: dict):
@@ -134,7 +143,7 @@ def load_task(spec: dict):
     from dattri_fn.tasks import get_task
 
     task = get_task(spec["name"], n_train=spec["n_train"], n_test=spec["n_test"],
-                    seed=spec["seed"])
+                    seed=spec["seed"], hparams=spec.get("hparams"))
     return task.to(spec["device"])
 
 
