@@ -9,6 +9,7 @@ from .gradsim import grad_cos, grad_dot, tracin, tracin_cos
 from .influence import InfluenceEnsembleState, InfluenceState, influence
 from .knn_shapley import KNNShapleyState, knn_shapley, knn_shapley_values
 from .logra import LoGraState, logra
+from .magic import MagicState, MetaGradient, magic, metagradient
 from .method import Attributor, Method, stack_checkpoints
 from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
@@ -21,6 +22,8 @@ __all__ = [
     "InfluenceState",
     "KNNShapleyState",
     "LoGraState",
+    "MagicState",
+    "MetaGradient",
     "Method",
     "RepresenterState",
     "TRAKState",
@@ -36,7 +39,9 @@ __all__ = [
     "knn_shapley",
     "knn_shapley_values",
     "logra",
+    "magic",
     "merge_topk",
+    "metagradient",
     "representer",
     "stack_checkpoints",
     "stream_scores",
