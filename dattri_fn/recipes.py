@@ -26,6 +26,9 @@ picture always come from the same configuration. Conventions for a task trained 
   with cosine decay; L-BFGS is refused. Target: the correct-class margin
   ``logit_y - logsumexp_{c != y} logit_c`` (classification), else minus the loss. ``magic``
   runs the first model, ``magic-ens`` averages over all of them.
+* ``if-cg-ens``: the ``if-cg`` recipe over every model (the mean of per-model scores, each with
+  its own Gauss-Newton); ``tracin-cos``: TracIn with cosines, over every model;
+  ``knn-shapley``: exact KNN-Shapley (K = 5) on the raw inputs (classification tasks).
 
 ``models`` is a list of trained modules of the task: the first is "the" model; ensemble methods
 (TRAK, TracIn) use all of them as checkpoints.
@@ -40,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribute import Method, grad_cos, grad_dot, influence, tracin
+from .attribute import Method, grad_cos, grad_dot, influence, knn_shapley, tracin, tracin_cos
 from .model import FunctionalModel, functional_model
 from .project import bfloat16_is_fast, make_projector
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
-           "grad-dot", "grad-cos", "tracin", "trak", "rps", "magic", "magic-ens")
+           "grad-dot", "grad-cos", "tracin", "trak", "rps", "if-cg-ens", "tracin-cos",
+           "knn-shapley", "magic", "magic-ens")
 DEMO_METHODS = ("if-cg", "grad-dot", "tracin", "trak", "rps")
 
 
@@ -145,6 +149,18 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
     train = [(task.x_train[i:i + batch_size], task.y_train[i:i + batch_size])
              for i in range(0, n, batch_size)]
     test = (task.x_test, task.y_test)
+    if name == "tracin-cos":
+        lr = float(task.hparams.get("lr", 1.0))
+        return Recipe(name, tracin_cos(fm, lrs=[lr] * len(fms)), [f.params for f in fms],
+                      train, test)
+    if name == "knn-shapley":
+        if not _is_classification(task):
+            raise ValueError(f"recipe('knn-shapley'): expected a classification task, got "
+                             f"{task.name!r} (KNN-Shapley values a label vote).")
+        return Recipe(name, knn_shapley(k=5), {}, train, test)
+    ensemble = name == "if-cg-ens"
+    if ensemble:
+        name = "if-cg"
     if name.startswith("if-"):
         solver = name[3:]
         if solver in ("kfac", "ekfac"):
@@ -167,6 +183,8 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
                         depth=200, batch_size=min(64, n))
         method = influence(fm, l2=wd / 2, solver=solver, damping=damping + wd,
                            curvature=curvature, batch_rows=curvature_rows(P, batch_size), **opts)
+        if ensemble:
+            return Recipe("if-cg-ens", method, [f.params for f in fms], train, test)
         return Recipe(name, method, fm.params, train, test)
     if name in ("grad-dot", "grad-cos"):
         build = grad_dot if name == "grad-dot" else grad_cos

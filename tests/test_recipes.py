@@ -118,3 +118,26 @@ def test_magic_recipe_refuses_lbfgs():
     task = get_task("digits-lr", n_train=20, n_test=3)
     with pytest.raises(ValueError, match=r"recipe\('magic'\): expected a task trained by 'sgd'"):
         recipe("magic", task, [train_model(task)])
+
+
+def test_ensemble_and_new_recipes(digits):
+    """if-cg-ens = the mean of if-cg over the models, each with its own curvature; tracin-cos
+    runs over every model; knn-shapley is refused on a sequence task by name."""
+    task, models = digits["digits-mlp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ens = recipe("if-cg-ens", task, models)
+        S = ens.method.score(ens.params, ens.method.prepare(ens.params, ens.train), ens.train,
+                             ens.test)
+        singles = []
+        for m in models:
+            r = recipe("if-cg", task, [m])
+            singles.append(r.method.score(r.params, r.method.prepare(r.params, r.train), r.train,
+                                          r.test))
+    ref = torch.stack(singles).mean(0)  # float32 models: bound relative to the scores' scale
+    torch.testing.assert_close(S, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    tc = recipe("tracin-cos", task, models)
+    assert len(tc.params) == len(models)
+    lm = get_task("text-lm", n_train=4, n_test=2, seed=0)
+    with pytest.raises(ValueError, match=r"recipe\('knn-shapley'\): expected a classification"):
+        recipe("knn-shapley", lm, [train_model(lm, seed=0, epochs=1)])
