@@ -28,7 +28,7 @@ from .._checks import _msg, check_int, check_params
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..tree import ravel_batched
-from .method import Method, device_of, stack_checkpoints
+from .method import Method, check_checkpoints, device_of
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 
@@ -120,7 +120,7 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
         if len(params) != len(lrs):
             raise ValueError(_msg(name, "params", f"{len(lrs)} checkpoints (one per learning "
                                   "rate)", f"{len(params)}"))
-        stack_checkpoints(name, list(params))
+        check_checkpoints(name, list(params))
         return list(params)
 
     def features(fn, ckpts: list[Params], weights: list[float] | None = None):

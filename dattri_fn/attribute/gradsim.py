@@ -27,6 +27,7 @@ from ..layer_grads import LayerGrads, layer_grads_stacked
 from ..model import FunctionalModel
 from .method import (
     Method,
+    check_checkpoints,
     device_of,
     loss_and_plan,
     num_checkpoints,
@@ -119,7 +120,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
 
     def prepare(params, train=None):
-        stack_checkpoints(name, params)
+        check_checkpoints(name, params)
         return ()
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):

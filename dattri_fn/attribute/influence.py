@@ -39,7 +39,7 @@ from ..linear_curvature import FactoredCurvatureError, linear_hessian, linear_ta
 from ..model import FunctionalModel, default_unpack
 from ..solve import kfac
 from ..tree import ravel_batched
-from .method import Method, device_of, loss_and_plan, stack_checkpoints
+from .method import Method, check_checkpoints, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 RELATIF = ("l", "theta")
@@ -302,7 +302,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
             raise TypeError(f"{name}(params=...): expected a params dict or a non-empty list of "
                             f"them (checkpoints), got {type(params).__name__}.")
-        stack_checkpoints(name, list(params))  # same keys and shapes, or an error naming one
+        check_checkpoints(name, list(params))  # same keys and shapes, or an error naming one
         return list(params)
 
     def prepare(params, train) -> InfluenceState | InfluenceEnsembleState:

@@ -38,8 +38,8 @@ class Method(NamedTuple):
     name: str
 
 
-def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Params:
-    """Return ``{name: [C, *shape]}`` from one params dict (C = 1) or a list of them.
+def check_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> list[Params]:
+    """Return the checkpoints as a list of validated params dicts (one dict: a list of one).
 
     Raises a ValueError naming the first checkpoint whose keys or shapes differ from the first.
     """
@@ -49,6 +49,7 @@ def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Para
         raise TypeError(f"{func}(params=...): expected a params dict or a non-empty list of them, "
                         f"got {type(checkpoints).__name__}.")
     first = check_params(func, "params[0]", checkpoints[0])
+    out = [first]
     for c, ckpt in enumerate(checkpoints[1:], start=1):
         ckpt = check_params(func, f"params[{c}]", ckpt)
         if list(ckpt) != list(first):
@@ -58,7 +59,15 @@ def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Para
         if bad:
             raise ValueError(f"{func}(params[{c}]=...): expected the shapes of params[0], "
                              f"mismatch at {bad}.")
-    return {k: torch.stack([c[k].detach() for c in checkpoints]) for k in first}
+        out.append(ckpt)
+    return out
+
+
+def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Params:
+    """Return ``{name: [C, *shape]}`` from one params dict (C = 1) or a list of them, validated
+    by :func:`check_checkpoints`."""
+    checkpoints = check_checkpoints(func, checkpoints)
+    return {k: torch.stack([c[k].detach() for c in checkpoints]) for k in checkpoints[0]}
 
 
 def loss_and_plan(func: str, arg: str, fn):
