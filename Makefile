@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dattri_fn.cli demo
+	$(PY) -m dattri_fn.app.cli demo
 
 test: $(STAMP)
 	$(PY) -m ruff check dattri_fn tests benchmarks notebooks

@@ -219,7 +219,7 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
     """Return dattri 0.3.0's counterpart of recipe ``name`` on the same data, models and settings.
 
     ``hp``: ``damping, proj_dim, max_iter, arnoldi_rank, batch_size, seed, device`` (as
-    :func:`dattri_fn.recipes.recipe`); ``proj_dim=None`` runs TRAK without projection.
+    :func:`dattri_fn.app.recipes.recipe`); ``proj_dim=None`` runs TRAK without projection.
 
     Raises:
         ValueError: ``name`` has no dattri counterpart.
@@ -301,9 +301,9 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
     Influence with the Hessian of ``CE + 0.5 wd |theta|^2`` and damping ``hp["damping"]`` (the
     recipe: Gauss-Newton of CE, damping ``wd + damping``), the rest of the recipe's settings.
     """
+    from dattri_fn.app.recipes import recipe
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import recipe
 
     base = recipe(name, task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
                   seed=hp["seed"], batch_size=hp["batch_size"], max_iter=hp["max_iter"],
@@ -331,9 +331,9 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
 
 def matched_lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
     """Return the LiSSA scale both sides use: 2 x top Hessian eigenvalue of batch 0 + damping."""
-    from dattri_fn.curvature import hvp
+    from dattri_fn.app.recipes import l2_loss, lissa_scale
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import l2_loss, lissa_scale
+    from dattri_fn.operators.curvature import hvp
 
     wd = float(task.hparams.get("weight_decay", 0.0))
     fm = functional_model(models[0].eval(), task.loss_fn)
@@ -344,7 +344,7 @@ def matched_lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
 
 def trak_proj_dim(task, models: list[nn.Module], hp: dict) -> int:
     """Return the projection size our TRAK recipe uses (it caps ``proj_dim`` by ``n_train``)."""
-    from dattri_fn.recipes import trak_dim
+    from dattri_fn.app.recipes import trak_dim
 
     return trak_dim(task.n_train, hp["proj_dim"])
 
@@ -455,7 +455,7 @@ def diagnose(name: str, task, models: list[nn.Module], hp: dict, ours: Tensor) -
     if name == "if-ekfac":
         return {"corr_vs_dattri_fixed": corr(ours, dattri_ekfac_fixed(task, models, hp))}
     if name == "trak":
-        from dattri_fn.recipes import recipe
+        from dattri_fn.app.recipes import recipe
 
         r = recipe("trak", task, models, damping=hp["damping"], proj_dim=hp["proj_dim"],
                    seed=hp["seed"] + 1, batch_size=hp["batch_size"])

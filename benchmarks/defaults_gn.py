@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from dattri_fn import functional_model, gnvp
 from dattri_fn.attribute import influence
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.tasks import get_task, train_model
 
 CASES = {"digits-mlp P=2,410": (500, 50, 32), "MLP P=9,610": (1000, 200, 128)}
 

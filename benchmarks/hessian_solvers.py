@@ -18,9 +18,9 @@ import warnings
 
 from dattri_fn import functional_model
 from dattri_fn.attribute import influence
-from dattri_fn.metrics import lds
-from dattri_fn.retrain import lds_ground_truth
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.metrics import lds
+from dattri_fn.eval.retrain import lds_ground_truth
+from dattri_fn.eval.tasks import get_task, train_model
 
 
 def main() -> None:

@@ -31,9 +31,9 @@ from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin
 from dattri_fn.attribute.ensemble import dropout_ensemble
 from dattri_fn.attribute.gradsim import tracin_cos
 from dattri_fn.attribute.knn_shapley import knn_shapley
-from dattri_fn.metrics import lds, noisy_label_detection
-from dattri_fn.retrain import lds_ground_truth
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.metrics import lds, noisy_label_detection
+from dattri_fn.eval.retrain import lds_ground_truth
+from dattri_fn.eval.tasks import get_task, train_model
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ def _model(layers: int, seed: int = 0):
 
 
 def _data(n: int, T: int, seed: int) -> torch.Tensor:
-    from dattri_fn.tasks import text_corpus
+    from dattri_fn.eval.tasks import text_corpus
 
     ids = torch.tensor([min(ord(c), 127) for c in text_corpus()], dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
@@ -167,7 +167,7 @@ def kron_setup(spec: dict):
 
 
 def main(argv=None) -> dict:
-    from dattri_fn.metrics import spearman
+    from dattri_fn.eval.metrics import spearman
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=512)

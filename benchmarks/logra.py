@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.logra --task text-lm --n-train 128 --n-test 16 --subsets 32
 
 Every row is measured in this run, on the same trained model and the same LDS ground truth
-(cached by :mod:`dattri_fn.retrain`). ``logra k`` projects each layer's input and output
+(cached by :mod:`dattri_fn.eval.retrain`). ``logra k`` projects each layer's input and output
 gradient to ``k`` dimensions (``k^2`` features per layer); ``logra full`` does not project and
 equals EK-FAC influence on the same layers (a check printed as the correlation with ``if-ekfac``).
 """
@@ -24,9 +24,9 @@ def _setup(spec: dict):
     """Build one method in a spawned process, warm it up on 64 rows; return the timed step."""
     import warnings
 
+    from dattri_fn.app.recipes import recipe
     from dattri_fn.attribute import logra
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import recipe
 
     warnings.filterwarnings("ignore")
     task = load_task(spec["task"])
@@ -57,8 +57,8 @@ def _setup(spec: dict):
 
 
 def main(argv=None) -> None:
-    from dattri_fn.metrics import lds
-    from dattri_fn.retrain import lds_ground_truth
+    from dattri_fn.eval.metrics import lds
+    from dattri_fn.eval.retrain import lds_ground_truth
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="digits-mlp")

@@ -61,8 +61,8 @@ def magic_at_seed(task, init_seed: int):
     """MAGIC through the sgd run from ``task.make_model(init_seed)`` (its own order seed)."""
     from dattri_fn.attribute.magic import magic
     from dattri_fn.attribute.trak import classification_margin_loss
+    from dattri_fn.eval.tasks import order_seed, sgd_run
     from dattri_fn.model import functional_model
-    from dattri_fn.tasks import order_seed, sgd_run
 
     hp = task.hparams
     model = task.make_model(init_seed)
@@ -84,7 +84,7 @@ def scan_setup(spec: dict):
     """Build the task and MAGIC for ``spec['epochs']`` epochs; return the timed step."""
     from dataclasses import replace
 
-    from dattri_fn.recipes import magic_recipe
+    from dattri_fn.app.recipes import magic_recipe
 
     task = run.load_task(spec["task"])
     task = replace(task, hparams={**task.hparams, "epochs": spec["epochs"]})
@@ -107,8 +107,8 @@ def scan_setup(spec: dict):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from dattri_fn.metrics import lds
-    from dattri_fn.retrain import _model_seed, lds_ground_truth
+    from dattri_fn.eval.metrics import lds
+    from dattri_fn.eval.retrain import _model_seed, lds_ground_truth
 
     args = parse_args(argv)
     rargs = _runner_args(args)

@@ -15,10 +15,10 @@ import warnings
 import torch
 
 from dattri_fn import functional_model, per_sample_grad
+from dattri_fn.eval.tasks import get_task, train_model
 from dattri_fn.operators import gauss_newton
+from dattri_fn.operators.kfac import ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
 from dattri_fn.solve import cg_solve
-from dattri_fn.solve.kfac import ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
-from dattri_fn.tasks import get_task, train_model
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def _best_of(fn, repeats: int) -> tuple[float, object]:
 
 def _warm_up(kind: str, d: int) -> None:
     """Run both sides once on a tiny problem: first calls page in library code, counted as RSS."""
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
 
     x = _inputs(64, 2, 0)
     proj = make_projector(64, proj_dim=d, kind=kind)
@@ -47,7 +47,7 @@ def _warm_up(kind: str, d: int) -> None:
 
 
 def _chunked_step(P, d, B, kind, repeats, seed):
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
 
     _warm_up(kind, d)
     X = _inputs(P, B, seed)
@@ -62,7 +62,7 @@ def _chunked_step(P, d, B, kind, repeats, seed):
 
 
 def _dense_step(P, d, B, kind, repeats, seed):
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
 
     _warm_up(kind, d)
     X = _inputs(P, B, seed)

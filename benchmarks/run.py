@@ -7,7 +7,7 @@ read from ``VmHWM``). The setup builds the task, the trained models and the meth
 on a 64-example slice (first calls page in library code, which would count as memory); then the peak
 mark is reset and ``prepare`` + ``score`` are timed (best of up to ``--repeats`` runs while a run
 takes under a second). "peak MiB" is the peak resident size during that step minus the size just
-before it. LDS uses :func:`dattri_fn.retrain.lds_ground_truth` on the same task (cached under
+before it. LDS uses :func:`dattri_fn.eval.retrain.lds_ground_truth` on the same task (cached under
 ``--cache-dir``); the models attributed are ``train_model(task, seed=c)`` for ``c < --models`` (the
 first one for single-model methods; TRAK and TracIn use all of them). A method that fails is a table
 row with its error. Raw numbers are appended as JSON lines. """
@@ -54,8 +54,8 @@ DIAGNOSES = ("corr_vs_dattri_fixed", "corr_ours_next_seed")
 # ----------------------------------------------------------------------------------- setup
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Return the parsed command line (see ``python -m benchmarks.run --help``)."""
-    from dattri_fn.recipes import METHODS
-    from dattri_fn.tasks import TASKS
+    from dattri_fn.app.recipes import METHODS
+    from dattri_fn.eval.tasks import TASKS
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--sgd", action="store_true",
                    help="train (and retrain) with mini-batch SGD on the functional trainer "
-                        "(dattri_fn.tasks.SGD_HPARAMS): the run magic/magic-ens differentiate")
+                        "(dattri_fn.eval.tasks.SGD_HPARAMS): the run magic/magic-ens differentiate")
     args = p.parse_args(argv)
     # 'all' keeps the table of the single-model methods; MAGIC trains the run it differentiates
     # (on an L-BFGS task it is refused), so it is asked for by name.
@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def hyper_parameters(args: argparse.Namespace) -> dict:
-    """Return the method settings both sides share (see :func:`dattri_fn.recipes.recipe`)."""
+    """Return the method settings both sides share (see :func:`dattri_fn.app.recipes.recipe`)."""
     return {"damping": args.damping, "proj_dim": args.proj_dim, "max_iter": args.max_iter,
             "arnoldi_rank": args.arnoldi_rank, "arnoldi_block": args.arnoldi_block,
             "batch_size": args.batch_size,
@@ -131,7 +131,7 @@ def hyper_parameters(args: argparse.Namespace) -> dict:
 
 
 def task_spec(args: argparse.Namespace) -> dict:
-    from dattri_fn.tasks import SGD_HPARAMS
+    from dattri_fn.eval.tasks import SGD_HPARAMS
 
     return {"name": args.task, "n_train": args.n_train, "n_test": args.n_test,
             "seed": args.seed, "device": args.device,
@@ -140,7 +140,7 @@ def task_spec(args: argparse.Namespace) -> dict:
 
 def load_task(spec: dict):
     """Return the task of ``spec`` on its device."""
-    from dattri_fn.tasks import get_task
+    from dattri_fn.eval.tasks import get_task
 
     task = get_task(spec["name"], n_train=spec["n_train"], n_test=spec["n_test"],
                     seed=spec["seed"], hparams=spec.get("hparams"))
@@ -153,7 +153,7 @@ def train_states(task, n_models: int) -> list[dict]:
     numpy arrays travel to spawned processes by plain pickling (tensors would go through
     torch's shared-memory file descriptors).
     """
-    from dattri_fn.tasks import train_model
+    from dattri_fn.eval.tasks import train_model
 
     return [{k: v.detach().cpu().numpy().copy()
              for k, v in train_model(task, seed=c).state_dict().items()}
@@ -180,8 +180,8 @@ def warm_slice(task):
 # ----------------------------------------------------------------------------------- sides
 def ours_runner(name: str, task, models: list, hp: dict) -> Runner:
     """Return the recipe ``name`` (or ``trak-noproj``: TRAK on raw gradients) as a Runner."""
+    from dattri_fn.app.recipes import _trak, recipe
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import _trak, recipe
 
     if name == "trak-noproj":
         fms = [functional_model(m.eval(), task.loss_fn) for m in models]
@@ -200,10 +200,10 @@ def ours_runner(name: str, task, models: list, hp: dict) -> Runner:
 def defaults_runner(name: str, task, models: list, hp: dict) -> Runner:
     """Return ``name`` written as in the README: a FunctionalModel, the solver, the damping of
     the training objective (``l2 = wd / 2``) and the sizes a user must pick; nothing else."""
+    from dattri_fn.app.recipes import trak_dim
     from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin, trak
     from dattri_fn.attribute.trak import classification_margin_loss, classification_weight_loss
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import trak_dim
 
     wd = float(task.hparams.get("weight_decay", 0.0))
     fms = [functional_model(m.eval(), task.loss_fn) for m in models]
@@ -312,7 +312,7 @@ def measure(spec: dict, timeout: float | None = None) -> dict:
 # --------------------------------------------------------------------------------- metrics
 def quality(scores: torch.Tensor, gt, loo) -> dict:
     """Return LDS mean / CI and (with ``loo``) the LOO correlations of ``scores``, or an error."""
-    from dattri_fn.metrics import lds, loo_correlation
+    from dattri_fn.eval.metrics import lds, loo_correlation
 
     if not bool(torch.isfinite(scores).all()):
         bad = int((~torch.isfinite(scores)).sum())
@@ -480,7 +480,7 @@ def run_side(args, name: str, side: str, states, gt, loo, base: dict) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; print the tables; return ``{"rows", "pairs"}`` (with score tensors)."""
-    from dattri_fn.retrain import lds_ground_truth, loo_ground_truth
+    from dattri_fn.eval.retrain import lds_ground_truth, loo_ground_truth
 
     args = parse_args(argv)
     # tqdm reads it when imported (torch imports it): set before spawning the workers

@@ -5,7 +5,7 @@
 Methods: Grad-Dot, TracIn (3 checkpoints), TRAK (3 models, ``proj_dim = min(512, n // 4)``),
 IF-CG (Gauss-Newton, exactly ``--cg-iters`` iterations: ``rtol = 0``, so the cost does not
 depend on when CG happens to converge) and IF-Arnoldi (64 eigenpairs from 128 Krylov steps),
-configured as :func:`dattri_fn.recipes.recipe`; 32 test points.
+configured as :func:`dattri_fn.app.recipes.recipe`; 32 test points.
 
 * n_train sweep (1k, 4k, 16k, 64k) on the digits-mlp network (64-32-10, 2,410 parameters).
   Rows beyond the 1,797 digits are synthesised: digits rows (standardised) drawn with
@@ -91,7 +91,7 @@ def synthetic_digits(n_train: int, *, seed: int = 0, noise: float = NOISE):
     n_test=32)``; ``x = pool[idx] + noise * N(0, 1)``, ``y = labels[idx]`` with ``idx`` drawn
     with replacement from a ``torch.Generator(seed)``. The test set is the task's own 32 rows.
     """
-    from dattri_fn.tasks import get_task
+    from dattri_fn.eval.tasks import get_task
 
     base = get_task("digits-mlp", n_train=1797 - N_TEST, n_test=N_TEST, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -112,9 +112,9 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str
     """Return ``() -> (prepare_s, score_s)`` running method ``name`` (of ``side``) once."""
     if side == "dattri":
         return dattri_point(name, task, models, cg_iters=cg_iters)
+    from dattri_fn.app.recipes import curvature_rows, gauss_newton, recipe
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
-    from dattri_fn.recipes import curvature_rows, gauss_newton, recipe
 
     P = sum(p.numel() for p in models[0].parameters())
     r = recipe(name if name != "if-cg" else "grad-dot", task, models,

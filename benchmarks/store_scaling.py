@@ -66,7 +66,7 @@ def _test(n_test: int):
 
 
 def _features(params, loss):
-    from dattri_fn.grad import per_sample_grad
+    from dattri_fn.transforms.grad import per_sample_grad
 
     return lambda batch: per_sample_grad(loss, params, batch)
 

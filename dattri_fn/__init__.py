@@ -6,13 +6,10 @@ up-weighting the training example LOWERS the test loss (a proponent).
 
 from . import solvers
 from ._types import LinOp, as_linop
-from .curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
-from .grad import grad, per_sample_grad
-from .layer_grads import LayerGrads, per_sample_layer_grads
-from .linear_curvature import linear_gnvp, linear_hessian
 from .model import FunctionalModel, functional_model, load_checkpoints, load_params, select_params
 from .operators import gauss_newton
-from .project import make_projector, project, project_tree
+from .operators.curvature import cross_entropy_out_hessian, cross_entropy_out_hvp, fvp, gnvp, hvp
+from .operators.linear_curvature import linear_gnvp, linear_hessian
 from .solve import (
     CGResult,
     EKFACFactors,
@@ -29,6 +26,9 @@ from .solve import (
     ihvp_lissa,
     kfac_factors,
 )
+from .transforms.grad import grad, per_sample_grad
+from .transforms.layer_grads import LayerGrads, per_sample_layer_grads
+from .transforms.project import make_projector, project, project_tree
 from .tree import num_params, ravel, ravel_batched
 
 __all__ = [

@@ -166,9 +166,9 @@ def _weighted_sum(func: str, tensors: dict[str, Tensor], weight: float, group) -
 def all_reduce_kfac(factors, *, group=None):
     """Return K-FAC factors over every rank's examples: ``A = sum_r (n_r / N) A_r`` (same for G).
 
-    ``factors`` is this rank's :class:`~dattri_fn.solve.kfac.KFACFactors` over its shard.
+    ``factors`` is this rank's :class:`~dattri_fn.operators.kfac.KFACFactors` over its shard.
     """
-    from .solve.kfac import KFACFactors
+    from .operators.kfac import KFACFactors
 
     if not isinstance(factors, KFACFactors):
         raise TypeError(_msg("all_reduce_kfac", "factors", "KFACFactors", type(factors).__name__))
@@ -186,9 +186,9 @@ def ekfac_factors_sharded(module, loss_fn, params, data, *, layers=None, chunk_s
 
     K-FAC factors all-reduced (:func:`all_reduce_kfac`), their eigenbases taken on every rank,
     then ``Lambda = (1/N) sum_r sum_{n in shard r} (Q_G^T DW_n Q_A)^2`` all-reduced: the EK-FAC of
-    the whole training set (:func:`~dattri_fn.solve.kfac.ekfac_factors`).
+    the whole training set (:func:`~dattri_fn.operators.kfac.ekfac_factors`).
     """
-    from .solve import kfac as K
+    from .operators import kfac as K
 
     func = "ekfac_factors_sharded"
     kf = all_reduce_kfac(K.kfac_factors(module, loss_fn, params, data, layers=layers,

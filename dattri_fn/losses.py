@@ -4,7 +4,7 @@
 sequence (the bridge adds the batch dim): logits ``[1, T, V]`` (or a Hugging Face output with
 ``.logits``) against labels ``[1, T]``, shifted by one position, ``-100`` ignored. Its batched
 form ``causal_lm_loss.per_example`` gives every sequence's loss in one call, which the factored
-paths use instead of ``vmap`` (see :func:`dattri_fn.layers.per_example_losses`).
+paths use instead of ``vmap`` (see :func:`dattri_fn.transforms.layers.per_example_losses`).
 
 Samplers draw targets from the model's own predictive distribution, for the TRUE Fisher
 (``E_{y ~ p(y|x)}[g g^T]``, kronfluence's default) instead of the empirical one: a sampler is

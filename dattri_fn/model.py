@@ -156,7 +156,7 @@ def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:
     The model's ``loss`` for every example of a batch at once (no vmap: any forward, e.g.
     transformers' SDPA attention), assuming the examples are independent (eval mode).
     """
-    from .layers import per_example_losses
+    from .transforms.layers import per_example_losses
 
     unpack = model.unpack or default_unpack
 

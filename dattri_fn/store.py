@@ -488,7 +488,7 @@ def stats_store(path: str | os.PathLike, compute: Callable[[], Any], *, params,
 
     ``compute()`` (e.g. ``lambda: ekfac_factors(model, loss_fn, params, train)``) runs only when
     the directory holds no complete statistics; its result (tensors, NamedTuples such as
-    :class:`~dattri_fn.solve.kfac.KFACFactors`, dicts) is saved atomically
+    :class:`~dattri_fn.operators.kfac.KFACFactors`, dicts) is saved atomically
     (:func:`dattri_fn.io.save`), then a manifest marks it complete. A kill at any point leaves
     either no statistics (recomputed) or complete ones; no temp file survives the next call.
 

@@ -384,9 +384,9 @@ import torch
 from dattri_fn import functional_model, gnvp, make_projector, num_params, per_sample_grad
 from dattri_fn.attribute import Method, grad_dot, influence, stream_scores
 from dattri_fn.attribute.pipeline import stream_self
-from dattri_fn.metrics import lds
-from dattri_fn.retrain import lds_ground_truth
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.metrics import lds
+from dattri_fn.eval.retrain import lds_ground_truth
+from dattri_fn.eval.tasks import get_task, train_model
 
 # %%
 def projected_influence(loss, forward, out_loss, *, proj_dim, damping, seed=0):
@@ -520,9 +520,9 @@ self-influence down should find the flipped ones much sooner than inspecting at 
 import matplotlib.pyplot as plt
 import torch
 
-from dattri_fn.metrics import noisy_label_detection
-from dattri_fn.recipes import recipe
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.app.recipes import recipe
+from dattri_fn.eval.metrics import noisy_label_detection
+from dattri_fn.eval.tasks import get_task, train_model
 
 task = get_task("digits-mlp", n_train=500, n_test=10, noisy=True)
 clean_labels = get_task("digits-mlp", n_train=500, n_test=10).y_train  # same split, unflipped
@@ -830,11 +830,11 @@ Both score `[n_train, n_test]`, positive = proponent. Then we check them against
 import torch
 
 from dattri_fn.attribute import influence, logra, token_scores
-from dattri_fn.layer_grads import per_sample_layer_grads
-from dattri_fn.metrics import lds
+from dattri_fn.eval.metrics import lds
+from dattri_fn.eval.retrain import lds_ground_truth
+from dattri_fn.eval.tasks import VOCAB, get_task, train_model
 from dattri_fn.model import functional_model
-from dattri_fn.retrain import lds_ground_truth
-from dattri_fn.tasks import VOCAB, get_task, train_model
+from dattri_fn.transforms.layer_grads import per_sample_layer_grads
 
 torch.manual_seed(0)
 task = get_task("text-lm", n_train=96, n_test=6, seed=0)

@@ -17,9 +17,9 @@ import torch
 from dattri_fn import distributed as D
 from dattri_fn import io
 from dattri_fn.attribute import grad_dot
-from dattri_fn.curvature import hvp
-from dattri_fn.grad import per_sample_grad
+from dattri_fn.operators.curvature import hvp
 from dattri_fn.solve import ihvp_cg, kfac_factors
+from dattri_fn.transforms.grad import per_sample_grad
 
 CONFIG = {"method": "grad_dot", "proj_dim": None, "seed": 0}
 DT = torch.float64

@@ -18,8 +18,8 @@ import torch
 
 torch.set_num_threads(1)  # one BLAS schedule in every writer
 
-from dattri_fn.grad import per_sample_grad  # noqa: E402
 from dattri_fn.store import build_store  # noqa: E402
+from dattri_fn.transforms.grad import per_sample_grad  # noqa: E402
 
 N_SHARDS, ROWS, DIM, HIDDEN, CLASSES = 48, 16, 20, 64, 10
 

@@ -10,10 +10,10 @@ import warnings
 
 import torch
 
+from dattri_fn.app.recipes import METHODS, recipe
 from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin
+from dattri_fn.eval.tasks import get_task, train_model
 from dattri_fn.model import functional_model
-from dattri_fn.recipes import METHODS, recipe
-from dattri_fn.tasks import get_task, train_model
 
 TASKS = {"digits-lr": (40, 4), "digits-mlp": (40, 4), "digits-cnn": (24, 3), "text-lm": (12, 3)}
 PATH = "tests/data/reference_scores.pt"

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import run, scaling
-from dattri_fn.recipes import METHODS
-from dattri_fn.retrain import lds_ground_truth
-from dattri_fn.tasks import get_task
+from dattri_fn.app.recipes import METHODS
+from dattri_fn.eval.retrain import lds_ground_truth
+from dattri_fn.eval.tasks import get_task
 
 TINY = ["--task", "digits-lr", "--n-train", "60", "--n-test", "5", "--subsets", "4",
         "--models", "1", "--repeats", "1", "--quiet"]
@@ -158,7 +158,7 @@ def test_dattri_losses_follow_the_task():
     log(p / (1 - p)) and p_y; sequence targets (text-lm) give minus the loss and p = 0 (Q = 1),
     tokens cast to float come back as indices; a model without a final Linear has no RPS head."""
     from benchmarks.against_dattri import dattri_module, make_losses
-    from dattri_fn.tasks import TinyLM, classification_loss, lm_loss
+    from dattri_fn.eval.tasks import TinyLM, classification_loss, lm_loss
 
     g = torch.Generator().manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3))

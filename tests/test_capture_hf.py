@@ -186,7 +186,7 @@ def test_causal_lm_margin_and_weight_and_trak_on_gpt2():
     G = torch.stack([torch.cat([t.reshape(-1) for t in torch.func.grad(out_fm.loss)(
         out_fm.params, r).values()]) for r in rows])
     Q = torch.stack([w_fm.loss(w_fm.params, r) for r in rows])
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
     R = make_projector(G.shape[1], proj_dim=16, seed=0, dtype=G.dtype)
     Phi = R(G)
     K = torch.linalg.inv(Phi.T @ Phi + 0.1 * torch.eye(16, dtype=G.dtype))

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-from dattri_fn.cli import main
-from dattri_fn.recipes import METHODS
+from dattri_fn.app.cli import main
+from dattri_fn.app.recipes import METHODS
 
 
 def _exit_code(argv, capsys):

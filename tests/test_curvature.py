@@ -209,8 +209,8 @@ def test_recipe_gauss_newton_closed_form_equals_autodiff(seed, T):
     from torch import nn
 
     from dattri_fn import functional_model
-    from dattri_fn.recipes import gauss_newton
-    from dattri_fn.tasks import classification_loss, lm_loss
+    from dattri_fn.app.recipes import gauss_newton
+    from dattri_fn.eval.tasks import classification_loss, lm_loss
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dattri_fn.solve.datainf import datainf_damping, ihvp_datainf
+from dattri_fn.operators.datainf import datainf_damping, ihvp_datainf
 from dattri_fn.tree import block_slices
 
 DT = torch.float64

@@ -13,8 +13,8 @@ import torch
 
 from dattri_fn import io
 from dattri_fn.attribute import grad_dot
-from dattri_fn.curvature import hvp
 from dattri_fn.distributed import shard_data, shard_range
+from dattri_fn.operators.curvature import hvp
 from dattri_fn.solve import ekfac_factors, ihvp_cg, kfac_factors
 from dattri_fn.store import open_store
 

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-import dattri_fn.linear_curvature as linear_curvature
+import dattri_fn.operators.linear_curvature as linear_curvature
 from dattri_fn import functional_model, gnvp, per_sample_grad
 from dattri_fn.attribute import influence
+from dattri_fn.eval.tasks import classification_loss
 from dattri_fn.operators import gauss_newton, memory_budget
-from dattri_fn.tasks import classification_loss
 from dattri_fn.tree import ravel
 
 DT = torch.float64
@@ -172,7 +172,7 @@ def test_preconditioner_option_errors():
 def test_batch_gnvp_is_the_gauss_newton_without_vmap_over_examples(kind):
     """batch_gnvp (one forward per batch, J v by reverse-over-reverse) = gnvp (vmap over
     examples) as dense matrices, float64, over two batches."""
-    from dattri_fn.curvature import batch_gnvp
+    from dattri_fn.operators.curvature import batch_gnvp
     from problems import SeqNet
 
     torch.manual_seed(0)

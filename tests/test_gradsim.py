@@ -84,7 +84,7 @@ def test_grad_cos_is_normalised():
 
 def test_projected_grad_dot_is_unbiased_and_seeded():
     """With projection, scores follow G R R^T G'^T for the projector's R; same seed, same scores."""
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
 
     params, loss, train = PROBLEMS["mlp"](n=6)
     m = grad_dot(loss, proj_dim=16, seed=3)

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dattri_fn import io
+from dattri_fn.eval.metrics import LDSResult
 from dattri_fn.io import fcntl
-from dattri_fn.metrics import LDSResult
 
 
 class State(NamedTuple):

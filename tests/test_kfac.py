@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dattri_fn.solve.kfac import (
+from dattri_fn.operators.kfac import (
     EKFACFactors,
     KFACFactors,
     ekfac_factors,

@@ -1,4 +1,4 @@
-"""Factored per-example gradients (dattri_fn.layer_grads) against vmap(grad) in float64."""
+"""Factored per-example gradients (dattri_fn.transforms.layer_grads) against vmap(grad) in float64."""
 
 import importlib
 import warnings
@@ -12,7 +12,7 @@ from torch import nn
 
 from dattri_fn import functional_model, per_sample_grad
 from dattri_fn.attribute import grad_cos, grad_dot, tracin
-from dattri_fn.layer_grads import layer_grads_stacked, layer_plan, per_sample_layer_grads
+from dattri_fn.transforms.layer_grads import layer_grads_stacked, layer_plan, per_sample_layer_grads
 
 ATOL = 1e-12
 DT = torch.float64
@@ -111,7 +111,7 @@ def test_mlp_factors_equal_per_sample_grad(device, seed, widths, bias, n):
 def test_narrow_to_dense_by_blocks_of_rows(device, monkeypatch, seed, n, entries):
     """A bfloat16 to_dense formed a few rows at a time (bounding torch's float64 temporary)
     is the full-precision result rounded once, whatever the block."""
-    monkeypatch.setattr(importlib.import_module("dattri_fn.layer_grads"), "_NARROW_ENTRIES",
+    monkeypatch.setattr(importlib.import_module("dattri_fn.transforms.layer_grads"), "_NARROW_ENTRIES",
                         entries)
     fm = functional_model(_mlp(seed, [4, 5, 3], [True], device), F.cross_entropy)
     lg = per_sample_layer_grads(fm, fm.params, _data(seed, n, 4, 3, device))
@@ -397,7 +397,7 @@ def test_mixing_examples_is_caught_even_after_a_one_example_batch(device):
 @given(st.integers(0, 2**16), st.integers(1, 40), st.integers(1, 7))
 def test_projected_columns_equal_projected_dense(seed, chunk, proj_dim):
     """proj.apply_columns(lg.columns) == proj(lg.to_dense()) for any projector step size."""
-    from dattri_fn.project import make_projector
+    from dattri_fn.transforms.project import make_projector
 
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()

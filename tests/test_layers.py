@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dattri_fn.layers import layer_io, linear_layers, tap_layers
+from dattri_fn.transforms.layers import layer_io, linear_layers, tap_layers
 from problems import SeqNet
 
 DT = torch.float64
@@ -185,8 +185,8 @@ def test_per_example_losses_batched_cross_entropy_equals_vmap():
     layouts take vmap."""
     import torch.nn.functional as F
 
-    from dattri_fn.layers import per_example_losses
-    from dattri_fn.tasks import classification_loss
+    from dattri_fn.eval.tasks import classification_loss
+    from dattri_fn.transforms.layers import per_example_losses
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)

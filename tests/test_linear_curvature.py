@@ -13,7 +13,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from dattri_fn import functional_model, gnvp, hvp
 from dattri_fn.attribute import influence
-from dattri_fn.linear_curvature import (
+from dattri_fn.operators.linear_curvature import (
     FactoredCurvatureError,
     linear_gnvp,
     linear_hessian,
@@ -453,7 +453,7 @@ def test_linear_gnvp_without_a_target(device):
 def test_recipe_gauss_newton_factors_linear_models_and_falls_back(device, monkeypatch):
     """recipes.gauss_newton: linear_gnvp for an eval-mode MLP (no autodiff gnvp call), gnvp
     for a Conv model; the same operator either way."""
-    from dattri_fn.recipes import gauss_newton
+    from dattri_fn.app.recipes import gauss_newton
 
     curv = importlib.import_module("dattri_fn.operators.gauss_newton")  # where gnvp is looked up
     model = _chain(4, [4, 6, 3], [True, True], "tanh").to(device)
@@ -483,7 +483,7 @@ def test_recipe_gauss_newton_factors_linear_models_and_falls_back(device, monkey
 def test_cross_entropy_out_hessian_equals_autodiff(device, seed, n, K):
     """diag(p) - p p^T == hessian of F.cross_entropy(o[None], y[None]) w.r.t. o, per row; as
     linear_gnvp's out_hessian it gives the autodiff operator."""
-    from dattri_fn.curvature import cross_entropy_out_hessian
+    from dattri_fn.operators.curvature import cross_entropy_out_hessian
 
     g = torch.Generator().manual_seed(seed)
     out = (3 * torch.randn(n, K, generator=g, dtype=DT)).to(device)
@@ -507,7 +507,7 @@ def test_cross_entropy_out_hessian_equals_autodiff(device, seed, n, K):
 
 def test_cache_budget_keeps_factors_only_when_they_fit():
     """_keep: True keeps all, False keeps none, an int keeps all iff their bytes fit."""
-    from dattri_fn.linear_curvature import _keep
+    from dattri_fn.operators.linear_curvature import _keep
 
     items = [(torch.zeros(4), {"a": torch.zeros(2)}) for _ in range(3)]  # 24 bytes each
     assert _keep(iter(items), True) == items
@@ -541,7 +541,7 @@ def test_registration_order_and_train_mode_containers(device):
 def test_pair_blocks_every_route_and_sub_chunk(monkeypatch, dims):
     """_pair_block / _activation_block equal their einsum definitions whichever intermediate
     they pick and however the rows are split (the block budget shrunk to force splits)."""
-    import dattri_fn.linear_curvature as lc
+    import dattri_fn.operators.linear_curvature as lc
 
     dl, dm, kl, km = dims
     g = torch.Generator().manual_seed(sum(dims))

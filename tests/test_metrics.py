@@ -7,7 +7,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dattri_fn.metrics import (
+from dattri_fn.eval.metrics import (
     brittleness,
     brittleness_curve,
     correlation_pvalue,

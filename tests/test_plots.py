@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dattri_fn.metrics import brittleness, lds, noisy_label_detection
-from dattri_fn.plots import plot_brittleness, plot_lds, plot_roc
+from dattri_fn.eval.metrics import brittleness, lds, noisy_label_detection
+from dattri_fn.eval.plots import plot_brittleness, plot_lds, plot_roc
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -48,7 +48,7 @@ def test_plot_errors():
         plot_roc(3)
     with pytest.raises(ValueError, match=r"plot_roc\(result=...\): expected a NoisyLabelResult "
                                          r"with \['fpr', 'tpr'\]"):
-        from dattri_fn.metrics import NoisyLabelResult
+        from dattri_fn.eval.metrics import NoisyLabelResult
 
         plot_roc(NoisyLabelResult(torch.tensor(0.5), {}))
     with pytest.raises(TypeError, match=r"plot_lds\(result=...\): expected a LDSResult"):

@@ -1,4 +1,4 @@
-"""Tests for dattri_fn.project: seeded, chunked random projections X -> X R."""
+"""Tests for dattri_fn.transforms.project: seeded, chunked random projections X -> X R."""
 
 import contextlib
 import importlib
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dattri_fn.project import (
+from dattri_fn.transforms.project import (
     KINDS,
     Projector,
     bfloat16_is_fast,
@@ -22,7 +22,7 @@ from dattri_fn.project import (
 from dattri_fn.tree import ravel_batched
 
 # The package re-exports the function ``project``, which shadows the module attribute.
-project_mod = importlib.import_module("dattri_fn.project")
+project_mod = importlib.import_module("dattri_fn.transforms.project")
 F64 = torch.float64
 # Every projector configuration the contract tests run over: (kind, nnz).
 CASES = [("gaussian", 1), ("rademacher", 1), ("sjlt", 1), ("sjlt", 3)]

@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 
+from dattri_fn.app.recipes import METHODS, recipe
 from dattri_fn.attribute import grad_dot, influence
-from dattri_fn.metrics import pearson
-from dattri_fn.recipes import METHODS, recipe
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.metrics import pearson
+from dattri_fn.eval.tasks import get_task, train_model
 from problems import PROBLEMS
 
 
@@ -81,7 +81,7 @@ def test_no_shared_mutable_configuration():
 def test_trak_sizes():
     """trak_dim keeps four training examples per feature; trak_rows merges small models' batches
     and makes calls of >= 256 rows when R is too big to keep (regenerated per call)."""
-    from dattri_fn.recipes import trak_dim, trak_rows
+    from dattri_fn.app.recipes import trak_dim, trak_rows
 
     assert [trak_dim(n, 512) for n in (10, 1000, 4000, 64000)] == [16, 250, 512, 512]
     assert trak_rows(2410, 256) == 435 and trak_rows(2410, 256, 512) == 435

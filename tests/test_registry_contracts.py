@@ -90,7 +90,7 @@ def test_registry_covers_the_library():
     entry: a new primitive cannot ship outside the contracts."""
     from dattri_fn import attribute, solve
     from dattri_fn.attribute.influence import SOLVERS as INFLUENCE_SOLVERS
-    from dattri_fn.project import KINDS
+    from dattri_fn.transforms.project import KINDS
 
     assert set(solve.SOLVERS) | {"lissa"} <= set(SOLVERS)
     kinds = {getattr(e.build(), "__name__", "").split("(")[0] for e in PROJECTORS.values()}

@@ -7,16 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dattri_fn import retrain
-from dattri_fn.metrics import brittleness
-from dattri_fn.retrain import (
+from dattri_fn.eval import retrain
+from dattri_fn.eval.metrics import brittleness
+from dattri_fn.eval.retrain import (
     cache_key,
     draw_subsets,
     lds_ground_truth,
     loo_ground_truth,
     make_predict_fn,
 )
-from dattri_fn.tasks import get_task, train_model
+from dattri_fn.eval.tasks import get_task, train_model
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_exact_influence_scores_positive_lds_and_loo(tmp_path):
     """Exact IF, scores = g_i^T H^-1 g_test / n (positive = proponent): LDS and LOO r > 0.6."""
     from torch.func import functional_call, grad, hessian, vmap
 
-    from dattri_fn.metrics import lds, loo_correlation
+    from dattri_fn.eval.metrics import lds, loo_correlation
 
     task = get_task("digits-lr", n_train=60, n_test=8)
     model = train_model(task, seed=retrain._model_seed(0, 0)).double()
@@ -210,7 +210,7 @@ def test_exact_influence_scores_positive_lds_and_loo(tmp_path):
 def test_weighted_lds_ground_truth_is_the_fixed_randomness_run(tmp_path):
     """weighted=True: targets[k] == target of train_model(keep=S_k, weighted=True), model seed
     shared; cached apart from the standard units (which train on the subset alone)."""
-    from dattri_fn.tasks import SGD_HPARAMS
+    from dattri_fn.eval.tasks import SGD_HPARAMS
 
     sgd_task = get_task("digits-mlp", n_train=40, n_test=6, hparams={**SGD_HPARAMS, "epochs": 2})
     gt = lds_ground_truth(sgd_task, 2, cache_dir=tmp_path, weighted=True, progress=False)

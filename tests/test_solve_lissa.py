@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dattri_fn.curvature import hvp
+from dattri_fn.operators.curvature import hvp
 from dattri_fn.solve import ihvp_lissa
 from problems import DTYPE, dense_hessian, linear_regression, mlp
 

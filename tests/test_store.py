@@ -13,8 +13,8 @@ import torch
 
 from dattri_fn.attribute import grad_dot, tracin
 from dattri_fn.attribute.pipeline import collect, stream_scores, stream_self
-from dattri_fn.grad import per_sample_grad
 from dattri_fn.store import FeatureStore, build_store, open_store, params_hash, record_store
+from dattri_fn.transforms.grad import per_sample_grad
 from problems import PROBLEMS, dense_per_sample_grads
 
 HERE = Path(__file__).parent
@@ -231,8 +231,8 @@ def test_stats_store_caches_kfac_factors(tmp_path):
     computing; other params or config are refused by name; a killed save's temp is removed."""
     from torch import nn
 
+    from dattri_fn.operators.kfac import KFACFactors
     from dattri_fn.solve import kfac_factors
-    from dattri_fn.solve.kfac import KFACFactors
     from dattri_fn.store import stats_store
 
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dattri_fn.tasks import (
+from dattri_fn.eval.tasks import (
     TASKS,
     VOCAB,
     accuracy,
@@ -142,8 +142,8 @@ def test_hparams_override_changes_training():
 def test_sgd_trainer_is_the_functional_run_magic_replays():
     """hparams optimizer 'sgd': train_model == train(make_step(fm, sgd_run(...))) bit for bit;
     weighted=True with every row kept == the unweighted run; a 0 weight changes the model."""
+    from dattri_fn.eval.tasks import SGD_HPARAMS, sgd_run
     from dattri_fn.model import functional_model
-    from dattri_fn.tasks import SGD_HPARAMS, sgd_run
     from dattri_fn.training import make_step, train
 
     task = get_task("digits-mlp", n_train=70, n_test=5, hparams={**SGD_HPARAMS, "epochs": 2})

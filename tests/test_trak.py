@@ -22,7 +22,7 @@ from dattri_fn.attribute.trak import (
     trak,
 )
 from dattri_fn.model import functional_model
-from dattri_fn.project import KINDS, make_projector
+from dattri_fn.transforms.project import KINDS, make_projector
 from dattri_fn.tree import num_params
 from problems import dense_per_sample_grads, linear_regression, logistic_regression
 
@@ -292,7 +292,7 @@ def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_bloc
     batch by batch with every R held, also with the densified rows projected a few at a
     time."""
     trak_module = importlib.import_module("dattri_fn.attribute.trak_features")
-    project_module = importlib.import_module("dattri_fn.project")
+    project_module = importlib.import_module("dattri_fn.transforms.project")
     monkeypatch.setattr(trak_module, "_ROW_BLOCK_ENTRIES", row_block * 31)  # P = 31
     # R's of 31 x 8 entries: read by checkpoint only when even these count as big
     monkeypatch.setattr(trak_module, "_HELD_BYTES", 0 if by_checkpoint else 2**22)

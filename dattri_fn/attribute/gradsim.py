@@ -11,7 +11,7 @@ Without ``proj_dim`` the scores are exact (no silent projection).
 
 ``loss`` (and ``target``) may be a plain per-example function or a
 :class:`~dattri_fn.model.FunctionalModel`: with a model, the gradients of its ``nn.Linear``
-layers stay factored (:mod:`dattri_fn.layer_grads`) and the scores never form ``[B, P]``.
+layers stay factored (:mod:`dattri_fn.transforms.layer_grads`) and the scores never form ``[B, P]``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .._checks import check_optional_int, check_positive
 from .._types import Loss, Params
-from ..layer_grads import LayerGrads, layer_grads_stacked
 from ..model import FunctionalModel
+from ..transforms.layer_grads import LayerGrads, layer_grads_stacked
 from .method import (
     Method,
     check_checkpoints,
@@ -40,7 +40,7 @@ from .pipeline import collect, in_chunks, stream_scores, stream_self
 def _projector(stacked: Params, proj_dim, kind, seed):
     if proj_dim is None:
         return None
-    from ..project import make_projector
+    from ..transforms.project import make_projector
 
     P = sum(v[0].numel() for v in stacked.values())
     v0 = next(iter(stacked.values()))
@@ -147,7 +147,7 @@ def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | N
         target: test-side function whose DECREASE a positive score predicts (default ``loss``);
             factored only when both ``loss`` and ``target`` are FunctionalModels.
         proj_dim: project gradients to this many dims first (None = exact, no projection).
-        kind, seed: projector kind and seed (see :func:`dattri_fn.project.make_projector`).
+        kind, seed: projector kind and seed (see :func:`dattri_fn.transforms.project.make_projector`).
         chunk_size: examples per per-sample-gradient call (bounds memory to chunk x P).
 
     References:

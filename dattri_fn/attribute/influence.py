@@ -32,12 +32,12 @@ from .._checks import (
     regrouped,
 )
 from .._types import LinOp, Loss, Params
-from ..curvature import fvp, hvp
-from ..grad import per_sample_grad_unchecked
-from ..layer_grads import LayerPlan, layer_grads_stacked
-from ..linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
 from ..model import FunctionalModel, default_unpack
-from ..solve import kfac
+from ..operators import kfac
+from ..operators.curvature import fvp, hvp
+from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
+from ..transforms.grad import per_sample_grad_unchecked
+from ..transforms.layer_grads import LayerPlan, layer_grads_stacked
 from ..tree import ravel_batched
 from .method import Method, check_checkpoints, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
@@ -136,7 +136,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             Ignored by ``datainf`` (per-layer empirical Fisher) and ``kfac``/``ekfac``.
             ``explicit`` with ``"hessian"`` and a FunctionalModel (default unpack) whose params
             are all Linear weights/biases builds the dense matrix from per-layer factors
-            (:func:`~dattri_fn.linear_curvature.linear_hessian`, within its limits: the same
+            (:func:`~dattri_fn.operators.linear_curvature.linear_hessian`, within its limits: the same
             matrix, ~5x faster on the digits MLP), and from ``P`` Hessian-vector products
             otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
@@ -162,7 +162,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             it approximates the curvature: on the digits MLPs neither the empirical nor the
             true Fisher factors preconditioned the Gauss-Newton (benchmarks/RESULTS.md).
             ``kfac``/``ekfac`` take ``fisher="true"`` and ``seed`` (targets drawn from the
-            model, kronfluence's default; see :func:`~dattri_fn.solve.kfac.kfac_factors`).
+            model, kronfluence's default; see :func:`~dattri_fn.operators.kfac.kfac_factors`).
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
@@ -319,7 +319,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     def build(params: Params, train) -> InfluenceState:
         """The state of ``solver`` on validated ``train`` (see ``prepare``)."""
         from .. import solve
-        from ..solve import datainf
+        from ..operators import datainf
 
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,

@@ -44,10 +44,10 @@ from .._checks import (
     iter_batches,
     regrouped,
 )
-from ..layers import batched_io, output_shapes
 from ..model import FunctionalModel, default_unpack
-from ..solve.kfac import _kfac_specs, _tokens
+from ..operators.kfac import _kfac_specs, _tokens
 from ..transforms import capture
+from ..transforms.layers import batched_io, output_shapes
 from .boundary import check_cached_train
 from .method import Method
 from .pipeline import TopK, collect, stream_scores

@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from .._checks import check_params
 from .._types import Batch, Loss, Params
-from ..grad import per_sample_grad_unchecked
+from ..transforms.grad import per_sample_grad_unchecked
 from ..tree import ravel_batched
 
 
@@ -73,11 +73,11 @@ def stack_checkpoints(func: str, checkpoints: Params | Sequence[Params]) -> Para
 def loss_and_plan(func: str, arg: str, fn):
     """Return ``(per-example loss, LayerPlan or None)`` for a function or a FunctionalModel.
 
-    A FunctionalModel's Linear layers get a plan (:func:`~dattri_fn.layer_grads.layer_plan`):
+    A FunctionalModel's Linear layers get a plan (:func:`~dattri_fn.transforms.layer_grads.layer_plan`):
     their per-example gradients then come from one batched backward instead of ``vmap(grad)``.
     """
-    from ..layer_grads import layer_plan
     from ..model import FunctionalModel
+    from ..transforms.layer_grads import layer_plan
 
     if isinstance(fn, FunctionalModel):
         if fn.loss_fn is None:

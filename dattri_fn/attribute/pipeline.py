@@ -40,7 +40,7 @@ from .._types import Batch
 
 FeatureFn = Callable[[Batch], Tensor]
 # Features are Tensors ``[b, F]`` / ``[C, b, F]``, or structured rows (e.g.
-# :class:`~dattri_fn.layer_grads.LayerGrads`) with ``scores(other) -> [b, n]``,
+# :class:`~dattri_fn.transforms.layer_grads.LayerGrads`) with ``scores(other) -> [b, n]``,
 # ``row_dots(other) -> [b]`` and a static ``cat(blocks)``.
 
 

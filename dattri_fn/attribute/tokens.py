@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
-from ..layers import batched_io, output_shapes
 from ..model import FunctionalModel, default_unpack
 from ..transforms import capture
+from ..transforms.layers import batched_io, output_shapes
 
 
 def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -> Tensor:

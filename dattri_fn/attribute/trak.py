@@ -34,9 +34,9 @@ from .._checks import (
     regrouped,
 )
 from .._types import Params
-from ..layer_grads import layer_plan
 from ..model import FunctionalModel, batched_loss
-from ..project import KINDS
+from ..transforms.layer_grads import layer_plan
+from ..transforms.project import KINDS
 from .boundary import check_cached_train, check_example_fn, first_batch
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
@@ -105,7 +105,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     """Return TRAK: ``s_ij = (1/C sum_c phi_i^c^T K_c phi_j^c) * Qbar_i``.  # -> [n_train, n_test]
 
     With ``phi^c = R_c^T grad f(theta_c; z)`` (``R_c`` the ``[P, d]`` projection of
-    :func:`dattri_fn.project.make_projector` with seed ``seed + c`` for checkpoint ``c``:
+    :func:`dattri_fn.transforms.project.make_projector` with seed ``seed + c`` for checkpoint ``c``:
     independent projections make an ensemble of near-identical models still average out the
     projection noise, LDS 0.57 against 0.44 with one shared R on digits-lr),
     ``K_c = (Phi_c^T Phi_c + damping I)^-1`` and ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``.
@@ -137,7 +137,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             classifier's one logit and 0/1 labels), or a FunctionalModel whose loss is
             that output (``functional_model(module, classification_margin_loss)``): its
             ``nn.Linear`` gradients then come from one batched backward
-            (:mod:`dattri_fn.layer_grads`), not a per-example ``vmap``; same features.
+            (:mod:`dattri_fn.transforms.layer_grads`), not a per-example ``vmap``; same features.
         weight_fn: ``Q(params, example) -> Tensor[]``, the output-to-loss weight
             (classification with the margin: :func:`classification_weight`, ``1 - p_y``);
             a FunctionalModel means its ``loss``, taken for a whole batch by one forward; None = 1.

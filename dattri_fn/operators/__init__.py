@@ -2,7 +2,7 @@
 fast path (Gauss-Newton: factored for Linear-only models, closed-form output Hessians), and the
 K-FAC/EK-FAC Fisher as an operator that carries its closed-form inverse."""
 
-from ..solve.kfac import kfac_operator
 from .gauss_newton import curvature_rows, gauss_newton, memory_budget
+from .kfac import kfac_operator
 
 __all__ = ["curvature_rows", "gauss_newton", "kfac_operator", "memory_budget"]

@@ -6,15 +6,15 @@ the output: positive semi-definite for a convex loss, the Hessian itself for a G
 not the caller, chooses how:
 
 * a model whose params are all Linear weights/biases (within
-  :mod:`~dattri_fn.linear_curvature`'s limits) gets
-  :func:`~dattri_fn.linear_curvature.linear_gnvp`: per-layer factors from the capture engine,
+  :mod:`~dattri_fn.operators.linear_curvature`'s limits) gets
+  :func:`~dattri_fn.operators.linear_curvature.linear_gnvp`: per-layer factors from the capture engine,
   kept between products when they fit the memory budget;
-* any other model gets :func:`~dattri_fn.curvature.gnvp` (autodiff ``J V``, ``J^T u``, vmapped
+* any other model gets :func:`~dattri_fn.operators.curvature.gnvp` (autodiff ``J V``, ``J^T u``, vmapped
   over examples), or, where ``vmap`` cannot run the model (transformers' SDPA attention, an
   output holding a KV cache: probed on the first two examples),
-  :func:`~dattri_fn.curvature.batch_gnvp` (the same operator from one forward per batch);
+  :func:`~dattri_fn.operators.curvature.batch_gnvp` (the same operator from one forward per batch);
 * softmax cross-entropy on ``[B, C]`` logits (``F.cross_entropy``, or a loss carrying the
-  batched form ``per_example`` as :func:`~dattri_fn.tasks.classification_loss` does) uses the
+  batched form ``per_example`` as :func:`~dattri_fn.eval.tasks.classification_loss` does) uses the
   closed-form output Hessian ``diag(p) - p p^T`` in both;
 * data batches are merged into calls of ``max(B, min(2048, 2**24 // P))`` examples (a
   ``torch.func`` call has a fixed cost of a few ms on CPU; the cap keeps a call's ``k x rows``
@@ -37,10 +37,10 @@ from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_leaves, is_batch
 from .._types import LinOp
-from ..curvature import batch_gnvp, cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
-from ..layers import cross_entropy_rows
-from ..linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
 from ..model import FunctionalModel, default_unpack
+from ..transforms.layers import cross_entropy_rows
+from .curvature import batch_gnvp, cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
+from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
 
 __all__ = ["curvature_rows", "gauss_newton", "memory_budget"]
 
@@ -101,7 +101,7 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
     The fast path is chosen here (module docstring): factored for Linear-only models, the
     closed-form softmax cross-entropy Hessian, merged batches; a model outside the factored
     limits gets autodiff after one ``RuntimeWarning`` per params selection, naming why (see
-    :func:`~dattri_fn.linear_curvature.linear_gnvp`).
+    :func:`~dattri_fn.operators.linear_curvature.linear_gnvp`).
 
     Args:
         fm: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn`` (a batch loss such as

@@ -11,11 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._types import LinOp
-from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
-from .cg import CGResult, cg_solve, ihvp_cg
-from .datainf import ihvp_datainf
-from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
-from .kfac import (
+from ..operators.datainf import ihvp_datainf
+from ..operators.kfac import (
     EKFACFactors,
     KFACFactors,
     ekfac_factors,
@@ -24,6 +21,9 @@ from .kfac import (
     kfac_factors,
     kfac_tap,
 )
+from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
+from .cg import CGResult, cg_solve, ihvp_cg
+from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
 from .lissa import ihvp_lissa
 from .minres import ihvp_minres
 

@@ -241,7 +241,7 @@ def ihvp_explicit(op, *, damping: float = 0.0, rtol: float | None = None,
       test costs ``P^3 / 3`` before ``eigh``.
 
     An operator that carries its closed-form inverse (``op.inverse``: K-FAC, EK-FAC, see
-    :func:`~dattri_fn.solve.kfac.kfac_operator`) is inverted by it: no ``[P, P]`` is formed and
+    :func:`~dattri_fn.operators.kfac.kfac_operator`) is inverted by it: no ``[P, P]`` is formed and
     ``rtol``/``method`` do not apply.
 
     Args:

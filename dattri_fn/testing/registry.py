@@ -23,11 +23,10 @@ from torch import nn
 
 from .. import solvers as _solvers
 from ..attribute import grad_cos, grad_dot, influence, representer, tracin, trak
-from ..curvature import fvp, gnvp, hvp
-from ..linear_curvature import linear_gnvp, linear_hessian
 from ..model import functional_model
 from ..operators import gauss_newton
-from ..project import make_projector
+from ..operators.curvature import fvp, gnvp, hvp
+from ..operators.linear_curvature import linear_gnvp, linear_hessian
 from ..solve import (
     ekfac_factors,
     ihvp_arnoldi_full_rank,
@@ -39,6 +38,7 @@ from ..solve import (
     ihvp_lissa,
     kfac_factors,
 )
+from ..transforms.project import make_projector
 from .checks import jl_d_eff
 from .problems import Problem, dense_curvature, per_example_grads
 

@@ -34,8 +34,8 @@ from torch.func import functional_call, grad, vmap
 
 from .._checks import _msg, check_int
 from .._types import Batch, Loss, Params
-from ..layers import per_example_losses
 from ..model import FunctionalModel, default_unpack
+from ..transforms.layers import per_example_losses
 
 Schedule = Callable[[int], float]
 

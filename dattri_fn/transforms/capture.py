@@ -353,7 +353,7 @@ def tap(module: nn.Module, layers: Iterable[str]):
 
     Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
     ``state_keys`` (the names ``functional_call`` accepts), ``shapes`` (a cache for
-    :func:`dattri_fn.layers.output_shapes`).
+    :func:`dattri_fn.transforms.layers.output_shapes`).
     """
     specs_all = layer_specs(module)
     names = list(layers)

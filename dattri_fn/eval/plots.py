@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._checks import _msg
+from .._checks import _msg
 from .metrics import BrittlenessResult, LDSResult, NoisyLabelResult, brittleness_curve
 
 
@@ -42,7 +42,7 @@ def plot_lds(result: LDSResult, *, ax=None, label: str | None = None, sort: bool
     left out. Returns the axes.
 
     Args:
-        result: what :func:`dattri_fn.metrics.lds` returned.
+        result: what :func:`dattri_fn.eval.metrics.lds` returned.
         ax: matplotlib axes to draw on; None makes a figure.
         label: legend label of the points (e.g. the method's name).
         sort: sort the test points by their LDS (a quantile plot); False keeps test order.
@@ -70,7 +70,7 @@ def plot_roc(result: NoisyLabelResult, *, ax=None, label: str | None = None) -> 
     the legend, and the chance diagonal. Returns the axes.
 
     Args:
-        result: what :func:`dattri_fn.metrics.noisy_label_detection` returned.
+        result: what :func:`dattri_fn.eval.metrics.noisy_label_detection` returned.
         ax, label: as :func:`plot_lds`; the legend reads ``"<label> (AUC 0.xx)"``.
     """
     func = "plot_roc"
@@ -89,11 +89,11 @@ def plot_roc(result: NoisyLabelResult, *, ax=None, label: str | None = None) -> 
 def plot_brittleness(results: Sequence[BrittlenessResult], *, ks: Sequence[int] | None = None,
                      ax=None, label: str | None = None) -> Any:
     """Draw the removal curve: the share of test points whose prediction flips once at most
-    ``k`` top proponents are removed (:func:`dattri_fn.metrics.brittleness_curve`), against
+    ``k`` top proponents are removed (:func:`dattri_fn.eval.metrics.brittleness_curve`), against
     ``k``. Returns the axes.
 
     Args:
-        results: one :func:`dattri_fn.metrics.brittleness` result per test point.
+        results: one :func:`dattri_fn.eval.metrics.brittleness` result per test point.
         ks, ax, label: where to evaluate the curve (default every ``k`` evaluated), as
             :func:`plot_lds`.
     """

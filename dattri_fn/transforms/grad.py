@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ._checks import (
+from .._checks import (
     batch_size,
     batch_to,
     blame_data,
@@ -17,8 +17,8 @@ from ._checks import (
     check_params,
     iter_batches,
 )
-from ._types import Batch, Loss, Params
-from .tree import ravel_batched
+from .._types import Batch, Loss, Params
+from ..tree import ravel_batched
 
 
 def _first_device(params: Params) -> torch.device:

@@ -1,7 +1,7 @@
 """The main job: train on sklearn digits, attribute test predictions, score methods by LDS, draw.
 
 Everything is bundled (sklearn's digits ship with it); nothing is downloaded. Steps: train ``C``
-models, run each method (``dattri_fn.recipes``), retrain ``m`` models on random half-subsets for
+models, run each method (``dattri_fn.app.recipes``), retrain ``m`` models on random half-subsets for
 the linear datamodeling score (cached on disk, resumable), print a table, and save a PNG with the
 strongest proponents and opponents of a few test digits.
 """
@@ -19,11 +19,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import io
-from .metrics import lds
+from .. import io
+from ..eval.metrics import lds
+from ..eval.retrain import lds_ground_truth
+from ..eval.tasks import SGD_HPARAMS, get_task, train_model
 from .recipes import DEMO_METHODS, recipe
-from .retrain import lds_ground_truth
-from .tasks import SGD_HPARAMS, get_task, train_model
 
 DIGITS_TASKS = ("digits-lr", "digits-mlp", "digits-cnn")
 
@@ -51,7 +51,7 @@ def run_demo(*, task_name: str = "digits-mlp", methods: Sequence[str] = DEMO_MET
 
     Args:
         task_name: one of :data:`DIGITS_TASKS`.
-        methods: names from :data:`dattri_fn.recipes.METHODS`.
+        methods: names from :data:`dattri_fn.app.recipes.METHODS`.
         n_train, n_test: examples drawn from the 1797 digits.
         subsets: retrained models for the LDS ground truth (alpha = 0.5).
         models: independently trained models (TRAK's ensemble, TracIn's checkpoints).
@@ -59,7 +59,7 @@ def run_demo(*, task_name: str = "digits-mlp", methods: Sequence[str] = DEMO_MET
         out: output folder: ``attributions.png``, ``scores.pt``, ``results.md`` and the cache.
         show: test digits drawn in the picture.
         sgd: train (and retrain) with mini-batch SGD on the functional trainer
-            (:data:`dattri_fn.tasks.SGD_HPARAMS`), the run MAGIC (``magic``) differentiates.
+            (:data:`dattri_fn.eval.tasks.SGD_HPARAMS`), the run MAGIC (``magic``) differentiates.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,13 @@ from torch.autograd import forward_ad
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
-from ._checks import batch_size, batch_slice, batch_to
-from ._types import Batch, Params
+from .._checks import batch_size, batch_slice, batch_to
+from .._types import Batch, Params
+from ..model import FunctionalModel, default_unpack
+from ..tree import ravel_batched
+from . import capture
 from .grad import per_sample_grad_unchecked
 from .layers import batched_io, output_shapes, tree_unsqueeze
-from .model import FunctionalModel, default_unpack
-from .transforms import capture
-from .tree import ravel_batched
 
 
 class LayerGrads(NamedTuple):
@@ -653,9 +653,9 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch)
 
     Raises:
         TypeError, ValueError: a bad model, params or batch; a model without a Linear layer
-            that can be factored (use :func:`~dattri_fn.grad.per_sample_grad`).
+            that can be factored (use :func:`~dattri_fn.transforms.grad.per_sample_grad`).
     """
-    from ._checks import check_params
+    from .._checks import check_params
 
     func = "per_sample_layer_grads"
     plan = layer_plan(model)

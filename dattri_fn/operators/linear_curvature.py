@@ -8,7 +8,7 @@ Exact Hessian.
 
 For one example, let layer ``l`` map its input ``a_l`` (augmented to ``[a_l, 1]`` when its bias
 is a parameter; ``k_l`` entries) to ``z_l = W_l a_l + b_l + e_l``, with a zero probe ``e_l``
-(``d_l`` entries, see :func:`dattri_fn.layers.tap_layers`). Write ``g = dloss/de``,
+(``d_l`` entries, see :func:`dattri_fn.transforms.layers.tap_layers`). Write ``g = dloss/de``,
 ``Ht = d^2 loss / de^2`` (``[D, D]``, ``D = sum_l d_l``: the Hessian w.r.t. all layer outputs,
 activations' curvature included) and ``T_ml = d a_m / d e_l`` (``[k_m, d_l]``, zero unless
 layer ``l`` feeds layer ``m``). A change ``dW`` moves the probes by ``e_m = dW_m a_m(e)``, so
@@ -31,7 +31,7 @@ to ``[d_l, in_l]``, plus its bias ``v_l``) is
     u_l = V_l a_l + v_l,   w = J^T A J u,   (G V)_l = sum_i w_l a_l^T,   (G v)_l = sum_i w_l,
 
 two matrix products per layer and three ``[C, D]``-sized ones per example and row, against a
-forward and backward pass per row for :func:`~dattri_fn.curvature.gnvp`.
+forward and backward pass per row for :func:`~dattri_fn.operators.curvature.gnvp`.
 
 Limits: those of the capture engine (:mod:`dattri_fn.transforms.capture`: each Linear weight
 consumed by ``F.linear`` once per forward, on a batch-first input), one row per example at
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jvp, vjp, vmap
 
-from ._checks import (
+from .._checks import (
     _msg,
     batch_size,
     batch_slice,
@@ -64,12 +64,12 @@ from ._checks import (
     peek,
     regroup,
 )
-from ._types import LinOp
-from .layers import module_state, output_shapes, per_example_losses, unpack_example
-from .solve.kfac import _check_call, _layout, _select
-from .transforms import capture
-from .transforms.capture import CaptureError
-from .tree import ravel
+from .._types import LinOp
+from ..transforms import capture
+from ..transforms.capture import CaptureError
+from ..transforms.layers import module_state, output_shapes, per_example_losses, unpack_example
+from ..tree import ravel
+from .kfac import _check_call, _layout, _select
 
 __all__ = ["FactoredCurvatureError", "linear_gnvp", "linear_hessian", "linear_tap"]
 
@@ -527,7 +527,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 cache: bool | int = True, out_hessian: Callable | None = None) -> LinOp:
     """Return ``V -> G V``, ``G = (1/N) sum_i J_i^T A_i J_i``, of a Linear-only model.  # [k, P] -> [k, P]
 
-    The operator of :func:`~dattri_fn.curvature.gnvp` with ``forward`` the module and
+    The operator of :func:`~dattri_fn.operators.curvature.gnvp` with ``forward`` the module and
     ``out_loss`` the ``loss_fn`` of one example (``A_i`` its Hessian w.r.t. the output ``[C]``),
     applied through each layer's inputs and the ``[C, D]`` output Jacobian w.r.t. the layer
     outputs (module docstring), not by a forward and backward pass per row.

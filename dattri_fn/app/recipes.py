@@ -1,4 +1,4 @@
-"""Every method, configured for a bundled :class:`~dattri_fn.tasks.Task`, by name.
+"""Every method, configured for a bundled :class:`~dattri_fn.eval.tasks.Task`, by name.
 
 The demo, the benchmark runner and the notebooks share these settings, so a table row and a
 picture always come from the same configuration. Conventions for a task trained on
@@ -12,7 +12,7 @@ picture always come from the same configuration. Conventions for a task trained 
 * gradient similarity and TracIn: the plain loss on both sides;
 * TRAK: the correct-class margin and ``1 - p_y`` weight (classification), else minus the loss;
   bfloat16 projection and feature cache where the device multiplies bfloat16 natively
-  (:func:`~dattri_fn.project.bfloat16_is_fast`; TRAK's reference implementation keeps float16
+  (:func:`~dattri_fn.transforms.project.bfloat16_is_fast`; TRAK's reference implementation keeps float16
   features), else the params' dtype;
   ``proj_dim`` capped at ``n_train // 4``: with ``d`` near ``n_train`` the kernel
   ``(Phi^T Phi + damping I)^-1`` is near-singular and the scores are noise (on digits-mlp,
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attribute import Method, grad_cos, grad_dot, influence, knn_shapley, tracin, tracin_cos
-from .model import FunctionalModel, functional_model
-from .project import bfloat16_is_fast, make_projector
+from ..attribute import Method, grad_cos, grad_dot, influence, knn_shapley, tracin, tracin_cos
+from ..model import FunctionalModel, functional_model
+from ..transforms.project import bfloat16_is_fast, make_projector
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
            "grad-dot", "grad-cos", "tracin", "trak", "rps", "if-cg-ens", "tracin-cos",
@@ -89,7 +89,7 @@ def _head_split(model: nn.Module):
 
 
 def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
-    from .attribute.representer import representer
+    from ..attribute.representer import representer
 
     body, head = _head_split(model)
     W = head.weight.detach()
@@ -110,7 +110,7 @@ def _rps(task, model: nn.Module, wd: float) -> tuple[Method, dict]:
 
 def _trak(task, fms: list[FunctionalModel], proj_dim: int, seed: int, damping: float,
           batch_rows: int | None = None):
-    from .attribute.trak import classification_margin_loss, classification_weight_loss, trak
+    from ..attribute.trak import classification_margin_loss, classification_weight_loss, trak
 
     fm = fms[0]
     device = next(iter(fm.params.values())).device
@@ -214,10 +214,10 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
     Raises:
         ValueError: a task trained by L-BFGS (its line search is no fixed sequence of steps).
     """
-    from .attribute.magic import magic
-    from .attribute.trak import classification_margin_loss
-    from .tasks import order_seed, sgd_run
-    from .training import adam, cosine_schedule
+    from ..attribute.magic import magic
+    from ..attribute.trak import classification_margin_loss
+    from ..eval.tasks import order_seed, sgd_run
+    from ..training import adam, cosine_schedule
 
     hp = task.hparams
     wd = float(hp.get("weight_decay", 0.0))
@@ -248,10 +248,10 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
 
     :func:`dattri_fn.operators.gauss_newton` with the task's loss: the builder picks the fast
     path (factored for Linear-only models, the closed-form output Hessian of
-    :func:`~dattri_fn.tasks.classification_loss`; :func:`~dattri_fn.tasks.lm_loss` measured no
+    :func:`~dattri_fn.eval.tasks.classification_loss`; :func:`~dattri_fn.eval.tasks.lm_loss` measured no
     faster with it on text-lm, so the language model keeps autodiff).
     """
-    from .operators import gauss_newton as build
+    from ..operators import gauss_newton as build
 
     return build(fm if fm.loss_fn is loss_fn else fm._replace(loss_fn=loss_fn),
                  batch_rows=batch_rows)
@@ -259,7 +259,7 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
 
 def curvature_rows(num_params: int, batch_size: int) -> int:
     """Examples per curvature call in the recipes (:func:`dattri_fn.operators.curvature_rows`)."""
-    from .operators import curvature_rows as rows
+    from ..operators import curvature_rows as rows
 
     return rows(num_params, batch_size)
 
@@ -294,7 +294,7 @@ def trak_rows(num_params: int, batch_size: int, proj_dim: int | None = None) -> 
 
 def _linear_only(model: nn.Module, loss_fn) -> FunctionalModel:
     """The model's ``nn.Linear`` parameters only (K-FAC's domain); a bare Linear is wrapped."""
-    from .layers import linear_layers
+    from ..transforms.layers import linear_layers
 
     if isinstance(model, nn.Linear):
         model = nn.Sequential(model)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from ._checks import (
+from .._checks import (
     batch_leaves,
     batch_size,
     batch_to,
@@ -28,9 +28,9 @@ from ._checks import (
     peek,
     regroup,
 )
-from ._types import Batch, LinOp, Loss, Params
-from .grad import check_randomness, per_sample_grad_unchecked, seeded, summed_loss
-from .tree import ravel, ravel_batched
+from .._types import Batch, LinOp, Loss, Params
+from ..transforms.grad import check_randomness, per_sample_grad_unchecked, seeded, summed_loss
+from ..tree import ravel, ravel_batched
 
 
 def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
@@ -49,7 +49,7 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
 def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches,
               batch_rows: int | None = None, seed: int | None = None):
     """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)`` (``seed``: every call
-    replays the same random draws, see :func:`~dattri_fn.grad.seeded`)."""
+    replays the same random draws, see :func:`~dattri_fn.transforms.grad.seeded`)."""
     device = flat0.device
 
     def matmat(V: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         batch_rows: merge consecutive batches into calls of at least this many examples
             (see the module docstring); None = one call per batch as given.
         randomness, seed: for a loss that samples (dropout), as in
-            :func:`~dattri_fn.grad.per_sample_grad`; with a ``seed`` every call of the operator
+            :func:`~dattri_fn.transforms.grad.per_sample_grad`; with a ``seed`` every call of the operator
             replays the same draws, so it stays one linear map (what CG needs).
 
     Note:
@@ -167,7 +167,7 @@ def cross_entropy_out_hessian(out: Tensor, target=None) -> Tensor:
     """Return ``diag(p) - p p^T``, ``p = softmax(out)``: each row's Hessian of softmax
     cross-entropy w.r.t. its logits.  # [B, K] -> [B, K, K]
 
-    For :func:`~dattri_fn.linear_curvature.linear_gnvp`'s ``out_hessian`` with
+    For :func:`~dattri_fn.operators.linear_curvature.linear_gnvp`'s ``out_hessian`` with
     ``F.cross_entropy`` on ``[B, K]`` logits (no ignored targets, class weights or label
     smoothing); ``target`` is unused (the Hessian does not depend on the label).
     """
@@ -247,8 +247,8 @@ def batch_gnvp(model, params: Params, data, *, batch_rows: int | None = None) ->
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    from .layers import per_example_losses
-    from .model import default_unpack
+    from ..model import default_unpack
+    from ..transforms.layers import per_example_losses
 
     func = "batch_gnvp"
     if getattr(model, "loss_fn", None) is None:

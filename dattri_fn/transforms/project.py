@@ -54,7 +54,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from ._checks import _msg, check_int, check_optional_int, check_tensor
+from .._checks import _msg, check_int, check_optional_int, check_tensor
 
 KINDS = ("gaussian", "rademacher", "sjlt")
 
@@ -362,7 +362,7 @@ class Projector:
         """Return ``X R`` for an ``X`` given as column blocks ``cols(a, b) -> [rows, b - a]``.  # [rows, d]
 
         ``X`` is never formed whole: each step of ``R``'s rows meets only its own columns (for
-        example :meth:`dattri_fn.layer_grads.LayerGrads.columns`), so memory is bounded by
+        example :meth:`dattri_fn.transforms.layer_grads.LayerGrads.columns`), so memory is bounded by
         one step. The blocks are not validated: they must be finite, of ``dtype`` on
         ``device``.
         """

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import _msg, check_int, check_optional_int
-from .layers import cross_entropy_rows
+from .._checks import _msg, check_int, check_optional_int
+from ..transforms.layers import cross_entropy_rows
 
 TASKS = ("digits-lr", "digits-mlp", "digits-cnn", "text-lm")
 NOISE_FRACTION = 0.1
@@ -271,10 +271,10 @@ def _train_sgd(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
     Cosine-decayed ``lr``, coupled weight decay, batches of ``batch_size`` in the order
     ``batch_order(n, seed=order_seed(seed))``; ``weights [n]`` weight each example's loss (0 =
     removed with the order kept: the fixed-randomness protocol of
-    :func:`dattri_fn.retrain.lds_ground_truth`).
+    :func:`dattri_fn.eval.retrain.lds_ground_truth`).
     """
-    from .model import functional_model
-    from .training import make_step, train
+    from ..model import functional_model
+    from ..training import make_step, train
 
     optimizer, order = sgd_run(x.shape[0], seed=seed, epochs=epochs or default_epochs, lr=lr,
                                weight_decay=weight_decay, batch_size=batch_size,
@@ -291,7 +291,7 @@ def _train_sgd(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
 def sgd_run(n: int, *, seed: int, epochs: int, lr: float, weight_decay: float,
             batch_size: int, momentum: float):
     """Return ``(Optimizer, order)`` of the ``"sgd"`` trainer on ``n`` examples."""
-    from .training import batch_order, cosine_schedule, sgd
+    from ..training import batch_order, cosine_schedule, sgd
 
     order = batch_order(n, batch_size=batch_size, epochs=epochs, seed=order_seed(seed))
     optimizer = sgd(cosine_schedule(lr, len(order)), momentum=momentum,
@@ -510,7 +510,7 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
     model = task.make_model(seed).to(x.device)
     # One CPU thread: float32 reductions then run in one order whatever the caller's thread
     # setting (a retraining worker, a test, the demo), so a seed fixes the model bit for bit;
-    # for these small models one thread was also the fastest (see dattri_fn.retrain).
+    # for these small models one thread was also the fastest (see dattri_fn.eval.retrain).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

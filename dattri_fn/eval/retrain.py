@@ -2,8 +2,8 @@
 
 Score convention of the library: ``scores [n_train, n_test]``, positive = up-weighting the
 training example LOWERS the test loss. Targets recorded here are ``task.target`` (HIGHER =
-BETTER for the test point), so :func:`dattri_fn.metrics.lds` and
-:func:`dattri_fn.metrics.loo_correlation` give +1 to a perfect method.
+BETTER for the test point), so :func:`dattri_fn.eval.metrics.lds` and
+:func:`dattri_fn.eval.metrics.loo_correlation` give +1 to a perfect method.
 
 Cache. Every trained model is one *unit* (a subset or a removed index, and a seed index) whose
 ``[n_test]`` targets are written atomically (:func:`dattri_fn.io.save`) to its own file under
@@ -47,8 +47,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import io
-from ._checks import _msg, check_int, check_positive
+from .. import io
+from .._checks import _msg, check_int, check_positive
 from .tasks import Task, derive_seed, train_model
 
 ENGINE_VERSION = 1
@@ -58,7 +58,7 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class GroundTruth(NamedTuple):
-    """Subset-retraining ground truth for :func:`dattri_fn.metrics.lds`.
+    """Subset-retraining ground truth for :func:`dattri_fn.eval.metrics.lds`.
 
     ``subsets [m, n_train]`` bool; ``targets [m, n_test]`` = ``task.target`` of models trained
     on each subset, averaged over ``r`` seeds.
@@ -69,7 +69,7 @@ class GroundTruth(NamedTuple):
 
 
 class LOOGroundTruth(NamedTuple):
-    """Leave-one-out ground truth for :func:`dattri_fn.metrics.loo_correlation`.
+    """Leave-one-out ground truth for :func:`dattri_fn.eval.metrics.loo_correlation`.
 
     ``indices [n]`` int64 removed training examples; ``diffs [n, n_test]`` =
     ``target(full) - target(without i)`` (seed-averaged), positive when ``i`` helped.
@@ -250,8 +250,8 @@ def _train_missing(task, missing, paths, workers, bar, on_unit, weighted=False) 
 
 def _check_common(func: str, task, r, seed, workers):
     if not isinstance(task, Task):
-        raise TypeError(_msg(func, "task", "a dattri_fn.tasks.Task", type(task).__name__,
-                             "Build one with dattri_fn.tasks.get_task(name)."))
+        raise TypeError(_msg(func, "task", "a dattri_fn.eval.tasks.Task", type(task).__name__,
+                             "Build one with dattri_fn.eval.tasks.get_task(name)."))
     if not isinstance(task.name, str):
         raise TypeError(_msg(func, "task", "a str task.name", type(task.name).__name__))
     if not _TASK_NAME.fullmatch(task.name):
@@ -288,14 +288,14 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
         on_unit: called with each unit's name after its file is written (in this process).
         weighted: the fixed-randomness protocol (MAGIC's): every model trains on all rows in
             the full run's data order with the examples outside ``S_k`` weighted 0
-            (:func:`~dattri_fn.tasks.train_model` ``weighted=True``; an ``"sgd"`` task). Cached
+            (:func:`~dattri_fn.eval.tasks.train_model` ``weighted=True``; an ``"sgd"`` task). Cached
             apart from the standard units.
 
     Returns:
         :class:`GroundTruth` ``(subsets, targets)``; ``targets`` on the CPU in the target's dtype.
 
     Raises:
-        TypeError: ``task`` is not a :class:`~dattri_fn.tasks.Task` (or its ``name`` not a
+        TypeError: ``task`` is not a :class:`~dattri_fn.eval.tasks.Task` (or its ``name`` not a
             str), or wrong kinds.
         ValueError: ``m``, ``r``, ``workers`` < 1, ``alpha`` outside (0, 1), or a
             ``task.name`` that is not a plain name (letters, digits, ``-_.``; no leading ``.``).
@@ -332,7 +332,7 @@ def loo_ground_truth(task: Task, indices: Sequence[int] | Tensor, r: int = 1, *,
     """Return diffs[i, j] = mean_s target_j(full, s) - mean_s target_j(without indices[i], s).
 
     Positive when removing the example hurts the test point (it was a proponent), which is the
-    sign :func:`dattri_fn.metrics.loo_correlation` expects. Full and leave-one-out models share
+    sign :func:`dattri_fn.eval.metrics.loo_correlation` expects. Full and leave-one-out models share
     their seeds so init noise cancels; with a deterministic trainer (all bundled tasks) the
     differences are exact up to the optimiser's tolerance.  # -> indices [n], diffs [n, n_test]
 
@@ -382,7 +382,7 @@ def loo_ground_truth(task: Task, indices: Sequence[int] | Tensor, r: int = 1, *,
 def make_predict_fn(task: Task, test_index: int, *, seed: int = 0) -> Callable[[Tensor], Tensor]:
     """Return ``keep_mask [n_train] bool -> argmax prediction on test point test_index``.
 
-    For :func:`dattri_fn.metrics.brittleness`: each call retrains ``task.make_model(seed)``
+    For :func:`dattri_fn.eval.metrics.brittleness`: each call retrains ``task.make_model(seed)``
     on the kept examples (no cache).
     """
     check_int("make_predict_fn", "test_index", test_index, minimum=0)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
-from .transforms import capture
+from .._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
+from . import capture
 
 TappedFn = Callable[..., tuple[object, dict[str, Tensor]]]
 
@@ -180,7 +180,7 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     """Return ``[loss_fn(out_i[None], target_i[None]) for i]``.  # -> [B]
 
     By ``vmap``, or in one call by ``loss_fn.per_example(out, target)`` when the loss carries
-    that batched form (as :func:`~dattri_fn.tasks.classification_loss` and
+    that batched form (as :func:`~dattri_fn.eval.tasks.classification_loss` and
     :mod:`dattri_fn.losses` do), or for ``F.cross_entropy`` itself on ``[B, C]`` logits and
     class indices (~0.1 ms less per 500-row forward and backward on one CPU thread).
     """

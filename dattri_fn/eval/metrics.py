@@ -7,7 +7,7 @@ example ``j`` (``i`` is a *proponent* of ``j``); ``< 0`` marks an opponent.
 
 Targets ("model outputs" in the datamodel literature) follow the matching orientation:
 HIGHER = BETTER for the test point, e.g. the correct-class margin ``logit_y - max_{c != y}
-logit_c`` or the negative test loss (see :mod:`dattri_fn.tasks`). A correct method then
+logit_c`` or the negative test loss (see :mod:`dattri_fn.eval.tasks`). A correct method then
 predicts high targets for subsets rich in proponents, so every metric here is "higher = better".
 
 All functions take and return tensors (dtype and device follow ``scores``); they are pure.
@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import _msg, check_int, check_tensor
+from .._checks import _msg, check_int, check_tensor
 
 _Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
@@ -219,7 +219,7 @@ def lds(scores: Tensor, subsets: Tensor, targets: Tensor, *, ci: str = "normal",
     The attribution's prediction for subset ``S_k`` and test point ``j`` is the additive
     ``sum_{i in S_k} scores[i, j]``; ``per_test[j]`` is the Spearman correlation over the ``m``
     subsets between those predictions and the targets of models retrained on each subset
-    (see :func:`dattri_fn.retrain.subset_ground_truth`). ``targets`` must be HIGHER = BETTER for
+    (see :func:`dattri_fn.eval.retrain.subset_ground_truth`). ``targets`` must be HIGHER = BETTER for
     the test point (margin, negative loss) so that a perfect method under the library's
     convention (positive score = proponent) scores +1 and a reversed one -1.
 
@@ -274,7 +274,7 @@ def loo_correlation(scores: Tensor, loo_diffs: Tensor) -> LOOCorrelation:
     BETTER target, i.e. how much removing ``i`` hurts test point ``j`` (for target = -loss it is
     ``loss_j(without i) - loss_j(full)``). Removing a proponent raises the test loss, so under the
     library's convention a correct method correlates POSITIVELY. This is what
-    :func:`dattri_fn.retrain.loo_ground_truth` returns; slice ``scores`` to its ``indices``.
+    :func:`dattri_fn.eval.retrain.loo_ground_truth` returns; slice ``scores`` to its ``indices``.
 
     Args:
         scores: ``[n, n_test]`` scores of the ``n`` removed examples.
@@ -394,7 +394,7 @@ def brittleness(scores: Tensor, retrain_fn: Callable[[Tensor], Any],
     Args:
         scores: ``[n_train]`` scores of every training point for ONE test point.
         retrain_fn: ``keep_mask [n_train] bool -> prediction`` (an int, a tensor, anything with
-            ``==``); e.g. :func:`dattri_fn.retrain.make_predict_fn`. Seed it inside.
+            ``==``); e.g. :func:`dattri_fn.eval.retrain.make_predict_fn`. Seed it inside.
         ks: numbers of proponents to remove, each in ``[1, n_train]``.
         prediction: the full-data prediction; ``None`` = ``retrain_fn(all True)``.
         stop_at_first: stop retraining at the first flip (the remaining ``k`` are not tried).

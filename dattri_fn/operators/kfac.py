@@ -61,8 +61,8 @@ from .._checks import (
     regroup,
 )
 from .._types import LinOp
-from ..layers import _layer_io, layer_names, module_state
 from ..transforms import capture
+from ..transforms.layers import _layer_io, layer_names, module_state
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors", "kfac_tap",
            "ihvp_kfac", "ihvp_ekfac"]
@@ -189,7 +189,7 @@ class _SampledLoss:
     """``loss_fn`` on targets drawn by ``sampler`` from the batch's own output (true Fisher).
 
     The draw happens on the whole batch in ``per_example``, outside any torch.func transform
-    (:func:`dattri_fn.layers.per_example_losses` calls it instead of vmapping the loss).
+    (:func:`dattri_fn.transforms.layers.per_example_losses` calls it instead of vmapping the loss).
     """
 
     def __init__(self, loss_fn: Callable, sampler: Callable, seed: int):
@@ -200,7 +200,7 @@ class _SampledLoss:
         return self.loss_fn(output, target)
 
     def per_example(self, output, target) -> Tensor:
-        from ..layers import per_example_losses
+        from ..transforms.layers import per_example_losses
 
         detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
         drawn = self.sampler(detached, target, self.generator)
@@ -288,7 +288,7 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             to precondition, in the order of the raveled vectors the operator will act on.
             The module's other parameters are its own.
         data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader); other
-            layouts as :func:`dattri_fn.layers.unpack_example`.
+            layouts as :func:`dattri_fn.transforms.layers.unpack_example`.
         layers: Linear, Conv1D or Conv2d layer names; ``None`` selects the layers owning
             ``params``.
         chunk_size: examples per ``vmap`` chunk; ``None`` for a whole batch.

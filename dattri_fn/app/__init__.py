@@ -1,0 +1,1 @@
+"""The application layer: per-task recipes, the demo and the ``dattri-fn`` command line."""

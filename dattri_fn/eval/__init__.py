@@ -1,0 +1,1 @@
+"""Evaluation: the bundled tasks, retraining ground truth, the metrics on it, and their plots."""
