@@ -9,6 +9,12 @@ with ``g = grad loss(params, z)`` (optionally randomly projected to ``proj_dim``
 score means a gradient step on ``z_i`` lowers ``z_j``'s loss to first order: a proponent.
 Without ``proj_dim`` the scores are exact (no silent projection).
 
+``projection="kronecker"`` (with a FunctionalModel) projects each captured layer's gradient
+``G = sum_t g_t [a_t, 1]^T`` as ``P_out^T G P_in`` from its factors, never forming ``G``
+(LoGra's projection, :class:`~dattri_fn.transforms.project.KroneckerProjector`): ``proj_dim``
+is then ``k`` per side (or ``(k_in, k_out)``), each layer a ``k_out x k_in`` block, the other
+parameters one dense block of ``k_in k_out``.
+
 ``loss`` (and ``target``) may be a plain per-example function or a
 :class:`~dattri_fn.model.FunctionalModel`: with a model, the gradients of its ``nn.Linear``
 layers stay factored (:mod:`dattri_fn.transforms.layer_grads`) and the scores never form ``[B, P]``.
@@ -36,6 +42,20 @@ from .method import (
 )
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
+PROJECTIONS = ("dense", "kronecker")
+
+
+def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
+    """The KroneckerProjector of ``plan``'s layers at these shapes, built once per method."""
+    from ..transforms.project import kronecker_layers, make_kronecker_projector
+
+    key = tuple((k, tuple(v.shape[1:])) for k, v in stacked.items())
+    if key not in kept:
+        layers, rest = kronecker_layers(plan, {k: v[0] for k, v in stacked.items()})
+        kept[key] = make_kronecker_projector(layers, proj_dim=proj_dim, kind=kind, seed=seed,
+                                             rest=rest)
+    return kept[key]
+
 
 def _projector(stacked: Params, proj_dim, kind, seed):
     if proj_dim is None:
@@ -60,14 +80,34 @@ def _inverse_norms(sq_norms: Tensor) -> Tensor:
 
 def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          normalize: bool = False,
-                         proj_dim: int | None = None, kind: str = "rademacher", seed: int = 0,
-                         chunk_size: int | None = None) -> Method:
-    check_optional_int(name, "proj_dim", proj_dim)
+                         proj_dim: int | tuple[int, int] | None = None, kind: str = "rademacher",
+                         seed: int = 0, chunk_size: int | None = None,
+                         projection: str = "dense") -> Method:
+    if projection not in PROJECTIONS:
+        raise ValueError(f"{name}(projection=...): expected 'dense' or 'kronecker', got "
+                         f"{projection!r}.")
+    kron = projection == "kronecker"
+    if kron:
+        if proj_dim is None:
+            raise ValueError(f"{name}(proj_dim=...): expected k (or (k_in, k_out)) per layer "
+                             "side with projection='kronecker', got None.")
+        for k in proj_dim if isinstance(proj_dim, tuple) else (proj_dim,):
+            check_optional_int(name, "proj_dim", k)
+    else:
+        check_optional_int(name, "proj_dim", proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
+    loss_in = loss
     loss, plan = loss_and_plan(name, "loss", loss)
     target, plan_t = (loss, plan) if target is None else loss_and_plan(name, "target", target)
     if plan is None or plan_t is None:
         plan = plan_t = None  # both sides factored, or neither
+    if kron and plan is None:
+        got = (type(loss_in).__name__ if not isinstance(loss_in, FunctionalModel) else
+               "a model without a capturable layer, or a plain target")
+        raise ValueError(f"{name}(loss=...): expected a FunctionalModel with an attributed "
+                         f"Linear-like layer (and target a FunctionalModel or None) for "
+                         f"projection='kronecker', got {got}.")
+    kept: dict = {}
     keys = None if plan is None else list(plan.model.params)
     if plan is not None and list(plan_t.model.params) != keys:
         raise ValueError(f"{name}(target=...): expected a FunctionalModel over the same "
@@ -89,11 +129,14 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                                  f"the list of checkpoints the rates belong to.")
         v0 = next(iter(stacked.values()))
         weights = weights.to(dtype=v0.dtype, device=v0.device)
-        proj = _projector(stacked, proj_dim, kind, seed)
+        proj = None if kron else _projector(stacked, proj_dim, kind, seed)
+        kp = _kronecker(plan, stacked, proj_dim, kind, seed, kept) if kron else None
 
         def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
             if fn_plan is None:
                 G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
+            elif kp is not None:
+                G = kp.layer_grads(layer_grads_stacked(fn_plan, stacked, batch))  # [C, B, d]
             else:
                 lg = layer_grads_stacked(fn_plan, stacked, batch)
                 if proj is None:
@@ -136,8 +179,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
 
 def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,
-             proj_dim: int | None = None,
-             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+             proj_dim: int | tuple[int, int] | None = None,
+             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None,
+             projection: str = "dense") -> Method:
     """Return Grad-Dot: ``scores[i, j] = <g_i, g_j>`` at one checkpoint.  # -> [n_train, n_test]
 
     Args:
@@ -146,26 +190,32 @@ def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | N
             ``[B, P]`` matrix).
         target: test-side function whose DECREASE a positive score predicts (default ``loss``);
             factored only when both ``loss`` and ``target`` are FunctionalModels.
-        proj_dim: project gradients to this many dims first (None = exact, no projection).
-        kind, seed: projector kind and seed (see :func:`dattri_fn.transforms.project.make_projector`).
+        proj_dim: project gradients to this many dims first (None = exact, no projection);
+            with ``projection="kronecker"``, ``k`` per layer side or ``(k_in, k_out)``.
+        kind, seed: projector kind and seed (see :func:`dattri_fn.transforms.project.make_projector`;
+            ``"mask"`` too with ``projection="kronecker"``).
         chunk_size: examples per per-sample-gradient call (bounds memory to chunk x P).
+        projection: ``"dense"`` (one ``[P, d]`` projector) or ``"kronecker"`` (per layer
+            ``P_out^T G P_in`` from the captured factors; ``loss`` must be a FunctionalModel;
+            see :func:`dattri_fn.transforms.project.make_kronecker_projector`).
 
     References:
         Charpiat et al. 2019, "Input Similarity from the Neural Network Perspective".
     """
     return _gradient_similarity(loss, "grad_dot", target=target, proj_dim=proj_dim, kind=kind, seed=seed,
-                                chunk_size=chunk_size)
+                                chunk_size=chunk_size, projection=projection)
 
 
 def grad_cos(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,
-             proj_dim: int | None = None,
-             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+             proj_dim: int | tuple[int, int] | None = None,
+             kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None,
+             projection: str = "dense") -> Method:
     """Return Grad-Cos: ``scores[i, j] = <g_i, g_j> / (|g_i| |g_j|)``.  # -> [n_train, n_test]
 
     Args: as :func:`grad_dot`. Zero gradients score 0. Self-influence is 1 for nonzero g_i.
     """
     return _gradient_similarity(loss, "grad_cos", target=target, normalize=True, proj_dim=proj_dim, kind=kind,
-                                seed=seed, chunk_size=chunk_size)
+                                seed=seed, chunk_size=chunk_size, projection=projection)
 
 
 def _learning_rates(lrs, func: str = "tracin") -> Tensor:
@@ -191,8 +241,9 @@ def _learning_rates(lrs, func: str = "tracin") -> Tensor:
 
 def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
            target: Loss | FunctionalModel | None = None,
-           proj_dim: int | None = None,
-           kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+           proj_dim: int | tuple[int, int] | None = None,
+           kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None,
+           projection: str = "dense") -> Method:
     """Return TracIn-CP: ``scores[i, j] = sum_c lr_c <g_i(theta_c), g_j(theta_c)>``.
 
     ``params`` passed to ``score`` is the list of C checkpoints; gradients at all checkpoints are
@@ -203,8 +254,8 @@ def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
             :func:`grad_dot`).
         lrs: the learning rate in effect at each checkpoint, ``[C]``.
         target: test-side function whose DECREASE a positive score predicts (default ``loss``).
-        proj_dim, kind, seed, chunk_size: as :func:`grad_dot` (the same projector at every
-            checkpoint).
+        proj_dim, kind, seed, chunk_size, projection: as :func:`grad_dot` (the same projector
+            at every checkpoint).
 
     References:
         Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
@@ -214,12 +265,14 @@ def tracin(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
     for lr in lrs_t.tolist():
         check_positive("tracin", "lrs", lr)
     return _gradient_similarity(loss, "tracin", target=target, lrs=lrs_t, proj_dim=proj_dim, kind=kind,
-                                seed=seed, chunk_size=chunk_size)
+                                seed=seed, chunk_size=chunk_size, projection=projection)
 
 
 def tracin_cos(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
-               target: Loss | FunctionalModel | None = None, proj_dim: int | None = None,
-               kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None) -> Method:
+               target: Loss | FunctionalModel | None = None,
+               proj_dim: int | tuple[int, int] | None = None,
+               kind: str = "rademacher", seed: int = 0, chunk_size: int | None = None,
+               projection: str = "dense") -> Method:
     """Return TracIn-Cos: ``scores[i, j] = sum_c lr_c cos(g_i(theta_c), g_j(theta_c))``.
 
     The cosine is taken at each checkpoint (each gradient pair normalised with its own norms),
@@ -237,4 +290,5 @@ def tracin_cos(loss: Loss | FunctionalModel, *, lrs: Sequence[float] | Tensor,
     for lr in lrs_t.tolist():
         check_positive("tracin_cos", "lrs", lr)
     return _gradient_similarity(loss, "tracin_cos", target=target, lrs=lrs_t, normalize=True,
-                                proj_dim=proj_dim, kind=kind, seed=seed, chunk_size=chunk_size)
+                                proj_dim=proj_dim, kind=kind, seed=seed, chunk_size=chunk_size,
+                                projection=projection)

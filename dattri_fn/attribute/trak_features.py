@@ -20,7 +20,7 @@ from torch.func import vmap
 from .._checks import _msg, batch_size, batch_slice, batch_to, count_rows, iter_batches, regrouped
 from .._types import Params
 from ..transforms.layer_grads import layer_grads_stacked
-from ..transforms.project import make_projector
+from ..transforms.project import kronecker_layers, make_kronecker_projector, make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 
@@ -58,6 +58,7 @@ class FeatureConfig(NamedTuple):
     feature_dtype: torch.dtype | None
     projectors: dict  # (P, dtype, device, c) -> Projector, kept by the method
     weight_rows: Callable | None = None  # (params, batch) -> Q [b] in one forward (a model's loss)
+    projection: str = "dense"  # "kronecker": per-layer P_out^T G P_in from the captured factors
 
 
 def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
@@ -76,8 +77,19 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
     v0 = next(iter(stacked.values()))
     P = sum(v[0].numel() for v in stacked.values())
     C = num_checkpoints(stacked)
-    d = P if proj_dim is None else proj_dim
+    if cfg.projection == "kronecker" and (plan is None or proj_dim is None):
+        raise ValueError(_msg(func, "projection", "'kronecker' with output_fn a FunctionalModel "
+                              "with a capturable layer and an int proj_dim",
+                              f"plan={'none' if plan is None else 'ok'}, proj_dim={proj_dim}"))
     fdt = v0.dtype if cfg.feature_dtype is None else cfg.feature_dtype
+
+    def kronecker_projector(c: int):  # seed + c per checkpoint, as the dense projector's
+        key = ("kronecker", tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), c)
+        if key not in projectors:
+            layers, rest = kronecker_layers(plan, {k: v[0] for k, v in stacked.items()})
+            projectors[key] = make_kronecker_projector(layers, proj_dim=proj_dim, kind=cfg.kind,
+                                                       seed=cfg.seed + c, rest=rest)
+        return projectors[key]
 
     def projector(c: int):  # kept by the method: a rademacher R's packed signs persist
         key = (P, v0.dtype, v0.device, c)
@@ -86,7 +98,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                                              dtype=v0.dtype, device=v0.device)
         return projectors[key]
 
-    projs = None if proj_dim is None else [projector(c) for c in range(C)]
+    kron = [kronecker_projector(c) for c in range(C)] if cfg.projection == "kronecker" else None
+    projs = None if proj_dim is None or kron is not None else [projector(c) for c in range(C)]
+    d = P if proj_dim is None else proj_dim if kron is None else kron[0].proj_dim
 
     @contextlib.contextmanager
     def holding(c: int | None = None):
@@ -110,6 +124,10 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
         lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
+        if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
+            for c in range(lg.dense.shape[0]):
+                yield kron[c if one is None else one].layer_grads(lg.select(c))[0].to(fdt)
+            return
         if lg is not None and plist is not None:
             b = lg.num_rows
             for c, proj in enumerate(plist):

@@ -1,0 +1,278 @@
+"""FactGraSS: influence through factorised gradient sketches (mask each factor, Kronecker, SJLT).
+
+For a captured layer with input ``a`` (``[a, 1]`` with an attributed bias) and output gradient
+``g`` (:mod:`dattri_fn.transforms.capture`), example ``i``'s gradient block is
+``G_i = sum_t g_it a_it^T``. FactGraSS compresses it in two stages without forming ``G_i``:
+
+    stage 1 (factorised sparsification)  S_i = sum_t (M_out^T g_it)(M_in^T a_it)^T    # [k', k']
+    stage 2 (sparse projection)          phi_i = R^T vec(S_i)                          # [d]
+
+``M`` picks ``k'`` random coordinates of a factor, scaled by ``sqrt(width / k')``
+(``E[M M^T] = I``); ``R`` is a sparse JL (count-sketch) ``[k'^2, d]`` matrix. ``k' =
+round(sqrt(blowup * d))`` by default. Parameters outside the captured layers form one more
+block (masked to ``k'^2`` coordinates, then projected). The curvature is the empirical Fisher
+of each block, damped and inverted:
+
+    scores[i, j] = sum_b phi_ib^T (F_b + damping_b I)^-1 phi_jb,   F_b = (1/n) sum_i phi_ib phi_ib^T
+
+(``[n_train, n_test]``; positive = up-weighting train ``i`` lowers test ``j``'s loss);
+``curvature="identity"`` drops ``F``: the sketched Grad-Dot.
+
+References:
+    Hu et al., "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
+    Projection", 2025, arXiv 2505.18976 (GraSS, FactGraSS).
+    Choe et al., 2024, arXiv 2405.13954 (LoGra, the factorised projection it refines).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import (
+    _msg,
+    batch_size,
+    batch_slice,
+    batch_to,
+    blame_data,
+    check_int,
+    check_optional_int,
+    check_params,
+    check_positive,
+    iter_batches,
+    regrouped,
+)
+from ..model import FunctionalModel
+from ..transforms.layer_grads import layer_grads_stacked, layer_plan
+from ..transforms.project import kronecker_layers, make_kronecker_projector, make_projector
+from .boundary import check_cached_train
+from .method import Method
+from .pipeline import TopK, collect, stream_scores
+
+CURVATURES = ("fisher", "identity")
+
+
+class FactGraSSState(NamedTuple):
+    """What :func:`factgrass`'s ``prepare`` computes once from the training set.
+
+    Attributes:
+        blocks: ``((name, start, stop), ...)``: each block's columns in the features.
+        inverses: ``{block: (F_b + damping_b I)^-1}`` ``[d_b, d_b]``; empty for
+            ``curvature="identity"``.
+        train_features: ``phi_i`` of every training example (None: ``cache_features=False``).  # [n_train, d]
+    """
+
+    blocks: tuple
+    inverses: dict
+    train_features: Tensor | None
+
+
+def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
+              mask_dim: int | None = None, kind: str = "sjlt", curvature: str = "fisher",
+              damping: float | None = None, seed: int = 0, chunk_size: int | None = None,
+              batch_rows: int | None = None, cache_features: bool = True) -> Method:
+    """Return FactGraSS: ``s_ij = sum_b phi_ib^T (F_b + damping_b I)^-1 phi_jb``.  # [n_train, n_test]
+
+    Args:
+        model: a FunctionalModel with a ``loss_fn`` and at least one attributed ``nn.Linear``,
+            Hugging Face ``Conv1D``, ``nn.Conv2d`` or ``nn.Embedding`` layer (any forward: the
+            capture engine needs no trace).
+        proj_dim: ``d``, the width of each block's sketch (a block no wider is kept whole).
+        blowup: ``k' = round(sqrt(blowup * proj_dim))`` coordinates kept per factor (dattri's
+            ``blowup_factor``); ignored when ``mask_dim`` is given.
+        mask_dim: ``k'`` itself (a factor no wider is kept whole).
+        kind: the stage-2 projection, ``"sjlt"`` (count-sketch, the paper's), ``"gaussian"``
+            or ``"rademacher"`` (see :func:`dattri_fn.transforms.project.make_projector`).
+        curvature: ``"fisher"`` (the empirical Fisher of each block's sketches) or
+            ``"identity"`` (no inverse).
+        damping: added to each block's Fisher; None = ``0.1 * tr(F_b) / d_b`` (a tenth of its
+            mean eigenvalue, as :func:`~dattri_fn.attribute.logra.logra`). dattri's
+            ``damping`` is relative: its ``r`` is ours ``r * tr(F_b) / d_b``.
+        seed: fixes the masks and projections.
+        chunk_size: examples per batched forward/backward (bounds memory).
+        batch_rows: merge consecutive batches into calls of at least this many examples.
+        cache_features: keep the train sketches ``[n_train, d]`` in the state, so ``score`` and
+            ``self_score`` read no training data.
+
+    Returns:
+        ``Method(prepare, score, self_score, "factgrass")``; ``prepare(params, train) ->
+        FactGraSSState``.
+
+    Raises:
+        TypeError/ValueError: naming the argument.
+    """
+    name = "factgrass"
+    if not isinstance(model, FunctionalModel):
+        raise TypeError(_msg(name, "model", "a FunctionalModel from functional_model(module, "
+                             "loss_fn)", type(model).__name__))
+    if model.loss_fn is None:
+        raise ValueError(_msg(name, "model", "a FunctionalModel built with a loss_fn",
+                              "loss_fn=None"))
+    check_int(name, "proj_dim", proj_dim, minimum=1)
+    check_int(name, "blowup", blowup, minimum=1)
+    check_optional_int(name, "mask_dim", mask_dim)
+    if kind not in ("sjlt", "gaussian", "rademacher"):
+        raise ValueError(_msg(name, "kind", "one of ('sjlt', 'gaussian', 'rademacher')",
+                              repr(kind)))
+    if curvature not in CURVATURES:
+        raise ValueError(_msg(name, "curvature", f"one of {CURVATURES}", repr(curvature)))
+    if damping is not None:
+        damping = check_positive(name, "damping", damping, allow_zero=True)
+    check_int(name, "seed", seed, minimum=0)
+    check_optional_int(name, "chunk_size", chunk_size)
+    rows_min = check_optional_int(name, "batch_rows", batch_rows)
+    plan = layer_plan(model)
+    if plan is None:
+        raise ValueError(_msg(name, "model", "an attributed nn.Linear, Conv1D, Conv2d or "
+                              "Embedding layer", "none"))
+    k1 = mask_dim if mask_dim is not None else max(1, round((blowup * proj_dim) ** 0.5))
+    sketches: dict = {}  # shapes -> (stage 1, {block: stage 2 or None})
+
+    def sketch_for(params: dict):
+        key = tuple((k, tuple(v.shape)) for k, v in params.items())
+        if key not in sketches:
+            layers, rest = kronecker_layers(plan, params)
+            stage1 = make_kronecker_projector(layers, proj_dim=k1, kind="mask", seed=seed,
+                                              rest=rest, rest_dim=k1 * k1)
+            stage2 = {b: None if w <= proj_dim else
+                      make_projector(w, proj_dim=proj_dim, kind=kind, seed=seed + 1 + i,
+                                     packed=False)
+                      for i, (b, w) in enumerate(stage1.dims.items())}
+            sketches[key] = (stage1, stage2)
+        return sketches[key]
+
+    def state_of(func: str, params) -> dict:
+        if isinstance(params, (list, tuple)):
+            raise TypeError(_msg(func, "params", "one params dict (FactGraSS runs on one "
+                                 "model)", f"a {type(params).__name__} of {len(params)}"))
+        params = check_params(func, "params", params)
+        if list(params) != list(model.params):
+            raise ValueError(_msg(func, "params", f"the keys of model.params {list(model.params)}",
+                                  f"{list(params)}"))
+        return params
+
+    def feature_fn(params: dict, func: str, arg: str):
+        stage1, stage2 = sketch_for(params)
+        stacked = {k: v.detach()[None] for k, v in params.items()}
+
+        def rows(batch) -> Tensor:  # [b, d]
+            b = batch_size(func, arg, batch)
+            step = b if chunk_size is None else chunk_size
+            out = []
+            with blame_data(func, arg, batch):
+                for s in range(0, b, step):
+                    part = batch if step >= b else batch_slice(batch, s, s + step)
+                    S = stage1.layer_grads(layer_grads_stacked(plan, stacked, part))[0]
+                    pieces, start = [], 0
+                    for blk, w in stage1.dims.items():
+                        R = stage2[blk]
+                        piece = S[:, start:start + w]
+                        pieces.append(piece if R is None else R(piece))
+                        start += w
+                    out.append(torch.cat(pieces, 1))
+            return out[0] if len(out) == 1 else torch.cat(out)
+
+        return rows
+
+    def blocks_of(params: dict) -> tuple:
+        stage1, stage2 = sketch_for(params)
+        out, start = [], 0
+        for blk, w in stage1.dims.items():
+            d = w if stage2[blk] is None else stage2[blk].proj_dim
+            out.append((blk, start, start + d))
+            start += d
+        return tuple(out)
+
+    def precondition(state: FactGraSSState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
+        if not state.inverses:
+            return phi
+        return torch.cat([phi[:, s:e] @ state.inverses[blk].to(phi) for blk, s, e in state.blocks],
+                         1)
+
+    def prepare(params, train) -> FactGraSSState:
+        func = f"{name}.prepare"
+        params = state_of(func, params)
+        device = next(iter(params.values())).device
+        fn = feature_fn(params, func, "train")
+        blocks = blocks_of(params)
+        data = regrouped(func, "train", train, rows_min)
+        grams = {blk: 0 for blk, _, _ in blocks}
+        feats, n = [], 0
+        for batch in iter_batches(func, "train", data):
+            phi = fn(batch_to(batch, device))
+            n += phi.shape[0]
+            if curvature == "fisher":
+                for blk, s, e in blocks:
+                    grams[blk] = grams[blk] + phi[:, s:e].mT @ phi[:, s:e]
+            if cache_features:
+                feats.append(phi)
+        if n == 0:
+            raise ValueError(_msg(func, "train", "at least one example", "none"))
+        inverses = {}
+        if curvature == "fisher":
+            for blk, s, e in blocks:
+                F = grams[blk] / n
+                lam = 0.1 * F.diagonal().mean() if damping is None else damping
+                L, info = torch.linalg.cholesky_ex(F + lam * torch.eye(e - s, dtype=F.dtype,
+                                                                        device=F.device))
+                if int(info):
+                    raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
+                                          f"block {blk!r}'s Fisher is singular",
+                                          f"damping={damping}"))
+                inverses[blk] = torch.cholesky_inverse(L)
+        return FactGraSSState(blocks, inverses, torch.cat(feats) if cache_features else None)
+
+    def check_state(func: str, state) -> None:
+        if not isinstance(state, FactGraSSState):
+            raise TypeError(_msg(func, "state", "the FactGraSSState returned by factgrass's "
+                                 "prepare", type(state).__name__))
+
+    def cached(func: str, state: FactGraSSState, train, device):
+        check_cached_train(func, train, state.train_features.shape[0])
+        feats = state.train_features.to(device)
+        n, block = feats.shape[0], 4096
+        return (lambda i: feats[i[0]]), [(torch.arange(s, min(n, s + block)),)
+                                         for s in range(0, n, block)]
+
+    def score(params, state: FactGraSSState, train, test, *, top_k: int | None = None,
+              largest: bool = True) -> Tensor | TopK:
+        func = f"{name}.score"
+        check_state(func, state)
+        params = state_of(func, params)
+        device = next(iter(params.values())).device
+        check_optional_int(func, "top_k", top_k)
+        test_pre = precondition(state, collect(feature_fn(params, func, "test"), test,
+                                               device=device, func=func, arg="test"))
+        if state.train_features is not None:
+            fn, blocks = cached(func, state, train, device)
+            return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
+        if train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        return stream_scores(feature_fn(params, func, "train"),
+                             regrouped(func, "train", train, rows_min), test_pre, top_k=top_k,
+                             largest=largest, func=func)
+
+    def self_score(params, state: FactGraSSState, train) -> Tensor:
+        func = f"{name}.self_score"
+        check_state(func, state)
+        params = state_of(func, params)
+        device = next(iter(params.values())).device
+        if state.train_features is not None:
+            fn, blocks = cached(func, state, train, device)
+            rows = (fn(i) for i in blocks)
+        elif train is None:
+            raise ValueError(_msg(func, "train", "the training data (the state caches no "
+                                  "features: cache_features=False)", "None"))
+        else:
+            fn = feature_fn(params, func, "train")
+            rows = (fn(batch_to(b, device)) for b in
+                    iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
+        return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])
+
+    return Method(prepare, score, self_score, name)
+
+
+__all__ = ["FactGraSSState", "factgrass"]
