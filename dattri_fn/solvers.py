@@ -4,6 +4,12 @@
 returns ``V -> (op + damping I)^-1 V`` (a :class:`~dattri_fn._types.LinOp`), and
 ``influence(fm, solver=s, damping=...)`` runs it inside the influence pipeline. Settings are
 validated when the value is made (on a 1 x 1 identity), so a typo fails before any data is read.
+Every solver ``influence`` knows has a value: ``cg``, ``minres``, ``explicit``, ``arnoldi``,
+``lissa`` (mini-batches drawn from the data inside ``influence``; the full-batch recursion on a
+plain operator), and the closed forms ``kfac``/``ekfac`` (factors built from the model inside
+``influence``; on an operator with a closed-form inverse such as
+:func:`~dattri_fn.operators.kfac_operator`, ``op.inverse(damping)``) and ``datainf`` (inside
+``influence`` only: it inverts per-example gradients, not an operator).
 
     >>> import torch
     >>> s = cg(rtol=1e-12)
@@ -15,15 +21,17 @@ validated when the value is made (on a 1 x 1 identity), so a typo fails before a
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import torch
 
 from ._checks import check_int
-from ._types import LinOp
-from .solve import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_minres
+from ._types import LinOp, as_linop
+from .operators.kfac import ekfac_factors
+from .solve import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa, ihvp_minres
 
-__all__ = ["Solver", "arnoldi", "cg", "explicit", "minres"]
+__all__ = ["Solver", "arnoldi", "cg", "datainf", "ekfac", "explicit", "kfac", "lissa", "minres"]
 
 
 class Solver(NamedTuple):
@@ -45,9 +53,37 @@ class Solver(NamedTuple):
         return _FACTORIES[self.name](op, damping=damping, **self.options)
 
 
+def _lissa_on(op, *, damping: float, batch_size: int | None = None, **options) -> LinOp:
+    if batch_size is not None:
+        raise ValueError(f"lissa(batch_size=...): expected None to apply the solver to an "
+                         f"operator directly (its full-batch recursion), got {batch_size}; "
+                         "mini-batches need the data: influence(fm, solver=s) draws them.")
+    A = as_linop(op, name="lissa(op=...)")
+    return ihvp_lissa(lambda _: A, torch.zeros(1), damping=damping, **options)
+
+
+def _closed_form(name: str):
+    def inverse(op, *, damping: float, **_) -> LinOp:
+        got = f"{op.name} (no closed-form inverse)" if isinstance(op, LinOp) else type(op).__name__
+        if name == "datainf":
+            raise ValueError(f"datainf(op=...): DataInf inverts per-example gradients, not an "
+                             f"operator, got {got}; run it as influence(fm, solver=s) or call "
+                             "ihvp_datainf(grads).")
+        if not isinstance(op, LinOp) or op.inverse is None:
+            raise ValueError(f"{name}(op=...): expected an operator with a closed-form inverse "
+                             f"(operators.kfac_operator(factors)), got {got}; to build the "
+                             f"factors from the model, run it as influence(fm, solver=s).")
+        return op.inverse(damping)
+    return inverse
+
+
 _FACTORIES = {"cg": ihvp_cg, "explicit": ihvp_explicit, "arnoldi": ihvp_arnoldi,
-              "minres": ihvp_minres}
+              "minres": ihvp_minres, "lissa": _lissa_on, "kfac": _closed_form("kfac"),
+              "ekfac": _closed_form("ekfac"), "datainf": _closed_form("datainf")}
 _PROBE = torch.eye(1, dtype=torch.float64)
+# Settings of the factor builders that influence(solver="kfac"/"ekfac") forwards.
+_FACTOR_OPTIONS = frozenset(inspect.signature(ekfac_factors).parameters) - {
+    "module", "loss_fn", "params", "data", "chunk_size", "tapped", "batch_rows"}
 
 
 def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None,
@@ -86,3 +122,41 @@ def arnoldi(*, rank: int, max_iter: int | None = None, block_size: int | None = 
                "rtol": rtol, "keep": keep}
     ihvp_arnoldi(_PROBE, **{**options, "rank": 1, "max_iter": None if max_iter is None else 1})
     return Solver("arnoldi", options)
+
+
+def lissa(*, scale: float, depth: int = 1000, repeats: int = 1, batch_size: int | None = None,
+          seed: int = 0) -> Solver:
+    """LiSSA (:func:`~dattri_fn.solve.ihvp_lissa`); inside ``influence`` each step uses the
+    curvature of ``batch_size`` training rows drawn with ``seed``; on an operator, the full
+    recursion ``h <- v + h - (A + damping I) h / scale`` (``batch_size=None``)."""
+    options = {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
+               "seed": seed}
+    ihvp_lissa(lambda _: _PROBE, torch.zeros(max(1, batch_size or 1)), **options)
+    return Solver("lissa", options)
+
+
+def _factored(name: str, options: dict) -> Solver:
+    unknown = sorted(set(options) - _FACTOR_OPTIONS)
+    if unknown:
+        raise TypeError(f"{name}(...): unexpected settings {unknown}; expected some of "
+                        f"{sorted(_FACTOR_OPTIONS)} (the settings of {name}_factors).")
+    return Solver(name, options)
+
+
+def kfac(**factor_options) -> Solver:
+    """K-FAC's closed-form inverse (:func:`~dattri_fn.operators.kfac.ihvp_kfac`); settings are
+    those of :func:`~dattri_fn.operators.kfac.kfac_factors` (``layers``, ``fisher``, ``seed``,
+    ``sampler``, ``dtype``), used when ``influence`` builds the factors from the model."""
+    return _factored("kfac", factor_options)
+
+
+def ekfac(**factor_options) -> Solver:
+    """EK-FAC's closed-form inverse (:func:`~dattri_fn.operators.kfac.ihvp_ekfac`); settings as
+    :func:`kfac` (those of :func:`~dattri_fn.operators.kfac.ekfac_factors`)."""
+    return _factored("ekfac", factor_options)
+
+
+def datainf() -> Solver:
+    """DataInf's layer-wise closed form (:func:`~dattri_fn.operators.datainf.ihvp_datainf`) over
+    the training gradients ``influence`` collects; its damping default is DataInf's own rule."""
+    return Solver("datainf", {})

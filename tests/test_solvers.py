@@ -70,3 +70,71 @@ def test_literal_inverse_settings_are_solver_values_too():
     ar = solvers.arnoldi(rank=6, keep="all")(A, 0.1)(V)
     torch.testing.assert_close(ar, ihvp_arnoldi(A, rank=6, damping=0.1, keep="all")(V))
     torch.testing.assert_close(ar, exact, rtol=1e-8, atol=1e-8)
+
+
+def _fm_and_data():
+    torch.manual_seed(0)
+    fm = functional_model(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(),
+                          F.cross_entropy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    return fm, (x, torch.randint(0, 2, (12,), generator=g))
+
+
+@pytest.mark.parametrize("value, name, options", [
+    (solvers.lissa(scale=10.0, depth=50, batch_size=4, repeats=2, seed=3), "lissa",
+     dict(scale=10.0, depth=50, batch_size=4, repeats=2, seed=3)),
+    (solvers.kfac(fisher="true", seed=2), "kfac", dict(fisher="true", seed=2)),
+    (solvers.ekfac(), "ekfac", {}),
+    (solvers.datainf(), "datainf", {}),
+])
+def test_every_influence_solver_has_a_value(value, name, options):
+    """influence(fm, solver=<value>) gives bit-identical scores to influence(fm, solver=name,
+    **options): LiSSA's mini-batches, K-FAC/EK-FAC's factors and DataInf's gradients are drawn
+    the same way."""
+    fm, (x, y) = _fm_and_data()
+    a = influence(fm, solver=value, damping=0.1)
+    b = influence(fm, solver=name, damping=0.1, **options)
+    Sa = a.score(fm.params, a.prepare(fm.params, (x, y)), (x, y), (x[:3], y[:3]))
+    Sb = b.score(fm.params, b.prepare(fm.params, (x, y)), (x, y), (x[:3], y[:3]))
+    torch.testing.assert_close(Sa, Sb, rtol=0, atol=0)
+
+
+def test_lissa_value_on_an_operator_and_closed_forms_on_kfac_operator():
+    """solvers.lissa on a dense SPD A is the full-batch Neumann series -> (A + dI)^-1 V;
+    solvers.kfac/ekfac on kfac_operator(factors) equal ihvp_kfac/ihvp_ekfac(factors)."""
+    from dattri_fn.operators import kfac_operator
+    from dattri_fn.solve import ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
+
+    g = torch.Generator().manual_seed(1)
+    R = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A = R @ R.T / 5 + 0.5 * torch.eye(5, dtype=torch.float64)
+    V = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    scale = float(torch.linalg.eigvalsh(A).max()) + 1.0
+    got = solvers.lissa(scale=scale, depth=2000)(A, 0.2)(V)
+    want = torch.linalg.solve(A + 0.2 * torch.eye(5, dtype=torch.float64), V.T).T
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    fm, data = _fm_and_data()
+    W = torch.randn(3, sum(p.numel() for p in fm.params.values()), generator=g, dtype=torch.float64)
+    for value, factor_fn, inverse_fn in ((solvers.kfac(), kfac_factors, ihvp_kfac),
+                                         (solvers.ekfac(), ekfac_factors, ihvp_ekfac)):
+        factors = factor_fn(fm.module, fm.loss_fn, fm.params, data)
+        torch.testing.assert_close(value(kfac_operator(factors), 0.3)(W),
+                                   inverse_fn(factors, damping=0.3)(W), rtol=1e-12, atol=1e-14)
+
+
+def test_values_that_need_the_model_say_so():
+    """Closed forms refuse an operator without one, DataInf refuses any operator, LiSSA refuses
+    mini-batches without data, and a K-FAC setting typo fails when the value is made."""
+    A = torch.eye(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"kfac\(op=...\): expected an operator with a closed-form"):
+        solvers.kfac()(A, 0.1)
+    with pytest.raises(ValueError, match=r"datainf\(op=...\): DataInf inverts per-example"):
+        solvers.datainf()(A, 0.1)
+    with pytest.raises(ValueError, match=r"lissa\(batch_size=...\): expected None"):
+        solvers.lissa(scale=2.0, batch_size=1)(A, 0.1)
+    with pytest.raises(ValueError, match=r"ihvp_lissa\(scale=...\)"):
+        solvers.lissa(scale=-1.0)
+    with pytest.raises(TypeError, match=r"ekfac\(...\): unexpected settings \['damping_rule'\]"):
+        solvers.ekfac(damping_rule=1)
