@@ -1,5 +1,15 @@
 """A functional, replayable trainer: pure steps, seeded data orders, checkpoints and replay."""
 
+from .record import (
+    Checkpoint,
+    GradSpec,
+    Moments,
+    Record,
+    Recording,
+    finish_record,
+    record_step,
+    start_record,
+)
 from .run import Trajectory, batch_order, replay, take, train
 from .steps import (
     AdamState,
@@ -15,6 +25,14 @@ from .steps import (
 
 __all__ = [
     "AdamState",
+    "Checkpoint",
+    "GradSpec",
+    "Moments",
+    "Record",
+    "Recording",
+    "finish_record",
+    "record_step",
+    "start_record",
     "Optimizer",
     "SGDState",
     "Trajectory",
