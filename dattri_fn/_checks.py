@@ -346,6 +346,23 @@ def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | No
 
 
 @contextlib.contextmanager
+def blame_keys(func: str, arg: str, params):
+    """Report a KeyError for a name ``params`` lacks (raised by the user's function reading
+    ``params[name]``) as ``func(arg=...)``: the params dict, not the function, is what to fix.
+
+    Any other KeyError (a key the params hold, a dict Batch's missing field) is raised as it is.
+    """
+    try:
+        yield
+    except KeyError as err:
+        key = err.args[0] if err.args else None
+        if not isinstance(params, Mapping) or not isinstance(key, str) or key in params:
+            raise
+        raise ValueError(_msg(func, arg, "the parameters the model's functions read",
+                              f"no {key!r} among {list(params)}")) from err
+
+
+@contextlib.contextmanager
 def blame_data(func: str, arg: str, batch):
     """Report torch's error on the user's examples as ``func(arg=...)``, at a public boundary.
 

@@ -85,15 +85,16 @@ def _update_tensor(h, t: Tensor) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def params_hash(params) -> str:
+def params_hash(params, *, func: str = "params_hash") -> str:
     """Return the SHA-256 (hex) of a params dict, or of a list of them, in key order.
 
     Names, dtypes, shapes and the exact bytes enter; any change of a weight changes it.
+    ``func`` names the public call in errors.
     """
     h = hashlib.sha256()
     for p in params if isinstance(params, (list, tuple)) else [params]:
-        if not isinstance(p, Mapping):
-            raise TypeError(_msg("params_hash", "params", "a dict[str, Tensor] or a list of them",
+        if not isinstance(p, Mapping) or not all(isinstance(v, Tensor) for v in p.values()):
+            raise TypeError(_msg(func, "params", "a dict[str, Tensor] or a list of them",
                                  type(p).__name__))
         for k, v in p.items():
             h.update(str(k).encode() + b"\0")
@@ -109,17 +110,28 @@ def batch_hash(batch) -> str:
     return h.hexdigest()
 
 
-def _canonical(config) -> dict:
+def _canonical(config, func: str = "build_store") -> dict:
     """``config`` as JSON would give it back (tuples -> lists), refusing what JSON cannot hold."""
     if config is None:
         return {}
     if not isinstance(config, Mapping):
-        raise TypeError(_msg("build_store", "config", "a dict of JSON values (method, proj_dim, "
+        raise TypeError(_msg(func, "config", "a dict of JSON values (method, proj_dim, "
                              "seed...)", type(config).__name__))
     try:
         return json.loads(json.dumps(dict(config), sort_keys=True))
     except (TypeError, ValueError) as err:
-        raise TypeError(_msg("build_store", "config", "JSON-serialisable values", str(err))) from err
+        raise TypeError(_msg(func, "config", "JSON-serialisable values", str(err))) from err
+
+
+def _directory(func: str, path) -> Path:
+    """``path`` as a Path that is a directory or does not exist yet, or raise naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(_msg(func, "path", "a str or os.PathLike", type(path).__name__))
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(_msg(func, "path", "a directory (or a path to create one at)",
+                              f"the existing file {str(path)!r}"))
+    return path
 
 
 class StoreRecording(NamedTuple):
@@ -151,12 +163,12 @@ def record_store(path: str | os.PathLike, data, *, params, config: Mapping | Non
             one shard per batch); a shard is the unit of resume.
         block_rows: rows per block when scoring from the store (bounds memory).
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(_msg("record_store", "path", "a str or os.PathLike", type(path).__name__))
+    _directory("record_store", path)
     check_optional_int("record_store", "shard_rows", shard_rows)
     check_int("record_store", "block_rows", block_rows)
-    return StoreRecording(os.fspath(path), data, params_hash(params), _canonical(config),
-                          shard_rows, block_rows)
+    iter_batches("record_store", "data", data)
+    return StoreRecording(os.fspath(path), data, params_hash(params, func="record_store"),
+                          _canonical(config, "record_store"), shard_rows, block_rows)
 
 
 class FeatureStore(NamedTuple):
@@ -293,13 +305,14 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
             shard_rows, dtype, row shape, versions) or of other data (a shard's rows hash
             differently, or there are fewer rows), naming the field.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(_msg(func, "path", "a str or os.PathLike", type(path).__name__))
+    path = _directory(func, path)
+    if not callable(feature_fn):
+        raise TypeError(_msg(func, "feature_fn", "a callable batch -> [b, F] features",
+                             type(feature_fn).__name__))
     check_optional_int(func, "shard_rows", shard_rows)
     check_int(func, "block_rows", block_rows)
     from .attribute.pipeline import features
 
-    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with _writer_lock(func, path):
         return _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
@@ -334,8 +347,8 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
            block_rows, _params_hash):
     clean_temps(path)
     request = {"format": FORMAT, "kind": "features",
-               "params_hash": _params_hash or params_hash(params),
-               "config": _canonical(config), "shard_rows": shard_rows,
+               "params_hash": _params_hash or params_hash(params, func=func),
+               "config": _canonical(config, func), "shard_rows": shard_rows,
                "versions": _versions()}
     man = _load_manifest(func, path)
     if man is None:
@@ -365,9 +378,12 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         if device is not None:
             batch = batch_to(batch, device)
         layout, arr = _stack_layout(features(func, "data", feature_fn, batch))
-        if arr.shape[0] != rows:
+        if arr.ndim == 0 or arr.shape[0] != rows:
             raise ValueError(_msg(func, "feature_fn", f"one row per example ({rows})",
-                                  f"{arr.shape[0]}"))
+                                  f"shape {list(arr.shape)}"))
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            # A NaN row would poison every later score read from the store.
+            raise ValueError(_msg(func, "feature_fn", "finite features", f"NaN or inf in shard {s}"))
         meta = {"layout": layout, "dtype": str(arr.dtype), "row_shape": list(arr.shape[1:])}
         if "layout" in man:
             _check_request(func, man, meta, arg_of={k: "feature_fn" for k in meta})
@@ -425,10 +441,11 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
         FileNotFoundError: no store at ``path``.
         ValueError: an incomplete store, or one whose params hash or config differs (named).
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(_msg("open_store", "path", "a str or os.PathLike", type(path).__name__))
+    path = _directory("open_store", path)
     check_int("open_store", "block_rows", block_rows)
-    path = Path(path)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise TypeError(_msg("open_store", "out", "None or a str or os.PathLike",
+                             type(out).__name__))
     man = _load_manifest("open_store", path)
     if man is None:
         raise FileNotFoundError(_msg("open_store", "path", "a store directory with a manifest",
@@ -439,9 +456,9 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
                               "Resume it with build_store (or score with a record_store)."))
     request = {}
     if params is not None:
-        request["params_hash"] = params_hash(params)
+        request["params_hash"] = params_hash(params, func="open_store")
     if config is not None:
-        request["config"] = _canonical(config)
+        request["config"] = _canonical(config, "open_store")
     _check_request("open_store", man, request, arg_of={"params_hash": "params"})
     return _opened(path, man, block_rows, out)
 
@@ -505,15 +522,14 @@ def stats_store(path: str | os.PathLike, compute: Callable[[], Any], *, params,
     """
     from . import io
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(_msg("stats_store", "path", "a str or os.PathLike", type(path).__name__))
+    path = _directory("stats_store", path)
     if not callable(compute):
         raise TypeError(_msg("stats_store", "compute", "a callable () -> state", type(compute).__name__))
-    path = Path(path)
+    request = {"format": FORMAT, "kind": "stats",
+               "params_hash": params_hash(params, func="stats_store"),
+               "config": _canonical(config, "stats_store")}
     path.mkdir(parents=True, exist_ok=True)
     clean_temps(path)
-    request = {"format": FORMAT, "kind": "stats", "params_hash": params_hash(params),
-               "config": _canonical(config)}
     man = _load_manifest("stats_store", path)
     if man is not None:
         _check_request("stats_store", man, request, arg_of={"params_hash": "params"})

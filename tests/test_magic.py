@@ -165,7 +165,7 @@ def test_errors_name_the_argument():
     with pytest.raises(TypeError, match=r"magic\(target=...\): expected a function"):
         magic(loss, opt, epochs=1, target="margin")
     method = magic(loss, opt, epochs=1)
-    with pytest.raises(TypeError, match=r"magic\(params=...\): expected a params dict"):
+    with pytest.raises(TypeError, match=r"magic.prepare\(params=...\): expected a params dict"):
         method.prepare("params", data)
     with pytest.raises(TypeError, match=r"magic.score\(state=...\): expected the MagicState"):
         method.score(params, None, data, test)

@@ -32,6 +32,12 @@ from .method import Method, check_checkpoints, device_of
 from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 
+def _is_store(data) -> bool:
+    from ..store import FeatureStore, StoreRecording
+
+    return isinstance(data, (FeatureStore, StoreRecording))
+
+
 def dropout_outputs(fn: Callable[[Params, Any], Any], params: Params, batch, *, n_masks: int,
                     seed: int = 0) -> Any:
     """Return ``fn(params, z)`` under each of ``n_masks`` dropout masks, for every example.
@@ -141,13 +147,26 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
         weights = [1 / n_masks] if lrs is None else [lr / n_masks for lr in lrs]
         return features(train_fn, ckpts, weights)
 
+    def check_first(arg: str, fn, params: Params, data):
+        """``fn(params, example 0)`` eagerly, outside the vmaps: torch's errors on the examples
+        and parameter names the loss does not find are reported against ``arg``/``params``."""
+        from .._checks import blame_data, blame_keys
+        from .boundary import first_batch, first_example
+
+        batch = first_batch(name, arg, data, device_of(params))
+        with blame_data(name, arg, batch), blame_keys(name, "params", params):
+            out = fn(params, first_example(batch))
+        if not isinstance(out, Tensor) or out.ndim != 0:
+            got = f"shape {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(_msg(name, "loss" if fn is train_fn else "target",
+                                  "a per-example function returning a scalar", got))
+        return batch
+
     def prepare(params, train) -> tuple:
-        from .._checks import batch_slice, iter_batches, peek
+        from .._checks import batch_slice
 
         params = checkpoints(params)[0]
-        first = peek(iter_batches(name, "train", train))
-        if first is None:
-            raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
+        first = check_first("train", train_fn, params, train)
         if n_masks > 1:
             losses = dropout_outputs(train_fn, params, batch_slice(first, 0, 1), n_masks=n_masks,
                                      seed=seed)
@@ -159,6 +178,9 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         ckpts = checkpoints(params)
+        check_first("test", test_fn, ckpts[0], test)
+        if not _is_store(train):
+            check_first("train", train_fn, ckpts[0], train)
         test_feats = collect(features(test_fn, ckpts), test, device=device_of(ckpts[0]),
                              func=name, arg="test")
         return stream_scores(train_features(ckpts), train, test_feats, top_k=top_k,
@@ -166,6 +188,8 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
 
     def self_score(params, state, train) -> Tensor:
         ckpts = checkpoints(params)
+        if not _is_store(train):
+            check_first("train", train_fn, ckpts[0], train)
         return stream_self(train_features(ckpts), features(test_fn, ckpts), train,
                            device=device_of(ckpts[0]), func=name)
 

@@ -41,13 +41,24 @@ from torch import Tensor
 from torch.func import grad, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._checks import _msg, batch_cat, batch_slice, check_int, check_optional_int, is_batch
+from .._checks import (
+    _msg,
+    all_finite,
+    batch_cat,
+    batch_slice,
+    blame_data,
+    blame_keys,
+    check_int,
+    check_optional_int,
+    is_batch,
+)
 from .._checks import batch_size as rows_of
 from .._types import Batch, Loss, Params
 from ..model import FunctionalModel
 from ..training.run import Trajectory, batch_order, check_run, run_steps, take, train
 from ..training.steps import Optimizer, make_step
-from .method import Method
+from .boundary import first_example
+from .method import Method, check_checkpoints
 from .pipeline import TopK, merge_topk
 
 
@@ -96,18 +107,28 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         cotangent: the final-params cotangents, one row per target.
         chunk_size: cotangents per vmapped vjp (None: all ``k`` at once).
     """
-    n, weights = check_run("metagradient", data, order, weights)
-    chunk_size = check_optional_int("metagradient", "chunk_size", chunk_size)
+    func = "metagradient"
+    if not callable(step):
+        raise TypeError(_msg(func, "step", "a pure step (params, opt_state, batch, weights) -> "
+                             "(params, opt_state)", type(step).__name__))
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(_msg(func, "trajectory", "the Trajectory of training.train",
+                             type(trajectory).__name__))
+    n, weights = check_run(func, data, order, weights)
+    chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     T = len(order)
     marks = sorted(trajectory.checkpoints)
     if marks[0] != 0 or marks[-1] != T:
         raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
                               f"steps {marks[0]}..{marks[-1]}"))
     final_params, final_opt = trajectory.checkpoints[T]
-    if set(cotangent) != set(final_params):
+    if not isinstance(cotangent, dict) or set(cotangent) != set(final_params):
+        if not isinstance(cotangent, dict):
+            raise TypeError(_msg(func, "cotangent", "a dict {name: [k, *shape]}",
+                                 type(cotangent).__name__))
         raise ValueError(_msg("metagradient", "cotangent", f"the keys {list(final_params)}",
                               f"{list(cotangent)}"))
-    k = next(iter(cotangent.values())).shape[0]
+    k = _check_cotangent(func, cotangent, final_params)
     dtype = next(iter(final_params.values())).dtype
     # Weights in the params' dtype: a float32 weight would round its float64 cotangent.
     weights = weights.to(dtype)
@@ -133,6 +154,23 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             w_bar.index_add_(1, rows.to(w_bar.device), rows_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
     return MetaGradient(w_bar, params0)
+
+
+def _check_cotangent(func: str, cotangent: dict, final_params: Params) -> int:
+    """Return ``k``, the rows every ``cotangent[name]`` ``[k, *shape]`` shares, or raise."""
+    k = None
+    for name, ref in final_params.items():
+        c = cotangent[name]
+        if not isinstance(c, Tensor) or not c.is_floating_point() or c.shape[1:] != ref.shape \
+                or c.ndim != ref.ndim + 1 or (k is not None and c.shape[0] != k):
+            got = f"shape {list(c.shape)}" if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(_msg(func, "cotangent", f"floating [k, *shape] rows for {name!r} "
+                                  f"(shape {list(ref.shape)}, the same k for every name)",
+                                  f"{got} at {name!r}"))
+        if not all_finite(c):
+            raise ValueError(_msg(func, "cotangent", "finite values", f"NaN or inf at {name!r}"))
+        k = c.shape[0]
+    return k
 
 
 def _as_batch(func: str, arg: str, data) -> Batch:
@@ -203,18 +241,29 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
                              type(target).__name__))
     target_grads = vmap(grad(target), in_dims=(None, 0))
 
-    def _runs(params) -> list[Params]:
-        runs = [params] if isinstance(params, dict) else list(params)
-        if not runs or not all(isinstance(p, dict) for p in runs):
-            raise TypeError(_msg("magic", "params", "a params dict or a list of them (initial "
-                                 "parameters)", type(params).__name__))
-        return runs
+    def _runs(params, func: str = "magic") -> list[Params]:
+        if not isinstance(params, (dict, list, tuple)) or not params:
+            raise TypeError(_msg(func, "params", "a params dict or a non-empty list of them "
+                                 "(initial parameters)", type(params).__name__))
+        return check_checkpoints(func, params)
+
+    def _check_first(func: str, arg: str, fn, params: Params, data) -> None:
+        """``fn(params, example 0)`` eagerly: a scalar, with torch's errors on the examples
+        and missing parameter names reported against ``func(arg=...)``/``params``."""
+        with blame_data(func, arg, data), blame_keys(func, "params", params):
+            out = fn(params, first_example(data))
+        if not isinstance(out, Tensor) or out.ndim != 0:
+            name = "loss" if fn is loss else "target"
+            got = f"shape {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(_msg(func, name, "a per-example function returning a scalar", got))
 
     def prepare(params, train_data) -> MagicState:
-        train_data = _as_batch("magic.prepare", "train", train_data)
+        func = "magic.prepare"
+        train_data = _as_batch(func, "train", train_data)
         n = batch_size_of(train_data)
         trajs, orders = [], []
-        runs = _runs(params)
+        runs = _runs(params, func)
+        _check_first(func, "train", loss, runs[0], train_data)
         if seeds is not None and len(seeds) != len(runs):
             raise ValueError(_msg("magic.prepare", "params", f"{len(seeds)} runs, one per seed",
                                   f"{len(runs)}"))
@@ -222,39 +271,60 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             order = batch_order(n, batch_size=batch_size, epochs=epochs,
                                 seed=seed + c if seeds is None else seeds[c])
             every = checkpoint_every or max(1, math.ceil(math.sqrt(len(order))))
-            trajs.append(train(step, p0, optimizer.init(p0), train_data, order,
-                               checkpoint_every=every))
+            with blame_data(func, "train", train_data):
+                trajs.append(train(step, p0, optimizer.init(p0), train_data, order,
+                                   checkpoint_every=every))
             orders.append(order)
         return MagicState(tuple(trajs), tuple(orders))
 
-    def _scores(state: MagicState, train_data, test) -> Tensor:
+    def _scores(state: MagicState, train_data, test, func: str, arg: str = "test") -> Tensor:
         total = None
         for traj, order in zip(state.runs, state.orders, strict=True):
-            cot = target_grads(traj.params, test)  # {name: [k, *shape]}
-            mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size)
+            with blame_data(func, arg, test):
+                cot = target_grads(traj.params, test)  # {name: [k, *shape]}
+            with blame_data(func, "train", train_data):
+                mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size)
             total = mg.weights if total is None else total + mg.weights
         return (total / len(state.runs)).T  # [n_train, k]
 
-    def score(params, state: MagicState, train_data, test, *, top_k: int | None = None):
-        if not isinstance(state, MagicState):
-            raise TypeError(_msg("magic.score", "state", "the MagicState of magic.prepare",
+    def check_state(func: str, state, params, train_data) -> None:
+        if not isinstance(state, MagicState) or not state.runs \
+                or len(state.runs) != len(state.orders):
+            raise TypeError(_msg(func, "state", "the MagicState of magic.prepare",
                                  type(state).__name__))
-        _runs(params)
-        train_data = _as_batch("magic.score", "train", train_data)
-        test = _as_batch("magic.score", "test", test)
+        runs = _runs(params, func)
+        if len(runs) != len(state.runs):
+            raise ValueError(_msg(func, "params", f"the {len(state.runs)} runs the state was "
+                                  "prepared with", f"{len(runs)}"))
+        n_state = 1 + max(int(rows.max()) for order in state.orders for rows in order)
+        n = batch_size_of(train_data)
+        if n != n_state:
+            raise ValueError(_msg(func, "train", f"the {n_state} training examples the state "
+                                  "was trained on", f"{n} examples"))
+
+    def score(params, state: MagicState, train_data, test, *, top_k: int | None = None):
+        func = "magic.score"
+        top_k = check_optional_int(func, "top_k", top_k)
+        train_data = _as_batch(func, "train", train_data)
+        check_state(func, state, params, train_data)
+        test = _as_batch(func, "test", test)
         batch_size_of(test, "test")
-        scores = _scores(state, train_data, test)
+        _check_first(func, "test", target, state.runs[0].params, test)
+        scores = _scores(state, train_data, test, func)
         if top_k is None:
             return scores
-        return merge_topk(None, scores, 0, check_int("magic.score", "top_k", top_k), True)
+        return merge_topk(None, scores, 0, top_k, True)
 
     def self_score(params, state: MagicState, train_data) -> Tensor:
-        train_data = _as_batch("magic.self_score", "train", train_data)
+        func = "magic.self_score"
+        train_data = _as_batch(func, "train", train_data)
+        check_state(func, state, params, train_data)
         n = batch_size_of(train_data)
         out = []
         for lo in range(0, n, self_chunk):
             hi = min(n, lo + self_chunk)
-            block = _scores(state, train_data, batch_slice(train_data, lo, hi))  # [n, hi-lo]
+            block = _scores(state, train_data, batch_slice(train_data, lo, hi), func,
+                            "train")  # [n, hi-lo]
             out.append(block[torch.arange(lo, hi), torch.arange(hi - lo)])
         return torch.cat(out)
 

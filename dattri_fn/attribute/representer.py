@@ -28,9 +28,12 @@ from torch.func import vmap
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_size,
     batch_slice,
     batch_to,
+    blame_data,
+    blame_keys,
     check_optional_int,
     check_params,
     check_positive,
@@ -262,6 +265,10 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     def check_first(func: str, arg: str, params: Params, data) -> None:
         """Validate the first example of ``data`` eagerly, once (the public boundary)."""
         batch = first_batch(func, arg, data, device_of(params))
+        with blame_keys(func, "params", params):
+            check_first_example(func, arg, params, batch)
+
+    def check_first_example(func: str, arg: str, params: Params, batch) -> None:
         h = check_example_fn(func, "feature_fn", arg, feature_fn, params, batch, ndim=1)
         logits = check_example_fn(func, "head_fn", arg, lambda p, _: head_fn(p, h), params,
                                   batch, ndim=1)
@@ -288,7 +295,8 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             n = batch_size(func, arg, batch)
             batch = batch_to(batch, device_of(params))
             step = n if chunk_size is None else chunk_size
-            parts += [fn(params, batch_slice(batch, a, a + step)) for a in range(0, n, step)]
+            with blame_data(func, arg, batch), blame_keys(func, "params", params):
+                parts += [fn(params, batch_slice(batch, a, a + step)) for a in range(0, n, step)]
         return tuple(torch.cat(col) for col in zip(*parts, strict=True))
 
     def prepare(params: Params, train) -> RepresenterState:
@@ -307,7 +315,18 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         if not isinstance(state, RepresenterState):
             raise TypeError(_msg(func, "state", "the RepresenterState returned by representer's "
                                  "prepare", type(state).__name__))
-        check_cached_train(func, train, state.features.shape[0])
+        H, alpha, classes = state
+        for arg, t, ndim in (("features", H, 2), ("alpha", alpha, 2), ("classes", classes, 1)):
+            if not isinstance(t, Tensor) or t.ndim != ndim or t.shape[0] != H.shape[0] \
+                    or t.is_floating_point() != (arg != "classes") \
+                    or (t.is_floating_point() and not all_finite(t)):
+                got = (f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, Tensor)
+                       else type(t).__name__)
+                raise ValueError(_msg(func, "state", f"a RepresenterState of finite floating "
+                                      f"features [n, F], alpha [n, K] and integer classes [n] "
+                                      f"(n = {H.shape[0] if isinstance(H, Tensor) and H.ndim else '?'})",
+                                      f"{arg} {got}", "Use the state prepare returned."))
+        check_cached_train(func, train, H.shape[0])
         device = device_of(params)
         return RepresenterState(*(t.to(device) for t in state))
 

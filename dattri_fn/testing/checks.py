@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_positive
 from .._types import LinOp, as_linop
 from .problems import (
     DTYPE,
@@ -78,6 +79,10 @@ def _randn(seed: int, *shape, dtype=DTYPE, device="cpu") -> Tensor:
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
+def _rtol(func: str, rtol) -> float | None:
+    return None if rtol is None else check_positive(func, "rtol", rtol)
+
+
 def _name(obj, fallback: str) -> str:
     name = getattr(obj, "name", None)
     if isinstance(name, str):
@@ -108,10 +113,18 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
         AssertionError: naming the violated property and the worst row/entry.
     """
     check = "check_linop"
-    op = as_linop(op) if isinstance(op, Tensor) else op
+    op = as_linop(op, name="check_linop(op=...)") if isinstance(op, Tensor) else op
     if not isinstance(op, LinOp):
         raise TypeError(f"check_linop(op=...): expected a LinOp or a [P, P] tensor, got "
                         f"{type(op).__name__}.")
+    k = check_int(check, "k", k)
+    seed = check_int(check, "seed", seed, minimum=0)
+    rtol = _rtol(check, rtol)
+    if reference is not None and (not isinstance(reference, Tensor)
+                                  or tuple(reference.shape) != (op.dim, op.dim)):
+        got = list(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
+        raise ValueError(f"check_linop(reference=...): expected a dense [{op.dim}, {op.dim}] "
+                         f"tensor, got {got}.")
     name = name or _name(op, "op")
     P, dtype, device = op.dim, op.dtype, op.device
     rtol = default_rtol(dtype) if rtol is None else rtol
@@ -222,10 +235,20 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
     if not callable(solver):
         raise TypeError(f"check_inverse(solver=...): expected a callable (op, damping=...) -> "
                         f"LinOp, got {type(solver).__name__}.")
-    for kind in kinds:
-        if kind not in MATRICES:
-            raise ValueError(f"check_inverse(kinds=...): expected names in {list(MATRICES)}, "
-                             f"got {kind!r}.")
+    dim, k = check_int(check, "dim", dim), check_int(check, "k", k)
+    seed = check_int(check, "seed", seed, minimum=0)
+    damping = check_positive(check, "damping", damping, allow_zero=True)
+    rtol = check_positive(check, "rtol", rtol)
+    cond = check_positive(check, "cond", cond)
+    if cond < 1:
+        raise ValueError(f"check_inverse(cond=...): expected a condition number >= 1, got {cond!r}.")
+    if isinstance(kinds, str) or not all(kind in MATRICES for kind in kinds):
+        raise ValueError(f"check_inverse(kinds=...): expected a sequence of names in "
+                         f"{list(MATRICES)}, got {kinds!r}.")
+    if isinstance(dtypes, torch.dtype) or not dtypes or not all(
+            isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+        raise ValueError(f"check_inverse(dtypes=...): expected a non-empty sequence of floating "
+                         f"dtypes, got {dtypes!r}.")
     for dtype in dtypes:
         tol = rtol if dtype == torch.float64 else max(rtol, 1e-3)
         for kind in kinds:
@@ -332,6 +355,14 @@ def check_projector(make: Callable[[int, int, int], Callable[[Tensor], Tensor]],
         AssertionError: naming the violated property and the worst entry or pair.
     """
     check = "check_projector"
+    if not callable(make):
+        raise TypeError(f"check_projector(make=...): expected a callable (dim, proj_dim, seed) "
+                        f"-> projector, got {type(make).__name__}.")
+    dim, proj_dim = check_int(check, "dim", dim), check_int(check, "proj_dim", proj_dim)
+    seeds = check_int(check, "seeds", seeds, minimum=2)
+    seed = check_int(check, "seed", seed, minimum=0)
+    if d_eff is not None:
+        check_int(check, "d_eff", d_eff)
     name = name or _name(make, "projector")
     P, d = dim, proj_dim
     d_eff = d if d_eff is None else d_eff
@@ -432,6 +463,18 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
     from torch.utils.data import DataLoader, TensorDataset
 
     check = "check_method"
+    if not all(callable(getattr(method, f, None)) for f in ("prepare", "score", "self_score")):
+        raise TypeError(f"check_method(method=...): expected a Method (prepare, score, "
+                        f"self_score), got {type(method).__name__}.")
+    if not isinstance(problem, Problem):
+        raise TypeError(f"check_method(problem=...): expected a dattri_fn.testing Problem (e.g. "
+                        f"ridge_regression(...)), got {type(problem).__name__}.")
+    n_test, batch_size = check_int(check, "n_test", n_test), check_int(check, "batch_size", batch_size)
+    top_k, rtol = check_int(check, "top_k", top_k), check_positive(check, "rtol", rtol)
+    if min_loo_corr is not None and not (isinstance(min_loo_corr, (int, float))
+                                         and -1 <= min_loo_corr <= 1):
+        raise ValueError(f"check_method(min_loo_corr=...): expected None or a correlation in "
+                         f"[-1, 1], got {min_loo_corr!r}.")
     name = name or _name(method, "method")
     params = problem.params if params is None else params
     train = problem.data

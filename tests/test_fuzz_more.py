@@ -1,0 +1,447 @@
+"""Fuzz of the rest of the public API (issue 15, second part): representer points, MAGIC and
+``metagradient``, dropout ensembles, feature stores and the testing kit's checks.
+
+As in ``tests/test_fuzz_api.py``: each case runs one entry point with valid arguments except
+one corrupted argument; the allowed outcomes are a TypeError/ValueError worded by the library
+(``"<func>(<arg>=...): expected ..."``, a FileNotFoundError for a store path that holds none),
+or a result whose every floating tensor is finite. A raw torch error, a NaN or an
+``AssertionError`` from a contract check given a valid primitive fails the case.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from dattri_fn.attribute.ensemble import dropout_ensemble
+from dattri_fn.attribute.magic import magic, metagradient
+from dattri_fn.attribute.representer import RepresenterState, representer
+from dattri_fn.store import build_store, open_store, record_store, stats_store
+from dattri_fn.testing import (
+    check_inverse,
+    check_linop,
+    check_method,
+    check_projector,
+    ridge_regression,
+    spd_matrix,
+)
+from dattri_fn.training import batch_order, sgd, train
+
+DT = torch.float64
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    params = {"W1": torch.randn(4, 3, generator=g, dtype=DT), "b1": torch.zeros(4, dtype=DT),
+              "W2": torch.randn(3, 4, generator=g, dtype=DT), "b2": torch.zeros(3, dtype=DT)}
+    x = torch.randn(6, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (6,), generator=g)
+    return params, (x, y)
+
+
+PARAMS, BATCH = _setup()
+X, Y = BATCH
+
+
+def feature(p, z):
+    return torch.tanh(p["W1"] @ z[0] + p["b1"])
+
+
+def head(p, h):
+    return p["W2"] @ h + p["b2"]
+
+
+def loss(p, z):
+    return F.cross_entropy(head(p, feature(p, z))[None], z[1][None])
+
+
+def dropout_loss(p, z):
+    h = F.dropout(feature(p, z), 0.3, training=True)
+    return F.cross_entropy(head(p, h)[None], z[1][None])
+
+
+def _with(**change):
+    return {**PARAMS, **change}
+
+
+DATA = {
+    "none": None,
+    "string": "data",
+    "nan": (X.clone().fill_(math.nan), Y),
+    "narrow": (X[:, :2], Y),
+    "float32": (X.float(), Y),
+    "float_labels": (X, Y.to(DT) + 0.5),
+    "short_labels": (X, Y[:3]),
+    "empty": (X[:0], Y[:0]),
+    "empty_list": [],
+    "out_of_range_labels": (X, Y + 5),
+    "negative_labels": (X, Y - 5),
+    "generator": (b for b in [BATCH]),
+}
+PARAMS_BAD = {
+    "none": None,
+    "empty": {},
+    "nan": _with(W1=PARAMS["W1"].clone().fill_(math.nan)),
+    "missing": {k: v for k, v in PARAMS.items() if k != "b2"},
+    "shape": _with(b2=torch.zeros(5, dtype=DT)),
+    "int": _with(b2=torch.zeros(3, dtype=torch.long)),
+    "meta": {k: v.to("meta") for k, v in PARAMS.items()},
+    "float32": {k: v.float() for k, v in PARAMS.items()},
+}
+INTS = {"zero": 0, "negative": -3, "float": 2.5, "string": "8", "none": None, "bool": True}
+NUMBERS = {"zero": 0.0, "negative": -1.0, "nan": math.nan, "inf": math.inf, "string": "0.1"}
+
+LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]'\"]+=\.\.\.\): expected")
+
+
+def _check_outcome(func: str, call, *, allow_missing: bool = False) -> None:
+    try:
+        out = call()
+    except (TypeError, ValueError) as err:
+        assert LIBRARY_ERROR.match(str(err)), (
+            f"{func}: not a library error: {type(err).__name__}: {err}")
+        return
+    except FileNotFoundError as err:
+        assert allow_missing and LIBRARY_ERROR.match(str(err)), f"{func}: {err}"
+        return
+    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    bad = [t for t in leaves if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    assert not bad, f"{func}: returned non-finite values without an error"
+
+
+# -- representer points ----------------------------------------------------------------------
+def _rps(**kw):
+    return representer(feature, head, lambda o, y: F.cross_entropy(o[None], y[None]),
+                       **{"l2": 0.1, **kw})
+
+
+RPS = _rps()
+RPS_STATE = RPS.prepare(PARAMS, BATCH)
+
+
+@pytest.mark.parametrize("corruption", sorted(DATA))
+def test_representer_names_bad_data(corruption):
+    """prepare(bad train), score(bad test), score(bad train), self_score(bad train): named or finite."""
+    bad = DATA[corruption]
+    _check_outcome("representer.prepare", lambda: RPS.prepare(PARAMS, bad))
+    _check_outcome("representer.score(test)", lambda: RPS.score(PARAMS, RPS_STATE, BATCH, bad))
+    _check_outcome("representer.score(train)", lambda: RPS.score(PARAMS, RPS_STATE, bad, BATCH))
+    _check_outcome("representer.self_score", lambda: RPS.self_score(PARAMS, RPS_STATE, bad))
+
+
+@pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
+def test_representer_names_bad_params(corruption):
+    bad = PARAMS_BAD[corruption]
+    _check_outcome("representer.prepare", lambda: RPS.prepare(bad, BATCH))
+    _check_outcome("representer.score", lambda: RPS.score(bad, RPS_STATE, BATCH, BATCH))
+    _check_outcome("representer.self_score", lambda: RPS.self_score(bad, RPS_STATE, BATCH))
+
+
+STATES = {
+    "none": None,
+    "tuple": (),
+    "wrong_rows": RepresenterState(RPS_STATE.features[:3], RPS_STATE.alpha[:3],
+                                   RPS_STATE.classes[:3]),
+    "wrong_width": RepresenterState(RPS_STATE.features[:, :2], RPS_STATE.alpha,
+                                    RPS_STATE.classes),
+    "nan": RepresenterState(RPS_STATE.features.clone().fill_(math.nan), RPS_STATE.alpha,
+                            RPS_STATE.classes),
+    "mismatched": RepresenterState(RPS_STATE.features, RPS_STATE.alpha[:4],
+                                   RPS_STATE.classes),
+    "float_classes": RepresenterState(RPS_STATE.features, RPS_STATE.alpha,
+                                      RPS_STATE.classes.to(DT)),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(STATES))
+def test_representer_names_bad_state(corruption):
+    bad = STATES[corruption]
+    _check_outcome("representer.score", lambda: RPS.score(PARAMS, bad, None, BATCH))
+    _check_outcome("representer.self_score", lambda: RPS.self_score(PARAMS, bad, None))
+
+
+@pytest.mark.parametrize("corruption", sorted(INTS))
+def test_representer_names_bad_top_k_and_chunk(corruption):
+    bad = INTS[corruption]
+    if bad is not None:
+        _check_outcome("representer.score", lambda: RPS.score(PARAMS, RPS_STATE, None, BATCH,
+                                                              top_k=bad))
+    _check_outcome("representer", lambda: _rps(chunk_size=bad).prepare(PARAMS, BATCH))
+
+
+@pytest.mark.parametrize("arg,value", [("l2", v) for v in NUMBERS.values()]
+                         + [("explain", "x"), ("refit", "x"), ("explain", None)])
+def test_representer_names_bad_settings(arg, value):
+    _check_outcome("representer", lambda: _rps(**{arg: value}))
+
+
+def test_representer_refuses_a_loader_over_a_subset():
+    """score(train=DataLoader over 4 of 6 rows) with a state of 6: refused, never 6 rows back."""
+    loader = DataLoader(Subset(TensorDataset(X, Y), range(4)), batch_size=2)
+    with pytest.raises(ValueError, match=r"representer.score\(train=...\): expected the 6"):
+        RPS.score(PARAMS, RPS_STATE, loader, BATCH)
+
+
+# -- MAGIC -------------------------------------------------------------------------------------
+def _magic(**kw):
+    return magic(loss, sgd(0.1), **{"epochs": 1, "batch_size": 3, **kw})
+
+
+MAGIC = _magic()
+MAGIC_STATE = MAGIC.prepare(PARAMS, BATCH)
+
+
+@pytest.mark.parametrize("corruption", sorted(DATA))
+def test_magic_names_bad_data(corruption):
+    bad = DATA[corruption]
+    _check_outcome("magic.prepare", lambda: MAGIC.prepare(PARAMS, bad))
+    _check_outcome("magic.score(test)", lambda: MAGIC.score(PARAMS, MAGIC_STATE, BATCH, bad))
+    _check_outcome("magic.score(train)", lambda: MAGIC.score(PARAMS, MAGIC_STATE, bad, BATCH))
+
+
+@pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
+def test_magic_names_bad_params(corruption):
+    bad = PARAMS_BAD[corruption]
+    _check_outcome("magic.prepare", lambda: MAGIC.prepare(bad, BATCH))
+
+
+@pytest.mark.parametrize("arg", ["epochs", "batch_size", "seed", "checkpoint_every", "chunk_size",
+                                 "self_chunk"])
+@pytest.mark.parametrize("corruption", sorted(INTS))
+def test_magic_names_bad_settings(arg, corruption):
+    bad = INTS[corruption]
+    if (arg, corruption) in {("seed", "zero")} or (bad is None and arg in (
+            "batch_size", "checkpoint_every", "chunk_size")):
+        return  # valid values
+    _check_outcome("magic", lambda: _magic(**{arg: bad}))
+
+
+def test_magic_names_bad_state_and_top_k():
+    for bad in (None, (), RPS_STATE):
+        _check_outcome("magic.score", lambda bad=bad: MAGIC.score(PARAMS, bad, BATCH, BATCH))
+    for bad in INTS.values():
+        if bad is not None:
+            _check_outcome("magic.score", lambda bad=bad: MAGIC.score(PARAMS, MAGIC_STATE, BATCH,
+                                                                      BATCH, top_k=bad))
+
+
+def _run():
+    order = batch_order(6, batch_size=3, epochs=1, seed=0)
+    from dattri_fn.training import make_step
+
+    step = make_step(loss, sgd(0.1))
+    opt = sgd(0.1)
+    traj = train(step, PARAMS, opt.init(PARAMS), BATCH, order, checkpoint_every=1)
+    cot = {k: v[None].clone() for k, v in traj.params.items()}
+    return step, traj, order, cot
+
+
+def test_metagradient_names_bad_arguments():
+    step, traj, order, cot = _run()
+    cases = {
+        "cotangent_keys": lambda: metagradient(step, traj, BATCH, order, {"W1": cot["W1"]}),
+        "cotangent_shape": lambda: metagradient(step, traj, BATCH, order,
+                                                {k: v[0] for k, v in cot.items()}),
+        "cotangent_nan": lambda: metagradient(step, traj, BATCH, order,
+                                              {k: v.clone().fill_(math.nan) for k, v in cot.items()}),
+        "cotangent_none": lambda: metagradient(step, traj, BATCH, order, None),
+        "trajectory": lambda: metagradient(step, None, BATCH, order, cot),
+        "order_short": lambda: metagradient(step, traj, BATCH, order[:1], cot),
+        "order_range": lambda: metagradient(step, traj, BATCH, [o + 10 for o in order], cot),
+        "data": lambda: metagradient(step, traj, (X[:2], Y[:2]), order, cot),
+        "weights": lambda: metagradient(step, traj, BATCH, order, cot, weights=torch.ones(2)),
+        "chunk": lambda: metagradient(step, traj, BATCH, order, cot, chunk_size=0),
+        "step": lambda: metagradient(None, traj, BATCH, order, cot),
+    }
+    for name, call in cases.items():
+        _check_outcome(f"metagradient[{name}]", call)
+
+
+# -- dropout ensembles -------------------------------------------------------------------------
+ENS = dropout_ensemble(dropout_loss, n_masks=3, seed=0)
+
+
+@pytest.mark.parametrize("corruption", sorted(DATA))
+def test_dropout_ensemble_names_bad_data(corruption):
+    bad = DATA[corruption]
+    _check_outcome("dropout_ensemble.prepare", lambda: ENS.prepare(PARAMS, bad))
+    _check_outcome("dropout_ensemble.score", lambda: ENS.score(PARAMS, (), BATCH, bad))
+    _check_outcome("dropout_ensemble.score(train)", lambda: ENS.score(PARAMS, (), bad, BATCH))
+    _check_outcome("dropout_ensemble.self_score", lambda: ENS.self_score(PARAMS, (), bad))
+
+
+@pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
+def test_dropout_ensemble_names_bad_params(corruption):
+    bad = PARAMS_BAD[corruption]
+    _check_outcome("dropout_ensemble.score", lambda: ENS.score(bad, (), BATCH, BATCH))
+
+
+@pytest.mark.parametrize("arg", ["n_masks", "seed", "chunk_size"])
+@pytest.mark.parametrize("corruption", sorted(INTS))
+def test_dropout_ensemble_names_bad_settings(arg, corruption):
+    bad = INTS[corruption]
+    if (arg, corruption) in {("seed", "zero"), ("chunk_size", "none")}:
+        return
+    _check_outcome("dropout_ensemble",
+                   lambda: dropout_ensemble(dropout_loss, **{"n_masks": 2, arg: bad}))
+
+
+@pytest.mark.parametrize("lrs", [[], [0.0], [math.nan], "0.1", [[0.1]], None, [0.1, -1.0]])
+def test_dropout_ensemble_names_bad_lrs(lrs):
+    _check_outcome("dropout_ensemble", lambda: dropout_ensemble(dropout_loss, n_masks=2,
+                                                                lrs=lrs).score([PARAMS], (),
+                                                                               BATCH, BATCH))
+
+
+# -- stores ------------------------------------------------------------------------------------
+def _rows(batch):
+    return batch[0] * 2.0
+
+
+PATHS = {"none": None, "int": 3, "list": ["a"]}
+
+
+@pytest.mark.parametrize("corruption", sorted(DATA))
+def test_build_store_names_bad_data(tmp_path, corruption):
+    _check_outcome("build_store", lambda: build_store(tmp_path / "s", _rows, DATA[corruption],
+                                                      params=PARAMS))
+
+
+STORE_CASES = {
+    "build.path": lambda t, good: build_store(None, _rows, BATCH, params=PARAMS),
+    "build.feature_fn": lambda t, good: build_store(t, None, BATCH, params=PARAMS),
+    "build.feature_fn_str": lambda t, good: build_store(t, lambda b: "x", BATCH, params=PARAMS),
+    "build.feature_fn_rows": lambda t, good: build_store(t, lambda b: b[0][:1], BATCH,
+                                                         params=PARAMS),
+    "build.feature_fn_nan": lambda t, good: build_store(t, lambda b: b[0] * math.nan, BATCH,
+                                                        params=PARAMS),
+    "build.feature_fn_0d": lambda t, good: build_store(t, lambda b: b[0].sum(), BATCH,
+                                                       params=PARAMS),
+    "build.params": lambda t, good: build_store(t, _rows, BATCH, params="p"),
+    "build.params_none": lambda t, good: build_store(t, _rows, BATCH, params=None),
+    "build.config": lambda t, good: build_store(t, _rows, BATCH, params=PARAMS,
+                                                config={"f": object()}),
+    "build.config_list": lambda t, good: build_store(t, _rows, BATCH, params=PARAMS, config=[1]),
+    "build.shard_rows": lambda t, good: build_store(t, _rows, BATCH, params=PARAMS, shard_rows=0),
+    "build.block_rows": lambda t, good: build_store(t, _rows, BATCH, params=PARAMS,
+                                                    block_rows="3"),
+    "build.file_path": lambda t, good: build_store(good / "manifest.json", _rows, BATCH,
+                                                   params=PARAMS),
+    "build.other_width": lambda t, good: build_store(good, lambda b: b[0][:, :2], BATCH,
+                                                     params=PARAMS, config={"m": 1}),
+    "open.path": lambda t, good: open_store(None),
+    "open.missing": lambda t, good: open_store(t / "nothing"),
+    "open.file": lambda t, good: open_store(good / "manifest.json"),
+    "open.params": lambda t, good: open_store(good, params="p"),
+    "open.params_other": lambda t, good: open_store(good, params=_with(b2=PARAMS["b2"] + 1)),
+    "open.config": lambda t, good: open_store(good, config={"m": 2}),
+    "open.config_type": lambda t, good: open_store(good, config=3),
+    "open.block_rows": lambda t, good: open_store(good, block_rows=0),
+    "open.out": lambda t, good: open_store(good, out=3),
+    "record.path": lambda t, good: record_store(None, BATCH, params=PARAMS),
+    "record.params": lambda t, good: record_store(t, BATCH, params=3),
+    "record.shard_rows": lambda t, good: record_store(t, BATCH, params=PARAMS, shard_rows=-1),
+    "record.block_rows": lambda t, good: record_store(t, BATCH, params=PARAMS, block_rows=2.5),
+    "record.config": lambda t, good: record_store(t, BATCH, params=PARAMS, config=3),
+    "record.data": lambda t, good: record_store(t, "data", params=PARAMS),
+    "stats.path": lambda t, good: stats_store(None, lambda: 1, params=PARAMS),
+    "stats.compute": lambda t, good: stats_store(t, None, params=PARAMS),
+    "stats.compute_raises": lambda t, good: stats_store(t, lambda: 1 / 0, params=PARAMS),
+    "stats.params": lambda t, good: stats_store(t, lambda: torch.ones(2), params=3),
+    "stats.config": lambda t, good: stats_store(t, lambda: torch.ones(2), params=PARAMS,
+                                                config=3),
+    "stats.map_location": lambda t, good: stats_store(t, lambda: torch.ones(2), params=PARAMS,
+                                                      map_location=3),
+}
+
+
+@pytest.fixture(scope="module")
+def good_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    build_store(path, _rows, BATCH, params=PARAMS, config={"m": 1})
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(STORE_CASES))
+def test_stores_name_bad_arguments(tmp_path, good_store, case):
+    """build/open/record/stats_store: every bad argument a named error (a missing store a
+    FileNotFoundError naming the path)."""
+    if case == "stats.compute_raises":
+        with pytest.raises(ZeroDivisionError):  # the user's own error passes through
+            STORE_CASES[case](tmp_path / "s", good_store)
+        return
+    _check_outcome(case, lambda: STORE_CASES[case](tmp_path / "s", good_store),
+                   allow_missing=case == "open.missing")
+
+
+def test_stats_store_refuses_other_params(tmp_path):
+    stats_store(tmp_path, lambda: torch.ones(2), params=PARAMS, config={"k": 1})
+    _check_outcome("stats_store", lambda: stats_store(tmp_path, lambda: torch.ones(2),
+                                                      params=_with(b2=PARAMS["b2"] + 1),
+                                                      config={"k": 1}))
+    _check_outcome("stats_store", lambda: stats_store(tmp_path, lambda: torch.ones(2),
+                                                      params=PARAMS, config={"k": 2}))
+
+
+# -- the testing kit's checks ------------------------------------------------------------------
+A = spd_matrix(4, 0)
+
+
+def _solver(op, damping=0.0):
+    from dattri_fn import ihvp_explicit
+
+    return ihvp_explicit(op, damping=damping)
+
+
+def _make(dim, proj_dim, seed):
+    from dattri_fn import make_projector
+
+    return make_projector(dim, proj_dim=proj_dim, seed=seed, dtype=DT)
+
+
+KIT = {
+    "linop.op_str": lambda: check_linop("op"),
+    "linop.op_3d": lambda: check_linop(torch.ones(2, 2, 2, dtype=DT)),
+    "linop.op_rect": lambda: check_linop(torch.ones(2, 3, dtype=DT)),
+    "linop.k0": lambda: check_linop(A, k=0),
+    "linop.k_str": lambda: check_linop(A, k="3"),
+    "linop.seed": lambda: check_linop(A, seed=-1),
+    "linop.rtol": lambda: check_linop(A, rtol=math.nan),
+    "linop.reference": lambda: check_linop(A, reference=torch.ones(3, 3, dtype=DT)),
+    "linop.reference_str": lambda: check_linop(A, reference="A"),
+    "inverse.solver": lambda: check_inverse(None),
+    "inverse.dim": lambda: check_inverse(_solver, dim=0),
+    "inverse.k": lambda: check_inverse(_solver, k=0),
+    "inverse.damping": lambda: check_inverse(_solver, damping=-1.0),
+    "inverse.rtol": lambda: check_inverse(_solver, rtol="1"),
+    "inverse.cond": lambda: check_inverse(_solver, cond=0.5),
+    "inverse.kinds": lambda: check_inverse(_solver, kinds="spd"),
+    "inverse.dtypes": lambda: check_inverse(_solver, dtypes=[torch.long]),
+    "projector.make": lambda: check_projector(None),
+    "projector.dim": lambda: check_projector(_make, dim=0),
+    "projector.proj_dim": lambda: check_projector(_make, proj_dim=-2),
+    "projector.seeds": lambda: check_projector(_make, seeds=1),
+    "projector.d_eff": lambda: check_projector(_make, d_eff=0),
+    "method.method": lambda: check_method(None, ridge_regression(n=6, dim=2, seed=0)),
+    "method.problem": lambda: check_method(RPS, None),
+    "method.n_test": lambda: check_method(RPS, ridge_regression(n=6, dim=2, seed=0), n_test=0),
+    "method.batch_size": lambda: check_method(RPS, ridge_regression(n=6, dim=2, seed=0),
+                                              batch_size="3"),
+    "method.top_k": lambda: check_method(RPS, ridge_regression(n=6, dim=2, seed=0), top_k=0),
+    "method.rtol": lambda: check_method(RPS, ridge_regression(n=6, dim=2, seed=0), rtol=-1.0),
+    "method.min_loo_corr": lambda: check_method(RPS, ridge_regression(n=6, dim=2, seed=0),
+                                                min_loo_corr=2.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KIT))
+def test_kit_checks_name_bad_settings(case):
+    """A check given a bad setting raises a library error, never an AssertionError about a
+    primitive that did nothing wrong, nor a raw torch error."""
+    _check_outcome(case, KIT[case])
