@@ -347,3 +347,34 @@ def test_a_list_of_bare_tensor_shards_is_named_with_the_fix():
         grad_dot(loss).score(w, (), [x1, x2], (x1,))
     S = grad_dot(loss).score(w, (), [(x1,), (x2,)], (x1,))
     assert S.shape == (6, 4)
+
+
+def test_hypothesis_draws_do_not_depend_on_loaded_modules(tmp_path, monkeypatch):
+    """One derandomized test draws the same examples before and after a local module full of
+    integer and float literals is imported (Hypothesis mixes loaded modules' literals into its
+    draws unless tests/conftest.py empties that pool)."""
+    import importlib
+    import sys
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    seen: list = []
+
+    @settings(derandomize=True, database=None, max_examples=40)
+    @given(n=st.integers(0, 10**6), f=st.floats(0.0, 1e6))
+    def draw(n, f):
+        seen.append((n, f))
+
+    draw()
+    before = list(seen)
+    lines = [f"C{i} = {7919 * i + 13}\nF{i} = {i * 1234.5678 + 0.25}" for i in range(200)]
+    (tmp_path / "dfn_literals_probe.py").write_text("\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("dfn_literals_probe")
+    try:
+        seen.clear()
+        draw()
+    finally:
+        sys.modules.pop("dfn_literals_probe", None)
+    assert seen == before
