@@ -26,6 +26,13 @@ that differs in any of these raises a ValueError naming the field, never a silen
 
 A store written by several ranks (:mod:`dattri_fn.distributed`) is a directory of parts, one
 per rank, with a manifest listing them; it reads as their concatenation in rank order.
+
+Self-scores. ``s_i = <t(z_i), p(z_i)>`` needs each training example under the test-side map
+too, which the train features alone do not give (influence: ``p = (H + damping I)^-1 g``).
+A method's ``self_score`` given a :func:`record_store` therefore writes the diagonal itself,
+a store of ``[n]`` rows (manifest ``"kind": "self"``) in the ``self/`` sub-directory, with the
+same crash safety and the same request; given the opened store (:func:`open_store`), it reads
+``self/`` back and reads no training data (:func:`self_scores`).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from .io import atomic_path, clean_temps
 
 FORMAT = "dattri_fn.store/1"
 MANIFEST = "manifest.json"
+SELF = "self"  # the sub-directory holding a store's self-scores
 # Rows per block when a store is streamed: ``block_rows x F`` values are in memory at a time.
 BLOCK_ROWS = 4096
 
@@ -281,7 +289,7 @@ def _stack_layout(feats) -> tuple[str, np.ndarray]:
 def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
                 config: Mapping | None = None, shard_rows: int | None = None, device=None,
                 block_rows: int = BLOCK_ROWS, func: str = "build_store",
-                _params_hash: str | None = None) -> FeatureStore:
+                _params_hash: str | None = None, _kind: str = "features") -> FeatureStore:
     """Return the complete store of ``feature_fn`` over ``data`` at ``path``, resuming a partial one.
 
     ``T = cat_s feature_fn(shard_s)``  # [n, F] (or [C, n, F]) on disk, shard by shard
@@ -316,7 +324,7 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
     path.mkdir(parents=True, exist_ok=True)
     with _writer_lock(func, path):
         return _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-                      block_rows, _params_hash)
+                      block_rows, _params_hash, _kind)
 
 
 @contextlib.contextmanager
@@ -344,9 +352,9 @@ def _writer_lock(func: str, path: Path):
 
 
 def _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-           block_rows, _params_hash):
+           block_rows, _params_hash, kind):
     clean_temps(path)
-    request = {"format": FORMAT, "kind": "features",
+    request = {"format": FORMAT, "kind": kind,
                "params_hash": _params_hash or params_hash(params, func=func),
                "config": _canonical(config, func), "shard_rows": shard_rows,
                "versions": _versions()}
@@ -356,7 +364,7 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         _write_manifest(path, man)
     else:
         _check_request(func, man, request, arg_of={"params_hash": "params",
-                                                  "shard_rows": "shard_rows"})
+                                                  "shard_rows": "shard_rows", "kind": "path"})
     done = man["shards"]
     s = 0
     for batch in regroup(iter_batches(func, "data", data), shard_rows, func):
@@ -461,6 +469,33 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
         request["config"] = _canonical(config, "open_store")
     _check_request("open_store", man, request, arg_of={"params_hash": "params"})
     return _opened(path, man, block_rows, out)
+
+
+def self_scores(func: str, store: FeatureStore) -> Tensor:
+    """Return the self-scores recorded for ``store`` (a store of ``kind`` "self", or a feature
+    store whose ``self/`` sub-directory holds them).  # -> [n_rows]
+
+    Raises:
+        ValueError: naming ``func(train=...)``: none recorded, an incomplete record, or one of
+            another request (params, config, data or row count) than the store's.
+    """
+    if store.manifest.get("kind") == SELF:
+        return store.read()
+    path = Path(store.path) / SELF
+    man = _load_manifest(func, path)
+    fix = ("Pass the record_store(...) of this store to self_score once: it writes the "
+           "self-scores to <store>/self.")
+    if man is None or not man.get("complete"):
+        state = "none" if man is None else f"an incomplete record ({len(man['shards'])} shards)"
+        raise ValueError(_msg(func, "train", "a store with its self-scores recorded (they need "
+                              "the examples under the test-side map, which train features "
+                              "alone do not give)", f"{state} at {str(path)!r}", fix))
+    for field in ("params_hash", "config", "n_rows", "data_hash"):
+        if man.get(field) != store.manifest.get(field):
+            raise ValueError(_msg(func, "train", f"self-scores recorded for this store (the "
+                                  f"same {field})", f"{man.get(field)!r} in {str(path)!r} "
+                                  f"against {store.manifest.get(field)!r}", fix))
+    return _opened(path, man, store.block_rows, None).read()
 
 
 def write_parts_manifest(path: str | os.PathLike, parts: list[str], *, params_hash_: str,

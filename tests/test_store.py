@@ -174,7 +174,8 @@ def test_grad_dot_from_store_reads_no_training_data(tmp_path):
     ref = m.score(params, (), train, test2, top_k=4)
     assert torch.equal(top.indices, ref.indices)
     torch.testing.assert_close(top.values, ref.values, rtol=0, atol=1e-12)
-    with pytest.raises(TypeError, match=r"grad_dot\(train=...\): expected the training data"):
+    with pytest.raises(ValueError, match=r"grad_dot\(train=...\): expected a store with its "
+                                         r"self-scores recorded"):
         m.self_score(params, (), store)
 
 
@@ -212,12 +213,14 @@ def test_tracin_stacked_features_through_store(tmp_path):
 
 
 def test_stream_self_and_hash_errors(tmp_path):
-    """stream_self refuses a store by name; params_hash changes with any weight and key order."""
+    """stream_self refuses a store without recorded self-scores by name; params_hash changes
+    with any weight and key order."""
     params, loss, train, _ = _problem()
     f = _features(params, loss)
     store = build_store(tmp_path, f, train, params=params)
     assert isinstance(store, FeatureStore)
-    with pytest.raises(TypeError, match=r"stream_self\(train=...\): expected the training data"):
+    with pytest.raises(ValueError, match=r"stream_self\(train=...\): expected a store with its "
+                                         r"self-scores recorded .* got none"):
         stream_self(f, f, store)
     swapped = dict(reversed(list(params.items())))
     assert params_hash(params) != params_hash(swapped)
@@ -310,3 +313,56 @@ def test_influence_scores_from_store(tmp_path, batch_rows):
     torch.testing.assert_close(S, ref, rtol=0, atol=1e-12)
     S2 = m.score(params, state, open_store(tmp_path, params=params), test, top_k=2)
     assert torch.equal(S2.indices, ref.topk(2, dim=0).indices)
+
+
+def _self_methods():
+    """Methods whose self_score runs through stream_self: symmetric (Grad-Dot), checkpoint-weighted
+    (TracIn) and preconditioned (influence: t = g, p = (H + damping I)^-1 g)."""
+    from dattri_fn.attribute import influence
+
+    return {
+        "grad_dot": (lambda loss: grad_dot(loss), lambda p: p),
+        "tracin": (lambda loss: tracin(loss, lrs=[0.5, 0.25]),
+                   lambda p: [p, {k: v * 0.9 for k, v in p.items()}]),
+        "influence": (lambda loss: influence(loss, solver="explicit", damping=1.0), lambda p: p),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_self_methods()))
+def test_self_score_from_a_store_equals_self_score_from_data(tmp_path, name):
+    """s_i = <t(z_i), p(z_i)>: self_score(record_store) writes it to <store>/self and equals
+    self_score(train) bit for bit; then self_score(open_store) reads it with no training data."""
+    params, loss, train, test = _problem()
+    build, params_of = _self_methods()[name]
+    m, params = build(loss), params_of(params)
+    state = m.prepare(params, train)
+    want = m.self_score(params, state, train)
+    rec = record_store(tmp_path, train, params=params, config={"method": name})
+    torch.testing.assert_close(m.self_score(params, state, rec), want, rtol=0, atol=0)
+    m.score(params, state, rec, test)  # writes the train features themselves
+    store = open_store(tmp_path, params=params, config={"method": name})
+    torch.testing.assert_close(m.self_score(params, state, store), want, rtol=0, atol=0)
+    torch.testing.assert_close(m.score(params, state, store, train).diagonal(), want,
+                               rtol=1e-10, atol=1e-12)
+    assert json.loads((tmp_path / "self" / "manifest.json").read_text())["kind"] == "self"
+
+
+def test_self_scores_refused_when_recorded_for_other_data(tmp_path):
+    """Self-scores recorded for other rows (or the self/ part opened as a feature store) are
+    refused by name, never returned for the wrong training set."""
+    params, loss, train, test = _problem()
+    m = grad_dot(loss)
+    rec = record_store(tmp_path, train, params=params, config=CONFIG)
+    m.score(params, (), rec, test)
+    other = [(x + 1, y) for x, y in train]
+    m.self_score(params, (), record_store(tmp_path / "other", other, params=params, config=CONFIG))
+    (tmp_path / "self").mkdir()
+    for name in os.listdir(tmp_path / "other" / "self"):
+        if not name.endswith(".lock"):
+            (tmp_path / "self" / name).write_bytes((tmp_path / "other" / "self" / name).read_bytes())
+    with pytest.raises(ValueError, match=r"grad_dot\(train=...\): expected self-scores recorded "
+                                         r"for this store \(the same data_hash\)"):
+        m.self_score(params, (), open_store(tmp_path))
+    with pytest.raises(ValueError, match=r"grad_dot\(train=...\): expected a store of train "
+                                         r"features, got the store of self-scores"):
+        m.score(params, (), open_store(tmp_path / "other" / "self"), test)

@@ -10,8 +10,9 @@ dropped after their block of scores is formed, so memory is bounded by the batch
 ``train`` may also be a :class:`~dattri_fn.store.FeatureStore` (the train features, already on
 disk: no training data is read) or a :class:`~dattri_fn.store.StoreRecording` (the features are
 written to a store as they are computed, resuming a killed run), wherever a method passes its
-``train`` to :func:`collect` or :func:`stream_scores`; :func:`stream_self` refuses both (the
-diagonal needs the examples under the test-side map).
+``train`` to :func:`collect` or :func:`stream_scores`. :func:`stream_self` given a recording
+writes the diagonal itself to the store's ``self/`` part (train features alone cannot give it:
+it needs each example under the test-side map) and, given the opened store, reads it back.
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ def _is_store(train) -> bool:
     return isinstance(train, FeatureStore)
 
 
+def _unwrapped(train):
+    """A store or recording inside a method's regrouped view, else ``train`` as given."""
+    from .._checks import _Regrouped
+    from ..store import FeatureStore, StoreRecording
+
+    if isinstance(train, _Regrouped) and isinstance(train.data, (FeatureStore, StoreRecording)):
+        return train.data
+    return train
+
+
 def _train_blocks(func: str, train_features: FeatureFn, train, device):
     """Yield ``(features, rows)`` per train batch, or per block of a store."""
     if _is_store(train):
@@ -220,6 +231,9 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
     device = next((t.device for t in tree_leaves(test_features) if isinstance(t, Tensor)), None)
     train = from_store(func, train_features, train, device)
     store = _is_store(train)
+    if store and train.manifest.get("kind") == "self":
+        raise ValueError(_msg(func, "train", "a store of train features", "the store of "
+                              f"self-scores at {train.path!r}", "Open the store above it."))
     if store:
         test_features = _dense_test(func, train, test_features)
     # A countable train set's [n_train, n_test] is written in place: concatenating the blocks
@@ -267,14 +281,29 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
 
     ``device``: where each batch is moved first (None: left where it is); ``func`` names the
     public call in errors.
-    """
-    from ..store import FeatureStore, StoreRecording
 
-    if isinstance(train, (FeatureStore, StoreRecording)):
-        # The diagonal needs each train example under the test-side map too; a store holds
-        # only the train side.
-        raise TypeError(_msg(func, "train", "the training data (self-scores need the examples "
-                             "themselves)", type(train).__name__))
+    ``train`` may be a :class:`~dattri_fn.store.StoreRecording`: the diagonal is computed from
+    its data and written to ``<path>/self`` (a store of ``[n]`` rows under the recording's
+    request, resuming a killed run; the feature store itself is written by ``score``), or a
+    :class:`~dattri_fn.store.FeatureStore` whose ``self/`` holds that record: it is read back
+    and no training data is read (:func:`~dattri_fn.store.self_scores`).
+    """
+    from ..store import SELF, FeatureStore, StoreRecording, build_store, self_scores
+
+    train = _unwrapped(train)
+    if isinstance(train, FeatureStore):
+        diag = self_scores(func, train)
+        return diag if device is None else diag.to(device)
+    if isinstance(train, StoreRecording):
+        import os
+
+        diag_fn = lambda batch: row_dots(train_features(batch), test_features(batch))
+        store = build_store(os.path.join(train.path, SELF), diag_fn, train.data, params=None,
+                            config=train.config, shard_rows=train.shard_rows, device=device,
+                            block_rows=train.block_rows, func=func,
+                            _params_hash=train.params_hash, _kind=SELF)
+        diag = store.read()
+        return diag if device is None else diag.to(device)
     out = []
     for batch in iter_batches(func, "train", train):
         batch_size(func, "train", batch)
