@@ -21,6 +21,11 @@ grad-cos       TracInAttributor     normalized_grad=True                        
 tracin         TracInAttributor     w = learning rate per checkpoint                      identity
 trak           TRAKAttributor       ``attribute(test, train)`` (test FIRST) -> [n_tr, n_te] identity
 rps            RPSAttributor        <f_i, f_j> alpha_i[y_j] after fine-tuning the head      identity
+if-cg-ens      IFAttributorCG       mean over the C checkpoints of the CG scores            identity
+tracin-cos     TracInAttributor     normalized_grad=True, w = learning rate per checkpoint identity
+knn-shapley    KNNShapleyAttributor exact KNN-Shapley, returns [n_TEST, n_TRAIN]           .T
+logra          LoGraAttributor      per layer phi^T (F + r tr(F)/d I)^-1 phi, F = eFIM     identity
+factgrass      FactGraSSAttributor  mask -> Kronecker -> projection, same eFIM inverse      identity
 if-kfac        (none in 0.3.0)      --                                                     --
 =============  ===================  =====================================================  ========
 
@@ -56,6 +61,22 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
 * EK-FAC: dattri 0.3.0 rotates by eigenvector rows where ``eigh`` returns columns, and scrambles
   the ``[W | b]`` block of a layer with a bias; :func:`dattri_ekfac_fixed` repairs both on
   dattri's own factors, and :func:`diagnose` reports its correlation with ours.
+* if-cg-ens: dattri averages its per-checkpoint scores (the mean ours takes); our matched side is
+  influence over the list of checkpoints with the Hessian, as ``if-cg``.
+* tracin-cos / knn-shapley: the same definitions (cosine per checkpoint weighted by the
+  learning rate; Jia et al.'s recursion, K = 5 on the raw inputs, Euclidean distance).
+* LoGra / FactGraSS (dattri's ``BlockProjectedIFAttributor``): every ``nn.Linear`` with its bias
+  as an input column of ones (dattri 0.3.0 sets its compressors up from ONE example,
+  ``batch[0][0]``, which a ``[B, in]`` model rejects: the model gets a front that adds the
+  batch dim back, no parameters), the loss ``(model, batch, device) -> mean CE`` (dattri rescales the
+  captured batch-mean gradients by the batch size: per-example gradients). dattri's ``damping``
+  ``r`` adds ``r tr(F)/d`` to each layer's Fisher; ``r = 0.1`` is our default (a tenth of the
+  mean eigenvalue). LoGra: ``proj_dim = k^2`` per layer, ``k`` per side both sides; dattri
+  inverts the ``k^2 x k^2`` projected Fisher, ours its EK-FAC (projected factors, corrected
+  eigenvalues): the same projection size, another curvature. FactGraSS: ``proj_dim`` per layer
+  and ``blowup_factor``: ``k' = sqrt(blowup d)`` coordinates kept per factor (unscaled in
+  dattri, ``sqrt(width / k')`` in ours: a constant per factor, cancelled by the relative
+  damping), then dattri's CPU second stage is a Gaussian projection, ours a count-sketch.
 """
 
 from __future__ import annotations
@@ -73,10 +94,15 @@ from torch.func import functional_call
 DATTRI_VERSION = "0.3.0"
 # Methods with a dattri counterpart; if-kfac has none in 0.3.0 (only EK-FAC).
 COUNTERPARTS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-datainf", "if-ekfac",
-                "grad-dot", "grad-cos", "tracin", "trak", "rps")
+                "grad-dot", "grad-cos", "tracin", "trak", "rps", "if-cg-ens", "tracin-cos",
+                "knn-shapley", "logra", "factgrass")
 # Our side runs a configuration other than the recipe's to compute dattri's quantity.
 MATCHED = {"if-explicit": "hessian", "if-cg": "hessian", "if-lissa": "hessian",
-           "if-arnoldi": "hessian"}
+           "if-arnoldi": "hessian", "if-cg-ens": "hessian"}
+# LoGra: k per side (dattri: proj_dim = k^2 per layer); FactGraSS: d per layer, blowup.
+LOGRA_K = 8
+FACTGRASS_DIM, FACTGRASS_BLOWUP = 64, 4
+BLOCK_DAMPING = 0.1  # dattri's relative damping; ours None: 0.1 tr(F)/d
 
 
 class Runner(NamedTuple):
@@ -170,6 +196,13 @@ def make_losses(module: nn.Module, x_shape: tuple, y_shape: tuple, wd: float,
 
 
 # ------------------------------------------------------------------------------- dattri side
+class _AtLeast2d(nn.Module):
+    """``x`` with a batch dim of one added to a single example (see the LoGra branch)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if x.ndim > 1 else x[None]
+
+
 def _loader(x: Tensor, y: Tensor, batch_size: int):
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -240,9 +273,34 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
     if name == "if-explicit":
         return inner_product(da.IFAttributorExplicit(if_task, device=device,
                                                      regularization=damping), s.whole)
-    if name == "if-cg":
-        return inner_product(da.IFAttributorCG(if_task, device=device, max_iter=hp["max_iter"],
+    if name in ("if-cg", "if-cg-ens"):
+        n_models = len(s.states) if name == "if-cg-ens" else 1
+        ens_task = s.task(s.losses.train, s.losses.test, n_models=n_models)
+        return inner_product(da.IFAttributorCG(ens_task, device=device, max_iter=hp["max_iter"],
                                                regularization=damping), s.whole)
+    if name == "knn-shapley":
+        knn = da.KNNShapleyAttributor(k_neighbors=5)
+        return Runner(lambda: None, lambda _: knn.attribute(s.train, s.test).T)  # [n_test, n_train]
+    if name in ("logra", "factgrass"):
+        from dattri.task import AttributionTask
+
+        def batch_loss(model, batch, dev):
+            x, y = (t.to(dev) for t in batch)
+            return task.loss_fn(model(x), y)
+
+        # dattri 0.3.0 sets its compressors up from ``batch[0][0]``, ONE example: a [B, in]
+        # model then sees a vector and fails; this no-parameter front restores its batch dim.
+        wrapped = nn.Sequential(_AtLeast2d(), copy.deepcopy(models[0]))
+        block_task = AttributionTask(loss_func=batch_loss, model=wrapped,
+                                     checkpoints=wrapped.state_dict())
+        if name == "logra":
+            att = da.LoGraAttributor(block_task, hessian="eFIM", damping=BLOCK_DAMPING,
+                                     device=device, proj_dim=LOGRA_K ** 2, offload="none")
+        else:
+            att = da.FactGraSSAttributor(block_task, hessian="eFIM", damping=BLOCK_DAMPING,
+                                         device=device, proj_dim=FACTGRASS_DIM,
+                                         blowup_factor=FACTGRASS_BLOWUP, offload="none")
+        return Runner(lambda: att.cache(s.train), lambda _: att.attribute(s.train, s.test))
     if name == "if-lissa":
         scale = matched_lissa_scale(task, models, hp)
         return inner_product(da.IFAttributorLiSSA(if_task, device=device,
@@ -262,13 +320,14 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
     if name == "if-ekfac":
         return inner_product(da.IFAttributorEKFAC(if_task, device=device,
                                                   damping=s.wd + damping), s.train)
-    if name in ("grad-dot", "grad-cos", "tracin"):
+    if name in ("grad-dot", "grad-cos", "tracin", "tracin-cos"):
         kw = {"proj_type": "identity", "proj_dim": P, "proj_seed": hp["seed"], "device": device}
-        n_ckpt = len(s.states) if name == "tracin" else 1
-        lr = float(task.hparams.get("lr", 1.0)) if name == "tracin" else 1.0
+        traced = name.startswith("tracin")
+        n_ckpt = len(s.states) if traced else 1
+        lr = float(task.hparams.get("lr", 1.0)) if traced else 1.0
         attributor = da.TracInAttributor(s.task(s.losses.test, n_models=n_ckpt),
                                          weight_list=torch.full((n_ckpt,), lr),
-                                         normalized_grad=name == "grad-cos",
+                                         normalized_grad=name in ("grad-cos", "tracin-cos"),
                                          projector_kwargs=kw, device=device)
         return Runner(lambda: None, lambda _: attributor.attribute(s.train, s.test))
     if name == "trak":
@@ -310,7 +369,7 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
                   arnoldi_rank=hp["arnoldi_rank"])
     wd = float(task.hparams.get("weight_decay", 0.0))
     fm = functional_model(models[0].eval(), task.loss_fn)
-    solver = name[3:]
+    solver = "cg" if name == "if-cg-ens" else name[3:]
     P = sum(v.numel() for v in fm.params.values())
     opts: dict = {}
     if solver == "explicit":
@@ -325,8 +384,11 @@ def matched_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner
                     batch_size=min(64, task.n_train))
     method = influence(fm, l2=wd / 2, solver=solver, damping=hp["damping"],
                        curvature="hessian", **opts)
-    return Runner(lambda: method.prepare(fm.params, base.train),
-                  lambda st: method.score(fm.params, st, base.train, base.test))
+    params = fm.params
+    if name == "if-cg-ens":  # every model: the mean of per-checkpoint scores, as dattri's
+        params = [functional_model(m.eval(), task.loss_fn).params for m in models]
+    return Runner(lambda: method.prepare(params, base.train),
+                  lambda st: method.score(params, st, base.train, base.test))
 
 
 def matched_lissa_scale(task, models: list[nn.Module], hp: dict) -> float:
@@ -444,8 +506,8 @@ def dattri_ekfac_fixed(task, models: list[nn.Module], hp: dict) -> Tensor:
 def diagnose(name: str, task, models: list[nn.Module], hp: dict, ours: Tensor) -> dict:
     """Return extra correlations that explain a difference: ``{label: value}``.
 
-    ``if-ekfac``: ours vs :func:`dattri_ekfac_fixed`. ``trak``: ours vs ours with the next
-    projection seed (the spread a different random projection alone causes).
+    ``if-ekfac``: ours vs :func:`dattri_ekfac_fixed`. ``trak``, ``logra``, ``factgrass``: ours vs
+    ours with the next projection seed (the spread a different random projection alone causes).
     """
     def corr(a, b):
         a, b = a.detach().double().flatten(), b.detach().double().flatten()
@@ -454,6 +516,19 @@ def diagnose(name: str, task, models: list[nn.Module], hp: dict, ours: Tensor) -
 
     if name == "if-ekfac":
         return {"corr_vs_dattri_fixed": corr(ours, dattri_ekfac_fixed(task, models, hp))}
+    if name in ("logra", "factgrass"):
+        from dattri_fn.app.recipes import recipe
+        from dattri_fn.attribute.factgrass import factgrass
+        from dattri_fn.attribute.logra import logra
+        from dattri_fn.model import functional_model
+
+        fm = functional_model(models[0].eval(), task.loss_fn)
+        m = logra(fm, proj_dim=LOGRA_K, seed=1) if name == "logra" else factgrass(
+            fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP, seed=1)
+        r = recipe("grad-dot", task, models[:1], batch_size=hp["batch_size"])
+        with torch.no_grad():
+            other = m.score(fm.params, m.prepare(fm.params, r.train), r.train, r.test)
+        return {"corr_ours_next_seed": corr(ours, other)}
     if name == "trak":
         from dattri_fn.app.recipes import recipe
 

@@ -48,6 +48,9 @@ SIDES = ("ours", "matched", "dattri", "defaults")
 DEFAULTS = ("if-explicit", "if-cg", "if-arnoldi", "if-datainf", "if-kfac", "if-ekfac",
             "grad-dot", "grad-cos", "tracin", "trak")
 EXTRA_PAIRS = {"trak": "trak-noproj"}  # also compared without projection: the same quantity
+# Methods this runner builds itself (not recipes): LoGra and FactGraSS at the sizes of
+# benchmarks.against_dattri (k = 8 per side; d = 64 per layer, blowup 4), default damping.
+EXTRA_METHODS = ("logra", "factgrass")
 DIAGNOSES = ("corr_vs_dattri_fixed", "corr_ours_next_seed")
 
 
@@ -59,7 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
-        epilog="Methods: " + ", ".join(METHODS) + ". Run with OMP_NUM_THREADS=1 on shared CPUs.")
+        epilog="Methods: " + ", ".join(METHODS + EXTRA_METHODS)
+        + ". Run with OMP_NUM_THREADS=1 on shared CPUs.")
     p.add_argument("--task", default="digits-mlp", choices=TASKS, help="bundled task (default: digits-mlp)")
     p.add_argument("--methods", default="all",
                    help="'all' (default; every method but magic and magic-ens, which are "
@@ -110,11 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # 'all' keeps the table of the single-model methods; MAGIC trains the run it differentiates
     # (on an L-BFGS task it is refused), so it is asked for by name.
-    args.methods = [m for m in METHODS if not m.startswith("magic")] if args.methods == "all" else [
+    known = METHODS + EXTRA_METHODS
+    args.methods = [m for m in known if not m.startswith("magic")] if args.methods == "all" else [
         m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        p.error(f"--methods: unknown {unknown}; expected names among {list(METHODS)}")
+        p.error(f"--methods: unknown {unknown}; expected names among {list(known)}")
     n_train, n_test, m = DEFAULT_SIZES[args.task]
     args.n_train = args.n_train or n_train
     args.n_test = args.n_test or n_test
@@ -183,6 +188,17 @@ def ours_runner(name: str, task, models: list, hp: dict) -> Runner:
     from dattri_fn.app.recipes import _trak, recipe
     from dattri_fn.model import functional_model
 
+    if name in EXTRA_METHODS:
+        from benchmarks.against_dattri import FACTGRASS_BLOWUP, FACTGRASS_DIM, LOGRA_K
+        from dattri_fn.attribute.factgrass import factgrass
+        from dattri_fn.attribute.logra import logra
+
+        fm = functional_model(models[0].eval(), task.loss_fn)
+        method = logra(fm, proj_dim=LOGRA_K) if name == "logra" else factgrass(
+            fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP)
+        r = recipe("grad-dot", task, models[:1], batch_size=hp["batch_size"])  # the data layout
+        return Runner(lambda: method.prepare(fm.params, r.train),
+                      lambda st: method.score(fm.params, st, r.train, r.test))
     if name == "trak-noproj":
         fms = [functional_model(m.eval(), task.loss_fn) for m in models]
         method = _trak(task, fms, None, hp["seed"], hp["damping"])

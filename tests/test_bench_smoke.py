@@ -47,7 +47,8 @@ def test_parse_args_defaults_and_errors():
     --against dattri is accepted on every task."""
     args = run.parse_args(["--task", "digits-lr"])
     assert (args.n_train, args.n_test, args.subsets) == (500, 50, 64)
-    assert args.methods == [m for m in METHODS if not m.startswith("magic")]  # magic: by name
+    # magic: by name; LoGra and FactGraSS are built by the runner itself
+    assert args.methods == [m for m in METHODS if not m.startswith("magic")] + ["logra", "factgrass"]
     with pytest.raises(SystemExit):
         run.parse_args(["--methods", "if-cg,nope"])
     with pytest.raises(SystemExit):
@@ -119,6 +120,32 @@ def test_dattri_counterparts_agree_where_defined_alike(tiny_task):
     for name, ours in pairs:
         mine = ours(name, tiny_task, models, hp)
         theirs = dattri_runner(name, tiny_task, models, hp)
+        a, b = mine.score(mine.prepare()), theirs.score(theirs.prepare())
+        assert a.shape == b.shape == (60, 5)
+        assert run.pearson_all(a.detach(), b.detach()) > 0.9999
+
+
+def test_runner_builds_logra_and_factgrass(tiny_task):
+    """The runner's own methods give finite [n_train, n_test] scores on a bare nn.Linear task."""
+    models = run.load_models(tiny_task, run.train_states(tiny_task, 1))
+    hp = run.hyper_parameters(run.parse_args(TINY))
+    for name in run.EXTRA_METHODS:
+        r = run.ours_runner(name, tiny_task, models, hp)
+        S = r.score(r.prepare())
+        assert S.shape == (60, 5) and bool(torch.isfinite(S).all())
+
+
+def test_dattri_issue18_counterparts_agree(tiny_task):
+    """dattri's TracIn-Cos and KNN-Shapley (transposed) equal ours: Pearson > 0.9999."""
+    from benchmarks.against_dattri import DATTRI_INSTALL, dattri_available, dattri_runner
+
+    if not dattri_available():
+        pytest.skip(f"the optional comparison needs dattri: {DATTRI_INSTALL}")
+    models = run.load_models(tiny_task, run.train_states(tiny_task, 2))
+    hp = run.hyper_parameters(run.parse_args(TINY))
+    for name in ("tracin-cos", "knn-shapley"):
+        mine, theirs = run.ours_runner(name, tiny_task, models, hp), dattri_runner(
+            name, tiny_task, models, hp)
         a, b = mine.score(mine.prepare()), theirs.score(theirs.prepare())
         assert a.shape == b.shape == (60, 5)
         assert run.pearson_all(a.detach(), b.detach()) > 0.9999
