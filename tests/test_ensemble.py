@@ -1,5 +1,7 @@
 """Dropout ensembles against gradients taken by autograd with the masks made explicit."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dattri_fn.attribute.ensemble import dropout_ensemble, dropout_grads, dropout_outputs
+from dattri_fn.attribute.ensemble import (
+    dropout_ensemble,
+    dropout_grads,
+    dropout_mask,
+    dropout_members,
+    dropout_outputs,
+)
 from dattri_fn.model import functional_model
 from dattri_fn.tree import ravel
 
@@ -147,3 +155,206 @@ def test_dropout_tracin_errors():
         m.score([p0], (), train, train)
     with pytest.raises(ValueError, match=r"dropout_ensemble\(lrs=...\): expected learning rates"):
         dropout_ensemble(dropout_loss, n_masks=2, lrs=[0.1, -1.0])
+
+
+# -- dropout members of any method --------------------------------------------------------------
+P_M = 0.3
+
+
+def _classifier(seed, n=7, dim=3, hidden=5, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    params = {"W1": torch.randn(hidden, dim, generator=g, dtype=D),
+              "b1": 0.1 * torch.randn(hidden, generator=g, dtype=D),
+              "W2": torch.randn(classes, hidden, generator=g, dtype=D)}
+    x = torch.randn(n, dim, generator=g, dtype=D)
+    return params, (x, torch.randint(0, classes, (n,), generator=g))
+
+
+def _body(p, x, drop):
+    """Two dropout calls per forward (inputs, then hidden units): masks 0 and 1 of a member."""
+    return torch.tanh(p["W1"] @ drop(x, 0) + p["b1"]), drop
+
+
+def _dropped(x, call):  # what the model itself calls: torch's dropout, training on
+    return F.dropout(x, P_M, training=True)
+
+
+def _features(p, z, drop=_dropped):
+    h, drop = _body(p, z[0], drop)
+    return drop(h, 1)
+
+
+def _head(p, h):
+    return p["W2"] @ h
+
+
+def _ce(p, z, drop=_dropped):
+    return F.cross_entropy(_head(p, _features(p, z, drop))[None], z[1][None])
+
+
+def _fixed(seed, member, shapes):
+    """Member ``member``'s masks made explicit: call c multiplies by dropout_mask / (1 - p)."""
+    masks = [dropout_mask(s, P_M, seed=seed, member=member, call=c) for c, s in enumerate(shapes)]
+    return lambda x, c: x * masks[c].to(x.dtype) / (1 - P_M)
+
+
+def _by_hand(build, seed, M, params, train, test, shapes=((3,), (5,))):
+    """(1/M) sum_m of the method built on functions with member m's masks fixed by hand."""
+    S = d = 0
+    for m in range(M):
+        method = build(_fixed(seed, m, shapes))
+        state = method.prepare(params, train)
+        S = S + method.score(params, state, train, test) / M
+        d = d + method.self_score(params, state, train) / M
+    return S, d
+
+
+def _influence(drop):
+    from dattri_fn.attribute import influence
+
+    return influence(lambda p, z: _ce(p, z, drop), solver="explicit", damping=1.0)
+
+
+def _margin(p, z, drop=_dropped):
+    """TRAK's margin: the label's logit minus the log-sum-exp of the others."""
+    logits = _head(p, _features(p, z, drop))
+    label = torch.arange(logits.shape[0]) == z[1]
+    return (logits * label).sum() - torch.logsumexp(logits.masked_fill(label, -torch.inf), 0)
+
+
+def _trak(drop):
+    from dattri_fn.attribute import trak
+
+    return trak(lambda p, z: _margin(p, z, drop), weight_fn=lambda p, z: _ce(p, z, drop),
+                proj_dim=6, damping=0.1)
+
+
+def _representer(drop):
+    from dattri_fn.attribute import representer
+
+    return representer(lambda p, z: _features(p, z, drop), _head,
+                       lambda o, y: F.cross_entropy(o[None], y[None]), l2=0.05)
+
+
+BUILDERS = {"influence": _influence, "trak": _trak, "representer": _representer}
+
+
+@pytest.mark.parametrize("method", sorted(BUILDERS))
+@pytest.mark.parametrize("seed,M", [(0, 1), (3, 3)])
+def test_dropout_members_equal_the_mean_over_masks_fixed_by_hand(method, seed, M):
+    """s_ij = (1/M) sum_m s^m_ij for influence, TRAK and representer points, s^m the method run
+    on the model with member m's two masks fixed by hand; self_score is the mean diagonal, top_k
+    ranks the mean, and batching does not change a member."""
+    params, train = _classifier(seed)
+    _, test = _classifier(seed + 100, n=4)
+    build = BUILDERS[method]
+    ens = _members(method, M, seed)
+    state = ens.prepare(params, train)
+    S = ens.score(params, state, train, test)
+    S_ref, d_ref = _by_hand(build, seed, M, params, train, test)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ens.self_score(params, state, train), d_ref, rtol=1e-10,
+                               atol=1e-12)
+    x, y = train
+    listed = [(x[:3], y[:3]), (x[3:], y[3:])]
+    S_list = ens.score(params, ens.prepare(params, listed), listed, test)
+    torch.testing.assert_close(S_list, S, rtol=1e-10, atol=1e-12)
+    top = ens.score(params, state, train, test, top_k=2)
+    torch.testing.assert_close(top.values, torch.topk(S, 2, dim=0).values, rtol=0, atol=0)
+
+
+def _members(method, M, seed):
+    """The ensemble as a user writes it: the model's own functions passed through ``mask``."""
+    from dattri_fn.attribute import influence, representer, trak
+
+    build = {
+        "influence": lambda mask: influence(mask(_ce), solver="explicit", damping=1.0),
+        "trak": lambda mask: trak(mask(_margin), weight_fn=mask(_ce), proj_dim=6, damping=0.1),
+        "representer": lambda mask: representer(mask(_features), _head, lambda o, y:
+                                                F.cross_entropy(o[None], y[None]), l2=0.05),
+    }[method]
+    return dropout_members(build, n_masks=M, seed=seed)
+
+
+def test_dropout_mask_keeps_one_minus_p_and_differs_by_member_and_call():
+    """keep-rate of 10^5 entries within 5 sd of 1 - p (sd = sqrt(p(1-p)/n)); masks of other
+    members, calls or seeds differ; the same arguments give the same mask on every call."""
+    n, p = 100_000, 0.3
+    mask = dropout_mask((n,), p, seed=1, member=2, call=0)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    assert abs(float(mask.double().mean()) - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
+    assert torch.equal(mask, dropout_mask((n,), p, seed=1, member=2, call=0))
+    for other in ({"seed": 2, "member": 2, "call": 0}, {"seed": 1, "member": 3, "call": 0},
+                  {"seed": 1, "member": 2, "call": 1}):
+        agree = float((dropout_mask((n,), p, **other) == mask).double().mean())
+        # independent masks agree on p^2 + (1-p)^2 = 0.58 of the entries
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01
+    assert torch.equal(dropout_mask((4, 5), p, seed=0, member=0, call=0).flatten(),
+                       dropout_mask((20,), p, seed=0, member=0, call=0))
+
+
+def test_dropout_members_of_a_module_in_train_mode():
+    """nn.Dropout in train mode through mask(fm) (its per-example loss): Grad-Dot members differ,
+    the ensemble is seeded, the global RNG is untouched, M = 1 equals the by-hand single member."""
+    from dattri_fn.attribute import grad_dot
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(P_M), nn.Linear(6, 3)).to(D)
+    net.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        fm = functional_model(net, F.cross_entropy)
+    _, (x, y) = _classifier(4)
+    before = torch.random.get_rng_state()
+    ens = dropout_members(lambda mask: grad_dot(mask(fm)), n_masks=2, seed=5)
+    S = ens.score(fm.params, ens.prepare(fm.params, (x, y)), (x, y), (x, y))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    one = [dropout_members(lambda mask, m=m: grad_dot(mask(fm)), n_masks=m + 1, seed=5)
+           for m in range(2)]
+    S0 = one[0].score(fm.params, one[0].prepare(fm.params, (x, y)), (x, y), (x, y))
+    S1 = 2 * one[1].score(fm.params, one[1].prepare(fm.params, (x, y)), (x, y), (x, y)) - S0
+    assert not torch.allclose(S0, S1)
+    torch.testing.assert_close(S, (S0 + S1) / 2, rtol=1e-12, atol=1e-12)
+    keep = dropout_mask((6,), P_M, seed=5, member=0, call=0).to(D) / (1 - P_M)
+    by_hand = lambda p, z: F.cross_entropy((p["3.weight"] @ (torch.tanh(
+        p["0.weight"] @ z[0] + p["0.bias"]) * keep) + p["3.bias"])[None], z[1][None])
+    torch.testing.assert_close(S0, grad_dot(by_hand).score(fm.params, (), (x, y), (x, y)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_members_errors(tmp_path):
+    """Refused by name: no function through mask, no dropout applied (eval mode), channel
+    dropout, a store as train, another state, bad settings."""
+    from dattri_fn.attribute import grad_dot
+    from dattri_fn.store import record_store
+
+    params, train = _classifier(0)
+    with pytest.raises(ValueError, match=r"dropout_members\(build=...\): expected a method whose "
+                                         r"functions pass through mask"):
+        ens = dropout_members(lambda mask: grad_dot(lambda p, z: _ce(p, z, lambda x, c: x)),
+                              n_masks=2)
+        ens.score(params, ens.prepare(params, train), train, train)
+    no_drop = lambda p, z: F.cross_entropy(_head(p, torch.tanh(p["W1"] @ F.dropout(
+        z[0], 0.5, training=False) + p["b1"]))[None], z[1][None])
+    with pytest.raises(ValueError, match=r"dropout_members\(build=...\): expected masked "
+                                         r"functions that apply dropout"):
+        ens = dropout_members(lambda mask: grad_dot(mask(no_drop)), n_masks=2)
+        ens.score(params, ens.prepare(params, train), train, train)
+    channel = lambda p, z: _head(p, F.dropout1d(z[0][None], 0.5, training=True)[0] @ p["W1"].T
+                                 ).sum()
+    with pytest.raises(ValueError, match=r"dropout_members\(build=...\): expected dropout "
+                                         r"through F.dropout"):
+        ens = dropout_members(lambda mask: grad_dot(mask(channel)), n_masks=2)
+        ens.score(params, ens.prepare(params, train), train, train)
+    ens = dropout_members(lambda mask: grad_dot(mask(_ce)), n_masks=2)
+    state = ens.prepare(params, train)
+    with pytest.raises(TypeError, match=r"dropout_members.score\(train=...\): expected training "
+                                        r"data"):
+        ens.score(params, state, record_store(tmp_path, train, params=params), train)
+    with pytest.raises(TypeError, match=r"dropout_members.score\(state=...\): expected the "
+                                        r"MembersState"):
+        ens.score(params, (), train, train)
+    with pytest.raises(ValueError, match=r"dropout_members\(n_masks=...\)"):
+        dropout_members(lambda mask: grad_dot(mask(_ce)), n_masks=0)
+    with pytest.raises(TypeError, match=r"dropout_members\(build=...\): expected a function "
+                                        r"returning a Method"):
+        dropout_members(lambda mask: 3, n_masks=1)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from dattri_fn.attribute.ensemble import dropout_ensemble
+from dattri_fn.attribute import influence
+from dattri_fn.attribute.ensemble import dropout_ensemble, dropout_members
 from dattri_fn.attribute.magic import magic, metagradient
 from dattri_fn.attribute.representer import RepresenterState, representer
 from dattri_fn.store import build_store, open_store, record_store, stats_store
@@ -297,6 +298,39 @@ def test_dropout_ensemble_names_bad_lrs(lrs):
     _check_outcome("dropout_ensemble", lambda: dropout_ensemble(dropout_loss, n_masks=2,
                                                                 lrs=lrs).score([PARAMS], (),
                                                                                BATCH, BATCH))
+
+
+MEMBERS = dropout_members(lambda mask: influence(mask(dropout_loss), solver="explicit",
+                                                 damping=1.0), n_masks=2)
+MEMBERS_STATE = MEMBERS.prepare(PARAMS, BATCH)
+
+
+@pytest.mark.parametrize("corruption", sorted(DATA))
+def test_dropout_members_name_bad_data(corruption):
+    bad = DATA[corruption]
+    _check_outcome("dropout_members.prepare", lambda: MEMBERS.prepare(PARAMS, bad))
+    _check_outcome("dropout_members.score", lambda: MEMBERS.score(PARAMS, MEMBERS_STATE, BATCH,
+                                                                  bad))
+    _check_outcome("dropout_members.self_score", lambda: MEMBERS.self_score(PARAMS, MEMBERS_STATE,
+                                                                            bad))
+
+
+@pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
+def test_dropout_members_name_bad_params(corruption):
+    bad = PARAMS_BAD[corruption]
+    _check_outcome("dropout_members.score", lambda: MEMBERS.score(bad, MEMBERS_STATE, BATCH, BATCH))
+
+
+@pytest.mark.parametrize("corruption", sorted(INTS))
+def test_dropout_members_name_bad_settings(corruption):
+    bad = INTS[corruption]
+    _check_outcome("dropout_members", lambda: dropout_members(
+        lambda mask: influence(mask(dropout_loss)), n_masks=bad))
+    _check_outcome("dropout_members", lambda: dropout_members(
+        lambda mask: influence(mask(dropout_loss)), n_masks=2, seed=bad))
+    if bad is not None:
+        _check_outcome("dropout_members.score", lambda: MEMBERS.score(
+            PARAMS, MEMBERS_STATE, BATCH, BATCH, top_k=bad))
 
 
 # -- stores ------------------------------------------------------------------------------------
