@@ -175,3 +175,26 @@ def test_errors_name_the_argument():
         replay(step, (params, opt.init(params)), data, order, start=0, stop=4)
     with pytest.raises(ValueError, match=r"batch_order\(n=...\): expected an int >= 1"):
         batch_order(0)
+
+
+
+def test_adam_reverse_pass_is_finite_where_a_second_moment_stays_zero():
+    """A weight on an all-zero input keeps v = 0: d theta_2 / d w through two Adam steps is finite,
+    and such a run still equals torch.optim.Adam (1e-12)."""
+    module, params, loss, (x, y) = mlp_problem(seed=6)
+    x = x.clone()
+    x[:, 0] = 0  # the first column of "0.weight" gets exactly zero gradient
+    opt = adam(0.05)
+    step = make_step(loss, opt)
+    state = step(params, opt.init(params), (x, y), torch.ones(12, dtype=DT))
+    assert (state[1].nu["0.weight"][:, 0] == 0).all()
+
+    def second_step(w):
+        p, _ = step(*state, (x, y), w)
+        return sum(v.sum() for v in p.values())
+
+    assert torch.isfinite(torch.func.grad(second_step)(torch.ones(12, dtype=DT))).all()
+    order = batch_order(12, epochs=2)
+    run = train(step, params, opt.init(params), (x, y), order)
+    ref = torch_run(module, lambda ps: torch.optim.Adam(ps, lr=0.05), (x, y), order)
+    assert_params_close(run.params, ref, 1e-12)

@@ -125,6 +125,17 @@ def sgd(lr: float | Schedule, *, momentum: float = 0.0, weight_decay: float = 0.
     return Optimizer(init, update, "sgd")
 
 
+def _sqrt0(v: Tensor) -> Tensor:
+    """``sqrt(v)`` with derivative 0 where ``v == 0`` (bit-identical values).
+
+    ``v = 0`` exactly only where every gradient so far was 0 (a weight on a constant-zero input),
+    and then it stays 0 under any data weights: its true derivative is 0, while ``sqrt``'s is
+    inf, which made a reverse pass through Adam (MAGIC) return NaN (inf * 0).
+    """
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, 1).sqrt(), 0)
+
+
 def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer:
     sched = _schedule(func, lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -151,7 +162,7 @@ def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer
                 g = g + wd * p
             mu[k] = state.mu[k] + (1.0 - b1) * (g - state.mu[k])  # the lerp torch uses
             nu[k] = b2 * state.nu[k] + (1.0 - b2) * g * g
-            new_params[k] = p - step_size * mu[k] / (nu[k].sqrt() / root_c2 + eps)
+            new_params[k] = p - step_size * mu[k] / (_sqrt0(nu[k]) / root_c2 + eps)
         return new_params, AdamState(t, mu, nu)
 
     return Optimizer(init, update, func)
