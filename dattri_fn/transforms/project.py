@@ -687,23 +687,27 @@ class KroneckerProjector:
                                    rest_mask.k if rest_mask is not None else P_rest)
         self.proj_dim = sum(self.dims.values())
         self._mats: dict = {}
+        self._ops: dict = {}  # (factor, dtype, device) -> dense matrix or (picks, scale)
 
     def matrices(self, name: str, dtype: torch.dtype, device) -> tuple[Tensor | None, Tensor | None]:
         """Return layer ``name``'s dense ``(P_in [inp', k_in], P_out [out, k_out])`` (None:
-        that side is kept whole), kept per ``(dtype, device)``."""
+        that side is kept whole; a mask as its 0 / ``sqrt(rows / k)`` matrix), for tests and
+        small layers; kept per ``(dtype, device)``."""
         key = (name, dtype, _device_key(device))
         if key not in self._mats:
             self._mats[key] = tuple(None if f is None else f.matrix(dtype, device)
                                     for f in self.factors[name])
         return self._mats[key]
 
-    def _side(self, x: Tensor, f: _Factor | None, M: Tensor | None) -> Tensor:
+    def _side(self, x: Tensor, f: _Factor | None) -> Tensor:
+        """``x @ P`` along the last dim (a gather for ``mask``), ``P`` built once per dtype."""
         if f is None:
             return x
-        if f.kind == "mask":  # a gather, not a product with a mostly-zero matrix
-            idx, scale = f.picks(x.device)
-            return x[..., idx] * scale
-        return x @ M
+        key = (f, x.dtype, _device_key(x.device))
+        if key not in self._ops:
+            self._ops[key] = f.picks(x.device) if f.kind == "mask" else f.matrix(x.dtype, x.device)
+        op = self._ops[key]
+        return x[..., op[0]] * op[1] if f.kind == "mask" else x @ op
 
     def project_factors(self, name: str, a: Tensor, g: Tensor, *, positions: bool = False) -> Tensor:
         """Return ``vec(sum_t (P_out^T g_t)(P_in^T a_t)^T)`` of one layer.  # -> [..., k_out k_in]
@@ -711,29 +715,24 @@ class KroneckerProjector:
         ``a`` ``[..., inp']`` already holds the bias column (``[a, 1]``), ``g`` ``[..., out]``;
         ``positions``: the dim before the last is ``T`` and is summed over.
         """
-        Pi, Po = self.matrices(name, g.dtype, g.device)
         fi, fo = self.factors[name]
-        pa, pg = self._side(a, fi, Pi), self._side(g, fo, Po)
+        pa, pg = self._side(a, fi), self._side(g, fo)
         if positions:
             return torch.einsum("...to,...ti->...oi", pg, pa).flatten(-2)
         return (pg[..., :, None] * pa[..., None, :]).flatten(-2)
 
     def project_dense(self, name: str, G: Tensor) -> Tensor:
         """Return ``vec(P_out^T G P_in)`` from a dense ``G``.  # [..., out, inp'] -> [..., k_out k_in]"""
-        Pi, Po = self.matrices(name, G.dtype, G.device)
         fi, fo = self.factors[name]
-        X = self._side(G, fi, Pi).transpose(-1, -2)  # [..., k_in, out]
-        return self._side(X, fo, Po).transpose(-1, -2).flatten(-2)
+        X = self._side(G, fi).transpose(-1, -2)  # [..., k_in, out]
+        return self._side(X, fo).transpose(-1, -2).flatten(-2)
 
     def project_rest(self, X: Tensor) -> Tensor:
         """Return the rest's block from its raveled gradients ``[..., P_rest]``."""
         if self.rest_projector is not None:
             lead = X.shape[:-1]
             return self.rest_projector(X.reshape(-1, X.shape[-1])).reshape(*lead, -1)
-        if self._rest_mask is not None:
-            idx, scale = self._rest_mask.picks(X.device)
-            return X[..., idx] * scale
-        return X
+        return self._side(X, self._rest_mask)
 
     def layer_grads(self, lg) -> Tensor:
         """Return the projection of a :class:`~dattri_fn.transforms.layer_grads.LayerGrads`.  # -> [C, B, d]
