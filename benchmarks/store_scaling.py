@@ -1,7 +1,9 @@
-"""Store-backed Grad-Dot against n_train: time and peak memory; 1 vs 2 processes (gloo).
+"""Store-backed Grad-Dot, TRAK and EK-FAC influence against n_train: time and peak memory; 1 vs 2
+processes (gloo).
 
     OMP_NUM_THREADS=1 python -m benchmarks.store_scaling [--sizes 10000 50000 100000 200000]
         [--n-test 100] [--batch 1000] [--top-k 10] [--procs-n 100000] [--root DIR]
+        [--methods grad_dot trak ekfac] [--proj-dim 64]
 
 Model: multinomial logistic regression, 32 inputs -> 10 classes (P = 330, float32), seeded;
 data generated batch by batch from ``Generator(seed + batch index)`` (a re-iterable that holds
@@ -16,6 +18,19 @@ no rows), so the data themselves take no memory. Per size, each step in a fresh 
 * ``full``: the same with the whole ``[n, n_test]`` written to a ``.npy`` memmap (``out=``);
   its pages are file-backed, so they count in RSS until the kernel writes them back;
 * ``direct``: Grad-Dot top-k from the data, no store (reference, same run).
+
+TRAK (``proj_dim`` features, ``cache_features=False``) and EK-FAC influence (``solver="ekfac"``)
+run on the same logistic regression as an ``nn.Linear`` (a FunctionalModel, same weights), per
+size and step in a fresh process, with ``prepare`` (streamed over the generated data) done in
+the setup and timed as its own row:
+
+* ``prepare``: the method's state (TRAK: the projected kernel; EK-FAC: the factors and their
+  eigenvalue corrections), streamed over ``n`` rows;
+* ``record``: the first scoring through :func:`~dattri_fn.store.record_store` (the training
+  features computed from the data and written to the store while the top-k is kept);
+* ``store``: a second scoring with new test points from :func:`~dattri_fn.store.open_store`
+  (no training data read);
+* ``direct``: the top-k from the data without a store (reference, same run).
 
 Then ``--procs-n`` rows built and scored (top-k) by 1 process and by 2 gloo processes on
 loopback (:mod:`dattri_fn.distributed`: each rank builds its store part and scores it, rank 0
@@ -109,6 +124,65 @@ def setup_direct(n, batch, n_test, top_k):
     return lambda: float(m.score(params, (), Generated(n, batch), test, top_k=top_k).values.sum())
 
 
+def linear_model():
+    """The same logistic regression as :func:`problem`, as a FunctionalModel over nn.Linear."""
+    from dattri_fn import functional_model
+
+    params, _ = problem()
+    lin = torch.nn.Linear(DIM, CLASSES)
+    with torch.no_grad():
+        lin.weight.copy_(params["w"])
+        lin.bias.copy_(params["b"])
+    return functional_model(lin, torch.nn.functional.cross_entropy)
+
+
+def _method(name: str, proj_dim: int):
+    from dattri_fn.attribute import classification_margin, classification_weight, influence, trak
+
+    fm = linear_model()
+    if name == "trak":
+        m = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+                 proj_dim=proj_dim, cache_features=False, damping=1e-3)
+        return fm, m, {"method": "trak", "proj_dim": proj_dim, "seed": 0}
+    return fm, influence(fm, solver="ekfac", damping=1e-3), {"method": "ekfac"}
+
+
+def setup_method(step, name, path, n, batch, n_test, top_k, proj_dim):
+    """``step``: "prepare", "record", "store" or "direct" of method ``name`` on ``n`` rows."""
+    from dattri_fn.store import open_store, record_store
+
+    fm, m, config = _method(name, proj_dim)
+    small = Generated(256, 128)
+    m.score(fm.params, m.prepare(fm.params, small), small, _test(n_test), top_k=top_k)  # warm-up
+    data = Generated(n, batch)
+    if step == "prepare":
+        return lambda: m.prepare(fm.params, data) and None
+    state = m.prepare(fm.params, data)
+    test = _test(n_test) if step != "store" else next(iter(Generated(n_test, n_test, seed=10**7)))
+    train = {"record": lambda: record_store(path, data, params=fm.params, config=config),
+             "store": lambda: open_store(path, params=fm.params, config=config),
+             "direct": lambda: data}[step]
+    return lambda: float(m.score(fm.params, state, train(), test, top_k=top_k).values.sum())
+
+
+def method_rows(name, sizes, root, batch, n_test, top_k, proj_dim) -> None:
+    what = f"TRAK (proj_dim = {proj_dim}, cache_features=False)" if name == "trak" else \
+        "EK-FAC influence"
+    print(f"\nstore-backed {what}, n_test = {n_test}, top_k = {top_k}\n")
+    print("| n_train | prepare s | prepare peak MiB | record s | record peak MiB | store s | "
+          "store peak MiB | direct s | direct peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        path = os.path.join(root, f"{name}-{n}")
+        cells, errors = [], []
+        for step in ("prepare", "record", "store", "direct"):
+            s, peak, err = _timed(setup_method, step, name, path, n, batch, n_test, top_k, proj_dim)
+            cells += [f"{s:.2f}", f"{peak:.1f}"]
+            errors += [err] if err else []
+        print(f"| {n:,} | " + " | ".join(cells) + " |" + " ".join(errors), flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _timed(fn, *args):
     from benchmarks.peak import measure_peak
 
@@ -178,6 +252,32 @@ def procs_wall(world, root, n, batch, n_test, top_k) -> tuple[float, float]:
     return t1 - t0, check
 
 
+def grad_dot_rows(args, root) -> None:
+    print(f"store-backed Grad-Dot, P = {CLASSES * DIM + CLASSES}, float32, n_test = {args.n_test}, "
+          f"batch = {args.batch}, top_k = {args.top_k}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)\n")
+    print(f"| n_train | store MiB | build s | build peak MiB | build s ({args.coarse:,}-row shards) | "
+          "top-k s | top-k peak MiB | full s | full peak MiB | direct top-k s | direct peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        path = os.path.join(root, f"store-{n}")
+        tb, pb, e1 = _timed(setup_build, path, n, args.batch)
+        mib = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+        coarse = os.path.join(root, f"coarse-{n}")
+        tc, _, e0 = _timed(setup_build, coarse, n, args.batch, args.coarse)
+        shutil.rmtree(coarse, ignore_errors=True)
+        ts, ps, e2 = _timed(setup_score, path, args.n_test, args.top_k, None)
+        out = os.path.join(root, f"scores-{n}.npy")
+        tf, pf, e3 = _timed(setup_score, path, args.n_test, args.top_k, out)
+        td, pd, e4 = _timed(setup_direct, n, args.batch, args.n_test, args.top_k)
+        print(f"| {n:,} | {mib:.0f} | {tb:.2f} | {pb:.1f} | {tc:.2f} | {ts:.2f} | {ps:.1f} | "
+              f"{tf:.2f} | {pf:.1f} | {td:.2f} | {pd:.1f} |"
+              + " ".join(e for e in (e0, e1, e2, e3, e4) if e), flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(out):
+            os.remove(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 50_000, 100_000, 200_000])
@@ -187,32 +287,18 @@ def main(argv=None):
     ap.add_argument("--procs-n", type=int, default=100_000)
     ap.add_argument("--coarse", type=int, default=10_000, help="shard_rows of the coarse build")
     ap.add_argument("--root", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--methods", nargs="*", default=["grad_dot", "trak", "ekfac"],
+                    choices=["grad_dot", "trak", "ekfac"])
+    ap.add_argument("--proj-dim", type=int, default=64, help="TRAK's projection size")
     args = ap.parse_args(argv)
     root = args.root or tempfile.mkdtemp(prefix="store_scaling_")
-    print(f"store-backed Grad-Dot, P = {CLASSES * DIM + CLASSES}, float32, n_test = {args.n_test}, "
-          f"batch = {args.batch}, top_k = {args.top_k}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)\n")
-    print(f"| n_train | store MiB | build s | build peak MiB | build s ({args.coarse:,}-row shards) | "
-          "top-k s | top-k peak MiB | full s | full peak MiB | direct top-k s | direct peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     try:
-        for n in args.sizes:
-            path = os.path.join(root, f"store-{n}")
-            tb, pb, e1 = _timed(setup_build, path, n, args.batch)
-            mib = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
-            coarse = os.path.join(root, f"coarse-{n}")
-            tc, _, e0 = _timed(setup_build, coarse, n, args.batch, args.coarse)
-            shutil.rmtree(coarse, ignore_errors=True)
-            ts, ps, e2 = _timed(setup_score, path, args.n_test, args.top_k, None)
-            out = os.path.join(root, f"scores-{n}.npy")
-            tf, pf, e3 = _timed(setup_score, path, args.n_test, args.top_k, out)
-            td, pd, e4 = _timed(setup_direct, n, args.batch, args.n_test, args.top_k)
-            print(f"| {n:,} | {mib:.0f} | {tb:.2f} | {pb:.1f} | {tc:.2f} | {ts:.2f} | {ps:.1f} | "
-                  f"{tf:.2f} | {pf:.1f} | {td:.2f} | {pd:.1f} |"
-                  + " ".join(e for e in (e0, e1, e2, e3, e4) if e), flush=True)
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.exists(out):
-                os.remove(out)
+        if "grad_dot" in args.methods:
+            grad_dot_rows(args, root)
+        for name in ("trak", "ekfac"):
+            if name in args.methods:
+                method_rows(name, args.sizes, root, args.batch, args.n_test, args.top_k,
+                            args.proj_dim)
         if args.procs_n:
             print("\n| processes (gloo) | n_train | build + top-k wall s | speed-up | sum of top-k |")
             print("|---|---|---|---|---|")
