@@ -132,15 +132,35 @@ def test_record_stores_per_example_gradients_of_every_step(tmp_path, proj_dim):
     assert len(record.grad_stores) == len(order)
     P = sum(v.numel() for v in params.values())
     for path, (p, (xb, yb)) in zip(record.grad_stores, seen, strict=True):
-        ref = []
-        for i in range(len(yb)):
-            pp = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
-            g = torch.autograd.grad(loss(pp, (xb[i], yb[i])), list(pp.values()))
-            ref.append(torch.cat([t.reshape(-1) for t in g]))
-        ref = torch.stack(ref)
+        ref = torch.stack([_grad(loss, p, (xb[i], yb[i])) for i in range(len(yb))])
         if proj_dim is not None:
             ref = ref @ make_projector(P, proj_dim=proj_dim, seed=3, dtype=DT).matrix()
         torch.testing.assert_close(open_store(path).read(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_record_stores_gradients_from_a_plain_torch_loop(tmp_path):
+    """nn.Parameters in, torch.optim.SGD loop: step t's store == per-example grads at theta_t, 1e-12."""
+    module, _, loss, (x, y) = mlp_problem(n=12, seed=5)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    named = dict(module.named_parameters())
+    rec = start_record(opt, grads=GradSpec(loss, str(tmp_path)))
+    seen = []
+    for rows in batch_order(12, batch_size=6, epochs=1, seed=0):
+        seen.append({k: v.detach().clone() for k, v in named.items()})
+        rec = record_step(rec, rows, lr=torch.tensor(0.1), params=named, opt_state=opt,
+                          batch=(x[rows], y[rows]))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x[rows]), y[rows]).backward()
+        opt.step()
+    record = finish_record(rec, params=named, opt_state=opt)
+    for path, p, rows in zip(record.grad_stores, seen, record.order, strict=True):
+        ref = torch.stack([_grad(loss, p, (x[i], y[i])) for i in rows])
+        torch.testing.assert_close(open_store(path).read(), ref, rtol=1e-12, atol=1e-12)
+
+
+def _grad(loss, params, example):
+    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(p, example), list(p.values()))])
 
 
 def test_record_errors_name_the_argument():

@@ -243,6 +243,8 @@ def record_step(rec: Recording, rows: Tensor, *, lr: float, params: Params | Non
     if not isinstance(rows, Tensor) or rows.ndim != 1 or rows.is_floating_point():
         raise ValueError(_msg(func, "rows", "a 1-d integer index tensor",
                               repr(getattr(rows, "shape", type(rows).__name__))))
+    if isinstance(lr, Tensor) and lr.numel() == 1:  # a tensor learning rate of a torch.optim group
+        lr = float(lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(_msg(func, "lr", "a finite float >= 0", repr(lr)))
     t = len(rec.order)
@@ -257,7 +259,8 @@ def record_step(rec: Recording, rows: Tensor, *, lr: float, params: Params | Non
         if params is None or batch is None:
             raise ValueError(_msg(func, "batch", "params and batch at every step (the record "
                                   "stores per-example gradients)", "None"))
-        stores = stores + (_grad_store(rec, t, check_params(func, "params", params), batch),)
+        params = {k: v.detach() for k, v in check_params(func, "params", params).items()}
+        stores = stores + (_grad_store(rec, t, params, batch),)
     return rec._replace(order=rec.order + (rows.detach().to("cpu", torch.int64).clone(),),
                         lrs=rec.lrs + (float(lr),), checkpoints=checkpoints, grad_stores=stores)
 
