@@ -1,6 +1,6 @@
 """LESS, AdamW-influence and SOURCE from a recorded AdamW run, next to MAGIC, on digits-mlp.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.training_methods [--quick]
+    OMP_NUM_THREADS=1 python -m benchmarks.training_methods [--optimizer sgd] [--quick]
 
 The run: digits-mlp (``get_task("digits-mlp", n_train=500, n_test=50)``, its 64-32-10 tanh MLP
 from ``make_model(0)``), trained by the functional AdamW (:mod:`dattri_fn.training`,
@@ -21,11 +21,17 @@ the same AdamW run), SOURCE (Gauss-Newton, 3 segments), LESS and AdamW-influence
 recorded checkpoints, TracIn-Cos over the same checkpoints with their learning rates, and
 Grad-Dot at the final parameters. Every method scores the margin (its negative as the test
 "loss" for the loss-convention methods).
+
+``--optimizer sgd``: the same with plain SGD (no momentum, ``cosine_schedule(0.2, T)``, coupled
+weight decay 1e-3), recorded with per-step gradient stores projected to ``--proj-dim`` (512)
+in a temporary directory; LESS and AdamW-influence (Adam only) give way to DVEmb (recorded
+Fisher, in the projected space).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
 
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from dattri_fn.attribute.adamw_influence import adamw_influence
+from dattri_fn.attribute.dvemb import dvemb
 from dattri_fn.attribute.gradsim import grad_dot, tracin_cos
 from dattri_fn.attribute.less import less
 from dattri_fn.attribute.magic import magic
@@ -44,18 +51,22 @@ from dattri_fn.eval.retrain import draw_subsets
 from dattri_fn.eval.tasks import get_task
 from dattri_fn.model import functional_model
 from dattri_fn.training import (
+    GradSpec,
     adamw,
     batch_order,
     cosine_schedule,
     finish_record,
     make_step,
     record_step,
+    sgd,
     start_record,
     take,
     train,
 )
 
 HP = dict(lr=1e-2, weight_decay=1e-3, batch_size=64, epochs=20, every=20)
+# --optimizer sgd: plain SGD (DVEmb's setting: no momentum), cosine decay from SGD_LR.
+SGD_LR = 0.2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subsets", type=int, default=64)
     p.add_argument("--epochs", type=int, default=HP["epochs"])
     p.add_argument("--every", type=int, default=HP["every"], help="steps between checkpoints")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="sgd: plain SGD, recorded with per-step gradient stores (adds DVEmb)")
+    p.add_argument("--proj-dim", type=int, default=512, help="DVEmb's store projection")
     p.add_argument("--quick", action="store_true",
                    help="n_train 120, n_test 10, 16 subsets, 4 epochs, a checkpoint every 2 steps")
     args = p.parse_args(argv)
@@ -74,21 +88,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+KIND = "adamw"
+
+
+def schedule(T: int):
+    return cosine_schedule(HP["lr"] if KIND == "adamw" else SGD_LR, T)
+
+
 def optimizer(T: int):
-    return adamw(cosine_schedule(HP["lr"], T), weight_decay=HP["weight_decay"])
+    if KIND == "sgd":
+        return sgd(schedule(T), weight_decay=HP["weight_decay"])
+    return adamw(schedule(T), weight_decay=HP["weight_decay"])
 
 
-def recorded_run(fm, data, order, every):
-    """The user's loop: pure AdamW steps, recorded every ``every`` steps."""
+def recorded_run(fm, data, order, every, grads=None):
+    """The user's loop: pure steps, recorded every ``every`` steps (and per-step gradient
+    stores with ``grads``)."""
     T = len(order)
-    sched = cosine_schedule(HP["lr"], T)
+    sched = schedule(T)
     step = make_step(fm, optimizer(T))
     opt = optimizer(T)
     params, state = fm.params, opt.init(fm.params)
-    rec = start_record("adamw", checkpoint_every=every, weight_decay=HP["weight_decay"])
+    rec = start_record(KIND, checkpoint_every=every, weight_decay=HP["weight_decay"], grads=grads)
     for t, rows in enumerate(order):
-        rec = record_step(rec, rows, lr=sched(t), params=params, opt_state=state)
         batch = take(data, rows)
+        rec = record_step(rec, rows, lr=sched(t), params=params, opt_state=state, batch=batch)
         params, state = step(params, state, batch, torch.ones(len(rows)))
     return finish_record(rec, params=params, opt_state=state)
 
@@ -122,8 +146,10 @@ def ground_truth(task, fm, subsets, epochs, *, fixed: bool = False):
 
 
 def main(argv=None) -> list[dict]:
+    global KIND
     warnings.simplefilter("ignore")
     args = parse_args(argv)
+    KIND = args.optimizer
     torch.set_num_threads(1)
     task = get_task("digits-mlp", n_train=args.n_train, n_test=args.n_test)
     model = task.make_model(0)
@@ -132,9 +158,28 @@ def main(argv=None) -> list[dict]:
     neg_margin = lambda p, ex: -margin(p, ex)  # noqa: E731 - the loss-convention test side
     data, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
     order = batch_order(task.n_train, batch_size=HP["batch_size"], epochs=args.epochs, seed=0)
-    t0 = time.perf_counter()
-    record = recorded_run(fm, data, order, args.every)
-    t_run = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        grads = GradSpec(fm.loss, tmp, args.proj_dim) if KIND == "sgd" else None
+        t0 = time.perf_counter()
+        record = recorded_run(fm, data, order, args.every, grads)
+        t_run = time.perf_counter() - t0
+        rows, t_gt, gts = evaluate(args, task, fm, margin, neg_margin, data, test, order, record)
+    opt_text = "AdamW" if KIND == "adamw" else f"plain SGD (stores projected to {args.proj_dim})"
+    ckpts = [c for c in record.checkpoints if c.step < record.steps]
+    print(f"\n### digits-mlp trained by {opt_text}, functional and recorded: "
+          f"n_train={task.n_train}, n_test={task.n_test}, T={len(order)} steps, {len(ckpts)} "
+          f"checkpoints; LDS over m={args.subsets} half-subsets, one model each\n")
+    print("| method | LDS std [95% CI] | LDS fixed [95% CI] | prepare + score s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        cells = " | ".join(f"{r[k][0]:.3f} [{r[k][1]:.3f}, {r[k][2]:.3f}]" for k in gts)
+        print(f"| {r['method']} | {cells} | {r['seconds']:.1f} |")
+    print(f"\n(recorded run {t_run:.1f}s; ground truths 2 x {args.subsets} retrainings "
+          f"{t_gt:.1f}s)")
+    return rows
+
+
+def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
     subsets = draw_subsets(task.n_train, args.subsets, seed=0)
     t0 = time.perf_counter()
     gts = {"std": ground_truth(task, fm, subsets, args.epochs),
@@ -146,11 +191,14 @@ def main(argv=None) -> list[dict]:
         "magic": (magic(fm, optimizer(len(order)), epochs=args.epochs,
                         batch_size=HP["batch_size"], seed=[0], target=margin), fm.params),
         "source (gn, L=3)": (source(fm, segments=3, target=neg_margin), record),
-        "less": (less(fm, target=neg_margin), record),
-        "adamw-influence": (adamw_influence(fm, target=neg_margin), record),
-        "tracin-cos": (tracin_cos(fm, lrs=lrs, target=neg_margin), [c.params for c in ckpts]),
-        "grad-dot (final)": (grad_dot(fm, target=neg_margin), record.final.params),
     }
+    if KIND == "adamw":
+        methods["less"] = (less(fm, target=neg_margin), record)
+        methods["adamw-influence"] = (adamw_influence(fm, target=neg_margin), record)
+    else:
+        methods[f"dvemb (fisher, d={args.proj_dim})"] = (dvemb(fm, target=neg_margin), record)
+    methods["tracin-cos"] = (tracin_cos(fm, lrs=lrs, target=neg_margin), [c.params for c in ckpts])
+    methods["grad-dot (final)"] = (grad_dot(fm, target=neg_margin), record.final.params)
     rows = []
     for name, (method, params) in methods.items():
         t0 = time.perf_counter()
@@ -162,17 +210,7 @@ def main(argv=None) -> list[dict]:
             res = lds(scores.double(), subsets, targets.double())
             row[label] = (float(res.mean), *map(float, res.ci95))
         rows.append(row)
-    print(f"\n### digits-mlp trained by AdamW (functional, recorded): n_train={task.n_train}, "
-          f"n_test={task.n_test}, T={len(order)} steps, {len(ckpts)} checkpoints; "
-          f"LDS over m={args.subsets} half-subsets, one model each\n")
-    print("| method | LDS std [95% CI] | LDS fixed [95% CI] | prepare + score s |")
-    print("|---|---|---|---|")
-    for r in rows:
-        cells = " | ".join(f"{r[k][0]:.3f} [{r[k][1]:.3f}, {r[k][2]:.3f}]" for k in gts)
-        print(f"| {r['method']} | {cells} | {r['seconds']:.1f} |")
-    print(f"\n(recorded run {t_run:.1f}s; ground truths 2 x {args.subsets} retrainings "
-          f"{t_gt:.1f}s)")
-    return rows
+    return rows, t_gt, gts
 
 
 if __name__ == "__main__":
