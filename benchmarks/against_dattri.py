@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -293,13 +294,18 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
         wrapped = nn.Sequential(_AtLeast2d(), copy.deepcopy(models[0]))
         block_task = AttributionTask(loss_func=batch_loss, model=wrapped,
                                      checkpoints=wrapped.state_dict())
+        # dattri writes batch_metadata.json into cache_dir (default: the working directory)
+        # and reads it back on the next run: a fresh directory per attributor
+        where = tempfile.mkdtemp(prefix="dattri_block_")
         if name == "logra":
             att = da.LoGraAttributor(block_task, hessian="eFIM", damping=BLOCK_DAMPING,
-                                     device=device, proj_dim=LOGRA_K ** 2, offload="none")
+                                     device=device, proj_dim=LOGRA_K ** 2, offload="none",
+                                     cache_dir=where)
         else:
             att = da.FactGraSSAttributor(block_task, hessian="eFIM", damping=BLOCK_DAMPING,
                                          device=device, proj_dim=FACTGRASS_DIM,
-                                         blowup_factor=FACTGRASS_BLOWUP, offload="none")
+                                         blowup_factor=FACTGRASS_BLOWUP, offload="none",
+                                         cache_dir=where)
         return Runner(lambda: att.cache(s.train), lambda _: att.attribute(s.train, s.test))
     if name == "if-lissa":
         scale = matched_lissa_scale(task, models, hp)

@@ -52,6 +52,7 @@ from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
 CURVATURES = ("fisher", "identity")
+_DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is applied as a matmul
 
 
 class FactGraSSState(NamedTuple):
@@ -143,6 +144,20 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             sketches[key] = (stage1, stage2)
         return sketches[key]
 
+    dense_r: dict = {}  # (projector, dtype, device) -> its [w, d] matrix, when small
+
+    def stage_two(R, piece: Tensor) -> Tensor:  # [b, w] -> [b, d]
+        """``piece @ R``; a small count-sketch as one dense product (index_add_ per call costs
+        more than the [w, d] matmul below ~2**20 entries; the same matrix)."""
+        if R is None:
+            return piece
+        if R.dim * R.proj_dim > _DENSE_STAGE2:
+            return R(piece)
+        key = (id(R), piece.dtype, piece.device)
+        if key not in dense_r:
+            dense_r[key] = R.matrix(piece.dtype, piece.device)
+        return piece @ dense_r[key]
+
     def state_of(func: str, params) -> dict:
         if isinstance(params, (list, tuple)):
             raise TypeError(_msg(func, "params", "one params dict (FactGraSS runs on one "
@@ -167,9 +182,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     S = stage1.layer_grads(layer_grads_stacked(plan, stacked, part))[0]
                     pieces, start = [], 0
                     for blk, w in stage1.dims.items():
-                        R = stage2[blk]
                         piece = S[:, start:start + w]
-                        pieces.append(piece if R is None else R(piece))
+                        pieces.append(stage_two(stage2[blk], piece))
                         start += w
                     out.append(torch.cat(pieces, 1))
             return out[0] if len(out) == 1 else torch.cat(out)
