@@ -36,7 +36,15 @@ path uses the same draws and the same accumulation order, so all return bit-iden
 (on the CPU; a held rademacher ``R`` with ``d`` not a multiple of 8 is a strided view, which a
 GPU BLAS may sum in another order).
 
+Kronecker-factored projections (:func:`make_kronecker_projector`): for a layer whose per-example
+gradient is ``G = sum_t g_t [a_t, 1]^T`` (the capture engine's factors), ``vec(P_out^T G P_in) =
+kron(P_out, P_in)^T vec(G)`` is formed from ``P_out^T g_t`` and ``P_in^T [a_t, 1]`` without ``G``
+(LoGra's projection; with ``kind="mask"`` FactGraSS's first stage).
+
 References:
+    Choe et al., "What is Your Data Worth to GPT?" (2024), arXiv:2405.13954 (LoGra).
+    Hu et al., "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
+    Projection" (2025), arXiv:2505.18976 (masks, FactGraSS).
     Johnson & Lindenstrauss, "Extensions of Lipschitz mappings into a Hilbert space" (1984).
     Achlioptas, "Database-friendly random projections" (PODS 2001 / JCSS 2003).
     Charikar, Chen & Farach-Colton, "Finding frequent items in data streams" (ICALP 2002).
