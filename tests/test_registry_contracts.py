@@ -19,7 +19,13 @@ from dattri_fn.testing import (
     ridge_regression,
     sequence_model,
 )
-from dattri_fn.testing.registry import METHODS, OPERATORS, PROJECTORS, SOLVERS
+from dattri_fn.testing.registry import (
+    METHODS,
+    MIXED_INPUT_DEFECTS,
+    OPERATORS,
+    PROJECTORS,
+    SOLVERS,
+)
 
 # One instance per kind, small enough that each check takes about a second.
 PROBLEMS = {
@@ -58,6 +64,20 @@ def test_operator_contract(device, name, problem):
     assert OPERATORS[name].applies(p)
     op, reference = OPERATORS[name].build(p)
     check_linop(op, reference=reference, name=name, **OPERATORS[name].options)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                            reason=MIXED_INPUT_DEFECTS[n]))
+    if n in MIXED_INPUT_DEFECTS else n for n in sorted(OPERATORS)])
+def test_operator_mixed_input_contract(device, name):
+    """check_linop(mixed_input="follow_or_refuse"): float32 rows to a float64 operator are
+    computed in float32 or refused naming V. The known defects (registry.MIXED_INPUT_DEFECTS)
+    are expected to fail; a fixed one passes unexpectedly and must leave that list."""
+    p, _ = _problem("mlp", device)
+    op, _ = OPERATORS[name].build(p)
+    options = {k: v for k, v in OPERATORS[name].options.items() if k != "mixed_input"}
+    check_linop(op, name=name, dense=False, mixed_input="follow_or_refuse", **options)
 
 
 @pytest.mark.parametrize("name", sorted(PROJECTORS))

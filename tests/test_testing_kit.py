@@ -357,3 +357,105 @@ def test_default_loo_bound_holds_for_exact_influence(problem):
     """influence(explicit, Hessian, damping 1e-3) keeps every check_method contract, LOO corr
     >= 0.85 included, on fitted convex draws: the default bound rejects no correct method there."""
     check_method(influence(problem.loss, solver="explicit", damping=1e-3), problem)
+
+
+# -- issue 19 leftovers: mixed input dtypes, solver diagnostics --------------------------------
+def _spd(P=5):
+    from dattri_fn.testing import spd_matrix
+
+    return spd_matrix(P, 0)
+
+
+def test_check_linop_mixed_input_catches_promotion_and_raw_errors():
+    """float32 rows to a float64 operator: a silent float64 output, a raw torch error and an
+    error naming another argument each fail 'another input dtype/device'; an operator that
+    follows the input passes 'follow', one that refuses naming V passes 'refuse'."""
+    A = _spd()
+    P = A.shape[0]
+
+    def refusing(V):
+        if V.dtype != F64:
+            raise TypeError(f"refusing(V=...): expected {F64}, got {V.dtype}.")
+        return V @ A.T
+
+    def blaming(V):
+        if V.dtype != F64:
+            raise ValueError("refusing(data=...): expected floats, got something else.")
+        return V @ A.T
+
+    follow = LinOp(lambda V: V @ A.T.to(V.dtype), P, F64, "cpu", name="follow")
+    refuse = LinOp(refusing, P, F64, "cpu", name="refuse")
+    for op, prop, mode in [
+        (LinOp(lambda V: V.double() @ A.T, P, F64, "cpu", name="promote"), "got torch.float64",
+         "follow_or_refuse"),
+        (LinOp(lambda V: V @ A.T, P, F64, "cpu", name="raw"), "raw RuntimeError",
+         "follow_or_refuse"),
+        (LinOp(blaming, P, F64, "cpu", name="blame"), "not naming V", "follow_or_refuse"),
+        (follow, "computed without an error", "refuse"),
+        (refuse, "TypeError: refusing", "follow"),
+    ]:
+        with pytest.raises(AssertionError, match=rf"check_linop\({op.name}\): another input "
+                                                 rf"dtype/device.* violated: .*{prop}"):
+            check_linop(op, mixed_input=mode)
+    for mode in ("follow", "follow_or_refuse"):
+        check_linop(follow, mixed_input=mode)
+    for mode in ("refuse", "follow_or_refuse"):
+        check_linop(refuse, mixed_input=mode)
+    with pytest.raises(ValueError, match=r"check_linop\(mixed_input=...\): expected None or one"):
+        check_linop(follow, mixed_input="sometimes")
+
+
+def _cg_report(op, damping, V):
+    from dattri_fn.solve import cg_solve
+
+    return cg_solve(op, V, damping=damping, rtol=1e-12, max_iter=200)
+
+
+def _cg(op, damping=0.0):
+    from dattri_fn.solve import ihvp_cg
+
+    return ihvp_cg(op, damping=damping, rtol=1e-12, max_iter=200)
+
+
+def test_check_inverse_checks_diagnostics():
+    """CG with its own CGResult passes; a report that claims every row converged (on the
+    indefinite operator it stops early on) fails, as does one without 'converged' or one
+    describing another answer than the solver's."""
+    check_inverse(_cg, rtol=1e-8, diagnostics=_cg_report)
+
+    def lying(op, damping, V):
+        r = _cg_report(op, damping, V)
+        return r._replace(converged=torch.ones_like(r.converged),
+                          negative_curvature=torch.zeros_like(r.negative_curvature))
+
+    with pytest.raises(AssertionError, match=r"check_inverse\(_cg\): diagnostics never claim a "
+                                             r"wrong row converged \(indefinite\) violated: row"):
+        check_inverse(_cg, rtol=1e-8, diagnostics=lying)
+    with pytest.raises(AssertionError, match=r"diagnostics present \(spd dense torch.float64\) "
+                                             r"violated: converged should be a bool tensor"):
+        check_inverse(_cg, rtol=1e-8, diagnostics=lambda op, d, V: (_cg_report(op, d, V).x,))
+    loose = lambda op, d, V: _cg_report(op, d, V)._replace(x=_cg_report(op, d, V).x * (1 + 1e-3))
+    with pytest.raises(AssertionError, match=r"diagnostics describe the output"):
+        check_inverse(_cg, rtol=1e-8, diagnostics=loose)
+
+
+def test_check_inverse_counts_flagged_diagnostics_as_saying_so():
+    """A CG that never warns is silent on the indefinite operator, and fails, unless its report
+    flags the rows it did not solve: then it passes."""
+    import warnings
+
+    def quiet(op, damping=0.0):
+        inv = _cg(op, damping)
+
+        def solve(V):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return inv(V)
+
+        return LinOp(solve, inv.dim, inv.dtype, inv.device, name="quiet")
+
+    quiet.__name__ = "quiet"
+    with pytest.raises(AssertionError, match=r"check_inverse\(quiet\): never silent on an "
+                                             r"indefinite operator"):
+        check_inverse(quiet, rtol=1e-8)
+    check_inverse(quiet, rtol=1e-8, diagnostics=_cg_report)

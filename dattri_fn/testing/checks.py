@@ -14,6 +14,7 @@ gives the one used when none is passed: 1e-10 in float64, 1e-4 in float32, 1e-2 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -91,16 +92,32 @@ def _name(obj, fallback: str) -> str:
 
 
 # -- operators ------------------------------------------------------------------------------------
+MIXED_INPUT = ("follow", "refuse", "follow_or_refuse")
+_NAMES_V = re.compile(r"^[\w.()\[\] +*-]*\(V=\.\.\.\): expected")
+
+
 def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetric: bool = True,
                 dense: bool = True, k: int = 3, seed: int = 0, rtol: float | None = None,
-                name: str | None = None) -> None:
+                mixed_input: str | None = None, name: str | None = None) -> None:
     """Check the LinOp contract of ``op`` on ``k`` seeded random rows.
 
     Properties: the output has the input's shape, dtype and device and is finite; rows are
     independent (``op(V)[i] == op(V[i:i+1])[0]``, ``op(v) == op(v[None])[0]``); linearity
     (``op(a U + b V) == a op(U) + b op(V)``); determinism (a second call is bitwise equal);
     symmetry ``<u, A v> == <A u, v>`` (unless ``symmetric=False``); ``op.dense()`` applied to
-    the rows equals ``op`` and, with ``reference`` (a dense ``[P, P]``), equals it.
+    the rows equals ``op`` and, with ``reference`` (a dense ``[P, P]``), equals it; rows in
+    ANOTHER dtype than the operator's (float32 for a float64 operator and back; another device
+    too when one is available) get the ``mixed_input`` contract:
+
+    - ``"follow"``: the output has the input's dtype and device, and the values of ``op`` (to
+      the lower precision's :func:`default_rtol`);
+    - ``"refuse"``: a TypeError or ValueError naming ``V`` (``"<op>(V=...): expected ..."``);
+    - ``"follow_or_refuse"``: either; what fails is an output in another dtype than the input's
+      (a silent promotion), or a raw torch error (a dtype mismatch deep in a matmul);
+    - None (default): not checked. It is opt-in because a plain ``LinOp(lambda V: V @ A.T,
+      ...)`` (and a dense ``op`` given as a tensor) meets neither; the library's own
+      operators that meet it are checked with ``"follow_or_refuse"``
+      (:data:`~dattri_fn.testing.registry.MIXED_INPUT_DEFECTS` lists the others).
 
     Args:
         op: a :class:`~dattri_fn.LinOp` or a dense ``[P, P]`` tensor.
@@ -108,11 +125,15 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
         dense: check ``op.dense()`` (``P`` products; False for a large operator without a
             reference).
         rtol: relative to the largest magnitude compared (default :func:`default_rtol`).
+        mixed_input: the contract for rows of another dtype/device (above).
 
     Raises:
         AssertionError: naming the violated property and the worst row/entry.
     """
     check = "check_linop"
+    if mixed_input is not None and mixed_input not in MIXED_INPUT:
+        raise ValueError(f"check_linop(mixed_input=...): expected None or one of "
+                         f"{list(MIXED_INPUT)}, got {mixed_input!r}.")
     op = as_linop(op, name="check_linop(op=...)") if isinstance(op, Tensor) else op
     if not isinstance(op, LinOp):
         raise TypeError(f"check_linop(op=...): expected a LinOp or a [P, P] tensor, got "
@@ -156,6 +177,12 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
     if symmetric:
         _assert_close(check, name, "symmetry <u_i, A v_j> == <A u_i, v_j>", U @ out.T,
                       op(U) @ V.T, rtol, labels=("u", "v"))
+    if mixed_input is not None:
+        other = torch.float32 if dtype == torch.float64 else torch.float64
+        _check_mixed(name, op, V, out, mixed_input, dtype=other)
+        if torch.cuda.is_available():
+            _check_mixed(name, op, V, out, mixed_input,
+                         device=torch.device("cpu" if device.type == "cuda" else "cuda"))
     if reference is not None or dense:
         D = op.dense()
         if tuple(D.shape) != (P, P):
@@ -164,6 +191,35 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
         if reference is not None:
             ref = reference.to(dtype=D.dtype, device=D.device)
             _assert_close(check, name, "equals the dense reference", D, ref, rtol)
+
+
+def _check_mixed(name: str, op, V: Tensor, out: Tensor, mode: str, *, dtype=None,
+                 device=None) -> None:
+    """The ``mixed_input`` contract of :func:`check_linop` for ``V`` moved to ``dtype``/``device``."""
+    check = "check_linop"
+    W = V.to(dtype=dtype or V.dtype, device=device or V.device)
+    what = f"{W.dtype} on {W.device} rows to an operator of {V.dtype} on {V.device}"
+    prop = {"follow": "another input dtype/device: the output follows the input",
+            "refuse": "another input dtype/device: refused naming V",
+            "follow_or_refuse": "another input dtype/device: the output follows the input, or "
+                                "a TypeError/ValueError naming V"}[mode]
+    try:
+        got = op(W)
+    except (TypeError, ValueError) as err:
+        if mode == "follow":
+            _fail(check, name, prop, f"{what}: {type(err).__name__}: {err}")
+        if not _NAMES_V.match(str(err)):
+            _fail(check, name, prop, f"{what}: {type(err).__name__} not naming V: {err}")
+        return
+    except Exception as err:  # a raw torch error is what this property is about
+        _fail(check, name, prop, f"{what}: raw {type(err).__name__}: {str(err).splitlines()[0]}")
+    if mode == "refuse":
+        _fail(check, name, prop, f"{what}: computed without an error")
+    if not isinstance(got, Tensor) or got.dtype != W.dtype or got.device != W.device:
+        desc = f"{got.dtype} on {got.device}" if isinstance(got, Tensor) else type(got).__name__
+        _fail(check, name, prop, f"{what}: got {desc}")
+    low = torch.float32 if torch.float32 in (W.dtype, V.dtype) else W.dtype
+    _assert_close(check, name, f"{prop} (values)", got.to(out), out, default_rtol(low))
 
 
 # -- inverse solvers ------------------------------------------------------------------------------
@@ -183,6 +239,39 @@ class _Outcome:
     @property
     def said_so(self) -> bool:
         return self.error is not None or bool(self.warnings)
+
+
+def _diagnose(name: str, where: str, diagnostics, op, V: Tensor, damping: float, x: Tensor,
+              solved: Tensor, tol: float) -> None:
+    """The ``diagnostics`` property of :func:`check_inverse` on one system; ``solved`` marks the
+    rows the check found right."""
+    check = "check_inverse"
+    prop = f"diagnostics present ({where})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the solver's warnings were judged already
+        try:
+            report = diagnostics(op, damping, V)
+        except Exception as err:
+            _fail(check, name, prop, f"{type(err).__name__}: {err}")
+    k = V.shape[0]
+    conv = getattr(report, "converged", None)
+    if not isinstance(conv, Tensor) or conv.dtype != torch.bool or tuple(conv.shape) != (k,):
+        got = (f"{conv.dtype} of shape {list(conv.shape)}" if isinstance(conv, Tensor)
+               else type(conv).__name__)
+        _fail(check, name, prop, f"converged should be a bool tensor [{k}], got {got}")
+    claimed = conv
+    negative = getattr(report, "negative_curvature", None)
+    if isinstance(negative, Tensor) and negative.shape == conv.shape:
+        claimed = conv & ~negative.to(torch.bool)
+    rx = getattr(report, "x", None)
+    if rx is not None:
+        _assert_close(check, name, f"diagnostics describe the output (their x == the solver's, "
+                      f"{where})", rx, x, max(tol, default_rtol(x.dtype)))
+    wrong = claimed.cpu() & ~solved.cpu()
+    if bool(wrong.any()):
+        i = int(wrong.nonzero()[0])
+        _fail(check, name, f"diagnostics never claim a wrong row converged ({where})",
+              f"row {i} reported converged but not solved within rtol {tol:.0e}")
 
 
 def _opaque(A: Tensor) -> LinOp:
@@ -205,7 +294,7 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                   kinds: Sequence[str] = ("spd", "low_rank_diag"),
                   dtypes: Sequence[torch.dtype] = (torch.float64, torch.float32),
                   indefinite: bool = True, singular: bool = True, device="cpu",
-                  name: str | None = None) -> None:
+                  diagnostics: Callable | None = None, name: str | None = None) -> None:
     """Check ``solver(op, damping=damping)`` returns ``V -> (op + damping I)^-1 V``.
 
     Properties, on seeded random operators (:data:`MATRICES`) given both as a dense tensor and
@@ -219,18 +308,30 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
     - never silent: on an indefinite operator (``indefinite``: ``A + damping I`` has
       eigenvalues of both signs, all ``|lambda| >= 1``) and on a singular PSD one with
       ``damping = 0`` (``singular``) the solver is accurate (the solve, or a least-squares
-      solution), or warns, or raises — a wrong answer without a word fails.
+      solution), or warns, or raises — a wrong answer without a word fails;
+    - diagnostics (with ``diagnostics``, the solver's own report, e.g. CG's
+      :class:`~dattri_fn.solve.CGResult`): present (a ``converged`` bool per row; an ``x``
+      equal to the solver's output), and never claiming a wrong row: on every system above,
+      a row reported ``converged`` (and not ``negative_curvature``) must be solved (within
+      ``rtol``; on the singular one, a least-squares solution). Rows the report flags count as
+      said, so a solver whose diagnostics flag its failures need not warn.
 
     Args:
         solver: ``solver(op, damping=...) -> LinOp``: a :mod:`dattri_fn.solvers` value, an
             ``ihvp_*`` factory, or your own function.
         rtol: the accuracy you claim for the solver (default ``1e-6``).
         device: where the operators and right-hand sides live.
+        diagnostics: ``(op, damping, V) -> report`` with ``converged`` (bool ``[k]``) and
+            optionally ``negative_curvature`` (bool ``[k]``) and ``x`` (``[k, P]``), e.g.
+            ``lambda op, damping, V: cg_solve(op, V, damping=damping, rtol=1e-12)``.
 
     Raises:
         AssertionError: naming the violated property, the operator kind and the worst row.
     """
     check = "check_inverse"
+    if diagnostics is not None and not callable(diagnostics):
+        raise TypeError(f"check_inverse(diagnostics=...): expected None or a callable (op, "
+                        f"damping, V) -> report, got {type(diagnostics).__name__}.")
     name = name or _name(solver, "solver")
     if not callable(solver):
         raise TypeError(f"check_inverse(solver=...): expected a callable (op, damping=...) -> "
@@ -268,6 +369,9 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
                     _fail(check, name, f"dtype/device follow the input ({where})",
                           f"got {x.dtype} on {x.device}")
                 err = _row_relative_error(x, want)
+                if diagnostics is not None:
+                    _diagnose(name, where, diagnostics, op, V, damping, x,
+                              torch.isfinite(err) & (err <= tol), tol)
                 if not bool(torch.isfinite(err).all()) or float(err.max()) > tol:
                     i = int(torch.nan_to_num(err, nan=math.inf).argmax())
                     _fail(check, name, f"(A + damping I)^-1 V == linalg.solve within rtol "
@@ -291,7 +395,12 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
         A = (1 + damping) * indefinite_matrix(dim, seed, cond=cond, device=device)
         V = _randn(seed + 11, k, dim, device=device)
         res = _Outcome(solver, A, V, damping)
-        if not res.said_so:
+        if res.x is not None and diagnostics is not None:
+            err = _row_relative_error(res.x, _solve_ref(A, V, damping))
+            # every unsolved row flagged by the report (else _diagnose fails): said so
+            _diagnose(name, "indefinite", diagnostics, A, V, damping, res.x,
+                      torch.isfinite(err) & (err <= rtol), rtol)
+        elif not res.said_so:
             err = _row_relative_error(res.x, _solve_ref(A, V, damping))
             if not bool(torch.isfinite(err).all()) or float(err.max()) > rtol:
                 i = int(torch.nan_to_num(err, nan=math.inf).argmax())
@@ -303,12 +412,15 @@ def check_inverse(solver: Callable[..., LinOp], *, dim: int = 6, damping: float 
         W = _randn(seed + 13, k, dim, device=device)
         for label, V in (("a right-hand side in its range", W @ A.T), ("any right-hand side", W)):
             res = _Outcome(solver, A, V, 0.0)
-            if res.said_so:
+            if res.x is None or (res.said_so and diagnostics is None):
                 continue
             x = res.x.to(torch.float64)
             resid = (x @ A.T - V).norm(dim=1)
             best = (torch.linalg.lstsq(A, V.T).solution.T @ A.T - V).norm(dim=1)
             bad = ~torch.isfinite(resid) | (resid > best + rtol * V.norm(dim=1))
+            if diagnostics is not None:
+                _diagnose(name, f"singular, {label}", diagnostics, A, V, 0.0, res.x, ~bad, rtol)
+                continue
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
                 _fail(check, name, f"never silent on a singular PSD operator, damping 0, "

@@ -28,6 +28,7 @@ from ..operators import gauss_newton
 from ..operators.curvature import fvp, gnvp, hvp
 from ..operators.linear_curvature import linear_gnvp, linear_hessian
 from ..solve import (
+    cg_solve,
     ekfac_factors,
     ihvp_arnoldi_full_rank,
     ihvp_cg,
@@ -42,7 +43,8 @@ from ..transforms.project import make_projector
 from .checks import jl_d_eff
 from .problems import Problem, dense_curvature, per_example_grads
 
-__all__ = ["METHODS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry", "mlp_module"]
+__all__ = ["METHODS", "MIXED_INPUT_DEFECTS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry",
+           "mlp_module"]
 
 
 class Entry(NamedTuple):
@@ -87,7 +89,9 @@ def _lissa(max_depth: int):
 SOLVERS: dict[str, Entry] = {
     "explicit": Entry(lambda: _solvers.explicit(), {"rtol": 1e-9}),
     "explicit_lu": Entry(lambda: _solvers.explicit(method="lu"), {"rtol": 1e-9}),
-    "cg": Entry(lambda: _solvers.cg(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
+    # CG's own report (CGResult) is checked too: converged rows solved, failures flagged.
+    "cg": Entry(lambda: _solvers.cg(rtol=1e-12, max_iter=200), {"rtol": 1e-8, "diagnostics": (
+        lambda op, damping, V: cg_solve(op, V, damping=damping, rtol=1e-12, max_iter=200))}),
     "minres": Entry(lambda: _solvers.minres(rtol=1e-12, max_iter=200), {"rtol": 1e-8}),
     "arnoldi": Entry(lambda: ihvp_arnoldi_full_rank, {"rtol": 1e-8}),  # rank P: exact
     "lissa": Entry(lambda: _lissa(max_depth=3000), {"rtol": 1e-6, "cond": 10.0,
@@ -194,6 +198,28 @@ OPERATORS: dict[str, Entry] = {
     "gauss_newton": Entry(_op("gauss_newton", lambda p: gauss_newton(_fm(p))(p.params, p.data)),
                           {}, MLP),
 }
+
+
+# Operators that break check_linop's mixed_input contract today (rows of another dtype than the
+# operator's): the others are checked with mixed_input="follow_or_refuse", these without, and
+# tests/test_registry_contracts.py expects each to fail it (strict xfail), so a fix shows up
+# as an unexpected pass that removes the entry here. The fix for all of them: LinOp.__call__
+# refusing V of another dtype/device than the operator's, naming V, as ihvp_cg already does.
+MIXED_INPUT_DEFECTS: dict[str, str] = {
+    "hvp": "promotes float32 rows to the operator's float64 silently",
+    "hvp_batches": "promotes float32 rows to the operator's float64 silently",
+    "hvp_fwd_rev": "blames the data (hvp(data=...)) for the rows' dtype",
+    "fvp": "blames the data (fvp(data=...)) for the rows' dtype",
+    "gnvp": "blames the data (gnvp(data=...)) for the rows' dtype",
+    "hvp_plus_fvp": "blames the data (fvp(data=...)) for the rows' dtype",
+    "gauss_newton": "raw torch dtype error in a matmul",
+    "linear_gnvp": "raw torch dtype error in a matmul",
+    "linear_hessian": "raw torch dtype error in a matmul",
+    "datainf_inverse": "raw torch dtype error in a matmul",
+}
+OPERATORS = {name: entry._replace(options={**entry.options, "mixed_input": (
+    None if name in MIXED_INPUT_DEFECTS else "follow_or_refuse")})
+    for name, entry in OPERATORS.items()}
 
 
 # -- projectors -----------------------------------------------------------------------------------
