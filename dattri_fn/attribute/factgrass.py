@@ -19,7 +19,7 @@ of each block, damped and inverted:
 ``curvature="identity"`` drops ``F``: the sketched Grad-Dot.
 
 References:
-    Hu et al., "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
+    "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
     Projection", 2025, arXiv 2505.18976 (GraSS, FactGraSS).
     Choe et al., 2024, arXiv 2405.13954 (LoGra, the factorised projection it refines).
 """

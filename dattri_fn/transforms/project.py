@@ -43,7 +43,7 @@ kron(P_out, P_in)^T vec(G)`` is formed from ``P_out^T g_t`` and ``P_in^T [a_t, 1
 
 References:
     Choe et al., "What is Your Data Worth to GPT?" (2024), arXiv:2405.13954 (LoGra).
-    Hu et al., "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
+    "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
     Projection" (2025), arXiv:2505.18976 (masks, FactGraSS).
     Johnson & Lindenstrauss, "Extensions of Lipschitz mappings into a Hilbert space" (1984).
     Achlioptas, "Database-friendly random projections" (PODS 2001 / JCSS 2003).
