@@ -3,6 +3,8 @@ matrix-exponential reference of its own formula elsewhere."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_training import mlp_problem
 from torch import nn
 from torch.func import grad, vmap
@@ -169,3 +171,23 @@ def test_errors_name_the_argument():
     method = source(loss, curvature="hessian")
     with pytest.raises(TypeError, match=r"source\(params=...\): expected the Record of the run"):
         method.prepare(params, data)
+
+
+@settings(max_examples=6)
+@given(n=st.integers(3, 9), dim=st.integers(1, 4), T=st.integers(1, 6), seed=st.integers(0, 2**16),
+       lr=st.floats(0.01, 0.4), wd=st.sampled_from([0.0, 0.05]))
+def test_power_unroll_equals_magic_for_drawn_quadratics(n, dim, T, seed, lr, wd):
+    """Drawn least squares, full-batch GD (coupled wd), one-step segments, unroll='power':
+    SOURCE == MAGIC's metagradient, 1e-9."""
+    params, loss, (x, y) = linear_regression(n=n, dim=dim, seed=seed)[:3]
+    order = batch_order(n, epochs=T)
+    opt = sgd(lr, weight_decay=wd)
+    record, step = run_with_record(loss, params, (x, y), opt, order, "sgd", weight_decay=wd,
+                                   schedule=lambda t: lr)
+    test = (x[:2] * 0.5, y[:2] + 1)
+    method = source(loss, segments=T, curvature="hessian", unroll="power")
+    scores = method.score(record, method.prepare(record, (x, y)), (x, y), test)
+    traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=1)
+    cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, test)
+    exact = metagradient(step, traj, (x, y), order, cot).weights.T
+    torch.testing.assert_close(scores, exact, rtol=1e-9, atol=1e-12)
