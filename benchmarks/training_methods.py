@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                    help="sgd: plain SGD, recorded with per-step gradient stores (adds DVEmb)")
     p.add_argument("--proj-dim", type=int, default=512, help="DVEmb's store projection")
+    p.add_argument("--hidden", type=int, default=32, help="the MLP's hidden width (task default 32)")
     p.add_argument("--quick", action="store_true",
                    help="n_train 120, n_test 10, 16 subsets, 4 epochs, a checkpoint every 2 steps")
     args = p.parse_args(argv)
@@ -151,7 +152,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     KIND = args.optimizer
     torch.set_num_threads(1)
-    task = get_task("digits-mlp", n_train=args.n_train, n_test=args.n_test)
+    task = get_task("digits-mlp", n_train=args.n_train, n_test=args.n_test,
+                    hparams=None if args.hidden == 32 else {"hidden": args.hidden})
     model = task.make_model(0)
     fm = functional_model(model, task.loss_fn)
     margin = functional_model(model, classification_margin_loss).loss  # higher = better
