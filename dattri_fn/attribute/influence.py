@@ -23,6 +23,8 @@ import torch
 from .._checks import (
     _msg,
     batch_cat,
+    batch_size,
+    batch_slice,
     blame_data,
     check_optional_int,
     check_params,
@@ -38,6 +40,7 @@ from ..operators.curvature import fvp, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
 from ..transforms.grad import per_sample_grad_unchecked
 from ..transforms.layer_grads import LayerPlan, layer_grads_stacked
+from ..transforms.layers import output_shapes, streamed_io
 from ..tree import ravel_batched
 from .method import Method, check_checkpoints, device_of, loss_and_plan
 from .pipeline import collect, in_chunks, stream_scores, stream_self
@@ -100,11 +103,29 @@ def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
     return rows
 
 
+class _Formed:
+    """Scores already formed for a training batch, in the pipeline's structured-rows protocol
+    (``scores`` / ``row_dots`` return them whatever the other side)."""
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def scores(self, other) -> torch.Tensor:
+        return self.values
+
+    def row_dots(self, other) -> torch.Tensor:
+        return self.values
+
+
+def _factor_kinds(solver: str):
+    return (kfac.EKFACFactors,) if solver == "ekfac" else (kfac.KFACFactors,)
+
+
 def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: float = 1e-3,
               curvature: str | Callable[[Params, Any], LinOp] | None = None,
               target: Loss | FunctionalModel | None = None, model=None, l2: float = 0.0,
               chunk_size: int | None = None, batch_rows: int | None = None,
-              relatif: str | None = None, **solver_options) -> Method:
+              relatif: str | None = None, per_layer: bool = False, **solver_options) -> Method:
     """Return the influence-function method with the given inverse-curvature backend.
 
     ``params`` may be one params dict or a list of checkpoints (an ensemble: independently
@@ -176,6 +197,24 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``"l"`` and the default target it is ``sqrt|g_i^T (C + damping I)^-1 g_i|``).
             With a list of checkpoints each checkpoint's scores are normalised with its own
             curvature, then averaged.
+        per_layer: ``kfac``/``ekfac`` only: ``score`` returns ``{layer: [n_train, n_test]}``,
+            each layer's share ``<DW_il, (F_l + damping I)^-1 DW_jl>`` of the block-diagonal
+            inverse (kronfluence's per-module scores; with ``l2`` each layer's share of the
+            ``2 l2 params`` term too); their sum is the plain score. ``top_k`` is refused
+            (rank the sum, or one layer's matrix, yourself); ``self_score`` stays the total.
+
+    Scoring with ``kfac``/``ekfac`` on a FunctionalModel (``loss`` is the model) goes layer by
+    layer: each test gradient is preconditioned once, and every training batch's captured layer
+    inputs ``a`` and output gradients ``g`` meet its layer blocks ``M_j`` as ``sum_t g_t^T M_j
+    a_t`` (:func:`~dattri_fn.operators.kfac.layer_scores`): no ``[batch, P]`` gradient matrix,
+    at most one layer's ``[rows, out, in]`` blocks (the same scores, to rounding). RelatIF, a
+    FeatureStore or StoreRecording as ``train`` and a plain ``loss`` take the raveled path.
+    ``prepare(params, factors)`` takes precomputed :class:`~dattri_fn.operators.kfac.KFACFactors`
+    (``kfac``) or :class:`~dattri_fn.operators.kfac.EKFACFactors` (``ekfac``) in place of the
+    training data (e.g. from :func:`dattri_fn.io.load` or :func:`dattri_fn.store.stats_store`),
+    a sequence of them for a list of checkpoints: the factor passes are skipped. ``dtype``
+    (a solver option, e.g. ``torch.bfloat16``) stores the factors in that dtype and takes the
+    layer-by-layer score products in it.
 
     Returns:
         ``Method(prepare, score, self_score)``; scores ``[n_train, n_test]``.
@@ -201,6 +240,14 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     check_positive("influence", "damping", damping)
     if relatif is not None and relatif not in RELATIF:
         raise ValueError(f"influence(relatif=...): expected None, 'l' or 'theta', got {relatif!r}.")
+    if not isinstance(per_layer, bool):
+        raise TypeError(f"influence(per_layer=...): expected a bool, got {type(per_layer).__name__}.")
+    if per_layer and solver not in ("kfac", "ekfac"):
+        raise ValueError(f"influence(per_layer=...): expected solver 'kfac' or 'ekfac' (a "
+                         f"block-diagonal inverse), got per_layer=True with solver={solver!r}.")
+    if per_layer and relatif is not None:
+        raise ValueError(f"influence(per_layer=...): expected relatif=None with per-layer scores, "
+                         f"got relatif={relatif!r}.")
     if curvature is None:
         curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)
                      and loss.loss_fn is not None else "hessian")
@@ -225,6 +272,16 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     if model is None and isinstance(loss, FunctionalModel):
         model = loss
     train_fn = _with_l2(base, l2)
+    # K-FAC/EK-FAC inverses are block-diagonal over the model's captured layers: the training
+    # side is then scored layer by layer from captured (a, g), never as [B, P] rows.
+    layered = (solver in ("kfac", "ekfac") and isinstance(loss, FunctionalModel)
+               and loss.loss_fn is not None and (model is None or model is loss)
+               and relatif is None)
+    if per_layer and not layered:
+        raise ValueError("influence(per_layer=...): expected loss to be the FunctionalModel "
+                         "itself (its layers are scored one by one), got a plain loss or "
+                         "another model.")
+    score_dtype = solver_options.get("dtype") if solver in ("kfac", "ekfac") else None
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
@@ -305,8 +362,48 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         check_checkpoints(name, list(params))  # same keys and shapes, or an error naming one
         return list(params)
 
+    def given_factors(train, n: int) -> list | None:
+        """Precomputed K-FAC/EK-FAC factors given as ``train`` (one per checkpoint), or None."""
+        every = (kfac.KFACFactors, kfac.EKFACFactors)
+        if solver not in ("kfac", "ekfac"):
+            return None
+        many = isinstance(train, (list, tuple)) and not isinstance(train, every) and train \
+            and all(isinstance(f, every) for f in train)
+        if not (isinstance(train, every) or many):
+            return None
+        got = list(train) if many else [train]
+        kind = _factor_kinds(solver)[0]
+        for f in got:
+            if not isinstance(f, kind):
+                raise TypeError(_msg(name, "train", f"training data or {kind.__name__} (solver "
+                                     f"{solver!r})", type(f).__name__))
+        if len(got) != n:
+            raise ValueError(_msg(name, "train", f"{n} factors (one per checkpoint)",
+                                  f"{len(got)}"))
+        return got
+
+    def from_factors(params: Params, factors) -> InfluenceState:
+        """The state of ``factors`` for ``params`` (same parameter names, order and sizes)."""
+        if tuple(factors.param_names) != tuple(params):
+            raise ValueError(_msg(name, "train", f"factors of the params {list(params)}",
+                                  f"factors of {list(factors.param_names)}",
+                                  "Compute the factors for these params (same keys, same order)."))
+        inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
+        state = InfluenceState(inverse_fn(factors, damping=damping), factors)
+        P = sum(v.numel() for v in params.values())
+        if state.ihvp.dim != P:
+            raise ValueError(_msg(name, "train", f"factors of layers with P = {P} parameters",
+                                  f"P = {state.ihvp.dim}"))
+        return state
+
     def prepare(params, train) -> InfluenceState | InfluenceEnsembleState:
         ckpts = checkpoints(params)
+        factors = given_factors(train, 1 if ckpts is None else len(ckpts))
+        if factors is not None:
+            if ckpts is None:
+                return from_factors(check_params(name, "params", params), factors[0])
+            return InfluenceEnsembleState(tuple(from_factors(p, f)
+                                                for p, f in zip(ckpts, factors, strict=True)))
         train = iter_batches(name, "train", train)  # errors name train, not an inner call
         first = peek(train)
         if first is None:
@@ -426,19 +523,110 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
 
         return rows
 
+    score_taps: dict = {}  # the scoring side's captured forward, per params keys and layers
+
+    def layer_pass(p: Params, op, batch, step) -> None:
+        """``step(layer, a, g)`` for the layers ``op`` covers, each as its ``g`` arrives in
+        batched backward passes of ``chunk_size`` rows (one layer's ``g`` alive at a time)."""
+        layers = list(op.eigen[0])
+        key = (tuple(p), tuple(layers), tuple(map(id, model.module.modules())))
+        if key not in score_taps:
+            score_taps.clear()
+            score_taps[key] = kfac.kfac_tap(model.module, p, layers=layers)
+        tapped = score_taps[key]
+        state = {**model.fixed, **p}
+        like = next(iter(p.values()))
+        unpack = model.unpack or default_unpack
+        n = batch_size(name, "train", batch)
+        size = n if chunk_size is None else chunk_size
+        for start in range(0, n, size):
+            args, kwargs, target = unpack(batch_slice(batch, start, start + size))
+            shapes = output_shapes(tapped, state, args, kwargs, like)
+            streamed_io(tapped, model.loss_fn, state, args, kwargs, target, shapes, like,
+                        lambda layer, a, g, start=start: step(start, layer, a, g))
+
+    def layer_side(ps, test_f):
+        """``batch -> [B, n]`` (``[B, L n]`` per layer) scores against ``test_f`` (``[n, C
+        P]``), layer by layer (:func:`~dattri_fn.operators.kfac.layer_scores`) as each layer's
+        ``g`` arrives: no ``[B, P]`` gradient matrix."""
+        sizes = [st.ihvp.dim for _, st in ps]
+        offsets = [sum(sizes[:c]) for c in range(len(ps))]
+        blocks = [st.ihvp.blocks(test_f[:, o:o + P]) for (_, st), o, P in zip(ps, offsets, sizes,
+                                                                               strict=True)]
+        # the l2 term 2 l2 <params, p_j> of every train row, split by layer
+        extra = [{layer: (bl * sb).sum((1, 2)) for (layer, bl), sb in
+                  zip(blocks[c].items(), st.ihvp.blocks(2 * l2 * torch.cat(
+                      [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
+                 if l2 else None for c, (p, st) in enumerate(ps)]
+        weight = 1.0 / len(ps)
+
+        def rows_of(b):
+            parts: dict[str, dict[int, torch.Tensor]] = {}
+            for c, (p, st) in enumerate(ps):
+                def step(start, layer, a, g, c=c):
+                    v = kfac.layer_scores({layer: (a, g)}, {layer: blocks[c][layer]},
+                                          dtype=score_dtype)[layer]
+                    if extra[c] is not None:
+                        v = v + extra[c][layer]
+                    if len(ps) > 1:
+                        v = v * weight
+                    rows = parts.setdefault(layer, {})
+                    rows[start] = v if start not in rows else rows[start] + v
+
+                layer_pass(p, st.ihvp, b, step)
+            per = {layer: torch.cat([r[k] for k in sorted(r)]) for layer, r in parts.items()}
+            if per_layer:
+                return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.eigen[0]], 1))
+            return _Formed(sum(per.values()))
+
+        return rows_of
+
+    def store_given(train) -> bool:
+        from ..store import FeatureStore, StoreRecording
+
+        return isinstance(train, (FeatureStore, StoreRecording))
+
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         ps = pairs(params, state)
+        layers = layered and not store_given(train)
+        if per_layer and not layers:
+            raise TypeError(_msg(name, "train", "training data (per-layer scores need each "
+                                 "batch's layers)", type(train).__name__))
+        if per_layer and top_k is not None:
+            raise ValueError(_msg(name, "top_k", "None with per_layer=True (rank the sum or "
+                                  "one layer's scores yourself)", repr(top_k)))
         # The inverse is applied to all n_test gradients at once: an iterative solver then
         # passes over the training data once per iteration, not once per test batch.
         parts = [st.ihvp(collect(grads(p, test=True), regrouped(name, "test", test, rows),
                                  device=device_of(p), func=name, arg="test")) for p, st in ps]
         test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return stream_scores(train_side(ps), regrouped(name, "train", train, rows), test_f,
-                             top_k=top_k, largest=largest, func=name)
+        side = layer_side(ps, test_f) if layers else train_side(ps)
+        S = stream_scores(side, regrouped(name, "train", train, rows), test_f,
+                          top_k=top_k, largest=largest, func=name)
+        if not per_layer:
+            return S
+        names = list(ps[0][1].ihvp.eigen[0])
+        return dict(zip(names, S.unflatten(1, (len(names), -1)).unbind(1), strict=True))
 
     def self_score(params, state, train):
         ps = pairs(params, state)
-        return stream_self(train_side(ps), test_side(ps), regrouped(name, "train", train, rows),
-                           device=device_of(ps[0][0]), func=name)
+        if layered and l2 == 0 and target is None and not store_given(train):
+            def diag(b):
+                rows: dict[int, torch.Tensor] = {}
+                for p, st in ps:
+                    def step(start, layer, a, g, st=st):
+                        v = kfac.layer_self_scores(st.ihvp, {layer: (a, g)}, layers=[layer])[layer]
+                        v = v / len(ps)
+                        rows[start] = v if start not in rows else rows[start] + v
+
+                    layer_pass(p, st.ihvp, b, step)
+                return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
+
+            S = stream_self(diag, lambda b: None, regrouped(name, "train", train, rows),
+                            device=device_of(ps[0][0]), func=name)
+        else:
+            S = stream_self(train_side(ps), test_side(ps), regrouped(name, "train", train, rows),
+                            device=device_of(ps[0][0]), func=name)
+        return S
 
     return Method(prepare, score, self_score, name)

@@ -62,10 +62,11 @@ from .._checks import (
 )
 from .._types import LinOp
 from ..transforms import capture
-from ..transforms.layers import _layer_io, layer_names, module_state
+from ..transforms.layers import _stream_layer_io, layer_names, module_state
 
-__all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors", "kfac_tap",
-           "ihvp_kfac", "ihvp_ekfac"]
+__all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
+           "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",
+           "layer_self_scores"]
 
 
 class KFACFactors(NamedTuple):
@@ -108,6 +109,7 @@ class EKFACFactors(NamedTuple):
 
 
 _KFAC_KINDS = ("linear", "conv1d", "conv2d")
+_LAMBDA_ENTRIES = 2**18  # entries of one chunk of rotated gradient blocks in the Lambda pass
 
 
 def _keys(layer: str) -> tuple[str, str]:
@@ -236,12 +238,16 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
 
 
 def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None):
-    """Run ``step(layer, a, g)`` on every batch; return the number of examples seen."""
+    """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
+
+    Each layer's step runs as its ``g`` arrives in the backward pass
+    (:func:`~dattri_fn.transforms.layers.streamed_io`), so the layers' gradients are never all
+    held at once.
+    """
     n = 0
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
-        for layer, (a, g) in _layer_io(tapped, loss_fn, state, batch, chunk_size).items():
-            step(layer, a, g)
+        _stream_layer_io(tapped, loss_fn, state, batch, chunk_size, step)
     if n == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     return n
@@ -251,8 +257,33 @@ def _transposed(tapped) -> tuple[str, ...]:
     return tuple(n for n, sp in tapped.specs.items() if sp.kind == "conv1d")
 
 
+def _reduced(func: str, reduce, sums: dict[str, Tensor], n: int) -> tuple[dict[str, Tensor], int]:
+    """``reduce(sums, n)``: this process's sums and count in, every process's out (checked)."""
+    if reduce is None:
+        return sums, n
+    out = reduce(dict(sums), n)
+    ok = (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], dict)
+          and set(out[0]) == set(sums) and isinstance(out[1], int) and out[1] >= n)
+    if not ok:
+        raise TypeError(_msg(func, "reduce", "a callable (sums, count) -> (sums with the same "
+                             "keys, total count >= count)", f"{type(out).__name__} {out!r}"[:200]))
+    return out
+
+
+def _check_reduce(func: str, reduce) -> None:
+    if reduce is not None and not callable(reduce):
+        raise TypeError(_msg(func, "reduce", "None or a callable (sums, count) -> (sums, count)",
+                             type(reduce).__name__))
+
+
+def _check_dtype(func: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(_msg(func, "dtype", "None or a floating torch.dtype (torch.bfloat16, ...)",
+                             repr(dtype)))
+
+
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
-               batch_rows=None):
+               batch_rows=None, reduce=None):
     bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
 
@@ -264,8 +295,10 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
         G[layer] = dG if layer not in G else G[layer] + dG
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
-    A = {k: A[k] / n for k in names}
-    G = {k: G[k] / n for k in names}
+    sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
+                                      **{f"G:{k}": G[k] for k in names}}, n)
+    A = {k: sums[f"A:{k}"] / n for k in names}
+    G = {k: sums[f"G:{k}"] / n for k in names}
     return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64), _transposed(tapped))
 
 
@@ -274,7 +307,8 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                  chunk_size: int | None = None, tapped=None,
                  batch_rows: int | None = None,
                  fisher: str = "empirical", seed: int = 0,
-                 sampler: Callable | None = None) -> KFACFactors:
+                 sampler: Callable | None = None, reduce: Callable | None = None,
+                 dtype: torch.dtype | None = None) -> KFACFactors:
     """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
 
     One pass over ``data``, accumulating running sums batch by batch (activations are never
@@ -305,6 +339,13 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         sampler: ``sample(output, target, generator) -> target'`` on a batch (see
             :mod:`dattri_fn.losses`); None = ``loss_fn.sample`` if the loss has one, else
             :func:`~dattri_fn.losses.sample_categorical` (logits ``[B, K]``).
+        reduce: ``reduce(sums, count) -> (sums, count)``, called once per pass with this
+            process's statistic sums over its examples (a dict of tensors, keys opaque) and its
+            example count; returns the sums and count over every process (an all-reduce:
+            :func:`dattri_fn.distributed.all_reduce_stats`). None: this process's data is all.
+        dtype: store the factors in this dtype (e.g. ``torch.bfloat16``: half the memory, the
+            statistics still accumulated in the model's dtype); the inverses compute in their
+            operand's dtype. None: the model's dtype.
 
     Returns:
         :class:`KFACFactors`.
@@ -321,9 +362,15 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
+    _check_reduce(func, reduce)
+    _check_dtype(func, dtype)
     losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
-    return _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                      batch_rows)
+    kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
+                    batch_rows, reduce)
+    if dtype is None:
+        return kf
+    return kf._replace(A={k: v.to(dtype) for k, v in kf.A.items()},
+                       G={k: v.to(dtype) for k, v in kf.G.items()})
 
 
 def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
@@ -331,7 +378,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                   chunk_size: int | None = None, tapped=None,
                   batch_rows: int | None = None,
                   fisher: str = "empirical", seed: int = 0,
-                  sampler: Callable | None = None) -> EKFACFactors:
+                  sampler: Callable | None = None, reduce: Callable | None = None,
+                  dtype: torch.dtype | None = None) -> EKFACFactors:
     """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
 
     Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
@@ -341,7 +389,9 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     Args:
         module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher, seed,
-            sampler: as :func:`kfac_factors`.
+            sampler, dtype: as :func:`kfac_factors`.
+        reduce: as :func:`kfac_factors`, called twice: after the K-FAC pass (so every process
+            takes the eigenbases of the same global factors) and after the ``Lambda`` pass.
 
     Returns:
         :class:`EKFACFactors`.
@@ -356,9 +406,11 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
+    _check_reduce(func, reduce)
+    _check_dtype(func, dtype)
     losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
     kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                    batch_rows)
+                    batch_rows, reduce)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
     bias = {n: _keys(n)[1] in pnames for n in names}
@@ -372,12 +424,21 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             # batch by one [out, B] x [B, in] product, never the [B, out, in] blocks.
             dL = ga[:, 0].square().T @ aa[:, 0].square()
         else:
-            rot = torch.einsum("bto,bti->boi", ga, aa)
-            dL = (rot * rot).sum(0)
+            # (Q_G^T DW_n Q_A)^2 summed over examples, a chunk of rows at a time: the
+            # [rows, out, in] blocks stay small (~1 MiB), squared in place.
+            o, i = ga.shape[-1], aa.shape[-1]
+            step_rows = max(1, _LAMBDA_ENTRIES // (o * i))
+            dL = ga.new_zeros(o, i)
+            for r in range(0, ga.shape[0], step_rows):
+                rot = ga[r:r + step_rows].mT @ aa[r:r + step_rows]
+                dL += rot.square_().sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
     n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows)
-    Lambda = {k: L[k] / n for k in names}
+    sums, n = _reduced(func, reduce, {f"L:{k}": L[k] for k in names}, n)
+    Lambda = {k: sums[f"L:{k}"] / n for k in names}
+    if dtype is not None:
+        QA, QG, Lambda = ({k: v.to(dtype) for k, v in d.items()} for d in (QA, QG, Lambda))
     return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed)
 
 
@@ -400,55 +461,176 @@ def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int
                    for layer in shapes}
 
 
-def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
-    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``.  # [k, P] -> [k, P]"""
-    layers = list(QA)
-    shapes = {}
+class BlockLinOp(LinOp):
+    """A K-FAC/EK-FAC operator, block-diagonal over layers, that also reads rows layer by layer.
+
+    ``blocks(V)``: each layer's ``[k, out, in(+1)]`` block of rows ``V`` (weights as ``[out,
+    in]`` also for Conv1D, the bias as the last column); ``eigen``: ``(Q_A, Q_G, scale)`` per
+    layer for an inverse (``scale = 1 / (Lambda + damping)``), else None.
+    """
+
+    __slots__ = ("blocks", "eigen")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks, self.eigen = None, None
+
+
+def _shapes(QA, QG, param_names) -> dict[str, tuple[int, int]]:
+    """``{layer: (out, in)}`` (``in`` without the bias column) from the factors' sizes."""
+    return {layer: (QG[layer].shape[0], QA[layer].shape[0] - int(_keys(layer)[1] in param_names))
+            for layer in QA}
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype products with a factor are taken in: its own, float32 for 16-bit storage."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _read_blocks(V: Tensor, layers, shapes, where, transposed) -> dict[str, Tensor]:
+    """Each layer's ``[k, out, in(+1)]`` block of the rows of ``V`` (bias as the last column)."""
+    k = V.shape[0]
+    out_blocks = {}
     for layer in layers:
-        bias = _keys(layer)[1] in param_names
-        shapes[layer] = (QG[layer].shape[0], QA[layer].shape[0] - int(bias))
+        out, inp = shapes[layer]
+        ws, bs = where[layer]
+        M = (V[:, ws].reshape(k, inp, out).transpose(1, 2) if layer in transposed
+             else V[:, ws].reshape(k, out, inp))
+        if bs is not None:
+            M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
+        out_blocks[layer] = M
+    return out_blocks
+
+
+def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``.  # [k, P] -> [k, P]
+
+    Factors stored in a 16-bit dtype are cast to the operand's dtype at each product.
+    """
+    layers = list(QA)
+    shapes = _shapes(QA, QG, param_names)
     P, where = _layout(name, param_names, shapes)
     ref = QA[layers[0]]
     order = {k: i for i, k in enumerate(param_names)}
 
     def matmat(V: Tensor) -> Tensor:
-        k = V.shape[0]
         pieces = {}
+        blocks = _read_blocks(V, layers, shapes, where, transposed)
         for layer in layers:
-            out, inp = shapes[layer]
-            ws, bs = where[layer]
+            inp = shapes[layer][1]
             wk, bk = _keys(layer)
-            flip = layer in transposed
-            M = (V[:, ws].reshape(k, inp, out).transpose(1, 2) if flip
-                 else V[:, ws].reshape(k, out, inp))
-            if bs is not None:
-                M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
-            R = QG[layer].T @ M @ QA[layer]
-            X = QG[layer] @ (R * scale[layer]) @ QA[layer].T
+            qa, qg = QA[layer].to(V.dtype), QG[layer].to(V.dtype)
+            R = qg.T @ blocks[layer] @ qa
+            X = qg @ (R * scale[layer].to(V.dtype)) @ qa.T
             W = X[..., :inp]
-            pieces[wk] = (W.transpose(1, 2) if flip else W).reshape(k, -1)
-            if bs is not None:
+            pieces[wk] = (W.transpose(1, 2) if layer in transposed else W).reshape(V.shape[0], -1)
+            if where[layer][1] is not None:
                 pieces[bk] = X[..., inp]
         return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
 
-    return LinOp(matmat, P, ref.dtype, ref.device, name=name)
+    op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
+    op.blocks = lambda V: _read_blocks(V, layers, shapes, where, transposed)
+    return op
 
 
 def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
-    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``."""
-    inv = {layer: 1.0 / (Lambda[layer] + damping) for layer in QA}
-    return _eigen_apply(name, QA, QG, inv, param_names, transposed)
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``.
+
+    The operator also carries ``.blocks(V)`` (each layer's ``[k, out, in(+1)]`` block of rows
+    ``V``) and ``.eigen`` = ``(Q_A, Q_G, 1 / (Lambda + damping))`` per layer, for scoring layer by
+    layer (:func:`layer_scores`, :func:`layer_self_scores`).
+    """
+    inv = {layer: 1.0 / (Lambda[layer].to(_compute_dtype(Lambda[layer])) + damping)
+           for layer in QA}
+    op = _eigen_apply(name, QA, QG, inv, param_names, transposed)
+    op.eigen = (QA, QG, inv)
+    return op
 
 
 def _kfac_eigen(factors: KFACFactors):
-    """``Q_A, Q_G`` and ``Lambda = s_G s_A^T`` of each layer's K-FAC factors."""
+    """``Q_A, Q_G`` and ``Lambda = s_G s_A^T`` of each layer's K-FAC factors (16-bit factors
+    are decomposed in float32)."""
     QA, QG, Lam = {}, {}, {}
     for layer in factors.A:
-        sA, QA[layer] = torch.linalg.eigh(factors.A[layer])
-        sG, QG[layer] = torch.linalg.eigh(factors.G[layer])
+        A, G = factors.A[layer], factors.G[layer]
+        sA, QA[layer] = torch.linalg.eigh(A.to(_compute_dtype(A)))
+        sG, QG[layer] = torch.linalg.eigh(G.to(_compute_dtype(G)))
         # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
         Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
     return QA, QG, Lam
+
+
+_BLOCK_ENTRIES = 2**22  # entries of one chunk of per-example gradient blocks [b, out, in]
+
+
+def _as(t: Tensor, dtype) -> Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def _pair_scores(a: Tensor, g: Tensor, M: Tensor, dtype) -> Tensor:
+    """``s[b, j] = sum_t g_bt^T M_j a_bt``.  # a [B, T, i], g [B, T, o], M [n, o, i] -> [B, n]"""
+    B, T, i = a.shape
+    n, o = M.shape[:2]
+    a, g, M = _as(a, dtype), _as(g, dtype), _as(M, dtype)
+    if T == 1 and n <= i:
+        # (M_j a_b) . g_b: [B, n, o] products, never the [B, o, i] gradient blocks
+        X = (a[:, 0] @ M.reshape(n * o, i).T).reshape(B, n, o)
+        return torch.einsum("bno,bo->bn", X, g[:, 0])
+    # <DW_b, M_j> with DW_b = sum_t g_bt a_bt^T: B o i (T + n) flops, the fewest for T > 1;
+    # the blocks are formed a chunk of rows at a time, one layer at a time.
+    Mf = M.reshape(n, o * i).T
+    step = max(1, _BLOCK_ENTRIES // (o * i))
+    parts = [(g[r:r + step].mT @ a[r:r + step]).reshape(-1, o * i) @ Mf for r in range(0, B, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor], *,
+                 dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Return ``s_l[i, j] = <DW_il, M_jl> = sum_t g_it^T M_jl a_it`` per layer.  # {layer: [B, n]}
+
+    The per-layer scores of training gradients ``DW_i = sum_t g_it a_it^T`` (captured ``a``,
+    ``g`` from :func:`dattri_fn.transforms.layers.batched_io`) against test-side blocks ``M_j``
+    (e.g. ``op.blocks(ihvp(G_test))`` of an inverse from :func:`ihvp_ekfac`), summed over layers
+    the influence ``g_i^T (F + damping I)^-1 g_j``. No ``[B, P]`` matrix is formed: at most one
+    layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^22 entries).
+
+    Args:
+        io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.
+        blocks: ``{layer: [n, out, in(+1)]}``; one column more than ``a`` means the layer's
+            bias is scored too (``a`` is augmented with ones).
+        dtype: the dtype of the products (e.g. ``torch.bfloat16``); None: the blocks'. The
+            scores are returned in the blocks' dtype.
+    """
+    out = {}
+    for layer, M in blocks.items():
+        a, g = io[layer]
+        a, g = _tokens(a, g, M.shape[-1] == a.shape[-1] + 1)
+        out[layer] = _pair_scores(a, g, M, dtype).to(M.dtype)
+    return out
+
+
+def layer_self_scores(op: LinOp, io: dict[str, tuple[Tensor, Tensor]], *,
+                      layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+    """Return ``<DW_il, (F_l + damping I)^-1 DW_il>`` per layer and example.  # {layer: [B]}
+
+    In the eigenbasis: ``sum((Q_G^T DW_il Q_A)^2 / (Lambda_l + damping))``, with ``op`` an
+    inverse from :func:`ihvp_kfac` / :func:`ihvp_ekfac` (its ``eigen``); ``layers``: those of
+    ``io`` to score (None: every layer of ``op``).
+    """
+    QA, QG, scale = op.eigen
+    out = {}
+    for layer in (QA if layers is None else layers):
+        a, g = io[layer]
+        qa, qg, sc = QA[layer].to(a.dtype), QG[layer].to(a.dtype), scale[layer].to(a.dtype)
+        a, g = _tokens(a, g, qa.shape[0] == a.shape[-1] + 1)
+        o, i = g.shape[-1], a.shape[-1]
+        step = max(1, _BLOCK_ENTRIES // (o * i))
+        parts = []
+        for r in range(0, a.shape[0], step):
+            R = qg.T @ (g[r:r + step].mT @ a[r:r + step]) @ qa
+            parts.append((R * R * sc).sum((1, 2)))
+        out[layer] = torch.cat(parts)
+    return out
 
 
 def kfac_operator(factors: KFACFactors | EKFACFactors) -> LinOp:

@@ -1,0 +1,270 @@
+"""K-FAC/EK-FAC influence scored layer by layer (issue 16): equal to the raveled product
+``G_train (F + damping I)^-1 G_test^T`` in float64, per-layer scores summing to it, precomputed
+factors in place of the training data (issue 17), the statistics-reduction hook and 16-bit
+factors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn import io
+from dattri_fn.attribute import influence
+from dattri_fn.model import functional_model
+from dattri_fn.operators.kfac import (
+    EKFACFactors,
+    KFACFactors,
+    ekfac_factors,
+    ihvp_ekfac,
+    kfac_factors,
+    layer_scores,
+    layer_self_scores,
+)
+from dattri_fn.store import stats_store
+from dattri_fn.transforms.grad import per_sample_grad
+from dattri_fn.transforms.layers import layer_io
+from problems import SeqNet
+
+DT = torch.float64
+SOLVERS = ("kfac", "ekfac")
+
+
+def _seq(seed: int, bias: bool = True, n: int = 10, T: int = 5):
+    """SeqNet (Linear over T tokens, LayerNorm, Linear head) with its Linear layers attributed,
+    two training batches and four test sequences."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = SeqNet(3, 5, 4, bias).double()
+    fm = functional_model(net, F.cross_entropy, params=lambda k: not k.startswith("norm"))
+    x = torch.randn(n, T, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return fm, [(x[:6], y[:6]), (x[6:], y[6:])], (x[:4] + 0.1, y[:4]), (x, y)
+
+
+def _mlp(seed: int, n: int = 12):
+    """A tanh MLP on [B, 4] inputs (flat layers), CE loss."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fm = functional_model(net, F.cross_entropy)
+    x = torch.randn(n, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return fm, [(x[:5], y[:5]), (x[5:], y[5:])], (x[:3] - 0.2, y[:3]), (x, y)
+
+
+PROBLEMS = {"seq": _seq, "mlp": _mlp}
+
+
+def _dense(fm, state, whole, test, l2=0.0):
+    """``(G + 2 l2 p) ihvp(G_test)^T`` from vmap(grad) rows.  # -> [n_train, n_test]"""
+    G = per_sample_grad(fm.loss, fm.params, whole)
+    if l2:
+        G = G + 2 * l2 * torch.cat([v.reshape(-1) for v in fm.params.values()])
+    return G @ state.ihvp(per_sample_grad(fm.loss, fm.params, test)).T
+
+
+def _close(S, R, tol=1e-10):
+    torch.testing.assert_close(S, R, rtol=0, atol=tol * float(R.abs().max()))
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_by_layer_scores_equal_the_raveled_product(problem, solver, seed):
+    """score = G_train (F + damping I)^-1 G_test^T, with and without chunk_size, to 1e-10."""
+    fm, train, test, whole = PROBLEMS[problem](seed)
+    for chunk in (None, 3):
+        m = influence(fm, solver=solver, damping=0.1, chunk_size=chunk)
+        state = m.prepare(fm.params, train)
+        _close(m.score(fm.params, state, train, test), _dense(fm, state, whole, test))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_layer_by_layer_with_l2_self_scores_and_top_k(solver):
+    """With l2: rows (g_i + 2 l2 p); self_score = diag(G ihvp(G)^T); top_k = topk of the full
+    matrix (1e-10)."""
+    fm, train, test, whole = _seq(3)
+    m = influence(fm, solver=solver, damping=0.05, l2=0.01)
+    state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    _close(S, _dense(fm, state, whole, test, l2=0.01))
+    top = m.score(fm.params, state, train, test, top_k=3)
+    assert torch.equal(top.indices, S.topk(3, dim=0).indices)
+    m0 = influence(fm, solver=solver, damping=0.05)
+    s0 = m0.prepare(fm.params, train)
+    G = per_sample_grad(fm.loss, fm.params, whole)
+    _close(m0.self_score(fm.params, s0, train), (G * s0.ihvp(G)).sum(1))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_checkpoint_list_scored_layer_by_layer_is_the_mean(solver):
+    """Two checkpoints: score = mean_c G_c ihvp_c(G_test,c)^T (1e-10)."""
+    fm, train, test, whole = _seq(4)
+    other = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9),
+                                       dtype=DT) for k, v in fm.params.items()}
+    m = influence(fm, solver=solver, damping=0.1)
+    state = m.prepare([fm.params, other], train)
+    S = m.score([fm.params, other], state, train, test)
+    refs = []
+    for p, st in zip([fm.params, other], state.states, strict=True):
+        refs.append(per_sample_grad(fm.loss, p, whole) @ st.ihvp(per_sample_grad(fm.loss, p, test)).T)
+    _close(S, (refs[0] + refs[1]) / 2)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_per_layer_scores_sum_to_the_score(solver):
+    """per_layer=True: {layer: G_l ihvp(G_test)_l^T}, each equal to its block of the raveled
+    product, summing to the plain score (1e-10), with l2 split by layer too."""
+    fm, train, test, whole = _seq(5)
+    m = influence(fm, solver=solver, damping=0.1, l2=0.02)
+    mp = influence(fm, solver=solver, damping=0.1, l2=0.02, per_layer=True)
+    state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    D = mp.score(fm.params, state, train, test)
+    assert list(D) == ["emb", "head"]
+    _close(sum(D.values()), S)
+    G = per_sample_grad(fm.loss, fm.params, whole) + 0.04 * torch.cat(
+        [v.reshape(-1) for v in fm.params.values()])
+    Q = state.ihvp(per_sample_grad(fm.loss, fm.params, test))
+    start = 0
+    for layer in ("emb", "head"):
+        size = sum(v.numel() for k, v in fm.params.items() if k.startswith(layer + "."))
+        _close(D[layer], G[:, start:start + size] @ Q[:, start:start + size].T)
+        start += size
+
+
+def test_per_layer_errors():
+    """per_layer needs kfac/ekfac, no relatif, the FunctionalModel as loss, no top_k."""
+    fm, train, test, _ = _seq(0)
+    with pytest.raises(ValueError, match=r"influence\(per_layer=...\): expected solver 'kfac' or "
+                                         r"'ekfac'"):
+        influence(fm, solver="cg", per_layer=True)
+    with pytest.raises(ValueError, match=r"influence\(per_layer=...\): expected relatif=None"):
+        influence(fm, solver="ekfac", per_layer=True, relatif="l")
+    with pytest.raises(ValueError, match=r"influence\(per_layer=...\): expected loss to be the "
+                                         r"FunctionalModel"):
+        influence(fm.loss, solver="ekfac", model=fm, per_layer=True)
+    with pytest.raises(TypeError, match=r"influence\(per_layer=...\): expected a bool"):
+        influence(fm, solver="ekfac", per_layer=1)
+    m = influence(fm, solver="ekfac", per_layer=True)
+    state = m.prepare(fm.params, train)
+    with pytest.raises(ValueError, match=r"if_ekfac\(top_k=...\): expected None with per_layer"):
+        m.score(fm.params, state, train, test, top_k=2)
+
+
+def test_layer_scores_and_self_scores_against_dense_blocks():
+    """layer_scores: <sum_t g_t a_t^T, M_j> per layer; layer_self_scores: <DW, ihvp(DW)> per
+    layer, for a sequence layer with bias (1e-12)."""
+    fm, train, test, whole = _seq(6)
+    ek = ekfac_factors(fm.module, F.cross_entropy, fm.params, train)
+    inv = ihvp_ekfac(ek, damping=0.1)
+    io_ = layer_io(fm.module, F.cross_entropy, ["emb", "head"], fm.params, whole)
+    G = per_sample_grad(fm.loss, fm.params, whole)
+    V = torch.randn(3, G.shape[1], generator=torch.Generator().manual_seed(0), dtype=DT)
+    per = layer_scores(io_, inv.blocks(V))
+    _close(sum(per.values()), G @ V.T, 1e-12)
+    diag = layer_self_scores(inv, io_)
+    _close(sum(diag.values()), (G * inv(G)).sum(1), 1e-12)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_prepare_takes_precomputed_factors(solver, tmp_path):
+    """prepare(params, factors) -- the factors given, saved and loaded by io, or cached by
+    stats_store (computed once, the second call reads them) -- scores bit for bit as
+    prepare(params, train)."""
+    fm, train, test, _ = _seq(7)
+    m = influence(fm, solver=solver, damping=0.1)
+    state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    fit = kfac_factors if solver == "kfac" else ekfac_factors
+    io.save(state.factors, tmp_path / "f.pt")
+    loaded = io.load(tmp_path / "f.pt")
+    assert torch.equal(m.score(fm.params, m.prepare(fm.params, loaded), train, test), S)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return fit(fm.module, F.cross_entropy, fm.params, train)
+
+    for _ in range(2):
+        factors = stats_store(tmp_path / "stats", compute, params=fm.params,
+                              config={"solver": solver})
+        assert torch.equal(m.score(fm.params, m.prepare(fm.params, factors), train, test), S)
+    assert len(calls) == 1
+    # one factors object per checkpoint
+    ens = m.prepare([fm.params, fm.params], [loaded, loaded])
+    assert torch.equal(m.score([fm.params, fm.params], ens, train, test), S)
+
+
+def test_prepare_with_factors_errors():
+    """Factors of the other kind, of other params or one per checkpoint missing are named."""
+    fm, train, _, _ = _seq(8)
+    ek = ekfac_factors(fm.module, F.cross_entropy, fm.params, train)
+    kf = kfac_factors(fm.module, F.cross_entropy, fm.params, train)
+    with pytest.raises(TypeError, match=r"if_ekfac\(train=...\): expected training data or "
+                                        r"EKFACFactors \(solver 'ekfac'\), got KFACFactors"):
+        influence(fm, solver="ekfac").prepare(fm.params, kf)
+    head = {k: v for k, v in fm.params.items() if k.startswith("head")}
+    fm_head = functional_model(fm.module, F.cross_entropy, params=lambda k: k.startswith("head"))
+    with pytest.raises(ValueError, match=r"if_ekfac\(train=...\): expected factors of the params"):
+        influence(fm_head, solver="ekfac").prepare(head, ek)
+    with pytest.raises(ValueError, match=r"if_kfac\(train=...\): expected 2 factors"):
+        influence(fm, solver="kfac").prepare([fm.params, fm.params], [kf])
+    assert isinstance(ek, EKFACFactors) and isinstance(kf, KFACFactors)
+
+
+def test_reduce_hook_sums_statistics_across_shards():
+    """K-FAC: reduce(sums, n) adding a second shard's sums gives the factors of both shards
+    (1e-12): the hook sees sums and counts, not means. EK-FAC calls it twice (K-FAC pass, then
+    Lambda), and an identity hook changes nothing (bit for bit)."""
+    fm, train, _, _ = _seq(9)
+    seen = []
+
+    def record(sums, n):
+        seen.append((dict(sums), n))
+        return sums, n
+
+    kfac_factors(fm.module, F.cross_entropy, fm.params, [train[1]], reduce=record)
+    other, m = seen.pop()
+    got = kfac_factors(fm.module, F.cross_entropy, fm.params, [train[0]],
+                       reduce=lambda s, n: ({k: v + other[k] for k, v in s.items()}, n + m))
+    whole = kfac_factors(fm.module, F.cross_entropy, fm.params, train)
+    assert int(got.num_examples) == 10
+    for k in whole.A:
+        _close(got.A[k], whole.A[k], 1e-12)
+        _close(got.G[k], whole.G[k], 1e-12)
+    ek = ekfac_factors(fm.module, F.cross_entropy, fm.params, train, reduce=record)
+    assert [sorted({key.split(":")[0] for key in s}) for s, _ in seen] == [["A", "G"], ["L"]]
+    plain = ekfac_factors(fm.module, F.cross_entropy, fm.params, train)
+    for k in plain.Lambda:
+        assert torch.equal(ek.Lambda[k], plain.Lambda[k])
+    with pytest.raises(TypeError, match=r"kfac_factors\(reduce=...\): expected None or a callable"):
+        kfac_factors(fm.module, F.cross_entropy, fm.params, train, reduce=3)
+    with pytest.raises(TypeError, match=r"kfac_factors\(reduce=...\): expected a callable "
+                                        r"\(sums, count\) -> \(sums with the same keys"):
+        kfac_factors(fm.module, F.cross_entropy, fm.params, train, reduce=lambda s, n: s)
+
+
+def test_reduced_dtype_factors_and_scores():
+    """dtype=float32 on a float64 model: factors stored in float32, scores within 1e-5 of
+    float64; bfloat16 factors and products: Pearson > 0.99 and dtype bfloat16; a non-float
+    dtype is refused."""
+    fm, train, test, _ = _seq(10)
+    ref_m = influence(fm, solver="ekfac", damping=0.1)
+    R = ref_m.score(fm.params, ref_m.prepare(fm.params, train), train, test)
+    m32 = influence(fm, solver="ekfac", damping=0.1, dtype=torch.float32)
+    st32 = m32.prepare(fm.params, train)
+    assert st32.factors.QA["emb"].dtype == torch.float32
+    torch.testing.assert_close(m32.score(fm.params, st32, train, test), R, rtol=1e-4,
+                               atol=1e-5 * float(R.abs().max()))
+    mb = influence(fm, solver="ekfac", damping=0.1, dtype=torch.bfloat16)
+    stb = mb.prepare(fm.params, train)
+    assert stb.factors.Lambda["head"].dtype == torch.bfloat16
+    Sb = mb.score(fm.params, stb, train, test)
+    assert Sb.dtype == DT
+    assert float(torch.corrcoef(torch.stack([Sb.flatten(), R.flatten()]))[0, 1]) > 0.99
+    kb = kfac_factors(fm.module, F.cross_entropy, fm.params, train, dtype=torch.bfloat16)
+    assert kb.A["emb"].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"ekfac_factors\(dtype=...\): expected None or a "
+                                        r"floating torch.dtype"):
+        ekfac_factors(fm.module, F.cross_entropy, fm.params, train, dtype=torch.int64)
