@@ -220,12 +220,22 @@ class _Regrouped:
         return iter(regroup(iter_batches(self.func, self.arg, self.data), self.rows, self.func))
 
 
+def _refuse_store(func: str, arg: str, data) -> None:
+    """Raise where a feature store reaches a call that reads examples: a store is a
+    NamedTuple, and read as a tuple of batches it would yield its path as a "batch"."""
+    if type(data).__module__ == "dattri_fn.store":
+        raise TypeError(_msg(func, arg, "examples: a Batch or a re-iterable of Batches (this "
+                             "call reads the data itself; a store serves a method's train "
+                             "features)", type(data).__name__))
+
+
 def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
     """Examples in a Batch, a list/tuple of Batches or a regrouped view of one; None for other
     iterables (a DataLoader's length is not its row count). ``check=False`` reads leading sizes
     only, for a caller that validates every batch as it goes (None if one is not a batch)."""
     if isinstance(data, _Regrouped):
         data = data.data
+    _refuse_store(func, arg, data)
     if is_batch(data):
         data = [data]
     if not isinstance(data, (list, tuple)):
@@ -310,6 +320,7 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
     """
     if is_batch(data):
         return [data]
+    _refuse_store(func, arg, data)
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(_msg(func, arg, "a Batch or a re-iterable of Batches", type(data).__name__))
     if iter(data) is data:

@@ -101,7 +101,15 @@ NUMBERS = {"zero": 0.0, "negative": -1.0, "nan": math.nan, "inf": math.inf, "str
 LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]'\"]+=\.\.\.\): expected")
 
 
-def _check_outcome(func: str, call, *, allow_missing: bool = False) -> None:
+def _n_rows(data) -> int | None:
+    """Examples in a corrupted data argument when it is one tuple Batch, else None."""
+    if isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0].shape[0] if data[0].ndim else None
+    return None
+
+
+def _check_outcome(func: str, call, *, allow_missing: bool = False, shape=None) -> None:
+    """Run ``call``: a library-worded error, or finite tensors (of ``shape`` for a Tensor)."""
     try:
         out = call()
     except (TypeError, ValueError) as err:
@@ -114,6 +122,8 @@ def _check_outcome(func: str, call, *, allow_missing: bool = False) -> None:
     leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     bad = [t for t in leaves if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     assert not bad, f"{func}: returned non-finite values without an error"
+    if shape is not None and isinstance(out, torch.Tensor):
+        assert tuple(out.shape) == shape, f"{func}: silent wrong shape {list(out.shape)}, {shape}"
 
 
 # -- representer points ----------------------------------------------------------------------
@@ -131,7 +141,8 @@ def test_representer_names_bad_data(corruption):
     """prepare(bad train), score(bad test), score(bad train), self_score(bad train): named or finite."""
     bad = DATA[corruption]
     _check_outcome("representer.prepare", lambda: RPS.prepare(PARAMS, bad))
-    _check_outcome("representer.score(test)", lambda: RPS.score(PARAMS, RPS_STATE, BATCH, bad))
+    _check_outcome("representer.score(test)", lambda: RPS.score(PARAMS, RPS_STATE, BATCH, bad),
+                   shape=(6, _n_rows(bad)))
     _check_outcome("representer.score(train)", lambda: RPS.score(PARAMS, RPS_STATE, bad, BATCH))
     _check_outcome("representer.self_score", lambda: RPS.self_score(PARAMS, RPS_STATE, bad))
 
@@ -202,7 +213,8 @@ MAGIC_STATE = MAGIC.prepare(PARAMS, BATCH)
 def test_magic_names_bad_data(corruption):
     bad = DATA[corruption]
     _check_outcome("magic.prepare", lambda: MAGIC.prepare(PARAMS, bad))
-    _check_outcome("magic.score(test)", lambda: MAGIC.score(PARAMS, MAGIC_STATE, BATCH, bad))
+    _check_outcome("magic.score(test)", lambda: MAGIC.score(PARAMS, MAGIC_STATE, BATCH, bad),
+                   shape=(6, _n_rows(bad)))
     _check_outcome("magic.score(train)", lambda: MAGIC.score(PARAMS, MAGIC_STATE, bad, BATCH))
 
 
@@ -272,9 +284,12 @@ ENS = dropout_ensemble(dropout_loss, n_masks=3, seed=0)
 def test_dropout_ensemble_names_bad_data(corruption):
     bad = DATA[corruption]
     _check_outcome("dropout_ensemble.prepare", lambda: ENS.prepare(PARAMS, bad))
-    _check_outcome("dropout_ensemble.score", lambda: ENS.score(PARAMS, (), BATCH, bad))
-    _check_outcome("dropout_ensemble.score(train)", lambda: ENS.score(PARAMS, (), bad, BATCH))
-    _check_outcome("dropout_ensemble.self_score", lambda: ENS.self_score(PARAMS, (), bad))
+    _check_outcome("dropout_ensemble.score", lambda: ENS.score(PARAMS, (), BATCH, bad),
+                   shape=(6, _n_rows(bad)))
+    _check_outcome("dropout_ensemble.score(train)", lambda: ENS.score(PARAMS, (), bad, BATCH),
+                   shape=(_n_rows(bad), 6))
+    _check_outcome("dropout_ensemble.self_score", lambda: ENS.self_score(PARAMS, (), bad),
+                   shape=(_n_rows(bad),))
 
 
 @pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
@@ -310,9 +325,10 @@ def test_dropout_members_name_bad_data(corruption):
     bad = DATA[corruption]
     _check_outcome("dropout_members.prepare", lambda: MEMBERS.prepare(PARAMS, bad))
     _check_outcome("dropout_members.score", lambda: MEMBERS.score(PARAMS, MEMBERS_STATE, BATCH,
-                                                                  bad))
+                                                                  bad), shape=(6, _n_rows(bad)))
     _check_outcome("dropout_members.self_score", lambda: MEMBERS.self_score(PARAMS, MEMBERS_STATE,
-                                                                            bad))
+                                                                            bad),
+                   shape=(_n_rows(bad),))
 
 
 @pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
@@ -331,6 +347,40 @@ def test_dropout_members_name_bad_settings(corruption):
     if bad is not None:
         _check_outcome("dropout_members.score", lambda: MEMBERS.score(
             PARAMS, MEMBERS_STATE, BATCH, BATCH, top_k=bad))
+
+
+# -- a store where a method takes train ------------------------------------------------------
+def _store_train_cases():
+    from dattri_fn.attribute import grad_dot
+
+    return {
+        "representer.prepare": lambda t: RPS.prepare(PARAMS, t),
+        "representer.score": lambda t: RPS.score(PARAMS, RPS_STATE, t, BATCH),
+        "representer.self_score": lambda t: RPS.self_score(PARAMS, RPS_STATE, t),
+        "magic.prepare": lambda t: MAGIC.prepare(PARAMS, t),
+        "magic.score": lambda t: MAGIC.score(PARAMS, MAGIC_STATE, t, BATCH),
+        "dropout_ensemble.score": lambda t: ENS.score(PARAMS, (), t, BATCH),
+        "dropout_ensemble.self_score": lambda t: ENS.self_score(PARAMS, (), t),
+        "dropout_members.score": lambda t: MEMBERS.score(PARAMS, MEMBERS_STATE, t, BATCH),
+        "grad_dot.score": lambda t: grad_dot(loss).score(PARAMS, (), t, BATCH),
+        "grad_dot.self_score": lambda t: grad_dot(loss).self_score(PARAMS, (), t),
+    }
+
+
+@pytest.mark.parametrize("kind", ["store_of_other_features", "recording_of_other_features"])
+@pytest.mark.parametrize("case", sorted(_store_train_cases()))
+def test_methods_name_a_store_they_cannot_use(tmp_path, case, kind):
+    """A store (or recording) of other features as train: a named refusal or the right shape,
+    never a raw error from a matmul over the wrong layout."""
+    from dattri_fn.attribute import grad_dot
+
+    store = build_store(tmp_path / "s", lambda b: b[0] * 2.0, BATCH, params=PARAMS)
+    if kind == "recording_of_other_features":  # stacked [3, b, P] features under the same path
+        ENS.score(PARAMS, (), record_store(tmp_path / "r", BATCH, params=PARAMS), BATCH)
+        store = record_store(tmp_path / "r", BATCH, params=PARAMS)
+    del grad_dot
+    _check_outcome(case, lambda: _store_train_cases()[case](store),
+                   shape=(6,) if case.endswith("self_score") else (6, 6))
 
 
 # -- stores ------------------------------------------------------------------------------------

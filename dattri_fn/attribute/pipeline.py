@@ -194,7 +194,18 @@ def _dense_test(func: str, train, test_features):
             raise TypeError(_msg(func, "train", "a store only for methods with Tensor test "
                                  "features (or rows with to_dense())", type(test_features).__name__))
         test_features = test_features.to_dense()
-    want = train.manifest.get("row_shape", [None])[-1]
+    row_shape = train.manifest.get("row_shape") or [None]
+    stacked = train.manifest.get("layout") == "stacked"
+    if test_features.ndim != (3 if stacked else 2) or (
+            stacked and test_features.shape[0] != row_shape[0]):
+        # [C, b, F] against [b, F] (or another C) would reach a bmm, or broadcast silently.
+        layout = f"[C={row_shape[0]}, b, F]" if stacked else "[b, F]"
+        test = (f"[C={test_features.shape[0]}, n_test, F]" if test_features.ndim == 3
+                else "[n_test, F]")
+        raise ValueError(_msg(func, "train", f"a store laid out like the test features {test}",
+                              f"a store of {layout} rows", "It was built by another method or "
+                              "ensemble size."))
+    want = row_shape[-1]
     if want is not None and test_features.shape[-1] != want:
         raise ValueError(_msg(func, "train", f"a store of features as wide as the test features "
                               f"({test_features.shape[-1]})", f"a store of width {want}",
