@@ -14,6 +14,7 @@ from dattri_fn.training import (
     finish_record,
     make_step,
     record_step,
+    record_trajectory,
     sgd,
     start_record,
     take,
@@ -161,6 +162,22 @@ def test_record_stores_gradients_from_a_plain_torch_loop(tmp_path):
 def _grad(loss, params, example):
     p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(p, example), list(p.values()))])
+
+
+def test_record_trajectory_equals_recording_the_same_loop():
+    """record_trajectory(train(..., checkpoint_every=2)) == the record taken inside the loop."""
+    record, step, opt, params, data, order = library_run()
+    run = train(step, params, opt.init(params), data, order, checkpoint_every=2)
+    back = record_trajectory(run, order, lr=lambda t: 0.05 / (1 + t), optimizer="adamw",
+                             weight_decay=0.1)
+    assert back.optimizer == record.optimizer and torch.equal(back.lrs, record.lrs)
+    assert all(torch.equal(a, b) for a, b in zip(back.order, record.order, strict=True))
+    for a, b in zip(back.checkpoints, record.checkpoints, strict=True):
+        assert a.step == b.step and a.moments.count == b.moments.count
+        assert all(torch.equal(a.params[k], b.params[k]) and torch.equal(a.moments.mu[k], b.moments.mu[k])
+                   for k in b.params)
+    with pytest.raises(ValueError, match=r"record_trajectory\(order=...\): expected the order"):
+        record_trajectory(run, order[:-2], lr=0.05, optimizer="adamw")  # no state at step 7
 
 
 def test_record_errors_name_the_argument():

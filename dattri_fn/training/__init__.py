@@ -8,6 +8,7 @@ from .record import (
     Recording,
     finish_record,
     record_step,
+    record_trajectory,
     start_record,
 )
 from .run import Trajectory, batch_order, replay, take, train
@@ -32,6 +33,7 @@ __all__ = [
     "Recording",
     "finish_record",
     "record_step",
+    "record_trajectory",
     "start_record",
     "Optimizer",
     "SGDState",

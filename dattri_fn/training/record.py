@@ -278,6 +278,35 @@ def finish_record(rec: Recording, *, params: Params, opt_state=None) -> Record:
                   rec.checkpoints + (final,), rec.grad_stores)
 
 
+def record_trajectory(trajectory, order, *, lr, optimizer: str, betas: tuple[float, float] = (0.9, 0.999),
+                      eps: float = 1e-8, momentum: float = 0.0, weight_decay: float = 0.0) -> Record:
+    """Return the :class:`Record` of a run made by :func:`~dattri_fn.training.train`.
+
+    ``trajectory.checkpoints`` become the record's checkpoints (the final one at ``T``);
+    ``order`` is the run's data order and ``lr`` its learning rate (a float or the schedule
+    ``count -> lr`` the optimizer was built with); the keywords are the optimizer's settings, as
+    in :func:`start_record`.
+    """
+    from .run import Trajectory
+
+    func = "record_trajectory"
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(_msg(func, "trajectory", "a Trajectory from train(...)",
+                             type(trajectory).__name__))
+    sched = lr if callable(lr) else (lambda t: lr)
+    rec = start_record(optimizer, checkpoint_steps=[s for s in trajectory.checkpoints
+                                                    if s < len(order)],
+                       betas=betas, eps=eps, momentum=momentum, weight_decay=weight_decay)
+    for t, rows in enumerate(order):
+        params, state = trajectory.checkpoints.get(t, (None, None))
+        rec = record_step(rec, rows, lr=float(sched(t)), params=params, opt_state=state)
+    if len(order) not in trajectory.checkpoints:
+        raise ValueError(_msg(func, "order", f"the order of the trajectory's run (its final state "
+                              f"is at step {max(trajectory.checkpoints)})", f"{len(order)} steps"))
+    params, state = trajectory.checkpoints[len(order)]
+    return finish_record(rec, params=params, opt_state=state)
+
+
 def check_record(func: str, record: Any, *, moments: bool = False) -> Record:
     """Return ``record`` validated as a finished :class:`Record` (with Adam moments if asked)."""
     if not isinstance(record, Record):
@@ -290,4 +319,4 @@ def check_record(func: str, record: Any, *, moments: bool = False) -> Record:
 
 
 __all__ = ["Checkpoint", "GradSpec", "Moments", "Record", "Recording", "check_record",
-           "finish_record", "record_step", "start_record"]
+           "finish_record", "record_step", "record_trajectory", "start_record"]
