@@ -15,7 +15,8 @@ the batch's ``v``, is dropped) the parameters move by ``-lr_c epsilon D_c g_i`` 
 and the test loss by ``-lr_c epsilon <grad target, D_c g_i>``: a positive score is a proponent.
 It is TracIn-CP with the Adam preconditioner on the training side only; the test side is the
 plain gradient. Decoupled weight decay and the bias correction of ``m`` are the same for every
-example and left out. Checkpoints before the first Adam step (``t_c = 0``, ``v = 0``) have no
+example and left out; so is the batch mean's ``1/|B|`` (scores are per unit of gradient, as
+TracIn's). Checkpoints before the first Adam step (``t_c = 0``, ``v = 0``) have no
 denominator and are skipped by default.
 
 The exact influence of the whole AdamW run, through every step and both moments, is MAGIC's
