@@ -17,8 +17,8 @@ examples outside the subset weighted 0 (MAGIC's fixed-randomness protocol). LDS 
 the subsets, mean over test points, normal 95% CI).
 
 Rows (time = prepare + score, in this process, one thread): MAGIC (the exact metagradient of
-the same AdamW run), SOURCE (Gauss-Newton, 3 segments), LESS and AdamW-influence over the 8
-recorded checkpoints, TracIn-Cos over the same checkpoints with their learning rates, and
+the same AdamW run), SOURCE (Gauss-Newton, 3 segments), LESS (exact and projected to
+``--proj-dim``, 512) and AdamW-influence over the 8 recorded checkpoints, TracIn-Cos over the same checkpoints with their learning rates, and
 Grad-Dot at the final parameters. Every method scores the margin (its negative as the test
 "loss" for the loss-convention methods).
 
@@ -196,6 +196,8 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
     }
     if KIND == "adamw":
         methods["less"] = (less(fm, target=neg_margin), record)
+        methods[f"less (proj {args.proj_dim})"] = (less(fm, target=neg_margin,
+                                                        proj_dim=args.proj_dim), record)
         methods["adamw-influence"] = (adamw_influence(fm, target=neg_margin), record)
     else:
         methods[f"dvemb (fisher, d={args.proj_dim})"] = (dvemb(fm, target=neg_margin), record)

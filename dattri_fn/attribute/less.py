@@ -17,6 +17,9 @@ The bias corrections scale ``Gamma_c`` by ``sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))`
 ``eps``, so with ``eps -> 0`` they leave the cosine unchanged; LESS's released code (no bias
 correction, ``eps`` inside the root) differs from the paper's formula above only through ``eps``.
 A coupled weight-decay term is not folded into ``g``: it is the same for every example.
+``lr_c`` is the rate of step ``t_c`` (TracIn-CP's weight); LESS weights its per-epoch
+checkpoints by the epoch's mean rate, a per-checkpoint scale that only matters when the rate
+changes between checkpoints.
 
 References:
     Xia, Malladi, Gururangan, Arora & Chen, "LESS: Selecting Influential Data for Targeted
