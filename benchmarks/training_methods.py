@@ -18,9 +18,9 @@ the subsets, mean over test points, normal 95% CI).
 
 Rows (time = prepare + score, in this process, one thread): MAGIC (the exact metagradient of
 the same AdamW run), SOURCE (Gauss-Newton, 3 segments), LESS (exact and projected to
-``--proj-dim``, 512) and AdamW-influence over the 8 recorded checkpoints, TracIn-Cos over the same checkpoints with their learning rates, and
-Grad-Dot at the final parameters. Every method scores the margin (its negative as the test
-"loss" for the loss-convention methods).
+``--proj-dim``, 512) and AdamW-influence over the 8 recorded checkpoints, TracIn-Cos over the
+same checkpoints with their learning rates, and Grad-Dot at the final parameters. Every method
+scores the margin (its negative as the test "loss" for the loss-convention methods).
 
 ``--optimizer sgd``: the same with plain SGD (no momentum, ``cosine_schedule(0.2, T)``, coupled
 weight decay 1e-3), recorded with per-step gradient stores projected to ``--proj-dim`` (512)
