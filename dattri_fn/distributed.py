@@ -9,9 +9,10 @@ and what is sharded:
 * curvature: each rank's statistic is over its own shard, then all-reduced, so every rank holds
   the global one. A curvature product inside CG, ``V -> (1/N) sum_i H_i V``, is the weighted sum
   of the ranks' local means (:func:`all_reduce_linop`); K-FAC factors the same way
-  (:func:`all_reduce_kfac`); EK-FAC all-reduces the K-FAC factors, takes their eigenbases on
+  (:func:`all_reduce_kfac`); EK-FAC all-reduces the K-FAC statistics, takes their eigenbases on
   every rank (identical inputs, identical bases) and all-reduces the corrected eigenvalues
-  (:func:`ekfac_factors_sharded`). Every rank then runs the same solver iterations on the same
+  (:func:`ekfac_factors_sharded`, through the factor passes' ``reduce=`` hook,
+  :func:`all_reduce_stats`). Every rank then runs the same solver iterations on the same
   numbers;
 * scores: each rank scores its shard (its block of rows ``[offset_r, offset_r + n_r)``); a
   top-k is merged on rank 0 (:func:`gather_topk`).
@@ -46,7 +47,7 @@ from .attribute.pipeline import TopK, merge_topk
 from .store import FeatureStore, build_store, open_store, params_hash, write_parts_manifest
 
 __all__ = ["init", "rank_and_world", "shard_range", "shard_data", "all_reduce_linop",
-           "all_reduce_kfac", "ekfac_factors_sharded", "sharded_store", "local_part",
+           "all_reduce_kfac", "all_reduce_stats", "ekfac_factors_sharded", "sharded_store", "local_part",
            "gather_topk", "row_offset"]
 
 
@@ -180,37 +181,54 @@ def all_reduce_kfac(factors, *, group=None):
                             num_examples=torch.tensor(total, dtype=torch.int64))
 
 
+def all_reduce_stats(*, group=None) -> Callable:
+    """Return ``reduce(sums, count) -> (sums, count)`` summing both over every rank.
+
+    The statistics-reduction hook of :func:`~dattri_fn.operators.kfac.kfac_factors` and
+    :func:`~dattri_fn.operators.kfac.ekfac_factors` (``reduce=``): each rank passes the sums of
+    its statistics over its shard and its example count; all ranks get the global ones (one
+    all-reduce of the flattened sums, one of the count), so they divide by the same ``N`` and
+    take identical eigenbases. Every rank must call it in the same order (as the factor passes
+    do).
+    """
+    def reduce(sums: dict[str, Tensor], count: int) -> tuple[dict[str, Tensor], int]:
+        keys = list(sums)
+        flat = torch.cat([sums[k].reshape(-1) for k in keys]) if keys else None
+        n = torch.tensor([count], dtype=torch.int64, device=flat.device if flat is not None
+                         else "cpu")
+        if flat is not None:
+            _collective("all_reduce_stats", dist.all_reduce, flat, op=dist.ReduceOp.SUM,
+                        group=group)
+        _collective("all_reduce_stats", dist.all_reduce, n, op=dist.ReduceOp.SUM, group=group)
+        out, start = {}, 0
+        for k in keys:
+            size = sums[k].numel()
+            out[k] = flat[start:start + size].reshape(sums[k].shape)
+            start += size
+        return out, int(n)
+
+    return reduce
+
+
 def ekfac_factors_sharded(module, loss_fn, params, data, *, layers=None, chunk_size=None,
-                          batch_rows=None, group=None):
+                          batch_rows=None, fisher: str = "empirical", seed: int = 0,
+                          sampler=None, dtype=None, group=None):
     """Return EK-FAC factors over every rank's shard ``data``, equal on every rank.
 
-    K-FAC factors all-reduced (:func:`all_reduce_kfac`), their eigenbases taken on every rank,
-    then ``Lambda = (1/N) sum_r sum_{n in shard r} (Q_G^T DW_n Q_A)^2`` all-reduced: the EK-FAC of
-    the whole training set (:func:`~dattri_fn.operators.kfac.ekfac_factors`).
+    :func:`~dattri_fn.operators.kfac.ekfac_factors` with the :func:`all_reduce_stats` hook: the
+    K-FAC sums are all-reduced before the eigenbases are taken (identical inputs, identical
+    bases on every rank), then ``Lambda = (1/N) sum_r sum_{n in shard r} (Q_G^T DW_n Q_A)^2``.
+    ``fisher="true"`` draws each rank's targets from a generator seeded ``seed + rank`` (the
+    ranks' draws independent; the same shards and seed give the same factors on a rerun, not
+    the draws of a single-process run).
     """
-    from .operators import kfac as K
+    from .operators.kfac import ekfac_factors
 
-    func = "ekfac_factors_sharded"
-    kf = all_reduce_kfac(K.kfac_factors(module, loss_fn, params, data, layers=layers,
-                                        chunk_size=chunk_size, batch_rows=batch_rows),
-                         group=group)
-    state, names, pnames, batches, tapped, chunk_size = K._check_call(
-        func, module, loss_fn, params, data, layers, chunk_size)
-    QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
-    QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
-    bias = {n: K._keys(n)[1] in pnames for n in names}
-    L: dict[str, Tensor] = {}
-
-    def step(layer, a, g):
-        a, g = K._tokens(a, g, bias[layer])
-        rot = torch.einsum("bto,bti->boi", g @ QG[layer], a @ QA[layer])
-        dL = (rot * rot).sum(0)
-        L[layer] = dL if layer not in L else L[layer] + dL
-
-    K._passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
-    total = int(kf.num_examples)
-    Lambda = _weighted_sum(func, {k: L[k] for k in names}, 1.0 / total, group)
-    return K.EKFACFactors(QA, QG, Lambda, pnames, kf.num_examples, kf.transposed)
+    rank, _ = rank_and_world(group)
+    check_int("ekfac_factors_sharded", "seed", seed, minimum=0)
+    return ekfac_factors(module, loss_fn, params, data, layers=layers, chunk_size=chunk_size,
+                         batch_rows=batch_rows, fisher=fisher, seed=seed + rank,
+                         sampler=sampler, dtype=dtype, reduce=all_reduce_stats(group=group))
 
 
 def _part(rank: int) -> str:

@@ -1,7 +1,8 @@
 """One rank of the 2-process gloo tests in tests/test_distributed.py (not collected by pytest).
 
 Usage: RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/_dist_worker.py
-SCENARIO OUT. Scenario "all": CG on the all-reduced Hessian product, K-FAC/EK-FAC factors, a
+SCENARIO OUT. Scenario "all": CG on the all-reduced Hessian product, K-FAC/EK-FAC factors
+(empirical, and true Fisher with seed 5), a
 sharded Grad-Dot store and its scores (block and top-k); each rank saves its results to
 OUT/rank{r}.pt. Scenario "die": both ranks build the sharded store, rank 1 exits after its
 first shard; rank 0 writes the error its next collective raises (and how long it took) to
@@ -59,6 +60,7 @@ def run_all(out):
                         rtol=1e-12)(V)}
     res["kfac"] = D.all_reduce_kfac(kfac_factors(model, ce, params, local))
     res["ekfac"] = D.ekfac_factors_sharded(model, ce, params, local)
+    res["ekfac_true"] = D.ekfac_factors_sharded(model, ce, params, local, fisher="true", seed=5)
     store = D.sharded_store(os.path.join(out, "store"), lambda b: per_sample_grad(loss, params, b),
                             local, params=params, config=CONFIG)
     part, offset = D.local_part(store)

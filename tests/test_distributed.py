@@ -114,6 +114,7 @@ def _compare(r0, r1, tmp_path):
         # eigenbases are unique only up to sign and order: compare the sorted eigenvalues
         torch.testing.assert_close(torch.sort(r0["ekfac"].Lambda[name].flatten()).values,
                                    torch.sort(ek.Lambda[name].flatten()).values, rtol=0, atol=1e-10)
+    _compare_true_fisher(r0, r1, model, params, train)
     m = grad_dot(loss)
     S = m.score(params, (), train, test)
     assert (r0["offset"], r1["offset"]) == (0, 18)
@@ -125,3 +126,39 @@ def _compare(r0, r1, tmp_path):
     store = open_store(tmp_path / "store", params=params, config=W.CONFIG)  # both parts, rank order
     assert store.n_rows == 30
     assert torch.equal(m.score(params, (), store, test), S)
+
+
+def _compare_true_fisher(r0, r1, model, params, train):
+    """Sharded true-Fisher EK-FAC (rank r draws with seed 5 + r) equals one process emulating the
+    two ranks through the reduce hook: shard sums added in rank order at both passes (1e-12)."""
+    shards, seeds = [train[:3], train[3:]], [5, 6]
+    kfac_sums = []
+    for shard, seed in zip(shards, seeds, strict=True):
+        got = []
+        kfac_factors(model, W.ce, params, shard, fisher="true", seed=seed,
+                     reduce=lambda s, n, got=got: (got.append((s, n)), (s, n))[1])
+        kfac_sums.append(got[0])
+    lam1 = []
+
+    def rank1(s, n):  # rank 1: K-FAC sums of rank 0 + its own; records its Lambda sums
+        if not lam1 and set(s) == set(kfac_sums[0][0]):
+            lam1.append(None)
+            return {k: kfac_sums[0][0][k] + v for k, v in s.items()}, n + kfac_sums[0][1]
+        lam1[0] = (s, n)
+        return s, n
+
+    ekfac_factors(model, W.ce, params, shards[1], fisher="true", seed=6, reduce=rank1)
+    calls = iter([kfac_sums[1], lam1[0]])
+
+    def rank0(s, n):
+        other, m = next(calls)
+        return {k: v + other[k] for k, v in s.items()}, n + m
+
+    ref = ekfac_factors(model, W.ce, params, shards[0], fisher="true", seed=5, reduce=rank0)
+    assert int(r0["ekfac_true"].num_examples) == 30
+    for name in ref.Lambda:
+        assert torch.equal(r0["ekfac_true"].Lambda[name], r1["ekfac_true"].Lambda[name])
+        torch.testing.assert_close(r0["ekfac_true"].Lambda[name], ref.Lambda[name], rtol=0,
+                                   atol=1e-12)
+        # the empirical-Fisher factors differ: the draws are not the data's labels
+        assert not torch.allclose(r0["ekfac_true"].Lambda[name], r0["ekfac"].Lambda[name])
