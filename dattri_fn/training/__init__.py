@@ -1,4 +1,5 @@
-"""A functional, replayable trainer: pure steps, seeded data orders, checkpoints and replay."""
+"""A functional, replayable trainer: pure steps, seeded data orders, checkpoints, replay, and a
+recorder for the user's own loop (what optimizer-aware attribution reads)."""
 
 from .record import (
     Checkpoint,
