@@ -268,3 +268,37 @@ def test_reduced_dtype_factors_and_scores():
     with pytest.raises(TypeError, match=r"ekfac_factors\(dtype=...\): expected None or a "
                                         r"floating torch.dtype"):
         ekfac_factors(fm.module, F.cross_entropy, fm.params, train, dtype=torch.int64)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=6, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 20, (6, 5), generator=g)
+    return model, {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_tied_gpt2_embedding_is_named_and_the_rest_scores_exactly():
+    """Tiny GPT-2 (wte tied to lm_head): EK-FAC with the tied weight in params is refused,
+    naming both uses and the fix; without it (every Conv1D and the head-free rest) the
+    layer-by-layer scores equal the raveled product (1e-10)."""
+    from dattri_fn.losses import causal_lm_loss
+
+    model, batch = _gpt2()
+    fm = functional_model(model, causal_lm_loss, params=lambda n: "wte" in n or "c_fc" in n)
+    with pytest.raises(ValueError, match=r"kfac_tap\(params=...\): expected weights used by one "
+                                         r"layer each"):
+        influence(fm, solver="ekfac", damping=0.1).prepare(fm.params, batch)
+    with pytest.raises(ValueError, match=r"'transformer.wte.weight' shared by 'transformer.wte' "
+                                         r"\(Embedding\), 'lm_head' \(Linear\)"):
+        ekfac_factors(model, causal_lm_loss, fm.params, batch)
+    fm = functional_model(model, causal_lm_loss,
+                          params=lambda n: n.endswith(("c_fc.weight", "c_proj.weight", "c_attn.weight",
+                                                     "c_attn.bias")))
+    m = influence(fm, solver="ekfac", damping=0.1)
+    state = m.prepare(fm.params, batch)
+    _close(m.score(fm.params, state, batch, batch), _dense(fm, state, batch, batch))

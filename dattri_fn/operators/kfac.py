@@ -140,6 +140,16 @@ def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ..
         owner[specs[name].weight] = name
         owner[_keys(name)[1]] = name
     stray = [k for k in params if k not in owner]
+    tied = _tied_uses(module, stray)
+    if tied:
+        raise ValueError(_msg(func, "params", "weights used by one layer each",
+                              "; ".join(f"{k!r} shared by {uses}" for k, uses in tied.items()),
+                              "K-FAC/EK-FAC factor a weight from its one layer's inputs and "
+                              "output gradients; a tied weight (GPT-2's wte = lm_head) has a "
+                              "gradient summed over its uses, which the capture engine does "
+                              "not factor: leave it out of params (e.g. params=lambda n: "
+                              "'wte' not in n) or attribute it with a dense method "
+                              "(grad_dot, influence with solver='cg')."))
     if stray:
         raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear, "
                               f"Conv1D or Conv2d layers {lin}", f"other keys {stray}",
@@ -151,6 +161,21 @@ def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ..
                               f"no weight for {no_weight}",
                               "Add '<layer>.weight' to params or deselect the layer."))
     return lin, tuple(params)
+
+
+def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{key: "'name' (Kind), ..."}`` for the keys whose tensor several modules hold."""
+    names: dict[int, list[str]] = {}
+    for k, v in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(v), []).append(k)
+    modules = dict(module.named_modules())
+    alias = {k: ks for ks in names.values() if len(ks) > 1 for k in ks}
+    out = {}
+    for k in keys:
+        if k in alias:
+            owners = [a.rpartition(".")[0] for a in alias[k]]
+            out[k] = ", ".join(f"{o!r} ({type(modules[o]).__name__})" for o in owners)
+    return out
 
 
 def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=None):
