@@ -69,7 +69,7 @@ SELF = "self"  # the sub-directory holding a store's self-scores
 BLOCK_ROWS = 4096
 
 __all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
-           "stats_store", "params_hash", "batch_hash", "FORMAT"]
+           "stats_store", "self_scores", "params_hash", "batch_hash", "FORMAT"]
 
 
 def _version() -> str:
