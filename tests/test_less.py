@@ -143,3 +143,14 @@ def test_errors_name_the_method_and_argument():
     with pytest.raises(ValueError, match=r"adamw_influence\(checkpoints=...\): expected "
                                          r"checkpoints with >= 1 Adam steps"):
         adamw_influence(loss, checkpoints=[0]).prepare(record, data)
+
+
+def test_a_saved_and_loaded_record_scores_the_same(tmp_path):
+    """io.load(io.save(record)) scores equal the in-memory record's (LESS, AdamW-influence), exactly."""
+    from dattri_fn import io
+
+    record, loss, data = recorded_run()
+    back = io.load(io.save(record, tmp_path / "run.rec"))
+    test = query_data()
+    for method in (less(loss), adamw_influence(loss)):
+        assert torch.equal(method.score(back, (), data, test), method.score(record, (), data, test))
