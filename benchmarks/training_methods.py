@@ -81,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sgd: plain SGD, recorded with per-step gradient stores (adds DVEmb)")
     p.add_argument("--proj-dim", type=int, default=512, help="DVEmb's store projection")
     p.add_argument("--hidden", type=int, default=32, help="the MLP's hidden width (task default 32)")
+    p.add_argument("--segments", default="3", help="SOURCE rows, one per segment count L (e.g. 1,3,8)")
     p.add_argument("--quick", action="store_true",
                    help="n_train 120, n_test 10, 16 subsets, 4 epochs, a checkpoint every 2 steps")
     args = p.parse_args(argv)
@@ -192,8 +193,9 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
     methods = {
         "magic": (magic(fm, optimizer(len(order)), epochs=args.epochs,
                         batch_size=HP["batch_size"], seed=[0], target=margin), fm.params),
-        "source (gn, L=3)": (source(fm, segments=3, target=neg_margin), record),
     }
+    for L in (int(v) for v in args.segments.split(",")):
+        methods[f"source (gn, L={L})"] = (source(fm, segments=L, target=neg_margin), record)
     if KIND == "adamw":
         methods["less"] = (less(fm, target=neg_margin), record)
         methods[f"less (proj {args.proj_dim})"] = (less(fm, target=neg_margin,
