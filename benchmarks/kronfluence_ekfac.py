@@ -11,7 +11,9 @@ every ``nn.Linear`` of the decoder layers, the same damping, float32, unpadded s
 ``n_test`` queries against ``n_train`` sequences with the summed next-token loss as the
 measurement. Each side runs in its own spawned process (time of fit + score, peak RSS above the
 process's baseline). Printed: Pearson and Spearman over all scores, top-10 overlap per query,
-time and memory ratios (ours / kronfluence).
+time and memory ratios (ours / kronfluence). ``--precisions bfloat16,float64`` adds dattri_fn runs
+with bfloat16 factors and score products (``influence(..., dtype=torch.bfloat16)``) or a float64
+model, each compared with the float32 run (the accuracy cost of bfloat16).
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def ours_setup(spec: dict):
     from dattri_fn.model import functional_model
 
     model = _load(spec)
+    precision = spec.get("precision", "float32")
+    if precision == "float64":
+        model = model.double()
     keys = {f"{n}.weight" for n in _tracked(model)}
     fm = functional_model(model, causal_lm_loss, params=lambda n: n in keys)
     x_tr, x_te = torch.from_numpy(spec["train"]), torch.from_numpy(spec["test"])
@@ -84,7 +89,9 @@ def ours_setup(spec: dict):
     train = [{"input_ids": x_tr[i:i + bs], "labels": x_tr[i:i + bs]}
              for i in range(0, x_tr.shape[0], bs)]
     test = {"input_ids": x_te, "labels": x_te}
-    m = influence(fm, solver="ekfac", damping=spec["damping"])
+    # bfloat16: factors stored and layer-by-layer score products taken in bfloat16
+    extra = {"dtype": torch.bfloat16} if precision == "bfloat16" else {}
+    m = influence(fm, solver="ekfac", damping=spec["damping"], **extra)
     warm = [{"input_ids": x_tr[:4], "labels": x_tr[:4]}]
     m.score(fm.params, m.prepare(fm.params, warm), warm, {"input_ids": x_te[:2], "labels": x_te[:2]})
 
@@ -166,6 +173,16 @@ def kron_setup(spec: dict):
     return step
 
 
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Pearson over all scores and the mean top-10 overlap per query column."""
+    a, b = a.double(), b.double()
+    pearson = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+    k = min(10, a.shape[0])
+    overlap = sum(len(set(a[:, j].topk(k).indices.tolist()) & set(b[:, j].topk(k).indices.tolist()))
+                  for j in range(a.shape[1])) / (k * a.shape[1])
+    return pearson, overlap
+
+
 def main(argv=None) -> dict:
     from dattri_fn.eval.metrics import spearman
 
@@ -176,6 +193,9 @@ def main(argv=None) -> dict:
     p.add_argument("--context", type=int, default=32)
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precisions", default="",
+                   help="extra dattri_fn runs, e.g. 'bfloat16,float64': each one's scores against "
+                        "the float32 run (Pearson, top-10 overlap), its time and peak")
     args = p.parse_args(argv)
     spec = {"layers": args.layers, "state": trained_state(args.layers, args.context),
             "train": _data(args.n_train, args.context, seed=2).numpy(),
@@ -188,12 +208,17 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{side}: {out['error']}")
         res[side] = {"seconds": out["result"]["seconds"], "peak_mib": out["peak_mib"],
                      "scores": torch.from_numpy(out["result"]["scores"])}
+    for precision in filter(None, args.precisions.split(",")):
+        out = measure_peak(ours_setup, {**spec, "precision": precision})
+        if "error" in out:
+            raise SystemExit(f"dattri_fn {precision}: {out['error']}")
+        res[f"dattri_fn {precision}"] = {"seconds": out["result"]["seconds"],
+                                         "peak_mib": out["peak_mib"],
+                                         "scores": torch.from_numpy(out["result"]["scores"])}
     a, b = res["dattri_fn"]["scores"], res["kronfluence"]["scores"]
-    pearson = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+    pearson, overlap = _agreement(a, b)
     spear = float(spearman(a.flatten(), b.flatten()))
     k = min(10, a.shape[0])
-    overlap = sum(len(set(a[:, j].topk(k).indices.tolist()) & set(b[:, j].topk(k).indices.tolist()))
-                  for j in range(a.shape[1])) / (k * a.shape[1])
     n_params = sum(v.size for v in spec["state"].values())
     print(f"\n### EK-FAC on a local-config Llama ({args.layers} layers, {n_params:,} parameters), "
           f"{args.n_train} train x {args.n_test} queries, T={args.context}, damping "
@@ -202,6 +227,11 @@ def main(argv=None) -> dict:
     print("|---|---|---|")
     for side, r in res.items():
         print(f"| {side} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |")
+    for side in [r for r in res if r.startswith("dattri_fn ")]:
+        pr, ov = _agreement(res[side]["scores"], a)
+        pk, ok = _agreement(res[side]["scores"], b)
+        print(f"\n{side} against dattri_fn float32: Pearson {pr:.5f}, top-{k} overlap {ov:.3f}; "
+              f"against kronfluence: Pearson {pk:.5f}, top-{k} overlap {ok:.3f}")
     print(f"\nPearson {pearson:.5f}, Spearman {spear:.5f}, top-{k} overlap {overlap:.3f}; "
           f"time ratio {res['dattri_fn']['seconds'] / res['kronfluence']['seconds']:.2f}x, "
           f"peak ratio {res['dattri_fn']['peak_mib'] / max(res['kronfluence']['peak_mib'], 1e-9):.2f}x")
