@@ -529,3 +529,91 @@ def test_kit_checks_name_bad_settings(case):
     """A check given a bad setting raises a library error, never an AssertionError about a
     primitive that did nothing wrong, nor a raw torch error."""
     _check_outcome(case, KIT[case])
+
+
+# -- the kit's problems and matrices, fit_head ---------------------------------------------------
+def _builders():
+    import dattri_fn.testing as kit
+
+    sizes = {"ridge_regression": ("n", "dim"), "linear_regression": ("n", "dim"),
+             "logistic_regression": ("n", "dim", "classes"), "mlp": ("n", "hidden", "classes"),
+             "conv_net": ("n", "size", "channels"), "sequence_model": ("n", "length", "vocab")}
+    cases = {}
+    for name, args in sizes.items():
+        for arg in (*args, "seed", "cond"):
+            if arg == "cond" and name not in ("ridge_regression", "linear_regression",
+                                              "logistic_regression"):
+                continue
+            for label, value in {**INTS, "nan": math.nan, "half": 0.5}.items():
+                if arg != "cond" and label in ("nan", "half"):
+                    continue
+                if (arg, label) in {("seed", "zero"), ("cond", "none")}:
+                    continue
+                cases[f"{name}({arg}={label})"] = (lambda name=name, arg=arg, value=value:
+                                                   getattr(kit, name)(**{arg: value}))
+    for name in ("spd_matrix", "psd_matrix", "indefinite_matrix", "low_rank_plus_diagonal"):
+        for label, value in INTS.items():
+            cases[f"{name}(dim={label})"] = lambda name=name, v=value: getattr(kit, name)(v, 0)
+            if label != "zero":
+                cases[f"{name}(seed={label})"] = lambda name=name, v=value: getattr(kit, name)(4, v)
+    for name in ("spd_matrix", "psd_matrix", "indefinite_matrix"):
+        for value in (0.5, math.nan, math.inf, "10"):
+            cases[f"{name}(cond={value!r})"] = (lambda name=name, v=value:
+                                                getattr(kit, name)(4, 0, cond=v))
+    cases["psd_matrix(rank=9)"] = lambda: kit.psd_matrix(4, 0, rank=9)
+    cases["indefinite_matrix(negative=-1)"] = lambda: kit.indefinite_matrix(4, 0, negative=-1)
+    return cases
+
+
+@pytest.mark.parametrize("case", sorted(_builders()))
+def test_kit_problems_name_bad_sizes(case):
+    """The kit's problem and matrix builders: a bad size, seed or condition number is a named
+    error before a draw turns it into a torch error or a NaN matrix."""
+    _check_outcome(case, _builders()[case])
+
+
+def test_kit_strategies_name_bad_kinds():
+    from hypothesis import given, settings
+
+    from dattri_fn.testing import strategies
+
+    for strategy, name in ((strategies.problems(kinds=("bogus",)), "problems"),
+                           (strategies.operators(kinds=("spd", "bogus")), "operators"),
+                           (strategies.linops(kinds=()), "operators")):
+        @settings(max_examples=1, database=None)
+        @given(x=strategy)
+        def draw(x):
+            pass
+
+        with pytest.raises(ValueError, match=rf"^{name}\(kinds=...\): expected a non-empty"):
+            draw()
+
+
+def _fit_head_cases():
+    from dattri_fn.attribute.representer import fit_head
+
+    ce = lambda o, y: F.cross_entropy(o[None], y[None])
+    H = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    W = {"W2": PARAMS["W2"]}
+    call = lambda **kw: fit_head(**{"head_fn": lambda p, h: p["W2"] @ h, "loss_on_logits": ce,
+                                    "params": W, "features": H, "targets": Y, "l2": 0.1, **kw})
+    return {
+        "ok": lambda: call(),
+        "features_1d": lambda: call(features=H[0]),
+        "features_nan": lambda: call(features=H * math.nan),
+        "features_float32": lambda: call(features=H.float()),
+        "features_int": lambda: call(features=H.long()),
+        "targets_short": lambda: call(targets=Y[:3]),
+        "targets_out_of_range": lambda: call(targets=Y + 5),
+        "params_missing": lambda: call(params={"W1": PARAMS["W1"]}),
+        "params_unused": lambda: call(head_fn=lambda p, h: h[:3]),
+        "head_fn": lambda: call(head_fn=None),
+        "l2": lambda: call(l2=0.0),
+        "max_iter": lambda: call(max_iter=0),
+        "tol": lambda: call(tol=math.nan),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_fit_head_cases()))
+def test_fit_head_names_bad_arguments(case):
+    _check_outcome(f"fit_head[{case}]", _fit_head_cases()[case])

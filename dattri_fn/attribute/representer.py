@@ -34,9 +34,11 @@ from .._checks import (
     batch_to,
     blame_data,
     blame_keys,
+    check_int,
     check_optional_int,
     check_params,
     check_positive,
+    check_tensor,
     iter_batches,
 )
 from .._types import Params
@@ -76,13 +78,31 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
         ValueError: ``head_fn`` depends on none of ``params``, or a bad setting.
     """
     func = "fit_head"
+    for arg, fn in (("head_fn", head_fn), ("loss_on_logits", loss_on_logits)):
+        if not callable(fn):
+            raise TypeError(_msg(func, arg, "a callable", type(fn).__name__))
     l2 = check_positive(func, "l2", l2)
-    if features.ndim != 2 or targets.shape[:1] != features.shape[:1]:
+    max_iter = check_int(func, "max_iter", max_iter)
+    tol = check_positive(func, "tol", tol)
+    params = check_params(func, "params", params)
+    check_tensor(func, "features", features, ndim=2, floating=True)
+    check_tensor(func, "targets", targets)
+    if targets.shape[:1] != features.shape[:1]:
         raise ValueError(_msg(func, "targets", "one target per row of features "
                               f"{list(features.shape)}", f"shape {list(targets.shape)}"))
+    dtypes = {v.dtype for v in params.values()}
+    if features.dtype not in dtypes:
+        raise TypeError(_msg(func, "features", f"the params' dtype {sorted(map(str, dtypes))}",
+                             str(features.dtype)))
     probe = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    logits0 = head_fn(probe, features[0])
-    used = torch.autograd.grad(logits0.sum(), list(probe.values()), allow_unused=True)
+    with blame_keys(func, "params", params), blame_data(func, "targets", (features, targets)):
+        logits0 = head_fn(probe, features[0])
+        loss_on_logits(logits0.detach(), targets[0])
+        # every target through the loss once: a class index out of range is named here
+        vmap(loss_on_logits)(vmap(head_fn, in_dims=(None, 0))(params, features).detach(),
+                             targets)
+    used = (torch.autograd.grad(logits0.sum(), list(probe.values()), allow_unused=True)
+            if isinstance(logits0, Tensor) and logits0.requires_grad else [None] * len(probe))
     keys = [k for k, g in zip(probe, used, strict=True) if g is not None]
     if not keys:
         raise ValueError(_msg(func, "params", "the parameters head_fn reads",

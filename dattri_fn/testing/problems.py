@@ -92,6 +92,37 @@ def _gen(seed) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def _int(func: str, arg: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers too), or a named error."""
+    import operator
+
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{func}({arg}=...): expected an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{func}({arg}=...): expected an int >= {minimum}, got {value!r}.")
+    return value
+
+
+def _sizes(func: str, seed, **sizes) -> None:
+    """Refuse a size < 1 or a seed < 0 by name before a draw turns it into a torch error."""
+    for arg, value in sizes.items():
+        _int(func, arg, value)
+    _int(func, "seed", seed, minimum=0)
+
+
+def _check_cond(func: str, cond) -> float:
+    if isinstance(cond, bool) or not isinstance(cond, (int, float)) or not (
+            math.isfinite(cond) and cond >= 1):
+        raise ValueError(f"{func}(cond=...): expected a finite condition number >= 1, got "
+                         f"{cond!r}.")
+    return float(cond)
+
+
 def _squared_error(out: Tensor, example) -> Tensor:
     return 0.5 * (out - example[1]) ** 2
 
@@ -141,6 +172,8 @@ def linear_regression(n: int = 12, dim: int = 4, seed: int = 0, *, l2: float = 0
     conditioning grows with it (1: isotropic features).
     """
     _check_l2("linear_regression", l2, fit)
+    _sizes("linear_regression", seed, n=n, dim=dim)
+    _check_cond("linear_regression", cond)
     g = _gen(seed)
     x = _scaled(torch.randn(n, dim, generator=g, dtype=DTYPE), cond)
     y = torch.randn(n, generator=g, dtype=DTYPE)
@@ -159,6 +192,8 @@ def ridge_regression(n: int = 16, dim: int = 3, seed: int = 0, *, l2: float = 0.
     """Return :func:`linear_regression` with ``l2 > 0``, fitted: exact LOO in closed form."""
     if not (isinstance(l2, (int, float)) and l2 > 0):
         raise ValueError(f"ridge_regression(l2=...): expected a number > 0, got {l2!r}.")
+    _sizes("ridge_regression", seed, n=n, dim=dim)
+    _check_cond("ridge_regression", cond)
     return linear_regression(n, dim, seed, l2=l2, fit=True, cond=cond, dtype=dtype,
                              device=device)
 
@@ -193,6 +228,8 @@ def logistic_regression(n: int = 16, dim: int = 3, classes: int = 3, seed: int =
     ``cond`` scales the features as in :func:`linear_regression`.
     """
     _check_l2("logistic_regression", l2, fit)
+    _sizes("logistic_regression", seed, n=n, dim=dim, classes=classes)
+    _check_cond("logistic_regression", cond)
     g = _gen(seed)
     x = _scaled(torch.randn(n, dim, generator=g, dtype=DTYPE), cond)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -267,6 +304,7 @@ def mlp(n: int = 16, dim: int = 3, hidden: int = 4, classes: int = 3, seed: int 
         l2: float = 0.0, dtype: torch.dtype = DTYPE, device="cpu") -> Problem:
     """Return a 2-layer tanh MLP with cross-entropy: non-convex, an indefinite Hessian."""
     _check_l2("mlp", l2, False)
+    _sizes("mlp", seed, n=n, dim=dim, hidden=hidden, classes=classes)
     g = _gen(seed)
     x = torch.randn(n, dim, generator=g, dtype=DTYPE)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -290,6 +328,7 @@ def conv_net(n: int = 10, size: int = 5, channels: int = 2, classes: int = 3, se
     """Return ``Linear(flatten(tanh(Conv2d_{1->channels, 3x3}(x))))`` on ``[1, size, size]``
     images with cross-entropy: ``P = 10 channels + classes (channels (size-2)^2 + 1)``."""
     _check_l2("conv_net", l2, False)
+    _sizes("conv_net", seed, n=n, size=size, channels=channels, classes=classes)
     if size < 3:
         raise ValueError(f"conv_net(size=...): expected size >= 3 (a 3x3 kernel), got {size!r}.")
     g = _gen(seed)
@@ -317,6 +356,8 @@ def sequence_model(n: int = 10, length: int = 4, vocab: int = 6, dim: int = 3, h
     """Return a tiny sequence classifier on integer tokens ``[n, length]``: embeddings plus
     positions, a tanh Linear per token, the mean over tokens, a Linear head; cross-entropy."""
     _check_l2("sequence_model", l2, False)
+    _sizes("sequence_model", seed, n=n, length=length, vocab=vocab, dim=dim, hidden=hidden,
+           classes=classes)
     g = _gen(seed)
     x = torch.randint(0, vocab, (n, length), generator=g)
     y = torch.randint(0, classes, (n,), generator=g)
@@ -506,6 +547,8 @@ def _from_spectrum(eig: Tensor, g: torch.Generator, dtype, device) -> Tensor:
 def spd_matrix(dim: int, seed: int, cond: float = 10.0, dtype: torch.dtype = DTYPE,
                device="cpu") -> Tensor:
     """Return a random SPD matrix with eigenvalues ``logspace(0, log10 cond)``.  # [P, P]"""
+    _sizes("spd_matrix", seed, dim=dim)
+    _check_cond("spd_matrix", cond)
     g = _gen(seed)
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=DTYPE))
     # log10 in float32 as the suite's draws always were: the same seed, the same matrix.
@@ -517,7 +560,11 @@ def psd_matrix(dim: int, seed: int, rank: int | None = None, cond: float = 10.0,
                dtype: torch.dtype = DTYPE, device="cpu") -> Tensor:
     """Return a random PSD matrix of ``rank`` (default ``max(1, dim // 2)``): a null space of
     ``dim - rank`` directions, the other eigenvalues in ``[1, cond]``.  # [P, P]"""
-    rank = max(1, dim // 2) if rank is None else rank
+    _sizes("psd_matrix", seed, dim=dim)
+    _check_cond("psd_matrix", cond)
+    rank = max(1, dim // 2) if rank is None else _int("psd_matrix", "rank", rank, minimum=0)
+    if rank > dim:
+        raise ValueError(f"psd_matrix(rank=...): expected a rank <= dim = {dim}, got {rank}.")
     g = _gen(seed)
     eig = torch.zeros(dim, dtype=DTYPE)
     if rank:
@@ -530,7 +577,13 @@ def indefinite_matrix(dim: int, seed: int, negative: int | None = None, cond: fl
     """Return a random symmetric matrix with ``negative`` (default ``max(1, dim // 3)``)
     eigenvalues in ``[-cond, -1]`` and the rest in ``[1, cond]``: non-singular, indefinite
     (negative definite for ``P = 1``).  # [P, P]"""
-    negative = max(1, dim // 3) if negative is None else negative
+    _sizes("indefinite_matrix", seed, dim=dim)
+    _check_cond("indefinite_matrix", cond)
+    negative = (max(1, dim // 3) if negative is None
+                else _int("indefinite_matrix", "negative", negative, minimum=0))
+    if negative > dim:
+        raise ValueError(f"indefinite_matrix(negative=...): expected at most dim = {dim} "
+                         f"negative eigenvalues, got {negative}.")
     g = _gen(seed)
     mags = torch.logspace(0, float(math.log10(cond)), dim, dtype=DTYPE)
     signs = torch.ones(dim, dtype=DTYPE)
@@ -542,6 +595,8 @@ def low_rank_plus_diagonal(dim: int, seed: int, rank: int = 2, dtype: torch.dtyp
                            device="cpu") -> Tensor:
     """Return ``U U^T + diag(d)`` with ``U`` ``[P, rank]`` Gaussian and ``d`` in ``[0.1, 1]``:
     SPD, the shape of K-FAC damping and DataInf's per-layer blocks.  # [P, P]"""
+    _sizes("low_rank_plus_diagonal", seed, dim=dim)
+    rank = _int("low_rank_plus_diagonal", "rank", rank, minimum=0)
     g = _gen(seed)
     U = torch.randn(dim, rank, generator=g, dtype=DTYPE)
     d = 0.1 + 0.9 * torch.rand(dim, generator=g, dtype=DTYPE)

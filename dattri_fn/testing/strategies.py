@@ -77,6 +77,9 @@ def problems(draw, kinds: tuple[str, ...] = KINDS, *, fitted: bool | None = None
     LOO at >= 0.918 (the smallest sizes, l2 and every cond, 25 seeds each), so
     ``check_method``'s default ``min_loo_corr=0.85`` holds for a correct influence method.
     """
+    if isinstance(kinds, str) or not kinds or any(k not in BUILDERS for k in kinds):
+        raise ValueError(f"problems(kinds=...): expected a non-empty tuple of names in "
+                         f"{list(BUILDERS)}, got {kinds!r}.")
     if fitted:
         kinds = tuple(k for k in kinds if k in CONVEX)
         if not kinds:
@@ -106,6 +109,9 @@ def operators(draw, kinds: tuple[str, ...] = tuple(MATRICES), *, dims=None,
     """Draw a dense random ``[P, P]`` operator with a known spectrum: ``"spd"`` (condition
     number from ``conds``, default 1..1e3), ``"psd"`` (a null space), ``"indefinite"``,
     ``"low_rank_diag"`` (see :data:`~dattri_fn.testing.problems.MATRICES`)."""
+    if isinstance(kinds, str) or not kinds or any(k not in MATRICES for k in kinds):
+        raise ValueError(f"operators(kinds=...): expected a non-empty tuple of names in "
+                         f"{list(MATRICES)}, got {kinds!r}.")
     kind = draw(st.sampled_from(kinds))
     dim = draw(dims if dims is not None else st.integers(1, 8))
     seed = draw(seeds())
