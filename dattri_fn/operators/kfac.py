@@ -314,10 +314,14 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 
     def step(layer, a, g):
         a, g = _tokens(a, g, bias[layer])
-        dA = torch.einsum("bti,btj->ij", a, a / a.shape[1])
-        dG = torch.einsum("bto,btp->op", g, g)
-        A[layer] = dA if layer not in A else A[layer] + dA
-        G[layer] = dG if layer not in G else G[layer] + dG
+        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+        dA = (a2.T @ a2).div_(a.shape[1])  # scaled after the product: no [B, T, in] copy
+        dG = g2.T @ g2
+        if layer in A:
+            A[layer] += dA
+            G[layer] += dG
+        else:
+            A[layer], G[layer] = dA, dG
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
     sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
