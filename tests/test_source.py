@@ -159,10 +159,48 @@ def test_self_score_is_the_diagonal_and_batching_does_not_matter():
                                rtol=1e-12, atol=1e-14)
 
 
+def test_ekfac_curvature_equals_the_matrix_functions_of_the_ekfac_matrix():
+    """SGD(momentum) run, 2 segments, curvature='ekfac': SOURCE == the dense formula with H_l =
+    kfac_operator(EK-FAC at the segment's middle checkpoint).dense() + damping + wd, 1e-9."""
+    from dattri_fn.operators.kfac import ekfac_factors, kfac_operator
+
+    module, params, loss, data = mlp_problem(n=12, seed=9)
+    fm = functional_model(module, torch.nn.functional.cross_entropy)
+    opt = sgd(0.1, momentum=0.5, weight_decay=0.02)
+    order = batch_order(12, batch_size=4, epochs=3, seed=2)
+    record, _ = run_with_record(fm, fm.params, data, opt, order, "sgd", every=2, momentum=0.5,
+                                weight_decay=0.02, schedule=lambda t: 0.1)
+    test = (data[0][:3] - 0.5, data[1][:3])
+    method = source(fm, segments=2, curvature="ekfac", damping=0.05)
+    scores = method.score(record, method.prepare(record, data), data, test)
+    ckpts = [c for c in record.checkpoints if c.step < record.steps]
+    groups = [ckpts[:3], ckpts[3:]]  # 5 checkpoints (steps 0, 2, 4, 6, 8) in 2 segments
+    bounds = [0, groups[1][0].step, record.steps]
+    q = per_example_grads(fm.loss, record.final.params, test)
+    P = q.shape[1]
+    ref = torch.zeros(12, 3, dtype=DT)
+    for li in (1, 0):
+        mid = groups[li][len(groups[li]) // 2]
+        H = kfac_operator(ekfac_factors(module, torch.nn.functional.cross_entropy, mid.params, data,
+                                        fisher="true")).dense() + 0.07 * torch.eye(P, dtype=DT)
+        c = float(record.lrs[bounds[li]:bounds[li + 1]].sum()) / 0.5
+        M = torch.linalg.matrix_exp(-c * H)
+        Seg = (torch.eye(P, dtype=DT) - M) @ torch.linalg.inv(H)
+        gbar = sum(per_example_grads(fm.loss, ck.params, data) for ck in groups[li]) / len(groups[li])
+        ref += gbar @ Seg.T @ q.T / 12
+        q = q @ M
+    torch.testing.assert_close(scores, ref, rtol=1e-9, atol=1e-12)
+    adam_record, _ = run_with_record(fm, fm.params, data, adam(0.01), order, "adam", every=2,
+                                     schedule=lambda t: 0.01)
+    with pytest.raises(ValueError, match=r"source\(curvature=...\): expected 'gn' or 'hessian' "
+                                         r"for an Adam/AdamW record"):
+        method.prepare(adam_record, data)
+
+
 def test_errors_name_the_argument():
     """Bad curvature/unroll, gn without a model, a non-Record, a foreign state: clear errors."""
     _, params, loss, data = mlp_problem()
-    with pytest.raises(ValueError, match=r"source\(curvature=...\): expected 'gn' or 'hessian'"):
+    with pytest.raises(ValueError, match=r"source\(curvature=...\): expected 'gn', 'hessian' or 'ekfac'"):
         source(loss, curvature="kfac")
     with pytest.raises(ValueError, match=r"source\(unroll=...\): expected 'exp' or 'power'"):
         source(loss, curvature="hessian", unroll="euler")

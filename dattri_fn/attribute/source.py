@@ -33,9 +33,12 @@ Approximations (the paper's): stationary curvature, preconditioner and gradients
 segment, estimated from the segment's checkpoints; Adam's moments treated as fixed (their own
 response to ``z`` is dropped, as is momentum beyond the ``1/(1-mu)`` rate scale); mini-batch
 noise replaced by its expectation (``1/N`` per example per step). Steps before the first
-checkpoint belong to segment 0. Curvature is dense (``[P, P]`` per segment, one ``eigh``):
-this implementation is for models of up to a few thousand parameters; the paper's EK-FAC
-segments are not implemented here.
+checkpoint belong to segment 0. Curvature ``"gn"``/``"hessian"`` is dense (``[P, P]`` per
+segment, one ``eigh``): models of up to a few thousand parameters. ``"ekfac"`` (SGD records)
+takes the EK-FAC of each segment's MIDDLE checkpoint (the paper pools the segment's
+checkpoints into one EK-FAC; :func:`~dattri_fn.operators.kfac.ekfac_factors` takes one params)
+and applies ``phi`` and the decay to its corrected eigenvalues ``Lambda + damping + wd``, in its
+Kronecker eigenbasis: no ``[P, P]`` matrix.
 
 References:
     Bae, Lin, Lorraine & Grosse, "Training Data Attribution via Approximate Unrolled
@@ -64,16 +67,19 @@ from .pipeline import collect, stream_scores, stream_self
 class SourceSegment(NamedTuple):
     """One segment: steps ``[start, stop)``, its checkpoints ``stacked {name: [C_l, ...]}``,
     ``root_p [P]`` (``P_l^1/2``), ``eigvals [P]``/``eigvecs [P, P]`` of ``S_l``, ``phi [P]`` and
-    ``decay [P]`` (``e^{-c lambda}`` or its discrete form)."""
+    ``decay [P]`` (``e^{-c lambda}`` or its discrete form). With ``curvature="ekfac"``:
+    ``eigvals``/``eigvecs`` are None, ``factors`` the segment's EK-FAC and ``phi``/``decay``
+    ``{layer: [out, in(+1)]}`` on its eigenvalues."""
 
     start: int
     stop: int
     stacked: Params
     root_p: Tensor
-    eigvals: Tensor
-    eigvecs: Tensor
-    phi: Tensor
-    decay: Tensor
+    eigvals: Tensor | None
+    eigvecs: Tensor | None
+    phi: Tensor | dict
+    decay: Tensor | dict
+    factors: object = None
 
 
 class SourceState(NamedTuple):
@@ -131,7 +137,7 @@ def _spectral(eigvals: Tensor, lrs: Tensor, unroll: str) -> tuple[Tensor, Tensor
 
 def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = "gn",
            damping: float = 0.0, unroll: str = "exp",
-           target: Loss | FunctionalModel | None = None) -> Method:
+           target: Loss | FunctionalModel | None = None, fisher: str = "true") -> Method:
     """Return SOURCE: ``scores[i, j] = (1/N) sum_l q_l(z_j)^T Seg_l gbar_l(z_i)``.
 
     ``params`` given to ``prepare``/``score``/``self_score`` is the
@@ -145,10 +151,16 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         segments: ``L``; the record's checkpoints before ``T`` are cut into ``L`` consecutive
             groups (at most one segment per checkpoint).
         curvature: ``"gn"`` (Gauss-Newton of the FunctionalModel's loss,
-            :func:`~dattri_fn.operators.gauss_newton.gauss_newton`) or ``"hessian"``.
+            :func:`~dattri_fn.operators.gauss_newton.gauss_newton`), ``"hessian"``, or
+            ``"ekfac"`` (SGD records of a FunctionalModel whose params are all Linear-like
+            layers: the EK-FAC of each segment's middle checkpoint,
+            :func:`~dattri_fn.operators.kfac.ekfac_factors`, its matrix functions taken on the
+            corrected eigenvalues; no ``[P, P]`` matrix, so for models of any size).
         damping: added to every ``H_l`` (the record's coupled weight decay is added too).
         unroll: ``"exp"`` (the paper's continuous-time segments) or ``"power"`` (discrete steps).
         target: test-side function whose DECREASE a positive score predicts (default ``loss``).
+        fisher: ``curvature="ekfac"``'s Fisher, ``"true"`` (sampled labels, the Gauss-Newton
+            in expectation) or ``"empirical"``.
 
     Memory: ``L`` dense ``[P, P]`` eigenbases; time: ``L`` ``eigh`` of ``[P, P]`` plus the
     curvature at every checkpoint.
@@ -161,14 +173,16 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
     name = "source"
     segments = check_int(name, "segments", segments)
     damping = check_positive(name, "damping", damping, allow_zero=True)
-    if curvature not in ("gn", "hessian"):
-        raise ValueError(_msg(name, "curvature", "'gn' or 'hessian'", repr(curvature)))
+    if curvature not in ("gn", "hessian", "ekfac"):
+        raise ValueError(_msg(name, "curvature", "'gn', 'hessian' or 'ekfac'", repr(curvature)))
     if unroll not in ("exp", "power"):
         raise ValueError(_msg(name, "unroll", "'exp' or 'power'", repr(unroll)))
+    if fisher not in ("true", "empirical"):
+        raise ValueError(_msg(name, "fisher", "'true' or 'empirical'", repr(fisher)))
     model = loss if isinstance(loss, FunctionalModel) else None
-    if curvature == "gn" and model is None:
-        raise TypeError(_msg(name, "loss", "a FunctionalModel for curvature='gn' (or pass "
-                             "curvature='hessian')", type(loss).__name__))
+    if curvature in ("gn", "ekfac") and model is None:
+        raise TypeError(_msg(name, "loss", f"a FunctionalModel for curvature='{curvature}' (or "
+                             "pass curvature='hessian')", type(loss).__name__))
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
 
@@ -190,8 +204,17 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         rate_scale = 1.0 / (1.0 - float(hp.get("momentum", 0.0))) if kind == "sgd" else 1.0
         keys = list(record.final.params)
         n = sum(batch_size(name, "train", b) for b in iter_batches(name, "train", train))
+        if curvature == "ekfac" and kind != "sgd":
+            raise ValueError(_msg(name, "curvature", "'gn' or 'hessian' for an Adam/AdamW record "
+                                  "(its diagonal preconditioner has no Kronecker eigenbasis)",
+                                  "'ekfac'"))
         out = []
         for li, group in enumerate(groups):
+            if curvature == "ekfac":
+                out.append(_ekfac_segment(model, group, record, keys, train, bounds[li],
+                                          bounds[li + 1], damping + coupled, rate_scale,
+                                          fisher=fisher, unroll=unroll))
+                continue
             H = None
             for c in group:
                 h = (_gauss_newton(model, c.params, train) if curvature == "gn"
@@ -233,6 +256,12 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
             q = stacked_per_sample_grad(target, final, batch)[0]  # [k, P]
             rows = []
             for s in reversed(state.segments):
+                if s.factors is not None:
+                    from ..operators.kfac import kfac_operator
+
+                    rows.append(kfac_operator(s.factors._replace(Lambda=s.phi))(q) / state.n_train)
+                    q = kfac_operator(s.factors._replace(Lambda=s.decay))(q)
+                    continue
                 coords = (s.root_p * q) @ s.eigvecs  # [k, P] in the eigenbasis of S_l
                 rows.append(((coords * s.phi) @ s.eigvecs.T) * s.root_p / state.n_train)
                 q = ((coords * s.decay) @ s.eigvecs.T) / s.root_p
@@ -255,6 +284,26 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
                            func=name)
 
     return Method(prepare, score, self_score, name)
+
+
+def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, start: int,
+                   stop: int, shift: float, rate_scale: float, *, fisher: str,
+                   unroll: str) -> SourceSegment:
+    from ..operators.kfac import ekfac_factors
+
+    mid = group[len(group) // 2]
+    factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher)
+    if list(factors.param_names) != keys:
+        raise ValueError(_msg("source", "curvature", "'ekfac' on a model whose params are all "
+                              f"Linear-like layers, in order ({keys})",
+                              f"EK-FAC over {list(factors.param_names)}"))
+    lrs = record.lrs[start:stop] * rate_scale
+    phi, decay = {}, {}
+    for layer, lam in factors.Lambda.items():
+        lam = lam + shift
+        phi[layer], decay[layer] = _spectral(lam, lrs.to(lam.dtype), unroll)
+    stacked = {k: torch.stack([c.params[k] for c in group]) for k in keys}
+    return SourceSegment(start, stop, stacked, torch.ones(()), None, None, phi, decay, factors)
 
 
 def _adam_root(record: Record, group: Sequence, keys: list[str], T: int) -> Tensor:
