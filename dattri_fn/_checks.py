@@ -154,6 +154,9 @@ def batch_size(func: str, arg: str, batch) -> int:
     (size,) = sizes
     if size == 0:
         raise ValueError(_msg(func, arg, "a non-empty batch", "B = 0"))
+    if any(t.is_meta for t in leaves):
+        raise TypeError(_msg(func, arg, "tensors with data", "a meta tensor",
+                             "Materialise the examples on a real device first."))
     for t in leaves:
         if t.is_floating_point() and not all_finite(t):
             raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))

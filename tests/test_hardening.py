@@ -378,3 +378,60 @@ def test_hypothesis_draws_do_not_depend_on_loaded_modules(tmp_path, monkeypatch)
     finally:
         sys.modules.pop("dfn_literals_probe", None)
     assert seen == before
+
+
+# -- a loader readable once: the eager first-example checks must not consume its first batch ---
+class _OnceDataset(torch.utils.data.IterableDataset):
+    """One generator behind a Dataset: ``iter(loader) is not loader``, yet only one pass has rows."""
+
+    def __init__(self, x, y):
+        self.rows = ((x[i], y[i]) for i in range(len(x)))
+
+    def __iter__(self):
+        return self.rows
+
+
+def _read_once(x, y):
+    return torch.utils.data.DataLoader(_OnceDataset(x, y), batch_size=4)
+
+
+def _once_problem(n=10):
+    g = torch.Generator().manual_seed(0)
+    params = {"W1": torch.randn(4, 3, generator=g, dtype=torch.float64),
+              "W2": torch.randn(3, 4, generator=g, dtype=torch.float64)}
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return params, x, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_representer_and_dropout_ensemble_read_a_one_shot_loader_whole():
+    """representer.prepare and dropout_ensemble.score on a loader readable once: every row, as
+    from a list (the first batch is peeked for the eager check, then read once)."""
+    from dattri_fn.attribute.ensemble import dropout_ensemble
+    from dattri_fn.attribute.representer import representer
+
+    params, x, y = _once_problem()
+    feature = lambda p, z: torch.tanh(p["W1"] @ z[0])
+    m = representer(feature, lambda p, h: p["W2"] @ h,
+                    lambda o, t: F.cross_entropy(o[None], t[None]), l2=0.1)
+    for got, ref in zip(m.prepare(params, _read_once(x, y)), m.prepare(params, [(x, y)]),
+                        strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    loss = lambda p, z: F.cross_entropy((p["W2"] @ F.dropout(feature(p, z), 0.3, training=True)
+                                         )[None], z[1][None])
+    ens = dropout_ensemble(loss, n_masks=2, seed=0)
+    ref = ens.score(params, (), [(x, y)], (x[:2], y[:2]))
+    torch.testing.assert_close(ens.score(params, (), _read_once(x, y), (x[:2], y[:2])), ref,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(ens.score(params, (), [(x, y)], _read_once(x[:2], y[:2])), ref,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(ens.self_score(params, (), _read_once(x, y)),
+                               ens.self_score(params, (), [(x, y)]), rtol=0, atol=1e-12)
+
+
+def test_meta_data_is_named():
+    """Examples on the meta device: a TypeError naming the argument, not torch's '.item()'."""
+    from dattri_fn._checks import batch_size
+
+    with pytest.raises(TypeError, match=r"^f\(train=...\): expected tensors with data, got a "
+                                        r"meta tensor"):
+        batch_size("f", "train", (torch.ones(2, 3, device="meta"), torch.ones(2)))

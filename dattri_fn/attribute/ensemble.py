@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
-from .._checks import _msg, check_int, check_optional_int, check_params
+from .._checks import _msg, check_int, check_optional_int, check_params, iter_batches
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..tree import ravel_batched
@@ -155,13 +155,19 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
         weights = [1 / n_masks] if lrs is None else [lr / n_masks for lr in lrs]
         return features(train_fn, ckpts, weights)
 
-    def check_first(arg: str, fn, params: Params, data):
+    def check_first(arg: str, fn, params: Params, batches):
         """``fn(params, example 0)`` eagerly, outside the vmaps: torch's errors on the examples
-        and parameter names the loss does not find are reported against ``arg``/``params``."""
-        from .._checks import blame_data, blame_keys
-        from .boundary import first_batch, first_example
+        and parameter names the loss does not find are reported against ``arg``/``params``.
+        ``batches`` is the :func:`iter_batches` view the method then reads: its first batch is
+        peeked, not consumed (a loader readable once loses nothing)."""
+        from .._checks import batch_size, batch_to, blame_data, blame_keys, peek
+        from .boundary import first_example
 
-        batch = first_batch(name, arg, data, device_of(params))
+        batch = peek(batches)
+        if batch is None:
+            raise ValueError(_msg(name, arg, "at least one batch", "an empty iterable"))
+        batch_size(name, arg, batch)
+        batch = batch_to(batch, device_of(params))
         with blame_data(name, arg, batch), blame_keys(name, "params", params):
             out = fn(params, first_example(batch))
         if not isinstance(out, Tensor) or out.ndim != 0:
@@ -174,7 +180,7 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
         from .._checks import batch_slice
 
         params = checkpoints(params)[0]
-        first = check_first("train", train_fn, params, train)
+        first = check_first("train", train_fn, params, iter_batches(name, "train", train))
         if n_masks > 1:
             losses = dropout_outputs(train_fn, params, batch_slice(first, 0, 1), n_masks=n_masks,
                                      seed=seed)
@@ -186,8 +192,10 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         ckpts = checkpoints(params)
+        test = iter_batches(name, "test", test)
         check_first("test", test_fn, ckpts[0], test)
         if not _is_store(train):
+            train = iter_batches(name, "train", train)
             check_first("train", train_fn, ckpts[0], train)
         test_feats = collect(features(test_fn, ckpts), test, device=device_of(ckpts[0]),
                              func=name, arg="test")
@@ -197,6 +205,7 @@ def dropout_ensemble(loss: Loss | FunctionalModel, *, n_masks: int, seed: int = 
     def self_score(params, state, train) -> Tensor:
         ckpts = checkpoints(params)
         if not _is_store(train):
+            train = iter_batches(name, "train", train)
             check_first("train", train_fn, ckpts[0], train)
         return stream_self(train_features(ckpts), features(test_fn, ckpts), train,
                            device=device_of(ckpts[0]), func=name)

@@ -40,9 +40,10 @@ from .._checks import (
     check_positive,
     check_tensor,
     iter_batches,
+    peek,
 )
 from .._types import Params
-from .boundary import check_cached_train, check_example_fn, first_batch, first_example
+from .boundary import check_cached_train, check_example_fn, first_example
 from .method import Method, device_of
 from .outputs import example_label
 from .pipeline import TopK, merge_topk
@@ -282,11 +283,16 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         h = feature_fn(params, example)
         return h, explained(example, head_fn(params, h))
 
-    def check_first(func: str, arg: str, params: Params, data) -> None:
-        """Validate the first example of ``data`` eagerly, once (the public boundary)."""
-        batch = first_batch(func, arg, data, device_of(params))
+    def check_first(func: str, arg: str, params: Params, batches) -> None:
+        """Validate the first example eagerly, once (the public boundary). ``batches`` is the
+        one :func:`iter_batches` view the rows are then read from: its first batch is peeked,
+        not consumed, so a loader that can be read once loses nothing."""
+        batch = peek(batches)
+        if batch is None:
+            raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
+        batch_size(func, arg, batch)
         with blame_keys(func, "params", params):
-            check_first_example(func, arg, params, batch)
+            check_first_example(func, arg, params, batch_to(batch, device_of(params)))
 
     def check_first_example(func: str, arg: str, params: Params, batch) -> None:
         h = check_example_fn(func, "feature_fn", arg, feature_fn, params, batch, ndim=1)
@@ -308,10 +314,11 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     def rows(func: str, arg: str, params: Params, data) -> tuple[Tensor, ...]:
         """Return the per-example outputs over every batch: ``(h [n, F], dL/dlogits [n, K],
         classes [n], labels [n, ...])`` for train, ``(h [n, F], classes [n])`` for test."""
-        check_first(func, arg, params, data)
+        batches = iter_batches(func, arg, data)
+        check_first(func, arg, params, batches)
         fn = vmap(train_example if arg == "train" else test_example, in_dims=(None, 0))
         parts = []
-        for batch in iter_batches(func, arg, data):
+        for batch in batches:
             n = batch_size(func, arg, batch)
             batch = batch_to(batch, device_of(params))
             step = n if chunk_size is None else chunk_size
