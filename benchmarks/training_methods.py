@@ -25,7 +25,7 @@ scores the margin (its negative as the test "loss" for the loss-convention metho
 ``--optimizer sgd``: the same with plain SGD (no momentum, ``cosine_schedule(0.2, T)``, coupled
 weight decay 1e-3), recorded with per-step gradient stores projected to ``--proj-dim`` (512)
 in a temporary directory; LESS and AdamW-influence (Adam only) give way to DVEmb (recorded
-Fisher, in the projected space).
+Fisher, in the projected space), and SOURCE also runs with EK-FAC segments.
 """
 
 from __future__ import annotations
@@ -196,6 +196,9 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
     }
     for L in (int(v) for v in args.segments.split(",")):
         methods[f"source (gn, L={L})"] = (source(fm, segments=L, target=neg_margin), record)
+        if KIND == "sgd":  # EK-FAC segments take SGD records only
+            methods[f"source (ekfac, L={L})"] = (source(fm, segments=L, curvature="ekfac",
+                                                        target=neg_margin), record)
     if KIND == "adamw":
         methods["less"] = (less(fm, target=neg_margin), record)
         methods[f"less (proj {args.proj_dim})"] = (less(fm, target=neg_margin,

@@ -18,6 +18,7 @@ def test_training_methods_benchmark_smoke(optimizer, capsys):
     assert names[:2] == ["magic", "source (gn, L=3)"]
     assert ("less" in names) == (optimizer == "adamw")
     assert any(n.startswith("dvemb") for n in names) == (optimizer == "sgd")
+    assert ("source (ekfac, L=3)" in names) == (optimizer == "sgd")
     for r in rows:
         assert all(math.isfinite(r[k][0]) for k in ("std", "fixed")) and r["seconds"] >= 0
     assert "| method | LDS std" in capsys.readouterr().out
