@@ -358,3 +358,58 @@ def test_dropout_members_errors(tmp_path):
     with pytest.raises(TypeError, match=r"dropout_members\(build=...\): expected a function "
                                         r"returning a Method"):
         dropout_members(lambda mask: 3, n_masks=1)
+
+
+class _FixedMask(nn.Module):
+    """Dropout with member m's mask made explicit: x * mask / (1 - p) on every row."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.register_buffer("scale", keep.to(D) / (1 - P_M))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _dropout_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(P_M), nn.Linear(6, 3)).to(D).train()
+
+
+def _by_hand_model(net, seed, member):
+    """The network of member ``member``: its Dropout replaced by the fixed mask, same weights."""
+    keep = dropout_mask((6,), P_M, seed=seed, member=member, call=0)
+    fixed = nn.Sequential(net[0], net[1], _FixedMask(keep), net[3]).eval()
+    return functional_model(fixed, F.cross_entropy)
+
+
+@pytest.mark.parametrize("method", ["grad_dot", "if_kfac", "if_ekfac", "logra"])
+def test_dropout_members_of_a_functional_model_take_the_factored_paths(method):
+    """mask(fm) runs the module under the masks, so K-FAC/EK-FAC influence, LoGra and factored
+    Grad-Dot (capture engine, batched forwards) equal the mean of the method on the networks
+    with each member's mask fixed by hand (1e-10), and Grad-Dot equals its plain-loss members."""
+    from dattri_fn.attribute import grad_dot, influence, logra
+
+    build = {"grad_dot": lambda m: grad_dot(m),
+             "if_kfac": lambda m: influence(m, solver="kfac", damping=0.1),
+             "if_ekfac": lambda m: influence(m, solver="ekfac", damping=0.1),
+             "logra": lambda m: logra(m, proj_dim=2, damping=0.1)}[method]
+    net = _dropout_net()
+    with pytest.warns(UserWarning, match="training mode"):
+        fm = functional_model(net, F.cross_entropy)
+    _, (x, y) = _classifier(2, n=8)
+    train, test = [(x[:5], y[:5]), (x[5:], y[5:])], (x[:3], y[:3])
+    seed, M = 4, 2
+    ens = dropout_members(lambda mask: build(mask(fm)), n_masks=M, seed=seed)
+    S = ens.score(fm.params, ens.prepare(fm.params, train), train, test)
+    ref = 0
+    for m in range(M):
+        one = _by_hand_model(net, seed, m)
+        meth = build(one)
+        ref = ref + meth.score(one.params, meth.prepare(one.params, train), train, test) / M
+    torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-12)
+    if method == "grad_dot":
+        plain = dropout_members(lambda mask: grad_dot(mask(fm.loss)), n_masks=M, seed=seed)
+        state = plain.prepare(fm.params, train)
+        torch.testing.assert_close(plain.score(fm.params, state, train, test), S, rtol=1e-10,
+                                   atol=1e-12)

@@ -260,9 +260,12 @@ class _Masks(TorchFunctionMode):
     call of the masked function: the c-th dropout of every forward is the same network.
     """
 
-    def __init__(self, seed: int, member: int, usage: dict):
+    def __init__(self, seed: int, member: int, usage: dict, batched: bool = False):
         super().__init__()
         self.seed, self.member, self.usage, self.call = seed, member, usage, 0
+        # A module is called on batches (a batch of one per example): dim 0 is the batch
+        # and the mask covers the rest, the same flat entries as the per-example [*shape].
+        self.batched = batched
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -274,7 +277,8 @@ class _Masks(TorchFunctionMode):
             if not training or p == 0.0:
                 return func(*args, **kwargs)  # the identity: nothing random to fix
             self.usage["dropout"] += 1
-            keep = dropout_mask(x.shape, p, seed=self.seed, member=self.member, call=self.call,
+            shape = x.shape[1:] if self.batched and x.ndim > 0 else x.shape
+            keep = dropout_mask(shape, p, seed=self.seed, member=self.member, call=self.call,
                                 device=x.device)
             self.call += 1
             if p >= 1.0:
@@ -293,11 +297,40 @@ class _Masks(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _masked_model(model: FunctionalModel, *, seed: int, member: int,
+                  usage: dict) -> FunctionalModel:
+    """``model`` with a module whose every forward runs under member ``member``'s masks.
+
+    The module is a shallow copy (the same parameters, buffers and submodules) whose class
+    overrides ``forward`` only, so ``functional_call`` and the capture engine (K-FAC, EK-FAC,
+    LoGra, factored Grad-Dot) run it as they run the original, with the masks fixed.
+    """
+    import copy
+    import warnings
+
+    from ..model import functional_model
+
+    base = type(model.module)
+
+    def forward(self, *args, **kwargs):
+        usage["calls"] += 1
+        with _Masks(seed, member, usage, batched=True):
+            return base.forward(self, *args, **kwargs)
+
+    module = copy.copy(model.module)
+    module.__class__ = type(f"DropoutMember{base.__name__}", (base,), {"forward": forward})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train-mode dropout is the point here
+        masked = functional_model(module, model.loss_fn, params=list(model.params),
+                                  unpack=model.unpack)
+    return masked._replace(params=model.params, fixed=model.fixed)
+
+
 def _masked(fn, *, seed: int, member: int, usage: dict):
-    """``fn`` (a function, or a FunctionalModel's per-example loss) run under member
+    """``fn`` (a function, or a FunctionalModel: :func:`_masked_model`) run under member
     ``member``'s masks, the dropout counter restarting at every call."""
     if isinstance(fn, FunctionalModel):
-        fn = fn.loss  # the factored paths run the module outside fn: take the plain loss
+        return _masked_model(fn, seed=seed, member=member, usage=usage)
     if not callable(fn):
         raise TypeError(_msg("dropout_members", "build", "a builder that passes callables to "
                              "mask(...)", type(fn).__name__))
@@ -336,8 +369,9 @@ def dropout_members(build: Callable[[Callable], Method], *, n_masks: int,
 
     Args:
         build: ``mask -> Method``; every function whose dropout should be fixed must pass through
-            ``mask`` (a FunctionalModel is taken as its per-example loss: the factored fast
-            paths run the module where no mask can reach it).
+            ``mask``. ``mask(fm)`` of a FunctionalModel returns one whose module runs every
+            forward under the masks (a batched call masks all rows alike), so the factored
+            paths (capture engine, K-FAC/EK-FAC, LoGra) take dropout members too.
         n_masks: ``M >= 1`` members.
         seed: seed of the masks (same seed, same members, on every call and device).
 
