@@ -8,12 +8,15 @@ the MLP's plain per-example functions, then as ``dropout_members`` with a dropou
 the hidden layer at attribution time (the model was trained without it), ``--masks`` members.
 TRAK projects to ``n_train / 4`` as the runner's recipe does (``recipes.trak_dim``): with
 ``proj_dim`` near ``n_train`` its kernel interpolates and the LDS collapses (0.05 at 512).
-Time is prepare + score, both in this process, so the ratio is what the members cost.
+Time is prepare + score, both in this process, so the ratio is what the members cost. The
+first row puts an ``nn.Dropout`` into the trained module itself (eval() for the one model,
+train() under ``mask(fm)`` for the members), so the factored Gauss-Newton path runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 import warnings
 
@@ -65,17 +68,27 @@ def main() -> None:
         "representer points (l2 = wd/2)": lambda fn: representer(
             fn(lambda d: (lambda p, z: hidden(p, z, d))), head, ce, l2=wd / 2),
     }
+    # The module itself with a Dropout layer: eval() is the one model, train() the members
+    # (mask(fm) runs its forward under the masks, so the factored Gauss-Newton path applies).
+    net = train_model(task, seed=0)
+    drop_net = torch.nn.Sequential(net[0], net[1], torch.nn.Dropout(P_DROP), net[2])
+    fm_eval = functional_model(copy.deepcopy(drop_net).eval(), task.loss_fn)
+    fm_train = functional_model(drop_net.train(), task.loss_fn)
+    gn = lambda m: influence(m, solver="cg", max_iter=100, l2=wd / 2, damping=1e-3 + wd)
+    modules = {"IF (Gauss-Newton, CG 100), FunctionalModel": (gn(fm_eval), lambda mask: gn(
+        mask(fm_train)), fm_eval.params)}
     print(f"| method | LDS [95% CI], one model | LDS [95% CI], {args.masks} dropout members "
           "| seconds (one / members) |")
     print("|---|---|---|---|")
-    for label, build in builders.items():
-        one = build(lambda make: make(False))
-        ens = dropout_members(lambda mask, build=build: build(lambda make: mask(make(True))),
-                              n_masks=args.masks, seed=0)
+    rows = {label: (build(lambda make: make(False)),
+                    lambda mask, build=build: build(lambda make: mask(make(True))), params)
+            for label, build in builders.items()}
+    for label, (one, build, p) in {**modules, **rows}.items():
+        ens = dropout_members(build, n_masks=args.masks, seed=0)
         cells, times = [], []
         for method in (one, ens):
             t0 = time.perf_counter()
-            S = method.score(params, method.prepare(params, train), train, test)
+            S = method.score(p, method.prepare(p, train), train, test)
             times.append(time.perf_counter() - t0)
             res = lds(S.double(), gt.subsets, gt.targets.double())
             cells.append(f"{float(res.mean):.3f} [{float(res.ci95[0]):.3f}, "
