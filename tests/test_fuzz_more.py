@@ -4,14 +4,18 @@
 As in ``tests/test_fuzz_api.py``: each case runs one entry point with valid arguments except
 one corrupted argument; the allowed outcomes are a TypeError/ValueError worded by the library
 (``"<func>(<arg>=...): expected ..."``, a FileNotFoundError for a store path that holds none),
-or a result whose every floating tensor is finite. A raw torch error, a NaN or an
+or a result whose every floating tensor is finite (and of the right shape where one is known).
+A raw torch error, a NaN, a silent wrong shape, a call that runs past 30 s (a hang) or an
 ``AssertionError`` from a contract check given a valid primitive fails the case.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import signal
+import threading
 
 import pytest
 import torch
@@ -108,10 +112,37 @@ def _n_rows(data) -> int | None:
     return None
 
 
-def _check_outcome(func: str, call, *, allow_missing: bool = False, shape=None) -> None:
-    """Run ``call``: a library-worded error, or finite tensors (of ``shape`` for a Tensor)."""
+class _Hang(BaseException):
+    """Raised by the alarm: a BaseException, so no ``except Exception`` in the library eats it."""
+
+
+@contextlib.contextmanager
+def _deadline(func: str, seconds: float = 30.0):
+    """Fail a case that runs for ``seconds`` (a hang: every case takes milliseconds)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum, frame):
+        raise _Hang(func)
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        out = call()
+        yield
+    except _Hang:
+        pytest.fail(f"{func}: no result within {seconds:g} s (a hang)")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_outcome(func: str, call, *, allow_missing: bool = False, shape=None) -> None:
+    """Run ``call``: a library-worded error, or finite tensors (of ``shape`` for a Tensor),
+    within a deadline."""
+    try:
+        with _deadline(func):
+            out = call()
     except (TypeError, ValueError) as err:
         assert LIBRARY_ERROR.match(str(err)), (
             f"{func}: not a library error: {type(err).__name__}: {err}")
@@ -316,7 +347,7 @@ def test_dropout_ensemble_names_bad_lrs(lrs):
 
 
 MEMBERS = dropout_members(lambda mask: influence(mask(dropout_loss), solver="explicit",
-                                                 damping=1.0), n_masks=2)
+                                                 damping=2.0), n_masks=2)
 MEMBERS_STATE = MEMBERS.prepare(PARAMS, BATCH)
 
 
@@ -617,3 +648,14 @@ def _fit_head_cases():
 @pytest.mark.parametrize("case", sorted(_fit_head_cases()))
 def test_fit_head_names_bad_arguments(case):
     _check_outcome(f"fit_head[{case}]", _fit_head_cases()[case])
+
+
+def test_the_fuzz_fails_a_hang():
+    """A case still running at its deadline fails as a hang (issue 15: no hang goes unseen)."""
+    import time
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no interval timer on this platform")
+    with pytest.raises(pytest.fail.Exception, match=r"sleeper: no result within 0.2 s \(a hang\)"):
+        with _deadline("sleeper", 0.2):
+            time.sleep(5)
