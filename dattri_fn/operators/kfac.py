@@ -262,7 +262,8 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
     return a, g
 
 
-def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None):
+def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None,
+            on_input=None):
     """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
 
     Each layer's step runs as its ``g`` arrives in the backward pass
@@ -272,7 +273,7 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
     n = 0
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
-        _stream_layer_io(tapped, loss_fn, state, batch, chunk_size, step)
+        _stream_layer_io(tapped, loss_fn, state, batch, chunk_size, step, on_input)
     if n == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     return n
@@ -312,18 +313,28 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
 
-    def step(layer, a, g):
-        a, g = _tokens(a, g, bias[layer])
-        a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    # A is taken from each layer's input right after the forward, G as each g arrives in the
+    # backward: no layer input is held through the backward pass.
+    def on_input(layer, a):
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        if bias[layer]:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        a2 = a.reshape(-1, a.shape[-1])
         dA = (a2.T @ a2).div_(a.shape[1])  # scaled after the product: no [B, T, in] copy
-        dG = g2.T @ g2
         if layer in A:
             A[layer] += dA
+        else:
+            A[layer] = dA
+
+    def step(layer, _, g):
+        g2 = g.reshape(-1, g.shape[-1])
+        dG = g2.T @ g2
+        if layer in G:
             G[layer] += dG
         else:
-            A[layer], G[layer] = dA, dG
+            G[layer] = dG
 
-    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows)
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input)
     sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
                                       **{f"G:{k}": G[k] for k in names}}, n)
     A = {k: sums[f"A:{k}"] / n for k in names}
@@ -447,19 +458,20 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     def step(layer, a, g):
         a, g = _tokens(a, g, bias[layer])
-        ga, aa = g @ QG[layer], a @ QA[layer]
+        qa, qg = QA[layer], QG[layer]
         if a.shape[1] == 1:
             # One position: (Q_G^T DW Q_A)^2 = (g~ a~^T)^2 = g~^2 (a~^2)^T, summed over the
             # batch by one [out, B] x [B, in] product, never the [B, out, in] blocks.
-            dL = ga[:, 0].square().T @ aa[:, 0].square()
+            dL = (g[:, 0] @ qg).square_().T @ (a[:, 0] @ qa).square_()
         else:
-            # (Q_G^T DW_n Q_A)^2 summed over examples, a chunk of rows at a time: the
-            # [rows, out, in] blocks stay small (~1 MiB), squared in place.
-            o, i = ga.shape[-1], aa.shape[-1]
-            step_rows = max(1, _LAMBDA_ENTRIES // (o * i))
-            dL = ga.new_zeros(o, i)
-            for r in range(0, ga.shape[0], step_rows):
-                rot = ga[r:r + step_rows].mT @ aa[r:r + step_rows]
+            # (Q_G^T DW_n Q_A)^2 = ((g Q_G)^T (a Q_A))^2 summed over examples, a chunk of rows
+            # at a time: rotated tokens and [rows, out, in] blocks stay ~1 MiB (this runs inside
+            # the backward pass, beside the model's saved activations).
+            o, i = g.shape[-1], a.shape[-1]
+            step_rows = max(1, _LAMBDA_ENTRIES // (o * max(i, a.shape[1])))
+            dL = g.new_zeros(o, i)
+            for r in range(0, g.shape[0], step_rows):
+                rot = (g[r:r + step_rows] @ qg).mT @ (a[r:r + step_rows] @ qa)
                 dL += rot.square_().sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
@@ -589,7 +601,7 @@ def _kfac_eigen(factors: KFACFactors):
     return QA, QG, Lam
 
 
-_BLOCK_ENTRIES = 2**22  # entries of one chunk of per-example gradient blocks [b, out, in]
+_BLOCK_ENTRIES = 2**20  # entries of one chunk of per-example gradient blocks [b, out, in]
 
 
 def _as(t: Tensor, dtype) -> Tensor:
@@ -621,7 +633,7 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor]
     ``g`` from :func:`dattri_fn.transforms.layers.batched_io`) against test-side blocks ``M_j``
     (e.g. ``op.blocks(ihvp(G_test))`` of an inverse from :func:`ihvp_ekfac`), summed over layers
     the influence ``g_i^T (F + damping I)^-1 g_j``. No ``[B, P]`` matrix is formed: at most one
-    layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^22 entries).
+    layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^20 entries).
 
     Args:
         io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.

@@ -255,19 +255,25 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
 
 
 def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, like: Tensor,
-                step: Callable[[str, Tensor, Tensor], None]) -> None:
+                step: Callable[[str, Tensor | None, Tensor], None],
+                on_input: Callable[[str, Tensor], None] | None = None) -> None:
     """Call ``step(layer, a, g)`` for every tapped layer from ONE batched forward and backward,
     each as soon as its ``g`` arrives in the backward pass.
 
     Same ``(a, g)`` as :func:`batched_io`, but only the layers whose gradients are in flight
     are alive at once: each probe is a zero-stride expansion of a scalar, and a hook on it
     receives ``g`` (a hook on our own probe tensor: the model has no hooks); ``step`` runs
-    under ``torch.no_grad``. Inside a torch.func transform every layer's ``(a, g)`` comes from
-    :func:`batched_io` first.
+    under ``torch.no_grad``. With ``on_input``, ``on_input(layer, a)`` runs for every layer
+    after the forward and ``step(layer, None, g)`` in the backward: the layer inputs are dropped
+    before the backward starts (what K-FAC's ``A`` statistic needs). Inside a torch.func
+    transform every layer's ``(a, g)`` comes from :func:`batched_io` first.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         for n, (a, g) in batched_io(tapped, loss_fn, state, args, kwargs, target, shapes,
                                     like).items():
+            if on_input is not None:
+                on_input(n, a)
+                a = None
             step(n, a, g)
         return
     bases = {n: like.new_zeros((), requires_grad=True) for n in tapped.layers}
@@ -277,7 +283,7 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
     def hook(name):
         def on_grad(g):
             with torch.no_grad():  # the layer's input is dropped once its g is used
-                step(name, acts.pop(name), g.detach())
+                step(name, acts.pop(name, None), g.detach())
 
         return on_grad
 
@@ -285,14 +291,20 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
         for n, pr in probes.items():
             pr.register_hook(hook(n))
         out, captured = tapped(state, probes, *args, **kwargs)
-        acts.update({n: a.detach() for n, a in captured.items()})
+        if on_input is None:
+            acts.update({n: a.detach() for n, a in captured.items()})
+        else:
+            with torch.no_grad():
+                for n in list(captured):
+                    on_input(n, captured.pop(n).detach())
         del captured
         value = per_example_losses(loss_fn, out, target).sum()
         del out
         torch.autograd.grad(value, list(bases.values()))
 
 
-def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step) -> None:
+def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step,
+                     on_input=None) -> None:
     """:func:`streamed_io` over ``batch``, ``chunk_size`` rows at a time (bare core)."""
     like = state[tapped.specs[tapped.layers[0]].weight]
     n = batch_size("layer_io", "batch", batch)
@@ -300,7 +312,7 @@ def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step) 
     for start in range(0, n, size):
         args, kwargs, target = unpack_example(batch_slice(batch, start, start + size))
         shapes = output_shapes(tapped, state, args, kwargs, like)
-        streamed_io(tapped, loss_fn, state, args, kwargs, target, shapes, like, step)
+        streamed_io(tapped, loss_fn, state, args, kwargs, target, shapes, like, step, on_input)
 
 
 def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
