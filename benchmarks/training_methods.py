@@ -1,9 +1,10 @@
 """LESS, AdamW-influence and SOURCE from a recorded AdamW run, next to MAGIC, on digits-mlp.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.training_methods [--optimizer sgd] [--quick]
+    OMP_NUM_THREADS=1 python -m benchmarks.training_methods [--optimizer sgd] [--task digits-cnn] [--quick]
 
 The run: digits-mlp (``get_task("digits-mlp", n_train=500, n_test=50)``, its 64-32-10 tanh MLP
-from ``make_model(0)``), trained by the functional AdamW (:mod:`dattri_fn.training`,
+from ``make_model(0)``; ``--task`` digits-lr / digits-cnn: the same with that task's model),
+trained by the functional AdamW (:mod:`dattri_fn.training`,
 ``adamw(cosine_schedule(1e-2, T), weight_decay=1e-3)``), mini-batches of 64, 20 epochs
 (``T = 160`` steps) in the order ``batch_order(500, 64, 20, seed=0)``. The loop is written out
 here with :func:`~dattri_fn.training.record_step` (a checkpoint every 20 steps: 8 checkpoints
@@ -72,6 +73,7 @@ SGD_LR = 0.2
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.training_methods",
                                 description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="digits-mlp", choices=("digits-lr", "digits-mlp", "digits-cnn"))
     p.add_argument("--n-train", type=int, default=500)
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--subsets", type=int, default=64)
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--proj-dim", type=int, default=512, help="DVEmb's store projection")
     p.add_argument("--hidden", type=int, default=32, help="the MLP's hidden width (task default 32)")
     p.add_argument("--segments", default="3", help="SOURCE rows, one per segment count L (e.g. 1,3,8)")
+    p.add_argument("--curvatures", default=None,
+                   help="SOURCE's curvatures, e.g. 'gn,ekfac' (default: gn; gn,ekfac with sgd)")
     p.add_argument("--quick", action="store_true",
                    help="n_train 120, n_test 10, 16 subsets, 4 epochs, a checkpoint every 2 steps")
     args = p.parse_args(argv)
@@ -153,8 +157,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     KIND = args.optimizer
     torch.set_num_threads(1)
-    task = get_task("digits-mlp", n_train=args.n_train, n_test=args.n_test,
-                    hparams=None if args.hidden == 32 else {"hidden": args.hidden})
+    hp = {"hidden": args.hidden} if args.task == "digits-mlp" and args.hidden != 32 else None
+    task = get_task(args.task, n_train=args.n_train, n_test=args.n_test, hparams=hp)
     model = task.make_model(0)
     fm = functional_model(model, task.loss_fn)
     margin = functional_model(model, classification_margin_loss).loss  # higher = better
@@ -169,7 +173,7 @@ def main(argv=None) -> list[dict]:
         rows, t_gt, gts = evaluate(args, task, fm, margin, neg_margin, data, test, order, record)
     opt_text = "AdamW" if KIND == "adamw" else f"plain SGD (stores projected to {args.proj_dim})"
     ckpts = [c for c in record.checkpoints if c.step < record.steps]
-    print(f"\n### digits-mlp trained by {opt_text}, functional and recorded: "
+    print(f"\n### {args.task} trained by {opt_text}, functional and recorded: "
           f"n_train={task.n_train}, n_test={task.n_test}, T={len(order)} steps, {len(ckpts)} "
           f"checkpoints; LDS over m={args.subsets} half-subsets, one model each\n")
     print("| method | LDS std [95% CI] | LDS fixed [95% CI] | prepare + score s |")
@@ -194,11 +198,11 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
         "magic": (magic(fm, optimizer(len(order)), epochs=args.epochs,
                         batch_size=HP["batch_size"], seed=[0], target=margin), fm.params),
     }
+    curvatures = (args.curvatures or ("gn,ekfac" if KIND == "sgd" else "gn")).split(",")
     for L in (int(v) for v in args.segments.split(",")):
-        methods[f"source (gn, L={L})"] = (source(fm, segments=L, target=neg_margin), record)
-        if KIND == "sgd":  # EK-FAC segments take SGD records only
-            methods[f"source (ekfac, L={L})"] = (source(fm, segments=L, curvature="ekfac",
-                                                        target=neg_margin), record)
+        for curv in curvatures:  # EK-FAC segments take SGD records only
+            methods[f"source ({curv}, L={L})"] = (source(fm, segments=L, curvature=curv,
+                                                         target=neg_margin), record)
     if KIND == "adamw":
         methods["less"] = (less(fm, target=neg_margin), record)
         methods[f"less (proj {args.proj_dim})"] = (less(fm, target=neg_margin,
