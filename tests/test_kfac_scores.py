@@ -302,3 +302,34 @@ def test_tied_gpt2_embedding_is_named_and_the_rest_scores_exactly():
     m = influence(fm, solver="ekfac", damping=0.1)
     state = m.prepare(fm.params, batch)
     _close(m.score(fm.params, state, batch, batch), _dense(fm, state, batch, batch))
+
+
+def test_streamed_io_gives_batched_io_layer_by_layer():
+    """streamed_io calls step(layer, a, g) once per layer with batched_io's (a, g) (bit for bit);
+    with on_input, a goes to on_input after the forward and step gets None."""
+    from dattri_fn.transforms import capture
+    from dattri_fn.transforms.layers import batched_io, output_shapes, streamed_io
+
+    fm, _, _, (x, y) = _seq(11)
+    tapped = capture.tap(fm.module, ["emb", "head"])
+    state = {**fm.fixed, **fm.params}
+    like = fm.params["emb.weight"]
+    shapes = output_shapes(tapped, state, (x,), {}, like)
+    ref = batched_io(tapped, F.cross_entropy, state, (x,), {}, y, shapes, like)
+    got, order = {}, []
+
+    def step(layer, a, g):
+        order.append(layer)
+        got[layer] = (a, g)
+
+    streamed_io(tapped, F.cross_entropy, state, (x,), {}, y, shapes, like, step)
+    assert order == ["head", "emb"]  # the backward reaches the last layer first
+    for layer, (a, g) in ref.items():
+        assert torch.equal(got[layer][0], a) and torch.equal(got[layer][1], g)
+    inputs = {}
+    streamed_io(tapped, F.cross_entropy, state, (x,), {}, y, shapes, like,
+                lambda layer, a, g: got.__setitem__(layer, (a, g)),
+                on_input=lambda layer, a: inputs.__setitem__(layer, a))
+    for layer, (a, g) in ref.items():
+        assert torch.equal(inputs[layer], a) and got[layer][0] is None
+        assert torch.equal(got[layer][1], g)

@@ -622,7 +622,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                     layer_pass(p, st.ihvp, b, step)
                 return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
 
-            S = stream_self(diag, lambda b: None, regrouped(name, "train", train, rows),
+            S = stream_self(diag, lambda b: _Formed(None), regrouped(name, "train", train, rows),
                             device=device_of(ps[0][0]), func=name)
         else:
             S = stream_self(train_side(ps), test_side(ps), regrouped(name, "train", train, rows),
