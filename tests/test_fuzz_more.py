@@ -659,3 +659,36 @@ def test_the_fuzz_fails_a_hang():
     with pytest.raises(pytest.fail.Exception, match=r"sleeper: no result within 0.2 s \(a hang\)"):
         with _deadline("sleeper", 0.2):
             time.sleep(5)
+
+
+# -- the pipeline's public pieces (for people writing a method) ---------------------------------
+def _pipeline_cases():
+    from dattri_fn.attribute.pipeline import collect, stream_scores, stream_self
+
+    f = lambda b: b[0] * 2.0
+    T = f(BATCH)
+    return {
+        "collect.feature_fn_none": lambda: collect(None, BATCH),
+        "collect.feature_fn_str": lambda: collect(lambda b: "x", BATCH),
+        "collect.feature_fn_0d": lambda: collect(lambda b: b[0].sum(), BATCH),
+        "collect.feature_fn_rows": lambda: collect(lambda b: b[0][:2], BATCH),
+        "collect.feature_fn_nan": lambda: collect(lambda b: b[0] * math.nan, BATCH),
+        "stream_scores.test_none": lambda: stream_scores(f, BATCH, None),
+        "stream_scores.test_nan": lambda: stream_scores(f, BATCH, T * math.nan),
+        "stream_scores.test_1d": lambda: stream_scores(f, BATCH, T[0]),
+        "stream_scores.test_width": lambda: stream_scores(f, BATCH, T[:, :2]),
+        "stream_scores.test_float32": lambda: stream_scores(f, BATCH, T.float()),
+        "stream_scores.test_stacked": lambda: stream_scores(f, BATCH, T[None]),
+        "stream_scores.train_features_none": lambda: stream_scores(None, BATCH, T),
+        "stream_scores.train_rows": lambda: stream_scores(lambda b: b[0][:2], BATCH, T),
+        "stream_self.train_features_none": lambda: stream_self(None, f, BATCH),
+        "stream_self.test_rows": lambda: stream_self(f, lambda b: b[0][:2], BATCH),
+        "stream_self.test_width": lambda: stream_self(f, lambda b: b[0][:, :2], BATCH),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_pipeline_cases()))
+def test_pipeline_names_bad_feature_maps(case):
+    """collect/stream_scores/stream_self given a bad feature map or test rows: named errors,
+    never a raw matmul/cat error or NaN scores."""
+    _check_outcome(case, _pipeline_cases()[case])

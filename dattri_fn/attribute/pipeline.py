@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_leaves,
     batch_size,
     batch_to,
@@ -71,18 +72,40 @@ def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
         device: where each batch is moved first; None leaves batches where they are.
         func, arg: the public call and argument that errors name (``func(arg=...)``).
     """
+    _check_callable(func, "feature_fn", feature_fn)
     data = from_store(func, feature_fn, data, device)
     if _is_store(data):
         return data.read() if device is None else data.read().to(device)
     blocks = []
     for batch in iter_batches(func, arg, data):
-        batch_size(func, arg, batch)
+        b = batch_size(func, arg, batch)
         if device is not None:
             batch = batch_to(batch, device)
-        blocks.append(features(func, arg, feature_fn, batch))
+        blocks.append(_checked_rows(func, "feature_fn", features(func, arg, feature_fn, batch), b))
     if not blocks:
         raise ValueError(f"{func}({arg}=...): expected at least one batch, got an empty iterable.")
     return cat_rows(blocks)
+
+
+def _check_callable(func: str, arg: str, fn) -> None:
+    if not callable(fn):
+        raise TypeError(_msg(func, arg, "a feature map batch -> [b, F] rows", type(fn).__name__))
+
+
+def _checked_rows(func: str, arg: str, feats, b: int):
+    """``feats`` once checked: ``[b, F]`` or ``[C, b, F]`` finite rows (structured rows with
+    ``scores``/``row_dots``/``cat`` pass as they are), else an error naming ``func(arg=...)``."""
+    if isinstance(feats, Tensor):
+        if feats.ndim not in (2, 3) or feats.shape[-2] != b:
+            raise ValueError(_msg(func, arg, f"a feature map giving [b, F] (or [C, b, F]) rows "
+                                  f"for a batch of b = {b}", f"shape {list(feats.shape)}"))
+        if feats.is_floating_point() and not all_finite(feats):
+            raise ValueError(_msg(func, arg, "finite features", "NaN or inf"))
+        return feats
+    if not all(hasattr(feats, a) for a in ("scores", "row_dots")):
+        raise TypeError(_msg(func, arg, "a feature map returning a Tensor (or structured rows "
+                             "with scores/row_dots)", type(feats).__name__))
+    return feats
 
 
 def cat_rows(blocks: list) -> Tensor:
@@ -239,6 +262,16 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
         func: the public caller's name, for error messages (``func(train=...)``).
     """
     check_optional_int(func, "top_k", top_k)
+    _check_callable(func, "train_features", train_features)
+    if isinstance(test_features, Tensor):
+        if test_features.ndim not in (2, 3):
+            raise ValueError(_msg(func, "test_features", "[n_test, F] (or [C, n_test, F]) rows",
+                                  f"shape {list(test_features.shape)}"))
+        if test_features.is_floating_point() and not all_finite(test_features):
+            raise ValueError(_msg(func, "test_features", "finite features", "NaN or inf"))
+    elif not hasattr(test_features, "scores") and not hasattr(test_features, "to_dense"):
+        raise TypeError(_msg(func, "test_features", "a Tensor of test feature rows",
+                             type(test_features).__name__))
     device = next((t.device for t in tree_leaves(test_features) if isinstance(t, Tensor)), None)
     train = from_store(func, train_features, train, device)
     store = _is_store(train)
@@ -258,6 +291,14 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
 
     def score_blocks():
         for feats, b in _train_blocks(func, train_features, train, device):
+            if isinstance(feats, Tensor) and isinstance(test_features, Tensor) and (
+                    feats.ndim != test_features.ndim or feats.shape[-1] != test_features.shape[-1]
+                    or (feats.ndim == 3 and feats.shape[0] != test_features.shape[0])
+                    or feats.dtype != test_features.dtype):
+                raise ValueError(_msg(func, "test_features", "rows like the train features "
+                                      f"{list(feats.shape[:-2])} x [n, {feats.shape[-1]}] in "
+                                      f"{feats.dtype}", f"shape {list(test_features.shape)} in "
+                                      f"{test_features.dtype}"))
             block = block_scores(feats, test_features)
             if block.shape[0] != b:
                 raise ValueError(f"{func}(train=...): expected the train feature map to give one "
@@ -315,13 +356,19 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
                             _params_hash=train.params_hash, _kind=SELF)
         diag = store.read()
         return diag if device is None else diag.to(device)
+    _check_callable(func, "train_features", train_features)
+    _check_callable(func, "test_features", test_features)
     out = []
     for batch in iter_batches(func, "train", train):
-        batch_size(func, "train", batch)
+        b = batch_size(func, "train", batch)
         if device is not None:
             batch = batch_to(batch, device)
-        out.append(row_dots(features(func, "train", train_features, batch),
-                            features(func, "train", test_features, batch)))
+        t = _checked_rows(func, "train_features", features(func, "train", train_features, batch), b)
+        p = _checked_rows(func, "test_features", features(func, "train", test_features, batch), b)
+        if isinstance(t, Tensor) and isinstance(p, Tensor) and t.shape != p.shape:
+            raise ValueError(_msg(func, "test_features", f"rows shaped like the train features "
+                                  f"{list(t.shape)}", f"{list(p.shape)}"))
+        out.append(row_dots(t, p))
     if not out:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
     return torch.cat(out)
