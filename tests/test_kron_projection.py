@@ -233,3 +233,24 @@ def test_trak_features_with_kronecker_projection():
         torch.testing.assert_close(out[c, :, :-1], _kron_features(fm, p, (x, y), 4, "gaussian",
                                                                   11 + c), rtol=1e-10, atol=1e-12)
     assert calls.d == out.shape[-1] - 1 and bool((out[..., -1] == 1).all())
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # the vmap reference
+def test_gpt2_conv1d_layers_with_dict_batches():
+    """Stock GPT-2 (HF Conv1D, [in, out] weights, default attention): Grad-Dot with Kronecker
+    projection = <phi_i, phi_j>, phi from autograd gradients times kron(P_out, P_in)."""
+    t = pytest.importorskip("transformers")
+    from dattri_fn.losses import causal_lm_loss
+
+    torch.manual_seed(0)
+    gpt2 = t.GPT2LMHeadModel(t.GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1,
+                                          n_head=2, bos_token_id=0, eos_token_id=0)).to(DT).eval()
+    ids = torch.randint(0, 50, (5, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    lm = functional_model(gpt2, causal_lm_loss, params=lambda n: ".mlp." in n or ".attn." in n)
+    layers, rest = kronecker_layers(layer_plan(lm), lm.params)
+    assert {lay.kind for lay in layers.values()} == {"conv1d"} and rest == ()
+    phi = _kron_features(lm, lm.params, batch, 3, "gaussian", 1)
+    S = grad_dot(lm, proj_dim=3, projection="kronecker", kind="gaussian", seed=1).score(
+        lm.params, (), batch, batch)
+    torch.testing.assert_close(S, phi @ phi.T, rtol=1e-10, atol=1e-10 * float(S.abs().max()))
