@@ -81,8 +81,10 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
 
 from __future__ import annotations
 
+import atexit
 import copy
 import importlib.util
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -297,6 +299,7 @@ def dattri_runner(name: str, task, models: list[nn.Module], hp: dict) -> Runner:
         # dattri writes batch_metadata.json into cache_dir (default: the working directory)
         # and reads it back on the next run: a fresh directory per attributor
         where = tempfile.mkdtemp(prefix="dattri_block_")
+        atexit.register(shutil.rmtree, where, ignore_errors=True)
         if name == "logra":
             att = da.LoGraAttributor(block_task, hessian="eFIM", damping=BLOCK_DAMPING,
                                      device=device, proj_dim=LOGRA_K ** 2, offload="none",
