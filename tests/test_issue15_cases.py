@@ -241,32 +241,19 @@ def test_case_03d_one_shot_loader_cg_arnoldi_name_the_data(solver):
     torch.testing.assert_close(got, ref, **EXACT)
 
 
-_FIRST_BATCH_LOST = ("attribute/boundary.first_batch iterates the loader (through a throw-away "
-                     "_Passes) and the method then iterates it again: the first batch (4 rows) is "
-                     "lost, silently")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_FIRST_BATCH_LOST + (
-    ": the state holds 2 of 6 rows"))
 def test_case_03e_one_shot_loader_representer_prepare():
-    """#3 (same class, found by this ledger) `representer.prepare` on a loader readable once:
-    it should cache h, alpha, classes of all 6 rows, as from a list (or refuse naming train)."""
+    """#3 (same class, found by this ledger; fixed in 125aa27) `representer.prepare` on a loader
+    readable once kept 2 of 6 rows: now h, alpha, classes of all 6 rows, as from a list."""
     m, params, x, y = _rps_problem()
     ref = m.prepare(params, [(x, y)])
-    try:
-        got = m.prepare(params, _once(x, y))
-    except ValueError as err:
-        assert "representer.prepare(train=...): expected" in str(err)
-        return
+    got = m.prepare(params, _once(x, y))
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, **EXACT)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_FIRST_BATCH_LOST + (
-    ": score returns 6 of 10 rows"))
 def test_case_03f_one_shot_loader_dropout_ensemble_score():
-    """#3 (same class, found by this ledger) `dropout_ensemble(...).score(train=<loader readable
-    once>)`: it should score all 10 rows, (1/M) sum_m <g_i^m, g_j^m> as from a list (or refuse)."""
+    """#3 (same class, found by this ledger; fixed in 125aa27) `dropout_ensemble(...).score(train=
+    <loader readable once>)` scored 6 of 10 rows: now (1/M) sum_m <g_i^m, g_j^m> as from a list."""
     from dattri_fn.attribute import dropout_ensemble
 
     _, x, y = _mlp(10)
@@ -276,12 +263,8 @@ def test_case_03f_one_shot_loader_dropout_ensemble_score():
     m = dropout_ensemble(fm, n_masks=2, seed=0)
     state = m.prepare(fm.params, [(x, y)])
     ref = m.score(fm.params, state, [(x, y)], (x[:2], y[:2]))
-    try:
-        got = m.score(fm.params, state, _once(x, y), (x[:2], y[:2]))
-    except ValueError as err:
-        assert "dropout_ensemble(train=...): expected" in str(err)
-        return
-    assert got.shape == ref.shape
+    got = m.score(fm.params, state, _once(x, y), (x[:2], y[:2]))
+    assert got.shape == ref.shape == (10, 2)
     torch.testing.assert_close(got, ref, **EXACT)
 
 
@@ -420,13 +403,12 @@ def test_case_07_cli_subsets_2(capsys):
                      "names an inner function: 'linear_tap(params=...): expected tensors with "
                      "data, got a meta tensor' (solver='ekfac': 'kfac_tap(params=...)', a plain "
                      "loss with cg/explicit/arnoldi: 'hvp(params=...)')"))),
-    pytest.param("data on meta", r"^grad_dot\(train=...\): expected",
-                 marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-                     "raw RuntimeError 'Tensor.item() cannot be called on meta tensors' from "
-                     "_checks.all_finite via batch_size (every entry point)"))),
+    ("data on meta", r"^grad_dot\(train=...\): expected tensors with data, got a meta tensor\. "
+                     r"Materialise the examples on a real device first\."),
 ])
 def test_error_01_params_and_data_on_other_devices(call, match):
-    """Params on another device than the data (meta): refused naming params (or the data)."""
+    """Params on another device than the data (meta params, or meta data with CPU params):
+    refused naming params (or the data argument)."""
     fm, x, y = _mlp(6)
     meta = {k: v.to("meta") for k, v in fm.params.items()}
     run = {"per_sample_grad": lambda: per_sample_grad(fm.loss, meta, (x, y)),
