@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.kron_bench            # ~1M-parameter tanh MLP
     OMP_NUM_THREADS=1 python -m benchmarks.kron_bench --width 64 --n-train 64   # a quick look
+    OMP_NUM_THREADS=1 python -m benchmarks.kron_bench --lds digits-mlp          # quality at equal d
 
 A ``in -> width -> width -> 10`` tanh MLP (float32, random inputs and labels, seeded: no data
 is downloaded) with ``P ~ 1M`` at the defaults. Rows, each measured in its own spawned process
@@ -16,6 +17,11 @@ rows), ``prepare + score`` of ``n_train x n_test``:
 
 "corr exact": Pearson of a Grad-Dot row with the exact Grad-Dot (what the projection loses);
 "corr trak": Pearson of LoGra with the dense TRAK (two approximations of influence).
+
+``--lds TASK``: Grad-Dot with a dense projection of ``d = 2 k^2`` and with the Kronecker
+projection of ``k`` per side (the same ``d`` where every side is wider than ``k``) on a bundled
+task (500 x 50, the runner's model 0), LDS against its cached ground truth and Pearson with
+the exact Grad-Dot, each the mean over 5 projection seeds.
 """
 
 from __future__ import annotations
@@ -92,6 +98,49 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 NAMES = ("grad-dot exact", "grad-dot dense", "grad-dot kron", "trak dense", "logra")
 
 
+def lds_table(task_name: str, ks=(4, 8, 16), seeds: int = 5) -> None:
+    """Print the ``--lds`` table (see the module docstring)."""
+    import warnings
+
+    from benchmarks import run
+    from dattri_fn.attribute import grad_dot
+    from dattri_fn.eval.metrics import lds
+    from dattri_fn.eval.retrain import lds_ground_truth
+    from dattri_fn.model import functional_model
+
+    warnings.filterwarnings("ignore")
+    args = run.parse_args(["--task", task_name])
+    task = run.load_task(run.task_spec(args))
+    gt = lds_ground_truth(task, args.subsets, cache_dir=args.cache_dir, seed=0, progress=False)
+    fm = functional_model(run.load_models(task, run.train_states(task, 1))[0].eval(), task.loss_fn)
+    bs = args.batch_size
+    train = [(task.x_train[i:i + bs], task.y_train[i:i + bs]) for i in range(0, task.n_train, bs)]
+    test = (task.x_test, task.y_test)
+    quality = lambda S: float(lds(S, gt.subsets, gt.targets.to(S.dtype)).mean)
+    exact = grad_dot(fm).score(fm.params, (), train, test)
+    print(f"\n{task_name}: exact Grad-Dot LDS {quality(exact):.3f}; means over {seeds} seeds\n")
+    print("| k | d dense / kron | LDS dense | LDS kron | corr exact dense | corr exact kron |")
+    print("|---|---|---|---|---|---|")
+    for k in ks:
+        rows = []
+        for seed in range(seeds):
+            kron = grad_dot(fm, proj_dim=k, projection="kronecker", seed=seed)
+            dense = grad_dot(fm, proj_dim=2 * k * k, seed=seed)
+            S_d, S_k = (m.score(fm.params, (), train, test) for m in (dense, kron))
+            rows.append([quality(S_d), quality(S_k), _corr(S_d, exact), _corr(S_k, exact)])
+        m = torch.tensor(rows).mean(0).tolist()
+        d_kron = _kron_dim(fm, k)
+        print(f"| {k} | {2 * k * k} / {d_kron} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} |")
+
+
+def _kron_dim(fm, k: int) -> int:
+    from dattri_fn.transforms.layer_grads import layer_plan
+    from dattri_fn.transforms.project import kronecker_layers, make_kronecker_projector
+
+    layers, rest = kronecker_layers(layer_plan(fm), fm.params)
+    return make_kronecker_projector(layers, proj_dim=k, rest=rest).proj_dim
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d-in", type=int, default=512)
@@ -102,7 +151,12 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=16, help="Kronecker k per side (dense d = 3 k^2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default=",".join(NAMES))
+    p.add_argument("--lds", default=None, metavar="TASK",
+                   help="instead: dense vs Kronecker Grad-Dot LDS on a bundled task")
     args = p.parse_args(argv)
+    if args.lds:
+        lds_table(args.lds)
+        return {}
     spec = {"d_in": args.d_in, "width": args.width, "n_train": args.n_train,
             "n_test": args.n_test, "batch": args.batch, "k": args.k, "seed": args.seed}
     w = args.width
