@@ -228,10 +228,12 @@ def main(argv=None) -> dict:
     for side, r in res.items():
         print(f"| {side} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |")
     for side in [r for r in res if r.startswith("dattri_fn ")]:
-        pr, ov = _agreement(res[side]["scores"], a)
-        pk, ok = _agreement(res[side]["scores"], b)
-        print(f"\n{side} against dattri_fn float32: Pearson {pr:.5f}, top-{k} overlap {ov:.3f}; "
-              f"against kronfluence: Pearson {pk:.5f}, top-{k} overlap {ok:.3f}")
+        c = res[side]["scores"]
+        pr, ov = _agreement(c, a)
+        pk, ok = _agreement(c, b)
+        sr = float(spearman(c.flatten(), a.flatten()))
+        print(f"\n{side} against dattri_fn float32: Pearson {pr:.7f}, Spearman {sr:.5f}, top-{k} "
+              f"overlap {ov:.3f}; against kronfluence: Pearson {pk:.7f}, top-{k} overlap {ok:.3f}")
     print(f"\nPearson {pearson:.5f}, Spearman {spear:.5f}, top-{k} overlap {overlap:.3f}; "
           f"time ratio {res['dattri_fn']['seconds'] / res['kronfluence']['seconds']:.2f}x, "
           f"peak ratio {res['dattri_fn']['peak_mib'] / max(res['kronfluence']['peak_mib'], 1e-9):.2f}x")
