@@ -90,7 +90,8 @@ def _update_tensor(h, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{list(t.shape)}".encode())
     # bytes of the storage as it lies: bit-exact, dtype-agnostic (bfloat16 has no numpy view)
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # reshape(-1): a 0-d tensor (a scalar bias) has no byte view of its own; same bytes.
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def params_hash(params, *, func: str = "params_hash") -> str:

@@ -96,13 +96,16 @@ CASES = [(m, p) for m in sorted(METHODS) for p in sorted(PROBLEMS)
 
 
 @pytest.mark.parametrize("name,problem", CASES)
-def test_method_contract(device, name, problem):
+def test_method_contract(device, name, problem, tmp_path):
     """check_method: self_score == diag, batching/list/DataLoader invariance, top_k == topk,
-    a duplicated point scores alike and positively, agreement with exact LOO on convex problems."""
+    a duplicated point scores alike and positively, agreement with exact LOO on convex problems,
+    and score/self_score from a feature store == from the data (methods that take stores)."""
     p, loo = _problem(problem, device)
     assert METHODS[name].applies(p)
     method = METHODS[name].build(p)
-    check_method(method, p, loo=loo, name=name, **METHODS[name].options)
+    options = dict(METHODS[name].options)
+    store = tmp_path if options.pop("store", True) else None
+    check_method(method, p, loo=loo, name=name, store=store, **options)
 
 
 def test_registry_covers_the_library():

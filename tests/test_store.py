@@ -366,3 +366,11 @@ def test_self_scores_refused_when_recorded_for_other_data(tmp_path):
     with pytest.raises(ValueError, match=r"grad_dot\(train=...\): expected a store of train "
                                          r"features, got the store of self-scores"):
         m.score(params, (), open_store(tmp_path / "other" / "self"), test)
+
+
+def test_params_hash_of_a_scalar_parameter():
+    """A 0-d parameter (a scalar bias) hashes (it had no byte view: a raw RuntimeError) and
+    its value enters the hash."""
+    p = {"w": torch.ones(3, dtype=torch.float64), "b": torch.tensor(0.5, dtype=torch.float64)}
+    assert params_hash(p) != params_hash({**p, "b": torch.tensor(0.25, dtype=torch.float64)})
+    assert params_hash(p) == params_hash({k: v.clone() for k, v in p.items()})

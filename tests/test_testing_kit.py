@@ -459,3 +459,23 @@ def test_check_inverse_counts_flagged_diagnostics_as_saying_so():
                                              r"indefinite operator"):
         check_inverse(quiet, rtol=1e-8)
     check_inverse(quiet, rtol=1e-8, diagnostics=_cg_report)
+
+
+def test_check_method_store_property_catches_a_method_that_misreads_stores(tmp_path):
+    """check_method(store=dir): Grad-Dot passes; a wrapper whose self_score returns zeros for a
+    store fails 'self_score(record_store(...)) == self_score(train)'."""
+    from dattri_fn.store import FeatureStore, StoreRecording
+
+    p = ridge_regression(n=12, dim=2, seed=0)
+    good = grad_dot(p.loss)
+    check_method(good, p, min_loo_corr=None, store=tmp_path)
+
+    def self_score(params, state, train):
+        if isinstance(train, (FeatureStore, StoreRecording)):
+            return torch.zeros(p.n, dtype=F64)
+        return good.self_score(params, state, train)
+
+    bad = Method(good.prepare, good.score, self_score, "zeros_from_stores")
+    with pytest.raises(AssertionError, match=r"check_method\(zeros_from_stores\): "
+                                             r"self_score\(record_store\(...\)\) == self_score"):
+        check_method(bad, p, min_loo_corr=None, store=tmp_path)

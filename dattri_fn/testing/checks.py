@@ -539,9 +539,38 @@ def _take(data, idx) -> tuple:
     return tuple(t[idx] for t in data)
 
 
+def _check_stores(name: str, method, params, state, listed, test, S: Tensor, diag: Tensor,
+                  rtol: float, store) -> None:
+    """The ``store`` property of :func:`check_method`."""
+    import os
+    import tempfile
+
+    from ..store import open_store, record_store
+
+    check = "check_method"
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"check_method(store=...): expected None or a directory path, got "
+                        f"{type(store).__name__}.")
+    os.makedirs(store, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="check-method-", dir=store)
+    config = {"check_method": name}
+    labels = ("train", "test")
+    rec = record_store(path, listed, params=params, config=config)
+    _assert_close(check, name, "score(train=record_store(...)) == score(train)",
+                  method.score(params, state, rec, test), S, rtol, labels)
+    _assert_close(check, name, "self_score(record_store(...)) == self_score(train)",
+                  method.self_score(params, state, rec), diag, rtol, ("train",))
+    opened = open_store(path, params=params, config=config)
+    _assert_close(check, name, "score(train=open_store(...)) == score(train)",
+                  method.score(params, state, opened, test), S, rtol, labels)
+    _assert_close(check, name, "self_score(open_store(...)) == self_score(train)",
+                  method.self_score(params, state, opened), diag, rtol, ("train",))
+
+
 def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
                  batch_size: int = 3, rtol: float = 1e-8, min_loo_corr: float | None = 0.85,
-                 top_k: int = 3, loo: Tensor | None = None, name: str | None = None) -> None:
+                 top_k: int = 3, loo: Tensor | None = None, store=None,
+                 name: str | None = None) -> None:
     """Check an attribution :class:`~dattri_fn.attribute.Method` on a :class:`Problem`.
 
     Properties, with ``train = problem.data`` and ``test`` its first ``n_test`` examples:
@@ -561,13 +590,18 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
       exact influence reaches >= 0.918 at the smallest sizes ``strategies.problems(fitted=True)``
       draws; Grad-Dot and influence multiplying by ``H`` instead of ``H^-1`` reach 0.35-0.80
       with ``cond=10`` (caught), but up to 0.98 with ``cond=1``, where ``H`` is close to a
-      multiple of ``I`` and no correlation can tell them apart.
+      multiple of ``I`` and no correlation can tell them apart;
+    - with ``store`` (a directory), feature stores (:mod:`dattri_fn.store`): ``score`` and
+      ``self_score`` given ``record_store(...)`` of the batched training set, then given the
+      opened store (no training data), equal them from the data.
 
     Args:
         method: ``Method(prepare, score, self_score, name)``.
         params: what ``prepare``/``score`` take as params (default ``problem.params``; e.g.
             a list of checkpoints for an ensemble).
         loo: ``exact_loo(problem)`` if already computed (it refits ``n`` times).
+        store: a directory for the store property (a fresh sub-directory per call), or None
+            to skip it (for a method that does not read its train side from a store).
 
     Raises:
         AssertionError: naming the violated property and the worst entry.
@@ -638,6 +672,8 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
     if not first > 0:
         _fail(check, name, "sign convention: a training point identical to the test point is "
               "a proponent (positive score)", f"score {first:.6g} on its own copy")
+    if store is not None:
+        _check_stores(name, method, params, state, listed, test, S, diag, rtol, store)
     if min_loo_corr is not None and problem.convex and problem.fitted:
         loo = exact_loo(problem) if loo is None else loo
         pair = torch.stack([full.detach().to(torch.float64).flatten(), loo.flatten().to(full.device)])

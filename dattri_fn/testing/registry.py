@@ -8,7 +8,9 @@ every contract over all of it, so the kit and what the library trusts cannot dri
     METHODS      name -> Entry(build(problem) -> Method, check_method options)
 
 ``Entry.kinds`` names the problem kinds an entry applies to (e.g. the factored Gauss-Newton
-needs the MLP's ``nn.Module``); ``Entry.applies(problem)`` says it.
+needs the MLP's ``nn.Module``); ``Entry.applies(problem)`` says it. A method entry's
+``"store": False`` option skips ``check_method``'s feature-store property (the test passes a
+directory to every other method).
 """
 
 from __future__ import annotations
@@ -280,12 +282,14 @@ METHODS: dict[str, Entry] = {
     "grad_dot": Entry(lambda p: grad_dot(p.loss), {"min_loo_corr": None}),
     "grad_cos": Entry(lambda p: grad_cos(p.loss), {"min_loo_corr": None}),
     "tracin": Entry(lambda p: tracin(p.loss, lrs=[0.5]), {"min_loo_corr": None}),
-    "trak": Entry(lambda p: trak(p.loss, damping=1e-3), {"min_loo_corr": None}),
+    # TRAK's cached state reads no train side; its self_score reads no store (not stream_self).
+    "trak": Entry(lambda p: trak(p.loss, damping=1e-3), {"min_loo_corr": None, "store": False}),
     "trak_projected": Entry(lambda p: trak(p.loss, proj_dim=8, kind="gaussian", damping=1e-3),
-                            {"min_loo_corr": None}),
+                            {"min_loo_corr": None, "store": False}),
     "grad_dot_projected": Entry(lambda p: grad_dot(p.loss, proj_dim=8, kind="sjlt"),
                                 {"min_loo_corr": None}),
-    "representer": Entry(_representer, {"min_loo_corr": None}, ("logistic", "mlp")),
+    "representer": Entry(_representer, {"min_loo_corr": None, "store": False},  # state-cached
+                         ("logistic", "mlp")),
     # The model's own fast paths (capture engine, factored curvature), on the MLP's module:
     "if_gauss_newton_fm": Entry(lambda p: influence(_fm(p), solver="cg", damping=1e-3,
                                                     rtol=1e-12, max_iter=200),
