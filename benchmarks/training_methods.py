@@ -199,7 +199,7 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
                         batch_size=HP["batch_size"], seed=[0], target=margin), fm.params),
     }
     curvatures = (args.curvatures or ("gn,ekfac" if KIND == "sgd" else "gn")).split(",")
-    for L in (int(v) for v in args.segments.split(",")):
+    for L in (int(v) for v in args.segments.split(",") if v):  # "" = no SOURCE rows
         for curv in curvatures:  # EK-FAC segments take SGD records only
             methods[f"source ({curv}, L={L})"] = (source(fm, segments=L, curvature=curv,
                                                          target=neg_margin), record)
