@@ -662,3 +662,37 @@ def test_trak_scores_from_a_feature_store(tmp_path):
     store = open_store(tmp_path, params=ckpts, config=cfg)
     _close(m.score(ckpts, state, store, test, top_k=3).values,
            m.score(ckpts, state, train, test).topk(3, dim=0).values)
+
+
+def test_trak_with_kronecker_projection():
+    """trak(projection='kronecker') = the TRAK formula (Phi_tr (Phi_tr^T Phi_tr + lam I)^-1
+    Phi_te^T) * Q_i on the Kronecker-projected features of trak_features.feature_calls (checked
+    against kron(P_out, P_in) on autograd gradients in test_kron_projection); settings named."""
+    from dattri_fn.attribute.trak_features import FeatureConfig, feature_calls
+    from dattri_fn.transforms.layer_grads import layer_plan
+
+    fm = _mlp(0, "cpu", dim=4, hidden=5)
+    out = functional_model(fm.module, classification_margin_loss)
+    w = functional_model(fm.module, classification_weight_loss)
+    train, test = _data(12, 1, "cpu", dim=4), _data(3, 2, "cpu", dim=4)
+    m = trak(out, weight_fn=w, proj_dim=(2, 3), projection="kronecker", kind="gaussian", seed=4,
+             damping=0.1)
+    S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    cfg = FeatureConfig(out.loss, None, layer_plan(out), list(fm.params), (2, 3), "gaussian", 4,
+                        None, None, None, {}, None, projection="kronecker")
+    calls = feature_calls("trak", fm.params, cfg)
+    phi_tr, phi_te = calls.packed(train)[0, :, :-1], calls.packed(test)[0, :, :-1]
+    K = phi_tr.T @ phi_tr + 0.1 * torch.eye(phi_tr.shape[1], dtype=F64)
+    Q = torch.stack([w.loss(fm.params, (x, y)) for x, y in zip(*train, strict=True)])
+    want = (phi_tr @ torch.linalg.solve(K, phi_te.T)) * Q[:, None]
+    torch.testing.assert_close(S, want, rtol=1e-8, atol=1e-10)
+    dense = trak(out, weight_fn=w, proj_dim=6, kind="gaussian", seed=4, damping=0.1)
+    assert not torch.allclose(dense.score(fm.params, dense.prepare(fm.params, train), train, test), S)
+    with pytest.raises(ValueError, match=r"trak\(projection=...\): expected 'dense' or"):
+        trak(out, proj_dim=2, projection="sparse")
+    with pytest.raises(ValueError, match=r"trak\(output_fn=...\): expected a FunctionalModel"):
+        trak(classification_margin(fm.forward), proj_dim=2, projection="kronecker")
+    with pytest.raises(ValueError, match=r"trak\(proj_dim=...\): expected k \(per side\)"):
+        trak(out, projection="kronecker")
+    with pytest.raises(ValueError, match=r"trak\(kind=...\): expected one of"):
+        trak(out, proj_dim=2, kind="mask")

@@ -36,7 +36,7 @@ from .._checks import (
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..transforms.layer_grads import layer_plan
-from ..transforms.project import KINDS
+from ..transforms.project import FACTOR_KINDS, KINDS
 from .boundary import check_cached_train, check_example_fn, first_batch
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
@@ -101,7 +101,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
          proj_dim: int | None = None,
          kind: str = "rademacher", seed: int = 0, damping: float = 1e-3,
          chunk_size: int | None = None, cache_features: bool = True,
-         feature_dtype: torch.dtype | None = None, batch_rows: int | None = None) -> Method:
+         feature_dtype: torch.dtype | None = None, batch_rows: int | None = None,
+         projection: str = "dense") -> Method:
     """Return TRAK: ``s_ij = (1/C sum_c phi_i^c^T K_c phi_j^c) * Qbar_i``.  # -> [n_train, n_test]
 
     With ``phi^c = R_c^T grad f(theta_c; z)`` (``R_c`` the ``[P, d]`` projection of
@@ -164,6 +165,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             the kernel is still factored in float64 (its per-batch Gram then is one float32
             GEMM: products of bfloat16 values are exact in float32). ``torch.float16`` works
             the same way but has no fast GEMM on CPUs.
+        projection: ``"dense"`` (one ``[P, d]`` projection ``R_c``) or ``"kronecker"``: each
+            captured layer's gradient ``G = sum_t g_t [a_t, 1]^T`` projected as
+            ``P_out^T G P_in`` from its factors (LoGra's projection, ``proj_dim`` = ``k`` per
+            side or ``(k_in, k_out)``), without forming ``G``; ``output_fn`` must then be a
+            FunctionalModel (:func:`~dattri_fn.transforms.project.make_kronecker_projector`).
 
     Returns:
         ``Method(prepare, score, self_score, "trak")``; ``prepare(params, train) -> TRAKState``;
@@ -206,9 +212,19 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(_msg(name, "weight_fn", "None or a callable (params, example) -> "
                              "Tensor[]", type(weight_fn).__name__))
-    check_optional_int(name, "proj_dim", proj_dim)
-    if kind not in KINDS:
-        raise ValueError(_msg(name, "kind", f"one of {KINDS}", repr(kind)))
+    if projection not in ("dense", "kronecker"):
+        raise ValueError(_msg(name, "projection", "'dense' or 'kronecker'", repr(projection)))
+    if projection == "kronecker" and plan is None:
+        raise ValueError(_msg(name, "output_fn", "a FunctionalModel for projection='kronecker' "
+                              "(its layers are what is factored)", type(output_fn).__name__))
+    if projection == "kronecker" and proj_dim is None:
+        raise ValueError(_msg(name, "proj_dim", "k (per side) or (k_in, k_out) for "
+                              "projection='kronecker'", "None"))
+    if not (projection == "kronecker" and isinstance(proj_dim, tuple)):
+        check_optional_int(name, "proj_dim", proj_dim)
+    kinds = FACTOR_KINDS if projection == "kronecker" else KINDS
+    if kind not in kinds:
+        raise ValueError(_msg(name, "kind", f"one of {kinds}", repr(kind)))
     check_int(name, "seed", seed, minimum=0)
     damping = check_positive(name, "damping", damping, allow_zero=True)
     check_optional_int(name, "chunk_size", chunk_size)
@@ -220,7 +236,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
-                        feature_dtype, {}, weight_rows)
+                        feature_dtype, {}, weight_rows, projection)
     setup = lambda func, params: feature_calls(func, params, cfg)
 
     def check_first(func: str, arg: str, first: Params, data, device) -> None:
