@@ -5,6 +5,7 @@ positive = up-weighting the training example lowers the test loss (a proponent).
 """
 
 from .ensemble import dropout_ensemble, dropout_grads
+from .factgrass import FactGraSSState, factgrass
 from .gradsim import grad_cos, grad_dot, tracin, tracin_cos
 from .influence import InfluenceEnsembleState, InfluenceState, influence
 from .knn_shapley import KNNShapleyState, knn_shapley, knn_shapley_values
@@ -18,6 +19,7 @@ from .trak import TRAKState, classification_margin, classification_weight, trak
 
 __all__ = [
     "Attributor",
+    "FactGraSSState",
     "InfluenceEnsembleState",
     "InfluenceState",
     "KNNShapleyState",
@@ -33,6 +35,7 @@ __all__ = [
     "collect",
     "dropout_ensemble",
     "dropout_grads",
+    "factgrass",
     "grad_cos",
     "grad_dot",
     "influence",
