@@ -31,6 +31,15 @@ inverse of ``A (x) G + damping * I``. The raveled layout follows the params dict
 ``out * in`` entries (row-major) and the bias's ``out`` entries sit wherever ``ravel`` puts them,
 never as one concatenated ``[out, in + 1]`` block.
 
+Scoring layer by layer: with ``M_j`` a test row's layer block after the inverse
+(``op.blocks(op(G_test))``), a training example's influence is ``sum_l sum_t g_t^T M_jl a_t``
+(:func:`layer_scores`; self-influence :func:`layer_self_scores`), so a training batch never
+becomes ``[B, P]`` rows. The factor passes take each layer's statistic as its ``g`` arrives in
+the backward pass (one layer's gradient alive at a time). Across processes, ``reduce=`` sums
+each pass's statistics before they are divided (:func:`dattri_fn.distributed.all_reduce_stats`).
+A weight tied to another layer (GPT-2's ``wte`` = ``lm_head``) is refused: its gradient is a
+sum over an Embedding and a Linear use, which the capture engine does not factor.
+
 References:
     Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
     Curvature", 2015, arXiv:1503.05671.
