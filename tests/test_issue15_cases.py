@@ -346,7 +346,7 @@ def test_case_06c_as_linop_callable_of_the_wrong_width():
     """#6 `as_linop` accepted a callable mapping [k, 3] to [k, 2]: now the first product raises
     naming the operator and both shapes (the op's name: `as_linop` has no argument to blame at
     call time)."""
-    op = as_linop(lambda V: V[:, :2], dim=3, name="my_op")
+    op = as_linop(lambda V: V[:, :2], dim=3, dtype=DT, name="my_op")
     with pytest.raises(ValueError, match=r"^my_op: expected the callable to map \[k, 3\] to "
                                          r"\[k, 3\], got \[2, 2\] for V of shape \[2, 3\]"):
         op(torch.ones(2, 3, dtype=DT))
