@@ -204,6 +204,25 @@ def test_case_03b_one_shot_loader_trak_kernel(cache_features):
         torch.testing.assert_close(got.train_features, ref.train_features, **EXACT)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "trak.score's check_first reads the first test batch through boundary.first_batch, then the "
+    "scoring reads the loader again: 6 of 10 test columns come back, silently"))
+def test_case_03b2_one_shot_test_loader_trak_score():
+    """#3 (same class, found by this ledger) `trak(...).score(test=<loader readable once>)`: it
+    should give all 10 test columns, s_ij = phi_i^T K phi_j Qbar_i as from a list (or refuse)."""
+    fm, x, y = _mlp(10)
+    m = trak(classification_margin(fm.forward), proj_dim=8)
+    state = m.prepare(fm.params, [(x, y)])
+    ref = m.score(fm.params, state, [(x, y)], [(x, y)])
+    try:
+        got = m.score(fm.params, state, [(x, y)], _once(x, y))
+    except ValueError as err:
+        assert "trak.score(test=...): expected" in str(err)
+        return
+    assert got.shape == ref.shape == (10, 10)
+    torch.testing.assert_close(got, ref, **EXACT)
+
+
 def test_case_03c_one_shot_loader_hvp_applied_twice():
     """#3 `hvp` over a loader readable once returned all-NaN on its second product: now the
     first product equals H V of the list data (1e-10) and the second pass raises naming data."""
