@@ -410,3 +410,14 @@ def blame_data(func: str, arg: str, batch):
             "and dtypes)", f"an error from torch: {text.splitlines()[0] if text else err!r}"))
         clear.blamed = (func, arg)
         raise clear from err
+
+
+def check_rows_like(func: str, V: Tensor, dtype: torch.dtype | None, device: torch.device) -> None:
+    """Raise unless the rows ``V`` have the operator's dtype (None: any) and device (no silent
+    promotion)."""
+    if dtype is not None and V.dtype != dtype:
+        raise TypeError(f"{func}(V=...): expected dtype {dtype} (the operator's), got {V.dtype}. "
+                        f"Cast V with .to({dtype}).")
+    if V.device != device:
+        raise ValueError(f"{func}(V=...): expected device {device} (the operator's), "
+                         f"got {V.device}. Move V with .to('{device}').")

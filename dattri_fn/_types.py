@@ -31,7 +31,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from ._checks import all_finite, check_dense_fits, check_int
+from ._checks import all_finite, check_dense_fits, check_int, check_rows_like
 
 Params = dict[str, Tensor]
 Batch = Union[Tensor, tuple, list, Mapping[str, Tensor]]
@@ -50,6 +50,9 @@ class LinOp:
     """
 
     __slots__ = ("matmat", "dim", "dtype", "device", "name", "inverse")
+    #: Rows of another dtype are refused (naming ``V``) unless a subclass computes in its rows'
+    #: dtype (K-FAC/EK-FAC with reduced-precision factors); the device must always match.
+    follows_dtype = False
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class LinOp:
                 f"{self.name}(V=...): expected shape [k, {self.dim}] or [{self.dim}], "
                 f"got {list(V.shape)}."
             )
+        check_rows_like(self.name, V, None if self.follows_dtype else self.dtype, self.device)
         # The one finite check of a call; the matmat (and solver loops calling it) stay bare.
         # Under a torch.func transform values cannot be read, so it is skipped there.
         if (V.is_floating_point() and torch._C._functorch.maybe_current_level() is None

@@ -435,3 +435,27 @@ def test_meta_data_is_named():
     with pytest.raises(TypeError, match=r"^f\(train=...\): expected tensors with data, got a "
                                         r"meta tensor"):
         batch_size("f", "train", (torch.ones(2, 3, device="meta"), torch.ones(2)))
+
+
+def test_linop_refuses_rows_of_another_dtype_naming_v():
+    """A float64 operator given float32 rows raises a TypeError naming V and the cast (no silent
+    promotion, no raw matmul error), for a dense operator and an autodiff one alike; an operator
+    that computes in its rows' dtype (follows_dtype, K-FAC/EK-FAC blocks) accepts them."""
+    from dattri_fn.operators.curvature import hvp
+
+    A = torch.eye(3, dtype=torch.float64)
+    V = torch.ones(2, 3, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"dense\(V=...\): expected dtype torch.float64 \(the "
+                                        r"operator's\), got torch.float32. Cast V"):
+        as_linop(A, name="dense")(V)
+    p = {"w": torch.ones(3, dtype=torch.float64)}
+    op = hvp(lambda q, ex: (q["w"] * ex).pow(2).sum(), p, torch.ones(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"\(V=...\): expected dtype torch.float64"):
+        op(V)
+
+    class Follows(LinOp):
+        __slots__ = ()
+        follows_dtype = True
+
+    out = Follows(lambda W: 2 * W, 3, torch.float64, "cpu", name="follows")(V)
+    assert out.dtype == torch.float32 and torch.equal(out, 2 * V)

@@ -383,14 +383,23 @@ def test_check_linop_mixed_input_catches_promotion_and_raw_errors():
             raise ValueError("refusing(data=...): expected floats, got something else.")
         return V @ A.T
 
-    follow = LinOp(lambda V: V @ A.T.to(V.dtype), P, F64, "cpu", name="follow")
-    refuse = LinOp(refusing, P, F64, "cpu", name="refuse")
+    class Bare(LinOp):
+        """A user's operator class that skips LinOp's own row checks (the library's LinOp
+        refuses rows of another dtype/device naming V, so it cannot plant these bugs)."""
+
+        __slots__ = ()
+
+        def __call__(self, V):
+            return self.matmat(V)
+
+    follow = Bare(lambda V: V @ A.T.to(V.dtype), P, F64, "cpu", name="follow")
+    refuse = Bare(refusing, P, F64, "cpu", name="refuse")
     for op, prop, mode in [
-        (LinOp(lambda V: V.double() @ A.T, P, F64, "cpu", name="promote"), "got torch.float64",
+        (Bare(lambda V: V.double() @ A.T, P, F64, "cpu", name="promote"), "got torch.float64",
          "follow_or_refuse"),
-        (LinOp(lambda V: V @ A.T, P, F64, "cpu", name="raw"), "raw RuntimeError",
+        (Bare(lambda V: V @ A.T, P, F64, "cpu", name="raw"), "raw RuntimeError",
          "follow_or_refuse"),
-        (LinOp(blaming, P, F64, "cpu", name="blame"), "not naming V", "follow_or_refuse"),
+        (Bare(blaming, P, F64, "cpu", name="blame"), "not naming V", "follow_or_refuse"),
         (follow, "computed without an error", "refuse"),
         (refuse, "TypeError: refusing", "follow"),
     ]:
@@ -401,6 +410,7 @@ def test_check_linop_mixed_input_catches_promotion_and_raw_errors():
         check_linop(follow, mixed_input=mode)
     for mode in ("refuse", "follow_or_refuse"):
         check_linop(refuse, mixed_input=mode)
+    check_linop(LinOp(lambda V: V @ A.T, P, F64, "cpu", name="library"), mixed_input="refuse")
     with pytest.raises(ValueError, match=r"check_linop\(mixed_input=...\): expected None or one"):
         check_linop(follow, mixed_input="sometimes")
 

@@ -520,6 +520,7 @@ class BlockLinOp(LinOp):
     """
 
     __slots__ = ("blocks", "eigen")
+    follows_dtype = True  # products are taken in the rows' dtype (factors may be 16-bit)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

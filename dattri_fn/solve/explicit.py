@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_dense_fits, check_positive, check_tensor
+from .._checks import check_dense_fits, check_positive, check_rows_like, check_tensor
 from .._types import LinOp, as_linop
 
 
@@ -64,12 +64,7 @@ def as_operator(func: str, op) -> LinOp:
 def check_rhs(func: str, V: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Raise unless the right-hand sides ``V`` are finite and match the operator's dtype/device."""
     check_tensor(func, "V", V)
-    if V.dtype != dtype:
-        raise TypeError(f"{func}(V=...): expected dtype {dtype} (the operator's), got {V.dtype}. "
-                        f"Cast V with .to({dtype}).")
-    if V.device != device:
-        raise ValueError(f"{func}(V=...): expected device {device} (the operator's), "
-                         f"got {V.device}. Move V with .to('{device}').")
+    check_rows_like(func, V, dtype, device)
     return V
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import solvers as _solvers
+from .._types import as_linop
 from ..attribute import grad_cos, grad_dot, influence, representer, tracin, trak
 from ..model import functional_model
 from ..operators import gauss_newton
@@ -193,8 +194,8 @@ OPERATORS: dict[str, Entry] = {
         mlp_module(p), F.cross_entropy, p.params, p.data), damping=0.1), None), {}, MLP),
     "ekfac_inverse": Entry(lambda p: (ihvp_ekfac(ekfac_factors(
         mlp_module(p), F.cross_entropy, p.params, p.data), damping=0.1), None), {}, MLP),
-    "linear_hessian": Entry(_op("hessian", lambda p: linear_hessian(
-        mlp_module(p), F.cross_entropy, p.params, p.data)), {}, MLP),
+    "linear_hessian": Entry(_op("hessian", lambda p: as_linop(linear_hessian(
+        mlp_module(p), F.cross_entropy, p.params, p.data), name="linear_hessian")), {}, MLP),
     "linear_gnvp": Entry(_op("gauss_newton", lambda p: linear_gnvp(
         mlp_module(p), F.cross_entropy, p.params, p.data)), {}, MLP),
     "gauss_newton": Entry(_op("gauss_newton", lambda p: gauss_newton(_fm(p))(p.params, p.data)),
@@ -202,23 +203,12 @@ OPERATORS: dict[str, Entry] = {
 }
 
 
-# Operators that break check_linop's mixed_input contract today (rows of another dtype than the
-# operator's): the others are checked with mixed_input="follow_or_refuse", these without, and
-# tests/test_registry_contracts.py expects each to fail it (strict xfail), so a fix shows up
-# as an unexpected pass that removes the entry here. The fix for all of them: LinOp.__call__
-# refusing V of another dtype/device than the operator's, naming V, as ihvp_cg already does.
-MIXED_INPUT_DEFECTS: dict[str, str] = {
-    "hvp": "promotes float32 rows to the operator's float64 silently",
-    "hvp_batches": "promotes float32 rows to the operator's float64 silently",
-    "hvp_fwd_rev": "blames the data (hvp(data=...)) for the rows' dtype",
-    "fvp": "blames the data (fvp(data=...)) for the rows' dtype",
-    "gnvp": "blames the data (gnvp(data=...)) for the rows' dtype",
-    "hvp_plus_fvp": "blames the data (fvp(data=...)) for the rows' dtype",
-    "gauss_newton": "raw torch dtype error in a matmul",
-    "linear_gnvp": "raw torch dtype error in a matmul",
-    "linear_hessian": "raw torch dtype error in a matmul",
-    "datainf_inverse": "raw torch dtype error in a matmul",
-}
+# Operators that break check_linop's mixed_input contract (rows of another dtype than the
+# operator's): checked without it, and tests/test_registry_contracts.py expects each to fail it
+# (strict xfail), so a fix shows up as an unexpected pass. Empty since LinOp.__call__ refuses
+# rows of another dtype/device naming V (the ten operators listed before passed through a dense
+# matmul, promoted silently, or blamed the data).
+MIXED_INPUT_DEFECTS: dict[str, str] = {}
 OPERATORS = {name: entry._replace(options={**entry.options, "mixed_input": (
     None if name in MIXED_INPUT_DEFECTS else "follow_or_refuse")})
     for name, entry in OPERATORS.items()}
