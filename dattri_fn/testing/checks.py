@@ -93,12 +93,12 @@ def _name(obj, fallback: str) -> str:
 
 # -- operators ------------------------------------------------------------------------------------
 MIXED_INPUT = ("follow", "refuse", "follow_or_refuse")
-_NAMES_V = re.compile(r"^[\w.()\[\] +*-]*\(V=\.\.\.\): expected")
+_NAMES_V = re.compile(r"^[\w.()\[\]=, +*-]*\(V=\.\.\.\): expected")
 
 
 def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetric: bool = True,
                 dense: bool = True, k: int = 3, seed: int = 0, rtol: float | None = None,
-                mixed_input: str | None = None, name: str | None = None) -> None:
+                mixed_input: str | None = "follow_or_refuse", name: str | None = None) -> None:
     """Check the LinOp contract of ``op`` on ``k`` seeded random rows.
 
     Properties: the output has the input's shape, dtype and device and is finite; rows are
@@ -112,12 +112,12 @@ def check_linop(op: LinOp | Tensor, *, reference: Tensor | None = None, symmetri
     - ``"follow"``: the output has the input's dtype and device, and the values of ``op`` (to
       the lower precision's :func:`default_rtol`);
     - ``"refuse"``: a TypeError or ValueError naming ``V`` (``"<op>(V=...): expected ..."``);
-    - ``"follow_or_refuse"``: either; what fails is an output in another dtype than the input's
-      (a silent promotion), or a raw torch error (a dtype mismatch deep in a matmul);
-    - None (default): not checked. It is opt-in because a plain ``LinOp(lambda V: V @ A.T,
-      ...)`` (and a dense ``op`` given as a tensor) meets neither; the library's own
-      operators that meet it are checked with ``"follow_or_refuse"``
-      (:data:`~dattri_fn.testing.registry.MIXED_INPUT_DEFECTS` lists the others).
+    - ``"follow_or_refuse"`` (default): either; what fails is an output in another dtype than
+      the input's (a silent promotion), or a raw torch error (a dtype mismatch deep in a
+      matmul). :class:`~dattri_fn.LinOp` itself refuses rows of another dtype/device naming
+      ``V`` (a dense tensor ``op`` is wrapped in one), so only an operator class that bypasses
+      that check can fail it;
+    - None: not checked.
 
     Args:
         op: a :class:`~dattri_fn.LinOp` or a dense ``[P, P]`` tensor.
