@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor
 
-from .._checks import _msg, batch_size, batch_to, count_rows, iter_batches
+from .._checks import _msg, count_rows
 from .._types import Params
 
 
@@ -38,14 +38,6 @@ def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: P
         raise ValueError(_msg(func, arg, f"a function returning {want} per example",
                               f"shape {list(out.shape)}", fix))
     return out
-
-
-def first_batch(func: str, arg: str, data, device):
-    """Return the first Batch of ``data`` on ``device``, checked; raise if there is none."""
-    for batch in iter_batches(func, arg, data):
-        batch_size(func, arg, batch)
-        return batch_to(batch, device)
-    raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
 
 
 def check_cached_train(func: str, train, n_cached: int) -> None:

@@ -30,14 +30,16 @@ from .._checks import (
     check_optional_int,
     check_positive,
     count_rows,
+    is_batch,
     iter_batches,
+    peek,
     regrouped,
 )
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..transforms.layer_grads import layer_plan
 from ..transforms.project import FACTOR_KINDS, KINDS
-from .boundary import check_cached_train, check_example_fn, first_batch
+from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
     _MARGIN_FIX,
@@ -239,12 +241,21 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                         feature_dtype, {}, weight_rows, projection)
     setup = lambda func, params: feature_calls(func, params, cfg)
 
-    def check_first(func: str, arg: str, first: Params, data, device) -> None:
-        """Validate the first example of ``data`` eagerly, once (the public boundary)."""
-        batch = first_batch(func, arg, data, device)
+    def check_first(func: str, arg: str, first: Params, data, device):
+        """Validate the first example of ``data`` eagerly, once (the public boundary); return
+        what to read ``data`` through from then on: a loader is wrapped in one
+        :func:`iter_batches` view whose first batch was peeked, not consumed, so a loader that
+        can be read only once loses nothing."""
+        view = iter_batches(func, arg, data)
+        batch = peek(view)
+        if batch is None:
+            raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
+        batch_size(func, arg, batch)
+        batch = batch_to(batch, device)
         check_example_fn(func, "output_fn", arg, output_fn, first, batch, fix=_MARGIN_FIX)
         if weight_fn is not None and arg == "train":
             check_example_fn(func, "weight_fn", arg, weight_fn, first, batch, fix=_WEIGHT_FIX)
+        return data if is_batch(data) else view
 
     def split(out: Tensor) -> tuple[Tensor, Tensor]:  # -> phi [C, b, d], Qbar [b]
         return out[..., :-1], out[..., -1].mean(0)
@@ -253,7 +264,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         func = f"{name}.prepare"
         calls = setup(func, params)
         stacked, d, first, device, fdt = calls.stacked, calls.d, calls.first, calls.device, calls.fdt
-        check_first(func, "train", first, train, device)
+        train = check_first(func, "train", first, train, device)
         # every batch is validated as it is read
         total = count_rows(func, "train", train, check=False) if cache_features else None
         if total is not None and d > total and damping == 0:
@@ -354,7 +365,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
-        check_first(func, "test", first, test, device)
+        test = check_first(func, "test", first, test, device)
         if dual:
             check_cached_train(func, train, state.train_features.shape[1])
             check_optional_int(func, "top_k", top_k)
@@ -384,7 +395,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             with calls.holding():
                 return stream_scores(rows, train, test_feats, top_k=top_k, largest=largest,
                                      func=func)
-        check_first(func, "train", first, train, device)
+        train = check_first(func, "train", first, train, device)
         with calls.holding():
             return stream_scores(lambda b: train_rows(*split(calls.packed(b))),
                                  regrouped(func, "train", train, rows_min), test_feats,
@@ -409,7 +420,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            check_first(func, "train", first, train, device)
+            train = check_first(func, "train", first, train, device)
             merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
             blocks = (split(calls.packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
