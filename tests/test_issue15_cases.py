@@ -179,46 +179,28 @@ def test_case_03a_one_shot_loader_influence_explicit(path):
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("cache_features", [
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "trak.prepare reads the first batch in check_first (first_batch -> a throw-away "
-        "_Passes), then iterates the raw loader again: the kernel is Phi^T Phi of rows 4-9 "
-        "only, silently (max |dK| ~ 8e2)"))),
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "same first-batch loss: the state caches 6 of the 10 rows; score(train=None) returns "
-        "6 rows silently"))),
-])
+@pytest.mark.parametrize("cache_features", [False, True])
 def test_case_03b_one_shot_loader_trak_kernel(cache_features):
-    """#3 `trak(cache_features=False)` on a loader readable once built another kernel: it
-    should be K = (Phi^T Phi + damping I)^-1 over all 10 rows, as from a list (or a refusal)."""
+    """#3 `trak(cache_features=False)` on a loader readable once built the kernel of rows 4-9
+    only (cached: 6 of 10 rows), fixed in 2115530: now K = (Phi^T Phi + damping I)^-1 over all
+    10 rows, as from a list (1e-10), and the cached features are all 10 rows'."""
     fm, x, y = _mlp(10)
     m = trak(classification_margin(fm.forward), proj_dim=8, cache_features=cache_features)
     ref = m.prepare(fm.params, [(x, y)])
-    try:
-        got = m.prepare(fm.params, _once(x, y))
-    except ValueError as err:  # a refusal naming train would also close the case
-        assert "trak.prepare(train=...): expected" in str(err)
-        return
+    got = m.prepare(fm.params, _once(x, y))
     torch.testing.assert_close(got.kernel, ref.kernel, rtol=1e-10, atol=1e-10)
     if cache_features:
         torch.testing.assert_close(got.train_features, ref.train_features, **EXACT)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "trak.score's check_first reads the first test batch through boundary.first_batch, then the "
-    "scoring reads the loader again: 6 of 10 test columns come back, silently"))
 def test_case_03b2_one_shot_test_loader_trak_score():
-    """#3 (same class, found by this ledger) `trak(...).score(test=<loader readable once>)`: it
-    should give all 10 test columns, s_ij = phi_i^T K phi_j Qbar_i as from a list (or refuse)."""
+    """#3 (same class, found by this ledger; fixed in 2115530) `trak(...).score(test=<loader
+    readable once>)` gave 6 of 10 columns: now s_ij = phi_i^T K phi_j Qbar_i as from a list."""
     fm, x, y = _mlp(10)
     m = trak(classification_margin(fm.forward), proj_dim=8)
     state = m.prepare(fm.params, [(x, y)])
     ref = m.score(fm.params, state, [(x, y)], [(x, y)])
-    try:
-        got = m.score(fm.params, state, [(x, y)], _once(x, y))
-    except ValueError as err:
-        assert "trak.score(test=...): expected" in str(err)
-        return
+    got = m.score(fm.params, state, [(x, y)], _once(x, y))
     assert got.shape == ref.shape == (10, 10)
     torch.testing.assert_close(got, ref, **EXACT)
 
