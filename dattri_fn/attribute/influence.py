@@ -418,6 +418,8 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         from .. import solve
         from ..operators import datainf
 
+        check_params(name, "params", params)  # named here, not by the first inner transform
+
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
                                       **solver_options)
