@@ -399,11 +399,7 @@ def test_case_07_cli_subsets_2(capsys):
     ("grad_dot(fm)", r"^grad_dot\(params(\[0\])?=...\): expected tensors with data, got a meta "
                      r"tensor"),
     ("trak", r"^trak.prepare\(params(\[0\])?=...\): expected tensors with data, got a meta"),
-    pytest.param("influence(fm)", r"^if_cg\(params=...\): expected tensors with data",
-                 marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-                     "names an inner function: 'linear_tap(params=...): expected tensors with "
-                     "data, got a meta tensor' (solver='ekfac': 'kfac_tap(params=...)', a plain "
-                     "loss with cg/explicit/arnoldi: 'hvp(params=...)')"))),
+    ("influence(fm)", r"^if_cg\(params=...\): expected tensors with data"),
     ("data on meta", r"^grad_dot\(train=...\): expected tensors with data, got a meta tensor\. "
                      r"Materialise the examples on a real device first\."),
 ])
