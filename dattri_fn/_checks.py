@@ -232,6 +232,19 @@ def _refuse_store(func: str, arg: str, data) -> None:
                              "features)", type(data).__name__))
 
 
+def refuse_ambiguous_list(func: str, arg: str, data) -> None:
+    """Refuse a list of >= 2 tensors of one shape and dtype as a data argument: it reads as one
+    batch ``(x, y, ...)`` and as shards of bare inputs alike, and either guess scores wrong rows
+    silently when it is the other. A tuple is one batch, a list of tuples a list of batches."""
+    if (isinstance(data, list) and len(data) >= 2 and all(isinstance(v, Tensor) for v in data)
+            and len({(tuple(v.shape), v.dtype) for v in data}) == 1):
+        raise ValueError(_msg(
+            func, arg, "a tuple (x, y, ...) for ONE batch, or a list of batches [(x1,), (x2,)] "
+            "for shards of bare inputs", f"a list of {len(data)} tensors of one shape "
+            f"{list(data[0].shape)}, which reads either way", "Pass tuple(...) for one batch, "
+            "or wrap each shard in a 1-tuple (each example is then (x,))."))
+
+
 def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
     """Examples in a Batch, a list/tuple of Batches or a regrouped view of one; None for other
     iterables (a DataLoader's length is not its row count). ``check=False`` reads leading sizes
@@ -239,6 +252,7 @@ def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
     if isinstance(data, _Regrouped):
         data = data.data
     _refuse_store(func, arg, data)
+    refuse_ambiguous_list(func, arg, data)
     if is_batch(data):
         data = [data]
     if not isinstance(data, (list, tuple)):
@@ -321,6 +335,7 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
     a re-iterable that is not a list or tuple (a DataLoader) has the rows of each complete pass
     counted, and a pass that differs from the first raises, naming ``arg``.
     """
+    refuse_ambiguous_list(func, arg, data)
     if is_batch(data):
         return [data]
     _refuse_store(func, arg, data)

@@ -12,7 +12,9 @@ Contracts:
     Params   ``dict[str, Tensor]`` ordered like ``named_parameters()``, detached; the order
              defines the ravel order.
     Batch    a Tensor, a tuple/list of Tensors or a dict of Tensors, all sharing the leading
-             dimension ``B``. Never mutated. Integer labels are allowed.
+             dimension ``B``. Never mutated. Integer labels are allowed. Data arguments take
+             one Batch or a list of them; a list of tensors of ONE shape and dtype reads both
+             ways and is refused: a tuple ``(x, y)`` is one batch, ``[(x1,), (x2,)]`` shards.
     Example  one element of a Batch, the leading dimension removed.
     Loss     ``loss(params, example) -> Tensor[]``: the loss of ONE example. Batch means are
              derived with ``vmap``.

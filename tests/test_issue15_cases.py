@@ -594,22 +594,20 @@ def test_error_17_list_of_bare_tensor_shards():
     torch.testing.assert_close(S, G @ G[:4].T, **EXACT)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "[x1, x2] of EQUAL lengths is read as one batch of (x1_i, x2_i) pairs: a bare-tensor loss "
-    "gets a list and raises the raw \"unsupported operand type(s) for @: 'list' and 'Tensor'\"; "
-    "a loss reading ex[0] silently scores 4 rows instead of 8"))
 def test_error_17b_list_of_equal_length_bare_tensor_shards():
-    """[x1, x2] with 4 rows each as train, bare-tensor examples: it should score all 8 rows,
-    (2 (x.w) x)_i . (2 (x.w) x)_j, or refuse naming train (a list of Tensors is ambiguous)."""
+    """[x1, x2] with 4 rows each as train (bare-tensor examples) read either as ONE batch of
+    (x1_i, x2_i) pairs or as two shards: refused naming train and both unambiguous forms (it was
+    a raw TypeError in the user's loss, or 4 rows scored instead of 8, silently); the shards as
+    1-tuples score all 8 rows, (2 (x.w) x)_i . (2 (x.w) x)_j."""
     g = torch.Generator().manual_seed(0)
     w = {"w": torch.randn(3, generator=g, dtype=DT)}
     loss = lambda p, x: (x @ p["w"]) ** 2
     x1, x2 = torch.randn(4, 3, generator=g, dtype=DT), torch.randn(4, 3, generator=g, dtype=DT)
-    try:
-        S = grad_dot(loss).score(w, (), [x1, x2], x1)
-    except ValueError as err:
-        assert str(err).startswith("grad_dot(train=...): expected")
-        return
+    with pytest.raises(ValueError, match=r"^grad_dot\(train=...\): expected a tuple \(x, y, ...\) "
+                                         r"for ONE batch, or a list of batches \[\(x1,\), \(x2,\)\]"):
+        grad_dot(loss).score(w, (), [x1, x2], x1)
+    one = lambda p, ex: (ex[0] @ p["w"]) ** 2  # 1-tuple examples (x,)
+    S = grad_dot(one).score(w, (), [(x1,), (x2,)], (x1,))
     X = torch.cat([x1, x2])
     G = 2 * (X @ w["w"])[:, None] * X
     torch.testing.assert_close(S, G @ G[:4].T, **EXACT)
