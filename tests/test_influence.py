@@ -560,3 +560,22 @@ def test_checkpoint_list_with_factored_solvers(solver):
         S = m.score(ps, m.prepare(ps, train), train, test)
         ref = sum(m.score(p, m.prepare(p, train), train, test) for p in ps) / 2
     torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["cg", "ekfac", "explicit"])
+def test_params_of_another_shape_are_named_against_influence(solver):
+    """influence(fm).prepare with a params tensor of the wrong shape names if_<solver>(params=...)
+    and the key, not an inner forward or factor pass."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dattri_fn import functional_model
+
+    fm = functional_model(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(),
+                          F.cross_entropy)
+    bad = {**fm.params, "0.weight": torch.zeros(5, 3, dtype=torch.float64)}
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    with pytest.raises(ValueError, match=rf"^if_{solver}\(params=...\): expected the model's shape "
+                                         r"\[4, 3\] at key '0.weight', got \[5, 3\]"):
+        influence(fm, solver=solver, damping=0.1).prepare(bad, (x, y))

@@ -419,6 +419,12 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         from ..operators import datainf
 
         check_params(name, "params", params)  # named here, not by the first inner transform
+        if model is not None:
+            for k, v in params.items():
+                want = model.params.get(k)
+                if want is not None and v.shape != want.shape:
+                    raise ValueError(_msg(name, "params", f"the model's shape "
+                                          f"{list(want.shape)} at key {k!r}", list(v.shape)))
 
         if solver == "explicit":
             inv = solve.ihvp_explicit(curvature_op(params, train), damping=damping,
