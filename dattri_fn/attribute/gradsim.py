@@ -40,7 +40,7 @@ from .method import (
     stack_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import collect, in_chunks, stream_scores, stream_self
+from .pipeline import feature_method, in_chunks
 
 PROJECTIONS = ("dense", "kronecker")
 
@@ -162,20 +162,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
 
-    def prepare(params, train=None):
-        check_checkpoints(name, params)
-        return ()
-
-    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
-        train_f, test_f, device = features(params)
-        test_feats = collect(test_f, test, device=device, func=name, arg="test")
-        return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
-
-    def self_score(params, state, train):
-        train_f, test_f, device = features(params)
-        return stream_self(train_f, test_f, train, device=device, func=name)
-
-    return Method(prepare, score, self_score, name)
+    return feature_method(name, features, lambda params: check_checkpoints(name, params))
 
 
 def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,

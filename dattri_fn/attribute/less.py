@@ -39,7 +39,7 @@ from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..training.record import Record, check_record
 from .method import Method, loss_and_plan, stacked_per_sample_grad
-from .pipeline import collect, in_chunks, stream_scores, stream_self
+from .pipeline import feature_method, in_chunks
 
 
 class RecordedCheckpoints(NamedTuple):
@@ -146,20 +146,8 @@ def optimizer_method(name: str, loss: Loss | FunctionalModel, train_map: Callabl
         device = ck.mu.device
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device
 
-    def prepare(params, train=None):
-        recorded_checkpoints(name, params, steps, min_count=min_count)
-        return ()
-
-    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
-        train_f, test_f, device = features(params)
-        test_feats = collect(test_f, test, device=device, func=name, arg="test")
-        return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
-
-    def self_score(params, state, train):
-        train_f, test_f, device = features(params)
-        return stream_self(train_f, test_f, train, device=device, func=name)
-
-    return Method(prepare, score, self_score, name)
+    return feature_method(name, features, lambda params: recorded_checkpoints(
+        name, params, steps, min_count=min_count))
 
 
 def adam_direction(G: Tensor, ck: RecordedCheckpoints) -> Tensor:

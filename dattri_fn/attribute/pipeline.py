@@ -388,3 +388,26 @@ def in_chunks(fn: FeatureFn, chunk_size: int | None) -> FeatureFn:
                          for s in range(0, n, chunk_size)])
 
     return chunked
+
+
+def feature_method(name: str, features: Callable, check: Callable):
+    """A stateless :class:`~dattri_fn.attribute.method.Method` scoring ``s_ij = <t(z_i),
+    p(z_j)>`` through the shared pipeline: ``features(params) -> (train_f, test_f, device)``
+    gives the train-side map ``t`` and test-side map ``p`` (``batch -> [b, F]`` or ``[C, b, F]``,
+    summed over ``C``); ``check(params)`` validates ``params`` in ``prepare``."""
+    from .method import Method
+
+    def prepare(params, train=None):
+        check(params)
+        return ()
+
+    def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
+        train_f, test_f, device = features(params)
+        test_feats = collect(test_f, test, device=device, func=name, arg="test")
+        return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
+
+    def self_score(params, state, train):
+        train_f, test_f, device = features(params)
+        return stream_self(train_f, test_f, train, device=device, func=name)
+
+    return Method(prepare, score, self_score, name)
