@@ -134,8 +134,8 @@ def lds_table(task_name: str, ks=(4, 8, 16), seeds: int = 5) -> None:
 
 
 def _kron_dim(fm, k: int) -> int:
+    from dattri_fn.transforms.kronecker import kronecker_layers, make_kronecker_projector
     from dattri_fn.transforms.layer_grads import layer_plan
-    from dattri_fn.transforms.project import kronecker_layers, make_kronecker_projector
 
     layers, rest = kronecker_layers(layer_plan(fm), fm.params)
     return make_kronecker_projector(layers, proj_dim=k, rest=rest).proj_dim

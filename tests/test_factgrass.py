@@ -44,7 +44,7 @@ def _mask(rows: int, k: int, seed: int) -> torch.Tensor:
 
 def _brute_features(fm, batch, proj_dim, k1, seed):
     """Per block: autograd [W | b] -> kron(M_out, M_in) -> count-sketch R (from the state seeds)."""
-    from dattri_fn.transforms.project import _factor_seed
+    from dattri_fn.transforms.kronecker import _factor_seed
 
     G = per_sample_grad(fm.loss, fm.params, batch)
     offs, o = {}, 0

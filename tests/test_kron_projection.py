@@ -11,13 +11,13 @@ from dattri_fn.attribute.gradsim import grad_cos, grad_dot, tracin
 from dattri_fn.attribute.trak_features import FeatureConfig, feature_calls
 from dattri_fn.model import functional_model
 from dattri_fn.transforms.grad import per_sample_grad
-from dattri_fn.transforms.layer_grads import layer_grads_stacked, layer_plan
-from dattri_fn.transforms.project import (
+from dattri_fn.transforms.kronecker import (
     FACTOR_KINDS,
     KroneckerLayer,
     kronecker_layers,
     make_kronecker_projector,
 )
+from dattri_fn.transforms.layer_grads import layer_grads_stacked, layer_plan
 from problems import SeqNet
 
 DT = torch.float64

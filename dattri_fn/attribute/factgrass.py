@@ -45,8 +45,9 @@ from .._checks import (
     regrouped,
 )
 from ..model import FunctionalModel
+from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import layer_grads_stacked, layer_plan
-from ..transforms.project import kronecker_layers, make_kronecker_projector, make_projector
+from ..transforms.project import make_projector
 from .boundary import check_cached_train
 from .method import Method
 from .pipeline import TopK, collect, stream_scores

@@ -11,7 +11,7 @@ Without ``proj_dim`` the scores are exact (no silent projection).
 
 ``projection="kronecker"`` (with a FunctionalModel) projects each captured layer's gradient
 ``G = sum_t g_t [a_t, 1]^T`` as ``P_out^T G P_in`` from its factors, never forming ``G``
-(LoGra's projection, :class:`~dattri_fn.transforms.project.KroneckerProjector`): ``proj_dim``
+(LoGra's projection, :class:`~dattri_fn.transforms.kronecker.KroneckerProjector`): ``proj_dim``
 is then ``k`` per side (or ``(k_in, k_out)``), each layer a ``k_out x k_in`` block, the other
 parameters one dense block of ``k_in k_out``.
 
@@ -47,7 +47,7 @@ PROJECTIONS = ("dense", "kronecker")
 
 def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
     """The KroneckerProjector of ``plan``'s layers at these shapes, built once per method."""
-    from ..transforms.project import kronecker_layers, make_kronecker_projector
+    from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 
     key = tuple((k, tuple(v.shape[1:])) for k, v in stacked.items())
     if key not in kept:
@@ -184,7 +184,7 @@ def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | N
         chunk_size: examples per per-sample-gradient call (bounds memory to chunk x P).
         projection: ``"dense"`` (one ``[P, d]`` projector) or ``"kronecker"`` (per layer
             ``P_out^T G P_in`` from the captured factors; ``loss`` must be a FunctionalModel;
-            see :func:`dattri_fn.transforms.project.make_kronecker_projector`).
+            see :func:`dattri_fn.transforms.kronecker.make_kronecker_projector`).
 
     References:
         Charpiat et al. 2019, "Input Similarity from the Neural Network Perspective".

@@ -37,8 +37,9 @@ from .._checks import (
 )
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
+from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import layer_plan
-from ..transforms.project import FACTOR_KINDS, KINDS
+from ..transforms.project import KINDS
 from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
@@ -171,7 +172,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             captured layer's gradient ``G = sum_t g_t [a_t, 1]^T`` projected as
             ``P_out^T G P_in`` from its factors (LoGra's projection, ``proj_dim`` = ``k`` per
             side or ``(k_in, k_out)``), without forming ``G``; ``output_fn`` must then be a
-            FunctionalModel (:func:`~dattri_fn.transforms.project.make_kronecker_projector`).
+            FunctionalModel (:func:`~dattri_fn.transforms.kronecker.make_kronecker_projector`).
 
     Returns:
         ``Method(prepare, score, self_score, "trak")``; ``prepare(params, train) -> TRAKState``;

@@ -19,8 +19,9 @@ from torch.func import vmap
 
 from .._checks import _msg, batch_size, batch_slice, batch_to, count_rows, iter_batches, regrouped
 from .._types import Params
+from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import layer_grads_stacked
-from ..transforms.project import kronecker_layers, make_kronecker_projector, make_projector
+from ..transforms.project import make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 

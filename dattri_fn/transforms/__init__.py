@@ -3,7 +3,7 @@ per-layer capture of ``a``/``g`` (:mod:`.capture`, :mod:`.layer_grads`) and rand
 dense or Kronecker-factored (:mod:`.project`)."""
 
 from .capture import CaptureError, LayerSpec, layer_specs, probe_shapes, tap
-from .project import KroneckerLayer, KroneckerProjector, make_kronecker_projector
+from .kronecker import KroneckerLayer, KroneckerProjector, make_kronecker_projector
 
 __all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerSpec", "layer_specs",
            "make_kronecker_projector", "probe_shapes", "tap"]

@@ -1,0 +1,296 @@
+"""Kronecker-factored projection of per-layer gradients: ``G -> P_out^T G P_in``.
+
+For a layer whose per-example gradient is ``G = sum_t g_t [a_t, 1]^T`` (the capture engine's
+factors), ``vec(P_out^T G P_in) = kron(P_out, P_in)^T vec(G)`` is formed from ``P_out^T g_t``
+and ``P_in^T [a_t, 1]`` without ``G`` (LoGra's projection; with ``kind="mask"`` FactGraSS's
+first stage). The factors are the dense projectors of :mod:`dattri_fn.transforms.project`.
+
+References:
+    Choe et al., "What is Your Data Worth to GPT?" (2024), arXiv:2405.13954 (LoGra).
+    "GraSS: Scalable Data Attribution with Gradient Sparsification and Sparse
+    Projection" (2025), arXiv:2505.18976 (masks, FactGraSS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg, check_int
+from .project import _MASK64, KINDS, _block_seed, _device_key, _splitmix64, make_projector
+
+FACTOR_KINDS = (*KINDS, "mask")
+
+
+class KroneckerLayer(NamedTuple):
+    """One layer of a :class:`KroneckerProjector`: its keys and logical ``[out, inp]`` weight.
+
+    ``kind`` is the capture kind (``linear``, ``conv1d``, ``conv2d``, ``embedding``): it says how
+    the raveled weight gradient maps to ``[out, inp]`` (``conv1d`` and ``embedding`` store the
+    transpose). ``weight`` or ``bias`` may be None (not attributed); ``inp`` excludes the bias
+    column, so the projected factor ``a`` has ``inp + (bias is not None)`` columns.
+    """
+
+    weight: str | None
+    bias: str | None
+    kind: str
+    out: int
+    inp: int
+
+    @property
+    def width(self) -> int:
+        """Columns of the augmented input ``[a, 1]`` (``[1]`` for a bias alone)."""
+        return (self.inp if self.weight is not None else 0) + (self.bias is not None)
+
+
+class _Factor(NamedTuple):
+    """A seeded ``[rows, k]`` factor: a dense matrix, or (``mask``) scaled column picks."""
+
+    rows: int
+    k: int
+    kind: str
+    seed: int
+
+    def matrix(self, dtype: torch.dtype, device) -> Tensor:  # [rows, k]
+        if self.kind == "mask":
+            idx, scale = self.picks(device)
+            M = torch.zeros(self.rows, self.k, dtype=dtype, device=device)
+            return M.index_put_((idx, torch.arange(self.k, device=device)),
+                                torch.tensor(scale, dtype=dtype, device=device))
+        return make_projector(self.rows, proj_dim=self.k, kind=self.kind, seed=self.seed,
+                              packed=False).matrix(dtype, device)
+
+    def picks(self, device) -> tuple[Tensor, float]:
+        """``k`` distinct rows, sorted, and the scale ``sqrt(rows / k)`` that makes
+        ``E[M M^T] = I`` (row ``i`` is picked with probability ``k / rows``)."""
+        g = torch.Generator().manual_seed(_block_seed(self.seed, 0))
+        idx = torch.randperm(self.rows, generator=g)[:self.k].sort().values
+        return idx.to(device), math.sqrt(self.rows / self.k)
+
+
+class KroneckerProjector:
+    """Per-layer Kronecker-factored projection ``G -> P_out^T G P_in`` of weight gradients.  # -> [C, B, d]
+
+    A layer's per-example gradient (weight and bias as one ``[out, inp + 1]`` block) is
+    ``G = sum_t g_t [a_t, 1]^T``; its projection
+
+        ``phi = vec(P_out^T G P_in) = sum_t vec((P_out^T g_t)(P_in^T [a_t, 1])^T)``   # [k_out * k_in]
+
+    (row-major ``vec``) is the dense projection ``kron(P_out, P_in)^T vec(G)`` computed without
+    forming ``G``: ``out k_out + in k_in`` per position instead of ``out in d``. The bias
+    rides as the last input column: projecting the ``[W | b]`` block projects weight and bias
+    jointly. Every other attributed parameter (the *rest*) is raveled in params order and
+    projected by the dense projector of ``kind`` to ``rest_dim`` columns (or kept whole).
+    Blocks sit side by side in layer order, the rest last.
+
+    ``P_in`` ``[inp', k_in]`` and ``P_out`` ``[out, k_out]`` are drawn by :func:`make_projector`
+    (``kind`` gaussian, rademacher or sjlt; ``E[P P^T] = I``) or are ``"mask"``: ``k`` distinct
+    coordinates picked at random and scaled by ``sqrt(rows / k)`` (also ``E[P P^T] = I``). Then
+    ``E[kron(P_out, P_in) kron(P_out, P_in)^T] = E[P_out P_out^T] (x) E[P_in P_in^T] = I``, so
+    inner products are preserved in expectation. A side no wider than its ``k`` is kept whole.
+
+    Build it with :func:`make_kronecker_projector` (or :func:`kronecker_layers` from a capture
+    plan); apply it to :class:`~dattri_fn.transforms.layer_grads.LayerGrads` with
+    :meth:`layer_grads` (factored layers stay factored; layers whose gradients the engine
+    materialised are projected from their dense block, with the same result).
+
+    Attributes:
+        layers: ``{name: KroneckerLayer}`` in block order.
+        factors: ``{name: (P_in factor or None, P_out factor or None)}``.
+        rest: ``((key, numel), ...)`` of the rest, in params order.
+        rest_projector: the dense :class:`Projector` of the rest, or None (kept whole / none).
+        dims: ``{block: width}``, the rest under ``"<rest>"``.
+        proj_dim: ``d``, the total width.
+    """
+
+    def __init__(self, layers, factors, rest, rest_projector, rest_mask):
+        self.layers = dict(layers)
+        self.factors = dict(factors)
+        self.rest = tuple(rest)
+        self.rest_projector = rest_projector
+        self._rest_mask = rest_mask
+        self.dims = {}
+        for n, (fi, fo) in self.factors.items():
+            lay = self.layers[n]
+            self.dims[n] = (lay.out if fo is None else fo.k) * (lay.width if fi is None else fi.k)
+        P_rest = sum(s for _, s in self.rest)
+        if P_rest:
+            self.dims["<rest>"] = (rest_projector.proj_dim if rest_projector is not None else
+                                   rest_mask.k if rest_mask is not None else P_rest)
+        self.proj_dim = sum(self.dims.values())
+        self._mats: dict = {}
+        self._ops: dict = {}  # (factor, dtype, device) -> dense matrix or (picks, scale)
+
+    def matrices(self, name: str, dtype: torch.dtype, device) -> tuple[Tensor | None, Tensor | None]:
+        """Return layer ``name``'s dense ``(P_in [inp', k_in], P_out [out, k_out])`` (None:
+        that side is kept whole; a mask as its 0 / ``sqrt(rows / k)`` matrix), for tests and
+        small layers; kept per ``(dtype, device)``."""
+        key = (name, dtype, _device_key(device))
+        if key not in self._mats:
+            self._mats[key] = tuple(None if f is None else f.matrix(dtype, device)
+                                    for f in self.factors[name])
+        return self._mats[key]
+
+    def _side(self, x: Tensor, f: _Factor | None) -> Tensor:
+        """``x @ P`` along the last dim (a gather for ``mask``), ``P`` built once per dtype."""
+        if f is None:
+            return x
+        key = (f, x.dtype, _device_key(x.device))
+        if key not in self._ops:
+            self._ops[key] = f.picks(x.device) if f.kind == "mask" else f.matrix(x.dtype, x.device)
+        op = self._ops[key]
+        return x[..., op[0]] * op[1] if f.kind == "mask" else x @ op
+
+    def project_factors(self, name: str, a: Tensor, g: Tensor, *, positions: bool = False) -> Tensor:
+        """Return ``vec(sum_t (P_out^T g_t)(P_in^T a_t)^T)`` of one layer.  # -> [..., k_out k_in]
+
+        ``a`` ``[..., inp']`` already holds the bias column (``[a, 1]``), ``g`` ``[..., out]``;
+        ``positions``: the dim before the last is ``T`` and is summed over.
+        """
+        fi, fo = self.factors[name]
+        pa, pg = self._side(a, fi), self._side(g, fo)
+        if positions:
+            return torch.einsum("...to,...ti->...oi", pg, pa).flatten(-2)
+        return (pg[..., :, None] * pa[..., None, :]).flatten(-2)
+
+    def project_dense(self, name: str, G: Tensor) -> Tensor:
+        """Return ``vec(P_out^T G P_in)`` from a dense ``G``.  # [..., out, inp'] -> [..., k_out k_in]"""
+        fi, fo = self.factors[name]
+        X = self._side(G, fi).transpose(-1, -2)  # [..., k_in, out]
+        return self._side(X, fo).transpose(-1, -2).flatten(-2)
+
+    def project_rest(self, X: Tensor) -> Tensor:
+        """Return the rest's block from its raveled gradients ``[..., P_rest]``."""
+        if self.rest_projector is not None:
+            lead = X.shape[:-1]
+            return self.rest_projector(X.reshape(-1, X.shape[-1])).reshape(*lead, -1)
+        return self._side(X, self._rest_mask)
+
+    def layer_grads(self, lg) -> Tensor:
+        """Return the projection of a :class:`~dattri_fn.transforms.layer_grads.LayerGrads`.  # -> [C, B, d]
+
+        Factored layers are projected from their factors; layers and parameters in its dense
+        block from their columns there (the same numbers either way).
+        """
+        source = dict(lg.layout)
+        out = []
+        for n, lay in self.layers.items():
+            src_w = source.get(lay.weight) if lay.weight is not None else None
+            src_b = source.get(lay.bias) if lay.bias is not None else None
+            src = src_w if src_w is not None else src_b
+            if src[0] in ("w", "wt", "b"):
+                a, g = lg.factors[src[1]]
+                out.append(self.project_factors(n, a, g, positions=a.ndim == 4))
+                continue
+            out.append(self.project_dense(n, self._dense_block(lg, lay, src_w, src_b)))
+        if self.rest:  # the rest always sits in the dense block
+            cols = [lg.dense[..., source[k][1]:source[k][2]] for k, _ in self.rest]
+            out.append(self.project_rest(cols[0] if len(cols) == 1 else torch.cat(cols, -1)))
+        return torch.cat(out, -1) if len(out) > 1 else out[0]
+
+    @staticmethod
+    def _dense_block(lg, lay: KroneckerLayer, src_w, src_b) -> Tensor:
+        """The layer's gradient from its dense columns.  # -> [C, B, out, inp']"""
+        parts = []
+        if lay.weight is not None:
+            W = lg.dense[..., src_w[1]:src_w[2]]
+            if lay.kind in ("conv1d", "embedding"):  # stored [inp, out]
+                W = W.unflatten(-1, (lay.inp, lay.out)).transpose(-1, -2)
+            else:
+                W = W.unflatten(-1, (lay.out, lay.inp))
+            parts.append(W)
+        if lay.bias is not None:
+            parts.append(lg.dense[..., src_b[1]:src_b[2], None])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def __repr__(self) -> str:
+        return (f"KroneckerProjector(layers={list(self.layers)}, rest={[k for k, _ in self.rest]}, "
+                f"proj_dim={self.proj_dim})")
+
+
+def _factor_seed(seed: int, block: int, side: int) -> int:
+    """The seed of block ``block``'s side ``side`` (0: in, 1: out, 2: rest), well mixed."""
+    return _splitmix64((_splitmix64(seed) + 3 * block + side) & _MASK64) >> 1
+
+
+def make_kronecker_projector(layers: Mapping[str, KroneckerLayer], *,
+                             proj_dim: int | tuple[int, int], kind: str = "rademacher",
+                             seed: int = 0, rest: tuple = (),
+                             rest_dim: int | None = None) -> KroneckerProjector:
+    """Return the seeded Kronecker-factored projector of ``layers`` (see :class:`KroneckerProjector`).
+
+    Args:
+        layers: ``{name: KroneckerLayer}``, in the order the blocks should sit.
+        proj_dim: ``k`` for both sides of every layer, or ``(k_in, k_out)``: each layer's block
+            is ``k_out x k_in`` (a side no wider than its ``k`` is kept whole).
+        kind: ``"gaussian"``, ``"rademacher"``, ``"sjlt"`` (``nnz = 1``) or ``"mask"``.
+        seed: non-negative int; fixes every factor (layer ``l``'s sides and the rest's
+            projector are drawn from distinct seeds derived from it).
+        rest: ``((key, numel), ...)``: the other attributed parameters, in params order.
+        rest_dim: the rest's projected width; None = ``k_in * k_out``. A rest no wider is kept
+            whole.
+
+    Raises:
+        TypeError/ValueError: naming the argument.
+    """
+    func = "make_kronecker_projector"
+    k_in, k_out = proj_dim if isinstance(proj_dim, tuple) else (proj_dim, proj_dim)
+    check_int(func, "proj_dim", k_in, minimum=1)
+    check_int(func, "proj_dim", k_out, minimum=1)
+    if not isinstance(kind, str):
+        raise TypeError(_msg(func, "kind", f"a str, one of {FACTOR_KINDS}", type(kind).__name__))
+    if kind not in FACTOR_KINDS:
+        raise ValueError(_msg(func, "kind", f"one of {FACTOR_KINDS}", repr(kind)))
+    check_int(func, "seed", seed, minimum=0)
+    if not isinstance(layers, Mapping):
+        raise TypeError(_msg(func, "layers", "a dict {name: KroneckerLayer}", type(layers).__name__))
+    for n, lay in layers.items():
+        if not isinstance(lay, KroneckerLayer):
+            raise TypeError(_msg(func, f"layers[{n!r}]", "a KroneckerLayer",
+                                 type(lay).__name__))
+        if lay.width < 1 or lay.out < 1:
+            raise ValueError(_msg(func, f"layers[{n!r}]", "a weight or a bias with out >= 1",
+                                  repr(lay)))
+    factors = {}
+    for i, (n, lay) in enumerate(layers.items()):
+        fi = None if lay.width <= k_in else _Factor(lay.width, k_in, kind, _factor_seed(seed, i, 0))
+        fo = None if lay.out <= k_out else _Factor(lay.out, k_out, kind, _factor_seed(seed, i, 1))
+        factors[n] = (fi, fo)
+    P_rest = sum(s for _, s in rest)
+    width = k_in * k_out if rest_dim is None else check_int(func, "rest_dim", rest_dim, minimum=1)
+    rest_proj = rest_mask = None
+    if P_rest > width:
+        s = _factor_seed(seed, len(factors), 2)
+        if kind == "mask":
+            rest_mask = _Factor(P_rest, width, "mask", s)
+        else:
+            rest_proj = make_projector(P_rest, proj_dim=width, kind=kind, seed=s)
+    return KroneckerProjector(layers, factors, rest, rest_proj, rest_mask)
+
+
+def kronecker_layers(plan, params: Mapping[str, Tensor]) -> tuple[dict, tuple]:
+    """Return ``(layers, rest)`` for :func:`make_kronecker_projector` from a capture plan.
+
+    ``plan`` is a :class:`~dattri_fn.transforms.layer_grads.LayerPlan` (its captured layers
+    become Kronecker blocks, its other parameters the rest); ``params`` gives the shapes (a
+    leading checkpoint dim is allowed when ``stacked`` is True for every leaf: pass one
+    checkpoint's dict).
+    """
+    layers = {}
+    for n, (wk, bk) in plan.layers.items():
+        spec = plan.tapped.specs[n]
+        if wk is not None:
+            shape = params[wk].shape
+            if spec.kind in ("conv1d", "embedding"):
+                inp, out = shape[0], shape[1]
+            else:
+                out, inp = shape[0], math.prod(shape[1:])
+        else:
+            out, inp = params[bk].shape[0], 0
+        layers[n] = KroneckerLayer(wk, bk, spec.kind, int(out), int(inp))
+    rest = tuple((k, params[k].numel()) for k in plan.rest)
+    return layers, rest
