@@ -350,6 +350,8 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
 
 
 _LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
+# An inner call's error about its own data argument (hvp/gnvp/linear_gnvp/kfac_factors(data=...)).
+_INNER_DATA_ERROR = re.compile(r"^([\w./]+)\((data|batch)=\.\.\.\): expected")
 _TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)|out of memory")
 # What torch says when examples do not fit the model or the loss (shapes, labels, dtypes);
 # any other error (a user's own exception, out of memory) passes through as raised.
@@ -408,6 +410,9 @@ def blame_data(func: str, arg: str, batch):
         yield
     except (TypeError, ValueError) as err:
         inner = getattr(err, "blamed", None)
+        if inner is None:  # an inner boundary's own check of its data argument
+            found = _INNER_DATA_ERROR.match(str(err))
+            inner = found.groups() if found else None
         if inner is None or inner == (func, arg):
             raise
         text = str(err).split("): ", 1)[1]

@@ -123,6 +123,17 @@ def _params_of(method: str):
 
 
 LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
+# Functions the user built and passed in, which name their own arguments: the model bridge
+# (a params tensor the module does not take) and TRAK's output/weight helpers.
+USER_BUILT = ("loss/forward", "classification_margin", "classification_weight")
+
+
+def _names_the_call(func: str, text: str) -> bool:
+    """The error names the entry point the user called (influence's are if_<solver>), or a
+    function the user built and passed in, never an inner call (hvp, linear_gnvp...)."""
+    head = text.split("(", 1)[0]
+    base, own = func.split(".")[0], head.split(".")[0]
+    return own == base or (base == "influence" and own.startswith("if_")) or head in USER_BUILT
 
 
 def _check_outcome(func: str, call) -> None:
@@ -131,6 +142,7 @@ def _check_outcome(func: str, call) -> None:
     except (TypeError, ValueError) as err:
         assert LIBRARY_ERROR.match(str(err)), (
             f"{func}: not a library error: {type(err).__name__}: {err}")
+        assert _names_the_call(func, str(err)), f"{func}: names an inner call: {err}"
         return
     leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     bad = [t for t in leaves if t.is_floating_point() and not bool(torch.isfinite(t).all())]
