@@ -407,7 +407,18 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     References:
         Martens & Grosse 2015, arXiv:1503.05671; Grosse et al. 2023, arXiv:2308.03296.
     """
-    func = "kfac_factors"
+    kf, _ = _checked_kfac_pass("kfac_factors", module, loss_fn, params, data, layers, chunk_size,
+                               tapped, batch_rows, fisher, seed, sampler, reduce, dtype)
+    if dtype is None:
+        return kf
+    return kf._replace(A={k: v.to(dtype) for k, v in kf.A.items()},
+                       G={k: v.to(dtype) for k, v in kf.G.items()})
+
+
+def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
+                       batch_rows, fisher, seed, sampler, reduce, dtype):
+    """Validate the factor builders' arguments and run the K-FAC pass: ``(KFACFactors, (state,
+    names, pnames, batches, tapped, chunk_size, losses))``, the latter for a second pass."""
     state, names, pnames, batches, tapped, chunk_size = _check_call(
         func, module, loss_fn, params, data, layers, chunk_size, tapped)
     check_optional_int(func, "batch_rows", batch_rows)
@@ -416,10 +427,7 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
     kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
                     batch_rows, reduce)
-    if dtype is None:
-        return kf
-    return kf._replace(A={k: v.to(dtype) for k, v in kf.A.items()},
-                       G={k: v.to(dtype) for k, v in kf.G.items()})
+    return kf, (state, names, pnames, batches, tapped, chunk_size, losses)
 
 
 def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
@@ -452,14 +460,9 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
     """
     func = "ekfac_factors"
-    state, names, pnames, batches, tapped, chunk_size = _check_call(
-        func, module, loss_fn, params, data, layers, chunk_size, tapped)
-    check_optional_int(func, "batch_rows", batch_rows)
-    _check_reduce(func, reduce)
-    _check_dtype(func, dtype)
-    losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
-    kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                    batch_rows, reduce)
+    kf, (state, names, pnames, batches, tapped, chunk_size, losses) = _checked_kfac_pass(
+        func, module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher,
+        seed, sampler, reduce, dtype)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
     bias = {n: _keys(n)[1] in pnames for n in names}
