@@ -3,8 +3,10 @@
 
 As in ``tests/test_fuzz_api.py``: each case runs one entry point with valid arguments except
 one corrupted argument; the allowed outcomes are a TypeError/ValueError worded by the library
-(``"<func>(<arg>=...): expected ..."``, a FileNotFoundError for a store path that holds none),
-or a result whose every floating tensor is finite (and of the right shape where one is known).
+(``"<func>(<arg>=...): expected ..."``, a FileNotFoundError for a store path that holds none)
+whose ``<func>`` is the entry point the case called (or a function the user built and passed
+in, e.g. the method inside ``dropout_members``), never an inner call, or a result whose every
+floating tensor is finite (and of the right shape where one is known).
 A raw torch error, a NaN, a silent wrong shape, a call that runs past 30 s (a hang) or an
 ``AssertionError`` from a contract check given a valid primitive fails the case.
 """
@@ -137,18 +139,42 @@ def _deadline(func: str, seconds: float = 30.0):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _check_outcome(func: str, call, *, allow_missing: bool = False, shape=None) -> None:
-    """Run ``call``: a library-worded error, or finite tensors (of ``shape`` for a Tensor),
-    within a deadline."""
+# A case's label starts with the short name of its entry point ("build.path", "linop.k0",
+# "spd_matrix(dim=zero)", "metagradient[order_short]"); these are the names the user called.
+ENTRY_POINTS = {"build": "build_store", "open": "open_store", "record": "record_store",
+                "stats": "stats_store", "linop": "check_linop", "inverse": "check_inverse",
+                "projector": "check_projector", "method": "check_method"}
+
+
+def _entry(func: str) -> str:
+    """The entry point a case label calls: its text before the first '.', '(' or '['."""
+    short = re.split(r"[.(\[]", func, maxsplit=1)[0]
+    return ENTRY_POINTS.get(short, short)
+
+
+def _names_the_call(func: str, text: str, user_built: tuple[str, ...] = ()) -> bool:
+    """The error names the entry point the case called (``representer.score`` for
+    ``representer``), or a function the user built and passed in (``user_built``: the method
+    inside ``dropout_members``), never an inner call (hvp, per_sample_grad, io.save...)."""
+    head = text.split("(", 1)[0]
+    return head.split(".")[0] == _entry(func) or head in user_built
+
+
+def _check_outcome(func: str, call, *, allow_missing: bool = False, shape=None,
+                   user_built: tuple[str, ...] = ()) -> None:
+    """Run ``call``: a library-worded error naming the call (or ``user_built``), or finite
+    tensors (of ``shape`` for a Tensor), within a deadline."""
     try:
         with _deadline(func):
             out = call()
     except (TypeError, ValueError) as err:
         assert LIBRARY_ERROR.match(str(err)), (
             f"{func}: not a library error: {type(err).__name__}: {err}")
+        assert _names_the_call(func, str(err), user_built), f"{func}: names an inner call: {err}"
         return
     except FileNotFoundError as err:
         assert allow_missing and LIBRARY_ERROR.match(str(err)), f"{func}: {err}"
+        assert _names_the_call(func, str(err), user_built), f"{func}: names an inner call: {err}"
         return
     leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     bad = [t for t in leaves if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -349,23 +375,28 @@ def test_dropout_ensemble_names_bad_lrs(lrs):
 MEMBERS = dropout_members(lambda mask: influence(mask(dropout_loss), solver="explicit",
                                                  damping=2.0), n_masks=2)
 MEMBERS_STATE = MEMBERS.prepare(PARAMS, BATCH)
+# The method the user built and passed to dropout_members names its own arguments.
+MEMBER_METHOD = ("if_explicit",)
 
 
 @pytest.mark.parametrize("corruption", sorted(DATA))
 def test_dropout_members_name_bad_data(corruption):
     bad = DATA[corruption]
-    _check_outcome("dropout_members.prepare", lambda: MEMBERS.prepare(PARAMS, bad))
+    _check_outcome("dropout_members.prepare", lambda: MEMBERS.prepare(PARAMS, bad),
+                   user_built=MEMBER_METHOD)
     _check_outcome("dropout_members.score", lambda: MEMBERS.score(PARAMS, MEMBERS_STATE, BATCH,
-                                                                  bad), shape=(6, _n_rows(bad)))
+                                                                  bad), shape=(6, _n_rows(bad)),
+                   user_built=MEMBER_METHOD)
     _check_outcome("dropout_members.self_score", lambda: MEMBERS.self_score(PARAMS, MEMBERS_STATE,
                                                                             bad),
-                   shape=(_n_rows(bad),))
+                   shape=(_n_rows(bad),), user_built=MEMBER_METHOD)
 
 
 @pytest.mark.parametrize("corruption", sorted(PARAMS_BAD))
 def test_dropout_members_name_bad_params(corruption):
     bad = PARAMS_BAD[corruption]
-    _check_outcome("dropout_members.score", lambda: MEMBERS.score(bad, MEMBERS_STATE, BATCH, BATCH))
+    _check_outcome("dropout_members.score", lambda: MEMBERS.score(bad, MEMBERS_STATE, BATCH, BATCH),
+                   user_built=MEMBER_METHOD)
 
 
 @pytest.mark.parametrize("corruption", sorted(INTS))
@@ -411,7 +442,8 @@ def test_methods_name_a_store_they_cannot_use(tmp_path, case, kind):
         store = record_store(tmp_path / "r", BATCH, params=PARAMS)
     del grad_dot
     _check_outcome(case, lambda: _store_train_cases()[case](store),
-                   shape=(6,) if case.endswith("self_score") else (6, 6))
+                   shape=(6,) if case.endswith("self_score") else (6, 6),
+                   user_built=MEMBER_METHOD if case.startswith("dropout_members") else ())
 
 
 # -- stores ------------------------------------------------------------------------------------
@@ -692,3 +724,25 @@ def test_pipeline_names_bad_feature_maps(case):
     """collect/stream_scores/stream_self given a bad feature map or test rows: named errors,
     never a raw matmul/cat error or NaN scores."""
     _check_outcome(case, _pipeline_cases()[case])
+
+
+def test_the_fuzz_fails_an_error_that_names_an_inner_call():
+    """An error worded by the library but naming an inner call (hvp, io.save) fails its case; the
+    entry point (by its short label too) and a function the user built and passed in pass."""
+    def raising(text):
+        def call():
+            raise ValueError(text)
+        return call
+
+    with pytest.raises(AssertionError, match=r"representer.prepare: names an inner call: hvp"):
+        _check_outcome("representer.prepare", raising("hvp(data=...): expected finite values"))
+    with pytest.raises(AssertionError, match=r"build.path: names an inner call: save"):
+        _check_outcome("build.path", raising("save(path=...): expected a folder"))
+    with pytest.raises(AssertionError, match=r"dropout_members.score: names an inner call"):
+        _check_outcome("dropout_members.score", raising("if_cg(params=...): expected a dict"))
+    _check_outcome("representer.score(test)", raising("representer.score(test=...): expected x"))
+    _check_outcome("build.path", raising("build_store(path=...): expected a folder"))
+    _check_outcome("spd_matrix(dim=zero)", raising("spd_matrix(dim=...): expected an int >= 1"))
+    _check_outcome("metagradient[step]", raising("metagradient(step=...): expected a callable"))
+    _check_outcome("dropout_members.score", raising("if_explicit(params=...): expected a dict"),
+                   user_built=MEMBER_METHOD)
