@@ -32,7 +32,10 @@ too, which the train features alone do not give (influence: ``p = (H + damping I
 A method's ``self_score`` given a :func:`record_store` therefore writes the diagonal itself,
 a store of ``[n]`` rows (manifest ``"kind": "self"``) in the ``self/`` sub-directory, with the
 same crash safety and the same request; given the opened store (:func:`open_store`), it reads
-``self/`` back and reads no training data (:func:`self_scores`).
+``self/`` back and reads no training data (:func:`self_scores`). Where ``p`` depends on the
+method's state (TRAK's kernel, LoGra's eigenbasis, representer points' ``alpha``), the record
+also carries the state's :func:`state_hash` (:func:`record_self`): a record made under another
+state is refused naming ``state``, on resume and on reading back.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ SELF = "self"  # the sub-directory holding a store's self-scores
 BLOCK_ROWS = 4096
 
 __all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
-           "stats_store", "self_scores", "params_hash", "batch_hash", "FORMAT"]
+           "stats_store", "self_scores", "record_self", "params_hash", "state_hash", "batch_hash",
+           "FORMAT"]
 
 
 def _version() -> str:
@@ -108,6 +112,29 @@ def params_hash(params, *, func: str = "params_hash") -> str:
         for k, v in p.items():
             h.update(str(k).encode() + b"\0")
             _update_tensor(h, torch.as_tensor(v))
+    return h.hexdigest()
+
+
+def state_hash(state, *, func: str = "state_hash") -> str:
+    """Return the SHA-256 (hex) of a method state: its structure, every tensor leaf (dtype,
+    shape, bytes) and every other leaf's ``repr``, in tree order.
+
+    A self-score ``<t(z_i), p(z_i)>`` depends on the state where ``p`` does (TRAK's kernel,
+    LoGra's eigenbasis, representer points' ``alpha``): recorded with this hash, it is never
+    read back for another ``prepare``.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(state)
+    h = hashlib.sha256(str(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            _update_tensor(h, leaf)
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            h.update(repr(leaf).encode() + b"\0")
+        else:
+            raise TypeError(_msg(func, "state", "a state of tensors (NamedTuples, dicts, lists "
+                                 "of them)", f"a leaf of type {type(leaf).__name__}"))
     return h.hexdigest()
 
 
@@ -290,7 +317,8 @@ def _stack_layout(feats) -> tuple[str, np.ndarray]:
 def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
                 config: Mapping | None = None, shard_rows: int | None = None, device=None,
                 block_rows: int = BLOCK_ROWS, func: str = "build_store",
-                _params_hash: str | None = None, _kind: str = "features") -> FeatureStore:
+                _params_hash: str | None = None, _kind: str = "features",
+                _state_hash: str | None = None) -> FeatureStore:
     """Return the complete store of ``feature_fn`` over ``data`` at ``path``, resuming a partial one.
 
     ``T = cat_s feature_fn(shard_s)``  # [n, F] (or [C, n, F]) on disk, shard by shard
@@ -325,7 +353,7 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
     path.mkdir(parents=True, exist_ok=True)
     with _writer_lock(func, path):
         return _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-                      block_rows, _params_hash, _kind)
+                      block_rows, _params_hash, _kind, _state_hash)
 
 
 @contextlib.contextmanager
@@ -353,17 +381,20 @@ def _writer_lock(func: str, path: Path):
 
 
 def _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-           block_rows, _params_hash, kind):
+           block_rows, _params_hash, kind, _state_hash=None):
     clean_temps(path)
     request = {"format": FORMAT, "kind": kind,
                "params_hash": _params_hash or params_hash(params, func=func),
                "config": _canonical(config, func), "shard_rows": shard_rows,
                "versions": _versions()}
+    if _state_hash is not None:
+        request["state_hash"] = _state_hash
     man = _load_manifest(func, path)
     if man is None:
         man = dict(request, shards=[], complete=False)
         _write_manifest(path, man)
     else:
+        _check_state(func, man, request, path)
         _check_request(func, man, request, arg_of={"params_hash": "params",
                                                   "shard_rows": "shard_rows", "kind": "path"})
     done = man["shards"]
@@ -415,6 +446,18 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         man.update(complete=True, n_rows=sum(d["rows"] for d in done), data_hash=h.hexdigest())
         _write_manifest(path, man)
     return _opened(path, man, block_rows, None)
+
+
+def _check_state(func: str, man: dict, request: Mapping, path: Path) -> None:
+    """Raise naming ``state`` when self-scores at ``path`` were recorded under another state."""
+    want = request.get("state_hash")
+    if want is not None and man.get("state_hash") != want:
+        have = man.get("state_hash")
+        raise ValueError(_msg(func, "state", "the state the self-scores at "
+                              f"{str(path)!r} were recorded with (state_hash "
+                              f"{(have or '<none>')[:12]})", f"state_hash {want[:12]}",
+                              "They depend on the state (another prepare, damping or training "
+                              "set); remove that directory to record them for this one."))
 
 
 def _opened(path: Path, man: dict, block_rows: int, out) -> FeatureStore:
@@ -472,15 +515,22 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
     return _opened(path, man, block_rows, out)
 
 
-def self_scores(func: str, store: FeatureStore) -> Tensor:
+def self_scores(func: str, store: FeatureStore, *, state=None) -> Tensor:
     """Return the self-scores recorded for ``store`` (a store of ``kind`` "self", or a feature
     store whose ``self/`` sub-directory holds them).  # -> [n_rows]
 
+    ``state``: the method state the caller scores with; when given, the record must have been
+    made with it (:func:`record_self`, same :func:`state_hash`).
+
     Raises:
         ValueError: naming ``func(train=...)``: none recorded, an incomplete record, or one of
-            another request (params, config, data or row count) than the store's.
+            another request (params, config, data or row count) than the store's; naming
+            ``func(state=...)``: one recorded with another state.
     """
+    want = None if state is None else {"state_hash": state_hash(state, func=func)}
     if store.manifest.get("kind") == SELF:
+        if want is not None:
+            _check_state(func, store.manifest, want, Path(store.path))
         return store.read()
     path = Path(store.path) / SELF
     man = _load_manifest(func, path)
@@ -496,7 +546,37 @@ def self_scores(func: str, store: FeatureStore) -> Tensor:
             raise ValueError(_msg(func, "train", f"self-scores recorded for this store (the "
                                   f"same {field})", f"{man.get(field)!r} in {str(path)!r} "
                                   f"against {store.manifest.get(field)!r}", fix))
+    if want is not None:
+        _check_state(func, man, want, path)
     return _opened(path, man, store.block_rows, None).read()
+
+
+def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=None,
+                state=None) -> Tensor:
+    """Return ``s = cat_s diag_fn(shard_s)`` over ``rec``'s data, recorded to ``<rec.path>/self``.  # -> [n]
+
+    The self-scores are a store of ``[n]`` rows (``kind`` "self") under ``rec``'s request
+    (params hash, config, shard size, the data's hashes) plus, when ``state`` is given, its
+    :func:`state_hash`: written shard by shard with :func:`build_store`'s crash safety, a
+    killed record resumes from its last complete shard, and a complete one is read back
+    without calling ``diag_fn``. Read them later with :func:`self_scores` on the opened store.
+
+    Args:
+        func: the public call errors name.
+        rec: the :func:`record_store` request (its ``path`` is the feature store's directory).
+        diag_fn: ``batch -> [b]``, the self-scores of a batch's examples.
+        device: where each shard's batch is moved before ``diag_fn``.
+        state: the method state the self-scores depend on (None: they do not).
+
+    Raises:
+        ValueError: a record at ``<rec.path>/self`` of another request or state, by name.
+    """
+    store = build_store(os.path.join(rec.path, SELF), diag_fn, rec.data, params=None,
+                        config=rec.config, shard_rows=rec.shard_rows, device=device,
+                        block_rows=rec.block_rows, func=func, _params_hash=rec.params_hash,
+                        _kind=SELF,
+                        _state_hash=None if state is None else state_hash(state, func=func))
+    return store.read()
 
 
 def write_parts_manifest(path: str | os.PathLike, parts: list[str], *, params_hash_: str,

@@ -159,3 +159,31 @@ def test_logra_scores_from_a_feature_store(tmp_path):
     store = open_store(tmp_path, params=fm.params, config=cfg)
     torch.testing.assert_close(m.score(fm.params, state, store, (x[3:], y[3:])),
                                m.score(fm.params, state, train, (x[3:], y[3:])), rtol=0, atol=0)
+
+
+def test_logra_self_score_from_a_feature_store(tmp_path):
+    """s_ii = <DW'_i, (F' + damping)^-1 DW'_i>: self_score(record_store) writes it to <store>/self
+    equal to self_score(train) bit for bit; self_score(open_store) reads it back with no training
+    data; a state with another damping or another data order is refused by name."""
+    from dattri_fn.store import open_store, record_store
+
+    fm, (x, y) = _problem("mlp", 3, 12)
+    train = [(x[:5], y[:5]), (x[5:9], y[5:9]), (x[9:], y[9:])]
+    m = logra(fm, proj_dim=2, cache_features=False)
+    state = m.prepare(fm.params, train)
+    want = m.self_score(fm.params, state, train)
+    cfg = {"method": "logra", "proj_dim": 2, "seed": 0}
+    rec = record_store(tmp_path, train, params=fm.params, config=cfg)
+    torch.testing.assert_close(m.self_score(fm.params, state, rec), want, rtol=0, atol=0)
+    m.score(fm.params, state, rec, (x[:3], y[:3]))
+    store = open_store(tmp_path, params=fm.params, config=cfg)
+    torch.testing.assert_close(m.self_score(fm.params, state, store), want, rtol=0, atol=0)
+    torch.testing.assert_close(m.score(fm.params, state, store, (x, y)).diagonal(), want,
+                               rtol=1e-10, atol=1e-12)
+    other = logra(fm, proj_dim=2, cache_features=False, damping=0.5)
+    other_state = other.prepare(fm.params, train)
+    with pytest.raises(ValueError, match=r"logra\.self_score\(state=...\): expected the state"):
+        other.self_score(fm.params, other_state, store)
+    with pytest.raises(ValueError, match=r"logra\.self_score\(data=...\): expected the rows of shard 0"):
+        m.self_score(fm.params, state, record_store(tmp_path, train[::-1], params=fm.params,
+                                                    config=cfg))

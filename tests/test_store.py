@@ -374,3 +374,46 @@ def test_params_hash_of_a_scalar_parameter():
     p = {"w": torch.ones(3, dtype=torch.float64), "b": torch.tensor(0.5, dtype=torch.float64)}
     assert params_hash(p) != params_hash({**p, "b": torch.tensor(0.25, dtype=torch.float64)})
     assert params_hash(p) == params_hash({k: v.clone() for k, v in p.items()})
+
+
+def test_record_self_resumes_and_binds_the_state(tmp_path):
+    """record_self of s_i = |g_i|^2 that raises in shard 2 resumes there (shards 0-1 not recomputed,
+    a killed save's temp removed) and equals an uninterrupted record byte for byte; read back
+    with self_scores under the same state, refused under another, naming state."""
+    from dattri_fn.store import record_self, self_scores, state_hash
+
+    params, loss, train, _ = _problem()
+    f = _features(params, loss)
+    diag = lambda b: (f(b) ** 2).sum(1)
+    state = (torch.ones(2, dtype=torch.float64), {"k": torch.zeros(3)})
+    ref = record_self("m", record_store(tmp_path / "ref", train, params=params), diag, state=state)
+    calls = []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return diag(batch)
+
+    rec = record_store(tmp_path / "s", train, params=params)
+    with pytest.raises(RuntimeError, match="boom"):
+        record_self("m", rec, failing, state=state)
+    (tmp_path / "s" / "self" / ".shard-000002.npy.ab12cd_9.tmp").write_bytes(b"partial")
+    calls.clear()
+    got = record_self("m", rec, lambda b: (calls.append(1), diag(b))[1], state=state)
+    assert len(calls) == len(train) - 2 and _temps(tmp_path / "s") == []
+    _same_store(tmp_path / "s" / "self", tmp_path / "ref" / "self")
+    assert torch.equal(got, ref) and torch.equal(ref, stream_self(f, f, train))
+    build_store(tmp_path / "s", f, train, params=params)
+    store = open_store(tmp_path / "s")
+    assert torch.equal(self_scores("m", store, state=state), ref)
+    moved = (torch.ones(2, dtype=torch.float64) * 2, state[1])
+    assert state_hash(moved) != state_hash(state) == state_hash((state[0].clone(), state[1]))
+    with pytest.raises(ValueError, match=r"m\(state=...\): expected the state the self-scores at "
+                                         r".* were recorded with \(state_hash [0-9a-f]{12}\), got "
+                                         r"state_hash [0-9a-f]{12}"):
+        self_scores("m", store, state=moved)
+    with pytest.raises(ValueError, match=r"m\(state=...\)"):
+        record_self("m", rec, diag, state=moved)
+    with pytest.raises(TypeError, match=r"state_hash\(state=...\): expected a state of tensors"):
+        state_hash((torch.ones(1), object()))

@@ -696,3 +696,44 @@ def test_trak_with_kronecker_projection():
         trak(out, projection="kronecker")
     with pytest.raises(ValueError, match=r"trak\(kind=...\): expected one of"):
         trak(out, proj_dim=2, kind="mask")
+
+
+def test_trak_self_score_from_a_feature_store(tmp_path):
+    """s_ii = Qbar_i/C sum_c phi_ci^T K_c phi_ci: self_score(record_store) writes it to <store>/self
+    equal to self_score(train) bit for bit; self_score(open_store) reads it back with no training
+    data; a state of another prepare, other params or another data order is refused by name."""
+    from dattri_fn.store import open_store, record_store
+
+    fm = _mlp(0, "cpu")
+    train, test = _split(_data(10, 1, "cpu"), [4, 7]), _data(3, 2, "cpu")
+    ckpts = [fm.params, _perturbed(fm.params, 5)]
+    m = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+             proj_dim=5, cache_features=False, damping=0.1)
+    state = m.prepare(ckpts, train)
+    want = m.self_score(ckpts, state, train)
+    cfg = {"method": "trak", "proj_dim": 5, "seed": 0}
+    rec = record_store(tmp_path, train, params=ckpts, config=cfg)
+    torch.testing.assert_close(m.self_score(ckpts, state, rec), want, rtol=0, atol=0)
+    m.score(ckpts, state, rec, test)  # writes the weighted train rows themselves
+    store = open_store(tmp_path, params=ckpts, config=cfg)
+    torch.testing.assert_close(m.self_score(ckpts, state, store), want, rtol=0, atol=0)
+    _close(m.score(ckpts, state, store, [(x, y) for x, y in train]).diagonal(), want)
+    # a complete record is read back: the method's features are not computed again
+    torch.testing.assert_close(m.self_score(ckpts, state, rec), want, rtol=0, atol=0)
+    other = trak(classification_margin(fm.forward), weight_fn=classification_weight(fm.forward),
+                 proj_dim=5, cache_features=False, damping=1.0)
+    other_state = other.prepare(ckpts, train)
+    with pytest.raises(ValueError, match=r"trak\.self_score\(state=...\): expected the state the "
+                                         r"self-scores at .* were recorded with"):
+        other.self_score(ckpts, other_state, store)
+    with pytest.raises(ValueError, match=r"trak\.self_score\(state=...\)"):
+        other.self_score(ckpts, other_state, rec)
+    moved = [ckpts[0], _perturbed(fm.params, 6)]
+    with pytest.raises(ValueError, match=r"trak\.self_score\(params=...\): expected the store's "
+                                         r"params_hash"):
+        m.self_score(moved, state, record_store(tmp_path, train, params=moved, config=cfg))
+    with pytest.raises(ValueError, match=r"trak\.self_score\(data=...\): expected the rows of shard 0"):
+        m.self_score(ckpts, state, record_store(tmp_path, train[::-1], params=ckpts, config=cfg))
+    cached = trak(classification_margin(fm.forward), proj_dim=5, damping=0.1)
+    with pytest.raises(TypeError, match=r"trak\.self_score\(train=...\): expected examples"):
+        cached.self_score(ckpts, cached.prepare(ckpts, train), store)

@@ -46,6 +46,7 @@ from .._checks import (
 )
 from ..model import FunctionalModel, default_unpack
 from ..operators.kfac import _kfac_specs, _tokens
+from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
 from ..transforms.layers import batched_io, output_shapes
 from .boundary import check_cached_train
@@ -96,7 +97,12 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         chunk_size: examples per batched forward/backward (bounds memory).
         batch_rows: merge consecutive batches into calls of at least this many examples.
         cache_features: keep the train features ``[n_train, d]`` in the state, so ``score`` and
-            ``self_score`` read no training data (``train`` may be None).
+            ``self_score`` read no training data (``train`` may be None). With False, ``train``
+            is streamed on every call, or read from a feature store (:mod:`dattri_fn.store`):
+            ``score`` given ``record_store(...)`` writes the projected rows ``DW'_i``, given
+            the opened store reads no training data; ``self_score`` given ``record_store(...)``
+            writes ``s_ii`` to ``<store>/self`` under the state's hash (they depend on the
+            eigenbasis), given the opened store reads them back, refusing another state.
 
     Returns:
         ``Method(prepare, score, self_score, "logra")``; ``prepare(params, train) -> LoGraState``.
@@ -312,6 +318,17 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
+        elif isinstance(train, FeatureStore):
+            # s_ii = <DW'_i, (F' + damping)^-1 DW'_i> depends on the eigenbasis (the state).
+            return self_scores(func, train, state=state).to(device)
+        elif isinstance(train, StoreRecording):
+            fn = feature_fn(st, state, func, "train")
+
+            def diag(b):  # [b]: the same per-batch product as from the data
+                phi = fn(b)
+                return (phi * precondition(state, phi)).sum(1)
+
+            return record_self(func, train, diag, device=device, state=state)
         else:
             fn = feature_fn(st, state, func, "train")
             blocks = (fn(batch_to(b, device)) for b in

@@ -37,6 +37,7 @@ from .._checks import (
 )
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
+from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import layer_plan
 from ..transforms.project import KINDS
@@ -158,7 +159,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         cache_features: keep the projected train features ``[C, n_train, d]`` and weights in the
             state, so ``score``/``self_score`` need no train pass (``train`` may be None). A
             ``train`` given anyway must have ``n_train`` examples (checked for a Batch or a list
-            of Batches) and is not read. With False, ``train`` is streamed again on every call.
+            of Batches) and is not read. With False, ``train`` is streamed again on every call,
+            or read from a feature store (:mod:`dattri_fn.store`): ``score`` given
+            ``record_store(...)`` writes the weighted rows ``Qbar_i phi_ci / C``, given the
+            opened store it reads no training data; ``self_score`` given ``record_store(...)``
+            writes ``s_ii`` to ``<store>/self`` under the state's hash (they depend on ``K``),
+            given the opened store it reads them back, refusing another state by name.
         feature_dtype: dtype of the projection's product and of the cached features; None =
             the params' dtype. ``torch.bfloat16`` halves the cache and, on hardware with
             bfloat16 matrix units (recent x86 CPUs, CUDA GPUs), runs the projection several
@@ -385,8 +391,6 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
-        from ..store import FeatureStore, StoreRecording
-
         if isinstance(train, (FeatureStore, StoreRecording)):
             # A store holds plain rows: w_i phi_ci stacked over checkpoints, [C, b, d].
             if isinstance(train, StoreRecording):
@@ -420,6 +424,18 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
+        elif isinstance(train, (FeatureStore, StoreRecording)):
+            # s_ii depends on K (the state): recorded under its hash, read back only with it.
+            if isinstance(train, FeatureStore):
+                return self_scores(func, train, state=state).to(device)
+            check_first(func, "train", first, train.data, device)
+
+            def diag(b):  # [b]: the same per-batch product as from the data
+                phi, q = split(calls.packed(b))
+                return train_rows(phi, q).row_dots(test_rows(K, phi))
+
+            with calls.holding():
+                return record_self(func, train, diag, device=device, state=state)
         else:
             train = check_first(func, "train", first, train, device)
             merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
