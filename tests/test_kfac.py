@@ -522,8 +522,8 @@ def test_causal_lm_sample_draws_each_kept_next_token_and_keeps_the_rest():
 def test_fisher_settings_are_checked():
     """A bad fisher name, seed or sampler is named."""
     model, params, x, y = _mlp_batch(0)
-    with pytest.raises(ValueError, match=r"ekfac_factors\(fisher=...\): expected 'empirical' or "
-                                         r"'true', got 'exact'"):
+    with pytest.raises(ValueError, match=r"ekfac_factors\(fisher=...\): expected 'empirical', "
+                                         r"'true' or 'expected', got 'exact'"):
         ekfac_factors(model, F.cross_entropy, params, (x, y), fisher="exact")
     with pytest.raises(TypeError, match=r"kfac_factors\(sampler=...\): expected None or a "
                                         r"callable"):
@@ -572,3 +572,139 @@ def test_kfac_operator_is_the_factored_fisher_and_inverts_in_closed_form(seed, k
             torch.testing.assert_close(block, K[cols][:, cols], rtol=1e-10, atol=1e-12)
             start += n
     assert (op + damping).inverse is None  # a sum has no closed form: solvers go iterative
+
+
+# -- fisher="expected": the exact expectation over the model's outputs --------------------
+@given(kind=st.sampled_from(["mlp", "seq"]), **SIZES)
+def test_expected_fisher_is_the_class_weighted_sum_of_label_statistics(
+        device, kind, seed, n, dim, hidden, classes, T, bias, order):
+    """fisher="expected": G = E_n sum_c p_nc g_nc g_nc^T and Lambda = E_n sum_c p_nc
+    (Q_G^T DW_nc Q_A)^2, g_nc / DW_nc those of label c; A is the empirical A (counted once)."""
+    model, layers, batch = _problem(kind, seed, n, dim, hidden, classes, T, bias, device)
+    params = _params(model, layers, bias, order)
+    x = batch[0]
+    with torch.no_grad():
+        p = model(x).softmax(-1)  # [n, C]
+    recs = [_capture(model, kind, (x, torch.full((n,), c, device=device)))
+            for c in range(classes)]
+    half = n // 2
+    data = [tuple(t[:half] for t in batch), tuple(t[half:] for t in batch)]
+    kf = kfac_factors(model, F.cross_entropy, params, data, chunk_size=2, fisher="expected")
+    ek = ekfac_factors(model, F.cross_entropy, params, data, fisher="expected")
+    A_emp, _ = _dense_factors(recs[0], bias)
+    for layer in layers:
+        G = sum(p[i, c] * g.T @ g for c in range(classes)
+                for i, (_, g) in enumerate(recs[c][layer])) / n
+        torch.testing.assert_close(kf.A[layer], A_emp[layer], atol=1e-12, rtol=0)
+        torch.testing.assert_close(kf.G[layer], G, atol=1e-12, rtol=0)
+        qa, qg = ek.QA[layer], ek.QG[layer]
+        L = sum(p[i, c] * (qg.T @ g.T @ _aug(a, bias) @ qa) ** 2 for c in range(classes)
+                for i, (a, g) in enumerate(recs[c][layer])) / n
+        torch.testing.assert_close(ek.Lambda[layer], L, atol=1e-12, rtol=0)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5), bias=st.booleans())
+def test_expected_kfac_block_is_input_moment_kron_expected_output_gauss_newton(seed, n, bias):
+    """Per layer l, kfac_operator(kfac_factors(fisher="expected")) = E[a a^T] (x) E[J_l^T H J_l],
+    J_l = d logits / d z_l by jacrev and H = diag(p) - p p^T, both formed densely."""
+    from dattri_fn.operators import kfac_operator
+
+    model, params, x, y = _mlp_batch(seed, n=n)
+    if not bias:
+        params = {k: v for k, v in params.items() if k.endswith("weight")}
+    f = kfac_factors(model, F.cross_entropy, params, (x, y), fisher="expected")
+    Fd = kfac_operator(f).dense()
+    l0, l2 = model[0], model[2]
+    start = 0
+    for layer in ("0", "2"):
+        A = torch.zeros(3 + bias if layer == "0" else 4 + bias, 3 + bias if layer == "0"
+                        else 4 + bias, dtype=DT)
+        G = 0
+        for i in range(n):
+            z1 = F.linear(x[i], l0.weight, l0.bias)
+            head = lambda z1_: F.linear(torch.tanh(z1_), l2.weight, l2.bias)  # noqa: E731
+            if layer == "0":
+                a, J = x[i], torch.func.jacrev(head)(z1)
+            else:
+                a, J = torch.tanh(z1), torch.eye(3, dtype=DT)
+            a = torch.cat([a, a.new_ones(1)]) if bias else a
+            p = head(z1).softmax(-1)
+            H = torch.diag(p) - torch.outer(p, p)
+            A = A + torch.outer(a, a) / n
+            G = G + J.T @ H @ J / n
+        torch.testing.assert_close(f.G[layer], G, rtol=0, atol=1e-12)
+        torch.testing.assert_close(f.A[layer], A, rtol=0, atol=1e-12)
+        K = torch.kron(G, A)  # row-major vec of [out, in(+1)]
+        out, inp = G.shape[0], A.shape[0] - int(bias)
+        idx = torch.arange(out * A.shape[0]).reshape(out, A.shape[0])
+        cols = torch.cat([idx[:, :inp].reshape(-1), idx[:, inp]]) if bias else idx.reshape(-1)
+        m = cols.numel()
+        torch.testing.assert_close(Fd[start:start + m, start:start + m], K[cols][:, cols],
+                                   rtol=0, atol=1e-10)
+        start += m
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 6), out=st.integers(1, 3),
+       bias=st.booleans())
+def test_expected_kfac_of_linear_regression_is_its_exact_hessian(seed, n, out, bias):
+    """A GLM with F.mse_loss (H = (2/D) I per example): K-FAC of the expected Fisher and EK-FAC
+    both equal the exact Hessian = Gauss-Newton of the mean loss (torch.func.hessian)."""
+    from dattri_fn.operators import kfac_operator
+    from problems import dense_hessian
+
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(3, out, bias=bias).to(DT)
+    with torch.no_grad():
+        for v in model.parameters():
+            v.copy_(torch.randn(v.shape, generator=g, dtype=DT))
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    y = torch.randn(n, out, generator=g, dtype=DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = lambda p, ex: F.mse_loss(functional_call(model, p, (ex[0][None],)), ex[1][None])  # noqa: E731
+    H = dense_hessian(params, loss, (x, y))
+    for make in (kfac_factors, ekfac_factors):
+        f = make(model, F.mse_loss, params, [(x[:1], y[:1]), (x[1:], y[1:])], fisher="expected")
+        torch.testing.assert_close(kfac_operator(f).dense(), H, rtol=0, atol=1e-10)
+
+
+def test_softmax_regression_expected_kfac_is_the_exact_gauss_newton_of_one_input():
+    """One-layer softmax model, every example the same input a: K-FAC expected = a a^T (x)
+    (diag(p) - p p^T) = the exact Hessian (= Gauss-Newton) of the mean cross-entropy; the
+    empirical and the true Fisher are not."""
+    from dattri_fn.operators import kfac_operator
+    from problems import dense_hessian
+
+    g = torch.Generator().manual_seed(1)
+    model = nn.Linear(3, 4).to(DT)
+    with torch.no_grad():
+        for v in model.parameters():
+            v.copy_(torch.randn(v.shape, generator=g, dtype=DT))
+    x = torch.randn(1, 3, generator=g, dtype=DT).repeat(5, 1)
+    y = torch.randint(0, 4, (5,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss = lambda p, ex: F.cross_entropy(functional_call(model, p, (ex[0][None],)), ex[1][None])  # noqa: E731
+    H = dense_hessian(params, loss, (x, y))
+    dense = lambda fisher: kfac_operator(kfac_factors(model, F.cross_entropy, params, (x, y),  # noqa: E731
+                                                      fisher=fisher)).dense()
+    torch.testing.assert_close(dense("expected"), H, rtol=0, atol=1e-10)
+    for fisher in ("empirical", "true"):
+        assert float((dense(fisher) - H).abs().max()) > 1e-3
+
+
+def test_expected_fisher_refuses_unknown_losses_and_sequence_logits():
+    """fisher="expected" needs a known output Hessian: another loss_fn and [B, T, C] logits are
+    refused, naming fisher and the loss."""
+    model, params, x, y = _mlp_batch(0)
+    custom = lambda out, t: F.cross_entropy(out, t) ** 2  # noqa: E731
+    with pytest.raises(ValueError, match=r"kfac_factors\(fisher=...\): expected 'empirical' or "
+                                         r"'true' for this loss_fn .*got 'expected' with loss_fn "
+                                         r".*<lambda>"):
+        kfac_factors(model, custom, params, (x, y), fisher="expected")
+    seq = SeqNet(3, 4, 3, True).to(DT)
+    seq.forward = lambda x_: seq.head(torch.tanh(seq.emb(x_)))  # logits per token
+    sp = {k: v.detach() for k, v in seq.named_parameters() if k.startswith(("emb", "head"))}
+    xs = torch.randn(2, 4, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"ekfac_factors\(fisher=...\): expected 'expected' on "
+                                         r"\[B, C\] logits .*got output shape \[2, 4, 3\]"):
+        ekfac_factors(seq, F.cross_entropy, sp,
+                      (xs, torch.zeros(2, 4, dtype=torch.long)), fisher="expected")

@@ -21,6 +21,13 @@ over them, so that ``A (x) G = T * E_tok[a a^T] (x) E_tok[g g^T]``, the dense Fi
 cross-token terms dropped; for ``T = 1`` this is the usual K-FAC. The ``Lambda`` of EK-FAC does
 not depend on this choice (only the eigenvectors of ``A`` and ``G`` enter).
 
+Which Fisher (``fisher=``): ``g`` of the observed targets (empirical), of one target drawn per
+example from the model (true, kronfluence's default), or the exact expectation over the model's
+outputs (expected: ``sum_k g_k g_k^T`` over the columns ``b_k`` of ``H = B B^T``, the output
+Hessian, so ``G`` and ``Lambda`` are built from ``E[J^T H J]``, the Gauss-Newton's layer block;
+for a one-layer model K-FAC is then the layer's exact Gauss-Newton when ``a`` is constant per
+example, and EK-FAC is exact when the Gauss-Newton is diagonal in the Kronecker eigenbasis).
+
 The inverse is block-diagonal over layers; per layer (``M`` the layer's slice of a row of ``V``
 reshaped to ``[out, in(+1)]``):
 
@@ -55,6 +62,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
@@ -62,6 +70,7 @@ from .._checks import (
     _msg,
     all_finite,
     batch_size,
+    batch_slice,
     check_int,
     check_optional_int,
     check_params,
@@ -71,7 +80,13 @@ from .._checks import (
 )
 from .._types import LinOp
 from ..transforms import capture
-from ..transforms.layers import _stream_layer_io, layer_names, module_state
+from ..transforms.layers import (
+    _stream_layer_io,
+    layer_names,
+    module_state,
+    output_shapes,
+    unpack_example,
+)
 
 __all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
            "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",
@@ -243,14 +258,93 @@ class _SampledLoss:
         return per_example_losses(self.loss_fn, output, drawn)
 
 
+class _ExpectedLoss:
+    """The expectation over the model's own output distribution (``fisher="expected"``).
+
+    For a loss whose Hessian in the output is known, ``H_n = B_n B_n^T`` with ``B_n`` ``[C, K]``
+    (:meth:`directions`), ``E_y[g g^T] = J^T H_n J = sum_k (J^T b_nk)(J^T b_nk)^T``: the
+    statistics take ``K`` backprops of the detached columns ``b_nk`` per example (one forward).
+    Softmax cross-entropy: ``H = diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T``, so
+    ``b_c = sqrt(p_c) (e_c - p)``, ``K = C``; ``F.mse_loss`` (the mean over the ``D`` output
+    entries of one example): ``H = (2 / D) I``, ``b_k = sqrt(2 / D) e_k``, ``K = D``.
+    """
+
+    def __init__(self, func: str, loss_fn: Callable, kind: str):
+        self.func, self.loss_fn, self.kind = func, loss_fn, kind
+
+    def directions(self, out) -> Tensor:
+        """``B`` with ``H_n = B_n B_n^T``, detached.  # out [B, C] (or [B, ...]) -> [K, B, ...]"""
+        if not isinstance(out, Tensor) or (self.kind == "ce" and out.ndim != 2):
+            got = (f"output shape {list(out.shape)}" if isinstance(out, Tensor)
+                   else f"a {type(out).__name__} output")
+            raise ValueError(_msg(self.func, "fisher", "'expected' on [B, C] logits for "
+                                  "softmax cross-entropy", got, "Use fisher='true' (one "
+                                  "drawn target per example) for sequence outputs."))
+        out = out.detach()
+        if self.kind == "ce":
+            p = out.softmax(-1)  # [B, C]
+            eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+            # b[c, n, :] = sqrt(p_nc) (e_c - p_n)
+            return (eye[:, None, :] - p[None]) * p.T.sqrt()[:, :, None]
+        D = out[0].numel()
+        eye = torch.eye(D, dtype=out.dtype, device=out.device) * (2.0 / D) ** 0.5
+        return eye[:, None, :].expand(D, out.shape[0], D).reshape(D, *out.shape)
+
+
+def _expected_kind(loss_fn: Callable) -> str | None:
+    from ..transforms.layers import cross_entropy_rows
+
+    if loss_fn is F.cross_entropy or getattr(loss_fn, "per_example", None) is cross_entropy_rows:
+        return "ce"
+    return "mse" if loss_fn is F.mse_loss else None
+
+
+def _expected_io(tapped, expected: _ExpectedLoss, state, batch, chunk_size, step,
+                 on_input=None) -> None:
+    """``step(layer, a, g_k)`` for each output-Hessian direction ``k`` of :class:`_ExpectedLoss`,
+    from one batched forward and ``K`` backward passes through its graph."""
+    like = state[tapped.specs[tapped.layers[0]].weight]
+    n = batch_size("layer_io", "batch", batch)
+    size = n if chunk_size is None else chunk_size
+    for start in range(0, n, size):
+        args, kwargs, _ = unpack_example(batch_slice(batch, start, start + size))
+        shapes = output_shapes(tapped, state, args, kwargs, like)
+        probes = {k: like.new_zeros(shapes[k], requires_grad=True) for k in tapped.layers}
+        with torch.enable_grad():
+            out, captured = tapped(state, probes, *args, **kwargs)
+            acts = {k: a.detach() for k, a in captured.items()}
+            del captured
+            if on_input is not None:
+                with torch.no_grad():
+                    for k in list(acts):
+                        on_input(k, acts.pop(k))
+            B = expected.directions(out)
+            for j in range(B.shape[0]):
+                gs = torch.autograd.grad(out, list(probes.values()), grad_outputs=B[j],
+                                         retain_graph=j + 1 < B.shape[0])
+                with torch.no_grad():
+                    for k, g in zip(probes, gs, strict=True):
+                        step(k, acts.get(k), g)
+
+
 def fisher_losses(func: str, loss_fn: Callable, fisher: str, seed: int,
                   sampler: Callable | None) -> Callable[[], Callable]:
-    """Return ``() -> loss`` for one pass: ``loss_fn`` itself (empirical Fisher) or a
-    :class:`_SampledLoss` whose generator restarts at ``seed`` (true Fisher)."""
+    """Return ``() -> loss`` for one pass: ``loss_fn`` itself (empirical Fisher), a
+    :class:`_SampledLoss` whose generator restarts at ``seed`` (true Fisher), or an
+    :class:`_ExpectedLoss` (the exact expectation over the model's outputs)."""
     from ..losses import sample_categorical
 
-    if fisher not in ("empirical", "true"):
-        raise ValueError(_msg(func, "fisher", "'empirical' or 'true'", repr(fisher)))
+    if fisher not in ("empirical", "true", "expected"):
+        raise ValueError(_msg(func, "fisher", "'empirical', 'true' or 'expected'", repr(fisher)))
+    if fisher == "expected":
+        kind = _expected_kind(loss_fn)
+        if kind is None:
+            raise ValueError(_msg(func, "fisher", "'empirical' or 'true' for this loss_fn "
+                                  "('expected' needs a known output Hessian: F.cross_entropy, "
+                                  "a loss with per_example=cross_entropy_rows, or F.mse_loss)",
+                                  f"'expected' with loss_fn "
+                                  f"{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}"))
+        return lambda: _ExpectedLoss(func, loss_fn, kind)
     check_int(func, "seed", seed, minimum=0)
     if sampler is not None and not callable(sampler):
         raise TypeError(_msg(func, "sampler", "None or a callable (output, target, generator) "
@@ -280,9 +374,10 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
     held at once.
     """
     n = 0
+    stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
-        _stream_layer_io(tapped, loss_fn, state, batch, chunk_size, step, on_input)
+        stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
     if n == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     return n
@@ -380,9 +475,14 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         batch_rows: merge consecutive batches into calls of at least this many examples (one
             batched forward/backward has a fixed cost of ~0.3 ms on one CPU thread); ``None``
             takes the batches as given.
-        fisher: ``"empirical"`` (``g`` of the data's targets) or ``"true"`` (``g`` of targets
+        fisher: ``"empirical"`` (``g`` of the data's targets), ``"true"`` (``g`` of targets
             drawn from the model's predictive distribution, one draw per example and pass,
-            kronfluence's default).
+            kronfluence's default) or ``"expected"`` (the exact expectation over that
+            distribution: ``G = E[J^T H J]`` with ``H`` the loss's Hessian in the output, the
+            layer blocks of the Gauss-Newton; ``K`` backprops per example of the columns of
+            ``H = B B^T``, ``A`` counted once): softmax cross-entropy on ``[B, C]`` logits
+            (``H = diag(p) - p p^T``, ``K = C``) or ``F.mse_loss`` (``H = (2/D) I``, ``K = D``
+            output entries); other losses are refused.
         seed: the true Fisher's draws: a ``torch.Generator`` seeded with it starts every pass,
             so equal data give equal draws.
         sampler: ``sample(output, target, generator) -> target'`` on a batch (see
