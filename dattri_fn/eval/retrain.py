@@ -288,8 +288,8 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
         on_unit: called with each unit's name after its file is written (in this process).
         weighted: the fixed-randomness protocol (MAGIC's): every model trains on all rows in
             the full run's data order with the examples outside ``S_k`` weighted 0
-            (:func:`~dattri_fn.eval.tasks.train_model` ``weighted=True``; an ``"sgd"`` task). Cached
-            apart from the standard units.
+            (:func:`~dattri_fn.eval.tasks.train_model` ``weighted=True``; an ``"sgd"`` or
+            ``"adam"`` task). Cached apart from the standard units.
 
     Returns:
         :class:`GroundTruth` ``(subsets, targets)``; ``targets`` on the CPU in the target's dtype.
@@ -310,7 +310,7 @@ def lds_ground_truth(task: Task, m: int, r: int = 1, *, alpha: float = 0.5, seed
         raise TypeError(_msg("lds_ground_truth", "weighted", "a bool", type(weighted).__name__))
     if weighted and "weights" not in inspect.signature(task.train).parameters:
         raise ValueError(_msg("lds_ground_truth", "weighted", "a task whose trainer takes "
-                              "weights (hparams optimizer 'sgd')",
+                              "weights (hparams optimizer 'sgd' or 'adam')",
                               f"optimizer {task.hparams.get('optimizer')!r}",
                               "Build the task with get_task(name, hparams=SGD_HPARAMS)."))
     kind = "lds-weighted" if weighted else "lds"

@@ -19,6 +19,12 @@ batch (L-BFGS for ``digits-lr``, Adam otherwise), so a model is a deterministic 
 init seed and its training subset; influence methods match the objective with
 ``damping = weight_decay``. Hyper-parameters are in ``Task.hparams``.
 
+The ``"adam"`` trainer is a functional run (:mod:`dattri_fn.training`, :func:`task_step`,
+:func:`adam_run`) that reproduces ``torch.optim.Adam`` + ``CosineAnnealingLR`` on that objective
+bit for bit (the trainer the tasks used before, kept as :func:`_train_adam_torch` and tested
+equal with ``torch.equal``), so MAGIC can replay and differentiate the bundled models themselves;
+it takes per-example ``weights`` too.
+
 ``hparams={"optimizer": "sgd", ...}`` (e.g. :data:`SGD_HPARAMS`) trains with mini-batch SGD with
 momentum on the functional trainer (:mod:`dattri_fn.training`): a pure, replayable run that
 MAGIC (:func:`dattri_fn.attribute.magic.magic`) differentiates, with the data order drawn from
@@ -40,9 +46,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .._checks import _msg, check_int, check_optional_int
-from ..transforms.layers import cross_entropy_rows
+from ..transforms.layers import cross_entropy_rows, per_example_losses
 
 TASKS = ("digits-lr", "digits-mlp", "digits-cnn", "text-lm")
 NOISE_FRACTION = 0.1
@@ -240,14 +247,93 @@ def _train_lbfgs(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
     return model.eval()
 
 
+def task_step(fm, optimizer, weight_decay: float) -> Callable[..., tuple[dict, Any]]:
+    """Return the bundled tasks' pure training step ``(params, opt_state, batch, weights) ->
+    (params, opt_state)`` on ``J = (1/B) sum_i w_i l_i(theta) + 0.5 wd sum_p |theta_p|^2``.
+
+    The gradient is written so that at ``w = 1`` it is the one ``.backward()`` of
+    :func:`_objective` leaves in the model's ``.grad``, bit for bit:
+
+        g = grad_theta [loss_fn(f_theta(x), y) + (1/B) sum_i (w_i - 1) l_i]   (then)
+        g <- (g + c theta) + c theta,   c = 0.5 wd   (as float32 products)
+
+    ``loss_fn`` is the task's batch mean (its own reduction order), ``l_i`` the per-example losses;
+    the second term is exactly 0 at ``w = 1`` with an exactly-0 gradient, and still gives
+    ``dJ/dw_i = l_i / B``. ``d(theta * theta)`` reaches ``theta`` as two products ``c theta``
+    that autograd adds one at a time after the data term; ``functional_call`` (whose
+    parameters are not the module's leaves) would add them to each other first, a different
+    rounding, so the decay gradient is added here by hand. Differentiable in ``params``, the
+    optimizer state and ``weights`` (MAGIC).
+
+    Args:
+        fm: the task model's FunctionalModel (``functional_model(model, task.loss_fn)``) with
+            every parameter selected (the decay runs over all of them).
+        optimizer: from :mod:`dattri_fn.training` (:func:`adam_run` for the ``"adam"`` trainer).
+        weight_decay: ``wd``.
+    """
+    from torch.func import grad
+
+    loss_fn, half = fm.loss_fn, 0.5 * weight_decay
+
+    def data_objective(params: dict, batch: tuple, weights: Tensor) -> Tensor:
+        *inputs, target = batch
+        out = functional_call(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True)
+        losses = per_example_losses(loss_fn, out, target)  # [B]
+        return loss_fn(out, target) + ((weights.to(losses.dtype) - 1) * losses).sum() / losses.shape[0]
+
+    data_grad = grad(data_objective)
+
+    def step(params: dict, opt_state, batch: tuple, weights: Tensor):
+        g = data_grad(params, batch, weights)
+        g = {k: (g[k] + p * half) + p * half for k, p in params.items()}
+        return optimizer.update(g, opt_state, params)
+
+    return step
+
+
+def adam_run(n: int, *, epochs: int, lr: float):
+    """Return ``(Optimizer, order)`` of the ``"adam"`` trainer on ``n`` examples: full batch,
+    ``torch.optim.Adam`` defaults (no decay of its own: :func:`task_step` adds it) and
+    ``CosineAnnealingLR(T_max=epochs)``'s learning rates (``cosine_schedule(recursive=True)``)."""
+    from ..training import adam, batch_order, cosine_schedule
+
+    order = batch_order(n, epochs=epochs)
+    return adam(cosine_schedule(lr, epochs, recursive=True)), order
+
+
 def _train_adam(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
                 epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
-                default_epochs: int) -> nn.Module:
+                default_epochs: int, weights: Tensor | None = None) -> nn.Module:
+    """Full-batch Adam with cosine-annealed ``lr`` on the functional trainer.
+
+    Bit-identical to ``torch.optim.Adam(lr=lr)`` + ``CosineAnnealingLR(T_max=epochs)`` on the
+    objective ``mean loss + 0.5 wd |theta|^2`` (tested with ``torch.equal``). Cosine decay lands
+    close to a stationary point, which influence methods assume. ``weights [n]`` weight each
+    example's loss (:func:`task_step`).
+    """
     del seed  # full batch: the init seed alone fixes the model
+    from ..model import functional_model
+    from ..training import train
+
+    optimizer, order = adam_run(x.shape[0], epochs=epochs or default_epochs, lr=lr)
+    fm = functional_model(model, loss_fn)
+    step = task_step(fm, optimizer, weight_decay)
+    run = train(step, fm.params, optimizer.init(fm.params), (x, y), order, weights=weights)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(run.params[name])
+    return model.eval()
+
+
+def _train_adam_torch(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
+                      epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
+                      default_epochs: int) -> nn.Module:
+    """The former ``"adam"`` trainer: ``torch.optim.Adam`` + ``CosineAnnealingLR``, kept as the
+    reference :func:`_train_adam` is tested equal to."""
+    del seed
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs or default_epochs
-    # Cosine decay lands close to a stationary point, which influence methods assume.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for _ in range(steps):
         opt.zero_grad()
@@ -485,7 +571,8 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
         epochs: overrides ``task.hparams["epochs"]``.
         weighted: train on ALL rows in the full run's data order with the examples outside
             ``keep`` weighted 0 (the fixed-randomness protocol); needs a trainer that takes
-            ``weights`` (``hparams["optimizer"] == "sgd"``).
+            ``weights`` (``hparams["optimizer"]`` ``"sgd"`` or ``"adam"``; full-batch Adam then
+            averages the loss over all ``n`` rows, the removed ones counting 0).
 
     Raises:
         ValueError: ``weighted=True`` with a trainer that takes no ``weights``.
@@ -495,7 +582,7 @@ def train_model(task: Task, *, seed: int = 0, keep: Tensor | None = None,
     if weighted:
         if "weights" not in inspect.signature(task.train).parameters:
             raise ValueError(_msg("train_model", "weighted", "a task whose trainer takes "
-                                  "weights (hparams optimizer 'sgd')",
+                                  "weights (hparams optimizer 'sgd' or 'adam')",
                                   f"optimizer {task.hparams.get('optimizer')!r}",
                                   "Build the task with get_task(name, hparams=SGD_HPARAMS)."))
         w = torch.ones(x.shape[0], dtype=x.dtype if x.is_floating_point() else torch.float32,

@@ -82,15 +82,35 @@ def _check_rate(func: str, arg: str, value, *, upper: float | None = None) -> fl
     return float(value)
 
 
-def cosine_schedule(lr: float, steps: int) -> Schedule:
+def cosine_schedule(lr: float, steps: int, *, recursive: bool = False) -> Schedule:
     """Return ``t -> lr (1 + cos(pi t / steps)) / 2``: cosine decay to 0 over ``steps`` steps.
 
-    The closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=steps)``, which
-    computes the same values recursively (they agree to float round-off).
+    ``recursive=False``: the closed form. ``recursive=True``: the values
+    ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=steps)`` (``eta_min = 0``) computes in a
+    loop, bit for bit: ``lr_0 = lr``, then ``lr_t = (1 + cos(pi t / steps)) / (1 + cos(pi (t-1)
+    / steps)) * lr_{t-1}``, and ``lr_{t-1} + lr (1 - cos(pi / steps)) / 2`` where ``(t - 1 -
+    steps) % (2 steps) == 0`` (the restart past the minimum). Both agree to float round-off;
+    the recursive form lets a functional run follow a ``torch.optim`` run bit for bit.
     """
     lr = _check_rate("cosine_schedule", "lr", lr)
     steps = check_int("cosine_schedule", "steps", steps)
-    return lambda t: lr * (1.0 + math.cos(math.pi * t / steps)) / 2.0
+    if not recursive:
+        return lambda t: lr * (1.0 + math.cos(math.pi * t / steps)) / 2.0
+    values = [lr]
+
+    def schedule(t: int) -> float:
+        # Grown on demand; the list only caches a deterministic sequence, so the schedule stays
+        # a pure function of t. Every operation and its order are CosineAnnealingLR.get_lr's.
+        while len(values) <= t:
+            e, prev = len(values), values[-1]
+            if (e - 1 - steps) % (2 * steps) == 0:
+                values.append(prev + (lr - 0.0) * (1 - math.cos(math.pi / steps)) / 2)
+            else:
+                values.append((1 + math.cos(math.pi * e / steps))
+                              / (1 + math.cos(math.pi * (e - 1) / steps)) * (prev - 0.0) + 0.0)
+        return values[t]
+
+    return schedule
 
 
 def sgd(lr: float | Schedule, *, momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
@@ -151,18 +171,22 @@ def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer
 
     def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
         rate, t = sched(state.count), state.count + 1
-        step_size = rate / (1.0 - b1 ** t)
-        root_c2 = math.sqrt(1.0 - b2 ** t)
+        # torch.optim.Adam's single-tensor step, op for op (lerp, mul + addcmul, sqrt / root,
+        # add eps, addcdiv), with its Python-float scalars computed in its order (``** 0.5``,
+        # not math.sqrt): the same kernels on the same operands give the same bits.
+        step_size = rate / (1 - b1 ** t)
+        root_c2 = (1 - b2 ** t) ** 0.5
         new_params, mu, nu = {}, {}, {}
         for k, p in params.items():
             g = grads[k]
             if wd and decoupled:
-                p = p * (1.0 - rate * wd)
+                p = p.mul(1 - rate * wd)
             elif wd:
-                g = g + wd * p
-            mu[k] = state.mu[k] + (1.0 - b1) * (g - state.mu[k])  # the lerp torch uses
-            nu[k] = b2 * state.nu[k] + (1.0 - b2) * g * g
-            new_params[k] = p - step_size * mu[k] / (_sqrt0(nu[k]) / root_c2 + eps)
+                g = g.add(p, alpha=wd)
+            mu[k] = state.mu[k].lerp(g, 1 - b1)
+            nu[k] = torch.addcmul(state.nu[k].mul(b2), g, g, value=1 - b2)
+            denom = (_sqrt0(nu[k]) / root_c2).add(eps)
+            new_params[k] = torch.addcdiv(p, mu[k], denom, value=-step_size)
         return new_params, AdamState(t, mu, nu)
 
     return Optimizer(init, update, func)
