@@ -83,7 +83,7 @@ _FACTORIES = {"cg": ihvp_cg, "explicit": ihvp_explicit, "arnoldi": ihvp_arnoldi,
 _PROBE = torch.eye(1, dtype=torch.float64)
 # Settings of the factor builders that influence(solver="kfac"/"ekfac") forwards.
 _FACTOR_OPTIONS = frozenset(inspect.signature(ekfac_factors).parameters) - {
-    "module", "loss_fn", "params", "data", "chunk_size", "tapped", "batch_rows"}
+    "module", "loss_fn", "params", "data", "chunk_size", "tapped", "batch_rows"} | {"query_rank"}
 
 
 def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None,
@@ -146,7 +146,8 @@ def _factored(name: str, options: dict) -> Solver:
 def kfac(**factor_options) -> Solver:
     """K-FAC's closed-form inverse (:func:`~dattri_fn.operators.kfac.ihvp_kfac`); settings are
     those of :func:`~dattri_fn.operators.kfac.kfac_factors` (``layers``, ``fisher``, ``seed``,
-    ``sampler``, ``dtype``), used when ``influence`` builds the factors from the model."""
+    ``sampler``, ``dtype``), used when ``influence`` builds the factors from the model, and
+    ``query_rank`` (low-rank test blocks in ``influence``'s scoring, kronfluence's)."""
     return _factored("kfac", factor_options)
 
 

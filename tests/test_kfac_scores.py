@@ -333,3 +333,68 @@ def test_streamed_io_gives_batched_io_layer_by_layer():
     for layer, (a, g) in ref.items():
         assert torch.equal(inputs[layer], a) and got[layer][0] is None
         assert torch.equal(got[layer][1], g)
+
+
+# -- kronfluence's low-rank query gradients (query_rank) ------------------------------------
+def _truncated(M, r):
+    """Rank-r SVD truncation of each [out, in] block (whole where min(out, in) <= r)."""
+    if min(M.shape[-2:]) <= r:
+        return M
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[..., :r] @ torch.diag_embed(S[..., :r]) @ Vh[..., :r, :]
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("rank, l2", [(1, 0.0), (2, 0.01), (3, 0.0)])
+def test_query_rank_scores_equal_scoring_with_the_truncated_test_blocks(problem, solver, rank,
+                                                                        l2):
+    """query_rank=r: s_ij = sum_l <DW_il + 2 l2 p_l, trunc_r(M_jl)>, M_jl the layer blocks of
+    (F + damping I)^-1 g_j and trunc_r their rank-r SVD, formed densely (1e-10)."""
+    fm, train, test, whole = PROBLEMS[problem](0)
+    m = influence(fm, solver=solver, damping=0.1, l2=l2, query_rank=rank)
+    state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    G = per_sample_grad(fm.loss, fm.params, whole)
+    if l2:
+        G = G + 2 * l2 * torch.cat([v.reshape(-1) for v in fm.params.values()])
+    train_blocks = state.ihvp.blocks(G)
+    test_blocks = state.ihvp.blocks(state.ihvp(per_sample_grad(fm.loss, fm.params, test)))
+    R = sum(torch.einsum("noi,moi->nm", train_blocks[k], _truncated(M, rank))
+            for k, M in test_blocks.items())
+    _close(S, R)
+    exact = influence(fm, solver=solver, damping=0.1, l2=l2).score(fm.params, state, train, test)
+    assert float((S - exact).abs().max()) > 1e-8 * float(exact.abs().max())  # truncation bites
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_query_rank_at_full_rank_is_the_exact_score(problem):
+    """query_rank >= min(out, in(+1)) of every layer: no truncation, the exact scores (1e-10);
+    the factored (L, R) product at full rank equals the dense block product (1e-10)."""
+    from dattri_fn import solvers
+
+    fm, train, test, whole = PROBLEMS[problem](1)
+    m = influence(fm, solver="ekfac", damping=0.1)
+    state = m.prepare(fm.params, train)
+    exact = m.score(fm.params, state, train, test)
+    full = influence(fm, solver=solvers.ekfac(query_rank=7)).score(fm.params, state, train, test)
+    _close(full, exact)
+    io_ = layer_io(fm.module, fm.loss_fn, list(state.ihvp.eigen[0]), fm.params, whole)
+    blocks = state.ihvp.blocks(state.ihvp(per_sample_grad(fm.loss, fm.params, test)))
+    for layer, M in blocks.items():
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        pair = (U * S[:, None, :], Vh)
+        _close(layer_scores(io_, {layer: pair})[layer], layer_scores(io_, {layer: M})[layer])
+
+
+def test_query_rank_is_refused_outside_layered_kfac():
+    """query_rank needs kfac/ekfac on the FunctionalModel and an int >= 1."""
+    fm, train, test, whole = _mlp(0)
+    with pytest.raises(ValueError, match=r"influence\(query_rank=...\): expected solver 'kfac' or "
+                                         r"'ekfac'"):
+        influence(fm, solver="cg", query_rank=2)
+    with pytest.raises(ValueError, match=r"influence\(query_rank=...\): expected an int >= 1"):
+        influence(fm, solver="ekfac", query_rank=0)
+    with pytest.raises(ValueError, match=r"influence\(query_rank=...\): expected loss to be the "
+                                         r"FunctionalModel"):
+        influence(fm, solver="ekfac", query_rank=2, relatif="l")

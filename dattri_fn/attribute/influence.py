@@ -26,6 +26,7 @@ from .._checks import (
     batch_size,
     batch_slice,
     blame_data,
+    check_int,
     check_optional_int,
     check_params,
     check_positive,
@@ -197,6 +198,12 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``"l"`` and the default target it is ``sqrt|g_i^T (C + damping I)^-1 g_i|``).
             With a list of checkpoints each checkpoint's scores are normalised with its own
             curvature, then averaged.
+        query_rank: ``kfac``/``ekfac`` on a FunctionalModel only (a solver option, also of
+            ``solvers.kfac/ekfac(query_rank=r)``): ``score`` replaces each layer's preconditioned
+            test block ``[out, in(+1)]`` by its rank-``r`` SVD truncation where ``min(out,
+            in(+1)) > r`` (kronfluence's ``query_gradient_low_rank``, with the exact SVD), so a
+            layer costs ``r (out + in)`` per training token and test row instead of ``out *
+            in``; ``self_score`` stays exact (as kronfluence's).
         per_layer: ``kfac``/``ekfac`` only: ``score`` returns ``{layer: [n_train, n_test]}``,
             each layer's share ``<DW_il, (F_l + damping I)^-1 DW_jl>`` of the block-diagonal
             inverse (kronfluence's per-module scores; with ``l2`` each layer's share of the
@@ -237,6 +244,14 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
     if solver not in SOLVERS:
         raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)} or a "
                          f"dattri_fn.solvers value, got {solver!r}.")
+    solver_options = dict(solver_options)
+    query_rank = solver_options.pop("query_rank", None)
+    if query_rank is not None:
+        check_int("influence", "query_rank", query_rank)
+        if solver not in ("kfac", "ekfac"):
+            raise ValueError(f"influence(query_rank=...): expected solver 'kfac' or 'ekfac' "
+                             f"(per-layer test blocks), got query_rank={query_rank} with "
+                             f"solver={solver!r}.")
     check_positive("influence", "damping", damping)
     if relatif is not None and relatif not in RELATIF:
         raise ValueError(f"influence(relatif=...): expected None, 'l' or 'theta', got {relatif!r}.")
@@ -281,6 +296,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         raise ValueError("influence(per_layer=...): expected loss to be the FunctionalModel "
                          "itself (its layers are scored one by one), got a plain loss or "
                          "another model.")
+    if query_rank is not None and not layered:
+        raise ValueError("influence(query_rank=...): expected loss to be the FunctionalModel "
+                         "itself and relatif=None (test blocks are truncated layer by layer), "
+                         "got a plain loss, another model or RelatIF.")
     score_dtype = solver_options.get("dtype") if solver in ("kfac", "ekfac") else None
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
@@ -561,8 +580,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         offsets = [sum(sizes[:c]) for c in range(len(ps))]
         blocks = [st.ihvp.blocks(test_f[:, o:o + P]) for (_, st), o, P in zip(ps, offsets, sizes,
                                                                                strict=True)]
+        if query_rank is not None:  # kronfluence's low-rank query gradients
+            blocks = [kfac.low_rank_blocks(bl, query_rank) for bl in blocks]
+        dense = lambda bl: bl[0] @ bl[1] if isinstance(bl, tuple) else bl  # noqa: E731
         # the l2 term 2 l2 <params, p_j> of every train row, split by layer
-        extra = [{layer: (bl * sb).sum((1, 2)) for (layer, bl), sb in
+        extra = [{layer: (dense(bl) * sb).sum((1, 2)) for (layer, bl), sb in
                   zip(blocks[c].items(), st.ihvp.blocks(2 * l2 * torch.cat(
                       [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
                  if l2 else None for c, (p, st) in enumerate(ps)]

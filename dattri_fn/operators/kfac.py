@@ -90,7 +90,7 @@ from ..transforms.layers import (
 
 __all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
            "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",
-           "layer_self_scores"]
+           "layer_self_scores", "low_rank_blocks"]
 
 
 class KFACFactors(NamedTuple):
@@ -738,7 +738,38 @@ def _pair_scores(a: Tensor, g: Tensor, M: Tensor, dtype) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor], *,
+def _low_rank_pair_scores(a: Tensor, g: Tensor, L: Tensor, R: Tensor, dtype) -> Tensor:
+    """``s[b, j] = sum_t (g_bt^T L_j) . (R_j a_bt)``.  # a [B, T, i], g [B, T, o], L [n, o, r],
+    R [n, r, i] -> [B, n]: ``B T n r (o + i)`` flops instead of ``B o i n``."""
+    B, T, i = a.shape
+    n, o, r = L.shape
+    a, g, L, R = _as(a, dtype), _as(g, dtype), _as(L, dtype), _as(R, dtype)
+    gl = (g.reshape(B * T, o) @ L.permute(1, 0, 2).reshape(o, n * r)).reshape(B, T, n * r)
+    ra = (a.reshape(B * T, i) @ R.permute(2, 0, 1).reshape(i, n * r)).reshape(B, T, n * r)
+    return (gl * ra).sum(1).reshape(B, n, r).sum(-1)
+
+
+def low_rank_blocks(blocks: dict[str, Tensor], rank: int) -> dict[str, Tensor | tuple]:
+    """Return each ``[n, out, in(+1)]`` block as its rank-``rank`` SVD truncation ``(U_r S_r,
+    V_r^T)`` (``[n, out, r]``, ``[n, r, in(+1)]``), or whole where ``min(out, in(+1)) <= rank``.
+
+    kronfluence's low-rank query gradients (``query_gradient_low_rank``; here the exact SVD,
+    not a randomised one): :func:`layer_scores` then costs ``r (out + in)`` per token and test
+    row instead of ``out * in``, and the test side holds ``r (out + in)`` numbers per layer.
+    """
+    rank = check_int("low_rank_blocks", "rank", rank)
+    out = {}
+    for layer, M in blocks.items():
+        if min(M.shape[-2:]) <= rank:
+            out[layer] = M
+            continue
+        U, S, Vh = torch.linalg.svd(M.to(_compute_dtype(M)), full_matrices=False)
+        out[layer] = ((U[..., :rank] * S[..., None, :rank]).to(M.dtype),
+                      Vh[..., :rank, :].to(M.dtype))
+    return out
+
+
+def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor | tuple], *,
                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Return ``s_l[i, j] = <DW_il, M_jl> = sum_t g_it^T M_jl a_it`` per layer.  # {layer: [B, n]}
 
@@ -751,13 +782,20 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor]
     Args:
         io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.
         blocks: ``{layer: [n, out, in(+1)]}``; one column more than ``a`` means the layer's
-            bias is scored too (``a`` is augmented with ones).
+            bias is scored too (``a`` is augmented with ones). A pair ``(L [n, out, r],
+            R [n, r, in(+1)])`` (from :func:`low_rank_blocks`) stands for ``M_j = L_j R_j`` and
+            is scored without forming it.
         dtype: the dtype of the products (e.g. ``torch.bfloat16``); None: the blocks'. The
             scores are returned in the blocks' dtype.
     """
     out = {}
     for layer, M in blocks.items():
         a, g = io[layer]
+        if isinstance(M, tuple):
+            L, R = M
+            a, g = _tokens(a, g, R.shape[-1] == a.shape[-1] + 1)
+            out[layer] = _low_rank_pair_scores(a, g, L, R, dtype).to(L.dtype)
+            continue
         a, g = _tokens(a, g, M.shape[-1] == a.shape[-1] + 1)
         out[layer] = _pair_scores(a, g, M, dtype).to(M.dtype)
     return out
