@@ -27,7 +27,8 @@ from dattri_fn.testing import (
     ridge_regression,
     sequence_model,
 )
-from dattri_fn.testing.problems import BUILDERS, MATRICES
+from dattri_fn.testing.matrices import MATRICES
+from dattri_fn.testing.problems import BUILDERS
 from dattri_fn.testing.strategies import dampings, linops, operators, problems
 from dattri_fn.tree import ravel
 

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from .assertions import _assert_close, _fail, _name
-from .problems import Problem, exact_loo
+from .problems import Problem
+from .references import exact_loo
 
 __all__ = ["check_method"]
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._checks import check_int, check_positive
 from .._types import LinOp, as_linop
 from .assertions import _assert_close, _fail, _name, _randn, _rtol, default_rtol
-from .problems import MATRICES, indefinite_matrix, psd_matrix
+from .matrices import MATRICES, indefinite_matrix, psd_matrix
 
 __all__ = ["check_inverse", "check_linop"]
 

@@ -43,8 +43,9 @@ from ..solve import (
     kfac_factors,
 )
 from ..transforms.project import make_projector
-from .checks import jl_d_eff
-from .problems import Problem, dense_curvature, per_example_grads
+from .problems import Problem
+from .projector_checks import jl_d_eff
+from .references import dense_curvature, per_example_grads
 
 __all__ = ["METHODS", "MIXED_INPUT_DEFECTS", "OPERATORS", "PROJECTORS", "SOLVERS", "Entry",
            "mlp_module"]

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .._types import LinOp
-from .problems import BUILDERS, DTYPE, MATRICES
+from .matrices import MATRICES
+from .problems import BUILDERS, DTYPE
 
 __all__ = ["dampings", "linops", "operators", "problems", "seeds"]
 
