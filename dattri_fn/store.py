@@ -72,8 +72,8 @@ SELF = "self"  # the sub-directory holding a store's self-scores
 BLOCK_ROWS = 4096
 
 __all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
-           "stats_store", "self_scores", "record_self", "params_hash", "state_hash", "batch_hash",
-           "FORMAT"]
+           "stats_store", "self_scores", "record_self", "write_grouped", "grouped_parts",
+           "params_hash", "state_hash", "batch_hash", "FORMAT"]
 
 
 def _version() -> str:
@@ -213,7 +213,9 @@ class FeatureStore(NamedTuple):
     Fields:
         path: the store directory.
         manifest: its manifest (the request and the shards).
-        shards: ``(file, rows)`` per shard, in row order (over every part of a sharded store).
+        shards: ``(file, rows)`` per shard, in row order (over every part of a sharded store),
+            or ``(file, rows, start)`` for the rows ``[start, start + rows)`` of a grouped shard
+            (one step of a record written by :func:`write_grouped`).
         block_rows: rows per block when streamed (bounds memory: ``block_rows x F`` values).
         out: where the pipeline writes the full ``[n_train, n_test]`` scores (a ``.npy``
             memmap, finalised atomically), or None to return them in memory.
@@ -221,13 +223,13 @@ class FeatureStore(NamedTuple):
 
     path: str
     manifest: dict
-    shards: tuple[tuple[str, int], ...]
+    shards: tuple[tuple[str, int] | tuple[str, int, int], ...]
     block_rows: int = BLOCK_ROWS
     out: str | None = None
 
     @property
     def n_rows(self) -> int:
-        return sum(r for _, r in self.shards)
+        return sum(s[1] for s in self.shards)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -241,14 +243,16 @@ class FeatureStore(NamedTuple):
         is never written through.
         """
         stacked = self.manifest["layout"] == "stacked"
-        for file, rows in self.shards:
+        for file, rows, *start in self.shards:
             arr = np.load(file, mmap_mode="r")
-            if arr.shape[0] != rows:
-                raise ValueError(_msg("FeatureStore", "path", f"{rows} rows in {file} as the "
-                                      "manifest lists", f"{arr.shape[0]}",
+            # (file, rows, start): a part of a grouped shard (one step of a record) from `start`
+            part, start = bool(start), start[0] if start else 0
+            if (arr.shape[0] < start + rows) if part else (arr.shape[0] != rows):
+                raise ValueError(_msg("FeatureStore", "path", f"{rows + start} rows in {file} as "
+                                      "the manifest lists", f"{arr.shape[0]}",
                                       "The store was altered; rebuild it."))
-            for s in range(0, rows, self.block_rows):
-                block = torch.from_numpy(np.array(arr[s:s + self.block_rows]))
+            for s in range(start, start + rows, self.block_rows):
+                block = torch.from_numpy(np.array(arr[s:min(s + self.block_rows, start + rows)]))
                 if stacked:
                     block = block.transpose(0, 1)  # stored [b, C, F] -> [C, b, F]
                 yield block if device is None else block.to(device)
@@ -499,6 +503,12 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
         raise TypeError(_msg("open_store", "out", "None or a str or os.PathLike",
                              type(out).__name__))
     man = _load_manifest("open_store", path)
+    if man is None and not path.exists():
+        view = _grouped_part(path, block_rows, out)
+        if view is not None:
+            _check_request("open_store", view.manifest, _open_request(params, config),
+                           arg_of={"params_hash": "params"})
+            return view
     if man is None:
         raise FileNotFoundError(_msg("open_store", "path", "a store directory with a manifest",
                                      repr(str(path))))
@@ -506,13 +516,86 @@ def open_store(path: str | os.PathLike, *, params=None, config: Mapping | None =
         raise ValueError(_msg("open_store", "path", "a complete store",
                               f"one with {len(man['shards'])} committed shards",
                               "Resume it with build_store (or score with a record_store)."))
+    _check_request("open_store", man, _open_request(params, config),
+                   arg_of={"params_hash": "params"})
+    return _opened(path, man, block_rows, out)
+
+
+def _open_request(params, config) -> dict:
     request = {}
     if params is not None:
         request["params_hash"] = params_hash(params, func="open_store")
     if config is not None:
         request["config"] = _canonical(config, "open_store")
-    _check_request("open_store", man, request, arg_of={"params_hash": "params"})
-    return _opened(path, man, block_rows, out)
+    return request
+
+
+GROUPED = "grouped"  # the kind of a store whose one shard holds several named parts
+
+
+def write_grouped(path: str | os.PathLike, parts, *, config: Mapping | None = None,
+                  func: str = "write_grouped") -> None:
+    """Write ``parts`` as ONE shard of a new store at ``path`` that names each part's rows.
+
+    ``parts``: ``[(name, rows [b_i, ...] array, data_hash, params_hash)]``, e.g. the per-example
+    gradients of several training steps, each at its own params. The shard and then the
+    manifest are written atomically (two fsynced renames for all parts, where a store per part
+    takes four each); the manifest is the commit record, so a kill at any point leaves either
+    no committed group (written again in full by the next call, whose temp files it removes)
+    or a complete one. ``open_store(path / name)`` then reads part ``name`` alone (its
+    manifest's ``params_hash`` is the part's, its ``config`` gains ``"part": name``).
+
+    Raises:
+        ValueError: parts of different dtypes or row shapes, or none.
+    """
+    path = _directory(func, path)
+    if not parts:
+        raise ValueError(_msg(func, "parts", "at least one part", "none"))
+    arrays = [np.ascontiguousarray(a) for _, a, _, _ in parts]
+    if len({(a.dtype.str, a.shape[1:]) for a in arrays}) != 1:
+        raise ValueError(_msg(func, "parts", "rows of one dtype and row shape",
+                              str(sorted({(a.dtype.str, a.shape[1:]) for a in arrays}))))
+    path.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(func, path):
+        clean_temps(path)
+        arr = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+        name = "shard-000000.npy"
+        with atomic_path(path / name) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr)
+        table, start = {}, 0
+        for (part, _, data_hash, p_hash), a in zip(parts, arrays, strict=True):
+            table[str(part)] = {"start": start, "rows": int(a.shape[0]), "data_hash": data_hash,
+                                "params_hash": p_hash}
+            start += a.shape[0]
+        digest = hashlib.sha256("".join(d for _, _, d, _ in parts).encode()).hexdigest()
+        _write_manifest(path, {
+            "format": FORMAT, "kind": GROUPED, "config": _canonical(config, func),
+            "layout": "rows", "dtype": str(arr.dtype), "row_shape": list(arr.shape[1:]),
+            "shards": [{"file": name, "rows": int(arr.shape[0]), "data_hash": digest}],
+            "members": table, "complete": True, "n_rows": int(arr.shape[0]), "data_hash": digest,
+            "versions": _versions()})
+
+
+def grouped_parts(path: str | os.PathLike) -> dict | None:
+    """Return the part table of the complete grouped store at ``path`` (None: none committed)."""
+    man = _load_manifest("grouped_parts", Path(path))
+    return None if man is None or man.get("kind") != GROUPED else man["members"]
+
+
+def _grouped_part(path: Path, block_rows: int, out) -> FeatureStore | None:
+    """The store of part ``path.name`` of the grouped store at ``path.parent``, or None."""
+    man = _load_manifest("open_store", path.parent)
+    if man is None or man.get("kind") != GROUPED or path.name not in man["members"]:
+        return None
+    part = man["members"][path.name]
+    file = str(path.parent / man["shards"][0]["file"])
+    view = {k: v for k, v in man.items() if k != "members"}
+    view.update(kind="features", params_hash=part["params_hash"], data_hash=part["data_hash"],
+                n_rows=part["rows"], config=dict(man["config"], part=path.name),
+                shards=[{"file": man["shards"][0]["file"], "rows": part["rows"],
+                         "data_hash": part["data_hash"]}])
+    return FeatureStore(str(path), view, ((file, part["rows"], part["start"]),), block_rows,
+                        None if out is None else os.fspath(out))
 
 
 def self_scores(func: str, store: FeatureStore, *, state=None) -> Tensor:

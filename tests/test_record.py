@@ -1,5 +1,8 @@
 """record: what a user's own loop (library steps or plain torch.optim) hands over, kept exactly."""
 
+import json
+import os
+
 import pytest
 import torch
 from test_training import mlp_problem
@@ -195,3 +198,86 @@ def test_record_errors_name_the_argument():
         record_step(rec, torch.zeros(3), lr=0.1, params=params)
     with pytest.raises(ValueError, match=r"finish_record\(rec=...\): expected at least one"):
         finish_record(rec, params=params)
+
+
+def _sgd_record(path, *, steps_per_shard=None, stop=None, proj_dim=None, loss_wrap=None,
+                perturb=0.0):
+    """Record 7 steps of SGD (batches of 4, 2 epochs of 14 rows) with per-step gradient stores;
+    ``stop``: return the Recording before step ``stop`` as a killed run would leave it."""
+    _, params, loss, data = mlp_problem(n=14, seed=6)
+    params = {k: v + perturb for k, v in params.items()}
+    opt = sgd(0.2)
+    step = make_step(loss, opt)
+    order = batch_order(14, batch_size=4, epochs=2, seed=2)[:7]
+    spec = GradSpec(loss if loss_wrap is None else loss_wrap(loss), str(path), proj_dim, seed=1,
+                    steps_per_shard=steps_per_shard)
+    rec, state = start_record("sgd", grads=spec), (params, opt.init(params))
+    for t, rows in enumerate(order):
+        if t == stop:
+            return rec
+        batch = take(data, rows)
+        rec = record_step(rec, rows, lr=0.2, params=state[0], batch=batch)
+        state = step(*state, batch, torch.ones(len(rows), dtype=DT))
+    return finish_record(rec, params=state[0])
+
+
+@pytest.mark.parametrize("proj_dim", [None, 5])
+def test_append_mode_equals_one_store_per_step(tmp_path, proj_dim):
+    """steps_per_shard=3: step t's rows (read alone through open_store of its entry) == the
+    per-step store's bit for bit, over 7 steps (groups 0-2, 3-5 and the partial 6 written by
+    finish_record); one grouped shard per 3 steps."""
+    ref = _sgd_record(tmp_path / "ref", proj_dim=proj_dim)
+    rec = _sgd_record(tmp_path / "app", steps_per_shard=3, proj_dim=proj_dim)
+    assert [p.rsplit(os.sep, 2)[-2:] for p in rec.grad_stores][:4] == [
+        ["steps-0000000", "step-0000000"], ["steps-0000000", "step-0000001"],
+        ["steps-0000000", "step-0000002"], ["steps-0000003", "step-0000003"]]
+    assert sorted(os.listdir(tmp_path / "app")) == ["steps-0000000", "steps-0000003", "steps-0000006"]
+    for a, b in zip(rec.grad_stores, ref.grad_stores, strict=True):
+        got, want = open_store(a), open_store(b)
+        assert torch.equal(got.read(), want.read()) and got.n_rows == want.n_rows
+        assert got.manifest["params_hash"] == want.manifest["params_hash"]
+        assert got.manifest["config"]["proj_dim"] == proj_dim
+    group = open_store(tmp_path / "app" / "steps-0000003")  # the whole group: steps 3-5
+    assert torch.equal(group.read(), torch.cat([open_store(p).read() for p in ref.grad_stores[3:6]]))
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_append_mode_resumes_after_a_kill_bit_identically(tmp_path):
+    """A run stopped before step 5 (group 3-5 half filled, a killed save's temp left in it) and
+    run again computes gradients for steps 3-6 only (groups 0-2 re-read by hash) and leaves
+    the groups byte for byte those of an uninterrupted run, with no temp file."""
+    _sgd_record(tmp_path / "ref", steps_per_shard=3)
+    _sgd_record(tmp_path / "run", steps_per_shard=3, stop=5)
+    group = tmp_path / "run" / "steps-0000003"
+    group.mkdir()
+    (group / ".shard-000000.npy.ab12cd_9.tmp").write_bytes(b"partial")
+    calls = []
+
+    def counting(loss):
+        def wrapped(p, ex):
+            calls.append(1)
+            return loss(p, ex)
+        return wrapped
+
+    _sgd_record(tmp_path / "run", steps_per_shard=3, loss_wrap=counting)
+    assert calls  # vmap calls the loss once per traced batch: steps 3, 4, 5 and 6
+    assert len(calls) == 4
+    for name in ("steps-0000000", "steps-0000003", "steps-0000006"):
+        for f in ("shard-000000.npy", "manifest.json"):
+            a, b = tmp_path / "run" / name / f, tmp_path / "ref" / name / f
+            if f == "manifest.json":
+                assert json.loads(a.read_text()) == json.loads(b.read_text())
+            else:
+                assert a.read_bytes() == b.read_bytes()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_append_mode_refuses_another_run(tmp_path):
+    """Recording into groups committed by another run is refused naming params (other weights)
+    or batch (other rows), never silently reused."""
+    _sgd_record(tmp_path, steps_per_shard=3)
+    with pytest.raises(ValueError, match=r"record_step\(params=...\): expected step 0's params as "
+                                         r"recorded in"):
+        _sgd_record(tmp_path, steps_per_shard=3, perturb=1e-9)
+    with pytest.raises(TypeError, match=r"start_record\(grads.steps_per_shard=...\)"):
+        _sgd_record(tmp_path / "bad", steps_per_shard=2.5)

@@ -18,7 +18,8 @@ Per step the record keeps the rows of the batch (the data order) and the learnin
 checkpoint steps (``t % checkpoint_every == 0``, or ``t in checkpoint_steps``) a detached copy
 of the parameters and, for Adam/AdamW, the moments ``(count, m, v)``; the final state always.
 With ``grads=`` (:class:`GradSpec`) it also writes each step's per-example (projected) gradients
-at the step's parameters into a :mod:`dattri_fn.store` feature store, one store per step.
+at the step's parameters into a :mod:`dattri_fn.store` feature store, one store per step, or
+(``steps_per_shard=k``, append mode) one grouped shard per ``k`` steps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,13 +62,26 @@ class Checkpoint(NamedTuple):
 
 class GradSpec(NamedTuple):
     """Per-step per-example gradients to store: ``loss(params, example)``, an optional random
-    projection (``proj_dim``, ``seed``, ``kind``) and the directory of the stores."""
+    projection (``proj_dim``, ``seed``, ``kind``) and the directory of the stores.
+
+    ``steps_per_shard``: None writes one store per step (``<path>/step-T``: four atomic writes,
+    eight fsyncs, a step). ``k`` appends instead: the rows of ``k`` consecutive steps are kept
+    in memory and written as ONE shard of a grouped store (``<path>/steps-T0``, two atomic
+    writes for the ``k`` steps; :func:`dattri_fn.store.write_grouped`); step ``t``'s entry in
+    ``Record.grad_stores`` is then ``<path>/steps-T0/step-T``, which ``open_store`` reads
+    alone. A run killed at any moment and run again (the same loop) re-reads every committed
+    group, checking each step's params and batch hashes, computes nothing for it, and resumes
+    at the first uncommitted group: the groups are then byte for byte those of an
+    uninterrupted run. The last group is written by :func:`finish_record`; up to ``k`` steps
+    of rows are held in memory.
+    """
 
     loss: Callable
     path: str
     proj_dim: int | None = None
     seed: int = 0
     kind: str = "rademacher"
+    steps_per_shard: int | None = None
 
 
 class Recording(NamedTuple):
@@ -80,6 +95,8 @@ class Recording(NamedTuple):
     checkpoints: tuple[Checkpoint, ...]
     grads: GradSpec | None
     grad_stores: tuple[str, ...]
+    # append mode: (name, rows, data_hash, params_hash) of the steps not yet written
+    pending: tuple = ()
 
 
 class Record(NamedTuple):
@@ -153,6 +170,8 @@ def start_record(optimizer: str | torch.optim.Optimizer, *, checkpoint_every: in
                       for s in checkpoint_steps)
     if grads is not None and not isinstance(grads, GradSpec):
         raise TypeError(_msg("start_record", "grads", "a GradSpec or None", type(grads).__name__))
+    if grads is not None:
+        check_optional_int("start_record", "grads.steps_per_shard", grads.steps_per_shard)
     return Recording(hp, every, steps, (), (), (), grads, ())
 
 
@@ -193,12 +212,11 @@ def _moments(func: str, rec: Recording, params: Params, opt_state) -> Moments | 
                          "AdamState or the torch.optim optimizer)", type(opt_state).__name__))
 
 
-def _grad_store(rec: Recording, t: int, params: Params, batch: Batch) -> str:
-    from ..store import build_store
+def _grad_features(spec: GradSpec, params: Params) -> Callable:
+    """``batch -> [B, d]``: per-example gradients at ``params``, projected if asked."""
     from ..transforms.grad import per_sample_grad_unchecked
     from ..tree import ravel_batched
 
-    spec = rec.grads
     proj = None
     if spec.proj_dim is not None:
         from ..transforms.project import make_projector
@@ -212,10 +230,61 @@ def _grad_store(rec: Recording, t: int, params: Params, batch: Batch) -> str:
         G = ravel_batched(per_sample_grad_unchecked(spec.loss, params, b))  # [B, P]
         return G if proj is None else proj(G)
 
+    return features
+
+
+def _grads_config(spec: GradSpec) -> dict:
+    return {"kind": "record-grads", "proj_dim": spec.proj_dim, "seed": spec.seed,
+            "projection": spec.kind, "steps_per_shard": spec.steps_per_shard}
+
+
+def _group_dir(spec: GradSpec, t: int) -> str:
+    k = spec.steps_per_shard
+    return os.path.join(spec.path, f"steps-{t - t % k:07d}")
+
+
+def _append_grads(func: str, rec: Recording, t: int, params: Params, batch: Batch):
+    """Append mode: ``(entry path, pending)`` for step ``t``; the group is written when full."""
+    from .._checks import blame_data
+    from ..store import batch_hash, grouped_parts, params_hash, write_grouped
+
+    spec = rec.grads
+    group, name = _group_dir(spec, t), f"step-{t:07d}"
+    p_hash, d_hash = params_hash(params, func=func), batch_hash(batch)
+    # A group being filled by this run is not committed; only a fresh one is looked up.
+    table = grouped_parts(group) if not rec.pending else None
+    if table is not None:
+        entry = table.get(name)
+        if entry is None:
+            raise ValueError(_msg(func, "rec", f"step {t} in the committed group {group!r}",
+                                  f"a group of steps {sorted(table)}", "The run is not the one "
+                                  "recorded there; record into a new path."))
+        for field, arg, have in (("params_hash", "params", p_hash), ("data_hash", "batch", d_hash)):
+            if entry[field] != have:
+                raise ValueError(_msg(func, arg, f"step {t}'s {arg} as recorded in {group!r} "
+                                      f"({field} {entry[field][:12]})", f"{have[:12]}",
+                                      "The run is not the one recorded there; record into a "
+                                      "new path."))
+        return os.path.join(group, name), ()
+    with blame_data(func, "batch", batch):
+        feats = _grad_features(spec, params)(batch)
+    arr = np.ascontiguousarray(feats.detach().cpu().numpy())
+    pending = rec.pending + ((name, arr, d_hash, p_hash),)
+    if len(pending) == spec.steps_per_shard:
+        write_grouped(group, pending, config=_grads_config(spec), func=func)
+        pending = ()
+    return os.path.join(group, name), pending
+
+
+def _grad_store(rec: Recording, t: int, params: Params, batch: Batch) -> str:
+    from ..store import build_store
+
+    spec = rec.grads
     path = os.path.join(spec.path, f"step-{t:07d}")
     config = {"kind": "record-grads", "step": t, "proj_dim": spec.proj_dim, "seed": spec.seed,
               "projection": spec.kind}
-    build_store(path, features, batch, params=params, config=config, func="record_step")
+    build_store(path, _grad_features(spec, params), batch, params=params, config=config,
+                func="record_step")
     return path
 
 
@@ -260,7 +329,12 @@ def record_step(rec: Recording, rows: Tensor, *, lr: float, params: Params | Non
             raise ValueError(_msg(func, "batch", "params and batch at every step (the record "
                                   "stores per-example gradients)", "None"))
         params = {k: v.detach() for k, v in check_params(func, "params", params).items()}
-        stores = stores + (_grad_store(rec, t, params, batch),)
+        if rec.grads.steps_per_shard is None:
+            stores = stores + (_grad_store(rec, t, params, batch),)
+        else:
+            entry, pending = _append_grads(func, rec, t, params, batch)
+            stores = stores + (entry,)
+            rec = rec._replace(pending=pending)
     return rec._replace(order=rec.order + (rows.detach().to("cpu", torch.int64).clone(),),
                         lrs=rec.lrs + (float(lr),), checkpoints=checkpoints, grad_stores=stores)
 
@@ -274,6 +348,12 @@ def finish_record(rec: Recording, *, params: Params, opt_state=None) -> Record:
         raise ValueError(_msg(func, "rec", "at least one recorded step", "none"))
     params = check_params(func, "params", params)
     final = Checkpoint(len(rec.order), _clone(params), _moments(func, rec, params, opt_state))
+    if rec.pending:  # append mode: the last, partial group of steps
+        from ..store import write_grouped
+
+        first = int(rec.pending[0][0].removeprefix("step-"))
+        write_grouped(_group_dir(rec.grads, first), rec.pending, config=_grads_config(rec.grads),
+                      func=func)
     return Record(dict(rec.optimizer), rec.order, torch.tensor(rec.lrs, dtype=torch.float64),
                   rec.checkpoints + (final,), rec.grad_stores)
 
