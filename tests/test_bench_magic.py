@@ -19,6 +19,22 @@ def test_magic_benchmark_smoke(tmp_path, capsys):
         for label in ("std r=1", "std r=2", "fixed"):
             assert -1.0 <= row[label][0] <= 1.0, (row["method"], label)
     assert "| magic-ens |" in capsys.readouterr().out
+    assert rows["magic"]["replays_models"] and rows["magic-ens"]["replays_models"]
+
+
+@pytest.mark.slow
+def test_magic_rows_replay_the_text_lm_models_of_the_tasks_adam_trainer():
+    """magic_setup on text-lm --optimizer adam (in process): both runs' final params equal
+    train_model's models bit for bit (replays_models) and the scores are [n_train, n_test]."""
+    args = bench.parse_args(["--task", "text-lm", "--optimizer", "adam", "--n-train", "12",
+                             "--n-test", "2"])
+    spec = run.task_spec(bench._runner_args(args))
+    assert spec["hparams"] is None  # the task's own Adam trainer, not SGD_HPARAMS
+    spec["hparams"] = {"epochs": 3}
+    states = run.train_states(run.load_task(spec), 2)
+    res = bench.magic_setup({"task": spec, "seeds": [0, 1], "states": states})()
+    assert res["replays_models"] is True and res["T"] == 3
+    assert res["scores"].shape == (12, 2)
 
 
 def test_scan_step_counts_steps_and_checkpoints():
@@ -27,3 +43,9 @@ def test_scan_step_counts_steps_and_checkpoints():
     step = bench.scan_setup({"task": run.task_spec(args), "epochs": 2, "every": 3})
     res = step()
     assert res["T"] == 4 and res["checkpoints"] == 3 and res["score_s"] > 0
+
+
+def test_adam_option_is_refused_on_a_task_not_trained_by_adam():
+    """--optimizer adam on digits-lr (L-BFGS) exits with a usage error."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--task", "digits-lr", "--optimizer", "adam"])

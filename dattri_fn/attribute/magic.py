@@ -186,7 +186,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           batch_size: int | None = None, seed: int | Sequence[int] = 0,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
-          self_chunk: int = 256) -> Method:
+          self_chunk: int = 256, step: Callable | None = None) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
@@ -207,6 +207,10 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         checkpoint_every: states between checkpoints (1: keep every state, no replay).
         chunk_size: test targets per vmapped vjp (None: all at once).
         self_chunk: training examples per reverse pass in ``self_score``.
+        step: the pure step ``(params, opt_state, batch, weights) -> (params, opt_state)`` to
+            train and differentiate (default ``make_step(loss, optimizer)``, the weighted mean
+            loss); ``optimizer.init`` still gives the initial state. E.g.
+            :func:`dattri_fn.eval.tasks.task_step`, the bundled tasks' own Adam run.
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
@@ -222,8 +226,12 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     if not callable(loss):
         raise TypeError(_msg("magic", "loss", "a per-example function (params, example) -> "
                              "Tensor[] or a FunctionalModel", type(loss).__name__))
-    # A FunctionalModel trains with its batched forward (one call per batch, not per example).
-    step = make_step(model if model is not None else loss, optimizer)
+    if step is None:
+        # A FunctionalModel trains with its batched forward (one call per batch, not per example).
+        step = make_step(model if model is not None else loss, optimizer)
+    elif not callable(step):
+        raise TypeError(_msg("magic", "step", "a pure step (params, opt_state, batch, weights) -> "
+                             "(params, opt_state) or None", type(step).__name__))
     epochs = check_int("magic", "epochs", epochs)
     batch_size = check_optional_int("magic", "batch_size", batch_size)
     seeds = None
