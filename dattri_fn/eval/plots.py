@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .._checks import _msg
-from .metrics import BrittlenessResult, LDSResult, NoisyLabelResult, brittleness_curve
+from .detection import BrittlenessResult, NoisyLabelResult, brittleness_curve
+from .metrics import LDSResult
 
 
 def _axes(func: str, ax):
