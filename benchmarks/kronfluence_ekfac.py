@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.kronfluence_ekfac            # 512 train x 8 queries
     OMP_NUM_THREADS=1 python -m benchmarks.kronfluence_ekfac --n-train 128 --layers 2
+    OMP_NUM_THREADS=1 python -m benchmarks.kronfluence_ekfac --query-rank 8   # low-rank queries
 
 Needs the ``hf`` extra and kronfluence (``pip install --no-deps kronfluence==1.0.1 accelerate
 einconv opt-einsum safetensors``; kronfluence is never a dependency of dattri_fn). A local-config
@@ -91,6 +92,8 @@ def ours_setup(spec: dict):
     test = {"input_ids": x_te, "labels": x_te}
     # bfloat16: factors stored and layer-by-layer score products taken in bfloat16
     extra = {"dtype": torch.bfloat16} if precision == "bfloat16" else {}
+    if spec.get("query_rank"):  # kronfluence's low-rank query gradients, the same rank
+        extra["query_rank"] = spec["query_rank"]
     m = influence(fm, solver="ekfac", damping=spec["damping"], **extra)
     warm = [{"input_ids": x_tr[:4], "labels": x_tr[:4]}]
     m.score(fm.params, m.prepare(fm.params, warm), warm, {"input_ids": x_te[:2], "labels": x_te[:2]})
@@ -147,7 +150,10 @@ def kron_setup(spec: dict):
     model = prepare_model(model, task)
     x_tr, x_te = torch.from_numpy(spec["train"]), torch.from_numpy(spec["test"])
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-    score_args = ScoreArguments(damping_factor=spec["damping"])
+    # the exact SVD on both sides (kronfluence's default svd_lowrank is randomised)
+    score_args = ScoreArguments(damping_factor=spec["damping"],
+                                query_gradient_low_rank=spec.get("query_rank"),
+                                use_full_svd=True)
     out = tempfile.mkdtemp(prefix="kron_bench_")
     analyzer = Analyzer(analysis_name="bench", model=model, task=task, cpu=True,
                         disable_tqdm=True, output_dir=out)
@@ -196,11 +202,15 @@ def main(argv=None) -> dict:
     p.add_argument("--precisions", default="",
                    help="extra dattri_fn runs, e.g. 'bfloat16,float64': each one's scores against "
                         "the float32 run (Pearson, top-10 overlap), its time and peak")
+    p.add_argument("--query-rank", type=int, default=None,
+                   help="low-rank query gradients of this rank on both sides (dattri_fn "
+                        "query_rank=, kronfluence query_gradient_low_rank= with use_full_svd)")
     args = p.parse_args(argv)
     spec = {"layers": args.layers, "state": trained_state(args.layers, args.context),
             "train": _data(args.n_train, args.context, seed=2).numpy(),
             "test": _data(args.n_test, args.context, seed=3).numpy(),
-            "damping": args.damping, "batch_size": args.batch_size}
+            "damping": args.damping, "batch_size": args.batch_size,
+            "query_rank": args.query_rank}
     res = {}
     for side, setup in (("dattri_fn", ours_setup), ("kronfluence", kron_setup)):
         out = measure_peak(setup, spec)
@@ -222,7 +232,8 @@ def main(argv=None) -> dict:
     n_params = sum(v.size for v in spec["state"].values())
     print(f"\n### EK-FAC on a local-config Llama ({args.layers} layers, {n_params:,} parameters), "
           f"{args.n_train} train x {args.n_test} queries, T={args.context}, damping "
-          f"{args.damping:g}, empirical Fisher, float32\n")
+          f"{args.damping:g}, empirical Fisher, float32"
+          + (f", query rank {args.query_rank}" if args.query_rank else "") + "\n")
     print("| side | fit + score s | peak MiB |")
     print("|---|---|---|")
     for side, r in res.items():

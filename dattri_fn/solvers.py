@@ -46,7 +46,7 @@ class Solver(NamedTuple):
     options: dict[str, Any]
 
     def __call__(self, op, damping: float = 0.0) -> LinOp:
-        if isinstance(self.options.get("M"), str):
+        if isinstance(self.options.get("M"), str) and self.options["M"] != "nystrom":
             raise ValueError(f"{self.name}(M=...): expected a LinOp to apply the solver "
                              f"directly, got {self.options['M']!r} (only influence(...) builds "
                              "K-FAC/EK-FAC preconditioners from the model).")
@@ -88,9 +88,11 @@ _FACTOR_OPTIONS = frozenset(inspect.signature(ekfac_factors).parameters) - {
 
 def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None,
        negative_curvature: str = "stop") -> Solver:
-    """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: a preconditioner LinOp, or
-    ``"kfac"``/``"ekfac"`` for influence to build from the model; ``negative_curvature=
-    "continue"``: the literal inverse of an indefinite system (no stop at ``p^T A p <= 0``)."""
+    """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: a preconditioner LinOp,
+    ``"nystrom"`` (a randomized sketch of the operator itself,
+    :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or ``"kfac"``/``"ekfac"`` for
+    influence to build from the model; ``negative_curvature="continue"``: the literal inverse
+    of an indefinite system (no stop at ``p^T A p <= 0``)."""
     options = {"rtol": rtol, "atol": atol, "max_iter": max_iter,
                "negative_curvature": negative_curvature}
     ihvp_cg(_PROBE, **options)

@@ -370,7 +370,8 @@ def test_query_rank_scores_equal_scoring_with_the_truncated_test_blocks(problem,
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_query_rank_at_full_rank_is_the_exact_score(problem):
     """query_rank >= min(out, in(+1)) of every layer: no truncation, the exact scores (1e-10);
-    the factored (L, R) product at full rank equals the dense block product (1e-10)."""
+    the factored product sum_t (g_t^T L).(R a_t) of a full-rank SVD pair equals the dense
+    block product (1e-10)."""
     from dattri_fn import solvers
 
     fm, train, test, whole = PROBLEMS[problem](1)
@@ -379,11 +380,15 @@ def test_query_rank_at_full_rank_is_the_exact_score(problem):
     exact = m.score(fm.params, state, train, test)
     full = influence(fm, solver=solvers.ekfac(query_rank=7)).score(fm.params, state, train, test)
     _close(full, exact)
+    from dattri_fn.operators.kfac import _low_rank_pair_scores, _tokens
+
     io_ = layer_io(fm.module, fm.loss_fn, list(state.ihvp.eigen[0]), fm.params, whole)
     blocks = state.ihvp.blocks(state.ihvp(per_sample_grad(fm.loss, fm.params, test)))
     for layer, M in blocks.items():
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         pair = (U * S[:, None, :], Vh)
+        a, g = _tokens(*io_[layer], True)  # every layer of these models has its bias
+        _close(_low_rank_pair_scores(a, g, *pair, None), layer_scores(io_, {layer: M})[layer])
         _close(layer_scores(io_, {layer: pair})[layer], layer_scores(io_, {layer: M})[layer])
 
 

@@ -179,7 +179,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             fixed cost of ~0.3-2 ms on one CPU thread), memory ``batch_rows x P``.
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
             ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``: a
-            preconditioner LinOp, or ``"kfac"``/``"ekfac"`` to build ``(F + damping I)^-1``
+            preconditioner LinOp, ``"nystrom"`` (a randomized rank-200 sketch of the
+            curvature itself, :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
+            ``"kfac"``/``"ekfac"`` (or ``solvers.kfac/ekfac(fisher=...)`` values carrying the
+            factors' settings, e.g. ``fisher="expected"``) to build ``(F + damping I)^-1``
             from the model's layers on the same training data. It saves iterations only where
             it approximates the curvature: on the digits MLPs neither the empirical nor the
             true Fisher factors preconditioned the Gauss-Newton (benchmarks/RESULTS.md).
@@ -305,10 +308,21 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
     precondition = solver_options.get("M") if isinstance(solver_options.get("M"), str) else None
+    precondition_options: dict = {}
+    if isinstance(solver_options.get("M"), Solver) and solver_options["M"].name in ("kfac",
+                                                                                    "ekfac"):
+        # solvers.ekfac(fisher="expected"): the factors' settings of the preconditioner
+        precondition, precondition_options = solver_options["M"].name, solver_options["M"].options
+        if "query_rank" in precondition_options:
+            raise ValueError("influence(M=...): expected factor settings only, got query_rank "
+                             "(a scoring option) in the preconditioner.")
+    if precondition == "nystrom" and solver == "cg":  # built by ihvp_cg from the curvature
+        precondition = None
     if precondition is not None:
         if solver != "cg" or precondition not in ("kfac", "ekfac"):
-            raise ValueError(f"influence(M=...): expected 'kfac' or 'ekfac' with solver='cg' "
-                             f"(or a LinOp), got {precondition!r} with solver={solver!r}.")
+            raise ValueError(f"influence(M=...): expected 'nystrom', 'kfac' or 'ekfac' with "
+                             f"solver='cg' (or a LinOp), got {precondition!r} with "
+                             f"solver={solver!r}.")
         if model is None or model.loss_fn is None:
             raise ValueError(f"influence(M=...): {precondition!r} needs the FunctionalModel "
                              "(with its loss_fn) that the loss came from, got None.")
@@ -368,7 +382,7 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         fit = kfac.kfac_factors if kind == "kfac" else kfac.ekfac_factors
         inverse = kfac.ihvp_kfac if kind == "kfac" else kfac.ihvp_ekfac
         factors = fit(model.module, model.loss_fn, params, train, chunk_size=chunk_size,
-                      tapped=taps[key], batch_rows=rows)
+                      tapped=taps[key], batch_rows=rows, **precondition_options)
         return inverse(factors, damping=damping)
 
     def checkpoints(params) -> list[Params] | None:

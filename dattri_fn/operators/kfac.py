@@ -783,8 +783,9 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor 
         io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.
         blocks: ``{layer: [n, out, in(+1)]}``; one column more than ``a`` means the layer's
             bias is scored too (``a`` is augmented with ones). A pair ``(L [n, out, r],
-            R [n, r, in(+1)])`` (from :func:`low_rank_blocks`) stands for ``M_j = L_j R_j`` and
-            is scored without forming it.
+            R [n, r, in(+1)])`` (from :func:`low_rank_blocks`) stands for ``M_j = L_j R_j``,
+            scored as ``sum_t (g_t^T L_j) . (R_j a_t)`` where that takes fewer flops than
+            forming ``M_j`` (``T n r (out + in)`` against ``out in (T + n)`` per example).
         dtype: the dtype of the products (e.g. ``torch.bfloat16``); None: the blocks'. The
             scores are returned in the blocks' dtype.
     """
@@ -794,7 +795,13 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor 
         if isinstance(M, tuple):
             L, R = M
             a, g = _tokens(a, g, R.shape[-1] == a.shape[-1] + 1)
-            out[layer] = _low_rank_pair_scores(a, g, L, R, dtype).to(L.dtype)
+            (n, o, r), (T, i) = L.shape, a.shape[1:]
+            # the fewer flops per training example: the factored pair, or M = L R formed once
+            # (the dense path shares the per-example blocks over every test row when T > 1)
+            if T * n * r * (o + i) <= o * i * (T + n if T > 1 else n):
+                out[layer] = _low_rank_pair_scores(a, g, L, R, dtype).to(L.dtype)
+            else:
+                out[layer] = _pair_scores(a, g, L @ R, dtype).to(L.dtype)
             continue
         a, g = _tokens(a, g, M.shape[-1] == a.shape[-1] + 1)
         out[layer] = _pair_scores(a, g, M, dtype).to(M.dtype)

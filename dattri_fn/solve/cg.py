@@ -158,10 +158,21 @@ def _damped(A: LinOp, damping: float):
     return lambda V: A.matmat(V).add(V, alpha=damping)
 
 
-def _preconditioner(func: str, M, A: LinOp):
-    """``M`` as a bare row map (None stays None), checked against ``A``'s size and dtype."""
+def _preconditioner(func: str, M, A: LinOp, damping: float):
+    """``M`` as a bare row map (None stays None), checked against ``A``'s size and dtype;
+    ``"nystrom"`` builds :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner` of ``A``."""
     if M is None:
         return None
+    if isinstance(M, str):
+        if M != "nystrom":
+            raise ValueError(f"{func}(M=...): expected None, 'nystrom', a LinOp or a [P, P] "
+                             f"tensor, got {M!r}.")
+        if damping <= 0:
+            raise ValueError(f"{func}(M=...): expected damping > 0 with M='nystrom' (its "
+                             f"inverse is of A + damping I), got damping={damping:g}.")
+        from .nystrom import nystrom_preconditioner
+
+        return nystrom_preconditioner(A, damping=damping).matmat
     if isinstance(M, Tensor):
         check_tensor(func, "M", M, ndim=2, floating=True)
         if M.shape[0] != M.shape[1]:
@@ -196,7 +207,10 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
         x0: initial guess shaped like ``B``; default zeros.
         M: a symmetric positive-definite preconditioner ``M ~ (A + damping*I)^-1`` (a LinOp or
             a dense ``[P, P]`` tensor, e.g. ``ihvp_ekfac(...)``): preconditioned CG, fewer
-            iterations when ``M`` is close; ``None``: plain CG.
+            iterations when ``M`` is close; ``"nystrom"``: a randomized Nystrom sketch of
+            ``A`` (:func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`, rank 200, seed 0:
+            one operator call on 200 rows), for ``A`` positive semi-definite and
+            ``damping > 0``; ``None``: plain CG.
         negative_curvature: ``"stop"`` (default: the rule in the Note) or ``"continue"``: the
             literal ``(A + damping*I)^-1 B`` of an indefinite but nonsingular operator, as
             ``ihvp_explicit(method="lu")`` gives it. CG's recurrence goes on through
@@ -254,7 +268,8 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
                              f"got {list(x0.shape)}.")
         X0 = check_rhs(func, x0.unsqueeze(0) if vector else x0, A.dtype, A.device)
     tol = torch.clamp(rtol * B2.norm(dim=1), min=atol)
-    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, _preconditioner(func, M, A), stop)
+    precond = _preconditioner(func, M, A, damping)
+    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, precond, stop)
     _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3,
                     stop_on_negative=stop)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else CGResult(*res)
@@ -296,7 +311,7 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
     A = as_operator(func, op)
     damping, rtol, atol, max_iter = _validate(func, damping, rtol, atol, max_iter, A.dim)
     matmat = _damped(A, damping)
-    precond = _preconditioner(func, M, A)
+    precond = _preconditioner(func, M, A, damping)
     stop = _negative_rule(func, negative_curvature)
 
     def solve(V: Tensor) -> Tensor:
