@@ -120,8 +120,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
             buffers[:] = [v0.new_empty((b, P), dtype=fdt)]
         return buffers[0][:b].unsqueeze(0)
 
-    def feature_rows(batch, buffers: list | None = None, one: int | None = None):
-        """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only."""
+    def feature_rows(batch, buffers: list | None = None, one: int | None = None,
+                     into: Tensor | None = None):
+        """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only. ``into``: the
+        ``[C or 1, b, d]`` rows of a cache; unprojected factored rows are written there (no
+        ``[C, b, P]`` temporary) and nothing is yielded."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
         lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
@@ -144,8 +147,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                     yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                              b, dtype=fdt, device=v0.device)
             return
-        if lg is not None:
-            yield from lg.to_dense(fdt)  # unprojected: [b, P] each
+        if lg is not None:  # unprojected: [b, P] each
+            if into is not None:
+                lg.to_dense(out=into)
+                return
+            yield from lg.to_dense(fdt)
             return
         G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
         yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
@@ -201,7 +207,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                 for s in range(0, b, step):
                     part = batch if step >= b else batch_slice(batch, s, s + step)
                     rows = slice(n + s, n + min(b, s + step))
-                    for i, phi in enumerate(feature_rows(part, buffers, c)):
+                    into = feats[:, rows] if c is None else feats[c:c + 1, rows]
+                    for i, phi in enumerate(feature_rows(part, buffers, c, into)):
                         feats[i if c is None else c, rows] = phi
                     if not c:  # None or 0: the weights, once
                         wts[rows] = weights(part, rows.stop - rows.start)

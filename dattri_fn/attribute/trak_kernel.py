@@ -11,9 +11,11 @@ from .._checks import _msg
 _GRAM_ROWS = 512  # rows per widened block of gram_of
 _GRAM_COLS = 128  # column block of gram_of's upper block triangle
 _GRAM_WHOLE = 192  # up to this d, gram_of multiplies whole blocks of rows
+_DUAL_ROWS = 128  # feature columns per widened block of the dual Gram (a [128, n] buffer)
 
 
-def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None) -> Tensor:
+def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None,
+            rows: int = _GRAM_ROWS) -> Tensor:
     """Return ``x^T x`` in float64, by blocks of rows and the upper column-block triangle.  # -> [d, d]
 
     Each block of rows is widened to ``wide`` and multiplied there (float32 suffices for
@@ -21,16 +23,17 @@ def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None 
     With ``d > 192`` (``_GRAM_WHOLE``) only the column-block pairs ``i <= j`` are multiplied
     (``(k + 1) / 2k`` of the flops for ``k`` blocks of 128) and the rest mirrored. ``out``: a
     float64 ``[d, d]`` symmetric accumulator to add ``x^T x`` to (no second ``[d, d]``), returned.
+    ``rows``: rows per widened block (its buffer is ``[rows, d]`` in ``wide``).
     """
     n, d = x.shape
     h = d if d <= _GRAM_WHOLE else _GRAM_COLS
     g = x.new_zeros((d, d), dtype=torch.float64) if out is None else out
     buf = None
-    for s in range(0, n, _GRAM_ROWS):
-        blk = x[s:s + _GRAM_ROWS]
+    for s in range(0, n, rows):
+        blk = x[s:s + rows]
         if blk.dtype != wide:
             if buf is None:
-                buf = x.new_empty((min(n, _GRAM_ROWS), d), dtype=wide)
+                buf = x.new_empty((min(n, rows), d), dtype=wide)
             blk = buf[:blk.shape[0]].copy_(blk)
         for a in range(0, d, h):
             g[a:a + h, a:] += blk[:, a:a + h].mT @ blk[:, a:]
@@ -47,26 +50,25 @@ def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
 
 
 def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float) -> Tensor:
-    """``(Phi Phi^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]"""
-    n = feats.shape[1]
-    gram = feats.new_empty((feats.shape[0], n, n), dtype=torch.float64)
-    for c, f in enumerate(feats):  # one checkpoint's float64 copy at a time
-        f64 = f.to(torch.float64)
-        torch.mm(f64, f64.T, out=gram[c])
-    del f64
-    gram.diagonal(dim1=-2, dim2=-1).add_(damping)
-    L, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):
-        raise singular(func, torch.nonzero(info).flatten().tolist(), d, feats.shape[1],
-                       damping)
-    return torch.cholesky_inverse(L).to(dtype)
+    """``(Phi_c Phi_c^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]
+
+    One checkpoint at a time: its float64 Gram is formed by :func:`gram_of` on ``Phi_c^T``
+    (blocks of widened feature columns, upper block triangle), then factored and inverted in
+    place; only the result is kept in ``dtype``. Peak: the ``[C, n, n]`` result, one float64
+    ``[n, n]`` Gram and one widened block, never a float64 copy of the features.
+    """
+    C, n = feats.shape[:2]
+    grams = (gram_of(f.mT, torch.float64, rows=_DUAL_ROWS) for f in feats)
+    K, bad = _inverted(grams, C, n, dtype, feats.device, damping)
+    if bad:
+        raise singular(func, bad, d, n, damping)
+    return K
 
 
-def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device,
-                  damping: float) -> Tensor:
-    """``(gram_c + damping I)^-1`` by Cholesky, factored and inverted in place in each
-    float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]"""
-    K = torch.empty((C, d, d), dtype=dtype, device=device)
+def _inverted(grams, C: int, size: int, dtype, device, damping: float) -> tuple[Tensor, list]:
+    """``((gram_c + damping I)^-1 [C, size, size], checkpoints that did not factor)``, each
+    float64 ``gram_c`` (taken from ``grams`` only when needed) factored and inverted in place."""
+    K = torch.empty((C, size, size), dtype=dtype, device=device)
     info = torch.empty((), dtype=torch.int32, device=device)
     bad = []
     for c, g in enumerate(grams):
@@ -78,6 +80,14 @@ def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device,
             continue
         K[c] = torch.cholesky_inverse(g, out=g)
         del g
+    return K, bad
+
+
+def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device,
+                  damping: float) -> Tensor:
+    """``(gram_c + damping I)^-1`` by Cholesky, factored and inverted in place in each
+    float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]"""
+    K, bad = _inverted(grams, C, d, dtype, device, damping)
     if bad:
         raise singular(func, bad, d, n, damping)
     return K
