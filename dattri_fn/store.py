@@ -322,7 +322,7 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
                 config: Mapping | None = None, shard_rows: int | None = None, device=None,
                 block_rows: int = BLOCK_ROWS, func: str = "build_store",
                 _params_hash: str | None = None, _kind: str = "features",
-                _state_hash: str | None = None) -> FeatureStore:
+                _state_hash: str | None = None, _with_offset: bool = False) -> FeatureStore:
     """Return the complete store of ``feature_fn`` over ``data`` at ``path``, resuming a partial one.
 
     ``T = cat_s feature_fn(shard_s)``  # [n, F] (or [C, n, F]) on disk, shard by shard
@@ -357,7 +357,7 @@ def build_store(path: str | os.PathLike, feature_fn: Callable, data, *, params,
     path.mkdir(parents=True, exist_ok=True)
     with _writer_lock(func, path):
         return _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-                      block_rows, _params_hash, _kind, _state_hash)
+                      block_rows, _params_hash, _kind, _state_hash, _with_offset)
 
 
 @contextlib.contextmanager
@@ -385,7 +385,7 @@ def _writer_lock(func: str, path: Path):
 
 
 def _build(func, features, path, feature_fn, data, params, config, shard_rows, device,
-           block_rows, _params_hash, kind, _state_hash=None):
+           block_rows, _params_hash, kind, _state_hash=None, with_offset=False):
     clean_temps(path)
     request = {"format": FORMAT, "kind": kind,
                "params_hash": _params_hash or params_hash(params, func=func),
@@ -402,7 +402,7 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         _check_request(func, man, request, arg_of={"params_hash": "params",
                                                   "shard_rows": "shard_rows", "kind": "path"})
     done = man["shards"]
-    s = 0
+    s = row = 0  # shard, and its first row (counted over committed shards too)
     for batch in regroup(iter_batches(func, "data", data), shard_rows, func):
         rows = batch_size(func, "data", batch)
         digest = batch_hash(batch)
@@ -414,6 +414,7 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
                                       f"{rows} rows hashing to {digest[:12]}",
                                       "The data or its order changed; use a new path."))
             s += 1
+            row += rows
             continue
         if man["complete"]:
             raise ValueError(_msg(func, "data", f"the store's {len(done)} shards "
@@ -421,7 +422,9 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
                                   "The data changed; use a new path."))
         if device is not None:
             batch = batch_to(batch, device)
-        layout, arr = _stack_layout(features(func, "data", feature_fn, batch))
+        # with_offset: feature_fn(batch, first row) serves rows kept elsewhere (a method state)
+        fn = (lambda b, at=row: feature_fn(b, at)) if with_offset else feature_fn
+        layout, arr = _stack_layout(features(func, "data", fn, batch))
         if arr.ndim == 0 or arr.shape[0] != rows:
             raise ValueError(_msg(func, "feature_fn", f"one row per example ({rows})",
                                   f"shape {list(arr.shape)}"))
@@ -439,6 +442,7 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         done.append({"file": name, "rows": rows, "data_hash": digest})
         _write_manifest(path, man)
         s += 1
+        row += rows
     if s == 0:
         raise ValueError(f"{func}(data=...): expected at least one batch, got an empty iterable.")
     if s < len(done):
@@ -453,15 +457,22 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
 
 
 def _check_state(func: str, man: dict, request: Mapping, path: Path) -> None:
-    """Raise naming ``state`` when self-scores at ``path`` were recorded under another state."""
+    """Raise naming ``state`` when the store at ``path`` was written under another state."""
     want = request.get("state_hash")
     if want is not None and man.get("state_hash") != want:
         have = man.get("state_hash")
-        raise ValueError(_msg(func, "state", "the state the self-scores at "
-                              f"{str(path)!r} were recorded with (state_hash "
-                              f"{(have or '<none>')[:12]})", f"state_hash {want[:12]}",
-                              "They depend on the state (another prepare, damping or training "
-                              "set); remove that directory to record them for this one."))
+        raise ValueError(_msg(func, "state", f"the state the store at {str(path)!r} was "
+                              f"written under (state_hash {(have or '<none>')[:12]})",
+                              f"state_hash {want[:12]}", "Its rows depend on the state (another "
+                              "prepare, damping or training set); remove that directory to "
+                              "write them for this one."))
+
+
+def check_store_state(func: str, store: FeatureStore, state) -> None:
+    """Raise naming ``func(state=...)`` unless ``store`` was written under ``state`` (its
+    manifest's ``state_hash``: rows a method served from its state, not from the data)."""
+    _check_state(func, store.manifest, {"state_hash": state_hash(state, func=func)},
+                 Path(store.path))
 
 
 def _opened(path: Path, man: dict, block_rows: int, out) -> FeatureStore:
@@ -635,7 +646,7 @@ def self_scores(func: str, store: FeatureStore, *, state=None) -> Tensor:
 
 
 def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=None,
-                state=None) -> Tensor:
+                state=None, with_offset: bool = False) -> Tensor:
     """Return ``s = cat_s diag_fn(shard_s)`` over ``rec``'s data, recorded to ``<rec.path>/self``.  # -> [n]
 
     The self-scores are a store of ``[n]`` rows (``kind`` "self") under ``rec``'s request
@@ -650,6 +661,8 @@ def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=Non
         diag_fn: ``batch -> [b]``, the self-scores of a batch's examples.
         device: where each shard's batch is moved before ``diag_fn``.
         state: the method state the self-scores depend on (None: they do not).
+        with_offset: call ``diag_fn(batch, first_row)`` (self-scores kept in the state, served
+            by row; the offset counts committed shards too, so a resumed record is aligned).
 
     Raises:
         ValueError: a record at ``<rec.path>/self`` of another request or state, by name.
@@ -657,7 +670,7 @@ def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=Non
     store = build_store(os.path.join(rec.path, SELF), diag_fn, rec.data, params=None,
                         config=rec.config, shard_rows=rec.shard_rows, device=device,
                         block_rows=rec.block_rows, func=func, _params_hash=rec.params_hash,
-                        _kind=SELF,
+                        _kind=SELF, _with_offset=with_offset,
                         _state_hash=None if state is None else state_hash(state, func=func))
     return store.read()
 

@@ -375,3 +375,41 @@ def test_binary_one_logit_errors(device):
     with pytest.raises(ValueError, match=r"representer.self_score\(train=...\): expected "
                                          r"classes in \[0, 2\)"):
         m.self_score(params, bad, None)
+
+
+def test_representer_scores_and_self_scores_from_a_feature_store(tmp_path):
+    """s_ij = alpha_i[c_j] <h_i, h_j> from stored rows [h_i | alpha_i]: score(record_store) and
+    score(open_store) equal score(state) to 1e-12 (per-shard products: the state's is one
+    matmul), self_score(record_store) and self_score(open_store) equal self_score(state) bit for
+    bit; the opened store reads no training data; a store under another state, or a recording
+    of another row count, is refused by name."""
+    from dattri_fn.store import open_store, record_store
+
+    params, feat, head = _model(2, "cpu")
+    train, test = _data(11, 3, "cpu"), _data(4, 4, "cpu")
+    batches = _split(train, [4, 8])
+    m = representer(feat, head, F.cross_entropy, l2=0.1, refit="predictions")
+    state = m.prepare(params, train)
+    S, diag = m.score(params, state, None, test), m.self_score(params, state, None)
+    cfg = {"method": "representer"}
+    rec = record_store(tmp_path, batches, params=params, config=cfg, block_rows=5)
+    _close(m.score(params, state, rec, test), S)
+    torch.testing.assert_close(m.self_score(params, state, rec), diag, rtol=0, atol=0)
+    store = open_store(tmp_path, params=params, config=cfg, block_rows=5)
+    _close(m.score(params, state, store, test), S)
+    top = m.score(params, state, store, test, top_k=3)
+    _close(top.values, S.topk(3, dim=0).values)
+    torch.testing.assert_close(m.self_score(params, state, store), diag, rtol=0, atol=0)
+    other = representer(feat, head, F.cross_entropy, l2=0.2).prepare(params, train)
+    with pytest.raises(ValueError, match=r"representer\.score\(state=...\): expected the state the "
+                                         r"store at .* was written under"):
+        m.score(params, other, store, test)
+    with pytest.raises(ValueError, match=r"representer\.self_score\(state=...\)"):
+        m.self_score(params, other, store)
+    with pytest.raises(ValueError, match=r"representer\.score\(train=...\): expected the 11 "
+                                         r"training examples the state was prepared on, got 8"):
+        m.score(params, state, record_store(tmp_path / "short", batches[:2], params=params), test)
+    with pytest.raises(ValueError, match=r"representer\.score\(train=...\): expected the 11 "
+                                         r"training examples the state was prepared on, got more"):
+        m.score(params, state, record_store(tmp_path / "long", batches + batches[:1],
+                                            params=params), test)

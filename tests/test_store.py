@@ -409,8 +409,8 @@ def test_record_self_resumes_and_binds_the_state(tmp_path):
     assert torch.equal(self_scores("m", store, state=state), ref)
     moved = (torch.ones(2, dtype=torch.float64) * 2, state[1])
     assert state_hash(moved) != state_hash(state) == state_hash((state[0].clone(), state[1]))
-    with pytest.raises(ValueError, match=r"m\(state=...\): expected the state the self-scores at "
-                                         r".* were recorded with \(state_hash [0-9a-f]{12}\), got "
+    with pytest.raises(ValueError, match=r"m\(state=...\): expected the state the store at "
+                                         r".* was written under \(state_hash [0-9a-f]{12}\), got "
                                          r"state_hash [0-9a-f]{12}"):
         self_scores("m", store, state=moved)
     with pytest.raises(ValueError, match=r"m\(state=...\)"):

@@ -724,7 +724,7 @@ def test_trak_self_score_from_a_feature_store(tmp_path):
                  proj_dim=5, cache_features=False, damping=1.0)
     other_state = other.prepare(ckpts, train)
     with pytest.raises(ValueError, match=r"trak\.self_score\(state=...\): expected the state the "
-                                         r"self-scores at .* were recorded with"):
+                                         r"store at .* was written under"):
         other.self_score(ckpts, other_state, store)
     with pytest.raises(ValueError, match=r"trak\.self_score\(state=...\)"):
         other.self_score(ckpts, other_state, rec)

@@ -48,6 +48,12 @@ from .method import Method, device_of
 from .outputs import example_label
 from .pipeline import TopK, merge_topk
 
+
+def _is_store(train) -> bool:
+    from ..store import FeatureStore, StoreRecording
+
+    return isinstance(train, (FeatureStore, StoreRecording))
+
 EXPLAIN = ("label", "prediction")
 REFIT = ("labels", "predictions")
 _NEWTON_ENTRIES = 4096  # heads up to this size finish with dense Newton steps,
@@ -239,7 +245,12 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         RepresenterState`` caches ``h``, ``alpha`` and classes, so ``score(params, state,
         train, test, *, top_k=None, largest=True)`` and ``self_score(params, state, train)``
         read no training data (``train`` may be None; a Batch or list given must have
-        ``n_train`` examples).
+        ``n_train`` examples). ``train`` may also be a feature store (:mod:`dattri_fn.store`):
+        ``score`` given ``record_store(...)`` of the prepared training set writes the rows
+        ``[h_i | alpha_i]`` (from the state, aligned with the data's batches, which are only
+        hashed) under the state's hash and scores from them; given the opened store it scores
+        from its rows, refusing a store written under another state; ``self_score`` records
+        ``s_ii`` to ``<store>/self`` and reads it back the same way.
 
     Raises:
         TypeError/ValueError: naming the argument: a bad setting; at call time a bad params
@@ -357,12 +368,60 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         device = device_of(params)
         return RepresenterState(*(t.to(device) for t in state))
 
+    def stored(func: str, state: RepresenterState, train, n: int, row_fn) -> Tensor | None:
+        """The train side through a feature store (None when ``train`` is not one): a
+        recording's rows ``row_fn(lo, hi)`` come from the state, aligned with its data's
+        batches and bound to the state's hash; an opened store must carry that hash."""
+        from ..store import (
+            FeatureStore,
+            StoreRecording,
+            build_store,
+            check_store_state,
+            state_hash,
+        )
+
+        if isinstance(train, FeatureStore):
+            check_store_state(func, train, state)
+            return train
+        if not isinstance(train, StoreRecording):
+            return None
+
+        def served(batch, at):  # the state's rows of this batch; the data is only hashed
+            b = batch_size(func, "train", batch)
+            if at + b > n:
+                raise ValueError(_msg(func, "train", f"the {n} training examples the state was "
+                                      "prepared on", "more rows", "Record the training set "
+                                      "prepare was given, in its order."))
+            return row_fn(at, at + b)
+
+        store = build_store(train.path, served, train.data, params=None, config=train.config,
+                            shard_rows=train.shard_rows, block_rows=train.block_rows, func=func,
+                            _params_hash=train.params_hash, _with_offset=True,
+                            _state_hash=state_hash(state, func=func))
+        if store.n_rows != n:
+            raise ValueError(_msg(func, "train", f"the {n} training examples the state was "
+                                  "prepared on", f"{store.n_rows} examples", "Record the training "
+                                  "set prepare was given, in its order."))
+        return store
+
     def score(params: Params, state: RepresenterState, train, test, *,
               top_k: int | None = None, largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
         params = check_params(func, "params", params)
         check_optional_int(func, "top_k", top_k)
-        H, alpha, _ = check_state(func, state, params, train)
+        store_rows = None
+        if _is_store(train):
+            H, alpha, _ = check_state(func, state, params, None)
+            width = H.shape[1] + alpha.shape[1]
+            # stored rows [h_i | alpha_i]: s_ij = alpha_i[c_j] <h_i, h_j> needs nothing else
+            store_rows = stored(func, state, train, H.shape[0],
+                                lambda lo, hi: torch.cat([H[lo:hi], alpha[lo:hi]], 1))
+            if store_rows.manifest.get("row_shape") != [width]:
+                raise ValueError(_msg(func, "train", f"a store of rows [h | alpha] of width "
+                                      f"{width}", f"{store_rows.manifest.get('row_shape')}",
+                                      "It was built by another method."))
+        else:
+            H, alpha, _ = check_state(func, state, params, train)
         h_test, c_test = rows(func, "test", params, test)
         (n, F), K = H.shape, max(2, alpha.shape[1])  # one logit: classes 0 and 1
         if h_test.shape[1] != F:
@@ -373,9 +432,19 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             raise ValueError(_msg(func, "test", f"classes in [0, {K})",
                                   f"range [{int(c_test.min())}, {int(c_test.max())}]"))
         step = n if chunk_size is None else chunk_size
+        if store_rows is None:
+            parts = ((a, H[a:a + step], alpha[a:a + step]) for a in range(0, n, step))
+        else:
+            def parts_of(store):
+                a = 0
+                for blk in store.blocks(h_test.device):
+                    yield a, blk[:, :F], blk[:, F:]
+                    a += blk.shape[0]
+
+            parts = parts_of(store_rows)
         blocks, best = [], None
-        for a in range(0, n, step):
-            block = (H[a:a + step] @ h_test.T).mul_(_coefficients(alpha[a:a + step], c_test))
+        for a, Hb, alpha_b in parts:
+            block = (Hb @ h_test.T).mul_(_coefficients(alpha_b, c_test))
             if top_k is None:
                 blocks.append(block)
             else:
@@ -387,13 +456,37 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     def self_score(params: Params, state: RepresenterState, train) -> Tensor:
         func = f"{name}.self_score"
         params = check_params(func, "params", params)
-        H, alpha, classes = check_state(func, state, params, train)
+        store = _is_store(train)
+        H, alpha, classes = check_state(func, state, params, None if store else train)
         K = max(2, alpha.shape[1])
         if bool(((classes < 0) | (classes >= K)).any()):
             raise ValueError(_msg(func, "train", f"classes in [0, {K})",
                                   f"range [{int(classes.min())}, {int(classes.max())}]"))
         if alpha.shape[1] == 1:
-            return (H * H).sum(-1) * alpha[:, 0] * (2 * classes - 1).to(alpha.dtype)
-        return (H * H).sum(-1) * alpha.gather(1, classes[:, None]).squeeze(1)
+            diag = (H * H).sum(-1) * alpha[:, 0] * (2 * classes - 1).to(alpha.dtype)
+        else:
+            diag = (H * H).sum(-1) * alpha.gather(1, classes[:, None]).squeeze(1)
+        if not store:
+            return diag
+        from ..store import FeatureStore, record_self, self_scores
+
+        if isinstance(train, FeatureStore):
+            return self_scores(func, train, state=state).to(diag.device)
+        n = H.shape[0]
+
+        def served(batch, at):  # the state's self-scores of this batch's rows
+            b = batch_size(func, "train", batch)
+            if at + b > n:
+                raise ValueError(_msg(func, "train", f"the {n} training examples the state was "
+                                      "prepared on", "more rows", "Record the training set "
+                                      "prepare was given, in its order."))
+            return diag[at:at + b]
+
+        out = record_self(func, train, served, state=state, with_offset=True)
+        if out.shape[0] != n:
+            raise ValueError(_msg(func, "train", f"the {n} training examples the state was "
+                                  "prepared on", f"{out.shape[0]} examples", "Record the training "
+                                  "set prepare was given, in its order."))
+        return out.to(diag.device)
 
     return Method(prepare, score, self_score, name)
