@@ -1,6 +1,7 @@
 """benchmarks.magic on toy sizes: rows scored against the three ground truths, the scan step."""
 
 import pytest
+import torch
 
 from benchmarks import magic as bench
 from benchmarks import run
@@ -49,3 +50,31 @@ def test_adam_option_is_refused_on_a_task_not_trained_by_adam():
     """--optimizer adam on digits-lr (L-BFGS) exits with a usage error."""
     with pytest.raises(SystemExit):
         bench.parse_args(["--task", "digits-lr", "--optimizer", "adam"])
+
+
+def test_horizon_metagradient_at_k_equal_t_is_magic_and_grows_by_steps():
+    """benchmarks.magic_horizon: the last-K-steps metagradient at K = T == metagradient (1e-12,
+    float64); K = 1 == the last step's vjp alone: d(theta_T)/dw_i only for the rows of step T-1."""
+    from torch.func import grad, vmap
+
+    from benchmarks.magic_horizon import horizon_metagradients
+    from dattri_fn.attribute.magic import metagradient
+    from dattri_fn.training import batch_order, make_step, sgd, train
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (9,), generator=g)
+    params = {"W": 0.5 * torch.randn(2, 3, generator=g, dtype=torch.float64)}
+    loss = lambda p, ex: torch.nn.functional.cross_entropy((p["W"] @ ex[0])[None], ex[1][None])
+    opt = sgd(0.3, momentum=0.9)
+    step = make_step(loss, opt)
+    order = batch_order(9, batch_size=4, epochs=3, seed=1)
+    traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=4)
+    cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, (x[:2], y[:2]))
+    curves = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=3)
+    assert sorted(curves) == [3, 6, 9]
+    full = metagradient(step, traj, (x, y), order, cot).weights
+    torch.testing.assert_close(curves[9], full, rtol=0, atol=1e-12)
+    one = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=1)[1]
+    outside = torch.ones(9, dtype=torch.bool)
+    outside[order[-1]] = False
+    assert torch.all(one[:, outside] == 0) and one[:, ~outside].abs().max() > 0
