@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.capture_overhead [--task digits-mlp] [--repeats 20]
     OMP_NUM_THREADS=1 python -m benchmarks.capture_overhead --gpt2 [--profile]
 
-Times (median of ``--repeats`` warm calls, one process): ``prepare`` + ``score`` as
+Times (median thread CPU time of ``--repeats`` warm calls, one process): ``prepare`` + ``score`` as
 ``benchmarks.run`` calls them (same sizes), one ``batched_io`` pass of the capture engine on a
 256-row batch, and the bare forward + backward of the same batch without the engine (the floor
 the engine's overhead sits on). ``--gpt2``: a tiny GPT-2 (2 layers, width 64, 16 x 32
@@ -23,12 +23,14 @@ import torch
 
 
 def _median_ms(fn, repeats: int) -> float:
+    """Median CPU time of this thread per call (ms): less sensitive than wall time to other
+    jobs on shared cores (time waiting for a core is not counted)."""
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -74,7 +76,7 @@ def digits(task_name: str, repeats: int, profile: bool) -> None:
     methods = {"logra": logra(fm, proj_dim=LOGRA_K),
                "factgrass": factgrass(fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP),
                "grad-dot": grad_dot(fm)}
-    print(f"{task_name}: n_train=500 n_test=50, median of {repeats} warm calls (ms)")
+    print(f"{task_name}: n_train=500 n_test=50, median CPU ms of {repeats} warm calls")
     for name, m in methods.items():
         state = m.prepare(fm.params, r.train)
         prep = _median_ms(lambda m=m: m.prepare(fm.params, r.train), repeats)
@@ -105,7 +107,7 @@ def gpt2(repeats: int, profile: bool) -> None:
     fm = functional_model(model, loss_fn)
     x = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(0))
     engine, bare = _engine_calls(fm, (x, x), kinds=("conv1d",))
-    print(f"gpt2 tiny (2 layers, width 64), 16 x 32 tokens, median of {repeats} warm calls (ms)")
+    print(f"gpt2 tiny (2 layers, width 64), 16 x 32 tokens, median CPU ms of {repeats} warm calls")
     print(f"  engine batched_io  {_median_ms(engine, repeats):7.3f}")
     print(f"  bare fwd+bwd       {_median_ms(bare, repeats):7.3f}")
     if profile:

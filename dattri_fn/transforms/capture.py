@@ -370,23 +370,30 @@ def tap(module: nn.Module, layers: Iterable[str]):
     for k, v in module.named_parameters(remove_duplicate=False):
         tied.setdefault(id(v), []).append(k)
     aliases = {k: ks for ks in tied.values() for k in ks}
+    shared: dict[int, int] = {}
+    for _, v in (*module.named_parameters(remove_duplicate=False),
+                 *module.named_buffers(remove_duplicate=False)):
+        shared[id(v)] = shared.get(id(v), 0) + 1
+    # Decided once, from the module as built: without tied tensors functional_call's untying
+    # (a walk over every submodule, about 0.1 ms a call) has nothing to do.
+    ties = any(c > 1 for c in shared.values())
+    needed = [k for s in specs.values() for k in (s.weight, s.bias) if k is not None]
 
     def run(state, probes, args, kwargs):
         state = {k: v for k, v in state.items() if k in state_keys}
-        for s in specs.values():  # a tied key missing from state is its alias's tensor
-            for k in (s.weight, s.bias):
-                if k is not None and k not in state:
-                    present = [a for a in aliases.get(k, ()) if a in state]
-                    if present:
-                        state[k] = state[present[0]]
-        missing = [k for s in specs.values() for k in (s.weight, s.bias)
-                   if k is not None and k not in state]
+        missing = [k for k in needed if k not in state]
+        if missing and ties:  # a tied key missing from state is its alias's tensor
+            for k in missing:
+                present = [a for a in aliases.get(k, ()) if a in state]
+                if present:
+                    state[k] = state[present[0]]
+            missing = [k for k in needed if k not in state]
         if missing:
             raise ValueError(f"tapped(state=...): expected the selected layers' weights and "
                              f"biases, missing {missing}.")
         mode = _Capture(specs, state, probes, _batch_rows(args, kwargs))
         with mode:
-            out = torch.func.functional_call(module, state, args, kwargs)
+            out = torch.func.functional_call(module, state, args, kwargs, tie_weights=ties)
         return out, mode
 
     def tapped(state: Mapping[str, Tensor], probes: Mapping[str, Tensor], *args, **kwargs):
