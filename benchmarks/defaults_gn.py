@@ -1,6 +1,6 @@
 """Influence on the Gauss-Newton with CG as a user writes it, against the autodiff product it replaced.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.defaults_gn
+    OMP_NUM_THREADS=1 python -m benchmarks.defaults_gn [--no-gnvp]
 
 Two MLPs on sklearn digits: the digits-mlp task (hidden 32, P = 2,410; 500 x 50) and a
 128-unit one (P = 9,610; 1,000 x 200). Rows, timed in this process (prepare + score, best of 2,
@@ -8,27 +8,35 @@ after a warm-up call on a slice):
 
 * ``defaults``: ``influence(fm, solver="cg", damping=..., l2=wd / 2, max_iter=100)``; the
   curvature builder picks the factored Gauss-Newton itself;
-* ``M=ekfac``: the same, preconditioned by EK-FAC built on the training data (``M="ekfac"``);
+* ``M=nystrom``: the same, preconditioned by a rank-200 randomized Nystrom sketch of the
+  Gauss-Newton itself (``M="nystrom"``);
+* ``M=ekfac`` / ``M=ekfac exp.`` / ``M=kfac exp.``: preconditioned by EK-FAC of the empirical
+  Fisher (``M="ekfac"``), or EK-FAC/K-FAC of the expected Fisher
+  (``M=solvers.ekfac(fisher="expected")``), built on the training data;
 * ``user gnvp``: the same with ``curvature=`` a Gauss-Newton the user builds from
-  :func:`dattri_fn.gnvp` (what the README offered before the builder), no ``batch_rows``.
+  :func:`dattri_fn.gnvp` (what the README offered before the builder), no ``batch_rows``
+  (skipped with ``--no-gnvp``; the differences are then against ``defaults``).
 
-Both compute the same matrix; the script prints the time ratio and the scores' max relative
-difference (CG stops at the same rtol, so it is small, not zero).
+All compute the same matrix; the script prints times, the ratio to ``defaults`` and each row's
+scores' max relative difference from the reference (CG stops at the same rtol, so it is small,
+not zero).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from dattri_fn import functional_model, gnvp
+from dattri_fn import functional_model, gnvp, solvers
 from dattri_fn.attribute import influence
 from dattri_fn.eval.tasks import get_task, train_model
 
 CASES = {"digits-mlp P=2,410": (500, 50, 32), "MLP P=9,610": (1000, 200, 128)}
+KEYS = {"small": "digits-mlp P=2,410", "large": "MLP P=9,610"}
 
 
 def _timed(method, params, train, test, repeats: int = 2) -> tuple[float, torch.Tensor]:
@@ -41,11 +49,15 @@ def _timed(method, params, train, test, repeats: int = 2) -> tuple[float, torch.
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-gnvp", action="store_true")
+    ap.add_argument("--cases", default="small,large")
+    args = ap.parse_args()
     warnings.simplefilter("ignore")
-    print("| model | n_train x n_test | defaults s | M=ekfac s | user gnvp s | ratio | "
-          "ratio M=ekfac | max rel diff | max rel diff M=ekfac |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, (n_train, n_test, hidden) in CASES.items():
+    print("| model | n_train x n_test | row | s | / defaults | max rel diff |")
+    print("|---|---|---|---|---|---|")
+    for label in (KEYS[c] for c in args.cases.split(",")):
+        n_train, n_test, hidden = CASES[label]
         task = get_task("digits-mlp", n_train=n_train, n_test=n_test, seed=0,
                         hparams={"hidden": hidden, "epochs": 100})
         model = train_model(task, seed=0).eval()
@@ -53,22 +65,27 @@ def main() -> None:
         wd = float(task.hparams["weight_decay"])
         train = [(task.x_train[i:i + 256], task.y_train[i:i + 256]) for i in range(0, n_train, 256)]
         test = (task.x_test, task.y_test)
-        out_loss = lambda out, ex: F.cross_entropy(out[None], ex[-1][None])
-        user_gn = lambda p, data: gnvp(fm.forward, out_loss, p, data)
         opts = dict(solver="cg", damping=1e-3, l2=wd / 2, max_iter=100)
-        fast = influence(fm, **opts)
-        pre = influence(fm, M="ekfac", **opts)
-        slow = influence(fm, curvature=user_gn, **{**opts, "damping": 1e-3 + wd})
+        rows = {"defaults": influence(fm, **opts),
+                "M=nystrom": influence(fm, M="nystrom", **opts),
+                "M=ekfac": influence(fm, M="ekfac", **opts),
+                "M=ekfac exp.": influence(fm, M=solvers.ekfac(fisher="expected"), **opts),
+                "M=kfac exp.": influence(fm, M=solvers.kfac(fisher="expected"), **opts)}
+        if not args.no_gnvp:
+            out_loss = lambda out, ex: F.cross_entropy(out[None], ex[-1][None])
+            user_gn = lambda p, data: gnvp(fm.forward, out_loss, p, data)
+            rows["user gnvp"] = influence(fm, curvature=user_gn, **{**opts, "damping": 1e-3 + wd})
         warm = ([(task.x_train[:32], task.y_train[:32])], (task.x_test[:2], task.y_test[:2]))
-        for m in (fast, pre, slow):
+        for m in rows.values():
             m.score(fm.params, m.prepare(fm.params, warm[0]), *warm)
-        t_fast, S_fast = _timed(fast, fm.params, train, test)
-        t_pre, S_pre = _timed(pre, fm.params, train, test)
-        t_slow, S_slow = _timed(slow, fm.params, train, test, repeats=1)
-        diff = lambda S: float((S - S_slow).abs().max() / S_slow.abs().max())
-        print(f"| {label} | {n_train} x {n_test} | {t_fast:.2f} | {t_pre:.2f} | {t_slow:.2f} | "
-              f"{t_fast / t_slow:.3f} | {t_pre / t_slow:.3f} | {diff(S_fast):.1e} | "
-              f"{diff(S_pre):.1e} |")
+        res = {name: _timed(m, fm.params, train, test, repeats=1 if name == "user gnvp" else 2)
+               for name, m in rows.items()}
+        ref = res["user gnvp" if "user gnvp" in res else "defaults"][1]
+        t0 = res["defaults"][0]
+        for name, (t, S) in res.items():
+            diff = float((S - ref).abs().max() / ref.abs().max())
+            print(f"| {label} | {n_train} x {n_test} | {name} | {t:.2f} | {t / t0:.2f} | "
+                  f"{diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Digits MLPs (hidden 32 / 128, 500 / 1,000 training points, 50 test rows as right-hand sides):
 iterations (mean and max over rows) and seconds of ``cg_solve`` with no preconditioner and with
 each damped K-FAC/EK-FAC inverse (``fisher="expected"``: the exact expectation over the model's
-outputs, whose layer blocks are the Gauss-Newton's), and the seconds to build the factors.
+outputs, whose layer blocks are the Gauss-Newton's) and the rank-200 randomized Nystrom sketch of
+the Gauss-Newton itself, and the seconds to build the factors (or the sketch).
 ``damping`` is the total added to the Gauss-Newton (what ``influence`` passes for ``l2 = wd / 2``
 and its own ``damping``: ``wd + damping``).
 """
@@ -24,6 +25,7 @@ from dattri_fn.eval.tasks import get_task, train_model
 from dattri_fn.operators import gauss_newton
 from dattri_fn.operators.kfac import ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors
 from dattri_fn.solve import cg_solve
+from dattri_fn.solve.nystrom import nystrom_preconditioner
 
 
 def main() -> None:
@@ -56,7 +58,10 @@ def main() -> None:
                 factors[f"{kind} {fisher}"] = (factors[f"{kind} {fisher}"],
                                                time.perf_counter() - t0)
         for damping in map(float, args.dampings.split(",")):
-            Ms = {"none": (None, 0.0)}
+            t0 = time.perf_counter()
+            Ms = {"none": (None, 0.0),
+                  "nystrom 200": (nystrom_preconditioner(op, damping=damping), 0.0)}
+            Ms["nystrom 200"] = (Ms["nystrom 200"][0], time.perf_counter() - t0)
             for name, (f, t_f) in factors.items():
                 inv = ihvp_kfac if name.startswith("kfac") else ihvp_ekfac
                 Ms[name] = (inv(f, damping=damping), t_f)

@@ -184,10 +184,13 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``"kfac"``/``"ekfac"`` (or ``solvers.kfac/ekfac(fisher=...)`` values carrying the
             factors' settings, e.g. ``fisher="expected"``) to build ``(F + damping I)^-1``
             from the model's layers on the same training data. It saves iterations only where
-            it approximates the curvature: on the digits MLPs neither the empirical nor the
-            true Fisher factors preconditioned the Gauss-Newton (benchmarks/RESULTS.md).
+            it approximates the curvature: on the digits MLPs no K-FAC/EK-FAC factors (of the
+            empirical, true or expected Fisher) preconditioned the Gauss-Newton, while
+            ``"nystrom"`` halved the iterations and the time (benchmarks/RESULTS.md).
             ``kfac``/``ekfac`` take ``fisher="true"`` and ``seed`` (targets drawn from the
-            model, kronfluence's default; see :func:`~dattri_fn.operators.kfac.kfac_factors`).
+            model, kronfluence's default) or ``fisher="expected"`` (the exact expectation over
+            the model's outputs: the Gauss-Newton's layer blocks); see
+            :func:`~dattri_fn.operators.kfac.kfac_factors`.
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).
