@@ -274,3 +274,40 @@ def test_layer_specs_and_bad_names():
     assert specs["proj"].out_features == 3 and specs["emb"].bias is None
     with pytest.raises(ValueError, match=r"tap\(layers=...\): expected names of capturable"):
         tap(m, ["nope"])
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight is also the output layer's (one tensor, two names)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.emb, self.fc, self.out = nn.Embedding(5, 3), nn.Linear(3, 3), nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+        _init(self, gen)
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.fc(self.emb(idx))))
+
+
+def test_state_values_are_used_with_and_without_tied_tensors():
+    """tapped(state) runs the model at state's tensors: out == module(x) evaluated at state, for a
+    model without tied tensors and for one whose tied alias is given under either name alone."""
+    gen = torch.Generator().manual_seed(3)
+    m = Mlp(3, 4, 2, True, gen).double().eval()
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    other = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in
+             m.named_parameters()}
+    out, _ = tap(m, ["fc1", "fc2"])(other, {n: torch.zeros((), dtype=torch.float64)
+                                            for n in ("fc1", "fc2")}, x)
+    torch.testing.assert_close(out, torch.func.functional_call(m, other, (x,)), rtol=0, atol=0)
+    t = TiedHead(gen).double().eval()
+    idx = torch.tensor([[1, 2], [3, 4]])
+    W = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    base = {k: v.detach() for k, v in t.named_parameters()}  # "emb.weight" only (deduplicated)
+    want = F.linear(torch.tanh(t.fc(F.embedding(idx, W))), W)
+    tapped = tap(t, ["fc"])
+    zero = {"fc": torch.zeros((), dtype=torch.float64)}
+    for key in ("emb.weight", "out.weight"):
+        state = {k: v for k, v in base.items() if k != "emb.weight"} | {key: W}
+        out, _ = tapped(state, zero, idx)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
