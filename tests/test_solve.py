@@ -414,7 +414,8 @@ def test_nystrom_captures_a_low_rank_operator_and_pcg_takes_one_step(seed, P, r,
 
 def test_nystrom_preconditioner_cuts_iterations_and_keeps_the_solution():
     """A decaying spectrum (eigenvalues 2^-i): M='nystrom' (rank 200 >= P) solves in fewer CG
-    steps than plain CG, to the same solution (1e-10); a seeded sketch is reproducible."""
+    steps than plain CG, to the same solution (1e-10), also as solvers.cg(M="nystrom"); a seeded
+    sketch is reproducible."""
     from dattri_fn.solve.nystrom import nystrom_preconditioner
 
     P = 60
@@ -425,6 +426,10 @@ def test_nystrom_preconditioner_cuts_iterations_and_keeps_the_solution():
     pre = cg_solve(A, B, damping=1e-4, rtol=1e-12, max_iter=500, M="nystrom")
     torch.testing.assert_close(pre.x, plain.x, rtol=0, atol=1e-10 * float(plain.x.abs().max()))
     assert int(pre.num_iters.max()) < int(plain.num_iters.min())
+    from dattri_fn import solvers
+
+    value = solvers.cg(rtol=1e-12, max_iter=500, M="nystrom")(A, 1e-4)(B)
+    torch.testing.assert_close(value, pre.x, rtol=0, atol=1e-12 * float(pre.x.abs().max()))
     small = [nystrom_preconditioner(A, damping=1e-4, rank=8, seed=3).dense() for _ in range(2)]
     assert torch.equal(small[0], small[1])
 
