@@ -39,9 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int) -> dict[int, torch.Tensor]:
-    """Return ``{K: d <cot, theta_T> / d w`` through the last ``K`` steps only ``[k, n]}`` for
-    ``K`` = multiples of ``every_steps`` and ``T`` (the loop of ``magic.metagradient``)."""
+def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
+    """Return ``({K: d <cot, theta_T> / d w`` through the last ``K`` steps only ``[k, n]}``,
+    ``{K: |sbar_{T-K}|}``) for ``K`` = multiples of ``every_steps`` and ``T`` (the loop of
+    ``magic.metagradient``; ``sbar`` the state cotangent, all targets together)."""
     from torch.func import vjp, vmap
     from torch.utils._pytree import tree_map
 
@@ -59,7 +60,7 @@ def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int) -> 
     bar, _ = _split(({name: cot[name] for name in final_params}, zeros))
     w_bar = torch.zeros(k, n, dtype=dtype)
     marks = sorted(traj.checkpoints)
-    out = {}
+    out, norms = {}, {}
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
         states = {}
         run_steps(step, traj.checkpoints[lo], data, order, weights, lo, hi, every=1, keep=states)
@@ -78,7 +79,9 @@ def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int) -> 
             K = T - t
             if K % every_steps == 0 or K == T:
                 out[K] = w_bar.clone()
-    return out
+                # The state cotangent's size: growth backward = an unstable linearised run.
+                norms[K] = float(torch.sqrt(sum((b * b).sum() for b in bar)))
+    return out, norms
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -114,8 +117,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
           f"steps (T = {hp['epochs'] * per_epoch}), n_train={task.n_train}, n_test={task.n_test}, "
           f"m={args.subsets}\n")
     labels = list(gts)
-    print("| lr factor | K steps (epochs) | " + " | ".join(f"LDS {lb}" for lb in labels) + " | s |")
-    print("|---|---|" + "---|" * (len(labels) + 1))
+    print("| lr factor | K steps (epochs) | " + " | ".join(f"LDS {lb}" for lb in labels)
+          + " | |sbar_(T-K)| | s |")
+    print("|---|---|" + "---|" * (len(labels) + 2))
     for factor in (float(f) for f in args.lrs.split(",")):
         optimizer, order = sgd_run(task.n_train, seed=0, epochs=hp["epochs"],
                                    lr=hp["lr"] * factor, weight_decay=hp["weight_decay"],
@@ -125,17 +129,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         traj = train(step, fm.params, optimizer.init(fm.params), data, order,
                      checkpoint_every=max(1, math.ceil(math.sqrt(len(order)))))
         cot = target(traj.params, test)
-        curves = horizon_metagradients(step, traj, data, order, cot, every_steps=per_epoch)
+        curves, norms = horizon_metagradients(step, traj, data, order, cot, every_steps=per_epoch)
         secs = time.perf_counter() - t0
         for K in sorted(curves):
             scores = curves[K].T.double()
             res = {lb: float(lds(scores, gt.subsets, gt.targets.double()).mean)
                    for lb, gt in gts.items()}
-            rows.append({"lr_factor": factor, "K": K, **res})
-            if K in (per_epoch, 2 * per_epoch, 5 * per_epoch, 10 * per_epoch, 20 * per_epoch,
-                     len(order)):
+            rows.append({"lr_factor": factor, "K": K, "cotangent_norm": norms[K], **res})
+            epochs = K // per_epoch
+            if K == len(order) or K % per_epoch == 0 and (epochs in (1, 2) or epochs % 5 == 0):
                 print(f"| {factor:g} | {K} ({K / per_epoch:g}) | "
-                      + " | ".join(f"{res[lb]:.3f}" for lb in labels) + f" | {secs:.0f} |",
+                      + " | ".join(f"{res[lb]:.3f}" for lb in labels)
+                      + f" | {norms[K]:.3g} | {secs:.0f} |",
                       flush=True)
     return rows
 

@@ -70,11 +70,11 @@ def test_horizon_metagradient_at_k_equal_t_is_magic_and_grows_by_steps():
     order = batch_order(9, batch_size=4, epochs=3, seed=1)
     traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=4)
     cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, (x[:2], y[:2]))
-    curves = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=3)
-    assert sorted(curves) == [3, 6, 9]
+    curves, norms = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=3)
+    assert sorted(curves) == sorted(norms) == [3, 6, 9] and min(norms.values()) > 0
     full = metagradient(step, traj, (x, y), order, cot).weights
     torch.testing.assert_close(curves[9], full, rtol=0, atol=1e-12)
-    one = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=1)[1]
+    one = horizon_metagradients(step, traj, (x, y), order, cot, every_steps=1)[0][1]
     outside = torch.ones(9, dtype=torch.bool)
     outside[order[-1]] = False
     assert torch.all(one[:, outside] == 0) and one[:, ~outside].abs().max() > 0
