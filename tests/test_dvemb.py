@@ -111,3 +111,59 @@ def test_errors_name_the_argument(tmp_path):
         dvemb(loss, curvature="hessian").prepare(record, data)
     with pytest.raises(ValueError, match=r"dvemb\(curvature=...\): expected 'fisher' or 'hessian'"):
         dvemb(loss, curvature="gn")
+
+
+def test_identity_projection_is_the_exact_embedding(tmp_path):
+    """projection=eye(P) on unprojected stores == no projection (the exact DVEmb), 1e-12;
+    self_score follows."""
+    record, loss, data, *_ = sgd_run(tmp_path)
+    test = queries()
+    P = sum(v.numel() for v in record.final.params.values())
+    exact = dvemb(loss)
+    ident = dvemb(loss, projection=torch.eye(P, dtype=DT))
+    s_exact = exact.score(record, exact.prepare(record, data), data, test)
+    state = ident.prepare(record, data)
+    assert state.embeddings.shape == (12, P) and "matrix" in state.projection
+    torch.testing.assert_close(ident.score(record, state, data, test), s_exact, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ident.self_score(record, state, data),
+                               exact.self_score(record, exact.prepare(record, data), data),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_seeded_projection_at_prepare_equals_stores_recorded_projected(tmp_path, kind):
+    """projection=make_projector(P, d, kind, seed) on exact stores == stores recorded with the
+    same (d, kind, seed) projection (the tested projected-space closed form), 1e-10."""
+    from dattri_fn.training import record as record_mod
+
+    record, loss, data, *_ = sgd_run(tmp_path / "exact")
+    test = queries()
+    P = sum(v.numel() for v in record.final.params.values())
+    late = dvemb(loss, projection=make_projector(P, proj_dim=6, kind=kind, seed=2))
+    ours = late.score(record, late.prepare(record, data), data, test)
+    assert record_mod.GradSpec(loss, "x", 6, seed=2).kind == "rademacher"
+    if kind == "rademacher":
+        projected, *_ = sgd_run(tmp_path / "proj", proj_dim=6)
+        early = dvemb(loss)
+        torch.testing.assert_close(ours, early.score(projected, early.prepare(projected, data), data, test),
+                                   rtol=1e-10, atol=1e-12)
+    else:  # the dense matrix of the same projector gives the same embeddings
+        R = make_projector(P, proj_dim=6, kind=kind, seed=2, dtype=DT).matrix()
+        dense = dvemb(loss, projection=R)
+        torch.testing.assert_close(ours, dense.score(record, dense.prepare(record, data), data, test),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_projection_errors(tmp_path):
+    """A projection with projected stores, with curvature='hessian', of the wrong width, or of
+    the wrong type: errors naming dvemb(projection=...) / dvemb(curvature=...)."""
+    record, loss, data, *_ = sgd_run(tmp_path / "p", proj_dim=4)
+    with pytest.raises(ValueError, match=r"dvemb\(projection=...\): expected None for stores"):
+        dvemb(loss, projection=torch.eye(4, dtype=DT)).prepare(record, data)
+    record, loss, data, *_ = sgd_run(tmp_path / "e")
+    with pytest.raises(ValueError, match=r"dvemb\(projection=...\): expected an input dimension"):
+        dvemb(loss, projection=torch.eye(3, dtype=DT)).prepare(record, data)
+    with pytest.raises(ValueError, match=r"dvemb\(curvature=...\): expected 'fisher' with a projection"):
+        dvemb(loss, curvature="hessian", projection=torch.eye(3, dtype=DT))
+    with pytest.raises(TypeError, match=r"dvemb\(projection=...\): expected None, a Projector"):
+        dvemb(loss, projection=4)

@@ -21,6 +21,12 @@ stores (``GradSpec(proj_dim=d)``) everything lives in the ``d``-dimensional spac
 (``R`` the store's projector), the test gradients are projected with the same ``R``, and
 ``H_k`` is the Fisher of the projected gradients.
 
+``projection=`` projects UNPROJECTED stores at ``prepare`` instead (dattri's DVEmb projects its
+per-example gradients the same way): a seeded :class:`~dattri_fn.transforms.Projector` (the same
+embeddings as stores recorded with its ``proj_dim``/``seed``/``kind``) or any dense ``[P, d]``
+matrix ``R`` (``torch.eye(P)``: the exact, unprojected embeddings). Memory then drops from
+``P^2 + n P`` to ``d^2 + n d``.
+
 The embeddings are computed once in ``prepare`` by one backward sweep over the steps carrying
 the product as a dense ``[d, d]`` matrix (memory ``d^2 + n d``, time ``O(T B d^2)``); scoring is
 then one ``[n, d] x [d, n_test]`` product for any test set. The paper's score omits the
@@ -59,8 +65,9 @@ from .pipeline import collect, merge_topk
 
 
 class DVEmbState(NamedTuple):
-    """``embeddings [n_train, d]``; ``projection`` ``{"proj_dim", "seed", "kind"}`` of the
-    stores (``proj_dim`` None: unprojected, ``d = P``)."""
+    """``embeddings [n_train, d]``; ``projection`` ``{"proj_dim", "seed", "kind", "nnz"}`` of
+    the seeded projection (of the stores or of ``dvemb(projection=...)``; ``proj_dim`` None:
+    unprojected, ``d = P``), or ``{"matrix": R [P, d]}`` for a dense ``projection``."""
 
     embeddings: Tensor
     projection: dict
@@ -76,7 +83,20 @@ def _stores(func: str, record: Record) -> tuple[list, dict]:
     stores = [open_store(p) for p in record.grad_stores]
     cfg = stores[0].manifest["config"]
     return stores, {"proj_dim": cfg.get("proj_dim"), "seed": cfg.get("seed", 0),
-                    "kind": cfg.get("projection", "rademacher")}
+                    "kind": cfg.get("projection", "rademacher"), "nnz": cfg.get("nnz", 1)}
+
+
+def _check_projection(func: str, projection):
+    from ..transforms.projector import Projector
+
+    if projection is None or isinstance(projection, Projector):
+        return projection
+    if isinstance(projection, Tensor) and projection.ndim == 2 and projection.is_floating_point():
+        return projection
+    got = (f"a tensor of shape {list(projection.shape)}" if isinstance(projection, Tensor)
+           else type(projection).__name__)
+    raise TypeError(_msg(func, "projection", "None, a Projector (make_projector) or a floating "
+                         "[P, d] matrix", got))
 
 
 def _batch_hessian(loss: Loss, params, batch) -> Tensor:
@@ -86,7 +106,7 @@ def _batch_hessian(loss: Loss, params, batch) -> Tensor:
 
 
 def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
-          target: Loss | FunctionalModel | None = None) -> Method:
+          target: Loss | FunctionalModel | None = None, projection=None) -> Method:
     """Return DVEmb: ``scores[i, j] = <e(z_i), R^T grad target(theta_T, z_j)>``.
 
     ``params`` given to ``prepare``/``score``/``self_score`` is the
@@ -101,12 +121,19 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
             batch Hessian at every step: needs unprojected stores, a checkpoint at every step
             and the training data in ``prepare``).
         target: test-side function whose DECREASE a positive score predicts (default ``loss``).
+        projection: project unprojected stores at ``prepare``: a
+            :class:`~dattri_fn.transforms.Projector` of ``dim = P`` or a dense ``[P, d]``
+            matrix (``curvature="fisher"`` only); None: use the stores as recorded.
     """
     name = "dvemb"
     if curvature not in ("fisher", "hessian"):
         raise ValueError(_msg(name, "curvature", "'fisher' or 'hessian'", repr(curvature)))
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
+    projection = _check_projection(name, projection)
+    if projection is not None and curvature != "fisher":
+        raise ValueError(_msg(name, "curvature", "'fisher' with a projection (the Hessian "
+                              "is exact only unprojected)", repr(curvature)))
 
     def prepare(params, train) -> DVEmbState:
         record = check_record(name, params)
@@ -133,13 +160,32 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
             from .._checks import batch_cat
 
             data = batch_cat(batches) if len(batches) > 1 else batches[0]
-        G_last = stores[-1].read()
+        project = None
+        if projection is not None:
+            P = stores[-1].read().shape[-1]
+            if proj["proj_dim"] is not None:
+                raise ValueError(_msg(name, "projection", "None for stores recorded projected "
+                                      f"(proj_dim={proj['proj_dim']})", "a projection"))
+            width = projection.dim if not isinstance(projection, Tensor) else projection.shape[0]
+            if width != P:
+                raise ValueError(_msg(name, "projection", f"an input dimension of P = {P}",
+                                      f"{width}"))
+            if isinstance(projection, Tensor):
+                proj = {"matrix": projection}
+                project = lambda G: G @ projection.to(G)
+            else:
+                proj = {"proj_dim": projection.proj_dim, "seed": projection.seed,
+                        "kind": projection.kind, "nnz": projection.nnz}
+                project = projection
+        read = (lambda t: stores[t].read()) if project is None else (
+            lambda t: project(stores[t].read()))
+        G_last = read(record.steps - 1)
         d = G_last.shape[-1]
         dtype, device = G_last.dtype, G_last.device
         E = torch.zeros(n, d, dtype=dtype, device=device)
         prod = torch.eye(d, dtype=dtype, device=device)  # prod_{k > t} (I - eta_k (H_k + wd I))
         for t in range(record.steps - 1, -1, -1):
-            G = stores[t].read()  # [B_t, d]
+            G = read(t)  # [B_t, d]
             rows = record.order[t].to(device)
             eta, b = float(record.lrs[t]), G.shape[0]
             E.index_add_(0, rows, (eta / b) * (G @ prod.T))
@@ -153,13 +199,17 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
     def _test_features(record: Record, state: DVEmbState):
         final = {k: v[None] for k, v in record.final.params.items()}
         projector = None
-        if state.projection["proj_dim"] is not None:
+        if "matrix" in state.projection:
+            R = state.projection["matrix"]
+            projector = lambda G: G @ R.to(G)
+        elif state.projection["proj_dim"] is not None:
             from ..transforms.project import make_projector
 
             P = sum(v.numel() for v in record.final.params.values())
             projector = make_projector(P, proj_dim=state.projection["proj_dim"],
                                        kind=state.projection["kind"],
                                        seed=state.projection["seed"],
+                                       nnz=state.projection.get("nnz", 1),
                                        dtype=state.embeddings.dtype, packed=False)
 
         def f(fn):
