@@ -219,3 +219,31 @@ def test_magic_step_must_be_callable():
     params, loss, data, test = tiny_mlp()
     with pytest.raises(TypeError, match=r"magic\(step=...\): expected a pure step"):
         magic(loss, sgd(0.1), epochs=1, step=3)
+
+
+def test_horizon_truncates_the_reverse_pass_to_the_last_steps():
+    """horizon=K: tau^(K) = sum over steps t >= T-K of the weight cotangents; K >= T == the full
+    metagradient (torch.equal); K = 1 touches only the last batch's rows; the sum over horizons
+    is checkpoint-independent (c = 1 vs 4, torch.equal) and == the benchmark's snapshot, 1e-12."""
+    from benchmarks.magic_horizon import horizon_metagradients
+
+    params, loss, data, test = tiny_mlp(seed=6)
+    opt = sgd(0.2, momentum=0.9, weight_decay=0.01)
+    full = magic(loss, opt, epochs=3, batch_size=4, seed=2)
+    state = full.prepare(params, data)
+    exact = full.score(params, state, data, test)
+    T = len(state.orders[0])
+    assert torch.equal(magic(loss, opt, epochs=3, batch_size=4, seed=2, horizon=T + 5)
+                       .score(params, state, data, test), exact)
+    one = magic(loss, opt, epochs=3, batch_size=4, seed=2, horizon=1).score(params, state, data, test)
+    last = torch.zeros(10, dtype=torch.bool)
+    last[state.orders[0][-1]] = True
+    assert torch.all(one[~last] == 0) and one[last].abs().max() > 0
+    five = [magic(loss, opt, epochs=3, batch_size=4, seed=2, horizon=5, checkpoint_every=c)
+            for c in (1, 4)]
+    s1, s4 = (m.score(params, m.prepare(params, data), data, test) for m in five)
+    assert torch.equal(s1, s4) and not torch.allclose(s1, exact)
+    cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(state.runs[0].params, test)
+    snaps, _ = horizon_metagradients(make_step(loss, opt), state.runs[0], data, state.orders[0],
+                                     cot, every_steps=5)
+    torch.testing.assert_close(s1, snaps[5].T, rtol=0, atol=1e-12)

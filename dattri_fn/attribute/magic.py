@@ -91,7 +91,7 @@ def _join(floats: Sequence[Tensor], how: tuple):
 
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
-                 chunk_size: int | None = None) -> MetaGradient:
+                 chunk_size: int | None = None, horizon: int | None = None) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -106,6 +106,9 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         data, order, weights: as in :func:`~dattri_fn.training.train`.
         cotangent: the final-params cotangents, one row per target.
         chunk_size: cotangents per vmapped vjp (None: all ``k`` at once).
+        horizon: ``K``: walk back through the last ``K`` steps only (truncated reverse mode:
+            the weight cotangents of steps ``< T - K`` are dropped and ``params`` is then the
+            cotangent of ``theta_{T-K}``); None or ``>= T``: the whole run.
     """
     func = "metagradient"
     if not callable(step):
@@ -116,7 +119,9 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
                              type(trajectory).__name__))
     n, weights = check_run(func, data, order, weights)
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
+    horizon = check_optional_int(func, "horizon", horizon)
     T = len(order)
+    first = 0 if horizon is None else max(0, T - horizon)
     marks = sorted(trajectory.checkpoints)
     if marks[0] != 0 or marks[-1] != T:
         raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
@@ -137,10 +142,12 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     bar, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
     w_bar = torch.zeros(k, n, dtype=dtype, device=weights.device)
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
+        if hi <= first:
+            break
         states = {}
         run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
                   every=1, keep=states)
-        for t in range(hi - 1, lo - 1, -1):
+        for t in range(hi - 1, max(lo, first) - 1, -1):
             floats, how = _split(states.pop(t))
             rows = order[t]
             batch = take(data, rows)
@@ -186,7 +193,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           batch_size: int | None = None, seed: int | Sequence[int] = 0,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
-          self_chunk: int = 256, step: Callable | None = None) -> Method:
+          self_chunk: int = 256, step: Callable | None = None,
+          horizon: int | None = None) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
@@ -211,6 +219,11 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             train and differentiate (default ``make_step(loss, optimizer)``, the weighted mean
             loss); ``optimizer.init`` still gives the initial state. E.g.
             :func:`dattri_fn.eval.tasks.task_step`, the bundled tasks' own Adam run.
+        horizon: differentiate through the last ``horizon`` steps only (truncated reverse mode,
+            :func:`metagradient`; the reverse pass then costs ``horizon / T`` of the full one);
+            None: the whole run, the exact metagradient. A biased estimate, useful where the
+            run's linearisation is unstable early on (the state cotangent grows backward:
+            ``benchmarks/magic_horizon.py`` measures it); no default ``K`` fits every run.
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
@@ -241,6 +254,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         seed = check_int("magic", "seed", seed, minimum=0)
     checkpoint_every = check_optional_int("magic", "checkpoint_every", checkpoint_every)
     chunk_size = check_optional_int("magic", "chunk_size", chunk_size)
+    horizon = check_optional_int("magic", "horizon", horizon)
     self_chunk = check_int("magic", "self_chunk", self_chunk)
     if target is None:
         target = lambda p, ex: -loss(p, ex)
@@ -291,7 +305,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             with blame_data(func, arg, test):
                 cot = target_grads(traj.params, test)  # {name: [k, *shape]}
             with blame_data(func, "train", train_data):
-                mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size)
+                mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size,
+                                  horizon=horizon)
             total = mg.weights if total is None else total + mg.weights
         return (total / len(state.runs)).T  # [n_train, k]
 
