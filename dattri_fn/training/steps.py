@@ -11,7 +11,11 @@ optimizer state and ``w`` (see :mod:`dattri_fn.attribute.magic`).
 
 Optimizers follow optax: :class:`Optimizer` ``(init, update, name)``, configured once by a
 factory. The updates are written out in the order ``torch.optim`` uses, so a functional run
-follows a ``torch.optim`` run of the same model to float round-off:
+follows a ``torch.optim`` run of the same model to float round-off; Adam/AdamW go further and
+run the same kernels as ``torch.optim``'s single-tensor (CPU default) step on the same operands
+(``lerp``, ``addcmul``, ``addcdiv``), so on equal gradients and learning rates they give the
+same bits (tested with ``torch.equal``; :func:`cosine_schedule` ``recursive=True`` gives
+``CosineAnnealingLR``'s rates bit for bit):
 
     SGD      g <- g + wd theta;  b <- mu b + g (b = g at the first step);  theta <- theta - lr b
     Adam     g <- g + wd theta;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
