@@ -18,7 +18,8 @@ smallest ``k`` at equal LDS.
 (``dim``, ``hidden = 4 dim``), random init (seeded; time and memory do not depend on training),
 on text-lm's tokens: ``prepare + score`` of ``n_train x n_test`` for LoGra ``k`` and the dense
 TRAK / Grad-Dot ``d``, each in its own spawned process (:func:`benchmarks.peak.measure_peak`:
-the peak resident size above the set-up, after a warm-up on 2 rows), one thread. A row still
+the peak resident size above the set-up, after a warm-up on 2 rows of the same model at width
+16), one thread. A row still
 running after ``--timeout`` s is killed and reported as such. ``uptime``'s load average is
 printed before and after, since the machine is shared.
 """
@@ -148,21 +149,28 @@ def _scale_problem(spec: dict):
     return fm, train, (task.x_test, task.y_test)
 
 
-def _scale_setup(spec: dict, name: str):
-    """Build ``name`` in a spawned process, warm it up on 2 rows; return the timed step."""
-    import warnings
-
+def _scale_method(name: str, fm, spec: dict):
     from dattri_fn.attribute import logra
+
+    if name.startswith("logra"):
+        return logra(fm, proj_dim=int(name.split("=")[1]))
+    return _dense(name, fm, spec["d"], 0, chunk_size=spec["chunk"])
+
+
+def _scale_setup(spec: dict, name: str):
+    """Build ``name`` in a spawned process, warmed up on 2 rows of the same model at width 16
+    (a warm-up at full width would cost the dense rows two more draws of a [P, d] R); return
+    the timed step."""
+    import warnings
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    small = _scale_problem({**spec, "dim": 16})
+    warm_fm, warm = small[0], [(small[1][0][0][:2], small[1][0][1][:2])]
+    method = _scale_method(name, warm_fm, spec)
+    method.score(warm_fm.params, method.prepare(warm_fm.params, warm), warm, warm[0])
     fm, train, test = _scale_problem(spec)
-    if name.startswith("logra"):
-        method = logra(fm, proj_dim=int(name.split("=")[1]))
-    else:
-        method = _dense(name, fm, spec["d"], 0, chunk_size=spec["chunk"])
-    warm = [(train[0][0][:2], train[0][1][:2])]
-    method.score(fm.params, method.prepare(fm.params, warm), warm, (test[0][:2], test[1][:2]))
+    method = _scale_method(name, fm, spec)
 
     def step() -> dict:
         t0 = time.perf_counter()
