@@ -413,3 +413,29 @@ def test_representer_scores_and_self_scores_from_a_feature_store(tmp_path):
                                          r"training examples the state was prepared on, got more"):
         m.score(params, state, record_store(tmp_path / "long", batches + batches[:1],
                                             params=params), test)
+
+
+@given(seed=seeds, cond=st.sampled_from([10.0, 100.0]))
+def test_lbfgs_solves_a_quadratic(seed, cond):
+    """_lbfgs on f(x) = x^T A x / 2 - b^T x (A symmetric, eigenvalues in [1, cond], P = 40,
+    history 5 so the memory wraps) stops with max|grad| <= 1e-9 and |x - A^-1 b| <= |grad|
+    (lambda_min = 1); with a budget of 8 steps it returns the 8th iterate's gradient."""
+    from dattri_fn.attribute.representer import _lbfgs
+
+    g = _gen(seed)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=F64))[0]
+    A = Q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), 40, dtype=F64)) @ Q.T
+    A = (A + A.T) / 2  # f's gradient is then exactly A x - b
+    b = torch.randn(40, generator=g, dtype=F64)
+
+    def value_grad(x):
+        return 0.5 * x @ A @ x - b @ x, A @ x - b
+
+    x0 = torch.zeros(40, dtype=F64)
+    x, grad = _lbfgs(value_grad, x0, *value_grad(x0), 1e-9, 2000, history=5)
+    assert float(grad.abs().max()) <= 1e-9
+    torch.testing.assert_close(grad, A @ x - b, rtol=0, atol=1e-14)
+    assert float((x - torch.linalg.solve(A, b)).norm()) <= float(grad.norm()) * 1.01 + 1e-14
+    x8, grad8 = _lbfgs(value_grad, x0, *value_grad(x0), 1e-9, 8, history=5)
+    torch.testing.assert_close(grad8, A @ x8 - b, rtol=0, atol=1e-14)
+    assert float(grad8.abs().max()) > 1e-9

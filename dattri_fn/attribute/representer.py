@@ -167,12 +167,15 @@ def _lbfgs(value_grad: Callable, x: Tensor, f: Tensor, g: Tensor, bound: float, 
     Y^T Y) u - gamma Y^T g)`` (``R`` the upper triangle of ``S^T Y``, ``D`` its diagonal): a few
     ``[m, P]`` products a step instead of the two-loop recursion's ``4m`` vector operations,
     whose per-call overhead dominated a small head's fit. Steps are backtracked to the Armijo
-    condition (``c = 1e-4``, halving from 1); a pair with ``s^T y <= 1e-12 |s||y|`` is not kept.
+    condition (``c = 1e-4``, halving from 1), or taken where ``f`` stays within its round-off
+    (``8 eps |f|``) and ``max|g|`` shrinks; a pair with ``s^T y <= 1e-12 |s||y|`` is not kept.
+    At most ``max_iter`` steps and ``1.25 max_iter`` evaluations (``torch.optim.LBFGS``'s).
     """
     P = x.numel()
     S, Y = x.new_empty((history, P)), x.new_empty((history, P))
     SY, YY = x.new_zeros((history, history)), x.new_zeros((history, history))
     k, gamma = 0, 1.0
+    evals = max_iter + max_iter // 4  # torch.optim.LBFGS's default budget of evaluations
     for _ in range(max_iter):
         if float(g.abs().max()) <= bound:
             break
@@ -189,14 +192,19 @@ def _lbfgs(value_grad: Callable, x: Tensor, f: Tensor, g: Tensor, bound: float, 
         if not slope < 0:  # round-off broke the descent property: restart from -g
             k, d = 0, -g * min(1.0, 1.0 / float(g.abs().sum()))
             slope = float(g @ d)
-        t = 1.0
+        t, g_max = 1.0, float(g.abs().max())
+        # Near the minimum a decrease falls below f's round-off: a step that keeps f within it
+        # and shrinks the gradient is taken too (where a plain Armijo search would stall).
+        noise = 8 * torch.finfo(x.dtype).eps * abs(float(f))
         while True:
             x_new = x + t * d
             f_new, g_new = value_grad(x_new)
-            if float(f_new) <= float(f) + 1e-4 * t * slope:
+            evals -= 1
+            if float(f_new) <= float(f) + 1e-4 * t * slope or (
+                    float(f_new) <= float(f) + noise and float(g_new.abs().max()) < g_max):
                 break
             t *= 0.5
-            if t < 1e-12:  # no decrease left at this precision
+            if t < 1e-12 or evals <= 0:  # no decrease left at this precision, or no budget
                 return x, g
         s, y = x_new - x, g_new - g
         sy = float(s @ y)
@@ -212,6 +220,8 @@ def _lbfgs(value_grad: Callable, x: Tensor, f: Tensor, g: Tensor, bound: float, 
             k += 1
             gamma = sy / float(y @ y)
         x, f, g = x_new, f_new, g_new
+        if evals <= 0:
+            break
     return x, g
 
 
