@@ -3,7 +3,7 @@ fast path (Gauss-Newton: factored for Linear-only models, closed-form output Hes
 K-FAC/EK-FAC Fisher as an operator that carries its closed-form inverse."""
 
 from .gauss_newton import curvature_rows, gauss_newton, memory_budget
-from .kfac import BlockLinOp, kfac_operator, layer_scores, layer_self_scores
+from .kfac import BlockLinOp, kfac_operator, layer_scores, layer_self_scores, low_rank_blocks
 
 __all__ = ["BlockLinOp", "curvature_rows", "gauss_newton", "kfac_operator", "layer_scores",
-           "layer_self_scores", "memory_budget"]
+           "layer_self_scores", "low_rank_blocks", "memory_budget"]

@@ -26,6 +26,7 @@ from .cg import CGResult, cg_solve, ihvp_cg
 from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
 from .lissa import ihvp_lissa
 from .minres import ihvp_minres
+from .nystrom import nystrom_preconditioner
 
 # Factories callable as ``factory(op, damping=...)`` with every other setting defaulted.
 # LiSSA is absent: it needs a mini-batch curvature and data, not one operator.
@@ -58,4 +59,5 @@ __all__ = [
     "ihvp_minres",
     "kfac_factors",
     "kfac_tap",
+    "nystrom_preconditioner",
 ]
