@@ -281,3 +281,16 @@ def test_append_mode_refuses_another_run(tmp_path):
         _sgd_record(tmp_path, steps_per_shard=3, perturb=1e-9)
     with pytest.raises(TypeError, match=r"start_record\(grads.steps_per_shard=...\)"):
         _sgd_record(tmp_path / "bad", steps_per_shard=2.5)
+
+
+def test_dvemb_reads_an_append_mode_record_like_one_store_per_step(tmp_path):
+    """DVEmb (Fisher) reads every step's rows through open_store(grad_stores[t]): its embeddings
+    from an append-mode record (3 steps a group) equal those from one store per step bit for bit."""
+    from dattri_fn.attribute.dvemb import dvemb
+
+    _, _, loss, data = mlp_problem(n=14, seed=6)
+    ref = _sgd_record(tmp_path / "ref")
+    app = _sgd_record(tmp_path / "app", steps_per_shard=3)
+    m = dvemb(loss)
+    a, b = m.prepare(app, data), m.prepare(ref, data)
+    assert torch.equal(a.embeddings, b.embeddings) and a.projection == b.projection
