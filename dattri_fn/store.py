@@ -27,6 +27,11 @@ that differs in any of these raises a ValueError naming the field, never a silen
 A store written by several ranks (:mod:`dattri_fn.distributed`) is a directory of parts, one
 per rank, with a manifest listing them; it reads as their concatenation in rank order.
 
+A grouped store (:func:`write_grouped`, ``"kind": "grouped"``) holds several named members in
+ONE shard, each with its own params and data hashes (the per-example gradients of ``k``
+training steps, written by ``training.record`` in append mode): one shard and one manifest
+commit for the group, and ``open_store(<group>/<member>)`` reads a member's rows alone.
+
 Self-scores. ``s_i = <t(z_i), p(z_i)>`` needs each training example under the test-side map
 too, which the train features alone do not give (influence: ``p = (H + damping I)^-1 g``).
 A method's ``self_score`` given a :func:`record_store` therefore writes the diagonal itself,
