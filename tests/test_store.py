@@ -439,3 +439,30 @@ def test_record_append_mode_sigkill_resumes_bit_identical(tmp_path):
     assert len(groups) == 12 and sorted(p.name for p in (tmp_path / "killed").iterdir()) == groups
     for g in groups:
         _same_store(tmp_path / "killed" / g, tmp_path / "ref" / g)
+
+
+def test_write_grouped_members_read_alone(tmp_path):
+    """write_grouped: each member read through open_store(<group>/<member>) is its own rows
+    exactly (blocks of 2 rows too), the group reads as their concatenation, a member's params
+    are checked by open_store(params=...), and mixed dtypes or no parts are refused."""
+    from dattri_fn.store import grouped_parts, write_grouped
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, 4, generator=g, dtype=torch.float64).numpy() for n in (3, 1, 5)]
+    p = [{"w": torch.full((2,), float(i), dtype=torch.float64)} for i in range(3)]
+    parts = [(f"m{i}", r, f"{i}" * 64, params_hash(p[i])) for i, r in enumerate(rows)]
+    write_grouped(tmp_path, parts, config={"kind": "test"})
+    assert sorted(grouped_parts(tmp_path)) == ["m0", "m1", "m2"]
+    for i, r in enumerate(rows):
+        member = open_store(tmp_path / f"m{i}", params=p[i], block_rows=2)
+        assert member.n_rows == len(r) and member.manifest["config"]["part"] == f"m{i}"
+        np.testing.assert_array_equal(member.read().numpy(), r)
+    np.testing.assert_array_equal(open_store(tmp_path).read().numpy(), np.concatenate(rows))
+    with pytest.raises(ValueError, match=r"open_store\(params=...\): expected the store's params_hash"):
+        open_store(tmp_path / "m1", params=p[0])
+    with pytest.raises(FileNotFoundError, match=r"open_store\(path=...\)"):
+        open_store(tmp_path / "m9")
+    with pytest.raises(ValueError, match=r"write_grouped\(parts=...\): expected rows of one dtype"):
+        write_grouped(tmp_path / "x", [("a", rows[0], "", ""), ("b", rows[1].astype(np.float32), "", "")])
+    with pytest.raises(ValueError, match=r"write_grouped\(parts=...\): expected at least one part"):
+        write_grouped(tmp_path / "y", [])
