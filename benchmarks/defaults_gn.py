@@ -1,13 +1,16 @@
 """Influence on the Gauss-Newton with CG as a user writes it, against the autodiff product it replaced.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.defaults_gn [--no-gnvp]
+    OMP_NUM_THREADS=1 python -m benchmarks.defaults_gn [--no-gnvp] [--scan 1,5,10,13,20,50]
 
 Two MLPs on sklearn digits: the digits-mlp task (hidden 32, P = 2,410; 500 x 50) and a
 128-unit one (P = 9,610; 1,000 x 200). Rows, timed in this process (prepare + score, best of 2,
 after a warm-up call on a slice):
 
 * ``defaults``: ``influence(fm, solver="cg", damping=..., l2=wd / 2, max_iter=100)``; the
-  curvature builder picks the factored Gauss-Newton itself;
+  curvature builder picks the factored Gauss-Newton itself, and ``M`` left at ``"auto"``
+  builds the rank-200 Nystrom sketch at the first solve of ``>= 13`` rows (here: score's 50
+  or 200 test rows);
+* ``M=None``: plain CG (the default before the automatic sketch);
 * ``M=nystrom``: the same, preconditioned by a rank-200 randomized Nystrom sketch of the
   Gauss-Newton itself (``M="nystrom"``);
 * ``M=ekfac`` / ``M=ekfac exp.`` / ``M=kfac exp.``: preconditioned by EK-FAC of the empirical
@@ -48,25 +51,55 @@ def _timed(method, params, train, test, repeats: int = 2) -> tuple[float, torch.
     return best, S
 
 
+def _case(label: str):
+    n_train, n_test, hidden = CASES[label]
+    task = get_task("digits-mlp", n_train=n_train, n_test=n_test, seed=0,
+                    hparams={"hidden": hidden, "epochs": 100})
+    fm = functional_model(train_model(task, seed=0).eval(), task.loss_fn)
+    train = [(task.x_train[i:i + 256], task.y_train[i:i + 256]) for i in range(0, n_train, 256)]
+    return task, fm, train, dict(solver="cg", damping=1e-3, l2=float(task.hparams["weight_decay"]) / 2,
+                                 max_iter=100)
+
+
+def scan(cases: list[str], ks: list[int]) -> None:
+    """prepare + score of the first ``k`` test rows (best of 2) for each ``k``: the automatic
+    default against plain CG and an always-built sketch."""
+    print("| model | n_test | defaults s | M=None s | M=nystrom s | sketched by default |")
+    print("|---|---|---|---|---|---|")
+    for label in (KEYS[c] for c in cases):
+        task, fm, train, opts = _case(label)
+        rows = {"defaults": influence(fm, **opts), "M=None": influence(fm, M=None, **opts),
+                "M=nystrom": influence(fm, M="nystrom", **opts)}
+        warm = ([(task.x_train[:32], task.y_train[:32])], (task.x_test[:2], task.y_test[:2]))
+        for m in rows.values():
+            m.score(fm.params, m.prepare(fm.params, warm[0]), *warm)
+        P = sum(v.numel() for v in fm.params.values())
+        for k in ks:
+            test = (task.x_test[:k], task.y_test[:k])
+            t = [_timed(m, fm.params, train, test)[0] for m in rows.values()]
+            print(f"| {label} | {k} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | "
+                  f"{'yes' if 16 * k >= min(200, P) else 'no'} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-gnvp", action="store_true")
     ap.add_argument("--cases", default="small,large")
+    ap.add_argument("--scan", default="", help="n_test values, e.g. 1,5,10,13,20,50: time "
+                    "defaults, M=None and M='nystrom' at each (where the sketch starts to pay)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.scan:
+        return scan(args.cases.split(","), [int(k) for k in args.scan.split(",")])
     print("| model | n_train x n_test | row | s | / defaults | max rel diff |")
     print("|---|---|---|---|---|---|")
     for label in (KEYS[c] for c in args.cases.split(",")):
-        n_train, n_test, hidden = CASES[label]
-        task = get_task("digits-mlp", n_train=n_train, n_test=n_test, seed=0,
-                        hparams={"hidden": hidden, "epochs": 100})
-        model = train_model(task, seed=0).eval()
-        fm = functional_model(model, task.loss_fn)
+        n_train, n_test, _ = CASES[label]
+        task, fm, train, opts = _case(label)
         wd = float(task.hparams["weight_decay"])
-        train = [(task.x_train[i:i + 256], task.y_train[i:i + 256]) for i in range(0, n_train, 256)]
         test = (task.x_test, task.y_test)
-        opts = dict(solver="cg", damping=1e-3, l2=wd / 2, max_iter=100)
         rows = {"defaults": influence(fm, **opts),
+                "M=None": influence(fm, M=None, **opts),
                 "M=nystrom": influence(fm, M="nystrom", **opts),
                 "M=ekfac": influence(fm, M="ekfac", **opts),
                 "M=ekfac exp.": influence(fm, M=solvers.ekfac(fisher="expected"), **opts),
@@ -80,7 +113,7 @@ def main() -> None:
             m.score(fm.params, m.prepare(fm.params, warm[0]), *warm)
         res = {name: _timed(m, fm.params, train, test, repeats=1 if name == "user gnvp" else 2)
                for name, m in rows.items()}
-        ref = res["user gnvp" if "user gnvp" in res else "defaults"][1]
+        ref = res["user gnvp" if "user gnvp" in res else "M=None"][1]
         t0 = res["defaults"][0]
         for name, (t, S) in res.items():
             diff = float((S - ref).abs().max() / ref.abs().max())

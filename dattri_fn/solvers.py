@@ -86,17 +86,19 @@ _FACTOR_OPTIONS = frozenset(inspect.signature(ekfac_factors).parameters) - {
     "module", "loss_fn", "params", "data", "chunk_size", "tapped", "batch_rows"} | {"query_rank"}
 
 
-def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=None,
+def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M="auto",
        negative_curvature: str = "stop") -> Solver:
-    """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: a preconditioner LinOp,
-    ``"nystrom"`` (a randomized sketch of the operator itself,
-    :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or ``"kfac"``/``"ekfac"`` for
-    influence to build from the model; ``negative_curvature="continue"``: the literal inverse
-    of an indefinite system (no stop at ``p^T A p <= 0``)."""
+    """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: ``"auto"`` (influence's
+    rule: a Nystrom sketch on the Gauss-Newton once enough rows are solved; plain CG applied
+    directly), ``None`` (plain CG), a preconditioner LinOp, ``"nystrom"`` (a randomized sketch
+    of the operator itself, :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
+    ``"kfac"``/``"ekfac"`` for influence to build from the model;
+    ``negative_curvature="continue"``: the literal inverse of an indefinite system (no stop at
+    ``p^T A p <= 0``)."""
     options = {"rtol": rtol, "atol": atol, "max_iter": max_iter,
                "negative_curvature": negative_curvature}
     ihvp_cg(_PROBE, **options)
-    if M is not None:
+    if not (isinstance(M, str) and M == "auto"):  # None is kept: influence then sketches nothing
         options["M"] = M
     return Solver("cg", options)
 

@@ -118,6 +118,36 @@ class _Formed:
         return self.values
 
 
+# The Nystrom sketch costs one curvature product on r rows; on the digits MLPs (r = 200,
+# P = 2.4k and 9.6k) it saved more CG time than it cost from 11-12 right-hand sides on.
+AUTO_SKETCH_RHS_PER_RANK = 1 / 16
+SKETCH_SEED = 0  # the automatic sketch's seed: scores are deterministic
+
+
+def _sketched_cg(name: str, C: LinOp, damping: float, opts: dict, *, always: bool) -> LinOp:
+    """CG on ``C + damping I`` whose first call of ``k >= r / 16`` rows (any call if
+    ``always``) builds the rank-``r`` Nystrom preconditioner of ``C`` (``r = min(200, P)``,
+    seed 0, only if its sketch fits ``memory_budget()`` unless ``always``), used from then on;
+    until then, plain CG. Errors of the sketch name ``name(curvature=...)``."""  # [k, P] -> [k, P]
+    from ..operators.gauss_newton import memory_budget
+    from ..solve import ihvp_cg
+    from ..solve.nystrom import DEFAULT_RANK, nystrom_preconditioner, sketch_bytes
+
+    plain = ihvp_cg(C, damping=damping, **opts)  # settings checked here, at prepare
+    r = min(DEFAULT_RANK, C.dim)
+    fits = always or sketch_bytes(C.dim, C.dtype, r) <= memory_budget()
+    sketched: list[LinOp] = []
+
+    def solve(V: torch.Tensor) -> torch.Tensor:
+        if not sketched and (always or (fits and V.shape[0] >= r * AUTO_SKETCH_RHS_PER_RANK)):
+            M = nystrom_preconditioner(C, damping=damping, rank=r, seed=SKETCH_SEED, func=name,
+                                       arg="curvature")
+            sketched.append(ihvp_cg(C, damping=damping, M=M, **opts))
+        return (sketched[0] if sketched else plain)(V)
+
+    return LinOp(solve, C.dim, C.dtype, C.device, name=plain.name)
+
+
 def _factor_kinds(solver: str):
     return (kfac.EKFACFactors,) if solver == "ekfac" else (kfac.KFACFactors,)
 
@@ -178,9 +208,15 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             curvature and K-FAC/EK-FAC's passes. Same scores; fewer, larger calls (each has a
             fixed cost of ~0.3-2 ms on one CPU thread), memory ``batch_rows x P``.
         **solver_options: forwarded to the solver (``max_iter``, ``rtol``, ``rank``, ``scale``,
-            ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``: a
-            preconditioner LinOp, ``"nystrom"`` (a randomized rank-200 sketch of the
-            curvature itself, :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
+            ``depth``, ``repeats``, ``batch_size``, ``seed``...). CG also takes ``M``:
+            ``"auto"`` (not given): on the Gauss-Newton, plain CG until a call solves ``k >=
+            r / 16`` rows (``score``'s ``n_test``, ``self_score``'s or RelatIF's train batch),
+            which builds ``"nystrom"`` with ``r = min(200, P)``, seed 0, used from then on, if
+            its ``5 r P`` entries fit :func:`~dattri_fn.operators.gauss_newton.memory_budget`
+            (it paid from 11-12 rows on the digits MLPs); plain CG for other curvatures;
+            ``None``: plain CG; a preconditioner LinOp, ``"nystrom"`` (a randomized rank-200
+            sketch of the curvature itself, built at the first solve,
+            :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
             ``"kfac"``/``"ekfac"`` (or ``solvers.kfac/ekfac(fisher=...)`` values carrying the
             factors' settings, e.g. ``fisher="expected"``) to build ``(F + damping I)^-1``
             from the model's layers on the same training data. It saves iterations only where
@@ -276,6 +312,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             isinstance(curvature, str) or callable(curvature)):
         raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
                          f"callable (params, train) -> LinOp, got {curvature!r}.")
+    given_m = solver_options.pop("M", "auto")
+    if given_m != "auto":
+        solver_options["M"] = given_m
+    # fast by default: CG on the (positive semi-definite) Gauss-Newton sketches it for M
+    auto_sketch = solver == "cg" and curvature == "gauss_newton" and given_m == "auto"
     if curvature == "gauss_newton":
         if not (isinstance(loss, FunctionalModel) and loss.loss_fn is not None):
             raise ValueError("influence(curvature=...): expected 'hessian', 'fisher' or a "
@@ -319,8 +360,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         if "query_rank" in precondition_options:
             raise ValueError("influence(M=...): expected factor settings only, got query_rank "
                              "(a scoring option) in the preconditioner.")
-    if precondition == "nystrom" and solver == "cg":  # built by ihvp_cg from the curvature
+    force_sketch = precondition == "nystrom" and solver == "cg"
+    if force_sketch:  # built by _sketched_cg from the curvature, named as this method
         precondition = None
+        del solver_options["M"]
     if precondition is not None:
         if solver != "cg" or precondition not in ("kfac", "ekfac"):
             raise ValueError(f"influence(M=...): expected 'nystrom', 'kfac' or 'ekfac' with "
@@ -473,8 +516,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             opts = dict(solver_options)
             if precondition is not None:  # M ~ (C + damping I)^-1 from the same training data
                 opts["M"] = factored_inverse(precondition, params, train)
-            return InfluenceState(solve.ihvp_cg(curvature_op(params, train), damping=damping,
-                                                **opts), None)
+            C = curvature_op(params, train)
+            if auto_sketch or force_sketch:
+                return InfluenceState(_sketched_cg(name, C, damping, opts, always=force_sketch),
+                                      None)
+            return InfluenceState(solve.ihvp_cg(C, damping=damping, **opts), None)
         if solver == "minres":
             return InfluenceState(solve.ihvp_minres(curvature_op(params, train), damping=damping,
                                                     **solver_options), None)

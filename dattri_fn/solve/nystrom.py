@@ -21,17 +21,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_positive
+from .._checks import all_finite, check_int, check_positive
 from .._types import LinOp
 from .explicit import as_operator
 
-__all__ = ["nystrom_preconditioner"]
+__all__ = ["nystrom_preconditioner", "sketch_bytes"]
 
 DEFAULT_RANK = 200  # the digits MLPs' CG (P = 2.4k / 9.6k): fewest products at 50-200 rows
+# [r, P] buffers alive at the sketch's peak: Omega, Y, Y + nu Omega, its triangular solve and U.
+SKETCH_COPIES = 5
 
 
-def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK,
-                           seed: int = 0) -> LinOp:
+def sketch_bytes(dim: int, dtype: torch.dtype, rank: int = DEFAULT_RANK) -> int:
+    """Bytes of the sketch's peak: ``SKETCH_COPIES * min(rank, dim) * dim`` entries of ``dtype``."""
+    return SKETCH_COPIES * min(rank, dim) * dim * torch.empty((), dtype=dtype).element_size()
+
+
+def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK, seed: int = 0,
+                           func: str = "nystrom_preconditioner", arg: str = "op") -> LinOp:
     """Return ``M ~ (s_r + damping) (A + damping I)^-1`` from a rank-``r`` Nystrom sketch.  # [k, P] -> [k, P]
 
     ``Omega`` = ``r = min(rank, P)`` orthonormalised Gaussian rows (``torch.Generator(seed)`` on
@@ -48,13 +55,14 @@ def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK,
         damping: ``> 0``, the damping of the system CG solves.
         rank: sketch size ``r`` (memory ``P r``; one product with ``r`` rows).
         seed: the sketch's seed.
+        func, arg: the call and argument the operator's errors name (a caller that builds the
+            sketch for its user, e.g. ``influence``'s ``if_cg(curvature=...)``).
 
     Raises:
         TypeError, ValueError: a bad operator, damping, rank or seed; an operator whose sketch
-            is not positive semi-definite (``Omega^T A Omega`` has no Cholesky factor even
-            after raising the shift a thousandfold).
+            is not finite, or not positive semi-definite (``Omega^T A Omega`` has no Cholesky
+            factor even after raising the shift a thousandfold).
     """
-    func = "nystrom_preconditioner"
     A = as_operator(func, op)
     damping = check_positive(func, "damping", damping)
     r = min(check_int(func, "rank", rank), A.dim)
@@ -63,6 +71,9 @@ def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK,
     omega = torch.randn(A.dim, r, generator=g, dtype=torch.float64)
     omega = torch.linalg.qr(omega).Q.T.to(A.dtype).to(A.device).contiguous()  # [r, P]
     Y = A.matmat(omega)  # [r, P]: rows of (A Omega)^T
+    if not all_finite(Y):
+        raise ValueError(f"{func}({arg}=...): expected an operator returning finite values, got "
+                         f"NaN or inf in its Nystrom sketch A Omega.")
     nu = A.dim ** 0.5 * torch.finfo(A.dtype).eps * float(Y.norm())
     for _ in range(4):  # rounding can leave Omega^T A Omega slightly indefinite: raise the shift
         Ynu = Y + nu * omega
@@ -72,7 +83,7 @@ def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK,
             break
         nu = max(nu * 10, torch.finfo(A.dtype).eps)
     else:
-        raise ValueError(f"{func}(op=...): expected a positive semi-definite operator, got a "
+        raise ValueError(f"{func}({arg}=...): expected a positive semi-definite operator, got a "
                          f"sketch Omega^T A Omega without a Cholesky factor (shift {nu:.3g}).")
     Bt = torch.linalg.solve_triangular(C, Ynu, upper=False)  # [r, P] = (Ynu C^-T)^T
     U, S, _ = torch.linalg.svd(Bt.T, full_matrices=False)  # U [P, r]
@@ -82,4 +93,4 @@ def nystrom_preconditioner(op, *, damping: float, rank: int = DEFAULT_RANK,
     def matmat(V: Tensor) -> Tensor:
         return V + ((V @ U) * inner) @ U.T
 
-    return LinOp(matmat, A.dim, A.dtype, A.device, name=func)
+    return LinOp(matmat, A.dim, A.dtype, A.device, name="nystrom_preconditioner")
