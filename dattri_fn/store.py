@@ -11,9 +11,10 @@ holds ``T``, the train-side features, so a later run with new test points reads 
 data: pass the store where the method takes ``train``.
 
 Crash safety. Each shard is written to a locked temp file, fsynced and renamed
-(:func:`dattri_fn.io.atomic_path`); then the manifest, listing it, is replaced the same way. The
-manifest is the commit record: a shard file it does not list (a kill between the two renames)
-is recomputed. A resumed :func:`build_store` first removes every temp file no live writer holds
+(:func:`dattri_fn.io.atomic_path`); then the manifest, listing it, is replaced the same way (the
+last shard's manifest also marks the store complete). The manifest is the commit record: a
+shard file it does not list (a kill between the two renames) is recomputed. A resumed
+:func:`build_store` first removes every temp file no live writer holds
 (:func:`dattri_fn.io.clean_temps`), re-reads the data (hashing it, without computing features)
 up to the last committed shard and continues from there, so the finished store is bit-identical
 to one written without interruption (features of a shard depend only on its rows).
@@ -408,7 +409,7 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
                                                   "shard_rows": "shard_rows", "kind": "path"})
     done = man["shards"]
     s = row = 0  # shard, and its first row (counted over committed shards too)
-    for batch in regroup(iter_batches(func, "data", data), shard_rows, func):
+    for batch, last in _with_last(regroup(iter_batches(func, "data", data), shard_rows, func)):
         rows = batch_size(func, "data", batch)
         digest = batch_hash(batch)
         if s < len(done):
@@ -445,6 +446,8 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
         with atomic_path(path / name) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
         done.append({"file": name, "rows": rows, "data_hash": digest})
+        if last:  # the last shard's commit completes the store too: one manifest write fewer
+            _complete(man)
         _write_manifest(path, man)
         s += 1
         row += rows
@@ -455,10 +458,27 @@ def _build(func, features, path, feature_fn, data, params, config, shard_rows, d
                               f"({sum(d['rows'] for d in done)} rows)", f"{s} shards",
                               "The data changed; use a new path."))
     if not man["complete"]:
-        h = hashlib.sha256("".join(d["data_hash"] for d in done).encode())
-        man.update(complete=True, n_rows=sum(d["rows"] for d in done), data_hash=h.hexdigest())
+        _complete(man)
         _write_manifest(path, man)
     return _opened(path, man, block_rows, None)
+
+
+def _complete(man: dict) -> None:
+    """Mark the manifest complete: its row count and the hash of its shards' data hashes."""
+    done = man["shards"]
+    h = hashlib.sha256("".join(d["data_hash"] for d in done).encode())
+    man.update(complete=True, n_rows=sum(d["rows"] for d in done), data_hash=h.hexdigest())
+
+
+def _with_last(items) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)``, reading one item ahead."""
+    it = iter(items)
+    end = object()
+    item = next(it, end)
+    while item is not end:
+        following = next(it, end)
+        yield item, following is end
+        item = following
 
 
 def _check_state(func: str, man: dict, request: Mapping, path: Path) -> None:
