@@ -216,8 +216,7 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
     """
     from ..attribute.magic import magic
     from ..attribute.trak import classification_margin_loss
-    from ..eval.tasks import order_seed, sgd_run
-    from ..training import adam, cosine_schedule
+    from ..eval.tasks import adam_run, order_seed, sgd_run, task_step
 
     hp = task.hparams
     wd = float(hp.get("weight_decay", 0.0))
@@ -234,8 +233,10 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
         method = magic(fm, optimizer, epochs=hp["epochs"], batch_size=hp["batch_size"],
                        seed=[order_seed(c) for c in range(count)], **opts)
     elif hp.get("optimizer") == "adam":
-        optimizer = adam(cosine_schedule(hp["lr"], hp["epochs"]), weight_decay=wd)
-        method = magic(fm, optimizer, epochs=hp["epochs"], **opts)
+        # The task's own trainer: bit-identical to torch.optim.Adam + CosineAnnealingLR.
+        optimizer, _ = adam_run(task.n_train, epochs=hp["epochs"], lr=hp["lr"])
+        method = magic(fm, optimizer, epochs=hp["epochs"], step=task_step(fm, optimizer, wd),
+                       **opts)
     else:
         raise ValueError(f"recipe('magic'): expected a task trained by 'sgd' or 'adam' steps, "
                          f"got optimizer {hp.get('optimizer')!r}. Build the task with "
