@@ -145,3 +145,12 @@ def test_sketch_error_inside_influence_names_if_cg(monkeypatch):
     with pytest.raises(ValueError, match=r"^if_cg\(curvature=...\): expected an operator "
                                          r"returning finite values"):
         _scores(m, fm, train, test)
+
+
+def test_solver_value_applied_directly_is_plain_cg():
+    """solvers.cg() (M 'auto') applied to an operator is plain CG: (A + d I)^-1 B to 1e-10."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 12, generator=g, dtype=DT)
+    A, B = X @ X.T, torch.randn(3, 12, generator=g, dtype=DT)
+    want = torch.linalg.solve(A + 0.1 * torch.eye(12, dtype=DT), B.T).T
+    torch.testing.assert_close(solvers.cg(rtol=1e-13)(A, 0.1)(B), want, rtol=1e-10, atol=1e-10)
