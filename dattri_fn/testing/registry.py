@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import solvers as _solvers
 from .._types import as_linop
-from ..attribute import grad_cos, grad_dot, influence, representer, tracin, trak
+from ..attribute import grad_cos, grad_dot, influence, logra, representer, tracin, trak
 from ..model import functional_model
 from ..operators import gauss_newton
 from ..operators.curvature import fvp, gnvp, hvp
@@ -279,8 +279,10 @@ METHODS: dict[str, Entry] = {
                             {"min_loo_corr": None, "store": False}),
     "grad_dot_projected": Entry(lambda p: grad_dot(p.loss, proj_dim=8, kind="sjlt"),
                                 {"min_loo_corr": None}),
-    "representer": Entry(_representer, {"min_loo_corr": None, "store": False},  # state-cached
-                         ("logistic", "mlp")),
+    # Uncached TRAK reads the train side through a store; its self-scores are bound to the state.
+    "trak_uncached": Entry(lambda p: trak(p.loss, damping=1e-3, cache_features=False),
+                           {"min_loo_corr": None}),
+    "representer": Entry(_representer, {"min_loo_corr": None}, ("logistic", "mlp")),
     # The model's own fast paths (capture engine, factored curvature), on the MLP's module:
     "if_gauss_newton_fm": Entry(lambda p: influence(_fm(p), solver="cg", damping=1e-3,
                                                     rtol=1e-12, max_iter=200),
@@ -291,4 +293,6 @@ METHODS: dict[str, Entry] = {
                          {"min_loo_corr": None}, MLP),
     "grad_dot_fm": Entry(lambda p: grad_dot(_fm(p)), {"min_loo_corr": None}, MLP),
     "tracin_fm": Entry(lambda p: tracin(_fm(p), lrs=[0.5]), {"min_loo_corr": None}, MLP),
+    "logra_fm_uncached": Entry(lambda p: logra(_fm(p), proj_dim=2, cache_features=False,
+                                               damping=1e-3), {"min_loo_corr": None}, MLP),
 }
