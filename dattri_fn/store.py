@@ -79,7 +79,7 @@ BLOCK_ROWS = 4096
 
 __all__ = ["FeatureStore", "StoreRecording", "build_store", "open_store", "record_store",
            "stats_store", "self_scores", "record_self", "write_grouped", "grouped_parts",
-           "params_hash", "state_hash", "batch_hash", "FORMAT"]
+           "params_hash", "state_hash", "check_store_state", "batch_hash", "FORMAT"]
 
 
 def _version() -> str:
