@@ -466,3 +466,25 @@ def test_write_grouped_members_read_alone(tmp_path):
         write_grouped(tmp_path / "x", [("a", rows[0], "", ""), ("b", rows[1].astype(np.float32), "", "")])
     with pytest.raises(ValueError, match=r"write_grouped\(parts=...\): expected at least one part"):
         write_grouped(tmp_path / "y", [])
+
+
+@pytest.mark.parametrize("solver", ["explicit", "cg"])
+def test_influence_self_scores_in_a_store_are_bound_to_the_inverse(tmp_path, solver):
+    """s_i = g_i^T (H + d I)^-1 g_i depends on d: a record made at d = 1 is never served for
+    d = 100 (refused naming state); each damping's record equals its self_score from the data."""
+    from dattri_fn.attribute import influence
+
+    params, loss, (x, y) = PROBLEMS["mlp"](n=12, seed=0)
+    train = [(x[:6], y[:6]), (x[6:], y[6:])]
+    a = influence(loss, solver=solver, damping=1.0)
+    b = influence(loss, solver=solver, damping=100.0)
+    sa, sb = a.prepare(params, train), b.prepare(params, train)
+    rec = lambda path: record_store(path, train, params=params, config={"m": "if"})
+    got = a.self_score(params, sa, rec(tmp_path / "s"))
+    assert torch.equal(got, a.self_score(params, sa, train))
+    with pytest.raises(ValueError, match=r"if_\w+\(state=\.\.\.\): expected the state"):
+        b.self_score(params, sb, rec(tmp_path / "s"))
+    with pytest.raises(ValueError, match=r"if_\w+\(state=\.\.\.\): expected the state"):
+        b.self_score(params, sb, open_store(tmp_path / "s" / "self"))
+    assert torch.equal(b.self_score(params, sb, rec(tmp_path / "t")), b.self_score(params, sb, train))
+    assert torch.equal(a.self_score(params, sa, open_store(tmp_path / "s" / "self")), got)

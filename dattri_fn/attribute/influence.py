@@ -701,8 +701,20 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
         names = list(ps[0][1].ihvp.eigen[0])
         return dict(zip(names, S.unflatten(1, (len(names), -1)).unbind(1), strict=True))
 
+    def record_key(ps) -> dict:
+        """What a self-score recorded to a store depends on beyond the params and the data (the
+        store's own request): the settings and the inverse's factors, hashed with the record."""
+        def setting(v):
+            return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+
+        settings = {k: setting(v) for k, v in sorted(solver_options.items())}
+        return {"settings": repr((solver, float(damping), setting(curvature), float(l2),
+                                  relatif, settings)),
+                "factors": [st.factors for _, st in ps]}
+
     def self_score(params, state, train):
         ps = pairs(params, state)
+        key = record_key(ps) if store_given(train) else None
         if layered and l2 == 0 and target is None and not store_given(train):
             def diag(b):
                 rows: dict[int, torch.Tensor] = {}
@@ -716,10 +728,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                 return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
 
             S = stream_self(diag, lambda b: _Formed(None), regrouped(name, "train", train, rows),
-                            device=device_of(ps[0][0]), func=name)
+                            device=device_of(ps[0][0]), func=name, state=key)
         else:
             S = stream_self(train_side(ps), test_side(ps), regrouped(name, "train", train, rows),
-                            device=device_of(ps[0][0]), func=name)
+                            device=device_of(ps[0][0]), func=name, state=key)
         return S
 
     return Method(prepare, score, self_score, name)

@@ -328,11 +328,12 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
 
 
 def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, device=None,
-                func: str = "stream_self") -> Tensor:
+                func: str = "stream_self", state=None) -> Tensor:
     """Return the diagonal ``s_i = <t(z_i), p(z_i)>`` without the full matrix.  # -> [n_train]
 
     ``device``: where each batch is moved first (None: left where it is); ``func`` names the
-    public call in errors.
+    public call in errors; ``state``: the method state the features depend on (an inverse, a
+    kernel), bound to a store record by its hash so a record made under another state is refused.
 
     ``train`` may be a :class:`~dattri_fn.store.StoreRecording`: the diagonal is computed from
     its data and written to ``<path>/self`` (a store of ``[n]`` rows under the recording's
@@ -340,21 +341,15 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
     :class:`~dattri_fn.store.FeatureStore` whose ``self/`` holds that record: it is read back
     and no training data is read (:func:`~dattri_fn.store.self_scores`).
     """
-    from ..store import SELF, FeatureStore, StoreRecording, build_store, self_scores
+    from ..store import FeatureStore, StoreRecording, record_self, self_scores
 
     train = _unwrapped(train)
     if isinstance(train, FeatureStore):
-        diag = self_scores(func, train)
+        diag = self_scores(func, train, state=state)
         return diag if device is None else diag.to(device)
     if isinstance(train, StoreRecording):
-        import os
-
         diag_fn = lambda batch: row_dots(train_features(batch), test_features(batch))
-        store = build_store(os.path.join(train.path, SELF), diag_fn, train.data, params=None,
-                            config=train.config, shard_rows=train.shard_rows, device=device,
-                            block_rows=train.block_rows, func=func,
-                            _params_hash=train.params_hash, _kind=SELF)
-        diag = store.read()
+        diag = record_self(func, train, diag_fn, device=device, state=state)
         return diag if device is None else diag.to(device)
     _check_callable(func, "train_features", train_features)
     _check_callable(func, "test_features", test_features)

@@ -281,7 +281,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
     def self_score(params, state: SourceState, train):
         _check(params, state)
         return stream_self(train_f(state), test_f(state), train, device=device_of(state),
-                           func=name)
+                           func=name, state=state)
 
     return Method(prepare, score, self_score, name)
 
