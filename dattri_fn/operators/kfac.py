@@ -70,7 +70,6 @@ from .._checks import (
     _msg,
     all_finite,
     batch_size,
-    batch_slice,
     check_int,
     check_optional_int,
     check_params,
@@ -80,13 +79,7 @@ from .._checks import (
 )
 from .._types import LinOp
 from ..transforms import capture
-from ..transforms.layers import (
-    _stream_layer_io,
-    layer_names,
-    module_state,
-    output_shapes,
-    unpack_example,
-)
+from ..transforms.layers import _stream_layer_io, layer_chunks, layer_names, module_state
 
 __all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
            "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",
@@ -303,12 +296,7 @@ def _expected_io(tapped, expected: _ExpectedLoss, state, batch, chunk_size, step
                  on_input=None) -> None:
     """``step(layer, a, g_k)`` for each output-Hessian direction ``k`` of :class:`_ExpectedLoss`,
     from one batched forward and ``K`` backward passes through its graph."""
-    like = state[tapped.specs[tapped.layers[0]].weight]
-    n = batch_size("layer_io", "batch", batch)
-    size = n if chunk_size is None else chunk_size
-    for start in range(0, n, size):
-        args, kwargs, _ = unpack_example(batch_slice(batch, start, start + size))
-        shapes = output_shapes(tapped, state, args, kwargs, like)
+    for args, kwargs, _, shapes, like in layer_chunks(tapped, state, batch, chunk_size):
         probes = {k: like.new_zeros(shapes[k], requires_grad=True) for k in tapped.layers}
         with torch.enable_grad():
             out, captured = tapped(state, probes, *args, **kwargs)

@@ -303,15 +303,21 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
         torch.autograd.grad(value, list(bases.values()))
 
 
-def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step,
-                     on_input=None) -> None:
-    """:func:`streamed_io` over ``batch``, ``chunk_size`` rows at a time (bare core)."""
+def layer_chunks(tapped: TappedFn, state, batch, chunk_size):
+    """Yield ``(args, kwargs, target, shapes, like)`` for ``batch`` taken ``chunk_size`` rows at a
+    time: the unpacked chunk, its probe shapes and the tensor probes are made like."""
     like = state[tapped.specs[tapped.layers[0]].weight]
     n = batch_size("layer_io", "batch", batch)
     size = n if chunk_size is None else chunk_size
     for start in range(0, n, size):
         args, kwargs, target = unpack_example(batch_slice(batch, start, start + size))
-        shapes = output_shapes(tapped, state, args, kwargs, like)
+        yield args, kwargs, target, output_shapes(tapped, state, args, kwargs, like), like
+
+
+def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step,
+                     on_input=None) -> None:
+    """:func:`streamed_io` over ``batch``, ``chunk_size`` rows at a time (bare core)."""
+    for args, kwargs, target, shapes, like in layer_chunks(tapped, state, batch, chunk_size):
         streamed_io(tapped, loss_fn, state, args, kwargs, target, shapes, like, step, on_input)
 
 
