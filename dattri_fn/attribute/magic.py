@@ -63,10 +63,12 @@ from .pipeline import TopK, merge_topk
 
 
 class MetaGradient(NamedTuple):
-    """``weights [k, n_train]``: d f_j / d w_i; ``params {name: [k, *shape]}``: d f_j / d theta_0."""
+    """``weights [k, n_train]``: d f_j / d w_i; ``params {name: [k, *shape]}``: d f_j / d theta_{T-K_j};
+    ``horizon [k]``: ``K_j``, the steps walked back for target ``j`` (``T`` for the exact pass)."""
 
     weights: Tensor
     params: Params
+    horizon: Tensor | None = None
 
 
 class MagicState(NamedTuple):
@@ -89,9 +91,22 @@ def _join(floats: Sequence[Tensor], how: tuple):
     return tree_unflatten([next(it) if m else x for x, m in zip(leaves, mask, strict=True)], spec)
 
 
+def _check_horizon(func: str, horizon) -> int | str | None:
+    if isinstance(horizon, str):
+        if horizon == "auto":
+            return horizon
+        raise ValueError(_msg(func, "horizon", "None, an int >= 1 or 'auto'", repr(horizon)))
+    return check_optional_int(func, "horizon", horizon)
+
+
+def _state_norms(bar: Sequence[Tensor], k: int) -> Tensor:
+    """``|sbar^j|``: the Euclidean norm of each target's whole state cotangent.  # -> [k]"""
+    return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in bar))
+
+
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
-                 chunk_size: int | None = None, horizon: int | None = None) -> MetaGradient:
+                 chunk_size: int | None = None, horizon: int | str | None = None) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -108,7 +123,17 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         chunk_size: cotangents per vmapped vjp (None: all ``k`` at once).
         horizon: ``K``: walk back through the last ``K`` steps only (truncated reverse mode:
             the weight cotangents of steps ``< T - K`` are dropped and ``params`` is then the
-            cotangent of ``theta_{T-K}``); None or ``>= T``: the whole run.
+            cotangent of ``theta_{T-K}``); None or ``>= T``: the whole run. ``"auto"``: per
+            target ``j`` the ``K_j`` in ``1..T`` whose state cotangent is smallest,
+
+                K_j = argmin_K |sbar^j_{T-K}|,   sbar = (theta-part, optimizer-state part),
+
+            the norm over the WHOLE state (params and every floating optimizer buffer: momentum,
+            Adam's moments), checked after every step's vjp; ties go to the smaller ``K``. One
+            full reverse pass; when ``|sbar^j|`` reaches a new minimum, row ``j`` of the weight
+            cotangents accumulated so far (and of ``sbar``) is copied aside, and those copies
+            are returned. Extra memory: ``k n_train + k S`` floats; ``checkpoint_every`` does not
+            change the choice (every step is replayed to its exact state before its vjp).
     """
     func = "metagradient"
     if not callable(step):
@@ -119,9 +144,10 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
                              type(trajectory).__name__))
     n, weights = check_run(func, data, order, weights)
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
-    horizon = check_optional_int(func, "horizon", horizon)
+    horizon = _check_horizon(func, horizon)
     T = len(order)
-    first = 0 if horizon is None else max(0, T - horizon)
+    auto = horizon == "auto"
+    first = 0 if horizon is None or auto else max(0, T - horizon)
     marks = sorted(trajectory.checkpoints)
     if marks[0] != 0 or marks[-1] != T:
         raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
@@ -141,6 +167,10 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
                      if isinstance(x, Tensor) and x.is_floating_point() else x, final_opt)
     bar, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
     w_bar = torch.zeros(k, n, dtype=dtype, device=weights.device)
+    if auto:
+        best = torch.full((k,), math.inf, dtype=dtype, device=w_bar.device)
+        best_w, best_bar = torch.zeros_like(w_bar), [torch.zeros_like(b) for b in bar]
+        steps = torch.zeros(k, dtype=torch.long, device=w_bar.device)
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
         if hi <= first:
             break
@@ -159,8 +189,22 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
             bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
             w_bar.index_add_(1, rows.to(w_bar.device), rows_bar)
+            if auto:
+                norms = _state_norms(bar, k)  # [k]
+                # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
+                new = norms < best
+                if bool(new.any()):
+                    best = torch.where(new, norms, best)
+                    best_w[new] = w_bar[new]
+                    for keep, b in zip(best_bar, bar, strict=True):
+                        keep[new] = b[new]
+                    steps[new] = T - t
+    if auto:
+        w_bar, bar = best_w, best_bar
+    else:
+        steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
-    return MetaGradient(w_bar, params0)
+    return MetaGradient(w_bar, params0, steps)
 
 
 def _check_cotangent(func: str, cotangent: dict, final_params: Params) -> int:
@@ -194,7 +238,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
           self_chunk: int = 256, step: Callable | None = None,
-          horizon: int | None = None) -> Method:
+          horizon: int | str | None = None) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
@@ -224,6 +268,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             None: the whole run, the exact metagradient. A biased estimate, useful where the
             run's linearisation is unstable early on (the state cotangent grows backward:
             ``benchmarks/magic_horizon.py`` measures it); no default ``K`` fits every run.
+            ``"auto"``: per test target, the ``K`` where the state cotangent is smallest, found
+            during the one full reverse pass (:func:`metagradient`).
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
@@ -254,7 +300,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         seed = check_int("magic", "seed", seed, minimum=0)
     checkpoint_every = check_optional_int("magic", "checkpoint_every", checkpoint_every)
     chunk_size = check_optional_int("magic", "chunk_size", chunk_size)
-    horizon = check_optional_int("magic", "horizon", horizon)
+    horizon = _check_horizon("magic", horizon)
     self_chunk = check_int("magic", "self_chunk", self_chunk)
     if target is None:
         target = lambda p, ex: -loss(p, ex)

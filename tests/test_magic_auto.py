@@ -1,0 +1,122 @@
+"""MAGIC's horizon="auto": per target, the truncated metagradient at the smallest state cotangent."""
+
+import pytest
+import torch
+from torch.func import grad, vjp, vmap
+
+from dattri_fn.attribute.magic import _join, _split, magic, metagradient
+from dattri_fn.training import batch_order, make_step, sgd, train
+from dattri_fn.training.run import take
+
+DT = torch.float64
+
+
+def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=3):
+    """A float64 tanh MLP (or softmax regression when ``hidden`` is 0) and its SGD run, every
+    state kept (checkpoint_every=1) so the reference can start from any step."""
+    g = torch.Generator().manual_seed(seed)
+    d, c = 3, 2
+    x = torch.randn(n, d, generator=g, dtype=DT)
+    y = torch.randint(0, c, (n,), generator=g)
+    test = (torch.randn(n_test, d, generator=g, dtype=DT), torch.randint(0, c, (n_test,), generator=g))
+    if hidden:
+        params = {"W1": 1.5 * torch.randn(hidden, d, generator=g, dtype=DT),
+                  "W2": 1.5 * torch.randn(c, hidden, generator=g, dtype=DT)}
+
+        def loss(p, ex):
+            z = p["W2"] @ torch.tanh(p["W1"] @ ex[0])
+            return torch.nn.functional.cross_entropy(z[None], ex[1][None])
+    else:
+        params = {"W": 0.3 * torch.randn(c, d, generator=g, dtype=DT)}
+
+        def loss(p, ex):
+            return torch.nn.functional.cross_entropy((p["W"] @ ex[0])[None], ex[1][None])
+    opt = sgd(lr, momentum=momentum, weight_decay=weight_decay)
+    step = make_step(loss, opt)
+    order = batch_order(n, batch_size=4, epochs=epochs, seed=seed)
+    traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=1)
+    cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, test)
+    return loss, opt, step, (x, y), test, order, traj, cot
+
+
+def reference_norms(step, traj, data, order, cot):
+    """|sbar^j_{T-K}| for K = 1..T: one vjp of the composed map s_{T-K} -> theta_T per K (the
+    whole float state, params and momentum), independent of metagradient's loop.  # -> [T, k]"""
+    T = len(order)
+    out = []
+    for K in range(1, T + 1):
+        floats, how = _split(traj.checkpoints[T - K])
+
+        def to_final(f, how=how, lo=T - K):
+            params, opt_state = _join(f, how)
+            for t in range(lo, T):
+                rows = order[t]
+                params, opt_state = step(params, opt_state, take(data, rows),
+                                         torch.ones(len(rows), dtype=DT))
+            return params
+
+        _, pull = vjp(to_final, floats)
+        bars = vmap(pull)(cot)[0]
+        out.append(torch.sqrt(sum((b.reshape(b.shape[0], -1) ** 2).sum(1) for b in bars)))
+    return torch.stack(out)
+
+
+def test_auto_equals_the_brute_force_horizon_per_target():
+    """auto's column j == metagradient(horizon=K_j) with K_j = argmin_K |sbar^j_{T-K}| (first
+    minimum) from a separate vjp per K; weights and params at 1e-10, K_j exactly."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    T = len(order)
+    norms = reference_norms(step, traj, data, order, cot)  # [T, k]
+    ks = norms.argmin(0) + 1  # argmin returns the first minimum: ties to the shorter horizon
+    # Not a degenerate case: the targets stop at different steps, some strictly inside (1, T).
+    assert len(set(ks.tolist())) > 1 and any(1 < K < T for K in ks.tolist()), ks
+    ordered = norms.sort(0).values
+    assert bool((ordered[1] - ordered[0] > 1e-6 * ordered[0]).all())  # no near-ties to flip
+    auto = metagradient(step, traj, data, order, cot, horizon="auto")
+    assert torch.equal(auto.horizon, ks)
+    for j, K in enumerate(ks.tolist()):
+        ref = metagradient(step, traj, data, order, cot, horizon=K)
+        torch.testing.assert_close(auto.weights[j], ref.weights[j], rtol=0, atol=1e-10)
+        for name in ref.params:
+            torch.testing.assert_close(auto.params[name][j], ref.params[name][j], rtol=0, atol=1e-10)
+    assert auto.weights.abs().max() > 1e-3
+
+
+def test_auto_is_the_exact_metagradient_when_cotangents_shrink():
+    """Convex softmax regression, plain SGD with weight decay, lr (lambda_max + wd) < 2: each
+    step's vjp (I - lr (H_t + wd I)) contracts, |sbar_{T-K}| falls in K, so K_j = T and auto ==
+    the exact metagradient (1e-12)."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=0, lr=0.2, momentum=0.0, weight_decay=0.05)
+    T = len(order)
+    norms = reference_norms(step, traj, data, order, cot)
+    assert bool((norms[1:] < norms[:-1]).all())  # the premise: shrinking backward
+    auto = metagradient(step, traj, data, order, cot, horizon="auto")
+    exact = metagradient(step, traj, data, order, cot)
+    assert auto.horizon.tolist() == [T] * cot["W"].shape[0] and exact.horizon.tolist() == [T] * 4
+    torch.testing.assert_close(auto.weights, exact.weights, rtol=0, atol=1e-12)
+    torch.testing.assert_close(auto.params["W"], exact.params["W"], rtol=0, atol=1e-12)
+
+
+def test_magic_auto_is_checkpoint_independent_and_matches_metagradient():
+    """magic(horizon="auto").score == metagradient(horizon="auto").weights.T, for checkpoint_every
+    1 and 4 bit for bit (the norm is taken at every step, whatever the replay segments)."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    scores = []
+    for c in (1, 4):
+        method = magic(loss, opt, epochs=3, batch_size=4, seed=4, checkpoint_every=c, horizon="auto")
+        scores.append(method.score(traj.checkpoints[0][0], method.prepare(traj.checkpoints[0][0], data),
+                                   data, test))
+    assert torch.equal(scores[0], scores[1])
+    ref = metagradient(step, traj, data, order, cot, horizon="auto").weights.T
+    torch.testing.assert_close(scores[0], ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["best", 0])
+def test_horizon_must_be_a_positive_int_or_auto(bad):
+    """magic(horizon="best") and horizon=0 are refused naming the argument."""
+    loss = lambda p, ex: (p["W"] * ex).sum()
+    with pytest.raises((ValueError, TypeError), match=r"magic\(horizon=...\): expected"):
+        magic(loss, sgd(0.1), epochs=1, horizon=bad)
