@@ -12,6 +12,12 @@ a float64 copy of the same run (same init, order, hyper-parameters): float32 rou
 reverse pass would show as a difference between the two. ``--lrs`` rescales the learning rate of
 the differentiated run (the ground truth stays the task's): does a smoother surrogate run
 predict the real retraining better? Ground truths as in :mod:`benchmarks.magic` (cached).
+
+After each run's curve, a second reverse pass through the library's
+``metagradient(..., horizon="auto")`` scores the ``auto`` row: per test target the horizon ``K_j``
+at which that target's whole state cotangent is smallest (chosen by the run, not by the LDS), next
+to the full run (``K = T``), the uniform ``K = 3T/4`` and the best single ``K`` of the curve (chosen
+AFTER seeing the LDS: an upper bound for any fixed rule).
 """
 
 from __future__ import annotations
@@ -87,6 +93,7 @@ def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     from torch.func import grad, vmap
 
+    from dattri_fn.attribute.magic import metagradient
     from dattri_fn.attribute.trak import classification_margin_loss
     from dattri_fn.eval.metrics import lds
     from dattri_fn.eval.retrain import lds_ground_truth
@@ -112,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     data = (task.x_train.to(dtype), task.y_train)
     test = (task.x_test.to(dtype), task.y_test)
     per_epoch = math.ceil(task.n_train / hp["batch_size"])
-    rows = []
+    rows, summary = [], []
     print(f"\n### {args.task} (SGD_HPARAMS, {args.dtype}): LDS of MAGIC truncated to the last K "
           f"steps (T = {hp['epochs'] * per_epoch}), n_train={task.n_train}, n_test={task.n_test}, "
           f"m={args.subsets}\n")
@@ -142,6 +149,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       + " | ".join(f"{res[lb]:.3f}" for lb in labels)
                       + f" | {norms[K]:.3g} | {secs:.0f} |",
                       flush=True)
+        t0 = time.perf_counter()
+        auto = metagradient(step, traj, data, order, cot, horizon="auto")
+        auto_secs = time.perf_counter() - t0
+        res = {lb: float(lds(auto.weights.T.double(), gt.subsets, gt.targets.double()).mean)
+               for lb, gt in gts.items()}
+        ks = auto.horizon.double() / per_epoch
+        rows.append({"lr_factor": factor, "K": "auto", "K_epochs": ks.tolist(), "seconds": auto_secs,
+                     **res})
+        summary.append((factor, "auto", res, f"epochs min {ks.min():g} / median {ks.median():g} / "
+                        f"max {ks.max():g}; {auto_secs:.0f} s"))
+        curve = [r for r in rows if r["lr_factor"] == factor and r["K"] != "auto"]
+        T = len(order)
+        three_quarters = max(r["K"] for r in curve if r["K"] <= 3 * T // 4)
+        for name, K in (("full (K = T)", T), ("K = 3T/4", three_quarters)):
+            summary.append((factor, name, next(r for r in curve if r["K"] == K), f"K = {K}"))
+        best = max(curve, key=lambda r: r[labels[0]])
+        summary.append((factor, "best K (after the fact)", best, f"K = {best['K']}"))
+    print("\n| lr factor | horizon | " + " | ".join(f"LDS {lb}" for lb in labels) + " | K |")
+    print("|---|---|" + "---|" * (len(labels) + 1))
+    for factor, name, res, note in summary:
+        print(f"| {factor:g} | {name} | " + " | ".join(f"{res[lb]:.3f}" for lb in labels) + f" | {note} |")
     return rows
 
 

@@ -78,3 +78,19 @@ def test_horizon_metagradient_at_k_equal_t_is_magic_and_grows_by_steps():
     outside = torch.ones(9, dtype=torch.bool)
     outside[order[-1]] = False
     assert torch.all(one[:, outside] == 0) and one[:, ~outside].abs().max() > 0
+
+
+@pytest.mark.slow
+def test_magic_horizon_benchmark_prints_an_auto_row(tmp_path, capsys):
+    """benchmarks.magic_horizon on a toy digits-lr: an "auto" row whose K_j lie in (0, 40]
+    epochs, LDS in [-1, 1] under every protocol, and the summary table names auto and 3T/4."""
+    from benchmarks import magic_horizon
+
+    rows = magic_horizon.main(["--task", "digits-lr", "--n-train", "40", "--n-test", "3",
+                               "--subsets", "4", "--r", "2", "--cache-dir", str(tmp_path)])
+    auto = [r for r in rows if r["K"] == "auto"]
+    assert len(auto) == 1 and all(0 < k <= 40 for k in auto[0]["K_epochs"])
+    for label in ("std r=1", "std r=2", "fixed"):
+        assert -1.0 <= auto[0][label] <= 1.0
+    out = capsys.readouterr().out
+    assert "| 1 | auto |" in out and "| 1 | K = 3T/4 |" in out
