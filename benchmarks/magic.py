@@ -21,7 +21,10 @@ half-subsets:
 
 ``magic`` differentiates the first model's run (init seed 0), ``magic-ens`` averages the runs of
 all ``--models``; ``magic@gt`` differentiates the run from the ground truth's own init and order
-seed (what the fixed protocol perturbs). The scan measures MAGIC's prepare/score time and peak
+seed (what the fixed protocol perturbs). ``--horizons auto,60`` adds one row per horizon,
+``magic K=<h>``: ``magic(horizon=h)`` on the first model's run (``auto``: per test target the
+step where its state cotangent is smallest); ``--magic-rows`` picks which of the three rows above
+run. The scan measures MAGIC's prepare/score time and peak
 memory as the number of steps ``T`` grows, with ``checkpoint_every = ceil(sqrt(T))`` and ``1``.
 """
 
@@ -57,6 +60,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=int, default=3, help="models (magic-ens, TRAK, TracIn)")
     p.add_argument("--methods", default="if-explicit,if-cg,if-ekfac,grad-dot,grad-cos,tracin,trak,rps",
                    help="the other methods, run as benchmarks.run runs them")
+    p.add_argument("--magic-rows", default="magic,magic-ens,magic@gt",
+                   help="which of magic, magic-ens, magic@gt to run ('' = none)")
+    p.add_argument("--horizons", default="",
+                   help="extra magic rows on the first model: horizon K steps or 'auto', comma-separated")
     p.add_argument("--scan", default="5,10,20,40", help="epochs of the time/memory scan ('' = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=".cache/dattri_fn")
@@ -64,6 +71,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     from dattri_fn.eval.tasks import _HPARAMS
+
+    args.magic_rows = [r.strip() for r in args.magic_rows.split(",") if r.strip()]
+    if set(args.magic_rows) - {"magic", "magic-ens", "magic@gt"}:
+        p.error(f"--magic-rows: expected magic, magic-ens, magic@gt, got {args.magic_rows}")
+    try:
+        args.horizons = [h if h == "auto" else int(h) for h in
+                         (h.strip() for h in args.horizons.split(",")) if h]
+    except ValueError:
+        p.error(f"--horizons: expected ints or 'auto', got {args.horizons!r}")
 
     if args.optimizer == "adam" and _HPARAMS[args.task]["optimizer"] != "adam":
         p.error(f"--optimizer adam: {args.task} is not trained by Adam (use sgd)")
@@ -81,11 +97,13 @@ def _runner_args(args) -> argparse.Namespace:
                            "--repeats", "1", "--methods", "magic"])
 
 
-def build_magic(task, init_seeds: Sequence[int], *, checkpoint_every: int | None = None):
+def build_magic(task, init_seeds: Sequence[int], *, checkpoint_every: int | None = None,
+                horizon: int | str | None = None):
     """Return ``(MAGIC method, initial params per run)`` replaying ``task.train`` from
     ``task.make_model(s)`` for each ``s`` in ``init_seeds`` (an ``"sgd"`` task: its order seed
     :func:`~dattri_fn.eval.tasks.order_seed`; an ``"adam"`` task: :func:`~dattri_fn.eval.tasks.
-    task_step`, full batch). Classification targets are the correct-class margin (the task's)."""
+    task_step`, full batch). Classification targets are the correct-class margin (the task's);
+    ``horizon`` as in :func:`~dattri_fn.attribute.magic`."""
     from dattri_fn.attribute.magic import magic
     from dattri_fn.attribute.trak import classification_margin_loss
     from dattri_fn.eval.tasks import adam_run, order_seed, sgd_run, task_step
@@ -94,7 +112,7 @@ def build_magic(task, init_seeds: Sequence[int], *, checkpoint_every: int | None
     hp = task.hparams
     models = [task.make_model(s) for s in init_seeds]
     fm = functional_model(models[0], task.loss_fn)
-    opts = {"checkpoint_every": checkpoint_every}
+    opts = {"checkpoint_every": checkpoint_every, "horizon": horizon}
     if task.name != "text-lm":
         opts["target"] = functional_model(models[0], classification_margin_loss).loss
     if hp["optimizer"] == "sgd":
@@ -124,7 +142,8 @@ def magic_setup(spec: dict):
         from dataclasses import replace
 
         task = replace(task, hparams={**task.hparams, "epochs": spec["epochs"]})
-    method, params = build_magic(task, spec["seeds"], checkpoint_every=spec.get("every"))
+    method, params = build_magic(task, spec["seeds"], checkpoint_every=spec.get("every"),
+                                 horizon=spec.get("horizon"))
     data, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
     # A first call pages in library code, which would count as the step's memory.
     few = (data[0][:32], data[1][:32])
@@ -202,12 +221,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         say(f"  {name}: wall {row['wall_s']:.1f}s" + (f" ERROR {row['error']}" if "error" in row else ""))
         rows.append(row)
     gt_seed = _model_seed(args.seed, 0)
-    for name, seeds, refs in (("magic", [0], states[:1]),
-                              ("magic-ens", list(range(args.models)), states),
-                              ("magic@gt", [gt_seed], None)):
+    magic_rows = [(name, seeds, refs, None) for name, seeds, refs in (
+        ("magic", [0], states[:1]), ("magic-ens", list(range(args.models)), states),
+        ("magic@gt", [gt_seed], None)) if name in args.magic_rows]
+    magic_rows += [(f"magic K={h}", [0], states[:1], h) for h in args.horizons]
+    for name, seeds, refs, horizon in magic_rows:
         t1 = time.perf_counter()
-        row = {"method": name, **measure_magic({"task": spec_task, "seeds": seeds,
-                                                "states": refs}, args.timeout or None)}
+        row = {"method": name, **measure_magic({"task": spec_task, "seeds": seeds, "states": refs,
+                                                "horizon": horizon}, args.timeout or None)}
         say(f"  {name}: wall {time.perf_counter() - t1:.1f}s, replays the trained models: "
             f"{row.get('replays_models')}" + (f" ERROR {row['error']}" if "error" in row else ""))
         rows.append(row)

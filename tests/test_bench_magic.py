@@ -94,3 +94,24 @@ def test_magic_horizon_benchmark_prints_an_auto_row(tmp_path, capsys):
         assert -1.0 <= auto[0][label] <= 1.0
     out = capsys.readouterr().out
     assert "| 1 | auto |" in out and "| 1 | K = 3T/4 |" in out
+
+
+@pytest.mark.slow
+def test_horizon_rows_reach_magic_and_bad_options_are_refused():
+    """--horizons auto,1 parses to ['auto', 1]; magic_setup(horizon=...) (in process, digits-mlp
+    SGD, 2 epochs, T = 4): horizon >= T == the exact row bit for bit, horizon=1 differs, auto is
+    finite [n_train, n_test]; --magic-rows bogus and --horizons x exit with a usage error."""
+    args = bench.parse_args(["--n-train", "70", "--n-test", "3", "--horizons", "auto,1",
+                             "--magic-rows", "magic"])
+    assert args.horizons == ["auto", 1] and args.magic_rows == ["magic"]
+    spec = run.task_spec(bench._runner_args(args))
+    out = {h: bench.magic_setup({"task": spec, "seeds": [0], "epochs": 2, "horizon": h})()
+           for h in (None, 9, 1, "auto")}
+    assert out[None]["T"] == 4
+    assert (out[9]["scores"] == out[None]["scores"]).all()
+    assert not (out[1]["scores"] == out[None]["scores"]).all()
+    auto = torch.from_numpy(out["auto"]["scores"])
+    assert auto.shape == (70, 3) and torch.isfinite(auto).all()
+    for bad in (["--magic-rows", "bogus"], ["--horizons", "x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
