@@ -23,6 +23,9 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
   Memory ``(T/c + c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp
   residuals batched over ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
   the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
+* ``horizon="auto"`` (:func:`metagradient`): the same single pass, plus ``k n_train + k S``
+  floats (each target's best weight cotangents and state cotangent so far) and ``k`` norms; rows
+  are copied only when a target's ``|sbar|`` reaches a new minimum.
 
 References:
     Ilyas & Engstrom, "MAGIC: Near-Optimal Data Attribution for Deep Learning", arXiv 2504.16430.
