@@ -25,6 +25,7 @@ from .._checks import (
     batch_cat,
     batch_size,
     batch_slice,
+    batch_to,
     blame_data,
     check_int,
     check_optional_int,
@@ -35,7 +36,7 @@ from .._checks import (
     regrouped,
 )
 from .._types import LinOp, Loss, Params
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel, batched_loss, default_unpack
 from ..operators import kfac
 from ..operators.curvature import fvp, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
@@ -84,6 +85,47 @@ def _with_l2(loss: Loss, l2: float) -> Loss:
     if l2 == 0:
         return loss
     return lambda p, z: loss(p, z) + l2 * sum((v * v).sum() for v in p.values())
+
+
+def _independent(model: FunctionalModel) -> bool:
+    """True when ``model``'s module cannot mix the examples of a batch: no BatchNorm or dropout
+    in training mode (batch statistics, or one draw for the batch where ``vmap`` refuses)."""
+    mixing = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+    return not any(m.training and isinstance(m, mixing) for m in model.module.modules())
+
+
+def _batched_train(model: FunctionalModel, l2: float):
+    """``(p, batch) -> [B]``: ``loss(p, x_i) + l2 |p|^2`` for every example from ONE forward
+    (:func:`~dattri_fn.model.batched_loss`); exact for a module whose examples do not interact."""
+    rows = batched_loss(model)
+    if l2 == 0:
+        return rows
+    return lambda p, b: rows(p, b) + l2 * sum((v * v).sum() for v in p.values())
+
+
+# Examples compared, once per prepare, between the batched loss and the per-example one.
+_CHECK_ROWS = 3
+
+
+def _example(batch, i: int):
+    """Example ``i`` of a batch (tensor, tuple/list or dict of tensors), its batch dim removed."""
+    if isinstance(batch, torch.Tensor):
+        return batch[i]
+    if isinstance(batch, dict):
+        return {k: v[i] for k, v in batch.items()}
+    return type(batch)(v[i] for v in batch)
+
+
+def _same_losses(per_example: Loss, batched, params: Params, data) -> bool:
+    """True when ``batched`` gives ``per_example``'s values on the first few examples of
+    ``data`` (a custom ``unpack`` or a forward that mixes examples would not)."""
+    k = min(_CHECK_ROWS, batch_size("influence", "train", data))
+    with torch.no_grad():  # a loop, not vmap: vmap's loss batching rules import sympy
+        one = torch.stack([per_example(params, _example(data, i)) for i in range(k)])
+        many = batched(params, batch_slice(data, 0, k))
+    if not isinstance(many, torch.Tensor) or many.shape != one.shape:
+        return False
+    return bool(torch.allclose(many, one, rtol=1e-5, atol=1e-6 * float(one.abs().max())))
 
 
 def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
@@ -416,8 +458,21 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             H = dense_hessian(params, train)
             if H is not None:
                 return H
-        build = hvp if curvature == "hessian" else fvp
-        return build(train_fn, params, train, chunk_size=chunk_size, batch_rows=rows)
+        if curvature == "hessian":
+            return hvp(train_fn, params, train, chunk_size=chunk_size, batch_rows=rows,
+                       batched=batched_for(params, peek(iter_batches(name, "train", train))))
+        return fvp(train_fn, params, train, chunk_size=chunk_size, batch_rows=rows)
+
+    def batched_for(params: Params, first):
+        """The training objective from one forward per batch where that is exact (``loss`` is
+        a FunctionalModel whose examples do not interact and whose batched losses match the
+        per-example ones on ``first``), else None (``vmap`` over the examples)."""
+        if not (isinstance(loss, FunctionalModel) and loss.loss_fn is not None
+                and _independent(loss)):
+            return None
+        fn = _batched_train(loss, l2)
+        return fn if _same_losses(train_fn, fn, params, batch_to(first, device_of(params))) \
+            else None
 
     def factored_inverse(kind: str, params: Params, train) -> LinOp:
         """``(F_kfac + damping I)^-1`` (or EK-FAC's) of the model's layers on ``train``."""
@@ -532,8 +587,13 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             if callable(curvature):
                 batch_op = lambda b: curvature(params, b)
             else:
+                data = _concat(train)
+                batched = batched_for(params, data) if curvature == "hessian" else None
                 build = hvp if curvature == "hessian" else fvp
-                batch_op = lambda b: build(train_fn, params, b, chunk_size=chunk_size)
+                opts = {"batched": batched} if batched is not None else {}
+                batch_op = lambda b: build(train_fn, params, b, chunk_size=chunk_size, **opts)
+                return InfluenceState(solve.ihvp_lissa(batch_op, data, damping=damping,
+                                                       **solver_options), None)
             return InfluenceState(solve.ihvp_lissa(batch_op, _concat(train), damping=damping,
                                                    **solver_options), None)
         if solver == "datainf":

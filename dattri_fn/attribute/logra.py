@@ -153,19 +153,27 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                                   f"{list(params)}"))
         return {**model.fixed, **params}
 
-    def layers_for(func: str, state: dict, batch) -> tuple[str, ...]:
-        """The layers the first batch shows can be captured (one warning names the others)."""
-        args, kwargs, _ = unpack(batch)
-        problems = tapped_for(tuple(specs)).check(state, *args, **kwargs)
-        if problems:
-            why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
-            warnings.warn(f"{func}: leaving out layers the capture engine cannot factor: {why}.",
-                          RuntimeWarning, stacklevel=3)
+    def narrowed(func: str, problems: dict) -> tuple[str, ...]:
+        """The layers left once those the capture engine cannot factor are dropped (one
+        warning names them and why)."""
+        why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
+        warnings.warn(f"{func}: leaving out layers the capture engine cannot factor: {why}.",
+                      RuntimeWarning, stacklevel=4)
         kept = tuple(n for n in specs if n not in problems)
         if not kept:
             raise ValueError(_msg(func, "model", "at least one layer the capture engine can "
                                   "factor", "none"))
         return kept
+
+    def first_io(func: str, state: dict, batch) -> tuple[tuple[str, ...], dict]:
+        """``(layers, raw io)`` of the first batch: every layer is tried, and the capture's own
+        check in that forward (a :class:`~dattri_fn.transforms.capture.CaptureError` naming
+        the layers it cannot factor) narrows them: no separate checking forward."""
+        try:
+            return tuple(specs), raw(state, tuple(specs), batch)
+        except capture.CaptureError as err:
+            layers = narrowed(func, err.problems)
+        return layers, raw(state, layers, batch)
 
     def raw(state: dict, layers: tuple[str, ...], batch):
         """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``, projected, chunk by chunk."""
@@ -229,8 +237,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             batch = batch_to(batch, device)
             with blame_data(func, "train", batch):
                 if layers is None:
-                    layers = layers_for(func, st, batch)
-                io = raw(st, layers, batch)
+                    layers, io = first_io(func, st, batch)
+                else:
+                    io = raw(st, layers, batch)
             if projections is None:
                 projections = {ln: (_projection(a.shape[-1], k_in, seed * 7919 + 2 * i, a),
                                     _projection(g.shape[-1], k_out, seed * 7919 + 2 * i + 1, g))
@@ -282,9 +291,10 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             raise TypeError(_msg(func, "state", "the LoGraState returned by logra's prepare",
                                  type(state).__name__))
 
-    def cached_blocks(state: LoGraState):
-        n, block = state.train_features.shape[0], 4096
-        return [(torch.arange(s, min(n, s + block)),) for s in range(0, n, block)]
+    def cached_blocks(feats: Tensor) -> list[tuple[Tensor]]:
+        """The cached rows as batches of views (no copy), 4096 rows each."""
+        n, block = feats.shape[0], 4096
+        return [(feats[s:s + block],) for s in range(0, n, block)]
 
     def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -299,7 +309,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
             feats = state.train_features.to(device)
-            return stream_scores(lambda i: feats[i[0]], cached_blocks(state), test_pre,
+            return stream_scores(lambda b: b[0], cached_blocks(feats), test_pre,
                                  top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
@@ -314,7 +324,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         device = next(iter(st.values())).device
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
-            blocks = [state.train_features.to(device)[i[0]] for i in cached_blocks(state)]
+            blocks = [b[0] for b in cached_blocks(state.train_features.to(device))]
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))

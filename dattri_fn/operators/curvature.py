@@ -69,9 +69,19 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
 HVP_MODES = ("fwd-rev", "rev-rev")
 
 
+def _summed_rows(rows, batch: Batch) -> Tensor:
+    """``rows.sum()`` after checking ``rows`` is ``[B]`` for the batch's ``B`` examples."""
+    n = batch_leaves(batch)[0].shape[0]
+    if not isinstance(rows, Tensor) or tuple(rows.shape) != (n,):
+        got = f"shape {list(rows.shape)}" if isinstance(rows, Tensor) else type(rows).__name__
+        raise ValueError(f"hvp(batched=...): expected one loss per example, shape [{n}], got "
+                         f"{got}.")
+    return rows.sum()
+
+
 def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         mode: str = "rev-rev", batch_rows: int | None = None, randomness: str = "error",
-        seed: int | None = None) -> LinOp:
+        seed: int | None = None, batched: Callable[[Params, Batch], Tensor] | None = None) -> LinOp:
     """Return ``V -> H V`` with ``H = (1/N) sum_i hess loss(params, x_i)``.  # [k, P] -> [k, P]
 
     ``mode="rev-rev"`` (default): ``vjp`` of ``grad`` of the batch-summed loss, linearised once
@@ -92,6 +102,11 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         randomness, seed: for a loss that samples (dropout), as in
             :func:`~dattri_fn.transforms.grad.per_sample_grad`; with a ``seed`` every call of the operator
             replays the same draws, so it stays one linear map (what CG needs).
+        batched: optional ``batched(params, batch) -> [B]``, every example's ``loss`` from ONE
+            call (e.g. :func:`~dattri_fn.model.batched_loss`): ``H`` is then linearised from
+            its sum instead of ``vmap(loss)`` over the examples (digits-lr, 64 rows: 1.4 ms
+            against 2.1 ms). The caller vouches that it equals ``loss`` example by example
+            (a module whose examples do not interact: eval mode); not with ``randomness``.
 
     Note:
         ``H`` of a non-convex loss is indefinite; pass ``damping`` to the solver, not here.
@@ -102,10 +117,19 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     if randomness != "error" and mode == "fwd-rev":
         raise ValueError("hvp(mode=...): expected 'rev-rev' for a loss that samples (the "
                          "forward-over-reverse product re-runs the loss per row), got 'fwd-rev'.")
+    if batched is not None and not callable(batched):
+        raise TypeError(f"hvp(batched=...): expected None or a callable (params, batch) -> [B], "
+                        f"got {type(batched).__name__}.")
+    if batched is not None and randomness != "error":
+        raise ValueError(f"hvp(batched=...): expected None for a loss that samples (one batched "
+                         f"call draws once for all examples), got a callable with "
+                         f"randomness={randomness!r}.")
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
-        return summed_loss("hvp", loss, unravel(flat), batch, randomness)
+        if batched is None:
+            return summed_loss("hvp", loss, unravel(flat), batch, randomness)
+        return _summed_rows(batched(unravel(flat), batch), batch)
 
     grad_fn = torch.func.grad(batch_loss)
 
