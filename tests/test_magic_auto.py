@@ -5,13 +5,13 @@ import torch
 from torch.func import grad, vjp, vmap
 
 from dattri_fn.attribute.magic import _join, _split, magic, metagradient
-from dattri_fn.training import batch_order, make_step, sgd, train
+from dattri_fn.training import adam, batch_order, make_step, sgd, train
 from dattri_fn.training.run import take
 
 DT = torch.float64
 
 
-def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=3):
+def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=3, opt=None):
     """A float64 tanh MLP (or softmax regression when ``hidden`` is 0) and its SGD run, every
     state kept (checkpoint_every=1) so the reference can start from any step."""
     g = torch.Generator().manual_seed(seed)
@@ -31,7 +31,7 @@ def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=
 
         def loss(p, ex):
             return torch.nn.functional.cross_entropy((p["W"] @ ex[0])[None], ex[1][None])
-    opt = sgd(lr, momentum=momentum, weight_decay=weight_decay)
+    opt = opt or sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = make_step(loss, opt)
     order = batch_order(n, batch_size=4, epochs=epochs, seed=seed)
     traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=1)
@@ -39,9 +39,9 @@ def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=
     return loss, opt, step, (x, y), test, order, traj, cot
 
 
-def reference_norms(step, traj, data, order, cot):
-    """|sbar^j_{T-K}| for K = 1..T: one vjp of the composed map s_{T-K} -> theta_T per K (the
-    whole float state, params and momentum), independent of metagradient's loop.  # -> [T, k]"""
+def reference_norms(step, traj, data, order, cot, *, whole_state=False):
+    """|thetabar^j_{T-K}| for K = 1..T: one vjp of the composed map s_{T-K} -> theta_T per K,
+    the params' part of the state cotangent, independent of metagradient's loop.  # -> [T, k]"""
     T = len(order)
     out = []
     for K in range(1, T + 1):
@@ -57,15 +57,23 @@ def reference_norms(step, traj, data, order, cot):
 
         _, pull = vjp(to_final, floats)
         bars = vmap(pull)(cot)[0]
+        bars = bars if whole_state else bars[:len(cot)]  # the params dict's leaves come first
         out.append(torch.sqrt(sum((b.reshape(b.shape[0], -1) ** 2).sum(1) for b in bars)))
     return torch.stack(out)
 
 
-def test_auto_equals_the_brute_force_horizon_per_target():
-    """auto's column j == metagradient(horizon=K_j) with K_j = argmin_K |sbar^j_{T-K}| (first
-    minimum) from a separate vjp per K; weights and params at 1e-10, K_j exactly."""
-    loss, opt, step, data, test, order, traj, cot = problem(
-        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+@pytest.mark.parametrize("name", ["sgd-momentum", "adam"])
+def test_auto_equals_the_brute_force_horizon_per_target(name):
+    """auto's column j == metagradient(horizon=K_j) with K_j = argmin_K |thetabar^j_{T-K}| (first
+    minimum) from a separate vjp per K; weights and params at 1e-10, K_j exactly. Under Adam the
+    whole-state norm (moments included) would pick other K_j: the params-only norm is what runs."""
+    if name == "adam":
+        loss, opt, step, data, test, order, traj, cot = problem(
+            2, hidden=5, lr=0.0, momentum=0.0, weight_decay=0.0, opt=adam(0.2))
+        whole = reference_norms(step, traj, data, order, cot, whole_state=True).argmin(0) + 1
+    else:
+        loss, opt, step, data, test, order, traj, cot = problem(
+            4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
     T = len(order)
     norms = reference_norms(step, traj, data, order, cot)  # [T, k]
     ks = norms.argmin(0) + 1  # argmin returns the first minimum: ties to the shorter horizon
@@ -75,6 +83,8 @@ def test_auto_equals_the_brute_force_horizon_per_target():
     assert bool((ordered[1] - ordered[0] > 1e-6 * ordered[0]).all())  # no near-ties to flip
     auto = metagradient(step, traj, data, order, cot, horizon="auto")
     assert torch.equal(auto.horizon, ks)
+    if name == "adam":
+        assert not torch.equal(whole, ks), whole
     for j, K in enumerate(ks.tolist()):
         ref = metagradient(step, traj, data, order, cot, horizon=K)
         torch.testing.assert_close(auto.weights[j], ref.weights[j], rtol=0, atol=1e-10)
@@ -85,7 +95,7 @@ def test_auto_equals_the_brute_force_horizon_per_target():
 
 def test_auto_is_the_exact_metagradient_when_cotangents_shrink():
     """Convex softmax regression, plain SGD with weight decay, lr (lambda_max + wd) < 2: each
-    step's vjp (I - lr (H_t + wd I)) contracts, |sbar_{T-K}| falls in K, so K_j = T and auto ==
+    step's vjp (I - lr (H_t + wd I)) contracts, |thetabar_{T-K}| falls in K, so K_j = T and auto ==
     the exact metagradient (1e-12)."""
     loss, opt, step, data, test, order, traj, cot = problem(
         4, hidden=0, lr=0.2, momentum=0.0, weight_decay=0.05)

@@ -25,7 +25,7 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
   the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
 * ``horizon="auto"`` (:func:`metagradient`): the same single pass, plus ``k n_train + k S``
   floats (each target's best weight cotangents and state cotangent so far) and ``k`` norms; rows
-  are copied only when a target's ``|sbar|`` reaches a new minimum.
+  are copied only when a target's params cotangent ``|thetabar|`` reaches a new minimum.
 
 References:
     Ilyas & Engstrom, "MAGIC: Near-Optimal Data Attribution for Deep Learning", arXiv 2504.16430.
@@ -102,9 +102,9 @@ def _check_horizon(func: str, horizon) -> int | str | None:
     return check_optional_int(func, "horizon", horizon)
 
 
-def _state_norms(bar: Sequence[Tensor], k: int) -> Tensor:
-    """``|sbar^j|``: the Euclidean norm of each target's whole state cotangent.  # -> [k]"""
-    return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in bar))
+def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
+    """The Euclidean norm of each of ``k`` rows across ``parts`` ``[k, ...]``.  # -> [k]"""
+    return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
 
 
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
@@ -127,16 +127,20 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         horizon: ``K``: walk back through the last ``K`` steps only (truncated reverse mode:
             the weight cotangents of steps ``< T - K`` are dropped and ``params`` is then the
             cotangent of ``theta_{T-K}``); None or ``>= T``: the whole run. ``"auto"``: per
-            target ``j`` the ``K_j`` in ``1..T`` whose state cotangent is smallest,
+            target ``j`` the ``K_j`` in ``1..T`` whose params cotangent is smallest,
 
-                K_j = argmin_K |sbar^j_{T-K}|,   sbar = (theta-part, optimizer-state part),
+                K_j = argmin_K |thetabar^j_{T-K}|,   thetabar_t = d <cot_j, theta_T> / d theta_t,
 
-            the norm over the WHOLE state (params and every floating optimizer buffer: momentum,
-            Adam's moments), checked after every step's vjp; ties go to the smaller ``K``. One
-            full reverse pass; when ``|sbar^j|`` reaches a new minimum, row ``j`` of the weight
-            cotangents accumulated so far (and of ``sbar``) is copied aside, and those copies
-            are returned. Extra memory: ``k n_train + k S`` floats; ``checkpoint_every`` does not
-            change the choice (every step is replayed to its exact state before its vjp).
+            the Euclidean norm over the PARAMETERS' part of the state cotangent only (the
+            optimizer buffers' part is left out: Adam's second-moment cotangent grows like
+            ``v^(-3/2)`` where ``v`` is tiny and swamps the sum, making every ``K_j = 1`` on
+            text-lm; for SGD with momentum both choices pick the same steps within an epoch,
+            ``benchmarks/magic_horizon.py``), checked after every step's vjp; ties go to the
+            smaller ``K``. One full reverse pass; when ``|thetabar^j|`` reaches a new minimum,
+            row ``j`` of the weight cotangents accumulated so far (and of the state cotangent)
+            is copied aside, and those copies are returned. Extra memory: ``k n_train + k S``
+            floats; ``checkpoint_every`` does not change the choice (every step is replayed to
+            its exact state before its vjp).
     """
     func = "metagradient"
     if not callable(step):
@@ -193,7 +197,8 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
             w_bar.index_add_(1, rows.to(w_bar.device), rows_bar)
             if auto:
-                norms = _state_norms(bar, k)  # [k]
+                # _split puts the params dict's leaves first: bar[:n_params] = thetabar.
+                norms = _row_norms(bar[:len(final_params)], k)  # [k]
                 # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
                 new = norms < best
                 if bool(new.any()):
@@ -271,8 +276,9 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             None: the whole run, the exact metagradient. A biased estimate, useful where the
             run's linearisation is unstable early on (the state cotangent grows backward:
             ``benchmarks/magic_horizon.py`` measures it); no default ``K`` fits every run.
-            ``"auto"``: per test target, the ``K`` where the state cotangent is smallest, found
-            during the one full reverse pass (:func:`metagradient`).
+            ``"auto"``: per test target, the ``K`` where the params cotangent
+            ``d f_j / d theta_{T-K}`` is smallest, found during the one full reverse pass
+            (:func:`metagradient`).
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
