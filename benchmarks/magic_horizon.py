@@ -15,7 +15,8 @@ predict the real retraining better? Ground truths as in :mod:`benchmarks.magic` 
 
 After each run's curve, a second reverse pass through the library's
 ``metagradient(..., horizon="auto")`` scores the ``auto`` row: per test target the horizon ``K_j``
-at which that target's whole state cotangent is smallest (chosen by the run, not by the LDS), next
+at which that target's params cotangent ``|d f_j / d theta_{T-K}|`` is smallest (chosen by the
+run, not by the LDS; the table's ``|sbar|`` column is the whole state's, all targets), next
 to the full run (``K = T``), the uniform ``K = 3T/4`` and the best single ``K`` of the curve (chosen
 AFTER seeing the LDS: an upper bound for any fixed rule).
 """
