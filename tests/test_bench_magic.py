@@ -7,6 +7,18 @@ from benchmarks import magic as bench
 from benchmarks import run
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The benchmark's setting (OMP_NUM_THREADS=1, as train_model trains): float32 reductions then
+    run in one order, so a replay can equal the trained models bit for bit. Spawned methods read
+    the variable; this process sets its own thread count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_magic_benchmark_smoke(tmp_path, capsys):
     """A tiny run prints an LDS in [-1, 1] under each protocol for magic, magic-ens and magic@gt
