@@ -89,8 +89,17 @@ def test_trak_sizes():
     assert trak_rows(10**6, 1000, 512) == 1000
 
 
+@pytest.fixture
+def one_thread():
+    """train_model's one thread for the whole test: float32 sums in one order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("hparams", [{"optimizer": "sgd", "epochs": 3}, {"epochs": 20}])
-def test_magic_recipe_replays_the_task_trainer(hparams):
+def test_magic_recipe_replays_the_task_trainer(hparams, one_thread):
     """recipe('magic'/'magic-ens'): the run MAGIC differentiates ends at train_model(task, seed=c)
     (sgd: same order seed; full-batch Adam + cosine: the task's own step), bit for bit; scores
     [n_train, n_test] finite; magic-ens averages the per-model runs."""
