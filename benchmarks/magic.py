@@ -22,10 +22,11 @@ half-subsets:
 ``magic`` differentiates the first model's run (init seed 0), ``magic-ens`` averages the runs of
 all ``--models``; ``magic@gt`` differentiates the run from the ground truth's own init and order
 seed (what the fixed protocol perturbs). ``--horizons auto,60`` adds one row per horizon,
-``magic K=<h>``: ``magic(horizon=h)`` on the first model's run (``auto``: per test target the
-step where its state cotangent is smallest); ``--magic-rows`` picks which of the three rows above
-run. The scan measures MAGIC's prepare/score time and peak
-memory as the number of steps ``T`` grows, with ``checkpoint_every = ceil(sqrt(T))`` and ``1``.
+``magic K=<h>``: ``magic(horizon=h)`` on the first model's run (``auto``, the library's default:
+per test target the step where its params cotangent is smallest); the three rows above are the
+exact metagradient (``horizon=None``); ``--magic-rows`` picks which of them run. The scan
+measures MAGIC's (exact) prepare/score time and peak memory as the number of steps ``T`` grows,
+with ``checkpoint_every = ceil(sqrt(T))`` and ``1``.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def finite_differences(loss, opt, params, data, order, test, eps=1e-5):
 def test_metagradient_equals_finite_differences_of_retraining(name, opt):
     """tau_ij = d(-loss_j(theta_T(w)))/dw_i equals central differences of 12 retrained steps."""
     params, loss, data, test = tiny_mlp(seed={"sgd": 0, "adam": 1, "adamw": 2}[name])
-    method = magic(loss, opt, epochs=3, batch_size=4, seed=1, checkpoint_every=2)
+    method = magic(loss, opt, epochs=3, batch_size=4, seed=1, checkpoint_every=2, horizon=None)
     state = method.prepare(params, data)
     scores = method.score(params, state, data, test)
     fd = finite_differences(loss, opt, params, data, state.orders[0], test)
@@ -72,7 +72,8 @@ def test_checkpointed_reverse_equals_full_memory():
     opt = sgd(0.2, momentum=0.8, weight_decay=0.01)
     out = []
     for every in (1, 2, 5, 9):
-        method = magic(loss, opt, epochs=3, batch_size=4, seed=0, checkpoint_every=every)
+        method = magic(loss, opt, epochs=3, batch_size=4, seed=0, checkpoint_every=every,
+                       horizon=None)
         state = method.prepare(params, data)
         assert len(state.runs[0].checkpoints) == -(-9 // every) + 1
         out.append(method.score(params, state, data, test))
@@ -191,7 +192,7 @@ def test_magic_through_the_tasks_adam_step_equals_finite_differences():
     test = (task.x_test.double(), task.y_test)
     opt = adam(cosine_schedule(0.05, 4, recursive=True), eps=1e-3)
     step = task_step(fm, opt, 0.01)
-    method = magic(fm, opt, epochs=4, step=step, checkpoint_every=3)
+    method = magic(fm, opt, epochs=4, step=step, checkpoint_every=3, horizon=None)
     state = method.prepare(fm.params, data)
     scores = method.score(fm.params, state, data, test)
     order = state.orders[0]
@@ -229,7 +230,7 @@ def test_horizon_truncates_the_reverse_pass_to_the_last_steps():
 
     params, loss, data, test = tiny_mlp(seed=6)
     opt = sgd(0.2, momentum=0.9, weight_decay=0.01)
-    full = magic(loss, opt, epochs=3, batch_size=4, seed=2)
+    full = magic(loss, opt, epochs=3, batch_size=4, seed=2, horizon=None)
     state = full.prepare(params, data)
     exact = full.score(params, state, data, test)
     T = len(state.orders[0])

@@ -130,3 +130,19 @@ def test_horizon_must_be_a_positive_int_or_auto(bad):
     loss = lambda p, ex: (p["W"] * ex).sum()
     with pytest.raises((ValueError, TypeError), match=r"magic\(horizon=...\): expected"):
         magic(loss, sgd(0.1), epochs=1, horizon=bad)
+
+
+def test_magic_defaults_to_auto_and_none_is_the_exact_metagradient():
+    """magic() == magic(horizon="auto") bit for bit; horizon=None == metagradient's exact pass
+    (1e-12), which differs here (some K_j < T)."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    p0 = traj.checkpoints[0][0]
+    default, auto, exact = (magic(loss, opt, epochs=3, batch_size=4, seed=4, **kw)
+                            for kw in ({}, {"horizon": "auto"}, {"horizon": None}))
+    state = default.prepare(p0, data)
+    scores = [m.score(p0, state, data, test) for m in (default, auto, exact)]
+    assert torch.equal(scores[0], scores[1])
+    ref = metagradient(step, traj, data, order, cot).weights.T
+    torch.testing.assert_close(scores[2], ref, rtol=0, atol=1e-12)
+    assert (scores[0] - scores[2]).abs().max() > 1e-3
