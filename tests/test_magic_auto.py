@@ -146,3 +146,20 @@ def test_magic_defaults_to_auto_and_none_is_the_exact_metagradient():
     ref = metagradient(step, traj, data, order, cot).weights.T
     torch.testing.assert_close(scores[2], ref, rtol=0, atol=1e-12)
     assert (scores[0] - scores[2]).abs().max() > 1e-3
+
+
+def test_auto_never_hides_a_nan_cotangent_behind_zeros():
+    """w_{t+1} = sqrt(w_t^2) + lr mean_i(weight_i x_i) with w = x = 0: the first vjp is 0/0 = NaN,
+    no norm is ever finite, so auto keeps the full pass: K = T and NaN where the exact pass has
+    NaN (not the zeros of an empty snapshot)."""
+    def step(params, opt_state, batch, w):
+        return {"w": torch.sqrt(params["w"] ** 2) + 0.1 * (w[:, None] * batch).mean(0)}, opt_state
+
+    data = torch.zeros(3, 2, dtype=DT)
+    order = batch_order(3, batch_size=None, epochs=2, seed=0)
+    traj = train(step, {"w": torch.zeros(2, dtype=DT)}, (), data, order, checkpoint_every=1)
+    cot = {"w": torch.ones(2, 2, dtype=DT)}
+    auto = metagradient(step, traj, data, order, cot, horizon="auto")
+    exact = metagradient(step, traj, data, order, cot)
+    assert auto.horizon.tolist() == [2, 2] and exact.weights.isnan().any()
+    assert torch.equal(auto.weights.isnan(), exact.weights.isnan())

@@ -208,6 +208,12 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
                         keep[new] = b[new]
                     steps[new] = T - t
     if auto:
+        # A target whose norm was never finite keeps the full pass (its NaNs stay visible).
+        never = steps == 0
+        best_w[never] = w_bar[never]
+        for keep, b in zip(best_bar, bar, strict=True):
+            keep[never] = b[never]
+        steps[never] = T
         w_bar, bar = best_w, best_bar
     else:
         steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
