@@ -160,3 +160,19 @@ def test_logra_prepare_runs_one_forward_per_batch():
     calls.clear()
     method.prepare(fm.params, train)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_plain_autograd_hvp_handles_unused_and_linear_params(chunk_size):
+    """rev-rev by plain autograd == fwd-rev: H V with H = 0 for a loss linear in w, and zero
+    rows/columns for a parameter the loss never reads (u)."""
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(3, dtype=D, generator=g), "u": torch.randn(2, dtype=D, generator=g)}
+    x = torch.randn(5, 3, dtype=D, generator=g)
+    V = torch.randn(7, 5, dtype=D, generator=g)
+    lin = lambda q, z: (q["w"] * z).sum()  # noqa: E731
+    quad = lambda q, z: torch.tanh((q["w"] * z).sum()) ** 2  # noqa: E731
+    assert torch.equal(hvp(lin, p, x, chunk_size=chunk_size)(V), torch.zeros_like(V))
+    got = hvp(quad, p, x, chunk_size=chunk_size)(V)
+    ref = hvp(quad, p, x, mode="fwd-rev")(V)
+    assert _rel(got, ref) < 1e-12 and torch.equal(got[:, 3:], torch.zeros(7, 2, dtype=D))
