@@ -79,6 +79,11 @@ def _setup(spec: dict, name: str):
     method = _method(name, fm, spec)
     warm = [(train[0][0][:8], train[0][1][:8])]
     method.score(fm.params, method.prepare(fm.params, warm), warm, (test[0][:2], test[1][:2]))
+    return timed_step(method, fm, train, test)
+
+
+def timed_step(method, fm, train, test):
+    """``() -> {"time_s", "scores"}``: one timed prepare + score (what measure_peak runs)."""
 
     def step() -> dict:
         t0 = time.perf_counter()

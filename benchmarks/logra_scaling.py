@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from benchmarks.kron_bench import timed_step
 from benchmarks.peak import measure_peak
 
 DAMPING = 1e-3  # the TRAK recipe's damping
@@ -170,16 +171,7 @@ def _scale_setup(spec: dict, name: str):
     method = _scale_method(name, warm_fm, spec)
     method.score(warm_fm.params, method.prepare(warm_fm.params, warm), warm, warm[0])
     fm, train, test = _scale_problem(spec)
-    method = _scale_method(name, fm, spec)
-
-    def step() -> dict:
-        t0 = time.perf_counter()
-        state = method.prepare(fm.params, train)
-        scores = method.score(fm.params, state, train, test)
-        return {"time_s": time.perf_counter() - t0,
-                "scores": scores.detach().to(torch.float64).numpy()}
-
-    return step
+    return timed_step(_scale_method(name, fm, spec), fm, train, test)
 
 
 def _load() -> str:

@@ -36,6 +36,18 @@ def _same_store(a: Path, b: Path) -> None:
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
 
 
+def _fails_third(fn, calls: list):
+    """``fn`` that records each call in ``calls`` and raises on the third (a crash mid-store)."""
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return fn(batch)
+
+    return failing
+
+
 def _split(batch, size):
     x, y = batch
     return [(x[i:i + size], y[i:i + size]) for i in range(0, x.shape[0], size)]
@@ -80,12 +92,7 @@ def test_failed_build_resumes_from_last_shard(tmp_path):
     f = _features(params, loss)
     build_store(tmp_path / "ref", f, train, params=params, config=CONFIG)
     calls = []
-
-    def failing(batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return f(batch)
+    failing = _fails_third(f, calls)
 
     with pytest.raises(RuntimeError, match="boom"):
         build_store(tmp_path / "s", failing, train, params=params, config=CONFIG)
@@ -388,12 +395,7 @@ def test_record_self_resumes_and_binds_the_state(tmp_path):
     state = (torch.ones(2, dtype=torch.float64), {"k": torch.zeros(3)})
     ref = record_self("m", record_store(tmp_path / "ref", train, params=params), diag, state=state)
     calls = []
-
-    def failing(batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return diag(batch)
+    failing = _fails_third(diag, calls)
 
     rec = record_store(tmp_path / "s", train, params=params)
     with pytest.raises(RuntimeError, match="boom"):
