@@ -1,0 +1,234 @@
+"""K-FAC and EK-FAC operators: the factored Fisher and its damped inverse, block-diagonal over
+layers in the params' ravel layout (see :mod:`dattri_fn.operators.kfac` for the method)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg, all_finite, check_positive
+from .._types import LinOp
+from .kfac_layers import _keys
+from .kfac_stats import EKFACFactors, KFACFactors
+
+__all__ = ["BlockLinOp", "kfac_operator", "ihvp_kfac", "ihvp_ekfac"]
+
+
+def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int, int]]):
+    """Return (P, {layer: (w_slice, b_slice | None)}) locating each layer in the raveled vector."""
+    sizes = {}
+    for layer, (out, inp) in shapes.items():
+        wk, bk = _keys(layer)
+        sizes[wk] = out * inp
+        sizes[bk] = out
+    unknown = [k for k in param_names if k not in sizes]
+    if unknown:
+        raise ValueError(_msg(func, "factors", "param_names of the factored layers",
+                              f"unmatched {unknown}"))
+    offsets, start = {}, 0
+    for k in param_names:
+        offsets[k] = slice(start, start + sizes[k])
+        start += sizes[k]
+    return start, {layer: (offsets[_keys(layer)[0]], offsets.get(_keys(layer)[1]))
+                   for layer in shapes}
+
+
+class BlockLinOp(LinOp):
+    """A K-FAC/EK-FAC operator, block-diagonal over layers, that also reads rows layer by layer.
+
+    ``blocks(V)``: each layer's ``[k, out, in(+1)]`` block of rows ``V`` (weights as ``[out,
+    in]`` also for Conv1D, the bias as the last column); ``eigen``: ``(Q_A, Q_G, scale)`` per
+    layer for an inverse (``scale = 1 / (Lambda + damping)``), else None.
+    """
+
+    __slots__ = ("blocks", "eigen")
+    follows_dtype = True  # products are taken in the rows' dtype (factors may be 16-bit)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks, self.eigen = None, None
+
+
+def _shapes(QA, QG, param_names) -> dict[str, tuple[int, int]]:
+    """``{layer: (out, in)}`` (``in`` without the bias column) from the factors' sizes."""
+    return {layer: (QG[layer].shape[0], QA[layer].shape[0] - int(_keys(layer)[1] in param_names))
+            for layer in QA}
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype products with a factor are taken in: its own, float32 for 16-bit storage."""
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _read_blocks(V: Tensor, layers, shapes, where, transposed) -> dict[str, Tensor]:
+    """Each layer's ``[k, out, in(+1)]`` block of the rows of ``V`` (bias as the last column)."""
+    k = V.shape[0]
+    out_blocks = {}
+    for layer in layers:
+        out, inp = shapes[layer]
+        ws, bs = where[layer]
+        M = (V[:, ws].reshape(k, inp, out).transpose(1, 2) if layer in transposed
+             else V[:, ws].reshape(k, out, inp))
+        if bs is not None:
+            M = torch.cat([M, V[:, bs].reshape(k, out, 1)], dim=-1)
+        out_blocks[layer] = M
+    return out_blocks
+
+
+def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``.  # [k, P] -> [k, P]
+
+    Factors stored in a 16-bit dtype are cast to the operand's dtype at each product.
+    """
+    layers = list(QA)
+    shapes = _shapes(QA, QG, param_names)
+    P, where = _layout(name, param_names, shapes)
+    ref = QA[layers[0]]
+    order = {k: i for i, k in enumerate(param_names)}
+
+    def matmat(V: Tensor) -> Tensor:
+        pieces = {}
+        blocks = _read_blocks(V, layers, shapes, where, transposed)
+        for layer in layers:
+            inp = shapes[layer][1]
+            wk, bk = _keys(layer)
+            qa, qg = QA[layer].to(V.dtype), QG[layer].to(V.dtype)
+            R = qg.T @ blocks[layer] @ qa
+            X = qg @ (R * scale[layer].to(V.dtype)) @ qa.T
+            W = X[..., :inp]
+            pieces[wk] = (W.transpose(1, 2) if layer in transposed else W).reshape(V.shape[0], -1)
+            if where[layer][1] is not None:
+                pieces[bk] = X[..., inp]
+        return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
+
+    op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
+    op.blocks = lambda V: _read_blocks(V, layers, shapes, where, transposed)
+    return op
+
+
+def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``.
+
+    The operator also carries ``.blocks(V)`` (each layer's ``[k, out, in(+1)]`` block of rows
+    ``V``) and ``.eigen`` = ``(Q_A, Q_G, 1 / (Lambda + damping))`` per layer, for scoring layer by
+    layer (:func:`layer_scores`, :func:`layer_self_scores`).
+    """
+    inv = {layer: 1.0 / (Lambda[layer].to(_compute_dtype(Lambda[layer])) + damping)
+           for layer in QA}
+    op = _eigen_apply(name, QA, QG, inv, param_names, transposed)
+    op.eigen = (QA, QG, inv)
+    return op
+
+
+def _kfac_eigen(factors: KFACFactors):
+    """``Q_A, Q_G`` and ``Lambda = s_G s_A^T`` of each layer's K-FAC factors (16-bit factors
+    are decomposed in float32)."""
+    QA, QG, Lam = {}, {}, {}
+    for layer in factors.A:
+        A, G = factors.A[layer], factors.G[layer]
+        sA, QA[layer] = torch.linalg.eigh(A.to(_compute_dtype(A)))
+        sG, QG[layer] = torch.linalg.eigh(G.to(_compute_dtype(G)))
+        # eigh of a PSD factor can return -1e-17; clamping keeps Lambda + damping > 0.
+        Lam[layer] = torch.outer(sG.clamp_min(0), sA.clamp_min(0))
+    return QA, QG, Lam
+
+
+def kfac_operator(factors: KFACFactors | EKFACFactors) -> LinOp:
+    """Return the factored Fisher ``V -> F V`` itself, with its closed-form inverse.  # [k, P] -> [k, P]
+
+    K-FAC: ``F = blockdiag_l A_l (x) G_l``; EK-FAC: ``(Q_A (x) Q_G) diag(Lambda)
+    (Q_A (x) Q_G)^T``; each layer's ``[out, in(+1)]`` block read from and written to the
+    params' ravel layout. ``op.inverse(damping)`` is :func:`ihvp_kfac` / :func:`ihvp_ekfac`, so
+    ``ihvp_explicit(op, damping=...)`` and ``solvers.explicit()`` invert it in closed form, and
+    ``op + damping`` composes with any other solver (CG on a K-FAC curvature).
+
+    Raises:
+        TypeError, ValueError: factors that are neither, or not finite.
+    """
+    func = "kfac_operator"
+    if isinstance(factors, EKFACFactors):
+        _check_factors(func, factors, EKFACFactors, "ekfac_factors", ("QA", "QG", "Lambda"))
+        QA, QG, Lam = factors.QA, factors.QG, factors.Lambda
+        inverse = lambda damping: ihvp_ekfac(factors, damping=damping)
+    else:
+        _check_factors(func, factors, KFACFactors, "kfac_factors or ekfac_factors", ("A", "G"))
+        QA, QG, Lam = _kfac_eigen(factors)
+        inverse = lambda damping: _eigen_inverse(
+            "ihvp_kfac", QA, QG, Lam, factors.param_names,
+            check_positive("ihvp_kfac", "damping", damping), factors.transposed)
+    op = _eigen_apply(func, QA, QG, Lam, factors.param_names, factors.transposed)
+    op.inverse = inverse
+    return op
+
+
+def _check_factors(func: str, factors, kind, maker, fields):
+    if not isinstance(factors, kind):
+        raise TypeError(_msg(func, "factors", f"a {kind.__name__} (from {maker})",
+                             type(factors).__name__))
+    for field in fields:
+        d = getattr(factors, field)
+        if not isinstance(d, dict) or not d:
+            raise TypeError(_msg(func, f"factors.{field}", "a non-empty dict[str, Tensor]",
+                                 type(d).__name__))
+        for layer, t in d.items():
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(_msg(func, f"factors.{field}", "floating-point tensors",
+                                     f"{type(t).__name__} at {layer!r}"))
+            if not all_finite(t):
+                raise ValueError(_msg(func, f"factors.{field}", "finite values",
+                                      f"NaN or inf at {layer!r}"))
+
+
+def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
+    """Return ``V -> (A (x) G + damping*I)^-1 V``, block-diagonal over layers.  # [k, P] -> [k, P]
+
+    Exact inverse of the damped Kronecker product, through the eigendecompositions
+    ``A = Q_A diag(s_A) Q_A^T``, ``G = Q_G diag(s_G) Q_G^T`` computed once here:
+    ``M -> Q_G ((Q_G^T M Q_A) / (s_G s_A^T + damping)) Q_A^T`` for each layer's ``[out, in(+1)]``
+    block ``M``, read from and written to the params' ravel layout.
+
+    Args:
+        factors: from :func:`kfac_factors`.
+        damping: ``> 0``, added to the Kronecker product (not split between the factors).
+
+    Returns:
+        a :class:`~dattri_fn._types.LinOp` of dim ``P`` (the selected params).
+
+    Raises:
+        TypeError, ValueError: bad factors, non-positive damping.
+
+    References:
+        Martens & Grosse 2015, arXiv:1503.05671.
+    """
+    func = "ihvp_kfac"
+    _check_factors(func, factors, KFACFactors, "kfac_factors", ("A", "G"))
+    damping = check_positive(func, "damping", damping)
+    QA, QG, Lam = _kfac_eigen(factors)
+    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping, factors.transposed)
+
+
+def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
+    """Return ``V -> Q_G ((Q_G^T V Q_A) / (Lambda + damping)) Q_A^T`` per layer.  # [k, P] -> [k, P]
+
+    The inverse of the EK-FAC Fisher ``(Q_A (x) Q_G) diag(Lambda) (Q_A (x) Q_G)^T + damping*I``,
+    block-diagonal over layers, in the params' ravel layout.
+
+    Args:
+        factors: from :func:`ekfac_factors`.
+        damping: ``> 0``.
+
+    Returns:
+        a :class:`~dattri_fn._types.LinOp` of dim ``P`` (the selected params).
+
+    Raises:
+        TypeError, ValueError: bad factors, non-positive damping.
+
+    References:
+        George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    func = "ihvp_ekfac"
+    _check_factors(func, factors, EKFACFactors, "ekfac_factors",
+                   ("QA", "QG", "Lambda"))
+    damping = check_positive(func, "damping", damping)
+    return _eigen_inverse(func, factors.QA, factors.QG, factors.Lambda, factors.param_names,
+                          damping, factors.transposed)

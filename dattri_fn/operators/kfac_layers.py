@@ -1,0 +1,117 @@
+"""K-FAC's layer selection: which Linear-like layers own the params, and the argument checks
+every factor pass shares (see :mod:`dattri_fn.operators.kfac` for the method)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from .._checks import _msg, check_optional_int, check_params, iter_batches
+from ..transforms import capture
+from ..transforms.layers import layer_names, module_state
+
+__all__ = ["kfac_tap"]
+
+
+_KFAC_KINDS = ("linear", "conv1d", "conv2d")
+
+
+def _keys(layer: str) -> tuple[str, str]:
+    """The state keys of a layer's weight and bias (the root module's are bare)."""
+    prefix = f"{layer}." if layer else ""
+    return f"{prefix}weight", f"{prefix}bias"
+
+
+def _kfac_specs(module: nn.Module) -> dict:
+    return {n: s for n, s in capture.layer_specs(module).items() if s.kind in _KFAC_KINDS}
+
+
+def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ...]]:
+    """Return (layers in module order, param names in dict order); validate their match.
+
+    Layers: ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` (ungrouped), the root
+    module included (see :mod:`dattri_fn.transforms.capture`).
+    """
+    specs = _kfac_specs(module)
+    if layers is None:
+        owned = set(params)
+        lin = [n for n, sp in specs.items() if sp.weight in owned or sp.bias in owned]
+    else:
+        lin = layer_names(func, "layers", dict(module.named_modules()), layers, list(specs),
+                          "nn.Linear, Conv1D or Conv2d", "K-FAC layers")
+    owner = {}
+    for name in lin:
+        owner[specs[name].weight] = name
+        owner[_keys(name)[1]] = name
+    stray = [k for k in params if k not in owner]
+    tied = _tied_uses(module, stray)
+    if tied:
+        raise ValueError(_msg(func, "params", "weights used by one layer each",
+                              "; ".join(f"{k!r} shared by {uses}" for k, uses in tied.items()),
+                              "K-FAC/EK-FAC factor a weight from its one layer's inputs and "
+                              "output gradients; a tied weight (GPT-2's wte = lm_head) has a "
+                              "gradient summed over its uses, which the capture engine does "
+                              "not factor: leave it out of params (e.g. params=lambda n: "
+                              "'wte' not in n) or attribute it with a dense method "
+                              "(grad_dot, influence with solver='cg')."))
+    if stray:
+        raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear, "
+                              f"Conv1D or Conv2d layers {lin}", f"other keys {stray}",
+                              "K-FAC covers those layers only: drop these keys from params "
+                              "or select their layers."))
+    no_weight = [n for n in lin if specs[n].weight not in params]
+    if no_weight:
+        raise ValueError(_msg(func, "params", "the weight of every selected layer",
+                              f"no weight for {no_weight}",
+                              "Add '<layer>.weight' to params or deselect the layer."))
+    return lin, tuple(params)
+
+
+def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
+    """``{key: "'name' (Kind), ..."}`` for the keys whose tensor several modules hold."""
+    names: dict[int, list[str]] = {}
+    for k, v in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(v), []).append(k)
+    modules = dict(module.named_modules())
+    alias = {k: ks for ks in names.values() if len(ks) > 1 for k in ks}
+    out = {}
+    for k in keys:
+        if k in alias:
+            owners = [a.rpartition(".")[0] for a in alias[k]]
+            out[k] = ", ".join(f"{o!r} ({type(modules[o]).__name__})" for o in owners)
+    return out
+
+
+def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=None):
+    if not isinstance(module, nn.Module):
+        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    if not callable(loss_fn):
+        raise TypeError(_msg(func, "loss_fn", "a callable loss_fn(output, target)",
+                             type(loss_fn).__name__))
+    chunk_size = check_optional_int(func, "chunk_size", chunk_size)
+    state = module_state(func, module, params)
+    names, param_names = _select(func, module, params, layers)
+    batches = iter_batches(func, "data", data)
+    if tapped is None:
+        tapped = capture.tap(module, names)
+    elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(names):
+        got = ("a tap of another module" if getattr(tapped, "module", None) is not module
+               else f"a tap of layers {list(tapped.layers)}")
+        raise ValueError(_msg(func, "tapped", f"tap_layers(module, {names}) of this module",
+                              got, "Pass the tapped function from a call on the same module "
+                              "and layers, or None."))
+    return state, names, param_names, batches, tapped, chunk_size
+
+
+def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = None):
+    """Return the tapped forward that :func:`kfac_factors` traces for ``params`` / ``layers``.
+
+    Pass it as ``tapped=`` to repeated :func:`kfac_factors` / :func:`ekfac_factors` calls on
+    the same module (see :func:`dattri_fn.transforms.capture.tap`).
+    """
+    func = "kfac_tap"
+    if not isinstance(module, nn.Module):
+        raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
+    return capture.tap(module, _select(func, module, check_params(func, "params", params),
+                                      layers)[0])

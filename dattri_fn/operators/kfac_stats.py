@@ -1,0 +1,299 @@
+"""K-FAC and EK-FAC statistics: the factor passes over the data and the states they return
+(see :mod:`dattri_fn.operators.kfac` for the method and its conventions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import _msg, batch_size, check_optional_int, regroup
+from ..transforms.layers import _stream_layer_io
+from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
+from .kfac_layers import _check_call, _keys
+
+__all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors"]
+
+
+class KFACFactors(NamedTuple):
+    """K-FAC state: per-layer Kronecker factors and the raveled layout they act on.
+
+    Fields:
+        A: ``{layer: [in(+1), in(+1)]}`` input second moments (``+1`` when the bias is a param).
+        G: ``{layer: [out, out]}`` output-gradient second moments.
+        param_names: the selected params' names in ravel order (defines the operator's layout).
+        num_examples: ``N``, the examples the factors average over (int64 scalar tensor).
+        transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
+    """
+
+    A: dict[str, Tensor]
+    G: dict[str, Tensor]
+    param_names: tuple[str, ...]
+    num_examples: Tensor
+    transposed: tuple[str, ...] = ()
+
+
+class EKFACFactors(NamedTuple):
+    """EK-FAC state: per-layer Kronecker eigenbases, corrected eigenvalues and the layout.
+
+    Fields:
+        QA: ``{layer: [in(+1), in(+1)]}`` eigenvectors of ``A`` (columns).
+        QG: ``{layer: [out, out]}`` eigenvectors of ``G`` (columns).
+        Lambda: ``{layer: [out, in(+1)]}`` ``E[(Q_G^T DW_n Q_A)^2]``, the Fisher's diagonal in
+            that basis.
+        param_names: the selected params' names in ravel order.
+        num_examples: ``N`` (int64 scalar tensor).
+        transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
+    """
+
+    QA: dict[str, Tensor]
+    QG: dict[str, Tensor]
+    Lambda: dict[str, Tensor]
+    param_names: tuple[str, ...]
+    num_examples: Tensor
+    transposed: tuple[str, ...] = ()
+
+
+_LAMBDA_ENTRIES = 2**18  # entries of one chunk of rotated gradient blocks in the Lambda pass
+
+
+def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+    """Flatten per-example token dims: ``a -> [B, T, in(+1)]``, ``g -> [B, T, out]``."""
+    B = a.shape[0]
+    a = a.reshape(B, -1, a.shape[-1])
+    g = g.reshape(B, -1, g.shape[-1])
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a, g
+
+
+def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None,
+            on_input=None):
+    """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
+
+    Each layer's step runs as its ``g`` arrives in the backward pass
+    (:func:`~dattri_fn.transforms.layers.streamed_io`), so the layers' gradients are never all
+    held at once.
+    """
+    n = 0
+    stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
+    for batch in regroup(batches, batch_rows, func):
+        n += batch_size(func, "data", batch)
+        stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
+    if n == 0:
+        raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
+    return n
+
+
+def _transposed(tapped) -> tuple[str, ...]:
+    return tuple(n for n, sp in tapped.specs.items() if sp.kind == "conv1d")
+
+
+def _reduced(func: str, reduce, sums: dict[str, Tensor], n: int) -> tuple[dict[str, Tensor], int]:
+    """``reduce(sums, n)``: this process's sums and count in, every process's out (checked)."""
+    if reduce is None:
+        return sums, n
+    out = reduce(dict(sums), n)
+    ok = (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], dict)
+          and set(out[0]) == set(sums) and isinstance(out[1], int) and out[1] >= n)
+    if not ok:
+        raise TypeError(_msg(func, "reduce", "a callable (sums, count) -> (sums with the same "
+                             "keys, total count >= count)", f"{type(out).__name__} {out!r}"[:200]))
+    return out
+
+
+def _check_reduce(func: str, reduce) -> None:
+    if reduce is not None and not callable(reduce):
+        raise TypeError(_msg(func, "reduce", "None or a callable (sums, count) -> (sums, count)",
+                             type(reduce).__name__))
+
+
+def _check_dtype(func: str, dtype) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(_msg(func, "dtype", "None or a floating torch.dtype (torch.bfloat16, ...)",
+                             repr(dtype)))
+
+
+def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
+               batch_rows=None, reduce=None):
+    bias = {n: _keys(n)[1] in param_names for n in names}
+    A, G = {}, {}
+
+    # A is taken from each layer's input right after the forward, G as each g arrives in the
+    # backward: no layer input is held through the backward pass.
+    def on_input(layer, a):
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        if bias[layer]:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        a2 = a.reshape(-1, a.shape[-1])
+        dA = (a2.T @ a2).div_(a.shape[1])  # scaled after the product: no [B, T, in] copy
+        if layer in A:
+            A[layer] += dA
+        else:
+            A[layer] = dA
+
+    def step(layer, _, g):
+        g2 = g.reshape(-1, g.shape[-1])
+        dG = g2.T @ g2
+        if layer in G:
+            G[layer] += dG
+        else:
+            G[layer] = dG
+
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input)
+    sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
+                                      **{f"G:{k}": G[k] for k in names}}, n)
+    A = {k: sums[f"A:{k}"] / n for k in names}
+    G = {k: sums[f"G:{k}"] / n for k in names}
+    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64), _transposed(tapped))
+
+
+def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
+                 layers: str | Iterable[str] | None = None,
+                 chunk_size: int | None = None, tapped=None,
+                 batch_rows: int | None = None,
+                 fisher: str = "empirical", seed: int = 0,
+                 sampler: Callable | None = None, reduce: Callable | None = None,
+                 dtype: torch.dtype | None = None) -> KFACFactors:
+    """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
+
+    One pass over ``data``, accumulating running sums batch by batch (activations are never
+    held beyond one batch). ``a`` is augmented to ``[a, 1]`` for layers whose bias is in
+    ``params``. See the module docstring for the sequence convention.
+
+    Args:
+        module: the model (its layers captured by :mod:`dattri_fn.transforms.capture`).
+        loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
+        params: ``dict[str, Tensor]``, the weights (and optionally biases) of the Linear layers
+            to precondition, in the order of the raveled vectors the operator will act on.
+            The module's other parameters are its own.
+        data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader); other
+            layouts as :func:`dattri_fn.transforms.layers.unpack_example`.
+        layers: Linear, Conv1D or Conv2d layer names; ``None`` selects the layers owning
+            ``params``.
+        chunk_size: examples per ``vmap`` chunk; ``None`` for a whole batch.
+        tapped: :func:`kfac_tap` of the selected layers, to reuse across calls; ``None``
+            builds it anew.
+        batch_rows: merge consecutive batches into calls of at least this many examples (one
+            batched forward/backward has a fixed cost of ~0.3 ms on one CPU thread); ``None``
+            takes the batches as given.
+        fisher: ``"empirical"`` (``g`` of the data's targets), ``"true"`` (``g`` of targets
+            drawn from the model's predictive distribution, one draw per example and pass,
+            kronfluence's default) or ``"expected"`` (the exact expectation over that
+            distribution: ``G = E[J^T H J]`` with ``H`` the loss's Hessian in the output, the
+            layer blocks of the Gauss-Newton; ``K`` backprops per example of the columns of
+            ``H = B B^T``, ``A`` counted once): softmax cross-entropy on ``[B, C]`` logits
+            (``H = diag(p) - p p^T``, ``K = C``) or ``F.mse_loss`` (``H = (2/D) I``, ``K = D``
+            output entries); other losses are refused.
+        seed: the true Fisher's draws: a ``torch.Generator`` seeded with it starts every pass,
+            so equal data give equal draws.
+        sampler: ``sample(output, target, generator) -> target'`` on a batch (see
+            :mod:`dattri_fn.losses`); None = ``loss_fn.sample`` if the loss has one, else
+            :func:`~dattri_fn.losses.sample_categorical` (logits ``[B, K]``).
+        reduce: ``reduce(sums, count) -> (sums, count)``, called once per pass with this
+            process's statistic sums over its examples (a dict of tensors, keys opaque) and its
+            example count; returns the sums and count over every process (an all-reduce:
+            :func:`dattri_fn.distributed.all_reduce_stats`). None: this process's data is all.
+        dtype: store the factors in this dtype (e.g. ``torch.bfloat16``: half the memory, the
+            statistics still accumulated in the model's dtype); the inverses compute in their
+            operand's dtype. None: the model's dtype.
+
+    Returns:
+        :class:`KFACFactors`.
+
+    Raises:
+        TypeError, ValueError: bad module, loss_fn, layer names, data or chunk_size; params
+            with keys that are not module parameters, or not weights/biases of the selected
+            layers (the keys are named).
+
+    References:
+        Martens & Grosse 2015, arXiv:1503.05671; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    kf, _ = _checked_kfac_pass("kfac_factors", module, loss_fn, params, data, layers, chunk_size,
+                               tapped, batch_rows, fisher, seed, sampler, reduce, dtype)
+    if dtype is None:
+        return kf
+    return kf._replace(A={k: v.to(dtype) for k, v in kf.A.items()},
+                       G={k: v.to(dtype) for k, v in kf.G.items()})
+
+
+def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
+                       batch_rows, fisher, seed, sampler, reduce, dtype):
+    """Validate the factor builders' arguments and run the K-FAC pass: ``(KFACFactors, (state,
+    names, pnames, batches, tapped, chunk_size, losses))``, the latter for a second pass."""
+    state, names, pnames, batches, tapped, chunk_size = _check_call(
+        func, module, loss_fn, params, data, layers, chunk_size, tapped)
+    check_optional_int(func, "batch_rows", batch_rows)
+    _check_reduce(func, reduce)
+    _check_dtype(func, dtype)
+    losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
+    kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
+                    batch_rows, reduce)
+    return kf, (state, names, pnames, batches, tapped, chunk_size, losses)
+
+
+def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
+                  layers: str | Iterable[str] | None = None,
+                  chunk_size: int | None = None, tapped=None,
+                  batch_rows: int | None = None,
+                  fisher: str = "empirical", seed: int = 0,
+                  sampler: Callable | None = None, reduce: Callable | None = None,
+                  dtype: torch.dtype | None = None) -> EKFACFactors:
+    """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
+
+    Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
+    from the per-example gradient blocks ``DW_n = sum_t g_nt a_nt^T`` rotated into the
+    eigenbasis, accumulated as running sums. ``Lambda`` is the diagonal of the empirical
+    Fisher in the Kronecker eigenbasis, the Frobenius-closest such approximation.
+
+    Args:
+        module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher, seed,
+            sampler, dtype: as :func:`kfac_factors`.
+        reduce: as :func:`kfac_factors`, called twice: after the K-FAC pass (so every process
+            takes the eigenbases of the same global factors) and after the ``Lambda`` pass.
+
+    Returns:
+        :class:`EKFACFactors`.
+
+    Raises:
+        TypeError, ValueError: as :func:`kfac_factors`.
+
+    References:
+        George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
+    """
+    func = "ekfac_factors"
+    kf, (state, names, pnames, batches, tapped, chunk_size, losses) = _checked_kfac_pass(
+        func, module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher,
+        seed, sampler, reduce, dtype)
+    QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
+    QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
+    bias = {n: _keys(n)[1] in pnames for n in names}
+    L = {}
+
+    def step(layer, a, g):
+        a, g = _tokens(a, g, bias[layer])
+        qa, qg = QA[layer], QG[layer]
+        if a.shape[1] == 1:
+            # One position: (Q_G^T DW Q_A)^2 = (g~ a~^T)^2 = g~^2 (a~^2)^T, summed over the
+            # batch by one [out, B] x [B, in] product, never the [B, out, in] blocks.
+            dL = (g[:, 0] @ qg).square_().T @ (a[:, 0] @ qa).square_()
+        else:
+            # (Q_G^T DW_n Q_A)^2 = ((g Q_G)^T (a Q_A))^2 summed over examples, a chunk of rows
+            # at a time: rotated tokens and [rows, out, in] blocks stay ~1 MiB (this runs inside
+            # the backward pass, beside the model's saved activations).
+            o, i = g.shape[-1], a.shape[-1]
+            step_rows = max(1, _LAMBDA_ENTRIES // (o * max(i, a.shape[1])))
+            dL = g.new_zeros(o, i)
+            for r in range(0, g.shape[0], step_rows):
+                rot = (g[r:r + step_rows] @ qg).mT @ (a[r:r + step_rows] @ qa)
+                dL += rot.square_().sum(0)
+        L[layer] = dL if layer not in L else L[layer] + dL
+
+    n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows)
+    sums, n = _reduced(func, reduce, {f"L:{k}": L[k] for k in names}, n)
+    Lambda = {k: sums[f"L:{k}"] / n for k in names}
+    if dtype is not None:
+        QA, QG, Lambda = ({k: v.to(dtype) for k, v in d.items()} for d in (QA, QG, Lambda))
+    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed)
