@@ -111,7 +111,7 @@ def test_mlp_factors_equal_per_sample_grad(device, seed, widths, bias, n):
 def test_narrow_to_dense_by_blocks_of_rows(device, monkeypatch, seed, n, entries):
     """A bfloat16 to_dense formed a few rows at a time (bounding torch's float64 temporary)
     is the full-precision result rounded once, whatever the block."""
-    monkeypatch.setattr(importlib.import_module("dattri_fn.transforms.layer_grads"), "_NARROW_ENTRIES",
+    monkeypatch.setattr(importlib.import_module("dattri_fn.transforms.factored_grads"), "_NARROW_ENTRIES",
                         entries)
     fm = functional_model(_mlp(seed, [4, 5, 3], [True], device), F.cross_entropy)
     lg = per_sample_layer_grads(fm, fm.params, _data(seed, n, 4, 3, device))
@@ -466,3 +466,10 @@ def test_one_row_test_set_and_short_last_batch(device, build):
     torch.testing.assert_close(S, ref.score(params, (), train, one), rtol=1e-10, atol=1e-12)
     top = fast.score(params, (), train, one, top_k=2)
     assert torch.equal(top.indices, ref.score(params, (), train, one, top_k=2).indices)
+
+
+def test_old_import_path_of_layer_grads_value():
+    """LayerGrads moved to factored_grads; the old path is the same class (no copy)."""
+    from dattri_fn.transforms import factored_grads, layer_grads
+
+    assert layer_grads.LayerGrads is factored_grads.LayerGrads
