@@ -541,7 +541,7 @@ def test_registration_order_and_train_mode_containers(device):
 def test_pair_blocks_every_route_and_sub_chunk(monkeypatch, dims):
     """_pair_block / _activation_block equal their einsum definitions whichever intermediate
     they pick and however the rows are split (the block budget shrunk to force splits)."""
-    import dattri_fn.operators.linear_curvature as lc
+    import dattri_fn.operators.linear_blocks as lc
 
     dl, dm, kl, km = dims
     g = torch.Generator().manual_seed(sum(dims))
@@ -577,3 +577,21 @@ def test_bare_linear_root_is_factored(device, monkeypatch):
     monkeypatch.setattr(inf, "hvp", lambda *a, **k: (_ for _ in ()).throw(AssertionError("hvp")))
     torch.testing.assert_close(_scores(fm, fm.params, batch, batch, method="lu"), ref,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_old_module_path_reexports_the_split_modules():
+    """linear_curvature re-exports every name that moved to linear_limits / linear_blocks /
+    linear_exact / linear_gauss_newton: the same objects, public and private."""
+    import dattri_fn.operators.linear_curvature as lc
+
+    moved = {"linear_limits": ["FactoredCurvatureError", "linear_tap", "_checked", "_setup",
+                               "_verified", "_CHECK_ROWS"],
+             "linear_blocks": ["_BLOCK", "_accumulate", "_pair_block", "_activation_block"],
+             "linear_exact": ["linear_hessian", "_probe_terms"],
+             "linear_gauss_newton": ["linear_gnvp", "FactoredOperator", "_keep", "_ROW_BLOCK"]}
+    for module, names in moved.items():
+        mod = importlib.import_module(f"dattri_fn.operators.{module}")
+        for name in names:
+            assert getattr(lc, name) is getattr(mod, name), (module, name)
+    assert lc.linear_gnvp is linear_gnvp and lc.__all__ == [
+        "FactoredCurvatureError", "linear_gnvp", "linear_hessian", "linear_tap"]
