@@ -168,9 +168,17 @@ def as_linop(op: LinOp | Tensor | Callable, *, dim: int | None = None,
     """Return ``op`` as a :class:`LinOp`; a dense ``[P, P]`` matrix ``A`` maps ``V -> V A^T``.
 
     A bare callable needs ``dim`` (and optionally ``dtype``/``device``, default float32/cpu).
+    K-FAC/EK-FAC factors (``KFACFactors``/``EKFACFactors``) become
+    :func:`~dattri_fn.operators.kfac.kfac_operator` of them: the factored Fisher, carrying its
+    closed-form ``inverse``. These are the curvature values every ``ihvp_*`` takes first.
     """
     if isinstance(op, LinOp):
         return op
+    if isinstance(op, tuple):  # a NamedTuple of factors; imported here: operators import us
+        from .operators.kfac import EKFACFactors, KFACFactors, kfac_operator
+
+        if isinstance(op, (KFACFactors, EKFACFactors)):
+            return kfac_operator(op)
     if isinstance(op, Tensor):
         if op.ndim != 2 or op.shape[0] != op.shape[1] or op.shape[0] == 0:
             raise ValueError(f"{name}: expected a square [P, P] matrix (P >= 1), got shape {list(op.shape)}.")
@@ -184,7 +192,8 @@ def as_linop(op: LinOp | Tensor | Callable, *, dim: int | None = None,
         dim = _dim("as_linop", dim)
         return LinOp(_width_checked(op, dim, name), dim, dtype or torch.get_default_dtype(),
                      device if device is not None else "cpu", name=name)
-    raise TypeError(f"{name}: expected a LinOp, a [P, P] Tensor or a callable, got {type(op).__name__}.")
+    raise TypeError(f"{name}: expected a LinOp, a [P, P] Tensor, K-FAC/EK-FAC factors or a "
+                    f"callable, got {type(op).__name__}.")
 
 
 def _dim(func: str, dim) -> int:

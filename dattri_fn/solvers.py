@@ -6,10 +6,14 @@ returns ``V -> (op + damping I)^-1 V`` (a :class:`~dattri_fn._types.LinOp`), and
 validated when the value is made (on a 1 x 1 identity), so a typo fails before any data is read.
 Every solver ``influence`` knows has a value: ``cg``, ``minres``, ``explicit``, ``arnoldi``,
 ``lissa`` (mini-batches drawn from the data inside ``influence``; the full-batch recursion on a
-plain operator), and the closed forms ``kfac``/``ekfac`` (factors built from the model inside
-``influence``; on an operator with a closed-form inverse such as
-:func:`~dattri_fn.operators.kfac_operator`, ``op.inverse(damping)``) and ``datainf`` (inside
-``influence`` only: it inverts per-example gradients, not an operator).
+plain operator, the mini-batch recursion on
+:func:`~dattri_fn.operators.stochastic.sampled`), and the closed forms ``kfac``/``ekfac``
+(factors built from the model inside ``influence``; on K-FAC/EK-FAC factors or an operator with
+a closed-form inverse such as :func:`~dattri_fn.operators.kfac_operator`, ``op.inverse(damping)``)
+and ``datainf`` (the training gradients inside ``influence``; applied directly, an
+:func:`~dattri_fn.operators.datainf.empirical_fisher` operator, which carries them). Applied
+directly, ``s(op, damping)`` takes the same curvature values as every ``ihvp_*`` (see
+:mod:`dattri_fn.solve`).
 
     >>> import torch
     >>> s = cg(rtol=1e-12)
@@ -27,9 +31,11 @@ from typing import Any, NamedTuple
 import torch
 
 from ._checks import check_int
-from ._types import LinOp, as_linop
+from ._types import LinOp
+from .operators.datainf import EmpiricalFisher, ihvp_datainf
 from .operators.kfac import ekfac_factors
 from .solve import ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa, ihvp_minres
+from .solve.explicit import as_operator
 
 __all__ = ["Solver", "arnoldi", "cg", "datainf", "ekfac", "explicit", "kfac", "lissa", "minres"]
 
@@ -45,7 +51,10 @@ class Solver(NamedTuple):
     name: str
     options: dict[str, Any]
 
-    def __call__(self, op, damping: float = 0.0) -> LinOp:
+    def __call__(self, op, damping: float | None = None) -> LinOp:
+        """``V -> (op + damping I)^-1 V``; ``damping=None`` is 0, or DataInf's own rule."""
+        if damping is None and self.name != "datainf":
+            damping = 0.0
         if isinstance(self.options.get("M"), str) and self.options["M"] != "nystrom":
             raise ValueError(f"{self.name}(M=...): expected a LinOp to apply the solver "
                              f"directly, got {self.options['M']!r} (only influence(...) builds "
@@ -53,27 +62,36 @@ class Solver(NamedTuple):
         return _FACTORIES[self.name](op, damping=damping, **self.options)
 
 
-def _lissa_on(op, *, damping: float, batch_size: int | None = None, **options) -> LinOp:
-    if batch_size is not None:
-        raise ValueError(f"lissa(batch_size=...): expected None to apply the solver to an "
-                         f"operator directly (its full-batch recursion), got {batch_size}; "
-                         "mini-batches need the data: influence(fm, solver=s) draws them.")
-    A = as_linop(op, name="lissa(op=...)")
-    return ihvp_lissa(lambda _: A, torch.zeros(1), damping=damping, **options)
+def _lissa_on(op, *, damping: float, batch_size: int | None = None, seed: int | None = None,
+              **options) -> LinOp:
+    for arg, value in (("batch_size", batch_size), ("seed", seed)):
+        if value is not None:
+            raise ValueError(f"lissa({arg}=...): expected None to apply the solver to an "
+                             f"operator directly, got {value}; mini-batches and their seed "
+                             "belong to the curvature, operators.sampled(batch_op, data, "
+                             "batch_size=..., seed=...), or influence(fm, solver=s) draws them.")
+    return ihvp_lissa(op if isinstance(op, LinOp) else as_operator("lissa", op),
+                      damping=damping, **options)
 
 
 def _closed_form(name: str):
-    def inverse(op, *, damping: float, **_) -> LinOp:
-        got = f"{op.name} (no closed-form inverse)" if isinstance(op, LinOp) else type(op).__name__
+    def inverse(op, *, damping: float | None, **_) -> LinOp:
         if name == "datainf":
-            raise ValueError(f"datainf(op=...): DataInf inverts per-example gradients, not an "
-                             f"operator, got {got}; run it as influence(fm, solver=s) or call "
-                             "ihvp_datainf(grads).")
-        if not isinstance(op, LinOp) or op.inverse is None:
-            raise ValueError(f"{name}(op=...): expected an operator with a closed-form inverse "
-                             f"(operators.kfac_operator(factors)), got {got}; to build the "
-                             f"factors from the model, run it as influence(fm, solver=s).")
-        return op.inverse(damping)
+            if isinstance(op, EmpiricalFisher):
+                return ihvp_datainf(op, damping=damping)
+            got = op.name if isinstance(op, LinOp) else type(op).__name__
+            raise ValueError(f"datainf(op=...): expected operators.empirical_fisher(grads, "
+                             f"blocks=...) (DataInf inverts per-example gradients, which the "
+                             f"operator must carry), got {got}; or run it as "
+                             "influence(fm, solver=s).")
+        A = as_operator(name, op)
+        if A.inverse is None:
+            got = A.name if isinstance(op, LinOp) else f"a dense {A.dim} x {A.dim} matrix"
+            raise ValueError(f"{name}(op=...): expected K-FAC/EK-FAC factors or an operator "
+                             f"with a closed-form inverse (operators.kfac_operator(factors)), "
+                             f"got {got} (no closed-form inverse); to build the factors from "
+                             "the model, run it as influence(fm, solver=s).")
+        return A.inverse(damping)
     return inverse
 
 
@@ -129,10 +147,12 @@ def arnoldi(*, rank: int, max_iter: int | None = None, block_size: int | None = 
 
 
 def lissa(*, scale: float, depth: int = 1000, repeats: int = 1, batch_size: int | None = None,
-          seed: int = 0) -> Solver:
+          seed: int | None = None) -> Solver:
     """LiSSA (:func:`~dattri_fn.solve.ihvp_lissa`); inside ``influence`` each step uses the
-    curvature of ``batch_size`` training rows drawn with ``seed``; on an operator, the full
-    recursion ``h <- v + h - (A + damping I) h / scale`` (``batch_size=None``)."""
+    curvature of ``batch_size`` training rows drawn with ``seed`` (``None``: 0); applied to an
+    operator (``batch_size``/``seed`` None), the full recursion ``h <- v + h - (A + damping I)
+    h / scale``, or on :func:`~dattri_fn.operators.stochastic.sampled` the mini-batches it
+    draws."""
     options = {"scale": scale, "depth": depth, "repeats": repeats, "batch_size": batch_size,
                "seed": seed}
     ihvp_lissa(lambda _: _PROBE, torch.zeros(max(1, batch_size or 1)), **options)
@@ -163,5 +183,7 @@ def ekfac(**factor_options) -> Solver:
 
 def datainf() -> Solver:
     """DataInf's layer-wise closed form (:func:`~dattri_fn.operators.datainf.ihvp_datainf`) over
-    the training gradients ``influence`` collects; its damping default is DataInf's own rule."""
+    the training gradients ``influence`` collects, or applied to an
+    :func:`~dattri_fn.operators.datainf.empirical_fisher` operator; its damping default is
+    DataInf's own rule."""
     return Solver("datainf", {})

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dattri_fn import functional_model, solvers
+from dattri_fn._types import LinOp
 from dattri_fn.attribute import influence
 
 
@@ -125,16 +126,59 @@ def test_lissa_value_on_an_operator_and_closed_forms_on_kfac_operator():
 
 
 def test_values_that_need_the_model_say_so():
-    """Closed forms refuse an operator without one, DataInf refuses any operator, LiSSA refuses
-    mini-batches without data, and a K-FAC setting typo fails when the value is made."""
+    """Closed forms refuse an operator without one, DataInf refuses an operator without
+    gradients, LiSSA refuses mini-batch settings on an operator, and a K-FAC setting typo fails
+    when the value is made."""
     A = torch.eye(2, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"kfac\(op=...\): expected an operator with a closed-form"):
-        solvers.kfac()(A, 0.1)
-    with pytest.raises(ValueError, match=r"datainf\(op=...\): DataInf inverts per-example"):
+    with pytest.raises(ValueError, match=r"datainf\(op=...\): expected operators.empirical_fisher"):
         solvers.datainf()(A, 0.1)
     with pytest.raises(ValueError, match=r"lissa\(batch_size=...\): expected None"):
         solvers.lissa(scale=2.0, batch_size=1)(A, 0.1)
+    with pytest.raises(ValueError, match=r"lissa\(seed=...\): expected None .*operators.sampled"):
+        solvers.lissa(scale=2.0, seed=1)(A, 0.1)
+    with pytest.raises(ValueError, match=r"kfac\(op=...\): expected K-FAC/EK-FAC factors or an "
+                                         r"operator with a closed-form inverse .*, got a dense 2 x 2"):
+        solvers.kfac()(A, 0.1)
+    with pytest.raises(ValueError, match=r"ekfac\(op=...\): .* got I \(no closed-form"):
+        solvers.ekfac()(LinOp.identity(2, torch.float64), 0.1)
+    with pytest.raises(TypeError, match=r"ekfac\(op=...\): expected a LinOp, a \[P, P\] Tensor, "
+                                        r"K-FAC/EK-FAC factors"):
+        solvers.ekfac()("A", 0.1)
     with pytest.raises(ValueError, match=r"ihvp_lissa\(scale=...\)"):
         solvers.lissa(scale=-1.0)
     with pytest.raises(TypeError, match=r"ekfac\(...\): unexpected settings \['damping_rule'\]"):
         solvers.ekfac(damping_rule=1)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kfac_factors_are_a_curvature_value(kind):
+    """Factors F as the first argument: as_linop(F) = kfac_operator(F); ihvp_explicit(F) and
+    solvers.<kind>()(F) = ihvp_<kind>(F) bit for bit; ihvp_cg(F) = the same inverse (1e-10)."""
+    from dattri_fn._types import as_linop
+    from dattri_fn.operators import kfac_operator
+    from dattri_fn.solve import ekfac_factors, ihvp_cg, ihvp_ekfac, ihvp_explicit, ihvp_kfac, kfac_factors
+
+    fm, data = _fm_and_data()
+    fit, inverse = (kfac_factors, ihvp_kfac) if kind == "kfac" else (ekfac_factors, ihvp_ekfac)
+    F = fit(fm.module, fm.loss_fn, fm.params, data)
+    P = sum(p.numel() for p in fm.params.values())
+    V = torch.randn(3, P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.equal(as_linop(F)(V), kfac_operator(F)(V))
+    want = inverse(F, damping=0.3)(V)
+    assert torch.equal(ihvp_explicit(F, damping=0.3)(V), want)
+    assert torch.equal(getattr(solvers, kind)()(F, 0.3)(V), want)
+    torch.testing.assert_close(ihvp_cg(F, damping=0.3, rtol=1e-14, max_iter=4 * P)(V), want,
+                               rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+
+
+def test_damping_none_is_zero_or_datainfs_rule():
+    """Solver(op) without damping: 0 for the operator solvers, DataInf's lam_l rule for datainf."""
+    from dattri_fn.operators.datainf import empirical_fisher, ihvp_datainf
+
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    A = G.T @ G + torch.eye(3, dtype=torch.float64)
+    V = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    assert torch.equal(solvers.explicit()(A)(V), solvers.explicit()(A, 0.0)(V))
+    op = empirical_fisher(G)
+    assert torch.equal(solvers.datainf()(op)(V), ihvp_datainf(G)(V))

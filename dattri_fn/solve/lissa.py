@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
-from .._checks import batch_size as _batch_len
-from .._checks import batch_slice, check_int, check_optional_int, check_positive
-from .._types import Batch, LinOp, as_linop
-from .explicit import check_rhs
+from .._checks import _msg, check_int, check_positive
+from .._types import Batch, LinOp
+from ..operators.stochastic import SampledLinOp, sampled_op
+from .explicit import as_operator, check_rhs
 
 # Divergence is tested every few steps (one device sync each), not every step.
 _CHECK_EVERY = 16
@@ -18,46 +17,44 @@ _CHECK_EVERY = 16
 _SLACK = 1.01
 
 
-def _take(batch: Batch, idx: Tensor) -> Batch:
-    if isinstance(batch, Tensor):
-        return batch[idx.to(batch.device)]
-    if isinstance(batch, Mapping):
-        return {k: v[idx.to(v.device)] for k, v in batch.items()}
-    return type(batch)(v[idx.to(v.device)] for v in batch)
-
-
-def ihvp_lissa(batch_op: Callable[[Batch], LinOp], data: Batch, *, damping: float = 0.0,
-               scale: float, depth: int = 1000, repeats: int = 1, batch_size: int | None = None,
-               seed: int = 0) -> LinOp:
-    """Return V -> (A + damping*I)^-1 V by the LiSSA recursion, A = mean curvature.  # [k, P] -> [k, P]
+def ihvp_lissa(op: LinOp | Tensor | Callable[[Batch], LinOp], data: Batch | None = None, *,
+               damping: float = 0.0, scale: float, depth: int = 1000, repeats: int = 1,
+               batch_size: int | None = None, seed: int | None = None) -> LinOp:
+    """Return V -> (A + damping*I)^-1 V by the LiSSA recursion.  # [k, P] -> [k, P]
 
     For each row ``v``: ``h_0 = v``, ``h_j = v + h_{j-1} - (A_j h_{j-1} + damping h_{j-1}) / scale``
-    with ``A_j = batch_op(batch_j)`` the curvature on the j-th mini-batch of ``batch_size`` rows
-    of ``data`` (drawn without replacement within a batch, by a ``torch.Generator`` seeded with
-    ``seed``); the result is ``h_depth / scale``, averaged over ``repeats`` independent runs.
-    The fixed point is ``h = scale * (A + damping*I)^-1 v``. All rows of ``V`` share the same
-    mini-batch sequence, and every call replays it, so the returned operator is a fixed
-    linear map (same seed, same answer).
+    and the result is ``h_depth / scale``. On a curvature ``op`` from
+    :func:`~dattri_fn.operators.stochastic.sampled` ``A_j`` is the curvature of the j-th
+    mini-batch it draws (seeded by the operator, so every call replays the same sequence and the
+    returned operator is a fixed linear map), averaged over ``repeats`` independent runs; on any
+    other curvature (a LinOp, a dense ``[P, P]`` matrix, K-FAC factors) ``A_j = A`` at every
+    step: the deterministic full-batch Neumann series. The fixed point is
+    ``h = scale * (A + damping*I)^-1 v``.
+
+    The form before 0.1.0, ``ihvp_lissa(batch_op, data, batch_size=b, seed=s)``, is kept and
+    equals ``ihvp_lissa(sampled(batch_op, data, batch_size=b, seed=s))`` bit for bit.
 
     Args:
-        batch_op: ``batch -> LinOp`` (or dense ``[P, P]``), the curvature on one mini-batch,
-            e.g. ``lambda b: hvp(loss, params, b)``.
-        data: ONE Batch (tensor, tuple/list or dict of tensors sharing the leading dim ``n``).
+        op: the curvature ``A``, the one kind of first argument of every ``ihvp_*``: a LinOp
+            (a :class:`~dattri_fn.operators.stochastic.SampledLinOp` for mini-batches) or what
+            :func:`~dattri_fn._types.as_linop` coerces. Old form: ``batch -> LinOp`` with ``data``.
+        data: old form only: ONE Batch that ``op`` (then a ``batch_op``) draws rows of.
         damping: absolute damping ``>= 0``.
         scale: ``> 0``; must exceed the largest eigenvalue of every ``A_j + damping*I``.
         depth: recursion steps (operator calls per repeat), ``>= 1``.
-        repeats: independent recursions averaged, ``>= 1``.
-        batch_size: rows per mini-batch, ``1 <= batch_size <= n``; default ``None`` uses all of
-            ``data`` at every step (a deterministic Neumann series; ``repeats`` is then moot).
-        seed: seed of the mini-batch sampler, ``>= 0``.
+        repeats: independent recursions averaged, ``>= 1`` (moot for a deterministic ``A_j``).
+        batch_size, seed: old form only (rows per mini-batch, ``None`` = all of ``data``; the
+            sampler's seed, ``None`` = 0); a curvature value carries its own.
 
     Returns:
         A LinOp on ``[k, P]`` rows (or a ``[P]`` vector).
 
     Raises:
-        TypeError: ``batch_op`` not callable; ``data`` not a Batch; wrong kind of setting.
-        ValueError: ``damping < 0``, ``scale <= 0``, ints ``< 1``, ``batch_size > n``; at call
-            time, a recursion that diverges (says to raise ``scale``).
+        TypeError: ``op`` not a curvature (or, with ``data``, not callable); ``data`` not a
+            Batch; wrong kind of setting.
+        ValueError: ``damping < 0``, ``scale <= 0``, ints ``< 1``, ``batch_size > n``,
+            ``batch_size``/``seed`` given with a curvature value; at call time, a recursion that
+            diverges (says to raise ``scale``).
 
     Note:
         Convergence: with full batches the error shrinks like ``max_i |1 - mu_i/scale|^depth``
@@ -76,51 +73,59 @@ def ihvp_lissa(batch_op: Callable[[Batch], LinOp], data: Batch, *, damping: floa
         black-box predictions via influence functions, arXiv 1703.04730.
 
     Example:
+        >>> from dattri_fn.operators.stochastic import sampled
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> v = torch.tensor([1.0, -1.0], dtype=torch.float64)
-        >>> x = ihvp_lissa(lambda b: A, torch.zeros(4), damping=0.5, scale=5.0, depth=300)(v)
+        >>> x = ihvp_lissa(A, damping=0.5, scale=5.0, depth=300)(v)
         >>> torch.allclose(x, torch.linalg.solve(A + 0.5 * torch.eye(2, dtype=A.dtype), v))
+        True
+        >>> same = ihvp_lissa(sampled(lambda b: A, torch.zeros(4)), damping=0.5, scale=5.0,
+        ...                   depth=300)(v)
+        >>> torch.equal(x, same)
         True
     """
     func = "ihvp_lissa"
-    if not callable(batch_op):
-        raise TypeError(f"{func}(batch_op=...): expected a callable batch -> LinOp, got "
-                        f"{type(batch_op).__name__}.")
-    n = _batch_len(func, "data", data)
+    if data is None:
+        for arg, value in (("batch_size", batch_size), ("seed", seed)):
+            if value is not None:
+                raise ValueError(_msg(func, arg, "None with a curvature value", repr(value),
+                                      "Mini-batches and their seed belong to the curvature: "
+                                      "operators.sampled(batch_op, data, batch_size=..., "
+                                      "seed=...)."))
+        if callable(op) and not isinstance(op, (LinOp, Tensor)):
+            raise TypeError(_msg(func, "op", "a curvature (a LinOp, a [P, P] Tensor, "
+                                 "operators.sampled(batch_op, data, ...))", "a bare callable",
+                                 "Pass the data too (ihvp_lissa(batch_op, data)) or wrap it: "
+                                 "operators.sampled(batch_op, data)."))
     damping = check_positive(func, "damping", damping, allow_zero=True)
     scale = check_positive(func, "scale", scale)
     depth = check_int(func, "depth", depth)
     repeats = check_int(func, "repeats", repeats)
-    batch_size = check_optional_int(func, "batch_size", batch_size)
-    seed = check_int(func, "seed", seed, minimum=0)
-    if batch_size is not None and batch_size > n:
-        raise ValueError(f"{func}(batch_size=...): expected batch_size <= n = {n} (the rows "
-                         f"of data), got {batch_size}. Lower batch_size or pass None.")
-    full = batch_size is None or batch_size == n
-    name = f"{func}(batch_op=...)"
-    # The full-batch operator is built once and reused; otherwise a probe fixes P/dtype/device.
-    probe = as_linop(batch_op(data if full else batch_slice(data, 0, batch_size)), name=name)
-    dim, dtype, device = probe.dim, probe.dtype, probe.device
+    if data is not None:
+        A = sampled_op(func, "op", op, data, batch_size, 0 if seed is None else seed)
+    else:
+        A = op if isinstance(op, SampledLinOp) else as_operator(func, op)
+    full = not isinstance(A, SampledLinOp) or A.full
+    dim, dtype, device = A.dim, A.dtype, A.device
     keep = 1.0 - damping / scale
 
-    def recursion(V: Tensor, vnorm: Tensor, gen: torch.Generator) -> Tensor:
+    def recursion(V: Tensor, vnorm: Tensor, draws) -> Tensor:
         H = V
         for j in range(1, depth + 1):
-            A = probe if full else as_linop(
-                batch_op(_take(data, torch.randperm(n, generator=gen)[:batch_size])), name=name)
-            H = (H * keep).add_(V).sub_(A.matmat(H), alpha=1.0 / scale)
+            step = A if full else next(draws)
+            H = (H * keep).add_(V).sub_(step.matmat(H), alpha=1.0 / scale)
             if j % _CHECK_EVERY == 0 or j == depth:
                 _check_divergence(func, H, vnorm, j, scale, damping)
         return H
 
     def solve(V: Tensor) -> Tensor:
         check_rhs(func, V, dtype, device)
-        gen = torch.Generator().manual_seed(seed)
+        draws = None if full else A.draws()
         vnorm = V.norm(dim=1)
         runs = 1 if full else repeats
-        total = recursion(V, vnorm, gen)
+        total = recursion(V, vnorm, draws)
         for _ in range(runs - 1):
-            total = total + recursion(V, vnorm, gen)
+            total = total + recursion(V, vnorm, draws)
         return total / (scale * runs)
 
     return LinOp(solve, dim, dtype, device, name=func)
