@@ -16,6 +16,13 @@ MOVED = {
                         "dattri_fn.store_build"),
         **dict.fromkeys(["self_scores", "record_self"], "dattri_fn.store_self"),
     },
+    "dattri_fn.eval.tasks": {
+        **dict.fromkeys(["NOISE_FRACTION", "CORPUS_MODULES", "VOCAB", "derive_seed", "text_corpus"],
+                        "dattri_fn.eval.tasks_data"),
+        **dict.fromkeys(["task_step", "adam_run", "_train_adam_torch", "order_seed", "sgd_run"],
+                        "dattri_fn.eval.tasks_runs"),
+        "TinyLM": "dattri_fn.eval.tiny_lm",
+    },
 }
 
 
@@ -42,3 +49,14 @@ def test_store_classes_keep_their_module():
 
     with pytest.raises(TypeError, match=r"f\(train=...\): expected examples"):
         _refuse_store("f", "train", fs)
+
+
+def test_task_callables_keep_the_cache_key_module():
+    """The callables retrain.cache_key hashes by module-qualified name stay in dattri_fn.eval.tasks."""
+    from dattri_fn.eval.tasks import SGD_HPARAMS, TASKS, get_task
+
+    for task in [get_task(name, n_train=20, n_test=5) for name in TASKS] + [
+            get_task("digits-mlp", n_train=20, n_test=5, hparams=SGD_HPARAMS)]:
+        fns = [task.make_model.func, task.train.func, task.target, task.loss_fn,
+               task.train.keywords["loss_fn"]]
+        assert {f.__module__ for f in fns} == {"dattri_fn.eval.tasks"}, task.name

@@ -37,28 +37,37 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._checks import _msg, check_int, check_optional_int
-from ..transforms.layers import cross_entropy_rows, per_example_losses
+from ..transforms.layers import cross_entropy_rows
+from .tasks_data import (
+    CORPUS_MODULES,
+    VOCAB,
+    _digits,
+    _flip_labels,
+    _split,
+    derive_seed,
+    text_corpus,
+)
+from .tasks_data import NOISE_FRACTION as NOISE_FRACTION
+from .tasks_data import _generator as _generator
+from .tasks_runs import _objective, adam_run, sgd_run, task_step
+from .tasks_runs import _train_adam_torch as _train_adam_torch
+from .tasks_runs import order_seed as order_seed
+from .tiny_lm import TinyLM
+
+# Data, the functional runs and TinyLM live in tasks_data / tasks_runs / tiny_lm (re-exported
+# here). The model factories, trainers, losses and targets stay in this module: the retraining
+# cache key (dattri_fn.eval.retrain.cache_key) hashes their module-qualified names.
 
 TASKS = ("digits-lr", "digits-mlp", "digits-cnn", "text-lm")
-NOISE_FRACTION = 0.1
-
-# Fixed so the corpus (and its SHA-256) only changes with the Python version's docstrings.
-CORPUS_MODULES = ("collections", "contextlib", "copy", "dataclasses", "difflib", "functools",
-                  "heapq", "json", "statistics", "string", "textwrap")
-# Printable ASCII plus newline: a vocabulary that does not depend on the corpus.
-VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,51 +122,7 @@ class Task:
         return dataclasses.replace(self, **moved)
 
 
-def derive_seed(*parts) -> int:
-    """Return a 63-bit seed mixed from ``parts`` by SHA-256 (stable across runs/platforms)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
 # ----------------------------------------------------------------------------------- models
-class TinyLM(nn.Module):
-    """A pre-LN one-block causal transformer.  # tokens [..., T] -> logits [..., T, V]"""
-
-    def __init__(self, vocab: int, context: int, dim: int, heads: int, hidden: int):
-        super().__init__()
-        self.heads = heads
-        self.scale = math.sqrt(dim // heads)
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(0.02 * torch.randn(context, dim))
-        self.ln1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)
-        self.register_buffer("causal", torch.ones(context, context).tril().bool(),
-                             persistent=False)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        T = idx.shape[-1]
-        h = self.tok(idx) + self.pos[:T]
-        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
-        # [..., T, dim] -> [..., heads, T, dim/heads]; written out (not SDPA) so vmap works.
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(-2, -3) for t in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / self.scale
-        mask = self.causal.narrow(0, 0, T).narrow(1, 0, T)
-        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        h = h + self.proj((att @ v).transpose(-2, -3).flatten(-2))
-        h = h + self.fc2(torch.relu(self.fc1(self.ln2(h))))
-        return self.head(self.ln_f(h))
-
-
 def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
     # fork_rng keeps the caller's global RNG untouched while the default inits draw from it.
     with torch.random.fork_rng(devices=[]):
@@ -222,12 +187,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return (model(x).argmax(-1) == y).to(torch.float32).mean()
 
 
-# ------------------------------------------------------------------------------- training
-def _objective(model: nn.Module, loss_fn, x: Tensor, y: Tensor, weight_decay: float) -> Tensor:
-    reg = sum((p * p).sum() for p in model.parameters())
-    return loss_fn(model(x), y) + 0.5 * weight_decay * reg
-
-
 def _train_lbfgs(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
                  epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
                  default_epochs: int) -> nn.Module:
@@ -245,60 +204,6 @@ def _train_lbfgs(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
 
     opt.step(closure)
     return model.eval()
-
-
-def task_step(fm, optimizer, weight_decay: float) -> Callable[..., tuple[dict, Any]]:
-    """Return the bundled tasks' pure training step ``(params, opt_state, batch, weights) ->
-    (params, opt_state)`` on ``J = (1/B) sum_i w_i l_i(theta) + 0.5 wd sum_p |theta_p|^2``.
-
-    The gradient is written so that at ``w = 1`` it is the one ``.backward()`` of
-    :func:`_objective` leaves in the model's ``.grad``, bit for bit:
-
-        g = grad_theta [loss_fn(f_theta(x), y) + (1/B) sum_i (w_i - 1) l_i]   (then)
-        g <- (g + c theta) + c theta,   c = 0.5 wd   (as float32 products)
-
-    ``loss_fn`` is the task's batch mean (its own reduction order), ``l_i`` the per-example losses;
-    the second term is exactly 0 at ``w = 1`` with an exactly-0 gradient, and still gives
-    ``dJ/dw_i = l_i / B``. ``d(theta * theta)`` reaches ``theta`` as two products ``c theta``
-    that autograd adds one at a time after the data term; ``functional_call`` (whose
-    parameters are not the module's leaves) would add them to each other first, a different
-    rounding, so the decay gradient is added here by hand. Differentiable in ``params``, the
-    optimizer state and ``weights`` (MAGIC).
-
-    Args:
-        fm: the task model's FunctionalModel (``functional_model(model, task.loss_fn)``) with
-            every parameter selected (the decay runs over all of them).
-        optimizer: from :mod:`dattri_fn.training` (:func:`adam_run` for the ``"adam"`` trainer).
-        weight_decay: ``wd``.
-    """
-    from torch.func import grad
-
-    loss_fn, half = fm.loss_fn, 0.5 * weight_decay
-
-    def data_objective(params: dict, batch: tuple, weights: Tensor) -> Tensor:
-        *inputs, target = batch
-        out = functional_call(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True)
-        losses = per_example_losses(loss_fn, out, target)  # [B]
-        return loss_fn(out, target) + ((weights.to(losses.dtype) - 1) * losses).sum() / losses.shape[0]
-
-    data_grad = grad(data_objective)
-
-    def step(params: dict, opt_state, batch: tuple, weights: Tensor):
-        g = data_grad(params, batch, weights)
-        g = {k: (g[k] + p * half) + p * half for k, p in params.items()}
-        return optimizer.update(g, opt_state, params)
-
-    return step
-
-
-def adam_run(n: int, *, epochs: int, lr: float):
-    """Return ``(Optimizer, order)`` of the ``"adam"`` trainer on ``n`` examples: full batch,
-    ``torch.optim.Adam`` defaults (no decay of its own: :func:`task_step` adds it) and
-    ``CosineAnnealingLR(T_max=epochs)``'s learning rates (``cosine_schedule(recursive=True)``)."""
-    from ..training import adam, batch_order, cosine_schedule
-
-    order = batch_order(n, epochs=epochs)
-    return adam(cosine_schedule(lr, epochs, recursive=True)), order
 
 
 def _train_adam(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
@@ -323,29 +228,6 @@ def _train_adam(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
         for name, p in model.named_parameters():
             p.copy_(run.params[name])
     return model.eval()
-
-
-def _train_adam_torch(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
-                      epochs: int | None = None, loss_fn, weight_decay: float, lr: float,
-                      default_epochs: int) -> nn.Module:
-    """The former ``"adam"`` trainer: ``torch.optim.Adam`` + ``CosineAnnealingLR``, kept as the
-    reference :func:`_train_adam` is tested equal to."""
-    del seed
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs or default_epochs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    for _ in range(steps):
-        opt.zero_grad()
-        _objective(model, loss_fn, x, y, weight_decay).backward()
-        opt.step()
-        sched.step()
-    return model.eval()
-
-
-def order_seed(seed: int) -> int:
-    """The data-order seed of the ``"sgd"`` trainer for init seed ``seed`` (MAGIC replays it)."""
-    return derive_seed("order", seed)
 
 
 def _train_sgd(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
@@ -374,74 +256,11 @@ def _train_sgd(model: nn.Module, x: Tensor, y: Tensor, *, seed: int = 0,
     return model.eval()
 
 
-def sgd_run(n: int, *, seed: int, epochs: int, lr: float, weight_decay: float,
-            batch_size: int, momentum: float):
-    """Return ``(Optimizer, order)`` of the ``"sgd"`` trainer on ``n`` examples."""
-    from ..training import batch_order, cosine_schedule, sgd
-
-    order = batch_order(n, batch_size=batch_size, epochs=epochs, seed=order_seed(seed))
-    optimizer = sgd(cosine_schedule(lr, len(order)), momentum=momentum,
-                    weight_decay=weight_decay)
-    return optimizer, order
-
-
 _TRAINERS = {"lbfgs": _train_lbfgs, "adam": _train_adam, "sgd": _train_sgd}
 # Keys only the "sgd" trainer reads: accepted as hparams overrides, absent from the defaults
 # (so the other trainers' hparams, and the retraining cache keys built from them, are unchanged).
 _SGD_KEYS = {"batch_size": 64, "momentum": 0.9}
 SGD_HPARAMS = dict(optimizer="sgd", lr=0.05, epochs=40, batch_size=64, momentum=0.9)
-
-
-# ----------------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=1)
-def _digits() -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits  # ships its data: no download
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target, dtype=torch.int64)
-
-
-def text_corpus() -> str:
-    """Return the ``text-lm`` corpus: docstrings of :data:`CORPUS_MODULES`, mapped to ``VOCAB``.
-
-    Per module: its docstring, then those of its public classes and functions defined in it,
-    sorted by name, joined by blank lines; characters outside printable ASCII become ``"?"``
-    (tabs become spaces). Its SHA-256 is recorded as ``Task.meta["corpus_sha256"]``.
-    """
-    docs = []
-    for name in CORPUS_MODULES:
-        mod = importlib.import_module(name)
-        docs.append(mod.__doc__ or "")
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if (not attr.startswith("_") and getattr(obj, "__module__", None) == name
-                    and (inspect.isclass(obj) or inspect.isfunction(obj))
-                    and isinstance(obj.__doc__, str)):
-                docs.append(inspect.cleandoc(obj.__doc__))
-    text = "\n\n".join(d.strip() for d in docs if d.strip()).replace("\t", " ")
-    allowed = set(VOCAB)
-    return "".join(c if c in allowed else "?" for c in text)
-
-
-def _split(n_total: int, n_train: int, n_test: int, seed: int, func: str):
-    if n_train + n_test > n_total:
-        raise ValueError(_msg(func, "n_train", f"n_train + n_test <= {n_total}",
-                              f"{n_train} + {n_test}"))
-    perm = torch.randperm(n_total, generator=_generator("split", seed))
-    return perm[:n_train], perm[n_train:n_train + n_test]
-
-
-def _flip_labels(y: Tensor, classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    n = y.shape[0]
-    g = _generator("noisy", seed)
-    idx = torch.randperm(n, generator=g)[: round(NOISE_FRACTION * n)]
-    # Adding 1..C-1 mod C guarantees the new label differs from the old one.
-    shift = torch.randint(1, classes, (idx.numel(),), generator=g)
-    y = y.clone()
-    y[idx] = (y[idx] + shift) % classes
-    flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[idx] = True
-    return y, flipped
 
 
 _DEFAULT_SIZES = {"digits-lr": (1000, 200), "digits-mlp": (1000, 200),
