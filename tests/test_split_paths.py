@@ -23,6 +23,11 @@ MOVED = {
                         "dattri_fn.eval.tasks_runs"),
         "TinyLM": "dattri_fn.eval.tiny_lm",
     },
+    "dattri_fn.attribute.representer": {
+        "fit_head": "dattri_fn.attribute.representer_fit",
+        "_soft_targets": "dattri_fn.attribute.representer_fit",
+        "_lbfgs": "dattri_fn.solve.lbfgs",
+    },
 }
 
 
