@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dattri_fn._types import LinOp
+from dattri_fn.operators.datainf import empirical_fisher
+from dattri_fn.operators.stochastic import sampled
 from dattri_fn.solve import SOLVERS, cg_solve, ihvp_arnoldi, ihvp_cg, ihvp_explicit, ihvp_lissa
 from dattri_fn.testing import check_inverse, check_linop, spd_matrix
 from dattri_fn.testing import registry as kit_registry
@@ -48,8 +50,8 @@ def _stochastic_lissa(op, *, damping=0.0, seed=0):
     E = E + E.transpose(1, 2)
     Hs = A + (E - E.mean(0))
     scale = 1.2 * (float(torch.linalg.eigvalsh(Hs).max()) + damping)
-    return ihvp_lissa(lambda idx: Hs[idx].mean(0), torch.arange(4), damping=damping,
-                      scale=scale, depth=40, batch_size=2, repeats=2, seed=seed)
+    return ihvp_lissa(sampled(lambda idx: Hs[idx].mean(0), torch.arange(4), batch_size=2,
+                              seed=seed), damping=damping, scale=scale, depth=40, repeats=2)
 
 
 def test_seed_changes_stochastic_solvers(device):
@@ -221,3 +223,17 @@ def test_dense_requests_that_cannot_fit_are_refused_before_allocating(monkeypatc
         ihvp_explicit(big, damping=1.0)
     small = LinOp(lambda V: 2 * V, 3, torch.float64, "cpu", name="small")
     torch.testing.assert_close(small.dense(), 2 * torch.eye(3, dtype=torch.float64))
+
+
+@given(seed=seeds(), n=st.integers(1, 6), dim=st.integers(1, 6), batch_size=st.integers(1, 6))
+@settings(max_examples=8)
+def test_curvature_values_keep_the_linop_contract(device, seed, n, dim, batch_size):
+    """check_linop on sampled(f, data) (reference mean_i H_i) and empirical_fisher(G)
+    (reference G^T G / n): shapes, dtype, rows, linearity, symmetry, determinism, dense."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, dim, generator=g, dtype=torch.float64).to(device)
+    Hs = X[:, :, None] * X[:, None, :]
+    op = sampled(lambda idx: Hs[idx].mean(0), torch.arange(n), batch_size=min(batch_size, n),
+                 seed=seed)
+    check_linop(op, reference=Hs.mean(0), name="sampled")
+    check_linop(empirical_fisher(X), reference=X.T @ X / n, name="empirical_fisher")
