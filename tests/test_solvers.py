@@ -153,10 +153,20 @@ def test_values_that_need_the_model_say_so():
 @pytest.mark.parametrize("kind", ["kfac", "ekfac"])
 def test_kfac_factors_are_a_curvature_value(kind):
     """Factors F as the first argument: as_linop(F) = kfac_operator(F); ihvp_explicit(F) and
-    solvers.<kind>()(F) = ihvp_<kind>(F) bit for bit; ihvp_cg(F) = the same inverse (1e-10)."""
+    solvers.<kind>()(F) = ihvp_<kind>(F) bit for bit; ihvp_cg(F) = the same inverse (1e-10);
+    ihvp_lissa(F) = ihvp_lissa(kfac_operator(F)); DataInf refuses factors by name."""
     from dattri_fn._types import as_linop
     from dattri_fn.operators import kfac_operator
-    from dattri_fn.solve import ekfac_factors, ihvp_cg, ihvp_ekfac, ihvp_explicit, ihvp_kfac, kfac_factors
+    from dattri_fn.solve import (
+        ekfac_factors,
+        ihvp_cg,
+        ihvp_datainf,
+        ihvp_ekfac,
+        ihvp_explicit,
+        ihvp_kfac,
+        ihvp_lissa,
+        kfac_factors,
+    )
 
     fm, data = _fm_and_data()
     fit, inverse = (kfac_factors, ihvp_kfac) if kind == "kfac" else (ekfac_factors, ihvp_ekfac)
@@ -169,6 +179,11 @@ def test_kfac_factors_are_a_curvature_value(kind):
     assert torch.equal(getattr(solvers, kind)()(F, 0.3)(V), want)
     torch.testing.assert_close(ihvp_cg(F, damping=0.3, rtol=1e-14, max_iter=4 * P)(V), want,
                                rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+    lissa = dict(damping=0.3, scale=2.0 * float(torch.linalg.eigvalsh(kfac_operator(F).dense())
+                                                .max()) + 1.0, depth=5)
+    assert torch.equal(ihvp_lissa(F, **lissa)(V), ihvp_lissa(kfac_operator(F), **lissa)(V))
+    with pytest.raises(TypeError, match=rf"ihvp_datainf\(op=...\): expected .* got {type(F).__name__}"):
+        ihvp_datainf(F)
 
 
 def test_damping_none_is_zero_or_datainfs_rule():
