@@ -33,7 +33,8 @@ one example per row and the examples to be independent (eval mode).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["CaptureError", "LayerSpec", "bias_grad", "check", "layer_specs", "probe_shapes", "tap",
-           "weight_grad"]
+__all__ = ["CaptureError", "LayerSpec", "Probed", "bias_grad", "check", "layer_specs", "probe_shapes",
+           "tap", "weight_grad"]
 
 KINDS = ("linear", "conv1d", "conv2d", "embedding")
 
@@ -119,6 +120,27 @@ def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
     return args[i] if len(args) > i else kwargs.get(key, default)
 
 
+class Probed(NamedTuple):
+    """One forward of :func:`tap`'s ``tapped.probed``: every selected call has its own probe.
+
+    Attributes:
+        output: the model's output (unchanged: the probes are zeros).
+        acts: ``{layer: a}`` as ``tapped`` returns it.
+        probes: ``{layer: (probe per call, in call order)}``: zero-stride expansions of a 0-d
+            zero leaf (``probe._base``) to the call's output shape, added to that output.
+        fold: ``{layer: (dL/dprobe per call)} -> {layer: g}`` in ``tapped``'s ``g`` layout
+            (``[B, out]`` flat, else ``[B, T, out]`` with the calls' positions concatenated).
+    """
+
+    output: object
+    acts: dict[str, Tensor]
+    probes: dict[str, tuple[Tensor, ...]]
+    fold: Callable[[Mapping[str, Sequence[Tensor]]], dict[str, Tensor]]
+
+
+_PER_CALL = object()  # probes made by the mode itself, one per call, shaped as that call's output
+
+
 class _Record(NamedTuple):
     a: Tensor  # [B, T, in] (or [B, T] indices); T = 1 for a 2-d input
     flat: bool  # the call's input was [B, in] / [B]
@@ -143,6 +165,7 @@ class _Capture(TorchFunctionMode):
                     self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
         self.records: dict[str, list[_Record]] = {n: [] for n in specs}
         self.offsets = dict.fromkeys(specs, 0)
+        self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
 
     def _hits(self, args, kwargs) -> list[tuple[str, str]]:
         out = []
@@ -182,10 +205,16 @@ class _Capture(TorchFunctionMode):
         self.records[name].append(_Record(a, flat))
         return call[2](self, name, out, T)
 
-    def _probe(self, name: str, T: int) -> Tensor | None:
-        """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes)."""
+    def _probe(self, name: str, T: int, out: Tensor | None = None) -> Tensor | None:
+        """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes), or,
+        for probes made per call, a new zero probe of ``out``'s shape."""
         if self.probes is None:
             return None
+        if self.probes is _PER_CALL:
+            # zero-stride: no memory; its gradient is the call's dL/dout whatever the layout
+            p = out.new_zeros((), requires_grad=True).expand(out.shape)
+            self.made[name].append(p)
+            return p
         p = self.probes[name]
         if p.ndim == 0:
             return p
@@ -232,10 +261,10 @@ def _linear_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _add_positions(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T)
+    p = mode._probe(name, T, out)
     if p is None:
         return out
-    return out + (p if p.ndim == 0 else p.reshape(out.shape))
+    return out + (p if p.ndim == 0 or mode.probes is _PER_CALL else p.reshape(out.shape))
 
 
 def _addmm_inspect(mode: _Capture, name, args, kwargs):
@@ -285,9 +314,11 @@ def _conv2d_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _conv2d_probe(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T)
+    p = mode._probe(name, T, out)
     if p is None:
         return out
+    if mode.probes is _PER_CALL:
+        return out + p
     return out + (p if p.ndim == 0 else p.transpose(1, 2).reshape(out.shape))
 
 
@@ -351,9 +382,15 @@ def tap(module: nn.Module, layers: Iterable[str]):
     missing: ``functional_call`` ties them). Raises :class:`CaptureError` if a layer is used in
     a way the engine cannot factor (:func:`check` lists them without raising).
 
+    ``tapped.probed(state, *args, **kwargs) -> Probed`` runs the same forward with one probe
+    made per call, shaped as that call's output: plain autograd w.r.t. them gives ``g`` with no
+    probe shapes known beforehand (no extra forward); ``Probed.fold`` lays the per-call
+    gradients out as ``g``. ``torch.func`` transforms need probes as inputs: use ``tapped``
+    with :func:`probe_shapes` there.
+
     Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
-    ``state_keys`` (the names ``functional_call`` accepts), ``shapes`` (a cache for
-    :func:`dattri_fn.transforms.layers.output_shapes`).
+    ``state_keys`` (the names ``functional_call`` accepts), ``check`` and ``probed``. It holds
+    no state: every call is independent of the ones before.
     """
     specs_all = layer_specs(module)
     names = list(layers)
@@ -403,6 +440,16 @@ def tap(module: nn.Module, layers: Iterable[str]):
             raise CaptureError(problems)
         return out, acts
 
+    def probed(state: Mapping[str, Tensor], *args, **kwargs) -> Probed:
+        out, mode = run(state, _PER_CALL, args, kwargs)
+        acts, problems = _acts(mode)
+        if problems:
+            raise CaptureError(problems)
+        # the fold keeps only layouts, not the mode's records (their inputs can be freed early)
+        flat = {n: len(r) == 1 and r[0].flat for n, r in mode.records.items()}
+        return Probed(out, acts, {n: tuple(mode.made[n]) for n in names},
+                      partial(_fold, specs, mode.batch, flat))
+
     def check_fn(state, *args, **kwargs) -> dict[str, str]:
         with torch.no_grad():
             _, mode = run(state, None, args, kwargs)
@@ -412,9 +459,25 @@ def tap(module: nn.Module, layers: Iterable[str]):
     tapped.specs = specs
     tapped.module = module
     tapped.state_keys = state_keys
-    tapped.shapes = {}
     tapped.check = check_fn
+    tapped.probed = probed
     return tapped
+
+
+def _fold(specs: Mapping[str, LayerSpec], B: int, flat: Mapping[str, bool],
+          grads: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+    """``{layer: g}`` from each call's ``dL/dout`` (see :class:`Probed`).  # -> [B, (T,) out]"""
+    out = {}
+    for n, parts in grads.items():
+        if flat[n]:
+            out[n] = parts[0]
+            continue
+        d = specs[n].out_features
+        # conv2d outputs are [B, C_out, H, W]: positions last, channels first
+        parts = [p.reshape(B, d, -1).transpose(1, 2) if specs[n].kind == "conv2d"
+                 else p.reshape(B, -1, d) for p in parts]
+        out[n] = torch.cat(parts, 1) if len(parts) > 1 else parts[0].contiguous()
+    return out
 
 
 def check(tapped, state: Mapping[str, Tensor], *args, **kwargs) -> dict[str, str]:

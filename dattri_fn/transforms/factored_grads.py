@@ -227,11 +227,28 @@ class LayerGrads(NamedTuple):
 
     @staticmethod
     def cat(blocks: Sequence[LayerGrads]) -> LayerGrads:
-        """Concatenate blocks of rows (examples).  # -> [C, sum B, ...]"""
+        """Concatenate blocks of rows (examples).  # -> [C, sum B, ...]
+
+        Blocks of different layouts (a batch of one computed densely next to factored ones)
+        meet in dense form, in params order.
+        """
         first = blocks[0]
+        if not all(first._same_layout(b) for b in blocks[1:]):
+            return LayerGrads({}, torch.cat([b.to_dense() for b in blocks], 1),
+                              _dense_layout(first))
         factors = {n: (_cat_padded([b.factors[n][0] for b in blocks]),
                        _cat_padded([b.factors[n][1] for b in blocks])) for n in first.factors}
         return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), first.layout)
+
+
+def _dense_layout(lg: LayerGrads) -> tuple:
+    """The layout of ``lg.to_dense()`` as a dense block: every key a column range, in order."""
+    out, start = [], 0
+    for key, source in lg.layout:
+        size = lg._size(source)
+        out.append((key, ("d", start, start + size)))
+        start += size
+    return tuple(out)
 
 
 def _cat_padded(parts: list[Tensor]) -> Tensor:

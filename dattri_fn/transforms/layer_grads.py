@@ -15,16 +15,23 @@ trace, no hooks), for ``nn.Linear``, HF ``Conv1D`` (transposed weight), ``nn.Con
 same pass); every other attributed parameter keeps dense ``vmap(grad)`` gradients (a loop of
 one backward pass per example where vmap cannot run the model).
 
+Plans are values, built once and applied many times: :func:`layer_plan` selects the layers,
+:func:`check_plan` checks them on an example batch and returns a NEW, checked plan that records
+every decision below; :func:`layer_grads_stacked` and :func:`per_sample_layer_grads` only read a
+plan. One checked plan gives the same gradients for any batch, in any order, on any call.
+
 Assumption of the batched path: the module treats the examples of a batch independently
 (``module(X)[i] == module(X[i:i+1])[0]``), as every model in eval mode does. Layers with
 several positions whose factored product would cost more than the dense one
-(``T^2 (in + out) >= in * out``, T of the first batch) are materialised per example.
+(``T^2 (in + out) >= in * out``, T of the example batch) are materialised per example.
 
-Safety: a layer whose tensors the first batch shows used in a way the engine cannot factor (a
-tied weight read by another op, a non-batch-first input, a grouped convolution...) is computed
-densely after one warning naming it. A plan then compares a few examples' gradients with
-per-example autodiff; if they differ (a layer applied to a ``[T, B, d]`` tensor with ``T = B``,
-examples mixed inside the batch, ...) it warns and computes every later gradient densely.
+Safety (the check): a layer whose tensors the example batch shows used in a way the engine
+cannot factor (a tied weight read by another op, a non-batch-first input, a grouped
+convolution...) is computed densely after one warning naming it. The check then compares a few
+examples' gradients with per-example autodiff; if they differ (a layer applied to a ``[T, B, d]``
+tensor with ``T = B``, examples mixed inside the batch, ...) it warns and the checked plan
+computes every gradient densely. A later batch that takes a path the example did not is
+computed densely, that batch alone, after a warning.
 """
 
 from __future__ import annotations
@@ -37,34 +44,60 @@ from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
-from .._checks import batch_size, batch_slice, batch_to
+from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel, default_unpack
 from ..tree import ravel_batched
 from . import capture
 from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
 from .grad import per_sample_grad_unchecked
-from .layers import batched_io, output_shapes, tree_unsqueeze
+from .layers import batched_io, input_signature, output_shapes, tree_unsqueeze
 
 
 class LayerPlan(NamedTuple):
-    """What :func:`layer_plan` decided for a model: which layers are captured (factored)."""
+    """A capture plan: the captured (factored) layers of a model and what its check decided.
+
+    Built unchecked by :func:`layer_plan`; :func:`check_plan` returns a checked copy. Nothing
+    writes to a plan once built: the functions that apply it only read it, so one plan can be
+    shared by any number of calls (and threads) with the same results.
+
+    Attributes:
+        model: the :class:`~dattri_fn.model.FunctionalModel`.
+        tapped: the capture engine's pure ``tapped`` function for ``layers``.
+        layers: ``{layer: (weight key or None, bias key or None)}`` of the captured layers.
+        rest: the attributed keys outside them (dense ``vmap(grad)`` gradients).
+        checked: whether the fields below were decided on an example batch.
+        dense: every gradient is computed densely (the factors failed the check, or no
+            layer is left to capture).
+        loop: vmap cannot run the model: dense parameters (and several checkpoints) come
+            from a loop of one backward pass per example (per checkpoint).
+        layout: ``((layer, "flat" | "seq" | "dense"), ...)``: how each captured layer's
+            factors are kept, decided by the example batch's positions ``T`` and kept for
+            every batch, so blocks of any length line up.
+        shapes: ``((input signature, {layer: probe shape}), ...)``: the example batch's probe
+            shapes, for the paths that run under ``torch.func`` transforms (several
+            checkpoints, dense parameters next to captured layers); a batch of another
+            signature costs one no-grad forward there.
+    """
 
     model: FunctionalModel
     tapped: Any
-    layers: dict[str, tuple[str | None, str | None]]  # layer -> (weight key, bias key)
+    layers: dict[str, tuple[str | None, str | None]]
     rest: tuple[str, ...]
-    status: dict  # "checked"/"dense" flags, per-layer layouts and the narrowed "plan"
+    checked: bool = False
+    dense: bool = False
+    loop: bool = False
+    layout: tuple[tuple[str, str], ...] = ()
+    shapes: tuple[tuple[tuple, dict[str, tuple[int, ...]]], ...] = ()
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
-    """Return the capture plan of ``model``'s attributed layers, or None if there is none.
+    """Return the unchecked capture plan of ``model``'s attributed layers (None: there is none).
 
     Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
     attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
-    forward works); every other attributed parameter stays dense. A layer the first batch shows
-    cannot be captured (a tied weight read by another op, a grouped convolution, ...) is computed
-    densely from then on, after one warning naming it and why.
+    forward works); every other attributed parameter stays dense. :func:`check_plan` checks it
+    on an example batch (module Note); applying an unchecked plan checks it on every call.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -85,7 +118,101 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
               for n, s in tapped.specs.items()}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest, {"checked": False, "dense": False, "layout": {}})
+    return LayerPlan(model, tapped, layers, rest)
+
+
+def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
+    """Return ``plan`` checked on the example ``batch``: a new plan with every decision made.
+
+    The check (module Note) drops the layers ``batch`` shows cannot be captured, compares the
+    factored gradients of its first 3 examples with per-example autodiff at ``params``, and
+    fixes the layout of sequence layers and the vmap/loop fallback. Hold the returned plan:
+    :func:`layer_grads_stacked` and :func:`per_sample_layer_grads` then apply it without
+    checking again. A plan already checked is returned as it is.
+
+    Args:
+        plan: from :func:`layer_plan`.
+        params: the attributed parameters ``{key: tensor}`` (``model.params``' keys), or ``C``
+            checkpoints stacked ``{key: [C, ...]}``: with ``C >= 2`` the check also runs the
+            path that maps over checkpoints.
+        batch: an example Batch of at least 2 examples, laid out as the model's ``unpack``
+            expects (one example cannot show examples mixed within a batch).
+
+    Returns:
+        the checked :class:`LayerPlan` (``checked=True``).
+
+    Raises:
+        TypeError, ValueError: a bad plan, params or batch; a batch that per-example autodiff
+            rejects too (a wrong dtype or width) raises and leaves nothing decided.
+    """
+    func = "check_plan"
+    if not isinstance(plan, LayerPlan):
+        raise TypeError(_msg(func, "plan", "a LayerPlan from layer_plan(model)",
+                             type(plan).__name__))
+    if plan.checked:
+        return plan
+    stacked = _stacked(func, plan.model, params)
+    n = batch_size(func, "batch", batch)
+    if n < 2:
+        raise ValueError(_msg(func, "batch", "at least 2 examples (one example cannot show "
+                              "examples mixed within a batch)", f"{n}"))
+    return _check(plan, stacked, batch_to(batch, next(iter(stacked.values())).device))
+
+
+def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
+    """``{key: [C, ...]}`` from params or stacked checkpoints, keys and shapes checked."""
+    from .._checks import check_params
+
+    params = check_params(func, "params", params)
+    if list(params) != list(model.params):
+        raise ValueError(_msg(func, "params", f"the keys {list(model.params)}", f"{list(params)}"))
+    if all(v.shape == model.params[k].shape for k, v in params.items()):
+        return {k: v.detach()[None] for k, v in params.items()}
+    C = {v.shape[0] if v.ndim else None for v in params.values()}
+    if len(C) == 1 and all(v.shape[1:] == model.params[k].shape for k, v in params.items()):
+        return {k: v.detach() for k, v in params.items()}
+    got = {k: list(v.shape) for k, v in params.items()}
+    raise ValueError(_msg(func, "params", "model.params' shapes, or [C, *shape] for C stacked "
+                          "checkpoints", f"{got}"))
+
+
+def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan:
+    """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device)."""
+    C = next(iter(stacked.values())).shape[0]
+    first = {k: v[:1] for k, v in stacked.items()}
+    head = batch_slice(batch, 0, min(batch_size("layer_grads", "batch", batch), 3))
+    # A loop of torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
+    # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
+    # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
+    # must not make a good model dense.
+    ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()}, head))
+    why, active, loop, layout = None, None, False, ()
+    try:
+        active = _narrowed(plan, head, first)
+        if active is not None:
+            lg, loop, layout = _factored(active, stacked if C > 1 else first, head)
+            got = lg.to_dense()[0]
+            err = float((got - ref).abs().max())
+            scale = float(ref.abs().max())
+            if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
+                why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
+    except Exception as e:  # whatever the model's forward raises with probes
+        why = f"{type(e).__name__}: {e}"
+    base = plan if active is None else active
+    dense = active is None or why is not None
+    if why is not None:
+        _warn_dense(plan, f"they do not match vmap(grad) on its first examples ({why})")
+    shapes = ()
+    if dense:
+        layout = ()
+        loop = _dense(base, stacked if C > 1 else first, head)[1]
+    elif not loop and (base.rest or C > 1):  # paths under vmap need probe shapes
+        args, kwargs, _ = _unpack(plan.model)(batch)
+        state = {**plan.model.fixed, **{k: v[0] for k, v in first.items()}}
+        like = next(iter(first.values()))
+        shapes = ((input_signature(args, kwargs),
+                   output_shapes(base.tapped, state, args, kwargs, like)),)
+    return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=shapes)
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
@@ -99,7 +226,7 @@ def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | Non
     why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
     warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
                   f"densely (vmap(grad)) instead of from captured factors: {why}.",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=5)
     return _plan_of(plan.model, [n for n in plan.layers if n not in problems])
 
 
@@ -108,7 +235,8 @@ def _unpack(model: FunctionalModel):
 
 
 def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
-    """``({layer: (a, g)}, {})`` from one batched forward/backward (no dense parameters)."""
+    """``({layer: (a, g)}, {})`` from one batched forward/backward (no dense parameters);
+    ``shapes=None`` outside transforms: probes shaped per call, no extra forward."""
     state = {**plan.model.fixed, **params}
     io = batched_io(plan.tapped, plan.model.loss_fn, state, args, kwargs, target, shapes,
                     next(iter(params.values())))
@@ -139,15 +267,6 @@ def _loop_grads(loss, params: Params, batch: Batch) -> Params:
 def _vmap_failed(err: Exception) -> bool:
     """True for vmap's refusal of data-dependent control flow (``.item()``, ``if tensor``)."""
     return isinstance(err, RuntimeError) and "vmap" in str(err)
-
-
-def _looping(plan: LayerPlan, err: Exception) -> None:
-    """Switch ``plan`` to per-example loops for its dense parameters, with one warning."""
-    plan.status["loop"] = True
-    warnings.warn(f"layer_grads: vmap cannot run {type(plan.model.module).__name__} ({err}"[:300]
-                  + "...); its parameters outside the captured layers get per-example gradients "
-                  "from a loop of one backward pass per example (the captured layers keep one "
-                  "batched pass).", RuntimeWarning, stacklevel=4)
 
 
 def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, shapes):
@@ -183,8 +302,10 @@ def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):
     return vmap(one)(batch)
 
 
-def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) -> LayerGrads:
-    """Append bias columns, fold extra dims into T, materialise costly sequence layers."""
+def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
+              lead: int) -> tuple[LayerGrads, tuple[tuple[str, str], ...]]:
+    """Append bias columns, fold extra dims into T, materialise costly sequence layers; return
+    the gradients and the per-layer layout used (``plan.layout``'s, or decided here)."""
     factors, dense, layout_of = {}, [], {}
     offset = 0
     if rest_grads:
@@ -193,7 +314,7 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
             layout_of[k] = ("d", offset, offset + v.shape[-1])
             dense.append(v)
             offset += v.shape[-1]
-    kinds = plan.status["layout"]
+    kinds, used = dict(plan.layout), []
     for n, (wk, bk) in plan.layers.items():
         a, g = raw[n]
         spec = plan.tapped.specs[n]
@@ -203,6 +324,7 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
                 layout_of[wk] = ("d", offset, offset + v.shape[-1])
                 dense.append(v)
                 offset += v.shape[-1]
+            used.append((n, "dense"))
             continue
         seq = a.ndim > lead + 1
         shape = a.shape[:lead]
@@ -213,9 +335,10 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
             cols.append(a.new_ones((*a.shape[:-1], 1)))
         a = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
         T, i, o = a.shape[-2], a.shape[-1], g.shape[-1]
-        # Decided on the first batch and kept, so blocks of any sequence length line up.
-        kind = kinds.setdefault(n, "flat" if not seq else
-                                "seq" if T * T * (i + o) < i * o else "dense")
+        # Decided on the example batch and kept, so blocks of any sequence length line up.
+        kind = kinds.get(n) or ("flat" if not seq else "seq" if T * T * (i + o) < i * o
+                                else "dense")
+        used.append((n, kind))
         w_src = "wt" if spec.kind == "conv1d" else "w"
         if kind == "flat":
             factors[n] = (a[..., 0, :], g[..., 0, :])
@@ -244,26 +367,34 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None, lead: int) 
     some = next(iter(raw.values()))[1]
     dense_t = _concat(dense, some, lead)
     layout = tuple((k, layout_of[k]) for k in plan.model.params)
-    return LayerGrads(factors, dense_t, layout)
+    return LayerGrads(factors, dense_t, layout), tuple(used)
 
 
+def _warn_loop(plan: LayerPlan, err: Exception) -> None:
+    warnings.warn(f"layer_grads: vmap cannot run {type(plan.model.module).__name__} ({err}"[:300]
+                  + "...); its parameters outside the captured layers get per-example gradients "
+                  "from a loop of one backward pass per example (the captured layers keep one "
+                  "batched pass).", RuntimeWarning, stacklevel=5)
 
-def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
-    """The fallback: ``vmap(grad)`` gradients, all in the dense block.  # [C, B, P]"""
+
+def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool]:
+    """The fallback: ``vmap(grad)`` gradients, all in the dense block (and whether vmap
+    failed: a loop of autograd passes then).  # [C, B, P]"""
     C = next(iter(stacked.values())).shape[0]
     per = lambda p: per_sample_grad_unchecked(plan.model.loss, p, batch)
-    try:
-        if plan.status.get("loop"):
-            raise RuntimeError("vmap: known to fail for this model")
-        if C == 1:
-            G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
-        else:
-            G = ravel_batched(vmap(per)(stacked), batch_dims=2)
-    except RuntimeError as err:
-        if not _vmap_failed(err):
-            raise
-        if not plan.status.get("loop"):
-            _looping(plan, err)
+    G, loop = None, plan.loop
+    if not loop:
+        try:
+            if C == 1:
+                G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
+            else:
+                G = ravel_batched(vmap(per)(stacked), batch_dims=2)
+        except RuntimeError as err:
+            if not _vmap_failed(err):
+                raise
+            _warn_loop(plan, err)
+            loop = True
+    if G is None:
         G = torch.stack([ravel_batched(_loop_grads(plan.model.loss, {k: v[c] for k, v in
                                                                      stacked.items()}, batch))
                          for c in range(C)])
@@ -272,85 +403,67 @@ def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
         size = v[0].numel()
         layout.append((k, ("d", start, start + size)))
         start += size
-    return LayerGrads({}, G, tuple(layout))
+    return LayerGrads({}, G, tuple(layout)), loop
 
 
-def _verify(plan: LayerPlan, stacked: Params, batch: Batch) -> None:
-    """Drop the layers the first batch shows cannot be captured, then compare a few examples'
-    factored gradients with per-example autodiff; on a mismatch or an error, warn and switch
-    the plan to dense gradients for good. The plan used from then on is
-    ``plan.status["plan"]``."""
-    first = {k: v[:1] for k, v in stacked.items()}
-    n = batch_size("layer_grads", "batch", batch)
-    head = batch_slice(batch, 0, min(n, 3))
-    why, active = None, None
-    # A loop of torch.func.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9 s
-    # on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
-    # autodiff rejects too (a wrong dtype or width) raise here and leave the plan unchecked:
-    # a bad batch must not switch a good model to dense gradients for good.
-    ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()}, head))
-    try:
-        active = _narrowed(plan, head, first)
-        if active is not None:
-            got = _factored(active, first, head).to_dense()[0]
-            err = float((got - ref).abs().max())
-            scale = float(ref.abs().max())
-            if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
-                why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
-    except Exception as e:  # whatever the model's forward raises with probes
-        why = f"{type(e).__name__}: {e}"
-    plan.status["checked"] = True
-    plan.status["plan"] = active
-    if active is not None:
-        active.status["layout"].clear()
-    if active is None or why is not None:
-        plan.status["dense"] = True
-    if why is not None:
-        _warn_dense(plan, f"they do not match vmap(grad) on its first examples ({why})")
-
-
-def _warn_dense(plan: LayerPlan, why: str) -> None:
-    warnings.warn(f"layer_grads: computing the per-example gradients of "
-                  f"{type(plan.model.module).__name__} densely from now on: {why}. Layers "
-                  f"applied to non-batch-first tensors or examples mixed in a batch cause this.",
-                  RuntimeWarning, stacklevel=4)
+def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:
+    scope = "this batch's per-example gradients" if batch_only else \
+        "the per-example gradients"
+    warnings.warn(f"layer_grads: computing {scope} of {type(plan.model.module).__name__} "
+                  f"densely{'' if batch_only else ' (the checked plan)'}: {why}. Layers applied "
+                  f"to non-batch-first tensors or examples mixed in a batch cause this.",
+                  RuntimeWarning, stacklevel=5)
 
 
 def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
     """Return per-example gradients at ``C`` stacked checkpoints ``{key: [C, ...]}``, unchecked.
 
-    The plan's first call with two or more examples verifies the factored path on a few of them
-    (see the module Note); a batch of one before it is computed densely. Blocks of different
-    layouts still meet in :meth:`LayerGrads.scores` and :meth:`LayerGrads.row_dots`.
+    A checked plan (:func:`check_plan`) is only read. An unchecked one is checked on this
+    ``batch`` first, on every call (a batch of one example is computed densely instead): hold
+    ``check_plan(plan, stacked, batch)`` to pay that once. Blocks of different layouts still
+    meet in :meth:`LayerGrads.scores` and :meth:`LayerGrads.row_dots`.
     """
-    status = plan.status
-    if not status["checked"]:
+    if not plan.checked:
         if batch_size("layer_grads", "batch", batch) < 2:
-            # One example cannot reveal examples mixed within a batch: exact path, check later.
-            return _dense(plan, stacked, batch)
-        _verify(plan, stacked, batch)
-    if status["dense"]:
-        return _dense(plan, stacked, batch)
+            # One example cannot reveal examples mixed within a batch: exact path, no check.
+            return _dense(plan, stacked, batch)[0]
+        plan = _check(plan, stacked, batch)
+    if plan.dense:
+        return _dense(plan, stacked, batch)[0]
     try:
-        return _factored(status["plan"], stacked, batch)
-    except capture.CaptureError as err:  # a later batch takes a path the first did not
-        status["dense"] = True
-        _warn_dense(plan, str(err))
-        return _dense(plan, stacked, batch)
+        return _factored(plan, stacked, batch)[0]
+    except capture.CaptureError as err:  # this batch takes a path the example did not
+        _warn_dense(plan, str(err), batch_only=True)
+        return _dense(plan, stacked, batch)[0]
 
 
-def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
+def _shapes(plan: LayerPlan, state, args, kwargs, like: Tensor) -> dict[str, tuple]:
+    """The probe shapes of these inputs: the plan's, or one no-grad forward."""
+    key = input_signature(args, kwargs)
+    for sig, shapes in plan.shapes:
+        if sig == key:
+            return shapes
+    return output_shapes(plan.tapped, state, args, kwargs, like)
+
+
+def _factored(plan: LayerPlan, stacked: Params,
+              batch: Batch) -> tuple[LayerGrads, bool, tuple[tuple[str, str], ...]]:
+    """The captured path: ``(gradients, whether vmap failed, per-layer layout used)``."""
     unpack = _unpack(plan.model)
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}
     args, kwargs, target = unpack(batch)
-    shapes = output_shapes(plan.tapped, {**plan.model.fixed, **first}, args, kwargs,
-                           next(iter(first.values())))
+    shapes = None  # probes shaped per call: plain autograd needs no shapes
+    if plan.rest or (C > 1 and not plan.loop) or \
+            torch._C._functorch.maybe_current_level() is not None:
+        shapes = _shapes(plan, {**plan.model.fixed, **first}, args, kwargs,
+                         next(iter(first.values())))
     if plan.rest:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:
         fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes)
-    if not plan.status.get("loop"):
+    loop = plan.loop
+    if not loop:
         try:
             if C == 1:
                 raw, rest = fn(first)
@@ -358,45 +471,55 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
                 rest = {k: v[None] for k, v in rest.items()}
             else:
                 raw, rest = vmap(fn, out_dims=0)(stacked)
-            return _assemble(plan, raw, rest, lead=2)
+            lg, layout = _assemble(plan, raw, rest, lead=2)
+            return lg, False, layout
         except RuntimeError as err:
             if not _vmap_failed(err):
                 raise
-            _looping(plan, err)
+            _warn_loop(plan, err)
+            loop = True
     if plan.rest:
         fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes)
     parts = [fn({k: v[c] for k, v in stacked.items()}) for c in range(C)]
     raw = {n: (torch.stack([p[0][n][0] for p in parts]), torch.stack([p[0][n][1] for p in parts]))
            for n in plan.layers}
     rest = {k: torch.stack([p[1][k] for p in parts]) for k in plan.rest}
-    return _assemble(plan, raw, rest, lead=2)
+    lg, layout = _assemble(plan, raw, rest, lead=2)
+    return lg, loop, layout
 
 
-def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch) -> LayerGrads:
+def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch, *,
+                           plan: LayerPlan | None = None) -> LayerGrads:
     """Return every example's gradient with Linear layers factored.  # -> LayerGrads, C = 1
 
     ``per_sample_layer_grads(fm, p, batch).to_dense()[0]`` equals
     ``per_sample_grad(fm.loss, p, batch)``; ``.scores(other)`` gives the Grad-Dot matrix
-    without forming either ``[B, P]`` matrix. The batch is checked against ``vmap(grad)`` on
-    its first examples (see the module docstring); a batch of one example is returned dense.
+    without forming either ``[B, P]`` matrix. Without ``plan`` each call builds and checks a
+    plan on ``batch`` (module Note; a batch of one example is returned dense): pass
+    ``plan=check_plan(layer_plan(fm), p, example_batch)`` to apply a held plan instead.
 
     Args:
         model: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn``.
         params: the attributed parameters (the keys of ``model.params``).
         batch: a Batch laid out as the model's ``unpack`` expects.
+        plan: a :class:`LayerPlan` of ``model`` (checked, or checked on ``batch`` per call).
 
     Raises:
-        TypeError, ValueError: a bad model, params or batch; a model without a Linear layer
-            that can be factored (use :func:`~dattri_fn.transforms.grad.per_sample_grad`).
+        TypeError, ValueError: a bad model, params, batch or plan; a model without a Linear
+            layer that can be factored (use :func:`~dattri_fn.transforms.grad.per_sample_grad`).
     """
     from .._checks import check_params
 
     func = "per_sample_layer_grads"
-    plan = layer_plan(model)
     if plan is None:
-        raise ValueError(f"{func}(model=...): expected a model with an attributed nn.Linear, "
-                         f"Conv1D, Conv2d or Embedding layer, got none. Use per_sample_grad "
-                         f"for this model.")
+        plan = layer_plan(model)
+        if plan is None:
+            raise ValueError(f"{func}(model=...): expected a model with an attributed "
+                             f"nn.Linear, Conv1D, Conv2d or Embedding layer, got none. Use "
+                             f"per_sample_grad for this model.")
+    elif not isinstance(plan, LayerPlan) or plan.model is not model:
+        got = "a plan of another model" if isinstance(plan, LayerPlan) else type(plan).__name__
+        raise ValueError(_msg(func, "plan", "a LayerPlan of this model (layer_plan(model))", got))
     params = check_params(func, "params", params)
     if list(params) != list(model.params):
         raise ValueError(f"{func}(params=...): expected the keys {list(model.params)}, got "
@@ -407,4 +530,5 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch)
     return layer_grads_stacked(plan, stacked, batch_to(batch, device))
 
 
-__all__ = ["LayerGrads", "LayerPlan", "layer_plan", "per_sample_layer_grads"]
+__all__ = ["LayerGrads", "LayerPlan", "check_plan", "layer_grads_stacked", "layer_plan",
+           "per_sample_layer_grads"]

@@ -214,21 +214,25 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     return torch.func.vmap(one, in_dims=(dims, 0))(leaves, target)
 
 
+def input_signature(args, kwargs) -> tuple:
+    """Return what probe shapes depend on: each input leaf's shape, dtype and device (a
+    non-tensor leaf by its ``repr``). Equal signatures give equal :func:`output_shapes`."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
+                 for t in leaves)
+
+
 def output_shapes(tapped: TappedFn, state, args, kwargs, like: Tensor) -> dict[str, tuple]:
     """Return each tapped layer's output shape ``[B, ..., out]`` from one no-grad forward.
 
-    Cached on ``tapped`` per input signature (shapes, dtypes, devices of the inputs), so
-    repeated batches of one shape cost no extra forward.
+    Every call runs that forward (nothing is cached on ``tapped``): hold the result for
+    batches of one :func:`input_signature`. Outside ``torch.func`` transforms
+    :func:`batched_io` and :func:`streamed_io` need no shapes at all (pass ``None``).
     """
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t)
-                for t in leaves)
-    if key not in tapped.shapes:
-        zeros = {n: like.new_zeros(()) for n in tapped.layers}
-        with torch.no_grad():
-            _, acts = tapped(state, zeros, *args, **kwargs)
-        tapped.shapes[key] = capture.probe_shapes(tapped, acts)
-    return tapped.shapes[key]
+    zeros = {n: like.new_zeros(()) for n in tapped.layers}
+    with torch.no_grad():
+        _, acts = tapped(state, zeros, *args, **kwargs)
+    return capture.probe_shapes(tapped, acts)
 
 
 def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
@@ -238,12 +242,28 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
     ``g = d loss_i / d z_i`` w.r.t. zero probes on the layer outputs, with the per-example
     losses summed: exact when the module treats the examples of a batch independently (eval
     mode). Outside ``torch.func`` transforms plain autograd does it at about half the overhead.
+    ``shapes``: :func:`output_shapes` of these inputs, or ``None``: outside transforms each
+    call's probe then takes that call's output shape (no extra forward); inside, the shapes
+    come from one no-grad forward first.
     """
     def total(pr):
         out, acts = tapped(state, pr, *args, **kwargs)
         return per_example_losses(loss_fn, out, target).sum(), acts
 
-    if torch._C._functorch.maybe_current_level() is None:
+    plain = torch._C._functorch.maybe_current_level() is None
+    if plain and shapes is None:
+        with torch.enable_grad():
+            run = tapped.probed(state, *args, **kwargs)
+            value = per_example_losses(loss_fn, run.output, target).sum()
+            flat = [p for n in tapped.layers for p in run.probes[n]]
+            # a call whose output never reaches the loss has g = 0 (as a slice of one probe)
+            grads = iter(torch.autograd.grad(value, flat, allow_unused=True,
+                                             materialize_grads=True))
+        g = run.fold({n: [next(grads) for _ in run.probes[n]] for n in tapped.layers})
+        return {n: (run.acts[n].detach(), g[n]) for n in tapped.layers}
+    if shapes is None:
+        shapes = output_shapes(tapped, state, args, kwargs, like)
+    if plain:
         probes = {n: like.new_zeros(shapes[n], requires_grad=True) for n in tapped.layers}
         with torch.enable_grad():
             value, acts = total(probes)
@@ -266,7 +286,9 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
     under ``torch.no_grad``. With ``on_input``, ``on_input(layer, a)`` runs for every layer
     after the forward and ``step(layer, None, g)`` in the backward: the layer inputs are dropped
     before the backward starts (what K-FAC's ``A`` statistic needs). Inside a torch.func
-    transform every layer's ``(a, g)`` comes from :func:`batched_io` first.
+    transform every layer's ``(a, g)`` comes from :func:`batched_io` first. ``shapes=None``: one
+    probe per call of each layer, shaped as its output (no probe shapes needed); a layer's
+    ``step`` runs once the gradients of all its calls have arrived.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         for n, (a, g) in batched_io(tapped, loss_fn, state, args, kwargs, target, shapes,
@@ -275,6 +297,9 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
                 on_input(n, a)
                 a = None
             step(n, a, g)
+        return
+    if shapes is None:
+        _streamed_per_call(tapped, loss_fn, state, args, kwargs, target, step, on_input)
         return
     bases = {n: like.new_zeros((), requires_grad=True) for n in tapped.layers}
     probes = {n: b.expand(shapes[n]) for n, b in bases.items()}
@@ -303,34 +328,83 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
         torch.autograd.grad(value, list(bases.values()))
 
 
-def layer_chunks(tapped: TappedFn, state, batch, chunk_size):
-    """Yield ``(args, kwargs, target, shapes, like)`` for ``batch`` taken ``chunk_size`` rows at a
-    time: the unpacked chunk, its probe shapes and the tensor probes are made like."""
-    like = state[tapped.specs[tapped.layers[0]].weight]
+def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, step,
+                       on_input) -> None:
+    """:func:`streamed_io` with the probes made per call (``shapes=None``, plain autograd)."""
+    arrived: dict[str, list] = {}
+
+    def hook(name, i, calls):
+        def on_grad(g):
+            parts = arrived.setdefault(name, [None] * calls)
+            parts[i] = g.detach()
+            if all(p is not None for p in parts):
+                with torch.no_grad():  # the layer's input is dropped once its g is used
+                    step(name, acts.pop(name, None), fold({name: arrived.pop(name)})[name])
+
+        return on_grad
+
+    with torch.enable_grad():
+        run = tapped.probed(state, *args, **kwargs)
+        fold, acts, captured = run.fold, {}, run.acts
+        for n in tapped.layers:
+            for i, p in enumerate(run.probes[n]):
+                p.register_hook(hook(n, i, len(run.probes[n])))
+        bases = [p._base for n in tapped.layers for p in run.probes[n]]
+        out = run.output
+        del run
+        if on_input is None:
+            acts.update({n: a.detach() for n, a in captured.items()})
+        else:
+            with torch.no_grad():
+                for n in list(captured):
+                    on_input(n, captured.pop(n).detach())
+        del captured
+        value = per_example_losses(loss_fn, out, target).sum()
+        del out
+        torch.autograd.grad(value, bases, allow_unused=True)
+    # a call whose output never reaches the loss gets no hook call: its g is zero
+    for name, parts in list(arrived.items()):
+        with torch.no_grad():
+            ref = next(p for p in parts if p is not None)
+            step(name, acts.pop(name, None), fold({name: [
+                torch.zeros_like(ref) if p is None else p for p in parts]})[name])
+
+
+def _chunks(batch, chunk_size):
+    """Yield ``(args, kwargs, target)`` of ``batch`` taken ``chunk_size`` rows at a time."""
     n = batch_size("layer_io", "batch", batch)
     size = n if chunk_size is None else chunk_size
     for start in range(0, n, size):
-        args, kwargs, target = unpack_example(batch_slice(batch, start, start + size))
-        yield args, kwargs, target, output_shapes(tapped, state, args, kwargs, like), like
+        yield unpack_example(batch_slice(batch, start, start + size))
+
+
+def layer_chunks(tapped: TappedFn, state, batch, chunk_size):
+    """Yield ``(args, kwargs, target, shapes, like)`` for ``batch`` taken ``chunk_size`` rows at a
+    time: the unpacked chunk, its probe shapes and the tensor probes are made like. The shapes
+    come from one no-grad forward per distinct chunk signature within this call."""
+    like = state[tapped.specs[tapped.layers[0]].weight]
+    known: dict[tuple, dict] = {}  # this call's chunks only: a full chunk and the last one
+    for args, kwargs, target in _chunks(batch, chunk_size):
+        key = input_signature(args, kwargs)
+        if key not in known:
+            known[key] = output_shapes(tapped, state, args, kwargs, like)
+        yield args, kwargs, target, known[key], like
 
 
 def _stream_layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size, step,
                      on_input=None) -> None:
     """:func:`streamed_io` over ``batch``, ``chunk_size`` rows at a time (bare core)."""
-    for args, kwargs, target, shapes, like in layer_chunks(tapped, state, batch, chunk_size):
-        streamed_io(tapped, loss_fn, state, args, kwargs, target, shapes, like, step, on_input)
+    like = state[tapped.specs[tapped.layers[0]].weight]
+    for args, kwargs, target in _chunks(batch, chunk_size):
+        streamed_io(tapped, loss_fn, state, args, kwargs, target, None, like, step, on_input)
 
 
 def _layer_io(tapped: TappedFn, loss_fn, state, batch, chunk_size):
     """Bare core of :func:`layer_io` (no validation): batched, ``chunk_size`` rows at a time."""
     like = state[tapped.specs[tapped.layers[0]].weight]
-    n = batch_size("layer_io", "batch", batch)
-    step = n if chunk_size is None else chunk_size
     parts = []
-    for start in range(0, n, step):
-        args, kwargs, target = unpack_example(batch_slice(batch, start, start + step))
-        shapes = output_shapes(tapped, state, args, kwargs, like)
-        parts.append(batched_io(tapped, loss_fn, state, args, kwargs, target, shapes, like))
+    for args, kwargs, target in _chunks(batch, chunk_size):
+        parts.append(batched_io(tapped, loss_fn, state, args, kwargs, target, None, like))
     if len(parts) == 1:
         return parts[0]
     return {k: (torch.cat([p[k][0] for p in parts]), torch.cat([p[k][1] for p in parts]))
