@@ -231,3 +231,27 @@ def test_lissa_on_a_plain_curvature_is_the_full_batch_recursion(device, n, dim, 
     assert torch.equal(ihvp_lissa(as_op, damping=damping, scale=scale, depth=depth,
                                   repeats=4)(V), old)
     assert _rel(old, _solve(A, damping, V)) < FULL_BATCH_RTOL
+
+
+@settings(max_examples=15)
+@given(sizes=_SIZES, seed=seeds, c=st.sampled_from([0.5, 2.0]), shift=st.sampled_from([0.1, 1.0]))
+def test_sampled_arithmetic_keeps_the_draws(device, sizes, seed, c, shift):
+    """(c A + shift I + B)_j = c A_j + shift I + B draw by draw (same rows), its product is
+    c mean_i H_i + shift I + B; ihvp_lissa(A + d) = ihvp_lissa(A, damping=d) to 1e-10."""
+    n, batch_size, dim = sizes
+    Hs, A, scale, _ = _setup(n, dim, seed, 1.0, device)
+    B = _per_example(1, dim, seed + 2, device)[0]
+    op = sampled(lambda idx: Hs[idx].mean(0), torch.arange(n), batch_size=batch_size, seed=3)
+    eye = torch.eye(dim, dtype=DTYPE, device=device)
+    tol = 1e-12 * (float(Hs.abs().max()) + float(B.abs().max()) + 1.0)
+    for derived in (c * op + shift + B, B + (shift + op * c), (c * op - (-shift)) - (-B)):
+        assert isinstance(derived, SampledLinOp)
+        torch.testing.assert_close(derived.dense(), c * A + shift * eye + B, rtol=0, atol=tol)
+        plain, shifted = op.draws(), derived.draws()
+        for _ in range(2):
+            a, b = next(plain), next(shifted)
+            torch.testing.assert_close(b.dense(), c * a.dense() + shift * eye + B, rtol=0, atol=tol)
+    V = _randn(seed + 1, 2, dim, device=device)
+    want = ihvp_lissa(op, damping=shift, scale=scale, depth=30, repeats=2)(V)
+    got = ihvp_lissa(op + shift, scale=scale, depth=30, repeats=2)(V)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))

@@ -38,8 +38,10 @@ class SampledLinOp(LinOp):
     Attributes (besides LinOp's): ``batch_op``, ``data``, ``n`` (rows of data), ``batch_size``
     (``None``: every draw is the whole of ``data``), ``seed``. ``draws()`` yields the per-step
     operators from a fresh generator seeded with ``seed`` (every call replays the same ones).
-    Sums and multiples drop the sampling, as they drop ``inverse``: ``op + 0.1`` is the plain
-    damped mean curvature.
+    Sums and multiples keep the sampling, draw by draw: ``(A + B)_j = A_j + B`` for a
+    deterministic ``B`` (a LinOp, a ``[P, P]`` tensor, ``c I``; a second sampled operator on
+    the right enters through its mean product) and ``(c A)_j = c A_j``, so
+    damping as a value, ``ihvp_lissa(op + 0.1)``, still steps on mini-batches.
     """
 
     __slots__ = ("batch_op", "data", "n", "batch_size", "seed", "_probe", "_label")
@@ -61,6 +63,29 @@ class SampledLinOp(LinOp):
         gen = torch.Generator().manual_seed(self.seed)
         while True:
             yield self.draw(gen)
+
+    def __add__(self, other) -> SampledLinOp:
+        plain = LinOp.__add__(self, other)  # validates other; the mean product and its name
+        return self._derived(plain, lambda A: LinOp.__add__(A, other))
+
+    __radd__ = __add__  # A + B = B + A, bit for bit (IEEE addition commutes)
+
+    def __mul__(self, c) -> SampledLinOp:
+        plain = LinOp.__mul__(self, c)
+        if plain is NotImplemented:
+            return plain
+        return self._derived(plain, lambda A: LinOp.__mul__(A, c))
+
+    __rmul__ = __mul__
+
+    def _derived(self, plain: LinOp, f: Callable[[LinOp], LinOp]) -> SampledLinOp:
+        """``f(self)``: ``plain`` = ``f`` of the mean product, and ``f`` of every draw."""
+        batch_op, label = self.batch_op, self._label
+        op = SampledLinOp(plain.matmat, plain.dim, plain.dtype, plain.device, name=plain.name)
+        op.batch_op = lambda batch: f(as_linop(batch_op(batch), name=label))
+        op.data, op.n, op.batch_size, op.seed = self.data, self.n, self.batch_size, self.seed
+        op._probe, op._label = f(self._probe), label
+        return op
 
 
 def sampled(batch_op: Callable[[Batch], LinOp], data: Batch, *, batch_size: int | None = None,
