@@ -24,7 +24,9 @@ all ``--models``; ``magic@gt`` differentiates the run from the ground truth's ow
 seed (what the fixed protocol perturbs). ``--horizons auto,60`` adds one row per horizon,
 ``magic K=<h>``: ``magic(horizon=h)`` on the first model's run (``auto``, the library's default:
 per test target the step where its params cotangent is smallest); the three rows above are the
-exact metagradient (``horizon=None``); ``--magic-rows`` picks which of them run. The scan
+exact metagradient (``horizon=None``); ``--magic-rows`` picks which of them run.
+``--ens-horizons auto`` adds ``magic-ens K=<h>``: the seed ensemble of ``magic-ens`` with
+``horizon=h`` in every member (for ``auto``, each run's own ``K_j``). The scan
 measures MAGIC's (exact) prepare/score time and peak memory as the number of steps ``T`` grows,
 with ``checkpoint_every = ceil(sqrt(T))`` and ``1``.
 """
@@ -65,6 +67,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="which of magic, magic-ens, magic@gt to run ('' = none)")
     p.add_argument("--horizons", default="",
                    help="extra magic rows on the first model: horizon K steps or 'auto', comma-separated")
+    p.add_argument("--ens-horizons", default="",
+                   help="extra magic-ens rows (all --models runs): horizon K steps or 'auto'")
     p.add_argument("--scan", default="5,10,20,40", help="epochs of the time/memory scan ('' = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=".cache/dattri_fn")
@@ -76,11 +80,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.magic_rows = [r.strip() for r in args.magic_rows.split(",") if r.strip()]
     if set(args.magic_rows) - {"magic", "magic-ens", "magic@gt"}:
         p.error(f"--magic-rows: expected magic, magic-ens, magic@gt, got {args.magic_rows}")
-    try:
-        args.horizons = [h if h == "auto" else int(h) for h in
-                         (h.strip() for h in args.horizons.split(",")) if h]
-    except ValueError:
-        p.error(f"--horizons: expected ints or 'auto', got {args.horizons!r}")
+    for flag in ("horizons", "ens_horizons"):
+        raw = getattr(args, flag)
+        try:
+            setattr(args, flag, [h if h == "auto" else int(h) for h in
+                                 (h.strip() for h in raw.split(",")) if h])
+        except ValueError:
+            p.error(f"--{flag.replace('_', '-')}: expected ints or 'auto', got {raw!r}")
 
     if args.optimizer == "adam" and _HPARAMS[args.task]["optimizer"] != "adam":
         p.error(f"--optimizer adam: {args.task} is not trained by Adam (use sgd)")
@@ -226,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ("magic", [0], states[:1]), ("magic-ens", list(range(args.models)), states),
         ("magic@gt", [gt_seed], None)) if name in args.magic_rows]
     magic_rows += [(f"magic K={h}", [0], states[:1], h) for h in args.horizons]
+    magic_rows += [(f"magic-ens K={h}", list(range(args.models)), states, h)
+                   for h in args.ens_horizons]
     for name, seeds, refs, horizon in magic_rows:
         t1 = time.perf_counter()
         row = {"method": name, **measure_magic({"task": spec_task, "seeds": seeds, "states": refs,

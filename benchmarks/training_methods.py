@@ -26,7 +26,8 @@ scores the margin (its negative as the test "loss" for the loss-convention metho
 ``--optimizer sgd``: the same with plain SGD (no momentum, ``cosine_schedule(0.2, T)``, coupled
 weight decay 1e-3), recorded with per-step gradient stores projected to ``--proj-dim`` (512)
 in a temporary directory; LESS and AdamW-influence (Adam only) give way to DVEmb (recorded
-Fisher, in the projected space), and SOURCE also runs with EK-FAC segments.
+Fisher, in the projected space), and SOURCE also runs with EK-FAC segments
+(``--curvatures ekfac-pooled``: one EK-FAC pooled over each segment's checkpoints, the paper's).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32, help="the MLP's hidden width (task default 32)")
     p.add_argument("--segments", default="3", help="SOURCE rows, one per segment count L (e.g. 1,3,8)")
     p.add_argument("--curvatures", default=None,
-                   help="SOURCE's curvatures, e.g. 'gn,ekfac' (default: gn; gn,ekfac with sgd)")
+                   help="SOURCE's curvatures, e.g. 'gn,ekfac' (default: gn; gn,ekfac with sgd); "
+                        "'ekfac-pooled': EK-FAC pooled over each segment's checkpoints")
     p.add_argument("--quick", action="store_true",
                    help="n_train 120, n_test 10, 16 subsets, 4 epochs, a checkpoint every 2 steps")
     args = p.parse_args(argv)
@@ -201,7 +203,9 @@ def evaluate(args, task, fm, margin, neg_margin, data, test, order, record):
     curvatures = (args.curvatures or ("gn,ekfac" if KIND == "sgd" else "gn")).split(",")
     for L in (int(v) for v in args.segments.split(",") if v):  # "" = no SOURCE rows
         for curv in curvatures:  # EK-FAC segments take SGD records only
-            methods[f"source ({curv}, L={L})"] = (source(fm, segments=L, curvature=curv,
+            pooled = curv == "ekfac-pooled"
+            methods[f"source ({curv}, L={L})"] = (source(fm, segments=L, pooled=pooled,
+                                                         curvature="ekfac" if pooled else curv,
                                                          target=neg_margin), record)
     if KIND == "adamw":
         methods["less"] = (less(fm, target=neg_margin), record)

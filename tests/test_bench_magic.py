@@ -112,7 +112,8 @@ def test_magic_horizon_benchmark_prints_an_auto_row(tmp_path, capsys):
 def test_horizon_rows_reach_magic_and_bad_options_are_refused():
     """--horizons auto,1 parses to ['auto', 1]; magic_setup(horizon=...) (in process, digits-mlp
     SGD, 2 epochs, T = 4): horizon >= T == the exact row bit for bit, horizon=1 differs, auto is
-    finite [n_train, n_test]; --magic-rows bogus and --horizons x exit with a usage error."""
+    finite [n_train, n_test]; --magic-rows bogus, --horizons x, --ens-horizons x exit with a usage
+    error and --ens-horizons 'auto, 3' parses to ['auto', 3]."""
     args = bench.parse_args(["--n-train", "70", "--n-test", "3", "--horizons", "auto,1",
                              "--magic-rows", "magic"])
     assert args.horizons == ["auto", 1] and args.magic_rows == ["magic"]
@@ -124,6 +125,7 @@ def test_horizon_rows_reach_magic_and_bad_options_are_refused():
     assert not (out[1]["scores"] == out[None]["scores"]).all()
     auto = torch.from_numpy(out["auto"]["scores"])
     assert auto.shape == (70, 3) and torch.isfinite(auto).all()
-    for bad in (["--magic-rows", "bogus"], ["--horizons", "x"]):
+    for bad in (["--magic-rows", "bogus"], ["--horizons", "x"], ["--ens-horizons", "x"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+    assert bench.parse_args(["--ens-horizons", "auto, 3"]).ens_horizons == ["auto", 3]

@@ -11,14 +11,18 @@ from dattri_fn.training.run import take
 DT = torch.float64
 
 
-def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=3, opt=None):
+def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=3, opt=None,
+            init_seed=None, order_seed=None):
     """A float64 tanh MLP (or softmax regression when ``hidden`` is 0) and its SGD run, every
-    state kept (checkpoint_every=1) so the reference can start from any step."""
+    state kept (checkpoint_every=1) so the reference can start from any step. ``init_seed`` /
+    ``order_seed`` (default: from ``seed``) give another run on the same data."""
     g = torch.Generator().manual_seed(seed)
     d, c = 3, 2
     x = torch.randn(n, d, generator=g, dtype=DT)
     y = torch.randint(0, c, (n,), generator=g)
     test = (torch.randn(n_test, d, generator=g, dtype=DT), torch.randint(0, c, (n_test,), generator=g))
+    if init_seed is not None:
+        g = torch.Generator().manual_seed(init_seed)
     if hidden:
         params = {"W1": 1.5 * torch.randn(hidden, d, generator=g, dtype=DT),
                   "W2": 1.5 * torch.randn(c, hidden, generator=g, dtype=DT)}
@@ -33,7 +37,7 @@ def problem(seed, *, hidden, lr, momentum, weight_decay, n=10, n_test=4, epochs=
             return torch.nn.functional.cross_entropy((p["W"] @ ex[0])[None], ex[1][None])
     opt = opt or sgd(lr, momentum=momentum, weight_decay=weight_decay)
     step = make_step(loss, opt)
-    order = batch_order(n, batch_size=4, epochs=epochs, seed=seed)
+    order = batch_order(n, batch_size=4, epochs=epochs, seed=seed if order_seed is None else order_seed)
     traj = train(step, params, opt.init(params), (x, y), order, checkpoint_every=1)
     cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, test)
     return loss, opt, step, (x, y), test, order, traj, cot
@@ -163,3 +167,29 @@ def test_auto_never_hides_a_nan_cotangent_behind_zeros():
     exact = metagradient(step, traj, data, order, cot)
     assert auto.horizon.tolist() == [2, 2] and exact.weights.isnan().any()
     assert torch.equal(auto.weights.isnan(), exact.weights.isnan())
+
+
+def test_ensemble_auto_is_the_mean_of_each_runs_own_auto():
+    """magic(horizon="auto") on R = 2 runs: score = (1/R) sum_c metagradient_c(horizon=K^c_j).weights.T
+    with K^c_j = argmin_K |thetabar^{c,j}_{T-K}| from run c's own brute-force norms (1e-10); the two
+    runs choose different K for some target, so no horizon is shared across members."""
+    kw = dict(hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    runs = [problem(4, **kw), problem(4, init_seed=11, order_seed=7, **kw)]
+    loss, opt, _, data, test, _, _, _ = runs[0]
+    p0s = [run[6].checkpoints[0][0] for run in runs]
+    assert not torch.equal(p0s[0]["W1"], p0s[1]["W1"])  # two inits on the same data
+    refs, horizons = [], []
+    for _, _, step, _, _, order, traj, cot in runs:
+        ks = reference_norms(step, traj, data, order, cot).argmin(0) + 1  # [k], first minimum
+        horizons.append(ks)
+        refs.append(torch.stack([metagradient(step, traj, data, order, cot, horizon=K).weights[j]
+                                 for j, K in enumerate(ks.tolist())]))  # [k, n]
+    assert not torch.equal(horizons[0], horizons[1]), horizons
+    T = len(runs[0][5])
+    assert any(1 < K < T for ks in horizons for K in ks.tolist())
+    ens = magic(loss, opt, epochs=3, batch_size=4, seed=[4, 7], checkpoint_every=2)
+    scores = ens.score(p0s, ens.prepare(p0s, data), data, test)  # [n, k]
+    torch.testing.assert_close(scores, ((refs[0] + refs[1]) / 2).T, rtol=0, atol=1e-10)
+    # Not the exact ensemble: truncation changed some member's columns.
+    exact = magic(loss, opt, epochs=3, batch_size=4, seed=[4, 7], horizon=None)
+    assert (scores - exact.score(p0s, exact.prepare(p0s, data), data, test)).abs().max() > 1e-3

@@ -229,3 +229,88 @@ def test_power_unroll_equals_magic_for_drawn_quadratics(n, dim, T, seed, lr, wd)
     cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, test)
     exact = metagradient(step, traj, (x, y), order, cot).weights.T
     torch.testing.assert_close(scores, exact, rtol=1e-9, atol=1e-12)
+
+
+def _hand_ekfac(fm, group, data):
+    """EK-FAC of ``mlp_problem``'s two Linear layers pooled over the checkpoints of ``group``, by
+    hand (empirical Fisher): a~ = [layer input, 1], g = d loss_n / d layer output (= the bias
+    gradient), A = mean_{c,n} a~a~^T, G = mean_{c,n} g g^T, Lambda = mean_{c,n} (Q_G^T g a~^T Q_A)^2;
+    returned as the dense [P, P] matrix in the params' raveled order (W0, b0, W2, b2)."""
+    cut = [(0, 15, 20, 5, 3), (20, 35, 38, 3, 5)]  # (W start, b start, end, out, in) per layer
+    stats = []
+    for c in group:
+        grads = per_example_grads(fm.loss, c.params, data)  # [n, P]
+        h = torch.tanh(data[0] @ c.params["0.weight"].T + c.params["0.bias"])
+        ones = torch.ones(len(h), 1, dtype=DT)
+        acts = [torch.cat([data[0], ones], 1), torch.cat([h, ones], 1)]
+        stats.append([(a, grads[:, s1:e]) for a, (_, s1, e, _, _) in zip(acts, cut, strict=True)])
+    blocks = []
+    for li in range(2):
+        a = torch.cat([st_[li][0] for st_ in stats])  # [C n, in+1]
+        g = torch.cat([st_[li][1] for st_ in stats])  # [C n, out]
+        qa = torch.linalg.eigh(a.T @ a / len(a))[1]
+        qg = torch.linalg.eigh(g.T @ g / len(g))[1]
+        lam = ((g @ qg)[:, :, None] * (a @ qa)[:, None, :]).square().mean(0)  # [out, in+1]
+        blocks.append((qa, qg, lam))
+    P = 38
+    dense = torch.zeros(P, P, dtype=DT)
+    for col in range(P):
+        v = torch.zeros(P, dtype=DT)
+        v[col] = 1
+        for (qa, qg, lam), (s0, s1, e, out, inp) in zip(blocks, cut, strict=True):
+            V = torch.cat([v[s0:s1].view(out, inp), v[s1:e, None]], 1)
+            R = qg @ ((qg.T @ V @ qa) * lam) @ qa.T
+            dense[s0:s1, col], dense[s1:e, col] = R[:, :inp].reshape(-1), R[:, inp]
+    return dense
+
+
+def test_pooled_ekfac_equals_the_hand_built_pooled_ekfac():
+    """curvature='ekfac', pooled=True, empirical Fisher, 2 segments of 3 and 2 checkpoints: SOURCE ==
+    its dense formula with H_l = the EK-FAC pooled over segment l's checkpoints built by hand
+    (_hand_ekfac) + damping + wd, 1e-9; and != the middle checkpoint's EK-FAC."""
+    module, params, loss, data = mlp_problem(n=12, seed=9)
+    fm = functional_model(module, torch.nn.functional.cross_entropy)
+    opt = sgd(0.1, momentum=0.5, weight_decay=0.02)
+    order = batch_order(12, batch_size=4, epochs=3, seed=2)
+    record, _ = run_with_record(fm, fm.params, data, opt, order, "sgd", every=2, momentum=0.5,
+                                weight_decay=0.02, schedule=lambda t: 0.1)
+    test = (data[0][:3] - 0.5, data[1][:3])
+    method = source(fm, segments=2, curvature="ekfac", damping=0.05, fisher="empirical", pooled=True)
+    scores = method.score(record, method.prepare(record, data), data, test)
+    ckpts = [c for c in record.checkpoints if c.step < record.steps]
+    groups = [ckpts[:3], ckpts[3:]]  # 5 checkpoints (steps 0, 2, 4, 6, 8) in 2 segments
+    bounds = [0, groups[1][0].step, record.steps]
+    q = per_example_grads(fm.loss, record.final.params, test)
+    P = q.shape[1]
+    ref = torch.zeros(12, 3, dtype=DT)
+    for li in (1, 0):
+        H = _hand_ekfac(fm, groups[li], data) + 0.07 * torch.eye(P, dtype=DT)
+        c = float(record.lrs[bounds[li]:bounds[li + 1]].sum()) / 0.5
+        M = torch.linalg.matrix_exp(-c * H)
+        Seg = (torch.eye(P, dtype=DT) - M) @ torch.linalg.inv(H)
+        gbar = sum(per_example_grads(fm.loss, ck.params, data) for ck in groups[li]) / len(groups[li])
+        ref += gbar @ Seg.T @ q.T / 12
+        q = q @ M
+    torch.testing.assert_close(scores, ref, rtol=1e-9, atol=1e-12)
+    middle = source(fm, segments=2, curvature="ekfac", damping=0.05, fisher="empirical")
+    other = middle.score(record, middle.prepare(record, data), data, test)
+    assert (other - scores).abs().max() > 1e-3 * scores.abs().max()
+
+
+def test_pooled_ekfac_of_one_checkpoint_is_that_checkpoints_ekfac():
+    """One checkpoint per segment (true Fisher, sampled labels): pooling one checkpoint is its own
+    EK-FAC, so pooled=True == pooled=False bit for bit; pooled with curvature='gn' is refused."""
+    module, params, loss, data = mlp_problem(n=12, seed=9)
+    fm = functional_model(module, torch.nn.functional.cross_entropy)
+    opt = sgd(0.1, momentum=0.5)
+    order = batch_order(12, batch_size=4, epochs=2, seed=2)
+    record, _ = run_with_record(fm, fm.params, data, opt, order, "sgd", every=2, momentum=0.5,
+                                schedule=lambda t: 0.1)
+    test = (data[0][:3] - 0.5, data[1][:3])
+    out = []
+    for pooled in (True, False):
+        method = source(fm, segments=3, curvature="ekfac", damping=0.05, pooled=pooled)
+        out.append(method.score(record, method.prepare(record, data), data, test))
+    assert torch.equal(out[0], out[1]) and out[0].abs().max() > 0
+    with pytest.raises(ValueError, match=r"source\(pooled=...\): expected False with curvature='gn'"):
+        source(fm, pooled=True)

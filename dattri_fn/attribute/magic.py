@@ -263,7 +263,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
 
     ``params`` given to ``prepare``/``score`` are the INITIAL parameters of the run (a list of
     them: an ensemble of runs, run ``c`` with data order seed ``seed + c`` or ``seed[c]``, scores
-    averaged).
+    averaged; each run walks back its own horizon: with ``"auto"`` run ``c``'s ``K^c_j`` from its
+    own cotangents, ``tau = (1/R) sum_c tau^c``).
     ``prepare(params, train)`` trains ``epochs`` epochs of ``optimizer`` on the per-example
     ``loss`` (batches of ``batch_size``, None = full batch) and keeps every
     ``checkpoint_every``-th state (default ``ceil(sqrt(T))``); ``score`` runs the reverse pass

@@ -35,10 +35,12 @@ response to ``z`` is dropped, as is momentum beyond the ``1/(1-mu)`` rate scale)
 noise replaced by its expectation (``1/N`` per example per step). Steps before the first
 checkpoint belong to segment 0. Curvature ``"gn"``/``"hessian"`` is dense (``[P, P]`` per
 segment, one ``eigh``): models of up to a few thousand parameters. ``"ekfac"`` (SGD records)
-takes the EK-FAC of each segment's MIDDLE checkpoint (the paper pools the segment's
-checkpoints into one EK-FAC; :func:`~dattri_fn.operators.kfac.ekfac_factors` takes one params)
-and applies ``phi`` and the decay to its corrected eigenvalues ``Lambda + damping + wd``, in its
-Kronecker eigenbasis: no ``[P, P]`` matrix.
+takes the EK-FAC of each segment's MIDDLE checkpoint, or with ``pooled=True`` (the paper's) one
+EK-FAC of all the segment's ``C_l`` checkpoints pooled: factors ``A = (1/C_l) sum_c A_c``,
+``G = (1/C_l) sum_c G_c``, their eigenbases ``Q_A, Q_G``, and corrected eigenvalues
+``Lambda = (1/C_l) sum_c E_n[(Q_G^T DW_{n,c} Q_A)^2]`` with every checkpoint's per-example
+gradient blocks rotated into the pooled basis; ``phi`` and the decay act on
+``Lambda + damping + wd`` in that Kronecker eigenbasis: no ``[P, P]`` matrix.
 
 References:
     Bae, Lin, Lorraine & Grosse, "Training Data Attribution via Approximate Unrolled
@@ -137,7 +139,8 @@ def _spectral(eigvals: Tensor, lrs: Tensor, unroll: str) -> tuple[Tensor, Tensor
 
 def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = "gn",
            damping: float = 0.0, unroll: str = "exp",
-           target: Loss | FunctionalModel | None = None, fisher: str = "true") -> Method:
+           target: Loss | FunctionalModel | None = None, fisher: str = "true",
+           pooled: bool = False) -> Method:
     """Return SOURCE: ``scores[i, j] = (1/N) sum_l q_l(z_j)^T Seg_l gbar_l(z_i)``.
 
     ``params`` given to ``prepare``/``score``/``self_score`` is the
@@ -161,6 +164,9 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         target: test-side function whose DECREASE a positive score predicts (default ``loss``).
         fisher: ``curvature="ekfac"``'s Fisher, ``"true"`` (sampled labels, the Gauss-Newton
             in expectation) or ``"empirical"``.
+        pooled: ``curvature="ekfac"`` only: one EK-FAC of the segment's checkpoints pooled (the
+            module docstring; ``3 C_l`` passes over ``train`` per segment) instead of the middle
+            checkpoint's (2 passes). ``"gn"``/``"hessian"`` always average every checkpoint.
 
     Memory: ``L`` dense ``[P, P]`` eigenbases; time: ``L`` ``eigh`` of ``[P, P]`` plus the
     curvature at every checkpoint.
@@ -179,6 +185,11 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         raise ValueError(_msg(name, "unroll", "'exp' or 'power'", repr(unroll)))
     if fisher not in ("true", "empirical"):
         raise ValueError(_msg(name, "fisher", "'true' or 'empirical'", repr(fisher)))
+    if not isinstance(pooled, bool):
+        raise TypeError(_msg(name, "pooled", "a bool", type(pooled).__name__))
+    if pooled and curvature != "ekfac":
+        raise ValueError(_msg(name, "pooled", f"False with curvature={curvature!r} (its curvature "
+                              "is always the mean over the segment's checkpoints)", "True"))
     model = loss if isinstance(loss, FunctionalModel) else None
     if curvature in ("gn", "ekfac") and model is None:
         raise TypeError(_msg(name, "loss", f"a FunctionalModel for curvature='{curvature}' (or "
@@ -213,7 +224,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
             if curvature == "ekfac":
                 out.append(_ekfac_segment(model, group, record, keys, train, bounds[li],
                                           bounds[li + 1], damping + coupled, rate_scale,
-                                          fisher=fisher, unroll=unroll))
+                                          fisher=fisher, unroll=unroll, pooled=pooled))
                 continue
             H = None
             for c in group:
@@ -288,11 +299,14 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
 
 def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, start: int,
                    stop: int, shift: float, rate_scale: float, *, fisher: str,
-                   unroll: str) -> SourceSegment:
+                   unroll: str, pooled: bool = False) -> SourceSegment:
     from ..operators.kfac import ekfac_factors
 
-    mid = group[len(group) // 2]
-    factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher)
+    if pooled:
+        factors = _pooled_ekfac(model, group, train, fisher)
+    else:
+        mid = group[len(group) // 2]
+        factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher)
     if list(factors.param_names) != keys:
         raise ValueError(_msg("source", "curvature", "'ekfac' on a model whose params are all "
                               f"Linear-like layers, in order ({keys})",
@@ -304,6 +318,42 @@ def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, s
         phi[layer], decay[layer] = _spectral(lam, lrs.to(lam.dtype), unroll)
     stacked = {k: torch.stack([c.params[k] for c in group]) for k in keys}
     return SourceSegment(start, stop, stacked, torch.ones(()), None, None, phi, decay, factors)
+
+
+def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
+    """The EK-FAC of the checkpoints of ``group`` pooled (module docstring), as ``EKFACFactors``.
+
+    Pooling over checkpoints is a sum over more examples, the reduction ``reduce`` of
+    :func:`~dattri_fn.operators.kfac.ekfac_factors` performs across processes: one K-FAC pass
+    per checkpoint gathers the factor sums, then each checkpoint's EK-FAC takes those pooled
+    sums in place of its own K-FAC pass (so all share one eigenbasis) and keeps its own
+    ``Lambda`` pass; the ``Lambda`` are averaged.
+    """
+    from ..operators.kfac import ekfac_factors, kfac_factors
+
+    pooled: dict[str, Tensor] = {}
+    total = [0]
+
+    def gather(sums: dict, count: int):
+        for key, v in sums.items():
+            pooled[key] = v.clone() if key not in pooled else pooled[key] + v
+        total[0] += count
+        return sums, count
+
+    for c in group:
+        kfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher, reduce=gather)
+    calls = [0]
+
+    def inject(sums: dict, count: int):
+        # ekfac_factors reduces twice: its K-FAC pass (replaced by the pooled sums) and then
+        # its Lambda pass in the pooled basis (kept: this checkpoint's own).
+        calls[0] += 1
+        return ({key: pooled[key] for key in sums}, total[0]) if calls[0] % 2 else (sums, count)
+
+    each = [ekfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher,
+                          reduce=inject) for c in group]
+    Lambda = {k: sum(f.Lambda[k] for f in each) / len(each) for k in each[0].Lambda}
+    return each[0]._replace(Lambda=Lambda)
 
 
 def _adam_root(record: Record, group: Sequence, keys: list[str], T: int) -> Tensor:
