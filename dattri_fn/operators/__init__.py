@@ -1,9 +1,14 @@
 """Curvature operators: builders that return a :class:`~dattri_fn._types.LinOp` and pick their own
 fast path (Gauss-Newton: factored for Linear-only models, closed-form output Hessians), and the
-K-FAC/EK-FAC Fisher as an operator that carries its closed-form inverse."""
+K-FAC/EK-FAC Fisher as an operator that carries its closed-form inverse, and the values that carry
+a solver's special structure: LiSSA's mini-batches (:func:`sampled`) and DataInf's per-example
+gradients (:func:`empirical_fisher`)."""
 
+from .datainf import EmpiricalFisher, empirical_fisher
 from .gauss_newton import curvature_rows, gauss_newton, memory_budget
 from .kfac import BlockLinOp, kfac_operator, layer_scores, layer_self_scores, low_rank_blocks
+from .stochastic import SampledLinOp, sampled
 
-__all__ = ["BlockLinOp", "curvature_rows", "gauss_newton", "kfac_operator", "layer_scores",
-           "layer_self_scores", "low_rank_blocks", "memory_budget"]
+__all__ = ["BlockLinOp", "EmpiricalFisher", "SampledLinOp", "curvature_rows", "empirical_fisher",
+           "gauss_newton", "kfac_operator", "layer_scores", "layer_self_scores", "low_rank_blocks",
+           "memory_budget", "sampled"]
