@@ -307,3 +307,22 @@ def test_per_call_probes_equal_probes_of_known_shape(seed, case, n):
         for other in (got[name], streamed[name]):
             assert torch.equal(other[0], a) and torch.equal(other[1], g)
             assert other[1].shape == shapes[name]
+
+
+def test_a_stream_checks_its_first_batch_of_two_then_holds_the_plan():
+    """layer_grads_fn(plan): batch of one dense, then every batch == check_plan(plan, first
+    batch of >= 2) applied to it (torch.equal); plan unchanged, no warning after the check."""
+    from dattri_fn.transforms.layer_grads import layer_grads_fn
+
+    fm = functional_model(_init(_Seq().double(), 1), F.cross_entropy)
+    plan = layer_plan(fm)
+    before = _snapshot(plan)
+    stacked = _stacked(fm, 2)
+    grads = layer_grads_fn(plan)
+    batches = [_tokens(0, 1, 4), _tokens(1, 5, 4), _tokens(2, 3, 6), _tokens(3, 1, 2)]
+    got = [grads(stacked, b) for b in batches]
+    held = check_plan(plan, stacked, batches[1])
+    assert not got[0].factors and got[1].factors
+    for b, lg in zip(batches[1:], got[1:], strict=True):
+        assert torch.equal(lg.to_dense(), layer_grads_stacked(held, stacked, b).to_dense())
+    _same_snapshot(before, _snapshot(plan))

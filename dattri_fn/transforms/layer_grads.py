@@ -37,6 +37,7 @@ computed densely, that batch alone, after a warning.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -124,9 +125,10 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
 def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     """Return ``plan`` checked on the example ``batch``: a new plan with every decision made.
 
-    The check (module Note) drops the layers ``batch`` shows cannot be captured, compares the
-    factored gradients of its first 3 examples with per-example autodiff at ``params``, and
-    fixes the layout of sequence layers and the vmap/loop fallback. Hold the returned plan:
+    The check (module Note) drops the layers ``batch`` shows cannot be captured, runs one
+    factored pass over ``batch`` at ``params`` and compares its first 3 examples' gradients with
+    per-example autodiff, and fixes the layout of sequence layers and the vmap/loop fallback
+    (its cost: that pass plus 3 single-example backward passes). Hold the returned plan:
     :func:`layer_grads_stacked` and :func:`per_sample_layer_grads` then apply it without
     checking again. A plan already checked is returned as it is.
 
@@ -156,7 +158,7 @@ def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     if n < 2:
         raise ValueError(_msg(func, "batch", "at least 2 examples (one example cannot show "
                               "examples mixed within a batch)", f"{n}"))
-    return _check(plan, stacked, batch_to(batch, next(iter(stacked.values())).device))
+    return _check(plan, stacked, batch_to(batch, next(iter(stacked.values())).device))[0]
 
 
 def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
@@ -176,22 +178,24 @@ def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
                           "checkpoints", f"{got}"))
 
 
-def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan:
-    """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device)."""
-    C = next(iter(stacked.values())).shape[0]
+def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, LayerGrads]:
+    """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device):
+    the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it."""
     first = {k: v[:1] for k, v in stacked.items()}
-    head = batch_slice(batch, 0, min(batch_size("layer_grads", "batch", batch), 3))
+    k = min(batch_size("layer_grads", "batch", batch), 3)
+    head = batch_slice(batch, 0, k)
     # A loop of torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
     # must not make a good model dense.
-    ref = ravel_batched(_loop_grads(plan.model.loss, {k: v[0] for k, v in first.items()}, head))
-    why, active, loop, layout = None, None, False, ()
+    ref = ravel_batched(_loop_grads(plan.model.loss, {n: v[0] for n, v in first.items()}, head))
+    why, active, loop, layout, shapes, lg = None, None, False, (), None, None
     try:
         active = _narrowed(plan, head, first)
         if active is not None:
-            lg, loop, layout = _factored(active, stacked if C > 1 else first, head)
-            got = lg.to_dense()[0]
+            # the whole batch in one factored pass: its first rows are checked, all are kept
+            lg, loop, layout, shapes = _factored(active, stacked, batch)
+            got = lg.select(0).rows(0, k).to_dense()[0]
             err = float((got - ref).abs().max())
             scale = float(ref.abs().max())
             if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
@@ -202,17 +206,12 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan:
     dense = active is None or why is not None
     if why is not None:
         _warn_dense(plan, f"they do not match vmap(grad) on its first examples ({why})")
-    shapes = ()
     if dense:
-        layout = ()
-        loop = _dense(base, stacked if C > 1 else first, head)[1]
-    elif not loop and (base.rest or C > 1):  # paths under vmap need probe shapes
-        args, kwargs, _ = _unpack(plan.model)(batch)
-        state = {**plan.model.fixed, **{k: v[0] for k, v in first.items()}}
-        like = next(iter(first.values()))
-        shapes = ((input_signature(args, kwargs),
-                   output_shapes(base.tapped, state, args, kwargs, like)),)
-    return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=shapes)
+        layout, shapes = (), None
+        lg, loop = _dense(base, stacked, batch)
+    args, kwargs, _ = _unpack(plan.model)(batch)
+    known = () if shapes is None or loop else ((input_signature(args, kwargs), shapes),)
+    return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
@@ -427,7 +426,7 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
         if batch_size("layer_grads", "batch", batch) < 2:
             # One example cannot reveal examples mixed within a batch: exact path, no check.
             return _dense(plan, stacked, batch)[0]
-        plan = _check(plan, stacked, batch)
+        return _check(plan, stacked, batch)[1]
     if plan.dense:
         return _dense(plan, stacked, batch)[0]
     try:
@@ -435,6 +434,25 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
     except capture.CaptureError as err:  # this batch takes a path the example did not
         _warn_dense(plan, str(err), batch_only=True)
         return _dense(plan, stacked, batch)[0]
+
+
+def layer_grads_fn(plan: LayerPlan) -> Callable[[Params, Batch], LayerGrads]:
+    """Return ``(stacked, batch) -> LayerGrads`` for one stream of batches (one prepare or score).
+
+    It checks ``plan`` (:func:`check_plan`) on the first batch of 2 or more examples it
+    receives and applies that checked plan to every later batch, at any stacked checkpoints
+    (batches of one before it are computed densely, unchecked). ``plan`` itself is never
+    changed: build one function per stream so each stream is checked on its own data.
+    """
+    held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
+
+    def apply(stacked: Params, batch: Batch) -> LayerGrads:
+        if not held[0].checked and batch_size("layer_grads", "batch", batch) >= 2:
+            held[0], lg = _check(held[0], stacked, batch)
+            return lg
+        return layer_grads_stacked(held[0], stacked, batch)
+
+    return apply
 
 
 def _shapes(plan: LayerPlan, state, args, kwargs, like: Tensor) -> dict[str, tuple]:
@@ -446,9 +464,9 @@ def _shapes(plan: LayerPlan, state, args, kwargs, like: Tensor) -> dict[str, tup
     return output_shapes(plan.tapped, state, args, kwargs, like)
 
 
-def _factored(plan: LayerPlan, stacked: Params,
-              batch: Batch) -> tuple[LayerGrads, bool, tuple[tuple[str, str], ...]]:
-    """The captured path: ``(gradients, whether vmap failed, per-layer layout used)``."""
+def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool, tuple, dict | None]:
+    """The captured path: ``(gradients, whether vmap failed, per-layer layout used, the probe
+    shapes used or None)``."""
     unpack = _unpack(plan.model)
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}
@@ -472,7 +490,7 @@ def _factored(plan: LayerPlan, stacked: Params,
             else:
                 raw, rest = vmap(fn, out_dims=0)(stacked)
             lg, layout = _assemble(plan, raw, rest, lead=2)
-            return lg, False, layout
+            return lg, False, layout, shapes
         except RuntimeError as err:
             if not _vmap_failed(err):
                 raise
@@ -485,7 +503,7 @@ def _factored(plan: LayerPlan, stacked: Params,
            for n in plan.layers}
     rest = {k: torch.stack([p[1][k] for p in parts]) for k in plan.rest}
     lg, layout = _assemble(plan, raw, rest, lead=2)
-    return lg, loop, layout
+    return lg, loop, layout, shapes
 
 
 def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch, *,
@@ -530,5 +548,5 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
     return layer_grads_stacked(plan, stacked, batch_to(batch, device))
 
 
-__all__ = ["LayerGrads", "LayerPlan", "check_plan", "layer_grads_stacked", "layer_plan",
-           "per_sample_layer_grads"]
+__all__ = ["LayerGrads", "LayerPlan", "check_plan", "layer_grads_fn", "layer_grads_stacked",
+           "layer_plan", "per_sample_layer_grads"]
