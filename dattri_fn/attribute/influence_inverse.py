@@ -1,5 +1,10 @@
-"""Influence's inverse-curvature side: the training objective, its batched form, the CG that
-sketches its own preconditioner (used by :func:`~dattri_fn.attribute.influence.influence`)."""
+"""Influence's ``prepare``: curvature -> operator -> inverse, per checkpoint.
+
+:func:`build_inverse` turns an :class:`~dattri_fn.attribute.influence_config.InfluenceConfig`
+and a checkpoint's params into ``(C + damping I)^-1`` with the configured solver (the dense,
+factored, matrix-free or K-FAC/EK-FAC paths); :func:`prepare` assembles the states of
+:func:`~dattri_fn.attribute.influence.influence`, from training data or precomputed factors.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,31 @@ from typing import Any
 
 import torch
 
-from .._checks import batch_cat, batch_size, batch_slice, iter_batches
+from .._checks import (
+    _msg,
+    batch_cat,
+    batch_size,
+    batch_slice,
+    batch_to,
+    blame_data,
+    check_params,
+    iter_batches,
+    peek,
+    regrouped,
+)
 from .._types import LinOp, Loss, Params
 from ..model import FunctionalModel, batched_loss
 from ..operators import kfac
+from ..operators.curvature import fvp, hvp
+from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
+from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
+from .influence_score import _relatif_scale, grads
+from .method import device_of
+from .pipeline import collect
 
 
 def _concat(train) -> Any:
     return batch_cat(list(iter_batches("influence", "train", train)))
-
-
-def _with_l2(loss: Loss, l2: float) -> Loss:
-    """Return ``(p, z) -> loss(p, z) + l2 |p|^2``."""
-    if l2 == 0:
-        return loss
-    return lambda p, z: loss(p, z) + l2 * sum((v * v).sum() for v in p.values())
 
 
 def _independent(model: FunctionalModel) -> bool:
@@ -99,3 +114,231 @@ def _sketched_cg(name: str, C: LinOp, damping: float, opts: dict, *, always: boo
 
 def _factor_kinds(solver: str):
     return (kfac.EKFACFactors,) if solver == "ekfac" else (kfac.KFACFactors,)
+
+
+def prepare_tap(cfg: InfluenceConfig, params: Params):
+    """The captured forward the inverse's factor passes use (K-FAC/EK-FAC, as solver or CG's
+    ``M``; explicit's factored Hessian, None outside its limits), else None: built once per
+    ``prepare`` and shared by its checkpoints (same keys)."""
+    if cfg.factored:
+        try:
+            return linear_tap(cfg.loss.module, params)
+        except ValueError:
+            return None
+    if cfg.solver in ("kfac", "ekfac"):
+        return kfac.kfac_tap(cfg.model.module, params, layers=cfg.options.get("layers"))
+    if cfg.precondition is not None:
+        return kfac.kfac_tap(cfg.model.module, params)
+    return None
+
+
+def dense_hessian(cfg: InfluenceConfig, params: Params, train, tapped) -> torch.Tensor | None:
+    """``H + 2 l2 I`` from per-layer factors, or None for a model outside their limits."""
+    if tapped is None:
+        return None
+    try:
+        H = linear_hessian(cfg.loss.module, cfg.loss.loss_fn, params, train,
+                           chunk_size=cfg.chunk_size, tapped=tapped, batch_rows=cfg.rows)
+    except FactoredCurvatureError:
+        return None
+    H.diagonal().add_(2 * cfg.l2)
+    return H
+
+
+def batched_for(cfg: InfluenceConfig, params: Params, first):
+    """The training objective from one forward per batch where that is exact (``loss`` is
+    a FunctionalModel whose examples do not interact and whose batched losses match the
+    per-example ones on ``first``), else None (``vmap`` over the examples)."""
+    loss = cfg.loss
+    if not (isinstance(loss, FunctionalModel) and loss.loss_fn is not None
+            and _independent(loss)):
+        return None
+    fn = _batched_train(loss, cfg.l2)
+    return fn if _same_losses(cfg.train_fn, fn, params, batch_to(first, device_of(params))) \
+        else None
+
+
+def curvature_op(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
+    """The curvature ``C`` of the mean training loss at ``params``.  # [k, P] -> [k, P]"""
+    if callable(cfg.curvature):
+        return cfg.curvature(params, train)
+    if cfg.factored:
+        H = dense_hessian(cfg, params, train, tapped)
+        if H is not None:
+            return H
+    if cfg.curvature == "hessian":
+        first = peek(iter_batches(cfg.name, "train", train))
+        return hvp(cfg.train_fn, params, train, chunk_size=cfg.chunk_size, batch_rows=cfg.rows,
+                   batched=batched_for(cfg, params, first))
+    return fvp(cfg.train_fn, params, train, chunk_size=cfg.chunk_size, batch_rows=cfg.rows)
+
+
+def factored_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
+    """``(F_kfac + damping I)^-1`` (or EK-FAC's) of the model's layers on ``train``: CG's
+    ``M``."""
+    model, kind = cfg.model, cfg.precondition
+    fit = kfac.kfac_factors if kind == "kfac" else kfac.ekfac_factors
+    inverse = kfac.ihvp_kfac if kind == "kfac" else kfac.ihvp_ekfac
+    factors = fit(model.module, model.loss_fn, params, train, chunk_size=cfg.chunk_size,
+                  tapped=tapped, batch_rows=cfg.rows, **cfg.precondition_options)
+    return inverse(factors, damping=cfg.damping)
+
+
+def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[LinOp, Any]:
+    """``((C + damping I)^-1, factors)`` of ``cfg.solver`` at ``params`` on validated
+    ``train``: the curvature, turned into an operator, turned into its inverse."""
+    from .. import solve
+    from ..operators import datainf
+
+    solver, damping, options = cfg.solver, cfg.damping, cfg.options
+    if solver == "explicit":
+        inv = solve.ihvp_explicit(curvature_op(cfg, params, train, tapped), damping=damping,
+                                  **options)
+        # eigenpairs (eigh path), the Cholesky factor L of C + damping I (SPD fast path)
+        # or its (LU, pivots) (method="lu")
+        return inv, inv.eigen if isinstance(inv, solve.EigenInverse) else inv.factor
+    if solver == "cg":
+        opts = dict(options)
+        if cfg.precondition is not None:  # M ~ (C + damping I)^-1 from the same training data
+            opts["M"] = factored_inverse(cfg, params, train, tapped)
+        C = curvature_op(cfg, params, train, tapped)
+        if cfg.sketch is not None:
+            return _sketched_cg(cfg.name, C, damping, opts, always=cfg.sketch == "always"), None
+        return solve.ihvp_cg(C, damping=damping, **opts), None
+    if solver == "minres":
+        return solve.ihvp_minres(curvature_op(cfg, params, train, tapped), damping=damping,
+                                 **options), None
+    if solver == "arnoldi":
+        inv = solve.ihvp_arnoldi(curvature_op(cfg, params, train, tapped), damping=damping,
+                                 **options)
+        return inv, getattr(inv, "eigen", None)
+    if solver == "lissa":
+        data = _concat(train)
+        return solve.ihvp_lissa(lissa_batches(cfg, params, data), data, damping=damping,
+                                **options), None
+    if solver == "datainf":
+        from ..tree import block_slices
+
+        G = collect(grads(cfg, params), regrouped(cfg.name, "train", train, cfg.rows),
+                    device=device_of(params), func=cfg.name, arg="train")
+        return datainf.ihvp_datainf(G, damping=damping, blocks=block_slices(params),
+                                    **options), None
+    model = cfg.model
+    factor_fn = kfac.kfac_factors if solver == "kfac" else kfac.ekfac_factors
+    inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
+    factors = factor_fn(model.module, model.loss_fn, params, train, chunk_size=cfg.chunk_size,
+                        tapped=tapped, batch_rows=cfg.rows, **options)
+    return inverse_fn(factors, damping=damping), factors
+
+
+def lissa_batches(cfg: InfluenceConfig, params: Params, data):
+    """``batch -> LinOp``: LiSSA's curvature on one of its mini-batches of ``data``."""
+    if callable(cfg.curvature):
+        return lambda b: cfg.curvature(params, b)
+    build = hvp if cfg.curvature == "hessian" else fvp
+    batched = batched_for(cfg, params, data) if cfg.curvature == "hessian" else None
+    opts = {"batched": batched} if batched is not None else {}
+    return lambda b: build(cfg.train_fn, params, b, chunk_size=cfg.chunk_size, **opts)
+
+
+def given_factors(cfg: InfluenceConfig, train, n: int) -> list | None:
+    """Precomputed K-FAC/EK-FAC factors given as ``train`` (one per checkpoint), or None."""
+    every = (kfac.KFACFactors, kfac.EKFACFactors)
+    if cfg.solver not in ("kfac", "ekfac"):
+        return None
+    many = isinstance(train, (list, tuple)) and not isinstance(train, every) and train \
+        and all(isinstance(f, every) for f in train)
+    if not (isinstance(train, every) or many):
+        return None
+    got = list(train) if many else [train]
+    kind = _factor_kinds(cfg.solver)[0]
+    for f in got:
+        if not isinstance(f, kind):
+            raise TypeError(_msg(cfg.name, "train", f"training data or {kind.__name__} (solver "
+                                 f"{cfg.solver!r})", type(f).__name__))
+    if len(got) != n:
+        raise ValueError(_msg(cfg.name, "train", f"{n} factors (one per checkpoint)",
+                              f"{len(got)}"))
+    return got
+
+
+def from_factors(cfg: InfluenceConfig, params: Params, factors) -> InfluenceState:
+    """The state of ``factors`` for ``params`` (same parameter names, order and sizes)."""
+    name = cfg.name
+    if tuple(factors.param_names) != tuple(params):
+        raise ValueError(_msg(name, "train", f"factors of the params {list(params)}",
+                              f"factors of {list(factors.param_names)}",
+                              "Compute the factors for these params (same keys, same order)."))
+    inverse_fn = kfac.ihvp_kfac if cfg.solver == "kfac" else kfac.ihvp_ekfac
+    ihvp = inverse_fn(factors, damping=cfg.damping)
+    P = sum(v.numel() for v in params.values())
+    if ihvp.dim != P:
+        raise ValueError(_msg(name, "train", f"factors of layers with P = {P} parameters",
+                              f"P = {ihvp.dim}"))
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp))
+
+
+def score_tap(cfg: InfluenceConfig, params: Params, ihvp: LinOp):
+    """The captured forward of the layers ``ihvp`` covers, for layer-by-layer scoring (K-FAC/
+    EK-FAC on the model itself), else None."""
+    if not cfg.layered:
+        return None
+    return kfac.kfac_tap(cfg.model.module, params, layers=list(ihvp.eigen[0]))
+
+
+def row_scale(cfg: InfluenceConfig, params: Params, ihvp: LinOp, train) -> torch.Tensor | None:
+    """RelatIF's ``1 / n_i`` for every training row, in order (one inverse application per
+    training batch, once), or None without RelatIF.  # -> [n_train]"""
+    if cfg.relatif is None:
+        return None
+    g = grads(cfg, params)
+
+    def scale(b):  # [B, 1]: collect takes rows
+        G = g(b)
+        return _relatif_scale(cfg.relatif, G, ihvp(G))[:, None]
+
+    return collect(scale, regrouped(cfg.name, "train", train, cfg.rows),
+                   device=device_of(params), func=cfg.name, arg="train")[:, 0]
+
+
+def check_model_params(cfg: InfluenceConfig, params: Params) -> None:
+    """Validate ``params`` (named here, not by the first inner transform) against the model's
+    shapes."""
+    check_params(cfg.name, "params", params)
+    if cfg.model is not None:
+        for k, v in params.items():
+            want = cfg.model.params.get(k)
+            if want is not None and v.shape != want.shape:
+                raise ValueError(_msg(cfg.name, "params", f"the model's shape "
+                                      f"{list(want.shape)} at key {k!r}", list(v.shape)))
+
+
+def build_state(cfg: InfluenceConfig, params: Params, train, tapped) -> InfluenceState:
+    """The state of ``cfg.solver`` at checked ``params`` on validated ``train``: the inverse,
+    its factors, the scoring capture and RelatIF's row scales."""
+    ihvp, factors = build_inverse(cfg, params, train, tapped)
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp), None)
+
+
+def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEnsembleState:
+    """``influence(...).prepare``: the inverse (and RelatIF's row scales) per checkpoint, from
+    the training data or from precomputed K-FAC/EK-FAC factors given as ``train``."""
+    name = cfg.name
+    ckpts = checkpoints(name, params)
+    factors = given_factors(cfg, train, 1 if ckpts is None else len(ckpts))
+    if factors is not None:
+        if ckpts is None:
+            return from_factors(cfg, check_params(name, "params", params), factors[0])
+        return InfluenceEnsembleState(tuple(from_factors(cfg, p, f)
+                                            for p, f in zip(ckpts, factors, strict=True)))
+    train = iter_batches(name, "train", train)  # errors name train, not an inner call
+    first = peek(train)
+    if first is None:
+        raise ValueError(_msg(name, "train", "at least one batch", "an empty iterable"))
+    with blame_data(name, "train", first):
+        for p in [params] if ckpts is None else ckpts:
+            check_model_params(cfg, p)
+        if ckpts is None:
+            return build_state(cfg, params, train, prepare_tap(cfg, params))
+        tapped = prepare_tap(cfg, ckpts[0])  # the checkpoints share keys and shapes
+        return InfluenceEnsembleState(tuple(build_state(cfg, p, train, tapped) for p in ckpts))

@@ -1,14 +1,26 @@
-"""Influence's scoring side: per-example gradient rows, RelatIF's row scale, formed score rows
-(used by :func:`~dattri_fn.attribute.influence.influence`)."""
+"""Influence's ``score`` and ``self_score`` over a prepared state.
+
+Test gradients are preconditioned once; training rows stream through the shared pipeline
+either as raveled gradients (:func:`train_side`) or, for K-FAC/EK-FAC on the model itself,
+layer by layer from the captured ``(a, g)`` of each batch (:func:`layer_side`), through the
+capture held in the state. Used by :func:`~dattri_fn.attribute.influence.influence`.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from .._checks import _msg, batch_size, batch_slice, check_params, regrouped
 from .._types import Loss, Params
+from ..model import default_unpack
+from ..operators import kfac
 from ..transforms.grad import per_sample_grad_unchecked
 from ..transforms.layer_grads import LayerPlan, layer_grads_stacked
+from ..transforms.layers import output_shapes, streamed_io
 from ..tree import ravel_batched
+from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
+from .method import device_of
+from .pipeline import collect, in_chunks, stream_scores, stream_self
 
 
 def _relatif_scale(kind: str, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -49,3 +61,249 @@ class _Formed:
 
     def row_dots(self, other) -> torch.Tensor:
         return self.values
+
+
+def grads(cfg: InfluenceConfig, params: Params, test: bool = False):
+    """``batch -> [B, P]`` train gradients of ``loss + l2 |p|^2`` (``test``: of the target),
+    ``chunk_size`` rows at a time."""
+    # Params are validated here, once per public call; batches by collect/stream_*.
+    name = cfg.name
+    check_params(name, "params", params)
+    fn_plan = cfg.plan_t if test else cfg.plan
+    if fn_plan is not None and list(params) != list(fn_plan.model.params):
+        raise ValueError(f"{name}(params=...): expected the keys of the model's params "
+                         f"in this order {list(fn_plan.model.params)}, got {list(params)}.")
+    rows = (_grad_rows(cfg.test_fn, cfg.plan_t, 0.0, params) if test
+            else _grad_rows(cfg.train_fn if cfg.plan is None else cfg.base, cfg.plan, cfg.l2,
+                            params))
+    return in_chunks(rows, cfg.chunk_size)
+
+
+def _check_state(name: str, state, params) -> None:
+    if not isinstance(state, InfluenceState):
+        raise TypeError(f"{name}(state=...): expected the InfluenceState returned by "
+                        f"prepare, got {type(state).__name__}.")
+    P = sum(v.numel() for v in check_params(name, "params", params).values())
+    if P != state.ihvp.dim:
+        raise ValueError(f"{name}(params=...): expected params of the model the state was "
+                         f"prepared with (P = {state.ihvp.dim}), got P = {P}. Prepare the "
+                         f"state with these params.")
+
+
+def pairs(name: str, params, state) -> list[tuple[Params, InfluenceState]]:
+    """``[(params_c, state_c)]`` for one checkpoint or an ensemble, checked against each
+    other."""
+    ckpts = checkpoints(name, params)
+    if ckpts is None:
+        if isinstance(state, InfluenceEnsembleState):
+            raise TypeError(f"{name}(params=...): expected the list of "
+                            f"{len(state.states)} checkpoints the InfluenceEnsembleState "
+                            "was prepared with, got one params dict.")
+        _check_state(name, state, params)
+        return [(params, state)]
+    if not isinstance(state, InfluenceEnsembleState):
+        raise TypeError(f"{name}(state=...): expected the InfluenceEnsembleState that "
+                        f"prepare returns for a list of checkpoints, got "
+                        f"{type(state).__name__}.")
+    if len(state.states) != len(ckpts):
+        raise ValueError(f"{name}(params=...): expected the {len(state.states)} "
+                         f"checkpoints the state was prepared with, got {len(ckpts)}.")
+    for p, st in zip(ckpts, state.states, strict=True):
+        _check_state(name, st, p)
+    return list(zip(ckpts, state.states, strict=True))
+
+
+class _Cursor:
+    """The first training row of the next batch in one pass over ``train`` (the pipeline
+    takes the batches in order, once each): where RelatIF's prepared row scales resume."""
+
+    def __init__(self, name: str, n: int):
+        self.name, self.n, self.at = name, n, 0
+
+    def take(self, b: int) -> slice:
+        """The rows of the next batch, of ``b`` examples."""
+        if self.at + b > self.n:
+            raise ValueError(_msg(self.name, "train", f"the {self.n} training examples the "
+                                  "state was prepared with (RelatIF's row scales are per "
+                                  "training row)", f"more than {self.n}"))
+        self.at += b
+        return slice(self.at - b, self.at)
+
+    def done(self) -> None:
+        if self.at != self.n:
+            raise ValueError(_msg(self.name, "train", f"the {self.n} training examples the "
+                                  "state was prepared with (RelatIF's row scales are per "
+                                  "training row)", f"{self.at}"))
+
+
+def train_side(cfg: InfluenceConfig, ps, scales: bool):
+    """``(batch -> [B, C P], cursor)``: per checkpoint ``g_i / C``; RelatIF: also ``/ n_i``,
+    from the state's row scales (``scales``; ``cursor`` then checks the row count after the
+    pass) or from one more inverse application per batch."""
+    fns = [(grads(cfg, p), st) for p, st in ps]
+    weight = 1.0 / len(ps)
+    scaled = scales and cfg.relatif is not None and all(st.row_scale is not None for _, st in ps)
+    cursor = _Cursor(cfg.name, len(ps[0][1].row_scale)) if scaled else None
+
+    def rows(b):
+        parts, at = [], cursor.take(batch_size(cfg.name, "train", b)) if scaled else None
+        for g, st in fns:
+            G = g(b)
+            if scaled:
+                G = G * st.row_scale[at, None]
+            elif cfg.relatif is not None:  # one more inverse application
+                G = G * _relatif_scale(cfg.relatif, G, st.ihvp(G))[:, None]
+            parts.append(G if len(fns) == 1 else G * weight)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    return rows, cursor
+
+
+def test_side(cfg: InfluenceConfig, ps):
+    """``batch -> [B, C P]``: per checkpoint ``(C_c + damping I)^-1 g_j``."""
+    fns = [(grads(cfg, p, test=True), st.ihvp) for p, st in ps]
+
+    def rows(b):
+        parts = [ihvp(g(b)) for g, ihvp in fns]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    return rows
+
+
+def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step) -> None:
+    """``step(start, layer, a, g)`` for the layers ``st.ihvp`` covers, each as its ``g``
+    arrives in batched backward passes of ``chunk_size`` rows (one layer's ``g`` alive at a
+    time), through the state's captured forward."""
+    model = cfg.model
+    tapped = st.tap if st.tap is not None else kfac.kfac_tap(
+        model.module, p, layers=list(st.ihvp.eigen[0]))  # a state built by hand
+    state = {**model.fixed, **p}
+    like = next(iter(p.values()))
+    unpack = model.unpack or default_unpack
+    n = batch_size(cfg.name, "train", batch)
+    size = n if cfg.chunk_size is None else cfg.chunk_size
+    for start in range(0, n, size):
+        args, kwargs, target = unpack(batch_slice(batch, start, start + size))
+        shapes = output_shapes(tapped, state, args, kwargs, like)
+        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, shapes, like,
+                    lambda layer, a, g, start=start: step(start, layer, a, g))
+
+
+def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
+    """``batch -> [B, n]`` (``[B, L n]`` per layer) scores against ``test_f`` (``[n, C
+    P]``), layer by layer (:func:`~dattri_fn.operators.kfac.layer_scores`) as each layer's
+    ``g`` arrives: no ``[B, P]`` gradient matrix."""
+    l2 = cfg.l2
+    sizes = [st.ihvp.dim for _, st in ps]
+    offsets = [sum(sizes[:c]) for c in range(len(ps))]
+    blocks = [st.ihvp.blocks(test_f[:, o:o + P]) for (_, st), o, P in zip(ps, offsets, sizes,
+                                                                           strict=True)]
+    if cfg.query_rank is not None:  # kronfluence's low-rank query gradients
+        blocks = [kfac.low_rank_blocks(bl, cfg.query_rank) for bl in blocks]
+    dense = lambda bl: bl[0] @ bl[1] if isinstance(bl, tuple) else bl  # noqa: E731
+    # the l2 term 2 l2 <params, p_j> of every train row, split by layer
+    extra = [{layer: (dense(bl) * sb).sum((1, 2)) for (layer, bl), sb in
+              zip(blocks[c].items(), st.ihvp.blocks(2 * l2 * torch.cat(
+                  [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
+             if l2 else None for c, (p, st) in enumerate(ps)]
+    weight = 1.0 / len(ps)
+
+    def rows_of(b):
+        parts: dict[str, dict[int, torch.Tensor]] = {}
+        for c, (p, st) in enumerate(ps):
+            def step(start, layer, a, g, c=c):
+                v = kfac.layer_scores({layer: (a, g)}, {layer: blocks[c][layer]},
+                                      dtype=cfg.score_dtype)[layer]
+                if extra[c] is not None:
+                    v = v + extra[c][layer]
+                if len(ps) > 1:
+                    v = v * weight
+                rows = parts.setdefault(layer, {})
+                rows[start] = v if start not in rows else rows[start] + v
+
+            layer_pass(cfg, p, st, b, step)
+        per = {layer: torch.cat([r[k] for k in sorted(r)]) for layer, r in parts.items()}
+        if cfg.per_layer:
+            return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.eigen[0]], 1))
+        return _Formed(sum(per.values()))
+
+    return rows_of
+
+
+def store_given(train) -> bool:
+    from ..store import FeatureStore, StoreRecording
+
+    return isinstance(train, (FeatureStore, StoreRecording))
+
+
+def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None = None,
+          largest: bool = True):
+    """``influence(...).score``: ``g_i^T (C + damping I)^-1 g_j`` for every train ``i`` and
+    test ``j``, the test side preconditioned once.  # -> [n_train, n_test] (or TopK, or
+    {layer: [n_train, n_test]})"""
+    name, rows = cfg.name, cfg.rows
+    ps = pairs(name, params, state)
+    layers = cfg.layered and not store_given(train)
+    if cfg.per_layer and not layers:
+        raise TypeError(_msg(name, "train", "training data (per-layer scores need each "
+                             "batch's layers)", type(train).__name__))
+    if cfg.per_layer and top_k is not None:
+        raise ValueError(_msg(name, "top_k", "None with per_layer=True (rank the sum or "
+                              "one layer's scores yourself)", repr(top_k)))
+    # The inverse is applied to all n_test gradients at once: an iterative solver then
+    # passes over the training data once per iteration, not once per test batch.
+    parts = [st.ihvp(collect(grads(cfg, p, test=True), regrouped(name, "test", test, rows),
+                             device=device_of(p), func=name, arg="test")) for p, st in ps]
+    test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    side, cursor = ((layer_side(cfg, ps, test_f), None) if layers
+                    else train_side(cfg, ps, scales=not store_given(train)))
+    S = stream_scores(side, regrouped(name, "train", train, rows), test_f,
+                      top_k=top_k, largest=largest, func=name)
+    if cursor is not None:
+        cursor.done()
+    if not cfg.per_layer:
+        return S
+    names = list(ps[0][1].ihvp.eigen[0])
+    return dict(zip(names, S.unflatten(1, (len(names), -1)).unbind(1), strict=True))
+
+
+def record_key(cfg: InfluenceConfig, ps) -> dict:
+    """What a self-score recorded to a store depends on beyond the params and the data (the
+    store's own request): the settings and the inverse's factors, hashed with the record."""
+    def setting(v):
+        return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+
+    settings = {k: setting(v) for k, v in sorted(cfg.options.items())}
+    return {"settings": repr((cfg.solver, float(cfg.damping), setting(cfg.curvature),
+                              float(cfg.l2), cfg.relatif, settings)),
+            "factors": [st.factors for _, st in ps]}
+
+
+def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
+    """``influence(...).self_score``: the diagonal ``g_i^T (C + damping I)^-1 g_i`` (RelatIF:
+    over ``n_i``) without the full matrix.  # -> [n_train]"""
+    name = cfg.name
+    ps = pairs(name, params, state)
+    given = store_given(train)
+    key = record_key(cfg, ps) if given else None
+    data = regrouped(name, "train", train, cfg.rows)
+    if cfg.layered and cfg.l2 == 0 and cfg.target is None and not given:
+        def diag(b):
+            rows: dict[int, torch.Tensor] = {}
+            for p, st in ps:
+                def step(start, layer, a, g, st=st):
+                    v = kfac.layer_self_scores(st.ihvp, {layer: (a, g)}, layers=[layer])[layer]
+                    v = v / len(ps)
+                    rows[start] = v if start not in rows else rows[start] + v
+
+                layer_pass(cfg, p, st, b, step)
+            return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
+
+        return stream_self(diag, lambda b: _Formed(None), data, device=device_of(ps[0][0]),
+                           func=name, state=key)
+    side, cursor = train_side(cfg, ps, scales=not given)
+    S = stream_self(side, test_side(cfg, ps), data, device=device_of(ps[0][0]), func=name,
+                    state=key)
+    if cursor is not None:
+        cursor.done()
+    return S
