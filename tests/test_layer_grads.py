@@ -473,3 +473,12 @@ def test_old_import_path_of_layer_grads_value():
     from dattri_fn.transforms import factored_grads, layer_grads
 
     assert layer_grads.LayerGrads is factored_grads.LayerGrads
+
+
+def test_old_import_paths_of_the_split_paths():
+    """The path helpers moved to layer_grads_paths are the same objects under layer_grads."""
+    from dattri_fn.transforms import layer_grads, layer_grads_paths
+
+    for name in ("_assemble", "_dense", "_factored", "_loop_grads", "_raw_batched", "_shapes",
+                 "_vmap_failed"):
+        assert getattr(layer_grads, name) is getattr(layer_grads_paths, name)

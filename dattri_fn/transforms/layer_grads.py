@@ -41,18 +41,29 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
-from torch.func import grad, vmap
-from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel
 from ..tree import ravel_batched
 from . import capture
-from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
-from .grad import per_sample_grad_unchecked
-from .layers import batched_io, input_signature, output_shapes, tree_unsqueeze
+from .factored_grads import LayerGrads
+
+# every path helper stays importable from here, as before the split
+from .layer_grads_paths import (  # noqa: F401
+    _assemble,
+    _dense,
+    _factored,
+    _loop_grads,
+    _raw_batched,
+    _raw_per_example,
+    _raw_split,
+    _shapes,
+    _unpack,
+    _vmap_failed,
+    _warn_loop,
+)
+from .layers import input_signature
 
 
 class LayerPlan(NamedTuple):
@@ -229,182 +240,6 @@ def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | Non
     return _plan_of(plan.model, [n for n in plan.layers if n not in problems])
 
 
-def _unpack(model: FunctionalModel):
-    return model.unpack or default_unpack
-
-
-def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
-    """``({layer: (a, g)}, {})`` from one batched forward/backward (no dense parameters);
-    ``shapes=None`` outside transforms: probes shaped per call, no extra forward."""
-    state = {**plan.model.fixed, **params}
-    io = batched_io(plan.tapped, plan.model.loss_fn, state, args, kwargs, target, shapes,
-                    next(iter(params.values())))
-    return io, {}
-
-
-def _loop_grads(loss, params: Params, batch: Batch) -> Params:
-    """``{key: [B, ...]}`` per-example gradients by one backward pass per example.
-
-    Plain ``torch.autograd.grad`` outside torch.func transforms: ``torch.func.grad``'s first
-    call imports torch._dynamo and sympy (~1 s), which the factored path otherwise never needs.
-    """
-    n = batch_size("layer_grads", "batch", batch)
-    example = lambda i: tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
-    if torch._C._functorch.maybe_current_level() is None:
-        rows = []
-        with torch.enable_grad():
-            for i in range(n):
-                live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-                rows.append(dict(zip(live, torch.autograd.grad(
-                    loss(live, example(i)), list(live.values()), allow_unused=True,
-                    materialize_grads=True), strict=True)))
-    else:
-        rows = [grad(loss)(params, example(i)) for i in range(n)]
-    return {k: torch.stack([r[k] for r in rows]) for k in params}
-
-
-def _vmap_failed(err: Exception) -> bool:
-    """True for vmap's refusal of data-dependent control flow (``.item()``, ``if tensor``)."""
-    return isinstance(err, RuntimeError) and "vmap" in str(err)
-
-
-def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, shapes):
-    """``({layer: (a, g)}, {rest key: grad})``: captured layers from one batched pass, the
-    dense parameters by a loop over examples (for models vmap cannot run)."""
-    io, _ = _raw_batched(plan, params, args, kwargs, target, shapes)
-    rest = _loop_grads(lambda r, ex: plan.model.loss({**params, **r}, ex),
-                       {k: params[k] for k in plan.rest}, batch)
-    return io, rest
-
-
-def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):
-    """``({layer: (a, g)}, {rest key: grad})`` by ``vmap`` over examples (dense parameters)."""
-    unpack = _unpack(plan.model)
-    fixed = {**plan.model.fixed, **{k: v for k, v in params.items() if k not in plan.rest}}
-    rest = {k: params[k] for k in plan.rest}
-    w = next(iter(params.values()))
-
-    def one(example):
-        args, kwargs, target = unpack(example)
-        args, kwargs = tree_unsqueeze(args), tree_unsqueeze(kwargs)
-        probes = {n: w.new_zeros((1, *shapes[n][1:])) for n in plan.layers}
-
-        def f(r, pr):
-            out, acts = plan.tapped({**fixed, **r}, pr, *args, **kwargs)
-            loss = plan.model.loss_fn(out) if target is None else plan.model.loss_fn(
-                out, tree_unsqueeze(target))
-            return loss, acts
-
-        (g_rest, g), acts = grad(f, argnums=(0, 1), has_aux=True)(rest, probes)
-        return {n: (acts[n][0], g[n][0]) for n in plan.layers}, g_rest
-
-    return vmap(one)(batch)
-
-
-def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
-              lead: int) -> tuple[LayerGrads, tuple[tuple[str, str], ...]]:
-    """Append bias columns, fold extra dims into T, materialise costly sequence layers; return
-    the gradients and the per-layer layout used (``plan.layout``'s, or decided here)."""
-    factors, dense, layout_of = {}, [], {}
-    offset = 0
-    if rest_grads:
-        for k in plan.rest:
-            v = rest_grads[k].flatten(lead)
-            layout_of[k] = ("d", offset, offset + v.shape[-1])
-            dense.append(v)
-            offset += v.shape[-1]
-    kinds, used = dict(plan.layout), []
-    for n, (wk, bk) in plan.layers.items():
-        a, g = raw[n]
-        spec = plan.tapped.specs[n]
-        if spec.kind == "embedding":  # indices: dense rows (factored products: not yet)
-            if wk is not None:
-                v = _embedding_rows(spec, a, g, lead, plan.model.params[wk].shape)
-                layout_of[wk] = ("d", offset, offset + v.shape[-1])
-                dense.append(v)
-                offset += v.shape[-1]
-            used.append((n, "dense"))
-            continue
-        seq = a.ndim > lead + 1
-        shape = a.shape[:lead]
-        a = a.reshape(*shape, -1, a.shape[-1])
-        g = g.reshape(*shape, -1, g.shape[-1])
-        cols = [a] if wk is not None else []
-        if bk is not None:
-            cols.append(a.new_ones((*a.shape[:-1], 1)))
-        a = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
-        T, i, o = a.shape[-2], a.shape[-1], g.shape[-1]
-        # Decided on the example batch and kept, so blocks of any sequence length line up.
-        kind = kinds.get(n) or ("flat" if not seq else "seq" if T * T * (i + o) < i * o
-                                else "dense")
-        used.append((n, kind))
-        w_src = "wt" if spec.kind == "conv1d" else "w"
-        if kind == "flat":
-            factors[n] = (a[..., 0, :], g[..., 0, :])
-        elif kind == "seq":
-            factors[n] = (a, g)
-        else:
-            if wk is not None:
-                a_w = a[..., : a.shape[-1] - (bk is not None)]
-                eq = "...ti,...to->...io" if w_src == "wt" else "...to,...ti->...oi"
-                ops = (a_w, g) if w_src == "wt" else (g, a_w)
-                width = a_w.shape[-1] * o
-                # formed when written into the block: one layer's [C, B, out * in] at a time
-                v = _Lazy(lambda eq=eq, ops=ops: torch.einsum(eq, *ops).flatten(lead), width, ops)
-                layout_of[wk] = ("d", offset, offset + width)
-                dense.append(v)
-                offset += width
-            if bk is not None:
-                layout_of[bk] = ("d", offset, offset + o)
-                dense.append(g.sum(-2))
-                offset += o
-            continue
-        if wk is not None:
-            layout_of[wk] = (w_src, n, int(bk is not None))
-        if bk is not None:
-            layout_of[bk] = ("b", n)
-    some = next(iter(raw.values()))[1]
-    dense_t = _concat(dense, some, lead)
-    layout = tuple((k, layout_of[k]) for k in plan.model.params)
-    return LayerGrads(factors, dense_t, layout), tuple(used)
-
-
-def _warn_loop(plan: LayerPlan, err: Exception) -> None:
-    warnings.warn(f"layer_grads: vmap cannot run {type(plan.model.module).__name__} ({err}"[:300]
-                  + "...); its parameters outside the captured layers get per-example gradients "
-                  "from a loop of one backward pass per example (the captured layers keep one "
-                  "batched pass).", RuntimeWarning, stacklevel=5)
-
-
-def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool]:
-    """The fallback: ``vmap(grad)`` gradients, all in the dense block (and whether vmap
-    failed: a loop of autograd passes then).  # [C, B, P]"""
-    C = next(iter(stacked.values())).shape[0]
-    per = lambda p: per_sample_grad_unchecked(plan.model.loss, p, batch)
-    G, loop = None, plan.loop
-    if not loop:
-        try:
-            if C == 1:
-                G = ravel_batched(per({k: v[0] for k, v in stacked.items()}))[None]
-            else:
-                G = ravel_batched(vmap(per)(stacked), batch_dims=2)
-        except RuntimeError as err:
-            if not _vmap_failed(err):
-                raise
-            _warn_loop(plan, err)
-            loop = True
-    if G is None:
-        G = torch.stack([ravel_batched(_loop_grads(plan.model.loss, {k: v[c] for k, v in
-                                                                     stacked.items()}, batch))
-                         for c in range(C)])
-    layout, start = [], 0
-    for k, v in stacked.items():
-        size = v[0].numel()
-        layout.append((k, ("d", start, start + size)))
-        start += size
-    return LayerGrads({}, G, tuple(layout)), loop
-
-
 def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:
     scope = "this batch's per-example gradients" if batch_only else \
         "the per-example gradients"
@@ -453,57 +288,6 @@ def layer_grads_fn(plan: LayerPlan) -> Callable[[Params, Batch], LayerGrads]:
         return layer_grads_stacked(held[0], stacked, batch)
 
     return apply
-
-
-def _shapes(plan: LayerPlan, state, args, kwargs, like: Tensor) -> dict[str, tuple]:
-    """The probe shapes of these inputs: the plan's, or one no-grad forward."""
-    key = input_signature(args, kwargs)
-    for sig, shapes in plan.shapes:
-        if sig == key:
-            return shapes
-    return output_shapes(plan.tapped, state, args, kwargs, like)
-
-
-def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool, tuple, dict | None]:
-    """The captured path: ``(gradients, whether vmap failed, per-layer layout used, the probe
-    shapes used or None)``."""
-    unpack = _unpack(plan.model)
-    C = next(iter(stacked.values())).shape[0]
-    first = {k: v[0] for k, v in stacked.items()}
-    args, kwargs, target = unpack(batch)
-    shapes = None  # probes shaped per call: plain autograd needs no shapes
-    if plan.rest or (C > 1 and not plan.loop) or \
-            torch._C._functorch.maybe_current_level() is not None:
-        shapes = _shapes(plan, {**plan.model.fixed, **first}, args, kwargs,
-                         next(iter(first.values())))
-    if plan.rest:
-        fn = lambda p: _raw_per_example(plan, p, batch, shapes)
-    else:
-        fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes)
-    loop = plan.loop
-    if not loop:
-        try:
-            if C == 1:
-                raw, rest = fn(first)
-                raw = {n: (a[None], g[None]) for n, (a, g) in raw.items()}
-                rest = {k: v[None] for k, v in rest.items()}
-            else:
-                raw, rest = vmap(fn, out_dims=0)(stacked)
-            lg, layout = _assemble(plan, raw, rest, lead=2)
-            return lg, False, layout, shapes
-        except RuntimeError as err:
-            if not _vmap_failed(err):
-                raise
-            _warn_loop(plan, err)
-            loop = True
-    if plan.rest:
-        fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes)
-    parts = [fn({k: v[c] for k, v in stacked.items()}) for c in range(C)]
-    raw = {n: (torch.stack([p[0][n][0] for p in parts]), torch.stack([p[0][n][1] for p in parts]))
-           for n in plan.layers}
-    rest = {k: torch.stack([p[1][k] for p in parts]) for k in plan.rest}
-    lg, layout = _assemble(plan, raw, rest, lead=2)
-    return lg, loop, layout, shapes
 
 
 def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch, *,
