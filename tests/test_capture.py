@@ -311,3 +311,17 @@ def test_state_values_are_used_with_and_without_tied_tensors():
         state = {k: v for k, v in base.items() if k != "emb.weight"} | {key: W}
         out, _ = tapped(state, zero, idx)
         torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_one_call_sequence_layer_input_is_not_copied():
+    """A layer called once on [B, T, in] captures a view of its input (engineer A's peak-memory
+    request): a shares the input's storage, and g is unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(3, 2).double()
+    _init(lin, gen)
+    model = nn.Sequential(lin)
+    x = torch.randn(4, 5, 3, generator=gen, dtype=torch.float64)
+    tapped = tap(model, ["0"])
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    _, acts = tapped(state, {"0": torch.zeros((), dtype=torch.float64)}, x)
+    assert acts["0"].data_ptr() == x.data_ptr() and torch.equal(acts["0"], x)

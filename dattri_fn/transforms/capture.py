@@ -365,8 +365,8 @@ def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
             continue
         if not recs:
             problems[n] = "not called in this forward (or its weight reached a call as a copy)"
-        elif len(recs) == 1 and recs[0].flat:
-            acts[n] = recs[0].a[:, 0]
+        elif len(recs) == 1:  # the call's own input (a view), as in the flat case: no copy
+            acts[n] = recs[0].a[:, 0] if recs[0].flat else recs[0].a
         else:
             acts[n] = torch.cat([r.a for r in recs], 1)
     return acts, problems
