@@ -579,3 +579,26 @@ def test_params_of_another_shape_are_named_against_influence(solver):
     with pytest.raises(ValueError, match=rf"^if_{solver}\(params=...\): expected the model's shape "
                                          r"\[4, 3\] at key '0.weight', got \[5, 3\]"):
         influence(fm, solver=solver, damping=0.1).prepare(bad, (x, y))
+
+
+def test_method_closes_over_its_config_only_and_the_state_holds_the_capture():
+    """The Method's functions close over the validated InfluenceConfig alone (no cache); EK-FAC's
+    layer-by-layer scoring runs through state.tap, and a state without it (built by hand)
+    scores the same, bit for bit."""
+    from dattri_fn.attribute.influence import InfluenceConfig
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    fm = functional_model(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(),
+                          F.cross_entropy)
+    x, y = torch.randn(9, 4, generator=g, dtype=D), torch.randint(0, 3, (9,), generator=g)
+    train, test = _split((x, y), [5]), (x[:3] + 0.1, y[:3])
+    m = influence(fm, solver="ekfac", damping=0.1)
+    for fn in m[:3]:
+        assert [type(c.cell_contents) for c in fn.__closure__] == [InfluenceConfig]
+    state = m.prepare(fm.params, train)
+    assert state.tap is not None and list(state.tap.layers) == list(state.ihvp.eigen[0])
+    S = m.score(fm.params, state, train, test)
+    assert torch.equal(S, m.score(fm.params, state._replace(tap=None), train, test))
+    assert torch.equal(m.self_score(fm.params, state, train),
+                       m.self_score(fm.params, state._replace(tap=None), train))

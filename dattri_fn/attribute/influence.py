@@ -138,12 +138,16 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             (Barshan et al. 2020): ``"l"`` divides ``s_ij`` by ``sqrt|g_i^T (C + damping I)^-1
             g_i|`` (the train example's own influence on its loss; the absolute value keeps it
             real where the curvature is indefinite), ``"theta"`` by ``|(C + damping I)^-1
-            g_i|`` (the length of its parameter change). A zero denominator scores 0. The
-            denominators take one more inverse application per training batch at every
-            ``score``/``self_score``; ``self_score`` stays the diagonal of ``score`` (with
-            ``"l"`` and the default target it is ``sqrt|g_i^T (C + damping I)^-1 g_i|``).
-            With a list of checkpoints each checkpoint's scores are normalised with its own
-            curvature, then averaged.
+            g_i|`` (the length of its parameter change). A zero denominator scores 0.
+            ``prepare`` computes the denominators once, one inverse application per training
+            batch, and keeps ``1 / n_i`` in the state (``row_scale``, ``[n_train]``, in the
+            order of ``train``): ``score`` then costs one plain influence pass and refuses a
+            ``train`` of another row count (score the training set the state was prepared
+            on). Given precomputed factors or a store as ``train``, the denominators come from
+            one more inverse application per training batch instead. ``self_score`` stays the
+            diagonal of ``score`` (with ``"l"`` and the default target it is ``sqrt|g_i^T (C
+            + damping I)^-1 g_i|``). With a list of checkpoints each checkpoint's scores are
+            normalised with its own curvature, then averaged.
         query_rank: ``kfac``/``ekfac`` on a FunctionalModel only (a solver option, also of
             ``solvers.kfac/ekfac(query_rank=r)``): ``score`` replaces each layer's preconditioned
             test block ``[out, in(+1)]`` by its rank-``r`` SVD truncation where ``min(out,

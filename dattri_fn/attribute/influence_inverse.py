@@ -317,7 +317,8 @@ def build_state(cfg: InfluenceConfig, params: Params, train, tapped) -> Influenc
     """The state of ``cfg.solver`` at checked ``params`` on validated ``train``: the inverse,
     its factors, the scoring capture and RelatIF's row scales."""
     ihvp, factors = build_inverse(cfg, params, train, tapped)
-    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp), None)
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp),
+                          row_scale(cfg, params, ihvp, train))
 
 
 def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEnsembleState:
