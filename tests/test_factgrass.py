@@ -124,6 +124,26 @@ def test_default_mask_dim_blowup_and_top_k():
     torch.testing.assert_close(top.values, full.topk(4, dim=0).values, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_state_holds_the_checked_plan(cache_features):
+    """score(state) == score(state without its plan), bit for bit; with the held plan a test batch
+    costs one forward (the factored pass), not the check's narrowing pass + 3 autodiff rows."""
+    fm, (x, y) = _problem("mlp")
+    calls = []
+    fm.module.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    m = factgrass(fm, proj_dim=8, cache_features=cache_features)
+    train, test = [(x[:16], y[:16]), (x[16:], y[16:])], (x[:5], y[:5])
+    state = m.prepare(fm.params, train)
+    assert state.plan is not None and state.plan.checked
+    calls.clear()
+    S = m.score(fm.params, state, train, test)
+    assert len(calls) == (1 if cache_features else 3)
+    unheld = state._replace(plan=None)
+    assert torch.equal(S, m.score(fm.params, unheld, train, test))
+    assert torch.equal(m.self_score(fm.params, state, train),
+                       m.self_score(fm.params, unheld, train))
+
+
 def test_errors_name_the_argument():
     """Bad model / curvature / kind / params: errors that name the call and the argument."""
     fm, (x, y) = _problem("mlp", n=6)

@@ -46,7 +46,7 @@ from .._checks import (
 )
 from ..model import FunctionalModel
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import layer_grads_stacked, layer_plan
+from ..transforms.layer_grads import LayerPlan, _check, layer_grads_stacked, layer_plan
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
 from .method import Method
@@ -64,11 +64,16 @@ class FactGraSSState(NamedTuple):
         inverses: ``{block: (F_b + damping_b I)^-1}`` ``[d_b, d_b]``; empty for
             ``curvature="identity"``.
         train_features: ``phi_i`` of every training example (None: ``cache_features=False``).  # [n_train, d]
+        plan: the capture plan checked on the first training batch of 2 or more examples
+            (:func:`~dattri_fn.transforms.layer_grads.check_plan`): ``score`` and
+            ``self_score`` apply it without checking again. None: each of their streams checks
+            its own first batch.
     """
 
     blocks: tuple
     inverses: dict
     train_features: Tensor | None
+    plan: LayerPlan | None = None
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
@@ -169,9 +174,19 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                   f"{list(params)}"))
         return params
 
-    def feature_fn(params: dict, func: str, arg: str):
+    def feature_fn(params: dict, func: str, arg: str, checked: LayerPlan | None = None):
+        """``rows(batch) -> phi [b, d]`` for one stream, and ``held()``: the plan it applies.
+        Without ``checked`` the stream checks the plan on its first chunk of >= 2 examples (that
+        chunk's gradients come from the checking pass) and holds the checked plan after it."""
         stage1, stage2 = sketch_for(params)
         stacked = {k: v.detach()[None] for k, v in params.items()}
+        held = [plan if checked is None else checked]
+
+        def grads(part):
+            if not held[0].checked and batch_size(func, arg, part) >= 2:
+                held[0], lg = _check(held[0], stacked, part)
+                return lg
+            return layer_grads_stacked(held[0], stacked, part)
 
         def rows(batch) -> Tensor:  # [b, d]
             b = batch_size(func, arg, batch)
@@ -180,7 +195,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             with blame_data(func, arg, batch):
                 for s in range(0, b, step):
                     part = batch if step >= b else batch_slice(batch, s, s + step)
-                    S = stage1.layer_grads(layer_grads_stacked(plan, stacked, part))[0]
+                    S = stage1.layer_grads(grads(part))[0]
                     pieces, start = [], 0
                     for blk, w in stage1.dims.items():
                         piece = S[:, start:start + w]
@@ -189,7 +204,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     out.append(torch.cat(pieces, 1))
             return out[0] if len(out) == 1 else torch.cat(out)
 
-        return rows
+        return rows, lambda: held[0]
 
     def blocks_of(params: dict) -> tuple:
         stage1, stage2 = sketch_for(params)
@@ -210,7 +225,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         func = f"{name}.prepare"
         params = state_of(func, params)
         device = next(iter(params.values())).device
-        fn = feature_fn(params, func, "train")
+        fn, held = feature_fn(params, func, "train")
         blocks = blocks_of(params)
         data = regrouped(func, "train", train, rows_min)
         grams = {blk: 0 for blk, _, _ in blocks}
@@ -237,7 +252,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                           f"block {blk!r}'s Fisher is singular",
                                           f"damping={damping}"))
                 inverses[blk] = torch.cholesky_inverse(L)
-        return FactGraSSState(blocks, inverses, torch.cat(feats) if cache_features else None)
+        checked = held()
+        return FactGraSSState(blocks, inverses, torch.cat(feats) if cache_features else None,
+                              checked if checked.checked else None)
 
     def check_state(func: str, state) -> None:
         if not isinstance(state, FactGraSSState):
@@ -258,15 +275,15 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         params = state_of(func, params)
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
-        test_pre = precondition(state, collect(feature_fn(params, func, "test"), test,
-                                               device=device, func=func, arg="test"))
+        test_pre = precondition(state, collect(feature_fn(params, func, "test", state.plan)[0],
+                                               test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             fn, blocks = cached(func, state, train, device)
             return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
-        return stream_scores(feature_fn(params, func, "train"),
+        return stream_scores(feature_fn(params, func, "train", state.plan)[0],
                              regrouped(func, "train", train, rows_min), test_pre, top_k=top_k,
                              largest=largest, func=func)
 
@@ -282,7 +299,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            fn = feature_fn(params, func, "train")
+            fn = feature_fn(params, func, "train", state.plan)[0]
             rows = (fn(batch_to(b, device)) for b in
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])

@@ -48,7 +48,7 @@ from ..model import FunctionalModel, default_unpack
 from ..operators.kfac import _kfac_specs, _tokens
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
-from ..transforms.layers import batched_io, output_shapes
+from ..transforms.layers import batched_io
 from .boundary import check_cached_train
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
@@ -184,8 +184,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         for s in range(0, b, step):
             part = batch if step >= b else batch_slice(batch, s, s + step)
             args, kwargs, target = unpack(part)
-            shapes = output_shapes(tapped, state, args, kwargs, like)
-            parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, shapes,
+            # outside torch.func transforms each probe takes its call's output shape: no
+            # shapes, so no extra no-grad forward per chunk
+            parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, None,
                                     like))
         out = {}
         for n in layers:
