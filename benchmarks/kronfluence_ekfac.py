@@ -15,11 +15,20 @@ process's baseline). Printed: Pearson and Spearman over all scores, top-10 overl
 time and memory ratios (ours / kronfluence). ``--precisions bfloat16,float64`` adds dattri_fn runs
 with bfloat16 factors and score products (``influence(..., dtype=torch.bfloat16)``) or a float64
 model, each compared with the float32 run (the accuracy cost of bfloat16).
+
+Before/after comparisons in one invocation: ``--baseline DIR`` adds a row measured with another
+checkout's ``dattri_fn`` (e.g. ``mkdir /tmp/base && git archive <commit> | tar -x -C /tmp/base``),
+and ``--repeats N`` measures every side N times, interleaved (baseline, ours, kronfluence, then
+again), printing each run and the mean and range of the ratios; the load average is printed.
+Peak RSS on glibc varies by a few MiB between identical runs (freed memory kept or returned),
+so compare means over interleaved repeats, not single runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 
@@ -105,6 +114,20 @@ def ours_setup(spec: dict):
         return {"seconds": time.perf_counter() - t0, "scores": S.detach().double().numpy()}
 
     return step
+
+
+def baseline_setup(spec: dict):
+    """:func:`ours_setup` with the ``dattri_fn`` of the checkout ``spec["baseline"]`` (imported
+    first in this fresh process, so no module of the current checkout is mixed in)."""
+    if "dattri_fn" in sys.modules:
+        raise RuntimeError("baseline_setup: dattri_fn was imported before the baseline path")
+    sys.path.insert(0, os.path.abspath(spec["baseline"]))
+    import dattri_fn
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(dattri_fn.__file__)))
+    if where != os.path.abspath(spec["baseline"]):
+        raise RuntimeError(f"baseline_setup: imported dattri_fn from {where}")
+    return ours_setup(spec)
 
 
 def kron_setup(spec: dict):
@@ -205,19 +228,31 @@ def main(argv=None) -> dict:
     p.add_argument("--query-rank", type=int, default=None,
                    help="low-rank query gradients of this rank on both sides (dattri_fn "
                         "query_rank=, kronfluence query_gradient_low_rank= with use_full_svd)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="also measure the dattri_fn of this checkout (a 'dattri_fn baseline' "
+                        "row, e.g. the code before a change), in the same run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every side this many times, interleaved")
     args = p.parse_args(argv)
     spec = {"layers": args.layers, "state": trained_state(args.layers, args.context),
             "train": _data(args.n_train, args.context, seed=2).numpy(),
             "test": _data(args.n_test, args.context, seed=3).numpy(),
             "damping": args.damping, "batch_size": args.batch_size,
             "query_rank": args.query_rank}
-    res = {}
-    for side, setup in (("dattri_fn", ours_setup), ("kronfluence", kron_setup)):
-        out = measure_peak(setup, spec)
-        if "error" in out:
-            raise SystemExit(f"{side}: {out['error']}")
-        res[side] = {"seconds": out["result"]["seconds"], "peak_mib": out["peak_mib"],
-                     "scores": torch.from_numpy(out["result"]["scores"])}
+    res, runs = {}, []
+    sides = ((("dattri_fn baseline", baseline_setup),) if args.baseline else ()) + (
+        ("dattri_fn", ours_setup), ("kronfluence", kron_setup))
+    load = [os.getloadavg()[0]]
+    for rep in range(args.repeats):
+        for side, setup in sides:
+            out = measure_peak(setup, {**spec, "baseline": args.baseline})
+            if "error" in out:
+                raise SystemExit(f"{side}: {out['error']}")
+            r = {"seconds": out["result"]["seconds"], "peak_mib": out["peak_mib"],
+                 "scores": torch.from_numpy(out["result"]["scores"])}
+            runs.append((rep, side, r))
+            res.setdefault(side, r)
+        load.append(os.getloadavg()[0])
     for precision in filter(None, args.precisions.split(",")):
         out = measure_peak(ours_setup, {**spec, "precision": precision})
         if "error" in out:
@@ -234,11 +269,33 @@ def main(argv=None) -> dict:
           f"{args.n_train} train x {args.n_test} queries, T={args.context}, damping "
           f"{args.damping:g}, empirical Fisher, float32"
           + (f", query rank {args.query_rank}" if args.query_rank else "") + "\n")
-    print("| side | fit + score s | peak MiB |")
-    print("|---|---|---|")
+    print("| side | run | fit + score s | peak MiB |")
+    print("|---|---|---|---|")
+    for rep, side, r in runs:
+        print(f"| {side} | {rep + 1} | {r['seconds']:.2f} | {r['peak_mib']:.1f} |")
     for side, r in res.items():
-        print(f"| {side} | {r['seconds']:.2f} | {r['peak_mib']:.0f} |")
-    for side in [r for r in res if r.startswith("dattri_fn ")]:
+        if side.startswith("dattri_fn ") and side != "dattri_fn baseline":
+            print(f"| {side} | 1 | {r['seconds']:.2f} | {r['peak_mib']:.1f} |")
+    print(f"\nload average (1 min) over the runs: {min(load):.1f}-{max(load):.1f}")
+    ratios = {}
+    for num, den in (("dattri_fn", "kronfluence"), ("dattri_fn baseline", "kronfluence"),
+                     ("dattri_fn", "dattri_fn baseline")):
+        pairs = [(a, b) for (ra, sa, a) in runs for (rb, sb, b) in runs
+                 if sa == num and sb == den and ra == rb]
+        if not pairs:
+            continue
+        t = [a["seconds"] / b["seconds"] for a, b in pairs]
+        m = [a["peak_mib"] / max(b["peak_mib"], 1e-9) for a, b in pairs]
+        ratios[f"{num} / {den}"] = {"time": t, "peak": m}
+        print(f"{num} / {den} over {len(pairs)} rounds: time {sum(t) / len(t):.2f}x "
+              f"[{min(t):.2f}, {max(t):.2f}], peak {sum(m) / len(m):.2f}x [{min(m):.2f}, {max(m):.2f}]")
+    if args.baseline:
+        base_s = res["dattri_fn baseline"]["scores"]
+        pb, ob = _agreement(res["dattri_fn"]["scores"], base_s)
+        diff = float((res["dattri_fn"]["scores"] - base_s).abs().max() / base_s.abs().max())
+        print(f"dattri_fn against its baseline: Pearson {pb:.7f}, top-10 overlap {ob:.3f}, "
+              f"max |diff| / max |S| {diff:.1e}")
+    for side in [r for r in res if r.startswith("dattri_fn ") and r != "dattri_fn baseline"]:
         c = res[side]["scores"]
         pr, ov = _agreement(c, a)
         pk, ok = _agreement(c, b)
@@ -246,9 +303,10 @@ def main(argv=None) -> dict:
         print(f"\n{side} against dattri_fn float32: Pearson {pr:.7f}, Spearman {sr:.5f}, top-{k} "
               f"overlap {ov:.3f}; against kronfluence: Pearson {pk:.7f}, top-{k} overlap {ok:.3f}")
     print(f"\nPearson {pearson:.5f}, Spearman {spear:.5f}, top-{k} overlap {overlap:.3f}; "
-          f"time ratio {res['dattri_fn']['seconds'] / res['kronfluence']['seconds']:.2f}x, "
+          f"first round: time ratio {res['dattri_fn']['seconds'] / res['kronfluence']['seconds']:.2f}x, "
           f"peak ratio {res['dattri_fn']['peak_mib'] / max(res['kronfluence']['peak_mib'], 1e-9):.2f}x")
-    return {"pearson": pearson, "spearman": spear, "overlap": overlap, **res}
+    return {"pearson": pearson, "spearman": spear, "overlap": overlap, "ratios": ratios,
+            "load": load, **res}
 
 
 if __name__ == "__main__":

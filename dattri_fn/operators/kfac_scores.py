@@ -16,7 +16,12 @@ from .kfac_stats import _tokens
 __all__ = ["low_rank_blocks", "layer_scores", "layer_self_scores"]
 
 
-_BLOCK_ENTRIES = 2**20  # entries of one chunk of per-example gradient blocks [b, out, in]
+# Entries of one chunk of per-example gradient blocks [b, out, in]. The chunks are formed in the
+# backward pass beside the model's activations: kept well below one activation of a sequence
+# model (~0.5-1 MiB) they add little to the peak, and glibc reuses their freed memory (with
+# 2**20 here and 2**18 in the Lambda pass, benchmarks.kronfluence_ekfac's peak was 1.09x this
+# one's, and no faster).
+_BLOCK_ENTRIES = 2**16
 
 
 def _as(t: Tensor, dtype) -> Tensor:
@@ -79,7 +84,7 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor 
     ``g`` from :func:`dattri_fn.transforms.layers.batched_io`) against test-side blocks ``M_j``
     (e.g. ``op.blocks(ihvp(G_test))`` of an inverse from :func:`ihvp_ekfac`), summed over layers
     the influence ``g_i^T (F + damping I)^-1 g_j``. No ``[B, P]`` matrix is formed: at most one
-    layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^20 entries).
+    layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^16 entries).
 
     Args:
         io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.

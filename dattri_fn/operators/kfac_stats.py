@@ -56,7 +56,7 @@ class EKFACFactors(NamedTuple):
     transposed: tuple[str, ...] = ()
 
 
-_LAMBDA_ENTRIES = 2**18  # entries of one chunk of rotated gradient blocks in the Lambda pass
+_LAMBDA_ENTRIES = 2**16  # entries of one chunk of rotated gradient blocks in the Lambda pass
 
 
 def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
@@ -281,7 +281,7 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             dL = (g[:, 0] @ qg).square_().T @ (a[:, 0] @ qa).square_()
         else:
             # (Q_G^T DW_n Q_A)^2 = ((g Q_G)^T (a Q_A))^2 summed over examples, a chunk of rows
-            # at a time: rotated tokens and [rows, out, in] blocks stay ~1 MiB (this runs inside
+            # at a time: rotated tokens and [rows, out, in] blocks stay ~256 KiB (this runs inside
             # the backward pass, beside the model's saved activations).
             o, i = g.shape[-1], a.shape[-1]
             step_rows = max(1, _LAMBDA_ENTRIES // (o * max(i, a.shape[1])))
