@@ -1,5 +1,7 @@
 """Representer Point Selection against its formula built by hand, and the representer theorem."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -439,3 +441,102 @@ def test_lbfgs_solves_a_quadratic(seed, cond):
     x8, grad8 = _lbfgs(value_grad, x0, *value_grad(x0), 1e-9, 8, history=5)
     torch.testing.assert_close(grad8, A @ x8 - b, rtol=0, atol=1e-14)
     assert float(grad8.abs().max()) > 1e-9
+
+
+def _head_problem(seed, n, K=4, Fdim=5, soft=False):
+    g = _gen(seed)
+    H = torch.randn(n, Fdim, generator=g, dtype=F64)
+    W0 = torch.randn(K, Fdim, generator=g, dtype=F64)
+    targets = (torch.softmax(torch.randn(n, K, generator=g, dtype=F64), -1) if soft
+               else torch.randint(0, K, (n,), generator=g))
+    return H, {"W": W0}, targets
+
+
+def test_closed_form_path_is_taken_only_for_a_linear_softmax_head():
+    """_linear_softmax recognises W h + cross-entropy (labels or probabilities, any batch
+    reduction of one row) and returns None for a nonlinear head, another loss, a head with a
+    separate bias, or one logit: those keep the generic vmapped objective."""
+    from dattri_fn.attribute.representer_fit import _linear_softmax
+
+    def recognised(head, loss, params, H, t):
+        h, tt = H, t.to(F64) if t.is_floating_point() else t
+        keys = [k for k in params if k != "body"]
+        return _linear_softmax(head, loss, {}, keys, params, h, tt, 0.1) is not None
+
+    H, params, y = _head_problem(0, 12)
+    _, _, soft = _head_problem(0, 12, soft=True)
+    ce_row = lambda z, t: F.cross_entropy(z[None], t[None])  # noqa: E731 (the recipe's form)
+    lin = lambda p, h: p["W"] @ h  # noqa: E731
+    assert recognised(lin, F.cross_entropy, params, H, y)
+    assert recognised(lin, ce_row, params, H, soft)
+    assert recognised(lambda p, h: F.linear(h, p["W"]), F.cross_entropy, params, H, y)
+    assert not recognised(lambda p, h: torch.tanh(p["W"] @ h), F.cross_entropy, params, H, y)
+    smooth = lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1)  # noqa: E731
+    assert not recognised(lin, smooth, params, H, y)
+    assert not recognised(lin, lambda z, t: ((z - F.one_hot(t, 4)) ** 2).sum(), params, H, y)
+    with_b = {"W": params["W"], "b": torch.zeros(4, dtype=F64)}
+    assert not recognised(lambda p, h: p["W"] @ h + p["b"], F.cross_entropy, with_b, H, y)
+    one = {"W": params["W"][:1]}
+    bce = lambda z, t: F.binary_cross_entropy_with_logits(z[0], t.to(F64))  # noqa: E731
+    assert not recognised(lin, bce, one, H, (y > 1).long())
+
+
+@given(seed=seeds, n=st.integers(3, 40), l2=st.sampled_from([1e-3, 1e-2, 0.3]),
+       soft=st.booleans())
+def test_closed_form_fit_matches_the_generic_fit(monkeypatch, seed, n, l2, soft):
+    """The closed-form Newton-CG fit and the generic vmapped L-BFGS fit both stop at
+    max|grad f| <= 1e-7 max(1, max|grad f(W0)|) (grad f by autograd), so, f being 2 l2-strongly
+    convex, |W_closed - W_generic| <= (|grad_closed| + |grad_generic|) / (2 l2)."""
+    import dattri_fn.attribute.representer_fit as RF
+
+    H, params, t = _head_problem(seed, n, soft=soft)
+    head = lambda p, h: p["W"] @ h  # noqa: E731
+    grad_fn = torch.func.grad(lambda w: F.cross_entropy(H @ w.T, t) + l2 * (w * w).sum())
+    bound = 1e-7 * max(1.0, float(grad_fn(params["W"]).abs().max()))
+    closed = fit_head(head, F.cross_entropy, params, H, t, l2=l2)["W"]
+    with monkeypatch.context() as mp:
+        mp.setattr(RF, "_linear_softmax", lambda *a: None)
+        generic = fit_head(head, F.cross_entropy, params, H, t, l2=l2)["W"]
+    g_c, g_g = grad_fn(closed), grad_fn(generic)
+    assert float(g_c.abs().max()) <= bound and float(g_g.abs().max()) <= bound
+    slack = (float(g_c.norm()) + float(g_g.norm())) / (2 * l2)
+    assert float((closed - generic).norm()) <= slack * 1.01 + 1e-13
+
+
+@given(seed=seeds, n=st.integers(3, 30), l2=st.sampled_from([1e-3, 0.05]))
+def test_refit_row_sums_equal_the_logits_up_to_the_stationarity_residual(monkeypatch, seed, n, l2):
+    """For the fitted head W (any W): sum_i alpha_i <h_i, h_t> = W h_t - grad f(W) h_t / (2 l2)
+    exactly (alpha_i = -dL_i/dz / (2 l2 n)), so RPS's row sums miss the test logit by
+    (grad f h_t)[c] / (2 l2), at most |grad f| |h_t| / (2 l2) with fit_head's gradient bound."""
+    R = importlib.import_module("dattri_fn.attribute.representer")
+
+    H, params, _ = _head_problem(seed, n + 3)
+    h_tr, h_te = H[:n], H[n:]
+    y = torch.randint(0, 4, (n,), generator=_gen(seed + 1))
+    fits = []
+
+    def fit_and_keep(*args, **kwargs):  # the head prepare fits, and its targets
+        fits.append((fit_head(*args, **kwargs), args[4]))
+        return fits[-1][0]
+
+    feat = lambda p, ex: ex[0]  # noqa: E731
+    head = lambda p, h: p["W"] @ h  # noqa: E731
+    m = representer(feat, head, F.cross_entropy, l2=l2, refit="predictions",
+                    explain="prediction")
+    with monkeypatch.context() as mp:
+        mp.setattr(R, "fit_head", fit_and_keep)
+        S = m.score(params, m.prepare(params, (h_tr, y)), None, (h_te,))
+    (fitted, targets), = fits
+    W = fitted["W"]
+
+    def grad_f(w):
+        return torch.func.grad(lambda v: F.cross_entropy(h_tr @ v.T, targets)
+                               + l2 * (v * v).sum())(w)
+
+    grad = grad_f(W)
+    c = (h_te @ params["W"].T).argmax(1)  # explained classes: the model's predictions
+    logit = (h_te @ W.T).gather(1, c[:, None]).squeeze(1)
+    _close(S.sum(0), logit - (h_te @ grad.T / (2 * l2)).gather(1, c[:, None]).squeeze(1), 1e-10)
+    assert float(grad.abs().max()) <= 1e-7 * max(1.0, float(grad_f(params["W"]).abs().max()))
+    bound = grad.norm() * h_te.norm(dim=1) / (2 * l2)
+    assert bool(((S.sum(0) - logit).abs() <= bound * 1.01 + 1e-12).all())
