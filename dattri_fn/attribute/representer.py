@@ -177,7 +177,9 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         h = feature_fn(params, example)
         logits = head_fn(params, h)
         y = label_fn(example)
-        return h, torch.func.grad(loss_on_logits)(logits, y), explained(example, logits), y
+        # with refit, alpha comes from the fitted head: the logits (its targets) replace dL/dz
+        out = logits if refit is not None else torch.func.grad(loss_on_logits)(logits, y)
+        return h, out, explained(example, logits), y
 
     def test_example(params: Params, example):  # -> h [F], class []
         # No loss here, so with explain="prediction" test examples need no label at all.
@@ -213,8 +215,9 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                      "Use explain='prediction' for soft targets."))
 
     def rows(func: str, arg: str, params: Params, data) -> tuple[Tensor, ...]:
-        """Return the per-example outputs over every batch: ``(h [n, F], dL/dlogits [n, K],
-        classes [n], labels [n, ...])`` for train, ``(h [n, F], classes [n])`` for test."""
+        """Return the per-example outputs over every batch: ``(h [n, F], dL/dlogits [n, K]
+        (with refit: the logits), classes [n], labels [n, ...])`` for train, ``(h [n, F],
+        classes [n])`` for test."""
         batches = iter_batches(func, arg, data)
         check_first(func, arg, params, batches)
         fn = vmap(train_example if arg == "train" else test_example, in_dims=(None, 0))
@@ -232,8 +235,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         params = check_params(func, "params", params)
         h, dlogits, classes, labels = rows(func, "train", params, train)
         if refit is not None:
-            logits = vmap(head_fn, in_dims=(None, 0))(params, h)
-            targets = labels if refit == "labels" else _soft_targets(logits).detach()
+            targets = labels if refit == "labels" else _soft_targets(dlogits).detach()
             fitted = fit_head(head_fn, loss_on_logits, params, h, targets, l2=l2)
             grad_logits = vmap(torch.func.grad(loss_on_logits))
             dlogits = grad_logits(vmap(head_fn, in_dims=(None, 0))(fitted, h), targets)
