@@ -84,22 +84,27 @@ def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
     shapes = _shapes(QA, QG, param_names)
     P, where = _layout(name, param_names, shapes)
     ref = QA[layers[0]]
-    order = {k: i for i, k in enumerate(param_names)}
 
     def matmat(V: Tensor) -> Tensor:
-        pieces = {}
-        blocks = _read_blocks(V, layers, shapes, where, transposed)
+        # Each layer's block is read just before its products and its result written into one
+        # [k, P] buffer: the rows, the result and one layer's temporaries are alive at once,
+        # not every layer's block, every result piece and their concatenation (4x the rows).
+        k = V.shape[0]
+        out = V.new_empty(k, P)
         for layer in layers:
-            inp = shapes[layer][1]
-            wk, bk = _keys(layer)
+            o, inp = shapes[layer]
+            ws, bs = where[layer]
             qa, qg = QA[layer].to(V.dtype), QG[layer].to(V.dtype)
-            R = qg.T @ blocks[layer] @ qa
+            R = qg.T @ _read_blocks(V, (layer,), shapes, where, transposed)[layer] @ qa
             X = qg @ (R * scale[layer].to(V.dtype)) @ qa.T
-            W = X[..., :inp]
-            pieces[wk] = (W.transpose(1, 2) if layer in transposed else W).reshape(V.shape[0], -1)
-            if where[layer][1] is not None:
-                pieces[bk] = X[..., inp]
-        return torch.cat([pieces[n] for n in sorted(pieces, key=order.__getitem__)], dim=1)
+            del R
+            if layer in transposed:
+                out[:, ws].view(k, inp, o).copy_(X[..., :inp].transpose(1, 2))
+            else:
+                out[:, ws].view(k, o, inp).copy_(X[..., :inp])
+            if bs is not None:
+                out[:, bs].copy_(X[..., inp])
+        return out
 
     op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
     op.blocks = lambda V: _read_blocks(V, layers, shapes, where, transposed)
