@@ -45,6 +45,18 @@ def test_equals_dense_solve_with_duplicate_and_zero_rows(block_size):
     assert int(res.num_iters[7]) == 0 and torch.equal(res.x[7], torch.zeros(40, dtype=DT))
 
 
+def test_float32_cholesky_qr_path_with_dependent_rows():
+    """In float32 (Cholesky-QR blocks; Householder once rows repeat) the solution equals the
+    float64 dense solve to float32's tolerance, a repeated row and a zero row included."""
+    A, B = _spd(64, 8), _rhs(20, 64, 8)
+    B[4], B[9] = B[2], 0.0
+    want = _exact(A, B, 0.05)
+    for part in (slice(None), slice(0, 3), slice(10, None)):
+        got = block_cg_solve(A.float(), B[part].float(), damping=0.05, rtol=1e-6).x
+        ref = want[part]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
 def test_shared_space_converges_in_p_over_k_steps():
     """k independent rows in one block: the shared Krylov space has k j dimensions after j steps,
     so the solve is exact within ceil(P / k) steps (plain CG needs many more here)."""
