@@ -167,7 +167,7 @@ def _scores(loss, params, train, test, **kw):
 @pytest.mark.parametrize("method", ["lu", "auto"])
 def test_influence_explicit_takes_the_factored_path(device, monkeypatch, method):
     """explicit + hessian on a Linear-only FunctionalModel: no hvp call, the hvp path's scores."""
-    inf = importlib.import_module("dattri_fn.attribute.influence")
+    inf = importlib.import_module("dattri_fn.attribute.influence_inverse")  # builds the curvature
     model = _chain(5, [4, 6, 3], [True, False], "tanh").to(device)
     fm = functional_model(model, F.cross_entropy)
     train = [_batch(s, 5, 4, 3, "ce", device) for s in (1, 2)]
@@ -573,7 +573,7 @@ def test_bare_linear_root_is_factored(device, monkeypatch):
     torch.testing.assert_close(op.dense(), H, rtol=1e-10, atol=1e-12)  # GN = H for a linear model
     fm = functional_model(model, F.cross_entropy)
     ref = _scores(fm.loss, fm.params, batch, batch, method="lu")
-    inf = importlib.import_module("dattri_fn.attribute.influence")
+    inf = importlib.import_module("dattri_fn.attribute.influence_inverse")  # builds the curvature
     monkeypatch.setattr(inf, "hvp", lambda *a, **k: (_ for _ in ()).throw(AssertionError("hvp")))
     torch.testing.assert_close(_scores(fm, fm.params, batch, batch, method="lu"), ref,
                                rtol=1e-10, atol=1e-12)
