@@ -45,7 +45,10 @@ from .explicit import as_operator, check_rhs
 
 __all__ = ["block_cg_solve", "ihvp_block_cg"]
 
-DEFAULT_BLOCK = 256  # rows per shared Krylov space: the per-step overhead grows as P k^2
+# Rows per shared Krylov space: the per-step block algebra grows as P k^2, the steps fall with k.
+# 600 rows on the P = 9,610 MLP's Gauss-Newton (1,000 examples), groups of 100/200/300/600:
+# 9/6/5/4 steps, 10.5/8.2/7.7/7.9 s of CPU (one thread).
+DEFAULT_BLOCK = 256
 DROP = 1.0  # a block row is dependent when |R_jj| <= DROP * sqrt(eps) (see _orth)
 
 
