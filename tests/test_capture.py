@@ -325,3 +325,11 @@ def test_one_call_sequence_layer_input_is_not_copied():
     state = {k: v.detach() for k, v in model.named_parameters()}
     _, acts = tapped(state, {"0": torch.zeros((), dtype=torch.float64)}, x)
     assert acts["0"].data_ptr() == x.data_ptr() and torch.equal(acts["0"], x)
+
+
+def test_call_kinds_keep_their_old_import_path():
+    """The call kinds moved to capture_kinds are the same objects under capture."""
+    from dattri_fn.transforms import capture, capture_kinds
+
+    for name in ("_CALLS", "_PER_CALL", "_arg", "_linear_inspect", "_conv2d_probe"):
+        assert getattr(capture, name) is getattr(capture_kinds, name)

@@ -32,16 +32,28 @@ one example per row and the examples to be independent (eval mode).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+
+# the call kinds, all importable from here as before the split
+from .capture_kinds import (  # noqa: F401
+    _CALLS,
+    _PER_CALL,
+    _add_positions,
+    _addmm_inspect,
+    _arg,
+    _conv2d_inspect,
+    _conv2d_probe,
+    _embedding_inspect,
+    _input_of,
+    _linear_inspect,
+)
 
 __all__ = ["CaptureError", "LayerSpec", "Probed", "bias_grad", "check", "layer_specs", "probe_shapes",
            "tap", "weight_grad"]
@@ -116,10 +128,6 @@ def _name(func) -> str:
     return name
 
 
-def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
-    return args[i] if len(args) > i else kwargs.get(key, default)
-
-
 class Probed(NamedTuple):
     """One forward of :func:`tap`'s ``tapped.probed``: every selected call has its own probe.
 
@@ -136,9 +144,6 @@ class Probed(NamedTuple):
     acts: dict[str, Tensor]
     probes: dict[str, tuple[Tensor, ...]]
     fold: Callable[[Mapping[str, Sequence[Tensor]]], dict[str, Tensor]]
-
-
-_PER_CALL = object()  # probes made by the mode itself, one per call, shaped as that call's output
 
 
 class _Record(NamedTuple):
@@ -234,120 +239,6 @@ class _Capture(TorchFunctionMode):
             got = list(x.shape) if x.ndim else "a scalar"
             return f"an input {got} that is not batch-first (B = {self.batch})"
         return self.batch
-
-
-# Each kind: (kind, inspect(mode, name, args, kwargs) -> (a, flat, T) or a reason,
-#             add_probe(mode, name, out, T) -> out).
-def _input_of(mode: _Capture, name, args, kwargs) -> Tensor | str:
-    """``(input, weight, bias, ...)`` calls (linear, conv2d): the input, or why not captured."""
-    x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), \
-        _arg(args, kwargs, 2, "bias")
-    if mode.roles.get(id(w)) != (name, "weight"):
-        return "its bias is used without its weight"
-    if mode.specs[name].bias is not None and mode.roles.get(id(b)) != (name, "bias"):
-        return "its weight is used without its bias"
-    return x
-
-
-def _linear_inspect(mode: _Capture, name, args, kwargs):
-    x = _input_of(mode, name, args, kwargs)
-    if isinstance(x, str):
-        return x
-    B = mode.rows_of(x)
-    if isinstance(B, str):
-        return B
-    T = math.prod(x.shape[1:-1])
-    return x.reshape(B, T, x.shape[-1]), x.ndim == 2, T
-
-
-def _add_positions(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T, out)
-    if p is None:
-        return out
-    return out + (p if p.ndim == 0 or mode.probes is _PER_CALL else p.reshape(out.shape))
-
-
-def _addmm_inspect(mode: _Capture, name, args, kwargs):
-    b, x, w = (_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "mat1"),
-               _arg(args, kwargs, 2, "mat2"))
-    if mode.roles.get(id(w)) != (name, "weight") or kwargs.get("beta", 1) != 1 \
-            or kwargs.get("alpha", 1) != 1:
-        return "addmm with the weight not as mat2 (or beta/alpha set)"
-    spec = mode.specs[name]
-    if (spec.bias is not None and mode.roles.get(id(b)) != (name, "bias")) or \
-            (spec.bias is None and mode.roles.get(id(b)) is not None):
-        return "its weight is used without its bias"
-    if mode.batch is None or x.shape[0] % mode.batch:
-        return f"rows {x.shape[0]} that are not B = {mode.batch} blocks of positions"
-    T = x.shape[0] // mode.batch
-    return x.reshape(mode.batch, T, x.shape[1]), T == 1, T
-
-
-def _conv2d_inspect(mode: _Capture, name, args, kwargs):
-    x = _input_of(mode, name, args, kwargs)
-    if isinstance(x, str):
-        return x
-    w = _arg(args, kwargs, 1, "weight")
-    stride, padding, dilation, groups = (_arg(args, kwargs, 3, "stride", 1),
-                                         _arg(args, kwargs, 4, "padding", 0),
-                                         _arg(args, kwargs, 5, "dilation", 1),
-                                         _arg(args, kwargs, 6, "groups", 1))
-    if groups != 1:
-        return f"groups = {groups} (only groups = 1 is factored)"
-    if x.ndim != 4:
-        return f"an unbatched input {list(x.shape)}"
-    B = mode.rows_of(x)
-    if isinstance(B, str):
-        return B
-    kernel = w.shape[2:]
-    dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = 0
-        else:  # "same": symmetric only when every dilated kernel extent is odd
-            total = [d * (k - 1) for d, k in zip(dil, kernel, strict=True)]
-            if any(t % 2 for t in total):
-                return "padding='same' with an even kernel extent (asymmetric padding)"
-            padding = tuple(t // 2 for t in total)
-    cols = F.unfold(x, kernel, dilation=dil, padding=padding, stride=stride)  # [B, k, L]
-    return cols.transpose(1, 2), False, cols.shape[2]
-
-
-def _conv2d_probe(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
-    p = mode._probe(name, T, out)
-    if p is None:
-        return out
-    if mode.probes is _PER_CALL:
-        return out + p
-    return out + (p if p.ndim == 0 else p.transpose(1, 2).reshape(out.shape))
-
-
-def _embedding_inspect(mode: _Capture, name, args, kwargs):
-    idx, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
-    if mode.roles.get(id(w)) != (name, "weight"):
-        return "its weight is the indices argument"
-    if _arg(args, kwargs, 3, "max_norm") is not None:
-        return "max_norm (renormalises the weight in place)"
-    if _arg(args, kwargs, 5, "scale_grad_by_freq", False):
-        return "scale_grad_by_freq (a gradient that depends on the whole batch)"
-    B = mode.rows_of(idx)
-    if isinstance(B, str):
-        return B
-    T = math.prod(idx.shape[1:])
-    a = idx.reshape(B, T)
-    pad = _arg(args, kwargs, 2, "padding_idx")
-    if pad is not None:
-        pad = pad if pad >= 0 else w.shape[0] + pad
-        a = a.masked_fill(a == pad, -1)
-    return a, idx.ndim == 1, T
-
-
-_CALLS = {
-    F.linear: ("linear", _linear_inspect, _add_positions),
-    torch.addmm: ("conv1d", _addmm_inspect, _add_positions),
-    F.conv2d: ("conv2d", _conv2d_inspect, _conv2d_probe),
-    F.embedding: ("embedding", _embedding_inspect, _add_positions),
-}
 
 
 def _batch_rows(args, kwargs) -> int | None:
