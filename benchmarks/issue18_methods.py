@@ -12,6 +12,12 @@ Grad-Dot / Grad-Cos on one model and TracIn / TracIn-Cos over the three; the dro
 KNN-Shapley (K = 5) on raw inputs and on the hidden features, whose scores are data values, not
 influence (its LDS is reported for scale).
 
+``--relatif-cost``: RelatIF's cost alone (issue 18): prepare, a first and a second ``score``
+and ``self_score`` of IF (GN, CG 100) and RelatIF 'l'/'theta' on one model, the best of
+``--repeats`` runs each (wall and process CPU seconds: the CPU time is robust to a loaded
+machine), with the LDS of the first score (the scores do not depend on when the
+normalisers are computed).
+
 Second table: noisy-label detection on digits-mlp with 10% flipped labels (n_train 500, the 200
 test points as the clean validation set of the valuation): ROC-AUC of IF self-influence (GN,
 CG 100) against minus the KNN-Shapley data value ``scores.mean(1)`` (a mislabelled point's
@@ -20,6 +26,7 @@ neighbours vote against it), with the time of each.
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 
@@ -109,5 +116,48 @@ def noisy(hidden) -> None:
               f"{dt:.2f} |")
 
 
+def relatif_cost(repeats: int) -> None:
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    task = get_task("digits-mlp", n_train=500, n_test=50, seed=0)
+    gt = lds_ground_truth(task, 64, cache_dir=".cache/dattri_fn", seed=0, progress=False)
+    fm = functional_model(train_model(task, seed=0).eval(), task.loss_fn)
+    wd = float(task.hparams["weight_decay"])
+    train = [(task.x_train[i:i + 256], task.y_train[i:i + 256]) for i in range(0, 500, 256)]
+    test = (task.x_test, task.y_test)
+    base = dict(solver="cg", max_iter=100, l2=wd / 2, damping=1e-3 + wd)
+    print("| method | LDS | prepare s | score s | second score s | self_score s |")
+    print("|---|---|---|---|---|---|")
+    for label, kind in (("IF (GN, CG 100)", None), ("RelatIF 'l'", "l"),
+                        ("RelatIF 'theta'", "theta")):
+        best = None
+        for _ in range(repeats):
+            m = influence(fm, relatif=kind, **base)
+            calls = [lambda: m.prepare(fm.params, train)]
+            calls += [lambda: m.score(fm.params, state, train, test)] * 2
+            calls += [lambda: m.self_score(fm.params, state, train)]
+            times = []
+            for i, call in enumerate(calls):
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = call()
+                times.append((time.perf_counter() - t0, time.process_time() - c0))
+                if i == 0:
+                    state = out
+                elif i == 1:
+                    S = out
+            best = times if best is None else [(min(a[0], b[0]), min(a[1], b[1]))
+                                               for a, b in zip(best, times, strict=True)]
+        res = lds(S.double(), gt.subsets, gt.targets.double())
+        print(f"| {label} | {float(res.mean):.3f} | "
+              + " | ".join(f"{w:.2f} ({c:.2f} CPU)" for w, c in best) + " |")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--relatif-cost", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    if args.relatif_cost:
+        relatif_cost(args.repeats)
+    else:
+        main()
