@@ -53,8 +53,10 @@ Hyper-parameter mapping (ours -> dattri), weight decay ``wd`` of the task, extra
   also mutates in place), so it gets ``proj_type="identity"`` to compute the same quantity.
 * RPS: ``l2_strength = wd / 2``. dattri fine-tunes the head weight (no bias) towards the model's
   own softmax outputs for up to 3000 line-search steps and takes ``alpha`` from those soft
-  labels; ours takes the trained head as is (bias folded in as a constant feature) and the true
-  labels. Different definitions: a high correlation is not expected.
+  labels; ours does the same (``refit="predictions"``, the bias folded in as a constant feature
+  and regularised like the weight), solved to a gradient bound (closed-form Newton-CG for a
+  linear softmax head, :func:`dattri_fn.attribute.representer_fit.fit_head`): the scores
+  correlate at 0.997-1.000.
 * a bare ``nn.Linear`` (digits-lr) is wrapped as ``Sequential(Identity(), Linear)`` for dattri:
   its EK-FAC and RPS address layers by submodule name. dattri loads every checkpoint INTO the
   module it is given, so it gets a copy.

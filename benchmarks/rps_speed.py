@@ -38,10 +38,15 @@ print(json.dumps({"prepare_s": out["prepare_s"], "score_s": out["score_s"],
 
 
 def side(name: str, spec: dict, pythonpath: str) -> dict:
-    """Run one side in a fresh process and return its timings."""
+    """Run one side in a fresh process and return its timings (and the library it imported).
+
+    The child runs in the first ``pythonpath`` directory: ``python -c`` puts its working
+    directory first on ``sys.path``, so that directory's ``dattri_fn`` is the one imported.
+    """
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     spec = dict(spec, side="dattri" if name == "dattri" else "ours")
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=ROOT, env=env,
+    cwd = pythonpath.split(os.pathsep)[0]
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], cwd=cwd, env=env,
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
@@ -80,7 +85,7 @@ def main(argv=None) -> list[dict]:
             total = res.get("prepare_s", 0) + res.get("score_s", 0)
             print(f"round {r} {name:7s} prepare {res.get('prepare_s', float('nan')):.4f} s "
                   f"score {res.get('score_s', float('nan')):.4f} s total {total:.4f} s "
-                  f"{res.get('error', '')}", flush=True)
+                  f"{res.get('error', '')} ({res.get('library', '?')})", flush=True)
     print("load after:", os.getloadavg())
     for r in range(args.rounds):
         t = {row["side"]: row.get("prepare_s", 0) + row.get("score_s", 0)
