@@ -239,6 +239,7 @@ def _newton_head(H, targets, l2, W0):
     return w.reshape(W0.shape)
 
 
+@pytest.mark.slow  # 14-30 s at load 6: torch.func.hessian's reference Newton, 25 examples
 @given(seed=seeds, n=st.integers(2, 12), l2=st.sampled_from([1e-2, 0.3]),
        soft=st.booleans())
 def test_fit_head_is_the_newton_minimiser(device, seed, n, l2, soft):
@@ -481,7 +482,7 @@ def test_closed_form_path_is_taken_only_for_a_linear_softmax_head():
     assert not recognised(lin, bce, one, H, (y > 1).long())
 
 
-@given(seed=seeds, n=st.integers(3, 40), l2=st.sampled_from([1e-3, 1e-2, 0.3]),
+@given(seed=seeds, n=st.integers(3, 25), l2=st.sampled_from([1e-3, 1e-2, 0.3]),
        soft=st.booleans())
 def test_closed_form_fit_matches_the_generic_fit(monkeypatch, seed, n, l2, soft):
     """The closed-form Newton-CG fit and the generic vmapped L-BFGS fit both stop at
