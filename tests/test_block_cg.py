@@ -125,8 +125,8 @@ def test_gauss_newton_of_an_mlp():
 
 
 def test_errors_and_warning():
-    """Settings are checked at construction and name the call; an indefinite A + d I is refused;
-    rows short of the tolerance warn."""
+    """Settings are checked at construction and name the call (or the caller's func/arg); an
+    indefinite A + d I and a NaN operator are refused; rows short of the tolerance warn."""
     A, B = _spd(10, 6), _rhs(3, 10, 6)
     with pytest.raises(ValueError, match=r"block_cg_solve\(block_size=...\): expected an int >= 1"):
         block_cg_solve(A, B, block_size=0)
@@ -142,6 +142,12 @@ def test_errors_and_warning():
         block_cg_solve(-A, B, damping=0.01)
     with pytest.raises(ValueError, match=r"block_cg_solve\(B=...\)|block_cg_solve\(V=...\)"):
         block_cg_solve(A, B[:, :5])
+    nan_op = LinOp(lambda V: V * float("nan"), 10, DT, "cpu")
+    with pytest.raises(ValueError, match=r"^if_cg\(curvature=...\): expected a positive-definite"):
+        ihvp_block_cg(-A, damping=0.01, func="if_cg", arg="curvature")(B)  # a caller's names
+    with pytest.raises(ValueError, match=r"^if_cg\(curvature=...\): expected an operator returning "
+                                         r"finite values"):
+        ihvp_block_cg(nan_op, func="if_cg", arg="curvature")(B)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         res = block_cg_solve(_spd(40, 7), _rhs(2, 40, 7), damping=1e-6, rtol=1e-14, max_iter=2)

@@ -88,7 +88,7 @@ def _orth(W: Tensor) -> Tensor:
     return Q.T.contiguous()
 
 
-def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, func: str):
+def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
     """Bare breakdown-free block PCG on the rows of ``B`` (one shared space); no validation.
 
     Returns ``(X, iters, residual_norm)``: ``iters[i]`` is the number of steps row ``i`` took
@@ -110,9 +110,12 @@ def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, func: str):
         Q = matmat(Pd)
         S = (Pd @ Q.T).double()
         S = (S + S.T) / 2
+        if not all_finite(S):
+            raise ValueError(f"{where}: expected an operator returning finite values, got NaN "
+                             f"or inf in the block CG products. Check the curvature operator.")
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
-            raise ValueError(f"{func}(op=...): expected a positive-definite op + damping I, got "
+            raise ValueError(f"{where}: expected a positive-definite op + damping I, got "
                              f"a block of directions p with p^T (A + damping I) p not positive "
                              f"definite. Raise damping, or use cg_solve (its negative-curvature "
                              f"rule) for an indefinite operator.")
@@ -174,14 +177,14 @@ def _settings(func: str, op, damping, rtol, atol, max_iter, M, block_size):
     return A, matmat, precond, damping, rtol, atol, max_iter, block_size
 
 
-def _solve(func, matmat, precond, V: Tensor, rtol, atol, max_iter, block_size, damping,
+def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_size, damping,
            stacklevel: int) -> CGResult:
     tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
-    parts = [_block(matmat, precond, V[s:s + block_size], tol[s:s + block_size], max_iter, func)
+    parts = [_block(matmat, precond, V[s:s + block_size], tol[s:s + block_size], max_iter, where)
              for s in range(0, V.shape[0], block_size)]
     X, iters, norms = (torch.cat(t) for t in zip(*parts, strict=True))
     if not all_finite(X):
-        raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
+        raise ValueError(f"{where}: expected an operator returning finite values, got "
                          f"NaN or inf in the block CG iterates. Check the curvature operator.")
     converged = norms <= tol
     num_slow = int((~converged).sum())
@@ -245,17 +248,24 @@ def block_cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6,
     B2 = B.unsqueeze(0) if vector else B
     check_tensor(func, "B", B2, ndim=2, dim_size={1: A.dim})
     check_rhs(func, B2, A.dtype, A.device)
-    res = _solve(func, matmat, precond, B2, rtol, atol, max_iter, block_size, damping, 3)
+    res = _solve(func, f"{func}(op=...)", matmat, precond, B2, rtol, atol, max_iter, block_size,
+                 damping, 3)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else res
 
 
 def ihvp_block_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
                   max_iter: int | None = None, M=None,
-                  block_size: int = DEFAULT_BLOCK) -> LinOp:
+                  block_size: int = DEFAULT_BLOCK, func: str = "ihvp_block_cg",
+                  arg: str = "op") -> LinOp:
     """Return V -> (A + damping*I)^-1 V by block CG over V's rows.  # [k, P] -> [k, P]
 
     The operator form of :func:`block_cg_solve` (settings validated here, once; a sketch
     ``M="nystrom"`` built here, once); every call solves its rows from zero.
+
+    Args:
+        op, damping, rtol, atol, max_iter, M, block_size: as :func:`block_cg_solve`.
+        func, arg: the call and argument the errors name (a caller that solves for its user,
+            e.g. ``influence``'s ``if_cg(curvature=...)``).
 
     Raises:
         TypeError/ValueError: as :func:`block_cg_solve`, at construction for the settings and
@@ -265,12 +275,12 @@ def ihvp_block_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float =
         Solutions are accurate to ``rtol``: ``op(V)`` is linear in ``V``, and a row's value
         independent of the rows solved with it, only up to that tolerance.
     """
-    func = "ihvp_block_cg"
     A, matmat, precond, damping, rtol, atol, max_iter, block_size = _settings(
         func, op, damping, rtol, atol, max_iter, M, block_size)
 
     def solve(V: Tensor) -> Tensor:  # [k, P]: LinOp's call adds the row dim of a vector
         check_rhs(func, V, A.dtype, A.device)
-        return _solve(func, matmat, precond, V, rtol, atol, max_iter, block_size, damping, 4).x
+        return _solve(func, f"{func}({arg}=...)", matmat, precond, V, rtol, atol, max_iter,
+                      block_size, damping, 4).x
 
     return LinOp(solve, A.dim, A.dtype, A.device, name=func)
