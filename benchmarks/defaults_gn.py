@@ -64,7 +64,7 @@ def block_default():
         if always:
             return real(name, C, damping, opts, always=always)
         opts = {k: v for k, v in opts.items() if k != "negative_curvature"}
-        return ihvp_block_cg(C, damping=damping, **opts)
+        return ihvp_block_cg(C, damping=damping, func=name, arg="curvature", **opts)
 
     # the call site is in influence_inverse (or, before its split, influence itself)
     holders = [m for m in (influence_inverse, module) if getattr(m, "_sketched_cg", None) is real]
