@@ -58,10 +58,11 @@ def test_store_classes_keep_their_module():
 
 def test_task_callables_keep_the_cache_key_module():
     """The callables retrain.cache_key hashes by module-qualified name stay in dattri_fn.eval.tasks."""
-    from dattri_fn.eval.tasks import SGD_HPARAMS, TASKS, get_task
+    from dattri_fn.eval import tasks
 
-    for task in [get_task(name, n_train=20, n_test=5) for name in TASKS] + [
-            get_task("digits-mlp", n_train=20, n_test=5, hparams=SGD_HPARAMS)]:
-        fns = [task.make_model.func, task.train.func, task.target, task.loss_fn,
-               task.train.keywords["loss_fn"]]
-        assert {f.__module__ for f in fns} == {"dattri_fn.eval.tasks"}, task.name
+    fns = [tasks._make_lr, tasks._make_mlp, tasks._make_cnn, tasks._make_lm, tasks._train_lbfgs,
+           tasks._train_adam, tasks._train_sgd, tasks.classification_loss, tasks.lm_loss,
+           tasks.margin_target, tasks.neg_sequence_loss_target, *tasks._TRAINERS.values()]
+    assert {f.__module__ for f in fns} == {"dattri_fn.eval.tasks"}
+    for name, hp in tasks._HPARAMS.items():  # the trainers get_task wires in
+        assert tasks._trainer(hp, tasks.classification_loss).func in fns, name
