@@ -45,6 +45,7 @@ from ..operators.kfac import (
 from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
 from .cg import CGResult, cg_solve, ihvp_cg
 from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
+from .lbfgs import LBFGSResult, minimize_lbfgs
 from .lissa import ihvp_lissa
 from .minres import ihvp_minres
 from .nystrom import nystrom_preconditioner
@@ -65,6 +66,7 @@ __all__ = [
     "Eigen",
     "EigenInverse",
     "KFACFactors",
+    "LBFGSResult",
     "LUInverse",
     "SOLVERS",
     "arnoldi",
@@ -80,5 +82,6 @@ __all__ = [
     "ihvp_minres",
     "kfac_factors",
     "kfac_tap",
+    "minimize_lbfgs",
     "nystrom_preconditioner",
 ]
