@@ -203,8 +203,11 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         return out
 
     def features(io: dict) -> Tensor:  # [B, d]
-        return torch.cat([torch.einsum("bto,bti->boi", g, a).flatten(1) for a, g in io.values()],
-                         dim=1)
+        # one position (T = 1): the outer product g' a'^T itself, one multiply per entry (the
+        # same numbers as the contraction over a length-1 axis, without a batched GEMM call)
+        return torch.cat([(g[:, 0, :, None] * a[:, 0, None, :] if a.shape[1] == 1 else
+                           torch.einsum("bto,bti->boi", g, a)).flatten(1)
+                          for a, g in io.values()], dim=1)
 
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
         out, start = torch.empty_like(phi), 0
@@ -247,7 +250,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                                for i, (ln, (a, g)) in enumerate(io.items())}
             io = projected(io, projections)
             for ln, (a, g) in io.items():
-                dA = torch.einsum("bti,btj->ij", a, a / a.shape[1])
+                dA = torch.einsum("bti,btj->ij", a, a if a.shape[1] == 1 else a / a.shape[1])
                 dG = torch.einsum("bto,btp->op", g, g)
                 A[ln] = dA if ln not in A else A[ln] + dA
                 G[ln] = dG if ln not in G else G[ln] + dG
