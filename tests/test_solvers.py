@@ -154,7 +154,8 @@ def test_values_that_need_the_model_say_so():
 def test_kfac_factors_are_a_curvature_value(kind):
     """Factors F as the first argument: as_linop(F) = kfac_operator(F); ihvp_explicit(F) and
     solvers.<kind>()(F) = ihvp_<kind>(F) bit for bit; ihvp_cg(F) = the same inverse (1e-10);
-    ihvp_lissa(F) = ihvp_lissa(kfac_operator(F)); DataInf refuses factors by name."""
+    ihvp_lissa(F) = ihvp_lissa(kfac_operator(F)); ihvp_<kind>(kfac_operator(F)) = ihvp_<kind>(F);
+    DataInf refuses factors by name."""
     from dattri_fn._types import as_linop
     from dattri_fn.operators import kfac_operator
     from dattri_fn.solve import (
@@ -182,6 +183,9 @@ def test_kfac_factors_are_a_curvature_value(kind):
     lissa = dict(damping=0.3, scale=2.0 * float(torch.linalg.eigvalsh(kfac_operator(F).dense())
                                                 .max()) + 1.0, depth=5)
     assert torch.equal(ihvp_lissa(F, **lissa)(V), ihvp_lissa(kfac_operator(F), **lissa)(V))
+    assert torch.equal(inverse(kfac_operator(F), damping=0.3)(V), want)
+    with pytest.raises(ValueError, match=rf"ihvp_{kind}\(damping=...\)"):
+        inverse(kfac_operator(F), damping=-1.0)
     with pytest.raises(TypeError, match=rf"ihvp_datainf\(op=...\): expected .* got {type(F).__name__}"):
         ihvp_datainf(F)
 

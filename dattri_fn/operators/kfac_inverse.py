@@ -193,7 +193,7 @@ def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
     block ``M``, read from and written to the params' ravel layout.
 
     Args:
-        factors: from :func:`kfac_factors`.
+        factors: from :func:`kfac_factors` (or ``kfac_operator`` of them, which carries this inverse).
         damping: ``> 0``, added to the Kronecker product (not split between the factors).
 
     Returns:
@@ -206,6 +206,8 @@ def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
         Martens & Grosse 2015, arXiv:1503.05671.
     """
     func = "ihvp_kfac"
+    if isinstance(factors, LinOp) and factors.inverse is not None:  # kfac_operator(factors)
+        return factors.inverse(check_positive(func, "damping", damping))
     _check_factors(func, factors, KFACFactors, "kfac_factors", ("A", "G"))
     damping = check_positive(func, "damping", damping)
     QA, QG, Lam = _kfac_eigen(factors)
@@ -219,7 +221,7 @@ def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
     block-diagonal over layers, in the params' ravel layout.
 
     Args:
-        factors: from :func:`ekfac_factors`.
+        factors: from :func:`ekfac_factors` (or ``kfac_operator`` of them, which carries this inverse).
         damping: ``> 0``.
 
     Returns:
@@ -232,6 +234,8 @@ def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
         George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
     """
     func = "ihvp_ekfac"
+    if isinstance(factors, LinOp) and factors.inverse is not None:  # kfac_operator(factors)
+        return factors.inverse(check_positive(func, "damping", damping))
     _check_factors(func, factors, EKFACFactors, "ekfac_factors",
                    ("QA", "QG", "Lambda"))
     damping = check_positive(func, "damping", damping)
