@@ -43,6 +43,7 @@ from ..operators.kfac import (
     kfac_tap,
 )
 from .arnoldi import arnoldi, ihvp_arnoldi, ihvp_arnoldi_full_rank
+from .block_cg import block_cg_solve, ihvp_block_cg
 from .cg import CGResult, cg_solve, ihvp_cg
 from .explicit import CholeskyInverse, Eigen, EigenInverse, LUInverse, ihvp_explicit
 from .lbfgs import LBFGSResult, minimize_lbfgs
@@ -70,9 +71,11 @@ __all__ = [
     "LUInverse",
     "SOLVERS",
     "arnoldi",
+    "block_cg_solve",
     "cg_solve",
     "ekfac_factors",
     "ihvp_arnoldi",
+    "ihvp_block_cg",
     "ihvp_cg",
     "ihvp_datainf",
     "ihvp_ekfac",
