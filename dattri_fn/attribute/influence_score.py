@@ -15,8 +15,8 @@ from .._types import Loss, Params
 from ..model import default_unpack
 from ..operators import kfac
 from ..transforms.grad import per_sample_grad_unchecked
-from ..transforms.layer_grads import LayerPlan, layer_grads_stacked
-from ..transforms.layers import output_shapes, streamed_io
+from ..transforms.layer_grads import LayerPlan, layer_grads_fn
+from ..transforms.layers import streamed_io
 from ..tree import ravel_batched
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .method import device_of
@@ -41,9 +41,10 @@ def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
         return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b))
     stacked = {k: v[None] for k, v in params.items()}
     shift = 2 * l2 * torch.cat([v.reshape(-1) for v in params.values()]) if l2 else None
+    layer_grads = layer_grads_fn(plan)  # checked on this stream's first batch, then held
 
     def rows(b):
-        G = layer_grads_stacked(plan, stacked, b).to_dense()[0]
+        G = layer_grads(stacked, b).to_dense()[0]
         return G if shift is None else G.add_(shift)
 
     return rows
@@ -184,8 +185,8 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
     size = n if cfg.chunk_size is None else cfg.chunk_size
     for start in range(0, n, size):
         args, kwargs, target = unpack(batch_slice(batch, start, start + size))
-        shapes = output_shapes(tapped, state, args, kwargs, like)
-        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, shapes, like,
+        # shapes=None: a probe per layer call, shaped as its output (no extra forward)
+        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like,
                     lambda layer, a, g, start=start: step(start, layer, a, g))
 
 
