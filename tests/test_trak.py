@@ -330,6 +330,40 @@ def test_one_projection_held_at_a_time(device, monkeypatch, seed, kind, row_bloc
     _close(scores, whole.score(ckpts, whole.prepare(ckpts, train), None, test), 1e-12)
 
 
+@pytest.mark.parametrize("whole_pass", ["batch", "merged"])
+def test_a_one_call_prepare_holds_one_projection_at_a_time(whole_pass, monkeypatch):
+    """A prepare whose pass is ONE call (a Batch, or batches merged by batch_rows) holds each
+    dense rademacher R_c only while checkpoint c is projected (at most 1 alive, not C = 3);
+    its state equals the one from two batches with every R held (bit for bit)."""
+    project_module = importlib.import_module("dattri_fn.transforms.project")
+    held, most, kept = [0], [0], project_module.Projector.kept
+
+    def counted(self, dtype, device):
+        with kept(self, dtype, device):
+            held[0] += (dtype, torch.device(device)) in self._cache
+            most[0] = max(most[0], held[0])
+            try:
+                yield self
+            finally:
+                held[0] -= (dtype, torch.device(device)) in self._cache
+
+    monkeypatch.setattr(project_module.Projector, "kept", contextlib.contextmanager(counted))
+    fm = _mlp(0, "cpu")
+    ckpts = [_perturbed(fm.params, c) for c in range(3)]
+    model = functional_model(fm.module, classification_margin_loss)
+    weight = functional_model(fm.module, classification_weight_loss)
+    data = _data(7, 0, "cpu")
+    one = trak(model, weight_fn=weight, proj_dim=8, damping=0.1,
+               batch_rows=None if whole_pass == "batch" else 7)
+    state = one.prepare(ckpts, data if whole_pass == "batch" else _split(data, [3]))
+    assert most[0] == 1
+    most[0] = 0
+    ref = trak(model, weight_fn=weight, proj_dim=8, damping=0.1).prepare(ckpts, _split(data, [3]))
+    assert most[0] == 3
+    for got, want in zip(state, ref, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_state_is_tensors_and_round_trips(device, tmp_path):
     """The state is a NamedTuple of tensors; io.save/io.load gives the same scores."""
     fm = _mlp(0, device)

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .._checks import _msg, batch_size, batch_slice, batch_to, count_rows, iter_batches, regrouped
+from .._checks import (
+    _msg,
+    batch_size,
+    batch_slice,
+    batch_to,
+    count_rows,
+    is_batch,
+    iter_batches,
+    regrouped,
+)
 from .._types import Params
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import layer_grads_stacked
@@ -121,10 +130,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
         return buffers[0][:b].unsqueeze(0)
 
     def feature_rows(batch, buffers: list | None = None, one: int | None = None,
-                     into: Tensor | None = None):
+                     into: Tensor | None = None, hold_each: bool = False):
         """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only. ``into``: the
         ``[C or 1, b, d]`` rows of a cache; unprojected factored rows are written there (no
-        ``[C, b, P]`` temporary) and nothing is yielded."""
+        ``[C, b, P]`` temporary) and nothing is yielded. ``hold_each``: the caller holds no R;
+        each checkpoint's dense R is held while its own rows are projected."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
         lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
@@ -139,9 +149,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                 if proj.holdable or b * P <= _DENSE_ENTRIES:  # densified, then projected:
                     # by blocks of rows when R is held dense (the block stays small)
                     rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
-                    parts = [proj(lc.rows(r, r + rb).to_dense(
-                        fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
-                        for r in range(0, b, rb)]
+                    with holding(c if one is None else one) if hold_each else \
+                            contextlib.nullcontext():
+                        parts = [proj(lc.rows(r, r + rb).to_dense(
+                            fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
+                            for r in range(0, b, rb)]
                     yield parts[0] if len(parts) == 1 else torch.cat(parts)
                 else:  # one checkpoint's columns per projector step: never [b, P]
                     yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
@@ -199,7 +211,13 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
         """Write every row of checkpoint ``c`` (None: all) and the weights into the cache
         ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``."""
         n, buffers = 0, []
-        with holding(c):
+        # One call for the whole pass (one batch, no chunks): each R_c is then held only while
+        # its own checkpoint is projected, not all C at once (the same R, unpacked as often)
+        total = feats.shape[1]
+        one_call = (chunk_size is None or chunk_size >= total) and (
+            is_batch(data) or (rows_min is not None and total <= rows_min)
+            or (isinstance(data, (list, tuple)) and len(data) == 1))
+        with contextlib.nullcontext() if one_call else holding(c):
             for batch in iter_batches(func, "train", data):
                 batch = batch_to(batch, v0.device)
                 b = batch_size(func, "train", batch)
@@ -208,7 +226,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                     part = batch if step >= b else batch_slice(batch, s, s + step)
                     rows = slice(n + s, n + min(b, s + step))
                     into = feats[:, rows] if c is None else feats[c:c + 1, rows]
-                    for i, phi in enumerate(feature_rows(part, buffers, c, into)):
+                    for i, phi in enumerate(feature_rows(part, buffers, c, into, one_call)):
                         feats[i if c is None else c, rows] = phi
                     if not c:  # None or 0: the weights, once
                         wts[rows] = weights(part, rows.stop - rows.start)
