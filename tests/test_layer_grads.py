@@ -103,8 +103,7 @@ def test_mlp_factors_equal_per_sample_grad(device, seed, widths, bias, n):
     widths = [*widths, 3]
     fm = functional_model(_mlp(seed, widths, bias, device), F.cross_entropy)
     lg = _check(fm, _data(seed, n, widths[0], 3, device))
-    if n >= 2:  # a plan's first batch of one example is computed densely (nothing to verify)
-        assert lg.dense.shape[-1] == 0 and len(lg.factors) == len(widths) - 1
+    assert lg.dense.shape[-1] == 0 and len(lg.factors) == len(widths) - 1
 
 
 @given(st.integers(0, 2**16), st.integers(1, 9), st.sampled_from([1, 40, 2**18]))
@@ -453,8 +452,8 @@ def test_to_dense_differentiable_and_under_vmap():
 
 @pytest.mark.parametrize("build", [grad_dot, grad_cos, tracin])
 def test_one_row_test_set_and_short_last_batch(device, build):
-    """A test set of one example (dense on the plan's first call) meets factored training
-    blocks, with top_k too; a short last batch: the same scores as the plain loss."""
+    """A test set of one example meets factored training blocks, with top_k too; a short last
+    batch: the same scores as the plain loss."""
     fm = functional_model(_mlp(0, [4, 5, 3], [True], device), F.cross_entropy)
     x, y = _data(0, 9, 4, 3, device)
     train = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]

@@ -85,6 +85,18 @@ class _SizeSwitch(nn.Module):
         return h @ self.b.weight.T + self.b.bias if x.shape[0] > 4 else self.b(h)
 
 
+class _Mixing(nn.Module):
+    """Subtracts the batch mean: example i's output depends on the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True) + 0.5 * h)
+
+
 def _mlp(seed):
     return _init(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double(), seed)
 
@@ -241,13 +253,31 @@ def test_blocks_of_different_layouts_concatenate_densely():
     its scores are the blocks' scores stacked (1e-12: products over other row counts)."""
     fm = functional_model(_mlp(5), F.cross_entropy)
     stacked = _stacked(fm)
-    one = layer_grads_stacked(layer_plan(fm), stacked, _xy(0, 1))  # a batch of one: dense
-    many = layer_grads_stacked(layer_plan(fm), stacked, _xy(1, 4))
+    plan = check_plan(layer_plan(fm), fm.params, _xy(1, 4))
+    one = layer_grads_stacked(plan._replace(dense=True), stacked, _xy(0, 1))  # all dense
+    many = layer_grads_stacked(plan, stacked, _xy(1, 4))
     assert not one.factors and many.factors
     both = LayerGrads.cat([one, many])
     assert torch.equal(both.to_dense(), torch.cat([one.to_dense(), many.to_dense()], 1))
     torch.testing.assert_close(both.scores(many), torch.cat([one.scores(many), many.scores(many)]),
                                rtol=0, atol=1e-12)
+
+
+def test_a_batch_of_one_is_factored_and_checked_on_itself():
+    """An unchecked plan on a batch of one: factored (no dense [1, P] block), equal to autodiff
+    (1e-12), and a stream does not hold a plan checked on one example (mixing stays caught)."""
+    from dattri_fn.transforms.layer_grads import layer_grads_fn
+
+    fm = functional_model(_mlp(6), F.cross_entropy)
+    lg = layer_grads_stacked(layer_plan(fm), _stacked(fm), _xy(0, 1))
+    assert lg.factors and lg.dense.shape[-1] == 0
+    torch.testing.assert_close(lg.to_dense()[0], _loop_ref(fm, fm.params, _xy(0, 1)), rtol=0,
+                               atol=1e-12)
+    mixing = functional_model(_init(_Mixing().double(), 6), F.cross_entropy)
+    grads = layer_grads_fn(layer_plan(mixing))
+    assert grads(_stacked(mixing), _xy(0, 1)).factors  # one example: nothing mixed, exact
+    with pytest.warns(RuntimeWarning, match="do not match vmap"):
+        assert not grads(_stacked(mixing), _xy(1, 5)).factors
 
 
 def test_plan_errors():
@@ -310,8 +340,8 @@ def test_per_call_probes_equal_probes_of_known_shape(seed, case, n):
 
 
 def test_a_stream_checks_its_first_batch_of_two_then_holds_the_plan():
-    """layer_grads_fn(plan): batch of one dense, then every batch == check_plan(plan, first
-    batch of >= 2) applied to it (torch.equal); plan unchanged, no warning after the check."""
+    """layer_grads_fn(plan): a batch of one checked alone, then every batch == check_plan(plan,
+    first batch of >= 2) applied to it (torch.equal); plan unchanged."""
     from dattri_fn.transforms.layer_grads import layer_grads_fn
 
     fm = functional_model(_init(_Seq().double(), 1), F.cross_entropy)
@@ -322,7 +352,7 @@ def test_a_stream_checks_its_first_batch_of_two_then_holds_the_plan():
     batches = [_tokens(0, 1, 4), _tokens(1, 5, 4), _tokens(2, 3, 6), _tokens(3, 1, 2)]
     got = [grads(stacked, b) for b in batches]
     held = check_plan(plan, stacked, batches[1])
-    assert not got[0].factors and got[1].factors
+    assert got[0].factors and got[1].factors
     for b, lg in zip(batches[1:], got[1:], strict=True):
         assert torch.equal(lg.to_dense(), layer_grads_stacked(held, stacked, b).to_dense())
     _same_snapshot(before, _snapshot(plan))

@@ -253,14 +253,14 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
     """Return per-example gradients at ``C`` stacked checkpoints ``{key: [C, ...]}``, unchecked.
 
     A checked plan (:func:`check_plan`) is only read. An unchecked one is checked on this
-    ``batch`` first, on every call (a batch of one example is computed densely instead): hold
-    ``check_plan(plan, stacked, batch)`` to pay that once. Blocks of different layouts still
-    meet in :meth:`LayerGrads.scores` and :meth:`LayerGrads.row_dots`.
+    ``batch`` on every call (the checking pass gives the gradients): hold
+    ``check_plan(plan, stacked, batch)`` or use :func:`layer_grads_fn` to pay that once.
+    Blocks of different layouts still meet in :meth:`LayerGrads.scores`,
+    :meth:`LayerGrads.row_dots` and :meth:`LayerGrads.cat`.
     """
     if not plan.checked:
-        if batch_size("layer_grads", "batch", batch) < 2:
-            # One example cannot reveal examples mixed within a batch: exact path, no check.
-            return _dense(plan, stacked, batch)[0]
+        # a batch of one is checked too (its factors against autodiff on that example): it
+        # cannot show examples mixed within a batch, but needs no dense [C, 1, P] either
         return _check(plan, stacked, batch)[1]
     if plan.dense:
         return _dense(plan, stacked, batch)[0]
@@ -276,14 +276,17 @@ def layer_grads_fn(plan: LayerPlan) -> Callable[[Params, Batch], LayerGrads]:
 
     It checks ``plan`` (:func:`check_plan`) on the first batch of 2 or more examples it
     receives and applies that checked plan to every later batch, at any stacked checkpoints
-    (batches of one before it are computed densely, unchecked). ``plan`` itself is never
-    changed: build one function per stream so each stream is checked on its own data.
+    (a batch of one before it is checked on its own and not held: one example cannot show
+    examples mixed within a batch). ``plan`` itself is never changed: build one function per
+    stream so each stream is checked on its own data.
     """
     held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
 
     def apply(stacked: Params, batch: Batch) -> LayerGrads:
-        if not held[0].checked and batch_size("layer_grads", "batch", batch) >= 2:
-            held[0], lg = _check(held[0], stacked, batch)
+        if not held[0].checked:
+            checked, lg = _check(held[0], stacked, batch)
+            if batch_size("layer_grads", "batch", batch) >= 2:
+                held[0] = checked
             return lg
         return layer_grads_stacked(held[0], stacked, batch)
 
@@ -297,7 +300,7 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
     ``per_sample_layer_grads(fm, p, batch).to_dense()[0]`` equals
     ``per_sample_grad(fm.loss, p, batch)``; ``.scores(other)`` gives the Grad-Dot matrix
     without forming either ``[B, P]`` matrix. Without ``plan`` each call builds and checks a
-    plan on ``batch`` (module Note; a batch of one example is returned dense): pass
+    plan on ``batch`` (module Note; a batch of one example is checked on that example): pass
     ``plan=check_plan(layer_plan(fm), p, example_batch)`` to apply a held plan instead.
 
     Args:
