@@ -107,8 +107,8 @@ _FACTOR_OPTIONS = frozenset(inspect.signature(ekfac_factors).parameters) - {
 def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M="auto",
        negative_curvature: str = "stop") -> Solver:
     """Conjugate gradient (:func:`~dattri_fn.solve.ihvp_cg`); ``M``: ``"auto"`` (influence's
-    rule: a Nystrom sketch on the Gauss-Newton once enough rows are solved; plain CG applied
-    directly), ``None`` (plain CG), a preconditioner LinOp, ``"nystrom"`` (a randomized sketch
+    rule: block CG on the Gauss-Newton, :func:`~dattri_fn.solve.ihvp_block_cg`; plain CG
+    applied directly), ``None`` (plain CG), a preconditioner LinOp, ``"nystrom"`` (a randomized sketch
     of the operator itself, :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
     ``"kfac"``/``"ekfac"`` for influence to build from the model;
     ``negative_curvature="continue"``: the literal inverse of an indefinite system (no stop at

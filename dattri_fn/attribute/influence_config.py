@@ -51,8 +51,9 @@ class InfluenceConfig(NamedTuple):
     :func:`~dattri_fn.operators.gauss_newton` builder; ``train_fn`` is ``loss + l2 |p|^2`` and
     ``test_fn`` the test side, ``plan``/``plan_t`` their batched-gradient plans; ``layered``:
     K-FAC/EK-FAC scored layer by layer from captured ``(a, g)``; ``factored``: ``explicit``'s
-    dense Hessian from per-layer factors; ``sketch``: ``"auto"``/``"always"`` for CG's Nystrom
-    preconditioner (else None); ``precondition``: ``"kfac"``/``"ekfac"`` for CG's ``M``."""
+    dense Hessian from per-layer factors; ``sketch``: ``"auto"`` for block CG on the
+    Gauss-Newton, ``"always"`` for CG's Nystrom preconditioner (else None);
+    ``precondition``: ``"kfac"``/``"ekfac"`` for CG's ``M``."""
 
     name: str
     solver: str

@@ -112,6 +112,33 @@ def _sketched_cg(name: str, C: LinOp, damping: float, opts: dict, *, always: boo
     return LinOp(solve, C.dim, C.dtype, C.device, name=plain.name)
 
 
+def _block_cg(name: str, C: LinOp, damping: float, opts: dict) -> LinOp:
+    """Block CG on ``C + damping I`` (every row of a call in one Krylov space); rows on which
+    it meets a direction that is not positive definite (a Gauss-Newton of a loss that is not
+    convex in the outputs) are solved by plain CG instead, with its negative-curvature stop,
+    and a warning says so."""  # [k, P] -> [k, P]
+    import warnings
+
+    from ..solve import ihvp_cg
+    from ..solve.block_cg import NotPositiveDefiniteError, ihvp_block_cg
+
+    plain = ihvp_cg(C, damping=damping, **opts)
+    block = ihvp_block_cg(C, damping=damping, func=name, arg="curvature",
+                          **{k: v for k, v in opts.items() if k != "negative_curvature"})
+
+    def solve(V: torch.Tensor) -> torch.Tensor:
+        try:
+            return block(V)
+        except NotPositiveDefiniteError:
+            warnings.warn(f"{name}(curvature=...): the Gauss-Newton + damping is not positive "
+                          "definite on these rows (a loss not convex in the outputs?), so block "
+                          "CG cannot apply; they are solved by plain CG, which stops at negative "
+                          "curvature. Raise damping to keep the fast path.", stacklevel=2)
+            return plain(V)
+
+    return LinOp(solve, C.dim, C.dtype, C.device, name=plain.name)
+
+
 def _factor_kinds(solver: str):
     return (kfac.EKFACFactors,) if solver == "ekfac" else (kfac.KFACFactors,)
 
@@ -202,6 +229,8 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
         if cfg.precondition is not None:  # M ~ (C + damping I)^-1 from the same training data
             opts["M"] = factored_inverse(cfg, params, train, tapped)
         C = curvature_op(cfg, params, train, tapped)
+        if cfg.sketch == "auto":  # the Gauss-Newton (PSD): all rows share one Krylov space
+            return _block_cg(cfg.name, C, damping, opts), None
         if cfg.sketch is not None:
             return _sketched_cg(cfg.name, C, damping, opts, always=cfg.sketch == "always"), None
         return solve.ihvp_cg(C, damping=damping, **opts), None

@@ -43,13 +43,18 @@ from .._types import LinOp, as_linop
 from .cg import CGResult
 from .explicit import as_operator, check_rhs
 
-__all__ = ["block_cg_solve", "ihvp_block_cg"]
+__all__ = ["NotPositiveDefiniteError", "block_cg_solve", "ihvp_block_cg"]
 
 # Rows per shared Krylov space: the per-step block algebra grows as P k^2, the steps fall with k.
 # 600 rows on the P = 9,610 MLP's Gauss-Newton (1,000 examples), groups of 100/200/300/600:
 # 9/6/5/4 steps, 10.5/8.2/7.7/7.9 s of CPU (one thread).
 DEFAULT_BLOCK = 256
 DROP = 1.0  # a block row is dependent when |R_jj| <= DROP * sqrt(eps) (see _orth)
+
+
+class NotPositiveDefiniteError(ValueError):
+    """Block CG met a block of directions on which ``op + damping I`` is not positive definite
+    (a caller may fall back to :func:`~dattri_fn.solve.cg_solve` and its negative-curvature rule)."""
 
 
 def _orth(W: Tensor) -> Tensor:
@@ -115,7 +120,7 @@ def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
                              f"or inf in the block CG products. Check the curvature operator.")
         L, info = torch.linalg.cholesky_ex(S)
         if int(info) != 0:
-            raise ValueError(f"{where}: expected a positive-definite op + damping I, got "
+            raise NotPositiveDefiniteError(f"{where}: expected a positive-definite op + damping I, got "
                              f"a block of directions p with p^T (A + damping I) p not positive "
                              f"definite. Raise damping, or use cg_solve (its negative-curvature "
                              f"rule) for an indefinite operator.")
