@@ -30,7 +30,7 @@ from torch import Tensor
 from .._checks import check_optional_int, check_positive
 from .._types import Loss, Params
 from ..model import FunctionalModel
-from ..transforms.layer_grads import LayerGrads, layer_grads_stacked
+from ..transforms.layer_grads import LayerGrads, layer_grads_fn
 from .method import (
     Method,
     check_checkpoints,
@@ -132,13 +132,16 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         proj = None if kron else _projector(stacked, proj_dim, kind, seed)
         kp = _kronecker(plan, stacked, proj_dim, kind, seed, kept) if kron else None
 
+        # each side's plan checked on its first batch of this call, then held
+        held = {id(p): layer_grads_fn(p) for p in (plan, plan_t) if p is not None}
+
         def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
             if fn_plan is None:
                 G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
             elif kp is not None:
-                G = kp.layer_grads(layer_grads_stacked(fn_plan, stacked, batch))  # [C, B, d]
+                G = kp.layer_grads(held[id(fn_plan)](stacked, batch))  # [C, B, d]
             else:
-                lg = layer_grads_stacked(fn_plan, stacked, batch)
+                lg = held[id(fn_plan)](stacked, batch)
                 if proj is None:
                     return lg.scale(_inverse_norms(lg.sq_norms())) if normalize else lg
                 G = lg.to_dense()

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
 from ..model import FunctionalModel, default_unpack
 from ..transforms import capture
-from ..transforms.layers import batched_io, output_shapes
+from ..transforms.layers import batched_io
 
 
 def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -> Tensor:
@@ -74,8 +74,7 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         if problems:
             raise ValueError(_msg(func, "model", "layers the capture engine can factor",
                                   "; ".join(f"{n}: {w}" for n, w in problems.items())))
-        shapes = output_shapes(tapped, state, args, kwargs, like)
-        io = batched_io(tapped, model.loss_fn, state, args, kwargs, target, shapes, like)
+        io = batched_io(tapped, model.loss_fn, state, args, kwargs, target, None, like)
     offsets, start = {}, 0
     for k, v in params.items():
         offsets[k] = slice(start, start + v.numel())

@@ -29,7 +29,7 @@ from .._checks import (
 )
 from .._types import Params
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import layer_grads_stacked
+from ..transforms.layer_grads import layer_grads_fn
 from ..transforms.project import make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
@@ -92,6 +92,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                               "with a capturable layer and an int proj_dim",
                               f"plan={'none' if plan is None else 'ok'}, proj_dim={proj_dim}"))
     fdt = v0.dtype if cfg.feature_dtype is None else cfg.feature_dtype
+    grads = None if plan is None else layer_grads_fn(plan)  # checked on the first batch, held
 
     def kronecker_projector(c: int):  # seed + c per checkpoint, as the dense projector's
         key = ("kronecker", tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), c)
@@ -137,7 +138,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
         each checkpoint's dense R is held while its own rows are projected."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
-        lg = None if plan is None else layer_grads_stacked(plan, sub, batch)
+        lg = None if grads is None else grads(sub, batch)
         if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
             for c in range(lg.dense.shape[0]):
                 yield kron[c if one is None else one].layer_grads(lg.select(c))[0].to(fdt)
