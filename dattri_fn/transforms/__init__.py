@@ -2,8 +2,10 @@
 per-layer capture of ``a``/``g`` (:mod:`.capture`, :mod:`.layer_grads`) and random projections,
 dense or Kronecker-factored (:mod:`.project`)."""
 
-from .capture import CaptureError, LayerSpec, layer_specs, probe_shapes, tap
+from .capture import CaptureError, LayerSpec, Probed, layer_specs, probe_shapes, tap
 from .kronecker import KroneckerLayer, KroneckerProjector, make_kronecker_projector
+from .layer_grads import LayerPlan, check_plan, layer_grads_fn, layer_plan
 
-__all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerSpec", "layer_specs",
-           "make_kronecker_projector", "probe_shapes", "tap"]
+__all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerPlan", "LayerSpec", "Probed",
+           "check_plan", "layer_grads_fn", "layer_plan", "layer_specs", "make_kronecker_projector",
+           "probe_shapes", "tap"]
