@@ -39,8 +39,8 @@ import torch
 from torch import Tensor
 
 from .._checks import all_finite, check_int, check_optional_int, check_positive, check_tensor
-from .._types import LinOp, as_linop
-from .cg import CGResult
+from .._types import LinOp
+from .cg import CGResult, _damped, _preconditioner
 from .explicit import as_operator, check_rhs
 
 __all__ = ["NotPositiveDefiniteError", "block_cg_solve", "ihvp_block_cg"]
@@ -153,32 +153,7 @@ def _settings(func: str, op, damping, rtol, atol, max_iter, M, block_size):
     max_iter = check_optional_int(func, "max_iter", max_iter)
     max_iter = 10 * A.dim if max_iter is None else max_iter
     block_size = check_int(func, "block_size", block_size)
-    if damping == 0.0:
-        matmat = A.matmat
-    else:
-        matmat = lambda V: A.matmat(V).add(V, alpha=damping)  # noqa: E731
-    precond = None
-    if isinstance(M, str):
-        if M != "nystrom":
-            raise ValueError(f"{func}(M=...): expected None, 'nystrom', a LinOp or a [P, P] "
-                             f"tensor, got {M!r}.")
-        if damping <= 0:
-            raise ValueError(f"{func}(M=...): expected damping > 0 with M='nystrom' (its "
-                             f"inverse is of A + damping I), got damping={damping:g}.")
-        from .nystrom import nystrom_preconditioner
-
-        precond = nystrom_preconditioner(A, damping=damping, func=func).matmat
-    elif M is not None:
-        if isinstance(M, Tensor):
-            check_tensor(func, "M", M, ndim=2, floating=True)
-        elif not isinstance(M, LinOp):
-            raise TypeError(f"{func}(M=...): expected None, a LinOp or a [P, P] tensor, got "
-                            f"{type(M).__name__}.")
-        Mop = as_linop(M, name=f"{func}(M=...)")
-        if Mop.dim != A.dim:
-            raise ValueError(f"{func}(M=...): expected a preconditioner of size P = {A.dim}, "
-                             f"got {Mop.dim}.")
-        precond = Mop.matmat
+    matmat, precond = _damped(A, damping), _preconditioner(func, M, A, damping)
     return A, matmat, precond, damping, rtol, atol, max_iter, block_size
 
 

@@ -172,7 +172,7 @@ def _preconditioner(func: str, M, A: LinOp, damping: float):
                              f"inverse is of A + damping I), got damping={damping:g}.")
         from .nystrom import nystrom_preconditioner
 
-        return nystrom_preconditioner(A, damping=damping).matmat
+        return nystrom_preconditioner(A, damping=damping, func=func).matmat
     if isinstance(M, Tensor):
         check_tensor(func, "M", M, ndim=2, floating=True)
         if M.shape[0] != M.shape[1]:
