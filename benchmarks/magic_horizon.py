@@ -46,10 +46,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
-    """Return ``({K: d <cot, theta_T> / d w`` through the last ``K`` steps only ``[k, n]}``,
-    ``{K: |sbar_{T-K}|}``) for ``K`` = multiples of ``every_steps`` and ``T`` (the loop of
-    ``magic.metagradient``; ``sbar`` the state cotangent, all targets together)."""
+def reverse_sweep(step, traj, data, order, cot):
+    """Yield ``(K, sbar, w_bar)`` after each step of one reverse pass, ``K = 1 .. T`` steps from
+    the end, in :func:`dattri_fn.attribute.magic.metagradient`'s order of operations: ``sbar`` the
+    state cotangent (all ``k`` targets, flattened leaves, params first), ``w_bar [k, n]`` the
+    weight cotangents through the last ``K`` steps (one buffer, updated in place)."""
     from torch.func import vjp, vmap
     from torch.utils._pytree import tree_map
 
@@ -67,7 +68,6 @@ def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
     bar, _ = _split(({name: cot[name] for name in final_params}, zeros))
     w_bar = torch.zeros(k, n, dtype=dtype)
     marks = sorted(traj.checkpoints)
-    out, norms = {}, {}
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
         states = {}
         run_steps(step, traj.checkpoints[lo], data, order, weights, lo, hi, every=1, keep=states)
@@ -83,11 +83,20 @@ def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
             _, pullback = vjp(one_step, floats, weights[rows])
             bar, rows_bar = vmap(pullback)(bar)
             w_bar.index_add_(1, rows, rows_bar)
-            K = T - t
-            if K % every_steps == 0 or K == T:
-                out[K] = w_bar.clone()
-                # The state cotangent's size: growth backward = an unstable linearised run.
-                norms[K] = float(torch.sqrt(sum((b * b).sum() for b in bar)))
+            yield T - t, bar, w_bar
+
+
+def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
+    """Return ``({K: d <cot, theta_T> / d w`` through the last ``K`` steps only ``[k, n]}``,
+    ``{K: |sbar_{T-K}|}``) for ``K`` = multiples of ``every_steps`` and ``T`` (the loop of
+    ``magic.metagradient``; ``sbar`` the state cotangent, all targets together)."""
+    T = len(order)
+    out, norms = {}, {}
+    for K, bar, w_bar in reverse_sweep(step, traj, data, order, cot):
+        if K % every_steps == 0 or K == T:
+            out[K] = w_bar.clone()
+            # The state cotangent's size: growth backward = an unstable linearised run.
+            norms[K] = float(torch.sqrt(sum((b * b).sum() for b in bar)))
     return out, norms
 
 

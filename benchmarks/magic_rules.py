@@ -68,42 +68,19 @@ def record_pass(step, traj, data, order, cot) -> tuple[Tensor, Tensor]:
     """Return ``W [T, k, n]`` (``W[K-1]``: weight cotangents through the last ``K`` steps) and
     ``norms [T, k]`` (``|thetabar^j_{T-K}|``, the params part of the state cotangent), from one
     reverse pass in :func:`dattri_fn.attribute.magic.metagradient`'s order of operations."""
-    from torch.func import vjp, vmap
-    from torch.utils._pytree import tree_map
-
-    from dattri_fn.attribute.magic import _join, _row_norms, _split
-    from dattri_fn.training.run import run_steps, take
+    from benchmarks.magic_horizon import reverse_sweep
+    from dattri_fn.attribute.magic import _row_norms
 
     T = len(order)
-    final_params, final_opt = traj.checkpoints[T]
-    dtype = next(iter(final_params.values())).dtype
-    n = 1 + max(int(r.max()) for r in order)
-    weights = torch.ones(n, dtype=dtype)
+    final_params = traj.checkpoints[T][0]
     k = next(iter(cot.values())).shape[0]
-    zeros = tree_map(lambda x: x.new_zeros((k, *x.shape))
-                     if isinstance(x, torch.Tensor) and x.is_floating_point() else x, final_opt)
-    bar, _ = _split(({name: cot[name] for name in final_params}, zeros))
-    w_bar = torch.zeros(k, n, dtype=dtype)
-    W = torch.empty(T, k, n, dtype=dtype)
-    norms = torch.empty(T, k, dtype=dtype)
-    marks = sorted(traj.checkpoints)
-    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
-        states = {}
-        run_steps(step, traj.checkpoints[lo], data, order, weights, lo, hi, every=1, keep=states)
-        for t in range(hi - 1, lo - 1, -1):
-            floats, how = _split(states.pop(t))
-            rows = order[t]
-            batch = take(data, rows)
-
-            def one_step(f, w, how=how, batch=batch):
-                params, opt_state = _join(f, how)
-                return _split(step(params, opt_state, batch, w))[0]
-
-            _, pullback = vjp(one_step, floats, weights[rows])
-            bar, rows_bar = vmap(pullback)(bar)
-            w_bar.index_add_(1, rows, rows_bar)
-            W[T - t - 1] = w_bar
-            norms[T - t - 1] = _row_norms(bar[:len(final_params)], k)
+    W = norms = None
+    for K, bar, w_bar in reverse_sweep(step, traj, data, order, cot):
+        if W is None:
+            W = torch.empty(T, *w_bar.shape, dtype=w_bar.dtype)
+            norms = torch.empty(T, k, dtype=w_bar.dtype)
+        W[K - 1] = w_bar
+        norms[K - 1] = _row_norms(bar[:len(final_params)], k)
     return W, norms
 
 
