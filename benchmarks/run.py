@@ -7,7 +7,10 @@ read from ``VmHWM``). The setup builds the task, the trained models and the meth
 on a 64-example slice (first calls page in library code, which would count as memory); then the peak
 mark is reset and ``prepare`` + ``score`` are timed (best of up to ``--repeats`` runs while a run
 takes under a second). "peak MiB" is the peak resident size during that step minus the size just
-before it. LDS uses :func:`dattri_fn.eval.retrain.lds_ground_truth` on the same task (cached under
+before it (RSS: ~1 MiB resolution); "tensor MiB" is the exact high-water mark of the bytes of CPU
+tensors one more ``prepare`` + ``score`` allocates (:func:`benchmarks.peak.tensor_peak`, torch's
+allocator under the profiler: both sides' tensors counted alike), the column the memory ratio
+against dattri uses. LDS uses :func:`dattri_fn.eval.retrain.lds_ground_truth` on the same task (cached under
 ``--cache-dir``); the models attributed are ``train_model(task, seed=c)`` for ``c < --models`` (the
 first one for single-model methods; TRAK and TracIn use all of them). A method that fails is a table
 row with its error. Raw numbers are appended as JSON lines. """
@@ -290,6 +293,9 @@ def bench_setup(spec: dict):
     _timed(warm)
     runner = runner_for(*args, task, models, spec["hp"])
 
+    def once() -> torch.Tensor:  # one run: what benchmarks.peak's tensor pass profiles
+        return runner.score(runner.prepare())
+
     def step() -> dict:
         best = None
         for _ in range(spec["repeats"]):
@@ -304,25 +310,28 @@ def bench_setup(spec: dict):
         return {"prepare_s": prep, "score_s": score,
                 "scores": scores.detach().to("cpu", torch.float64).numpy()}
 
+    step.once = once
     return step
 
 
 def measure(spec: dict, timeout: float | None = None) -> dict:
-    """Return ``{prepare_s, score_s, peak_mib, peak_reset, scores}`` or ``{error}`` for ``spec``.
+    """Return ``{prepare_s, score_s, peak_mib, tensor_peak_mib, peak_reset, scores}`` or
+    ``{error}`` for ``spec`` (``tensor_peak_mib``: :func:`benchmarks.peak.tensor_peak` of one
+    more ``prepare`` + ``score`` in the same process, after the RSS peak was read).
 
     A method still running after ``timeout`` seconds (setup and warm-up included) is killed and
     reported as an error.
     """
     t0 = time.perf_counter()
-    out = measure_peak(bench_setup, spec, timeout=timeout)
+    out = measure_peak(bench_setup, spec, timeout=timeout, tensors=True)
     if out.get("timeout"):
         return {"error": f"TimeoutError: killed after {timeout:g} s (--timeout)",
                 "wall_s": time.perf_counter() - t0}
     if "error" in out:
         return {"error": out["error"], "wall_s": time.perf_counter() - t0}
     res = {**out["result"], "scores": torch.from_numpy(out["result"]["scores"])}
-    return {**res, "peak_mib": out["peak_mib"], "peak_reset": out["peak_reset"],
-            "wall_s": time.perf_counter() - t0}
+    return {**res, "peak_mib": out["peak_mib"], "tensor_peak_mib": out.get("tensor_peak_mib"),
+            "peak_reset": out["peak_reset"], "wall_s": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -370,9 +379,10 @@ def _err(row: dict) -> str:
 
 
 def method_table(rows: list[dict], loo: bool) -> str:
-    """Return the markdown table of our methods: LDS (CI), [LOO], times, peak MiB, error."""
+    """Return the markdown table of our methods: LDS (CI), [LOO], times, peak MiB (RSS and
+    tensors), error."""
     head = ["method", "LDS", "95% CI"] + (["LOO r"] if loo else []) + [
-        "prepare s", "score s", "peak MiB", "error"]
+        "prepare s", "score s", "peak MiB", "tensor MiB", "error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ci = (f"[{r['lds_lo']:.3f}, {r['lds_hi']:.3f}]" if "lds_lo" in r else "—")
@@ -380,7 +390,7 @@ def method_table(rows: list[dict], loo: bool) -> str:
         if loo:
             cells.append(_num(r.get("loo_pearson")))
         cells += [_num(r.get("prepare_s"), ".3f"), _num(r.get("score_s"), ".3f"),
-                  _num(r.get("peak_mib"), ".1f"), _err(r)]
+                  _num(r.get("peak_mib"), ".1f"), _num(r.get("tensor_peak_mib"), ".2f"), _err(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -419,7 +429,12 @@ def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None
         t_recipe = recipe_row.get("prepare_s", 0) + recipe_row["score_s"]
         rec["recipe_time_ratio"] = t_recipe / t_theirs
     po, pt = rec["peak_ours_mib"], rec["peak_dattri_mib"]
-    rec["peak_ratio"] = po / pt if po is not None and pt and pt > 0 else None
+    rec["rss_ratio"] = po / pt if po is not None and pt and pt > 0 else None
+    rec["tensor_ours_mib"] = ours.get("tensor_peak_mib")
+    rec["tensor_dattri_mib"] = theirs.get("tensor_peak_mib")
+    to, tt = rec["tensor_ours_mib"], rec["tensor_dattri_mib"]
+    # the exact tensor peaks where both sides have one, else the resident sizes
+    rec["peak_ratio"] = to / tt if to is not None and tt else rec["rss_ratio"]
     lo, lt = rec["lds_ours"], rec["lds_dattri"]
     rec["lds_diff"] = lo - lt if lo is not None and lt is not None else None
     so, st = ours.get("scores"), theirs.get("scores")
@@ -431,9 +446,11 @@ def pair_record(label: str, ours: dict, theirs: dict, exact: torch.Tensor | None
 
 
 def against_table(pairs: list[dict]) -> str:
-    """Return the markdown side-by-side table (ratios are ours / dattri)."""
-    head = ["method", "ours s", "dattri s", "time ratio", "ours MiB", "dattri MiB",
-            "mem ratio", "LDS ours", "LDS dattri", "LDS diff", "corr", "corr exact o/d", "notes"]
+    """Return the markdown side-by-side table (ratios are ours / dattri; "mem ratio" of the
+    tensor peaks, "RSS ratio" of the resident-size peaks)."""
+    head = ["method", "ours s", "dattri s", "time ratio", "ours tensor MiB", "dattri tensor MiB",
+            "mem ratio", "ours RSS MiB", "dattri RSS MiB", "RSS ratio", "LDS ours", "LDS dattri",
+            "LDS diff", "corr", "corr exact o/d", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pairs:
         exact = (f"{_num(p.get('corr_exact_ours'), '.4f')} / "
@@ -448,8 +465,10 @@ def against_table(pairs: list[dict]) -> str:
             *(f"{k.removeprefix('corr_').replace('_', ' ')}: {v:.4f}" for k, v in p.items()
               if k in DIAGNOSES)) if x)
         cells = [p["method"], _num(p["time_ours_s"]), _num(p["time_dattri_s"]),
-                 _num(p["time_ratio"], ".3f"), _num(p["peak_ours_mib"], ".1f"),
-                 _num(p["peak_dattri_mib"], ".1f"), _num(p["peak_ratio"], ".2f"),
+                 _num(p["time_ratio"], ".3f"), _num(p.get("tensor_ours_mib"), ".2f"),
+                 _num(p.get("tensor_dattri_mib"), ".2f"), _num(p["peak_ratio"], ".2f"),
+                 _num(p["peak_ours_mib"], ".1f"), _num(p["peak_dattri_mib"], ".1f"),
+                 _num(p.get("rss_ratio"), ".2f"),
                  _num(p["lds_ours"]), _num(p["lds_dattri"]), _num(p["lds_diff"], "+.3f"),
                  _num(p["corr"], ".4f"), exact, notes]
         lines.append("| " + " | ".join(cells) + " |")
