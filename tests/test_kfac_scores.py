@@ -282,26 +282,31 @@ def _gpt2():
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_tied_gpt2_embedding_is_named_and_the_rest_scores_exactly():
-    """Tiny GPT-2 (wte tied to lm_head): EK-FAC with the tied weight in params is refused,
-    naming both uses and the fix; without it (every Conv1D and the head-free rest) the
-    layer-by-layer scores equal the raveled product (1e-10)."""
+@pytest.mark.filterwarnings("ignore:layer_grads")  # the raveled test side: wte by vmap(grad)
+def test_tied_gpt2_embedding_is_pooled_and_every_selection_scores_exactly():
+    """Tiny GPT-2 (wte tied to lm_head): EK-FAC with the tied weight in params pools its two
+    uses into one layer (tests/test_kfac_tied.py checks it against brute force) and the
+    layer-by-layer scores equal the raveled product (1e-10), as they do without it (every
+    Conv1D); the factored Hessian (tied=False selection) still refuses the tie, naming both
+    uses."""
     from dattri_fn.losses import causal_lm_loss
+    from dattri_fn.operators.kfac import _select
 
     model, batch = _gpt2()
     fm = functional_model(model, causal_lm_loss, params=lambda n: "wte" in n or "c_fc" in n)
-    with pytest.raises(ValueError, match=r"kfac_tap\(params=...\): expected weights used by one "
-                                         r"layer each"):
-        influence(fm, solver="ekfac", damping=0.1).prepare(fm.params, batch)
-    with pytest.raises(ValueError, match=r"'transformer.wte.weight' shared by 'transformer.wte' "
-                                         r"\(Embedding\), 'lm_head' \(Linear\)"):
-        ekfac_factors(model, causal_lm_loss, fm.params, batch)
-    fm = functional_model(model, causal_lm_loss,
-                          params=lambda n: n.endswith(("c_fc.weight", "c_proj.weight", "c_attn.weight",
-                                                     "c_attn.bias")))
-    m = influence(fm, solver="ekfac", damping=0.1)
-    state = m.prepare(fm.params, batch)
-    _close(m.score(fm.params, state, batch, batch), _dense(fm, state, batch, batch))
+    with pytest.raises(ValueError, match=r"f\(params=...\): expected weights used by one layer "
+                                         r"each, got 'transformer.wte.weight' shared by "
+                                         r"'transformer.wte' \(Embedding\), 'lm_head' \(Linear\)"):
+        _select("f", model, fm.params, None)
+    assert _select("f", model, fm.params, None, tied=True)[0] == ["transformer.wte",
+                                                                  "transformer.h.0.mlp.c_fc"]
+    for select in (lambda n: "wte" in n or "c_fc" in n,
+                   lambda n: n.endswith(("c_fc.weight", "c_proj.weight", "c_attn.weight",
+                                         "c_attn.bias"))):
+        fm = functional_model(model, causal_lm_loss, params=select)
+        m = influence(fm, solver="ekfac", damping=0.1)
+        state = m.prepare(fm.params, batch)
+        _close(m.score(fm.params, state, batch, batch), _dense(fm, state, batch, batch))
 
 
 def test_streamed_io_gives_batched_io_layer_by_layer():

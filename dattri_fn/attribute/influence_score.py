@@ -185,9 +185,10 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
     size = n if cfg.chunk_size is None else cfg.chunk_size
     for start in range(0, n, size):
         args, kwargs, target = unpack(batch_slice(batch, start, start + size))
+        # a tied weight's members reach step as their one pooled layer (kfac_tied)
+        at, _ = kfac.tied_steps(tapped, lambda layer, a, g, start=start: step(start, layer, a, g))
         # shapes=None: a probe per layer call, shaped as its output (no extra forward)
-        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like,
-                    lambda layer, a, g, start=start: step(start, layer, a, g))
+        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like, at)
 
 
 def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):

@@ -44,8 +44,11 @@ Scoring layer by layer: with ``M_j`` a test row's layer block after the inverse
 becomes ``[B, P]`` rows. The factor passes take each layer's statistic as its ``g`` arrives in
 the backward pass (one layer's gradient alive at a time). Across processes, ``reduce=`` sums
 each pass's statistics before they are divided (:func:`dattri_fn.distributed.all_reduce_stats`).
-A weight tied to another layer (GPT-2's ``wte`` = ``lm_head``) is refused: its gradient is a
-sum over an Embedding and a Linear use, which the capture engine does not factor.
+A weight tied between an Embedding and a Linear (GPT-2's ``wte`` = ``lm_head``) is one pooled
+layer (:mod:`.kfac_tied`): both uses are captured, their ``(out, in)`` vectors pooled as the
+positions of one ``[V, d]`` Linear layer, so that EK-FAC's ``Lambda`` comes from the exact
+per-example gradient (both uses summed) in the eigenbasis of the pooled factors; plain K-FAC on
+them is K-FAC-expand (Eschenhagen et al. 2023, arXiv:2311.00636), an approximation.
 
 References:
     Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
@@ -58,8 +61,9 @@ References:
 Modules: :mod:`.kfac_layers` (layer selection, ``kfac_tap``), :mod:`.kfac_fisher` (the
 empirical/true/expected Fisher losses), :mod:`.kfac_stats` (``KFACFactors``, ``EKFACFactors``,
 ``kfac_factors``, ``ekfac_factors``), :mod:`.kfac_inverse` (``BlockLinOp``, ``kfac_operator``,
-``ihvp_kfac``, ``ihvp_ekfac``) and :mod:`.kfac_scores` (``layer_scores``, ``layer_self_scores``,
-``low_rank_blocks``); every name stays importable from here.
+``ihvp_kfac``, ``ihvp_ekfac``), :mod:`.kfac_scores` (``layer_scores``, ``layer_self_scores``,
+``low_rank_blocks``) and :mod:`.kfac_tied` (tied weights: ``tied_group``, ``pooled_io``,
+``tied_steps``); every name stays importable from here.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ from .kfac_inverse import (  # noqa: F401
 )
 from .kfac_layers import (  # noqa: F401
     _KFAC_KINDS,
+    _capture_layers,
     _check_call,
     _keys,
     _kfac_specs,
@@ -118,6 +123,7 @@ from .kfac_stats import (  # noqa: F401
     ekfac_factors,
     kfac_factors,
 )
+from .kfac_tied import pooled_io, tied_group, tied_steps  # noqa: F401
 
 __all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
            "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",

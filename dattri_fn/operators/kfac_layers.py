@@ -10,6 +10,7 @@ from torch import nn
 from .._checks import _msg, check_optional_int, check_params, iter_batches
 from ..transforms import capture
 from ..transforms.layers import layer_names, module_state
+from .kfac_tied import tied_group
 
 __all__ = ["kfac_tap"]
 
@@ -27,45 +28,94 @@ def _kfac_specs(module: nn.Module) -> dict:
     return {n: s for n, s in capture.layer_specs(module).items() if s.kind in _KFAC_KINDS}
 
 
-def _select(func: str, module, params, layers) -> tuple[list[str], tuple[str, ...]]:
+def _select(func: str, module, params, layers, *, tied: bool = False
+            ) -> tuple[list[str], tuple[str, ...]]:
     """Return (layers in module order, param names in dict order); validate their match.
 
     Layers: ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` (ungrouped), the root
-    module included (see :mod:`dattri_fn.transforms.capture`).
+    module included (see :mod:`dattri_fn.transforms.capture`). ``tied=True`` (K-FAC/EK-FAC):
+    a param shared by an Embedding and a Linear is one pooled layer, named after its first
+    holder (:mod:`.kfac_tied`; :func:`_capture_layers` lists the members to capture).
     """
     specs = _kfac_specs(module)
+    groups = {}  # the pooled tied groups of the params' tied keys: group -> members
+    if tied:
+        for k in _tied_uses(module, list(params)):
+            members = tied_group(module, k, params)
+            if isinstance(members, tuple):
+                groups[members[0]] = members
     if layers is None:
         owned = set(params)
-        lin = [n for n, sp in specs.items() if sp.weight in owned or sp.bias in owned]
+        lin = [n for n, sp in specs.items() if n not in groups
+               and (sp.weight in owned or sp.bias in owned)] + list(groups)
     else:
-        lin = layer_names(func, "layers", dict(module.named_modules()), layers, list(specs),
-                          "nn.Linear, Conv1D or Conv2d", "K-FAC layers")
+        allowed = [n for n in capture.layer_specs(module) if n in specs or n in groups]
+        kind = "nn.Linear, Conv1D or Conv2d" + (" (or a tied Embedding/Linear group)"
+                                                 if groups else "")
+        lin = layer_names(func, "layers", dict(module.named_modules()), layers, allowed, kind,
+                          "K-FAC layers")
+    order = {n: i for i, n in enumerate(capture.layer_specs(module))}
+    lin.sort(key=order.__getitem__)
     owner = {}
     for name in lin:
-        owner[specs[name].weight] = name
-        owner[_keys(name)[1]] = name
+        owner[_keys(name)[0]] = name
+        if name not in groups:
+            owner[_keys(name)[1]] = name
     stray = [k for k in params if k not in owner]
-    tied = _tied_uses(module, stray)
-    if tied:
+    tied_stray = _tied_uses(module, stray)
+    if tied_stray and not tied:
         raise ValueError(_msg(func, "params", "weights used by one layer each",
-                              "; ".join(f"{k!r} shared by {uses}" for k, uses in tied.items()),
+                              "; ".join(f"{k!r} shared by {uses}" for k, uses in
+                                        tied_stray.items()),
                               "K-FAC/EK-FAC factor a weight from its one layer's inputs and "
                               "output gradients; a tied weight (GPT-2's wte = lm_head) has a "
-                              "gradient summed over its uses, which the capture engine does "
-                              "not factor: leave it out of params (e.g. params=lambda n: "
+                              "gradient summed over its uses, which this path does not "
+                              "factor: leave it out of params (e.g. params=lambda n: "
                               "'wte' not in n) or attribute it with a dense method "
                               "(grad_dot, influence with solver='cg')."))
+    if tied_stray:
+        why = {k: tied_group(module, k, params) for k in tied_stray}
+        raise ValueError(_msg(func, "params", "tied weights that K-FAC/EK-FAC can pool (one "
+                              "nn.Embedding and one nn.Linear reading one weight, the key of "
+                              "its first holder, no bias of theirs in params) and whose group "
+                              "is selected",
+                              "; ".join(f"{k!r} shared by {uses}: "
+                                        f"{why[k] if isinstance(why[k], str) else 'not selected'}"
+                                        for k, uses in tied_stray.items()),
+                              "Leave the weight out of params (e.g. params=lambda n: 'wte' not "
+                              "in n), select its group in layers, or attribute it with a dense "
+                              "method (grad_dot, influence with solver='cg')."))
     if stray:
         raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear, "
                               f"Conv1D or Conv2d layers {lin}", f"other keys {stray}",
                               "K-FAC covers those layers only: drop these keys from params "
                               "or select their layers."))
-    no_weight = [n for n in lin if specs[n].weight not in params]
+    no_weight = [n for n in lin if _keys(n)[0] not in params]
     if no_weight:
         raise ValueError(_msg(func, "params", "the weight of every selected layer",
                               f"no weight for {no_weight}",
                               "Add '<layer>.weight' to params or deselect the layer."))
     return lin, tuple(params)
+
+
+def _group_of(module: nn.Module, name: str) -> tuple[str, ...] | None:
+    """The members of the pooled tied group ``name`` (its weight read by an Embedding and a
+    Linear), or None for a layer whose weight is its own."""
+    key = _keys(name)[0]
+    if not _tied_uses(module, [key]):
+        return None
+    members = tied_group(module, key, {})
+    return members if isinstance(members, tuple) else None
+
+
+def _capture_layers(module: nn.Module, names) -> list[str]:
+    """The layers to capture for K-FAC layers ``names``: each tied group's members in place of
+    the group (module order)."""
+    out = set()
+    for n in names:
+        out.update(_group_of(module, n) or (n,))
+    order = {n: i for i, n in enumerate(capture.layer_specs(module))}
+    return sorted(out, key=order.__getitem__)
 
 
 def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -83,7 +133,8 @@ def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=None):
+def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=None, *,
+                tied: bool = False):
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
     if not callable(loss_fn):
@@ -91,14 +142,17 @@ def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=
                              type(loss_fn).__name__))
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     state = module_state(func, module, params)
-    names, param_names = _select(func, module, params, layers)
+    names, param_names = _select(func, module, params, layers, tied=tied)
     batches = iter_batches(func, "data", data)
+    members = _capture_layers(module, names) if tied else names
     if tapped is None:
-        tapped = capture.tap(module, names)
-    elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(names):
+        tapped = capture.tap(module, members, tied=True) if tied else capture.tap(module, names)
+    elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(members) \
+            or (members != names and not getattr(tapped, "tied", ())):
         got = ("a tap of another module" if getattr(tapped, "module", None) is not module
-               else f"a tap of layers {list(tapped.layers)}")
-        raise ValueError(_msg(func, "tapped", f"tap_layers(module, {names}) of this module",
+               else f"a tap of layers {list(tapped.layers)}" + (
+                   "" if list(tapped.layers) != list(members) else " without tied=True"))
+        raise ValueError(_msg(func, "tapped", f"tap_layers(module, {members}) of this module",
                               got, "Pass the tapped function from a call on the same module "
                               "and layers, or None."))
     return state, names, param_names, batches, tapped, chunk_size
@@ -108,10 +162,12 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     """Return the tapped forward that :func:`kfac_factors` traces for ``params`` / ``layers``.
 
     Pass it as ``tapped=`` to repeated :func:`kfac_factors` / :func:`ekfac_factors` calls on
-    the same module (see :func:`dattri_fn.transforms.capture.tap`).
+    the same module (see :func:`dattri_fn.transforms.capture.tap`). A weight tied between an
+    Embedding and a Linear (GPT-2's ``wte`` = ``lm_head``) is captured as both members
+    (``tied=True``, ``tapped.tied``), pooled by :mod:`.kfac_tied`.
     """
     func = "kfac_tap"
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
-    return capture.tap(module, _select(func, module, check_params(func, "params", params),
-                                      layers)[0])
+    names = _select(func, module, check_params(func, "params", params), layers, tied=True)[0]
+    return capture.tap(module, _capture_layers(module, names), tied=True)

@@ -13,6 +13,7 @@ from .._checks import _msg, batch_size, check_optional_int, regroup
 from ..transforms.layers import _stream_layer_io
 from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
 from .kfac_layers import _check_call, _keys
+from .kfac_tied import tied_steps
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors"]
 
@@ -79,6 +80,7 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
     """
     n = 0
     stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
+    step, on_input = tied_steps(tapped, step, on_input)  # a tied group is one pooled layer
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
         stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
@@ -224,11 +226,17 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
     """Validate the factor builders' arguments and run the K-FAC pass: ``(KFACFactors, (state,
     names, pnames, batches, tapped, chunk_size, losses))``, the latter for a second pass."""
     state, names, pnames, batches, tapped, chunk_size = _check_call(
-        func, module, loss_fn, params, data, layers, chunk_size, tapped)
+        func, module, loss_fn, params, data, layers, chunk_size, tapped, tied=True)
     check_optional_int(func, "batch_rows", batch_rows)
     _check_reduce(func, reduce)
     _check_dtype(func, dtype)
     losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
+    if fisher == "expected" and tapped.tied:
+        raise ValueError(_msg(func, "fisher", "'empirical' or 'true' with a tied weight in "
+                              "params (its pooled A would take the embedding's gradients once "
+                              "per output direction)", f"'expected' with tied layers "
+                              f"{[list(t) for t in tapped.tied]}", "Use fisher='true', or "
+                              "leave the tied weight out of params."))
     kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
                     batch_rows, reduce)
     return kf, (state, names, pnames, batches, tapped, chunk_size, losses)

@@ -26,8 +26,12 @@ Shapes: a layer with one call on a ``[B, in]`` input (or ``[B]`` indices) is *fl
 selected weight or bias (a tied weight read by another op, ``W.t()``, a non-batch-first input,
 ``max_norm``, grouped convolutions, ...) is a *problem*: :func:`check` lists them per layer so a
 caller can compute those layers densely (after one warning), and ``tapped`` raises
-:class:`CaptureError` rather than return wrong factors. Batch-first inputs are assumed to hold
-one example per row and the examples to be independent (eval mode).
+:class:`CaptureError` rather than return wrong factors. One weight read by an Embedding and a
+Linear (GPT-2's tied ``wte`` = ``lm_head``) is a problem too, unless the tap asks for
+``tied=True``: each use is then captured under its own layer and the weight's gradient is
+their sum (what K-FAC/EK-FAC's pooled factors need, :mod:`dattri_fn.operators.kfac_tied`).
+Batch-first inputs are assumed to hold one example per row and the examples to be independent
+(eval mode).
 """
 
 from __future__ import annotations
@@ -155,19 +159,41 @@ class _Capture(TorchFunctionMode):
     """Records selected layers' inputs and adds their probes (see the module docstring)."""
 
     def __init__(self, specs: Mapping[str, LayerSpec], state: Mapping[str, Tensor],
-                 probes: Mapping[str, Tensor] | None, batch: int | None):
+                 probes: Mapping[str, Tensor] | None, batch: int | None, tied: bool = False):
         super().__init__()
         self.specs, self.probes, self.batch = specs, probes, batch
         self.roles: dict[int, tuple[str, str]] = {}
         self.problems: dict[str, str] = {}
+        shared: dict[int, list[str]] = {}  # a weight tensor -> the layers reading it as weight
         for n, s in specs.items():
             for role, key in (("weight", s.weight), ("bias", s.bias)):
                 if key is None:
                     continue
                 other = self.roles.setdefault(id(state[key]), (n, role))
-                if other[0] != n:  # one tensor, two layers: neither factor is the layer's own
-                    self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
-                    self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
+                if other[0] == n:
+                    continue
+                if tied and role == other[1] == "weight":
+                    shared.setdefault(id(state[key]), [other[0]]).append(n)
+                    continue
+                # one tensor, two layers: neither factor is the layer's own
+                self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
+                self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
+        # A tied weight (tied=True) is attributed call by call to the member of the call's
+        # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
+        # could not be told apart, so they stay problems.
+        self.group: dict[str, tuple[str, ...]] = {}
+        self.by_kind: dict[str, dict[int, tuple[str, str]]] = {}
+        for t, members in shared.items():
+            kinds = [specs[m].kind for m in members]
+            if len(set(kinds)) < len(kinds):
+                for m in members:
+                    self.problems.setdefault(m, f"shares its weight with layer(s) "
+                                                f"{[o for o in members if o != m]} of the same kind")
+                continue
+            for m, k in zip(members, kinds, strict=True):
+                self.group[m] = tuple(members)
+                self.by_kind.setdefault(k, dict(self.roles))[t] = (m, "weight")
+        self.base = self.roles
         self.records: dict[str, list[_Record]] = {n: [] for n in specs}
         self.offsets = dict.fromkeys(specs, 0)
         self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
@@ -188,6 +214,9 @@ class _Capture(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.roles:
             return func(*args, **kwargs)
+        if self.by_kind:  # a tied weight's reader is the member of this call's kind
+            call = _CALLS.get(func)
+            self.roles = self.by_kind.get(call[0], self.base) if call else self.base
         hits = self._hits(args, kwargs)
         if not hits or _benign(func):
             return func(*args, **kwargs)
@@ -201,8 +230,8 @@ class _Capture(TorchFunctionMode):
             why = f"its tensors are used by {_name(func)}"
         if why is None:
             why = call[1](self, name, args, kwargs)
-        if isinstance(why, str):
-            for n in layers:
+        if isinstance(why, str):  # a tied weight's misuse is every member's problem
+            for n in {m for layer in layers for m in self.group.get(layer, (layer,))}:
                 self.problems.setdefault(n, why)
             return func(*args, **kwargs)
         a, flat, T = why
@@ -263,7 +292,7 @@ def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
     return acts, problems
 
 
-def tap(module: nn.Module, layers: Iterable[str]):
+def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     """Return ``tapped(state, probes, *args, **kwargs) -> (output, {layer: a})`` for ``layers``.
 
     ``tapped`` calls ``functional_call(module, state, args, kwargs)`` with each selected layer's
@@ -279,9 +308,16 @@ def tap(module: nn.Module, layers: Iterable[str]):
     gradients out as ``g``. ``torch.func`` transforms need probes as inputs: use ``tapped``
     with :func:`probe_shapes` there.
 
+    ``tied=True``: selected layers of different kinds that read one weight tensor (GPT-2's
+    ``wte``, an Embedding, and ``lm_head``, a Linear) are each captured from their own calls
+    (each call attributed to the member of its kind), so the tensor's per-example gradient is
+    the SUM of the members' :func:`weight_grad`; ``tapped.tied`` lists those groups (tuples
+    of layer names, module order). A consumer that treats each layer's gradient as its
+    weight's whole gradient must not pass it (the default: a tie is a problem).
+
     Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
-    ``state_keys`` (the names ``functional_call`` accepts), ``check`` and ``probed``. It holds
-    no state: every call is independent of the ones before.
+    ``state_keys`` (the names ``functional_call`` accepts), ``tied``, ``check`` and
+    ``probed``. It holds no state: every call is independent of the ones before.
     """
     specs_all = layer_specs(module)
     names = list(layers)
@@ -294,10 +330,10 @@ def tap(module: nn.Module, layers: Iterable[str]):
     specs = {n: specs_all[n] for n in names}
     state_keys = frozenset([k for k, _ in module.named_parameters(remove_duplicate=False)]
                            + [k for k, _ in module.named_buffers(remove_duplicate=False)])
-    tied: dict[int, list[str]] = {}
+    holders: dict[int, list[str]] = {}
     for k, v in module.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(v), []).append(k)
-    aliases = {k: ks for ks in tied.values() for k in ks}
+        holders.setdefault(id(v), []).append(k)
+    aliases = {k: ks for ks in holders.values() for k in ks}
     shared: dict[int, int] = {}
     for _, v in (*module.named_parameters(remove_duplicate=False),
                  *module.named_buffers(remove_duplicate=False)):
@@ -319,7 +355,7 @@ def tap(module: nn.Module, layers: Iterable[str]):
         if missing:
             raise ValueError(f"tapped(state=...): expected the selected layers' weights and "
                              f"biases, missing {missing}.")
-        mode = _Capture(specs, state, probes, _batch_rows(args, kwargs))
+        mode = _Capture(specs, state, probes, _batch_rows(args, kwargs), tied)
         with mode:
             out = torch.func.functional_call(module, state, args, kwargs, tie_weights=ties)
         return out, mode
@@ -348,11 +384,24 @@ def tap(module: nn.Module, layers: Iterable[str]):
 
     tapped.layers = names
     tapped.specs = specs
+    tapped.tied = _tied_groups(module, specs) if tied else ()
     tapped.module = module
     tapped.state_keys = state_keys
     tapped.check = check_fn
     tapped.probed = probed
     return tapped
+
+
+def _tied_groups(module: nn.Module, specs: Mapping[str, LayerSpec]) -> tuple[tuple[str, ...], ...]:
+    """The selected layers that read one weight Parameter of ``module``, grouped (module order;
+    only groups of distinct kinds, the ones ``tied=True`` captures)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    by_tensor: dict[int, list[str]] = {}
+    for n, s in specs.items():
+        if s.weight in params:
+            by_tensor.setdefault(id(params[s.weight]), []).append(n)
+    return tuple(tuple(ms) for ms in by_tensor.values()
+                 if len(ms) > 1 and len({specs[m].kind for m in ms}) == len(ms))
 
 
 def _fold(specs: Mapping[str, LayerSpec], B: int, flat: Mapping[str, bool],
