@@ -305,3 +305,18 @@ def test_stock_gpt2_ekfac_with_tied_wte_equals_the_dense_reference():
     lam = (ef.QG["transformer.wte"].T @ wte @ ef.QA["transformer.wte"]).square().mean(0)
     _close(ef.Lambda["transformer.wte"], lam)
     _close(S, _dense_scores(ef, damping, blocks, blocks), 1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")
+@pytest.mark.filterwarnings("ignore:gauss_newton")  # a tied Embedding: the autodiff GN product
+def test_ekfac_preconditioned_cg_with_the_tied_weight_solves_the_gauss_newton():
+    """CG on the Gauss-Newton with M='ekfac' built on the tied model (pooled layer included)
+    gives the scores of the explicit solve, G_i^T (GN + damping I)^-1 G_j (1e-8)."""
+    model, ids, labels = _problem(7)
+    fm = functional_model(model, lm_loss)
+    train, test = (ids, labels), (ids[:3], labels[:3])
+    ref_m = influence(fm, solver="explicit", damping=0.1)
+    ref = ref_m.score(fm.params, ref_m.prepare(fm.params, train), train, test)
+    m = influence(fm, solver="cg", damping=0.1, M="ekfac", rtol=1e-13, max_iter=200)
+    state = m.prepare(fm.params, train)
+    _close(m.score(fm.params, state, train, test), ref, 1e-8)

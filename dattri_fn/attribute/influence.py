@@ -96,8 +96,11 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             otherwise.
         model: the :class:`~dattri_fn.model.FunctionalModel` the loss came from; required by
             ``kfac``/``ekfac`` (they capture the module's Linear, Conv1D and Conv2d layers:
-            :mod:`dattri_fn.transforms.capture`, no trace, no hooks); defaults to ``loss``
-            when that is a FunctionalModel. The capture is built at each ``prepare`` (one for
+            :mod:`dattri_fn.transforms.capture`, no trace, no hooks; a weight tied between an
+            Embedding and a Linear, GPT-2's ``wte`` = ``lm_head``, is one pooled layer whose
+            EK-FAC ``Lambda`` comes from the summed gradient of both uses,
+            :mod:`dattri_fn.operators.kfac_tied`); defaults to ``loss`` when that is a
+            FunctionalModel. The capture is built at each ``prepare`` (one for
             all its checkpoints); the one layer-by-layer scoring uses is held in the state
             (:class:`InfluenceState` ``.tap``), never cached by the method.
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
