@@ -26,6 +26,9 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
 * ``horizon="auto"`` (:func:`metagradient`): the same single pass, plus ``k n_train + k S``
   floats (each target's best weight cotangents and state cotangent so far) and ``k`` norms; rows
   are copied only when a target's params cotangent ``|thetabar|`` reaches a new minimum.
+* ``horizon="band"``: ``"auto"``'s memory plus ``T k`` norms and either the ``k sum_t B_t``
+  per-step weight cotangents (one pass, when that is at most ``record_limit`` floats) or a
+  second pass through the band's longest horizon: extra memory bounded independently of ``T``.
 
 References:
     Ilyas & Engstrom, "MAGIC: Near-Optimal Data Attribution for Deep Learning", arXiv 2504.16430.
@@ -96,10 +99,46 @@ def _join(floats: Sequence[Tensor], how: tuple):
 
 def _check_horizon(func: str, horizon) -> int | str | None:
     if isinstance(horizon, str):
-        if horizon == "auto":
+        if horizon in ("auto", "band"):
             return horizon
-        raise ValueError(_msg(func, "horizon", "None, an int >= 1 or 'auto'", repr(horizon)))
+        raise ValueError(_msg(func, "horizon", "None, an int >= 1, 'auto' or 'band'", repr(horizon)))
     return check_optional_int(func, "horizon", horizon)
+
+
+# The band rule's constants, fixed (stop 18, benchmarks/magic_rules.py "auto-band") before any
+# LDS was seen: horizons whose params cotangent is within 10% of the smallest, at least half
+# the argmin's length.
+BAND_TOLERANCE = 1.1
+RECORD_LIMIT = 2**24
+
+
+def band_weights(norms: Tensor) -> tuple[Tensor, Tensor]:
+    """Return each step's weight in the band mean and the argmin horizons.  # [T, k] -> [T, k], [k]
+
+    ``norms[K-1, j] = |thetabar^j_{T-K}|``. With ``K_j = argmin_K`` (first minimum over the
+    finite norms) the band is ``{K >= K_j / 2 : norms[K-1, j] <= 1.1 norms[K_j-1, j]}`` and the
+    band metagradient is ``(1/|band_j|) sum_{K in band_j} W_j[K]``, ``W[K] = sum_{t >= T-K} c_t``
+    (``c_t`` step ``t``'s weight cotangents). Step ``t`` enters every ``W[K]`` with ``K >= T - t``,
+    so the mean is ``sum_t a[T-t-1, j] c_t`` with ``a[K-1, j] = |{K' in band_j : K' >= K}| /
+    |band_j|``: a per-(step, target) weight, no ``[T, k, n]`` record. A target with no finite
+    norm gets the full pass (``band = {T}``, ``K_j = T``), as ``"auto"`` does.
+    """
+    T = norms.shape[0]
+    finite = torch.isfinite(norms)
+    masked = torch.where(finite, norms, torch.full_like(norms, math.inf))
+    low = masked.min(0).values  # [k]
+    # The first minimum (ties to the shorter horizon, as "auto"): torch.min's index among equal
+    # values is not documented to be the first, argmax of a 0/1 column is.
+    anchor = (masked == low[None]).to(torch.long).argmax(0) + 1
+    never = ~finite.any(0)
+    anchor[never] = T
+    K = torch.arange(1, T + 1, device=norms.device)[:, None]  # [T, 1]
+    band = finite & (norms <= BAND_TOLERANCE * low[None]) & (2 * K >= anchor[None])  # [T, k]
+    band[:, never] = False
+    band[T - 1, never] = True
+    per_K = band.to(norms.dtype) / band.sum(0).to(norms.dtype)  # [T, k], each column sums to 1
+    # a[K-1] = sum_{K' >= K} per_K[K'-1]: a reversed cumulative sum down the horizons.
+    return per_K.flip(0).cumsum(0).flip(0), anchor
 
 
 def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
@@ -107,9 +146,39 @@ def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
     return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
 
 
+def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
+           weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None):
+    """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
+    ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
+
+    Each segment between checkpoints is replayed once from its first state (the forward run's
+    own loop, so the states are the run's bit for bit) and walked backward.
+    """
+    marks = sorted(trajectory.checkpoints)
+    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
+        if hi <= first:
+            break
+        states = {}
+        run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
+                  every=1, keep=states)
+        for t in range(hi - 1, max(lo, first) - 1, -1):
+            floats, how = _split(states.pop(t))
+            rows = order[t]
+            batch = take(data, rows)
+
+            def one_step(floats_t, w_rows, how=how, batch=batch):
+                params, opt_state = _join(floats_t, how)
+                return _split(step(params, opt_state, batch, w_rows))[0]
+
+            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
+            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
+            yield t, rows, bar, rows_bar
+
+
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
-                 chunk_size: int | None = None, horizon: int | str | None = None) -> MetaGradient:
+                 chunk_size: int | None = None, horizon: int | str | None = None,
+                 record_limit: int = RECORD_LIMIT) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -144,6 +213,22 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             the state cotangent) is copied aside, and those copies are returned. Extra memory:
             ``k n_train + k S`` floats; ``checkpoint_every`` does not change the choice (every
             step is replayed to its exact state before its vjp).
+
+            ``"band"``: per target the MEAN of the truncated metagradients over the band of
+            near-minimal horizons (:func:`band_weights`),
+
+                tau_j = (1/|band_j|) sum_{K in band_j} W_j[K],
+                band_j = {K >= K_j / 2 : |thetabar^j_{T-K}| <= 1.1 |thetabar^j_{T-K_j}|},
+
+            instead of the one argmin of a noisy curve; ``params`` and ``horizon`` are those of
+            ``K_j`` (as ``"auto"``). As a per-(step, target) weighted sum of the steps' weight
+            cotangents it needs each step's ``[k, B_t]`` cotangents once the band is known: one
+            pass records them when ``k sum_t B_t <= record_limit`` floats, else a first pass
+            records only the ``[T, k]`` norms and a second pass (through the band's longest
+            horizon only) adds the weighted cotangents. Extra memory beyond ``"auto"``'s:
+            ``T k`` norms plus at most ``record_limit`` floats, whatever ``T``.
+        record_limit: the most floats the one-pass ``"band"`` record may hold (default
+            ``2**24``); a larger record takes the two-pass route (same result to round-off).
     """
     func = "metagradient"
     if not callable(step):
@@ -155,9 +240,10 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     n, weights = check_run(func, data, order, weights)
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     horizon = _check_horizon(func, horizon)
+    record_limit = check_int(func, "record_limit", record_limit, minimum=0)
     T = len(order)
-    auto = horizon == "auto"
-    first = 0 if horizon is None or auto else max(0, T - horizon)
+    auto, band = horizon == "auto", horizon == "band"
+    first = 0 if horizon is None or auto or band else max(0, T - horizon)
     marks = sorted(trajectory.checkpoints)
     if marks[0] != 0 or marks[-1] != T:
         raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
@@ -175,42 +261,40 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     weights = weights.to(dtype)
     zeros = tree_map(lambda x: x.new_zeros((k, *x.shape))
                      if isinstance(x, Tensor) and x.is_floating_point() else x, final_opt)
-    bar, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
+    bar0, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
+    bar = bar0  # the cotangent of theta_T when the sweep takes no step
     w_bar = torch.zeros(k, n, dtype=dtype, device=weights.device)
-    if auto:
+    n_params = len(final_params)
+    if auto or band:
         best = torch.full((k,), math.inf, dtype=dtype, device=w_bar.device)
         best_w, best_bar = torch.zeros_like(w_bar), [torch.zeros_like(b) for b in bar]
         steps = torch.zeros(k, dtype=torch.long, device=w_bar.device)
-    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
-        if hi <= first:
-            break
-        states = {}
-        run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
-                  every=1, keep=states)
-        for t in range(hi - 1, max(lo, first) - 1, -1):
-            floats, how = _split(states.pop(t))
-            rows = order[t]
-            batch = take(data, rows)
-
-            def one_step(floats_t, w_rows, how=how, batch=batch):
-                params, opt_state = _join(floats_t, how)
-                return _split(step(params, opt_state, batch, w_rows))[0]
-
-            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
-            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
-            w_bar.index_add_(1, rows.to(w_bar.device), rows_bar)
-            if auto:
-                # _split puts the params dict's leaves first: bar[:n_params] = thetabar.
-                norms = _row_norms(bar[:len(final_params)], k)  # [k]
-                # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
-                new = norms < best
-                if bool(new.any()):
-                    best = torch.where(new, norms, best)
+    if band:
+        norms = torch.empty(T, k, dtype=dtype, device=w_bar.device)
+        record = [] if k * sum(len(rows) for rows in order) <= record_limit else None
+    for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
+                                         chunk_size):
+        cols = rows.to(w_bar.device)
+        if band:
+            if record is not None:
+                record.append((cols, rows_bar))
+        else:
+            w_bar.index_add_(1, cols, rows_bar)
+        if auto or band:
+            # _split puts the params dict's leaves first: bar[:n_params] = thetabar.
+            step_norms = _row_norms(bar[:n_params], k)  # [k]
+            if band:
+                norms[T - t - 1] = step_norms
+            # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
+            new = step_norms < best
+            if bool(new.any()):
+                best = torch.where(new, step_norms, best)
+                if auto:
                     best_w[new] = w_bar[new]
-                    for keep, b in zip(best_bar, bar, strict=True):
-                        keep[new] = b[new]
-                    steps[new] = T - t
-    if auto:
+                for keep, b in zip(best_bar, bar, strict=True):
+                    keep[new] = b[new]
+                steps[new] = T - t
+    if auto or band:
         # A target whose norm was never finite keeps the full pass (its NaNs stay visible).
         never = steps == 0
         best_w[never] = w_bar[never]
@@ -220,8 +304,30 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         w_bar, bar = best_w, best_bar
     else:
         steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
+    if band:
+        w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
+                          chunk_size, w_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
     return MetaGradient(w_bar, params0, steps)
+
+
+def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size,
+              out: Tensor) -> Tensor:
+    """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record, or from a
+    second pass through the band's longest horizon.  # -> [k, n]"""
+    T = len(order)
+    a, _ = band_weights(norms)  # [T, k]
+    out.zero_()
+    if record is not None:
+        # The record runs t = T-1 .. 0, so its i-th entry is step T-1-i, horizon K = i + 1.
+        for i, (cols, rows_bar) in enumerate(record):
+            out.index_add_(1, cols, a[i][:, None] * rows_bar)
+        return out
+    longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
+    for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
+                                       T - longest, chunk_size):
+        out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * rows_bar)
+    return out
 
 
 def _check_cotangent(func: str, cotangent: dict, final_params: Params) -> int:
@@ -298,6 +404,10 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             each truncated at its own ``K_j``, it scored above every single-model method on all
             four (the exact ensemble did not), but 0.004 below the 3-model CG influence ensemble
             on digits-cnn (``benchmarks/magic_rules.py``, ``benchmarks/RESULTS.md``).
+            ``"band"``: per target the mean of the truncated metagradients over every ``K >=
+            K_j / 2`` whose params cotangent is within 10% of the minimum (:func:`metagradient`;
+            one pass while its ``[k, B]`` per-step record fits ``2**24`` floats, else two);
+            chosen on a validation ground truth for the seed ensemble (``recipe("magic-ens")``).
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
@@ -431,4 +541,4 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     return Method(prepare, score, self_score, "magic")
 
 
-__all__ = ["MagicState", "MetaGradient", "TopK", "magic", "metagradient"]
+__all__ = ["MagicState", "MetaGradient", "TopK", "band_weights", "magic", "metagradient"]
