@@ -45,11 +45,13 @@ from .._checks import (
     regrouped,
 )
 from ..model import FunctionalModel, default_unpack
+from ..operators.gauss_newton import memory_budget
 from ..operators.kfac import _kfac_specs, _tokens
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
 from ..transforms.layers import batched_io
 from .boundary import check_cached_train
+from .capture_rows import can_merge, capture_row_bytes, merged_passes
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
@@ -69,6 +71,9 @@ class LoGraState(NamedTuple):
     eigvecs: dict
     eigvals: dict
     train_features: Tensor | None
+
+
+_KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
 
 
 def _projection(rows: int, k: int | None, seed: int, like: Tensor) -> Tensor | None:
@@ -95,7 +100,10 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         damping: added to every projected eigenvalue; None = ``0.1 * mean(Lambda)`` per layer.
         seed: the projections' seed (layer ``l`` uses ``seed``-derived generators).
         chunk_size: examples per batched forward/backward (bounds memory).
-        batch_rows: merge consecutive batches into calls of at least this many examples.
+        batch_rows: merge consecutive batches into calls of at least this many examples
+            (1: as given). None: ``prepare`` merges a list or tuple of batches into capture
+            passes that fit :func:`~dattri_fn.operators.gauss_newton.memory_budget` (an upper
+            estimate, :mod:`dattri_fn.attribute.capture_rows`); other data as given.
         cache_features: keep the train features ``[n_train, d]`` in the state, so ``score`` and
             ``self_score`` read no training data (``train`` may be None). With False, ``train``
             is streamed on every call, or read from a feature store (:mod:`dattri_fn.store`):
@@ -213,9 +221,15 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         out, start = torch.empty_like(phi), 0
         for n, (QA, QG) in state.eigvecs.items():
             ki, ko = QA.shape[0], QG.shape[0]
-            M = phi[:, start:start + ko * ki].reshape(-1, ko, ki)
-            R = (QG.mT @ M @ QA) / state.eigvals[n]
-            out[:, start:start + ko * ki] = (QG @ R @ QA.mT).flatten(1)
+            block = phi[:, start:start + ko * ki]
+            if ko * ki <= _KRON_MAX:
+                # vec(Q_G^T M Q_A) = vec(M) (Q_G kron Q_A) (row-major vec): one GEMM each way
+                K = torch.kron(QG, QA)
+                out[:, start:start + ko * ki] = ((block @ K) / state.eigvals[n].flatten()) @ K.mT
+            else:
+                M = block.reshape(-1, ko, ki)
+                R = (QG.mT @ M @ QA) / state.eigvals[n]
+                out[:, start:start + ko * ki] = (QG @ R @ QA.mT).flatten(1)
             start += ko * ki
         return out
 
@@ -233,15 +247,33 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         st = state_of(func, params)
         device = next(iter(st.values())).device
         data = regrouped(func, "train", train, rows_min)
+        if rows_min is None and can_merge(train):
+            # a list of batches in memory: fewer capture passes, each within the memory budget
+            budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
+            merged = True
+
+            def passes():
+                return merged_passes(func, "train", train,
+                                     lambda b: capture_row_bytes(b, weights), budget)
+        else:
+            merged = False
+
+            def passes():
+                return iter_batches(func, "train", data)
         A: dict = {}
         G: dict = {}
         feats, n, layers, projections = [], 0, None, None
-        for batch in iter_batches(func, "train", data):
-            batch_size(func, "train", batch)
+        # {layer: [(a' [b, k_in], g' [b, k_out]) per batch]} while every batch has T = 1: Lambda
+        # then comes from the rotated factors, without rotating the k_out x k_in features
+        factors: dict = {}
+        for batch in passes():
+            if not merged:  # merged_passes checked each batch it merged
+                batch_size(func, "train", batch)
             batch = batch_to(batch, device)
             with blame_data(func, "train", batch):
                 if layers is None:
                     layers, io = first_io(func, st, batch)
+                    factors = {ln: [] for ln in layers} if cache_features else {}
                 else:
                     io = raw(st, layers, batch)
             if projections is None:
@@ -250,10 +282,18 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                                for i, (ln, (a, g)) in enumerate(io.items())}
             io = projected(io, projections)
             for ln, (a, g) in io.items():
-                dA = torch.einsum("bti,btj->ij", a, a if a.shape[1] == 1 else a / a.shape[1])
-                dG = torch.einsum("bto,btp->op", g, g)
+                T = a.shape[1]
+                a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                # A' = sum_i (1/T) sum_t a' a'^T and G' = sum_i sum_t g' g'^T as single GEMMs
+                dA = a2.mT @ (a2 if T == 1 else a2 / T)
+                dG = g2.mT @ g2
                 A[ln] = dA if ln not in A else A[ln] + dA
                 G[ln] = dG if ln not in G else G[ln] + dG
+                if ln in factors:
+                    if T == 1:
+                        factors[ln].append((a2, g2))
+                    else:
+                        del factors[ln]
             phi = features(io)
             n += phi.shape[0]
             if cache_features:
@@ -263,21 +303,37 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         eigvecs = {ln: (torch.linalg.eigh(A[ln] / n)[1], torch.linalg.eigh(G[ln] / n)[1])
                    for ln in layers}
         sums = {ln: 0.0 for ln in layers}
+        for ln, parts in factors.items():
+            QA, QG = eigvecs[ln]
+            a2 = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
+            g2 = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+            # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
+            # are one [k_out, n] x [n, k_in] product of the squared rotated factors
+            ta, tg = a2 @ QA, g2 @ QG
+            sums[ln] = (tg * tg).mT @ (ta * ta)
+        rest = [ln for ln in layers if ln not in factors]
 
         def add_lambda(phi: Tensor) -> None:
             start = 0
             for ln, (QA, QG) in eigvecs.items():
                 ki, ko = QA.shape[0], QG.shape[0]
-                M = phi[:, start:start + ko * ki].reshape(-1, ko, ki)
-                sums[ln] = sums[ln] + ((QG.mT @ M @ QA) ** 2).sum(0)
+                if ln in rest:
+                    block = phi[:, start:start + ko * ki]
+                    if ko * ki <= _KRON_MAX:
+                        rot = block @ torch.kron(QG, QA)
+                    else:
+                        rot = QG.mT @ block.reshape(-1, ko, ki) @ QA
+                    sums[ln] = sums[ln] + (rot ** 2).sum(0).reshape(ko, ki)
                 start += ko * ki
 
-        if cache_features:
+        if not rest:
+            pass
+        elif cache_features:
             for phi in feats:
                 add_lambda(phi)
         else:
             fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None), func, "train")
-            for batch in iter_batches(func, "train", data):
+            for batch in passes():
                 add_lambda(fn(batch_to(batch, device)))
         eigvals = {}
         for ln in layers:
@@ -313,6 +369,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
             feats = state.train_features.to(device)
+            if top_k is None and feats.dtype == test_pre.dtype:
+                # the whole [n_train, n_test] is returned anyway: one product, no block copies
+                return feats @ test_pre.T
             return stream_scores(lambda b: b[0], cached_blocks(feats), test_pre,
                                  top_k=top_k, largest=largest, func=func)
         if train is None:
