@@ -23,26 +23,81 @@ layers stay factored (:mod:`dattri_fn.transforms.layer_grads`) and the scores ne
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence, Set
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._checks import check_optional_int, check_positive
+from .._checks import (
+    _msg,
+    batch_size,
+    batch_slice,
+    batch_to,
+    blame_data,
+    check_optional_int,
+    check_positive,
+    is_batch,
+    refuse_ambiguous_list,
+)
 from .._types import Loss, Params
 from ..model import FunctionalModel
-from ..transforms.layer_grads import LayerGrads, layer_grads_fn
+from ..transforms.layer_grads import (
+    LayerGrads,
+    LayerPlan,
+    PlanDecisions,
+    check_plan,
+    decided_plan,
+    layer_grads_fn,
+    plan_decisions,
+)
 from .method import (
     Method,
-    check_checkpoints,
     device_of,
     loss_and_plan,
     num_checkpoints,
     stack_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import feature_method, in_chunks
+from .pipeline import TopK, collect, in_chunks, stream_scores, stream_self
 
 PROJECTIONS = ("dense", "kronecker")
+_CHECK_ROWS = 3  # the examples check_plan compares with autodiff: prepare checks on these alone
+
+
+class GradSimState(NamedTuple):
+    """What a gradient-similarity method's ``prepare`` keeps: its capture plans' checks.
+
+    The scores never depend on it: it only spares ``score`` and ``self_score`` the check of
+    each capture plan (:func:`~dattri_fn.transforms.layer_grads.check_plan`: a factored pass
+    compared with per-example autodiff on 3 examples), which ``prepare`` made once. Plain
+    values (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`): saved, loaded and hashed
+    like any state. ``()`` (the state before this one existed) is still accepted: each call
+    then checks once, on its first batch of 2 or more examples.
+
+    Attributes:
+        train: the decisions of ``loss``'s plan, checked on the first 3 examples of the first
+            training batch. None: nothing to check (``loss`` a plain function), or ``train``
+            not in memory at ``prepare`` (None, a DataLoader, a store: never read there, so a
+            loader that can be read once loses nothing) or starting with a batch of one.
+        test: those of ``target``'s plan, on the same examples, when ``target`` is a
+            FunctionalModel of its own; None when ``train``'s serve both sides.
+    """
+
+    train: PlanDecisions | None = None
+    test: PlanDecisions | None = None
+
+
+def _first_in_memory(func: str, train):
+    """The first Batch of ``train`` when it is one Batch or a list/tuple of them (read without
+    a pass: nothing consumed), else None."""
+    if train is None:
+        return None
+    refuse_ambiguous_list(func, "train", train)
+    if is_batch(train):
+        return train
+    if isinstance(train, (list, tuple)) and train and is_batch(train[0]):
+        return train[0]
+    return None
 
 
 def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
@@ -113,11 +168,53 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         raise ValueError(f"{name}(target=...): expected a FunctionalModel over the same "
                          f"parameters as loss {keys}, got {list(plan_t.model.params)}.")
 
-    def features(params, state=None):
+    def stacked_of(params) -> Params:
         stacked = stack_checkpoints(name, params)
         if keys is not None and list(stacked) != keys:
             raise ValueError(f"{name}(params=...): expected the keys of the model's params "
                              f"{keys}, got {list(stacked)}.")
+        if plan is not None:
+            bad = {k: list(v.shape[1:]) for k, v in stacked.items()
+                   if v.shape[1:] != plan.model.params[k].shape}
+            if bad:
+                raise ValueError(_msg(name, "params", "the model's parameter shapes "
+                                      f"{ {k: list(plan.model.params[k].shape) for k in bad} }",
+                                      f"{bad}"))
+        return stacked
+
+    def prepare(params, train=None) -> GradSimState:
+        stacked = stacked_of(params)
+        first = None if plan is None else _first_in_memory(name, train)
+        if first is None or batch_size(name, "train", first) < 2:
+            return GradSimState()
+        # The check's own pass is not kept (no features here), so it runs on the examples it
+        # compares alone: a checked plan is valid for batches of any size.
+        head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
+        with blame_data(name, "train", head):
+            checked = plan_decisions(check_plan(plan, stacked, head))
+            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, stacked, head))
+        return GradSimState(checked, other)
+
+    def held_plans(func: str, state) -> tuple[LayerPlan | None, LayerPlan | None]:
+        """The plans ``state`` checked (decided, no pass), else the unchecked ones: a call then
+        checks once, its first batch of >= 2 examples serving both sides when they share one."""
+        if state is None or (type(state) is tuple and not state):
+            return plan, plan_t
+        if not isinstance(state, GradSimState):
+            raise TypeError(_msg(func, "state", f"the GradSimState returned by {name}'s prepare "
+                                 "(or ())", type(state).__name__))
+        if plan is None and state != GradSimState():
+            raise ValueError(_msg(func, "state", "an empty GradSimState (loss is a plain function: "
+                                  "no capture plan to check)", "plan decisions",
+                                  f"Pass the state {name}'s prepare returned."))
+        mine = plan if state.train is None else decided_plan(plan, state.train)
+        if plan_t is plan:
+            return mine, mine
+        return mine, plan_t if state.test is None else decided_plan(plan_t, state.test)
+
+    def features(params, plans):
+        stacked = stacked_of(params)
+        plan_s, plan_q = plans  # this call's train-side and test-side plans
         C = num_checkpoints(stacked)
         if lrs is None:
             weights = torch.ones(C, dtype=torch.float64)
@@ -132,8 +229,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         proj = None if kron else _projector(stacked, proj_dim, kind, seed)
         kp = _kronecker(plan, stacked, proj_dim, kind, seed, kept) if kron else None
 
-        # each side's plan checked on its first batch of this call, then held
-        held = {id(p): layer_grads_fn(p) for p in (plan, plan_t) if p is not None}
+        # A side's plan, checked in prepare, is applied as it is; an unchecked one is checked on
+        # its first batch of this call and held (one check when both sides share the plan).
+        held = {id(p): layer_grads_fn(p) for p in (plan_s, plan_q) if p is not None}
 
         def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
             if fn_plan is None:
@@ -154,18 +252,28 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
         # Features stay [C, B, F]: the pipeline sums the per-checkpoint products.
         def train_f(batch) -> Tensor | LayerGrads:
-            G = grads(batch, loss, plan)
+            G = grads(batch, loss, plan_s)
             if isinstance(G, LayerGrads):
                 return G if lrs is None else G.scale(weights[:, None])
             return G[0] if C == 1 and lrs is None else G * weights[:, None, None]
 
         def test_f(batch) -> Tensor | LayerGrads:
-            G = grads(batch, target, plan_t)
+            G = grads(batch, target, plan_q)
             return G if isinstance(G, LayerGrads) or C > 1 or lrs is not None else G[0]
 
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
 
-    return feature_method(name, features, lambda params: check_checkpoints(name, params))
+    def score(params, state, train, test, *, top_k: int | None = None,
+              largest: bool = True) -> Tensor | TopK:
+        train_f, test_f, device = features(params, held_plans(name, state))
+        test_feats = collect(test_f, test, device=device, func=name, arg="test")
+        return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
+
+    def self_score(params, state, train) -> Tensor:
+        train_f, test_f, device = features(params, held_plans(name, state))
+        return stream_self(train_f, test_f, train, device=device, func=name)
+
+    return Method(prepare, score, self_score, name)
 
 
 def grad_dot(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,

@@ -277,9 +277,18 @@ def layer_grads_fn(plan: LayerPlan) -> Callable[[Params, Batch], LayerGrads]:
     It checks ``plan`` (:func:`check_plan`) on the first batch of 2 or more examples it
     receives and applies that checked plan to every later batch, at any stacked checkpoints
     (a batch of one before it is checked on its own and not held: one example cannot show
-    examples mixed within a batch). ``plan`` itself is never changed: build one function per
-    stream so each stream is checked on its own data.
+    examples mixed within a batch); a plan already checked is applied from the first batch.
+    ``plan`` itself is never changed: build one function per stream so each stream is checked
+    on its own data, or pass a checked plan (:func:`decided_plan` of a state's decisions).
     """
+    return layer_grads_stream(plan)[0]
+
+
+def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], LayerGrads],
+                                                  Callable[[], LayerPlan]]:
+    """Return ``(apply, held)``: :func:`layer_grads_fn`'s ``apply`` and ``held() -> LayerPlan``,
+    the plan it applies now (checked once a batch of 2 or more examples has come), for a caller
+    that keeps the check in its state (:func:`plan_decisions`)."""
     held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
 
     def apply(stacked: Params, batch: Batch) -> LayerGrads:
@@ -290,7 +299,68 @@ def layer_grads_fn(plan: LayerPlan) -> Callable[[Params, Batch], LayerGrads]:
             return lg
         return layer_grads_stacked(held[0], stacked, batch)
 
-    return apply
+    return apply, lambda: held[0]
+
+
+class PlanDecisions(NamedTuple):
+    """What :func:`check_plan` decided, as plain values: a method state holds these (saved,
+    hashed and compared like any state, unlike a plan, which holds the model), and
+    :func:`decided_plan` turns them back into the checked plan with no pass over data.
+
+    Attributes:
+        layers: the captured layers the check kept, in module order (the others were computed
+            densely after its warning).
+        dense, loop, layout: as :class:`LayerPlan`'s.
+    """
+
+    layers: tuple[str, ...]
+    dense: bool
+    loop: bool
+    layout: tuple[tuple[str, str], ...]
+
+
+def plan_decisions(plan: LayerPlan) -> PlanDecisions:
+    """Return the decisions of a checked ``plan`` (:func:`check_plan`) as plain values.
+
+    Its probe shapes are left out: a path that needs them (several checkpoints, dense
+    parameters next to captured layers) runs one no-grad forward per batch instead, which
+    gives the same shapes and so the same gradients.
+    """
+    if not isinstance(plan, LayerPlan) or not plan.checked:
+        got = "an unchecked plan" if isinstance(plan, LayerPlan) else type(plan).__name__
+        raise TypeError(_msg("plan_decisions", "plan", "a LayerPlan from check_plan", got))
+    return PlanDecisions(tuple(plan.layers), bool(plan.dense), bool(plan.loop),
+                         tuple((str(n), str(k)) for n, k in plan.layout))
+
+
+def decided_plan(plan: LayerPlan, decisions: PlanDecisions) -> LayerPlan:
+    """Return ``plan`` with ``decisions`` made: the plan :func:`check_plan` returned (less its
+    probe shapes, see :func:`plan_decisions`), applied with no check and no pass over data.
+
+    Args:
+        plan: the unchecked plan of the model the decisions were made for (:func:`layer_plan`).
+        decisions: from :func:`plan_decisions`.
+
+    Raises:
+        TypeError, ValueError: not a plan and decisions, or decisions naming layers the plan
+            does not capture (decisions made for another model).
+    """
+    func = "decided_plan"
+    if not isinstance(plan, LayerPlan):
+        raise TypeError(_msg(func, "plan", "a LayerPlan from layer_plan(model)",
+                             type(plan).__name__))
+    if not isinstance(decisions, PlanDecisions):
+        raise TypeError(_msg(func, "decisions", "PlanDecisions from plan_decisions(checked plan)",
+                             type(decisions).__name__))
+    names = tuple(decisions.layers)
+    laid = {n for n, _ in decisions.layout}
+    if not names or not set(names) <= set(plan.layers) or not laid <= set(names):
+        raise ValueError(_msg(func, "decisions", f"decisions about layers among the plan's "
+                              f"{list(plan.layers)}", f"layers {list(names)}, layout of "
+                              f"{sorted(laid)}", "They were made for another model."))
+    base = plan if names == tuple(plan.layers) else _plan_of(plan.model, list(names))
+    return base._replace(checked=True, dense=bool(decisions.dense), loop=bool(decisions.loop),
+                         layout=tuple(decisions.layout), shapes=())
 
 
 def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch, *,
@@ -335,5 +405,6 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
     return layer_grads_stacked(plan, stacked, batch_to(batch, device))
 
 
-__all__ = ["LayerGrads", "LayerPlan", "check_plan", "layer_grads_fn", "layer_grads_stacked",
-           "layer_plan", "per_sample_layer_grads"]
+__all__ = ["LayerGrads", "LayerPlan", "PlanDecisions", "check_plan", "decided_plan",
+           "layer_grads_fn", "layer_grads_stacked", "layer_grads_stream", "layer_plan",
+           "per_sample_layer_grads", "plan_decisions"]
