@@ -66,9 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--magic-rows", default="magic,magic-ens,magic@gt",
                    help="which of magic, magic-ens, magic@gt to run ('' = none)")
     p.add_argument("--horizons", default="",
-                   help="extra magic rows on the first model: horizon K steps or 'auto', comma-separated")
+                   help="extra magic rows on the first model: K steps, 'auto' or 'band', comma-separated")
     p.add_argument("--ens-horizons", default="",
-                   help="extra magic-ens rows (all --models runs): horizon K steps or 'auto'")
+                   help="extra magic-ens rows (all --models runs): horizon K steps, 'auto' or 'band'")
     p.add_argument("--scan", default="5,10,20,40", help="epochs of the time/memory scan ('' = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=".cache/dattri_fn")
@@ -83,10 +83,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("horizons", "ens_horizons"):
         raw = getattr(args, flag)
         try:
-            setattr(args, flag, [h if h == "auto" else int(h) for h in
+            setattr(args, flag, [h if h in ("auto", "band") else int(h) for h in
                                  (h.strip() for h in raw.split(",")) if h])
         except ValueError:
-            p.error(f"--{flag.replace('_', '-')}: expected ints or 'auto', got {raw!r}")
+            p.error(f"--{flag.replace('_', '-')}: expected ints, 'auto' or 'band', got {raw!r}")
 
     if args.optimizer == "adam" and _HPARAMS[args.task]["optimizer"] != "adam":
         p.error(f"--optimizer adam: {args.task} is not trained by Adam (use sgd)")
