@@ -161,32 +161,36 @@ def test_ekfac_correction_is_the_fisher_diagonal_in_the_pooled_basis():
 
 
 @pytest.mark.filterwarnings("ignore:layer_grads")  # the raveled test side: emb by vmap(grad)
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_influence_ekfac_scores_equal_the_dense_reference(chunk):
-    """influence(solver='ekfac') score == sum_l <Q^T DW_i, (Q^T DW_j) / (Lambda + damping)> from
-    vmap(grad) gradients (1e-10), the layer-by-layer path and the raveled ihvp alike; per-layer
-    scores sum to it; self_score is its diagonal."""
+@pytest.mark.parametrize("chunk,l2", [(None, 0.0), (3, 0.0), (None, 0.01)])
+def test_influence_ekfac_scores_equal_the_dense_reference(chunk, l2):
+    """influence(solver='ekfac', l2=...) score == sum_l <Q^T (DW_i + 2 l2 W), (Q^T DW_j) /
+    (Lambda + damping + 2 l2)> from vmap(grad) gradients (1e-10), the layer-by-layer path and
+    the raveled ihvp alike; per-layer scores sum to it; self_score is its diagonal (l2 = 0)."""
     model, ids, labels = _problem(3)
     fm = functional_model(model, lm_loss)
     assert list(fm.params) == ["emb.weight", "fc.weight", "fc.bias"]
     train = [(ids[:4], labels[:4]), (ids[4:], labels[4:])]
     test = (ids[:3].flip(1), labels[:3])
     damping = 0.05
-    m = influence(fm, solver="ekfac", damping=damping, chunk_size=chunk)
+    m = influence(fm, solver="ekfac", damping=damping, chunk_size=chunk, l2=l2)
     state = m.prepare(fm.params, train)
     Gtr = _per_example_grads(model, ids, labels)
     Gte = _per_example_grads(model, *test)
-    ref = _dense_scores(state.factors, damping, _blocks(Gtr), _blocks(Gte))
+    if l2:  # the training objective's gradient, 2 l2 p added (the test side stays the loss)
+        Gtr = {k: v + 2 * l2 * fm.params[k] for k, v in Gtr.items()}
+    # the l2 term's curvature 2 l2 I joins the damping (F + 2 l2 I + damping I)
+    ref = _dense_scores(state.factors, damping + 2 * l2, _blocks(Gtr), _blocks(Gte))
     S = m.score(fm.params, state, train, test)
     _close(S, ref)
     rav = lambda G: torch.cat([G[k].flatten(1) for k in fm.params], 1)  # noqa: E731
     _close(rav(Gtr) @ state.ihvp(rav(Gte)).T, ref)
-    per = influence(fm, solver="ekfac", damping=damping, per_layer=True).score(
+    per = influence(fm, solver="ekfac", damping=damping, per_layer=True, l2=l2).score(
         fm.params, state, train, test)
     assert list(per) == ["emb", "fc"]
     _close(per["emb"] + per["fc"], ref)
-    self_ref = _dense_scores(state.factors, damping, _blocks(Gtr), _blocks(Gtr)).diagonal()
-    _close(m.self_score(fm.params, state, train), self_ref)
+    if not l2:
+        self_ref = _dense_scores(state.factors, damping, _blocks(Gtr), _blocks(Gtr)).diagonal()
+        _close(m.self_score(fm.params, state, train), self_ref)
 
 
 def test_pooled_kfac_inverse_is_the_damped_kronecker_inverse():
