@@ -324,3 +324,45 @@ def test_ekfac_preconditioned_cg_with_the_tied_weight_solves_the_gauss_newton():
     m = influence(fm, solver="cg", damping=0.1, M="ekfac", rtol=1e-13, max_iter=200)
     state = m.prepare(fm.params, train)
     _close(m.score(fm.params, state, train, test), ref, 1e-8)
+
+
+def test_token_scores_split_the_tied_weight_over_positions():
+    """token_scores with the tied W in params: position t scores both uses there (g_t^T M h_t +
+    M[id_t] . u_t); summed over t, grad_i . p_j with grad_i from vmap(grad) (1e-10), for the toy
+    model and for stock GPT-2's wte (per-sequence autograd)."""
+    from dattri_fn.attribute.tokens import token_scores
+
+    model, ids, labels = _problem(8)
+    fm = functional_model(model, lm_loss)
+    G = _per_example_grads(model, ids, labels)
+    G = torch.cat([G[k].flatten(1) for k in fm.params], 1)
+    p = torch.randn(2, G.shape[1], generator=torch.Generator().manual_seed(0), dtype=DT)
+    S = token_scores(fm, fm.params, (ids, labels), p)
+    assert S.shape == (8, T, 2)
+    _close(S.sum(1), G @ p.T)
+    h, g, u = _parts(model, ids, labels)  # position t's two terms, for the W block of p
+    M = p[:, :V * D].reshape(2, V, D)
+    W_part = torch.einsum("bto,jod,btd->btj", g, M, h) + torch.einsum("jbtd,btd->btj",
+                                                                        M[:, ids], u)
+    rest = token_scores(functional_model(model, lm_loss, params=lambda n: "fc" in n),
+                        {k: v for k, v in fm.params.items() if "fc" in k}, (ids, labels),
+                        p[:, V * D:])
+    _close(S, W_part + rest)
+    from dattri_fn.losses import causal_lm_loss
+
+    gpt2, batch = _gpt2()
+    fm = functional_model(gpt2, causal_lm_loss, params=lambda n: "wte" in n or ".mlp." in n)
+    own = dict(gpt2.named_parameters())
+    rows = []
+    for i in range(6):
+        gpt2.zero_grad()
+        causal_lm_loss(gpt2(input_ids=batch["input_ids"][i:i + 1],
+                            attention_mask=batch["attention_mask"][i:i + 1]),
+                       batch["labels"][i:i + 1]).backward()
+        rows.append(torch.cat([own[k].grad.flatten() for k in fm.params]))
+    G = torch.stack(rows)
+    p = torch.randn(2, G.shape[1], generator=torch.Generator().manual_seed(1), dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        S = token_scores(fm, fm.params, batch, p)
+    _close(S.sum(1), G @ p.T, 1e-9)

@@ -18,6 +18,8 @@ from torch import Tensor
 
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
 from ..model import FunctionalModel, default_unpack
+from ..operators.kfac_layers import _tied_uses
+from ..operators.kfac_tied import pooled_io, tied_group
 from ..transforms import capture
 from ..transforms.layers import batched_io
 
@@ -31,7 +33,10 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     Args:
         model: a FunctionalModel with a ``loss_fn`` whose every attributed parameter is the weight
             or bias of an ``nn.Linear``, HF ``Conv1D`` or ``nn.Conv2d`` (positions: tokens, or a
-            convolution's output pixels), all applied at the same ``T`` positions.
+            convolution's output pixels), all applied at the same ``T`` positions, or a weight
+            tied between an ``nn.Embedding`` and an ``nn.Linear`` (GPT-2's ``wte`` =
+            ``lm_head``): its position ``t`` scores both uses there, ``g_t^T M h_t +
+            M[id_t] . u_t`` (:mod:`dattri_fn.operators.kfac_tied`).
         params: the attributed parameters (keys and order of ``model.params``).
         batch: training examples (a Batch laid out as ``model``'s loss takes them).
         test_features: ``p_j`` in the params' ravel layout.  # [n_test, P]
@@ -53,21 +58,30 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     if test_features.ndim != 2 or test_features.shape[1] != P:
         raise ValueError(_msg(func, "test_features", f"[n_test, {P}] (the params' ravel layout)",
                               f"{list(test_features.shape)}"))
-    specs = {n: s for n, s in capture.layer_specs(model.module).items()
+    every = capture.layer_specs(model.module)
+    specs = {n: s for n, s in every.items()
              if s.kind in ("linear", "conv1d", "conv2d") and s.weight in params}
     owned = {k for s in specs.values() for k in (s.weight, s.bias) if k in params}
+    groups = {}  # a weight tied between an Embedding and a Linear: group -> members
+    for k in _tied_uses(model.module, [k for k in params if k not in owned]):
+        members = tied_group(model.module, k, params)
+        if isinstance(members, tuple):
+            groups[members[0]] = members
+            owned.add(k)
     left = [k for k in params if k not in owned]
     if left:
         raise ValueError(_msg(func, "params", "only weights and biases of Linear, Conv1D or "
-                              "Conv2d layers (their gradients split over positions)",
+                              "Conv2d layers (their gradients split over positions), or a "
+                              "weight tied between an Embedding and a Linear",
                               f"other parameters {left}",
                               "Select them away: functional_model(..., params=...)."))
     B = batch_size(func, "batch", batch)
     state = {**model.fixed, **params}
     device = next(iter(params.values())).device
     batch = batch_to(batch, device)
-    tapped = capture.tap(model.module, list(specs))
-    like = params[specs[next(iter(specs))].weight]
+    names = sorted({*specs, *(m for ms in groups.values() for m in ms)}, key=list(every).index)
+    tapped = capture.tap(model.module, names, tied=bool(groups))
+    like = params[(specs[next(iter(specs))] if specs else every[next(iter(groups))]).weight]
     args, kwargs, target = (model.unpack or default_unpack)(batch)
     with blame_data(func, "batch", batch):
         problems = tapped.check(state, *args, **kwargs)
@@ -81,23 +95,41 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         start += v.numel()
     feats = test_features.to(like.dtype)
     total, T0 = None, None
-    for name, spec in specs.items():
-        a, g = io[name]
-        a = a.reshape(B, -1, a.shape[-1]).detach()
-        g = g.reshape(B, -1, g.shape[-1]).detach()
-        if T0 is None:
-            T0 = a.shape[1]
-        elif a.shape[1] != T0:
-            raise ValueError(_msg(func, "model", "layers applied at the same number of positions",
-                                  f"{T0} and {a.shape[1]} (layer {name!r})"))
+    for name in [n for n in every if n in specs or n in groups]:
+        if name in groups:  # both uses' positions, pooled as one [V, d] Linear (kfac_tied)
+            members = groups[name]
+            for m in members:
+                T0 = _positions(func, T0, io[m][1].reshape(B, -1, io[m][1].shape[-1]).shape[1],
+                                m)
+            V = next(tapped.specs[m].out_features for m in members
+                     if tapped.specs[m].kind == "linear")
+            a, g = pooled_io(tapped.specs, members, {m: io[m] for m in members}, V)
+            spec = every[name]
+        else:
+            spec = specs[name]
+            a, g = io[name]
+            a = a.reshape(B, -1, a.shape[-1])
+            g = g.reshape(B, -1, g.shape[-1])
+            T0 = _positions(func, T0, a.shape[1], name)
+        a, g = a.detach(), g.detach()
         out, inp = g.shape[-1], a.shape[-1]
         M = feats[:, offsets[spec.weight]]
         M = M.reshape(-1, inp, out).mT if spec.kind == "conv1d" else M.reshape(-1, out, inp)
         part = torch.einsum("btjo,bto->btj", torch.einsum("joi,bti->btjo", M, a), g)
-        if spec.bias in params:
+        if name in groups:  # position t of each use: the uses' contributions at t summed
+            part = part.reshape(B, len(groups[name]), T0, -1).sum(1)
+        elif spec.bias in params:
             part = part + g @ feats[:, offsets[spec.bias]].T
         total = part if total is None else total + part
     return total
+
+
+def _positions(func: str, T0: int | None, T: int, name: str) -> int:
+    """The positions every layer shares (the first layer's), or an error naming ``name``."""
+    if T0 is not None and T != T0:
+        raise ValueError(_msg(func, "model", "layers applied at the same number of positions",
+                              f"{T0} and {T} (layer {name!r})"))
+    return T
 
 
 __all__ = ["token_scores"]
