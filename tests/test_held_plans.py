@@ -278,3 +278,31 @@ def test_state_errors():
         grad_dot(fm).prepare({k: v[..., :1] for k, v in fm.params.items()}, train)
     with pytest.raises(ValueError, match=r"grad_dot\(train=...\)"):
         grad_dot(fm).prepare(fm.params, (torch.randn(4, 7, dtype=DT), torch.zeros(4).long()))
+
+
+@pytest.mark.parametrize("projection", ["dense", "kronecker"])
+def test_trak_features_apply_held_decisions_without_a_check(projection, monkeypatch):
+    """feature_calls(..., decisions=calls.plan()) gives the features of a call that checks its
+    first batch (torch.equal) with no check; calls.plan() is None until a batch of >= 2 came."""
+    from dattri_fn.attribute.trak_features import FeatureConfig, feature_calls
+
+    fm = functional_model(_mlp(), F.cross_entropy)
+    ckpts = _ckpts(fm, 2)
+    proj = (2, 3) if projection == "kronecker" else 5
+    cfg = FeatureConfig(fm.loss, None, layer_plan(fm), list(fm.params), proj, "gaussian", 4,
+                        None, None, None, {}, None, projection=projection)
+    train, test = _xy(1, 6), _xy(2, 3)
+    calls = feature_calls("trak", ckpts, cfg)
+    assert calls.plan() is None
+    want = calls.packed(train), calls.packed(test)
+    decisions = calls.plan()
+    assert isinstance(decisions, PlanDecisions)
+    checks = _counting(monkeypatch)
+    held = feature_calls("trak", ckpts, cfg, decisions)
+    assert held.plan() == decisions
+    assert torch.equal(held.packed(test), want[1]) and torch.equal(held.packed(train), want[0])
+    assert not checks
+    plain = cfg._replace(plan=None, keys=None, projection="dense")
+    with pytest.raises(ValueError, match=r"trak\(state=...\): expected a state without plan "
+                                         r"decisions"):
+        feature_calls("trak", ckpts, plain, decisions)

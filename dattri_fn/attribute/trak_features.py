@@ -29,7 +29,7 @@ from .._checks import (
 )
 from .._types import Params
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import layer_grads_fn
+from ..transforms.layer_grads import PlanDecisions, decided_plan, layer_grads_stream, plan_decisions
 from ..transforms.project import make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
@@ -52,6 +52,9 @@ class Calls(NamedTuple):
     first: Params  # checkpoint 0
     device: torch.device
     fdt: torch.dtype  # the features' dtype
+    # () -> the decisions of the plan the features apply, once checked (for a prepared state);
+    # None: no plan, or not checked yet (no batch of >= 2 examples read)
+    plan: Callable = lambda: None
 
 class FeatureConfig(NamedTuple):
     """The settings of one :func:`trak` method that its feature engine reads."""
@@ -71,11 +74,15 @@ class FeatureConfig(NamedTuple):
     projection: str = "dense"  # "kronecker": per-layer P_out^T G P_in from the captured factors
 
 
-def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
+def feature_calls(func: str, params, cfg: FeatureConfig,
+                  decisions: PlanDecisions | None = None) -> Calls:
     """Return the feature engine for ``params`` (one dict or a list of checkpoints) under ``cfg``.
 
     ``phi_c(z) = R_c^T grad f(theta_c; z)`` with ``R_c`` seeded ``cfg.seed + c`` (kept in
     ``cfg.projectors`` between calls) and ``Q`` averaged over checkpoints; see :func:`trak`.
+    ``decisions``: the capture plan's check from a prepared state (``Calls.plan()`` of the
+    call that prepared it): applied with no check; None: checked on the first batch of 2 or
+    more examples read, then held.
     """
     output_fn, weight_fn, plan, keys = cfg.output_fn, cfg.weight_fn, cfg.plan, cfg.keys
     proj_dim, chunk_size, rows_min, projectors = (cfg.proj_dim, cfg.chunk_size, cfg.rows_min,
@@ -92,7 +99,16 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
                               "with a capturable layer and an int proj_dim",
                               f"plan={'none' if plan is None else 'ok'}, proj_dim={proj_dim}"))
     fdt = v0.dtype if cfg.feature_dtype is None else cfg.feature_dtype
-    grads = None if plan is None else layer_grads_fn(plan)  # checked on the first batch, held
+    if decisions is not None and plan is None:
+        raise ValueError(_msg(func, "state", "a state without plan decisions (output_fn is a "
+                              "plain function: no capture plan)", "plan decisions"))
+    # an unchecked plan is checked on the first batch of >= 2 examples, then held; the Kronecker
+    # projector below reads cfg.plan's layers either way (same projector, prepared or not)
+    applied = plan if decisions is None else decided_plan(plan, decisions)
+    grads, held = (None, None) if applied is None else layer_grads_stream(applied)
+
+    def decided() -> PlanDecisions | None:
+        return None if held is None or not held().checked else plan_decisions(held())
 
     def kronecker_projector(c: int):  # seed + c per checkpoint, as the dense projector's
         key = ("kronecker", tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), c)
@@ -235,4 +251,4 @@ def feature_calls(func: str, params, cfg: FeatureConfig) -> Calls:
         return feats if c is None else feats[c:c + 1]
 
     return Calls(stacked, in_chunks(packed, chunk_size), collect_features, fill, by_checkpoint,
-                  holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt)
+                 holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt, decided)
