@@ -35,9 +35,9 @@ lm_loss.per_example = _rows
 class TiedLM(nn.Module):
     """emb (V -> d) -> tanh(fc) -> head (d -> V), head.weight IS emb.weight."""
 
-    def __init__(self, head_bias: bool = False):
+    def __init__(self, head_bias: bool = False, padding_idx: int | None = None):
         super().__init__()
-        self.emb, self.fc = nn.Embedding(V, D), nn.Linear(D, D)
+        self.emb, self.fc = nn.Embedding(V, D, padding_idx=padding_idx), nn.Linear(D, D)
         self.head = nn.Linear(D, V, bias=head_bias)
         self.head.weight = self.emb.weight
 
@@ -45,11 +45,11 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.fc(self.emb(idx))))
 
 
-def _problem(seed: int, head_bias: bool = False):
-    """A float64 TiedLM, ids [8, T] with some labels ignored (-100), split in two batches."""
+def _problem(seed: int, head_bias: bool = False, padding_idx: int | None = None):
+    """A float64 TiedLM, ids [8, T] with some labels ignored (-100)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = TiedLM(head_bias).double().eval()
+    model = TiedLM(head_bias, padding_idx).double().eval()
     with torch.no_grad():  # larger weights: gradients of both uses well above rounding
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
@@ -68,6 +68,8 @@ def _parts(model, ids, labels):
     h = torch.tanh(F.linear(e, model.fc.weight.detach(), model.fc.bias.detach()))
     logits = h @ W.T
     u, g = torch.autograd.grad(_rows(logits, labels).sum(), [e, logits])
+    if model.emb.padding_idx is not None:  # F.embedding passes no gradient to that row
+        u = u.masked_fill((ids == model.emb.padding_idx)[..., None], 0)
     return h.detach(), g, u
 
 
@@ -125,10 +127,12 @@ def test_tied_capture_records_both_uses_and_their_sum_is_the_gradient():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12 * float(ref.abs().max()))
 
 
-def test_pooled_factors_equal_brute_force_sums():
+@pytest.mark.parametrize("pad", [None, 2])
+def test_pooled_factors_equal_brute_force_sums(pad):
     """A = (1/N) sum_n (1/2T) (sum_t h h^T + sum_t u u^T), G = (1/N) sum_n (sum_t g g^T +
-    sum_t e_id e_id^T) over both uses of the tied W (1e-12); the untied fc's factors as before."""
-    model, ids, labels = _problem(1)
+    sum_t e_id e_id^T) over both uses of the tied W (1e-12), e_id = 0 and u = 0 where the
+    embedding's padding_idx takes no gradient."""
+    model, ids, labels = _problem(1, padding_idx=pad)
     params = {k: v.detach() for k, v in model.named_parameters()}
     batches = [(ids[:5], labels[:5]), (ids[5:], labels[5:])]
     kf = kfac_factors(model, lm_loss, params, batches)
@@ -137,15 +141,19 @@ def test_pooled_factors_equal_brute_force_sums():
     N = ids.shape[0]
     A = (torch.einsum("bti,btj->ij", h, h) + torch.einsum("bti,btj->ij", u, u)) / (2 * T * N)
     onehot = F.one_hot(ids, V).to(DT)
+    if pad is not None:
+        assert bool((ids == pad).any())
+        onehot[..., pad] = 0
     G = (torch.einsum("bti,btj->ij", g, g) + torch.einsum("bti,btj->ij", onehot, onehot)) / N
     _close(kf.A["emb"], A, 1e-12)
     _close(kf.G["emb"], G, 1e-12)
 
 
-def test_ekfac_correction_is_the_fisher_diagonal_in_the_pooled_basis():
+@pytest.mark.parametrize("pad", [None, 2])
+def test_ekfac_correction_is_the_fisher_diagonal_in_the_pooled_basis(pad):
     """Lambda = diag(Q^T F Q) with F from vmap(grad) per-example gradients of the tied W (both
     uses), Q = Q_A (x) Q_G the eigenvectors of the pooled factors (1e-10)."""
-    model, ids, labels = _problem(2)
+    model, ids, labels = _problem(2, padding_idx=pad)
     params = {k: v.detach() for k, v in model.named_parameters()}
     ef = ekfac_factors(model, lm_loss, params, [(ids[:3], labels[:3]), (ids[3:], labels[3:])])
     kf = kfac_factors(model, lm_loss, params, (ids, labels))

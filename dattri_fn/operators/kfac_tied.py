@@ -8,7 +8,8 @@ outer products of an "out" vector and an "in" vector, so example ``n``'s gradien
 
 ``h_t`` the head's input, ``g_t = dloss_n / dlogits_t`` (in ``R^V``), ``e_{id_s}`` the one-hot
 of the token read at position ``s`` (zero where ``padding_idx`` takes no gradient) and
-``u_s = dloss_n / d(embedding output)_s`` (in ``R^d``). The pooled tokens ``(out, in)`` =
+``u_s = dloss_n / d(embedding output)_s`` (in ``R^d``; both zero at a ``padding_idx``
+position, which passes no gradient to ``W``). The pooled tokens ``(out, in)`` =
 ``(g_t, h_t)`` and ``(e_{id_s}, u_s)`` therefore play the part of one Linear layer's positions,
 and every K-FAC/EK-FAC statistic is taken over them (:func:`pooled_io`):
 
@@ -88,11 +89,11 @@ def _out_in(kind: str, a: Tensor, g: Tensor, V: int) -> tuple[Tensor, Tensor]:
     B = g.shape[0]
     if kind == "linear":  # (g_t, h_t)
         return g.reshape(B, -1, g.shape[-1]), a.reshape(B, -1, a.shape[-1])
-    idx = a.reshape(B, -1)  # (e_{id_s}, u_s); -1 (padding_idx): no gradient, a zero row
+    idx = a.reshape(B, -1)  # (e_{id_s}, u_s); -1 (padding_idx): no gradient, the pair (0, 0)
     keep = idx >= 0
     out = g.new_zeros(B, idx.shape[1], V).scatter_(2, idx.clamp_min(0)[..., None],
                                                     keep.to(g.dtype)[..., None])
-    return out, g.reshape(B, -1, g.shape[-1])
+    return out, g.reshape(B, -1, g.shape[-1]).masked_fill(~keep[..., None], 0)
 
 
 def pooled_io(specs: Mapping[str, capture.LayerSpec], members, io: Mapping[str, tuple],
