@@ -81,3 +81,38 @@ def test_unprojected_cache_is_the_per_sample_gradient():
         torch.testing.assert_close(state.train_features[c], G, rtol=1e-12, atol=1e-12)
         want = torch.linalg.inv(G @ G.T + 0.5 * torch.eye(7, dtype=F64))
         torch.testing.assert_close(state.kernel[c], want, rtol=1e-10, atol=1e-10)
+
+
+def test_primal_kernel_is_allocated_after_the_first_gram():
+    """A Gram stream that holds X bytes (TRAK's cache fill) until its first Gram is out peaks
+    without the [C, d, d] kernel: tensor peak < X + Gram + kernel bytes; the inverse is exact."""
+    from benchmarks.peak import tensor_peak
+
+    C, d, X = 2, 16, 2**22
+    gram = 2.0 * torch.eye(d, dtype=F64)
+
+    def grams():  # one pass fills the cache, then every Gram is read from it
+        big = torch.empty(X, dtype=torch.uint8)  # the fill's temporaries
+        first = gram.clone()
+        del big
+        yield first
+        del first
+        for _ in range(C - 1):
+            yield gram.clone()
+
+    K, peak = tensor_peak(lambda: primal_kernel("f", grams(), C, d, 5, F64, "cpu", 0.5))
+    assert torch.allclose(K, torch.eye(d, dtype=F64).expand(C, d, d) / 2.5, rtol=0, atol=1e-15)
+    assert peak < X + gram.nbytes + K.nbytes
+
+
+def test_dual_kernel_holds_one_gram_at_a_time():
+    """dual_kernel over C = 3 checkpoints peaks at the kernel + one [n, n] float64 Gram + one
+    block product ([n, n] here) + 64 bytes: never a second Gram; the result is the inverse."""
+    from benchmarks.peak import tensor_peak
+
+    n, d = 40, 60
+    feats = torch.randn(3, n, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    K, peak = tensor_peak(lambda: dual_kernel("f", feats, d, F64, 0.1))
+    assert peak <= K.nbytes + 2 * n * n * 8 + 64
+    want = torch.linalg.inv(feats @ feats.mT + 0.1 * torch.eye(n, dtype=F64))
+    assert torch.allclose(K, want, rtol=1e-10, atol=1e-12)

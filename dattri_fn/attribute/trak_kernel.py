@@ -67,19 +67,32 @@ def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float) -> Tens
 
 def _inverted(grams, C: int, size: int, dtype, device, damping: float) -> tuple[Tensor, list]:
     """``((gram_c + damping I)^-1 [C, size, size], checkpoints that did not factor)``, each
-    float64 ``gram_c`` (taken from ``grams`` only when needed) factored and inverted in place."""
-    K = torch.empty((C, size, size), dtype=dtype, device=device)
+    float64 ``gram_c`` (taken from ``grams`` only when needed) factored and inverted in place.
+
+    The result is allocated once the first Gram is there: a ``grams`` that fills TRAK's feature
+    cache on its first item then peaks without the ``[C, size, size]`` kernel. One Gram is alive
+    at a time.
+    """
+    K = None
     info = torch.empty((), dtype=torch.int32, device=device)
     bad = []
-    for c, g in enumerate(grams):
+    c = -1
+    # not enumerate(grams): its reused result tuple would keep the last Gram alive while the
+    # next one is formed (two [size, size] float64 matrices at once)
+    for g in grams:
+        c += 1
+        if K is None:
+            K = torch.empty((C, size, size), dtype=dtype, device=device)
         g.diagonal().add_(damping)
         g = g.mT  # the same symmetric matrix, column-major: LAPACK then works in g itself
         torch.linalg.cholesky_ex(g, out=(g, info))
         if int(info) != 0:
             bad.append(c)
-            continue
-        K[c] = torch.cholesky_inverse(g, out=g)
+        else:
+            K[c] = torch.cholesky_inverse(g, out=g)
         del g
+    if K is None:  # no Gram at all
+        K = torch.empty((C, size, size), dtype=dtype, device=device)
     return K, bad
 
 
