@@ -271,13 +271,18 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         steps = torch.zeros(k, dtype=torch.long, device=w_bar.device)
     if band:
         norms = torch.empty(T, k, dtype=dtype, device=w_bar.device)
-        record = [] if k * sum(len(rows) for rows in order) <= record_limit else None
+        total = sum(len(rows) for rows in order)
+        # One buffer for the whole record, filled from its end (step T-1 first): 320 small
+        # tensors kept among the pass's large temporaries would fragment the heap instead.
+        record = (torch.empty(k, total, dtype=dtype, device=w_bar.device)
+                  if k * total <= record_limit else None)
     for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
                                          chunk_size):
         cols = rows.to(w_bar.device)
         if band:
             if record is not None:
-                record.append((cols, rows_bar))
+                total -= len(rows)
+                record[:, total:total + len(rows)] = rows_bar
         else:
             w_bar.index_add_(1, cols, rows_bar)
         if auto or band:
@@ -313,15 +318,19 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
 
 def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size,
               out: Tensor) -> Tensor:
-    """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record, or from a
-    second pass through the band's longest horizon.  # -> [k, n]"""
+    """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
+    (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
+    longest horizon.  # -> [k, n]"""
     T = len(order)
     a, _ = band_weights(norms)  # [T, k]
     out.zero_()
     if record is not None:
-        # The record runs t = T-1 .. 0, so its i-th entry is step T-1-i, horizon K = i + 1.
-        for i, (cols, rows_bar) in enumerate(record):
-            out.index_add_(1, cols, a[i][:, None] * rows_bar)
+        # The record holds the steps in run order: step t's columns start at sum_{s < t} B_s.
+        lo = 0
+        for t, rows in enumerate(order):
+            hi = lo + len(rows)
+            out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * record[:, lo:hi])
+            lo = hi
         return out
     longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
     for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
