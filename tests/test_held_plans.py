@@ -306,3 +306,27 @@ def test_trak_features_apply_held_decisions_without_a_check(projection, monkeypa
     with pytest.raises(ValueError, match=r"trak\(state=...\): expected a state without plan "
                                          r"decisions"):
         feature_calls("trak", ckpts, plain, decisions)
+
+
+@pytest.mark.parametrize("case", ["mlp", "seq", "tied", "mixing"])
+def test_checking_the_compared_examples_alone_decides_as_a_larger_batch(case):
+    """plan_decisions(check_plan(plan, p, b[:3])) == that of b[:6] (the 3-row check skips its
+    narrowing forward); the reference rows equal one autograd pass per example (torch.equal)."""
+    from dattri_fn.transforms.layer_grads_paths import _autodiff_rows, _loop_grads
+
+    mods = {"mlp": (_mlp, lambda n: _xy(5, n)),
+            "seq": (lambda: _init(_Seq().double(), 1), lambda n: _tokens(5, n, 4)),
+            "tied": (lambda: _init(_Tied().double(), 2), lambda n: _xy(5, n)),
+            "mixing": (lambda: _init(_Mixing().double(), 3), lambda n: _xy(5, n))}
+    make, data = mods[case]
+    fm = functional_model(make(), F.cross_entropy)
+    plan = layer_plan(fm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for C in (1, 2):
+            stacked = {k: torch.stack([p[k] for p in _ckpts(fm, C)]) for k in fm.params}
+            assert plan_decisions(check_plan(plan, stacked, data(3))) == plan_decisions(
+                check_plan(plan, stacked, data(6)))
+    head = data(3)
+    got, want = _autodiff_rows(fm.loss, fm.params, head), _loop_grads(fm.loss, fm.params, head)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)

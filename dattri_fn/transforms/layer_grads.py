@@ -52,6 +52,7 @@ from .factored_grads import LayerGrads
 # every path helper stays importable from here, as before the split
 from .layer_grads_paths import (  # noqa: F401
     _assemble,
+    _autodiff_rows,
     _dense,
     _factored,
     _loop_grads,
@@ -193,19 +194,30 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
     """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device):
     the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it."""
     first = {k: v[:1] for k, v in stacked.items()}
-    k = min(batch_size("layer_grads", "batch", batch), 3)
+    n = batch_size("layer_grads", "batch", batch)
+    k = min(n, 3)
     head = batch_slice(batch, 0, k)
-    # A loop of torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
+    # Plain torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
     # must not make a good model dense.
-    ref = ravel_batched(_loop_grads(plan.model.loss, {n: v[0] for n, v in first.items()}, head))
+    ref = ravel_batched(_autodiff_rows(plan.model.loss, {key: v[0] for key, v in first.items()},
+                                       head))
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
+    passed = None
+    if n == k:
+        # The batch is the examples compared: a factored pass that raises no CaptureError shows
+        # what the narrowing forward would (no layer to drop), so that forward is skipped; any
+        # error takes the full procedure below, which decides as before.
+        try:
+            passed = _factored(plan, stacked, batch)
+        except Exception:  # decided below, as without this shortcut
+            passed = None
     try:
-        active = _narrowed(plan, head, first)
+        active = plan if passed is not None else _narrowed(plan, head, first)
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
-            lg, loop, layout, shapes = _factored(active, stacked, batch)
+            lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
             got = lg.select(0).rows(0, k).to_dense()[0]
             err = float((got - ref).abs().max())
             scale = float(ref.abs().max())
