@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    batch_leaves,
     batch_size,
     batch_slice,
     batch_to,
@@ -82,6 +83,21 @@ def _projection(rows: int, k: int | None, seed: int, like: Tensor) -> Tensor | N
         return None
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, k, generator=g, dtype=torch.float64) / k ** 0.5).to(like)
+
+
+def _eigvecs(factors: dict) -> dict:
+    """``{layer: (Q_A, Q_G)}``: eigenvectors of every ``(A', G')``, one batched ``eigh`` per
+    matrix size (the same per-matrix LAPACK call as one by one)."""
+    mats = [m for pair in factors.values() for m in pair]
+    by_size: dict = {}
+    for i, m in enumerate(mats):
+        by_size.setdefault(m.shape[0], []).append(i)
+    vecs = [None] * len(mats)
+    for idx in by_size.values():
+        Q = torch.linalg.eigh(torch.stack([mats[i] for i in idx]))[1]
+        for j, i in enumerate(idx):
+            vecs[i] = Q[j]
+    return {ln: (vecs[2 * k], vecs[2 * k + 1]) for k, ln in enumerate(factors)}
 
 
 def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
@@ -144,6 +160,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         warnings.warn(f"logra: attributing through the layers {list(specs)} only; these "
                       f"parameters are left out: {left}.", RuntimeWarning, stacklevel=2)
     unpack = model.unpack or default_unpack
+    # (widths, dtype, device) -> projections: a pure function of those and the seed
+    projection_cache: dict = {}
     taps: dict = {}  # layer tuple -> tapped forward (built once per layer set)
 
     def tapped_for(layers: tuple[str, ...]):
@@ -184,9 +202,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         return layers, raw(state, layers, batch)
 
     def raw(state: dict, layers: tuple[str, ...], batch):
-        """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``, projected, chunk by chunk."""
+        """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk."""
         tapped, like = tapped_for(layers), state[specs[layers[0]].weight]
-        b = batch_size(name, "batch", batch)
+        b = batch_leaves(batch)[0].shape[0]  # the caller checked the batch (batch_size)
         step = b if chunk_size is None else chunk_size
         parts = []
         for s in range(0, b, step):
@@ -200,22 +218,57 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         for n in layers:
             a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]
             g = torch.cat([p[n][1] for p in parts]) if len(parts) > 1 else parts[0][n][1]
-            out[n] = _tokens(a.detach(), g.detach(), specs[n].bias in model.params)
+            out[n] = _tokens(a.detach(), g.detach(), False)
         return out
 
+    def widths(io: dict) -> dict:
+        """``{layer: (in (+1 with an attributed bias), out)}``: the factors' full widths."""
+        return {n: (a.shape[-1] + (specs[n].bias in model.params), g.shape[-1])
+                for n, (a, g) in io.items()}
+
+    def projections_for(io: dict, like: Tensor) -> dict:
+        """The layers' ``(P_in, P_out)``: fixed by the seed, the layer order and the widths,
+        so built once per widths, dtype and device."""
+        full = widths(io)
+        key = (tuple(full.items()), like.dtype, like.device)
+        if key not in projection_cache:
+            projection_cache[key] = {
+                ln: (_projection(wa, k_in, seed * 7919 + 2 * i, like),
+                     _projection(wg, k_out, seed * 7919 + 2 * i + 1, like))
+                for i, (ln, (wa, wg)) in enumerate(full.items())}
+        return projection_cache[key]
+
     def projected(io: dict, projections: dict) -> dict:
+        """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``: ``[a, 1] P_in`` and ``g P_out``."""
         out = {}
         for n, (a, g) in io.items():
             Pa, Pg = projections[n]
-            out[n] = (a if Pa is None else a @ Pa, g if Pg is None else g @ Pg)
+            B, T = a.shape[:2]
+            a2, g2 = a.reshape(B * T, -1), g.reshape(B * T, -1)
+            if specs[n].bias not in model.params:
+                a2 = a2 if Pa is None else a2 @ Pa
+            elif Pa is None:
+                a2 = torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
+            else:  # [a, 1] P_in = a P_in[:-1] + P_in[-1]: no [B T, in + 1] copy
+                a2 = torch.addmm(Pa[-1], a2, Pa[:-1])
+            out[n] = (a2.reshape(B, T, -1), (g2 if Pg is None else g2 @ Pg).reshape(B, T, -1))
         return out
 
     def features(io: dict) -> Tensor:  # [B, d]
-        # one position (T = 1): the outer product g' a'^T itself, one multiply per entry (the
-        # same numbers as the contraction over a length-1 axis, without a batched GEMM call)
-        return torch.cat([(g[:, 0, :, None] * a[:, 0, None, :] if a.shape[1] == 1 else
-                           torch.einsum("bto,bti->boi", g, a)).flatten(1)
-                          for a, g in io.values()], dim=1)
+        B = next(iter(io.values()))[0].shape[0]
+        d = sum(a.shape[-1] * g.shape[-1] for a, g in io.values())
+        out, start = next(iter(io.values()))[0].new_empty(B, d), 0
+        for a, g in io.values():
+            ko, ki = g.shape[-1], a.shape[-1]
+            block = out[:, start:start + ko * ki].view(B, ko, ki)
+            if a.shape[1] == 1:
+                # one position (T = 1): the outer product g' a'^T itself, one multiply per
+                # entry, written in place (no per-layer block, no concatenation)
+                torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
+            else:
+                block.copy_(torch.einsum("bto,bti->boi", g, a))
+            start += ko * ki
+        return out
 
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
         out, start = torch.empty_like(phi), 0
@@ -277,9 +330,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 else:
                     io = raw(st, layers, batch)
             if projections is None:
-                projections = {ln: (_projection(a.shape[-1], k_in, seed * 7919 + 2 * i, a),
-                                    _projection(g.shape[-1], k_out, seed * 7919 + 2 * i + 1, g))
-                               for i, (ln, (a, g)) in enumerate(io.items())}
+                projections = projections_for(io, next(iter(io.values()))[0])
             io = projected(io, projections)
             for ln, (a, g) in io.items():
                 T = a.shape[1]
@@ -300,8 +351,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 feats.append(phi)
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
-        eigvecs = {ln: (torch.linalg.eigh(A[ln] / n)[1], torch.linalg.eigh(G[ln] / n)[1])
-                   for ln in layers}
+        eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers})
         sums = {ln: 0.0 for ln in layers}
         for ln, parts in factors.items():
             QA, QG = eigvecs[ln]
@@ -343,8 +393,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
                                       f"projected eigenvalues of layer {ln!r} vanish",
                                       f"damping={damping}"))
-        return LoGraState(projections, eigvecs, eigvals,
-                          torch.cat(feats) if cache_features else None)
+        return LoGraState(projections, eigvecs, eigvals, None if not cache_features else
+                          feats[0] if len(feats) == 1 else torch.cat(feats))
 
     def check_state(func: str, state) -> None:
         if not isinstance(state, LoGraState):
