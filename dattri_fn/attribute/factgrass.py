@@ -45,10 +45,12 @@ from .._checks import (
     regrouped,
 )
 from ..model import FunctionalModel
+from ..operators.gauss_newton import memory_budget
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import LayerPlan, _check, layer_grads_stacked, layer_plan
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
+from .capture_rows import can_merge, capture_row_bytes, merged_passes
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
@@ -99,7 +101,10 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             ``damping`` is relative: its ``r`` is ours ``r * tr(F_b) / d_b``.
         seed: fixes the masks and projections.
         chunk_size: examples per batched forward/backward (bounds memory).
-        batch_rows: merge consecutive batches into calls of at least this many examples.
+        batch_rows: merge consecutive batches into calls of at least this many examples
+            (1: as given). None: ``prepare`` merges a list or tuple of batches into capture
+            passes that fit :func:`~dattri_fn.operators.gauss_newton.memory_budget` (an upper
+            estimate, :mod:`dattri_fn.attribute.capture_rows`); other data as given.
         cache_features: keep the train sketches ``[n_train, d]`` in the state, so ``score`` and
             ``self_score`` read no training data.
 
@@ -227,10 +232,19 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         device = next(iter(params.values())).device
         fn, held = feature_fn(params, func, "train")
         blocks = blocks_of(params)
-        data = regrouped(func, "train", train, rows_min)
+        if rows_min is None and can_merge(train):
+            # a list of batches in memory: fewer capture passes, each within the memory budget
+            # the rest's dense per-example gradients count as one [1, P_rest] layer (an over-
+            # estimate: fewer merges, never more memory)
+            weights = [params[w] for w, _ in plan.layers.values() if w is not None] + [
+                params[k].reshape(1, -1) for k in plan.rest]
+            passes = merged_passes(func, "train", train,
+                                   lambda b: capture_row_bytes(b, weights), memory_budget())
+        else:
+            passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
         grams = {blk: 0 for blk, _, _ in blocks}
         feats, n = [], 0
-        for batch in iter_batches(func, "train", data):
+        for batch in passes:
             phi = fn(batch_to(batch, device))
             n += phi.shape[0]
             if curvature == "fisher":
@@ -253,7 +267,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                           f"damping={damping}"))
                 inverses[blk] = torch.cholesky_inverse(L)
         checked = held()
-        return FactGraSSState(blocks, inverses, torch.cat(feats) if cache_features else None,
+        return FactGraSSState(blocks, inverses, None if not cache_features else
+                              feats[0] if len(feats) == 1 else torch.cat(feats),
                               checked if checked.checked else None)
 
     def check_state(func: str, state) -> None:
@@ -279,6 +294,10 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             fn, blocks = cached(func, state, train, device)
+            feats = state.train_features.to(device)
+            if top_k is None and feats.dtype == test_pre.dtype:
+                # the whole [n_train, n_test] is returned anyway: one product, no block copies
+                return feats @ test_pre.T
             return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
