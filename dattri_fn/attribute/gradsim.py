@@ -76,7 +76,8 @@ class GradSimState(NamedTuple):
 
     Attributes:
         train: the decisions of ``loss``'s plan, checked on the first 3 examples of the first
-            training batch. None: nothing to check (``loss`` a plain function), or ``train``
+            training batch at the first checkpoint. None: nothing to check (``loss`` a plain
+            function), or ``train``
             not in memory at ``prepare`` (None, a DataLoader, a store: never read there, so a
             loader that can be read once loses nothing) or starting with a batch of one.
         test: those of ``target``'s plan, on the same examples, when ``target`` is a
@@ -188,11 +189,15 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         if first is None or batch_size(name, "train", first) < 2:
             return GradSimState()
         # The check's own pass is not kept (no features here), so it runs on the examples it
-        # compares alone: a checked plan is valid for batches of any size.
+        # compares alone (a checked plan holds for batches of any size), at the first
+        # checkpoint: that is the one it compares, and a pass mapped over C checkpoints would
+        # cost more than the check it saves (vmap's own overhead; a model vmap cannot map over
+        # checkpoints then falls back to a loop, with its warning, where score meets it).
         head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
+        at = {k: v[:1] for k, v in stacked.items()}
         with blame_data(name, "train", head):
-            checked = plan_decisions(check_plan(plan, stacked, head))
-            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, stacked, head))
+            checked = plan_decisions(check_plan(plan, at, head))
+            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, at, head))
         return GradSimState(checked, other)
 
     def held_plans(func: str, state) -> tuple[LayerPlan | None, LayerPlan | None]:
