@@ -31,17 +31,20 @@ def _relatif_scale(kind: str, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
 
 
-def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params):
+def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params, stream=None):
     """Return ``batch -> [B, P]`` raveled per-example gradients of ``fn + l2 |p|^2``.
 
     With a plan, Linear layers come from one batched backward (``l2`` added as ``2 l2 p``);
-    without, ``fn`` already holds the ``l2`` term and ``vmap(grad)`` does it.
+    without, ``fn`` already holds the ``l2`` term and ``vmap(grad)`` does it. ``stream``: a
+    :func:`~dattri_fn.transforms.layer_grads.layer_grads_fn` of ``plan`` shared with the other
+    side of this call (:func:`shared_stream`), else one of its own.
     """
     if plan is None:
         return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b))
     stacked = {k: v[None] for k, v in params.items()}
     shift = 2 * l2 * torch.cat([v.reshape(-1) for v in params.values()]) if l2 else None
-    layer_grads = layer_grads_fn(plan)  # checked on this stream's first batch, then held
+    # checked on the stream's first batch of >= 2 examples, then held
+    layer_grads = layer_grads_fn(plan) if stream is None else stream
 
     def rows(b):
         G = layer_grads(stacked, b).to_dense()[0]
@@ -64,9 +67,16 @@ class _Formed:
         return self.values
 
 
-def grads(cfg: InfluenceConfig, params: Params, test: bool = False):
+def shared_stream(cfg: InfluenceConfig):
+    """One gradient stream for both sides of a score/self_score call and every checkpoint when
+    they share a plan (no ``target``): its plan is checked once, on the first batch of 2 or
+    more examples it gets (a checked plan holds for any batch and params); None otherwise."""
+    return layer_grads_fn(cfg.plan) if cfg.plan is not None and cfg.plan_t is cfg.plan else None
+
+
+def grads(cfg: InfluenceConfig, params: Params, test: bool = False, stream=None):
     """``batch -> [B, P]`` train gradients of ``loss + l2 |p|^2`` (``test``: of the target),
-    ``chunk_size`` rows at a time."""
+    ``chunk_size`` rows at a time; ``stream``: from :func:`shared_stream`."""
     # Params are validated here, once per public call; batches by collect/stream_*.
     name = cfg.name
     check_params(name, "params", params)
@@ -74,9 +84,9 @@ def grads(cfg: InfluenceConfig, params: Params, test: bool = False):
     if fn_plan is not None and list(params) != list(fn_plan.model.params):
         raise ValueError(f"{name}(params=...): expected the keys of the model's params "
                          f"in this order {list(fn_plan.model.params)}, got {list(params)}.")
-    rows = (_grad_rows(cfg.test_fn, cfg.plan_t, 0.0, params) if test
+    rows = (_grad_rows(cfg.test_fn, cfg.plan_t, 0.0, params, stream) if test
             else _grad_rows(cfg.train_fn if cfg.plan is None else cfg.base, cfg.plan, cfg.l2,
-                            params))
+                            params, stream))
     return in_chunks(rows, cfg.chunk_size)
 
 
@@ -137,11 +147,11 @@ class _Cursor:
                                   "training row)", f"{self.at}"))
 
 
-def train_side(cfg: InfluenceConfig, ps, scales: bool):
+def train_side(cfg: InfluenceConfig, ps, scales: bool, stream=None):
     """``(batch -> [B, C P], cursor)``: per checkpoint ``g_i / C``; RelatIF: also ``/ n_i``,
     from the state's row scales (``scales``; ``cursor`` then checks the row count after the
     pass) or from one more inverse application per batch."""
-    fns = [(grads(cfg, p), st) for p, st in ps]
+    fns = [(grads(cfg, p, stream=stream), st) for p, st in ps]
     weight = 1.0 / len(ps)
     scaled = scales and cfg.relatif is not None and all(st.row_scale is not None for _, st in ps)
     cursor = _Cursor(cfg.name, len(ps[0][1].row_scale)) if scaled else None
@@ -160,9 +170,9 @@ def train_side(cfg: InfluenceConfig, ps, scales: bool):
     return rows, cursor
 
 
-def test_side(cfg: InfluenceConfig, ps):
+def test_side(cfg: InfluenceConfig, ps, stream=None):
     """``batch -> [B, C P]``: per checkpoint ``(C_c + damping I)^-1 g_j``."""
-    fns = [(grads(cfg, p, test=True), st.ihvp) for p, st in ps]
+    fns = [(grads(cfg, p, test=True, stream=stream), st.ihvp) for p, st in ps]
 
     def rows(b):
         parts = [ihvp(g(b)) for g, ihvp in fns]
@@ -254,11 +264,13 @@ def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None
                               "one layer's scores yourself)", repr(top_k)))
     # The inverse is applied to all n_test gradients at once: an iterative solver then
     # passes over the training data once per iteration, not once per test batch.
-    parts = [st.ihvp(collect(grads(cfg, p, test=True), regrouped(name, "test", test, rows),
-                             device=device_of(p), func=name, arg="test")) for p, st in ps]
+    stream = shared_stream(cfg)  # one plan check for the call, not one per side and checkpoint
+    parts = [st.ihvp(collect(grads(cfg, p, test=True, stream=stream),
+                             regrouped(name, "test", test, rows), device=device_of(p), func=name,
+                             arg="test")) for p, st in ps]
     test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     side, cursor = ((layer_side(cfg, ps, test_f), None) if layers
-                    else train_side(cfg, ps, scales=not store_given(train)))
+                    else train_side(cfg, ps, scales=not store_given(train), stream=stream))
     S = stream_scores(side, regrouped(name, "train", train, rows), test_f,
                       top_k=top_k, largest=largest, func=name)
     if cursor is not None:
@@ -303,8 +315,9 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
 
         return stream_self(diag, lambda b: _Formed(None), data, device=device_of(ps[0][0]),
                            func=name, state=key)
-    side, cursor = train_side(cfg, ps, scales=not given)
-    S = stream_self(side, test_side(cfg, ps), data, device=device_of(ps[0][0]), func=name,
+    stream = shared_stream(cfg)
+    side, cursor = train_side(cfg, ps, scales=not given, stream=stream)
+    S = stream_self(side, test_side(cfg, ps, stream), data, device=device_of(ps[0][0]), func=name,
                     state=key)
     if cursor is not None:
         cursor.done()
