@@ -201,11 +201,19 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
                       [f.params for f in fms], train, test)
     if name in ("magic", "magic-ens"):
         count = 1 if name == "magic" else len(models)
-        method, params = magic_recipe(task, count)
+        method, params = magic_recipe(task, count, chunk_size=MAGIC_CHUNKS.get(task.name))
         data = (task.x_train, task.y_train)
         return Recipe(name, method, params, data, test)
     method, params = _rps(task, models[0], wd)
     return Recipe(name, method, params, train, test)
+
+
+# Test targets per vmapped vjp in recipe("magic"/"magic-ens"), by task (absent: all at once).
+# digits-cnn, ms per reverse step for 50 targets on one thread (benchmarks.magic_speed, load
+# 3.4-3.9): 143-187 in chunks of 10 against 218-250 all at once; the [50 x 64]-image batched
+# activations overflow the cache. On digits-lr/mlp chunks of 4-25 were slower (per-call
+# overhead), on text-lm no chunking beat noise. The scores are the same bit for bit.
+MAGIC_CHUNKS = {"digits-cnn": 10}
 
 
 def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,

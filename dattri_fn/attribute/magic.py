@@ -16,7 +16,8 @@ the library's sign.
 Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Adam; ``c`` =
 ``checkpoint_every``; ``k`` test targets; ``B`` batch size):
 
-* ``prepare``: ``T`` steps; holds ``ceil(T/c) + 1`` states: ``(T/c) S`` floats.
+* ``prepare``: ``T`` steps; holds ``ceil(T/c) + 1`` states: ``(T/c) S`` floats (default ``c``:
+  1 while ``(T + 1) S <= 2**22``, else ``ceil(sqrt(T))``; :func:`default_every`).
 * ``score``: replays each segment of ``c`` steps once from its checkpoint (``T`` more steps in
   all) and runs ``T`` vjps, each over ``k`` cotangents: time ``~ T (1 + k r) t_step`` with
   ``r`` the cost of one vjp of a step relative to the step (a second-order pass, ~2-4).
@@ -356,6 +357,20 @@ def _check_cotangent(func: str, cotangent: dict, final_params: Params) -> int:
     return k
 
 
+KEEP_LIMIT = 2**22
+
+
+def default_every(steps: int, state) -> int:
+    """Return ``checkpoint_every`` for a run of ``steps`` steps from ``state``: 1 (keep every
+    state, no replay in the reverse pass) when the ``steps + 1`` states hold at most ``2**22``
+    floats (16 MiB in float32), else ``ceil(sqrt(steps))`` (the fewest states held, ``2
+    sqrt(T) S``). The scores are the same bit for bit either way (a replay reproduces the run);
+    keeping every state saves the replay, one forward step per reverse step (digits-cnn: 321 x
+    3,908 floats kept; a forward step there costs ~3% of a reverse step for 50 targets)."""
+    size = sum(x.numel() for x in _split(state)[0])
+    return 1 if (steps + 1) * size <= KEEP_LIMIT else max(1, math.ceil(math.sqrt(steps)))
+
+
 def _as_batch(func: str, arg: str, data) -> Batch:
     if is_batch(data):
         return data
@@ -382,7 +397,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     own cotangents, ``tau = (1/R) sum_c tau^c``).
     ``prepare(params, train)`` trains ``epochs`` epochs of ``optimizer`` on the per-example
     ``loss`` (batches of ``batch_size``, None = full batch) and keeps every
-    ``checkpoint_every``-th state (default ``ceil(sqrt(T))``); ``score`` runs the reverse pass
+    ``checkpoint_every``-th state (default :func:`default_every`); ``score`` runs the reverse pass
     for all test targets at once. See the module docstring for memory and time.
 
     Args:
@@ -392,7 +407,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             ``seed`` an int (run ``c`` uses ``seed + c``) or one seed per run.
         target: ``f(params, example) -> Tensor[]``, HIGHER = better for the test point
             (default ``-loss``), e.g. the correct-class margin.
-        checkpoint_every: states between checkpoints (1: keep every state, no replay).
+        checkpoint_every: states between checkpoints (1: keep every state, no replay; None:
+            :func:`default_every`, every state while the run's states fit ``2**22`` floats).
         chunk_size: test targets per vmapped vjp (None: all at once).
         self_chunk: training examples per reverse pass in ``self_score``.
         step: the pure step ``(params, opt_state, batch, weights) -> (params, opt_state)`` to
@@ -485,7 +501,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         for c, p0 in enumerate(runs):
             order = batch_order(n, batch_size=batch_size, epochs=epochs,
                                 seed=seed + c if seeds is None else seeds[c])
-            every = checkpoint_every or max(1, math.ceil(math.sqrt(len(order))))
+            every = checkpoint_every or default_every(len(order), (p0, optimizer.init(p0)))
             with blame_data(func, "train", train_data):
                 trajs.append(train(step, p0, optimizer.init(p0), train_data, order,
                                    checkpoint_every=every))
@@ -550,4 +566,5 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     return Method(prepare, score, self_score, "magic")
 
 
-__all__ = ["MagicState", "MetaGradient", "TopK", "band_weights", "magic", "metagradient"]
+__all__ = ["MagicState", "MetaGradient", "TopK", "band_weights", "default_every", "magic",
+           "metagradient"]

@@ -1,0 +1,45 @@
+"""MAGIC's cost settings change no score: every state kept by default when small, any chunk size."""
+
+import importlib
+
+import pytest
+import torch
+from test_magic_auto import problem
+
+from dattri_fn.attribute.magic import default_every, magic, metagradient
+
+# The package re-exports the function magic under the module's name: fetch the module itself.
+magic_module = importlib.import_module("dattri_fn.attribute.magic")
+
+
+def test_default_keeps_every_state_when_small_and_scores_equal_the_replayed_run(monkeypatch):
+    """checkpoint_every=None keeps all T+1 states when (T+1) S <= KEEP_LIMIT, else ceil(sqrt(T));
+    both give torch.equal scores for "band" and None (a replay reproduces the run bit for bit)."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    p0, T = traj.checkpoints[0][0], len(order)
+    S = 2 * sum(v.numel() for v in p0.values())  # params + momentum
+    assert default_every(T, (p0, opt.init(p0))) == 1
+    out, small = {}, (T + 1) * S - 1
+    for limit in (2**22, small):
+        monkeypatch.setattr(magic_module, "KEEP_LIMIT", limit)
+        for horizon in ("band", None):
+            method = magic(loss, opt, epochs=3, batch_size=4, seed=4, horizon=horizon)
+            state = method.prepare(p0, data)
+            out[limit, horizon] = (len(state.runs[0].checkpoints),
+                                   method.score(p0, state, data, test))
+    assert out[2**22, "band"][0] == T + 1
+    assert out[small, "band"][0] == -(-T // 3) + 1  # ceil(sqrt(9)) = 3
+    for horizon in ("band", None):
+        assert torch.equal(out[2**22, horizon][1], out[small, horizon][1])
+
+
+@pytest.mark.parametrize("horizon", [None, "auto", "band"])
+def test_chunk_size_changes_no_bit(horizon):
+    """metagradient with chunk_size 1, 3 and None (all 4 targets in one vmap): torch.equal weights."""
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    outs = [metagradient(step, traj, data, order, cot, horizon=horizon, chunk_size=c).weights
+            for c in (None, 1, 3)]
+    assert outs[0].abs().max() > 1e-3
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
