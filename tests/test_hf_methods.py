@@ -61,6 +61,10 @@ def _methods(name: str, model):
            "if_ekfac": (influence(fm, solver="ekfac", damping=0.1), fm.params, None),
            "if_cg": (influence(fm, solver="cg", damping=0.5, max_iter=30), fm.params, None),
            "logra": (logra(fm, proj_dim=4), fm.params, None)}
+    if name == "gpt2":  # wte = lm_head: one pooled EK-FAC layer (kfac_tied)
+        tied_fm = functional_model(model, loss, params=lambda n: ".mlp." in n or "wte" in n)
+        out["if_ekfac_tied"] = (influence(tied_fm, solver="ekfac", damping=0.1), tied_fm.params,
+                                None)
     if lm:
         t_fm = functional_model(model, causal_lm_margin, params=layers)
         w_fm = functional_model(model, causal_lm_margin_weight, params=layers)
@@ -82,8 +86,9 @@ def _scores(name: str, attn: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_default_attention_scores_equal_eager_attention_scores(name):
-    """Grad-Dot, TracIn, EK-FAC and GN-CG influence, LoGra (and TRAK for the LMs): the model's
-    default attention (SDPA) gives eager attention's scores to 1e-8 (1e-5 for Llama, below)."""
+    """Grad-Dot, TracIn, EK-FAC (GPT-2: also with the tied wte) and GN-CG influence, LoGra (and
+    TRAK for the LMs): the model's default attention (SDPA) gives eager attention's scores to
+    1e-8 (1e-5 for Llama, below)."""
     default, eager = _scores(name, "sdpa"), _scores(name, "eager")
     # Llama's eager attention takes its softmax in float32 even for a float64 model (~1e-7).
     rtol = 1e-5 if name == "llama" else 1e-8
