@@ -43,3 +43,42 @@ def test_chunk_size_changes_no_bit(horizon):
             for c in (None, 1, 3)]
     assert outs[0].abs().max() > 1e-3
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_vjp_step_equal_in_exact_arithmetic_gives_the_same_scores():
+    """A step computing the loss twice (mean + weighted correction, decay added by hand as
+    text-lm's task_step does) differentiated through make_step's one-path form with Adam's
+    coupled decay: magic scores equal the default's at 1e-10 (float64), horizon None and band."""
+    from torch.func import grad, vmap
+
+    from dattri_fn.training import adam, make_step
+
+    loss, _, _, data, test, _, traj, _ = problem(4, hidden=5, lr=0.6, momentum=0.5,
+                                                 weight_decay=0.0)
+    p0, wd = traj.checkpoints[0][0], 0.1
+    plain = adam(0.05)
+
+    def two_path(params, opt_state, batch, w):
+        def objective(p):
+            losses = vmap(loss, in_dims=(None, 0))(p, batch)
+            return losses.mean() + ((w - 1) * losses).sum() / losses.shape[0]
+
+        g = grad(objective)(params)
+        g = {k: (g[k] + p * (wd / 2)) + p * (wd / 2) for k, p in params.items()}
+        return plain.update(g, opt_state, params)
+
+    one_path = make_step(loss, adam(0.05, weight_decay=wd))
+    for horizon in (None, "band"):
+        scores = []
+        for vjp_step in (None, one_path):
+            method = magic(loss, plain, epochs=3, batch_size=4, seed=4, step=two_path,
+                           vjp_step=vjp_step, horizon=horizon)
+            scores.append(method.score(p0, method.prepare(p0, data), data, test))
+        assert scores[0].abs().max() > 1e-3
+        torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=1e-10)
+
+
+def test_vjp_step_must_be_callable():
+    """magic(vjp_step=3) is refused naming the argument."""
+    with pytest.raises(TypeError, match=r"magic\(vjp_step=...\): expected"):
+        magic(lambda p, ex: (p["W"] * ex).sum(), None, epochs=1, step=lambda *a: a, vjp_step=3)

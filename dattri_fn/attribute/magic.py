@@ -148,12 +148,14 @@ def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
 
 
 def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
-           weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None):
+           weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None,
+           vjp_step: Callable):
     """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
     ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
 
-    Each segment between checkpoints is replayed once from its first state (the forward run's
-    own loop, so the states are the run's bit for bit) and walked backward.
+    Each segment between checkpoints is replayed once from its first state by ``step`` (the
+    forward run's own loop, so the states are the run's bit for bit) and walked backward through
+    ``vjp_step`` (``step`` or a form of it equal in exact arithmetic).
     """
     marks = sorted(trajectory.checkpoints)
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
@@ -169,7 +171,7 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
 
             def one_step(floats_t, w_rows, how=how, batch=batch):
                 params, opt_state = _join(floats_t, how)
-                return _split(step(params, opt_state, batch, w_rows))[0]
+                return _split(vjp_step(params, opt_state, batch, w_rows))[0]
 
             _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
             bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
@@ -179,7 +181,8 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
                  chunk_size: int | None = None, horizon: int | str | None = None,
-                 record_limit: int = RECORD_LIMIT) -> MetaGradient:
+                 record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None
+                 ) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -230,6 +233,11 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             ``T k`` norms plus at most ``record_limit`` floats, whatever ``T``.
         record_limit: the most floats the one-pass ``"band"`` record may hold (default
             ``2**24``); a larger record takes the two-pass route (same result to round-off).
+        vjp_step: the step differentiated at each state (default ``step``, which still
+            replays the states): a form of ``step`` EQUAL TO IT IN EXACT ARITHMETIC that is cheaper
+            to differentiate, e.g. one loss path where ``step`` computes two to reproduce a
+            ``torch.optim`` run's rounding (the bundled text-lm step: 0.7x the reverse pass's
+            time, scores within float32 round-off). Nothing checks the equality.
     """
     func = "metagradient"
     if not callable(step):
@@ -242,6 +250,11 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     horizon = _check_horizon(func, horizon)
     record_limit = check_int(func, "record_limit", record_limit, minimum=0)
+    if vjp_step is None:
+        vjp_step = step
+    elif not callable(vjp_step):
+        raise TypeError(_msg(func, "vjp_step", "None or a pure step (params, opt_state, batch, "
+                             "weights) -> (params, opt_state)", type(vjp_step).__name__))
     T = len(order)
     auto, band = horizon == "auto", horizon == "band"
     first = 0 if horizon is None or auto or band else max(0, T - horizon)
@@ -278,7 +291,7 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         record = (torch.empty(k, total, dtype=dtype, device=w_bar.device)
                   if k * total <= record_limit else None)
     for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
-                                         chunk_size):
+                                         chunk_size, vjp_step):
         cols = rows.to(w_bar.device)
         if band:
             if record is not None:
@@ -312,12 +325,12 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     if band:
         w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
-                          chunk_size, w_bar)
+                          chunk_size, vjp_step, w_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
     return MetaGradient(w_bar, params0, steps)
 
 
-def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size,
+def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
               out: Tensor) -> Tensor:
     """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
     (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
@@ -335,7 +348,7 @@ def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk
         return out
     longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
     for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
-                                       T - longest, chunk_size):
+                                       T - longest, chunk_size, vjp_step):
         out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * rows_bar)
     return out
 
@@ -385,7 +398,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
           self_chunk: int = 256, step: Callable | None = None,
-          horizon: int | str | None = "auto") -> Method:
+          horizon: int | str | None = "auto", vjp_step: Callable | None = None) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     By default through the last ``K_j`` steps of the run per target (``horizon="auto"``);
@@ -415,6 +428,9 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             train and differentiate (default ``make_step(loss, optimizer)``, the weighted mean
             loss); ``optimizer.init`` still gives the initial state. E.g.
             :func:`dattri_fn.eval.tasks.task_step`, the bundled tasks' own Adam run.
+        vjp_step: the step the reverse pass differentiates (default ``step``): a cheaper form
+            of ``step`` equal to it in exact arithmetic (:func:`metagradient`); ``step`` still
+            trains and replays the run.
         horizon: ``"auto"`` (default): per test target ``j``, the metagradient through the last
             ``K_j`` steps, ``K_j`` the step count where the params cotangent
             ``|d f_j / d theta_{T-K}|`` is smallest, found during the one full reverse pass
@@ -454,6 +470,9 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     elif not callable(step):
         raise TypeError(_msg("magic", "step", "a pure step (params, opt_state, batch, weights) -> "
                              "(params, opt_state) or None", type(step).__name__))
+    if vjp_step is not None and not callable(vjp_step):
+        raise TypeError(_msg("magic", "vjp_step", "None or a pure step (params, opt_state, "
+                             "batch, weights) -> (params, opt_state)", type(vjp_step).__name__))
     epochs = check_int("magic", "epochs", epochs)
     batch_size = check_optional_int("magic", "batch_size", batch_size)
     seeds = None
@@ -515,6 +534,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
                 cot = target_grads(traj.params, test)  # {name: [k, *shape]}
             with blame_data(func, "train", train_data):
                 mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size,
+                                  vjp_step=vjp_step,
                                   horizon=horizon)
             total = mg.weights if total is None else total + mg.weights
         return (total / len(state.runs)).T  # [n_train, k]
