@@ -44,10 +44,12 @@ from .._checks import (
     iter_batches,
     regrouped,
 )
-from ..model import FunctionalModel
+from ..model import FunctionalModel, default_unpack
 from ..operators.gauss_newton import memory_budget
+from ..transforms import capture
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import LayerPlan, _check, layer_grads_stacked, layer_plan
+from ..transforms.layers import batched_io
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
 from .capture_rows import can_merge, capture_row_bytes, merged_passes
@@ -76,6 +78,37 @@ class FactGraSSState(NamedTuple):
     inverses: dict
     train_features: Tensor | None
     plan: LayerPlan | None = None
+
+
+def _flat_factored(plan: LayerPlan) -> bool:
+    """A checked plan whose every gradient is a captured flat Linear/Conv1D factor pair (no
+    dense block, one checkpoint path): its batches need no :class:`LayerGrads` assembly."""
+    kinds = dict(plan.layout)
+    return (plan.checked and not plan.dense and not plan.loop and not plan.rest
+            and set(kinds) == set(plan.layers) and all(k == "flat" for k in kinds.values())
+            and all(plan.tapped.specs[n].kind in ("linear", "conv1d") for n in plan.layers)
+            and torch._C._functorch.maybe_current_level() is None)
+
+
+def _flat_sketch(plan: LayerPlan, stage1, params: dict, batch) -> Tensor:
+    """Stage 1 from one capture pass, as ``stage1.layer_grads`` of the plan's gradients: the
+    same factors (``[a, 1]``, ``g``; the first position of a flat layer), the same products.  # [b, w]
+    """
+    model = plan.model
+    args, kwargs, target = (model.unpack or default_unpack)(batch)
+    io = batched_io(plan.tapped, model.loss_fn, {**model.fixed, **params}, args, kwargs, target,
+                    None, next(iter(params.values())))
+    out = []
+    for n in stage1.layers:
+        wk, bk = plan.layers[n]
+        a, g = io[n]
+        a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
+        g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
+        cols = ([a] if wk is not None else []) + ([a.new_ones((*a.shape[:-1], 1))]
+                                                  if bk is not None else [])
+        a = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
+        out.append(stage1.project_factors(n, a, g))
+    return torch.cat(out, -1) if len(out) > 1 else out[0]
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
@@ -193,6 +226,15 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 return lg
             return layer_grads_stacked(held[0], stacked, part)
 
+        def sketch1(part) -> Tensor:  # [b, w]: stage 1 of every block, side by side
+            p = held[0]
+            if _flat_factored(p):
+                try:
+                    return _flat_sketch(p, stage1, params, part)
+                except capture.CaptureError:  # this batch takes another path: the plan's
+                    pass
+            return stage1.layer_grads(grads(part))[0]
+
         def rows(batch) -> Tensor:  # [b, d]
             b = batch_size(func, arg, batch)
             step = b if chunk_size is None else chunk_size
@@ -200,7 +242,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             with blame_data(func, arg, batch):
                 for s in range(0, b, step):
                     part = batch if step >= b else batch_slice(batch, s, s + step)
-                    S = stage1.layer_grads(grads(part))[0]
+                    S = sketch1(part)
                     pieces, start = [], 0
                     for blk, w in stage1.dims.items():
                         piece = S[:, start:start + w]
