@@ -374,3 +374,20 @@ def test_token_scores_split_the_tied_weight_over_positions():
         warnings.simplefilter("ignore")
         S = token_scores(fm, fm.params, batch, p)
     _close(S.sum(1), G @ p.T, 1e-9)
+
+
+def test_flat_inputs_pool_two_positions():
+    """[B] token ids (the embedding's a is [B], the head's [B, d]): Lambda of the pooled layer
+    == mean_n (Q_G^T DW_n Q_A)^2 with DW_n = d CE_n / dW by vmap(grad) (1e-10)."""
+    model, ids, labels = _problem(9)
+    x, y = ids[:, 0], labels[:, 1]
+    params = {"emb.weight": model.emb.weight.detach()}
+    ef = ekfac_factors(model, F.cross_entropy, params, (x, y))
+
+    def one(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    blocks = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)["emb.weight"]
+    blocks = blocks.detach()  # the module's own fc params require grad
+    ref = (ef.QG["emb"].T @ blocks @ ef.QA["emb"]).square().mean(0)
+    _close(ef.Lambda["emb"], ref)
