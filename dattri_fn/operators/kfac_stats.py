@@ -170,7 +170,9 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         loss_fn: ``loss_fn(output, target) -> Tensor[]`` on a batch of one example.
         params: ``dict[str, Tensor]``, the weights (and optionally biases) of the Linear layers
             to precondition, in the order of the raveled vectors the operator will act on.
-            The module's other parameters are its own.
+            The module's other parameters are its own. A weight tied between an Embedding and
+            a Linear (GPT-2's ``transformer.wte.weight`` = ``lm_head.weight``) is one pooled
+            ``[V, d]`` layer named after the Embedding (:mod:`.kfac_tied`).
         data: a Batch ``(*inputs, target)`` or a re-iterable of them (list, DataLoader); other
             layouts as :func:`dattri_fn.transforms.layers.unpack_example`.
         layers: Linear, Conv1D or Conv2d layer names; ``None`` selects the layers owning
@@ -208,7 +210,9 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     Raises:
         TypeError, ValueError: bad module, loss_fn, layer names, data or chunk_size; params
             with keys that are not module parameters, or not weights/biases of the selected
-            layers (the keys are named).
+            layers (the keys are named); a tied weight that cannot be pooled (its uses are not
+            one Embedding and one Linear, or the Linear's bias is in params), or
+            ``fisher="expected"`` with a tied weight.
 
     References:
         Martens & Grosse 2015, arXiv:1503.05671; Grosse et al. 2023, arXiv:2308.03296.
