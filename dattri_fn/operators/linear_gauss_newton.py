@@ -76,6 +76,20 @@ def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: s
     return _augment(acts, layout), J, A
 
 
+def _lean(terms):
+    """``terms`` with each layer Jacobian that is exactly the identity (the output layer's
+    ``d out / d z``) replaced by None: products skip it (exact: ``x * 1 + 0`` is ``x``)."""
+    a, J, A = terms
+    eye = _eye_like(A)
+    return a, {n: None if j.shape == eye.shape and torch.equal(j, eye) else j
+               for n, j in J.items()}, A
+
+
+def _eye_like(A: Tensor) -> Tensor:
+    """The ``[B, C, C]`` identity shaped like the output Hessians (an expanded view)."""
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+
+
 def _keep(factors, cache: bool | int) -> list | None:
     """Return the list of ``factors`` under the cache rule, or None to rebuild them per call."""
     if cache is False:
@@ -83,7 +97,8 @@ def _keep(factors, cache: bool | int) -> list | None:
     kept, size = [], 0
     for item in factors:
         kept.append(item)
-        size += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(item))
+        size += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(item)
+                    if t is not None)
         if cache is not True and size > cache:
             return None
     return kept
@@ -138,34 +153,42 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
 
     def factors():
         for part, _ in _chunks(func, batches, batch_rows, chunk_size):
-            yield _gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian)
+            yield _lean(_gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian))
 
     def apply(V: Tensor, items, n_total: int | None) -> Tensor:
+        # Per example, each layer's [d, k] block (units by rows): the products with J and A
+        # then have k (tens of rows) as their long side, and the layer GEMMs write/read
+        # [B, d k] in one piece; ~10% less CPU than [k, d] blocks at P = 9,610, B = 1,000.
         V = V.contiguous()  # the per-layer views below need row-major rows
         k = V.shape[0]
-        blocks = {}  # layer -> V's rows as [k * d, in(+1)]
+        blocks = {}  # layer -> V's rows as [d * k, in(+1)], units outer
         for name in names:
             ws, bs, inp = layout[name]
-            w = V[:, ws].view(k, -1, inp)
-            blocks[name] = (torch.cat([w, V[:, bs, None]], 2) if bias[name] else w).reshape(
-                -1, inp + bias[name])
+            w = V[:, ws].view(k, -1, inp).transpose(0, 1)
+            w = torch.cat([w, V[:, bs].T[:, :, None]], 2) if bias[name] else w.contiguous()
+            blocks[name] = w.view(-1, inp + bias[name])
         grads = {name: None for name in names}
         n = 0
         for a, J, A in items:
             B = A.shape[0]
-            JU = sum((a[name] @ blocks[name].T).view(B, k, -1) @ J[name].mT for name in names)
-            HJU = JU @ A
+            JU = None  # [B, C, k]
             for name in names:
-                step = (HJU @ J[name]).view(B, -1).T @ a[name]
+                U = (a[name] @ blocks[name].T).view(B, -1, k)  # [B, d, k]
+                part = U if J[name] is None else J[name] @ U
+                JU = part if JU is None else JU.add_(part)
+            HJU = A.mT @ JU
+            for name in names:
+                Z = HJU if J[name] is None else J[name].mT @ HJU  # [B, d, k]
+                step = Z.view(B, -1).T @ a[name]
                 grads[name] = step if grads[name] is None else grads[name].add_(step)
             n += B
         out = torch.empty_like(V)
         for name in names:
             ws, bs, inp = layout[name]
-            g = grads[name].view(k, -1, inp + bias[name])
-            out[:, ws].view(k, -1, inp).copy_(g[:, :, :inp])
+            g = grads[name].view(-1, k, inp + bias[name])
+            out[:, ws].view(k, -1, inp).copy_(g[:, :, :inp].transpose(0, 1))
             if bias[name]:
-                out[:, bs].copy_(g[:, :, inp])
+                out[:, bs].copy_(g[:, :, inp].T)
         return out.div_(n if n_total is None else n_total)
 
     first = peek(batches)  # read without losing it, even from data readable only once
@@ -175,8 +198,8 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     done, sig = _verified(tapped, "gnvp", first[0], loss_fn, out_hessian)
     if sig not in done:
         few = batch_slice(first[0], 0, min(first[1], _CHECK_ROWS))
-        terms = _first_pass(func, lambda: _gn_terms(tapped, loss_fn, state, few, like,
-                                                    layout, func, out_hessian))
+        terms = _first_pass(func, lambda: _lean(_gn_terms(tapped, loss_fn, state, few, like,
+                                                          layout, func, out_hessian)))
         v = _probe_vector(P, like)
         flat0, out_fn, _ = _autodiff(module, loss_fn, state, list(params), few)
         out, pull = vjp(out_fn, flat0)
@@ -208,7 +231,8 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         H = like.new_zeros(P, P)
         n = 0
         for a, J, A in (factors() if kept is None else kept):
-            Jc = torch.cat([J[name] for name in names], dim=-1)
+            Jc = torch.cat([_eye_like(A) if J[name] is None else J[name] for name in names],
+                           dim=-1)
             _accumulate(H, layout, a, Jc.mT @ A @ Jc)
             n += A.shape[0]
         return H.div_(n if n_total is None else n_total)
