@@ -18,6 +18,9 @@ parameters one dense block of ``k_in k_out``.
 ``loss`` (and ``target``) may be a plain per-example function or a
 :class:`~dattri_fn.model.FunctionalModel`: with a model, the gradients of its ``nn.Linear``
 layers stay factored (:mod:`dattri_fn.transforms.layer_grads`) and the scores never form ``[B, P]``.
+``prepare(params, train)`` then checks each capture plan once and returns its decisions
+(:class:`GradSimState`); ``score``/``self_score`` given that state apply them with no check
+(given ``()``, each call checks once).
 """
 
 from __future__ import annotations
@@ -77,9 +80,9 @@ class GradSimState(NamedTuple):
     Attributes:
         train: the decisions of ``loss``'s plan, checked on the first 3 examples of the first
             training batch at the first checkpoint. None: nothing to check (``loss`` a plain
-            function), or ``train``
-            not in memory at ``prepare`` (None, a DataLoader, a store: never read there, so a
-            loader that can be read once loses nothing) or starting with a batch of one.
+            function), or ``train`` not in memory at ``prepare`` (None, a DataLoader, a store:
+            never read there, so a loader that can be read once loses nothing) or starting
+            with a batch of one.
         test: those of ``target``'s plan, on the same examples, when ``target`` is a
             FunctionalModel of its own; None when ``train``'s serve both sides.
     """
