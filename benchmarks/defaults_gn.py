@@ -8,13 +8,11 @@ Two MLPs on sklearn digits: the digits-mlp task (hidden 32, P = 2,410; 500 x 50)
 ``--repeats`` interleaved rounds, after a warm-up call on a slice):
 
 * ``defaults``: ``influence(fm, solver="cg", damping=..., l2=wd / 2, max_iter=100)``; the
-  curvature builder picks the factored Gauss-Newton itself, and ``M`` left at ``"auto"``
-  builds the rank-200 Nystrom sketch at the first solve of ``>= 13`` rows (here: score's 50
-  or 200 test rows);
-* ``block CG``: the default that engineer B proposed in stop 18 (``/work/notes/s18/B_to_C.md``):
-  with ``M`` unset on the Gauss-Newton, :func:`~dattri_fn.solve.block_cg.ihvp_block_cg` (all the
-  rows of a call share one Krylov space, no sketch) instead of the automatic sketch; measured
-  here by patching influence's inverse builder for that row only, until the wiring lands;
+  curvature builder picks the factored Gauss-Newton itself, and with ``M`` unset influence
+  solves each call's rows by block CG (:func:`~dattri_fn.solve.block_cg.ihvp_block_cg`, all the
+  rows of a call in one Krylov space, no sketch; the default since stop 18);
+* ``block CG``: the same method under :func:`block_default`, the patch that measured block CG
+  before it was wired in (stop 18); now a no-op, so it times the default a second time;
 * ``M=None``: plain CG (the default before the automatic sketch);
 * ``M=nystrom``: the same, preconditioned by a rank-200 randomized Nystrom sketch of the
   Gauss-Newton itself (``M="nystrom"``);

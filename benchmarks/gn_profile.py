@@ -115,7 +115,7 @@ def main() -> None:
           f"products {1 + int(res.num_iters.max())} (the sketch's + one per step); FLOP floor "
           f"at the 1024^3 rate {(1 + int(res.num_iters.max())) * flops / (peak * 1e9):.2f} s")
     # per block step: S, Pd R^T, the X and R updates, Q Z^T, the new block, its Gram and L^-1
-    block = 7 * 2 * P * n_test * n_test
+    block = 8 * 2 * P * n_test * n_test
     print(f"block CG: {steps} steps = {steps} products + {block / 1e9:.2f} GFLOP of block "
           f"algebra each; FLOP floor at the 1024^3 rate "
           f"{steps * (flops + block) / (peak * 1e9):.2f} s; products alone "

@@ -21,10 +21,12 @@ dependent (equal right-hand sides, a zero row, rows that converge together) leav
 definite instead of singular (Ji & Li 2017). A row whose residual meets its tolerance leaves the
 block (deflation), so the block shrinks as rows converge and no step is spent on them.
 
-Cost per step, past the operator call: about ``6 x 2 P m k`` flops of dense products (``m <= k``
-directions) and a QR of ``[P, m]``; it pays when the operator's product on ``k`` rows costs more
-than that, as curvature products do (the Gauss-Newton of an MLP over ``N`` examples costs
-``~4 N k P``). Rows beyond ``block_size`` are solved in groups of that size.
+Cost per step, past the operator call: eight GEMMs of about ``2 P m k`` flops each (``m <= k``
+directions: ``S``, ``Pd R^T``, the ``X`` and ``R`` updates, ``Q Z^T``, the new block, its Gram
+and its Cholesky-QR product), with the blocks held as ``[P, m]`` columns; it pays when the
+operator's product on ``k`` rows costs more than that, as curvature products do (the
+Gauss-Newton of an MLP over ``N`` examples costs ``~4 N k P``). Rows beyond ``block_size`` are
+solved in groups of that size.
 
 References:
     O'Leary, "The block conjugate gradient algorithm and related methods", Linear Algebra
