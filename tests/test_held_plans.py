@@ -350,3 +350,25 @@ def test_checking_the_compared_examples_alone_decides_as_a_larger_batch(case):
     head = data(3)
     got, want = _autodiff_rows(fm.loss, fm.params, head), _loop_grads(fm.loss, fm.params, head)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_stream_runs_one_shapes_forward_per_signature(monkeypatch):
+    """At C = 2 a decided plan's stream runs output_shapes once per input signature (was once per
+    batch), and each batch's gradients == layer_grads_stacked(decided plan) (torch.equal)."""
+    from dattri_fn.transforms import layer_grads_paths as paths
+
+    fm = functional_model(_init(_Seq().double(), 1), F.cross_entropy)
+    plan = layer_plan(fm)
+    stacked = {k: torch.stack([p[k] for p in _ckpts(fm, 2)]) for k in fm.params}
+    decided = decided_plan(plan, plan_decisions(check_plan(plan, {k: v[:1] for k, v in
+                                                                  stacked.items()},
+                                                           _tokens(0, 3, 4))))
+    batches = [_tokens(1, 5, 4), _tokens(2, 5, 4), _tokens(3, 4, 4), _tokens(4, 5, 4)]
+    want = [layer_grads_stacked(decided, stacked, b).to_dense() for b in batches]
+    forwards, real = [], paths.output_shapes
+    monkeypatch.setattr(paths, "output_shapes", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    apply, held = layer_grads_stream(decided)
+    got = [apply(stacked, b).to_dense() for b in batches]
+    assert len(forwards) == 2 and len(held().shapes) == 2  # [5, 4] and [4, 4] tokens
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert plan_decisions(held()) == plan_decisions(decided)

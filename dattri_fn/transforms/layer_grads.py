@@ -300,7 +300,13 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
                                                   Callable[[], LayerPlan]]:
     """Return ``(apply, held)``: :func:`layer_grads_fn`'s ``apply`` and ``held() -> LayerPlan``,
     the plan it applies now (checked once a batch of 2 or more examples has come), for a caller
-    that keeps the check in its state (:func:`plan_decisions`)."""
+    that keeps the check in its state (:func:`plan_decisions`).
+
+    Within the stream the held plan also gains the probe shapes of each input signature it
+    meets (the paths under ``torch.func`` transforms, e.g. several checkpoints, then run one
+    no-grad forward per signature, not per batch) and the loop fallback where vmap first fails
+    on a batch; the same gradients as :func:`layer_grads_stacked` with the plan it was given.
+    """
     held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
 
     def apply(stacked: Params, batch: Batch) -> LayerGrads:
@@ -309,7 +315,23 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
             if batch_size("layer_grads", "batch", batch) >= 2:
                 held[0] = checked
             return lg
-        return layer_grads_stacked(held[0], stacked, batch)
+        if held[0].dense:
+            return _dense(held[0], stacked, batch)[0]
+        try:
+            lg, loop, _, shapes = _factored(held[0], stacked, batch)
+        except capture.CaptureError as err:  # this batch takes a path the example did not
+            _warn_dense(held[0], str(err), batch_only=True)
+            return _dense(held[0], stacked, batch)[0]
+        if loop and not held[0].loop:  # vmap failed here (warned): later batches loop at once
+            held[0] = held[0]._replace(loop=True, shapes=())
+        elif shapes is not None and not loop:
+            # the probe shapes of this input signature, kept for the stream's later batches
+            # (the paths under torch.func transforms need them: one forward per signature)
+            args, kwargs, _ = _unpack(held[0].model)(batch)
+            sig = input_signature(args, kwargs)
+            if all(known != sig for known, _ in held[0].shapes):
+                held[0] = held[0]._replace(shapes=(*held[0].shapes, (sig, shapes)))
+        return lg
 
     return apply, lambda: held[0]
 
