@@ -219,7 +219,7 @@ class _SoftmaxHead(NamedTuple):
         Z = self.h @ w.view(self.T.shape[1], -1).T  # [n, F] -> [n, K]
         lse = torch.logsumexp(Z, 1)
         value = (self.s * lse - (self.T * Z).sum(1)).mean() + self.l2 * (w @ w)
-        return value, torch.exp(Z - lse[:, None])
+        return value, Z.sub_(lse[:, None]).exp_()  # in Z: no [n, K] temporaries
 
     def grad(self, w: Tensor, P: Tensor) -> Tensor:
         """``(1/n) (s * P - T)^T h + 2 l2 W``.  # -> [K F]"""
