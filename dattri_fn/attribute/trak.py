@@ -39,7 +39,7 @@ from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
-from ..transforms.layer_grads import layer_plan
+from ..transforms.layer_grads import PlanDecisions, layer_plan
 from ..transforms.project import KINDS
 from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
@@ -69,11 +69,16 @@ class TRAKState(NamedTuple):
         train_features: the projected train features ``phi_c(z_i)``, or None when built with
             ``cache_features=False``.  # [C, n_train, d]
         train_weights: ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``, or None likewise.  # [n_train]
+        plan: the decisions of ``output_fn``'s capture plan, checked on the first training
+            batch of 2 or more examples (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`,
+            plain values): ``score`` and ``self_score`` apply them without checking again.
+            None: no plan (a plain ``output_fn``); each call then checks its own first batch.
     """
 
     kernel: Tensor
     train_features: Tensor | None
     train_weights: Tensor | None
+    plan: PlanDecisions | None = None
 
 
 
@@ -246,7 +251,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                              repr(feature_dtype)))
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
                         feature_dtype, {}, weight_rows, projection)
-    setup = lambda func, params: feature_calls(func, params, cfg)
+
+    def setup(func: str, params, state=None):
+        """The feature engine of this call: a prepared state's plan decisions applied, if any."""
+        return feature_calls(func, params, cfg,
+                             state.plan if isinstance(state, TRAKState) else None)
 
     def check_first(func: str, arg: str, first: Params, data, device):
         """Validate the first example of ``data`` eagerly, once (the public boundary); return
@@ -293,11 +302,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             if d > total:
                 for c in passes:
                     calls.fill(func, data, feats, wts, c)
-                return TRAKState(dual_kernel(func, feats, d, dtype, damping), feats, wts)
+                return TRAKState(dual_kernel(func, feats, d, dtype, damping), feats, wts,
+                                 calls.plan())
             grams = (gram_of(f, gram_dtype(fdt, dtype)) for c in passes
                      for f in calls.fill(func, data, feats, wts, c))
             K = primal_kernel(func, grams, C, d, total, dtype, device, damping)
-            return TRAKState(K, feats, wts)
+            return TRAKState(K, feats, wts, calls.plan())
         # Uncounted data (a DataLoader) or no cache: Phi^T Phi accumulated batch by batch.
         gram, phis, weights, n = None, [], [], 0
         with calls.holding():
@@ -315,8 +325,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         K = primal_kernel(func, gram, gram.shape[0], d, n, dtype, device,
                           damping)
         if not cache_features:
-            return TRAKState(K, None, None)
-        return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights))
+            return TRAKState(K, None, None, calls.plan())
+        return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights), calls.plan())
 
     def stacked_dtype(stacked) -> torch.dtype:
         return next(iter(stacked.values())).dtype
@@ -368,7 +378,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     def score(params, state: TRAKState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        calls = setup(func, params)
+        calls = setup(func, params, state)
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
@@ -408,7 +418,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def self_score(params, state: TRAKState, train) -> Tensor:
         func = f"{name}.self_score"
-        calls = setup(func, params)
+        calls = setup(func, params, state)
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d)
         K = state.kernel.to(device)
