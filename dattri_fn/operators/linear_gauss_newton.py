@@ -223,6 +223,7 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         step = max(1, _ROW_BLOCK // max(1, width))
         if step >= V.shape[0]:
             return apply(V, kept, n_total)
+        step = -(-V.shape[0] // -(-V.shape[0] // step))  # equal blocks: 200 rows = 7 x 29, not 6 x 32 + 8
         return torch.cat([apply(V[r:r + step], kept, n_total)
                           for r in range(0, V.shape[0], step)])
 
