@@ -35,6 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", default="10", help="chunk sizes to time (comma-separated)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--full", action="store_true", help="time recipe('magic-ens') instead")
+    p.add_argument("--save", default=None, help="--full: save the scores [n_train, n_test] here")
     p.add_argument("--n-train", type=int, default=None, help="default 500 (text-lm 128)")
     p.add_argument("--n-test", type=int, default=None, help="default 50 (text-lm 16)")
     args = p.parse_args(argv)
@@ -71,8 +72,10 @@ def full(args) -> dict:
     w0, c0 = time.perf_counter(), time.thread_time()
     state = method.prepare(params, data)
     c1 = time.thread_time()
-    method.score(params, state, data, test)
+    scores = method.score(params, state, data, test)
     c2, w2 = time.thread_time(), time.perf_counter()
+    if args.save:
+        torch.save(scores, args.save)
     import dattri_fn
 
     row = {"task": args.task, "tree": dattri_fn.__file__.rsplit("/dattri_fn/", 1)[0],
