@@ -1,4 +1,4 @@
-"""FactGraSS's merged capture passes and single-product scores against batches as given."""
+"""FactGraSS's merged passes, flat-factor sketches and single-product scores against the plain paths."""
 
 import pytest
 import torch
@@ -9,10 +9,10 @@ from dattri_fn.attribute.factgrass import factgrass
 
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 def test_merged_passes_give_the_state_and_scores_of_batches_as_given(kind):
-    """prepare(list of batches) in one pass = batch_rows=1 (as given): phi, (F + lam)^-1, S at 1e-10."""
+    """prepare in merged passes (batch_rows=12) = batches as given: phi, (F + lam)^-1, S at 1e-10."""
     fm, (x, y) = _problem(kind, n=20, seed=3)
     train, test = [(x[:7], y[:7]), (x[7:12], y[7:12]), (x[12:], y[12:])], (x[:4], y[:4])
-    merged, given = factgrass(fm, proj_dim=8), factgrass(fm, proj_dim=8, batch_rows=1)
+    merged, given = factgrass(fm, proj_dim=8, batch_rows=12), factgrass(fm, proj_dim=8)
     s, r = merged.prepare(fm.params, train), given.prepare(fm.params, train)
     assert s.blocks == r.blocks and s.plan.checked and r.plan.checked
     torch.testing.assert_close(s.train_features, r.train_features, rtol=1e-10, atol=1e-12)
