@@ -79,8 +79,9 @@ class GradSimState(NamedTuple):
 
     Attributes:
         train: the decisions of ``loss``'s plan, checked on the first 3 examples of the first
-            training batch at the first checkpoint. None: nothing to check (``loss`` a plain
-            function), or ``train`` not in memory at ``prepare`` (None, a DataLoader, a store:
+            training batch. None: nothing to check (``loss`` a plain function), several
+            checkpoints (TracIn over C > 1: each call's own check costs less than a check
+            here), or ``train`` not in memory at ``prepare`` (None, a DataLoader, a store:
             never read there, so a loader that can be read once loses nothing) or starting
             with a batch of one.
         test: those of ``target``'s plan, on the same examples, when ``target`` is a
@@ -189,18 +190,17 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
     def prepare(params, train=None) -> GradSimState:
         stacked = stacked_of(params)
         first = None if plan is None else _first_in_memory(name, train)
-        if first is None or batch_size(name, "train", first) < 2:
+        if first is None or batch_size(name, "train", first) < 2 or num_checkpoints(stacked) > 1:
+            # Several checkpoints: a score call's own check (on its test batch, shared with the
+            # train stream) is a small part of a pass mapped over them, less than this check
+            # would cost here (digits-mlp, C = 3: ~2 of ~25 ms per score against ~7 ms here).
             return GradSimState()
         # The check's own pass is not kept (no features here), so it runs on the examples it
-        # compares alone (a checked plan holds for batches of any size), at the first
-        # checkpoint: that is the one it compares, and a pass mapped over C checkpoints would
-        # cost more than the check it saves (vmap's own overhead; a model vmap cannot map over
-        # checkpoints then falls back to a loop, with its warning, where score meets it).
+        # compares alone (a checked plan holds for batches of any size).
         head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
-        at = {k: v[:1] for k, v in stacked.items()}
         with blame_data(name, "train", head):
-            checked = plan_decisions(check_plan(plan, at, head))
-            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, at, head))
+            checked = plan_decisions(check_plan(plan, stacked, head))
+            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, stacked, head))
         return GradSimState(checked, other)
 
     def held_plans(func: str, state) -> tuple[LayerPlan | None, LayerPlan | None]:
