@@ -11,7 +11,8 @@ Median thread CPU time (ms) of ``--repeats`` warm calls on a bundled task (one p
 * ``unchecked``: the same call with the unchecked ``layer_plan(fm)`` (checked on every call);
 * ``per_sample_layer_grads``: the public call that builds and checks a plan on every call;
 * ``grad-dot prepare+score``: ``grad_dot(fm)`` prepare + score, 500 x 50 in batches of 256,
-  as a user writes it (``recipe("grad-dot")``); ``grad-dot score``: score alone on a state
+  as a user writes it (``recipe("grad-dot")``); ``grad-dot prepare``: prepare alone (where a
+  capture plan is checked once since stop 19); ``grad-dot score``: score alone on a state
   prepared once;
 * ``tracin C=3``: ``recipe("tracin")`` over 3 models (seeds 0-2), prepare + score and score
   alone; ``trak``: ``recipe("trak")`` over one model, likewise.
@@ -85,6 +86,7 @@ def measure(task_name: str, repeats: int) -> dict[str, float]:
             m.score(r.params, m.prepare(r.params, r.train), r.train, r.test)
 
         reps = max(3, repeats // 3)
+        rows[f"{label} prepare"] = _median_ms(lambda m=m, r=r: m.prepare(r.params, r.train), reps)
         rows[f"{label} prepare+score 500x50"] = _median_ms(e2e, reps)
         rows[f"{label} score (prepared once)"] = _median_ms(
             lambda m=m, r=r, s=state: m.score(r.params, s, r.train, r.test), reps)
