@@ -25,7 +25,6 @@ from ..solve.lbfgs import _lbfgs
 
 _NEWTON_ENTRIES = 4096  # heads up to this size finish with dense Newton steps,
 _NEWTON_WORK = 2**27  # when head entries x n x K (the Hessian's intermediates) stay below this
-_CHECK_ROWS = 128  # rows per block of the closed form's check (its temporaries are [rows, K])
 
 
 def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
@@ -175,30 +174,29 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
         return None
     gen = torch.Generator(device=h.device).manual_seed(0)
     W_r = torch.randn(K, F, generator=gen, dtype=h.dtype, device=h.device)
-    Z_rand = 4 * torch.randn(n, K, generator=gen, dtype=h.dtype, device=h.device)
 
-    def close(a, b) -> bool:
-        return a.shape == b.shape and bool(((a - b).abs() <= 1e-10 * (1 + b.abs())).all())
-
-    def fits(a: int, e: int) -> bool:  # rows a:e, at the start's logits and at random ones
-        hb, Tb, tb = h[a:e], T[a:e], t[a:e]
-        Z_r = vmap(head_fn, in_dims=(None, 0))({**fixed, key: W_r}, hb)
-        if not close(Z_r, hb @ W_r.T):
-            return False
-        Z0 = hb @ params[key].detach().to(h.dtype).T
-        for Z in (Z0, Z_rand[a:e]):
-            grads, values = vmap(torch.func.grad_and_value(loss_on_logits))(Z, tb)
-            s = Tb.sum(1)
-            want_v = s * torch.logsumexp(Z, 1) - (Tb * Z).sum(1)
-            want_g = s[:, None] * torch.softmax(Z, 1) - Tb
-            if not (close(values, want_v) and close(grads, want_g)):
-                return False
-        return True
+    def close(a, b) -> bool:  # |a - b| <= 1e-10 (1 + |b|), two temporaries
+        return a.shape == b.shape and bool(
+            (a - b).abs_().le_(b.abs().add_(1).mul_(1e-10)).all())
 
     try:
         with torch.no_grad():
-            # by blocks of rows: the check's [rows, K] temporaries stay small
-            if not all(fits(a, min(n, a + _CHECK_ROWS)) for a in range(0, n, _CHECK_ROWS)):
+            Z_r = vmap(head_fn, in_dims=(None, 0))({**fixed, key: W_r}, h)
+            if not close(Z_r, h @ W_r.T):
+                return None
+            del Z_r
+            Z0 = h @ params[key].detach().to(h.dtype).T
+            Z = torch.cat([Z0, 4 * torch.randn(n, K, generator=gen, dtype=h.dtype,
+                                               device=h.device)])
+            del Z0
+            TT, tt = torch.cat([T, T]), torch.cat([t, t])
+            grads, values = vmap(torch.func.grad_and_value(loss_on_logits))(Z, tt)
+            del tt
+            s = TT.sum(1)
+            # each formula checked and dropped before the next is formed
+            if not close(values, s * torch.logsumexp(Z, 1) - (TT * Z).sum(1)):
+                return None
+            if not close(grads, torch.softmax(Z, 1).mul_(s[:, None]).sub_(TT)):
                 return None
     except Exception:  # a head or loss the formulas do not describe: the generic path
         return None
