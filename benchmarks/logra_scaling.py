@@ -150,23 +150,33 @@ def lds_search(spec: dict, m: int, ds, ks, seeds: int, *, cache_dir: str | None 
     t0 = time.perf_counter()
     gt = lds_ground_truth(task, m, seed=0, cache_dir=cache_dir, progress=False)
     print(f"ground truth: {time.perf_counter() - t0:.0f} s; load {_load()}")
-    states = train_states(task, 1)
-    model = load_models(task, states)[0]
-    P = sum(v.numel() for v in model.parameters())
-    with torch.no_grad():
-        losses = [float(task.loss_fn(model(x), y)) for x, y in
-                  ((task.x_train, task.y_train), (task.x_test, task.y_test))]
-    # The targets are -mean token CE per test sequence: their mean is the retrained models' loss.
-    print(f"attributed model: train loss {losses[0]:.3f}, test loss {losses[1]:.3f}; the {m} "
-          f"half-subset models' mean test loss {-float(gt.targets.mean()):.3f}")
+    # ``keep``: the attributed model and the finished (row, seed) runs with their scores, so that a
+    # killed run resumes (and a table over fewer seeds or rows reruns nothing).
+    saved = {}
+    if keep is not None and os.path.isfile(keep):
+        saved = torch.load(keep, weights_only=False)
+        saved = saved if saved["spec"] == spec and saved["m"] == m else {}
+    done, states = saved.get("runs", {}), saved.get("states")
+
+    def save() -> None:
+        torch.save({"spec": spec, "m": m, "states": states, "runs": done}, keep + ".tmp")
+        os.replace(keep + ".tmp", keep)
 
     # LoGra first: its rows are cheap, and a run cut short still pairs them with what it reached.
     rows = [("logra", k) for k in ks] + [(name, d) for name in names for d in ds]
-    # ``keep``: finished (row, seed) runs with their scores, so that a killed run resumes.
-    done = {}
-    if keep is not None and os.path.isfile(keep):
-        saved = torch.load(keep, weights_only=False)
-        done = saved["runs"] if saved["spec"] == spec and saved["m"] == m else {}
+    if states is None and not all((n, d, s) in done for n, d in rows for s in range(seeds)):
+        states = train_states(task, 1)
+        if keep is not None:
+            save()
+    P = sum(v.numel() for v in task.make_model(0).parameters())
+    if states is not None:
+        model = load_models(task, states)[0]
+        with torch.no_grad():
+            losses = [float(task.loss_fn(model(x), y)) for x, y in
+                      ((task.x_train, task.y_train), (task.x_test, task.y_test))]
+        print(f"attributed model: train loss {losses[0]:.3f}, test loss {losses[1]:.3f}")
+    # The targets are -mean token CE per test sequence: their mean is the retrained models' loss.
+    print(f"the {m} half-subset models' mean test loss {-float(gt.targets.mean()):.3f}")
     results = {}
     for name, dim in rows:
         per_seed = []
@@ -180,8 +190,7 @@ def lds_search(spec: dict, m: int, ds, ks, seeds: int, *, cache_dir: str | None 
                 break
             if keep is not None and (name, dim, seed) not in done:
                 done[(name, dim, seed)] = out
-                torch.save({"spec": spec, "m": m, "runs": done}, keep + ".tmp")
-                os.replace(keep + ".tmp", keep)
+                save()
             S = torch.from_numpy(out["result"]["scores"])
             per_seed.append((lds(S, gt.subsets, gt.targets.double()).per_test, out))
         if len(per_seed) < seeds:
