@@ -166,12 +166,17 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                 if proj.holdable or b * P <= _DENSE_ENTRIES:  # densified, then projected:
                     # by blocks of rows when R is held dense (the block stays small)
                     rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
+                    block = lambda r, lc=lc, proj=proj, rb=rb: proj(lc.rows(r, r + rb).to_dense(
+                        fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])  # noqa: E731
                     with holding(c if one is None else one) if hold_each else \
                             contextlib.nullcontext():
-                        parts = [proj(lc.rows(r, r + rb).to_dense(
-                            fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])
-                            for r in range(0, b, rb)]
+                        if into is not None:  # each block straight into the cache: no [b, d] copy
+                            for r in range(0, b, rb):
+                                into[c, r:r + rb] = block(r)
+                            continue
+                        parts = [block(r) for r in range(0, b, rb)]
                     yield parts[0] if len(parts) == 1 else torch.cat(parts)
+                    del parts  # not alive while the next checkpoint is projected
                 else:  # one checkpoint's columns per projector step: never [b, P]
                     yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                              b, dtype=fdt, device=v0.device)
@@ -243,8 +248,13 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     part = batch if step >= b else batch_slice(batch, s, s + step)
                     rows = slice(n + s, n + min(b, s + step))
                     into = feats[:, rows] if c is None else feats[c:c + 1, rows]
-                    for i, phi in enumerate(feature_rows(part, buffers, c, into, one_call)):
+                    # not enumerate: its reused result tuple would keep these rows alive while
+                    # the next checkpoint's are formed
+                    i = 0
+                    for phi in feature_rows(part, buffers, c, into, one_call):
                         feats[i if c is None else c, rows] = phi
+                        i += 1
+                        del phi
                     if not c:  # None or 0: the weights, once
                         wts[rows] = weights(part, rows.stop - rows.start)
                 n += b
