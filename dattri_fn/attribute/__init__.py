@@ -8,7 +8,7 @@ from .adamw_influence import adamw_influence
 from .dvemb import DVEmbState, dvemb
 from .ensemble import MembersState, dropout_ensemble, dropout_grads, dropout_mask, dropout_members
 from .factgrass import FactGraSSState, factgrass
-from .gradsim import grad_cos, grad_dot, tracin, tracin_cos
+from .gradsim import GradSimState, grad_cos, grad_dot, tracin, tracin_cos
 from .influence import InfluenceEnsembleState, InfluenceState, influence
 from .knn_shapley import KNNShapleyState, knn_shapley, knn_shapley_values
 from .less import less
@@ -25,6 +25,7 @@ __all__ = [
     "Attributor",
     "DVEmbState",
     "FactGraSSState",
+    "GradSimState",
     "InfluenceEnsembleState",
     "InfluenceState",
     "KNNShapleyState",

@@ -4,8 +4,18 @@ dense or Kronecker-factored (:mod:`.project`)."""
 
 from .capture import CaptureError, LayerSpec, Probed, layer_specs, probe_shapes, tap
 from .kronecker import KroneckerLayer, KroneckerProjector, make_kronecker_projector
-from .layer_grads import LayerPlan, check_plan, layer_grads_fn, layer_plan
+from .layer_grads import (
+    LayerPlan,
+    PlanDecisions,
+    check_plan,
+    decided_plan,
+    layer_grads_fn,
+    layer_grads_stream,
+    layer_plan,
+    plan_decisions,
+)
 
-__all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerPlan", "LayerSpec", "Probed",
-           "check_plan", "layer_grads_fn", "layer_plan", "layer_specs", "make_kronecker_projector",
-           "probe_shapes", "tap"]
+__all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerPlan", "LayerSpec",
+           "PlanDecisions", "Probed", "check_plan", "decided_plan", "layer_grads_fn",
+           "layer_grads_stream", "layer_plan", "layer_specs", "make_kronecker_projector",
+           "plan_decisions", "probe_shapes", "tap"]
