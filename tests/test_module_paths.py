@@ -27,6 +27,9 @@ MOVES = [
      ["Projector", "KINDS", "_MASK64", "_block_seed", "_device_key", "_splitmix64"]),
     ("dattri_fn.attribute.ensemble", "dattri_fn.attribute.dropout_masks",
      ["MembersState", "dropout_mask", "dropout_members"]),
+    ("dattri_fn.attribute.magic", "dattri_fn.attribute.metagradient",
+     ["MetaGradient", "metagradient", "band_weights", "_split", "_join", "_row_norms",
+      "_check_horizon"]),
 ]
 
 

@@ -1,0 +1,316 @@
+"""Metagradients by reverse mode through a recorded run of pure steps (:func:`metagradient`):
+the exact pass, the truncated ``horizon=K``, ``"auto"`` (each target's ``K_j``) and ``"band"`` (the
+mean over a band of horizons), each one backward sweep over the ``T`` steps; :mod:`.magic` is the
+attributor over it. Memory and time: :mod:`.magic`'s docstring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .._checks import _msg, all_finite, check_int, check_optional_int
+from .._types import Batch, Params
+from ..training.run import Trajectory, check_run, run_steps, take
+
+
+class MetaGradient(NamedTuple):
+    """``weights [k, n_train]``: d f_j / d w_i; ``params {name: [k, *shape]}``: d f_j / d theta_{T-K_j};
+    ``horizon [k]``: ``K_j``, the steps walked back for target ``j`` (``T`` for the exact pass)."""
+
+    weights: Tensor
+    params: Params
+    horizon: Tensor | None = None
+
+
+def _split(state) -> tuple[list[Tensor], tuple]:
+    """Return the floating tensors of a state (the differentiable part) and how to rebuild it."""
+    leaves, spec = tree_flatten(state)
+    mask = [isinstance(x, Tensor) and x.is_floating_point() for x in leaves]
+    return [x for x, m in zip(leaves, mask, strict=True) if m], (leaves, spec, mask)
+
+
+def _join(floats: Sequence[Tensor], how: tuple):
+    leaves, spec, mask = how
+    it = iter(floats)
+    return tree_unflatten([next(it) if m else x for x, m in zip(leaves, mask, strict=True)], spec)
+
+
+def _check_horizon(func: str, horizon) -> int | str | None:
+    if isinstance(horizon, str):
+        if horizon in ("auto", "band"):
+            return horizon
+        raise ValueError(_msg(func, "horizon", "None, an int >= 1, 'auto' or 'band'", repr(horizon)))
+    return check_optional_int(func, "horizon", horizon)
+
+
+# The band rule's constants, fixed (stop 18, benchmarks/magic_rules.py "auto-band") before any
+# LDS was seen: horizons whose params cotangent is within 10% of the smallest, at least half
+# the argmin's length.
+BAND_TOLERANCE = 1.1
+RECORD_LIMIT = 2**24
+
+
+def band_weights(norms: Tensor) -> tuple[Tensor, Tensor]:
+    """Return each step's weight in the band mean and the argmin horizons.  # [T, k] -> [T, k], [k]
+
+    ``norms[K-1, j] = |thetabar^j_{T-K}|``. With ``K_j = argmin_K`` (first minimum over the
+    finite norms) the band is ``{K >= K_j / 2 : norms[K-1, j] <= 1.1 norms[K_j-1, j]}`` and the
+    band metagradient is ``(1/|band_j|) sum_{K in band_j} W_j[K]``, ``W[K] = sum_{t >= T-K} c_t``
+    (``c_t`` step ``t``'s weight cotangents). Step ``t`` enters every ``W[K]`` with ``K >= T - t``,
+    so the mean is ``sum_t a[T-t-1, j] c_t`` with ``a[K-1, j] = |{K' in band_j : K' >= K}| /
+    |band_j|``: a per-(step, target) weight, no ``[T, k, n]`` record. A target with no finite
+    norm gets the full pass (``band = {T}``, ``K_j = T``), as ``"auto"`` does.
+    """
+    T = norms.shape[0]
+    finite = torch.isfinite(norms)
+    masked = torch.where(finite, norms, torch.full_like(norms, math.inf))
+    low = masked.min(0).values  # [k]
+    # The first minimum (ties to the shorter horizon, as "auto"): torch.min's index among equal
+    # values is not documented to be the first, argmax of a 0/1 column is.
+    anchor = (masked == low[None]).to(torch.long).argmax(0) + 1
+    never = ~finite.any(0)
+    anchor[never] = T
+    K = torch.arange(1, T + 1, device=norms.device)[:, None]  # [T, 1]
+    band = finite & (norms <= BAND_TOLERANCE * low[None]) & (2 * K >= anchor[None])  # [T, k]
+    band[:, never] = False
+    band[T - 1, never] = True
+    per_K = band.to(norms.dtype) / band.sum(0).to(norms.dtype)  # [T, k], each column sums to 1
+    # a[K-1] = sum_{K' >= K} per_K[K'-1]: a reversed cumulative sum down the horizons.
+    return per_K.flip(0).cumsum(0).flip(0), anchor
+
+
+def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
+    """The Euclidean norm of each of ``k`` rows across ``parts`` ``[k, ...]``.  # -> [k]"""
+    return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
+
+
+def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
+           weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None,
+           vjp_step: Callable):
+    """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
+    ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
+
+    Each segment between checkpoints is replayed once from its first state by ``step`` (the
+    forward run's own loop, so the states are the run's bit for bit) and walked backward through
+    ``vjp_step`` (``step`` or a form of it equal in exact arithmetic).
+    """
+    marks = sorted(trajectory.checkpoints)
+    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
+        if hi <= first:
+            break
+        states = {}
+        run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
+                  every=1, keep=states)
+        for t in range(hi - 1, max(lo, first) - 1, -1):
+            floats, how = _split(states.pop(t))
+            rows = order[t]
+            batch = take(data, rows)
+
+            def one_step(floats_t, w_rows, how=how, batch=batch):
+                params, opt_state = _join(floats_t, how)
+                return _split(vjp_step(params, opt_state, batch, w_rows))[0]
+
+            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
+            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
+            yield t, rows, bar, rows_bar
+
+
+def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
+                 cotangent: Params, *, weights: Tensor | None = None,
+                 chunk_size: int | None = None, horizon: int | str | None = None,
+                 record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None
+                 ) -> MetaGradient:
+    """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
+
+    ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
+    final params. Segments between consecutive ``trajectory.checkpoints`` are replayed from
+    their first state (:func:`~dattri_fn.training.run_steps`, the forward run's own loop) and
+    walked backward with one :func:`torch.func.vjp` per step.  # -> [k, n_train], {[k, ...]}
+
+    Args:
+        step: the pure step the trajectory was trained with.
+        trajectory: from :func:`~dattri_fn.training.train` with the same ``data``, ``order``,
+            ``weights``.
+        data, order, weights: as in :func:`~dattri_fn.training.train`.
+        cotangent: the final-params cotangents, one row per target.
+        chunk_size: cotangents per vmapped vjp (None: all ``k`` at once).
+        horizon: ``K``: walk back through the last ``K`` steps only (truncated reverse mode:
+            the weight cotangents of steps ``< T - K`` are dropped and ``params`` is then the
+            cotangent of ``theta_{T-K}``); None or ``>= T``: the whole run. ``"auto"``: per
+            target ``j`` the ``K_j`` in ``1..T`` whose params cotangent is smallest,
+
+                K_j = argmin_K |thetabar^j_{T-K}|,   thetabar_t = d <cot_j, theta_T> / d theta_t,
+
+            (the optimizer state at ``t`` held fixed): the Euclidean norm over the PARAMETERS'
+            part of the state cotangent only. The
+            optimizer buffers' part is left out: Adam's moment cotangents scale like
+            ``lr / sqrt(v)`` and ``lr m / v^(3/2)``, huge where ``v`` is tiny (text-lm: a median
+            340 against 2.24 for the params part one step back, 5e12 at the start), so the
+            whole-state norm chose ``K_j = 1`` for every target there; under SGD with momentum
+            both norms chose nearly the same ``K_j`` (LDS within 0.002 on the digits tasks).
+            Checked after every step's vjp; ties go to the smaller ``K``; a target whose norm is
+            never finite keeps the full pass. One full reverse pass; when ``|thetabar^j|``
+            reaches a new minimum, row ``j`` of the weight cotangents accumulated so far (and of
+            the state cotangent) is copied aside, and those copies are returned. Extra memory:
+            ``k n_train + k S`` floats; ``checkpoint_every`` does not change the choice (every
+            step is replayed to its exact state before its vjp).
+
+            ``"band"``: per target the MEAN of the truncated metagradients over the band of
+            near-minimal horizons (:func:`band_weights`),
+
+                tau_j = (1/|band_j|) sum_{K in band_j} W_j[K],
+                band_j = {K >= K_j / 2 : |thetabar^j_{T-K}| <= 1.1 |thetabar^j_{T-K_j}|},
+
+            instead of the one argmin of a noisy curve; ``params`` and ``horizon`` are those of
+            ``K_j`` (as ``"auto"``). As a per-(step, target) weighted sum of the steps' weight
+            cotangents it needs each step's ``[k, B_t]`` cotangents once the band is known: one
+            pass records them when ``k sum_t B_t <= record_limit`` floats, else a first pass
+            records only the ``[T, k]`` norms and a second pass (through the band's longest
+            horizon only) adds the weighted cotangents. Extra memory beyond ``"auto"``'s:
+            ``T k`` norms plus at most ``record_limit`` floats, whatever ``T``.
+        record_limit: the most floats the one-pass ``"band"`` record may hold (default
+            ``2**24``); a larger record takes the two-pass route (same result to round-off).
+        vjp_step: the step differentiated at each state (default ``step``, which still
+            replays the states): a form of ``step`` EQUAL TO IT IN EXACT ARITHMETIC that is cheaper
+            to differentiate, e.g. one loss path where ``step`` computes two to reproduce a
+            ``torch.optim`` run's rounding (the bundled text-lm step: 0.7x the reverse pass's
+            time, scores within float32 round-off). Nothing checks the equality.
+    """
+    func = "metagradient"
+    if not callable(step):
+        raise TypeError(_msg(func, "step", "a pure step (params, opt_state, batch, weights) -> "
+                             "(params, opt_state)", type(step).__name__))
+    if not isinstance(trajectory, Trajectory):
+        raise TypeError(_msg(func, "trajectory", "the Trajectory of training.train",
+                             type(trajectory).__name__))
+    n, weights = check_run(func, data, order, weights)
+    chunk_size = check_optional_int(func, "chunk_size", chunk_size)
+    horizon = _check_horizon(func, horizon)
+    record_limit = check_int(func, "record_limit", record_limit, minimum=0)
+    if vjp_step is None:
+        vjp_step = step
+    elif not callable(vjp_step):
+        raise TypeError(_msg(func, "vjp_step", "None or a pure step (params, opt_state, batch, "
+                             "weights) -> (params, opt_state)", type(vjp_step).__name__))
+    T = len(order)
+    auto, band = horizon == "auto", horizon == "band"
+    first = 0 if horizon is None or auto or band else max(0, T - horizon)
+    marks = sorted(trajectory.checkpoints)
+    if marks[0] != 0 or marks[-1] != T:
+        raise ValueError(_msg("metagradient", "trajectory", f"checkpoints at steps 0 and T = {T}",
+                              f"steps {marks[0]}..{marks[-1]}"))
+    final_params, final_opt = trajectory.checkpoints[T]
+    if not isinstance(cotangent, dict) or set(cotangent) != set(final_params):
+        if not isinstance(cotangent, dict):
+            raise TypeError(_msg(func, "cotangent", "a dict {name: [k, *shape]}",
+                                 type(cotangent).__name__))
+        raise ValueError(_msg("metagradient", "cotangent", f"the keys {list(final_params)}",
+                              f"{list(cotangent)}"))
+    k = _check_cotangent(func, cotangent, final_params)
+    dtype = next(iter(final_params.values())).dtype
+    # Weights in the params' dtype: a float32 weight would round its float64 cotangent.
+    weights = weights.to(dtype)
+    zeros = tree_map(lambda x: x.new_zeros((k, *x.shape))
+                     if isinstance(x, Tensor) and x.is_floating_point() else x, final_opt)
+    bar0, _ = _split(({name: cotangent[name] for name in final_params}, zeros))
+    bar = bar0  # the cotangent of theta_T when the sweep takes no step
+    w_bar = torch.zeros(k, n, dtype=dtype, device=weights.device)
+    n_params = len(final_params)
+    if auto or band:
+        best = torch.full((k,), math.inf, dtype=dtype, device=w_bar.device)
+        best_w, best_bar = torch.zeros_like(w_bar), [torch.zeros_like(b) for b in bar]
+        steps = torch.zeros(k, dtype=torch.long, device=w_bar.device)
+    if band:
+        norms = torch.empty(T, k, dtype=dtype, device=w_bar.device)
+        total = sum(len(rows) for rows in order)
+        # One buffer for the whole record, filled from its end (step T-1 first): 320 small
+        # tensors kept among the pass's large temporaries would fragment the heap instead.
+        record = (torch.empty(k, total, dtype=dtype, device=w_bar.device)
+                  if k * total <= record_limit else None)
+    for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
+                                         chunk_size, vjp_step):
+        cols = rows.to(w_bar.device)
+        if band:
+            if record is not None:
+                total -= len(rows)
+                record[:, total:total + len(rows)] = rows_bar
+        else:
+            w_bar.index_add_(1, cols, rows_bar)
+        if auto or band:
+            # _split puts the params dict's leaves first: bar[:n_params] = thetabar.
+            step_norms = _row_norms(bar[:n_params], k)  # [k]
+            if band:
+                norms[T - t - 1] = step_norms
+            # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
+            new = step_norms < best
+            if bool(new.any()):
+                best = torch.where(new, step_norms, best)
+                if auto:
+                    best_w[new] = w_bar[new]
+                for keep, b in zip(best_bar, bar, strict=True):
+                    keep[new] = b[new]
+                steps[new] = T - t
+    if auto or band:
+        # A target whose norm was never finite keeps the full pass (its NaNs stay visible).
+        never = steps == 0
+        best_w[never] = w_bar[never]
+        for keep, b in zip(best_bar, bar, strict=True):
+            keep[never] = b[never]
+        steps[never] = T
+        w_bar, bar = best_w, best_bar
+    else:
+        steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
+    if band:
+        w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
+                          chunk_size, vjp_step, w_bar)
+    params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
+    return MetaGradient(w_bar, params0, steps)
+
+
+def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
+              out: Tensor) -> Tensor:
+    """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
+    (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
+    longest horizon.  # -> [k, n]"""
+    T = len(order)
+    a, _ = band_weights(norms)  # [T, k]
+    out.zero_()
+    if record is not None:
+        # The record holds the steps in run order: step t's columns start at sum_{s < t} B_s.
+        lo = 0
+        for t, rows in enumerate(order):
+            hi = lo + len(rows)
+            out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * record[:, lo:hi])
+            lo = hi
+        return out
+    longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
+    for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
+                                       T - longest, chunk_size, vjp_step):
+        out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * rows_bar)
+    return out
+
+
+def _check_cotangent(func: str, cotangent: dict, final_params: Params) -> int:
+    """Return ``k``, the rows every ``cotangent[name]`` ``[k, *shape]`` shares, or raise."""
+    k = None
+    for name, ref in final_params.items():
+        c = cotangent[name]
+        if not isinstance(c, Tensor) or not c.is_floating_point() or c.shape[1:] != ref.shape \
+                or c.ndim != ref.ndim + 1 or (k is not None and c.shape[0] != k):
+            got = f"shape {list(c.shape)}" if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(_msg(func, "cotangent", f"floating [k, *shape] rows for {name!r} "
+                                  f"(shape {list(ref.shape)}, the same k for every name)",
+                                  f"{got} at {name!r}"))
+        if not all_finite(c):
+            raise ValueError(_msg(func, "cotangent", "finite values", f"NaN or inf at {name!r}"))
+        k = c.shape[0]
+    return k
+
+
+__all__ = ["MetaGradient", "band_weights", "metagradient"]
