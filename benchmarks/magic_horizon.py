@@ -51,11 +51,9 @@ def reverse_sweep(step, traj, data, order, cot):
     the end, in :func:`dattri_fn.attribute.magic.metagradient`'s order of operations: ``sbar`` the
     state cotangent (all ``k`` targets, flattened leaves, params first), ``w_bar [k, n]`` the
     weight cotangents through the last ``K`` steps (one buffer, updated in place)."""
-    from torch.func import vjp, vmap
     from torch.utils._pytree import tree_map
 
-    from dattri_fn.attribute.magic import _join, _split
-    from dattri_fn.training.run import run_steps, take
+    from dattri_fn.attribute.metagradient import _split, _sweep
 
     T = len(order)
     final_params, final_opt = traj.checkpoints[T]
@@ -65,25 +63,11 @@ def reverse_sweep(step, traj, data, order, cot):
     k = next(iter(cot.values())).shape[0]
     zeros = tree_map(lambda x: x.new_zeros((k, *x.shape))
                      if isinstance(x, torch.Tensor) and x.is_floating_point() else x, final_opt)
-    bar, _ = _split(({name: cot[name] for name in final_params}, zeros))
+    bar0, _ = _split(({name: cot[name] for name in final_params}, zeros))
     w_bar = torch.zeros(k, n, dtype=dtype)
-    marks = sorted(traj.checkpoints)
-    for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
-        states = {}
-        run_steps(step, traj.checkpoints[lo], data, order, weights, lo, hi, every=1, keep=states)
-        for t in range(hi - 1, lo - 1, -1):
-            floats, how = _split(states.pop(t))
-            rows = order[t]
-            batch = take(data, rows)
-
-            def one_step(f, w, how=how, batch=batch):
-                params, opt_state = _join(f, how)
-                return _split(step(params, opt_state, batch, w))[0]
-
-            _, pullback = vjp(one_step, floats, weights[rows])
-            bar, rows_bar = vmap(pullback)(bar)
-            w_bar.index_add_(1, rows, rows_bar)
-            yield T - t, bar, w_bar
+    for t, rows, bar, rows_bar in _sweep(step, traj, data, order, weights, bar0, 0, None, step):
+        w_bar.index_add_(1, rows, rows_bar)
+        yield T - t, bar, w_bar
 
 
 def horizon_metagradients(step, traj, data, order, cot, *, every_steps: int):
