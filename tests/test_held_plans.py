@@ -163,18 +163,33 @@ def test_prepared_state_gives_the_scores_of_a_call_that_checks_itself(name, mode
     assert torch.equal(held[0], fresh) and torch.equal(held[1], fresh_self)
 
 
-def test_a_target_model_of_its_own_is_checked_once_too(monkeypatch):
-    """grad_dot(fm, target=fm2) with the prepared state == with () (torch.equal): two checks in
-    prepare (one per plan), none in score."""
+def test_a_target_model_of_its_own_is_checked_on_test_batches_only(monkeypatch):
+    """grad_dot(fm, target=fm2) with the prepared state == with () (torch.equal): prepare checks
+    the train plan only (1 check), each score call checks the target on its own test batch (1)."""
     fm = functional_model(_mlp(), F.cross_entropy)
     target = functional_model(fm.module, lambda out, y: F.cross_entropy(out, y) * 2)
     train, test = [_xy(1, 6)], _xy(2, 3)
     m = grad_dot(fm, target=target)
     calls = _counting(monkeypatch)
     state = m.prepare(fm.params, train)
-    assert len(calls) == 2 and state.train is not None and state.test is not None
+    assert len(calls) == 1 and state.train is not None and state.test is None
     S = m.score(fm.params, state, train, test)
     assert len(calls) == 2
+    assert torch.equal(S, m.score(fm.params, (), train, test))
+
+
+def test_a_target_reading_another_batch_layout_prepares_and_scores():
+    """A target FunctionalModel that reads dict test batches while train batches are (x, y)
+    tuples: prepare never feeds it training rows; scores equal those of the unprepared call."""
+    fm = functional_model(_mlp(), F.cross_entropy)
+    target = functional_model(fm.module, F.cross_entropy,
+                              unpack=lambda b: ((b["x"],), {}, b["y"]))
+    train = [_xy(1, 6)]
+    x, y = _xy(2, 3)
+    test = {"x": x, "y": y}
+    m = grad_dot(fm, target=target)
+    S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    assert S.shape == (6, 3)
     assert torch.equal(S, m.score(fm.params, (), train, test))
 
 

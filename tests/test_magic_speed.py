@@ -35,14 +35,17 @@ def test_default_keeps_every_state_when_small_and_scores_equal_the_replayed_run(
 
 
 @pytest.mark.parametrize("horizon", [None, "auto", "band"])
-def test_chunk_size_changes_no_bit(horizon):
-    """metagradient with chunk_size 1, 3 and None (all 4 targets in one vmap): torch.equal weights."""
+def test_chunk_size_changes_nothing_beyond_rounding(horizon):
+    """metagradient with chunk_size 1, 3 and None (all 4 targets in one vmap): the same weights
+    to 1e-12 relative (a chunk changes GEMM shapes, hence the BLAS summation order: equal bits
+    would depend on the BLAS build and thread count)."""
     loss, opt, step, data, test, order, traj, cot = problem(
         4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
     outs = [metagradient(step, traj, data, order, cot, horizon=horizon, chunk_size=c).weights
             for c in (None, 1, 3)]
     assert outs[0].abs().max() > 1e-3
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert all(torch.allclose(outs[0], o, rtol=1e-12, atol=1e-12 * float(outs[0].abs().max()))
+               for o in outs[1:])
 
 
 def test_vjp_step_equal_in_exact_arithmetic_gives_the_same_scores():

@@ -84,8 +84,10 @@ class GradSimState(NamedTuple):
             here), or ``train`` not in memory at ``prepare`` (None, a DataLoader, a store:
             never read there, so a loader that can be read once loses nothing) or starting
             with a batch of one.
-        test: those of ``target``'s plan, on the same examples, when ``target`` is a
-            FunctionalModel of its own; None when ``train``'s serve both sides.
+        test: decisions for ``target``'s plan. ``prepare`` leaves it None: a target model of
+            its own reads test batches (whose layout may differ from train's), so each score
+            call checks it on its own first test batch; None also when ``train``'s serve both
+            sides. A state saved with decisions here is still applied.
     """
 
     train: PlanDecisions | None = None
@@ -200,8 +202,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
         with blame_data(name, "train", head):
             checked = plan_decisions(check_plan(plan, stacked, head))
-            other = None if plan_t is plan else plan_decisions(check_plan(plan_t, stacked, head))
-        return GradSimState(checked, other)
+        # A target model of its own reads test batches, whose layout may differ from train's:
+        # its plan is checked by each score call on that call's own first test batch.
+        return GradSimState(checked, None)
 
     def held_plans(func: str, state) -> tuple[LayerPlan | None, LayerPlan | None]:
         """The plans ``state`` checked (decided, no pass), else the unchecked ones: a call then
