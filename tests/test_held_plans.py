@@ -388,3 +388,30 @@ def test_a_stream_runs_one_shapes_forward_per_signature(monkeypatch):
     assert len(forwards) == 2 and len(held().shapes) == 2  # [5, 4] and [4, 4] tokens
     assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert plan_decisions(held()) == plan_decisions(decided)
+
+
+def test_decisions_from_another_model_are_refused_naming_the_state():
+    """A GradSimState / TRAKState whose plan decisions name layers this model's plan does not
+    capture is refused as the method's ``state`` argument, not deep inside decided_plan."""
+    from dattri_fn.attribute.trak import classification_margin_loss, trak
+
+    g = torch.Generator().manual_seed(0)
+    big = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                        nn.Linear(6, 3)).double().eval()
+    small = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    for p in [*big.parameters(), *small.parameters()]:
+        p.data = torch.randn(p.shape, generator=g, dtype=DT) / 2
+    x = torch.randn(5, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (5,), generator=g)
+    fb, fs = functional_model(big, F.cross_entropy), functional_model(small, F.cross_entropy)
+    other = grad_dot(fb).prepare(fb.params, [(x, y)])
+    with pytest.raises(ValueError, match=r"grad_dot\(state=...\): expected the GradSimState of "
+                                         r"this grad_dot's prepare"):
+        grad_dot(fs).score(fs.params, other, [(x, y)], (x, y))
+    tb = trak(functional_model(big, classification_margin_loss), proj_dim=4, seed=0)
+    ts = trak(functional_model(small, classification_margin_loss), proj_dim=4, seed=0)
+    t_other = tb.prepare(fb.params, [(x, y)])
+    t_mine = ts.prepare(fs.params, [(x, y)])
+    with pytest.raises(ValueError, match=r"trak\.score\(state=...\): expected the TRAKState of "
+                                         r"this trak's prepare"):
+        ts.score(fs.params, t_mine._replace(plan=t_other.plan), [(x, y)], (x, y))

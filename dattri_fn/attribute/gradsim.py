@@ -218,10 +218,14 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             raise ValueError(_msg(func, "state", "an empty GradSimState (loss is a plain function: "
                                   "no capture plan to check)", "plan decisions",
                                   f"Pass the state {name}'s prepare returned."))
-        mine = plan if state.train is None else decided_plan(plan, state.train)
-        if plan_t is plan:
-            return mine, mine
-        return mine, plan_t if state.test is None else decided_plan(plan_t, state.test)
+        try:
+            mine = plan if state.train is None else decided_plan(plan, state.train)
+            if plan_t is plan:
+                return mine, mine
+            return mine, plan_t if state.test is None else decided_plan(plan_t, state.test)
+        except (TypeError, ValueError) as err:  # decisions made for another model
+            raise ValueError(_msg(func, "state", f"the GradSimState of this {name}'s prepare",
+                                  f"decisions this model's capture plan refuses ({err})")) from err
 
     def features(params, plans):
         stacked = stacked_of(params)

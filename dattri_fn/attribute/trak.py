@@ -39,7 +39,7 @@ from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
-from ..transforms.layer_grads import PlanDecisions, layer_plan
+from ..transforms.layer_grads import PlanDecisions, decided_plan, layer_plan
 from ..transforms.project import KINDS
 from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
@@ -254,8 +254,14 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def setup(func: str, params, state=None):
         """The feature engine of this call: a prepared state's plan decisions applied, if any."""
-        return feature_calls(func, params, cfg,
-                             state.plan if isinstance(state, TRAKState) else None)
+        decisions = state.plan if isinstance(state, TRAKState) else None
+        if decisions is not None and cfg.plan is not None:
+            try:
+                decided_plan(cfg.plan, decisions)
+            except (TypeError, ValueError) as err:  # decisions made for another model
+                raise ValueError(_msg(func, "state", "the TRAKState of this trak's prepare",
+                                      f"plan decisions this model refuses ({err})")) from err
+        return feature_calls(func, params, cfg, decisions)
 
     def check_first(func: str, arg: str, first: Params, data, device):
         """Validate the first example of ``data`` eagerly, once (the public boundary); return

@@ -178,8 +178,12 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     yield parts[0] if len(parts) == 1 else torch.cat(parts)
                     del parts  # not alive while the next checkpoint is projected
                 else:  # one checkpoint's columns per projector step: never [b, P]
-                    yield proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
+                    phi = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                              b, dtype=fdt, device=v0.device)
+                    if into is not None:  # the same contract as above: written, not yielded
+                        into[c] = phi
+                        continue
+                    yield phi
             return
         if lg is not None:  # unprojected: [b, P] each
             if into is not None:
