@@ -98,3 +98,66 @@ def test_errors():
     with pytest.raises(ValueError, match=r"knn_shapley.score\(test=...\): expected embeddings "
                                          r"of size F=2"):
         m.score({}, m.prepare({}, (x, y)), None, (torch.zeros(1, 3, dtype=F64), y[:1]))
+
+
+def _whole_matrix(dist, y_train, y_test, k):
+    """The recursion on the whole [m, n] matrix at once (the stop-19 implementation)."""
+    m, n = dist.shape
+    order = torch.argsort(dist, dim=1, stable=True)
+    match = (y_train[order] == y_test[:, None]).to(dist.dtype)
+    i = torch.arange(1, n, dtype=dist.dtype)
+    tail = ((match[:, :-1] - match[:, 1:]) * (i.clamp(max=k) / (k * i))).flip(1).cumsum(1).flip(1)
+    last = match[:, -1:] * (min(k, n) / (k * n))
+    sorted_values = torch.cat([tail, torch.zeros_like(match[:, :1])], 1) + last
+    return torch.empty_like(sorted_values).scatter_(1, order, sorted_values).T
+
+
+@given(st.integers(1, 40), st.integers(1, 20), st.integers(1, 6), st.integers(0, 2**16),
+       st.booleans())
+def test_blocks_of_test_points_change_no_value(n, m, k, seed, ties):
+    """_values in blocks of 1, 3, m and the default rows == the whole-matrix recursion, bit for
+    bit (each test point's sort and cumulative sum are its own)."""
+    from dattri_fn.attribute.knn_shapley import _values
+
+    g = torch.Generator().manual_seed(seed)
+    dist = torch.rand(m, n, generator=g, dtype=F64)
+    if ties:
+        dist = (dist * 3).floor()
+    y_train, y_test = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    ref = _whole_matrix(dist, y_train, y_test, k)
+    for rows in (1, 3, m, None):
+        assert torch.equal(_values(dist, y_train, y_test, k, rows=rows), ref)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_method_blocks_bit_for_bit_and_bounded_peak(metric):
+    """score/self_score with chunk_size None, 1, 7, m are equal bit for bit; score's exact tensor
+    peak <= output + 64 bytes per [block, n] entry (+ cosine's normalised train copy), where the
+    whole-matrix version peaked at 7x the output."""
+    from benchmarks.peak import tensor_peak
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # cdist's and the sort's work split must not matter below
+    try:
+        g = torch.Generator().manual_seed(3)
+        n, m, F = 400, 64, 8
+        x, y = torch.randn(n, F, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+        xt, yt = torch.randn(m, F, generator=g, dtype=F64), torch.randint(0, 3, (m,), generator=g)
+        runs = []
+        for chunk in (None, 1, 7, m):
+            meth = knn_shapley(k=3, metric=metric, chunk_size=chunk)
+            state = meth.prepare({}, [(x[:150], y[:150]), (x[150:], y[150:])])
+            S, peak = tensor_peak(lambda meth=meth, state=state: meth.score({}, state, None,
+                                                                            (xt, yt)))
+            runs.append((S, meth.self_score({}, state, (x, y))))
+            if chunk is None:
+                rows = -(-m // 16)
+                extra = x.nbytes if metric == "cosine" else 0
+                assert peak <= S.nbytes + 64 * rows * n + extra, (peak, S.nbytes)
+        for S, d in runs[1:]:
+            assert torch.equal(S, runs[0][0]) and torch.equal(d, runs[0][1])
+        # the state holds copies: a caller's later writes to its batch do not reach it
+        one = knn_shapley(k=3).prepare({}, (x, y))
+        assert one.features.data_ptr() != x.data_ptr()
+    finally:
+        torch.set_num_threads(threads)

@@ -9,7 +9,9 @@ y_t]``. Its Shapley values have a closed recursion (Jia et al. 2019, Theorem 1):
     s_{alpha_i} = s_{alpha_{i+1}} + (1[y_{alpha_i} = y_t] - 1[y_{alpha_{i+1}} = y_t]) min(K, i) / (K i)
 
 so all N values cost one sort, ``O(N log N)``, instead of ``2^N`` utilities. Here it runs for
-all test points at once: a reverse cumulative sum along the sorted axis. Positive = the point's
+a block of test points at a time: a reverse cumulative sum along the sorted axis, written back
+in train order into one output buffer, so no ``[n_test, n_train]`` temporary (distances, sort
+indices, ranks) is ever formed whole. Positive = the point's
 label agrees with the test label where it counts (a proponent), in the library's convention.
 """
 
@@ -63,20 +65,60 @@ def knn_shapley_values(distances: Tensor, train_labels: Tensor, test_labels: Ten
     return _values(distances, train_labels, test_labels, k)
 
 
-def _values(distances: Tensor, train_labels: Tensor, test_labels: Tensor, k: int) -> Tensor:
+_BLOCK_ENTRIES = 2**18  # at most this many [test, train] entries per block (~7 MiB of temporaries)
+
+
+def _test_rows(m: int, n: int, chunk_size: int | None) -> int:
+    """Test points per block: ``chunk_size`` when given, else a sixteenth of them, at most
+    :data:`_BLOCK_ENTRIES` / n: the sort's ``[rows, n]`` values, indices and ranks then stay a
+    small fraction of the ``[n, m]`` output while the blocks stay few (16, or ``m n /
+    2**18``)."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, min(-(-m // 16), _BLOCK_ENTRIES // max(n, 1)))
+
+
+def _values(distances: Tensor, train_labels: Tensor, test_labels: Tensor, k: int, *,
+            rows: int | None = None) -> Tensor:
+    """Shapley values in blocks of ``rows`` test points (:func:`_test_rows`).
+
+    # distances [m, n] -> [n, m] (the transpose of one [m, n] buffer)
+    """
     m, n = distances.shape
-    order = torch.argsort(distances, dim=1, stable=True)  # [m, n], nearest first
-    match = (train_labels[order] == test_labels[:, None]).to(distances.dtype)  # [m, n]
-    i = torch.arange(1, n, dtype=distances.dtype, device=distances.device)  # 1-based ranks
-    step = (match[:, :-1] - match[:, 1:]) * (i.clamp(max=k) / (k * i))  # [m, n - 1]
+    out = distances.new_empty(m, n)
+    weight = _weight(n, k, distances)
+    step = _test_rows(m, n, rows)
+    for a in range(0, m, step):
+        _block(distances[a:a + step], train_labels, test_labels[a:a + step], k, weight,
+               out[a:a + step])
+    return out.T
+
+
+def _weight(n: int, k: int, like: Tensor) -> Tensor:
+    """``min(K, i) / (K i)`` for the 1-based ranks ``i = 1..n-1``.  # -> [n - 1]"""
+    ranks = torch.arange(1, n, dtype=like.dtype, device=like.device)
+    return ranks.clamp(max=k) / (k * ranks)
+
+
+def _block(distances: Tensor, train_labels: Tensor, test_labels: Tensor, k: int,
+           weight: Tensor, out: Tensor) -> None:
+    """Write one block's values in train order into ``out``.  # [b, n] -> out [b, n]"""
+    n = distances.shape[1]
+    order = torch.argsort(distances, dim=1, stable=True)  # [b, n], nearest first
+    match = (train_labels[order] == test_labels[:, None]).to(distances.dtype)  # [b, n]
+    step = (match[:, :-1] - match[:, 1:]).mul_(weight)  # [b, n - 1]
     # s_i = s_N + sum_{j >= i} step_j: a reverse cumulative sum along the sorted axis.
-    tail = step.flip(1).cumsum(1).flip(1)
+    tail = step.flip(1).cumsum_(1).flip(1)
+    del step
     # The farthest point changes the vote only when fewer than K others are in S:
     # s_N = 1[match_N] min(K, N) / (K N), Jia et al.'s 1[match_N] / N when K <= N.
     last = match[:, -1:] * (min(k, n) / (k * n))
-    sorted_values = torch.cat([tail, torch.zeros_like(match[:, :1])], 1) + last
-    out = torch.empty_like(sorted_values).scatter_(1, order, sorted_values)  # back to train order
-    return out.T
+    del match
+    sorted_values = torch.empty_like(distances)
+    sorted_values[:, :-1] = tail
+    sorted_values[:, -1:] = 0
+    del tail
+    out.scatter_(1, order, sorted_values.add_(last))  # back to train order
 
 
 class KNNShapleyState(NamedTuple):
@@ -87,14 +129,15 @@ class KNNShapleyState(NamedTuple):
     labels: Tensor
 
 
-def _distances(metric: str, test: Tensor, train: Tensor) -> Tensor:
-    """``[n_test, n_train]`` distances; computed without the ``|a|^2 + |b|^2 - 2ab`` shortcut,
-    whose rounding can reorder near-ties."""
+def _distances(metric: str, train: Tensor) -> Callable[[Tensor], Tensor]:
+    """Return ``test -> [n_test, n_train]`` distances to ``train``; computed without the
+    ``|a|^2 + |b|^2 - 2ab`` shortcut, whose rounding can reorder near-ties. The cosine side
+    normalises ``train`` once, not once per block of test points."""
     if metric == "cosine":
-        a = test / test.norm(dim=1, keepdim=True).clamp_min(torch.finfo(test.dtype).tiny)
-        b = train / train.norm(dim=1, keepdim=True).clamp_min(torch.finfo(train.dtype).tiny)
-        return 1 - a @ b.T
-    return torch.cdist(test, train, compute_mode="donot_use_mm_for_euclid_dist")
+        tiny = torch.finfo(train.dtype).tiny
+        b = train / train.norm(dim=1, keepdim=True).clamp_min(tiny)
+        return lambda test: 1 - (test / test.norm(dim=1, keepdim=True).clamp_min(tiny)) @ b.T
+    return lambda test: torch.cdist(test, train, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k: int,
@@ -104,8 +147,8 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
     for the K-NN classifier's vote share on test ``j``.  # -> [n_train, n_test]
 
     ``prepare(params, train)`` embeds the training set once; ``score(params, state, train,
-    test)`` embeds the test set and applies :func:`knn_shapley_values` to all test points at
-    once (``chunk_size`` test points per block when given); ``self_score`` is the diagonal
+    test)`` embeds the test set and applies :func:`knn_shapley_values` to blocks of test
+    points (``chunk_size`` per block); ``self_score`` is the diagonal
     of ``score(train, train)`` (each training point valued for itself as the test point, where
     it is its own nearest neighbour at distance 0). A data value per training point is
     ``scores.mean(1)``.
@@ -118,7 +161,10 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         metric: ``"euclidean"`` or ``"cosine"`` (``1 - cos``) distance between embeddings.
         label_fn: ``example -> y``; default the last element of a tuple example or
             ``example["labels"]``.
-        chunk_size: test points per block of ``[chunk, n_train]`` distances.
+        chunk_size: test points per block of ``[chunk, n_train]`` distances, sort indices
+            and ranks; None: a sixteenth of the test points, at most ``2**18 / n_train`` (the
+            blocks' temporaries stay a small part of the ``[n_train, n_test]`` output). The
+            values do not depend on it.
 
     References:
         Jia et al., VLDB 2019, arXiv 1908.08619 (exact recursion for unweighted K-NN).
@@ -143,7 +189,9 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
 
     embed = raw if feature_fn is None else feature_fn
 
-    def rows(func: str, arg: str, params, data) -> tuple[Tensor, Tensor]:
+    def rows(func: str, arg: str, params, data, *, copy: bool) -> tuple[Tensor, Tensor]:
+        """``(embeddings [n, F], labels [n])``; a single batch's rows are not copied unless
+        ``copy`` (a state must not alias the caller's tensors)."""
         feats, labels = [], []
         for batch in iter_batches(func, arg, data):
             batch_size(func, arg, batch)
@@ -154,16 +202,17 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
             labels.append(pair[1])
         if not feats:
             raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
-        h = torch.cat(feats)
+        h = feats[0] if len(feats) == 1 and not copy else torch.cat(feats)
         if h.ndim != 2:
             raise ValueError(_msg(func, "feature_fn", "a function returning [F] per example",
                                   f"features of shape {list(h.shape[1:])}"))
         if not h.is_floating_point():
             h = h.to(torch.get_default_dtype())
-        return h, torch.cat(labels)
+        return h, labels[0] if len(labels) == 1 and not copy else torch.cat(labels)
 
     def prepare(params, train) -> KNNShapleyState:
-        return KNNShapleyState(*rows(f"{name}.prepare", "train", params, train))
+        return KNNShapleyState(*rows(f"{name}.prepare", "train", params, train,
+                                    copy=True))
 
     def check_state(func: str, state) -> KNNShapleyState:
         if not isinstance(state, KNNShapleyState):
@@ -177,15 +226,20 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
             raise ValueError(_msg(func, arg, f"embeddings of size F={H.shape[1]} like the "
                                   "state's", f"size {h.shape[1]}"))
         h = h.to(H.dtype)
-        step = h.shape[0] if chunk_size is None else chunk_size
-        blocks = [_values(_distances(metric, h[a:a + step], H), Y, y[a:a + step], k)
-                  for a in range(0, h.shape[0], step)]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        m, n = h.shape[0], H.shape[0]
+        distance = _distances(metric, H)
+        # Block by block into one [m, n] buffer: the [block, n] distances, sort and ranks are
+        # the only temporaries, never an [m, n] one.
+        out, weight = H.new_empty(m, n), _weight(n, k, H)
+        step = _test_rows(m, n, chunk_size)
+        for a in range(0, m, step):
+            _block(distance(h[a:a + step]), Y, y[a:a + step], k, weight, out[a:a + step])
+        return out.T
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         func = f"{name}.score"
         state = check_state(func, state)
-        h, y = rows(func, "test", params, test)
+        h, y = rows(func, "test", params, test, copy=False)
         S = values(state, h, y, func, "test")
         if top_k is None:
             return S
@@ -198,16 +252,19 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
     def self_score(params, state, train) -> Tensor:
         func = f"{name}.self_score"
         state = check_state(func, state)
-        h, y = rows(func, "train", params, train)
+        h, y = rows(func, "train", params, train, copy=False)
         if h.shape[0] != state.features.shape[0]:
             raise ValueError(_msg(func, "train", f"the {state.features.shape[0]} training "
                                   "examples of the state", f"{h.shape[0]}"))
-        step = h.shape[0] if chunk_size is None else chunk_size
-        out = []
-        for a in range(0, h.shape[0], step):  # one diagonal block at a time
-            block = _values(_distances(metric, h[a:a + step].to(state.features.dtype),
-                                       state.features), state.labels, y[a:a + step], k)
-            out.append(block[a:a + step].diagonal())
-        return torch.cat(out)
+        h = h.to(state.features.dtype)
+        n = h.shape[0]
+        distance = _distances(metric, state.features)
+        step, weight = _test_rows(n, n, chunk_size), _weight(n, k, h)
+        out, block = h.new_empty(n), h.new_empty(min(step, n), n)
+        for a in range(0, n, step):  # one diagonal block at a time
+            b = min(a + step, n)
+            _block(distance(h[a:b]), state.labels, y[a:b], k, weight, block[:b - a])
+            out[a:b] = block[:b - a].diagonal(a)
+        return out
 
     return Method(prepare, score, self_score, name)
