@@ -290,13 +290,19 @@ def test_kfac_errors(device):
         kfac_factors(model, ce, {**params, "x": params["emb.bias"]}, batch)
     with pytest.raises(ValueError, match=r"ekfac_factors\(params=...\).*other keys "
                                          r"\['norm.weight'\]"):
-        ekfac_factors(model, ce, {**params, "norm.weight": model.norm.weight.detach()}, batch)
+        ekfac_factors(model, ce, {**params, "norm.weight": model.norm.weight.detach()}, batch,
+                      others="error")
     with pytest.raises(ValueError, match=r"other keys \['head.weight', 'head.bias'\]"):
         kfac_factors(model, ce, {k: params[k] for k in ("emb.weight", "head.weight",
-                                                        "head.bias")}, batch, layers=["emb"])
-    with pytest.raises(ValueError, match=r"no weight for \['head'\]"):
-        kfac_factors(model, ce, {"emb.weight": params["emb.weight"]}, batch,
-                     layers=["emb", "head"])
+                                                        "head.bias")}, batch, layers=["emb"],
+                     others="error")
+    for others in ("error", "diagonal"):
+        with pytest.raises(ValueError, match=r"no weight for \['head'\]"):
+            kfac_factors(model, ce, {"emb.weight": params["emb.weight"]}, batch,
+                         layers=["emb", "head"], others=others)
+    with pytest.raises(ValueError, match=r"kfac_factors\(others=...\): expected None, "
+                                         r"'diagonal' or 'error', got 'drop'"):
+        kfac_factors(model, ce, params, batch, others="drop")
     nan_params = {**params, "emb.weight": params["emb.weight"] * float("nan")}
     with pytest.raises(ValueError, match=r"kfac_factors\(params=...\): expected finite"):
         kfac_factors(model, ce, nan_params, batch)
@@ -410,7 +416,7 @@ def test_conv1d_and_conv2d_equal_their_linear_forms(device, fit, inverse):
         params = {k: v.detach() for k, v in m.named_parameters() if k in keys}
         pairs.append((fit(m, loss, params, (x, y)), params))
     (fc, pc), (fl, pl) = pairs
-    for field in fc._fields[:-3]:
+    for field in fc._fields[:-4]:  # the per-layer dicts (not names, N, transposed, diagonal)
         for layer in getattr(fc, field):
             torch.testing.assert_close(getattr(fc, field)[layer], getattr(fl, field)[layer])
     assert fc.transposed == ("0",) and fl.transposed == ()
@@ -430,7 +436,7 @@ def test_conv1d_and_conv2d_equal_their_linear_forms(device, fit, inverse):
                                              nn.Sequential(conv).named_parameters()}, (xi, yi))
     fp = fit(patch, img_loss, {"lin.weight": patch.lin.weight.detach(),
                                "lin.bias": patch.lin.bias.detach()}, (xi, yi))
-    for field in fc._fields[:-3]:
+    for field in fc._fields[:-4]:  # the per-layer dicts (not names, N, transposed, diagonal)
         torch.testing.assert_close(getattr(fc, field)["0"], getattr(fp, field)["lin"])
     V = torch.randn(2, 57, generator=g, dtype=DT).to(device)
     torch.testing.assert_close(inverse(fc, damping=0.1)(V), inverse(fp, damping=0.1)(V),

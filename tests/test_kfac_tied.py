@@ -221,7 +221,8 @@ def test_pooled_kfac_inverse_is_the_damped_kronecker_inverse():
 
 
 def test_tied_weights_that_cannot_be_pooled_are_refused():
-    """A tied head whose bias is in params, fisher='expected' and a tap without tied=True are
+    """A tied head whose bias is in params (others='error'; by default both keys take the
+    diagonal block, tests/test_kfac_diag.py), fisher='expected' and a tap without tied=True are
     refused with errors naming the argument and the reason."""
     model, ids, labels = _problem(5, head_bias=True)
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -229,7 +230,7 @@ def test_tied_weights_that_cannot_be_pooled_are_refused():
                                          r"that K-FAC/EK-FAC can pool.*'emb.weight' shared by "
                                          r"'emb' \(Embedding\), 'head' \(Linear\): the bias "
                                          r"\['head.bias'\]"):
-        kfac_factors(model, lm_loss, params, (ids, labels))
+        kfac_factors(model, lm_loss, params, (ids, labels), others="error")
     model, ids, labels = _problem(5)
     params = {k: v.detach() for k, v in model.named_parameters()}
     with pytest.raises(ValueError, match=r"ekfac_factors\(fisher=...\): expected 'empirical' "

@@ -14,6 +14,7 @@ from .._checks import _msg, batch_size, batch_slice, check_params, regrouped
 from .._types import Loss, Params
 from ..model import default_unpack
 from ..operators import kfac
+from ..operators.kfac_diag import diagonal_rows
 from ..transforms.grad import per_sample_grad_unchecked
 from ..transforms.layer_grads import LayerPlan, layer_grads_fn
 from ..transforms.layers import streamed_io
@@ -184,10 +185,14 @@ def test_side(cfg: InfluenceConfig, ps, stream=None):
 def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step) -> None:
     """``step(start, layer, a, g)`` for the layers ``st.ihvp`` covers, each as its ``g``
     arrives in batched backward passes of ``chunk_size`` rows (one layer's ``g`` alive at a
-    time), through the state's captured forward."""
+    time), through the state's captured forward; then ``step(start, group, None, rows)`` for
+    each diagonal group of the inverse (params outside the Kronecker layers,
+    :mod:`~dattri_fn.operators.kfac_diag`): ``rows`` ``[b, p]`` their per-example gradients."""
     model = cfg.model
-    tapped = st.tap if st.tap is not None else kfac.kfac_tap(
-        model.module, p, layers=list(st.ihvp.eigen[0]))  # a state built by hand
+    kron = list(st.ihvp.eigen[0])
+    diagonal = getattr(st.ihvp, "diagonal", {})
+    tapped = st.tap if st.tap is not None or not kron else kfac.kfac_tap(
+        model.module, p, layers=kron)  # a state built by hand
     state = {**model.fixed, **p}
     like = next(iter(p.values()))
     unpack = model.unpack or default_unpack
@@ -198,7 +203,16 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
         # a tied weight's members reach step as their one pooled layer (kfac_tied)
         at, _ = kfac.tied_steps(tapped, lambda layer, a, g, start=start: step(start, layer, a, g))
         # shapes=None: a probe per layer call, shaped as its output (no extra forward)
-        streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like, at)
+        if kron:
+            streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like, at)
+        if diagonal:
+            keys = [k for ks, _ in diagonal.values() for k in ks]
+            rows = diagonal_rows(model.module, model.loss_fn, state, keys, args, kwargs, target,
+                                 func=cfg.name)
+            for group, (ks, _) in diagonal.items():
+                with torch.no_grad():
+                    g = torch.cat([rows[k].detach().flatten(1) for k in ks], 1)
+                step(start, group, None, g)
 
 
 def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
@@ -214,7 +228,7 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
         blocks = [kfac.low_rank_blocks(bl, cfg.query_rank) for bl in blocks]
     dense = lambda bl: bl[0] @ bl[1] if isinstance(bl, tuple) else bl  # noqa: E731
     # the l2 term 2 l2 <params, p_j> of every train row, split by layer
-    extra = [{layer: (dense(bl) * sb).sum((1, 2)) for (layer, bl), sb in
+    extra = [{layer: (dense(bl) * sb).flatten(1).sum(1) for (layer, bl), sb in
               zip(blocks[c].items(), st.ihvp.blocks(2 * l2 * torch.cat(
                   [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
              if l2 else None for c, (p, st) in enumerate(ps)]
@@ -224,7 +238,8 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
         parts: dict[str, dict[int, torch.Tensor]] = {}
         for c, (p, st) in enumerate(ps):
             def step(start, layer, a, g, c=c):
-                v = kfac.layer_scores({layer: (a, g)}, {layer: blocks[c][layer]},
+                io = g if a is None else (a, g)  # a diagonal group: its gradient rows
+                v = kfac.layer_scores({layer: io}, {layer: blocks[c][layer]},
                                       dtype=cfg.score_dtype)[layer]
                 if extra[c] is not None:
                     v = v + extra[c][layer]
@@ -236,7 +251,7 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
             layer_pass(cfg, p, st, b, step)
         per = {layer: torch.cat([r[k] for k in sorted(r)]) for layer, r in parts.items()}
         if cfg.per_layer:
-            return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.eigen[0]], 1))
+            return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.parts], 1))
         return _Formed(sum(per.values()))
 
     return rows_of
@@ -277,7 +292,7 @@ def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None
         cursor.done()
     if not cfg.per_layer:
         return S
-    names = list(ps[0][1].ihvp.eigen[0])
+    names = list(ps[0][1].ihvp.parts)
     return dict(zip(names, S.unflatten(1, (len(names), -1)).unbind(1), strict=True))
 
 
@@ -306,7 +321,8 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
             rows: dict[int, torch.Tensor] = {}
             for p, st in ps:
                 def step(start, layer, a, g, st=st):
-                    v = kfac.layer_self_scores(st.ihvp, {layer: (a, g)}, layers=[layer])[layer]
+                    io = g if a is None else (a, g)  # a diagonal group: its gradient rows
+                    v = kfac.layer_self_scores(st.ihvp, {layer: io}, layers=[layer])[layer]
                     v = v / len(ps)
                     rows[start] = v if start not in rows else rows[start] + v
 

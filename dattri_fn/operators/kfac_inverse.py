@@ -8,19 +8,23 @@ from torch import Tensor
 
 from .._checks import _msg, all_finite, check_positive
 from .._types import LinOp
+from .kfac_diag import diagonal_groups
 from .kfac_layers import _keys
 from .kfac_stats import EKFACFactors, KFACFactors
 
 __all__ = ["BlockLinOp", "kfac_operator", "ihvp_kfac", "ihvp_ekfac"]
 
 
-def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int, int]]):
-    """Return (P, {layer: (w_slice, b_slice | None)}) locating each layer in the raveled vector."""
+def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int, int]],
+            diagonal: dict[str, int] | None = None):
+    """Return (P, {layer: (w_slice, b_slice | None)}) locating each layer in the raveled vector
+    (``diagonal``: ``{key: numel}`` of the params in the diagonal block; ``_diag_slices``)."""
     sizes = {}
     for layer, (out, inp) in shapes.items():
         wk, bk = _keys(layer)
         sizes[wk] = out * inp
         sizes[bk] = out
+    sizes.update(diagonal or {})
     unknown = [k for k in param_names if k not in sizes]
     if unknown:
         raise ValueError(_msg(func, "factors", "param_names of the factored layers",
@@ -33,20 +37,40 @@ def _layout(func: str, param_names: tuple[str, ...], shapes: dict[str, tuple[int
                    for layer in shapes}
 
 
+def _diag_slices(param_names, shapes, diagonal: dict[str, Tensor]):
+    """``{group: [slice of each key]}`` of the diagonal block's groups (:mod:`.kfac_diag`) in
+    the raveled vector."""
+    sizes = {}
+    for layer, (out, inp) in shapes.items():
+        wk, bk = _keys(layer)
+        sizes[wk], sizes[bk] = out * inp, out
+    sizes.update({k: v.numel() for k, v in diagonal.items()})
+    offsets, start = {}, 0
+    for k in param_names:
+        offsets[k] = slice(start, start + sizes[k])
+        start += sizes[k]
+    return {g: [offsets[k] for k in ks] for g, ks in diagonal_groups(
+        [k for k in param_names if k in diagonal], shapes).items()}
+
+
 class BlockLinOp(LinOp):
     """A K-FAC/EK-FAC operator, block-diagonal over layers, that also reads rows layer by layer.
 
     ``blocks(V)``: each layer's ``[k, out, in(+1)]`` block of rows ``V`` (weights as ``[out,
-    in]`` also for Conv1D, the bias as the last column); ``eigen``: ``(Q_A, Q_G, scale)`` per
-    layer for an inverse (``scale = 1 / (Lambda + damping)``), else None.
+    in]`` also for Conv1D, the bias as the last column), then each diagonal group's ``[k, p]``
+    (:mod:`.kfac_diag`: the group's keys in ravel order); ``eigen``: ``(Q_A, Q_G, scale)`` per
+    layer for an inverse (``scale = 1 / (Lambda + damping)``), else None; ``diagonal``:
+    ``{group: (keys, scale [p])}`` of the params outside the Kronecker layers (``scale = 1 / (D
+    + damping)`` for an inverse, ``D`` for the Fisher itself), empty without them; ``parts``:
+    the Kronecker layers then the diagonal groups, the names per-layer scores use.
     """
 
-    __slots__ = ("blocks", "eigen")
+    __slots__ = ("blocks", "eigen", "diagonal", "parts")
     follows_dtype = True  # products are taken in the rows' dtype (factors may be 16-bit)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.blocks, self.eigen = None, None
+        self.blocks, self.eigen, self.diagonal, self.parts = None, None, {}, ()
 
 
 def _shapes(QA, QG, param_names) -> dict[str, tuple[int, int]]:
@@ -75,15 +99,26 @@ def _read_blocks(V: Tensor, layers, shapes, where, transposed) -> dict[str, Tens
     return out_blocks
 
 
-def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
-    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``.  # [k, P] -> [k, P]
+def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=(), diagonal=None) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) * scale_l) Q_A^T``, and each diagonal
+    key's slice times its ``diagonal[key]`` (elementwise).  # [k, P] -> [k, P]
 
     Factors stored in a 16-bit dtype are cast to the operand's dtype at each product.
     """
     layers = list(QA)
+    diagonal = diagonal or {}
     shapes = _shapes(QA, QG, param_names)
-    P, where = _layout(name, param_names, shapes)
-    ref = QA[layers[0]]
+    P, where = _layout(name, param_names, shapes, {k: v.numel() for k, v in diagonal.items()})
+    groups = diagonal_groups([k for k in param_names if k in diagonal], shapes)
+    slices = _diag_slices(param_names, shapes, diagonal)
+    flat = {g: torch.cat([diagonal[k].reshape(-1) for k in ks]) for g, ks in groups.items()}
+    ref = QA[layers[0]] if layers else next(iter(diagonal.values()))
+
+    def read(V: Tensor) -> dict[str, Tensor]:
+        out = _read_blocks(V, layers, shapes, where, transposed)
+        for g, sl in slices.items():
+            out[g] = V[:, sl[0]] if len(sl) == 1 else torch.cat([V[:, s] for s in sl], 1)
+        return out
 
     def matmat(V: Tensor) -> Tensor:
         # Each layer's block is read just before its products and its result written into one
@@ -104,23 +139,34 @@ def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=()) -> LinOp:
                 out[:, ws].view(k, o, inp).copy_(X[..., :inp])
             if bs is not None:
                 out[:, bs].copy_(X[..., inp])
+        for ks in groups.values():
+            for key in ks:
+                sl = slices_of[key]
+                torch.mul(V[:, sl], diagonal[key].reshape(-1).to(V.dtype), out=out[:, sl])
         return out
 
+    slices_of = {k: s for g, ks in groups.items() for k, s in zip(ks, slices[g], strict=True)}
     op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
-    op.blocks = lambda V: _read_blocks(V, layers, shapes, where, transposed)
+    op.blocks = read
+    op.diagonal = {g: (ks, flat[g]) for g, ks in groups.items()}
+    op.parts = (*layers, *groups)
     return op
 
 
-def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=()) -> LinOp:
-    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``.
+def _eigen_inverse(name: str, QA, QG, Lambda, param_names, damping, transposed=(),
+                   diagonal=None) -> LinOp:
+    """Return ``V -> blockdiag_l Q_G ((Q_G^T M_l Q_A) / (Lambda_l + damping)) Q_A^T``, and
+    ``V_k / (D_k + damping)`` on each key ``k`` of ``diagonal`` (``{key: D}``).
 
     The operator also carries ``.blocks(V)`` (each layer's ``[k, out, in(+1)]`` block of rows
-    ``V``) and ``.eigen`` = ``(Q_A, Q_G, 1 / (Lambda + damping))`` per layer, for scoring layer by
-    layer (:func:`layer_scores`, :func:`layer_self_scores`).
+    ``V``, each diagonal group's ``[k, p]``), ``.eigen`` = ``(Q_A, Q_G, 1 / (Lambda +
+    damping))`` per layer and ``.diagonal`` = ``{group: (keys, 1 / (D + damping))}``, for
+    scoring layer by layer (:func:`layer_scores`, :func:`layer_self_scores`).
     """
     inv = {layer: 1.0 / (Lambda[layer].to(_compute_dtype(Lambda[layer])) + damping)
            for layer in QA}
-    op = _eigen_apply(name, QA, QG, inv, param_names, transposed)
+    dinv = {k: 1.0 / (v.to(_compute_dtype(v)) + damping) for k, v in (diagonal or {}).items()}
+    op = _eigen_apply(name, QA, QG, inv, param_names, transposed, dinv)
     op.eigen = (QA, QG, inv)
     return op
 
@@ -143,7 +189,8 @@ def kfac_operator(factors: KFACFactors | EKFACFactors) -> LinOp:
 
     K-FAC: ``F = blockdiag_l A_l (x) G_l``; EK-FAC: ``(Q_A (x) Q_G) diag(Lambda)
     (Q_A (x) Q_G)^T``; each layer's ``[out, in(+1)]`` block read from and written to the
-    params' ravel layout. ``op.inverse(damping)`` is :func:`ihvp_kfac` / :func:`ihvp_ekfac`, so
+    params' ravel layout; the params outside the Kronecker layers times their diagonal ``D``
+    (:mod:`.kfac_diag`). ``op.inverse(damping)`` is :func:`ihvp_kfac` / :func:`ihvp_ekfac`, so
     ``ihvp_explicit(op, damping=...)`` and ``solvers.explicit()`` invert it in closed form, and
     ``op + damping`` composes with any other solver (CG on a K-FAC curvature).
 
@@ -160,8 +207,10 @@ def kfac_operator(factors: KFACFactors | EKFACFactors) -> LinOp:
         QA, QG, Lam = _kfac_eigen(factors)
         inverse = lambda damping: _eigen_inverse(
             "ihvp_kfac", QA, QG, Lam, factors.param_names,
-            check_positive("ihvp_kfac", "damping", damping), factors.transposed)
-    op = _eigen_apply(func, QA, QG, Lam, factors.param_names, factors.transposed)
+            check_positive("ihvp_kfac", "damping", damping), factors.transposed,
+            factors.diagonal)
+    op = _eigen_apply(func, QA, QG, Lam, factors.param_names, factors.transposed,
+                      factors.diagonal)
     op.inverse = inverse
     return op
 
@@ -170,9 +219,11 @@ def _check_factors(func: str, factors, kind, maker, fields):
     if not isinstance(factors, kind):
         raise TypeError(_msg(func, "factors", f"a {kind.__name__} (from {maker})",
                              type(factors).__name__))
-    for field in fields:
+    diagonal = getattr(factors, "diagonal", {})
+    for field in (*fields, "diagonal"):
         d = getattr(factors, field)
-        if not isinstance(d, dict) or not d:
+        # the Kronecker dicts may be empty only where the diagonal block is the whole operator
+        if not isinstance(d, dict) or (not d and field != "diagonal" and not diagonal):
             raise TypeError(_msg(func, f"factors.{field}", "a non-empty dict[str, Tensor]",
                                  type(d).__name__))
         for layer, t in d.items():
@@ -211,7 +262,8 @@ def ihvp_kfac(factors: KFACFactors, *, damping: float) -> LinOp:
     _check_factors(func, factors, KFACFactors, "kfac_factors", ("A", "G"))
     damping = check_positive(func, "damping", damping)
     QA, QG, Lam = _kfac_eigen(factors)
-    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping, factors.transposed)
+    return _eigen_inverse(func, QA, QG, Lam, factors.param_names, damping, factors.transposed,
+                          factors.diagonal)
 
 
 def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
@@ -240,4 +292,4 @@ def ihvp_ekfac(factors: EKFACFactors, *, damping: float) -> LinOp:
                    ("QA", "QG", "Lambda"))
     damping = check_positive(func, "damping", damping)
     return _eigen_inverse(func, factors.QA, factors.QG, factors.Lambda, factors.param_names,
-                          damping, factors.transposed)
+                          damping, factors.transposed, factors.diagonal)

@@ -35,19 +35,38 @@ def _select(func: str, module, params, layers, *, tied: bool = False
     Layers: ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` (ungrouped), the root
     module included (see :mod:`dattri_fn.transforms.capture`). ``tied=True`` (K-FAC/EK-FAC):
     a param shared by an Embedding and a Linear is one pooled layer, named after its first
-    holder (:mod:`.kfac_tied`; :func:`_capture_layers` lists the members to capture).
+    holder (:mod:`.kfac_tied`; :func:`_capture_layers` lists the members to capture). A param
+    outside the selected layers is refused, naming it (see :func:`_select_parts`).
+    """
+    lin, pnames, _ = _select_parts(func, module, params, layers, tied=tied, others="error")
+    return lin, pnames
+
+
+def _select_parts(func: str, module, params, layers, *, tied: bool = False,
+                  others: str = "error") -> tuple[list[str], tuple[str, ...], dict[str, str]]:
+    """:func:`_select` and the params outside the Kronecker layers: ``(layers, param names,
+    {key: why it is outside})``.
+
+    ``others="error"`` refuses such keys (the third item is then empty); ``"diagonal"``
+    returns them with the reason, for :mod:`.kfac_diag`'s diagonal block, and then also takes
+    the bias of a layer whose weight is not in ``params`` (the layer is not a Kronecker layer).
     """
     specs = _kfac_specs(module)
     groups = {}  # the pooled tied groups of the params' tied keys: group -> members
+    unpooled = {}  # tied keys that cannot be pooled: key -> why
     if tied:
         for k in _tied_uses(module, list(params)):
             members = tied_group(module, k, params)
             if isinstance(members, tuple):
                 groups[members[0]] = members
+            else:
+                unpooled[k] = f"a tied weight K-FAC cannot pool: {members}"
     if layers is None:
         owned = set(params)
         lin = [n for n, sp in specs.items() if n not in groups
                and (sp.weight in owned or sp.bias in owned)] + list(groups)
+        if others == "diagonal":  # a layer without its weight is no Kronecker layer
+            lin = [n for n in lin if n in groups or specs[n].weight in owned]
     else:
         allowed = [n for n in capture.layer_specs(module) if n in specs or n in groups]
         kind = "nn.Linear, Conv1D or Conv2d" + (" (or a tied Embedding/Linear group)"
@@ -56,12 +75,23 @@ def _select(func: str, module, params, layers, *, tied: bool = False
                           "K-FAC layers")
     order = {n: i for i, n in enumerate(capture.layer_specs(module))}
     lin.sort(key=order.__getitem__)
+    for grp in groups:
+        if grp not in lin:
+            unpooled[_keys(grp)[0]] = f"its tied group {grp!r} is not among the selected layers"
     owner = {}
     for name in lin:
         owner[_keys(name)[0]] = name
         if name not in groups:
             owner[_keys(name)[1]] = name
     stray = [k for k in params if k not in owner]
+    if others == "diagonal":
+        no_weight = [n for n in lin if _keys(n)[0] not in params]
+        if no_weight:
+            raise ValueError(_msg(func, "params", "the weight of every selected layer",
+                                  f"no weight for {no_weight}",
+                                  "Add '<layer>.weight' to params or deselect the layer."))
+        return lin, tuple(params), {k: _why_outside(module, k, params, specs, lin, unpooled)
+                                    for k in stray}
     tied_stray = _tied_uses(module, stray)
     if tied_stray and not tied:
         raise ValueError(_msg(func, "params", "weights used by one layer each",
@@ -88,14 +118,30 @@ def _select(func: str, module, params, layers, *, tied: bool = False
     if stray:
         raise ValueError(_msg(func, "params", "only weights/biases of the selected nn.Linear, "
                               f"Conv1D or Conv2d layers {lin}", f"other keys {stray}",
-                              "K-FAC covers those layers only: drop these keys from params "
-                              "or select their layers."))
+                              "K-FAC covers those layers only: drop these keys from params, "
+                              "select their layers, or pass others='diagonal' (their exact "
+                              "empirical-Fisher diagonal as their block)."))
     no_weight = [n for n in lin if _keys(n)[0] not in params]
     if no_weight:
         raise ValueError(_msg(func, "params", "the weight of every selected layer",
                               f"no weight for {no_weight}",
                               "Add '<layer>.weight' to params or deselect the layer."))
-    return lin, tuple(params)
+    return lin, tuple(params), {}
+
+
+def _why_outside(module: nn.Module, key: str, params, specs, layers, unpooled) -> str:
+    """Why the param ``key`` is no Kronecker layer's: the reason the warning names."""
+    if key in unpooled:
+        return unpooled[key]
+    holder = key.rpartition(".")[0]
+    if holder in specs:
+        if specs[holder].weight not in params:
+            return f"the bias of {holder!r}, whose weight is not in params"
+        return f"its layer {holder!r} is not among the selected layers"
+    kind = type(dict(module.named_modules()).get(holder)).__name__
+    if kind == "Embedding":
+        return "an nn.Embedding weight (Kronecker layers: Linear, Conv1D, Conv2d)"
+    return f"a parameter of a {kind}, not of an nn.Linear, Conv1D or Conv2d"
 
 
 def _group_of(module: nn.Module, name: str) -> tuple[str, ...] | None:
@@ -135,6 +181,16 @@ def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
 
 def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=None, *,
                 tied: bool = False):
+    """Validate a factor pass's arguments: ``(state, layers, param names, batches, tapped,
+    chunk_size)``; a param outside the selected layers is refused."""
+    return _check_call_parts(func, module, loss_fn, params, data, layers, chunk_size, tapped,
+                             tied=tied)[0]
+
+
+def _check_call_parts(func, module, loss_fn, params, data, layers, chunk_size, tapped=None, *,
+                      tied: bool = False, others: str = "error"):
+    """:func:`_check_call` and ``{key: why}`` of the params outside the Kronecker layers
+    (``others="diagonal"``, see :func:`_select_parts`)."""
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
     if not callable(loss_fn):
@@ -142,7 +198,8 @@ def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=
                              type(loss_fn).__name__))
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     state = module_state(func, module, params)
-    names, param_names = _select(func, module, params, layers, tied=tied)
+    names, param_names, rest = _select_parts(func, module, params, layers, tied=tied,
+                                             others=others)
     batches = iter_batches(func, "data", data)
     members = _capture_layers(module, names) if tied else names
     if tapped is None:
@@ -155,7 +212,7 @@ def _check_call(func, module, loss_fn, params, data, layers, chunk_size, tapped=
         raise ValueError(_msg(func, "tapped", f"tap_layers(module, {members}) of this module",
                               got, "Pass the tapped function from a call on the same module "
                               "and layers, or None."))
-    return state, names, param_names, batches, tapped, chunk_size
+    return (state, names, param_names, batches, tapped, chunk_size), rest
 
 
 def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = None):
@@ -164,10 +221,15 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     Pass it as ``tapped=`` to repeated :func:`kfac_factors` / :func:`ekfac_factors` calls on
     the same module (see :func:`dattri_fn.transforms.capture.tap`). A weight tied between an
     Embedding and a Linear (GPT-2's ``wte`` = ``lm_head``) is captured as both members
-    (``tied=True``, ``tapped.tied``), pooled by :mod:`.kfac_tied`.
+    (``tied=True``, ``tapped.tied``), pooled by :mod:`.kfac_tied`. Params outside the
+    Kronecker layers are not captured (their block is diagonal, :mod:`.kfac_diag`);
+    ``layers=[]``: no layer at all (a state whose params are all in that block).
     """
     func = "kfac_tap"
     if not isinstance(module, nn.Module):
         raise TypeError(_msg(func, "module", "an nn.Module", type(module).__name__))
-    names = _select(func, module, check_params(func, "params", params), layers, tied=True)[0]
+    params = check_params(func, "params", params)
+    if isinstance(layers, (list, tuple)) and not layers:  # every param in the diagonal block
+        return capture.tap(module, [], tied=True)
+    names = _select_parts(func, module, params, layers, tied=True, others="diagonal")[0]
     return capture.tap(module, _capture_layers(module, names), tied=True)

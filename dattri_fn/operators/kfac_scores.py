@@ -67,7 +67,7 @@ def low_rank_blocks(blocks: dict[str, Tensor], rank: int) -> dict[str, Tensor | 
     rank = check_int("low_rank_blocks", "rank", rank)
     out = {}
     for layer, M in blocks.items():
-        if min(M.shape[-2:]) <= rank:
+        if M.ndim == 2 or min(M.shape[-2:]) <= rank:  # [n, p]: a diagonal group, kept whole
             out[layer] = M
             continue
         U, S, Vh = torch.linalg.svd(M.to(_compute_dtype(M)), full_matrices=False)
@@ -86,8 +86,13 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor 
     the influence ``g_i^T (F + damping I)^-1 g_j``. No ``[B, P]`` matrix is formed: at most one
     layer's ``[b, out, in]`` gradient blocks, ``b`` rows at a time (about 2^16 entries).
 
+    A diagonal group of the inverse (:mod:`.kfac_diag`, ``blocks[group]`` ``[n, p]``) is scored
+    from the training examples' gradients of its keys, ``io[group]`` ``[B, p]``: ``s = rows
+    M^T``.
+
     Args:
-        io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``.
+        io: ``{layer: (a, g)}``, ``a`` ``[B, (T,) in]``, ``g`` ``[B, (T,) out]``; ``{group:
+            [B, p]}`` per-example gradients for a diagonal group.
         blocks: ``{layer: [n, out, in(+1)]}``; one column more than ``a`` means the layer's
             bias is scored too (``a`` is augmented with ones). A pair ``(L [n, out, r],
             R [n, r, in(+1)])`` (from :func:`low_rank_blocks`) stands for ``M_j = L_j R_j``,
@@ -98,6 +103,9 @@ def layer_scores(io: dict[str, tuple[Tensor, Tensor]], blocks: dict[str, Tensor 
     """
     out = {}
     for layer, M in blocks.items():
+        if isinstance(M, Tensor) and M.ndim == 2:  # a diagonal group: rows of gradients
+            out[layer] = (_as(io[layer], dtype) @ _as(M, dtype).T).to(M.dtype)
+            continue
         a, g = io[layer]
         if isinstance(M, tuple):
             L, R = M
@@ -121,11 +129,18 @@ def layer_self_scores(op: LinOp, io: dict[str, tuple[Tensor, Tensor]], *,
 
     In the eigenbasis: ``sum((Q_G^T DW_il Q_A)^2 / (Lambda_l + damping))``, with ``op`` an
     inverse from :func:`ihvp_kfac` / :func:`ihvp_ekfac` (its ``eigen``); ``layers``: those of
-    ``io`` to score (None: every layer of ``op``).
+    ``io`` to score (None: every part of ``op``). A diagonal group (``op.diagonal``,
+    :mod:`.kfac_diag`) takes ``io[group]`` = the ``[B, p]`` gradients of its keys and scores
+    ``sum(g_i^2 / (D + damping))``.
     """
     QA, QG, scale = op.eigen
+    diagonal = getattr(op, "diagonal", {})
     out = {}
-    for layer in (QA if layers is None else layers):
+    for layer in (op.parts if layers is None else layers):
+        if layer in diagonal:
+            rows = io[layer]
+            out[layer] = (rows * rows * diagonal[layer][1].to(rows.dtype)).sum(1)
+            continue
         a, g = io[layer]
         qa, qg, sc = QA[layer].to(a.dtype), QG[layer].to(a.dtype), scale[layer].to(a.dtype)
         a, g = _tokens(a, g, qa.shape[0] == a.shape[-1] + 1)

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from .._checks import _msg, batch_size, check_optional_int, regroup
 from ..transforms.layers import _stream_layer_io
+from .kfac_diag import diagonal_sums, warn_outside
 from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
-from .kfac_layers import _check_call, _keys
+from .kfac_layers import _check_call_parts, _keys
 from .kfac_tied import tied_steps
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors"]
@@ -27,6 +28,8 @@ class KFACFactors(NamedTuple):
         param_names: the selected params' names in ravel order (defines the operator's layout).
         num_examples: ``N``, the examples the factors average over (int64 scalar tensor).
         transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
+        diagonal: ``{key: [*shape]}`` the Fisher diagonal ``E[g^2]`` of each param outside the
+            Kronecker layers (:mod:`.kfac_diag`); empty when every param is a layer's.
     """
 
     A: dict[str, Tensor]
@@ -34,6 +37,7 @@ class KFACFactors(NamedTuple):
     param_names: tuple[str, ...]
     num_examples: Tensor
     transposed: tuple[str, ...] = ()
+    diagonal: dict[str, Tensor] = {}  # noqa: RUF012 (never mutated: states are values)
 
 
 class EKFACFactors(NamedTuple):
@@ -47,6 +51,8 @@ class EKFACFactors(NamedTuple):
         param_names: the selected params' names in ravel order.
         num_examples: ``N`` (int64 scalar tensor).
         transposed: layers whose weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
+        diagonal: ``{key: [*shape]}`` as :class:`KFACFactors`' (EK-FAC's rule in the identity
+            basis).
     """
 
     QA: dict[str, Tensor]
@@ -55,6 +61,7 @@ class EKFACFactors(NamedTuple):
     param_names: tuple[str, ...]
     num_examples: Tensor
     transposed: tuple[str, ...] = ()
+    diagonal: dict[str, Tensor] = {}  # noqa: RUF012 (never mutated: states are values)
 
 
 _LAMBDA_ENTRIES = 2**16  # entries of one chunk of rotated gradient blocks in the Lambda pass
@@ -158,7 +165,7 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                  batch_rows: int | None = None,
                  fisher: str = "empirical", seed: int = 0,
                  sampler: Callable | None = None, reduce: Callable | None = None,
-                 dtype: torch.dtype | None = None) -> KFACFactors:
+                 dtype: torch.dtype | None = None, others: str | None = None) -> KFACFactors:
     """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
 
     One pass over ``data``, accumulating running sums batch by batch (activations are never
@@ -203,34 +210,48 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         dtype: store the factors in this dtype (e.g. ``torch.bfloat16``: half the memory, the
             statistics still accumulated in the model's dtype); the inverses compute in their
             operand's dtype. None: the model's dtype.
+        others: the params outside the selected Kronecker layers (LayerNorms, a positional
+            ``nn.Embedding``, a bias without its layer's weight, a tied weight that cannot be
+            pooled): ``None`` (default) gives them their exact Fisher diagonal ``E[g^2]`` as a
+            block of its own (:mod:`.kfac_diag`, one more pass over ``data``) after ONE warning
+            naming each key and why it is outside; ``"diagonal"`` does the same without the
+            warning; ``"error"`` refuses them (the behaviour before stop 20).
 
     Returns:
         :class:`KFACFactors`.
 
     Raises:
-        TypeError, ValueError: bad module, loss_fn, layer names, data or chunk_size; params
-            with keys that are not module parameters, or not weights/biases of the selected
-            layers (the keys are named); a tied weight that cannot be pooled (its uses are not
-            one Embedding and one Linear, or the Linear's bias is in params), or
-            ``fisher="expected"`` with a tied weight.
+        TypeError, ValueError: bad module, loss_fn, layer names, data, chunk_size or
+            others; params with keys that are not module parameters; with ``others="error"``,
+            keys that are not weights/biases of the selected layers or a tied weight that
+            cannot be pooled (the keys are named); ``fisher="expected"`` with a tied weight or
+            with params outside the Kronecker layers.
 
     References:
         Martens & Grosse 2015, arXiv:1503.05671; Grosse et al. 2023, arXiv:2308.03296.
     """
     kf, _ = _checked_kfac_pass("kfac_factors", module, loss_fn, params, data, layers, chunk_size,
-                               tapped, batch_rows, fisher, seed, sampler, reduce, dtype)
+                               tapped, batch_rows, fisher, seed, sampler, reduce, dtype, others)
     if dtype is None:
         return kf
     return kf._replace(A={k: v.to(dtype) for k, v in kf.A.items()},
-                       G={k: v.to(dtype) for k, v in kf.G.items()})
+                       G={k: v.to(dtype) for k, v in kf.G.items()},
+                       diagonal={k: v.to(dtype) for k, v in kf.diagonal.items()})
+
+
+_OTHERS = (None, "diagonal", "error")
 
 
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
-                       batch_rows, fisher, seed, sampler, reduce, dtype):
-    """Validate the factor builders' arguments and run the K-FAC pass: ``(KFACFactors, (state,
-    names, pnames, batches, tapped, chunk_size, losses))``, the latter for a second pass."""
-    state, names, pnames, batches, tapped, chunk_size = _check_call(
-        func, module, loss_fn, params, data, layers, chunk_size, tapped, tied=True)
+                       batch_rows, fisher, seed, sampler, reduce, dtype, others=None):
+    """Validate the factor builders' arguments and run the K-FAC pass (and the diagonal pass of
+    the params outside the Kronecker layers): ``(KFACFactors, (state, names, pnames, batches,
+    tapped, chunk_size, losses))``, the latter for a second pass."""
+    if others not in _OTHERS:
+        raise ValueError(_msg(func, "others", "None, 'diagonal' or 'error'", repr(others)))
+    (state, names, pnames, batches, tapped, chunk_size), rest = _check_call_parts(
+        func, module, loss_fn, params, data, layers, chunk_size, tapped, tied=True,
+        others="error" if others == "error" else "diagonal")
     check_optional_int(func, "batch_rows", batch_rows)
     _check_reduce(func, reduce)
     _check_dtype(func, dtype)
@@ -241,8 +262,24 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
                               "per output direction)", f"'expected' with tied layers "
                               f"{[list(t) for t in tapped.tied]}", "Use fisher='true', or "
                               "leave the tied weight out of params."))
-    kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                    batch_rows, reduce)
+    if rest and fisher == "expected":
+        diagonal_sums(func, module, losses(), state, list(rest), (), chunk_size)  # refuses
+    if rest and others is None:
+        warn_outside(func, rest)
+    if names:
+        kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
+                        batch_rows, reduce)
+    else:  # every param outside Kronecker layers: the diagonal is the whole operator
+        kf = KFACFactors({}, {}, pnames, torch.tensor(0, dtype=torch.int64), ())
+    if rest:
+        sums, n = diagonal_sums(func, module, losses(), state, list(rest), batches, chunk_size,
+                                batch_rows)
+        sums, n = _reduced(func, reduce, {f"D:{k}": v for k, v in sums.items()}, n)
+        if names and n != int(kf.num_examples):
+            raise ValueError(_msg(func, "data", f"the same {int(kf.num_examples)} examples on "
+                                  "every pass", f"{n} on the diagonal pass"))
+        kf = kf._replace(diagonal={k: sums[f"D:{k}"] / n for k in rest},
+                         num_examples=torch.tensor(n, dtype=torch.int64))
     return kf, (state, names, pnames, batches, tapped, chunk_size, losses)
 
 
@@ -252,7 +289,7 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                   batch_rows: int | None = None,
                   fisher: str = "empirical", seed: int = 0,
                   sampler: Callable | None = None, reduce: Callable | None = None,
-                  dtype: torch.dtype | None = None) -> EKFACFactors:
+                  dtype: torch.dtype | None = None, others: str | None = None) -> EKFACFactors:
     """Return EK-FAC bases ``Q_A, Q_G`` and ``Lambda = E[(Q_G^T DW_n Q_A)^2]`` per Linear layer.
 
     Two passes over ``data``: the K-FAC factors (then ``eigh``), and the corrected eigenvalues
@@ -262,7 +299,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     Args:
         module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher, seed,
-            sampler, dtype: as :func:`kfac_factors`.
+            sampler, dtype, others: as :func:`kfac_factors` (the params outside the Kronecker
+            layers take the same diagonal block, EK-FAC's rule in the identity basis).
         reduce: as :func:`kfac_factors`, called twice: after the K-FAC pass (so every process
             takes the eigenbases of the same global factors) and after the ``Lambda`` pass.
 
@@ -278,7 +316,10 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     func = "ekfac_factors"
     kf, (state, names, pnames, batches, tapped, chunk_size, losses) = _checked_kfac_pass(
         func, module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher,
-        seed, sampler, reduce, dtype)
+        seed, sampler, reduce, dtype, others)
+    diag = kf.diagonal if dtype is None else {k: v.to(dtype) for k, v in kf.diagonal.items()}
+    if not names:
+        return EKFACFactors({}, {}, {}, pnames, kf.num_examples, (), diag)
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
     bias = {n: _keys(n)[1] in pnames for n in names}
@@ -308,4 +349,5 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     Lambda = {k: sums[f"L:{k}"] / n for k in names}
     if dtype is not None:
         QA, QG, Lambda = ({k: v.to(dtype) for k, v in d.items()} for d in (QA, QG, Lambda))
-    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed)
+    return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed,
+                        diag)

@@ -1,0 +1,137 @@
+"""K-FAC/EK-FAC's block for the params outside every Kronecker layer: the exact Fisher diagonal.
+
+A param that no selected ``nn.Linear``, ``Conv1D`` or ``Conv2d`` owns (a LayerNorm's scale and
+shift, GPT-2's positional ``wpe``, a tied weight that cannot be pooled, a bias whose layer's
+weight is not attributed) has no Kronecker structure to factor. Its block of the Fisher is
+approximated by the diagonal, taken exactly from per-example gradients ``g_n`` of those params:
+
+    D = (1/N) sum_n g_n^2          (elementwise; the empirical, or with ``fisher="true"`` the
+                                    sampled-target, Fisher's diagonal)
+    (D + damping)^-1               (its damped inverse, elementwise)
+
+This is EK-FAC's own rule in the identity basis (``Lambda = E[(Q^T g)^2]`` with ``Q = I``), so
+the same block serves K-FAC and EK-FAC; the whole operator stays block-diagonal: the Kronecker
+layers' blocks, then one diagonal block per module holding such params (its "group", named
+after the module). Self-influence of example ``i`` adds ``sum g_i^2 / (D + damping)``.
+
+An ``nn.Embedding`` that is not tied (``wpe``) takes this block too. As a Kronecker layer in the
+Linear layout (``DW = sum_s e_{id_s} u_s^T``) its vocabulary-side factor is ``diag(counts)``,
+stored dense at ``[V, V]`` by the K-FAC state (2.5e9 entries for a 50257-token vocabulary);
+the diagonal costs the parameter count, and an exact diagonal has no Kronecker error.
+
+Per-example gradients come from ``vmap(grad)`` of the one-example loss with only these params
+differentiated (the others are constants); a model vmap cannot run (data-dependent control
+flow) is looped over, one backward pass per example, after one warning. The pass reads the
+data once more, chunk by chunk as the factor passes do, so ``fisher="true"`` draws the same
+targets as they do (same generator, same outputs, same order).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from .._checks import _msg, batch_size, regroup
+from ..transforms.layers import _chunks, tree_unsqueeze
+from .kfac_fisher import _ExpectedLoss, _SampledLoss
+
+__all__ = ["diagonal_groups", "diagonal_rows", "diagonal_sums", "warn_outside"]
+
+
+def diagonal_groups(keys, taken=()) -> dict[str, tuple[str, ...]]:
+    """``{group: keys}``: the keys grouped by the module holding them (a group is named after
+    it, or after the key where that name is a Kronecker layer's in ``taken`` or empty)."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        holder = k.rpartition(".")[0]
+        out.setdefault(holder if holder and holder not in taken else k, []).append(k)
+    return {g: tuple(ks) for g, ks in out.items()}
+
+
+def warn_outside(func: str, why: dict[str, str]) -> None:
+    """The one warning of a factor pass whose params include keys outside its Kronecker layers."""
+    listed = "; ".join(f"{k!r}: {w}" for k, w in why.items())
+    warnings.warn(f"{func}(params=...): {len(why)} params are outside the Kronecker-factored "
+                  f"layers ({listed}); their block is their exact Fisher diagonal E[g^2] from "
+                  "per-example gradients (one more pass over the data), combined "
+                  "block-diagonally with the Kronecker blocks. Pass others='diagonal' to "
+                  "accept this without the warning, or others='error' to refuse these params.",
+                  stacklevel=4)
+
+
+def _example_loss(module: nn.Module, loss_fn, state):
+    """``(r, args, kwargs, target) -> loss`` of ONE example (a batch of one) at ``state | r``."""
+    def one(r, args, kwargs, target):
+        out = functional_call(module, {**state, **r}, tree_unsqueeze(args),
+                              tree_unsqueeze(kwargs))
+        return loss_fn(out) if target is None else loss_fn(out, tree_unsqueeze(target))
+
+    return one
+
+
+def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
+                  func: str = "ekfac_factors") -> dict[str, Tensor]:
+    """Per-example gradients of ``keys`` on one chunk of examples.  # {key: [B, *shape]}
+
+    ``loss_fn``: the factor pass's loss (the observed targets, or a ``_SampledLoss`` whose
+    targets are drawn here from the chunk's batched output, as its statistics pass draws them).
+    """
+    if isinstance(loss_fn, _SampledLoss):
+        with torch.no_grad():
+            out = functional_call(module, state, args, kwargs)
+        detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+        target = loss_fn.sampler(detached, target, loss_fn.generator)
+        loss_fn = loss_fn.loss_fn
+    r = {k: state[k] for k in keys}
+    one = _example_loss(module, loss_fn, state)
+    try:
+        return vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
+            r, args, kwargs, target)
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+        warnings.warn(f"{func}(params=...): vmap cannot run this model ({str(err)[:160]}); the "
+                      "per-example gradients of the params outside the Kronecker layers are "
+                      "taken by one backward pass per example.", stacklevel=4)
+    B = batch_size(func, "data", (*args, *kwargs.values()))
+    rows = []
+    for i in range(B):
+        pick = lambda t, i=i: t[i] if isinstance(t, Tensor) else t  # noqa: E731
+        live = {k: v.detach().requires_grad_(True) for k, v in r.items()}
+        with torch.enable_grad():
+            value = one(live, tree_map(pick, args), tree_map(pick, kwargs),
+                        None if target is None else tree_map(pick, target))
+            rows.append(torch.autograd.grad(value, list(live.values()), allow_unused=True,
+                                            materialize_grads=True))
+    return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(r)}
+
+
+def diagonal_sums(func: str, module: nn.Module, loss_fn, state, keys, batches, chunk_size,
+                  batch_rows=None) -> tuple[dict[str, Tensor], int]:
+    """``({key: sum_n g_n^2}, N)`` over one pass of the data (the chunks of the factor passes).
+
+    ``loss_fn``: the pass's loss from ``fisher_losses`` (a fresh one: a sampled loss's
+    generator then starts where the factor passes' did).
+    """
+    if isinstance(loss_fn, _ExpectedLoss):
+        raise ValueError(_msg(func, "fisher", "'empirical' or 'true' with params outside the "
+                              "Kronecker layers (their diagonal block takes per-example "
+                              "gradients)", f"'expected' with {list(keys)}",
+                              "Use fisher='true', leave those params out, or pass "
+                              "others='error' to find them."))
+    sums: dict[str, Tensor] = {}
+    n = 0
+    for batch in regroup(batches, batch_rows, func):
+        n += batch_size(func, "data", batch)
+        for args, kwargs, target in _chunks(batch, chunk_size):
+            rows = diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func)
+            for k, g in rows.items():
+                sq = g.detach().square().sum(0)
+                sums[k] = sq if k not in sums else sums[k] + sq
+    if n == 0:
+        raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
+    return sums, n

@@ -1,0 +1,252 @@
+"""K-FAC/EK-FAC with params outside every Kronecker layer (issues 14/16): LayerNorms, a
+positional Embedding, a bias without its weight take their exact Fisher diagonal as a block of
+their own, combined block-diagonally with the Kronecker blocks, after ONE warning naming them.
+References are float64 brute force built without the capture engine."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn.attribute import influence
+from dattri_fn.model import functional_model
+from dattri_fn.operators.kfac import (
+    ekfac_factors,
+    ihvp_ekfac,
+    ihvp_kfac,
+    kfac_factors,
+    kfac_operator,
+    kfac_tap,
+)
+
+DT = torch.float64
+V, D, T, C = 7, 4, 5, 7
+
+
+def _rows(out, labels):
+    """Per-sequence sum of token cross-entropies, -100 ignored.  # [B, T, V], [B, T] -> [B]"""
+    keep = labels >= 0
+    lp = out.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return -(lp * keep).sum(1)
+
+
+def lm_loss(out, labels):
+    return _rows(out, labels).sum()
+
+
+lm_loss.per_example = _rows
+
+
+class PosLM(nn.Module):
+    """tok + pos embeddings -> LayerNorm -> tanh(fc) -> head; pos read by position ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.ln, self.fc, self.head = nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, C)
+
+    def forward(self, idx):
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.head(torch.tanh(self.fc(self.ln(h))))
+
+
+def _problem(seed: int, n: int = 8):
+    """A float64 PosLM with O(1) weights, ids and labels [n, T] (a few labels ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    model = PosLM().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    ids = torch.randint(0, V, (n, T), generator=g)
+    labels = torch.randint(0, C, (n, T), generator=g)
+    labels[1, 3:] = -100
+    return model, ids, labels
+
+
+def _grads(model, params, ids, labels) -> torch.Tensor:
+    """Raveled per-example gradients by vmap(grad) of functional_call.  # -> [n, P]"""
+    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in params}
+
+    def one(p, x, y):
+        return _rows(torch.func.functional_call(model, {**fixed, **p}, (x[None],)), y[None]).sum()
+
+    g = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, ids, labels)
+    return torch.cat([g[k].flatten(1) for k in params], 1)
+
+
+def _offsets(params) -> dict:
+    out, at = {}, 0
+    for k, v in params.items():
+        out[k] = at
+        at += v.numel()
+    return out
+
+
+def _dense(factors, params, damping: float | None) -> torch.Tensor:
+    """The block-diagonal matrix from the factors' own blocks, each built densely: per layer
+    K = kron(Q_G, Q_A) diag(s) kron(Q_G, Q_A)^T over row-major [out, in(+1)] (s = 1/(Lambda +
+    damping), or Lambda itself for damping=None; K-FAC: inv(G (x) A + damping I) / G (x) A),
+    placed at the weight's and bias's raveled indices; each diagonal key 1/(D + damping) (or D)."""
+    off = _offsets(params)
+    P = sum(v.numel() for v in params.values())
+    M = torch.zeros(P, P, dtype=DT)
+    layers = factors.A if hasattr(factors, "A") else factors.QA
+    for layer in layers:
+        wk, bk = f"{layer}.weight", f"{layer}.bias"
+        out, inp = params[wk].shape
+        bias = bk in params
+        if hasattr(factors, "A"):
+            K = torch.kron(factors.G[layer], factors.A[layer])
+            if damping is not None:
+                K = torch.linalg.inv(K + damping * torch.eye(len(K), dtype=DT))
+        else:
+            Q = torch.kron(factors.QG[layer], factors.QA[layer])
+            lam = factors.Lambda[layer].reshape(-1)
+            K = Q @ torch.diag(lam if damping is None else 1 / (lam + damping)) @ Q.T
+        idx = [off[wk] + o * inp + i if i < inp else off[bk] + o
+               for o in range(out) for i in range(inp + bias)]
+        idx = torch.tensor(idx)
+        M[idx[:, None], idx[None]] = K
+    for k, d in factors.diagonal.items():
+        sl = torch.arange(off[k], off[k] + d.numel())
+        M[sl, sl] = d.reshape(-1) if damping is None else 1 / (d.reshape(-1) + damping)
+    return M
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fit, inverse", [(kfac_factors, ihvp_kfac), (ekfac_factors, ihvp_ekfac)])
+def test_diagonal_block_is_the_fisher_diagonal_and_the_inverse_is_block_diagonal(fit, inverse):
+    """Default params (tok, pos, LayerNorm outside the Kronecker layers): D = mean_n g_n^2 of
+    those keys, and the inverse / the operator equal blockdiag(Kronecker blocks, diag(1/(D +
+    damping))) / blockdiag(blocks, diag(D)) built densely from the same factors (1e-10)."""
+    model, ids, labels = _problem(0)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = _quiet(fit, model, lm_loss, params, (ids, labels), chunk_size=3)
+    assert list(f.diagonal) == ["tok.weight", "pos.weight", "ln.weight", "ln.bias"]
+    G = _grads(model, params, ids, labels)
+    off = _offsets(params)
+    for k, d in f.diagonal.items():
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
+    ref = _dense(f, params, 0.1)
+    torch.testing.assert_close(inverse(f, damping=0.1).dense(), ref, rtol=0,
+                               atol=1e-10 * float(ref.abs().max()))
+    fwd = _dense(f, params, None)
+    torch.testing.assert_close(kfac_operator(f).dense(), fwd, rtol=0,
+                               atol=1e-10 * float(fwd.abs().max()))
+
+
+def test_one_warning_names_the_keys_and_others_selects_the_behaviour():
+    """Default: exactly one warning, naming every key outside the Kronecker layers and why;
+    others='diagonal': the same factors, no warning; others='error': refused, naming them; the
+    Kronecker layers' factors equal those of the params without these keys (bit for bit)."""
+    model, ids, labels = _problem(1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f = ekfac_factors(model, lm_loss, params, (ids, labels))
+    assert len(got) == 1
+    text = str(got[0].message)
+    for key in ("'tok.weight'", "'pos.weight'", "'ln.weight'", "'ln.bias'", "nn.Embedding",
+                "LayerNorm", "others='error'"):
+        assert key in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = ekfac_factors(model, lm_loss, params, (ids, labels), others="diagonal")
+    assert all(torch.equal(f.diagonal[k], g.diagonal[k]) for k in f.diagonal)
+    with pytest.raises(ValueError, match=r"ekfac_factors\(params=...\): expected only weights/"
+                                         r"biases.*other keys \['tok.weight', 'pos.weight', "
+                                         r"'ln.weight', 'ln.bias'\].*others='diagonal'"):
+        ekfac_factors(model, lm_loss, params, (ids, labels), others="error")
+    kron = {k: v for k, v in params.items() if k not in f.diagonal}
+    h = ekfac_factors(model, lm_loss, kron, (ids, labels))
+    assert h.diagonal == {} and list(h.QA) == list(f.QA) == ["fc", "head"]
+    for field in ("QA", "QG", "Lambda"):
+        assert all(torch.equal(getattr(f, field)[k], getattr(h, field)[k]) for k in h.QA)
+
+
+@pytest.mark.parametrize("solver, l2", [("ekfac", 0.0), ("kfac", 0.0), ("ekfac", 0.05)])
+def test_influence_scores_equal_the_dense_block_diagonal_reference(solver, l2):
+    """influence(fm, solver) with default params: score = (g_i + 2 l2 p)^T M g_j (damping + 2 l2
+    in M, as for every Gauss-Newton solver), self_score =
+    diag, per_layer parts (Kronecker layers and diagonal groups) summing to the score, with M
+    the dense block-diagonal inverse of the state's factors and g by vmap(grad) (1e-10)."""
+    model, ids, labels = _problem(2)
+    fm = functional_model(model, lm_loss)
+    train, test = (ids, labels), (ids[:3], labels[:3])
+    m = influence(fm, solver=solver, damping=0.1, l2=l2, chunk_size=3)
+    state = _quiet(m.prepare, fm.params, train)
+    S = _quiet(m.score, fm.params, state, train, test)
+    M = _dense(state.factors, fm.params, 0.1 + 2 * l2)  # the Gauss-Newton's l2: 2 l2 I
+    G = _grads(model, fm.params, ids, labels)
+    p = torch.cat([v.reshape(-1) for v in fm.params.values()])
+    ref = (G + 2 * l2 * p) @ M @ G[:3].T
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    if l2 == 0:
+        self_ref = ((G @ M) * G).sum(1)
+        torch.testing.assert_close(_quiet(m.self_score, fm.params, state, train), self_ref,
+                                   rtol=1e-10, atol=0)
+        per = influence(fm, solver=solver, damping=0.1, per_layer=True)
+        parts = _quiet(per.score, fm.params, state, train, test)
+        assert list(parts) == ["fc", "head", "tok", "pos", "ln"]
+        torch.testing.assert_close(sum(parts.values()), ref, rtol=0,
+                                   atol=1e-10 * float(ref.abs().max()))
+
+
+def test_true_fisher_diagonal_uses_the_factor_passes_draws():
+    """fisher='true': D = mean_n g_n(y~_n)^2 with y~ the targets the sampler draws from the
+    model's output, the same draws as the Lambda pass (1e-10)."""
+    model, ids, labels = _problem(3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def draw(out, target, gen):
+        y = torch.multinomial(out.softmax(-1).reshape(-1, C), 1, generator=gen).reshape(target.shape)
+        return y.masked_fill(target < 0, -100)
+
+    f = ekfac_factors(model, lm_loss, params, (ids, labels), fisher="true", seed=4, sampler=draw,
+                      others="diagonal")
+    with torch.no_grad():
+        drawn = draw(model(ids), labels, torch.Generator().manual_seed(4))
+    G = _grads(model, params, ids, drawn)
+    off = _offsets(params)
+    for k, d in f.diagonal.items():
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_expected_fisher_with_diagonal_keys_is_refused():
+    """fisher='expected' with params outside the Kronecker layers is refused, naming them."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    with pytest.raises(ValueError, match=r"kfac_factors\(fisher=...\): expected 'empirical' or "
+                                         r"'true' with params outside.*\['1.weight', '1.bias'\]"):
+        kfac_factors(net, F.cross_entropy, params, (x, y), fisher="expected", others="diagonal")
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")  # the test side: pos read at [T] positions
+def test_every_param_outside_kronecker_layers_is_the_diagonal_fisher():
+    """params = the LayerNorm and the positional embedding only: the inverse is diag(1/(D +
+    damping)) and influence scores equal g_i^T diag(1/(D + damping)) g_j (1e-10)."""
+    model, ids, labels = _problem(4)
+    keys = ["pos.weight", "ln.weight", "ln.bias"]
+    fm = functional_model(model, lm_loss, params=lambda n: n in keys)
+    f = ekfac_factors(model, lm_loss, fm.params, (ids, labels), others="diagonal")
+    assert f.QA == {} and list(f.diagonal) == keys
+    G = _grads(model, fm.params, ids, labels)
+    d = G.square().mean(0)
+    torch.testing.assert_close(ihvp_ekfac(f, damping=0.1).dense(), torch.diag(1 / (d + 0.1)),
+                               rtol=1e-10, atol=0)
+    m = influence(fm, solver="ekfac", damping=0.1, others="diagonal")
+    state = m.prepare(fm.params, (ids, labels))
+    ref = G / (d + 0.1) @ G[:2].T
+    torch.testing.assert_close(m.score(fm.params, state, (ids, labels), (ids[:2], labels[:2])),
+                               ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    assert kfac_tap(model, fm.params).layers == []
