@@ -77,12 +77,27 @@ class LoGraState(NamedTuple):
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
 
 
-def _projection(rows: int, k: int | None, seed: int, like: Tensor) -> Tensor | None:
-    """Gaussian ``[rows, k]`` with entries N(0, 1/k): ``E[P P^T] = I``; None keeps all rows."""
+def _projection(rows: int, k: int | None, seed: int) -> Tensor | None:
+    """Gaussian ``[rows, k]`` float64 with entries N(0, 1/k): ``E[P P^T] = I``; None keeps all
+    rows."""
     if k is None or k >= rows:
         return None
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, k, generator=g, dtype=torch.float64) / k ** 0.5).to(like)
+    return torch.randn(rows, k, generator=g, dtype=torch.float64) / k ** 0.5
+
+
+def _projections(widths: dict, k_in: int | None, k_out: int | None, seed: int) -> dict:
+    """``{layer: (P_in, P_out)}`` for layers of ``{layer: (in', out)}`` widths, in order: layer
+    ``i``'s sides are drawn from seeds ``7919 seed + 2i`` and ``7919 seed + 2i + 1``."""
+    return {ln: (_projection(wa, k_in, seed * 7919 + 2 * i),
+                 _projection(wg, k_out, seed * 7919 + 2 * i + 1))
+            for i, (ln, (wa, wg)) in enumerate(widths.items())}
+
+
+def _cast(projections: dict, like: Tensor) -> dict:
+    """The float64 projections in ``like``'s dtype and device."""
+    return {ln: tuple(None if P is None else P.to(like) for P in pair)
+            for ln, pair in projections.items()}
 
 
 def _eigvecs(factors: dict) -> dict:
@@ -160,8 +175,13 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         warnings.warn(f"logra: attributing through the layers {list(specs)} only; these "
                       f"parameters are left out: {left}.", RuntimeWarning, stacklevel=2)
     unpack = model.unpack or default_unpack
-    # (widths, dtype, device) -> projections: a pure function of those and the seed
-    projection_cache: dict = {}
+    # Every layer's projections, drawn once here from the seed and the weights' widths (an
+    # explicit value: prepare casts them, or draws a narrowed layer set's own)
+    all_widths = {n: (model.params[s.weight].numel() // s.out_features + (s.bias in model.params),
+                      s.out_features) for n, s in specs.items()}
+    drawn = _projections(all_widths, k_in, k_out, seed)
+    like0 = model.params[next(iter(specs.values())).weight]
+    drawn_like = _cast(drawn, like0)
     taps: dict = {}  # layer tuple -> tapped forward (built once per layer set)
 
     def tapped_for(layers: tuple[str, ...]):
@@ -227,16 +247,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 for n, (a, g) in io.items()}
 
     def projections_for(io: dict, like: Tensor) -> dict:
-        """The layers' ``(P_in, P_out)``: fixed by the seed, the layer order and the widths,
-        so built once per widths, dtype and device."""
+        """The layers' ``(P_in, P_out)``: fixed by the seed, the layer order and the widths
+        (the ones drawn at construction when every layer is captured)."""
         full = widths(io)
-        key = (tuple(full.items()), like.dtype, like.device)
-        if key not in projection_cache:
-            projection_cache[key] = {
-                ln: (_projection(wa, k_in, seed * 7919 + 2 * i, like),
-                     _projection(wg, k_out, seed * 7919 + 2 * i + 1, like))
-                for i, (ln, (wa, wg)) in enumerate(full.items())}
-        return projection_cache[key]
+        if full != all_widths:  # a narrowed layer set: its own indices, so its own draws
+            return _cast(_projections(full, k_in, k_out, seed), like)
+        if like.dtype == like0.dtype and like.device == like0.device:
+            return drawn_like
+        return _cast(drawn, like)
 
     def projected(io: dict, projections: dict) -> dict:
         """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``: ``[a, 1] P_in`` and ``g P_out``."""
@@ -331,7 +349,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                     io = raw(st, layers, batch)
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
+            # the raw factors and the (merged) batch are dropped before the features exist
             io = projected(io, projections)
+            batch = None
             for ln, (a, g) in io.items():
                 T = a.shape[1]
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -360,7 +380,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
             # are one [k_out, n] x [n, k_in] product of the squared rotated factors
             ta, tg = a2 @ QA, g2 @ QG
-            sums[ln] = (tg * tg).mT @ (ta * ta)
+            sums[ln] = tg.mul_(tg).mT @ ta.mul_(ta)  # squared in place: no [n, k] copies
         rest = [ln for ln in layers if ln not in factors]
 
         def add_lambda(phi: Tensor) -> None:
