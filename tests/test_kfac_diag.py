@@ -250,3 +250,106 @@ def test_every_param_outside_kronecker_layers_is_the_diagonal_fisher():
     torch.testing.assert_close(m.score(fm.params, state, (ids, labels), (ids[:2], labels[:2])),
                                ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
     assert kfac_tap(model, fm.params).layers == []
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=6, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 20, (6, 5), generator=g)
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[2, 3:] = 0  # right padding, its labels ignored
+    return model, {"input_ids": ids, "attention_mask": mask,
+                   "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _autograd_rows(model, batch, keys, loss) -> torch.Tensor:
+    """Raveled per-example gradients of ``keys``, one stock autograd backward per sequence."""
+    own = dict(model.named_parameters())
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        model.zero_grad()
+        loss(model(input_ids=batch["input_ids"][i:i + 1],
+                   attention_mask=batch["attention_mask"][i:i + 1]),
+             batch["labels"][i:i + 1]).backward()
+        rows.append(torch.cat([own[k].grad.reshape(-1) for k in keys]))
+    return torch.stack(rows)
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")  # the raveled test side loops (sdpa, wpe)
+def test_stock_gpt2_with_default_params_runs_and_splits_into_its_blocks():
+    """Tiny stock GPT-2, EVERY parameter (wte = lm_head pooled, Conv1Ds, and wpe / LayerNorms
+    outside the Kronecker layers): influence(solver='ekfac') runs with one warning naming the
+    outside keys; the Kronecker factors equal the restricted-params run's (bit for bit); D is the
+    mean of per-example autograd g^2 (1e-10); and the scores are the restricted run's plus
+    g_i^T diag(1/(D + damping)) g_j of the outside keys (1e-9)."""
+    from dattri_fn.losses import causal_lm_loss
+
+    model, batch = _gpt2()
+    fm = functional_model(model, causal_lm_loss)
+    outside = ["transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+               "transformer.h.0.ln_1.bias", "transformer.h.0.ln_2.weight",
+               "transformer.h.0.ln_2.bias", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+    m = influence(fm, solver="ekfac", damping=0.1)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        state = m.prepare(fm.params, batch)
+        S = m.score(fm.params, state, batch, batch)
+    said = [str(w.message) for w in got if "params are outside the" in str(w.message)]
+    assert len(said) == 1 and all(repr(k) in said[0] for k in outside)
+    ef = state.factors
+    assert list(ef.diagonal) == outside
+    kron = functional_model(model, causal_lm_loss, params=lambda n: n not in outside)
+    mk = influence(kron, solver="ekfac", damping=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = mk.prepare(kron.params, batch)
+        Sk = mk.score(kron.params, sk, batch, batch)
+    for field in ("QA", "QG", "Lambda"):
+        ours, ref = getattr(ef, field), getattr(sk.factors, field)
+        assert list(ours) == list(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    G = _autograd_rows(model, batch, outside, causal_lm_loss)
+    d = torch.cat([ef.diagonal[k].reshape(-1) for k in outside])
+    torch.testing.assert_close(d, G.square().mean(0), rtol=1e-10, atol=1e-14)
+    ref = Sk + G / (d + 0.1) @ G.T
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_tied_head_with_its_bias_takes_the_diagonal_block():
+    """A weight tied between an Embedding and a biased Linear head cannot be pooled (the bias is
+    in params): by default the weight and the bias take the diagonal block (D = mean g^2, the
+    weight's gradient summing both uses) and the inverse equals the dense block-diagonal one."""
+    class TiedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, V)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.fc(self.emb(idx))))
+
+    g = torch.Generator().manual_seed(6)
+    model = TiedBias().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    ids = torch.randint(0, V, (6, T), generator=g)
+    labels = torch.randint(0, V, (6, T), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"a tied weight K-FAC cannot pool: the bias "
+                                         r"\['head.bias'\].*\['emb.weight'\]; the bias of "
+                                         r"'head', whose weight is not in params: "
+                                         r"\['head.bias'\]"):
+        f = ekfac_factors(model, lm_loss, params, (ids, labels))
+    assert list(f.diagonal) == ["emb.weight", "head.bias"] and list(f.QA) == ["fc"]
+    G = _grads(model, params, ids, labels)
+    off = _offsets(params)
+    for k, d in f.diagonal.items():
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
+    ref = _dense(f, params, 0.1)
+    torch.testing.assert_close(ihvp_ekfac(f, damping=0.1).dense(), ref, rtol=0,
+                               atol=1e-10 * float(ref.abs().max()))

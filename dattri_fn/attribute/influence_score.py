@@ -198,6 +198,7 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
     unpack = model.unpack or default_unpack
     n = batch_size(cfg.name, "train", batch)
     size = n if cfg.chunk_size is None else cfg.chunk_size
+    looped: list = []  # vmap's refusal of the model, once per batch (kfac_diag)
     for start in range(0, n, size):
         args, kwargs, target = unpack(batch_slice(batch, start, start + size))
         # a tied weight's members reach step as their one pooled layer (kfac_tied)
@@ -208,7 +209,7 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
         if diagonal:
             keys = [k for ks, _ in diagonal.values() for k in ks]
             rows = diagonal_rows(model.module, model.loss_fn, state, keys, args, kwargs, target,
-                                 func=cfg.name)
+                                 func=cfg.name, looped=looped)
             for group, (ks, _) in diagonal.items():
                 with torch.no_grad():
                     g = torch.cat([rows[k].detach().flatten(1) for k in ks], 1)

@@ -53,8 +53,12 @@ def diagonal_groups(keys, taken=()) -> dict[str, tuple[str, ...]]:
 
 
 def warn_outside(func: str, why: dict[str, str]) -> None:
-    """The one warning of a factor pass whose params include keys outside its Kronecker layers."""
-    listed = "; ".join(f"{k!r}: {w}" for k, w in why.items())
+    """The one warning of a factor pass whose params include keys outside its Kronecker layers
+    (``why``: key -> reason; the keys are listed under each reason)."""
+    by: dict[str, list[str]] = {}
+    for k, w in why.items():
+        by.setdefault(w, []).append(k)
+    listed = "; ".join(f"{w}: {ks}" for w, ks in by.items())
     warnings.warn(f"{func}(params=...): {len(why)} params are outside the Kronecker-factored "
                   f"layers ({listed}); their block is their exact Fisher diagonal E[g^2] from "
                   "per-example gradients (one more pass over the data), combined "
@@ -74,11 +78,13 @@ def _example_loss(module: nn.Module, loss_fn, state):
 
 
 def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
-                  func: str = "ekfac_factors") -> dict[str, Tensor]:
+                  func: str = "ekfac_factors", looped: list | None = None) -> dict[str, Tensor]:
     """Per-example gradients of ``keys`` on one chunk of examples.  # {key: [B, *shape]}
 
     ``loss_fn``: the factor pass's loss (the observed targets, or a ``_SampledLoss`` whose
     targets are drawn here from the chunk's batched output, as its statistics pass draws them).
+    ``looped``: a list one pass shares over its chunks; vmap's refusal of the model is recorded
+    in it, so that the pass warns once and loops without trying vmap again.
     """
     if isinstance(loss_fn, _SampledLoss):
         with torch.no_grad():
@@ -88,12 +94,15 @@ def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target,
         loss_fn = loss_fn.loss_fn
     r = {k: state[k] for k in keys}
     one = _example_loss(module, loss_fn, state)
+    looped = [] if looped is None else looped
     try:
-        return vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
-            r, args, kwargs, target)
+        if not looped:
+            return vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
+                r, args, kwargs, target)
     except RuntimeError as err:
         if "vmap" not in str(err):
             raise
+        looped.append(True)
         warnings.warn(f"{func}(params=...): vmap cannot run this model ({str(err)[:160]}); the "
                       "per-example gradients of the params outside the Kronecker layers are "
                       "taken by one backward pass per example.", stacklevel=4)
@@ -124,11 +133,12 @@ def diagonal_sums(func: str, module: nn.Module, loss_fn, state, keys, batches, c
                               "Use fisher='true', leave those params out, or pass "
                               "others='error' to find them."))
     sums: dict[str, Tensor] = {}
-    n = 0
+    n, looped = 0, []
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
         for args, kwargs, target in _chunks(batch, chunk_size):
-            rows = diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func)
+            rows = diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func,
+                                 looped=looped)
             for k, g in rows.items():
                 sq = g.detach().square().sum(0)
                 sums[k] = sq if k not in sums else sums[k] + sq
