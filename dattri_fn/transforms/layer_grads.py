@@ -88,9 +88,9 @@ class LayerPlan(NamedTuple):
             factors are kept, decided by the example batch's positions ``T`` and kept for
             every batch, so blocks of any length line up.
         shapes: ``((input signature, {layer: probe shape}), ...)``: the example batch's probe
-            shapes, for the paths that run under ``torch.func`` transforms (several
-            checkpoints, dense parameters next to captured layers); a batch of another
-            signature costs one no-grad forward there.
+            shapes, for the paths that run under ``torch.func`` transforms (dense parameters
+            next to captured layers, a caller's own transform); a batch of another signature
+            costs one no-grad forward there.
     """
 
     model: FunctionalModel
@@ -303,7 +303,7 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
     that keeps the check in its state (:func:`plan_decisions`).
 
     Within the stream the held plan also gains the probe shapes of each input signature it
-    meets (the paths under ``torch.func`` transforms, e.g. several checkpoints, then run one
+    meets (the paths under ``torch.func`` transforms, e.g. dense parameters, then run one
     no-grad forward per signature, not per batch) and the loop fallback where vmap first fails
     on a batch; the same gradients as :func:`layer_grads_stacked` with the plan it was given.
     """
@@ -356,8 +356,8 @@ class PlanDecisions(NamedTuple):
 def plan_decisions(plan: LayerPlan) -> PlanDecisions:
     """Return the decisions of a checked ``plan`` (:func:`check_plan`) as plain values.
 
-    Its probe shapes are left out: a path that needs them (several checkpoints, dense
-    parameters next to captured layers) runs one no-grad forward per batch instead, which
+    Its probe shapes are left out: a path that needs them (dense parameters next to captured
+    layers, a caller's torch.func transform) runs one no-grad forward per batch instead, which
     gives the same shapes and so the same gradients.
     """
     if not isinstance(plan, LayerPlan) or not plan.checked:
