@@ -25,10 +25,11 @@ from .._checks import (
     regrouped,
 )
 from .._types import LinOp, Loss, Params
-from ..model import FunctionalModel, batched_loss
+from ..model import FunctionalModel, batched_loss, default_unpack
 from ..operators import kfac
-from ..operators.curvature import fvp, hvp
+from ..operators.curvature import cross_entropy_out_hessian, fvp, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
+from ..operators.linear_glm import restricted
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_score import _relatif_scale, grads
 from .method import device_of
@@ -185,6 +186,26 @@ def batched_for(cfg: InfluenceConfig, params: Params, first):
         else None
 
 
+def affine_hessian(cfg: InfluenceConfig, params: Params, train):
+    """``"hessian"`` of a FunctionalModel affine in ``params`` (one Linear layer and nothing
+    after it): the Gauss-Newton from cached factors, which IS the Hessian there
+    (:func:`~dattri_fn.operators.linear_glm.glm_hessian`), without the ``l2`` term; else None."""
+    from ..operators.gauss_newton import _is_softmax_cross_entropy, curvature_rows
+    from ..operators.linear_glm import glm_hessian
+
+    loss = cfg.loss
+    if not (cfg.curvature == "hessian" and isinstance(loss, FunctionalModel)
+            and loss.loss_fn is not None and loss.unpack in (None, default_unpack)
+            and _independent(loss)):
+        return None
+    first = peek(iter_batches(cfg.name, "train", train))
+    rows = cfg.rows or curvature_rows(sum(v.numel() for v in params.values()),
+                                      batch_size(cfg.name, "train", first))
+    out_hessian = cross_entropy_out_hessian if _is_softmax_cross_entropy(loss.loss_fn) else None
+    return glm_hessian(loss.module, loss.loss_fn, params, train, batch_rows=rows,
+                       chunk_size=cfg.chunk_size, out_hessian=out_hessian)
+
+
 def curvature_op(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
     """The curvature ``C`` of the mean training loss at ``params``.  # [k, P] -> [k, P]"""
     if callable(cfg.curvature):
@@ -194,6 +215,9 @@ def curvature_op(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
         if H is not None:
             return H
     if cfg.curvature == "hessian":
+        H = affine_hessian(cfg, params, train)
+        if H is not None:
+            return H if cfg.l2 == 0 else H + 2 * cfg.l2
         first = peek(iter_batches(cfg.name, "train", train))
         return hvp(cfg.train_fn, params, train, chunk_size=cfg.chunk_size, batch_rows=cfg.rows,
                    batched=batched_for(cfg, params, first))
@@ -243,6 +267,11 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
         return inv, getattr(inv, "eigen", None)
     if solver == "lissa":
         data = _concat(train)
+        H = affine_hessian(cfg, params, data)
+        if H is not None:  # mini-batches drawn by row index, as sampled draws them from data
+            rows = torch.arange(batch_size(cfg.name, "train", data), device=device_of(params))
+            return solve.ihvp_lissa(restricted(H, 2 * cfg.l2), rows, damping=damping,
+                                    **options), None
         return solve.ihvp_lissa(lissa_batches(cfg, params, data), data, damping=damping,
                                 **options), None
     if solver == "datainf":

@@ -39,16 +39,33 @@ _ROW_BLOCK = 2**22  # numbers in one [B, k d] intermediate of a cached linear_gn
 class FactoredOperator(LinOp):
     """A :class:`~dattri_fn._types.LinOp` whose ``dense()`` assembles ``[P, P]`` from its
     factors (per layer pair, ``2 N P_l P_m`` flops) instead of applying it to ``P`` unit rows;
-    ``dense``'s ``chunk_size`` is accepted and unused."""
+    ``dense``'s ``chunk_size`` is accepted and unused.
 
-    __slots__ = ("_dense",)
+    ``factors``: the kept per-batch ``(a, J, A)`` of :func:`linear_gnvp` (``J[layer]`` None
+    where it is exactly the identity), or None when they are rebuilt per call;
+    ``on_rows(idx)``: the same operator over the examples ``idx`` of the concatenated data
+    (needs kept factors)."""
 
-    def __init__(self, matmat, dense, dim, dtype, device, name="LinOp"):
+    __slots__ = ("_dense", "factors", "_rows")
+
+    def __init__(self, matmat, dense, dim, dtype, device, name="LinOp", factors=None,
+                 rows=None):
         super().__init__(matmat, dim, dtype, device, name)
         self._dense = dense
+        self.factors = factors
+        self._rows = rows
 
     def dense(self, chunk_size: int | None = 256) -> Tensor:
         return self._dense()
+
+    def on_rows(self, idx: Tensor) -> LinOp:
+        """``V -> (1/|idx|) sum_{i in idx} J_i^T A_i J_i V``: the Gauss-Newton of the examples
+        ``idx`` (indices into the data in order), from the kept factors.  # [k, P] -> [k, P]"""
+        if self._rows is None:
+            raise ValueError(_msg("FactoredOperator.on_rows", "idx", "an operator that keeps "
+                                  "its factors (cache=True or within its budget)",
+                                  "one that rebuilds them per call"))
+        return self._rows(idx)
 
 
 def _gn_terms(tapped, loss_fn, state, batch, like: Tensor, layout: dict, func: str,
@@ -104,6 +121,46 @@ def _keep(factors, cache: bool | int) -> list | None:
     return kept
 
 
+def _apply(V: Tensor, items, n_total: int | None, layout: dict, names: list) -> Tensor:
+    """``(1/n) sum_i J_i^T A_i J_i V`` over the factors ``items`` (``n``: ``n_total``, or the
+    examples in ``items``), the layers summed in the order ``names``.  # [k, P] -> [k, P]"""
+    bias = {n: layout[n][1] is not None for n in names}
+    # Per example, each layer's [d, k] block (units by rows): the products with J and A
+    # then have k (tens of rows) as their long side, and the layer GEMMs write/read
+    # [B, d k] in one piece; ~10% less CPU than [k, d] blocks at P = 9,610, B = 1,000.
+    V = V.contiguous()  # the per-layer views below need row-major rows
+    k = V.shape[0]
+    blocks = {}  # layer -> V's rows as [d * k, in(+1)], units outer
+    for name in names:
+        ws, bs, inp = layout[name]
+        w = V[:, ws].view(k, -1, inp).transpose(0, 1)
+        w = torch.cat([w, V[:, bs].T[:, :, None]], 2) if bias[name] else w.contiguous()
+        blocks[name] = w.view(-1, inp + bias[name])
+    grads = {name: None for name in names}
+    n = 0
+    for a, J, A in items:
+        B = A.shape[0]
+        JU = None  # [B, C, k]
+        for name in names:
+            U = (a[name] @ blocks[name].T).view(B, -1, k)  # [B, d, k]
+            part = U if J[name] is None else J[name] @ U
+            JU = part if JU is None else JU.add_(part)
+        HJU = A.mT @ JU
+        for name in names:
+            Z = HJU if J[name] is None else J[name].mT @ HJU  # [B, d, k]
+            step = Z.view(B, -1).T @ a[name]
+            grads[name] = step if grads[name] is None else grads[name].add_(step)
+        n += B
+    out = torch.empty_like(V)
+    for name in names:
+        ws, bs, inp = layout[name]
+        g = grads[name].view(-1, k, inp + bias[name])
+        out[:, ws].view(k, -1, inp).copy_(g[:, :, :inp].transpose(0, 1))
+        if bias[name]:
+            out[:, bs].copy_(g[:, :, inp].T)
+    return out.div_(n if n_total is None else n_total)
+
+
 def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                 chunk_size: int | None = None, batch_rows: int | None = None, tapped=None,
                 cache: bool | int = True, out_hessian: Callable | None = None) -> LinOp:
@@ -149,47 +206,10 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
     names = tapped.layers
     like = state[f"{names[0]}.weight"]
     P = sum(v.numel() for v in params.values())
-    bias = {n: layout[n][1] is not None for n in names}
 
     def factors():
         for part, _ in _chunks(func, batches, batch_rows, chunk_size):
             yield _lean(_gn_terms(tapped, loss_fn, state, part, like, layout, func, out_hessian))
-
-    def apply(V: Tensor, items, n_total: int | None) -> Tensor:
-        # Per example, each layer's [d, k] block (units by rows): the products with J and A
-        # then have k (tens of rows) as their long side, and the layer GEMMs write/read
-        # [B, d k] in one piece; ~10% less CPU than [k, d] blocks at P = 9,610, B = 1,000.
-        V = V.contiguous()  # the per-layer views below need row-major rows
-        k = V.shape[0]
-        blocks = {}  # layer -> V's rows as [d * k, in(+1)], units outer
-        for name in names:
-            ws, bs, inp = layout[name]
-            w = V[:, ws].view(k, -1, inp).transpose(0, 1)
-            w = torch.cat([w, V[:, bs].T[:, :, None]], 2) if bias[name] else w.contiguous()
-            blocks[name] = w.view(-1, inp + bias[name])
-        grads = {name: None for name in names}
-        n = 0
-        for a, J, A in items:
-            B = A.shape[0]
-            JU = None  # [B, C, k]
-            for name in names:
-                U = (a[name] @ blocks[name].T).view(B, -1, k)  # [B, d, k]
-                part = U if J[name] is None else J[name] @ U
-                JU = part if JU is None else JU.add_(part)
-            HJU = A.mT @ JU
-            for name in names:
-                Z = HJU if J[name] is None else J[name].mT @ HJU  # [B, d, k]
-                step = Z.view(B, -1).T @ a[name]
-                grads[name] = step if grads[name] is None else grads[name].add_(step)
-            n += B
-        out = torch.empty_like(V)
-        for name in names:
-            ws, bs, inp = layout[name]
-            g = grads[name].view(-1, k, inp + bias[name])
-            out[:, ws].view(k, -1, inp).copy_(g[:, :, :inp].transpose(0, 1))
-            if bias[name]:
-                out[:, bs].copy_(g[:, :, inp].T)
-        return out.div_(n if n_total is None else n_total)
 
     first = peek(batches)  # read without losing it, even from data readable only once
     if first is None:
@@ -208,23 +228,23 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
         out_grad = grad(lambda o: per_example_losses(loss_fn, o, target).sum())
         ref = pull(vjp(out_grad, out)[1](Jv)[0])[0]
         _check_close(func, "the Gauss-Newton-vector product (out_hessian included)",
-                     apply(v[None], [terms], 1)[0], ref)
+                     _apply(v[None], [terms], 1, layout, names)[0], ref)
         done.add(sig)
     kept = _keep(factors(), cache)
     n_total = None if kept is None else sum(A.shape[0] for _, _, A in kept)
 
     def matmat(V: Tensor) -> Tensor:
         if kept is None:
-            return apply(V, factors(), n_total)
+            return _apply(V, factors(), n_total, layout, names)
         # Rows in blocks whose [B, k d] intermediates stay near 2**22 numbers: at P = 9,610 and
         # B = 1,000 one 200-row product took 0.38 s, ten 20-row ones 0.26 s (one CPU thread).
         width = max(A.shape[0] for _, _, A in kept) * max(
             (layout[n][0].stop - layout[n][0].start) // layout[n][2] for n in names)
         step = max(1, _ROW_BLOCK // max(1, width))
         if step >= V.shape[0]:
-            return apply(V, kept, n_total)
+            return _apply(V, kept, n_total, layout, names)
         step = -(-V.shape[0] // -(-V.shape[0] // step))  # equal blocks: 200 rows = 7 x 29, not 6 x 32 + 8
-        return torch.cat([apply(V[r:r + step], kept, n_total)
+        return torch.cat([_apply(V[r:r + step], kept, n_total, layout, names)
                           for r in range(0, V.shape[0], step)])
 
     def dense() -> Tensor:
@@ -238,4 +258,23 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
             n += A.shape[0]
         return H.div_(n if n_total is None else n_total)
 
-    return FactoredOperator(matmat, dense, P, like.dtype, like.device, name=func)
+    joined: list = []  # the kept factors concatenated over batches, built at the first on_rows
+
+    def rows(idx: Tensor) -> LinOp:
+        if not joined:
+            def jac(n):  # None only where every batch's Jacobian is the identity
+                if all(J[n] is None for _, J, _ in kept):
+                    return None
+                return torch.cat([_eye_like(A) if J[n] is None else J[n] for _, J, A in kept])
+
+            joined.append(({n: torch.cat([a[n] for a, _, _ in kept]) for n in names},
+                           {n: jac(n) for n in names}, torch.cat([A for _, _, A in kept])))
+        a, J, A = joined[0]
+        idx = idx.to(A.device)
+        part = ({n: a[n][idx] for n in names},
+                {n: None if J[n] is None else J[n][idx] for n in names}, A[idx])
+        return LinOp(lambda V: _apply(V, [part], None, layout, names), P, like.dtype,
+                     like.device, name=f"{func}.on_rows")
+
+    return FactoredOperator(matmat, dense, P, like.dtype, like.device, name=func, factors=kept,
+                            rows=None if kept is None else rows)
