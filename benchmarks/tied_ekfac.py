@@ -4,8 +4,10 @@ leaving out the embedding's share (kronfluence tracks the Linear head only) woul
 A small stock GPT-2 (local config, default attention, float32, one thread):
 
 * CPU time of ``influence(fm, solver="ekfac")`` ``prepare`` + ``score`` with params = every
-  Conv1D (the tie left out) against every Conv1D + ``transformer.wte`` (pooled), interleaved
-  A/B over ``--rounds`` rounds (thread CPU time, median);
+  Conv1D (the tie left out) against every Conv1D + ``transformer.wte`` (pooled) and against
+  every parameter (``functional_model``'s default: wpe and the LayerNorms then take the exact
+  Fisher diagonal block, :mod:`dattri_fn.operators.kfac_diag`), interleaved over ``--rounds``
+  rounds (thread CPU time, median);
 * the embedding use's share of the tied weight's per-example gradient,
   ``||DW_emb|| / ||DW_emb + DW_head||`` (captured with ``tap(tied=True)``), and the relative
   error of a ``Lambda`` built from the head's share alone against the exact one, in the same
@@ -39,14 +41,17 @@ def _setup(vocab: int, embd: int, layers: int, n: int, T: int):
     return model, batch
 
 
-def _time(model, batch, test, with_wte: bool) -> float:
+_PICKS = {"conv1d": lambda k: ".c_" in k,
+          "conv1d+wte": lambda k: ".c_" in k or k == "transformer.wte.weight",
+          "every": None}
+
+
+def _time(model, batch, test, arm: str) -> float:
     from dattri_fn import functional_model
     from dattri_fn.attribute import influence
     from dattri_fn.losses import causal_lm_loss
 
-    pick = (lambda k: ".c_" in k or k == "transformer.wte.weight") if with_wte else \
-        (lambda k: ".c_" in k)
-    fm = functional_model(model, causal_lm_loss, params=pick)
+    fm = functional_model(model, causal_lm_loss, params=_PICKS[arm])
     m = influence(fm, solver="ekfac", damping=0.1)
     t = time.thread_time()
     state = m.prepare(fm.params, batch)
@@ -93,18 +98,19 @@ def main(argv=None) -> None:
     warnings.simplefilter("ignore")
     model, batch = _setup(args.vocab, args.embd, args.layers, args.n, args.T)
     test = {k: v[:8] for k, v in batch.items()}
-    times = {False: [], True: []}
-    _time(model, batch, test, True)  # warm-up (imports, first-call costs)
+    times = {arm: [] for arm in _PICKS}
+    _time(model, batch, test, "every")  # warm-up (imports, first-call costs)
     for _ in range(args.rounds):
-        for with_wte in (False, True):
-            times[with_wte].append(_time(model, batch, test, with_wte))
-    a, b = statistics.median(times[False]), statistics.median(times[True])
+        for arm in _PICKS:
+            times[arm].append(_time(model, batch, test, arm))
+    a, b, c = (statistics.median(times[arm]) for arm in _PICKS)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"GPT-2 vocab={args.vocab} n_embd={args.embd} n_layer={args.layers}, {args.n} train x "
           f"{args.T} tokens, 8 test, float32, 1 thread; loadavg {' '.join(load)}")
     print(f"EK-FAC prepare+score CPU s (median of {args.rounds}): Conv1D only {a:.2f}, "
-          f"+ tied wte {b:.2f} ({b / a:.2f}x); rounds {times}")
+          f"+ tied wte {b:.2f} ({b / a:.2f}x), every param {c:.2f} ({c / a:.2f}x; wpe and "
+          f"LayerNorms diagonal); rounds {times}")
     share, head_err, own_err = _shares(model, batch)
     print(f"embedding use's share of the tied weight's per-example gradient norm: {share:.3f}")
     print(f"Lambda from the head's share only (kronfluence's tracked lm_head), relative error "

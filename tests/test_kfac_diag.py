@@ -353,3 +353,21 @@ def test_tied_head_with_its_bias_takes_the_diagonal_block():
     ref = _dense(f, params, 0.1)
     torch.testing.assert_close(ihvp_ekfac(f, damping=0.1).dense(), ref, rtol=0,
                                atol=1e-10 * float(ref.abs().max()))
+
+
+@pytest.mark.slow  # ~2 s of its own, ~6 s more alone (the explicit solve's first torch.func imports)
+@pytest.mark.filterwarnings("ignore:layer_grads")
+@pytest.mark.filterwarnings("ignore:gauss_newton")
+def test_ekfac_preconditioned_cg_with_diagonal_keys_solves_the_gauss_newton():
+    """CG on the Gauss-Newton with M='ekfac' built with default params (the diagonal block a
+    part of M) gives the explicit solve's scores G_i^T (GN + damping I)^-1 G_j (1e-8)."""
+    model, ids, labels = _problem(7, n=6)
+    fm = functional_model(model, lm_loss)
+    train, test = (ids, labels), (ids[:2], labels[:2])
+    ref_m = influence(fm, solver="explicit", damping=1.0)
+    ref = ref_m.score(fm.params, ref_m.prepare(fm.params, train), train, test)
+    m = influence(fm, solver="cg", damping=1.0, M="ekfac", rtol=1e-12, max_iter=300)
+    with pytest.warns(UserWarning, match=r"params are outside the Kronecker"):
+        state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
