@@ -1,10 +1,12 @@
 """Fewer capture passes, same gradients: checkpoints one by one, merged in-memory batches."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dattri_fn import functional_model, per_sample_grad
+from dattri_fn.attribute.gradsim import grad_cos, grad_dot, tracin, tracin_cos
 from dattri_fn.transforms import layer_grads_paths as paths
 from dattri_fn.transforms.layer_grads import check_plan, layer_grads_stacked, layer_plan
 
@@ -64,3 +66,61 @@ def test_checkpoints_vmapped_inside_a_transform_equal_one_by_one():
     mapped = torch.func.vmap(lambda s: layer_grads_stacked(plan, {k: v + s for k, v in stacked.items()},
                                                            batch).to_dense())(torch.zeros(1, dtype=DT))
     torch.testing.assert_close(mapped[0], plain, rtol=0, atol=1e-12)
+
+
+class _Reiterable:
+    """A re-iterable that is not a list: the usual path, batch by batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _counted_passes(monkeypatch):
+    calls, real = [], paths.batched_io
+    monkeypatch.setattr(paths, "batched_io", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["grad_dot", "grad_cos", "tracin", "tracin_cos"])
+def test_one_capture_pass_for_test_and_train_equals_batch_by_batch(name, monkeypatch):
+    """score (full and top-k) from one pass over [test, *train] == batch by batch, torch.equal;
+    the pass count is 1 (C = 1, prepared) or C, and a budget too small for it takes the usual
+    path (1 + n_batches passes per checkpoint)."""
+    C = 1 if name.startswith("grad") else 2
+    build = {"grad_dot": lambda fm: grad_dot(fm), "grad_cos": lambda fm: grad_cos(fm),
+             "tracin": lambda fm: tracin(fm, lrs=[0.3, 0.2]),
+             "tracin_cos": lambda fm: tracin_cos(fm, lrs=[0.3, 0.2])}[name]
+    fm = functional_model(_mlp(1), F.cross_entropy)
+    m = build(fm)
+    stacked = _stacked(fm, C, seed=2)
+    params = fm.params if C == 1 else [{k: v[c] for k, v in stacked.items()} for c in range(C)]
+    train, test = [_xy(3, 5), _xy(4, 4), _xy(5, 6)], _xy(6, 3)
+    state = m.prepare(params, train)
+    m.score(params, state, train, test)  # a tracin call checks its plan on the first pass
+    calls = _counted_passes(monkeypatch)
+    merged = m.score(params, state, train, test)
+    top = m.score(params, state, train, test, top_k=2, largest=False)
+    assert len(calls) == 2 * C
+    usual = m.score(params, state, _Reiterable(train), test)
+    usual_top = m.score(params, state, _Reiterable(train), test, top_k=2, largest=False)
+    assert torch.equal(merged, usual) and torch.equal(top.values, usual_top.values)
+    assert torch.equal(top.indices, usual_top.indices) and merged.shape == (15, 3)
+    calls.clear()
+    monkeypatch.setenv("DATTRI_FN_MEMORY", "64")
+    assert torch.equal(m.score(params, state, train, test), usual) and len(calls) == 4 * C
+
+
+def test_one_pass_keeps_the_usual_errors():
+    """A bad train batch (labels out of range) and an ambiguous list of tensors are reported as
+    the usual path reports them, naming grad_dot(train=...)."""
+    fm = functional_model(_mlp(2), F.cross_entropy)
+    m = grad_dot(fm)
+    state = m.prepare(fm.params, [_xy(1, 4)])
+    x, y = _xy(2, 4)
+    with pytest.raises(ValueError, match=r"grad_dot\(train=\.\.\.\)"):
+        m.score(fm.params, state, [_xy(1, 4), (x, y + 10)], _xy(3, 3))
+    with pytest.raises(ValueError, match=r"grad_dot\(train=\.\.\.\): expected a tuple"):
+        m.score(fm.params, state, [x, x], _xy(3, 3))

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    batch_cat,
+    batch_leaves,
     batch_size,
     batch_slice,
     batch_to,
@@ -61,7 +63,7 @@ from .method import (
     stack_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import TopK, collect, in_chunks, stream_scores, stream_self
+from .pipeline import TopK, collect, in_chunks, merge_topk, stream_scores, stream_self
 
 PROJECTIONS = ("dense", "kronecker")
 _CHECK_ROWS = 3  # the examples check_plan compares with autodiff: prepare checks on these alone
@@ -105,6 +107,39 @@ def _first_in_memory(func: str, train):
     if isinstance(train, (list, tuple)) and train and is_batch(train[0]):
         return train[0]
     return None
+
+
+def _layout(batch) -> tuple:
+    """What two batches must share to be concatenated: structure, trailing shapes, dtypes."""
+    keys = tuple(batch) if isinstance(batch, Mapping) else type(batch)
+    return keys, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch_leaves(batch))
+
+
+def _in_one_pass(func: str, test, train, row_bytes) -> list | None:
+    """``[test, *train batches]`` when both sides are in memory, in one layout, and one capture
+    pass over all of them fits :func:`~dattri_fn.operators.gauss_newton.memory_budget`
+    (``row_bytes(batch)``: an upper estimate per example); else None (nothing is read)."""
+    from ..operators.gauss_newton import memory_budget
+
+    if not is_batch(test) or train is None:
+        return None
+    refuse_ambiguous_list(func, "train", train)
+    if is_batch(train):
+        batches = [train]
+    elif isinstance(train, (list, tuple)) and train and all(is_batch(b) for b in train):
+        batches = list(train)
+    else:
+        return None
+    lay = _layout(test)
+    if any(_layout(b) != lay for b in batches):
+        return None
+    try:  # a bad batch takes the usual path, whose error names it
+        rows = sum(batch_size(func, "train", b) for b in (test, *batches))
+    except (TypeError, ValueError):
+        return None
+    if rows * row_bytes(test) > memory_budget():
+        return None
+    return [test, *batches]
 
 
 def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
@@ -276,16 +311,75 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             G = grads(batch, target, plan_q)
             return G if isinstance(G, LayerGrads) or C > 1 or lrs is not None else G[0]
 
-        return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device_of(stacked)
+        device = device_of(stacked)
+        one_pass = None
+        if plan_s is not None and plan_s is plan_q and proj is None and kp is None and \
+                chunk_size is None and all(plan_s.tapped.specs[n].kind != "conv2d"
+                                           for n in plan_s.layers):
+            # Both sides' factors from ONE capture pass over the test and train examples: each
+            # pass costs a fixed ~0.3-0.7 ms of Python and autograd set-up (on small models most
+            # of it), and per-example factors do not depend on the examples around them (eval
+            # mode). Not with Conv2d layers: a convolution picks its algorithm by batch shape,
+            # so its last bits would move with the grouping.
+            itemsize = v0.element_size()
+            kinds = dict(plan_s.layout)
+            widths = dense = 0
+            for n, (wk, _) in plan_s.layers.items():
+                if wk is None:
+                    continue
+                w = stacked[wk][0]
+                widths += w.shape[0] + w.numel() // max(w.shape[0], 1)
+                if kinds.get(n, "dense") == "dense":  # materialised per example (or not known)
+                    dense += w.numel()
+            dense += sum(stacked[k][0].numel() for k in plan_s.rest)
+
+            def row_bytes(batch) -> int:
+                # a layer at T positions holds T (in + out) per example, T <= an example's numel
+                per_row = sum(t[0].numel() for t in batch_leaves(batch) if t.ndim)
+                return C * itemsize * (max(1, per_row) * widths + dense)
+
+            def one_pass(batches: list) -> tuple[LayerGrads, LayerGrads]:
+                """``(train rows, test rows)`` of ``[test, *train]`` from one pass."""
+                n_test = batch_size(name, "test", batches[0])
+                G = grads(batch_to(batch_cat(batches), device), loss, plan_s)
+                train_rows = G.rows(n_test, G.num_rows)
+                return (train_rows if lrs is None else train_rows.scale(weights[:, None]),
+                        G.rows(0, n_test))
+
+            one_pass.row_bytes = row_bytes
+        return (in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device,
+                one_pass)
 
     def score(params, state, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
-        train_f, test_f, device = features(params, held_plans(name, state))
+        check_optional_int(name, "top_k", top_k)
+        train_f, test_f, device, one_pass = features(params, held_plans(name, state))
+        batches = None if one_pass is None else _in_one_pass(name, test, train,
+                                                             one_pass.row_bytes)
+        if batches is not None:
+            try:
+                train_rows, test_rows = one_pass(batches)
+            except Exception:  # noqa: BLE001 -- the usual path raises, naming the batch at fault
+                batches = None
+        if batches is not None:
+            # blocks of the given train batches, as stream_scores forms them
+            out, best, offset = None, None, 0
+            for b in batches[1:]:
+                rows = batch_size(name, "train", b)
+                block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
+                if top_k is not None:
+                    best = merge_topk(best, block, offset, top_k, largest)
+                else:
+                    if out is None:
+                        out = block.new_empty((train_rows.num_rows, block.shape[1]))
+                    out[offset:offset + rows] = block
+                offset += rows
+            return best if top_k is not None else out
         test_feats = collect(test_f, test, device=device, func=name, arg="test")
         return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
 
     def self_score(params, state, train) -> Tensor:
-        train_f, test_f, device = features(params, held_plans(name, state))
+        train_f, test_f, device, _ = features(params, held_plans(name, state))
         return stream_self(train_f, test_f, train, device=device, func=name)
 
     return Method(prepare, score, self_score, name)
