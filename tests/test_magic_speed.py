@@ -85,3 +85,26 @@ def test_vjp_step_must_be_callable():
     """magic(vjp_step=3) is refused naming the argument."""
     with pytest.raises(TypeError, match=r"magic\(vjp_step=...\): expected"):
         magic(lambda p, ex: (p["W"] * ex).sum(), None, epochs=1, step=lambda *a: a, vjp_step=3)
+
+
+@pytest.mark.parametrize("every", [1, 3, 4])
+def test_reverse_pass_replays_only_the_states_it_differentiates(every):
+    """A segment [lo, hi) replays hi - lo - 1 steps (its last output is checkpoint hi): T - #segments
+    calls of step in all, none when every state is kept; weights torch.equal to the every-1 run's."""
+    from dattri_fn.training import train
+
+    loss, opt, step, data, test, order, traj, cot = problem(
+        4, hidden=5, lr=0.6, momentum=0.5, weight_decay=0.0)
+    T, calls = len(order), []
+
+    def counted(*args):
+        calls.append(1)
+        return step(*args)
+
+    p0 = traj.checkpoints[0][0]
+    run = train(step, p0, opt.init(p0), data, order, checkpoint_every=every)
+    ref = metagradient(step, traj, data, order, cot, vjp_step=step).weights
+    out = metagradient(counted, run, data, order, cot, vjp_step=step).weights
+    assert len(calls) == T - (len(run.checkpoints) - 1)
+    assert (len(calls) == 0) == (every == 1)
+    assert torch.equal(out, ref) and ref.abs().max() > 1e-3

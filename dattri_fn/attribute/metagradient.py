@@ -98,15 +98,17 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
 
     Each segment between checkpoints is replayed once from its first state by ``step`` (the
     forward run's own loop, so the states are the run's bit for bit) and walked backward through
-    ``vjp_step`` (``step`` or a form of it equal in exact arithmetic).
+    ``vjp_step`` (``step`` or a form of it equal in exact arithmetic). A segment ``[lo, hi)``
+    needs the states before steps ``lo .. hi-1``: ``hi - lo - 1`` replayed steps (none when every
+    state is kept); its last step's output is the checkpoint ``hi`` already held.
     """
     marks = sorted(trajectory.checkpoints)
     for lo, hi in reversed(list(zip(marks[:-1], marks[1:], strict=False))):
         if hi <= first:
             break
         states = {}
-        run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo, hi,
-                  every=1, keep=states)
+        states[hi - 1] = run_steps(step, trajectory.checkpoints[lo], data, order, weights, lo,
+                                   hi - 1, every=1, keep=states)
         for t in range(hi - 1, max(lo, first) - 1, -1):
             floats, how = _split(states.pop(t))
             rows = order[t]
