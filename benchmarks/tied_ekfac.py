@@ -13,6 +13,12 @@ A small stock GPT-2 (local config, default attention, float32, one thread):
   error of a ``Lambda`` built from the head's share alone against the exact one, in the same
   pooled eigenbasis.
 
+* ``--pooled-ab``: CPU time of ``ekfac_factors`` on the tied weight alone with the pooled
+  statistics from token counts / gathered rows of ``Q_G`` (:class:`~dattri_fn.operators.
+  kfac_tied.PooledParts`, the library's path) against the materialised one-hot "out" vectors
+  (``pooled_io``, the path before stop 20, forced here by wrapping ``tied_steps``),
+  interleaved, and the largest difference of their K-FAC factors.
+
 Run: ``nice -n 15 .venv/bin/python -m benchmarks.tied_ekfac`` (~1 CPU-minute).
 """
 
@@ -85,6 +91,49 @@ def _shares(model, batch):
         float((ef.Lambda["transformer.wte"] - exact).norm() / exact.norm())
 
 
+def _pooled_ab(model, batch, rounds: int) -> None:
+    """Interleaved CPU time of ekfac_factors on the tied weight: counts path vs one-hot path."""
+    from dattri_fn.losses import causal_lm_loss
+    from dattri_fn.operators import kfac_stats
+    from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
+
+    key = "transformer.wte.weight"
+    params = {key: model.transformer.wte.weight.detach()}
+    counts_steps = kfac_stats.tied_steps
+
+    def one_hot_steps(tapped, step, on_input=None, pooled=None):
+        return counts_steps(tapped, step, on_input)  # pooled_io's materialised one-hot rows
+
+    def run(one_hot: bool):
+        kfac_stats.tied_steps = one_hot_steps if one_hot else counts_steps
+        try:
+            t = time.thread_time()
+            f = ekfac_factors(model, causal_lm_loss, params, batch)
+            return time.thread_time() - t, f
+        finally:
+            kfac_stats.tied_steps = counts_steps
+
+    run(False)
+    run(True)
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for one_hot in (False, True):
+            times[one_hot].append(run(one_hot)[0])
+    # the factors themselves (float32 eigenbases of near-degenerate G differ by rounding)
+    kf_a = kfac_factors(model, causal_lm_loss, params, batch)
+    kfac_stats.tied_steps = one_hot_steps
+    try:
+        kf_b = kfac_factors(model, causal_lm_loss, params, batch)
+    finally:
+        kfac_stats.tied_steps = counts_steps
+    diff = max(float((getattr(kf_a, f)[k] - getattr(kf_b, f)[k]).abs().max()
+                     / getattr(kf_b, f)[k].abs().max()) for f in ("A", "G") for k in kf_a.A)
+    c, o = statistics.median(times[False]), statistics.median(times[True])
+    print(f"ekfac_factors on the tied wte alone, CPU s (median of {rounds}): counts "
+          f"{c:.3f}, one-hot {o:.3f} ({c / o:.2f}x); K-FAC A, G max relative difference "
+          f"{diff:.1e}; rounds {times}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=512)
@@ -93,10 +142,18 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--T", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pooled-ab", action="store_true", help="only the counts/one-hot A/B")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     model, batch = _setup(args.vocab, args.embd, args.layers, args.n, args.T)
+    if args.pooled_ab:
+        with open("/proc/loadavg") as f:
+            load = f.read().split()[:3]
+        print(f"GPT-2 vocab={args.vocab} n_embd={args.embd} n_layer={args.layers}, {args.n} x "
+              f"{args.T} tokens, float32, 1 thread; loadavg {' '.join(load)}")
+        _pooled_ab(model, batch, args.rounds)
+        return
     test = {k: v[:8] for k, v in batch.items()}
     times = {arm: [] for arm in _PICKS}
     _time(model, batch, test, "every")  # warm-up (imports, first-call costs)

@@ -392,3 +392,28 @@ def test_flat_inputs_pool_two_positions():
     blocks = blocks.detach()  # the module's own fc params require grad
     ref = (ef.QG["emb"].T @ blocks @ ef.QA["emb"]).square().mean(0)
     _close(ef.Lambda["emb"], ref)
+
+
+@pytest.mark.parametrize("pad", [None, 2])
+def test_pooled_parts_products_equal_the_one_hot_products(pad):
+    """PooledParts (no one-hot vectors): gram() = out^T out and rotated_out(Q) = out Q of
+    pooled_io's materialised [g, one_hot(ids)] (padding_idx rows zero), ins() = its a (1e-12)."""
+    from dattri_fn.operators.kfac_tied import pooled_io, pooled_parts
+    from dattri_fn.transforms.layers import batched_io
+
+    model, ids, labels = _problem(9, padding_idx=pad)
+    if pad is not None:
+        ids[0, :2] = pad
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    tapped = tap(model, ["emb", "fc", "head"], tied=True)
+    io = batched_io(tapped, lm_loss, state, (ids,), {}, labels, None, state["emb.weight"])
+    members = ("emb", "head")
+    a, g = pooled_io(tapped.specs, members, io, V)
+    parts = pooled_parts(tapped.specs, members, io)
+    Q = torch.linalg.qr(torch.randn(V, V, generator=torch.Generator().manual_seed(1),
+                                    dtype=DT))[0]
+    g2 = g.reshape(-1, V)
+    _close(parts.gram(), g2.T @ g2, 1e-12)
+    rot = parts.rotated_out(Q, slice(2, 6))  # the head's positions first, then the embedding's
+    _close(rot, torch.cat([g[2:6, T:], g[2:6, :T]], 1) @ Q, 1e-12)
+    _close(parts.ins(), torch.cat([a[:, T:], a[:, :T]], 1), 1e-12)

@@ -78,16 +78,17 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
 
 
 def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None,
-            on_input=None):
+            on_input=None, pooled=None):
     """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
 
     Each layer's step runs as its ``g`` arrives in the backward pass
     (:func:`~dattri_fn.transforms.layers.streamed_io`), so the layers' gradients are never all
-    held at once.
+    held at once. ``pooled(group, parts)``: a tied group's step (:func:`.kfac_tied.tied_steps`).
     """
     n = 0
     stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
-    step, on_input = tied_steps(tapped, step, on_input)  # a tied group is one pooled layer
+    # a tied group is one pooled layer
+    step, on_input = tied_steps(tapped, step, on_input, pooled)
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
         stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
@@ -151,7 +152,13 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
         else:
             G[layer] = dG
 
-    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input)
+    def pooled(group, parts):  # a tied group: G's one-hot share is diag(token counts)
+        on_input(group, parts.ins())
+        dG = parts.gram()
+        G[group] = dG if group not in G else G[group].add_(dG)
+
+    n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
+                pooled if not isinstance(loss_fn, _ExpectedLoss) else None)
     sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
                                       **{f"G:{k}": G[k] for k in names}}, n)
     A = {k: sums[f"A:{k}"] / n for k in names}
@@ -344,7 +351,21 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                 dL += rot.square_().sum(0)
         L[layer] = dL if layer not in L else L[layer] + dL
 
-    n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows)
+    def pooled(group, parts):
+        # a tied group: the one-hot rows of Q_G gathered by id, never [B, S, V] x [V, V]
+        qa, qg = QA[group], QG[group]
+        o, i, T = qg.shape[0], qa.shape[0], parts.h.shape[1] + parts.u.shape[1]
+        step_rows = max(1, _LAMBDA_ENTRIES // (o * max(i, T)))
+        dL = parts.g.new_zeros(o, i)
+        for r in range(0, parts.g.shape[0], step_rows):
+            rows = slice(r, r + step_rows)
+            rot = parts.rotated_out(qg, rows).mT @ (torch.cat([parts.h[rows], parts.u[rows]], 1)
+                                                    @ qa)
+            dL += rot.square_().sum(0)
+        L[group] = dL if group not in L else L[group] + dL
+
+    n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows,
+                pooled=pooled)
     sums, n = _reduced(func, reduce, {f"L:{k}": L[k] for k in names}, n)
     Lambda = {k: sums[f"L:{k}"] / n for k in names}
     if dtype is not None:

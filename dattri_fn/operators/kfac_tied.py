@@ -43,13 +43,14 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..transforms import capture
 
-__all__ = ["pooled_io", "tied_group", "tied_steps"]
+__all__ = ["PooledParts", "pooled_io", "pooled_parts", "tied_group", "tied_steps"]
 
 _POOLED_KINDS = ("embedding", "linear")
 
@@ -108,7 +109,63 @@ def pooled_io(specs: Mapping[str, capture.LayerSpec], members, io: Mapping[str, 
     return torch.cat(ins, 1), torch.cat(outs, 1)
 
 
-def tied_steps(tapped, step: Callable, on_input: Callable | None = None):
+class PooledParts(NamedTuple):
+    """A tied group's positions kept by use, without one-hot vectors (:func:`pooled_parts`).
+
+    ``h`` ``[B, T, d]`` and ``g`` ``[B, T, V]``: the Linear use's ``(in, out)``; ``ids``
+    ``[B, S]`` (``-1`` where ``padding_idx`` takes no gradient) and ``u`` ``[B, S, d]`` (zero
+    there): the Embedding use's, whose "out" vector is the one-hot ``e_{id}``. :func:`pooled_io`
+    concatenates them as ``[h, u]`` and ``[g, one_hot(ids)]``.
+    """
+
+    h: Tensor
+    g: Tensor
+    ids: Tensor
+    u: Tensor
+
+    def ins(self) -> Tensor:
+        """The pooled "in" vectors ``[h, u]``, as :func:`pooled_io`'s ``a``.  # [B, T + S, d]"""
+        return torch.cat([self.h, self.u], 1)
+
+    def gram(self) -> Tensor:
+        """``sum_b sum_k out_bk out_bk^T`` = ``g^T g + diag(token counts)``.  # [V, V]
+
+        The embedding's one-hot outer products are the counts of the ids read (``padding_idx``
+        positions excluded) on the diagonal: a ``bincount``, not a ``[B S, V] x [B S, V]``
+        product.
+        """
+        V = self.g.shape[-1]
+        g2 = self.g.reshape(-1, V)
+        out = g2.T @ g2
+        ids = self.ids.reshape(-1)
+        out.diagonal().add_(torch.bincount(ids[ids >= 0], minlength=V).to(out.dtype))
+        return out
+
+    def rotated_out(self, Q: Tensor, rows: slice) -> Tensor:
+        """``out Q`` over the pooled positions of examples ``rows``: ``[g Q, Q[ids]]`` (the
+        one-hot rows of ``Q`` gathered, zero at ``padding_idx``).  # -> [b, T + S, V]"""
+        ids = self.ids[rows]
+        picked = Q[ids.clamp_min(0)].masked_fill_((ids < 0)[..., None], 0)
+        return torch.cat([self.g[rows] @ Q, picked], 1)
+
+
+def pooled_parts(specs: Mapping[str, capture.LayerSpec], members, io: Mapping[str, tuple]
+                 ) -> PooledParts:
+    """A tied group's captured ``(a, g)`` per member as :class:`PooledParts` (no one-hot)."""
+    head = next(m for m in members if specs[m].kind == "linear")
+    emb = next(m for m in members if specs[m].kind == "embedding")
+    a, g = io[head]
+    B = g.shape[0]
+    ids, u = io[emb]
+    ids = ids.reshape(B, -1)
+    keep = ids >= 0
+    u = u.reshape(B, -1, u.shape[-1]).masked_fill(~keep[..., None], 0)
+    return PooledParts(a.reshape(B, -1, a.shape[-1]), g.reshape(B, -1, g.shape[-1]),
+                       ids.masked_fill(~keep, -1), u)
+
+
+def tied_steps(tapped, step: Callable, on_input: Callable | None = None,
+               pooled: Callable | None = None):
     """Wrap a streamed pass's ``step(layer, a, g)`` (and ``on_input(layer, a)``) so that the
     members of each tied group of ``tapped`` (``tapped.tied``) reach them as ONE layer, named
     after the group's first member, with :func:`pooled_io`'s ``(a, g)``.
@@ -116,7 +173,9 @@ def tied_steps(tapped, step: Callable, on_input: Callable | None = None):
     The members' inputs and gradients are held until the last member's ``g`` arrives in the
     backward pass (the Embedding's, last); with ``on_input`` the group's ``on_input`` then
     runs in the backward pass too (its "in" vectors include the embedding's gradients). Other
-    layers pass through. One wrapper per pass.
+    layers pass through. One wrapper per pass. ``pooled``: ``pooled(group, parts)`` takes a
+    group's :class:`PooledParts` instead of ``on_input`` / ``step`` (the statistics passes:
+    no one-hot vectors materialised).
     """
     groups = {ms[0]: ms for ms in getattr(tapped, "tied", ())}
     if not groups:
@@ -142,8 +201,12 @@ def tied_steps(tapped, step: Callable, on_input: Callable | None = None):
         members = groups[grp]
         if any(held.get(m, (None, None))[1] is None for m in members):
             return
+        parts = {m: held.pop(m) for m in members}
+        if pooled is not None:
+            pooled(grp, pooled_parts(tapped.specs, members, parts))
+            return
         V = tapped.specs[next(m for m in members if tapped.specs[m].kind == "linear")].out_features
-        a_p, g_p = pooled_io(tapped.specs, members, {m: held.pop(m) for m in members}, V)
+        a_p, g_p = pooled_io(tapped.specs, members, parts, V)
         if on_input is not None:
             on_input(grp, a_p)
             step(grp, None, g_p)
