@@ -82,6 +82,19 @@ def select_params(names: list[str], selector: Selector, *, func: str = "select_p
     return chosen
 
 
+def _has_tied_tensors(module: nn.Module) -> bool:
+    """Whether one tensor sits under two names of ``module`` (decided once, from the module as
+    built): without one, ``functional_call``'s untying (a walk over every submodule on every
+    call) has nothing to do, so it is skipped."""
+    seen: set[int] = set()
+    for _, t in (*module.named_parameters(remove_duplicate=False),
+                 *module.named_buffers(remove_duplicate=False)):
+        if id(t) in seen:
+            return True
+        seen.add(id(t))
+    return False
+
+
 def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
                      params: Selector = None,
                      unpack: Callable[[Any], tuple[tuple, dict, Any]] = default_unpack,
@@ -116,6 +129,7 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
                       "BatchNorm/Dropout; per-example gradients need module.eval().", stacklevel=2)
     expected = set(chosen)
     shapes = {n: tuple(v.shape) for n, v in selected.items()}
+    ties = _has_tied_tensors(module)
 
     def call(p: Params, example):
         if p.keys() != expected:
@@ -132,7 +146,7 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         add_batch = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t
         args = tuple(add_batch(a) for a in args)
         kwargs = {k: add_batch(v) for k, v in kwargs.items()}
-        out = functional_call(module, {**fixed, **p}, args, kwargs, strict=True)
+        out = functional_call(module, {**fixed, **p}, args, kwargs, strict=True, tie_weights=ties)
         return out, target
 
     def forward(p: Params, example):
@@ -159,10 +173,12 @@ def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:
     from .transforms.layers import per_example_losses
 
     unpack = model.unpack or default_unpack
+    ties = _has_tied_tensors(model.module)
 
     def rows(params: Params, batch) -> Tensor:
         args, kwargs, target = unpack(batch)
-        out = functional_call(model.module, {**model.fixed, **params}, args, kwargs, strict=True)
+        out = functional_call(model.module, {**model.fixed, **params}, args, kwargs, strict=True,
+                              tie_weights=ties)
         return per_example_losses(model.loss_fn, out, target)
 
     return rows

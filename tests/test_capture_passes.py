@@ -124,3 +124,35 @@ def test_one_pass_keeps_the_usual_errors():
         m.score(fm.params, state, [_xy(1, 4), (x, y + 10)], _xy(3, 3))
     with pytest.raises(ValueError, match=r"grad_dot\(train=\.\.\.\): expected a tuple"):
         m.score(fm.params, state, [x, x], _xy(3, 3))
+
+
+class _TiedHead(nn.Module):
+    """An embedding whose weight is read again as the output layer's (one tensor, two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def test_functional_model_unties_only_a_module_with_tied_tensors():
+    """loss(p) == the module's own loss at p, and grad w.r.t. the one tied key == autograd on
+    the module (1e-12), with ties found at build; a plain MLP is decided untied."""
+    from dattri_fn.model import _has_tied_tensors
+
+    tied = _init(_TiedHead().double(), 5)
+    fm = functional_model(tied, F.cross_entropy)
+    assert _has_tied_tensors(tied) and not _has_tied_tensors(_mlp())
+    assert list(fm.params) == ["emb.weight"]
+    idx, y = torch.tensor(2), torch.tensor(4)
+    p = {"emb.weight": fm.params["emb.weight"] + 0.1}
+    with torch.no_grad():
+        tied.emb.weight.add_(0.1)  # the module at p (both names move: one tensor)
+    want = F.cross_entropy(tied(idx[None]), y[None])
+    (g_want,) = torch.autograd.grad(want, [tied.emb.weight])
+    torch.testing.assert_close(fm.loss(p, (idx, y)), want, rtol=0, atol=1e-12)
+    g = torch.func.grad(fm.loss)(p, (idx, y))["emb.weight"]
+    torch.testing.assert_close(g, g_want, rtol=0, atol=1e-12)
