@@ -50,6 +50,15 @@ positions of one ``[V, d]`` Linear layer, so that EK-FAC's ``Lambda`` comes from
 per-example gradient (both uses summed) in the eigenbasis of the pooled factors; plain K-FAC on
 them is K-FAC-expand (Eschenhagen et al. 2023, arXiv:2311.00636), an approximation.
 
+Params outside every Kronecker layer (``functional_model``'s default params on a transformer:
+LayerNorm scales and shifts, a positional ``nn.Embedding``, a bias whose weight is not
+attributed, a tied weight that cannot be pooled) take a block of their own, their exact Fisher
+diagonal ``D = E[g^2]`` from per-example gradients (:mod:`.kfac_diag`; EK-FAC's rule in the
+identity basis), inverted elementwise as ``1 / (D + damping)`` and combined block-diagonally
+with the layers' blocks, in the inverse, the operator, the layer-by-layer scores and the
+self-scores; the factor builders warn once, naming each such key and why
+(``others="diagonal"``: no warning; ``others="error"``: refused, as before stop 20).
+
 References:
     Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
     Curvature", 2015, arXiv:1503.05671.
@@ -62,12 +71,15 @@ Modules: :mod:`.kfac_layers` (layer selection, ``kfac_tap``), :mod:`.kfac_fisher
 empirical/true/expected Fisher losses), :mod:`.kfac_stats` (``KFACFactors``, ``EKFACFactors``,
 ``kfac_factors``, ``ekfac_factors``), :mod:`.kfac_inverse` (``BlockLinOp``, ``kfac_operator``,
 ``ihvp_kfac``, ``ihvp_ekfac``), :mod:`.kfac_scores` (``layer_scores``, ``layer_self_scores``,
-``low_rank_blocks``) and :mod:`.kfac_tied` (tied weights: ``tied_group``, ``pooled_io``,
-``tied_steps``); every name stays importable from here.
+``low_rank_blocks``), :mod:`.kfac_tied` (tied weights: ``tied_group``, ``pooled_io``,
+``pooled_parts``, ``PooledParts``, ``tied_steps``) and :mod:`.kfac_diag` (the diagonal block:
+``diagonal_groups``, ``diagonal_rows``, ``diagonal_sums``, ``warn_outside``); every name stays
+importable from here.
 """
 
 from __future__ import annotations
 
+from .kfac_diag import diagonal_groups, diagonal_rows, diagonal_sums, warn_outside  # noqa: F401
 from .kfac_fisher import (  # noqa: F401
     _expected_io,
     _expected_kind,
@@ -123,7 +135,7 @@ from .kfac_stats import (  # noqa: F401
     ekfac_factors,
     kfac_factors,
 )
-from .kfac_tied import pooled_io, tied_group, tied_steps  # noqa: F401
+from .kfac_tied import PooledParts, pooled_io, pooled_parts, tied_group, tied_steps  # noqa: F401
 
 __all__ = ["KFACFactors", "EKFACFactors", "BlockLinOp", "kfac_factors", "ekfac_factors",
            "kfac_tap", "ihvp_kfac", "ihvp_ekfac", "kfac_operator", "layer_scores",

@@ -14,10 +14,14 @@ the same block serves K-FAC and EK-FAC; the whole operator stays block-diagonal:
 layers' blocks, then one diagonal block per module holding such params (its "group", named
 after the module). Self-influence of example ``i`` adds ``sum g_i^2 / (D + damping)``.
 
-An ``nn.Embedding`` that is not tied (``wpe``) takes this block too. As a Kronecker layer in the
-Linear layout (``DW = sum_s e_{id_s} u_s^T``) its vocabulary-side factor is ``diag(counts)``,
-stored dense at ``[V, V]`` by the K-FAC state (2.5e9 entries for a 50257-token vocabulary);
-the diagonal costs the parameter count, and an exact diagonal has no Kronecker error.
+An ``nn.Embedding`` that is not tied (``wpe``, an untied ``wte``) takes this block too. As a
+Kronecker layer in the Linear layout (``DW = sum_s e_{id_s} u_s^T``) its vocabulary-side factor
+is ``diag(counts)``, so EK-FAC's basis there is the identity and its only gain over this block
+is the rotation of the ``d`` side by ``A``'s eigenvectors; against that, the K-FAC state keeps
+that factor dense at ``[V, V]`` (2.5e9 entries for a 50257-token vocabulary; this block costs
+the parameter count), and GPT-2 reads ``wpe`` with position ids of shape ``[1, T]``, shared by
+the batch, which the capture engine cannot split by example (it is not batch-first), so its
+per-example gradients need autodiff here anyway.
 
 Per-example gradients come from ``vmap(grad)`` of the one-example loss with only these params
 differentiated (the others are constants); a model vmap cannot run (data-dependent control
