@@ -52,15 +52,28 @@ __all__ = ["NotPositiveDefiniteError", "block_cg_solve", "ihvp_block_cg"]
 # 9/6/5/4 steps, 10.5/8.2/7.7/7.9 s of CPU (one thread).
 DEFAULT_BLOCK = 256
 DROP = 1.0  # a block column is dependent when |R_jj| <= DROP * sqrt(eps) (see _orth)
-# Below float64, a block whose Cholesky pivots from its own-dtype Gram all exceed FAST is
-# factored from that Gram (pivots^2 >= 1e-4, against Gram rounding ~sqrt(P) eps = 6e-6 at
-# P = 9,610 in float32); smaller pivots are decided from a float64 Gram.
+# Below float64, a block whose Cholesky pivots from its own-dtype Gram all exceed
+# max(FAST, sqrt(FAST_MARGIN sqrt(P) eps)) is factored from that Gram; smaller pivots are decided
+# from a float64 Gram. Why: an entry of the unit-column Gram is rounded by ~sqrt(P) eps / 2, and
+# the basis W T then misses orthonormality by ~(that rounding) / pivot^2; so the squared pivot
+# must exceed the rounding by a margin that does not shrink as P grows. FAST_MARGIN = 8 keeps
+# the margin FAST = 1e-2 had at P = 9,610 in float32 (pivot^2 1e-4 against 5.8e-6; the bar
+# there stays FAST, 8 sqrt(P) eps = 9.3e-5); at P = 3e6 the bar is a pivot of 0.041 (measured:
+# a pivot of 0.02 there left |Pd^T Pd - I| at 0.19 from the float32 Gram, 8e-6 from the
+# float64 one).
 FAST = 1e-2
+FAST_MARGIN = 8.0
 
 
 class NotPositiveDefiniteError(ValueError):
     """Block CG met a block of directions on which ``op + damping I`` is not positive definite
     (a caller may fall back to :func:`~dattri_fn.solve.cg_solve` and its negative-curvature rule)."""
+
+
+def fast_pivot(P: int, dtype: torch.dtype) -> float:
+    """The smallest Cholesky pivot of a unit-column Gram formed in ``dtype`` over ``P`` rows
+    that :func:`_orth` trusts: ``max(FAST, sqrt(FAST_MARGIN sqrt(P) eps))``."""
+    return max(FAST, (FAST_MARGIN * P ** 0.5 * torch.finfo(dtype).eps) ** 0.5)
 
 
 def _orth(W: Tensor) -> Tensor:
@@ -89,9 +102,10 @@ def _orth(W: Tensor) -> Tensor:
 
     if W.dtype != torch.float64:
         # the Gram in W's dtype first: its rounding (~sqrt(P) eps on unit columns) is far below
-        # the squared pivots of a block whose pivots exceed FAST; others are decided in float64
+        # the squared pivots of a block whose pivots exceed fast_pivot; others are decided in
+        # float64
         d, L, ok = unit_cholesky((W.T @ W).double())
-        if not ok or float(L.diagonal().min()) <= FAST:
+        if not ok or float(L.diagonal().min()) <= fast_pivot(W.shape[0], W.dtype):
             W64 = W.double()
             d, L, ok = unit_cholesky(W64.T @ W64)
         if ok:
