@@ -10,9 +10,10 @@ interleaved within each of ``--rounds`` rounds: ``(checkpoint_every, chunk_size)
 default ``ceil(sqrt(T))`` and 1 with all targets in one vmap, then 1 with each of ``--chunks``.
 Each row also prints the largest difference from the first setting's weights (0.0: bit for bit).
 
-``--full``: ``recipe("magic-ens")``'s method on the task's 3 models (prepare + score, after a
-warm-up on a slice), thread CPU seconds and wall seconds, in the tree the command runs from
-(run it from an older worktree for a "before" row). The machine load is printed with each row.
+``--full``: ``recipe("magic-ens")``'s method on the task's 3 models (``--recipe magic``: the one
+run of model 0), prepare + score after a warm-up on a slice, thread CPU seconds and wall
+seconds, in the tree ``dattri_fn`` is imported from (for a "before" row run this file with
+``PYTHONPATH=<older worktree>``; the tree is printed). The machine load is printed with each row.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", default="10", help="chunk sizes to time (comma-separated)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--full", action="store_true", help="time recipe('magic-ens') instead")
+    p.add_argument("--recipe", default="magic-ens", choices=("magic", "magic-ens"),
+                   help="--full: the recipe timed")
     p.add_argument("--save", default=None, help="--full: save the scores [n_train, n_test] here")
     p.add_argument("--n-train", type=int, default=None, help="default 500 (text-lm 128)")
     p.add_argument("--n-test", type=int, default=None, help="default 50 (text-lm 16)")
@@ -59,13 +62,13 @@ def load_avg() -> str:
 
 
 def full(args) -> dict:
-    """Thread CPU and wall seconds of recipe('magic-ens') prepare + score on the task."""
+    """Thread CPU and wall seconds of recipe(args.recipe) prepare + score on the task."""
     from dattri_fn.app.recipes import recipe
     from dattri_fn.eval.tasks import train_model
 
     task = load(args)
-    models = [train_model(task, seed=c) for c in range(3)]
-    rec = recipe("magic-ens", task, models)
+    models = [train_model(task, seed=c) for c in range(3 if args.recipe == "magic-ens" else 1)]
+    rec = recipe(args.recipe, task, models)
     method, params, data, test = rec.method, rec.params, rec.train, rec.test
     few = (data[0][:32], data[1][:32])
     method.score(params, method.prepare(params, few), few, (test[0][:2], test[1][:2]))
@@ -78,7 +81,7 @@ def full(args) -> dict:
         torch.save(scores, args.save)
     import dattri_fn
 
-    row = {"task": args.task, "tree": dattri_fn.__file__.rsplit("/dattri_fn/", 1)[0],
+    row = {"task": args.task, "recipe": args.recipe, "tree": dattri_fn.__file__.rsplit("/dattri_fn/", 1)[0],
            "prepare_cpu_s": c1 - c0, "score_cpu_s": c2 - c1,
            "total_cpu_s": c2 - c0, "wall_s": w2 - w0, "load": load_avg()}
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))

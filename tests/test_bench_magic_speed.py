@@ -16,3 +16,11 @@ def test_per_step_settings_agree_bit_for_bit(capsys):
     assert set(out["diff"].values()) == {0.0} and len(out["diff"]) == 3
     assert all(len(v) == 1 and v[0] > 0 for v in out["ms"].values())
     assert "| 1 | 2 |" in capsys.readouterr().out
+
+
+def test_full_times_either_recipe():
+    """--recipe picks what --full times (default the 3-run ensemble); another name is refused."""
+    assert magic_speed.parse_args(["--full"]).recipe == "magic-ens"
+    assert magic_speed.parse_args(["--full", "--recipe", "magic"]).recipe == "magic"
+    with pytest.raises(SystemExit):
+        magic_speed.parse_args(["--full", "--recipe", "trak"])

@@ -18,11 +18,14 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
 
 * ``prepare``: ``T`` steps; holds ``ceil(T/c) + 1`` states: ``(T/c) S`` floats (default ``c``:
   1 while ``(T + 1) S <= 2**22``, else ``ceil(sqrt(T))``; :func:`default_every`).
-* ``score``: replays each segment of ``c`` steps once from its checkpoint (``T`` more steps in
-  all) and runs ``T`` vjps, each over ``k`` cotangents: time ``~ T (1 + k r) t_step`` with
-  ``r`` the cost of one vjp of a step relative to the step (a second-order pass, ~2-4).
-  Memory ``(T/c + c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp
-  residuals batched over ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
+* ``score``: replays the first ``c - 1`` steps of each segment from its checkpoint (``T -
+  ceil(T/c)`` steps in all, none for ``c = 1``: a segment's last step ends at the next
+  checkpoint, already held) and runs ``T`` vjps, each over ``k`` cotangents: time ``~ T (1 -
+  1/c + k r) t_step`` with ``r`` one target's share of a step's vjp relative to the step (one
+  thread, float32: ~2 on text-lm, k = 16, where batching the targets under vmap saves nothing
+  on a Hessian-vector product; ~0.45 on digits-cnn, k = 50 in chunks of 10). Memory ``(T/c +
+  c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp residuals batched over
+  ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
   the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
 * ``horizon="auto"`` (:func:`metagradient`): the same single pass, plus ``k n_train + k S``
   floats (each target's best weight cotangents and state cotangent so far) and ``k`` norms; rows
@@ -91,7 +94,7 @@ def default_every(steps: int, state) -> int:
     floats (16 MiB in float32), else ``ceil(sqrt(steps))`` (the fewest states held, ``2
     sqrt(T) S``). The scores are the same bit for bit either way (a replay reproduces the run);
     keeping every state saves the replay, one forward step per reverse step (digits-cnn: 321 x
-    3,908 floats kept; a forward step there costs ~3% of a reverse step for 50 targets)."""
+    3,908 floats kept; a forward step there costs ~4% of a reverse step for 50 targets)."""
     size = sum(x.numel() for x in _split(state)[0])
     return 1 if (steps + 1) * size <= KEEP_LIMIT else max(1, math.ceil(math.sqrt(steps)))
 
