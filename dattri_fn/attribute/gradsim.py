@@ -115,10 +115,11 @@ def _layout(batch) -> tuple:
     return keys, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch_leaves(batch))
 
 
-def _in_one_pass(func: str, test, train, row_bytes) -> list | None:
-    """``[test, *train batches]`` when both sides are in memory, in one layout, and one capture
-    pass over all of them fits :func:`~dattri_fn.operators.gauss_newton.memory_budget`
-    (``row_bytes(batch)``: an upper estimate per example); else None (nothing is read)."""
+def _in_one_pass(func: str, test, train, row_bytes) -> tuple[list, list[int]] | None:
+    """``([test, *train batches], their row counts)`` when both sides are in memory, in one
+    layout, and one capture pass over all of them fits
+    :func:`~dattri_fn.operators.gauss_newton.memory_budget` (``row_bytes(batch)``: an upper
+    estimate per example); else None (nothing is read)."""
     from ..operators.gauss_newton import memory_budget
 
     if not is_batch(test) or train is None:
@@ -134,12 +135,12 @@ def _in_one_pass(func: str, test, train, row_bytes) -> list | None:
     if any(_layout(b) != lay for b in batches):
         return None
     try:  # a bad batch takes the usual path, whose error names it
-        rows = sum(batch_size(func, "train", b) for b in (test, *batches))
+        rows = [batch_size(func, "train", b) for b in (test, *batches)]
     except (TypeError, ValueError):
         return None
-    if rows * row_bytes(test) > memory_budget():
+    if sum(rows) * row_bytes(test) > memory_budget():
         return None
-    return [test, *batches]
+    return [test, *batches], rows
 
 
 def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
@@ -338,9 +339,8 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                 per_row = sum(t[0].numel() for t in batch_leaves(batch) if t.ndim)
                 return C * itemsize * (max(1, per_row) * widths + dense)
 
-            def one_pass(batches: list) -> tuple[LayerGrads, LayerGrads]:
+            def one_pass(batches: list, n_test: int) -> tuple[LayerGrads, LayerGrads]:
                 """``(train rows, test rows)`` of ``[test, *train]`` from one pass."""
-                n_test = batch_size(name, "test", batches[0])
                 G = grads(batch_to(batch_cat(batches), device), loss, plan_s)
                 train_rows = G.rows(n_test, G.num_rows)
                 return (train_rows if lrs is None else train_rows.scale(weights[:, None]),
@@ -354,18 +354,17 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
               largest: bool = True) -> Tensor | TopK:
         check_optional_int(name, "top_k", top_k)
         train_f, test_f, device, one_pass = features(params, held_plans(name, state))
-        batches = None if one_pass is None else _in_one_pass(name, test, train,
-                                                             one_pass.row_bytes)
-        if batches is not None:
+        merged = None if one_pass is None else _in_one_pass(name, test, train,
+                                                            one_pass.row_bytes)
+        if merged is not None:
             try:
-                train_rows, test_rows = one_pass(batches)
+                train_rows, test_rows = one_pass(merged[0], merged[1][0])
             except Exception:  # noqa: BLE001 -- the usual path raises, naming the batch at fault
-                batches = None
-        if batches is not None:
+                merged = None
+        if merged is not None:
             # blocks of the given train batches, as stream_scores forms them
             out, best, offset = None, None, 0
-            for b in batches[1:]:
-                rows = batch_size(name, "train", b)
+            for rows in merged[1][1:]:
                 block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
                 if top_k is not None:
                     best = merge_topk(best, block, offset, top_k, largest)

@@ -51,12 +51,14 @@ class LayerGrads(NamedTuple):
         if not self._same_layout(other):  # e.g. a dense batch of one against factored blocks
             return torch.bmm(self.to_dense(), other.to_dense().transpose(1, 2)).sum(0)
         out = 0
+        # over one checkpoint the sum is its one term (exact): no [1, B, n] reduction pass
+        total = (lambda t: t[0]) if self.dense.shape[0] == 1 else (lambda t: t.sum(0))
         if self.dense.shape[-1]:
-            out = torch.bmm(self.dense, other.dense.transpose(1, 2)).sum(0)
+            out = total(torch.bmm(self.dense, other.dense.transpose(1, 2)))
         for name, (a, g) in self.factors.items():
             a2, g2 = other.factors[name]
             if a.ndim == 3:
-                out = out + (torch.bmm(a, a2.transpose(1, 2)) * torch.bmm(g, g2.transpose(1, 2))).sum(0)
+                out = out + total(torch.bmm(a, a2.transpose(1, 2)) * torch.bmm(g, g2.transpose(1, 2)))
             else:
                 aa = torch.einsum("cbti,cnsi->cbnts", a, a2)
                 out = out + (aa * torch.einsum("cbto,cnso->cbnts", g, g2)).sum((0, 3, 4))
