@@ -22,8 +22,8 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
   ceil(T/c)`` steps in all, none for ``c = 1``: a segment's last step ends at the next
   checkpoint, already held) and runs ``T`` vjps, each over ``k`` cotangents: time ``~ T (1 -
   1/c + k r) t_step`` with ``r`` one target's share of a step's vjp relative to the step (one
-  thread, float32: ~2 on text-lm, k = 16, where batching the targets under vmap saves nothing
-  on a Hessian-vector product; ~0.45 on digits-cnn, k = 50 in chunks of 10). Memory ``(T/c +
+  thread, float32: ~2 on text-lm with k = 16, against ~3.7 for one target alone; ~0.45 on
+  digits-cnn with k = 50 in chunks of 10, ~3 for one target alone). Memory ``(T/c +
   c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp residuals batched over
   ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
   the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
