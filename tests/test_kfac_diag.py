@@ -371,3 +371,29 @@ def test_ekfac_preconditioned_cg_with_diagonal_keys_solves_the_gauss_newton():
         state = m.prepare(fm.params, train)
     S = m.score(fm.params, state, train, test)
     torch.testing.assert_close(S, ref, rtol=0, atol=1e-8 * float(ref.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")  # the test side: pos read at [T] positions
+def test_query_rank_and_bfloat16_storage_keep_the_diagonal_block():
+    """query_rank >= every layer's rank keeps every block whole: the scores equal the exact ones
+    (1e-10), the diagonal groups passed through untruncated; dtype=bfloat16 stores D in
+    bfloat16 and the inverse applies 1/(D + damping) computed in float32 from it (1e-6)."""
+    model, ids, labels = _problem(8)
+    fm = functional_model(model, lm_loss)
+    train, test = (ids, labels), (ids[:3], labels[:3])
+    exact = influence(fm, solver="ekfac", damping=0.1, others="diagonal")
+    state = exact.prepare(fm.params, train)
+    ref = exact.score(fm.params, state, train, test)
+    ranked = influence(fm, solver="ekfac", damping=0.1, others="diagonal", query_rank=5)
+    torch.testing.assert_close(ranked.score(fm.params, state, train, test), ref, rtol=0,
+                               atol=1e-10 * float(ref.abs().max()))
+    f16 = ekfac_factors(model, lm_loss, fm.params, train, others="diagonal", dtype=torch.bfloat16)
+    assert all(v.dtype == torch.bfloat16 for v in f16.diagonal.values())
+    off = _offsets(fm.params)
+    V = torch.randn(2, sum(v.numel() for v in fm.params.values()), dtype=DT,
+                    generator=torch.Generator().manual_seed(0))
+    out = ihvp_ekfac(f16, damping=0.1)(V)
+    for k, d in f16.diagonal.items():
+        sl = slice(off[k], off[k] + d.numel())
+        want = V[:, sl] / (d.float().reshape(-1).double() + 0.1)
+        torch.testing.assert_close(out[:, sl], want, rtol=1e-6, atol=0)
