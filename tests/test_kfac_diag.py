@@ -145,8 +145,9 @@ def test_diagonal_block_is_the_fisher_diagonal_and_the_inverse_is_block_diagonal
 
 def test_one_warning_names_the_keys_and_others_selects_the_behaviour():
     """Default: exactly one warning, naming every key outside the Kronecker layers and why;
-    others='diagonal': the same factors, no warning; others='error': refused, naming them; the
-    Kronecker layers' factors equal those of the params without these keys (bit for bit)."""
+    others='diagonal': the same factors, no warning; others='error': refused, naming them; a
+    Linear left out of layers= is named too; the Kronecker layers' factors equal those of the
+    params without these keys (bit for bit)."""
     model, ids, labels = _problem(1)
     params = {k: v.detach() for k, v in model.named_parameters()}
     with warnings.catch_warnings(record=True) as got:
@@ -165,6 +166,10 @@ def test_one_warning_names_the_keys_and_others_selects_the_behaviour():
                                          r"biases.*other keys \['tok.weight', 'pos.weight', "
                                          r"'ln.weight', 'ln.bias'\].*others='diagonal'"):
         ekfac_factors(model, lm_loss, params, (ids, labels), others="error")
+    with pytest.warns(UserWarning, match=r"its layer 'head' is not among the selected layers: "
+                                         r"\['head.weight', 'head.bias'\]"):
+        part = kfac_factors(model, lm_loss, params, (ids, labels), layers=["fc"])
+    assert list(part.A) == ["fc"] and "head.bias" in part.diagonal
     kron = {k: v for k, v in params.items() if k not in f.diagonal}
     h = ekfac_factors(model, lm_loss, kron, (ids, labels))
     assert h.diagonal == {} and list(h.QA) == list(f.QA) == ["fc", "head"]
