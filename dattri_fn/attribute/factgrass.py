@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    batch_leaves,
     batch_size,
     batch_slice,
     batch_to,
@@ -45,17 +46,31 @@ from .._checks import (
     regrouped,
 )
 from ..model import FunctionalModel, default_unpack
+from ..operators.gauss_newton import memory_budget
 from ..transforms import capture
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import LayerPlan, _check, layer_grads_stacked, layer_plan
+from ..transforms.layer_grads import (
+    LayerPlan,
+    PlanDecisions,
+    _check,
+    decided_plan,
+    layer_grads_stacked,
+    layer_plan,
+)
+from ..transforms.layer_grads_paths import _autodiff_rows
 from ..transforms.layers import batched_io
 from ..transforms.project import make_projector
+from ..tree import ravel_batched
 from .boundary import check_cached_train
+from .capture_rows import can_merge, capture_row_bytes, merged_passes
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
 CURVATURES = ("fisher", "identity")
 _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is applied as a matmul
+# a layer's stage-1 sketch [c, k_out k_in] is formed for c rows at a time, at most this many bytes
+# (merged passes take hundreds of rows; the sketch is reduced to its d columns at once)
+_SKETCH_BYTES = 2**16
 
 
 class FactGraSSState(NamedTuple):
@@ -86,6 +101,48 @@ def _flat_factored(plan: LayerPlan) -> bool:
             and set(kinds) == set(plan.layers) and all(k == "flat" for k in kinds.values())
             and all(plan.tapped.specs[n].kind in ("linear", "conv1d") for n in plan.layers)
             and torch._C._functorch.maybe_current_level() is None)
+
+
+def _flat_capturable(plan: LayerPlan) -> bool:
+    """What :func:`_flat_factored` asks of a plan before any data: no dense parameters,
+    Linear/Conv1D layers only, outside torch.func transforms."""
+    return (not plan.rest and all(plan.tapped.specs[n].kind in ("linear", "conv1d")
+                                  for n in plan.layers)
+            and torch._C._functorch.maybe_current_level() is None)
+
+
+def _flat_io(plan: LayerPlan, params: dict, batch) -> dict:
+    """``{layer: (a, g)}`` of ``batch`` from one capture pass, as the plan's path takes it."""
+    model = plan.model
+    args, kwargs, target = (model.unpack or default_unpack)(batch)
+    return batched_io(plan.tapped, model.loss_fn, {**model.fixed, **params}, args, kwargs, target,
+                      None, next(iter(params.values())))
+
+
+def _flat_checked(plan: LayerPlan, params: dict, batch, io: dict) -> LayerPlan | None:
+    """The check of :func:`~dattri_fn.transforms.layer_grads.check_plan` from a capture pass
+    that every layer took flat (``a [b, in]``): the first ``min(b, 3)`` examples' gradients
+    ``g a^T`` (``a g^T`` for a Conv1D) and ``g`` against autodiff on each example alone, at
+    the check's tolerance. Returns the plan it would return (every layer flat), or None where
+    the full check must decide (a layer with positions, gradients that differ)."""
+    if not all(a.ndim == 2 for a, _ in io.values()):
+        return None
+    k = min(batch_leaves(batch)[0].shape[0], 3)
+    ref = ravel_batched(_autodiff_rows(plan.model.loss, params, batch_slice(batch, 0, k)))
+    grads = {}
+    for n, (wk, bk) in plan.layers.items():
+        a, g = io[n][0][:k], io[n][1][:k]
+        if wk is not None:
+            conv1d = plan.tapped.specs[n].kind == "conv1d"  # stored [in, out]
+            grads[wk] = a[:, :, None] * g[:, None, :] if conv1d else g[:, :, None] * a[:, None, :]
+        if bk is not None:
+            grads[bk] = g
+    got = torch.cat([grads[key].reshape(k, -1) for key in params], 1)
+    err, scale = float((got - ref).abs().max()), float(ref.abs().max())
+    if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
+        return None
+    return decided_plan(plan, PlanDecisions(tuple(plan.layers), False, False,
+                                            tuple((n, "flat") for n in plan.layers)))
 
 
 def _flat_sketch(plan: LayerPlan, stage1, params: dict, batch) -> Tensor:
@@ -185,17 +242,17 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
 
     dense_r: dict = {}  # (projector, dtype, device) -> its [w, d] matrix, when small
 
-    def stage_two(R, piece: Tensor) -> Tensor:  # [b, w] -> [b, d]
+    def stage_two(R, piece: Tensor, out: Tensor | None = None) -> Tensor:  # [b, w] -> [b, d]
         """``piece @ R``; a small count-sketch as one dense product (index_add_ per call costs
-        more than the [w, d] matmul below ~2**20 entries; the same matrix)."""
-        if R is None:
-            return piece
-        if R.dim * R.proj_dim > _DENSE_STAGE2:
-            return R(piece)
+        more than the [w, d] matmul below ~2**20 entries; the same matrix). ``out``: written
+        there (the dense product straight into it)."""
+        if R is None or R.dim * R.proj_dim > _DENSE_STAGE2:
+            got = piece if R is None else R(piece)
+            return got if out is None else out.copy_(got)
         key = (id(R), piece.dtype, piece.device)
         if key not in dense_r:
             dense_r[key] = R.matrix(piece.dtype, piece.device)
-        return piece @ dense_r[key]
+        return piece @ dense_r[key] if out is None else torch.mm(piece, dense_r[key], out=out)
 
     def state_of(func: str, params) -> dict:
         if isinstance(params, (list, tuple)):
@@ -212,6 +269,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         Without ``checked`` the stream checks the plan on its first chunk of >= 2 examples (that
         chunk's gradients come from the checking pass) and holds the checked plan after it."""
         stage1, stage2 = sketch_for(params)
+        cols = blocks_of(params)
+        width = cols[-1][2]
         stacked = {k: v.detach()[None] for k, v in params.items()}
         held = [plan if checked is None else checked]
 
@@ -221,31 +280,88 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 return lg
             return layer_grads_stacked(held[0], stacked, part)
 
-        def sketch1(part) -> Tensor:  # [b, w]: stage 1 of every block, side by side
+        def flat_io(part) -> dict | None:
+            """The part's flat factors from one capture pass, checking the plan on the way
+            when this stream holds none yet; None: the plan's own path takes the part."""
             p = held[0]
-            if _flat_factored(p):
+            if not p.checked:
+                if not _flat_capturable(p) or batch_leaves(part)[0].shape[0] < 2:
+                    return None
                 try:
-                    return _flat_sketch(p, stage1, params, part)
-                except capture.CaptureError:  # this batch takes another path: the plan's
-                    pass
-            return stage1.layer_grads(grads(part))[0]
+                    io = _flat_io(p, params, part)
+                except capture.CaptureError:  # the full check decides (and warns)
+                    return None
+                checked = _flat_checked(p, params, part, io)
+                if checked is None:
+                    return None
+                held[0] = checked
+                return io
+            if not _flat_factored(p):
+                return None
+            try:
+                return _flat_io(p, params, part)
+            except capture.CaptureError:  # this batch takes another path: the plan's
+                return None
 
-        def rows(batch) -> Tensor:  # [b, d]
+        def flat_sides(io: dict) -> list:
+            """``[(block, P_in^T [a, 1], P_out^T g)]``: each layer's projected sides (stage
+            1's factors, as :func:`_flat_sketch` forms them), so the pass's ``a`` can go."""
+            p, out = held[0], []
+            for blk, s, e in cols:
+                wk, bk = p.layers[blk]
+                a, g = io[blk]
+                a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
+                g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
+                if wk is None:  # a bias alone: its factor is the ones column
+                    a = a.new_ones((*a.shape[:-1], 1))
+                out.append((blk, s, e, *stage1.project_sides(blk, a, g, ones=bk is not None
+                                                              and wk is not None)))
+            return out
+
+        def write_flat(sides: list, out: Tensor, r0: int) -> None:
+            """Stage 1 (``vec(g' a'^T)``) and stage 2 of each layer into ``out[r0:]``, a bounded
+            number of rows at a time."""
+            for blk, s, e, pa, pg in sides:
+                step = max(1, _SKETCH_BYTES // (stage1.dims[blk] * pa.element_size()))
+                for r in range(0, pa.shape[0], step):
+                    S = (pg[r:r + step, :, None] * pa[r:r + step, None, :]).flatten(1)
+                    stage_two(stage2[blk], S, out[r0 + r:r0 + r + S.shape[0], s:e])
+                    del S
+
+        def rows_of(box: list) -> Tensor:  # [b, d]
+            """``rows`` of the batch in ``box``, which is emptied: once a pass's factors are
+            projected the batch is not held here (the caller can let it go)."""
+            batch = box.pop()
             b = batch_size(func, arg, batch)
             step = b if chunk_size is None else chunk_size
-            out = []
-            with blame_data(func, arg, batch):
-                for s in range(0, b, step):
-                    part = batch if step >= b else batch_slice(batch, s, s + step)
-                    S = sketch1(part)
-                    pieces, start = [], 0
-                    for blk, w in stage1.dims.items():
-                        piece = S[:, start:start + w]
-                        pieces.append(stage_two(stage2[blk], piece))
-                        start += w
-                    out.append(torch.cat(pieces, 1))
-            return out[0] if len(out) == 1 else torch.cat(out)
+            out = None
+            for s in range(0, b, step):
+                part = batch if step >= b else batch_slice(batch, s, s + step)
+                with blame_data(func, arg, part):  # where the model runs on the examples
+                    io = flat_io(part)
+                    sides = None if io is None else flat_sides(io)
+                    S = stage1.layer_grads(grads(part))[0] if io is None else None
+                io = part = None
+                if step >= b:
+                    batch = None
+                if sides is not None:
+                    if out is None:
+                        out = sides[0][4].new_empty(b, width)
+                    write_flat(sides, out, s)
+                    sides = None
+                    continue
+                if out is None:
+                    out = S.new_empty(b, width)
+                start = 0
+                for (blk, w), (_, c0, c1) in zip(stage1.dims.items(), cols, strict=True):
+                    stage_two(stage2[blk], S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
+                    start += w
+            return out
 
+        def rows(batch) -> Tensor:  # [b, d]
+            return rows_of([batch])
+
+        rows.of = rows_of
         return rows, lambda: held[0]
 
     def blocks_of(params: dict) -> tuple:
@@ -260,8 +376,12 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
     def precondition(state: FactGraSSState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
         if not state.inverses:
             return phi
-        return torch.cat([phi[:, s:e] @ state.inverses[blk].to(phi) for blk, s, e in state.blocks],
-                         1)
+        if len(state.blocks) == 1:
+            return phi @ state.inverses[state.blocks[0][0]].to(phi)
+        out = torch.empty_like(phi)
+        for blk, s, e in state.blocks:  # each block's product written in place: no concatenation
+            torch.mm(phi[:, s:e], state.inverses[blk].to(phi), out=out[:, s:e])
+        return out
 
     def prepare(params, train) -> FactGraSSState:
         func = f"{name}.prepare"
@@ -269,14 +389,22 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         device = next(iter(params.values())).device
         fn, held = feature_fn(params, func, "train")
         blocks = blocks_of(params)
-        # Batches as given (no merging by default, unlike LoGra): a merged pass's LayerGrads
-        # and [b, k'^2] stage-1 sketches held at once took the digits-mlp tensor peak from 1.06
-        # to 1.98 MiB for ~13% less time; batch_rows merges on request.
-        passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
+        if rows_min is None and can_merge(train):
+            # a list of batches in memory: fewer capture passes, each within the memory budget
+            # (the stage-1 sketches of a pass are formed a bounded number of rows at a time)
+            state = {**model.fixed, **params}
+            weights = [state[plan.tapped.specs[n].weight] for n in plan.layers
+                       if plan.tapped.specs[n].weight in state]
+            passes = merged_passes(func, "train", train,
+                                   lambda b: capture_row_bytes(b, weights), memory_budget())
+        else:
+            passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
         grams = {blk: 0 for blk, _, _ in blocks}
         feats, n = [], 0
         for batch in passes:
-            phi = fn(batch_to(batch, device))
+            box = [batch_to(batch, device)]
+            batch = None
+            phi = fn.of(box)  # the pass drops the (merged) batch once its factors are projected
             n += phi.shape[0]
             if curvature == "fisher":
                 for blk, s, e in blocks:
@@ -307,9 +435,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise TypeError(_msg(func, "state", "the FactGraSSState returned by factgrass's "
                                  "prepare", type(state).__name__))
 
-    def cached(func: str, state: FactGraSSState, train, device):
-        check_cached_train(func, train, state.train_features.shape[0])
-        feats = state.train_features.to(device)
+    def cached(feats: Tensor):
+        """The cached rows as (row fn, index blocks of 4096 rows)."""
         n, block = feats.shape[0], 4096
         return (lambda i: feats[i[0]]), [(torch.arange(s, min(n, s + block)),)
                                          for s in range(0, n, block)]
@@ -324,11 +451,12 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         test_pre = precondition(state, collect(feature_fn(params, func, "test", state.plan)[0],
                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
-            fn, blocks = cached(func, state, train, device)
+            check_cached_train(func, train, state.train_features.shape[0])
             feats = state.train_features.to(device)
             if top_k is None and feats.dtype == test_pre.dtype:
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
                 return feats @ test_pre.T
+            fn, blocks = cached(feats)
             return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
@@ -343,7 +471,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         params = state_of(func, params)
         device = next(iter(params.values())).device
         if state.train_features is not None:
-            fn, blocks = cached(func, state, train, device)
+            check_cached_train(func, train, state.train_features.shape[0])
+            fn, blocks = cached(state.train_features.to(device))
             rows = (fn(i) for i in blocks)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "

@@ -145,6 +145,31 @@ class KroneckerProjector:
         op = self._ops[key]
         return x[..., op[0]] * op[1] if f.kind == "mask" else x @ op
 
+    def project_sides(self, name: str, a: Tensor, g: Tensor, *, ones: bool = False
+                      ) -> tuple[Tensor, Tensor]:
+        """Return ``(P_in^T a, P_out^T g)`` of one layer.  # -> ([..., k_in], [..., k_out])
+
+        ``ones``: ``a`` lacks the bias column, which is taken as appended (``[a, 1]``); a mask
+        then picks it without forming ``[a, 1]`` (the same numbers: ``1 * scale``).
+        """
+        fi, fo = self.factors[name]
+        pg = self._side(g, fo)
+        if ones and fi is not None and fi.kind == "mask":
+            key = (fi, a.dtype, _device_key(a.device))
+            if key not in self._ops:
+                self._ops[key] = fi.picks(a.device)
+            idx, scale = self._ops[key]
+            m = int((idx < a.shape[-1]).sum())  # the bias column, when picked, is the last
+            if m == idx.shape[0]:
+                return a[..., idx] * scale, pg
+            pa = a.new_empty((*a.shape[:-1], idx.shape[0]))
+            pa[..., :m] = a[..., idx[:m]]
+            pa[..., m:] = 1
+            return pa.mul_(scale), pg
+        if ones:
+            a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], -1)
+        return self._side(a, fi), pg
+
     def project_factors(self, name: str, a: Tensor, g: Tensor, *, positions: bool = False) -> Tensor:
         """Return ``vec(sum_t (P_out^T g_t)(P_in^T a_t)^T)`` of one layer.  # -> [..., k_out k_in]
 
