@@ -46,11 +46,11 @@ from .._checks import (
 )
 from .._types import Loss, Params
 from ..model import FunctionalModel
+from ..transforms import layer_grads
 from ..transforms.layer_grads import (
     LayerGrads,
     LayerPlan,
     PlanDecisions,
-    check_plan,
     decided_plan,
     layer_grads_fn,
     plan_decisions,
@@ -229,15 +229,16 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         stacked = stacked_of(params)
         first = None if plan is None else _first_in_memory(name, train)
         if first is None or batch_size(name, "train", first) < 2 or num_checkpoints(stacked) > 1:
-            # Several checkpoints: a score call's own check (on its test batch, shared with the
-            # train stream) is a small part of a pass mapped over them, less than this check
-            # would cost here (digits-mlp, C = 3: ~2 of ~25 ms per score against ~7 ms here).
+            # Several checkpoints: a score call's own check rides on its first capture pass (the
+            # one over test and train when they share it): autodiff on 3 examples and a no-grad
+            # forward, less than this check's own factored pass over C checkpoints here.
             return GradSimState()
         # The check's own pass is not kept (no features here), so it runs on the examples it
-        # compares alone (a checked plan holds for batches of any size).
+        # compares alone (a checked plan holds for batches of any size). Params and batch are
+        # validated above: check_plan's bare core.
         head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
         with blame_data(name, "train", head):
-            checked = plan_decisions(check_plan(plan, stacked, head))
+            checked = plan_decisions(layer_grads._check(plan, stacked, head)[0])
         # A target model of its own reads test batches, whose layout may differ from train's:
         # its plan is checked by each score call on that call's own first test batch.
         return GradSimState(checked, None)

@@ -232,8 +232,10 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
     if dense:
         layout, shapes = (), None
         lg, loop = _dense(base, stacked, batch)
-    args, kwargs, _ = _unpack(plan.model)(batch)
-    known = () if shapes is None or loop else ((input_signature(args, kwargs), shapes),)
+    known = ()
+    if shapes is not None and not loop:
+        args, kwargs, _ = _unpack(plan.model)(batch)
+        known = ((input_signature(args, kwargs), shapes),)
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
 
 
