@@ -189,7 +189,11 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             ``damping`` is relative: its ``r`` is ours ``r * tr(F_b) / d_b``.
         seed: fixes the masks and projections.
         chunk_size: examples per batched forward/backward (bounds memory).
-        batch_rows: merge consecutive batches into calls of at least this many examples.
+        batch_rows: merge consecutive batches into calls of at least this many examples
+            (1: as given). None: ``prepare`` merges a list or tuple of batches into capture
+            passes that fit :func:`~dattri_fn.operators.gauss_newton.memory_budget` (as
+            :func:`~dattri_fn.attribute.logra.logra`; each layer's stage-1 sketch is then
+            formed a bounded block of rows at a time); other data as given.
         cache_features: keep the train sketches ``[n_train, d]`` in the state, so ``score`` and
             ``self_score`` read no training data.
 

@@ -1,0 +1,119 @@
+"""FactGraSS's flat path: the check from the first capture pass, bounded sketch blocks, [a, 1] unformed."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_factgrass import _problem
+from torch import nn
+
+from dattri_fn.attribute.factgrass import factgrass
+from dattri_fn.model import functional_model
+from dattri_fn.transforms.kronecker import KroneckerLayer, make_kronecker_projector
+
+DT = torch.float64
+_MOD = sys.modules[factgrass.__module__]
+
+
+def _full_check(monkeypatch):
+    """Every stream takes layer_grads' full check (the path before the flat check)."""
+    monkeypatch.setattr(_MOD, "_flat_capturable", lambda plan: False)
+
+
+def _conv1d_net():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(4)
+    return nn.Sequential(Conv1D(9, 6), nn.Tanh(), nn.Linear(9, 3)).to(DT).eval()
+
+
+class _Mixing(nn.Module):
+    """Examples meet inside the batch (a batch mean): per-example factors are not the gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
+def _data(n: int, width: int, classes: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, width, generator=g, dtype=DT), torch.randint(0, classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("net", ["mlp", pytest.param("conv1d", marks=pytest.mark.slow)])
+def test_flat_check_gives_the_full_checks_plan_state_and_scores(monkeypatch, net):
+    """Flat check from the capture pass == layer_grads' full check: plan, phi, (F + lam)^-1, S bit for bit."""
+    if net == "mlp":
+        fm, (x, y) = _problem("mlp", n=20, seed=2)
+    else:
+        fm = functional_model(_conv1d_net(), F.cross_entropy)
+        x, y = _data(20, 6, 3, 2)
+    train, test = [(x[:8], y[:8]), (x[8:], y[8:])], (x[:5], y[:5])
+    m = factgrass(fm, proj_dim=8, mask_dim=3)
+    s = m.prepare(fm.params, train)
+    S = m.score(fm.params, s, train, test)
+    _full_check(monkeypatch)
+    r = m.prepare(fm.params, train)
+    assert s.plan._replace(model=None, tapped=None) == r.plan._replace(model=None, tapped=None)
+    assert s.plan.checked and not s.plan.dense and dict(s.plan.layout) == dict.fromkeys(s.plan.layers, "flat")
+    assert torch.equal(s.train_features, r.train_features)
+    assert all(torch.equal(s.inverses[b], r.inverses[b]) for b in r.inverses)
+    assert torch.equal(S, m.score(fm.params, r, train, test))
+
+
+@pytest.mark.slow  # the dense fallback's first vmap(grad) imports torch.func's machinery (~8 s alone)
+def test_examples_mixed_in_a_batch_fall_back_to_the_full_check(monkeypatch):
+    """A batch mean in the forward: the flat check refuses; the full check warns, goes dense (its state)."""
+    fm = functional_model(_Mixing().to(DT).eval(), F.cross_entropy)
+    x, y = _data(12, 5, 3, 7)
+    train = [(x[:6], y[:6]), (x[6:], y[6:])]
+    m = factgrass(fm, proj_dim=6, mask_dim=3)
+    with pytest.warns(RuntimeWarning, match="do not match vmap"):
+        s = m.prepare(fm.params, train)
+    assert s.plan.checked and s.plan.dense
+    _full_check(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="do not match vmap"):
+        r = m.prepare(fm.params, train)
+    assert torch.equal(s.train_features, r.train_features)
+
+
+def test_prepare_runs_one_capture_pass_and_the_checks_autodiff_rows():
+    """Merged batches, flat plan: 1 capture forward + 3 single-example forwards (no narrowing pass)."""
+    fm, (x, y) = _problem("mlp", n=20, seed=1)
+    calls = []
+    fm.module.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    factgrass(fm, proj_dim=8).prepare(fm.params, [(x[:8], y[:8]), (x[8:], y[8:])])
+    assert sorted(calls) == [1, 1, 1, 20]
+
+
+def test_sketch_row_blocks_do_not_change_the_features(monkeypatch):
+    """Stage 1 formed one row at a time (_SKETCH_BYTES = 1) == all rows at once: phi at 1e-13 relative."""
+    fm, (x, y) = _problem("mlp", n=15, seed=5)
+    m = factgrass(fm, proj_dim=8, kind="gaussian")
+    want = m.prepare(fm.params, [(x, y)]).train_features
+    monkeypatch.setattr(_MOD, "_SKETCH_BYTES", 1)
+    got = m.prepare(fm.params, [(x, y)]).train_features
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["mask", "gaussian", "sjlt"])
+def test_project_sides_with_ones_equal_the_sides_of_a_with_its_bias_column(kind):
+    """project_sides(a, g, ones=True) == (P_in^T [a, 1], P_out^T g) bit for bit, bias picked or not."""
+    g = torch.Generator().manual_seed(0)
+    a, gr = torch.randn(5, 7, generator=g, dtype=DT), torch.randn(5, 9, generator=g, dtype=DT)
+    picked = set()
+    for seed in range(12):
+        proj = make_kronecker_projector({"l": KroneckerLayer("l.weight", "l.bias", "linear", 9, 7)},
+                                        proj_dim=3, kind=kind, seed=seed)
+        pa, pg = proj.project_sides("l", a, gr, ones=True)
+        fi, fo = proj.factors["l"]
+        want_a = proj._side(torch.cat([a, torch.ones(5, 1, dtype=DT)], 1), fi)
+        assert torch.equal(pa, want_a) and torch.equal(pg, proj._side(gr, fo))
+        if kind == "mask":
+            picked.add(bool((fi.picks(a.device)[0] == 7).any()))
+    assert kind != "mask" or picked == {True, False}
