@@ -28,6 +28,7 @@ from torch.func import vmap
 from .._checks import (
     _msg,
     all_finite,
+    batch_leaves,
     batch_size,
     batch_slice,
     batch_to,
@@ -67,6 +68,32 @@ def _coefficients(alpha: Tensor, classes: Tensor) -> Tensor:
     if alpha.shape[1] == 1:
         return alpha[:, :1] * (2 * classes - 1).to(alpha.dtype)[None, :]
     return alpha[:, classes]
+
+
+def _scale(block: Tensor, alpha: Tensor, classes: Tensor, entries: int) -> None:
+    """``block[i, j] *= alpha_i[c_j]`` (:func:`_coefficients`) in place, in row chunks of about
+    ``entries`` coefficients: never an ``[n, m]`` coefficient temporary.  # [n, m] -> [n, m]"""
+    step = max(1, entries // max(1, block.shape[1]))
+    for a in range(0, block.shape[0], step):
+        block[a:a + step].mul_(_coefficients(alpha[a:a + step], classes))
+
+
+def _count(func: str, data) -> int | None:
+    """The number of examples in a Batch or a list/tuple of Batches; None for a loader."""
+    batches = iter_batches(func, "test", data)
+    if not isinstance(batches, (list, tuple)):
+        return None
+    return sum(batch_size(func, "test", b) for b in batches)
+
+
+def _owned(t: Tensor, sources: list) -> Tensor:
+    """``t``, or a contiguous copy where it is a view of one of ``sources`` (the data, the
+    params) or not a dense contiguous tensor of its own: a state keeps nothing it shares."""
+    ptr = t.untyped_storage().data_ptr()
+    if t.is_contiguous() and not any(isinstance(x, Tensor) and x.untyped_storage().data_ptr()
+                                     == ptr for x in sources):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 class RepresenterState(NamedTuple):
@@ -214,20 +241,46 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                      "explain='label'", repr(y),
                                      "Use explain='prediction' for soft targets."))
 
-    def rows(func: str, arg: str, params: Params, data) -> tuple[Tensor, ...]:
+    def rows(func: str, arg: str, params: Params, data, *, sink=None,
+             most: int | None = None) -> tuple[Tensor, ...] | None:
         """Return the per-example outputs over every batch: ``(h [n, F], dL/dlogits [n, K]
         (with refit: the logits), classes [n], labels [n, ...])`` for train, ``(h [n, F],
-        classes [n])`` for test."""
+        classes [n])`` for test. A list of batches (its row count known) is written into
+        preallocated columns, so its rows are never held twice; the train side's columns
+        are the state's own (never a view of the data or the params). With ``sink``, each
+        vmapped chunk (at most ``most`` rows) is handed to it instead, and None returned."""
         batches = iter_batches(func, arg, data)
         check_first(func, arg, params, batches)
         fn = vmap(train_example if arg == "train" else test_example, in_dims=(None, 0))
-        parts = []
+        total = (sum(batch_size(func, arg, b) for b in batches)
+                 if isinstance(batches, (list, tuple)) else None)
+        parts, cols, at, sources = [], None, 0, []
         for batch in batches:
             n = batch_size(func, arg, batch)
             batch = batch_to(batch, device_of(params))
             step = n if chunk_size is None else chunk_size
+            step = step if most is None else min(step, most)
             with blame_data(func, arg, batch), blame_keys(func, "params", params):
-                parts += [fn(params, batch_slice(batch, a, a + step)) for a in range(0, n, step)]
+                for a in range(0, n, step):
+                    part = fn(params, batch_slice(batch, a, a + step))
+                    if sink is not None:
+                        sink(part)
+                        del part
+                        continue
+                    if total is None or part[0].shape[0] == total:  # unknown count, or all rows
+                        parts.append(part)
+                        sources = [*batch_leaves(batch), *params.values()]
+                        continue
+                    if cols is None:
+                        cols = tuple(t.new_empty((total, *t.shape[1:])) for t in part)
+                    for col, t in zip(cols, part, strict=True):
+                        col[at:at + t.shape[0]] = t
+                    at += part[0].shape[0]
+                    del part  # before the next chunk's rows are formed
+        if cols is not None or sink is not None:
+            return cols
+        if len(parts) == 1:
+            return parts[0] if arg == "test" else tuple(_owned(t, sources) for t in parts[0])
         return tuple(torch.cat(col) for col in zip(*parts, strict=True))
 
     def prepare(params: Params, train) -> RepresenterState:
@@ -236,10 +289,11 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         h, dlogits, classes, labels = rows(func, "train", params, train)
         if refit is not None:
             targets = labels if refit == "labels" else _soft_targets(dlogits).detach()
+            del labels, dlogits  # dropped before the fit's temporaries are formed
             fitted = fit_head(head_fn, loss_on_logits, params, h, targets, l2=l2)
             grad_logits = vmap(torch.func.grad(loss_on_logits))
             dlogits = grad_logits(vmap(head_fn, in_dims=(None, 0))(fitted, h), targets)
-        return RepresenterState(h, dlogits / (-2.0 * l2 * h.shape[0]), classes)
+        return RepresenterState(h, dlogits.div_(-2.0 * l2 * h.shape[0]), classes)
 
     def check_state(func: str, state, params: Params, train) -> RepresenterState:
         if not isinstance(state, RepresenterState):
@@ -314,16 +368,37 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                       "It was built by another method."))
         else:
             H, alpha, _ = check_state(func, state, params, train)
-        h_test, c_test = rows(func, "test", params, test)
         (n, F), K = H.shape, max(2, alpha.shape[1])  # one logit: classes 0 and 1
-        if h_test.shape[1] != F:
-            raise ValueError(_msg(func, "test", f"penultimate features of size F={F} like the "
-                                  "state's", f"size {h_test.shape[1]}",
-                                  "Prepare the state with the same model."))
-        if bool(((c_test < 0) | (c_test >= K)).any()):
-            raise ValueError(_msg(func, "test", f"classes in [0, {K})",
-                                  f"range [{int(c_test.min())}, {int(c_test.max())}]"))
+
+        def check_test(h_test: Tensor, c_test: Tensor) -> None:
+            if h_test.shape[1] != F:
+                raise ValueError(_msg(func, "test", f"penultimate features of size F={F} like "
+                                      "the state's", f"size {h_test.shape[1]}",
+                                      "Prepare the state with the same model."))
+            if bool(((c_test < 0) | (c_test >= K)).any()):
+                raise ValueError(_msg(func, "test", f"classes in [0, {K})",
+                                      f"range [{int(c_test.min())}, {int(c_test.max())}]"))
+
         step = n if chunk_size is None else chunk_size
+        m = _count(func, test)
+        if top_k is None and store_rows is None and m:
+            # Columns of the scores as the test rows come, a quarter of them at a time: the
+            # test features are never held whole, no [n, m] temporary beside the output.
+            out, at = H.new_empty(n, m), [0]
+
+            def columns(part) -> None:
+                h_c, c_c = part
+                check_test(h_c, c_c)
+                cols = out[:, at[0]:at[0] + h_c.shape[0]]
+                for a in range(0, n, step):
+                    torch.mm(H[a:a + step], h_c.T, out=cols[a:a + step])
+                _scale(cols, alpha, c_c, n * m // 64)
+                at[0] += h_c.shape[0]
+
+            rows(func, "test", params, test, sink=columns, most=-(-m // 4))
+            return out
+        h_test, c_test = rows(func, "test", params, test)
+        check_test(h_test, c_test)
         if store_rows is None:
             parts = ((a, H[a:a + step], alpha[a:a + step]) for a in range(0, n, step))
         else:
@@ -336,11 +411,13 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             parts = parts_of(store_rows)
         blocks, best = [], None
         for a, Hb, alpha_b in parts:
-            block = (Hb @ h_test.T).mul_(_coefficients(alpha_b, c_test))
+            block = Hb @ h_test.T
+            _scale(block, alpha_b, c_test, block.numel() // 16)
             if top_k is None:
                 blocks.append(block)
             else:
                 best = merge_topk(best, block, a, top_k, largest)
+            del block
         if top_k is not None:
             return best
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)

@@ -35,9 +35,9 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
     ``W* = argmin_W (1/n) sum_i L(head_fn(W, h_i), t_i) + l2 |W|^2`` over the entries of
     ``params`` that ``head_fn``'s output depends on (the others, e.g. a body, are returned
     as given). For a linear head this is strictly convex and ``W*`` is the stationary point the
-    representer theorem needs (Yeh et al. fine-tune the last layer this way). Solved in float64
-    from ``params`` until the largest gradient entry is at most ``tol * max(1, its value at the
-    start)``; warns when it is still above. ``W*`` is then within ``|grad| / (2 l2)`` of the
+    representer theorem needs (Yeh et al. fine-tune the last layer this way). Solved from
+    ``params`` until the largest gradient entry, in float64, is at most ``tol * max(1, its
+    value at the start)``; warns when it is still above. ``W*`` is then within ``|grad| / (2 l2)`` of the
     exact minimiser (strong convexity), and the representer decomposition of a test logit
     misses it by exactly ``(grad h_t)[c] / (2 l2)``: ``sum_i alpha_i <h_i, h_t> = W* h_t -
     grad h_t / (2 l2)`` for any ``W*``, with ``alpha`` taken at ``W*``.
@@ -46,7 +46,11 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
     with softmax cross-entropy against labels or probability targets -- checked on every row
     at a random head and random logits, in float64 -- has its value, gradient and exact
     Hessian products in closed form, and is minimised by truncated Newton-CG (3-5 steps on
-    the bundled tasks; 3-4x faster than L-BFGS on digits-lr's 650 entries). Any other head or
+    the bundled tasks; 3-4x faster than L-BFGS on digits-lr's 650 entries). Its values and
+    gradients are float64 sums over blocks of rows (:func:`_block_rows`, each block converted
+    on the fly: the features are never copied whole); its Hessian products, which only steer
+    the steps, run in the features' dtype (at least float32), so the stopping test above is
+    the float64 one whatever the features' dtype. Any other head or
     loss, and a Newton stall, go through L-BFGS on the vmapped objective (compact form,
     :func:`dattri_fn.solve.lbfgs.minimize_lbfgs`'s line search), then (heads of up to 4,096
     entries, and entries x n x K up to 2**27: ~1 GiB of float64 intermediates for the dense
@@ -82,25 +86,39 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
     with blame_keys(func, "params", params), blame_data(func, "targets", (features, targets)):
         logits0 = head_fn(probe, features[0])
         loss_on_logits(logits0.detach(), targets[0])
-        # every target through the loss once: a class index out of range is named here
-        vmap(loss_on_logits)(vmap(head_fn, in_dims=(None, 0))(params, features).detach(),
-                             targets)
     used = (torch.autograd.grad(logits0.sum(), list(probe.values()), allow_unused=True)
             if isinstance(logits0, Tensor) and logits0.requires_grad else [None] * len(probe))
     keys = [k for k, g in zip(probe, used, strict=True) if g is not None]
+    del used
     if not keys:
         raise ValueError(_msg(func, "params", "the parameters head_fn reads",
                               "none that its output depends on"))
-    h = features.detach().to(torch.float64)
-    t = targets.detach().to(torch.float64) if targets.is_floating_point() else targets.detach()
     fixed = {k: v.detach().to(torch.float64) for k, v in params.items() if k not in keys}
-    per_example = vmap(lambda p, hi, ti: loss_on_logits(head_fn(p, hi), ti), in_dims=(None, 0, 0))
     shapes = [params[k].shape for k in keys]
     sizes = [params[k].numel() for k in keys]
+    # The closed form's check runs every target through the loss (at the head's logits):
+    # when it holds, the generic check below has nothing left to find.
+    closed = _linear_softmax(head_fn, loss_on_logits, fixed, keys, params, features.detach(),
+                             targets.detach(), l2)
+    if closed is None:
+        with blame_keys(func, "params", params), blame_data(func, "targets", (features, targets)):
+            # every target through the loss once: a class index out of range is named here
+            vmap(loss_on_logits)(vmap(head_fn, in_dims=(None, 0))(params, features).detach(),
+                                 targets)
+    copies = []  # the float64 copy of the data, made only where the generic objective runs
+
+    def data64() -> tuple[Tensor, Tensor]:
+        if not copies:
+            copies.append((features.detach().to(torch.float64),
+                           targets.detach().to(torch.float64) if targets.is_floating_point()
+                           else targets.detach()))
+        return copies[0]
+
+    per_example = vmap(lambda p, hi, ti: loss_on_logits(head_fn(p, hi), ti), in_dims=(None, 0, 0))
 
     def objective(flat: Tensor) -> Tensor:  # the head's entries raveled, float64
         ws = [v.reshape(shape) for v, shape in zip(flat.split(sizes), shapes, strict=True)]
-        return per_example({**fixed, **dict(zip(keys, ws, strict=True))}, h, t).mean() \
+        return per_example({**fixed, **dict(zip(keys, ws, strict=True))}, *data64()).mean() \
             + l2 * (flat * flat).sum()
 
     grad_fn = torch.func.grad(objective)
@@ -111,16 +129,21 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
         value = objective(x)
         return value.detach(), torch.autograd.grad(value, x)[0]
 
-    closed = _linear_softmax(head_fn, loss_on_logits, fixed, keys, params, h, t, l2)
+    flat = torch.cat([params[k].detach().to(torch.float64).reshape(-1) for k in keys])
     if closed is not None:
         value_grad = closed.value_grad
-    flat = torch.cat([params[k].detach().to(torch.float64).reshape(-1) for k in keys])
-    value, g = value_grad(flat)
-    bound = tol * max(1.0, float(g.abs().max()))
-    if closed is not None:
-        flat, value, g = _newton_cg(closed, flat, value, g, bound, max_iter)
-    flat, g = _lbfgs(value_grad, flat, value, g, bound, max_iter)  # no step when converged
-    work = flat.numel() * h.shape[0] * logits0.numel()
+        P = closed.h.new_empty(closed.t.shape[0], closed.K, dtype=closed.work_dtype)
+        start = [flat, *closed.value_grad(flat, P)]
+        del flat  # the start is the solver's to drop once it has moved on
+        bound = tol * max(1.0, float(start[2].abs().max()))
+        flat, value, g = _newton_cg(closed, start, P, bound, max_iter)
+        del P
+    else:
+        value, g = value_grad(flat)
+        bound = tol * max(1.0, float(g.abs().max()))
+    if float(g.abs().max()) > bound:  # (its [history, P] pairs are not allocated for nothing)
+        flat, g = _lbfgs(value_grad, flat, value, g, bound, max_iter)
+    work = flat.numel() * features.shape[0] * logits0.numel()
     if flat.numel() <= _NEWTON_ENTRIES and work <= _NEWTON_WORK:
         # A line search stalls near round-off; Newton converges quadratically from here.
         for _ in range(8):
@@ -139,6 +162,19 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
             for k, v in params.items()}
 
 
+_BLOCKS = 8  # the float64 work streams the features in about this many blocks of rows,
+_BLOCK_MIN = 64  # of at least this many rows (fewer, larger blocks cost less per-call overhead)
+_BLOCK_ENTRIES = 2**22  # and at most this many entries (32 MiB of float64) once that is larger
+
+
+def _block_rows(n: int, F: int) -> int:
+    """Rows per float64 block of an ``[n, F]`` feature matrix: an eighth of them, at least 64
+    and at most ``2**22 / F`` (then more blocks); the float64 temporaries are then ~1/4 of the
+    float32 features' own size, in a bounded number of blocks."""
+    rows = min(max(_BLOCK_MIN, -(-n // _BLOCKS)), max(_BLOCK_MIN, _BLOCK_ENTRIES // max(F, 1)))
+    return max(1, min(n, rows))
+
+
 def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, keys: list,
                     params: Params, h: Tensor, t: Tensor, l2: float) -> _SoftmaxHead | None:
     """The head objective in closed form (value, gradient, Hessian products) when the head is linear,
@@ -152,10 +188,11 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
         grad_W f = (1/n) (s * softmax(Z) - T)^T H + 2 l2 W
 
     two ``[n, F] x [F, K]``-sized products per evaluation instead of a vmapped per-example
-    objective and its backward. Both assumptions are checked on every row, in float64: the
-    head at a random ``W`` (seeded) against ``H W^T``, and the loss's values and logit
-    gradients at the start's logits and at random ones against the formulas (relative 1e-10);
-    anything else keeps the generic path.
+    objective and its backward. Both assumptions are checked on every row, in float64, a block
+    of rows at a time (:func:`_block_rows`): the head at a random ``W`` (seeded) against ``H
+    W^T``, and the loss's values and logit gradients at the start's logits and at random ones
+    against the formulas (relative 1e-10); anything else keeps the generic path. ``h`` and
+    ``t`` stay in their dtypes (the head converts blocks of rows as it goes).
     """
     if len(keys) != 1 or params[keys[0]].ndim != 2:
         return None
@@ -167,104 +204,139 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
     if t.is_floating_point():
         if t.shape != (n, K):
             return None
-        T = t
-    elif t.shape == (n,) and bool(((t >= 0) & (t < K)).all()):
-        T = torch.nn.functional.one_hot(t.long(), K).to(h.dtype)
-    else:
+    elif not (t.shape == (n,) and bool(((t >= 0) & (t < K)).all())):
         return None
+    f64, rows = torch.float64, _block_rows(n, F)
+    wide = 2 * rows  # the head's check holds fewer [rows, K] temporaries: fewer, larger calls
+    work = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+    head = _SoftmaxHead(h, t, h.new_empty(n, dtype=f64), K, l2, rows, work)
     gen = torch.Generator(device=h.device).manual_seed(0)
-    W_r = torch.randn(K, F, generator=gen, dtype=h.dtype, device=h.device)
+    W_r = torch.randn(K, F, generator=gen, dtype=f64, device=h.device)
+    W0 = params[key].detach().to(f64)
+    head_rows = vmap(head_fn, in_dims=(None, 0))
+    loss_rows = vmap(torch.func.grad_and_value(loss_on_logits))
 
-    def close(a, b) -> bool:  # |a - b| <= 1e-10 (1 + |b|), two temporaries
-        return a.shape == b.shape and bool(
-            (a - b).abs_().le_(b.abs().add_(1).mul_(1e-10)).all())
+    def close(a, b) -> bool:  # |a - b| <= 1e-10 (1 + |b|), in place: a and b are spent
+        return a.shape == b.shape and bool(a.sub_(b).abs_().le_(b.abs_().add_(1).mul_(1e-10)).all())
 
     try:
         with torch.no_grad():
-            Z_r = vmap(head_fn, in_dims=(None, 0))({**fixed, key: W_r}, h)
-            if not close(Z_r, h @ W_r.T):
-                return None
-            del Z_r
-            Z0 = h @ params[key].detach().to(h.dtype).T
-            Z = torch.cat([Z0, 4 * torch.randn(n, K, generator=gen, dtype=h.dtype,
-                                               device=h.device)])
-            del Z0
-            TT, tt = torch.cat([T, T]), torch.cat([t, t])
-            grads, values = vmap(torch.func.grad_and_value(loss_on_logits))(Z, tt)
-            del tt
-            s = TT.sum(1)
-            # each formula checked and dropped before the next is formed
-            if not close(values, s * torch.logsumexp(Z, 1) - (TT * Z).sum(1)):
-                return None
-            if not close(grads, torch.softmax(Z, 1).mul_(s[:, None]).sub_(TT)):
-                return None
+            for a in range(0, n, wide):  # the head, at a random W
+                hb = h[a:a + wide].to(f64)
+                if not close(head_rows({**fixed, key: W_r}, hb), hb @ W_r.T):
+                    return None
+                del hb
+            for a in range(0, n, rows):  # the loss, at the start's logits and at random ones
+                hb, T = h[a:a + rows].to(f64), head.targets(a, a + rows)
+                Z = torch.cat([hb @ W0.T, 4 * torch.randn(hb.shape[0], K, generator=gen,
+                                                          dtype=f64, device=h.device)])
+                del hb
+                tb = t[a:a + rows].to(f64) if t.is_floating_point() else t[a:a + rows]
+                grads, values = loss_rows(Z, torch.cat([tb, tb]))
+                del tb
+                head.s[a:a + rows] = T.sum(1)
+                TT = torch.cat([T, T])
+                ss = TT.sum(1)
+                # each formula checked and dropped before the next is formed
+                if not close(values, torch.logsumexp(Z, 1).mul_(ss).sub_((TT * Z).sum(1))):
+                    return None
+                if not close(grads, torch.softmax(Z, 1).mul_(ss[:, None]).sub_(TT)):
+                    return None
+                del T, Z, grads, values, TT, ss
     except Exception:  # a head or loss the formulas do not describe: the generic path
         return None
-    return _SoftmaxHead(h, T, T.sum(1), l2)
+    return head._replace(unit=float((head.s - 1).abs().max()) <= 8 * torch.finfo(work).eps)
 
 
 class _SoftmaxHead(NamedTuple):
     """``f(W) = (1/n) sum_i (s_i logsumexp(h_i W^T) - T_i . h_i W^T) + l2 |W|^2`` in closed form
-    (:func:`_linear_softmax`)."""
+    (:func:`_linear_softmax`), over ``h`` and ``t`` as given."""
 
-    h: Tensor  # [n, F]
-    T: Tensor  # [n, K]
-    s: Tensor  # [n]
+    h: Tensor  # [n, F], the features' dtype
+    t: Tensor  # [n] class labels or [n, K] probabilities, as given
+    s: Tensor  # [n] float64: s_i = sum_c T_ic
+    K: int
     l2: float
+    rows: int  # rows per float64 block
+    work_dtype: torch.dtype  # of the Hessian products (and the probabilities they read)
+    unit: bool = False  # s_i = 1 to work_dtype's precision (labels, probabilities): not multiplied
 
-    def logits(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """``(value, P = softmax(Z))`` at ``w``.  # w [K F] -> ([], [n, K])"""
-        Z = self.h @ w.view(self.T.shape[1], -1).T  # [n, F] -> [n, K]
-        lse = torch.logsumexp(Z, 1)
-        value = (self.s * lse - (self.T * Z).sum(1)).mean() + self.l2 * (w @ w)
-        return value, Z.sub_(lse[:, None]).exp_()  # in Z: no [n, K] temporaries
+    def targets(self, a: int, b: int) -> Tensor:
+        """Rows ``a:b`` of ``T`` in float64.  # -> [b - a, K]"""
+        t = self.t[a:b]
+        if t.is_floating_point():
+            return t.to(torch.float64)
+        return torch.nn.functional.one_hot(t.long(), self.K).to(torch.float64)
 
-    def grad(self, w: Tensor, P: Tensor) -> Tensor:
-        """``(1/n) (s * P - T)^T h + 2 l2 W``.  # -> [K F]"""
-        G = (P * self.s[:, None]).sub_(self.T).div_(self.h.shape[0])  # dL/dZ / n
-        return (G.T @ self.h).view(-1).add_(w, alpha=2 * self.l2)
+    def value_grad(self, w: Tensor, P: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(f, grad f)`` at ``w`` in float64, summed over blocks of rows; ``softmax(Z)``
+        written into ``P`` when given.  # w [K F] -> ([], [K F]); P [n, K]"""
+        n, rows = self.h.shape[0], self.rows
+        W = w.view(self.K, -1)
+        total, grad = w.new_zeros(()), torch.zeros_like(W)
+        for a in range(0, n, rows):
+            hb, T, s = self.h[a:a + rows].to(torch.float64), self.targets(a, a + rows), \
+                self.s[a:a + rows, None]
+            Z = hb @ W.T  # [r, F] -> [r, K]
+            lse = torch.logsumexp(Z, 1, keepdim=True)
+            total += (s * lse).sum() - (T * Z).sum()
+            Z.sub_(lse).exp_()  # softmax, in Z: no [r, K] temporaries
+            if P is not None:
+                P[a:a + rows] = Z
+            grad.addmm_(Z.mul_(s).sub_(T).T, hb)  # (s * P - T)^T h
+            del hb, T, Z  # before the next block's are formed
+        return total / n + self.l2 * (w @ w), grad.view(-1).div_(n).add_(w, alpha=2 * self.l2)
 
-    def value_grad(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        value, P = self.logits(w)
-        return value, self.grad(w, P)
+    def hvp(self, P: Tensor, v: Tensor) -> Tensor:
+        """``(1/n) sum_i s_i (diag p_i - p_i p_i^T) (x) h_i h_i^T v + 2 l2 v``, the data term in
+        ``work_dtype``.  # P [n, K], v [K F] -> [K F]"""
+        n, dt = self.h.shape[0], self.work_dtype
+        V = v.view(self.K, -1).to(dt)
+        out = None
+        step = n if self.h.dtype == dt else self.rows  # another dtype: converted by blocks
+        for a in range(0, n, step):
+            hb, p = self.h[a:a + step].to(dt), P[a:a + step]
+            # p_ik (Z_ik - sum_c p_ic Z_ic) s_i, all in Z: no [r, K] temporary beside it
+            Z = torch.mm(hb, V.T).mul_(p)  # [r, K]
+            Z.addcmul_(p, Z.sum(1, keepdim=True), value=-1)
+            if not self.unit:
+                Z.mul_(self.s[a:a + step, None].to(dt))
+            out = torch.mm(Z.T, hb) if out is None else out.addmm_(Z.T, hb)
+            del hb, Z
+        return out.view(-1).to(v.dtype).div_(n).add_(v, alpha=2 * self.l2)
 
-    def hvp(self, Ps: Tensor, P: Tensor, v: Tensor) -> Tensor:
-        """``(1/n) sum_i s_i (diag p_i - p_i p_i^T) (x) h_i h_i^T v + 2 l2 v`` with ``Ps = s * P``.
 
-        # v [K F] -> [K F]
-        """
-        Z = self.h @ v.view(P.shape[1], -1).T  # [n, K]
-        R = Ps * (Z - (P * Z).sum(1, keepdim=True))
-        return (R.T @ self.h).view(-1).div_(self.h.shape[0]).add_(v, alpha=2 * self.l2)
-
-
-def _newton_cg(head: _SoftmaxHead, w: Tensor, value: Tensor, g: Tensor, bound: float,
+def _newton_cg(head: _SoftmaxHead, start: list, P: Tensor, bound: float,
                max_iter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated Newton on ``head``'s objective from ``w`` (value, gradient there) until
+    """Truncated Newton on ``head``'s objective from ``start = [w, value, gradient]`` (emptied
+    here, so that no caller keeps the first iterate alive; softmax ``P`` at ``w``) until
     ``max|g| <= bound``; return ``(w, value, g)`` at the last iterate.  # [K F] -> ...
 
-    Each step solves ``H d = -g`` (the exact Hessian, :meth:`_SoftmaxHead.hvp`) by conjugate
+    Each step solves ``H d = -g`` (the Hessian, :meth:`_SoftmaxHead.hvp`) by conjugate
     gradients to the relative residual ``min(1/2, sqrt(|g|))`` (Eisenstat & Walker's forcing
     term: superlinear convergence, no over-solving far from the minimum), then backtracks as
     :func:`dattri_fn.solve.lbfgs.minimize_lbfgs` does. On digits-lr's head (650 entries) it
     takes 4-5 steps and ~60 Hessian products where L-BFGS took ~50 steps and ~58
     evaluations, each of these costing about one Hessian product. Stops early (the caller
-    then continues by L-BFGS) when a line search finds no step.
+    then continues by L-BFGS) when a line search finds no step. The Hessian products in
+    float32 (float32 features) perturb each step by ~1e-7 relative, far below the forcing
+    term's tolerance; the acceptance and the stopping test read float64 values and gradients.
+    ``P`` is overwritten by each trial of the line search: the CG before it was its last use.
     """
+    w, value, g = start
+    start.clear()
     n_entries = w.numel()
     eps = torch.finfo(w.dtype).eps
-    _, P = head.logits(w)
     for _ in range(min(max_iter, 50)):
         g_max = float(g.abs().max())
         if g_max <= bound:
             break
-        Ps = P * head.s[:, None]
         # CG on H d = -g from d = 0
         d, r = torch.zeros_like(g), -g
         p, rr = r.clone(), float(r @ r)
         stop = min(0.25, float(g.norm())) * rr  # (forcing term)^2 |g|^2, forcing <= 1/2
         for _ in range(min(n_entries, 1000)):
-            Hp = head.hvp(Ps, P, p)
+            Hp = head.hvp(P, p)
             pHp = float(p @ Hp)
             if not pHp > 0:  # round-off at the bottom of the spectrum: keep what we have
                 break
@@ -276,14 +348,14 @@ def _newton_cg(head: _SoftmaxHead, w: Tensor, value: Tensor, g: Tensor, bound: f
                 break
             p = r + (rr_new / rr) * p
             rr = rr_new
+        del r, p, Hp
         slope = float(g @ d)
         if not slope < 0:
             d, slope = -g, -float(g @ g)
         t, noise, loose = 1.0, 8 * eps * abs(float(value)), 1e-6 * abs(float(value))
         while True:
             w_new = w + t * d
-            v_new, P_new = head.logits(w_new)
-            g_new = head.grad(w_new, P_new)
+            v_new, g_new = head.value_grad(w_new, P)
             if float(v_new) <= float(value) + 1e-4 * t * slope or (
                     float(v_new) <= float(value) + noise and float(g_new.abs().max()) < g_max) or (
                     float(v_new) <= float(value) + loose and float(g_new @ d) <= -0.8 * slope):
@@ -291,7 +363,7 @@ def _newton_cg(head: _SoftmaxHead, w: Tensor, value: Tensor, g: Tensor, bound: f
             t *= 0.5
             if t < 1e-12:
                 return w, value, g
-        w, value, g, P = w_new, v_new, g_new, P_new
+        w, value, g = w_new, v_new, g_new
     return w, value, g
 
 
