@@ -133,9 +133,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     projections would take over 4 MiB together: countable data (a cached ``train`` here,
     ``test`` in ``score``) are then read once per checkpoint, holding one ``R_c`` at a time,
     each Gram formed right after its pass. A rademacher ``R`` is kept between calls as packed
-    signs (one bit per entry, unpacked by each call); other kinds keep a dense ``R`` of up to
-    2**22 entries. Each kernel is factored and inverted by Cholesky in float64, one checkpoint
-    at a time. When ``d > n_train``, the features are cached and ``train`` is countable, it uses
+    signs (one bit per entry), unpacked dense only while its own checkpoint's rows are
+    projected (one dense ``R`` alive at a time); other kinds keep a dense ``R`` of up to
+    2**22 entries. Gradients are densified by blocks of about 2**17 entries (at least 128 rows)
+    and each block is projected straight into its rows of the cache. Each kernel is factored
+    and inverted by Cholesky in float64, one checkpoint at a time. When ``d > n_train``, the
+    features are cached and ``train`` is countable, it uses
     the dual kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the
     same scores, since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``,
     without the ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when

@@ -35,7 +35,8 @@ from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 
 _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is densified
-_ROW_BLOCK_ENTRIES = 2**19  # densified per projection call when R is held: rows x P entries
+_ROW_BLOCK_ENTRIES = 2**17  # densified per projection call when R is held: rows x P entries
+_MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
 
 
@@ -161,29 +162,30 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             return
         if lg is not None and plist is not None:
             b = lg.num_rows
+            buffers = [] if buffers is None else buffers  # one densified block per call at most
             for c, proj in enumerate(plist):
                 lc = lg.select(c)
+                dest = None if into is None else into[c]
                 if proj.holdable or b * P <= _DENSE_ENTRIES:  # densified, then projected:
-                    # by blocks of rows when R is held dense (the block stays small)
-                    rb = max(1, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
-                    block = lambda r, lc=lc, proj=proj, rb=rb: proj(lc.rows(r, r + rb).to_dense(
-                        fdt, out=dense_buffer(buffers, min(rb, b - r)))[0])  # noqa: E731
+                    # by blocks of rows when R is held dense (the block stays small), each
+                    # projected straight into its rows of the result (the cache, when given)
+                    rb = max(_MIN_BLOCK_ROWS, _ROW_BLOCK_ENTRIES // P) if proj.holdable else b
+                    if dest is None:
+                        dest = v0.new_empty((b, proj.proj_dim), dtype=fdt)
                     with holding(c if one is None else one) if hold_each else \
                             contextlib.nullcontext():
-                        if into is not None:  # each block straight into the cache: no [b, d] copy
-                            for r in range(0, b, rb):
-                                into[c, r:r + rb] = block(r)
-                            continue
-                        parts = [block(r) for r in range(0, b, rb)]
-                    yield parts[0] if len(parts) == 1 else torch.cat(parts)
-                    del parts  # not alive while the next checkpoint is projected
+                        for r in range(0, b, rb):
+                            m = min(rb, b - r)
+                            X = lc.rows(r, r + m).to_dense(fdt, out=dense_buffer(buffers, m))[0]
+                            proj.apply_columns(lambda s, e, X=X: X[:, s:e], m, dtype=fdt,
+                                               device=v0.device, out=dest[r:r + m])
+                            del X
                 else:  # one checkpoint's columns per projector step: never [b, P]
-                    phi = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
-                                             b, dtype=fdt, device=v0.device)
-                    if into is not None:  # the same contract as above: written, not yielded
-                        into[c] = phi
-                        continue
-                    yield phi
+                    dest = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
+                                              b, dtype=fdt, device=v0.device, out=dest)
+                if into is None:  # written into the cache rows, else yielded
+                    yield dest
+                del dest  # not alive while the next checkpoint is projected
             return
         if lg is not None:  # unprojected: [b, P] each
             if into is not None:
@@ -195,7 +197,16 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
 
     def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
-        return torch.stack(list(feature_rows(batch, one=one)))
+        # rows written in place (no list of [b, d] blocks stacked), each R_c held only while
+        # its own rows are projected: one dense R alive at a time
+        out = v0.new_empty((C if one is None else 1, batch_size("features", "batch", batch), d),
+                           dtype=fdt)
+        i = 0
+        for phi in feature_rows(batch, [], one, out, True):
+            out[i] = phi
+            i += 1
+            del phi
+        return out
 
     def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
         if weight_fn is None:
@@ -223,9 +234,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     def collect_features(func: str, arg: str, data, device) -> Tensor:  # [C, n, d] in fdt
         data = regrouped(func, arg, data, rows_min)
         if not by_checkpoint(data):
-            with holding():
-                return collect(in_chunks(features, chunk_size), data, device=device, func=func,
-                               arg=arg)
+            return collect(in_chunks(features, chunk_size), data, device=device, func=func,
+                           arg=arg)
         per_ckpt = []
         for c in range(C):
             with holding(c):
@@ -243,7 +253,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         one_call = (chunk_size is None or chunk_size >= total) and (
             is_batch(data) or (rows_min is not None and total <= rows_min)
             or (isinstance(data, (list, tuple)) and len(data) == 1))
-        with contextlib.nullcontext() if one_call else holding(c):
+        # A pass over one checkpoint holds its R throughout; a pass over all of them holds
+        # each R_c only while its own rows are projected (one dense R alive, unpacked once per
+        # batch and checkpoint).
+        hold_pass = c is not None and not one_call
+        with holding(c) if hold_pass else contextlib.nullcontext():
             for batch in iter_batches(func, "train", data):
                 batch = batch_to(batch, v0.device)
                 b = batch_size(func, "train", batch)
@@ -255,7 +269,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     # not enumerate: its reused result tuple would keep these rows alive while
                     # the next checkpoint's are formed
                     i = 0
-                    for phi in feature_rows(part, buffers, c, into, one_call):
+                    for phi in feature_rows(part, buffers, c, into, not hold_pass):
                         feats[i if c is None else c, rows] = phi
                         i += 1
                         del phi

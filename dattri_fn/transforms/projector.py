@@ -254,17 +254,24 @@ class Projector:
 
     # -- application ---------------------------------------------------------------------
     def _apply(self, cols: ColumnFn, batch: int, dtype: torch.dtype,
-               device: torch.device) -> Tensor:
+               device: torch.device, out: Tensor | None = None) -> Tensor:
         """Return ``sum_steps cols(a, b) @ R[a:b]``.  # -> [B, d]
 
         Half-precision inputs (bfloat16/float16) are multiplied in their dtype, where matrix
         units are fast, and the steps are summed in float32, so rounding does not grow with P.
         For float16 (max 65504) the dense ``R`` is first scaled by the power of two nearest
         below ``1 / sqrt(d)`` (exact), so a product overflows only when the output nearly does.
+        ``out``: a ``[B, d]`` tensor (a view is fine) that receives the result and is
+        returned; in the accumulation dtype it is summed into directly (no ``[B, d]``
+        temporary), the same operations in the same order.
         """
         acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         shift = _float16_shift(self.scale) if dtype == torch.float16 else 1.0
-        out = torch.zeros(batch, self.proj_dim, dtype=acc, device=device)
+        into = out
+        if out is not None and out.dtype == acc:
+            out = out.zero_()
+        else:
+            out = torch.zeros(batch, self.proj_dim, dtype=acc, device=device)
         sub = max(1, _SJLT_STEP_ENTRIES // max(batch, 1))
         steps = self._steps()
         streamed = self.kind != "sjlt" and not self.cacheable
@@ -295,7 +302,10 @@ class Projector:
                 _add_product(out, X, self._unpacked(a, b, dtype, device, shift, signs[:b - a]))
             else:
                 _add_product(out, X, self._raw(a, b, dtype, device, shift))
-        return out.mul_(self.scale / shift).to(dtype)
+        out.mul_(self.scale / shift)
+        if into is None:
+            return out.to(dtype)
+        return into if into is out else into.copy_(out)
 
     def __call__(self, features: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Return ``X R`` for ``[B, P]``, ``[P]`` or ``{name: [B, *shape]}``.  # -> [B, d] / [d]
@@ -314,15 +324,22 @@ class Projector:
         return self._apply(lambda a, b: X[:, a:b], X.shape[0], X.dtype, X.device)
 
     def apply_columns(self, cols: ColumnFn, rows: int, *, dtype: torch.dtype,
-                      device) -> Tensor:
+                      device, out: Tensor | None = None) -> Tensor:
         """Return ``X R`` for an ``X`` given as column blocks ``cols(a, b) -> [rows, b - a]``.  # [rows, d]
 
         ``X`` is never formed whole: each step of ``R``'s rows meets only its own columns (for
         example :meth:`dattri_fn.transforms.layer_grads.LayerGrads.columns`), so memory is bounded by
         one step. The blocks are not validated: they must be finite, of ``dtype`` on
-        ``device``.
+        ``device``. ``out``: a ``[rows, d]`` tensor (e.g. rows of a feature cache) written and
+        returned: in ``dtype`` (float32/float64) it is accumulated into in place, with no
+        ``[rows, d]`` temporary; the values equal those returned without it.
         """
-        return self._apply(cols, rows, dtype, torch.device(device))
+        if out is not None and (not isinstance(out, Tensor)
+                                or tuple(out.shape) != (rows, self.proj_dim)):
+            got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(_msg("Projector.apply_columns", "out", f"a Tensor of shape "
+                                  f"[{rows}, {self.proj_dim}]", f"{got}"))
+        return self._apply(cols, rows, dtype, torch.device(device), out)
 
     def matrix(self, dtype: torch.dtype | None = None, device=None) -> Tensor:
         """Return the dense ``R`` with ``projector(X) == X @ R`` (for tests and small P).  # [P, d]
