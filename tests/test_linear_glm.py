@@ -155,12 +155,30 @@ def test_influence_lissa_hessian_factored_equals_autodiff_minibatches(l2):
     assert fast(V).abs().max() > 0
 
 
-def test_affine_hessian_off_for_an_mlp_and_a_plain_loss():
-    """The factored Hessian is not used for an MLP (H != G) nor a plain loss."""
+class _Centred(nn.Module):
+    """One Linear layer on batch-centred inputs: its examples interact (per-example loss !=
+    the batched forward's row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0, keepdim=True) + 0.3)
+
+
+def test_affine_hessian_off_for_an_mlp_a_plain_loss_and_interacting_examples():
+    """The factored Hessian is not used for an MLP (H != G), a plain loss, nor a one-layer
+    model whose batched forward mixes examples (the per-example losses differ from it)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     fm = functional_model(mlp, F.cross_entropy)
     data = _data(10, 4, 3, 0)
+    centred = functional_model(_Centred().eval(), F.cross_entropy)
+    cfg = influence_config(centred, solver="cg", damping=0.1, curvature="hessian", target=None,
+                           model=None, l2=0.0, chunk_size=None, batch_rows=None, relatif=None,
+                           per_layer=False, solver_options={})
+    assert affine_hessian(cfg, centred.params, data) is None
     for loss in (fm, fm.loss):
         cfg = influence_config(loss, solver="cg", damping=0.1, curvature="hessian", target=None,
                                model=None, l2=0.0, chunk_size=None, batch_rows=None,
@@ -168,3 +186,26 @@ def test_affine_hessian_off_for_an_mlp_and_a_plain_loss():
         assert affine_hessian(cfg, fm.params, data) is None
     H = hvp(fm.loss, fm.params, data)
     assert not isinstance(H, FactoredOperator)
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+def test_influence_lissa_gauss_newton_draws_rows_of_one_factored_operator(l2):
+    """LiSSA on an MLP's Gauss-Newton (the builder keeps its factors): the mini-batch
+    Gauss-Newtons drawn as row subsets of one operator on all the data give the per-mini-batch
+    builder's iterates (same draws) to 1e-10."""
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    fm = functional_model(mlp, F.cross_entropy)
+    x, y = _data(30, 4, 3, 2)
+    train = [(x[:16], y[:16]), (x[16:], y[16:])]
+    opts = dict(scale=10.0, depth=50, batch_size=7, seed=5)
+    cfg = influence_config(fm, solver="lissa", damping=0.1, curvature=None, target=None,
+                           model=None, l2=l2, chunk_size=None, batch_rows=None, relatif=None,
+                           per_layer=False, solver_options=opts)
+    assert cfg.curvature.keeps_factors
+    assert isinstance(cfg.curvature(fm.params, (x, y)), FactoredOperator)
+    fast, _ = build_inverse(cfg, fm.params, train, None)
+    slow = ihvp_lissa(lissa_batches(cfg, fm.params, (x, y)), (x, y), damping=cfg.damping, **opts)
+    V = torch.randn(4, fast.dim, generator=torch.Generator().manual_seed(0), dtype=D)
+    torch.testing.assert_close(fast(V), slow(V), rtol=1e-10, atol=1e-13)
+    assert fast(V).abs().max() > 0

@@ -29,6 +29,7 @@ from ..model import FunctionalModel, batched_loss, default_unpack
 from ..operators import kfac
 from ..operators.curvature import cross_entropy_out_hessian, fvp, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
+from ..operators.linear_gauss_newton import FactoredOperator
 from ..operators.linear_glm import restricted
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_score import _relatif_scale, grads
@@ -195,10 +196,11 @@ def affine_hessian(cfg: InfluenceConfig, params: Params, train):
 
     loss = cfg.loss
     if not (cfg.curvature == "hessian" and isinstance(loss, FunctionalModel)
-            and loss.loss_fn is not None and loss.unpack in (None, default_unpack)
-            and _independent(loss)):
+            and loss.loss_fn is not None and loss.unpack in (None, default_unpack)):
         return None
     first = peek(iter_batches(cfg.name, "train", train))
+    if batched_for(cfg, params, first) is None:  # examples that interact in a batch
+        return None
     rows = cfg.rows or curvature_rows(sum(v.numel() for v in params.values()),
                                       batch_size(cfg.name, "train", first))
     out_hessian = cross_entropy_out_hessian if _is_softmax_cross_entropy(loss.loss_fn) else None
@@ -267,11 +269,17 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
         return inv, getattr(inv, "eigen", None)
     if solver == "lissa":
         data = _concat(train)
-        H = affine_hessian(cfg, params, data)
+        H, shift = affine_hessian(cfg, params, data), 2 * cfg.l2  # the Hessian's l2 term
+        if H is None and getattr(cfg.curvature, "keeps_factors", False) and \
+                batched_for(cfg, params, data) is not None:
+            # the Gauss-Newton builder (its l2 is in damping) on a model whose examples do not
+            # interact: factors once on all the data, then the mini-batches' rows of them
+            C = cfg.curvature(params, data)
+            H, shift = (C if isinstance(C, FactoredOperator) and C.factors is not None
+                        else None), 0.0
         if H is not None:  # mini-batches drawn by row index, as sampled draws them from data
             rows = torch.arange(batch_size(cfg.name, "train", data), device=device_of(params))
-            return solve.ihvp_lissa(restricted(H, 2 * cfg.l2), rows, damping=damping,
-                                    **options), None
+            return solve.ihvp_lissa(restricted(H, shift), rows, damping=damping, **options), None
         return solve.ihvp_lissa(lissa_batches(cfg, params, data), data, damping=damping,
                                 **options), None
     if solver == "datainf":

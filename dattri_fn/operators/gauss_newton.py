@@ -159,6 +159,9 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
         return gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
 
     vmappable: dict = {}  # params' keys -> whether vmap over examples runs the model
+    # its factored operators keep their factors within the budget: a caller may build one on
+    # all its data and draw the Gauss-Newton of row subsets from it (FactoredOperator.on_rows)
+    build.keeps_factors = True
     return build
 
 
