@@ -402,3 +402,39 @@ def test_query_rank_and_bfloat16_storage_keep_the_diagonal_block():
         sl = slice(off[k], off[k] + d.numel())
         want = V[:, sl] / (d.float().reshape(-1).double() + 0.1)
         torch.testing.assert_close(out[:, sl], want, rtol=1e-6, atol=0)
+
+
+class _Branchy(PosLM):
+    """PosLM whose forward reads a value (.item()): vmap refuses it, the diagonal pass loops."""
+
+    def forward(self, idx):
+        out = super().forward(idx)
+        return out if float(idx.sum().item()) >= 0 else -out
+
+
+def test_a_model_vmap_refuses_loops_once_with_one_warning_and_the_same_diagonal():
+    """vmap cannot run the model (.item()): one warning per pass, per-example gradients by one
+    backward each, and fisher='true' D = mean g(y~)^2 over the drawn targets (1e-10)."""
+    model, ids, labels = _problem(10)
+    branchy = _Branchy().double().eval()
+    branchy.load_state_dict(model.state_dict())
+    params = {k: v.detach() for k, v in branchy.named_parameters()}
+
+    def draw(out, target, gen):
+        y = torch.multinomial(out.softmax(-1).reshape(-1, C), 1, generator=gen).reshape(target.shape)
+        return y.masked_fill(target < 0, -100)
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f = kfac_factors(branchy, lm_loss, params, (ids, labels), fisher="true", seed=5,
+                         sampler=draw, chunk_size=3, others="diagonal")
+    loops = [w for w in got if "vmap cannot run this model" in str(w.message)]
+    assert len(loops) == 1
+    with torch.no_grad():
+        drawn = torch.cat([draw(model(ids[r:r + 3]), labels[r:r + 3], g) for g in
+                           [torch.Generator().manual_seed(5)] for r in range(0, 8, 3)])
+    G = _grads(model, params, ids, drawn)
+    off = _offsets(params)
+    for k, d in f.diagonal.items():
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
