@@ -165,7 +165,8 @@ def _weighted_sum(func: str, tensors: dict[str, Tensor], weight: float, group) -
 
 
 def all_reduce_kfac(factors, *, group=None):
-    """Return K-FAC factors over every rank's examples: ``A = sum_r (n_r / N) A_r`` (same for G).
+    """Return K-FAC factors over every rank's examples: ``A = sum_r (n_r / N) A_r`` (same for G
+    and the diagonal block of the params outside the Kronecker layers).
 
     ``factors`` is this rank's :class:`~dattri_fn.operators.kfac.KFACFactors` over its shard.
     """
@@ -178,6 +179,7 @@ def all_reduce_kfac(factors, *, group=None):
     w = n / total
     return factors._replace(A=_weighted_sum("all_reduce_kfac", factors.A, w, group),
                             G=_weighted_sum("all_reduce_kfac", factors.G, w, group),
+                            diagonal=_weighted_sum("all_reduce_kfac", factors.diagonal, w, group),
                             num_examples=torch.tensor(total, dtype=torch.int64))
 
 

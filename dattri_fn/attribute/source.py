@@ -306,7 +306,9 @@ def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, s
         factors = _pooled_ekfac(model, group, train, fisher)
     else:
         mid = group[len(group) // 2]
-        factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher)
+        # others="error": phi/decay are taken of Lambda only (a diagonal block would be skipped)
+        factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher,
+                                others="error")
     if list(factors.param_names) != keys:
         raise ValueError(_msg("source", "curvature", "'ekfac' on a model whose params are all "
                               f"Linear-like layers, in order ({keys})",
@@ -341,7 +343,8 @@ def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
         return sums, count
 
     for c in group:
-        kfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher, reduce=gather)
+        kfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher, reduce=gather,
+                     others="error")
     calls = [0]
 
     def inject(sums: dict, count: int):
@@ -351,7 +354,7 @@ def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
         return ({key: pooled[key] for key in sums}, total[0]) if calls[0] % 2 else (sums, count)
 
     each = [ekfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher,
-                          reduce=inject) for c in group]
+                          reduce=inject, others="error") for c in group]
     Lambda = {k: sum(f.Lambda[k] for f in each) / len(each) for k in each[0].Lambda}
     return each[0]._replace(Lambda=Lambda)
 
