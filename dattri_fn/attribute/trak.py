@@ -135,7 +135,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     each Gram formed right after its pass. A rademacher ``R`` is kept between calls as packed
     signs (one bit per entry), unpacked dense only while its own checkpoint's rows are
     projected (one dense ``R`` alive at a time); other kinds keep a dense ``R`` of up to
-    2**22 entries. Gradients are densified by blocks of about 2**17 entries (at least 128 rows)
+    2**22 entries. Gradients are densified by blocks of about 2**16 entries (at least 128 rows)
     and each block is projected straight into its rows of the cache. Each kernel is factored
     and inverted by Cholesky in float64, one checkpoint at a time. When ``d > n_train``, the
     features are cached and ``train`` is countable, it uses

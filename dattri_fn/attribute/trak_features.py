@@ -35,7 +35,7 @@ from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 
 _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is densified
-_ROW_BLOCK_ENTRIES = 2**17  # densified per projection call when R is held: rows x P entries
+_ROW_BLOCK_ENTRIES = 2**16  # densified per projection call when R is held: rows x P entries
 _MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
 

@@ -21,6 +21,7 @@ _CHUNK_ENTRIES = 2**22  # default materialised per step: 16 MiB of float32
 _CACHE_ENTRIES = 2**22  # a dense R is kept when it stores at most this many entries
 _BITS_BYTES = 2**24  # a rademacher R's signs are kept packed up to this many bytes
 _SJLT_STEP_ENTRIES = 2**20  # bounds the [B, rows] temporary of one index_add_
+_UNPACK_BYTES = 2**13  # packed sign bytes unpacked per index_select (a 32 KiB int32 index)
 
 ColumnFn = Callable[[int, int], Tensor]
 
@@ -219,7 +220,11 @@ class Projector:
         n, d8 = bits.shape
         if out is None:
             out = torch.empty(n, d8 * 8, dtype=dtype, device=device)
-        torch.index_select(table, 0, bits.reshape(-1).int(), out=out.view(n * d8, 8))
+        # by row blocks: the int32 index of a block is 4x its packed bytes, kept small
+        step = max(1, _UNPACK_BYTES // d8)
+        for s in range(0, n, step):
+            torch.index_select(table, 0, bits[s:s + step].reshape(-1).int(),
+                               out=out[s:s + step].view(-1, 8))
         return out[:, :self.proj_dim]
 
     def _raw(self, start: int, stop: int, dtype: torch.dtype, device: torch.device,
