@@ -9,6 +9,14 @@ Times (median thread CPU time of ``--repeats`` warm calls, one process): ``prepa
 the engine's overhead sits on). ``--gpt2``: a tiny GPT-2 (2 layers, width 64, 16 x 32
 tokens; its Conv1D layers).
 ``--profile``: a cProfile of the engine's batched pass (top 25 by cumulative time).
+
+``--floor``: Grad-Dot's ``prepare + score`` as ``benchmarks.g_against`` runs it (its task sizes,
+models and recipe) split into its parts, each timed on its own and all of them interleaved
+round by round with dattri 0.3.0's TracInAttributor on the same data (``--rounds``): the plan
+check of ``prepare`` (autodiff on its 3 examples, the factored pass over them, the rest), the
+one capture pass of ``score`` over ``[test, *train]``, the score blocks, and a bare forward +
+backward over the same rows (``functional_call`` + ``autograd.grad``, no capture: the floor a
+pass sits on). Medians of thread CPU ms, and each part's share of dattri's median.
 """
 
 from __future__ import annotations
@@ -19,7 +27,11 @@ import pstats
 import statistics
 import time
 
-import torch
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (dattri imports it)
+
+import torch  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -90,6 +102,82 @@ def digits(task_name: str, repeats: int, profile: bool) -> None:
         _profile(engine)
 
 
+def floor(task_name: str, rounds: int) -> None:
+    """Grad-Dot's parts against dattri's whole run, interleaved (module docstring)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+    from benchmarks.run import DEFAULT_SIZES, load_models, load_task, runner_for, train_states
+    from dattri_fn._checks import batch_cat, batch_slice
+    from dattri_fn.attribute.gradsim import grad_dot
+    from dattri_fn.model import functional_model
+    from dattri_fn.transforms.layer_grads import _check, layer_plan
+    from dattri_fn.transforms.layer_grads_paths import _autodiff_rows, _factored
+
+    n_train, n_test, _ = DEFAULT_SIZES[task_name]
+    task = load_task({"name": task_name, "n_train": n_train, "n_test": n_test, "seed": 0,
+                      "device": "cpu"})
+    models = load_models(task, train_states(task, 3))
+    hp = {"damping": 1e-3, "proj_dim": 512, "max_iter": 100, "arnoldi_rank": 64,
+          "arnoldi_block": 16, "batch_size": 256, "seed": 0, "device": "cpu"}
+    ours, theirs = (runner_for(side, "grad-dot", task, models, hp) for side in ("ours", "dattri"))
+    fm = functional_model(models[0].eval(), task.loss_fn)
+    method = grad_dot(fm)
+    bs = hp["batch_size"]
+    train = [(task.x_train[i:i + bs], task.y_train[i:i + bs]) for i in range(0, n_train, bs)]
+    test = (task.x_test, task.y_test)
+    stacked = {k: v[None] for k, v in fm.params.items()}
+    head = batch_slice(train[0], 0, 3)
+    plan = layer_plan(fm)
+    checked = _check(plan, stacked, head)[0]
+    merged = batch_cat([test, *train])
+    state = method.prepare(fm.params, train)
+    lg = _factored(checked, stacked, merged)[0]
+    test_rows, train_rows = lg.rows(0, n_test), lg.rows(n_test, lg.num_rows)
+
+    def blocks():
+        off = 0
+        for b in train:
+            train_rows.rows(off, off + b[0].shape[0]).scores(test_rows)
+            off += b[0].shape[0]
+
+    def bare():
+        live = {k: v.detach().requires_grad_(True) for k, v in fm.params.items()}
+        with torch.enable_grad():
+            out = torch.func.functional_call(fm.module, {**fm.fixed, **live}, (merged[0],))
+            loss = torch.nn.functional.cross_entropy(out, merged[1], reduction="sum")
+            return torch.autograd.grad(loss, list(live.values()))
+
+    parts = {
+        "dattri prepare+score": lambda: theirs.score(theirs.prepare()),
+        "ours prepare+score": lambda: ours.score(ours.prepare()),
+        "ours prepare": lambda: method.prepare(fm.params, train),
+        "  check: autodiff rows (3)": lambda: _autodiff_rows(fm.loss, fm.params, head),
+        "  check: factored pass (3)": lambda: _factored(checked, stacked, head),
+        "  check (whole)": lambda: _check(plan, stacked, head),
+        "ours score": lambda: method.score(fm.params, state, train, test),
+        f"  one capture pass ({lg.num_rows})": lambda: _factored(checked, stacked, merged),
+        "  score blocks": blocks,
+        f"bare fwd+bwd ({lg.num_rows}, no capture)": bare,
+    }
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for fn in parts.values():
+        fn()
+    for _ in range(rounds):
+        for k, fn in parts.items():
+            t0 = time.thread_time()
+            fn()
+            times[k].append(1e3 * (time.thread_time() - t0))
+    ref = statistics.median(times["dattri prepare+score"])
+    print(f"{task_name} grad-dot {n_train} x {n_test}: median thread CPU ms of {rounds} "
+          f"interleaved rounds, share of dattri's prepare+score")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"  {k:36s} {med:8.3f}  {med / ref:6.3f}")
+
+
 def gpt2(repeats: int, profile: bool) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -130,9 +218,13 @@ def main(argv=None) -> None:
     p.add_argument("--gpt2", action="store_true")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--floor", action="store_true")
+    p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.gpt2:
+    if args.floor:
+        floor(args.task, args.rounds)
+    elif args.gpt2:
         gpt2(args.repeats, args.profile)
     else:
         digits(args.task, args.repeats, args.profile)

@@ -156,3 +156,38 @@ def test_functional_model_unties_only_a_module_with_tied_tensors():
     torch.testing.assert_close(fm.loss(p, (idx, y)), want, rtol=0, atol=1e-12)
     g = torch.func.grad(fm.loss)(p, (idx, y))["emb.weight"]
     torch.testing.assert_close(g, g_want, rtol=0, atol=1e-12)
+
+
+class _Tokens(nn.Module):
+    """Embedding -> Linear on [B, T, D] -> mean over T -> Linear, fed by keyword (a dict batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.lin(self.emb(ids))).mean(1))
+
+
+@pytest.mark.parametrize("case", ["mlp", "tied", "dict"])
+def test_check_reference_rows_equal_model_loss_rows(case):
+    """The check's reference rows (each example a batch of one, straight to functional_call)
+    == autodiff of model.loss on each example alone (torch.equal), for a plain MLP, a module
+    with a tied tensor and a dict batch read by keyword."""
+    from dattri_fn.model import _has_tied_tensors
+    from dattri_fn.transforms.layer_grads_paths import _autodiff_rows, _example_rows
+
+    g = _gen(7)
+    if case == "mlp":
+        module, batch = _mlp(4), _xy(8, 3)
+    elif case == "tied":
+        module = _init(_TiedHead().double(), 6)
+        batch = (torch.randint(0, 5, (3,), generator=g), torch.randint(0, 5, (3,), generator=g))
+    else:
+        module = _init(_Tokens().double(), 6)
+        batch = {"ids": torch.randint(0, 7, (3, 5), generator=g),
+                 "labels": torch.randint(0, 3, (3,), generator=g)}
+    fm = functional_model(module, F.cross_entropy)
+    got = _example_rows(fm, fm.params, batch, _has_tied_tensors(module))
+    want = _autodiff_rows(fm.loss, fm.params, batch)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)

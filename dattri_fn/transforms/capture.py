@@ -316,8 +316,9 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     weight's whole gradient must not pass it (the default: a tie is a problem).
 
     Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
-    ``state_keys`` (the names ``functional_call`` accepts), ``tied``, ``check`` and
-    ``probed``. It holds no state: every call is independent of the ones before.
+    ``state_keys`` (the names ``functional_call`` accepts), ``tied``, ``ties_any`` (whether
+    the module holds one tensor under two names, decided once), ``check`` and ``probed``.
+    It holds no state: every call is independent of the ones before.
     """
     specs_all = layer_specs(module)
     names = list(layers)
@@ -385,6 +386,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     tapped.layers = names
     tapped.specs = specs
     tapped.tied = _tied_groups(module, specs) if tied else ()
+    tapped.ties_any = ties
     tapped.module = module
     tapped.state_keys = state_keys
     tapped.check = check_fn

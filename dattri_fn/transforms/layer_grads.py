@@ -54,6 +54,7 @@ from .layer_grads_paths import (  # noqa: F401
     _assemble,
     _autodiff_rows,
     _dense,
+    _example_rows,
     _factored,
     _loop_grads,
     _raw_batched,
@@ -201,8 +202,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
     # must not make a good model dense.
-    ref = ravel_batched(_autodiff_rows(plan.model.loss, {key: v[0] for key, v in first.items()},
-                                       head))
+    ref = ravel_batched(_example_rows(plan.model, {key: v[0] for key, v in first.items()}, head,
+                                      getattr(plan.tapped, "ties_any", True)))
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
     passed = None
     if n == k:
