@@ -419,16 +419,21 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "train", "at least one example", "none"))
         inverses = {}
         if curvature == "fisher":
+            damped, by_size = {}, {}
             for blk, s, e in blocks:
                 F = grams[blk] / n
-                lam = 0.1 * F.diagonal().mean() if damping is None else damping
-                L, info = torch.linalg.cholesky_ex(F + lam * torch.eye(e - s, dtype=F.dtype,
-                                                                        device=F.device))
-                if int(info):
+                F.diagonal().add_(0.1 * F.diagonal().mean() if damping is None else damping)
+                damped[blk] = F
+                by_size.setdefault(e - s, []).append(blk)
+            for names in by_size.values():  # one batched factorisation per block size
+                L, info = torch.linalg.cholesky_ex(torch.stack([damped[b] for b in names]))
+                bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
+                if bad:
                     raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
-                                          f"block {blk!r}'s Fisher is singular",
+                                          f"block {bad[0]!r}'s Fisher is singular",
                                           f"damping={damping}"))
-                inverses[blk] = torch.cholesky_inverse(L)
+                inv = torch.cholesky_inverse(L)
+                inverses.update(zip(names, inv.unbind(), strict=True))
         checked = held()
         return FactGraSSState(blocks, inverses, None if not cache_features else
                               feats[0] if len(feats) == 1 else torch.cat(feats),

@@ -155,16 +155,15 @@ class KroneckerProjector:
         fi, fo = self.factors[name]
         pg = self._side(g, fo)
         if ones and fi is not None and fi.kind == "mask":
-            key = (fi, a.dtype, _device_key(a.device))
+            key = (fi, "ones", _device_key(a.device))
             if key not in self._ops:
-                self._ops[key] = fi.picks(a.device)
-            idx, scale = self._ops[key]
-            m = int((idx < a.shape[-1]).sum())  # the bias column, when picked, is the last
-            if m == idx.shape[0]:
-                return a[..., idx] * scale, pg
-            pa = a.new_empty((*a.shape[:-1], idx.shape[0]))
-            pa[..., :m] = a[..., idx[:m]]
-            pa[..., m:] = 1
+                idx, scale = fi.picks(a.device)
+                # the bias column (index inp), when picked, is the last pick
+                self._ops[key] = (idx[idx < fi.rows - 1], bool(idx[-1] == fi.rows - 1), scale)
+            idx, bias, scale = self._ops[key]
+            pa = a[..., idx]
+            if bias:
+                pa = torch.cat([pa, pa.new_ones((*pa.shape[:-1], 1))], -1)
             return pa.mul_(scale), pg
         if ones:
             a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], -1)
