@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import time
-
-import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (dattri imports it)
 
@@ -114,7 +113,7 @@ def floor(task_name: str, rounds: int) -> None:
     from dattri_fn.attribute.gradsim import grad_dot
     from dattri_fn.model import functional_model
     from dattri_fn.transforms.layer_grads import _check, layer_plan
-    from dattri_fn.transforms.layer_grads_paths import _autodiff_rows, _factored
+    from dattri_fn.transforms.layer_grads_paths import _example_rows, _factored
 
     n_train, n_test, _ = DEFAULT_SIZES[task_name]
     task = load_task({"name": task_name, "n_train": n_train, "n_test": n_test, "seed": 0,
@@ -154,7 +153,7 @@ def floor(task_name: str, rounds: int) -> None:
         "dattri prepare+score": lambda: theirs.score(theirs.prepare()),
         "ours prepare+score": lambda: ours.score(ours.prepare()),
         "ours prepare": lambda: method.prepare(fm.params, train),
-        "  check: autodiff rows (3)": lambda: _autodiff_rows(fm.loss, fm.params, head),
+        "  check: autodiff rows (3)": lambda: _example_rows(fm, fm.params, head, False),
         "  check: factored pass (3)": lambda: _factored(checked, stacked, head),
         "  check (whole)": lambda: _check(plan, stacked, head),
         "ours score": lambda: method.score(fm.params, state, train, test),

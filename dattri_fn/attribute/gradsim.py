@@ -57,10 +57,10 @@ from ..transforms.layer_grads import (
 )
 from .method import (
     Method,
+    check_checkpoints,
     device_of,
     loss_and_plan,
     num_checkpoints,
-    stack_checkpoints,
     stacked_per_sample_grad,
 )
 from .pipeline import TopK, collect, in_chunks, merge_topk, stream_scores, stream_self
@@ -212,7 +212,10 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          f"parameters as loss {keys}, got {list(plan_t.model.params)}.")
 
     def stacked_of(params) -> Params:
-        stacked = stack_checkpoints(name, params)
+        ckpts = check_checkpoints(name, params)
+        # one checkpoint: views with a leading C = 1, not a copy of every parameter per call
+        stacked = ({k: v.detach()[None] for k, v in ckpts[0].items()} if len(ckpts) == 1 else
+                   {k: torch.stack([c[k].detach() for c in ckpts]) for k in ckpts[0]})
         if keys is not None and list(stacked) != keys:
             raise ValueError(f"{name}(params=...): expected the keys of the model's params "
                              f"{keys}, got {list(stacked)}.")
