@@ -17,7 +17,8 @@ be deleted, which protects it the same way.
 objects. NamedTuples (our method states and results) are not on that allow-list, so ``save``
 stores each one as a tagged dict ``{TAG: "module:QualName", "fields": {...}}`` and ``load``
 rebuilds it: with the original class when its module is ``dattri_fn``'s or already imported (a
-file never makes another module import) and it is a NamedTuple with the same fields, otherwise
+file never makes another module import) and it is a NamedTuple with the same fields (or, for a
+file from an older version, the leading ones, every later field having a default), otherwise
 with an ad-hoc ``collections.namedtuple`` of the same name and fields (and a warning). Tensors,
 numbers, strings, ``None``, dicts, lists and tuples round-trip as themselves.
 """
@@ -78,6 +79,15 @@ def _encode(obj):
     return obj
 
 
+def _fits(cls: type, fields: tuple[str, ...]) -> bool:
+    """Whether a file's saved ``fields`` rebuild ``cls``: its own fields, or a prefix of them
+    whose missing fields all have defaults (a state saved before those fields were added, e.g.
+    K-FAC factors from before their ``diagonal`` field, stop 20)."""
+    own = tuple(getattr(cls, "_fields", ()))
+    defaults = getattr(cls, "_field_defaults", {})
+    return own[:len(fields)] == fields and all(f in defaults for f in own[len(fields):])
+
+
 def _namedtuple_class(name: str, fields: tuple[str, ...]):
     module, _, qualname = name.partition(":")
     try:
@@ -90,7 +100,7 @@ def _namedtuple_class(name: str, fields: tuple[str, ...]):
             cls = importlib.import_module(module)
         for part in qualname.split("."):
             cls = getattr(cls, part)
-        if isinstance(cls, type) and issubclass(cls, tuple) and tuple(cls._fields) == fields:
+        if isinstance(cls, type) and issubclass(cls, tuple) and _fits(cls, fields):
             return cls
     except (ImportError, AttributeError):
         pass
