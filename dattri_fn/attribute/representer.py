@@ -156,6 +156,12 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             0.38 / 0.24 / 0.56 with ``"predictions"`` against 0.36 / 0.18 / 0.53 as given
             (mlp / cnn / lr).
         chunk_size: examples per vmapped feature call, and train rows per block of scores.
+            Memory: ``prepare`` writes a list of batches into preallocated rows and fits the
+            head in float64 blocks (no float64 copy of the features); ``score`` without
+            ``top_k`` on a Batch or a list of them writes the ``[n_train, n_test]`` output
+            a column block at a time, embedding at most a quarter of the test set per call
+            (the test features are never held whole) -- its peak is the state, the output
+            and ~1/4 of the test features.
 
     Returns:
         ``Method(prepare, score, self_score, "representer")``; ``prepare(params, train) ->
@@ -392,7 +398,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                 cols = out[:, at[0]:at[0] + h_c.shape[0]]
                 for a in range(0, n, step):
                     torch.mm(H[a:a + step], h_c.T, out=cols[a:a + step])
-                _scale(cols, alpha, c_c, n * m // 64)
+                _scale(cols, alpha, c_c, n * m // 32)
                 at[0] += h_c.shape[0]
 
             rows(func, "test", params, test, sink=columns, most=-(-m // 4))

@@ -190,8 +190,9 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
     two ``[n, F] x [F, K]``-sized products per evaluation instead of a vmapped per-example
     objective and its backward. Both assumptions are checked on every row, in float64, a block
     of rows at a time (:func:`_block_rows`): the head at a random ``W`` (seeded) against ``H
-    W^T``, and the loss's values and logit gradients at the start's logits and at random ones
-    against the formulas (relative 1e-10); anything else keeps the generic path. ``h`` and
+    W^T``, and the loss's values and logit gradients at the start's logits (every row) and at
+    random ones (the first block's targets) against the formulas (relative 1e-10); anything
+    else keeps the generic path. ``h`` and
     ``t`` stay in their dtypes (the head converts blocks of rows as it goes).
     """
     if len(keys) != 1 or params[keys[0]].ndim != 2:
@@ -207,7 +208,7 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
     elif not (t.shape == (n,) and bool(((t >= 0) & (t < K)).all())):
         return None
     f64, rows = torch.float64, _block_rows(n, F)
-    wide = 2 * rows  # the head's check holds fewer [rows, K] temporaries: fewer, larger calls
+    wide = 2 * rows  # the checks' blocks: fewer vmapped calls, below the score's peak
     work = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
     head = _SoftmaxHead(h, t, h.new_empty(n, dtype=f64), K, l2, rows, work)
     gen = torch.Generator(device=h.device).manual_seed(0)
@@ -226,23 +227,27 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
                 if not close(head_rows({**fixed, key: W_r}, hb), hb @ W_r.T):
                     return None
                 del hb
-            for a in range(0, n, rows):  # the loss, at the start's logits and at random ones
-                hb, T = h[a:a + rows].to(f64), head.targets(a, a + rows)
-                Z = torch.cat([hb @ W0.T, 4 * torch.randn(hb.shape[0], K, generator=gen,
-                                                          dtype=f64, device=h.device)])
-                del hb
-                tb = t[a:a + rows].to(f64) if t.is_floating_point() else t[a:a + rows]
-                grads, values = loss_rows(Z, torch.cat([tb, tb]))
+            # the loss at the start's logits on every row (wide blocks), then at random
+            # logits on the first block's targets: one more call, not one per block
+            for a in [*range(0, n, wide), -1]:
+                lo, hi = (0, min(rows, n)) if a < 0 else (a, min(a + wide, n))
+                T = head.targets(lo, hi)
+                if a < 0:
+                    Z = 4 * torch.randn(hi, K, generator=gen, dtype=f64, device=h.device)
+                else:
+                    Z = torch.cat([h[b:min(b + rows, hi)].to(f64) @ W0.T
+                                   for b in range(lo, hi, rows)])  # float64 rows by halves
+                    head.s[lo:hi] = T.sum(1)
+                tb = t[lo:hi].to(f64) if t.is_floating_point() else t[lo:hi]
+                grads, values = loss_rows(Z, tb)
                 del tb
-                head.s[a:a + rows] = T.sum(1)
-                TT = torch.cat([T, T])
-                ss = TT.sum(1)
+                s_b = head.s[lo:hi]
                 # each formula checked and dropped before the next is formed
-                if not close(values, torch.logsumexp(Z, 1).mul_(ss).sub_((TT * Z).sum(1))):
+                if not close(values, torch.logsumexp(Z, 1).mul_(s_b).sub_((T * Z).sum(1))):
                     return None
-                if not close(grads, torch.softmax(Z, 1).mul_(ss[:, None]).sub_(TT)):
+                if not close(grads, torch.softmax(Z, 1).mul_(s_b[:, None]).sub_(T)):
                     return None
-                del T, Z, grads, values, TT, ss
+                del T, Z, grads, values
     except Exception:  # a head or loss the formulas do not describe: the generic path
         return None
     return head._replace(unit=float((head.s - 1).abs().max()) <= 8 * torch.finfo(work).eps)
@@ -279,7 +284,7 @@ class _SoftmaxHead(NamedTuple):
                 self.s[a:a + rows, None]
             Z = hb @ W.T  # [r, F] -> [r, K]
             lse = torch.logsumexp(Z, 1, keepdim=True)
-            total += (s * lse).sum() - (T * Z).sum()
+            total.add_(torch.dot(s.view(-1), lse.view(-1))).sub_(torch.dot(T.view(-1), Z.view(-1)))
             Z.sub_(lse).exp_()  # softmax, in Z: no [r, K] temporaries
             if P is not None:
                 P[a:a + rows] = Z
