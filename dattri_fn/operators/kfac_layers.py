@@ -75,6 +75,17 @@ def _select_parts(func: str, module, params, layers, *, tied: bool = False,
                           "K-FAC layers")
     order = {n: i for i, n in enumerate(capture.layer_specs(module))}
     lin.sort(key=order.__getitem__)
+    # A layer owning a tied weight that cannot be pooled (a biased head declared before its
+    # embedding, two Linears sharing a weight): its own inputs and output gradients miss the
+    # other uses' share of the weight's gradient, so it is no Kronecker layer.
+    unpoolable = [n for n in lin if n not in groups and _keys(n)[0] in unpooled]
+    if unpoolable and layers is not None:
+        raise ValueError(_msg(func, "layers", "layers whose weight is their own or a poolable "
+                              "tied group", "; ".join(f"{n!r}: {unpooled[_keys(n)[0]]}"
+                                                      for n in unpoolable),
+                              "Deselect these layers (with others='diagonal' their params take "
+                              "the diagonal block) or leave their params out."))
+    lin = [n for n in lin if n not in unpoolable]
     for grp in groups:
         if grp not in lin:
             unpooled[_keys(grp)[0]] = f"its tied group {grp!r} is not among the selected layers"
@@ -137,6 +148,8 @@ def _why_outside(module: nn.Module, key: str, params, specs, layers, unpooled) -
     if holder in specs:
         if specs[holder].weight not in params:
             return f"the bias of {holder!r}, whose weight is not in params"
+        if specs[holder].weight in unpooled:
+            return f"the bias of {holder!r}, whose tied weight K-FAC cannot pool"
         return f"its layer {holder!r} is not among the selected layers"
     kind = type(dict(module.named_modules()).get(holder)).__name__
     if kind == "Embedding":
@@ -144,22 +157,22 @@ def _why_outside(module: nn.Module, key: str, params, specs, layers, unpooled) -
     return f"a parameter of a {kind}, not of an nn.Linear, Conv1D or Conv2d"
 
 
-def _group_of(module: nn.Module, name: str) -> tuple[str, ...] | None:
+def _group_of(module: nn.Module, name: str, params) -> tuple[str, ...] | None:
     """The members of the pooled tied group ``name`` (its weight read by an Embedding and a
-    Linear), or None for a layer whose weight is its own."""
+    Linear) for ``params``, or None for a layer whose weight is its own."""
     key = _keys(name)[0]
     if not _tied_uses(module, [key]):
         return None
-    members = tied_group(module, key, {})
+    members = tied_group(module, key, params)
     return members if isinstance(members, tuple) else None
 
 
-def _capture_layers(module: nn.Module, names) -> list[str]:
-    """The layers to capture for K-FAC layers ``names``: each tied group's members in place of
-    the group (module order)."""
+def _capture_layers(module: nn.Module, names, params) -> list[str]:
+    """The layers to capture for K-FAC layers ``names`` (:func:`_select_parts`' for
+    ``params``): each tied group's members in place of the group (module order)."""
     out = set()
     for n in names:
-        out.update(_group_of(module, n) or (n,))
+        out.update(_group_of(module, n, params) or (n,))
     order = {n: i for i, n in enumerate(capture.layer_specs(module))}
     return sorted(out, key=order.__getitem__)
 
@@ -201,7 +214,7 @@ def _check_call_parts(func, module, loss_fn, params, data, layers, chunk_size, t
     names, param_names, rest = _select_parts(func, module, params, layers, tied=tied,
                                              others=others)
     batches = iter_batches(func, "data", data)
-    members = _capture_layers(module, names) if tied else names
+    members = _capture_layers(module, names, params) if tied else names
     if tapped is None:
         tapped = capture.tap(module, members, tied=True) if tied else capture.tap(module, names)
     elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(members) \
@@ -232,4 +245,4 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     if isinstance(layers, (list, tuple)) and not layers:  # every param in the diagonal block
         return capture.tap(module, [], tied=True)
     names = _select_parts(func, module, params, layers, tied=True, others="diagonal")[0]
-    return capture.tap(module, _capture_layers(module, names), tied=True)
+    return capture.tap(module, _capture_layers(module, names, params), tied=True)

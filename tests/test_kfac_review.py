@@ -1,0 +1,122 @@
+"""Review of the K-FAC/EK-FAC diagonal block (stop 20): a tied weight whose Linear holder comes
+first (or two Linears sharing a weight) is no Kronecker layer when it cannot be pooled; its
+params take the exact Fisher diagonal, and the capture does not pool it. References are float64
+brute force (vmap(grad) of functional_call) and the dense block-diagonal matrix of the factors."""
+
+import warnings
+
+import pytest
+import torch
+from test_kfac_diag import DT, D, T, V, _dense, _grads, _offsets, lm_loss
+from torch import nn
+
+from dattri_fn.attribute import influence
+from dattri_fn.model import functional_model
+from dattri_fn.operators.kfac import ekfac_factors, ihvp_ekfac, ihvp_kfac, kfac_factors, kfac_tap
+
+
+class HeadFirst(nn.Module):
+    """A biased Linear head declared before the Embedding it ties (the key is 'head.weight')."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(D, V)
+        self.emb, self.fc = nn.Embedding(V, D), nn.Linear(D, D)
+        self.emb.weight = self.head.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.fc(self.emb(idx))))
+
+
+class SharedLinear(nn.Module):
+    """Two Linears reading one weight (fc2.weight = fc1.weight): no embedding/linear pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(self.emb(idx))))))
+
+
+def _setup(cls, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    model = cls().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) / 2)
+    ids = torch.randint(0, V, (6, T), generator=g)
+    labels = torch.randint(0, V, (6, T), generator=g)
+    return model, {k: v.detach() for k, v in model.named_parameters()}, (ids, labels)
+
+
+@pytest.mark.parametrize("cls, kron, outside", [
+    (HeadFirst, ["fc"], ["head.weight", "head.bias"]),
+    (SharedLinear, ["head"], ["emb.weight", "fc1.weight", "fc1.bias", "fc2.bias"]),
+])
+@pytest.mark.parametrize("fit, inverse", [(kfac_factors, ihvp_kfac), (ekfac_factors, ihvp_ekfac)])
+def test_unpoolable_tied_weight_of_a_linear_takes_the_diagonal_block(cls, kron, outside, fit,
+                                                                     inverse):
+    """A tied weight K-FAC cannot pool, owned by a Linear: that layer is no Kronecker layer; its
+    weight (gradient summed over both uses) and bias have D = mean_n g_n^2 (1e-10), the inverse
+    is the dense block-diagonal one (1e-10), one warning names them, the tap captures only the
+    Kronecker layers."""
+    model, params, data = _setup(cls, 0)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f = fit(model, lm_loss, params, data)
+    said = [str(w.message) for w in got]
+    assert len(said) == 1 and "a tied weight K-FAC cannot pool" in said[0]
+    assert all(repr(k) in said[0] for k in outside)
+    assert list(f.A if hasattr(f, "A") else f.QA) == kron and list(f.diagonal) == outside
+    assert kfac_tap(model, params).layers == kron and kfac_tap(model, params).tied == ()
+    G = _grads(model, params, *data)
+    off = _offsets(params)
+    for k, d in f.diagonal.items():
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
+    ref = _dense(f, params, 0.1)
+    torch.testing.assert_close(inverse(f, damping=0.1).dense(), ref, rtol=0,
+                               atol=1e-10 * float(ref.abs().max()))
+
+
+def test_head_first_tied_weight_is_refused_by_error_and_by_explicit_layers():
+    """others='error' refuses the unpoolable tied weight naming it and why; layers= naming its
+    Linear is refused (no correct Kronecker block for it); without the bias it is pooled as the
+    group 'head' (captured as both members)."""
+    model, params, data = _setup(HeadFirst, 1)
+    with pytest.raises(ValueError, match=r"kfac_factors\(params=...\): expected tied weights "
+                                         r"that K-FAC/EK-FAC can pool.*'head.weight' shared by "
+                                         r"'head' \(Linear\), 'emb' \(Embedding\): the bias"):
+        kfac_factors(model, lm_loss, params, data, others="error")
+    with pytest.raises(ValueError, match=r"ekfac_factors\(layers=...\): expected layers whose "
+                                         r"weight is their own or a poolable tied group, got "
+                                         r"'head': a tied weight K-FAC cannot pool"):
+        ekfac_factors(model, lm_loss, params, data, layers=["head", "fc"], others="diagonal")
+    nobias = {k: v for k, v in params.items() if k != "head.bias"}
+    tap = kfac_tap(model, nobias)
+    assert tap.layers == ["head", "emb", "fc"] and tap.tied == (("head", "emb"),)
+    f = ekfac_factors(model, lm_loss, nobias, data, others="error")
+    assert list(f.QA) == ["head", "fc"] and f.diagonal == {}
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")
+@pytest.mark.filterwarnings("ignore:influence")
+@pytest.mark.filterwarnings("ignore:ekfac_factors")
+def test_head_first_influence_scores_equal_the_dense_reference():
+    """influence(solver='ekfac') on HeadFirst with every param: score = G_i^T M G_j and
+    self_score = diag, M the dense block-diagonal inverse of the state's factors (1e-10)."""
+    model, params, data = _setup(HeadFirst, 2)
+    fm = functional_model(model, lm_loss)
+    m = influence(fm, solver="ekfac", damping=0.1)
+    state = m.prepare(fm.params, data)
+    test = (data[0][:2], data[1][:2])
+    S = m.score(fm.params, state, data, test)
+    M = _dense(state.factors, fm.params, 0.1)
+    G = _grads(model, fm.params, *data)
+    ref = G @ M @ G[:2].T
+    torch.testing.assert_close(S, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+    torch.testing.assert_close(m.self_score(fm.params, state, data), ((G @ M) * G).sum(1),
+                               rtol=1e-10, atol=0)
