@@ -120,3 +120,74 @@ def test_head_first_influence_scores_equal_the_dense_reference():
     torch.testing.assert_close(S, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
     torch.testing.assert_close(m.self_score(fm.params, state, data), ((G @ M) * G).sum(1),
                                rtol=1e-10, atol=0)
+
+
+def _layer_block(vec, params, off, layer) -> torch.Tensor:
+    """A raveled [P] vector's [out, in(+1)] block of a Linear layer (bias as the last column)."""
+    w = params[f"{layer}.weight"]
+    W = vec[off[f"{layer}.weight"]:off[f"{layer}.weight"] + w.numel()].reshape(w.shape)
+    b = vec[off[f"{layer}.bias"]:off[f"{layer}.bias"] + w.shape[0]]
+    return torch.cat([W, b[:, None]], 1)
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")  # the test side: pos read at [T] positions
+def test_query_rank_one_truncates_kronecker_blocks_and_keeps_diagonal_groups_whole():
+    """query_rank=1, per_layer=True: a Kronecker layer's part = <DW_i, svd_1(M_j)> with M_j the
+    layer's block of (F + damping I)^-1 g_j (dense reference) and a diagonal group's part the
+    exact g_i^T M g_j of its keys (1e-10); the exact and truncated Kronecker parts differ."""
+    from test_kfac_diag import _problem
+
+    model, ids, labels = _problem(12)
+    fm = functional_model(model, lm_loss)
+    train, test = (ids, labels), (ids[:3], labels[:3])
+    exact = influence(fm, solver="ekfac", damping=0.1, others="diagonal", per_layer=True)
+    state = exact.prepare(fm.params, train)
+    ranked = influence(fm, solver="ekfac", damping=0.1, others="diagonal", per_layer=True,
+                       query_rank=1)
+    parts = ranked.score(fm.params, state, train, test)
+    assert list(parts) == ["fc", "head", "tok", "pos", "ln"]
+    G = _grads(model, fm.params, ids, labels)
+    Q = G[:3] @ _dense(state.factors, fm.params, 0.1)  # [3, P]: M g_j (M symmetric)
+    off = _offsets(fm.params)
+    for layer in ("fc", "head"):
+        U, S, Vh = torch.linalg.svd(torch.stack([_layer_block(q, fm.params, off, layer)
+                                                 for q in Q]))
+        M1 = (U[..., :1] * S[:, None, :1]) @ Vh[:, :1]  # [3, out, in + 1]
+        DW = torch.stack([_layer_block(g, fm.params, off, layer) for g in G])
+        ref = torch.einsum("ioc,joc->ij", DW, M1)
+        torch.testing.assert_close(parts[layer], ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+        full = torch.einsum("ioc,joc->ij", DW, torch.stack(
+            [_layer_block(q, fm.params, off, layer) for q in Q]))
+        assert float((full - ref).abs().max()) > 1e-3 * float(full.abs().max())
+    for group in ("tok", "pos", "ln"):
+        sl = torch.cat([torch.arange(off[k], off[k] + v.numel()) for k, v in fm.params.items()
+                        if k.startswith(group + ".")])
+        ref = G[:, sl] @ Q[:, sl].T
+        torch.testing.assert_close(parts[group], ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:layer_grads")
+def test_scoring_a_model_vmap_refuses_warns_once_per_call():
+    """A model vmap refuses (.item()), scored over 4 training batches: one fallback warning per
+    score / self_score call (not per batch), scores = the plain model's (1e-10)."""
+    from test_kfac_diag import _Branchy as Branchy
+    from test_kfac_diag import _problem
+
+    model, ids, labels = _problem(13)
+    branchy = Branchy().double().eval()
+    branchy.load_state_dict(model.state_dict())
+    fb, fm = functional_model(branchy, lm_loss), functional_model(model, lm_loss)
+    batches = [(ids[i:i + 2], labels[i:i + 2]) for i in range(0, 8, 2)]
+    test = (ids[:3], labels[:3])
+    plain = influence(fm, solver="ekfac", damping=0.1, others="diagonal")
+    state = plain.prepare(fm.params, batches)
+    m = influence(fb, solver="ekfac", damping=0.1, others="diagonal")
+    for call, ref in ((lambda: m.score(fb.params, state, batches, test),
+                       plain.score(fm.params, state, batches, test)),
+                      (lambda: m.self_score(fb.params, state, batches),
+                       plain.self_score(fm.params, state, batches))):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            out = call()
+        assert sum("vmap cannot run this model" in str(w.message) for w in got) == 1
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))

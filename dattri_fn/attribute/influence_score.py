@@ -182,12 +182,15 @@ def test_side(cfg: InfluenceConfig, ps, stream=None):
     return rows
 
 
-def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step) -> None:
+def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
+               looped: list | None = None) -> None:
     """``step(start, layer, a, g)`` for the layers ``st.ihvp`` covers, each as its ``g``
     arrives in batched backward passes of ``chunk_size`` rows (one layer's ``g`` alive at a
     time), through the state's captured forward; then ``step(start, group, None, rows)`` for
     each diagonal group of the inverse (params outside the Kronecker layers,
-    :mod:`~dattri_fn.operators.kfac_diag`): ``rows`` ``[b, p]`` their per-example gradients."""
+    :mod:`~dattri_fn.operators.kfac_diag`): ``rows`` ``[b, p]`` their per-example gradients.
+    ``looped``: a list shared by every batch of one score/self_score call, where vmap's refusal
+    of the model is recorded (one warning per call, vmap not retried per batch)."""
     model = cfg.model
     kron = list(st.ihvp.eigen[0])
     diagonal = getattr(st.ihvp, "diagonal", {})
@@ -198,7 +201,7 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step)
     unpack = model.unpack or default_unpack
     n = batch_size(cfg.name, "train", batch)
     size = n if cfg.chunk_size is None else cfg.chunk_size
-    looped: list = []  # vmap's refusal of the model, once per batch (kfac_diag)
+    looped = [] if looped is None else looped
     for start in range(0, n, size):
         args, kwargs, target = unpack(batch_slice(batch, start, start + size))
         # a tied weight's members reach step as their one pooled layer (kfac_tied)
@@ -234,6 +237,7 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
                   [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
              if l2 else None for c, (p, st) in enumerate(ps)]
     weight = 1.0 / len(ps)
+    looped: list = []  # vmap's refusal of the model: one warning per call (kfac_diag)
 
     def rows_of(b):
         parts: dict[str, dict[int, torch.Tensor]] = {}
@@ -249,7 +253,7 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
                 rows = parts.setdefault(layer, {})
                 rows[start] = v if start not in rows else rows[start] + v
 
-            layer_pass(cfg, p, st, b, step)
+            layer_pass(cfg, p, st, b, step, looped)
         per = {layer: torch.cat([r[k] for k in sorted(r)]) for layer, r in parts.items()}
         if cfg.per_layer:
             return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.parts], 1))
@@ -318,6 +322,8 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
     key = record_key(cfg, ps) if given else None
     data = regrouped(name, "train", train, cfg.rows)
     if cfg.layered and cfg.l2 == 0 and cfg.target is None and not given:
+        looped: list = []  # vmap's refusal of the model: one warning per call (kfac_diag)
+
         def diag(b):
             rows: dict[int, torch.Tensor] = {}
             for p, st in ps:
@@ -327,7 +333,7 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
                     v = v / len(ps)
                     rows[start] = v if start not in rows else rows[start] + v
 
-                layer_pass(cfg, p, st, b, step)
+                layer_pass(cfg, p, st, b, step, looped)
             return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
 
         return stream_self(diag, lambda b: _Formed(None), data, device=device_of(ps[0][0]),
