@@ -9,6 +9,7 @@ from dattri_fn.attribute.factgrass import FactGraSSState, factgrass
 from dattri_fn.attribute.pipeline import TopK
 from dattri_fn.model import functional_model
 from dattri_fn.transforms.grad import per_sample_grad
+from dattri_fn.transforms.layer_grads import PlanDecisions
 from dattri_fn.transforms.project import make_projector
 from problems import SeqNet
 
@@ -134,7 +135,7 @@ def test_state_holds_the_checked_plan(cache_features):
     m = factgrass(fm, proj_dim=8, cache_features=cache_features)
     train, test = [(x[:16], y[:16]), (x[16:], y[16:])], (x[:5], y[:5])
     state = m.prepare(fm.params, train)
-    assert state.plan is not None and state.plan.checked
+    assert isinstance(state.plan, PlanDecisions) and not state.plan.dense
     calls.clear()
     S = m.score(fm.params, state, train, test)
     assert len(calls) == (1 if cache_features else 3)

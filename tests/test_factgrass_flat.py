@@ -21,6 +21,13 @@ def _full_check(monkeypatch):
     monkeypatch.setattr(_MOD, "_flat_capturable", lambda plan: False)
 
 
+def m_layers(fm):
+    """The captured layers of ``fm``'s unchecked plan, in module order."""
+    from dattri_fn.transforms.layer_grads import layer_plan
+
+    return layer_plan(fm).layers
+
+
 def _conv1d_net():
     from transformers.pytorch_utils import Conv1D
 
@@ -59,8 +66,9 @@ def test_flat_check_gives_the_full_checks_plan_state_and_scores(monkeypatch, net
     S = m.score(fm.params, s, train, test)
     _full_check(monkeypatch)
     r = m.prepare(fm.params, train)
-    assert s.plan._replace(model=None, tapped=None) == r.plan._replace(model=None, tapped=None)
-    assert s.plan.checked and not s.plan.dense and dict(s.plan.layout) == dict.fromkeys(s.plan.layers, "flat")
+    assert s.plan == r.plan and not s.plan.dense and not s.plan.loop
+    assert s.plan.layers == tuple(m_layers(fm))
+    assert dict(s.plan.layout) == dict.fromkeys(s.plan.layers, "flat")
     assert torch.equal(s.train_features, r.train_features)
     assert all(torch.equal(s.inverses[b], r.inverses[b]) for b in r.inverses)
     assert torch.equal(S, m.score(fm.params, r, train, test))
@@ -75,7 +83,7 @@ def test_examples_mixed_in_a_batch_fall_back_to_the_full_check(monkeypatch):
     m = factgrass(fm, proj_dim=6, mask_dim=3)
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         s = m.prepare(fm.params, train)
-    assert s.plan.checked and s.plan.dense
+    assert s.plan.dense
     _full_check(monkeypatch)
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         r = m.prepare(fm.params, train)
@@ -117,3 +125,16 @@ def test_project_sides_with_ones_equal_the_sides_of_a_with_its_bias_column(kind)
         if kind == "mask":
             picked.add(bool((fi.picks(a.device)[0] == 7).any()))
     assert kind != "mask" or picked == {True, False}
+
+
+def test_a_state_of_another_model_is_refused_by_name():
+    """An MLP's plan decisions given to a sequence model's factgrass: ValueError naming score(state=...)."""
+    fm, (x, y) = _problem("mlp", n=8, seed=0)
+    other, (xs, ys) = _problem("seq", n=8, seed=0)
+    s = factgrass(fm, proj_dim=8).prepare(fm.params, [(x[:4], y[:4]), (x[4:], y[4:])])
+    m = factgrass(other, proj_dim=8)
+    with pytest.raises(ValueError, match=r"factgrass.score\(state=...\): expected the FactGraSSState of "
+                                         r"this factgrass's prepare"):
+        m.score(other.params, s, None, (xs, ys))
+    with pytest.raises(ValueError, match=r"factgrass.self_score\(state=...\): expected the FactGraSSState"):
+        m.self_score(other.params, s, None)

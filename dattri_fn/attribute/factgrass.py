@@ -56,6 +56,7 @@ from ..transforms.layer_grads import (
     decided_plan,
     layer_grads_stacked,
     layer_plan,
+    plan_decisions,
 )
 from ..transforms.layer_grads_paths import _autodiff_rows
 from ..transforms.layers import batched_io
@@ -81,16 +82,17 @@ class FactGraSSState(NamedTuple):
         inverses: ``{block: (F_b + damping_b I)^-1}`` ``[d_b, d_b]``; empty for
             ``curvature="identity"``.
         train_features: ``phi_i`` of every training example (None: ``cache_features=False``).  # [n_train, d]
-        plan: the capture plan checked on the first training batch of 2 or more examples
-            (:func:`~dattri_fn.transforms.layer_grads.check_plan`): ``score`` and
-            ``self_score`` apply it without checking again. None: each of their streams checks
-            its own first batch.
+        plan: what the check of the capture plan on the first training batch of 2 or more
+            examples decided, as plain values
+            (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`, as ``GradSimState`` and
+            ``TRAKState`` hold them): ``score`` and ``self_score`` apply the decided plan without
+            checking again. None: each of their streams checks its own first batch.
     """
 
     blocks: tuple
     inverses: dict
     train_features: Tensor | None
-    plan: LayerPlan | None = None
+    plan: PlanDecisions | None = None
 
 
 def _flat_factored(plan: LayerPlan) -> bool:
@@ -437,12 +439,21 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         checked = held()
         return FactGraSSState(blocks, inverses, None if not cache_features else
                               feats[0] if len(feats) == 1 else torch.cat(feats),
-                              checked if checked.checked else None)
+                              plan_decisions(checked) if checked.checked else None)
 
-    def check_state(func: str, state) -> None:
+    def check_state(func: str, state) -> LayerPlan | None:
+        """Raise unless ``state`` is a FactGraSSState this model's plan can take; return the
+        plan its decisions give (no check, no pass over data), None where it holds none."""
         if not isinstance(state, FactGraSSState):
             raise TypeError(_msg(func, "state", "the FactGraSSState returned by factgrass's "
                                  "prepare", type(state).__name__))
+        if state.plan is None:
+            return None
+        try:
+            return decided_plan(plan, state.plan)
+        except (TypeError, ValueError) as err:  # decisions made for another model
+            raise ValueError(_msg(func, "state", "the FactGraSSState of this factgrass's prepare",
+                                  f"decisions this model's capture plan refuses ({err})")) from err
 
     def cached(feats: Tensor):
         """The cached rows as (row fn, index blocks of 4096 rows)."""
@@ -453,11 +464,11 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
     def score(params, state: FactGraSSState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
-        check_state(func, state)
+        held = check_state(func, state)
         params = state_of(func, params)
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
-        test_pre = precondition(state, collect(feature_fn(params, func, "test", state.plan)[0],
+        test_pre = precondition(state, collect(feature_fn(params, func, "test", held)[0],
                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
@@ -470,13 +481,13 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
-        return stream_scores(feature_fn(params, func, "train", state.plan)[0],
+        return stream_scores(feature_fn(params, func, "train", held)[0],
                              regrouped(func, "train", train, rows_min), test_pre, top_k=top_k,
                              largest=largest, func=func)
 
     def self_score(params, state: FactGraSSState, train) -> Tensor:
         func = f"{name}.self_score"
-        check_state(func, state)
+        held = check_state(func, state)
         params = state_of(func, params)
         device = next(iter(params.values())).device
         if state.train_features is not None:
@@ -487,7 +498,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            fn = feature_fn(params, func, "train", state.plan)[0]
+            fn = feature_fn(params, func, "train", held)[0]
             rows = (fn(batch_to(b, device)) for b in
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])
