@@ -214,7 +214,7 @@ def all_reduce_stats(*, group=None) -> Callable:
 
 def ekfac_factors_sharded(module, loss_fn, params, data, *, layers=None, chunk_size=None,
                           batch_rows=None, fisher: str = "empirical", seed: int = 0,
-                          sampler=None, dtype=None, group=None):
+                          sampler=None, dtype=None, others=None, group=None):
     """Return EK-FAC factors over every rank's shard ``data``, equal on every rank.
 
     :func:`~dattri_fn.operators.kfac.ekfac_factors` with the :func:`all_reduce_stats` hook: the
@@ -222,7 +222,9 @@ def ekfac_factors_sharded(module, loss_fn, params, data, *, layers=None, chunk_s
     bases on every rank), then ``Lambda = (1/N) sum_r sum_{n in shard r} (Q_G^T DW_n Q_A)^2``.
     ``fisher="true"`` draws each rank's targets from a generator seeded ``seed + rank`` (the
     ranks' draws independent; the same shards and seed give the same factors on a rerun, not
-    the draws of a single-process run).
+    the draws of a single-process run). ``others``: the params outside the Kronecker layers, as
+    in :func:`~dattri_fn.operators.kfac.kfac_factors` (their diagonal ``D`` all-reduced like
+    the other statistics).
     """
     from .operators.kfac import ekfac_factors
 
@@ -230,7 +232,8 @@ def ekfac_factors_sharded(module, loss_fn, params, data, *, layers=None, chunk_s
     check_int("ekfac_factors_sharded", "seed", seed, minimum=0)
     return ekfac_factors(module, loss_fn, params, data, layers=layers, chunk_size=chunk_size,
                          batch_rows=batch_rows, fisher=fisher, seed=seed + rank,
-                         sampler=sampler, dtype=dtype, reduce=all_reduce_stats(group=group))
+                         sampler=sampler, dtype=dtype, others=others,
+                         reduce=all_reduce_stats(group=group))
 
 
 def _part(rank: int) -> str:

@@ -314,3 +314,21 @@ def test_pooled_ekfac_of_one_checkpoint_is_that_checkpoints_ekfac():
     assert torch.equal(out[0], out[1]) and out[0].abs().max() > 0
     with pytest.raises(ValueError, match=r"source\(pooled=...\): expected False with curvature='gn'"):
         source(fm, pooled=True)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_ekfac_with_params_outside_kronecker_layers_is_refused_in_source_terms(pooled):
+    """curvature='ekfac' on a record whose params include a LayerNorm's: refused by source,
+    naming the keys and SOURCE's own remedies (no others= hint: source has no such option)."""
+    g = torch.Generator().manual_seed(3)
+    module = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    x, y = torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g)
+    fm = functional_model(module, torch.nn.functional.cross_entropy)
+    record, _ = run_with_record(fm, fm.params, (x, y), sgd(0.1), batch_order(8, batch_size=4,
+                                epochs=1, seed=0), "sgd", schedule=lambda t: 0.1)
+    method = source(fm, segments=1, curvature="ekfac", damping=0.05, pooled=pooled)
+    with pytest.raises(ValueError, match=r"source\(curvature=...\): expected 'ekfac' on params "
+                                         r"that are all weights and biases.*\['1.weight', "
+                                         r"'1.bias'\].*curvature='gn' or 'hessian'") as err:
+        method.prepare(record, (x, y))
+    assert "others=" not in str(err.value)

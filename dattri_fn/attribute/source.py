@@ -302,11 +302,13 @@ def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, s
                    unroll: str, pooled: bool = False) -> SourceSegment:
     from ..operators.kfac import ekfac_factors
 
+    _check_kronecker_only(model, group[0].params)
     if pooled:
         factors = _pooled_ekfac(model, group, train, fisher)
     else:
         mid = group[len(group) // 2]
-        # others="error": phi/decay are taken of Lambda only (a diagonal block would be skipped)
+        # others="error": phi/decay are taken of Lambda only (a diagonal block would be skipped;
+        # _check_kronecker_only has named such params in source's own terms)
         factors = ekfac_factors(model.module, model.loss_fn, mid.params, train, fisher=fisher,
                                 others="error")
     if list(factors.param_names) != keys:
@@ -320,6 +322,29 @@ def _ekfac_segment(model: FunctionalModel, group, record: Record, keys, train, s
         phi[layer], decay[layer] = _spectral(lam, lrs.to(lam.dtype), unroll)
     stacked = {k: torch.stack([c.params[k] for c in group]) for k in keys}
     return SourceSegment(start, stop, stacked, torch.ones(()), None, None, phi, decay, factors)
+
+
+def _check_kronecker_only(model: FunctionalModel, params) -> None:
+    """Refuse params outside EK-FAC's Kronecker layers in SOURCE's terms: its ``phi``/``decay``
+    are functions of the Kronecker eigenvalues ``Lambda``, so it has no diagonal block (the
+    factor builders' ``others=`` is no option of :func:`source`)."""
+    from ..operators.kfac_layers import _select_parts
+
+    outside = _select_parts("source", model.module, params, None, tied=True,
+                            others="diagonal")[2]
+    if outside:
+        by: dict[str, list[str]] = {}
+        for k, why in outside.items():
+            by.setdefault(why, []).append(k)
+        raise ValueError(_msg("source", "curvature", "'ekfac' on params that are all weights and "
+                              "biases of nn.Linear, Conv1D or Conv2d layers (or a tied "
+                              "Embedding/Linear weight K-FAC pools): SOURCE's phi and decay are "
+                              "functions of the Kronecker eigenvalues, with no block for other "
+                              "params", "params outside those layers (" + "; ".join(
+                                  f"{w}: {ks}" for w, ks in by.items()) + ")",
+                              "Record the run with those layers' params only "
+                              "(functional_model(..., params=...)), or use curvature='gn' or "
+                              "'hessian'."))
 
 
 def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
@@ -345,13 +370,14 @@ def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
     for c in group:
         kfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher, reduce=gather,
                      others="error")
-    calls = [0]
 
     def inject(sums: dict, count: int):
-        # ekfac_factors reduces twice: its K-FAC pass (replaced by the pooled sums) and then
-        # its Lambda pass in the pooled basis (kept: this checkpoint's own).
-        calls[0] += 1
-        return ({key: pooled[key] for key in sums}, total[0]) if calls[0] % 2 else (sums, count)
+        # ekfac_factors reduces once per pass, its keys prefixed by pass: the K-FAC pass's
+        # "A:"/"G:" sums are replaced by the pooled ones; the Lambda pass's "L:" (in the pooled
+        # basis) are this checkpoint's own.
+        if all(key.startswith(("A:", "G:")) for key in sums):
+            return {key: pooled[key] for key in sums}, total[0]
+        return sums, count
 
     each = [ekfac_factors(model.module, model.loss_fn, c.params, train, fisher=fisher,
                           reduce=inject, others="error") for c in group]

@@ -211,7 +211,9 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             :mod:`dattri_fn.losses`); None = ``loss_fn.sample`` if the loss has one, else
             :func:`~dattri_fn.losses.sample_categorical` (logits ``[B, K]``).
         reduce: ``reduce(sums, count) -> (sums, count)``, called once per pass with this
-            process's statistic sums over its examples (a dict of tensors, keys opaque) and its
+            process's statistic sums over its examples (a dict of tensors whose keys carry
+            their pass's prefix: ``"A:"``/``"G:"`` for the K-FAC pass, ``"D:"`` for the
+            diagonal pass, which runs when params lie outside the Kronecker layers) and its
             example count; returns the sums and count over every process (an all-reduce:
             :func:`dattri_fn.distributed.all_reduce_stats`). None: this process's data is all.
         dtype: store the factors in this dtype (e.g. ``torch.bfloat16``: half the memory, the
@@ -308,8 +310,12 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher, seed,
             sampler, dtype, others: as :func:`kfac_factors` (the params outside the Kronecker
             layers take the same diagonal block, EK-FAC's rule in the identity basis).
-        reduce: as :func:`kfac_factors`, called twice: after the K-FAC pass (so every process
-            takes the eigenbases of the same global factors) and after the ``Lambda`` pass.
+        reduce: as :func:`kfac_factors`, called once per pass: after the K-FAC pass (so every
+            process takes the eigenbases of the same global factors), after the diagonal pass
+            (only when params lie outside the Kronecker layers) and after the ``Lambda`` pass:
+            two or three calls. Each pass's keys carry its own prefix (``"A:"``/``"G:"``,
+            ``"D:"``, ``"L:"``); a ``reduce`` that must tell the passes apart reads the keys,
+            not the number of calls.
 
     Returns:
         :class:`EKFACFactors`.
