@@ -37,8 +37,8 @@ def fit_head(head_fn: Callable[[Params, Tensor], Tensor],
     as given). For a linear head this is strictly convex and ``W*`` is the stationary point the
     representer theorem needs (Yeh et al. fine-tune the last layer this way). Solved from
     ``params`` until the largest gradient entry, in float64, is at most ``tol * max(1, its
-    value at the start)``; warns when it is still above. ``W*`` is then within ``|grad| / (2 l2)`` of the
-    exact minimiser (strong convexity), and the representer decomposition of a test logit
+    value at the start)``; warns when it is still above. ``W*`` is then within ``|grad| /
+    (2 l2)`` of the exact minimiser (strong convexity), and the representer decomposition of a test logit
     misses it by exactly ``(grad h_t)[c] / (2 l2)``: ``sum_i alpha_i <h_i, h_t> = W* h_t -
     grad h_t / (2 l2)`` for any ``W*``, with ``alpha`` taken at ``W*``.
 
@@ -192,8 +192,8 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
     of rows at a time (:func:`_block_rows`): the head at a random ``W`` (seeded) against ``H
     W^T``, and the loss's values and logit gradients at the start's logits (every row) and at
     random ones (the first block's targets) against the formulas (relative 1e-10); anything
-    else keeps the generic path. ``h`` and
-    ``t`` stay in their dtypes (the head converts blocks of rows as it goes).
+    else keeps the generic path. ``h`` and ``t`` stay in their dtypes (the head converts
+    blocks of rows as it goes).
     """
     if len(keys) != 1 or params[keys[0]].ndim != 2:
         return None
