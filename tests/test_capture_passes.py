@@ -201,3 +201,21 @@ def test_check_reference_rows_equal_model_loss_rows(case):
     got = _example_rows(fm, fm.params, batch, _has_tied_tensors(module))
     want = _autodiff_rows(fm.loss, fm.params, batch)
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name", ["grad_dot", "tracin_cos"])
+def test_self_score_takes_one_pass_per_batch(name, monkeypatch):
+    """self_score of a list of batches: both sides of each batch from one pass (C passes per
+    batch, was 2C) == the streamed path over a non-list re-iterable (torch.equal)."""
+    C = 1 if name == "grad_dot" else 2
+    fm = functional_model(_mlp(5), F.cross_entropy)
+    m = grad_dot(fm) if C == 1 else tracin_cos(fm, lrs=[0.3, 0.2])
+    stacked = _stacked(fm, C, seed=3)
+    params = fm.params if C == 1 else [{k: v[c] for k, v in stacked.items()} for c in range(C)]
+    train = [_xy(1, 5), _xy(2, 4)]
+    state = m.prepare(params, train)
+    m.self_score(params, state, train)
+    calls = _counted_passes(monkeypatch)
+    got = m.self_score(params, state, train)
+    assert len(calls) == 2 * C and got.shape == (9,)
+    assert torch.equal(got, m.self_score(params, state, _Reiterable(train)))

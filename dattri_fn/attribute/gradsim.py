@@ -356,7 +356,13 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                 return (train_rows if lrs is None else train_rows.scale(weights[:, None]),
                         G.rows(0, n_test))
 
+            def both(batch) -> tuple[LayerGrads, LayerGrads]:
+                """``(train side, test side)`` of one batch from one pass (self-scores)."""
+                G = grads(batch, loss, plan_s)
+                return (G if lrs is None else G.scale(weights[:, None])), G
+
             one_pass.row_bytes = row_bytes
+            one_pass.both = both
         return (in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device,
                 one_pass)
 
@@ -388,7 +394,20 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
 
     def self_score(params, state, train) -> Tensor:
-        train_f, test_f, device, _ = features(params, held_plans(name, state))
+        train_f, test_f, device, one_pass = features(params, held_plans(name, state))
+        if one_pass is not None and train is not None:
+            refuse_ambiguous_list(name, "train", train)
+            batches = [train] if is_batch(train) else train if (
+                isinstance(train, (list, tuple)) and train and all(is_batch(b) for b in train)) \
+                else None
+            if batches is not None:  # in memory: both sides of a batch from one pass
+                diag = []
+                for b in batches:
+                    batch_size(name, "train", b)
+                    with blame_data(name, "train", b):
+                        t, p = one_pass.both(batch_to(b, device))
+                    diag.append(t.row_dots(p))  # [b]
+                return torch.cat(diag)
         return stream_self(train_f, test_f, train, device=device, func=name)
 
     return Method(prepare, score, self_score, name)
