@@ -191,3 +191,86 @@ def test_scoring_a_model_vmap_refuses_warns_once_per_call():
             out = call()
         assert sum("vmap cannot run this model" in str(w.message) for w in got) == 1
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_diagonal_pass_blocks_rows_by_the_entry_budget(monkeypatch):
+    """_DIAG_ENTRIES = 3 numel(keys): the diagonal pass vmaps blocks of <= 3 examples (8 = 3 + 3
+    + 2 per chunk); D = mean g^2 (1e-10) and, with fisher='true', the unblocked pass's D (the
+    chunk's targets drawn once, before the split; 1e-12); influence scores, self-scores and
+    per-layer parts equal the unblocked ones (1e-12)."""
+    from test_kfac_diag import _problem
+
+    from dattri_fn.operators import kfac_diag
+
+    model, ids, labels = _problem(14)
+    fm = functional_model(model, lm_loss)
+    params = fm.params
+    outside = ["tok.weight", "pos.weight", "ln.weight", "ln.bias"]
+    p = sum(params[k].numel() for k in outside)
+
+    def draw(out, target, gen):
+        y = torch.multinomial(out.softmax(-1).reshape(-1, out.shape[-1]), 1,
+                              generator=gen).reshape(target.shape)
+        return y.masked_fill(target < 0, -100)
+
+    def run():
+        f = ekfac_factors(model, lm_loss, params, (ids, labels), others="diagonal")
+        t = ekfac_factors(model, lm_loss, params, (ids, labels), others="diagonal",
+                          fisher="true", seed=3, sampler=draw)
+        m = influence(fm, solver="ekfac", damping=0.1, others="diagonal", per_layer=True)
+        state = m.prepare(params, (ids, labels))
+        test = (ids[:3], labels[:3])
+        return f, t, m.score(params, state, (ids, labels), test), influence(
+            fm, solver="ekfac", damping=0.1, others="diagonal").self_score(params, state,
+                                                                           (ids, labels))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = run()
+        sizes = []
+        rows_of = kfac_diag.diagonal_rows
+
+        def counted(module, loss_fn, state, keys, args, *rest, **kw):
+            sizes.append(args[0].shape[0])
+            return rows_of(module, loss_fn, state, keys, args, *rest, **kw)
+
+        monkeypatch.setattr(kfac_diag, "diagonal_rows", counted)
+        monkeypatch.setattr(kfac_diag, "_DIAG_ENTRIES", 3 * p)
+        blocked = run()
+    assert max(sizes) == 3 and sizes[:3] == [3, 3, 2]
+    G = _grads(model, params, ids, labels)
+    off = _offsets(params)
+    for k in outside:
+        d = blocked[0].diagonal[k]
+        ref = G[:, off[k]:off[k] + d.numel()].square().mean(0).reshape(d.shape)
+        torch.testing.assert_close(d, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(blocked[1].diagonal[k], whole[1].diagonal[k], rtol=1e-12,
+                                   atol=1e-14)
+    for part in whole[2]:
+        torch.testing.assert_close(blocked[2][part], whole[2][part], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked[3], whole[3], rtol=1e-12, atol=0)
+
+
+def test_diagonal_pass_tensor_peak_is_a_block_not_a_chunk():
+    """An untied Embedding(4096, 64) in the diagonal block, one chunk of 16 float64 examples:
+    the K-FAC call's exact tensor peak stays under 24 MiB (blocks of 2**20 // 262144 = 4 rows,
+    8 MiB: 14.0 MiB measured), where one [16, 262144] chunk of per-example gradients alone is
+    32 MiB (66 MiB measured before the blocks)."""
+    from benchmarks.peak import tensor_peak
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(4096, 64), nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(self.emb(x)).mean(1)
+
+    g = torch.Generator().manual_seed(15)
+    model = LM().double().eval()
+    x, y = torch.randint(0, 4096, (16, 4), generator=g), torch.randint(0, 3, (16,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f, peak = tensor_peak(lambda: kfac_factors(model, torch.nn.functional.cross_entropy, params,
+                                               (x, y), others="diagonal"))
+    assert list(f.diagonal) == ["emb.weight"] and f.diagonal["emb.weight"].abs().max() > 0
+    assert peak < 24 * 2**20, peak / 2**20

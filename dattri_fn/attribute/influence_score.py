@@ -14,7 +14,7 @@ from .._checks import _msg, batch_size, batch_slice, check_params, regrouped
 from .._types import Loss, Params
 from ..model import default_unpack
 from ..operators import kfac
-from ..operators.kfac_diag import diagonal_rows
+from ..operators.kfac_diag import diagonal_row_blocks
 from ..transforms.grad import per_sample_grad_unchecked
 from ..transforms.layer_grads import LayerPlan, layer_grads_fn
 from ..transforms.layers import streamed_io
@@ -188,7 +188,8 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
     arrives in batched backward passes of ``chunk_size`` rows (one layer's ``g`` alive at a
     time), through the state's captured forward; then ``step(start, group, None, rows)`` for
     each diagonal group of the inverse (params outside the Kronecker layers,
-    :mod:`~dattri_fn.operators.kfac_diag`): ``rows`` ``[b, p]`` their per-example gradients.
+    :mod:`~dattri_fn.operators.kfac_diag`): ``rows`` ``[b, p]`` their per-example gradients,
+    a block of ``b`` rows at a time (``start``: its first row; ~2**20 entries a block).
     ``looped``: a list shared by every batch of one score/self_score call, where vmap's refusal
     of the model is recorded (one warning per call, vmap not retried per batch)."""
     model = cfg.model
@@ -211,12 +212,14 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
             streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like, at)
         if diagonal:
             keys = [k for ks, _ in diagonal.values() for k in ks]
-            rows = diagonal_rows(model.module, model.loss_fn, state, keys, args, kwargs, target,
-                                 func=cfg.name, looped=looped)
-            for group, (ks, _) in diagonal.items():
-                with torch.no_grad():
-                    g = torch.cat([rows[k].detach().flatten(1) for k in ks], 1)
-                step(start, group, None, g)
+            # blocks of ~2**20 gradient entries (kfac_diag): step sees a group's rows from
+            # ``start + r`` on
+            for r, rows in diagonal_row_blocks(model.module, model.loss_fn, state, keys, args,
+                                               kwargs, target, func=cfg.name, looped=looped):
+                for group, (ks, _) in diagonal.items():
+                    with torch.no_grad():
+                        g = torch.cat([rows.pop(k).detach().flatten(1) for k in ks], 1)
+                    step(start + r, group, None, g)
 
 
 def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
@@ -325,16 +328,18 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
         looped: list = []  # vmap's refusal of the model: one warning per call (kfac_diag)
 
         def diag(b):
-            rows: dict[int, torch.Tensor] = {}
+            total: list = []  # [n] self-scores of the batch, summed over layers and checkpoints
+
             for p, st in ps:
                 def step(start, layer, a, g, st=st):
                     io = g if a is None else (a, g)  # a diagonal group: its gradient rows
                     v = kfac.layer_self_scores(st.ihvp, {layer: io}, layers=[layer])[layer]
-                    v = v / len(ps)
-                    rows[start] = v if start not in rows else rows[start] + v
+                    if not total:
+                        total.append(v.new_zeros(batch_size(name, "train", b)))
+                    total[0][start:start + len(v)] += v / len(ps)
 
                 layer_pass(cfg, p, st, b, step, looped)
-            return _Formed(torch.cat([rows[k] for k in sorted(rows)]))
+            return _Formed(total[0])
 
         return stream_self(diag, lambda b: _Formed(None), data, device=device_of(ps[0][0]),
                            func=name, state=key)

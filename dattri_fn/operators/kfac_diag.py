@@ -24,8 +24,11 @@ the batch, which the capture engine cannot split by example (it is not batch-fir
 per-example gradients need autodiff here anyway.
 
 Per-example gradients come from ``vmap(grad)`` of the one-example loss with only these params
-differentiated (the others are constants); a model vmap cannot run (data-dependent control
-flow) is looped over, one backward pass per example, after one warning. The pass reads the
+differentiated (the others are constants), a block of rows at a time so that a block holds
+about ``2**20`` gradient entries (``max(1, 2**20 // p)`` examples for ``p`` such entries: an
+embedding table here costs one example's ``[V, d]`` gradient or a few, never a chunk's); a
+model vmap cannot run (data-dependent control flow) is looped over, one backward pass per
+example, after one warning. The pass reads the
 data once more, chunk by chunk as the factor passes do, so ``fisher="true"`` draws the same
 targets as they do (same generator, same outputs, same order).
 """
@@ -43,7 +46,13 @@ from .._checks import _msg, batch_size, regroup
 from ..transforms.layers import _chunks, tree_unsqueeze
 from .kfac_fisher import _ExpectedLoss, _SampledLoss
 
-__all__ = ["diagonal_groups", "diagonal_rows", "diagonal_sums", "warn_outside"]
+__all__ = ["diagonal_groups", "diagonal_row_blocks", "diagonal_rows", "diagonal_sums",
+           "warn_outside"]
+
+# Entries of one block of per-example gradients (rows x the keys' numel): a chunk is vmapped a
+# block of rows at a time, so an embedding table in this block holds [rows, V d] at ~8 MiB
+# (float64), not [chunk, V d] (an untied 50257 x 768 table: 9.9 GB a 64-row chunk in float32).
+_DIAG_ENTRIES = 2**20
 
 
 def diagonal_groups(keys, taken=()) -> dict[str, tuple[str, ...]]:
@@ -123,6 +132,34 @@ def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target,
     return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(r)}
 
 
+def diagonal_row_blocks(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
+                        func: str = "ekfac_factors", looped: list | None = None):
+    """Yield ``(first row, {key: [b, *shape]})``: :func:`diagonal_rows` of one chunk taken
+    ``b = max(1, _DIAG_ENTRIES // numel(keys))`` examples at a time.
+
+    A sampled loss draws the chunk's targets once, from the whole chunk's output (the factor
+    passes' draws), before the chunk is split into blocks.
+    """
+    if isinstance(loss_fn, _SampledLoss):
+        with torch.no_grad():
+            out = functional_call(module, state, args, kwargs)
+        detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+        target = loss_fn.sampler(detached, target, loss_fn.generator)
+        loss_fn = loss_fn.loss_fn
+    B = batch_size(func, "data", (*args, *kwargs.values()))
+    rows = max(1, _DIAG_ENTRIES // max(1, sum(state[k].numel() for k in keys)))
+    if rows >= B:
+        yield 0, diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func,
+                               looped=looped)
+        return
+    for r in range(0, B, rows):
+        cut = lambda t, r=r: t[r:r + rows] if isinstance(t, Tensor) else t  # noqa: E731
+        yield r, diagonal_rows(module, loss_fn, state, keys, tree_map(cut, args),
+                               tree_map(cut, kwargs),
+                               None if target is None else tree_map(cut, target), func=func,
+                               looped=looped)
+
+
 def diagonal_sums(func: str, module: nn.Module, loss_fn, state, keys, batches, chunk_size,
                   batch_rows=None) -> tuple[dict[str, Tensor], int]:
     """``({key: sum_n g_n^2}, N)`` over one pass of the data (the chunks of the factor passes).
@@ -141,11 +178,11 @@ def diagonal_sums(func: str, module: nn.Module, loss_fn, state, keys, batches, c
     for batch in regroup(batches, batch_rows, func):
         n += batch_size(func, "data", batch)
         for args, kwargs, target in _chunks(batch, chunk_size):
-            rows = diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func,
-                                 looped=looped)
-            for k, g in rows.items():
-                sq = g.detach().square().sum(0)
-                sums[k] = sq if k not in sums else sums[k] + sq
+            for _, rows in diagonal_row_blocks(module, loss_fn, state, keys, args, kwargs,
+                                               target, func=func, looped=looped):
+                for k in list(rows):
+                    sq = rows.pop(k).detach().square_().sum(0)  # [b, *shape] freed as it goes
+                    sums[k] = sq if k not in sums else sums[k].add_(sq)
     if n == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
     return sums, n
