@@ -7,8 +7,9 @@ gradients (:func:`empirical_fisher`)."""
 from .datainf import EmpiricalFisher, empirical_fisher
 from .gauss_newton import curvature_rows, gauss_newton, memory_budget
 from .kfac import BlockLinOp, kfac_operator, layer_scores, layer_self_scores, low_rank_blocks
+from .linear_glm import glm_hessian
 from .stochastic import SampledLinOp, sampled
 
 __all__ = ["BlockLinOp", "EmpiricalFisher", "SampledLinOp", "curvature_rows", "empirical_fisher",
-           "gauss_newton", "kfac_operator", "layer_scores", "layer_self_scores", "low_rank_blocks",
-           "memory_budget", "sampled"]
+           "gauss_newton", "glm_hessian", "kfac_operator", "layer_scores", "layer_self_scores",
+           "low_rank_blocks", "memory_budget", "sampled"]
