@@ -59,15 +59,29 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         raise ValueError(_msg(func, "test_features", f"[n_test, {P}] (the params' ravel layout)",
                               f"{list(test_features.shape)}"))
     every = capture.layer_specs(model.module)
+    # A tied weight is pooled over its uses or refused, whichever layer holds its key (a Linear
+    # head declared before its Embedding too): one use's (a, g) misses the other's share.
+    tied = _tied_uses(model.module, list(params))
     specs = {n: s for n, s in every.items()
-             if s.kind in ("linear", "conv1d", "conv2d") and s.weight in params}
+             if s.kind in ("linear", "conv1d", "conv2d") and s.weight in params
+             and s.weight not in tied}
     owned = {k for s in specs.values() for k in (s.weight, s.bias) if k in params}
     groups = {}  # a weight tied between an Embedding and a Linear: group -> members
-    for k in _tied_uses(model.module, [k for k in params if k not in owned]):
+    unpooled = {}
+    for k in tied:
         members = tied_group(model.module, k, params)
         if isinstance(members, tuple):
             groups[members[0]] = members
             owned.add(k)
+        else:
+            unpooled[k] = members
+    if unpooled:
+        raise ValueError(_msg(func, "params", "tied weights read by one Embedding and one "
+                              "Linear, keyed by the first, no bias of theirs in params",
+                              "; ".join(f"{k!r} shared by {tied[k]}: {why}"
+                                        for k, why in unpooled.items()),
+                              "Leave them (or the tied layer's bias) out: "
+                              "functional_model(..., params=...)."))
     left = [k for k in params if k not in owned]
     if left:
         raise ValueError(_msg(func, "params", "only weights and biases of Linear, Conv1D or "

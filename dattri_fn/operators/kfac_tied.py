@@ -30,7 +30,11 @@ the embedding's share of the gradient.
 
 The factor group is named after the member whose weight key is the params key (the first
 holder in module order, the key ``named_parameters()`` keeps: ``transformer.wte``); it has no
-bias column (a tied Linear whose bias is among the params is refused). ``fisher="expected"`` is
+bias column. A tied weight that cannot be pooled (a holder's bias among the params, two Linears
+sharing a weight) is no Kronecker layer, whichever holder comes first: the K-FAC/EK-FAC
+builders give it and that bias the diagonal block (:mod:`.kfac_diag`) or refuse it
+(``others="error"``), and :func:`~dattri_fn.attribute.tokens.token_scores` refuses it.
+``fisher="expected"`` is
 refused: the embedding's "in" vectors are gradients, one per output direction, which the
 pooled ``A`` cannot take once per example.
 
