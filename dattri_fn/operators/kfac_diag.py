@@ -90,6 +90,17 @@ def _example_loss(module: nn.Module, loss_fn, state):
     return one
 
 
+def _drawn(module: nn.Module, loss_fn, state, args, kwargs, target):
+    """Return ``(loss_fn, target)``: a ``_SampledLoss``'s plain loss and the targets it draws from
+    the chunk's batched output (its statistics pass's draws); any other loss as given."""
+    if not isinstance(loss_fn, _SampledLoss):
+        return loss_fn, target
+    with torch.no_grad():
+        out = functional_call(module, state, args, kwargs)
+    detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+    return loss_fn.loss_fn, loss_fn.sampler(detached, target, loss_fn.generator)
+
+
 def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
                   func: str = "ekfac_factors", looped: list | None = None) -> dict[str, Tensor]:
     """Per-example gradients of ``keys`` on one chunk of examples.  # {key: [B, *shape]}
@@ -99,12 +110,7 @@ def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target,
     ``looped``: a list one pass shares over its chunks; vmap's refusal of the model is recorded
     in it, so that the pass warns once and loops without trying vmap again.
     """
-    if isinstance(loss_fn, _SampledLoss):
-        with torch.no_grad():
-            out = functional_call(module, state, args, kwargs)
-        detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
-        target = loss_fn.sampler(detached, target, loss_fn.generator)
-        loss_fn = loss_fn.loss_fn
+    loss_fn, target = _drawn(module, loss_fn, state, args, kwargs, target)
     r = {k: state[k] for k in keys}
     one = _example_loss(module, loss_fn, state)
     looped = [] if looped is None else looped
@@ -140,12 +146,7 @@ def diagonal_row_blocks(module: nn.Module, loss_fn, state, keys, args, kwargs, t
     A sampled loss draws the chunk's targets once, from the whole chunk's output (the factor
     passes' draws), before the chunk is split into blocks.
     """
-    if isinstance(loss_fn, _SampledLoss):
-        with torch.no_grad():
-            out = functional_call(module, state, args, kwargs)
-        detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
-        target = loss_fn.sampler(detached, target, loss_fn.generator)
-        loss_fn = loss_fn.loss_fn
+    loss_fn, target = _drawn(module, loss_fn, state, args, kwargs, target)
     B = batch_size(func, "data", (*args, *kwargs.values()))
     rows = max(1, _DIAG_ENTRIES // max(1, sum(state[k].numel() for k in keys)))
     if rows >= B:
