@@ -19,6 +19,7 @@ from torch.func import vmap
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_size,
     batch_slice,
     batch_to,
@@ -183,6 +184,10 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                 else:  # one checkpoint's columns per projector step: never [b, P]
                     dest = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                               b, dtype=fdt, device=v0.device, out=dest)
+                if not all_finite(dest):  # b*d, not b*P: the blocks skip the projector's scan
+                    raise ValueError(_msg("Projector", "features", "finite values", "NaN or inf",
+                                          "A per-example gradient of the model is not finite "
+                                          "on this batch."))
                 if into is None:  # written into the cache rows, else yielded
                     yield dest
                 del dest  # not alive while the next checkpoint is projected
