@@ -267,12 +267,17 @@ def linear_gnvp(module: nn.Module, loss_fn: Callable, params, data, *,
                     return None
                 return torch.cat([_eye_like(A) if J[n] is None else J[n] for _, J, A in kept])
 
-            joined.append(({n: torch.cat([a[n] for a, _, _ in kept]) for n in names},
-                           {n: jac(n) for n in names}, torch.cat([A for _, _, A in kept])))
+            # one kept batch is used as it is (no second copy of the factors)
+            joined.append(kept[0] if len(kept) == 1 else (
+                {n: torch.cat([a[n] for a, _, _ in kept]) for n in names},
+                {n: jac(n) for n in names}, torch.cat([A for _, _, A in kept])))
         a, J, A = joined[0]
         idx = idx.to(A.device)
-        part = ({n: a[n][idx] for n in names},
-                {n: None if J[n] is None else J[n][idx] for n in names}, A[idx])
+        if idx.numel() == A.shape[0] and torch.equal(idx, torch.arange(A.shape[0], device=A.device)):
+            part = (a, J, A)  # every row in order (a full-batch draw): no gathered copy
+        else:
+            part = ({n: a[n][idx] for n in names},
+                    {n: None if J[n] is None else J[n][idx] for n in names}, A[idx])
         return LinOp(lambda V: _apply(V, [part], None, layout, names), P, like.dtype,
                      like.device, name=f"{func}.on_rows")
 

@@ -15,8 +15,11 @@ a_i) a_i^T``) instead of a batched double backward through autograd: on digits-l
 :func:`glm_hessian` returns that operator only where it is the Hessian: one captured Linear
 layer (the params are its weight and bias), its output Jacobian exactly the identity on every
 example (``J_i = I``: nothing between the layer and the output), and its product on the first
-examples equal to autodiff's Hessian-vector product through the module (what the capture cannot
-see); anything else returns None, and the caller keeps its autodiff product.
+batch's first 64 examples equal to autodiff's Hessian-vector product through the module (what
+the capture cannot see); anything else returns None, and the caller keeps its autodiff product.
+The autodiff check is a sample: a module whose output is curved in its params only on examples
+it does not see (with ``J_i = I`` on all of them) would pass it, as it would pass
+``linear_gnvp``'s check.
 """
 
 from __future__ import annotations
