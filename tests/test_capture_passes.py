@@ -219,3 +219,25 @@ def test_self_score_takes_one_pass_per_batch(name, monkeypatch):
     got = m.self_score(params, state, train)
     assert len(calls) == 2 * C and got.shape == (9,)
     assert torch.equal(got, m.self_score(params, state, _Reiterable(train)))
+
+
+def test_one_pass_budget_counts_flat_layers_once_per_example(monkeypatch):
+    """A flat (no positions) layer holds one (in + out) row per example: a 64-input MLP's 18 rows
+    need 18 * 8 * (70 + 9) = 11,376 bytes, so a 100 kB budget takes one pass (the estimate that
+    multiplied by an example's 65 entries, 739 kB, fell back to 4 passes)."""
+    net = _init(nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 3)).double(), 0)
+    fm = functional_model(net, F.cross_entropy)
+    g = _gen(9)
+    data = [(torch.randn(n, 64, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+            for n in (5, 4, 6, 3)]
+    train, test = data[:3], data[3]
+    m = grad_dot(fm)
+    state = m.prepare(fm.params, train)
+    monkeypatch.setenv("DATTRI_FN_MEMORY", "100000")
+    calls = _counted_passes(monkeypatch)
+    one = m.score(fm.params, state, train, test)
+    assert len(calls) == 1
+    want = per_sample_grad(fm.loss, fm.params, (torch.cat([x for x, _ in train]),
+                                                torch.cat([y for _, y in train])))
+    test_g = per_sample_grad(fm.loss, fm.params, test)
+    torch.testing.assert_close(one, want @ test_g.T, rtol=0, atol=1e-10)

@@ -334,20 +334,25 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             # so its last bits would move with the grouping.
             itemsize = v0.element_size()
             kinds = dict(plan_s.layout)
-            widths = dense = 0
+            flat = widths = dense = 0
             for n, (wk, _) in plan_s.layers.items():
                 if wk is None:
                     continue
                 w = stacked[wk][0]
-                widths += w.shape[0] + w.numel() // max(w.shape[0], 1)
-                if kinds.get(n, "dense") == "dense":  # materialised per example (or not known)
+                width = w.shape[0] + w.numel() // max(w.shape[0], 1)
+                layer_kind = kinds.get(n, "dense")
+                if layer_kind == "flat":  # one (in + out) row per example
+                    flat += width
+                else:
+                    widths += width
+                if layer_kind == "dense":  # materialised per example (or not known)
                     dense += w.numel()
             dense += sum(stacked[k][0].numel() for k in plan_s.rest)
 
             def row_bytes(batch) -> int:
                 # a layer at T positions holds T (in + out) per example, T <= an example's numel
                 per_row = sum(t[0].numel() for t in batch_leaves(batch) if t.ndim)
-                return C * itemsize * (max(1, per_row) * widths + dense)
+                return C * itemsize * (flat + max(1, per_row) * widths + dense)
 
             def one_pass(batches: list, n_test: int) -> tuple[LayerGrads, LayerGrads]:
                 """``(train rows, test rows)`` of ``[test, *train]`` from one pass."""
