@@ -45,7 +45,6 @@ import torch
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
-from ..tree import ravel_batched
 from . import capture
 from .factored_grads import LayerGrads
 
@@ -191,9 +190,12 @@ def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
                           "checkpoints", f"{got}"))
 
 
-def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, LayerGrads]:
+def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
+           keep_shapes: bool = True) -> tuple[LayerPlan, LayerGrads]:
     """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device):
-    the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it."""
+    the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it.
+    ``keep_shapes=False``: the plan's probe shapes are left out (a caller that keeps only
+    :func:`plan_decisions`, which drop them anyway, skips the unpack and signature)."""
     first = {k: v[:1] for k, v in stacked.items()}
     n = batch_size("layer_grads", "batch", batch)
     k = min(n, 3)
@@ -202,8 +204,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
     # must not make a good model dense.
-    ref = ravel_batched(_example_rows(plan.model, {key: v[0] for key, v in first.items()}, head,
-                                      getattr(plan.tapped, "ties_any", True)))
+    ref = _example_rows(plan.model, {key: v[0] for key, v in first.items()}, head,
+                        getattr(plan.tapped, "ties_any", True))
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
     passed = None
     if n == k:
@@ -219,10 +221,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
-            got = lg.select(0).rows(0, k).to_dense()[0]
-            err = float((got - ref).abs().max())
-            scale = float(ref.abs().max())
-            if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
+            err, scale, dtype = _gap(lg, ref, k)
+            if not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
                 why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
     except Exception as e:  # whatever the model's forward raises with probes
         why = f"{type(e).__name__}: {e}"
@@ -234,10 +234,31 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan, L
         layout, shapes = (), None
         lg, loop = _dense(base, stacked, batch)
     known = ()
-    if shapes is not None and not loop:
+    if keep_shapes and shapes is not None and not loop:
         args, kwargs, _ = _unpack(plan.model)(batch)
         known = ((input_signature(args, kwargs), shapes),)
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
+
+
+def _gap(lg: LayerGrads, ref: Params, k: int) -> tuple[float, float, torch.dtype]:
+    """``(max |captured - autodiff|, max |autodiff|, dtype)`` over the first ``k`` examples at
+    the first checkpoint, parameter by parameter: each captured block (an outer product of
+    ``k`` rows for a factored weight) against the reference rows of its key, so neither side
+    is raveled into a ``[k, P]`` row. The same maxima as over the raveled rows."""
+    part = lg.select(0).rows(0, k)
+    errs, scales = [], []
+    dtype = None
+    for key, src in part.layout:
+        want = ref[key][:k].reshape(k, -1)  # [k, *shape] -> [k, size]
+        dtype = want.dtype if dtype is None else torch.promote_types(dtype, want.dtype)
+        if want.shape[1]:
+            got = part._block(src, 0, want.shape[1])[0]  # [1, k, size] -> [k, size]
+            errs.append((got - want).abs().max().double())  # keys of mixed dtypes stack
+            scales.append(want.abs().max().double())
+    if not errs:
+        return 0.0, 0.0, dtype
+    # torch's max, not Python's: a NaN anywhere must reach the comparison
+    return float(torch.stack(errs).max()), float(torch.stack(scales).max()), dtype
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
