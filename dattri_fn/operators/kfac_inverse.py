@@ -62,15 +62,17 @@ class BlockLinOp(LinOp):
     layer for an inverse (``scale = 1 / (Lambda + damping)``), else None; ``diagonal``:
     ``{group: (keys, scale [p])}`` of the params outside the Kronecker layers (``scale = 1 / (D
     + damping)`` for an inverse, ``D`` for the Fisher itself), empty without them; ``parts``:
-    the Kronecker layers then the diagonal groups, the names per-layer scores use.
+    the Kronecker layers then the diagonal groups, the names per-layer scores use; ``ravel(B)``:
+    the inverse of ``blocks`` for an operator with no diagonal groups (``{layer: [k, out,
+    in(+1)]}`` -> ``[k, P]`` rows in the params' ravel layout), else None.
     """
 
-    __slots__ = ("blocks", "eigen", "diagonal", "parts")
+    __slots__ = ("blocks", "eigen", "diagonal", "parts", "ravel")
     follows_dtype = True  # products are taken in the rows' dtype (factors may be 16-bit)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.blocks, self.eigen, self.diagonal, self.parts = None, None, {}, ()
+        self.blocks, self.eigen, self.diagonal, self.parts, self.ravel = None, None, {}, (), None
 
 
 def _shapes(QA, QG, param_names) -> dict[str, tuple[int, int]]:
@@ -145,9 +147,27 @@ def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=(), diagonal=
                 torch.mul(V[:, sl], diagonal[key].reshape(-1).to(V.dtype), out=out[:, sl])
         return out
 
+    def ravel(blocks: dict[str, Tensor]) -> Tensor:
+        # entries are copied, never combined: ravel(blocks(V)) == V bit for bit
+        first = blocks[layers[0]]
+        k = first.shape[0]
+        out = first.new_empty(k, P)
+        for layer in layers:
+            o, inp = shapes[layer]
+            ws, bs = where[layer]
+            M = blocks[layer]
+            if layer in transposed:
+                out[:, ws].view(k, inp, o).copy_(M[..., :inp].transpose(1, 2))
+            else:
+                out[:, ws].view(k, o, inp).copy_(M[..., :inp])
+            if bs is not None:
+                out[:, bs].copy_(M[..., inp])
+        return out
+
     slices_of = {k: s for g, ks in groups.items() for k, s in zip(ks, slices[g], strict=True)}
     op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
     op.blocks = read
+    op.ravel = ravel if layers and not groups else None
     op.diagonal = {g: (ks, flat[g]) for g, ks in groups.items()}
     op.parts = (*layers, *groups)
     return op
