@@ -87,3 +87,56 @@ def test_prepare_keeps_no_probe_shapes_and_decides_as_check_plan():
     bare = lgm._check(layer_plan(fm), {k: v[None] for k, v in fm.params.items()},
                       (train[0][0][:3], train[0][1][:3]), keep_shapes=False)[0]
     assert bare.shapes == () and plan_decisions(bare) == state.train
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv1d"])
+def test_one_engine_call_equals_the_two_separate_calls(kind):
+    """_factored_and_rows == (_factored, _example_rows) torch.equal: the two graphs share no leaf."""
+    if kind == "mlp":
+        fm, head = functional_model(_model(0, "mlp"), F.cross_entropy), _xy(1, 3)
+    else:
+        pytest.importorskip("transformers")
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)  # Conv1D draws its init from the global generator; overwritten below
+        m = nn.Sequential(Conv1D(5, 4), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+        g = _gen(4)
+        for p in m.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=DT) / 2
+        fm, head = functional_model(m, F.cross_entropy), _xy(5, 3)
+    plan = layer_plan(fm)
+    stacked = {k: v[None] for k, v in fm.params.items()}
+    assert lgm._one_call_ok(plan, stacked)
+    (lg, loop, layout, shapes), ref = lgm._factored_and_rows(plan, stacked, head, False)
+    lg2, loop2, layout2, shapes2 = _factored(plan, stacked, head)
+    ref2 = _example_rows(fm, fm.params, head, False)
+    assert (loop, layout, shapes) == (loop2, layout2, shapes2)
+    assert torch.equal(lg.to_dense(), lg2.to_dense())
+    assert list(ref) == list(ref2) and all(torch.equal(ref[k], ref2[k]) for k in ref)
+
+
+def test_one_engine_call_not_taken_with_dense_params_or_checkpoints():
+    """Dense parameters (vmap over examples) or C = 2 keep the separate calls; decisions equal."""
+    fm = functional_model(_model(0, "scaled"), F.cross_entropy)
+    plan = layer_plan(fm)
+    assert not lgm._one_call_ok(plan, {k: v[None] for k, v in fm.params.items()})
+    fm2 = functional_model(_model(0, "mlp"), F.cross_entropy)
+    two = {k: torch.stack([v, v + 0.1]) for k, v in fm2.params.items()}
+    assert not lgm._one_call_ok(layer_plan(fm2), two)
+    checked = check_plan(layer_plan(fm2), two, _xy(1, 3))
+    assert checked.checked and not checked.dense and checked.layers == layer_plan(fm2).layers
+
+
+def test_check_takes_one_engine_call_and_falls_back_on_any_error(monkeypatch):
+    """check_plan on 3 rows calls autograd once (no separate reference rows); a failing shortcut
+    leaves the same checked plan from the two calls."""
+    fm = functional_model(_model(0, "mlp"), F.cross_entropy)
+    head = _xy(1, 3)
+    calls, real = [], torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    one = check_plan(layer_plan(fm), fm.params, head)
+    assert len(calls) == 1
+    monkeypatch.setattr(lgm, "_factored_and_rows", lambda *a, **k: 1 / 0)
+    calls.clear()
+    two = check_plan(layer_plan(fm), fm.params, head)
+    assert len(calls) == 2 and plan_decisions(one) == plan_decisions(two) and not one.dense

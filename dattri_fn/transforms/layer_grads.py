@@ -55,7 +55,9 @@ from .layer_grads_paths import (  # noqa: F401
     _dense,
     _example_rows,
     _factored,
+    _factored_and_rows,
     _loop_grads,
+    _one_call_ok,
     _raw_batched,
     _raw_per_example,
     _raw_split,
@@ -204,11 +206,19 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch
     # must not make a good model dense.
-    ref = _example_rows(plan.model, {key: v[0] for key, v in first.items()}, head,
-                        getattr(plan.tapped, "ties_any", True))
+    ties = getattr(plan.tapped, "ties_any", True)
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
-    passed = None
-    if n == k:
+    passed = ref = None
+    if n == k and _one_call_ok(plan, stacked):
+        # the factored pass over the compared examples and their reference rows, one engine
+        # call; any error takes the two separate calls below, which raise or decide as ever
+        try:
+            passed, ref = _factored_and_rows(plan, stacked, batch, ties)
+        except Exception:  # decided below, as without this shortcut
+            passed = ref = None
+    if ref is None:
+        ref = _example_rows(plan.model, {key: v[0] for key, v in first.items()}, head, ties)
+    if n == k and passed is None:
         # The batch is the examples compared: a factored pass that raises no CaptureError shows
         # what the narrowing forward would (no layer to drop), so that forward is skipped; any
         # error takes the full procedure below, which decides as before.

@@ -93,25 +93,72 @@ def _example_rows(model: FunctionalModel, params: Params, batch: Batch, ties: bo
     the digits tasks)."""
     if torch._C._functorch.maybe_current_level() is not None:
         return _loop_grads(model.loss, params, batch)
+    with torch.enable_grad():
+        lives, losses = _row_losses(model, params, batch, ties)
+        flat = torch.autograd.grad(losses, [t for live in lives for t in live.values()],
+                                   allow_unused=True, materialize_grads=True)
+    return _rows_of(params, flat)
+
+
+def _row_losses(model: FunctionalModel, params: Params, batch: Batch,
+                ties: bool) -> tuple[list[Params], list[Tensor]]:
+    """Each example's own leaf copy of ``params`` and its loss as a batch of one (grad mode on)."""
     from torch.func import functional_call
 
     from .._checks import batch_slice
 
     unpack = _unpack(model)
     n = batch_size("layer_grads", "batch", batch)
-    with torch.enable_grad():
-        lives = [{k: v.detach().requires_grad_(True) for k, v in params.items()}
-                 for _ in range(n)]
-        losses = []
-        for i, live in enumerate(lives):
-            args, kwargs, target = unpack(batch_slice(batch, i, i + 1))
-            out = functional_call(model.module, {**model.fixed, **live}, args, kwargs,
-                                  tie_weights=ties)
-            losses.append(model.loss_fn(out) if target is None else model.loss_fn(out, target))
-        flat = torch.autograd.grad(losses, [t for live in lives for t in live.values()],
-                                   allow_unused=True, materialize_grads=True)
+    lives = [{k: v.detach().requires_grad_(True) for k, v in params.items()} for _ in range(n)]
+    losses = []
+    for i, live in enumerate(lives):
+        args, kwargs, target = unpack(batch_slice(batch, i, i + 1))
+        out = functional_call(model.module, {**model.fixed, **live}, args, kwargs,
+                              tie_weights=ties)
+        losses.append(model.loss_fn(out) if target is None else model.loss_fn(out, target))
+    return lives, losses
+
+
+def _rows_of(params: Params, flat) -> Params:
+    """``{key: [B, ...]}`` from the copies' gradients, copy by copy in params order."""
     P = len(params)
     return {k: torch.stack(flat[j::P]) for j, k in enumerate(params)}
+
+
+def _one_call_ok(plan: LayerPlan, stacked: Params) -> bool:
+    """Whether :func:`_factored_and_rows` applies: one checkpoint, no dense parameters, outside
+    torch.func (then :func:`_factored` is one plain :func:`batched_io` pass, no probe shapes)."""
+    return (not plan.rest and next(iter(stacked.values())).shape[0] == 1
+            and torch._C._functorch.maybe_current_level() is None)
+
+
+def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: bool):
+    """``(_factored(plan, stacked, batch), _example_rows(plan.model, params, batch, ties))``
+    with ONE autograd engine call for both (where :func:`_one_call_ok`).
+
+    The batched pass's loss and the examples' own losses share no leaf (probes on one side,
+    per-example parameter copies on the other), so one backward over all of them gives each
+    side exactly its own gradients, torch.equal to the two separate calls; the check's second
+    engine call is saved (~0.1 ms of its ~1.3 ms on the digits tasks).
+    """
+    from .layers import per_example_losses
+
+    tapped, model = plan.tapped, plan.model
+    first = {k: v[0] for k, v in stacked.items()}
+    args, kwargs, target = _unpack(model)(batch)
+    with torch.enable_grad():
+        run = tapped.probed({**model.fixed, **first}, *args, **kwargs)
+        value = per_example_losses(model.loss_fn, run.output, target).sum()
+        probes = [p for n in tapped.layers for p in run.probes[n]]
+        lives, losses = _row_losses(model, first, batch, ties)
+        flat = torch.autograd.grad([value, *losses],
+                                   probes + [t for live in lives for t in live.values()],
+                                   allow_unused=True, materialize_grads=True)
+    grads = iter(flat[:len(probes)])
+    g = run.fold({n: [next(grads) for _ in run.probes[n]] for n in tapped.layers})
+    raw = {n: (run.acts[n].detach()[None], g[n][None]) for n in tapped.layers}
+    lg, layout = _assemble(plan, raw, {}, lead=2)
+    return (lg, False, layout, None), _rows_of(first, flat[len(probes):])
 
 
 def _vmap_failed(err: Exception) -> bool:
