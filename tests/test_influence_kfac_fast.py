@@ -88,3 +88,23 @@ def test_target_keeps_the_plan(monkeypatch):
     plain = influence(fm, solver="ekfac", damping=0.1)
     assert torch.allclose(S, -plain.score(fm.params, plain.prepare(fm.params, train), train, test),
                           rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:.*outside the Kronecker-factored layers")
+@pytest.mark.parametrize("layers", [None, ["0"]])
+def test_prepare_builds_one_capture(layers, monkeypatch):
+    """prepare builds the capture once and scores with it when the factors cover the captured
+    layers (a 'layers' subset: the same); the scores equal those of a rebuilt capture."""
+    from dattri_fn.operators import kfac
+
+    fm = _fm(5)
+    train, test = _xy(1, 5), _xy(2, 3)
+    opts = {} if layers is None else {"layers": layers}
+    m = influence(fm, solver="ekfac", damping=0.1, **opts)
+    calls, real = [], kfac.kfac_tap
+    monkeypatch.setattr(kfac, "kfac_tap", lambda *a, **k: calls.append(1) or real(*a, **k))
+    state = m.prepare(fm.params, train)
+    assert calls == [1]
+    S = m.score(fm.params, state, train, test)
+    rebuilt = state._replace(tap=real(fm.module, fm.params, layers=list(state.ihvp.eigen[0])))
+    assert torch.equal(S, m.score(fm.params, rebuilt, train, test))

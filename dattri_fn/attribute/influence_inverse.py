@@ -344,12 +344,18 @@ def from_factors(cfg: InfluenceConfig, params: Params, factors) -> InfluenceStat
     return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp))
 
 
-def score_tap(cfg: InfluenceConfig, params: Params, ihvp: LinOp):
+def score_tap(cfg: InfluenceConfig, params: Params, ihvp: LinOp, tapped=None):
     """The captured forward of the layers ``ihvp`` covers, for layer-by-layer scoring (K-FAC/
-    EK-FAC on the model itself), else None."""
+    EK-FAC on the model itself), else None. ``tapped``: the factor passes' capture, reused
+    when it captures exactly those layers (a tied group's members as its one pooled layer)."""
     if not cfg.layered:
         return None
-    return kfac.kfac_tap(cfg.model.module, params, layers=list(ihvp.eigen[0]))
+    kron = list(ihvp.eigen[0])
+    if tapped is not None:
+        members = {m for group in getattr(tapped, "tied", ()) for m in group[1:]}
+        if sorted(n for n in tapped.layers if n not in members) == sorted(kron):
+            return tapped  # a tap is pure (params come with each call): shared, not rebuilt
+    return kfac.kfac_tap(cfg.model.module, params, layers=kron)
 
 
 def row_scale(cfg: InfluenceConfig, params: Params, ihvp: LinOp, train) -> torch.Tensor | None:
@@ -383,7 +389,7 @@ def build_state(cfg: InfluenceConfig, params: Params, train, tapped) -> Influenc
     """The state of ``cfg.solver`` at checked ``params`` on validated ``train``: the inverse,
     its factors, the scoring capture and RelatIF's row scales."""
     ihvp, factors = build_inverse(cfg, params, train, tapped)
-    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp),
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp, tapped),
                           row_scale(cfg, params, ihvp, train))
 
 
