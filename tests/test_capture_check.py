@@ -1,4 +1,4 @@
-"""The plan check compares captured gradients with autodiff parameter by parameter (no raveled rows)."""
+"""The plan check: its comparison (_gap), one engine call for its pass and reference rows, prepare's plan."""
 
 import math
 
