@@ -143,7 +143,9 @@ def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     The check (module Note) drops the layers ``batch`` shows cannot be captured, runs one
     factored pass over ``batch`` at ``params`` and compares its first 3 examples' gradients with
     per-example autodiff, and fixes the layout of sequence layers and the vmap/loop fallback
-    (its cost: that pass plus 3 single-example backward passes). Hold the returned plan:
+    (its cost: that pass, 3 single-example forwards and one backward over their losses; on a
+    batch of at most 3 examples at one checkpoint without dense parameters, the pass and the
+    3 reference rows share one autograd engine call). Hold the returned plan:
     :func:`layer_grads_stacked` and :func:`per_sample_layer_grads` then apply it without
     checking again. A plan already checked is returned as it is.
 
