@@ -126,14 +126,36 @@ def _check_dtype(func: str, dtype) -> None:
                              repr(dtype)))
 
 
+# Entries of captured (a, g) that EK-FAC's K-FAC pass may hold for its Lambda pass (16 MiB in
+# float32): below it the second forward and backward over the data are skipped.
+_HELD_ENTRIES = 2**22
+
+
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
-               batch_rows=None, reduce=None):
+               batch_rows=None, reduce=None, held: list | None = None):
+    """The K-FAC pass. ``held``: a list that receives every ``(layer, a, g)`` the pass
+    captures, in the order a second pass would see them, while they total at most
+    ``_HELD_ENTRIES`` entries (past it the list is emptied and ``None`` appended)."""
     bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
+    inputs: dict[str, list] = {}  # held layer inputs waiting for their g
+    count = [0]
+
+    def hold(t: Tensor) -> bool:
+        count[0] += t.numel()
+        if count[0] <= _HELD_ENTRIES:
+            return True
+        if not held or held[-1] is not None:
+            held.clear()
+            inputs.clear()
+            held.append(None)
+        return False
 
     # A is taken from each layer's input right after the forward, G as each g arrives in the
-    # backward: no layer input is held through the backward pass.
+    # backward: no layer input is held through the backward pass (unless ``held`` asks).
     def on_input(layer, a):
+        if held is not None and hold(a):
+            inputs.setdefault(layer, []).append(a)
         a = a.reshape(a.shape[0], -1, a.shape[-1])
         if bias[layer]:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -145,6 +167,8 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
             A[layer] = dA
 
     def step(layer, _, g):
+        if held is not None and hold(g):
+            held.append((layer, inputs[layer].pop(0), g))
         g2 = g.reshape(-1, g.shape[-1])
         dG = g2.T @ g2
         if layer in G:
@@ -252,10 +276,13 @@ _OTHERS = (None, "diagonal", "error")
 
 
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
-                       batch_rows, fisher, seed, sampler, reduce, dtype, others=None):
+                       batch_rows, fisher, seed, sampler, reduce, dtype, others=None,
+                       held: list | None = None):
     """Validate the factor builders' arguments and run the K-FAC pass (and the diagonal pass of
     the params outside the Kronecker layers): ``(KFACFactors, (state, names, pnames, batches,
-    tapped, chunk_size, losses))``, the latter for a second pass."""
+    tapped, chunk_size, losses))``, the latter for a second pass. ``held``: as
+    :func:`_kfac_core`'s, filled only for the empirical or true Fisher without tied layers
+    (the passes whose second run would capture the same ``(a, g)``)."""
     if others not in _OTHERS:
         raise ValueError(_msg(func, "others", "None, 'diagonal' or 'error'", repr(others)))
     (state, names, pnames, batches, tapped, chunk_size), rest = _check_call_parts(
@@ -276,8 +303,9 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
     if rest and others is None:
         warn_outside(func, rest)
     if names:
+        keep = held if fisher != "expected" and not tapped.tied else None
         kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                        batch_rows, reduce)
+                        batch_rows, reduce, keep)
     else:  # every param outside Kronecker layers: the diagonal is the whole operator
         kf = KFACFactors({}, {}, pnames, torch.tensor(0, dtype=torch.int64), ())
     if rest:
@@ -327,9 +355,12 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         George et al. 2018, arXiv:1806.03884; Grosse et al. 2023, arXiv:2308.03296.
     """
     func = "ekfac_factors"
+    # the K-FAC pass's (layer, a, g), when small enough to replay (not under ``reduce``: the
+    # Lambda sums take this process's count)
+    held: list = []
     kf, (state, names, pnames, batches, tapped, chunk_size, losses) = _checked_kfac_pass(
         func, module, loss_fn, params, data, layers, chunk_size, tapped, batch_rows, fisher,
-        seed, sampler, reduce, dtype, others)
+        seed, sampler, reduce, dtype, others, held if reduce is None else None)
     diag = kf.diagonal if dtype is None else {k: v.to(dtype) for k, v in kf.diagonal.items()}
     if not names:
         return EKFACFactors({}, {}, {}, pnames, kf.num_examples, (), diag)
@@ -370,8 +401,17 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             dL += rot.square_().sum(0)
         L[group] = dL if group not in L else L[group] + dL
 
-    n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows,
-                pooled=pooled)
+    if held and held[-1] is not None:
+        # The Lambda pass would capture the same (a, g) (a true Fisher's draws restart from
+        # its seed each pass): replayed in order, the same sums bit for bit, one pass fewer.
+        for layer, a, g in held:
+            step(layer, a, g)
+        n = int(kf.num_examples)
+        held.clear()
+    else:
+        held.clear()
+        n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows,
+                    pooled=pooled)
     sums, n = _reduced(func, reduce, {f"L:{k}": L[k] for k in names}, n)
     Lambda = {k: sums[f"L:{k}"] / n for k in names}
     if dtype is not None:
