@@ -216,7 +216,7 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         # the factored pass over the compared examples and their reference rows, one engine
         # call; any error takes the two separate calls below, which raise or decide as ever
         try:
-            passed, ref = _factored_and_rows(plan, stacked, batch, ties)
+            passed, ref = _factored_and_rows(plan, stacked, batch, ties, n)
         except Exception:  # decided below, as without this shortcut
             passed = ref = None
     if ref is None:

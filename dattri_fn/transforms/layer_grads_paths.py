@@ -100,15 +100,17 @@ def _example_rows(model: FunctionalModel, params: Params, batch: Batch, ties: bo
     return _rows_of(params, flat)
 
 
-def _row_losses(model: FunctionalModel, params: Params, batch: Batch,
-                ties: bool) -> tuple[list[Params], list[Tensor]]:
-    """Each example's own leaf copy of ``params`` and its loss as a batch of one (grad mode on)."""
+def _row_losses(model: FunctionalModel, params: Params, batch: Batch, ties: bool,
+                n: int | None = None) -> tuple[list[Params], list[Tensor]]:
+    """Each example's own leaf copy of ``params`` and its loss as a batch of one (grad mode on).
+    ``n``: the batch's size where the caller validated it (no second finiteness scan)."""
     from torch.func import functional_call
 
     from .._checks import batch_slice
 
     unpack = _unpack(model)
-    n = batch_size("layer_grads", "batch", batch)
+    if n is None:
+        n = batch_size("layer_grads", "batch", batch)
     lives = [{k: v.detach().requires_grad_(True) for k, v in params.items()} for _ in range(n)]
     losses = []
     for i, live in enumerate(lives):
@@ -132,9 +134,11 @@ def _one_call_ok(plan: LayerPlan, stacked: Params) -> bool:
             and torch._C._functorch.maybe_current_level() is None)
 
 
-def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: bool):
+def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: bool,
+                       n: int | None = None):
     """``(_factored(plan, stacked, batch), _example_rows(plan.model, params, batch, ties))``
-    with ONE autograd engine call for both (where :func:`_one_call_ok`).
+    with ONE autograd engine call for both (where :func:`_one_call_ok`; ``n``: the batch's
+    size where the caller validated it).
 
     The batched pass's loss and the examples' own losses share no leaf (probes on one side,
     per-example parameter copies on the other), so one backward over all of them gives each
@@ -150,7 +154,7 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
         run = tapped.probed({**model.fixed, **first}, *args, **kwargs)
         value = per_example_losses(model.loss_fn, run.output, target).sum()
         probes = [p for n in tapped.layers for p in run.probes[n]]
-        lives, losses = _row_losses(model, first, batch, ties)
+        lives, losses = _row_losses(model, first, batch, ties, n)
         flat = torch.autograd.grad([value, *losses],
                                    probes + [t for live in lives for t in live.values()],
                                    allow_unused=True, materialize_grads=True)
