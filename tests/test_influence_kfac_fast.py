@@ -108,3 +108,21 @@ def test_prepare_builds_one_capture(layers, monkeypatch):
     S = m.score(fm.params, state, train, test)
     rebuilt = state._replace(tap=real(fm.module, fm.params, layers=list(state.ihvp.eigen[0])))
     assert torch.equal(S, m.score(fm.params, rebuilt, train, test))
+
+
+@pytest.mark.parametrize("opts", [{"l2": 0.01}, {"per_layer": True}, {"query_rank": 2},
+                                  {"dtype": torch.float32}])
+def test_captured_test_side_with_options(opts, monkeypatch):
+    """With l2 (the test side has no l2 term), per-layer scores, low-rank query blocks or 32-bit
+    factors, the capture's test gradients give the plan's scores (torch.equal)."""
+    fm = _fm(6)
+    train, test = [_xy(1, 5), _xy(2, 4)], _xy(3, 3)
+    m = influence(fm, solver="ekfac", damping=0.1, **opts)
+    state = m.prepare(fm.params, train)
+    S = m.score(fm.params, state, train, test)
+    monkeypatch.setattr(score_module, "captured_test", lambda cfg, ps: False)
+    ref = m.score(fm.params, state, train, test)
+    if isinstance(S, dict):
+        assert S.keys() == ref.keys() and all(torch.equal(S[k], ref[k]) for k in S)
+    else:
+        assert torch.equal(S, ref)
