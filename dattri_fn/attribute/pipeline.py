@@ -239,6 +239,15 @@ def _dense_test(func: str, train, test_features):
     return test_features
 
 
+def check_finite_scores(func: str, block: Tensor) -> None:
+    """Raise unless a ``[b, n_test]`` score block is finite (structured feature rows, e.g.
+    captured layer factors, are not scanned themselves; their ``b x n_test`` scores are)."""
+    if block.is_floating_point() and not all_finite(block):
+        raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) "
+                              "are finite", "NaN or inf in the scores of a train batch",
+                              "A train or test example's gradient is not finite."))
+
+
 def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
                   top_k: int | None = None, largest: bool = True,
                   func: str = "stream_scores") -> Tensor | TopK:
@@ -303,6 +312,8 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
             if block.shape[0] != b:
                 raise ValueError(f"{func}(train=...): expected the train feature map to give one "
                                  f"row per example ({b}), got {block.shape[0]}.")
+            if not isinstance(feats, Tensor):  # structured rows are not scanned: their scores are
+                check_finite_scores(func, block)
             yield block
 
     if store and top_k is None and train.out is not None:
