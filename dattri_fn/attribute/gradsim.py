@@ -69,7 +69,15 @@ from .method import (
     num_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import TopK, collect, in_chunks, merge_topk, stream_scores, stream_self
+from .pipeline import (
+    TopK,
+    check_finite_scores,
+    collect,
+    in_chunks,
+    merge_topk,
+    stream_scores,
+    stream_self,
+)
 
 PROJECTIONS = ("dense", "kronecker")
 _CHECK_ROWS = 3  # the examples check_plan compares with autodiff: prepare checks on these alone
@@ -387,6 +395,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             out, best, offset = None, None, 0
             for rows in merged[1][1:]:
                 block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
+                check_finite_scores(name, block)
                 if top_k is not None:
                     best = merge_topk(best, block, offset, top_k, largest)
                 else:
