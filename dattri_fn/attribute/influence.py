@@ -108,8 +108,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             EK-FAC ``Lambda`` comes from the summed gradient of both uses,
             :mod:`dattri_fn.operators.kfac_tied`); defaults to ``loss`` when that is a
             FunctionalModel. The capture is built at each ``prepare`` (one for
-            all its checkpoints); the one layer-by-layer scoring uses is held in the state
-            (:class:`InfluenceState` ``.tap``), never cached by the method.
+            all its checkpoints) and held in the state (:class:`InfluenceState` ``.tap``),
+            never cached by the method; ``score`` takes both sides' gradients from it (no
+            layer-gradient plan check) unless a ``target``, a tied weight or params outside
+            the Kronecker layers need the plan's test side.
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
             ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params``; ``"hessian"`` is
             then ``H + 2 l2 I`` and ``"fisher"`` the empirical Fisher of the regularised
