@@ -82,3 +82,46 @@ def test_reduce_keeps_two_passes(monkeypatch):
     assert len(calls) == 2
     plain = ekfac_factors(net, F.cross_entropy, params, _data(False))
     assert all(torch.equal(red.Lambda[k], plain.Lambda[k]) for k in red.Lambda)
+
+
+class _Pooled(torch.nn.Module):
+    """A head on h[:, 0] (CLS pooling): its captured input is a view of the whole [B, S, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.cls = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.cls(torch.tanh(self.emb(x))[:, 0])
+
+
+def test_held_inputs_own_their_storage(monkeypatch):
+    """The replay holds the head's [b, 8] inputs, not views keeping each [b, 200, 8] hidden state
+    alive (the budget counts entries held); Lambda still equals the two-pass one (torch.equal)."""
+    import torch.nn.functional as F
+
+    from dattri_fn.operators import kfac_stats as ks
+    from dattri_fn.operators.kfac import ekfac_factors
+
+    torch.manual_seed(0)
+    net = _Pooled().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 200, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,), generator=g)
+    data = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    params = {k: v.detach() for k, v in net.named_parameters() if k.startswith("cls")}
+    real, seen = ks._kfac_core, []
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        held = k.get("held", a[10] if len(a) > 10 else None)
+        if held:
+            seen.extend(t for item in held if item for t in item[1:])
+        return out
+
+    monkeypatch.setattr(ks, "_kfac_core", spy)
+    one = ekfac_factors(net, F.cross_entropy, params, data)
+    assert seen and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in seen)
+    monkeypatch.setattr(ks, "_HELD_ENTRIES", 0)
+    two = ekfac_factors(net, F.cross_entropy, params, data)
+    assert all(torch.equal(one.Lambda[k], two.Lambda[k]) for k in one.Lambda)

@@ -131,6 +131,12 @@ def _check_dtype(func: str, dtype) -> None:
 _HELD_ENTRIES = 2**22
 
 
+def _own(t: Tensor) -> Tensor:
+    """``t``, or a copy when it is a view into a larger storage (a head on ``h[:, 0]``): a held
+    view would keep its whole base alive, past what ``_HELD_ENTRIES`` counts."""
+    return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.clone()
+
+
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
                batch_rows=None, reduce=None, held: list | None = None):
     """The K-FAC pass. ``held``: a list that receives every ``(layer, a, g)`` the pass
@@ -155,7 +161,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     # backward: no layer input is held through the backward pass (unless ``held`` asks).
     def on_input(layer, a):
         if held is not None and hold(a):
-            inputs.setdefault(layer, []).append(a)
+            inputs.setdefault(layer, []).append(_own(a))
         a = a.reshape(a.shape[0], -1, a.shape[-1])
         if bias[layer]:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
@@ -168,7 +174,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 
     def step(layer, _, g):
         if held is not None and hold(g):
-            held.append((layer, inputs[layer].pop(0), g))
+            held.append((layer, inputs[layer].pop(0), _own(g)))
         g2 = g.reshape(-1, g.shape[-1])
         dG = g2.T @ g2
         if layer in G:
