@@ -4,7 +4,8 @@ A capture pass (one batched forward and backward with probes, :mod:`dattri_fn.tr
 costs a fixed ~0.3-0.7 ms of Python and autograd set-up on top of its arithmetic, which on small
 models is most of it. Methods that capture a training set given as a list of batches
 (:func:`~dattri_fn.attribute.logra.logra`, :func:`~dattri_fn.attribute.factgrass.factgrass`)
-therefore merge consecutive batches into fewer passes while an upper estimate of a pass's memory
+therefore merge consecutive batches into fewer passes (and Grad-Dot/Grad-Cos/TracIn take a score
+call's test and train batches in one, :func:`in_one_pass`) while an upper estimate of a pass's memory
 stays within :func:`~dattri_fn.operators.gauss_newton.memory_budget`:
 
     bytes(pass of B rows) <= B * (numel of one example's leaves) * sum_l (in_l + out_l) * itemsize
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 
-from .._checks import batch_cat, batch_leaves, batch_size, is_batch
+from .._checks import batch_cat, batch_leaves, batch_size, is_batch, refuse_ambiguous_list
 
 
 def capture_row_bytes(batch, weights: Iterable[Tensor]) -> int:
@@ -83,3 +84,31 @@ def can_merge(data) -> bool:
 
 
 __all__ = ["can_merge", "capture_row_bytes", "merged_passes"]
+
+
+def in_one_pass(func: str, test, train, row_bytes) -> tuple[list, list[int]] | None:
+    """``([test, *train batches], their row counts)`` when both sides are in memory, in one
+    layout, and one capture pass over all of them fits
+    :func:`~dattri_fn.operators.gauss_newton.memory_budget` (``row_bytes(batch)``: an upper
+    estimate per example); else None (nothing is read)."""
+    from ..operators.gauss_newton import memory_budget
+
+    if not is_batch(test) or train is None:
+        return None
+    refuse_ambiguous_list(func, "train", train)
+    if is_batch(train):
+        batches = [train]
+    elif isinstance(train, (list, tuple)) and train and all(is_batch(b) for b in train):
+        batches = list(train)
+    else:
+        return None
+    lay = _layout(test)
+    if any(_layout(b) != lay for b in batches):
+        return None
+    try:  # a bad batch takes the usual path, whose error names it
+        rows = [batch_size(func, "train", b) for b in (test, *batches)]
+    except (TypeError, ValueError):
+        return None
+    if sum(rows) * row_bytes(test) > memory_budget():
+        return None
+    return [test, *batches], rows

@@ -61,6 +61,7 @@ from ..transforms.layer_grads import (
     layer_grads_fn,
     plan_decisions,
 )
+from .capture_rows import in_one_pass
 from .method import (
     Method,
     check_checkpoints,
@@ -121,40 +122,6 @@ def _first_in_memory(func: str, train):
     if isinstance(train, (list, tuple)) and train and is_batch(train[0]):
         return train[0]
     return None
-
-
-def _layout(batch) -> tuple:
-    """What two batches must share to be concatenated: structure, trailing shapes, dtypes."""
-    keys = tuple(batch) if isinstance(batch, Mapping) else type(batch)
-    return keys, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch_leaves(batch))
-
-
-def _in_one_pass(func: str, test, train, row_bytes) -> tuple[list, list[int]] | None:
-    """``([test, *train batches], their row counts)`` when both sides are in memory, in one
-    layout, and one capture pass over all of them fits
-    :func:`~dattri_fn.operators.gauss_newton.memory_budget` (``row_bytes(batch)``: an upper
-    estimate per example); else None (nothing is read)."""
-    from ..operators.gauss_newton import memory_budget
-
-    if not is_batch(test) or train is None:
-        return None
-    refuse_ambiguous_list(func, "train", train)
-    if is_batch(train):
-        batches = [train]
-    elif isinstance(train, (list, tuple)) and train and all(is_batch(b) for b in train):
-        batches = list(train)
-    else:
-        return None
-    lay = _layout(test)
-    if any(_layout(b) != lay for b in batches):
-        return None
-    try:  # a bad batch takes the usual path, whose error names it
-        rows = [batch_size(func, "train", b) for b in (test, *batches)]
-    except (TypeError, ValueError):
-        return None
-    if sum(rows) * row_bytes(test) > memory_budget():
-        return None
-    return [test, *batches], rows
 
 
 def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
@@ -383,8 +350,8 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
               largest: bool = True) -> Tensor | TopK:
         check_optional_int(name, "top_k", top_k)
         train_f, test_f, device, one_pass = features(params, held_plans(name, state))
-        merged = None if one_pass is None else _in_one_pass(name, test, train,
-                                                            one_pass.row_bytes)
+        merged = None if one_pass is None else in_one_pass(name, test, train,
+                                                           one_pass.row_bytes)
         if merged is not None:
             try:
                 train_rows, test_rows = one_pass(merged[0], merged[1][0])
