@@ -18,7 +18,12 @@ Recognised calls (the "kinds"), each normalised to a linear form ``dW = sum_t g_
 * ``conv2d``: ``F.conv2d(x, W, b, ...)`` with ``groups = 1``; ``a`` = the unfolded patches
   ``[B, L, C_in kh kw]``, ``g`` ``[B, L, C_out]`` (``L`` output positions);
 * ``embedding``: ``F.embedding(idx, W, padding_idx)``; ``a`` holds the indices ``[B, T]``
-  (``-1`` where ``padding_idx`` gets no gradient), ``dW[v] = sum_{t: idx_t = v} g_t``.
+  (``-1`` where ``padding_idx`` gets no gradient), ``dW[v] = sum_{t: idx_t = v} g_t``; indices
+  shared by the batch (GPT-2's ``wpe`` reads ``[1, T]`` position ids) are captured where their
+  output is broadcast over the batch (:mod:`.capture_norm`);
+* ``layernorm`` (asked for with ``layer_specs(..., norms=True)``): ``F.layer_norm`` with an
+  affine weight; ``a`` = the normalised input ``xhat`` ``[B, T, D]`` and the gradients are
+  elementwise, ``dW = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (:mod:`.capture_norm`).
 
 Shapes: a layer with one call on a ``[B, in]`` input (or ``[B]`` indices) is *flat*: ``a``
 ``[B, in]``, ``g`` ``[B, out]``; otherwise the calls' positions are concatenated: ``a``
@@ -58,11 +63,12 @@ from .capture_kinds import (  # noqa: F401
     _input_of,
     _linear_inspect,
 )
+from .capture_norm import Broadcast, hold, watched_call
 
 __all__ = ["CaptureError", "LayerSpec", "Probed", "bias_grad", "check", "layer_specs", "probe_shapes",
            "tap", "weight_grad"]
 
-KINDS = ("linear", "conv1d", "conv2d", "embedding")
+KINDS = ("linear", "conv1d", "conv2d", "embedding", "layernorm")
 
 
 class CaptureError(ValueError):
@@ -83,9 +89,13 @@ class LayerSpec(NamedTuple):
     out_features: int
 
 
-def _spec(name: str, m: nn.Module) -> LayerSpec | None:
+def _spec(name: str, m: nn.Module, norms: bool = False) -> LayerSpec | None:
     prefix = f"{name}." if name else ""
     bias = f"{prefix}bias" if getattr(m, "bias", None) is not None else None
+    if isinstance(m, nn.LayerNorm):
+        if not norms or m.weight is None:
+            return None
+        return LayerSpec("layernorm", f"{prefix}weight", bias, m.weight.numel())
     if isinstance(m, nn.Linear):
         return LayerSpec("linear", f"{prefix}weight", bias, m.out_features)
     if isinstance(m, nn.Conv2d):
@@ -98,16 +108,18 @@ def _spec(name: str, m: nn.Module) -> LayerSpec | None:
     return None
 
 
-def layer_specs(module: nn.Module) -> dict[str, LayerSpec]:
+def layer_specs(module: nn.Module, *, norms: bool = False) -> dict[str, LayerSpec]:
     """Return ``{name: LayerSpec}`` of every capturable submodule, in ``named_modules`` order.
 
     A module reached under several names (shared) is listed once, under its first name; the
-    root module counts (name ``""``).
+    root module counts (name ``""``). ``norms=True`` adds each ``nn.LayerNorm`` with an affine
+    weight (kind ``"layernorm"``, whose gradients are elementwise, not ``sum_t g_t a_t^T``:
+    only for consumers that know it, via :func:`weight_grad` / :func:`bias_grad`).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"layer_specs(module=...): expected an nn.Module, got "
                         f"{type(module).__name__}.")
-    return {n: s for n, m in module.named_modules() if (s := _spec(n, m)) is not None}
+    return {n: s for n, m in module.named_modules() if (s := _spec(n, m, norms)) is not None}
 
 
 _BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
@@ -195,6 +207,9 @@ class _Capture(TorchFunctionMode):
                 self.by_kind.setdefault(k, dict(self.roles))[t] = (m, "weight")
         self.base = self.roles
         self.records: dict[str, list[_Record]] = {n: [] for n in specs}
+        # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
+        self.pending: dict[int, object] = {}
+        self.watch: dict[int, tuple[str, Tensor]] = {}
         self.offsets = dict.fromkeys(specs, 0)
         self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
 
@@ -214,6 +229,10 @@ class _Capture(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.roles:
             return func(*args, **kwargs)
+        if self.pending or self.watch:
+            done = watched_call(self, func, args, kwargs)
+            if done is not self:
+                return done
         if self.by_kind:  # a tied weight's reader is the member of this call's kind
             call = _CALLS.get(func)
             self.roles = self.by_kind.get(call[0], self.base) if call else self.base
@@ -234,10 +253,15 @@ class _Capture(TorchFunctionMode):
             for n in {m for layer in layers for m in self.group.get(layer, (layer,))}:
                 self.problems.setdefault(n, why)
             return func(*args, **kwargs)
+        if isinstance(why, Broadcast):
+            return hold(self, name, func(*args, **kwargs), why.idx)
         a, flat, T = why
         out = func(*args, **kwargs)
         self.records[name].append(_Record(a, flat))
-        return call[2](self, name, out, T)
+        out = call[2](self, name, out, T)
+        if flat and call[0] == "embedding":
+            self.watch[id(out)] = (name, out)
+        return out
 
     def _probe(self, name: str, T: int, out: Tensor | None = None) -> Tensor | None:
         """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes), or,
@@ -320,7 +344,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     the module holds one tensor under two names, decided once), ``check`` and ``probed``.
     It holds no state: every call is independent of the ones before.
     """
-    specs_all = layer_specs(module)
+    specs_all = layer_specs(module, norms=True)
     names = list(layers)
     unknown = [n for n in names if n not in specs_all]
     if unknown:
@@ -411,8 +435,8 @@ def _fold(specs: Mapping[str, LayerSpec], B: int, flat: Mapping[str, bool],
     """``{layer: g}`` from each call's ``dL/dout`` (see :class:`Probed`).  # -> [B, (T,) out]"""
     out = {}
     for n, parts in grads.items():
-        if flat[n]:
-            out[n] = parts[0]
+        if flat[n]:  # a LayerNorm over several dims: [B, *shape] -> [B, out]
+            out[n] = parts[0] if parts[0].ndim == 2 else parts[0].reshape(B, -1)
             continue
         d = specs[n].out_features
         # conv2d outputs are [B, C_out, H, W]: positions last, channels first
@@ -446,8 +470,12 @@ def _tokens(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def weight_grad(spec: LayerSpec, a: Tensor, g: Tensor, weight_shape) -> Tensor:
-    """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]"""
+    """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]
+
+    LayerNorm: ``sum_t g_t * xhat_t`` (elementwise; ``a`` = ``xhat``)."""
     a, g = _tokens(a, g)
+    if spec.kind == "layernorm":
+        return (g * a).sum(1).reshape(g.shape[0], *weight_shape)
     if spec.kind == "embedding":
         V = weight_shape[0]
         rows = torch.where(a < 0, V, a)[..., None].expand(-1, -1, g.shape[-1])

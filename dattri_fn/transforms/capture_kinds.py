@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .capture_norm import Broadcast, layer_norm_inspect
+
 if TYPE_CHECKING:
     from .capture import _Capture
 
@@ -119,20 +121,20 @@ def _embedding_inspect(mode: _Capture, name, args, kwargs):
         return "max_norm (renormalises the weight in place)"
     if _arg(args, kwargs, 5, "scale_grad_by_freq", False):
         return "scale_grad_by_freq (a gradient that depends on the whole batch)"
-    B = mode.rows_of(idx)
-    if isinstance(B, str):
-        return B
-    T = math.prod(idx.shape[1:])
-    a = idx.reshape(B, T)
     pad = _arg(args, kwargs, 2, "padding_idx")
     if pad is not None:
         pad = pad if pad >= 0 else w.shape[0] + pad
-        a = a.masked_fill(a == pad, -1)
-    return a, idx.ndim == 1, T
+        idx = idx.masked_fill(idx == pad, -1)
+    B = mode.rows_of(idx)
+    if isinstance(B, str):  # shared by the batch (GPT-2's wpe): decided where it is used
+        return Broadcast(idx) if mode.batch is not None else B
+    T = math.prod(idx.shape[1:])
+    return idx.reshape(B, T), idx.ndim == 1, T
 
 
 _CALLS = {
     F.linear: ("linear", _linear_inspect, _add_positions),
+    F.layer_norm: ("layernorm", layer_norm_inspect, _add_positions),
     torch.addmm: ("conv1d", _addmm_inspect, _add_positions),
     F.conv2d: ("conv2d", _conv2d_inspect, _conv2d_probe),
     F.embedding: ("embedding", _embedding_inspect, _add_positions),

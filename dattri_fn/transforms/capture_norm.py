@@ -1,0 +1,177 @@
+"""The capture engine's LayerNorm kind and its broadcast embeddings (:mod:`.capture`).
+
+LayerNorm (``F.layer_norm(x, shape, w, b, eps)``, ``nn.LayerNorm`` with an affine weight, with
+or without a bias): ``y_t = w * xhat_t + b`` with ``xhat_t = (x_t - mean_t) / sqrt(var_t + eps)``
+over the normalised dims, so at positions ``t`` of one example
+
+    dW = sum_t g_t * xhat_t        db = sum_t g_t          (elementwise, g = dloss / dy)
+
+``a`` is ``xhat`` (recomputed from the call's input with the call's ``eps``, not the affine
+output), ``[B, T, D]`` with ``D`` the normalised dims' size.
+
+A broadcast embedding: GPT-2 reads ``wpe`` with position ids ``[1, T]`` shared by the batch
+(BERT keeps them as a ``[1, T]`` buffer; a hand-written model passes ``arange(T)``), and the
+``[1, T, d]`` output is added to the ``[B, T, d]`` token embeddings. The lookup itself holds no
+example; only the add makes one copy per example. So a not-batch-first call is held back
+(*pending*) until its output reaches an add, subtract or multiply whose other operand ``o``
+is batch-first, and whose result is ``o``'s shape with the lookup's batch dim absent or 1
+(the output is copied to every example, never aligned with the batch). There the output is
+replaced by ``out + probe`` with the probe shaped as the result ``[B, ..., d]``: each example
+gets its own copy and its own ``g``, and ``a`` = the indices broadcast to ``[B, T']``. Every
+such use is one record (a wpe read twice is two, summed); any other use of the pending output
+(a ``cat``, a view, an in-place op on it, a second pending operand) is a problem. An op that
+returns the pending tensor itself (``.to(device)`` on its own device) is transparent.
+
+The converse hazard is checked too: indices ``[T]`` with ``T = B`` look batch-first, so the
+call is captured as ``B`` flat rows; if that ``[B, d]`` output then meets a tensor of more
+dims in a binary op, it is broadcast over the batch (positions, not examples): a problem.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .capture import _Capture
+
+# the binary ops through which a shared lookup may reach the batch; the in-place ones only
+# with the pending output as their second operand (never written into)
+_BINARY = frozenset({Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add,
+                     Tensor.__sub__, Tensor.__rsub__, Tensor.sub, torch.sub,
+                     Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul})
+_INPLACE = frozenset({Tensor.__iadd__, Tensor.add_, Tensor.__isub__, Tensor.sub_,
+                      Tensor.__imul__, Tensor.mul_})
+
+
+class Broadcast(NamedTuple):
+    """An Embedding call whose indices are not batch-first: held back until its output is used."""
+
+    idx: Tensor  # the indices, padding_idx masked to -1; shape = the output's minus d
+
+
+class _Pending(NamedTuple):
+    name: str
+    out: Tensor  # held so that its id stays its own for the whole forward
+    idx: Tensor
+
+
+def layer_norm_inspect(mode: _Capture, name, args, kwargs):
+    """``F.layer_norm``: ``(xhat [B, T, D], flat, T)`` or why the call cannot be captured."""
+    from .capture_kinds import _arg
+
+    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return "its bias is used without its weight"
+    spec = mode.specs[name]
+    if (spec.bias is not None and mode.roles.get(id(b)) != (name, "bias")) or \
+            (spec.bias is None and b is not None):
+        return "its weight is used without its bias (or with another bias)"
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    k = len(shape)
+    if x.ndim <= k:
+        return f"an unbatched input {list(x.shape)}"
+    B = mode.rows_of(x)
+    if isinstance(B, str):
+        return B
+    T = math.prod(x.shape[1:-k])
+    xhat = F.layer_norm(x, shape, None, None, eps)
+    return xhat.reshape(B, T, math.prod(shape)), x.ndim == k + 1, T
+
+
+def _operands(args, kwargs):
+    for i, x in enumerate(args):
+        yield i, x
+    for k, x in kwargs.items():
+        yield k, x
+
+
+def _tensors(x):
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        yield from (t for t in x if isinstance(t, Tensor))
+
+
+def watched_call(mode: _Capture, func, args, kwargs):
+    """Handle a call that reads a pending or watched output (module docstring).
+
+    Returns the call's result, or ``mode`` itself when no such output is read (or only a
+    watched one, whose check is done: the call then goes the usual way)."""
+    from .capture import _benign
+
+    if mode.watch:
+        for _, x in _operands(args, kwargs):
+            for t in _tensors(x):
+                hit = mode.watch.pop(id(t), None)
+                if hit is None:
+                    continue
+                other = [o for _, y in _operands(args, kwargs) for o in _tensors(y) if o is not t]
+                if func in _BINARY | _INPLACE and other and other[0].ndim > t.ndim:
+                    mode.problems.setdefault(hit[0], (
+                        f"its flat indices [{t.shape[0]}] are broadcast as positions against "
+                        f"{list(other[0].shape)} (B = {mode.batch}): not one row per example"))
+    if not mode.pending:
+        return mode
+    found = [(i, t) for i, x in _operands(args, kwargs) for t in _tensors(x)
+             if id(t) in mode.pending]
+    if not found or _benign(func):
+        return mode if not found else func(*args, **kwargs)
+    pend = mode.pending[id(found[0][1])]
+    i = found[0][0]
+    why = _broadcast_use(mode, func, args, kwargs, found)
+    if why is not None:
+        out = func(*args, **kwargs)
+        if len(found) == 1 and out is found[0][1]:  # .to(its own device): the same tensor
+            return out
+        mode.problems.setdefault(pend.name, f"its indices are not batch-first (B = {mode.batch}) "
+                                            f"and its output {list(pend.out.shape)} {why}")
+        return out
+    R = args[1 - i].shape
+    a = pend.idx.expand(R[:-1]).reshape(R[0], -1)
+    from .capture import _Record
+
+    mode.records[pend.name].append(_Record(a, len(R) == 2))
+    p = mode._probe(pend.name, a.shape[1], pend.out.expand(R))
+    if p is not None:
+        p = pend.out + (p if p.ndim == 0 or p.shape == R else p.reshape(R))
+        args = (*args[:i], p, *args[i + 1:])
+    return func(*args, **kwargs)
+
+
+def _broadcast_use(mode: _Capture, func, args, kwargs, found) -> str | None:
+    """None when the pending output's use copies it to every example (module docstring),
+    else what the use is."""
+    from .capture import _name
+
+    if len(found) > 1:
+        return f"is read twice by one {_name(func)} call"
+    i, t = found[0]
+    if func not in _BINARY and not (func in _INPLACE and i == 1):
+        return f"reaches {_name(func)}, not an add, subtract or multiply with the batch"
+    if not isinstance(i, int) or i > 1 or len(args) < 2 or "out" in kwargs:
+        return f"reaches {_name(func)} in an unexpected argument"
+    o = args[1 - i]
+    B = mode.batch
+    if not isinstance(o, Tensor) or B is None or o.ndim == 0 or o.shape[0] != B:
+        got = list(o.shape) if isinstance(o, Tensor) else type(o).__name__
+        return f"meets {got}, not a batch-first tensor"
+    try:
+        shape = torch.broadcast_shapes(t.shape, o.shape)
+    except RuntimeError:
+        return f"does not broadcast against {list(o.shape)}"
+    if shape != o.shape or (t.ndim == o.ndim and t.shape[0] != 1):
+        return f"meets {list(o.shape)} with a result that is not one copy per example"
+    return None
+
+
+def hold(mode: _Capture, name: str, out: Tensor, idx: Tensor) -> Tensor:
+    """Hold a broadcast call's output back until its use (:func:`watched_call`)."""
+    mode.pending[id(out)] = _Pending(name, out, idx)
+    return out
