@@ -40,7 +40,6 @@ from torch import Tensor
 from .._checks import (
     _msg,
     batch_cat,
-    batch_leaves,
     batch_size,
     batch_slice,
     batch_to,
@@ -62,6 +61,7 @@ from ..transforms.layer_grads import (
     plan_decisions,
 )
 from .capture_rows import in_one_pass
+from .gradsim_pass import pass_row_bytes
 from .method import (
     Method,
     check_checkpoints,
@@ -307,27 +307,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             # of it), and per-example factors do not depend on the examples around them (eval
             # mode). Not with Conv2d layers: a convolution picks its algorithm by batch shape,
             # so its last bits would move with the grouping.
-            itemsize = v0.element_size()
-            kinds = dict(plan_s.layout)
-            flat = widths = dense = 0
-            for n, (wk, _) in plan_s.layers.items():
-                if wk is None:
-                    continue
-                w = stacked[wk][0]
-                width = w.shape[0] + w.numel() // max(w.shape[0], 1)
-                layer_kind = kinds.get(n, "dense")
-                if layer_kind == "flat":  # one (in + out) row per example
-                    flat += width
-                else:
-                    widths += width
-                if layer_kind == "dense":  # materialised per example (or not known)
-                    dense += w.numel()
-            dense += sum(stacked[k][0].numel() for k in plan_s.rest)
-
-            def row_bytes(batch) -> int:
-                # a layer at T positions holds T (in + out) per example, T <= an example's numel
-                per_row = sum(t[0].numel() for t in batch_leaves(batch) if t.ndim)
-                return C * itemsize * (flat + max(1, per_row) * widths + dense)
+            row_bytes = pass_row_bytes(plan_s, stacked)
 
             def one_pass(batches: list, n_test: int) -> tuple[LayerGrads, LayerGrads]:
                 """``(train rows, test rows)`` of ``[test, *train]`` from one pass."""

@@ -1,0 +1,50 @@
+"""The byte estimate of gradient-similarity's one capture pass over ``[test, *train]``.
+
+Grad-Dot/Grad-Cos/TracIn take both sides' factors from one capture pass while
+``rows * row_bytes(batch)`` stays within :func:`~dattri_fn.operators.gauss_newton.memory_budget`
+(:func:`~dattri_fn.attribute.capture_rows.in_one_pass`). Per example and checkpoint a pass holds
+
+    flat layers:      in + out                  (one row of a and g)
+    sequence layers:  T (in + out),  T <= numel of one example's leaves
+    dense layers:     out * in                  (materialised per example, or layout unknown)
+    dense params:     their numel
+
+numbers of ``itemsize`` bytes, where a layer's kind is the checked plan's layout (``"dense"``
+where the plan has not decided it yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .._checks import batch_leaves
+from .._types import Batch, Params
+
+
+def pass_row_bytes(plan, stacked: Params) -> Callable[[Batch], int]:
+    """Return ``batch -> bytes`` per example of one capture pass of ``plan`` at the ``C``
+    stacked checkpoints ``{key: [C, ...]}`` (module docstring).  # -> int"""
+    v0 = next(iter(stacked.values()))
+    C, itemsize = v0.shape[0], v0.element_size()
+    kinds = dict(plan.layout)
+    flat = widths = dense = 0
+    for n, (wk, _) in plan.layers.items():
+        if wk is None:
+            continue
+        w = stacked[wk][0]
+        width = w.shape[0] + w.numel() // max(w.shape[0], 1)
+        layer_kind = kinds.get(n, "dense")
+        if layer_kind == "flat":  # one (in + out) row per example
+            flat += width
+        else:
+            widths += width
+        if layer_kind == "dense":  # materialised per example (or not known)
+            dense += w.numel()
+    dense += sum(stacked[k][0].numel() for k in plan.rest)
+
+    def row_bytes(batch) -> int:
+        # a layer at T positions holds T (in + out) per example, T <= an example's numel
+        per_row = sum(t[0].numel() for t in batch_leaves(batch) if t.ndim)
+        return C * itemsize * (flat + max(1, per_row) * widths + dense)
+
+    return row_bytes
