@@ -27,6 +27,7 @@ class _SampledLoss:
     def __init__(self, loss_fn: Callable, sampler: Callable, seed: int):
         self.loss_fn, self.sampler = loss_fn, sampler
         self.generator = torch.Generator().manual_seed(seed)
+        self.first = None  # the pass's first draw: the targets of its gradient check (kfac_check)
 
     def __call__(self, output, target):
         return self.loss_fn(output, target)
@@ -36,6 +37,8 @@ class _SampledLoss:
 
         detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
         drawn = self.sampler(detached, target, self.generator)
+        if self.first is None:
+            self.first = drawn
         return per_example_losses(self.loss_fn, output, drawn)
 
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .._checks import _msg, batch_size, check_optional_int, regroup
 from ..transforms.layers import _stream_layer_io
+from .kfac_check import Rows, mismatched
 from .kfac_diag import diagonal_sums, warn_outside
 from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
 from .kfac_layers import _check_call_parts, _keys
@@ -78,18 +79,21 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
 
 
 def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None,
-            on_input=None, pooled=None):
+            on_input=None, pooled=None, rows: Rows | None = None):
     """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
 
     Each layer's step runs as its ``g`` arrives in the backward pass
     (:func:`~dattri_fn.transforms.layers.streamed_io`), so the layers' gradients are never all
     held at once. ``pooled(group, parts)``: a tied group's step (:func:`.kfac_tied.tied_steps`).
+    ``rows``: receives the first batch (:mod:`.kfac_check`).
     """
     n = 0
     stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
     # a tied group is one pooled layer
     step, on_input = tied_steps(tapped, step, on_input, pooled)
     for batch in regroup(batches, batch_rows, func):
+        if rows is not None and rows.first is None:
+            rows.first = batch
         n += batch_size(func, "data", batch)
         stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
     if n == 0:
@@ -138,10 +142,12 @@ def _own(t: Tensor) -> Tensor:
 
 
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
-               batch_rows=None, reduce=None, held: list | None = None):
+               batch_rows=None, reduce=None, held: list | None = None,
+               rows: Rows | None = None):
     """The K-FAC pass. ``held``: a list that receives every ``(layer, a, g)`` the pass
     captures, in the order a second pass would see them, while they total at most
-    ``_HELD_ENTRIES`` entries (past it the list is emptied and ``None`` appended)."""
+    ``_HELD_ENTRIES`` entries (past it the list is emptied and ``None`` appended). ``rows``:
+    receives the first batch and each layer's first rows of ``(a, g)`` (:mod:`.kfac_check`)."""
     bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
     inputs: dict[str, list] = {}  # held layer inputs waiting for their g
@@ -160,6 +166,8 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     # A is taken from each layer's input right after the forward, G as each g arrives in the
     # backward: no layer input is held through the backward pass (unless ``held`` asks).
     def on_input(layer, a):
+        if rows is not None:
+            rows.on_input(layer, a)
         if held is not None and hold(a):
             inputs.setdefault(layer, []).append(_own(a))
         a = a.reshape(a.shape[0], -1, a.shape[-1])
@@ -173,6 +181,8 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
             A[layer] = dA
 
     def step(layer, _, g):
+        if rows is not None:
+            rows.on_grad(layer, g)
         if held is not None and hold(g):
             held.append((layer, inputs[layer].pop(0), _own(g)))
         g2 = g.reshape(-1, g.shape[-1])
@@ -188,7 +198,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
         G[group] = dG if group not in G else G[group].add_(dG)
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
-                pooled if not isinstance(loss_fn, _ExpectedLoss) else None)
+                pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows)
     sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
                                       **{f"G:{k}": G[k] for k in names}}, n)
     A = {k: sums[f"A:{k}"] / n for k in names}
@@ -281,6 +291,31 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 _OTHERS = (None, "diagonal", "error")
 
 
+def _without(func, names, kf: KFACFactors, pnames, rest, bad: dict[str, str], fisher, others):
+    """``(names, kf, rest)`` with the layers ``bad`` (:func:`.kfac_check.mismatched`: layer ->
+    why) moved from the Kronecker layers to the params outside them (the diagonal block), or
+    an error naming them where that block cannot take them."""
+    listed = "; ".join(f"{n!r}: {why}" for n, why in bad.items())
+    if others == "error":
+        raise ValueError(_msg(func, "others", "layers whose captured per-example gradients "
+                              "are the examples' own (others='error' refuses any other "
+                              "block)", listed, "Pass others=None or 'diagonal' (their exact "
+                              "Fisher diagonal) or leave these layers' params out."))
+    if fisher == "expected":
+        raise ValueError(_msg(func, "fisher", "'empirical' or 'true' where a layer's captured "
+                              "per-example gradients are not the examples' own (its params "
+                              "then take the diagonal block, from per-example gradients of "
+                              "targets)", f"'expected' with {listed}",
+                              "Use fisher='true' or leave these layers' params out."))
+    keys = {k: why for n, why in bad.items() for k in _keys(n) if k in pnames}
+    rest = {k: {**rest, **keys}[k] for k in pnames if k in rest or k in keys}
+    names = [n for n in names if n not in bad]
+    kf = kf._replace(A={k: v for k, v in kf.A.items() if k in names},
+                     G={k: v for k, v in kf.G.items() if k in names},
+                     transposed=tuple(n for n in kf.transposed if n in names))
+    return names, kf, rest
+
+
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
                        batch_rows, fisher, seed, sampler, reduce, dtype, others=None,
                        held: list | None = None):
@@ -306,14 +341,20 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
                               "leave the tied weight out of params."))
     if rest and fisher == "expected":
         diagonal_sums(func, module, losses(), state, list(rest), (), chunk_size)  # refuses
-    if rest and others is None:
-        warn_outside(func, rest)
     if names:
         keep = held if fisher != "expected" and not tapped.tied else None
-        kf = _kfac_core(func, state, names, pnames, batches, tapped, losses(), chunk_size,
-                        batch_rows, reduce, keep)
+        rows, loss = Rows(), losses()
+        kf = _kfac_core(func, state, names, pnames, batches, tapped, loss, chunk_size,
+                        batch_rows, reduce, keep, rows)
+        bad = mismatched(func, module, loss, state, names, pnames, tapped, rows)
+        if bad:
+            names, kf, rest = _without(func, names, kf, pnames, rest, bad, fisher, others)
+            if held:  # the Lambda replay takes the Kronecker layers only
+                held[:] = [h for h in held if h is None or h[0] in names]
     else:  # every param outside Kronecker layers: the diagonal is the whole operator
         kf = KFACFactors({}, {}, pnames, torch.tensor(0, dtype=torch.int64), ())
+    if rest and others is None:
+        warn_outside(func, rest)
     if rest:
         sums, n = diagonal_sums(func, module, losses(), state, list(rest), batches, chunk_size,
                                 batch_rows)
@@ -376,6 +417,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     L = {}
 
     def step(layer, a, g):
+        if layer not in bias:  # a layer the check moved to the diagonal block
+            return
         a, g = _tokens(a, g, bias[layer])
         qa, qg = QA[layer], QG[layer]
         if a.shape[1] == 1:

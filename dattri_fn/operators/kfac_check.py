@@ -1,0 +1,104 @@
+"""K-FAC/EK-FAC's once-per-pass check that each layer's captured per-example gradient is the
+example's own (see :mod:`dattri_fn.operators.kfac` for the method).
+
+The capture engine (:mod:`dattri_fn.transforms.capture`) takes a layer input whose first dim is
+the batch size as batch-first. A layer applied to a sequence-first ``[S, B, d]`` tensor with
+``S = B`` (``nn.MultiheadAttention``'s default layout, a hand-written transpose), or to a tensor
+that mixes the examples of the batch, then gives captured blocks ``sum_t g_t a_t^T`` that are
+not any example's gradient, silently: K-FAC's ``A`` and ``G`` sum over every position and are
+unchanged, but EK-FAC's ``Lambda`` and every per-example score are wrong.
+
+The factor pass keeps the first ``_CHECK_ROWS`` rows of its first chunk's ``(a, g)`` per layer
+(the chunk the pass captures anyway, at its real batch size: a separate small batch would not
+have ``S = B``), and after the pass those rows' blocks are compared with autodiff of each example
+alone, one backward pass per example (:func:`~dattri_fn.operators.kfac_diag.diagonal_rows`,
+the diagonal block's own per-example gradients), with the layer-gradient plan's tolerance
+(:mod:`dattri_fn.transforms.layer_grads`: ``10 sqrt(eps)`` of the layer's gradient scale). A
+layer that differs is no Kronecker layer: its params join the params outside them (the exact
+Fisher-diagonal block, one warning naming each key and why).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from .._checks import batch_size, batch_slice
+from ..transforms.layers import unpack_example
+from .kfac_diag import diagonal_rows
+from .kfac_fisher import _ExpectedLoss, _SampledLoss
+from .kfac_layers import _keys
+
+# Examples of the first chunk compared with autodiff, once per factor pass: two rows show a
+# layer whose rows are positions (or mixtures) of the batch, not examples.
+_CHECK_ROWS = 2
+
+
+class Rows:
+    """What a K-FAC pass keeps for the check: ``first`` the pass's first batch, ``a`` / ``g``
+    each layer's first ``k`` rows of the first chunk (copies: the chunk is freed)."""
+
+    def __init__(self):
+        self.first, self.a, self.g = None, {}, {}
+
+    def on_input(self, layer: str, a: Tensor) -> None:
+        if layer not in self.a:
+            self.a[layer] = a[:_CHECK_ROWS].clone()
+
+    def on_grad(self, layer: str, g: Tensor) -> None:
+        if layer in self.a and layer not in self.g:  # the first direction of an expected pass
+            self.g[layer] = g[:_CHECK_ROWS].clone()
+
+
+def _reference_loss(loss):
+    """``(loss_fn, target of the first rows)`` of the check's autodiff, for the pass's loss:
+    the observed targets, the sampled loss's first draw, or the expected Fisher's first output
+    direction ``b_0`` (its ``g`` is ``J^T b_0``)."""
+    if isinstance(loss, _SampledLoss):
+        return loss.loss_fn, loss.first
+    if isinstance(loss, _ExpectedLoss):
+        return (lambda out, *_: (out * loss.directions(out)[0]).sum()), None
+    return loss, None
+
+
+def _block(kind: str, w: Tensor, b: Tensor | None) -> Tensor:
+    """``[k, out, in(+1)]`` from per-example weight and bias gradients (K-FAC's layout)."""
+    k = w.shape[0]
+    w = w.transpose(1, 2) if kind == "conv1d" else w.reshape(k, w.shape[1], -1)
+    return w if b is None else torch.cat([w, b.reshape(k, -1, 1)], 2)
+
+
+def mismatched(func: str, module: nn.Module, loss, state, names, param_names, tapped,
+               rows: Rows) -> dict[str, str]:
+    """``{layer: why}`` for the checked layers whose captured blocks ``sum_t g_t a_t^T`` of the
+    first rows differ from autodiff. Tied groups (pooled from several uses) are not checked."""
+    from .kfac_stats import _tokens
+
+    checked = [n for n in names if n in rows.g and n in rows.a]
+    if not checked or rows.first is None:
+        return {}
+    k = min(_CHECK_ROWS, batch_size(func, "data", rows.first))
+    args, kwargs, target = unpack_example(batch_slice(rows.first, 0, k))
+    loss_fn, drawn = _reference_loss(loss)
+    if drawn is not None:
+        target = tree_map(lambda t: t[:k] if isinstance(t, Tensor) else t, drawn)
+    keys = [key for n in checked for key in _keys(n) if key in param_names]
+    with torch.enable_grad():
+        # a loop, not vmap: vmap refuses some models, and its loss rules import sympy
+        ref = diagonal_rows(module, loss_fn, state, keys, args, kwargs, target, func=func,
+                            looped=[True])
+    bad = {}
+    for n in checked:
+        wk, bk = _keys(n)
+        bias = bk in param_names
+        a, g = _tokens(rows.a[n][:k], rows.g[n][:k], bias)
+        got = g.mT @ a  # [k, T, out], [k, T, in(+1)] -> [k, out, in(+1)]
+        want = _block(tapped.specs[n].kind, ref[wk], ref[bk] if bias else None).to(got.dtype)
+        err, scale = float((got - want).abs().max()), float(want.abs().max())
+        if not err <= 10 * torch.finfo(got.dtype).eps ** 0.5 * max(scale, 1e-30):
+            bad[n] = (f"its captured per-example gradients differ from autodiff on the first "
+                      f"{k} examples (max difference {err:.3g}, gradient scale {scale:.3g}): "
+                      f"layer {n!r} reads a tensor whose first dim is not the examples, e.g. a "
+                      f"sequence-first [S, B, d] input with S = B, or one that mixes the batch")
+    return bad
