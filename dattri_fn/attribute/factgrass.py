@@ -95,6 +95,19 @@ class FactGraSSState(NamedTuple):
     plan: PlanDecisions | None = None
 
 
+class _Sketches(NamedTuple):
+    """FactGraSS's sketches for parameters of one set of shapes, drawn once."""
+
+    key: tuple  # the parameters' (name, shape)
+    stage1: object  # the KroneckerProjector of masks
+    stage2: dict  # {block: the stage-2 Projector, or None (kept whole)}
+    dense: dict  # {block: stage 2 as a dense [w, d] matrix in stage1's dtype, or None}
+
+
+def _shapes(params: dict) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in params.items())
+
+
 def _flat_factored(plan: LayerPlan) -> bool:
     """A checked plan whose every gradient is a captured flat Linear/Conv1D factor pair (no
     dense block, one checkpoint path): its batches need no :class:`LayerGrads` assembly."""
@@ -231,34 +244,43 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         raise ValueError(_msg(name, "model", "an attributed nn.Linear, Conv1D, Conv2d or "
                               "Embedding layer", "none"))
     k1 = mask_dim if mask_dim is not None else max(1, round((blowup * proj_dim) ** 0.5))
-    sketches: dict = {}  # shapes -> (stage 1, {block: stage 2 or None})
 
-    def sketch_for(params: dict):
-        key = tuple((k, tuple(v.shape)) for k, v in params.items())
-        if key not in sketches:
-            layers, rest = kronecker_layers(plan, params)
-            stage1 = make_kronecker_projector(layers, proj_dim=k1, kind="mask", seed=seed,
-                                              rest=rest, rest_dim=k1 * k1)
-            stage2 = {b: None if w <= proj_dim else
-                      make_projector(w, proj_dim=proj_dim, kind=kind, seed=seed + 1 + i,
-                                     packed=False)
-                      for i, (b, w) in enumerate(stage1.dims.items())}
-            sketches[key] = (stage1, stage2)
-        return sketches[key]
+    def draw(params: dict) -> _Sketches:
+        """The sketches of parameters of these shapes, drawn from the seed (explicit values:
+        the stage-2 matrices that are applied densely are formed here, in the params' dtype)."""
+        like = next(iter(params.values()))
+        layers, rest = kronecker_layers(plan, params)
+        stage1 = make_kronecker_projector(layers, proj_dim=k1, kind="mask", seed=seed, rest=rest,
+                                          rest_dim=k1 * k1, dtype=like.dtype, device=like.device)
+        stage2 = {b: None if w <= proj_dim else
+                  make_projector(w, proj_dim=proj_dim, kind=kind, seed=seed + 1 + i, packed=False)
+                  for i, (b, w) in enumerate(stage1.dims.items())}
+        dense = {b: None if R is None or R.dim * R.proj_dim > _DENSE_STAGE2 else
+                 R.matrix(like.dtype, like.device) for b, R in stage2.items()}
+        return _Sketches(_shapes(params), stage1, stage2, dense)
 
-    dense_r: dict = {}  # (projector, dtype, device) -> its [w, d] matrix, when small
+    # drawn once for the model's own parameters; params of other shapes, dtype or device
+    # (a call's own) are drawn for that call
+    drawn = draw(model.params)
 
-    def stage_two(R, piece: Tensor, out: Tensor | None = None) -> Tensor:  # [b, w] -> [b, d]
-        """``piece @ R``; a small count-sketch as one dense product (index_add_ per call costs
-        more than the [w, d] matmul below ~2**20 entries; the same matrix). ``out``: written
-        there (the dense product straight into it)."""
-        if R is None or R.dim * R.proj_dim > _DENSE_STAGE2:
+    def sketch_for(params: dict) -> _Sketches:
+        like, held = next(iter(params.values())), drawn.stage1
+        if (_shapes(params) == drawn.key and like.dtype == held.dtype
+                and like.device == held.device):
+            return drawn
+        return draw(params)
+
+    def stage_two(sk: _Sketches, blk: str, piece: Tensor, out: Tensor | None = None) -> Tensor:
+        """``piece @ R`` of block ``blk``; a small count-sketch as one dense product (index_add_
+        per call costs more than the [w, d] matmul below ~2**20 entries; the same matrix).
+        ``out``: written there (the dense product straight into it).  # [b, w] -> [b, d]"""
+        R, M = sk.stage2[blk], sk.dense[blk]
+        if M is None:
             got = piece if R is None else R(piece)
             return got if out is None else out.copy_(got)
-        key = (id(R), piece.dtype, piece.device)
-        if key not in dense_r:
-            dense_r[key] = R.matrix(piece.dtype, piece.device)
-        return piece @ dense_r[key] if out is None else torch.mm(piece, dense_r[key], out=out)
+        if M.dtype != piece.dtype or M.device != piece.device:
+            M = R.matrix(piece.dtype, piece.device)
+        return piece @ M if out is None else torch.mm(piece, M, out=out)
 
     def state_of(func: str, params) -> dict:
         if isinstance(params, (list, tuple)):
@@ -270,12 +292,13 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                   f"{list(params)}"))
         return params
 
-    def feature_fn(params: dict, func: str, arg: str, checked: LayerPlan | None = None):
+    def feature_fn(params: dict, sk: _Sketches, func: str, arg: str,
+                   checked: LayerPlan | None = None):
         """``rows(batch) -> phi [b, d]`` for one stream, and ``held()``: the plan it applies.
         Without ``checked`` the stream checks the plan on its first chunk of >= 2 examples (that
         chunk's gradients come from the checking pass) and holds the checked plan after it."""
-        stage1, stage2 = sketch_for(params)
-        cols = blocks_of(params)
+        stage1 = sk.stage1
+        cols = blocks_of(sk)
         width = cols[-1][2]
         stacked = {k: v.detach()[None] for k, v in params.items()}
         held = [plan if checked is None else checked]
@@ -331,7 +354,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 step = max(1, _SKETCH_BYTES // (stage1.dims[blk] * pa.element_size()))
                 for r in range(0, pa.shape[0], step):
                     S = (pg[r:r + step, :, None] * pa[r:r + step, None, :]).flatten(1)
-                    stage_two(stage2[blk], S, out[r0 + r:r0 + r + S.shape[0], s:e])
+                    stage_two(sk, blk, S, out[r0 + r:r0 + r + S.shape[0], s:e])
                     del S
 
         def rows_of(box: list) -> Tensor:  # [b, d]
@@ -360,7 +383,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     out = S.new_empty(b, width)
                 start = 0
                 for (blk, w), (_, c0, c1) in zip(stage1.dims.items(), cols, strict=True):
-                    stage_two(stage2[blk], S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
+                    stage_two(sk, blk, S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
                     start += w
             return out
 
@@ -370,11 +393,10 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         rows.of = rows_of
         return rows, lambda: held[0]
 
-    def blocks_of(params: dict) -> tuple:
-        stage1, stage2 = sketch_for(params)
+    def blocks_of(sk: _Sketches) -> tuple:
         out, start = [], 0
-        for blk, w in stage1.dims.items():
-            d = w if stage2[blk] is None else stage2[blk].proj_dim
+        for blk, w in sk.stage1.dims.items():
+            d = w if sk.stage2[blk] is None else sk.stage2[blk].proj_dim
             out.append((blk, start, start + d))
             start += d
         return tuple(out)
@@ -393,8 +415,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         func = f"{name}.prepare"
         params = state_of(func, params)
         device = next(iter(params.values())).device
-        fn, held = feature_fn(params, func, "train")
-        blocks = blocks_of(params)
+        sk = sketch_for(params)
+        fn, held = feature_fn(params, sk, func, "train")
+        blocks = blocks_of(sk)
         if rows_min is None and can_merge(train):
             # a list of batches in memory: fewer capture passes, each within the memory budget
             # (the stage-1 sketches of a pass are formed a bounded number of rows at a time)
@@ -468,7 +491,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         params = state_of(func, params)
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
-        test_pre = precondition(state, collect(feature_fn(params, func, "test", held)[0],
+        sk = sketch_for(params)
+        test_pre = precondition(state, collect(feature_fn(params, sk, func, "test", held)[0],
                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
@@ -481,7 +505,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
-        return stream_scores(feature_fn(params, func, "train", held)[0],
+        return stream_scores(feature_fn(params, sk, func, "train", held)[0],
                              regrouped(func, "train", train, rows_min), test_pre, top_k=top_k,
                              largest=largest, func=func)
 
@@ -498,7 +522,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            fn = feature_fn(params, func, "train", held)[0]
+            fn = feature_fn(params, sketch_for(params), func, "train", held)[0]
             rows = (fn(batch_to(b, device)) for b in
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])

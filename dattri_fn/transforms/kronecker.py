@@ -72,6 +72,17 @@ class _Factor(NamedTuple):
         return idx.to(device), math.sqrt(self.rows / self.k)
 
 
+def _operator(f: _Factor, dtype: torch.dtype, device):
+    """A factor's operator: a mask's ``(picks, scale, picks before the last row, whether the
+    last row is picked)`` (the last row is the bias column of ``[a, 1]``), else its dense
+    ``[rows, k]`` matrix in ``dtype`` on ``device``."""
+    if f.kind != "mask":
+        return f.matrix(dtype, device)
+    idx, scale = f.picks(device)
+    # the bias column (index rows - 1), when picked, is the last pick (they are sorted)
+    return idx, scale, idx[idx < f.rows - 1], bool(idx[-1] == f.rows - 1)
+
+
 class KroneckerProjector:
     """Per-layer Kronecker-factored projection ``G -> P_out^T G P_in`` of weight gradients.  # -> [C, B, d]
 
@@ -105,9 +116,13 @@ class KroneckerProjector:
         rest_projector: the dense :class:`Projector` of the rest, or None (kept whole / none).
         dims: ``{block: width}``, the rest under ``"<rest>"``.
         proj_dim: ``d``, the total width.
+        dtype, device: where the factors' operators were drawn (at construction).
+        ops: ``{factor: operator}``: a mask's picks, a dense factor's matrix in ``dtype`` on
+            ``device``, drawn at construction (calls in another dtype or device draw their own
+            per call; nothing is kept between calls).
     """
 
-    def __init__(self, layers, factors, rest, rest_projector, rest_mask):
+    def __init__(self, layers, factors, rest, rest_projector, rest_mask, dtype=None, device=None):
         self.layers = dict(layers)
         self.factors = dict(factors)
         self.rest = tuple(rest)
@@ -122,27 +137,34 @@ class KroneckerProjector:
             self.dims["<rest>"] = (rest_projector.proj_dim if rest_projector is not None else
                                    rest_mask.k if rest_mask is not None else P_rest)
         self.proj_dim = sum(self.dims.values())
-        self._mats: dict = {}
-        self._ops: dict = {}  # (factor, dtype, device) -> dense matrix or (picks, scale)
+        # Every factor's operator, drawn once here (explicit values, no memo): a mask's picks
+        # on ``device``, a dense factor's matrix in ``dtype`` on ``device``; a call in another
+        # dtype or device draws its own (the same numbers as drawn there)
+        self.dtype = torch.get_default_dtype() if dtype is None else dtype
+        self.device = _device_key("cpu" if device is None else device)
+        self.ops = {f: _operator(f, self.dtype, self.device)
+                    for pair in (*self.factors.values(), (rest_mask,)) for f in pair
+                    if f is not None}
+
+    def _op(self, f: _Factor, dtype: torch.dtype, device):
+        """``f``'s operator for a call in ``(dtype, device)``: the one drawn at construction
+        where it serves (a mask's picks in any dtype), else drawn for this call."""
+        op = self.ops[f]
+        if f.kind == "mask":
+            return op if op[0].device == device else _operator(f, dtype, device)
+        return op if op.dtype == dtype and op.device == device else _operator(f, dtype, device)
 
     def matrices(self, name: str, dtype: torch.dtype, device) -> tuple[Tensor | None, Tensor | None]:
         """Return layer ``name``'s dense ``(P_in [inp', k_in], P_out [out, k_out])`` (None:
         that side is kept whole; a mask as its 0 / ``sqrt(rows / k)`` matrix), for tests and
-        small layers; kept per ``(dtype, device)``."""
-        key = (name, dtype, _device_key(device))
-        if key not in self._mats:
-            self._mats[key] = tuple(None if f is None else f.matrix(dtype, device)
-                                    for f in self.factors[name])
-        return self._mats[key]
+        small layers (formed on each call)."""
+        return tuple(None if f is None else f.matrix(dtype, device) for f in self.factors[name])
 
     def _side(self, x: Tensor, f: _Factor | None) -> Tensor:
-        """``x @ P`` along the last dim (a gather for ``mask``), ``P`` built once per dtype."""
+        """``x @ P`` along the last dim (a gather for ``mask``)."""
         if f is None:
             return x
-        key = (f, x.dtype, _device_key(x.device))
-        if key not in self._ops:
-            self._ops[key] = f.picks(x.device) if f.kind == "mask" else f.matrix(x.dtype, x.device)
-        op = self._ops[key]
+        op = self._op(f, x.dtype, x.device)
         return x[..., op[0]] * op[1] if f.kind == "mask" else x @ op
 
     def project_sides(self, name: str, a: Tensor, g: Tensor, *, ones: bool = False
@@ -155,13 +177,8 @@ class KroneckerProjector:
         fi, fo = self.factors[name]
         pg = self._side(g, fo)
         if ones and fi is not None and fi.kind == "mask":
-            key = (fi, "ones", _device_key(a.device))
-            if key not in self._ops:
-                idx, scale = fi.picks(a.device)
-                # the bias column (index inp), when picked, is the last pick
-                self._ops[key] = (idx[idx < fi.rows - 1], bool(idx[-1] == fi.rows - 1), scale)
-            idx, bias, scale = self._ops[key]
-            pa = a[..., idx]
+            idx, scale, kept, bias = self._op(fi, a.dtype, a.device)
+            pa = a[..., kept]
             if bias:
                 pa = torch.cat([pa, pa.new_ones((*pa.shape[:-1], 1))], -1)
             return pa.mul_(scale), pg
@@ -244,7 +261,8 @@ def _factor_seed(seed: int, block: int, side: int) -> int:
 def make_kronecker_projector(layers: Mapping[str, KroneckerLayer], *,
                              proj_dim: int | tuple[int, int], kind: str = "rademacher",
                              seed: int = 0, rest: tuple = (),
-                             rest_dim: int | None = None) -> KroneckerProjector:
+                             rest_dim: int | None = None, dtype: torch.dtype | None = None,
+                             device=None) -> KroneckerProjector:
     """Return the seeded Kronecker-factored projector of ``layers`` (see :class:`KroneckerProjector`).
 
     Args:
@@ -257,6 +275,8 @@ def make_kronecker_projector(layers: Mapping[str, KroneckerLayer], *,
         rest: ``((key, numel), ...)``: the other attributed parameters, in params order.
         rest_dim: the rest's projected width; None = ``k_in * k_out``. A rest no wider is kept
             whole.
+        dtype, device: where the factors are drawn, once (default: the default dtype, the
+            CPU): calls in them apply those; calls elsewhere draw the same factors per call.
 
     Raises:
         TypeError/ValueError: naming the argument.
@@ -293,7 +313,9 @@ def make_kronecker_projector(layers: Mapping[str, KroneckerLayer], *,
             rest_mask = _Factor(P_rest, width, "mask", s)
         else:
             rest_proj = make_projector(P_rest, proj_dim=width, kind=kind, seed=s)
-    return KroneckerProjector(layers, factors, rest, rest_proj, rest_mask)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(_msg(func, "dtype", "a floating torch.dtype or None", repr(dtype)))
+    return KroneckerProjector(layers, factors, rest, rest_proj, rest_mask, dtype, device)
 
 
 def kronecker_layers(plan, params: Mapping[str, Tensor]) -> tuple[dict, tuple]:
