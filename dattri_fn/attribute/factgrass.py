@@ -45,7 +45,7 @@ from .._checks import (
     iter_batches,
     regrouped,
 )
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel
 from ..operators.gauss_newton import memory_budget
 from ..transforms import capture
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
@@ -58,12 +58,16 @@ from ..transforms.layer_grads import (
     layer_plan,
     plan_decisions,
 )
-from ..transforms.layer_grads_paths import _autodiff_rows
-from ..transforms.layers import batched_io
 from ..transforms.project import make_projector
-from ..tree import ravel_batched
 from .boundary import check_cached_train
 from .capture_rows import can_merge, capture_row_bytes, merged_passes
+from .factgrass_flat import (  # noqa: F401 (_flat_sketch: importable from here, as before)
+    _flat_capturable,
+    _flat_checked,
+    _flat_factored,
+    _flat_io,
+    _flat_sketch,
+)
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
@@ -106,79 +110,6 @@ class _Sketches(NamedTuple):
 
 def _shapes(params: dict) -> tuple:
     return tuple((k, tuple(v.shape)) for k, v in params.items())
-
-
-def _flat_factored(plan: LayerPlan) -> bool:
-    """A checked plan whose every gradient is a captured flat Linear/Conv1D factor pair (no
-    dense block, one checkpoint path): its batches need no :class:`LayerGrads` assembly."""
-    kinds = dict(plan.layout)
-    return (plan.checked and not plan.dense and not plan.loop and not plan.rest
-            and set(kinds) == set(plan.layers) and all(k == "flat" for k in kinds.values())
-            and all(plan.tapped.specs[n].kind in ("linear", "conv1d") for n in plan.layers)
-            and torch._C._functorch.maybe_current_level() is None)
-
-
-def _flat_capturable(plan: LayerPlan) -> bool:
-    """What :func:`_flat_factored` asks of a plan before any data: no dense parameters,
-    Linear/Conv1D layers only, outside torch.func transforms."""
-    return (not plan.rest and all(plan.tapped.specs[n].kind in ("linear", "conv1d")
-                                  for n in plan.layers)
-            and torch._C._functorch.maybe_current_level() is None)
-
-
-def _flat_io(plan: LayerPlan, params: dict, batch) -> dict:
-    """``{layer: (a, g)}`` of ``batch`` from one capture pass, as the plan's path takes it."""
-    model = plan.model
-    args, kwargs, target = (model.unpack or default_unpack)(batch)
-    return batched_io(plan.tapped, model.loss_fn, {**model.fixed, **params}, args, kwargs, target,
-                      None, next(iter(params.values())))
-
-
-def _flat_checked(plan: LayerPlan, params: dict, batch, io: dict) -> LayerPlan | None:
-    """The check of :func:`~dattri_fn.transforms.layer_grads.check_plan` from a capture pass
-    that every layer took flat (``a [b, in]``): the first ``min(b, 3)`` examples' gradients
-    ``g a^T`` (``a g^T`` for a Conv1D) and ``g`` against autodiff on each example alone, at
-    the check's tolerance. Returns the plan it would return (every layer flat), or None where
-    the full check must decide (a layer with positions, gradients that differ)."""
-    if not all(a.ndim == 2 for a, _ in io.values()):
-        return None
-    k = min(batch_leaves(batch)[0].shape[0], 3)
-    ref = ravel_batched(_autodiff_rows(plan.model.loss, params, batch_slice(batch, 0, k)))
-    grads = {}
-    for n, (wk, bk) in plan.layers.items():
-        a, g = io[n][0][:k], io[n][1][:k]
-        if wk is not None:
-            conv1d = plan.tapped.specs[n].kind == "conv1d"  # stored [in, out]
-            grads[wk] = a[:, :, None] * g[:, None, :] if conv1d else g[:, :, None] * a[:, None, :]
-        if bk is not None:
-            grads[bk] = g
-    got = torch.cat([grads[key].reshape(k, -1) for key in params], 1)
-    err, scale = float((got - ref).abs().max()), float(ref.abs().max())
-    if not err <= 10 * torch.finfo(ref.dtype).eps ** 0.5 * max(scale, 1e-30):
-        return None
-    return decided_plan(plan, PlanDecisions(tuple(plan.layers), False, False,
-                                            tuple((n, "flat") for n in plan.layers)))
-
-
-def _flat_sketch(plan: LayerPlan, stage1, params: dict, batch) -> Tensor:
-    """Stage 1 from one capture pass, as ``stage1.layer_grads`` of the plan's gradients: the
-    same factors (``[a, 1]``, ``g``; the first position of a flat layer), the same products.  # [b, w]
-    """
-    model = plan.model
-    args, kwargs, target = (model.unpack or default_unpack)(batch)
-    io = batched_io(plan.tapped, model.loss_fn, {**model.fixed, **params}, args, kwargs, target,
-                    None, next(iter(params.values())))
-    out = []
-    for n in stage1.layers:
-        wk, bk = plan.layers[n]
-        a, g = io[n]
-        a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
-        g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
-        cols = ([a] if wk is not None else []) + ([a.new_ones((*a.shape[:-1], 1))]
-                                                  if bk is not None else [])
-        a = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
-        out.append(stage1.project_factors(n, a, g))
-    return torch.cat(out, -1) if len(out) > 1 else out[0]
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
