@@ -405,16 +405,20 @@ def test_query_rank_and_bfloat16_storage_keep_the_diagonal_block():
 
 
 class _Branchy(PosLM):
-    """PosLM whose forward reads a value (.item()): vmap refuses it, the diagonal pass loops."""
+    """PosLM whose forward reads a value (.item()): vmap refuses it; its position lookup is
+    copied (``.clone()``) before it meets the batch, which the capture engine does not follow,
+    so the diagonal pass loops for ``pos.weight`` (the same function as PosLM's)."""
 
     def forward(self, idx):
-        out = super().forward(idx)
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)).clone()
+        out = self.head(torch.tanh(self.fc(self.ln(h))))
         return out if float(idx.sum().item()) >= 0 else -out
 
 
 def test_a_model_vmap_refuses_loops_once_with_one_warning_and_the_same_diagonal():
-    """vmap cannot run the model (.item()): one warning per pass, per-example gradients by one
-    backward each, and fisher='true' D = mean g(y~)^2 over the drawn targets (1e-10)."""
+    """vmap cannot run the model (.item()) and the capture cannot take ``pos``: one warning per
+    pass, naming pos.weight and why; pos's per-example gradients by one backward each, the
+    other keys captured, and fisher='true' D = mean g(y~)^2 over the drawn targets (1e-10)."""
     model, ids, labels = _problem(10)
     branchy = _Branchy().double().eval()
     branchy.load_state_dict(model.state_dict())
@@ -428,8 +432,9 @@ def test_a_model_vmap_refuses_loops_once_with_one_warning_and_the_same_diagonal(
         warnings.simplefilter("always")
         f = kfac_factors(branchy, lm_loss, params, (ids, labels), fisher="true", seed=5,
                          sampler=draw, chunk_size=3, others="diagonal")
-    loops = [w for w in got if "vmap cannot run this model" in str(w.message)]
-    assert len(loops) == 1
+    loops = [str(w.message) for w in got if "vmap cannot run this model" in str(w.message)]
+    assert len(loops) == 1 and len(got) == 1
+    assert "['pos.weight']" in loops[0] and "pos: its indices are not batch-first" in loops[0]
     with torch.no_grad():
         drawn = torch.cat([draw(model(ids[r:r + 3]), labels[r:r + 3], g) for g in
                            [torch.Generator().manual_seed(5)] for r in range(0, 8, 3)])

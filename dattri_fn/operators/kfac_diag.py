@@ -19,23 +19,29 @@ Kronecker layer in the Linear layout (``DW = sum_s e_{id_s} u_s^T``) its vocabul
 is ``diag(counts)``, so EK-FAC's basis there is the identity and its only gain over this block
 is the rotation of the ``d`` side by ``A``'s eigenvectors; against that, the K-FAC state keeps
 that factor dense at ``[V, V]`` (2.5e9 entries for a 50257-token vocabulary; this block costs
-the parameter count), and GPT-2 reads ``wpe`` with position ids of shape ``[1, T]``, shared by
-the batch, which the capture engine cannot split by example (it is not batch-first), so its
-per-example gradients need autodiff here anyway.
+the parameter count).
 
-Per-example gradients come from ``vmap(grad)`` of the one-example loss with only these params
-differentiated (the others are constants), a block of rows at a time so that a block holds
-about ``2**20`` gradient entries (``max(1, 2**20 // p)`` examples for ``p`` such entries: an
-embedding table here costs one example's ``[V, d]`` gradient or a few, never a chunk's); a
-model vmap cannot run (data-dependent control flow) is looped over, one backward pass per
-example, after one warning. The pass reads the
-data once more, chunk by chunk as the factor passes do, so ``fisher="true"`` draws the same
-targets as they do (same generator, same outputs, same order).
+Per-example gradients come from ONE batched forward and backward per chunk through the capture
+engine (:mod:`dattri_fn.transforms.capture`) wherever a key is a weight or bias of a capturable
+layer: a LayerNorm (``dW_n = sum_t g_nt * xhat_nt``, ``db_n = sum_t g_nt``), an Embedding (GPT-2's
+``wpe`` too, whose ``[1, T]`` position ids are shared by the batch: captured where its output
+is broadcast over it), a Linear / Conv1D / Conv2d left out of the Kronecker layers or a bias
+without its weight. The rows are formed from the captured ``(a, g)`` a block at a time, so that a
+block holds about ``2**20`` gradient entries (``max(1, 2**20 // p)`` examples for ``p`` such
+entries: an embedding table here costs one example's ``[V, d]`` gradient or a few, never a
+chunk's). The other keys (a bare ``nn.Parameter``, a layer the capture cannot represent on
+this chunk: a tied weight read by two layers, a LayerNorm on a sequence-first input, ...; one
+warning names the layers and why) come from ``vmap(grad)`` of the one-example loss with only
+them differentiated; a model vmap cannot run (data-dependent control flow, GPT-2 with an
+attention mask) is looped over, one backward pass per example, after one warning. The pass
+reads the data once more, chunk by chunk as the factor passes do, so ``fisher="true"`` draws
+the same targets as they do (same generator, same outputs, same order).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +49,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, regroup
-from ..transforms.layers import _chunks, tree_unsqueeze
+from ..transforms import capture
+from ..transforms.layers import _chunks, batched_io, tree_unsqueeze
 from .kfac_fisher import _ExpectedLoss, _SampledLoss
 
 __all__ = ["diagonal_groups", "diagonal_row_blocks", "diagonal_rows", "diagonal_sums",
@@ -101,30 +108,111 @@ def _drawn(module: nn.Module, loss_fn, state, args, kwargs, target):
     return loss_fn.loss_fn, loss_fn.sampler(detached, target, loss_fn.generator)
 
 
+class _Uncaptured(NamedTuple):
+    """What one pass learnt about the layers the capture cannot take (kept in ``looped``)."""
+
+    why: dict  # layer -> the capture engine's reason
+    taps: dict  # layers -> their tap (built once a pass)
+
+
+def _owners(module: nn.Module, keys) -> tuple[dict[str, capture.LayerSpec], dict[str, str | None]]:
+    """``({layer: spec}, {layer: key})``: the capturable layers (LayerNorms included) reading
+    one of ``keys`` as weight or bias, module order, and the key each reads as its weight (a
+    weight tied between an Embedding and a Linear is read by both: its gradient is their sum)."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    by_tensor = {id(named[k]): k for k in keys if k in named}
+    specs, weight = {}, {}
+    for n, s in capture.layer_specs(module, norms=True).items():
+        w = by_tensor.get(id(named[s.weight])) if s.weight in named else None
+        if w is not None or s.bias in keys:
+            specs[n], weight[n] = s, w
+    return specs, weight
+
+
+def _captured_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, func: str,
+                   looped: list) -> dict[str, Tensor]:
+    """Per-example gradients of the ``keys`` that capturable layers own, from ONE batched
+    forward and backward (module docstring); a layer the capture refuses on these rows is left
+    out (its keys are missing from the result; ``looped`` records why, for the warning of a
+    per-example loop)."""
+    memo = next((m for m in looped if isinstance(m, _Uncaptured)), None)
+    if memo is None:
+        memo = _Uncaptured({}, {})
+        looped.append(memo)
+    owners, weight = _owners(module, keys)
+    tied = len(set(filter(None, weight.values()))) < len(list(filter(None, weight.values())))
+    layers = [n for n in owners if n not in memo.why]
+    io = {}
+    while layers:
+        tapped = memo.taps.get(tuple(layers))
+        if tapped is None:
+            tapped = memo.taps.setdefault(tuple(layers), capture.tap(module, layers, tied=tied))
+        try:
+            io = batched_io(tapped, loss_fn, state, args, kwargs, target, None, state[keys[0]])
+            break
+        except capture.CaptureError as err:
+            new = {n: why for n, why in err.problems.items() if n in owners}
+            if not new:
+                raise
+            memo.why.update(new)  # named by the loop's warning, where the fallback costs
+            layers = [n for n in layers if n not in new]
+    wanted = set(keys)
+    rows: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for n, (a, g) in io.items():
+            spec, key = owners[n], weight[n]
+            if key is not None:  # a tied weight: the sum over its layers (capture.tap)
+                dw = capture.weight_grad(spec, a, g, state[key].shape)
+                rows[key] = dw if key not in rows else rows[key].add_(dw)
+            if spec.bias in wanted:
+                rows[spec.bias] = capture.bias_grad(spec, g).reshape(
+                    g.shape[0], *state[spec.bias].shape)
+    return rows
+
+
 def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
                   func: str = "ekfac_factors", looped: list | None = None) -> dict[str, Tensor]:
     """Per-example gradients of ``keys`` on one chunk of examples.  # {key: [B, *shape]}
 
-    ``loss_fn``: the factor pass's loss (the observed targets, or a ``_SampledLoss`` whose
-    targets are drawn here from the chunk's batched output, as its statistics pass draws them).
-    ``looped``: a list one pass shares over its chunks; vmap's refusal of the model is recorded
-    in it, so that the pass warns once and loops without trying vmap again.
+    The keys of capturable layers from one batched capture pass, the others by autodiff
+    (module docstring). ``loss_fn``: the factor pass's loss (the observed targets, or a
+    ``_SampledLoss`` whose targets are drawn here from the chunk's batched output, as its
+    statistics pass draws them). ``looped``: a list one pass shares over its chunks; the layers
+    the capture refused and vmap's refusal of the model are recorded in it, so that the pass
+    warns once and neither retries the capture of those layers nor vmap.
     """
     loss_fn, target = _drawn(module, loss_fn, state, args, kwargs, target)
+    keys = list(keys)
+    looped = [] if looped is None else looped
+    rows = _captured_rows(module, loss_fn, state, keys, args, kwargs, target, func, looped)
+    rest = [k for k in keys if k not in rows]
+    if rest:
+        rows.update(_autodiff_rows(module, loss_fn, state, rest, args, kwargs, target, func,
+                                   looped))
+    return {k: rows[k] for k in keys}
+
+
+def _autodiff_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, func: str,
+                   looped: list) -> dict[str, Tensor]:
+    """Per-example gradients of ``keys`` by ``vmap(grad)``, or one backward per example where
+    vmap cannot run the model.  # {key: [B, *shape]}"""
     r = {k: state[k] for k in keys}
     one = _example_loss(module, loss_fn, state)
-    looped = [] if looped is None else looped
     try:
-        if not looped:
+        if not any(m is True for m in looped):
             return vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
                 r, args, kwargs, target)
     except RuntimeError as err:
         if "vmap" not in str(err):
             raise
         looped.append(True)
+        memo = next((m for m in looped if isinstance(m, _Uncaptured)), None)
+        why = "; ".join(f"{n}: {w}" for n, w in memo.why.items()) if memo else ""
         warnings.warn(f"{func}(params=...): vmap cannot run this model ({str(err)[:160]}); the "
-                      "per-example gradients of the params outside the Kronecker layers are "
-                      "taken by one backward pass per example.", stacklevel=4)
+                      f"per-example gradients of {keys} (outside the Kronecker layers, "
+                      + (f"in layers the capture engine cannot take: {why}" if why else
+                         "in no layer the capture engine takes")
+                      + ") are taken by one backward pass per example.", stacklevel=5)
     B = batch_size(func, "data", (*args, *kwargs.values()))
     rows = []
     for i in range(B):
