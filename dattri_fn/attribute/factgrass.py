@@ -66,6 +66,7 @@ from .factgrass_flat import (  # noqa: F401 (_flat_sketch: importable from here,
     _flat_checked,
     _flat_factored,
     _flat_io,
+    _flat_io_checked,
     _flat_sketch,
 )
 from .method import Method
@@ -248,10 +249,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 if not _flat_capturable(p) or batch_leaves(part)[0].shape[0] < 2:
                     return None
                 try:
-                    io = _flat_io(p, params, part)
+                    io, checked = _flat_io_checked(p, params, part)
                 except capture.CaptureError:  # the full check decides (and warns)
                     return None
-                checked = _flat_checked(p, params, part, io)
                 if checked is None:
                     return None
                 held[0] = checked

@@ -14,8 +14,8 @@ from torch import Tensor
 from .._checks import batch_leaves, batch_slice
 from ..model import default_unpack
 from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
-from ..transforms.layer_grads_paths import _autodiff_rows
-from ..transforms.layers import batched_io
+from ..transforms.layer_grads_paths import _autodiff_rows, _row_losses, _rows_of
+from ..transforms.layers import batched_io, per_example_losses
 from ..tree import ravel_batched
 
 
@@ -45,16 +45,19 @@ def _flat_io(plan: LayerPlan, params: dict, batch) -> dict:
                       None, next(iter(params.values())))
 
 
-def _flat_checked(plan: LayerPlan, params: dict, batch, io: dict) -> LayerPlan | None:
+def _flat_checked(plan: LayerPlan, params: dict, batch, io: dict,
+                  ref: Tensor | None = None) -> LayerPlan | None:
     """The check of :func:`~dattri_fn.transforms.layer_grads.check_plan` from a capture pass
     that every layer took flat (``a [b, in]``): the first ``min(b, 3)`` examples' gradients
     ``g a^T`` (``a g^T`` for a Conv1D) and ``g`` against autodiff on each example alone, at
     the check's tolerance. Returns the plan it would return (every layer flat), or None where
-    the full check must decide (a layer with positions, gradients that differ)."""
+    the full check must decide (a layer with positions, gradients that differ). ``ref``: those
+    examples' autodiff rows where the caller has them (:func:`_flat_io_checked`).  # [k, P]"""
     if not all(a.ndim == 2 for a, _ in io.values()):
         return None
     k = min(batch_leaves(batch)[0].shape[0], 3)
-    ref = ravel_batched(_autodiff_rows(plan.model.loss, params, batch_slice(batch, 0, k)))
+    if ref is None:
+        ref = ravel_batched(_autodiff_rows(plan.model.loss, params, batch_slice(batch, 0, k)))
     grads = {}
     for n, (wk, bk) in plan.layers.items():
         a, g = io[n][0][:k], io[n][1][:k]
@@ -69,6 +72,32 @@ def _flat_checked(plan: LayerPlan, params: dict, batch, io: dict) -> LayerPlan |
         return None
     return decided_plan(plan, PlanDecisions(tuple(plan.layers), False, False,
                                             tuple((n, "flat") for n in plan.layers)))
+
+
+def _flat_io_checked(plan: LayerPlan, params: dict, batch) -> tuple[dict, LayerPlan | None]:
+    """``(_flat_io(plan, params, batch), _flat_checked(plan, params, batch, io))`` with ONE
+    autograd engine call for the pass and the check's reference rows.
+
+    The batched loss and the first examples' own losses share no leaf (probes on one side,
+    per-example parameter copies on the other), so one backward gives each exactly its own
+    gradients: the same values as the two calls (one engine call and its set-up saved).
+    """
+    model, tapped = plan.model, plan.tapped
+    k = min(batch_leaves(batch)[0].shape[0], 3)
+    args, kwargs, target = (model.unpack or default_unpack)(batch)
+    with torch.enable_grad():
+        run = tapped.probed({**model.fixed, **params}, *args, **kwargs)
+        value = per_example_losses(model.loss_fn, run.output, target).sum()
+        probes = [p for n in tapped.layers for p in run.probes[n]]
+        lives, losses = _row_losses(model, params, batch, tapped.ties_any, k)
+        flat = torch.autograd.grad([value, *losses],
+                                   probes + [t for live in lives for t in live.values()],
+                                   allow_unused=True, materialize_grads=True)
+    grads = iter(flat[:len(probes)])
+    g = run.fold({n: [next(grads) for _ in run.probes[n]] for n in tapped.layers})
+    io = {n: (run.acts[n].detach(), g[n]) for n in tapped.layers}
+    return io, _flat_checked(plan, params, batch, io,
+                             ravel_batched(_rows_of(params, flat[len(probes):])))
 
 
 def _flat_sketch(plan: LayerPlan, stage1, params: dict, batch) -> Tensor:
