@@ -110,8 +110,12 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             FunctionalModel. The capture is built at each ``prepare`` (one for
             all its checkpoints) and held in the state (:class:`InfluenceState` ``.tap``),
             never cached by the method; ``score`` takes both sides' gradients from it (no
-            layer-gradient plan check) unless a ``target``, a tied weight or params outside
-            the Kronecker layers need the plan's test side.
+            layer-gradient plan check; params in the inverse's diagonal block by autodiff, as
+            on the training side) unless a ``target`` or a tied weight need the plan's test
+            side. The factor pass checks each layer's captured per-example gradients against
+            autodiff once (its first chunk's first 2 rows, :mod:`~dattri_fn.operators.kfac_check`):
+            a layer that disagrees (applied to a sequence-first ``[S, B, d]`` tensor with ``S =
+            B``, or to one that mixes the batch) takes the diagonal block, named in its warning.
         l2: the training objective is ``loss + l2 |params|^2`` (weight decay ``wd`` is
             ``l2 = wd / 2``), >= 0: train gradients gain ``2 l2 params``; ``"hessian"`` is
             then ``H + 2 l2 I`` and ``"fisher"`` the empirical Fisher of the regularised

@@ -225,41 +225,48 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
 
 def captured_test(cfg: InfluenceConfig, ps) -> bool:
     """Whether the test gradients can come from the states' captures (:func:`captured_grads`):
-    K-FAC/EK-FAC on the model's own loss (no ``target``), every param in a Kronecker layer of
-    the inverse (no diagonal group, no tied weight) and a capture held in each state."""
+    K-FAC/EK-FAC on the model's own loss (no ``target``), no tied weight and a capture held in
+    each state (params in the inverse's diagonal block take their autodiff rows there, as on
+    the training side)."""
     return cfg.layered and cfg.target is None and all(
         st.tap is not None and not getattr(st.tap, "tied", ())
         and getattr(st.ihvp, "ravel", None) is not None for _, st in ps)
 
 
-def captured_grads(cfg: InfluenceConfig, p: Params, st: InfluenceState):
+def captured_grads(cfg: InfluenceConfig, p: Params, st: InfluenceState,
+                   looped: list | None = None):
     """``batch -> [B, P]`` test gradients ``DW_j = sum_t g_jt a_jt^T`` per layer (bias: ``a``
-    augmented with ones) from the state's captured forward (:func:`layer_pass`), raveled by
-    the inverse's layout.
+    augmented with ones) from the state's captured forward (:func:`layer_pass`), and the
+    autodiff rows of the inverse's diagonal groups, raveled by the inverse's layout.
 
     The same rows as the layer-gradient plan's (:func:`grads` with ``test=True``) with no plan
     check (one autograd pass over per-example parameter copies, ~6 ms on digits-lr): the
     capture was built for these params in ``prepare``. With one token per example (``T = 1``)
-    each entry is one product, as the plan's: bit for bit on the digits tasks.
+    each entry is one product, as the plan's: bit for bit on the digits tasks. ``looped``: as
+    :func:`layer_pass`'s, shared with the training side of the call.
     """
     check_params(cfg.name, "params", p)
     QA = st.ihvp.eigen[0]
+    looped = [] if looped is None else looped  # vmap's refusal: one warning per call
 
     def rows(b):
         parts: dict[str, dict[int, torch.Tensor]] = {}
 
         def step(start, layer, a, g):
+            if a is None:  # a diagonal group: its autodiff gradient rows [b, p]
+                parts.setdefault(layer, {})[start] = g
+                return
             a, g = kfac_tokens(a, g, QA[layer].shape[0] == a.shape[-1] + 1)
             parts.setdefault(layer, {})[start] = g.mT @ a  # [b, T, o], [b, T, i] -> [b, o, i]
 
-        layer_pass(cfg, p, st, b, step)
+        layer_pass(cfg, p, st, b, step, looped)
         return st.ihvp.ravel({layer: r[0] if len(r) == 1 else torch.cat([r[k] for k in sorted(r)])
                               for layer, r in parts.items()})
 
     return rows
 
 
-def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
+def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor, looped: list | None = None):
     """``batch -> [B, n]`` (``[B, L n]`` per layer) scores against ``test_f`` (``[n, C
     P]``), layer by layer (:func:`~dattri_fn.operators.kfac.layer_scores`) as each layer's
     ``g`` arrives: no ``[B, P]`` gradient matrix."""
@@ -277,7 +284,8 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor):
                   [v.reshape(-1) for v in p.values()])[None]).values(), strict=True)}
              if l2 else None for c, (p, st) in enumerate(ps)]
     weight = 1.0 / len(ps)
-    looped: list = []  # vmap's refusal of the model: one warning per call (kfac_diag)
+    # vmap's refusal of the model: one warning per call (kfac_diag), shared with the test side
+    looped = [] if looped is None else looped
 
     def rows_of(b):
         parts: dict[str, dict[int, torch.Tensor]] = {}
@@ -324,15 +332,16 @@ def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None
                               "one layer's scores yourself)", repr(top_k)))
     # The inverse is applied to all n_test gradients at once: an iterative solver then
     # passes over the training data once per iteration, not once per test batch.
+    looped: list = []  # vmap's refusal of the model, for both sides: one warning per call
     if layers and captured_test(cfg, ps):  # the test side from the state's capture: no check
-        stream, fns = None, [captured_grads(cfg, p, st) for p, st in ps]
+        stream, fns = None, [captured_grads(cfg, p, st, looped) for p, st in ps]
     else:
         stream = shared_stream(cfg)  # one plan check for the call, not one per side/checkpoint
         fns = [grads(cfg, p, test=True, stream=stream) for p, _ in ps]
     parts = [st.ihvp(collect(fn, regrouped(name, "test", test, rows), device=device_of(p),
                              func=name, arg="test")) for fn, (p, st) in zip(fns, ps, strict=True)]
     test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    side, cursor = ((layer_side(cfg, ps, test_f), None) if layers
+    side, cursor = ((layer_side(cfg, ps, test_f, looped), None) if layers
                     else train_side(cfg, ps, scales=not store_given(train), stream=stream))
     S = stream_scores(side, regrouped(name, "train", train, rows), test_f,
                       top_k=top_k, largest=largest, func=name)

@@ -63,8 +63,8 @@ class BlockLinOp(LinOp):
     ``{group: (keys, scale [p])}`` of the params outside the Kronecker layers (``scale = 1 / (D
     + damping)`` for an inverse, ``D`` for the Fisher itself), empty without them; ``parts``:
     the Kronecker layers then the diagonal groups, the names per-layer scores use; ``ravel(B)``:
-    the inverse of ``blocks`` for an operator with no diagonal groups (``{layer: [k, out,
-    in(+1)]}`` -> ``[k, P]`` rows in the params' ravel layout), else None.
+    the inverse of ``blocks`` (``{layer: [k, out, in(+1)], group: [k, p]}`` -> ``[k, P]`` rows
+    in the params' ravel layout).
     """
 
     __slots__ = ("blocks", "eigen", "diagonal", "parts", "ravel")
@@ -149,7 +149,7 @@ def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=(), diagonal=
 
     def ravel(blocks: dict[str, Tensor]) -> Tensor:
         # entries are copied, never combined: ravel(blocks(V)) == V bit for bit
-        first = blocks[layers[0]]
+        first = blocks[layers[0] if layers else next(iter(groups))]
         k = first.shape[0]
         out = first.new_empty(k, P)
         for layer in layers:
@@ -162,12 +162,18 @@ def _eigen_apply(name: str, QA, QG, scale, param_names, transposed=(), diagonal=
                 out[:, ws].view(k, o, inp).copy_(M[..., :inp])
             if bs is not None:
                 out[:, bs].copy_(M[..., inp])
+        for g, sl in slices.items():  # a group's [k, p]: its keys' slices, in ravel order
+            at = 0
+            for s in sl:
+                n = s.stop - s.start
+                out[:, s].copy_(blocks[g][:, at:at + n])
+                at += n
         return out
 
     slices_of = {k: s for g, ks in groups.items() for k, s in zip(ks, slices[g], strict=True)}
     op = BlockLinOp(matmat, P, _compute_dtype(ref), ref.device, name=name)
     op.blocks = read
-    op.ravel = ravel if layers and not groups else None
+    op.ravel = ravel
     op.diagonal = {g: (ks, flat[g]) for g, ks in groups.items()}
     op.parts = (*layers, *groups)
     return op
