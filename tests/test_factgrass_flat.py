@@ -138,3 +138,26 @@ def test_a_state_of_another_model_is_refused_by_name():
         m.score(other.params, s, None, (xs, ys))
     with pytest.raises(ValueError, match=r"factgrass.self_score\(state=...\): expected the FactGraSSState"):
         m.self_score(other.params, s, None)
+
+
+@pytest.mark.parametrize("mixing", [False, True])
+def test_one_engine_call_equals_the_pass_then_the_check(mixing):
+    """_flat_io_checked == (_flat_io, _flat_checked): every (a, g) torch.equal, the same decision."""
+    from dattri_fn.attribute.factgrass_flat import _flat_checked, _flat_io, _flat_io_checked
+    from dattri_fn.transforms.layer_grads import layer_plan
+
+    if mixing:
+        torch.manual_seed(3)
+        fm = functional_model(_Mixing().to(DT).eval(), F.cross_entropy)
+        batch = _data(7, 5, 3, seed=5)
+    else:
+        fm, batch = _problem("mlp", n=7, seed=4)
+    plan = layer_plan(fm)
+    io, checked = _flat_io_checked(plan, fm.params, batch)
+    want = _flat_io(plan, fm.params, batch)
+    assert list(io) == list(want)
+    assert all(torch.equal(io[n][0], want[n][0]) and torch.equal(io[n][1], want[n][1]) for n in io)
+    ref = _flat_checked(plan, fm.params, batch, want)
+    assert (checked is None) == (ref is None) == mixing
+    if not mixing:
+        assert checked.layout == ref.layout and checked.checked
