@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -35,6 +36,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=24, help="L: reverse steps timed per setting")
     p.add_argument("--chunks", default="10", help="chunk sizes to time (comma-separated)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--gemm-conv", action="store_true",
+                   help="also time vjp_step with the first conv as a GEMM (the recipe's; "
+                        "every state kept, each of --chunks)")
+    p.add_argument("--no-sqrt", action="store_true",
+                   help="skip the checkpoint_every = ceil(sqrt(T)) setting")
     p.add_argument("--full", action="store_true", help="time recipe('magic-ens') instead")
     p.add_argument("--recipe", default="magic-ens", choices=("magic", "magic-ens"),
                    help="--full: the recipe timed")
@@ -118,25 +124,35 @@ def per_step(args) -> dict:
     trajs = {e: train(step, fm.params, opt.init(fm.params), data, order, checkpoint_every=e)
              for e in {sqrt_every, 1}}
     cot = vmap(grad(target), in_dims=(None, 0))(trajs[1].params, test)
-    settings = [(sqrt_every, None), (1, None)] + [(1, c) for c in args.chunks]
+    settings = [] if args.no_sqrt else [(sqrt_every, None, None)]
+    settings += [(1, None, None)] + [(1, c, None) for c in args.chunks]
+    vjp_steps = {None: None}
+    if args.gemm_conv:
+        from dattri_fn.app.recipes import _gemm_vjp_step
+
+        vjp_steps["gemm"] = _gemm_vjp_step(task.make_model(0), task.loss_fn, opt)
+        settings += [(1, c, "gemm") for c in args.chunks]
     ms: dict[tuple, list[float]] = {s: [] for s in settings}
     diff: dict[tuple, float] = {}
     ref = None
     for _ in range(args.rounds):
-        for every, chunk in settings:
+        for every, chunk, vjp in settings:
             t0 = time.thread_time()
             out = metagradient(step, trajs[every], data, order, cot, horizon=L,
-                               chunk_size=chunk).weights
-            ms[every, chunk].append((time.thread_time() - t0) / L * 1e3)
+                               chunk_size=chunk, vjp_step=vjp_steps[vjp]).weights
+            ms[every, chunk, vjp].append((time.thread_time() - t0) / L * 1e3)
             ref = out if ref is None else ref
-            diff[every, chunk] = float((out - ref).abs().max())
+            diff[every, chunk, vjp] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     print(f"\n### {args.task}: thread CPU ms per reverse step (last {L} of T = {T} steps, "
           f"k = {args.n_test} targets), load {load_avg()}\n")
-    print("| checkpoint_every | chunk_size | ms / step, each round | max diff from the first |")
-    print("|---|---|---|---|")
-    for every, chunk in settings:
-        print(f"| {every} | {chunk or 'all'} | " + ", ".join(f"{v:.1f}" for v in ms[every, chunk])
-              + f" | {diff[every, chunk]:.3g} |")
+    print("| checkpoint_every | chunk_size | vjp_step | ms / step, each round | median | max diff "
+          "from the first / max |")
+    print("|---|---|---|---|---|---|")
+    for key in settings:
+        every, chunk, vjp = key
+        print(f"| {every} | {chunk or 'all'} | {vjp or 'step'} | "
+              + ", ".join(f"{v:.1f}" for v in ms[key])
+              + f" | {statistics.median(ms[key]):.1f} | {diff[key]:.3g} |")
     return {"ms": ms, "diff": diff}
 
 

@@ -249,7 +249,8 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
                                weight_decay=wd, batch_size=hp["batch_size"],
                                momentum=hp["momentum"])
         method = magic(fm, optimizer, epochs=hp["epochs"], batch_size=hp["batch_size"],
-                       seed=[order_seed(c) for c in range(count)], **opts)
+                       seed=[order_seed(c) for c in range(count)],
+                       vjp_step=_gemm_vjp_step(models[0], task.loss_fn, optimizer), **opts)
     elif hp.get("optimizer") == "adam":
         # The task's own trainer: bit-identical to torch.optim.Adam + CosineAnnealingLR. It
         # computes the loss twice (the batch mean and the weighted per-example correction) to
@@ -260,13 +261,30 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
 
         optimizer, _ = adam_run(task.n_train, epochs=hp["epochs"], lr=hp["lr"])
         same = adam(cosine_schedule(hp["lr"], hp["epochs"], recursive=True), weight_decay=wd)
+        vjp_step = _gemm_vjp_step(models[0], task.loss_fn, same) or make_step(fm, same)
         method = magic(fm, optimizer, epochs=hp["epochs"], step=task_step(fm, optimizer, wd),
-                       vjp_step=make_step(fm, same), **opts)
+                       vjp_step=vjp_step, **opts)
     else:
         raise ValueError(f"recipe('magic'): expected a task trained by 'sgd' or 'adam' steps, "
                          f"got optimizer {hp.get('optimizer')!r}. Build the task with "
                          f"get_task(name, hparams=SGD_HPARAMS).")
     return method, [functional_model(m, task.loss_fn).params for m in models]
+
+
+def _gemm_vjp_step(model: nn.Module, loss_fn, optimizer):
+    """Return ``make_step`` of ``model`` with its first layer as a GEMM conv (for MAGIC's
+    ``vjp_step``), or None when that layer is no stride-1 ``Conv2d`` (the step as it is).
+
+    The first layer of a Sequential reads the data, so vmap's second-order terms against it
+    become one matrix product (:mod:`dattri_fn.training.gemm_conv`; digits-cnn: ~0.9x the
+    reverse step, ``benchmarks/magic_speed.py``). Equal to the trained step up to rounding.
+    """
+    from ..training import make_step
+    from ..training.gemm_conv import supported, with_gemm_convs
+
+    if not isinstance(model, nn.Sequential) or not len(model) or not supported(model[0]):
+        return None
+    return make_step(functional_model(with_gemm_convs(model, ["0"]), loss_fn), optimizer)
 
 
 def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
