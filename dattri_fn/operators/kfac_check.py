@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from .._checks import batch_size, batch_slice
+from ..transforms import capture
 from ..transforms.layers import unpack_example
 from .kfac_diag import _example_loss
 from .kfac_fisher import _ExpectedLoss, _SampledLoss
@@ -94,19 +95,37 @@ def _autodiff(module: nn.Module, loss_fn, state, keys, args, kwargs, target, k: 
     return {key: torch.stack([row[j] for row in rows]) for j, key in enumerate(keys)}
 
 
-def _block(kind: str, w: Tensor, b: Tensor | None) -> Tensor:
-    """``[k, out, in(+1)]`` from per-example weight and bias gradients (K-FAC's layout)."""
-    k = w.shape[0]
-    w = w.transpose(1, 2) if kind == "conv1d" else w.reshape(k, w.shape[1], -1)
-    return w if b is None else torch.cat([w, b.reshape(k, -1, 1)], 2)
+def differing(module: nn.Module, loss_fn, state, rows: dict[str, Tensor], args, kwargs,
+              target) -> dict[str, str]:
+    """``{key: why}`` for the keys whose captured per-example gradients ``rows`` (``{key: [k,
+    *shape]}``, the first ``k`` examples of the chunk ``(args, kwargs, target)``) differ from
+    autodiff of each example alone (``loss_fn`` on a batch of one, the observed or drawn
+    targets): beyond ``10 sqrt(eps)`` of the key's gradient scale (at least ``sqrt(eps)`` of
+    every key's), the layer-gradient plan's rule."""
+    if not rows:
+        return {}
+    first = next(iter(rows.values()))
+    k, eps = first.shape[0], torch.finfo(first.dtype).eps
+    ref = _autodiff(module, loss_fn, state, list(rows), args, kwargs, target, k)
+    scales = {key: float(ref[key].abs().max()) for key in rows}
+    floor = eps ** 0.5 * max(scales.values())
+    out = {}
+    for key, got in rows.items():
+        err = float((got - ref[key].to(got.dtype)).abs().max())
+        if not err <= 10 * eps ** 0.5 * max(scales[key], floor, 1e-30):
+            out[key] = (f"its captured per-example gradients differ from autodiff on the first "
+                        f"{k} examples (max difference {err:.3g}, gradient scale "
+                        f"{scales[key]:.3g}): its layer reads a tensor whose first dim is not the "
+                        f"examples, e.g. a sequence-first [S, B, d] input with S = B, or one "
+                        f"that mixes the batch")
+    return out
 
 
 def mismatched(func: str, module: nn.Module, loss, state, names, param_names, tapped,
                rows: Rows) -> dict[str, str]:
-    """``{layer: why}`` for the checked layers whose captured blocks ``sum_t g_t a_t^T`` of the
-    first rows differ from autodiff. Tied groups (pooled from several uses) are not checked."""
-    from .kfac_stats import _tokens
-
+    """``{layer: why}`` for the checked layers whose captured gradients ``sum_t g_t a_t^T`` of
+    the first rows differ from autodiff (:func:`differing`). Tied groups (pooled from several
+    uses) are not checked."""
     checked = [n for n in names if n in rows.g and n in rows.a]
     if not checked or rows.first is None:
         return {}
@@ -115,19 +134,14 @@ def mismatched(func: str, module: nn.Module, loss, state, names, param_names, ta
     loss_fn, drawn = _reference_loss(loss)
     if drawn is not None:
         target = tree_map(lambda t: t[:k] if isinstance(t, Tensor) else t, drawn)
-    keys = [key for n in checked for key in _keys(n) if key in param_names]
-    ref = _autodiff(module, loss_fn, state, keys, args, kwargs, target, k)
-    bad = {}
+    got, owner = {}, {}
     for n in checked:
-        wk, bk = _keys(n)
-        bias = bk in param_names
-        a, g = _tokens(rows.a[n][:k], rows.g[n][:k], bias)
-        got = g.mT @ a  # [k, T, out], [k, T, in(+1)] -> [k, out, in(+1)]
-        want = _block(tapped.specs[n].kind, ref[wk], ref[bk] if bias else None).to(got.dtype)
-        err, scale = float((got - want).abs().max()), float(want.abs().max())
-        if not err <= 10 * torch.finfo(got.dtype).eps ** 0.5 * max(scale, 1e-30):
-            bad[n] = (f"its captured per-example gradients differ from autodiff on the first "
-                      f"{k} examples (max difference {err:.3g}, gradient scale {scale:.3g}): "
-                      f"layer {n!r} reads a tensor whose first dim is not the examples, e.g. a "
-                      f"sequence-first [S, B, d] input with S = B, or one that mixes the batch")
+        spec, (wk, bk) = tapped.specs[n], _keys(n)
+        a, g = rows.a[n][:k], rows.g[n][:k]
+        got[wk], owner[wk] = capture.weight_grad(spec, a, g, state[wk].shape), n
+        if bk in param_names:
+            got[bk], owner[bk] = capture.bias_grad(spec, g), n
+    bad: dict[str, str] = {}
+    for key, why in differing(module, loss_fn, state, got, args, kwargs, target).items():
+        bad.setdefault(owner[key], f"layer {owner[key]!r}: {why}")
     return bad
