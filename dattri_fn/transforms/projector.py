@@ -22,6 +22,7 @@ _CACHE_ENTRIES = 2**22  # a dense R is kept when it stores at most this many ent
 _BITS_BYTES = 2**24  # a rademacher R's signs are kept packed up to this many bytes
 _SJLT_STEP_ENTRIES = 2**20  # bounds the [B, rows] temporary of one index_add_
 _UNPACK_BYTES = 2**13  # packed sign bytes unpacked per index_select (a 32 KiB int32 index)
+_SIGN_BYTES = 2**20  # up to this P * ceil(d / 8) * 8, the signs are also kept one byte each
 
 ColumnFn = Callable[[int, int], Tensor]
 
@@ -72,7 +73,7 @@ class Projector:
     """
 
     __slots__ = ("dim", "proj_dim", "kind", "seed", "nnz", "chunk_size", "dtype", "device",
-                 "packed", "block_rows", "_cache", "_bits")
+                 "packed", "block_rows", "_cache", "_bits", "_bytes")
 
     def __init__(self, dim: int, proj_dim: int, kind: str, seed: int, nnz: int,
                  chunk_size: int | None, dtype: torch.dtype, device: torch.device,
@@ -89,6 +90,7 @@ class Projector:
         self.block_rows = _block_rows(kind, proj_dim, nnz)
         self._cache: dict = {}
         self._bits: dict = {}
+        self._bytes: dict = {}
 
     # -- definition of R -----------------------------------------------------------------
     @property
@@ -211,9 +213,33 @@ class Projector:
             self._bits[device] = bits.to(device)
         return self._bits[device]
 
+    def _sign_bytes(self, device: torch.device) -> Tensor | None:
+        """Return the packed signs as int8 ``+-1``, one byte per entry, or None when they would
+        take over 2**20 bytes: a small ``R`` is then widened by one cast per pass instead of a
+        table lookup per byte (about 5x faster on the digits tasks' ``R``).  # int8 [P, 8 ceil(d / 8)]
+        """
+        width = -(-self.proj_dim // 8) * 8
+        if self.dim * width > _SIGN_BYTES:
+            return None
+        if device not in self._bytes:
+            bits = self._signs(device)
+            signs = ((bits[:, :, None] >> torch.arange(8, device=device, dtype=torch.uint8))
+                     & 1).to(torch.int8)
+            self._bytes[device] = signs.mul_(2).sub_(1).view(self.dim, width)
+        return self._bytes[device]
+
     def _unpacked(self, start: int, stop: int, dtype: torch.dtype, device: torch.device,
                   shift: float = 1.0, out: Tensor | None = None) -> Tensor:
-        """Return raw rows ``[start, stop)`` (``+-shift``) from the packed signs.  # [n, d]"""
+        """Return raw rows ``[start, stop)`` (``+-shift``) from the packed signs.  # [n, d]
+
+        The result is a column slice of a ``[n, 8 ceil(d / 8)]`` tensor (``out``'s storage when
+        given).
+        """
+        small = self._sign_bytes(device)
+        if small is not None:
+            rows = small[start:stop]
+            out = rows.to(dtype) if out is None else out.copy_(rows)
+            return (out if shift == 1.0 else out.mul_(shift))[:, :self.proj_dim]
         bits = self._signs(device)[start:stop]
         table = ((torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device))
                  & 1).to(dtype).mul_(2 * shift).sub_(shift)  # [256, 8]: byte -> its 8 signs
