@@ -196,3 +196,89 @@ def test_batch_first_model_passes_the_check_silently(fit):
             DW = _block(G, params, layer)
             ref = (f.QG[layer].T @ DW @ f.QA[layer]).square().mean(0)
             torch.testing.assert_close(f.Lambda[layer], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_true_fisher_checks_against_the_drawn_targets():
+    """fisher='true': the check's autodiff takes the pass's drawn targets y~ (a batch-first
+    model passes it silently), and the sequence-first layer's D = mean_n g_n(y~_n)^2 (1e-12)."""
+    drawn = []
+
+    def sampler(out, target, generator):
+        y = torch.multinomial(out.softmax(-1), 1, generator=generator)[:, 0]
+        drawn.append(y)
+        return y
+
+    model, x, y = _problem(3, BatchFirst)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ekfac_factors(model, F.cross_entropy, params, _batches(x, y), fisher="true",
+                      sampler=sampler)
+    model, x, y = _problem(3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    drawn.clear()
+    with pytest.warns(UserWarning, match="'enc'.*autodiff"):
+        f = ekfac_factors(model, F.cross_entropy, params, _batches(x, y), fisher="true",
+                          sampler=sampler)
+    y_tilde = torch.cat(drawn[:2])  # the K-FAC pass's draws, one per batch
+    G = _grads(model, params, x, y_tilde)
+    ref = G[:, :H * D_IN + H].square().mean(0)
+    got = torch.cat([f.diagonal["enc.weight"].reshape(-1), f.diagonal["enc.bias"]])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_expected_fisher_refuses_the_layer_and_checks_its_first_direction(fit):
+    """fisher='expected': the check compares J^T b_0 (the first output-Hessian direction) with
+    autodiff of <out, b_0> (a batch-first model passes silently); the sequence-first layer
+    cannot take the diagonal block (it needs targets) and is refused, naming it."""
+    model, x, y = _problem(4, BatchFirst)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(model, F.cross_entropy, params, _batches(x, y), fisher="expected")
+    model, x, y = _problem(4)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"{fit.__name__}\(fisher=...\).*'enc'.*autodiff"):
+        fit(model, F.cross_entropy, params, _batches(x, y), fisher="expected")
+
+
+def test_lambda_second_pass_skips_the_moved_layer(monkeypatch):
+    """Past the held-entries budget (two passes): the same EK-FAC factors as the replay
+    (torch.equal), the moved layer left out of the Lambda pass."""
+    from dattri_fn.operators import kfac_stats
+
+    model, x, y = _problem(5)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    held = _quiet(ekfac_factors, model, F.cross_entropy, params, _batches(x, y))
+    monkeypatch.setattr(kfac_stats, "_HELD_ENTRIES", 0)
+    two = _quiet(ekfac_factors, model, F.cross_entropy, params, _batches(x, y))
+    for field in ("QA", "QG", "Lambda", "diagonal"):
+        a, b = getattr(held, field), getattr(two, field)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Conv(nn.Module):
+    """Conv2d (patches at positions) -> tanh -> mean pool -> Linear: checked, batch-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(3, C)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv2d_and_float32_pass_the_check(dtype):
+    """A batch-first Conv2d (its patches are positions: checked) passes in float64 and float32
+    (tolerance 10 sqrt(eps) of the gradient scale): no warning, no diagonal block."""
+    g = torch.Generator().manual_seed(6)
+    model = _Conv().to(dtype).eval()
+    x = torch.randn(B, 2, 5, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = ekfac_factors(model, F.cross_entropy, params, (x, y))
+    assert f.diagonal == {} and list(f.QA) == ["conv", "head"]
