@@ -13,8 +13,9 @@ tokens; its Conv1D layers).
 ``--floor``: Grad-Dot's ``prepare + score`` as ``benchmarks.g_against`` runs it (its task sizes,
 models and recipe) split into its parts, each timed on its own and all of them interleaved
 round by round with dattri 0.3.0's TracInAttributor on the same data (``--rounds``): the plan
-check of ``prepare`` (autodiff on its 3 examples, the factored pass over them, both in its one
-autograd engine call, the whole check), the
+check of ``prepare`` (autodiff on its 3 examples, the factored pass over them, both in one
+autograd engine call, the pass with example 0's row and the pass's parameter gradients in one
+call as the check now runs it, the whole check), the
 one capture pass of ``score`` over ``[test, *train]``, the score blocks, and a bare forward +
 backward over the same rows (``functional_call`` + ``autograd.grad``, no capture: the floor a
 pass sits on). Medians of thread CPU ms, and each part's share of dattri's median.
@@ -156,7 +157,9 @@ def floor(task_name: str, rounds: int) -> None:
         "ours prepare": lambda: method.prepare(fm.params, train),
         "  check: autodiff rows (3)": lambda: _example_rows(fm, fm.params, head, False),
         "  check: factored pass (3)": lambda: _factored(checked, stacked, head),
-        "  check: pass + rows, one engine call": lambda: _factored_and_rows(plan, stacked, head, False),
+        "  check: pass + 3 rows, one engine call": lambda: _factored_and_rows(plan, stacked, head, False),
+        "  check: pass + row 0 + sums, one call": lambda: _factored_and_rows(plan, stacked, head, False,
+                                                                              3, ref_rows=1),
         "  check (whole)": lambda: _check(plan, stacked, head),
         "ours score": lambda: method.score(fm.params, state, train, test),
         f"  one capture pass ({lg.num_rows})": lambda: _factored(checked, stacked, merged),
