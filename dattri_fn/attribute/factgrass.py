@@ -368,7 +368,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             n += phi.shape[0]
             if curvature == "fisher":
                 for blk, s, e in blocks:
-                    grams[blk] = grams[blk] + phi[:, s:e].mT @ phi[:, s:e]
+                    gram = phi[:, s:e].mT @ phi[:, s:e]
+                    grams[blk] = gram if n == phi.shape[0] else grams[blk] + gram
             if cache_features:
                 feats.append(phi)
         if n == 0:
@@ -382,7 +383,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 damped[blk] = F
                 by_size.setdefault(e - s, []).append(blk)
             for names in by_size.values():  # one batched factorisation per block size
-                L, info = torch.linalg.cholesky_ex(torch.stack([damped[b] for b in names]))
+                # one matrix is factorised as it is (no stacked copy): the same LAPACK call
+                L, info = torch.linalg.cholesky_ex(damped[names[0]][None] if len(names) == 1
+                                                   else torch.stack([damped[b] for b in names]))
                 bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
                 if bad:
                     raise ValueError(_msg(func, "damping", "a positive damping (or None) where "

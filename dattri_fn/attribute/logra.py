@@ -289,18 +289,22 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         return out
 
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
-        out, start = torch.empty_like(phi), 0
+        one = len(state.eigvecs) == 1  # one layer: its block is the result (no copy into out)
+        out, start = None if one else torch.empty_like(phi), 0
         for n, (QA, QG) in state.eigvecs.items():
             ki, ko = QA.shape[0], QG.shape[0]
             block = phi[:, start:start + ko * ki]
             if ko * ki <= _KRON_MAX:
                 # vec(Q_G^T M Q_A) = vec(M) (Q_G kron Q_A) (row-major vec): one GEMM each way
                 K = torch.kron(QG, QA)
-                out[:, start:start + ko * ki] = ((block @ K) / state.eigvals[n].flatten()) @ K.mT
+                got = ((block @ K) / state.eigvals[n].flatten()) @ K.mT
             else:
                 M = block.reshape(-1, ko, ki)
                 R = (QG.mT @ M @ QA) / state.eigvals[n]
-                out[:, start:start + ko * ki] = (QG @ R @ QA.mT).flatten(1)
+                got = (QG @ R @ QA.mT).flatten(1)
+            if one:
+                return got
+            out[:, start:start + ko * ki] = got
             start += ko * ki
         return out
 
