@@ -89,7 +89,8 @@ class GradSimState(NamedTuple):
 
     The scores never depend on it: it only spares ``score`` and ``self_score`` the check of
     each capture plan (:func:`~dattri_fn.transforms.layer_grads.check_plan`: a factored pass
-    compared with per-example autodiff on 3 examples), which ``prepare`` made once. Plain
+    over 3 examples compared with example 0's own autodiff row and with the pass's parameter
+    gradient, :func:`~dattri_fn.transforms.layer_grads._gap_sums`), which ``prepare`` made once. Plain
     values (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`): saved, loaded and hashed
     like any state. ``()`` (the state before this one existed) is still accepted: each call
     then checks once, on its first batch of 2 or more examples.

@@ -298,10 +298,14 @@ def _gap_sums(lg: LayerGrads, ref0: Params, sums: Params, k: int) -> tuple[float
     C, B = lg.dense.shape[:2]
     part = lg if (C, B) == (1, k) else lg.select(0).rows(0, k)
     rows = part.to_dense()[0]  # [k, P]
-    want = ravel_batched(ref0)  # {key: [1, *shape]} -> [1, P]
-    total = torch.cat([v.reshape(-1) for v in sums.values()])  # [P], params order
-    err_r, scale_r = float((rows[:1] - want).abs().max()), float(want.abs().max())
-    err_s, scale_s = float((rows.sum(0) - total).abs().max()), float(rows.abs().max())
+    # both references as one [2, P] block: example 0's row, then the pass's gradient of the sum
+    want = torch.cat([v.reshape(1, -1) for v in ref0.values()]
+                     + [v.reshape(1, -1) for v in sums.values()], 1).view(2, -1)
+    got = torch.cat([rows[:1], rows.sum(0, keepdim=True)])  # [2, P]
+    # few tensor ops, one read-back: errors [2], then each row's and the reference row's maxima
+    maxima = torch.cat([(got - want).abs().amax(1), torch.cat([rows, want[:1]]).abs().amax(1)])
+    err_r, err_s, *row_max = maxima.tolist()
+    scale_r, scale_s = row_max[-1], max(row_max[:-1])
     if err_r != err_r or err_s != err_s:
         return float("nan"), max(scale_r, scale_s), want.dtype
     worse = err_s * max(scale_r, 1e-30) > err_r * max(scale_s, 1e-30)
