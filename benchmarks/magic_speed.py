@@ -8,7 +8,13 @@ under its own full-batch Adam), trained twice (``checkpoint_every = ceil(sqrt(T)
 ``metagradient(horizon=L)`` (the last ``L`` steps) timed per step for each setting, the settings
 interleaved within each of ``--rounds`` rounds: ``(checkpoint_every, chunk_size)`` for the
 default ``ceil(sqrt(T))`` and 1 with all targets in one vmap, then 1 with each of ``--chunks``.
-Each row also prints the largest difference from the first setting's weights (0.0: bit for bit).
+Each row also prints the largest difference from the first setting's weights, relative to their
+largest (0.0: bit for bit). ``--gemm-conv`` adds rows (every state kept, each of ``--chunks``) whose
+reverse pass differentiates the recipe's ``vjp_step`` with the first Conv2d as one GEMM
+(:mod:`dattri_fn.training.gemm_conv`); ``--no-sqrt`` drops the ``ceil(sqrt(T))`` row:
+
+    OMP_NUM_THREADS=1 python -m benchmarks.magic_speed --task digits-cnn --steps 6 --chunks 10 \
+        --rounds 10 --gemm-conv --no-sqrt
 
 ``--full``: ``recipe("magic-ens")``'s method on the task's 3 models (``--recipe magic``: the one
 run of model 0), prepare + score after a warm-up on a slice, thread CPU seconds and wall

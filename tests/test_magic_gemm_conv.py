@@ -107,3 +107,4 @@ def test_recipe_step_converts_only_a_leading_conv():
     assert callable(_gemm_vjp_step(tiny_cnn(0), F.cross_entropy, opt))
     assert _gemm_vjp_step(nn.Sequential(nn.Linear(3, 2)), F.cross_entropy, opt) is None
     assert _gemm_vjp_step(nn.Linear(3, 2), F.cross_entropy, opt) is None
+

@@ -27,6 +27,8 @@ picture always come from the same configuration. Conventions for a task trained 
   ``logit_y - logsumexp_{c != y} logit_c`` (classification), else minus the loss. ``magic``
   runs the first model, ``magic-ens`` averages over all of them; each run with
   ``horizon="band"`` (chosen on a validation ground truth, ``benchmarks/magic_rules.py``).
+  The reverse pass differentiates a step equal to the trained one in exact arithmetic: a
+  leading Conv2d as one GEMM (digits-cnn), Adam's decay in one loss path (full-batch Adam).
 * ``if-cg-ens``: the ``if-cg`` recipe over every model (the mean of per-model scores, each with
   its own Gauss-Newton); ``tracin-cos``: TracIn with cosines, over every model;
   ``knn-shapley``: exact KNN-Shapley (K = 5) on the raw inputs (classification tasks).
