@@ -54,7 +54,7 @@ from .outputs import (  # noqa: F401  (the classification_* helpers are imported
 )
 from .pipeline import TopK, merge_topk, stream_scores
 from .trak_features import FeatureConfig, feature_calls
-from .trak_kernel import dual_kernel, gram_dtype, gram_of, primal_kernel, singular
+from .trak_kernel import dual_kernel, factored_width, gram_dtype, gram_of, primal_kernel, singular
 
 _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
 
@@ -309,10 +309,18 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             # same scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1,
             # and never forms the d x d one (d = P without projection).
             if d > total:
+                kept: list = []  # unprojected factored rows, for the Gram (not kept after)
                 for c in passes:
-                    calls.fill(func, data, feats, wts, c)
-                return TRAKState(dual_kernel(func, feats, d, dtype, damping), feats, wts,
-                                 calls.plan())
+                    calls.fill(func, data, feats, wts, c, keep=kept)
+                complete = bool(kept) and sum(b.num_rows for b in kept) == total
+                width = factored_width(kept) if complete else None
+                # from the factors where they are narrower than the rows: n^2 (in + out) per
+                # layer instead of n^2 in out (same Gram up to rounding: the dense rows are
+                # rounded products of the factors)
+                K = dual_kernel(func, feats, d, dtype, damping,
+                                kept if width is not None and width < d else None)
+                del kept
+                return TRAKState(K, feats, wts, calls.plan())
             grams = (gram_of(f, gram_dtype(fdt, dtype)) for c in passes
                      for f in calls.fill(func, data, feats, wts, c))
             K = primal_kernel(func, grams, C, d, total, dtype, device, damping)

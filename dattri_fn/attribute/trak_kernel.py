@@ -7,11 +7,13 @@ import torch
 from torch import Tensor
 
 from .._checks import _msg
+from ..transforms.factored_grads import LayerGrads
 
 _GRAM_ROWS = 512  # rows per widened block of gram_of
 _GRAM_COLS = 128  # column block of gram_of's upper block triangle
 _GRAM_WHOLE = 192  # up to this d, gram_of multiplies whole blocks of rows
 _DUAL_ROWS = 128  # feature columns per widened block of the dual Gram (a [128, n] buffer)
+_FACTORED_ROWS = 32  # rows per block of factored_gram ([32, n] float64 temporaries)
 
 
 def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None,
@@ -49,20 +51,61 @@ def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
                            "Raise damping or lower proj_dim."))
 
 
-def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float) -> Tensor:
+def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float,
+                factors: list[LayerGrads] | None = None) -> Tensor:
     """``(Phi_c Phi_c^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]
 
     One checkpoint at a time: its float64 Gram is formed by :func:`gram_of` on ``Phi_c^T``
-    (blocks of widened feature columns, upper block triangle), then factored and inverted in
+    (blocks of widened feature columns, upper block triangle), or from ``factors`` (the same
+    rows by blocks, Linear layers factored: :func:`factored_gram`), then factored and inverted in
     place; only the result is kept in ``dtype``. Peak: the ``[C, n, n]`` result, one float64
     ``[n, n]`` Gram and one widened block, never a float64 copy of the features.
     """
     C, n = feats.shape[:2]
-    grams = (gram_of(f.mT, torch.float64, rows=_DUAL_ROWS) for f in feats)
+    grams = (gram_of(f.mT, torch.float64, rows=_DUAL_ROWS) for f in feats) if factors is None \
+        else (factored_gram([b.select(c) for b in factors]) for c in range(C))
     K, bad = _inverted(grams, C, n, dtype, feats.device, damping)
     if bad:
         raise singular(func, bad, d, n, damping)
     return K
+
+
+def factored_width(blocks: list[LayerGrads]) -> int | None:
+    """Entries per row that ``blocks`` keep factored (``a`` and ``g`` of each layer, the dense
+    block), or None when a layer has a sequence dimension (its Gram needs ``T x T`` terms) or
+    the blocks differ in layout (a batch computed densely)."""
+    widths = {None if any(a.ndim != 3 for a, _ in b.factors.values()) else
+              (b.dense.shape[-1], tuple((n, a.shape[-1], g.shape[-1])
+                                        for n, (a, g) in b.factors.items())) for b in blocks}
+    if len(widths) != 1 or None in widths:
+        return None
+    dense, layers = widths.pop()
+    return dense + sum(i + o for _, i, o in layers)
+
+
+def factored_gram(blocks: list[LayerGrads], rows: int = _FACTORED_ROWS) -> Tensor:
+    """Return ``Phi Phi^T`` in float64 from one checkpoint's factored rows.  # -> [n, n]
+
+    ``<grad_i, grad_j> = sum_layers (a_i . a_j)(g_i . g_j) + <dense_i, dense_j>``
+    (:meth:`LayerGrads.scores`), each factor widened to float64 first: ``n^2 (in + out)``
+    multiply-adds per layer instead of ``n^2 in out`` for the dense rows (digits-lr without
+    projection: 75 against 650 per pair). ``blocks``: the rows in order, by batch (``C = 1``
+    each), never concatenated; read by ``rows`` rows (three ``[rows, b]`` float64 temporaries).
+    """
+    wide = [LayerGrads({k: (a.double(), g.double()) for k, (a, g) in b.factors.items()},
+                       b.dense.double(), b.layout) for b in blocks]
+    n = sum(b.num_rows for b in wide)
+    gram = torch.empty((n, n), dtype=torch.float64, device=blocks[0].dense.device)
+    r0 = 0
+    for bi in wide:
+        for s in range(0, bi.num_rows, rows):
+            part = bi.rows(s, s + rows)
+            c0 = 0
+            for bj in wide:
+                gram[r0 + s:r0 + s + part.num_rows, c0:c0 + bj.num_rows] = part.scores(bj)
+                c0 += bj.num_rows
+        r0 += bi.num_rows
+    return gram
 
 
 def _inverted(grams, C: int, size: int, dtype, device, damping: float) -> tuple[Tensor, list]:
