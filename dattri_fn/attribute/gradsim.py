@@ -199,8 +199,11 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         stacked = ({k: v.detach()[None] for k, v in ckpts[0].items()} if len(ckpts) == 1 else
                    {k: torch.stack([c[k].detach() for c in ckpts]) for k in ckpts[0]})
         if keys is not None and list(stacked) != keys:
-            raise ValueError(f"{name}(params=...): expected the keys of the model's params "
-                             f"{keys}, got {list(stacked)}.")
+            if sorted(stacked) != sorted(keys):
+                raise ValueError(f"{name}(params=...): expected the keys of the model's params "
+                                 f"{keys}, got {list(stacked)}.")
+            # the plan forms rows in the model's order: a reordered dict is the same params
+            stacked = {k: stacked[k] for k in keys}
         if plan is not None:
             bad = {k: list(v.shape[1:]) for k, v in stacked.items()
                    if v.shape[1:] != plan.model.params[k].shape}
