@@ -45,7 +45,13 @@ from torch import nn
 
 from benchmarks.run import measure_peak
 
-METHODS = ("grad-dot", "tracin", "trak", "if-cg", "if-arnoldi")
+METHODS = ("grad-dot", "tracin", "trak", "if-cg", "if-arnoldi")  # the default run
+# Every other method with a dattri 0.3.0 counterpart (benchmarks.against_dattri.COUNTERPARTS),
+# by name only (``--methods``): our side is the recipe, LoGra/FactGraSS as benchmarks.run builds
+# them, the CG ensemble as IF-CG (exactly ``--cg-iters`` iterations) over the 3 models.
+MORE_METHODS = ("grad-cos", "tracin-cos", "if-explicit", "if-lissa", "if-datainf", "if-ekfac",
+                "if-cg-ens", "rps", "knn-shapley", "logra", "factgrass")
+ALL_METHODS = METHODS + MORE_METHODS
 N_SIZES = (1_000, 4_000, 16_000, 64_000)
 WIDTHS = (133, 1_333, 13_333)  # P = 75 h + 10: ~10k, 100k, 1M
 BASE_WIDTH = 32  # digits-mlp
@@ -54,6 +60,8 @@ QUICK = {"methods": ("grad-dot", "if-cg"), "n_sizes": (128, 256), "widths": (16,
 NOISE = 0.1
 N_TEST = 32
 N_MODELS = 3
+MEM_CAP_GIB = 4.0  # a point's process is killed past this resident size (the machine is shared)
+MEM_CAP_EXIT = 86  # its exit code: reported as status "memcap"
 
 
 class Point(NamedTuple):
@@ -71,6 +79,7 @@ class Point(NamedTuple):
     peak_mib: float | None = None
     detail: str = ""
     side: str = "ours"
+    cpu_s: float | None = None  # process CPU time of prepare + score (one thread: the work)
 
 
 def num_params(width: int, features: int = 64, classes: int = 10) -> int:
@@ -112,30 +121,54 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str
     """Return ``() -> (prepare_s, score_s)`` running method ``name`` (of ``side``) once."""
     if side == "dattri":
         return dattri_point(name, task, models, cg_iters=cg_iters)
-    from dattri_fn.app.recipes import curvature_rows, gauss_newton, recipe
+    r = our_recipe(name, task, models, cg_iters=cg_iters)
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        state = r.method.prepare(r.params, r.train)
+        t1 = time.perf_counter()
+        r.method.score(r.params, state, r.train, r.test)
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
+
+
+def our_recipe(name: str, task, models: list[nn.Module], *, cg_iters: int):
+    """Return our side of ``name`` as a :class:`dattri_fn.app.recipes.Recipe`.
+
+    :func:`~dattri_fn.app.recipes.recipe` with only the batch size set (:func:`batch_rows`),
+    except: IF-CG and its ensemble run exactly ``cg_iters`` iterations (``rtol = 0``, as dattri's
+    CG has no tolerance), LoGra/FactGraSS (no recipe) are built as ``benchmarks.run`` builds
+    them (``k = 8`` per side; ``d = 64`` per layer, blowup 4).
+    """
+    from dattri_fn.app.recipes import Recipe, curvature_rows, gauss_newton, recipe
     from dattri_fn.attribute import influence
     from dattri_fn.model import functional_model
 
     P = sum(p.numel() for p in models[0].parameters())
-    r = recipe(name if name != "if-cg" else "grad-dot", task, models,
-               batch_size=batch_rows(P))
-    method, params = r.method, r.params
-    if name == "if-cg":
+    built = name in ("if-cg", "if-cg-ens", "logra", "factgrass")
+    r = recipe("grad-dot" if built else name, task, models, batch_size=batch_rows(P))
+    if not built:
+        return r
+    if name in ("if-cg", "if-cg-ens"):
         wd = float(task.hparams["weight_decay"])
         fm = functional_model(models[0], task.loss_fn)
         method = influence(fm, l2=wd / 2, solver="cg", damping=wd + 1e-3,
                            curvature=gauss_newton(fm, task.loss_fn, curvature_rows(P, batch_rows(P))),
                            max_iter=cg_iters, rtol=0.0)
         params = fm.params
+        if name == "if-cg-ens":  # the mean of per-model scores, as the recipe (and dattri)
+            params = [functional_model(m, task.loss_fn).params for m in models]
+    else:  # as benchmarks.run: the sizes of benchmarks.against_dattri
+        from benchmarks.against_dattri import FACTGRASS_BLOWUP, FACTGRASS_DIM, LOGRA_K
+        from dattri_fn.attribute.factgrass import factgrass
+        from dattri_fn.attribute.logra import logra
 
-    def run() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        state = method.prepare(params, r.train)
-        t1 = time.perf_counter()
-        method.score(params, state, r.train, r.test)
-        return t1 - t0, time.perf_counter() - t1
-
-    return run
+        fm = functional_model(models[0].eval(), task.loss_fn)
+        method = logra(fm, proj_dim=LOGRA_K) if name == "logra" else factgrass(
+            fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP)
+        params = fm.params
+    return Recipe(name, method, params, r.train, r.test)
 
 
 def dattri_point(name: str, task, models: list[nn.Module], *, cg_iters: int):
@@ -172,6 +205,42 @@ def point_setup(name: str, n_train: int, width: int, cg_iters: int, side: str = 
     return lambda: run()
 
 
+def _watch_rss(cap_gib: float, every: float = 0.05) -> None:
+    """Start a daemon thread that ends this process (exit :data:`MEM_CAP_EXIT`) once its
+    resident size passes ``cap_gib``: seven people share the machine's 23 GiB, and dattri's
+    dense Hessians and per-example Jacobians grow to tens of GiB at the bigger points."""
+    import threading
+
+    from benchmarks.peak import _vm_kib
+
+    def watch() -> None:
+        while True:
+            if _vm_kib("VmRSS") > cap_gib * 2**20:
+                print(f"scaling: resident size over {cap_gib:g} GiB, stopped", file=sys.stderr,
+                      flush=True)
+                os._exit(MEM_CAP_EXIT)
+            time.sleep(every)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def point_setup_timed(name: str, n_train: int, width: int, cg_iters: int, side: str = "ours",
+                      mem_cap_gib: float = MEM_CAP_GIB):
+    """:func:`point_setup` under a resident-size cap; the step returns ``(prepare_s, score_s,
+    cpu_s)``: wall times and the process CPU time of both (one thread: CPU time is the work
+    itself, not the waits a machine loaded by others adds to the wall time)."""
+    if mem_cap_gib:
+        _watch_rss(mem_cap_gib)
+    step = point_setup(name, n_train, width, cg_iters, side)
+
+    def timed() -> tuple[float, float, float]:
+        c0 = time.process_time()
+        prep, score = step()
+        return prep, score, time.process_time() - c0
+
+    return timed
+
+
 # ------------------------------------------------------------------------------ the sweep
 def plan(sizes: Sequence[int]) -> list[tuple[int, float]]:
     """Return ``(size, growth from the previous size)`` pairs; the first growth is 0."""
@@ -188,36 +257,102 @@ def predicted_over(last: Point | None, growth: float, budget: float) -> bool:
     return (last.prepare_s + last.score_s) * growth > budget
 
 
+def dense_over_cap(name: str, params: int, mem_cap_gib: float) -> bool:
+    """True for IF-explicit when one dense float32 ``P x P`` matrix alone passes the cap (both
+    sides form one: our Gauss-Newton, dattri's Hessian)."""
+    return name == "if-explicit" and bool(mem_cap_gib) and 4 * params**2 > mem_cap_gib * 2**30
+
+
+def measure(fn, *args, timeout: float, start: str = "spawn") -> dict:
+    """:func:`benchmarks.peak.measure_peak` of ``fn(*args)``'s step in a fresh process.
+
+    ``start="forkserver"``: the process is forked from a server that imported torch, dattri_fn
+    and dattri once (:data:`PRELOAD`), not spawned: ~1 instead of ~10 CPU-s of imports per
+    point (dattri's import alone is ~6 s). The step and its peak are measured the same way (the
+    peak is over the resident size after the setup, which excludes the inherited pages).
+    """
+    if start == "spawn":
+        return measure_peak(fn, *args, timeout=timeout)
+    import multiprocessing
+
+    from benchmarks.peak import _peak_child
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_child, args=(send, fn, args, False), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            proc.kill()
+            return {"timeout": True}
+        status, payload = recv.recv()
+    except EOFError:
+        proc.join()
+        return {"error": f"the child exited with code {proc.exitcode}"}
+    finally:
+        proc.join()
+    if status != "ok":
+        return {"error": payload}
+    result, peak_mib, reset, _ = payload
+    return {"result": result, "peak_mib": peak_mib, "peak_reset": reset}
+
+
+# imported once by the fork server (those absent are skipped by multiprocessing)
+PRELOAD = ("torch", "dattri_fn.app.recipes", "dattri_fn.attribute",
+           "benchmarks.against_dattri", "sklearn.datasets", "dattri.algorithm")
+
+
 def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fixed: int,
-          budget: float, cg_iters: int, log, side: str = "ours") -> list[Point]:
-    """Measure ``name`` over ``sizes`` of ``kind`` (``"n"``: n_train, ``"P"``: widths)."""
+          budget: float, cg_iters: int, log, side: str = "ours",
+          mem_cap_gib: float = MEM_CAP_GIB, timeout: float | None = None,
+          start: str = "spawn") -> list[Point]:
+    """Measure ``name`` over ``sizes`` of ``kind`` (``"n"``: n_train, ``"P"``: widths).
+
+    A size is skipped when :func:`predicted_over` (on the CPU time where measured: a loaded
+    machine stretches the wall time) or :func:`dense_over_cap` says so; a point still running
+    after ``timeout`` s (default ``budget + 60``: setup and warm-up) is killed.
+    """
+    timeout = budget + 60 if timeout is None else timeout
     points: list[Point] = []
     last = None
     for size, growth in plan(sizes):
         n, w = (size, width_fixed) if kind == "n" else (n_fixed, size)
         base = dict(method=name, sweep=kind, n_train=n, width=w, params=num_params(w), side=side)
-        if predicted_over(last, growth, budget):
-            why = (f"previous size {last.status}" if last.status != "ok" else
-                   f"predicted {(last.prepare_s + last.score_s) * growth:.0f} s > budget "
+        seen = last if last is None or last.cpu_s is None else last._replace(
+            prepare_s=last.cpu_s, score_s=0.0)
+        if predicted_over(seen, growth, budget) or dense_over_cap(name, num_params(w),
+                                                                   mem_cap_gib):
+            why = (f"dense P x P over the {mem_cap_gib:g} GiB cap"
+                   if dense_over_cap(name, num_params(w), mem_cap_gib) else
+                   f"previous size {last.status}" if last.status != "ok" else
+                   f"predicted {(seen.prepare_s + seen.score_s) * growth:.0f} s > budget "
                    f"{budget:.0f} s")
-            points.append(Point(**base, status="skipped", detail=why))
+            # a later size is skipped too: its growth counts from the size skipped here
+            last = Point(**base, status="skipped", detail=why)
+            points.append(last)
             log(f"  {side:<6} {name:<10} {kind}: n={n} P={base['params']} skipped ({why})")
             continue
         t0 = time.perf_counter()
-        out = measure_peak(point_setup, name, n, w, cg_iters, side,
-                           timeout=budget + 60)  # + setup and warm-up
+        out = measure(point_setup_timed, name, n, w, cg_iters, side, mem_cap_gib,
+                      timeout=timeout, start=start)
         if out.get("timeout"):
-            last = Point(**base, status="timeout", detail=f"killed after {budget + 60:.0f} s")
+            last = Point(**base, status="timeout", detail=f"killed after {timeout:.0f} s")
+        elif "error" in out and out["error"].endswith(f"code {MEM_CAP_EXIT}"):
+            last = Point(**base, status="memcap",
+                         detail=f"resident size over {mem_cap_gib:g} GiB, stopped")
         elif "error" in out:
             last = Point(**base, status="error", detail=out["error"][:200])
         else:
-            prep, score = out["result"]
+            prep, score, cpu = out["result"]
             last = Point(**base, status="ok", prepare_s=prep, score_s=score,
-                         peak_mib=out["peak_mib"])
+                         peak_mib=out["peak_mib"], cpu_s=cpu)
         points.append(last)
         log(f"  {side:<6} {name:<10} {kind}: n={n} P={base['params']} {last.status} "
             f"wall {time.perf_counter() - t0:.1f}s"
-            + (f" time {last.prepare_s + last.score_s:.2f}s peak {last.peak_mib:.0f} MiB"
+            + (f" time {last.prepare_s + last.score_s:.2f}s cpu {last.cpu_s:.2f}s "
+               f"peak {last.peak_mib:.0f} MiB load {os.getloadavg()[0]:.1f}"
                if last.status == "ok" else f" {last.detail}"))
     return points
 
@@ -226,21 +361,30 @@ def sweep(name: str, kind: str, sizes: Sequence[int], *, n_fixed: int, width_fix
 def table(points: list[Point]) -> str:
     """Return a markdown table of the points."""
     head = ["method", "side", "sweep", "n_train", "params", "prepare s", "score s", "total s",
-            "peak MiB", "status"]
+            "CPU s", "peak MiB", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         ok = p.status == "ok"
         cells = [p.method, p.side, p.sweep, str(p.n_train), f"{p.params:,}",
                  f"{p.prepare_s:.3f}" if ok else "—", f"{p.score_s:.3f}" if ok else "—",
                  f"{p.prepare_s + p.score_s:.3f}" if ok else "—",
+                 f"{p.cpu_s:.3f}" if ok and p.cpu_s is not None else "—",
                  f"{p.peak_mib:.1f}" if ok else "—",
                  p.status + (f": {p.detail}" if p.detail else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _time(p: Point) -> float | None:
+    """CPU s of prepare + score where measured (one thread), else the wall time; None if not ok."""
+    if p.status != "ok":
+        return None
+    return p.cpu_s if p.cpu_s is not None else p.prepare_s + p.score_s
+
+
 def ratio_table(points: list[Point]) -> str:
-    """Return time and memory ratios ours/dattri for every point both sides measured."""
+    """Return time and memory ratios ours/dattri for every point both sides measured (time:
+    the process CPU time where both have it, as :func:`_time`)."""
     theirs = {(p.method, p.sweep, p.n_train, p.params): p for p in points if p.side == "dattri"}
     head = ["method", "sweep", "n_train", "params", "ours s", "dattri s", "time ratio",
             "ours MiB", "dattri MiB", "mem ratio"]
@@ -249,8 +393,10 @@ def ratio_table(points: list[Point]) -> str:
         d = theirs.get((p.method, p.sweep, p.n_train, p.params))
         if p.side != "ours" or d is None:
             continue
-        t_o = p.prepare_s + p.score_s if p.status == "ok" else None
-        t_d = d.prepare_s + d.score_s if d.status == "ok" else None
+        # CPU times where both sides have them (a side that did not finish has none)
+        cpu = all(q.cpu_s is not None or q.status != "ok" for q in (p, d))
+        t_o = _time(p) if cpu else (p.prepare_s + p.score_s if p.status == "ok" else None)
+        t_d = _time(d) if cpu else (d.prepare_s + d.score_s if d.status == "ok" else None)
         fmt = lambda v, f: "—" if v is None else format(v, f)
         m_o = p.peak_mib if p.status == "ok" else None
         m_d = d.peak_mib if d.status == "ok" else None
@@ -301,6 +447,17 @@ def plot(points: list[Point], path: str) -> None:
     plt.close(fig)
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    """Return the positive integers of a comma-separated ``text`` (``''``: none)."""
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        out = (0,)
+    if any(v < 1 for v in out):
+        raise SystemExit(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Return the parsed command line (see ``python -m benchmarks.scaling --help``)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling",
@@ -308,10 +465,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="Grad-Dot and IF-CG on tiny sizes only (about half a minute)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+                   help=f"'all' or a comma-separated list of {','.join(ALL_METHODS)} (default: "
+                        f"{','.join(METHODS)})")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma-separated n_train of the n sweep (default "
+                        f"{','.join(map(str, N_SIZES))}; '' = no n sweep)")
+    p.add_argument("--widths", default=None,
+                   help=f"comma-separated hidden widths of the P sweep, P = 75 w + 10 (default "
+                        f"{','.join(map(str, WIDTHS))}; '' = no P sweep)")
+    p.add_argument("--mem-cap", type=float, default=MEM_CAP_GIB,
+                   help=f"GiB of resident size a point may reach before it is stopped (default "
+                        f"{MEM_CAP_GIB:g}; 0 = no cap)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds a point may take; bigger sizes predicted over it are skipped "
                         "(default 120)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="wall seconds after which a point is killed (default: budget + 60)")
+    p.add_argument("--start", choices=("spawn", "forkserver"), default="spawn",
+                   help="how a point's process starts: spawn (default) or forked from a server "
+                        "that imported torch and dattri once (~10 -> ~1 CPU-s per point)")
     p.add_argument("--cg-iters", type=int, default=20, help="CG iterations (default 20)")
     p.add_argument("--out", default="benchmarks",
                    help="folder of scaling.png (default benchmarks)")
@@ -329,13 +501,19 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     # tqdm reads it when imported (dattri's progress bars): set before spawning the workers
     os.environ.setdefault("TQDM_DISABLE", "1")
     methods = QUICK["methods"] if args.quick else METHODS
-    if args.methods:
+    if args.methods == "all":
+        methods = ALL_METHODS
+    elif args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in ALL_METHODS]
         if bad:
-            raise SystemExit(f"--methods: unknown {bad}; expected among {list(METHODS)}")
+            raise SystemExit(f"--methods: unknown {bad}; expected among {list(ALL_METHODS)}")
     n_sizes = QUICK["n_sizes"] if args.quick else N_SIZES
     widths = QUICK["widths"] if args.quick else WIDTHS
+    if args.sizes is not None:
+        n_sizes = _ints(args.sizes, "--sizes")
+    if args.widths is not None:
+        widths = _ints(args.widths, "--widths")
     n_fixed = QUICK["n_fixed"] if args.quick else N_SIZES[0]
     log = functools.partial(print, file=sys.stderr, flush=True) if not args.quiet else (
         lambda *a, **k: None)
@@ -345,7 +523,8 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     for name in methods:
         for side in sides:
             common = dict(n_fixed=n_fixed, width_fixed=BASE_WIDTH, budget=args.budget,
-                          cg_iters=args.cg_iters, log=log, side=side)
+                          cg_iters=args.cg_iters, log=log, side=side, mem_cap_gib=args.mem_cap,
+                          timeout=args.timeout, start=args.start)
             points += sweep(name, "n", n_sizes, **common)
             points += sweep(name, "P", widths, **common)
     elapsed = time.perf_counter() - start
