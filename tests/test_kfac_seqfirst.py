@@ -51,9 +51,10 @@ def _problem(seed: int, cls=SeqFirst, n: int = 2 * B):
     return model, x, y
 
 
-def _batches(x, y):
-    """Batches of ``B`` rows: each batch's sequence-first input is ``[S, B, d]`` with S = B."""
-    return [(x[i:i + B], y[i:i + B]) for i in range(0, len(x), B)]
+def _batches(x, y, b: int = B):
+    """Batches of ``b`` rows: each batch's sequence-first input is ``[S, b, d]`` (S = b: the
+    silent case; else the capture engine refuses it as not batch-first)."""
+    return [(x[i:i + b], y[i:i + b]) for i in range(0, len(x), b)]
 
 
 def _grads(model, params, x, y) -> torch.Tensor:
@@ -130,18 +131,20 @@ def _reference(solver, model, params, x, y, damping):
 
 
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
-def test_sequence_first_layer_scores_equal_the_autodiff_reference(solver):
+@pytest.mark.parametrize("b", [B, B - 1])
+def test_sequence_first_layer_scores_equal_the_autodiff_reference(solver, b):
     """S = g_i^T M g_j and self_score = g_i^T M g_i with g by vmap(grad) and M the
-    block-diagonal inverse with the sequence-first layer's exact Fisher diagonal (1e-10); wrong
-    before the check (that layer's captured rows mixed the examples)."""
-    model, x, y = _problem(0)
+    block-diagonal inverse with the sequence-first layer's exact Fisher diagonal (1e-10);
+    batches of b = S rows: wrong before the check (that layer's captured rows mixed the
+    examples); b != S: refused by the capture engine before, now the same diagonal block."""
+    model, x, y = _problem(0, n=2 * b)
     fm = functional_model(model, F.cross_entropy)
     params = fm.params
-    train, test = _batches(x, y), _batches(x[:B], y[:B])
+    train, test = _batches(x, y, b), _batches(x[:b], y[:b], b)
     m = influence(fm, solver=solver, damping=0.1)
     state = _quiet(m.prepare, params, train)
     G, M, _ = _reference(solver, model, params, x, y, 0.1)
-    ref = G @ M @ G[:B].T
+    ref = G @ M @ G[:b].T
     S = _quiet(m.score, params, state, train, test)
     torch.testing.assert_close(S, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
     self_ref = ((G @ M) * G).sum(1)
@@ -282,3 +285,28 @@ def test_conv2d_and_float32_pass_the_check(dtype):
         warnings.simplefilter("error")
         f = ekfac_factors(model, F.cross_entropy, params, (x, y))
     assert f.diagonal == {} and list(f.QA) == ["conv", "head"]
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_a_layer_the_capture_refuses_takes_the_diagonal_block_with_one_warning(fit):
+    """Batches of S - 1 rows (the [S, B, d] input is not batch-first): one warning naming
+    'enc' and the engine's reason, its D = mean_n g_n^2 (1e-12), 'head' Kronecker; others=
+    'error' refuses it, naming it."""
+    model, x, y = _problem(7, n=2 * (B - 1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = _batches(x, y, B - 1)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        f = fit(model, F.cross_entropy, params, data)
+    assert len(got) == 1
+    text = str(got[0].message)
+    for word in ("'enc.weight'", "'enc.bias'", "'enc'", "capture engine cannot take it",
+                 "not batch-first"):
+        assert word in text
+    _, _, diagonal = _reference("kfac", model, params, x, y, 0.1)
+    for k, d in diagonal.items():
+        torch.testing.assert_close(f.diagonal[k], d.reshape(f.diagonal[k].shape), rtol=1e-12,
+                                   atol=0)
+    assert list(f.A if hasattr(f, "A") else f.QA) == ["head"]
+    with pytest.raises(ValueError, match=rf"{fit.__name__}\(others=...\).*'enc'.*not batch-first"):
+        fit(model, F.cross_entropy, params, data, others="error")

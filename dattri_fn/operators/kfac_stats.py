@@ -10,11 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import _msg, batch_size, check_optional_int, regroup
+from ..transforms import capture
 from ..transforms.layers import _stream_layer_io
 from .kfac_check import Rows, mismatched
 from .kfac_diag import diagonal_sums, warn_outside
 from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
-from .kfac_layers import _check_call_parts, _keys
+from .kfac_layers import _capture_layers, _check_call_parts, _keys
 from .kfac_tied import tied_steps
 
 __all__ = ["KFACFactors", "EKFACFactors", "kfac_factors", "ekfac_factors"]
@@ -291,10 +292,10 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 _OTHERS = (None, "diagonal", "error")
 
 
-def _without(func, names, kf: KFACFactors, pnames, rest, bad: dict[str, str], fisher, others):
-    """``(names, kf, rest)`` with the layers ``bad`` (:func:`.kfac_check.mismatched`: layer ->
-    why) moved from the Kronecker layers to the params outside them (the diagonal block), or
-    an error naming them where that block cannot take them."""
+def _without(func, names, pnames, rest, bad: dict[str, str], fisher, others):
+    """``(names, rest)`` with the layers ``bad`` (layer -> why: :func:`.kfac_check.mismatched`,
+    or the capture engine's refusal) moved from the Kronecker layers to the params outside
+    them (the diagonal block), or an error naming them where that block cannot take them."""
     listed = "; ".join(f"{n!r}: {why}" for n, why in bad.items())
     if others == "error":
         raise ValueError(_msg(func, "others", "layers whose captured per-example gradients "
@@ -309,11 +310,19 @@ def _without(func, names, kf: KFACFactors, pnames, rest, bad: dict[str, str], fi
                               "Use fisher='true' or leave these layers' params out."))
     keys = {k: why for n, why in bad.items() for k in _keys(n) if k in pnames}
     rest = {k: {**rest, **keys}[k] for k in pnames if k in rest or k in keys}
-    names = [n for n in names if n not in bad]
-    kf = kf._replace(A={k: v for k, v in kf.A.items() if k in names},
-                     G={k: v for k, v in kf.G.items() if k in names},
-                     transposed=tuple(n for n in kf.transposed if n in names))
-    return names, kf, rest
+    return [n for n in names if n not in bad], rest
+
+
+def _uncaptured(names, tapped, err: capture.CaptureError) -> dict[str, str]:
+    """``{layer: why}`` of the Kronecker layers the capture engine refused on the data (a
+    sequence-first input with ``S != B``...), or ``err`` re-raised where it names none of them
+    or a tied group's member (pooled: no layer of its own to move)."""
+    members = {m for group in getattr(tapped, "tied", ()) for m in group}
+    bad = {n: f"layer {n!r}: the capture engine cannot take it on this data ({why})"
+           for n, why in err.problems.items() if n in names}
+    if not bad or members & set(err.problems):
+        raise err
+    return bad
 
 
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
@@ -341,17 +350,30 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
                               "leave the tied weight out of params."))
     if rest and fisher == "expected":
         diagonal_sums(func, module, losses(), state, list(rest), (), chunk_size)  # refuses
-    if names:
+    while names:
         keep = held if fisher != "expected" and not tapped.tied else None
         rows, loss = Rows(), losses()
-        kf = _kfac_core(func, state, names, pnames, batches, tapped, loss, chunk_size,
-                        batch_rows, reduce, keep, rows)
+        try:
+            kf = _kfac_core(func, state, names, pnames, batches, tapped, loss, chunk_size,
+                            batch_rows, reduce, keep, rows)
+        except capture.CaptureError as err:  # a layer the engine refuses on this data
+            names, rest = _without(func, names, pnames, rest,
+                                   _uncaptured(names, tapped, err),
+                                   fisher, others)
+            tapped = capture.tap(module, _capture_layers(module, names, params), tied=True)
+            if keep is not None:
+                keep.clear()
+            continue  # the pass again, without them, from its first batch
         bad = mismatched(func, module, loss, state, names, pnames, tapped, rows)
         if bad:
-            names, kf, rest = _without(func, names, kf, pnames, rest, bad, fisher, others)
+            names, rest = _without(func, names, pnames, rest, bad, fisher, others)
+            kf = kf._replace(A={k: v for k, v in kf.A.items() if k in names},
+                             G={k: v for k, v in kf.G.items() if k in names},
+                             transposed=tuple(n for n in kf.transposed if n in names))
             if held:  # the Lambda replay takes the Kronecker layers only
                 held[:] = [h for h in held if h is None or h[0] in names]
-    else:  # every param outside Kronecker layers: the diagonal is the whole operator
+        break
+    if not names:  # every param outside Kronecker layers: the diagonal is the whole operator
         kf = KFACFactors({}, {}, pnames, torch.tensor(0, dtype=torch.int64), ())
     if rest and others is None:
         warn_outside(func, rest)
