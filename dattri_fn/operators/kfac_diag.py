@@ -113,6 +113,7 @@ class _Uncaptured(NamedTuple):
 
     why: dict  # layer -> the capture engine's reason
     taps: dict  # layers -> their tap (built once a pass)
+    checked: list  # [True] once the pass's first captured rows met autodiff (kfac_check)
 
 
 def _owners(module: nn.Module, keys) -> tuple[dict[str, capture.LayerSpec], dict[str, str | None]]:
@@ -137,7 +138,7 @@ def _captured_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target
     per-example loop)."""
     memo = next((m for m in looped if isinstance(m, _Uncaptured)), None)
     if memo is None:
-        memo = _Uncaptured({}, {})
+        memo = _Uncaptured({}, {}, [])
         looped.append(memo)
     owners, weight = _owners(module, keys)
     tied = len(set(filter(None, weight.values()))) < len(list(filter(None, weight.values())))
@@ -167,7 +168,34 @@ def _captured_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target
             if spec.bias in wanted:
                 rows[spec.bias] = capture.bias_grad(spec, g).reshape(
                     g.shape[0], *state[spec.bias].shape)
+    if io and not memo.checked:
+        memo.checked.append(True)
+        _check_rows(module, loss_fn, state, owners, weight, io, rows, args, kwargs, target, memo)
     return rows
+
+
+def _check_rows(module: nn.Module, loss_fn, state, owners, weight, io, rows, args, kwargs,
+                target, memo: _Uncaptured) -> None:
+    """Once a pass, on its first chunk: the first 2 captured rows of each layer read at
+    positions (a dim other than the examples' could equal B: a sequence-first ``[S, B, d]``
+    input with ``S = B``) against autodiff (:func:`~.kfac_check.differing`); a layer that
+    differs is recorded in ``memo.why`` (autodiff from now on, named by the loop's warning)
+    and its keys dropped from ``rows``."""
+    from .kfac_check import differing
+
+    owned = {n: [k for k in (weight[n], owners[n].bias) if k in rows] for n in io}
+    seq = [n for n, (a, _) in io.items()
+           if a.ndim > (1 if owners[n].kind == "embedding" else 2) and owned[n]]
+    if not seq:
+        return
+    bad = differing(module, loss_fn, state, {k: rows[k][:2] for n in seq for k in owned[n]},
+                    args, kwargs, target)
+    for n in seq:
+        why = next((bad[k] for k in owned[n] if k in bad), None)
+        if why is not None:
+            memo.why[n] = why
+            for k in owned[n]:
+                rows.pop(k, None)
 
 
 def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, *,
