@@ -80,19 +80,21 @@ def _reference_loss(loss):
 
 def _autodiff(module: nn.Module, loss_fn, state, keys, args, kwargs, target, k: int
               ) -> dict[str, Tensor]:
-    """``{key: [k, *shape]}``: each of the first ``k`` examples' gradient of ``keys``, by one
-    backward pass of that example alone (a batch of one)."""
+    """``{key: [k, *shape]}``: each of the first ``k`` examples' gradient of ``keys``, from a
+    forward of that example alone (a batch of one) on its own leaf copies of ``keys``, and
+    ONE backward of the examples' summed losses (their graphs share no leaf)."""
     one = _example_loss(module, loss_fn, state)
-    rows = []
-    for i in range(k):
-        pick = lambda t, i=i: t[i] if isinstance(t, Tensor) else t  # noqa: E731
-        live = {key: state[key].detach().requires_grad_(True) for key in keys}
-        with torch.enable_grad():
-            value = one(live, tree_map(pick, args), tree_map(pick, kwargs),
-                        None if target is None else tree_map(pick, target))
-            rows.append(torch.autograd.grad(value, list(live.values()), allow_unused=True,
-                                            materialize_grads=True))
-    return {key: torch.stack([row[j] for row in rows]) for j, key in enumerate(keys)}
+    live = [{key: state[key].detach().requires_grad_(True) for key in keys} for _ in range(k)]
+    with torch.enable_grad():
+        total = 0
+        for i in range(k):
+            pick = lambda t, i=i: t[i] if isinstance(t, Tensor) else t  # noqa: E731
+            total = total + one(live[i], tree_map(pick, args), tree_map(pick, kwargs),
+                                None if target is None else tree_map(pick, target))
+        flat = torch.autograd.grad(total, [v for r in live for v in r.values()],
+                                   allow_unused=True, materialize_grads=True)
+    n = len(keys)
+    return {key: torch.stack(flat[j::n]) for j, key in enumerate(keys)}
 
 
 def differing(module: nn.Module, loss_fn, state, rows: dict[str, Tensor], args, kwargs,
