@@ -310,3 +310,33 @@ def test_a_layer_the_capture_refuses_takes_the_diagonal_block_with_one_warning(f
     assert list(f.A if hasattr(f, "A") else f.QA) == ["head"]
     with pytest.raises(ValueError, match=rf"{fit.__name__}\(others=...\).*'enc'.*not batch-first"):
         fit(model, F.cross_entropy, params, data, others="error")
+
+
+class _SeqFirstNorm(SeqFirst):
+    """A LayerNorm on the sequence-first ``[S, B, H]`` hidden state (S = B), then the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(H)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x.transpose(0, 1)))  # [S, B, H]
+        return self.head(self.norm(h).mean(0))
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_a_sequence_first_layernorm_in_the_diagonal_block_is_exact(fit):
+    """Default params: the LayerNorm (diagonal block, captured by the engine where it can) and
+    the moved 'enc' read [S, B, H] with S = B; their D = mean_n g_n^2 of vmap(grad) rows
+    (1e-12), as the capture's first-rows check sends them to autodiff."""
+    model, x, y = _problem(8, _SeqFirstNorm)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = _quiet(fit, model, F.cross_entropy, params, _batches(x, y))
+
+    def one(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    g = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
+    assert set(f.diagonal) == {"enc.weight", "enc.bias", "norm.weight", "norm.bias"}
+    for k, d in f.diagonal.items():
+        torch.testing.assert_close(d, g[k].square().mean(0), rtol=1e-12, atol=0)
