@@ -142,7 +142,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     the dual kernel ``(Phi_c Phi_c^T + damping I)^-1`` (``[n_train, n_train]``) instead: the
     same scores, since ``(Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1``,
     without the ``d x d`` matrix, so TRAK without projection stays cheap for any ``P`` when
-    ``n_train`` is moderate.
+    ``n_train`` is moderate; there, with ``output_fn`` a FunctionalModel whose layers are all
+    flat, the ``n x n`` Gram comes from the captured factors
+    (``sum_layers (a_i . a_j)(g_i . g_j)``, :func:`~dattri_fn.attribute.trak_kernel.factored_gram`)
+    when they are narrower than the rows.
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example
