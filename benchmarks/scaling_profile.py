@@ -6,7 +6,8 @@ Builds the point as :mod:`benchmarks.scaling` does (same data, models, our side'
 configuration, 64-row warm-up), then times ``--repeats`` rounds of ``prepare + score`` (process
 CPU time, median) and runs one more under :mod:`cProfile`: the functions with the most
 cumulative time inside ``prepare`` and ``score``, dattri_fn's own first (``--top`` of them), and
-the torch operators by self CPU time (``torch.profiler``, ``--ops`` of them).
+the torch operators by self CPU time (``torch.profiler``, ``--ops`` of them). ``--sites``:
+each side's exact tensor peak and what is alive at it, by allocation site.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def profile_text(r, top: int, ops: int) -> str:
                                                           row_limit=ops)
 
 
+def sites(name: str, n: int, width: int, cg_iters: int, rows: int = 12) -> None:
+    """Print each side's exact tensor peak and the tensors alive at it (largest first)."""
+    from benchmarks.peak import tensor_peak
+    from benchmarks.peak_sites import live_at_peak
+
+    for side in ("ours", "dattri"):
+        run = scaling.point_setup(name, n, width, cg_iters, side)  # warmed up
+        print(f"{side}: tensor peak {tensor_peak(run)[1] / 2**20:.2f} MiB")
+        try:
+            peak, live = live_at_peak(run)
+        except Exception as err:  # Python stacks under the profiler can upset the capture
+            print(f"  (no sites: {type(err).__name__}: {str(err)[:120]})")
+            continue
+        print(f"  with stacks: {peak / 2**20:.2f} MiB, {len(live)} tensors alive")
+        for size, site in live[:rows]:
+            print(f"  {size / 2**20:8.3f} MiB  {site[:150]}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling_profile",
                                 description=__doc__.split("\n\n")[0])
@@ -75,11 +94,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=25, help="dattri_fn functions listed")
     p.add_argument("--ops", type=int, default=15, help="torch operators listed")
+    p.add_argument("--sites", action="store_true",
+                   help="instead: the tensors alive at the exact tensor peak of ours and of "
+                        "dattri's side (benchmarks.peak_sites), largest first")
     args = p.parse_args(argv)
     import os
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.sites:
+        sites(args.method, args.n, args.width, args.cg_iters)
+        return
     r = build(args.method, args.n, args.width, args.cg_iters)
     prep, score = timed(r, args.repeats)
     print(f"{args.method} n={args.n} P={scaling.num_params(args.width):,}: prepare "

@@ -140,3 +140,13 @@ def test_memory_cap_stops_a_point():
     pts = scaling.sweep("grad-cos", "n", [80], n_fixed=80, width_fixed=8, budget=30.0,
                         cg_iters=2, log=lambda *a: None, mem_cap_gib=2**-10)
     assert [p.status for p in pts] == ["memcap"] and "over 0.000976562 GiB" in pts[0].detail
+
+
+def test_scaling_profile_builds_and_times_a_point():
+    """scaling_profile's build is our_recipe warmed up; timed gives CPU s >= 0 per phase."""
+    from benchmarks import scaling_profile
+
+    r = scaling_profile.build("grad-cos", 80, 8, 3)
+    prep, score = scaling_profile.timed(r, 2)
+    assert r.name == "grad-cos" and prep >= 0 and score > 0
+    assert "prepare" in scaling_profile.profile_text(r, 3, 3)
