@@ -1,6 +1,7 @@
 """A functional, replayable trainer: pure steps, seeded data orders, checkpoints, replay, and a
 recorder for the user's own loop (what optimizer-aware attribution reads)."""
 
+from .gemm_conv import GemmConv2d, gemm_conv2d, with_gemm_convs
 from .record import (
     Checkpoint,
     GradSpec,
@@ -28,11 +29,13 @@ from .steps import (
 __all__ = [
     "AdamState",
     "Checkpoint",
+    "GemmConv2d",
     "GradSpec",
     "Moments",
     "Record",
     "Recording",
     "finish_record",
+    "gemm_conv2d",
     "record_step",
     "record_trajectory",
     "start_record",
@@ -49,4 +52,5 @@ __all__ = [
     "take",
     "train",
     "weighted_loss",
+    "with_gemm_convs",
 ]
