@@ -129,11 +129,13 @@ def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
     """The KroneckerProjector of ``plan``'s layers at these shapes, built once per method."""
     from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 
-    key = tuple((k, tuple(v.shape[1:])) for k, v in stacked.items())
+    like = next(iter(stacked.values()))
+    key = (tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), like.dtype, like.device)
     if key not in kept:
         layers, rest = kronecker_layers(plan, {k: v[0] for k, v in stacked.items()})
+        # its factors are drawn once, in the dtype and on the device of these params
         kept[key] = make_kronecker_projector(layers, proj_dim=proj_dim, kind=kind, seed=seed,
-                                             rest=rest)
+                                             rest=rest, dtype=like.dtype, device=like.device)
     return kept[key]
 
 
