@@ -241,3 +241,26 @@ def test_one_pass_budget_counts_flat_layers_once_per_example(monkeypatch):
                                                 torch.cat([y for _, y in train])))
     test_g = per_sample_grad(fm.loss, fm.params, test)
     torch.testing.assert_close(one, want @ test_g.T, rtol=0, atol=1e-10)
+
+
+def test_one_pass_takes_at_most_one_pass_rows(monkeypatch):
+    """More than capture_rows.ONE_PASS_ROWS rows in [test, *train] take the usual path (1 + 3
+    passes; the same scores, torch.equal) however large the memory budget: the pass's held
+    factors grow with every row while the per-pass cost it saves does not."""
+    import dattri_fn.attribute.capture_rows as capture_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fm = functional_model(_mlp(1), F.cross_entropy)
+        m = grad_dot(fm)
+        train, test = [_xy(3, 5), _xy(4, 4), _xy(5, 6)], _xy(6, 3)
+        state = m.prepare(fm.params, train)
+        calls = _counted_passes(monkeypatch)
+        one = m.score(fm.params, state, train, test)
+        assert len(calls) == 1
+        calls.clear()
+        monkeypatch.setattr(capture_rows, "ONE_PASS_ROWS", 17)  # 18 rows in all
+        assert torch.equal(m.score(fm.params, state, train, test), one) and len(calls) == 4
+    finally:
+        torch.set_num_threads(threads)
