@@ -49,6 +49,36 @@ from .influence_score import self_score as _self_score
 from .method import Method
 
 
+def _model_keys(cfg) -> list[str] | None:
+    """The model's parameter order when ``loss`` (or ``model``) is a FunctionalModel, else None."""
+    model = cfg.plan.model if cfg.plan is not None else cfg.model
+    return list(model.params) if isinstance(model, FunctionalModel) else None
+
+
+def _in_order(keys: list[str] | None, params):
+    """``params`` (a dict or a list of checkpoints) with the model's keys in the model's order.
+
+    Each path forms its rows and inverses in ONE order: the plan's rows come in the model's
+    order, vmap(grad) rows, dense curvatures and the captured path's ravel in the dict's. A dict
+    holding exactly the model's keys in another order is reordered here, at the public boundary,
+    so every path scores it as the model-ordered dict (the same computation); any other dict
+    is passed on as given, for the usual errors.
+    """
+    if keys is None:
+        return params
+
+    def one(p):
+        if isinstance(p, dict) and list(p) != keys and sorted(p, key=str) == sorted(keys):
+            return {k: p[k] for k in keys}
+        return p
+
+    if isinstance(params, dict):
+        return one(params)
+    if isinstance(params, (list, tuple)):
+        return type(params)(one(p) for p in params)
+    return params
+
+
 def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: float = 1e-3,
               curvature: str | Callable[[Params, Any], LinOp] | None = None,
               target: Loss | FunctionalModel | None = None, model=None, l2: float = 0.0,
@@ -205,12 +235,13 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
                            solver_options=solver_options)
 
     def prepare(params, train) -> InfluenceState | InfluenceEnsembleState:
-        return _prepare(cfg, params, train)
+        return _prepare(cfg, _in_order(_model_keys(cfg), params), train)
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
-        return _score(cfg, params, state, train, test, top_k=top_k, largest=largest)
+        return _score(cfg, _in_order(_model_keys(cfg), params), state, train, test, top_k=top_k,
+                      largest=largest)
 
     def self_score(params, state, train):
-        return _self_score(cfg, params, state, train)
+        return _self_score(cfg, _in_order(_model_keys(cfg), params), state, train)
 
     return Method(prepare, score, self_score, cfg.name)
