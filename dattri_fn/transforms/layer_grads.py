@@ -220,7 +220,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         # pass's own parameter gradients, one engine call (_gap_sums); any error takes the two
         # separate calls below, which raise or decide as ever
         try:
-            passed, ref, sums = _factored_and_rows(plan, stacked, batch, ties, n, ref_rows=1)
+            passed, ref, sums = _factored_and_rows(plan, stacked, batch, ties, n,
+                                                   ref_at=(0, k - 1))
         except Exception:  # decided below, as without this shortcut
             passed = ref = sums = None
     if ref is None:
@@ -238,7 +239,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
-            err, scale, dtype = _gap(lg, ref, k) if sums is None else _gap_sums(lg, ref, sums, k)
+            err, scale, dtype = (_gap(lg, ref, k) if sums is None
+                                 else _gap_sums(lg, ref, sums, k, at=(0, k - 1)))
             if not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
                 why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
     except Exception as e:  # whatever the model's forward raises with probes
@@ -269,16 +271,19 @@ def _gap(lg: LayerGrads, ref: Params, k: int) -> tuple[float, float, torch.dtype
             want.dtype)
 
 
-def _gap_sums(lg: LayerGrads, ref0: Params, sums: Params, k: int) -> tuple[float, float, torch.dtype]:
-    """The check's comparison from ONE reference row and the pass's sum identity.
+def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
+              at: tuple[int, ...] = (0,)) -> tuple[float, float, torch.dtype]:
+    """The check's comparison from the reference rows of examples ``at`` and the pass's sum
+    identity.
 
     With ``G_i`` the captured rows of the ``k`` examples, ``l_i`` the batched pass's
-    per-example losses and ``L_0`` example 0's loss as a batch of one (its own autodiff row):
+    per-example losses and ``L_i`` example ``i``'s loss as a batch of one (its own autodiff row):
 
-        (r)  G_0 == grad L_0                 (scale max |grad L_0|)
+        (r)  G_i == grad L_i  for i in at    (scale max_i |grad L_i|)
         (s)  sum_i G_i == grad sum_i l_i     (scale max_i |G_i|: rounding of the k terms)
 
     Returns the ``(error, scale, dtype)`` of the worse of the two (a NaN in either: NaN).
+    The plan check takes ``at = (0, k - 1)``: the first and the last example.
 
     What they catch, against :func:`_gap`'s ``G_i == grad L_i`` for every ``i``: write the
     batched gradients as ``grad l_i = G_i + E_i``, ``E_i`` the part no captured call carries
@@ -288,25 +293,31 @@ def _gap_sums(lg: LayerGrads, ref0: Params, sums: Params, k: int) -> tuple[float
     ``[T, B, d]`` layer with ``T = B`` whose row 0 is position 0 of every example) put other
     examples' terms into ``G_0``, and coupling in the forward (before the first captured
     layer), a batch-size switch, random draws or a batched ``loss_fn.per_example`` that
-    disagrees with ``loss_fn`` on one example make ``l_0`` itself differ from ``L_0``:
-    (r) fails for each, as with three reference rows, unless example 0 alone is untouched (a
-    mixing that leaves example 0 out: the one case three rows saw and one row does not). A
-    missing use gives ``sum_i E_i != 0`` in (s) unless the ``E_i`` cancel over the ``k``
-    examples while ``E_0 = 0`` by (r). The reference rows of examples 1 and 2 are not taken:
-    their ``functional_call`` forwards were ~0.2 ms of the ~1.5 ms check on digits-lr.
+    disagrees with ``loss_fn`` on one example make ``l_i`` differ from ``L_i``: (r) fails
+    for each unless both compared examples are untouched. Causal or shift-like mixing along
+    the batch (a cumulative sum, differences of neighbours, an RNN fed the batch as time)
+    leaves example 0 alone but always reaches the last one, which is why it is compared too;
+    what is missed is a fault confined to the examples in between (with ``k = 3``, example 1
+    alone), and random draws that happen to agree on both rows (dropout left on: p^2 where
+    three rows gave p^3). A missing use gives ``sum_i E_i != 0`` in (s) unless the ``E_i``
+    cancel over the examples not compared. Example 1's reference row is not taken: its
+    ``functional_call`` forward is ~0.1 ms of the ~1.5 ms check on digits-lr.
     """
     C, B = lg.dense.shape[:2]
     part = lg if (C, B) == (1, k) else lg.select(0).rows(0, k)
     rows = part.to_dense()[0]  # [k, P]
-    # both references as one [2, P] block: example 0's row, then the pass's gradient of the sum
-    want = torch.cat([v.reshape(1, -1) for v in ref0.values()]
-                     + [v.reshape(1, -1) for v in sums.values()], 1).view(2, -1)
-    got = torch.cat([rows[:1], rows.sum(0, keepdim=True)])  # [2, P]
-    # few tensor ops, one read-back: errors [2], then each row's and the reference row's maxima
-    maxima = torch.cat([(got - want).abs().amax(1), torch.cat([rows, want[:1]]).abs().amax(1)])
-    err_r, err_s, *row_max = maxima.tolist()
-    scale_r, scale_s = row_max[-1], max(row_max[:-1])
-    if err_r != err_r or err_s != err_s:
+    r = len(at)
+    # the references as one [r + 1, P] block: the compared rows, then the pass's gradient of the sum
+    want = torch.cat([torch.cat([v.reshape(r, -1) for v in ref.values()], 1),
+                      torch.cat([v.reshape(1, -1) for v in sums.values()], 1)])
+    got = torch.cat([rows[list(at)], rows.sum(0, keepdim=True)])  # [r + 1, P]
+    # few tensor ops, one read-back: errors [r + 1], each row's maximum, the references' maximum
+    maxima = torch.cat([(got - want).abs().amax(1), rows.abs().amax(1),
+                        want[:r].abs().amax().reshape(1)])
+    values = maxima.tolist()
+    err_r, err_s = max(values[:r]), values[r]
+    scale_s, scale_r = max(values[r + 1:r + 1 + k]), values[-1]
+    if any(v != v for v in values[:r + 1]):
         return float("nan"), max(scale_r, scale_s), want.dtype
     worse = err_s * max(scale_r, 1e-30) > err_r * max(scale_s, 1e-30)
     return (err_s, scale_s, want.dtype) if worse else (err_r, scale_r, want.dtype)

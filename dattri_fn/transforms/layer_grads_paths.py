@@ -135,7 +135,7 @@ def _one_call_ok(plan: LayerPlan, stacked: Params) -> bool:
 
 
 def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: bool,
-                       n: int | None = None, *, ref_rows: int | None = None):
+                       n: int | None = None, *, ref_at: tuple[int, ...] | None = None):
     """``(_factored(plan, stacked, batch), _example_rows(plan.model, params, batch, ties))``
     with ONE autograd engine call for both (where :func:`_one_call_ok`; ``n``: the batch's
     size where the caller validated it).
@@ -145,27 +145,27 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
     side exactly its own gradients, torch.equal to the two separate calls; the check's second
     engine call is saved (~0.1 ms of its ~1.3 ms on the digits tasks).
 
-    ``ref_rows=r``: reference rows for the first ``r`` examples only, and the parameters of the
+    ``ref_at=(i, j, ...)``: reference rows for those examples only, and the parameters of the
     batched pass are leaves too: returns ``(passed, ref {key: [r, ...]}, sums)`` with ``sums =
     {key: d(sum_i l_i)/d param}`` of the batched pass's per-example losses ``l`` (the plan
     check's sum identity, :func:`~dattri_fn.transforms.layer_grads._gap_sums`). The probe
     gradients, and so the factors, are torch.equal to those without it: parameter leaves add
     branches to the backward graph, not terms to the probes' gradients.
     """
-    from .._checks import batch_slice
+    from .._checks import batch_cat, batch_slice
     from .layers import per_example_losses
 
     tapped, model = plan.tapped, plan.model
     first = {k: v[0] for k, v in stacked.items()}
     args, kwargs, target = _unpack(model)(batch)
     with torch.enable_grad():
-        live = ({} if ref_rows is None else
+        live = ({} if ref_at is None else
                 {k: v.detach().requires_grad_(True) for k, v in first.items()})
         run = tapped.probed({**model.fixed, **first, **live}, *args, **kwargs)
         value = per_example_losses(model.loss_fn, run.output, target).sum()
         probes = [p for n in tapped.layers for p in run.probes[n]]
-        some = batch if ref_rows is None else batch_slice(batch, 0, ref_rows)
-        lives, losses = _row_losses(model, first, some, ties, n if ref_rows is None else ref_rows)
+        some = batch if ref_at is None else batch_cat([batch_slice(batch, i, i + 1) for i in ref_at])
+        lives, losses = _row_losses(model, first, some, ties, n if ref_at is None else len(ref_at))
         flat = torch.autograd.grad([value, *losses],
                                    probes + list(live.values())
                                    + [t for live_i in lives for t in live_i.values()],
@@ -175,7 +175,7 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
     raw = {n: (run.acts[n].detach()[None], g[n][None]) for n in tapped.layers}
     lg, layout = _assemble(plan, raw, {}, lead=2)
     rows = _rows_of(first, flat[len(probes) + len(live):])
-    if ref_rows is None:
+    if ref_at is None:
         return (lg, False, layout, None), rows
     sums = dict(zip(live, flat[len(probes):len(probes) + len(live)], strict=True))
     return (lg, False, layout, None), rows, sums
