@@ -108,3 +108,19 @@ def test_recipe_step_converts_only_a_leading_conv():
     assert _gemm_vjp_step(nn.Sequential(nn.Linear(3, 2)), F.cross_entropy, opt) is None
     assert _gemm_vjp_step(nn.Linear(3, 2), F.cross_entropy, opt) is None
 
+
+
+def test_hooked_convs_and_unbatched_inputs_are_refused():
+    """A conv with a forward (pre-)hook is not supported (the swap would drop the hook, review R2
+    F3); an unbatched [C, H, W] input is refused by name instead of failing to unpack."""
+    conv = nn.Conv2d(1, 2, 3)
+    assert supported(conv)
+    handle = conv.register_forward_hook(lambda m, i, o: o.relu())
+    assert not supported(conv)
+    with pytest.raises(ValueError, match="no forward hooks"):
+        GemmConv2d(conv)
+    handle.remove()
+    conv.register_forward_pre_hook(lambda m, i: None)
+    assert not supported(conv)
+    with pytest.raises(ValueError, match=r"gemm_conv2d\(x=\.\.\.\): expected a batched"):
+        gemm_conv2d(torch.zeros(1, 5, 5), torch.zeros(2, 1, 3, 3))

@@ -34,6 +34,9 @@ def gemm_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     """Return ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1, dilation 1, one group)
     as ``W' @ im2col(x)``, one matrix product.  # [N, Ci, H, W], [Co, Ci, a, b] -> [N, Co, H', W']
     """
+    if x.ndim != 4:
+        raise ValueError(f"gemm_conv2d(x=...): expected a batched [N, C, H, W] tensor, got shape "
+                         f"{tuple(x.shape)}.")
     n, _, h, w = x.shape
     co, _, a, b = weight.shape
     ho, wo = h + 2 * padding[0] - a + 1, w + 2 * padding[1] - b + 1
@@ -54,7 +57,8 @@ class GemmConv2d(nn.Module):
         super().__init__()
         if not supported(conv):
             raise ValueError(f"GemmConv2d(conv=...): expected an nn.Conv2d with stride 1, "
-                             f"dilation 1, groups 1 and zero padding given as ints, got {conv}.")
+                             f"dilation 1, groups 1, zero padding given as ints and no forward "
+                             f"hooks, got {conv}.")
         self.weight, self.bias = conv.weight, conv.bias
         self.padding = tuple(conv.padding)
 
@@ -63,10 +67,12 @@ class GemmConv2d(nn.Module):
 
 
 def supported(conv: nn.Module) -> bool:
-    """Whether :class:`GemmConv2d` computes what ``conv`` computes."""
+    """Whether :class:`GemmConv2d` computes what ``conv`` computes (no forward hooks: the swap
+    would drop them)."""
     return (type(conv) is nn.Conv2d and tuple(conv.stride) == (1, 1)
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and not conv._forward_hooks and not conv._forward_pre_hooks)
 
 
 def with_gemm_convs(module: nn.Module, names: Iterable[str]) -> nn.Module:
