@@ -77,13 +77,14 @@ def test_unprojected_dual_from_factors_equals_closed_form(C, monkeypatch):
     train, test = _data(9, 20 + C), _data(4, 30 + C)
     m = trak(margin, weight_fn=weight, damping=0.05)
     state = m.prepare(ckpts, train)
-    assert state.kernel.shape == (C, 9, 9) and len(calls) == C
+    assert state.kernel_matrix().shape == (C, 9, 9) and len(calls) == C
+    assert state.train_features is None and state.train_factors.num_rows == 9
     q = classification_weight(functional_model(net).forward)
     S, diag, Q = 0, 0, 0
     for c, p in enumerate(ckpts):
         G, Gt = _dense_grads(net, p, train), _dense_grads(net, p, test)
         K = torch.linalg.inv(G @ G.T + 0.05 * torch.eye(9, dtype=F64))
-        torch.testing.assert_close(state.kernel[c], K, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state.kernel_matrix()[c], K, rtol=1e-10, atol=1e-10)
         S = S + K @ G @ Gt.T
         diag = diag + (K @ G @ G.T).diagonal()
         Q = Q + torch.stack([q(p, (train[0][i], train[1][i])) for i in range(9)])

@@ -61,9 +61,9 @@ def test_kernels_name_singular_checkpoints():
 
 
 def test_unprojected_cache_is_the_per_sample_gradient():
-    """trak(proj_dim=None) on a factored model: the cache holds grad f(theta_c; z_i) (the margin) written in
-    place for every checkpoint and batch (two batches, the second short), equal to vmap(grad)
-    (1e-12), and the dual kernel is (Phi_c Phi_c^T + damping I)^-1 (1e-10)."""
+    """trak(proj_dim=None) on a factored model: the state keeps grad f(theta_c; z_i) (the margin) as
+    captured, every checkpoint and batch (two batches, the second short), whose dense rows equal
+    vmap(grad) (1e-12), and the dual kernel is (Phi_c Phi_c^T + damping I)^-1 (1e-10)."""
     gen = torch.Generator().manual_seed(1)
     models = []
     for _ in range(2):
@@ -78,9 +78,9 @@ def test_unprojected_cache_is_the_per_sample_gradient():
     state = method.prepare([f.params for f in fms], train)
     for c, fm in enumerate(fms):
         G = per_sample_grad(fm.loss, fm.params, (x, y))  # [7, P] raveled
-        torch.testing.assert_close(state.train_features[c], G, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(state.train_factors.to_dense()[c], G, rtol=1e-12, atol=1e-12)
         want = torch.linalg.inv(G @ G.T + 0.5 * torch.eye(7, dtype=F64))
-        torch.testing.assert_close(state.kernel[c], want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state.kernel_matrix()[c], want, rtol=1e-10, atol=1e-10)
 
 
 def test_primal_kernel_is_allocated_after_the_first_gram():

@@ -38,6 +38,7 @@ from .._checks import (
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
+from ..transforms.factored_grads import LayerGrads
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import PlanDecisions, decided_plan, layer_plan
 from ..transforms.project import KINDS
@@ -54,7 +55,19 @@ from .outputs import (  # noqa: F401  (the classification_* helpers are imported
 )
 from .pipeline import TopK, merge_topk, stream_scores
 from .trak_features import FeatureConfig, feature_calls
-from .trak_kernel import dual_kernel, factored_width, gram_dtype, gram_of, primal_kernel, singular
+from .trak_kernel import (
+    dual_kernel,
+    factored_width,
+    gram_dtype,
+    gram_of,
+    pack_rows,
+    packed_diag,
+    packed_matmul,
+    packed_size,
+    primal_kernel,
+    singular,
+    unpacked,
+)
 
 _CACHED_ENTRIES = 2**19  # cached features widened and scored per block: C x rows x d entries
 
@@ -65,20 +78,38 @@ class TRAKState(NamedTuple):
     Attributes:
         kernel: ``K_c = (Phi_c^T Phi_c + damping I)^-1`` per checkpoint  # [C, d, d]
             or, in the dual form (``d > n_train``, features cached, ``damping > 0``),
-            ``(Phi_c Phi_c^T + damping I)^-1``.  # [C, n_train, n_train]
+            ``(Phi_c Phi_c^T + damping I)^-1``  # [C, n_train, n_train]
+            or, with ``kernel_rows > 0``, that dual kernel's lower triangle block-packed
+            (:func:`~dattri_fn.attribute.trak_kernel.packed_blocks`; the full matrix:
+            :meth:`kernel_matrix`).  # [C, packed_size(n_train, kernel_rows)]
         train_features: the projected train features ``phi_c(z_i)``, or None when built with
-            ``cache_features=False``.  # [C, n_train, d]
+            ``cache_features=False`` or kept factored (``train_factors``).  # [C, n_train, d]
         train_weights: ``Qbar_i = (1/C) sum_c Q(theta_c; z_i)``, or None likewise.  # [n_train]
         plan: the decisions of ``output_fn``'s capture plan, checked on the first training
             batch of 2 or more examples (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`,
             plain values): ``score`` and ``self_score`` apply them without checking again.
             None: no plan (a plain ``output_fn``); each call then checks its own first batch.
+        train_factors: without projection, with ``output_fn`` a FunctionalModel whose layers
+            are all flat, the train rows as captured (each layer's ``a`` and ``g``, not the
+            ``[C, n_train, P]`` rows; :class:`~dattri_fn.transforms.factored_grads.LayerGrads`),
+            else None.
+        kernel_rows: rows a block of the packed dual kernel (with ``train_factors``); 0: the
+            kernel is kept whole.
     """
 
     kernel: Tensor
     train_features: Tensor | None
     train_weights: Tensor | None
     plan: PlanDecisions | None = None
+    train_factors: LayerGrads | None = None
+    kernel_rows: int = 0
+
+    def kernel_matrix(self) -> Tensor:
+        """Return the kernel as full matrices, unpacked if kept packed.  # [C, s, s]"""
+        if not self.kernel_rows:
+            return self.kernel
+        n = self.train_weights.shape[0]
+        return torch.stack([unpacked(k, n, self.kernel_rows) for k in self.kernel])
 
 
 
@@ -103,6 +134,14 @@ class WeightedRows(NamedTuple):
     def cat(blocks) -> WeightedRows:
         return WeightedRows(torch.cat([b.phi for b in blocks], 1), torch.cat([b.w for b in blocks]))
 
+
+
+def _moved(lg: LayerGrads, device) -> LayerGrads:
+    """``lg`` on ``device`` (itself when already there)."""
+    if lg.dense.device == torch.device(device):
+        return lg
+    return LayerGrads({k: (a.to(device), g.to(device)) for k, (a, g) in lg.factors.items()},
+                      lg.dense.to(device), lg.layout)
 
 
 # -- the method --------------------------------------------------------------------------
@@ -305,25 +344,19 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             # By checkpoint (big projections): one R held, and each Gram formed and factored
             # right after its checkpoint's pass.
             C = num_checkpoints(stacked)
-            feats = torch.empty((C, total, d), dtype=fdt, device=device)
             wts = torch.empty(total, dtype=dtype, device=device)
-            passes = range(C) if calls.by_checkpoint(data) else [None]
             # Dual form: with d > n_train the n x n kernel (Phi Phi^T + damping I)^-1 gives the
             # same scores, (Phi^T Phi + damping I)^-1 Phi^T = Phi^T (Phi Phi^T + damping I)^-1,
             # and never forms the d x d one (d = P without projection).
+            if d > total and calls.factors is not None:
+                return factored_state(func, calls, data, total, dtype, wts)
+            feats = torch.empty((C, total, d), dtype=fdt, device=device)
+            passes = range(C) if calls.by_checkpoint(data) else [None]
             if d > total:
-                kept: list = []  # unprojected factored rows, for the Gram (not kept after)
                 for c in passes:
-                    calls.fill(func, data, feats, wts, c, keep=kept)
-                complete = bool(kept) and sum(b.num_rows for b in kept) == total
-                width = factored_width(kept) if complete else None
-                # from the factors where they are narrower than the rows: n^2 (in + out) per
-                # layer instead of n^2 in out (same Gram up to rounding: the dense rows are
-                # rounded products of the factors)
-                K = dual_kernel(func, feats, d, dtype, damping,
-                                kept if width is not None and width < d else None)
-                del kept
-                return TRAKState(K, feats, wts, calls.plan())
+                    calls.fill(func, data, feats, wts, c)
+                return TRAKState(dual_kernel(func, feats, d, dtype, damping), feats, wts,
+                                 calls.plan())
             grams = (gram_of(f, gram_dtype(fdt, dtype)) for c in passes
                      for f in calls.fill(func, data, feats, wts, c))
             K = primal_kernel(func, grams, C, d, total, dtype, device, damping)
@@ -348,15 +381,51 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return TRAKState(K, None, None, calls.plan())
         return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights), calls.plan())
 
+    def factored_state(func: str, calls, data, total: int, dtype, wts: Tensor) -> TRAKState:
+        """The dual form without projection from the captured rows: kept factored where every
+        layer is flat and the factors are narrower than the rows (``n (in' + out)`` entries per
+        layer, not ``n in' out``), the Gram formed from them (:func:`factored_gram`: ``n^2 (in'
+        + out)`` multiply-adds per layer, not ``n^2 in' out``) and the kernel kept packed
+        (about half of ``[C, n, n]``); otherwise the dense rows, written from the captured
+        ones (a batch of one or a sequence layer: another layout)."""
+        d, C = calls.d, num_checkpoints(calls.stacked)
+        kept = calls.factors(func, "train", data, calls.device, wts)
+        width = factored_width(kept) if sum(b.num_rows for b in kept) == total else None
+        if width is not None and width < d:
+            rows = kept[0] if len(kept) == 1 else LayerGrads.cat(kept)
+            del kept
+            pack = pack_rows(total)
+            K = dual_kernel(func, None, d, dtype, damping, [rows], pack=pack)
+            return TRAKState(K, None, wts, calls.plan(), rows, pack)
+        feats = torch.empty((C, total, d), dtype=calls.fdt, device=calls.device)
+        n = 0
+        for lg in kept:
+            lg.to_dense(out=feats[:, n:n + lg.num_rows])
+            n += lg.num_rows
+        del kept
+        return TRAKState(dual_kernel(func, feats, d, dtype, damping), feats, wts, calls.plan())
+
     def stacked_dtype(stacked) -> torch.dtype:
         return next(iter(stacked.values())).dtype
 
-    def check_state(func: str, state, stacked, d: int) -> bool:
-        """Raise unless ``state`` fits these checkpoints and ``d``; return True for the dual form."""
+    def check_state(func: str, state, stacked, d: int, calls=None) -> bool | str:
+        """Raise unless ``state`` fits these checkpoints and ``d``; return True for the dual
+        form, ``"factored"`` for its train rows kept factored."""
         if not isinstance(state, TRAKState):
             raise TypeError(_msg(func, "state", "the TRAKState returned by trak's prepare",
                                  type(state).__name__))
         C = num_checkpoints(stacked)
+        if state.train_factors is not None:
+            n, rows = state.train_factors.num_rows, state.kernel_rows
+            want = (C, packed_size(n, rows)) if rows > 0 else None
+            if calls is None or calls.factors is None or n >= d or tuple(state.kernel.shape) != want \
+                    or state.train_factors.dense.shape[0] != C:
+                raise ValueError(_msg(func, "state", f"a factored state of {C} checkpoints with "
+                                      f"n_train < d = {d} and its kernel packed (prepared with "
+                                      "the same checkpoints, proj_dim=None)",
+                                      f"n_train = {n}, kernel {list(state.kernel.shape)}, "
+                                      f"kernel_rows = {rows}"))
+            return "factored"
         n = None if state.train_features is None else state.train_features.shape[1]
         if n is not None and n < d and tuple(state.kernel.shape) == (C, n, n):
             return True
@@ -400,9 +469,21 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         func = f"{name}.score"
         calls = setup(func, params, state)
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
-        dual = check_state(func, state, stacked, d)
+        dual = check_state(func, state, stacked, d, calls)
         K = state.kernel.to(device)
         test = check_first(func, "test", first, test, device)
+        if dual == "factored":
+            n, rows = state.train_factors.num_rows, state.kernel_rows
+            check_cached_train(func, train, n)
+            check_optional_int(func, "top_k", top_k)
+            train_lg = _moved(state.train_factors, device)
+            test_lg = LayerGrads.cat(calls.factors(func, "test", test, device))
+            S = None
+            for c in range(K.shape[0]):
+                # K_c (G_c G_test_c^T), the products from the factors: n m (in' + out) a layer
+                S = packed_matmul(K[c], n, rows, train_lg.select(c).scores(test_lg.select(c)), S)
+            S.mul_((state.train_weights.to(device) / K.shape[0])[:, None])
+            return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
         if dual:
             check_cached_train(func, train, state.train_features.shape[1])
             check_optional_int(func, "top_k", top_k)
@@ -440,8 +521,19 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         func = f"{name}.self_score"
         calls = setup(func, params, state)
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
-        dual = check_state(func, state, stacked, d)
+        dual = check_state(func, state, stacked, d, calls)
         K = state.kernel.to(device)
+        if dual == "factored":
+            n, rows = state.train_factors.num_rows, state.kernel_rows
+            check_cached_train(func, train, n)
+            train_lg = _moved(state.train_factors, device)
+            s = 0
+            for c in range(K.shape[0]):
+                lc = train_lg.select(c)
+                # [K_c G_c G_c^T]_ii, G_c G_c^T by blocks of rows from the factors
+                s = s + packed_diag(K[c], n, rows, lambda a, e, lc=lc: lc.rows(a, e).scores(
+                    lc.rows(0, e)))
+            return s * (state.train_weights.to(device) / K.shape[0])
         if dual:
             check_cached_train(func, train, state.train_features.shape[1])
             feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)

@@ -57,6 +57,9 @@ class Calls(NamedTuple):
     # () -> the decisions of the plan the features apply, once checked (for a prepared state);
     # None: no plan, or not checked yet (no batch of >= 2 examples read)
     plan: Callable = lambda: None
+    # (func, arg, data, device, wts=None) -> [LayerGrads] per batch, unprojected and factored,
+    # the weights written into wts; None unless output_fn is a FunctionalModel and d = P
+    factors: Callable | None = None
 
 class FeatureConfig(NamedTuple):
     """The settings of one :func:`trak` method that its feature engine reads."""
@@ -290,5 +293,30 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                 n += b
         return feats if c is None else feats[c:c + 1]
 
+    def factor_rows(func: str, arg: str, data, device, wts: Tensor | None = None) -> list:
+        """The unprojected gradients of every row of ``data`` as captured, by batch (and
+        ``chunk_size`` rows), in order: factored :class:`LayerGrads`, never ``[C, b, P]``;
+        ``wts``: the ``[n]`` weights written there too."""
+        out, n = [], 0
+        for batch in iter_batches(func, arg, regrouped(func, arg, data, rows_min)):
+            batch = batch_to(batch, device)
+            b = batch_size(func, arg, batch)
+            step = b if chunk_size is None else chunk_size
+            for s in range(0, b, step):
+                part = batch if step >= b else batch_slice(batch, s, s + step)
+                lg = grads(stacked, part)
+                if not all(all_finite(t) for t in (lg.dense, *(x for f in lg.factors.values()
+                                                                for x in f))):
+                    raise ValueError(_msg("Projector", "features", "finite values", "NaN or inf",
+                                          "A per-example gradient of the model is not finite "
+                                          "on this batch."))
+                out.append(lg)
+                if wts is not None:
+                    wts[n + s:n + s + lg.num_rows] = weights(part, lg.num_rows)
+            n += b
+        return out
+
+    factored = grads is not None and projs is None and kron is None and fdt == v0.dtype
     return Calls(stacked, in_chunks(packed, chunk_size), collect_features, fill, by_checkpoint,
-                 holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt, decided)
+                 holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt, decided,
+                 factor_rows if factored else None)

@@ -14,6 +14,8 @@ _GRAM_COLS = 128  # column block of gram_of's upper block triangle
 _GRAM_WHOLE = 192  # up to this d, gram_of multiplies whole blocks of rows
 _DUAL_ROWS = 128  # feature columns per widened block of the dual Gram (a [128, n] buffer)
 _FACTORED_ROWS = 32  # rows per block of factored_gram ([32, n] float64 temporaries)
+_PACK_BLOCKS = 16  # a packed kernel's row blocks (at most about this many: its overhead is 1/16)
+_PACK_MIN_ROWS = 32  # but at least this many rows a block (fewer, larger GEMMs)
 
 
 def gram_of(x: Tensor, wide: torch.dtype = torch.float64, *, out: Tensor | None = None,
@@ -51,22 +53,102 @@ def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
                            "Raise damping or lower proj_dim."))
 
 
-def dual_kernel(func: str, feats: Tensor, d: int, dtype, damping: float,
-                factors: list[LayerGrads] | None = None) -> Tensor:
+def dual_kernel(func: str, feats: Tensor | None, d: int, dtype, damping: float,
+                factors: list[LayerGrads] | None = None, *, pack: int = 0) -> Tensor:
     """``(Phi_c Phi_c^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]
 
     One checkpoint at a time: its float64 Gram is formed by :func:`gram_of` on ``Phi_c^T``
     (blocks of widened feature columns, upper block triangle), or from ``factors`` (the same
-    rows by blocks, Linear layers factored: :func:`factored_gram`), then factored and inverted in
-    place; only the result is kept in ``dtype``. Peak: the ``[C, n, n]`` result, one float64
-    ``[n, n]`` Gram and one widened block, never a float64 copy of the features.
+    rows by blocks, Linear layers factored: :func:`factored_gram`; ``feats`` may then be None),
+    then factored and inverted in place; only the result is kept in ``dtype``. Peak: the
+    ``[C, n, n]`` result, one float64 ``[n, n]`` Gram and one widened block, never a float64
+    copy of the features. ``pack > 0``: the result is kept as the block-packed lower triangle
+    with ``pack`` rows a block (:func:`packed_blocks`), ``[C, packed_size(n, pack)]``: about
+    half the entries.
     """
-    C, n = feats.shape[:2]
-    grams = (gram_of(f.mT, torch.float64, rows=_DUAL_ROWS) for f in feats) if factors is None \
-        else (factored_gram([b.select(c) for b in factors]) for c in range(C))
-    K, bad = _inverted(grams, C, n, dtype, feats.device, damping)
+    if factors is None:
+        C, n, device = feats.shape[0], feats.shape[1], feats.device
+        grams = (gram_of(f.mT, torch.float64, rows=_DUAL_ROWS) for f in feats)
+    else:
+        C, n, device = factors[0].dense.shape[0], sum(b.num_rows for b in factors), \
+            factors[0].dense.device
+        grams = (factored_gram([b.select(c) for b in factors]) for c in range(C))
+    K, bad = _inverted(grams, C, n, dtype, device, damping, pack)
     if bad:
         raise singular(func, bad, d, n, damping)
+    return K
+
+
+def pack_rows(n: int) -> int:
+    """Rows a block of a packed ``[n, n]`` kernel: ``max(32, ceil(n / 16))``, i.e. at most about
+    16 blocks, whose diagonal blocks' upper halves (the overhead) are ``1/16`` of the triangle."""
+    return max(_PACK_MIN_ROWS, -(-n // _PACK_BLOCKS))
+
+
+def packed_size(n: int, rows: int) -> int:
+    """Entries of an ``[n, n]`` symmetric matrix kept block-packed, ``rows`` rows a block."""
+    return sum((e - s) * e for s, e, _ in packed_blocks(n, rows))
+
+
+def packed_blocks(n: int, rows: int):
+    """Yield ``(s, e, offset)`` per block of a block-packed ``[n, n]`` symmetric matrix ``K``.
+
+    Block ``[s, e)`` keeps ``K[s:e, :e]`` (its rows up to and including the diagonal block),
+    row-major at ``offset`` of the flat storage: the lower triangle and the diagonal blocks'
+    upper halves, ``n (n + rows) / 2`` entries instead of ``n^2``.
+    """
+    off = 0
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        yield s, e, off
+        off += (e - s) * e
+
+
+def packed_block(flat: Tensor, s: int, e: int, off: int) -> Tensor:
+    """Block ``K[s:e, :e]`` of the flat storage (a view).  # [e - s, e]"""
+    return flat[off:off + (e - s) * e].view(e - s, e)
+
+
+def packed_matmul(flat: Tensor, n: int, rows: int, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """Return ``K x`` (added to ``out`` if given) from ``K`` kept block-packed.  # [n, m] -> [n, m]
+
+    Block ``[s, e)`` holds ``K[s:e, :e]``: it gives rows ``s:e`` their product with ``x[:e]``,
+    and, being ``K[:s, s:e]^T`` by symmetry, rows ``:s`` their product with ``x[s:e]``; every
+    entry of ``K`` meets ``x`` exactly once.
+    """
+    out = x.new_zeros((n, x.shape[1])) if out is None else out
+    for s, e, off in packed_blocks(n, rows):
+        blk = packed_block(flat, s, e, off)
+        out[s:e].addmm_(blk, x[:e])
+        if s:
+            out[:s].addmm_(blk[:, :s].mT, x[s:e])
+    return out
+
+
+def packed_diag(flat: Tensor, n: int, rows: int, other) -> Tensor:
+    """Return ``diag(K G)`` for ``K`` kept block-packed and a symmetric ``G`` given by blocks,
+    ``other(s, e) -> G[s:e, :e]`` (never all of ``G``).  # -> [n]
+
+    ``[K G]_ii = sum_j K_ij G_ij``: block ``[s, e)``'s products ``K[s:e, :e] * G[s:e, :e]``
+    give rows ``s:e`` their sums over columns ``:e``, and their columns ``:s`` (``K_ji G_ji``
+    with ``j`` in ``s:e``) give rows ``:s`` the rest, by symmetry of both.
+    """
+    out = flat.new_zeros(n)
+    for s, e, off in packed_blocks(n, rows):
+        prod = packed_block(flat, s, e, off) * other(s, e)
+        out[s:e] += prod.sum(1)
+        if s:
+            out[:s] += prod[:, :s].sum(0)
+    return out
+
+
+def unpacked(flat: Tensor, n: int, rows: int) -> Tensor:
+    """Return the full ``[n, n]`` symmetric matrix kept block-packed in ``flat``."""
+    K = flat.new_empty((n, n))
+    for s, e, off in packed_blocks(n, rows):
+        blk = packed_block(flat, s, e, off)
+        K[s:e, :e] = blk
+        K[:s, s:e] = blk[:, :s].mT
     return K
 
 
@@ -108,9 +190,12 @@ def factored_gram(blocks: list[LayerGrads], rows: int = _FACTORED_ROWS) -> Tenso
     return gram
 
 
-def _inverted(grams, C: int, size: int, dtype, device, damping: float) -> tuple[Tensor, list]:
+def _inverted(grams, C: int, size: int, dtype, device, damping: float,
+              pack: int = 0) -> tuple[Tensor, list]:
     """``((gram_c + damping I)^-1 [C, size, size], checkpoints that did not factor)``, each
     float64 ``gram_c`` (taken from ``grams`` only when needed) factored and inverted in place.
+    ``pack > 0``: each inverse kept block-packed instead (:func:`packed_blocks`),
+    ``[C, packed_size(size, pack)]``.
 
     The result is allocated once the first Gram is there: a ``grams`` that fills TRAK's feature
     cache on its first item then peaks without the ``[C, size, size]`` kernel. One Gram is alive
@@ -122,20 +207,25 @@ def _inverted(grams, C: int, size: int, dtype, device, damping: float) -> tuple[
     c = -1
     # not enumerate(grams): its reused result tuple would keep the last Gram alive while the
     # next one is formed (two [size, size] float64 matrices at once)
+    shape = (C, size, size) if not pack else (C, packed_size(size, pack))
     for g in grams:
         c += 1
         if K is None:
-            K = torch.empty((C, size, size), dtype=dtype, device=device)
+            K = torch.empty(shape, dtype=dtype, device=device)
         g.diagonal().add_(damping)
         g = g.mT  # the same symmetric matrix, column-major: LAPACK then works in g itself
         torch.linalg.cholesky_ex(g, out=(g, info))
         if int(info) != 0:
             bad.append(c)
-        else:
+        elif not pack:
             K[c] = torch.cholesky_inverse(g, out=g)
+        else:
+            torch.cholesky_inverse(g, out=g)
+            for s, e, off in packed_blocks(size, pack):
+                packed_block(K[c], s, e, off).copy_(g[s:e, :e])
         del g
     if K is None:  # no Gram at all
-        K = torch.empty((C, size, size), dtype=dtype, device=device)
+        K = torch.empty(shape, dtype=dtype, device=device)
     return K, bad
 
 
