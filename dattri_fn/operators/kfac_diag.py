@@ -157,6 +157,12 @@ def _captured_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target
                 raise
             memo.why.update(new)  # named by the loop's warning, where the fallback costs
             layers = [n for n in layers if n not in new]
+    for n, (a, _) in list(io.items()):
+        if owners[n].kind == "embedding" and a.ndim == 1:
+            # one id per row: examples, or positions [T] with T = B that a later op broadcasts
+            # (unsqueeze, expand, ...) and that no shape tells apart: autodiff, on every chunk
+            memo.why[n] = "its ids are one per row ([B]): they may be positions with T = B"
+            del io[n]
     wanted = set(keys)
     rows: dict[str, Tensor] = {}
     with torch.no_grad():
