@@ -184,7 +184,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     ``n_train`` is moderate; there, with ``output_fn`` a FunctionalModel whose layers are all
     flat, the ``n x n`` Gram comes from the captured factors
     (``sum_layers (a_i . a_j)(g_i . g_j)``, :func:`~dattri_fn.attribute.trak_kernel.factored_gram`)
-    when they are narrower than the rows.
+    when they are narrower than the rows; the state then keeps those factors
+    (``TRAKState.train_factors``: ``n (in' + out)`` entries a layer, not the ``[C, n_train, P]``
+    rows) and each kernel's lower triangle block-packed (about half of ``[n, n]``), and
+    ``score``/``self_score`` meet the test rows' factors the same way (``n m (in' + out)``).
 
     Args:
         output_fn: ``f(params, example) -> Tensor[]``, the model output of ONE example

@@ -47,7 +47,7 @@ class Calls(NamedTuple):
     stacked: Params  # {key: [C, ...]}
     packed: Callable  # batch -> [C, b, d + 1] in the params' dtype: features, then Q
     collect: Callable  # (func, arg, data, device) -> [C, n, d] in fdt
-    fill: Callable  # (func, data, feats, wts, c, keep=None) -> the rows of the cache it wrote
+    fill: Callable  # (func, data, feats, wts, c) -> the rows of the cache it wrote
     by_checkpoint: Callable  # data -> whether it is read once per checkpoint
     holding: Callable  # c | None -> a context holding that checkpoint's (every) dense R
     d: int
@@ -152,13 +152,11 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         return buffers[0][:b].unsqueeze(0)
 
     def feature_rows(batch, buffers: list | None = None, one: int | None = None,
-                     into: Tensor | None = None, hold_each: bool = False,
-                     keep: list | None = None):
+                     into: Tensor | None = None, hold_each: bool = False):
         """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only. ``into``: the
         ``[C or 1, b, d]`` rows of a cache; unprojected factored rows are written there (no
         ``[C, b, P]`` temporary) and nothing is yielded. ``hold_each``: the caller holds no R;
-        each checkpoint's dense R is held while its own rows are projected. ``keep``: a list
-        that receives the :class:`LayerGrads` of unprojected rows written into ``into``."""
+        each checkpoint's dense R is held while its own rows are projected."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
         lg = None if grads is None else grads(sub, batch)
@@ -200,8 +198,6 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         if lg is not None:  # unprojected: [b, P] each
             if into is not None:
                 lg.to_dense(out=into)
-                if keep is not None:
-                    keep.append(lg)
                 return
             yield from lg.to_dense(fdt)
             return
@@ -255,12 +251,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                                         data, device=device, func=func, arg=arg))
         return torch.cat(per_ckpt)
 
-    def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None,
-             keep: list | None = None) -> Tensor:
+    def fill(func: str, data, feats: Tensor, wts: Tensor, c: int | None) -> Tensor:
         """Write every row of checkpoint ``c`` (None: all) and the weights into the cache
-        ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``.
-        ``keep``: a list that receives each batch's unprojected :class:`LayerGrads`, in order
-        (none where the rows are projected or come from vmap)."""
+        ``feats`` ``[C, n, d]``, ``wts`` ``[n]``; return the rows written ``[1 or C, n, d]``."""
         n, buffers = 0, []
         # One call for the whole pass (one batch, no chunks): each R_c is then held only while
         # its own checkpoint is projected, not all C at once (the same R, unpacked as often)
@@ -284,7 +277,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     # not enumerate: its reused result tuple would keep these rows alive while
                     # the next checkpoint's are formed
                     i = 0
-                    for phi in feature_rows(part, buffers, c, into, not hold_pass, keep):
+                    for phi in feature_rows(part, buffers, c, into, not hold_pass):
                         feats[i if c is None else c, rows] = phi
                         i += 1
                         del phi
