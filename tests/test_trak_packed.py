@@ -74,17 +74,18 @@ def _net(seed: int) -> nn.Module:
     return net.eval()
 
 
-def _data(n: int, seed: int):
+def _data(n: int, seed: int, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+    x, y = torch.randn(n, 5, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+    return x.to(device), y.to(device)
 
 
-def _setup(C: int, seed: int = 0):
-    net = _net(seed)
+def _setup(C: int, seed: int = 0, device="cpu"):
+    net = _net(seed).to(device)
     g = torch.Generator().manual_seed(seed + 100)
     base = functional_model(net).params
-    ckpts = [{k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in base.items()}
-             for _ in range(C)]
+    ckpts = [{k: v + 0.2 * torch.randn(v.shape, generator=g, dtype=F64).to(device)
+              for k, v in base.items()} for _ in range(C)]
     return net, ckpts
 
 
@@ -99,16 +100,16 @@ def _methods(net, **kw):
 
 
 @pytest.mark.parametrize(("C", "chunk"), [(1, None), (2, None), (2, 4)])
-def test_factored_state_equals_dense_dual(C, chunk, monkeypatch, tmp_path):
+def test_factored_state_equals_dense_dual(C, chunk, monkeypatch, tmp_path, device):
     """n = 19 < P = 57 over batches of 8, 8, 3 (and chunks of 4), the kernel packed by blocks of
     3 rows: s_ij = Qbar_i / C sum_c [K_c G_c G_test_c^T]_ij, top-k and s_ii equal the dense dual
     form's (1e-10); the state keeps the factors, no [C, n, P] rows, and survives io.save/load."""
     monkeypatch.setattr(trak_kernel, "_PACK_MIN_ROWS", 3)
     monkeypatch.setattr(trak_kernel, "_PACK_BLOCKS", 100)
-    net, ckpts = _setup(C)
-    x, y = _data(19, 1)
+    net, ckpts = _setup(C, 0, device)
+    x, y = _data(19, 1, device)
     train = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
-    test = [_data(4, 2), _data(3, 3)]
+    test = [_data(4, 2, device), _data(3, 3, device)]
     factored, dense = _methods(net, damping=0.05, chunk_size=chunk)
     s_f, s_d = factored.prepare(ckpts, train), dense.prepare(ckpts, train)
     assert s_f.train_features is None and s_f.train_factors.num_rows == 19
