@@ -80,3 +80,29 @@ def test_other_keys_still_raise_naming_params():
     bad = {k: v for k, v in list(fm.params.items())[1:]}
     with pytest.raises(ValueError, match=r"params=\.\.\.\): expected the keys"):
         method.prepare(bad, [(x[:8], y[:8])])
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_given_factors_of_a_reordered_dict(solver):
+    """prepare(params, factors) where the factors were computed for the same keys in another
+    order (review R1 F4: refused after the reordering at the boundary): the scores equal the
+    model-ordered factors' at 1e-12, whichever side is reordered."""
+    from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
+
+    g = torch.Generator().manual_seed(3)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    for p in mlp.parameters():
+        p.data = torch.randn(p.shape, generator=g, dtype=torch.float64) / 2
+    fm = functional_model(mlp, F.cross_entropy)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    train, test = [(x[:8], y[:8])], (x[8:], y[8:])
+    rev = {k: fm.params[k] for k in reversed(list(fm.params))}
+    fit = kfac_factors if solver == "kfac" else ekfac_factors
+    m = influence(fm, solver=solver, damping=0.1)
+    want = m.score(fm.params, m.prepare(fm.params, fit(mlp, F.cross_entropy, fm.params, train)),
+                   train, test)
+    for params in (rev, fm.params):
+        state = m.prepare(params, fit(mlp, F.cross_entropy, rev, train))
+        torch.testing.assert_close(m.score(params, state, train, test), want, rtol=0,
+                                   atol=1e-12 * float(want.abs().max()))

@@ -329,8 +329,14 @@ def given_factors(cfg: InfluenceConfig, train, n: int) -> list | None:
 
 
 def from_factors(cfg: InfluenceConfig, params: Params, factors) -> InfluenceState:
-    """The state of ``factors`` for ``params`` (same parameter names, order and sizes)."""
+    """The state of ``factors`` for ``params`` (same parameter names and sizes; the raveled
+    layout follows ``params``' order)."""
     name = cfg.name
+    names = tuple(factors.param_names)
+    if names != tuple(params) and sorted(names, key=str) == sorted(params, key=str):
+        # the factors are per layer; param_names only lays out the raveled vector, so the
+        # same keys in another order (params reordered to the model's) take params' order
+        factors = factors._replace(param_names=tuple(params))
     if tuple(factors.param_names) != tuple(params):
         raise ValueError(_msg(name, "train", f"factors of the params {list(params)}",
                               f"factors of {list(factors.param_names)}",
