@@ -14,8 +14,8 @@ tokens; its Conv1D layers).
 models and recipe) split into its parts, each timed on its own and all of them interleaved
 round by round with dattri 0.3.0's TracInAttributor on the same data (``--rounds``): the plan
 check of ``prepare`` (autodiff on its 3 examples, the factored pass over them, both in one
-autograd engine call, the pass with example 0's row and the pass's parameter gradients in one
-call as the check now runs it, the whole check), the
+autograd engine call, the pass with the first and last examples' rows and the pass's parameter
+gradients in one call as the check now runs it, the whole check), the
 one capture pass of ``score`` over ``[test, *train]``, the score blocks, and a bare forward +
 backward over the same rows (``functional_call`` + ``autograd.grad``, no capture: the floor a
 pass sits on). Medians of thread CPU ms, and each part's share of dattri's median.
@@ -158,8 +158,8 @@ def floor(task_name: str, rounds: int) -> None:
         "  check: autodiff rows (3)": lambda: _example_rows(fm, fm.params, head, False),
         "  check: factored pass (3)": lambda: _factored(checked, stacked, head),
         "  check: pass + 3 rows, one engine call": lambda: _factored_and_rows(plan, stacked, head, False),
-        "  check: pass + row 0 + sums, one call": lambda: _factored_and_rows(plan, stacked, head, False,
-                                                                              3, ref_rows=1),
+        "  check: pass + rows 0, 2 + sums, one call": lambda: _factored_and_rows(
+            plan, stacked, head, False, 3, ref_at=(0, 2)),
         "  check (whole)": lambda: _check(plan, stacked, head),
         "ours score": lambda: method.score(fm.params, state, train, test),
         f"  one capture pass ({lg.num_rows})": lambda: _factored(checked, stacked, merged),

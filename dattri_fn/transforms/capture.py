@@ -6,7 +6,9 @@ A layer ``z = W a + b`` applied at positions ``t`` has the per-example gradients
 :class:`torch.overrides.TorchFunctionMode` that recognises each selected layer's weight **by
 identity** where a torch function consumes it, records that call's input and adds a zero probe
 to its output. At probes ``= 0`` the output is unchanged and the derivative of the loss w.r.t.
-a probe is ``g``. No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
+a probe is ``g``. Outside ``torch.func`` (``tapped.probed``) the probe is the output itself,
+whose gradient is the same ``g`` with no add (unless an in-place op touches the output:
+then zeros are added as above). No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
 ``functional_call`` can run works (Python control flow, ``**kwargs``, attention masks, stock
 Hugging Face models), and a layer called several times gets one record per call, summed.
 
@@ -52,6 +54,7 @@ from torch.utils._pytree import tree_leaves
 
 # the call kinds, all importable from here as before the split
 from .capture_kinds import (  # noqa: F401
+    _ADDED,
     _CALLS,
     _PER_CALL,
     _add_positions,
@@ -150,8 +153,12 @@ class Probed(NamedTuple):
     Attributes:
         output: the model's output (unchanged: the probes are zeros).
         acts: ``{layer: a}`` as ``tapped`` returns it.
-        probes: ``{layer: (probe per call, in call order)}``: zero-stride expansions of a 0-d
-            zero leaf (``probe._base``) to the call's output shape, added to that output.
+        probes: ``{layer: (probe per call, in call order)}``, each a tensor whose gradient is
+            the call's ``dL/dout``: the call's output itself (a leaf made to require grad if it
+            had no graph, :meth:`_Capture._own`), or, after an in-place op on an output and
+            for a broadcast Embedding, a zero-stride expansion of a 0-d zero leaf to the
+            output's shape, added to it. Plain autograd w.r.t. them (inputs of
+            ``autograd.grad``, or ``register_hook``) gives ``g``.
         fold: ``{layer: (dL/dprobe per call)} -> {layer: g}`` in ``tapped``'s ``g`` layout
             (``[B, out]`` flat, else ``[B, T, out]`` with the calls' positions concatenated).
     """
@@ -163,7 +170,7 @@ class Probed(NamedTuple):
 
 
 class _Record(NamedTuple):
-    a: Tensor  # [B, T, in] (or [B, T] indices); T = 1 for a 2-d input
+    a: Tensor  # [B, T, in] (or [B, T] indices); [B, in] (or [B]) when flat
     flat: bool  # the call's input was [B, in] / [B]
 
 
@@ -171,30 +178,44 @@ class _Capture(TorchFunctionMode):
     """Records selected layers' inputs and adds their probes (see the module docstring)."""
 
     def __init__(self, specs: Mapping[str, LayerSpec], state: Mapping[str, Tensor],
-                 probes: Mapping[str, Tensor] | None, batch: int | None, tied: bool = False):
+                 probes: Mapping[str, Tensor] | None, batch: int | None, tied: bool = False,
+                 keyed: Sequence[tuple[str, str, str]] | None = None):
         super().__init__()
         self.specs, self.probes, self.batch = specs, probes, batch
-        self.roles: dict[int, tuple[str, str]] = {}
+        if keyed is None:
+            keyed = _keyed(specs)
         self.problems: dict[str, str] = {}
+        self.group: dict[str, tuple[str, ...]] = {}
+        self.by_kind: dict[str, dict[int, tuple[str, str]]] = {}
+        self.roles = {id(state[k]): (n, role) for k, n, role in keyed}
+        if len(self.roles) < len(keyed):  # one tensor under two roles: sharing or tying
+            self._shared(specs, state, keyed, tied)
+        self.base = self.roles
+        self.records: dict[str, list[_Record]] = {n: [] for n in specs}
+        # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
+        self.pending: dict[int, object] = {}
+        self.watch: dict[int, tuple[str, Tensor]] = {}
+        self.offsets = dict.fromkeys(specs, 0)
+        self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
+        self.versions: list[tuple[Tensor, int]] = []
+
+    def _shared(self, specs, state, keyed, tied: bool) -> None:
+        """The roles of tensors read by several selected layers (problems, or tied groups)."""
+        self.roles = {}
         shared: dict[int, list[str]] = {}  # a weight tensor -> the layers reading it as weight
-        for n, s in specs.items():
-            for role, key in (("weight", s.weight), ("bias", s.bias)):
-                if key is None:
-                    continue
-                other = self.roles.setdefault(id(state[key]), (n, role))
-                if other[0] == n:
-                    continue
-                if tied and role == other[1] == "weight":
-                    shared.setdefault(id(state[key]), [other[0]]).append(n)
-                    continue
-                # one tensor, two layers: neither factor is the layer's own
-                self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
-                self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
+        for key, n, role in keyed:
+            other = self.roles.setdefault(id(state[key]), (n, role))
+            if other[0] == n:
+                continue
+            if tied and role == other[1] == "weight":
+                shared.setdefault(id(state[key]), [other[0]]).append(n)
+                continue
+            # one tensor, two layers: neither factor is the layer's own
+            self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
+            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
         # A tied weight (tied=True) is attributed call by call to the member of the call's
         # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
         # could not be told apart, so they stay problems.
-        self.group: dict[str, tuple[str, ...]] = {}
-        self.by_kind: dict[str, dict[int, tuple[str, str]]] = {}
         for t, members in shared.items():
             kinds = [specs[m].kind for m in members]
             if len(set(kinds)) < len(kinds):
@@ -205,28 +226,22 @@ class _Capture(TorchFunctionMode):
             for m, k in zip(members, kinds, strict=True):
                 self.group[m] = tuple(members)
                 self.by_kind.setdefault(k, dict(self.roles))[t] = (m, "weight")
-        self.base = self.roles
-        self.records: dict[str, list[_Record]] = {n: [] for n in specs}
-        # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
-        self.pending: dict[int, object] = {}
-        self.watch: dict[int, tuple[str, Tensor]] = {}
-        self.offsets = dict.fromkeys(specs, 0)
-        self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
 
     def _hits(self, args, kwargs) -> list[tuple[str, str]]:
-        out = []
-        for x in (*args, *kwargs.values()):
-            if isinstance(x, Tensor):
-                role = self.roles.get(id(x))
-                if role is not None:
-                    out.append(role)
+        # Looked up by id without a type test first: the selected tensors stay alive for the
+        # whole forward (state holds them), so no other live object can share their ids.
+        roles, out = self.roles, []
+        for x in (*args, *kwargs.values()) if kwargs else args:
+            role = roles.get(id(x))
+            if role is not None:
+                out.append(role)
             elif isinstance(x, (list, tuple)):
-                out.extend(self.roles[id(t)] for t in x
-                           if isinstance(t, Tensor) and id(t) in self.roles)
+                out.extend(roles[id(t)] for t in x if id(t) in roles)
         return out
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
         if not self.roles:
             return func(*args, **kwargs)
         if self.pending or self.watch:
@@ -263,12 +278,26 @@ class _Capture(TorchFunctionMode):
             self.watch[id(out)] = (name, out)
         return out
 
+    def _own(self, name: str, out: Tensor) -> Tensor:
+        """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
+        it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
+
+        An output without a graph (the first selected layer's, parameters without gradient)
+        becomes a leaf: an in-place op on it (or on a view of it) raises, and ``probed`` then
+        reruns the forward with added probes. Every output's version is checked after the
+        forward too, since after an in-place op its gradient would be the modified tensor's."""
+        if not out.requires_grad:
+            out.requires_grad_(True)
+        self.versions.append((out, out._version))
+        self.made[name].append(out)
+        return out
+
     def _probe(self, name: str, T: int, out: Tensor | None = None) -> Tensor | None:
         """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes), or,
         for probes made per call, a new zero probe of ``out``'s shape."""
         if self.probes is None:
             return None
-        if self.probes is _PER_CALL:
+        if self.probes is _PER_CALL or self.probes is _ADDED:
             # zero-stride: no memory; its gradient is the call's dL/dout whatever the layout
             p = out.new_zeros((), requires_grad=True).expand(out.shape)
             self.made[name].append(p)
@@ -294,7 +323,16 @@ class _Capture(TorchFunctionMode):
         return self.batch
 
 
+def _keyed(specs: Mapping[str, LayerSpec]) -> tuple[tuple[str, str, str], ...]:
+    """``(state key, layer, role)`` of every selected weight and bias, in layer order."""
+    return tuple((key, n, role) for n, s in specs.items()
+                 for role, key in (("weight", s.weight), ("bias", s.bias)) if key is not None)
+
+
 def _batch_rows(args, kwargs) -> int | None:
+    """The first input leaf's leading size (``B``), None without one."""
+    if args and isinstance(args[0], Tensor) and args[0].ndim:  # the usual (x, ...) call
+        return args[0].shape[0]
     for t in tree_leaves((args, kwargs)):
         if isinstance(t, Tensor) and t.ndim:
             return t.shape[0]
@@ -309,10 +347,10 @@ def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
             continue
         if not recs:
             problems[n] = "not called in this forward (or its weight reached a call as a copy)"
-        elif len(recs) == 1:  # the call's own input (a view), as in the flat case: no copy
-            acts[n] = recs[0].a[:, 0] if recs[0].flat else recs[0].a
+        elif len(recs) == 1:  # the call's own input (or a view of it): no copy
+            acts[n] = recs[0].a
         else:
-            acts[n] = torch.cat([r.a for r in recs], 1)
+            acts[n] = torch.cat([r.a[:, None] if r.flat else r.a for r in recs], 1)
     return acts, problems
 
 
@@ -327,10 +365,14 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     a way the engine cannot factor (:func:`check` lists them without raising).
 
     ``tapped.probed(state, *args, **kwargs) -> Probed`` runs the same forward with one probe
-    made per call, shaped as that call's output: plain autograd w.r.t. them gives ``g`` with no
-    probe shapes known beforehand (no extra forward); ``Probed.fold`` lays the per-call
-    gradients out as ``g``. ``torch.func`` transforms need probes as inputs: use ``tapped``
-    with :func:`probe_shapes` there.
+    per call, shaped as that call's output: the output itself (no zero added, no add in
+    the forward or the backward), so plain autograd w.r.t. them gives ``g`` with no probe
+    shapes known beforehand (no extra forward); ``Probed.fold`` lays the per-call gradients
+    out as ``g``. An in-place op on a selected call's output (``relu_``, ``+=`` on it or a
+    view) would change what its gradient means: it is detected (the leaf's error, or the
+    output's version after the forward) and the forward reruns with zero probes added, the
+    same ``g``. ``torch.func`` transforms need probes as inputs: use ``tapped`` with
+    :func:`probe_shapes` there.
 
     ``tied=True``: selected layers of different kinds that read one weight tensor (GPT-2's
     ``wte``, an Embedding, and ``lm_head``, a Linear) are each captured from their own calls
@@ -366,7 +408,8 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     # Decided once, from the module as built: without tied tensors functional_call's untying
     # (a walk over every submodule, about 0.1 ms a call) has nothing to do.
     ties = any(c > 1 for c in shared.values())
-    needed = [k for s in specs.values() for k in (s.weight, s.bias) if k is not None]
+    keyed = _keyed(specs)
+    needed = [k for k, _, _ in keyed]
 
     def run(state, probes, args, kwargs):
         state = {k: v for k, v in state.items() if k in state_keys}
@@ -380,7 +423,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
         if missing:
             raise ValueError(f"tapped(state=...): expected the selected layers' weights and "
                              f"biases, missing {missing}.")
-        mode = _Capture(specs, state, probes, _batch_rows(args, kwargs), tied)
+        mode = _Capture(specs, state, probes, _batch_rows(args, kwargs), tied, keyed)
         with mode:
             out = torch.func.functional_call(module, state, args, kwargs, tie_weights=ties)
         return out, mode
@@ -393,7 +436,15 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
         return out, acts
 
     def probed(state: Mapping[str, Tensor], *args, **kwargs) -> Probed:
-        out, mode = run(state, _PER_CALL, args, kwargs)
+        try:
+            out, mode = run(state, _PER_CALL, args, kwargs)
+            changed = any(t._version != v for t, v in mode.versions)
+        except RuntimeError as err:  # an in-place op on an output made a leaf
+            if "in-place" not in str(err):
+                raise
+            changed = True
+        if changed:
+            out, mode = run(state, _ADDED, args, kwargs)
         acts, problems = _acts(mode)
         if problems:
             raise CaptureError(problems)

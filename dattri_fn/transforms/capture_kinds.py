@@ -25,6 +25,7 @@ def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):
 
 
 _PER_CALL = object()  # probes made by the mode itself, one per call, shaped as that call's output
+_ADDED = object()  # as _PER_CALL, every probe a zero added to the output (never the output itself)
 
 
 # Each kind: (kind, inspect(mode, name, args, kwargs) -> (a, flat, T) or a reason,
@@ -47,15 +48,19 @@ def _linear_inspect(mode: _Capture, name, args, kwargs):
     B = mode.rows_of(x)
     if isinstance(B, str):
         return B
+    if x.ndim == 2:  # flat: the input itself
+        return x, True, 1
     T = math.prod(x.shape[1:-1])
-    return x.reshape(B, T, x.shape[-1]), x.ndim == 2, T
+    return x.reshape(B, T, x.shape[-1]), False, T
 
 
 def _add_positions(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
+    if mode.probes is _PER_CALL:
+        return mode._own(name, out)
     p = mode._probe(name, T, out)
     if p is None:
         return out
-    return out + (p if p.ndim == 0 or mode.probes is _PER_CALL else p.reshape(out.shape))
+    return out + (p if p.ndim == 0 or mode.probes is _ADDED else p.reshape(out.shape))
 
 
 def _addmm_inspect(mode: _Capture, name, args, kwargs):
@@ -71,7 +76,9 @@ def _addmm_inspect(mode: _Capture, name, args, kwargs):
     if mode.batch is None or x.shape[0] % mode.batch:
         return f"rows {x.shape[0]} that are not B = {mode.batch} blocks of positions"
     T = x.shape[0] // mode.batch
-    return x.reshape(mode.batch, T, x.shape[1]), T == 1, T
+    if T == 1:  # flat: the rows themselves
+        return x, True, 1
+    return x.reshape(mode.batch, T, x.shape[1]), False, T
 
 
 def _conv2d_inspect(mode: _Capture, name, args, kwargs):
@@ -105,10 +112,12 @@ def _conv2d_inspect(mode: _Capture, name, args, kwargs):
 
 
 def _conv2d_probe(mode: _Capture, name: str, out: Tensor, T: int) -> Tensor:
+    if mode.probes is _PER_CALL:
+        return mode._own(name, out)
     p = mode._probe(name, T, out)
     if p is None:
         return out
-    if mode.probes is _PER_CALL:
+    if mode.probes is _ADDED:
         return out + p
     return out + (p if p.ndim == 0 else p.transpose(1, 2).reshape(out.shape))
 
@@ -128,8 +137,10 @@ def _embedding_inspect(mode: _Capture, name, args, kwargs):
     B = mode.rows_of(idx)
     if isinstance(B, str):  # shared by the batch (GPT-2's wpe): decided where it is used
         return Broadcast(idx) if mode.batch is not None else B
+    if idx.ndim == 1:  # flat: one index per example
+        return idx, True, 1
     T = math.prod(idx.shape[1:])
-    return idx.reshape(B, T), idx.ndim == 1, T
+    return idx.reshape(B, T), False, T
 
 
 _CALLS = {

@@ -80,9 +80,11 @@ def layer_norm_inspect(mode: _Capture, name, args, kwargs):
     B = mode.rows_of(x)
     if isinstance(B, str):
         return B
-    T = math.prod(x.shape[1:-k])
     xhat = F.layer_norm(x, shape, None, None, eps)
-    return xhat.reshape(B, T, math.prod(shape)), x.ndim == k + 1, T
+    if x.ndim == k + 1:  # flat: [B, D]
+        return xhat.reshape(B, math.prod(shape)), True, 1
+    T = math.prod(x.shape[1:-k])
+    return xhat.reshape(B, T, math.prod(shape)), False, T
 
 
 def _operands(args, kwargs):
@@ -137,7 +139,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
     a = pend.idx.expand(R[:-1]).reshape(R[0], -1)
     from .capture import _Record
 
-    mode.records[pend.name].append(_Record(a, len(R) == 2))
+    mode.records[pend.name].append(_Record(a[:, 0] if len(R) == 2 else a, len(R) == 2))
     p = mode._probe(pend.name, a.shape[1], pend.out.expand(R))
     if p is not None:
         p = pend.out + (p if p.ndim == 0 or p.shape == R else p.reshape(R))

@@ -214,6 +214,23 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     return torch.func.vmap(one, in_dims=(dims, 0))(leaves, target)
 
 
+def summed_losses(loss_fn, out, target) -> Tensor:
+    """Return a scalar whose gradient w.r.t. ``out`` is that of ``per_example_losses(...).sum()``.
+
+    For a loss whose per-example form is :func:`cross_entropy_rows` on ``[B, C]`` logits and
+    class indices it is ``F.cross_entropy(out, target, reduction="sum")``: one op, no NaN mask.
+    Its gradient is the same bit for bit (an ignored target's row gets zero either way, from
+    the mask's backward or from ``nll_loss``'s); only the value differs there (0, not NaN). The
+    capture passes use this value for its gradient alone.
+    """
+    rows = getattr(loss_fn, "per_example", None)
+    if ((rows is cross_entropy_rows or (rows is None and loss_fn is F.cross_entropy))
+            and isinstance(out, Tensor) and out.ndim == 2 and isinstance(target, Tensor)
+            and target.ndim == 1 and not target.is_floating_point()):
+        return F.cross_entropy(out, target, reduction="sum")
+    return per_example_losses(loss_fn, out, target).sum()
+
+
 def input_signature(args, kwargs) -> tuple:
     """Return what probe shapes depend on: each input leaf's shape, dtype and device (a
     non-tensor leaf by its ``repr``). Equal signatures give equal :func:`output_shapes`."""
@@ -254,7 +271,7 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
     if plain and shapes is None:
         with torch.enable_grad():
             run = tapped.probed(state, *args, **kwargs)
-            value = per_example_losses(loss_fn, run.output, target).sum()
+            value = summed_losses(loss_fn, run.output, target)
             flat = [p for n in tapped.layers for p in run.probes[n]]
             # a call whose output never reaches the loss has g = 0 (as a slice of one probe)
             grads = iter(torch.autograd.grad(value, flat, allow_unused=True,
@@ -287,8 +304,9 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
     after the forward and ``step(layer, None, g)`` in the backward: the layer inputs are dropped
     before the backward starts (what K-FAC's ``A`` statistic needs). Inside a torch.func
     transform every layer's ``(a, g)`` comes from :func:`batched_io` first. ``shapes=None``: one
-    probe per call of each layer, shaped as its output (no probe shapes needed); a layer's
-    ``step`` runs once the gradients of all its calls have arrived.
+    probe per call of each layer, ``tapped.probed``'s (the call's output itself, the hook a
+    tensor hook on it; no probe shapes needed); a layer's ``step`` runs once the gradients of
+    all its calls have arrived.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         for n, (a, g) in batched_io(tapped, loss_fn, state, args, kwargs, target, shapes,
@@ -323,7 +341,7 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
                 for n in list(captured):
                     on_input(n, captured.pop(n).detach())
         del captured
-        value = per_example_losses(loss_fn, out, target).sum()
+        value = summed_losses(loss_fn, out, target)
         del out
         torch.autograd.grad(value, list(bases.values()))
 
@@ -349,7 +367,7 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
         for n in tapped.layers:
             for i, p in enumerate(run.probes[n]):
                 p.register_hook(hook(n, i, len(run.probes[n])))
-        bases = [p._base for n in tapped.layers for p in run.probes[n]]
+        bases = [p for n in tapped.layers for p in run.probes[n]]
         out = run.output
         del run
         if on_input is None:
@@ -359,7 +377,7 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
                 for n in list(captured):
                     on_input(n, captured.pop(n).detach())
         del captured
-        value = per_example_losses(loss_fn, out, target).sum()
+        value = summed_losses(loss_fn, out, target)
         del out
         torch.autograd.grad(value, bases, allow_unused=True)
     # a call whose output never reaches the loss gets no hook call: its g is zero
