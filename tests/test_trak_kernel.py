@@ -116,3 +116,29 @@ def test_dual_kernel_holds_one_gram_at_a_time():
     assert peak <= K.nbytes + 2 * n * n * 8 + 64
     want = torch.linalg.inv(feats @ feats.mT + 0.1 * torch.eye(n, dtype=F64))
     assert torch.allclose(K, want, rtol=1e-10, atol=1e-12)
+
+
+def test_kronecker_projection_in_float64_draws_its_factors_once(monkeypatch):
+    """projection='kronecker' on float64 params: the factor matrices are drawn once per
+    checkpoint at construction, in the params' dtype, not again on every call (review R2 F2:
+    48 draws over prepare + 3 scores before); the scores repeat exactly."""
+    import dattri_fn.transforms.kronecker as kr
+    from dattri_fn.attribute.trak import classification_margin_loss, classification_weight_loss
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 4)).double().eval()
+    draws, real = [], kr._Factor.matrix
+    monkeypatch.setattr(kr._Factor, "matrix", lambda self, *a, **k: draws.append(1) or real(self, *a, **k))
+    m = trak(functional_model(net, classification_margin_loss),
+             weight_fn=functional_model(net, classification_weight_loss),
+             proj_dim=(4, 4), projection="kronecker", kind="rademacher")
+    params = functional_model(net).params
+    train = [(torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g))
+             for _ in range(3)]
+    test = (torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g))
+    state = m.prepare(params, train)
+    first = m.score(params, state, None, test)
+    after_first = len(draws)
+    for _ in range(2):
+        assert torch.equal(m.score(params, state, None, test), first)
+    assert len(draws) == after_first and after_first <= 4  # 2 layers x (in, out), drawn once

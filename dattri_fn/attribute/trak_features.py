@@ -116,11 +116,14 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         return None if held is None or not held().checked else plan_decisions(held())
 
     def kronecker_projector(c: int):  # seed + c per checkpoint, as the dense projector's
-        key = ("kronecker", tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), c)
+        key = ("kronecker", tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()),
+               v0.dtype, v0.device, c)
         if key not in projectors:
             layers, rest = kronecker_layers(plan, {k: v[0] for k, v in stacked.items()})
+            # its factors drawn once in the params' dtype, on their device (review R2 F2)
             projectors[key] = make_kronecker_projector(layers, proj_dim=proj_dim, kind=cfg.kind,
-                                                       seed=cfg.seed + c, rest=rest)
+                                                       seed=cfg.seed + c, rest=rest,
+                                                       dtype=v0.dtype, device=v0.device)
         return projectors[key]
 
     def projector(c: int):  # kept by the method: a rademacher R's packed signs persist
