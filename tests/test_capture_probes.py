@@ -255,3 +255,38 @@ def test_summed_losses_of_other_losses_is_the_rows_sum():
     out, target = torch.randn(5, 3, generator=g, dtype=DT), torch.randn(5, 3, generator=g, dtype=DT)
     mse = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
     assert torch.equal(summed_losses(mse, out, target), per_example_losses(mse, out, target).sum())
+
+
+class Watched(nn.Module):
+    """fc1 -> tanh -> fc2 -> tanh -> head; records whether fc2's output is still alive when
+    the backward reaches the model output."""
+
+    def __init__(self, d=4, h=5, c=3):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, c)
+        self.alive = []
+
+    def forward(self, x):
+        import weakref
+
+        h = self.fc2(torch.tanh(self.fc1(x)))
+        ref = weakref.ref(h)
+        out = self.head(torch.tanh(h))
+        out.register_hook(lambda g: self.alive.append(ref() is not None))
+        return out
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_probes_are_not_held_through_the_backward(streamed):
+    """The pass takes gradients at the probes' autograd edges: a layer output that the graph
+    does not save (fc2's, tanh saves its result) is freed before the backward starts."""
+    model = _init(Watched(), 6)
+    x, y = _data("mlp", 6, 4)
+    tapped = tap(model, ["fc1", "fc2", "head"])
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    if streamed:
+        streamed_io(tapped, F.cross_entropy, state, (x,), {}, y, None, state["fc1.weight"],
+                    lambda n, a, g: None)
+    else:
+        batched_io(tapped, F.cross_entropy, state, (x,), {}, y, None, state["fc1.weight"])
+    assert model.alive == [False]

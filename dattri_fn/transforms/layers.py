@@ -16,10 +16,12 @@ At ``probes = 0`` the output is unchanged, and ``torch.func.grad`` w.r.t. the pr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from .._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
 from . import capture
@@ -272,12 +274,14 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
         with torch.enable_grad():
             run = tapped.probed(state, *args, **kwargs)
             value = summed_losses(loss_fn, run.output, target)
-            flat = [p for n in tapped.layers for p in run.probes[n]]
-            # a call whose output never reaches the loss has g = 0 (as a slice of one probe)
-            grads = iter(torch.autograd.grad(value, flat, allow_unused=True,
-                                             materialize_grads=True))
-        g = run.fold({n: [next(grads) for _ in run.probes[n]] for n in tapped.layers})
-        return {n: (run.acts[n].detach(), g[n]) for n in tapped.layers}
+            edges, zeros, calls = _edges(tapped, run.probes)
+            acts, fold = run.acts, run.fold
+            del run  # the probes (layer outputs) need not live through the backward
+            grads = torch.autograd.grad(value, edges, allow_unused=True)
+        # a call whose output never reaches the loss has g = 0
+        grads = iter([z() if g is None else g for g, z in zip(grads, zeros, strict=True)])
+        g = fold({n: [next(grads) for _ in range(calls[n])] for n in tapped.layers})
+        return {n: (acts[n].detach(), g[n]) for n in tapped.layers}
     if shapes is None:
         shapes = output_shapes(tapped, state, args, kwargs, like)
     if plain:
@@ -346,6 +350,15 @@ def streamed_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes, 
         torch.autograd.grad(value, list(bases.values()))
 
 
+def _edges(tapped: TappedFn, probes) -> tuple[list, list, dict[str, int]]:
+    """``(autograd edges of the probes in layer order, a zeros maker per probe, calls per
+    layer)``: gradients taken at the edges hold no probe (a layer output) alive."""
+    flat = [p for n in tapped.layers for p in probes[n]]
+    zeros = [partial(torch.zeros, p.shape, dtype=p.dtype, device=p.device) for p in flat]
+    return ([get_gradient_edge(p) for p in flat], zeros,
+            {n: len(probes[n]) for n in tapped.layers})
+
+
 def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, step,
                        on_input) -> None:
     """:func:`streamed_io` with the probes made per call (``shapes=None``, plain autograd)."""
@@ -365,9 +378,10 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
         run = tapped.probed(state, *args, **kwargs)
         fold, acts, captured = run.fold, {}, run.acts
         for n in tapped.layers:
-            for i, p in enumerate(run.probes[n]):
-                p.register_hook(hook(n, i, len(run.probes[n])))
-        bases = [p for n in tapped.layers for p in run.probes[n]]
+            calls = len(run.probes[n])
+            for i in range(calls):
+                run.probes[n][i].register_hook(hook(n, i, calls))
+        bases = _edges(tapped, run.probes)[0]
         out = run.output
         del run
         if on_input is None:
