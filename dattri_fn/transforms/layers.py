@@ -273,10 +273,11 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
     if plain and shapes is None:
         with torch.enable_grad():
             run = tapped.probed(state, *args, **kwargs)
-            value = summed_losses(loss_fn, run.output, target)
             edges, zeros, calls = _edges(tapped, run.probes)
-            acts, fold = run.acts, run.fold
-            del run  # the probes (layer outputs) need not live through the backward
+            out, acts, fold = run.output, run.acts, run.fold
+            del run  # the probes (layer outputs) need not live through the loss or the backward
+            value = summed_losses(loss_fn, out, target)
+            del out
             grads = torch.autograd.grad(value, edges, allow_unused=True)
         # a call whose output never reaches the loss has g = 0
         grads = iter([z() if g is None else g for g, z in zip(grads, zeros, strict=True)])
