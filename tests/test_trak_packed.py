@@ -138,20 +138,21 @@ class _SeqNet(nn.Module):
 
     def __init__(self, seed: int):
         super().__init__()
-        self.inner, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.inner, self.head = nn.Linear(5, 4), nn.Linear(4, 12)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(0.7 * torch.randn(p.shape, generator=g))
 
-    def forward(self, x):  # [B, 3, 5] -> [B, 3]
+    def forward(self, x):  # [B, 3, 5] -> [B, 12]
         return self.head(torch.tanh(self.inner(x)).mean(1))
 
 
 @pytest.mark.parametrize("narrow", [False, True])
 def test_dense_blocks_and_narrow_layers(narrow):
     """A Linear read at positions goes to the dense block: the state keeps it next to the head's
-    factors (P = 39 > 32 entries a row). Layers 5 -> 1 -> 3, whose factors (12 a row) are not
+    factors (P = 84 >= 2 x 41 entries a row: factored where that halves the rows). Layers
+    5 -> 1 -> 3, whose factors (12 a row) are not
     narrower than the rows (P = 12), keep the dense rows, written from the captured ones, and
     the whole [C, n, n] kernel. Either way the dense dual form's scores (1e-10)."""
     if narrow:
@@ -235,3 +236,37 @@ def test_io_loads_a_state_saved_before_the_factored_fields(tmp_path):
     back = io.load(tmp_path / "old.pt")
     assert isinstance(back, TRAKState) and back.train_factors is None and back.kernel_rows == 0
     assert torch.equal(dense.score(ckpts, back, None, test), dense.score(ckpts, state, None, test))
+
+
+class _MostlyDense(_SeqNet):
+    """_SeqNet with a 3-way head: the positions' dense block (24) is most of the width (P = 39,
+    32 entries a row factored)."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.head = nn.Linear(4, 3)
+
+
+def test_a_mostly_dense_model_keeps_dense_rows_and_a_float64_state_scores_float32_params():
+    """Review R3: (F1) factors that would not halve the rows are not kept (their concatenation
+    and widened copy made prepare peak above the dense rows'): dense rows, the dense dual form's
+    scores; (F2) a float64 factored state scored with float32 params returns the float64
+    scores to float32 rounding (it raised a dtype error)."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 3, 5, generator=g, dtype=F64), torch.randint(0, 3, (7,), generator=g)
+    train, test = [(x[:4], y[:4]), (x[4:], y[4:])], (x[:3] + 0.5, y[:3])
+    net = _MostlyDense(3).to(F64).eval()
+    m_f, dense = _methods(net, damping=0.1)
+    params = functional_model(net).params
+    s_f, s_d = m_f.prepare(params, train), dense.prepare(params, train)
+    assert s_f.train_factors is None and s_f.kernel_rows == 0
+    torch.testing.assert_close(m_f.score(params, s_f, None, test), dense.score(params, s_d, None, test),
+                               rtol=1e-10, atol=1e-10)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(15, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64).eval()
+    m64, _ = _methods(mlp, damping=0.1)
+    p64 = functional_model(mlp).params
+    state = m64.prepare(p64, train)
+    assert state.train_factors is not None
+    want = m64.score(p64, state, None, test)
+    got = m64.score({k: v.float() for k, v in p64.items()}, state, None, (test[0].float(), test[1]))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

@@ -136,12 +136,13 @@ class WeightedRows(NamedTuple):
 
 
 
-def _moved(lg: LayerGrads, device) -> LayerGrads:
-    """``lg`` on ``device`` (itself when already there)."""
-    if lg.dense.device == torch.device(device):
+def _moved(lg: LayerGrads, device, dtype: torch.dtype | None = None) -> LayerGrads:
+    """``lg`` on ``device`` (and in ``dtype``; itself when already so)."""
+    dtype = lg.dense.dtype if dtype is None else dtype
+    if lg.dense.device == torch.device(device) and lg.dense.dtype == dtype:
         return lg
-    return LayerGrads({k: (a.to(device), g.to(device)) for k, (a, g) in lg.factors.items()},
-                      lg.dense.to(device), lg.layout)
+    return LayerGrads({k: (a.to(device, dtype), g.to(device, dtype))
+                       for k, (a, g) in lg.factors.items()}, lg.dense.to(device, dtype), lg.layout)
 
 
 # -- the method --------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
 
     def factored_state(func: str, calls, data, total: int, dtype, wts: Tensor) -> TRAKState:
         """The dual form without projection from the captured rows: kept factored where every
-        layer is flat and the factors are narrower than the rows (``n (in' + out)`` entries per
+        layer is flat and the factors are at most half the rows (``n (in' + out)`` entries per
         layer, not ``n in' out``), the Gram formed from them (:func:`factored_gram`: ``n^2 (in'
         + out)`` multiply-adds per layer, not ``n^2 in' out``) and the kernel kept packed
         (about half of ``[C, n, n]``); otherwise the dense rows, written from the captured
@@ -394,7 +395,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         d, C = calls.d, num_checkpoints(calls.stacked)
         kept = calls.factors(func, "train", data, calls.device, wts)
         width = factored_width(kept) if sum(b.num_rows for b in kept) == total else None
-        if width is not None and width < d:
+        # factored only where that at least halves the rows: the batches are concatenated
+        # while kept, and the Gram widens the dense block (review R3 F1: a model whose dense
+        # block is most of the width peaked at 2.3x the dense rows' prepare)
+        if width is not None and 2 * width <= d:
             rows = kept[0] if len(kept) == 1 else LayerGrads.cat(kept)
             del kept
             pack = pack_rows(total)
@@ -480,7 +484,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             check_cached_train(func, train, n)
             check_optional_int(func, "top_k", top_k)
             train_lg = _moved(state.train_factors, device)
-            test_lg = LayerGrads.cat(calls.factors(func, "test", test, device))
+            # params of another dtype than prepare's: the test rows take the state's (review R3 F2)
+            test_lg = _moved(LayerGrads.cat(calls.factors(func, "test", test, device)), device,
+                             train_lg.dense.dtype)
             S = None
             for c in range(K.shape[0]):
                 # K_c (G_c G_test_c^T), the products from the factors: n m (in' + out) a layer
