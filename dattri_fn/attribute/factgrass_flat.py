@@ -15,7 +15,7 @@ from .._checks import batch_leaves, batch_slice
 from ..model import default_unpack
 from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
 from ..transforms.layer_grads_paths import _autodiff_rows, _row_losses, _rows_of
-from ..transforms.layers import batched_io, per_example_losses
+from ..transforms.layers import _edges, batched_io, per_example_losses
 from ..tree import ravel_batched
 
 
@@ -87,17 +87,22 @@ def _flat_io_checked(plan: LayerPlan, params: dict, batch) -> tuple[dict, LayerP
     args, kwargs, target = (model.unpack or default_unpack)(batch)
     with torch.enable_grad():
         run = tapped.probed({**model.fixed, **params}, *args, **kwargs)
-        value = per_example_losses(model.loss_fn, run.output, target).sum()
-        probes = [p for n in tapped.layers for p in run.probes[n]]
+        # gradients at the probes' autograd edges: the probes (the layer outputs) are dropped
+        # before the loss and the backward, as in batched_io
+        edges, zeros, calls = _edges(tapped, run.probes)
+        out, acts, fold = run.output, run.acts, run.fold
+        del run
+        value = per_example_losses(model.loss_fn, out, target).sum()
+        del out
         lives, losses = _row_losses(model, params, batch, tapped.ties_any, k)
-        flat = torch.autograd.grad([value, *losses],
-                                   probes + [t for live in lives for t in live.values()],
-                                   allow_unused=True, materialize_grads=True)
-    grads = iter(flat[:len(probes)])
-    g = run.fold({n: [next(grads) for _ in run.probes[n]] for n in tapped.layers})
-    io = {n: (run.acts[n].detach(), g[n]) for n in tapped.layers}
-    return io, _flat_checked(plan, params, batch, io,
-                             ravel_batched(_rows_of(params, flat[len(probes):])))
+        leaves = [t for live in lives for t in live.values()]
+        flat = torch.autograd.grad([value, *losses], edges + leaves, allow_unused=True)
+    grads = iter([z() if g is None else g for g, z in zip(flat[:len(edges)], zeros, strict=True)])
+    g = fold({n: [next(grads) for _ in range(calls[n])] for n in tapped.layers})
+    io = {n: (acts[n].detach(), g[n]) for n in tapped.layers}
+    rows = [torch.zeros_like(t) if r is None else r
+            for r, t in zip(flat[len(edges):], leaves, strict=True)]
+    return io, _flat_checked(plan, params, batch, io, ravel_batched(_rows_of(params, rows)))
 
 
 def _flat_sketch(plan: LayerPlan, stage1, params: dict, batch) -> Tensor:
