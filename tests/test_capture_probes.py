@@ -154,22 +154,59 @@ def test_output_probes_equal_added_probes(kind, seed, B):
 
 
 def test_probes_are_the_outputs():
-    """Without in-place ops, each per-call probe is the call's output (no zero added): a bare
-    Linear's probe is the model output itself; later layers' probes have a graph."""
+    """Without in-place ops, each per-call probe with a graph is the call's output (no zero
+    added); an output without one (a bare Linear, the first layer) gets an added zero-stride
+    probe, never made a leaf (review R4: a no_grad part's output would get a gradient)."""
     model = _init(nn.Linear(4, 3), 0)
     x, _ = _data("mlp", 0, 5)
     tapped = tap(model, [""])
     state = {k: v.detach() for k, v in model.named_parameters()}
     with torch.enable_grad():
         run = tapped.probed(state, x)
-    assert run.probes[""][0] is run.output and run.output.is_leaf
+    p = run.probes[""][0]
+    assert p.stride() == (0, 0) and p is not run.output and not run.output.is_leaf
     model = _init(Mlp(), 1)
     tapped = tap(model, ["fc1", "fc2"])
     state = {k: v.detach() for k, v in model.named_parameters()}
     with torch.enable_grad():
         run = tapped.probed(state, x)
     assert [len(run.probes[n]) for n in ("fc1", "fc2")] == [1, 2]
-    assert all(p.grad_fn is not None for p in run.probes["fc2"])
+    assert run.probes["fc1"][0].stride() == (0, 0)
+    assert all(p.grad_fn is not None and p.stride() != (0, 0) for p in run.probes["fc2"])
+
+
+class _Frozen(nn.Module):
+    """A first layer run under torch.no_grad (a frozen part), then two trained layers; with an
+    in-place op after the second when ``inplace`` (which makes the pass rerun)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.l1, self.l2, self.head, self.inplace = (nn.Linear(4, 5), nn.Linear(5, 5),
+                                                     nn.Linear(5, 3), inplace)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.l1(x)
+        h = self.l2(torch.tanh(h))
+        h = h.relu_() if self.inplace else h.relu()
+        return self.head(h)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_layer_under_no_grad_gets_no_gradient(inplace):
+    """Review R4 F1: the frozen layer's per-example gradient is 0 (it was 0.28-0.35 off when its
+    graph-less output was made a leaf), the others equal per-example autograd (1e-10); with an
+    in-place op the rerun's probes are made with grad enabled (it raised)."""
+    model = _init(_Frozen(inplace), 7)
+    x, y = _data("mlp", 7, 6)
+    layers = ["l1", "l2", "head"]
+    tapped, state, own = _io(model, layers, x, y, shapes=False)
+    got = _grads(tapped, state, own)
+    trained = [k for k in got if not k.startswith("l1.")]
+    ref = _reference(model, trained, x, y)
+    for k in trained:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert float(got["l1.weight"].abs().max()) == 0.0 == float(got["l1.bias"].abs().max())
 
 
 @pytest.mark.parametrize("where", ["first", "first-view", "later", "later-view"])
@@ -188,7 +225,11 @@ def test_in_place_on_an_output_reruns_with_added_probes(where):
         torch.testing.assert_close(v, ref[k], rtol=1e-10, atol=1e-12, msg=k)
     with torch.enable_grad():
         run = tapped.probed(state, x)
-    assert all(p.stride() == (0,) * p.ndim for n in layers for p in run.probes[n])
+    # the first layer's output has no graph: an added zero probe, so an in-place op on it needs
+    # no rerun; one on a later output does (every probe is then an added one)
+    rerun = where.startswith("later")
+    assert all((p.stride() == (0,) * p.ndim) == (rerun or n == "fc1") for n in layers
+               for p in run.probes[n])
 
 
 @pytest.mark.parametrize("where", ["first", "later", None])

@@ -282,12 +282,17 @@ class _Capture(TorchFunctionMode):
         """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
         it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
 
-        An output without a graph (the first selected layer's, parameters without gradient)
-        becomes a leaf: an in-place op on it (or on a view of it) raises, and ``probed`` then
-        reruns the forward with added probes. Every output's version is checked after the
-        forward too, since after an in-place op its gradient would be the modified tensor's."""
+        An output without a graph (the first selected layer's, parameters without gradient,
+        or a frozen part run under ``torch.no_grad``) gets an added zero probe, made with grad
+        enabled, as before: made a leaf, an output computed under no_grad would get a gradient
+        its weights do not have (review R4), and a leaf held by autograd stays alive through
+        the backward. Every other output's version is checked after the forward, since after
+        an in-place op its gradient would be the modified tensor's."""
         if not out.requires_grad:
-            out.requires_grad_(True)
+            with torch.enable_grad():
+                p = out.new_zeros((), requires_grad=True).expand(out.shape)
+            self.made[name].append(p)
+            return out + p  # under no_grad: off the graph, so g = 0
         self.versions.append((out, out._version))
         self.made[name].append(out)
         return out
@@ -299,7 +304,9 @@ class _Capture(TorchFunctionMode):
             return None
         if self.probes is _PER_CALL or self.probes is _ADDED:
             # zero-stride: no memory; its gradient is the call's dL/dout whatever the layout
-            p = out.new_zeros((), requires_grad=True).expand(out.shape)
+            # (made with grad enabled: under a model's no_grad it has a grad_fn all the same)
+            with torch.enable_grad():
+                p = out.new_zeros((), requires_grad=True).expand(out.shape)
             self.made[name].append(p)
             return p
         p = self.probes[name]
