@@ -6,9 +6,10 @@ A layer ``z = W a + b`` applied at positions ``t`` has the per-example gradients
 :class:`torch.overrides.TorchFunctionMode` that recognises each selected layer's weight **by
 identity** where a torch function consumes it, records that call's input and adds a zero probe
 to its output. At probes ``= 0`` the output is unchanged and the derivative of the loss w.r.t.
-a probe is ``g``. Outside ``torch.func`` (``tapped.probed``) the probe is the output itself,
-whose gradient is the same ``g`` with no add (unless an in-place op touches the output:
-then zeros are added as above). No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
+a probe is ``g``. Outside ``torch.func`` (``tapped.probed``) the probe of an output that has a
+graph is the output itself, whose gradient is the same ``g`` with no add (unless an in-place op
+touches the output: then zeros are added as above); an output without one gets an added zero.
+No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
 ``functional_call`` can run works (Python control flow, ``**kwargs``, attention masks, stock
 Hugging Face models), and a layer called several times gets one record per call, summed.
 
@@ -154,10 +155,10 @@ class Probed(NamedTuple):
         output: the model's output (unchanged: the probes are zeros).
         acts: ``{layer: a}`` as ``tapped`` returns it.
         probes: ``{layer: (probe per call, in call order)}``, each a tensor whose gradient is
-            the call's ``dL/dout``: the call's output itself (a leaf made to require grad if it
-            had no graph, :meth:`_Capture._own`), or, after an in-place op on an output and
-            for a broadcast Embedding, a zero-stride expansion of a 0-d zero leaf to the
-            output's shape, added to it. Plain autograd w.r.t. them (inputs of
+            the call's ``dL/dout``: the call's output itself where it has a graph
+            (:meth:`_Capture._own`), or a zero-stride expansion of a 0-d zero leaf to the
+            output's shape, added to it (an output without a graph, every output after an
+            in-place op on one, a broadcast Embedding). Plain autograd w.r.t. them (inputs of
             ``autograd.grad``, or ``register_hook``) gives ``g``.
         fold: ``{layer: (dL/dprobe per call)} -> {layer: g}`` in ``tapped``'s ``g`` layout
             (``[B, out]`` flat, else ``[B, T, out]`` with the calls' positions concatenated).
