@@ -45,9 +45,9 @@ import torch
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
-from ..tree import ravel_batched
 from . import capture
 from .factored_grads import LayerGrads
+from .layer_grads_gap import _gap, _gap_sums  # noqa: F401  (the check's comparisons)
 
 # every path helper stays importable from here, as before the split
 from .layer_grads_paths import (  # noqa: F401
@@ -257,70 +257,6 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         args, kwargs, _ = _unpack(plan.model)(batch)
         known = ((input_signature(args, kwargs), shapes),)
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
-
-
-def _gap(lg: LayerGrads, ref: Params, k: int) -> tuple[float, float, torch.dtype]:
-    """``(max |captured - autodiff|, max |autodiff|, dtype)`` over the first ``k`` examples at
-    the first checkpoint, on the raveled rows (one ``[k, P]`` block per side: at the check's
-    3 rows this costs less than a parameter-by-parameter comparison, whose per-key calls
-    dominate on small models). A NaN on either side gives a NaN difference."""
-    C, B = lg.dense.shape[:2]
-    part = lg if (C, B) == (1, k) else lg.select(0).rows(0, k)
-    want = ravel_batched(ref)[:k]  # {key: [k, *shape]} -> [k, P]
-    return (float((part.to_dense()[0] - want).abs().max()), float(want.abs().max()),
-            want.dtype)
-
-
-def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
-              at: tuple[int, ...] = (0,)) -> tuple[float, float, torch.dtype]:
-    """The check's comparison from the reference rows of examples ``at`` and the pass's sum
-    identity.
-
-    With ``G_i`` the captured rows of the ``k`` examples, ``l_i`` the batched pass's
-    per-example losses and ``L_i`` example ``i``'s loss as a batch of one (its own autodiff row):
-
-        (r)  G_i == grad L_i  for i in at    (scale max_i |grad L_i|)
-        (s)  sum_i G_i == grad sum_i l_i     (scale max_i |G_i|: rounding of the k terms)
-
-    Returns the ``(error, scale, dtype)`` of the worse of the two (a NaN in either: NaN).
-    The plan check takes ``at = (0, k - 1)``: the first and the last example.
-
-    What they catch, against :func:`_gap`'s ``G_i == grad L_i`` for every ``i``: write the
-    batched gradients as ``grad l_i = G_i + E_i``, ``E_i`` the part no captured call carries
-    (a use of a captured weight that the engine does not see), and let ``J_ji = dl_j/dz_i``
-    at a captured layer's output row ``i``. Row ``i``'s probe gradient is ``sum_j J_ji``, so
-    examples coupled in the backward (a batch mean or BatchNorm after a captured layer, a
-    ``[T, B, d]`` layer with ``T = B`` whose row 0 is position 0 of every example) put other
-    examples' terms into ``G_0``, and coupling in the forward (before the first captured
-    layer), a batch-size switch, random draws or a batched ``loss_fn.per_example`` that
-    disagrees with ``loss_fn`` on one example make ``l_i`` differ from ``L_i``: (r) fails
-    for each unless both compared examples are untouched. Causal or shift-like mixing along
-    the batch (a cumulative sum, differences of neighbours, an RNN fed the batch as time)
-    leaves example 0 alone but always reaches the last one, which is why it is compared too;
-    what is missed is a fault confined to the examples in between (with ``k = 3``, example 1
-    alone), and random draws that happen to agree on both rows (dropout left on: p^2 where
-    three rows gave p^3). A missing use gives ``sum_i E_i != 0`` in (s) unless the ``E_i``
-    cancel over the examples not compared. Example 1's reference row is not taken: its
-    ``functional_call`` forward is ~0.1 ms of the ~1.5 ms check on digits-lr.
-    """
-    C, B = lg.dense.shape[:2]
-    part = lg if (C, B) == (1, k) else lg.select(0).rows(0, k)
-    rows = part.to_dense()[0]  # [k, P]
-    r = len(at)
-    # the references as one [r + 1, P] block: the compared rows, then the pass's gradient of the sum
-    want = torch.cat([torch.cat([v.reshape(r, -1) for v in ref.values()], 1),
-                      torch.cat([v.reshape(1, -1) for v in sums.values()], 1)])
-    got = torch.cat([rows[list(at)], rows.sum(0, keepdim=True)])  # [r + 1, P]
-    # few tensor ops, one read-back: errors [r + 1], each row's maximum, the references' maximum
-    maxima = torch.cat([(got - want).abs().amax(1), rows.abs().amax(1),
-                        want[:r].abs().amax().reshape(1)])
-    values = maxima.tolist()
-    err_r, err_s = max(values[:r]), values[r]
-    scale_s, scale_r = max(values[r + 1:r + 1 + k]), values[-1]
-    if any(v != v for v in values[:r + 1]):
-        return float("nan"), max(scale_r, scale_s), want.dtype
-    worse = err_s * max(scale_r, 1e-30) > err_r * max(scale_s, 1e-30)
-    return (err_s, scale_s, want.dtype) if worse else (err_r, scale_r, want.dtype)
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
