@@ -270,3 +270,26 @@ def test_a_mostly_dense_model_keeps_dense_rows_and_a_float64_state_scores_float3
     want = m64.score(p64, state, None, test)
     got = m64.score({k: v.float() for k, v in p64.items()}, state, None, (test[0].float(), test[1]))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_state_refusals_name_what_differs():
+    """Review R3: a factored state given to a trak with another feature_dtype is refused naming
+    the settings that read it (F3); a dense dual state of another model with the same C and
+    n < d is refused naming the feature width, not by a raw bmm error (F4)."""
+    net, ckpts = _setup(1, 7)
+    train, test = _data(6, 8), _data(2, 9)
+    factored, _ = _methods(net, damping=0.1)
+    state = factored.prepare(ckpts, train)
+    bf16 = trak(functional_model(net, classification_margin_loss),
+                weight_fn=functional_model(net, classification_weight_loss), damping=0.1,
+                feature_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"trak\.score\(state=\.\.\.\): expected a factored state "
+                                         r"only for a trak with proj_dim=None"):
+        bf16.score(ckpts, state, None, test)
+    wide = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).to(F64).eval()
+    _, dense_wide = _methods(wide, damping=0.1)
+    _, dense = _methods(net, damping=0.1)
+    other = dense_wide.prepare([functional_model(wide).params], train)
+    with pytest.raises(ValueError, match=r"trak\.score\(state=\.\.\.\): expected train features of "
+                                         r"width d = "):
+        dense.score(ckpts, other, None, test)

@@ -425,7 +425,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if state.train_factors is not None:
             n, rows = state.train_factors.num_rows, state.kernel_rows
             want = (C, packed_size(n, rows)) if rows > 0 else None
-            if calls is None or calls.factors is None or n >= d or tuple(state.kernel.shape) != want \
+            if calls is None or calls.factors is None:  # review R3 F3: say which settings
+                raise ValueError(_msg(func, "state", "a factored state only for a trak with "
+                                      "proj_dim=None, a FunctionalModel output_fn and "
+                                      "feature_dtype None or the params' dtype",
+                                      "this trak, which forms dense rows"))
+            if n >= d or tuple(state.kernel.shape) != want \
                     or state.train_factors.dense.shape[0] != C:
                 raise ValueError(_msg(func, "state", f"a factored state of {C} checkpoints with "
                                       f"n_train < d = {d} and its kernel packed (prepared with "
@@ -435,6 +440,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return "factored"
         n = None if state.train_features is None else state.train_features.shape[1]
         if n is not None and n < d and tuple(state.kernel.shape) == (C, n, n):
+            if state.train_features.shape[2] != d:  # another model's state (review R3 F4)
+                raise ValueError(_msg(func, "state", f"train features of width d = {d} (prepared "
+                                      "with the same model and proj_dim)",
+                                      f"width {state.train_features.shape[2]}"))
             return True
         if tuple(state.kernel.shape) != (C, d, d):
             raise ValueError(_msg(func, "state", f"a kernel of shape [C, d, d] = [{C}, {d}, {d}] "
