@@ -333,3 +333,15 @@ def test_call_kinds_keep_their_old_import_path():
 
     for name in ("_CALLS", "_PER_CALL", "_arg", "_linear_inspect", "_conv2d_probe"):
         assert getattr(capture, name) is getattr(capture_kinds, name)
+
+
+def test_split_modules_keep_their_old_import_path():
+    """The mode and the specs moved out of capture are the same objects under capture."""
+    from dattri_fn.transforms import capture, capture_mode, capture_specs
+
+    for mod, names in ((capture_mode, ("_Capture", "_Record", "_acts", "_batch_rows", "_benign", "_keyed",
+                                       "_name")),
+                       (capture_specs, ("CaptureError", "LayerSpec", "KINDS", "layer_specs", "weight_grad",
+                                        "bias_grad", "probe_shapes", "_spec", "_tokens"))):
+        for name in names:
+            assert getattr(capture, name) is getattr(mod, name), name

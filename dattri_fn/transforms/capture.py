@@ -50,10 +50,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.overrides import TorchFunctionMode  # noqa: F401 (importable from here as before)
+from torch.utils._pytree import tree_leaves  # noqa: F401
 
-# the call kinds, all importable from here as before the split
+# the call kinds, the mode and the specs, all importable from here as before the splits
 from .capture_kinds import (  # noqa: F401
     _ADDED,
     _CALLS,
@@ -67,85 +67,32 @@ from .capture_kinds import (  # noqa: F401
     _input_of,
     _linear_inspect,
 )
-from .capture_norm import Broadcast, hold, watched_call
+from .capture_mode import (  # noqa: F401
+    _BENIGN_GETTERS,
+    _BENIGN_METHODS,
+    _acts,
+    _batch_rows,
+    _benign,
+    _Capture,
+    _keyed,
+    _name,
+    _Record,
+)
+from .capture_norm import Broadcast, hold, watched_call  # noqa: F401
+from .capture_specs import (  # noqa: F401
+    KINDS,
+    CaptureError,
+    LayerSpec,
+    _spec,
+    _tokens,
+    bias_grad,
+    layer_specs,
+    probe_shapes,
+    weight_grad,
+)
 
 __all__ = ["CaptureError", "LayerSpec", "Probed", "bias_grad", "check", "layer_specs", "probe_shapes",
            "tap", "weight_grad"]
-
-KINDS = ("linear", "conv1d", "conv2d", "embedding", "layernorm")
-
-
-class CaptureError(ValueError):
-    """A selected layer was used in a way the engine cannot factor (``.problems``: layer -> why)."""
-
-    def __init__(self, problems: Mapping[str, str]):
-        self.problems = dict(problems)
-        text = "; ".join(f"{n or '<root>'}: {why}" for n, why in self.problems.items())
-        super().__init__(f"capture: layers outside the per-layer capture engine: {text}.")
-
-
-class LayerSpec(NamedTuple):
-    """A capturable layer: its kind, state keys and output width (``g``'s last dim)."""
-
-    kind: str
-    weight: str
-    bias: str | None
-    out_features: int
-
-
-def _spec(name: str, m: nn.Module, norms: bool = False) -> LayerSpec | None:
-    prefix = f"{name}." if name else ""
-    bias = f"{prefix}bias" if getattr(m, "bias", None) is not None else None
-    if isinstance(m, nn.LayerNorm):
-        if not norms or m.weight is None:
-            return None
-        return LayerSpec("layernorm", f"{prefix}weight", bias, m.weight.numel())
-    if isinstance(m, nn.Linear):
-        return LayerSpec("linear", f"{prefix}weight", bias, m.out_features)
-    if isinstance(m, nn.Conv2d):
-        return LayerSpec("conv2d", f"{prefix}weight", bias, m.out_channels)
-    if isinstance(m, nn.Embedding):
-        return LayerSpec("embedding", f"{prefix}weight", None, m.embedding_dim)
-    w = getattr(m, "weight", None)
-    if type(m).__name__ == "Conv1D" and isinstance(w, Tensor) and w.ndim == 2:
-        return LayerSpec("conv1d", f"{prefix}weight", bias, w.shape[1])
-    return None
-
-
-def layer_specs(module: nn.Module, *, norms: bool = False) -> dict[str, LayerSpec]:
-    """Return ``{name: LayerSpec}`` of every capturable submodule, in ``named_modules`` order.
-
-    A module reached under several names (shared) is listed once, under its first name; the
-    root module counts (name ``""``). ``norms=True`` adds each ``nn.LayerNorm`` with an affine
-    weight (kind ``"layernorm"``, whose gradients are elementwise, not ``sum_t g_t a_t^T``:
-    only for consumers that know it, via :func:`weight_grad` / :func:`bias_grad`).
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"layer_specs(module=...): expected an nn.Module, got "
-                        f"{type(module).__name__}.")
-    return {n: s for n, m in module.named_modules() if (s := _spec(n, m, norms)) is not None}
-
-
-_BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
-                             "layout", "is_sparse", "is_quantized", "is_meta", "names"})
-_BENIGN_METHODS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point",
-                             "is_complex", "stride", "element_size", "get_device",
-                             "is_contiguous", "ndimension", "nelement", "data_ptr",
-                             "storage_offset", "__hash__", "__format__", "__repr__"})
-
-
-def _benign(func) -> bool:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":
-        return getattr(getattr(func, "__self__", None), "__name__", "") in _BENIGN_GETTERS
-    return name in _BENIGN_METHODS
-
-
-def _name(func) -> str:
-    name = getattr(func, "__name__", repr(func))
-    if name == "__get__":
-        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
-    return name
 
 
 class Probed(NamedTuple):
@@ -168,198 +115,6 @@ class Probed(NamedTuple):
     acts: dict[str, Tensor]
     probes: dict[str, tuple[Tensor, ...]]
     fold: Callable[[Mapping[str, Sequence[Tensor]]], dict[str, Tensor]]
-
-
-class _Record(NamedTuple):
-    a: Tensor  # [B, T, in] (or [B, T] indices); [B, in] (or [B]) when flat
-    flat: bool  # the call's input was [B, in] / [B]
-
-
-class _Capture(TorchFunctionMode):
-    """Records selected layers' inputs and adds their probes (see the module docstring)."""
-
-    def __init__(self, specs: Mapping[str, LayerSpec], state: Mapping[str, Tensor],
-                 probes: Mapping[str, Tensor] | None, batch: int | None, tied: bool = False,
-                 keyed: Sequence[tuple[str, str, str]] | None = None):
-        super().__init__()
-        self.specs, self.probes, self.batch = specs, probes, batch
-        if keyed is None:
-            keyed = _keyed(specs)
-        self.problems: dict[str, str] = {}
-        self.group: dict[str, tuple[str, ...]] = {}
-        self.by_kind: dict[str, dict[int, tuple[str, str]]] = {}
-        self.roles = {id(state[k]): (n, role) for k, n, role in keyed}
-        if len(self.roles) < len(keyed):  # one tensor under two roles: sharing or tying
-            self._shared(specs, state, keyed, tied)
-        self.base = self.roles
-        self.records: dict[str, list[_Record]] = {n: [] for n in specs}
-        # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
-        self.pending: dict[int, object] = {}
-        self.watch: dict[int, tuple[str, Tensor]] = {}
-        self.offsets = dict.fromkeys(specs, 0)
-        self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
-        self.versions: list[tuple[Tensor, int]] = []
-
-    def _shared(self, specs, state, keyed, tied: bool) -> None:
-        """The roles of tensors read by several selected layers (problems, or tied groups)."""
-        self.roles = {}
-        shared: dict[int, list[str]] = {}  # a weight tensor -> the layers reading it as weight
-        for key, n, role in keyed:
-            other = self.roles.setdefault(id(state[key]), (n, role))
-            if other[0] == n:
-                continue
-            if tied and role == other[1] == "weight":
-                shared.setdefault(id(state[key]), [other[0]]).append(n)
-                continue
-            # one tensor, two layers: neither factor is the layer's own
-            self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
-            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
-        # A tied weight (tied=True) is attributed call by call to the member of the call's
-        # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
-        # could not be told apart, so they stay problems.
-        for t, members in shared.items():
-            kinds = [specs[m].kind for m in members]
-            if len(set(kinds)) < len(kinds):
-                for m in members:
-                    self.problems.setdefault(m, f"shares its weight with layer(s) "
-                                                f"{[o for o in members if o != m]} of the same kind")
-                continue
-            for m, k in zip(members, kinds, strict=True):
-                self.group[m] = tuple(members)
-                self.by_kind.setdefault(k, dict(self.roles))[t] = (m, "weight")
-
-    def _hits(self, args, kwargs) -> list[tuple[str, str]]:
-        # Looked up by id without a type test first: the selected tensors stay alive for the
-        # whole forward (state holds them), so no other live object can share their ids.
-        roles, out = self.roles, []
-        for x in (*args, *kwargs.values()) if kwargs else args:
-            role = roles.get(id(x))
-            if role is not None:
-                out.append(role)
-            elif isinstance(x, (list, tuple)):
-                out.extend(roles[id(t)] for t in x if id(t) in roles)
-        return out
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs is None:
-            kwargs = {}
-        if not self.roles:
-            return func(*args, **kwargs)
-        if self.pending or self.watch:
-            done = watched_call(self, func, args, kwargs)
-            if done is not self:
-                return done
-        if self.by_kind:  # a tied weight's reader is the member of this call's kind
-            call = _CALLS.get(func)
-            self.roles = self.by_kind.get(call[0], self.base) if call else self.base
-        hits = self._hits(args, kwargs)
-        if not hits or _benign(func):
-            return func(*args, **kwargs)
-        layers = {n for n, _ in hits}
-        name = next(iter(layers))
-        call = _CALLS.get(func)
-        why = None
-        if len(layers) > 1:
-            why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
-        elif call is None or call[0] != self.specs[name].kind:
-            why = f"its tensors are used by {_name(func)}"
-        if why is None:
-            why = call[1](self, name, args, kwargs)
-        if isinstance(why, str):  # a tied weight's misuse is every member's problem
-            for n in {m for layer in layers for m in self.group.get(layer, (layer,))}:
-                self.problems.setdefault(n, why)
-            return func(*args, **kwargs)
-        if isinstance(why, Broadcast):
-            return hold(self, name, func(*args, **kwargs), why.idx)
-        a, flat, T = why
-        out = func(*args, **kwargs)
-        self.records[name].append(_Record(a, flat))
-        out = call[2](self, name, out, T)
-        if flat and call[0] == "embedding":
-            self.watch[id(out)] = (name, out)
-        return out
-
-    def _own(self, name: str, out: Tensor) -> Tensor:
-        """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
-        it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
-
-        An output without a graph (the first selected layer's, parameters without gradient,
-        or a frozen part run under ``torch.no_grad``) gets an added zero probe, made with grad
-        enabled, as before: made a leaf, an output computed under no_grad would get a gradient
-        its weights do not have (review R4), and a leaf held by autograd stays alive through
-        the backward. Every other output's version is checked after the forward, since after
-        an in-place op its gradient would be the modified tensor's."""
-        if not out.requires_grad:
-            with torch.enable_grad():
-                p = out.new_zeros((), requires_grad=True).expand(out.shape)
-            self.made[name].append(p)
-            return out + p  # under no_grad: off the graph, so g = 0
-        self.versions.append((out, out._version))
-        self.made[name].append(out)
-        return out
-
-    def _probe(self, name: str, T: int, out: Tensor | None = None) -> Tensor | None:
-        """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes), or,
-        for probes made per call, a new zero probe of ``out``'s shape."""
-        if self.probes is None:
-            return None
-        if self.probes is _PER_CALL or self.probes is _ADDED:
-            # zero-stride: no memory; its gradient is the call's dL/dout whatever the layout
-            # (made with grad enabled: under a model's no_grad it has a grad_fn all the same)
-            with torch.enable_grad():
-                p = out.new_zeros((), requires_grad=True).expand(out.shape)
-            self.made[name].append(p)
-            return p
-        p = self.probes[name]
-        if p.ndim == 0:
-            return p
-        if p.ndim == 2:
-            if T != 1 or self.offsets[name]:
-                raise CaptureError({name: "a flat probe [B, out] for a layer with several "
-                                          "positions or calls; build probes from probe_shapes"})
-            self.offsets[name] = 1
-            return p
-        off = self.offsets[name]
-        self.offsets[name] = off + T
-        return p[:, off:off + T]
-
-    def rows_of(self, x: Tensor) -> int | str:
-        """``B`` when ``x`` is batch-first, else the reason it is not."""
-        if self.batch is None or x.ndim == 0 or x.shape[0] != self.batch:
-            got = list(x.shape) if x.ndim else "a scalar"
-            return f"an input {got} that is not batch-first (B = {self.batch})"
-        return self.batch
-
-
-def _keyed(specs: Mapping[str, LayerSpec]) -> tuple[tuple[str, str, str], ...]:
-    """``(state key, layer, role)`` of every selected weight and bias, in layer order."""
-    return tuple((key, n, role) for n, s in specs.items()
-                 for role, key in (("weight", s.weight), ("bias", s.bias)) if key is not None)
-
-
-def _batch_rows(args, kwargs) -> int | None:
-    """The first input leaf's leading size (``B``), None without one."""
-    if args and isinstance(args[0], Tensor) and args[0].ndim:  # the usual (x, ...) call
-        return args[0].shape[0]
-    for t in tree_leaves((args, kwargs)):
-        if isinstance(t, Tensor) and t.ndim:
-            return t.shape[0]
-    return None
-
-
-def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Return ``({layer: a}, problems)`` from a finished mode (module docstring's shapes)."""
-    acts, problems = {}, dict(mode.problems)
-    for n, recs in mode.records.items():
-        if n in problems:
-            continue
-        if not recs:
-            problems[n] = "not called in this forward (or its weight reached a call as a copy)"
-        elif len(recs) == 1:  # the call's own input (or a view of it): no copy
-            acts[n] = recs[0].a
-        else:
-            acts[n] = torch.cat([r.a[:, None] if r.flat else r.a for r in recs], 1)
-    return acts, problems
 
 
 def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
@@ -510,41 +265,3 @@ def check(tapped, state: Mapping[str, Tensor], *args, **kwargs) -> dict[str, str
     ``(args, kwargs)`` shows cannot be captured (empty: every layer is captured)."""
     return tapped.check(state, *args, **kwargs)
 
-
-def probe_shapes(tapped, acts: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    """Return each layer's probe (= ``g``) shape from its ``a`` (one forward's ``acts``)."""
-    out = {}
-    for n, a in acts.items():
-        spec = tapped.specs[n]
-        lead = a.shape if spec.kind == "embedding" else a.shape[:-1]
-        out[n] = (*lead, spec.out_features)
-    return out
-
-
-def _tokens(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """``a``, ``g`` with a positions dim: ``[B, T, in]`` (``[B, T]`` indices), ``[B, T, out]``."""
-    if g.ndim == 2:
-        return a[:, None], g[:, None]
-    return a, g
-
-
-def weight_grad(spec: LayerSpec, a: Tensor, g: Tensor, weight_shape) -> Tensor:
-    """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]
-
-    LayerNorm: ``sum_t g_t * xhat_t`` (elementwise; ``a`` = ``xhat``)."""
-    a, g = _tokens(a, g)
-    if spec.kind == "layernorm":
-        return (g * a).sum(1).reshape(g.shape[0], *weight_shape)
-    if spec.kind == "embedding":
-        V = weight_shape[0]
-        rows = torch.where(a < 0, V, a)[..., None].expand(-1, -1, g.shape[-1])
-        out = g.new_zeros(g.shape[0], V + 1, g.shape[-1]).scatter_add(1, rows, g)
-        return out[:, :V]
-    if spec.kind == "conv1d":
-        return torch.einsum("bti,bto->bio", a, g)
-    return torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], *weight_shape)
-
-
-def bias_grad(spec: LayerSpec, g: Tensor) -> Tensor:
-    """Return the per-example bias gradients ``sum_t g_t``.  # [B, out]"""
-    return g if g.ndim == 2 else g.sum(1)

@@ -17,7 +17,7 @@ from torch import Tensor
 from .capture_norm import Broadcast, layer_norm_inspect
 
 if TYPE_CHECKING:
-    from .capture import _Capture
+    from .capture_mode import _Capture
 
 
 def _arg(args: tuple, kwargs: dict, i: int, key: str, default=None):

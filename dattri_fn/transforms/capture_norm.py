@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .capture import _Capture
+    from .capture_mode import _Capture
 
 # the binary ops through which a shared lookup may reach the batch; the in-place ones only
 # with the pending output as their second operand (never written into)
@@ -106,7 +106,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
 
     Returns the call's result, or ``mode`` itself when no such output is read (or only a
     watched one, whose check is done: the call then goes the usual way)."""
-    from .capture import _benign
+    from .capture_mode import _benign
 
     if mode.watch:
         for _, x in _operands(args, kwargs):
@@ -137,7 +137,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
         return out
     R = args[1 - i].shape
     a = pend.idx.expand(R[:-1]).reshape(R[0], -1)
-    from .capture import _Record
+    from .capture_mode import _Record
 
     mode.records[pend.name].append(_Record(a[:, 0] if len(R) == 2 else a, len(R) == 2))
     p = mode._probe(pend.name, a.shape[1], pend.out.expand(R))
@@ -150,7 +150,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
 def _broadcast_use(mode: _Capture, func, args, kwargs, found) -> str | None:
     """None when the pending output's use copies it to every example (module docstring),
     else what the use is."""
-    from .capture import _name
+    from .capture_mode import _name
 
     if len(found) > 1:
         return f"is read twice by one {_name(func)} call"

@@ -1,0 +1,236 @@
+"""The capture engine's TorchFunctionMode: the per-call bookkeeping of one forward (:mod:`.capture`).
+
+:class:`_Capture` sees every torch call of a forward run by :func:`.capture.tap`, recognises a
+selected layer's weight by identity, records that call's layer input and gives its output a
+probe; :func:`_acts` lays the records out as ``{layer: a}`` and lists the problems. The call
+kinds live in :mod:`.capture_kinds`, the LayerNorm kind and broadcast embeddings in
+:mod:`.capture_norm`. All names are importable from :mod:`.capture` as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .capture_kinds import _ADDED, _CALLS, _PER_CALL
+from .capture_norm import Broadcast, hold, watched_call
+from .capture_specs import CaptureError, LayerSpec
+
+_BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
+                             "layout", "is_sparse", "is_quantized", "is_meta", "names"})
+_BENIGN_METHODS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point",
+                             "is_complex", "stride", "element_size", "get_device",
+                             "is_contiguous", "ndimension", "nelement", "data_ptr",
+                             "storage_offset", "__hash__", "__format__", "__repr__"})
+
+
+def _benign(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _BENIGN_GETTERS
+    return name in _BENIGN_METHODS
+
+
+def _name(func) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}"
+    return name
+
+
+
+class _Record(NamedTuple):
+    a: Tensor  # [B, T, in] (or [B, T] indices); [B, in] (or [B]) when flat
+    flat: bool  # the call's input was [B, in] / [B]
+
+
+class _Capture(TorchFunctionMode):
+    """Records selected layers' inputs and adds their probes (see :mod:`.capture`)."""
+
+    def __init__(self, specs: Mapping[str, LayerSpec], state: Mapping[str, Tensor],
+                 probes: Mapping[str, Tensor] | None, batch: int | None, tied: bool = False,
+                 keyed: Sequence[tuple[str, str, str]] | None = None):
+        super().__init__()
+        self.specs, self.probes, self.batch = specs, probes, batch
+        if keyed is None:
+            keyed = _keyed(specs)
+        self.problems: dict[str, str] = {}
+        self.group: dict[str, tuple[str, ...]] = {}
+        self.by_kind: dict[str, dict[int, tuple[str, str]]] = {}
+        self.roles = {id(state[k]): (n, role) for k, n, role in keyed}
+        if len(self.roles) < len(keyed):  # one tensor under two roles: sharing or tying
+            self._shared(specs, state, keyed, tied)
+        self.base = self.roles
+        self.records: dict[str, list[_Record]] = {n: [] for n in specs}
+        # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
+        self.pending: dict[int, object] = {}
+        self.watch: dict[int, tuple[str, Tensor]] = {}
+        self.offsets = dict.fromkeys(specs, 0)
+        self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
+        self.versions: list[tuple[Tensor, int]] = []
+
+    def _shared(self, specs, state, keyed, tied: bool) -> None:
+        """The roles of tensors read by several selected layers (problems, or tied groups)."""
+        self.roles = {}
+        shared: dict[int, list[str]] = {}  # a weight tensor -> the layers reading it as weight
+        for key, n, role in keyed:
+            other = self.roles.setdefault(id(state[key]), (n, role))
+            if other[0] == n:
+                continue
+            if tied and role == other[1] == "weight":
+                shared.setdefault(id(state[key]), [other[0]]).append(n)
+                continue
+            # one tensor, two layers: neither factor is the layer's own
+            self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
+            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
+        # A tied weight (tied=True) is attributed call by call to the member of the call's
+        # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
+        # could not be told apart, so they stay problems.
+        for t, members in shared.items():
+            kinds = [specs[m].kind for m in members]
+            if len(set(kinds)) < len(kinds):
+                for m in members:
+                    self.problems.setdefault(m, f"shares its weight with layer(s) "
+                                                f"{[o for o in members if o != m]} of the same kind")
+                continue
+            for m, k in zip(members, kinds, strict=True):
+                self.group[m] = tuple(members)
+                self.by_kind.setdefault(k, dict(self.roles))[t] = (m, "weight")
+
+    def _hits(self, args, kwargs) -> list[tuple[str, str]]:
+        # Looked up by id without a type test first: the selected tensors stay alive for the
+        # whole forward (state holds them), so no other live object can share their ids.
+        roles, out = self.roles, []
+        for x in (*args, *kwargs.values()) if kwargs else args:
+            role = roles.get(id(x))
+            if role is not None:
+                out.append(role)
+            elif isinstance(x, (list, tuple)):
+                out.extend(roles[id(t)] for t in x if id(t) in roles)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if not self.roles:
+            return func(*args, **kwargs)
+        if self.pending or self.watch:
+            done = watched_call(self, func, args, kwargs)
+            if done is not self:
+                return done
+        if self.by_kind:  # a tied weight's reader is the member of this call's kind
+            call = _CALLS.get(func)
+            self.roles = self.by_kind.get(call[0], self.base) if call else self.base
+        hits = self._hits(args, kwargs)
+        if not hits or _benign(func):
+            return func(*args, **kwargs)
+        layers = {n for n, _ in hits}
+        name = next(iter(layers))
+        call = _CALLS.get(func)
+        why = None
+        if len(layers) > 1:
+            why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
+        elif call is None or call[0] != self.specs[name].kind:
+            why = f"its tensors are used by {_name(func)}"
+        if why is None:
+            why = call[1](self, name, args, kwargs)
+        if isinstance(why, str):  # a tied weight's misuse is every member's problem
+            for n in {m for layer in layers for m in self.group.get(layer, (layer,))}:
+                self.problems.setdefault(n, why)
+            return func(*args, **kwargs)
+        if isinstance(why, Broadcast):
+            return hold(self, name, func(*args, **kwargs), why.idx)
+        a, flat, T = why
+        out = func(*args, **kwargs)
+        self.records[name].append(_Record(a, flat))
+        out = call[2](self, name, out, T)
+        if flat and call[0] == "embedding":
+            self.watch[id(out)] = (name, out)
+        return out
+
+    def _own(self, name: str, out: Tensor) -> Tensor:
+        """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
+        it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
+
+        An output without a graph (the first selected layer's, parameters without gradient,
+        or a frozen part run under ``torch.no_grad``) gets an added zero probe, made with grad
+        enabled, as before: made a leaf, an output computed under no_grad would get a gradient
+        its weights do not have (review R4), and a leaf held by autograd stays alive through
+        the backward. Every other output's version is checked after the forward, since after
+        an in-place op its gradient would be the modified tensor's."""
+        if not out.requires_grad:
+            with torch.enable_grad():
+                p = out.new_zeros((), requires_grad=True).expand(out.shape)
+            self.made[name].append(p)
+            return out + p  # under no_grad: off the graph, so g = 0
+        self.versions.append((out, out._version))
+        self.made[name].append(out)
+        return out
+
+    def _probe(self, name: str, T: int, out: Tensor | None = None) -> Tensor | None:
+        """The slice of ``probes[name]`` for this call's ``T`` positions (None: no probes), or,
+        for probes made per call, a new zero probe of ``out``'s shape."""
+        if self.probes is None:
+            return None
+        if self.probes is _PER_CALL or self.probes is _ADDED:
+            # zero-stride: no memory; its gradient is the call's dL/dout whatever the layout
+            # (made with grad enabled: under a model's no_grad it has a grad_fn all the same)
+            with torch.enable_grad():
+                p = out.new_zeros((), requires_grad=True).expand(out.shape)
+            self.made[name].append(p)
+            return p
+        p = self.probes[name]
+        if p.ndim == 0:
+            return p
+        if p.ndim == 2:
+            if T != 1 or self.offsets[name]:
+                raise CaptureError({name: "a flat probe [B, out] for a layer with several "
+                                          "positions or calls; build probes from probe_shapes"})
+            self.offsets[name] = 1
+            return p
+        off = self.offsets[name]
+        self.offsets[name] = off + T
+        return p[:, off:off + T]
+
+    def rows_of(self, x: Tensor) -> int | str:
+        """``B`` when ``x`` is batch-first, else the reason it is not."""
+        if self.batch is None or x.ndim == 0 or x.shape[0] != self.batch:
+            got = list(x.shape) if x.ndim else "a scalar"
+            return f"an input {got} that is not batch-first (B = {self.batch})"
+        return self.batch
+
+
+def _keyed(specs: Mapping[str, LayerSpec]) -> tuple[tuple[str, str, str], ...]:
+    """``(state key, layer, role)`` of every selected weight and bias, in layer order."""
+    return tuple((key, n, role) for n, s in specs.items()
+                 for role, key in (("weight", s.weight), ("bias", s.bias)) if key is not None)
+
+
+def _batch_rows(args, kwargs) -> int | None:
+    """The first input leaf's leading size (``B``), None without one."""
+    if args and isinstance(args[0], Tensor) and args[0].ndim:  # the usual (x, ...) call
+        return args[0].shape[0]
+    for t in tree_leaves((args, kwargs)):
+        if isinstance(t, Tensor) and t.ndim:
+            return t.shape[0]
+    return None
+
+
+def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Return ``({layer: a}, problems)`` from a finished mode (:mod:`.capture`'s shapes)."""
+    acts, problems = {}, dict(mode.problems)
+    for n, recs in mode.records.items():
+        if n in problems:
+            continue
+        if not recs:
+            problems[n] = "not called in this forward (or its weight reached a call as a copy)"
+        elif len(recs) == 1:  # the call's own input (or a view of it): no copy
+            acts[n] = recs[0].a
+        else:
+            acts[n] = torch.cat([r.a[:, None] if r.flat else r.a for r in recs], 1)
+    return acts, problems
