@@ -183,6 +183,17 @@ def test_side(cfg: InfluenceConfig, ps, stream=None):
     return rows
 
 
+def _unreached(eigen, kron, seen, start: int, b: int, step) -> None:
+    """``step(start, layer, a, 0)`` for each Kronecker layer whose output never reached the loss
+    on this chunk (an unused output, a layer run under ``torch.no_grad``): no ``g`` arrived, so
+    every example's gradient of it is zero. ``a``, ``g`` are zeros as wide as the layer's
+    factors (its bias column included), which every consumer takes unaugmented."""
+    for layer in kron:
+        if layer not in seen:
+            QA, QG = eigen[0][layer], eigen[1][layer]
+            step(start, layer, QA.new_zeros(b, QA.shape[0]), QG.new_zeros(b, QG.shape[0]))
+
+
 def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
                looped: list | None = None) -> None:
     """``step(start, layer, a, g)`` for the layers ``st.ihvp`` covers, each as its ``g``
@@ -207,10 +218,13 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
     for start in range(0, n, size):
         args, kwargs, target = unpack(batch_slice(batch, start, start + size))
         # a tied weight's members reach step as their one pooled layer (kfac_tied)
-        at, _ = kfac.tied_steps(tapped, lambda layer, a, g, start=start: step(start, layer, a, g))
+        seen: set[str] = set()
+        at, _ = kfac.tied_steps(tapped, lambda layer, a, g, start=start, seen=seen: (
+            seen.add(layer), step(start, layer, a, g)))
         # shapes=None: a probe per layer call, shaped as its output (no extra forward)
         if kron:
             streamed_io(tapped, model.loss_fn, state, args, kwargs, target, None, like, at)
+            _unreached(st.ihvp.eigen, kron, seen, start, min(size, n - start), step)
         if diagonal:
             keys = [k for ks, _ in diagonal.values() for k in ks]
             # blocks of ~2**20 gradient entries (kfac_diag): step sees a group's rows from

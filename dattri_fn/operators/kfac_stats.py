@@ -142,6 +142,25 @@ def _own(t: Tensor) -> Tensor:
     return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.clone()
 
 
+def _fill_unreached(func: str, tapped, names, A: dict[str, Tensor], G: dict[str, Tensor]
+                    ) -> None:
+    """Give each layer whose output never reached the loss (an unused output, a layer run under
+    ``torch.no_grad``: no ``g`` arrived, so ``g = 0`` for every example) its zero ``G``: its
+    Fisher block is zero and its inverse the damping's alone. A tied group's ``A`` takes its
+    embedding's gradients, so a group with a silent member is refused by name."""
+    for n in names:
+        if n in G:
+            continue
+        if n not in A:
+            raise ValueError(_msg(func, "params", "tied layers whose uses all reach the loss "
+                                  "(their pooled statistics take both uses' gradients)",
+                                  f"no output gradient for the tied group {n!r} "
+                                  f"{list(tapped.tied[[t[0] for t in tapped.tied].index(n)])}",
+                                  "Leave its weight out of params."))
+        out = tapped.specs[n].out_features
+        G[n] = A[n].new_zeros(out, out)
+
+
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
                batch_rows=None, reduce=None, held: list | None = None,
                rows: Rows | None = None):
@@ -200,6 +219,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
                 pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows)
+    _fill_unreached(func, tapped, names, A, G)
     sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
                                       **{f"G:{k}": G[k] for k in names}}, n)
     A = {k: sums[f"A:{k}"] / n for k in names}
@@ -483,6 +503,9 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         held.clear()
         n = _passes(func, batches, tapped, losses(), state, chunk_size, step, batch_rows,
                     pooled=pooled)
+    for k in names:  # a layer whose output never reached the loss: g = 0, Lambda = 0
+        if k not in L:
+            L[k] = QG[k].new_zeros(QG[k].shape[0], QA[k].shape[0])
     sums, n = _reduced(func, reduce, {f"L:{k}": L[k] for k in names}, n)
     Lambda = {k: sums[f"L:{k}"] / n for k in names}
     if dtype is not None:
