@@ -132,10 +132,11 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     the forward or the backward), so plain autograd w.r.t. them gives ``g`` with no probe
     shapes known beforehand (no extra forward); ``Probed.fold`` lays the per-call gradients
     out as ``g``. An in-place op on a selected call's output (``relu_``, ``+=`` on it or a
-    view) would change what its gradient means: it is detected (the leaf's error, or the
-    output's version after the forward) and the forward reruns with zero probes added, the
-    same ``g``. ``torch.func`` transforms need probes as inputs: use ``tapped`` with
-    :func:`probe_shapes` there.
+    view) would change what its gradient means: it is detected (the output's version after
+    the forward) and the forward reruns with zero probes added, the same ``g``; that tap's
+    later ``probed`` calls add them from the start (one forward each, the same numbers).
+    ``torch.func`` transforms need probes as inputs: use ``tapped`` with :func:`probe_shapes`
+    there.
 
     ``tied=True``: selected layers of different kinds that read one weight tensor (GPT-2's
     ``wte``, an Embedding, and ``lm_head``, a Linear) are each captured from their own calls
@@ -147,7 +148,8 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     Attributes of ``tapped``: ``layers`` (names, module order), ``specs``, ``module``,
     ``state_keys`` (the names ``functional_call`` accepts), ``tied``, ``ties_any`` (whether
     the module holds one tensor under two names, decided once), ``check`` and ``probed``.
-    It holds no state: every call is independent of the ones before.
+    Its one memory is that flag (whether an in-place op on a selected output was seen): every
+    call's numbers are independent of the ones before.
     """
     specs_all = layer_specs(module, norms=True)
     names = list(layers)
@@ -198,15 +200,15 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
             raise CaptureError(problems)
         return out, acts
 
+    # Whether a forward showed an in-place op on a selected output: from then on this tap adds
+    # zero probes from the start (one forward a batch, not two; the rerun's numbers). Kept per
+    # tap, i.e. per module and layer selection, never shared between taps or models.
+    added: list[bool] = []
+
     def probed(state: Mapping[str, Tensor], *args, **kwargs) -> Probed:
-        try:
-            out, mode = run(state, _PER_CALL, args, kwargs)
-            changed = any(t._version != v for t, v in mode.versions)
-        except RuntimeError as err:  # an in-place op on an output made a leaf
-            if "in-place" not in str(err):
-                raise
-            changed = True
-        if changed:
+        out, mode = run(state, _ADDED if added else _PER_CALL, args, kwargs)
+        if not added and any(t._version != v for t, v in mode.versions):
+            added.append(True)
             out, mode = run(state, _ADDED, args, kwargs)
         acts, problems = _acts(mode)
         if problems:
