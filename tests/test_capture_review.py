@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dattri_fn.transforms.capture import bias_grad, tap, weight_grad
+from dattri_fn.transforms.capture import CaptureError, bias_grad, check, tap, weight_grad
 from dattri_fn.transforms.layers import batched_io, output_shapes, streamed_io
 
 DT = torch.float64
@@ -129,3 +129,78 @@ def test_the_memory_is_per_tap_and_streamed_io_uses_it():
         run = tap(plain, LAYERS).probed(_state(plain), x)
     assert plain.forwards == 1
     assert all(p.stride() != (0, 0) for n in ("fc2", "head") for p in run.probes[n])
+
+
+class Inference(nn.Module):
+    """l1 under torch.inference_mode (its output an inference tensor), then l2."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            h = self.l1(x)
+        return self.l2(torch.tanh(h.clone()))
+
+
+INFERENCE = r"tap\(module=\.\.\.\): expected the selected layers called where autograd can record them, " \
+            r"got layer 'l1' called under torch\.inference_mode\(\)\. Run a frozen part under torch\.no_grad"
+
+
+@pytest.mark.parametrize("path", ["batched", "streamed", "probed", "tapped", "check"])
+def test_a_layer_under_inference_mode_is_named(path):
+    """Review R4 F5: an inference tensor has no gradient and torch.func cannot run one, so every
+    engine path raises a ValueError naming the layer (it raised 'not possible to get the
+    gradient edge' or nothing)."""
+    model = _init(Inference(), 2)
+    tapped, state = tap(model, ["l1", "l2"]), _state(model)
+    x, y = _batch(2)
+    runs = {"batched": lambda: batched_io(tapped, F.cross_entropy, state, (x,), {}, y, None, x),
+            "streamed": lambda: _streamed(tapped, state, x, y),
+            "probed": lambda: tapped.probed(state, x),
+            "tapped": lambda: tapped(state, {"l1": torch.zeros(5, 5, dtype=DT),
+                                             "l2": torch.zeros(5, 3, dtype=DT)}, x),
+            "check": lambda: check(tapped, state, x)}
+    with pytest.raises(ValueError, match=INFERENCE):
+        runs[path]()
+    # the layer after it is captured as ever
+    assert check(tap(model, ["l2"]), state, x) == {}
+
+
+class LookupIntoLinear(nn.Module):
+    """A batch-shared [1, T] position lookup fed through a selected Linear (``proj``) before it
+    meets the batch; with ``twice``, ``proj`` is also applied to the batch-first tokens."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.proj, self.head, self.twice = nn.Linear(4, 4), nn.Linear(4, 3), twice
+
+    def forward(self, idx):
+        h = self.tok(idx)
+        if self.twice:
+            h = self.proj(h)
+        p = self.proj(self.pos(torch.arange(idx.shape[1])[None]))  # [1, T, d] into proj
+        return self.head(torch.tanh(h + p)).mean(1)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_pending_lookup_into_a_selected_layer_names_both(twice):
+    """Review R1 F6: the lookup's use by proj's call goes through proj's capture, so proj is named
+    for its real reason (a [1, 5, 4] input, not batch-first), not 'not called', and is still
+    named when it is also called on batch-first tokens (its record missed this call)."""
+    model = _init(LookupIntoLinear(twice), 5)
+    state = _state(model)
+    idx = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(5))
+    pos = ("its indices are not batch-first (B = 4) and its output [1, 5, 4] reaches linear, not an "
+           "add, subtract or multiply with the batch")
+    proj = "an input [1, 5, 4] that is not batch-first (B = 4)"
+    tapped = tap(model, ["tok", "pos", "proj", "head"])
+    assert check(tapped, state, idx) == {"pos": pos, "proj": proj}
+    assert check(tap(model, ["tok", "proj", "head"]), state, idx) == {"proj": proj}
+    with pytest.raises(CaptureError, match=r"pos: its indices .*; proj: an input \[1, 5, 4\] that is not"):
+        tapped(state, {n: torch.zeros((), dtype=DT) for n in tapped.layers}, idx)
+    with pytest.raises(CaptureError) as err:
+        tapped.probed(state, idx)
+    assert err.value.problems == {"pos": pos, "proj": proj}

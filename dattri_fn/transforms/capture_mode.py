@@ -131,6 +131,13 @@ class _Capture(TorchFunctionMode):
             return func(*args, **kwargs)
         layers = {n for n, _ in hits}
         name = next(iter(layers))
+        if torch.is_inference_mode_enabled():
+            # inference tensors are never recorded by autograd, and torch.func cannot run them:
+            # neither g nor a dense fallback exists, so no CaptureError (which asks for one)
+            raise ValueError(
+                f"tap(module=...): expected the selected layers called where autograd can record "
+                f"them, got layer {name or '<root>'!r} called under torch.inference_mode(). Run a "
+                f"frozen part under torch.no_grad() instead (its layers then get zero gradients).")
         call = _CALLS.get(func)
         why = None
         if len(layers) > 1:

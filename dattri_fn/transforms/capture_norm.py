@@ -105,7 +105,8 @@ def watched_call(mode: _Capture, func, args, kwargs):
     """Handle a call that reads a pending or watched output (module docstring).
 
     Returns the call's result, or ``mode`` itself when no such output is read (or only a
-    watched one, whose check is done: the call then goes the usual way)."""
+    watched one, whose check is done; or the call also reads a selected layer's tensors, after
+    the pending output's problem is recorded): the call then goes the usual way."""
     from .capture_mode import _benign
 
     if mode.watch:
@@ -128,6 +129,15 @@ def watched_call(mode: _Capture, func, args, kwargs):
     pend = mode.pending[id(found[0][1])]
     i = found[0][0]
     why = _broadcast_use(mode, func, args, kwargs, found)
+    if mode._hits(args, kwargs):
+        # a selected layer's own call (a Linear on the lookup): the usual dispatch records it or
+        # names its real problem; bypassed, that layer would read "not called" (review R1 F6)
+        from .capture_mode import _name
+
+        mode.problems.setdefault(pend.name, f"its indices are not batch-first (B = {mode.batch}) "
+                                            f"and its output {list(pend.out.shape)} "
+                                            f"{why or f'reaches {_name(func)} with a selected layer'}")
+        return mode
     if why is not None:
         out = func(*args, **kwargs)
         if len(found) == 1 and out is found[0][1]:  # .to(its own device): the same tensor
