@@ -57,7 +57,7 @@ def test_features_are_the_projected_per_example_gradients(seed, kind, bias, proj
             P_in, P_out = state.projections[layer]
             DW = DW if P_in is None else DW @ P_in
             ref.append((DW if P_out is None else P_out.T @ DW).flatten())
-        torch.testing.assert_close(state.train_features[i], torch.cat(ref), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(state.feature_rows(i, i + 1)[0], torch.cat(ref), rtol=1e-10, atol=1e-12)
 
 
 @given(seed=seeds, kind=st.sampled_from(["mlp", "seq"]), bias=st.booleans(),
@@ -87,7 +87,7 @@ def test_self_score_top_k_and_uncached_features_agree_with_score(seed, kind):
     torch.testing.assert_close(top.values, S.topk(3, dim=0).values, rtol=1e-12, atol=1e-14)
     bare = logra(fm, proj_dim=2, cache_features=False)
     bstate = bare.prepare(fm.params, train)
-    assert bstate.train_features is None
+    assert bstate.train_features is None and bstate.train_factors is None and bstate.cached_rows() is None
     torch.testing.assert_close(bare.score(fm.params, bstate, train, (x, y)), S, rtol=1e-10,
                                atol=1e-12)
     torch.testing.assert_close(bare.self_score(fm.params, bstate, train), S.diagonal(),
@@ -134,7 +134,7 @@ def test_logra_on_stock_gpt2_with_a_causal_lm_loss():
         m = logra(fm, proj_dim=4)
         state = m.prepare(fm.params, batch)
         S = m.score(fm.params, state, batch, batch)
-    assert len(state.eigvecs) == 8 and state.train_features.shape == (4, 8 * 16)
+    assert len(state.eigvecs) == 8 and state.feature_rows().shape == (4, 8 * 16)
     torch.testing.assert_close(m.self_score(fm.params, state, batch), S.diagonal())
     exact = logra(fm, proj_dim=None, damping=0.1)
     ref = influence(fm, solver="ekfac", damping=0.1)

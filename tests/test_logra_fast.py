@@ -19,7 +19,7 @@ def _states_close(s, r):
         _close(s.eigvals[n], r.eigvals[n])
         for q, qr in zip(s.eigvecs[n], r.eigvecs[n], strict=True):
             _close(q.abs(), qr.abs())  # eigenvectors up to sign
-    _close(s.train_features, r.train_features)
+    _close(s.feature_rows(), r.feature_rows())
 
 
 @pytest.mark.parametrize("kind", ["mlp", "seq"])

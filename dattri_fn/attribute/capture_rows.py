@@ -12,9 +12,14 @@ stays within :func:`~dattri_fn.operators.gauss_newton.memory_budget`:
 
 (a layer applied at ``T`` positions holds ``T * (in + out)`` numbers per example for its input
 and output gradient, and ``T`` is at most an example's numel; the model's other activations are
-taken to be no wider than its captured layers). Per-example results do not depend on how
-examples are grouped into passes (eval mode); sums over examples (curvature statistics) are
-reordered, so they move at the rounding level.
+taken to be no wider than its captured layers). That estimate only keeps a pass from blowing
+the budget: it assumes every example holds as many positions as numbers, ~65x the bytes a flat
+layer takes. A pass's rows are therefore also capped by what it measurably holds: before any pass
+has run at most :data:`ONE_PASS_ROWS` rows, after it ``memory_budget() // PASS_SHARE`` bytes of
+the batch and its captured factors (4 MiB of the default 256 MiB; merging only saves the fixed
+per-pass cost, which a few thousand rows already amortise, while held factors grow with every
+row). Per-example results do not depend on how examples are grouped into passes (eval mode); sums
+over examples (curvature statistics) are reordered, so they move at the rounding level.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor
 from .._checks import batch_cat, batch_leaves, batch_size, is_batch, refuse_ambiguous_list
 
 ONE_PASS_ROWS = 4096  # most rows :func:`in_one_pass` takes in one pass (its docstring says why)
+PASS_SHARE = 64  # a merged pass holds at most memory_budget() / PASS_SHARE measured bytes
 
 
 def capture_row_bytes(batch, weights: Iterable[Tensor]) -> int:
@@ -54,25 +60,39 @@ def _layout(batch) -> tuple:
     return (type(batch), tuple(_layout(v) for v in batch))
 
 
-def merged_passes(func: str, arg: str, data, row_bytes, budget: int) -> Iterator:
+def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=None) -> Iterator:
     """Yield the batches of a list/tuple ``data`` merged into runs of at most ``budget //
     row_bytes(first batch)`` rows (consecutive batches of one layout only); any other ``data``
     (one Batch, a DataLoader, a store) is yielded as given by the caller's own iteration.
+
+    ``measured``: ``() -> bytes one example held in the last pass`` (its batch and captured
+    factors; None before any pass). A run then also stops at ``budget // PASS_SHARE //
+    measured()`` rows, and at :data:`ONE_PASS_ROWS` rows while nothing is measured (module
+    docstring); it is read each time a run starts, so the caller's first pass sets the rest.
 
     Each batch's rows are checked (:func:`~dattri_fn._checks.batch_size`) before merging, so an
     error names ``func(arg=...)`` as it would unmerged.
     """
     if is_batch(data) or not isinstance(data, (list, tuple)):
         raise TypeError("merged_passes: expected a list or tuple of batches")
-    cap, buf, n, layout = None, [], 0, None
+    fit, cap, buf, n, layout = None, None, [], 0, None
+
+    def run_cap() -> int:
+        if measured is None:
+            return fit
+        m = measured()
+        return min(fit, ONE_PASS_ROWS if m is None else max(1, budget // PASS_SHARE // m))
+
     for b in data:
         rows = batch_size(func, arg, b)
-        if cap is None:
-            cap = max(1, budget // row_bytes(b))
+        if fit is None:
+            fit = max(1, budget // row_bytes(b))
         lay = _layout(b)
         if buf and (n + rows > cap or lay != layout):
             yield batch_cat(buf)
             buf, n = [], 0
+        if not buf:  # a run starts: capped by what the pass before it measured
+            cap = run_cap()
         buf.append(b)
         n, layout = n + rows, lay
     if buf:
@@ -85,7 +105,7 @@ def can_merge(data) -> bool:
         is_batch(b) for b in data)
 
 
-__all__ = ["can_merge", "capture_row_bytes", "merged_passes"]
+__all__ = ["PASS_SHARE", "can_merge", "capture_row_bytes", "merged_passes"]
 
 
 def in_one_pass(func: str, test, train, row_bytes) -> tuple[list, list[int]] | None:

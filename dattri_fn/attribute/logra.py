@@ -65,15 +65,76 @@ class LoGraState(NamedTuple):
         eigvecs: ``{layer: (Q_A [k_in, k_in], Q_G [k_out, k_out])}``.
         eigvals: ``{layer: Lambda + damping}``, EK-FAC's corrected eigenvalues.  # [k_out, k_in]
         train_features: ``DW'_i`` of every training example, layers side by side, or None
-            (``cache_features=False``).  # [n_train, d]
+            (``cache_features=False``, or held factored in ``train_factors``).  # [n_train, d]
+        train_factors: where every layer took one position (``T = 1``) for every example,
+            ``{layer: (a' [n_train, k_in], g' [n_train, k_out])}`` instead of the features:
+            ``DW'_i = g'_i a'_i^T``, ``k_in + k_out`` numbers per layer and example instead of
+            ``k_in k_out``; :meth:`feature_rows` forms rows of the features from them.
     """
 
     projections: dict
     eigvecs: dict
     eigvals: dict
     train_features: Tensor | None
+    train_factors: dict | None = None
+
+    def cached_rows(self) -> int | None:
+        """The number of training examples whose features the state holds (None: none)."""
+        if self.train_features is not None:
+            return self.train_features.shape[0]
+        if self.train_factors:
+            return next(iter(self.train_factors.values()))[0].shape[0]
+        return None
+
+    def feature_rows(self, start: int = 0, stop: int | None = None) -> Tensor | None:
+        """``DW'_i`` of the cached examples ``start:stop``, layers side by side, from whichever
+        form the state holds (None: none).  # [stop - start, d]"""
+        if self.train_features is not None:
+            return self.train_features[start:stop]
+        if not self.train_factors:
+            return None
+        return _outer_rows({ln: (a[start:stop], g[start:stop])
+                            for ln, (a, g) in self.train_factors.items()})
 
 
+def _outer_rows(factors: dict) -> Tensor:
+    """``vec(g'_i a'_i^T)`` of every row, layers side by side, from ``{layer: (a' [b, k_in],
+    g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass.  # [b, d]"""
+    first = next(iter(factors.values()))[0]
+    b, d = first.shape[0], sum(a.shape[1] * g.shape[1] for a, g in factors.values())
+    out, start = first.new_empty(b, d), 0
+    for a, g in factors.values():
+        ko, ki = g.shape[1], a.shape[1]
+        torch.mul(g[:, :, None], a[:, None, :], out=out[:, start:start + ko * ki].view(b, ko, ki))
+        start += ko * ki
+    return out
+
+
+class _Gather:
+    """Row blocks taken one after another into one ``[total, ...]`` tensor: written into it in
+    place when ``total`` is known (no concatenated copy of the whole at the end), else joined at
+    the end; a first block of all ``total`` rows is kept as it is."""
+
+    def __init__(self, total: int | None):
+        self.total, self.parts, self.buf, self.sizes = total, [], None, []
+
+    def add(self, rows: Tensor) -> None:
+        n, b = sum(self.sizes), rows.shape[0]
+        if self.total is None or (n == 0 and b == self.total):
+            self.parts.append(rows)
+        else:
+            if self.buf is None:
+                self.buf = rows.new_empty(self.total, *rows.shape[1:])
+            self.buf[n:n + b].copy_(rows)
+        self.sizes.append(b)
+
+    def value(self) -> Tensor:
+        if self.buf is not None:
+            return self.buf[:sum(self.sizes)]
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+
+
+_BLOCK_BYTES = 2**20  # most bytes of features formed at once from cached factors (score, self_score)
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
 
 
@@ -322,14 +383,20 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         st = state_of(func, params)
         device = next(iter(st.values())).device
         data = regrouped(func, "train", train, rows_min)
+        # bytes one example held in the last capture pass (its batch and raw factors): caps the
+        # merged passes that follow (capture_rows.PASS_SHARE)
+        held: list = [None]
+        total = None  # the training set's rows where known before any pass: buffers filled in place
         if rows_min is None and can_merge(train):
             # a list of batches in memory: fewer capture passes, each within the memory budget
             budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
             merged = True
+            total = sum(batch_size(func, "train", b) for b in train)
 
             def passes():
                 return merged_passes(func, "train", train,
-                                     lambda b: capture_row_bytes(b, weights), budget)
+                                     lambda b: capture_row_bytes(b, weights), budget,
+                                     measured=lambda: held[0])
         else:
             merged = False
 
@@ -337,25 +404,39 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 return iter_batches(func, "train", data)
         A: dict = {}
         G: dict = {}
-        feats, n, layers, projections = [], 0, None, None
-        # {layer: [(a' [b, k_in], g' [b, k_out]) per batch]} while every batch has T = 1: Lambda
-        # then comes from the rotated factors, without rotating the k_out x k_in features
+        n, layers, projections = 0, None, None
+        # {layer: (_Gather of a' [n, k_in], of g' [n, k_out])} while the layer has T = 1 in every
+        # batch: Lambda then comes from the rotated factors, without rotating the k_out x k_in
+        # features; while every layer is in it, the cache holds these factors, not the features
         factors: dict = {}
+        feats = _Gather(total)  # the features, once a layer has T > 1 (cache_features)
         for batch in passes():
             if not merged:  # merged_passes checked each batch it merged
                 batch_size(func, "train", batch)
             batch = batch_to(batch, device)
+            leaves = batch_leaves(batch)
+            in_bytes, b = sum(t.nbytes for t in leaves), leaves[0].shape[0]
+            leaves = None
             with blame_data(func, "train", batch):
                 if layers is None:
                     layers, io = first_io(func, st, batch)
-                    factors = {ln: [] for ln in layers} if cache_features else {}
+                    if cache_features:
+                        factors = {ln: (_Gather(total), _Gather(total)) for ln in layers}
                 else:
                     io = raw(st, layers, batch)
+            held[0] = -(-(in_bytes + sum(a.nbytes + g.nbytes for a, g in io.values())) // b)
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
             # the raw factors and the (merged) batch are dropped before the features exist
             io = projected(io, projections)
             batch = None
+            drop = [ln for ln, (a, _) in io.items() if ln in factors and a.shape[1] != 1]
+            if drop and n and len(factors) == len(layers):
+                # the rows so far were held factored: their features now (a layer has T > 1)
+                feats.add(_outer_rows({ln: (fa.value(), fg.value())
+                                       for ln, (fa, fg) in factors.items()}))
+            for ln in drop:
+                del factors[ln]
             for ln, (a, g) in io.items():
                 T = a.shape[1]
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -365,22 +446,18 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 A[ln] = dA if ln not in A else A[ln] + dA
                 G[ln] = dG if ln not in G else G[ln] + dG
                 if ln in factors:
-                    if T == 1:
-                        factors[ln].append((a2, g2))
-                    else:
-                        del factors[ln]
-            phi = features(io)
-            n += phi.shape[0]
-            if cache_features:
-                feats.append(phi)
+                    factors[ln][0].add(a2)
+                    factors[ln][1].add(g2)
+            if cache_features and len(factors) < len(layers):
+                feats.add(features(io))
+            n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
         eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers})
+        factors = {ln: (fa.value(), fg.value()) for ln, (fa, fg) in factors.items()}
         sums = {ln: 0.0 for ln in layers}
-        for ln, parts in factors.items():
+        for ln, (a2, g2) in factors.items():
             QA, QG = eigvecs[ln]
-            a2 = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-            g2 = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
             # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
             # are one [k_out, n] x [n, k_in] product of the squared rotated factors
             ta, tg = a2 @ QA, g2 @ QG
@@ -400,11 +477,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                     sums[ln] = sums[ln] + (rot ** 2).sum(0).reshape(ko, ki)
                 start += ko * ki
 
+        cached = feats.value() if cache_features and rest else None
         if not rest:
             pass
         elif cache_features:
-            for phi in feats:
-                add_lambda(phi)
+            r0 = 0
+            for size in feats.sizes:  # pass by pass, as the features were formed
+                add_lambda(cached[r0:r0 + size])
+                r0 += size
         else:
             fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None), func, "train")
             for batch in passes():
@@ -417,18 +497,29 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
                                       f"projected eigenvalues of layer {ln!r} vanish",
                                       f"damping={damping}"))
-        return LoGraState(projections, eigvecs, eigvals, None if not cache_features else
-                          feats[0] if len(feats) == 1 else torch.cat(feats))
+        return LoGraState(projections, eigvecs, eigvals, cached,
+                          factors if cache_features and not rest else None)
 
     def check_state(func: str, state) -> None:
         if not isinstance(state, LoGraState):
             raise TypeError(_msg(func, "state", "the LoGraState returned by logra's prepare",
                                  type(state).__name__))
 
-    def cached_blocks(feats: Tensor) -> list[tuple[Tensor]]:
-        """The cached rows as batches of views (no copy), 4096 rows each."""
-        n, block = feats.shape[0], 4096
-        return [(feats[s:s + block],) for s in range(0, n, block)]
+    def cached_blocks(state: LoGraState, device) -> list[tuple[Tensor]]:
+        """``(rows(batch), batches)`` over the state's cached rows: views of the features (4096
+        rows a batch, no copy), or features formed from the cached factors a power-of-two
+        number of rows at a time, at most ``_BLOCK_BYTES`` each (the batches are index ranges)."""
+        if state.train_features is not None:
+            feats, block = state.train_features.to(device), 4096
+            return (lambda b: b[0]), [(feats[s:s + block],) for s in range(0, feats.shape[0], block)]
+        held = state._replace(train_factors={ln: (a.to(device), g.to(device))
+                                             for ln, (a, g) in state.train_factors.items()})
+        n, d = held.cached_rows(), sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
+        item = next(iter(held.train_factors.values()))[0].element_size()
+        # power-of-two blocks: on the CPU each row's product then equals the whole product's
+        block = min(4096, 1 << (max(1, _BLOCK_BYTES // (d * item)).bit_length() - 1))
+        return ((lambda b: held.feature_rows(int(b[0][0]), int(b[0][-1]) + 1)),
+                [(torch.arange(s, min(n, s + block)),) for s in range(0, n, block)])
 
     def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -440,14 +531,16 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         fn = feature_fn(st, state, func, "train")
         test_fn = feature_fn(st, state, func, "test")
         test_pre = precondition(state, collect(test_fn, test, device=device, func=func, arg="test"))
-        if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[0])
-            feats = state.train_features.to(device)
-            if top_k is None and feats.dtype == test_pre.dtype:
+        if state.cached_rows() is not None:
+            check_cached_train(func, train, state.cached_rows())
+            if (state.train_features is not None and top_k is None
+                    and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
-                return feats @ test_pre.T
-            return stream_scores(lambda b: b[0], cached_blocks(feats), test_pre,
-                                 top_k=top_k, largest=largest, func=func)
+                return state.train_features.to(device) @ test_pre.T
+            # factored rows: scored block by block into the result (stream_scores writes a
+            # countable train set's scores in place), never all features at once
+            rows, blocks = cached_blocks(state, device)
+            return stream_scores(rows, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -459,9 +552,10 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         check_state(func, state)
         st = state_of(func, params)
         device = next(iter(st.values())).device
-        if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[0])
-            blocks = [b[0] for b in cached_blocks(state.train_features.to(device))]
+        if state.cached_rows() is not None:
+            check_cached_train(func, train, state.cached_rows())
+            rows, idx = cached_blocks(state, device)
+            blocks = (rows(b) for b in idx)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
