@@ -29,12 +29,16 @@ class InfluenceState(NamedTuple):
     was built from (eigenpairs, a Cholesky factor, K-FAC factors...) or ``None`` for
     matrix-free solvers; ``tap``: the captured forward that scores K-FAC/EK-FAC layer by layer
     (None on the raveled path); ``row_scale``: RelatIF's ``1 / n_i`` for the training rows
-    ``prepare`` saw, in order (``[n_train]``; None without RelatIF or without training data)."""
+    ``prepare`` saw, in order (``[n_train]``; None without RelatIF or without training data);
+    ``keys``: the params' keys in the order ``prepare`` laid the inverse out in (``score`` and
+    ``self_score`` take the same keys in any order and reorder them to it; None in a state
+    saved before stop 22, which takes params as given)."""
 
     ihvp: LinOp
     factors: Any
     tap: Any = None
     row_scale: torch.Tensor | None = None
+    keys: tuple[str, ...] | None = None
 
 
 class InfluenceEnsembleState(NamedTuple):

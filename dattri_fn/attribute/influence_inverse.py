@@ -347,7 +347,7 @@ def from_factors(cfg: InfluenceConfig, params: Params, factors) -> InfluenceStat
     if ihvp.dim != P:
         raise ValueError(_msg(name, "train", f"factors of layers with P = {P} parameters",
                               f"P = {ihvp.dim}"))
-    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp))
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp), keys=tuple(params))
 
 
 def score_tap(cfg: InfluenceConfig, params: Params, ihvp: LinOp, tapped=None):
@@ -379,10 +379,25 @@ def row_scale(cfg: InfluenceConfig, params: Params, ihvp: LinOp, train) -> torch
                    device=device_of(params), func=cfg.name, arg="train")[:, 0]
 
 
+def layered_keys(cfg: InfluenceConfig, params: Params) -> None:
+    """Refuse, naming ``params``, a K-FAC/EK-FAC params dict on a FunctionalModel whose keys are
+    not the model's: its layer-by-layer score runs the model's capture on ``params`` with the
+    model's ``fixed`` tensors only, so every key of ``model.params`` must be there."""
+    if cfg.layered and cfg.model is not None and set(params) != set(cfg.model.params):
+        keys = list(cfg.model.params)
+        raise ValueError(_msg(cfg.name, "params", f"the keys of the model's params {keys} "
+                              "(in any order)", f"{list(params)}: missing "
+                              f"{[k for k in keys if k not in params]}, unexpected "
+                              f"{[k for k in params if k not in cfg.model.params]}",
+                              "Select the params with functional_model(module, loss_fn, "
+                              "params=...) instead."))
+
+
 def check_model_params(cfg: InfluenceConfig, params: Params) -> None:
     """Validate ``params`` (named here, not by the first inner transform) against the model's
     shapes."""
     check_params(cfg.name, "params", params)
+    layered_keys(cfg, params)
     if cfg.model is not None:
         for k, v in params.items():
             want = cfg.model.params.get(k)
@@ -396,7 +411,7 @@ def build_state(cfg: InfluenceConfig, params: Params, train, tapped) -> Influenc
     its factors, the scoring capture and RelatIF's row scales."""
     ihvp, factors = build_inverse(cfg, params, train, tapped)
     return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp, tapped),
-                          row_scale(cfg, params, ihvp, train))
+                          row_scale(cfg, params, ihvp, train), tuple(params))
 
 
 def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEnsembleState:
@@ -406,6 +421,8 @@ def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEn
     ckpts = checkpoints(name, params)
     factors = given_factors(cfg, train, 1 if ckpts is None else len(ckpts))
     if factors is not None:
+        for p in [params] if ckpts is None else ckpts:
+            layered_keys(cfg, check_params(name, "params", p))
         if ckpts is None:
             return from_factors(cfg, check_params(name, "params", params), factors[0])
         return InfluenceEnsembleState(tuple(from_factors(cfg, p, f)

@@ -92,15 +92,27 @@ def grads(cfg: InfluenceConfig, params: Params, test: bool = False, stream=None)
     return in_chunks(rows, cfg.chunk_size)
 
 
-def _check_state(name: str, state, params) -> None:
+def _check_state(name: str, state, params) -> Params:
+    """``params`` checked against ``state``, in the key order ``prepare`` laid the state out in
+    (``state.keys``): the same keys in another order are reordered (a plain ``loss(params,
+    example)`` ravels in the dict's order, so the same dict reordered would meet another
+    layout); other keys are refused, naming ``params``."""
     if not isinstance(state, InfluenceState):
         raise TypeError(f"{name}(state=...): expected the InfluenceState returned by "
                         f"prepare, got {type(state).__name__}.")
+    keys = getattr(state, "keys", None)
+    if keys is not None and isinstance(params, dict) and tuple(params) != keys:
+        if len(params) != len(keys) or set(params) != set(keys):
+            raise ValueError(_msg(name, "params", f"the keys the state was prepared with "
+                                  f"{list(keys)} (in any order)", f"{list(params)}",
+                                  "Score with the params the state was prepared with."))
+        params = {k: params[k] for k in keys}
     P = sum(v.numel() for v in check_params(name, "params", params).values())
     if P != state.ihvp.dim:
         raise ValueError(f"{name}(params=...): expected params of the model the state was "
                          f"prepared with (P = {state.ihvp.dim}), got P = {P}. Prepare the "
                          f"state with these params.")
+    return params
 
 
 def pairs(name: str, params, state) -> list[tuple[Params, InfluenceState]]:
@@ -112,8 +124,7 @@ def pairs(name: str, params, state) -> list[tuple[Params, InfluenceState]]:
             raise TypeError(f"{name}(params=...): expected the list of "
                             f"{len(state.states)} checkpoints the InfluenceEnsembleState "
                             "was prepared with, got one params dict.")
-        _check_state(name, state, params)
-        return [(params, state)]
+        return [(_check_state(name, state, params), state)]
     if not isinstance(state, InfluenceEnsembleState):
         raise TypeError(f"{name}(state=...): expected the InfluenceEnsembleState that "
                         f"prepare returns for a list of checkpoints, got "
@@ -121,9 +132,7 @@ def pairs(name: str, params, state) -> list[tuple[Params, InfluenceState]]:
     if len(state.states) != len(ckpts):
         raise ValueError(f"{name}(params=...): expected the {len(state.states)} "
                          f"checkpoints the state was prepared with, got {len(ckpts)}.")
-    for p, st in zip(ckpts, state.states, strict=True):
-        _check_state(name, st, p)
-    return list(zip(ckpts, state.states, strict=True))
+    return [(_check_state(name, st, p), st) for p, st in zip(ckpts, state.states, strict=True)]
 
 
 class _Cursor:
