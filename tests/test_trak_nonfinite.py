@@ -26,10 +26,10 @@ def _problem():
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_bad_train_example_is_refused_in_prepare(cache):
-    """A train example with x_0 = 0 has a non-finite gradient: prepare names the features."""
+    """A train example with x_0 = 0 has a non-finite gradient: prepare names its train."""
     fm, x, y = _problem()
     x[2, 0] = 0.0
-    with pytest.raises(ValueError, match=r"features=\.\.\.\): expected finite values"):
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples whose per-ex"):
         trak(fm, damping=0.1, proj_dim=2, cache_features=cache).prepare(fm.params, (x, y))
 
 
@@ -47,3 +47,67 @@ def test_bad_example_is_refused_in_score_and_self_score(cache):
         with pytest.raises(ValueError, match="finite"):
             m.self_score(fm.params, st, (bad, y[:3]))
         assert torch.isfinite(m.self_score(fm.params, st, (x[:3], y[:3]))).all()
+
+
+def _first_bad_key(fm, x, y) -> str:
+    """The first params key whose autograd gradient of the output at (x, y) has NaN or inf."""
+    g = torch.func.grad(fm.loss)(fm.params, (x, y))
+    return next(k for k, v in g.items() if not bool(torch.isfinite(v).all()))
+
+
+_PATHS = {  # name -> trak settings: each feature path that meets the captured gradients
+    "plan-projected": dict(proj_dim=2),
+    "plan-kronecker": dict(proj_dim=1, projection="kronecker"),
+    "plan-factored": dict(proj_dim=None),
+    "vmap-projected": dict(proj_dim=2, plain=True),
+    "vmap-raw": dict(proj_dim=None, plain=True),
+}
+
+
+def _named(fm, path: str, cache: bool):
+    kw = dict(_PATHS[path])
+    out = fm.loss if kw.pop("plain", False) else fm
+    return trak(out, damping=0.1, cache_features=cache, **kw)
+
+
+@pytest.mark.parametrize("path", sorted(_PATHS))
+def test_non_finite_gradient_names_the_call_the_data_and_the_parameter(path):
+    """Review R3 F5: a non-finite per-example gradient raises trak.<call>(<train|test>=...)
+    naming the first params key whose gradient (autograd's, at that example) is NaN or inf,
+    not Projector(features=...)."""
+    fm, x, y = _problem()
+    bad = x.clone()
+    bad[2, 0] = 0.0
+    key = _first_bad_key(fm, bad[2], y[2])
+    want = (r"expected examples whose per-example gradients are finite, got NaN or inf in the "
+            rf"per-example gradient of '{key}'")
+    with pytest.warns(RuntimeWarning) if path.startswith("plan") else _no_warning(), \
+            pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): " + want):
+        _named(fm, path, True).prepare(fm.params, (bad, y))
+    m = _named(fm, path, True)
+    st = m.prepare(fm.params, (x, y))
+    with pytest.raises(ValueError, match=r"^trak\.score\(test=\.\.\.\): " + want):
+        m.score(fm.params, st, None, (bad[1:4], y[1:4]))
+
+
+@pytest.mark.parametrize("path", ["plan-projected", "vmap-projected", "vmap-raw"])
+def test_non_finite_train_rows_streamed_in_score_name_train(path):
+    """Without a cache, score and self_score stream train: a non-finite row there names
+    trak.score(train=...) / trak.self_score(train=...), while good test rows pass."""
+    fm, x, y = _problem()
+    m = _named(fm, path, False)
+    st = m.prepare(fm.params, (x, y))
+    bad = x.clone()
+    bad[2, 0] = 0.0
+    with pytest.raises(ValueError, match=r"^trak\.score\(train=\.\.\.\): expected examples whose"):
+        m.score(fm.params, st, (bad, y), (x[:2], y[:2]))
+    with pytest.raises(ValueError, match=r"^trak\.self_score\(train=\.\.\.\): expected examples"):
+        m.self_score(fm.params, st, (bad, y))
+
+
+class _no_warning:  # a context that expects nothing (pytest.warns(None) is gone)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

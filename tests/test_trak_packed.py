@@ -192,19 +192,20 @@ class _Log(nn.Module):
 
 def test_non_finite_factors_are_refused():
     """A train or test example whose captured gradient is not finite: prepare and score name
-    the features instead of returning NaN scores."""
+    the call and the data (review R3 F5: not Projector(features=...)) instead of returning NaN
+    scores."""
     net = nn.Sequential(_Log(), _net(5)).eval()
     x, y = _data(6, 6)
     factored, _ = _methods(net, damping=0.1)
     params = functional_model(net).params
     bad = x.clone()
     bad[2, 0] = 0.0
-    with pytest.warns(RuntimeWarning), \
-            pytest.raises(ValueError, match=r"features=\.\.\.\): expected finite values"):
+    with pytest.warns(RuntimeWarning), pytest.raises(
+            ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples whose per-ex"):
         factored.prepare(params, (bad, y))
     state = factored.prepare(params, (x, y))
     assert state.train_factors is not None
-    with pytest.raises(ValueError, match=r"features=\.\.\.\): expected finite values"):
+    with pytest.raises(ValueError, match=r"^trak\.score\(test=\.\.\.\): expected examples whose per-example"):
         factored.score(params, state, None, (bad[1:4], y[1:4]))
 
 

@@ -53,7 +53,7 @@ from .outputs import (  # noqa: F401  (the classification_* helpers are imported
     classification_weight_loss,
 )
 from .pipeline import TopK, merge_topk, stream_scores
-from .trak_features import FeatureConfig, feature_calls
+from .trak_features import FeatureConfig, feature_calls, named
 from .trak_kernel import (  # noqa: F401  (names served from trak before the split)
     dual_kernel,
     factored_width,
@@ -303,7 +303,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return TRAKState(K, feats, wts, calls.plan())
         # Uncounted data (a DataLoader) or no cache: Phi^T Phi accumulated batch by batch.
         gram, phis, weights, n = None, [], [], 0
-        with calls.holding():
+        with named(func, "train"), calls.holding():
             for batch in iter_batches(func, "train", data):
                 batch_size(func, "train", batch)
                 phi, q = split(calls.packed(batch_to(batch, device)))
@@ -368,11 +368,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 check_first(func, "train", first, train.data, device)
             rows = lambda b: (lambda phi, q: phi * (q / phi.shape[0])[None, :, None])(
                 *split(calls.packed(b)))
-            with calls.holding():
+            with named(func, "train"), calls.holding():
                 return stream_scores(rows, train, test_feats, top_k=top_k, largest=largest,
                                      func=func)
         train = check_first(func, "train", first, train, device)
-        with calls.holding():
+        with named(func, "train"), calls.holding():
             return stream_scores(lambda b: train_rows(*split(calls.packed(b))),
                                  regrouped(func, "train", train, rows_min), test_feats,
                                  top_k=top_k, largest=largest, func=func)
@@ -416,14 +416,15 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                 phi, q = split(calls.packed(b))
                 return train_rows(phi, q).row_dots(test_rows(K, phi))
 
-            with calls.holding():
+            with named(func, "train"), calls.holding():
                 return record_self(func, train, diag, device=device, state=state)
         else:
             train = check_first(func, "train", first, train, device)
             merged = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
             blocks = (split(calls.packed(batch_to(b, device))) for b in merged
                       if batch_size(func, "train", b))
-        with contextlib.nullcontext() if state.train_features is not None else calls.holding():
+        with named(func, "train"), \
+                contextlib.nullcontext() if state.train_features is not None else calls.holding():
             return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi))
                               for phi, q in blocks])
 

@@ -61,6 +61,66 @@ class Calls(NamedTuple):
     # the weights written into wts; None unless output_fn is a FunctionalModel and d = P
     factors: Callable | None = None
 
+
+class NonFiniteGradient(ValueError):
+    """A per-example gradient with NaN or inf, raised inside the feature engine: :func:`named`
+    turns it into the error of the call and data argument it came from.
+
+    ``param``: the first parameter (params key) whose gradient is not finite; None when every
+    one is (the projected product overflowed).
+    """
+
+    def __init__(self, param: str | None):
+        self.param = param
+        super().__init__(f"a per-example gradient is not finite (parameter {param!r})")
+
+
+@contextlib.contextmanager
+def named(func: str, arg: str):
+    """Raise a :class:`NonFiniteGradient` from the block as ``func(arg=...)``'s ValueError: the
+    user gave the examples, not the projector's features (review R3 F5)."""
+    try:
+        yield
+    except NonFiniteGradient as err:
+        got = (f"NaN or inf in the per-example gradient of {err.param!r}" if err.param is not None
+               else "NaN or inf in the projected features (every gradient finite: an overflow)")
+        raise ValueError(_msg(func, arg, "examples whose per-example gradients are finite", got,
+                              "Check those examples and the model on them (e.g. a log or a "
+                              "division at 0).")) from err
+
+
+def _bad_param(lg) -> str | None:
+    """The first params key of ``lg`` (LayerGrads) whose gradient has NaN or inf, from its
+    factors or dense columns (a weight's ``g a^T`` is not finite where ``a`` or ``g`` is not)."""
+    for key, src in lg.layout:
+        if src[0] == "d":
+            parts = (lg.dense[..., src[1]:src[2]],)
+        else:
+            a, g = lg.factors[src[1]]
+            parts = (g,) if src[0] == "b" else (a, g)
+        if not all(bool(torch.isfinite(t).all()) for t in parts):
+            return key
+    return None
+
+
+def _check_finite(lg) -> None:
+    """Raise :class:`NonFiniteGradient` unless every factor and dense column of ``lg`` is finite
+    (``n (in' + out)`` entries a layer scanned, not the ``n in' out`` rows)."""
+    if not all(all_finite(t) for t in (lg.dense, *(x for f in lg.factors.values() for x in f))):
+        raise NonFiniteGradient(_bad_param(lg))
+
+
+def _bad_column(G: Tensor, params: Params) -> str | None:
+    """The first key of ``params`` whose columns of the raveled rows ``G`` have NaN or inf."""
+    off = 0
+    for key, v in params.items():
+        size = v[0].numel()
+        if not bool(torch.isfinite(G[..., off:off + size]).all()):
+            return key
+        off += size
+    return None
+
+
 class FeatureConfig(NamedTuple):
     """The settings of one :func:`trak` method that its feature engine reads."""
 
@@ -165,7 +225,10 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         lg = None if grads is None else grads(sub, batch)
         if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
             for c in range(lg.dense.shape[0]):
-                yield kron[c if one is None else one].layer_grads(lg.select(c))[0].to(fdt)
+                phi = kron[c if one is None else one].layer_grads(lg.select(c))[0].to(fdt)
+                if not all_finite(phi):
+                    raise NonFiniteGradient(_bad_param(lg.select(c)))
+                yield phi
             return
         if lg is not None and plist is not None:
             b = lg.num_rows
@@ -191,20 +254,21 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     dest = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                               b, dtype=fdt, device=v0.device, out=dest)
                 if not all_finite(dest):  # b*d, not b*P: the blocks skip the projector's scan
-                    raise ValueError(_msg("Projector", "features", "finite values", "NaN or inf",
-                                          "A per-example gradient of the model is not finite "
-                                          "on this batch."))
+                    raise NonFiniteGradient(_bad_param(lc))
                 if into is None:  # written into the cache rows, else yielded
                     yield dest
                 del dest  # not alive while the next checkpoint is projected
             return
         if lg is not None:  # unprojected: [b, P] each
+            _check_finite(lg)
             if into is not None:
                 lg.to_dense(out=into)
                 return
             yield from lg.to_dense(fdt)
             return
         G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
+        if not all_finite(G):  # named here: the projector's own scan would name itself
+            raise NonFiniteGradient(_bad_column(G, sub))
         yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
 
     def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
@@ -243,6 +307,10 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                                                                check=False) is not None
 
     def collect_features(func: str, arg: str, data, device) -> Tensor:  # [C, n, d] in fdt
+        with named(func, arg):
+            return _collect_features(func, arg, data, device)
+
+    def _collect_features(func: str, arg: str, data, device) -> Tensor:
         data = regrouped(func, arg, data, rows_min)
         if not by_checkpoint(data):
             return collect(in_chunks(features, chunk_size), data, device=device, func=func,
@@ -268,7 +336,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         # each R_c only while its own rows are projected (one dense R alive, unpacked once per
         # batch and checkpoint).
         hold_pass = c is not None and not one_call
-        with holding(c) if hold_pass else contextlib.nullcontext():
+        with named(func, "train"), holding(c) if hold_pass else contextlib.nullcontext():
             for batch in iter_batches(func, "train", data):
                 batch = batch_to(batch, v0.device)
                 b = batch_size(func, "train", batch)
@@ -293,6 +361,10 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         """The unprojected gradients of every row of ``data`` as captured, by batch (and
         ``chunk_size`` rows), in order: factored :class:`LayerGrads`, never ``[C, b, P]``;
         ``wts``: the ``[n]`` weights written there too."""
+        with named(func, arg):
+            return _factor_rows(func, arg, data, device, wts)
+
+    def _factor_rows(func: str, arg: str, data, device, wts: Tensor | None) -> list:
         out, n = [], 0
         for batch in iter_batches(func, arg, regrouped(func, arg, data, rows_min)):
             batch = batch_to(batch, device)
@@ -301,11 +373,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             for s in range(0, b, step):
                 part = batch if step >= b else batch_slice(batch, s, s + step)
                 lg = grads(stacked, part)
-                if not all(all_finite(t) for t in (lg.dense, *(x for f in lg.factors.values()
-                                                                for x in f))):
-                    raise ValueError(_msg("Projector", "features", "finite values", "NaN or inf",
-                                          "A per-example gradient of the model is not finite "
-                                          "on this batch."))
+                _check_finite(lg)
                 out.append(lg)
                 if wts is not None:
                     wts[n + s:n + s + lg.num_rows] = weights(part, lg.num_rows)
