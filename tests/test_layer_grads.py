@@ -126,7 +126,8 @@ def test_partial_selection(device, seed, selection):
 
 @given(st.integers(0, 2**16))
 def test_non_linear_parameters_stay_dense(device, seed):
-    """Conv2d and LayerNorm parameters: dense per-example gradients next to the factors."""
+    """Conv2d (materialised) and LayerNorm (captured elementwise rows) parameters: dense
+    per-example gradients next to the factors, equal to vmap(grad)."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 3))
     fm = functional_model(net.double().to(device).eval(), F.cross_entropy)

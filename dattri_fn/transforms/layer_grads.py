@@ -12,8 +12,9 @@ which costs ``in + out`` per pair instead of ``in * out`` (no ``[B, P]`` matrix,
 the capture engine (:mod:`dattri_fn.transforms.capture`: zero probes on the layer outputs, no
 trace, no hooks), for ``nn.Linear``, HF ``Conv1D`` (transposed weight), ``nn.Conv2d``
 (unfolded patches) and ``nn.Embedding`` (whose rows are materialised per example from the
-same pass); every other attributed parameter keeps dense ``vmap(grad)`` gradients (a loop of
-one backward pass per example where vmap cannot run the model).
+same pass; so are an affine ``nn.LayerNorm``'s, written into the dense block); every other
+attributed parameter keeps dense ``vmap(grad)`` gradients (a loop of one backward pass per
+example where vmap cannot run the model).
 
 Plans are values, built once and applied many times: :func:`layer_plan` selects the layers,
 :func:`check_plan` checks them on an example batch and returns a NEW, checked plan that records
@@ -80,8 +81,12 @@ class LayerPlan(NamedTuple):
     Attributes:
         model: the :class:`~dattri_fn.model.FunctionalModel`.
         tapped: the capture engine's pure ``tapped`` function for ``layers``.
-        layers: ``{layer: (weight key or None, bias key or None)}`` of the captured layers.
-        rest: the attributed keys outside them (dense ``vmap(grad)`` gradients).
+        layers: ``{layer: (weight key or None, bias key or None)}`` of the captured
+            Kronecker-form layers (``dW = sum_t g_t a_t^T``; an Embedding's rows are formed
+            per example but keep this form): the only layers a consumer sees as factored.
+        rest: the attributed keys outside them, in params order: the dense block's keys.
+            Those of ``norms`` are formed from the same capture pass, the others
+            (:attr:`autodiff`) by ``vmap(grad)``.
         checked: whether the fields below were decided on an example batch.
         dense: every gradient is computed densely (the factors failed the check, or no
             layer is left to capture).
@@ -94,6 +99,10 @@ class LayerPlan(NamedTuple):
             shapes, for the paths that run under ``torch.func`` transforms (dense parameters
             next to captured layers, a caller's own transform); a batch of another signature
             costs one no-grad forward there.
+        norms: ``{layer: (weight key or None, bias key or None)}`` of the captured affine
+            LayerNorms: elementwise (``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t``), not
+            Kronecker, so their rows go to the dense block under their keys (kept in
+            ``rest``): consumers of ``layers`` and of the dense block need not know them.
     """
 
     model: FunctionalModel
@@ -105,6 +114,20 @@ class LayerPlan(NamedTuple):
     loop: bool = False
     layout: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[tuple, dict[str, tuple[int, ...]]], ...] = ()
+    norms: dict[str, tuple[str | None, str | None]] = {}
+
+    @property
+    def autodiff(self) -> tuple[str, ...]:
+        """The keys of :attr:`rest` that take ``vmap(grad)`` (not read by a captured norm)."""
+        if not self.norms:
+            return self.rest
+        owned = {k for pair in self.norms.values() for k in pair}
+        return tuple(k for k in self.rest if k not in owned)
+
+    @property
+    def captured(self) -> tuple[str, ...]:
+        """Every layer the capture pass reads, :attr:`layers` and :attr:`norms`, module order."""
+        return tuple(self.tapped.layers)
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
@@ -112,8 +135,10 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
     Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
     attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
-    forward works); every other attributed parameter stays dense. :func:`check_plan` checks it
-    on an example batch (module Note); applying an unchecked plan checks it on every call.
+    forward works), and so is every affine ``nn.LayerNorm`` with one when the plan has such a
+    layer (its rows go to the dense block from the same pass: :attr:`LayerPlan.norms`); every
+    other attributed parameter stays dense (``vmap(grad)``). :func:`check_plan` checks it on an
+    example batch (module Note); applying an unchecked plan checks it on every call.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -121,20 +146,26 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if model.loss_fn is None:
         raise ValueError("layer_plan(model=...): expected a FunctionalModel built with a "
                          "loss_fn, got loss_fn=None.")
-    return _plan_of(model, [n for n, s in capture.layer_specs(model.module).items()
+    return _plan_of(model, [n for n, s in capture.layer_specs(model.module, norms=True).items()
                             if s.weight in model.params or s.bias in model.params])
 
 
 def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
+    """The plan capturing ``names``; None without a Kronecker-form layer among them (a plan of
+    norms alone would give consumers of ``layers`` nothing to factor: they stay dense)."""
     if not names:
         return None
     tapped = capture.tap(model.module, names)
+    if all(s.kind == "layernorm" for s in tapped.specs.values()):
+        return None
     keys = set(model.params)
-    layers = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
-              for n, s in tapped.specs.items()}
+    pairs = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
+             for n, s in tapped.specs.items()}
+    layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind != "layernorm"}
+    norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest)
+    return LayerPlan(model, tapped, layers, rest, norms=norms)
 
 
 def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
@@ -271,7 +302,7 @@ def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | Non
     warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
                   f"densely (vmap(grad)) instead of from captured factors: {why}.",
                   RuntimeWarning, stacklevel=5)
-    return _plan_of(plan.model, [n for n in plan.layers if n not in problems])
+    return _plan_of(plan.model, [n for n in plan.captured if n not in problems])
 
 
 def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:
@@ -364,8 +395,8 @@ class PlanDecisions(NamedTuple):
     :func:`decided_plan` turns them back into the checked plan with no pass over data.
 
     Attributes:
-        layers: the captured layers the check kept, in module order (the others were computed
-            densely after its warning).
+        layers: the captured layers the check kept, :attr:`LayerPlan.norms` among them, in
+            module order (the others were computed densely after its warning).
         dense, loop, layout: as :class:`LayerPlan`'s.
     """
 
@@ -385,7 +416,7 @@ def plan_decisions(plan: LayerPlan) -> PlanDecisions:
     if not isinstance(plan, LayerPlan) or not plan.checked:
         got = "an unchecked plan" if isinstance(plan, LayerPlan) else type(plan).__name__
         raise TypeError(_msg("plan_decisions", "plan", "a LayerPlan from check_plan", got))
-    return PlanDecisions(tuple(plan.layers), bool(plan.dense), bool(plan.loop),
+    return PlanDecisions(plan.captured, bool(plan.dense), bool(plan.loop),
                          tuple((str(n), str(k)) for n, k in plan.layout))
 
 
@@ -410,11 +441,14 @@ def decided_plan(plan: LayerPlan, decisions: PlanDecisions) -> LayerPlan:
                              type(decisions).__name__))
     names = tuple(decisions.layers)
     laid = {n for n, _ in decisions.layout}
-    if not names or not set(names) <= set(plan.layers) or not laid <= set(names):
+    # decisions saved before norms were captured name no norm: those then take vmap(grad)
+    base = plan if names == plan.captured else None
+    if base is None and names and set(names) <= set(plan.captured):
+        base = _plan_of(plan.model, list(names))
+    if base is None or not laid <= set(base.layers):
         raise ValueError(_msg(func, "decisions", f"decisions about layers among the plan's "
-                              f"{list(plan.layers)}", f"layers {list(names)}, layout of "
+                              f"{list(plan.captured)}", f"layers {list(names)}, layout of "
                               f"{sorted(laid)}", "They were made for another model."))
-    base = plan if names == tuple(plan.layers) else _plan_of(plan.model, list(names))
     return base._replace(checked=True, dense=bool(decisions.dense), loop=bool(decisions.loop),
                          layout=tuple(decisions.layout), shapes=())
 

@@ -130,7 +130,7 @@ def _rows_of(params: Params, flat) -> Params:
 def _one_call_ok(plan: LayerPlan, stacked: Params) -> bool:
     """Whether :func:`_factored_and_rows` applies: one checkpoint, no dense parameters, outside
     torch.func (then :func:`_factored` is one plain :func:`batched_io` pass, no probe shapes)."""
-    return (not plan.rest and next(iter(stacked.values())).shape[0] == 1
+    return (not plan.autodiff and next(iter(stacked.values())).shape[0] == 1
             and torch._C._functorch.maybe_current_level() is None)
 
 
@@ -191,21 +191,23 @@ def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, sha
     dense parameters by a loop over examples (for models vmap cannot run)."""
     io, _ = _raw_batched(plan, params, args, kwargs, target, shapes)
     rest = _loop_grads(lambda r, ex: plan.model.loss({**params, **r}, ex),
-                       {k: params[k] for k in plan.rest}, batch)
+                       {k: params[k] for k in plan.autodiff}, batch)
     return io, rest
 
 
 def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):
     """``({layer: (a, g)}, {rest key: grad})`` by ``vmap`` over examples (dense parameters)."""
     unpack = _unpack(plan.model)
-    fixed = {**plan.model.fixed, **{k: v for k, v in params.items() if k not in plan.rest}}
-    rest = {k: params[k] for k in plan.rest}
+    keys = plan.autodiff
+    fixed = {**plan.model.fixed, **{k: v for k, v in params.items() if k not in keys}}
+    rest = {k: params[k] for k in keys}
     w = next(iter(params.values()))
+    names = plan.captured
 
     def one(example):
         args, kwargs, target = unpack(example)
         args, kwargs = tree_unsqueeze(args), tree_unsqueeze(kwargs)
-        probes = {n: w.new_zeros((1, *shapes[n][1:])) for n in plan.layers}
+        probes = {n: w.new_zeros((1, *shapes[n][1:])) for n in names}
 
         def f(r, pr):
             out, acts = plan.tapped({**fixed, **r}, pr, *args, **kwargs)
@@ -214,7 +216,7 @@ def _raw_per_example(plan: LayerPlan, params: Params, batch, shapes):
             return loss, acts
 
         (g_rest, g), acts = grad(f, argnums=(0, 1), has_aux=True)(rest, probes)
-        return {n: (acts[n][0], g[n][0]) for n in plan.layers}, g_rest
+        return {n: (acts[n][0], g[n][0]) for n in names}, g_rest
 
     return vmap(one)(batch)
 
@@ -225,12 +227,16 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     the gradients and the per-layer layout used (``plan.layout``'s, or decided here)."""
     factors, dense, layout_of = {}, [], {}
     offset = 0
-    if rest_grads:
-        for k in plan.rest:
-            v = rest_grads[k].flatten(lead)
-            layout_of[k] = ("d", offset, offset + v.shape[-1])
-            dense.append(v)
-            offset += v.shape[-1]
+    # the rest in params order, a norm's keys included: the dense block's layout is the one
+    # vmap(grad) gave them before norms were captured
+    rows = _norm_rows(plan, raw, lead) if plan.norms else {}
+    for k in plan.rest:
+        v = rows[k] if k in rows else rest_grads[k].flatten(lead) if rest_grads else None
+        if v is None:
+            continue
+        layout_of[k] = ("d", offset, offset + v.shape[-1])
+        dense.append(v)
+        offset += v.shape[-1]
     kinds, used = dict(plan.layout), []
     for n, (wk, bk) in plan.layers.items():
         a, g = raw[n]
@@ -285,6 +291,23 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     dense_t = _concat(dense, some, lead)
     layout = tuple((k, layout_of[k]) for k in plan.model.params)
     return LayerGrads(factors, dense_t, layout), tuple(used)
+
+
+def _norm_rows(plan: LayerPlan, raw: dict, lead: int) -> dict[str, Tensor]:
+    """``{key: [*lead, numel]}``: each captured LayerNorm's per-example rows from its ``(a, g)``,
+    ``a = xhat``: ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if any, are
+    every dim between the lead dims and the normalised one; the normalised dims come folded
+    into one, ravelled as the weight is)."""
+    rows = {}
+    for n, (wk, bk) in plan.norms.items():
+        a, g = raw[n]
+        shape = g.shape[:lead]
+        g = g.reshape(*shape, -1, g.shape[-1])  # [*lead, T, D]
+        if wk is not None:
+            rows[wk] = (g * a.reshape(g.shape)).sum(-2)
+        if bk is not None:
+            rows[bk] = g.sum(-2)
+    return rows
 
 
 def _warn_loop(plan: LayerPlan, err: Exception) -> None:
@@ -342,10 +365,10 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrad
     plain = torch._C._functorch.maybe_current_level() is None
     by_ckpt = C > 1 and _by_checkpoint_ok(plan, plain)
     shapes = None  # probes shaped per call: plain autograd needs no shapes
-    if plan.rest or not plain or (C > 1 and not plan.loop and not by_ckpt):
+    if plan.autodiff or not plain or (C > 1 and not plan.loop and not by_ckpt):
         shapes = _shapes(plan, {**plan.model.fixed, **first}, args, kwargs,
                          next(iter(first.values())))
-    if plan.rest:
+    if plan.autodiff:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:
         fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes)
@@ -365,7 +388,7 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrad
                 raise
             _warn_loop(plan, err)
             loop = True
-    if plan.rest:
+    if plan.autodiff:
         fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes)
     raw, rest = _by_checkpoint(fn, stacked, C)
     lg, layout = _assemble(plan, raw, rest, lead=2)
@@ -381,7 +404,7 @@ def _by_checkpoint_ok(plan: LayerPlan, plain: bool) -> bool:
     examples) and outside transforms; and not for Conv2d layers, whose vmapped pass (one
     grouped convolution) rounds differently, so that their scores keep their last bits.
     """
-    return plain and not plan.rest and all(plan.tapped.specs[n].kind != "conv2d"
+    return plain and not plan.autodiff and all(plan.tapped.specs[n].kind != "conv2d"
                                            for n in plan.layers)
 
 
