@@ -2,8 +2,8 @@
 reorder to): the state records the key order ``prepare`` laid it out in, and score/self_score
 take the same keys in any order (review R1 F5: prepared in one order and scored in another,
 explicit/cg/datainf were 10-53 off on a scale of 7-23, silently). Other keys are refused naming
-``params``; so is a K-FAC/EK-FAC params dict that is a strict subset of a FunctionalModel's
-(before: an inner ``tapped(state=...)`` error at score)."""
+``params``; so is a K-FAC/EK-FAC params dict on a FunctionalModel holding a layer's weight
+without its bias (before: an inner ``tapped(state=...)`` error at score)."""
 
 import warnings
 
@@ -121,15 +121,17 @@ def test_other_keys_are_refused_naming_params():
 
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
 def test_kfac_with_a_strict_subset_of_the_models_params_names_params(solver):
-    """K-FAC/EK-FAC on a FunctionalModel given a strict subset of its params: refused at
-    prepare naming params and the missing key (with training data or with given factors)."""
+    """K-FAC/EK-FAC on a FunctionalModel given a layer's weight without its bias (a key the
+    score's capture needs): refused at prepare naming params and the missing key (with
+    training data or with given factors); params of whole layers stay accepted
+    (tests/test_kfac_unreached.py)."""
     from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
 
     mlp, _, p, train, _ = _problem()
     fm = functional_model(mlp, F.cross_entropy)
     sub = {k: v for k, v in p.items() if k != "2.bias"}
     method = influence(fm, solver=solver, damping=2.0)
-    match = r"if_e?kfac\(params=\.\.\.\): expected the keys of the model's params .*'2\.bias'"
+    match = r"if_e?kfac\(params=\.\.\.\): expected every key of the model's params .*'2\.bias'"
     with pytest.raises(ValueError, match=match):
         method.prepare(sub, train)
     fit = kfac_factors if solver == "kfac" else ekfac_factors

@@ -31,6 +31,7 @@ from ..operators.curvature import cross_entropy_out_hessian, fvp, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
 from ..operators.linear_gauss_newton import FactoredOperator
 from ..operators.linear_glm import restricted
+from ..transforms import capture
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_score import _relatif_scale, grads
 from .method import device_of
@@ -380,17 +381,21 @@ def row_scale(cfg: InfluenceConfig, params: Params, ihvp: LinOp, train) -> torch
 
 
 def layered_keys(cfg: InfluenceConfig, params: Params) -> None:
-    """Refuse, naming ``params``, a K-FAC/EK-FAC params dict on a FunctionalModel whose keys are
-    not the model's: its layer-by-layer score runs the model's capture on ``params`` with the
-    model's ``fixed`` tensors only, so every key of ``model.params`` must be there."""
-    if cfg.layered and cfg.model is not None and set(params) != set(cfg.model.params):
-        keys = list(cfg.model.params)
-        raise ValueError(_msg(cfg.name, "params", f"the keys of the model's params {keys} "
-                              "(in any order)", f"{list(params)}: missing "
-                              f"{[k for k in keys if k not in params]}, unexpected "
-                              f"{[k for k in params if k not in cfg.model.params]}",
-                              "Select the params with functional_model(module, loss_fn, "
-                              "params=...) instead."))
+    """Refuse, naming ``params``, K-FAC/EK-FAC params on a FunctionalModel that hold part of a
+    layer's keys only (a weight without its layer's bias, of the model's params): the
+    layer-by-layer score runs the capture on ``params`` and the model's ``fixed`` tensors,
+    which lack the rest. A layer none of whose keys are in ``params`` stays the module's."""
+    if not (cfg.layered and cfg.model is not None):
+        return
+    own = cfg.model.params
+    missing = [k for sp in capture.layer_specs(cfg.model.module).values()
+               if sp.weight in params or sp.bias in params
+               for k in (sp.weight, sp.bias) if k in own and k not in params]
+    if missing:
+        raise ValueError(_msg(cfg.name, "params", "every key of the model's params that "
+                              "belongs to a layer with a key in params", f"{list(params)}: "
+                              f"missing {missing}", "Pass the whole layer, or select the params "
+                              "with functional_model(module, loss_fn, params=...)."))
 
 
 def check_model_params(cfg: InfluenceConfig, params: Params) -> None:
