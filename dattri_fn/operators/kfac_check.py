@@ -49,11 +49,17 @@ _CHECK_ROWS = 2
 class Rows:
     """What a K-FAC pass keeps for the check: ``first`` the pass's first batch, ``a`` / ``g``
     the first ``k`` rows of the first chunk (copies: the chunk is freed) of each layer with
-    positions (module Note: flat layers are not checked)."""
+    positions (module Note: flat layers are not checked), ``pooled`` each tied group's first
+    rows of :class:`~.kfac_tied.PooledParts` (two uses of one weight: always checked)."""
 
     def __init__(self):
         self.first, self.a, self.g = None, {}, {}
         self.seen: set[str] = set()
+        self.pooled: dict = {}
+
+    def on_pooled(self, group: str, parts) -> None:
+        if group not in self.pooled:
+            self.pooled[group] = type(parts)(*(t[:_CHECK_ROWS].clone() for t in parts))
 
     def on_input(self, layer: str, a: Tensor) -> None:
         if layer in self.seen:
@@ -123,13 +129,23 @@ def differing(module: nn.Module, loss_fn, state, rows: dict[str, Tensor], args, 
     return out
 
 
+def _pooled_grad(parts) -> Tensor:
+    """A tied weight's per-example gradient ``sum_t g_t h_t^T + sum_s e_{id_s} u_s^T`` from
+    its pooled parts (:mod:`.kfac_tied`; ``u`` is zero where ``ids`` is ``-1``).
+    # -> [k, V, d]"""
+    dw = parts.g.mT @ parts.h
+    idx = parts.ids.clamp_min(0)[..., None].expand_as(parts.u)
+    return dw.scatter_add_(1, idx, parts.u)
+
+
 def mismatched(func: str, module: nn.Module, loss, state, names, param_names, tapped,
                rows: Rows) -> dict[str, str]:
     """``{layer: why}`` for the checked layers whose captured gradients ``sum_t g_t a_t^T`` of
-    the first rows differ from autodiff (:func:`differing`). Tied groups (pooled from several
-    uses) are not checked."""
+    the first rows differ from autodiff (:func:`differing`); a tied group (:mod:`.kfac_tied`)
+    is checked on its weight's pooled gradient, both uses summed, and named as its group."""
     checked = [n for n in names if n in rows.g and n in rows.a]
-    if not checked or rows.first is None:
+    groups = [n for n in names if n in rows.pooled]
+    if not (checked or groups) or rows.first is None:
         return {}
     k = min(_CHECK_ROWS, batch_size(func, "data", rows.first))
     args, kwargs, target = unpack_example(batch_slice(rows.first, 0, k))
@@ -143,7 +159,10 @@ def mismatched(func: str, module: nn.Module, loss, state, names, param_names, ta
         got[wk], owner[wk] = capture.weight_grad(spec, a, g, state[wk].shape), n
         if bk in param_names:
             got[bk], owner[bk] = capture.bias_grad(spec, g), n
+    for n in groups:
+        got[_keys(n)[0]], owner[_keys(n)[0]] = _pooled_grad(rows.pooled[n])[:k], n
     bad: dict[str, str] = {}
     for key, why in differing(module, loss_fn, state, got, args, kwargs, target).items():
-        bad.setdefault(owner[key], f"layer {owner[key]!r}: {why}")
+        kind = "tied group" if owner[key] in rows.pooled else "layer"
+        bad.setdefault(owner[key], f"{kind} {owner[key]!r}: {why}")
     return bad

@@ -213,6 +213,8 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
             G[layer] = dG
 
     def pooled(group, parts):  # a tied group: G's one-hot share is diag(token counts)
+        if rows is not None:
+            rows.on_pooled(group, parts)
         on_input(group, parts.ins())
         dG = parts.gram()
         G[group] = dG if group not in G else G[group].add_(dG)
@@ -335,14 +337,19 @@ def _without(func, names, pnames, rest, bad: dict[str, str], fisher, others):
 
 def _uncaptured(names, tapped, err: capture.CaptureError) -> dict[str, str]:
     """``{layer: why}`` of the Kronecker layers the capture engine refused on the data (a
-    sequence-first input with ``S != B``...), or ``err`` re-raised where it names none of them
-    or a tied group's member (pooled: no layer of its own to move)."""
-    members = {m for group in getattr(tapped, "tied", ()) for m in group}
-    bad = {n: f"layer {n!r}: the capture engine cannot take it on this data ({why})"
-           for n, why in err.problems.items() if n in names}
-    if not bad or members & set(err.problems):
+    sequence-first input with ``S != B``...; a tied group where it refused a member, named as
+    the group, whose weight then moves as a whole), or ``err`` re-raised where it names none of
+    them."""
+    group_of = {m: group[0] for group in getattr(tapped, "tied", ()) for m in group}
+    whys: dict[str, list[str]] = {}
+    for n, why in err.problems.items():
+        if group_of.get(n, n) in names:
+            whys.setdefault(group_of.get(n, n), []).append(
+                why if n not in group_of else f"its use {n!r}: {why}")
+    if not whys:
         raise err
-    return bad
+    return {n: f"{'tied group' if n in group_of else 'layer'} {n!r}: the capture engine cannot "
+               f"take it on this data ({'; '.join(w)})" for n, w in whys.items()}
 
 
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
@@ -481,6 +488,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
     def pooled(group, parts):
         # a tied group: the one-hot rows of Q_G gathered by id, never [B, S, V] x [V, V]
+        if group not in QA:  # a group the check moved to the diagonal block
+            return
         qa, qg = QA[group], QG[group]
         o, i, T = qg.shape[0], qa.shape[0], parts.h.shape[1] + parts.u.shape[1]
         step_rows = max(1, _LAMBDA_ENTRIES // (o * max(i, T)))
