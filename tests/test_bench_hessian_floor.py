@@ -1,0 +1,63 @@
+"""benchmarks.hessian_floor: its FLOP count, HVP call count and floor arithmetic on toy sizes."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import hessian_floor as hf
+from benchmarks import run
+from dattri_fn.operators import curvature
+from dattri_fn.operators.curvature import hvp
+
+
+@pytest.mark.slow  # the flop counter's first use imports its shape machinery (~5 s)
+def test_count_flops_of_one_product():
+    """count_flops(a @ b) == 2 m k n for a [m, k] x [k, n] product."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=gen), torch.randn(5, 3, generator=gen)
+    assert hf.count_flops(lambda: a @ b) == 2 * 7 * 5 * 3
+
+
+def test_gemm_rate_is_a_positive_rate():
+    """gemm_rate > 0 and finite (FLOP/s of a square float32 product on this thread)."""
+    rate = hf.gemm_rate(sizes=(32,), repeats=2)
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_hvp_calls_counts_rows_times_examples_and_restores():
+    """Two batches (5 and 3 examples), V of 4 rows: 2 calls, 4 * 8 row-examples; the product
+    is torch.equal to the uncounted one and the operator's function is restored after."""
+    gen = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, generator=gen, dtype=torch.float64)}
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    data = [(x[:5],), (x[5:],)]
+    loss = lambda p, ex: torch.tanh(ex[0] @ p["w"]) ** 2  # noqa: E731
+    H = hvp(loss, params, data)
+    V = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    want = H(V)
+    inner = curvature._plain_rev_rev
+    got = []
+    calls, rows = hf.hvp_calls(lambda: got.append(H(V)))
+    assert (calls, rows) == (2, 4 * 8)
+    assert torch.equal(got[0], want)
+    assert curvature._plain_rev_rev is inner
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:ihvp_cg")  # 5 CG steps on purpose: rows not converged
+def test_compare_row_without_dattri():
+    """compare(): floor = FLOPs / rate, ours / floor = time / floor, and the CG run's HVP rows
+    are (iterations' rows) x n_train (every call covers all training examples)."""
+    args = run.parse_args(["--task", "digits-mlp", "--n-train", "40", "--n-test", "3",
+                           "--models", "1", "--quiet"])
+    task = run.load_task(run.task_spec(args))
+    models = run.load_models(task, run.train_states(task, 1))
+    hp = {**run.hyper_parameters(args), "max_iter": 5}
+    row = hf.compare("if-cg", task, models, hp, rounds=1, rate=1e9, with_dattri=False)
+    assert row["ours_flops"] > 0
+    assert row["ours_floor_s"] == row["ours_flops"] / 1e9
+    assert row["ours_over_floor"] == row["ours_s"] / row["ours_floor_s"]
+    assert row["hvp_calls"] >= 1 and row["hvp_row_examples"] % 40 == 0
+    assert "dattri_s" not in row
+    assert "| if-cg |" in hf.table([row], 1e9)
