@@ -354,3 +354,14 @@ def test_grad_dot_on_a_tiny_gpt2_captures_its_layer_norms():
         rows.append(torch.cat([params[k].grad.flatten() for k in fm.params]))
     G = torch.stack(rows)
     torch.testing.assert_close(S, G @ G.T, rtol=1e-9, atol=1e-11)
+
+
+def test_kronecker_layers_refuses_a_norm_among_the_layers():
+    """A plan whose layers hold a LayerNorm (built by hand) is refused by name: its rows are
+    elementwise, not sum_t g_t a_t^T."""
+    fm = functional_model(_model("mlp"), F.cross_entropy)
+    plan = layer_plan(fm)
+    bad = plan._replace(layers={**plan.layers, **plan.norms}, norms={})
+    with pytest.raises(ValueError, match=r"kronecker_layers\(plan=...\): expected layers of "
+                                         r"Kronecker form .* got 'ln0' of kind 'layernorm'"):
+        kronecker_layers(bad, fm.params)

@@ -322,13 +322,21 @@ def kronecker_layers(plan, params: Mapping[str, Tensor]) -> tuple[dict, tuple]:
     """Return ``(layers, rest)`` for :func:`make_kronecker_projector` from a capture plan.
 
     ``plan`` is a :class:`~dattri_fn.transforms.layer_grads.LayerPlan` (its captured layers
-    become Kronecker blocks, its other parameters the rest); ``params`` gives the shapes (a
+    become Kronecker blocks, its other parameters the rest: a captured LayerNorm's keys among
+    them, its rows being elementwise, not ``sum_t g_t a_t^T``); ``params`` gives the shapes (a
     leading checkpoint dim is allowed when ``stacked`` is True for every leaf: pass one
     checkpoint's dict).
+
+    Raises:
+        ValueError: a layer in ``plan.layers`` whose gradient is not of the Kronecker form.
     """
     layers = {}
     for n, (wk, bk) in plan.layers.items():
         spec = plan.tapped.specs[n]
+        if spec.kind not in ("linear", "conv1d", "conv2d", "embedding"):
+            raise ValueError(_msg("kronecker_layers", "plan", "layers of Kronecker form "
+                                  "(linear, conv1d, conv2d, embedding) in plan.layers",
+                                  f"{n!r} of kind {spec.kind!r}", "Keep it in plan.norms."))
         if wk is not None:
             shape = params[wk].shape
             if spec.kind in ("conv1d", "embedding"):
