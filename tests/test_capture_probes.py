@@ -154,9 +154,10 @@ def test_output_probes_equal_added_probes(kind, seed, B):
 
 
 def test_probes_are_the_outputs():
-    """Without in-place ops, each per-call probe with a graph is the call's output (no zero
-    added); an output without one (a bare Linear, the first layer) gets an added zero-stride
-    probe, never made a leaf (review R4: a no_grad part's output would get a gradient)."""
+    """Without in-place ops, each per-call probe is the call's output (no zero added); a Linear
+    output without a graph (a bare Linear, the first layer) gets one from a detached alias of
+    its weight that requires grad (no leaf: review R4); a Conv2d output without one gets an
+    added zero-stride probe (its node would hold the input)."""
     model = _init(nn.Linear(4, 3), 0)
     x, _ = _data("mlp", 0, 5)
     tapped = tap(model, [""])
@@ -164,15 +165,22 @@ def test_probes_are_the_outputs():
     with torch.enable_grad():
         run = tapped.probed(state, x)
     p = run.probes[""][0]
-    assert p.stride() == (0, 0) and p is not run.output and not run.output.is_leaf
+    assert p is run.output and p.grad_fn is not None and not state["weight"].requires_grad
     model = _init(Mlp(), 1)
     tapped = tap(model, ["fc1", "fc2"])
     state = {k: v.detach() for k, v in model.named_parameters()}
     with torch.enable_grad():
         run = tapped.probed(state, x)
     assert [len(run.probes[n]) for n in ("fc1", "fc2")] == [1, 2]
-    assert run.probes["fc1"][0].stride() == (0, 0)
-    assert all(p.grad_fn is not None and p.stride() != (0, 0) for p in run.probes["fc2"])
+    assert all(p.grad_fn is not None and p.stride() != (0, 0) for n in ("fc1", "fc2")
+               for p in run.probes[n])
+    model = _init(ConvNet(), 2)
+    tapped = tap(model, ["conv", "fc"])
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    with torch.enable_grad():
+        run = tapped.probed(state, _data("conv", 2, 3)[0])
+    assert run.probes["conv"][0].stride() == (0, 0, 0, 0)
+    assert run.probes["fc"][0].stride() != (0, 0)
 
 
 class _Frozen(nn.Module):
@@ -225,11 +233,9 @@ def test_in_place_on_an_output_reruns_with_added_probes(where):
         torch.testing.assert_close(v, ref[k], rtol=1e-10, atol=1e-12, msg=k)
     with torch.enable_grad():
         run = tapped.probed(state, x)
-    # the first layer's output has no graph: an added zero probe, so an in-place op on it needs
-    # no rerun; one on a later output does (every probe is then an added one)
-    rerun = where.startswith("later")
-    assert all((p.stride() == (0,) * p.ndim) == (rerun or n == "fc1") for n in layers
-               for p in run.probes[n])
+    # every output has a graph (the first layer's through its weight's alias), so an in-place
+    # op on any of them makes the pass rerun: every probe is then an added one
+    assert all(p.stride() == (0,) * p.ndim for n in layers for p in run.probes[n])
 
 
 @pytest.mark.parametrize("where", ["first", "later", None])

@@ -204,3 +204,55 @@ def test_a_pending_lookup_into_a_selected_layer_names_both(twice):
     with pytest.raises(CaptureError) as err:
         tapped.probed(state, idx)
     assert err.value.problems == {"pos": pos, "proj": proj}
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's Conv1D: ``addmm(b, x.view(-1, in), W)`` with ``W`` ``[in, out]``."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.zeros(nx, nf)), nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(
+            *x.shape[:-1], -1)
+
+
+class FirstLayers(nn.Module):
+    """The first selected call of each kind given a graph through its weight's alias: an
+    Embedding with padding_idx, a bias-free Linear on a transposed [B, T, D] input, a Conv1D."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(7, 4, padding_idx=0), nn.Linear(4, 4, bias=False)
+        self.conv1d, self.head = Conv1D(4, 4), nn.Linear(4, 3)
+
+    def forward(self, idx):
+        h = self.emb(idx).transpose(1, 2).transpose(1, 2)
+        h = torch.tanh(self.lin(h.transpose(0, 1).contiguous().transpose(0, 1)))
+        return self.head(torch.tanh(self.conv1d(h)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layers", [["emb", "lin", "conv1d", "head"], ["lin"], ["conv1d", "head"]])
+def test_first_layers_own_probes_equal_added_probes(dtype, layers):
+    """A first selected output whose graph comes from its weight's alias (Embedding, Conv1D) gives
+    the (a, g) of zero probes added to it, bit for bit (g = dL/dz either way), and so does a
+    Linear on a transposed [B, T, D] input, which keeps the added probe (matmul folds it another
+    way once the weight requires grad: 5.6e-17 off); the state's weights stay untouched."""
+    model = _init(FirstLayers(), 6).to(dtype)
+    idx = torch.randint(0, 7, (5, 6), generator=torch.Generator().manual_seed(6))
+    y = torch.randint(0, 3, (5,), generator=torch.Generator().manual_seed(7))
+    state = _state(model)
+    tapped = tap(model, layers)
+    like = state["head.weight"]
+    own = batched_io(tapped, F.cross_entropy, state, (idx,), {}, y, None, like)
+    shapes = output_shapes(tapped, state, (idx,), {}, like)
+    added = batched_io(tapped, F.cross_entropy, state, (idx,), {}, y, shapes, like)
+    with torch.enable_grad():
+        run = tapped.probed(state, idx)
+    first = run.probes[layers[0]][0]  # a Linear on positions keeps an added zero probe
+    assert (first.stride() == (0,) * first.ndim) == (layers[0] == "lin")
+    for n in layers:
+        assert all(torch.equal(u, v) for u, v in zip(own[n], added[n], strict=True)), n
+    assert all(not v.requires_grad and v.grad is None for v in state.values())

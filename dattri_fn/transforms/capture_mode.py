@@ -153,6 +153,9 @@ class _Capture(TorchFunctionMode):
         if isinstance(why, Broadcast):
             return hold(self, name, func(*args, **kwargs), why.idx)
         a, flat, T = why
+        if self.probes is _PER_CALL and call[0] in _GRAPHED and (flat or call[0] != "linear") \
+                and torch.is_grad_enabled():
+            args, kwargs = _graphed(self, name, args, kwargs)
         out = func(*args, **kwargs)
         self.records[name].append(_Record(a, flat))
         out = call[2](self, name, out, T)
@@ -164,12 +167,14 @@ class _Capture(TorchFunctionMode):
         """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
         it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
 
-        An output without a graph (the first selected layer's, parameters without gradient,
-        or a frozen part run under ``torch.no_grad``) gets an added zero probe, made with grad
-        enabled, as before: made a leaf, an output computed under no_grad would get a gradient
-        its weights do not have (review R4), and a leaf held by autograd stays alive through
-        the backward. Every other output's version is checked after the forward, since after
-        an in-place op its gradient would be the modified tensor's."""
+        Under grad mode, a flat Linear, Conv1D or Embedding call with no input that requires
+        grad (the first selected layer, parameters without gradient) was given a graph
+        beforehand (:func:`_graphed`). An output still without one (a LayerNorm's, Conv2d's or
+        Linear-on-positions' there, or a frozen part run under ``torch.no_grad``) gets an added
+        zero probe, made with grad enabled: made a leaf, an output computed under no_grad would
+        get a gradient its weights do not have (review R4), and a leaf held by autograd stays
+        alive through the backward. Every other output's version is checked after the forward, since after an
+        in-place op its gradient would be the modified tensor's."""
         if not out.requires_grad:
             with torch.enable_grad():
                 p = out.new_zeros((), requires_grad=True).expand(out.shape)
@@ -210,6 +215,33 @@ class _Capture(TorchFunctionMode):
             got = list(x.shape) if x.ndim else "a scalar"
             return f"an input {got} that is not batch-first (B = {self.batch})"
         return self.batch
+
+
+# Kinds whose autograd node, for a weight that requires grad, saves only what the call's ``a``
+# holds (the input or its rows, the indices) besides the weight itself: no memory is added,
+# and whose kernel does not depend on grad mode (a Linear only on a flat [B, in] input: on
+# [B, T, in] matmul may fold another way once the weight requires grad, which moves g by an
+# ulp). LayerNorm's node would save its input (``a`` is xhat), Conv2d's its input (``a`` is
+# the unfolded patches): those, and Linear on positions, keep the added zero probe.
+_GRAPHED = frozenset({"linear", "conv1d", "embedding"})
+
+
+def _graphed(mode: _Capture, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with ``name``'s weight replaced by a detached alias that requires grad
+    when no tensor argument requires grad, else unchanged.
+
+    The call then computes the same values (the same kernel on the same tensors) with a graph,
+    so its output is its own probe: autograd's gradient at the output's edge is ``dL/dout``,
+    and the node itself never runs (only gradients up to the edges are taken). That saves the
+    added zero probe's ``new_zeros``, ``expand`` and add (about 30 us a pass on digits-lr)."""
+    if any(isinstance(t, Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
+        return args, kwargs
+    key, roles = (name, "weight"), mode.roles
+    args = tuple(t.detach().requires_grad_() if roles.get(id(t)) == key else t for t in args)
+    if kwargs:
+        kwargs = {k: t.detach().requires_grad_() if roles.get(id(t)) == key else t
+                  for k, t in kwargs.items()}
+    return args, kwargs
 
 
 def _keyed(specs: Mapping[str, LayerSpec]) -> tuple[tuple[str, str, str], ...]:
