@@ -75,10 +75,9 @@ from .pipeline import TopK, collect, stream_scores
 CURVATURES = ("fisher", "identity")
 _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is applied as a matmul
 # a layer's stage-1 sketch [c, k_out k_in] is formed for c rows at a time, at most this many bytes
-# (merged passes take thousands of rows; the sketch is reduced to its d columns at once). 2**18:
-# 256 rows of a 256-wide sketch, 12% less time than 2**16 at 16k rows (fewer calls), the same
-# peak; far bigger blocks leave the cache (a [4096, 256] @ [256, 64] ran at a fifth of the rate)
-_SKETCH_BYTES = 2**18
+# (merged passes take thousands of rows; the sketch is reduced to its d columns at once). 2**18
+# took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
+_SKETCH_BYTES = 2**16
 
 
 class FactGraSSState(NamedTuple):

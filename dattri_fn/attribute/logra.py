@@ -134,7 +134,7 @@ class _Gather:
         return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
 
 
-_BLOCK_BYTES = 2**20  # most bytes of features formed at once from cached factors (score, self_score)
+_BLOCK_BYTES = 2**16  # least bytes a block of features formed from cached factors may take
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
 
 
@@ -508,16 +508,19 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
     def cached_blocks(state: LoGraState, device) -> list[tuple[Tensor]]:
         """``(rows(batch), batches)`` over the state's cached rows: views of the features (4096
         rows a batch, no copy), or features formed from the cached factors a power-of-two
-        number of rows at a time, at most ``_BLOCK_BYTES`` each (the batches are index ranges)."""
+        number of rows at a time (the batches are index ranges)."""
         if state.train_features is not None:
             feats, block = state.train_features.to(device), 4096
             return (lambda b: b[0]), [(feats[s:s + block],) for s in range(0, feats.shape[0], block)]
         held = state._replace(train_factors={ln: (a.to(device), g.to(device))
                                              for ln, (a, g) in state.train_factors.items()})
         n, d = held.cached_rows(), sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
-        item = next(iter(held.train_factors.values()))[0].element_size()
-        # power-of-two blocks: on the CPU each row's product then equals the whole product's
-        block = min(4096, 1 << (max(1, _BLOCK_BYTES // (d * item)).bit_length() - 1))
+        row = d * next(iter(held.train_factors.values()))[0].element_size()
+        # a block holds at most a sixteenth of the features it stands for (at least _BLOCK_BYTES,
+        # at most 4096 rows), a power of two of rows: on the CPU each row's product then equals
+        # the whole product's
+        rows = max(1, max(_BLOCK_BYTES, n * row // 16) // row)
+        block = min(4096, 1 << (rows.bit_length() - 1))
         return ((lambda b: held.feature_rows(int(b[0][0]), int(b[0][-1]) + 1)),
                 [(torch.arange(s, min(n, s + block)),) for s in range(0, n, block)])
 
@@ -537,9 +540,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                     and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
                 return state.train_features.to(device) @ test_pre.T
-            # factored rows: scored block by block into the result (stream_scores writes a
-            # countable train set's scores in place), never all features at once
+            # factored rows: scored block by block, never all features at once
             rows, blocks = cached_blocks(state, device)
+            if top_k is None and state.train_factors is not None and (
+                    next(iter(state.train_factors.values()))[0].dtype == test_pre.dtype):
+                out = test_pre.new_empty(state.cached_rows(), test_pre.shape[0])
+                for (idx,) in blocks:  # each block's product written in place
+                    torch.mm(rows((idx,)), test_pre.T, out=out[int(idx[0]):int(idx[-1]) + 1])
+                return out
             return stream_scores(rows, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
