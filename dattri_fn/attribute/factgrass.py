@@ -42,6 +42,7 @@ from .._checks import (
     check_optional_int,
     check_params,
     check_positive,
+    count_rows,
     iter_batches,
     regrouped,
 )
@@ -365,7 +366,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             state = {**model.fixed, **params}
             weights = [state[plan.tapped.specs[n].weight] for n in plan.layers
                        if plan.tapped.specs[n].weight in state]
-            total = sum(batch_size(func, "train", b) for b in train)
+            total = count_rows(func, "train", train, check=False)  # merged_passes checks each
             passes = merged_passes(func, "train", train,
                                    lambda b: capture_row_bytes(b, weights), memory_budget(),
                                    measured=lambda: fn.held_bytes)

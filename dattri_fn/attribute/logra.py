@@ -42,6 +42,7 @@ from .._checks import (
     check_optional_int,
     check_params,
     check_positive,
+    count_rows,
     iter_batches,
     regrouped,
 )
@@ -391,7 +392,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             # a list of batches in memory: fewer capture passes, each within the memory budget
             budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
             merged = True
-            total = sum(batch_size(func, "train", b) for b in train)
+            total = count_rows(func, "train", train, check=False)  # merged_passes checks each
 
             def passes():
                 return merged_passes(func, "train", train,
@@ -505,24 +506,26 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             raise TypeError(_msg(func, "state", "the LoGraState returned by logra's prepare",
                                  type(state).__name__))
 
-    def cached_blocks(state: LoGraState, device) -> list[tuple[Tensor]]:
-        """``(rows(batch), batches)`` over the state's cached rows: views of the features (4096
-        rows a batch, no copy), or features formed from the cached factors a power-of-two
-        number of rows at a time (the batches are index ranges)."""
+    def cached_spans(state: LoGraState, device) -> tuple:
+        """``(rows(start, stop), [(start, stop), ...])`` over the state's cached rows: views of
+        the features (4096 rows a span, no copy), or features formed from the cached factors a
+        power-of-two number of rows at a time."""
         if state.train_features is not None:
             feats, block = state.train_features.to(device), 4096
-            return (lambda b: b[0]), [(feats[s:s + block],) for s in range(0, feats.shape[0], block)]
-        held = state._replace(train_factors={ln: (a.to(device), g.to(device))
-                                             for ln, (a, g) in state.train_factors.items()})
-        n, d = held.cached_rows(), sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
-        row = d * next(iter(held.train_factors.values()))[0].element_size()
-        # a block holds at most a sixteenth of the features it stands for (at least _BLOCK_BYTES,
-        # at most 4096 rows), a power of two of rows: on the CPU each row's product then equals
-        # the whole product's
-        rows = max(1, max(_BLOCK_BYTES, n * row // 16) // row)
-        block = min(4096, 1 << (rows.bit_length() - 1))
-        return ((lambda b: held.feature_rows(int(b[0][0]), int(b[0][-1]) + 1)),
-                [(torch.arange(s, min(n, s + block)),) for s in range(0, n, block)])
+            rows = lambda s, e: feats[s:e]  # noqa: E731
+        else:
+            held = state._replace(train_factors={ln: (a.to(device), g.to(device))
+                                                 for ln, (a, g) in state.train_factors.items()})
+            feats, rows = None, held.feature_rows
+            d = sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
+            row = d * next(iter(held.train_factors.values()))[0].element_size()
+            # a block holds at most a sixteenth of the features it stands for (at least
+            # _BLOCK_BYTES, at most 4096 rows), a power of two of rows: on the CPU each row's
+            # product then equals the whole product's
+            want = max(1, max(_BLOCK_BYTES, state.cached_rows() * row // 16) // row)
+            block = min(4096, 1 << (want.bit_length() - 1))
+        n = state.cached_rows()
+        return rows, [(s, min(n, s + block)) for s in range(0, n, block)]
 
     def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -541,14 +544,17 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
                 return state.train_features.to(device) @ test_pre.T
             # factored rows: scored block by block, never all features at once
-            rows, blocks = cached_blocks(state, device)
+            rows, spans = cached_spans(state, device)
             if top_k is None and state.train_factors is not None and (
                     next(iter(state.train_factors.values()))[0].dtype == test_pre.dtype):
                 out = test_pre.new_empty(state.cached_rows(), test_pre.shape[0])
-                for (idx,) in blocks:  # each block's product written in place
-                    torch.mm(rows((idx,)), test_pre.T, out=out[int(idx[0]):int(idx[-1]) + 1])
+                for s, e in spans:  # each block's product written in place
+                    torch.mm(rows(s, e), test_pre.T, out=out[s:e])
                 return out
-            return stream_scores(rows, blocks, test_pre, top_k=top_k, largest=largest, func=func)
+            # (index batches: stream_scores counts a batch's rows)
+            return stream_scores(lambda b: rows(int(b[0][0]), int(b[0][-1]) + 1),
+                                 [(torch.arange(s, e),) for s, e in spans], test_pre,
+                                 top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -562,8 +568,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         device = next(iter(st.values())).device
         if state.cached_rows() is not None:
             check_cached_train(func, train, state.cached_rows())
-            rows, idx = cached_blocks(state, device)
-            blocks = (rows(b) for b in idx)
+            rows, spans = cached_spans(state, device)
+            blocks = (rows(s, e) for s, e in spans)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
