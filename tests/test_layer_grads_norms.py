@@ -103,6 +103,22 @@ class _Block(nn.Module):
         return out
 
 
+class _TiedLM(nn.Module):
+    """tok (an Embedding) + pos -> LayerNorm -> Linear -> tanh -> head, a Linear whose weight IS
+    tok's (tied, GPT-2's wte/lm_head) with a bias of its own -> logits [B, T, V] -> mean over T
+    of the logits of class ids 0..2 (a 3-way classifier on sequences)."""
+
+    def __init__(self, V=7, T=5, D=4):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.ln, self.fc, self.head = nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, V)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[-1])[None])
+        return self.head(torch.tanh(self.fc(self.ln(h))))[..., :3].mean(-2)
+
+
 def _init(model: nn.Module, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     model = model.double().eval()
@@ -120,8 +136,9 @@ def _data(case: str, seed: int, n: int):
 
 
 CASES = {"mlp": lambda: _MLP(), "block": lambda: _Block(), "bare": lambda: _Block(extra="bare"),
-         "loop": lambda: _Block(extra="loop")}
-NORMS = {"mlp": ["ln0", "ln1"], "block": ["ln1", "ln2", "ln_f"]}
+         "loop": lambda: _Block(extra="loop"), "tied": lambda: _TiedLM()}
+NORMS = {"mlp": ["ln0", "ln1"], "block": ["ln1", "ln2", "ln_f"], "tied": ["ln"]}
+AUTODIFF = {"bare": ("temp",), "loop": ("temp",), "tied": ("head.bias",)}
 
 
 def _model(case: str, seed: int = 0) -> nn.Module:
@@ -149,15 +166,16 @@ def _rows(fm, params: dict, batch) -> torch.Tensor:
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_rows_of_layer_norms_equal_vmap_grad(case, C):
     """G_i of a checked plan == vmap(grad) rows (1e-10) at C checkpoints, the LayerNorms' keys
-    among them; the norms are captured (not in plan.layers, not autodiff), no fallback warning
-    other than the loop's."""
+    (and a tied weight's: the sum over its Embedding and Linear uses) among them; they are
+    captured (not in plan.layers, not autodiff), no fallback warning other than the loop's."""
     fm = functional_model(_model(case), F.cross_entropy)
     plan = layer_plan(fm)
     norms = NORMS.get(case, NORMS["block"])
     assert list(plan.norms) == norms and not set(norms) & set(plan.layers)
     owned = {k for pair in plan.norms.values() for k in pair if k is not None}
     assert owned <= set(plan.rest) and not owned & set(plan.autodiff)
-    assert plan.autodiff == (("temp",) if case in ("bare", "loop") else ())
+    assert plan.autodiff == AUTODIFF.get(case, ())
+    assert plan.ties == ({"tok.weight": ("tok", "head")} if case == "tied" else {})
     ckpts = _ckpts(fm, C)
     stacked = {k: torch.stack([p[k] for p in ckpts]) for k in fm.params}
     with warnings.catch_warnings(record=True) as record:
@@ -190,21 +208,22 @@ def test_decisions_without_norms_take_vmap_grad_for_them():
 
 @pytest.mark.parametrize("n", [3, 5])
 @pytest.mark.parametrize("row", [0, 1, 2])
-def test_the_plan_check_covers_the_norm_rows(monkeypatch, row, n):
-    """A fault in one example's LayerNorm row alone (the first, a middle one, the last of the
-    compared three) fails the check (first/last rows + sum identity, or three rows): the
-    checked plan is dense after a warning, its rows are vmap(grad)'s."""
-    fm = functional_model(_model("block"), F.cross_entropy)
-    real = paths._norm_rows
+@pytest.mark.parametrize("case, key", [("block", "ln2.weight"), ("tied", "tok.weight")])
+def test_the_plan_check_covers_the_norm_rows(monkeypatch, case, key, row, n):
+    """A fault in one example's LayerNorm (or tied weight's) row alone (the first, a middle one,
+    the last of the compared three) fails the check (first/last rows + sum identity, or three
+    rows): the checked plan is dense after a warning, its rows are vmap(grad)'s."""
+    fm = functional_model(_model(case), F.cross_entropy)
+    real = paths.dense_rows
 
     def faulty(plan, raw, lead):
         rows = real(plan, raw, lead)
-        rows["ln2.weight"] = rows["ln2.weight"].clone()
-        rows["ln2.weight"][:, row] *= 1.001
+        rows[key] = rows[key].clone()
+        rows[key][:, row] *= 1.001
         return rows
 
-    monkeypatch.setattr(paths, "_norm_rows", faulty)
-    batch = _data("block", 1, n)
+    monkeypatch.setattr(paths, "dense_rows", faulty)
+    batch = _data(case, 1, n)
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         checked = check_plan(layer_plan(fm), fm.params, batch)
     assert checked.dense
@@ -218,7 +237,7 @@ def _silent(fn):
         return fn()
 
 
-@pytest.mark.parametrize("case", ["mlp", "block"])
+@pytest.mark.parametrize("case", ["mlp", "block", "tied"])
 def test_gradsim_scores_with_layer_norms_equal_the_dense_reference(case):
     """Grad-Dot = G_q G_s^T, Grad-Cos = normalised, TracIn = sum_c lr_c G_q^c G_s^c^T (vmap(grad)
     rows, 1e-10), no warning; Grad-Dot with the Kronecker projection == the twin's."""
@@ -281,15 +300,19 @@ def test_factgrass_and_influence_with_layer_norms_equal_the_twin():
         torch.testing.assert_close(S, want, rtol=1e-9, atol=1e-10)
 
 
-def test_kronecker_projector_reads_norm_rows_from_the_dense_block():
+@pytest.mark.parametrize("case", ["block", "tied"])
+def test_kronecker_projector_reads_norm_rows_from_the_dense_block(case):
     """KroneckerProjector.layer_grads(plan rows) == per layer vec(P_out^T G P_in) of the vmap(grad)
-    rows, the rest (LayerNorm keys among them) projected densely (1e-10); norms are no layers."""
-    fm = functional_model(_model("block"), F.cross_entropy)
+    rows, the rest (LayerNorm and tied keys among them) projected densely (1e-10); norms and
+    tied layers are no Kronecker layers."""
+    fm = functional_model(_model(case), F.cross_entropy)
     plan = layer_plan(fm)
     layers, rest = kronecker_layers(plan, fm.params)
-    assert set(layers) == set(plan.layers) and {k for k, _ in rest} >= {"ln1.weight", "ln_f.bias"}
+    owned = {k for pair in plan.norms.values() for k in pair if k} | set(plan.ties)
+    assert set(layers) == set(plan.layers) and {k for k, _ in rest} >= owned
+    assert not {"tok", "head"} & set(layers) if case == "tied" else "ln1" not in layers
     proj = make_kronecker_projector(layers, proj_dim=3, seed=5, rest=rest, rest_dim=7, dtype=DT)
-    batch = _data("block", 1, 5)
+    batch = _data(case, 1, 5)
     got = proj.layer_grads(layer_grads_stacked(check_plan(plan, fm.params, batch),
                                                {k: v[None] for k, v in fm.params.items()}, batch))
     ref = per_sample_grad(fm.loss, fm.params, batch)
@@ -310,8 +333,8 @@ def test_kronecker_projector_reads_norm_rows_from_the_dense_block():
 @pytest.mark.slow
 def test_grad_dot_on_a_tiny_gpt2_captures_its_layer_norms():
     """Tiny stock GPT-2 (local config), every param, a padding mask (vmap cannot run it):
-    Grad-Dot == G G^T from per-sequence autograd (1e-9); the plan captures every LayerNorm and
-    wpe, and the per-example loop computes the tied wte alone."""
+    Grad-Dot == G G^T from per-sequence autograd (1e-9); the plan captures every LayerNorm, wpe
+    and the tied wte/lm_head, no warning, no per-example loop."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -328,7 +351,8 @@ def test_grad_dot_on_a_tiny_gpt2_captures_its_layer_norms():
     assert list(plan.norms) == ["transformer.h.0.ln_1", "transformer.h.0.ln_2",
                                 "transformer.h.1.ln_1", "transformer.h.1.ln_2",
                                 "transformer.ln_f"]
-    assert "transformer.wpe" in plan.layers
+    assert "transformer.wpe" in plan.layers and not plan.autodiff
+    assert plan.ties == {"transformer.wte.weight": ("transformer.wte", "lm_head")}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50, (4, 5), generator=g)
     mask = torch.ones(4, 5, dtype=torch.long)
@@ -342,9 +366,9 @@ def test_grad_dot_on_a_tiny_gpt2_captures_its_layer_norms():
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         mp.setattr(paths, "_loop_grads", spy)
-        warnings.simplefilter("ignore", RuntimeWarning)  # the tie and the loop, named elsewhere
+        warnings.simplefilter("error")
         S = grad_dot(fm).score(fm.params, (), batch, batch)
-    assert looped and all(keys == ["transformer.wte.weight"] for keys in looped)
+    assert not looped
     params = dict(gpt2.named_parameters())
     rows = []
     for i in range(4):

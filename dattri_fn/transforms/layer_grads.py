@@ -68,6 +68,7 @@ from .layer_grads_paths import (  # noqa: F401
     _vmap_failed,
     _warn_loop,
 )
+from .layer_grads_ties import attributed_layers, tap_plan, tied_keys
 from .layers import input_signature
 
 
@@ -103,6 +104,9 @@ class LayerPlan(NamedTuple):
             LayerNorms: elementwise (``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t``), not
             Kronecker, so their rows go to the dense block under their keys (kept in
             ``rest``): consumers of ``layers`` and of the dense block need not know them.
+        ties: ``{key: its layers}``: a weight tied between layers of different kinds (GPT-2's
+            ``wte`` and ``lm_head``), its rows the sum of theirs, in the dense block too
+            (:mod:`~dattri_fn.transforms.layer_grads_ties`); its layers are in no other field.
     """
 
     model: FunctionalModel
@@ -115,13 +119,14 @@ class LayerPlan(NamedTuple):
     layout: tuple[tuple[str, str], ...] = ()
     shapes: tuple[tuple[tuple, dict[str, tuple[int, ...]]], ...] = ()
     norms: dict[str, tuple[str | None, str | None]] = {}
+    ties: dict[str, tuple[str, ...]] = {}
 
     @property
     def autodiff(self) -> tuple[str, ...]:
-        """The keys of :attr:`rest` that take ``vmap(grad)`` (not read by a captured norm)."""
-        if not self.norms:
+        """The keys of :attr:`rest` that take ``vmap(grad)`` (no captured norm or tie reads them)."""
+        if not self.norms and not self.ties:
             return self.rest
-        owned = {k for pair in self.norms.values() for k in pair}
+        owned = {k for pair in self.norms.values() for k in pair} | set(self.ties)
         return tuple(k for k in self.rest if k not in owned)
 
     @property
@@ -135,10 +140,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
     Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
     attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
-    forward works), and so is every affine ``nn.LayerNorm`` with one when the plan has such a
-    layer (its rows go to the dense block from the same pass: :attr:`LayerPlan.norms`); every
-    other attributed parameter stays dense (``vmap(grad)``). :func:`check_plan` checks it on an
-    example batch (module Note); applying an unchecked plan checks it on every call.
+    forward works), and so is every affine ``nn.LayerNorm`` and tied weight with one when the
+    plan has such a layer (their rows go to the dense block from the same pass:
+    :attr:`LayerPlan.norms`, :attr:`LayerPlan.ties`); every other attributed parameter stays
+    dense (``vmap(grad)``). :func:`check_plan` checks it on an example batch (module Note);
+    applying an unchecked plan checks it on every call.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -146,8 +152,7 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if model.loss_fn is None:
         raise ValueError("layer_plan(model=...): expected a FunctionalModel built with a "
                          "loss_fn, got loss_fn=None.")
-    return _plan_of(model, [n for n, s in capture.layer_specs(model.module, norms=True).items()
-                            if s.weight in model.params or s.bias in model.params])
+    return _plan_of(model, attributed_layers(model.module, model.params))
 
 
 def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
@@ -155,17 +160,19 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     norms alone would give consumers of ``layers`` nothing to factor: they stay dense)."""
     if not names:
         return None
-    tapped = capture.tap(model.module, names)
-    if all(s.kind == "layernorm" for s in tapped.specs.values()):
-        return None
+    tapped = tap_plan(model.module, names)
+    ties = tied_keys(model.module, tapped, model.params)
+    members = {m for group in ties.values() for m in group}
     keys = set(model.params)
     pairs = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
-             for n, s in tapped.specs.items()}
+             for n, s in tapped.specs.items() if n not in members}
     layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind != "layernorm"}
+    if not layers:
+        return None
     norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest, norms=norms)
+    return LayerPlan(model, tapped, layers, rest, norms=norms, ties=ties)
 
 
 def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
@@ -295,14 +302,18 @@ def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | Non
     (one warning names them), or None when no layer is left."""
     args, kwargs, _ = _unpack(plan.model)(batch)
     state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
-    problems = plan.tapped.check(state, *args, **kwargs)
+    problems, narrowed = {}, plan
+    # a tie group left with one member after a drop is a problem of its own: check again
+    while narrowed is not None and (new := narrowed.tapped.check(state, *args, **kwargs)):
+        problems.update(new)
+        narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
     if not problems:
         return plan
     why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
     warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
                   f"densely (vmap(grad)) instead of from captured factors: {why}.",
                   RuntimeWarning, stacklevel=5)
-    return _plan_of(plan.model, [n for n in plan.captured if n not in problems])
+    return narrowed
 
 
 def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:

@@ -24,6 +24,7 @@ from ..model import FunctionalModel, default_unpack
 from ..tree import ravel_batched
 from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
 from .grad import per_sample_grad_unchecked
+from .layer_grads_ties import dense_rows
 from .layers import batched_io, input_signature, output_shapes, tree_unsqueeze
 
 if TYPE_CHECKING:
@@ -227,9 +228,9 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     the gradients and the per-layer layout used (``plan.layout``'s, or decided here)."""
     factors, dense, layout_of = {}, [], {}
     offset = 0
-    # the rest in params order, a norm's keys included: the dense block's layout is the one
-    # vmap(grad) gave them before norms were captured
-    rows = _norm_rows(plan, raw, lead) if plan.norms else {}
+    # the rest in params order, norm and tied keys included: the dense block's layout is the
+    # one vmap(grad) gave them before they were captured
+    rows = dense_rows(plan, raw, lead) if plan.norms or plan.ties else {}
     for k in plan.rest:
         v = rows[k] if k in rows else rest_grads[k].flatten(lead) if rest_grads else None
         if v is None:
@@ -291,23 +292,6 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     dense_t = _concat(dense, some, lead)
     layout = tuple((k, layout_of[k]) for k in plan.model.params)
     return LayerGrads(factors, dense_t, layout), tuple(used)
-
-
-def _norm_rows(plan: LayerPlan, raw: dict, lead: int) -> dict[str, Tensor]:
-    """``{key: [*lead, numel]}``: each captured LayerNorm's per-example rows from its ``(a, g)``,
-    ``a = xhat``: ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if any, are
-    every dim between the lead dims and the normalised one; the normalised dims come folded
-    into one, ravelled as the weight is)."""
-    rows = {}
-    for n, (wk, bk) in plan.norms.items():
-        a, g = raw[n]
-        shape = g.shape[:lead]
-        g = g.reshape(*shape, -1, g.shape[-1])  # [*lead, T, D]
-        if wk is not None:
-            rows[wk] = (g * a.reshape(g.shape)).sum(-2)
-        if bk is not None:
-            rows[bk] = g.sum(-2)
-    return rows
 
 
 def _warn_loop(plan: LayerPlan, err: Exception) -> None:

@@ -1,0 +1,85 @@
+"""Which layers a capture plan reads (:mod:`dattri_fn.transforms.layer_grads`), ties included.
+
+A weight tied between layers of different kinds (GPT-2's ``wte``, an Embedding, read again by
+``lm_head``, a Linear) is attributed under one key, but two layers read it. The capture engine
+takes each use under its own layer (``capture.tap(..., tied=True)``) and the key's per-example
+gradient is the sum of the members' gradients,
+
+    dW_i = sum_{t: ids_it = v} g_it  (row v, the Embedding)  +  sum_t g'_it a_it^T  (the Linear),
+
+which is no Kronecker product: the plan writes it into the dense block as rows, as it does for
+LayerNorms, and keeps the members out of ``plan.layers``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import capture
+from .factored_grads import _embedding_rows
+
+
+def attributed_layers(module: nn.Module, params) -> list[str]:
+    """The capturable layers (LayerNorms included) that read an attributed parameter: as weight
+    or bias, or as a weight attributed under another name (a tie), in module order."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    held = {id(named[k]) for k in params if k in named}
+    return [n for n, s in capture.layer_specs(module, norms=True).items()
+            if s.bias in params or (s.weight in named and id(named[s.weight]) in held)]
+
+
+def tap_plan(module: nn.Module, names: list[str]):
+    """``capture.tap`` of ``names``, with ``tied=True`` where some of them share a weight
+    (``tapped.tied`` then names the groups; without one the tap is the plain one)."""
+    tapped = capture.tap(module, names, tied=True)
+    return tapped if tapped.tied else capture.tap(module, names)
+
+
+def tied_keys(module: nn.Module, tapped, params) -> dict[str, tuple[str, ...]]:
+    """``{attributed key: the layers of its tie group}`` for the groups of ``tapped.tied``."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    key_of = {id(named[k]): k for k in params if k in named}
+    out = {}
+    for group in tapped.tied:
+        key = key_of.get(id(named[tapped.specs[group[0]].weight]))
+        if key is not None:
+            out[key] = tuple(group)
+    return out
+
+
+def _layer_rows(spec, a: Tensor, g: Tensor, lead: int, shape) -> Tensor:
+    """One member's weight gradient rows, raveled as the weight.  # -> [*lead, numel]"""
+    if spec.kind == "embedding":
+        return _embedding_rows(spec, a, g, lead, shape)
+    a = a.reshape(*a.shape[:lead], -1, a.shape[-1])
+    g = g.reshape(*g.shape[:lead], -1, g.shape[-1])
+    if spec.kind == "conv1d":  # stored [in, out]
+        return torch.einsum("...ti,...to->...io", a, g).flatten(lead)
+    return torch.einsum("...to,...ti->...oi", g, a).flatten(lead)
+
+
+def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
+    """``{key: [*lead, numel]}``: the rows of ``plan.norms``' keys and of its tied keys from the
+    capture pass's ``{layer: (a, g)}`` (the dense block's entries that are not ``vmap(grad)``).
+
+    A LayerNorm (``a = xhat``): ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if
+    any, are every dim between the lead dims and the normalised one; the normalised dims come
+    folded into one, raveled as the weight is). A tied key: the sum of its members' rows.
+    """
+    rows = {}
+    for n, (wk, bk) in plan.norms.items():
+        a, g = raw[n]
+        g = g.reshape(*g.shape[:lead], -1, g.shape[-1])  # [*lead, T, D]
+        if wk is not None:
+            rows[wk] = (g * a.reshape(g.shape)).sum(-2)
+        if bk is not None:
+            rows[bk] = g.sum(-2)
+    for key, members in plan.ties.items():
+        shape = plan.model.params[key].shape
+        parts = [_layer_rows(plan.tapped.specs[m], *raw[m], lead, shape) for m in members]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        rows[key] = total
+    return rows
