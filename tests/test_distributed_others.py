@@ -56,8 +56,9 @@ def test_sharded_ekfac_takes_others(one_process_group):
 
 
 def test_reduce_is_called_once_per_pass_with_prefixed_keys():
-    """ekfac_factors' reduce: A/G sums, then D (params outside the Kronecker layers), then
-    Lambda; an identity reduce gives the factors of reduce=None bit for bit."""
+    """ekfac_factors' reduce: A/G sums with each layer's R count (the decisions that move a
+    layer to the diagonal block), then D (params outside the Kronecker layers), then Lambda;
+    an identity reduce gives the factors of reduce=None bit for bit."""
     net, params, data = _problem()
     seen = []
 
@@ -66,7 +67,7 @@ def test_reduce_is_called_once_per_pass_with_prefixed_keys():
         return sums, count
 
     f = ekfac_factors(net, F.cross_entropy, params, data, others="diagonal", reduce=reduce)
-    assert seen == [["A", "G"], ["D"], ["L"]]
+    assert seen == [["A", "G", "R"], ["D"], ["L"]]
     ref = ekfac_factors(net, F.cross_entropy, params, data, others="diagonal")
     assert all(torch.equal(f.diagonal[k], ref.diagonal[k]) for k in ref.diagonal)
     assert all(torch.equal(f.Lambda[k], ref.Lambda[k]) for k in ref.Lambda)

@@ -216,7 +216,8 @@ def test_prepare_with_factors_errors():
 def test_reduce_hook_sums_statistics_across_shards():
     """K-FAC: reduce(sums, n) adding a second shard's sums gives the factors of both shards
     (1e-12): the hook sees sums and counts, not means. EK-FAC calls it twice (K-FAC pass, then
-    Lambda), and an identity hook changes nothing (bit for bit)."""
+    Lambda; the K-FAC call carries each layer's R count), and an identity hook changes nothing
+    (bit for bit)."""
     fm, train, _, _ = _seq(9)
     seen = []
 
@@ -234,7 +235,7 @@ def test_reduce_hook_sums_statistics_across_shards():
         _close(got.A[k], whole.A[k], 1e-12)
         _close(got.G[k], whole.G[k], 1e-12)
     ek = ekfac_factors(fm.module, F.cross_entropy, fm.params, train, reduce=record)
-    assert [sorted({key.split(":")[0] for key in s}) for s, _ in seen] == [["A", "G"], ["L"]]
+    assert [sorted({key.split(":")[0] for key in s}) for s, _ in seen] == [["A", "G", "R"], ["L"]]
     plain = ekfac_factors(fm.module, F.cross_entropy, fm.params, train)
     for k in plain.Lambda:
         assert torch.equal(ek.Lambda[k], plain.Lambda[k])

@@ -164,10 +164,24 @@ def _fill_unreached(func: str, tapped, names, A: dict[str, Tensor], G: dict[str,
 def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
                batch_rows=None, reduce=None, held: list | None = None,
                rows: Rows | None = None):
-    """The K-FAC pass. ``held``: a list that receives every ``(layer, a, g)`` the pass
-    captures, in the order a second pass would see them, while they total at most
-    ``_HELD_ENTRIES`` entries (past it the list is emptied and ``None`` appended). ``rows``:
-    receives the first batch and each layer's first rows of ``(a, g)`` (:mod:`.kfac_check`)."""
+    """The K-FAC pass (:func:`_kfac_sums`), its sums reduced over processes and divided by
+    ``N``: the factors."""
+    A, G, n = _kfac_sums(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
+                         batch_rows, held, rows)
+    sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
+                                      **{f"G:{k}": G[k] for k in names}}, n)
+    A = {k: sums[f"A:{k}"] / n for k in names}
+    G = {k: sums[f"G:{k}"] / n for k in names}
+    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64), _transposed(tapped))
+
+
+def _kfac_sums(func, state, names, param_names, batches, tapped, loss_fn, chunk_size,
+               batch_rows=None, held: list | None = None, rows: Rows | None = None):
+    """The K-FAC pass over this process's data: ``(A sums, G sums, examples)``. ``held``: a
+    list that receives every ``(layer, a, g)`` the pass captures, in the order a second pass
+    would see them, while they total at most ``_HELD_ENTRIES`` entries (past it the list is
+    emptied and ``None`` appended). ``rows``: receives the first batch and each layer's first
+    rows of ``(a, g)`` (:mod:`.kfac_check`)."""
     bias = {n: _keys(n)[1] in param_names for n in names}
     A, G = {}, {}
     inputs: dict[str, list] = {}  # held layer inputs waiting for their g
@@ -222,11 +236,7 @@ def _kfac_core(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
                 pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows)
     _fill_unreached(func, tapped, names, A, G)
-    sums, n = _reduced(func, reduce, {**{f"A:{k}": A[k] for k in names},
-                                      **{f"G:{k}": G[k] for k in names}}, n)
-    A = {k: sums[f"A:{k}"] / n for k in names}
-    G = {k: sums[f"G:{k}"] / n for k in names}
-    return KFACFactors(A, G, param_names, torch.tensor(n, dtype=torch.int64), _transposed(tapped))
+    return A, G, n
 
 
 def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
@@ -279,6 +289,11 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             diagonal pass, which runs when params lie outside the Kronecker layers) and its
             example count; returns the sums and count over every process (an all-reduce:
             :func:`dattri_fn.distributed.all_reduce_stats`). None: this process's data is all.
+            The K-FAC pass's call also carries ``"R:<layer>"`` (a scalar: 1 where this
+            process's data made the layer leave the Kronecker layers, by the per-example check
+            of :mod:`.kfac_check` or the capture engine's refusal, else 0; that layer's ``A``/``G``
+            are then zeros) for every selected layer: a layer with a nonzero total takes the
+            diagonal block on EVERY process, so all of them send the same keys to every call.
         dtype: store the factors in this dtype (e.g. ``torch.bfloat16``: half the memory, the
             statistics still accumulated in the model's dtype); the inverses compute in their
             operand's dtype. None: the model's dtype.
@@ -318,6 +333,14 @@ def _without(func, names, pnames, rest, bad: dict[str, str], fisher, others):
     """``(names, rest)`` with the layers ``bad`` (layer -> why: :func:`.kfac_check.mismatched`,
     or the capture engine's refusal) moved from the Kronecker layers to the params outside
     them (the diagonal block), or an error naming them where that block cannot take them."""
+    _refuse(func, bad, fisher, others)
+    keys = {k: why for n, why in bad.items() for k in _keys(n) if k in pnames}
+    rest = {k: {**rest, **keys}[k] for k in pnames if k in rest or k in keys}
+    return [n for n in names if n not in bad], rest
+
+
+def _refuse(func, bad: dict[str, str], fisher, others) -> None:
+    """The error of :func:`_without` where the diagonal block cannot take the layers ``bad``."""
     listed = "; ".join(f"{n!r}: {why}" for n, why in bad.items())
     if others == "error":
         raise ValueError(_msg(func, "others", "layers whose captured per-example gradients "
@@ -330,9 +353,6 @@ def _without(func, names, pnames, rest, bad: dict[str, str], fisher, others):
                               "then take the diagonal block, from per-example gradients of "
                               "targets)", f"'expected' with {listed}",
                               "Use fisher='true' or leave these layers' params out."))
-    keys = {k: why for n, why in bad.items() for k in _keys(n) if k in pnames}
-    rest = {k: {**rest, **keys}[k] for k in pnames if k in rest or k in keys}
-    return [n for n in names if n not in bad], rest
 
 
 def _uncaptured(names, tapped, err: capture.CaptureError) -> dict[str, str]:
@@ -350,6 +370,27 @@ def _uncaptured(names, tapped, err: capture.CaptureError) -> dict[str, str]:
         raise err
     return {n: f"{'tied group' if n in group_of else 'layer'} {n!r}: the capture engine cannot "
                f"take it on this data ({'; '.join(w)})" for n, w in whys.items()}
+
+
+def _count(func, batches, batch_rows) -> int:
+    """The examples of this process's data (a process whose every Kronecker layer was dropped
+    still sends its count to the reduce)."""
+    return sum(batch_size(func, "data", b) for b in regroup(batches, batch_rows, func))
+
+
+def _zero_factor(tapped, layer: str, pnames, state, which: int) -> Tensor:
+    """A zero ``A`` (``which=0``, ``[in(+1), in(+1)]``) or ``G`` (``1``, ``[out, out]``) of
+    ``layer``, for the reduce of a process that dropped it: shaped from its weight."""
+    spec = tapped.specs[layer]
+    w = state[spec.weight]
+    if spec.kind == "conv1d":
+        size = (w.shape[0], w.shape[1])
+    elif spec.kind == "embedding":  # a tied group, in the Linear layout [V, d]
+        size = (w.shape[1], w.shape[0])
+    else:  # linear, conv2d: [out, in, (kh, kw)]
+        size = (w[0].numel(), w.shape[0])
+    n = size[which] + (which == 0 and _keys(layer)[1] in pnames)
+    return w.new_zeros(n, n)
 
 
 def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, tapped,
@@ -377,30 +418,57 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
                               "leave the tied weight out of params."))
     if rest and fisher == "expected":
         diagonal_sums(func, module, losses(), state, list(rest), (), chunk_size)  # refuses
-    while names:
-        keep = held if fisher != "expected" and not tapped.tied else None
+    # Every decision that drops a Kronecker layer (the capture engine's refusal, the check) is
+    # taken on this process's data BEFORE its sums are reduced, and reduced with them as a
+    # count "R:<layer>" over the layers every process selected (zeros for the ones it dropped):
+    # under a sharded ``reduce`` each process then sends the same keys and drops the same
+    # layers, whatever its own data showed.
+    chosen, local, tap0 = list(names), {}, tapped
+    keep = held if fisher != "expected" and not tapped.tied else None
+    A, G, n = {}, {}, 0
+    while chosen:
+        live = [m for m in chosen if m not in local]
         rows, loss = Rows(), losses()
+        if not live:
+            n = _count(func, batches, batch_rows) if reduce is not None else 0
+            break
         try:
-            kf = _kfac_core(func, state, names, pnames, batches, tapped, loss, chunk_size,
-                            batch_rows, reduce, keep, rows)
+            A, G, n = _kfac_sums(func, state, live, pnames, batches, tapped, loss, chunk_size,
+                                 batch_rows, keep, rows)
         except capture.CaptureError as err:  # a layer the engine refuses on this data
-            names, rest = _without(func, names, pnames, rest,
-                                   _uncaptured(names, tapped, err),
-                                   fisher, others)
-            tapped = capture.tap(module, _capture_layers(module, names, params), tied=True)
+            new = _uncaptured(live, tapped, err)
+            if reduce is None:  # alone: refuse now, not after the pass
+                _refuse(func, new, fisher, others)
+            local.update(new)
+            tapped = capture.tap(module, _capture_layers(
+                module, [m for m in chosen if m not in local], params), tied=True)
             if keep is not None:
                 keep.clear()
             continue  # the pass again, without them, from its first batch
-        bad = mismatched(func, module, loss, state, names, pnames, tapped, rows)
-        if bad:
-            names, rest = _without(func, names, pnames, rest, bad, fisher, others)
-            kf = kf._replace(A={k: v for k, v in kf.A.items() if k in names},
-                             G={k: v for k, v in kf.G.items() if k in names},
-                             transposed=tuple(n for n in kf.transposed if n in names))
-            if held:  # the Lambda replay takes the Kronecker layers only
-                held[:] = [h for h in held if h is None or h[0] in names]
+        local.update(mismatched(func, module, loss, state, live, pnames, tapped, rows))
         break
-    if not names:  # every param outside Kronecker layers: the diagonal is the whole operator
+    bad = local
+    if chosen and reduce is not None:
+        A = {m: A[m] if m in A else _zero_factor(tap0, m, pnames, state, 0) for m in chosen}
+        G = {m: G[m] if m in G else _zero_factor(tap0, m, pnames, state, 1) for m in chosen}
+        sums, n = _reduced(func, reduce, {
+            **{f"A:{m}": A[m] for m in chosen}, **{f"G:{m}": G[m] for m in chosen},
+            **{f"R:{m}": A[m].new_tensor(float(m in local)) for m in chosen}},
+            n)
+        A = {m: sums[f"A:{m}"] for m in chosen}
+        G = {m: sums[f"G:{m}"] for m in chosen}
+        bad = {m: local.get(m, f"layer {m!r}: another process's data moved it (the check or "
+                               "the capture engine, see that process)")
+               for m in chosen if float(sums[f"R:{m}"]) > 0}
+    if bad:
+        names, rest = _without(func, chosen, pnames, rest, bad, fisher, others)
+        if held:  # the Lambda replay takes the Kronecker layers only
+            held[:] = [h for h in held if h is None or h[0] in names]
+    if names:
+        kf = KFACFactors({m: A[m] / n for m in names}, {m: G[m] / n for m in names}, pnames,
+                         torch.tensor(n, dtype=torch.int64),
+                         tuple(m for m in _transposed(tapped) if m in names))
+    else:  # every param outside Kronecker layers: the diagonal is the whole operator
         kf = KFACFactors({}, {}, pnames, torch.tensor(0, dtype=torch.int64), ())
     if rest and others is None:
         warn_outside(func, rest)

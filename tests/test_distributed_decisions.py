@@ -1,0 +1,158 @@
+"""K-FAC/EK-FAC under a sharded ``reduce`` (review R1 F3): the decisions that move a layer out of
+the Kronecker layers (the capture engine's refusal, the per-example check) are taken on each
+shard's own data; they are now reduced with the K-FAC sums (``"R:<layer>"``), so every shard
+sends the same keys to every call and drops the same layers. Before, a shard that refused
+``enc`` sent ``A:head, G:head`` while the other sent ``A:enc, ...`` too (a real all-reduce hangs,
+crashes or sums the wrong tensors). Two shards run in two threads whose ``reduce`` is a real
+all-reduce (a barrier, then the sum of both shards' tensors in rank order), which refuses
+differing keys or shapes."""
+
+import threading
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_kfac_seqfirst import _batches, _problem
+
+from dattri_fn.operators import kfac_stats
+from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
+
+DT = torch.float64
+
+
+# One rank computes at a time (the capture engine's torch function mode and autograd state are
+# not meant to be shared by threads of one process; real ranks are processes): a rank holds the
+# baton except while it waits in the all-reduce.
+_BATON = threading.Lock()
+
+
+def _all_reduce_pair():
+    """``[reduce of rank 0, reduce of rank 1]`` summing both ranks' sums (rank order) and counts,
+    and the key lists each rank sent, call by call; differing keys or shapes raise on both."""
+    barrier = threading.Barrier(2, timeout=60)
+    slots: list = [None, None]
+    sent: list[list] = [[], []]
+
+    def wait():  # the baton is given up while waiting for the other rank
+        _BATON.release()
+        barrier.wait()
+        _BATON.acquire()
+
+    def make(r):
+        def reduce(sums, n):
+            slots[r] = (sums, n)
+            sent[r].append(sorted(sums))
+            wait()
+            (s0, n0), (s1, n1) = slots
+            same = list(s0) == list(s1) and all(s0[k].shape == s1[k].shape for k in s0)
+            out = {k: s0[k] + s1[k] for k in s0} if same else None
+            wait()  # both have read the slots before the next call writes them
+            if out is None:
+                raise RuntimeError(f"all-reduce of differing sums: {sorted(s0)} vs {sorted(s1)}")
+            return out, n0 + n1
+
+        return reduce
+
+    return [make(0), make(1)], sent
+
+
+def _run_shards(fit, shards, **kw):
+    """``fit(..., reduce=...)`` on each shard in its own thread: ``(results, sent keys, the
+    warning texts of both ranks, sorted)`` (warnings are recorded process-wide: the warnings
+    filter is not per thread)."""
+    reduces, sent = _all_reduce_pair()
+    out: list = [None, None]
+
+    def run(r):
+        with _BATON:
+            try:
+                out[r] = fit(*shards[r], reduce=reduces[r], **kw)
+            except Exception as err:  # noqa: BLE001 (reported by the test)
+                out[r] = err
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    return out, sent, sorted(str(x.message) for x in w)
+
+
+def _assert_close_factors(got, ref):
+    tol = dict(rtol=0, atol=1e-12)
+    for field in ("A", "G", "Lambda", "diagonal"):
+        if hasattr(ref, field):
+            a, b = getattr(got, field), getattr(ref, field)
+            assert list(a) == list(b)
+            for k in b:
+                scale = float(b[k].abs().max())
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol["atol"] * max(scale, 1))
+    assert int(got.num_examples) == int(ref.num_examples)
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_shards_that_decide_differently_send_the_same_keys(fit):
+    """Shard 0: batches of B = S (captured; the check moves the sequence-first 'enc'); shard 1:
+    a batch of 3 (the capture engine refuses 'enc'). Both send the same keys to each call,
+    both move 'enc', and the factors equal one process over all the data at 1e-12."""
+    model, x, y = _problem(0, n=16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = [_batches(x[:8], y[:8], 4), _batches(x[8:12], y[8:12], 4) + [(x[12:15], y[12:15])]]
+    shards = [(model, F.cross_entropy, params, d) for d in data]
+    out, sent, warned = _run_shards(fit, shards)
+    assert not any(isinstance(o, Exception) for o in out), out
+    assert sent[0] == sent[1] and any(k.startswith("R:") for k in sent[0][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fit(model, F.cross_entropy, params, data[0] + data[1])
+    assert len(warned) == 2 and all("'enc'" in w for w in warned)
+    for r in (0, 1):
+        assert "enc" not in (out[r].A if fit is kfac_factors else out[r].Lambda)
+        _assert_close_factors(out[r], ref)
+
+
+def test_a_layer_one_shard_moves_is_moved_on_every_shard(monkeypatch):
+    """Only rank 0's check moves 'head' (rank 1's data would keep it): both ranks drop it, rank
+    1's warning says another process moved it, and the factors equal one process whose check
+    moves it (1e-12)."""
+    model, x, y = _problem(0, n=16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    real = kfac_stats.mismatched
+
+    def on_rank0(*a, **k):
+        bad = real(*a, **k)
+        if threading.current_thread().name != "rank1":
+            bad["head"] = "layer 'head': moved by this test's check"
+        return bad
+
+    monkeypatch.setattr(kfac_stats, "mismatched", on_rank0)
+    data = [_batches(x[:8], y[:8], 4), _batches(x[8:], y[8:], 4)]
+    shards = [(model, F.cross_entropy, params, d) for d in data]
+    out, sent, warned = _run_shards(ekfac_factors, shards)
+    assert not any(isinstance(o, Exception) for o in out), out
+    assert sent[0] == sent[1]
+    assert len(warned) == 2
+    assert sum("moved by this test" in w for w in warned) == 1
+    assert sum("another process" in w for w in warned) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = ekfac_factors(model, F.cross_entropy, params, data[0] + data[1])
+    for r in (0, 1):
+        assert list(out[r].Lambda) == [] and "head.weight" in out[r].diagonal
+        _assert_close_factors(out[r], ref)
+
+
+def test_others_error_refuses_on_every_shard_after_the_reduce():
+    """others='error' with a layer only rank 1's data refuses: both ranks raise the same named
+    error after the one reduce (none waits for a call the other never makes)."""
+    model, x, y = _problem(0, n=16)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = [_batches(x[:8], y[:8], 4), _batches(x[8:12], y[8:12], 4) + [(x[12:15], y[12:15])]]
+    shards = [(model, F.cross_entropy, params, d) for d in data]
+    out, sent, _ = _run_shards(kfac_factors, shards, others="error")
+    assert all(isinstance(o, ValueError) and "'enc'" in str(o) and "others=" in str(o)
+               for o in out), out
+    assert sent[0] == sent[1] and len(sent[0]) == 1
