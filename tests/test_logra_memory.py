@@ -93,3 +93,15 @@ def test_capped_passes_change_sums_only(kind, monkeypatch):
     for n in ref.eigvals:
         _close(got.eigvals[n], ref.eigvals[n])
     _close(m.score(fm.params, got, None, (x, y)), m.score(fm.params, ref, None, (x, y)))
+
+
+def test_a_factored_state_saves_and_loads_whole(tmp_path):
+    """io.save / io.load of a factored LoGraState: the same fields, the same scores (torch.equal)."""
+    from dattri_fn import io
+
+    fm, (x, y) = _problem("mlp", 9, 10)
+    m = logra(fm, proj_dim=2)
+    state = m.prepare(fm.params, [(x[:6], y[:6]), (x[6:], y[6:])])
+    back = io.load(io.save(state, tmp_path / "logra.pt"))
+    assert type(back) is type(state) and list(back.train_factors) == list(state.train_factors)
+    assert torch.equal(m.score(fm.params, back, None, (x, y)), m.score(fm.params, state, None, (x, y)))
