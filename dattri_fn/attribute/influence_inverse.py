@@ -8,6 +8,8 @@ factored, matrix-free or K-FAC/EK-FAC paths); :func:`prepare` assembles the stat
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any
 
 import torch
@@ -442,4 +444,28 @@ def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEn
         if ckpts is None:
             return build_state(cfg, params, train, prepare_tap(cfg, params))
         tapped = prepare_tap(cfg, ckpts[0])  # the checkpoints share keys and shapes
-        return InfluenceEnsembleState(tuple(build_state(cfg, p, train, tapped) for p in ckpts))
+        return InfluenceEnsembleState(once_per_call(lambda p: build_state(cfg, p, train, tapped),
+                                                    ckpts))
+
+
+def _shape_of(message: str) -> str:
+    """A warning's text with its numbers blanked: the same reason on another checkpoint (a
+    gradient scale, a difference) reads the same."""
+    return re.sub(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
+
+
+def once_per_call(build, ckpts) -> tuple:
+    """``build(p)`` for every checkpoint, each warning issued once per call (review R1 F7): a
+    later checkpoint's warning that reads as an earlier one's but for its numbers (the same
+    layers moved for the same reason) is not repeated."""
+    states, seen = [], set()
+    for p in ckpts:
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            states.append(build(p))
+        for w in got:
+            shape = (w.category, _shape_of(str(w.message)))
+            if shape not in seen:
+                seen.add(shape)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return tuple(states)
