@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_kfac_seqfirst import _batches, _problem
+from torch import nn
 
 from dattri_fn.operators import kfac_stats
-from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
+from dattri_fn.operators.kfac import ekfac_factors, kfac_factors, kfac_tap
 
 DT = torch.float64
 
@@ -156,3 +157,47 @@ def test_others_error_refuses_on_every_shard_after_the_reduce():
     assert all(isinstance(o, ValueError) and "'enc'" in str(o) and "others=" in str(o)
                for o in out), out
     assert sent[0] == sent[1] and len(sent[0]) == 1
+
+
+class _Kinds(nn.Module):
+    """Conv2d (bias) -> Conv1D ([in, out] weight, bias) -> Linear (no bias) -> a head tied to an
+    Embedding: every kind a shard may send zeros for."""
+
+    def __init__(self):
+        super().__init__()
+        from test_capture import Conv1D
+
+        gen = torch.Generator().manual_seed(4)
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.c1d = Conv1D(5, 3, gen)
+        self.lin = nn.Linear(5, 4, bias=False)
+        self.emb = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x, ids):
+        h = self.conv(x).mean((2, 3))  # [B, 3]
+        h = torch.tanh(self.lin(torch.tanh(self.c1d(h[:, None, :])))) + self.emb(ids)
+        return self.head(h).mean(1)
+
+
+def test_zero_factors_have_the_factors_shapes():
+    """The zeros a shard sends for a layer it dropped are shaped as that layer's A and G (conv2d
+    with bias, Conv1D, a Linear without bias, a tied group in the [V, d] layout)."""
+    torch.manual_seed(0)
+    model = _Kinds().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 2, 3, 3, generator=g, dtype=DT)
+    ids = torch.randint(0, 6, (4, 1), generator=g)
+    y = torch.randint(0, 6, (4,), generator=g)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f = kfac_factors(model, F.cross_entropy, params, (x, ids, y))
+    tapped = kfac_tap(model, params)
+    state = {**params}
+    assert sorted(f.A) == ["c1d", "conv", "emb", "lin"]
+    for layer in f.A:
+        for which, got in ((0, f.A[layer]), (1, f.G[layer])):
+            zero = kfac_stats._zero_factor(tapped, layer, tuple(params), state, which)
+            assert zero.shape == got.shape and not zero.any(), (layer, which)

@@ -18,6 +18,14 @@ layer-gradient plan's tolerance
 layer that differs is no Kronecker layer: its params join the params outside them (the exact
 Fisher-diagonal block, one warning naming each key and why).
 
+A tied Embedding/Linear group (:mod:`.kfac_tied`) is always checked: its weight's pooled
+gradient ``sum_t g_t h_t^T + sum_s e_{id_s} u_s^T`` (both uses summed) against autodiff of the
+weight; a group that differs moves to the diagonal block as a whole, named as the group.
+
+Under a sharded ``reduce`` the check's decision is this process's, taken before its sums are
+reduced and reduced with them (:func:`~.kfac_stats.kfac_factors`' ``"R:<layer>"``): a layer
+moved on one process is moved on all.
+
 Note:
     Only layers read at positions (a ``[B, T, in]`` input, several calls, Conv2d's patches) are
     checked: there a dim other than the examples' can equal ``B`` and be taken for them. A flat
