@@ -75,11 +75,17 @@ def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
             rows[wk] = (g * a.reshape(g.shape)).sum(-2)
         if bk is not None:
             rows[bk] = g.sum(-2)
+    plain = torch._C._functorch.maybe_current_level() is None
     for key, members in plan.ties.items():
         shape = plan.model.params[key].shape
-        parts = [_layer_rows(plan.tapped.specs[m], *raw[m], lead, shape) for m in members]
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
+        total = None
+        for m in members:  # one [*lead, numel] block at a time: a tied vocabulary is wide
+            part = _layer_rows(plan.tapped.specs[m], *raw[m], lead, shape)
+            if total is None:
+                total = part
+            elif plain and not (total.requires_grad or part.requires_grad):
+                total.add_(part)
+            else:
+                total = total + part
         rows[key] = total
     return rows
