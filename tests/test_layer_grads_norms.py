@@ -389,3 +389,33 @@ def test_kronecker_layers_refuses_a_norm_among_the_layers():
     with pytest.raises(ValueError, match=r"kronecker_layers\(plan=...\): expected layers of "
                                          r"Kronecker form .* got 'ln0' of kind 'layernorm'"):
         kronecker_layers(bad, fm.params)
+
+
+class _Reread(nn.Module):
+    """_TiedLM whose LayerNorm weight and tied weight ("weight"), or its head's bias ("bias":
+    the tie loses its Linear member, then its Embedding reads a weight another call reads),
+    are read again by another op (a scale): narrowed out of the plan after a warning."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.lm, self.what = _TiedLM(), what
+
+    def forward(self, idx):
+        lm = self.lm
+        other = lm.tok.weight.mean() if self.what == "weight" else lm.head.bias.mean()
+        return lm(idx) * (1 + 0.1 * lm.ln.weight.tanh().sum() + 0.1 * other)
+
+
+@pytest.mark.parametrize("what", ["weight", "bias"])
+def test_a_norm_or_tie_the_capture_refuses_takes_vmap_grad_after_a_warning(what):
+    """A LayerNorm weight and a tie the capture refuses: check_plan warns naming them, keeps the
+    other layers captured, and the rows still equal vmap(grad) (1e-10)."""
+    fm = functional_model(_init(_Reread(what), 0), F.cross_entropy)
+    batch = _data("tied", 1, 4)
+    with pytest.warns(RuntimeWarning, match=r"densely \(vmap\(grad\)\) instead of from captured "
+                                            r"factors: (?=.*lm\.ln: )(?=.*lm\.head: )(?=.*lm\.tok: )"):
+        checked = check_plan(layer_plan(fm), fm.params, batch)
+    assert not checked.dense and not checked.norms and not checked.ties
+    assert set(checked.layers) == {"lm.pos", "lm.fc"} and "lm.tok.weight" in checked.autodiff
+    got = layer_grads_stacked(checked, {k: v[None] for k, v in fm.params.items()}, batch)
+    torch.testing.assert_close(got.to_dense()[0], _rows(fm, fm.params, batch), **TOL)

@@ -201,8 +201,9 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
-    """Return ``plan`` without the layers one forward on ``batch`` shows cannot be captured
-    (one warning names them), or None when no layer is left."""
+    """Return ``plan`` without the layers a forward on ``batch`` shows cannot be captured (one
+    warning names them), or None when no layer is left; after a drop the narrowed plan is
+    checked again (one more forward), since a tie that lost a member is a problem of its own."""
     args, kwargs, _ = _unpack(plan.model)(batch)
     state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
     problems, narrowed = {}, plan
