@@ -2,6 +2,7 @@
 recorder for the user's own loop (what optimizer-aware attribution reads)."""
 
 from .gemm_conv import GemmConv2d, gemm_conv2d, with_gemm_convs
+from .heap import keep_heap
 from .record import (
     Checkpoint,
     GradSpec,
@@ -36,6 +37,7 @@ __all__ = [
     "Recording",
     "finish_record",
     "gemm_conv2d",
+    "keep_heap",
     "record_step",
     "record_trajectory",
     "start_record",
