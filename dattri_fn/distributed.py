@@ -169,17 +169,37 @@ def all_reduce_kfac(factors, *, group=None):
     and the diagonal block of the params outside the Kronecker layers).
 
     ``factors`` is this rank's :class:`~dattri_fn.operators.kfac.KFACFactors` over its shard.
+    Every rank's factors must hold the same layers and diagonal keys (checked: a rank whose
+    data made a layer leave the Kronecker layers, by K-FAC's per-example check or the capture
+    engine's refusal, is refused by name on every rank, never a mismatched all-reduce);
+    :func:`~dattri_fn.operators.kfac.kfac_factors` with ``reduce=all_reduce_stats()`` takes
+    those decisions on every rank's data together.
     """
     from .operators.kfac import KFACFactors
 
+    func = "all_reduce_kfac"
     if not isinstance(factors, KFACFactors):
-        raise TypeError(_msg("all_reduce_kfac", "factors", "KFACFactors", type(factors).__name__))
+        raise TypeError(_msg(func, "factors", "KFACFactors", type(factors).__name__))
     n = int(factors.num_examples)
-    _, total = row_offset(n, group=group)
+    # one gather of every rank's count and layout (keys, shapes, order) before any per-key
+    # all-reduce: ranks whose layouts differ would pair the wrong tensors or wait forever
+    layout = tuple((field, k, tuple(v.shape)) for field in ("A", "G", "diagonal")
+                   for k, v in getattr(factors, field).items())
+    got = [None] * rank_and_world(group)[1]
+    _collective(func, dist.all_gather_object, got, (n, layout), group=group)
+    odd = [r for r, (_, other) in enumerate(got) if other != got[0][1]]
+    if odd:
+        diff = sorted(set(got[odd[0]][1]) ^ set(got[0][1]))[:6]
+        raise ValueError(_msg(func, "factors", "factors of the same layers and diagonal keys on "
+                              "every rank", f"ranks {odd} differ from rank 0 (e.g. {diff}): a "
+                              "layer left the Kronecker layers on some ranks' data only",
+                              "Build them with kfac_factors(..., reduce=all_reduce_stats()), "
+                              "which decides on every rank's data together."))
+    total = sum(c for c, _ in got)
     w = n / total
-    return factors._replace(A=_weighted_sum("all_reduce_kfac", factors.A, w, group),
-                            G=_weighted_sum("all_reduce_kfac", factors.G, w, group),
-                            diagonal=_weighted_sum("all_reduce_kfac", factors.diagonal, w, group),
+    return factors._replace(A=_weighted_sum(func, factors.A, w, group),
+                            G=_weighted_sum(func, factors.G, w, group),
+                            diagonal=_weighted_sum(func, factors.diagonal, w, group),
                             num_examples=torch.tensor(total, dtype=torch.int64))
 
 

@@ -71,3 +71,31 @@ def test_reduce_is_called_once_per_pass_with_prefixed_keys():
     ref = ekfac_factors(net, F.cross_entropy, params, data, others="diagonal")
     assert all(torch.equal(f.diagonal[k], ref.diagonal[k]) for k in ref.diagonal)
     assert all(torch.equal(f.Lambda[k], ref.Lambda[k]) for k in ref.Lambda)
+
+
+def test_all_reduce_kfac_refuses_ranks_with_other_layers(one_process_group, monkeypatch):
+    """all_reduce_kfac: in a one-process group the factors come back equal (weight n/N = 1);
+    with a (simulated) second rank whose factors lack a layer, every rank is refused naming
+    factors and the differing keys before any per-key all-reduce (review R1 F3: such ranks
+    paired the wrong tensors or hung)."""
+    from dattri_fn.operators.kfac import kfac_factors
+
+    net, params, data = _problem()
+    f = kfac_factors(net, F.cross_entropy, params, [data], others="diagonal")
+    same = D.all_reduce_kfac(f)
+    assert all(torch.equal(same.A[k], f.A[k]) and torch.equal(same.G[k], f.G[k]) for k in f.A)
+    other = f._replace(A={"0": f.A["0"]}, G={"0": f.G["0"]})  # rank 1 moved layer '2'
+    reduced = []
+
+    def gather(out, obj, group=None):  # rank 0's layout, then the other rank's
+        out[0] = obj
+        out[1] = (obj[0], tuple((fd, k, tuple(v.shape)) for fd in ("A", "G", "diagonal")
+                                for k, v in getattr(other, fd).items()))
+
+    monkeypatch.setattr(D, "rank_and_world", lambda group=None: (0, 2))
+    monkeypatch.setattr(D.dist, "all_gather_object", gather)
+    monkeypatch.setattr(D.dist, "all_reduce", lambda *a, **k: reduced.append(a))
+    with pytest.raises(ValueError, match=r"all_reduce_kfac\(factors=\.\.\.\): expected factors of "
+                                         r"the same layers.*ranks \[1\] differ.*'2'"):
+        D.all_reduce_kfac(f)
+    assert reduced == []
