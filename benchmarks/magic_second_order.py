@@ -6,9 +6,9 @@ backward is written by hand, differentiated in MAGIC's reverse step on text-lm.
 Prints the largest difference of one reverse step (k = 16 targets, the recipe's Adam vjp_step)
 through the hand-written layers from the step through torch's, in float64 (relative to the
 largest value; ~1e-15) and float32, then thread CPU ms per reverse step, the two interleaved.
-Measured 0.90-1.03x (within the noise of the shared machine): torch's own second-order formulas
-cost about as many memory passes over the ``[k, B, T, *]`` cotangents as these closed forms, so
-the library keeps nn.LayerNorm / softmax / F.cross_entropy (``benchmarks/RESULTS.md``).
+Measured medians 0.90-1.07x in four interleaved runs (noise on the shared machine): torch's own
+second-order formulas cost about as many memory passes over the ``[k, B, T, *]`` cotangents as
+these closed forms, so the library keeps nn.LayerNorm / softmax / F.cross_entropy (``benchmarks/RESULTS.md``).
 
 The closed forms (``P`` the projection of one normalized row, last dim):
 
@@ -248,7 +248,7 @@ def with_second_order_layers(module: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
     """
-    from ..eval.tiny_lm import TinyLM
+    from dattri_fn.eval.tiny_lm import TinyLM
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"with_second_order_layers(module=...): expected an nn.Module, "
@@ -268,7 +268,7 @@ def with_second_order_layers(module: nn.Module) -> nn.Module:
 @functools.cache
 def _second_order_tiny_lm() -> type:
     # Built on first use: the eval package imports the training package.
-    from ..eval.tiny_lm import TinyLM
+    from dattri_fn.eval.tiny_lm import TinyLM
 
     class SecondOrderTinyLM(TinyLM):
         """``TinyLM`` whose attention softmax has a hand-written double backward."""
