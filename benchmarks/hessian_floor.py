@@ -9,7 +9,8 @@ For each method and side:
 * FLOPs: one ``prepare + score`` under ``torch.utils.flop_counter.FlopCounterMode`` (the
   matrix products: mm, bmm, addmm, ...; elementwise work is not counted). On our side this is
   the Hessian-vector products times the solver's iterations, plus the test gradients; our
-  HVP calls and their ``rows x examples`` are counted too (the operator's own products);
+  Hessian products and their ``rows x examples`` are counted too (autograd's double backward
+  per data batch, or the MLP R-operator of :mod:`dattri_fn.operators.linear_mlp` per row step);
 * the FLOP floor: those FLOPs at this core's best float32 GEMM rate, measured in the same run
   (square products of 256, 512 and 1024; the best median): the time the run would take if every
   counted FLOP ran at that rate. ``ours / floor`` is how far the run is from it (issue 14's
@@ -61,24 +62,30 @@ def gemm_rate(sizes=(256, 512, 1024), repeats: int = 5) -> float:
 
 
 def hvp_calls(run) -> tuple[int, int]:
-    """``(calls, rows x examples)`` of our plain-autograd Hessian products during ``run()``."""
-    from dattri_fn.operators import curvature
+    """``(products, rows x examples)`` of our Hessian products during ``run()``: the plain
+    autograd product (one per data batch and call) and the MLP's R-operator
+    (:mod:`dattri_fn.operators.linear_mlp`, one per row step and call)."""
+    from dattri_fn._checks import batch_leaves
+    from dattri_fn.operators import curvature, linear_mlp
 
     seen = [0, 0]
-    inner = curvature._plain_rev_rev
+    plain, mlp = curvature._plain_rev_rev, linear_mlp._product
 
-    def counted(batch_loss, flat0, V, batch, chunk_size):
-        from dattri_fn._checks import batch_leaves
-
+    def counted_plain(batch_loss, flat0, V, batch, chunk_size):
         seen[0] += 1
         seen[1] += V.shape[0] * batch_leaves(batch)[0].shape[0]
-        return inner(batch_loss, flat0, V, batch, chunk_size)
+        return plain(batch_loss, flat0, V, batch, chunk_size)
 
-    curvature._plain_rev_rev = counted
+    def counted_mlp(layers, params, f, V):
+        seen[0] += 1
+        seen[1] += next(iter(V.values())).shape[0] * f["p"].shape[0]
+        return mlp(layers, params, f, V)
+
+    curvature._plain_rev_rev, linear_mlp._product = counted_plain, counted_mlp
     try:
         run()
     finally:
-        curvature._plain_rev_rev = inner
+        curvature._plain_rev_rev, linear_mlp._product = plain, mlp
     return seen[0], seen[1]
 
 
@@ -120,7 +127,7 @@ def compare(name: str, task, models, hp: dict, rounds: int, rate: float,
 
 def table(rows: list[dict], rate: float) -> str:
     """Markdown: FLOPs, floor, times and ratios per method."""
-    head = ["method", "HVP calls", "rows x examples", "ours GFLOP", "dattri GFLOP",
+    head = ["method", "HVP products", "rows x examples", "ours GFLOP", "dattri GFLOP",
             "floor s", "ours s", "ours / floor", "dattri s", "ours / dattri", "floor / dattri",
             "load"]
     f = lambda x, fmt: "—" if x is None else format(x, fmt)  # noqa: E731

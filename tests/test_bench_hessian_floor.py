@@ -44,6 +44,28 @@ def test_hvp_calls_counts_rows_times_examples_and_restores():
     assert curvature._plain_rev_rev is inner
 
 
+def test_hvp_calls_counts_the_mlp_r_operator_and_restores():
+    """The MLP R-operator in row steps of 4 over 9 examples, V of 2 rows: 3 products,
+    2 * 9 row-examples; the product is torch.equal to the uncounted one."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dattri_fn.operators import linear_mlp
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (9,), generator=gen)
+    H = linear_mlp.mlp_hessian(m, F.cross_entropy, params, (x, y), batch_rows=4)
+    V = torch.randn(2, H.dim, generator=gen, dtype=torch.float64)
+    want, inner, got = H(V), linear_mlp._product, []
+    assert hf.hvp_calls(lambda: got.append(H(V))) == (3, 2 * 9)
+    assert torch.equal(got[0], want)
+    assert linear_mlp._product is inner
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:ihvp_cg")  # 5 CG steps on purpose: rows not converged
 def test_compare_row_without_dattri():
