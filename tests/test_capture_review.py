@@ -95,7 +95,7 @@ def test_in_place_costs_two_forwards_once_per_tap(inplace):
             torch.testing.assert_close(v, ref[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
-def _streamed(tapped, state, x, y):
+def _streamed(tapped, state, x, y, loss=F.cross_entropy):
     got = {}
 
     def step(n, a, g):
@@ -105,8 +105,8 @@ def _streamed(tapped, state, x, y):
         if g is not None:
             pair[1] = g
 
-    streamed_io(tapped, F.cross_entropy, state, (x,), {}, y, None, x, step, None)
-    return got
+    streamed_io(tapped, loss, state, (x,), {}, y, None, x, step, None)
+    return {n: tuple(pair) for n, pair in got.items()}
 
 
 def test_the_memory_is_per_tap_and_streamed_io_uses_it():
@@ -256,3 +256,21 @@ def test_first_layers_own_probes_equal_added_probes(dtype, layers):
     for n in layers:
         assert all(torch.equal(u, v) for u, v in zip(own[n], added[n], strict=True)), n
     assert all(not v.requires_grad and v.grad is None for v in state.values())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_in_place_loss_on_the_aliased_output(stream):
+    """Review R4 F2 with the first output graphed by its weight's alias: a loss that divides the
+    logits in place (the model output is that layer's output) still gives each example's
+    gradient of l_i = CE(z_i / 2) exactly (gradients are taken at the edge held before the
+    loss, or by a hook registered before it), batched and streamed."""
+    model = _init(nn.Sequential(nn.Linear(4, 3)), 0)
+    x, y = _batch(0)
+    tapped, state = tap(model, ["0"]), _state(model)
+    loss = lambda out, t: F.cross_entropy(out.div_(2.0), t)
+    io = (_streamed(tapped, state, x, y, loss) if stream
+          else batched_io(tapped, loss, state, (x,), {}, y, None, x))
+    params = dict(model.named_parameters())
+    ref = torch.stack([torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]) / 2.0, y[i:i + 1]),
+                                           params["0.weight"])[0] for i in range(y.shape[0])])
+    torch.testing.assert_close(_grads(tapped, state, io)["0.weight"], ref, rtol=1e-12, atol=1e-14)
