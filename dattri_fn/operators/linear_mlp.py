@@ -139,11 +139,12 @@ def _product(layers, params: Params, f: dict, V: dict[str, Tensor]) -> dict[str,
     for i, (w, b, _) in enumerate(layers):
         vw = V[w]  # [k, out, in]
         out_w, in_w = vw.shape[1:]
-        r = (f["a"][i] @ vw.reshape(k * out_w, in_w).T).view(B, k, out_w)
-        if b is not None:
-            r = r + V[b]
+        vt = vw.reshape(k * out_w, in_w).T
+        # the bias rows and W R a accumulate into the GEMM's own output: no extra passes
+        r = f["a"][i] @ vt if b is None else torch.addmm(V[b].reshape(-1), f["a"][i], vt)
         if ra[i] is not None:
-            r = r + (ra[i].reshape(B * k, in_w) @ params[w].T).view(B, k, out_w)
+            r.view(B * k, out_w).addmm_(ra[i].view(B * k, in_w), params[w].T)
+        r = r.view(B, k, out_w)
         rz.append(r)
         if i < L - 1:
             d1 = f["d1"][i]
@@ -164,12 +165,13 @@ def _product(layers, params: Params, f: dict, V: dict[str, Tensor]) -> dict[str,
             out[b] = rd.sum(0)
         if i == 0:
             break
-        re = (rd.reshape(B * k, out_w) @ params[w]).view(B, k, in_w) + (
-            delta @ vw.transpose(0, 1).reshape(out_w, k * in_w)).view(B, k, in_w)  # R e_{i-1}
+        re = rd.reshape(B * k, out_w) @ params[w]  # R e_{i-1}  # [B k, in]
+        re.view(B, k * in_w).addmm_(delta, vw.transpose(0, 1).reshape(out_w, k * in_w))
+        re = re.view(B, k, in_w)  # a new tensor: scaled in place below
         d1, c = f["d1"][i - 1], f["c"][i - 1]
-        rd = re if d1 is None else d1[:, None] * re
+        rd = re if d1 is None else re.mul_(d1[:, None])
         if c is not None:
-            rd = rd + c[:, None] * rz[i - 1]
+            rd = rd.addcmul_(c[:, None], rz[i - 1])
     return out
 
 
