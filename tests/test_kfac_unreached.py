@@ -110,3 +110,42 @@ def test_a_tied_group_with_a_silent_use_is_refused_by_name():
     params = {k: v.detach() for k, v in model.named_parameters()}
     with pytest.raises(ValueError, match=r"kfac_factors\(params=\.\.\.\): .*tied group 'emb'"):
         kfac_factors(model, F.cross_entropy, params, (x, y))
+
+
+class _FrozenNorm(nn.Module):
+    """A LayerNorm run under ``torch.no_grad`` feeding the output: its params (outside the
+    Kronecker layers, the diagonal block) get no gradient; the loss reaches no other captured
+    layer of that block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln = nn.Linear(3, 4), nn.LayerNorm(3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.ln(x)
+        return self.a(x) + h.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_a_diagonal_block_layer_without_gradient(solver):
+    """Its diagonal block D = 0 (was a RuntimeError: the capture pass's loss reached no param),
+    and the scores equal those of the Linear's params alone at 1e-12."""
+    g = torch.Generator().manual_seed(2)
+    model = _FrozenNorm().double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=DT))
+    x, y = torch.randn(10, 3, generator=g, dtype=DT), torch.randint(0, 4, (10,), generator=g)
+    fm = functional_model(model, F.cross_entropy)
+    method = influence(fm, solver=solver, damping=0.1, others="diagonal")
+    train, test = [(x[:6], y[:6])], (x[6:], y[6:])
+    p = fm.params
+    pa = {k: v for k, v in p.items() if k.startswith("a.")}
+    state = method.prepare(p, train)
+    assert all(not d.any() for d in state.factors.diagonal.values())
+    assert sorted(state.factors.diagonal) == ["ln.bias", "ln.weight"]
+    S = method.score(p, state, train, test)
+    Sa = method.score(pa, method.prepare(pa, train), train, test)
+    assert float(Sa.abs().max()) > 1e-2
+    torch.testing.assert_close(S, Sa, rtol=0, atol=1e-12)

@@ -151,6 +151,13 @@ def _captured_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target
         try:
             io = batched_io(tapped, loss_fn, state, args, kwargs, target, None, state[keys[0]])
             break
+        except RuntimeError as err:
+            if "does not require grad" not in str(err):
+                raise
+            # the loss reaches no param at all (these layers run under torch.no_grad, their
+            # outputs unused...): every example's gradient of every key is zero
+            B = batch_size(func, "data", (*args, *kwargs.values()))
+            return {k: state[k].new_zeros(B, *state[k].shape) for k in keys}
         except capture.CaptureError as err:
             new = {n: why for n, why in err.problems.items() if n in owners}
             if not new:
