@@ -26,7 +26,10 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
   digits-cnn with k = 50 in chunks of 10, ~3 for one target alone). Memory ``(T/c +
   c) S`` for the states + ``2 k S`` for the cotangents + one step's vjp residuals batched over
   ``k`` (``chunk_size`` bounds that batch). ``c = sqrt(T)`` minimises
-  the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay).
+  the states at ``2 sqrt(T) S``; ``c = 1`` keeps every state (no replay). On glibc,
+  :func:`~dattri_fn.training.keep_heap` (an explicit, process-wide call) keeps the freed
+  ``[k, ...]`` temporaries in the heap for the next step: on text-lm the kernel otherwise spent
+  ~10% of a reverse step faulting them back in (one run 0.92x; the same bits).
 * ``horizon="auto"`` (:func:`metagradient`): the same single pass, plus ``k n_train + k S``
   floats (each target's best weight cotangents and state cotangent so far) and ``k`` norms; rows
   are copied only when a target's params cotangent ``|thetabar|`` reaches a new minimum.
