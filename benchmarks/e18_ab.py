@@ -1,0 +1,94 @@
+"""LoGra / FactGraSS ``prepare + score`` in several checkouts and in dattri 0.3.0, interleaved in one process.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.e18_ab --tree base=/tmp/base --tree now=. \
+        [--task digits-lr] [--method logra] [--rounds 40]
+
+:mod:`benchmarks.capture_method_ab` for the two methods that have no recipe: each tree's
+``dattri_fn`` is imported as its own package, and the method is built as
+:mod:`benchmarks.logra_floor` builds it (one checkpoint, the recipe's batches of 256,
+``benchmarks.against_dattri``'s sizes). Printed: median main-thread CPU ms over rotated rounds,
+each tree's median per-round ratio to dattri and to the first tree, and whether every tree's
+scores equal the first tree's (``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import statistics
+import time
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+
+def _ours(pkg, method: str, task, models):
+    from benchmarks.against_dattri import FACTGRASS_BLOWUP, FACTGRASS_DIM, LOGRA_K
+
+    recipes = importlib.import_module(f"{pkg.__name__}.app.recipes")
+    model = importlib.import_module(f"{pkg.__name__}.model")
+    r = recipes.recipe("grad-dot", task, models[:1], batch_size=256)
+    fm = model.functional_model(models[0].eval(), task.loss_fn)
+    if method == "logra":
+        m = importlib.import_module(f"{pkg.__name__}.attribute.logra").logra(fm, proj_dim=LOGRA_K)
+    else:
+        m = importlib.import_module(f"{pkg.__name__}.attribute.factgrass").factgrass(
+            fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP)
+    return lambda: m.score(fm.params, m.prepare(fm.params, r.train), r.train, r.test)
+
+
+def main(argv=None) -> None:
+    from benchmarks.capture_method_ab import HP, _load
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e18_ab",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--tree", action="append", required=True, help="NAME=TREE (repeatable)")
+    p.add_argument("--task", default="digits-lr")
+    p.add_argument("--method", default="logra", choices=("logra", "factgrass"))
+    p.add_argument("--rounds", type=int, default=40)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from benchmarks.run import DEFAULT_SIZES, load_models, load_task, runner_for, train_states
+
+    n_train, n_test, _ = DEFAULT_SIZES[args.task]
+    task = load_task({"name": args.task, "n_train": n_train, "n_test": n_test, "seed": 0,
+                      "device": "cpu"})
+    models = load_models(task, train_states(task, 1))
+    theirs = runner_for("dattri", args.method, task, models, HP)
+    runs = {"dattri": lambda: theirs.score(theirs.prepare())}
+    for spec in args.tree:
+        name, tree = spec.split("=", 1)
+        runs[name] = _ours(_load(name, tree), args.method, task, models)
+    names = list(runs)
+    first = names[1]
+    scores = {n: runs[n]() for n in names[1:]}
+    for fn in runs.values():  # warm
+        fn()
+    times = {n: [] for n in names}
+    gc.disable()  # collect between rounds, never inside one
+    try:
+        for r in range(args.rounds):
+            gc.collect()
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t0 = time.thread_time()
+                runs[n]()
+                times[n].append(1e3 * (time.thread_time() - t0))
+    finally:
+        gc.enable()
+    print(f"{args.task} {args.method}: median main-thread CPU ms of {args.rounds} rounds "
+          f"(load {os.getloadavg()[0]:.2f})")
+    for n in names:
+        to_d = statistics.median(a / b for a, b in zip(times[n], times["dattri"], strict=True))
+        to_f = statistics.median(a / b for a, b in zip(times[n], times[first], strict=True))
+        same = "" if n == "dattri" else f"  scores == {first}: {torch.equal(scores[n], scores[first])}"
+        print(f"  {n:10s} {statistics.median(times[n]):8.3f}  /dattri {to_d:6.3f}  /{first} "
+              f"{to_f:6.3f}{same}")
+
+
+if __name__ == "__main__":
+    main()
