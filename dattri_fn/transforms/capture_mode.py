@@ -167,9 +167,9 @@ class _Capture(TorchFunctionMode):
         """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
         it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
 
-        Under grad mode, a flat Linear, Conv1D or Embedding call with no input that requires
-        grad (the first selected layer, parameters without gradient) was given a graph
-        beforehand (:func:`_graphed`). An output still without one (a LayerNorm's, Conv2d's or
+        Under grad mode, a flat Linear, Conv1D, Conv2d or Embedding call with no input that
+        requires grad (the first selected layer, parameters without gradient) was given a graph
+        beforehand (:func:`_graphed`). An output still without one (a LayerNorm's or a
         Linear-on-positions' there, or a frozen part run under ``torch.no_grad``) gets an added
         zero probe, made with grad enabled: made a leaf, an output computed under no_grad would
         get a gradient its weights do not have (review R4), and a leaf held by autograd stays
@@ -217,13 +217,14 @@ class _Capture(TorchFunctionMode):
         return self.batch
 
 
-# Kinds whose autograd node, for a weight that requires grad, saves only what the call's ``a``
-# holds (the input or its rows, the indices) besides the weight itself: no memory is added,
-# and whose kernel does not depend on grad mode (a Linear only on a flat [B, in] input: on
-# [B, T, in] matmul may fold another way once the weight requires grad, which moves g by an
-# ulp). LayerNorm's node would save its input (``a`` is xhat), Conv2d's its input (``a`` is
-# the unfolded patches): those, and Linear on positions, keep the added zero probe.
-_GRAPHED = frozenset({"linear", "conv1d", "embedding"})
+# Kinds whose kernel does not depend on grad mode and whose autograd node, for a weight that
+# requires grad, saves little beyond what the call's ``a`` holds: a flat Linear, Conv1D and
+# Embedding save their input or rows or indices (``a`` itself); Conv2d saves its input, which
+# its unfolded patches ``a`` hold k_h k_w times over (no copy for a first layer: the model's
+# input). A Linear on [B, T, in] keeps the added zero probe (matmul may fold another way once
+# the weight requires grad: g moved by 5.6e-17), and so does LayerNorm (its node would save
+# the input besides ``a`` = xhat, of the same size).
+_GRAPHED = frozenset({"linear", "conv1d", "conv2d", "embedding"})
 
 
 def _graphed(mode: _Capture, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
