@@ -309,7 +309,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 if s == 0:
                     took = (sum(a.nbytes + g.nbytes for a, g in io.values()) if io is not None
                             else S.nbytes)
-                    rows.held_bytes = -(-(in_bytes * min(step, b) // b + took) // min(step, b))
+                    c = max(1, min(step, b))  # the rows of this pass (part)
+                    rows.held_bytes = -(-(in_bytes * c // max(b, 1) + took) // c)
                 io = part = None
                 if step >= b:
                     batch = None

@@ -425,7 +425,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                         factors = {ln: (_Gather(total), _Gather(total)) for ln in layers}
                 else:
                     io = raw(st, layers, batch)
-            held[0] = -(-(in_bytes + sum(a.nbytes + g.nbytes for a, g in io.values())) // b)
+            held[0] = -(-(in_bytes + sum(a.nbytes + g.nbytes for a, g in io.values())) // max(b, 1))
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
             # the raw factors and the (merged) batch are dropped before the features exist
