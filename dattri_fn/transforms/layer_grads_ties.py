@@ -23,21 +23,32 @@ from .factored_grads import _embedding_rows
 def attributed_layers(module: nn.Module, params) -> list[str]:
     """The capturable layers (LayerNorms included) that read an attributed parameter: as weight
     or bias, or as a weight attributed under another name (a tie), in module order."""
-    named = dict(module.named_parameters(remove_duplicate=False))
-    held = {id(named[k]) for k in params if k in named}
-    return [n for n, s in capture.layer_specs(module, norms=True).items()
-            if s.bias in params or (s.weight in named and id(named[s.weight]) in held)]
+    out, held, named = [], None, {}
+    for n, s in capture.layer_specs(module, norms=True).items():
+        if s.weight not in params and s.bias not in params:
+            if held is None:  # walked only where a layer's own keys are not attributed
+                named = dict(module.named_parameters(remove_duplicate=False))
+                held = {id(named[k]) for k in params if k in named}
+            if s.weight not in named or id(named[s.weight]) not in held:
+                continue
+        out.append(n)
+    return out
 
 
 def tap_plan(module: nn.Module, names: list[str]):
     """``capture.tap`` of ``names``, with ``tied=True`` where some of them share a weight
     (``tapped.tied`` then names the groups; without one the tap is the plain one)."""
-    tapped = capture.tap(module, names, tied=True)
-    return tapped if tapped.tied else capture.tap(module, names)
+    tapped = capture.tap(module, names)
+    if not tapped.ties_any:  # no tensor held under two names: nothing to tie
+        return tapped
+    both = capture.tap(module, names, tied=True)
+    return both if both.tied else tapped
 
 
 def tied_keys(module: nn.Module, tapped, params) -> dict[str, tuple[str, ...]]:
     """``{attributed key: the layers of its tie group}`` for the groups of ``tapped.tied``."""
+    if not tapped.tied:
+        return {}
     named = dict(module.named_parameters(remove_duplicate=False))
     key_of = {id(named[k]): k for k in params if k in named}
     out = {}
