@@ -71,7 +71,8 @@ def test_params_in_another_order_ravel_in_that_order():
 
 
 @pytest.mark.parametrize("case", ["mse", "layernorm", "missing-key", "extra-key", "float-labels",
-                                  "3d-input", "activation-last", "not-sequential"])
+                                  "3d-input", "activation-last", "not-sequential",
+                                  "ignored-label", "label-out-of-range"])
 def test_none_where_it_is_not_the_hessian(case):
     """Every case outside the structure gives None (the caller keeps autodiff)."""
     m = _mlp((nn.Tanh,))
@@ -94,6 +95,10 @@ def test_none_where_it_is_not_the_hessian(case):
     elif case == "activation-last":
         m = nn.Sequential(nn.Linear(5, 3), nn.Tanh()).double()
         params = {k: v.detach() for k, v in m.named_parameters()}
+    elif case in ("ignored-label", "label-out-of-range"):
+        y = y.clone()
+        y[2] = -100 if case == "ignored-label" else 3
+        data = (x, y)
     elif case == "not-sequential":
         m = nn.ModuleDict({"0": nn.Linear(5, 3)}).double()
         params = {k: v.detach() for k, v in m.named_parameters()}

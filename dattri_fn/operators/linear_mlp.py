@@ -210,6 +210,9 @@ def mlp_hessian(module: nn.Module, loss_fn: Callable, params: Params, data, *,
     if not (x.ndim == 2 and x.dtype == w0.dtype and x.device == w0.device
             and y.ndim == 1 and not y.is_floating_point() and y.shape[0] == x.shape[0]):
         return None
+    classes = params[layers[-1][0]].shape[0]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        return None  # ignored or invalid targets: the autodiff path treats (or names) them
     n = x.shape[0]
     widths = sum(params[w].shape[0] * 4 + params[w].shape[1] for w, _, _ in layers)
     if n * widths * w0.element_size() > memory_budget(memory):
