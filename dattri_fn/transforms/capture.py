@@ -8,10 +8,10 @@ identity** where a torch function consumes it, records that call's input and add
 to its output. At probes ``= 0`` the output is unchanged and the derivative of the loss w.r.t.
 a probe is ``g``. Outside ``torch.func`` (``tapped.probed``) the probe of an output that has a
 graph is the output itself, whose gradient is the same ``g`` with no add (unless an in-place op
-touches the output: then zeros are added as above). A flat Linear, Conv1D or Embedding call
-with no input that requires grad (the first selected layer) is run on a detached alias of its
-weight that requires grad, the same kernel with a graph, so its output is its own probe too;
-any other output without a graph gets an added zero.
+touches the output: then zeros are added as above). A flat Linear call with no input that
+requires grad (the first selected layer) is run on a detached alias of its weight that requires
+grad, the same kernel with a graph, so its output is its own probe too; any other output
+without a graph gets an added zero.
 No ``torch.fx`` trace, no module hooks, no patched ``forward``: any model
 ``functional_call`` can run works (Python control flow, ``**kwargs``, attention masks, stock
 Hugging Face models), and a layer called several times gets one record per call, summed.
@@ -106,11 +106,11 @@ class Probed(NamedTuple):
         acts: ``{layer: a}`` as ``tapped`` returns it.
         probes: ``{layer: (probe per call, in call order)}``, each a tensor whose gradient is
             the call's ``dL/dout``: the call's output itself where it has a graph
-            (:meth:`_Capture._own`; a first flat Linear/Conv1D/Embedding's gets one from its
-            weight's alias), or a zero-stride expansion of a 0-d zero leaf to the output's
-            shape, added to it (any other output without a graph, every output after an
-            in-place op on one, a broadcast Embedding). Plain autograd w.r.t. them (inputs of
-            ``autograd.grad``, or ``register_hook``) gives ``g``.
+            (:meth:`_Capture._own`; a first flat Linear's gets one from its weight's alias), or
+            a zero-stride expansion of a 0-d zero leaf to the output's shape, added to it (any
+            other output without a graph, every output after an in-place op on one, a
+            broadcast Embedding). Plain autograd w.r.t. them (inputs of ``autograd.grad``, or
+            ``register_hook``) gives ``g``.
         fold: ``{layer: (dL/dprobe per call)} -> {layer: g}`` in ``tapped``'s ``g`` layout
             (``[B, out]`` flat, else ``[B, T, out]`` with the calls' positions concatenated).
     """

@@ -153,8 +153,7 @@ class _Capture(TorchFunctionMode):
         if isinstance(why, Broadcast):
             return hold(self, name, func(*args, **kwargs), why.idx)
         a, flat, T = why
-        if self.probes is _PER_CALL and call[0] in _GRAPHED and (flat or call[0] != "linear") \
-                and torch.is_grad_enabled():
+        if self.probes is _PER_CALL and flat and call[0] in _GRAPHED and torch.is_grad_enabled():
             args, kwargs = _graphed(self, name, args, kwargs)
         out = func(*args, **kwargs)
         self.records[name].append(_Record(a, flat))
@@ -167,14 +166,14 @@ class _Capture(TorchFunctionMode):
         """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
         it is ``dL/dout`` with no zero added (no add in the forward, none in the backward).
 
-        Under grad mode, a flat Linear, Conv1D or Embedding call with no input that requires
-        grad (the first selected layer, parameters without gradient) was given a graph
-        beforehand (:func:`_graphed`). An output still without one (a LayerNorm's, Conv2d's or
-        Linear-on-positions' there, or a frozen part run under ``torch.no_grad``) gets an added
-        zero probe, made with grad enabled: made a leaf, an output computed under no_grad would
-        get a gradient its weights do not have (review R4), and a leaf held by autograd stays
-        alive through the backward. Every other output's version is checked after the forward, since after an
-        in-place op its gradient would be the modified tensor's."""
+        Under grad mode, a flat Linear call with no input that requires grad (the first
+        selected layer, parameters without gradient) was given a graph beforehand
+        (:func:`_graphed`). An output still without one (any other kind's there, or a frozen
+        part run under ``torch.no_grad``) gets an added zero probe, made with grad enabled:
+        made a leaf, an output computed under no_grad would get a gradient its weights do not
+        have (review R4), and a leaf held by autograd stays alive through the backward. Every
+        other output's version is checked after the forward, since after an in-place op its
+        gradient would be the modified tensor's."""
         if not out.requires_grad:
             with torch.enable_grad():
                 p = out.new_zeros((), requires_grad=True).expand(out.shape)
@@ -217,13 +216,15 @@ class _Capture(TorchFunctionMode):
         return self.batch
 
 
-# Kinds whose kernel does not depend on grad mode and whose autograd node, for a weight that
-# requires grad, saves only what the call's ``a`` holds (a flat Linear's, a Conv1D's input or
-# rows, an Embedding's indices) besides the weight: no memory is added. A Linear on [B, T, in]
-# keeps the added zero probe (matmul may fold another way once the weight requires grad: g
-# moved by 5.6e-17), and so do LayerNorm (its node would save the input besides ``a`` = xhat)
-# and Conv2d (the same values, but digits-cnn's pass peaked 15.47 -> 16.00 MiB for 2% time).
-_GRAPHED = frozenset({"linear", "conv1d", "embedding"})
+# Kinds given a graph by their weight's alias: only a flat Linear, whose kernel does not depend
+# on grad mode and whose node saves only its input (``a`` itself) besides the weight. Its output
+# is then held until the forward ends, as every probe that is an output is; on the digits tasks
+# the pass's tensor peak is unchanged (0.063 / 0.222 MiB). Left out, with the added zero probe:
+# Embedding (text-lm's pass peaked 6.05 -> 6.30 MiB: its [B, T, D] output held through the
+# forward), Conv2d (digits-cnn 15.47 -> 16.00 MiB for 2% time), Conv1D (not measured), a Linear
+# on [B, T, in] (matmul may fold another way once the weight requires grad: g moved by
+# 5.6e-17) and LayerNorm (its node would save its input besides ``a`` = xhat).
+_GRAPHED = frozenset({"linear"})
 
 
 def _graphed(mode: _Capture, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
