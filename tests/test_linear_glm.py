@@ -15,6 +15,7 @@ from dattri_fn.attribute.influence_inverse import affine_hessian, build_inverse,
 from dattri_fn.operators.curvature import cross_entropy_out_hessian, hvp
 from dattri_fn.operators.linear_gauss_newton import FactoredOperator, linear_gnvp
 from dattri_fn.operators.linear_glm import glm_hessian
+from dattri_fn.operators.linear_mlp import MLPHessian
 from dattri_fn.solve import ihvp_lissa
 from dattri_fn.tree import ravel
 
@@ -168,7 +169,8 @@ class _Centred(nn.Module):
 
 
 def test_affine_hessian_off_for_an_mlp_a_plain_loss_and_interacting_examples():
-    """The factored Hessian is not used for an MLP (H != G), a plain loss, nor a one-layer
+    """The factored Gauss-Newton is not used for an MLP (H != G: it takes the R-operator's
+    exact Hessian, equal to torch.func.hessian at 1e-12), a plain loss, nor a one-layer
     model whose batched forward mixes examples (the per-example losses differ from it)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
@@ -183,7 +185,18 @@ def test_affine_hessian_off_for_an_mlp_a_plain_loss_and_interacting_examples():
         cfg = influence_config(loss, solver="cg", damping=0.1, curvature="hessian", target=None,
                                model=None, l2=0.0, chunk_size=None, batch_rows=None,
                                relatif=None, per_layer=False, solver_options={})
-        assert affine_hessian(cfg, fm.params, data) is None
+        H = affine_hessian(cfg, fm.params, data)
+        if loss is fm.loss:
+            assert H is None
+            continue
+        assert isinstance(H, MLPHessian) and not isinstance(H, FactoredOperator)
+        flat0, unravel = ravel(fm.params)
+        x, y = data
+        dense = torch.func.hessian(lambda f: F.cross_entropy(
+            torch.func.functional_call(mlp, unravel(f), (x,)), y))(flat0)
+        V = torch.randn(3, flat0.numel(), generator=torch.Generator().manual_seed(4),
+                        dtype=torch.float64)
+        assert torch.allclose(H(V), V @ dense, rtol=0, atol=1e-12 * float(dense.abs().max()))
     H = hvp(fm.loss, fm.params, data)
     assert not isinstance(H, FactoredOperator)
 
@@ -209,3 +222,29 @@ def test_influence_lissa_gauss_newton_draws_rows_of_one_factored_operator(l2):
     V = torch.randn(4, fast.dim, generator=torch.Generator().manual_seed(0), dtype=D)
     torch.testing.assert_close(fast(V), slow(V), rtol=1e-10, atol=1e-13)
     assert fast(V).abs().max() > 0
+
+
+@pytest.mark.parametrize("solver", ["lissa", "cg"])
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+def test_influence_exact_hessian_of_an_mlp_equals_autodiff(solver, l2):
+    """influence(curvature='hessian') on a softmax cross-entropy MLP (the R-operator of
+    operators.linear_mlp, LiSSA's mini-batches as row subsets of it) == the same method on the
+    plain loss (autodiff's double backward, the same draws), float64, to 1e-10."""
+    torch.manual_seed(2)
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    fm = functional_model(mlp, F.cross_entropy)
+    x, y = _data(30, 4, 3, 3)
+    train = [(x[:16], y[:16]), (x[16:], y[16:])]
+    test = _data(5, 4, 3, 4)
+    opts = (dict(scale=20.0, depth=60, batch_size=7, seed=5) if solver == "lissa"
+            else dict(max_iter=200, rtol=1e-12))
+    cfg = influence_config(fm, solver=solver, damping=0.5, curvature="hessian", target=None,
+                           model=None, l2=l2, chunk_size=None, batch_rows=None, relatif=None,
+                           per_layer=False, solver_options=opts)
+    assert isinstance(affine_hessian(cfg, fm.params, train), MLPHessian)
+    scores = {}
+    for loss in (fm, fm.loss):
+        m = influence(loss, solver=solver, damping=0.5, curvature="hessian", l2=l2, **opts)
+        scores[loss is fm] = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    torch.testing.assert_close(scores[True], scores[False], rtol=1e-10, atol=1e-12)
+    assert scores[True].abs().max() > 0

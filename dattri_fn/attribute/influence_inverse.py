@@ -193,9 +193,12 @@ def batched_for(cfg: InfluenceConfig, params: Params, first):
 def affine_hessian(cfg: InfluenceConfig, params: Params, train):
     """``"hessian"`` of a FunctionalModel affine in ``params`` (one Linear layer and nothing
     after it): the Gauss-Newton from cached factors, which IS the Hessian there
-    (:func:`~dattri_fn.operators.linear_glm.glm_hessian`), without the ``l2`` term; else None."""
+    (:func:`~dattri_fn.operators.linear_glm.glm_hessian`); of a softmax cross-entropy MLP
+    (:func:`~dattri_fn.operators.linear_mlp.mlp_hessian`: the R-operator from kept factors);
+    without the ``l2`` term; else None."""
     from ..operators.gauss_newton import _is_softmax_cross_entropy, curvature_rows
     from ..operators.linear_glm import glm_hessian
+    from ..operators.linear_mlp import mlp_hessian
 
     loss = cfg.loss
     if not (cfg.curvature == "hessian" and isinstance(loss, FunctionalModel)
@@ -207,8 +210,11 @@ def affine_hessian(cfg: InfluenceConfig, params: Params, train):
     rows = cfg.rows or curvature_rows(sum(v.numel() for v in params.values()),
                                       batch_size(cfg.name, "train", first))
     out_hessian = cross_entropy_out_hessian if _is_softmax_cross_entropy(loss.loss_fn) else None
-    return glm_hessian(loss.module, loss.loss_fn, params, train, batch_rows=rows,
-                       chunk_size=cfg.chunk_size, out_hessian=out_hessian)
+    H = glm_hessian(loss.module, loss.loss_fn, params, train, batch_rows=rows,
+                    chunk_size=cfg.chunk_size, out_hessian=out_hessian)
+    if H is None:  # a softmax cross-entropy MLP: its exact Hessian by the R-operator in GEMMs
+        H = mlp_hessian(loss.module, loss.loss_fn, params, train)
+    return H
 
 
 def curvature_op(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
