@@ -123,8 +123,10 @@ def _lds_row_setup(spec: dict, state: dict, name: str, dim: int, seed: int):
         scores = method.score(fm.params, state_, train, test)
         out = {"time_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
                "scores": scores.detach().to(torch.float64).numpy()}
-        features = getattr(state_, "train_features", None)
-        out["width"] = features.shape[-1] if isinstance(features, torch.Tensor) else dim
+        # LoGra may hold its rows factored (LoGraState.train_factors): its feature_rows forms one
+        rows = (state_.feature_rows(0, 1) if hasattr(state_, "feature_rows")
+                else getattr(state_, "train_features", None))
+        out["width"] = rows.shape[-1] if isinstance(rows, torch.Tensor) else dim
         return out
 
     return step
