@@ -8,8 +8,9 @@ from .datainf import EmpiricalFisher, empirical_fisher
 from .gauss_newton import curvature_rows, gauss_newton, memory_budget
 from .kfac import BlockLinOp, kfac_operator, layer_scores, layer_self_scores, low_rank_blocks
 from .linear_glm import glm_hessian
+from .linear_mlp import MLPHessian, mlp_hessian
 from .stochastic import SampledLinOp, sampled
 
-__all__ = ["BlockLinOp", "EmpiricalFisher", "SampledLinOp", "curvature_rows", "empirical_fisher",
-           "gauss_newton", "glm_hessian", "kfac_operator", "layer_scores", "layer_self_scores",
-           "low_rank_blocks", "memory_budget", "sampled"]
+__all__ = ["BlockLinOp", "EmpiricalFisher", "MLPHessian", "SampledLinOp", "curvature_rows",
+           "empirical_fisher", "gauss_newton", "glm_hessian", "kfac_operator", "layer_scores",
+           "layer_self_scores", "low_rank_blocks", "memory_budget", "mlp_hessian", "sampled"]
