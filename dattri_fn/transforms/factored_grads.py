@@ -142,6 +142,8 @@ class LayerGrads(NamedTuple):
                     for r in range(0, B, step):
                         torch.mul(a[:, r:r + step, :n_in, None], g[:, r:r + step, None, :],
                                   out=dst[:, r:r + step])
+            elif source[0] == "b" and g.ndim == 3:  # a flat layer's bias gradient is g itself
+                view.copy_(g)
             else:
                 view.copy_(self._block(source, 0, size))
             off += size
@@ -161,8 +163,11 @@ class LayerGrads(NamedTuple):
         if torch._C._functorch.maybe_current_level() is not None:
             return False
         tensors = [self.dense, *(t for pair in self.factors.values() for t in pair)]
-        return not any(t.requires_grad or forward_ad.unpack_dual(t).tangent is not None
-                       for t in tensors)
+        if any(t.requires_grad for t in tensors):
+            return False
+        # a tangent exists only inside forward_ad.dual_level(): outside, no unpack per tensor
+        return forward_ad._current_level < 0 or all(
+            forward_ad.unpack_dual(t).tangent is None for t in tensors)
 
     def columns(self, start: int, stop: int) -> Tensor:
         """Return columns ``[start, stop)`` of :meth:`to_dense`, forming only those.  # [C, B, n]
