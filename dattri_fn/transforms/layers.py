@@ -278,7 +278,9 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
             del run  # the probes (layer outputs) need not live through the loss or the backward
             value = summed_losses(loss_fn, out, target)
             del out
-            grads = torch.autograd.grad(value, edges, allow_unused=True)
+            # a loss that reaches no probe (every layer under no_grad or unused): all g are 0
+            grads = (torch.autograd.grad(value, edges, allow_unused=True) if value.requires_grad
+                     else [None] * len(edges))
         # a call whose output never reaches the loss has g = 0
         grads = iter([z() if g is None else g for g, z in zip(grads, zeros, strict=True)])
         g = fold({n: [next(grads) for _ in range(calls[n])] for n in tapped.layers})
@@ -364,12 +366,14 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
                        on_input) -> None:
     """:func:`streamed_io` with the probes made per call (``shapes=None``, plain autograd)."""
     arrived: dict[str, list] = {}
+    done: set[str] = set()
 
     def hook(name, i, calls):
         def on_grad(g):
             parts = arrived.setdefault(name, [None] * calls)
             parts[i] = g.detach()
             if all(p is not None for p in parts):
+                done.add(name)
                 with torch.no_grad():  # the layer's input is dropped once its g is used
                     step(name, acts.pop(name, None), fold({name: arrived.pop(name)})[name])
 
@@ -382,7 +386,7 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
             calls = len(run.probes[n])
             for i in range(calls):
                 run.probes[n][i].register_hook(hook(n, i, calls))
-        bases = _edges(tapped, run.probes)[0]
+        bases, zeros, counts = _edges(tapped, run.probes)
         out = run.output
         del run
         if on_input is None:
@@ -394,13 +398,23 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
         del captured
         value = summed_losses(loss_fn, out, target)
         del out
-        torch.autograd.grad(value, bases, allow_unused=True)
+        if value.requires_grad:  # else no output reaches the loss: every g is zero
+            torch.autograd.grad(value, bases, allow_unused=True)
     # a call whose output never reaches the loss gets no hook call: its g is zero
     for name, parts in list(arrived.items()):
+        done.add(name)
         with torch.no_grad():
             ref = next(p for p in parts if p is not None)
             step(name, acts.pop(name, None), fold({name: [
                 torch.zeros_like(ref) if p is None else p for p in parts]})[name])
+    # a layer none of whose calls reaches the loss (an unused output, a call under no_grad)
+    at = 0
+    for name in tapped.layers:
+        if name not in done:
+            with torch.no_grad():
+                step(name, acts.pop(name, None), fold({name: [
+                    zeros[at + j]() for j in range(counts[name])]})[name])
+        at += counts[name]
 
 
 def _chunks(batch, chunk_size):
