@@ -60,6 +60,9 @@ class LayerPlan(NamedTuple):
     norms: dict[str, tuple[str | None, str | None]] = {}
     ties: dict[str, tuple[str, ...]] = {}
 
+    # Defined in layer_grads before the split: pickles and pytree specs name it there.
+    __module__ = "dattri_fn.transforms.layer_grads"
+
     @property
     def autodiff(self) -> tuple[str, ...]:
         """The keys of :attr:`rest` that take ``vmap(grad)`` (no captured norm or tie reads them)."""
@@ -129,6 +132,9 @@ class PlanDecisions(NamedTuple):
     dense: bool
     loop: bool
     layout: tuple[tuple[str, str], ...]
+
+    # Saved states and state_hash name the class by module: kept where it was defined before.
+    __module__ = "dattri_fn.transforms.layer_grads"
 
 
 def plan_decisions(plan: LayerPlan) -> PlanDecisions:
