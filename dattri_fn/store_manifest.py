@@ -183,8 +183,9 @@ def _check_state(func: str, man: dict, request: Mapping, path: Path) -> None:
         raise ValueError(_msg(func, "state", f"the state the store at {str(path)!r} was "
                               f"written under (state_hash {(have or '<none>')[:12]})",
                               f"state_hash {want[:12]}", "Its rows depend on the state (another "
-                              "prepare, damping or training set); remove that directory to "
-                              "write them for this one."))
+                              "prepare, damping or training set, or a state saved by an "
+                              "older dattri_fn whose state class has since gained a field); "
+                              "remove that directory to write them for this one."))
 
 
 def check_store_state(func: str, store: FeatureStore, state) -> None:
