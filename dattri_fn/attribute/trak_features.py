@@ -67,26 +67,52 @@ class NonFiniteGradient(ValueError):
     turns it into the error of the call and data argument it came from.
 
     ``param``: the first parameter (params key) whose gradient is not finite; None when every
-    one is (the projected product overflowed).
+    one is (the projected product overflowed). ``overflow``: the dtype that finite values
+    overflowed (``param``'s gradient at the cast to it, or else the projected features); None
+    for a gradient that is NaN or inf itself.
     """
 
-    def __init__(self, param: str | None):
-        self.param = param
-        super().__init__(f"a per-example gradient is not finite (parameter {param!r})")
+    def __init__(self, param: str | None, overflow: torch.dtype | None = None):
+        self.param, self.overflow = param, overflow
+        super().__init__(f"a per-example gradient is not finite (parameter {param!r}"
+                         + ("" if overflow is None else f", overflows {overflow}") + ")")
+
+
+_WIDER = {torch.float16: "torch.bfloat16 (float32's range) or torch.float32",
+          torch.bfloat16: "torch.float32 or torch.float64", torch.float32: "torch.float64"}
+
+
+def _reason(err: NonFiniteGradient) -> tuple[str, str, str]:
+    """``(expected, got, fix)`` of the error that ``err`` becomes."""
+    if err.overflow is None:
+        got = (f"NaN or inf in the per-example gradient of {err.param!r}" if err.param is not None
+               else "NaN or inf in the projected features (every gradient finite: an overflow)")
+        return ("examples whose per-example gradients are finite", got,
+                "Check those examples and the model on them (e.g. a log or a division at 0).")
+    # finite values beyond the dtype's range: the examples are fine, the dtype is too narrow
+    dt = err.overflow
+    wider = _WIDER.get(dt)
+    fix = (f"Use a wider feature_dtype ({wider}) or scale those examples down." if wider
+           else "Scale those examples down.")
+    fits = f"fit in feature_dtype={dt} (|x| <= {torch.finfo(dt).max:g})"
+    if err.param is not None:
+        return (f"examples whose per-example gradients {fits}",
+                f"a finite per-example gradient of {err.param!r} that overflows at the cast "
+                "(inf in that dtype)", fix)
+    return (f"examples whose projected features {fits}",
+            "projected features that overflow it (every per-example gradient finite and within "
+            "it)", fix)
 
 
 @contextlib.contextmanager
 def named(func: str, arg: str):
     """Raise a :class:`NonFiniteGradient` from the block as ``func(arg=...)``'s ValueError: the
-    user gave the examples, not the projector's features (review R3 F5)."""
+    user gave the examples, not the projector's features (review R3 F5); finite values that
+    overflow a narrow ``feature_dtype`` say so (review R3 F4)."""
     try:
         yield
     except NonFiniteGradient as err:
-        got = (f"NaN or inf in the per-example gradient of {err.param!r}" if err.param is not None
-               else "NaN or inf in the projected features (every gradient finite: an overflow)")
-        raise ValueError(_msg(func, arg, "examples whose per-example gradients are finite", got,
-                              "Check those examples and the model on them (e.g. a log or a "
-                              "division at 0).")) from err
+        raise ValueError(_msg(func, arg, *_reason(err))) from err
 
 
 def _bad_param(lg) -> str | None:
@@ -119,6 +145,24 @@ def _bad_column(G: Tensor, params: Params) -> str | None:
             return key
         off += size
     return None
+
+
+def _dense_cause(lg, fdt: torch.dtype) -> NonFiniteGradient:
+    """Why rows densified from ``lg`` (LayerGrads) into ``fdt``, or projected there, are not
+    finite: a NaN/inf gradient, a finite one beyond ``fdt``'s range, or else the projected
+    features overflowing ``fdt`` (an error path: densifies once more, in the params' dtype)."""
+    key = _bad_param(lg)
+    if key is not None:
+        return NonFiniteGradient(key)
+    dense = lg.to_dense()  # [C, b, P] in the params' dtype
+    sizes = [(k, lg._size(src)) for k, src in lg.layout]
+    for cast, over in ((dense, None), (dense.to(fdt), fdt)):
+        off = 0
+        for k, size in sizes:  # a product g a^T of finite factors may still overflow
+            if not bool(torch.isfinite(cast[..., off:off + size]).all()):
+                return NonFiniteGradient(k, dense.dtype if over is None else over)
+            off += size
+    return NonFiniteGradient(None, fdt)
 
 
 class FeatureConfig(NamedTuple):
@@ -225,9 +269,12 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         lg = None if grads is None else grads(sub, batch)
         if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
             for c in range(lg.dense.shape[0]):
-                phi = kron[c if one is None else one].layer_grads(lg.select(c))[0].to(fdt)
-                if not all_finite(phi):
-                    raise NonFiniteGradient(_bad_param(lg.select(c)))
+                raw = kron[c if one is None else one].layer_grads(lg.select(c))[0]
+                phi = raw.to(fdt)
+                if not all_finite(phi):  # a NaN/inf gradient, or the product's overflow
+                    key = _bad_param(lg.select(c))
+                    raise NonFiniteGradient(key, None if key is not None else
+                                            fdt if all_finite(raw) else raw.dtype)
                 yield phi
             return
         if lg is not None and plist is not None:
@@ -254,22 +301,36 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     dest = proj.apply_columns(lambda s, e, lc=lc: lc.columns(s, e)[0].to(fdt),
                                               b, dtype=fdt, device=v0.device, out=dest)
                 if not all_finite(dest):  # b*d, not b*P: the blocks skip the projector's scan
-                    raise NonFiniteGradient(_bad_param(lc))
+                    raise _dense_cause(lc, fdt)
                 if into is None:  # written into the cache rows, else yielded
                     yield dest
                 del dest  # not alive while the next checkpoint is projected
             return
         if lg is not None:  # unprojected: [b, P] each
             _check_finite(lg)
-            if into is not None:
-                lg.to_dense(out=into)
-                return
-            yield from lg.to_dense(fdt)
+            # the products of finite factors, rounded into fdt, may still overflow (review R3 F4)
+            rows = lg.to_dense(out=into) if into is not None else lg.to_dense(fdt)
+            if not all_finite(rows):
+                raise _dense_cause(lg, fdt)
+            if into is None:
+                yield from rows
             return
-        G = stacked_per_sample_grad(output_fn, sub, batch).to(fdt)  # [C, b, P], one vmap
+        G = stacked_per_sample_grad(output_fn, sub, batch)  # [C, b, P], one vmap
         if not all_finite(G):  # named here: the projector's own scan would name itself
             raise NonFiniteGradient(_bad_column(G, sub))
-        yield from (G if plist is None else (p(g) for p, g in zip(plist, G, strict=True)))
+        if G.dtype != fdt:  # checked before the cast too: finite values may overflow fdt
+            G = G.to(fdt)
+            if not all_finite(G):
+                raise NonFiniteGradient(_bad_column(G, sub), fdt)
+        if plist is None:
+            yield from G
+            return
+        for proj, g in zip(plist, G, strict=True):  # g checked above: no second scan of [b, P]
+            phi = proj.apply_columns(lambda s, e, g=g: g[:, s:e], g.shape[0], dtype=fdt,
+                                     device=g.device)
+            if not all_finite(phi):  # every gradient fits fdt, R^T g does not
+                raise NonFiniteGradient(None, fdt)
+            yield phi
 
     def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
         # rows written in place (no list of [b, d] blocks stacked), each R_c held only while

@@ -1,0 +1,136 @@
+"""Review R3 F4: with a narrow ``feature_dtype``, a finite per-example gradient that overflows at
+the cast is named as such (feature_dtype, the params key, the call and its data argument), on
+every feature path; not "NaN or inf in the per-example gradient" nor a singular kernel."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn.attribute.trak import trak
+from dattri_fn.model import functional_model
+from dattri_fn.transforms.project import make_projector
+
+F16 = torch.float16
+
+
+def _problem(scale: float = 1e6):
+    """A ReLU MLP; example 2 scaled so that its first-layer gradient (~scale) is finite in
+    float32 but beyond float16's 65504."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(8, 3, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    bad = x.clone()
+    bad[2] = bad[2].abs() * scale
+    return functional_model(net, F.cross_entropy), x, bad, y
+
+
+def _first_overflowing_key(fm, x, y) -> str:
+    """The first params key whose autograd gradient at (x, y) is finite but inf in float16."""
+    grads = torch.func.grad(fm.loss)(fm.params, (x, y))
+    assert all(bool(torch.isfinite(v).all()) for v in grads.values())
+    return next(k for k, v in grads.items() if not bool(torch.isfinite(v.to(F16)).all()))
+
+
+_PATHS = {  # name -> trak settings, one per feature path that casts to feature_dtype
+    "plan-projected": dict(proj_dim=4),
+    "plan-raw": dict(proj_dim=None),
+    "vmap-projected": dict(proj_dim=4, plain=True),
+    "vmap-raw": dict(proj_dim=None, plain=True),
+}
+_FIX = r"\. Use a wider feature_dtype \(torch\.bfloat16 \(float32's range\) or torch\.float32\)"
+
+
+def _method(fm, path: str, cache: bool = True, **extra):
+    kw = dict(_PATHS.get(path, {}), **extra)
+    out = fm.loss if kw.pop("plain", False) else fm
+    return trak(out, damping=0.1, feature_dtype=F16, cache_features=cache, **kw)
+
+
+@pytest.mark.parametrize("path", sorted(_PATHS))
+def test_finite_gradient_overflowing_float16_names_feature_dtype_and_key(path):
+    """|grad| ~ 1e6 > 65504 = max float16: prepare(train=...) and score(test=...) name
+    feature_dtype=torch.float16, the first key that overflows, and the fix."""
+    fm, x, bad, y = _problem()
+    key = _first_overflowing_key(fm, bad[2], y[2])
+    want = (r"expected examples whose per-example gradients fit in feature_dtype=torch\.float16 "
+            rf"\(\|x\| <= 65504\), got a finite per-example gradient of '{key}' that overflows at "
+            r"the cast \(inf in that dtype\)" + _FIX)
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): " + want):
+        _method(fm, path).prepare(fm.params, (bad, y))
+    m = _method(fm, path)
+    st = m.prepare(fm.params, (x, y))
+    with pytest.raises(ValueError, match=r"^trak\.score\(test=\.\.\.\): " + want):
+        m.score(fm.params, st, None, (bad[1:4], y[1:4]))
+
+
+@pytest.mark.parametrize("path", ["plan-projected", "vmap-projected", "vmap-raw"])
+def test_overflow_in_train_rows_streamed_by_score_names_train(path):
+    """Without a cache, score and self_score stream train: the overflow names train there."""
+    fm, x, bad, y = _problem()
+    m = _method(fm, path, cache=False)
+    st = m.prepare(fm.params, (x, y))
+    with pytest.raises(ValueError, match=r"^trak\.score\(train=\.\.\.\): expected examples whose "
+                                         r"per-example gradients fit in feature_dtype=torch\.float16"):
+        m.score(fm.params, st, (bad, y), (x[:2], y[:2]))
+    with pytest.raises(ValueError, match=r"^trak\.self_score\(train=\.\.\.\): .*a finite "
+                                         r"per-example gradient of '0\.weight' that overflows"):
+        m.self_score(fm.params, st, (bad, y))
+
+
+def test_kronecker_projected_features_overflowing_float16_say_so():
+    """The Kronecker path casts only P_out^T G P_in: its overflow is the projected features'."""
+    fm, x, bad, y = _problem()
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples whose "
+                                         r"projected features fit in feature_dtype=torch\.float16 "
+                                         r"\(\|x\| <= 65504\), got projected features that "
+                                         r"overflow it \(every per-example gradient finite" + ".*" + _FIX):
+        trak(fm, damping=0.1, proj_dim=1, projection="kronecker",
+             feature_dtype=F16).prepare(fm.params, (bad, y))
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_projection_overflowing_float16_when_every_gradient_fits(plain):
+    """max |grad| ~ 3.5e4 <= 65504 but |R^T grad| ~ 1.3e5 > 65504 (float64, the same R): the
+    projected features are named, on the plan and the vmap path."""
+    fm, x, _, y = _problem()
+    x = x.clone()
+    x[2] = x[2].abs() * 3e4
+    grads = torch.func.grad(fm.loss)(fm.params, (x[2], y[2]))
+    v = torch.cat([t.flatten() for t in grads.values()]).double()
+    R = make_projector(v.numel(), proj_dim=1, kind="rademacher", seed=0).matrix(dtype=torch.float64)
+    assert float(v.abs().max()) < 65504 < float((v @ R).abs().max())
+    m = trak(fm.loss if plain else fm, damping=0.1, proj_dim=1, feature_dtype=F16)
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples whose "
+                                         r"projected features fit in feature_dtype=torch\.float16 "
+                                         r"\(\|x\| <= 65504\), got projected features that overflow"):
+        m.prepare(fm.params, (x, y))
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return x.abs().log()  # -inf where x == 0: that example's gradient is NaN/inf
+
+
+def test_nan_gradient_with_float16_features_is_still_a_nan():
+    """A NaN/inf gradient (log at 0) keeps its message under float16 features: not an
+    overflow, on the plan and vmap paths, projected or not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_Log(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    fm = functional_model(net, F.cross_entropy)
+    _, x, _, y = _problem()
+    bad = x.clone()
+    bad[2, 0] = 0.0
+    for out in (fm, fm.loss):
+        for proj_dim in (4, None):
+            # the plan's check sees the NaN rows of its first examples and warns, as without F16
+            warns = pytest.warns(RuntimeWarning, match="densely") if out is fm else \
+                contextlib.nullcontext()
+            with warns, pytest.raises(ValueError, match=r"expected examples whose per-example "
+                                      r"gradients are finite, got NaN or inf in the per-example "
+                                      r"gradient of '1\.weight'\. Check those examples"):
+                trak(out, damping=0.1, feature_dtype=F16, proj_dim=proj_dim).prepare(fm.params, (bad, y))
