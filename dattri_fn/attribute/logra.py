@@ -114,15 +114,17 @@ def _outer_rows(factors: dict) -> Tensor:
 class _Gather:
     """Row blocks taken one after another into one ``[total, ...]`` tensor: written into it in
     place when ``total`` is known (no concatenated copy of the whole at the end), else joined at
-    the end; a first block of all ``total`` rows is kept as it is."""
+    the end; a first block of all ``total`` rows is kept as it is, unless it is ``borrowed``."""
 
     def __init__(self, total: int | None):
         self.total, self.parts, self.buf, self.sizes = total, [], None, []
 
-    def add(self, rows: Tensor) -> None:
+    def add(self, rows: Tensor, *, borrowed: bool = False) -> None:
         n, b = sum(self.sizes), rows.shape[0]
         if self.total is None or (n == 0 and b == self.total):
-            self.parts.append(rows)
+            # borrowed rows view a tensor of the caller's (its training inputs): a state holding
+            # them would move with the caller's in-place changes and save the caller's whole storage
+            self.parts.append(rows.clone() if borrowed else rows)
         else:
             if self.buf is None:
                 self.buf = rows.new_empty(self.total, *rows.shape[1:])
@@ -447,7 +449,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                 A[ln] = dA if ln not in A else A[ln] + dA
                 G[ln] = dG if ln not in G else G[ln] + dG
                 if ln in factors:
-                    factors[ln][0].add(a2)
+                    # unprojected and with no bias column, a' is the layer's own input
+                    factors[ln][0].add(a2, borrowed=projections[ln][0] is None
+                                       and specs[ln].bias not in model.params)
                     factors[ln][1].add(g2)
             if cache_features and len(factors) < len(layers):
                 feats.add(features(io))
