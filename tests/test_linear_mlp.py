@@ -105,18 +105,185 @@ def test_none_where_it_is_not_the_hessian(case):
     assert mlp_hessian(m, loss_fn, params, data) is None
 
 
-def test_a_wrong_product_is_refused_by_the_autodiff_check(monkeypatch):
-    """A product that differs from autodiff's Hessian-vector product gives None."""
-    m = _mlp((nn.Tanh,))
-    params = {k: v.detach() for k, v in m.named_parameters()}
-    inner = linear_mlp._product
-    monkeypatch.setattr(linear_mlp, "_product",
-                        lambda *a: {k: 1.001 * v for k, v in inner(*a).items()})
-    assert mlp_hessian(m, F.cross_entropy, params, _data()) is None
-
-
 def test_over_the_memory_budget_gives_none():
     """Factors of more bytes than ``memory`` give None."""
     m = _mlp((nn.Tanh,))
     params = {k: v.detach() for k, v in m.named_parameters()}
     assert mlp_hessian(m, F.cross_entropy, params, _data(), memory=64) is None
+
+
+def _shared_relu_case():
+    """R3's reproducer: ``relu = nn.ReLU(); Sequential(l1, relu, l2, relu, l3)``; on the first
+    64 examples layer 2's pre-activations are all positive (its ReLU acts as the identity
+    there), on the next 64 many are negative."""
+    torch.manual_seed(0)
+    relu = nn.ReLU()
+    l1, l2, l3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+    with torch.no_grad():
+        l1.weight.copy_(torch.eye(4, 3))
+        l1.bias.zero_()
+        l2.weight.copy_(torch.eye(4) + 0.1 * torch.randn(4, 4))
+        l2.bias.copy_(torch.tensor([-1.0, -1.0, -1.0, 1.0]))
+    m = nn.Sequential(l1, relu, l2, relu, l3).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x1 = 2 + torch.rand(64, 3, generator=g, dtype=torch.float64)
+    x2 = 0.5 * torch.rand(64, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (128,), generator=g)
+    return m, [(x1, y[:64]), (x2, y[64:])]
+
+
+def _shared_tanh_case():
+    """A shared Tanh object on random data: ``Sequential(l1, tanh, l2, tanh, l3)``."""
+    torch.manual_seed(1)
+    tanh = nn.Tanh()
+    m = nn.Sequential(nn.Linear(5, 4), tanh, nn.Linear(4, 4), tanh, nn.Linear(4, 3)).double()
+    x, y = _data(20)
+    return m.eval(), [(x[:8], y[:8]), (x[8:], y[8:])]
+
+
+@pytest.mark.parametrize("case", [_shared_relu_case, _shared_tanh_case])
+def test_a_reused_activation_object_is_applied_at_each_use(case):
+    """One activation object at two places of the Sequential (it runs twice): H V ==
+    V @ torch.func.hessian(mean CE) at 1e-12 (the walk once dropped its second use: 0.29 off)."""
+    m, data = case()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    H = mlp_hessian(m, F.cross_entropy, params, data)
+    assert H is not None
+    x, y = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+    dense = _dense_hessian(m, params, x, y)
+    V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(H(V), V @ dense, rtol=0, atol=1e-12 * float(dense.abs().max()))
+
+
+class _Doubled(nn.Sequential):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _LeakyTanh(nn.Tanh):
+    def forward(self, x):
+        return torch.tanh(x) + 0.1 * x
+
+
+def _refused_model(case: str) -> nn.Module:
+    torch.manual_seed(0)
+    l1, act, l2 = nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
+    if case == "sequential-subclass":
+        return _Doubled(l1, act, l2)
+    if case == "linear-subclass":
+        return nn.Sequential(l1, act, _ScaledLinear(4, 3))
+    if case == "activation-subclass":
+        return nn.Sequential(l1, _LeakyTanh(), l2)
+    if case == "instance-forward":
+        l2.forward = lambda x: 2 * F.linear(x, l2.weight, l2.bias)
+    elif case == "forward-hook":
+        l2.register_forward_hook(lambda mod, inp, out: 2 * out)
+    elif case == "forward-pre-hook":
+        act.register_forward_pre_hook(lambda mod, inp: (2 * inp[0],))
+    elif case == "module-hook":
+        m = nn.Sequential(l1, act, l2)
+        m.register_forward_hook(lambda mod, inp, out: 2 * out)
+        return m
+    elif case == "linear-reused":
+        sq = nn.Linear(4, 4)
+        return nn.Sequential(l1, act, sq, act, sq, act, l2)
+    elif case == "weight-tied":
+        a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+        b.weight = a.weight
+        return nn.Sequential(l1, act, a, act, b, act, l2)
+    return nn.Sequential(l1, act, l2)
+
+
+@pytest.mark.parametrize("case", ["sequential-subclass", "linear-subclass", "activation-subclass",
+                                  "instance-forward", "forward-hook", "forward-pre-hook",
+                                  "module-hook", "linear-reused", "weight-tied"])
+def test_none_where_the_forward_is_not_the_chain(monkeypatch, case):
+    """A subclass with its own forward, a forward set on an instance, a forward (pre-)hook, or
+    one Linear (or its weight) at two places: None from the structure alone (the autodiff
+    check, which sees only some examples, is switched off here)."""
+    monkeypatch.setattr(linear_mlp, "_agrees", lambda *a, **k: True)
+    m = _refused_model(case).double().eval()
+    params = dict(m.named_parameters(remove_duplicate=case != "weight-tied"))
+    params = {k: v.detach() for k, v in params.items()}
+    assert mlp_hessian(m, F.cross_entropy, params, _data()) is None
+
+
+def test_a_product_wrong_past_the_first_64_examples_is_refused(monkeypatch):
+    """The autodiff check samples examples across all the data (first and last included): a
+    product 0.1% off only on the last batch's examples (marked x[:, 0] = 50) gives None."""
+    m = _mlp((nn.Tanh,))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x, y = _data(100)
+    x[90:, 0] = 50.0
+    inner = linear_mlp._product
+
+    def product(layers, p, f, V):
+        out = inner(layers, p, f, V)
+        marked = bool((f["a"][0][:, 0] == 50.0).any())
+        return {k: (1.001 if marked else 1.0) * v for k, v in out.items()}
+
+    assert mlp_hessian(m, F.cross_entropy, params, [(x[:64], y[:64]), (x[64:], y[64:])]) is not None
+    monkeypatch.setattr(linear_mlp, "_product", product)
+    assert mlp_hessian(m, F.cross_entropy, params, [(x[:64], y[:64]), (x[64:], y[64:])]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_product_off_by_a_thousandth_is_refused_in_each_dtype(monkeypatch, dtype):
+    """Accepted as is; scaled by 1.001 (1e-3 relative, above the check's 1e3 eps): None, in
+    float32 (eps 1.2e-7) as in float64."""
+    m = _mlp((nn.Tanh,)).to(dtype)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x, y = _data()
+    data = (x.to(dtype), y)
+    assert mlp_hessian(m, F.cross_entropy, params, data) is not None
+    inner = linear_mlp._product
+    monkeypatch.setattr(linear_mlp, "_product",
+                        lambda *a: {k: 1.001 * v for k, v in inner(*a).items()})
+    assert mlp_hessian(m, F.cross_entropy, params, data) is None
+
+
+def test_float32_product_is_the_hessian_to_float32_rounding():
+    """float32 model and data: H V within 1e-5 max|H V| of the float64 torch.func.hessian."""
+    m = _mlp((nn.Tanh, nn.ReLU))
+    x, y = _data(40)
+    p64 = {k: v.detach() for k, v in m.named_parameters()}
+    dense = _dense_hessian(m, p64, x, y)
+    m32 = m.float()
+    params = {k: v.detach() for k, v in m32.named_parameters()}
+    H = mlp_hessian(m32, F.cross_entropy, params, (x.float(), y), batch_rows=16)
+    assert H is not None
+    V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = V @ dense
+    assert float((H(V.float()).double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_give_none(dtype):
+    """float16 / bfloat16 (eps 1e-3 / 8e-3: the check could not tell a wrong product): None."""
+    m = _mlp((nn.Tanh,)).to(dtype)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x, y = _data()
+    assert mlp_hessian(m, F.cross_entropy, params, (x.to(dtype), y)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_labels_not_int64_give_none(dtype):
+    """uint8 labels would index as a mask, int32 fail inside cross_entropy: None, so the
+    autodiff path names them as it would without this operator."""
+    m = _mlp((nn.Tanh,))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x, y = _data()
+    assert mlp_hessian(m, F.cross_entropy, params, (x, y.to(dtype))) is None
+
+
+def test_mixed_param_dtypes_give_none():
+    """A float32 bias next to float64 weights: None (one dtype for the factors and the check)."""
+    m = _mlp((nn.Tanh,))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    params["0.bias"] = params["0.bias"].float()
+    assert mlp_hessian(m, F.cross_entropy, params, _data()) is None
