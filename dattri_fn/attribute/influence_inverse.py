@@ -213,7 +213,8 @@ def affine_hessian(cfg: InfluenceConfig, params: Params, train):
     H = glm_hessian(loss.module, loss.loss_fn, params, train, batch_rows=rows,
                     chunk_size=cfg.chunk_size, out_hessian=out_hessian)
     if H is None:  # a softmax cross-entropy MLP: its exact Hessian by the R-operator in GEMMs
-        H = mlp_hessian(loss.module, loss.loss_fn, params, train)
+        # the user's batch_rows bounds its product steps too (k x rows x width); unset: 64
+        H = mlp_hessian(loss.module, loss.loss_fn, params, train, batch_rows=cfg.rows)
     return H
 
 
