@@ -7,7 +7,8 @@ our influence matched to dattri's quantity, ``curvature="hessian"``, and dattri'
 For each method and side:
 
 * FLOPs: one ``prepare + score`` under ``torch.utils.flop_counter.FlopCounterMode`` (the
-  matrix products: mm, bmm, addmm, ...; elementwise work is not counted). On our side this is
+  matrix products: mm, bmm, addmm, baddbmm, and their in-place forms, which it would count as
+  0; matrix-vector products and elementwise work are not counted). On our side this is
   the Hessian-vector products times the solver's iterations, plus the test gradients; our
   Hessian products and their ``rows x examples`` are counted too (autograd's double backward
   per data batch, or the MLP R-operator of :mod:`dattri_fn.operators.linear_mlp` per row step);
@@ -38,9 +39,22 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 METHODS = ("if-cg", "if-lissa")
 
 
+def _gemm(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """``2 m k n`` of ``self += a @ b`` (``[m, k] x [k, n]``, or batched ``[b, m, k]``)."""
+    *batch, m, k = a_shape
+    return 2 * m * k * b_shape[-1] * (batch[0] if batch else 1)
+
+
+# FlopCounterMode counts mm, addmm, bmm and baddbmm but not their in-place forms (0 FLOPs),
+# which the MLP R-operator uses to sum W R a and V_W^T delta into its GEMMs' outputs, nor addbmm
+_IN_PLACE = {torch.ops.aten.addmm_: _gemm, torch.ops.aten.baddbmm_: _gemm,
+             torch.ops.aten.addbmm: _gemm, torch.ops.aten.addbmm_: _gemm}
+
+
 def count_flops(fn) -> int:
-    """Return the FLOPs of the matrix products ``fn()`` runs (FlopCounterMode's count)."""
-    with FlopCounterMode(display=False) as counter:
+    """Return the FLOPs of the matrix products ``fn()`` runs (FlopCounterMode's count, plus
+    the in-place GEMMs ``addmm_``, ``baddbmm_`` and ``addbmm(_)`` it leaves at 0)."""
+    with FlopCounterMode(display=False, custom_mapping=_IN_PLACE) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -83,3 +83,41 @@ def test_compare_row_without_dattri():
     assert row["hvp_calls"] >= 1 and row["hvp_row_examples"] % 40 == 0
     assert "dattri_s" not in row
     assert "| if-cg |" in hf.table([row], 1e9)
+
+
+@pytest.mark.slow  # the flop counter's shape machinery, as above
+def test_count_flops_counts_in_place_gemms():
+    """addmm_, baddbmm_ and addbmm(_) count 2 (b) m k n, as their out-of-place forms do
+    (FlopCounterMode alone counts the in-place ones as 0)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 5, generator=gen), torch.randn(5, 3, generator=gen)
+    A, B = torch.randn(4, 7, 5, generator=gen), torch.randn(4, 5, 3, generator=gen)
+    c, C = torch.zeros(7, 3), torch.zeros(4, 7, 3)
+    assert hf.count_flops(lambda: c.addmm_(a, b)) == hf.count_flops(lambda: torch.addmm(c, a, b))
+    assert hf.count_flops(lambda: c.addmm_(a, b)) == 2 * 7 * 5 * 3
+    assert hf.count_flops(lambda: C.baddbmm_(A, B)) == 2 * 4 * 7 * 5 * 3
+    assert hf.count_flops(lambda: c.addbmm_(A, B)) == 2 * 4 * 7 * 5 * 3
+    assert hf.count_flops(lambda: torch.addbmm(c, A, B)) == 2 * 4 * 7 * 5 * 3
+
+
+@pytest.mark.slow  # the flop counter's shape machinery, as above
+def test_count_flops_of_the_mlp_r_operator_is_its_gemms():
+    """One R-operator product on a 5-4-3 tanh MLP, B examples, k rows: 2 GEMMs of
+    2 B k 4 5 FLOPs in the first layer (R z, the weight block) and 6 of 2 B k 3 4 in the
+    last (R z, W R a, two weight-block terms, R e, V_W^T delta), in-place ones included."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dattri_fn.operators import linear_mlp
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    gen = torch.Generator().manual_seed(1)
+    B, k = 9, 2
+    x = torch.randn(B, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,), generator=gen)
+    H = linear_mlp.mlp_hessian(m, F.cross_entropy, params, (x, y))
+    V = torch.randn(k, H.dim, generator=gen, dtype=torch.float64)
+    per = lambda o, i: 2 * B * k * o * i  # noqa: E731
+    assert hf.count_flops(lambda: H(V)) == 2 * per(4, 5) + 6 * per(3, 4)
