@@ -229,13 +229,16 @@ _GRAPHED = frozenset({"linear"})
 
 def _graphed(mode: _Capture, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``(args, kwargs)`` with ``name``'s weight replaced by a detached alias that requires grad
-    when no tensor argument requires grad, else unchanged.
+    when no tensor argument requires grad or is an inference tensor, else unchanged.
 
     The call then computes the same values (the same kernel on the same tensors) with a graph,
     so its output is its own probe: autograd's gradient at the output's edge is ``dL/dout``,
     and the node itself never runs (only gradients up to the edges are taken). That saves the
     added zero probe's ``new_zeros``, ``expand`` and add (about 30 us a pass on digits-lr)."""
-    if any(isinstance(t, Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
+    # an inference tensor (a backbone run under torch.inference_mode, or an inference weight)
+    # cannot be saved for backward, which the alias's node would do: the zero probe saves none
+    if any(isinstance(t, Tensor) and (t.requires_grad or t.is_inference())
+           for t in (*args, *kwargs.values())):
         return args, kwargs
     key, roles = (name, "weight"), mode.roles
     args = tuple(t.detach().requires_grad_() if roles.get(id(t)) == key else t for t in args)
