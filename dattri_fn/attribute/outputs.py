@@ -107,6 +107,9 @@ def _binary_signs(func: str, y, logits: Tensor, batched: bool) -> Tensor:
     return y.to(logits.dtype) * 2 - 1
 
 
+_AMINMAX = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # aminmax's CPU/CUDA dtypes
+
+
 def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
     """Return ``y`` as int64 class indices in ``[0, K)``, or raise naming ``func``'s labels.
 
@@ -123,11 +126,16 @@ def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
                              "Class labels index the logits: convert them with .long()."))
     if (y.ndim != 1) if batched else (y.numel() != 1):
         raise ValueError(_msg(func, arg, want, f"label shape {list(y.shape)}"))
-    if torch._C._functorch.maybe_current_level() is None:
-        bad = (y < 0) | (y >= K)
-        if bool(bad.any()):
-            raise ValueError(_msg(func, arg, f"class labels in [0, {K}) for {K} logits",
-                                  f"label {int(y[bad].reshape(-1)[0])}"))
+    if torch._C._functorch.maybe_current_level() is None and y.numel():
+        # one reduction and its reads, not four elementwise ops; the label named comes from
+        # the elementwise test, on the error path only (other integer dtypes take it always)
+        fast = y.dtype in _AMINMAX
+        lo, hi = (int(v) for v in torch.aminmax(y)) if fast else (None, None)
+        if not fast or lo < 0 or hi >= K:
+            bad = (y < 0) | (y >= K)
+            if bool(bad.any()):
+                raise ValueError(_msg(func, arg, f"class labels in [0, {K}) for {K} logits",
+                                      f"label {int(y[bad].reshape(-1)[0])}"))
     return y.long()
 
 
