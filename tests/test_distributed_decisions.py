@@ -201,3 +201,28 @@ def test_zero_factors_have_the_factors_shapes():
         for which, got in ((0, f.A[layer]), (1, f.G[layer])):
             zero = kfac_stats._zero_factor(tapped, layer, tuple(params), state, which)
             assert zero.shape == got.shape and not zero.any(), (layer, which)
+
+
+@pytest.mark.parametrize("fit", [kfac_factors, ekfac_factors])
+def test_a_shard_that_never_calls_a_layer_survives_the_diagonal_pass(fit):
+    """Rank 0's sequences (T = 5) call fc2, rank 1's (T = 3) never do (review R1 stop 22 F1):
+    both move fc2 to the diagonal block, both survive its pass (rank 1's autodiff rows of fc2
+    are stride-0 zeros, which crashed it while rank 0 waited in the D: all-reduce), send the
+    same keys, and the factors equal one process over all the data at 1e-12."""
+    from test_kfac_uncalled import _Branch, _seeded, _seq
+
+    g = torch.Generator().manual_seed(12)
+    model = _seeded(_Branch(), 13)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    data = [[_seq(g, 6, 5)], [_seq(g, 5, 3)]]
+    out, sent, warned = _run_shards(fit, [(model, F.cross_entropy, params, d) for d in data])
+    assert not any(isinstance(o, Exception) for o in out), out
+    assert sent[0] == sent[1] and ["D:fc2.bias", "D:fc2.weight"] in sent[0]
+    assert len(warned) == 2 and all("'fc2'" in w for w in warned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fit(model, F.cross_entropy, params, data[0] + data[1])
+    assert sorted(ref.diagonal) == ["fc2.bias", "fc2.weight"]
+    assert float(ref.diagonal["fc2.weight"].abs().max()) > 1e-3
+    for r in (0, 1):
+        _assert_close_factors(out[r], ref)

@@ -233,6 +233,15 @@ def diagonal_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target,
     return {k: rows[k] for k in keys}
 
 
+def _owned(rows: Tensor) -> Tensor:
+    """``rows`` with memory of their own: vmap's gradient of a key the loss never reads (an
+    unused param, a layer skipped on this chunk) is zeros expanded over the examples (stride 0),
+    which the consumers' in-place ops (``square_``) cannot write."""
+    if any(s == 0 and n > 1 for s, n in zip(rows.stride(), rows.shape, strict=True)):
+        return rows.contiguous()
+    return rows
+
+
 def _autodiff_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target, func: str,
                    looped: list) -> dict[str, Tensor]:
     """Per-example gradients of ``keys`` by ``vmap(grad)``, or one backward per example where
@@ -241,8 +250,9 @@ def _autodiff_rows(module: nn.Module, loss_fn, state, keys, args, kwargs, target
     one = _example_loss(module, loss_fn, state)
     try:
         if not any(m is True for m in looped):
-            return vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
+            out = vmap(grad(one), in_dims=(None, 0, 0, 0 if target is not None else None))(
                 r, args, kwargs, target)
+            return {k: _owned(v) for k, v in out.items()}
     except RuntimeError as err:
         if "vmap" not in str(err):
             raise
