@@ -98,8 +98,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
 
 def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
-    """The plan capturing ``names``; None without a Kronecker-form layer among them (a plan of
-    norms alone would give consumers of ``layers`` nothing to factor: they stay dense)."""
+    """The plan capturing ``names``; None without a Kronecker-form layer or a tied weight among
+    them (a plan of norms alone would give consumers of ``layers`` nothing to factor: they stay
+    dense). A tie alone is a plan with no ``layers`` (GPT-2 with ``wte`` attributed: both its
+    members are tie members): one capture pass writes the tie's rows into the dense block,
+    which every consumer reads as its rest (a FactGraSS or Kronecker projection's rest block)."""
     if not names:
         return None
     tapped = tap_plan(model.module, names)
@@ -109,7 +112,7 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     pairs = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
              for n, s in tapped.specs.items() if n not in members}
     layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind != "layernorm"}
-    if not layers:
+    if not layers and not ties:
         return None
     norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
     owned = {k for pair in layers.values() for k in pair if k is not None}
