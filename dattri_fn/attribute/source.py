@@ -373,9 +373,9 @@ def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):
 
     def inject(sums: dict, count: int):
         # ekfac_factors reduces once per pass, its keys prefixed by pass: the K-FAC pass's
-        # "A:"/"G:" sums are replaced by the pooled ones; the Lambda pass's "L:" (in the pooled
-        # basis) are this checkpoint's own.
-        if all(key.startswith(("A:", "G:")) for key in sums):
+        # "A:"/"G:" sums (and its "R:" counts of moved layers) are replaced by the pooled ones;
+        # the Lambda pass's "L:" (in the pooled basis) are this checkpoint's own.
+        if all(key.startswith(("A:", "G:", "R:")) for key in sums):
             return {key: pooled[key] for key in sums}, total[0]
         return sums, count
 
