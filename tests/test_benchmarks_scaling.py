@@ -149,4 +149,5 @@ def test_scaling_profile_builds_and_times_a_point():
     r = scaling_profile.build("grad-cos", 80, 8, 3)
     prep, score = scaling_profile.timed(r, 2)
     assert r.name == "grad-cos" and prep >= 0 and score > 0
-    assert "prepare" in scaling_profile.profile_text(r, 3, 3)
+    # the listing's first 3 rows can all be score's wrappers on a slow run: 50 rows hold prepare
+    assert "prepare" in scaling_profile.profile_text(r, 50, 3)
