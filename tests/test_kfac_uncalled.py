@@ -149,23 +149,28 @@ def test_a_layer_called_on_some_batches_takes_the_exact_diagonal(fit):
 
 
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
-@pytest.mark.parametrize("order", ["short_first", "long_first"])
-def test_a_test_batch_that_skips_a_kronecker_layer_scores_it_zero(solver, order):
+@pytest.mark.parametrize(("order", "kw"), [("short_first", {}), ("long_first", {}),
+                                           ("short_first", {"chunk_size": 2}),
+                                           ("short_first", {"per_layer": True})])
+def test_a_test_batch_that_skips_a_kronecker_layer_scores_it_zero(solver, order, kw):
     """Train calls fc2 (a Kronecker layer); a T=3 test batch does not: score = G_tr (C+dI)^-1
     G_te^T and self_score = g^T (C+dI)^-1 g with the dense per-example gradients (fc2's test
-    rows 0), at 1e-10 relative; no warning."""
+    rows 0), at 1e-10 relative; no warning. per_layer: fc2's columns of that batch are 0."""
     g = torch.Generator().manual_seed(6)
     model = _seeded(_Branch(), 7)
     train = [_seq(g, 6, 5), _seq(g, 4, 5)]
     short, long_ = _seq(g, 3, 3), _seq(g, 2, 5)
     test = [short, long_] if order == "short_first" else [long_, short]
     fm = functional_model(model, F.cross_entropy)
-    m = influence(fm, solver=solver, damping=0.1)
+    m = influence(fm, solver=solver, damping=0.1, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         st = m.prepare(fm.params, train)
         S = m.score(fm.params, st, train, test)
         D = m.self_score(fm.params, st, test)
+    if kw.get("per_layer"):
+        assert sorted(S) == ["fc1", "fc2", "head"] and not S["fc2"][:, :3].any()
+        S = sum(S.values())
     assert "fc2" in st.ihvp.eigen[0] and not getattr(st.factors, "diagonal", {})
     Gtr, Gte = _rows(model, train), _rows(model, test)
     ref = Gtr @ st.ihvp(Gte).T
