@@ -3,6 +3,7 @@ the cast is named as such (feature_dtype, the params key, the call and its data 
 every feature path; not "NaN or inf in the per-example gradient" nor a singular kernel."""
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -134,3 +135,23 @@ def test_nan_gradient_with_float16_features_is_still_a_nan():
                                       r"gradients are finite, got NaN or inf in the per-example "
                                       r"gradient of '1\.weight'\. Check those examples"):
                 trak(out, damping=0.1, feature_dtype=F16, proj_dim=proj_dim).prepare(fm.params, (bad, y))
+
+
+@pytest.mark.parametrize("case", ["cast", "projection"])
+def test_error_path_forms_columns_in_small_blocks(monkeypatch, case):
+    """The plan path looks for the cause one column block at a time (here 1 column: C b
+    entries), never the [C, b, P] rows: the same key, or the projected features, named."""
+    monkeypatch.setattr(importlib.import_module("dattri_fn.attribute.trak_features"),
+                        "_CAUSE_ENTRIES", 1)
+    fm, x, bad, y = _problem()
+    if case == "cast":
+        key = _first_overflowing_key(fm, bad[2], y[2])
+        want = rf"got a finite per-example gradient of '{key}' that overflows at the cast"
+        m = trak(fm, damping=0.1, proj_dim=4, feature_dtype=F16)
+    else:
+        bad = x.clone()
+        bad[2] = bad[2].abs() * 3e4  # every gradient fits float16, R^T g does not (test above)
+        want = r"got projected features that overflow it"
+        m = trak(fm, damping=0.1, proj_dim=1, feature_dtype=F16)
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): .*" + want):
+        m.prepare(fm.params, (bad, y))

@@ -39,6 +39,7 @@ _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is
 _ROW_BLOCK_ENTRIES = 2**16  # densified per projection call when R is held: rows x P entries
 _MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
+_CAUSE_ENTRIES = 2**20  # gradient entries formed at a time when an error's cause is looked for
 
 
 class Calls(NamedTuple):
@@ -149,18 +150,23 @@ def _bad_column(G: Tensor, params: Params) -> str | None:
 
 def _dense_cause(lg, fdt: torch.dtype) -> NonFiniteGradient:
     """Why rows densified from ``lg`` (LayerGrads) into ``fdt``, or projected there, are not
-    finite: a NaN/inf gradient, a finite one beyond ``fdt``'s range, or else the projected
-    features overflowing ``fdt`` (an error path: densifies once more, in the params' dtype)."""
+    finite: a NaN/inf gradient (in the params' dtype: a factor, or a product ``g a^T`` of finite
+    factors), a finite one beyond ``fdt``'s range, or else the projected features overflowing
+    ``fdt``. An error path: the columns are formed again, about 2**20 entries at a time (never
+    the ``[C, b, P]`` rows a projected path avoids)."""
     key = _bad_param(lg)
     if key is not None:
         return NonFiniteGradient(key)
-    dense = lg.to_dense()  # [C, b, P] in the params' dtype
-    sizes = [(k, lg._size(src)) for k, src in lg.layout]
-    for cast, over in ((dense, None), (dense.to(fdt), fdt)):
+    C, b = lg.dense.shape[:2]
+    step = max(1, _CAUSE_ENTRIES // max(1, C * b))
+    for cast in (None,) if fdt == lg.dense.dtype else (None, fdt):
         off = 0
-        for k, size in sizes:  # a product g a^T of finite factors may still overflow
-            if not bool(torch.isfinite(cast[..., off:off + size]).all()):
-                return NonFiniteGradient(k, dense.dtype if over is None else over)
+        for k, src in lg.layout:
+            size = lg._size(src)
+            for s in range(off, off + size, step):
+                cols = lg.columns(s, min(s + step, off + size))  # [C, b, <= step]
+                if not all_finite(cols if cast is None else cols.to(cast)):
+                    return NonFiniteGradient(k, cast)
             off += size
     return NonFiniteGradient(None, fdt)
 
