@@ -10,14 +10,13 @@ import warnings
 
 import pytest
 import torch
-from test_factgrass import _mask
 
 from dattri_fn import functional_model, per_sample_grad
 from dattri_fn.attribute.factgrass import factgrass
 from dattri_fn.attribute.gradsim import grad_dot
 from dattri_fn.attribute.trak import trak
 from dattri_fn.losses import causal_lm_loss, causal_lm_margin, causal_lm_margin_weight
-from dattri_fn.transforms.kronecker import _factor_seed, kronecker_layers, make_kronecker_projector
+from dattri_fn.transforms.kronecker import kronecker_layers, make_kronecker_projector
 from dattri_fn.transforms.layer_grads import check_plan, layer_grads_stacked, layer_plan
 from dattri_fn.transforms.project import make_projector
 
@@ -28,10 +27,10 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 WTE = "transformer.wte.weight"
 
 
-def _gpt2():
+def _gpt2(attn: str = "eager"):
     """The tiny GPT-2 of tests/test_hf_methods.py (V = 40, D = 8, two blocks), float64."""
     cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=8, n_layer=2, n_head=2,
-                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+                                  bos_token_id=0, eos_token_id=0, attn_implementation=attn)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).double().eval()
 
@@ -81,24 +80,60 @@ def test_grad_dot_equals_the_dense_reference():
     torch.testing.assert_close(S, Gs @ per_sample_grad(fm.loss, fm.params, test).T, **TOL)
 
 
-def test_factgrass_equals_the_brute_force_sketch_of_the_rest_block():
-    """phi = (G M_rest) R (25 of 320 coords masked, count-sketch to 16); s = phi (F + lam I)^-1 phi^T."""
+def _projected_rows(fm, proj, batch):
+    """The vmap(grad) rows projected block by block as ``kronecker_layers`` lays them out: each
+    Kronecker layer's dense ``[out, in(+1)]`` gradient by ``project_dense``, the rest by
+    ``project_rest`` (a tie's rows are wherever the layout puts them).  # [b, d]"""
+    ref = per_sample_grad(fm.loss, fm.params, batch)
+    cols, off = {}, 0
+    for k, v in fm.params.items():
+        cols[k], off = ref[:, off:off + v.numel()], off + v.numel()
+    out = []
+    for n, lay in proj.layers.items():
+        W = (cols[lay.weight].unflatten(-1, (lay.inp, lay.out)).mT if lay.kind == "embedding"
+             else cols[lay.weight].unflatten(-1, (lay.out, lay.inp)))
+        if lay.bias is not None:
+            W = torch.cat([W, cols[lay.bias][..., None]], -1)
+        out.append(proj.project_dense(n, W))
+    if proj.rest:
+        out.append(proj.project_rest(torch.cat([cols[k] for k, _ in proj.rest], -1)))
+    return out
+
+
+def test_grad_dot_with_default_attention_needs_no_vmap():
+    """sdpa GPT-2 with a padding mask (vmap cannot run it): Grad-Dot == eager vmap(grad) rows' (1e-9)."""
+    fm = _wte_only(model=_gpt2("sdpa"))
+    assert layer_plan(fm).autodiff == ()  # every row from the capture pass
+    train, test = [_batch(1), _batch(2, 3)], _batch(3, 3)
+    S = _silent(lambda: grad_dot(fm).score(fm.params, (), train, test))
+    eager = _wte_only()
+    rows = lambda b: per_sample_grad(eager.loss, eager.params, b)
+    want = torch.cat([rows(b) for b in train]) @ rows(test).T
+    torch.testing.assert_close(S, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+
+
+def test_factgrass_equals_the_dense_rows_sketched():
+    """phi_b = (block b's masks on the vmap(grad) rows) R_b; s = sum_b phi_b (F_b + lam_b I)^-1 phi_b^T."""
     fm = _wte_only()
     train, test = [_batch(1), _batch(2, 3)], _batch(3, 3)
     m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2)
     state = _silent(lambda: m.prepare(fm.params, train))
     S = m.score(fm.params, state, train, test)
     assert state.plan is not None and not state.plan.dense
+    layers, rest = kronecker_layers(layer_plan(fm), fm.params)
+    stage1 = make_kronecker_projector(layers, proj_dim=5, kind="mask", seed=2, rest=rest,
+                                      rest_dim=25, dtype=DT)
 
-    def phi(batch):
-        G = per_sample_grad(fm.loss, fm.params, batch)  # [b, 320]
-        masked = G @ _mask(G.shape[1], 25, _factor_seed(2, 0, 2))
-        return masked @ make_projector(25, proj_dim=16, kind="sjlt", seed=3).matrix(DT)
+    def phi(batch):  # [b, d_b] per block
+        return [S1 if S1.shape[1] <= 16 else
+                S1 @ make_projector(S1.shape[1], proj_dim=16, kind="sjlt", seed=3 + i).matrix(DT)
+                for i, S1 in enumerate(_projected_rows(fm, stage1, batch))]
 
-    ps = torch.cat([phi(b) for b in train])
-    Fb = ps.T @ ps / ps.shape[0]
-    A = Fb + 0.1 * Fb.diagonal().mean() * torch.eye(16, dtype=DT)
-    ref = ps @ torch.linalg.solve(A, phi(test).T)
+    ref, train_blocks = 0, [torch.cat(p) for p in zip(*[phi(b) for b in train], strict=True)]
+    for ps, pq in zip(train_blocks, phi(test), strict=True):
+        Fb = ps.T @ ps / ps.shape[0]
+        A = Fb + 0.1 * Fb.diagonal().mean() * torch.eye(ps.shape[1], dtype=DT)
+        ref = ref + ps @ torch.linalg.solve(A, pq.T)
     torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
 
 
@@ -116,16 +151,13 @@ def test_trak_equals_trak_on_vmap_grad_rows(setting):
     torch.testing.assert_close(m.score(out.params, state, train, test), want, rtol=1e-9, atol=1e-10)
 
 
-def test_the_kronecker_projection_projects_the_tied_rows_as_its_rest():
-    """No Kronecker layer: KroneckerProjector.layer_grads(plan rows) == project_rest(vmap(grad) rows)."""
+def test_the_kronecker_projection_reads_the_tied_rows_from_the_dense_block():
+    """KroneckerProjector.layer_grads(plan rows) == the vmap(grad) rows projected per block (1e-10)."""
     fm = _wte_only()
     plan = layer_plan(fm)
     layers, rest = kronecker_layers(plan, fm.params)
-    assert layers == {} and rest == ((WTE, 320),)
     proj = make_kronecker_projector(layers, proj_dim=3, seed=5, rest=rest, rest_dim=7, dtype=DT)
     batch = _batch(4)
     stacked = {k: v[None] for k, v in fm.params.items()}
     got = proj.layer_grads(layer_grads_stacked(check_plan(plan, stacked, batch), stacked, batch))
-    want = proj.project_rest(per_sample_grad(fm.loss, fm.params, batch))
-    assert got.shape[-1] == 7
-    torch.testing.assert_close(got[0], want, **TOL)
+    torch.testing.assert_close(got[0], torch.cat(_projected_rows(fm, proj, batch), -1), **TOL)
