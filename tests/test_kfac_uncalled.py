@@ -214,3 +214,19 @@ def test_vmap_rows_of_an_unused_param_own_their_memory():
     rows = diagonal_rows(model, F.cross_entropy, state, ["temp"], (x,), {}, y)["temp"]
     assert rows.shape == (5, 4) and rows.stride(0) == 4 and not rows.any()
     rows.square_()  # the in-place op diagonal_sums takes
+
+
+def test_an_ensemble_scores_a_batch_that_skips_a_layer_as_the_mean_of_its_checkpoints():
+    """score([p, p2]) on a test set with a T=3 batch == (score(p) + score(p2)) / 2 at 1e-12
+    relative (each checkpoint's capture without fc2 is its own)."""
+    g = torch.Generator().manual_seed(14)
+    model = _seeded(_Branch(), 15)
+    train, test = [_seq(g, 6, 5)], [_seq(g, 3, 3), _seq(g, 2, 5)]
+    fm = functional_model(model, F.cross_entropy)
+    p = fm.params
+    p2 = {k: v + 0.05 for k, v in p.items()}
+    m = influence(fm, solver="ekfac", damping=0.1)
+    S = m.score([p, p2], m.prepare([p, p2], train), train, test)
+    mean = sum(m.score(q, m.prepare(q, train), train, test) for q in (p, p2)) / 2
+    assert float(mean.abs().max()) > 1e-2
+    torch.testing.assert_close(S, mean, rtol=0, atol=1e-12 * float(mean.abs().max()))

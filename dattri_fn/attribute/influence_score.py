@@ -209,8 +209,8 @@ _NOT_CALLED = "not called in this forward"
 
 
 class _Retaps(dict):
-    """``{uncalled layers: the state's capture without them}``, built once a call (kept in
-    ``looped``)."""
+    """``{(a state's capture's layers, uncalled layers): that capture without them}``, each
+    built once a call (kept in ``looped``)."""
 
 
 def _unread(cfg: InfluenceConfig, state, keys, args, kwargs, target) -> bool:
@@ -250,10 +250,11 @@ def _without_uncalled(cfg: InfluenceConfig, tapped, kron, err, state, args, kwar
     if retaps is None:
         retaps = _Retaps()
         looped.append(retaps)
-    key = frozenset(uncalled)
+    # an ensemble's checkpoints may hold different Kronecker layers (each its own check)
+    key = (tuple(tapped.layers), frozenset(uncalled))
     if key not in retaps:
-        retaps[key] = capture.tap(cfg.model.module, [n for n in tapped.layers if n not in key],
-                                  tied=True)
+        retaps[key] = capture.tap(cfg.model.module,
+                                  [n for n in tapped.layers if n not in key[1]], tied=True)
     return retaps[key]
 
 
