@@ -48,18 +48,23 @@ def _problem():
 @_NEEDS_PATCH
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
 def test_a_layernorm_weight_without_its_bias_is_refused_at_prepare(solver):
-    """params = the model's keys minus '1.bias' (a LayerNorm's): prepare raises
-    if_<solver>(params=...) naming '1.bias' (was: prepare passed, score raised the inner
-    tapped(state=...) error)."""
+    """params = the model's keys minus '1.bias' (a LayerNorm's): prepare, from data or from
+    given factors, raises if_<solver>(params=...) naming '1.bias' (was: prepare passed, score
+    raised the inner tapped(state=...) error)."""
+    from dattri_fn.operators.kfac import ekfac_factors, kfac_factors
+
     net, train, _ = _problem()
     fm = functional_model(net, F.cross_entropy)
     sub = {k: v for k, v in fm.params.items() if k != "1.bias"}
     m = influence(fm, solver=solver, damping=0.1)
-    with pytest.raises(ValueError, match=rf"if_{solver}\(params=\.\.\.\): expected every key of "
-                       r"the model's params that belongs to a layer .*missing \['1\.bias'\]"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m.prepare(sub, train)
+    fit = kfac_factors if solver == "kfac" else ekfac_factors
+    factors = fit(net, F.cross_entropy, sub, train, others="diagonal")
+    for given in (train, factors):
+        with pytest.raises(ValueError, match=rf"if_{solver}\(params=\.\.\.\): expected every key "
+                           r"of the model's params that belongs to a layer .*missing \['1\.bias'\]"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m.prepare(sub, given)
 
 
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
