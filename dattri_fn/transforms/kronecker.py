@@ -327,24 +327,49 @@ def kronecker_layers(plan, params: Mapping[str, Tensor]) -> tuple[dict, tuple]:
     leading checkpoint dim is allowed when ``stacked`` is True for every leaf: pass one
     checkpoint's dict).
 
+    A tied weight (``plan.ties``: GPT-2's ``wte`` = ``lm_head``) is a block too, though its rows
+    (the sum of its layers' rows) come from the dense block: the block of the layer that holds
+    the key (the Embedding's ``[V, D]``, ``vec(P_out^T dW^T P_in)``), and each other member's
+    own bias (not tied) a bias block, at their places in module order: the layout of a plan
+    that captures only the key's own layer (as before ties were captured), so the sketch and
+    its cost are those of a Kronecker block (``D V k`` per example), not of a dense projection
+    of the ``V D`` rows (``V D k^2``) in the rest. A key no member holds under its own name
+    stays in the rest.
+
     Raises:
         ValueError: a layer in ``plan.layers`` whose gradient is not of the Kronecker form.
     """
-    layers = {}
-    for n, (wk, bk) in plan.layers.items():
-        spec = plan.tapped.specs[n]
-        if spec.kind not in ("linear", "conv1d", "conv2d", "embedding"):
-            raise ValueError(_msg("kronecker_layers", "plan", "layers of Kronecker form "
-                                  "(linear, conv1d, conv2d, embedding) in plan.layers",
-                                  f"{n!r} of kind {spec.kind!r}", "Keep it in plan.norms."))
-        if wk is not None:
-            shape = params[wk].shape
-            if spec.kind in ("conv1d", "embedding"):
-                inp, out = shape[0], shape[1]
-            else:
-                out, inp = shape[0], math.prod(shape[1:])
+    members = {m: key for key, group in getattr(plan, "ties", {}).items() for m in group}
+    layers, owned = {}, set()
+    for n, spec in plan.tapped.specs.items():
+        if n in plan.layers:
+            wk, bk = plan.layers[n]
+            if spec.kind not in ("linear", "conv1d", "conv2d", "embedding"):
+                raise ValueError(_msg("kronecker_layers", "plan", "layers of Kronecker form "
+                                      "(linear, conv1d, conv2d, embedding) in plan.layers",
+                                      f"{n!r} of kind {spec.kind!r}", "Keep it in plan.norms."))
+        elif n in members:  # the key's own layer carries it; another member only its bias
+            wk = members[n] if spec.weight == members[n] else None
+            bk = spec.bias if spec.bias in plan.rest else None
+            if wk is None and bk is None:
+                continue
+            owned.update(k for k in (wk, bk) if k is not None)
         else:
-            out, inp = params[bk].shape[0], 0
-        layers[n] = KroneckerLayer(wk, bk, spec.kind, int(out), int(inp))
-    rest = tuple((k, params[k].numel()) for k in plan.rest)
+            continue
+        layers[n] = _layer(spec.kind, wk, bk, params)
+    rest = tuple((k, params[k].numel()) for k in plan.rest if k not in owned)
     return layers, rest
+
+
+def _layer(kind: str, wk: str | None, bk: str | None, params) -> KroneckerLayer:
+    """The block of a layer of capture ``kind`` with weight ``wk`` and bias ``bk`` (keys)."""
+    if wk is not None:
+        shape = params[wk].shape
+        if kind in ("conv1d", "embedding"):
+            inp, out = shape[0], shape[1]
+        else:
+            out, inp = shape[0], math.prod(shape[1:])
+    else:
+        out, inp = params[bk].shape[0], 0
+    return KroneckerLayer(wk, bk, kind, int(out), int(inp))
+
