@@ -90,11 +90,12 @@ def _projected_rows(fm, proj, batch):
         cols[k], off = ref[:, off:off + v.numel()], off + v.numel()
     out = []
     for n, lay in proj.layers.items():
-        W = (cols[lay.weight].unflatten(-1, (lay.inp, lay.out)).mT if lay.kind == "embedding"
-             else cols[lay.weight].unflatten(-1, (lay.out, lay.inp)))
-        if lay.bias is not None:
-            W = torch.cat([W, cols[lay.bias][..., None]], -1)
-        out.append(proj.project_dense(n, W))
+        W = [] if lay.weight is None else [
+            cols[lay.weight].unflatten(-1, (lay.inp, lay.out)).mT if lay.kind == "embedding"
+            else cols[lay.weight].unflatten(-1, (lay.out, lay.inp))]
+        if lay.bias is not None:  # a bias-only block is its [out, 1] column
+            W.append(cols[lay.bias][..., None])
+        out.append(proj.project_dense(n, torch.cat(W, -1)))
     if proj.rest:
         out.append(proj.project_rest(torch.cat([cols[k] for k, _ in proj.rest], -1)))
     return out
@@ -161,3 +162,39 @@ def test_the_kronecker_projection_reads_the_tied_rows_from_the_dense_block():
     stacked = {k: v[None] for k, v in fm.params.items()}
     got = proj.layer_grads(layer_grads_stacked(check_plan(plan, stacked, batch), stacked, batch))
     torch.testing.assert_close(got[0], torch.cat(_projected_rows(fm, proj, batch), -1), **TOL)
+
+
+@pytest.mark.parametrize("params", [None, ["bert.embeddings", "cls"]])
+def test_a_tied_decoders_own_bias_comes_from_the_capture_pass(params):
+    """BERT-MLM (decoder weight = word embeddings, decoder bias = cls.predictions.bias), a padding
+    mask (vmap cannot run it): db_i = sum_t g_it, no loop, no warning; Grad-Dot == per-sequence
+    autograd (1e-10 relative)."""
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16,
+                                  max_position_embeddings=16)
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(cfg).double().eval()
+
+    def loss(out, labels):
+        return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(),
+                                                 reduction="sum")
+
+    batch = _batch(5)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, 2] = batch["input_ids"][:, 2]
+    batch["labels"] = labels
+    fm = functional_model(bert, loss, params=params, unpack=lambda b: (
+        (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]))
+    plan = layer_plan(fm)
+    assert plan.tie_biases == {"cls.predictions.bias": "cls.predictions.decoder"}
+    assert plan.autodiff == ()
+    S = _silent(lambda: grad_dot(fm).score(fm.params, (), batch, batch))
+    named, rows = dict(bert.named_parameters()), []
+    for i in range(4):
+        bert.zero_grad()
+        loss(bert(input_ids=batch["input_ids"][i:i + 1],
+                  attention_mask=batch["attention_mask"][i:i + 1]), labels[i:i + 1]).backward()
+        rows.append(torch.cat([named[k].grad.flatten() for k in fm.params]))
+    R = torch.stack(rows)
+    want = R @ R.T
+    torch.testing.assert_close(S, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from .._checks import _msg
 from ..model import FunctionalModel
-from .layer_grads_ties import attributed_layers, tap_plan, tied_keys
+from .layer_grads_ties import attributed_layers, tap_plan, tie_biases, tied_keys
 
 
 class LayerPlan(NamedTuple):
@@ -46,6 +46,8 @@ class LayerPlan(NamedTuple):
         ties: ``{key: its layers}``: a weight tied between layers of different kinds (GPT-2's
             ``wte`` and ``lm_head``), its rows the sum of theirs, in the dense block too
             (:mod:`~dattri_fn.transforms.layer_grads_ties`); its layers are in no other field.
+        tie_biases: ``{bias key: its layer}``: the attributed bias of a tie member (BERT-MLM's
+            decoder bias), its rows ``sum_t g_t`` from the same pass, in the dense block too.
     """
 
     model: FunctionalModel
@@ -59,6 +61,7 @@ class LayerPlan(NamedTuple):
     shapes: tuple[tuple[tuple, dict[str, tuple[int, ...]]], ...] = ()
     norms: dict[str, tuple[str | None, str | None]] = {}
     ties: dict[str, tuple[str, ...]] = {}
+    tie_biases: dict[str, str] = {}
 
     # Defined in layer_grads before the split: pickles and pytree specs name it there.
     __module__ = "dattri_fn.transforms.layer_grads"
@@ -68,7 +71,8 @@ class LayerPlan(NamedTuple):
         """The keys of :attr:`rest` that take ``vmap(grad)`` (no captured norm or tie reads them)."""
         if not self.norms and not self.ties:
             return self.rest
-        owned = {k for pair in self.norms.values() for k in pair} | set(self.ties)
+        owned = ({k for pair in self.norms.values() for k in pair} | set(self.ties)
+                 | set(self.tie_biases))
         return tuple(k for k in self.rest if k not in owned)
 
     @property
@@ -117,7 +121,8 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
-    return LayerPlan(model, tapped, layers, rest, norms=norms, ties=ties)
+    return LayerPlan(model, tapped, layers, rest, norms=norms, ties=ties,
+                     tie_biases=tie_biases(model.module, tapped, model.params, members))
 
 
 class PlanDecisions(NamedTuple):

@@ -59,6 +59,22 @@ def tied_keys(module: nn.Module, tapped, params) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def tie_biases(module: nn.Module, tapped, params, members) -> dict[str, str]:
+    """``{attributed key: layer}`` of the biases of the tie ``members`` (a tied decoder's own
+    bias, BERT-MLM's ``cls.predictions.bias`` under another name too): found by identity."""
+    held = [m for m in tapped.specs if m in members and tapped.specs[m].bias is not None]
+    if not held:
+        return {}
+    named = dict(module.named_parameters(remove_duplicate=False))
+    key_of = {id(named[k]): k for k in params if k in named}
+    out = {}
+    for m in held:
+        key = key_of.get(id(named[tapped.specs[m].bias]))
+        if key is not None:
+            out[key] = m
+    return out
+
+
 def _layer_rows(spec, a: Tensor, g: Tensor, lead: int, shape) -> Tensor:
     """One member's weight gradient rows, raveled as the weight.  # -> [*lead, numel]"""
     if spec.kind == "embedding":
@@ -76,7 +92,8 @@ def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
 
     A LayerNorm (``a = xhat``): ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if
     any, are every dim between the lead dims and the normalised one; the normalised dims come
-    folded into one, raveled as the weight is). A tied key: the sum of its members' rows.
+    folded into one, raveled as the weight is). A tied key: the sum of its members' rows. A tie
+    member's own bias: ``sum_t g_t``.
     """
     rows = {}
     for n, (wk, bk) in plan.norms.items():
@@ -99,4 +116,7 @@ def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
             else:
                 total = total + part
         rows[key] = total
+    for key, m in plan.tie_biases.items():
+        g = raw[m][1]
+        rows[key] = g.reshape(*g.shape[:lead], -1, g.shape[-1]).sum(-2)  # sum_t g_t
     return rows
