@@ -393,11 +393,12 @@ def layered_keys(cfg: InfluenceConfig, params: Params) -> None:
     """Refuse, naming ``params``, K-FAC/EK-FAC params on a FunctionalModel that hold part of a
     layer's keys only (a weight without its layer's bias, of the model's params): the
     layer-by-layer score runs the capture on ``params`` and the model's ``fixed`` tensors,
-    which lack the rest. A layer none of whose keys are in ``params`` stays the module's."""
+    which lack the rest. A layer none of whose keys are in ``params`` stays the module's.
+    LayerNorms count (their weight and bias are captured together in the diagonal block)."""
     if not (cfg.layered and cfg.model is not None):
         return
     own = cfg.model.params
-    missing = [k for sp in capture.layer_specs(cfg.model.module).values()
+    missing = [k for sp in capture.layer_specs(cfg.model.module, norms=True).values()
                if sp.weight in params or sp.bias in params
                for k in (sp.weight, sp.bias) if k in own and k not in params]
     if missing:
@@ -455,10 +456,18 @@ def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEn
                                                     ckpts))
 
 
+# a measurement: a number with a decimal point or an exponent (3.1e-01, 0.25, 1e-12)
+_MEASURE = re.compile(r"[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+)")
+# a quoted name: a layer ('0'), a key ('2.weight'); not an apostrophe (model's)
+_QUOTED = re.compile(r"((?<!\w)'[^']*')")
+
+
 def _shape_of(message: str) -> str:
-    """A warning's text with its numbers blanked: the same reason on another checkpoint (a
-    gradient scale, a difference) reads the same."""
-    return re.sub(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?", "#", message)
+    """A warning's text with its measurements blanked: the same reason on another checkpoint (a
+    gradient scale, a difference) reads the same. Quoted names are kept whole, digits and all:
+    a warning about another layer of an ``nn.Sequential`` ('2', not '0') is not a repeat."""
+    parts = _QUOTED.split(message)  # odd items: the quoted names
+    return "".join(part if i % 2 else _MEASURE.sub("#", part) for i, part in enumerate(parts))
 
 
 def once_per_call(build, ckpts) -> tuple:
