@@ -8,13 +8,8 @@ captures a LayerNorm's weight and bias together). They are refused at ``prepare`
 F4: ``once_per_call`` (one warning per ensemble prepare) blanked every digit of a warning,
 layer names too: a later checkpoint's warning about layer '2' of an ``nn.Sequential`` was
 dropped as a repeat of one about layer '0'. Only measurements (a decimal point or an exponent)
-are blanked now, and quoted names are kept whole.
+are blanked now, and quoted names are kept whole."""
 
-Both fixes are in ``dattri_fn/attribute/influence_inverse.py`` (another engineer's file this
-stop): /work/notes/s22/C2_to_lead.patch. Until it is applied the tests marked ``_NEEDS_PATCH``
-must fail (strict xfail); once it is, they run as plain tests."""
-
-import inspect
 import warnings
 
 import pytest
@@ -22,17 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dattri_fn.attribute import influence_inverse
 from dattri_fn.attribute.influence import influence
-from dattri_fn.attribute.influence_inverse import _shape_of, once_per_call
+from dattri_fn.attribute.influence_inverse import once_per_call
 from dattri_fn.model import functional_model
 
 DT = torch.float64
-
-_PATCHED = ("norms=True" in inspect.getsource(influence_inverse.layered_keys)
-            and _shape_of("layer '0'") != _shape_of("layer '2'"))
-_NEEDS_PATCH = pytest.mark.xfail(not _PATCHED, strict=True,
-                                 reason="needs /work/notes/s22/C2_to_lead.patch")
 
 
 def _problem():
@@ -45,7 +34,6 @@ def _problem():
     return net, (x, y), (x[:4], y[:4])
 
 
-@_NEEDS_PATCH
 @pytest.mark.parametrize("solver", ["kfac", "ekfac"])
 def test_a_layernorm_weight_without_its_bias_is_refused_at_prepare(solver):
     """params = the model's keys minus '1.bias' (a LayerNorm's): prepare, from data or from
@@ -94,7 +82,6 @@ def _warn_each(messages):
     return [str(x.message) for x in w]
 
 
-@_NEEDS_PATCH
 def test_warnings_about_differently_numbered_layers_are_both_issued():
     """Checkpoint 1 moves layer '0', checkpoint 2 layer '2' (an nn.Sequential): both warnings
     are issued, in order (the second was dropped as a repeat)."""
