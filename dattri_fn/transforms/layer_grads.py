@@ -177,19 +177,28 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
             passed = None
     try:
         active = plan if passed is not None else _narrowed(plan, head, first)
+        if active is not None and passed is None and n > k:
+            # the head's examples can look capturable where the whole batch is not (a layer on
+            # sequence-first [T, B, D] tensors with T = k reads as batch-first there): on such a
+            # refusal the whole batch narrows the plan, once (a forward only on this path)
+            try:
+                passed = _factored(active, stacked, batch)
+            except capture.CaptureError:
+                active = _narrowed(active, batch, first)
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
             err, scale, dtype = (_gap(lg, ref, k) if sums is None
                                  else _gap_sums(lg, ref, sums, k, at=(0, k - 1)))
             if not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
-                why = f"max difference {err:.3g} (gradient scale {scale:.3g})"
+                why = (f"they do not match vmap(grad) on its first examples (max difference "
+                       f"{err:.3g}, gradient scale {scale:.3g})")
     except Exception as e:  # whatever the model's forward raises with probes
-        why = f"{type(e).__name__}: {e}"
+        why = f"the capture pass over this batch failed ({type(e).__name__}: {e})"
     base = plan if active is None else active
     dense = active is None or why is not None
     if why is not None:
-        _warn_dense(plan, f"they do not match vmap(grad) on its first examples ({why})")
+        _warn_dense(plan, why)
     if dense:
         layout, shapes = (), None
         lg, loop = _dense(base, stacked, batch)
