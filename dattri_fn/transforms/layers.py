@@ -400,20 +400,16 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
         del out
         if value.requires_grad:  # else no output reaches the loss: every g is zero
             torch.autograd.grad(value, bases, allow_unused=True)
-    # a call whose output never reaches the loss gets no hook call: its g is zero
-    for name, parts in list(arrived.items()):
-        done.add(name)
-        with torch.no_grad():
-            ref = next(p for p in parts if p is not None)
-            step(name, acts.pop(name, None), fold({name: [
-                torch.zeros_like(ref) if p is None else p for p in parts]})[name])
-    # a layer none of whose calls reaches the loss (an unused output, a call under no_grad)
+    # a call whose output never reaches the loss gets no hook call: its g is zero, of its own
+    # probe's shape (another call's g can differ: a layer called on [B, D] and [B, T, D]); a
+    # layer none of whose calls reaches the loss (an unused output, a call under no_grad) too
     at = 0
     for name in tapped.layers:
         if name not in done:
+            parts = arrived.pop(name, None) or [None] * counts[name]
             with torch.no_grad():
                 step(name, acts.pop(name, None), fold({name: [
-                    zeros[at + j]() for j in range(counts[name])]})[name])
+                    zeros[at + j]() if p is None else p for j, p in enumerate(parts)]})[name])
         at += counts[name]
 
 
