@@ -274,3 +274,23 @@ def test_an_in_place_loss_on_the_aliased_output(stream):
     ref = torch.stack([torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]) / 2.0, y[i:i + 1]),
                                            params["0.weight"])[0] for i in range(y.shape[0])])
     torch.testing.assert_close(_grads(tapped, state, io)["0.weight"], ref, rtol=1e-12, atol=1e-14)
+
+
+def test_a_tensor_shared_in_two_roles_names_each_layers_own_role():
+    """LayerNorm weight = Linear bias (review R4 nit): each layer's problem names its own role."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.ln, self.fc1 = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)
+            self.ln.weight = self.fc0.bias
+
+        def forward(self, x):
+            return self.fc1(self.ln(self.fc0(x)))
+
+    model = _init(Shared(), 0)
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=DT)
+    assert tap(model, ["fc0", "ln", "fc1"]).check(state, x) == {
+        "fc0": "shares its bias with layer ln (its weight)",
+        "ln": "shares its weight with layer fc0 (its bias)"}

@@ -86,8 +86,11 @@ class _Capture(TorchFunctionMode):
                 shared.setdefault(id(state[key]), [other[0]]).append(n)
                 continue
             # one tensor, two layers: neither factor is the layer's own
-            self.problems.setdefault(other[0], f"shares its {role} with layer {n}")
-            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}")
+            same = role == other[1]
+            self.problems.setdefault(other[0], f"shares its {other[1]} with layer {n}"
+                                               + ("" if same else f" (its {role})"))
+            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}"
+                                        + ("" if same else f" (its {other[1]})"))
         # A tied weight (tied=True) is attributed call by call to the member of the call's
         # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
         # could not be told apart, so they stay problems.
