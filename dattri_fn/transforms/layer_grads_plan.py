@@ -77,7 +77,8 @@ class LayerPlan(NamedTuple):
 
     @property
     def captured(self) -> tuple[str, ...]:
-        """Every layer the capture pass reads, :attr:`layers` and :attr:`norms`, module order."""
+        """Every layer the capture pass reads, module order: :attr:`layers`, :attr:`norms` and
+        the members of :attr:`ties`."""
         return tuple(self.tapped.layers)
 
 
