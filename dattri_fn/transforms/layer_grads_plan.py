@@ -87,11 +87,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
     Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
     attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
-    forward works), and so is every affine ``nn.LayerNorm`` and tied weight with one when the
-    plan has such a layer (their rows go to the dense block from the same pass:
-    :attr:`LayerPlan.norms`, :attr:`LayerPlan.ties`); every other attributed parameter stays
-    dense (``vmap(grad)``). :func:`check_plan` checks it on an example batch (module Note);
-    applying an unchecked plan checks it on every call.
+    forward works), and so is every affine ``nn.LayerNorm`` and tied weight with one, alone or
+    not (their rows go to the dense block from the same pass: :attr:`LayerPlan.norms`,
+    :attr:`LayerPlan.ties`); every other attributed parameter stays dense (``vmap(grad)``).
+    :func:`check_plan` checks it on an example batch (module Note); applying an unchecked plan
+    checks it on every call.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -103,11 +103,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
 
 def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
-    """The plan capturing ``names``; None without a Kronecker-form layer or a tied weight among
-    them (a plan of norms alone would give consumers of ``layers`` nothing to factor: they stay
-    dense). A tie alone is a plan with no ``layers`` (GPT-2 with ``wte`` attributed: both its
-    members are tie members): one capture pass writes the tie's rows into the dense block,
-    which every consumer reads as its rest (a FactGraSS or Kronecker projection's rest block)."""
+    """The plan capturing ``names``; None without any. A plan of norms or tied weights alone
+    has no ``layers`` (GPT-2 with ``wte`` or the LayerNorms attributed): one capture pass writes
+    their rows into the dense block, which every consumer reads as any dense rows (a FactGraSS
+    or Kronecker projection's rest, unless ``kronecker_layers`` gives a tie a block), with no
+    ``vmap`` (a model vmap cannot run needs no per-example loop for them)."""
     if not names:
         return None
     tapped = tap_plan(model.module, names)
@@ -117,8 +117,6 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     pairs = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
              for n, s in tapped.specs.items() if n not in members}
     layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind != "layernorm"}
-    if not layers and not ties:
-        return None
     norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
