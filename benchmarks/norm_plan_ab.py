@@ -8,14 +8,20 @@ arm's thread CPU time (one thread, float32):
 * ``gpt2-dot`` / ``gpt2-trak``: a stock tiny GPT-2 (``--vocab``, ``--embd``, ``--layers``),
   ``--n`` x ``--T`` tokens with every 4th sequence padded (vmap refuses the model), every param:
   ``grad_dot`` score (8 test rows) and ``trak(proj_dim=64)`` prepare + score. The tied
-  ``wte``/``lm_head`` is computed by a per-example loop in both checkouts.
+  ``wte``/``lm_head`` took a per-example loop before ties were captured (6c822d2, with the
+  LayerNorms); since bdee2db it comes from the one capture pass, as the sum of both uses' rows.
+* ``gpt2-kdot`` / ``gpt2-ktrak``: the same GPT-2 with ``projection="kronecker"``
+  (``proj_dim=16`` per side): ``grad_dot`` score and ``trak`` prepare + score. The tied ``wte``
+  is the ``[V, D]`` Embedding's Kronecker block in 6c822d2 and again since review R4 F2; between
+  bdee2db and that fix its ``V D`` rows went to the dense rest projection (``V D k^2`` per row).
 * ``gpt2nowte-dot`` / ``gpt2nowte-trak``: the same with every param but the tied ``wte``.
 * ``mlp-dot`` / ``mlp-trak``: x [n, 64] -> LayerNorm -> Linear(64, 128) -> ReLU -> LayerNorm ->
   Linear(128, 10), ``--mlp-n`` train and 64 test rows, batches of 128: ``grad_dot`` score and
   ``trak(proj_dim=256)`` prepare + score.
 
 Run: ``OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python -m benchmarks.norm_plan_ab --base <tree>
---rounds 3`` (~1-2 CPU-minutes).
+--rounds 3`` (~1-2 CPU-minutes); ``--arms gpt2-kdot,gpt2-ktrak --vocab 8000 --embd 64 --layers 1
+--n 16 --T 16`` is review R4's F2 case.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import sys
 import time
 import warnings
 
-ARMS = ("gpt2-dot", "gpt2-trak", "gpt2nowte-dot", "gpt2nowte-trak", "mlp-dot", "mlp-trak")
+ARMS = ("gpt2-dot", "gpt2-trak", "gpt2nowte-dot", "gpt2nowte-trak", "mlp-dot", "mlp-trak",
+        "gpt2-kdot", "gpt2-ktrak")
 
 
 def _child(a) -> dict:
@@ -77,11 +84,14 @@ def _child(a) -> dict:
             (fm, out), train, test, d = lm[what], lm_train, lm_test, 64
         if how == "dot":
             return grad_dot(fm).score(fm.params, (), train, test)
-        m = trak(out, proj_dim=d, damping=0.1)
+        if how == "kdot":
+            return grad_dot(fm, proj_dim=16, projection="kronecker").score(fm.params, (), train, test)
+        m = (trak(out, proj_dim=16, damping=0.1, projection="kronecker") if how == "ktrak" else
+             trak(out, proj_dim=d, damping=0.1))
         return m.score(out.params, m.prepare(out.params, train), train, test)
 
     res = {}
-    for arm in ARMS:
+    for arm in a.arms.split(","):
         run(arm)  # warm-up: first-call costs
         t = time.thread_time()
         run(arm)
@@ -100,6 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--T", type=int, default=24)
     ap.add_argument("--mlp-n", type=int, default=2048)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS}")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -108,10 +119,14 @@ def main(argv=None) -> None:
     here = args.ours or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     roots = {"base": os.path.abspath(args.base), "ours": here} if args.base else {"ours": here}
     sizes = ["--vocab", str(args.vocab), "--embd", str(args.embd), "--layers", str(args.layers),
-             "--n", str(args.n), "--T", str(args.T), "--mlp-n", str(args.mlp_n)]
+             "--n", str(args.n), "--T", str(args.T), "--mlp-n", str(args.mlp_n),
+             "--arms", args.arms]
+    arms = args.arms.split(",")
+    if not set(arms) <= set(ARMS):
+        ap.error(f"--arms: expected names among {ARMS}, got {arms}")
     # run as a script: its sys.path[0] is this folder, and dattri_fn comes from PYTHONPATH
     cmd = [sys.executable, os.path.abspath(__file__), "--child", *sizes]
-    times = {k: {arm: [] for arm in ARMS} for k in roots}
+    times = {k: {arm: [] for arm in arms} for k in roots}
     for _ in range(args.rounds):
         for k, root in roots.items():
             env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
@@ -126,7 +141,7 @@ def main(argv=None) -> None:
           f"{args.T} tokens (every 4th padded); LayerNorm MLP {args.mlp_n} train rows; float32, "
           f"1 thread; loadavg {load}")
     med = {k: {arm: statistics.median(v) for arm, v in t.items()} for k, t in times.items()}
-    for arm in ARMS:
+    for arm in arms:
         line = "  ".join(f"{k} {med[k][arm]:.3f}" for k in roots)
         if "base" in med:
             line += f"  ours/base {med['ours'][arm] / med['base'][arm]:.2f}"
