@@ -334,7 +334,8 @@ def kronecker_layers(plan, params: Mapping[str, Tensor]) -> tuple[dict, tuple]:
     that captures only the key's own layer (as before ties were captured), so the sketch and
     its cost are those of a Kronecker block (``D V k`` per example), not of a dense projection
     of the ``V D`` rows (``V D k^2``) in the rest. A key no member holds under its own name
-    stays in the rest.
+    stays in the rest, and so does a member's bias attributed under another name (BERT-MLM's
+    ``cls.predictions.bias``, :attr:`LayerPlan.tie_biases`), as before ties were captured.
 
     Raises:
         ValueError: a layer in ``plan.layers`` whose gradient is not of the Kronecker form.
