@@ -216,7 +216,7 @@ def test_factgrass_masks_the_tie_as_its_block(bias):
 
 @pytest.mark.slow
 def test_gpt2_kronecker_grad_dot_and_factgrass_equal_the_per_block_references():
-    """Tiny GPT-2, every param, padding: Grad-Dot (kronecker) and FactGraSS = the per-block references."""
+    """Tiny GPT-2, every param, padding: Grad-Dot and TRAK (kronecker), FactGraSS = per-block references."""
     fm = _gpt2()
     train, test = [_gpt2_data(4, 1)], _gpt2_data(3, 3)
     layers, rest = kronecker_layers(layer_plan(fm), fm.params)
@@ -225,6 +225,10 @@ def test_gpt2_kronecker_grad_dot_and_factgrass_equal_the_per_block_references():
     phi_s = _blocks_ref(proj, layers, rest, fm.params, _rows(fm, train[0]))
     phi_q = _blocks_ref(proj, layers, rest, fm.params, _rows(fm, test))
     torch.testing.assert_close(S, phi_s @ phi_q.T, rtol=1e-10, atol=1e-10 * float(S.abs().max()))
+    m = trak(fm, damping=0.1, proj_dim=3, projection="kronecker", seed=4)  # Q = 1, seed + 0
+    S = m.score(fm.params, m.prepare(fm.params, train), train, test)
+    K = phi_s.T @ phi_s + 0.1 * torch.eye(phi_s.shape[1], dtype=DT)
+    torch.testing.assert_close(S, phi_s @ torch.linalg.solve(K, phi_q.T), rtol=1e-9, atol=1e-10)
     m = factgrass(fm, proj_dim=8, mask_dim=3, damping=0.1, seed=1)
     S = m.score(fm.params, m.prepare(fm.params, train), train, test)
     ref, _ = _factgrass_ref(fm, train, test, proj_dim=8, k1=3, seed=1, damping=0.1)
