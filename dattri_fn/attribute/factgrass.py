@@ -433,6 +433,17 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "state", "the FactGraSSState of this factgrass's prepare",
                                   f"decisions this model's capture plan refuses ({err})")) from err
 
+    def check_blocks(func: str, state: FactGraSSState, sk: _Sketches) -> None:
+        """Raise unless ``state``'s blocks are those these sketches form: its rows and inverses
+        would otherwise meet rows sketched another way, silently (a state saved by a version whose
+        ``kronecker_layers`` split the parameters otherwise, e.g. a tied ``wte`` in the rest)."""
+        held, want = tuple((b, int(s), int(e)) for b, s, e in state.blocks), blocks_of(sk)
+        if held != want:
+            raise ValueError(_msg(func, "state", f"a FactGraSSState sketched in the blocks "
+                                  f"{list(want)} of this factgrass", f"blocks {list(held)}",
+                                  "Call prepare again (the state was prepared by another "
+                                  "factgrass, or saved by an older dattri_fn)."))
+
     def cached(feats: Tensor):
         """The cached rows as (row fn, index blocks of 4096 rows)."""
         n, block = feats.shape[0], 4096
@@ -447,6 +458,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
         sk = sketch_for(params)
+        check_blocks(func, state, sk)
         test_pre = precondition(state, collect(feature_fn(params, sk, func, "test", held)[0],
                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
@@ -477,7 +489,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
-            fn = feature_fn(params, sketch_for(params), func, "train", held)[0]
+            sk = sketch_for(params)
+            check_blocks(func, state, sk)
+            fn = feature_fn(params, sk, func, "train", held)[0]
             rows = (fn(batch_to(b, device)) for b in
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])
