@@ -3,8 +3,10 @@
 The check narrows the plan on its first ``k = min(n, 3)`` examples. With ``T = k`` a
 sequence-first input ``[k, k, D]`` looks batch-first there, so nothing was dropped; the
 whole-batch pass then refused the layer and the whole plan went dense, with a warning saying
-the factors "do not match vmap(grad)". Now such a refusal narrows the plan on the whole batch
-(once): only the refused layers take ``vmap(grad)``, under the narrowing warning naming them.
+the factors "do not match vmap(grad)". The same with ``T = n = 3`` and a dense parameter:
+``vmap(grad)`` runs the capture per example, a batch of one, where ``[3, 1, D]`` is refused.
+Now such a refusal drops the layers it names (once): only they take ``vmap(grad)``, under the
+narrowing warning naming them.
 """
 import warnings
 
@@ -24,10 +26,12 @@ class SeqFirst(nn.Module):
     """x [B, T, D]: ln (and, with ``seq_fc``, fc1) run on x.transpose(0, 1), i.e. [T, B, D]
     (``nn.TransformerEncoderLayer(batch_first=False)``'s layout); the head on [B, T, D]."""
 
-    def __init__(self, seq_fc: bool):
+    def __init__(self, seq_fc: bool, bare: bool = False):
         super().__init__()
         self.seq_fc = seq_fc
         self.ln, self.fc1, self.head = nn.LayerNorm(D), nn.Linear(D, D), nn.Linear(D, 3)
+        # a parameter no capturable layer reads: it takes vmap(grad) next to the capture
+        self.gain = nn.Parameter(torch.ones(D)) if bare else None
 
     def forward(self, x):
         h = self.ln(x.transpose(0, 1))
@@ -35,12 +39,12 @@ class SeqFirst(nn.Module):
             h = torch.tanh(self.fc1(h)).transpose(0, 1)
         else:
             h = torch.tanh(self.fc1(h.transpose(0, 1)))
-        return self.head(h).mean(1)
+        return self.head(h if self.gain is None else h * self.gain).mean(1)
 
 
-def _model(seq_fc: bool):
+def _model(seq_fc: bool, bare: bool = False):
     torch.manual_seed(0)
-    m = SeqFirst(seq_fc).to(DT).eval()
+    m = SeqFirst(seq_fc, bare).to(DT).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():
@@ -53,12 +57,13 @@ def _data(n: int, T: int, seed: int = 2):
     return torch.randn(n, T, D, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
-@pytest.mark.parametrize("n", [4, 5, 7])
+@pytest.mark.parametrize("n,bare", [(4, False), (5, False), (7, False), (3, True), (5, True)])
 @pytest.mark.parametrize("seq_fc", [False, True])
-def test_a_sequence_first_layer_with_t_equal_to_the_head_is_narrowed_alone(seq_fc, n):
-    """T = 3 = the check's head: ln (and fc1 if sequence-first) narrowed out, the rest captured;
-    the checked rows == vmap(grad) rows (1e-10); one warning, naming them, not 'do not match'."""
-    fm = _model(seq_fc)
+def test_a_sequence_first_layer_with_t_equal_to_the_head_is_narrowed_alone(seq_fc, n, bare):
+    """T = 3 = the check's head (or n = 3 with a vmap(grad) parameter): ln (and fc1 if
+    sequence-first) narrowed out, the rest captured; the checked rows == vmap(grad) rows (1e-10);
+    one warning, naming them, not 'do not match'."""
+    fm = _model(seq_fc, bare)
     batch = _data(n, 3)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

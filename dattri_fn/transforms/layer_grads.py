@@ -177,14 +177,16 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
             passed = None
     try:
         active = plan if passed is not None else _narrowed(plan, head, first)
-        if active is not None and passed is None and n > k:
-            # the head's examples can look capturable where the whole batch is not (a layer on
-            # sequence-first [T, B, D] tensors with T = k reads as batch-first there): on such a
-            # refusal the whole batch narrows the plan, once (a forward only on this path)
+        if active is not None and passed is None:
+            # the narrowing forward can pass a layer the factored pass refuses: one on
+            # sequence-first [T, B, D] tensors reads as batch-first where T = B, on the k head
+            # examples (T = k) or, under vmap(grad) for dense parameters, where each example
+            # is a batch of one (T = 1 = B fails, T = B = k passed). Such a refusal drops the
+            # layers it names, once, and only those (a forward re-checks ties on this path)
             try:
                 passed = _factored(active, stacked, batch)
-            except capture.CaptureError:
-                active = _narrowed(active, batch, first)
+            except capture.CaptureError as err:
+                active = _narrowed(active, batch, first, drop=err.problems)
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
@@ -209,13 +211,17 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
 
 
-def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params) -> LayerPlan | None:
+def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,
+              drop: dict[str, str] | None = None) -> LayerPlan | None:
     """Return ``plan`` without the layers a forward on ``batch`` shows cannot be captured (one
     warning names them), or None when no layer is left; after a drop the narrowed plan is
-    checked again (one more forward), since a tie that lost a member is a problem of its own."""
+    checked again (one more forward), since a tie that lost a member is a problem of its own.
+    ``drop``: ``{layer: why}`` known refused already (a :class:`CaptureError`'s problems)."""
     args, kwargs, _ = _unpack(plan.model)(batch)
     state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
-    problems, narrowed = {}, plan
+    problems, narrowed = dict(drop or {}), plan
+    if problems:
+        narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
     # a tie group left with one member after a drop is a problem of its own: check again
     while narrowed is not None and (new := narrowed.tapped.check(state, *args, **kwargs)):
         problems.update(new)
