@@ -287,3 +287,41 @@ def test_mixed_param_dtypes_give_none():
     params = {k: v.detach() for k, v in m.named_parameters()}
     params["0.bias"] = params["0.bias"].float()
     assert mlp_hessian(m, F.cross_entropy, params, _data()) is None
+
+
+def _confident(dtype):
+    """A Tanh MLP whose labels are its own argmax, last layer scaled until p_y ~ 1 - 1e-6."""
+    m = _mlp((nn.Tanh,))
+    x, _ = _data(400)
+    with torch.no_grad():
+        m[-1].weight.mul_(40.0)
+        m[-1].bias.mul_(40.0)
+        p = torch.softmax(m(x), 1)
+        keep = p.max(1).values > 1 - 1e-4
+        y = p.argmax(1)
+    return m.to(dtype), x[keep][:64].to(dtype), y[keep][:64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_confident_model_keeps_the_fast_path_and_a_wrong_product_is_still_refused(monkeypatch, dtype):
+    """p_y > 1 - 1e-4: p - onehot and p Rz - p (p.Rz) cancel in any product formed in the params'
+    dtype (float32 autodiff 7.6e-4 off the float64 Hessian, ours 7.5e-4; float64 2e-12, both above
+    1e3 eps): accepted; a product 1% off is still None (review R6 F1)."""
+    m, x, y = _confident(dtype)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with torch.no_grad():
+        p_y = torch.softmax(m(x).double(), 1).gather(1, y[:, None])
+    assert x.shape[0] == 64 and float(p_y.min()) > 1 - 1e-4
+    H = mlp_hessian(m, F.cross_entropy, params, (x, y))
+    assert H is not None
+    m64 = _confident(torch.float64)[0]
+    dense = _dense_hessian(m64, {k: v.detach() for k, v in m64.named_parameters()}, x.double(), y)
+    V = torch.randn(2, H.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = V @ dense
+    err = float((H(V.to(dtype)).double() - ref).abs().max()) / float(ref.abs().max())
+    rel = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+    assert linear_mlp._CHECK_TOL[dtype] < err <= 2e-3 * rel  # beyond 1e3 eps, as autodiff's own
+    inner = linear_mlp._product
+    monkeypatch.setattr(linear_mlp, "_product",
+                        lambda *a: {k: 1.01 * v for k, v in inner(*a).items()})
+    assert mlp_hessian(m, F.cross_entropy, params, (x, y)) is None

@@ -294,11 +294,16 @@ def _agrees(module: nn.Module, params: Params, keys: list, x: Tensor, y: Tensor,
             op: MLPHessian) -> bool:
     """Whether ``op``'s product on up to 64 examples spread over the data (first and last
     included) equals autodiff's Hessian-vector product through the module, within
-    ``_CHECK_TOL`` of ``max |H v|``.
+    ``_CHECK_TOL`` of ``max |H v|`` plus 4x the cancellation the params' dtype itself imposes.
 
     The reference runs in float64 (the same ``v``, rounded to the params' dtype first), so the
     measured error is the product's own: on the trained digits MLP (softmax ~0.99 confident)
-    a float32 autodiff reference adds its own 3-4e-6 of cancellation to ours' 1.9e-6."""
+    a float32 autodiff reference adds its own 3-4e-6 of cancellation to ours' 1.9e-6. On a more
+    confident model ``p - onehot`` and ``p Rz - p (p.Rz)`` cancel to ~``eps / (1 - p_y)`` of
+    ``max |H v|`` in ANY product formed in the params' dtype (autodiff's too: 5e-4 in float32
+    at a train loss of 3e-5), so that error, measured on the same rows as float32 autodiff's
+    and scaled by ``eps(dtype) / eps(float32)``, is allowed on top; a dropped activation or
+    layer is off by ~1e-1."""
     n = x.shape[0]
     rows = torch.linspace(0, n - 1, min(_CHECK_ROWS, n), dtype=torch.float64).round().long()
     rows = rows.unique().to(x.device)
@@ -319,4 +324,18 @@ def _agrees(module: nn.Module, params: Params, keys: list, x: Tensor, y: Tensor,
     ref = jvp(grad(total), (flat0,), (v.double(),))[1]
     got = op.on_rows(rows)(v[None])[0].double() * k
     err = float((got - ref).abs().max())
-    return err <= _CHECK_TOL[dtype] * max(float(ref.abs().max()), 1e-30)
+    scale = max(float(ref.abs().max()), 1e-30)
+    if err <= _CHECK_TOL[dtype] * scale:
+        return True
+    x32, f32 = x.float(), flat0.float()
+    module32 = {name: b.float() if b.is_floating_point() else b for name, b in buffers.items()}
+
+    def total32(flat: Tensor) -> Tensor:
+        p = {key: t.view_as(params[key]) for key, t in zip(keys, flat.split(sizes), strict=True)}
+        return F.cross_entropy(functional_call(module, {**module32, **p}, (x32,)), y,
+                               reduction="sum")
+
+    auto = jvp(grad(total32), (f32,), (v.float(),))[1].double()
+    cancel = float((auto - ref).abs().max()) * (torch.finfo(dtype).eps
+                                                / torch.finfo(torch.float32).eps)
+    return err <= _CHECK_TOL[dtype] * scale + 4 * cancel
