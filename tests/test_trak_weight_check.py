@@ -108,3 +108,35 @@ def test_errors_are_those_of_both_checks(monkeypatch, bad):
     monkeypatch.setattr(trak_mod, "_weight_follows", lambda *a: False)
     both = _error(run)
     assert skipped is not None and skipped == both
+
+
+class _SparseMix(nn.Module):
+    """A Linear then a fixed sparse mixing matrix (a registered sparse COO buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 3).double()
+        mix = torch.eye(3, dtype=torch.float64)
+        mix[0, 1] = 0.5
+        self.register_buffer("mix", mix.to_sparse())
+
+    def forward(self, x):
+        return torch.sparse.mm(self.mix, self.fc(x).T).T
+
+
+def test_a_model_holding_a_sparse_buffer_takes_both_checks_without_reading_its_storage():
+    """A sparse buffer has no data_ptr (review R6 F2: trak() raised 'Cannot access data pointer'):
+    the pair is not taken as the same (both checks run) and scores equal the dense-buffer twin's."""
+    net, x = _SparseMix(), torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    out, w = functional_model(net, MARGIN), functional_model(net, WEIGHT)
+    assert not _weight_follows(out.loss, w.loss)
+    S = trak(out, weight_fn=w, proj_dim=None).score(out.params, trak(out, weight_fn=w, proj_dim=None)
+                                                    .prepare(out.params, (x, y)), (x, y), (x[:3], y[:3]))
+    twin = _SparseMix()
+    twin.mix = twin.mix.to_dense()
+    o2, w2 = functional_model(twin, MARGIN), functional_model(twin, WEIGHT)
+    m2 = trak(o2, weight_fn=w2, proj_dim=None)
+    torch.testing.assert_close(S, m2.score(o2.params, m2.prepare(o2.params, (x, y)), (x, y), (x[:3], y[:3])),
+                               rtol=1e-10, atol=1e-12)

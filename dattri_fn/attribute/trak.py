@@ -94,9 +94,13 @@ def _captured(fn, qualname: str) -> dict | None:
 
 def _same_value(a, b) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.data_ptr() == b.data_ptr()
-                and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                and a.device == b.device)
+        if a is b:
+            return True
+        # a tensor with no plain storage (sparse, mkldnn, a wrapper subclass) is never "the same"
+        plain = all(isinstance(t, Tensor) and type(t) is Tensor and t.layout == torch.strided
+                    for t in (a, b))
+        return (plain and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
     if isinstance(a, dict) and isinstance(b, dict):
         return list(a) == list(b) and all(_same_value(a[k], b[k]) for k in a)
     return a is b or (isinstance(a, (set, frozenset, tuple, bool)) and a == b)
