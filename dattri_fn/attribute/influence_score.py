@@ -310,7 +310,7 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
                                                kwargs, target, func=cfg.name, looped=looped):
                 for group, (ks, _) in diagonal.items():
                     with torch.no_grad():
-                        g = torch.cat([rows.pop(k).detach().flatten(1) for k in ks], 1)
+                        g = torch.cat([_flat_rows(rows.pop(k).detach()) for k in ks], 1)
                     step(start + r, group, None, g)
 
 
@@ -490,3 +490,8 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
     if cursor is not None:
         cursor.done()
     return S
+
+
+def _flat_rows(v: torch.Tensor) -> torch.Tensor:
+    """Per-example rows ``[b, ...] -> [b, numel / b]`` (a 0-d param's rows are ``[b]``)."""
+    return v.reshape(v.shape[0], -1)

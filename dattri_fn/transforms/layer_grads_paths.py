@@ -232,7 +232,8 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     # one vmap(grad) gave them before they were captured
     rows = dense_rows(plan, raw, lead) if plan.norms or plan.ties else {}
     for k in plan.rest:
-        v = rows[k] if k in rows else rest_grads[k].flatten(lead) if rest_grads else None
+        v = (rows[k] if k in rows else None if not rest_grads  # a 0-d param's rows are [C, B]
+             else rest_grads[k].reshape(*rest_grads[k].shape[:lead], -1))
         if v is None:
             continue
         layout_of[k] = ("d", offset, offset + v.shape[-1])
