@@ -83,13 +83,15 @@ def test_overflow_in_train_rows_streamed_by_score_names_train(path):
         m.self_score(fm.params, st, (bad, y))
 
 
-def test_kronecker_projected_features_overflowing_float16_say_so():
-    """The Kronecker path casts only P_out^T G P_in: its overflow is the projected features'."""
+def test_kronecker_projection_names_the_gradient_that_overflows_float16():
+    """The Kronecker path casts only P_out^T G P_in, but its error path forms the gradient's
+    columns: a gradient beyond 65504 is named as on the other paths (review R6 F3: it said the
+    projected features overflowed with 'every per-example gradient finite and within it')."""
     fm, x, bad, y = _problem()
     with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples whose "
-                                         r"projected features fit in feature_dtype=torch\.float16 "
-                                         r"\(\|x\| <= 65504\), got projected features that "
-                                         r"overflow it \(every per-example gradient finite" + ".*" + _FIX):
+                                         r"per-example gradients fit in feature_dtype=torch\.float16 "
+                                         r"\(\|x\| <= 65504\), got a finite per-example gradient of "
+                                         r"'0\.weight' that overflows at the cast" + ".*" + _FIX):
         trak(fm, damping=0.1, proj_dim=1, projection="kronecker",
              feature_dtype=F16).prepare(fm.params, (bad, y))
 

@@ -277,10 +277,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             for c in range(lg.dense.shape[0]):
                 raw = kron[c if one is None else one].layer_grads(lg.select(c))[0]
                 phi = raw.to(fdt)
-                if not all_finite(phi):  # a NaN/inf gradient, or the product's overflow
-                    key = _bad_param(lg.select(c))
-                    raise NonFiniteGradient(key, None if key is not None else
-                                            fdt if all_finite(raw) else raw.dtype)
+                if not all_finite(phi):  # a NaN/inf or too-wide gradient, or the projection's
+                    raise _dense_cause(lg.select(c), fdt)
                 yield phi
             return
         if lg is not None and plist is not None:
