@@ -85,7 +85,10 @@ def _error(fn):
 @pytest.mark.parametrize("bad", ["width", "label", "float-label", "label-shape", "params"])
 def test_errors_are_those_of_both_checks(monkeypatch, bad):
     """Bad examples or params raise the same error (type and text) with the weight's check
-    skipped as with it forced (_weight_follows patched to False)."""
+    skipped as with it forced (_weight_follows patched to False). Each of these fails the margin's
+    check first, so this shows the errors users see are unchanged; that the weight's check cannot
+    fail after the margin's passed rests on classification_weight_loss being sigmoid(-m) of the
+    same margins call (review R6 F5)."""
     net, (x, y) = _net(), _data()
     m, w = functional_model(net, MARGIN), functional_model(net, WEIGHT)
     params = m.params
