@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -35,7 +36,6 @@ from .._checks import (
     _msg,
     batch_leaves,
     batch_size,
-    batch_slice,
     batch_to,
     blame_data,
     check_int,
@@ -48,12 +48,13 @@ from .._checks import (
 )
 from ..model import FunctionalModel, default_unpack
 from ..operators.gauss_newton import memory_budget
-from ..operators.kfac import _kfac_specs, _tokens
+from ..operators.kfac import _kfac_specs
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
-from ..transforms.layers import batched_io
 from .boundary import check_cached_train
 from .capture_rows import can_merge, capture_row_bytes, merged_passes
+from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
+from .logra_rows import _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
@@ -98,85 +99,8 @@ class LoGraState(NamedTuple):
                             for ln, (a, g) in self.train_factors.items()})
 
 
-def _outer_rows(factors: dict) -> Tensor:
-    """``vec(g'_i a'_i^T)`` of every row, layers side by side, from ``{layer: (a' [b, k_in],
-    g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass.  # [b, d]"""
-    first = next(iter(factors.values()))[0]
-    b, d = first.shape[0], sum(a.shape[1] * g.shape[1] for a, g in factors.values())
-    out, start = first.new_empty(b, d), 0
-    for a, g in factors.values():
-        ko, ki = g.shape[1], a.shape[1]
-        torch.mul(g[:, :, None], a[:, None, :], out=out[:, start:start + ko * ki].view(b, ko, ki))
-        start += ko * ki
-    return out
-
-
-class _Gather:
-    """Row blocks taken one after another into one ``[total, ...]`` tensor: written into it in
-    place when ``total`` is known (no concatenated copy of the whole at the end), else joined at
-    the end; a first block of all ``total`` rows is kept as it is, unless it is ``borrowed``."""
-
-    def __init__(self, total: int | None):
-        self.total, self.parts, self.buf, self.sizes = total, [], None, []
-
-    def add(self, rows: Tensor, *, borrowed: bool = False) -> None:
-        n, b = sum(self.sizes), rows.shape[0]
-        if self.total is None or (n == 0 and b == self.total):
-            # borrowed rows view a tensor of the caller's (its training inputs): a state holding
-            # them would move with the caller's in-place changes and save the caller's whole storage
-            self.parts.append(rows.clone() if borrowed else rows)
-        else:
-            if self.buf is None:
-                self.buf = rows.new_empty(self.total, *rows.shape[1:])
-            self.buf[n:n + b].copy_(rows)
-        self.sizes.append(b)
-
-    def value(self) -> Tensor:
-        if self.buf is not None:
-            return self.buf[:sum(self.sizes)]
-        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
-
-
 _BLOCK_BYTES = 2**16  # least bytes a block of features formed from cached factors may take
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
-
-
-def _projection(rows: int, k: int | None, seed: int) -> Tensor | None:
-    """Gaussian ``[rows, k]`` float64 with entries N(0, 1/k): ``E[P P^T] = I``; None keeps all
-    rows."""
-    if k is None or k >= rows:
-        return None
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, k, generator=g, dtype=torch.float64) / k ** 0.5
-
-
-def _projections(widths: dict, k_in: int | None, k_out: int | None, seed: int) -> dict:
-    """``{layer: (P_in, P_out)}`` for layers of ``{layer: (in', out)}`` widths, in order: layer
-    ``i``'s sides are drawn from seeds ``7919 seed + 2i`` and ``7919 seed + 2i + 1``."""
-    return {ln: (_projection(wa, k_in, seed * 7919 + 2 * i),
-                 _projection(wg, k_out, seed * 7919 + 2 * i + 1))
-            for i, (ln, (wa, wg)) in enumerate(widths.items())}
-
-
-def _cast(projections: dict, like: Tensor) -> dict:
-    """The float64 projections in ``like``'s dtype and device."""
-    return {ln: tuple(None if P is None else P.to(like) for P in pair)
-            for ln, pair in projections.items()}
-
-
-def _eigvecs(factors: dict) -> dict:
-    """``{layer: (Q_A, Q_G)}``: eigenvectors of every ``(A', G')``, one batched ``eigh`` per
-    matrix size (the same per-matrix LAPACK call as one by one)."""
-    mats = [m for pair in factors.values() for m in pair]
-    by_size: dict = {}
-    for i, m in enumerate(mats):
-        by_size.setdefault(m.shape[0], []).append(i)
-    vecs = [None] * len(mats)
-    for idx in by_size.values():
-        Q = torch.linalg.eigh(torch.stack([mats[i] for i in idx]))[1]
-        for j, i in enumerate(idx):
-            vecs[i] = Q[j]
-    return {ln: (vecs[2 * k], vecs[2 * k + 1]) for k, ln in enumerate(factors)}
 
 
 def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
@@ -253,6 +177,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             taps[layers] = capture.tap(model.module, layers)
         return taps[layers]
 
+    # the raw factors of a pass: the layers' tapped forward, cached above, and this logra's chunks
+    raw = partial(_raw, tapped_for, specs, model, unpack, chunk_size)
+
     def state_of(func: str, params) -> dict:
         if isinstance(params, (list, tuple)):
             raise TypeError(_msg(func, "params", "one params dict (LoGra runs on one model)",
@@ -285,72 +212,15 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             layers = narrowed(func, err.problems)
         return layers, raw(state, layers, batch)
 
-    def raw(state: dict, layers: tuple[str, ...], batch):
-        """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk."""
-        tapped, like = tapped_for(layers), state[specs[layers[0]].weight]
-        b = batch_leaves(batch)[0].shape[0]  # the caller checked the batch (batch_size)
-        step = b if chunk_size is None else chunk_size
-        parts = []
-        for s in range(0, b, step):
-            part = batch if step >= b else batch_slice(batch, s, s + step)
-            args, kwargs, target = unpack(part)
-            # outside torch.func transforms each probe takes its call's output shape: no
-            # shapes, so no extra no-grad forward per chunk
-            parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, None,
-                                    like))
-        out = {}
-        for n in layers:
-            a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]
-            g = torch.cat([p[n][1] for p in parts]) if len(parts) > 1 else parts[0][n][1]
-            out[n] = _tokens(a.detach(), g.detach(), False)
-        return out
-
-    def widths(io: dict) -> dict:
-        """``{layer: (in (+1 with an attributed bias), out)}``: the factors' full widths."""
-        return {n: (a.shape[-1] + (specs[n].bias in model.params), g.shape[-1])
-                for n, (a, g) in io.items()}
-
     def projections_for(io: dict, like: Tensor) -> dict:
         """The layers' ``(P_in, P_out)``: fixed by the seed, the layer order and the widths
         (the ones drawn at construction when every layer is captured)."""
-        full = widths(io)
+        full = _widths(io, specs, model)
         if full != all_widths:  # a narrowed layer set: its own indices, so its own draws
             return _cast(_projections(full, k_in, k_out, seed), like)
         if like.dtype == like0.dtype and like.device == like0.device:
             return drawn_like
         return _cast(drawn, like)
-
-    def projected(io: dict, projections: dict) -> dict:
-        """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``: ``[a, 1] P_in`` and ``g P_out``."""
-        out = {}
-        for n, (a, g) in io.items():
-            Pa, Pg = projections[n]
-            B, T = a.shape[:2]
-            a2, g2 = a.reshape(B * T, -1), g.reshape(B * T, -1)
-            if specs[n].bias not in model.params:
-                a2 = a2 if Pa is None else a2 @ Pa
-            elif Pa is None:
-                a2 = torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
-            else:  # [a, 1] P_in = a P_in[:-1] + P_in[-1]: no [B T, in + 1] copy
-                a2 = torch.addmm(Pa[-1], a2, Pa[:-1])
-            out[n] = (a2.reshape(B, T, -1), (g2 if Pg is None else g2 @ Pg).reshape(B, T, -1))
-        return out
-
-    def features(io: dict) -> Tensor:  # [B, d]
-        B = next(iter(io.values()))[0].shape[0]
-        d = sum(a.shape[-1] * g.shape[-1] for a, g in io.values())
-        out, start = next(iter(io.values()))[0].new_empty(B, d), 0
-        for a, g in io.values():
-            ko, ki = g.shape[-1], a.shape[-1]
-            block = out[:, start:start + ko * ki].view(B, ko, ki)
-            if a.shape[1] == 1:
-                # one position (T = 1): the outer product g' a'^T itself, one multiply per
-                # entry, written in place (no per-layer block, no concatenation)
-                torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
-            else:
-                block.copy_(torch.einsum("bto,bti->boi", g, a))
-            start += ko * ki
-        return out
 
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
         one = len(state.eigvecs) == 1  # one layer: its block is the result (no copy into out)
@@ -377,7 +247,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
 
         def rows(batch) -> Tensor:
             with blame_data(func, arg, batch):
-                return features(projected(raw(params_state, layers, batch), state.projections))
+                return _features(_projected(raw(params_state, layers, batch), state.projections,
+                                            specs, model))
 
         return rows
 
@@ -431,7 +302,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
             # the raw factors and the (merged) batch are dropped before the features exist
-            io = projected(io, projections)
+            io = _projected(io, projections, specs, model)
             batch = None
             drop = [ln for ln, (a, _) in io.items() if ln in factors and a.shape[1] != 1]
             if drop and n and len(factors) == len(layers):
@@ -454,7 +325,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                                        and specs[ln].bias not in model.params)
                     factors[ln][1].add(g2)
             if cache_features and len(factors) < len(layers):
-                feats.add(features(io))
+                feats.add(_features(io))
             n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))

@@ -1,0 +1,111 @@
+"""LoGra's feature rows: the raw and projected factors of a capture pass, their outer products, and
+the row blocks a pass adds to the train cache (:func:`~dattri_fn.attribute.logra.logra` uses them).
+
+A layer's feature is ``DW'_i = sum_t (P_out^T g_it)(P_in^T a_it)^T`` (``[k_out, k_in]``), its rows
+``vec(DW'_i)`` side by side over the layers (``[b, d]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import batch_leaves, batch_slice
+from ..model import FunctionalModel
+from ..operators.kfac import _tokens
+from ..transforms.layers import batched_io
+
+
+def _outer_rows(factors: dict) -> Tensor:
+    """``vec(g'_i a'_i^T)`` of every row, layers side by side, from ``{layer: (a' [b, k_in],
+    g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass.  # [b, d]"""
+    first = next(iter(factors.values()))[0]
+    b, d = first.shape[0], sum(a.shape[1] * g.shape[1] for a, g in factors.values())
+    out, start = first.new_empty(b, d), 0
+    for a, g in factors.values():
+        ko, ki = g.shape[1], a.shape[1]
+        torch.mul(g[:, :, None], a[:, None, :], out=out[:, start:start + ko * ki].view(b, ko, ki))
+        start += ko * ki
+    return out
+
+
+class _Gather:
+    """Row blocks taken one after another into one ``[total, ...]`` tensor: written into it in
+    place when ``total`` is known (no concatenated copy of the whole at the end), else joined at
+    the end; a first block of all ``total`` rows is kept as it is, unless it is ``borrowed``."""
+
+    def __init__(self, total: int | None):
+        self.total, self.parts, self.buf, self.sizes = total, [], None, []
+
+    def add(self, rows: Tensor, *, borrowed: bool = False) -> None:
+        n, b = sum(self.sizes), rows.shape[0]
+        if self.total is None or (n == 0 and b == self.total):
+            # borrowed rows view a tensor of the caller's (its training inputs): a state holding
+            # them would move with the caller's in-place changes and save the caller's whole storage
+            self.parts.append(rows.clone() if borrowed else rows)
+        else:
+            if self.buf is None:
+                self.buf = rows.new_empty(self.total, *rows.shape[1:])
+            self.buf[n:n + b].copy_(rows)
+        self.sizes.append(b)
+
+    def value(self) -> Tensor:
+        if self.buf is not None:
+            return self.buf[:sum(self.sizes)]
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+
+
+def _raw(tapped_for, specs: dict, model: FunctionalModel, unpack, chunk_size: int | None, state: dict,
+         layers: tuple[str, ...], batch):
+    """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk."""
+    tapped, like = tapped_for(layers), state[specs[layers[0]].weight]
+    b = batch_leaves(batch)[0].shape[0]  # the caller checked the batch (batch_size)
+    step = b if chunk_size is None else chunk_size
+    parts = []
+    for s in range(0, b, step):
+        part = batch if step >= b else batch_slice(batch, s, s + step)
+        args, kwargs, target = unpack(part)
+        # outside torch.func transforms each probe takes its call's output shape: no
+        # shapes, so no extra no-grad forward per chunk
+        parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, None,
+                                like))
+    out = {}
+    for n in layers:
+        a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]
+        g = torch.cat([p[n][1] for p in parts]) if len(parts) > 1 else parts[0][n][1]
+        out[n] = _tokens(a.detach(), g.detach(), False)
+    return out
+
+
+def _projected(io: dict, projections: dict, specs: dict, model: FunctionalModel) -> dict:
+    """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``: ``[a, 1] P_in`` and ``g P_out``."""
+    out = {}
+    for n, (a, g) in io.items():
+        Pa, Pg = projections[n]
+        B, T = a.shape[:2]
+        a2, g2 = a.reshape(B * T, -1), g.reshape(B * T, -1)
+        if specs[n].bias not in model.params:
+            a2 = a2 if Pa is None else a2 @ Pa
+        elif Pa is None:
+            a2 = torch.cat([a2, torch.ones_like(a2[:, :1])], 1)
+        else:  # [a, 1] P_in = a P_in[:-1] + P_in[-1]: no [B T, in + 1] copy
+            a2 = torch.addmm(Pa[-1], a2, Pa[:-1])
+        out[n] = (a2.reshape(B, T, -1), (g2 if Pg is None else g2 @ Pg).reshape(B, T, -1))
+    return out
+
+
+def _features(io: dict) -> Tensor:  # [B, d]
+    B = next(iter(io.values()))[0].shape[0]
+    d = sum(a.shape[-1] * g.shape[-1] for a, g in io.values())
+    out, start = next(iter(io.values()))[0].new_empty(B, d), 0
+    for a, g in io.values():
+        ko, ki = g.shape[-1], a.shape[-1]
+        block = out[:, start:start + ko * ki].view(B, ko, ki)
+        if a.shape[1] == 1:
+            # one position (T = 1): the outer product g' a'^T itself, one multiply per
+            # entry, written in place (no per-layer block, no concatenation)
+            torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=block)
+        else:
+            block.copy_(torch.einsum("bto,bti->boi", g, a))
+        start += ko * ki
+    return out
