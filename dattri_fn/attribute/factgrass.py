@@ -62,6 +62,15 @@ from ..transforms.layer_grads import (
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
 from .capture_rows import can_merge, capture_row_bytes, merged_passes
+from .factgrass_blocks import (
+    _blocks_of,
+    _cached,
+    _check_blocks,
+    _precondition,
+    _shapes,
+    _Sketches,
+    _stage_two,
+)
 from .factgrass_flat import (  # noqa: F401 (_flat_sketch: importable from here, as before)
     _flat_capturable,
     _flat_checked,
@@ -100,19 +109,6 @@ class FactGraSSState(NamedTuple):
     inverses: dict
     train_features: Tensor | None
     plan: PlanDecisions | None = None
-
-
-class _Sketches(NamedTuple):
-    """FactGraSS's sketches for parameters of one set of shapes, drawn once."""
-
-    key: tuple  # the parameters' (name, shape)
-    stage1: object  # the KroneckerProjector of masks
-    stage2: dict  # {block: the stage-2 Projector, or None (kept whole)}
-    dense: dict  # {block: stage 2 as a dense [w, d] matrix in stage1's dtype, or None}
-
-
-def _shapes(params: dict) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in params.items())
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
@@ -204,18 +200,6 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             return drawn
         return draw(params)
 
-    def stage_two(sk: _Sketches, blk: str, piece: Tensor, out: Tensor | None = None) -> Tensor:
-        """``piece @ R`` of block ``blk``; a small count-sketch as one dense product (index_add_
-        per call costs more than the [w, d] matmul below ~2**20 entries; the same matrix).
-        ``out``: written there (the dense product straight into it).  # [b, w] -> [b, d]"""
-        R, M = sk.stage2[blk], sk.dense[blk]
-        if M is None:
-            got = piece if R is None else R(piece)
-            return got if out is None else out.copy_(got)
-        if M.dtype != piece.dtype or M.device != piece.device:
-            M = R.matrix(piece.dtype, piece.device)
-        return piece @ M if out is None else torch.mm(piece, M, out=out)
-
     def state_of(func: str, params) -> dict:
         if isinstance(params, (list, tuple)):
             raise TypeError(_msg(func, "params", "one params dict (FactGraSS runs on one "
@@ -232,7 +216,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         Without ``checked`` the stream checks the plan on its first chunk of >= 2 examples (that
         chunk's gradients come from the checking pass) and holds the checked plan after it."""
         stage1 = sk.stage1
-        cols = blocks_of(sk)
+        cols = _blocks_of(sk)
         width = cols[-1][2]
         stacked = {k: v.detach()[None] for k, v in params.items()}
         held = [plan if checked is None else checked]
@@ -287,7 +271,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 step = max(1, _SKETCH_BYTES // (stage1.dims[blk] * pa.element_size()))
                 for r in range(0, pa.shape[0], step):
                     S = (pg[r:r + step, :, None] * pa[r:r + step, None, :]).flatten(1)
-                    stage_two(sk, blk, S, out[r0 + r:r0 + r + S.shape[0], s:e])
+                    _stage_two(sk, blk, S, out[r0 + r:r0 + r + S.shape[0], s:e])
                     del S
 
         def rows_of(box: list, into: Tensor | None = None) -> Tensor:  # [b, d]
@@ -324,7 +308,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     out = S.new_empty(b, width)
                 start = 0
                 for (blk, w), (_, c0, c1) in zip(stage1.dims.items(), cols, strict=True):
-                    stage_two(sk, blk, S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
+                    _stage_two(sk, blk, S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
                     start += w
             return out
 
@@ -334,31 +318,13 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         rows.of, rows.held_bytes = rows_of, None
         return rows, lambda: held[0]
 
-    def blocks_of(sk: _Sketches) -> tuple:
-        out, start = [], 0
-        for blk, w in sk.stage1.dims.items():
-            d = w if sk.stage2[blk] is None else sk.stage2[blk].proj_dim
-            out.append((blk, start, start + d))
-            start += d
-        return tuple(out)
-
-    def precondition(state: FactGraSSState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
-        if not state.inverses:
-            return phi
-        if len(state.blocks) == 1:
-            return phi @ state.inverses[state.blocks[0][0]].to(phi)
-        out = torch.empty_like(phi)
-        for blk, s, e in state.blocks:  # each block's product written in place: no concatenation
-            torch.mm(phi[:, s:e], state.inverses[blk].to(phi), out=out[:, s:e])
-        return out
-
     def prepare(params, train) -> FactGraSSState:
         func = f"{name}.prepare"
         params = state_of(func, params)
         device = next(iter(params.values())).device
         sk = sketch_for(params)
         fn, held = feature_fn(params, sk, func, "train")
-        blocks = blocks_of(sk)
+        blocks = _blocks_of(sk)
         total = None  # the training set's rows where known before any pass: features in place
         if rows_min is None and can_merge(train):
             # a list of batches in memory: fewer capture passes, each within the memory budget
@@ -433,23 +399,6 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             raise ValueError(_msg(func, "state", "the FactGraSSState of this factgrass's prepare",
                                   f"decisions this model's capture plan refuses ({err})")) from err
 
-    def check_blocks(func: str, state: FactGraSSState, sk: _Sketches) -> None:
-        """Raise unless ``state``'s blocks are those these sketches form: its rows and inverses
-        would otherwise meet rows sketched another way, silently (a state saved by a version whose
-        ``kronecker_layers`` split the parameters otherwise, e.g. a tied ``wte`` in the rest)."""
-        held, want = tuple((b, int(s), int(e)) for b, s, e in state.blocks), blocks_of(sk)
-        if held != want:
-            raise ValueError(_msg(func, "state", f"a FactGraSSState sketched in the blocks "
-                                  f"{list(want)} of this factgrass", f"blocks {list(held)}",
-                                  "Call prepare again (the state was prepared by another "
-                                  "factgrass, or saved by an older dattri_fn)."))
-
-    def cached(feats: Tensor):
-        """The cached rows as (row fn, index blocks of 4096 rows)."""
-        n, block = feats.shape[0], 4096
-        return (lambda i: feats[i[0]]), [(torch.arange(s, min(n, s + block)),)
-                                         for s in range(0, n, block)]
-
     def score(params, state: FactGraSSState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
@@ -458,16 +407,16 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
         sk = sketch_for(params)
-        check_blocks(func, state, sk)
-        test_pre = precondition(state, collect(feature_fn(params, sk, func, "test", held)[0],
-                                               test, device=device, func=func, arg="test"))
+        _check_blocks(func, state, sk)
+        test_pre = _precondition(state, collect(feature_fn(params, sk, func, "test", held)[0],
+                                                test, device=device, func=func, arg="test"))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
             feats = state.train_features.to(device)
             if top_k is None and feats.dtype == test_pre.dtype:
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
                 return feats @ test_pre.T
-            fn, blocks = cached(feats)
+            fn, blocks = _cached(feats)
             return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
@@ -483,18 +432,18 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         device = next(iter(params.values())).device
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
-            fn, blocks = cached(state.train_features.to(device))
+            fn, blocks = _cached(state.train_features.to(device))
             rows = (fn(i) for i in blocks)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
         else:
             sk = sketch_for(params)
-            check_blocks(func, state, sk)
+            _check_blocks(func, state, sk)
             fn = feature_fn(params, sk, func, "train", held)[0]
             rows = (fn(batch_to(b, device)) for b in
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
-        return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in rows])
+        return torch.cat([(phi * _precondition(state, phi)).sum(1) for phi in rows])
 
     return Method(prepare, score, self_score, name)
 
