@@ -126,6 +126,8 @@ def _class_labels(func: str, y, K: int, *, batched: bool = False) -> Tensor:
                              "Class labels index the logits: convert them with .long()."))
     if (y.ndim != 1) if batched else (y.numel() != 1):
         raise ValueError(_msg(func, arg, want, f"label shape {list(y.shape)}"))
+    if y.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no comparison kernels on CPU
+        y = y.long()
     if torch._C._functorch.maybe_current_level() is None and y.numel():
         # one reduction and its reads, not four elementwise ops; the label named comes from
         # the elementwise test, on the error path only (other integer dtypes take it always)
