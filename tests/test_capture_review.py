@@ -294,3 +294,24 @@ def test_a_tensor_shared_in_two_roles_names_each_layers_own_role():
     assert tap(model, ["fc0", "ln", "fc1"]).check(state, x) == {
         "fc0": "shares its bias with layer ln (its weight)",
         "ln": "shares its weight with layer fc0 (its bias)"}
+
+
+def test_a_tied_members_misuse_names_the_member_it_comes_from():
+    """A tied head's bias read by another op (review R5 F3): the head's problem is its own, the
+    Embedding (no bias) is named as tied to it, not with the head's reason as if its own."""
+
+    class TiedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.head = nn.Embedding(6, 4), nn.Linear(4, 6)
+            self.head.weight = self.tok.weight
+
+        def forward(self, ids):
+            return self.head(self.tok(ids)) + self.head.bias
+
+    model = _init(TiedBias(), 0)
+    state = {k: v.detach() for k, v in model.named_parameters()}
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    problems = tap(model, ["tok", "head"], tied=True).check(state, ids)
+    assert problems == {"head": "its tensors are used by add",
+                        "tok": "tied to layer 'head' (its tensors are used by add)"}

@@ -150,8 +150,10 @@ class _Capture(TorchFunctionMode):
         if why is None:
             why = call[1](self, name, args, kwargs)
         if isinstance(why, str):  # a tied weight's misuse is every member's problem
-            for n in {m for layer in layers for m in self.group.get(layer, (layer,))}:
-                self.problems.setdefault(n, why)
+            for layer in sorted(layers):
+                for n in self.group.get(layer, (layer,)):
+                    self.problems.setdefault(n, why if n in layers else
+                                             f"tied to layer {layer!r} ({why})")
             return func(*args, **kwargs)
         if isinstance(why, Broadcast):
             return hold(self, name, func(*args, **kwargs), why.idx)
