@@ -4,6 +4,7 @@ the user's batch_rows (review R3, stop 22: F1 and F7)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_linear_mlp import _shared_relu_case
 from torch import nn
 
 from dattri_fn import functional_model
@@ -15,24 +16,11 @@ from dattri_fn.operators.linear_mlp import MLPHessian
 
 
 def _shared_relu():
-    """``relu = nn.ReLU(); Sequential(l1, relu, l2, relu, l3)``, float64; layer 2's ReLU is the
-    identity on the first batch and cuts many units on the second."""
-    torch.manual_seed(0)
-    relu = nn.ReLU()
-    l1, l2, l3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-    with torch.no_grad():
-        l1.weight.copy_(torch.eye(4, 3))
-        l1.bias.zero_()
-        l2.weight.copy_(torch.eye(4) + 0.1 * torch.randn(4, 4))
-        l2.bias.copy_(torch.tensor([-1.0, -1.0, -1.0, 1.0]))
-    m = nn.Sequential(l1, relu, l2, relu, l3).double().eval()
-    g = torch.Generator().manual_seed(0)
-    x1 = 2 + torch.rand(64, 3, generator=g, dtype=torch.float64)
-    x2 = 0.5 * torch.rand(64, 3, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (128,), generator=g)
-    test = (0.5 * torch.rand(5, 3, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (5,), generator=g))
-    return m, [(x1, y[:64]), (x2, y[64:])], test
+    """test_linear_mlp's reused-ReLU model and train batches, and 5 test points."""
+    m, train = _shared_relu_case()
+    g = torch.Generator().manual_seed(7)
+    return m, train, (0.5 * torch.rand(5, 3, generator=g, dtype=torch.float64),
+                      torch.randint(0, 3, (5,), generator=g))
 
 
 def _cfg(fm, **kw):
