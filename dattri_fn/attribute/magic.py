@@ -71,7 +71,7 @@ from ..training.run import Trajectory, batch_order, train
 from ..training.steps import Optimizer, make_step
 from .boundary import first_example
 from .metagradient import MetaGradient as MetaGradient  # the old import paths keep working
-from .metagradient import _check_horizon
+from .metagradient import _check_early_exit, _check_horizon
 from .metagradient import _join as _join
 from .metagradient import _row_norms as _row_norms
 from .metagradient import _split as _split
@@ -116,7 +116,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           target: Callable[[Params, Any], Tensor] | None = None,
           checkpoint_every: int | None = None, chunk_size: int | None = None,
           self_chunk: int = 256, step: Callable | None = None,
-          horizon: int | str | None = "auto", vjp_step: Callable | None = None) -> Method:
+          horizon: int | str | None = "auto", vjp_step: Callable | None = None,
+          early_exit: tuple[float, int] | None = None) -> Method:
     """Return MAGIC as a :class:`~dattri_fn.attribute.Method`: ``tau_ij = d f_j(theta_T)/d w_i``.
 
     By default through the last ``K_j`` steps of the run per target (``horizon="auto"``);
@@ -172,6 +173,12 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             the CG influence ensemble's 0.374 / 0.453 by point estimates, inside the CIs
             (``benchmarks/RESULTS.md``).
 
+        early_exit: ``(R, W)`` or None (default): with ``"auto"``/``"band"``, each target leaves
+            the reverse pass once its params-cotangent norm has stayed above ``R`` times its
+            running minimum for ``W`` steps (:func:`metagradient`; equal to the full pass when
+            no later norm comes back within 1.1x of the minimum walked). The recipes use
+            :data:`~dattri_fn.attribute.metagradient.EARLY_EXIT`.
+
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =
         proponent; ``self_score -> [n_train]`` = ``d f(theta_T, z_i) / d w_i``.
@@ -205,6 +212,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
     checkpoint_every = check_optional_int("magic", "checkpoint_every", checkpoint_every)
     chunk_size = check_optional_int("magic", "chunk_size", chunk_size)
     horizon = _check_horizon("magic", horizon)
+    early_exit = _check_early_exit("magic", early_exit, horizon)
     self_chunk = check_int("magic", "self_chunk", self_chunk)
     if target is None:
         target = lambda p, ex: -loss(p, ex)
@@ -256,8 +264,8 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
                 cot = target_grads(traj.params, test)  # {name: [k, *shape]}
             with blame_data(func, "train", train_data):
                 mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size,
-                                  vjp_step=vjp_step,
-                                  horizon=horizon)
+                                  vjp_step=vjp_step, horizon=horizon,
+                                  early_exit=early_exit)
             total = mg.weights if total is None else total + mg.weights
         return (total / len(state.runs)).T  # [n_train, k]
 

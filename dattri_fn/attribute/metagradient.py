@@ -21,11 +21,13 @@ from ..training.run import Trajectory, check_run, run_steps, take
 
 class MetaGradient(NamedTuple):
     """``weights [k, n_train]``: d f_j / d w_i; ``params {name: [k, *shape]}``: d f_j / d theta_{T-K_j};
-    ``horizon [k]``: ``K_j``, the steps walked back for target ``j`` (``T`` for the exact pass)."""
+    ``horizon [k]``: ``K_j`` (``T`` for the exact pass); ``walked [k]``: the steps the reverse pass
+    took for target ``j`` (``>= K_j``; below ``T`` only where ``early_exit`` stopped it)."""
 
     weights: Tensor
     params: Params
     horizon: Tensor | None = None
+    walked: Tensor | None = None
 
 
 def _split(state) -> tuple[list[Tensor], tuple]:
@@ -85,6 +87,28 @@ def band_weights(norms: Tensor) -> tuple[Tensor, Tensor]:
     return per_K.flip(0).cumsum(0).flip(0), anchor
 
 
+def _check_early_exit(func: str, early_exit, horizon) -> tuple[float, int] | None:
+    if early_exit is None:
+        return None
+    ok = isinstance(early_exit, tuple) and len(early_exit) == 2 \
+        and isinstance(early_exit[0], (int, float)) and not isinstance(early_exit[0], bool) \
+        and isinstance(early_exit[1], int) and not isinstance(early_exit[1], bool) \
+        and math.isfinite(early_exit[0]) and early_exit[0] >= BAND_TOLERANCE and early_exit[1] >= 1
+    if not ok:
+        raise ValueError(_msg(func, "early_exit", f"None or (ratio >= {BAND_TOLERANCE}, steps >= 1)",
+                              repr(early_exit)))
+    if horizon not in ("auto", "band"):
+        raise ValueError(_msg(func, "early_exit", "None unless horizon is 'auto' or 'band'",
+                              f"{early_exit!r} with horizon={horizon!r}"))
+    return float(early_exit[0]), int(early_exit[1])
+
+
+# The recipes' early exit (stop 23, benchmarks/magic_exit.py): chosen on the VALIDATION LDS of
+# the recorded stop-18 runs as the rule with the fewest steps walked among those whose
+# validation LDS did not move; on those runs it changed no target's band.
+EARLY_EXIT = (1.2, 8)
+
+
 def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
     """The Euclidean norm of each of ``k`` rows across ``parts`` ``[k, ...]``.  # -> [k]"""
     return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
@@ -92,9 +116,12 @@ def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
 
 def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
            weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None,
-           vjp_step: Callable):
+           vjp_step: Callable, narrow: list | None = None):
     """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
     ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
+
+    ``narrow``: a one-item list the caller may set to an index tensor between two steps; the
+    sweep then keeps only those rows of the cotangents from the next step on (and resets it).
 
     Each segment between checkpoints is replayed once from its first state by ``step`` (the
     forward run's own loop, so the states are the run's bit for bit) and walked backward through
@@ -118,6 +145,9 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
                 params, opt_state = _join(floats_t, how)
                 return _split(vjp_step(params, opt_state, batch, w_rows))[0]
 
+            if narrow is not None and narrow[0] is not None:
+                bar = [b[narrow[0]] for b in bar]
+                narrow[0] = None
             _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
             bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
             yield t, rows, bar, rows_bar
@@ -126,8 +156,8 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
                  chunk_size: int | None = None, horizon: int | str | None = None,
-                 record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None
-                 ) -> MetaGradient:
+                 record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None,
+                 early_exit: tuple[float, int] | None = None) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -185,6 +215,21 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             time, scores within float32 round-off), or the first Conv2d as one GEMM
             (:func:`~dattri_fn.training.gemm_conv.with_gemm_convs`; digits-cnn ~0.9x per reverse
             step). Nothing checks the equality.
+        early_exit: ``(R, W)`` with ``R >= 1.1``, only with ``"auto"``/``"band"``: stop walking
+            target ``j`` back once its params-cotangent norm has stayed above ``R`` times its
+            running minimum for ``W`` consecutive steps (``|thetabar^j_{T-K}| > R min_{K' <= K}
+            |thetabar^j_{T-K'}|`` for the last ``W`` ``K``); the target's rows leave the vmapped
+            batch (chunks shrink) and the pass ends when no target is left. ``K_j`` and the band
+            are then taken over the horizons walked, ``1..S_j`` (``walked``). The result EQUALS
+            the full pass exactly when no norm beyond ``S_j`` comes back to ``1.1`` times the
+            walked minimum (``"band"``; ``"auto"``: to the minimum itself), i.e. when
+
+                |thetabar^j_{T-K}| > 1.1 min_{K' <= S_j} |thetabar^j_{T-K'}|  for all K > S_j;
+
+            otherwise the band (or ``K_j``) loses those later horizons. Nothing proves that
+            condition during the pass: it is the rule's bet that a cotangent which has grown
+            past ``R`` times its minimum for ``W`` steps keeps growing (on the bundled runs it
+            grows up to 9-230x by ``K = T``). None (default): the full pass.
     """
     func = "metagradient"
     if not callable(step):
@@ -197,6 +242,7 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     horizon = _check_horizon(func, horizon)
     record_limit = check_int(func, "record_limit", record_limit, minimum=0)
+    early_exit = _check_early_exit(func, early_exit, horizon)
     if vjp_step is None:
         vjp_step = step
     elif not callable(vjp_step):
@@ -235,37 +281,69 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         total = sum(len(rows) for rows in order)
         # One buffer for the whole record, filled from its end (step T-1 first): 320 small
         # tensors kept among the pass's large temporaries would fragment the heap instead.
-        record = (torch.empty(k, total, dtype=dtype, device=w_bar.device)
-                  if k * total <= record_limit else None)
+        if early_exit is not None:
+            # Horizons a stopped target never walks are not in its band (band_weights skips
+            # non-finite norms) and weigh 0 there, so their record columns must be finite.
+            norms.fill_(math.inf)
+        record = ((torch.zeros if early_exit is not None else torch.empty)(
+            k, total, dtype=dtype, device=w_bar.device) if k * total <= record_limit else None)
+    # live: the targets still walked, in the order of the sweep's rows (all of them unless
+    # early_exit stops some); above: consecutive steps each has spent above R x its minimum.
+    live = torch.arange(k, device=w_bar.device)
+    walked = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
+    above = torch.zeros(k, dtype=torch.long, device=w_bar.device)
+    narrow = [None]
     for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
-                                         chunk_size, vjp_step):
+                                         chunk_size, vjp_step, narrow):
         cols = rows.to(w_bar.device)
+        whole = len(live) == k
         if band:
             if record is not None:
                 total -= len(rows)
-                record[:, total:total + len(rows)] = rows_bar
-        else:
+                if whole:
+                    record[:, total:total + len(rows)] = rows_bar
+                else:
+                    record[live, total:total + len(rows)] = rows_bar
+        elif whole:
             w_bar.index_add_(1, cols, rows_bar)
+        else:
+            w_bar[live] = w_bar[live].index_add_(1, cols, rows_bar)
         if auto or band:
             # _split puts the params dict's leaves first: bar[:n_params] = thetabar.
-            step_norms = _row_norms(bar[:n_params], k)  # [k]
+            step_norms = _row_norms(bar[:n_params], len(live))  # [live]
             if band:
-                norms[T - t - 1] = step_norms
+                norms[T - t - 1, live] = step_norms
             # Strictly smaller: a tie keeps the shorter horizon; a NaN norm is never chosen.
-            new = step_norms < best
+            new = step_norms < best[live]
             if bool(new.any()):
-                best = torch.where(new, step_norms, best)
+                idx = live[new]
+                best[idx] = step_norms[new]
                 if auto:
-                    best_w[new] = w_bar[new]
+                    best_w[idx] = w_bar[idx]
                 for keep, b in zip(best_bar, bar, strict=True):
-                    keep[new] = b[new]
-                steps[new] = T - t
+                    keep[idx] = b[new]
+                steps[idx] = T - t
+            if early_exit is not None and t > first:
+                ratio, patience = early_exit
+                # A NaN norm is never above: such a target walks the whole run.
+                up = step_norms > ratio * best[live]
+                above[live] = torch.where(up, above[live] + 1, 0)
+                done = above[live] >= patience
+                if bool(done.any()):
+                    walked[live[done]] = T - t
+                    if bool(done.all()):
+                        break
+                    narrow[0] = (~done).nonzero().squeeze(1)
+                    live = live[narrow[0]]
+                    bar = [b[narrow[0]] for b in bar]
     if auto or band:
         # A target whose norm was never finite keeps the full pass (its NaNs stay visible).
         never = steps == 0
         best_w[never] = w_bar[never]
+        # A NaN norm is never above R x the minimum, so such a target is still live: bar's rows.
+        mine = never[live]
         for keep, b in zip(best_bar, bar, strict=True):
-            keep[never] = b[never]
+            keep[live[mine]] = b[mine]
         steps[never] = T
         w_bar, bar = best_w, best_bar
     else:
@@ -274,7 +352,7 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
                           chunk_size, vjp_step, w_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
-    return MetaGradient(w_bar, params0, steps)
+    return MetaGradient(w_bar, params0, steps, walked)
 
 
 def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
