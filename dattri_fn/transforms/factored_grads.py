@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import capture
+from .tie_factors import TieFactors, tie_inner, tie_row_dots, tie_sq_norms
 
 
 class LayerGrads(NamedTuple):
@@ -30,21 +31,25 @@ class LayerGrads(NamedTuple):
             sequence layers (``P_dense`` may be 0).
         layout: ``(key, source)`` per attributed parameter, in params order, for
             :meth:`to_dense`: source ``("w", layer, has_bias)`` (``"wt"``: a transposed
-            ``[in, out]`` weight, HF Conv1D), ``("b", layer)`` or
-            ``("d", start, stop)``.
+            ``[in, out]`` weight, HF Conv1D), ``("b", layer)``, ``("d", start, stop)`` or
+            ``("t", key)``: a tied key kept as its members' factors in :attr:`ties`.
+        ties: ``{key: TieFactors}``: tied keys whose ``[V, D]`` rows are never formed whole
+            (:mod:`~dattri_fn.transforms.tie_factors`); empty unless the plan keeps them so.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
     dense: Tensor
     layout: tuple
+    ties: dict[str, TieFactors] = {}
 
     @property
     def num_rows(self) -> int:
         return self.dense.shape[1]
 
     def _same_layout(self, other: LayerGrads) -> bool:
-        return self.layout == other.layout and self.factors.keys() == other.factors.keys() and all(
-            self.factors[n][0].ndim == other.factors[n][0].ndim for n in self.factors)
+        return (self.layout == other.layout and self.factors.keys() == other.factors.keys()
+                and self.ties.keys() == other.ties.keys() and all(
+                    self.factors[n][0].ndim == other.factors[n][0].ndim for n in self.factors))
 
     def scores(self, other: LayerGrads) -> Tensor:
         """Return ``sum_c <grad_ci, other_cj>`` for every pair of rows.  # -> [B, n]"""
@@ -62,6 +67,8 @@ class LayerGrads(NamedTuple):
             else:
                 aa = torch.einsum("cbti,cnsi->cbnts", a, a2)
                 out = out + (aa * torch.einsum("cbto,cnso->cbnts", g, g2)).sum((0, 3, 4))
+        for key, tie in self.ties.items():
+            out = out + tie_inner(tie, other.ties[key])
         if isinstance(out, int):
             return self.dense.new_zeros(self.num_rows, other.num_rows)
         return out
@@ -78,6 +85,8 @@ class LayerGrads(NamedTuple):
             else:
                 aa = torch.einsum("cbti,cbsi->cbts", a, a2)
                 out = out + (aa * torch.einsum("cbto,cbso->cbts", g, g2)).sum((0, 2, 3))
+        for key, tie in self.ties.items():
+            out = out + tie_row_dots(tie, other.ties[key])
         return out
 
     def sq_norms(self) -> Tensor:
@@ -89,13 +98,16 @@ class LayerGrads(NamedTuple):
             else:
                 out = out + (torch.einsum("cbti,cbsi->cbts", a, a)
                              * torch.einsum("cbto,cbso->cbts", g, g)).sum((2, 3))
+        for tie in self.ties.values():
+            out = out + tie_sq_norms(tie)
         return out
 
     def scale(self, w: Tensor) -> LayerGrads:
         """Return the gradients times ``w`` (``[C, B]`` or ``[C, 1]``), i.e. ``w_ci grad_ci``."""
         factors = {n: (a, g * (w[..., None] if g.ndim == 3 else w[..., None, None]))
                    for n, (a, g) in self.factors.items()}
-        return LayerGrads(factors, self.dense * w[..., None], self.layout)
+        return LayerGrads(factors, self.dense * w[..., None], self.layout,
+                          {k: t.scale(w) for k, t in self.ties.items()})
 
     def to_dense(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
         """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
@@ -125,7 +137,7 @@ class LayerGrads(NamedTuple):
         off = 0
         for (_, source), size in zip(self.layout, sizes, strict=True):
             view = out[..., off:off + size]
-            a, g = self.factors[source[1]] if source[0] != "d" else (None, None)
+            a, g = self.factors[source[1]] if source[0] not in ("d", "t") else (None, None)
             if source[0] in ("w", "wt") and a.ndim == 3 and a.shape[:2] == g.shape[:2] == (C, B):
                 # The outer product written in place: no per-layer block, no concatenation. Into
                 # another dtype torch forms each product in a temporary of the factors' dtype
@@ -162,7 +174,8 @@ class LayerGrads(NamedTuple):
         """True outside autograd, forward AD and torch.func: plain, grad-free tensors only."""
         if torch._C._functorch.maybe_current_level() is not None:
             return False
-        tensors = [self.dense, *(t for pair in self.factors.values() for t in pair)]
+        tensors = [self.dense, *(t for pair in self.factors.values() for t in pair),
+                   *(t for tie in self.ties.values() for t in tie.tensors())]
         if any(t.requires_grad for t in tensors):
             return False
         # a tangent exists only inside forward_ad.dual_level(): outside, no unpack per tensor
@@ -196,7 +209,9 @@ class LayerGrads(NamedTuple):
     def rows(self, start: int, stop: int) -> LayerGrads:
         """Return examples ``[start, stop)`` (views).  # B = stop - start"""
         factors = {n: (a[:, start:stop], g[:, start:stop]) for n, (a, g) in self.factors.items()}
-        return LayerGrads(factors, self.dense[:, start:stop], self.layout)
+        cut = lambda t: t[:, start:stop]
+        return LayerGrads(factors, self.dense[:, start:stop], self.layout,
+                          {k: t.map(cut, cut) for k, t in self.ties.items()})
 
     def select(self, c: int) -> LayerGrads:
         """Return checkpoint ``c`` alone (views, leading dim kept).  # C = 1"""
@@ -205,11 +220,16 @@ class LayerGrads(NamedTuple):
             raise ValueError(f"LayerGrads.select(c=...): expected an int in [0, {C}), "
                              f"got {c!r}.")
         factors = {n: (a[c:c + 1], g[c:c + 1]) for n, (a, g) in self.factors.items()}
-        return LayerGrads(factors, self.dense[c:c + 1], self.layout)
+        one = lambda t: t[c:c + 1]
+        return LayerGrads(factors, self.dense[c:c + 1], self.layout,
+                          {k: t.map(one, one) for k, t in self.ties.items()})
 
     def _size(self, source) -> int:
         if source[0] == "d":
             return source[2] - source[1]
+        if source[0] == "t":
+            V, D = self.ties[source[1]].shape
+            return V * D
         a, g = self.factors[source[1]]
         return g.shape[-1] if source[0] == "b" else g.shape[-1] * _weight_cols(a, source)
 
@@ -217,6 +237,11 @@ class LayerGrads(NamedTuple):
         """Columns ``[lo, hi)`` of one parameter's raveled gradient.  # -> [C, B, hi - lo]"""
         if source[0] == "d":
             return self.dense[..., source[1] + lo:source[1] + hi]
+        if source[0] == "t":  # only the rows of dW the range touches
+            tie = self.ties[source[1]]
+            D = tie.shape[1]
+            r0, r1 = lo // D, -(-hi // D)
+            return tie.rows(r0, r1)[..., lo - r0 * D:hi - r0 * D]
         a, g = self.factors[source[1]]
         if a.ndim == 3:
             a, g = a[:, :, None], g[:, :, None]
@@ -245,7 +270,8 @@ class LayerGrads(NamedTuple):
                               _dense_layout(first))
         factors = {n: (_cat_padded([b.factors[n][0] for b in blocks]),
                        _cat_padded([b.factors[n][1] for b in blocks])) for n in first.factors}
-        return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), first.layout)
+        ties = {k: TieFactors.cat([b.ties[k] for b in blocks]) for k in first.ties}
+        return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), first.layout, ties)
 
 
 def _dense_layout(lg: LayerGrads) -> tuple:

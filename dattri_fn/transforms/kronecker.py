@@ -223,15 +223,68 @@ class KroneckerProjector:
             src_w = source.get(lay.weight) if lay.weight is not None else None
             src_b = source.get(lay.bias) if lay.bias is not None else None
             src = src_w if src_w is not None else src_b
+            if src[0] == "t":  # a tied key's block from its members' factors
+                out.append(self.project_tie(n, lg.ties[src[1]]))
+                continue
             if src[0] in ("w", "wt", "b"):
                 a, g = lg.factors[src[1]]
                 out.append(self.project_factors(n, a, g, positions=a.ndim == 4))
                 continue
             out.append(self.project_dense(n, self._dense_block(lg, lay, src_w, src_b)))
-        if self.rest:  # the rest always sits in the dense block
-            cols = [lg.dense[..., source[k][1]:source[k][2]] for k, _ in self.rest]
+        if self.rest:  # the rest sits in the dense block (a tie kept factored: its rows)
+            cols = [lg.dense[..., source[k][1]:source[k][2]] if source[k][0] == "d" else
+                    lg._block(source[k], 0, size) for k, size in self.rest]
             out.append(self.project_rest(cols[0] if len(cols) == 1 else torch.cat(cols, -1)))
         return torch.cat(out, -1) if len(out) > 1 else out[0]
+
+    def _gather(self, ids: Tensor, f: _Factor | None, rows: int, like: Tensor) -> Tensor:
+        """``P[ids]``: the rows of ``f`` at ``ids`` (zero rows at negative ids), i.e. ``P^T
+        e_id``, without a one-hot ``[.., rows]``.  # [...] -> [..., k]"""
+        ok = ids >= 0
+        safe = torch.where(ok, ids, 0)
+        if f is None:  # kept whole: e_id itself
+            return torch.nn.functional.one_hot(safe, rows).to(like.dtype) * ok[..., None]
+        op = self._op(f, like.dtype, like.device)
+        if f.kind != "mask":
+            return op[safe] * ok[..., None].to(like.dtype)
+        idx, scale = op[0], op[1]
+        col = torch.full((rows,), -1, dtype=torch.long, device=ids.device)
+        col[idx] = torch.arange(idx.numel(), device=ids.device)
+        at = torch.where(ok, col[safe], -1)  # the pick holding each id, -1: none
+        out = like.new_zeros((*ids.shape, f.k))
+        return out.scatter_(-1, at.clamp(min=0)[..., None],
+                            (at >= 0).to(like.dtype)[..., None] * scale)
+
+    def project_tie(self, name: str, tie) -> Tensor:
+        """Return a tied key's block vec(P_out^T G P_in) from its members' factors.  # -> [.., k_out k_in]
+
+        With ``G`` the key's ``[V, D]`` gradient in the block's orientation (``[D, V]`` for an
+        Embedding-held key, ``[V, D | b]`` for a Linear-held one), each member adds ``sum_t
+        (P_V^T v_t)(P_D^T d_t)^T`` in that orientation: an Embedding's ``v_t = e_{id_t}`` (a
+        gather ``P_V[id_t]``), ``d_t = g_t``; a Linear's ``v_t = g'_t``, ``d_t = a_t`` (with
+        the block's bias column, ``[a_t, 1]``, as the bias gradient ``sum_t g'_t`` is that
+        Linear's own; an Embedding's ``[g_t, 0]``). ``tie``: a
+        :class:`~dattri_fn.transforms.tie_factors.TieFactors`. No ``V D`` row is formed:
+        ``T (V + D) k`` per example, not ``V D k``.
+        """
+        lay = self.layers[name]
+        fi, fo = self.factors[name]
+        V, D = tie.shape
+        v_side, d_side = (fi, fo) if lay.kind == "embedding" else (fo, fi)
+        with_bias = lay.kind != "embedding" and lay.bias is not None
+        total = None
+        for kind, a, g in tie.members:
+            if kind == "embedding":
+                pv = self._gather(a, v_side, V, g)
+                d = torch.cat([g, g.new_zeros((*g.shape[:-1], 1))], -1) if with_bias else g
+            else:
+                pv = self._side(g, v_side)
+                d = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], -1) if with_bias else a
+            pd = self._side(d, d_side)
+            eq = "...td,...tv->...dv" if lay.kind == "embedding" else "...tv,...td->...vd"
+            part = torch.einsum(eq, pd, pv) if lay.kind == "embedding" else torch.einsum(eq, pv, pd)
+            total = part if total is None else total + part
+        return total.flatten(-2)
 
     @staticmethod
     def _dense_block(lg, lay: KroneckerLayer, src_w, src_b) -> Tensor:

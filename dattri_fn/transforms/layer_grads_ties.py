@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from . import capture
-from .factored_grads import _embedding_rows
+from .factored_grads import LayerGrads, _embedding_rows
+from .tie_factors import TIE_KINDS, TieFactors
 
 
 def attributed_layers(module: nn.Module, params) -> list[str]:
@@ -86,14 +87,15 @@ def _layer_rows(spec, a: Tensor, g: Tensor, lead: int, shape) -> Tensor:
     return torch.einsum("...to,...ti->...oi", g, a).flatten(lead)
 
 
-def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
+def dense_rows(plan, raw: dict, lead: int, *, skip=()) -> dict[str, Tensor]:
     """``{key: [*lead, numel]}``: the rows of ``plan.norms``' keys and of its tied keys from the
     capture pass's ``{layer: (a, g)}`` (the dense block's entries that are not ``vmap(grad)``).
 
     A LayerNorm (``a = xhat``): ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if
     any, are every dim between the lead dims and the normalised one; the normalised dims come
-    folded into one, raveled as the weight is). A tied key: the sum of its members' rows. A tie
-    member's own bias: ``sum_t g_t``.
+    folded into one, raveled as the weight is). A tied key: the sum of its members' rows
+    (``skip``: tied keys left out, kept as :func:`tie_factors` instead). A tie member's own
+    bias: ``sum_t g_t``.
     """
     rows = {}
     for n, (wk, bk) in plan.norms.items():
@@ -105,6 +107,8 @@ def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
             rows[bk] = g.sum(-2)
     plain = torch._C._functorch.maybe_current_level() is None
     for key, members in plan.ties.items():
+        if key in skip:
+            continue
         shape = plan.model.params[key].shape
         total = None
         for m in members:  # one [*lead, numel] block at a time: a tied vocabulary is wide
@@ -120,3 +124,46 @@ def dense_rows(plan, raw: dict, lead: int) -> dict[str, Tensor]:
         g = raw[m][1]
         rows[key] = g.reshape(*g.shape[:lead], -1, g.shape[-1]).sum(-2)  # sum_t g_t
     return rows
+
+
+def tie_factors(plan, raw: dict, lead: int) -> dict[str, TieFactors]:
+    """``{key: TieFactors}``: the tied keys of ``plan.ties`` kept as their members' factors
+    from the capture pass's ``{layer: (a, g)}`` (an Embedding's ids and output gradient, a
+    Linear's input and output gradient), so that no ``[*lead, V D]`` row is formed. A tie with
+    a member of another kind (a Conv1D) is left out: :func:`dense_rows` forms its rows."""
+    out = {}
+    for key, members in plan.ties.items():
+        specs = [plan.tapped.specs[m] for m in members]
+        if any(s.kind not in TIE_KINDS for s in specs):
+            continue
+        parts = []
+        for m, spec in zip(members, specs, strict=True):
+            a, g = raw[m]
+            g = g.reshape(*g.shape[:lead], -1, g.shape[-1])  # positions folded: [*lead, T, .]
+            a = (a.reshape(*a.shape[:lead], -1) if spec.kind == "embedding"
+                 else a.reshape(*a.shape[:lead], -1, a.shape[-1]))
+            parts.append((spec.kind, a, g))
+        V, D = plan.model.params[key].shape
+        out[key] = TieFactors((int(V), int(D)), tuple(parts))
+    return out
+
+
+def keep_ties(lg: LayerGrads, ties: dict[str, TieFactors]) -> LayerGrads:
+    """Return ``lg`` with the tied keys of ``ties`` read from those factors (layout ``("t",
+    key)``) and their columns dropped from the dense block: the same gradients, the ``V D``
+    columns no longer held."""
+    drop = {k: src for k, src in lg.layout if k in ties and src[0] == "d"}
+    if not drop:
+        return lg
+    keep, layout, off = [], [], 0
+    for k, src in lg.layout:
+        if k in drop:
+            layout.append((k, ("t", k)))
+        elif src[0] == "d":
+            keep.append(lg.dense[..., src[1]:src[2]])
+            layout.append((k, ("d", off, off + src[2] - src[1])))
+            off += src[2] - src[1]
+        else:
+            layout.append((k, src))
+    dense = torch.cat(keep, -1) if keep else lg.dense[..., :0]
+    return LayerGrads(lg.factors, dense, tuple(layout), {**lg.ties, **{k: ties[k] for k in drop}})
