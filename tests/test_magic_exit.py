@@ -139,3 +139,14 @@ def test_early_exit_is_checked(early_exit, horizon, match):
     (loss, opt, step, data, test, order, traj, cot), _ = case("sgd-momentum")
     with pytest.raises(ValueError, match=match):
         metagradient(step, traj, data, order, cot, horizon=horizon, early_exit=early_exit)
+
+
+def test_benchmark_rule_stops_where_the_library_does():
+    """benchmarks.magic_exit.stops (the grid's rule on recorded norms) == metagradient's walked,
+    for every case above and a never-firing rule."""
+    from benchmarks.magic_exit import stops
+
+    for name, ratio, patience in [*CASES, ("sgd-momentum", 1.5, 2), ("adamw", 1e6, 1)]:
+        (loss, opt, step, data, test, order, traj, cot), norms = case(name)
+        out = metagradient(step, traj, data, order, cot, horizon="band", early_exit=(ratio, patience))
+        assert torch.equal(stops(norms, ratio, patience), out.walked), name
