@@ -258,16 +258,17 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         stacked = stacked_of(params)
         plan_s, plan_q = plans  # this call's train-side and test-side plans
         C = num_checkpoints(stacked)
+        v0 = next(iter(stacked.values()))
         if lrs is None:
-            weights = torch.ones(C, dtype=torch.float64)
+            # read only by the dense path over several checkpoints: no tensor to make for one
+            weights = None if C == 1 else torch.ones(C, dtype=v0.dtype, device=v0.device)
         else:
             weights = torch.as_tensor(lrs, dtype=torch.float64)
             if weights.shape != (C,):
                 raise ValueError(f"{name}(lrs=...): expected {C} learning rates (one per "
                                  f"checkpoint in params), got {weights.numel()}. Pass params as "
                                  f"the list of checkpoints the rates belong to.")
-        v0 = next(iter(stacked.values()))
-        weights = weights.to(dtype=v0.dtype, device=v0.device)
+            weights = weights.to(dtype=v0.dtype, device=v0.device)
         proj = None if kron else _projector(stacked, proj_dim, kind, seed)
         kp = _kronecker(plan, stacked, proj_dim, kind, seed, kept) if kron else None
 
