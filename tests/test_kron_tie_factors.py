@@ -4,6 +4,8 @@ The references are the dense-row path the factors replace: the same plan's ``Lay
 the tie's rows in the dense block (``dense_rows``), projected by the same projector, and
 float64 ``vmap(grad)`` rows.
 """
+import sys
+
 import pytest
 import torch
 from test_kron_ties import DT, _data, _gpt2, _gpt2_data, _rows, _tied
@@ -34,7 +36,7 @@ def test_factored_tie_gives_the_same_gradients_without_its_rows(bias, head_first
     fm = _tied(bias, head_first)
     plan, lg, ft = _both(fm, _data(5, 1))
     key = "head.weight" if head_first else "tok.weight"
-    assert dict(ft.layout)[key] == ("t", key) and key not in dict(lg.ties)
+    assert dict(ft.layout)[key][:2] == ("t", key) and key in ft.ties and not lg.ties
     assert ft.dense.shape[-1] == lg.dense.shape[-1] - 7 * 4  # the V D columns are not held
     G = _rows(fm, _data(5, 1))
     close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
@@ -96,7 +98,7 @@ def test_gpt2_wte_projected_from_its_factors_equals_its_dense_rows_projected():
     fm = _gpt2()
     batch = _gpt2_data(4, 1)
     plan, lg, ft = _both(fm, batch)
-    assert dict(ft.layout)["transformer.wte.weight"] == ("t", "transformer.wte.weight")
+    assert dict(ft.layout)["transformer.wte.weight"][:2] == ("t", "transformer.wte.weight")
     torch.testing.assert_close(ft.to_dense()[0], _rows(fm, batch), rtol=1e-10, atol=1e-12)
     layers, rest = kronecker_layers(plan, fm.params)
     for kind in ("gaussian", "mask"):
@@ -104,3 +106,47 @@ def test_gpt2_wte_projected_from_its_factors_equals_its_dense_rows_projected():
         want = kp.layer_grads(lg)
         torch.testing.assert_close(kp.layer_grads(ft), want, rtol=1e-10,
                                    atol=1e-10 * float(want.abs().max()))
+
+
+def test_the_kronecker_consumers_never_form_the_tie_rows(monkeypatch):
+    """Grad-Dot and TRAK (kronecker), FactGraSS on the tied LM: tie rows (dense_rows' or
+    TieFactors.rows) are formed only for the plan check's <= 3 compared examples (batches of 5, 6,
+    4); project_tie is used; scores == the dense-row path's (1e-10)."""
+    from dattri_fn.attribute.factgrass import factgrass
+    from dattri_fn.attribute.gradsim import grad_dot
+    from dattri_fn.attribute.trak import trak
+    from dattri_fn.transforms import layer_grads, layer_grads_ties, tie_factors
+    from dattri_fn.transforms.kronecker import KroneckerProjector
+
+    if not hasattr(layer_grads, "keep_tie_factors"):
+        pytest.skip("needs F_to_D.patch (LayerPlan.tie_factors, _assemble keeping ties)")
+    fm = _tied(True)
+    train, test = [_data(5, 1), _data(6, 2)], _data(4, 3)
+    methods = [lambda: grad_dot(fm, proj_dim=3, projection="kronecker", seed=4),
+               lambda: trak(fm, damping=0.1, proj_dim=3, projection="kronecker", seed=2),
+               lambda: factgrass(fm, proj_dim=8, mask_dim=3, damping=0.1, seed=1)]
+    scores = lambda m: m.score(fm.params, m.prepare(fm.params, train), train, test)
+    with monkeypatch.context() as mp:  # the dense-row path: the plan keeps no tie factored
+        mp.setattr(layer_grads, "keep_tie_factors", lambda plan: plan)
+        for mod in ("gradsim", "factgrass", "trak_features"):
+            mp.setattr(sys.modules[f"dattri_fn.attribute.{mod}"], "keep_tie_factors",
+                       lambda plan: plan)
+        want = [scores(make()) for make in methods]
+
+    calls, widths = [], []
+    real_tie, real_rows = KroneckerProjector.project_tie, tie_factors.TieFactors.rows
+    real_layer = layer_grads_ties._layer_rows
+    monkeypatch.setattr(KroneckerProjector, "project_tie",
+                        lambda self, *a: calls.append(1) or real_tie(self, *a))
+    monkeypatch.setattr(tie_factors.TieFactors, "rows",
+                        lambda self, *a: widths.append(self.members[0][2].shape[1])
+                        or real_rows(self, *a))
+    monkeypatch.setattr(layer_grads_ties, "_layer_rows",
+                        lambda spec, a, g, lead, shape: widths.append(g.shape[1])
+                        or real_layer(spec, a, g, lead, shape))
+    for make, ref in zip(methods, want, strict=True):
+        calls.clear()
+        widths.clear()
+        got = scores(make())
+        assert calls and max(widths, default=0) <= 3
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

@@ -32,23 +32,35 @@ class LayerGrads(NamedTuple):
         layout: ``(key, source)`` per attributed parameter, in params order, for
             :meth:`to_dense`: source ``("w", layer, has_bias)`` (``"wt"``: a transposed
             ``[in, out]`` weight, HF Conv1D), ``("b", layer)``, ``("d", start, stop)`` or
-            ``("t", key)``: a tied key kept as its members' factors in :attr:`ties`.
-        ties: ``{key: TieFactors}``: tied keys whose ``[V, D]`` rows are never formed whole
-            (:mod:`~dattri_fn.transforms.tie_factors`); empty unless the plan keeps them so.
+            ``("t", key, TieFactors)``: a tied key kept as its members' factors, whose
+            ``[V, D]`` rows are never formed whole (:mod:`~dattri_fn.transforms.tie_factors`;
+            only where the plan keeps them so). The factors ride in the layout, not in a field
+            of their own, so the states that hold a ``LayerGrads`` keep their structure and hash.
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
     dense: Tensor
     layout: tuple
-    ties: dict[str, TieFactors] = {}
+
+    @property
+    def ties(self) -> dict[str, TieFactors]:
+        """``{key: TieFactors}`` of the keys whose source is ``("t", key, TieFactors)``."""
+        return {src[1]: src[2] for _, src in self.layout if src[0] == "t"}
+
+    def _with_ties(self, fn) -> tuple:
+        """The layout with ``fn`` applied to every tie's factors."""
+        if not any(src[0] == "t" for _, src in self.layout):
+            return self.layout
+        return tuple((k, ("t", src[1], fn(src[2])) if src[0] == "t" else src)
+                     for k, src in self.layout)
 
     @property
     def num_rows(self) -> int:
         return self.dense.shape[1]
 
     def _same_layout(self, other: LayerGrads) -> bool:
-        return (self.layout == other.layout and self.factors.keys() == other.factors.keys()
-                and self.ties.keys() == other.ties.keys() and all(
+        return (_structure(self.layout) == _structure(other.layout)
+                and self.factors.keys() == other.factors.keys() and all(
                     self.factors[n][0].ndim == other.factors[n][0].ndim for n in self.factors))
 
     def scores(self, other: LayerGrads) -> Tensor:
@@ -106,8 +118,7 @@ class LayerGrads(NamedTuple):
         """Return the gradients times ``w`` (``[C, B]`` or ``[C, 1]``), i.e. ``w_ci grad_ci``."""
         factors = {n: (a, g * (w[..., None] if g.ndim == 3 else w[..., None, None]))
                    for n, (a, g) in self.factors.items()}
-        return LayerGrads(factors, self.dense * w[..., None], self.layout,
-                          {k: t.scale(w) for k, t in self.ties.items()})
+        return LayerGrads(factors, self.dense * w[..., None], self._with_ties(lambda t: t.scale(w)))
 
     def to_dense(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
         """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
@@ -210,8 +221,7 @@ class LayerGrads(NamedTuple):
         """Return examples ``[start, stop)`` (views).  # B = stop - start"""
         factors = {n: (a[:, start:stop], g[:, start:stop]) for n, (a, g) in self.factors.items()}
         cut = lambda t: t[:, start:stop]
-        return LayerGrads(factors, self.dense[:, start:stop], self.layout,
-                          {k: t.map(cut, cut) for k, t in self.ties.items()})
+        return LayerGrads(factors, self.dense[:, start:stop], self._with_ties(lambda t: t.map(cut, cut)))
 
     def select(self, c: int) -> LayerGrads:
         """Return checkpoint ``c`` alone (views, leading dim kept).  # C = 1"""
@@ -221,14 +231,13 @@ class LayerGrads(NamedTuple):
                              f"got {c!r}.")
         factors = {n: (a[c:c + 1], g[c:c + 1]) for n, (a, g) in self.factors.items()}
         one = lambda t: t[c:c + 1]
-        return LayerGrads(factors, self.dense[c:c + 1], self.layout,
-                          {k: t.map(one, one) for k, t in self.ties.items()})
+        return LayerGrads(factors, self.dense[c:c + 1], self._with_ties(lambda t: t.map(one, one)))
 
     def _size(self, source) -> int:
         if source[0] == "d":
             return source[2] - source[1]
         if source[0] == "t":
-            V, D = self.ties[source[1]].shape
+            V, D = source[2].shape
             return V * D
         a, g = self.factors[source[1]]
         return g.shape[-1] if source[0] == "b" else g.shape[-1] * _weight_cols(a, source)
@@ -238,7 +247,7 @@ class LayerGrads(NamedTuple):
         if source[0] == "d":
             return self.dense[..., source[1] + lo:source[1] + hi]
         if source[0] == "t":  # only the rows of dW the range touches
-            tie = self.ties[source[1]]
+            tie = source[2]
             D = tie.shape[1]
             r0, r1 = lo // D, -(-hi // D)
             return tie.rows(r0, r1)[..., lo - r0 * D:hi - r0 * D]
@@ -270,8 +279,14 @@ class LayerGrads(NamedTuple):
                               _dense_layout(first))
         factors = {n: (_cat_padded([b.factors[n][0] for b in blocks]),
                        _cat_padded([b.factors[n][1] for b in blocks])) for n in first.factors}
-        ties = {k: TieFactors.cat([b.ties[k] for b in blocks]) for k in first.ties}
-        return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), first.layout, ties)
+        layout = tuple((k, ("t", src[1], TieFactors.cat([b.ties[src[1]] for b in blocks])
+                            ) if src[0] == "t" else src) for k, src in first.layout)
+        return LayerGrads(factors, torch.cat([b.dense for b in blocks], 1), layout)
+
+
+def _structure(layout: tuple) -> tuple:
+    """``layout`` with each tie's factors replaced by its shape (what two blocks must share)."""
+    return tuple((k, ("t", src[1], src[2].shape) if src[0] == "t" else src) for k, src in layout)
 
 
 def _dense_layout(lg: LayerGrads) -> tuple:

@@ -224,7 +224,7 @@ class KroneckerProjector:
             src_b = source.get(lay.bias) if lay.bias is not None else None
             src = src_w if src_w is not None else src_b
             if src[0] == "t":  # a tied key's block from its members' factors
-                out.append(self.project_tie(n, lg.ties[src[1]]))
+                out.append(self.project_tie(n, src[2]))
                 continue
             if src[0] in ("w", "wt", "b"):
                 a, g = lg.factors[src[1]]

@@ -150,15 +150,15 @@ def tie_factors(plan, raw: dict, lead: int) -> dict[str, TieFactors]:
 
 def keep_ties(lg: LayerGrads, ties: dict[str, TieFactors]) -> LayerGrads:
     """Return ``lg`` with the tied keys of ``ties`` read from those factors (layout ``("t",
-    key)``) and their columns dropped from the dense block: the same gradients, the ``V D``
-    columns no longer held."""
+    key, TieFactors)``) and their columns dropped from the dense block: the same gradients,
+    the ``V D`` columns no longer held."""
     drop = {k: src for k, src in lg.layout if k in ties and src[0] == "d"}
     if not drop:
         return lg
     keep, layout, off = [], [], 0
     for k, src in lg.layout:
         if k in drop:
-            layout.append((k, ("t", k)))
+            layout.append((k, ("t", k, ties[k])))
         elif src[0] == "d":
             keep.append(lg.dense[..., src[1]:src[2]])
             layout.append((k, ("d", off, off + src[2] - src[1])))
@@ -166,4 +166,4 @@ def keep_ties(lg: LayerGrads, ties: dict[str, TieFactors]) -> LayerGrads:
         else:
             layout.append((k, src))
     dense = torch.cat(keep, -1) if keep else lg.dense[..., :0]
-    return LayerGrads(lg.factors, dense, tuple(layout), {**lg.ties, **{k: ties[k] for k in drop}})
+    return LayerGrads(lg.factors, dense, tuple(layout))
