@@ -150,3 +150,53 @@ def test_benchmark_rule_stops_where_the_library_does():
         (loss, opt, step, data, test, order, traj, cot), norms = case(name)
         out = metagradient(step, traj, data, order, cot, horizon="band", early_exit=(ratio, patience))
         assert torch.equal(stops(norms, ratio, patience), out.walked), name
+
+
+@functools.cache
+def bundled_cnn():
+    """A short run of the bundled digits-cnn under SGD_HPARAMS (float32, 128 examples, 20
+    epochs: T = 40 steps, 6 test margins) with its full-pass band and its params-cotangent norms
+    in metagradient's own order of operations."""
+    from torch.func import grad, vmap
+
+    from dattri_fn.attribute.metagradient import _row_norms, _split, _sweep
+    from dattri_fn.attribute.trak import classification_margin_loss
+    from dattri_fn.eval.tasks import SGD_HPARAMS, get_task, sgd_run
+    from dattri_fn.model import functional_model
+    from dattri_fn.training import make_step, train
+
+    task = get_task("digits-cnn", n_train=128, n_test=6, seed=0, hparams=dict(SGD_HPARAMS, epochs=20))
+    hp = task.hparams
+    fm = functional_model(task.make_model(0), task.loss_fn)
+    opt, order = sgd_run(task.n_train, seed=0, epochs=hp["epochs"], lr=hp["lr"], weight_decay=0.0,
+                         batch_size=hp["batch_size"], momentum=hp["momentum"])
+    step = make_step(fm, opt)
+    data, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
+    traj = train(step, fm.params, opt.init(fm.params), data, order, checkpoint_every=1)
+    target = functional_model(task.make_model(0), classification_margin_loss).loss
+    cot = vmap(grad(target), in_dims=(None, 0))(traj.params, test)
+    k, T = len(task.y_test), len(order)
+    bar0 = [cot[n] for n in fm.params] + [torch.zeros(k, *x.shape)
+                                          for x in _split(traj.checkpoints[T][1])[0]]
+    norms = torch.stack([_row_norms(bar[:len(fm.params)], k) for _, _, bar, _ in
+                         _sweep(step, traj, data, order, torch.ones(task.n_train), bar0, 0, None, step)])
+    full = metagradient(step, traj, data, order, cot, horizon="band")
+    return (step, traj, data, order, cot), norms, full
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ratio", "patience"), [(1.2, 8), (1.1, 1)])
+def test_bundled_cnn_rows_equal_the_full_pass_exactly_where_no_norm_comes_back(ratio, patience):
+    """digits-cnn (float32, narrowed vmap batches): walked = the rule's S_j on the run's own norms;
+    row j torch.equal to the full band's iff no norm beyond S_j is within 1.1x the walked minimum
+    ((1.1, 1) stops some targets before a norm comes back, (1.2, 8) none)."""
+    run, norms, full = bundled_cnn()
+    from benchmarks.magic_exit import stops
+
+    out = metagradient(*run, horizon="band", early_exit=(ratio, patience))
+    S = stops(norms, ratio, patience)
+    assert torch.equal(out.walked, S) and int(S.min()) < norms.shape[0]
+    back = comes_back(norms, S.tolist())
+    assert any(back) == (ratio == 1.1), back
+    for j, b in enumerate(back):
+        assert torch.equal(out.weights[j], full.weights[j]) is not b, j
