@@ -16,7 +16,6 @@ from torch import nn
 from dattri_fn import functional_model
 from dattri_fn.attribute.gradsim import grad_dot
 from dattri_fn.transforms import layer_grads_paths as paths
-from dattri_fn.transforms.factored_grads import LayerGrads
 from dattri_fn.transforms.layer_grads import check_plan, layer_plan
 from dattri_fn.transforms.layer_grads_gap import _gap_sums
 from dattri_fn.transforms.layer_grads_paths import _factored_and_rows
@@ -85,7 +84,7 @@ def _broken(monkeypatch, row):
             g = g.clone()
             g[:, row] *= 1.01
             factors[n] = (a, g)
-        return LayerGrads(factors, lg.dense, lg.layout, lg.ties), layout
+        return lg._replace(factors=factors), layout
 
     monkeypatch.setattr(paths, "_assemble", assemble)
 

@@ -148,7 +148,7 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     first = {k: v[:1] for k, v in stacked.items()}
     n = batch_size("layer_grads", "batch", batch)
     k = min(n, 3)
-    head = batch_slice(batch, 0, k)
+    head = batch if n == k else batch_slice(batch, 0, k)
     # Plain torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
     # s on a first call) and some models (transformers' SDPA) refuse vmap. Examples that plain
     # autodiff rejects too (a wrong dtype or width) raise here and decide nothing: a bad batch

@@ -102,19 +102,21 @@ def _example_rows(model: FunctionalModel, params: Params, batch: Batch, ties: bo
 
 
 def _row_losses(model: FunctionalModel, params: Params, batch: Batch, ties: bool,
-                n: int | None = None) -> tuple[list[Params], list[Tensor]]:
+                n: int | None = None, *, at: tuple[int, ...] | None = None,
+                ) -> tuple[list[Params], list[Tensor]]:
     """Each example's own leaf copy of ``params`` and its loss as a batch of one (grad mode on).
-    ``n``: the batch's size where the caller validated it (no second finiteness scan)."""
+    ``n``: the batch's size where the caller validated it (no second finiteness scan); ``at``:
+    those examples of ``batch`` only, in that order (sliced straight from it)."""
     from torch.func import functional_call
 
     from .._checks import batch_slice
 
     unpack = _unpack(model)
-    if n is None:
-        n = batch_size("layer_grads", "batch", batch)
-    lives = [{k: v.detach().requires_grad_(True) for k, v in params.items()} for _ in range(n)]
+    if at is None:
+        at = range(batch_size("layer_grads", "batch", batch) if n is None else n)
+    lives = [{k: v.detach().requires_grad_(True) for k, v in params.items()} for _ in at]
     losses = []
-    for i, live in enumerate(lives):
+    for i, live in zip(at, lives, strict=True):
         args, kwargs, target = unpack(batch_slice(batch, i, i + 1))
         out = functional_call(model.module, {**model.fixed, **live}, args, kwargs,
                               tie_weights=ties)
@@ -153,8 +155,7 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
     gradients, and so the factors, are torch.equal to those without it: parameter leaves add
     branches to the backward graph, not terms to the probes' gradients.
     """
-    from .._checks import batch_cat, batch_slice
-    from .layers import per_example_losses
+    from .layers import summed_losses
 
     tapped, model = plan.tapped, plan.model
     first = {k: v[0] for k, v in stacked.items()}
@@ -163,10 +164,10 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
         live = ({} if ref_at is None else
                 {k: v.detach().requires_grad_(True) for k, v in first.items()})
         run = tapped.probed({**model.fixed, **first, **live}, *args, **kwargs)
-        value = per_example_losses(model.loss_fn, run.output, target).sum()
+        # the gradient of sum_i l_i, bit for bit (one op for softmax cross-entropy rows)
+        value = summed_losses(model.loss_fn, run.output, target)
         probes = [p for n in tapped.layers for p in run.probes[n]]
-        some = batch if ref_at is None else batch_cat([batch_slice(batch, i, i + 1) for i in ref_at])
-        lives, losses = _row_losses(model, first, some, ties, n if ref_at is None else len(ref_at))
+        lives, losses = _row_losses(model, first, batch, ties, n, at=ref_at)
         flat = torch.autograd.grad([value, *losses],
                                    probes + list(live.values())
                                    + [t for live_i in lives for t in live_i.values()],
