@@ -51,13 +51,13 @@ def test_token_scores_sum_to_the_example_scores_and_split_per_token(seed, bias, 
 
 
 def test_token_scores_refuse_parameters_that_do_not_split():
-    """A LayerNorm weight (no per-token split here) and layers at different numbers of positions
-    (the head after pooling) are named."""
+    """Layers at different numbers of positions (the head after pooling) are named, with the
+    LayerNorm (split per token since stop 23) attributed or not; features of another width too."""
     fm, batch = _seq(0, True)
     full = functional_model(fm.module, F.cross_entropy)
     P = sum(v.numel() for v in full.params.values())
-    with pytest.raises(ValueError, match=r"token_scores\(params=...\): expected only weights and "
-                                         r"biases .* \['norm.weight', 'norm.bias'\]"):
+    with pytest.raises(ValueError, match=r"token_scores\(model=...\): expected layers applied at "
+                                         r"the same number of positions, got 3 and 1"):
         token_scores(full, full.params, batch, torch.zeros(1, P, dtype=DT))
     P = sum(v.numel() for v in fm.params.values())
     with pytest.raises(ValueError, match=r"token_scores\(model=...\): expected layers applied at "

@@ -9,6 +9,12 @@ linear in the training gradient splits exactly over positions:
 with ``p_j`` a test feature in the params' ravel layout (for influence ``p_j = (C + damping
 I)^-1 grad_j``, for Grad-Dot ``p_j = grad_j``) and ``M_jl``, ``m_jl`` its weight and bias blocks.
 ``token_scores(...).sum(1)`` is the per-example score (kronfluence's per-token scores).
+
+The same split holds for every other layer the capture engine reads position by position: an
+``nn.Embedding`` (``dW_i = sum_t e_{id_it} g_it^T``: position ``t`` adds ``M_j[id_it] . g_it``)
+and an affine ``nn.LayerNorm`` (``dw_i = sum_t g_it * xhat_it``, ``db_i = sum_t g_it``). A
+parameter the engine does not capture (a bare ``nn.Parameter``, a layer after pooling) has a
+gradient that is no sum over the sequence's positions as the layer sees them, so it is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     Args:
         model: a FunctionalModel with a ``loss_fn`` whose every attributed parameter is the weight
             or bias of an ``nn.Linear``, HF ``Conv1D`` or ``nn.Conv2d`` (positions: tokens, or a
-            convolution's output pixels), all applied at the same ``T`` positions, or a weight
+            convolution's output pixels), the weight of an ``nn.Embedding`` or the weight or bias
+            of an affine ``nn.LayerNorm``, all applied at the same ``T`` positions, or a weight
             tied between an ``nn.Embedding`` and an ``nn.Linear`` (GPT-2's ``wte`` =
             ``lm_head``): its position ``t`` scores both uses there, ``g_t^T M h_t +
             M[id_t] . u_t`` (:mod:`dattri_fn.operators.kfac_tied`).
@@ -58,13 +65,14 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     if test_features.ndim != 2 or test_features.shape[1] != P:
         raise ValueError(_msg(func, "test_features", f"[n_test, {P}] (the params' ravel layout)",
                               f"{list(test_features.shape)}"))
-    every = capture.layer_specs(model.module)
+    every = capture.layer_specs(model.module, norms=True)
     # A tied weight is pooled over its uses or refused, whichever layer holds its key (a Linear
     # head declared before its Embedding too): one use's (a, g) misses the other's share.
     tied = _tied_uses(model.module, list(params))
     specs = {n: s for n, s in every.items()
-             if s.kind in ("linear", "conv1d", "conv2d") and s.weight in params
-             and s.weight not in tied}
+             if (s.kind in ("linear", "conv1d", "conv2d", "embedding") and s.weight in params
+                 and s.weight not in tied)
+             or (s.kind == "layernorm" and (s.weight in params or s.bias in params))}
     owned = {k for s in specs.values() for k in (s.weight, s.bias) if k in params}
     groups = {}  # a weight tied between an Embedding and a Linear: group -> members
     unpooled = {}
@@ -84,9 +92,10 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
                               "functional_model(..., params=...)."))
     left = [k for k in params if k not in owned]
     if left:
-        raise ValueError(_msg(func, "params", "only weights and biases of Linear, Conv1D or "
-                              "Conv2d layers (their gradients split over positions), or a "
-                              "weight tied between an Embedding and a Linear",
+        raise ValueError(_msg(func, "params", "only weights and biases of Linear, Conv1D, "
+                              "Conv2d, Embedding or LayerNorm layers (their gradients split "
+                              "over positions), or a weight tied between an Embedding and a "
+                              "Linear",
                               f"other parameters {left}",
                               "Select them away: functional_model(..., params=...)."))
     B = batch_size(func, "batch", batch)
@@ -95,7 +104,7 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     batch = batch_to(batch, device)
     names = sorted({*specs, *(m for ms in groups.values() for m in ms)}, key=list(every).index)
     tapped = capture.tap(model.module, names, tied=bool(groups))
-    like = params[(specs[next(iter(specs))] if specs else every[next(iter(groups))]).weight]
+    like = next(iter(params.values()))
     args, kwargs, target = (model.unpack or default_unpack)(batch)
     with blame_data(func, "batch", batch):
         problems = tapped.check(state, *args, **kwargs)
@@ -119,6 +128,13 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
                      if tapped.specs[m].kind == "linear")
             a, g = pooled_io(tapped.specs, members, {m: io[m] for m in members}, V)
             spec = every[name]
+        elif specs[name].kind in ("embedding", "layernorm"):
+            a, g = io[name]
+            a, g = a.detach(), g.detach().reshape(B, -1, g.shape[-1])
+            T0 = _positions(func, T0, g.shape[1], name)
+            part = _rows_split(specs[name], a, g, feats, offsets, params)
+            total = part if total is None else total + part
+            continue
         else:
             spec = specs[name]
             a, g = io[name]
@@ -136,6 +152,26 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
             part = part + g @ feats[:, offsets[spec.bias]].T
         total = part if total is None else total + part
     return total
+
+
+def _rows_split(spec, a: Tensor, g: Tensor, feats: Tensor, offsets: dict, params) -> Tensor:
+    """Position ``t``'s share of an Embedding's or a LayerNorm's gradient against ``feats``.  # -> [B, T, n]
+
+    Embedding (``a`` = ids): ``M_j[id_t] . g_t`` (a negative id, a row the engine drops, adds
+    nothing); LayerNorm (``a`` = ``xhat``): ``(g_t * xhat_t) . m_jw + g_t . m_jb``.
+    """
+    B, T, D = g.shape
+    if spec.kind == "embedding":
+        ids = a.reshape(B, T)
+        M = feats[:, offsets[spec.weight]].reshape(feats.shape[0], -1, D)  # [n, V, D]
+        rows = M[:, ids.clamp(min=0)]  # [n, B, T, D]
+        return torch.einsum("jbtd,btd->btj", rows, g) * (ids >= 0)[..., None].to(g.dtype)
+    out = 0
+    if spec.weight in params:
+        out = (g * a.reshape(g.shape)) @ feats[:, offsets[spec.weight]].T
+    if spec.bias in params:
+        out = out + g @ feats[:, offsets[spec.bias]].T
+    return out
 
 
 def _positions(func: str, T0: int | None, T: int, name: str) -> int:
