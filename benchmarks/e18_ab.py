@@ -8,7 +8,9 @@
 :mod:`benchmarks.logra_floor` builds it (one checkpoint, the recipe's batches of 256,
 ``benchmarks.against_dattri``'s sizes). Printed: median main-thread CPU ms over rotated rounds,
 each tree's median per-round ratio to dattri and to the first tree, and whether every tree's
-scores equal the first tree's (``torch.equal``).
+scores equal the first tree's (``torch.equal``). Each tree scores with its own copy of the task's
+loss (``eval.tasks``): before stop 23 the trees got the main package's, whose ``per_example`` form
+their capture passes did not recognise (every tree ran the generic per-example losses).
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ def _ours(pkg, method: str, task, models):
     recipes = importlib.import_module(f"{pkg.__name__}.app.recipes")
     model = importlib.import_module(f"{pkg.__name__}.model")
     r = recipes.recipe("grad-dot", task, models[:1], batch_size=256)
-    fm = model.functional_model(models[0].eval(), task.loss_fn)
+    # the tree's own loss: a loss from the main package is not the tree's (its per_example form
+    # is another function object), so the tree's capture pass would miss its summed
+    # cross-entropy and take the generic per-example losses
+    tasks = importlib.import_module(f"{pkg.__name__}.eval.tasks")
+    loss = getattr(tasks, task.loss_fn.__name__, task.loss_fn)
+    fm = model.functional_model(models[0].eval(), loss)
     if method == "logra":
         m = importlib.import_module(f"{pkg.__name__}.attribute.logra").logra(fm, proj_dim=LOGRA_K)
     else:

@@ -14,6 +14,7 @@ from .._checks import batch_leaves, batch_slice
 from ..model import FunctionalModel
 from ..operators.kfac import _tokens
 from ..transforms.layers import batched_io
+from ..transforms.mlp_io import mlp_io
 
 
 def _outer_rows(factors: dict) -> Tensor:
@@ -57,18 +58,21 @@ class _Gather:
 
 def _raw(tapped_for, specs: dict, model: FunctionalModel, unpack, chunk_size: int | None, state: dict,
          layers: tuple[str, ...], batch):
-    """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk."""
-    tapped, like = tapped_for(layers), state[specs[layers[0]].weight]
+    """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk: a plain
+    softmax cross-entropy MLP's by :func:`~dattri_fn.transforms.mlp_io.mlp_io` (the same values,
+    without the engine's graph), any other model's by the capture engine."""
+    like = state[specs[layers[0]].weight]
     b = batch_leaves(batch)[0].shape[0]  # the caller checked the batch (batch_size)
     step = b if chunk_size is None else chunk_size
     parts = []
     for s in range(0, b, step):
         part = batch if step >= b else batch_slice(batch, s, s + step)
         args, kwargs, target = unpack(part)
+        io = mlp_io(model.module, model.loss_fn, state, args, kwargs, target, layers)
         # outside torch.func transforms each probe takes its call's output shape: no
         # shapes, so no extra no-grad forward per chunk
-        parts.append(batched_io(tapped, model.loss_fn, state, args, kwargs, target, None,
-                                like))
+        parts.append(io if io is not None else batched_io(
+            tapped_for(layers), model.loss_fn, state, args, kwargs, target, None, like))
     out = {}
     for n in layers:
         a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]

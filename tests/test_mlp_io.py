@@ -1,0 +1,153 @@
+"""mlp_io: a plain softmax cross-entropy MLP's (a, g) equal the capture engine's bit for bit, and
+LoGra's scores through it equal those through the engine; anything else is left to the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dattri_fn.attribute.logra_rows as logra_rows
+from dattri_fn.attribute.logra import logra
+from dattri_fn.eval.tasks import classification_loss
+from dattri_fn.model import functional_model
+from dattri_fn.transforms import capture
+from dattri_fn.transforms.layers import batched_io
+from dattri_fn.transforms.mlp_io import mlp_chain, mlp_io
+
+
+def _mlp(seed: int, acts: list, bias: bool, dtype, sizes=(13, 9, 7)) -> nn.Module:
+    torch.manual_seed(seed)
+    if not acts and len(sizes) == 2:
+        return nn.Linear(*sizes, bias=bias).to(dtype)
+    mods = [nn.Linear(sizes[0], sizes[1], bias=bias)]
+    for i in range(1, len(sizes) - 1):
+        mods += [a() for a in acts] + [nn.Linear(sizes[i], sizes[i + 1], bias=bias)]
+    return nn.Sequential(*mods).to(dtype)
+
+
+def _data(seed: int, B: int, width: int, classes: int, dtype):
+    g = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(B, width, generator=g, dtype=dtype),
+            torch.randint(0, classes, (B,), generator=g))
+
+
+def _state(m: nn.Module) -> dict:
+    return {k: v.detach() for k, v in m.named_parameters()}
+
+
+def _layers(m: nn.Module) -> tuple:
+    return tuple(n for n, c in m.named_modules() if type(c) is nn.Linear)
+
+
+def _engine(m, loss, state, x, y, layers):
+    return batched_io(capture.tap(m, layers), loss, state, (x,), {}, y, None, x)
+
+
+_SHAPES = [([], (13, 7))] + [(acts, sizes) for acts in ([], [nn.Tanh], [nn.ReLU], [nn.Sigmoid, nn.Tanh])
+                             for sizes in ((13, 9, 7), (13, 9, 6, 7))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("acts", "sizes"), _SHAPES)
+def test_equals_the_engine_bit_for_bit(dtype, acts, sizes):
+    """a_l and g_l = dL/dz_l of L = CE(z_L, y, sum) are torch.equal to the capture engine's."""
+    for seed, (B, bias, loss) in enumerate([(1, True, classification_loss), (7, False, F.cross_entropy),
+                                            (64, True, F.cross_entropy), (300, True, classification_loss)]):
+        m = _mlp(seed, acts, bias, dtype, sizes)
+        x, y = _data(seed, B, sizes[0], sizes[-1], dtype)
+        if seed == 2:
+            y[::3] = -100  # ignored targets: zero rows on both paths
+        layers = _layers(m)
+        ref = _engine(m, loss, _state(m), x, y, layers)
+        got = mlp_io(m, loss, _state(m), (x,), {}, y, layers)
+        assert list(got) == list(layers)
+        for n in layers:
+            assert torch.equal(got[n][0], ref[n][0]) and torch.equal(got[n][1], ref[n][1])
+
+
+def test_a_subset_of_layers_and_a_column_major_hidden_input():
+    """Only the named layers are returned, equal to the engine's for that subset; a hidden
+    activation of width 1 with B = 1 (column-major strides) takes autograd's other mm order."""
+    m = _mlp(0, [nn.Tanh], True, torch.float64, (5, 4, 3, 2))
+    x, y = _data(0, 11, 5, 2, torch.float64)
+    for layers in (("2",), ("0", "4"), ("4",)):
+        ref = _engine(m, F.cross_entropy, _state(m), x, y, layers)
+        got = mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, layers)
+        assert list(got) == list(layers)
+        assert all(torch.equal(got[n][1], ref[n][1]) and torch.equal(got[n][0], ref[n][0])
+                   for n in layers)
+    m = _mlp(1, [nn.Tanh], True, torch.float32, (5, 1, 3))
+    x, y = _data(1, 1, 5, 3, torch.float32)
+    ref = _engine(m, F.cross_entropy, _state(m), x, y, ("0", "2"))
+    got = mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, ("0", "2"))
+    assert all(torch.equal(got[n][1], ref[n][1]) for n in ("0", "2"))
+
+
+def _hooked():
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    m[1].register_forward_hook(lambda mod, i, o: o * 2)
+    return m
+
+
+def _shared():
+    lin = nn.Linear(9, 9)
+    return nn.Sequential(nn.Linear(13, 9), lin, nn.Tanh(), lin, nn.Linear(9, 7))
+
+
+@pytest.mark.parametrize("make", [
+    _hooked,
+    lambda: nn.Sequential(nn.Linear(13, 9), nn.ReLU(inplace=True), nn.Linear(9, 7)),
+    lambda: nn.Sequential(nn.Linear(13, 9), nn.Tanh()),
+    lambda: nn.Sequential(nn.Tanh(), nn.Linear(13, 7)),
+    lambda: nn.Sequential(nn.Linear(13, 9), nn.GELU(), nn.Linear(9, 7)),
+    _shared,
+])
+def test_other_structures_are_left_to_the_engine(make):
+    """Hooks, in-place or unknown activations, an activation at either end, a reused Linear: None."""
+    assert mlp_chain(make()) is None
+
+
+def test_other_calls_are_left_to_the_engine():
+    """Another loss, label dtype, input rank or dtype mix, kwargs, vmap, inference_mode: None."""
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    st, layers = _state(m), _layers(m)
+    x, y = _data(0, 8, 13, 7, torch.float32)
+    assert mlp_io(m, F.cross_entropy, st, (x,), {}, y, layers) is not None
+    assert mlp_io(m, lambda o, t: F.cross_entropy(o, t), st, (x,), {}, y, layers) is None
+    assert mlp_io(m, F.cross_entropy, st, (x,), {}, y.int(), layers) is None
+    assert mlp_io(m, F.cross_entropy, st, (x[:, None],), {}, y, layers) is None
+    assert mlp_io(m, F.cross_entropy, st, (x.double(),), {}, y, layers) is None
+    assert mlp_io(m, F.cross_entropy, st, (x,), {"scale": 1}, y, layers) is None
+    assert mlp_io(m, F.cross_entropy, st, (x,), {}, y, ("9",)) is None
+    with torch.inference_mode():
+        assert mlp_io(m, F.cross_entropy, st, (x,), {}, y, layers) is None
+    seen = []
+    torch.func.vmap(lambda r: seen.append(mlp_io(m, F.cross_entropy, st, (r[None],), {}, y[:1],
+                                                 layers)) or r)(x)
+    assert seen == [None]
+
+
+def _logra_scores(m, batches, test, **kw):
+    fm = functional_model(m, classification_loss)
+    method = logra(fm, **{"proj_dim": 3, **kw})
+    state = method.prepare(fm.params, batches)
+    return (method.score(fm.params, state, batches, test),
+            method.self_score(fm.params, state, batches))
+
+
+@pytest.mark.parametrize("kw", [{}, {"chunk_size": 5}, {"proj_dim": None}])
+def test_logra_scores_equal_the_engine_path(monkeypatch, kw):
+    """LoGra's scores and self-scores through mlp_io are torch.equal to the capture engine's."""
+    m = _mlp(3, [nn.Tanh], True, torch.float32, (13, 9, 7))
+    data = [_data(s, 16, 13, 7, torch.float32) for s in range(3)]
+    test = _data(9, 6, 13, 7, torch.float32)
+    calls = []
+    real = logra_rows.mlp_io
+    monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: calls.append(1) or real(*a))
+    fast = _logra_scores(m, data, test, **kw)
+    assert calls
+    monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: None)
+    slow = _logra_scores(m, data, test, **kw)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
