@@ -25,6 +25,12 @@ reported. The plot goes to ``<out>/scaling.png`` (``scaling-quick.png`` with ``-
 :func:`benchmarks.against_dattri.dattri_runner`: same data, models, batch size, CG iterations,
 Arnoldi rank, TRAK projection size; its IF-CG solves with the Hessian on the whole training set
 as one cached batch, as that module documents) and prints time and memory ratios ours/dattri.
+
+``--floor`` also measures, per point and in the same way (its own process, process CPU time),
+the model-bound floor: one plain forward and backward (``loss.backward``'s gradients w.r.t. the
+parameters, no probes, no projection) of the same model over the same training batches (our
+side's, ``batch_rows(P)`` rows each) and the test batch. Every method here needs at least that
+much of the model; the table "against the floor" gives ours / floor and dattri / floor.
 """
 
 from __future__ import annotations
@@ -121,6 +127,8 @@ def runner(name: str, task, models: list[nn.Module], *, cg_iters: int, side: str
     """Return ``() -> (prepare_s, score_s)`` running method ``name`` (of ``side``) once."""
     if side == "dattri":
         return dattri_point(name, task, models, cg_iters=cg_iters)
+    if side == "floor":
+        return floor_point(task, models)
     r = our_recipe(name, task, models, cg_iters=cg_iters)
 
     def run() -> tuple[float, float]:
@@ -169,6 +177,31 @@ def our_recipe(name: str, task, models: list[nn.Module], *, cg_iters: int):
             fm, proj_dim=FACTGRASS_DIM, blowup=FACTGRASS_BLOWUP)
         params = fm.params
     return Recipe(name, method, params, r.train, r.test)
+
+
+def floor_point(task, models: list[nn.Module]):
+    """Return ``() -> (train_s, test_s)``: one forward and backward of ``models[0]``'s loss
+    (gradients w.r.t. its parameters) per training batch of our side (``batch_rows(P)`` rows),
+    then over the test batch: the model-bound work every method repeats at least once."""
+    from dattri_fn.app.recipes import recipe
+
+    model = models[0].eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    r = recipe("grad-dot", task, models[:1], batch_size=batch_rows(sum(p.numel() for p in params)))
+
+    def step(batch) -> None:
+        x, y = batch
+        torch.autograd.grad(task.loss_fn(model(x), y), params)
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for batch in r.train:
+            step(batch)
+        t1 = time.perf_counter()
+        step(r.test)
+        return t1 - t0, time.perf_counter() - t1
+
+    return run
 
 
 def dattri_point(name: str, task, models: list[nn.Module], *, cg_iters: int):
@@ -408,6 +441,28 @@ def ratio_table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
+def floor_table(points: list[Point]) -> str:
+    """Return ours / floor and dattri / floor (process CPU time, :func:`_time`) for every point
+    with a floor (``--floor``)."""
+    key = lambda p: (p.method, p.sweep, p.n_train, p.params)  # noqa: E731
+    by = {(p.side, *key(p)): p for p in points}
+    head = ["method", "sweep", "n_train", "params", "floor s", "ours s", "dattri s",
+            "ours / floor", "dattri / floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in points:
+        if f.side != "floor":
+            continue
+        t_f = _time(f)
+        o, d = by.get(("ours", *key(f))), by.get(("dattri", *key(f)))
+        t_o, t_d = (None if q is None else _time(q) for q in (o, d))
+        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        over = lambda t: fmt(t / t_f if t is not None and t_f else None, ".2f")  # noqa: E731
+        lines.append("| " + " | ".join([f.method, f.sweep, str(f.n_train), f"{f.params:,}",
+                                        fmt(t_f, ".3f"), fmt(t_o, ".3f"), fmt(t_d, ".3f"),
+                                        over(t_o), over(t_d)]) + " |")
+    return "\n".join(lines)
+
+
 def plot(points: list[Point], path: str) -> None:
     """Save time and peak memory against n_train and against P (log-log) to ``path``."""
     import matplotlib
@@ -426,7 +481,7 @@ def plot(points: list[Point], path: str) -> None:
                 continue
             xs = [getattr(p, key) for p in ok]
             style = dict(ls="-" if side == "ours" else "--", marker="o" if side == "ours" else "x",
-                         label=name if side == "ours" else f"{name} (dattri)")
+                         label=name if side == "ours" else f"{name} ({side})")
             if name in colours:
                 style["color"] = colours[name]
             line, = axes[0, col].plot(xs, [p.prepare_s + p.score_s for p in ok], **style)
@@ -491,6 +546,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="append points as JSON lines here ('' = none)")
     p.add_argument("--against", choices=("dattri",), default=None,
                    help="also measure dattri 0.3.0's counterpart of every point")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure every point's floor: one plain forward and backward of the "
+                        "model over the same batches (no probes, no projection)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p.parse_args(argv)
 
@@ -520,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     start = time.perf_counter()
     points: list[Point] = []
     sides = ("ours", "dattri") if args.against else ("ours",)
+    sides += ("floor",) if args.floor else ()
     for name in methods:
         for side in sides:
             common = dict(n_fixed=n_fixed, width_fixed=BASE_WIDTH, budget=args.budget,
@@ -534,6 +593,9 @@ def main(argv: Sequence[str] | None = None) -> list[Point]:
     if args.against:
         print("\n### ours / dattri 0.3.0\n")
         print(ratio_table(points))
+    if args.floor:
+        print("\n### against the floor (one plain forward and backward over the same batches)\n")
+        print(floor_table(points))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     plot(points, str(Path(args.out) / ("scaling-quick.png" if args.quick else "scaling.png")))
     if args.json:
