@@ -99,7 +99,7 @@ class LoGraState(NamedTuple):
                             for ln, (a, g) in self.train_factors.items()})
 
 
-_BLOCK_BYTES = 2**16  # least bytes a block of features formed from cached factors may take
+_BLOCK_BYTES = 2**18  # least bytes a block of features formed from cached factors may take
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
 
 
