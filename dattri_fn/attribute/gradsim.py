@@ -349,15 +349,19 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             out, best, offset = None, None, 0
             for rows in merged[1][1:]:
                 block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
-                check_finite_scores(name, block)
                 if top_k is not None:
+                    check_finite_scores(name, block)
                     best = merge_topk(best, block, offset, top_k, largest)
                 else:
                     if out is None:
                         out = block.new_empty((train_rows.num_rows, block.shape[1]))
                     out[offset:offset + rows] = block
                 offset += rows
-            return best if top_k is not None else out
+            if top_k is not None:
+                return best
+            # the blocks' one scan, after they are written (the same error as per block)
+            check_finite_scores(name, out)
+            return out
         test_feats = collect(test_f, test, device=device, func=name, arg="test")
         return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
 
