@@ -75,6 +75,7 @@ from .trak_state import (  # noqa: F401  (_CACHED_ENTRIES, _moved: served from t
     cached_chunks,
     check_state,
     factored_state,
+    one_block_scores,
     stacked_dtype,
     test_rows,
     train_rows,
@@ -412,6 +413,11 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1])
             idx, rows = cached_chunks(state, device)
+            if top_k is None and len(idx) == 1:
+                # the whole cache is one block: its product directly, the same operations as
+                # stream_scores' one block (its checks too), without its loop and the copy into
+                # a second [n_train, n_test] (~0.45 of ~8 ms a score on digits-lr)
+                return one_block_scores(func, train_rows(*rows(idx[0])), test_feats)
             return stream_scores(lambda i: train_rows(*rows(i)), idx, test_feats, top_k=top_k,
                                  largest=largest, func=func)
         if train is None:

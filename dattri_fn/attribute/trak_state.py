@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import _msg
+from .._checks import _msg, all_finite
 from ..transforms.factored_grads import LayerGrads
 from ..transforms.layer_grads import PlanDecisions
 from .method import num_checkpoints
@@ -173,6 +173,26 @@ def train_rows(phi: Tensor, q: Tensor) -> WeightedRows:  # [C, b, d], [b]
 
 def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [C, b, d], rows K_c phi
     return phi @ K
+
+
+def one_block_scores(func: str, rows: WeightedRows, test_feats: Tensor) -> Tensor:
+    """Return ``w_i sum_c <phi_ci, psi_cj>`` for the whole cache as one block, with the checks
+    :func:`~dattri_fn.attribute.pipeline.stream_scores` makes on one block (finite test rows,
+    rows of the same width and dtype, finite scores).  # [C, n, d], [C, m, d] -> [n, m]"""
+    from .pipeline import check_finite_scores
+
+    if not all_finite(test_feats):
+        raise ValueError(_msg(func, "test_features", "finite features", "NaN or inf"))
+    feats = rows.phi
+    if feats.shape[0] != test_feats.shape[0] or feats.shape[-1] != test_feats.shape[-1] \
+            or feats.dtype != test_feats.dtype:
+        raise ValueError(_msg(func, "test_features", "rows like the train features "
+                              f"{list(feats.shape[:-2])} x [n, {feats.shape[-1]}] in "
+                              f"{feats.dtype}", f"shape {list(test_feats.shape)} in "
+                              f"{test_feats.dtype}"))
+    S = rows.scores(test_feats)
+    check_finite_scores(func, S)
+    return S
 
 
 def cached_chunks(state: TRAKState, device):
