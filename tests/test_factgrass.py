@@ -94,8 +94,9 @@ def test_scores_equal_the_brute_force_sketch_and_fisher(kind):
     self_s = m.self_score(fm.params, state, (x, y))
     torch.testing.assert_close(self_s, m.score(fm.params, state, (x, y), (x, y)).diagonal(),
                                rtol=1e-10, atol=1e-10)
-    assert torch.equal(state.train_features, torch.cat(
-        m.prepare(fm.params, (x, y)).train_features.split(30)))
+    one = m.prepare(fm.params, (x, y))
+    assert torch.equal(m.prepare.feature_rows(fm.params, state),
+                       m.prepare.feature_rows(fm.params, one))
 
 
 def test_identity_curvature_is_the_sketched_grad_dot():
@@ -114,7 +115,8 @@ def test_default_mask_dim_blowup_and_top_k():
     m = factgrass(fm, proj_dim=8, blowup=2, damping=1e-2)  # k' = 4
     state = m.prepare(fm.params, (x, y))
     assert isinstance(state, FactGraSSState)
-    assert [b for b, _, _ in state.blocks] == ["0", "2"] and state.train_features.shape == (30, 16)
+    assert [b for b, _, _ in state.blocks] == ["0", "2"]
+    assert m.prepare.feature_rows(fm.params, state).shape == (30, 16)
     feats = _brute_features(fm, (x, y), 8, 4, 0)
     full = m.score(fm.params, state, (x, y), (x[:3], y[:3]))
     ref = sum(phi @ torch.linalg.solve(phi.T @ phi / 30 + 1e-2 * torch.eye(8, dtype=DT), phi[:3].T)

@@ -69,7 +69,7 @@ def test_flat_check_gives_the_full_checks_plan_state_and_scores(monkeypatch, net
     assert s.plan == r.plan and not s.plan.dense and not s.plan.loop
     assert s.plan.layers == tuple(m_layers(fm))
     assert dict(s.plan.layout) == dict.fromkeys(s.plan.layers, "flat")
-    assert torch.equal(s.train_features, r.train_features)
+    assert torch.equal(m.prepare.feature_rows(fm.params, s), m.prepare.feature_rows(fm.params, r))
     assert all(torch.equal(s.inverses[b], r.inverses[b]) for b in r.inverses)
     assert torch.equal(S, m.score(fm.params, r, train, test))
 
@@ -103,9 +103,9 @@ def test_sketch_row_blocks_do_not_change_the_features(monkeypatch):
     """Stage 1 formed one row at a time (_SKETCH_BYTES = 1) == all rows at once: phi at 1e-13 relative."""
     fm, (x, y) = _problem("mlp", n=15, seed=5)
     m = factgrass(fm, proj_dim=8, kind="gaussian")
-    want = m.prepare(fm.params, [(x, y)]).train_features
+    want = m.prepare.feature_rows(fm.params, m.prepare(fm.params, [(x, y)]))
     monkeypatch.setattr(_MOD, "_SKETCH_BYTES", 1)
-    got = m.prepare(fm.params, [(x, y)]).train_features
+    got = m.prepare.feature_rows(fm.params, m.prepare(fm.params, [(x, y)]))
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13 * float(want.abs().max()))
 
 

@@ -1,6 +1,7 @@
-"""FactGraSS's memory: features written in place pass by pass, merged passes capped by measured bytes."""
+"""FactGraSS's memory: factors or features cached in place pass by pass, passes capped by measured bytes."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -9,24 +10,41 @@ from test_factgrass import _problem
 from dattri_fn.attribute.factgrass import factgrass
 
 
-@pytest.mark.parametrize("kind", ["mlp", "seq"])
-def test_capped_passes_write_the_features_of_one_pass(kind, monkeypatch):
-    """Passes of 4 rows written into one [n, d] buffer: phi as one pass's (torch.equal); F, S (1e-10)."""
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons run on one thread (CI runs two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,cache", [("mlp", "features"), ("mlp", "factors"), ("seq", "features")])
+def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, one_thread):
+    """Passes of 4 rows: phi as one pass's (torch.equal); F, S (1e-10); flat: F and S bitwise."""
     fm, (x, y) = _problem(kind, n=16, seed=5)
+    if cache == "factors":
+        monkeypatch.setattr(sys.modules[factgrass.__module__], "_SMALL", 2**62)
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
     m = factgrass(fm, proj_dim=8)
     one = m.prepare(fm.params, train)  # one merged pass of 16 rows
     monkeypatch.setattr("dattri_fn.attribute.capture_rows.ONE_PASS_ROWS", 4)
     monkeypatch.setattr("dattri_fn.attribute.capture_rows.PASS_SHARE", 2**40)
     got = m.prepare(fm.params, train)
-    assert torch.equal(got.train_features, one.train_features)
-    assert got.train_features.is_contiguous() and got.train_features.shape[0] == 16
+    rows = m.prepare.feature_rows(fm.params, got)
+    assert torch.equal(rows, m.prepare.feature_rows(fm.params, one)) and rows.shape[0] == 16
+    assert (got.train_factors is not None) == (cache == "factors")
+    if cache == "features":  # written pass by pass (seq) or span by span into one [n, d]
+        assert got.train_features.is_contiguous()
     for b in one.inverses:
         torch.testing.assert_close(got.inverses[b], one.inverses[b], rtol=1e-10,
                                    atol=1e-10 * float(one.inverses[b].abs().max()))
     S = m.score(fm.params, one, None, (x[:3], y[:3]))
     torch.testing.assert_close(m.score(fm.params, got, None, (x[:3], y[:3])), S, rtol=1e-10,
                                atol=1e-10 * float(S.abs().max()))
+    if kind == "mlp":  # the flat path's Fisher is summed in spans fixed by n: passes change no bit
+        assert all(torch.equal(got.inverses[b], one.inverses[b]) for b in one.inverses)
+        assert torch.equal(m.score(fm.params, got, None, (x[:3], y[:3])), S)
 
 
 def test_a_pass_measures_its_bytes_and_the_next_runs_follow_them(monkeypatch):
@@ -53,4 +71,4 @@ def test_a_pass_measures_its_bytes_and_the_next_runs_follow_them(monkeypatch):
     measured = 12 * 8 + 8 + (12 + 20 + 20 + 4) * 8
     # 2**20 // 64 // 552 = 29 rows a run: 7 batches of 4
     assert seen == [(8, None), (28, measured), (4, measured)]
-    assert state.train_features.shape[0] == 40
+    assert state.cached_rows() == 40

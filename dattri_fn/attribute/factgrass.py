@@ -61,14 +61,17 @@ from ..transforms.layer_grads import (
 )
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
-from .capture_rows import can_merge, capture_row_bytes, merged_passes
+from .capture_rows import PASS_SHARE, can_merge, capture_row_bytes, merged_passes
 from .factgrass_blocks import (
     _blocks_of,
     _cached,
     _check_blocks,
+    _factor_rows,
+    _Factors,
     _precondition,
     _shapes,
     _Sketches,
+    _spans,
     _stage_two,
 )
 from .factgrass_flat import (  # noqa: F401 (_flat_sketch: importable from here, as before)
@@ -88,6 +91,9 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 # (merged passes take thousands of rows; the sketch is reduced to its d columns at once). 2**18
 # took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
 _SKETCH_BYTES = 2**16
+# the train cache holds each block's factors where the features would take more than
+# memory_budget() // PASS_SHARE // _SMALL bytes (1 MiB of the default 256 MiB), else the features
+_SMALL = 4
 
 
 class FactGraSSState(NamedTuple):
@@ -97,18 +103,34 @@ class FactGraSSState(NamedTuple):
         blocks: ``((name, start, stop), ...)``: each block's columns in the features.
         inverses: ``{block: (F_b + damping_b I)^-1}`` ``[d_b, d_b]``; empty for
             ``curvature="identity"``.
-        train_features: ``phi_i`` of every training example (None: ``cache_features=False``).  # [n_train, d]
+        train_features: ``phi_i`` of every training example, or None (``cache_features=False``,
+            or held factored in ``train_factors``).  # [n_train, d]
         plan: what the check of the capture plan on the first training batch of 2 or more
             examples decided, as plain values
             (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`, as ``GradSimState`` and
             ``TRAKState`` hold them): ``score`` and ``self_score`` apply the decided plan without
             checking again. None: each of their streams checks its own first batch.
+        train_factors: where every training example took the flat path (each captured layer a
+            Linear/Conv1D at one position, no parameters outside them), each block's stage-1
+            factors ``{block: (M_in^T [a, 1] [n_train, k_in'], M_out^T g [n_train, k_out'])}``
+            instead of the features: ``k_in' + k_out'`` numbers per block and example instead of
+            ``d_b``; ``phi_i = R^T vec(g'_i a'_i^T)`` is formed from them in fixed row spans
+            (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
     """
 
     blocks: tuple
     inverses: dict
     train_features: Tensor | None
     plan: PlanDecisions | None = None
+    train_factors: dict | None = None
+
+    def cached_rows(self) -> int | None:
+        """The number of training examples whose features the state holds (None: none)."""
+        if self.train_features is not None:
+            return self.train_features.shape[0]
+        if self.train_factors:
+            return next(iter(self.train_factors.values()))[0].shape[0]
+        return None
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
@@ -144,7 +166,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
 
     Returns:
         ``Method(prepare, score, self_score, "factgrass")``; ``prepare(params, train) ->
-        FactGraSSState``.
+        FactGraSSState``; ``prepare.feature_rows(params, state, start=0, stop=None)``: the
+        train features ``phi`` that ``score`` uses, from whichever form the state caches.
 
     Raises:
         TypeError/ValueError: naming the argument.
@@ -245,26 +268,31 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             if not _flat_factored(p):
                 return None
             try:
-                return _flat_io(p, params, part)
+                io = _flat_io(p, params, part)
             except capture.CaptureError:  # this batch takes another path: the plan's
                 return None
+            # a batch with positions (a [b, T, in]) is not one factor pair per example
+            return io if all(a.ndim == 2 for a, _ in io.values()) else None
 
-        def flat_sides(io: dict) -> list:
-            """``[(block, P_in^T [a, 1], P_out^T g)]``: each layer's projected sides (stage
-            1's factors, as :func:`_flat_sketch` forms them), so the pass's ``a`` can go."""
-            p, out = held[0], []
+        def flat_sides(io: dict):
+            """``(block, start, stop, P_in^T [a, 1], P_out^T g)`` of each layer in turn: its
+            projected sides (stage 1's factors, as :func:`_flat_sketch` forms them). Each
+            layer's ``a`` and ``g`` leave ``io`` as its sides are formed, so a caller that
+            takes the sides one by one never holds both for all layers."""
+            p = held[0]
             for blk, s, e in cols:
                 wk, bk = p.layers[blk]
-                a, g = io[blk]
+                a, g = io.pop(blk)
                 a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
                 g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
                 if wk is None:  # a bias alone: its factor is the ones column
                     a = a.new_ones((*a.shape[:-1], 1))
-                out.append((blk, s, e, *stage1.project_sides(blk, a, g, ones=bk is not None
-                                                              and wk is not None)))
-            return out
+                pa, pg = stage1.project_sides(blk, a, g, ones=bk is not None and wk is not None)
+                a = g = None
+                yield blk, s, e, pa, pg
+                pa = pg = None
 
-        def write_flat(sides: list, out: Tensor, r0: int) -> None:
+        def write_flat(sides, out: Tensor, r0: int) -> None:
             """Stage 1 (``vec(g' a'^T)``) and stage 2 of each layer into ``out[r0:]``, a bounded
             number of rows at a time."""
             for blk, s, e, pa, pg in sides:
@@ -274,49 +302,67 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     _stage_two(sk, blk, S, out[r0 + r:r0 + r + S.shape[0], s:e])
                     del S
 
-        def rows_of(box: list, into: Tensor | None = None) -> Tensor:  # [b, d]
-            """``rows`` of the batch in ``box``, which is emptied: once a pass's factors are
-            projected the batch is not held here (the caller can let it go). ``into``: the
-            ``[b, d]`` rows are written into its first ``b``. ``rows.held_bytes`` is set to the bytes one
-            example held in the pass (its batch and captured factors)."""
+        def pieces(box: list):
+            """The batch in ``box``, which is emptied (once a part's factors are captured the
+            batch is not held here: the caller can let it go), as ``(start, rows, b, like,
+            sides, S)`` per part of ``chunk_size`` rows (``like``: an empty tensor of the rows'
+            dtype and device): ``sides`` (:func:`flat_sides`, taken one layer at a time) where
+            the part took the flat path, else its stage-1 rows ``S [rows, w]``.
+            ``rows.held_bytes`` is set to the bytes one example held in the pass (its batch and
+            captured factors)."""
             batch = box.pop()
             b = batch_size(func, arg, batch)
             in_bytes = sum(t.nbytes for t in batch_leaves(batch))
             step = b if chunk_size is None else chunk_size
-            out = None if into is None else into[:b]
             for s in range(0, b, step):
                 part = batch if step >= b else batch_slice(batch, s, s + step)
+                c = min(step, b - s)
                 with blame_data(func, arg, part):  # where the model runs on the examples
                     io = flat_io(part)
-                    sides = None if io is None else flat_sides(io)
                     S = stage1.layer_grads(grads(part))[0] if io is None else None
                 if s == 0:
                     took = (sum(a.nbytes + g.nbytes for a, g in io.values()) if io is not None
                             else S.nbytes)
-                    c = max(1, min(step, b))  # the rows of this pass (part)
                     rows.held_bytes = -(-(in_bytes * c // max(b, 1) + took) // c)
-                io = part = None
+                part = None
                 if step >= b:
                     batch = None
-                if sides is not None:
-                    if out is None:
-                        out = sides[0][4].new_empty(b, width)
-                    write_flat(sides, out, s)
-                    sides = None
-                    continue
+                like = (S if io is None else next(iter(io.values()))[1]).new_empty(0)
+                yield s, c, b, like, None if io is None else flat_sides(io), S
+                io = S = None
+
+        def write_rows(sides, S: Tensor | None, out: Tensor) -> None:
+            """One part's rows ``phi`` into ``out`` ``[c, d]``: from its sides, or its S."""
+            if sides is not None:
+                write_flat(sides, out, 0)
+                return
+            start = 0
+            for (blk, w), (_, c0, c1) in zip(stage1.dims.items(), cols, strict=True):
+                _stage_two(sk, blk, S[:, start:start + w], out[:, c0:c1])
+                start += w
+
+        def rows_of(box: list, into: Tensor | None = None) -> Tensor:  # [b, d]
+            """``rows`` of the batch in ``box`` (emptied, see :func:`pieces`). ``into``: the
+            ``[b, d]`` rows are written into its first ``b``."""
+            out = None
+            for s, c, b, like, sides, S in pieces(box):
                 if out is None:
-                    out = S.new_empty(b, width)
-                start = 0
-                for (blk, w), (_, c0, c1) in zip(stage1.dims.items(), cols, strict=True):
-                    _stage_two(sk, blk, S[:, start:start + w], out[s:s + S.shape[0], c0:c1])
-                    start += w
+                    out = like.new_empty(b, width) if into is None else into[:b]
+                write_rows(sides, S, out[s:s + c])
+                sides = S = None
             return out
 
         def rows(batch) -> Tensor:  # [b, d]
             return rows_of([batch])
 
-        rows.of, rows.held_bytes = rows_of, None
+        rows.of, rows.pieces, rows.write, rows.held_bytes = rows_of, pieces, write_rows, None
         return rows, lambda: held[0]
+
+    def spans_of(sk: _Sketches, factors: dict) -> list:
+        """The fixed row spans in which cached factors become features (:func:`_spans`)."""
+        a0 = next(iter(factors.values()))[0]
+        return _spans(a0.shape[0], _blocks_of(sk)[-1][2], max(sk.stage1.dims.values()),
+                      a0.element_size(), _SKETCH_BYTES)
 
     def prepare(params, train) -> FactGraSSState:
         func = f"{name}.prepare"
@@ -325,7 +371,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         sk = sketch_for(params)
         fn, held = feature_fn(params, sk, func, "train")
         blocks = _blocks_of(sk)
-        total = None  # the training set's rows where known before any pass: features in place
+        width = blocks[-1][2]
+        total = None  # the training set's rows where known before any pass: caches in place
         if rows_min is None and can_merge(train):
             # a list of batches in memory: fewer capture passes, each within the memory budget
             # and the bytes the pass before measured (the stage-1 sketches of a pass are formed
@@ -339,29 +386,81 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                                    measured=lambda: fn.held_bytes)
         else:
             passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
-        grams = {blk: 0 for blk, _, _ in blocks}
+        fisher = curvature == "fisher"
+        grams = dict.fromkeys(sk.stage1.dims)
+
+        def add_gram(phi: Tensor) -> None:
+            for blk, s, e in blocks:
+                gram = phi[:, s:e].mT @ phi[:, s:e]
+                grams[blk] = gram if grams[blk] is None else grams[blk] + gram
+
+        # the cache holds each block's factors while every part takes the flat path (the
+        # features are formed from them in fixed spans: for the Fisher below, and per score);
+        # the first part that does not turns the rows so far into features, cached as given
+        store = _Factors(total) if cache_features else None
         feats, n, buf = [], 0, None
         for batch in passes:
             box = [batch_to(batch, device)]
             batch = None
-            # the pass drops the (merged) batch once its factors are projected; where the row
-            # count is known its rows go straight into the cache (no blocks joined at the end)
-            phi = fn.of(box, None if buf is None else buf[n:])
-            b = phi.shape[0]
-            if cache_features and buf is None and total is not None and b < total:
-                buf = phi.new_empty(total, phi.shape[1])  # the first pass's width and dtype
-                phi = buf[:b].copy_(phi)
-            n += phi.shape[0]
-            if curvature == "fisher":
-                for blk, s, e in blocks:
-                    gram = phi[:, s:e].mT @ phi[:, s:e]
-                    grams[blk] = gram if n == phi.shape[0] else grams[blk] + gram
-            if cache_features and buf is None:
-                feats.append(phi)
+            # the rows of this pass that are features (from its part `first` on), written
+            # straight into the cache where the row count is known (no blocks joined at the end)
+            phi, first, b = None, 0, 0
+            for s, c, b, like, sides, S in fn.pieces(box):
+                if store is not None and sides is not None:
+                    store.add(sides, c)
+                    continue
+                if store is not None:
+                    done, store = store.value() if store.n else None, None
+                    if done is not None:
+                        old = torch.cat([_factor_rows(sk, blocks, done, r0, r1)
+                                         for r0, r1 in spans_of(sk, done)])
+                        if fisher:
+                            add_gram(old)
+                        if total is not None:
+                            buf = old.new_empty(total, width)
+                            buf[:old.shape[0]].copy_(old)
+                        else:
+                            feats.append(old)
+                        done = old = None
+                    first = s
+                if phi is None:
+                    if cache_features and total is not None and (buf is not None
+                                                                 or b - first < total):
+                        if buf is None:
+                            buf = like.new_empty(total, width)
+                        phi = buf[n + first:n + b]
+                    else:
+                        phi = like.new_empty(b - first, width)
+                fn.write(sides, S, phi[s - first:s - first + c])
+                sides = S = None
+            if phi is not None:
+                if fisher:
+                    add_gram(phi)
+                if cache_features and buf is None:
+                    feats.append(phi)
+                phi = None
+            n += b
         if n == 0:
             raise ValueError(_msg(func, "train", "at least one example", "none"))
+        factors = None
+        if store is not None:
+            factors = store.value()
+            spans = spans_of(sk, factors)
+            like = next(iter(factors.values()))[0]
+            if n * width * like.element_size() <= memory_budget() // PASS_SHARE // _SMALL:
+                # features this small are kept (forming them per score would cost more time
+                # than they take): one sweep over the factors forms them and the Fisher
+                buf = like.new_empty(n, width)
+                for r0, r1 in spans:
+                    phi = _factor_rows(sk, blocks, factors, r0, r1, out=buf[r0:r1])
+                    if fisher:
+                        add_gram(phi)
+                factors = phi = None
+            elif fisher:  # one sweep over the factors in their fixed spans, one at a time
+                for r0, r1 in spans:
+                    add_gram(_factor_rows(sk, blocks, factors, r0, r1))
         inverses = {}
-        if curvature == "fisher":
+        if fisher:
             damped, by_size = {}, {}
             for blk, s, e in blocks:
                 F = grams[blk] / n
@@ -380,10 +479,10 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 inv = torch.cholesky_inverse(L)
                 inverses.update(zip(names, inv.unbind(), strict=True))
         checked = held()
-        return FactGraSSState(blocks, inverses, None if not cache_features else buf
-                              if buf is not None else feats[0] if len(feats) == 1 else
-                              torch.cat(feats),
-                              plan_decisions(checked) if checked.checked else None)
+        features = None if not cache_features or factors is not None else buf if (
+            buf is not None) else feats[0] if len(feats) == 1 else torch.cat(feats)
+        return FactGraSSState(blocks, inverses, features,
+                              plan_decisions(checked) if checked.checked else None, factors)
 
     def check_state(func: str, state) -> LayerPlan | None:
         """Raise unless ``state`` is a FactGraSSState this model's plan can take; return the
@@ -398,6 +497,13 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         except (TypeError, ValueError) as err:  # decisions made for another model
             raise ValueError(_msg(func, "state", "the FactGraSSState of this factgrass's prepare",
                                   f"decisions this model's capture plan refuses ({err})")) from err
+
+    def factor_rows(sk: _Sketches, state: FactGraSSState, device):
+        """``(form, spans)``: ``form(r0, r1)`` gives the features of the state's cached
+        examples ``r0:r1`` from its factors (on ``device``), in the spans ``prepare`` used."""
+        factors = {b: (a.to(device), g.to(device)) for b, (a, g) in state.train_factors.items()}
+        blocks = _blocks_of(sk)
+        return (lambda r0, r1: _factor_rows(sk, blocks, factors, r0, r1)), spans_of(sk, factors)
 
     def score(params, state: FactGraSSState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -418,6 +524,19 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 return feats @ test_pre.T
             fn, blocks = _cached(feats)
             return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
+        if state.train_factors is not None:
+            check_cached_train(func, train, state.cached_rows())
+            form, spans = factor_rows(sk, state, device)
+            if top_k is None and next(iter(state.train_factors.values()))[0].dtype == (
+                    test_pre.dtype):
+                # each span's features scored into its rows of the result: never all at once
+                out = test_pre.new_empty(state.cached_rows(), test_pre.shape[0])
+                for r0, r1 in spans:
+                    torch.mm(form(r0, r1), test_pre.T, out=out[r0:r1])
+                return out
+            return stream_scores(lambda i: form(int(i[0][0]), int(i[0][-1]) + 1),
+                                 [(torch.arange(r0, r1),) for r0, r1 in spans], test_pre,
+                                 top_k=top_k, largest=largest, func=func)
         if train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -434,6 +553,12 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             check_cached_train(func, train, state.train_features.shape[0])
             fn, blocks = _cached(state.train_features.to(device))
             rows = (fn(i) for i in blocks)
+        elif state.train_factors is not None:
+            check_cached_train(func, train, state.cached_rows())
+            sk = sketch_for(params)
+            _check_blocks(func, state, sk)
+            form, spans = factor_rows(sk, state, device)
+            rows = (form(r0, r1) for r0, r1 in spans)
         elif train is None:
             raise ValueError(_msg(func, "train", "the training data (the state caches no "
                                   "features: cache_features=False)", "None"))
@@ -445,6 +570,28 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                     iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
         return torch.cat([(phi * _precondition(state, phi)).sum(1) for phi in rows])
 
+    def feature_rows(params, state: FactGraSSState, start: int = 0,
+                     stop: int | None = None) -> Tensor | None:
+        """``phi`` of the cached examples ``start:stop``, from whichever form the state holds
+        (the rows ``score`` uses, bit for bit; None: none cached).  # [stop - start, d]"""
+        func = f"{name}.prepare.feature_rows"
+        check_state(func, state)
+        if state.train_features is not None:
+            return state.train_features[start:stop]
+        if state.train_factors is None:
+            return None
+        params = state_of(func, params)
+        sk = sketch_for(params)
+        _check_blocks(func, state, sk)
+        form, spans = factor_rows(sk, state, next(iter(params.values())).device)
+        start, stop, _ = slice(start, stop).indices(state.cached_rows())
+        got = [form(r0, r1)[max(start, r0) - r0:min(stop, r1) - r0] for r0, r1 in spans
+               if r0 < stop and r1 > start]
+        if not got:
+            return state.train_factors[state.blocks[0][0]][0].new_empty(0, state.blocks[-1][2])
+        return got[0] if len(got) == 1 else torch.cat(got)
+
+    prepare.feature_rows = feature_rows
     return Method(prepare, score, self_score, name)
 
 

@@ -1,7 +1,7 @@
 """FactGraSS's sketches and blocks: the drawn sketches of one set of parameter shapes, each block's
 columns in the features, its stage-2 product, the per-block inverse applied to rows, the check that a
-state's blocks are these sketches', and the cached rows in index blocks
-(:func:`~dattri_fn.attribute.factgrass.factgrass` uses them).
+state's blocks are these sketches', the cached rows in index blocks, and the features formed from
+cached factors in fixed row spans (:func:`~dattri_fn.attribute.factgrass.factgrass` uses them).
 """
 
 from __future__ import annotations
@@ -66,13 +66,23 @@ def _precondition(state: FactGraSSState, phi: Tensor) -> Tensor:  # [b, d] -> [b
 def _check_blocks(func: str, state: FactGraSSState, sk: _Sketches) -> None:
     """Raise unless ``state``'s blocks are those these sketches form: its rows and inverses
     would otherwise meet rows sketched another way, silently (a state saved by a version whose
-    ``kronecker_layers`` split the parameters otherwise, e.g. a tied ``wte`` in the rest)."""
+    ``kronecker_layers`` split the parameters otherwise, e.g. a tied ``wte`` in the rest).
+    Cached factors must also have the widths of these masks (``k_out k_in`` per block)."""
     held, want = tuple((b, int(s), int(e)) for b, s, e in state.blocks), _blocks_of(sk)
     if held != want:
         raise ValueError(_msg(func, "state", f"a FactGraSSState sketched in the blocks "
                               f"{list(want)} of this factgrass", f"blocks {list(held)}",
                               "Call prepare again (the state was prepared by another "
                               "factgrass, or saved by an older dattri_fn)."))
+    factors = state.train_factors
+    if factors is not None and {b: a.shape[1] * g.shape[1] for b, (a, g) in factors.items()} != dict(
+            sk.stage1.dims):
+        raise ValueError(_msg(func, "state", "a FactGraSSState whose factors have the mask "
+                              f"widths {dict(sk.stage1.dims)} (k_out k_in) of this factgrass",
+                              "factors " + str({b: (int(a.shape[1]), int(g.shape[1]))
+                                                for b, (a, g) in factors.items()}),
+                              "Call prepare again (the state was prepared by another "
+                              "factgrass)."))
 
 
 def _cached(feats: Tensor):
@@ -80,3 +90,59 @@ def _cached(feats: Tensor):
     n, block = feats.shape[0], 4096
     return (lambda i: feats[i[0]]), [(torch.arange(s, min(n, s + block)),)
                                      for s in range(0, n, block)]
+
+
+def _spans(n: int, width: int, stage1_width: int, itemsize: int, least: int) -> list:
+    """Fixed row spans ``[(start, stop)]`` of ``n`` cached examples whose features are formed
+    from their factors at once: a power of two of rows (at most 4096) whose stage-1 and feature
+    rows take at most a quarter of the bytes of all ``n`` features, and at least ``least``
+    bytes. They depend on ``n`` and the widths only, so ``prepare``'s Fisher and every ``score``
+    form the same rows with the same products, however the examples came in passes."""
+    cap = max(least, n * width * itemsize // 4) // max(1, (stage1_width + width) * itemsize)
+    rows = 1 << max(0, min(12, cap.bit_length() - 1))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
+def _factor_rows(sk: _Sketches, blocks: tuple, factors: dict, start: int, stop: int,
+                 out: Tensor | None = None) -> Tensor:
+    """``phi`` of the cached examples ``start:stop`` from their factors: per block, stage 1
+    ``vec(g' a'^T)`` then stage 2, written into its columns (of ``out`` where given).
+    # -> [stop - start, d]"""
+    if out is None:
+        out = next(iter(factors.values()))[0].new_empty(stop - start, blocks[-1][2])
+    for blk, c0, c1 in blocks:
+        a, g = factors[blk]
+        S = (g[start:stop, :, None] * a[start:stop, None, :]).flatten(1)
+        _stage_two(sk, blk, S, out[:, c0:c1])
+    return out
+
+
+class _Factors:
+    """Each block's factors ``(a' [n, k_in], g' [n, k_out])`` taken pass by pass: written in
+    place into ``[total, k]`` buffers when ``total`` is known (no joined copy at the end), else
+    joined at the end."""
+
+    def __init__(self, total: int | None):
+        self.total, self.n, self.bufs, self.parts = total, 0, {}, {}
+
+    def add(self, sides, b: int) -> None:
+        """``sides``: ``(block, start, stop, a' [b, k_in], g' [b, k_out])`` of the next ``b``
+        rows, one block after another (each is copied in before the next is taken)."""
+        for blk, _, _, pa, pg in sides:
+            if self.total is None:
+                self.parts.setdefault(blk, []).append((pa, pg))
+                continue
+            if blk not in self.bufs:
+                self.bufs[blk] = (pa.new_empty(self.total, pa.shape[1]),
+                                  pg.new_empty(self.total, pg.shape[1]))
+            A, G = self.bufs[blk]
+            A[self.n:self.n + b].copy_(pa)
+            G[self.n:self.n + b].copy_(pg)
+            pa = pg = None
+        self.n += b
+
+    def value(self) -> dict:
+        if self.total is not None:
+            return {blk: (A[:self.n], G[:self.n]) for blk, (A, G) in self.bufs.items()}
+        return {blk: tuple(ps[0][i] if len(ps) == 1 else torch.cat([p[i] for p in ps])
+                           for i in (0, 1)) for blk, ps in self.parts.items()}
