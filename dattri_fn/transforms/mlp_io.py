@@ -31,11 +31,14 @@ from .layers import cross_entropy_rows
 _SUM = 2  # ATen's Reduction::Sum
 _IGNORE = -100  # F.cross_entropy's default ignore_index
 
-# activation type -> (forward, backward(grad, forward's output)): autograd's saved-result formulas
+# activation type -> (forward, backward(grad, forward's output)): autograd's saved-result
+# formulas, written over ``grad`` (a temporary of ours: elementwise, so no [B, width] copy)
 ACTIVATIONS = {
-    nn.Tanh: (torch.tanh, torch.ops.aten.tanh_backward),
-    nn.Sigmoid: (torch.sigmoid, torch.ops.aten.sigmoid_backward),
-    nn.ReLU: (torch.relu, lambda g, y: torch.ops.aten.threshold_backward(g, y, 0)),
+    nn.Tanh: (torch.tanh, lambda g, y: torch.ops.aten.tanh_backward.grad_input(g, y, grad_input=g)),
+    nn.Sigmoid: (torch.sigmoid,
+                 lambda g, y: torch.ops.aten.sigmoid_backward.grad_input(g, y, grad_input=g)),
+    nn.ReLU: (torch.relu,
+              lambda g, y: torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)),
 }
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
