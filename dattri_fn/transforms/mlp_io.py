@@ -30,6 +30,8 @@ from .layers import cross_entropy_rows
 
 _SUM = 2  # ATen's Reduction::Sum
 _IGNORE = -100  # F.cross_entropy's default ignore_index
+_NLL = torch.ops.aten.nll_loss_forward.default
+_NLL_BACKWARD = torch.ops.aten.nll_loss_backward.default
 
 # activation type -> (forward, backward(grad, forward's output)): autograd's saved-result
 # formulas, written over ``grad`` (a temporary of ours: elementwise, so no [B, width] copy)
@@ -137,9 +139,9 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
                 ys.append(h)
             outs.append(ys)
         logp = torch._log_softmax(h, 1, False)
-        _, total = torch.ops.aten.nll_loss_forward(logp, target, None, _SUM, _IGNORE)
+        _, total = _NLL(logp, target, None, _SUM, _IGNORE)
         one = torch.ones((), dtype=logp.dtype, device=logp.device)
-        g = torch.ops.aten.nll_loss_backward(one, logp, target, None, _SUM, _IGNORE, total)
+        g = _NLL_BACKWARD(one, logp, target, None, _SUM, _IGNORE, total)
         g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
         out = {}
         for i in range(len(chain) - 1, first - 1, -1):
