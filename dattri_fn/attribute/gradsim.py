@@ -57,6 +57,7 @@ from ..transforms.layer_grads import (
     LayerPlan,
     PlanDecisions,
     decided_plan,
+    keep_tie_factors,
     layer_grads_fn,
     plan_decisions,
 )
@@ -274,7 +275,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
         # A side's plan, checked in prepare, is applied as it is; an unchecked one is checked on
         # its first batch of this call and held (one check when both sides share the plan).
-        held = {id(p): layer_grads_fn(p) for p in (plan_s, plan_q) if p is not None}
+        # a Kronecker projection reads a tie from its members' factors (no [B, V D] rows)
+        held = {id(p): layer_grads_fn(p if kp is None else keep_tie_factors(p))
+                for p in (plan_s, plan_q) if p is not None}
 
         def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
             if fn_plan is None:

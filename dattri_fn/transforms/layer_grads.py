@@ -72,6 +72,7 @@ from .layer_grads_plan import (  # noqa: F401  (the plan as a value, importable 
     PlanDecisions,
     _plan_of,
     decided_plan,
+    keep_tie_factors,
     layer_plan,
     plan_decisions,
 )
@@ -208,7 +209,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     if keep_shapes and shapes is not None and not loop:
         args, kwargs, _ = _unpack(plan.model)(batch)
         known = ((input_signature(args, kwargs), shapes),)
-    return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known), lg
+    return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known,
+                         tie_factors=plan.tie_factors), lg
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,

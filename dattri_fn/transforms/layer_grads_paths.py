@@ -24,7 +24,7 @@ from ..model import FunctionalModel, default_unpack
 from ..tree import ravel_batched
 from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
 from .grad import per_sample_grad_unchecked
-from .layer_grads_ties import dense_rows
+from .layer_grads_ties import dense_rows, tie_factors
 from .layers import batched_io, input_signature, output_shapes, tree_unsqueeze
 
 if TYPE_CHECKING:
@@ -231,8 +231,13 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     offset = 0
     # the rest in params order, norm and tied keys included: the dense block's layout is the
     # one vmap(grad) gave them before they were captured
-    rows = dense_rows(plan, raw, lead) if plan.norms or plan.ties else {}
+    ties = tie_factors(plan, raw, lead) if plan.tie_factors else {}
+    rows = ({} if not (plan.norms or plan.ties) else dense_rows(plan, raw, lead, skip=ties)
+            if ties else dense_rows(plan, raw, lead))
     for k in plan.rest:
+        if k in ties:  # kept as its members' factors: no [C, B, V D] rows
+            layout_of[k] = ("t", k, ties[k])
+            continue
         v = (rows[k] if k in rows else None if not rest_grads  # a 0-d param's rows are [C, B]
              else rest_grads[k].reshape(*rest_grads[k].shape[:lead], -1))
         if v is None:

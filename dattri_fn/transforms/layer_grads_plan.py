@@ -48,6 +48,9 @@ class LayerPlan(NamedTuple):
             (:mod:`~dattri_fn.transforms.layer_grads_ties`); its layers are in no other field.
         tie_biases: ``{bias key: its layer}``: the attributed bias of a tie member (BERT-MLM's
             decoder bias), its rows ``sum_t g_t`` from the same pass, in the dense block too.
+        tie_factors: the tied keys of Embedding and Linear members are kept as those members'
+            factors (layout ``("t", key, TieFactors)``), their ``V D`` rows never
+            formed whole: for a consumer that projects them (:func:`keep_tie_factors`).
     """
 
     model: FunctionalModel
@@ -62,6 +65,7 @@ class LayerPlan(NamedTuple):
     norms: dict[str, tuple[str | None, str | None]] = {}
     ties: dict[str, tuple[str, ...]] = {}
     tie_biases: dict[str, str] = {}
+    tie_factors: bool = False
 
     # Defined in layer_grads before the split: pickles and pytree specs name it there.
     __module__ = "dattri_fn.transforms.layer_grads"
@@ -188,4 +192,10 @@ def decided_plan(plan: LayerPlan, decisions: PlanDecisions) -> LayerPlan:
                               f"{list(plan.captured)}", f"layers {list(names)}, layout of "
                               f"{sorted(laid)}", "They were made for another model."))
     return base._replace(checked=True, dense=bool(decisions.dense), loop=bool(decisions.loop),
-                         layout=tuple(decisions.layout), shapes=())
+                         layout=tuple(decisions.layout), shapes=(), tie_factors=plan.tie_factors)
+
+
+def keep_tie_factors(plan: LayerPlan) -> LayerPlan:
+    """Return ``plan`` with its ties kept as factors (:attr:`LayerPlan.tie_factors`): for a
+    consumer that reads them through a Kronecker projection, never as ``[B, V D]`` rows."""
+    return plan._replace(tie_factors=True) if plan.ties and not plan.tie_factors else plan
