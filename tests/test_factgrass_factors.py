@@ -65,7 +65,8 @@ def test_factor_cache_scores_equal_the_brute_force(monkeypatch):
 
 
 def test_both_caches_hold_the_same_rows_and_fisher(monkeypatch, one_thread):
-    """Factors or features cached: the same phi and (F + lam I)^-1 (torch.equal), scores at 1e-12."""
+    """Factors or features cached: phi, (F + lam I)^-1 (torch.equal: 40 rows are one span and
+    one chunk either way), scores at 1e-12."""
     fm, (x, y) = _problem("mlp", n=40, seed=6)
     train, test = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)], (x[:6], y[:6])
     m = factgrass(fm, proj_dim=8, kind="gaussian")
@@ -82,16 +83,19 @@ def test_both_caches_hold_the_same_rows_and_fisher(monkeypatch, one_thread):
                                m.self_score(fm.params, kept, train), rtol=1e-12, atol=1e-14)
 
 
-def test_the_cache_form_follows_the_memory_budget(monkeypatch):
-    """Features kept iff n d itemsize <= memory_budget() // PASS_SHARE // _SMALL (the byte edge)."""
+@pytest.mark.parametrize("listed", [True, False])
+def test_the_cache_form_follows_the_memory_budget(monkeypatch, listed):
+    """Features kept iff n d itemsize <= memory_budget() // PASS_SHARE // _SMALL (the byte edge),
+    decided before the passes (a list: rows known) or after them (one batch read as it comes)."""
     fm, (x, y) = _problem("mlp", n=20, seed=1)
     m = factgrass(fm, proj_dim=8)
+    data = [(x[:12], y[:12]), (x[12:], y[12:])] if listed else (x, y)
     feature_bytes = 20 * 16 * 8  # n x (8 + 8) float64
     share = PASS_SHARE * _MOD._SMALL
     monkeypatch.setattr(_MOD, "memory_budget", lambda: feature_bytes * share)
-    at = m.prepare(fm.params, (x, y))
+    at = m.prepare(fm.params, data)
     monkeypatch.setattr(_MOD, "memory_budget", lambda: feature_bytes * share - 1)
-    over = m.prepare(fm.params, (x, y))
+    over = m.prepare(fm.params, data)
     assert at.train_features is not None and at.train_factors is None
     assert over.train_features is None and over.train_factors is not None
     torch.testing.assert_close(m.score(fm.params, over, None, (x[:3], y[:3])),

@@ -21,7 +21,7 @@ def one_thread():
 
 @pytest.mark.parametrize("kind,cache", [("mlp", "features"), ("mlp", "factors"), ("seq", "features")])
 def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, one_thread):
-    """Passes of 4 rows: phi as one pass's (torch.equal); F, S (1e-10); flat: F and S bitwise."""
+    """Passes of 4 rows: phi as one pass's (torch.equal); F, S (1e-10); factors: F and S bitwise."""
     fm, (x, y) = _problem(kind, n=16, seed=5)
     if cache == "factors":
         monkeypatch.setattr(sys.modules[factgrass.__module__], "_SMALL", 2**62)
@@ -34,7 +34,7 @@ def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, 
     rows = m.prepare.feature_rows(fm.params, got)
     assert torch.equal(rows, m.prepare.feature_rows(fm.params, one)) and rows.shape[0] == 16
     assert (got.train_factors is not None) == (cache == "factors")
-    if cache == "features":  # written pass by pass (seq) or span by span into one [n, d]
+    if cache == "features":  # written pass by pass into one [n, d]
         assert got.train_features.is_contiguous()
     for b in one.inverses:
         torch.testing.assert_close(got.inverses[b], one.inverses[b], rtol=1e-10,
@@ -42,7 +42,7 @@ def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, 
     S = m.score(fm.params, one, None, (x[:3], y[:3]))
     torch.testing.assert_close(m.score(fm.params, got, None, (x[:3], y[:3])), S, rtol=1e-10,
                                atol=1e-10 * float(S.abs().max()))
-    if kind == "mlp":  # the flat path's Fisher is summed in spans fixed by n: passes change no bit
+    if cache == "factors":  # the Fisher is summed in spans fixed by n: passes change no bit
         assert all(torch.equal(got.inverses[b], one.inverses[b]) for b in one.inverses)
         assert torch.equal(m.score(fm.params, got, None, (x[:3], y[:3])), S)
 

@@ -92,7 +92,8 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 # took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
 _SKETCH_BYTES = 2**16
 # the train cache holds each block's factors where the features would take more than
-# memory_budget() // PASS_SHARE // _SMALL bytes (1 MiB of the default 256 MiB), else the features
+# memory_budget() // PASS_SHARE // _SMALL bytes (1 MiB of the default 256 MiB), else the features:
+# re-forming features per score costs about one more stage-2 product of every row
 _SMALL = 4
 
 
@@ -346,6 +347,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             ``[b, d]`` rows are written into its first ``b``."""
             out = None
             for s, c, b, like, sides, S in pieces(box):
+                # every layer's sides before the rows are allocated: the raw factors go first
+                sides = None if sides is None else list(sides)
                 if out is None:
                     out = like.new_empty(b, width) if into is None else into[:b]
                 write_rows(sides, S, out[s:s + c])
@@ -356,6 +359,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             return rows_of([batch])
 
         rows.of, rows.pieces, rows.write, rows.held_bytes = rows_of, pieces, write_rows, None
+        rows.write_flat = write_flat
         return rows, lambda: held[0]
 
     def spans_of(sk: _Sketches, factors: dict) -> list:
@@ -396,8 +400,12 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
 
         # the cache holds each block's factors while every part takes the flat path (the
         # features are formed from them in fixed spans: for the Fisher below, and per score);
-        # the first part that does not turns the rows so far into features, cached as given
-        store = _Factors(total) if cache_features else None
+        # the first part that does not turns the rows so far into features, cached as given.
+        # Features known to be small are cached as given from the start.
+        itemsize = next(iter(params.values())).element_size()
+        small = memory_budget() // PASS_SHARE // _SMALL
+        store = _Factors(total) if cache_features and (
+            total is None or total * width * itemsize > small) else None
         feats, n, buf = [], 0, None
         for batch in passes:
             box = [batch_to(batch, device)]
@@ -423,6 +431,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                             feats.append(old)
                         done = old = None
                     first = s
+                sides = None if sides is None else list(sides)  # the raw factors go first
                 if phi is None:
                     if cache_features and total is not None and (buf is not None
                                                                  or b - first < total):
@@ -445,19 +454,17 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         factors = None
         if store is not None:
             factors = store.value()
-            spans = spans_of(sk, factors)
             like = next(iter(factors.values()))[0]
-            if n * width * like.element_size() <= memory_budget() // PASS_SHARE // _SMALL:
+            if n * width * like.element_size() <= small:
                 # features this small are kept (forming them per score would cost more time
-                # than they take): one sweep over the factors forms them and the Fisher
+                # than they take): formed from the factors as one pass's, and one Fisher
                 buf = like.new_empty(n, width)
-                for r0, r1 in spans:
-                    phi = _factor_rows(sk, blocks, factors, r0, r1, out=buf[r0:r1])
-                    if fisher:
-                        add_gram(phi)
-                factors = phi = None
+                fn.write_flat(((blk, c0, c1, *factors[blk]) for blk, c0, c1 in blocks), buf, 0)
+                factors = None
+                if fisher:
+                    add_gram(buf)
             elif fisher:  # one sweep over the factors in their fixed spans, one at a time
-                for r0, r1 in spans:
+                for r0, r1 in spans_of(sk, factors):
                     add_gram(_factor_rows(sk, blocks, factors, r0, r1))
         inverses = {}
         if fisher:
