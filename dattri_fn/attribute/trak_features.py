@@ -30,7 +30,13 @@ from .._checks import (
 )
 from .._types import Params
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import PlanDecisions, decided_plan, layer_grads_stream, plan_decisions
+from ..transforms.layer_grads import (
+    PlanDecisions,
+    decided_plan,
+    keep_tie_factors,
+    layer_grads_stream,
+    plan_decisions,
+)
 from ..transforms.project import make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
@@ -122,6 +128,8 @@ def _bad_param(lg) -> str | None:
     for key, src in lg.layout:
         if src[0] == "d":
             parts = (lg.dense[..., src[1]:src[2]],)
+        elif src[0] == "t":  # a tie kept as its members' factors
+            parts = tuple(src[2].tensors())
         else:
             a, g = lg.factors[src[1]]
             parts = (g,) if src[0] == "b" else (a, g)
@@ -133,7 +141,8 @@ def _bad_param(lg) -> str | None:
 def _check_finite(lg) -> None:
     """Raise :class:`NonFiniteGradient` unless every factor and dense column of ``lg`` is finite
     (``n (in' + out)`` entries a layer scanned, not the ``n in' out`` rows)."""
-    if not all(all_finite(t) for t in (lg.dense, *(x for f in lg.factors.values() for x in f))):
+    if not all(all_finite(t) for t in (lg.dense, *(x for f in lg.factors.values() for x in f),
+                                        *(x for tie in lg.ties.values() for x in tie.tensors()))):
         raise NonFiniteGradient(_bad_param(lg))
 
 
@@ -220,6 +229,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     # an unchecked plan is checked on the first batch of >= 2 examples, then held; the Kronecker
     # projector below reads cfg.plan's layers either way (same projector, prepared or not)
     applied = plan if decisions is None else decided_plan(plan, decisions)
+    if applied is not None and cfg.projection == "kronecker":  # ties read from their factors
+        applied = keep_tie_factors(applied)
     grads, held = (None, None) if applied is None else layer_grads_stream(applied)
 
     def decided() -> PlanDecisions | None:
