@@ -25,7 +25,7 @@ def one_thread():
 
 def _factored(monkeypatch):
     """Every cache holds factors (no features are small enough to keep)."""
-    monkeypatch.setattr(_MOD, "_SMALL", 2**62)
+    monkeypatch.setattr(_MOD, "_keep_bytes", lambda: -1)
 
 
 def _brute_scores(feats, n_test, damping=None):
@@ -109,9 +109,8 @@ def test_a_pass_off_the_flat_path_turns_the_factors_into_features(monkeypatch, r
     _factored(monkeypatch)
     fm, (x, y) = _problem("mlp", n=30, seed=8)
     train = [(x[:10], y[:10]), (x[10:17], y[10:17]), (x[17:], y[17:])]
-    if rows_known:  # merged passes (the rows counted first: one [n, d] buffer), one batch each
-        monkeypatch.setattr("dattri_fn.attribute.capture_rows.ONE_PASS_ROWS", 10)
-        monkeypatch.setattr("dattri_fn.attribute.capture_rows.PASS_SHARE", 2**40)
+    if rows_known:  # merged passes (the rows counted first: one [n, d] buffer) of one batch each
+        monkeypatch.setattr(_MOD, "memory_budget", lambda: 1)
     m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2, batch_rows=None if rows_known else 1)
     flat = m.prepare(fm.params, train)
     real = _MOD._flat_io

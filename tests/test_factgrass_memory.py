@@ -23,14 +23,23 @@ def one_thread():
 def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, one_thread):
     """Passes of 4 rows: phi as one pass's (torch.equal); F, S (1e-10); factors: F and S bitwise."""
     fm, (x, y) = _problem(kind, n=16, seed=5)
-    if cache == "factors":
-        monkeypatch.setattr(sys.modules[factgrass.__module__], "_SMALL", 2**62)
+    module = sys.modules[factgrass.__module__]
+    monkeypatch.setattr(module, "_keep_bytes", lambda: -1 if cache == "factors" else 2**62)
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
     m = factgrass(fm, proj_dim=8)
     one = m.prepare(fm.params, train)  # one merged pass of 16 rows
-    monkeypatch.setattr("dattri_fn.attribute.capture_rows.ONE_PASS_ROWS", 4)
-    monkeypatch.setattr("dattri_fn.attribute.capture_rows.PASS_SHARE", 2**40)
+    passes = []
+    real = module.merged_passes
+
+    def spy(*args, **kwargs):
+        for p in real(*args, **kwargs):
+            passes.append(p[0].shape[0])
+            yield p
+
+    monkeypatch.setattr(module, "merged_passes", spy)
+    monkeypatch.setattr(module, "memory_budget", lambda: 1)  # a pass per batch
     got = m.prepare(fm.params, train)
+    assert passes == [4, 4, 4, 4]
     rows = m.prepare.feature_rows(fm.params, got)
     assert torch.equal(rows, m.prepare.feature_rows(fm.params, one)) and rows.shape[0] == 16
     assert (got.train_factors is not None) == (cache == "factors")

@@ -97,6 +97,11 @@ _SKETCH_BYTES = 2**16
 _SMALL = 4
 
 
+def _keep_bytes() -> int:
+    """The most bytes of train features that are cached as they are (more: their factors)."""
+    return memory_budget() // PASS_SHARE // _SMALL
+
+
 class FactGraSSState(NamedTuple):
     """What :func:`factgrass`'s ``prepare`` computes once from the training set.
 
@@ -403,7 +408,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         # the first part that does not turns the rows so far into features, cached as given.
         # Features known to be small are cached as given from the start.
         itemsize = next(iter(params.values())).element_size()
-        small = memory_budget() // PASS_SHARE // _SMALL
+        small = _keep_bytes()
         store = _Factors(total) if cache_features and (
             total is None or total * width * itemsize > small) else None
         feats, n, buf = [], 0, None
