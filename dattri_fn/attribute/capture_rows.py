@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
 
-from .._checks import batch_cat, batch_leaves, batch_size, is_batch, refuse_ambiguous_list
+from .._checks import batch_cat, batch_leaves, batch_size, batch_slice, is_batch, refuse_ambiguous_list
 
 ONE_PASS_ROWS = 4096  # most rows :func:`in_one_pass` takes in one pass (its docstring says why)
 PASS_SHARE = 64  # a merged pass holds at most memory_budget() / PASS_SHARE measured bytes
@@ -60,7 +60,8 @@ def _layout(batch) -> tuple:
     return (type(batch), tuple(_layout(v) for v in batch))
 
 
-def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=None) -> Iterator:
+def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=None, *,
+                  share: int = PASS_SHARE, split: bool = False) -> Iterator:
     """Yield the batches of a list/tuple ``data`` merged into runs of at most ``budget //
     row_bytes(first batch)`` rows (consecutive batches of one layout only); any other ``data``
     (one Batch, a DataLoader, a store) is yielded as given by the caller's own iteration.
@@ -69,6 +70,9 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
     factors; None before any pass). A run then also stops at ``budget // PASS_SHARE //
     measured()`` rows, and at :data:`ONE_PASS_ROWS` rows while nothing is measured (module
     docstring); it is read each time a run starts, so the caller's first pass sets the rest.
+    ``share``: that divisor (default :data:`PASS_SHARE`). ``split``: a single batch over the
+    measured cap is yielded in slices of at most the cap (per-example rows do not depend on
+    the grouping; sums over examples are reordered).
 
     Each batch's rows are checked (:func:`~dattri_fn._checks.batch_size`) before merging, so an
     error names ``func(arg=...)`` as it would unmerged.
@@ -81,7 +85,7 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
         if measured is None:
             return fit
         m = measured()
-        return min(fit, ONE_PASS_ROWS if m is None else max(1, budget // PASS_SHARE // m))
+        return min(fit, ONE_PASS_ROWS if m is None else max(1, budget // share // m))
 
     for b in data:
         rows = batch_size(func, arg, b)
@@ -93,6 +97,13 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
             buf, n = [], 0
         if not buf:  # a run starts: capped by what the pass before it measured
             cap = run_cap()
+        if split and not buf and rows > cap:
+            s = 0
+            while rows - s > cap:  # each slice's cap from the pass before it
+                yield batch_slice(b, s, s + cap)
+                s += cap
+                cap = run_cap()
+            b, rows = (b, rows) if s == 0 else (batch_slice(b, s, rows), rows - s)
         buf.append(b)
         n, layout = n + rows, lay
     if buf:

@@ -51,6 +51,7 @@ from ..operators.gauss_newton import memory_budget
 from ..operators.kfac import _kfac_specs
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
+from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
 from .capture_rows import can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
@@ -101,6 +102,10 @@ class LoGraState(NamedTuple):
 
 _BLOCK_BYTES = 2**18  # least bytes a block of features formed from cached factors may take
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
+# a capture pass of prepare holds at most memory_budget() / _PASS_SHARE measured bytes (512 KiB of
+# the default 256 MiB), a batch over it in slices: LoGra keeps only k_in + k_out numbers per layer
+# and example from a pass, so the pass's batch, activations and gradients are its peak
+_PASS_SHARE = 256
 
 
 def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
@@ -252,6 +257,17 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
 
         return rows
 
+    def flat_row_bytes(batch) -> int | None:
+        """What one example of a plain MLP (``mlp_chain``: every layer at one position) holds in
+        a pass, exactly as the pass will measure it (its batch row, each layer's ``a`` and
+        ``g``); None for any other model (nothing is known before the first pass)."""
+        leaves = batch_leaves(batch)
+        if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
+            return None
+        w = [model.params.get(s.weight, model.fixed.get(s.weight)) for s in specs.values()]
+        return (sum(t[0].nbytes for t in leaves if t.ndim)
+                + sum(x.shape[0] + x.shape[1] for x in w) * w[0].element_size())
+
     def prepare(params, train) -> LoGraState:
         func = f"{name}.prepare"
         st = state_of(func, params)
@@ -267,10 +283,13 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             merged = True
             total = count_rows(func, "train", train, check=False)  # merged_passes checks each
 
+            first = flat_row_bytes(train[0])
+
             def passes():
                 return merged_passes(func, "train", train,
                                      lambda b: capture_row_bytes(b, weights), budget,
-                                     measured=lambda: held[0])
+                                     measured=lambda: first if held[0] is None else held[0],
+                                     share=_PASS_SHARE, split=True)
         else:
             merged = False
 

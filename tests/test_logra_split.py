@@ -1,0 +1,58 @@
+"""LoGra's capture passes capped at memory_budget() / 256 measured bytes: a batch over the cap is
+taken in slices, the first pass of a plain MLP is capped by its exact row bytes, and the state and
+scores equal those of whole batches (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dattri_fn.attribute.logra_rows as logra_rows
+from dattri_fn.attribute.capture_rows import merged_passes
+from dattri_fn.attribute.logra import logra
+from dattri_fn.eval.tasks import classification_loss
+from dattri_fn.model import functional_model
+
+
+def test_merged_passes_split_a_batch_over_the_cap():
+    """cap = budget // share // measured = 3 rows: 10 + 2 rows give 3, 3, 3, 3 with split, 10, 2 without."""
+    g = torch.Generator().manual_seed(0)
+    b = [(torch.randn(10, 2, generator=g), torch.arange(10)), (torch.randn(2, 2, generator=g),
+                                                              torch.arange(2))]
+    kw = dict(measured=lambda: 10, share=4)
+    got = list(merged_passes("f", "train", b, lambda _: 1, 120, split=True, **kw))
+    assert [p[0].shape[0] for p in got] == [3, 3, 3, 3]
+    assert torch.equal(torch.cat([p[0] for p in got]), torch.cat([b[0][0], b[1][0]]))
+    assert torch.equal(torch.cat([p[1] for p in got]), torch.cat([b[0][1], b[1][1]]))
+    assert [p[0].shape[0] for p in merged_passes("f", "train", b, lambda _: 1, 120, **kw)] == [10, 2]
+
+
+def test_sliced_passes_give_the_state_and_scores_of_whole_batches(monkeypatch):
+    """A 64 KiB budget (256-byte passes: 1-2 rows each, the first by the MLP's exact row bytes)
+    gives the eigenvalues, scores and self-scores of one pass per batch within 1e-10."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    fm = functional_model(m, classification_loss)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g))
+            for _ in range(3)]
+    test = (torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+
+    def run():
+        method = logra(fm, proj_dim=2)
+        state = method.prepare(fm.params, data)
+        return state, method.score(fm.params, state, data, test), method.self_score(fm.params, state, data)
+
+    rows = []
+    real = logra_rows.mlp_io
+    monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: rows.append(a[5].shape[0]) or real(*a))
+    whole = run()
+    assert rows[:1] == [27]
+    rows.clear()
+    monkeypatch.setenv("DATTRI_FN_MEMORY", "64K")
+    sliced = run()
+    assert max(rows[:-1]) <= 2 and sum(rows[:-1]) == 27
+    for ln in whole[0].eigvals:
+        assert torch.allclose(sliced[0].eigvals[ln], whole[0].eigvals[ln], rtol=1e-10, atol=0)
+    assert torch.allclose(sliced[1], whole[1], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(sliced[2], whole[2], rtol=1e-10, atol=1e-12)
