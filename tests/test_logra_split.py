@@ -56,3 +56,14 @@ def test_sliced_passes_give_the_state_and_scores_of_whole_batches(monkeypatch):
         assert torch.allclose(sliced[0].eigvals[ln], whole[0].eigvals[ln], rtol=1e-10, atol=0)
     assert torch.allclose(sliced[1], whole[1], rtol=1e-10, atol=1e-12)
     assert torch.allclose(sliced[2], whole[2], rtol=1e-10, atol=1e-12)
+
+
+def test_an_empty_first_batch_is_named():
+    """An empty first batch in a list is refused by name, as before the first pass was sized."""
+    import pytest
+
+    fm = functional_model(nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)), classification_loss)
+    data = [(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)),
+            (torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"logra\.prepare\(train=\.\.\.\): expected"):
+        logra(fm, proj_dim=1).prepare(fm.params, data)

@@ -265,7 +265,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
             return None
         w = [model.params.get(s.weight, model.fixed.get(s.weight)) for s in specs.values()]
-        return (sum(t[0].nbytes for t in leaves if t.ndim)
+        # (per row by the trailing shape: an empty batch is named by merged_passes' check)
+        return (sum(t.element_size() * t.shape[1:].numel() for t in leaves if t.ndim)
                 + sum(x.shape[0] + x.shape[1] for x in w) * w[0].element_size())
 
     def prepare(params, train) -> LoGraState:
@@ -274,7 +275,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         device = next(iter(st.values())).device
         data = regrouped(func, "train", train, rows_min)
         # bytes one example held in the last capture pass (its batch and raw factors): caps the
-        # merged passes that follow (capture_rows.PASS_SHARE)
+        # merged passes that follow (_PASS_SHARE)
         held: list = [None]
         total = None  # the training set's rows where known before any pass: buffers filled in place
         if rows_min is None and can_merge(train):
@@ -282,7 +283,6 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
             merged = True
             total = count_rows(func, "train", train, check=False)  # merged_passes checks each
-
             first = flat_row_bytes(train[0])
 
             def passes():
