@@ -228,8 +228,9 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
 
             otherwise the band (or ``K_j``) loses those later horizons. Nothing proves that
             condition during the pass: it is the rule's bet that a cotangent which has grown
-            past ``R`` times its minimum for ``W`` steps keeps growing (on the bundled runs it
-            grows up to 9-230x by ``K = T``). None (default): the full pass.
+            past ``R`` times its minimum for ``W`` steps keeps growing (it
+            is 1.8-230x its minimum by ``K = T`` on the recorded digits-mlp, digits-cnn and text-lm
+            runs; digits-lr's shrinks all the way). None (default): the full pass.
     """
     func = "metagradient"
     if not callable(step):
