@@ -118,7 +118,8 @@ def test_one_engine_call_equals_the_two_separate_calls(kind):
 def test_one_engine_call_not_taken_with_dense_params_or_checkpoints():
     """Dense parameters (vmap over examples) or C = 2 keep the separate calls; decisions equal."""
     fm = functional_model(_model(0, "scaled"), F.cross_entropy)
-    plan = layer_plan(fm)
+    plan = check_plan(layer_plan(fm), fm.params, _xy(1, 3))  # s (x * s): vmap(grad), silently
+    assert plan.autodiff == ("s",)
     assert not lgm._one_call_ok(plan, {k: v[None] for k, v in fm.params.items()})
     fm2 = functional_model(_model(0, "mlp"), F.cross_entropy)
     two = {k: torch.stack([v, v + 0.1]) for k, v in fm2.params.items()}

@@ -68,6 +68,17 @@ class _NoLayer(nn.Module):
         return x @ self.w
 
 
+class _NoLayer3(nn.Module):
+    """A bare 3-D parameter: no layer and no bare candidate (those are 1-D or 2-D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 3, 2))
+
+    def forward(self, x):
+        return x @ self.w[0]
+
+
 def _check(fm, batch, C=1):
     """to_dense, scores, row_dots and sq_norms equal the dense per-sample gradients."""
     G = per_sample_grad(fm.loss, fm.params, batch)
@@ -171,6 +182,15 @@ def test_shared_layer_and_no_layer(device):
         lg = _check(fm, _data(0, 5, 3, 2, device))
     assert list(lg.factors) == ["b"] and lg.dense.shape[-1] == 12
     bare = functional_model(_NoLayer().double().to(device).eval(), F.cross_entropy)
+    # its one candidate, w (x @ w, never read by rows), is dropped silently: vmap(grad) rows
+    assert layer_plan(bare).bare == ("w",) and not layer_plan(bare).layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lg = per_sample_layer_grads(bare, bare.params, _data(0, 4, 3, 2, device))
+    torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(bare.loss, bare.params,
+                                                                 _data(0, 4, 3, 2, device)),
+                               rtol=0, atol=ATOL)
+    bare = functional_model(_NoLayer3().double().to(device).eval(), F.cross_entropy)
     assert layer_plan(bare) is None
     with pytest.raises(ValueError, match=r"per_sample_layer_grads\(model=...\): expected a model "
                                          r"with an attributed nn.Linear"):

@@ -30,6 +30,11 @@ Recognised calls (the "kinds"), each normalised to a linear form ``dW = sum_t g_
 * ``layernorm`` (asked for with ``layer_specs(..., norms=True)``): ``F.layer_norm`` with an
   affine weight; ``a`` = the normalised input ``xhat`` ``[B, T, D]`` and the gradients are
   elementwise, ``dW = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (:mod:`.capture_norm`).
+* ``bare`` (asked for with ``layer_specs(..., bare=True)``, named by the parameter's key): a
+  1-D or 2-D ``nn.Parameter`` of a hand-written module read by rows, ``W[index]`` with a
+  slice, an int or integer ids on dim 0 (text-lm's ``self.pos[:T]``): ``a`` holds the row ids
+  as an Embedding's, ``dW[v] = sum_{t: id_t = v} g_t`` (a 1-D weight: rows of width 1); rows
+  shared by the batch are captured where they are added to a batch-first tensor.
 
 Shapes: a layer with one call on a ``[B, in]`` input (or ``[B]`` indices) is *flat*: ``a``
 ``[B, in]``, ``g`` ``[B, out]``; otherwise the calls' positions are concatenated: ``a``
@@ -84,6 +89,7 @@ from .capture_mode import (  # noqa: F401
 from .capture_norm import Broadcast, hold, watched_call  # noqa: F401
 from .capture_specs import (  # noqa: F401
     KINDS,
+    NOT_ROWS,
     CaptureError,
     LayerSpec,
     _spec,
@@ -155,7 +161,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     Its one memory is that flag (whether an in-place op on a selected output was seen): every
     call's numbers are independent of the ones before.
     """
-    specs_all = layer_specs(module, norms=True)
+    specs_all = layer_specs(module, norms=True, bare=True)
     names = list(layers)
     unknown = [n for n in names if n not in specs_all]
     if unknown:

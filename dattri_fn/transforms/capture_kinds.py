@@ -143,10 +143,57 @@ def _embedding_inspect(mode: _Capture, name, args, kwargs):
     return idx.reshape(B, T), False, T
 
 
+def _row_ids(index, V: int, device) -> Tensor | str:
+    """The row ids ``W[index]`` reads (a slice, an int or an integer tensor on dim 0, then
+    whole dims only), shaped as the result's lead dims, or what else ``index`` is."""
+    if isinstance(index, tuple):
+        if not index or any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None)))
+                            for i in index[1:]):
+            return f"an index {_show(index)} that selects more than rows"
+        index = index[0]
+    if isinstance(index, slice):
+        return torch.arange(V, device=device)[index]
+    if isinstance(index, int) and not isinstance(index, bool):
+        if not -V <= index < V:
+            return f"a row {index} out of range"
+        return torch.tensor(index % V, device=device)
+    if isinstance(index, Tensor) and not index.is_floating_point() and index.dtype != torch.bool \
+            and not index.is_complex():
+        return torch.where(index < 0, index + V, index)
+    return f"an index {_show(index)} that is not a slice, an int or integer rows"
+
+
+def _show(index) -> str:
+    return f"[{list(index.shape)} {index.dtype}]" if isinstance(index, Tensor) else repr(index)
+
+
+def _bare_inspect(mode: _Capture, name, args, kwargs):
+    """``W[index]`` of a bare weight (:func:`.capture_specs.layer_specs`' ``bare``): read like
+    an Embedding's rows. Per-example ids (an integer tensor, batch-first) are recorded here;
+    rows shared by the batch (``W[:T]``, ``W[t]``, ids not batch-first) are held until their
+    use copies them to every example (:mod:`.capture_norm`)."""
+    w, index = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "index")
+    if mode.roles.get(id(w)) != (name, "weight") or len(args) != 2 or kwargs:
+        return "its weight is used as an index"
+    idx = _row_ids(index, w.shape[0], w.device)
+    if isinstance(idx, str):
+        return idx
+    if isinstance(index, Tensor) or (isinstance(index, tuple) and isinstance(index[0], Tensor)):
+        B = mode.rows_of(idx)
+        if not isinstance(B, str):  # one row set per example: a lookup as an Embedding's
+            if idx.ndim == 1:
+                return idx, True, 1
+            return idx.reshape(B, -1), False, math.prod(idx.shape[1:])
+    if mode.batch is None:
+        return f"rows shared by a batch of unknown size ({_show(index)})"
+    return Broadcast(idx)
+
+
 _CALLS = {
     F.linear: ("linear", _linear_inspect, _add_positions),
     F.layer_norm: ("layernorm", layer_norm_inspect, _add_positions),
     torch.addmm: ("conv1d", _addmm_inspect, _add_positions),
     F.conv2d: ("conv2d", _conv2d_inspect, _conv2d_probe),
     F.embedding: ("embedding", _embedding_inspect, _add_positions),
+    Tensor.__getitem__: ("bare", _bare_inspect, _add_positions),
 }

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 from .capture_kinds import _ADDED, _CALLS, _PER_CALL
 from .capture_norm import Broadcast, hold, watched_call
-from .capture_specs import CaptureError, LayerSpec
+from .capture_specs import NOT_ROWS, CaptureError, LayerSpec
 
 _BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
                              "layout", "is_sparse", "is_quantized", "is_meta", "names"})
@@ -73,6 +73,7 @@ class _Capture(TorchFunctionMode):
         self.offsets = dict.fromkeys(specs, 0)
         self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
         self.versions: list[tuple[Tensor, int]] = []
+        self.rows_read: set[str] = set()  # the bare weights this forward read by rows
 
     def _shared(self, specs, state, keyed, tied: bool) -> None:
         """The roles of tensors read by several selected layers (problems, or tied groups)."""
@@ -143,6 +144,8 @@ class _Capture(TorchFunctionMode):
                 f"frozen part under torch.no_grad() instead (its layers then get zero gradients).")
         call = _CALLS.get(func)
         why = None
+        if call is not None and call[0] == "bare" and self.specs[name].kind == "bare":
+            self.rows_read.add(name)
         if len(layers) > 1:
             why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
         elif call is None or call[0] != self.specs[name].kind:
@@ -163,7 +166,7 @@ class _Capture(TorchFunctionMode):
         out = func(*args, **kwargs)
         self.records[name].append(_Record(a, flat))
         out = call[2](self, name, out, T)
-        if flat and call[0] == "embedding":
+        if flat and call[0] in ("embedding", "bare"):
             self.watch[id(out)] = (name, out)
         return out
 
@@ -274,9 +277,13 @@ def _acts(mode: _Capture) -> tuple[dict[str, Tensor], dict[str, str]]:
     acts, problems = {}, dict(mode.problems)
     for n, recs in mode.records.items():
         if n in problems:
+            if mode.specs[n].kind == "bare" and n not in mode.rows_read:
+                problems[n] = f"{NOT_ROWS} ({problems[n]})"
             continue
         if not recs:
-            problems[n] = "not called in this forward (or its weight reached a call as a copy)"
+            problems[n] = (f"{NOT_ROWS} (not used in this forward)"
+                           if mode.specs[n].kind == "bare" and n not in mode.rows_read else
+                           "not called in this forward (or its weight reached a call as a copy)")
         elif len(recs) == 1:  # the call's own input (or a view of it): no copy
             acts[n] = recs[0].a
         else:

@@ -146,10 +146,12 @@ def watched_call(mode: _Capture, func, args, kwargs):
                                             f"and its output {list(pend.out.shape)} {why}")
         return out
     R = args[1 - i].shape
-    a = pend.idx.expand(R[:-1]).reshape(R[0], -1)
+    # the result's dims before the rows' width (a bare 1-D weight's rows have none)
+    lead = R if pend.out.ndim == pend.idx.ndim else R[:-1]
+    a = pend.idx.expand(lead).reshape(R[0], -1)
     from .capture_mode import _Record
 
-    mode.records[pend.name].append(_Record(a[:, 0] if len(R) == 2 else a, len(R) == 2))
+    mode.records[pend.name].append(_Record(a[:, 0] if len(lead) == 1 else a, len(lead) == 1))
     p = mode._probe(pend.name, a.shape[1], pend.out.expand(R))
     if p is not None:
         p = pend.out + (p if p.ndim == 0 or p.shape == R else p.reshape(R))

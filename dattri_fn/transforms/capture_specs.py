@@ -14,7 +14,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-KINDS = ("linear", "conv1d", "conv2d", "embedding", "layernorm")
+KINDS = ("linear", "conv1d", "conv2d", "embedding", "layernorm", "bare")
+
+
+# The start of a bare parameter's problem when the forward never read it by rows (``x * s``,
+# ``x @ W``, unused): it was never a candidate, so a plan drops it without a warning.
+NOT_ROWS = "not read by rows"
 
 
 class CaptureError(ValueError):
@@ -54,18 +59,53 @@ def _spec(name: str, m: nn.Module, norms: bool = False) -> LayerSpec | None:
     return None
 
 
-def layer_specs(module: nn.Module, *, norms: bool = False) -> dict[str, LayerSpec]:
+def layer_specs(module: nn.Module, *, norms: bool = False,
+                bare: bool = False) -> dict[str, LayerSpec]:
     """Return ``{name: LayerSpec}`` of every capturable submodule, in ``named_modules`` order.
 
     A module reached under several names (shared) is listed once, under its first name; the
     root module counts (name ``""``). ``norms=True`` adds each ``nn.LayerNorm`` with an affine
     weight (kind ``"layernorm"``, whose gradients are elementwise, not ``sum_t g_t a_t^T``:
     only for consumers that know it, via :func:`weight_grad` / :func:`bias_grad`).
+
+    ``bare=True`` adds each *bare* parameter (kind ``"bare"``, named by its own key, listed
+    after its module's layer if any): a 1-D or 2-D ``nn.Parameter`` registered directly on a
+    module whose class is not one of torch's own (a hand-written model's ``self.pos``), that
+    no listed layer reads as weight or bias. Its rows ``W[v]`` (a 1-D one: ``[V]`` rows of
+    width 1) are captured where the model reads some of them (``W[:T]``, ``W[idx]``, ``W[t]``)
+    and adds (subtracts, multiplies) them to a batch-first tensor: ``dW[v] = sum_{t: id_t = v}
+    g_t`` as an Embedding's (:mod:`.capture_norm`); any other use is a problem.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"layer_specs(module=...): expected an nn.Module, got "
                         f"{type(module).__name__}.")
-    return {n: s for n, m in module.named_modules() if (s := _spec(n, m, norms)) is not None}
+    specs = {n: s for n, m in module.named_modules()
+             if (s := _spec(n, m, norms or bare)) is not None}
+    if not bare:
+        return specs
+    return _with_bare(module, specs if norms else {n: s for n, s in specs.items()
+                                                  if s.kind != "layernorm"}, specs)
+
+
+def _with_bare(module: nn.Module, specs: dict[str, LayerSpec],
+               every: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
+    """``specs`` with the bare parameters (:func:`layer_specs`) after their module's layer."""
+    named = dict(module.named_parameters(remove_duplicate=False))
+    # a tensor a layer reads (LayerNorms too, listed or not) is that layer's, never bare
+    read = {id(named[k]) for s in every.values() for k in (s.weight, s.bias) if k in named}
+    out, seen = {}, set()
+    for n, m in module.named_modules():
+        if n in specs:
+            out[n] = specs[n]
+        if type(m).__module__.startswith("torch."):  # torch's layers read theirs by their op
+            continue
+        prefix = f"{n}." if n else ""
+        for k, p in m.named_parameters(recurse=False):
+            if p.ndim in (1, 2) and id(p) not in read and id(p) not in seen:
+                seen.add(id(p))
+                out[prefix + k] = LayerSpec("bare", prefix + k, None,
+                                            p.shape[1] if p.ndim == 2 else 1)
+    return out
 
 
 
@@ -74,7 +114,7 @@ def probe_shapes(tapped, acts: Mapping[str, Tensor]) -> dict[str, tuple[int, ...
     out = {}
     for n, a in acts.items():
         spec = tapped.specs[n]
-        lead = a.shape if spec.kind == "embedding" else a.shape[:-1]
+        lead = a.shape if spec.kind in ("embedding", "bare") else a.shape[:-1]
         out[n] = (*lead, spec.out_features)
     return out
 
@@ -89,15 +129,17 @@ def _tokens(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
 def weight_grad(spec: LayerSpec, a: Tensor, g: Tensor, weight_shape) -> Tensor:
     """Return the per-example weight gradients ``sum_t g_t a_t^T`` in the weight's shape.  # [B, *W]
 
-    LayerNorm: ``sum_t g_t * xhat_t`` (elementwise; ``a`` = ``xhat``)."""
+    LayerNorm: ``sum_t g_t * xhat_t`` (elementwise; ``a`` = ``xhat``). Embedding and bare
+    (``a`` = row ids, ``-1`` adds nothing): ``dW[v] = sum_{t: a_t = v} g_t``."""
     a, g = _tokens(a, g)
     if spec.kind == "layernorm":
         return (g * a).sum(1).reshape(g.shape[0], *weight_shape)
-    if spec.kind == "embedding":
+    if spec.kind in ("embedding", "bare"):  # a bare 1-D weight: rows of width 1
         V = weight_shape[0]
+        g = g if g.ndim == 3 else g[..., None]
         rows = torch.where(a < 0, V, a)[..., None].expand(-1, -1, g.shape[-1])
         out = g.new_zeros(g.shape[0], V + 1, g.shape[-1]).scatter_add(1, rows, g)
-        return out[:, :V]
+        return out[:, :V].reshape(g.shape[0], *weight_shape)
     if spec.kind == "conv1d":
         return torch.einsum("bti,bto->bio", a, g)
     return torch.einsum("bto,bti->boi", g, a).reshape(g.shape[0], *weight_shape)

@@ -230,7 +230,13 @@ def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,
         narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
     if not problems:
         return plan
-    why = "; ".join(f"{n or '<root>'}: {w}" for n, w in problems.items())
+    # a bare parameter the forward never read by rows was never a candidate: it keeps
+    # vmap(grad) as every other parameter outside the layers, silently
+    loud = {n: w for n, w in problems.items()
+            if not (plan.tapped.specs[n].kind == "bare" and w.startswith(capture.NOT_ROWS))}
+    if not loud:
+        return narrowed
+    why = "; ".join(f"{n or '<root>'}: {w}" for n, w in loud.items())
     warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
                   f"densely (vmap(grad)) instead of from captured factors: {why}.",
                   RuntimeWarning, stacklevel=5)

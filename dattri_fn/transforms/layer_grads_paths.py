@@ -232,7 +232,7 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     # the rest in params order, norm and tied keys included: the dense block's layout is the
     # one vmap(grad) gave them before they were captured
     ties = tie_factors(plan, raw, lead) if plan.tie_factors else {}
-    rows = ({} if not (plan.norms or plan.ties) else dense_rows(plan, raw, lead, skip=ties)
+    rows = ({} if not (plan.norms or plan.ties or plan.bare) else dense_rows(plan, raw, lead, skip=ties)
             if ties else dense_rows(plan, raw, lead))
     for k in plan.rest:
         if k in ties:  # kept as its members' factors: no [C, B, V D] rows

@@ -51,6 +51,10 @@ class LayerPlan(NamedTuple):
         tie_factors: the tied keys of Embedding and Linear members are kept as those members'
             factors (layout ``("t", key, TieFactors)``), their ``V D`` rows never
             formed whole: for a consumer that projects them (:func:`keep_tie_factors`).
+        bare: the captured bare parameters' keys (each its own layer's name: a hand-written
+            model's ``self.pos`` read by rows, :func:`~dattri_fn.transforms.capture.layer_specs`),
+            their rows ``dW[v] = sum_{t: id_t = v} g_t`` written into the dense block from the
+            same pass, as ``norms``' (kept in ``rest``).
     """
 
     model: FunctionalModel
@@ -66,6 +70,7 @@ class LayerPlan(NamedTuple):
     ties: dict[str, tuple[str, ...]] = {}
     tie_biases: dict[str, str] = {}
     tie_factors: bool = False
+    bare: tuple[str, ...] = ()
 
     # Defined in layer_grads before the split: pickles and pytree specs name it there.
     __module__ = "dattri_fn.transforms.layer_grads"
@@ -73,10 +78,10 @@ class LayerPlan(NamedTuple):
     @property
     def autodiff(self) -> tuple[str, ...]:
         """The keys of :attr:`rest` that take ``vmap(grad)`` (no captured norm or tie reads them)."""
-        if not self.norms and not self.ties:
+        if not self.norms and not self.ties and not self.bare:
             return self.rest
         owned = ({k for pair in self.norms.values() for k in pair} | set(self.ties)
-                 | set(self.tie_biases))
+                 | set(self.tie_biases) | set(self.bare))
         return tuple(k for k in self.rest if k not in owned)
 
     @property
@@ -91,9 +96,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
 
     Every ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv2d`` and ``nn.Embedding`` with an
     attributed parameter is captured by :mod:`dattri_fn.transforms.capture` (no trace: any
-    forward works), and so is every affine ``nn.LayerNorm`` and tied weight with one, alone or
-    not (their rows go to the dense block from the same pass: :attr:`LayerPlan.norms`,
-    :attr:`LayerPlan.ties`); every other attributed parameter stays dense (``vmap(grad)``).
+    forward works), and so is every affine ``nn.LayerNorm``, tied weight and attributed bare
+    1-D/2-D parameter read by rows, alone or not (their rows go to the dense block from the
+    same pass: :attr:`LayerPlan.norms`, :attr:`LayerPlan.ties`, :attr:`LayerPlan.bare`; a
+    bare parameter the check finds used otherwise is dropped after its one warning); every
+    other attributed parameter stays dense (``vmap(grad)``).
     :func:`check_plan` checks it on an example batch (module Note); applying an unchecked plan
     checks it on every call.
     """
@@ -120,12 +127,13 @@ def _plan_of(model: FunctionalModel, names: list[str]) -> LayerPlan | None:
     keys = set(model.params)
     pairs = {n: (s.weight if s.weight in keys else None, s.bias if s.bias in keys else None)
              for n, s in tapped.specs.items() if n not in members}
-    layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind != "layernorm"}
+    layers = {n: p for n, p in pairs.items() if tapped.specs[n].kind not in ("layernorm", "bare")}
     norms = {n: p for n, p in pairs.items() if tapped.specs[n].kind == "layernorm"}
+    bare = tuple(p[0] for n, p in pairs.items() if tapped.specs[n].kind == "bare")
     owned = {k for pair in layers.values() for k in pair if k is not None}
     rest = tuple(k for k in model.params if k not in owned)
     return LayerPlan(model, tapped, layers, rest, norms=norms, ties=ties,
-                     tie_biases=tie_biases(model.module, tapped, model.params, members))
+                     tie_biases=tie_biases(model.module, tapped, model.params, members), bare=bare)
 
 
 class PlanDecisions(NamedTuple):

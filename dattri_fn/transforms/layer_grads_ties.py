@@ -22,10 +22,11 @@ from .tie_factors import TIE_KINDS, TieFactors
 
 
 def attributed_layers(module: nn.Module, params) -> list[str]:
-    """The capturable layers (LayerNorms included) that read an attributed parameter: as weight
-    or bias, or as a weight attributed under another name (a tie), in module order."""
+    """The capturable layers (LayerNorms and bare parameters included) that read an attributed
+    parameter: as weight or bias, or as a weight attributed under another name (a tie), in
+    module order."""
     out, held, named = [], None, {}
-    for n, s in capture.layer_specs(module, norms=True).items():
+    for n, s in capture.layer_specs(module, norms=True, bare=True).items():
         if s.weight not in params and s.bias not in params:
             if held is None:  # walked only where a layer's own keys are not attributed
                 named = dict(module.named_parameters(remove_duplicate=False))
@@ -88,8 +89,9 @@ def _layer_rows(spec, a: Tensor, g: Tensor, lead: int, shape) -> Tensor:
 
 
 def dense_rows(plan, raw: dict, lead: int, *, skip=()) -> dict[str, Tensor]:
-    """``{key: [*lead, numel]}``: the rows of ``plan.norms``' keys and of its tied keys from the
-    capture pass's ``{layer: (a, g)}`` (the dense block's entries that are not ``vmap(grad)``).
+    """``{key: [*lead, numel]}``: the rows of ``plan.norms``' keys, of its bare keys and of its
+    tied keys from the capture pass's ``{layer: (a, g)}`` (the dense block's entries that are
+    not ``vmap(grad)``). A bare key: ``dW[v] = sum_{t: id_t = v} g_t`` (an Embedding's rows).
 
     A LayerNorm (``a = xhat``): ``dw = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (positions, if
     any, are every dim between the lead dims and the normalised one; the normalised dims come
@@ -98,6 +100,11 @@ def dense_rows(plan, raw: dict, lead: int, *, skip=()) -> dict[str, Tensor]:
     bias: ``sum_t g_t``.
     """
     rows = {}
+    for key in getattr(plan, "bare", ()):  # row ids and g as an Embedding's
+        a, g = raw[key]
+        rows[key] = _embedding_rows(plan.tapped.specs[key], a.reshape(*a.shape[:lead], -1),
+                                    g.reshape(*g.shape[:lead], -1, g.shape[-1]), lead,
+                                    plan.model.params[key].shape)
     for n, (wk, bk) in plan.norms.items():
         a, g = raw[n]
         g = g.reshape(*g.shape[:lead], -1, g.shape[-1])  # [*lead, T, D]
