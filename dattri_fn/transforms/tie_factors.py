@@ -22,7 +22,12 @@ from torch import Tensor
 TIE_KINDS = ("embedding", "linear")
 
 
-class TieFactors(NamedTuple):
+class _TieFields(NamedTuple):
+    shape: tuple[int, int]
+    members: tuple[tuple[str, Tensor, Tensor], ...]
+
+
+class TieFactors(_TieFields):
     """The factors of one tied key ``[V, D]`` for ``C`` checkpoints and ``B`` examples.
 
     Attributes:
@@ -30,10 +35,19 @@ class TieFactors(NamedTuple):
         members: ``((kind, a, g), ...)`` in module order: ``("embedding", ids [C, B, T],
             g [C, B, T, D])`` (a negative id adds nothing, as in the capture engine) or
             ``("linear", a [C, B, T, D], g [C, B, T, V])``; positions folded into ``T``.
+
+    Constructing one zeroes an Embedding member's ``g`` at its negative ids (review R6 F1):
+    the engine drops those positions (``padding_idx``), where the model's output gradient
+    may be NaN (``e / |e|`` of a zero padding row under a ``where`` mask) while the key's
+    gradient is finite. Every consumer (the rows, ``P[id] g^T`` gathers, finiteness scans of
+    :meth:`tensors`) then reads a finite factor, not ``NaN * 0``.
     """
 
-    shape: tuple[int, int]
-    members: tuple[tuple[str, Tensor, Tensor], ...]
+    __slots__ = ()
+
+    def __new__(cls, shape, members):
+        return super().__new__(cls, shape, tuple(
+            (kind, a, _kept(a, g) if kind == "embedding" else g) for kind, a, g in members))
 
     def tensors(self) -> list[Tensor]:
         return [t for _, a, g in self.members for t in (a, g)]
@@ -60,6 +74,26 @@ class TieFactors(NamedTuple):
         """The factors with ``fn_a`` applied to every ``a`` (ids too) and ``fn_g`` to every ``g``."""
         return self._replace(members=tuple((k, fn_a(a), fn_g(g)) for k, a, g in self.members))
 
+    def to(self, device=None, dtype: torch.dtype | None = None) -> TieFactors:
+        """The factors on ``device`` and in ``dtype``; ids keep their integer dtype."""
+        return self.map(lambda a: a.to(device) if not a.is_floating_point() else a.to(device, dtype),
+                        lambda g: g.to(device, dtype))
+
+    def write(self, out: Tensor) -> Tensor:
+        """Write every example's raveled ``dW`` into ``out`` (``[C, B, V D]``, any dtype).
+
+        The rows are formed about ``2**18`` entries at a time, each rounded once into ``out``:
+        a narrower ``out`` (bfloat16) never meets a full-precision ``[C, B, V D]`` temporary,
+        nor does one of the factors' dtype.  # -> out
+        """
+        V, D = self.shape
+        C, B = out.shape[:2]
+        step = max(1, _WRITE_ENTRIES // max(1, C * B * D))
+        for r in range(0, V, step):
+            r1 = min(V, r + step)
+            out[..., r * D:r1 * D].copy_(self.rows(r, r1))
+        return out
+
     def scale(self, w: Tensor) -> TieFactors:
         """``w_ci dW_ci`` (``w`` ``[C, B]`` or ``[C, 1]``): each member is linear in its ``g``."""
         return self.map(lambda a: a, lambda g: g * w[..., None, None])
@@ -76,6 +110,26 @@ class TieFactors(NamedTuple):
             members.append((kind, torch.cat([_pad(a, Tm, kind != "embedding") for a in a_s], 1),
                             torch.cat([_pad(g, Tm, True) for g in g_s], 1)))
         return first._replace(members=tuple(members))
+
+
+_WRITE_ENTRIES = 2**18  # rows' entries formed at a time by TieFactors.write
+
+
+def _kept(ids: Tensor, g: Tensor) -> Tensor:
+    """``g`` zeroed where ``ids < 0`` (``torch.where``: a NaN there stays out, unlike ``* 0``).
+    Plain tensors with no negative id keep ``g`` itself (no copy)."""
+    drop = ids < 0
+    if torch._C._functorch.maybe_current_level() is None and not bool(drop.any()):
+        return g
+    return torch.where(drop[..., None], 0, g)
+
+
+def layout_to(layout: tuple, device=None, dtype: torch.dtype | None = None) -> tuple:
+    """A ``LayerGrads`` layout with every tie source's factors (``("t", key, TieFactors)``) on
+    ``device`` and in ``dtype`` (:meth:`TieFactors.to`), for code that moves or widens a
+    ``LayerGrads``' factors and dense block by hand (review R6 F3)."""
+    return tuple((k, ("t", src[1], src[2].to(device, dtype)) if src[0] == "t" else src)
+                 for k, src in layout)
 
 
 def _pad(x: Tensor, T: int, tail: bool) -> Tensor:
