@@ -151,12 +151,18 @@ def _projector(stacked: Params, proj_dim, kind, seed):
                           device=v0.device, packed=False)  # one per call: a dense R is reused
 
 
-def _inverse_norms(sq_norms: Tensor) -> Tensor:
+def _inverse_norms(sq_norms: Tensor, name: str) -> Tensor:
     """Return ``1/|g|`` where ``|g|^2 > 0`` and 0 elsewhere: a zero gradient scores 0.
 
     A factored zero gradient can have one nonzero factor (e.g. ``a = 0``, ``g != 0``), so a
     huge ``1/clamp_min(|g|, tiny)`` on the other factor overflows and ``0 * inf`` gives NaN.
+    An infinite ``|g|^2`` of a finite gradient would score 0 silently, so it is refused.
     """
+    if torch.isinf(sq_norms).any():
+        top = torch.finfo(sq_norms.dtype).max ** 0.5
+        raise ValueError(f"{name}(train=... or test=...): expected per-example squared gradient norms "
+                         f"that fit {sq_norms.dtype}, got inf (|g| above ~{top:.1e}); compute in "
+                         f"float64 or rescale the loss.")
     pos = sq_norms > 0
     return torch.where(pos, sq_norms.where(pos, 1).rsqrt(), 0)
 
@@ -287,7 +293,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             else:
                 lg = held[id(fn_plan)](stacked, batch)
                 if proj is None:
-                    return lg.scale(_inverse_norms(lg.sq_norms())) if normalize else lg
+                    return lg.scale(_inverse_norms(lg.sq_norms(), name)) if normalize else lg
                 G = lg.to_dense()
             if proj is not None:
                 G = proj(G.reshape(-1, G.shape[-1])).reshape(C, G.shape[1], -1)
