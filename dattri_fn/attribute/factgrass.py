@@ -92,9 +92,11 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 # took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
 _SKETCH_BYTES = 2**16
 # the train cache holds each block's factors where the features would take more than
-# memory_budget() // PASS_SHARE // _SMALL bytes (1 MiB of the default 256 MiB), else the features:
-# re-forming features per score costs about one more stage-2 product of every row
-_SMALL = 4
+# memory_budget() // PASS_SHARE // _SMALL bytes (2 MiB of the default 256 MiB: half of what one
+# capture pass may hold), else the features. Re-forming features per score costs one more
+# stage-2 product of every row (+9-20% time at 4k-16k digits rows), and below this size the
+# capture pass, not the cache, sets the peak (4k rows: 0.622 -> 0.567 of dattri's with factors)
+_SMALL = 2
 
 
 def _keep_bytes() -> int:
@@ -122,6 +124,8 @@ class FactGraSSState(NamedTuple):
             instead of the features: ``k_in' + k_out'`` numbers per block and example instead of
             ``d_b``; ``phi_i = R^T vec(g'_i a'_i^T)`` is formed from them in fixed row spans
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
+            Held where the features would take more than ``memory_budget() // PASS_SHARE // 2``
+            bytes (2 MiB by default), else None and the features are cached.
     """
 
     blocks: tuple
