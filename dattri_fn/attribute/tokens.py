@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
 from ..model import FunctionalModel, default_unpack
@@ -50,7 +51,9 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
 
     Raises:
         TypeError/ValueError: naming the argument: a parameter outside captured layers, layers
-            at different numbers of positions, features of another width.
+            at different numbers of positions, features of another width, or summed token scores
+            of the first ``min(B, 3)`` examples that are not their own gradients' scores (by
+            autograd): layers whose positions mix examples (sequence-first where ``T == B``).
     """
     func = "token_scores"
     if not isinstance(model, FunctionalModel) or model.loss_fn is None:
@@ -151,7 +154,47 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         elif spec.bias in params:
             part = part + g @ feats[:, offsets[spec.bias]].T
         total = part if total is None else total + part
+    _check_examples(func, model, params, batch, feats, total)
     return total
+
+
+def _check_examples(func: str, model: FunctionalModel, params, batch, feats: Tensor,
+                    S: Tensor) -> None:
+    """Raise unless ``sum_t S[i, t] == grad_i . p_j`` for the first ``min(B, 3)`` examples,
+    ``grad_i`` by autograd on example ``i`` alone (review R6 F2).
+
+    The batch totals agree by construction, so only a per-example reference sees a layer
+    whose positions are another example's: one applied to sequence-first ``[T, B, D]``
+    tensors reads as batch-first where ``T == B`` (``nn.Transformer``'s default layout), and
+    the capture engine cannot tell. The gap allowed is ``10 sqrt(eps)`` times
+    ``max_ij |p_j| . |grad_i|``, which bounds both sides' rounding.
+    """
+    k = min(S.shape[0], 3)
+    example = lambda i: tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, batch)
+    want, scale = [], []
+    with blame_data(func, "batch", batch), torch.enable_grad():
+        for i in range(k):
+            live = {key: v.detach().requires_grad_(True) for key, v in params.items()}
+            grads = torch.autograd.grad(model.loss(live, example(i)), list(live.values()),
+                                        allow_unused=True, materialize_grads=True)
+            row = torch.cat([x.reshape(-1) for x in grads]).to(feats.dtype)  # [P]
+            want.append(feats @ row)
+            scale.append(feats.abs() @ row.abs())
+    want, scale, got = torch.stack(want), torch.stack(scale), S[:k].sum(1).detach()  # [k, n]
+    ok = torch.isfinite(want) & torch.isfinite(got)
+    if not torch.equal(ok, torch.isfinite(want) | torch.isfinite(got)):
+        err = float("inf")  # finite on one side only
+    else:
+        err = float((got - want)[ok].abs().max()) if bool(ok.any()) else 0.0
+    top = float(scale[ok & torch.isfinite(scale)].max()) if bool(ok.any()) else 0.0
+    if not err <= 10 * torch.finfo(feats.dtype).eps ** 0.5 * max(top, 1e-30):
+        raise ValueError(_msg(
+            func, "model", f"layers whose positions are each example's own (sum_t s_itj == "
+            f"grad_i . p_j on the first {k} examples, grad_i by autograd on example i alone)",
+            f"a difference of {err:.3g} (scale {top:.3g}): positions of other examples, as "
+            f"where a layer runs on sequence-first [T, B, ...] tensors with T == B",
+            "Run the model batch-first, or pass batches whose size is not the sequence length "
+            "(the capture engine then refuses such a layer by name)."))
 
 
 def _rows_split(spec, a: Tensor, g: Tensor, feats: Tensor, offsets: dict, params) -> Tensor:
@@ -165,7 +208,8 @@ def _rows_split(spec, a: Tensor, g: Tensor, feats: Tensor, offsets: dict, params
         ids = a.reshape(B, T)
         M = feats[:, offsets[spec.weight]].reshape(feats.shape[0], -1, D)  # [n, V, D]
         rows = M[:, ids.clamp(min=0)]  # [n, B, T, D]
-        return torch.einsum("jbtd,btd->btj", rows, g) * (ids >= 0)[..., None].to(g.dtype)
+        # where, not a 0 multiply: g may be NaN at a dropped position (review R6 F1)
+        return torch.where((ids >= 0)[..., None], torch.einsum("jbtd,btd->btj", rows, g), 0)
     out = 0
     if spec.weight in params:
         out = (g * a.reshape(g.shape)) @ feats[:, offsets[spec.weight]].T
