@@ -55,6 +55,7 @@ from ..transforms.layer_grads import (
     PlanDecisions,
     _check,
     decided_plan,
+    keep_tie_factors,
     layer_grads_stacked,
     layer_plan,
     plan_decisions,
@@ -252,7 +253,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         cols = _blocks_of(sk)
         width = cols[-1][2]
         stacked = {k: v.detach()[None] for k, v in params.items()}
-        held = [plan if checked is None else checked]
+        # stage one reads a tie from its members' factors (no [b, V D] rows)
+        held = [keep_tie_factors(plan if checked is None else checked)]
 
         def grads(part):
             if not held[0].checked and batch_size(func, arg, part) >= 2:
