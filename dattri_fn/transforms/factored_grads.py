@@ -67,7 +67,9 @@ class LayerGrads(NamedTuple):
         """Return ``sum_c <grad_ci, other_cj>`` for every pair of rows.  # -> [B, n]"""
         if not self._same_layout(other):  # e.g. a dense batch of one against factored blocks
             return torch.bmm(self.to_dense(), other.to_dense().transpose(1, 2)).sum(0)
-        out = 0
+        # the first term is the sum so far (no add of it to a zero): the same values, one op
+        # fewer per call; -0.0 + 0 would have been +0.0, which compares equal
+        out = None
         # over one checkpoint the sum is its one term (exact): no [1, B, n] reduction pass
         total = (lambda t: t[0]) if self.dense.shape[0] == 1 else (lambda t: t.sum(0))
         if self.dense.shape[-1]:
@@ -75,13 +77,15 @@ class LayerGrads(NamedTuple):
         for name, (a, g) in self.factors.items():
             a2, g2 = other.factors[name]
             if a.ndim == 3:
-                out = out + total(torch.bmm(a, a2.transpose(1, 2)) * torch.bmm(g, g2.transpose(1, 2)))
+                term = total(torch.bmm(a, a2.transpose(1, 2)) * torch.bmm(g, g2.transpose(1, 2)))
             else:
                 aa = torch.einsum("cbti,cnsi->cbnts", a, a2)
-                out = out + (aa * torch.einsum("cbto,cnso->cbnts", g, g2)).sum((0, 3, 4))
+                term = (aa * torch.einsum("cbto,cnso->cbnts", g, g2)).sum((0, 3, 4))
+            out = term if out is None else out + term
         for key, tie in self.ties.items():
-            out = out + tie_inner(tie, other.ties[key])
-        if isinstance(out, int):
+            term = tie_inner(tie, other.ties[key])
+            out = term if out is None else out + term
+        if out is None:
             return self.dense.new_zeros(self.num_rows, other.num_rows)
         return out
 
