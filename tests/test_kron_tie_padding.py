@@ -119,8 +119,10 @@ def test_padding_nan_leaves_the_factored_tie_finite_and_equal_to_the_dense_rows(
 
 
 def test_grad_dot_and_trak_kronecker_score_a_padding_nan_model_as_the_dense_rows_do(monkeypatch):
-    """Grad-Dot and TRAK (projection="kronecker") on the unit-norm tied LM: finite scores == the
-    dense-row path's (the tie's factors turned off; 1e-10), no NaN blamed on tok.weight."""
+    """Grad-Dot and TRAK (projection="kronecker") and FactGraSS on the unit-norm tied LM: finite
+    scores == the dense-row path's (the tie's factors turned off; 1e-10), no NaN blamed on
+    tok.weight."""
+    from dattri_fn.attribute.factgrass import factgrass
     from dattri_fn.attribute.gradsim import grad_dot
     from dattri_fn.attribute.trak import trak
     from dattri_fn.transforms import layer_grads
@@ -129,10 +131,12 @@ def test_grad_dot_and_trak_kronecker_score_a_padding_nan_model_as_the_dense_rows
     train, test = [_data(5, 1), _data(4, 2)], _data(3, 3)
     methods = [lambda: grad_dot(fm, proj_dim=3, projection="kronecker", seed=4),
                lambda: trak(fm, damping=0.1, proj_dim=3, projection="kronecker", seed=2)]
+    methods.append(lambda: factgrass(fm, proj_dim=8, mask_dim=3, damping=0.1, seed=1))
+    mods = ["gradsim", "trak_features", "factgrass"]
     scores = lambda m: m.score(fm.params, m.prepare(fm.params, train), train, test)
     with monkeypatch.context() as mp:  # the dense-row path: the plan keeps no tie factored
         mp.setattr(layer_grads, "keep_tie_factors", lambda plan: plan)
-        for mod in ("gradsim", "trak_features"):
+        for mod in mods:
             mp.setattr(sys.modules[f"dattri_fn.attribute.{mod}"], "keep_tie_factors",
                        lambda plan: plan)
         want = [scores(make()) for make in methods]
