@@ -229,3 +229,18 @@ def test_consumers_scores_equal_the_embedding_twin(read):
         torch.testing.assert_close(scores[0], scores[1], **TOL, msg=name)
         if name == "grad-dot":
             torch.testing.assert_close(scores[0], want, **TOL)
+
+
+def test_a_refused_bare_parameter_costs_no_narrowing_forward(monkeypatch):
+    """out * b on 3 examples (no tie group): the check drops b from the refused pass itself,
+    with no tapped.check forward; the checked plan and rows equal those of a plan built
+    without b (1e-10)."""
+    fm = functional_model(_init(PosNet(read="mul"), 0), F.cross_entropy)
+    plan = layer_plan(fm)
+    calls = []
+    monkeypatch.setattr(plan.tapped, "check", lambda *a, **k: calls.append(1) or {})
+    batch = _data(0, 3, 4)
+    checked = _silent(lambda: check_plan(plan, fm.params, batch))
+    assert calls == [] and checked.autodiff == ("extra.b",) and checked.bare == ("pos",)
+    lg = per_sample_layer_grads(fm, fm.params, batch, plan=checked)
+    torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch), **TOL)

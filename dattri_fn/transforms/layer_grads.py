@@ -156,7 +156,7 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     # must not make a good model dense.
     ties = getattr(plan.tapped, "ties_any", True)
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
-    passed = ref = sums = None
+    passed = ref = sums = drop = None
     if n == k and _one_call_ok(plan, stacked):
         # the factored pass over the compared examples, the first one's reference row and the
         # pass's own parameter gradients, one engine call (_gap_sums); any error takes the two
@@ -164,20 +164,27 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         try:
             passed, ref, sums = _factored_and_rows(plan, stacked, batch, ties, n,
                                                    ref_at=(0, k - 1))
+        except capture.CaptureError as err:  # the layers this very batch shows refused
+            passed = ref = sums = None
+            drop = err.problems
         except Exception:  # decided below, as without this shortcut
             passed = ref = sums = None
     if ref is None:
         ref = _example_rows(plan.model, {key: v[0] for key, v in first.items()}, head, ties)
-    if n == k and passed is None:
+    if n == k and passed is None and drop is None:
         # The batch is the examples compared: a factored pass that raises no CaptureError shows
         # what the narrowing forward would (no layer to drop), so that forward is skipped; any
         # error takes the full procedure below, which decides as before.
         try:
             passed = _factored(plan, stacked, batch)
+        except capture.CaptureError as err:
+            passed, drop = None, err.problems
         except Exception:  # decided below, as without this shortcut
             passed = None
     try:
-        active = plan if passed is not None else _narrowed(plan, head, first)
+        # a refusal on the compared examples themselves (n == k) names the layers the
+        # narrowing forward would: they are dropped without that forward
+        active = plan if passed is not None else _narrowed(plan, head, first, drop=drop)
         if active is not None and passed is None:
             # the narrowing forward can pass a layer the factored pass refuses: one on
             # sequence-first [T, B, D] tensors reads as batch-first where T = B, on the k head
@@ -216,16 +223,19 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,
               drop: dict[str, str] | None = None) -> LayerPlan | None:
     """Return ``plan`` without the layers a forward on ``batch`` shows cannot be captured (one
-    warning names them), or None when no layer is left; after a drop the narrowed plan is
+    warning names them), or None when no layer is left; after a drop a plan with tie groups is
     checked again (one more forward), since a tie that lost a member is a problem of its own.
     ``drop``: ``{layer: why}`` known refused already (a :class:`CaptureError`'s problems)."""
     args, kwargs, _ = _unpack(plan.model)(batch)
     state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
-    problems, narrowed = dict(drop or {}), plan
-    if problems:
-        narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
-    # a tie group left with one member after a drop is a problem of its own: check again
-    while narrowed is not None and (new := narrowed.tapped.check(state, *args, **kwargs)):
+    problems = dict(drop) if drop else plan.tapped.check(state, *args, **kwargs)
+    narrowed = plan if not problems else _plan_of(
+        plan.model, [n for n in plan.captured if n not in problems])
+    # A tie group left with one member after a drop is a problem of its own: check again.
+    # Without tie groups one forward's problems are every refused layer's (a layer's problems
+    # come from its own calls), so the layers left pass: no second forward.
+    while problems and plan.tapped.tied and narrowed is not None and (
+            new := narrowed.tapped.check(state, *args, **kwargs)):
         problems.update(new)
         narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
     if not problems:
