@@ -272,6 +272,11 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
         used.append((n, kind))
         w_src = "wt" if spec.kind == "conv1d" else "w"
         if kind == "flat":
+            if T != 1:  # one position kept per example: the others would be dropped silently
+                raise ValueError(
+                    f"per-layer gradients(batch=...): expected the layout checked on the example batch "
+                    f"(layer {n!r} at one position per example), got a batch with {T} positions at that "
+                    f"layer; use batches of one shape, or check the plan on a batch with positions.")
             factors[n] = (a[..., 0, :], g[..., 0, :])
         elif kind == "seq":
             factors[n] = (a, g)
