@@ -284,19 +284,24 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
 
 
 def _gemm_vjp_step(model: nn.Module, loss_fn, optimizer):
-    """Return ``make_step`` of ``model`` with its first layer as a GEMM conv (for MAGIC's
-    ``vjp_step``), or None when that layer is no stride-1 ``Conv2d`` (the step as it is).
+    """Return ``make_step`` of ``model`` with its first layer as a GEMM conv and its ReLUs as
+    products with their masks (for MAGIC's ``vjp_step``), or None when that layer is no
+    stride-1 ``Conv2d`` (the step as it is).
 
     The first layer of a Sequential reads the data, so vmap's second-order terms against it
     become one matrix product (:mod:`dattri_fn.training.gemm_conv`; digits-cnn: ~0.9x the
-    reverse step, ``benchmarks/magic_speed.py``). Equal to the trained step up to rounding.
+    reverse step); a ReLU's second derivative then costs no zero tensor
+    (:mod:`dattri_fn.training.mask_relu`; digits-cnn: a further ~0.9x, weights torch.equal on
+    the measured steps; ``benchmarks/magic_speed.py``). Equal to the trained step up to rounding.
     """
     from ..training import make_step
     from ..training.gemm_conv import supported, with_gemm_convs
+    from ..training.mask_relu import with_mask_relus
 
     if not isinstance(model, nn.Sequential) or not len(model) or not supported(model[0]):
         return None
-    return make_step(functional_model(with_gemm_convs(model, ["0"]), loss_fn), optimizer)
+    twin = with_mask_relus(with_gemm_convs(model, ["0"]))
+    return make_step(functional_model(twin, loss_fn), optimizer)
 
 
 def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
