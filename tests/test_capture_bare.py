@@ -59,7 +59,8 @@ class PosNet(nn.Module):
     (one row for every position), ``"batch"`` ``pos[idx % ctx]`` (per-example ids, an
     Embedding's lookup), ``"bias1d"`` a 1-D ``b[:C]`` added to the logits, ``"unsqueeze"``
     ``pos[:T].unsqueeze(0)`` (a view of the rows: not captured), ``"cols"`` ``pos[:T, :D]``
-    (not a row selection), ``"mul"`` the 1-D ``b`` only multiplied (never read by rows)."""
+    (not a row selection), ``"mul"`` the 1-D ``b`` only multiplied (never read by rows),
+    ``"fembed"`` / ``"fembed_batch"`` ``F.embedding(ids, pos)`` at shared / per-example ids."""
 
     def __init__(self, V=7, ctx=6, D=4, C=3, read="slice"):
         super().__init__()
@@ -73,7 +74,10 @@ class PosNet(nn.Module):
         pos = {"ids": lambda: self.pos[torch.arange(T)[None]], "int": lambda: self.pos[1],
                "batch": lambda: self.pos[idx % self.pos.shape[0]],
                "unsqueeze": lambda: self.pos[:T].unsqueeze(0),
-               "cols": lambda: self.pos[:T, :self.pos.shape[1]]}.get(r, lambda: self.pos[:T])()
+               "cols": lambda: self.pos[:T, :self.pos.shape[1]],
+               "fembed": lambda: F.embedding(torch.arange(T)[None], self.pos),
+               "fembed_batch": lambda: F.embedding(idx % self.pos.shape[0], self.pos),
+               }.get(r, lambda: self.pos[:T])()
         h = torch.tanh(self.fc(self.tok(idx) + pos))
         if r == "twice":
             h = h + self.pos[:T]
@@ -143,12 +147,13 @@ def test_text_lm_pos_rows_equal_vmap_grad():
     torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch), **TOL)
 
 
-@pytest.mark.parametrize("read", ["slice", "twice", "ids", "int", "batch", "bias1d"])
+@pytest.mark.parametrize("read", ["slice", "twice", "ids", "int", "batch", "bias1d", "fembed",
+                                  "fembed_batch"])
 @pytest.mark.parametrize("T", [2, 3, 6])
 def test_rows_read_and_added_are_captured(read, T):
     """pos[:T] (T = 2, 3, 6 of 6 rows), read twice (two records, summed), by shared ids, one
-    int row, per-example ids, a 1-D b[:C]: G_i == vmap(grad) (1e-10), captured, silent; a
-    plan checked at one T applies at another."""
+    int row, per-example ids, a 1-D b[:C], F.embedding(ids, pos): G_i == vmap(grad) (1e-10),
+    captured, silent; a plan checked at one T applies at another."""
     fm = functional_model(_init(PosNet(read=read), T), F.cross_entropy)
     plan = _silent(lambda: check_plan(layer_plan(fm), fm.params, _data(0, 3, T)))
     assert plan.bare == (("pos", "extra.b") if read == "bias1d" else ("pos",))

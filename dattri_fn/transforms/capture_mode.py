@@ -21,6 +21,7 @@ from .capture_kinds import _ADDED, _CALLS, _PER_CALL
 from .capture_norm import Broadcast, hold, watched_call
 from .capture_specs import NOT_ROWS, CaptureError, LayerSpec
 
+_ROW_READS = frozenset({"bare", "embedding"})  # the call kinds that read a bare weight's rows
 _BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
                              "layout", "is_sparse", "is_quantized", "is_meta", "names"})
 _BENIGN_METHODS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point",
@@ -144,11 +145,14 @@ class _Capture(TorchFunctionMode):
                 f"frozen part under torch.no_grad() instead (its layers then get zero gradients).")
         call = _CALLS.get(func)
         why = None
-        if call is not None and call[0] == "bare" and self.specs[name].kind == "bare":
+        kind = self.specs[name].kind
+        # a bare weight's rows are read by indexing it or by F.embedding(ids, W)
+        if kind == "bare" and call is not None and call[0] in _ROW_READS:
             self.rows_read.add(name)
+            kind = call[0]
         if len(layers) > 1:
             why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
-        elif call is None or call[0] != self.specs[name].kind:
+        elif call is None or call[0] != kind:
             why = f"its tensors are used by {_name(func)}"
         if why is None:
             why = call[1](self, name, args, kwargs)
