@@ -57,3 +57,13 @@ def test_larger_inputs_keep_the_blocked_path(monkeypatch):
         want = x.mT @ x
         assert float((g - want).abs().max()) <= 1e-12 * float(want.abs().max())
     assert trak_kernel._GRAM_WHOLE == 192
+
+
+
+@pytest.mark.parametrize("d", [3, 64, 125])
+def test_a_transposed_input_equals_the_blocked_path(d):
+    """The dual kernel's gram_of(f.mT): a transposed float32 x widened on the one-block path is
+    laid out row-major as the blocked path's buffer, so the Grams are equal bit for bit (review
+    R5 F1: with the transposed layout kept, 3e-14..1e-13 apart at n = 127)."""
+    x = torch.randn(d, 127, generator=torch.Generator().manual_seed(d)).mT  # [127, d], transposed
+    assert torch.equal(gram_of(x, torch.float64), _blocked(x, torch.float64))
