@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .._checks import _msg
 from ..transforms.factored_grads import LayerGrads
+from ..transforms.tie_factors import layout_to
 
 _GRAM_ROWS = 512  # rows per widened block of gram_of
 _GRAM_COLS = 128  # column block of gram_of's upper block triangle
@@ -182,7 +183,7 @@ def factored_gram(blocks: list[LayerGrads], rows: int = _FACTORED_ROWS) -> Tenso
     each), never concatenated; read by ``rows`` rows (three ``[rows, b]`` float64 temporaries).
     """
     wide = [LayerGrads({k: (a.double(), g.double()) for k, (a, g) in b.factors.items()},
-                       b.dense.double(), b.layout) for b in blocks]
+                       b.dense.double(), layout_to(b.layout, dtype=torch.float64)) for b in blocks]
     n = sum(b.num_rows for b in wide)
     gram = torch.empty((n, n), dtype=torch.float64, device=blocks[0].dense.device)
     r0 = 0

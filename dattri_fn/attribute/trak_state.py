@@ -17,6 +17,7 @@ from torch import Tensor
 from .._checks import _msg, all_finite
 from ..transforms.factored_grads import LayerGrads
 from ..transforms.layer_grads import PlanDecisions
+from ..transforms.tie_factors import layout_to
 from .method import num_checkpoints
 from .trak_kernel import dual_kernel, factored_width, pack_rows, packed_size, unpacked
 
@@ -94,7 +95,8 @@ def _moved(lg: LayerGrads, device, dtype: torch.dtype | None = None) -> LayerGra
     if lg.dense.device == torch.device(device) and lg.dense.dtype == dtype:
         return lg
     return LayerGrads({k: (a.to(device, dtype), g.to(device, dtype))
-                       for k, (a, g) in lg.factors.items()}, lg.dense.to(device, dtype), lg.layout)
+                       for k, (a, g) in lg.factors.items()}, lg.dense.to(device, dtype),
+                      layout_to(lg.layout, device, dtype))
 
 
 def factored_state(func: str, calls, data, total: int, dtype, wts: Tensor,
