@@ -60,7 +60,9 @@ class PosNet(nn.Module):
     Embedding's lookup), ``"bias1d"`` a 1-D ``b[:C]`` added to the logits, ``"unsqueeze"``
     ``pos[:T].unsqueeze(0)`` (a view of the rows: not captured), ``"cols"`` ``pos[:T, :D]``
     (not a row selection), ``"mul"`` the 1-D ``b`` only multiplied (never read by rows),
-    ``"fembed"`` / ``"fembed_batch"`` ``F.embedding(ids, pos)`` at shared / per-example ids."""
+    ``"fembed"`` / ``"fembed_batch"`` ``F.embedding(ids, pos)`` at shared / per-example ids,
+    ``"whole"`` pos itself added (T = its rows) and the 1-D b itself subtracted and added in
+    place."""
 
     def __init__(self, V=7, ctx=6, D=4, C=3, read="slice"):
         super().__init__()
@@ -77,6 +79,7 @@ class PosNet(nn.Module):
                "cols": lambda: self.pos[:T, :self.pos.shape[1]],
                "fembed": lambda: F.embedding(torch.arange(T)[None], self.pos),
                "fembed_batch": lambda: F.embedding(idx % self.pos.shape[0], self.pos),
+               "whole": lambda: self.pos,
                }.get(r, lambda: self.pos[:T])()
         h = torch.tanh(self.fc(self.tok(idx) + pos))
         if r == "twice":
@@ -84,6 +87,9 @@ class PosNet(nn.Module):
         out = self.head(h)
         if r == "bias1d":
             out = out + self.extra.b[:out.shape[-1]]
+        elif r == "whole":  # the bias itself, subtracted; then added in place
+            out = (self.extra.b - out).neg()
+            out += self.extra.b
         elif r == "mul":
             out = out * self.extra.b
         return out.mean(1)
@@ -162,6 +168,18 @@ def test_rows_read_and_added_are_captured(read, T):
         lg = _silent(lambda b=batch: per_sample_layer_grads(fm, fm.params, b, plan=plan))
         torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch),
                                    **TOL)
+
+
+@pytest.mark.parametrize("n", [3, 6])
+def test_whole_bare_weights_added_are_captured(n):
+    """pos [6, D] itself added to [B, 6, D]; the 1-D b itself subtracted from the logits and
+    added in place (B = 3, and B = 6 = pos's rows): G_i == vmap(grad) (1e-10), both captured."""
+    fm = functional_model(_init(PosNet(read="whole"), 5), F.cross_entropy)
+    plan = _silent(lambda: check_plan(layer_plan(fm), fm.params, _data(0, n, 6)))
+    assert plan.bare == ("pos", "extra.b") and plan.autodiff == () and not plan.dense
+    batch = _data(1, n, 6)
+    lg = _silent(lambda: per_sample_layer_grads(fm, fm.params, batch, plan=plan))
+    torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch), **TOL)
 
 
 @pytest.mark.parametrize("read", ["unsqueeze", "cols"])

@@ -22,6 +22,11 @@ from .capture_norm import Broadcast, hold, watched_call
 from .capture_specs import NOT_ROWS, CaptureError, LayerSpec
 
 _ROW_READS = frozenset({"bare", "embedding"})  # the call kinds that read a bare weight's rows
+# the adds through which a bare weight itself (all its rows) reaches the batch; the in-place
+# ones only with the weight as their second operand (watched_call refuses it as the first)
+_WHOLE = frozenset({Tensor.__add__, Tensor.__radd__, Tensor.add, torch.add, Tensor.__sub__,
+                    Tensor.__rsub__, Tensor.sub, torch.sub, Tensor.__iadd__, Tensor.add_,
+                    Tensor.__isub__, Tensor.sub_})
 _BENIGN_GETTERS = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda",
                              "layout", "is_sparse", "is_quantized", "is_meta", "names"})
 _BENIGN_METHODS = frozenset({"size", "dim", "numel", "__len__", "is_floating_point",
@@ -150,6 +155,9 @@ class _Capture(TorchFunctionMode):
         if kind == "bare" and call is not None and call[0] in _ROW_READS:
             self.rows_read.add(name)
             kind = call[0]
+        elif kind == "bare" and call is None and len(hits) == 1 and func in _WHOLE and any(
+                self.roles.get(id(t)) == (name, "weight") for t in args[:2]):
+            return self._whole(name, func, args, kwargs)
         if len(layers) > 1:
             why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
         elif call is None or call[0] != kind:
@@ -173,6 +181,16 @@ class _Capture(TorchFunctionMode):
         if flat and call[0] in ("embedding", "bare"):
             self.watch[id(out)] = (name, out)
         return out
+
+    def _whole(self, name: str, func, args, kwargs):
+        """``x + W`` (``W - x``, ``x += W``, ...) of a bare weight ``W`` itself: all its rows read
+        (``W[:]``, ids ``0..V-1``) and used by this add, as a row read (:mod:`.capture_norm`)."""
+        i = next(j for j, t in enumerate(args[:2]) if self.roles.get(id(t)) == (name, "weight"))
+        w = args[i]
+        self.rows_read.add(name)
+        rows = w[:]  # a view of its own (the mode is off inside its handler): held until used
+        hold(self, name, rows, torch.arange(w.shape[0], device=w.device))
+        return watched_call(self, func, (*args[:i], rows, *args[i + 1:]), kwargs)
 
     def _own(self, name: str, out: Tensor) -> Tensor:
         """A probe made per call that is the call's output itself: autograd's gradient w.r.t.
