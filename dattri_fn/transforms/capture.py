@@ -31,10 +31,13 @@ Recognised calls (the "kinds"), each normalised to a linear form ``dW = sum_t g_
   affine weight; ``a`` = the normalised input ``xhat`` ``[B, T, D]`` and the gradients are
   elementwise, ``dW = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (:mod:`.capture_norm`).
 * ``bare`` (asked for with ``layer_specs(..., bare=True)``, named by the parameter's key): a
-  1-D or 2-D ``nn.Parameter`` of a hand-written module read by rows, ``W[index]`` with a
-  slice, an int or integer ids on dim 0 (text-lm's ``self.pos[:T]``): ``a`` holds the row ids
-  as an Embedding's, ``dW[v] = sum_{t: id_t = v} g_t`` (a 1-D weight: rows of width 1); rows
-  shared by the batch are captured where they are added to a batch-first tensor.
+  1-D or 2-D ``nn.Parameter`` of a hand-written module read by rows: ``W[index]`` with a
+  slice, an int or integer ids on dim 0 (text-lm's ``self.pos[:T]``), ``F.embedding(ids, W)``,
+  or ``W`` itself added or subtracted (all rows, ids ``0..V-1``): ``a`` holds the row ids as
+  an Embedding's, ``dW[v] = sum_{t: id_t = v} g_t`` (a 1-D weight: rows of width 1); rows
+  shared by the batch are captured where they are added to a batch-first tensor. A bare
+  weight the forward never reads by rows (``x * s``, ``x @ W``) is a problem starting with
+  ``NOT_ROWS``: a plan drops it without a warning (it keeps ``vmap(grad)``).
 
 Shapes: a layer with one call on a ``[B, in]`` input (or ``[B]`` indices) is *flat*: ``a``
 ``[B, in]``, ``g`` ``[B, out]``; otherwise the calls' positions are concatenated: ``a``

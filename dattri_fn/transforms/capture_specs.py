@@ -72,9 +72,10 @@ def layer_specs(module: nn.Module, *, norms: bool = False,
     after its module's layer if any): a 1-D or 2-D ``nn.Parameter`` registered directly on a
     module whose class is not one of torch's own (a hand-written model's ``self.pos``), that
     no listed layer reads as weight or bias. Its rows ``W[v]`` (a 1-D one: ``[V]`` rows of
-    width 1) are captured where the model reads some of them (``W[:T]``, ``W[idx]``, ``W[t]``)
-    and adds (subtracts, multiplies) them to a batch-first tensor: ``dW[v] = sum_{t: id_t = v}
-    g_t`` as an Embedding's (:mod:`.capture_norm`); any other use is a problem.
+    width 1) are captured where the model reads some of them (``W[:T]``, ``W[idx]``, ``W[t]``,
+    ``F.embedding(idx, W)``, or ``W`` itself in an add) and adds (subtracts, multiplies) them
+    to a batch-first tensor: ``dW[v] = sum_{t: id_t = v} g_t`` as an Embedding's
+    (:mod:`.capture_norm`); any other use is a problem.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"layer_specs(module=...): expected an nn.Module, got "
