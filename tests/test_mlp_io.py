@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dattri_fn.attribute.logra_rows as logra_rows
 from dattri_fn.attribute.logra import logra
@@ -129,6 +131,22 @@ def test_other_calls_are_left_to_the_engine():
     assert seen == [None]
 
 
+def _accepted(monkeypatch, run):
+    """``(run(), [whether each mlp_io call in it returned values])``."""
+    seen = []
+    real = logra_rows.mlp_io
+
+    def spy(*a):
+        out = real(*a)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(logra_rows, "mlp_io", spy)
+    got = run()
+    monkeypatch.setattr(logra_rows, "mlp_io", real)
+    return got, seen
+
+
 def _logra_scores(m, batches, test, **kw):
     fm = functional_model(m, classification_loss)
     method = logra(fm, **{"proj_dim": 3, **kw})
@@ -143,11 +161,47 @@ def test_logra_scores_equal_the_engine_path(monkeypatch, kw):
     m = _mlp(3, [nn.Tanh], True, torch.float32, (13, 9, 7))
     data = [_data(s, 16, 13, 7, torch.float32) for s in range(3)]
     test = _data(9, 6, 13, 7, torch.float32)
-    calls = []
-    real = logra_rows.mlp_io
-    monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: calls.append(1) or real(*a))
-    fast = _logra_scores(m, data, test, **kw)
-    assert calls
+    fast = _accepted(monkeypatch, lambda: _logra_scores(m, data, test, **kw))
+    assert fast[1] and all(fast[1])  # every pass (chunk) took mlp_io, none the engine
+    fast = fast[0]
     monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: None)
     slow = _logra_scores(m, data, test, **kw)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Dispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("context", [lambda: torch.autocast("cpu", dtype=torch.bfloat16), _PassThrough,
+                                     _Dispatch, lambda: torch.device("cpu")])
+def test_autocast_and_modes_are_left_to_the_engine(context):
+    """Autocast or a torch-function/dispatch mode recasts or sees the engine's ops, not ours: None."""
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    x, y = _data(0, 8, 13, 7, torch.float32)
+    with context():
+        assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is None
+    assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is not None
+
+
+def test_logra_under_autocast_equals_the_engine_path(monkeypatch):
+    """bf16 autocast: LoGra's scores and self-scores are torch.equal to the engine path's (mlp_io off)."""
+    m = _mlp(3, [nn.Tanh], True, torch.float32, (13, 9, 7))
+    data = [_data(s, 16, 13, 7, torch.float32) for s in range(3)]
+    test = _data(9, 6, 13, 7, torch.float32)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _logra_scores(m, data, test)
+
+    got, seen = _accepted(monkeypatch, run)
+    assert seen and not any(seen)
+    monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: None)
+    ref = run()
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

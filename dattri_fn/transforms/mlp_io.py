@@ -15,8 +15,9 @@ saves is everything around the arithmetic: the tapped ``functional_call``, the a
 and engine, the probes (~0.4 ms of a 0.45 ms pass on the 500-row digits model, one CPU thread).
 
 :func:`mlp_io` returns None wherever that equality is not certain (another structure or loss, a
-hook, a tied or reused Linear, a dtype/device mix, inside a torch.func transform or
-``inference_mode``): the caller then runs the capture engine, which also owns every error.
+hook, a tied or reused Linear, a dtype/device mix, inside a torch.func transform,
+``inference_mode``, ``torch.autocast`` or a torch-function/dispatch mode, ``with torch.device(...)``
+included): the caller then runs the capture engine, which also owns every error.
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     if (len(args) != 1 or kwargs or not _summed_cross_entropy(loss_fn)
             or torch._C._functorch.maybe_current_level() is not None
             or torch.is_inference_mode_enabled()
+            # autocast recasts the engine's forward ops (not these kernels' operands), and a
+            # torch-function or dispatch mode sees (and may change) the engine's ops only
+            or torch._C._is_any_autocast_enabled()
+            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
             or any(getattr(_module, h, None) for h in _GLOBAL)):
         return None
     chain = mlp_chain(module)
