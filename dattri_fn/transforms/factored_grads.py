@@ -171,6 +171,8 @@ class LayerGrads(NamedTuple):
                                   out=dst[:, r:r + step])
             elif source[0] == "b" and g.ndim == 3:  # a flat layer's bias gradient is g itself
                 view.copy_(g)
+            elif source[0] == "t":  # a tie's rows a few at a time, each rounded once into view
+                source[2].write(view)
             else:
                 view.copy_(self._block(source, 0, size))
             off += size
