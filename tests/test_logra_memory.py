@@ -80,19 +80,40 @@ def test_merged_passes_stop_at_the_measured_bytes():
     assert seen == [3000, 3000, 3000, 1000]
 
 
+def _pass_rows(monkeypatch) -> list:
+    """The row counts of prepare's capture passes, as logra's merged_passes yields them."""
+    rows: list = []
+    real = logra_mod.merged_passes
+
+    def spy(*a, **k):
+        for p in real(*a, **k):
+            rows.append(p[0].shape[0])
+            yield p
+
+    monkeypatch.setattr(logra_mod, "merged_passes", spy)
+    return rows
+
+
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 def test_capped_passes_change_sums_only(kind, monkeypatch):
-    """A pass cap of one batch: the same state and scores as merged passes, to rounding (1e-10)."""
+    """One-row passes (logra's own cap): the state and scores of one merged pass, to rounding (1e-10)."""
     fm, (x, y) = _problem(kind, 7, 16)
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
     m = logra(fm, proj_dim=2)
+    rows = _pass_rows(monkeypatch)
     ref = m.prepare(fm.params, train)
-    monkeypatch.setattr("dattri_fn.attribute.capture_rows.ONE_PASS_ROWS", 4)
-    monkeypatch.setattr("dattri_fn.attribute.capture_rows.PASS_SHARE", 2**40)
+    assert rows == [16]
+    rows.clear()
+    # budget // share // measured = 0 -> one row a run; before any pass is measured (seq) the
+    # ONE_PASS_ROWS cap binds instead
+    monkeypatch.setattr(logra_mod, "_PASS_SHARE", 2**62)
+    monkeypatch.setattr("dattri_fn.attribute.capture_rows.ONE_PASS_ROWS", 1)
     got = m.prepare(fm.params, train)
+    assert rows == [1] * 16
     for n in ref.eigvals:
         _close(got.eigvals[n], ref.eigvals[n])
     _close(m.score(fm.params, got, None, (x, y)), m.score(fm.params, ref, None, (x, y)))
+    _close(m.self_score(fm.params, got, None), m.self_score(fm.params, ref, None))
 
 
 def test_a_factored_state_saves_and_loads_whole(tmp_path):

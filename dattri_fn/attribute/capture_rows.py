@@ -70,9 +70,10 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
     factors; None before any pass). A run then also stops at ``budget // PASS_SHARE //
     measured()`` rows, and at :data:`ONE_PASS_ROWS` rows while nothing is measured (module
     docstring); it is read each time a run starts, so the caller's first pass sets the rest.
-    ``share``: that divisor (default :data:`PASS_SHARE`). ``split``: a single batch over the
-    measured cap is yielded in slices of at most the cap (per-example rows do not depend on
-    the grouping; sums over examples are reordered).
+    ``share``: that divisor (default :data:`PASS_SHARE`). ``split``: a batch over the
+    measured cap is yielded in slices, and each run is filled to its cap across batches (a
+    batch's leftover rows go with the next batch's first ones: every row once, in order;
+    per-example rows do not depend on the grouping; sums over examples are reordered).
 
     Each batch's rows are checked (:func:`~dattri_fn._checks.batch_size`) before merging, so an
     error names ``func(arg=...)`` as it would unmerged.
@@ -92,20 +93,25 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
         if fit is None:
             fit = max(1, budget // row_bytes(b))
         lay = _layout(b)
-        if buf and (n + rows > cap or lay != layout):
+        if buf and (lay != layout or (not split and n + rows > cap)):
             yield batch_cat(buf)
             buf, n = [], 0
-        if not buf:  # a run starts: capped by what the pass before it measured
-            cap = run_cap()
-        if split and not buf and rows > cap:
-            s = 0
-            while rows - s > cap:  # each slice's cap from the pass before it
-                yield batch_slice(b, s, s + cap)
-                s += cap
+        if not split:
+            if not buf:  # a run starts: capped by what the pass before it measured
                 cap = run_cap()
-            b, rows = (b, rows) if s == 0 else (batch_slice(b, s, rows), rows - s)
-        buf.append(b)
-        n, layout = n + rows, lay
+            buf.append(b)
+            n, layout = n + rows, lay
+            continue
+        s, layout = 0, lay
+        while s < rows:  # runs filled to their cap, across batches: a run's cap read as it starts
+            if not buf:
+                cap = run_cap()
+            take = min(rows - s, cap - n)
+            buf.append(b if take == rows else batch_slice(b, s, s + take))
+            n, s = n + take, s + take
+            if n >= cap:
+                yield batch_cat(buf)
+                buf, n = [], 0
     if buf:
         yield batch_cat(buf)
 

@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from .._checks import (
     _msg,
@@ -43,7 +45,9 @@ from .._checks import (
     check_params,
     check_positive,
     count_rows,
+    is_batch,
     iter_batches,
+    refuse_ambiguous_list,
     regrouped,
 )
 from ..model import FunctionalModel, default_unpack
@@ -102,10 +106,16 @@ class LoGraState(NamedTuple):
 
 _BLOCK_BYTES = 2**18  # least bytes a block of features formed from cached factors may take
 _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied as one Kronecker GEMM
-# a capture pass of prepare holds at most memory_budget() / _PASS_SHARE measured bytes (512 KiB of
+# a capture pass of prepare holds at most memory_budget() / _PASS_SHARE measured bytes (1 MiB of
 # the default 256 MiB), a batch over it in slices: LoGra keeps only k_in + k_out numbers per layer
 # and example from a pass, so the pass's batch, activations and gradients are its peak
 _PASS_SHARE = 256
+
+
+def _sliceable(module) -> bool:
+    """Whether a batch's per-example rows are those of its slices: no BatchNorm or Dropout in
+    training mode (batch statistics, one random stream per call) anywhere in ``module``."""
+    return not any(m.training and isinstance(m, (_BatchNorm, _DropoutNd)) for m in module.modules())
 
 
 def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
@@ -125,9 +135,13 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         seed: the projections' seed (layer ``l`` uses ``seed``-derived generators).
         chunk_size: examples per batched forward/backward (bounds memory).
         batch_rows: merge consecutive batches into calls of at least this many examples
-            (1: as given). None: ``prepare`` merges a list or tuple of batches into capture
-            passes that fit :func:`~dattri_fn.operators.gauss_newton.memory_budget` (an upper
-            estimate, :mod:`dattri_fn.attribute.capture_rows`); other data as given.
+            (1: as given). None: ``prepare`` takes one Batch, or a list or tuple of them, in
+            capture passes of at most ``memory_budget() / 256`` measured bytes (1 MiB of the
+            default :func:`~dattri_fn.operators.gauss_newton.memory_budget`): small batches
+            merged, a larger one in slices, rows in order (no slicing while a BatchNorm or
+            Dropout is in training mode: then a list is merged only, a Batch taken whole;
+            :mod:`dattri_fn.attribute.capture_rows`); a DataLoader or store as given. The
+            grouping moves the curvature sums at the rounding level only.
         cache_features: keep the train features ``[n_train, d]`` in the state, so ``score`` and
             ``self_score`` read no training data (``train`` may be None). With False, ``train``
             is streamed on every call, or read from a feature store (:mod:`dattri_fn.store`):
@@ -278,18 +292,23 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         # merged passes that follow (_PASS_SHARE)
         held: list = [None]
         total = None  # the training set's rows where known before any pass: buffers filled in place
-        if rows_min is None and can_merge(train):
-            # a list of batches in memory: fewer capture passes, each within the memory budget
+        refuse_ambiguous_list(func, "train", train)
+        listed = [train] if is_batch(train) else train
+        split = _sliceable(model.module)
+        if rows_min is None and (can_merge(listed) or (split and isinstance(listed, (list, tuple))
+                                                        and len(listed) == 1 and is_batch(listed[0]))):
+            # batches in memory: capture passes of at most _PASS_SHARE's bytes (fewer, merged,
+            # for many small batches; a batch over it, one given alone included, in slices)
             budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
             merged = True
-            total = count_rows(func, "train", train, check=False)  # merged_passes checks each
-            first = flat_row_bytes(train[0])
+            total = count_rows(func, "train", listed, check=False)  # merged_passes checks each
+            first = flat_row_bytes(listed[0])
 
             def passes():
-                return merged_passes(func, "train", train,
+                return merged_passes(func, "train", listed,
                                      lambda b: capture_row_bytes(b, weights), budget,
                                      measured=lambda: first if held[0] is None else held[0],
-                                     share=_PASS_SHARE, split=True)
+                                     share=_PASS_SHARE, split=split)
         else:
             merged = False
 
