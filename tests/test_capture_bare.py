@@ -80,6 +80,7 @@ class PosNet(nn.Module):
                "fembed": lambda: F.embedding(torch.arange(T)[None], self.pos),
                "fembed_batch": lambda: F.embedding(idx % self.pos.shape[0], self.pos),
                "whole": lambda: self.pos,
+               "ids1d": lambda: self.pos[torch.arange(T)],
                }.get(r, lambda: self.pos[:T])()
         h = torch.tanh(self.fc(self.tok(idx) + pos))
         if r == "twice":
@@ -192,6 +193,24 @@ def test_rows_used_otherwise_warn_once_and_stay_exact(read):
     assert len([w for w in record if "layer_grads" in str(w.message)]) == 1
     assert "pos" in plan.autodiff and plan.bare == () and not plan.dense
     batch = _data(1, 5, 4)
+    lg = _silent(lambda: per_sample_layer_grads(fm, fm.params, batch, plan=plan))
+    torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch), **TOL)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_shared_flat_ids_of_the_batch_size_fall_back_exactly(n):
+    """pos[arange(T)] (ids [T], T = 4): at B = 3 shared rows, captured silently; at B = T = 4 the
+    ids read as one per example and then meet [B, T, D] as positions: one warning naming pos
+    (the Embedding kind's hazard), pos on vmap(grad). Rows == vmap(grad) (1e-10) both ways."""
+    fm = functional_model(_init(PosNet(read="ids1d"), 2), F.cross_entropy)
+    batch = _data(0, n, 4)
+    if n == 4:
+        with pytest.warns(RuntimeWarning, match=r"pos: its flat indices \[4\] are broadcast"):
+            plan = check_plan(layer_plan(fm), fm.params, batch)
+        assert plan.bare == () and "pos" in plan.autodiff
+    else:
+        plan = _silent(lambda: check_plan(layer_plan(fm), fm.params, batch))
+        assert plan.bare == ("pos",)
     lg = _silent(lambda: per_sample_layer_grads(fm, fm.params, batch, plan=plan))
     torch.testing.assert_close(lg.to_dense()[0], per_sample_grad(fm.loss, fm.params, batch), **TOL)
 
