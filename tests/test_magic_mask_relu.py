@@ -90,3 +90,49 @@ def test_with_mask_relus_swaps_only_plain_relus():
     with pytest.raises(TypeError, match=r"with_mask_relus\(module=...\): expected an nn.Module, "
                                         r"got function\."):
         with_mask_relus(lambda x: x)
+
+
+class FunctionalReLUNet(nn.Module):
+    """ReLUs as function calls (torch.relu, F.relu, Tensor.relu), as the bundled TinyLM's MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(torch.relu(self.a(x)))).relu())
+
+
+def test_mask_relu_step_replaces_function_relus_and_keeps_the_reverse_pass():
+    """mask_relu_step(step): every out-of-place relu call in the forward is x * 1[x>0] (a Mul node,
+    no threshold node), in-place ones are left; metagradient through it = through the step at
+    1e-10 (SGD + momentum, float64)."""
+    from dattri_fn.training.mask_relu import mask_relu_step
+
+    probe = mask_relu_step(lambda f, x: f(x))
+    x = torch.randn(6, dtype=DT)
+    for f in (torch.relu, F.relu, lambda y: y.relu(), nn.ReLU()):
+        assert type(probe(f, x.requires_grad_()).grad_fn).__name__ == "MulBackward0"
+        assert torch.equal(probe(f, x.detach()), torch.relu(x.detach()))
+    assert "Mul" not in type(probe(lambda y: F.relu(y * 1, inplace=True), x).grad_fn).__name__
+    assert "Mul" not in type(probe(lambda y: (y * 1).relu_(), x).grad_fn).__name__
+    torch.manual_seed(0)
+    fm = functional_model(FunctionalReLUNet().to(DT), F.cross_entropy)
+    opt = sgd(0.3, momentum=0.9)
+    step = make_step(fm, opt)
+    g = torch.Generator().manual_seed(5)
+    train_data = (torch.randn(12, 3, generator=g, dtype=DT), torch.randint(0, 3, (12,), generator=g))
+    test = (torch.randn(4, 3, generator=g, dtype=DT), torch.randint(0, 3, (4,), generator=g))
+    order = batch_order(12, batch_size=4, epochs=3, seed=1)
+    traj = train(step, fm.params, opt.init(fm.params), train_data, order, checkpoint_every=2)
+    cot = vmap(grad(lambda p, ex: -fm.loss(p, ex)), in_dims=(None, 0))(traj.params, test)
+    ref = metagradient(step, traj, train_data, order, cot)
+    out = metagradient(step, traj, train_data, order, cot, vjp_step=mask_relu_step(step))
+    assert float(ref.weights.abs().max()) > 1e-3
+    torch.testing.assert_close(out.weights, ref.weights, rtol=0,
+                               atol=1e-10 * float(ref.weights.abs().max()))
+    for k, v in ref.params.items():
+        torch.testing.assert_close(out.params[k], v, rtol=0, atol=1e-10 * float(v.abs().max()))
+    with pytest.raises(TypeError, match=r"mask_relu_step\(step=...\): expected a callable step, "
+                                        r"got int\."):
+        mask_relu_step(3)

@@ -18,8 +18,12 @@ keeps ``nn.ReLU``. digits-cnn: ~0.9x the reverse step (``benchmarks/magic_speed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 
 def mask_relu(x: Tensor) -> Tensor:
@@ -61,9 +65,42 @@ def with_mask_relus(module: nn.Module) -> nn.Module:
     return out
 
 
+class _MaskReLUMode(TorchFunctionMode):
+    """Computes every out-of-place ``relu`` called as a torch function by :func:`mask_relu`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS and len(args) == 1 and not kwargs.get("inplace", False):
+            return mask_relu(args[0])
+        return func(*args, **kwargs)
+
+
+_RELUS = (torch.relu, F.relu, Tensor.relu)
+
+
+def mask_relu_step(step: Callable) -> Callable:
+    """Return ``step`` with every out-of-place ``relu`` its forward calls (``torch.relu``,
+    ``F.relu``, ``Tensor.relu``, ``nn.ReLU``) computed by :func:`mask_relu`: for a model whose
+    ReLU is a function call (the bundled TinyLM's MLP), where :func:`with_mask_relus` finds no
+    module to swap. The same arguments and results as ``step``; meant for ``vjp_step=``.
+
+    Raises:
+        TypeError: ``step`` is not callable.
+    """
+    if not callable(step):
+        raise TypeError(f"mask_relu_step(step=...): expected a callable step, "
+                        f"got {type(step).__name__}.")
+
+    def masked(*args, **kwargs):
+        with _MaskReLUMode():
+            return step(*args, **kwargs)
+
+    return masked
+
+
 def count_relus(module: nn.Module) -> int:
     """The number of submodules :func:`with_mask_relus` would swap."""
     return sum(_swappable(m) for m in module.modules())
 
 
-__all__ = ["MaskReLU", "count_relus", "mask_relu", "with_mask_relus"]
+__all__ = ["MaskReLU", "count_relus", "mask_relu", "mask_relu_step", "with_mask_relus"]
