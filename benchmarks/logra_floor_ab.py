@@ -13,7 +13,8 @@ and times, round after round in a rotated order, each step's thread CPU:
 
 It prints each step's median (ms) and, for each LoGra step, the median, minimum and maximum of
 its per-round ratio to the floor of the same round: the machine is shared, so single rounds
-swing by tens of percent and only same-round ratios compare.
+swing by tens of percent and only same-round ratios compare. ``--peak`` first prints each
+step's exact tensor peak (:func:`benchmarks.peak.tensor_peak`).
 """
 
 from __future__ import annotations
@@ -78,8 +79,15 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--width", type=int, default=1333, help="hidden width (P = 75 w + 10)")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--peak", action="store_true",
+                    help="also each step's exact tensor peak (benchmarks.peak.tensor_peak, MiB)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.peak:
+        from benchmarks.peak import tensor_peak
+
+        for k, f in steps(args.n, args.width).items():
+            print(f"  {k:22s} exact tensor peak {tensor_peak(f)[1] / 2**20:8.3f} MiB")
     load = open("/proc/loadavg").read().split()[0]
     ts = measure(args.n, args.width, args.rounds)
     print(f"n = {args.n}, width = {args.width} (P = {75 * args.width + 10}), {args.rounds} rounds, "

@@ -14,4 +14,4 @@ def test_each_step_is_timed_each_round_and_patches_are_undone(capsys):
     assert all(len(v) == 2 and min(v) > 0 for v in ts.values())
     assert (logra_mod._sliceable, logra_mod._PASS_SHARE) == before
     main(["--n", "40", "--width", "4", "--rounds", "1"])
-    assert "ours one batch whole" in capsys.readouterr().out
+    assert "ours one batch whole   median" in capsys.readouterr().out
