@@ -87,8 +87,8 @@ def _single(seed: int, make):
 
 
 def test_one_batch_is_sliced_like_a_list(monkeypatch):
-    """prepare(params, (x, y)) at a 64 KiB budget: passes of <= 2 rows (was one pass of 27), the
-    features (1e-12), eigenvalues, scores and self-scores (1e-10) of the one-pass state."""
+    """prepare(params, (x, y)) (or [(x, y)]) at a 64 KiB budget: passes of <= 2 rows (was one pass of
+    27), the features (1e-12), eigenvalues, scores and self-scores (1e-10) of the one-pass state."""
     fm, batch, test = _single(0, lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)))
     method = logra(fm, proj_dim=2)
     rows = _spy_rows(monkeypatch)
@@ -96,8 +96,12 @@ def test_one_batch_is_sliced_like_a_list(monkeypatch):
     assert rows == [27]
     rows.clear()
     monkeypatch.setenv("DATTRI_FN_MEMORY", "64K")
+    listed = method.prepare(fm.params, [batch])
+    assert max(rows) <= 2 and sum(rows) == 27
+    rows.clear()
     sliced = method.prepare(fm.params, batch)
     assert max(rows) <= 2 and sum(rows) == 27
+    assert torch.equal(listed.feature_rows(), sliced.feature_rows())
     assert torch.allclose(sliced.feature_rows(), whole.feature_rows(), rtol=1e-12, atol=1e-14)
     for ln in whole.eigvals:
         assert torch.allclose(sliced.eigvals[ln], whole.eigvals[ln], rtol=1e-10, atol=0)
