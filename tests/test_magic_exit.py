@@ -126,9 +126,10 @@ def test_magic_passes_early_exit_to_each_run():
 
 
 @pytest.mark.parametrize(("early_exit", "horizon", "match"), [
-    ((1.0, 4), "band", r"early_exit=...\): expected None or \(ratio >= 1.1, steps >= 1\), got \(1.0, 4\)"),
-    ((1.5, 0), "band", r"expected None or \(ratio >= 1.1, steps >= 1\)"),
-    ((1.5, 2.0), "auto", r"expected None or \(ratio >= 1.1"),
+    ((1.0, 4), "band", r"early_exit=...\): expected None or a pair \(ratio >= 1.1, steps >= 1\), "
+                       r"got \(1.0, 4\)"),
+    ((1.5, 0), "band", r"expected None or a pair \(ratio >= 1.1, steps >= 1\)"),
+    ((1.5, 2.0), "auto", r"expected None or a pair \(ratio >= 1.1"),
     ("fast", "auto", r"expected None or .*, got 'fast'"),
     ((1.5, 4), None, r"expected None unless horizon is 'auto' or 'band', got \(1.5, 4\) with "
                      r"horizon=None"),

@@ -241,7 +241,7 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
         ValueError: a task trained by L-BFGS (its line search is no fixed sequence of steps).
     """
     from ..attribute.magic import magic
-    from ..attribute.metagradient import EARLY_EXIT
+    from ..attribute.metagradient import EARLY_EXIT, _check_early_exit
     from ..attribute.trak import classification_margin_loss
     from ..eval.tasks import adam_run, order_seed, sgd_run, task_step
 
@@ -250,8 +250,12 @@ def magic_recipe(task, count: int = 1, *, checkpoint_every: int | None = None,
     device = task.x_train.device
     models = [task.make_model(c).to(device) for c in range(count)]
     fm = functional_model(models[0], task.loss_fn)
-    if isinstance(early_exit, str) and early_exit == "default":
+    if isinstance(early_exit, str):
+        if early_exit != "default":
+            raise ValueError(f"magic_recipe(early_exit=...): expected 'default', None or a pair "
+                             f"(ratio >= 1.1, steps >= 1), got {early_exit!r}.")
         early_exit = EARLY_EXIT if horizon in ("auto", "band") else None
+    early_exit = _check_early_exit("magic_recipe", early_exit, horizon)
     opts = dict(checkpoint_every=checkpoint_every, chunk_size=chunk_size, horizon=horizon,
                 early_exit=early_exit)
     if _is_classification(task):
