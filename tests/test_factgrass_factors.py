@@ -151,11 +151,17 @@ def test_a_loader_of_unknown_length_caches_the_factors_of_a_list(monkeypatch, on
 
 
 def test_a_state_whose_factors_another_factgrass_masked_is_refused(monkeypatch):
-    """The same blocks, other mask widths (mask_dim 3 vs 4): score/self_score refuse it by name."""
+    """The same blocks, other mask widths (mask_dim 3 vs 4): score/self_score refuse it by name,
+    by its recorded sketch, and (a state without one, saved before stop 23) by its factors' widths."""
     _factored(monkeypatch)
     fm, (x, y) = _problem("mlp", n=12, seed=2)
     state = factgrass(fm, proj_dim=8, mask_dim=3).prepare(fm.params, (x, y))
     other = factgrass(fm, proj_dim=8, mask_dim=4)
+    with pytest.raises(ValueError, match=r"factgrass.score\(state=...\): expected a FactGraSSState "
+                                         r"prepared with this factgrass's mask_dim=4, got one "
+                                         r"prepared with mask_dim=3"):
+        other.score(fm.params, state, None, (x[:2], y[:2]))
+    state = state._replace(sketch=None)
     with pytest.raises(ValueError, match=r"factgrass.score\(state=...\): expected a FactGraSSState "
                                          r"whose factors have the mask widths"):
         other.score(fm.params, state, None, (x[:2], y[:2]))

@@ -46,11 +46,13 @@ def test_kept_names_stay_defined_in_their_module(mod, names):
 
 def test_state_hashes_are_those_before_the_split():
     """state_hash of fixed LoGraState/FactGraSSState values == their hashes at a7b12ee (before the split);
-    FactGraSSState's since stop 23, when it gained the train_factors field (None here)."""
+    FactGraSSState's since stop 23, when it gained the train_factors and sketch fields (None here)."""
     t = torch.arange(12, dtype=torch.float64).reshape(3, 4)
     lo = LoGraState({"0": (None, t[:, :2])}, {"0": (t[:2, :2], t[:3, :3])}, {"0": t[:3, :2]}, None,
                     {"0": (t[:, :2], t[:, 2:])})
     fg = FactGraSSState((("0", 0, 2), ("1", 2, 4)), {"0": t[:2, :2], "1": t[1:, 1:3]}, t)
     assert state_hash(lo) == "a901d45eb17ee237fabd64fa32c150c8397504fcba25d159425bd80179a89fad"
-    # the tree spec holds the new field: 40c82692... before it (a7b12ee to 08e3a9f)
-    assert state_hash(fg) == "7c7474488c84018a9ddc66b8d9ee6ccf9fdb7957ead31f23eb0f04a2ef6b2e56"
+    # the tree spec holds every field, None or not (torch's pytree flattens any NamedTuple class
+    # by its fields; no class can flatten otherwise): 40c82692... at a7b12ee to 08e3a9f (4 fields),
+    # 7c747448... with train_factors (stop 23, unreleased), this with sketch (review R2 F2)
+    assert state_hash(fg) == "7401b99a2d83f9fc14ffe53b7ebfe1738865714150fadc24f3832954ffb1d4a9"

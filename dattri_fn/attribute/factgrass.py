@@ -67,6 +67,7 @@ from .factgrass_blocks import (
     _blocks_of,
     _cached,
     _check_blocks,
+    _check_sketch,
     _factor_rows,
     _Factors,
     _precondition,
@@ -127,6 +128,11 @@ class FactGraSSState(NamedTuple):
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
             Held where the features would take more than ``memory_budget() // PASS_SHARE // 2``
             bytes (2 MiB by default), else None and the features are cached.
+        sketch: what the cached rows and the inverses depend on besides the blocks,
+            ``(("seed", s), ("kind", k), ("mask_dim", k'), ("proj_dim", d), ("curvature", c),
+            ("damping", lam))`` (``lam`` None for ``curvature="identity"``): ``score``,
+            ``self_score`` and ``feature_rows`` refuse a state whose ``sketch`` differs from
+            their factgrass's, by name. None (a state saved before stop 23): not checked.
     """
 
     blocks: tuple
@@ -134,6 +140,7 @@ class FactGraSSState(NamedTuple):
     train_features: Tensor | None
     plan: PlanDecisions | None = None
     train_factors: dict | None = None
+    sketch: tuple | None = None
 
     def cached_rows(self) -> int | None:
         """The number of training examples whose features the state holds (None: none)."""
@@ -208,6 +215,11 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         raise ValueError(_msg(name, "model", "an attributed nn.Linear, Conv1D, Conv2d or "
                               "Embedding layer", "none"))
     k1 = mask_dim if mask_dim is not None else max(1, round((blowup * proj_dim) ** 0.5))
+    # a state scored with another seed, kind or curvature would meet rows sketched, or inverses
+    # formed, another way: its scores mean nothing (review R2 F2: 1.2-12x off), so it is refused
+    fingerprint = (("seed", seed), ("kind", kind), ("mask_dim", k1), ("proj_dim", proj_dim),
+                   ("curvature", curvature),
+                   ("damping", damping if curvature == "fisher" else None))
 
     def draw(params: dict) -> _Sketches:
         """The sketches of parameters of these shapes, drawn from the seed (explicit values:
@@ -286,11 +298,12 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             # a batch with positions (a [b, T, in]) is not one factor pair per example
             return io if all(a.ndim == 2 for a, _ in io.values()) else None
 
-        def flat_sides(io: dict):
+        def flat_sides(io: dict, caller: frozenset = frozenset()):
             """``(block, start, stop, P_in^T [a, 1], P_out^T g)`` of each layer in turn: its
             projected sides (stage 1's factors, as :func:`_flat_sketch` forms them). Each
             layer's ``a`` and ``g`` leave ``io`` as its sides are formed, so a caller that
-            takes the sides one by one never holds both for all layers."""
+            takes the sides one by one never holds both for all layers. ``caller``: the
+            storages of the part's own tensors; a side that views one is copied."""
             p = held[0]
             for blk, s, e in cols:
                 wk, bk = p.layers[blk]
@@ -300,6 +313,11 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 if wk is None:  # a bias alone: its factor is the ones column
                     a = a.new_ones((*a.shape[:-1], 1))
                 pa, pg = stage1.project_sides(blk, a, g, ones=bk is not None and wk is not None)
+                # a side kept whole is the layer input itself: for a first layer, the caller's
+                # batch. A cache holding it would move with the caller's in-place changes (and
+                # keep its whole storage alive)
+                pa, pg = (t.clone() if t.untyped_storage().data_ptr() in caller else t
+                          for t in (pa, pg))
                 a = g = None
                 yield blk, s, e, pa, pg
                 pa = pg = None
@@ -326,6 +344,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             b = batch_size(func, arg, batch)
             in_bytes = sum(t.nbytes for t in batch_leaves(batch))
             step = b if chunk_size is None else chunk_size
+            # the storages of the caller's tensors (a part is a view of them)
+            caller = frozenset(t.untyped_storage().data_ptr() for t in batch_leaves(batch)
+                               if t.numel())
             for s in range(0, b, step):
                 part = batch if step >= b else batch_slice(batch, s, s + step)
                 c = min(step, b - s)
@@ -340,7 +361,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
                 if step >= b:
                     batch = None
                 like = (S if io is None else next(iter(io.values()))[1]).new_empty(0)
-                yield s, c, b, like, None if io is None else flat_sides(io), S
+                yield s, c, b, like, None if io is None else flat_sides(io, caller), S
                 io = S = None
 
         def write_rows(sides, S: Tensor | None, out: Tensor) -> None:
@@ -500,7 +521,8 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         features = None if not cache_features or factors is not None else buf if (
             buf is not None) else feats[0] if len(feats) == 1 else torch.cat(feats)
         return FactGraSSState(blocks, inverses, features,
-                              plan_decisions(checked) if checked.checked else None, factors)
+                              plan_decisions(checked) if checked.checked else None, factors,
+                              fingerprint)
 
     def check_state(func: str, state) -> LayerPlan | None:
         """Raise unless ``state`` is a FactGraSSState this model's plan can take; return the
@@ -508,6 +530,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         if not isinstance(state, FactGraSSState):
             raise TypeError(_msg(func, "state", "the FactGraSSState returned by factgrass's "
                                  "prepare", type(state).__name__))
+        _check_sketch(func, state, fingerprint)
         if state.plan is None:
             return None
         try:
@@ -515,6 +538,19 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         except (TypeError, ValueError) as err:  # decisions made for another model
             raise ValueError(_msg(func, "state", "the FactGraSSState of this factgrass's prepare",
                                   f"decisions this model's capture plan refuses ({err})")) from err
+
+    def state_params(func: str, params, state: FactGraSSState) -> dict:
+        """``state_of(func, params)``, refusing params of another dtype than the state's cached
+        train rows (they would meet test rows of the params' dtype)."""
+        got = state_of(func, params)
+        rows = state.train_features if state.train_features is not None else None if (
+            not state.train_factors) else next(iter(state.train_factors.values()))[0]
+        dtype = next(iter(got.values())).dtype
+        if rows is not None and rows.dtype != dtype:
+            raise ValueError(_msg(func, "params", f"params in {rows.dtype}, the dtype of the "
+                                  "state's cached train rows", f"{dtype}",
+                                  "Cast the params, or call prepare again with them."))
+        return got
 
     def factor_rows(sk: _Sketches, state: FactGraSSState, device):
         """``(form, spans)``: ``form(r0, r1)`` gives the features of the state's cached
@@ -527,7 +563,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
               largest: bool = True) -> Tensor | TopK:
         func = f"{name}.score"
         held = check_state(func, state)
-        params = state_of(func, params)
+        params = state_params(func, params, state)
         device = next(iter(params.values())).device
         check_optional_int(func, "top_k", top_k)
         sk = sketch_for(params)
@@ -565,7 +601,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
     def self_score(params, state: FactGraSSState, train) -> Tensor:
         func = f"{name}.self_score"
         held = check_state(func, state)
-        params = state_of(func, params)
+        params = state_params(func, params, state)
         device = next(iter(params.values())).device
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[0])
@@ -598,7 +634,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
             return state.train_features[start:stop]
         if state.train_factors is None:
             return None
-        params = state_of(func, params)
+        params = state_params(func, params, state)
         sk = sketch_for(params)
         _check_blocks(func, state, sk)
         form, spans = factor_rows(sk, state, next(iter(params.values())).device)

@@ -85,6 +85,21 @@ def _check_blocks(func: str, state: FactGraSSState, sk: _Sketches) -> None:
                               "factgrass)."))
 
 
+def _check_sketch(func: str, state: FactGraSSState, want: tuple) -> None:
+    """Raise unless ``state.sketch`` (seed, kind, mask width, proj_dim, curvature, damping) is
+    ``want``, naming the first setting that differs; a state without one (saved before it was
+    recorded) is taken as it is."""
+    held = state.sketch
+    if held is None or tuple(map(tuple, held)) == want:
+        return
+    got, own = dict(held), dict(want)
+    diff = [k for k in own if got.get(k, object()) != own[k]] or sorted(set(got) - set(own))
+    key = diff[0]
+    raise ValueError(_msg(func, "state", f"a FactGraSSState prepared with this factgrass's "
+                          f"{key}={own.get(key)!r}", f"one prepared with {key}={got.get(key)!r}",
+                          "Score with the factgrass that prepared it, or call prepare again."))
+
+
 def _cached(feats: Tensor):
     """The cached rows as (row fn, index blocks of 4096 rows)."""
     n, block = feats.shape[0], 4096
@@ -97,7 +112,10 @@ def _spans(n: int, width: int, stage1_width: int, itemsize: int, least: int) -> 
     from their factors at once: a power of two of rows (at most 4096) whose stage-1 and feature
     rows take at most a quarter of the bytes of all ``n`` features, and at least ``least``
     bytes. They depend on ``n`` and the widths only, so ``prepare``'s Fisher and every ``score``
-    form the same rows with the same products, however the examples came in passes."""
+    form the same rows with the same products, and the Fisher is summed in the same order
+    however the examples came in passes. (The factors themselves are not bit-identical across
+    groupings: a capture pass's GEMMs round differently at other row counts, ~1e-7 relative
+    in float32; where the passes give the same factors, the Fisher and scores are the same bits.)"""
     cap = max(least, n * width * itemsize // 4) // max(1, (stage1_width + width) * itemsize)
     rows = 1 << max(0, min(12, cap.bit_length() - 1))
     return [(s, min(n, s + rows)) for s in range(0, n, rows)]
