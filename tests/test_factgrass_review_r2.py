@@ -1,6 +1,7 @@
 """Review R2's findings on FactGraSS's factored train cache (stop 23): a state owns its rows (F1), a
 state is refused by a factgrass of another sketch or curvature (F2), several row spans against brute
-force (F4), and params of another dtype than the cached rows are refused by name (F6)."""
+force (F4), one-example parts cache features (F5, as documented), and params of another dtype than
+the cached rows are refused by name (F6)."""
 
 import sys
 
@@ -209,3 +210,23 @@ def test_several_row_spans_against_the_brute_force(monkeypatch, data):
         top = m.score(fm.params, state, None, test, top_k=5, largest=largest)
         want = S.topk(5, dim=0, largest=largest)
         assert torch.equal(top.indices, want.indices) and torch.equal(top.values, want.values)
+
+
+@pytest.mark.parametrize("how", ["loader", "chunk"])
+def test_one_example_parts_cache_features(monkeypatch, how):
+    """Parts of one example (DataLoader(batch_size=1), chunk_size=1) never take the flat path: the state
+    caches features, and its scores == brute force (1e-10)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _form(monkeypatch, "factors")
+    fm, (x, y) = _problem("mlp", n=12, seed=7)
+    m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2, chunk_size=1 if how == "chunk" else None)
+    train = DataLoader(TensorDataset(x, y), batch_size=1) if how == "loader" else (x, y)
+    state = m.prepare(fm.params, train)
+    assert state.train_factors is None and state.train_features.shape == (12, 32)
+    feats, ref = _brute_features(fm, (x, y), 16, 5, 2), 0
+    for f in feats:
+        Fb = f.T @ f / 12
+        ref = ref + f @ torch.linalg.solve(Fb + 0.1 * Fb.diagonal().mean() * torch.eye(16, dtype=DT), f[:3].T)
+    S = m.score(fm.params, state, None, (x[:3], y[:3]))
+    torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))

@@ -127,7 +127,9 @@ class FactGraSSState(NamedTuple):
             ``d_b``; ``phi_i = R^T vec(g'_i a'_i^T)`` is formed from them in fixed row spans
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
             Held where the features would take more than ``memory_budget() // PASS_SHARE // 2``
-            bytes (2 MiB by default), else None and the features are cached.
+            bytes (2 MiB by default), else None and the features are cached. Data whose every
+            part has one example (a loader of ``batch_size=1``, or ``chunk_size=1``) never takes
+            the flat path (the plan is checked on a part of 2 or more): its features are cached.
         sketch: what the cached rows and the inverses depend on besides the blocks,
             ``(("seed", s), ("kind", k), ("mask_dim", k'), ("proj_dim", d), ("curvature", c),
             ("damping", lam))`` (``lam`` None for ``curvature="identity"``): ``score``,
