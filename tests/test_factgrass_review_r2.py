@@ -230,3 +230,16 @@ def test_one_example_parts_cache_features(monkeypatch, how):
         ref = ref + f @ torch.linalg.solve(Fb + 0.1 * Fb.diagonal().mean() * torch.eye(16, dtype=DT), f[:3].T)
     S = m.score(fm.params, state, None, (x[:3], y[:3]))
     torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-10 * float(ref.abs().max()))
+
+
+def test_a_saved_factored_state_holds_its_own_rows_only(monkeypatch, tmp_path):
+    """Bytes saved for a factored state prepared on big[:10] == bytes for one prepared on a 10-row copy."""
+    _form(monkeypatch, "factors")
+    fm, _ = _biasless(1, 3)
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(20000, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (10,), generator=g)
+    m = factgrass(fm, proj_dim=16, mask_dim=8)
+    view = io.save(m.prepare(fm.params, (big[:10], y)), tmp_path / "view.pt")
+    copy = io.save(m.prepare(fm.params, (big[:10].clone(), y)), tmp_path / "copy.pt")
+    assert view.stat().st_size == copy.stat().st_size < 20000 * 5 * 8
