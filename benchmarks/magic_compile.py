@@ -7,8 +7,9 @@ One digits-cnn run (init seed 0, ``SGD_HPARAMS``), the state before step ``T/2``
 ``vjp_step``; 50 targets in chunks of 10. Three forms of one reverse step: ``eager`` (the
 library's: ``vjp`` once, its pullback vmapped in chunks), ``per-chunk`` (``torch.compile`` of
 ``vmap(vjp(step)[1])`` on one chunk, called per chunk: the forward is recomputed per chunk) and
-``whole`` (``torch.compile`` of the eager function, chunking inside). Prints each compiled form's
-first-call cost (thread CPU, and process + children CPU: inductor's C++ compiles run in child
+``whole`` (``torch.compile`` of the eager function, chunking inside); ``--no-mask``: the GEMM-conv
+step without the mask ReLUs (the recipe's before :mod:`dattri_fn.training.mask_relu`). Prints each
+compiled form's first-call cost (thread CPU, and process + children CPU: inductor's C++ compiles run in child
 processes), its largest relative difference from eager (state cotangent, weight cotangents), then
 thread CPU ms per step for each form interleaved over ``--rounds`` rounds, the medians and the
 median per-round ratio to eager. A fresh cache directory measures a cold compile.
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--forms", default="per-chunk,whole", help="compiled forms to time")
+    p.add_argument("--no-mask", action="store_true",
+                   help="differentiate the GEMM-conv step without the mask ReLUs (before stop 23)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     task = get_task("digits-cnn", n_train=500, n_test=50, seed=0, hparams=dict(SGD_HPARAMS))
@@ -56,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          weight_decay=hp.get("weight_decay", 0.0), batch_size=hp["batch_size"],
                          momentum=hp["momentum"])
     step = make_step(fm, opt)
-    vstep = _gemm_vjp_step(task.make_model(0), task.loss_fn, opt)
+    if args.no_mask:
+        from dattri_fn.training.gemm_conv import with_gemm_convs
+
+        gemm = with_gemm_convs(task.make_model(0), ["0"])
+        vstep = make_step(functional_model(gemm, task.loss_fn), opt)
+    else:
+        vstep = _gemm_vjp_step(task.make_model(0), task.loss_fn, opt)
     target = functional_model(task.make_model(0), classification_margin_loss).loss
     data, test = (task.x_train, task.y_train), (task.x_test, task.y_test)
     T = len(order)

@@ -247,9 +247,10 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             tensors (:mod:`~dattri_fn.training.mask_relu`; digits-cnn a further ~0.9x, the same
             bits on the measured runs). Nothing checks the equality. ``torch.compile`` of one
             chunk's vjp + vmapped pullback compiles in torch 2.13 (CPU inductor; weights move
-            3e-6 relative in float32): with the GEMM conv alone 0.99x per digits-cnn step, with
-            the mask ReLUs too 0.75-0.79x, for 47-54 CPU-s of cold compiling per shape (4.5 with
-            a warm inductor cache); not wired in (``benchmarks/magic_compile.py``).
+            3e-6 relative in float32): per digits-cnn step 0.67-0.79x of eager at load 1.8-2.6
+            (0.75x with the GEMM conv alone there, but 0.99x at load 6.6), for 30-54 CPU-s of cold
+            compiling per shape (4.5 with a warm inductor cache); not wired in
+            (``benchmarks/magic_compile.py``).
         early_exit: ``(R, W)`` with ``R >= 1.1``, only with ``"auto"``/``"band"``: stop walking
             target ``j`` back once its params-cotangent norm has stayed above ``R`` times its
             running minimum for ``W`` consecutive steps (``|thetabar^j_{T-K}| > R min_{K' <= K}
