@@ -157,8 +157,9 @@ def _row_ids(index, V: int, device) -> Tensor | str:
         if not -V <= index < V:
             return f"a row {index} out of range"
         return torch.tensor(index % V, device=device)
-    if isinstance(index, Tensor) and not index.is_floating_point() and index.dtype != torch.bool \
-            and not index.is_complex():
+    # torch indexes by a bool or uint8 tensor as a mask (review R7 F5), not as row ids
+    if isinstance(index, Tensor) and not index.is_floating_point() and \
+            index.dtype not in (torch.bool, torch.uint8) and not index.is_complex():
         return torch.where(index < 0, index + V, index)
     return f"an index {_show(index)} that is not a slice, an int or integer rows"
 

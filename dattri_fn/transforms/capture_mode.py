@@ -75,7 +75,7 @@ class _Capture(TorchFunctionMode):
         self.records: dict[str, list[_Record]] = {n: [] for n in specs}
         # outputs of Embedding calls shared by the batch, and of flat ones (capture_norm)
         self.pending: dict[int, object] = {}
-        self.watch: dict[int, tuple[str, Tensor]] = {}
+        self.watch: dict[int, tuple[str, Tensor, bool]] = {}
         self.offsets = dict.fromkeys(specs, 0)
         self.made: dict[str, list[Tensor]] = {n: [] for n in specs}
         self.versions: list[tuple[Tensor, int]] = []
@@ -155,8 +155,8 @@ class _Capture(TorchFunctionMode):
         if kind == "bare" and call is not None and call[0] in _ROW_READS:
             self.rows_read.add(name)
             kind = call[0]
-        elif kind == "bare" and call is None and len(hits) == 1 and func in _WHOLE and any(
-                self.roles.get(id(t)) == (name, "weight") for t in args[:2]):
+        elif kind == "bare" and call is None and len(hits) == 1 and func in _WHOLE and \
+                self._whole_operand(name, args) is not None:
             return self._whole(name, func, args, kwargs)
         if len(layers) > 1:
             why = f"shares a {_name(func)} call with layer(s) {sorted(layers - {name})}"
@@ -178,14 +178,29 @@ class _Capture(TorchFunctionMode):
         out = func(*args, **kwargs)
         self.records[name].append(_Record(a, flat))
         out = call[2](self, name, out, T)
-        if flat and call[0] in ("embedding", "bare"):
-            self.watch[id(out)] = (name, out)
+        if call[0] in ("embedding", "bare"):
+            # ids batch-first by shape alone (shared [T, T] ids at B == T look so too): their
+            # rows are one per example only if no binary op broadcasts them (capture_norm)
+            self.watch[id(out)] = (name, out, flat)
         return out
 
+    def _whole_operand(self, name: str, args) -> int | None:
+        """The position of bare weight ``name`` in a two-operand add whose other operand is a
+        batch-first tensor, else None (``w + 1.0``, ``1 + w``: not a row read, review R7 F4)."""
+        if len(args) < 2:
+            return None
+        for j, t in enumerate(args[:2]):
+            o = args[1 - j]
+            if self.roles.get(id(t)) == (name, "weight") and isinstance(o, Tensor) and o.ndim \
+                    and self.batch is not None and o.shape[0] == self.batch:
+                return j
+        return None
+
     def _whole(self, name: str, func, args, kwargs):
-        """``x + W`` (``W - x``, ``x += W``, ...) of a bare weight ``W`` itself: all its rows read
-        (``W[:]``, ids ``0..V-1``) and used by this add, as a row read (:mod:`.capture_norm`)."""
-        i = next(j for j, t in enumerate(args[:2]) if self.roles.get(id(t)) == (name, "weight"))
+        """``x + W`` (``W - x``, ``x += W``, ...) of a bare weight ``W`` itself with a batch-first
+        ``x``: all its rows read (``W[:]``, ids ``0..V-1``) and used by this add, as a row read
+        (:mod:`.capture_norm`)."""
+        i = self._whole_operand(name, args)
         w = args[i]
         self.rows_read.add(name)
         rows = w[:]  # a view of its own (the mode is off inside its handler): held until used

@@ -58,6 +58,7 @@ class _Pending(NamedTuple):
     name: str
     out: Tensor  # held so that its id stays its own for the whole forward
     idx: Tensor
+    grad: bool  # grad mode at the read
 
 
 def layer_norm_inspect(mode: _Capture, name, args, kwargs):
@@ -109,7 +110,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
     the pending output's problem is recorded): the call then goes the usual way."""
     from .capture_mode import _benign
 
-    if mode.watch:
+    if mode.watch and not _benign(func):  # a shape or dtype query is no use of the rows
         for _, x in _operands(args, kwargs):
             for t in _tensors(x):
                 hit = mode.watch.pop(id(t), None)
@@ -117,9 +118,11 @@ def watched_call(mode: _Capture, func, args, kwargs):
                     continue
                 other = [o for _, y in _operands(args, kwargs) for o in _tensors(y) if o is not t]
                 if func in _BINARY | _INPLACE and other and other[0].ndim > t.ndim:
+                    ids = (f"flat indices [{t.shape[0]}]" if hit[2] else
+                           f"indices, batch-first by shape only, give rows {list(t.shape)} that")
                     mode.problems.setdefault(hit[0], (
-                        f"its flat indices [{t.shape[0]}] are broadcast as positions against "
-                        f"{list(other[0].shape)} (B = {mode.batch}): not one row per example"))
+                        f"its {ids} are broadcast as positions against {list(other[0].shape)} "
+                        f"(B = {mode.batch}): not one row per example"))
     if not mode.pending:
         return mode
     found = [(i, t) for i, x in _operands(args, kwargs) for t in _tensors(x)
@@ -167,6 +170,8 @@ def _broadcast_use(mode: _Capture, func, args, kwargs, found) -> str | None:
     if len(found) > 1:
         return f"is read twice by one {_name(func)} call"
     i, t = found[0]
+    if torch.is_grad_enabled() and not mode.pending[id(t)].grad:
+        return "is read under torch.no_grad() and used outside it"
     if func not in _BINARY and not (func in _INPLACE and i == 1):
         return f"reaches {_name(func)}, not an add, subtract or multiply with the batch"
     if not isinstance(i, int) or i > 1 or len(args) < 2 or "out" in kwargs:
@@ -182,10 +187,16 @@ def _broadcast_use(mode: _Capture, func, args, kwargs, found) -> str | None:
         return f"does not broadcast against {list(o.shape)}"
     if shape != o.shape or (t.ndim == o.ndim and t.shape[0] != 1):
         return f"meets {list(o.shape)} with a result that is not one copy per example"
+    if t.ndim > mode.pending[id(t)].idx.ndim and t.shape[-1] != o.shape[-1]:
+        # a 2-D weight's rows of width 1 broadcast over the width (review R7 F3): g would have
+        # the use's width, not the row's
+        return f"has rows of width {t.shape[-1]} broadcast over {list(o.shape)}'s width"
     return None
 
 
 def hold(mode: _Capture, name: str, out: Tensor, idx: Tensor) -> Tensor:
-    """Hold a broadcast call's output back until its use (:func:`watched_call`)."""
-    mode.pending[id(out)] = _Pending(name, out, idx)
+    """Hold a broadcast call's output back until its use (:func:`watched_call`), with the grad
+    mode of its read: rows read under ``torch.no_grad()`` and used outside it would get the
+    use's probe, a gradient vmap(grad) does not give them (review R7 F2)."""
+    mode.pending[id(out)] = _Pending(name, out, idx, torch.is_grad_enabled())
     return out
