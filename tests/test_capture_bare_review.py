@@ -82,6 +82,11 @@ def rel_inplace(m, idx):
     return _attend(m, x, s)
 
 
+def rel_contiguous(m, idx):
+    x, s = _scores(m, idx)
+    return _attend(m, x, s + m.rel[_rid(idx.shape[1])].contiguous())  # returns the rows themselves
+
+
 def rel_unsqueezed(m, idx):
     x, s = _scores(m, idx)
     return _attend(m, x, s + m.rel[_rid(idx.shape[1])].unsqueeze(0))
@@ -102,8 +107,8 @@ def _rows(fm, plan, batch):
     return (got - per_sample_grad(fm.loss, fm.params, batch)).abs().max().item()
 
 
-@pytest.mark.parametrize("fwd", [rel_add, rel_radd_after_shape_query, rel_inplace, rel_unsqueezed,
-                                 emb_add])
+@pytest.mark.parametrize("fwd", [rel_add, rel_radd_after_shape_query, rel_inplace, rel_contiguous,
+                                 rel_unsqueezed, emb_add])
 def test_shared_2d_ids_checked_at_b_ne_t_stay_exact_at_b_eq_t(fwd):
     """Ids [T, T] shared by the batch look batch-first at B == T: G(plan) = vmap(grad) at 1e-10
     on B == T batches of a plan checked at B != T, with a warning naming the table when the

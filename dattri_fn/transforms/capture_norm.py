@@ -111,11 +111,13 @@ def watched_call(mode: _Capture, func, args, kwargs):
     from .capture_mode import _benign
 
     if mode.watch and not _benign(func):  # a shape or dtype query is no use of the rows
+        kept = None
         for _, x in _operands(args, kwargs):
             for t in _tensors(x):
                 hit = mode.watch.pop(id(t), None)
                 if hit is None:
                     continue
+                kept = (t, hit)
                 other = [o for _, y in _operands(args, kwargs) for o in _tensors(y) if o is not t]
                 if func in _BINARY | _INPLACE and other and other[0].ndim > t.ndim:
                     ids = (f"flat indices [{t.shape[0]}]" if hit[2] else
@@ -123,6 +125,12 @@ def watched_call(mode: _Capture, func, args, kwargs):
                     mode.problems.setdefault(hit[0], (
                         f"its {ids} are broadcast as positions against {list(other[0].shape)} "
                         f"(B = {mode.batch}): not one row per example"))
+        if kept is not None and func not in _BINARY | _INPLACE and not mode.pending \
+                and not mode._hits(args, kwargs):
+            out = func(*args, **kwargs)
+            if out is kept[0]:  # .contiguous(), .to(its own dtype): the rows themselves, still watched
+                mode.watch[id(out)] = kept[1]
+            return out
     if not mode.pending:
         return mode
     found = [(i, t) for i, x in _operands(args, kwargs) for t in _tensors(x)
