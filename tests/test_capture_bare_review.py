@@ -249,3 +249,21 @@ def test_per_example_rows_used_batch_first_stay_captured_at_b_eq_t():
         assert "pos" in plan.bare
         for n, T in [(5, 5), (4, 4)]:
             assert _rows(fm, plan, data(1, n, T)) <= 1e-10
+
+
+@pytest.mark.parametrize("table", ["pos", "tok"])
+def test_per_example_rows_read_under_no_grad_have_zero_rows(table):
+    """Per-example rows (ids from the data) read under no_grad, used outside it: g = 0 as from
+    vmap(grad), on a plan checked at B != T and applied at B == T."""
+    def fwd(m, idx):
+        with torch.no_grad():
+            pe = m.pos[idx] if table == "pos" else m.tok(idx)
+        x = m.tok(idx) if table == "pos" else m.pos[idx]
+        return m.head(torch.tanh(m.fc(x + pe))).mean(1)
+
+    fm = functional_model(Net(fwd, ("pos",)), F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = check_plan(layer_plan(fm), fm.params, data(0, 3, 5))
+        for n, T in [(3, 5), (5, 5)]:
+            assert _rows(fm, plan, data(1, n, T)) <= 1e-10
