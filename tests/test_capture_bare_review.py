@@ -92,6 +92,16 @@ def rel_unsqueezed(m, idx):
     return _attend(m, x, s + m.rel[_rid(idx.shape[1])].unsqueeze(0))
 
 
+def rel_none(m, idx):
+    x, s = _scores(m, idx)
+    return _attend(m, x, s + m.rel[_rid(idx.shape[1])][None])
+
+
+def rel_expanded(m, idx):
+    x, s = _scores(m, idx)
+    return _attend(m, x, s + m.rel[_rid(idx.shape[1])].expand(idx.shape[0], -1, -1))
+
+
 def emb_add(m, idx):
     x, s = _scores(m, idx)
     return _attend(m, x, (s[..., None] + m.remb(_rid(idx.shape[1])))[..., 0])
@@ -108,7 +118,7 @@ def _rows(fm, plan, batch):
 
 
 @pytest.mark.parametrize("fwd", [rel_add, rel_radd_after_shape_query, rel_inplace, rel_contiguous,
-                                 rel_unsqueezed, emb_add])
+                                 rel_unsqueezed, rel_none, rel_expanded, emb_add])
 def test_shared_2d_ids_checked_at_b_ne_t_stay_exact_at_b_eq_t(fwd):
     """Ids [T, T] shared by the batch look batch-first at B == T: G(plan) = vmap(grad) at 1e-10
     on B == T batches of a plan checked at B != T, with a warning naming the table when the
@@ -267,3 +277,17 @@ def test_per_example_rows_read_under_no_grad_have_zero_rows(table):
         plan = check_plan(layer_plan(fm), fm.params, data(0, 3, 5))
         for n, T in [(3, 5), (5, 5)]:
             assert _rows(fm, plan, data(1, n, T)) <= 1e-10
+
+
+@pytest.mark.parametrize("fwd", [rel_unsqueezed, rel_none, rel_expanded])
+def test_shared_rows_moved_behind_new_dims_at_b_eq_t_are_refused(fwd):
+    """rel[rid] [T, T] at B == T moved behind a new leading dim (unsqueeze(0), [None], expand):
+    refused by name at the read's use, whatever the check's tolerance; the rest captured, exact."""
+    fm = functional_model(Net(fwd, ("q", "k", "rel")), F.cross_entropy)
+    with pytest.warns(RuntimeWarning, match=r"rel: its rows \[3, 3\], batch-first by shape only, "
+                                            r"are moved behind new dims"):
+        plan = check_plan(layer_plan(fm), fm.params, data(0, 3, 3))
+    assert "rel" in plan.autodiff and "q" in plan.captured and not plan.dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _rows(fm, plan, data(1, 3, 3)) <= 1e-10

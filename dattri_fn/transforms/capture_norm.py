@@ -108,7 +108,7 @@ def watched_call(mode: _Capture, func, args, kwargs):
     Returns the call's result, or ``mode`` itself when no such output is read (or only a
     watched one, whose check is done; or the call also reads a selected layer's tensors, after
     the pending output's problem is recorded): the call then goes the usual way."""
-    from .capture_mode import _benign
+    from .capture_mode import _benign, _name
 
     if mode.watch and not _benign(func):  # a shape or dtype query is no use of the rows
         kept = None
@@ -128,8 +128,16 @@ def watched_call(mode: _Capture, func, args, kwargs):
         if kept is not None and func not in _BINARY | _INPLACE and not mode.pending \
                 and not mode._hits(args, kwargs):
             out = func(*args, **kwargs)
-            if out is kept[0]:  # .contiguous(), .to(its own dtype): the rows themselves, still watched
-                mode.watch[id(out)] = kept[1]
+            t, hit = kept
+            if out is t:  # .contiguous(), .to(its own dtype): the rows themselves, still watched
+                mode.watch[id(out)] = hit
+            elif isinstance(out, Tensor) and out.ndim > t.ndim and out.shape[-t.ndim:] == t.shape:
+                # unsqueeze(0), [None], expand(k, ...): new dims before the rows' batch dim, the
+                # form of rows shared by the batch (ids [T, T] at B == T), never of per-example ones
+                mode.problems.setdefault(hit[0], (
+                    f"its rows {list(t.shape)}, batch-first by shape only, are moved behind new "
+                    f"dims ({list(out.shape)}) by {_name(func)} (B = {mode.batch}): positions "
+                    f"shared by the batch, not one row per example"))
             return out
     if not mode.pending:
         return mode
