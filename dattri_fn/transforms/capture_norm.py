@@ -22,9 +22,21 @@ such use is one record (a wpe read twice is two, summed); any other use of the p
 (a ``cat``, a view, an in-place op on it, a second pending operand) is a problem. An op that
 returns the pending tensor itself (``.to(device)`` on its own device) is transparent.
 
-The converse hazard is checked too: indices ``[T]`` with ``T = B`` look batch-first, so the
-call is captured as ``B`` flat rows; if that ``[B, d]`` output then meets a tensor of more
-dims in a binary op, it is broadcast over the batch (positions, not examples): a problem.
+Rows held this way remember the grad mode of their read: read under ``torch.no_grad()`` and
+used outside it, they would get the use's probe (a gradient vmap(grad) does not give them), so
+that use is a problem. Rows of width 1 (a ``[V, 1]`` table) broadcast over the use's width are
+a problem too (``g`` would have the use's width).
+
+The converse hazard is checked too: ids shared by the batch look batch-first when their first
+dim happens to equal ``B`` (``[T]`` ids at ``T = B``; a relative-position bias's ``[T, T]`` ids
+at ``T = B``), so the call is captured as per-example rows. Every per-example row read (an
+Embedding's or a bare weight's) is therefore watched up to its first use: a binary or in-place
+op with a tensor of more dims (the rows broadcast over the batch), or an op that puts new dims
+before the rows' batch dim (``unsqueeze(0)``, ``[None]``, ``expand(k, ...)``), is a problem. An
+op that returns the rows themselves (``.contiguous()``) keeps them watched; a shape or dtype
+query is no use. Other shape ops on such rows are refused when the plan is checked at a batch
+with ``B`` different from those dims (they are held there), which is how the plan check sees
+them; checked at ``B = T``, the comparison with vmap(grad) is what catches them.
 """
 
 from __future__ import annotations
