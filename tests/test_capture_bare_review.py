@@ -102,6 +102,11 @@ def rel_expanded(m, idx):
     return _attend(m, x, s + m.rel[_rid(idx.shape[1])].expand(idx.shape[0], -1, -1))
 
 
+def rel_transposed_scaled(m, idx):
+    x, s = _scores(m, idx)
+    return _attend(m, x, s + 0.5 * m.rel[_rid(idx.shape[1])].transpose(0, 1).neg())
+
+
 def emb_add(m, idx):
     x, s = _scores(m, idx)
     return _attend(m, x, (s[..., None] + m.remb(_rid(idx.shape[1])))[..., 0])
@@ -118,7 +123,7 @@ def _rows(fm, plan, batch):
 
 
 @pytest.mark.parametrize("fwd", [rel_add, rel_radd_after_shape_query, rel_inplace, rel_contiguous,
-                                 rel_unsqueezed, rel_none, rel_expanded, emb_add])
+                                 rel_unsqueezed, rel_none, rel_expanded, rel_transposed_scaled, emb_add])
 def test_shared_2d_ids_checked_at_b_ne_t_stay_exact_at_b_eq_t(fwd):
     """Ids [T, T] shared by the batch look batch-first at B == T: G(plan) = vmap(grad) at 1e-10
     on B == T batches of a plan checked at B != T, with a warning naming the table when the
@@ -291,3 +296,29 @@ def test_shared_rows_moved_behind_new_dims_at_b_eq_t_are_refused(fwd):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _rows(fm, plan, data(1, 3, 3)) <= 1e-10
+
+
+def test_shared_rows_through_same_rank_ops_at_b_eq_t_are_refused():
+    """rel[rid] [T, T] at B == T through transpose, neg and * 0.5 (same rank, dim 0 still of size B),
+    then added to [B, T, T]: still watched, refused by name at the add, the rest captured, exact."""
+    fm = functional_model(Net(rel_transposed_scaled, ("q", "k", "rel")), F.cross_entropy)
+    with pytest.warns(RuntimeWarning, match=r"rel: its indices, batch-first by shape only, give rows "
+                                            r"\[3, 3\] that are broadcast as positions against \[3, 3, 3\]"):
+        plan = check_plan(layer_plan(fm), fm.params, data(0, 3, 3))
+    assert "rel" in plan.autodiff and "q" in plan.captured and not plan.dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _rows(fm, plan, data(1, 3, 3)) <= 1e-10
+
+
+def test_rows_of_one_example_are_never_refused():
+    """B = 1: one example cannot be mixed with another, so rel[rid] at B = T = 1 stays captured
+    silently and exact (tok is used once, rows = vmap(grad))."""
+    fm = functional_model(Net(rel_none, ("q", "k", "rel")), F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = check_plan(layer_plan(fm), fm.params, data(0, 3, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _rows(fm, layer_plan(fm), data(1, 1, 1)) <= 1e-10
+        assert _rows(fm, plan, data(1, 1, 1)) <= 1e-10

@@ -131,19 +131,22 @@ def watched_call(mode: _Capture, func, args, kwargs):
                     continue
                 kept = (t, hit)
                 other = [o for _, y in _operands(args, kwargs) for o in _tensors(y) if o is not t]
-                if func in _BINARY | _INPLACE and other and other[0].ndim > t.ndim:
+                if func in _BINARY | _INPLACE and other and other[0].ndim > t.ndim and t.shape[0] != 1:
                     ids = (f"flat indices [{t.shape[0]}]" if hit[2] else
                            f"indices, batch-first by shape only, give rows {list(t.shape)} that")
                     mode.problems.setdefault(hit[0], (
                         f"its {ids} are broadcast as positions against {list(other[0].shape)} "
                         f"(B = {mode.batch}): not one row per example"))
-        if kept is not None and func not in _BINARY | _INPLACE and not mode.pending \
-                and not mode._hits(args, kwargs):
+        if kept is not None and not mode.pending and not mode._hits(args, kwargs):
             out = func(*args, **kwargs)
             t, hit = kept
-            if out is t:  # .contiguous(), .to(its own dtype): the rows themselves, still watched
+            if not isinstance(out, Tensor) or hit[0] in mode.problems or t.shape[0] == 1:
+                return out  # one example (B = 1) cannot be mixed with another
+            if out is t or (out.ndim == t.ndim and out.shape[0] == t.shape[0]):
+                # .contiguous(), * scale, .transpose(0, 1) of [T, T]: still rows with a batch-sized
+                # dim 0, watched to their next use
                 mode.watch[id(out)] = hit
-            elif isinstance(out, Tensor) and out.ndim > t.ndim and out.shape[-t.ndim:] == t.shape:
+            elif out.ndim > t.ndim and out.shape[-t.ndim:] == t.shape:
                 # unsqueeze(0), [None], expand(k, ...): new dims before the rows' batch dim, the
                 # form of rows shared by the batch (ids [T, T] at B == T), never of per-example ones
                 mode.problems.setdefault(hit[0], (
