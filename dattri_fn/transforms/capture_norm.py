@@ -33,10 +33,12 @@ at ``T = B``), so the call is captured as per-example rows. Every per-example ro
 Embedding's or a bare weight's) is therefore watched up to its first use: a binary or in-place
 op with a tensor of more dims (the rows broadcast over the batch), or an op that puts new dims
 before the rows' batch dim (``unsqueeze(0)``, ``[None]``, ``expand(k, ...)``), is a problem. An
-op that returns the rows themselves (``.contiguous()``) keeps them watched; a shape or dtype
-query is no use. Other shape ops on such rows are refused when the plan is checked at a batch
-with ``B`` different from those dims (they are held there), which is how the plan check sees
-them; checked at ``B = T``, the comparison with vmap(grad) is what catches them.
+op whose result keeps the rows' rank and a dim 0 of size ``B`` (``.contiguous()``, ``* scale``,
+``.transpose(0, 1)`` of ``[T, T]``) passes the watch on to its result; a shape or dtype query is
+no use; rows of one example (``B = 1``) cannot be mixed and are never refused. Other shape ops
+on such rows (a reshape to another rank, then a broadcast) are refused when the plan is checked
+at a batch whose ``B`` differs from those dims (the rows are held there); checked at ``B = T``,
+only the comparison with vmap(grad) catches them.
 """
 
 from __future__ import annotations
