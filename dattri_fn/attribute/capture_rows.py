@@ -156,3 +156,12 @@ def in_one_pass(func: str, test, train, row_bytes) -> tuple[list, list[int]] | N
     if sum(rows) > ONE_PASS_ROWS or sum(rows) * row_bytes(test) > memory_budget():
         return None
     return [test, *batches], rows
+
+
+def cached_row_count(features, factors: dict | None) -> int | None:
+    """Rows a cache holds: ``n`` of ``features [n, d]``, else the first factor's leading size (None: none)."""
+    if features is not None:
+        return features.shape[0]
+    if factors:
+        return next(iter(factors.values()))[0].shape[0]
+    return None

@@ -62,7 +62,7 @@ from ..transforms.layer_grads import (
 )
 from ..transforms.project import make_projector
 from .boundary import check_cached_train
-from .capture_rows import PASS_SHARE, can_merge, capture_row_bytes, merged_passes
+from .capture_rows import PASS_SHARE, cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .factgrass_blocks import (
     _blocks_of,
     _cached,
@@ -146,11 +146,7 @@ class FactGraSSState(NamedTuple):
 
     def cached_rows(self) -> int | None:
         """The number of training examples whose features the state holds (None: none)."""
-        if self.train_features is not None:
-            return self.train_features.shape[0]
-        if self.train_factors:
-            return next(iter(self.train_factors.values()))[0].shape[0]
-        return None
+        return cached_row_count(self.train_features, self.train_factors)
 
 
 def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,

@@ -57,7 +57,7 @@ from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
 from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
-from .capture_rows import can_merge, capture_row_bytes, merged_passes
+from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
 from .logra_rows import _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
@@ -87,11 +87,7 @@ class LoGraState(NamedTuple):
 
     def cached_rows(self) -> int | None:
         """The number of training examples whose features the state holds (None: none)."""
-        if self.train_features is not None:
-            return self.train_features.shape[0]
-        if self.train_factors:
-            return next(iter(self.train_factors.values()))[0].shape[0]
-        return None
+        return cached_row_count(self.train_features, self.train_factors)
 
     def feature_rows(self, start: int = 0, stop: int | None = None) -> Tensor | None:
         """``DW'_i`` of the cached examples ``start:stop``, layers side by side, from whichever
