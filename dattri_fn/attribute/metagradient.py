@@ -145,7 +145,7 @@ def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
 
 def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
            weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None,
-           vjp_step: Callable, narrow: list | None = None, compiled: bool = False):
+           vjp_step: Callable, narrow: list | None = None):
     """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
     ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
 
@@ -177,71 +177,16 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
             if narrow is not None and narrow[0] is not None:
                 bar = [b[narrow[0]] for b in bar]
                 narrow[0] = None
-            w_rows = weights[rows.to(weights.device)]
-            if compiled:
-                bar, rows_bar = _compiled_pullback(vjp_step, how, floats, w_rows, batch, bar,
-                                                   chunk_size)
-            else:
-                _, pullback = vjp(one_step, floats, w_rows)
-                bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
+            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
+            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
             yield t, rows, bar, rows_bar
-
-
-def _chunk_pullback(vjp_step: Callable, how: tuple, floats: list[Tensor], w_rows: Tensor,
-                    batch: Batch, part: list[Tensor]):
-    """One chunk of cotangents pulled back through one step (its vjp taken here, so that one
-    compiled graph holds the step's forward, its gradient and the vmapped second pass)."""
-    def one_step(floats_t, w):
-        params, opt_state = _join(floats_t, how)
-        return _split(vjp_step(params, opt_state, batch, w))[0]
-
-    _, pullback = vjp(one_step, floats, w_rows)
-    return vmap(pullback)(part)
-
-
-_COMPILED: dict = {}
-
-
-def _compiled_pullback(vjp_step, how, floats, w_rows, batch, bar, chunk_size):
-    """``vmap(pullback, chunk_size)(bar)`` through ``torch.compile``: one graph per batch shape.
-    The state's layout is passed with its floating leaves blanked (they are ``floats``), so the
-    same structure guards every step; the last chunk is padded with zero rows (a pullback is
-    linear in its cotangent) so that every chunk has one shape.  # [k, ...] -> [k, ...], [k, B]"""
-    leaves, spec, mask = how
-    blank = [None if m else x for x, m in zip(leaves, mask, strict=True)]
-    last = _COMPILED.get("how")
-    # Reuse the previous step's layout object when it describes the same structure: the
-    # compiled graph's guards then see one object at every step.
-    if last is None or last[1] != spec or last[2] != mask or len(last[0]) != len(blank) or not all(
-            a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
-            for a, b in zip(last[0], blank, strict=True)):
-        _COMPILED["how"] = (blank, spec, mask)
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_chunk_pullback, dynamic=False)
-    fn, const = _COMPILED["fn"], _COMPILED["how"]
-    k = bar[0].shape[0]
-    size = k if chunk_size is None else min(chunk_size, k)
-    outs = []
-    for lo in range(0, k, size):
-        part = [b[lo:lo + size] for b in bar]
-        short = size - part[0].shape[0]
-        if short:
-            part = [torch.cat([p, p.new_zeros((short, *p.shape[1:]))]) for p in part]
-        out_bar, out_rows = fn(vjp_step, const, floats, w_rows, batch, part)
-        keep = size - short
-        outs.append(([b[:keep] for b in out_bar], out_rows[:keep]))
-    if len(outs) == 1:
-        return outs[0]
-    return ([torch.cat([o[0][i] for o in outs]) for i in range(len(bar))],
-            torch.cat([o[1] for o in outs]))
 
 
 def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
                  cotangent: Params, *, weights: Tensor | None = None,
                  chunk_size: int | None = None, horizon: int | str | None = None,
                  record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None,
-                 early_exit: tuple[float, int] | None = None,
-                 compile: bool = False) -> MetaGradient:
+                 early_exit: tuple[float, int] | None = None) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -304,8 +249,9 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             chunk's vjp + vmapped pullback compiles in torch 2.13 (CPU inductor; weights move
             3e-6 relative in float32): per digits-cnn step 0.67-0.79x of eager at load 1.8-2.6
             (0.75x with the GEMM conv alone there, but 0.99x at load 6.6), for 30-54 CPU-s of cold
-            compiling per shape (4.5 with a warm inductor cache); not wired in
-            (``benchmarks/magic_compile.py``).
+            compiling per shape (4.5 with a warm inductor cache); not wired in: across steps
+            dynamo recompiles at every step (the optimizer state's int step counter is a guarded
+            constant) until its cache limit, then runs eager (``benchmarks/magic_compile.py``).
         early_exit: ``(R, W)`` with ``R >= 1.1``, only with ``"auto"``/``"band"``: stop walking
             target ``j`` back once its params-cotangent norm has stayed above ``R`` times its
             running minimum for ``W`` consecutive steps (``|thetabar^j_{T-K}| > R min_{K' <= K}
@@ -328,11 +274,6 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             the way). Cost: ``~ sum_j S_j`` target-steps; on ``"band"``'s two-pass route (a record
             over ``record_limit``) the second sweep walks all ``k`` targets through the band's
             longest horizon. None (default): the full pass.
-        compile: EXPERIMENTAL (default False): pull the cotangents back through
-            ``torch.compile`` of each chunk's vjp + vmapped pullback (one graph per batch shape;
-            chunks padded to one size). Values move by float32 rounding (digits-cnn weights
-            ~3e-6 relative); each new shape costs a compile (digits-cnn: 17-21 s thread, 31-54 s
-            with the compiler's child processes, ~5 with a warm inductor cache).
     """
     func = "metagradient"
     if not callable(step):
@@ -396,10 +337,8 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     walked = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     above = torch.zeros(k, dtype=torch.long, device=w_bar.device)
     narrow = [None]
-    if not isinstance(compile, bool):
-        raise TypeError(_msg(func, "compile", "a bool", type(compile).__name__))
     for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
-                                         chunk_size, vjp_step, narrow, compile):
+                                         chunk_size, vjp_step, narrow):
         cols = rows.to(w_bar.device)
         whole = len(live) == k
         if band:
@@ -455,13 +394,13 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     if band:
         w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
-                          chunk_size, vjp_step, w_bar, compile)
+                          chunk_size, vjp_step, w_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
     return MetaGradient(w_bar, params0, steps, walked)
 
 
 def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
-              out: Tensor, compiled: bool = False) -> Tensor:
+              out: Tensor) -> Tensor:
     """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
     (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
     longest horizon.  # -> [k, n]"""
@@ -478,7 +417,7 @@ def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk
         return out
     longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
     for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
-                                       T - longest, chunk_size, vjp_step, None, compiled):
+                                       T - longest, chunk_size, vjp_step):
         out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * rows_bar)
     return out
 
