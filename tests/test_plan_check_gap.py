@@ -91,14 +91,34 @@ def _broken(monkeypatch, row):
 
 @pytest.mark.parametrize("n, row", [(3, 2), (3, 1), (2, 1), (2, 0)])
 def test_a_broken_capture_is_still_caught(monkeypatch, n, row):
-    """A capture 1% off on the last example (by its reference row, read through the strided
-    view), or on the middle one alone (by the sum identity): warned and dense."""
+    """A capture 1% off on one example (the last, the middle or the first): warned and dense.
+    Each such fault also changes the sum, so the sum identity sees it too; the swap test below
+    is the one only the last row's comparison can catch."""
     fm = functional_model(_mlp(3), F.cross_entropy)
     batch = _xy(4, n)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not check_plan(layer_plan(fm), fm.params, batch).dense  # clean: captured
     _broken(monkeypatch, row)
+    with pytest.warns(RuntimeWarning, match="do not match vmap"):
+        plan = check_plan(layer_plan(fm), fm.params, batch)
+    assert plan.dense
+
+
+def test_examples_swapped_by_the_capture_are_caught_by_the_last_row(monkeypatch):
+    """The capture returns examples 1 and 2 of 3 swapped (a and g both): the sum identity and
+    the first row still hold, so only the last row's comparison (the strided view) sees it."""
+    real = paths._assemble
+
+    def assemble(plan, raw, rest, lead):
+        lg, layout = real(plan, raw, rest, lead)
+        swap = torch.tensor([0, 2, 1])
+        factors = {n: (a[:, swap], g[:, swap]) for n, (a, g) in lg.factors.items()}
+        return lg._replace(factors=factors), layout
+
+    fm = functional_model(_mlp(3), F.cross_entropy)
+    batch = _xy(4, 3)
+    monkeypatch.setattr(paths, "_assemble", assemble)
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         plan = check_plan(layer_plan(fm), fm.params, batch)
     assert plan.dense

@@ -54,8 +54,9 @@ def test_one_block_score_equals_streamed_and_closed_form(dtype):
 
 
 def test_one_block_scores_checks_like_stream_scores():
-    """one_block_scores raises stream_scores' errors: non-finite test rows, rows of another
-    width, non-finite scores (each named by func)."""
+    """one_block_scores refuses non-finite test rows and non-finite scores as stream_scores does,
+    and rows of another width by name (stream_scores leaves that to the product's error on TRAK's
+    weighted rows); each error names func."""
     gen = torch.Generator().manual_seed(0)
     phi = torch.randn(2, 5, 4, generator=gen, dtype=F64)
     rows = WeightedRows(phi, torch.ones(5, dtype=F64))

@@ -178,9 +178,10 @@ def test_rows(K: Tensor, phi: Tensor) -> Tensor:  # [C, b, d] -> [C, b, d], rows
 
 
 def one_block_scores(func: str, rows: WeightedRows, test_feats: Tensor) -> Tensor:
-    """Return ``w_i sum_c <phi_ci, psi_cj>`` for the whole cache as one block, with the checks
-    :func:`~dattri_fn.attribute.pipeline.stream_scores` makes on one block (finite test rows,
-    rows of the same width and dtype, finite scores).  # [C, n, d], [C, m, d] -> [n, m]"""
+    """Return ``w_i sum_c <phi_ci, psi_cj>`` for the whole cache as one block: finite test rows
+    and finite scores checked as :func:`~dattri_fn.attribute.pipeline.stream_scores` checks them,
+    and rows of another width or dtype refused by name (where stream_scores, on TRAK's weighted
+    rows, leaves that to the matrix product's error).  # [C, n, d], [C, m, d] -> [n, m]"""
     from .pipeline import check_finite_scores
 
     if not all_finite(test_feats):
