@@ -59,7 +59,8 @@ from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
-from .logra_rows import _features, _Gather, _outer_rows, _projected, _raw
+from .logra_curvature import _add_lambda, _eigvals, _factored_sums, _precondition
+from .logra_rows import _cached_spans, _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
 
@@ -238,24 +239,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         return _cast(drawn, like)
 
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
-        one = len(state.eigvecs) == 1  # one layer: its block is the result (no copy into out)
-        out, start = None if one else torch.empty_like(phi), 0
-        for n, (QA, QG) in state.eigvecs.items():
-            ki, ko = QA.shape[0], QG.shape[0]
-            block = phi[:, start:start + ko * ki]
-            if ko * ki <= _KRON_MAX:
-                # vec(Q_G^T M Q_A) = vec(M) (Q_G kron Q_A) (row-major vec): one GEMM each way
-                K = torch.kron(QG, QA)
-                got = ((block @ K) / state.eigvals[n].flatten()) @ K.mT
-            else:
-                M = block.reshape(-1, ko, ki)
-                R = (QG.mT @ M @ QA) / state.eigvals[n]
-                got = (QG @ R @ QA.mT).flatten(1)
-            if one:
-                return got
-            out[:, start:start + ko * ki] = got
-            start += ko * ki
-        return out
+        return _precondition(state.eigvecs, state.eigvals, phi, _KRON_MAX)
 
     def feature_fn(params_state: dict, state: LoGraState, func: str, arg: str):
         layers = tuple(state.eigvecs)
@@ -365,28 +349,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
         eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers})
         factors = {ln: (fa.value(), fg.value()) for ln, (fa, fg) in factors.items()}
-        sums = {ln: 0.0 for ln in layers}
-        for ln, (a2, g2) in factors.items():
-            QA, QG = eigvecs[ln]
-            # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
-            # are one [k_out, n] x [n, k_in] product of the squared rotated factors
-            ta, tg = a2 @ QA, g2 @ QG
-            sums[ln] = tg.mul_(tg).mT @ ta.mul_(ta)  # squared in place: no [n, k] copies
+        sums = _factored_sums(factors, eigvecs, layers)
         rest = [ln for ln in layers if ln not in factors]
-
-        def add_lambda(phi: Tensor) -> None:
-            start = 0
-            for ln, (QA, QG) in eigvecs.items():
-                ki, ko = QA.shape[0], QG.shape[0]
-                if ln in rest:
-                    block = phi[:, start:start + ko * ki]
-                    if ko * ki <= _KRON_MAX:
-                        rot = block @ torch.kron(QG, QA)
-                    else:
-                        rot = QG.mT @ block.reshape(-1, ko, ki) @ QA
-                    sums[ln] = sums[ln] + (rot ** 2).sum(0).reshape(ko, ki)
-                start += ko * ki
-
+        add_lambda = partial(_add_lambda, sums, eigvecs, rest, kron_max=_KRON_MAX)
         cached = feats.value() if cache_features and rest else None
         if not rest:
             pass
@@ -399,14 +364,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             fn = feature_fn(st, LoGraState(projections, eigvecs, {}, None), func, "train")
             for batch in passes():
                 add_lambda(fn(batch_to(batch, device)))
-        eigvals = {}
-        for ln in layers:
-            lam = sums[ln] / n
-            eigvals[ln] = lam + (0.1 * lam.mean() if damping is None else damping)
-            if not bool((eigvals[ln] > 0).all()):
-                raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
-                                      f"projected eigenvalues of layer {ln!r} vanish",
-                                      f"damping={damping}"))
+        eigvals = _eigvals(func, sums, n, damping)
         return LoGraState(projections, eigvecs, eigvals, cached,
                           factors if cache_features and not rest else None)
 
@@ -416,25 +374,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                                  type(state).__name__))
 
     def cached_spans(state: LoGraState, device) -> tuple:
-        """``(rows(start, stop), [(start, stop), ...])`` over the state's cached rows: views of
-        the features (4096 rows a span, no copy), or features formed from the cached factors a
-        power-of-two number of rows at a time."""
-        if state.train_features is not None:
-            feats, block = state.train_features.to(device), 4096
-            rows = lambda s, e: feats[s:e]  # noqa: E731
-        else:
-            held = state._replace(train_factors={ln: (a.to(device), g.to(device))
-                                                 for ln, (a, g) in state.train_factors.items()})
-            feats, rows = None, held.feature_rows
-            d = sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
-            row = d * next(iter(held.train_factors.values()))[0].element_size()
-            # a block holds at most a sixteenth of the features it stands for (at least
-            # _BLOCK_BYTES, at most 4096 rows), a power of two of rows: on the CPU each row's
-            # product then equals the whole product's
-            want = max(1, max(_BLOCK_BYTES, state.cached_rows() * row // 16) // row)
-            block = min(4096, 1 << (want.bit_length() - 1))
-        n = state.cached_rows()
-        return rows, [(s, min(n, s + block)) for s in range(0, n, block)]
+        return _cached_spans(state, device, _BLOCK_BYTES)
 
     def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:

@@ -113,3 +113,25 @@ def _features(io: dict) -> Tensor:  # [B, d]
             block.copy_(torch.einsum("bto,bti->boi", g, a))
         start += ko * ki
     return out
+
+
+def _cached_spans(state, device, block_bytes: int) -> tuple:
+    """``(rows(start, stop), [(start, stop), ...])`` over a LoGraState's cached rows: views of
+    the features (4096 rows a span, no copy), or features formed from the cached factors a
+    power-of-two number of rows at a time (a block at least ``block_bytes``)."""
+    if state.train_features is not None:
+        feats, block = state.train_features.to(device), 4096
+        rows = lambda s, e: feats[s:e]  # noqa: E731
+    else:
+        held = state._replace(train_factors={ln: (a.to(device), g.to(device))
+                                             for ln, (a, g) in state.train_factors.items()})
+        feats, rows = None, held.feature_rows
+        d = sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
+        row = d * next(iter(held.train_factors.values()))[0].element_size()
+        # a block holds at most a sixteenth of the features it stands for (at least
+        # block_bytes, at most 4096 rows), a power of two of rows: on the CPU each row's
+        # product then equals the whole product's
+        want = max(1, max(block_bytes, state.cached_rows() * row // 16) // row)
+        block = min(4096, 1 << (want.bit_length() - 1))
+    n = state.cached_rows()
+    return rows, [(s, min(n, s + block)) for s in range(0, n, block)]

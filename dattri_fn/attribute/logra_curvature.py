@@ -1,0 +1,84 @@
+"""LoGra's EK-FAC in the projected space: the corrected eigenvalues ``Lambda`` and the
+preconditioner ``(F' + damping)^-1`` they give (:func:`~dattri_fn.attribute.logra.logra` uses them).
+
+For a layer with eigenbases ``Q_A [k_in, k_in]``, ``Q_G [k_out, k_out]`` and a feature
+``M = DW'`` (``[k_out, k_in]``, ``vec`` row-major):
+
+    Lambda = E[(Q_G^T DW'_i Q_A)^2]                       # [k_out, k_in]
+    (F' + damping)^-1 M = Q_G ((Q_G^T M Q_A) / (Lambda + damping)) Q_A^T
+
+where a layer's ``k_out k_in`` is at most ``kron_max``, ``vec(Q_G^T M Q_A) = vec(M) (Q_G kron Q_A)``
+is one GEMM each way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import _msg
+
+
+def _precondition(eigvecs: dict, eigvals: dict, phi: Tensor, kron_max: int) -> Tensor:
+    """``(F' + damping)^-1`` applied to every row, layers side by side.  # [b, d] -> [b, d]"""
+    one = len(eigvecs) == 1  # one layer: its block is the result (no copy into out)
+    out, start = None if one else torch.empty_like(phi), 0
+    for n, (QA, QG) in eigvecs.items():
+        ki, ko = QA.shape[0], QG.shape[0]
+        block = phi[:, start:start + ko * ki]
+        if ko * ki <= kron_max:
+            # vec(Q_G^T M Q_A) = vec(M) (Q_G kron Q_A) (row-major vec): one GEMM each way
+            K = torch.kron(QG, QA)
+            got = ((block @ K) / eigvals[n].flatten()) @ K.mT
+        else:
+            M = block.reshape(-1, ko, ki)
+            R = (QG.mT @ M @ QA) / eigvals[n]
+            got = (QG @ R @ QA.mT).flatten(1)
+        if one:
+            return got
+        out[:, start:start + ko * ki] = got
+        start += ko * ki
+    return out
+
+
+def _factored_sums(factors: dict, eigvecs: dict, layers) -> dict:
+    """``{layer: sum_i (Q_G^T DW'_i Q_A)^2}`` (``[k_out, k_in]``) of the layers held as ``T = 1``
+    factors ``{layer: (a' [n, k_in], g' [n, k_out])}``; 0.0 for every other layer of ``layers``."""
+    sums = {ln: 0.0 for ln in layers}
+    for ln, (a2, g2) in factors.items():
+        QA, QG = eigvecs[ln]
+        # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
+        # are one [k_out, n] x [n, k_in] product of the squared rotated factors
+        ta, tg = a2 @ QA, g2 @ QG
+        sums[ln] = tg.mul_(tg).mT @ ta.mul_(ta)  # squared in place: no [n, k] copies
+    return sums
+
+
+def _add_lambda(sums: dict, eigvecs: dict, rest: list, phi: Tensor, kron_max: int) -> None:
+    """Add ``sum_i (Q_G^T DW'_i Q_A)^2`` of the feature rows ``phi`` to ``sums`` for the layers
+    in ``rest`` (the others' columns are skipped).  # phi: [b, d]"""
+    start = 0
+    for ln, (QA, QG) in eigvecs.items():
+        ki, ko = QA.shape[0], QG.shape[0]
+        if ln in rest:
+            block = phi[:, start:start + ko * ki]
+            if ko * ki <= kron_max:
+                rot = block @ torch.kron(QG, QA)
+            else:
+                rot = QG.mT @ block.reshape(-1, ko, ki) @ QA
+            sums[ln] = sums[ln] + (rot ** 2).sum(0).reshape(ko, ki)
+        start += ko * ki
+
+
+def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
+    """``{layer: Lambda + damping}`` from ``sums`` over ``n`` examples (None: ``0.1 mean(Lambda)``
+    per layer); a ValueError naming ``damping`` where one is not positive."""
+    eigvals = {}
+    for ln, s in sums.items():
+        lam = s / n
+        eigvals[ln] = lam + (0.1 * lam.mean() if damping is None else damping)
+        if not bool((eigvals[ln] > 0).all()):
+            raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
+                                  f"projected eigenvalues of layer {ln!r} vanish",
+                                  f"damping={damping}"))
+    return eigvals
