@@ -62,7 +62,14 @@ from ..transforms.layer_grads import (
     plan_decisions,
 )
 from .capture_rows import in_one_pass
-from .gradsim_pass import pass_row_bytes
+from .gradsim_pass import one_pass_scores, pass_row_bytes
+from .gradsim_project import (  # noqa: F401  (PROJECTIONS: importable from here, as before)
+    PROJECTIONS,
+    _inverse_norms,
+    _kronecker,
+    _projector,
+    check_projection,
+)
 from .method import (
     Method,
     check_checkpoints,
@@ -71,17 +78,8 @@ from .method import (
     num_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import (
-    TopK,
-    check_finite_scores,
-    collect,
-    in_chunks,
-    merge_topk,
-    stream_scores,
-    stream_self,
-)
+from .pipeline import TopK, collect, in_chunks, stream_scores, stream_self
 
-PROJECTIONS = ("dense", "kronecker")
 _CHECK_ROWS = 3  # the examples check_plan compares with autodiff: prepare checks on these alone
 
 
@@ -126,64 +124,12 @@ def _first_in_memory(func: str, train):
     return None
 
 
-def _kronecker(plan, stacked: Params, proj_dim, kind, seed, kept: dict):
-    """The KroneckerProjector of ``plan``'s layers at these shapes, built once per method."""
-    from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-
-    like = next(iter(stacked.values()))
-    key = (tuple((k, tuple(v.shape[1:])) for k, v in stacked.items()), like.dtype, like.device)
-    if key not in kept:
-        layers, rest = kronecker_layers(plan, {k: v[0] for k, v in stacked.items()})
-        # its factors are drawn once, in the dtype and on the device of these params
-        kept[key] = make_kronecker_projector(layers, proj_dim=proj_dim, kind=kind, seed=seed,
-                                             rest=rest, dtype=like.dtype, device=like.device)
-    return kept[key]
-
-
-def _projector(stacked: Params, proj_dim, kind, seed):
-    if proj_dim is None:
-        return None
-    from ..transforms.project import make_projector
-
-    P = sum(v[0].numel() for v in stacked.values())
-    v0 = next(iter(stacked.values()))
-    return make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed, dtype=v0.dtype,
-                          device=v0.device, packed=False)  # one per call: a dense R is reused
-
-
-def _inverse_norms(sq_norms: Tensor, name: str) -> Tensor:
-    """Return ``1/|g|`` where ``|g|^2 > 0`` and 0 elsewhere: a zero gradient scores 0.
-
-    A factored zero gradient can have one nonzero factor (e.g. ``a = 0``, ``g != 0``), so a
-    huge ``1/clamp_min(|g|, tiny)`` on the other factor overflows and ``0 * inf`` gives NaN.
-    An infinite ``|g|^2`` of a finite gradient would score 0 silently, so it is refused.
-    """
-    if torch.isinf(sq_norms).any():
-        top = torch.finfo(sq_norms.dtype).max ** 0.5
-        raise ValueError(f"{name}(train=... or test=...): expected per-example squared gradient norms "
-                         f"that fit {sq_norms.dtype}, got inf (|g| above ~{top:.1e}); compute in "
-                         f"float64 or rescale the loss.")
-    pos = sq_norms > 0
-    return torch.where(pos, sq_norms.where(pos, 1).rsqrt(), 0)
-
-
 def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                          normalize: bool = False,
                          proj_dim: int | tuple[int, int] | None = None, kind: str = "rademacher",
                          seed: int = 0, chunk_size: int | None = None,
                          projection: str = "dense") -> Method:
-    if projection not in PROJECTIONS:
-        raise ValueError(f"{name}(projection=...): expected 'dense' or 'kronecker', got "
-                         f"{projection!r}.")
-    kron = projection == "kronecker"
-    if kron:
-        if proj_dim is None:
-            raise ValueError(f"{name}(proj_dim=...): expected k (or (k_in, k_out)) per layer "
-                             "side with projection='kronecker', got None.")
-        for k in proj_dim if isinstance(proj_dim, tuple) else (proj_dim,):
-            check_optional_int(name, "proj_dim", k)
-    else:
-        check_optional_int(name, "proj_dim", proj_dim)
+    kron = check_projection(name, projection, proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
     loss_in = loss
     loss, plan = loss_and_plan(name, "loss", loss)
@@ -354,23 +300,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
             except Exception:  # noqa: BLE001 -- the usual path raises, naming the batch at fault
                 merged = None
         if merged is not None:
-            # blocks of the given train batches, as stream_scores forms them
-            out, best, offset = None, None, 0
-            for rows in merged[1][1:]:
-                block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
-                if top_k is not None:
-                    check_finite_scores(name, block)
-                    best = merge_topk(best, block, offset, top_k, largest)
-                else:
-                    if out is None:
-                        out = block.new_empty((train_rows.num_rows, block.shape[1]))
-                    out[offset:offset + rows] = block
-                offset += rows
-            if top_k is not None:
-                return best
-            # the blocks' one scan, after they are written (the same error as per block)
-            check_finite_scores(name, out)
-            return out
+            return one_pass_scores(name, train_rows, test_rows, merged[1][1:], top_k, largest)
         test_feats = collect(test_f, test, device=device, func=name, arg="test")
         return stream_scores(train_f, train, test_feats, top_k=top_k, largest=largest, func=name)
 

@@ -1,4 +1,4 @@
-"""The byte estimate of gradient-similarity's one capture pass over ``[test, *train]``.
+"""Gradient similarity's one capture pass over ``[test, *train]``: its byte estimate and scores.
 
 Grad-Dot/Grad-Cos/TracIn take both sides' factors from one capture pass while
 ``rows * row_bytes(batch)`` stays within :func:`~dattri_fn.operators.gauss_newton.memory_budget`
@@ -10,15 +10,19 @@ Grad-Dot/Grad-Cos/TracIn take both sides' factors from one capture pass while
     dense params:     their numel
 
 numbers of ``itemsize`` bytes, where a layer's kind is the checked plan's layout (``"dense"``
-where the plan has not decided it yet).
+where the plan has not decided it yet). :func:`one_pass_scores` forms the scores from that
+pass's rows per given train batch, as :func:`~dattri_fn.attribute.pipeline.stream_scores` does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import Tensor
+
 from .._checks import batch_leaves
 from .._types import Batch, Params
+from .pipeline import TopK, check_finite_scores, merge_topk
 
 
 def pass_row_bytes(plan, stacked: Params) -> Callable[[Batch], int]:
@@ -48,3 +52,26 @@ def pass_row_bytes(plan, stacked: Params) -> Callable[[Batch], int]:
         return C * itemsize * (flat + max(1, per_row) * widths + dense)
 
     return row_bytes
+
+
+def one_pass_scores(name: str, train_rows, test_rows, sizes, top_k: int | None,
+                    largest: bool) -> Tensor | TopK:
+    """Return ``train_rows``' scores against ``test_rows`` (both ``LayerGrads``), formed per
+    given train batch of ``sizes`` rows as stream_scores forms them (top-k merged per block;
+    the full matrix scanned for non-finite values once).  # -> [n_train, n_test]"""
+    out, best, offset = None, None, 0
+    for rows in sizes:
+        block = train_rows.rows(offset, offset + rows).scores(test_rows)  # [b, n_test]
+        if top_k is not None:
+            check_finite_scores(name, block)
+            best = merge_topk(best, block, offset, top_k, largest)
+        else:
+            if out is None:
+                out = block.new_empty((train_rows.num_rows, block.shape[1]))
+            out[offset:offset + rows] = block
+        offset += rows
+    if top_k is not None:
+        return best
+    # the blocks' one scan, after they are written (the same error as per block)
+    check_finite_scores(name, out)
+    return out
