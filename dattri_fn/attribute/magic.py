@@ -35,13 +35,14 @@ Memory and time (``S`` = state size: ``2P`` for SGD with momentum, ``3P`` for Ad
   are copied only when a target's params cotangent ``|thetabar|`` reaches a new minimum.
 * ``horizon="band"``: ``"auto"``'s memory plus ``T k`` norms and either the ``k sum_t B_t``
   per-step weight cotangents (one pass, when that is at most ``record_limit`` floats) or a
-  second pass through the band's longest horizon: extra memory bounded independently of ``T``.
+  second pass, each target through its own band's longest horizon: extra memory bounded
+  independently of ``T``.
 * ``early_exit=(R, W)`` (with ``"auto"``/``"band"``): target ``j`` walks ``S_j <= T`` steps
   (``MetaGradient.walked``), so the vjps cost ``~ sum_j S_j`` target-steps instead of ``k T``
   (the rows of finished targets leave the vmapped batch; with ``chunk_size`` the chunks are cut
   from the targets still walked) and the pass ends at ``max_j S_j``; on ``"band"``'s two-pass
-  route (a record over ``record_limit``) the second sweep adds ``k`` times the band's longest
-  horizon. No extra memory. On the
+  route (a record over ``record_limit``) the second sweep adds ``sum_j`` (target ``j``'s
+  longest band horizon) target-steps. No extra memory. On the
   recorded bundled runs with the recipes' ``(1.2, 8)``: ``sum_j S_j / (k T)`` 0.70 on text-lm,
   0.92 on digits-cnn, 0.97 on digits-mlp, 1 on digits-lr (``benchmarks/magic_exit.py``).
 

@@ -400,10 +400,11 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
 
 
 def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
-              out: Tensor) -> Tensor:
+              out: Tensor, drop: bool = True) -> Tensor:
     """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
     (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
-    longest horizon.  # -> [k, n]"""
+    longest horizon, each target leaving it after its own longest (``drop``; False: every
+    target walks the band's longest, the route before stop 24).  # -> [k, n]"""
     T = len(order)
     a, _ = band_weights(norms)  # [T, k]
     out.zero_()
@@ -415,10 +416,29 @@ def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk
             out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * record[:, lo:hi])
             lo = hi
         return out
-    longest = int(a.gt(0).any(1).nonzero().max()) + 1  # steps before T - longest weigh 0
+    # reach[j]: target j's longest horizon of nonzero weight (a[K-1, j] > 0 exactly for K <=
+    # reach[j]: a is a reversed cumulative sum of nonnegative per-horizon weights, a[0] = 1).
+    K = torch.arange(1, T + 1, device=a.device)[:, None]
+    reach = (a.gt(0) * K).max(0).values  # [k]
+    longest = int(reach.max())  # steps before T - longest weigh 0 for every target
+    # A target leaves the sweep after its last step of nonzero weight (its later rows would add
+    # 0 * c_t); the rows still walked are cut from the vmapped batch as early_exit does.
+    live = torch.arange(a.shape[1], device=a.device)
+    narrow = [None] if drop else None
     for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
-                                       T - longest, chunk_size, vjp_step):
-        out.index_add_(1, rows.to(out.device), a[T - t - 1][:, None] * rows_bar)
+                                       T - longest, chunk_size, vjp_step, narrow):
+        cols = rows.to(out.device)
+        if len(live) == a.shape[1]:
+            out.index_add_(1, cols, a[T - t - 1][:, None] * rows_bar)
+        else:
+            out[live] = out[live].index_add_(1, cols, a[T - t - 1, live][:, None] * rows_bar)
+        if drop:
+            done = reach[live] <= T - t  # step t - 1 is horizon T - t + 1: weight 0 from there
+            if bool(done.any()):
+                if bool(done.all()):
+                    break
+                narrow[0] = (~done).nonzero().squeeze(1)
+                live = live[narrow[0]]
     return out
 
 
