@@ -45,7 +45,13 @@ from .._checks import (
 from ..model import FunctionalModel
 from ..operators.gauss_newton import memory_budget
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
-from ..transforms.layer_grads import LayerPlan, PlanDecisions, layer_plan, plan_decisions
+from ..transforms.layer_grads import (
+    LayerPlan,
+    PlanDecisions,
+    keep_tie_factors,
+    layer_plan,
+    plan_decisions,
+)
 from ..transforms.project import make_projector
 from .capture_rows import PASS_SHARE, cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .factgrass_blocks import (  # noqa: F401 (importable from here, as before the split)
@@ -211,7 +217,9 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
     cfg = _Config(name, model, plan, fingerprint, rows_min, curvature, damping, cache_features,
                   chunk_size, _SKETCH_BYTES,
                   partial(_sketch_for, _draw(plan, model.params, k1, proj_dim, kind, seed),
-                          (plan, k1, proj_dim, kind, seed)))
+                          (plan, k1, proj_dim, kind, seed)),
+                  # read here, when factgrass is called (a test may patch it by this module)
+                  keep_tie_factors)
 
     def prepare(params, train) -> FactGraSSState:
         return _prepare(cfg, params, train)

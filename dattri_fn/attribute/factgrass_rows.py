@@ -23,7 +23,8 @@ class _Rows:
     batch and captured factors); None before any pass."""
 
     def __init__(self, plan: LayerPlan, params: dict, sk: _Sketches, func: str, arg: str,
-                 chunk_size: int | None, sketch_bytes: int, checked: LayerPlan | None = None):
+                 chunk_size: int | None, sketch_bytes: int, checked: LayerPlan | None = None,
+                 keep_ties=keep_tie_factors):
         self.params, self.sk, self.func, self.arg = params, sk, func, arg
         self.chunk_size, self.sketch_bytes = chunk_size, sketch_bytes
         self.stage1 = sk.stage1
@@ -31,7 +32,7 @@ class _Rows:
         self.width = self.cols[-1][2]
         self.stacked = {k: v.detach()[None] for k, v in params.items()}
         # stage one reads a tie from its members' factors (no [b, V D] rows)
-        self.plan = keep_tie_factors(plan if checked is None else checked)
+        self.plan = keep_ties(plan if checked is None else checked)
         self.held_bytes = None
 
     def held(self) -> LayerPlan:

@@ -54,6 +54,7 @@ class _Config(NamedTuple):
     chunk_size: int | None
     sketch_bytes: int  # factgrass._SKETCH_BYTES
     sketch_for: Callable  # params -> _Sketches
+    keep_ties: Callable  # plan -> plan that reads ties from their factors (keep_tie_factors)
 
 
 def feature_fn(cfg: _Config, params: dict, sk: _Sketches, func: str, arg: str,
@@ -61,7 +62,8 @@ def feature_fn(cfg: _Config, params: dict, sk: _Sketches, func: str, arg: str,
     """``(rows, held)``: ``rows(batch) -> phi [b, d]`` for one stream (:class:`_Rows`), and
     ``held()``: the plan it applies (checked on its first chunk of >= 2 examples when
     ``checked`` is None)."""
-    rows = _Rows(cfg.plan, params, sk, func, arg, cfg.chunk_size, cfg.sketch_bytes, checked)
+    rows = _Rows(cfg.plan, params, sk, func, arg, cfg.chunk_size, cfg.sketch_bytes, checked,
+                 cfg.keep_ties)
     return rows, rows.held
 
 
