@@ -113,14 +113,18 @@ def test_a_pass_off_the_flat_path_turns_the_factors_into_features(monkeypatch, r
         monkeypatch.setattr(_MOD, "memory_budget", lambda: 1)
     m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2, batch_rows=None if rows_known else 1)
     flat = m.prepare(fm.params, train)
-    rows_mod = sys.modules["dattri_fn.attribute.factgrass_rows"]  # the stream looks it up there
-    real = rows_mod._flat_io
+    rows_mod = sys.modules["dattri_fn.attribute.factgrass_rows"]  # the stream looks them up there
+    real, plain = rows_mod._flat_io, rows_mod._plain_io
 
     def refuse_seven(plan, params, batch):
         if batch[0].shape[0] == 7:
             raise capture.CaptureError({"0": "not this one"})
         return real(plan, params, batch)
 
+    # the plain MLP's factors come from mlp_io; the 7-row pass goes to the engine, which refuses it
+    monkeypatch.setattr(rows_mod, "_plain_io",
+                        lambda plan, params, batch: None if batch[0].shape[0] == 7 else plain(
+                            plan, params, batch))
     monkeypatch.setattr(rows_mod, "_flat_io", refuse_seven)
     state = m.prepare(fm.params, train)
     assert flat.train_factors is not None

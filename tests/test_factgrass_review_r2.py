@@ -1,7 +1,7 @@
 """Review R2's findings on FactGraSS's factored train cache (stop 23): a state owns its rows (F1), a
 state is refused by a factgrass of another sketch or curvature (F2), several row spans against brute
-force (F4), one-example parts cache features (F5, as documented), and params of another dtype than
-the cached rows are refused by name (F6)."""
+force (F4), one-example parts cache features (F5, as documented; a plain MLP's cache factors since
+stop 24), and params of another dtype than the cached rows are refused by name (F6)."""
 
 import sys
 
@@ -212,18 +212,26 @@ def test_several_row_spans_against_the_brute_force(monkeypatch, data):
         assert torch.equal(top.indices, want.indices) and torch.equal(top.values, want.values)
 
 
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-mlp", "engine"])
 @pytest.mark.parametrize("how", ["loader", "chunk"])
-def test_one_example_parts_cache_features(monkeypatch, how):
-    """Parts of one example (DataLoader(batch_size=1), chunk_size=1) never take the flat path: the state
-    caches features, and its scores == brute force (1e-10)."""
+def test_one_example_parts(monkeypatch, how, plain):
+    """Parts of one example (DataLoader(batch_size=1), chunk_size=1): a plain softmax-CE MLP takes
+    the flat path from its first part (mlp_io's factors need no plan check, stop 24: the state
+    caches factors); any other model never does (the check needs a part of 2 or more: the state
+    caches features). Scores == brute force (1e-10) either way."""
     from torch.utils.data import DataLoader, TensorDataset
 
     _form(monkeypatch, "factors")
     fm, (x, y) = _problem("mlp", n=12, seed=7)
+    if not plain:  # the same loss as a lambda: mlp_io does not take it, the engine does
+        fm = functional_model(fm.module, lambda out, t: F.cross_entropy(out, t))
     m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2, chunk_size=1 if how == "chunk" else None)
     train = DataLoader(TensorDataset(x, y), batch_size=1) if how == "loader" else (x, y)
     state = m.prepare(fm.params, train)
-    assert state.train_factors is None and state.train_features.shape == (12, 32)
+    if plain:
+        assert state.train_features is None and state.cached_rows() == 12
+    else:
+        assert state.train_factors is None and state.train_features.shape == (12, 32)
     feats, ref = _brute_features(fm, (x, y), 16, 5, 2), 0
     for f in feats:
         Fb = f.T @ f / 12

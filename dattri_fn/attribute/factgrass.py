@@ -111,7 +111,8 @@ class FactGraSSState(NamedTuple):
         train_features: ``phi_i`` of every training example, or None (``cache_features=False``,
             or held factored in ``train_factors``).  # [n_train, d]
         plan: what the check of the capture plan on the first training batch of 2 or more
-            examples decided, as plain values
+            examples decided (a plain softmax-CE MLP's: every layer flat, from its first
+            batch, without the check's autodiff rows; ``factgrass_flat._all_flat``), as plain values
             (:class:`~dattri_fn.transforms.layer_grads.PlanDecisions`, as ``GradSimState`` and
             ``TRAKState`` hold them): ``score`` and ``self_score`` apply the decided plan without
             checking again. None: each of their streams checks its own first batch.
@@ -123,8 +124,10 @@ class FactGraSSState(NamedTuple):
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
             Held where the features would take more than ``memory_budget() // PASS_SHARE // 2``
             bytes (2 MiB by default), else None and the features are cached. Data whose every
-            part has one example (a loader of ``batch_size=1``, or ``chunk_size=1``) never takes
-            the flat path (the plan is checked on a part of 2 or more): its features are cached.
+            part has one example (a loader of ``batch_size=1``, or ``chunk_size=1``) takes the
+            flat path only on a plain softmax cross-entropy MLP (whose factors
+            :func:`~dattri_fn.transforms.mlp_io.mlp_io` gives: no plan check); elsewhere the
+            plan is checked on a part of 2 or more, and such data's features are cached.
         sketch: what the cached rows and the inverses depend on besides the blocks,
             ``(("seed", s), ("kind", k), ("mask_dim", k'), ("proj_dim", d), ("curvature", c),
             ("damping", lam))`` (``lam`` None for ``curvature="identity"``): ``score``,

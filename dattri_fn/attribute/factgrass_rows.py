@@ -11,7 +11,14 @@ from .._checks import batch_leaves, batch_size, batch_slice, blame_data
 from ..transforms import capture
 from ..transforms.layer_grads import LayerPlan, _check, keep_tie_factors, layer_grads_stacked
 from .factgrass_blocks import _blocks_of, _Sketches, _stage_two
-from .factgrass_flat import _flat_capturable, _flat_factored, _flat_io, _flat_io_checked
+from .factgrass_flat import (
+    _all_flat,
+    _flat_capturable,
+    _flat_factored,
+    _flat_io,
+    _flat_io_checked,
+    _plain_io,
+)
 
 
 class _Rows:
@@ -49,7 +56,13 @@ class _Rows:
         when this stream holds none yet; None: the plan's own path takes the part."""
         p = self.plan
         if not p.checked:
-            if not _flat_capturable(p) or batch_leaves(part)[0].shape[0] < 2:
+            if not _flat_capturable(p):
+                return None
+            io = _plain_io(p, self.params, part)
+            if io is not None:  # a plain MLP: every layer flat, no check needed (_all_flat)
+                self.plan = _all_flat(p)
+                return io
+            if batch_leaves(part)[0].shape[0] < 2:
                 return None
             try:
                 io, checked = _flat_io_checked(p, self.params, part)
@@ -61,6 +74,9 @@ class _Rows:
             return io
         if not _flat_factored(p):
             return None
+        io = _plain_io(p, self.params, part)
+        if io is not None:
+            return io
         try:
             io = _flat_io(p, self.params, part)
         except capture.CaptureError:  # this batch takes another path: the plan's
