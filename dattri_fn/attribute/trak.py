@@ -290,8 +290,10 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                       or not feature_dtype.is_floating_point):
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
+    # the margin and its weight from one module: Q from the capture pass's margins
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
-                        feature_dtype, {}, weight_rows, projection)
+                        feature_dtype, {}, weight_rows, projection,
+                        weight_checked and plan is not None and weight_rows is not None)
 
     def setup(func: str, params, state=None):
         """The feature engine of this call: a prepared state's plan decisions applied, if any."""

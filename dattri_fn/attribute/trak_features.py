@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -196,6 +197,9 @@ class FeatureConfig(NamedTuple):
     projectors: dict  # (P, dtype, device, c) -> Projector, kept by the method
     weight_rows: Callable | None = None  # (params, batch) -> Q [b] in one forward (a model's loss)
     projection: str = "dense"  # "kronecker": per-layer P_out^T G P_in from the captured factors
+    # Q = sigmoid(-m) from the margins m the capture pass computed (output_fn and weight_fn the
+    # margin and its weight bridged from one module: trak._weight_follows), no weight forward
+    weight_from_pass: bool = False
 
 
 def feature_calls(func: str, params, cfg: FeatureConfig,
@@ -232,6 +236,17 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     if applied is not None and cfg.projection == "kronecker":  # ties read from their factors
         applied = keep_tie_factors(applied)
     grads, held = (None, None) if applied is None else layer_grads_stream(applied)
+    # the stream hands back its passes' per-example losses (here the margins) where it takes
+    # them (until D_to_E.patch is applied to layer_grads.py its apply has no such argument)
+    from_pass = (cfg.weight_from_pass and grads is not None and weight_fn is not None
+                 and "losses" in inspect.signature(grads).parameters)
+
+    def captured(sub: Params, batch, losses: list | None):
+        """The stream's gradients of ``batch`` at ``sub``; ``losses`` (a list, or None)
+        receives the passes' per-example margins ``[b]`` per checkpoint where they ran."""
+        if losses is None or not from_pass:
+            return grads(sub, batch)
+        return grads(sub, batch, losses=losses)
 
     def decided() -> PlanDecisions | None:
         return None if held is None or not held().checked else plan_decisions(held())
@@ -276,14 +291,16 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         return buffers[0][:b].unsqueeze(0)
 
     def feature_rows(batch, buffers: list | None = None, one: int | None = None,
-                     into: Tensor | None = None, hold_each: bool = False):
+                     into: Tensor | None = None, hold_each: bool = False,
+                     losses: list | None = None):
         """Yield ``[b, d]`` in fdt per checkpoint; ``one``: that checkpoint only. ``into``: the
         ``[C or 1, b, d]`` rows of a cache; unprojected factored rows are written there (no
         ``[C, b, P]`` temporary) and nothing is yielded. ``hold_each``: the caller holds no R;
-        each checkpoint's dense R is held while its own rows are projected."""
+        each checkpoint's dense R is held while its own rows are projected. ``losses``: a list
+        that receives the capture passes' margins ``[b]`` per checkpoint (:func:`captured`)."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
-        lg = None if grads is None else grads(sub, batch)
+        lg = None if grads is None else captured(sub, batch, losses)
         if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
             for c in range(lg.dense.shape[0]):
                 raw = kron[c if one is None else one].layer_grads(lg.select(c))[0]
@@ -347,21 +364,29 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                 raise NonFiniteGradient(None, fdt)
             yield phi
 
-    def features(batch, one: int | None = None) -> Tensor:  # [C, b, d] in fdt ([1, b, d] for one)
+    def features(batch, one: int | None = None, losses: list | None = None) -> Tensor:
+        """``[C, b, d]`` in fdt (``[1, b, d]`` for ``one``); ``losses``: as feature_rows'."""
         # rows written in place (no list of [b, d] blocks stacked), each R_c held only while
         # its own rows are projected: one dense R alive at a time
         out = v0.new_empty((C if one is None else 1, batch_size("features", "batch", batch), d),
                            dtype=fdt)
         i = 0
-        for phi in feature_rows(batch, [], one, out, True):
+        for phi in feature_rows(batch, [], one, out, True, losses):
             out[i] = phi
             i += 1
             del phi
         return out
 
-    def weights(batch, b: int) -> Tensor:  # Qbar [b] in the params' dtype
+    def weights(batch, b: int, margins: list | None = None) -> Tensor:  # Qbar [b], params' dtype
+        """``margins``: the capture passes' per-checkpoint margins of ``batch`` where all C
+        were recorded (then ``Q_c = sigmoid(-m_c)``, the same ops on the same logits as the
+        weight forward: the same bits); otherwise that forward runs."""
         if weight_fn is None:
             return torch.ones(b, dtype=v0.dtype, device=v0.device)
+        if margins is not None and len(margins) == C and all(m.shape == (b,) for m in margins):
+            # per checkpoint, as the weight forward does: elementwise ops on a [C * b] stack
+            # could round its vectorised tail differently
+            return torch.stack([torch.sigmoid(-m) for m in margins]).to(v0.dtype).mean(0)
         if cfg.weight_rows is not None:  # one batched forward per checkpoint, no vmap
             return torch.stack([cfg.weight_rows({k: v[c] for k, v in stacked.items()}, batch)
                                 for c in range(C)]).to(v0.dtype).mean(0)
@@ -369,8 +394,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
 
     def packed(batch) -> Tensor:  # [C, b, d + 1] in the params' dtype: features, then Q
-        G = features(batch).to(v0.dtype)
-        Q = weights(batch, G.shape[1])
+        margins = [] if from_pass else None
+        G = features(batch, losses=margins).to(v0.dtype)
+        Q = weights(batch, G.shape[1], margins)
         return torch.cat([G, Q.expand(G.shape[0], -1).unsqueeze(-1)], dim=-1)
 
     def by_checkpoint(data) -> bool:
@@ -424,12 +450,13 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
                     # not enumerate: its reused result tuple would keep these rows alive while
                     # the next checkpoint's are formed
                     i = 0
-                    for phi in feature_rows(part, buffers, c, into, not hold_pass):
+                    margins = [] if from_pass and c is None else None  # all C passes run here
+                    for phi in feature_rows(part, buffers, c, into, not hold_pass, margins):
                         feats[i if c is None else c, rows] = phi
                         i += 1
                         del phi
                     if not c:  # None or 0: the weights, once
-                        wts[rows] = weights(part, rows.stop - rows.start)
+                        wts[rows] = weights(part, rows.stop - rows.start, margins)
                 n += b
         return feats if c is None else feats[c:c + 1]
 
@@ -448,11 +475,12 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             step = b if chunk_size is None else chunk_size
             for s in range(0, b, step):
                 part = batch if step >= b else batch_slice(batch, s, s + step)
-                lg = grads(stacked, part)
+                margins = [] if from_pass and wts is not None else None
+                lg = captured(stacked, part, margins)
                 _check_finite(lg)
                 out.append(lg)
                 if wts is not None:
-                    wts[n + s:n + s + lg.num_rows] = weights(part, lg.num_rows)
+                    wts[n + s:n + s + lg.num_rows] = weights(part, lg.num_rows, margins)
             n += b
         return out
 

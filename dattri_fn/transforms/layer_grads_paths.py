@@ -35,12 +35,14 @@ def _unpack(model: FunctionalModel):
     return model.unpack or default_unpack
 
 
-def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes):
+def _raw_batched(plan: LayerPlan, params: Params, args, kwargs, target, shapes,
+                 losses: list | None = None):
     """``({layer: (a, g)}, {})`` from one batched forward/backward (no dense parameters);
-    ``shapes=None`` outside transforms: probes shaped per call, no extra forward."""
+    ``shapes=None`` outside transforms: probes shaped per call, no extra forward. ``losses``:
+    receives the pass's per-example losses ``[B]`` (outside transforms, :func:`batched_io`)."""
     state = {**plan.model.fixed, **params}
     io = batched_io(plan.tapped, plan.model.loss_fn, state, args, kwargs, target, shapes,
-                    next(iter(params.values())))
+                    next(iter(params.values())), losses=losses)
     return io, {}
 
 
@@ -188,10 +190,11 @@ def _vmap_failed(err: Exception) -> bool:
     return isinstance(err, RuntimeError) and "vmap" in str(err)
 
 
-def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, shapes):
+def _raw_split(plan: LayerPlan, params: Params, batch, args, kwargs, target, shapes,
+               losses: list | None = None):
     """``({layer: (a, g)}, {rest key: grad})``: captured layers from one batched pass, the
     dense parameters by a loop over examples (for models vmap cannot run)."""
-    io, _ = _raw_batched(plan, params, args, kwargs, target, shapes)
+    io, _ = _raw_batched(plan, params, args, kwargs, target, shapes, losses)
     rest = _loop_grads(lambda r, ex: plan.model.loss({**params, **r}, ex),
                        {k: params[k] for k in plan.autodiff}, batch)
     return io, rest
@@ -351,9 +354,28 @@ def _shapes(plan: LayerPlan, state, args, kwargs, like: Tensor) -> dict[str, tup
     return output_shapes(plan.tapped, state, args, kwargs, like)
 
 
-def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool, tuple, dict | None]:
+def _factored(plan: LayerPlan, stacked: Params, batch: Batch, *, losses: list | None = None,
+              ) -> tuple[LayerGrads, bool, tuple, dict | None]:
     """The captured path: ``(gradients, whether vmap failed, per-layer layout used, the probe
-    shapes used or None)``."""
+    shapes used or None)``.
+
+    ``losses``: a list whose contents are replaced, on success, by the batched passes'
+    per-example losses ``l_c`` ``[B]``, checkpoint by checkpoint, where every checkpoint had
+    its own plain batched pass (one checkpoint, or several one by one); left as it was where
+    the passes ran under ``vmap`` (over checkpoints, or inside a transform) or per example,
+    and on any error. The gradients are the same bit for bit with or without it.
+    """
+    got = [] if losses is not None else None
+    out = _factored_core(plan, stacked, batch, got)
+    C = next(iter(stacked.values())).shape[0]
+    if got is not None and len(got) == C:
+        losses[:] = got
+    return out
+
+
+def _factored_core(plan: LayerPlan, stacked: Params, batch: Batch, losses: list | None,
+                   ) -> tuple[LayerGrads, bool, tuple, dict | None]:
+    """:func:`_factored`, appending to ``losses`` (None: not recorded) as its passes run."""
     unpack = _unpack(plan.model)
     C = next(iter(stacked.values())).shape[0]
     first = {k: v[0] for k, v in stacked.items()}
@@ -367,7 +389,7 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrad
     if plan.autodiff:
         fn = lambda p: _raw_per_example(plan, p, batch, shapes)
     else:
-        fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes)
+        fn = lambda p: _raw_batched(plan, p, args, kwargs, target, shapes, losses)
     loop = plan.loop
     if not loop and not by_ckpt:
         try:
@@ -384,8 +406,10 @@ def _factored(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrad
                 raise
             _warn_loop(plan, err)
             loop = True
+            if losses is not None:
+                losses.clear()
     if plan.autodiff:
-        fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes)
+        fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes, losses)
     raw, rest = _by_checkpoint(fn, stacked, C)
     lg, layout = _assemble(plan, raw, rest, lead=2)
     return lg, loop, layout, shapes

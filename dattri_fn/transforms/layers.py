@@ -216,7 +216,7 @@ def per_example_losses(loss_fn, out, target) -> Tensor:
     return torch.func.vmap(one, in_dims=(dims, 0))(leaves, target)
 
 
-def summed_losses(loss_fn, out, target) -> Tensor:
+def summed_losses(loss_fn, out, target, *, rows: list | None = None) -> Tensor:
     """Return a scalar whose gradient w.r.t. ``out`` is that of ``per_example_losses(...).sum()``.
 
     For a loss whose per-example form is :func:`cross_entropy_rows` on ``[B, C]`` logits and
@@ -224,13 +224,22 @@ def summed_losses(loss_fn, out, target) -> Tensor:
     Its gradient is the same bit for bit (an ignored target's row gets zero either way, from
     the mask's backward or from ``nll_loss``'s); only the value differs there (0, not NaN). The
     capture passes use this value for its gradient alone.
+    ``rows``: a list that receives ``per_example_losses(loss_fn, out, target)`` detached (the
+    rows summed, or for that cross-entropy computed apart without grad): the scalar and its
+    gradient are the same either way.
     """
-    rows = getattr(loss_fn, "per_example", None)
-    if ((rows is cross_entropy_rows or (rows is None and loss_fn is F.cross_entropy))
+    kind = getattr(loss_fn, "per_example", None)
+    if ((kind is cross_entropy_rows or (kind is None and loss_fn is F.cross_entropy))
             and isinstance(out, Tensor) and out.ndim == 2 and isinstance(target, Tensor)
             and target.ndim == 1 and not target.is_floating_point()):
+        if rows is not None:
+            with torch.no_grad():
+                rows.append(cross_entropy_rows(out, target))
         return F.cross_entropy(out, target, reduction="sum")
-    return per_example_losses(loss_fn, out, target).sum()
+    per = per_example_losses(loss_fn, out, target)
+    if rows is not None:
+        rows.append(per.detach())
+    return per.sum()
 
 
 def input_signature(args, kwargs) -> tuple:
@@ -255,7 +264,7 @@ def output_shapes(tapped: TappedFn, state, args, kwargs, like: Tensor) -> dict[s
 
 
 def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
-               like: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+               like: Tensor, *, losses: list | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Return ``{layer: (a, g)}`` from ONE batched forward and backward.  # a [B, ..., in]
 
     ``g = d loss_i / d z_i`` w.r.t. zero probes on the layer outputs, with the per-example
@@ -264,10 +273,17 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
     ``shapes``: :func:`output_shapes` of these inputs, or ``None``: outside transforms each
     call's probe then takes that call's output shape (no extra forward); inside, the shapes
     come from one no-grad forward first.
+    ``losses``: a list that receives this pass's per-example losses ``l_i`` ``[B]`` (detached;
+    :func:`per_example_losses` of the pass's own output, the values a separate batched forward
+    gives), appended outside ``torch.func`` transforms only (inside, nothing is appended);
+    ``(a, g)`` are the same bit for bit with or without it.
     """
     def total(pr):
         out, acts = tapped(state, pr, *args, **kwargs)
-        return per_example_losses(loss_fn, out, target).sum(), acts
+        rows = per_example_losses(loss_fn, out, target)
+        if losses is not None and plain:
+            losses.append(rows.detach())
+        return rows.sum(), acts
 
     plain = torch._C._functorch.maybe_current_level() is None
     if plain and shapes is None:
@@ -276,7 +292,7 @@ def batched_io(tapped: TappedFn, loss_fn, state, args, kwargs, target, shapes,
             edges, zeros, calls = _edges(tapped, run.probes)
             out, acts, fold = run.output, run.acts, run.fold
             del run  # the probes (layer outputs) need not live through the loss or the backward
-            value = summed_losses(loss_fn, out, target)
+            value = summed_losses(loss_fn, out, target, rows=losses)
             del out
             # a loss that reaches no probe (every layer under no_grad or unused): all g are 0
             grads = (torch.autograd.grad(value, edges, allow_unused=True) if value.requires_grad
