@@ -73,5 +73,6 @@ def _inverse_norms(sq_norms: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name}(train=... or test=...): expected per-example squared gradient norms "
                          f"that fit {sq_norms.dtype}, got inf (|g| above ~{top:.1e}); compute in "
                          f"float64 or rescale the loss.")
-    pos = sq_norms > 0
-    return torch.where(pos, sq_norms.where(pos, 1).rsqrt(), 0)
+    # rsqrt(0) = inf and rsqrt(NaN) = NaN are never selected: the same values as rsqrt of a
+    # tensor with 1 written there, one op fewer
+    return torch.where(sq_norms > 0, sq_norms.rsqrt(), 0)

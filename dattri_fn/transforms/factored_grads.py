@@ -107,13 +107,16 @@ class LayerGrads(NamedTuple):
 
     def sq_norms(self) -> Tensor:
         """Return ``|grad_ci|^2`` per checkpoint and example.  # -> [C, B]"""
-        out = (self.dense * self.dense).sum(-1)
+        # without dense columns the first term is the sum (0 + t = t for t >= 0 or NaN)
+        out = (self.dense * self.dense).sum(-1) if self.dense.shape[-1] or not self.factors \
+            else None
         for a, g in self.factors.values():
             if a.ndim == 3:
-                out = out + (a * a).sum(-1) * (g * g).sum(-1)
+                term = (a * a).sum(-1) * (g * g).sum(-1)
             else:
-                out = out + (torch.einsum("cbti,cbsi->cbts", a, a)
-                             * torch.einsum("cbto,cbso->cbts", g, g)).sum((2, 3))
+                term = (torch.einsum("cbti,cbsi->cbts", a, a)
+                        * torch.einsum("cbto,cbso->cbts", g, g)).sum((2, 3))
+            out = term if out is None else out + term
         for tie in self.ties.values():
             out = out + tie_sq_norms(tie)
         return out
@@ -122,7 +125,11 @@ class LayerGrads(NamedTuple):
         """Return the gradients times ``w`` (``[C, B]`` or ``[C, 1]``), i.e. ``w_ci grad_ci``."""
         factors = {n: (a, g * (w[..., None] if g.ndim == 3 else w[..., None, None]))
                    for n, (a, g) in self.factors.items()}
-        return LayerGrads(factors, self.dense * w[..., None], self._with_ties(lambda t: t.scale(w)))
+        # an empty dense block [C, B, 0] stays as it is (no product to form; same dtype)
+        d = self.dense
+        dense = d if not d.shape[-1] and w.dtype == d.dtype and w.device == d.device and \
+            w.shape[0] == d.shape[0] else d * w[..., None]
+        return LayerGrads(factors, dense, self._with_ties(lambda t: t.scale(w)))
 
     def to_dense(self, dtype: torch.dtype | None = None, *, out: Tensor | None = None) -> Tensor:
         """Return the raveled gradients in params order, in ``dtype`` (default: theirs).  # -> [C, B, P]
