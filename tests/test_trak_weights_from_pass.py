@@ -90,17 +90,22 @@ def _takes_losses():
     return "losses" in inspect.signature(layer_grads_stream(layer_plan(fm))[0]).parameters
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_trak_weights_from_the_pass_equal_the_weight_forwards(cache, monkeypatch):
+@pytest.mark.parametrize("cache,opts", [
+    (True, dict(proj_dim=6)), (False, dict(proj_dim=6)),
+    (True, dict(proj_dim=None)),  # d = P > n_train: the factored dual state (factor_rows)
+    (True, dict(proj_dim=2, projection="kronecker")),
+])
+def test_trak_weights_from_the_pass_equal_the_weight_forwards(cache, opts, monkeypatch):
     """The prepared weights (and scores) equal the weight forwards' exactly, float64, 3
-    checkpoints, 2 batches (the checked one and a later one), cached or streamed."""
+    checkpoints, 2 batches (the checked one and a later one), cached or streamed, projected,
+    unprojected (factored) or Kronecker-projected."""
     net = _net()
     m = functional_model(net, classification_margin_loss)
     w = functional_model(net, classification_weight_loss)
     x, y = _data(13)
     train, test = [(x[:7], y[:7]), (x[7:], y[7:])], (x[:4], y[:4])
     ckpts = _checkpoints()
-    method = trak(m, weight_fn=w, proj_dim=6, seed=0, cache_features=cache)
+    method = trak(m, weight_fn=w, seed=0, cache_features=cache, **opts)
     state = method.prepare(ckpts, train)
     scores = method.score(ckpts, state, train, test)
     if cache:
@@ -110,14 +115,16 @@ def test_trak_weights_from_the_pass_equal_the_weight_forwards(cache, monkeypatch
     real = features_mod.feature_calls
     monkeypatch.setattr(trak_mod, "feature_calls", lambda func, params, cfg, *a: real(
         func, params, cfg._replace(weight_from_pass=False), *a))
-    ref = trak(m, weight_fn=w, proj_dim=6, seed=0, cache_features=cache)
+    ref = trak(m, weight_fn=w, seed=0, cache_features=cache, **opts)
     ref_state = ref.prepare(ckpts, train)
     if cache:
         assert torch.equal(state.train_weights, ref_state.train_weights)
     assert torch.equal(scores, ref.score(ckpts, ref_state, train, test))
 
 
-def test_trak_runs_no_weight_forward_when_the_stream_hands_back_margins(monkeypatch):
+@pytest.mark.parametrize("opts", [dict(proj_dim=6), dict(proj_dim=None),
+                                  dict(proj_dim=2, projection="kronecker")])
+def test_trak_runs_no_weight_forward_when_the_stream_hands_back_margins(opts, monkeypatch):
     """With the pair and a stream that takes losses=, prepare runs no weight forward."""
     if not _takes_losses():
         pytest.skip("layer_grads_stream's apply has no losses= yet (notes/s24/D_to_E.patch)")
@@ -132,7 +139,7 @@ def test_trak_runs_no_weight_forward_when_the_stream_hands_back_margins(monkeypa
     monkeypatch.setattr(trak_mod, "batched_loss", counting)
     net = _net()
     method = trak(functional_model(net, classification_margin_loss),
-                  weight_fn=functional_model(net, classification_weight_loss), proj_dim=6)
+                  weight_fn=functional_model(net, classification_weight_loss), **opts)
     x, y = _data(13)
     ckpts = _checkpoints()
     state = method.prepare(ckpts, [(x[:7], y[:7]), (x[7:], y[7:])])
