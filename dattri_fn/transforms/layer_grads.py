@@ -141,11 +141,13 @@ def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
 
 
 def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
-           keep_shapes: bool = True) -> tuple[LayerPlan, LayerGrads]:
+           keep_shapes: bool = True, losses: list | None = None) -> tuple[LayerPlan, LayerGrads]:
     """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device):
     the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it.
     ``keep_shapes=False``: the plan's probe shapes are left out (a caller that keeps only
-    :func:`plan_decisions`, which drop them anyway, skips the unpack and signature)."""
+    :func:`plan_decisions`, which drop them anyway, skips the unpack and signature).
+    ``losses``: as :func:`~dattri_fn.transforms.layer_grads_paths._factored`'s (the factored
+    passes over the whole batch record them)."""
     first = {k: v[:1] for k, v in stacked.items()}
     n = batch_size("layer_grads", "batch", batch)
     k = min(n, 3)
@@ -176,7 +178,7 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         # what the narrowing forward would (no layer to drop), so that forward is skipped; any
         # error takes the full procedure below, which decides as before.
         try:
-            passed = _factored(plan, stacked, batch)
+            passed = _factored(plan, stacked, batch, losses=losses)
         except capture.CaptureError as err:
             passed, drop = None, err.problems
         except Exception:  # decided below, as without this shortcut
@@ -192,12 +194,12 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
             # is a batch of one (T = 1 = B fails, T = B = k passed). Such a refusal drops the
             # layers it names, once, and only those (a forward re-checks ties on this path)
             try:
-                passed = _factored(active, stacked, batch)
+                passed = _factored(active, stacked, batch, losses=losses)
             except capture.CaptureError as err:
                 active = _narrowed(active, batch, first, drop=err.problems)
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
-            lg, loop, layout, shapes = passed or _factored(active, stacked, batch)
+            lg, loop, layout, shapes = passed or _factored(active, stacked, batch, losses=losses)
             err, scale, dtype = (_gap(lg, ref, k) if sums is None
                                  else _gap_sums(lg, ref, sums, k, at=(0, k - 1)))
             if not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
@@ -310,16 +312,18 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
     """
     held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
 
-    def apply(stacked: Params, batch: Batch) -> LayerGrads:
+    def apply(stacked: Params, batch: Batch, *, losses: list | None = None) -> LayerGrads:
+        # losses: receives the batched passes' per-example losses [B] per checkpoint where the
+        # factored path ran them (layer_grads_paths._factored); left as it was otherwise
         if not held[0].checked:
-            checked, lg = _check(held[0], stacked, batch)
+            checked, lg = _check(held[0], stacked, batch, losses=losses)
             if batch_size("layer_grads", "batch", batch) >= 2:
                 held[0] = checked
             return lg
         if held[0].dense:
             return _dense(held[0], stacked, batch)[0]
         try:
-            lg, loop, _, shapes = _factored(held[0], stacked, batch)
+            lg, loop, _, shapes = _factored(held[0], stacked, batch, losses=losses)
         except capture.CaptureError as err:  # this batch takes a path the example did not
             _warn_dense(held[0], str(err), batch_only=True)
             return _dense(held[0], stacked, batch)[0]
