@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: "
                    "the traced graph without inductor, to tell a tracing error from inductor's)")
+    p.add_argument("--metagradient", type=int, default=0, metavar="L",
+                   help="instead: metagradient(horizon=L) eager against compile=--backend through "
+                        "the library (dattri_fn.training.compile), graphs compiled and drift")
     p.add_argument("--extra-shapes", default="", help="comma-separated target counts to compile too")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _, pullback = vjp(one_step, floats, w)
         return vmap(pullback)(bar)
 
+    if args.metagradient:
+        return library(args, step, vstep, traj, data, order, cot)
     compiled = torch.compile(eager, dynamic=False, backend=args.backend)
     ref = eager(floats, w, bar)
     row: dict = {"T": T, "k": args.k, "batch": len(order[T // 2]), "backend": args.backend}
@@ -109,6 +114,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         compiled(floats, w, part)
         row["extra_shapes"][kk] = {"thread_cpu_s": round(time.thread_time() - t0, 1),
                                    "process_children_cpu_s": round(cpu_all() - p0, 1)}
+    with open("/proc/loadavg") as f:
+        row["load"] = " ".join(f.read().split()[:3])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def library(args, step, vstep, traj, data, order, cot) -> dict:
+    """metagradient(horizon=L) eager, then with compile=backend: CPU, graphs, relative drift."""
+    from dattri_fn.attribute.metagradient import metagradient
+    from dattri_fn.training.compile import reverse_step
+
+    L = args.metagradient
+    t0 = time.thread_time()
+    ref = metagradient(step, traj, data, order, cot, horizon=L, vjp_step=vstep)
+    eager_s = time.thread_time() - t0
+    backend = True if args.backend == "inductor" else args.backend
+    t0, p0, w0 = time.thread_time(), cpu_all(), time.perf_counter()
+    out = metagradient(step, traj, data, order, cot, horizon=L, vjp_step=vstep, compile=backend)
+    rs = reverse_step(vstep, "inductor" if backend is True else backend)
+    row = {"L": L, "backend": args.backend, "graphs": rs.graphs, "off": rs.reason,
+           "eager_thread_cpu_s": round(eager_s, 1),
+           "compiled_thread_cpu_s": round(time.thread_time() - t0, 1),
+           "compiled_process_children_cpu_s": round(cpu_all() - p0, 1),
+           "compiled_wall_s": round(time.perf_counter() - w0, 1),
+           "rel_diff_weights": float((out.weights - ref.weights).abs().max()
+                                     / ref.weights.abs().max()),
+           "rel_diff_params": max(float((out.params[n] - ref.params[n]).abs().max()
+                                        / ref.params[n].abs().max()) for n in ref.params)}
     with open("/proc/loadavg") as f:
         row["load"] = " ".join(f.read().split()[:3])
     print(json.dumps(row), flush=True)

@@ -105,6 +105,25 @@ def test_a_failing_compile_warns_once_naming_it_and_runs_eager():
     assert torch.equal(out.weights, ref.weights)
 
 
+def test_a_miscompiled_graph_is_caught_by_the_first_step_check():
+    """A backend whose graph is 1% off (as inductor's text-lm step was O(1) off): the new graph's
+    check against the eager step warns once naming the difference, and the pass is eager's bit
+    for bit."""
+    loss, opt, step, data, test, order, traj, cot = run("adamw-cosine")
+
+    def off(gm, example_inputs):
+        def wrong(*args):
+            return [x * 1.01 if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                    for x in gm.forward(*args)]
+        return wrong
+
+    ref = metagradient(step, traj, data, order, cot)
+    with pytest.warns(RuntimeWarning, match="differs from the eager one by 0.01") as rec:
+        out = metagradient(step, traj, data, order, cot, compile=off)
+    assert len(rec) == 1
+    assert torch.equal(out.weights, ref.weights)
+
+
 def test_too_many_graphs_warn_and_stop_compiling():
     """More graphs than max_graphs (here 0 allowed beyond the first: max_graphs=0) turns the
     compiled path off with a warning naming the count."""
