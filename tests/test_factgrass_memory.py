@@ -58,11 +58,16 @@ def test_capped_passes_write_the_features_of_one_pass(kind, cache, monkeypatch, 
         assert torch.equal(m.score(fm.params, got, None, (x[:3], y[:3])), S)
 
 
-def test_a_pass_measures_its_bytes_and_the_next_runs_follow_them(monkeypatch):
-    """After the first pass (ONE_PASS_ROWS = 8 rows), runs hold budget // PASS_SHARE // measured rows."""
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-mlp", "hooked"])
+def test_a_pass_measures_its_bytes_and_the_next_runs_follow_them(monkeypatch, plain):
+    """Runs hold budget // _PASS_SHARE // measured rows; the first pass: a plain MLP's bytes are known
+    before it (the same number the pass then measures), any other model's first pass takes
+    ONE_PASS_ROWS (= 8 here) rows."""
     from dattri_fn.attribute import capture_rows
 
     fm, (x, y) = _problem("mlp", n=40, seed=1)
+    if not plain:  # a hook (changing nothing): mlp_chain, so _plain_row_bytes, refuses the model
+        fm.module[0].register_forward_hook(lambda mod, args, out: None)
     train = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 40, 4)]
     seen: list = []
     real = capture_rows.merged_passes
@@ -74,12 +79,16 @@ def test_a_pass_measures_its_bytes_and_the_next_runs_follow_them(monkeypatch):
 
     module = importlib.import_module("dattri_fn.attribute.factgrass")  # (the package re-exports
     monkeypatch.setattr(module, "merged_passes", spy)                  # the function by its name)
-    monkeypatch.setattr(module, "memory_budget", lambda: 2**20)
+    monkeypatch.setattr(module, "memory_budget", lambda: 2**22)
     monkeypatch.setattr(capture_rows, "ONE_PASS_ROWS", 8)
     m = factgrass(fm, proj_dim=8)
     state = m.prepare(fm.params, train)
     # per example: x [12] float64 + y int64, and the captured a/g of the layers (12 + 20, 20 + 4)
     measured = 12 * 8 + 8 + (12 + 20 + 20 + 4) * 8
-    # 2**20 // 64 // 552 = 29 rows a run: 7 batches of 4
-    assert seen == [(8, None), (28, measured), (4, measured)]
+    assert module._PASS_SHARE == 512
+    # 2**22 // 512 // 552 = 14 rows a run: 3 batches of 4
+    if plain:
+        assert seen == [(12, measured)] * 3 + [(4, measured)]
+    else:
+        assert seen == [(8, None), (12, measured), (12, measured), (8, measured)]
     assert state.cached_rows() == 40

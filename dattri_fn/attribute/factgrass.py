@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    batch_leaves,
     batch_to,
     check_int,
     check_optional_int,
@@ -52,8 +53,9 @@ from ..transforms.layer_grads import (
     layer_plan,
     plan_decisions,
 )
+from ..transforms.mlp_io import mlp_chain
 from ..transforms.project import make_projector
-from .capture_rows import PASS_SHARE, cached_row_count, can_merge, capture_row_bytes, merged_passes
+from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .factgrass_blocks import (  # noqa: F401 (importable from here, as before the split)
     _blocks_of,
     _cached,
@@ -89,16 +91,38 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 # took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
 _SKETCH_BYTES = 2**16
 # the train cache holds each block's factors where the features would take more than
-# memory_budget() // PASS_SHARE // _SMALL bytes (2 MiB of the default 256 MiB: half of what one
+# memory_budget() // _PASS_SHARE // _SMALL bytes (256 KiB of the default 256 MiB: half of what one
 # capture pass may hold), else the features. Re-forming features per score costs one more
-# stage-2 product of every row (+9-20% time at 4k-16k digits rows), and below this size the
-# capture pass, not the cache, sets the peak (4k rows: 0.622 -> 0.567 of dattri's with factors)
+# stage-2 product of every row (+9-20% time at 4k-16k digits rows; P = 10k, n = 1000: +35-45%
+# with the passes below), and below this size the capture pass, not the cache, sets the peak
 _SMALL = 2
+# a merged capture pass of prepare holds at most memory_budget() // _PASS_SHARE measured bytes
+# (512 KiB of the default 256 MiB; a plain MLP's first pass too, its bytes known before it runs).
+# Stop 24, exact tensor peaks / dattri's (factgrass_ab --dattri): at 4 MiB passes and a 2 MiB
+# cache edge n = 4k was 0.580, P = 10k 0.831; 1 MiB / 512 KiB: 0.390 / 0.697; 512 / 256 KiB:
+# 0.390 / 0.302 (time 1.30 / 1.35x; digits-lr/mlp: one pass, features, unchanged); 256 / 128
+# KiB: 0.390 / 0.302 at 1.49 / 1.34x
+_PASS_SHARE = 512
 
 
 def _keep_bytes() -> int:
     """The most bytes of train features that are cached as they are (more: their factors)."""
-    return memory_budget() // PASS_SHARE // _SMALL
+    return memory_budget() // _PASS_SHARE // _SMALL
+
+
+def _plain_row_bytes(model: FunctionalModel, plan: LayerPlan, state: dict, batch) -> int | None:
+    """What one example of a plain MLP (``mlp_chain``, flat leaves) holds in a capture pass, as
+    the pass measures it (``_Rows.held_bytes``: its batch row, each layer's ``a`` and ``g``);
+    None for any other model (nothing is known before the first pass)."""
+    leaves = batch_leaves(batch)
+    if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
+        return None
+    specs = plan.tapped.specs
+    w = [state[specs[n].weight] for n in plan.layers if specs[n].weight in state]
+    if len(w) != len(plan.layers):
+        return None
+    return (sum(t.element_size() * t.shape[1:].numel() for t in leaves if t.ndim)
+            + sum(x.shape[0] + x.shape[1] for x in w) * w[0].element_size())
 
 
 class FactGraSSState(NamedTuple):
@@ -122,10 +146,10 @@ class FactGraSSState(NamedTuple):
             instead of the features: ``k_in' + k_out'`` numbers per block and example instead of
             ``d_b``; ``phi_i = R^T vec(g'_i a'_i^T)`` is formed from them in fixed row spans
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
-            Held where the features would take more than ``memory_budget() // PASS_SHARE // 2``
-            bytes (2 MiB by default), else None and the features are cached. Data whose every
-            part has one example (a loader of ``batch_size=1``, or ``chunk_size=1``) takes the
-            flat path only on a plain softmax cross-entropy MLP (whose factors
+            Held where the features would take more than ``memory_budget() // 512 // 2``
+            bytes (256 KiB by default; 2 MiB before stop 24), else None and the features are
+            cached. Data whose every part has one example (a loader of ``batch_size=1``, or
+            ``chunk_size=1``) takes the flat path only on a plain softmax cross-entropy MLP (whose factors
             :func:`~dattri_fn.transforms.mlp_io.mlp_io` gives: no plan check); elsewhere the
             plan is checked on a part of 2 or more, and such data's features are cached.
         sketch: what the cached rows and the inverses depend on besides the blocks,
@@ -291,9 +315,12 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
         weights = [state[plan.tapped.specs[n].weight] for n in plan.layers
                    if plan.tapped.specs[n].weight in state]
         total = count_rows(func, "train", train, check=False)  # merged_passes checks each
+        # a plain MLP's first pass is bounded by its known bytes too (else ONE_PASS_ROWS rows)
+        first = _plain_row_bytes(model, plan, state, train[0])
         passes = merged_passes(func, "train", train,
                                lambda b: capture_row_bytes(b, weights), memory_budget(),
-                               measured=lambda: fn.held_bytes)
+                               measured=lambda: first if fn.held_bytes is None else fn.held_bytes,
+                               share=_PASS_SHARE)
     else:
         passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
     fisher = curvature == "fisher"
