@@ -98,8 +98,31 @@ def _shared():
     return nn.Sequential(nn.Linear(13, 9), lin, nn.Tanh(), lin, nn.Linear(9, 7))
 
 
+def _plain_tensor_weight():
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    w = m[2].weight.detach().clone()
+    del m[2].weight
+    m[2].weight = w  # a plain attribute now, not the Parameter slot
+    return m
+
+
+def _shared_weight():
+    m = nn.Sequential(nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 9))
+    m[2].weight = m[0].weight
+    return m
+
+
+def _pre_hooked_linear():
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    m[0].register_forward_pre_hook(lambda mod, i: None)
+    return m
+
+
 @pytest.mark.parametrize("make", [
     _hooked,
+    _plain_tensor_weight,
+    _shared_weight,
+    _pre_hooked_linear,
     lambda: nn.Sequential(nn.Linear(13, 9), nn.ReLU(inplace=True), nn.Linear(9, 7)),
     lambda: nn.Sequential(nn.Linear(13, 9), nn.Tanh()),
     lambda: nn.Sequential(nn.Tanh(), nn.Linear(13, 7)),
@@ -107,7 +130,8 @@ def _shared():
     _shared,
 ])
 def test_other_structures_are_left_to_the_engine(make):
-    """Hooks, in-place or unknown activations, an activation at either end, a reused Linear: None."""
+    """Hooks, in-place or unknown activations, an activation at either end, a reused Linear or
+    weight, a weight that is no longer the Linear's Parameter slot: None."""
     assert mlp_chain(make()) is None
 
 

@@ -50,7 +50,8 @@ _GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backwa
 
 def _plain(m: nn.Module) -> bool:
     """Its class's forward runs, with no hook of its own."""
-    return "forward" not in vars(m) and not any(getattr(m, h, None) for h in _HOOKS)
+    d = vars(m)  # (the hook dicts are instance attributes: read without a getattr per name)
+    return "forward" not in d and not any(d.get(h) for h in _HOOKS)
 
 
 def mlp_chain(module: nn.Module) -> list | None:
@@ -68,13 +69,18 @@ def mlp_chain(module: nn.Module) -> list | None:
         if child is None or not _plain(child):
             return None
         if type(child) is nn.Linear:
-            ids = {id(child), id(child.weight)} | ({id(child.bias)} if child.bias is not None
-                                                   else set())
+            # read from _parameters (no Module.__getattr__ a read); a weight or bias that is
+            # not the Parameter slot nn.Linear registers (deleted, replaced) gives None
+            params = child._parameters
+            if "weight" not in params or "bias" not in params or params["weight"] is None:
+                return None
+            w, b = params["weight"], params["bias"]
+            ids = {id(child), id(w)} | ({id(b)} if b is not None else set())
             if ids & seen:
                 return None
             seen |= ids
             chain.append((name, child, []))
-        elif type(child) in ACTIVATIONS and chain and not getattr(child, "inplace", False):
+        elif type(child) in ACTIVATIONS and chain and not vars(child).get("inplace", False):
             chain[-1][2].append(type(child))
         else:
             return None
