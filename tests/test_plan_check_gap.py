@@ -141,8 +141,11 @@ def test_a_broken_capture_in_prepare_leaves_scores_exact(monkeypatch):
 
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_non_finite_scores_from_one_pass_raise(top_k):
-    """Finite params and data whose float32 logits overflow: the one-pass scores are NaN and
-    score raises naming train (one scan of the written blocks, or per block with top_k)."""
+    """Finite params and data whose float32 logits overflow beyond the examples the plan check
+    compares (the test rows and train row 0 are tiny: the check passes): the one-pass scores
+    are NaN and score raises naming train (one scan of the written blocks, or per block with
+    top_k). Overflow on the compared examples is refused by the check itself
+    (tests/test_plan_check_nonfinite.py)."""
     m = nn.Linear(4, 3)
     with torch.no_grad():
         m.weight.fill_(1e30)
@@ -150,8 +153,9 @@ def test_non_finite_scores_from_one_pass_raise(top_k):
     fm = functional_model(m.eval(), F.cross_entropy)
     g = _gen(8)
     x = torch.randn(6, 4, generator=g) * 1e10
+    x[:1] *= 1e-40
     train = [(x[:3], torch.tensor([0, 1, 2])), (x[3:], torch.tensor([2, 1, 0]))]
-    test = (x[:2], torch.tensor([1, 0]))
+    test = (x[:2] * 1e-40, torch.tensor([1, 0]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(ValueError, match=r"grad_dot\(train=...\).*NaN or inf in the scores"):

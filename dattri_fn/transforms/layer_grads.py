@@ -37,12 +37,13 @@ computed densely, that batch alone, after a warning.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import torch
 
-from .._checks import _msg, batch_size, batch_slice, batch_to
+from .._checks import _msg, all_finite, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
 from . import capture
@@ -159,6 +160,7 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     ties = getattr(plan.tapped, "ties_any", True)
     why, active, loop, layout, shapes, lg = None, None, False, (), None, None
     passed = ref = sums = drop = None
+    bad_data = False
     if n == k and _one_call_ok(plan, stacked):
         # the factored pass over the compared examples, the first one's reference row and the
         # pass's own parameter gradients, one engine call (_gap_sums); any error takes the two
@@ -202,11 +204,24 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch, losses=losses)
             err, scale, dtype = (_gap(lg, ref, k) if sums is None
                                  else _gap_sums(lg, ref, sums, k, at=(0, k - 1)))
-            if not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
+            if not (math.isfinite(err) and math.isfinite(scale)):
+                # review R4 F4: a tolerance of inf passed anything. Autodiff's own rows not
+                # finite: no answer is right (refused below, outside this try); else the
+                # captured rows are what is not finite: a mismatch
+                bad_data = not _all_finite(ref, sums)
+                if not bad_data:
+                    why = (f"they are not finite on its first examples where vmap(grad)'s are "
+                           f"(max difference {err:.3g}, gradient scale {scale:.3g})")
+            elif not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
                 why = (f"they do not match vmap(grad) on its first examples (max difference "
                        f"{err:.3g}, gradient scale {scale:.3g})")
     except Exception as e:  # whatever the model's forward raises with probes
         why = f"the capture pass over this batch failed ({type(e).__name__}: {e})"
+    if bad_data:
+        raise ValueError(_msg("layer_grads", "batch", "examples whose per-example gradients "
+                              "are finite", f"NaN or inf in autodiff's gradient of its first "
+                              f"{k} examples", "Their loss overflows or is undefined there: "
+                              "fix or drop those examples, or compute in float64."))
     base = plan if active is None else active
     dense = active is None or why is not None
     if why is not None:
@@ -220,6 +235,11 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
         known = ((input_signature(args, kwargs), shapes),)
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known,
                          tie_factors=plan.tie_factors), lg
+
+
+def _all_finite(ref: Params, sums: Params | None) -> bool:
+    """Whether autodiff's reference rows (and the pass's parameter gradients) are finite."""
+    return all(all_finite(v) for v in (*ref.values(), *(sums or {}).values()))
 
 
 def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,

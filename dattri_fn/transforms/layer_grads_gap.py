@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._types import Params
@@ -33,7 +35,7 @@ def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
         (r)  G_i == grad L_i  for i in at    (scale max_i |grad L_i|)
         (s)  sum_i G_i == grad sum_i l_i     (scale max_i |G_i|: rounding of the k terms)
 
-    Returns the ``(error, scale, dtype)`` of the worse of the two (a NaN in either: NaN).
+    Returns the ``(error, scale, dtype)`` of the worse of the two (a NaN or inf in either: NaN).
     The plan check takes ``at = (0, k - 1)``: the first and the last example.
 
     What they catch, against :func:`_gap`'s ``G_i == grad L_i`` for every ``i``: write the
@@ -68,7 +70,9 @@ def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
     values = block.abs().amax(1).tolist()
     err_r, err_s = max(values[:r]), values[r]
     scale_s, scale_r = max(values[r + 1:r + 1 + k]), max(values[r + 1 + k:])
-    if any(v != v for v in values[:r + 1]):
+    if not all(math.isfinite(v) for v in values[:r + 1]):
+        # NaN, or an inf row error / sum error (review R4 F4: inf <= tol * inf passed, and the
+        # worse part's pick, inf * scale > err * inf, took the finite one): no comparison holds
         return float("nan"), max(scale_r, scale_s), want.dtype
     worse = err_s * max(scale_r, 1e-30) > err_r * max(scale_s, 1e-30)
     return (err_s, scale_s, want.dtype) if worse else (err_r, scale_r, want.dtype)
