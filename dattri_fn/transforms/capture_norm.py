@@ -38,7 +38,11 @@ op whose result keeps the rows' rank and a dim 0 of size ``B`` (``.contiguous()`
 no use; rows of one example (``B = 1``) cannot be mixed and are never refused. Other shape ops
 on such rows (a reshape to another rank, then a broadcast) are refused when the plan is checked
 at a batch whose ``B`` differs from those dims (the rows are held there); checked at ``B = T``,
-only the comparison with vmap(grad) catches them.
+only the comparison with vmap(grad) catches them, and then the whole checked plan goes dense
+(exact, one warning), not only the table (tests/test_capture_rank_change.py). The watch cannot
+follow them: at ``B = T`` no shape tells shared ``[T, T]`` rows from per-example ``[B, T]`` rows,
+and a rank change that moves or drops the batch-sized dim (``flatten().view(T, T)``, a
+``permute`` to sequence-first) is also what per-example rows of a sequence-first model do.
 """
 
 from __future__ import annotations
