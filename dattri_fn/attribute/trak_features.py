@@ -185,6 +185,26 @@ def _dense_cause(lg, fdt: torch.dtype) -> NonFiniteGradient:
     return NonFiniteGradient(None, fdt)
 
 
+# The plan check's refusal of examples whose own autodiff gradients are not finite
+# (transforms/layer_grads._check, on the first 3 examples of a stream's first batch)
+_CHECK_REFUSAL = ("layer_grads(batch=...): expected examples whose per-example gradients are "
+                  "finite")
+
+
+def _refusal_cause(output_fn, sub: Params, batch) -> NonFiniteGradient | None:
+    """The first parameter whose autodiff gradient is NaN or inf on the first 3 examples of
+    ``batch`` at the first checkpoint of ``sub`` (the rows the plan check refused); None where
+    those rows cannot be formed here or all are finite. An error path."""
+    head = batch_slice(batch, 0, min(3, batch_size("features", "batch", batch)))
+    first = {k: v[:1] for k, v in sub.items()}
+    try:
+        G = stacked_per_sample_grad(output_fn, first, head)
+    except Exception:  # noqa: BLE001 - the check's own error is raised instead
+        return None
+    key = _bad_column(G, first)
+    return None if key is None else NonFiniteGradient(key)
+
+
 class FeatureConfig(NamedTuple):
     """The settings of one :func:`trak` method that its feature engine reads."""
 
@@ -248,9 +268,16 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     def captured(sub: Params, batch, losses: list | None):
         """The stream's gradients of ``batch`` at ``sub``; ``losses`` (a list, or None)
         receives the passes' per-example margins ``[b]`` per checkpoint where they ran."""
-        if losses is None or not from_pass:
-            return grads(sub, batch)
-        return grads(sub, batch, losses=losses)
+        try:
+            if losses is None or not from_pass:
+                return grads(sub, batch)
+            return grads(sub, batch, losses=losses)
+        except ValueError as err:
+            # the plan check refuses examples whose autodiff gradients are not finite: named
+            # as this call's data, with the parameter, as every later batch's scan names it
+            if not str(err).startswith(_CHECK_REFUSAL):
+                raise
+            raise _refusal_cause(output_fn, sub, batch) or err from err
 
     def decided() -> PlanDecisions | None:
         return None if held is None or not held().checked else plan_decisions(held())
