@@ -79,8 +79,20 @@ class _Reiterable:
 
 
 def _counted_passes(monkeypatch):
-    calls, real = [], paths.batched_io
+    """Capture passes: the engine's (batched_io) and, for a held plan of a plain MLP, mlp_io's
+    (the same (a, g) by the same kernels; layer_grads._plain_mlp)."""
+    from dattri_fn.transforms import mlp_io
+
+    calls, real, real_mlp = [], paths.batched_io, mlp_io.mlp_io
     monkeypatch.setattr(paths, "batched_io", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def counted_mlp(*a, **k):
+        io = real_mlp(*a, **k)
+        if io is not None:
+            calls.append(1)
+        return io
+
+    monkeypatch.setattr(mlp_io, "mlp_io", counted_mlp)
     return calls
 
 
