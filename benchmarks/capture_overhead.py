@@ -16,7 +16,8 @@ round by round with dattri 0.3.0's TracInAttributor on the same data (``--rounds
 check of ``prepare`` (autodiff on its 3 examples, the factored pass over them, both in one
 autograd engine call, the pass with the first and last examples' rows and the pass's parameter
 gradients in one call as the check now runs it, the whole check), the
-one capture pass of ``score`` over ``[test, *train]``, the score blocks, and a bare forward +
+one capture pass of ``score`` over ``[test, *train]`` (the engine's, and mlp_io's, which a held
+plain-MLP plan takes since stop 24), the score blocks, and a bare forward +
 backward over the same rows (``functional_call`` + ``autograd.grad``, no capture: the floor a
 pass sits on). Medians of thread CPU ms, and each part's share of dattri's median.
 """
@@ -114,7 +115,7 @@ def floor(task_name: str, rounds: int) -> None:
     from dattri_fn._checks import batch_cat, batch_slice
     from dattri_fn.attribute.gradsim import grad_dot
     from dattri_fn.model import functional_model
-    from dattri_fn.transforms.layer_grads import _check, layer_plan
+    from dattri_fn.transforms.layer_grads import _check, _plain_mlp, layer_plan
     from dattri_fn.transforms.layer_grads_paths import _example_rows, _factored, _factored_and_rows
 
     n_train, n_test, _ = DEFAULT_SIZES[task_name]
@@ -163,6 +164,8 @@ def floor(task_name: str, rounds: int) -> None:
         "  check (whole)": lambda: _check(plan, stacked, head),
         "ours score": lambda: method.score(fm.params, state, train, test),
         f"  one capture pass ({lg.num_rows})": lambda: _factored(checked, stacked, merged),
+        f"  one pass via mlp_io ({lg.num_rows}, as score takes it)": lambda: _plain_mlp(
+            checked, stacked, merged),
         "  score blocks": blocks,
         f"bare fwd+bwd ({lg.num_rows}, no capture)": bare,
     }
