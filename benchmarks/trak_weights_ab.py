@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python -m benchmarks.trak_weights_ab --task digits-lr [--rounds 40]
 
 The recipe g_against times (3 models, DEFAULT_SIZES, proj_dim 512): ``prepare + score`` with
-``trak_features._STREAM_LOSSES`` off (Q by one weight forward per checkpoint, as before) and on
-(Q = sigmoid(-m) from the capture pass's margins), alternated each round; main-thread CPU
+``FeatureConfig.weight_from_pass`` forced off (Q by one weight forward per checkpoint, as before)
+and as built (Q = sigmoid(-m) from the capture pass's margins), alternated each round; main-thread CPU
 time, each side's median and the median of the per-round ratios (new / old). Scores and weights
 are compared too (torch.equal).
 """
@@ -23,7 +23,15 @@ import torch  # noqa: E402
 
 from benchmarks.run import DEFAULT_SIZES, load_models, load_task, runner_for, train_states  # noqa: E402
 
-features = importlib.import_module("dattri_fn.attribute.trak_features")
+trak_mod = importlib.import_module("dattri_fn.attribute.trak")
+_REAL = trak_mod.feature_calls
+_FROM_PASS = [True]
+
+
+def _feature_calls(func, params, cfg, *rest):
+    """trak's feature engine, with Q from the pass only while _FROM_PASS[0] (the A/B switch)."""
+    return _REAL(func, params, cfg if _FROM_PASS[0] else cfg._replace(weight_from_pass=False),
+                 *rest)
 
 
 def main(argv=None) -> None:
@@ -32,8 +40,6 @@ def main(argv=None) -> None:
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
-    if not features._STREAM_LOSSES:
-        raise SystemExit("layer_grads_stream's apply takes no losses= (D_to_E.patch not applied)")
     n_train, n_test, _ = DEFAULT_SIZES[args.task]
     task = load_task({"name": args.task, "n_train": n_train, "n_test": n_test, "seed": 0,
                       "device": "cpu"})
@@ -41,18 +47,20 @@ def main(argv=None) -> None:
     hp = {"damping": 1e-3, "proj_dim": 512, "max_iter": 100, "arnoldi_rank": 64,
           "arnoldi_block": 16, "batch_size": 256, "seed": 0, "device": "cpu"}
     r = runner_for("ours", "trak", task, models, hp)
+    trak_mod.feature_calls = _feature_calls
     out, cpu = {}, {False: [], True: []}
     for side in (False, True):  # warm-up, and the values compared
-        features._STREAM_LOSSES = side
+        _FROM_PASS[0] = side
         s = r.prepare()
         out[side] = (s.train_weights, r.score(s))
     for _ in range(args.rounds):
         for side in (False, True):
-            features._STREAM_LOSSES = side
+            _FROM_PASS[0] = side
             c0 = time.thread_time()
             r.score(r.prepare())
             cpu[side].append(time.thread_time() - c0)
-    features._STREAM_LOSSES = True
+    _FROM_PASS[0] = True
+    trak_mod.feature_calls = _REAL
     ratios = [b / a for a, b in zip(cpu[False], cpu[True], strict=True)]
     print(f"{args.task}: {args.rounds} rounds, load {os.getloadavg()[0]:.2f}; prepare + score "
           f"thread CPU ms: weight forwards {1e3 * statistics.median(cpu[False]):.2f}, from the "

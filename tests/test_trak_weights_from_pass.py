@@ -8,7 +8,6 @@ every other caller of batched_io unchanged bit for bit.
 """
 
 import importlib
-import inspect
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from dattri_fn.attribute.trak import classification_margin_loss, classification_weight_loss, trak
 from dattri_fn.model import batched_loss, functional_model
-from dattri_fn.transforms.layer_grads import layer_grads_stream, layer_plan
+from dattri_fn.transforms.layer_grads import layer_plan
 from dattri_fn.transforms.layer_grads_paths import _factored
 from dattri_fn.transforms.layers import batched_io, per_example_losses
 
@@ -85,11 +84,6 @@ def test_factored_records_one_row_per_checkpoint_or_nothing():
     assert untouched == ["kept"]
 
 
-def _takes_losses():
-    fm = functional_model(_net(), classification_margin_loss)
-    return "losses" in inspect.signature(layer_grads_stream(layer_plan(fm))[0]).parameters
-
-
 @pytest.mark.parametrize("cache,opts", [
     (True, dict(proj_dim=6)), (False, dict(proj_dim=6)),
     (True, dict(proj_dim=None)),  # d = P > n_train: the factored dual state (factor_rows)
@@ -125,9 +119,7 @@ def test_trak_weights_from_the_pass_equal_the_weight_forwards(cache, opts, monke
 @pytest.mark.parametrize("opts", [dict(proj_dim=6), dict(proj_dim=None),
                                   dict(proj_dim=2, projection="kronecker")])
 def test_trak_runs_no_weight_forward_when_the_stream_hands_back_margins(opts, monkeypatch):
-    """With the pair and a stream that takes losses=, prepare runs no weight forward."""
-    if not _takes_losses():
-        pytest.skip("layer_grads_stream's apply has no losses= yet (notes/s24/D_to_E.patch)")
+    """With the pair, prepare runs no weight forward (the stream hands back the margins)."""
     trak_mod = importlib.import_module("dattri_fn.attribute.trak")
     calls = []
     real = trak_mod.batched_loss

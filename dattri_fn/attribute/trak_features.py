@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -47,10 +46,6 @@ _ROW_BLOCK_ENTRIES = 2**16  # densified per projection call when R is held: rows
 _MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
 _CAUSE_ENTRIES = 2**20  # gradient entries formed at a time when an error's cause is looked for
-# Whether layer_grads_stream's apply takes losses= (the capture passes' per-example losses):
-# until notes/s24/D_to_E.patch is applied to transforms/layer_grads.py it does not, and TRAK's
-# weights then come from their own forwards (the same numbers). Decided once, at import.
-_STREAM_LOSSES = "losses" in inspect.signature(layer_grads_stream(None)[0]).parameters
 
 
 class Calls(NamedTuple):
@@ -260,10 +255,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     if applied is not None and cfg.projection == "kronecker":  # ties read from their factors
         applied = keep_tie_factors(applied)
     grads, held = (None, None) if applied is None else layer_grads_stream(applied)
-    # the stream hands back its passes' per-example losses (here the margins) where it takes
-    # them
-    from_pass = (cfg.weight_from_pass and grads is not None and weight_fn is not None
-                 and _STREAM_LOSSES)
+    # the stream hands back its passes' per-example losses (here the margins) where it ran
+    # them (layer_grads_stream's apply(losses=...))
+    from_pass = cfg.weight_from_pass and grads is not None and weight_fn is not None
 
     def captured(sub: Params, batch, losses: list | None):
         """The stream's gradients of ``batch`` at ``sub``; ``losses`` (a list, or None)
