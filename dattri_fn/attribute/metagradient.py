@@ -289,10 +289,12 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             graph (:class:`~dattri_fn.training.compile.ReverseStep`: the optimizer's per-step
             floats as 0-d tensor inputs, the rows of the cotangents and of the batch dynamic);
             ``vjp_step`` must come from :func:`~dattri_fn.training.make_step`. Where it cannot
-            apply or a compile fails it warns once, naming the reason, and runs eager. Values
-            equal eager's to round-off. Off in the recipes: a cold inductor compile of text-lm's
+            apply, a compile fails, or a new graph's first chunk differs from the eager step
+            by more than round-off (1e-4 relative in float32), it warns once, naming the
+            reason, and runs eager. Off in the recipes: a cold inductor compile of text-lm's
             step cost 103 CPU-s (process + C++ children), more than the whole budget it was to
-            save (benchmarks/RESULTS.md, stop 24).
+            save, and inductor's values there were O(1) off (the traced graph, ``aot_eager``,
+            2e-7): the check sends that run to eager (benchmarks/RESULTS.md, stop 24).
     """
     func = "metagradient"
     if not callable(step):
