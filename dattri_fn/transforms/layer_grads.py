@@ -371,12 +371,12 @@ def _plain_mlp(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads | N
     plan keeps anything but flat Linear layers (then :func:`_factored` runs, as before)."""
     if (plan.loop or plan.rest or plan.autodiff or plan.tie_factors
             or any(kind != "flat" for _, kind in plan.layout)
-            or len(plan.layout) != len(plan.layers)):
-        return None
-    first = {k: v[0] for k, v in stacked.items()}
-    if next(iter(stacked.values())).shape[0] != 1:
+            or len(plan.layout) != len(plan.layers)
+            or next(iter(stacked.values())).shape[0] != 1):
         return None
     from .mlp_io import mlp_io
+
+    first = {k: v[0] for k, v in stacked.items()}
 
     args, kwargs, target = _unpack(plan.model)(batch)
     io = mlp_io(plan.model.module, plan.model.loss_fn, {**plan.model.fixed, **first}, args,
