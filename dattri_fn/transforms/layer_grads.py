@@ -329,6 +329,8 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
     meets (the paths under ``torch.func`` transforms, e.g. dense parameters, then run one
     no-grad forward per signature, not per batch) and the loop fallback where vmap first fails
     on a batch; the same gradients as :func:`layer_grads_stacked` with the plan it was given.
+    Once checked, a plain softmax cross-entropy MLP's batches take their factors from
+    :func:`~dattri_fn.transforms.mlp_io.mlp_io` (bit for bit the engine's, :func:`_plain_mlp`).
     """
     held = [plan]  # this stream's checked plan, once a batch of >= 2 examples has come
 
