@@ -8,7 +8,8 @@
 :mod:`benchmarks.logra_floor` builds it (one checkpoint, the recipe's batches of 256,
 ``benchmarks.against_dattri``'s sizes). Printed: median main-thread CPU ms over rotated rounds,
 each tree's median per-round ratio to dattri and to the first tree, and whether every tree's
-scores equal the first tree's (``torch.equal``). Each tree scores with its own copy of the task's
+scores equal the first tree's (``torch.equal``; if not, the largest move relative to the first
+tree's largest score). Each tree scores with its own copy of the task's
 loss (``eval.tasks``): before stop 23 the trees got the main package's, whose ``per_example`` form
 their capture passes did not recognise (every tree ran the generic per-example losses).
 """
@@ -93,6 +94,10 @@ def main(argv=None) -> None:
         to_d = statistics.median(a / b for a, b in zip(times[n], times["dattri"], strict=True))
         to_f = statistics.median(a / b for a, b in zip(times[n], times[first], strict=True))
         same = "" if n == "dattri" else f"  scores == {first}: {torch.equal(scores[n], scores[first])}"
+        if n != "dattri" and not torch.equal(scores[n], scores[first]):
+            S0 = scores[first].double()
+            rel = float((scores[n].double() - S0).abs().max() / S0.abs().max())
+            same += f" (max |S - S_{first}| / max |S_{first}| = {rel:.2e})"
         print(f"  {n:10s} {statistics.median(times[n]):8.3f}  /dattri {to_d:6.3f}  /{first} "
               f"{to_f:6.3f}{same}")
 

@@ -59,7 +59,7 @@ from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
-from .logra_curvature import _add_lambda, _eigvals, _factored_sums, _precondition
+from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition, _rotated
 from .logra_rows import _cached_spans, _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
@@ -241,13 +241,14 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
     def precondition(state: LoGraState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
         return _precondition(state.eigvecs, state.eigvals, phi, _KRON_MAX)
 
-    def feature_fn(params_state: dict, state: LoGraState, func: str, arg: str):
-        layers = tuple(state.eigvecs)
+    def feature_fn(params_state: dict, state: LoGraState, func: str, arg: str, eigen=False):
+        layers, rows_of = tuple(state.eigvecs), partial(_eigen_rows, eigvecs=state.eigvecs,
+                                                        eigvals=state.eigvals)
 
-        def rows(batch) -> Tensor:
+        def rows(batch) -> Tensor:  # features, or eigen=True: preconditioned eigenbasis rows
             with blame_data(func, arg, batch):
-                return _features(_projected(raw(params_state, layers, batch), state.projections,
-                                            specs, model))
+                io = _projected(raw(params_state, layers, batch), state.projections, specs, model)
+                return rows_of(io) if eigen else _features(io)
 
         return rows
 
@@ -384,10 +385,18 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         device = next(iter(st.values())).device
         check_optional_int(func, "top_k", top_k)
         fn = feature_fn(st, state, func, "train")
-        test_fn = feature_fn(st, state, func, "test")
-        test_pre = precondition(state, collect(test_fn, test, device=device, func=func, arg="test"))
+        # T = 1 rows cached as factors: scored in the eigenbasis (_eigen_rows), the train
+        # factors rotated once here (a store's rows are features: the preconditioner's path)
+        eigen = (state.train_factors is not None and state.train_features is None
+                 and not isinstance(test, (FeatureStore, StoreRecording)))
+        test_fn = feature_fn(st, state, func, "test", eigen)
+        test_pre = collect(test_fn, test, device=device, func=func, arg="test")
+        test_pre = test_pre if eigen else precondition(state, test_pre)
         if state.cached_rows() is not None:
             check_cached_train(func, train, state.cached_rows())
+            if eigen:
+                state = state._replace(train_factors=_rotated(state.train_factors,
+                                                                      state.eigvecs, device))
             if (state.train_features is not None and top_k is None
                     and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies

@@ -82,3 +82,33 @@ def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
                                   f"projected eigenvalues of layer {ln!r} vanish",
                                   f"damping={damping}"))
     return eigvals
+
+
+def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
+    """``vec((Q_G^T DW'_j Q_A) / (Lambda + damping))`` of every row, layers side by side, from a
+    pass's projected factors ``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``.  # [B, d]
+
+    Against eigenbasis rows of the train side, ``vec(Q_G^T DW'_i Q_A)``, these give the scores
+    ``<DW'_i, (F' + damping)^-1 DW'_j>`` (``Q_A``, ``Q_G`` orthogonal), with the factors rotated
+    before they meet: ``Q_G^T DW' Q_A = sum_t (Q_G^T g'_t)(Q_A^T a'_t)^T``, no Kronecker GEMMs."""
+    B = next(iter(io.values()))[0].shape[0]
+    d = sum(QA.shape[0] * QG.shape[0] for QA, QG in eigvecs.values())
+    out, start = next(iter(io.values()))[0].new_empty(B, d), 0
+    for ln, (a, g) in io.items():
+        QA, QG = eigvecs[ln]
+        ko, ki = QG.shape[0], QA.shape[0]
+        block = out[:, start:start + ko * ki].view(B, ko, ki)
+        if a.shape[1] == 1:
+            torch.mul((g[:, 0] @ QG)[:, :, None], (a[:, 0] @ QA)[:, None, :], out=block)
+        else:
+            block.copy_(torch.einsum("bto,bti->boi", g @ QG, a @ QA))
+        block.div_(eigvals[ln])
+        start += ko * ki
+    return out
+
+
+def _rotated(factors: dict, eigvecs: dict, device) -> dict:
+    """``{layer: (a' Q_A, g' Q_G)}`` of ``T = 1`` factors on ``device``: their outer products are
+    the eigenbasis rows ``vec(Q_G^T DW'_i Q_A)`` that :func:`_eigen_rows` scores against."""
+    return {ln: (a.to(device) @ eigvecs[ln][0].to(device), g.to(device) @ eigvecs[ln][1].to(device))
+            for ln, (a, g) in factors.items()}

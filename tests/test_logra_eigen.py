@@ -1,0 +1,84 @@
+"""LoGra's eigenbasis scores (cached T = 1 factors) against the dense preconditioner, float64."""
+
+import pytest
+import torch
+from test_logra import _problem
+
+from dattri_fn.attribute.logra import logra
+from dattri_fn.attribute.logra_curvature import _eigen_rows, _rotated
+from dattri_fn.attribute.logra_rows import _features
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * max(1.0, float(b.abs().max())))
+
+
+def _dense_inverse(state):
+    """blockdiag over layers of (Q_G kron Q_A) diag(1 / (Lambda + damping)) (Q_G kron Q_A)^T."""
+    blocks = []
+    for n, (QA, QG) in state.eigvecs.items():
+        K = torch.kron(QG, QA)
+        blocks.append(K @ torch.diag(1 / state.eigvals[n].flatten()) @ K.T)
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("proj", [2, (3, 2), None])
+@pytest.mark.parametrize("damping", [None, 0.05])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eigenbasis_scores_equal_the_dense_preconditioner(proj, damping, seed):
+    """s_ij = DW'_i^T (F' + damping)^-1 DW'_j with F'^-1 formed densely, 1e-10; top_k likewise."""
+    fm, (x, y) = _problem("mlp", seed, 11)
+    train, test = [(x[:6], y[:6]), (x[6:], y[6:])], (x[:7] * 1.5, y[:7])
+    m = logra(fm, proj_dim=proj, damping=damping)
+    state = m.prepare(fm.params, train)
+    assert state.train_features is None and state.train_factors  # the eigenbasis path
+    phi_test = m.prepare(fm.params, test).feature_rows()  # same projections (same seed, widths)
+    ref = state.feature_rows() @ _dense_inverse(state) @ phi_test.T
+    _close(m.score(fm.params, state, train, test), ref)
+    _close(m.score(fm.params, state, None, test), ref)
+    top = m.score(fm.params, state, None, test, top_k=4)
+    _close(top.values, ref.topk(4, dim=0).values)
+    assert torch.equal(top.indices, ref.topk(4, dim=0).indices)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_eigen_rows_are_the_rotated_features_over_the_eigenvalues(T):
+    """_eigen_rows = vec(Q_G^T DW' Q_A) / (Lambda + damping) per layer (T = 1 and T > 1 rows),
+    and the rotated T = 1 factors' outer products are vec(Q_G^T DW'_i Q_A)."""
+    g = torch.Generator().manual_seed(T)
+    dt = torch.float64
+    io = {"a": (torch.randn(5, T, 3, generator=g, dtype=dt), torch.randn(5, T, 2, generator=g, dtype=dt)),
+          "b": (torch.randn(5, T, 4, generator=g, dtype=dt), torch.randn(5, T, 4, generator=g, dtype=dt))}
+    eigvecs = {n: (torch.linalg.qr(torch.randn(a.shape[-1], a.shape[-1], generator=g, dtype=dt))[0],
+                   torch.linalg.qr(torch.randn(q.shape[-1], q.shape[-1], generator=g, dtype=dt))[0])
+               for n, (a, q) in io.items()}
+    eigvals = {n: torch.rand(QG.shape[0], QA.shape[0], generator=g, dtype=dt) + 0.1
+               for n, (QA, QG) in eigvecs.items()}
+    feats, got, start = _features(io), _eigen_rows(io, eigvecs, eigvals), 0
+    for n, (QA, QG) in eigvecs.items():
+        ko, ki = QG.shape[0], QA.shape[0]
+        M = feats[:, start:start + ko * ki].reshape(5, ko, ki)
+        _close(got[:, start:start + ko * ki].reshape(5, ko, ki), (QG.T @ M @ QA) / eigvals[n])
+        if T == 1:
+            a, q = io[n]
+            ta, tg = _rotated({n: (a[:, 0], q[:, 0])}, eigvecs, "cpu")[n]
+            _close(tg[:, :, None] * ta[:, None, :], QG.T @ M @ QA)
+        start += ko * ki
+
+
+def test_a_test_store_holds_features_and_scores_through_the_preconditioner(tmp_path):
+    """A store given as test (cached factor state) records the features DW'_j, not eigenbasis
+    rows, and scores as the data does."""
+    from dattri_fn.store import open_store, record_store
+
+    fm, (x, y) = _problem("mlp", 4, 10)
+    train, test = [(x[:5], y[:5]), (x[5:], y[5:])], (x[:4], y[:4])
+    m = logra(fm, proj_dim=2)
+    state = m.prepare(fm.params, train)
+    cfg = {"method": "logra", "proj_dim": 2, "seed": 0}
+    want = m.score(fm.params, state, train, test)
+    _close(m.score(fm.params, state, train, record_store(tmp_path, test, params=fm.params,
+                                                          config=cfg)), want)
+    store = open_store(tmp_path, params=fm.params, config=cfg)
+    _close(store.read(), m.prepare(fm.params, test).feature_rows())
+    _close(m.score(fm.params, state, train, store), want)
