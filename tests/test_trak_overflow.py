@@ -145,7 +145,7 @@ def test_nan_gradient_with_float16_features_is_still_a_nan():
 def test_error_path_forms_columns_in_small_blocks(monkeypatch, case):
     """The plan path looks for the cause one column block at a time (here 1 column: C b
     entries), never the [C, b, P] rows: the same key, or the projected features, named."""
-    monkeypatch.setattr(importlib.import_module("dattri_fn.attribute.trak_features"),
+    monkeypatch.setattr(importlib.import_module("dattri_fn.attribute.trak_errors"),
                         "_CAUSE_ENTRIES", 1)
     fm, x, bad, y = _problem()
     if case == "cast":
