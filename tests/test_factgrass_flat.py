@@ -14,11 +14,29 @@ from dattri_fn.transforms.kronecker import KroneckerLayer, make_kronecker_projec
 
 DT = torch.float64
 _MOD = sys.modules[factgrass.__module__]
+# the stream (factgrass_rows._Rows) reads _flat_capturable, _plain_io, _flat_io_checked, _check and
+# _stage_two from its own module globals (since the split, 62ef169): patched there, and each test
+# asserts that its patched path ran (review R2 F1: patched on factgrass, they reached nothing)
+_ROWS = sys.modules["dattri_fn.attribute.factgrass_rows"]
 
 
-def _full_check(monkeypatch):
-    """Every stream takes layer_grads' full check (the path before the flat check)."""
-    monkeypatch.setattr(_MOD, "_flat_capturable", lambda plan: False)
+def _count(monkeypatch, name: str) -> list:
+    """Wrap ``factgrass_rows.<name>``: the returned list gets one entry per call."""
+    calls, real = [], getattr(_ROWS, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_ROWS, name, spy)
+    return calls
+
+
+def _full_check(monkeypatch) -> list:
+    """Every stream takes layer_grads' full check (the path before the flat check); returns the
+    list of the full check's calls."""
+    monkeypatch.setattr(_ROWS, "_flat_capturable", lambda plan: False)
+    return _count(monkeypatch, "_check")
 
 
 def m_layers(fm):
@@ -62,10 +80,19 @@ def test_flat_check_gives_the_full_checks_plan_state_and_scores(monkeypatch, net
         x, y = _data(20, 6, 3, 2)
     train, test = [(x[:8], y[:8]), (x[8:], y[8:])], (x[:5], y[:5])
     m = factgrass(fm, proj_dim=8, mask_dim=3)
-    s = m.prepare(fm.params, train)
-    S = m.score(fm.params, s, train, test)
-    _full_check(monkeypatch)
+    plain = m.prepare(fm.params, train)  # the mlp's factors come from mlp_io: no check at all
+    with monkeypatch.context() as mp:
+        mp.setattr(_ROWS, "_plain_io", lambda *a: None)  # the engine's pass and the flat check
+        flat = _count(mp, "_flat_io_checked")
+        s = m.prepare(fm.params, train)
+        S = m.score(fm.params, s, train, test)
+    assert len(flat) == 1
+    full = _full_check(monkeypatch)
     r = m.prepare(fm.params, train)
+    assert len(full) == 1  # the train stream's first part, by layer_grads' full check
+    for t in (plain, s):
+        assert torch.equal(m.prepare.feature_rows(fm.params, t),
+                           m.prepare.feature_rows(fm.params, r))
     assert s.plan == r.plan and not s.plan.dense and not s.plan.loop
     assert s.plan.layers == tuple(m_layers(fm))
     assert dict(s.plan.layout) == dict.fromkeys(s.plan.layers, "flat")
@@ -84,9 +111,10 @@ def test_examples_mixed_in_a_batch_fall_back_to_the_full_check(monkeypatch):
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         s = m.prepare(fm.params, train)
     assert s.plan.dense
-    _full_check(monkeypatch)
+    full = _full_check(monkeypatch)
     with pytest.warns(RuntimeWarning, match="do not match vmap"):
         r = m.prepare(fm.params, train)
+    assert len(full) == 1
     assert torch.equal(s.train_features, r.train_features)
 
 
@@ -103,9 +131,15 @@ def test_sketch_row_blocks_do_not_change_the_features(monkeypatch):
     """Stage 1 formed one row at a time (_SKETCH_BYTES = 1) == all rows at once: phi at 1e-13 relative."""
     fm, (x, y) = _problem("mlp", n=15, seed=5)
     m = factgrass(fm, proj_dim=8, kind="gaussian")
+    blocks = _count(monkeypatch, "_stage_two")
     want = m.prepare.feature_rows(fm.params, m.prepare(fm.params, [(x, y)]))
+    assert [S.shape[0] for _, _, S, _ in blocks] == [15, 15]  # each layer's 15 rows at once
+    blocks.clear()
+    # factgrass() reads _SKETCH_BYTES when it is called (into its _Config): patched before it
     monkeypatch.setattr(_MOD, "_SKETCH_BYTES", 1)
+    m = factgrass(fm, proj_dim=8, kind="gaussian")
     got = m.prepare.feature_rows(fm.params, m.prepare(fm.params, [(x, y)]))
+    assert [S.shape[0] for _, _, S, _ in blocks] == [1] * 30
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13 * float(want.abs().max()))
 
 
