@@ -84,13 +84,14 @@ def test_both_caches_hold_the_same_rows_and_fisher(monkeypatch, one_thread):
 
 @pytest.mark.parametrize("listed", [True, False])
 def test_the_cache_form_follows_the_memory_budget(monkeypatch, listed):
-    """Features kept iff n d itemsize <= memory_budget() // _PASS_SHARE // _SMALL (the byte edge),
+    """Features kept iff n d itemsize <= memory_budget() // _CACHE_SHARE (the byte edge),
     decided before the passes (a list: rows known) or after them (one batch read as it comes)."""
     fm, (x, y) = _problem("mlp", n=20, seed=1)
     m = factgrass(fm, proj_dim=8)
     data = [(x[:12], y[:12]), (x[12:], y[12:])] if listed else (x, y)
     feature_bytes = 20 * 16 * 8  # n x (8 + 8) float64
-    share = _MOD._PASS_SHARE * _MOD._SMALL
+    share = _MOD._CACHE_SHARE
+    assert share == 128  # 2 MiB of the default 256 MiB budget (review R2 F2)
     monkeypatch.setattr(_MOD, "memory_budget", lambda: feature_bytes * share)
     at = m.prepare(fm.params, data)
     monkeypatch.setattr(_MOD, "memory_budget", lambda: feature_bytes * share - 1)

@@ -59,3 +59,53 @@ def test_the_stream_is_the_split_modules():
     finally:
         rows_mod._Rows.pieces = real
     assert seen == ["factgrass.prepare", "factgrass.score"]
+
+
+# state_hash of FactGraSS states prepared at a12e287 (the parent of the split 62ef169), float64:
+# `_problem(kind, n=20, seed=3)`, factgrass(proj_dim=8, mask_dim=3), two batches of 10
+HASHES_BEFORE_SPLIT = {
+    "mlp": "7bdf1e82e240266f9421a5d74c084d61431b5a0ac90021bc0d4315de99aa32ae",
+    "seq": "003535f718ab5e96cfb074b874878a736a54f309d324a10f5b983f2e4a3a43c4",
+}
+
+
+def test_states_hash_as_before_the_split():
+    from dattri_fn.store import state_hash
+
+    for kind, want in HASHES_BEFORE_SPLIT.items():
+        fm, (x, y) = _problem(kind, n=20, seed=3)
+        st = factgrass(fm, proj_dim=8, mask_dim=3).prepare(fm.params,
+                                                           [(x[:10], y[:10]), (x[10:], y[10:])])
+        assert state_hash(st) == want, kind
+
+
+# (module, globals the FactGraSS tests patch on it): each must be read there as a global by a
+# function of that module, or the patch reaches nothing (review R2 F1: after the split three
+# tests patched factgrass._flat_capturable / _SKETCH_BYTES, which the stream no longer read)
+PATCHED = [
+    ("dattri_fn.attribute.factgrass",
+     ["_keep_bytes", "memory_budget", "merged_passes", "_SKETCH_BYTES", "keep_tie_factors",
+      "_PASS_SHARE", "_CACHE_SHARE"]),
+    ("dattri_fn.attribute.factgrass_rows",
+     ["_plain_io", "_flat_io", "_flat_io_checked", "_flat_capturable", "_check", "_stage_two"]),
+]
+
+
+def _global_reads(module) -> set:
+    """Names the functions (and methods) of ``module``'s source load as globals or attributes."""
+    import inspect
+    import types
+
+    names, todo = set(), [c for c in compile(inspect.getsource(module), module.__file__,
+                                               "exec").co_consts if isinstance(c, types.CodeType)]
+    while todo:
+        code = todo.pop()
+        names.update(code.co_names)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def test_patched_names_are_read_where_the_tests_patch_them():
+    for mod, names in PATCHED:
+        reads = _global_reads(importlib.import_module(mod))
+        assert [n for n in names if n not in reads] == [], mod

@@ -91,29 +91,33 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 # took 12% less time at 16k rows but raised digits-lr's whole peak 0.245 -> 0.421 MiB
 _SKETCH_BYTES = 2**16
 # the train cache holds each block's factors where the features would take more than
-# memory_budget() // _PASS_SHARE // _SMALL bytes (256 KiB of the default 256 MiB: half of what one
-# capture pass may hold), else the features. Re-forming features per score costs one more
-# stage-2 product of every row (+9-20% time at 4k-16k digits rows; P = 10k, n = 1000: +35-45%
-# with the passes below), and below this size the capture pass, not the cache, sets the peak
-_SMALL = 2
+# memory_budget() // _CACHE_SHARE bytes (2 MiB of the default 256 MiB), else the features. Factors
+# are re-formed into features at every score (one more stage-2 product of every train row): each
+# score call then costs 3.4-5.2x (review R2 F2; benchmarks/factgrass_cache_edge.py, stop 24:
+# 1000 x 64, 500 x 256, 4000 x 64 digits rows x proj_dim). 70a9683 had lowered this edge to
+# 256 KiB for every user to meet P = 10k's peak; the byte-bounded passes below meet it alone
+_CACHE_SHARE = 128
 # a merged capture pass of prepare holds at most memory_budget() // _PASS_SHARE measured bytes
 # (512 KiB of the default 256 MiB; a plain MLP's first pass too, its bytes known before it runs).
-# Stop 24, exact tensor peaks / dattri's (factgrass_ab --dattri): at 4 MiB passes and a 2 MiB
-# cache edge n = 4k was 0.580, P = 10k 0.831; 1 MiB / 512 KiB: 0.390 / 0.697; 512 / 256 KiB:
-# 0.390 / 0.302 (time 1.30 / 1.35x; digits-lr/mlp: one pass, features, unchanged); 256 / 128
-# KiB: 0.390 / 0.302 at 1.49 / 1.34x
+# Stop 24, exact tensor peaks / dattri's (factgrass_ab --dattri): 4 MiB passes and the 2 MiB cache
+# edge: n = 4k 0.580, P = 10k 0.831; 512 KiB passes, 2 MiB edge: 0.497 / 0.47-0.51 (dattri's own
+# peak reads 1.66-1.78 MiB); with a 256 KiB edge instead: 0.390 / 0.30-0.33 at 3.9x / 3.2x per score
 _PASS_SHARE = 512
 
 
 def _keep_bytes() -> int:
     """The most bytes of train features that are cached as they are (more: their factors)."""
-    return memory_budget() // _PASS_SHARE // _SMALL
+    return memory_budget() // _CACHE_SHARE
 
 
 def _plain_row_bytes(model: FunctionalModel, plan: LayerPlan, state: dict, batch) -> int | None:
-    """What one example of a plain MLP (``mlp_chain``, flat leaves) holds in a capture pass, as
-    the pass measures it (``_Rows.held_bytes``: its batch row, each layer's ``a`` and ``g``);
-    None for any other model (nothing is known before the first pass)."""
+    """What one example holds in a capture pass, as the pass measures it (``_Rows.held_bytes``:
+    its batch row, each layer's ``a`` and ``g``), where ``model.module`` is an ``mlp_chain``
+    (an ``nn.Sequential`` of ``nn.Linear`` and elementwise activations), the batch's leaves have
+    at most 2 dims and every captured layer's weight is in ``state``; else None (nothing is
+    known before the first pass). The loss, dtypes and labels are not checked here (``mlp_io``
+    checks them when it runs): where it refuses, the engine takes the pass, and it holds the
+    same ``a`` and ``g`` per example, so the bound still holds."""
     leaves = batch_leaves(batch)
     if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
         return None
@@ -146,12 +150,15 @@ class FactGraSSState(NamedTuple):
             instead of the features: ``k_in' + k_out'`` numbers per block and example instead of
             ``d_b``; ``phi_i = R^T vec(g'_i a'_i^T)`` is formed from them in fixed row spans
             (the same rows in ``prepare``'s Fisher and every ``score``), never all at once.
-            Held where the features would take more than ``memory_budget() // 512 // 2``
-            bytes (256 KiB by default; 2 MiB before stop 24), else None and the features are
-            cached. Data whose every part has one example (a loader of ``batch_size=1``, or
-            ``chunk_size=1``) takes the flat path only on a plain softmax cross-entropy MLP (whose factors
-            :func:`~dattri_fn.transforms.mlp_io.mlp_io` gives: no plan check); elsewhere the
-            plan is checked on a part of 2 or more, and such data's features are cached.
+            Held where the features would take more than ``memory_budget() //
+            factgrass._CACHE_SHARE`` bytes (2 MiB by default), else None and the features are
+            cached; each ``score``, ``self_score`` and ``feature_rows`` call then re-forms the
+            features (3.4-5.2x the time of a score from cached features, stop 24). Data
+            whose every part has one example (a loader of ``batch_size=1``, or
+            ``chunk_size=1``) takes the flat path only on a plain softmax cross-entropy MLP
+            (whose factors :func:`~dattri_fn.transforms.mlp_io.mlp_io` gives: no plan check);
+            elsewhere the plan is checked on a part of 2 or more, and such data's features are
+            cached.
         sketch: what the cached rows and the inverses depend on besides the blocks,
             ``(("seed", s), ("kind", k), ("mask_dim", k'), ("proj_dim", d), ("curvature", c),
             ("damping", lam))`` (``lam`` None for ``curvature="identity"``): ``score``,
@@ -316,10 +323,11 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
                    if plan.tapped.specs[n].weight in state]
         total = count_rows(func, "train", train, check=False)  # merged_passes checks each
         # a plain MLP's first pass is bounded by its known bytes too (else ONE_PASS_ROWS rows)
-        first = _plain_row_bytes(model, plan, state, train[0])
+        first_bytes = _plain_row_bytes(model, plan, state, train[0])
         passes = merged_passes(func, "train", train,
                                lambda b: capture_row_bytes(b, weights), memory_budget(),
-                               measured=lambda: first if fn.held_bytes is None else fn.held_bytes,
+                               measured=lambda fb=first_bytes: (fb if fn.held_bytes is None
+                                                                else fn.held_bytes),
                                share=_PASS_SHARE)
     else:
         passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
