@@ -12,6 +12,11 @@ scores equal the first tree's (``torch.equal``; if not, the largest move relativ
 tree's largest score). Each tree scores with its own copy of the task's
 loss (``eval.tasks``): before stop 23 the trees got the main package's, whose ``per_example`` form
 their capture passes did not recognise (every tree ran the generic per-example losses).
+
+The first tree given measures slow: in A/A runs (identical copies, digits-mlp, 60 rounds, stop 24)
+it took 4-6% more than the other copies (cause not found: not its build order, not its batches'
+layout). Give a copy of the baseline first as a pad (``--tree pad=BASE --tree before=BASE_COPY
+--tree now=.``) and compare ``now`` with ``before``. ``--lds M`` adds each tree's LDS.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="digits-lr")
     p.add_argument("--method", default="logra", choices=("logra", "factgrass"))
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--lds", type=int, default=0, metavar="M",
+                   help="also each tree's LDS on M retrained subsets (cached under .cache/dattri_fn)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -75,6 +82,15 @@ def main(argv=None) -> None:
     names = list(runs)
     first = names[1]
     scores = {n: runs[n]() for n in names[1:]}
+    if args.lds:
+        from dattri_fn.eval.metrics import lds
+        from dattri_fn.eval.retrain import lds_ground_truth
+
+        gt = lds_ground_truth(task, args.lds, cache_dir=".cache/dattri_fn", seed=0, progress=False)
+        per = {n: lds(scores[n].double(), gt.subsets, gt.targets.double()) for n in names[1:]}
+        for n, res in per.items():
+            print(f"  LDS {n}: {float(res.mean):.6f} (M = {args.lds}); per test point == {first}'s: "
+                  f"{torch.equal(res.per_test, per[first].per_test)}")
     for fn in runs.values():  # warm
         fn()
     times = {n: [] for n in names}
