@@ -13,10 +13,11 @@ tree's largest score). Each tree scores with its own copy of the task's
 loss (``eval.tasks``): before stop 23 the trees got the main package's, whose ``per_example`` form
 their capture passes did not recognise (every tree ran the generic per-example losses).
 
-The first tree given measures slow: in A/A runs (identical copies, digits-mlp, 60 rounds, stop 24)
-it took 4-6% more than the other copies (cause not found: not its build order, not its batches'
-layout). Give a copy of the baseline first as a pad (``--tree pad=BASE --tree before=BASE_COPY
---tree now=.``) and compare ``now`` with ``before``. ``--lds M`` adds each tree's LDS.
+The runs of a round go in a seeded random order. Until stop 24 they were rotated, which keeps
+their cyclic order: the first tree always followed dattri's 13 ms run and measured 3-7% slow in
+A/A runs (identical copies; review R3 F1, engineer C2). Give two copies of the baseline to see the
+noise floor (``--tree before=BASE --tree before2=BASE_COPY --tree now=.``). ``--lds M`` adds each
+tree's LDS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import gc
 import importlib
 import os
+import random
 import statistics
 import time
 import warnings
@@ -94,11 +96,15 @@ def main(argv=None) -> None:
     for fn in runs.values():  # warm
         fn()
     times = {n: [] for n in names}
+    order, rng = list(names), random.Random(0)
     gc.disable()  # collect between rounds, never inside one
     try:
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             gc.collect()
-            for n in names[r % len(names):] + names[:r % len(names)]:
+            # a seeded shuffle each round: a rotation keeps the cyclic order, so the first tree
+            # always ran right after dattri's long run and measured 3-7% slow (review R3, F1)
+            rng.shuffle(order)
+            for n in order:
                 t0 = time.thread_time()
                 runs[n]()
                 times[n].append(1e3 * (time.thread_time() - t0))

@@ -86,7 +86,8 @@ def main(argv=None) -> None:
     print(f"{args.task} logra: thread CPU us a call over {n} rounds (load "
           f"{os.getloadavg()[0]:.2f}): prepare {t_prep / n / 1e3:.0f}, score {t_score / n / 1e3:.0f}")
     for name, ns in spent.most_common():
-        print(f"  {name:20s} {ns / n / 1e3:8.1f} us  x{calls[name] / n:.0f}")
+        print(f"  {name:20s} {ns / n / 1e3:8.1f} us a round  x{calls[name] / n:.0f}  "
+              f"{ns / calls[name] / 1e3:8.1f} us a call")
     if args.ops:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                     record_shapes=True) as prof:
