@@ -106,6 +106,12 @@ def _plain_tensor_weight():
     return m
 
 
+def _bare_without_bias_slot():
+    m = nn.Linear(13, 7)
+    del m.bias  # no bias slot at all (review R3 F4: the bare-Linear branch took it)
+    return m
+
+
 def _shared_weight():
     m = nn.Sequential(nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 9))
     m[2].weight = m[0].weight
@@ -121,6 +127,7 @@ def _pre_hooked_linear():
 @pytest.mark.parametrize("make", [
     _hooked,
     _plain_tensor_weight,
+    _bare_without_bias_slot,
     _shared_weight,
     _pre_hooked_linear,
     lambda: nn.Sequential(nn.Linear(13, 9), nn.ReLU(inplace=True), nn.Linear(9, 7)),

@@ -54,6 +54,15 @@ def _plain(m: nn.Module) -> bool:
     return "forward" not in d and not any(d.get(h) for h in _HOOKS)
 
 
+def _slots(lin: nn.Linear) -> tuple | None:
+    """``(weight, bias)`` from the Parameter slots nn.Linear registers (no Module.__getattr__);
+    None where a slot is gone or its weight is None (deleted or replaced: the engine's case)."""
+    params = lin._parameters
+    if "weight" not in params or "bias" not in params or params["weight"] is None:
+        return None
+    return params["weight"], params["bias"]
+
+
 def mlp_chain(module: nn.Module) -> list | None:
     """``[(layer name, Linear, [activation types after it])]`` of a supported MLP, else None.
 
@@ -61,7 +70,7 @@ def mlp_chain(module: nn.Module) -> list | None:
     A Linear object, weight or bias met twice gives None (autograd sums its two uses), as does
     an in-place ReLU, an activation before the first Linear or after the last."""
     if type(module) is nn.Linear:
-        return [("", module, [])] if _plain(module) else None
+        return [("", module, [])] if _plain(module) and _slots(module) is not None else None
     if type(module) is not nn.Sequential or not _plain(module):
         return None
     chain, seen = [], set()
@@ -69,12 +78,10 @@ def mlp_chain(module: nn.Module) -> list | None:
         if child is None or not _plain(child):
             return None
         if type(child) is nn.Linear:
-            # read from _parameters (no Module.__getattr__ a read); a weight or bias that is
-            # not the Parameter slot nn.Linear registers (deleted, replaced) gives None
-            params = child._parameters
-            if "weight" not in params or "bias" not in params or params["weight"] is None:
+            slots = _slots(child)
+            if slots is None:
                 return None
-            w, b = params["weight"], params["bias"]
+            w, b = slots
             ids = {id(child), id(w)} | ({id(b)} if b is not None else set())
             if ids & seen:
                 return None
@@ -132,8 +139,8 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     for name, lin, _ in chain:
         pre = f"{name}." if name else ""
         W = state.get(pre + "weight")
-        b = state.get(pre + "bias") if lin.bias is not None else None
-        for t in (W,) if b is None and lin.bias is None else (W, b):
+        b = state.get(pre + "bias") if lin._parameters["bias"] is not None else None
+        for t in (W,) if b is None and lin._parameters["bias"] is None else (W, b):
             if not (isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device
                     and t.layout == torch.strided):
                 return None
