@@ -62,7 +62,7 @@ from ..transforms.layer_grads import (
     plan_decisions,
 )
 from .capture_rows import in_one_pass
-from .gradsim_pass import one_pass_scores, pass_row_bytes
+from .gradsim_pass import check_finite_self, one_pass_scores, pass_row_bytes
 from .gradsim_project import (  # noqa: F401  (PROJECTIONS: importable from here, as before)
     PROJECTIONS,
     _inverse_norms,
@@ -318,8 +318,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                     with blame_data(name, "train", b):
                         t, p = one_pass.both(batch_to(b, device))
                     diag.append(t.row_dots(p))  # [b]
-                return torch.cat(diag)
-        return stream_self(train_f, test_f, train, device=device, func=name)
+                return check_finite_self(name, torch.cat(diag))
+        return check_finite_self(name, stream_self(train_f, test_f, train, device=device,
+                                                   func=name))
 
     return Method(prepare, score, self_score, name)
 
