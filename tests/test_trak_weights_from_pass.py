@@ -137,3 +137,53 @@ def test_trak_runs_no_weight_forward_when_the_stream_hands_back_margins(opts, mo
     state = method.prepare(ckpts, [(x[:7], y[:7]), (x[7:], y[7:])])
     assert calls == []
     assert torch.equal(state.train_weights, _q_reference(net, ckpts, x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [True, False])
+def test_trak_weights_from_the_pass_round_as_the_weight_forwards(dtype, cache, monkeypatch):
+    """Review R4 F3: the weights from the pass are the weight forwards' bits also where the
+    rounding shows. In float32, batches of 31 and 23 rows of these margins (seeded, found by
+    search on this machine's AVX2 kernels) round differently under ONE sigmoid over the
+    stacked [C * b] margins than under one sigmoid per checkpoint (the vectorised loop's tail
+    moves); in bfloat16, ``sum(0) / C`` rounds the sum before dividing, unlike ``mean(0)``.
+    Either simplification of ``weights()`` fails here (the cached cases compare the weights
+    bit for bit; the streamed ones only the scores, where a 1-ulp move of one weight may not
+    show); every weight comes from the pass (no weight forward runs), cached and streamed."""
+    trak_mod = importlib.import_module("dattri_fn.attribute.trak")
+    calls = []
+    real = trak_mod.batched_loss
+    monkeypatch.setattr(trak_mod, "batched_loss",
+                        lambda model: (lambda *a, rows=real(model): calls.append(1) or rows(*a)))
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).to(dtype).eval()
+
+    g = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(54, 5, generator=g)).to(dtype)
+    y = torch.randint(0, 4, (54,), generator=g)
+    train, test = [(x[:31], y[:31]), (x[31:], y[31:])], (x[:5], y[:5])
+    ckpts = [{k: v.detach().clone() for k, v in net(c).named_parameters()} for c in range(3)]
+    model = net(0)
+    m = functional_model(model, classification_margin_loss)
+    w = functional_model(model, classification_weight_loss)
+    method = trak(m, weight_fn=w, seed=0, proj_dim=6, cache_features=cache)
+    state = method.prepare(ckpts, train)
+    scores = method.score(ckpts, state, train, test)
+    assert calls == []
+    # the reference: each checkpoint's own weight forward, then the mean over checkpoints, per
+    # batch as prepare reads it (one forward over all 54 rows rounds differently in float32)
+    reference = torch.cat([_q_reference(model, ckpts, *b) for b in train])
+    assert reference.dtype == dtype
+    if cache:
+        assert torch.equal(state.train_weights, reference)
+    real_calls = features_mod.feature_calls
+    monkeypatch.setattr(trak_mod, "feature_calls", lambda func, params, cfg, *a: real_calls(
+        func, params, cfg._replace(weight_from_pass=False), *a))
+    ref = trak(m, weight_fn=w, seed=0, proj_dim=6, cache_features=cache)
+    ref_state = ref.prepare(ckpts, train)
+    assert calls  # the forced-off side ran the weight forwards
+    if cache:
+        assert torch.equal(ref_state.train_weights, reference)
+    assert torch.equal(scores, ref.score(ckpts, ref_state, train, test))
