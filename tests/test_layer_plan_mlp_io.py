@@ -13,6 +13,7 @@ from torch import nn
 
 from dattri_fn import functional_model
 from dattri_fn.transforms import layer_grads, mlp_io
+from dattri_fn.transforms.grad import per_sample_grad
 from dattri_fn.transforms.layer_grads import check_plan, layer_grads_stream, layer_plan
 from dattri_fn.transforms.layer_grads_paths import _factored
 
@@ -38,6 +39,11 @@ def _spy(monkeypatch):
     return calls
 
 
+def _moved(params):
+    """Params away from the module's weights: each scaled by 1.1 and shifted by 0.05."""
+    return {k: 1.1 * v + 0.05 for k, v in params.items()}
+
+
 def _same(x, y):
     assert x.layout == y.layout and x.factors.keys() == y.factors.keys()
     assert torch.equal(x.dense, y.dense)
@@ -48,15 +54,34 @@ def _same(x, y):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
 def test_a_held_plain_mlp_plan_takes_mlp_io_bit_for_bit(monkeypatch, dtype, act):
+    """At params that are NOT the module's own weights (checkpoints passed functionally), so a
+    shortcut reading the module's weights fails (review R5 F1)."""
     fm = functional_model(_mlp(dtype, act), F.cross_entropy)
-    stacked = {k: v[None] for k, v in fm.params.items()}
-    plan = check_plan(layer_plan(fm), fm.params, _data(dtype, 4, 0))
+    params = _moved(fm.params)
+    stacked = {k: v[None] for k, v in params.items()}
+    plan = check_plan(layer_plan(fm), params, _data(dtype, 4, 0))
     apply, _ = layer_grads_stream(plan)
     calls = _spy(monkeypatch)
     for n, seed in ((9, 1), (1, 2), (33, 3)):
         batch = _data(dtype, n, seed)
         _same(apply(stacked, batch), _factored(plan, stacked, batch)[0])
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+def test_mlp_io_rows_are_autodiffs_at_params_other_than_the_modules(monkeypatch, act):
+    """float64: the held plan's rows (through mlp_io) equal vmap(grad) at the params given,
+    which differ from the module's weights (a shortcut reading the module fails at ~1e-1)."""
+    fm = functional_model(_mlp(torch.float64, act), F.cross_entropy)
+    params = _moved(fm.params)
+    plan = check_plan(layer_plan(fm), params, _data(torch.float64, 4, 0))
+    apply, _ = layer_grads_stream(plan)
+    calls = _spy(monkeypatch)
+    batch = _data(torch.float64, 9, 5)
+    rows = apply({k: v[None] for k, v in params.items()}, batch).to_dense()[0]
+    assert calls == [1]
+    torch.testing.assert_close(rows, per_sample_grad(fm.loss, params, batch),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_other_cases_take_the_engine(monkeypatch):
