@@ -404,10 +404,11 @@ def _factored_core(plan: LayerPlan, stacked: Params, batch: Batch, losses: list 
         except RuntimeError as err:
             if not _vmap_failed(err):
                 raise
+            # ``losses`` is not cleared (review R4 F4): C > 1 failed under vmap, where
+            # batched_io records nothing; a plain C = 1 pass runs no vmap, and a row it had
+            # recorded would leave C + 1 rows, which _factored does not hand back
             _warn_loop(plan, err)
             loop = True
-            if losses is not None:
-                losses.clear()
     if plan.autodiff:
         fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes, losses)
     raw, rest = _by_checkpoint(fn, stacked, C)
