@@ -29,7 +29,7 @@ import torch  # noqa: E402
 STEPS = ("_raw", "_projected", "_features", "_outer_rows", "_eigvecs", "_factored_sums",
          "_add_lambda", "_eigvals", "_precondition", "_cached_spans", "collect",
          "check_cached_train", "capture_row_bytes", "count_rows", "can_merge", "batch_to",
-         "_eigen_rows", "_rotated", "state_of", "check_params")
+         "_eigen_rows", "state_of", "check_params")
 
 
 def main(argv=None) -> None:

@@ -5,8 +5,8 @@ import torch
 from test_logra import _problem
 
 from dattri_fn.attribute.logra import logra
-from dattri_fn.attribute.logra_curvature import _eigen_rows, _rotated
-from dattri_fn.attribute.logra_rows import _features
+from dattri_fn.attribute.logra_curvature import _eigen_rows
+from dattri_fn.attribute.logra_rows import _features, _outer_rows
 
 
 def _close(a, b):
@@ -44,7 +44,7 @@ def test_eigenbasis_scores_equal_the_dense_preconditioner(proj, damping, seed):
 @pytest.mark.parametrize("T", [1, 3])
 def test_eigen_rows_are_the_rotated_features_over_the_eigenvalues(T):
     """_eigen_rows = vec(Q_G^T DW' Q_A) / (Lambda + damping) per layer (T = 1 and T > 1 rows),
-    and the rotated T = 1 factors' outer products are vec(Q_G^T DW'_i Q_A)."""
+    and _outer_rows of the T = 1 factors with eigvecs is vec(Q_G^T DW'_i Q_A)."""
     g = torch.Generator().manual_seed(T)
     dt = torch.float64
     io = {"a": (torch.randn(5, T, 3, generator=g, dtype=dt), torch.randn(5, T, 2, generator=g, dtype=dt)),
@@ -61,8 +61,8 @@ def test_eigen_rows_are_the_rotated_features_over_the_eigenvalues(T):
         _close(got[:, start:start + ko * ki].reshape(5, ko, ki), (QG.T @ M @ QA) / eigvals[n])
         if T == 1:
             a, q = io[n]
-            ta, tg = _rotated({n: (a[:, 0], q[:, 0])}, eigvecs, "cpu")[n]
-            _close(tg[:, :, None] * ta[:, None, :], QG.T @ M @ QA)
+            rows = _outer_rows({n: (a[:, 0], q[:, 0])}, {n: eigvecs[n]})
+            _close(rows.reshape(5, ko, ki), QG.T @ M @ QA)
         start += ko * ki
 
 
@@ -82,3 +82,19 @@ def test_a_test_store_holds_features_and_scores_through_the_preconditioner(tmp_p
     store = open_store(tmp_path, params=fm.params, config=cfg)
     _close(store.read(), m.prepare(fm.params, test).feature_rows())
     _close(m.score(fm.params, state, train, store), want)
+
+
+def test_eigenbasis_scores_block_by_block(monkeypatch):
+    """Cached factors rotated block by block (small blocks): the same scores and top_k, 1e-10."""
+    import sys
+
+    fm, (x, y) = _problem("mlp", 2, 13)
+    train, test = [(x[:7], y[:7]), (x[7:], y[7:])], (x[:5], y[:5])
+    m = logra(fm, proj_dim=2)
+    state = m.prepare(fm.params, train)
+    whole = m.score(fm.params, state, None, test)
+    phi_test = m.prepare(fm.params, test).feature_rows()
+    _close(whole, state.feature_rows() @ _dense_inverse(state) @ phi_test.T)
+    monkeypatch.setattr(sys.modules[logra.__module__], "_BLOCK_BYTES", 1)
+    _close(m.score(fm.params, state, None, test), whole)
+    _close(m.score(fm.params, state, None, test, top_k=3).values, whole.topk(3, dim=0).values)

@@ -59,7 +59,7 @@ from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
-from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition, _rotated
+from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition
 from .logra_rows import _cached_spans, _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
 from .pipeline import TopK, collect, stream_scores
@@ -374,8 +374,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             raise TypeError(_msg(func, "state", "the LoGraState returned by logra's prepare",
                                  type(state).__name__))
 
-    def cached_spans(state: LoGraState, device) -> tuple:
-        return _cached_spans(state, device, _BLOCK_BYTES)
+    def cached_spans(state: LoGraState, device, eigen: bool = False) -> tuple:
+        return _cached_spans(state, device, _BLOCK_BYTES, state.eigvecs if eigen else None)
 
     def score(params, state: LoGraState, train, test, *, top_k: int | None = None,
               largest: bool = True) -> Tensor | TopK:
@@ -394,15 +394,12 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         test_pre = test_pre if eigen else precondition(state, test_pre)
         if state.cached_rows() is not None:
             check_cached_train(func, train, state.cached_rows())
-            if eigen:
-                state = state._replace(train_factors=_rotated(state.train_factors,
-                                                                      state.eigvecs, device))
             if (state.train_features is not None and top_k is None
                     and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
                 return state.train_features.to(device) @ test_pre.T
             # factored rows: scored block by block, never all features at once
-            rows, spans = cached_spans(state, device)
+            rows, spans = cached_spans(state, device, eigen)
             if top_k is None and state.train_factors is not None and (
                     next(iter(state.train_factors.values()))[0].dtype == test_pre.dtype):
                 out = test_pre.new_empty(state.cached_rows(), test_pre.shape[0])

@@ -106,9 +106,3 @@ def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
         start += ko * ki
     return out
 
-
-def _rotated(factors: dict, eigvecs: dict, device) -> dict:
-    """``{layer: (a' Q_A, g' Q_G)}`` of ``T = 1`` factors on ``device``: their outer products are
-    the eigenbasis rows ``vec(Q_G^T DW'_i Q_A)`` that :func:`_eigen_rows` scores against."""
-    return {ln: (a.to(device) @ eigvecs[ln][0].to(device), g.to(device) @ eigvecs[ln][1].to(device))
-            for ln, (a, g) in factors.items()}

@@ -17,13 +17,17 @@ from ..transforms.layers import batched_io
 from ..transforms.mlp_io import mlp_io
 
 
-def _outer_rows(factors: dict) -> Tensor:
+def _outer_rows(factors: dict, eigvecs: dict | None = None) -> Tensor:
     """``vec(g'_i a'_i^T)`` of every row, layers side by side, from ``{layer: (a' [b, k_in],
-    g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass.  # [b, d]"""
+    g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass; with
+    ``eigvecs`` ``{layer: (Q_A, Q_G)}`` the eigenbasis rows ``vec((Q_G^T g'_i)(Q_A^T a'_i)^T)``
+    (each layer's factors rotated just before its block: one layer's at a time).  # [b, d]"""
     first = next(iter(factors.values()))[0]
     b, d = first.shape[0], sum(a.shape[1] * g.shape[1] for a, g in factors.values())
     out, start = first.new_empty(b, d), 0
-    for a, g in factors.values():
+    for ln, (a, g) in factors.items():
+        if eigvecs is not None:
+            a, g = a @ eigvecs[ln][0], g @ eigvecs[ln][1]
         ko, ki = g.shape[1], a.shape[1]
         torch.mul(g[:, :, None], a[:, None, :], out=out[:, start:start + ko * ki].view(b, ko, ki))
         start += ko * ki
@@ -115,10 +119,11 @@ def _features(io: dict) -> Tensor:  # [B, d]
     return out
 
 
-def _cached_spans(state, device, block_bytes: int) -> tuple:
+def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) -> tuple:
     """``(rows(start, stop), [(start, stop), ...])`` over a LoGraState's cached rows: views of
     the features (4096 rows a span, no copy), or features formed from the cached factors a
-    power-of-two number of rows at a time (a block at least ``block_bytes``)."""
+    power-of-two number of rows at a time (a block at least ``block_bytes``); with ``eigvecs``,
+    factors only, their eigenbasis rows (:func:`_outer_rows`)."""
     if state.train_features is not None:
         feats, block = state.train_features.to(device), 4096
         rows = lambda s, e: feats[s:e]  # noqa: E731
@@ -126,6 +131,9 @@ def _cached_spans(state, device, block_bytes: int) -> tuple:
         held = state._replace(train_factors={ln: (a.to(device), g.to(device))
                                              for ln, (a, g) in state.train_factors.items()})
         feats, rows = None, held.feature_rows
+        if eigvecs is not None:
+            rows = lambda s, e: _outer_rows({ln: (a[s:e], g[s:e]) for ln, (a, g)  # noqa: E731
+                                             in held.train_factors.items()}, eigvecs)
         d = sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
         row = d * next(iter(held.train_factors.values()))[0].element_size()
         # a block holds at most a sixteenth of the features it stands for (at least
