@@ -124,3 +124,26 @@ class _no_warning:  # a context that expects nothing (pytest.warns(None) is gone
 
     def __exit__(self, *exc):
         return False
+
+
+def test_the_plan_checks_refusal_is_its_own_value_error_class():
+    """Review R4 F5: the plan check refuses examples whose own autodiff gradients are not
+    finite with ``layer_grads.NonFiniteExamples``, a ValueError (its message as before), and
+    TRAK recognises it by that class (not by its text): the cause is TRAK's, chained."""
+    from dattri_fn.attribute.trak_errors import NonFiniteGradient
+    from dattri_fn.transforms.layer_grads import NonFiniteExamples, check_plan, layer_plan
+
+    fm, x, y = _problem()
+    x[1, 0] = 0.0  # one of the 3 examples the check compares
+    assert issubclass(NonFiniteExamples, ValueError)
+    with pytest.raises(NonFiniteExamples, match=r"^layer_grads\(batch=\.\.\.\): expected examples "
+                       r"whose per-example gradients are finite, got NaN or inf in autodiff's "
+                       r"gradient of its first 3 examples\. Their loss overflows"):
+        check_plan(layer_plan(fm), fm.params, (x, y))
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): expected examples "
+                       r"whose per-example gradients are finite, got NaN or inf in the "
+                       r"per-example gradient of '1\.weight'") as info:
+        trak(fm, damping=0.1, proj_dim=2).prepare(fm.params, (x, y))
+    # named(...)'s error <- TRAK's NonFiniteGradient (the parameter) <- the check's refusal
+    assert isinstance(info.value.__cause__, NonFiniteGradient)
+    assert isinstance(info.value.__cause__.__cause__, NonFiniteExamples)

@@ -291,9 +291,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
     # the margin and its weight from one module: Q from the capture pass's margins
+    # (weight_checked means both are FunctionalModels, so plan and weight_rows are set)
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
-                        feature_dtype, {}, weight_rows, projection,
-                        weight_checked and plan is not None and weight_rows is not None)
+                        feature_dtype, {}, weight_rows, projection, weight_checked)
 
     def setup(func: str, params, state=None):
         """The feature engine of this call: a prepared state's plan decisions applied, if any."""

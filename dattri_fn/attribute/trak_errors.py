@@ -131,16 +131,11 @@ def _dense_cause(lg, fdt: torch.dtype) -> NonFiniteGradient:
     return NonFiniteGradient(None, fdt)
 
 
-# The plan check's refusal of examples whose own autodiff gradients are not finite
-# (transforms/layer_grads._check, on the first 3 examples of a stream's first batch)
-_CHECK_REFUSAL = ("layer_grads(batch=...): expected examples whose per-example gradients are "
-                  "finite")
-
-
 def _refusal_cause(output_fn, sub: Params, batch) -> NonFiniteGradient | None:
     """The first parameter whose autodiff gradient is NaN or inf on the first 3 examples of
-    ``batch`` at the first checkpoint of ``sub`` (the rows the plan check refused); None where
-    those rows cannot be formed here or all are finite. An error path."""
+    ``batch`` at the first checkpoint of ``sub`` (the rows the plan check refused with
+    ``transforms.layer_grads.NonFiniteExamples``); None where those rows cannot be formed here
+    or all are finite. An error path."""
     head = batch_slice(batch, 0, min(3, batch_size("features", "batch", batch)))
     first = {k: v[:1] for k, v in sub.items()}
     try:

@@ -31,6 +31,7 @@ from .._checks import (
 from .._types import Params
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import (
+    NonFiniteExamples,
     PlanDecisions,
     decided_plan,
     keep_tie_factors,
@@ -41,7 +42,6 @@ from ..transforms.project import make_projector
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 from .trak_errors import (
-    _CHECK_REFUSAL,
     NonFiniteGradient,
     _bad_column,
     _check_finite,
@@ -143,11 +143,9 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             if losses is None or not from_pass:
                 return grads(sub, batch)
             return grads(sub, batch, losses=losses)
-        except ValueError as err:
+        except NonFiniteExamples as err:
             # the plan check refuses examples whose autodiff gradients are not finite: named
             # as this call's data, with the parameter, as every later batch's scan names it
-            if not str(err).startswith(_CHECK_REFUSAL):
-                raise
             raise _refusal_cause(output_fn, sub, batch) or err from err
 
     def decided() -> PlanDecisions | None:

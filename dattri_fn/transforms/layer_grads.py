@@ -80,6 +80,13 @@ from .layer_grads_plan import (  # noqa: F401  (the plan as a value, importable 
 from .layers import input_signature
 
 
+class NonFiniteExamples(ValueError):
+    """The plan check's refusal of a batch whose first examples' own autodiff (``vmap(grad)``)
+    gradients are NaN or inf: no gradient is right there, dense or factored. A ``ValueError``
+    (callers that catch one are unchanged) naming ``layer_grads(batch=...)``; callers that name
+    their own argument (TRAK) catch this class, not the message."""
+
+
 def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     """Return ``plan`` checked on the example ``batch``: a new plan with every decision made.
 
@@ -218,10 +225,11 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
     except Exception as e:  # whatever the model's forward raises with probes
         why = f"the capture pass over this batch failed ({type(e).__name__}: {e})"
     if bad_data:
-        raise ValueError(_msg("layer_grads", "batch", "examples whose per-example gradients "
-                              "are finite", f"NaN or inf in autodiff's gradient of its first "
-                              f"{k} examples", "Their loss overflows or is undefined there: "
-                              "fix or drop those examples, or compute in float64."))
+        raise NonFiniteExamples(_msg(
+            "layer_grads", "batch", "examples whose per-example gradients are finite",
+            f"NaN or inf in autodiff's gradient of its first {k} examples",
+            "Their loss overflows or is undefined there: fix or drop those examples, or "
+            "compute in float64."))
     base = plan if active is None else active
     dense = active is None or why is not None
     if why is not None:
