@@ -25,7 +25,8 @@ from ..tree import ravel_batched
 from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
 from .grad import per_sample_grad_unchecked
 from .layer_grads_ties import dense_rows, tie_factors
-from .layers import batched_io, input_signature, output_shapes, tree_unsqueeze
+from .layers import batched_io, input_signature, output_shapes
+from .layers_losses import tree_unsqueeze
 
 if TYPE_CHECKING:
     from .layer_grads import LayerPlan
@@ -157,7 +158,7 @@ def _factored_and_rows(plan: LayerPlan, stacked: Params, batch: Batch, ties: boo
     gradients, and so the factors, are torch.equal to those without it: parameter leaves add
     branches to the backward graph, not terms to the probes' gradients.
     """
-    from .layers import summed_losses
+    from .layers_losses import summed_losses
 
     tapped, model = plan.tapped, plan.model
     first = {k: v[0] for k, v in stacked.items()}
