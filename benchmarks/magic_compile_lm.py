@@ -14,6 +14,18 @@ cotangent, weight cotangents), thread CPU ms per step for both forms interleaved
 rounds, medians and the median per-round ratio; then ``--extra-shapes`` further compiles of the
 same step with fewer targets (the shapes early exit makes), each one's thread / process+children
 CPU. A fresh cache directory measures a cold compile.
+
+No library compile API is used: the library has none (a stop-24 ``metagradient(compile=...)``
+opt-in was taken out). In torch 2.13 inductor's values here are O(1) off: its post-grad pattern
+``add(mm(a, b), x) -> addmm(x, a, b)`` (``torch/_inductor/fx_passes/post_grad.py``, ``addmm``)
+ignores ``aten.add``'s ``alpha=``, and the library's Adam with L2 decay writes
+``g.add(p, alpha=wd)`` (a Linear weight's gradient is an ``mm``: ``g`` becomes ``grad + p``).
+
+    python -m benchmarks.magic_compile_lm --repro-addmm
+
+runs that 3-op repro alone (one small inductor compile, seconds) and prints whether ``alpha`` was
+dropped, so a newer torch can be re-tested; ``--no-pattern-matcher`` compiles with inductor's
+pattern matcher off (a control: the rewrite cannot fire).
 """
 
 from __future__ import annotations
@@ -49,12 +61,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: "
                    "the traced graph without inductor, to tell a tracing error from inductor's)")
-    p.add_argument("--metagradient", type=int, default=0, metavar="L",
-                   help="instead: metagradient(horizon=L) eager against compile=--backend through "
-                        "the library (dattri_fn.training.compile), graphs compiled and drift")
+    p.add_argument("--repro-addmm", action="store_true",
+                   help="only run the 3-op repro of inductor's addmm rewrite dropping alpha=")
+    p.add_argument("--no-pattern-matcher", action="store_true",
+                   help="compile with torch._inductor.config.pattern_matcher = False")
     p.add_argument("--extra-shapes", default="", help="comma-separated target counts to compile too")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.no_pattern_matcher:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.pattern_matcher = False
+    if args.repro_addmm:
+        row = repro_addmm()
+        row["pattern_matcher"] = not args.no_pattern_matcher
+        print(json.dumps(row), flush=True)
+        return row
     task = get_task("text-lm", n_train=128, n_test=args.k, seed=0)
     hp = task.hparams
     wd = float(hp.get("weight_decay", 0.0))
@@ -81,11 +103,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _, pullback = vjp(one_step, floats, w)
         return vmap(pullback)(bar)
 
-    if args.metagradient:
-        return library(args, step, vstep, traj, data, order, cot)
     compiled = torch.compile(eager, dynamic=False, backend=args.backend)
     ref = eager(floats, w, bar)
-    row: dict = {"T": T, "k": args.k, "batch": len(order[T // 2]), "backend": args.backend}
+    row: dict = {"T": T, "k": args.k, "batch": len(order[T // 2]), "backend": args.backend,
+                 "pattern_matcher": not args.no_pattern_matcher, "torch": torch.__version__}
     t0, p0, w0 = time.thread_time(), cpu_all(), time.perf_counter()
     out = compiled(floats, w, bar)
     row["compile"] = {"thread_cpu_s": round(time.thread_time() - t0, 1),
@@ -120,32 +141,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return row
 
 
-def library(args, step, vstep, traj, data, order, cot) -> dict:
-    """metagradient(horizon=L) eager, then with compile=backend: CPU, graphs, relative drift."""
-    from dattri_fn.attribute.metagradient import metagradient
-    from dattri_fn.training.compile import reverse_step
+def repro_addmm(backend: str = "inductor") -> dict:
+    """Inductor 2.13's post-grad ``add(mm(a, b), p, alpha=) -> addmm(p, a, b)`` rewrite drops
+    ``alpha`` (review R1 F2): compile ``(a @ b).add(p, alpha=1e-4)`` and compare with eager.
+    ``alpha_dropped`` True: the output is ``a @ b + p`` (the bug); a fixed torch gives False and
+    a difference at float32 round-off."""
+    torch.manual_seed(0)
+    a, b, p = torch.randn(5, 3), torch.randn(3, 4), torch.randn(5, 4)
 
-    L = args.metagradient
-    t0 = time.thread_time()
-    ref = metagradient(step, traj, data, order, cot, horizon=L, vjp_step=vstep)
-    eager_s = time.thread_time() - t0
-    backend = True if args.backend == "inductor" else args.backend
-    t0, p0, w0 = time.thread_time(), cpu_all(), time.perf_counter()
-    out = metagradient(step, traj, data, order, cot, horizon=L, vjp_step=vstep, compile=backend)
-    rs = reverse_step(vstep, "inductor" if backend is True else backend)
-    row = {"L": L, "backend": args.backend, "graphs": rs.graphs, "off": rs.reason,
-           "eager_thread_cpu_s": round(eager_s, 1),
-           "compiled_thread_cpu_s": round(time.thread_time() - t0, 1),
-           "compiled_process_children_cpu_s": round(cpu_all() - p0, 1),
-           "compiled_wall_s": round(time.perf_counter() - w0, 1),
-           "rel_diff_weights": float((out.weights - ref.weights).abs().max()
-                                     / ref.weights.abs().max()),
-           "rel_diff_params": max(float((out.params[n] - ref.params[n]).abs().max()
-                                        / ref.params[n].abs().max()) for n in ref.params)}
-    with open("/proc/loadavg") as f:
-        row["load"] = " ".join(f.read().split()[:3])
-    print(json.dumps(row), flush=True)
-    return row
+    def f(a, b, p):
+        return (a @ b).add(p, alpha=1e-4)
+
+    ref = f(a, b, p)
+    out = torch.compile(f, backend=backend, fullgraph=True)(a, b, p)
+    return {"torch": torch.__version__, "backend": backend,
+            "max_abs_diff": float((out - ref).abs().max()),
+            "alpha_dropped": bool(torch.allclose(out, a @ b + p, atol=1e-5)),
+            "correct": bool(torch.allclose(out, ref, rtol=1e-5, atol=1e-6))}
 
 
 if __name__ == "__main__":

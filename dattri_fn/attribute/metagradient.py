@@ -145,14 +145,12 @@ def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
 
 def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
            weights: Tensor, bar: list[Tensor], first: int, chunk_size: int | None,
-           vjp_step: Callable, narrow: list | None = None, reverse: Callable | None = None):
+           vjp_step: Callable, narrow: list | None = None):
     """Yield ``(t, rows, sbar_t, c_t)`` for ``t = T-1 .. first``: the state cotangent after step
     ``t``'s vjp (flattened floats, params first) and the step's weight cotangents ``[k, B_t]``.
 
     ``narrow``: a one-item list the caller may set to an index tensor between two steps; the
     sweep then keeps only those rows of the cotangents from the next step on (and resets it).
-    ``reverse``: a compiled reverse step (:class:`~dattri_fn.training.compile.ReverseStep`);
-    where it returns None the step runs eager.
 
     Each segment between checkpoints is replayed once from its first state by ``step`` (the
     forward run's own loop, so the states are the run's bit for bit) and walked backward through
@@ -179,12 +177,8 @@ def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[
             if narrow is not None and narrow[0] is not None:
                 bar = [b[narrow[0]] for b in bar]
                 narrow[0] = None
-            w_rows = weights[rows.to(weights.device)]
-            out = None if reverse is None else reverse(floats, how, batch, w_rows, bar, chunk_size)
-            if out is None:
-                _, pullback = vjp(one_step, floats, w_rows)
-                out = vmap(pullback, chunk_size=chunk_size)(bar)
-            bar, rows_bar = out
+            _, pullback = vjp(one_step, floats, weights[rows.to(weights.device)])
+            bar, rows_bar = vmap(pullback, chunk_size=chunk_size)(bar)
             yield t, rows, bar, rows_bar
 
 
@@ -192,8 +186,7 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
                  cotangent: Params, *, weights: Tensor | None = None,
                  chunk_size: int | None = None, horizon: int | str | None = None,
                  record_limit: int = RECORD_LIMIT, vjp_step: Callable | None = None,
-                 early_exit: tuple[float, int] | None = None,
-                 compile: bool | str | Callable = False) -> MetaGradient:
+                 early_exit: tuple[float, int] | None = None) -> MetaGradient:
     """Return ``d <cotangent_j, theta_T> / d w`` and ``/ d theta_0`` by reverse mode over the run.
 
     ``cotangent`` is ``{name: [k, *shape]}``, usually ``vmap(grad(f))`` of ``k`` targets at the
@@ -239,11 +232,9 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             ``K_j`` (as ``"auto"``). As a per-(step, target) weighted sum of the steps' weight
             cotangents it needs each step's ``[k, B_t]`` cotangents once the band is known: one
             pass records them when ``k sum_t B_t <= record_limit`` floats, else a first pass
-            records only the ``[T, k]`` norms and a second pass adds the weighted cotangents,
-            each target walking back only to its own band's longest horizon (its rows then
-            leave the vmapped batch; the same bits as walking all ``k`` to the longest).
-            Extra memory beyond ``"auto"``'s: ``T k`` norms plus at most ``record_limit``
-            floats, whatever ``T``.
+            records only the ``[T, k]`` norms and a second pass (through the band's longest
+            horizon only) adds the weighted cotangents. Extra memory beyond ``"auto"``'s:
+            ``T k`` norms plus at most ``record_limit`` floats, whatever ``T``.
         record_limit: the most floats the one-pass ``"band"`` record may hold (default
             ``2**24``); a larger record takes the two-pass route (same result to round-off).
         vjp_step: the step differentiated at each state (default ``step``, which still
@@ -259,9 +250,13 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             3e-6 relative in float32): per digits-cnn step 0.67-0.79x of eager at load 1.8-2.6
             (0.75x with the GEMM conv alone there, but 0.99x at load 6.6), for 30-54 CPU-s of cold
             compiling per shape (4.5 with a warm inductor cache); not wired in: across steps
-            dynamo recompiled at every step (the optimizer state's int step counter is a guarded
-            constant) until its cache limit, then ran eager (``benchmarks/magic_compile.py``);
-            ``compile`` below passes the step's scalars as tensors instead.
+            dynamo recompiles at every step (the optimizer state's int step counter is a guarded
+            constant) until its cache limit, then runs eager (``benchmarks/magic_compile.py``).
+            A stop-24 opt-in without the recompiles was taken out again: inductor 2.13's
+            post-grad ``add(mm, x) -> addmm`` rewrite drops ``alpha=``, so Adam with L2 decay
+            (``g.add(p, alpha=wd)``, every bundled task) compiles wrong, AdamW's double backward
+            was also wrong for a reason not found, and a cold text-lm compile (~100 CPU-s per
+            shape) costs more than it saves (``benchmarks/magic_compile_lm.py --repro-addmm``).
         early_exit: ``(R, W)`` with ``R >= 1.1``, only with ``"auto"``/``"band"``: stop walking
             target ``j`` back once its params-cotangent norm has stayed above ``R`` times its
             running minimum for ``W`` consecutive steps (``|thetabar^j_{T-K}| > R min_{K' <= K}
@@ -282,19 +277,8 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
             between 1.11x and 1.35x for ~30 steps after the stop; by ``K = T`` the norms are
             1.8-230x the minimum on digits-mlp, digits-cnn and text-lm (digits-lr's shrinks all
             the way). Cost: ``~ sum_j S_j`` target-steps; on ``"band"``'s two-pass route (a record
-            over ``record_limit``) the second sweep adds ``~ sum_j`` (target ``j``'s longest
-            band horizon) target-steps. None (default): the full pass.
-        compile: False (default): the eager reverse step. True (inductor), or a
-            ``torch.compile`` backend name / callable: each reverse step through ONE compiled
-            graph (:class:`~dattri_fn.training.compile.ReverseStep`: the optimizer's per-step
-            floats as 0-d tensor inputs, the rows of the cotangents and of the batch dynamic);
-            ``vjp_step`` must come from :func:`~dattri_fn.training.make_step`. Where it cannot
-            apply, a compile fails, or a new graph's first chunk differs from the eager step
-            by more than round-off (1e-4 relative in float32), it warns once, naming the
-            reason, and runs eager. Off in the recipes: a cold inductor compile of text-lm's
-            step cost 103 CPU-s (process + C++ children), more than the whole budget it was to
-            save, and inductor's values there were O(1) off (the traced graph, ``aot_eager``,
-            2e-7): the check sends that run to eager (benchmarks/RESULTS.md, stop 24).
+            over ``record_limit``) the second sweep walks all ``k`` targets through the band's
+            longest horizon. None (default): the full pass.
     """
     func = "metagradient"
     if not callable(step):
@@ -308,9 +292,6 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     horizon = _check_horizon(func, horizon)
     record_limit = check_int(func, "record_limit", record_limit, minimum=0)
     early_exit = _check_early_exit(func, early_exit, horizon)
-    if not (isinstance(compile, (bool, str)) or callable(compile)):
-        raise TypeError(_msg(func, "compile", "False, True, a torch.compile backend name or "
-                             "callable", type(compile).__name__))
     if vjp_step is None:
         vjp_step = step
     elif not callable(vjp_step):
@@ -361,13 +342,8 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
     walked = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     above = torch.zeros(k, dtype=torch.long, device=w_bar.device)
     narrow = [None]
-    reverse = None
-    if compile is not False:
-        from ..training.compile import reverse_step
-
-        reverse = reverse_step(vjp_step, "inductor" if compile is True else compile)
     for t, rows, bar, rows_bar in _sweep(step, trajectory, data, order, weights, bar0, first,
-                                         chunk_size, vjp_step, narrow, reverse):
+                                         chunk_size, vjp_step, narrow):
         cols = rows.to(w_bar.device)
         whole = len(live) == k
         if band:
@@ -423,13 +399,13 @@ def metagradient(step: Callable, trajectory: Trajectory, data: Batch, order: Seq
         steps = torch.full((k,), T - first, dtype=torch.long, device=w_bar.device)
     if band:
         w_bar = _band_sum(step, trajectory, data, order, weights, bar0, norms, record,
-                          chunk_size, vjp_step, w_bar, reverse=reverse)
+                          chunk_size, vjp_step, w_bar)
     params0, _ = _join(bar, _split(trajectory.checkpoints[0])[1])
     return MetaGradient(w_bar, params0, steps, walked)
 
 
 def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk_size, vjp_step,
-              out: Tensor, drop: bool = True, reverse: Callable | None = None) -> Tensor:
+              out: Tensor, drop: bool = True) -> Tensor:
     """Return ``sum_t a[T-t-1] c_t`` into ``out`` (zeroed here): from the record ``[k, sum_t B_t]``
     (step ``t``'s ``c_t`` in its columns, run order), or from a second pass through the band's
     longest horizon, each target leaving it after its own longest (``drop``; False: every
@@ -455,7 +431,7 @@ def _band_sum(step, trajectory, data, order, weights, bar0, norms, record, chunk
     live = torch.arange(a.shape[1], device=a.device)
     narrow = [None] if drop else None
     for t, rows, _, rows_bar in _sweep(step, trajectory, data, order, weights, bar0,
-                                       T - longest, chunk_size, vjp_step, narrow, reverse):
+                                       T - longest, chunk_size, vjp_step, narrow):
         cols = rows.to(out.device)
         if len(live) == a.shape[1]:
             out.index_add_(1, cols, a[T - t - 1][:, None] * rows_bar)

@@ -24,12 +24,6 @@ same bits (tested with ``torch.equal``; :func:`cosine_schedule` ``recursive=True
 
 The step counter ``count`` is a Python int in the state (not a tensor): the learning rate
 ``lr(count)`` is then a Python float, the same in a forward run, a replay and a reverse pass.
-For ``torch.compile`` of a reverse step (:mod:`dattri_fn.training.compile`) the state's
-``count`` may instead be a :class:`StepScalars`: the step's Python floats
-(``Optimizer.scalars(count)``) as 0-d tensors, inputs of one compiled graph for every step
-(an int ``count`` is a constant dynamo guards on, so it recompiled at every step). The update
-then runs the same operations with those tensors (Adam's ``addcdiv`` written as ``p + s (m /
-d)``) and leaves ``count`` as it is.
 """
 
 from __future__ import annotations
@@ -66,28 +60,11 @@ class AdamState(NamedTuple):
 
 
 class Optimizer(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params) -> (params, state)``;
-    ``scalars(count) -> tuple[float, ...]``: the Python floats step ``count`` uses, in the order
-    ``update`` reads them from a :class:`StepScalars` count (None: no tensor-scalar form)."""
+    """``init(params) -> state``; ``update(grads, state, params) -> (params, state)``."""
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[Params, Any]]
     name: str
-    scalars: Callable[[int], tuple[float, ...]] | None = None
-
-
-class StepScalars:
-    """A state's ``count`` replaced by the step's scalars as 0-d tensors (``values``, in the order
-    of ``Optimizer.scalars``). Not a pytree node: :func:`torch.utils._pytree.tree_flatten` keeps
-    it as one leaf, so it is no differentiable float of the state."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: tuple[Tensor, ...]):
-        self.values = tuple(values)
-
-    def __repr__(self) -> str:
-        return f"StepScalars({self.values!r})"
 
 
 def _schedule(func: str, lr) -> Schedule:
@@ -158,20 +135,7 @@ def sgd(lr: float | Schedule, *, momentum: float = 0.0, weight_decay: float = 0.
     def init(params: Params) -> SGDState:
         return SGDState(0, {k: torch.zeros_like(v) for k, v in params.items()})
 
-    def scalars(count: int) -> tuple[float, float]:
-        # The buffer's factor: 0 at the first step (b = g, as torch seeds it; 0 * b_0 + g == g
-        # on the zero buffer of init) and without momentum.
-        return float(sched(count)), (mu if count and mu else 0.0)
-
     def update(grads: Params, state: SGDState, params: Params) -> tuple[Params, SGDState]:
-        if isinstance(state.count, StepScalars):
-            rate_t, keep = state.count.values
-            new_params, buf = {}, {}
-            for k, p in params.items():
-                g = grads[k] + wd * p if wd else grads[k]
-                buf[k] = keep * state.momentum[k] + g
-                new_params[k] = p - rate_t * buf[k]
-            return new_params, SGDState(state.count, buf)
         rate = sched(state.count)
         new_params, buf = {}, {}
         for k, p in params.items():
@@ -182,7 +146,7 @@ def sgd(lr: float | Schedule, *, momentum: float = 0.0, weight_decay: float = 0.
             new_params[k] = p - rate * b
         return new_params, SGDState(state.count + 1, buf)
 
-    return Optimizer(init, update, "sgd", scalars)
+    return Optimizer(init, update, "sgd")
 
 
 def _sqrt0(v: Tensor) -> Tensor:
@@ -209,26 +173,7 @@ def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer
         zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}
         return AdamState(0, zeros(), zeros())
 
-    def scalars(count: int) -> tuple[float, float, float]:
-        # update's Python floats for step count, computed by the same expressions.
-        rate, t = sched(count), count + 1
-        return 1 - rate * wd, -(rate / (1 - b1 ** t)), (1 - b2 ** t) ** 0.5
-
     def update(grads: Params, state: AdamState, params: Params) -> tuple[Params, AdamState]:
-        if isinstance(state.count, StepScalars):
-            decay, neg_step, root_c2 = state.count.values
-            new_params, mu, nu = {}, {}, {}
-            for k, p in params.items():
-                g = grads[k]
-                if wd and decoupled:
-                    p = p.mul(decay)
-                elif wd:
-                    g = g.add(p, alpha=wd)
-                mu[k] = state.mu[k].lerp(g, 1 - b1)
-                nu[k] = torch.addcmul(state.nu[k].mul(b2), g, g, value=1 - b2)
-                denom = (_sqrt0(nu[k]) / root_c2).add(eps)
-                new_params[k] = p + neg_step * (mu[k] / denom)
-            return new_params, AdamState(state.count, mu, nu)
         rate, t = sched(state.count), state.count + 1
         # torch.optim.Adam's single-tensor step, op for op (lerp, mul + addcmul, sqrt / root,
         # add eps, addcdiv), with its Python-float scalars computed in its order (``** 0.5``,
@@ -248,7 +193,7 @@ def _adam(func: str, lr, betas, eps, weight_decay, decoupled: bool) -> Optimizer
             new_params[k] = torch.addcdiv(p, mu[k], denom, value=-step_size)
         return new_params, AdamState(t, mu, nu)
 
-    return Optimizer(init, update, func, scalars)
+    return Optimizer(init, update, func)
 
 
 def adam(lr: float | Schedule, *, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -316,5 +261,4 @@ def make_step(loss: Loss | FunctionalModel, optimizer: Optimizer) -> Callable[..
     def step(params: Params, opt_state, batch: Batch, weights: Tensor):
         return optimizer.update(objective_grad(params, batch, weights), opt_state, params)
 
-    step.optimizer = optimizer  # for a compiled reverse step (dattri_fn.training.compile)
     return step
