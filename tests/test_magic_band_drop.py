@@ -65,12 +65,37 @@ def test_second_sweep_drops_finished_targets_bit_for_bit(monkeypatch, name, chun
     assert sizes == sorted(sizes)[::-1] and sizes[-1] >= 1 and len(sizes) <= T
 
 
-def test_band_reach_is_where_the_weights_end():
-    """reach_j = the largest K with a[K-1, j] > 0 (the reversed cumulative sum is positive up to
-    the band's longest horizon and exactly 0 beyond it)."""
+def test_band_sum_drops_each_target_at_its_reach(monkeypatch):
+    """_band_sum's second sweep on a hand-made band (T = 5, k = 2; target 0's weights reach
+    horizon 5, target 1's end at horizon 4: a[4, 1] == 0) through a stand-in _sweep that hands
+    back fixed cotangents and obeys ``narrow``: target 1 leaves after step t = 1 (its horizon 4),
+    so the batch walked is [2, 2, 2, 2, 1], and the sum equals sum_t a[T-t-1] c_t from the full
+    cotangents (float64, 1e-12). Calls _band_sum itself, so a wrong reach fails here."""
     norms = torch.tensor([[5.0, 1.0], [2.0, 1.0], [2.1, 3.0], [1.0, 0.5], [1.05, 0.9]],
                          dtype=torch.float64)
     a, _ = band_weights(norms)
-    K = torch.arange(1, 6)[:, None]
-    assert (a.gt(0) * K).max(0).values.tolist() == [5, 4]
-    assert bool((a[4:, 1] == 0).all()) and bool((a[:4, 1] > 0).all())
+    assert bool((a[4:, 1] == 0).all()) and bool((a[:4, 1] > 0).all()) and bool((a[:, 0] > 0).all())
+    T, k, n = 5, 2, 7
+    g = torch.Generator().manual_seed(0)
+    order = [torch.randperm(n, generator=g)[:3] for _ in range(T)]
+    full = [torch.randn(k, 3, generator=g, dtype=torch.float64) for _ in range(T)]
+    sizes = []
+
+    def sweep(step, trajectory, data, order_, weights, bar, first, chunk_size, vjp_step,
+              narrow=None):
+        assert first == 0  # the band's longest horizon is T
+        live = torch.arange(k)
+        for t in range(T - 1, first - 1, -1):
+            if narrow is not None and narrow[0] is not None:
+                live, narrow[0] = live[narrow[0]], None
+            sizes.append(len(live))
+            yield t, order_[t], None, full[t][live]
+
+    monkeypatch.setattr(mg, "_sweep", sweep)
+    out = mg._band_sum(None, None, None, order, None, None, norms, None, None, None,
+                       torch.full((k, n), float("nan"), dtype=torch.float64))
+    assert sizes == [2, 2, 2, 2, 1]
+    expected = torch.zeros(k, n, dtype=torch.float64)
+    for t in range(T):
+        expected.index_add_(1, order[t], a[T - t - 1][:, None] * full[t])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
