@@ -92,10 +92,11 @@ _DENSE_STAGE2 = 2**20  # a stage-2 sketch up to this many w x d entries is appli
 _SKETCH_BYTES = 2**16
 # the train cache holds each block's factors where the features would take more than
 # memory_budget() // _CACHE_SHARE bytes (2 MiB of the default 256 MiB), else the features. Factors
-# are re-formed into features at every score (one more stage-2 product of every train row): each
-# score call then costs 3.4-5.2x (review R2 F2; benchmarks/factgrass_cache_edge.py, stop 24:
-# 1000 x 64, 500 x 256, 4000 x 64 digits rows x proj_dim). 70a9683 had lowered this edge to
-# 256 KiB for every user to meet P = 10k's peak; the byte-bounded passes below meet it alone
+# are re-formed into features at every score (one more stage-2 product of every train row): a
+# score of 32 test rows then costs 3.4-5.2x, of 1000 rows 1.3x (review R2 F2, R7 L1;
+# benchmarks/factgrass_cache_edge.py, stop 24: 1000 x 64, 500 x 256, 4000 x 64 digits rows x
+# proj_dim). 70a9683 had lowered this edge to 256 KiB for every user to meet P = 10k's peak;
+# the byte-bounded passes below meet it alone
 _CACHE_SHARE = 128
 # a merged capture pass of prepare holds at most memory_budget() // _PASS_SHARE measured bytes
 # (512 KiB of the default 256 MiB; a plain MLP's first pass too, its bytes known before it runs).
@@ -153,7 +154,8 @@ class FactGraSSState(NamedTuple):
             Held where the features would take more than ``memory_budget() //
             factgrass._CACHE_SHARE`` bytes (2 MiB by default), else None and the features are
             cached; each ``score``, ``self_score`` and ``feature_rows`` call then re-forms the
-            features (3.4-5.2x the time of a score from cached features, stop 24). Data
+            features (measured for ``score``: 3.4-5.2x the time of a score from cached
+            features with 32 test rows, 1.3x with 1000). Data
             whose every part has one example (a loader of ``batch_size=1``, or
             ``chunk_size=1``) takes the flat path only on a plain softmax cross-entropy MLP
             (whose factors :func:`~dattri_fn.transforms.mlp_io.mlp_io` gives: no plan check);
