@@ -19,11 +19,6 @@ from dattri_fn.transforms import layer_grads as lgmod
 from dattri_fn.transforms.grad import per_sample_grad
 from dattri_fn.transforms.layer_grads import check_plan, layer_grads_stream, layer_plan
 
-# Until the lead applies notes/s24/E2_to_lead.patch (layer_grads.py, held back while another
-# engineer edits it) the check refuses such data: these tests then fail, as strict xfails; the
-# patch removes the mark.
-NEEDS_PATCH = pytest.mark.xfail(strict=True, raises=ValueError,
-                                reason="needs notes/s24/E2_to_lead.patch (layer_grads.py)")
 C = 1.2e19  # float32: each example's weight gradient 2 C^2 = 2.9e38 is finite, 3 of them sum to inf
 
 
@@ -53,7 +48,6 @@ def test_the_data_overflows_only_in_the_sum():
     assert torch.isfinite(G).all() and not torch.isfinite(G.sum(0)).all()
 
 
-@NEEDS_PATCH
 def test_finite_rows_whose_sum_overflows_are_checked_row_by_row():
     """Refused before as 'NaN or inf in autodiff's gradient' (false: each row is finite)."""
     fm, batch = _model(), _batch([C, C, C])
@@ -65,7 +59,6 @@ def test_finite_rows_whose_sum_overflows_are_checked_row_by_row():
                                rtol=1e-6, atol=0)
 
 
-@NEEDS_PATCH
 def test_the_row_by_row_comparison_still_catches_a_wrong_captured_row(monkeypatch):
     """The middle captured row halved (what the sum identity alone would have shown): the
     per-row comparison sees it; the plan goes dense with the mismatch warning."""
