@@ -33,7 +33,7 @@ def self_scores(func: str, store: FeatureStore, *, state=None) -> Tensor:
     if store.manifest.get("kind") == SELF:
         if want is not None:
             _check_state(func, store.manifest, want, Path(store.path))
-        return store.read()
+        return _finite_record(func, store.read(), store.path)
     path = Path(store.path) / SELF
     man = _load_manifest(func, path)
     fix = ("Pass the record_store(...) of this store to self_score once: it writes the "
@@ -50,7 +50,16 @@ def self_scores(func: str, store: FeatureStore, *, state=None) -> Tensor:
                                   f"against {store.manifest.get(field)!r}", fix))
     if want is not None:
         _check_state(func, man, want, path)
-    return _opened(path, man, store.block_rows, None).read()
+    return _finite_record(func, _opened(path, man, store.block_rows, None).read(), path)
+
+
+def _finite_record(func: str, diag: Tensor, path) -> Tensor:
+    """``diag`` read back from the record at ``path``, refused by name if it holds NaN or inf
+    (:func:`record_self` commits none; a record written otherwise is not served)."""
+    from .attribute.pipeline import check_finite_self
+
+    return check_finite_self(func, diag, fix=f"The self-scores recorded at {str(path)!r} hold "
+                             "it (not written by record_self); record them at a new path.")
 
 
 def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=None,
@@ -73,11 +82,20 @@ def record_self(func: str, rec: StoreRecording, diag_fn: Callable, *, device=Non
             by row; the offset counts committed shards too, so a resumed record is aligned).
 
     Raises:
-        ValueError: a record at ``<rec.path>/self`` of another request or state, by name.
+        ValueError: a record at ``<rec.path>/self`` of another request or state, by name;
+            naming ``func(train=...)`` and the example, a NaN or inf self-score (scanned shard
+            by shard before the shard is written: the shards before it stay committed, the
+            record incomplete, and a rerun resumes there).
     """
-    store = build_store(os.path.join(rec.path, SELF), diag_fn, rec.data, params=None,
+    from .attribute.pipeline import check_finite_self
+
+    def checked(batch, first: int) -> Tensor:
+        diag = diag_fn(batch, first) if with_offset else diag_fn(batch)
+        return check_finite_self(func, diag, first) if isinstance(diag, Tensor) else diag
+
+    store = build_store(os.path.join(rec.path, SELF), checked, rec.data, params=None,
                         config=rec.config, shard_rows=rec.shard_rows, device=device,
                         block_rows=rec.block_rows, func=func, _params_hash=rec.params_hash,
-                        _kind=SELF, _with_offset=with_offset,
+                        _kind=SELF, _with_offset=True,
                         _state_hash=None if state is None else state_hash(state, func=func))
     return store.read()

@@ -62,7 +62,7 @@ from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # 
 from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition
 from .logra_rows import _cached_spans, _features, _Gather, _outer_rows, _projected, _raw
 from .method import Method
-from .pipeline import TopK, collect, stream_scores
+from .pipeline import TopK, check_finite_self, collect, stream_scores
 
 
 class LoGraState(NamedTuple):
@@ -348,7 +348,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
-        eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers})
+        eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers}, func, n)
         factors = {ln: (fa.value(), fg.value()) for ln, (fa, fg) in factors.items()}
         sums = _factored_sums(factors, eigvecs, layers)
         rest = [ln for ln in layers if ln not in factors]
@@ -443,7 +443,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             fn = feature_fn(st, state, func, "train")
             blocks = (fn(batch_to(b, device)) for b in
                       iter_batches(func, "train", regrouped(func, "train", train, rows_min)))
-        return torch.cat([(phi * precondition(state, phi)).sum(1) for phi in blocks])
+        return check_finite_self(func, torch.cat([(phi * precondition(state, phi)).sum(1)
+                                                  for phi in blocks]))
 
     return Method(prepare, score, self_score, name)
 

@@ -248,6 +248,19 @@ def check_finite_scores(func: str, block: Tensor) -> None:
                               "A train or test example's gradient is not finite."))
 
 
+def check_finite_self(func: str, diag: Tensor, first: int = 0,
+                      fix: str = "A train example's gradient is not finite.") -> Tensor:
+    """Return the self-scores ``diag`` unless one is NaN or inf: then the error ``score`` gives
+    on the same examples, naming ``func(train=...)`` and the first bad example (``first`` is
+    ``diag[0]``'s example index). One scan of ``[b]`` values: structured rows are not scanned
+    themselves, and finite features can still give an overflowing dot.  # -> [b]"""
+    if diag.is_floating_point() and not all_finite(diag):
+        i = first + int((~torch.isfinite(diag)).nonzero()[0, 0])
+        raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) "
+                              "are finite", f"NaN or inf in the self-score of example {i}", fix))
+    return diag
+
+
 def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
                   top_k: int | None = None, largest: bool = True,
                   func: str = "stream_scores") -> Tensor | TopK:
@@ -351,6 +364,10 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
     request, resuming a killed run; the feature store itself is written by ``score``), or a
     :class:`~dattri_fn.store.FeatureStore` whose ``self/`` holds that record: it is read back
     and no training data is read (:func:`~dattri_fn.store.self_scores`).
+
+    Raises:
+        ValueError: naming ``func(train=...)`` and the first example whose self-score is NaN or
+            inf (a recording commits no shard holding one; a store's record is scanned as read).
     """
     from ..store import FeatureStore, StoreRecording, record_self, self_scores
 
@@ -377,7 +394,7 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
         out.append(row_dots(t, p))
     if not out:
         raise ValueError(f"{func}(train=...): expected at least one batch, got an empty iterable.")
-    return torch.cat(out)
+    return check_finite_self(func, torch.cat(out))
 
 
 def in_chunks(fn: FeatureFn, chunk_size: int | None) -> FeatureFn:
