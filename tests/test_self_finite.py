@@ -163,3 +163,20 @@ def test_logra_self_score_refuses_non_finite_by_name():
                                              r"examples .*finite, got NaN or inf in the "
                                              r"self-score of example 3"):
             M.self_score(fm.params, state, train)
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_kfac_influence_self_score_refuses_non_finite_by_name(solver):
+    """Prepared on the tame examples, if_kfac/if_ekfac self_score over all six went through
+    stream_self unscanned and returned NaN for examples 3-5; now refused by name."""
+    fm, train = _overflowing()
+    from dattri_fn.attribute import influence
+
+    M = influence(fm, solver=solver, damping=1.0, model=fm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = M.prepare(fm.params, train[:1])
+        with pytest.raises(ValueError, match=rf"^if_{solver}\(train=\.\.\.\): expected examples "
+                                             r".*finite, got NaN or inf in the self-score of "
+                                             r"example 3"):
+            M.self_score(fm.params, state, train)
