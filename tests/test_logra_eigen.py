@@ -98,3 +98,19 @@ def test_eigenbasis_scores_block_by_block(monkeypatch):
     monkeypatch.setattr(sys.modules[logra.__module__], "_BLOCK_BYTES", 1)
     _close(m.score(fm.params, state, None, test), whole)
     _close(m.score(fm.params, state, None, test, top_k=3).values, whole.topk(3, dim=0).values)
+
+
+@pytest.mark.parametrize("factors", [None, {}], ids=["None", "empty"])
+def test_a_state_without_cached_factors_streams_train_as_features(factors):
+    """review R6 F1: a state with train_factors={} (cached_rows() None) scores by streaming
+    train through the preconditioner, equal to the cached state's scores (the eigenbasis test
+    rows against unrotated train features gave rel 1.33)."""
+    fm, (x, y) = _problem("mlp", 2, 11)
+    train, test = [(x[:6], y[:6]), (x[6:], y[6:])], (x[:5] * 1.5, y[:5])
+    m = logra(fm, proj_dim=2)
+    state = m.prepare(fm.params, train)
+    want = m.score(fm.params, state, train, test)
+    bare = state._replace(train_factors=factors)
+    assert bare.cached_rows() is None
+    _close(m.score(fm.params, bare, train, test), want)
+    _close(m.score(fm.params, bare, train, test, top_k=3).values, want.topk(3, dim=0).values)

@@ -386,8 +386,10 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         check_optional_int(func, "top_k", top_k)
         fn = feature_fn(st, state, func, "train")
         # T = 1 rows cached as factors: scored in the eigenbasis (_eigen_rows), the train
-        # factors rotated once here (a store's rows are features: the preconditioner's path)
-        eigen = (state.train_factors is not None and state.train_features is None
+        # factors rotated block by block in _cached_spans (a store's rows are features: the
+        # preconditioner's path). Decided from cached_rows(), as the scoring branch below is:
+        # a state with train_factors={} caches nothing and streams train as features.
+        eigen = (state.train_features is None and state.cached_rows() is not None
                  and not isinstance(test, (FeatureStore, StoreRecording)))
         test_fn = feature_fn(st, state, func, "test", eigen)
         test_pre = collect(test_fn, test, device=device, func=func, arg="test")
