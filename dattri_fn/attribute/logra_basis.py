@@ -42,28 +42,28 @@ def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None) -
     A factor holding NaN or inf (an example's overflowing input or gradient, summed over the
     ``n`` examples) is refused by name, ``func(train=...)``, before ``eigh``; an ``eigh`` that
     does not converge on finite factors is re-raised the same way, with its cause."""
-    for ln, pair in factors.items():
-        for side, m in zip(("input (A')", "output-gradient (G')"), pair, strict=True):
-            if not all_finite(m):
-                over = "" if n is None else f" over the {n} examples"
-                raise ValueError(_msg(func, "train", "examples whose per-example layer inputs "
-                                      "and gradients are finite", f"NaN or inf in the {side} "
-                                      f"covariance factor of layer {ln!r}{over}",
-                                      "A train example's gradient (or layer input) is not "
-                                      "finite."))
     mats = [m for pair in factors.values() for m in pair]
     by_size: dict = {}
     for i, m in enumerate(mats):
         by_size.setdefault(m.shape[0], []).append(i)
+    stacks = [torch.stack([mats[i] for i in idx]) for idx in by_size.values()]
+    if not all(all_finite(S) for S in stacks):  # one scan a matrix size (hot: every prepare)
+        k = next(i for i, m in enumerate(mats) if not all_finite(m))
+        over = "" if n is None else f" over the {n} examples"
+        side = ("input (A')", "output-gradient (G')")[k % 2]
+        raise ValueError(_msg(func, "train", "examples whose per-example layer inputs and "
+                              "gradients are finite", f"NaN or inf in the {side} covariance "
+                              f"factor of layer {list(factors)[k // 2]!r}{over}",
+                              "A train example's gradient (or layer input) is not finite."))
     vecs = [None] * len(mats)
-    for idx in by_size.values():
+    for idx, S in zip(by_size.values(), stacks, strict=True):
         try:
-            Q = torch.linalg.eigh(torch.stack([mats[i] for i in idx]))[1]
+            Q = torch.linalg.eigh(S)[1]
         except torch.linalg.LinAlgError as e:
             raise ValueError(_msg(func, "train", "training examples whose covariance factors "
                                   "have an eigendecomposition", f"a failed eigh ({e})",
                                   "The factors are finite but too ill-conditioned for "
-                                  f"{mats[idx[0]].dtype}; try float64.")) from e
+                                  f"{S.dtype}; try float64.")) from e
         for j, i in enumerate(idx):
             vecs[i] = Q[j]
     return {ln: (vecs[2 * k], vecs[2 * k + 1]) for k, ln in enumerate(factors)}
