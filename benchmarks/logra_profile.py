@@ -5,8 +5,10 @@
 The method is built as :mod:`benchmarks.e18_ab` builds it (one checkpoint, the recipe's batches
 of 256, ``benchmarks.against_dattri``'s ``LOGRA_K``). Printed: the mean thread CPU
 microseconds of ``prepare`` and ``score`` per call, and of every step ``logra.py`` calls by
-module-level name (each wrapped to add its thread CPU time; steps nest: ``collect`` includes the
-test pass's ``_raw``, ``_projected`` and ``_features``). ``--ops`` adds torch.profiler's op table:
+module-level name, and of ``logra_rows._outer_rows`` (the cached train rows, formed and rotated
+block by block by ``_cached_spans``' row function during ``score``) (each wrapped to add its
+thread CPU time; steps nest: ``collect`` includes the test pass's ``_raw``, ``_projected`` and
+``_features``). ``--ops`` adds torch.profiler's op table:
 its times are wall-clock, so under load they mislead (a 0-d ``aten::ones`` showed 209 us); use
 the op counts and shapes from it, the times from the phases. This profiles; speed claims go
 through :mod:`benchmarks.e18_ab` (interleaved A/B).
@@ -59,6 +61,10 @@ def main(argv=None) -> None:
     for name in STEPS:  # before the method is built: logra() binds _raw in a partial
         if hasattr(logra_mod, name):
             setattr(logra_mod, name, timed(name, getattr(logra_mod, name)))
+    # the cached train factors' rows are formed (and rotated) block by block inside
+    # _cached_spans' row function, through logra_rows' own _outer_rows (review R6 F3)
+    rows_mod = importlib.import_module("dattri_fn.attribute.logra_rows")
+    rows_mod._outer_rows = timed("logra_rows._outer_rows", rows_mod._outer_rows)
     from benchmarks.against_dattri import LOGRA_K
     from benchmarks.run import DEFAULT_SIZES, load_models, load_task, train_states
     from dattri_fn.app.recipes import recipe

@@ -182,9 +182,6 @@ def test_kfac_influence_self_score_refuses_non_finite_by_name(solver):
             M.self_score(fm.params, state, train)
 
 
-@pytest.mark.xfail(strict=True, raises=torch.linalg.LinAlgError,
-                   reason="until the lead applies notes/s24/F_to_lead.patch to kfac_stats.py "
-                          "(which removes this mark): eigh's raw LinAlgError")
 def test_ekfac_prepare_refuses_non_finite_factors_by_name():
     """EK-FAC's eigh on NaN factors raised a raw torch._LinAlgError naming no argument."""
     fm, train = _overflowing()

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import _msg, batch_size, check_optional_int, regroup
+from .._checks import _msg, all_finite, batch_size, check_optional_int, regroup
 from ..transforms import capture
 from ..transforms.layers import _stream_layer_io
 from .kfac_check import Rows, mismatched
@@ -427,6 +427,13 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
     diag = kf.diagonal if dtype is None else {k: v.to(dtype) for k, v in kf.diagonal.items()}
     if not names:
         return EKFACFactors({}, {}, {}, pnames, kf.num_examples, (), diag)
+    for side, fac in (("input (A)", kf.A), ("output-gradient (G)", kf.G)):
+        for k, v in fac.items():
+            if not all_finite(v):  # eigh would raise a raw LinAlgError naming no argument
+                raise ValueError(_msg(func, "data", "examples whose layer inputs and gradients "
+                                      "are finite", f"NaN or inf in the {side} factor of layer "
+                                      f"{k!r}", "A training example's gradient (or layer "
+                                      "input) is not finite."))
     QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
     QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
     bias = {n: _keys(n)[1] in pnames for n in names}
