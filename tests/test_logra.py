@@ -187,3 +187,14 @@ def test_logra_self_score_from_a_feature_store(tmp_path):
     with pytest.raises(ValueError, match=r"logra\.self_score\(data=...\): expected the rows of shard 0"):
         m.self_score(fm.params, state, record_store(tmp_path, train[::-1], params=fm.params,
                                                     config=cfg))
+
+
+def test_zero_damping_with_a_softmax_null_direction_is_refused():
+    """Review R6 F2 (stop 24): with ``damping=0`` and no projection on the last layer, softmax CE
+    leaves a rounding-level eigenvalue (the logits' constant direction); dividing by it scored
+    O(1) noise silently. It is refused naming ``damping``; a positive damping still works."""
+    fm, batch = _problem("mlp", 0, 40)
+    with pytest.raises(ValueError, match=r"logra.prepare\(damping=...\).*rounding level"):
+        logra(fm, proj_dim=None, damping=0.0).prepare(fm.params, batch)
+    state = logra(fm, proj_dim=None, damping=1e-3).prepare(fm.params, batch)
+    assert all(bool((v > 0).all()) for v in state.eigvals.values())
