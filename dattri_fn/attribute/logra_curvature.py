@@ -85,7 +85,8 @@ def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
         if not bool((mu > floor).all()):
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
                                   f"projected eigenvalues of layer {ln!r} vanish (some "
-                                  f"Lambda + damping <= {float(floor):.3g}, rounding level)",
+                                  f"Lambda + damping <= {float(floor):.3g}"
+                                  f"{', rounding level' if damping == 0 else ''})",
                                   f"damping={damping}"))
     return eigvals
 
