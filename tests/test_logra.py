@@ -198,3 +198,24 @@ def test_zero_damping_with_a_softmax_null_direction_is_refused():
         logra(fm, proj_dim=None, damping=0.0).prepare(fm.params, batch)
     state = logra(fm, proj_dim=None, damping=1e-3).prepare(fm.params, batch)
     assert all(bool((v > 0).all()) for v in state.eigvals.values())
+
+
+def test_zero_damping_with_small_real_eigenvalues_is_kept_in_float32():
+    """Review R8: a layer-size-scaled floor refused real, accurately computed small eigenvalues
+    (inputs with column scales 1 .. 1e-2, MSE, no projection); float32 scores then matched
+    float64's. Kept now, and the float32 scores still agree with float64's."""
+    g = torch.Generator().manual_seed(0)
+    n, d, o = 200, 32, 4
+    x = torch.randn(n, d, generator=g, dtype=DT) * torch.logspace(0, -2, d, dtype=DT)
+    y = x @ torch.randn(o, d, generator=g, dtype=DT).T + 0.1 * torch.randn(n, o, generator=g,
+                                                                           dtype=DT)
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        torch.manual_seed(1)
+        fm = functional_model(nn.Linear(d, o).to(DT).to(dt).eval(), F.mse_loss)
+        m = logra(fm, proj_dim=None, damping=0.0)
+        batch = (x.to(dt), y.to(dt))
+        out[dt] = m.score(fm.params, m.prepare(fm.params, batch), batch,
+                          (x[:20].to(dt), y[:20].to(dt))).double()
+    assert torch.linalg.norm(out[torch.float32] - out[torch.float64]) \
+        < 1e-3 * torch.linalg.norm(out[torch.float64])

@@ -62,7 +62,7 @@ from ..transforms.layer_grads import (
     plan_decisions,
 )
 from .capture_rows import in_one_pass
-from .gradsim_pass import check_finite_self, one_pass_scores, pass_row_bytes
+from .gradsim_pass import one_pass_scores, pass_row_bytes
 from .gradsim_project import (  # noqa: F401  (PROJECTIONS: importable from here, as before)
     PROJECTIONS,
     _inverse_norms,
@@ -78,7 +78,7 @@ from .method import (
     num_checkpoints,
     stacked_per_sample_grad,
 )
-from .pipeline import TopK, collect, in_chunks, stream_scores, stream_self
+from .pipeline import TopK, check_finite_self, collect, in_chunks, stream_scores, stream_self
 
 _CHECK_ROWS = 3  # the examples check_plan compares with autodiff: prepare checks on these alone
 
@@ -319,8 +319,7 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                         t, p = one_pass.both(batch_to(b, device))
                     diag.append(t.row_dots(p))  # [b]
                 return check_finite_self(name, torch.cat(diag))
-        return check_finite_self(name, stream_self(train_f, test_f, train, device=device,
-                                                   func=name))
+        return stream_self(train_f, test_f, train, device=device, func=name)
 
     return Method(prepare, score, self_score, name)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._checks import _msg, all_finite, batch_leaves
+from .._checks import batch_leaves
 from .._types import Batch, Params
 from .pipeline import TopK, check_finite_scores, merge_topk
 
@@ -83,18 +83,6 @@ def one_pass_scores(name: str, train_rows, test_rows, sizes, top_k: int | None,
     # the blocks' one scan, after they are written (the same error as per block)
     check_finite_scores(name, out)
     return out
-
-
-def check_finite_self(name: str, diag: Tensor) -> Tensor:
-    """Return the self-scores ``diag`` unless one is NaN or inf: then the error ``score`` gives
-    on the same examples, naming ``train`` (structured rows are not scanned themselves, and a
-    finite factor can still give an overflowing dot).  # -> [n_train]"""
-    if diag.is_floating_point() and not all_finite(diag):
-        i = int((~torch.isfinite(diag)).nonzero()[0, 0])
-        raise ValueError(_msg(name, "train", "examples whose per-example features (gradients) "
-                              "are finite", f"NaN or inf in the self-score of example {i}",
-                              "A train example's gradient is not finite."))
-    return diag
 
 
 def _flat_sides(train_rows, test_rows):

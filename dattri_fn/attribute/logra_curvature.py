@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .._checks import _msg
-from ..solve.explicit import default_rtol
 
 
 def _precondition(eigvecs: dict, eigvals: dict, phi: Tensor, kron_max: int) -> Tensor:
@@ -74,14 +73,15 @@ def _add_lambda(sums: dict, eigvecs: dict, rest: list, phi: Tensor, kron_max: in
 def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
     """``{layer: Lambda + damping}`` from ``sums`` over ``n`` examples (None: ``0.1 mean(Lambda)``
     per layer); a ValueError naming ``damping`` where one is not positive, or, at ``damping=0``,
-    not above ``numel * eps * max`` (:func:`~dattri_fn.solve.explicit.default_rtol`'s threshold):
-    dividing by a rounding-level eigenvalue (a softmax's null direction) gives noise."""
+    not above ``eps(dtype) * max``: dividing by a rounding-level eigenvalue (a softmax's null
+    direction: ~1e-17 of the largest in float32, ~1e-35 in float64) gives noise, while real
+    small eigenvalues (1e-6 of the largest in float32, review R8) are kept."""
     eigvals = {}
     for ln, s in sums.items():
         lam = s / n
         mu = lam + (0.1 * lam.mean() if damping is None else damping)
         eigvals[ln] = mu
-        floor = mu.abs().max() * default_rtol(mu.numel(), mu.dtype) if damping == 0 else 0
+        floor = mu.abs().max() * torch.finfo(mu.dtype).eps if damping == 0 else 0
         if not bool((mu > floor).all()):
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
                                   f"projected eigenvalues of layer {ln!r} vanish (some "

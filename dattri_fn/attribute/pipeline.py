@@ -254,7 +254,9 @@ def check_finite_self(func: str, diag: Tensor, first: int = 0,
     on the same examples, naming ``func(train=...)`` and the first bad example (``first`` is
     ``diag[0]``'s example index). One scan of ``[b]`` values: structured rows are not scanned
     themselves, and finite features can still give an overflowing dot.  # -> [b]"""
-    if diag.is_floating_point() and not all_finite(diag):
+    bad = (not all_finite(diag) if diag.is_floating_point()
+           else diag.is_complex() and not bool(torch.isfinite(diag).all()))
+    if bad:
         i = first + int((~torch.isfinite(diag)).nonzero()[0, 0])
         raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) "
                               "are finite", f"NaN or inf in the self-score of example {i}", fix))

@@ -291,7 +291,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         raise TypeError(_msg(name, "feature_dtype", "None or a floating torch.dtype",
                              repr(feature_dtype)))
     # the margin and its weight from one module: Q from the capture pass's margins
-    # (weight_checked means both are FunctionalModels, so plan and weight_rows are set)
+    # (weight_checked means both are FunctionalModels, so weight_rows is set; plan is None for a
+    # model with no Linear-type layer, which trak_features guards)
     cfg = FeatureConfig(output_fn, weight_fn, plan, keys, proj_dim, kind, seed, chunk_size, rows_min,
                         feature_dtype, {}, weight_rows, projection, weight_checked)
 
