@@ -541,3 +541,22 @@ def test_refit_row_sums_equal_the_logits_up_to_the_stationarity_residual(monkeyp
     assert float(grad.abs().max()) <= 1e-7 * max(1.0, float(grad_f(params["W"]).abs().max()))
     bound = grad.norm() * h_te.norm(dim=1) / (2 * l2)
     assert bool(((S.sum(0) - logit).abs() <= bound * 1.01 + 1e-12).all())
+
+
+def test_prepare_refuses_an_overflowing_example_by_name():
+    """Logits that overflow on one example made a NaN alpha: prepare accepted it and self_score
+    refused the state without naming NaN or the data (stop 24). Refused at prepare, naming train
+    and the example."""
+    params, _, _ = _model(0, "cpu")
+    x, y = _data(6, 1, "cpu", dim=4)
+    x[2] *= 1e10  # its logits 1e310: inf in float64, so a NaN gradient of the loss
+    feat = lambda p, ex: ex[0]
+    head = lambda p, h: (p["2.weight"] @ h) * 1e300
+    m = representer(feat, head, F.cross_entropy, l2=0.1)
+    with pytest.raises(ValueError, match=r"representer.prepare\(train=...\): expected examples "
+                                         r"whose features and output gradients are finite, got "
+                                         r"NaN or inf in the output gradients \(alpha\) of "
+                                         r"example 2"):
+        m.prepare(params, (x, y))
+    x[2] /= 1e10
+    assert torch.isfinite(m.prepare(params, (x, y)).alpha).all()

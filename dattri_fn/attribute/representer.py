@@ -299,7 +299,15 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             fitted = fit_head(head_fn, loss_on_logits, params, h, targets, l2=l2)
             grad_logits = vmap(torch.func.grad(loss_on_logits))
             dlogits = grad_logits(vmap(head_fn, in_dims=(None, 0))(fitted, h), targets)
-        return RepresenterState(h, dlogits.div_(-2.0 * l2 * h.shape[0]), classes)
+        alpha = dlogits.div_(-2.0 * l2 * h.shape[0])
+        for what, t in (("penultimate features", h), ("output gradients (alpha)", alpha)):
+            if t.is_floating_point() and not all_finite(t):  # else a NaN state, refused later
+                i = int((~torch.isfinite(t)).flatten(1).any(1).nonzero()[0, 0])
+                raise ValueError(_msg(func, "train", "examples whose features and output "
+                                      "gradients are finite", f"NaN or inf in the {what} of "
+                                      f"example {i}", "A training example (or the fitted head) "
+                                      "overflows; check the data's scale."))
+        return RepresenterState(h, alpha, classes)
 
     def check_state(func: str, state, params: Params, train) -> RepresenterState:
         if not isinstance(state, RepresenterState):
