@@ -28,14 +28,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    from benchmarks.run import DEFAULT_SIZES, load_models, load_task, runner_for, train_states
+    from benchmarks.run import BENCH_HP, runner_for, task_and_models
 
-    n_train, n_test, _ = DEFAULT_SIZES[args.task]
-    task = load_task({"name": args.task, "n_train": n_train, "n_test": n_test, "seed": 0,
-                      "device": "cpu"})
-    models = load_models(task, train_states(task, 3))
-    hp = {"damping": 1e-3, "proj_dim": 512, "max_iter": 100, "arnoldi_rank": 64,
-          "arnoldi_block": 16, "batch_size": 256, "seed": 0, "device": "cpu"}
+    task, models = task_and_models(args.task, 3)
+    hp = dict(BENCH_HP)
     ours = runner_for("ours", args.method, task, models, hp)
     for _ in range(5):
         ours.score(ours.prepare())

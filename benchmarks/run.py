@@ -253,6 +253,21 @@ def defaults_runner(name: str, task, models: list, hp: dict) -> Runner:
                   lambda st: method.score(params, st, train, test))
 
 
+
+# the settings the in-process benchmarks (g_against and the A/B scripts) give runner_for
+BENCH_HP = {"damping": 1e-3, "proj_dim": 512, "max_iter": 100, "arnoldi_rank": 64,
+            "arnoldi_block": 16, "batch_size": 256, "seed": 0, "device": "cpu"}
+
+
+def task_and_models(name: str, n_models: int = 3):
+    """``(task, models)``: the bundled task at its default sizes (seed 0, CPU) and its first
+    ``n_models`` trained models, as the in-process benchmarks load them."""
+    n_train, n_test, _ = DEFAULT_SIZES[name]
+    task = load_task({"name": name, "n_train": n_train, "n_test": n_test, "seed": 0,
+                      "device": "cpu"})
+    return task, load_models(task, train_states(task, n_models))
+
+
 def runner_for(side: str, name: str, task, models: list, hp: dict) -> Runner:
     """Return the Runner of ``name`` on ``side`` (``ours``, ``matched``, ``dattri`` or
     ``defaults``)."""

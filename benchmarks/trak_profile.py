@@ -18,7 +18,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.run import DEFAULT_SIZES, load_models, load_task, runner_for, train_states  # noqa: E402
+from benchmarks.run import BENCH_HP, DEFAULT_SIZES, runner_for, task_and_models  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -28,12 +28,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
-    n_train, n_test, _ = DEFAULT_SIZES[args.task]
-    task = load_task({"name": args.task, "n_train": n_train, "n_test": n_test, "seed": 0,
-                      "device": "cpu"})
-    models = load_models(task, train_states(task, args.models))
-    hp = {"damping": 1e-3, "proj_dim": 512, "max_iter": 100, "arnoldi_rank": 64,
-          "arnoldi_block": 16, "batch_size": 256, "seed": 0, "device": "cpu"}
+    task, models = task_and_models(args.task, args.models)
+    hp = dict(BENCH_HP)
     r = runner_for("ours", "trak", task, models, hp)
     r.score(r.prepare())
     prep, score = [], []
