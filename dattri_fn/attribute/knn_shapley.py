@@ -24,7 +24,15 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .._checks import _msg, batch_size, batch_to, check_int, check_tensor, iter_batches
+from .._checks import (
+    _msg,
+    all_finite,
+    batch_size,
+    batch_to,
+    check_int,
+    check_tensor,
+    iter_batches,
+)
 from .._types import Params
 from .method import Method
 from .outputs import example_label
@@ -129,15 +137,66 @@ class KNNShapleyState(NamedTuple):
     labels: Tensor
 
 
+def _unit_rows(x: Tensor) -> Tensor:
+    """Return the rows of ``x`` scaled to unit norm (a zero row stays zero).  # [n, F] -> [n, F]
+
+    A row whose squared norm overflows (``|x| ~ 1e20`` in float32) or underflows (``|x| <
+    sqrt(tiny) / eps``) is first divided by its largest magnitude, so its direction, all that
+    the cosine distance reads, is exact there too; every other row takes ``x / |x|`` as before
+    (the same rounding, so the same scores)."""
+    info = torch.finfo(x.dtype)
+    norm = x.norm(dim=1, keepdim=True)
+    odd = ~torch.isfinite(norm) | (norm < info.tiny ** 0.5 / info.eps)
+    if not bool(odd.any()):
+        return x / norm.clamp_min(info.tiny)
+    scaled = x / x.abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
+    norm = torch.where(odd, scaled.norm(dim=1, keepdim=True), norm).clamp_min(info.tiny)
+    return torch.where(odd, scaled, x) / norm
+
+
 def _distances(metric: str, train: Tensor) -> Callable[[Tensor], Tensor]:
     """Return ``test -> [n_test, n_train]`` distances to ``train``; computed without the
     ``|a|^2 + |b|^2 - 2ab`` shortcut, whose rounding can reorder near-ties. The cosine side
-    normalises ``train`` once, not once per block of test points."""
+    normalises ``train`` once, not once per block of test points (:func:`_unit_rows`: exact
+    for rows whose squared norm overflows or underflows)."""
     if metric == "cosine":
-        tiny = torch.finfo(train.dtype).tiny
-        b = train / train.norm(dim=1, keepdim=True).clamp_min(tiny)
-        return lambda test: 1 - (test / test.norm(dim=1, keepdim=True).clamp_min(tiny)) @ b.T
+        b = _unit_rows(train)
+        return lambda test: 1 - _unit_rows(test) @ b.T
     return lambda test: torch.cdist(test, train, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _check_embeddings(func: str, arg: str, h: Tensor, *, cast: bool = False) -> Tensor:
+    """Return the embeddings ``h`` unless a row has a NaN or inf: then name ``func(arg=...)``
+    and the first such example (one reduction when all are finite).  # [n, F] -> [n, F]"""
+    if not all_finite(h):
+        i = int((~torch.isfinite(h)).any(1).nonzero()[0, 0])
+        where = f" (after the cast to the state's {h.dtype})" if cast else ""
+        raise ValueError(_msg(func, arg, "examples whose embeddings (feature_fn's output, or the "
+                              "flattened inputs) are finite", f"NaN or inf in the embedding of "
+                              f"example {i}{where}", "Fix or drop that example."))
+    return h
+
+
+def _check_distances(func: str, arg: str, d: Tensor, first: int, features: Tensor) -> Tensor:
+    """Return a ``[b, n_train]`` block of distances (test rows ``first:first + b``) unless one
+    is NaN or inf: a squared distance that overflows the dtype (embeddings ~1e20 in float32)
+    would sort as a tie with every other overflow, and the values would mean nothing. One
+    reduction per block; the error names the first pair and, for a NaN from a state not made
+    by prepare, ``state``."""
+    if all_finite(d):
+        return d
+    j, i = (int(v) for v in (~torch.isfinite(d)).nonzero()[0])
+    other = "training example" if arg == "test" else "example"
+    if not bool(torch.isfinite(features[i]).all()):
+        raise ValueError(_msg(func, "state", "the KNNShapleyState returned by prepare (finite "
+                              "features)", f"NaN or inf in the features of training example {i}",
+                              "Use the state prepare returned."))
+    fix = ("Scale the embeddings down (e.g. standardise the features)"
+           + (" or compute in float64." if d.dtype != torch.float64 else "."))
+    raise ValueError(_msg(func, arg, f"examples whose embeddings are a finite {d.dtype} distance "
+                          "from the training examples'", f"a distance of {float(d[j, i])} "
+                          f"between example {first + j} and {other} {i} (the squared distance "
+                          f"overflows {d.dtype})", fix))
 
 
 def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k: int,
@@ -211,8 +270,9 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         return h, labels[0] if len(labels) == 1 and not copy else torch.cat(labels)
 
     def prepare(params, train) -> KNNShapleyState:
-        return KNNShapleyState(*rows(f"{name}.prepare", "train", params, train,
-                                    copy=True))
+        func = f"{name}.prepare"
+        h, y = rows(func, "train", params, train, copy=True)
+        return KNNShapleyState(_check_embeddings(func, "train", h), y)
 
     def check_state(func: str, state) -> KNNShapleyState:
         if not isinstance(state, KNNShapleyState):
@@ -225,7 +285,7 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         if h.shape[1] != H.shape[1]:
             raise ValueError(_msg(func, arg, f"embeddings of size F={H.shape[1]} like the "
                                   "state's", f"size {h.shape[1]}"))
-        h = h.to(H.dtype)
+        h = _check_embeddings(func, arg, h.to(H.dtype), cast=h.dtype != H.dtype)
         m, n = h.shape[0], H.shape[0]
         distance = _distances(metric, H)
         # Block by block into one [m, n] buffer: the [block, n] distances, sort and ranks are
@@ -233,7 +293,8 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         out, weight = H.new_empty(m, n), _weight(n, k, H)
         step = _test_rows(m, n, chunk_size)
         for a in range(0, m, step):
-            _block(distance(h[a:a + step]), Y, y[a:a + step], k, weight, out[a:a + step])
+            d = _check_distances(func, arg, distance(h[a:a + step]), a, H)
+            _block(d, Y, y[a:a + step], k, weight, out[a:a + step])
         return out.T
 
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
@@ -256,14 +317,16 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         if h.shape[0] != state.features.shape[0]:
             raise ValueError(_msg(func, "train", f"the {state.features.shape[0]} training "
                                   "examples of the state", f"{h.shape[0]}"))
-        h = h.to(state.features.dtype)
+        h = _check_embeddings(func, "train", h.to(state.features.dtype),
+                              cast=h.dtype != state.features.dtype)
         n = h.shape[0]
         distance = _distances(metric, state.features)
         step, weight = _test_rows(n, n, chunk_size), _weight(n, k, h)
         out, block = h.new_empty(n), h.new_empty(min(step, n), n)
         for a in range(0, n, step):  # one diagonal block at a time
             b = min(a + step, n)
-            _block(distance(h[a:b]), state.labels, y[a:b], k, weight, block[:b - a])
+            d = _check_distances(func, "train", distance(h[a:b]), a, state.features)
+            _block(d, state.labels, y[a:b], k, weight, block[:b - a])
             out[a:b] = block[:b - a].diagonal(a)
         return out
 
