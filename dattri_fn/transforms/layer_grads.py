@@ -137,6 +137,67 @@ def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     return _check(plan, stacked, batch_to(batch, next(iter(stacked.values())).device))[0]
 
 
+def certified_plan(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan | None:
+    """Return the plan :func:`check_plan` would return for a plain softmax cross-entropy MLP,
+    decided WITHOUT the check's autodiff comparison, or None (then run the check).
+
+    Decided (every layer "flat", nothing dense, no loop; :func:`decided_plan`'s plan, so no
+    probe shapes) where :func:`~dattri_fn.transforms.mlp_io.mlp_io` certifies the model and
+    ``batch`` (an exact ``nn.Linear`` or ``nn.Sequential`` of Linear layers and elementwise
+    activations, no hook, each Linear and parameter used once, the summed softmax
+    cross-entropy on int64 labels, one dtype, outside torch.func transforms and modes), at ONE
+    checkpoint, with every attributed parameter in a captured Linear layer. Each such layer runs
+    once on ``[B, in]``, so example ``i``'s weight gradient is ``g_i a_i^T`` exactly: the
+    comparison cannot fail (the lead's decision, issue 14; tests/test_mlp_io.py and
+    tests/test_certified_plan.py carry the equality). What the check refuses besides the
+    comparison is left to it: None where mlp_io declines or raises on ``batch`` (a float label,
+    a wrong width: the check then raises as ever) or where the first 3 examples' gradients
+    ``g_i a_i^T`` may not be finite (the check raises NonFiniteExamples or decides).
+
+    Args:
+        plan: an unchecked plan from :func:`layer_plan` (a checked one gives None).
+        stacked: the attributed parameters ``{key: [C, ...]}`` (C = 1 to be certified).
+        batch: an example Batch on the parameters' device, laid out as the model's
+            ``unpack`` expects (any size; its first 3 examples are looked at).
+    """
+    if not isinstance(plan, LayerPlan):
+        raise TypeError(_msg("certified_plan", "plan", "a LayerPlan from layer_plan(model)",
+                             type(plan).__name__))
+    n = batch_size("certified_plan", "batch", batch)
+    return _certified(plan, stacked, batch if n <= 3 else batch_slice(batch, 0, 3))[0]
+
+
+def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan | None, dict]:
+    """:func:`certified_plan`'s core: ``(decided plan, mlp_io's {layer: (a, g)} of the whole
+    batch)``, or ``(None, {})``."""
+    if (plan.checked or not plan.layers or plan.rest or plan.norms or plan.ties or plan.bare
+            or plan.tie_biases or plan.tie_factors
+            or any(plan.tapped.specs[n].kind != "linear" for n in plan.layers)
+            or any(v.ndim == 0 or v.shape[0] != 1 for v in stacked.values())):
+        return None, {}
+    first = {k: v[0] for k, v in stacked.items()}
+    try:
+        args, kwargs, target = _unpack(plan.model)(batch)
+        io = _mlp_io.mlp_io(plan.model.module, plan.model.loss_fn, {**plan.model.fixed, **first},
+                            args, kwargs, target, tuple(plan.layers))
+    except Exception:  # noqa: BLE001 -- the check runs the engine, which owns every error
+        return None, {}
+    if io is None or not all(a.ndim == 2 and g.ndim == 2 for a, g in io.values()):
+        return None, {}
+    for a, g in io.values():
+        # the check's refusal of non-finite rows: the first examples' rows g_i a_i^T (and
+        # g_i) are finite where a and g are and max|g_i| max|a_i| stays below the dtype's max
+        a3, g3 = a[:3], g[:3]
+        if not (a3.shape[1] and g3.shape[1] and all_finite(a3) and all_finite(g3)):
+            return None, {}
+        bound = (g3.abs().amax(1).double() * a3.abs().amax(1).double()).max()
+        if not float(bound) < torch.finfo(a.dtype).max:
+            return None, {}
+    decided = decided_plan(plan, PlanDecisions(tuple(plan.layers), False, False,
+                                               tuple((n, "flat") for n in plan.layers)))
+    return decided, io
+
+
 def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
     """``{key: [C, ...]}`` from params or stacked checkpoints, keys and shapes checked."""
     from .._checks import check_params
@@ -450,6 +511,6 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
     return layer_grads_stacked(plan, stacked, batch_to(batch, device))
 
 
-__all__ = ["LayerGrads", "LayerPlan", "PlanDecisions", "check_plan", "decided_plan",
-           "layer_grads_fn", "layer_grads_stacked", "layer_grads_stream", "layer_plan",
+__all__ = ["LayerGrads", "LayerPlan", "PlanDecisions", "certified_plan", "check_plan",
+           "decided_plan", "layer_grads_fn", "layer_grads_stacked", "layer_grads_stream", "layer_plan",
            "per_sample_layer_grads", "plan_decisions"]
