@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_leaves,
     batch_to,
     check_int,
@@ -64,6 +65,7 @@ from .factgrass_blocks import (  # noqa: F401 (importable from here, as before t
     _factor_rows,
     _Factors,
     _precondition,
+    _refuse_fisher,
     _shapes,
     _Sketches,
     _spans,
@@ -419,8 +421,14 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
             by_size.setdefault(e - s, []).append(blk)
         for names in by_size.values():  # one batched factorisation per block size
             # one matrix is factorised as it is (no stacked copy): the same LAPACK call
-            L, info = torch.linalg.cholesky_ex(damped[names[0]][None] if len(names) == 1
-                                               else torch.stack([damped[b] for b in names]))
+            A = (damped[names[0]][None] if len(names) == 1
+                 else torch.stack([damped[b] for b in names]))
+            if not all_finite(A):  # the data's doing, not damping's (stop 24 review)
+                _refuse_fisher(func, [b for b in names if not all_finite(damped[b])], blocks,
+                               n, _held_rows(sk, blocks, factors, buf, feats, n,
+                                             cfg if factors is not None else None))
+            L, info = torch.linalg.cholesky_ex(A)
+            A = None
             bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
             if bad:
                 raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
@@ -434,6 +442,23 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
     return FactGraSSState(blocks, inverses, features,
                           plan_decisions(checked) if checked.checked else None, factors,
                           cfg.fingerprint)
+
+
+def _held_rows(sk: _Sketches, blocks: tuple, factors: dict | None, buf: Tensor | None,
+               feats: list, n: int, cfg: _Config | None):
+    """``(start, phi)`` chunks of the training rows ``prepare`` holds (its factors formed in
+    their spans, or its cached features); none where it holds none (``cache_features=False``).
+    For the error path only."""
+    if factors is not None:
+        for r0, r1 in spans_of(cfg, sk, factors):
+            yield r0, _factor_rows(sk, blocks, factors, r0, r1)
+    elif buf is not None:
+        yield 0, buf[:n]
+    else:
+        r0 = 0
+        for phi in feats:
+            yield r0, phi
+            r0 += phi.shape[0]
 
 
 

@@ -6,12 +6,13 @@ cached factors in fixed row spans (:func:`~dattri_fn.attribute.factgrass.factgra
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
 
 from .._checks import _msg
+from .pipeline import check_finite_self
 
 if TYPE_CHECKING:
     from .factgrass import FactGraSSState
@@ -164,3 +165,20 @@ class _Factors:
             return {blk: (A[:self.n], G[:self.n]) for blk, (A, G) in self.bufs.items()}
         return {blk: tuple(ps[0][i] if len(ps) == 1 else torch.cat([p[i] for p in ps])
                            for i in (0, 1)) for blk, ps in self.parts.items()}
+
+
+def _refuse_fisher(func: str, bad: list, blocks: tuple, n: int, rows) -> NoReturn:
+    """Raise the error naming ``func(train=...)`` for the blocks ``bad`` whose Fisher is NaN or
+    inf: the first example whose features in them are not finite or whose self-score there
+    overflows (``check_finite_self``'s words, as every method's ``self_score``), else (``rows``,
+    the ``(start, phi)`` chunks ``prepare`` holds, name none) the block and its sum. Never
+    ``damping``: no damping makes a non-finite Fisher factorisable."""
+    cols = [(s, e) for b, s, e in blocks if b in bad]
+    for r0, phi in rows:
+        diag = sum((phi[:, s:e] * phi[:, s:e]).sum(1) for s, e in cols)
+        check_finite_self(func, diag, r0, fix="A train example's features are not finite (an "
+                          "input that overflows the dtype?): remove or rescale it.")
+    raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) are "
+                          "finite", f"NaN or inf in block {bad[0]!r}'s Fisher over the {n} "
+                          "examples", "An example's features overflow the dtype, or their sum "
+                          "does: rescale the inputs (or use float64)."))

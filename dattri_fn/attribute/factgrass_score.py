@@ -34,7 +34,7 @@ from .factgrass_blocks import (
     _spans,
 )
 from .factgrass_rows import _Rows
-from .pipeline import TopK, collect, stream_scores
+from .pipeline import TopK, check_finite_self, collect, stream_scores
 
 if TYPE_CHECKING:
     from .factgrass import FactGraSSState
@@ -193,7 +193,9 @@ def self_score(cfg: _Config, params, state: FactGraSSState, train) -> Tensor:
         fn = feature_fn(cfg, params, sk, func, "train", held)[0]
         rows = (fn(batch_to(b, device)) for b in
                 iter_batches(func, "train", regrouped(func, "train", train, cfg.rows_min)))
-    return torch.cat([(phi * _precondition(state, phi)).sum(1) for phi in rows])
+    # a NaN or inf self-score is refused naming its example (an overflowing example's features)
+    return check_finite_self(func, torch.cat([(phi * _precondition(state, phi)).sum(1)
+                                              for phi in rows]))
 
 
 def feature_rows(cfg: _Config, params, state: FactGraSSState, start: int = 0,

@@ -1,0 +1,111 @@
+"""FactGraSS blames the data, not ``damping``, for an example whose features overflow (stop 24's
+review): a float32 example of 1e30 inputs makes a finite gradient ~1e30 whose Fisher entry
+(~1e60) is inf. ``prepare`` names ``train`` and the example (``pipeline.check_finite_self``'s
+words, as every method's self-score), or the block where it holds no rows; ``self_score`` refuses
+a NaN/inf self-score by example. Tame data is unchanged (the check is one scan of each Fisher)."""
+
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn import functional_model
+from dattri_fn.attribute.factgrass import factgrass
+
+BAD = 7
+NAMED = (r"^factgrass\.prepare\(train=\.\.\.\): expected examples whose per-example features "
+         r"\(gradients\) are finite, got NaN or inf in the self-score of example 7\. ")
+
+
+class _Net(nn.Module):
+    """Linear -> ReLU -> Linear with its own forward (not a plain MLP: the capture engine and the
+    plan check take it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _problem(plain: bool):
+    """(float32 FunctionalModel, two batches of 6): example 7's inputs are 1e30 (finite)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)) if plain else _Net()
+    x = torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(12) % 3
+    x[BAD] = 1e30
+    return functional_model(net.eval(), F.cross_entropy), [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("damping", [None, 0.0, 0.1])
+def test_prepare_names_the_overflowing_example_not_damping(plain, damping):
+    fm, train = _problem(plain)
+    m = factgrass(fm, proj_dim=4, mask_dim=2, damping=damping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=NAMED):
+            m.prepare(fm.params, train)
+
+
+def test_prepare_from_cached_factors_names_the_example(monkeypatch):
+    """The state would hold factors (features formed in spans): the error path forms them."""
+    monkeypatch.setattr(importlib.import_module("dattri_fn.attribute.factgrass"), "_keep_bytes",
+                        lambda: 0)
+    fm, train = _problem(True)
+    (x0, y0), (x1, y1) = train
+    tame = factgrass(fm, proj_dim=4, mask_dim=2).prepare(fm.params, [(x0, y0), (x1[2:], y1[2:])])
+    assert tame.train_factors is not None and tame.train_features is None
+    with pytest.raises(ValueError, match=NAMED):
+        factgrass(fm, proj_dim=4, mask_dim=2).prepare(fm.params, train)
+
+
+def test_prepare_without_cached_rows_names_the_block():
+    """cache_features=False keeps no rows to search: train and the block are named."""
+    fm, train = _problem(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"^factgrass\.prepare\(train=\.\.\.\): expected "
+                                             r"examples whose per-example features \(gradients\) "
+                                             r"are finite, got NaN or inf in block 'a''s Fisher "
+                                             r"over the 12 examples\. "):
+            factgrass(fm, proj_dim=4, mask_dim=2, cache_features=False).prepare(fm.params, train)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_self_score_names_the_overflowing_example(cache):
+    """curvature="identity" has no Fisher: prepare takes the data; self_score's phi.phi of
+    example 7 is inf and is refused by example (streamed or from the cache)."""
+    fm, train = _problem(False)
+    m = factgrass(fm, proj_dim=4, mask_dim=2, curvature="identity", cache_features=cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = m.prepare(fm.params, train)
+        with pytest.raises(ValueError, match=r"^factgrass\.self_score\(train=\.\.\.\): expected "
+                                             r"examples whose per-example features \(gradients\) "
+                                             r"are finite, got NaN or inf in the self-score of "
+                                             r"example 7\."):
+            m.self_score(fm.params, st, train)
+
+
+def test_a_singular_fisher_still_names_damping():
+    """Finite but singular (damping=0, fewer examples than sketch columns): damping's error."""
+    fm, train = _problem(False)
+    x, y = train[0]
+    with pytest.raises(ValueError, match=r"^factgrass\.prepare\(damping=\.\.\.\)"):
+        factgrass(fm, proj_dim=4, mask_dim=2, damping=0.0).prepare(fm.params, [(x[:2], y[:2])])
+
+
+def test_tame_examples_unchanged():
+    """Without the overflowing example prepare and self_score run (finite values)."""
+    fm, train = _problem(False)
+    (x0, y0), (x1, y1) = train
+    keep = [(x0, y0), (torch.cat([x1[:1], x1[2:]]), torch.cat([y1[:1], y1[2:]]))]
+    m = factgrass(fm, proj_dim=4, mask_dim=2)
+    st = m.prepare(fm.params, keep)
+    assert torch.isfinite(m.self_score(fm.params, st, keep)).all()
