@@ -181,7 +181,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
         # validated above: check_plan's bare core.
         head = batch_to(batch_slice(first, 0, _CHECK_ROWS), device_of(stacked))
         with blame_data(name, "train", head):
-            checked = plan_decisions(layer_grads._check(plan, stacked, head, keep_shapes=False)[0])
+            # a certified MLP's plan is decided without the check (issue 14)
+            checked = plan_decisions(layer_grads.certified_plan(plan, stacked, head) or
+                                     layer_grads._check(plan, stacked, head, keep_shapes=False)[0])
         # A target model of its own reads test batches, whose layout may differ from train's:
         # its plan is checked by each score call on that call's own first test batch.
         return GradSimState(checked, None)

@@ -48,7 +48,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._checks import _msg, all_finite, batch_size, batch_slice, batch_to
+from .._checks import _msg, all_finite, batch_leaves, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
 from . import capture
@@ -134,7 +134,8 @@ def check_plan(plan: LayerPlan, params: Params, batch: Batch) -> LayerPlan:
     if n < 2:
         raise ValueError(_msg(func, "batch", "at least 2 examples (one example cannot show "
                               "examples mixed within a batch)", f"{n}"))
-    return _check(plan, stacked, batch_to(batch, next(iter(stacked.values())).device))[0]
+    batch = batch_to(batch, next(iter(stacked.values())).device)
+    return certified_plan(plan, stacked, batch) or _check(plan, stacked, batch)[0]
 
 
 def certified_plan(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan | None:
@@ -163,8 +164,11 @@ def certified_plan(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerPlan 
     if not isinstance(plan, LayerPlan):
         raise TypeError(_msg("certified_plan", "plan", "a LayerPlan from layer_plan(model)",
                              type(plan).__name__))
-    n = batch_size("certified_plan", "batch", batch)
-    return _certified(plan, stacked, batch if n <= 3 else batch_slice(batch, 0, 3))[0]
+    try:  # the batch is not validated here: the check owns its errors (None, then the check)
+        head = batch if batch_leaves(batch)[0].shape[0] <= 3 else batch_slice(batch, 0, 3)
+    except Exception:  # noqa: BLE001
+        return None
+    return _certified(plan, stacked, head)[0]
 
 
 def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPlan | None, dict]:
@@ -422,7 +426,13 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
         # losses: receives the batched passes' per-example losses [B] per checkpoint where the
         # factored path ran them (layer_grads_paths._factored); left as it was otherwise
         if not held[0].checked:
-            checked, lg = _check(held[0], stacked, batch, losses=losses)
+            checked, io = _certified(held[0], stacked, batch)
+            if checked is not None:  # a certified MLP: decided without the check (issue 14)
+                lg = (_assemble(checked, {n: (a[None], g[None]) for n, (a, g) in io.items()},
+                                {}, lead=2)[0] if losses is None
+                      else _factored(checked, stacked, batch, losses=losses)[0])
+            else:
+                checked, lg = _check(held[0], stacked, batch, losses=losses)
             if batch_size("layer_grads", "batch", batch) >= 2:
                 held[0] = checked
             return lg

@@ -1,0 +1,229 @@
+"""A plain softmax cross-entropy MLP's plan is decided without the autodiff check (issue 14).
+
+layer_grads.certified_plan returns, for a model mlp_io certifies at one checkpoint, the plan the
+check returns (every layer flat), with no comparison; None for anything else (then the check
+runs). Here: its decisions equal the check's, the gradients and Grad-Dot/Grad-Cos/TracIn scores
+are torch.equal to the checked plan's (float32 and float64, lr and a 2-hidden-layer MLP, bias or
+not, a batch of 1, a short last batch), everything mlp_io refuses gets the check, and the errors
+the check raises besides its comparison (a NaN example, a float label, a wrong width) are
+raised as before.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dattri_fn import functional_model
+from dattri_fn.attribute.gradsim import grad_cos, grad_dot, tracin
+from dattri_fn.transforms import layer_grads
+from dattri_fn.transforms.layer_grads import (
+    NonFiniteExamples,
+    certified_plan,
+    check_plan,
+    layer_grads_stacked,
+    layer_grads_stream,
+    layer_plan,
+    plan_decisions,
+)
+
+
+def _model(kind, dtype, bias=True):
+    g = torch.Generator().manual_seed(3)
+    if kind == "lr":
+        m = nn.Linear(6, 4, bias=bias)
+    else:  # two hidden layers
+        m = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 5, bias=bias),
+                          nn.ReLU(), nn.Linear(5, 4, bias=bias))
+    m = m.to(dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+    return m
+
+
+def _data(dtype, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def _stacked(fm):
+    return {k: v.detach()[None] for k, v in fm.params.items()}
+
+
+def _no_certify(monkeypatch):
+    """Every plan takes the autodiff check, as before issue 14."""
+    monkeypatch.setattr(layer_grads, "_certified", lambda plan, stacked, batch: (None, {}))
+
+
+def _same_lg(x, y):
+    assert x.layout == y.layout and x.factors.keys() == y.factors.keys()
+    assert (x.dense is None) == (y.dense is None)
+    assert x.dense is None or torch.equal(x.dense, y.dense)
+    for n in x.factors:
+        assert all(torch.equal(s, t) for s, t in zip(x.factors[n], y.factors[n], strict=True))
+
+
+class _Loader:
+    """A re-iterable that is not a list: the streamed path (no pass over test and train)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+CASES = [(k, d, b) for k in ("lr", "mlp") for d in (torch.float32, torch.float64)
+         for b in (True, False)]
+
+
+@pytest.mark.parametrize("kind,dtype,bias", CASES)
+def test_certified_decisions_and_gradients_equal_the_checks(kind, dtype, bias):
+    fm = functional_model(_model(kind, dtype, bias), F.cross_entropy)
+    plan, stacked = layer_plan(fm), _stacked(fm)
+    for n in (1, 2, 3, 5):
+        batch = _data(dtype, n)
+        mine = certified_plan(plan, stacked, batch)
+        assert mine is not None and mine.checked and not mine.dense
+        checked = layer_grads._check(plan, stacked, batch)[0]
+        assert plan_decisions(mine) == plan_decisions(checked)
+        for m in (1, 4, 7):
+            other = _data(dtype, m, seed=m)
+            _same_lg(layer_grads_stacked(mine, stacked, other),
+                     layer_grads_stacked(checked, stacked, other))
+
+
+@pytest.mark.parametrize("kind,dtype,bias", CASES)
+@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "tracin"])
+def test_scores_equal_the_checked_plans(monkeypatch, kind, dtype, bias, method):
+    """Prepared state and state () alike; train of two batches, the last short (1 example);
+    a test batch of 1; top-k and self-scores too."""
+    fm = functional_model(_model(kind, dtype, bias), F.cross_entropy)
+    make = {"grad_dot": grad_dot, "grad_cos": grad_cos,
+            "tracin": lambda f: tracin(f, lrs=[0.5])}[method]
+    train, tests = [_data(dtype, 5, 1), _data(dtype, 1, 2)], [_data(dtype, 3, 3), _data(dtype, 1, 4)]
+
+    def run():
+        m = make(fm)
+        out = []
+        for state in (m.prepare(fm.params, train), ()):
+            for test in tests:
+                out.append(m.score(fm.params, state, train, test))
+                out.append(m.score(fm.params, state, _Loader(train), test))  # streamed path
+                top = m.score(fm.params, state, train, test, top_k=2)
+                out += [top.values, top.indices]
+            out.append(m.self_score(fm.params, state, train))
+            out.append(m.self_score(fm.params, state, _Loader(train)))
+        return out
+
+    new = run()
+    with monkeypatch.context() as mp:
+        _no_certify(mp)
+        old = run()
+    assert len(new) == len(old)
+    assert all(torch.equal(a, b) for a, b in zip(new, old, strict=True))
+
+
+def test_the_stream_and_check_plan_take_it_without_the_check(monkeypatch):
+    fm = functional_model(_model("mlp", torch.float64), F.cross_entropy)
+    plan, stacked = layer_plan(fm), _stacked(fm)
+    calls = []
+    real = layer_grads._check
+    monkeypatch.setattr(layer_grads, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    checked = check_plan(plan, fm.params, _data(torch.float64, 4))
+    apply, held = layer_grads_stream(plan)
+    for n in (1, 3, 2):
+        apply(stacked, _data(torch.float64, n, n))
+    assert calls == [] and checked.checked and held().checked
+    assert plan_decisions(held()) == plan_decisions(checked)
+    state = grad_dot(fm).prepare(fm.params, [_data(torch.float64, 5)])
+    assert calls == [] and state.train == plan_decisions(checked)
+
+
+class _Sub(nn.Linear):
+    pass
+
+
+def _refused():
+    """Models and calls mlp_io does not certify: (name, model, params, batch)."""
+    d = torch.float64
+    out = []
+    tied = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 4)).to(d)
+    tied[2].weight = tied[0].weight
+    out.append(("tied", functional_model(tied, F.cross_entropy), None, _data(d, 4)))
+    hooked = _model("mlp", d)
+    hooked[2].register_forward_hook(lambda mod, i, o: o * 1.0)
+    out.append(("hook", functional_model(hooked, F.cross_entropy), None, _data(d, 4)))
+    out.append(("loss", functional_model(_model("mlp", d), lambda o, y: F.cross_entropy(o, y) * 2),
+                None, _data(d, 4)))
+    out.append(("gelu", functional_model(nn.Sequential(nn.Linear(6, 5), nn.GELU(),
+                                                       nn.Linear(5, 4)).to(d), F.cross_entropy),
+                None, _data(d, 4)))
+    out.append(("subclass", functional_model(_Sub(6, 4).to(d), F.cross_entropy), None,
+                _data(d, 4)))
+    x, y = _data(torch.float32, 4)
+    out.append(("float16", functional_model(_model("mlp", torch.float32), F.cross_entropy), None,
+                (x.half(), y)))
+    fm = functional_model(_model("mlp", d), F.cross_entropy)
+    out.append(("checkpoints", fm, {k: torch.stack([v, v + 0.1]) for k, v in fm.params.items()},
+                _data(d, 4)))
+    return out
+
+
+@pytest.mark.parametrize("case", _refused(), ids=lambda c: c[0])
+def test_what_mlp_io_refuses_gets_the_check(case):
+    _, fm, stacked, batch = case
+    plan = layer_plan(fm)
+    stacked = _stacked(fm) if stacked is None else stacked
+    assert certified_plan(plan, stacked, batch) is None
+
+
+def test_inside_vmap_gets_the_check():
+    fm = functional_model(_model("mlp", torch.float64), F.cross_entropy)
+    plan, stacked, batch = layer_plan(fm), _stacked(fm), _data(torch.float64, 4)
+    assert certified_plan(plan, stacked, batch) is not None
+    got = []
+    torch.func.vmap(lambda t: (got.append(certified_plan(plan, stacked, batch)), t)[1])(
+        torch.ones(2))
+    assert got == [None]
+
+
+def _bad_batches(dtype):
+    x, y = _data(dtype, 4)
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    return {"nan": (nan, y), "float_label": (x, y.to(dtype)), "wide": (_data(dtype, 4)[0].repeat(1, 2), y),
+            "label_range": (x, y + 10),
+            "overflow": (x * (torch.finfo(dtype).max / 4), y)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", ["nan", "float_label", "wide", "label_range", "overflow"])
+def test_bad_examples_raise_as_before(monkeypatch, dtype, bad):
+    """check_plan and grad_dot's prepare raise the same error type and message with the
+    certified path as with the check alone (the check owns them: certified_plan gives None)."""
+    if bad == "overflow" and dtype == torch.float64:
+        pytest.skip("these float64 logits stay finite: the float32 case overflows")
+    # (an MLP's tanh would saturate an overflowing input to a zero gradient: lr overflows)
+    fm = functional_model(_model("lr" if bad == "overflow" else "mlp", dtype), F.cross_entropy)
+    batch = _bad_batches(dtype)[bad]
+    assert certified_plan(layer_plan(fm), _stacked(fm), batch) is None
+
+    def errors():
+        out = []
+        for call in (lambda: check_plan(layer_plan(fm), fm.params, batch),
+                     lambda: grad_dot(fm).prepare(fm.params, [batch])):
+            with pytest.raises(Exception) as info:
+                call()
+            out.append((type(info.value), str(info.value)))
+        return out
+
+    new = errors()
+    with monkeypatch.context() as mp:
+        _no_certify(mp)
+        assert errors() == new
+    if bad == "nan":
+        assert all(issubclass(t, ValueError) and "finite" in m for t, m in new)
+    if bad == "overflow":  # finite inputs, non-finite gradients: the check's own refusal
+        assert new[0][0] is NonFiniteExamples
