@@ -18,9 +18,9 @@ from dattri_fn.transforms.layer_grads import PlanDecisions
 DT = torch.float64
 
 
-def _model():
+def _model(act=nn.Tanh):
     g = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    net = nn.Sequential(nn.Linear(4, 6), act(), nn.Linear(6, 3)).double()
     for p in net.parameters():
         p.data = torch.randn(p.shape, generator=g, dtype=DT) / 2
     return net.eval()
@@ -31,12 +31,16 @@ def _xy(seed, n):
     return torch.randn(n, 4, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU])
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("C", [1, 2])
-def test_trak_state_holds_the_plan_check(cache, C, monkeypatch):
+def test_trak_state_holds_the_plan_check(cache, C, act, monkeypatch):
     """score/self_score(prepare(train)) == with state.plan=None (each call checks itself), torch.equal;
-    prepare checks once, score and self_score never; the state hashes (plain values)."""
-    net = _model()
+    prepare checks once, score and self_score never; the state hashes (plain values). A plain
+    MLP (Tanh: mlp_chain certifies it) is decided without the check (trak_mlp), a GELU MLP is
+    checked."""
+    net = _model(act)
+    checks = 0 if act is nn.Tanh else 1
     out = functional_model(net, classification_margin_loss)
     w = functional_model(net, classification_weight_loss)
     g = torch.Generator().manual_seed(1)
@@ -48,9 +52,9 @@ def test_trak_state_holds_the_plan_check(cache, C, monkeypatch):
     monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
     state = m.prepare(params, train)
     assert isinstance(state, TRAKState) and isinstance(state.plan, PlanDecisions)
-    assert len(calls) == 1
+    assert len(calls) == checks
     S, diag = m.score(params, state, train, test), m.self_score(params, state, train)
-    assert len(calls) == 1
+    assert len(calls) == checks
     bare = state._replace(plan=None)
     assert torch.equal(S, m.score(params, bare, train, test))
     assert torch.equal(diag, m.self_score(params, bare, train))

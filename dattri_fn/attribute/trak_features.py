@@ -39,6 +39,7 @@ from ..transforms.layer_grads import (
     plan_decisions,
 )
 from ..transforms.project import make_projector
+from . import trak_mlp
 from .method import num_checkpoints, stack_checkpoints, stacked_per_sample_grad
 from .pipeline import collect, in_chunks
 from .trak_errors import (
@@ -54,6 +55,7 @@ _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is
 _ROW_BLOCK_ENTRIES = 2**16  # densified per projection call when R is held: rows x P entries
 _MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
+_FAST = [True]  # trak_mlp's pass for a plain MLP with the margin (False: the engine; A/B, tests)
 
 
 class Calls(NamedTuple):
@@ -131,24 +133,41 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     applied = plan if decisions is None else decided_plan(plan, decisions)
     if applied is not None and cfg.projection == "kronecker":  # ties read from their factors
         applied = keep_tie_factors(applied)
-    grads, held = (None, None) if applied is None else layer_grads_stream(applied)
+    # [apply, held] of the capture stream: replaced by the decided plan's once a plain MLP's
+    # first batch has decided it (trak_mlp: no plan check), so no later batch checks again
+    stream = [None, None] if applied is None else list(layer_grads_stream(applied))
+    # a plain MLP with the margin: its passes by trak_mlp.margin_pass (the engine's bits);
+    # an unchecked plan is decided by its first batch of >= 2 examples there
+    mlp = [None if applied is None or cfg.projection == "kronecker" or not _FAST[0] else
+           applied if trak_mlp.fast_plan(applied) else trak_mlp.certified(applied)]
     # the stream hands back its passes' per-example losses (here the margins) where it ran
     # them (layer_grads_stream's apply(losses=...))
-    from_pass = cfg.weight_from_pass and grads is not None and weight_fn is not None
+    from_pass = cfg.weight_from_pass and stream[0] is not None and weight_fn is not None
 
     def captured(sub: Params, batch, losses: list | None):
         """The stream's gradients of ``batch`` at ``sub``; ``losses`` (a list, or None)
         receives the passes' per-example margins ``[b]`` per checkpoint where they ran."""
+        losses = losses if from_pass else None
+        held = None if mlp[0] is None else stream[1]()
+        if held is not None and (not held.checked or trak_mlp.fast_plan(held)):
+            # unchecked: the first batch decides mlp[0], the certified plan (trak_mlp)
+            lg = trak_mlp.margin_pass(held if held.checked else mlp[0], sub, batch, losses,
+                                      first=not held.checked)
+            if lg is not None:
+                if not held.checked:
+                    stream[:] = layer_grads_stream(mlp[0])
+                return lg
         try:
-            if losses is None or not from_pass:
-                return grads(sub, batch)
-            return grads(sub, batch, losses=losses)
+            if losses is None:
+                return stream[0](sub, batch)
+            return stream[0](sub, batch, losses=losses)
         except NonFiniteExamples as err:
             # the plan check refuses examples whose autodiff gradients are not finite: named
             # as this call's data, with the parameter, as every later batch's scan names it
             raise _refusal_cause(output_fn, sub, batch) or err from err
 
     def decided() -> PlanDecisions | None:
+        held = stream[1]
         return None if held is None or not held().checked else plan_decisions(held())
 
     def kronecker_projector(c: int):  # seed + c per checkpoint, as the dense projector's
@@ -200,7 +219,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         that receives the capture passes' margins ``[b]`` per checkpoint (:func:`captured`)."""
         sub, plist = (stacked, projs) if one is None else (
             {k: v[one:one + 1] for k, v in stacked.items()}, None if projs is None else [projs[one]])
-        lg = None if grads is None else captured(sub, batch, losses)
+        lg = None if stream[0] is None else captured(sub, batch, losses)
         if kron is not None:  # never [b, P]: each layer's factors meet its own P_in, P_out
             for c in range(lg.dense.shape[0]):
                 raw = kron[c if one is None else one].layer_grads(lg.select(c))[0]
@@ -384,7 +403,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             n += b
         return out
 
-    factored = grads is not None and projs is None and kron is None and fdt == v0.dtype
+    factored = stream[0] is not None and projs is None and kron is None and fdt == v0.dtype
     return Calls(stacked, in_chunks(packed, chunk_size), collect_features, fill, by_checkpoint,
                  holding, d, {k: v[0] for k, v in stacked.items()}, v0.device, fdt, decided,
                  factor_rows if factored else None)

@@ -1,0 +1,164 @@
+"""TRAK's capture pass for a plain MLP and its classification margin, without the capture engine.
+
+For ``nn.Linear`` or ``nn.Sequential(Linear, act..., Linear, ..., Linear)`` as
+:func:`~dattri_fn.transforms.mlp_io.mlp_chain` certifies it (exact types, no hooks, each Linear
+and parameter used once, activations in :data:`~dattri_fn.transforms.mlp_io.ACTIVATIONS`) and the
+loss :func:`~dattri_fn.attribute.outputs.classification_margin_loss` on int64 labels, one pass at
+checkpoint ``c`` gives every layer's input ``a_l`` and output gradient ``g_l = dm/dz_l`` of the
+summed margins ``m``:
+
+    z_1 = a_1 W_1^T + b_1                  (no graph: no tensor of it requires grad)
+    z_1 -> act -> z_2 -> ... -> z_L -> m   (graph from the leaf z_1 onward)
+    (g_1, ..., g_L) = autograd.grad(sum_i m_i, (z_1, ..., z_L))
+
+the capture engine's graph (:func:`~dattri_fn.transforms.layers.batched_io`) from its first
+layer's output on: there that output is its own probe (a leaf weight alias, never run
+backward), every later layer's output is a probe reached through the same ``F.linear`` and
+activation nodes, and the loss is the same call, ``summed_losses(loss_fn, z_L, target, rows=)``.
+The same kernels run on the same operands, so ``(a, g)`` and the per-example margins are the
+engine's bit for bit (tests/test_trak_mlp.py); what it saves is the engine's ``functional_call``,
+capture mode and probes.
+
+Its plan is decided without the plan check's autodiff comparison (the lead's decision for
+mlp_io-certified MLPs, issue 14, stop 25, carried here to the margin, a loss of each row alone):
+each Linear runs once on ``[B, in]``, so example ``i``'s weight gradient is ``g_i a_i^T``
+exactly. What the check refuses besides the comparison is left to it: the pass declines (the
+engine and its check run, raising as before) on anything it does not certify, and a first
+batch whose first 3 examples' rows ``g_i a_i^T`` may not be finite.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import all_finite, batch_size
+from ..transforms import mlp_io as _mlp_io
+from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
+from ..transforms.layer_grads_paths import _assemble, _unpack
+from ..transforms.layers_losses import summed_losses
+from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
+from .outputs import classification_margin_loss
+
+
+def _plain_context() -> bool:
+    """Outside torch.func transforms, inference mode, autocast, torch-function/dispatch modes and
+    global module hooks (what :func:`~dattri_fn.transforms.mlp_io.mlp_io` refuses too)."""
+    return not (torch._C._functorch.maybe_current_level() is not None
+                or torch.is_inference_mode_enabled()
+                or torch._C._is_any_autocast_enabled()
+                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+                or any(getattr(_mlp_io._module, h, None) for h in _mlp_io._GLOBAL))
+
+
+def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) -> dict | None:
+    """``{layer: (a [B, in], g [B, out])}`` of ``plan``'s Linear layers at ``params`` (one
+    checkpoint), the capture engine's bit for bit (module docstring), or None where that is not
+    certain (nothing has run then). ``losses``: receives the per-example margins ``[B]``."""
+    model = plan.model
+    if model.loss_fn is not classification_margin_loss or not _plain_context():
+        return None
+    chain = mlp_chain(model.module)
+    if chain is None or set(plan.layers) != {n for n, _, _ in chain}:
+        return None
+    args, kwargs, target = _unpack(model)(batch)
+    if len(args) != 1 or kwargs:
+        return None
+    x = args[0]
+    if not (type(x) is Tensor and x.ndim == 2 and x.layout == torch.strided
+            and x.dtype in (torch.float32, torch.float64)
+            and type(target) is Tensor and target.dtype == torch.int64 and target.ndim == 1
+            and target.shape[0] == x.shape[0] and target.device == x.device):
+        return None
+    state = {**model.fixed, **params}
+    weights = []
+    for name, lin, _ in chain:
+        pre = f"{name}." if name else ""
+        W = state.get(pre + "weight")
+        b = state.get(pre + "bias") if lin._parameters["bias"] is not None else None
+        for t in (W,) if lin._parameters["bias"] is None else (W, b):
+            if not (type(t) is Tensor and t.dtype == x.dtype and t.device == x.device
+                    and t.layout == torch.strided and not t.requires_grad):
+                return None
+        weights.append((W, b))
+    ins, outs = [], []
+    with torch.no_grad():
+        z = F.linear(x, *weights[0])
+    with torch.enable_grad():
+        h = z.requires_grad_()
+        ins.append(x)
+        outs.append(z)
+        for i, (_, _, acts) in enumerate(chain):
+            if i:
+                ins.append(h.detach())
+                h = F.linear(h, *weights[i])
+                outs.append(h)
+            for act in acts:
+                h = ACTIVATIONS[act][0](h)
+        value = summed_losses(model.loss_fn, h, target, rows=losses)
+        grads = torch.autograd.grad(value, outs)
+    return {name: (a, g) for (name, _, _), a, g in zip(chain, ins, grads, strict=True)}
+
+
+def fast_plan(plan: LayerPlan) -> bool:
+    """Whether a checked (or decided) ``plan`` keeps flat Linear layers only: the pass applies."""
+    return (plan.checked and not (plan.dense or plan.loop or plan.rest or plan.autodiff
+                                  or plan.tie_factors or plan.norms or plan.ties or plan.bare)
+            and len(plan.layout) == len(plan.layers)
+            and all(kind == "flat" for _, kind in plan.layout)
+            and all(plan.tapped.specs[n].kind == "linear" for n in plan.layers))
+
+
+def certified(plan: LayerPlan) -> LayerPlan | None:
+    """The decided all-flat plan of an unchecked ``plan`` whose model the pass may certify
+    (then the first batch decides), else None."""
+    if (plan.checked or not plan.layers or plan.rest or plan.norms or plan.ties or plan.bare
+            or plan.tie_biases or plan.tie_factors
+            or plan.model.loss_fn is not classification_margin_loss
+            or any(plan.tapped.specs[n].kind != "linear" for n in plan.layers)
+            or mlp_chain(plan.model.module) is None):
+        return None
+    return decided_plan(plan, PlanDecisions(plan.captured, False, False,
+                                            tuple((n, "flat") for n in plan.layers)))
+
+
+def _finite_rows(io: dict) -> bool:
+    """The first 3 examples' rows ``g_i a_i^T`` (and ``g_i``) are finite: finite factors whose
+    ``max|g_i| max|a_i|`` stays below the dtype's max (the check's refusal is left to it)."""
+    for a, g in io.values():
+        a3, g3 = a[:3], g[:3]
+        if not (a3.shape[1] and g3.shape[1] and all_finite(a3) and all_finite(g3)):
+            return False
+        bound = (g3.abs().amax(1).double() * a3.abs().amax(1).double()).max()
+        if not float(bound) < torch.finfo(a.dtype).max:
+            return False
+    return True
+
+
+def margin_pass(plan: LayerPlan, stacked: dict, batch, losses: list | None = None, *,
+                first: bool = False):
+    """The :class:`~dattri_fn.transforms.factored_grads.LayerGrads` of ``batch`` at every
+    checkpoint of ``stacked`` (``{key: [C, ...]}``) by :func:`margin_io`, as the capture
+    engine's ``_factored`` assembles them under ``plan`` (decided, all flat), or None where a
+    checkpoint's pass declines. ``losses``: its contents replaced by the C margins ``[B]`` on
+    success. ``first``: the batch decides an unchecked plan: None unless it has 2 or more
+    examples and its first 3 rows are finite (the plan check then runs as before)."""
+    C = next(iter(stacked.values())).shape[0]
+    if first and batch_size("features", "batch", batch) < 2:
+        return None
+    got = [] if losses is not None else None
+    raw = None
+    for c in range(C):
+        io = margin_io(plan, {k: v[c] for k, v in stacked.items()}, batch, got)
+        if io is None or (first and c == 0 and not _finite_rows(io)):
+            return None
+        if raw is None:
+            raw = {n: tuple(t.new_empty((C, *t.shape)) for t in pair) for n, pair in io.items()}
+        for n, pair in io.items():
+            for dst, t in zip(raw[n], pair, strict=True):
+                dst[c] = t
+        del io
+    if losses is not None:
+        losses[:] = got
+    return _assemble(plan, {n: raw[n] for n in plan.layers}, {}, lead=2)[0]
