@@ -8,8 +8,6 @@ factored, matrix-free or K-FAC/EK-FAC paths); :func:`prepare` assembles the stat
 
 from __future__ import annotations
 
-import re
-import warnings
 from typing import Any
 
 import torch
@@ -34,8 +32,15 @@ from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian,
 from ..operators.linear_gauss_newton import FactoredOperator
 from ..operators.linear_glm import restricted
 from ..transforms import capture
+from .influence_cg import (  # noqa: F401 (moved at stop 25; build_inverse calls these names)
+    AUTO_SKETCH_RHS_PER_RANK,
+    SKETCH_SEED,
+    _block_cg,
+    _sketched_cg,
+)
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_score import _relatif_scale, grads
+from .influence_warnings import _MEASURE, _QUOTED, _shape_of, once_per_call  # noqa: F401
 from .method import device_of
 from .pipeline import collect
 
@@ -83,65 +88,6 @@ def _same_losses(per_example: Loss, batched, params: Params, data) -> bool:
     if not isinstance(many, torch.Tensor) or many.shape != one.shape:
         return False
     return bool(torch.allclose(many, one, rtol=1e-5, atol=1e-6 * float(one.abs().max())))
-
-
-# The Nystrom sketch costs one curvature product on r rows; on the digits MLPs (r = 200,
-# P = 2.4k and 9.6k) it saved more CG time than it cost from 11-12 right-hand sides on.
-AUTO_SKETCH_RHS_PER_RANK = 1 / 16
-
-
-SKETCH_SEED = 0  # the automatic sketch's seed: scores are deterministic
-
-
-def _sketched_cg(name: str, C: LinOp, damping: float, opts: dict, *, always: bool) -> LinOp:
-    """CG on ``C + damping I`` whose first call of ``k >= r / 16`` rows (any call if
-    ``always``) builds the rank-``r`` Nystrom preconditioner of ``C`` (``r = min(200, P)``,
-    seed 0, only if its sketch fits ``memory_budget()`` unless ``always``), used from then on;
-    until then, plain CG. Errors of the sketch name ``name(curvature=...)``."""  # [k, P] -> [k, P]
-    from ..operators.gauss_newton import memory_budget
-    from ..solve import ihvp_cg
-    from ..solve.nystrom import DEFAULT_RANK, nystrom_preconditioner, sketch_bytes
-
-    plain = ihvp_cg(C, damping=damping, **opts)  # settings checked here, at prepare
-    r = min(DEFAULT_RANK, C.dim)
-    fits = always or sketch_bytes(C.dim, C.dtype, r) <= memory_budget()
-    sketched: list[LinOp] = []
-
-    def solve(V: torch.Tensor) -> torch.Tensor:
-        if not sketched and (always or (fits and V.shape[0] >= r * AUTO_SKETCH_RHS_PER_RANK)):
-            M = nystrom_preconditioner(C, damping=damping, rank=r, seed=SKETCH_SEED, func=name,
-                                       arg="curvature")
-            sketched.append(ihvp_cg(C, damping=damping, M=M, **opts))
-        return (sketched[0] if sketched else plain)(V)
-
-    return LinOp(solve, C.dim, C.dtype, C.device, name=plain.name)
-
-
-def _block_cg(name: str, C: LinOp, damping: float, opts: dict) -> LinOp:
-    """Block CG on ``C + damping I`` (every row of a call in one Krylov space); rows on which
-    it meets a direction that is not positive definite (a Gauss-Newton of a loss that is not
-    convex in the outputs) are solved by plain CG instead, with its negative-curvature stop,
-    and a warning says so."""  # [k, P] -> [k, P]
-    import warnings
-
-    from ..solve import ihvp_cg
-    from ..solve.block_cg import NotPositiveDefiniteError, ihvp_block_cg
-
-    plain = ihvp_cg(C, damping=damping, **opts)
-    block = ihvp_block_cg(C, damping=damping, func=name, arg="curvature",
-                          **{k: v for k, v in opts.items() if k != "negative_curvature"})
-
-    def solve(V: torch.Tensor) -> torch.Tensor:
-        try:
-            return block(V)
-        except NotPositiveDefiniteError:
-            warnings.warn(f"{name}(curvature=...): the Gauss-Newton + damping is not positive "
-                          "definite on these rows (a loss not convex in the outputs?), so block "
-                          "CG cannot apply; they are solved by plain CG, which stops at negative "
-                          "curvature. Raise damping to keep the fast path.", stacklevel=2)
-            return plain(V)
-
-    return LinOp(solve, C.dim, C.dtype, C.device, name=plain.name)
 
 
 def _factor_kinds(solver: str):
@@ -454,34 +400,3 @@ def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEn
         tapped = prepare_tap(cfg, ckpts[0])  # the checkpoints share keys and shapes
         return InfluenceEnsembleState(once_per_call(lambda p: build_state(cfg, p, train, tapped),
                                                     ckpts))
-
-
-# a measurement: a number with a decimal point or an exponent (3.1e-01, 0.25, 1e-12)
-_MEASURE = re.compile(r"[-+]?(?:\d+\.\d+(?:e[-+]?\d+)?|\d+e[-+]?\d+)")
-# a quoted name: a layer ('0'), a key ('2.weight'); not an apostrophe (model's)
-_QUOTED = re.compile(r"((?<!\w)'[^']*')")
-
-
-def _shape_of(message: str) -> str:
-    """A warning's text with its measurements blanked: the same reason on another checkpoint (a
-    gradient scale, a difference) reads the same. Quoted names are kept whole, digits and all:
-    a warning about another layer of an ``nn.Sequential`` ('2', not '0') is not a repeat."""
-    parts = _QUOTED.split(message)  # odd items: the quoted names
-    return "".join(part if i % 2 else _MEASURE.sub("#", part) for i, part in enumerate(parts))
-
-
-def once_per_call(build, ckpts) -> tuple:
-    """``build(p)`` for every checkpoint, each warning issued once per call (review R1 F7): a
-    later checkpoint's warning that reads as an earlier one's but for its numbers (the same
-    layers moved for the same reason) is not repeated."""
-    states, seen = [], set()
-    for p in ckpts:
-        with warnings.catch_warnings(record=True) as got:
-            warnings.simplefilter("always")
-            states.append(build(p))
-        for w in got:
-            shape = (w.category, _shape_of(str(w.message)))
-            if shape not in seen:
-                seen.add(shape)
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return tuple(states)
