@@ -45,7 +45,7 @@ from ..solve.lbfgs import _lbfgs as _lbfgs
 from .boundary import check_cached_train, check_example_fn, first_example
 from .method import Method, device_of
 from .outputs import example_label
-from .pipeline import TopK, merge_topk
+from .pipeline import TopK, check_finite_self, merge_topk
 from .representer_fit import _NEWTON_ENTRIES as _NEWTON_ENTRIES
 from .representer_fit import _NEWTON_WORK as _NEWTON_WORK
 from .representer_fit import _soft_targets, fit_head
@@ -449,6 +449,9 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             diag = (H * H).sum(-1) * alpha[:, 0] * (2 * classes - 1).to(alpha.dtype)
         else:
             diag = (H * H).sum(-1) * alpha.gather(1, classes[:, None]).squeeze(1)
+        # finite features whose |h_i|^2 overflows (h ~ 1e20 in float32) give an inf self-score
+        diag = check_finite_self(func, diag, fix="A training example's penultimate features "
+                                 "overflow; check the data's scale.")
         if not store:
             return diag
         from ..store import FeatureStore, record_self, self_scores
