@@ -114,3 +114,50 @@ def test_a_state_without_cached_factors_streams_train_as_features(factors):
     assert bare.cached_rows() is None
     _close(m.score(fm.params, bare, train, test), want)
     _close(m.score(fm.params, bare, train, test, top_k=3).values, want.topk(3, dim=0).values)
+
+
+def test_two_d_factors_give_the_rows_of_their_one_position_form():
+    """A layer given 2-d ([B, k], one position: _raw's plain-MLP factors) gives the features and
+    eigenbasis rows of its [B, 1, k] form, torch.equal (float64 and float32), and the eigenbasis
+    rows are vec(Q_G^T g a^T Q_A) / (Lambda + damping) (1e-10)."""
+    for dt in (torch.float64, torch.float32):
+        g = torch.Generator().manual_seed(5)
+        io2 = {"a": (torch.randn(6, 3, generator=g, dtype=dt), torch.randn(6, 2, generator=g, dtype=dt)),
+               "b": (torch.randn(6, 4, generator=g, dtype=dt), torch.randn(6, 4, generator=g, dtype=dt))}
+        io3 = {n: (a[:, None], q[:, None]) for n, (a, q) in io2.items()}
+        eigvecs = {n: (torch.linalg.qr(torch.randn(a.shape[1], a.shape[1], generator=g, dtype=dt))[0],
+                       torch.linalg.qr(torch.randn(q.shape[1], q.shape[1], generator=g, dtype=dt))[0])
+                   for n, (a, q) in io2.items()}
+        eigvals = {n: torch.rand(QG.shape[0], QA.shape[0], generator=g, dtype=dt) + 0.1
+                   for n, (QA, QG) in eigvecs.items()}
+        assert torch.equal(_features(io2), _features(io3))
+        got = _eigen_rows(io2, eigvecs, eigvals)
+        assert torch.equal(got, _eigen_rows(io3, eigvecs, eigvals))
+        if dt == torch.float64:
+            start = 0
+            for n, (QA, QG) in eigvecs.items():
+                a, q = io2[n]
+                want = (QG.T @ (q[:, :, None] * a[:, None, :]) @ QA) / eigvals[n]
+                _close(got[:, start:start + want[0].numel()].reshape(want.shape), want)
+                start += want[0].numel()
+
+
+def test_rotated_factors_give_the_eigenbasis_rows():
+    """_outer_rows(rotated=True) of (Q_A^T a', Q_G^T g') equals _outer_rows(eigvecs) of (a', g'),
+    torch.equal, and vec(Q_G^T g' a'^T Q_A) per row (1e-10); both are [b, d] views."""
+    g = torch.Generator().manual_seed(7)
+    dt = torch.float64
+    f = {"a": (torch.randn(9, 3, generator=g, dtype=dt), torch.randn(9, 2, generator=g, dtype=dt)),
+         "b": (torch.randn(9, 4, generator=g, dtype=dt), torch.randn(9, 5, generator=g, dtype=dt))}
+    eigvecs = {n: (torch.linalg.qr(torch.randn(a.shape[1], a.shape[1], generator=g, dtype=dt))[0],
+                   torch.linalg.qr(torch.randn(q.shape[1], q.shape[1], generator=g, dtype=dt))[0])
+               for n, (a, q) in f.items()}
+    rows = _outer_rows(f, eigvecs)
+    rot = {n: (a @ eigvecs[n][0], q @ eigvecs[n][1]) for n, (a, q) in f.items()}
+    assert rows.shape == (9, 6 + 20) and torch.equal(_outer_rows(rot, rotated=True), rows)
+    start = 0
+    for n, (QA, QG) in eigvecs.items():
+        a, q = f[n]
+        want = QG.T @ (q[:, :, None] * a[:, None, :]) @ QA
+        _close(rows[:, start:start + want[0].numel()].reshape(want.shape), want)
+        start += want[0].numel()

@@ -323,7 +323,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             # the raw factors and the (merged) batch are dropped before the features exist
             io = _projected(io, projections, specs, model)
             batch = None
-            drop = [ln for ln, (a, _) in io.items() if ln in factors and a.shape[1] != 1]
+            # (a 2-d layer, [B, k], holds one position per example)
+            drop = [ln for ln, (a, _) in io.items() if ln in factors and a.ndim == 3
+                    and a.shape[1] != 1]
             if drop and n and len(factors) == len(layers):
                 # the rows so far were held factored: their features now (a layer has T > 1)
                 feats.add(_outer_rows({ln: (fa.value(), fg.value())
@@ -331,8 +333,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             for ln in drop:
                 del factors[ln]
             for ln, (a, g) in io.items():
-                T = a.shape[1]
-                a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                T = 1 if a.ndim == 2 else a.shape[1]
+                a2, g2 = (a, g) if a.ndim == 2 else (a.reshape(-1, a.shape[-1]),
+                                                     g.reshape(-1, g.shape[-1]))
                 # A' = sum_i (1/T) sum_t a' a'^T and G' = sum_i sum_t g' g'^T as single GEMMs
                 dA = a2.mT @ (a2 if T == 1 else a2 / T)
                 dG = g2.mT @ g2
@@ -348,7 +351,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))
-        eigvecs = _eigvecs({ln: (A[ln] / n, G[ln] / n) for ln in layers}, func, n)
+        eigvecs = _eigvecs({ln: (A[ln], G[ln]) for ln in layers}, func, n, scale=n)  # A'/n, G'/n
         factors = {ln: (fa.value(), fg.value()) for ln, (fa, fg) in factors.items()}
         sums = _factored_sums(factors, eigvecs, layers)
         rest = [ln for ln in layers if ln not in factors]

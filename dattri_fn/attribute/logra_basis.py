@@ -35,9 +35,11 @@ def _cast(projections: dict, like: Tensor) -> dict:
             for ln, pair in projections.items()}
 
 
-def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None) -> dict:
-    """``{layer: (Q_A, Q_G)}``: eigenvectors of every ``(A', G')``, one batched ``eigh`` per
-    matrix size (the same per-matrix LAPACK call as one by one).
+def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None,
+             scale: int | None = None) -> dict:
+    """``{layer: (Q_A, Q_G)}``: eigenvectors of every ``(A', G')`` (divided by ``scale`` first
+    when given: one division per stacked size, the same quotients as matrix by matrix), one
+    batched ``eigh`` per matrix size (the same per-matrix LAPACK call as one by one).
 
     A factor holding NaN or inf (an example's overflowing input or gradient, summed over the
     ``n`` examples) is refused by name, ``func(train=...)``, before ``eigh``; an ``eigh`` that
@@ -47,6 +49,9 @@ def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None) -
     for i, m in enumerate(mats):
         by_size.setdefault(m.shape[0], []).append(i)
     stacks = [torch.stack([mats[i] for i in idx]) for idx in by_size.values()]
+    if scale is not None:
+        # (the stacks are ours: divided in place; a matrix and its quotient are finite alike)
+        stacks = [S.div_(scale) for S in stacks]
     if not all(all_finite(S) for S in stacks):  # one scan a matrix size (hot: every prepare)
         k = next(i for i, m in enumerate(mats) if not all_finite(m))
         over = "" if n is None else f" over the {n} examples"

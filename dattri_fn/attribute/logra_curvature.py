@@ -93,7 +93,8 @@ def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
 
 def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
     """``vec((Q_G^T DW'_j Q_A) / (Lambda + damping))`` of every row, layers side by side, from a
-    pass's projected factors ``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``.  # [B, d]
+    pass's projected factors ``{layer: (a' [B, T, k_in], g' [B, T, k_out])}`` (or 2-d ``[B, k]``:
+    one position).  # [B, d]
 
     Against eigenbasis rows of the train side, ``vec(Q_G^T DW'_i Q_A)``, these give the scores
     ``<DW'_i, (F' + damping)^-1 DW'_j>`` (``Q_A``, ``Q_G`` orthogonal), with the factors rotated
@@ -105,7 +106,9 @@ def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
         QA, QG = eigvecs[ln]
         ko, ki = QG.shape[0], QA.shape[0]
         block = out[:, start:start + ko * ki].view(B, ko, ki)
-        if a.shape[1] == 1:
+        if a.ndim == 2:  # one position, 2-d (_raw's plain-MLP factors)
+            torch.mul((g @ QG)[:, :, None], (a @ QA)[:, None, :], out=block)
+        elif a.shape[1] == 1:
             torch.mul((g[:, 0] @ QG)[:, :, None], (a[:, 0] @ QA)[:, None, :], out=block)
         else:
             block.copy_(torch.einsum("bto,bti->boi", g @ QG, a @ QA))
