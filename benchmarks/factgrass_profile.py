@@ -31,7 +31,7 @@ import torch  # noqa: E402
 STEPS = {
     "dattri_fn.attribute.factgrass": (
         "merged_passes", "count_rows", "_plain_row_bytes", "can_merge", "capture_row_bytes",
-        "state_of", "plan_decisions", "batch_to", "_factor_rows"),
+        "state_of", "plan_decisions", "batch_to", "_factor_rows", "_draw"),
     "dattri_fn.attribute.factgrass_score": (
         "check_state", "state_params", "_check_blocks", "collect", "_precondition",
         "check_cached_train", "feature_fn"),

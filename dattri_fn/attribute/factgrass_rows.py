@@ -5,6 +5,7 @@ its first part of 2 or more examples (:func:`~dattri_fn.attribute.factgrass.fact
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._checks import batch_leaves, batch_size, batch_slice, blame_data
@@ -112,11 +113,23 @@ class _Rows:
         """Stage 1 (``vec(g' a'^T)``) and stage 2 of each layer into ``out[r0:]``, a bounded
         number of rows at a time."""
         for blk, s, e, pa, pg in sides:
-            step = max(1, self.sketch_bytes // (self.stage1.dims[blk] * pa.element_size()))
-            for r in range(0, pa.shape[0], step):
-                S = (pg[r:r + step, :, None] * pa[r:r + step, None, :]).flatten(1)
-                _stage_two(self.sk, blk, S, out[r0 + r:r0 + r + S.shape[0], s:e])
-                del S
+            n = pa.shape[0]
+            step = max(1, min(n, self.sketch_bytes // (self.stage1.dims[blk] * pa.element_size())))
+            # one [step, k_out, k_in] buffer for every row block, and the views set up once:
+            # the same products into the same rows, ~3 fewer tensor ops a block (digits-mlp:
+            # 13 blocks of 64 rows, each op ~5-15 us here)
+            S = pa.new_empty(step, pg.shape[1], pa.shape[1])
+            g3, a3, Sw, dst = pg[:, :, None], pa[:, None, :], S.view(step, -1), out[r0:r0 + n, s:e]
+            for r in range(0, n, step):
+                c = min(step, n - r)
+                if c == step:
+                    torch.mul(g3[r:r + c], a3[r:r + c], out=S)
+                    piece = Sw
+                else:
+                    piece = torch.mul(g3[r:r + c], a3[r:r + c], out=S[:c]).view(c, -1)
+                _stage_two(self.sk, blk, piece, dst[r:r + c])
+                piece = None
+            S = Sw = g3 = a3 = None
 
     def pieces(self, box: list):
         """The batch in ``box``, which is emptied (once a part's factors are captured the
