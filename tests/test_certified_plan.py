@@ -227,3 +227,22 @@ def test_bad_examples_raise_as_before(monkeypatch, dtype, bad):
         assert all(issubclass(t, ValueError) and "finite" in m for t, m in new)
     if bad == "overflow":  # finite inputs, non-finite gradients: the check's own refusal
         assert new[0][0] is NonFiniteExamples
+
+
+def test_rows_that_overflow_from_finite_factors_get_the_check(monkeypatch):
+    """float32: a = x ~1e37 and g ~1e3 both finite, their product g a^T overflows (no NaN or inf
+    in the pass): not certified, and the check refuses the examples as before."""
+    g = torch.Generator().manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(1e-30 * torch.randn(5, 6, generator=g))
+        m[2].weight.copy_(1e3 * torch.randn(4, 5, generator=g))
+    fm = functional_model(m, F.cross_entropy)
+    x, y = torch.randn(4, 6, generator=g) * 1e37, torch.randint(0, 4, (4,), generator=g)
+    io = layer_grads._certified.__globals__["_mlp_io"].mlp_io(
+        m, F.cross_entropy, dict(fm.params), (x,), {}, y, ("0", "2"))
+    assert all(bool(torch.isfinite(t).all()) for pair in io.values() for t in pair)
+    assert not bool(torch.isfinite(io["0"][1][:, :, None] * io["0"][0][:, None, :]).all())
+    assert certified_plan(layer_plan(fm), _stacked(fm), (x, y)) is None
+    with pytest.raises(NonFiniteExamples):
+        check_plan(layer_plan(fm), fm.params, (x, y))
