@@ -96,7 +96,9 @@ class GradSimState(NamedTuple):
 
     Attributes:
         train: the decisions of ``loss``'s plan, checked on the first 3 examples of the first
-            training batch. None: nothing to check (``loss`` a plain function), several
+            training batch (a plain MLP's decided without the check:
+            :func:`~dattri_fn.transforms.layer_grads.certified_plan`). None: nothing to check
+            (``loss`` a plain function), several
             checkpoints (TracIn over C > 1: each call's own check costs less than a check
             here), or ``train`` not in memory at ``prepare`` (None, a DataLoader, a store:
             never read there, so a loader that can be read once loses nothing) or starting

@@ -37,7 +37,10 @@ path": a held checked plan of a plain softmax cross-entropy MLP (flat Linear lay
 checkpoint) takes its batches' ``(a, g)`` from :func:`~dattri_fn.transforms.mlp_io.mlp_io`
 (:func:`layer_grads_stream`), which the check does not run; that path's equality with the
 engine rests on mlp_io's structural certification (None, hence the engine, wherever it cannot
-certify it) and tests/test_mlp_io.py, as LoGra's and FactGraSS's do.
+certify it) and tests/test_mlp_io.py, as LoGra's and FactGraSS's do. For the same reason such
+a model's plan is decided without the check at all (:func:`certified_plan`, issue 14: every
+layer flat; used by :func:`check_plan`, the stream and Grad-Dot's prepare), the check still
+deciding wherever mlp_io declines or the first examples' rows may not be finite.
 """
 
 from __future__ import annotations
