@@ -40,8 +40,11 @@ def test_captured_test_side_equals_plan(solver, ensemble, bias, monkeypatch):
     train, test = [_xy(1, 5), _xy(2, 4)], [_xy(3, 3), _xy(4, 2)]
     m = influence(fms[0], solver=solver, damping=0.1, chunk_size=2)
     state = m.prepare(params, train)
-    calls, real = [], lgm._check
+    calls, real, real_certified = [], lgm._check, lgm._certified
     monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # a plain MLP's plan is decided without the check (issue 14, stop 25): counted where it is
+    monkeypatch.setattr(lgm, "_certified", lambda *a: (
+        out := real_certified(*a), out[0] is not None and calls.append(1))[0])
     S = m.score(params, state, train, test)
     assert calls == []
     monkeypatch.setattr(score_module, "captured_test", lambda cfg, ps: False)
