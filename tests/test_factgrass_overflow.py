@@ -109,3 +109,26 @@ def test_tame_examples_unchanged():
     m = factgrass(fm, proj_dim=4, mask_dim=2)
     st = m.prepare(fm.params, keep)
     assert torch.isfinite(m.self_score(fm.params, st, keep)).all()
+
+
+@pytest.mark.parametrize("how", ["merged", "batch_rows", "self_score", "test"])
+def test_nan_examples_are_refused_once_where_they_enter(how):
+    """A NaN input is refused as bad data by the check of the path that reads it (merged passes:
+    merged_passes; batch_rows=1: the stream itself; self_score's stream; score's test: collect),
+    not later as a non-finite feature: the stream skips only checks its caller made."""
+    fm, train = _problem(False)
+    (x0, y0), (x1, y1) = train
+    bad = [(x0, y0), (torch.cat([x1[:1], torch.full_like(x1[:1], float("nan")), x1[2:]]), y1)]
+    tame = [(x0, y0), (torch.cat([x1[:1], x1[2:]]), torch.cat([y1[:1], y1[2:]]))]
+    m = factgrass(fm, proj_dim=4, mask_dim=2, batch_rows=1 if how == "batch_rows" else None,
+                  cache_features=how != "self_score")
+    func, arg = {"merged": ("prepare", "train"), "batch_rows": ("prepare", "train"),
+                 "self_score": ("self_score", "train"), "test": ("score", "test")}[how]
+    with pytest.raises(ValueError, match=rf"^factgrass\.{func}\({arg}=\.\.\.\): expected finite "
+                                         r"values, got NaN or inf"):
+        if how in ("merged", "batch_rows"):
+            m.prepare(fm.params, bad)
+        st = m.prepare(fm.params, tame)
+        if how == "self_score":
+            m.self_score(fm.params, st, bad)
+        m.score(fm.params, st, None, bad[1])

@@ -318,7 +318,9 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
     blocks = _blocks_of(sk)
     width = blocks[-1][2]
     total = None  # the training set's rows where known before any pass: caches in place
-    if rows_min is None and can_merge(train):
+    # merged_passes checks every batch (batch_size) before it merges: the passes are not again
+    merged = rows_min is None and can_merge(train)
+    if merged:
         # a list of batches in memory: fewer capture passes, each within the memory budget
         # and the bytes the pass before measured (the stage-1 sketches of a pass are formed
         # a bounded number of rows at a time)
@@ -358,7 +360,7 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
         # the rows of this pass that are features (from its part `first` on), written
         # straight into the cache where the row count is known (no blocks joined at the end)
         phi, first, b = None, 0, 0
-        for s, c, b, like, sides, S in fn.pieces(box):
+        for s, c, b, like, sides, S in fn.pieces(box, merged):
             if store is not None and sides is not None:
                 store.add(sides, c)
                 continue

@@ -32,8 +32,11 @@ class _Rows:
 
     def __init__(self, plan: LayerPlan, params: dict, sk: _Sketches, func: str, arg: str,
                  chunk_size: int | None, sketch_bytes: int, checked: LayerPlan | None = None,
-                 keep_ties=keep_tie_factors):
+                 keep_ties=keep_tie_factors, validated: bool = False):
         self.params, self.sk, self.func, self.arg = params, sk, func, arg
+        # the caller checks every batch it passes (batch_size: sizes, finite values) first
+        # (pipeline.collect / stream_scores): its rows are read here, not checked again
+        self.validated = validated
         self.chunk_size, self.sketch_bytes = chunk_size, sketch_bytes
         self.stage1 = sk.stage1
         self.cols = _blocks_of(sk)
@@ -131,17 +134,20 @@ class _Rows:
                 piece = None
             S = Sw = g3 = a3 = None
 
-    def pieces(self, box: list):
+    def pieces(self, box: list, validated: bool | None = None):
         """The batch in ``box``, which is emptied (once a part's factors are captured the
         batch is not held here: the caller can let it go), as ``(start, rows, b, like,
         sides, S)`` per part of ``chunk_size`` rows (``like``: an empty tensor of the rows'
         dtype and device): ``sides`` (:meth:`flat_sides`, taken one layer at a time) where
         the part took the flat path, else its stage-1 rows ``S [rows, w]``.
         ``self.held_bytes`` is set to the bytes one example held in the pass (its batch and
-        captured factors)."""
+        captured factors). ``validated``: the caller checked the batch (``batch_size``)
+        already (None: as the stream was built, ``self.validated``)."""
         func, arg = self.func, self.arg
         batch = box.pop()
-        b = batch_size(func, arg, batch)
+        b = (batch_leaves(batch)[0].shape[0]
+             if (self.validated if validated is None else validated)
+             else batch_size(func, arg, batch))
         in_bytes = sum(t.nbytes for t in batch_leaves(batch))
         step = b if self.chunk_size is None else self.chunk_size
         # the storages of the caller's tensors (a part is a view of them)

@@ -58,12 +58,14 @@ class _Config(NamedTuple):
 
 
 def feature_fn(cfg: _Config, params: dict, sk: _Sketches, func: str, arg: str,
-               checked: LayerPlan | None = None) -> tuple[_Rows, Callable]:
+               checked: LayerPlan | None = None, *,
+               validated: bool = False) -> tuple[_Rows, Callable]:
     """``(rows, held)``: ``rows(batch) -> phi [b, d]`` for one stream (:class:`_Rows`), and
     ``held()``: the plan it applies (checked on its first chunk of >= 2 examples when
-    ``checked`` is None)."""
+    ``checked`` is None). ``validated``: the stream's caller checks each batch before it
+    passes it (``pipeline.collect``, ``stream_scores``)."""
     rows = _Rows(cfg.plan, params, sk, func, arg, cfg.chunk_size, cfg.sketch_bytes, checked,
-                 cfg.keep_ties)
+                 cfg.keep_ties, validated)
     return rows, rows.held
 
 
@@ -137,7 +139,8 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
     check_optional_int(func, "top_k", top_k)
     sk = cfg.sketch_for(params)
     _check_blocks(func, state, sk)
-    test_pre = _precondition(state, collect(feature_fn(cfg, params, sk, func, "test", held)[0],
+    test_pre = _precondition(state, collect(feature_fn(cfg, params, sk, func, "test", held,
+                                                       validated=True)[0],
                                             test, device=device, func=func, arg="test"))
     if state.train_features is not None:
         check_cached_train(func, train, state.train_features.shape[0])
@@ -163,7 +166,7 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
     if train is None:
         raise ValueError(_msg(func, "train", "the training data (the state caches no "
                               "features: cache_features=False)", "None"))
-    return stream_scores(feature_fn(cfg, params, sk, func, "train", held)[0],
+    return stream_scores(feature_fn(cfg, params, sk, func, "train", held, validated=True)[0],
                          regrouped(func, "train", train, cfg.rows_min), test_pre, top_k=top_k,
                          largest=largest, func=func)
 
