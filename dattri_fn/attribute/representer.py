@@ -38,14 +38,15 @@ from .._checks import (
     check_params,
     check_positive,
     iter_batches,
-    peek,
 )
 from .._types import Params
 from ..solve.lbfgs import _lbfgs as _lbfgs
-from .boundary import check_cached_train, check_example_fn, first_example
+from .boundary import check_cached_train
 from .method import Method, device_of
 from .outputs import example_label
 from .pipeline import TopK, check_finite_self, merge_topk
+from .representer_blocks import _coefficients, _count, _owned, _scale  # noqa: F401
+from .representer_examples import example_fns
 from .representer_fit import _NEWTON_ENTRIES as _NEWTON_ENTRIES
 from .representer_fit import _NEWTON_WORK as _NEWTON_WORK
 from .representer_fit import _soft_targets, fit_head
@@ -58,42 +59,6 @@ def _is_store(train) -> bool:
 
 EXPLAIN = ("label", "prediction")
 REFIT = ("labels", "predictions")
-
-
-def _coefficients(alpha: Tensor, classes: Tensor) -> Tensor:
-    """Return ``alpha_i[c_j]`` for all pairs; with one logit ``(2 c_j - 1) alpha_i[0]``.
-
-    # alpha [n, K], classes [m] -> [n, m]
-    """
-    if alpha.shape[1] == 1:
-        return alpha[:, :1] * (2 * classes - 1).to(alpha.dtype)[None, :]
-    return alpha[:, classes]
-
-
-def _scale(block: Tensor, alpha: Tensor, classes: Tensor, entries: int) -> None:
-    """``block[i, j] *= alpha_i[c_j]`` (:func:`_coefficients`) in place, in row chunks of about
-    ``entries`` coefficients: never an ``[n, m]`` coefficient temporary.  # [n, m] -> [n, m]"""
-    step = max(1, entries // max(1, block.shape[1]))
-    for a in range(0, block.shape[0], step):
-        block[a:a + step].mul_(_coefficients(alpha[a:a + step], classes))
-
-
-def _count(func: str, data) -> int | None:
-    """The number of examples in a Batch or a list/tuple of Batches; None for a loader."""
-    batches = iter_batches(func, "test", data)
-    if not isinstance(batches, (list, tuple)):
-        return None
-    return sum(batch_size(func, "test", b) for b in batches)
-
-
-def _owned(t: Tensor, sources: list) -> Tensor:
-    """``t``, or a contiguous copy where it is a view of one of ``sources`` (the data, the
-    params) or not a dense contiguous tensor of its own: a state keeps nothing it shares."""
-    ptr = t.untyped_storage().data_ptr()
-    if t.is_contiguous() and not any(isinstance(x, Tensor) and x.untyped_storage().data_ptr()
-                                     == ptr for x in sources):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 class RepresenterState(NamedTuple):
@@ -201,51 +166,8 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         raise ValueError(_msg(name, "refit", f"None or one of {REFIT}", repr(refit)))
     check_optional_int(name, "chunk_size", chunk_size)
 
-    def explained(example, logits: Tensor) -> Tensor:
-        if explain == "label":
-            return label_fn(example).long()
-        return (logits[..., 0] > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
-
-    def train_example(params: Params, example):  # -> h [F], dL/dlogits [K], class [], label
-        h = feature_fn(params, example)
-        logits = head_fn(params, h)
-        y = label_fn(example)
-        # with refit, alpha comes from the fitted head: the logits (its targets) replace dL/dz
-        out = logits if refit is not None else torch.func.grad(loss_on_logits)(logits, y)
-        return h, out, explained(example, logits), y
-
-    def test_example(params: Params, example):  # -> h [F], class []
-        # No loss here, so with explain="prediction" test examples need no label at all.
-        h = feature_fn(params, example)
-        return h, explained(example, head_fn(params, h))
-
-    def check_first(func: str, arg: str, params: Params, batches) -> None:
-        """Validate the first example eagerly, once (the public boundary). ``batches`` is the
-        one :func:`iter_batches` view the rows are then read from: its first batch is peeked,
-        not consumed, so a loader that can be read once loses nothing."""
-        batch = peek(batches)
-        if batch is None:
-            raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
-        batch_size(func, arg, batch)
-        with blame_keys(func, "params", params):
-            check_first_example(func, arg, params, batch_to(batch, device_of(params)))
-
-    def check_first_example(func: str, arg: str, params: Params, batch) -> None:
-        h = check_example_fn(func, "feature_fn", arg, feature_fn, params, batch, ndim=1)
-        logits = check_example_fn(func, "head_fn", arg, lambda p, _: head_fn(p, h), params,
-                                  batch, ndim=1)
-        if arg == "train":
-            y = label_fn(first_example(batch))
-            if refit == "predictions":  # the fit's targets are probabilities, not labels
-                y = _soft_targets(logits.detach())
-            check_example_fn(func, "loss_on_logits", arg, lambda *_: loss_on_logits(logits, y),
-                             params, batch, ndim=0)
-        if explain == "label":
-            y = label_fn(first_example(batch))
-            if not isinstance(y, Tensor) or y.is_floating_point():
-                raise TypeError(_msg(func, "label_fn", "an integer class label per example for "
-                                     "explain='label'", repr(y),
-                                     "Use explain='prediction' for soft targets."))
+    explained, train_example, test_example, check_first = example_fns(
+        feature_fn, head_fn, loss_on_logits, label_fn, explain, refit)
 
     def rows(func: str, arg: str, params: Params, data, *, sink=None,
              most: int | None = None) -> tuple[Tensor, ...] | None:
