@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dattri_fn import functional_model
-from dattri_fn.attribute.gradsim import grad_cos, grad_dot, tracin
+from dattri_fn.attribute.gradsim import grad_cos, grad_dot, tracin, tracin_cos
 from dattri_fn.transforms import layer_grads
 from dattri_fn.transforms.layer_grads import (
     NonFiniteExamples,
@@ -95,13 +95,14 @@ def test_certified_decisions_and_gradients_equal_the_checks(kind, dtype, bias):
 
 
 @pytest.mark.parametrize("kind,dtype,bias", CASES)
-@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "tracin"])
+@pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "tracin", "tracin_cos"])
 def test_scores_equal_the_checked_plans(monkeypatch, kind, dtype, bias, method):
     """Prepared state and state () alike; train of two batches, the last short (1 example);
     a test batch of 1; top-k and self-scores too."""
     fm = functional_model(_model(kind, dtype, bias), F.cross_entropy)
     make = {"grad_dot": grad_dot, "grad_cos": grad_cos,
-            "tracin": lambda f: tracin(f, lrs=[0.5])}[method]
+            "tracin": lambda f: tracin(f, lrs=[0.5]),
+            "tracin_cos": lambda f: tracin_cos(f, lrs=[0.5])}[method]
     train, tests = [_data(dtype, 5, 1), _data(dtype, 1, 2)], [_data(dtype, 3, 3), _data(dtype, 1, 4)]
 
     def run():
