@@ -38,7 +38,8 @@ def _layers(m: nn.Module) -> tuple:
 
 
 _SHAPES = [([], (13, 7)), ([], (13, 9, 7)), ([nn.Tanh], (13, 9, 7)), ([nn.ReLU], (13, 9, 6, 7)),
-           ([nn.Sigmoid, nn.Tanh], (13, 9, 7)), ([nn.Tanh], (5, 1, 3))]
+           ([nn.Sigmoid, nn.Tanh], (13, 9, 7)), ([nn.Tanh], (5, 1, 3)), ([], (13, 1)),
+           ([nn.Tanh], (13, 9, 1)), ([], (13, 2))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -46,11 +47,16 @@ _SHAPES = [([], (13, 7)), ([], (13, 9, 7)), ([nn.Tanh], (13, 9, 7)), ([nn.ReLU],
 def test_margin_io_equals_the_engine_bit_for_bit(dtype, acts, sizes):
     """a_l, g_l = dm/dz_l of m = sum_i margin_i and the margins [B] are torch.equal to
     batched_io's (the capture engine) for lr and MLPs, bias or not, B = 1 (a width-1 hidden
-    layer then has column-major strides), 7, 300."""
+    layer then has column-major strides), 7, 300; K = 1 (a binary logit, 0/1 labels: the
+    loss's own graph), K = 2 and K = 7 (trak_mlp._margin_head); logits far apart (exp
+    underflows to 0 off the label: the sign of those zeros)."""
     for seed, (B, bias) in enumerate([(1, True), (7, False), (300, True)]):
         m = _mlp(seed, acts, bias, dtype, sizes)
-        x, y = _data(seed, B, sizes[0], sizes[-1], dtype)
+        x, y = _data(seed, B, sizes[0], max(2, sizes[-1]), dtype)
         layers = _layers(m)
+        if seed == 2:  # logits thousands apart: exp(s - r) underflows to 0 in float32/64
+            with torch.no_grad():
+                m.get_submodule(layers[-1]).weight.mul_(3000)
         fm = functional_model(m, classification_margin_loss)
         ref_rows, rows = [], []
         ref = batched_io(capture.tap(m, layers), classification_margin_loss, dict(fm.params),
@@ -59,7 +65,10 @@ def test_margin_io_equals_the_engine_bit_for_bit(dtype, acts, sizes):
         assert list(got) == list(layers)
         for n in layers:
             assert torch.equal(got[n][0], ref[n][0]) and torch.equal(got[n][1], ref[n][1])
+            assert torch.equal(got[n][1].signbit(), ref[n][1].signbit())  # zeros' signs too
         assert torch.equal(rows[0], ref_rows[0])
+        if seed == 2 and sizes[-1] > 2:  # (K = 2: the one other logit is its own logsumexp)
+            assert bool((ref[layers[-1]][1] == 0).any())  # the underflow case is exercised
 
 
 def _scores(m, train, test, *, fast: bool, C: int = 3, monkeypatch=None, **kw):

@@ -39,7 +39,7 @@ from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
 from ..transforms.layer_grads_paths import _assemble, _unpack
 from ..transforms.layers_losses import summed_losses
 from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
-from .outputs import classification_margin_loss
+from .outputs import _class_labels, _gather_labels, classification_margin_loss
 
 
 def _plain_context() -> bool:
@@ -88,7 +88,7 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
     with torch.no_grad():
         z = F.linear(x, *weights[0])
     with torch.enable_grad():
-        h = z.requires_grad_()
+        h = z.requires_grad_(len(chain) > 1)
         ins.append(x)
         outs.append(z)
         for i, (_, _, acts) in enumerate(chain):
@@ -98,9 +98,35 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
                 outs.append(h)
             for act in acts:
                 h = ACTIVATIONS[act][0](h)
-        value = summed_losses(model.loss_fn, h, target, rows=losses)
-        grads = torch.autograd.grad(value, outs)
+        if h.shape[1] < 2:  # one logit (a binary margin): the loss's own graph
+            if not h.requires_grad:  # a bare Linear: h is the leaf z
+                h.requires_grad_()
+            value = summed_losses(model.loss_fn, h, target, rows=losses)
+            grads = torch.autograd.grad(value, outs)
+        else:
+            with torch.no_grad():
+                rows, g = _margin_head(h.detach(), target)
+            if losses is not None:
+                losses.append(rows)
+            grads = (*torch.autograd.grad(h, outs[:-1], g), g) if len(outs) > 1 else (g,)
     return {name: (a, g) for (name, _, _), a, g in zip(chain, ins, grads, strict=True)}
+
+
+def _margin_head(z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(m, dm/dz)`` of the margins ``m = z_y - logsumexp(z with z_y = -inf)`` of ``[B, K]``
+    logits (``K >= 2``), the same bits as :func:`~dattri_fn.attribute.outputs.margins` and
+    autograd's backward of ``sum(m)``: the same labels check, gather, scatter and logsumexp,
+    then the backward's nodes as autograd's formulas write them: logsumexp's ``grad * (s -
+    r).exp()`` with ``grad = -1`` (an exact negation), scatter's ``grad.scatter(1, y, 0)`` and
+    gather's ``zeros.scatter_add(1, y, 1)``, summed: ``-e`` off the label plus ``+0`` (which
+    turns a ``-0`` into ``+0``), ``0 + 1`` at it."""
+    func = "classification_margin_loss"
+    lab = _class_labels(func, target, z.shape[1], batched=True)[:, None]
+    own = _gather_labels(func, z, lab, "labels").squeeze(1)
+    s = z.scatter(1, lab, float("-inf"))
+    r = s.logsumexp(1)
+    g = (s - r[:, None]).exp_().neg_()
+    return own - r, g.scatter_(1, lab, 0.0).add_(0.0).scatter_(1, lab, 1.0)
 
 
 def fast_plan(plan: LayerPlan) -> bool:
