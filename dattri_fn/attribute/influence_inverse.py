@@ -37,6 +37,7 @@ from .influence_cg import (  # noqa: F401 (moved at stop 25; build_inverse calls
     SKETCH_SEED,
     _block_cg,
     _sketched_cg,
+    row_scaled,
 )
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_score import _relatif_scale, grads
@@ -211,14 +212,16 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
         if cfg.precondition is not None:  # M ~ (C + damping I)^-1 from the same training data
             opts["M"] = factored_inverse(cfg, params, train, tapped)
         C = curvature_op(cfg, params, train, tapped)
+        # row_scaled: a right-hand side whose |r|^2 would overflow is solved scaled down
         if cfg.sketch == "auto":  # the Gauss-Newton (PSD): all rows share one Krylov space
-            return _block_cg(cfg.name, C, damping, opts), None
+            return row_scaled(_block_cg(cfg.name, C, damping, opts)), None
         if cfg.sketch is not None:
-            return _sketched_cg(cfg.name, C, damping, opts, always=cfg.sketch == "always"), None
-        return solve.ihvp_cg(C, damping=damping, **opts), None
+            return row_scaled(_sketched_cg(cfg.name, C, damping, opts,
+                                           always=cfg.sketch == "always")), None
+        return row_scaled(solve.ihvp_cg(C, damping=damping, **opts)), None
     if solver == "minres":
-        return solve.ihvp_minres(curvature_op(cfg, params, train, tapped), damping=damping,
-                                 **options), None
+        return row_scaled(solve.ihvp_minres(curvature_op(cfg, params, train, tapped),
+                                            damping=damping, **options)), None
     if solver == "arnoldi":
         inv = solve.ihvp_arnoldi(curvature_op(cfg, params, train, tapped), damping=damping,
                                  **options)
