@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import all_finite, batch_size
+from .._checks import all_finite
 from ..transforms import mlp_io as _mlp_io
 from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
 from ..transforms.layer_grads_paths import _assemble, _unpack
@@ -173,13 +173,12 @@ def margin_pass(plan: LayerPlan, stacked: dict, batch, losses: list | None = Non
     success. ``first``: the batch decides an unchecked plan: None unless it has 2 or more
     examples and its first 3 rows are finite (the plan check then runs as before)."""
     C = next(iter(stacked.values())).shape[0]
-    if first and batch_size("features", "batch", batch) < 2:
-        return None
     got = [] if losses is not None else None
     raw = None
     for c in range(C):
         io = margin_io(plan, {k: v[c] for k, v in stacked.items()}, batch, got)
-        if io is None or (first and c == 0 and not _finite_rows(io)):
+        if io is None or (first and c == 0 and (next(iter(io.values()))[0].shape[0] < 2
+                                                or not _finite_rows(io))):
             return None
         if raw is None:
             raw = {n: tuple(t.new_empty((C, *t.shape)) for t in pair) for n, pair in io.items()}
