@@ -95,8 +95,8 @@ def _raw(tapped_for, specs: dict, model: FunctionalModel, unpack, chunk_size: in
         a = torch.cat([p[n][0] for p in parts]) if len(parts) > 1 else parts[0][n][0]
         g = torch.cat([p[n][1] for p in parts]) if len(parts) > 1 else parts[0][n][1]
         if a.ndim == 2 and g.ndim == 2:
-            # one position per example ([B, in], mlp_io's): kept 2-d, T = 1 by shape (no
-            # [B, 1, in] views to take apart again downstream)
+            # one position per example ([B, in]: mlp_io's, or the engine's on [B, in] inputs):
+            # kept 2-d, T = 1 by shape (no [B, 1, in] views to take apart again downstream)
             out[n] = (a.detach() if a.requires_grad else a, g.detach() if g.requires_grad else g)
         else:
             out[n] = _tokens(a.detach(), g.detach(), False)
