@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.overflow_survey [--methods if-cg,trak,...]
 
-A 4-8-3 tanh MLP in float32 (cross-entropy), 16 training and 4 test examples (seed 0). Cases:
+A 4-8-3 MLP (``--act relu``, default, or ``tanh``, which saturates: the huge example's gradient
+is then 0 and every method is right) in float32, cross-entropy, 16 train and 4 test (seed 0). Cases:
 ``clean``, ``train-huge`` (training example 2's input times 1e20, relabelled to its least
 likely class: logits ~1e20, a finite gradient ~1e20 whose squared norm ~1e40 overflows float32),
 ``test-huge`` (test example 1 likewise), ``train-nan`` (a NaN in training example 2's input).
