@@ -64,3 +64,15 @@ def test_self_score_beyond_the_dtype_is_refused_naming_the_example(dtype, solver
                                          r"per-example features \(gradients\) are finite, got NaN "
                                          r"or inf in the self-score of example 2\."):
         m.self_score(fm.params, st, (x, y))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_kfac_factor_overflow_names_train_and_the_layer(dtype):
+    """A_0 = E[a a^T] with |a_2| ~ 1e20 (float32) / 1e160 (float64): inf; influence's K-FAC
+    refuses naming if_kfac(train=...) and layer '0' (as EK-FAC does), not ihvp_kfac's factors."""
+    fm, net, x, y, _, _ = _problem(dtype)
+    x, y = _huge(net, x, y, 2, dtype)
+    with pytest.raises(ValueError, match=r"^if_kfac\(train=\.\.\.\): expected examples whose layer "
+                                         r"inputs and gradients are finite, got NaN or inf in the "
+                                         r"input \(A\) factor of layer '0'\."):
+        influence(fm, solver="kfac", damping=0.1).prepare(fm.params, (x, y))

@@ -14,6 +14,7 @@ import torch
 
 from .._checks import (
     _msg,
+    all_finite,
     batch_cat,
     batch_size,
     batch_slice,
@@ -253,6 +254,15 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
     inverse_fn = kfac.ihvp_kfac if solver == "kfac" else kfac.ihvp_ekfac
     factors = factor_fn(model.module, model.loss_fn, params, train, chunk_size=cfg.chunk_size,
                         tapped=tapped, batch_rows=cfg.rows, **options)
+    if solver == "kfac":  # else ihvp_kfac's refusal names factors.A, not the data (EK-FAC's own)
+        for side, fac in (("input (A)", factors.A), ("output-gradient (G)", factors.G)):
+            for k, v in fac.items():
+                if not all_finite(v):
+                    raise ValueError(_msg(cfg.name, "train", "examples whose layer inputs and "
+                                          "gradients are finite", f"NaN or inf in the {side} "
+                                          f"factor of layer {k!r}", "A training example's "
+                                          "layer input or gradient (or its square) overflows; "
+                                          "check the data's scale, or compute in float64."))
     return inverse_fn(factors, damping=damping), factors
 
 
