@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor
 
-from .._checks import _msg, count_rows
+from .._checks import (
+    _msg,
+    _refuse_store,
+    _Regrouped,
+    batch_size,
+    count_rows,
+    is_batch,
+    refuse_ambiguous_list,
+)
 from .._types import Params
 
 
@@ -40,10 +49,57 @@ def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: P
     return out
 
 
-def check_cached_train(func: str, train, n_cached: int) -> None:
+def _unread_rows(func: str, data) -> int | None:
+    """:func:`~dattri_fn._checks.count_rows` of ``train`` without the finite scan of its values,
+    for a call that never reads them: every error about a wrong type or count (not a batch, a
+    0-d leaf, leaves of different leading sizes, B = 0, a meta tensor, a store, an ambiguous
+    list) is ``batch_size``'s own, raised by calling it on :func:`_shapes_only` of each batch."""
+    if isinstance(data, _Regrouped):
+        data = data.data
+    _refuse_store(func, "train", data)
+    refuse_ambiguous_list(func, "train", data)
+    if is_batch(data):
+        data = [data]
+    if not isinstance(data, (list, tuple)):
+        return None
+    n = 0
+    for b in data:
+        if not is_batch(b):
+            return count_rows(func, "train", data)  # raises batch_size's TypeError
+        n += batch_size(func, "train", _shapes_only(b))
+    return n
+
+
+_STUB = torch.zeros((), dtype=torch.int8)
+
+
+def _shapes_only(batch):
+    """``batch`` with every floating, non-meta leaf of >= 1 dim replaced by a zero-stride int8
+    view of its shape (an ``expand``: nothing allocated, nothing to scan): what ``batch_size``
+    checks besides the values (leading sizes, dims, meta) is kept, the finite scan skipped."""
+    def stub(t: Tensor) -> Tensor:
+        return _STUB.expand(t.shape) if t.is_floating_point() and t.ndim and not t.is_meta else t
+    if isinstance(batch, Tensor):
+        return stub(batch)
+    if isinstance(batch, Mapping):
+        return {k: stub(v) for k, v in batch.items()}
+    return type(batch)(stub(v) for v in batch)
+
+
+def check_cached_train(func: str, train, n_cached: int, *, read: bool = True) -> None:
     """Raise if ``train`` has != ``n_cached`` rows: a Batch or a list/tuple of them counted, a
-    DataLoader by its dataset's length (a loader over a subset scores no other rows)."""
-    n = None if train is None else count_rows(func, "train", train)
+    DataLoader by its dataset's length (a loader over a subset scores no other rows).
+
+    ``read=False`` is for a call that never reads ``train``'s values (its state caches the rows it
+    scores): the rows are counted and every error about their type or count is raised as with
+    ``read=True``, but the values are not scanned for NaN/inf (they cannot reach the scores; the
+    cached rows were checked finite when the state was prepared)."""
+    if train is None:
+        n = None
+    elif read:
+        n = count_rows(func, "train", train)
+    else:
+        n = _unread_rows(func, train)
     dataset = getattr(train, "dataset", None)
     if n is None and dataset is not None and hasattr(dataset, "__len__"):
         n = len(dataset)

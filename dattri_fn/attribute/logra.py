@@ -398,7 +398,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         test_pre = collect(test_fn, test, device=device, func=func, arg="test")
         test_pre = test_pre if eigen else precondition(state, test_pre)
         if state.cached_rows() is not None:
-            check_cached_train(func, train, state.cached_rows())
+            check_cached_train(func, train, state.cached_rows(), read=False)
             if (state.train_features is not None and top_k is None
                     and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
@@ -427,7 +427,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         st = state_of(func, params)
         device = next(iter(st.values())).device
         if state.cached_rows() is not None:
-            check_cached_train(func, train, state.cached_rows())
+            check_cached_train(func, train, state.cached_rows(), read=False)
             rows, spans = cached_spans(state, device)
             blocks = (rows(s, e) for s, e in spans)
         elif train is None:
