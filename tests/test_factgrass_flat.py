@@ -195,3 +195,23 @@ def test_one_engine_call_equals_the_pass_then_the_check(mixing):
     assert (checked is None) == (ref is None) == mixing
     if not mixing:
         assert checked.layout == ref.layout and checked.checked
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64)])
+def test_write_flat_row_blocks_reuse_one_buffer_exactly(dtypes):
+    """write_flat's reused stage-1 buffer: 7 rows in blocks of 3, 3 and 1 (a short last block)
+    == vec(g' a'^T) of every row at once, bit for bit, in g' * a''s promoted dtype; the
+    destination's other columns untouched."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(4)
+    pg = torch.randn(7, 4, generator=gen, dtype=dtypes[0])
+    pa = torch.randn(7, 3, generator=gen, dtype=dtypes[1])
+    rows = _ROWS._Rows.__new__(_ROWS._Rows)
+    rows.sk = SimpleNamespace(stage2={"l": None}, dense={"l": None})
+    rows.stage1 = SimpleNamespace(dims={"l": 12})
+    rows.sketch_bytes = 12 * 8 * 3  # 3 rows of 12 float64 a block
+    out = torch.full((9, 14), -1.0, dtype=torch.float64)
+    rows.write_flat([("l", 1, 13, pa, pg)], out, 2)
+    assert torch.equal(out[2:, 1:13], (pg[:, :, None] * pa[:, None, :]).flatten(1))
+    assert (out[:2] == -1).all() and (out[:, 0] == -1).all() and (out[:, 13] == -1).all()

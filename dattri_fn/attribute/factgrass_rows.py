@@ -121,7 +121,8 @@ class _Rows:
             # one [step, k_out, k_in] buffer for every row block, and the views set up once:
             # the same products into the same rows, ~3 fewer tensor ops a block (digits-mlp:
             # 13 blocks of 64 rows, each op ~5-15 us here)
-            S = pa.new_empty(step, pg.shape[1], pa.shape[1])
+            S = pa.new_empty(step, pg.shape[1], pa.shape[1],  # (g' a'^T's dtype, as pg * pa)
+                             dtype=torch.promote_types(pg.dtype, pa.dtype))
             g3, a3, Sw, dst = pg[:, :, None], pa[:, None, :], S.view(step, -1), out[r0:r0 + n, s:e]
             for r in range(0, n, step):
                 c = min(step, n - r)
