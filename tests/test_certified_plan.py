@@ -24,6 +24,7 @@ from dattri_fn.transforms.layer_grads import (
     layer_grads_stacked,
     layer_grads_stream,
     layer_plan,
+    per_sample_layer_grads,
     plan_decisions,
 )
 
@@ -247,3 +248,34 @@ def test_rows_that_overflow_from_finite_factors_get_the_check(monkeypatch):
     assert certified_plan(layer_plan(fm), _stacked(fm), (x, y)) is None
     with pytest.raises(NonFiniteExamples):
         check_plan(layer_plan(fm), fm.params, (x, y))
+
+
+@pytest.mark.parametrize("kind,dtype,bias", CASES)
+def test_unchecked_plans_applied_per_call_equal_the_checks(monkeypatch, kind, dtype, bias):
+    """per_sample_layer_grads without a plan and layer_grads_stacked with an unchecked one (each
+    call decides its plan) give the checked plan's gradients, torch.equal, batches of 1 and 5;
+    and the stream's first batch with losses wanted (the engine's pass) too."""
+    fm = functional_model(_model(kind, dtype, bias), F.cross_entropy)
+    plan, stacked = layer_plan(fm), _stacked(fm)
+
+    def run():
+        out = []
+        for n in (1, 5):
+            batch = _data(dtype, n, n)
+            out.append(per_sample_layer_grads(fm, fm.params, batch))
+            out.append(layer_grads_stacked(plan, stacked, batch))
+            losses = []
+            out.append(layer_grads_stream(plan)[0](stacked, batch, losses=losses))
+            out.append(losses[0] if losses else None)
+        return out
+
+    new = run()
+    with monkeypatch.context() as mp:
+        _no_certify(mp)
+        old = run()
+    for x, y in zip(new, old, strict=True):
+        if isinstance(x, torch.Tensor) or x is None:
+            # losses wanted: the check, as before (set for 5 examples, not for 1)
+            assert (x is None and y is None) or torch.equal(x, y)
+        else:
+            _same_lg(x, y)

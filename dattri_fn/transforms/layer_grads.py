@@ -207,6 +207,22 @@ def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPla
     return decided, io
 
 
+def _certified_grads(plan: LayerPlan, stacked: Params, batch: Batch,
+                     losses: list | None) -> tuple[LayerPlan | None, LayerGrads | None]:
+    """``(certified plan, batch's gradients)`` of a certified MLP (:func:`certified_plan`), the
+    factors from the one mlp_io pass that certified it; ``(None, None)`` otherwise (then the
+    check), and where ``losses`` are wanted: the check fills them or not as it always did (its
+    one-call path over <= 3 examples does not), and a caller (TRAK's margins) reads the
+    difference, so that stream keeps the check (TRAK decides its plan itself: certified_plan)."""
+    if losses is not None:
+        return None, None
+    checked, io = _certified(plan, stacked, batch)
+    if checked is None:
+        return None, None
+    return checked, _assemble(checked, {n: (a[None], g[None]) for n, (a, g) in io.items()}, {},
+                              lead=2)[0]
+
+
 def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
     """``{key: [C, ...]}`` from params or stacked checkpoints, keys and shapes checked."""
     from .._checks import check_params
@@ -388,8 +404,10 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
     """
     if not plan.checked:
         # a batch of one is checked too (its factors against autodiff on that example): it
-        # cannot show examples mixed within a batch, but needs no dense [C, 1, P] either
-        return _check(plan, stacked, batch)[1]
+        # cannot show examples mixed within a batch, but needs no dense [C, 1, P] either; a
+        # certified MLP's is decided without the check (issue 14)
+        checked, lg = _certified_grads(plan, stacked, batch, None)
+        return lg if checked is not None else _check(plan, stacked, batch)[1]
     if plan.dense:
         return _dense(plan, stacked, batch)[0]
     try:
@@ -431,12 +449,8 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
         # losses: receives the batched passes' per-example losses [B] per checkpoint where the
         # factored path ran them (layer_grads_paths._factored); left as it was otherwise
         if not held[0].checked:
-            checked, io = _certified(held[0], stacked, batch)
-            if checked is not None:  # a certified MLP: decided without the check (issue 14)
-                lg = (_assemble(checked, {n: (a[None], g[None]) for n, (a, g) in io.items()},
-                                {}, lead=2)[0] if losses is None
-                      else _factored(checked, stacked, batch, losses=losses)[0])
-            else:
+            checked, lg = _certified_grads(held[0], stacked, batch, losses)
+            if checked is None:
                 checked, lg = _check(held[0], stacked, batch, losses=losses)
             if batch_size("layer_grads", "batch", batch) >= 2:
                 held[0] = checked
