@@ -132,3 +132,17 @@ def test_nan_examples_are_refused_once_where_they_enter(how):
         if how == "self_score":
             m.self_score(fm.params, st, bad)
         m.score(fm.params, st, None, bad[1])
+
+
+@pytest.mark.parametrize("form", ["batch", "loader"])
+def test_prepare_names_the_example_in_data_of_unknown_size(form):
+    """One Batch or a DataLoader (rows not counted before the passes: features joined at the
+    end): the example's global index is named."""
+    fm, train = _problem(False)
+    x, y = torch.cat([train[0][0], train[1][0]]), torch.cat([train[0][1], train[1][1]])
+    data = (x, y) if form == "batch" else torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=NAMED):
+            factgrass(fm, proj_dim=4, mask_dim=2).prepare(fm.params, data)
