@@ -123,15 +123,23 @@ def _ckpts(fm, C, seed=1):
 
 
 def _counting(monkeypatch):
-    """Count the plan checks (every check runs layer_grads._check once)."""
+    """Count the plan decisions: every check runs layer_grads._check once, and a plain MLP's plan
+    is decided without it by layer_grads._certified (issue 14, stop 25), counted where it does."""
     calls = []
-    real = lgm._check
+    real, real_certified = lgm._check, lgm._certified
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
+    def certified(*args, **kwargs):
+        out = real_certified(*args, **kwargs)
+        if out[0] is not None:
+            calls.append(1)
+        return out
+
     monkeypatch.setattr(lgm, "_check", counted)
+    monkeypatch.setattr(lgm, "_certified", certified)
     return calls
 
 

@@ -36,8 +36,11 @@ def test_one_plan_check_per_call(ensemble, relatif, monkeypatch):
     train, test = [_xy(1, 5), _xy(2, 4)], _xy(3, 3)
     m = influence(fms[0], solver="explicit", damping=0.1, relatif=relatif)
     state = m.prepare(params, train)
-    calls, real = [], lgm._check
+    calls, real, real_certified = [], lgm._check, lgm._certified
     monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # a plain MLP's plan is decided without the check (issue 14, stop 25): counted where it is
+    monkeypatch.setattr(lgm, "_certified", lambda *a: (
+        out := real_certified(*a), out[0] is not None and calls.append(1))[0])
     S, diag = m.score(params, state, train, test), m.self_score(params, state, train)
     assert len(calls) == 2
     monkeypatch.setattr(score_module, "shared_stream", lambda cfg: None)
