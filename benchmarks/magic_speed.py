@@ -18,8 +18,9 @@ reverse pass differentiates the recipe's ``vjp_step`` with the first Conv2d as o
 
 ``--full``: ``recipe("magic-ens")``'s method on the task's 3 models (``--recipe magic``: the one
 run of model 0), prepare + score after a warm-up on a slice, thread CPU seconds and wall
-seconds, in the tree ``dattri_fn`` is imported from (for a "before" row run this file with
-``PYTHONPATH=<older worktree>``; the tree is printed). The machine load is printed with each row.
+seconds (``--keep-heap``: after :func:`~dattri_fn.training.keep_heap`), in the tree
+``dattri_fn`` is imported from (for a "before" row run this file with ``PYTHONPATH=<older
+worktree>``; the tree is printed). The machine load is printed with each row.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="time recipe('magic-ens') instead")
     p.add_argument("--recipe", default="magic-ens", choices=("magic", "magic-ens"),
                    help="--full: the recipe timed")
+    p.add_argument("--keep-heap", action="store_true",
+                   help="--full: call training.keep_heap() first (process-wide, permanent)")
     p.add_argument("--save", default=None, help="--full: save the scores [n_train, n_test] here")
     p.add_argument("--n-train", type=int, default=None, help="default 500 (text-lm 128)")
     p.add_argument("--n-test", type=int, default=None, help="default 50 (text-lm 16)")
@@ -78,6 +81,10 @@ def full(args) -> dict:
     from dattri_fn.app.recipes import recipe
     from dattri_fn.eval.tasks import train_model
 
+    if args.keep_heap:
+        from dattri_fn.training import keep_heap
+
+        args.keep_heap = keep_heap()
     task = load(args)
     models = [train_model(task, seed=c) for c in range(3 if args.recipe == "magic-ens" else 1)]
     rec = recipe(args.recipe, task, models)
@@ -95,7 +102,8 @@ def full(args) -> dict:
 
     row = {"task": args.task, "recipe": args.recipe, "tree": dattri_fn.__file__.rsplit("/dattri_fn/", 1)[0],
            "prepare_cpu_s": c1 - c0, "score_cpu_s": c2 - c1,
-           "total_cpu_s": c2 - c0, "wall_s": w2 - w0, "load": load_avg()}
+           "total_cpu_s": c2 - c0, "wall_s": w2 - w0, "keep_heap": args.keep_heap,
+           "load": load_avg()}
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     return row
 
