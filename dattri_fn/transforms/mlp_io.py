@@ -31,7 +31,6 @@ from .layers import cross_entropy_rows
 
 _SUM = 2  # ATen's Reduction::Sum
 _IGNORE = -100  # F.cross_entropy's default ignore_index
-_NLL = torch.ops.aten.nll_loss_forward.default
 _NLL_BACKWARD = torch.ops.aten.nll_loss_backward.default
 
 # activation type -> (forward, backward(grad, forward's output)): autograd's saved-result
@@ -43,6 +42,18 @@ ACTIVATIONS = {
     nn.ReLU: (torch.relu,
               lambda g, y: torch.ops.aten.threshold_backward.grad_input(g, y, 0, grad_input=g)),
 }
+# in-place forms of the same kernels, for an activation applied to a Linear's fresh output
+_IN_PLACE = {nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_, nn.ReLU: torch.relu_}
+_ONES: dict = {}  # (dtype, device) -> 0-d one: the backward's grad_output, never written
+
+
+def _one(dtype, device) -> Tensor:
+    one = _ONES.get((dtype, device))
+    if one is None:
+        one = _ONES[(dtype, device)] = torch.ones((), dtype=dtype, device=device)
+    return one
+
+
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
            "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
@@ -146,20 +157,24 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
                 return None
         weights.append((W, b))
     first = min(i for i, (n, _, _) in enumerate(chain) if n in layers)
+    one = _one(x.dtype, x.device)
     with torch.no_grad():
         ins, outs, h = [], [], x
         for (_, _, acts), (W, b) in zip(chain, weights, strict=True):
             ins.append(h)
-            h = F.linear(h, W, b)
+            # aten::linear's own dispatch for a 2-d input: addmm(b, h, W^T), or mm without b
+            h = h.mm(W.t()) if b is None else torch.addmm(b, h, W.t())
             ys = []
-            for act in acts:
-                h = ACTIVATIONS[act][0](h)
+            for j, act in enumerate(acts):
+                # the first activation overwrites the fresh z (only its output is saved)
+                h = _IN_PLACE[act](h) if j == 0 else ACTIVATIONS[act][0](h)
                 ys.append(h)
             outs.append(ys)
         logp = torch._log_softmax(h, 1, False)
-        _, total = _NLL(logp, target, None, _SUM, _IGNORE)
-        one = torch.ones((), dtype=logp.dtype, device=logp.device)
-        g = _NLL_BACKWARD(one, logp, target, None, _SUM, _IGNORE, total)
+        # autograd's NllLossBackward takes nll_loss_forward's total_weight, which the summed
+        # reduction never reads (only "mean" divides by it): the forward is not run. The backward
+        # checks the labels as the forward does (same IndexError, "Target 10 is out of bounds.")
+        g = _NLL_BACKWARD(one, logp, target, None, _SUM, _IGNORE, one)
         g = torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
         out = {}
         for i in range(len(chain) - 1, first - 1, -1):
