@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .._checks import _msg, check_positive, check_tensor
+from .._checks import _msg, all_finite, check_positive, check_tensor
 from .._types import LinOp
 
 __all__ = ["EmpiricalFisher", "datainf_damping", "empirical_fisher", "ihvp_datainf"]
@@ -82,7 +82,24 @@ def _blocks(func: str, grads, blocks, arg: str = "grads") -> dict[str, Tensor]:
 
 
 def _default_damping(blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: 0.1 * (g * g).sum(1).mean() / g.shape[1] for k, g in blocks.items()}
+    out = {}
+    for k, g in blocks.items():
+        lam = 0.1 * (g * g).sum(1).mean() / g.shape[1]
+        if not torch.isfinite(lam):  # |g|^2 overflowed: the same mean of g / 2^e, times 4^e
+            e = int(torch.frexp(g.abs().amax())[1])
+            u = torch.ldexp(g, torch.tensor(-e))
+            lam = torch.ldexp(0.1 * (u * u).sum(1).mean() / g.shape[1], torch.tensor(2 * e))
+        out[k] = lam.to(g.dtype)
+    return out
+
+
+def _rescaled(g: Tensor, sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``g`` whose ``|g_i|^2`` (``sq``) overflowed, divided by ``2^e_i`` (their largest
+    magnitude then in ``[0.5, 1)``), and each row's ``e_i`` (0 elsewhere). Exact: a power of
+    two.  # [n, P], [n, 1] -> [n, P], [n, 1]"""
+    over = ~torch.isfinite(sq)
+    e = torch.where(over, torch.frexp(g.abs().amax(1, keepdim=True))[1], 0)
+    return torch.ldexp(g, -e).to(g.dtype), e
 
 
 class EmpiricalFisher(LinOp):
@@ -227,15 +244,35 @@ def ihvp_datainf(op, *, damping: float | None = None, blocks=None) -> LinOp:
     names = list(parts)
     sizes = [parts[k].shape[1] for k in names]
     ref = parts[names[0]]
+    for k in names:
+        if not torch.isfinite(torch.as_tensor(lam[k])):
+            raise ValueError(_msg(func, "damping", "a finite default lam_l = 0.1 mean|g_l|^2/P_l",
+                                  f"inf in block {k!r} (the gradients' squares exceed "
+                                  f"{ref.dtype})", "Pass damping=<float>" + (
+                                      "." if ref.dtype == torch.float64
+                                      else ", or compute in float64.")))
     # Per block: rows of g pre-scaled by 1/(lam + |g|^2) so each matmat is two matmuls.
-    scaled = {k: parts[k] / (lam[k] + (parts[k] * parts[k]).sum(1, keepdim=True)) for k in names}
+    rows, scaled = dict(parts), {}
+    for k in names:
+        g = parts[k]
+        sq = (g * g).sum(1, keepdim=True)
+        if all_finite(sq):
+            scaled[k] = g / (lam[k] + sq)
+            continue
+        # A row whose |g|^2 overflows (a gradient ~1e20 in float32) would drop out (g / inf):
+        # its term (V g) g / (lam + |g|^2) is (V u) u / (lam / 4^e + |u|^2) with u = g / 2^e,
+        # exact scaling. The other rows, and blocks without such a row, keep their bits.
+        u, e = _rescaled(g, sq)
+        rows[k] = u
+        small = torch.ldexp(torch.as_tensor(lam[k], dtype=g.dtype).expand(e.shape), -2 * e)
+        scaled[k] = u / (small.to(g.dtype) + (u * u).sum(1, keepdim=True))
     n = ref.shape[0]
 
     def matmat(V: Tensor) -> Tensor:
         out = []
         for k, Vl in zip(names, torch.split(V, sizes, dim=1), strict=True):
             coef = Vl @ scaled[k].T
-            out.append((Vl - (coef @ parts[k]) / n) / lam[k])
+            out.append((Vl - (coef @ rows[k]) / n) / lam[k])
         return torch.cat(out, dim=1)
 
     return LinOp(matmat, sum(sizes), ref.dtype, ref.device, name=func)
