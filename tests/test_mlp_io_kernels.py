@@ -41,3 +41,50 @@ def test_nothing_passed_in_is_written_and_repeated_calls_agree(acts):
     for n in _layers(m):
         for i in (0, 1):
             assert torch.equal(first[n][i], ref[n][i]) and torch.equal(again[n][i], ref[n][i])
+
+
+_MODULE_HOOKS = {
+    "forward": lambda m: m.register_forward_hook(lambda mod, i, o: None),
+    "forward_pre": lambda m: m.register_forward_pre_hook(lambda mod, i: None),
+    "full_backward": lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+    "full_backward_pre": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    "backward (legacy)": lambda m: m.register_backward_hook(lambda mod, gi, go: None),
+}
+_GLOBAL_HOOKS = {
+    "forward": lambda: nn.modules.module.register_module_forward_hook(lambda m, i, o: None),
+    "forward always_call": lambda: nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: None, always_call=True),
+    "forward_pre": lambda: nn.modules.module.register_module_forward_pre_hook(lambda m, i: None),
+    "full_backward": lambda: nn.modules.module.register_module_full_backward_hook(
+        lambda m, gi, go: None),
+    "full_backward_pre": lambda: nn.modules.module.register_module_full_backward_pre_hook(
+        lambda m, go: None),
+    "backward (legacy)": lambda: nn.modules.module.register_module_backward_hook(
+        lambda m, gi, go: None),
+}
+
+
+@pytest.mark.parametrize("where", [None, 0, 1, 2])  # the Sequential, its Linear, Tanh, Linear
+@pytest.mark.parametrize("kind", list(_MODULE_HOOKS))
+def test_a_module_hook_of_any_kind_declines(kind, where):
+    """Every hook kind on the container or any child: None; removed again: the values."""
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    x, y = _data(0, 8, 13, 7, torch.float32)
+    handle = _MODULE_HOOKS[kind](m if where is None else m[where])
+    assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is None
+    handle.remove()
+    assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is not None
+
+
+@pytest.mark.parametrize("kind", list(_GLOBAL_HOOKS))
+def test_a_global_module_hook_of_any_kind_declines(kind, monkeypatch):
+    # (torch refuses a legacy global backward hook after a full one, even removed: reset its flag)
+    monkeypatch.setattr(nn.modules.module, "_global_is_full_backward_hook", None)
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    x, y = _data(0, 8, 13, 7, torch.float32)
+    handle = _GLOBAL_HOOKS[kind]()
+    try:
+        assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is None
+    finally:
+        handle.remove()
+    assert mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, _layers(m)) is not None

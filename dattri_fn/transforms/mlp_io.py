@@ -60,9 +60,21 @@ _GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backwa
 
 
 def _plain(m: nn.Module) -> bool:
-    """Its class's forward runs, with no hook of its own."""
+    """Its class's forward runs, with no hook of its own (:data:`_HOOKS`, spelled out: no
+    generator per module)."""
     d = vars(m)  # (the hook dicts are instance attributes: read without a getattr per name)
-    return "forward" not in d and not any(d.get(h) for h in _HOOKS)
+    return "forward" not in d and not (d.get("_forward_hooks") or d.get("_forward_pre_hooks")
+                                       or d.get("_backward_hooks") or d.get("_backward_pre_hooks"))
+
+
+def _global_hooks() -> bool:
+    """Whether a global module hook is registered: torch's own test where it has one (it reads
+    the hook dicts at call time: every one of :data:`_GLOBAL` and the kwargs flags), else each
+    of :data:`_GLOBAL` that this torch defines."""
+    has = getattr(_module, "_has_any_global_hook", None)
+    if has is not None:
+        return bool(has())
+    return any(getattr(_module, h, None) for h in _GLOBAL)
 
 
 def _slots(lin: nn.Linear) -> tuple | None:
@@ -135,7 +147,7 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
             # torch-function or dispatch mode sees (and may change) the engine's ops only
             or torch._C._is_any_autocast_enabled()
             or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-            or any(getattr(_module, h, None) for h in _GLOBAL)):
+            or _global_hooks()):
         return None
     chain = mlp_chain(module)
     if chain is None or not set(layers) <= {n for n, _, _ in chain}:
