@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import _msg, check_int, check_optional_int
+from .._checks import _msg, all_finite, check_int, check_optional_int
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..training.record import Record, check_record
@@ -108,8 +108,20 @@ def _projector(P: int, proj_dim, kind, seed, like: Tensor):
 
 
 def unit_rows(G: Tensor) -> Tensor:
-    """Rows scaled to norm 1; a zero row stays 0 (it scores 0).  # [..., F] -> [..., F]"""
-    return G / G.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    """Rows scaled to norm 1; a zero row stays 0 (it scores 0).  # [..., F] -> [..., F]
+
+    A row whose squared norm overflows (a test gradient ~1e20 in float32: ``G / inf`` was 0)
+    or underflows (``|G| < sqrt(tiny) / eps``) is first divided by its largest magnitude, as
+    KNN-Shapley's cosine does, so its direction is exact there too; every other row is
+    ``G / |G|`` as before (the same bits)."""
+    info = torch.finfo(G.dtype)
+    norm = G.norm(dim=-1, keepdim=True)
+    odd = ~torch.isfinite(norm) | (norm < info.tiny ** 0.5 / info.eps)
+    if not bool(odd.any()):
+        return G / norm.clamp_min(info.tiny)
+    scaled = G / G.abs().amax(dim=-1, keepdim=True).clamp_min(info.tiny)
+    norm = torch.where(odd, scaled.norm(dim=-1, keepdim=True), norm).clamp_min(info.tiny)
+    return torch.where(odd, scaled, G) / norm
 
 
 def optimizer_method(name: str, loss: Loss | FunctionalModel, train_map: Callable, *,
@@ -157,7 +169,18 @@ def adam_direction(G: Tensor, ck: RecordedCheckpoints) -> Tensor:
     t = (ck.counts + 1)[:, None, None]
     m = (b1 * ck.mu[:, None] + (1 - b1) * G) / (1 - b1 ** t)
     v = (b2 * ck.nu[:, None] + (1 - b2) * G * G) / (1 - b2 ** t)
-    return m / (v.sqrt() + ck.eps)
+    out = m / (v.sqrt() + ck.eps)
+    if all_finite(v):
+        return out
+    # g^2 overflowed (a gradient entry ~1e20 in float32): v = inf made the entry 0, though
+    # Adam's step there is ~sign(g). The same formula on g / 2^e, mu / 2^e, nu / 4^e, eps / 2^e
+    # (e the entry's exponent: exact scaling) is the same ratio; only those entries change.
+    e = torch.frexp(G)[1]
+    Gs = torch.ldexp(G, -e).to(G.dtype)
+    ms = (b1 * torch.ldexp(ck.mu[:, None].expand_as(G), -e) + (1 - b1) * Gs) / (1 - b1 ** t)
+    vs = (b2 * torch.ldexp(ck.nu[:, None].expand_as(G), -2 * e) + (1 - b2) * Gs * Gs) / (1 - b2 ** t)
+    eps = torch.ldexp(torch.full_like(G, ck.eps), -e)
+    return torch.where(torch.isfinite(v), out, (ms / (vs.sqrt() + eps)).to(G.dtype))
 
 
 def less(loss: Loss | FunctionalModel, *, target: Loss | FunctionalModel | None = None,
