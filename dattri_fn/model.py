@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from ._checks import check_params
 from ._types import Params
+from .module_call import call_module, shared_slots
 
 Selector = None | str | Iterable[str] | Callable[[str], bool]
 
@@ -129,7 +129,7 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
                       "BatchNorm/Dropout; per-example gradients need module.eval().", stacklevel=2)
     expected = set(chosen)
     shapes = {n: tuple(v.shape) for n, v in selected.items()}
-    ties = _has_tied_tensors(module)
+    ties, shared = _has_tied_tensors(module), shared_slots(module)
 
     def call(p: Params, example):
         if p.keys() != expected:
@@ -146,7 +146,8 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         add_batch = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t
         args = tuple(add_batch(a) for a in args)
         kwargs = {k: add_batch(v) for k, v in kwargs.items()}
-        out = functional_call(module, {**fixed, **p}, args, kwargs, strict=True, tie_weights=ties)
+        out = call_module(module, {**fixed, **p}, args, kwargs, strict=True, tie_weights=ties,
+                          shared=shared)
         return out, target
 
     def forward(p: Params, example):
@@ -173,12 +174,12 @@ def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:
     from .transforms.layers import per_example_losses
 
     unpack = model.unpack or default_unpack
-    ties = _has_tied_tensors(model.module)
+    ties, shared = _has_tied_tensors(model.module), shared_slots(model.module)
 
     def rows(params: Params, batch) -> Tensor:
         args, kwargs, target = unpack(batch)
-        out = functional_call(model.module, {**model.fixed, **params}, args, kwargs, strict=True,
-                              tie_weights=ties)
+        out = call_module(model.module, {**model.fixed, **params}, args, kwargs, strict=True,
+                          tie_weights=ties, shared=shared)
         return per_example_losses(model.loss_fn, out, target)
 
     return rows

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from ..module_call import call_module
 from ..transforms.layers import per_example_losses
 from .tasks_data import derive_seed
 
@@ -51,7 +51,7 @@ def task_step(fm, optimizer, weight_decay: float) -> Callable[..., tuple[dict, A
 
     def data_objective(params: dict, batch: tuple, weights: Tensor) -> Tensor:
         *inputs, target = batch
-        out = functional_call(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True)
+        out = call_module(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True)
         losses = per_example_losses(loss_fn, out, target)  # [B]
         return loss_fn(out, target) + ((weights.to(losses.dtype) - 1) * losses).sum() / losses.shape[0]
 

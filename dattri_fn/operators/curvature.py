@@ -29,6 +29,7 @@ from .._checks import (
     regroup,
 )
 from .._types import Batch, LinOp, Loss, Params
+from ..module_call import call_module, shared_slots
 from ..transforms.grad import check_randomness, per_sample_grad_unchecked, seeded, summed_loss
 from ..tree import ravel, ravel_batched
 
@@ -302,6 +303,7 @@ def batch_gnvp(model, params: Params, data, *, batch_rows: int | None = None) ->
                         f"got {type(model).__name__}.")
     batches, flat0, unravel = _prepare(func, params, data, None, batch_rows)
     unpack = model.unpack or default_unpack
+    slots = shared_slots(model.module)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
         # The math kernel of scaled_dot_product_attention has second derivatives; the fused
@@ -314,8 +316,8 @@ def batch_gnvp(model, params: Params, data, *, batch_rows: int | None = None) ->
         spec_box = {}
 
         def out_leaves(flat: Tensor):
-            out = torch.func.functional_call(model.module, {**model.fixed, **unravel(flat)},
-                                             args, kwargs, strict=True)
+            out = call_module(model.module, {**model.fixed, **unravel(flat)}, args, kwargs,
+                              strict=True, shared=slots)
             leaves, spec = tree_flatten(out)
             keep = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)
                     and t.is_floating_point()]

@@ -45,10 +45,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, regroup
+from ..module_call import call_module
 from ..transforms import capture
 from ..transforms.layers import _chunks, batched_io, tree_unsqueeze
 from .kfac_fisher import _ExpectedLoss, _SampledLoss
@@ -90,8 +91,8 @@ def warn_outside(func: str, why: dict[str, str]) -> None:
 def _example_loss(module: nn.Module, loss_fn, state):
     """``(r, args, kwargs, target) -> loss`` of ONE example (a batch of one) at ``state | r``."""
     def one(r, args, kwargs, target):
-        out = functional_call(module, {**state, **r}, tree_unsqueeze(args),
-                              tree_unsqueeze(kwargs))
+        out = call_module(module, {**state, **r}, tree_unsqueeze(args),
+                          tree_unsqueeze(kwargs))
         return loss_fn(out) if target is None else loss_fn(out, tree_unsqueeze(target))
 
     return one
@@ -103,7 +104,7 @@ def _drawn(module: nn.Module, loss_fn, state, args, kwargs, target):
     if not isinstance(loss_fn, _SampledLoss):
         return loss_fn, target
     with torch.no_grad():
-        out = functional_call(module, state, args, kwargs)
+        out = call_module(module, state, args, kwargs)
     detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
     return loss_fn.loss_fn, loss_fn.sampler(detached, target, loss_fn.generator)
 

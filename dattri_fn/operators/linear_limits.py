@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._checks import (
     _msg,
@@ -19,6 +18,7 @@ from .._checks import (
     check_optional_int,
     regroup,
 )
+from ..module_call import call_module
 from ..transforms import capture
 from ..transforms.capture import CaptureError
 from ..transforms.layers import module_state, output_shapes, per_example_losses, unpack_example
@@ -112,7 +112,7 @@ def _autodiff(module, loss_fn, state, pnames, batch):
     ``flat -> sum_i loss_i`` by ``functional_call`` of the module itself (no trace)."""
     args, kwargs, target = unpack_example(batch)
     flat0, unravel = ravel({k: state[k] for k in pnames})
-    out_fn = lambda flat: functional_call(module, {**state, **unravel(flat)}, args, kwargs)
+    out_fn = lambda flat: call_module(module, {**state, **unravel(flat)}, args, kwargs)
     total = lambda flat: per_example_losses(loss_fn, out_fn(flat), target).sum()
     return flat0, out_fn, total
 

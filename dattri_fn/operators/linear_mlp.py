@@ -32,10 +32,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import grad, jvp
 
 from .._checks import batch_cat, batch_size, is_batch
 from .._types import LinOp, Params
+from ..module_call import call_module
 
 __all__ = ["ACTIVATIONS", "MLPHessian", "mlp_hessian"]
 
@@ -316,7 +317,7 @@ def _agrees(module: nn.Module, params: Params, keys: list, x: Tensor, y: Tensor,
 
     def total(flat: Tensor) -> Tensor:
         p = {key: t.view_as(params[key]) for key, t in zip(keys, flat.split(sizes), strict=True)}
-        out = functional_call(module, {**buffers, **p}, (x,))
+        out = call_module(module, {**buffers, **p}, (x,))
         return F.cross_entropy(out, y, reduction="sum")
 
     v = torch.randn(flat0.numel(), generator=torch.Generator().manual_seed(0),
@@ -332,7 +333,7 @@ def _agrees(module: nn.Module, params: Params, keys: list, x: Tensor, y: Tensor,
 
     def total32(flat: Tensor) -> Tensor:
         p = {key: t.view_as(params[key]) for key, t in zip(keys, flat.split(sizes), strict=True)}
-        return F.cross_entropy(functional_call(module, {**module32, **p}, (x32,)), y,
+        return F.cross_entropy(call_module(module, {**module32, **p}, (x32,)), y,
                                reduction="sum")
 
     auto = jvp(grad(total32), (f32,), (v.float(),))[1].double()

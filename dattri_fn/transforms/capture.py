@@ -64,6 +64,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode  # noqa: F401 (importable from here as before)
 from torch.utils._pytree import tree_leaves  # noqa: F401
 
+from ..module_call import call_module, shared_slots
+
 # the call kinds, the mode and the specs, all importable from here as before the splits
 from .capture_kinds import (  # noqa: F401
     _ADDED,
@@ -186,6 +188,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
     # Decided once, from the module as built: without tied tensors functional_call's untying
     # (a walk over every submodule, about 0.1 ms a call) has nothing to do.
     ties = any(c > 1 for c in shared.values())
+    slots = shared_slots(module) if ties else ()
     keyed = _keyed(specs)
     needed = [k for k, _, _ in keyed]
 
@@ -203,7 +206,7 @@ def tap(module: nn.Module, layers: Iterable[str], *, tied: bool = False):
                              f"biases, missing {missing}.")
         mode = _Capture(specs, state, probes, _batch_rows(args, kwargs), tied, keyed)
         with mode:
-            out = torch.func.functional_call(module, state, args, kwargs, tie_weights=ties)
+            out = call_module(module, state, args, kwargs, tie_weights=ties, shared=slots)
         return out, mode
 
     def tapped(state: Mapping[str, Tensor], probes: Mapping[str, Tensor], *args, **kwargs):

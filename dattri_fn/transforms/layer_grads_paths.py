@@ -110,9 +110,8 @@ def _row_losses(model: FunctionalModel, params: Params, batch: Batch, ties: bool
     """Each example's own leaf copy of ``params`` and its loss as a batch of one (grad mode on).
     ``n``: the batch's size where the caller validated it (no second finiteness scan); ``at``:
     those examples of ``batch`` only, in that order (sliced straight from it)."""
-    from torch.func import functional_call
-
     from .._checks import batch_slice
+    from ..module_call import call_module
 
     unpack = _unpack(model)
     if at is None:
@@ -121,8 +120,8 @@ def _row_losses(model: FunctionalModel, params: Params, batch: Batch, ties: bool
     losses = []
     for i, live in zip(at, lives, strict=True):
         args, kwargs, target = unpack(batch_slice(batch, i, i + 1))
-        out = functional_call(model.module, {**model.fixed, **live}, args, kwargs,
-                              tie_weights=ties)
+        out = call_module(model.module, {**model.fixed, **live}, args, kwargs,
+                          tie_weights=ties)
         losses.append(model.loss_fn(out) if target is None else model.loss_fn(out, target))
     return lives, losses
 
