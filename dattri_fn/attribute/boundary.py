@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import torch
 from torch import Tensor
 
 from .._checks import (
     _msg,
     _refuse_store,
     _Regrouped,
+    batch_leaves,
     batch_size,
     count_rows,
     is_batch,
@@ -51,9 +51,10 @@ def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: P
 
 def _unread_rows(func: str, data) -> int | None:
     """:func:`~dattri_fn._checks.count_rows` of ``train`` without the finite scan of its values,
-    for a call that never reads them: every error about a wrong type or count (not a batch, a
-    0-d leaf, leaves of different leading sizes, B = 0, a meta tensor, a store, an ambiguous
-    list) is ``batch_size``'s own, raised by calling it on :func:`_shapes_only` of each batch."""
+    for a call that never reads them. A batch whose structure ``batch_size`` would refuse (not a
+    batch, a 0-d leaf, leaves of different leading sizes, B = 0, a meta tensor) is handed to
+    ``batch_size`` itself, which raises its own error before it scans anything; so does
+    ``count_rows`` for a store or an ambiguous list."""
     if isinstance(data, _Regrouped):
         data = data.data
     _refuse_store(func, "train", data)
@@ -66,24 +67,13 @@ def _unread_rows(func: str, data) -> int | None:
     for b in data:
         if not is_batch(b):
             return count_rows(func, "train", data)  # raises batch_size's TypeError
-        n += batch_size(func, "train", _shapes_only(b))
+        leaves = batch_leaves(b)
+        size = leaves[0].shape[0] if leaves[0].ndim else 0
+        if not size or any(t.ndim == 0 or t.shape[0] != size or t.is_meta for t in leaves):
+            batch_size(func, "train", b)  # raises its error for this structure
+            raise AssertionError(f"batch_size accepted a batch refused here: {b!r}")
+        n += size
     return n
-
-
-_STUB = torch.zeros((), dtype=torch.int8)
-
-
-def _shapes_only(batch):
-    """``batch`` with every floating, non-meta leaf of >= 1 dim replaced by a zero-stride int8
-    view of its shape (an ``expand``: nothing allocated, nothing to scan): what ``batch_size``
-    checks besides the values (leading sizes, dims, meta) is kept, the finite scan skipped."""
-    def stub(t: Tensor) -> Tensor:
-        return _STUB.expand(t.shape) if t.is_floating_point() and t.ndim and not t.is_meta else t
-    if isinstance(batch, Tensor):
-        return stub(batch)
-    if isinstance(batch, Mapping):
-        return {k: stub(v) for k, v in batch.items()}
-    return type(batch)(stub(v) for v in batch)
 
 
 def check_cached_train(func: str, train, n_cached: int, *, read: bool = True) -> None:
