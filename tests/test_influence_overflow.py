@@ -76,3 +76,29 @@ def test_kfac_factor_overflow_names_train_and_the_layer(dtype):
                                          r"inputs and gradients are finite, got NaN or inf in the "
                                          r"input \(A\) factor of layer '0'\."):
         influence(fm, solver="kfac", damping=0.1).prepare(fm.params, (x, y))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_explicit_curvature_overflow_names_train_and_the_example(dtype):
+    """The dense curvature of a training example ~1e20 (float32) / 1e160 (float64) is not
+    finite: prepare names if_explicit(train=...) and example 2 (was ihvp_explicit(op=...))."""
+    fm, net, x, y, _, _ = _problem(dtype)
+    x, y = _huge(net, x, y, 2, dtype)
+    with pytest.raises(ValueError, match=r"^if_explicit\(train=\.\.\.\): expected examples whose "
+                                         r"curvature is finite, got NaN or inf in the dense "
+                                         r"curvature \(example 2's gradient has an entry"):
+        influence(fm, solver="explicit", damping=0.1).prepare(fm.params, (x, y))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_lissa_self_score_beyond_the_dtype_is_refused_naming_the_example(dtype):
+    """LiSSA's right-hand side row ~1e20 is solved scaled (row_scaled): the self-score beyond
+    the dtype is refused naming if_lissa(train=...) and example 2 (was ihvp_lissa(scale=...))."""
+    fm, net, x, y, xt, yt = _problem(dtype)
+    x, y = _huge(net, x, y, 2, dtype)
+    m = influence(fm, solver="lissa", damping=0.1, scale=10.0)
+    st = m.prepare(fm.params, (x, y))
+    with pytest.raises(ValueError, match=r"^if_lissa\(train=\.\.\.\): expected examples whose "
+                                         r"per-example features \(gradients\) are finite, got NaN "
+                                         r"or inf in the self-score of example 2\."):
+        m.self_score(fm.params, st, (x, y))

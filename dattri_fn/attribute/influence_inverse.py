@@ -47,8 +47,8 @@ from .method import device_of
 from .pipeline import collect
 
 
-def _concat(train) -> Any:
-    return batch_cat(list(iter_batches("influence", "train", train)))
+def _concat(train, func: str = "influence") -> Any:
+    return batch_cat(list(iter_batches(func, "train", train)))
 
 
 def _independent(model: FunctionalModel) -> bool:
@@ -80,10 +80,11 @@ def _example(batch, i: int):
     return type(batch)(v[i] for v in batch)
 
 
-def _same_losses(per_example: Loss, batched, params: Params, data) -> bool:
+def _same_losses(per_example: Loss, batched, params: Params, data,
+                 func: str = "influence") -> bool:
     """True when ``batched`` gives ``per_example``'s values on the first few examples of
     ``data`` (a custom ``unpack`` or a forward that mixes examples would not)."""
-    k = min(_CHECK_ROWS, batch_size("influence", "train", data))
+    k = min(_CHECK_ROWS, batch_size(func, "train", data))
     with torch.no_grad():  # a loop, not vmap: vmap's loss batching rules import sympy
         one = torch.stack([per_example(params, _example(data, i)) for i in range(k)])
         many = batched(params, batch_slice(data, 0, k))
@@ -134,7 +135,8 @@ def batched_for(cfg: InfluenceConfig, params: Params, first):
             and _independent(loss)):
         return None
     fn = _batched_train(loss, cfg.l2)
-    return fn if _same_losses(cfg.train_fn, fn, params, batch_to(first, device_of(params))) \
+    return fn if _same_losses(cfg.train_fn, fn, params, batch_to(first, device_of(params)),
+                              cfg.name) \
         else None
 
 
@@ -203,8 +205,16 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
 
     solver, damping, options = cfg.solver, cfg.damping, cfg.options
     if solver == "explicit":
-        inv = solve.ihvp_explicit(curvature_op(cfg, params, train, tapped), damping=damping,
-                                  **options)
+        try:
+            inv = solve.ihvp_explicit(curvature_op(cfg, params, train, tapped), damping=damping,
+                                      **options)
+        except ValueError as err:  # its own scan of the dense curvature: name the data
+            if str(err) != _msg("ihvp_explicit", "op", "finite values", "NaN or inf"):
+                raise
+            raise ValueError(_msg(cfg.name, "train", "examples whose curvature is finite",
+                                  f"NaN or inf in the dense curvature{_culprit(cfg, params, train)}",
+                                  "A training example's gradient (or its square) overflows; "
+                                  "check the data's scale, or compute in float64.")) from err
         # eigenpairs (eigh path), the Cholesky factor L of C + damping I (SPD fast path)
         # or its (LU, pivots) (method="lu")
         return inv, inv.eigen if isinstance(inv, solve.EigenInverse) else inv.factor
@@ -228,7 +238,7 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
                                  **options)
         return inv, getattr(inv, "eigen", None)
     if solver == "lissa":
-        data = _concat(train)
+        data = _concat(train, cfg.name)
         H, shift = affine_hessian(cfg, params, data), 2 * cfg.l2  # the Hessian's l2 term
         if H is None and getattr(cfg.curvature, "keeps_factors", False) and \
                 batched_for(cfg, params, data) is not None:
@@ -237,11 +247,15 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
             C = cfg.curvature(params, data)
             H, shift = (C if isinstance(C, FactoredOperator) and C.factors is not None
                         else None), 0.0
+        # row_scaled: LiSSA is linear in its right-hand side, and a row ~1e20 (float32) made
+        # |v| inf and the recursion's check blame scale; scaled, a self-score beyond the dtype
+        # reaches check_finite_self, which names the example
         if H is not None:  # mini-batches drawn by row index, as sampled draws them from data
             rows = torch.arange(batch_size(cfg.name, "train", data), device=device_of(params))
-            return solve.ihvp_lissa(restricted(H, shift), rows, damping=damping, **options), None
-        return solve.ihvp_lissa(lissa_batches(cfg, params, data), data, damping=damping,
-                                **options), None
+            return row_scaled(solve.ihvp_lissa(restricted(H, shift), rows, damping=damping,
+                                               **options)), None
+        return row_scaled(solve.ihvp_lissa(lissa_batches(cfg, params, data), data,
+                                           damping=damping, **options)), None
     if solver == "datainf":
         from ..tree import block_slices
 
@@ -264,6 +278,25 @@ def build_inverse(cfg: InfluenceConfig, params: Params, train, tapped) -> tuple[
                                           "layer input or gradient (or its square) overflows; "
                                           "check the data's scale, or compute in float64."))
     return inverse_fn(factors, damping=damping), factors
+
+
+def _culprit(cfg: InfluenceConfig, params: Params, train) -> str:
+    """`` (example i's gradient ...)`` for the first training example whose gradient is NaN or
+    inf or whose largest entry squares beyond the dtype, else ``""``: read only after the dense
+    curvature came out non-finite (one more gradient pass, on the failure path alone)."""
+    try:
+        G = collect(grads(cfg, params), regrouped(cfg.name, "train", train, cfg.rows),
+                    device=device_of(params), func=cfg.name, arg="train")
+    except (ValueError, RuntimeError):
+        return ""
+    if not isinstance(G, torch.Tensor) or not G.is_floating_point():
+        return ""
+    big = torch.finfo(G.dtype).max ** 0.5
+    bad = (~torch.isfinite(G) | (G.abs() > big)).reshape(G.shape[0], -1).any(1)
+    if not bool(bad.any()):
+        return ""
+    return (f" (example {int(bad.nonzero()[0, 0])}'s gradient has an entry whose square "
+            f"exceeds {G.dtype})")
 
 
 def lissa_batches(cfg: InfluenceConfig, params: Params, data):
