@@ -137,8 +137,17 @@ def batch_leaves(batch) -> list[Tensor]:
     return list(batch)
 
 
-def batch_size(func: str, arg: str, batch) -> int:
-    """Return the shared leading size ``B`` of a Batch; raise on a non-batch, mismatch or B == 0."""
+def _first_bad_row(t: Tensor) -> int:
+    """The first row (leading index) of ``t`` holding a NaN or inf: one reduction, no loop."""
+    return int((~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero()[0, 0])
+
+
+def batch_size(func: str, arg: str, batch, first: int | None = None) -> int:
+    """Return the shared leading size ``B`` of a Batch; raise on a non-batch, mismatch or B == 0.
+
+    A NaN or inf value is refused naming its first row: ``example first + i`` where the caller
+    gives ``first`` (the batch's first example index in the data), else ``row i of the batch``.
+    Only the failure path pays for finding it."""
     if not is_batch(batch):
         raise TypeError(_msg(func, arg, "a Tensor or a tuple/list/dict of Tensors",
                              type(batch).__name__))
@@ -159,7 +168,9 @@ def batch_size(func: str, arg: str, batch) -> int:
                              "Materialise the examples on a real device first."))
     for t in leaves:
         if t.is_floating_point() and not all_finite(t):
-            raise ValueError(_msg(func, arg, "finite values", "NaN or inf"))
+            i = _first_bad_row(t)
+            where = f"row {i} of the batch" if first is None else f"example {first + i}"
+            raise ValueError(_msg(func, arg, "finite values", f"NaN or inf in {where}"))
     return size
 
 
@@ -258,7 +269,10 @@ def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
     if not isinstance(data, (list, tuple)):
         return None
     if check:
-        return sum(batch_size(func, arg, b) for b in data)
+        n = 0
+        for b in data:
+            n += batch_size(func, arg, b, first=n)
+        return n
     n = 0
     for b in data:
         leaves = batch_leaves(b) if is_batch(b) else []
