@@ -279,3 +279,69 @@ def test_unchecked_plans_applied_per_call_equal_the_checks(monkeypatch, kind, dt
             assert (x is None and y is None) or torch.equal(x, y)
         else:
             _same_lg(x, y)
+
+
+def _outcome(call):
+    """(error type, message) of ``call``, or ("ok", its LayerGrads' dense rows)."""
+    try:
+        lg = call()
+    except Exception as e:  # noqa: BLE001
+        return type(e), str(e)
+    return "ok", lg.to_dense()
+
+
+def _both_paths(monkeypatch, calls):
+    """Each call's outcome with the certified path and with the check alone (as before issue 14)."""
+    new = [_outcome(c) for c in calls]
+    with monkeypatch.context() as mp:
+        _no_certify(mp)
+        old = [_outcome(c) for c in calls]
+    return new, old
+
+
+def _apply_paths(plan, stacked, batch):
+    """The unchecked plan applied per call: layer_grads_stacked, the stream's first batch."""
+    return [lambda: layer_grads_stacked(plan, stacked, batch),
+            lambda: layer_grads_stream(plan)[0](stacked, batch)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row", [3, 6])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_example_past_the_first_three_is_refused_as_before(monkeypatch, dtype, row,
+                                                                           value):
+    """Review RA F1: the certification reads only the first 3 examples' rows; a NaN/inf input
+    at row >= 3 is refused by layer_grads_stacked (unchecked plan) and the stream with the
+    check's error, naming the row, not returned as NaN rows."""
+    fm = functional_model(_model("mlp", dtype), F.cross_entropy)
+    x, y = _data(dtype, 7)
+    x[row, 2] = value
+    new, old = _both_paths(monkeypatch, _apply_paths(layer_plan(fm), _stacked(fm), (x, y)))
+    assert new == old
+    assert all(t is ValueError and f"row {row}" in m for t, m in new)
+
+
+def test_an_empty_batch_gets_the_libraries_error(monkeypatch):
+    """Review RA F2: B = 0 raises the check's "expected a non-empty batch" (not torch's max()
+    RuntimeError); certified_plan itself gives None on it (the check then raises)."""
+    fm = functional_model(_model("mlp", torch.float32), F.cross_entropy)
+    x, y = _data(torch.float32, 4)
+    batch, plan, stacked = (x[:0], y[:0]), layer_plan(fm), _stacked(fm)
+    assert certified_plan(plan, stacked, batch) is None
+    new, old = _both_paths(monkeypatch, _apply_paths(plan, stacked, batch))
+    assert new == old
+    assert all(t is ValueError and "non-empty batch" in m for t, m in new)
+
+
+def test_a_stacked_key_naming_a_fixed_weight_is_refused_by_name(monkeypatch):
+    """Review RA F3: {attributed key, fixed key} in stacked with an unchecked plan: the fixed
+    weight is not overridden (finite gradients at 3 W0 before the fix): layer_grads_stacked and
+    the stream's first batch raise the check's error naming the key; certified_plan gives None."""
+    fm = functional_model(_model("mlp", torch.float32), F.cross_entropy, params=["4.weight"])
+    plan = layer_plan(fm)
+    bad = {**_stacked(fm), "0.weight": (3 * fm.fixed["0.weight"])[None]}
+    batch = _data(torch.float32, 5)
+    assert certified_plan(plan, bad, batch) is None
+    new, old = _both_paths(monkeypatch, _apply_paths(plan, bad, batch))
+    assert new == old
+    assert all(t is ValueError and "0.weight" in m for t, m in new)

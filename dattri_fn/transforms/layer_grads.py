@@ -180,7 +180,8 @@ def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPla
     if (plan.checked or not plan.layers or plan.rest or plan.norms or plan.ties or plan.bare
             or plan.tie_biases or plan.tie_factors
             or any(plan.tapped.specs[n].kind != "linear" for n in plan.layers)
-            or any(v.ndim == 0 or v.shape[0] != 1 for v in stacked.values())):
+            or any(v.ndim == 0 or v.shape[0] != 1 for v in stacked.values())
+            or stacked.keys() != plan.model.params.keys()):  # review RA F3: the check names
         return None, {}
     first = {k: v[0] for k, v in stacked.items()}
     try:
@@ -196,7 +197,7 @@ def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPla
     # and below the dtype's max; a NaN or inf in a or g makes it NaN or inf (abs and max
     # propagate both; inf * 0 is NaN), so one tolist() decides for every layer (a bound over
     # the examples together: at worst a finite batch near the max takes the check)
-    if not all(a.shape[1] and g.shape[1] for a, g in io.values()):
+    if not all(a.shape[0] and a.shape[1] and g.shape[1] for a, g in io.values()):  # RA F2
         return None, {}
     peaks = torch.stack([t[:3].abs().max() for pair in io.values() for t in pair]).tolist()
     dtype = next(iter(io.values()))[0].dtype
@@ -240,16 +241,18 @@ def _stacked(func: str, model: FunctionalModel, params: Params) -> Params:
                           "checkpoints", f"{got}"))
 
 
-def _check(plan: LayerPlan, stacked: Params, batch: Batch, *,
-           keep_shapes: bool = True, losses: list | None = None) -> tuple[LayerPlan, LayerGrads]:
+def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool = True,
+           losses: list | None = None, n: int | None = None) -> tuple[LayerPlan, LayerGrads]:
     """:func:`check_plan`'s bare core (``batch`` of 2 or more examples, on the params' device):
     the checked plan and ``batch``'s gradients at ``stacked`` from the pass that checked it.
     ``keep_shapes=False``: the plan's probe shapes are left out (a caller that keeps only
     :func:`plan_decisions`, which drop them anyway, skips the unpack and signature).
     ``losses``: as :func:`~dattri_fn.transforms.layer_grads_paths._factored`'s (the factored
-    passes over the whole batch record them)."""
+    passes over the whole batch record them). ``n``: ``batch_size("layer_grads", "batch",
+    batch)`` where the caller ran it already (its scan is not repeated)."""
     first = {k: v[:1] for k, v in stacked.items()}
-    n = batch_size("layer_grads", "batch", batch)
+    if n is None:
+        n = batch_size("layer_grads", "batch", batch)
     k = min(n, 3)
     head = batch if n == k else batch_slice(batch, 0, k)
     # Plain torch.autograd.grad, not vmap: vmap's nll_loss batching rule imports sympy (~0.9
@@ -405,9 +408,11 @@ def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> Layer
     if not plan.checked:
         # a batch of one is checked too (its factors against autodiff on that example): it
         # cannot show examples mixed within a batch, but needs no dense [C, 1, P] either; a
-        # certified MLP's is decided without the check (issue 14)
+        # certified MLP's is decided without the check (issue 14), the batch validated first
+        # as the check does (review RA F1: a NaN past the first 3 examples is refused)
+        n = batch_size("layer_grads", "batch", batch)
         checked, lg = _certified_grads(plan, stacked, batch, None)
-        return lg if checked is not None else _check(plan, stacked, batch)[1]
+        return lg if checked is not None else _check(plan, stacked, batch, n=n)[1]
     if plan.dense:
         return _dense(plan, stacked, batch)[0]
     try:
@@ -449,10 +454,11 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
         # losses: receives the batched passes' per-example losses [B] per checkpoint where the
         # factored path ran them (layer_grads_paths._factored); left as it was otherwise
         if not held[0].checked:
+            n = batch_size("layer_grads", "batch", batch)  # before either path, as the check
             checked, lg = _certified_grads(held[0], stacked, batch, losses)
             if checked is None:
-                checked, lg = _check(held[0], stacked, batch, losses=losses)
-            if batch_size("layer_grads", "batch", batch) >= 2:
+                checked, lg = _check(held[0], stacked, batch, losses=losses, n=n)
+            if n >= 2:
                 held[0] = checked
             return lg
         if held[0].dense:
@@ -487,7 +493,8 @@ def _plain_mlp(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads | N
     if (plan.loop or plan.rest or plan.autodiff or plan.tie_factors
             or any(kind != "flat" for _, kind in plan.layout)
             or len(plan.layout) != len(plan.layers)
-            or next(iter(stacked.values())).shape[0] != 1):
+            or next(iter(stacked.values())).shape[0] != 1
+            or stacked.keys() != plan.model.params.keys()):  # RA F3: _factored names the keys
         return None
     first = {k: v[0] for k, v in stacked.items()}
     args, kwargs, target = _unpack(plan.model)(batch)
