@@ -16,6 +16,13 @@ from dattri_fn.transforms import layer_grads as lgm
 from dattri_fn.transforms.layer_grads import layer_plan
 from dattri_fn.transforms.layers import batched_io
 
+_PASS_PLAN = trak_mlp.pass_plan
+
+
+def _margin_pass(on: bool, monkeypatch) -> None:
+    """TRAK's margin pass on (trak_mlp.pass_plan as shipped) or off (the engine and its check)."""
+    monkeypatch.setattr(trak_mlp, "pass_plan", _PASS_PLAN if on else lambda plan: None)
+
 
 def _mlp(seed: int, acts: list, bias: bool, dtype, sizes=(13, 9, 7)) -> nn.Module:
     torch.manual_seed(seed)
@@ -80,7 +87,7 @@ def _scores(m, train, test, *, fast: bool, C: int = 3, monkeypatch=None, **kw):
                                     for k, v in out.params.items()} for _ in range(C - 1)]
     calls, real = [], lgm._check
     monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(trak_features, "_FAST", [fast])
+    _margin_pass(fast, monkeypatch)
     method = trak(out, weight_fn=w, **{"proj_dim": 5, "damping": 0.1, "seed": 3, **kw})
     state = method.prepare(params, train)
     return (state, method.score(params, state, train, test),
@@ -178,7 +185,7 @@ def test_other_calls_are_left_to_the_engine():
 def _refusal(m, train, fast: bool, monkeypatch):
     out = functional_model(m, classification_margin_loss)
     w = functional_model(m, classification_weight_loss)
-    monkeypatch.setattr(trak_features, "_FAST", [fast])
+    _margin_pass(fast, monkeypatch)
     with pytest.raises(Exception) as err:  # noqa: PT011 -- compared between the two paths
         trak(out, weight_fn=w, proj_dim=5, damping=0.1).prepare(dict(out.params), train)
     return type(err.value), str(err.value)
@@ -215,3 +222,84 @@ def test_bad_examples_get_the_same_errors(bad, later, monkeypatch):
         assert ref[1].startswith(want) and got[1].endswith("got label 7.")
         return
     assert got == ref
+
+
+@pytest.mark.parametrize("which", ["train", "test", "both"])
+@pytest.mark.parametrize("kw", [{}, {"proj_dim": None}, {"cache_features": False}])
+def test_inputs_that_require_grad(kw, which, monkeypatch):
+    """A train and a test batch whose input requires grad (a leaf kept for saliency, an
+    augmentation's output): the same state, scores and self-scores as the engine's (whose probes
+    read the input detached), none of them requiring grad (review RB F1: the pass kept the
+    caller's input as layer 1's ``a``; prepare then failed in the float64 Cholesky and score
+    returned a graph into the test input)."""
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    x, y = _data(2, 9, 13, 7, torch.float32)
+    xt, yt = _data(4, 6, 13, 7, torch.float32)
+    train = [(x.requires_grad_(which != "test"), y)]
+    test = (xt.requires_grad_(which != "train"), yt)
+    ref = _scores(m, train, test, fast=False, monkeypatch=monkeypatch, **kw)
+    got = _scores(m, train, test, fast=True, monkeypatch=monkeypatch, **kw)
+    assert _same_state(got[0], ref[0])
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert got[3] == 0
+    for t in (*got[0], got[1], got[2]):
+        for u in (t.factors.values() if hasattr(t, "factors") else [t]):
+            for v in (u if isinstance(u, tuple) else [u]):
+                assert not (isinstance(v, torch.Tensor) and v.requires_grad)
+
+
+def _count_passes(monkeypatch) -> dict:
+    """Count margin_io's passes that ran (non-None) and the capture engine's stream calls."""
+    seen = {"margin": 0, "engine": 0}
+    real_io, real_stream = trak_mlp.margin_io, trak_features.layer_grads_stream
+
+    def margin_io(*a, **k):
+        io = real_io(*a, **k)
+        seen["margin"] += io is not None
+        return io
+
+    def stream(plan):
+        apply, held = real_stream(plan)
+
+        def counted(*a, **k):
+            seen["engine"] += 1
+            return apply(*a, **k)
+        return counted, held
+
+    monkeypatch.setattr(trak_mlp, "margin_io", margin_io)
+    monkeypatch.setattr(trak_features, "layer_grads_stream", stream)
+    return seen
+
+
+@pytest.mark.parametrize("kw", [{}, {"cache_features": False}])
+def test_prepare_score_and_self_score_take_the_margin_pass(kw, monkeypatch):
+    """The certified MLP's every capture pass is margin_io's, none the engine's, in prepare
+    (2 train batches x C = 3), score and self_score (review RB F3: switching the pass off in
+    score, e.g. ``pass_plan`` returning None for a prepared state, passed every equality test).
+    With the pass off every pass is the engine's (the counter itself works)."""
+    m = _mlp(0, [nn.Tanh], True, torch.float64)
+    train = [_data(2, 9, 13, 7, torch.float64), _data(3, 3, 13, 7, torch.float64)]
+    test = _data(4, 6, 13, 7, torch.float64)
+    out = functional_model(m, classification_margin_loss)
+    w = functional_model(m, classification_weight_loss)
+    g = torch.Generator().manual_seed(5)
+    params = [dict(out.params)] + [{k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                                    for k, v in out.params.items()} for _ in range(2)]
+    counts = {}
+    for on in (True, False):
+        _margin_pass(on, monkeypatch)
+        seen = _count_passes(monkeypatch)
+        method = trak(out, weight_fn=w, **{"proj_dim": 5, "damping": 0.1, "seed": 3, **kw})
+        phases = []
+        state = method.prepare(params, train)
+        phases.append(dict(seen))
+        method.score(params, state, train, test)
+        phases.append(dict(seen))
+        method.self_score(params, state, train)
+        phases.append(dict(seen))
+        counts[on] = phases
+    # cumulative counts after prepare, score, self_score
+    re_pass = 0 if kw.get("cache_features", True) else 6  # train passes again without the cache
+    assert counts[True] == [{"margin": 6, "engine": 0}, {"margin": 9 + re_pass, "engine": 0},
+                            {"margin": 9 + 2 * re_pass, "engine": 0}]
+    assert all(c["margin"] == 0 for c in counts[False]) and counts[False][-1]["engine"] > 0

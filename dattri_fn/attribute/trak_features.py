@@ -55,7 +55,6 @@ _DENSE_ENTRIES = 2**21  # up to this b * P (or R held), a checkpoint's [b, P] is
 _ROW_BLOCK_ENTRIES = 2**16  # densified per projection call when R is held: rows x P entries
 _MIN_BLOCK_ROWS = 128  # but at least this many rows (smaller GEMMs lose speed)
 _HELD_BYTES = 2**22  # over this, the C dense R's of a pass are held one at a time
-_FAST = [True]  # trak_mlp's pass for a plain MLP with the margin (False: the engine; A/B, tests)
 
 
 class Calls(NamedTuple):
@@ -138,8 +137,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     stream = [None, None] if applied is None else list(layer_grads_stream(applied))
     # a plain MLP with the margin: its passes by trak_mlp.margin_pass (the engine's bits);
     # an unchecked plan is decided by its first batch of >= 2 examples there
-    mlp = [None if applied is None or cfg.projection == "kronecker" or not _FAST[0] else
-           applied if trak_mlp.fast_plan(applied) else trak_mlp.certified(applied)]
+    mlp = [None if applied is None or cfg.projection == "kronecker" else
+           trak_mlp.pass_plan(applied)]
     # the stream hands back its passes' per-example losses (here the margins) where it ran
     # them (layer_grads_stream's apply(losses=...))
     from_pass = cfg.weight_from_pass and stream[0] is not None and weight_fn is not None

@@ -24,7 +24,17 @@ mlp_io-certified MLPs, issue 14, stop 25, carried here to the margin, a loss of 
 each Linear runs once on ``[B, in]``, so example ``i``'s weight gradient is ``g_i a_i^T``
 exactly. What the check refuses besides the comparison is left to it: the pass declines (the
 engine and its check run, raising as before) on anything it does not certify, and a first
-batch whose first 3 examples' rows ``g_i a_i^T`` may not be finite.
+batch of one example (checked, not held, as before).
+
+The decided plan is the check's except where the check itself would have gone dense on
+rounding alone: it compares the batched pass with batch-of-1 autodiff rows, and on logits of
+~1e5 and more with nearly tied classes their GEMM rounding can exceed its tolerance (it warns
+and decides ``dense=True``). Here the plan stays flat, silently: the scores are the same
+(torch.equal, both layouts hold the same ``g_i a_i^T``) but ``TRAKState.plan`` and the state's
+hash differ from the check's (review RB F2, stop 25).
+
+A batch input that requires grad is read detached, as the engine's probes read it: no state or
+score carries a graph into the caller's tensors.
 """
 
 from __future__ import annotations
@@ -33,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import all_finite
+from ..model import default_unpack
 from ..transforms import mlp_io as _mlp_io
 from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
-from ..transforms.layer_grads_paths import _assemble, _unpack
+from ..transforms.layer_grads_paths import _assemble
 from ..transforms.layers_losses import summed_losses
 from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
 from .outputs import _class_labels, _gather_labels, classification_margin_loss
@@ -49,7 +59,7 @@ def _plain_context() -> bool:
                 or torch.is_inference_mode_enabled()
                 or torch._C._is_any_autocast_enabled()
                 or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-                or any(getattr(_mlp_io._module, h, None) for h in _mlp_io._GLOBAL))
+                or _mlp_io._global_hooks())
 
 
 def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) -> dict | None:
@@ -62,7 +72,7 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
     chain = mlp_chain(model.module)
     if chain is None or set(plan.layers) != {n for n, _, _ in chain}:
         return None
-    args, kwargs, target = _unpack(model)(batch)
+    args, kwargs, target = (model.unpack or default_unpack)(batch)
     if len(args) != 1 or kwargs:
         return None
     x = args[0]
@@ -89,7 +99,7 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
         z = F.linear(x, *weights[0])
     with torch.enable_grad():
         h = z.requires_grad_(len(chain) > 1)
-        ins.append(x)
+        ins.append(x.detach())  # the engine's probes read the input detached
         outs.append(z)
         for i, (_, _, acts) in enumerate(chain):
             if i:
@@ -138,6 +148,13 @@ def fast_plan(plan: LayerPlan) -> bool:
             and all(plan.tapped.specs[n].kind == "linear" for n in plan.layers))
 
 
+def pass_plan(plan: LayerPlan) -> LayerPlan | None:
+    """The plan :func:`margin_pass` runs under for TRAK's ``plan`` (checked all-flat, or an
+    unchecked one it may certify), else None: the capture engine and its check. (Tests and
+    benchmarks/trak_mlp_ab.py switch the pass off by replacing this function.)"""
+    return plan if fast_plan(plan) else certified(plan)
+
+
 def certified(plan: LayerPlan) -> LayerPlan | None:
     """The decided all-flat plan of an unchecked ``plan`` whose model the pass may certify
     (then the first batch decides), else None."""
@@ -151,19 +168,6 @@ def certified(plan: LayerPlan) -> LayerPlan | None:
                                             tuple((n, "flat") for n in plan.layers)))
 
 
-def _finite_rows(io: dict) -> bool:
-    """The first 3 examples' rows ``g_i a_i^T`` (and ``g_i``) are finite: finite factors whose
-    ``max|g_i| max|a_i|`` stays below the dtype's max (the check's refusal is left to it)."""
-    for a, g in io.values():
-        a3, g3 = a[:3], g[:3]
-        if not (a3.shape[1] and g3.shape[1] and all_finite(a3) and all_finite(g3)):
-            return False
-        bound = (g3.abs().amax(1).double() * a3.abs().amax(1).double()).max()
-        if not float(bound) < torch.finfo(a.dtype).max:
-            return False
-    return True
-
-
 def margin_pass(plan: LayerPlan, stacked: dict, batch, losses: list | None = None, *,
                 first: bool = False):
     """The :class:`~dattri_fn.transforms.factored_grads.LayerGrads` of ``batch`` at every
@@ -171,14 +175,16 @@ def margin_pass(plan: LayerPlan, stacked: dict, batch, losses: list | None = Non
     engine's ``_factored`` assembles them under ``plan`` (decided, all flat), or None where a
     checkpoint's pass declines. ``losses``: its contents replaced by the C margins ``[B]`` on
     success. ``first``: the batch decides an unchecked plan: None unless it has 2 or more
-    examples and its first 3 rows are finite (the plan check then runs as before)."""
+    examples (the plan check then runs as before). No finiteness guard is needed there: a
+    non-finite input is refused at TRAK's batch boundary before any pass, and finite inputs
+    whose rows ``g_i a_i^T`` overflow reach TRAK's own scan of the captured rows, which names
+    the parameter with the check's NonFiniteGradient message (tests/test_trak_mlp.py)."""
     C = next(iter(stacked.values())).shape[0]
     got = [] if losses is not None else None
     raw = None
     for c in range(C):
         io = margin_io(plan, {k: v[c] for k, v in stacked.items()}, batch, got)
-        if io is None or (first and c == 0 and (next(iter(io.values()))[0].shape[0] < 2
-                                                or not _finite_rows(io))):
+        if io is None or (first and c == 0 and next(iter(io.values()))[0].shape[0] < 2):
             return None
         if raw is None:
             raw = {n: tuple(t.new_empty((C, *t.shape)) for t in pair) for n, pair in io.items()}
