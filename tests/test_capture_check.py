@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from plan_counting import no_certified
 from torch import nn
 
 from dattri_fn import functional_model
@@ -132,7 +133,7 @@ def test_check_takes_one_engine_call_and_falls_back_on_any_error(monkeypatch):
     """check_plan on 3 rows calls autograd once (no separate reference rows); a failing shortcut
     leaves the same checked plan from the two calls."""
     # the check itself: a plain MLP's plan is decided without it (issue 14, stop 25)
-    monkeypatch.setattr(lgm, "_certified", lambda *a: (None, {}))
+    no_certified(monkeypatch)
     fm = functional_model(_model(0, "mlp"), F.cross_entropy)
     head = _xy(1, 3)
     calls, real = [], torch.autograd.grad

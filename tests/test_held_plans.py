@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from plan_counting import count_plan_decisions
 from torch import nn
 
 from dattri_fn import functional_model, io
 from dattri_fn.attribute.gradsim import GradSimState, grad_cos, grad_dot, tracin, tracin_cos
 from dattri_fn.store_hash import state_hash
-from dattri_fn.transforms import layer_grads as lgm
 from dattri_fn.transforms.layer_grads import (
     PlanDecisions,
     check_plan,
@@ -123,24 +123,8 @@ def _ckpts(fm, C, seed=1):
 
 
 def _counting(monkeypatch):
-    """Count the plan decisions: every check runs layer_grads._check once, and a plain MLP's plan
-    is decided without it by layer_grads._certified (issue 14, stop 25), counted where it does."""
-    calls = []
-    real, real_certified = lgm._check, lgm._certified
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    def certified(*args, **kwargs):
-        out = real_certified(*args, **kwargs)
-        if out[0] is not None:
-            calls.append(1)
-        return out
-
-    monkeypatch.setattr(lgm, "_check", counted)
-    monkeypatch.setattr(lgm, "_certified", certified)
-    return calls
+    """Count the plan decisions: the check's and a certified MLP's (tests/plan_counting.py)."""
+    return count_plan_decisions(monkeypatch)
 
 
 BUILDERS = {

@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from plan_counting import count_plan_decisions
 from torch import nn
 
 from dattri_fn import functional_model
 from dattri_fn.attribute import influence
 from dattri_fn.attribute import influence_score as score_module
-from dattri_fn.transforms import layer_grads as lgm
 
 DT = torch.float64
 
@@ -36,11 +36,7 @@ def test_one_plan_check_per_call(ensemble, relatif, monkeypatch):
     train, test = [_xy(1, 5), _xy(2, 4)], _xy(3, 3)
     m = influence(fms[0], solver="explicit", damping=0.1, relatif=relatif)
     state = m.prepare(params, train)
-    calls, real, real_certified = [], lgm._check, lgm._certified
-    monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # a plain MLP's plan is decided without the check (issue 14, stop 25): counted where it is
-    monkeypatch.setattr(lgm, "_certified", lambda *a: (
-        out := real_certified(*a), out[0] is not None and calls.append(1))[0])
+    calls = count_plan_decisions(monkeypatch)  # the check's and a certified MLP's decisions
     S, diag = m.score(params, state, train, test), m.self_score(params, state, train)
     assert len(calls) == 2
     monkeypatch.setattr(score_module, "shared_stream", lambda cfg: None)
