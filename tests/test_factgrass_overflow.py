@@ -5,6 +5,7 @@ words, as every method's self-score), or the block where it holds no rows; ``sel
 a NaN/inf self-score by example. Tame data is unchanged (the check is one scan of each Fisher)."""
 
 import importlib
+import re
 import warnings
 
 import pytest
@@ -43,7 +44,7 @@ def _problem(plain: bool):
 
 
 @pytest.mark.parametrize("plain", [False, True])
-@pytest.mark.parametrize("damping", [None, 0.0, 0.1])
+@pytest.mark.parametrize("damping", [None, 0.0, 0.1, 1e39])
 def test_prepare_names_the_overflowing_example_not_damping(plain, damping):
     fm, train = _problem(plain)
     m = factgrass(fm, proj_dim=4, mask_dim=2, damping=damping)
@@ -99,6 +100,42 @@ def test_a_singular_fisher_still_names_damping():
     x, y = train[0]
     with pytest.raises(ValueError, match=r"^factgrass\.prepare\(damping=\.\.\.\)"):
         factgrass(fm, proj_dim=4, mask_dim=2, damping=0.0).prepare(fm.params, [(x[:2], y[:2])])
+
+
+def _tame(plain: bool):
+    """_problem without example 7 (11 ordinary float32 examples)."""
+    fm, ((x0, y0), (x1, y1)) = _problem(plain)
+    return fm, [(x0, y0), (torch.cat([x1[:1], x1[2:]]), torch.cat([y1[:1], y1[2:]]))]
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("damping", [1e39, 1e300])
+def test_a_damping_beyond_the_dtype_names_damping(plain, damping):
+    """Ordinary data, a damping that is inf in float32 (review RD F1): the Fisher is finite
+    before damping, so damping is named, with the dtype's bound; not the training data."""
+    fm, train = _tame(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"^factgrass\.prepare\(damping=\.\.\.\): expected a "
+                                             r"damping whose sum with block '(a|0)''s Fisher "
+                                             r"diagonal is finite in float32 \(<= 3\.4e\+38\), got "
+                                             rf"damping={re.escape(str(damping))}\.$"):
+            factgrass(fm, proj_dim=4, mask_dim=2, damping=damping).prepare(fm.params, train)
+
+
+def test_a_large_finite_damping_is_taken():
+    """A damping within the dtype (1e30 in float32) and 1e39 in float64 are no error: each
+    inverse is ~I/damping, finite."""
+    fm, train = _tame(True)
+    st = factgrass(fm, proj_dim=4, mask_dim=2, damping=1e30).prepare(fm.params, train)
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in st.inverses.values())
+    fm64 = functional_model(fm.module.double(), F.cross_entropy)
+    train64 = [(x.double(), y) for x, y in train]
+    st = factgrass(fm64, proj_dim=4, mask_dim=2, damping=1e39).prepare(fm64.params, train64)
+    for v in st.inverses.values():
+        assert v.dtype == torch.float64
+        eye = torch.eye(v.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(v * 1e39, eye, rtol=0, atol=1e-12)
 
 
 def test_tame_examples_unchanged():

@@ -425,10 +425,16 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
             # one matrix is factorised as it is (no stacked copy): the same LAPACK call
             A = (damped[names[0]][None] if len(names) == 1
                  else torch.stack([damped[b] for b in names]))
-            if not all_finite(A):  # the data's doing, not damping's (stop 24 review)
-                _refuse_fisher(func, [b for b in names if not all_finite(damped[b])], blocks,
-                               n, _held_rows(sk, blocks, factors, buf, feats, n,
-                                             cfg if factors is not None else None))
+            if not all_finite(A):  # the data's doing, or damping's (stop 25 review RD F1)
+                bad = [b for b in names if not all_finite(damped[b])]
+                if damping is not None and all(all_finite(grams[b]) for b in bad):
+                    # finite before damping: its sum with the diagonal leaves the dtype
+                    big = torch.finfo(A.dtype).max
+                    raise ValueError(_msg(func, "damping", "a damping whose sum with block "
+                                          f"{bad[0]!r}'s Fisher diagonal is finite in "
+                                          f"{str(A.dtype)[6:]} (<= {big:.3g})", f"damping={damping}"))
+                _refuse_fisher(func, bad, blocks, n,
+                               _held_rows(sk, blocks, factors, buf, feats, n, cfg))
             L, info = torch.linalg.cholesky_ex(A)
             A = None
             bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
@@ -447,7 +453,7 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
 
 
 def _held_rows(sk: _Sketches, blocks: tuple, factors: dict | None, buf: Tensor | None,
-               feats: list, n: int, cfg: _Config | None):
+               feats: list, n: int, cfg: _Config):
     """``(start, phi)`` chunks of the training rows ``prepare`` holds (its factors formed in
     their spans, or its cached features); none where it holds none (``cache_features=False``).
     For the error path only."""
