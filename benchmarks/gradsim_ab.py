@@ -71,7 +71,7 @@ def main(argv=None) -> None:
 
 def _certified_ab(args, task, models, hp, runner_for) -> None:
     """Rounds of (certified, checked, dattri), the order rotated each round."""
-    from dattri_fn.transforms import layer_grads
+    from dattri_fn.transforms import layer_grads_certified as layer_grads  # _certified's home
 
     real = layer_grads._certified
 

@@ -9,9 +9,10 @@ function changes this module only.
 from __future__ import annotations
 
 from dattri_fn.transforms import layer_grads as _lg
+from dattri_fn.transforms import layer_grads_certified as _lgc
 
 # where _certified is looked up by certified_plan / _certified_grads (and so where it is patched)
-_CERTIFIED_HOME = _lg
+_CERTIFIED_HOME = _lgc
 
 
 def count_plan_decisions(monkeypatch) -> list:
