@@ -82,14 +82,15 @@ def _blocks(func: str, grads, blocks, arg: str = "grads") -> dict[str, Tensor]:
 
 
 def _default_damping(blocks: dict[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
+    out = {k: 0.1 * (g * g).sum(1).mean() / g.shape[1] for k, g in blocks.items()}
+    if all_finite(torch.stack(list(out.values()))):  # one reduction for all blocks
+        return out
     for k, g in blocks.items():
-        lam = 0.1 * (g * g).sum(1).mean() / g.shape[1]
-        if not torch.isfinite(lam):  # |g|^2 overflowed: the same mean of g / 2^e, times 4^e
+        if not torch.isfinite(out[k]):  # |g|^2 overflowed: the same mean of g / 2^e, times 4^e
             e = int(torch.frexp(g.abs().amax())[1])
             u = torch.ldexp(g, torch.tensor(-e))
             lam = torch.ldexp(0.1 * (u * u).sum(1).mean() / g.shape[1], torch.tensor(2 * e))
-        out[k] = lam.to(g.dtype)
+            out[k] = lam.to(g.dtype)
     return out
 
 
@@ -198,6 +199,31 @@ def datainf_damping(op, *, blocks=None) -> dict[str, Tensor]:
     return _default_damping(_parts("datainf_damping", op, blocks))
 
 
+def _overflowing(func: str, parts: dict[str, Tensor], sqs: dict[str, Tensor],
+                 lam: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(rows, scaled)`` of :func:`ihvp_datainf` where some ``|g_i|^2`` (``sqs``) or a default
+    ``lam_l`` is not finite: a row whose ``|g|^2`` overflows (a gradient ~1e20 in float32)
+    would drop out (``g / inf``); its term ``(V g) g / (lam + |g|^2)`` is ``(V u) u / (lam / 4^e
+    + |u|^2)`` with ``u = g / 2^e``, exact scaling. Other rows and blocks keep their bits."""
+    rows, scaled = dict(parts), {}
+    for k, g in parts.items():
+        if not torch.isfinite(torch.as_tensor(lam[k])):
+            raise ValueError(_msg(func, "damping", "a finite default lam_l = 0.1 mean|g_l|^2/P_l",
+                                  f"inf in block {k!r} (the gradients' squares exceed "
+                                  f"{g.dtype})", "Pass damping=<float>" + (
+                                      "." if g.dtype == torch.float64
+                                      else ", or compute in float64.")))
+        sq = sqs[k]
+        if all_finite(sq):
+            scaled[k] = g / (lam[k] + sq)
+            continue
+        u, e = _rescaled(g, sq)
+        rows[k] = u
+        small = torch.ldexp(torch.as_tensor(lam[k], dtype=g.dtype).expand(e.shape), -2 * e)
+        scaled[k] = u / (small.to(g.dtype) + (u * u).sum(1, keepdim=True))
+    return rows, scaled
+
+
 def ihvp_datainf(op, *, damping: float | None = None, blocks=None) -> LinOp:
     """Return ``V -> blockdiag_l (1/n) sum_i (g_il g_il^T + lam_l I)^-1 V``.  # [k, P] -> [k, P]
 
@@ -244,28 +270,17 @@ def ihvp_datainf(op, *, damping: float | None = None, blocks=None) -> LinOp:
     names = list(parts)
     sizes = [parts[k].shape[1] for k in names]
     ref = parts[names[0]]
-    for k in names:
-        if not torch.isfinite(torch.as_tensor(lam[k])):
-            raise ValueError(_msg(func, "damping", "a finite default lam_l = 0.1 mean|g_l|^2/P_l",
-                                  f"inf in block {k!r} (the gradients' squares exceed "
-                                  f"{ref.dtype})", "Pass damping=<float>" + (
-                                      "." if ref.dtype == torch.float64
-                                      else ", or compute in float64.")))
     # Per block: rows of g pre-scaled by 1/(lam + |g|^2) so each matmat is two matmuls.
-    rows, scaled = dict(parts), {}
-    for k in names:
-        g = parts[k]
-        sq = (g * g).sum(1, keepdim=True)
-        if all_finite(sq):
-            scaled[k] = g / (lam[k] + sq)
-            continue
-        # A row whose |g|^2 overflows (a gradient ~1e20 in float32) would drop out (g / inf):
-        # its term (V g) g / (lam + |g|^2) is (V u) u / (lam / 4^e + |u|^2) with u = g / 2^e,
-        # exact scaling. The other rows, and blocks without such a row, keep their bits.
-        u, e = _rescaled(g, sq)
-        rows[k] = u
-        small = torch.ldexp(torch.as_tensor(lam[k], dtype=g.dtype).expand(e.shape), -2 * e)
-        scaled[k] = u / (small.to(g.dtype) + (u * u).sum(1, keepdim=True))
+    sqs, scaled = {}, {}
+    for k in names:  # block by block, as before: the same bits (and cache order)
+        sqs[k] = (parts[k] * parts[k]).sum(1, keepdim=True)
+        scaled[k] = parts[k] / (lam[k] + sqs[k])
+    seen = [v.reshape(-1) for v in sqs.values()]
+    if damping is None:
+        seen.append(torch.stack(list(lam.values())).reshape(-1))
+    rows = parts
+    if not all_finite(torch.cat(seen)):  # one reduction for every block
+        rows, scaled = _overflowing(func, parts, sqs, lam)
     n = ref.shape[0]
 
     def matmat(V: Tensor) -> Tensor:
