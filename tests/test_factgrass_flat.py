@@ -197,7 +197,8 @@ def test_one_engine_call_equals_the_pass_then_the_check(mixing):
         assert checked.layout == ref.layout and checked.checked
 
 
-@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64),
+                                    (torch.float64, torch.float32)])
 def test_write_flat_row_blocks_reuse_one_buffer_exactly(dtypes):
     """write_flat's reused stage-1 buffer: 7 rows in blocks of 3, 3 and 1 (a short last block)
     == vec(g' a'^T) of every row at once, bit for bit, in g' * a''s promoted dtype; the
@@ -215,3 +216,35 @@ def test_write_flat_row_blocks_reuse_one_buffer_exactly(dtypes):
     rows.write_flat([("l", 1, 13, pa, pg)], out, 2)
     assert torch.equal(out[2:, 1:13], (pg[:, :, None] * pa[:, None, :]).flatten(1))
     assert (out[:2] == -1).all() and (out[:, 0] == -1).all() and (out[:, 13] == -1).all()
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float64, torch.float64), (torch.float32, torch.float64),
+                                    (torch.float64, torch.float32), (torch.float32, torch.float32)])
+def test_write_flat_row_blocks_bounded_in_the_promoted_dtype(monkeypatch, dtypes):
+    """Each stage-1 row block write_flat hands to stage 2 takes at most ``sketch_bytes`` in
+    g' * a''s promoted dtype, and as many rows as fit (review RD F3: a float32 a' with a float64
+    g' was sized by a''s 4 bytes, twice the bound)."""
+    from types import SimpleNamespace
+
+    seen = []
+    real = _ROWS._stage_two
+
+    def spy(sk, blk, piece, out=None):
+        seen.append((piece.shape[0], piece.nbytes, piece.dtype))
+        return real(sk, blk, piece, out)
+
+    monkeypatch.setattr(_ROWS, "_stage_two", spy)
+    gen = torch.Generator().manual_seed(5)
+    pg = torch.randn(7, 4, generator=gen, dtype=dtypes[0])
+    pa = torch.randn(7, 3, generator=gen, dtype=dtypes[1])
+    rows = _ROWS._Rows.__new__(_ROWS._Rows)
+    rows.sk = SimpleNamespace(stage2={"l": None}, dense={"l": None})
+    rows.stage1 = SimpleNamespace(dims={"l": 12})
+    rows.sketch_bytes = 12 * 8 * 3  # 3 rows of 12 float64, 6 of float32
+    out = torch.zeros(7, 12, dtype=torch.float64)
+    rows.write_flat([("l", 0, 12, pa, pg)], out, 0)
+    dt = torch.promote_types(*dtypes)
+    per = 3 if dt == torch.float64 else 6
+    assert [r for r, _, _ in seen] == [min(per, 7 - r) for r in range(0, 7, per)]
+    assert all(b <= rows.sketch_bytes and d == dt for _, b, d in seen)
+    assert torch.equal(out, (pg[:, :, None] * pa[:, None, :]).flatten(1).double())

@@ -98,6 +98,10 @@ class _Rows:
         for blk, s, e in self.cols:
             wk, bk = p.layers[blk]
             a, g = io.pop(blk)
+            # the features are no differentiable output: an input that requires grad (a
+            # first layer's a) would refuse the out= products below (review RD F2)
+            if a.requires_grad or g.requires_grad:
+                a, g = a.detach(), g.detach()
             a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
             g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
             if wk is None:  # a bias alone: its factor is the ones column
@@ -117,12 +121,13 @@ class _Rows:
         number of rows at a time."""
         for blk, s, e, pa, pg in sides:
             n = pa.shape[0]
-            step = max(1, min(n, self.sketch_bytes // (self.stage1.dims[blk] * pa.element_size())))
+            # g' a'^T's dtype (as pg * pa): the block's bytes are counted in it (review RD F3)
+            dt = torch.promote_types(pg.dtype, pa.dtype)
+            step = max(1, min(n, self.sketch_bytes // (self.stage1.dims[blk] * dt.itemsize)))
             # one [step, k_out, k_in] buffer for every row block, and the views set up once:
             # the same products into the same rows, ~3 fewer tensor ops a block (digits-mlp:
             # 13 blocks of 64 rows, each op ~5-15 us here)
-            S = pa.new_empty(step, pg.shape[1], pa.shape[1],  # (g' a'^T's dtype, as pg * pa)
-                             dtype=torch.promote_types(pg.dtype, pa.dtype))
+            S = pa.new_empty(step, pg.shape[1], pa.shape[1], dtype=dt)
             g3, a3, Sw, dst = pg[:, :, None], pa[:, None, :], S.view(step, -1), out[r0:r0 + n, s:e]
             for r in range(0, n, step):
                 c = min(step, n - r)
