@@ -38,7 +38,7 @@ _PATCHED = {
     "trak": False,
     # factgrass_score.py: C2_to_D.patch
     # (each patch flips its own line: one of them applied alone keeps the other's mark)
-    "factgrass": False,
+    "factgrass": True,
 }
 
 
