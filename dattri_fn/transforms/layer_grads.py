@@ -55,9 +55,14 @@ from .._checks import _msg, all_finite, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
 from . import capture
-from . import mlp_io as _mlp_io  # called as _mlp_io.mlp_io: a patched module attribute is seen
 from .factored_grads import LayerGrads
-from .layer_grads_certified import _certified, _certified_grads, certified_plan  # noqa: F401
+from .layer_grads_certified import (  # noqa: F401  (certified_plan and its core, issue 14)
+    _certified,
+    _certified_grads,
+    _mlp_factors,
+    _mlp_grads,
+    certified_plan,
+)
 from .layer_grads_gap import _gap, _gap_sums  # noqa: F401  (the check's comparisons)
 
 # every path helper stays importable from here, as before the split
@@ -411,16 +416,10 @@ def _plain_mlp(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads | N
     if (plan.loop or plan.rest or plan.autodiff or plan.tie_factors
             or any(kind != "flat" for _, kind in plan.layout)
             or len(plan.layout) != len(plan.layers)
-            or next(iter(stacked.values())).shape[0] != 1
-            or stacked.keys() != plan.model.params.keys()):  # RA F3: _factored names the keys
+            or next(iter(stacked.values())).shape[0] != 1):
         return None
-    first = {k: v[0] for k, v in stacked.items()}
-    args, kwargs, target = _unpack(plan.model)(batch)
-    io = _mlp_io.mlp_io(plan.model.module, plan.model.loss_fn, {**plan.model.fixed, **first},
-                        args, kwargs, target, tuple(plan.layers))
-    if io is None:
-        return None
-    return _assemble(plan, {n: (a[None], g[None]) for n, (a, g) in io.items()}, {}, lead=2)[0]
+    io = _mlp_factors(plan, stacked, batch)
+    return None if io is None else _mlp_grads(plan, io)
 
 
 def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch, *,

@@ -58,14 +58,10 @@ def _certified(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerPla
     if (plan.checked or not plan.layers or plan.rest or plan.norms or plan.ties or plan.bare
             or plan.tie_biases or plan.tie_factors
             or any(plan.tapped.specs[n].kind != "linear" for n in plan.layers)
-            or any(v.ndim == 0 or v.shape[0] != 1 for v in stacked.values())
-            or stacked.keys() != plan.model.params.keys()):  # review RA F3: the check names
+            or any(v.ndim == 0 or v.shape[0] != 1 for v in stacked.values())):
         return None, {}
-    first = {k: v[0] for k, v in stacked.items()}
     try:
-        args, kwargs, target = _unpack(plan.model)(batch)
-        io = _mlp_io.mlp_io(plan.model.module, plan.model.loss_fn, {**plan.model.fixed, **first},
-                            args, kwargs, target, tuple(plan.layers))
+        io = _mlp_factors(plan, stacked, batch)
     except Exception:  # noqa: BLE001 -- the check runs the engine, which owns every error
         return None, {}
     if io is None or not all(a.ndim == 2 and g.ndim == 2 for a, g in io.values()):
@@ -98,5 +94,23 @@ def _certified_grads(plan: LayerPlan, stacked: Params, batch: Batch,
     checked, io = _certified(plan, stacked, batch)
     if checked is None:
         return None, None
-    return checked, _assemble(checked, {n: (a[None], g[None]) for n, (a, g) in io.items()}, {},
-                              lead=2)[0]
+    return checked, _mlp_grads(checked, io)
+
+
+def _mlp_factors(plan: LayerPlan, stacked: Params, batch: Batch) -> dict | None:
+    """mlp_io's ``{layer: (a, g)}`` of ``batch`` at ``stacked``'s first checkpoint for the plan's
+    layers, or None where mlp_io declines or ``stacked``'s keys are not the attributed
+    parameters (review RA F3: an extra key would override a fixed weight; the check, or the
+    engine, names it). Errors of ``batch`` propagate (mlp_io's, torch's kernels'). Shared by the
+    certification (:func:`_certified`) and a held plan's batches (``layer_grads._plain_mlp``)."""
+    if stacked.keys() != plan.model.params.keys():
+        return None
+    first = {k: v[0] for k, v in stacked.items()}
+    args, kwargs, target = _unpack(plan.model)(batch)
+    return _mlp_io.mlp_io(plan.model.module, plan.model.loss_fn, {**plan.model.fixed, **first},
+                          args, kwargs, target, tuple(plan.layers))
+
+
+def _mlp_grads(plan: LayerPlan, io: dict) -> LayerGrads:
+    """The :class:`LayerGrads` (C = 1, every layer flat) of :func:`_mlp_factors`' ``io``."""
+    return _assemble(plan, {n: (a[None], g[None]) for n, (a, g) in io.items()}, {}, lead=2)[0]
