@@ -143,7 +143,7 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
                                                        validated=True)[0],
                                             test, device=device, func=func, arg="test"))
     if state.train_features is not None:
-        check_cached_train(func, train, state.train_features.shape[0])
+        check_cached_train(func, train, state.train_features.shape[0], read=False)
         feats = state.train_features.to(device)
         if top_k is None and feats.dtype == test_pre.dtype:
             # the whole [n_train, n_test] is returned anyway: one product, no block copies
@@ -151,7 +151,7 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
         fn, blocks = _cached(feats)
         return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
     if state.train_factors is not None:
-        check_cached_train(func, train, state.cached_rows())
+        check_cached_train(func, train, state.cached_rows(), read=False)
         form, spans = factor_rows(cfg, sk, state, device)
         if top_k is None and next(iter(state.train_factors.values()))[0].dtype == (
                 test_pre.dtype):
@@ -178,11 +178,11 @@ def self_score(cfg: _Config, params, state: FactGraSSState, train) -> Tensor:
     params = state_params(cfg, func, params, state)
     device = next(iter(params.values())).device
     if state.train_features is not None:
-        check_cached_train(func, train, state.train_features.shape[0])
+        check_cached_train(func, train, state.train_features.shape[0], read=False)
         fn, blocks = _cached(state.train_features.to(device))
         rows = (fn(i) for i in blocks)
     elif state.train_factors is not None:
-        check_cached_train(func, train, state.cached_rows())
+        check_cached_train(func, train, state.cached_rows(), read=False)
         sk = cfg.sketch_for(params)
         _check_blocks(func, state, sk)
         form, spans = factor_rows(cfg, sk, state, device)
