@@ -75,9 +75,10 @@ class _Gather:
 
 def _raw(tapped_for, specs: dict, model: FunctionalModel, unpack, chunk_size: int | None, state: dict,
          layers: tuple[str, ...], batch):
-    """``{layer: (a [B, T, in], g [B, T, out])}`` (no bias column), chunk by chunk: a plain
-    softmax cross-entropy MLP's by :func:`~dattri_fn.transforms.mlp_io.mlp_io` (the same values,
-    without the engine's graph), any other model's by the capture engine."""
+    """``{layer: (a, g)}`` (no bias column): ``([B, in], [B, out])`` for a one-position layer
+    (mlp_io's, or the engine's on ``[B, in]`` inputs), else ``([B, T, in], [B, T, out])``; chunk
+    by chunk: a plain softmax cross-entropy MLP's by :func:`~dattri_fn.transforms.mlp_io.mlp_io`
+    (the same values, without the engine's graph), any other model's by the capture engine."""
     like = state[specs[layers[0]].weight]
     b = batch_leaves(batch)[0].shape[0]  # the caller checked the batch (batch_size)
     step = b if chunk_size is None else chunk_size
