@@ -154,8 +154,9 @@ def _gelu():
 @pytest.mark.parametrize("make", [_tied, _hooked, _gelu])
 def test_other_models_are_left_to_the_engine_and_its_check(make, monkeypatch):
     """A reused Linear, a hook, an unknown activation: the check runs, the same results.
-    (A fresh module per run: a run over the reused Linear leaves the module's parameters
-    unusable, a pre-existing fault outside TRAK, notes/s25/B_report.md.)"""
+    (A fresh module per run, so each side is independent; the reused-Linear fault B found,
+    a module left holding a checkpoint's tensors, is fixed by module_call at 42c6b29 and
+    tested in tests/test_module_call.py.)"""
     train, test = [_data(2, 9, 13, 7, torch.float64)], _data(4, 6, 13, 7, torch.float64)
     ref = _scores(make(), train, test, fast=False, monkeypatch=monkeypatch)
     got = _scores(make(), train, test, fast=True, monkeypatch=monkeypatch)
