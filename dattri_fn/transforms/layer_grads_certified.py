@@ -3,8 +3,10 @@
 :func:`certified_plan` (and its core :func:`_certified`, and :func:`_certified_grads` for the
 paths that also want the batch's gradients) moved here from :mod:`layer_grads` (review RA F5:
 that module had grown to 545 lines); :mod:`layer_grads` imports and re-exports all three, and
-its module Note states the rule. Tests that turn the certified path off or count its decisions
-patch ``_certified`` HERE (tests/plan_counting.py), since this module's functions call it.
+its module Note states the rule. :func:`_mlp_factors` and :func:`_mlp_grads` are the mlp_io
+steps the certification shares with a held plan's batches (``layer_grads._plain_mlp``).
+Tests that turn the certified path off or count its decisions patch ``_certified`` HERE
+(tests/plan_counting.py), since this module's functions call it.
 """
 
 from __future__ import annotations
