@@ -35,7 +35,7 @@ def _methods():
 _PATCHED = {
     "logra": True,
     # trak.py: C2_to_B.patch
-    "trak": False,
+    "trak": True,
     # factgrass_score.py: C2_to_D.patch
     # (each patch flips its own line: one of them applied alone keeps the other's mark)
     "factgrass": True,

@@ -391,7 +391,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         test = check_first(func, "test", first, test, device)
         if dual == "factored":
             n, rows = state.train_factors.num_rows, state.kernel_rows
-            check_cached_train(func, train, n)
+            check_cached_train(func, train, n, read=False)
             check_optional_int(func, "top_k", top_k)
             train_lg = _moved(state.train_factors, device)
             # params of another dtype than prepare's: the test rows take the state's (review R3 F2)
@@ -404,7 +404,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             S.mul_((state.train_weights.to(device) / K.shape[0])[:, None])
             return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
         if dual:
-            check_cached_train(func, train, state.train_features.shape[1])
+            check_cached_train(func, train, state.train_features.shape[1], read=False)
             check_optional_int(func, "top_k", top_k)
             test_phi = calls.collect(func, "test", test, device).to(K.dtype)
             feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
@@ -414,7 +414,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
         test_feats = test_rows(K, calls.collect(func, "test", test, device).to(K.dtype))
         if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[1])
+            check_cached_train(func, train, state.train_features.shape[1], read=False)
             idx, rows = cached_chunks(state, device)
             if top_k is None and len(idx) == 1:
                 # the whole cache is one block: its product directly, the same operations as
@@ -449,7 +449,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         K = state.kernel.to(device)
         if dual == "factored":
             n, rows = state.train_factors.num_rows, state.kernel_rows
-            check_cached_train(func, train, n)
+            check_cached_train(func, train, n, read=False)
             train_lg = _moved(state.train_factors, device)
             s = 0
             for c in range(K.shape[0]):
@@ -459,12 +459,12 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                     lc.rows(0, e)))
             return s * (state.train_weights.to(device) / K.shape[0])
         if dual:
-            check_cached_train(func, train, state.train_features.shape[1])
+            check_cached_train(func, train, state.train_features.shape[1], read=False)
             feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
             # s_ii = sum_c [K_c Phi_c Phi_c^T]_ii / C * Qbar_i, row by row without the n x n
             return (torch.bmm(K, feats) * feats).sum((0, 2)) * (wts / K.shape[0])
         if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[1])
+            check_cached_train(func, train, state.train_features.shape[1], read=False)
             idx, rows = cached_chunks(state, device)
             blocks = (rows(i) for i in idx)
         elif train is None:
