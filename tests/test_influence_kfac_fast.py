@@ -4,6 +4,7 @@ check, the same scores as the layer-gradient plan's."""
 import pytest
 import torch
 import torch.nn.functional as F
+from plan_counting import count_plan_decisions
 from torch import nn
 
 from dattri_fn import functional_model
@@ -11,7 +12,6 @@ from dattri_fn.attribute import influence
 from dattri_fn.attribute import influence_score as score_module
 from dattri_fn.attribute.influence_config import influence_config
 from dattri_fn.operators.kfac import ekfac_factors, ihvp_ekfac
-from dattri_fn.transforms import layer_grads as lgm
 
 DT = torch.float64
 
@@ -40,11 +40,7 @@ def test_captured_test_side_equals_plan(solver, ensemble, bias, monkeypatch):
     train, test = [_xy(1, 5), _xy(2, 4)], [_xy(3, 3), _xy(4, 2)]
     m = influence(fms[0], solver=solver, damping=0.1, chunk_size=2)
     state = m.prepare(params, train)
-    calls, real, real_certified = [], lgm._check, lgm._certified
-    monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # a plain MLP's plan is decided without the check (issue 14, stop 25): counted where it is
-    monkeypatch.setattr(lgm, "_certified", lambda *a: (
-        out := real_certified(*a), out[0] is not None and calls.append(1))[0])
+    calls = count_plan_decisions(monkeypatch)  # the check's and a certified MLP's decisions
     S = m.score(params, state, train, test)
     assert calls == []
     monkeypatch.setattr(score_module, "captured_test", lambda cfg, ps: False)
