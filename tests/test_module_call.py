@@ -4,12 +4,15 @@ torch.func.functional_call (2.13) leaves the caller's tensor in such a submodule
 calls go through dattri_fn.module_call.call_module, which puts the originals back.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+import dattri_fn
 from dattri_fn import functional_model
 from dattri_fn.attribute.gradsim import grad_dot
 from dattri_fn.attribute.trak import classification_margin_loss, classification_weight_loss, trak
@@ -61,6 +64,17 @@ def test_call_module_restores_a_shared_submodule(batched):
     assert _identity(m) == ids
 
 
+def test_the_library_calls_modules_through_call_module():
+    """Every functional call of a user's module goes through call_module (a direct
+    torch.func.functional_call would leave a shared submodule holding the caller's tensor)."""
+    root = Path(dattri_fn.__file__).parent
+    direct = [f"{path.relative_to(root)}:{i}" for path in sorted(root.rglob("*.py"))
+              if path.name != "module_call.py"
+              for i, line in enumerate(path.read_text().splitlines(), 1)
+              if "functional_call(" in line and "``" not in line and not line.lstrip().startswith("#")]
+    assert direct == []
+
+
 def test_shared_slots_only_for_reached_twice():
     assert shared_slots(nn.Sequential(nn.Linear(2, 2), nn.Tanh())) == ()
     m = _reused()
@@ -88,6 +102,9 @@ def test_trak_and_grad_dot_leave_a_reused_linear_alone():
     first = run(m)
     assert _identity(m) == ids
     torch.testing.assert_close(run(m), first, rtol=0, atol=0)
+    own = functional_model(m, classification_margin_loss).params  # what a user's next call reads
+    for k, v in fm.params.items():
+        torch.testing.assert_close(own[k], v, rtol=0, atol=0)
     torch.testing.assert_close(run(_reused()), first, rtol=0, atol=0)
     gd = grad_dot(functional_model(m, F.cross_entropy))
     gd.score(params[1], gd.prepare(params[1], train), train, test)

@@ -10,11 +10,11 @@ Moved from :mod:`.influence_score` (stop 25, no behaviour change); it re-exports
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call
 
 from .._checks import _msg, batch_size, batch_slice
 from .._types import Params
 from ..model import default_unpack
+from ..module_call import call_module
 from ..operators import kfac
 from ..operators.kfac_diag import diagonal_row_blocks
 from ..transforms import capture
@@ -48,7 +48,7 @@ def _unread(cfg: InfluenceConfig, state, keys, args, kwargs, target) -> bool:
     has a path, and so is not taken as zero."""
     live = {k: state[k].detach().requires_grad_(True) for k in keys}
     with torch.enable_grad():
-        out = functional_call(cfg.model.module, {**state, **live}, args, kwargs)
+        out = call_module(cfg.model.module, {**state, **live}, args, kwargs)
         value = summed_losses(cfg.model.loss_fn, out, target)
         if not value.requires_grad:
             return True

@@ -34,11 +34,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .._checks import _msg, check_int
 from .._types import Batch, Loss, Params
 from ..model import FunctionalModel, default_unpack
+from ..module_call import call_module, shared_slots
 from ..transforms.layers import per_example_losses
 
 Schedule = Callable[[int], float]
@@ -218,9 +219,12 @@ def model_losses(fm: FunctionalModel) -> Callable[[Params, Batch], Tensor]:
     forward (``vmap`` of ``fm.loss`` runs ``B`` forwards of one row each; on the digits MLP the
     batched form made a training step ~4x faster). Batches are ``(x1, ..., xm, y)`` tuples."""
 
+    slots = shared_slots(fm.module)
+
     def losses(params: Params, batch: Batch) -> Tensor:
         *inputs, target = batch
-        out = functional_call(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True)
+        out = call_module(fm.module, {**fm.fixed, **params}, tuple(inputs), strict=True,
+                          shared=slots)
         return per_example_losses(fm.loss_fn, out, target)
 
     return losses
