@@ -37,3 +37,14 @@ def test_the_first_row_across_leaves_and_batches():
     with pytest.raises(ValueError, match=r"^f\(train=\.\.\.\): .* in example 5\.$"):
         count_rows("f", "train", shards)
     assert count_rows("f", "train", [(x[:3],), (x[6:],)]) == 4
+
+
+def test_collect_names_the_example_across_shards():
+    """pipeline.collect passes each shard's offset: a NaN in the third shard is named by its
+    index over the whole data set (the lead, from engineer F2's patch)."""
+    from dattri_fn.attribute.pipeline import collect
+
+    shards = [(torch.randn(2, 3), torch.arange(2)) for _ in range(3)]
+    shards[2][0][1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^g\(train=\.\.\.\): .*NaN or inf in example 5\.$"):
+        collect(lambda b: b[0], shards, func="g", arg="train")

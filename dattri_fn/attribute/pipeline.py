@@ -76,9 +76,10 @@ def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
     data = from_store(func, feature_fn, data, device)
     if _is_store(data):
         return data.read() if device is None else data.read().to(device)
-    blocks = []
+    blocks, seen = [], 0
     for batch in iter_batches(func, arg, data):
-        b = batch_size(func, arg, batch)
+        b = batch_size(func, arg, batch, first=seen)
+        seen += b
         if device is not None:
             batch = batch_to(batch, device)
         blocks.append(_checked_rows(func, "feature_fn", features(func, arg, feature_fn, batch), b))
