@@ -126,3 +126,41 @@ def test_a_factored_state_saves_and_loads_whole(tmp_path):
     back = io.load(io.save(state, tmp_path / "logra.pt"))
     assert type(back) is type(state) and list(back.train_factors) == list(state.train_factors)
     assert torch.equal(m.score(fm.params, back, None, (x, y)), m.score(fm.params, state, None, (x, y)))
+
+
+def test_several_blocks_rotate_one_block_of_cached_factors_at_a_time(monkeypatch):
+    """review RC F1 (stop 25): scored in several blocks, the cached train factors are rotated
+    (``a' @ Q_A``, ``g' @ Q_G``) one block of rows at a time, each row once: no rotated copy of
+    all n rows is held. Counted as the rows of every product of a cached factor's rows with an
+    eigenvector matrix (a torch-function mode around score); the scores are those of one block."""
+    from torch.overrides import TorchFunctionMode
+
+    from dattri_fn.attribute.logra_rows import _cached_spans
+
+    fm, (x, y) = _problem("mlp", 4, 64)
+    m = logra(fm, proj_dim=2)
+    state = m.prepare(fm.params, [(x[:40], y[:40]), (x[40:], y[40:])])
+    test = (x[:5] * 1.5, y[:5])
+    whole = m.score(fm.params, state, None, test)  # one block (the default bytes)
+    monkeypatch.setattr(logra_mod, "_BLOCK_BYTES", 1)
+    spans = _cached_spans(state, x.device, 1, state.eigvecs)[1]
+    block = spans[0][1] - spans[0][0]
+    assert len(spans) > 1 and block < 64
+    Qs = {id(Q) for pair in state.eigvecs.values() for Q in pair}
+    cached = {t.untyped_storage().data_ptr(): 0 for pair in state.train_factors.values()
+              for t in pair}
+    rows: list = []
+
+    class Rotations(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if (getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm") and len(args) == 2
+                    and id(args[1]) in Qs and args[0].untyped_storage().data_ptr() in cached):
+                rows.append(args[0].shape[0])
+                cached[args[0].untyped_storage().data_ptr()] += args[0].shape[0]
+            return func(*args, **(kwargs or {}))
+
+    with Rotations():
+        got = m.score(fm.params, state, None, test)
+    _close(got, whole)
+    assert rows and max(rows) <= block  # (one rotation of every row: 64 rows at once)
+    assert set(cached.values()) == {64}  # each cached factor's rows rotated once

@@ -17,23 +17,21 @@ from ..transforms.layers import batched_io
 from ..transforms.mlp_io import mlp_io
 
 
-def _outer_rows(factors: dict, eigvecs: dict | None = None, rotated: bool = False) -> Tensor:
+def _outer_rows(factors: dict, eigvecs: dict | None = None) -> Tensor:
     """``vec(g'_i a'_i^T)`` of every row, layers side by side, from ``{layer: (a' [b, k_in],
     g' [b, k_out])}``: the same one multiply per entry as the features of a ``T = 1`` pass; with
     ``eigvecs`` ``{layer: (Q_A, Q_G)}`` the eigenbasis rows ``vec((Q_G^T g'_i)(Q_A^T a'_i)^T)``
-    (each layer's factors rotated just before its block: one layer's at a time), and with
-    ``rotated`` the same rows from factors rotated already (``Q_A^T a'_i``, ``Q_G^T g'_i``); these
-    two are a transposed ``[d, b]`` tensor's view.  # [b, d]"""
+    (each layer's factors rotated just before its block: one layer's at a time), a transposed
+    ``[d, b]`` tensor's view.  # [b, d]"""
     first = next(iter(factors.values()))[0]
     b, d = first.shape[0], sum(a.shape[1] * g.shape[1] for a, g in factors.values())
-    if eigvecs is not None or rotated:
+    if eigvecs is not None:
         # the rows written transposed, [d, b] (returned as its [b, d] view): each product's
         # innermost run is b long instead of k_in (same products, ~0.7x the multiply's time
         # on digits-mlp); a GEMM reads the transposed view as it reads the rows
         outT, start = first.new_empty(d, b), 0
         for ln, (a, g) in factors.items():
-            if not rotated:
-                a, g = a @ eigvecs[ln][0], g @ eigvecs[ln][1]
+            a, g = a @ eigvecs[ln][0], g @ eigvecs[ln][1]
             ko, ki = g.shape[1], a.shape[1]
             torch.mul(g.T[:, None, :], a.T[None, :, :],
                       out=outT[start:start + ko * ki].view(ko, ki, b))
@@ -149,7 +147,7 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
     """``(rows(start, stop), [(start, stop), ...])`` over a LoGraState's cached rows: views of
     the features (4096 rows a span, no copy), or features formed from the cached factors a
     power-of-two number of rows at a time (a block at least ``block_bytes``); with ``eigvecs``,
-    factors only, their eigenbasis rows (:func:`_outer_rows`)."""
+    factors only, their eigenbasis rows (:func:`_outer_rows`), each block rotated in it."""
     if state.train_features is not None:
         feats, block = state.train_features.to(device), 4096
         rows = lambda s, e: feats[s:e]  # noqa: E731
@@ -164,15 +162,11 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
         # product then equals the whole product's
         want = max(1, max(block_bytes, state.cached_rows() * row // 16) // row)
         block = min(4096, 1 << (want.bit_length() - 1))
-        if eigvecs is not None and block >= state.cached_rows():  # one block: rotated in it
+        if eigvecs is not None:
+            # each block's factors rotated in it, (Q_A^T a'_i, Q_G^T g'_i): no rotated copy of
+            # every cached row is held while the blocks are scored (review RC F1, stop 25: one
+            # rotation of all rows raised the peak at n = 16000 by 46% for no measured time)
             rows = lambda s, e: _outer_rows({ln: (a[s:e], g[s:e]) for ln, (a, g)  # noqa: E731
                                              in held.train_factors.items()}, eigvecs)
-        elif eigvecs is not None:
-            # several blocks: the factors rotated once, (Q_A^T a'_i, Q_G^T g'_i) (k_in + k_out
-            # numbers an example, as the factors), a block then its outer products only
-            rot = {ln: (a @ eigvecs[ln][0], g @ eigvecs[ln][1])
-                   for ln, (a, g) in held.train_factors.items()}
-            rows = lambda s, e: _outer_rows({ln: (a[s:e], g[s:e])  # noqa: E731
-                                             for ln, (a, g) in rot.items()}, rotated=True)
     n = state.cached_rows()
     return rows, [(s, min(n, s + block)) for s in range(0, n, block)]
