@@ -102,3 +102,28 @@ def test_lissa_self_score_beyond_the_dtype_is_refused_naming_the_example(dtype):
                                          r"per-example features \(gradients\) are finite, got NaN "
                                          r"or inf in the self-score of example 2\."):
         m.self_score(fm.params, st, (x, y))
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_a_large_row_that_cannot_overflow_keeps_the_users_atol(solver):
+    """A float32 test gradient ~1e12 squares to ~1e24 * P: finite, solved unscaled as before,
+    so a user's atol=1e-3 stays absolute in the user's units (review RF F1: scaled rows took atol
+    relative to a unit row, 3e-7 -> 6e-4 off the float64 explicit inverse, silently)."""
+    from dattri_fn import solvers
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    xt, yt = torch.randn(6, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+    xt[1] *= 1e12
+    cols = {}
+    for dtype in (F32, F64):
+        fm = functional_model(net.to(dtype), F.cross_entropy)
+        x, xt = x.to(dtype), xt.to(dtype)
+        opt = "explicit" if dtype == F64 else (solvers.cg(M=None, atol=1e-3) if solver == "cg"
+                                               else solvers.minres(atol=1e-3))
+        m = influence(fm, damping=0.1, solver=opt)
+        cols[dtype] = m.score(fm.params, m.prepare(fm.params, (x, y)), (x, y), (xt, yt))[:, 1]
+    ref = cols[F64]
+    assert float((cols[F32].double() - ref).norm() / ref.norm()) < 1e-5

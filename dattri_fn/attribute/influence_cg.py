@@ -74,20 +74,22 @@ def _block_cg(name: str, C: LinOp, damping: float, opts: dict) -> LinOp:
 
 
 def row_scaled(inv: LinOp) -> LinOp:
-    """Return ``inv`` applied to each row whose largest magnitude exceeds ``2**(maxexp / 4)``
-    (float32: ``2**32``; float64: ``2**256``) after dividing it by a power of two that brings
-    that magnitude into ``[0.5, 1)``, the answer multiplied back.  # [k, P] -> [k, P]
+    """Return ``inv`` applied to each row whose squared norm could overflow, ``max|v|^2 * P >
+    finfo.max / 16``, after dividing it by a power of two that brings its largest magnitude into
+    ``[0.5, 1)``, the answer multiplied back.  # [k, P] -> [k, P]
 
-    A Krylov solve (CG, MINRES) is linear in its right-hand side, and scaling by a power of two
-    is exact, so a row's answer is the same up to rounding; but unscaled, a gradient ~1e20 in
-    float32 (an example whose logits are ~1e20) squares to inf in ``|r|^2`` and the solve
-    returned finite garbage (engineer F's overflow survey, stop 25). Every other row, and a
-    call without such a row, is passed through untouched: the same bits as before."""
-    big = 2.0 ** (math.frexp(torch.finfo(inv.dtype).max)[1] // 4)
+    A Krylov solve (CG, MINRES, LiSSA) is linear in its right-hand side and scaling by a power
+    of two is exact, so such a row's answer is the solve's up to rounding; unscaled, a gradient
+    ~1e20 in float32 squares to inf in ``|r|^2`` and the solve returned finite garbage (engineer
+    F's overflow survey, stop 25). A solver's absolute ``atol`` then applies to the scaled row
+    (rows that large had no right answer before). A call without such a row is passed through
+    untouched: the same bits as before; rows that could not overflow keep their exact path and
+    the user's ``atol`` (review RF F1: a threshold of ``2**32`` loosened ``atol`` for rows ~1e12)."""
+    limit = torch.finfo(inv.dtype).max / 16
 
     def solve(V: torch.Tensor) -> torch.Tensor:
         amax = V.abs().amax(dim=1)
-        over = amax > big
+        over = amax > math.sqrt(limit / max(V.shape[1], 1))
         if not bool(over.any()):
             return inv(V)
         e = torch.where(over, torch.frexp(amax)[1], 0)[:, None]
