@@ -7,6 +7,7 @@ from .kronecker import KroneckerLayer, KroneckerProjector, make_kronecker_projec
 from .layer_grads import (
     LayerPlan,
     PlanDecisions,
+    certified_plan,
     check_plan,
     decided_plan,
     layer_grads_fn,
@@ -16,6 +17,6 @@ from .layer_grads import (
 )
 
 __all__ = ["CaptureError", "KroneckerLayer", "KroneckerProjector", "LayerPlan", "LayerSpec",
-           "PlanDecisions", "Probed", "check_plan", "decided_plan", "layer_grads_fn",
+           "PlanDecisions", "Probed", "certified_plan", "check_plan", "decided_plan", "layer_grads_fn",
            "layer_grads_stream", "layer_plan", "layer_specs", "make_kronecker_projector",
            "plan_decisions", "probe_shapes", "tap"]
