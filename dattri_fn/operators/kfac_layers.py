@@ -178,12 +178,14 @@ def _capture_layers(module: nn.Module, names, params) -> list[str]:
 
 
 def _tied_uses(module: nn.Module, keys: list[str]) -> dict[str, str]:
-    """``{key: "'name' (Kind), ..."}`` for the keys whose tensor several modules hold."""
+    """``{key: "'name' (Kind), ..."}`` for the keys whose tensor several modules hold (one
+    module reached under several names, e.g. a Linear applied twice, holds its own)."""
     names: dict[int, list[str]] = {}
     for k, v in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(v), []).append(k)
-    modules = dict(module.named_modules())
-    alias = {k: ks for ks in names.values() if len(ks) > 1 for k in ks}
+    modules = dict(module.named_modules(remove_duplicate=False))
+    alias = {k: ks for ks in names.values()
+             if len({id(modules[a.rpartition(".")[0]]) for a in ks}) > 1 for k in ks}
     out = {}
     for k in keys:
         if k in alias:
