@@ -11,6 +11,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dattri_fn.attribute.logra_rows as logra_rows
+from dattri_fn.attribute.gradsim import grad_dot
 from dattri_fn.attribute.logra import logra
 from dattri_fn.eval.tasks import classification_loss
 from dattri_fn.model import functional_model
@@ -236,3 +237,32 @@ def test_logra_under_autocast_equals_the_engine_path(monkeypatch):
     monkeypatch.setattr(logra_rows, "mlp_io", lambda *a: None)
     ref = run()
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_an_input_that_requires_grad_is_read_detached():
+    """A batch input that requires grad (a leaf kept for saliency, an augmentation's output):
+    a and g torch.equal to the engine's and, as the engine's (its probes read the input
+    detached), free of the caller's graph; Grad-Dot's scores and self-scores through mlp_io do
+    not require grad (review RB F1, stop 25: mlp_io handed back the input itself as layer 1's
+    a, and Grad-Dot's scores carried a graph into it)."""
+    m = _mlp(0, [nn.Tanh], True, torch.float32)
+    x, y = _data(1, 7, 13, 7, torch.float32)
+    layers = _layers(m)
+    ref = _engine(m, F.cross_entropy, _state(m), x, y, layers)
+    x.requires_grad_()
+    got = mlp_io(m, F.cross_entropy, _state(m), (x,), {}, y, layers)
+    for n in layers:
+        assert torch.equal(got[n][0], ref[n][0]) and torch.equal(got[n][1], ref[n][1])
+        assert not (got[n][0].requires_grad or got[n][1].requires_grad)
+    fm = functional_model(m, F.cross_entropy)
+    xt, yt = _data(2, 4, 13, 7, torch.float32)
+    method = grad_dot(fm)
+    ref = [method.score(dict(fm.params), method.prepare(dict(fm.params), [(x.detach(), y)]),
+                        [(x.detach(), y)], (xt, yt)),
+           method.self_score(dict(fm.params), None, [(x.detach(), y)])]
+    xt.requires_grad_()
+    state = method.prepare(dict(fm.params), [(x, y)])
+    got = [method.score(dict(fm.params), state, [(x, y)], (xt, yt)),
+           method.self_score(dict(fm.params), state, [(x, y)])]
+    for r, s in zip(ref, got, strict=True):
+        assert torch.equal(s, r) and not s.requires_grad

@@ -171,7 +171,8 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     first = min(i for i, (n, _, _) in enumerate(chain) if n in layers)
     one = _one(x.dtype, x.device)
     with torch.no_grad():
-        ins, outs, h = [], [], x
+        # the input read detached, as the engine's probes read it: no a carries the caller's graph
+        ins, outs, h = [], [], x.detach()
         for (_, _, acts), (W, b) in zip(chain, weights, strict=True):
             ins.append(h)
             # aten::linear's own dispatch for a 2-d input: addmm(b, h, W^T), or mm without b
