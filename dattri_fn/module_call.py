@@ -29,8 +29,15 @@ def call_module(module: nn.Module, tensors: Mapping[str, Tensor], args=(), kwarg
                 strict: bool = False, tie_weights: bool = True,
                 shared: tuple[tuple[dict, str], ...] | None = None):
     """Return ``functional_call(module, tensors, args, kwargs, strict=, tie_weights=)`` with every
-    shared submodule's slots (``shared``, default :func:`shared_slots` of ``module``, computed
-    per call) holding their original tensors again afterwards, also when the call raises."""
+    shared submodule's slots holding their original tensors again afterwards, also when the
+    call raises.
+
+    Args:
+        module, tensors, args, kwargs, strict, tie_weights: as ``torch.func.functional_call``.
+        shared: :func:`shared_slots` of ``module``, where the caller found them once (e.g.
+            ``functional_model``, when it binds the module: a shared submodule swapped into the
+            module after that is not restored; bind the model again); None finds them per call.
+    """
     if shared is None:
         shared = shared_slots(module)
     if not shared:
