@@ -54,6 +54,29 @@ def _one(dtype, device) -> Tensor:
     return one
 
 
+# the forwards whose ops the kernels below reproduce, as torch defines them, and the functions
+# those forwards call by module attribute: a class- or module-level patch of any of them
+# (``nn.Linear.forward = ...``, ``F.linear = ...``, ``torch.tanh = ...``) makes the engine
+# compute another model than these kernels, so mlp_io declines (review RA F4, stop 25). A forward
+# already replaced when this module was imported is not recorded (its qualname or module is not
+# torch's): declined too.
+_FORWARDS = tuple((cls, cls.forward if cls.forward.__qualname__ == f"{cls.__name__}.forward"
+                   and cls.forward.__module__ == cls.__module__ else None)
+                  for cls in (nn.Linear, nn.Sequential, *ACTIVATIONS))
+_LINEAR, _F_RELU, _RELU, _TANH, _SIGMOID = F.linear, F.relu, torch.relu, torch.tanh, torch.sigmoid
+
+
+def _torch_forwards() -> bool:
+    """Whether the forwards of :data:`_FORWARDS`' classes and the functions they call (F.linear,
+    F.relu, torch.relu/tanh/sigmoid) are the ones recorded at import (one identity test each per
+    call, spelled out: no generator)."""
+    for cls, fn in _FORWARDS:
+        if cls.forward is not fn:
+            return False
+    return (F.linear is _LINEAR and F.relu is _F_RELU and torch.relu is _RELU
+            and torch.tanh is _TANH and torch.sigmoid is _SIGMOID)
+
+
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _GLOBAL = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
            "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
@@ -75,6 +98,20 @@ def _global_hooks() -> bool:
     if has is not None:
         return bool(has())
     return any(getattr(_module, h, None) for h in _GLOBAL)
+
+
+def plain_context() -> bool:
+    """Whether the engine would run the ops these kernels reproduce: outside torch.func
+    transforms and inference mode, no autocast (it recasts the engine's forward ops, not these
+    kernels' operands), no torch-function or dispatch mode (it sees, and may change, the engine's
+    ops only), no global module hook (:func:`_global_hooks`) and torch's own forwards
+    (:func:`_torch_forwards`). The one gate of :func:`mlp_io` and of
+    :mod:`dattri_fn.attribute.trak_mlp`'s margin pass."""
+    return not (torch._C._functorch.maybe_current_level() is not None
+                or torch.is_inference_mode_enabled()
+                or torch._C._is_any_autocast_enabled()
+                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
+                or _global_hooks()) and _torch_forwards()
 
 
 def _slots(lin: nn.Linear) -> tuple | None:
@@ -140,14 +177,7 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
             int64 labels ``[B]``.
         layers: the Linear layers wanted (names as in ``module``; ``""`` for a bare Linear).
     """
-    if (len(args) != 1 or kwargs or not _summed_cross_entropy(loss_fn)
-            or torch._C._functorch.maybe_current_level() is not None
-            or torch.is_inference_mode_enabled()
-            # autocast recasts the engine's forward ops (not these kernels' operands), and a
-            # torch-function or dispatch mode sees (and may change) the engine's ops only
-            or torch._C._is_any_autocast_enabled()
-            or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-            or _global_hooks()):
+    if len(args) != 1 or kwargs or not _summed_cross_entropy(loss_fn) or not plain_context():
         return None
     chain = mlp_chain(module)
     if chain is None or not set(layers) <= {n for n, _, _ in chain}:
@@ -208,4 +238,4 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     return {n: out[n] for n in layers}
 
 
-__all__ = ["ACTIVATIONS", "mlp_chain", "mlp_io"]
+__all__ = ["ACTIVATIONS", "mlp_chain", "mlp_io", "plain_context"]
