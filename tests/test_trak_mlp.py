@@ -304,3 +304,16 @@ def test_prepare_score_and_self_score_take_the_margin_pass(kw, monkeypatch):
     assert counts[True] == [{"margin": 6, "engine": 0}, {"margin": 9 + re_pass, "engine": 0},
                             {"margin": 9 + 2 * re_pass, "engine": 0}]
     assert all(c["margin"] == 0 for c in counts[False]) and counts[False][-1]["engine"] > 0
+
+
+def test_a_class_patched_linear_forward_is_left_to_the_engine(monkeypatch):
+    """A forward replaced on nn.Linear itself is what the model runs: the margin pass declines
+    (mlp_io.plain_context), so TRAK equals the engine path (it was 0.685 off before)."""
+    real = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: 2 * real(self, x))
+    m = _mlp(0, [nn.Tanh], True, torch.float64)
+    train, test = [_data(1, 9, 13, 7, torch.float64)], _data(2, 5, 13, 7, torch.float64)
+    fast = _scores(m, train, test, fast=True, monkeypatch=monkeypatch)
+    slow = _scores(m, train, test, fast=False, monkeypatch=monkeypatch)
+    assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+    assert fast[3] == slow[3] > 0  # the plan check ran on both

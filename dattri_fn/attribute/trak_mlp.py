@@ -52,22 +52,12 @@ from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
 from .outputs import _class_labels, _gather_labels, classification_margin_loss
 
 
-def _plain_context() -> bool:
-    """Outside torch.func transforms, inference mode, autocast, torch-function/dispatch modes and
-    global module hooks (what :func:`~dattri_fn.transforms.mlp_io.mlp_io` refuses too)."""
-    return not (torch._C._functorch.maybe_current_level() is not None
-                or torch.is_inference_mode_enabled()
-                or torch._C._is_any_autocast_enabled()
-                or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack()
-                or _mlp_io._global_hooks())
-
-
 def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) -> dict | None:
     """``{layer: (a [B, in], g [B, out])}`` of ``plan``'s Linear layers at ``params`` (one
     checkpoint), the capture engine's bit for bit (module docstring), or None where that is not
     certain (nothing has run then). ``losses``: receives the per-example margins ``[B]``."""
     model = plan.model
-    if model.loss_fn is not classification_margin_loss or not _plain_context():
+    if model.loss_fn is not classification_margin_loss or not _mlp_io.plain_context():
         return None
     chain = mlp_chain(model.module)
     if chain is None or set(plan.layers) != {n for n, _, _ in chain}:
