@@ -66,23 +66,8 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
     if len(args) != 1 or kwargs:
         return None
     x = args[0]
-    if not (type(x) is Tensor and x.ndim == 2 and x.layout == torch.strided
-            and x.dtype in (torch.float32, torch.float64)
-            and type(target) is Tensor and target.dtype == torch.int64 and target.ndim == 1
-            and target.shape[0] == x.shape[0] and target.device == x.device):
-        return None
-    state = {**model.fixed, **params}
-    weights = []
-    for name, lin, _ in chain:
-        pre = f"{name}." if name else ""
-        W = state.get(pre + "weight")
-        b = state.get(pre + "bias") if lin._parameters["bias"] is not None else None
-        for t in (W,) if lin._parameters["bias"] is None else (W, b):
-            if not (type(t) is Tensor and t.dtype == x.dtype and t.device == x.device
-                    and t.layout == torch.strided and not t.requires_grad):
-                return None
-        weights.append((W, b))
-    if x.shape[1] != weights[0][0].shape[1]:  # the engine raises its own error
+    weights = _mlp_io.chain_weights(chain, {**model.fixed, **params}, x, target, frozen=True)
+    if weights is None or x.shape[1] != weights[0][0].shape[1]:  # the engine raises its own error
         return None
     ins, outs = [], []
     with torch.no_grad():

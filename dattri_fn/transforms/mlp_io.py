@@ -163,6 +163,30 @@ def _summed_cross_entropy(loss_fn) -> bool:
     return rows is cross_entropy_rows or (rows is None and loss_fn is F.cross_entropy)
 
 
+def chain_weights(chain: list, state: dict, x, target, *, frozen: bool = False) -> list | None:
+    """``[(W, b or None)]`` of ``chain``'s Linear layers from ``state``, or None unless ``x`` is a
+    strided float32/float64 ``[B, in]`` Tensor, ``target`` int64 labels ``[B]`` on its device,
+    and every weight and bias a strided Tensor of ``x``'s dtype and device (``frozen``: also a
+    plain Tensor that does not require grad)."""
+    if not (type(x) is Tensor and x.ndim == 2 and x.layout == torch.strided
+            and x.dtype in (torch.float32, torch.float64)
+            and type(target) is Tensor and target.dtype == torch.int64 and target.ndim == 1
+            and target.shape[0] == x.shape[0] and target.device == x.device):
+        return None
+    weights = []
+    for name, lin, _ in chain:
+        pre = f"{name}." if name else ""
+        W = state.get(pre + "weight")
+        b = state.get(pre + "bias") if lin._parameters["bias"] is not None else None
+        for t in (W,) if lin._parameters["bias"] is None else (W, b):
+            if not (isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device
+                    and t.layout == torch.strided
+                    and (not frozen or (type(t) is Tensor and not t.requires_grad))):
+                return None
+        weights.append((W, b))
+    return weights
+
+
 def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, target,
            layers: tuple[str, ...]) -> dict | None:
     """Return ``{layer: (a [B, in], g [B, out])}`` of the named Linear layers of a plain MLP
@@ -182,22 +206,9 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     chain = mlp_chain(module)
     if chain is None or not set(layers) <= {n for n, _, _ in chain}:
         return None
-    x = args[0]
-    if not (type(x) is Tensor and x.ndim == 2 and x.layout == torch.strided
-            and x.dtype in (torch.float32, torch.float64)
-            and type(target) is Tensor and target.dtype == torch.int64 and target.ndim == 1
-            and target.shape[0] == x.shape[0] and target.device == x.device):
+    x, weights = args[0], chain_weights(chain, state, args[0], target)
+    if weights is None:
         return None
-    weights = []
-    for name, lin, _ in chain:
-        pre = f"{name}." if name else ""
-        W = state.get(pre + "weight")
-        b = state.get(pre + "bias") if lin._parameters["bias"] is not None else None
-        for t in (W,) if b is None and lin._parameters["bias"] is None else (W, b):
-            if not (isinstance(t, Tensor) and t.dtype == x.dtype and t.device == x.device
-                    and t.layout == torch.strided):
-                return None
-        weights.append((W, b))
     first = min(i for i, (n, _, _) in enumerate(chain) if n in layers)
     one = _one(x.dtype, x.device)
     with torch.no_grad():
