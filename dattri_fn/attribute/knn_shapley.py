@@ -36,6 +36,7 @@ from .._checks import (
 from .._types import Params
 from .method import Method
 from .outputs import example_label
+from .unit_rows import unit_rows
 
 METRICS = ("euclidean", "cosine")
 
@@ -137,31 +138,14 @@ class KNNShapleyState(NamedTuple):
     labels: Tensor
 
 
-def _unit_rows(x: Tensor) -> Tensor:
-    """Return the rows of ``x`` scaled to unit norm (a zero row stays zero).  # [n, F] -> [n, F]
-
-    A row whose squared norm overflows (``|x| ~ 1e20`` in float32) or underflows (``|x| <
-    sqrt(tiny) / eps``) is first divided by its largest magnitude, so its direction, all that
-    the cosine distance reads, is exact there too; every other row takes ``x / |x|`` as before
-    (the same rounding, so the same scores)."""
-    info = torch.finfo(x.dtype)
-    norm = x.norm(dim=1, keepdim=True)
-    odd = ~torch.isfinite(norm) | (norm < info.tiny ** 0.5 / info.eps)
-    if not bool(odd.any()):
-        return x / norm.clamp_min(info.tiny)
-    scaled = x / x.abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
-    norm = torch.where(odd, scaled.norm(dim=1, keepdim=True), norm).clamp_min(info.tiny)
-    return torch.where(odd, scaled, x) / norm
-
-
 def _distances(metric: str, train: Tensor) -> Callable[[Tensor], Tensor]:
     """Return ``test -> [n_test, n_train]`` distances to ``train``; computed without the
     ``|a|^2 + |b|^2 - 2ab`` shortcut, whose rounding can reorder near-ties. The cosine side
-    normalises ``train`` once, not once per block of test points (:func:`_unit_rows`: exact
-    for rows whose squared norm overflows or underflows)."""
+    normalises ``train`` once, not once per block of test points (:func:`.unit_rows.unit_rows`:
+    exact for rows whose squared norm overflows or underflows)."""
     if metric == "cosine":
-        b = _unit_rows(train)
-        return lambda test: 1 - _unit_rows(test) @ b.T
+        b = unit_rows(train)
+        return lambda test: 1 - unit_rows(test) @ b.T
     return lambda test: torch.cdist(test, train, compute_mode="donot_use_mm_for_euclid_dist")
 
 

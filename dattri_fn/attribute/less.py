@@ -40,6 +40,7 @@ from ..model import FunctionalModel
 from ..training.record import Record, check_record
 from .method import Method, loss_and_plan, stacked_per_sample_grad
 from .pipeline import feature_method, in_chunks
+from .unit_rows import unit_rows  # noqa: F401  (less.unit_rows, as before)
 
 
 class RecordedCheckpoints(NamedTuple):
@@ -105,23 +106,6 @@ def _projector(P: int, proj_dim, kind, seed, like: Tensor):
 
     return make_projector(P, proj_dim=proj_dim, kind=kind, seed=seed, dtype=like.dtype,
                           device=like.device, packed=False)
-
-
-def unit_rows(G: Tensor) -> Tensor:
-    """Rows scaled to norm 1; a zero row stays 0 (it scores 0).  # [..., F] -> [..., F]
-
-    A row whose squared norm overflows (a test gradient ~1e20 in float32: ``G / inf`` was 0)
-    or underflows (``|G| < sqrt(tiny) / eps``) is first divided by its largest magnitude, as
-    KNN-Shapley's cosine does, so its direction is exact there too; every other row is
-    ``G / |G|`` as before (the same bits)."""
-    info = torch.finfo(G.dtype)
-    norm = G.norm(dim=-1, keepdim=True)
-    odd = ~torch.isfinite(norm) | (norm < info.tiny ** 0.5 / info.eps)
-    if not bool(odd.any()):
-        return G / norm.clamp_min(info.tiny)
-    scaled = G / G.abs().amax(dim=-1, keepdim=True).clamp_min(info.tiny)
-    norm = torch.where(odd, scaled.norm(dim=-1, keepdim=True), norm).clamp_min(info.tiny)
-    return torch.where(odd, scaled, G) / norm
 
 
 def optimizer_method(name: str, loss: Loss | FunctionalModel, train_map: Callable, *,
