@@ -159,3 +159,56 @@ def test_error_path_forms_columns_in_small_blocks(monkeypatch, case):
         m = trak(fm, damping=0.1, proj_dim=1, feature_dtype=F16)
     with pytest.raises(ValueError, match=r"^trak\.prepare\(train=\.\.\.\): .*" + want):
         m.prepare(fm.params, (bad, y))
+
+
+# Issue 18 (stop 25): a feature row whose squared norm overflows the dtype made prepare's kernel
+# fail to factor, and prepare blamed damping. On that failure path only, the first such row is
+# named as the training data's; a genuinely singular kernel still names damping.
+
+_TRAIN_MSG = (r"^trak\.prepare\(train=\.\.\.\): expected examples whose per-example features "
+              r"\(gradients\) are finite, with a squared norm finite in {} .*got a feature row "
+              r"of example 2 whose squared norm is ")
+
+
+def _huge(dtype, scale):
+    """_problem in ``dtype``, example 2 scaled by ``scale`` there."""
+    fm, x, _, y = _problem()
+    bad = x.to(dtype)
+    bad[2] = bad[2].abs() * scale
+    return functional_model(fm.module.to(dtype), F.cross_entropy), bad, y
+
+
+# (proj_dim, how train is given): the primal kernel from cached rows, and from a loader (Phi^T
+# Phi accumulated batch by batch). The dual forms (d > n_train: a float64 [n, n] Gram whose
+# overflowing row is one large diagonal entry) factor, so prepare does not fail there.
+_FORMS = [(4, "list"), (4, "loader")]
+
+
+def _train(x, y, how):
+    if how == "list":
+        return [(x[:4], y[:4]), (x[4:], y[4:])]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float64, 1e155)])
+@pytest.mark.parametrize("proj,how", _FORMS)
+def test_overflowing_train_row_names_train_and_the_example_not_damping(dtype, scale, proj, how):
+    fm, x, y = _huge(dtype, scale)
+    m = trak(fm, proj_dim=proj)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=_TRAIN_MSG.format(str(dtype)[6:])):
+            m.prepare(fm.params, _train(x, y, how))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("how", ["list", "loader"])
+def test_a_singular_kernel_on_tame_data_still_names_damping(dtype, how):
+    """Every training example the same (Phi of rank 1, d = 4) and damping 0: singular, damping
+    named; no row overflows."""
+    fm, x, _, y = _problem()
+    fm = functional_model(fm.module.to(dtype), F.cross_entropy)
+    x, y = x[:1].to(dtype).expand(8, 3).clone(), y[:1].expand(8).clone()
+    with pytest.raises(ValueError, match=r"^trak\.prepare\(damping=\.\.\.\): .*singular matrix "
+                                         r"at checkpoints \[0\]"):
+        trak(fm, proj_dim=4, damping=0.0).prepare(fm.params, _train(x, y, how))

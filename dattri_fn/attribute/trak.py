@@ -358,7 +358,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                  calls.plan())
             grams = (gram_of(f, gram_dtype(fdt, dtype)) for c in passes
                      for f in calls.fill(func, data, feats, wts, c))
-            K = primal_kernel(func, grams, C, d, total, dtype, device, damping)
+            K = primal_kernel(func, grams, C, d, total, dtype, device, damping, feats, fdt)
             return TRAKState(K, feats, wts, calls.plan())
         # Uncounted data (a DataLoader) or no cache: Phi^T Phi accumulated batch by batch.
         gram, phis, weights, n = None, [], [], 0
@@ -375,7 +375,7 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                     weights.append(q)
                 n += phi.shape[1]
         K = primal_kernel(func, gram, gram.shape[0], d, n, dtype, device,
-                          damping)
+                          damping, phis if cache_features else None, fdt)
         if not cache_features:
             return TRAKState(K, None, None, calls.plan())
         return TRAKState(K, torch.cat(phis, dim=1), torch.cat(weights), calls.plan())

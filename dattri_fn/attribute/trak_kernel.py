@@ -61,6 +61,38 @@ def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
                            "Raise damping or lower proj_dim."))
 
 
+def _row_norms2(feats) -> Tensor:
+    """Squared norms of the training rows, summed over checkpoints, in float64 (a NaN/inf row
+    gives NaN/inf): ``feats`` a ``[C, n, d]`` tensor or a list of ``[C, b, d]`` chunks, or
+    ``LayerGrads`` factors (the diagonal of their Gram). Error path only.  # -> [n]"""
+    if isinstance(feats, list) and feats and isinstance(feats[0], LayerGrads):
+        C = feats[0].dense.shape[0]
+        return sum(factored_gram([b.select(c) for b in feats]).diagonal() for c in range(C))
+    chunks = feats if isinstance(feats, list) else [feats]
+    return torch.cat([sum(torch.linalg.vector_norm(f, dim=-1, dtype=torch.float64) ** 2
+                          for f in ch) for ch in chunks])
+
+
+def blame_rows(func: str, feats, fdt: torch.dtype) -> None:
+    """On a kernel that did not factor (error path only): raise naming ``func(train=...)`` and
+    the first training example whose feature row is NaN/inf or whose squared norm exceeds the
+    largest float of ``fdt`` (at least float32): the data's doing, not damping's (issue 18).
+    Returns where no held row overflows (or none is held: ``feats`` None)."""
+    if feats is None:
+        return
+    big = torch.finfo(torch.promote_types(fdt, torch.float32)).max
+    n2 = _row_norms2(feats)
+    over = ~(n2 <= big)  # NaN too
+    if bool(over.any()):
+        i = int(over.nonzero()[0, 0])
+        name = str(torch.promote_types(fdt, torch.float32))[6:]
+        raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) "
+                              f"are finite, with a squared norm finite in {name} (<= {big:.3g})",
+                              f"a feature row of example {i} whose squared norm is "
+                              f"{float(n2[i]):.3g}", "A train example's gradient is not finite "
+                              "or overflows; remove or rescale it."))
+
+
 def dual_kernel(func: str, feats: Tensor | None, d: int, dtype, damping: float,
                 factors: list[LayerGrads] | None = None, *, pack: int = 0) -> Tensor:
     """``(Phi_c Phi_c^T + damping I)^-1`` per checkpoint, by Cholesky in float64.  # [C, n, n]
@@ -83,6 +115,9 @@ def dual_kernel(func: str, feats: Tensor | None, d: int, dtype, damping: float,
         grams = (factored_gram([b.select(c) for b in factors]) for c in range(C))
     K, bad = _inverted(grams, C, n, dtype, device, damping, pack)
     if bad:
+        del K
+        blame_rows(func, feats if factors is None else factors,
+                   feats.dtype if factors is None else factors[0].dense.dtype)
         raise singular(func, bad, d, n, damping)
     return K
 
@@ -238,11 +273,15 @@ def _inverted(grams, C: int, size: int, dtype, device, damping: float,
 
 
 def primal_kernel(func: str, grams, C: int, d: int, n: int, dtype, device,
-                  damping: float) -> Tensor:
+                  damping: float, feats=None, fdt: torch.dtype | None = None) -> Tensor:
     """``(gram_c + damping I)^-1`` by Cholesky, factored and inverted in place in each
-    float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]"""
+    float64 ``gram_c`` (an iterable's item, taken only when needed).  # [C, d, d]
+    ``feats``: the training rows held (``[C, n, d]`` or a list of ``[C, b, d]`` chunks, of
+    dtype ``fdt``), read only where a checkpoint does not factor (:func:`blame_rows`)."""
     K, bad = _inverted(grams, C, d, dtype, device, damping)
     if bad:
+        del K
+        blame_rows(func, feats, fdt)
         raise singular(func, bad, d, n, damping)
     return K
 
