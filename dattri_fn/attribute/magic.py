@@ -120,6 +120,49 @@ def _as_batch(func: str, arg: str, data) -> Batch:
                          "Batches", type(data).__name__))
 
 
+def _check_finite_run(func: str, traj: Trajectory, cot: dict, arg: str) -> None:
+    """Refuse non-finite test cotangents by what caused them: the replayed training run
+    (non-finite final parameters: ``magic(train=...)``) or a test example (``arg``, by index)."""
+    if all(bool(torch.isfinite(x).all()) for x in traj.params.values()):
+        bad = None
+        for c in cot.values():
+            rows = ~torch.isfinite(c.reshape(c.shape[0], -1)).all(dim=1)
+            bad = rows if bad is None else bad | rows
+        if bad is None or not bool(bad.any()):
+            return
+        raise ValueError(_msg(func, arg, "examples whose target gradient is finite at the "
+                              "trained parameters",
+                              f"NaN or inf at example {int(bad.nonzero()[0, 0])}"))
+    raise ValueError(_msg(func, "train", "data on which the replayed training run stays finite",
+                          "non-finite parameters after training (the run diverged on the data)"))
+
+
+def _scale_targets(cot: dict) -> tuple[dict, Tensor | None]:
+    """Return the cotangents with each target row whose square could overflow (``max|v|^2 * P
+    > finfo.max / 16``, ``P`` the parameter count) divided by a power of two that brings its
+    largest magnitude into ``[0.5, 1)``, and the exponents ``[k, 1]`` to multiply the score rows
+    back by (None when no row needed it: the call is then untouched, the same bits). The
+    metagradient is linear in each target's cotangent and a power of two scales exactly, so a
+    scaled row's scores are the unscaled ones up to rounding; unscaled, a float32 target gradient
+    ~1e20 overflowed inside the reverse pass (its norms, the vjps) and gave finite scores 3.8x off
+    float64 (engineer F's overflow survey, stop 25), as ``influence_cg.row_scaled`` for CG."""
+    parts = list(cot.values())
+    k = parts[0].shape[0]
+    if k == 0:
+        return cot, None
+    amax = torch.stack([c.reshape(k, -1).abs().amax(dim=1) if c[0].numel() else
+                        c.new_zeros(k) for c in parts]).amax(dim=0)  # [k]
+    size = sum(c[0].numel() for c in parts)
+    limit = torch.finfo(parts[0].dtype).max / 16
+    over = amax > math.sqrt(limit / max(size, 1))
+    if not bool(over.any()):
+        return cot, None
+    e = torch.where(over, torch.frexp(amax)[1], 0)  # [k]
+    scaled = {name: torch.ldexp(c, -e.reshape(-1, *([1] * (c.ndim - 1)))).to(c.dtype)
+              for name, c in cot.items()}
+    return scaled, e[:, None]
+
+
 def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
           batch_size: int | None = None, seed: int | Sequence[int] = 0,
           target: Callable[[Params, Any], Tensor] | None = None,
@@ -271,11 +314,14 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         for traj, order in zip(state.runs, state.orders, strict=True):
             with blame_data(func, arg, test):
                 cot = target_grads(traj.params, test)  # {name: [k, *shape]}
+            _check_finite_run(func, traj, cot, arg)
+            cot, e = _scale_targets(cot)
             with blame_data(func, "train", train_data):
                 mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size,
                                   vjp_step=vjp_step, horizon=horizon,
                                   early_exit=early_exit)
-            total = mg.weights if total is None else total + mg.weights
+            w = mg.weights if e is None else torch.ldexp(mg.weights, e).to(mg.weights.dtype)
+            total = w if total is None else total + w
         return (total / len(state.runs)).T  # [n_train, k]
 
     def check_state(func: str, state, params, train_data) -> None:
