@@ -212,3 +212,30 @@ def test_a_singular_kernel_on_tame_data_still_names_damping(dtype, how):
     with pytest.raises(ValueError, match=r"^trak\.prepare\(damping=\.\.\.\): .*singular matrix "
                                          r"at checkpoints \[0\]"):
         trak(fm, proj_dim=4, damping=0.0).prepare(fm.params, _train(x, y, how))
+
+
+def _wide(dtype, scale):
+    """A wider ReLU MLP (3-16-3, d = P = 115 > n_train = 8) whose rows prepare keeps factored
+    (``train_factors``), example 2 scaled by ``scale``."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.randn(8, 3, generator=g).to(dtype), torch.randint(0, 3, (8,), generator=g)
+    x[2] = x[2].abs() * scale
+    return functional_model(net, F.cross_entropy), x, y
+
+
+@pytest.mark.parametrize("form", ["dual", "dual-dense", "factored"])
+def test_overflowing_train_row_in_the_dual_forms_names_train(form):
+    """float64 rows of squared norm ~1e310: the dual [n, n] Gram is inf and does not factor;
+    the example is named (the dense rows, or the factored Gram's diagonal). In float32 such a
+    row's dual Gram (float64, ~1e40) factors: prepare takes it (not this test)."""
+    fm, x, y = (_wide if form == "factored" else _huge)(torch.float64, 1e155)
+    m = trak(fm, proj_dim=16 if form == "dual" else None)
+    fm0, x0, y0 = (_wide if form == "factored" else _huge)(torch.float64, 1.0)
+    st = m.prepare(fm0.params, _train(x0, y0, "list"))  # the path taken on tame data
+    assert (st.train_factors is not None) == (form == "factored") and st.kernel.shape[-1] != 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=_TRAIN_MSG.format("float64")):
+            m.prepare(fm.params, _train(x, y, "list"))
