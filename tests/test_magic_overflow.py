@@ -94,8 +94,13 @@ def test_diverged_training_names_train():
     x = x.clone()
     x[3] = x[3] * 1e20
     state = m.prepare(p0, (x, y))
-    with pytest.raises(ValueError, match=r"magic\.score\(train=\.\.\.\).*diverged"):
+    with pytest.raises(ValueError, match=r"magic\.score\(train=\.\.\.\).*diverged") as e:
         m.score(p0, state, (x, y), test)
+    # every state kept: the step named is exact (checked here: the one before it is finite)
+    t = int(str(e.value).split("after step ")[1].split(",")[0])
+    assert 3 in state.orders[0][t].tolist()
+    assert all(torch.isfinite(v).all() for v in state.runs[0].checkpoints[t][0].values())
+    assert not all(torch.isfinite(v).all() for v in state.runs[0].checkpoints[t + 1][0].values())
 
 
 def mlp_case(dtype):

@@ -120,10 +120,16 @@ def _as_batch(func: str, arg: str, data) -> Batch:
                          "Batches", type(data).__name__))
 
 
-def _check_finite_run(func: str, traj: Trajectory, cot: dict, arg: str) -> None:
+def _finite(params) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in params.values())
+
+
+def _check_finite_run(func: str, traj: Trajectory, cot: dict, arg: str,
+                      order: Sequence[Tensor]) -> None:
     """Refuse non-finite test cotangents by what caused them: the replayed training run
-    (non-finite final parameters: ``magic(train=...)``) or a test example (``arg``, by index)."""
-    if all(bool(torch.isfinite(x).all()) for x in traj.params.values()):
+    (non-finite final parameters: ``magic(train=...)``, with the first kept state that went
+    non-finite) or a test example (``arg``, by index)."""
+    if _finite(traj.params):
         bad = None
         for c in cot.values():
             rows = ~torch.isfinite(c.reshape(c.shape[0], -1)).all(dim=1)
@@ -133,8 +139,18 @@ def _check_finite_run(func: str, traj: Trajectory, cot: dict, arg: str) -> None:
         raise ValueError(_msg(func, arg, "examples whose target gradient is finite at the "
                               "trained parameters",
                               f"NaN or inf at example {int(bad.nonzero()[0, 0])}"))
+    where = ""
+    kept = sorted(t for t, st in traj.checkpoints.items() if not _finite(st[0]))
+    if kept and kept[0] > 0:  # the state before step t is the first kept one non-finite
+        t = kept[0]
+        prev = max((u for u in traj.checkpoints if u < t), default=0)
+        steps = f"step {t - 1}" if prev == t - 1 else f"steps {prev}..{t - 1}"
+        rows = order[t - 1].tolist() if prev == t - 1 else None
+        where = f"; parameters first non-finite after {steps}" + (
+            f", batch rows {rows[:8]}" if rows is not None else "")
     raise ValueError(_msg(func, "train", "data on which the replayed training run stays finite",
-                          "non-finite parameters after training (the run diverged on the data)"))
+                          f"non-finite parameters after training (the run diverged on the "
+                          f"data{where})"))
 
 
 def _scale_targets(cot: dict) -> tuple[dict, Tensor | None]:
@@ -314,7 +330,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
         for traj, order in zip(state.runs, state.orders, strict=True):
             with blame_data(func, arg, test):
                 cot = target_grads(traj.params, test)  # {name: [k, *shape]}
-            _check_finite_run(func, traj, cot, arg)
+            _check_finite_run(func, traj, cot, arg, order)
             cot, e = _scale_targets(cot)
             with blame_data(func, "train", train_data):
                 mg = metagradient(step, traj, train_data, order, cot, chunk_size=chunk_size,
