@@ -136,3 +136,35 @@ def test_huge_mlp_test_example_matches_float64(horizon):
     assert torch.isfinite(s32).all()
     rel = (s32 - s64).abs().amax(0) / s64.abs().amax(0)  # per column: the huge one is ~1e18
     assert float(rel.max()) < 1e-4, rel  # unscaled: 3.8x off in column 1
+
+
+@pytest.mark.parametrize("horizon", ["auto", "band"])
+def test_metagradient_direct_huge_cotangent_matches_float64(horizon):
+    """The public metagradient (no magic scaling in front): its horizon norms must not overflow."""
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        loss, p0, train, test = mlp_case(dtype)
+        m = magic(loss, sgd(0.1), epochs=2, batch_size=4, horizon=horizon)
+        state = m.prepare(p0, train)
+        traj, order = state.runs[0], state.orders[0]
+        cot = vmap(grad(lambda p, ex: -loss(p, ex)), in_dims=(None, 0))(traj.params, test)
+        step = make_step(loss, sgd(0.1))
+        out[dtype] = metagradient(step, traj, train, order, cot, horizon=horizon).weights
+    w32, w64 = out[torch.float32].double(), out[torch.float64]
+    assert torch.isfinite(w32).all()
+    rel = (w32 - w64).abs().amax(1) / w64.abs().amax(1)
+    assert float(rel.max()) < 1e-4, rel
+
+
+def test_row_norms_overflow_safe_and_same_bits():
+    from dattri_fn.attribute.metagradient import _row_norms
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 5, generator=g), torch.randn(3, 2, 2, generator=g)
+    plain = torch.sqrt((a ** 2).sum(1) + (b.reshape(3, -1) ** 2).sum(1))
+    assert torch.equal(_row_norms([a, b], 3), plain)
+    a2 = a.clone()
+    a2[1] *= 2.0 ** 70
+    got = _row_norms([a2, b], 3)
+    want = _row_norms([a2.double(), b.double()], 3)
+    assert torch.equal(got[[0, 2]], plain[[0, 2]])
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)

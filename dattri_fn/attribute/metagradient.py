@@ -139,8 +139,22 @@ EARLY_EXIT = (1.2, 8)
 
 
 def _row_norms(parts: Sequence[Tensor], k: int) -> Tensor:
-    """The Euclidean norm of each of ``k`` rows across ``parts`` ``[k, ...]``.  # -> [k]"""
-    return torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
+    """The Euclidean norm of each of ``k`` rows across ``parts`` ``[k, ...]``.  # -> [k]
+
+    A row whose sum of squares overflows (a float32 cotangent ~1e20) is recomputed after
+    dividing it by a power of two that brings its largest magnitude into ``[0.5, 1)``, the norm
+    multiplied back: exact scaling, so the horizon rules compare true norms (engineer H, stop
+    25); rows that did not overflow, and every call without such a row, keep the same bits."""
+    out = torch.sqrt(sum((b.reshape(k, -1) ** 2).sum(1) for b in parts))
+    inf = torch.isinf(out)
+    if not bool(inf.any()):
+        return out
+    amax = torch.stack([b.reshape(k, -1).abs().amax(1) if b[0].numel() else b.new_zeros(k)
+                        for b in parts]).amax(0)  # [k]
+    e = torch.where(inf & torch.isfinite(amax), torch.frexp(amax)[1], 0)
+    scaled = torch.sqrt(sum((torch.ldexp(b.reshape(k, -1), -e[:, None]).to(b.dtype) ** 2).sum(1)
+                            for b in parts))
+    return torch.where(inf, torch.ldexp(scaled, e).to(out.dtype), out)
 
 
 def _sweep(step: Callable, trajectory: Trajectory, data: Batch, order: Sequence[Tensor],
