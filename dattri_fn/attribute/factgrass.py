@@ -34,7 +34,6 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
-    all_finite,
     batch_leaves,
     batch_to,
     check_int,
@@ -71,6 +70,7 @@ from .factgrass_blocks import (  # noqa: F401 (importable from here, as before t
     _spans,
     _stage_two,
 )
+from .factgrass_fisher import _held_rows, _inverses  # noqa: F401 (_held_rows: as before)
 from .factgrass_flat import (  # noqa: F401 (importable from here, as before the split)
     _flat_capturable,
     _flat_checked,
@@ -413,61 +413,15 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
         elif fisher:  # one sweep over the factors in their fixed spans, one at a time
             for r0, r1 in spans_of(cfg, sk, factors):
                 add_gram(_factor_rows(sk, blocks, factors, r0, r1))
-    inverses = {}
-    if fisher:
-        damped, by_size = {}, {}
-        for blk, s, e in blocks:
-            F = grams[blk] / n
-            F.diagonal().add_(0.1 * F.diagonal().mean() if damping is None else damping)
-            damped[blk] = F
-            by_size.setdefault(e - s, []).append(blk)
-        for names in by_size.values():  # one batched factorisation per block size
-            # one matrix is factorised as it is (no stacked copy): the same LAPACK call
-            A = (damped[names[0]][None] if len(names) == 1
-                 else torch.stack([damped[b] for b in names]))
-            if not all_finite(A):  # the data's doing, or damping's (stop 25 review RD F1)
-                bad = [b for b in names if not all_finite(damped[b])]
-                if damping is not None and all(all_finite(grams[b]) for b in bad):
-                    # finite before damping: its sum with the diagonal leaves the dtype
-                    big = torch.finfo(A.dtype).max
-                    raise ValueError(_msg(func, "damping", "a damping whose sum with block "
-                                          f"{bad[0]!r}'s Fisher diagonal is finite in "
-                                          f"{str(A.dtype)[6:]} (<= {big:.3g})", f"damping={damping}"))
-                _refuse_fisher(func, bad, blocks, n,
-                               _held_rows(sk, blocks, factors, buf, feats, n, cfg))
-            L, info = torch.linalg.cholesky_ex(A)
-            A = None
-            bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
-            if bad:
-                raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
-                                      f"block {bad[0]!r}'s Fisher is singular",
-                                      f"damping={damping}"))
-            inv = torch.cholesky_inverse(L)
-            inverses.update(zip(names, inv.unbind(), strict=True))
+    inverses = {} if not fisher else _inverses(
+        func, grams, blocks, n, damping,
+        lambda: _held_rows(sk, blocks, factors, buf, feats, n, cfg))
     checked = held()
     features = None if not cache_features or factors is not None else buf if (
         buf is not None) else feats[0] if len(feats) == 1 else torch.cat(feats)
     return FactGraSSState(blocks, inverses, features,
                           plan_decisions(checked) if checked.checked else None, factors,
                           cfg.fingerprint)
-
-
-def _held_rows(sk: _Sketches, blocks: tuple, factors: dict | None, buf: Tensor | None,
-               feats: list, n: int, cfg: _Config):
-    """``(start, phi)`` chunks of the training rows ``prepare`` holds (its factors formed in
-    their spans, or its cached features); none where it holds none (``cache_features=False``).
-    For the error path only."""
-    if factors is not None:
-        for r0, r1 in spans_of(cfg, sk, factors):
-            yield r0, _factor_rows(sk, blocks, factors, r0, r1)
-    elif buf is not None:
-        yield 0, buf[:n]
-    else:
-        r0 = 0
-        for phi in feats:
-            yield r0, phi
-            r0 += phi.shape[0]
-
 
 
 __all__ = ["FactGraSSState", "factgrass"]
