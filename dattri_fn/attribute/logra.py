@@ -31,8 +31,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 from .._checks import (
     _msg,
@@ -55,12 +53,21 @@ from ..operators.gauss_newton import memory_budget
 from ..operators.kfac import _kfac_specs
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
-from ..transforms.mlp_io import mlp_chain
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
 from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition
-from .logra_rows import _cached_spans, _features, _Gather, _outer_rows, _projected, _raw
+from .logra_rows import (
+    _cached_spans,
+    _features,
+    _flat_row_bytes,
+    _Gather,
+    _outer_rows,
+    _projected,
+    _raw,
+    _sliceable,
+)
+from .logra_stats import _accumulate
 from .method import Method
 from .pipeline import TopK, check_finite_self, collect, stream_scores
 
@@ -107,12 +114,6 @@ _KRON_MAX = 256  # a layer's k_out * k_in up to which its eigenbasis is applied 
 # the default 256 MiB), a batch over it in slices: LoGra keeps only k_in + k_out numbers per layer
 # and example from a pass, so the pass's batch, activations and gradients are its peak
 _PASS_SHARE = 256
-
-
-def _sliceable(module) -> bool:
-    """Whether a batch's per-example rows are those of its slices: no BatchNorm or Dropout in
-    training mode (batch statistics, one random stream per call) anywhere in ``module``."""
-    return not any(m.training and isinstance(m, (_BatchNorm, _DropoutNd)) for m in module.modules())
 
 
 def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16,
@@ -252,18 +253,6 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
 
         return rows
 
-    def flat_row_bytes(batch) -> int | None:
-        """What one example of a plain MLP (``mlp_chain``: every layer at one position) holds in
-        a pass, exactly as the pass will measure it (its batch row, each layer's ``a`` and
-        ``g``); None for any other model (nothing is known before the first pass)."""
-        leaves = batch_leaves(batch)
-        if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
-            return None
-        w = [model.params.get(s.weight, model.fixed.get(s.weight)) for s in specs.values()]
-        # (per row by the trailing shape: an empty batch is named by merged_passes' check)
-        return (sum(t.element_size() * t.shape[1:].numel() for t in leaves if t.ndim)
-                + sum(x.shape[0] + x.shape[1] for x in w) * w[0].element_size())
-
     def prepare(params, train) -> LoGraState:
         func = f"{name}.prepare"
         st = state_of(func, params)
@@ -283,7 +272,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             budget, weights = memory_budget(), [st[s.weight] for s in specs.values()]
             merged = True
             total = count_rows(func, "train", listed, check=False)  # merged_passes checks each
-            first = flat_row_bytes(listed[0])
+            first = _flat_row_bytes(model, specs, listed[0])
 
             def passes():
                 return merged_passes(func, "train", listed,
@@ -323,31 +312,9 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             # the raw factors and the (merged) batch are dropped before the features exist
             io = _projected(io, projections, specs, model)
             batch = None
-            # (a 2-d layer, [B, k], holds one position per example)
-            drop = [ln for ln, (a, _) in io.items() if ln in factors and a.ndim == 3
-                    and a.shape[1] != 1]
-            if drop and n and len(factors) == len(layers):
-                # the rows so far were held factored: their features now (a layer has T > 1)
-                feats.add(_outer_rows({ln: (fa.value(), fg.value())
-                                       for ln, (fa, fg) in factors.items()}))
-            for ln in drop:
-                del factors[ln]
-            for ln, (a, g) in io.items():
-                T = 1 if a.ndim == 2 else a.shape[1]
-                a2, g2 = (a, g) if a.ndim == 2 else (a.reshape(-1, a.shape[-1]),
-                                                     g.reshape(-1, g.shape[-1]))
-                # A' = sum_i (1/T) sum_t a' a'^T and G' = sum_i sum_t g' g'^T as single GEMMs
-                dA = a2.mT @ (a2 if T == 1 else a2 / T)
-                dG = g2.mT @ g2
-                A[ln] = dA if ln not in A else A[ln] + dA
-                G[ln] = dG if ln not in G else G[ln] + dG
-                if ln in factors:
-                    # unprojected and with no bias column, a' is the layer's own input
-                    factors[ln][0].add(a2, borrowed=projections[ln][0] is None
-                                       and specs[ln].bias not in model.params)
-                    factors[ln][1].add(g2)
-            if cache_features and len(factors) < len(layers):
-                feats.add(_features(io))
+            _accumulate(io, n, A, G, factors, feats, len(layers), cache_features,
+                        {ln: projections[ln][0] is None and specs[ln].bias not in model.params
+                         for ln in io})
             n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))

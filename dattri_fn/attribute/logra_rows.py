@@ -9,12 +9,33 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from .._checks import batch_leaves, batch_slice
 from ..model import FunctionalModel
 from ..operators.kfac import _tokens
 from ..transforms.layers import batched_io
-from ..transforms.mlp_io import mlp_io
+from ..transforms.mlp_io import mlp_chain, mlp_io
+
+
+def _sliceable(module) -> bool:
+    """Whether a batch's per-example rows are those of its slices: no BatchNorm or Dropout in
+    training mode (batch statistics, one random stream per call) anywhere in ``module``."""
+    return not any(m.training and isinstance(m, (_BatchNorm, _DropoutNd)) for m in module.modules())
+
+
+def _flat_row_bytes(model: FunctionalModel, specs: dict, batch) -> int | None:
+    """What one example of a plain MLP (``mlp_chain``: every layer at one position) holds in a
+    pass, exactly as the pass will measure it (its batch row, each layer's ``a`` and ``g``);
+    None for any other model (nothing is known before the first pass)."""
+    leaves = batch_leaves(batch)
+    if mlp_chain(model.module) is None or any(t.ndim > 2 for t in leaves):
+        return None
+    w = [model.params.get(s.weight, model.fixed.get(s.weight)) for s in specs.values()]
+    # (per row by the trailing shape: an empty batch is named by merged_passes' check)
+    return (sum(t.element_size() * t.shape[1:].numel() for t in leaves if t.ndim)
+            + sum(x.shape[0] + x.shape[1] for x in w) * w[0].element_size())
 
 
 def _outer_rows(factors: dict, eigvecs: dict | None = None) -> Tensor:
