@@ -37,7 +37,6 @@ from .._checks import (
 from .._types import Params
 from ..model import FunctionalModel, batched_loss
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
-from ..transforms.factored_grads import LayerGrads
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import decided_plan, layer_plan
 from ..transforms.project import KINDS
@@ -52,7 +51,8 @@ from .outputs import (  # noqa: F401  (the classification_* helpers are imported
     classification_weight,
     classification_weight_loss,
 )
-from .pipeline import TopK, merge_topk, stream_scores
+from .pipeline import TopK, stream_scores
+from .trak_dual import dual_scores, dual_self_scores
 from .trak_features import FeatureConfig, feature_calls, named
 from .trak_kernel import (  # noqa: F401  (names served from trak before the split)
     dual_kernel,
@@ -67,6 +67,7 @@ from .trak_kernel import (  # noqa: F401  (names served from trak before the spl
     singular,
     unpacked,
 )
+from .trak_pair import _captured, _same_value, _weight_follows  # noqa: F401  (served from trak)
 from .trak_state import (  # noqa: F401  (_CACHED_ENTRIES, _moved: served from trak before the split)
     _CACHED_ENTRIES,
     TRAKState,
@@ -83,52 +84,6 @@ from .trak_state import (  # noqa: F401  (_CACHED_ENTRIES, _moved: served from t
 
 
 # -- the method --------------------------------------------------------------------------
-def _captured(fn, qualname: str) -> dict | None:
-    """The values a :func:`dattri_fn.model.functional_model` closure named ``qualname``
-    captured, by name; None for any other function."""
-    if getattr(fn, "__module__", None) != "dattri_fn.model" or \
-            getattr(fn, "__qualname__", None) != f"functional_model.<locals>.{qualname}":
-        return None
-    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ()),
-                    strict=True))
-
-
-def _same_value(a, b) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        if a is b:
-            return True
-        # a tensor with no plain storage (sparse, mkldnn, a wrapper subclass) is never "the same"
-        plain = all(isinstance(t, Tensor) and type(t) is Tensor and t.layout == torch.strided
-                    for t in (a, b))
-        return (plain and a.data_ptr() == b.data_ptr() and a.shape == b.shape
-                and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(_same_value(a[k], b[k]) for k in a)
-    return a is b or (isinstance(a, (set, frozenset, tuple, bool)) and a == b)
-
-
-def _weight_follows(output_fn, weight_fn) -> bool:
-    """Whether ``weight_fn(params, z)`` passes :func:`check_example_fn` whenever ``output_fn``
-    does: both the ``loss`` of a :func:`dattri_fn.model.functional_model` bridge whose example
-    call captured the same values (module, unpack, selected keys and shapes, the same fixed
-    tensors), with the margin and its weight as loss functions. Every step up to the loss is
-    then the same (the key and shape checks, the unpack, the forward), and
-    :func:`classification_weight_loss` is ``sigmoid(-m).mean()`` of the same :func:`margins`
-    (the same label checks on the same logits): a scalar wherever
-    :func:`classification_margin_loss` gives one."""
-    if not (isinstance(output_fn, FunctionalModel) and isinstance(weight_fn, FunctionalModel)):
-        return False
-    a, b = _captured(output_fn.loss, "loss"), _captured(weight_fn.loss, "loss")
-    if a is None or b is None or a.keys() != b.keys() or a.keys() != {"call", "loss_fn"}:
-        return False
-    if a["loss_fn"] is not classification_margin_loss or \
-            b["loss_fn"] is not classification_weight_loss:
-        return False
-    ca, cb = _captured(a["call"], "call"), _captured(b["call"], "call")
-    return (ca is not None and cb is not None and ca.keys() == cb.keys()
-            and all(_same_value(ca[k], cb[k]) for k in ca))
-
-
 def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | FunctionalModel | None = None,
          proj_dim: int | None = None,
          kind: str = "rademacher", seed: int = 0, damping: float = 1e-3,
@@ -389,29 +344,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         dual = check_state(func, state, stacked, d, calls)
         K = state.kernel.to(device)
         test = check_first(func, "test", first, test, device)
-        if dual == "factored":
-            n, rows = state.train_factors.num_rows, state.kernel_rows
-            check_cached_train(func, train, n, read=False)
-            check_optional_int(func, "top_k", top_k)
-            train_lg = _moved(state.train_factors, device)
-            # params of another dtype than prepare's: the test rows take the state's (review R3 F2)
-            test_lg = _moved(LayerGrads.cat(calls.factors(func, "test", test, device)), device,
-                             train_lg.dense.dtype)
-            S = None
-            for c in range(K.shape[0]):
-                # K_c (G_c G_test_c^T), the products from the factors: n m (in' + out) a layer
-                S = packed_matmul(K[c], n, rows, train_lg.select(c).scores(test_lg.select(c)), S)
-            S.mul_((state.train_weights.to(device) / K.shape[0])[:, None])
-            return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
         if dual:
-            check_cached_train(func, train, state.train_features.shape[1], read=False)
-            check_optional_int(func, "top_k", top_k)
-            test_phi = calls.collect(func, "test", test, device).to(K.dtype)
-            feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
-            # K_c (Phi_c Psi_c^T): [C, n, n] x [C, n, m], summed over checkpoints
-            S = torch.bmm(K, torch.bmm(feats, test_phi.mT)).sum(0)
-            S.mul_((wts / K.shape[0])[:, None])
-            return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
+            return dual_scores(func, state, K, dual, calls, train, test, device, top_k,
+                               largest)
         test_feats = test_rows(K, calls.collect(func, "test", test, device).to(K.dtype))
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1], read=False)
@@ -447,22 +382,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         stacked, d, first, device = calls.stacked, calls.d, calls.first, calls.device
         dual = check_state(func, state, stacked, d, calls)
         K = state.kernel.to(device)
-        if dual == "factored":
-            n, rows = state.train_factors.num_rows, state.kernel_rows
-            check_cached_train(func, train, n, read=False)
-            train_lg = _moved(state.train_factors, device)
-            s = 0
-            for c in range(K.shape[0]):
-                lc = train_lg.select(c)
-                # [K_c G_c G_c^T]_ii, G_c G_c^T by blocks of rows from the factors
-                s = s + packed_diag(K[c], n, rows, lambda a, e, lc=lc: lc.rows(a, e).scores(
-                    lc.rows(0, e)))
-            return s * (state.train_weights.to(device) / K.shape[0])
         if dual:
-            check_cached_train(func, train, state.train_features.shape[1], read=False)
-            feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
-            # s_ii = sum_c [K_c Phi_c Phi_c^T]_ii / C * Qbar_i, row by row without the n x n
-            return (torch.bmm(K, feats) * feats).sum((0, 2)) * (wts / K.shape[0])
+            return dual_self_scores(func, state, K, dual, train, device)
         if state.train_features is not None:
             check_cached_train(func, train, state.train_features.shape[1], read=False)
             idx, rows = cached_chunks(state, device)
