@@ -180,7 +180,7 @@ def _huge(dtype, scale):
 
 # (proj_dim, how train is given): the primal kernel from cached rows, and from a loader (Phi^T
 # Phi accumulated batch by batch). The dual forms (d > n_train: a float64 [n, n] Gram whose
-# overflowing row is one large diagonal entry) factor, so prepare does not fail there.
+# overflowing row is one large diagonal entry) are read off that diagonal (tests below).
 _FORMS = [(4, "list"), (4, "loader")]
 
 
@@ -228,8 +228,8 @@ def _wide(dtype, scale):
 @pytest.mark.parametrize("form", ["dual", "dual-dense", "factored"])
 def test_overflowing_train_row_in_the_dual_forms_names_train(form):
     """float64 rows of squared norm ~1e310: the dual [n, n] Gram is inf and does not factor;
-    the example is named (the dense rows, or the factored Gram's diagonal). In float32 such a
-    row's dual Gram (float64, ~1e40) factors: prepare takes it (not this test)."""
+    the example is named (the dense rows, or the factored Gram's diagonal). float32 rows:
+    test_float32_row_overflowing_in_the_dual_forms_names_train."""
     fm, x, y = (_wide if form == "factored" else _huge)(torch.float64, 1e155)
     m = trak(fm, proj_dim=16 if form == "dual" else None)
     fm0, x0, y0 = (_wide if form == "factored" else _huge)(torch.float64, 1.0)
@@ -239,3 +239,39 @@ def test_overflowing_train_row_in_the_dual_forms_names_train(form):
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=_TRAIN_MSG.format("float64")):
             m.prepare(fm.params, _train(x, y, "list"))
+
+
+@pytest.mark.parametrize("form", ["dual", "dual-dense", "factored"])
+def test_float32_row_overflowing_in_the_dual_forms_names_train(form):
+    """Stop 26 (engineer G's gap): a float32 row scaled by 1e20 has a squared norm ~1e40, finite
+    in the dual form's float64 [n, n] Gram, which factors; prepare took it and its scores went
+    unchecked. The Gram's diagonal (the rows' squared norms) over float32's max now names
+    trak.prepare(train=...) and example 2, as the primal form does; tame data takes the same
+    path (asserted) and is not refused."""
+    fm, x, y = (_wide if form == "factored" else _huge)(torch.float32, 1e20)
+    m = trak(fm, proj_dim=16 if form == "dual" else None)
+    fm0, x0, y0 = (_wide if form == "factored" else _huge)(torch.float32, 1.0)
+    st = m.prepare(fm0.params, _train(x0, y0, "list"))
+    assert (st.train_factors is not None) == (form == "factored") and st.kernel.shape[-1] != 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=_TRAIN_MSG.format("float32")):
+            m.prepare(fm.params, _train(x, y, "list"))
+
+
+def test_dual_row_limit_is_the_rows_dtype_max():
+    """The dual check reads the Gram's diagonal against float32's max for float32 rows: a row
+    of squared norm just below it (scale 1e18: ~1e36) is taken, as before."""
+    fm, x, y = _huge(torch.float32, 1e18)
+    st = trak(fm, proj_dim=None).prepare(fm.params, _train(x, y, "list"))
+    assert bool(torch.isfinite(st.kernel).all())
+
+
+def test_dual_diagonal_names_the_row_where_the_norms_round_below(monkeypatch):
+    """Should the rows' own squared norms round to within the limit where the Gram's diagonal
+    did not, the diagonal names the row (here the norms are forced to 0)."""
+    tk = importlib.import_module("dattri_fn.attribute.trak_kernel")
+    monkeypatch.setattr(tk, "_row_norms2", lambda feats: torch.zeros(8, dtype=torch.float64))
+    fm, x, y = _huge(torch.float32, 1e20)
+    with pytest.raises(ValueError, match=_TRAIN_MSG.format("float32")):
+        trak(fm, proj_dim=None).prepare(fm.params, _train(x, y, "list"))

@@ -73,15 +73,22 @@ def _row_norms2(feats) -> Tensor:
                           for f in ch) for ch in chunks])
 
 
-def blame_rows(func: str, feats, fdt: torch.dtype) -> None:
-    """On a kernel that did not factor (error path only): raise naming ``func(train=...)`` and
-    the first training example whose feature row is NaN/inf or whose squared norm exceeds the
-    largest float of ``fdt`` (at least float32): the data's doing, not damping's (issue 18).
-    Returns where no held row overflows (or none is held: ``feats`` None)."""
-    if feats is None:
+def row_limit(fdt: torch.dtype) -> float:
+    """The largest squared norm a training feature row of dtype ``fdt`` may have: the largest
+    float of ``fdt`` widened to at least float32 (:func:`blame_rows`)."""
+    return torch.finfo(torch.promote_types(fdt, torch.float32)).max
+
+
+def blame_rows(func: str, feats, fdt: torch.dtype, n2: Tensor | None = None) -> None:
+    """On a kernel that did not factor or a dual Gram whose diagonal overflows (error paths
+    only): raise naming ``func(train=...)`` and the first training example whose feature row is
+    NaN/inf or whose squared norm exceeds :func:`row_limit` of ``fdt``: the data's doing, not
+    damping's (issue 18). ``n2``: the rows' squared norms ``[n]`` if known (else read from
+    ``feats``). Returns where no row overflows (or none is held: ``feats`` and ``n2`` None)."""
+    if feats is None and n2 is None:
         return
-    big = torch.finfo(torch.promote_types(fdt, torch.float32)).max
-    n2 = _row_norms2(feats)
+    big = row_limit(fdt)
+    n2 = _row_norms2(feats) if n2 is None else n2
     over = ~(n2 <= big)  # NaN too
     if bool(over.any()):
         i = int(over.nonzero()[0, 0])
@@ -113,11 +120,15 @@ def dual_kernel(func: str, feats: Tensor | None, d: int, dtype, damping: float,
         C, n, device = factors[0].dense.shape[0], sum(b.num_rows for b in factors), \
             factors[0].dense.device
         grams = (factored_gram([b.select(c) for b in factors]) for c in range(C))
-    K, bad = _inverted(grams, C, n, dtype, device, damping, pack)
-    if bad:
+    fdt = feats.dtype if factors is None else factors[0].dense.dtype
+    # the Gram's diagonal is the rows' squared norms: one that overflows the rows' dtype is
+    # refused here, where the float64 Gram may still factor (a float32 row ~1e20: ~1e40)
+    K, bad = _inverted(grams, C, n, dtype, device, damping, pack, row_limit(fdt))
+    if isinstance(bad, Tensor) or bad:
         del K
-        blame_rows(func, feats if factors is None else factors,
-                   feats.dtype if factors is None else factors[0].dense.dtype)
+        blame_rows(func, feats if factors is None else factors, fdt)
+        if isinstance(bad, Tensor):  # the Gram's diagonal, if the rows' norms round below
+            blame_rows(func, None, fdt, bad)
         raise singular(func, bad, d, n, damping)
     return K
 
@@ -234,11 +245,13 @@ def factored_gram(blocks: list[LayerGrads], rows: int = _FACTORED_ROWS) -> Tenso
 
 
 def _inverted(grams, C: int, size: int, dtype, device, damping: float,
-              pack: int = 0) -> tuple[Tensor, list]:
+              pack: int = 0, limit: float | None = None) -> tuple[Tensor, list | Tensor]:
     """``((gram_c + damping I)^-1 [C, size, size], checkpoints that did not factor)``, each
     float64 ``gram_c`` (taken from ``grams`` only when needed) factored and inverted in place.
     ``pack > 0``: each inverse kept block-packed instead (:func:`packed_blocks`),
-    ``[C, packed_size(size, pack)]``.
+    ``[C, packed_size(size, pack)]``. ``limit``: a Gram whose diagonal (the dual form's squared
+    row norms) is NaN or over it stops the loop; its diagonal ``[size]`` is returned instead of
+    the checkpoints (one reduction a checkpoint).
 
     The result is allocated once the first Gram is there: a ``grams`` that fills TRAK's feature
     cache on its first item then peaks without the ``[C, size, size]`` kernel. One Gram is alive
@@ -255,6 +268,8 @@ def _inverted(grams, C: int, size: int, dtype, device, damping: float,
         c += 1
         if K is None:
             K = torch.empty(shape, dtype=dtype, device=device)
+        if limit is not None and not bool((g.diagonal() <= limit).all()):
+            return K, g.diagonal().clone()
         g.diagonal().add_(damping)
         g = g.mT  # the same symmetric matrix, column-major: LAPACK then works in g itself
         torch.linalg.cholesky_ex(g, out=(g, info))
