@@ -57,13 +57,14 @@ import torch
 from torch import Tensor
 from torch.func import hessian, vmap
 
-from .._checks import _msg, batch_size, check_int, check_positive, iter_batches
+from .._checks import _msg, all_finite, batch_size, check_int, check_positive, iter_batches
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..training.record import Record, check_record
 from ..tree import ravel
 from .method import Method, loss_and_plan, stacked_per_sample_grad
 from .pipeline import collect, stream_scores, stream_self
+from .source_blame import blame_train, finite
 
 
 class SourceSegment(NamedTuple):
@@ -198,6 +199,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
 
     def prepare(params, train) -> SourceState:
+        func = f"{name}.prepare"
         record = check_record(name, params)
         hp = record.optimizer
         kind = hp.get("name")
@@ -214,22 +216,30 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         decoupled = wd if kind == "adamw" else 0.0
         rate_scale = 1.0 / (1.0 - float(hp.get("momentum", 0.0))) if kind == "sgd" else 1.0
         keys = list(record.final.params)
-        n = sum(batch_size(name, "train", b) for b in iter_batches(name, "train", train))
+        n = 0
+        for b in iter_batches(func, "train", train):  # a NaN/inf input named by its index
+            n += batch_size(func, "train", b, first=n)
         if curvature == "ekfac" and kind != "sgd":
             raise ValueError(_msg(name, "curvature", "'gn' or 'hessian' for an Adam/AdamW record "
                                   "(its diagonal preconditioner has no Kronecker eigenbasis)",
                                   "'ekfac'"))
-        out = []
-        for li, group in enumerate(groups):
+        def segment(li: int, group, data) -> tuple[SourceSegment | None, str | None]:
+            """Segment ``li`` of ``data``, and what of it is not finite (None: all is)."""
             if curvature == "ekfac":
-                out.append(_ekfac_segment(model, group, record, keys, train, bounds[li],
-                                          bounds[li + 1], damping + coupled, rate_scale,
-                                          fisher=fisher, unroll=unroll, pooled=pooled))
-                continue
+                try:
+                    seg = _ekfac_segment(model, group, record, keys, data, bounds[li],
+                                         bounds[li + 1], damping + coupled, rate_scale,
+                                         fisher=fisher, unroll=unroll, pooled=pooled)
+                except ValueError as err:  # the factors' refusal of non-finite data
+                    if not str(err).startswith(("ekfac_factors(data=", "kfac_factors(data=")):
+                        raise
+                    return None, "its EK-FAC factors (" + str(err).split("): ", 1)[1] + ")"
+                ok = finite(*seg.phi.values(), *seg.decay.values())
+                return seg, None if ok else "its phi or decay"
             H = None
             for c in group:
-                h = (_gauss_newton(model, c.params, train) if curvature == "gn"
-                     else _hessian(loss, c.params, train))
+                h = (_gauss_newton(model, c.params, data) if curvature == "gn"
+                     else _hessian(loss, c.params, data))
                 H = h if H is None else H + h
             H = H / len(group)
             P = H.shape[0]
@@ -240,12 +250,26 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
             else:
                 root_p = torch.ones(P, dtype=H.dtype, device=H.device)
             S = root_p[:, None] * H * root_p[None, :] + decoupled * eye
-            eigvals, eigvecs = torch.linalg.eigh((S + S.T) / 2)
+            try:
+                eigvals, eigvecs = torch.linalg.eigh((S + S.T) / 2)
+            except RuntimeError:  # LAPACK may refuse a NaN/inf matrix (or return NaN)
+                if all_finite(S):
+                    raise
+                return None, "its curvature"
             lrs = record.lrs[bounds[li]:bounds[li + 1]].to(H.dtype) * rate_scale
             phi, decay = _spectral(eigvals, lrs, unroll)
             stacked = {k: torch.stack([c.params[k] for c in group]) for k in keys}
-            out.append(SourceSegment(bounds[li], bounds[li + 1], stacked, root_p, eigvals,
-                                     eigvecs, phi, decay))
+            seg = SourceSegment(bounds[li], bounds[li + 1], stacked, root_p, eigvals, eigvecs,
+                                phi, decay)
+            return seg, None if finite(eigvecs, phi, decay) else "its eigenvectors, phi or decay"
+
+        out = []
+        for li, group in enumerate(groups):
+            seg, bad = segment(li, group, train)
+            if bad is not None:  # (finite(...): the one check on normal data, issue 20)
+                blame_train(func, loss, group, keys, train, li, bad,
+                            lambda data, li=li, group=group: segment(li, group, data)[1] is None)
+            out.append(seg)
         return SourceState(tuple(out), record.final.params, n)
 
     def _check(params, state):
