@@ -1,6 +1,7 @@
 """Where FactGraSS's ``prepare + score`` spends its thread CPU time on a bundled task (one thread).
 
     OMP_NUM_THREADS=1 python -m benchmarks.factgrass_profile [--task digits-mlp] [--rounds 200] [--ops]
+        [--count]
 
 The method is built as :mod:`benchmarks.run` builds it for ``g_against`` (one checkpoint, the
 recipe's batches of 256, ``benchmarks.against_dattri``'s ``FACTGRASS_DIM`` / ``_BLOWUP``). Printed:
@@ -8,7 +9,10 @@ the mean thread CPU microseconds of ``prepare`` and ``score`` per call, and of e
 factgrass modules call by module-level name (each wrapped where it is read to add its thread CPU
 time; steps nest: ``_Rows.flat_io`` includes ``mlp_io``, ``collect`` the test pass's
 ``_Rows.*``, ``_Rows.write_flat`` its ``_stage_two``). ``--ops`` adds torch.profiler's op table
-(its times are wall-clock and carry the profiler's per-op cost: use its counts and shapes). This
+(its times are wall-clock and carry the profiler's per-op cost: use its counts and shapes).
+``--count`` adds the top-level aten ops of one ``prepare + score`` (those called from Python, by
+op and by the dattri_fn line that called them): the per-call dispatch cost that dominates at
+these sizes. This
 profiles; speed claims go through interleaved A/B (:mod:`benchmarks.e18_ab`,
 :mod:`benchmarks.factgrass_ab`).
 """
@@ -50,6 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--task", default="digits-mlp")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--ops", action="store_true", help="also torch.profiler's op table")
+    p.add_argument("--count", action="store_true",
+                   help="also the torch calls of one round, by calling line")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -121,12 +127,46 @@ def main(argv=None) -> None:
     for name, ns in spent.most_common():
         print(f"  {name:36s} {ns / n / 1e3:8.1f} us a round  x{calls[name] / n:.0f}  "
               f"{ns / calls[name] / 1e3:8.1f} us a call")
+    if args.count:
+        _count_calls(lambda: r.score(r.prepare()))
     if args.ops:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                     record_shapes=True) as prof:
             for _ in range(20):
                 r.score(r.prepare())
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="count", row_limit=40))
+
+
+def _count_calls(run) -> None:
+    """Print the top-level aten ops ``run()`` dispatches (those called from Python, not from
+    another op): the total, by op, and by the innermost dattri_fn line on their Python stack.
+    (torch.profiler: a TorchFunctionMode would make ``mlp_io`` decline, as it should.)"""
+    by_op: collections.Counter = collections.Counter()
+    by_line: collections.Counter = collections.Counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                with_stack=True) as prof:
+        run()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        up, where, nested = ev.cpu_parent, None, False
+        while up is not None:  # python frames are events too: nested under an op, or where from
+            if up.name.startswith("aten::"):
+                nested = True
+                break
+            if where is None and "dattri_fn/" in up.name:
+                where = up.name.split("dattri_fn/", 1)[1]
+            up = up.cpu_parent
+        if nested:
+            continue
+        by_op[ev.name] += 1
+        by_line[where or "?"] += 1
+    print(f"top-level aten ops in one prepare + score: {sum(by_op.values())}")
+    for name, c in by_op.most_common(25):
+        print(f"  {c:5d}  {name}")
+    print("by calling line:")
+    for where, c in by_line.most_common(45):
+        print(f"  {c:5d}  {where}")
 
 
 if __name__ == "__main__":

@@ -248,3 +248,37 @@ def test_write_flat_row_blocks_bounded_in_the_promoted_dtype(monkeypatch, dtypes
     assert [r for r, _, _ in seen] == [min(per, 7 - r) for r in range(0, 7, per)]
     assert all(b <= rows.sketch_bytes and d == dt for _, b, d in seen)
     assert torch.equal(out, (pg[:, :, None] * pa[:, None, :]).flatten(1).double())
+
+
+def test_write_flat_costs_two_tensor_ops_a_row_block():
+    """write_flat's torch calls grow by 3 a row block (the product g' a'^T, its stage 2, the
+    block's row count): the block views are cut once per layer (stop 26: 5 calls a block before,
+    each slice ~5 us of dispatch), and one block (a test batch) is not split. Values as one
+    product."""
+    from types import SimpleNamespace
+
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(2)
+    pg, pa = torch.randn(12, 4, generator=gen, dtype=DT), torch.randn(12, 3, generator=gen, dtype=DT)
+    rows = _ROWS._Rows.__new__(_ROWS._Rows)
+    rows.sk = SimpleNamespace(stage2={"l": None}, dense={"l": None})
+    rows.stage1 = SimpleNamespace(dims={"l": 12})
+    calls = {}
+    for blocks in (1, 3, 6, 12):
+        rows.sketch_bytes = 12 * 8 * (12 // blocks)
+        out = torch.zeros(12, 12, dtype=DT)
+        Count.n = 0
+        with Count():
+            rows.write_flat([("l", 0, 12, pa, pg)], out, 0)
+        calls[blocks] = Count.n
+        assert torch.equal(out, (pg[:, :, None] * pa[:, None, :]).flatten(1))
+    assert calls[6] - calls[3] == 3 * 3 and calls[12] - calls[6] == 3 * 6, calls
+    assert calls[1] < calls[3] - 2, calls  # one block: no split

@@ -342,7 +342,8 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
 
     def add_gram(phi: Tensor) -> None:
         for blk, s, e in blocks:
-            gram = phi[:, s:e].mT @ phi[:, s:e]
+            p = phi[:, s:e]
+            gram = p.mT @ p
             grams[blk] = gram if grams[blk] is None else grams[blk] + gram
 
     # the cache holds each block's factors while every part takes the flat path (the

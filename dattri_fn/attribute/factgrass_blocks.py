@@ -56,12 +56,18 @@ def _blocks_of(sk: _Sketches) -> tuple:
 def _precondition(state: FactGraSSState, phi: Tensor) -> Tensor:  # [b, d] -> [b, d]
     if not state.inverses:
         return phi
+    inv = state.inverses
     if len(state.blocks) == 1:
-        return phi @ state.inverses[state.blocks[0][0]].to(phi)
+        return phi @ _like(inv[state.blocks[0][0]], phi)
     out = torch.empty_like(phi)
     for blk, s, e in state.blocks:  # each block's product written in place: no concatenation
-        torch.mm(phi[:, s:e], state.inverses[blk].to(phi), out=out[:, s:e])
+        torch.mm(phi[:, s:e], _like(inv[blk], phi), out=out[:, s:e])
     return out
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t.to(x)`` (``x``'s dtype and device), with no tensor op where they are ``t``'s."""
+    return t if t.dtype == x.dtype and t.device == x.device else t.to(x)
 
 
 def _check_blocks(func: str, state: FactGraSSState, sk: _Sketches) -> None:

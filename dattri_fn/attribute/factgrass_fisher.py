@@ -26,7 +26,9 @@ def _inverses(func: str, grams: dict, blocks: tuple, n: int, damping: float | No
     inverses, damped, by_size = {}, {}, {}
     for blk, s, e in blocks:
         F = grams[blk] / n
-        F.diagonal().add_(0.1 * F.diagonal().mean() if damping is None else damping)
+        diag = F.diagonal()
+        diag.add_(0.1 * diag.mean() if damping is None else damping)
+        diag = None
         damped[blk] = F
         by_size.setdefault(e - s, []).append(blk)
     for names in by_size.values():  # one batched factorisation per block size

@@ -41,13 +41,21 @@ class _Rows:
         self.stage1 = sk.stage1
         self.cols = _blocks_of(sk)
         self.width = self.cols[-1][2]
-        self.stacked = {k: v.detach()[None] for k, v in params.items()}
+        self._stacked = None  # the params as one checkpoint, formed where a part needs them
         # stage one reads a tie from its members' factors (no [b, V D] rows)
         self.plan = keep_ties(plan if checked is None else checked)
         self.held_bytes = None
 
     def held(self) -> LayerPlan:
         return self.plan
+
+    @property
+    def stacked(self) -> dict:
+        """``{key: param[None]}``, detached: formed on the first part that takes the plan's own
+        path (a stream whose parts all take the flat path never needs it: 2 ops a parameter)."""
+        if self._stacked is None:
+            self._stacked = {k: v.detach()[None] for k, v in self.params.items()}
+        return self._stacked
 
     def grads(self, part):
         if not self.plan.checked and batch_size(self.func, self.arg, part) >= 2:
@@ -102,8 +110,10 @@ class _Rows:
             # first layer's a) would refuse the out= products below (review RD F2)
             if a.requires_grad or g.requires_grad:
                 a, g = a.detach(), g.detach()
-            a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
-            g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
+            if a.ndim != 2:  # the first position (a [b, in] is that already: no view op)
+                a = a.reshape(a.shape[0], -1, a.shape[-1])[:, 0]
+            if g.ndim != 2:
+                g = g.reshape(g.shape[0], -1, g.shape[-1])[:, 0]
             if wk is None:  # a bias alone: its factor is the ones column
                 a = a.new_ones((*a.shape[:-1], 1))
             pa, pg = self.stage1.project_sides(blk, a, g, ones=bk is not None and wk is not None)
@@ -122,23 +132,28 @@ class _Rows:
         for blk, s, e, pa, pg in sides:
             n = pa.shape[0]
             # g' a'^T's dtype (as pg * pa): the block's bytes are counted in it (review RD F3)
-            dt = torch.promote_types(pg.dtype, pa.dtype)
+            dt = pg.dtype if pg.dtype == pa.dtype else torch.promote_types(pg.dtype, pa.dtype)
             step = max(1, min(n, self.sketch_bytes // (self.stage1.dims[blk] * dt.itemsize)))
-            # one [step, k_out, k_in] buffer for every row block, and the views set up once:
-            # the same products into the same rows, ~3 fewer tensor ops a block (digits-mlp:
-            # 13 blocks of 64 rows, each op ~5-15 us here)
+            # one [step, k_out, k_in] buffer for every row block, and every block's views cut
+            # by one split each: the same products into the same rows, 2 tensor ops a full block
+            # (each op ~5-15 us here; digits-mlp: 13 blocks of 64 rows, was 5 ops a block)
             S = pa.new_empty(step, pg.shape[1], pa.shape[1], dtype=dt)
-            g3, a3, Sw, dst = pg[:, :, None], pa[:, None, :], S.view(step, -1), out[r0:r0 + n, s:e]
-            for r in range(0, n, step):
-                c = min(step, n - r)
+            Sw = S.view(step, -1)
+            g3, a3 = pg[:, :, None], pa[:, None, :]
+            dst = (out if r0 == 0 and n == out.shape[0] else out[r0:r0 + n]).narrow(1, s, e - s)
+            # one block (a test batch): no split
+            cut = ((g3, a3, dst),) if step == n else zip(g3.split(step), a3.split(step),
+                                                         dst.split(step), strict=True)
+            for g3, a3, dst in cut:
+                c = g3.shape[0]
                 if c == step:
-                    torch.mul(g3[r:r + c], a3[r:r + c], out=S)
+                    torch.mul(g3, a3, out=S)
                     piece = Sw
                 else:
-                    piece = torch.mul(g3[r:r + c], a3[r:r + c], out=S[:c]).view(c, -1)
-                _stage_two(self.sk, blk, piece, dst[r:r + c])
-                piece = None
-            S = Sw = g3 = a3 = None
+                    piece = torch.mul(g3, a3, out=S[:c]).view(c, -1)
+                _stage_two(self.sk, blk, piece, dst)
+                piece = g3 = a3 = dst = None
+            S = Sw = None
 
     def pieces(self, box: list, validated: bool | None = None):
         """The batch in ``box``, which is emptied (once a part's factors are captured the
