@@ -46,12 +46,11 @@ deciding wherever mlp_io declines or the first examples' rows may not be finite.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from .._checks import _msg, all_finite, batch_size, batch_slice, batch_to
+from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel
 from . import capture
@@ -64,6 +63,7 @@ from .layer_grads_certified import (  # noqa: F401  (certified_plan and its core
     certified_plan,
 )
 from .layer_grads_gap import _gap, _gap_sums  # noqa: F401  (the check's comparisons)
+from .layer_grads_narrow import _all_finite, _narrowed, _warn_dense
 
 # every path helper stays importable from here, as before the split
 from .layer_grads_paths import (  # noqa: F401
@@ -269,54 +269,6 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool 
         known = ((input_signature(args, kwargs), shapes),)
     return base._replace(checked=True, dense=dense, loop=loop, layout=layout, shapes=known,
                          tie_factors=plan.tie_factors), lg
-
-
-def _all_finite(grads: Params) -> bool:
-    """Whether every tensor of ``grads`` (autodiff's reference rows, or the pass's summed
-    parameter gradients) is finite."""
-    return all(all_finite(v) for v in grads.values())
-
-
-def _narrowed(plan: LayerPlan, batch: Batch, stacked: Params, *,
-              drop: dict[str, str] | None = None) -> LayerPlan | None:
-    """Return ``plan`` without the layers a forward on ``batch`` shows cannot be captured (one
-    warning names them), or None when no layer is left; after a drop a plan with tie groups is
-    checked again (one more forward), since a tie that lost a member is a problem of its own.
-    ``drop``: ``{layer: why}`` known refused already (a :class:`CaptureError`'s problems)."""
-    args, kwargs, _ = _unpack(plan.model)(batch)
-    state = {**plan.model.fixed, **{k: v[0] for k, v in stacked.items()}}
-    problems = dict(drop) if drop else plan.tapped.check(state, *args, **kwargs)
-    narrowed = plan if not problems else _plan_of(
-        plan.model, [n for n in plan.captured if n not in problems])
-    # A tie group left with one member after a drop is a problem of its own: check again.
-    # Without tie groups one forward's problems are every refused layer's (a layer's problems
-    # come from its own calls), so the layers left pass: no second forward.
-    while problems and plan.tapped.tied and narrowed is not None and (
-            new := narrowed.tapped.check(state, *args, **kwargs)):
-        problems.update(new)
-        narrowed = _plan_of(plan.model, [n for n in plan.captured if n not in problems])
-    if not problems:
-        return plan
-    # a bare parameter the forward never read by rows was never a candidate: it keeps
-    # vmap(grad) as every other parameter outside the layers, silently
-    loud = {n: w for n, w in problems.items()
-            if not (plan.tapped.specs[n].kind == "bare" and w.startswith(capture.NOT_ROWS))}
-    if not loud:
-        return narrowed
-    why = "; ".join(f"{n or '<root>'}: {w}" for n, w in loud.items())
-    warnings.warn(f"layer_grads: computing these layers of {type(plan.model.module).__name__} "
-                  f"densely (vmap(grad)) instead of from captured factors: {why}.",
-                  RuntimeWarning, stacklevel=5)
-    return narrowed
-
-
-def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:
-    scope = "this batch's per-example gradients" if batch_only else \
-        "the per-example gradients"
-    warnings.warn(f"layer_grads: computing {scope} of {type(plan.model.module).__name__} "
-                  f"densely{'' if batch_only else ' (the checked plan)'}: {why}. Layers applied "
-                  f"to non-batch-first tensors or examples mixed in a batch cause this.",
-                  RuntimeWarning, stacklevel=5)
 
 
 def layer_grads_stacked(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads:
