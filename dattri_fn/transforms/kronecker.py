@@ -180,8 +180,8 @@ class KroneckerProjector:
         if ones and fi is not None and fi.kind == "mask":
             idx, scale, kept, bias = self._op(fi, a.dtype, a.device)
             pa = a.index_select(-1, kept)
-            if bias:
-                pa = torch.cat([pa, pa.new_ones((*pa.shape[:-1], 1))], -1)
+            if bias:  # the ones column by one pad (a cat of new ones was two ops)
+                pa = torch.nn.functional.pad(pa, (0, 1), value=1.0)
             return pa.mul_(scale), pg
         if ones:
             a = torch.cat([a, a.new_ones((*a.shape[:-1], 1))], -1)
