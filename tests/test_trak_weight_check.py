@@ -59,19 +59,26 @@ def _counting(monkeypatch):
     return calls
 
 
-def test_prepare_checks_the_weight_only_when_it_can_fail(monkeypatch):
-    """The pair: output_fn only; a weight that is not the bridge's loss: both, as before."""
+@pytest.mark.parametrize("certified", [True, False])
+def test_prepare_checks_the_weight_only_when_it_can_fail(monkeypatch, certified):
+    """The pair: output_fn only; a weight that is not the bridge's loss: both, as before. On this
+    plain MLP output_fn's own call is certain to pass (trak_mlp.example_ok, stop 26) and is not
+    made; with that certificate off (certified=False) it is, as before."""
+    if not certified:
+        monkeypatch.setattr(importlib.import_module("dattri_fn.attribute.trak_mlp"), "example_ok",
+                            lambda *a: False)
+    own = ["output_fn"] if not certified else []
     net, (x, y) = _net(), _data()
     m = functional_model(net, classification_margin_loss)
     calls = _counting(monkeypatch)
     trak(m, weight_fn=functional_model(net, classification_weight_loss), proj_dim=2,
          damping=0.1).prepare(m.params, (x, y))
-    assert calls == ["output_fn"]
+    assert calls == own
     calls.clear()
     base = functional_model(net, WEIGHT)
     other = base._replace(loss=lambda p, ex: base.loss(p, ex))  # the same, but not the bridge
     trak(m, weight_fn=other, proj_dim=2, damping=0.1).prepare(m.params, (x, y))
-    assert calls == ["output_fn", "weight_fn"]
+    assert calls == [*own, "weight_fn"]
 
 
 def _error(fn):

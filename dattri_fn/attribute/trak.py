@@ -40,6 +40,7 @@ from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import decided_plan, layer_plan
 from ..transforms.project import KINDS
+from . import trak_mlp
 from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
@@ -273,7 +274,9 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
         batch_size(func, arg, batch)
         batch = batch_to(batch, device)
-        check_example_fn(func, "output_fn", arg, output_fn, first, batch, fix=_MARGIN_FIX)
+        # a plain MLP's margin: the call is certain to give a scalar (trak_mlp), not made
+        if not trak_mlp.example_ok(cfg.plan, output_fn, first, batch):
+            check_example_fn(func, "output_fn", arg, output_fn, first, batch, fix=_MARGIN_FIX)
         if weight_fn is not None and arg == "train" and not weight_checked:
             check_example_fn(func, "weight_fn", arg, weight_fn, first, batch, fix=_WEIGHT_FIX)
         return data if is_batch(data) else view

@@ -97,6 +97,36 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
     return {name: (a, g) for (name, _, _), a, g in zip(chain, ins, grads, strict=True)}
 
 
+def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
+    """Whether ``fn(params, example 0 of batch)`` (TRAK's boundary call of ``output_fn``,
+    :func:`~dattri_fn.attribute.boundary.check_example_fn`) certainly returns a scalar without
+    raising: ``fn`` the loss of ``plan``'s model, the margin of a plain MLP that
+    :func:`~dattri_fn.transforms.mlp_io.mlp_chain` certifies, ``params`` in the module's
+    shapes, ``batch`` an ``(x [B, in], y [B])`` pair that :func:`mlp_io.chain_weights` takes,
+    the layers' widths chained from ``in`` to ``K >= 2`` logits and ``0 <= y_0 < K``. Then that
+    call is one Linear/activation forward of ``x_0`` and the margin of its label: a scalar (NaN
+    inputs give a NaN scalar, not an error). False (not certain): the caller makes the call."""
+    model = None if plan is None else plan.model
+    if model is None or model.loss is not fn or model.loss_fn is not classification_margin_loss \
+            or model.unpack not in (None, default_unpack) or type(batch) not in (tuple, list) \
+            or len(batch) != 2 or params.keys() != model.params.keys() \
+            or any(params[k].shape != v.shape for k, v in model.params.items()) \
+            or not _mlp_io.plain_context():
+        return False
+    chain = mlp_chain(model.module)
+    x, y = batch
+    weights = None if chain is None else _mlp_io.chain_weights(
+        chain, {**model.fixed, **params}, x, y, frozen=True)
+    if weights is None:
+        return False
+    width = x.shape[1]
+    for W, b in weights:
+        if W.ndim != 2 or W.shape[1] != width or (b is not None and b.shape != W.shape[:1]):
+            return False
+        width = W.shape[0]
+    return width >= 2 and y.shape[0] > 0 and 0 <= int(y[0]) < width
+
+
 def _margin_head(z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``(m, dm/dz)`` of the margins ``m = z_y - logsumexp(z with z_y = -inf)`` of ``[B, K]``
     logits (``K >= 2``), the same bits as :func:`~dattri_fn.attribute.outputs.margins` and
