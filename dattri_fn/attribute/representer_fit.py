@@ -175,6 +175,14 @@ def _block_rows(n: int, F: int) -> int:
     return max(1, min(n, rows))
 
 
+def _loss_rows(rows: int, F: int, K: int) -> int:
+    """Rows per vmapped call of :func:`_linear_softmax`'s loss check: its ~6 float64 ``[r, K]``
+    temporaries (logits, targets, the loss's values and gradients, the formulas', vmap's)
+    about as large as the head check's ``[2 rows, F]`` block and its two ``[2 rows, K]``
+    outputs, and never fewer rows than that block (each call costs ~1 ms whatever its rows)."""
+    return max(2 * rows, 2 * rows * (F + 2 * K) // (6 * K))
+
+
 def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, keys: list,
                     params: Params, h: Tensor, t: Tensor, l2: float) -> _SoftmaxHead | None:
     """The head objective in closed form (value, gradient, Hessian products) when the head is linear,
@@ -189,9 +197,10 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
 
     two ``[n, F] x [F, K]``-sized products per evaluation instead of a vmapped per-example
     objective and its backward. Both assumptions are checked on every row, in float64, a block
-    of rows at a time (:func:`_block_rows`): the head at a random ``W`` (seeded) against ``H
-    W^T``, and the loss's values and logit gradients at the start's logits (every row) and at
-    random ones (the first block's targets) against the formulas (relative 1e-10); anything
+    of rows at a time (:func:`_block_rows`, :func:`_loss_rows`): the head at a random ``W``
+    (seeded) against ``H W^T``, and the loss's values and logit gradients at the start's logits
+    (every row) and at random ones (the first block's targets, in the last block's call)
+    against the formulas (relative 1e-10); anything
     else keeps the generic path. ``h`` and ``t`` stay in their dtypes (the head converts
     blocks of rows as it goes).
     """
@@ -227,27 +236,34 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
                 if not close(head_rows({**fixed, key: W_r}, hb), hb @ W_r.T):
                     return None
                 del hb
-            # the loss at the start's logits on every row (wide blocks), then at random
-            # logits on the first block's targets: one more call, not one per block
-            for a in [*range(0, n, wide), -1]:
-                lo, hi = (0, min(rows, n)) if a < 0 else (a, min(a + wide, n))
+            # the loss at the start's logits on every row, in blocks of `loss` rows (~1 ms
+            # a vmapped call whatever its rows), and at random logits on the first block's
+            # targets, appended to the last block's call
+            loss = _loss_rows(rows, F, K)
+            starts = range(0, n, loss)
+            for a in starts:
+                lo, hi = a, min(a + loss, n)
                 T = head.targets(lo, hi)
-                if a < 0:
-                    Z = 4 * torch.randn(hi, K, generator=gen, dtype=f64, device=h.device)
-                else:
-                    Z = torch.cat([h[b:min(b + rows, hi)].to(f64) @ W0.T
-                                   for b in range(lo, hi, rows)])  # float64 rows by halves
-                    head.s[lo:hi] = T.sum(1)
-                tb = t[lo:hi].to(f64) if t.is_floating_point() else t[lo:hi]
+                Z = torch.cat([h[b:min(b + rows, hi)].to(f64) @ W0.T
+                               for b in range(lo, hi, rows)])  # float64 rows, `rows` at a time
+                head.s[lo:hi] = T.sum(1)
+                s_b = head.s[lo:hi]
+                if a == starts[-1]:
+                    r = min(rows, n)
+                    Z = torch.cat([Z, 4 * torch.randn(r, K, generator=gen, dtype=f64,
+                                                       device=h.device)])
+                    T, s_b = torch.cat([T, head.targets(0, r)]), torch.cat([s_b, head.s[:r]])
+                # float targets: T is t in float64 already
+                tb = T if t.is_floating_point() else torch.cat([t[lo:hi], t[:r]]) \
+                    if a == starts[-1] else t[lo:hi]
                 grads, values = loss_rows(Z, tb)
                 del tb
-                s_b = head.s[lo:hi]
                 # each formula checked and dropped before the next is formed
                 if not close(values, torch.logsumexp(Z, 1).mul_(s_b).sub_((T * Z).sum(1))):
                     return None
                 if not close(grads, torch.softmax(Z, 1).mul_(s_b[:, None]).sub_(T)):
                     return None
-                del T, Z, grads, values
+                del T, Z, grads, values, s_b
     except Exception:  # a head or loss the formulas do not describe: the generic path
         return None
     return head._replace(unit=float((head.s - 1).abs().max()) <= 8 * torch.finfo(work).eps)
@@ -297,18 +313,25 @@ class _SoftmaxHead(NamedTuple):
         ``work_dtype``.  # P [n, K], v [K F] -> [K F]"""
         n, dt = self.h.shape[0], self.work_dtype
         V = v.view(self.K, -1).to(dt)
-        out = None
-        step = n if self.h.dtype == dt else self.rows  # another dtype: converted by blocks
-        for a in range(0, n, step):
-            hb, p = self.h[a:a + step].to(dt), P[a:a + step]
-            # p_ik (Z_ik - sum_c p_ic Z_ic) s_i, all in Z: no [r, K] temporary beside it
-            Z = torch.mm(hb, V.T).mul_(p)  # [r, K]
-            Z.addcmul_(p, Z.sum(1, keepdim=True), value=-1)
-            if not self.unit:
-                Z.mul_(self.s[a:a + step, None].to(dt))
-            out = torch.mm(Z.T, hb) if out is None else out.addmm_(Z.T, hb)
-            del hb, Z
+        if self.h.dtype == dt:  # one block, the rows as they are (~67 calls a fit: no slices)
+            out = torch.mm(self._hvp_rows(self.h, P, V, self.s), self.h)
+        else:  # another dtype: converted by blocks
+            out = None
+            for a in range(0, n, self.rows):
+                hb = self.h[a:a + self.rows].to(dt)
+                Z = self._hvp_rows(hb, P[a:a + self.rows], V, self.s[a:a + self.rows])
+                out = torch.mm(Z, hb) if out is None else out.addmm_(Z, hb)
+                del hb, Z
         return out.view(-1).to(v.dtype).div_(n).add_(v, alpha=2 * self.l2)
+
+    def _hvp_rows(self, hb: Tensor, p: Tensor, V: Tensor, s: Tensor) -> Tensor:
+        """``(s_i p_ik (Z_ik - sum_c p_ic Z_ic))^T`` with ``Z = hb V^T``, all in ``Z``: no
+        ``[r, K]`` temporary beside it.  # hb [r, F], p [r, K], V [K, F], s [r] -> [K, r]"""
+        Z = torch.mm(hb, V.T).mul_(p)
+        Z.addcmul_(p, Z.sum(1, keepdim=True), value=-1)
+        if not self.unit:
+            Z.mul_(s[:, None].to(hb.dtype))
+        return Z.T
 
 
 def _newton_cg(head: _SoftmaxHead, start: list, P: Tensor, bound: float,
@@ -351,7 +374,7 @@ def _newton_cg(head: _SoftmaxHead, start: list, P: Tensor, bound: float,
             rr_new = float(r @ r)
             if rr_new <= stop:
                 break
-            p = r + (rr_new / rr) * p
+            p.mul_(rr_new / rr).add_(r)  # r + beta p, in p (the same rounding)
             rr = rr_new
         del r, p, Hp
         slope = float(g @ d)
