@@ -317,3 +317,32 @@ def test_a_class_patched_linear_forward_is_left_to_the_engine(monkeypatch):
     slow = _scores(m, train, test, fast=False, monkeypatch=monkeypatch)
     assert torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
     assert fast[3] == slow[3] > 0  # the plan check ran on both
+
+
+def test_one_batch_checks_its_labels_and_certifies_its_chain_once(monkeypatch):
+    """Stop 26: margin_pass's checkpoints share what does not depend on the params (margin_io's
+    memo): the labels are checked and the chain certified once per batch, not once per
+    checkpoint; the gradients and margins are those of separate margin_io calls (torch.equal)."""
+    net = _mlp(0, [nn.Tanh], True, torch.float32)
+    fm = functional_model(net, classification_margin_loss)
+    x, y = _data(0, 40, 13, 7, torch.float32)
+    plan = trak_mlp.certified(layer_plan(fm))
+    ckpts = [{k: v + 0.01 * c for k, v in fm.params.items()} for c in range(3)]
+    stacked = {k: torch.stack([p[k] for p in ckpts]) for k in fm.params}
+    seen = {"labels": 0, "chain": 0}
+    real_labels, real_chain = trak_mlp._class_labels, trak_mlp.mlp_chain
+    def counted(key, real):
+        return lambda *a, **k: seen.__setitem__(key, seen[key] + 1) or real(*a, **k)
+
+    monkeypatch.setattr(trak_mlp, "_class_labels", counted("labels", real_labels))
+    monkeypatch.setattr(trak_mlp, "mlp_chain", counted("chain", real_chain))
+    margins = []
+    lg = trak_mlp.margin_pass(plan, stacked, (x, y), margins)
+    assert seen == {"labels": 1, "chain": 1}
+    for c, p in enumerate(ckpts):
+        rows = []
+        io = trak_mlp.margin_io(plan, p, (x, y), rows)
+        assert torch.equal(rows[0], margins[c])
+        for name, (a, g) in io.items():
+            a2, g2 = lg.factors[name]
+            assert torch.equal(a2[c, :, :a.shape[1]], a) and torch.equal(g2[c], g)

@@ -52,20 +52,29 @@ from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
 from .outputs import _class_labels, _gather_labels, classification_margin_loss
 
 
-def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) -> dict | None:
+def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None,
+              memo: dict | None = None) -> dict | None:
     """``{layer: (a [B, in], g [B, out])}`` of ``plan``'s Linear layers at ``params`` (one
     checkpoint), the capture engine's bit for bit (module docstring), or None where that is not
-    certain (nothing has run then). ``losses``: receives the per-example margins ``[B]``."""
+    certain (nothing has run then). ``losses``: receives the per-example margins ``[B]``.
+    ``memo``: a dict one batch's checkpoints share (:func:`margin_pass`): what does not depend
+    on the params (the gate, the certified chain, the unpacked batch, the checked labels) is
+    found by the first checkpoint's call and read by the others."""
     model = plan.model
-    if model.loss_fn is not classification_margin_loss or not _mlp_io.plain_context():
-        return None
-    chain = mlp_chain(model.module)
-    if chain is None or set(plan.layers) != {n for n, _, _ in chain}:
-        return None
-    args, kwargs, target = (model.unpack or default_unpack)(batch)
-    if len(args) != 1 or kwargs:
-        return None
-    x = args[0]
+    if memo and "chain" in memo:
+        chain, x, target = memo["chain"], memo["x"], memo["target"]
+    else:
+        if model.loss_fn is not classification_margin_loss or not _mlp_io.plain_context():
+            return None
+        chain = mlp_chain(model.module)
+        if chain is None or set(plan.layers) != {n for n, _, _ in chain}:
+            return None
+        args, kwargs, target = (model.unpack or default_unpack)(batch)
+        if len(args) != 1 or kwargs:
+            return None
+        x = args[0]
+        if memo is not None:
+            memo.update(chain=chain, x=x, target=target)
     weights = _mlp_io.chain_weights(chain, {**model.fixed, **params}, x, target, frozen=True)
     if weights is None or x.shape[1] != weights[0][0].shape[1]:  # the engine raises its own error
         return None
@@ -90,7 +99,10 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None) 
             grads = torch.autograd.grad(value, outs)
         else:
             with torch.no_grad():
-                rows, g = _margin_head(h.detach(), target)
+                rows, g, lab = _margin_head(h.detach(), target, None if not memo else
+                                            memo.get("lab"))
+            if memo is not None:
+                memo["lab"] = lab
             if losses is not None:
                 losses.append(rows)
             grads = (*torch.autograd.grad(h, outs[:-1], g), g) if len(outs) > 1 else (g,)
@@ -127,8 +139,9 @@ def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
     return width >= 2 and y.shape[0] > 0 and 0 <= int(y[0]) < width
 
 
-def _margin_head(z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """``(m, dm/dz)`` of the margins ``m = z_y - logsumexp(z with z_y = -inf)`` of ``[B, K]``
+def _margin_head(z: Tensor, target: Tensor, lab: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(m, dm/dz, labels [B, 1])`` of the margins ``m = z_y - logsumexp(z with z_y = -inf)`` of ``[B, K]``
     logits (``K >= 2``), the same bits as :func:`~dattri_fn.attribute.outputs.margins` and
     autograd's backward of ``sum(m)``: the same labels check, gather, scatter and logsumexp,
     then the backward's nodes as autograd's formulas write them: logsumexp's ``grad * (s -
@@ -136,12 +149,13 @@ def _margin_head(z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     gather's ``zeros.scatter_add(1, y, 1)``, summed: ``-e`` off the label plus ``+0`` (which
     turns a ``-0`` into ``+0``), ``0 + 1`` at it."""
     func = "classification_margin_loss"
-    lab = _class_labels(func, target, z.shape[1], batched=True)[:, None]
+    if lab is None:  # ``lab``: the same target's labels, checked for these K logits already
+        lab = _class_labels(func, target, z.shape[1], batched=True)[:, None]
     own = _gather_labels(func, z, lab, "labels").squeeze(1)
     s = z.scatter(1, lab, float("-inf"))
     r = s.logsumexp(1)
     g = (s - r[:, None]).exp_().neg_()
-    return own - r, g.scatter_(1, lab, 0.0).add_(0.0).scatter_(1, lab, 1.0)
+    return own - r, g.scatter_(1, lab, 0.0).add_(0.0).scatter_(1, lab, 1.0), lab
 
 
 def fast_plan(plan: LayerPlan) -> bool:
@@ -186,9 +200,9 @@ def margin_pass(plan: LayerPlan, stacked: dict, batch, losses: list | None = Non
     the parameter with the check's NonFiniteGradient message (tests/test_trak_mlp.py)."""
     C = next(iter(stacked.values())).shape[0]
     got = [] if losses is not None else None
-    raw = None
+    raw, memo = None, {}
     for c in range(C):
-        io = margin_io(plan, {k: v[c] for k, v in stacked.items()}, batch, got)
+        io = margin_io(plan, {k: v[c] for k, v in stacked.items()}, batch, got, memo)
         if io is None or (first and c == 0 and next(iter(io.values()))[0].shape[0] < 2):
             return None
         if raw is None:
