@@ -409,3 +409,18 @@ def test_query_rank_is_refused_outside_layered_kfac():
     with pytest.raises(ValueError, match=r"influence\(query_rank=...\): expected loss to be the "
                                          r"FunctionalModel"):
         influence(fm, solver="ekfac", query_rank=2, relatif="l")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_pair_scores_one_position_equal_the_einsum_bit_for_bit(dtype):
+    """The one-position path's batched products (a bmm since stop 26) give the bits of
+    einsum("bno,bo->bn") over (a M_j^T) and g, which it replaced (no score moved)."""
+    from dattri_fn.operators.kfac_scores import _pair_scores
+
+    for seed, (B, n, o, i) in enumerate([(500, 50, 10, 65), (7, 3, 64, 65), (33, 20, 1, 40)]):
+        gen = torch.Generator().manual_seed(seed)
+        a, g = torch.randn(B, 1, i, generator=gen), torch.randn(B, 1, o, generator=gen)
+        M = torch.randn(n, o, i, generator=gen)
+        a, g, M = a.to(dtype), g.to(dtype), M.to(dtype)
+        X = (a[:, 0] @ M.reshape(n * o, i).T).reshape(B, n, o)
+        assert torch.equal(_pair_scores(a, g, M, None), torch.einsum("bno,bo->bn", X, g[:, 0]))

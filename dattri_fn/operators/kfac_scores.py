@@ -36,7 +36,9 @@ def _pair_scores(a: Tensor, g: Tensor, M: Tensor, dtype) -> Tensor:
     if T == 1 and n <= i:
         # (M_j a_b) . g_b: [B, n, o] products, never the [B, o, i] gradient blocks
         X = (a[:, 0] @ M.reshape(n * o, i).T).reshape(B, n, o)
-        return torch.einsum("bno,bo->bn", X, g[:, 0])
+        # einsum("bno,bo->bn") lowers to this bmm (the same bits) after 2-3 permute/reshape
+        # copies: 0.48 against 0.71 ms on digits-lr's [500, 50, 10]
+        return torch.bmm(X, g[:, 0, :, None])[..., 0]
     # <DW_b, M_j> with DW_b = sum_t g_bt a_bt^T: B o i (T + n) flops, the fewest for T > 1;
     # the blocks are formed a chunk of rows at a time, one layer at a time.
     Mf = M.reshape(n, o * i).T
