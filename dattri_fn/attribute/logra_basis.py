@@ -69,8 +69,8 @@ def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None,
                                   "have an eigendecomposition", f"a failed eigh ({e})",
                                   "The factors are finite but too ill-conditioned for "
                                   f"{S.dtype}; try float64.")) from e
-        for j, i in enumerate(idx):
-            vecs[i] = Q[j]
+        for i, q in zip(idx, Q.unbind(0), strict=True):  # (one op for every view, not one each)
+            vecs[i] = q
     return {ln: (vecs[2 * k], vecs[2 * k + 1]) for k, ln in enumerate(factors)}
 
 

@@ -49,8 +49,8 @@ def _factored_sums(factors: dict, eigvecs: dict, layers) -> dict:
         QA, QG = eigvecs[ln]
         # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
         # are one [k_out, n] x [n, k_in] product of the squared rotated factors
-        ta, tg = a2 @ QA, g2 @ QG
-        sums[ln] = tg.mul_(tg).mT @ ta.mul_(ta)  # squared in place: no [n, k] copies
+        ta, tg = a2.mm(QA), g2.mm(QG)
+        sums[ln] = tg.mul_(tg).mT.mm(ta.mul_(ta))  # squared in place: no [n, k] copies
     return sums
 
 
@@ -75,20 +75,31 @@ def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
     per layer); a ValueError naming ``damping`` where one is not positive, or, at ``damping=0``,
     not above ``eps(dtype) * max``: dividing by a rounding-level eigenvalue (a softmax's null
     direction: ~1e-17 of the largest in float32, ~1e-35 in float64) gives noise, while real
-    small eigenvalues (1e-6 of the largest in float32, review R8) are kept."""
-    eigvals = {}
+    small eigenvalues (1e-6 of the largest in float32, review R8) are kept.
+
+    Layers of one shape and dtype are computed as one stack ``[L, k_out, k_in]`` (each layer's
+    values are views of it): the same elementwise ops and per-layer reductions as layer by
+    layer, so the same bits, in one op each and one check for the stack."""
+    groups: dict = {}
     for ln, s in sums.items():
-        lam = s / n
-        mu = lam + (0.1 * lam.mean() if damping is None else damping)
-        eigvals[ln] = mu
-        floor = mu.abs().max() * torch.finfo(mu.dtype).eps if damping == 0 else 0
-        if not bool((mu > floor).all()):
+        groups.setdefault((s.shape, s.dtype, s.device), []).append(ln)
+    eigvals, floors, bad = {}, {}, False
+    for names in groups.values():
+        S = sums[names[0]][None] if len(names) == 1 else torch.stack([sums[ln] for ln in names])
+        lam = S / n
+        mu = lam + (0.1 * lam.mean((1, 2), keepdim=True) if damping is None else damping)
+        floor = mu.abs().amax((1, 2), keepdim=True) * torch.finfo(mu.dtype).eps if damping == 0 else 0
+        bad = bad or not bool((mu > floor).all())
+        eigvals.update(zip(names, mu, strict=True))
+        floors.update(zip(names, floor, strict=True) if damping == 0 else ((ln, 0) for ln in names))
+    for ln in sums if bad else ():  # the first layer that fails, in layer order
+        if not bool((eigvals[ln] > floors[ln]).all()):
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
                                   f"projected eigenvalues of layer {ln!r} vanish (some "
-                                  f"Lambda + damping <= {float(floor):.3g}"
+                                  f"Lambda + damping <= {float(floors[ln]):.3g}"
                                   f"{', rounding level' if damping == 0 else ''})",
                                   f"damping={damping}"))
-    return eigvals
+    return {ln: eigvals[ln] for ln in sums}
 
 
 def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
@@ -107,9 +118,9 @@ def _eigen_rows(io: dict, eigvecs: dict, eigvals: dict) -> Tensor:
         ko, ki = QG.shape[0], QA.shape[0]
         block = out[:, start:start + ko * ki].view(B, ko, ki)
         if a.ndim == 2:  # one position, 2-d (_raw's plain-MLP factors)
-            torch.mul((g @ QG)[:, :, None], (a @ QA)[:, None, :], out=block)
+            torch.mul(g.mm(QG)[:, :, None], a.mm(QA)[:, None, :], out=block)
         elif a.shape[1] == 1:
-            torch.mul((g[:, 0] @ QG)[:, :, None], (a[:, 0] @ QA)[:, None, :], out=block)
+            torch.mul(g[:, 0].mm(QG)[:, :, None], a[:, 0].mm(QA)[:, None, :], out=block)
         else:
             block.copy_(torch.einsum("bto,bti->boi", g @ QG, a @ QA))
         block.div_(eigvals[ln])

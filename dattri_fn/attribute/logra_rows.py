@@ -52,7 +52,7 @@ def _outer_rows(factors: dict, eigvecs: dict | None = None) -> Tensor:
         # on digits-mlp); a GEMM reads the transposed view as it reads the rows
         outT, start = first.new_empty(d, b), 0
         for ln, (a, g) in factors.items():
-            a, g = a @ eigvecs[ln][0], g @ eigvecs[ln][1]
+            a, g = a.mm(eigvecs[ln][0]), g.mm(eigvecs[ln][1])
             ko, ki = g.shape[1], a.shape[1]
             torch.mul(g.T[:, None, :], a.T[None, :, :],
                       out=outT[start:start + ko * ki].view(ko, ki, b))
@@ -135,12 +135,12 @@ def _projected(io: dict, projections: dict, specs: dict, model: FunctionalModel)
             B, T = a.shape[:2]
             a, g = a.reshape(B * T, -1), g.reshape(B * T, -1)
         if specs[n].bias not in params:
-            a = a if Pa is None else a @ Pa
+            a = a if Pa is None else a.mm(Pa)
         elif Pa is None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         else:  # [a, 1] P_in = a P_in[:-1] + P_in[-1]: no [B T, in + 1] copy
             a = torch.addmm(Pa[-1], a, Pa[:-1])
-        g = g if Pg is None else g @ Pg
+        g = g if Pg is None else g.mm(Pg)
         out[n] = (a, g) if flat else (a.reshape(B, T, -1), g.reshape(B, T, -1))
     return out
 
@@ -187,7 +187,10 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
             # each block's factors rotated in it, (Q_A^T a'_i, Q_G^T g'_i): no rotated copy of
             # every cached row is held while the blocks are scored (review RC F1, stop 25: one
             # rotation of all rows raised the peak at n = 16000 by 46% for no measured time)
-            rows = lambda s, e: _outer_rows({ln: (a[s:e], g[s:e]) for ln, (a, g)  # noqa: E731
-                                             in held.train_factors.items()}, eigvecs)
+            whole = held.train_factors
+
+            def rows(s, e):  # (one block of every row: the factors themselves, no slices)
+                return _outer_rows(whole if s == 0 and e == n else {
+                    ln: (a[s:e], g[s:e]) for ln, (a, g) in whole.items()}, eigvecs)
     n = state.cached_rows()
     return rows, [(s, min(n, s + block)) for s in range(0, n, block)]

@@ -34,9 +34,10 @@ def _accumulate(io: dict, n: int, A: dict, G: dict, factors: dict, feats, n_laye
         T = 1 if a.ndim == 2 else a.shape[1]
         a2, g2 = (a, g) if a.ndim == 2 else (a.reshape(-1, a.shape[-1]),
                                              g.reshape(-1, g.shape[-1]))
-        # A' = sum_i (1/T) sum_t a' a'^T and G' = sum_i sum_t g' g'^T as single GEMMs
-        dA = a2.mT @ (a2 if T == 1 else a2 / T)
-        dG = g2.mT @ g2
+        # A' = sum_i (1/T) sum_t a' a'^T and G' = sum_i sum_t g' g'^T as single GEMMs (mm: 2-d
+        # operands, matmul's dispatch to mm skipped)
+        dA = a2.mT.mm(a2 if T == 1 else a2 / T)
+        dG = g2.mT.mm(g2)
         A[ln] = dA if ln not in A else A[ln] + dA
         G[ln] = dG if ln not in G else G[ln] + dG
         if ln in factors:
