@@ -1,12 +1,12 @@
 """A plain softmax cross-entropy MLP's plan is decided without the autodiff check (issue 14).
 
-layer_grads.certified_plan returns, for a model mlp_io certifies at one checkpoint, the plan the
-check returns (every layer flat), with no comparison; None for anything else (then the check
-runs). Here: its decisions equal the check's, the gradients and Grad-Dot/Grad-Cos/TracIn scores
-are torch.equal to the checked plan's (float32 and float64, lr and a 2-hidden-layer MLP, bias or
-not, a batch of 1, a short last batch), everything mlp_io refuses gets the check, and the errors
-the check raises besides its comparison (a NaN example, a float label, a wrong width) are
-raised as before.
+layer_grads.certified_plan returns, for a model mlp_io certifies (here at one checkpoint;
+several: tests/test_certified_plan_ckpts.py), the plan the check returns (every layer flat),
+with no comparison; None for anything else (then the check runs). Here: its decisions equal
+the check's, the gradients and Grad-Dot/Grad-Cos/TracIn scores are torch.equal to the checked
+plan's (float32 and float64, lr and a 2-hidden-layer MLP, bias or not, a batch of 1, a short
+last batch), everything mlp_io refuses gets the check, and the errors the check raises besides
+its comparison (a NaN example, a float label, a wrong width) are raised as before.
 """
 
 import pytest
@@ -168,9 +168,7 @@ def _refused():
     x, y = _data(torch.float32, 4)
     out.append(("float16", functional_model(_model("mlp", torch.float32), F.cross_entropy), None,
                 (x.half(), y)))
-    fm = functional_model(_model("mlp", d), F.cross_entropy)
-    out.append(("checkpoints", fm, {k: torch.stack([v, v + 0.1]) for k, v in fm.params.items()},
-                _data(d, 4)))
+    # (several stacked checkpoints are certified too: tests/test_certified_plan_ckpts.py)
     return out
 
 

@@ -33,14 +33,15 @@ examples' gradients with per-example autodiff; if they differ (a layer applied t
 tensor with ``T = B``, examples mixed inside the batch, ...) it warns and the checked plan
 computes every gradient densely. A later batch that takes a path the example did not is
 computed densely, that batch alone, after a warning. One exception to "the check saw the
-path": a held checked plan of a plain softmax cross-entropy MLP (flat Linear layers only, one
-checkpoint) takes its batches' ``(a, g)`` from :func:`~dattri_fn.transforms.mlp_io.mlp_io`
-(:func:`layer_grads_stream`), which the check does not run; that path's equality with the
-engine rests on mlp_io's structural certification (None, hence the engine, wherever it cannot
-certify it) and tests/test_mlp_io.py, as LoGra's and FactGraSS's do. For the same reason such
-a model's plan is decided without the check at all (:func:`certified_plan`, issue 14: every
-layer flat; used by :func:`check_plan`, the stream and Grad-Dot's prepare), the check still
-deciding wherever mlp_io declines or the first examples' rows may not be finite.
+path": a held checked plan of a plain softmax cross-entropy MLP (flat Linear layers only, at
+any number of checkpoints) takes its batches' ``(a, g)`` from
+:func:`~dattri_fn.transforms.mlp_io.mlp_io` (:func:`layer_grads_stream`), which the check does
+not run; that path's equality with the engine rests on mlp_io's structural certification
+(None, hence the engine, wherever it cannot certify it) and tests/test_mlp_io.py, as LoGra's
+and FactGraSS's do. For the same reason such a model's plan is decided without the check at
+all (:func:`certified_plan`, issue 14: every layer flat, at C >= 1 checkpoints; used by
+:func:`check_plan`, the stream and Grad-Dot's prepare), the check still deciding wherever
+mlp_io declines or the first examples' rows may not be finite.
 """
 
 from __future__ import annotations
@@ -360,15 +361,14 @@ def layer_grads_stream(plan: LayerPlan) -> tuple[Callable[[Params, Batch], Layer
 
 
 def _plain_mlp(plan: LayerPlan, stacked: Params, batch: Batch) -> LayerGrads | None:
-    """A checked plan's gradients of a plain softmax cross-entropy MLP at one checkpoint from
+    """A checked plan's gradients of a plain softmax cross-entropy MLP at its C checkpoints from
     :func:`~dattri_fn.transforms.mlp_io.mlp_io`'s ``(a, g)``, bit for bit the capture engine's
     (tests/test_mlp_io.py), without its ``functional_call``, probes and autograd graph (its
     saving: benchmarks/RESULTS.md, issue 14); None wherever mlp_io does not certify that
     equality, or the plan keeps anything but flat Linear layers (then :func:`_factored` runs)."""
     if (plan.loop or plan.rest or plan.autodiff or plan.tie_factors
             or any(kind != "flat" for _, kind in plan.layout)
-            or len(plan.layout) != len(plan.layers)
-            or next(iter(stacked.values())).shape[0] != 1):
+            or len(plan.layout) != len(plan.layers)):
         return None
     io = _mlp_factors(plan, stacked, batch)
     return None if io is None else _mlp_grads(plan, io)
