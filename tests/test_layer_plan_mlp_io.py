@@ -2,8 +2,9 @@
 
 layer_grads_stream's apply takes a held checked plan's flat Linear factors from
 transforms.mlp_io (the ATen kernels autograd runs) instead of the capture engine's pass: the
-LayerGrads must be torch.equal to the engine's (_factored) in float32 and float64, and every
-other case (losses wanted, several checkpoints, a non-plain model) must take the engine.
+LayerGrads must be torch.equal to the engine's (_factored) in float32 and float64, at one or
+several checkpoints (one mlp_io pass each, stop 26), and every other case (losses wanted, a
+non-plain model) must take the engine.
 """
 
 import pytest
@@ -85,8 +86,8 @@ def test_mlp_io_rows_are_autodiffs_at_params_other_than_the_modules(monkeypatch,
 
 
 def test_other_cases_take_the_engine(monkeypatch):
-    """losses wanted (TRAK), two checkpoints, a LayerNorm in the chain: mlp_io is not asked or
-    declines; the values are the engine's."""
+    """losses wanted (TRAK), a LayerNorm in the chain: mlp_io is not asked or declines; two
+    checkpoints take mlp_io once each (stop 26); the values are the engine's."""
     fm = functional_model(_mlp(torch.float64), F.cross_entropy)
     plan = check_plan(layer_plan(fm), fm.params, _data(torch.float64, 4, 0))
     apply, _ = layer_grads_stream(plan)
@@ -94,9 +95,10 @@ def test_other_cases_take_the_engine(monkeypatch):
     batch = _data(torch.float64, 6, 1)
     one = {k: v[None] for k, v in fm.params.items()}
     apply(one, batch, losses=[])
+    assert not calls
     two = {k: torch.stack([v, 2 * v]) for k, v in fm.params.items()}
     _same(apply(two, batch), _factored(plan, two, batch)[0])
-    assert not calls
+    assert len(calls) == 2
     ln = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3)).double().eval()
     fm2 = functional_model(ln, F.cross_entropy)
     plan2 = check_plan(layer_plan(fm2), fm2.params, _data(torch.float64, 4, 0))
