@@ -116,8 +116,12 @@ def test_one_engine_call_equals_the_two_separate_calls(kind):
     assert list(ref) == list(ref2) and all(torch.equal(ref[k], ref2[k]) for k in ref)
 
 
-def test_one_engine_call_not_taken_with_dense_params_or_checkpoints():
+def test_one_engine_call_not_taken_with_dense_params_or_checkpoints(monkeypatch):
     """Dense parameters (vmap over examples) or C = 2 keep the separate calls; decisions equal."""
+    # a plain MLP at C = 2 is decided without the check since stop 26: make it run the check
+    no_certified(monkeypatch)
+    calls, real = [], lgm._check
+    monkeypatch.setattr(lgm, "_check", lambda *a, **k: calls.append(1) or real(*a, **k))
     fm = functional_model(_model(0, "scaled"), F.cross_entropy)
     plan = check_plan(layer_plan(fm), fm.params, _xy(1, 3))  # s (x * s): vmap(grad), silently
     assert plan.autodiff == ("s",)
@@ -127,6 +131,7 @@ def test_one_engine_call_not_taken_with_dense_params_or_checkpoints():
     assert not lgm._one_call_ok(layer_plan(fm2), two)
     checked = check_plan(layer_plan(fm2), two, _xy(1, 3))
     assert checked.checked and not checked.dense and checked.layers == layer_plan(fm2).layers
+    assert len(calls) == 2
 
 
 def test_check_takes_one_engine_call_and_falls_back_on_any_error(monkeypatch):
