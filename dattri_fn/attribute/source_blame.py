@@ -62,8 +62,10 @@ def blame_train(func: str, loss: Loss, group, keys: list[str], train, li: int, w
                     raise ValueError(_msg(
                         func, "train", "examples each of which gives SOURCE's segments a finite "
                         "curvature", f"example {seen + i}, whose own curvature alone is not "
-                        f"finite ({where})", "Its layer inputs or outputs overflow the dtype: "
-                        "remove or rescale that example, or compute in float64."))
+                        f"finite ({where})", "Its layer inputs or outputs overflow the dtype, or (a "
+                        "Hessian) its eigenvalues far below 0 overflow exp(-c lambda): remove or "
+                        "rescale that example, pass curvature='gn' or a larger damping, or "
+                        "compute in float64."))
             break  # the batch fails as a whole: no one example
         seen += b
     raise ValueError(_msg(
