@@ -62,15 +62,18 @@ def singular(func: str, where, d: int, n: int, damping: float) -> ValueError:
 
 
 def _row_norms2(feats) -> Tensor:
-    """Squared norms of the training rows, summed over checkpoints, in float64 (a NaN/inf row
-    gives NaN/inf): ``feats`` a ``[C, n, d]`` tensor or a list of ``[C, b, d]`` chunks, or
-    ``LayerGrads`` factors (the diagonal of their Gram). Error path only.  # -> [n]"""
+    """Squared norms of the training rows, the largest over checkpoints (each checkpoint's
+    kernel is its own: a row is named where it overflows at one of them, review RA L2), in
+    float64 (a NaN/inf row gives NaN/inf): ``feats`` a ``[C, n, d]`` tensor or a list of
+    ``[C, b, d]`` chunks, or ``LayerGrads`` factors (the diagonal of their Gram). Error path
+    only.  # -> [n]"""
     if isinstance(feats, list) and feats and isinstance(feats[0], LayerGrads):
         C = feats[0].dense.shape[0]
-        return sum(factored_gram([b.select(c) for b in feats]).diagonal() for c in range(C))
+        return torch.stack([factored_gram([b.select(c) for b in feats]).diagonal()
+                            for c in range(C)]).amax(0)
     chunks = feats if isinstance(feats, list) else [feats]
-    return torch.cat([sum(torch.linalg.vector_norm(f, dim=-1, dtype=torch.float64) ** 2
-                          for f in ch) for ch in chunks])
+    return torch.cat([torch.stack([torch.linalg.vector_norm(f, dim=-1, dtype=torch.float64) ** 2
+                                   for f in ch]).amax(0) for ch in chunks])
 
 
 def row_limit(fdt: torch.dtype) -> float:
@@ -120,15 +123,17 @@ def dual_kernel(func: str, feats: Tensor | None, d: int, dtype, damping: float,
         C, n, device = factors[0].dense.shape[0], sum(b.num_rows for b in factors), \
             factors[0].dense.device
         grams = (factored_gram([b.select(c) for b in factors]) for c in range(C))
-    fdt = feats.dtype if factors is None else factors[0].dense.dtype
-    # the Gram's diagonal is the rows' squared norms: one that overflows the rows' dtype is
-    # refused here, where the float64 Gram may still factor (a float32 row ~1e20: ~1e40)
-    K, bad = _inverted(grams, C, n, dtype, device, damping, pack, row_limit(fdt))
+    # the Gram's diagonal is the rows' squared norms: one that overflows the dtype the scores
+    # are computed in is refused here, where the float64 Gram may still factor (a float32 row
+    # ~1e20: ~1e40). Dense rows are scored in K's dtype (float32 rows under float64 params are
+    # taken, review RA M1), factored rows in their own
+    sdt = dtype if factors is None else factors[0].dense.dtype
+    K, bad = _inverted(grams, C, n, dtype, device, damping, pack, row_limit(sdt))
     if isinstance(bad, Tensor) or bad:
         del K
-        blame_rows(func, feats if factors is None else factors, fdt)
+        blame_rows(func, feats if factors is None else factors, sdt)
         if isinstance(bad, Tensor):  # the Gram's diagonal, if the rows' norms round below
-            blame_rows(func, None, fdt, bad)
+            blame_rows(func, None, sdt, bad)
         raise singular(func, bad, d, n, damping)
     return K
 
