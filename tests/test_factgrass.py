@@ -1,5 +1,7 @@
 """FactGraSS: masked factors, Kronecker product, sparse projection, per-block Fisher, by brute force."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +163,22 @@ def test_errors_name_the_argument():
         m.prepare([fm.params, fm.params], (x, y))
     with pytest.raises(TypeError, match=r"factgrass.score\(state=...\): expected the FactGraSSState"):
         m.score(fm.params, (), (x, y), (x, y))
+
+
+def test_bfloat16_fisher_is_factored_in_float32():
+    """LAPACK has no bfloat16 Cholesky: a bfloat16 model's damped Fisher blocks are inverted in
+    float32 (was torch's raw NotImplementedError); the scores track the float32 model's within
+    bfloat16's rounding of the features."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        fm = functional_model(copy.deepcopy(net).to(dt), F.cross_entropy)
+        m = factgrass(fm, proj_dim=16, mask_dim=4)
+        data = (x.to(dt), y)
+        out[dt] = m.score(fm.params, m.prepare(fm.params, data), data, (x[:5].to(dt), y[:5]))
+    assert out[torch.bfloat16].dtype == torch.bfloat16
+    ref, got = out[torch.float32], out[torch.bfloat16].float()
+    assert torch.isfinite(got).all()
+    assert float((got - ref).abs().max()) <= 0.1 * float(ref.abs().max())

@@ -44,6 +44,9 @@ def _inverses(func: str, grams: dict, blocks: tuple, n: int, damping: float | No
                                       f"{bad[0]!r}'s Fisher diagonal is finite in "
                                       f"{str(A.dtype)[6:]} (<= {big:.3g})", f"damping={damping}"))
             _refuse_fisher(func, bad, blocks, n, held())
+        dtype = A.dtype
+        if A.element_size() < 4:  # LAPACK has no half-precision Cholesky: factor in float32
+            A = A.float()
         L, info = torch.linalg.cholesky_ex(A)
         A = None
         bad = [b for b, i in zip(names, info.tolist(), strict=True) if i]
@@ -51,7 +54,7 @@ def _inverses(func: str, grams: dict, blocks: tuple, n: int, damping: float | No
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
                                   f"block {bad[0]!r}'s Fisher is singular",
                                   f"damping={damping}"))
-        inv = torch.cholesky_inverse(L)
+        inv = torch.cholesky_inverse(L).to(dtype)
         inverses.update(zip(names, inv.unbind(), strict=True))
     return inverses
 
