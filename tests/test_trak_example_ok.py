@@ -3,6 +3,7 @@ certifies that it returns a scalar (a plain MLP's margin, stop 26): every such c
 passed, and every input it does not certify still gets the call, so users see the same errors."""
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -79,11 +80,25 @@ def _case(bad: str):
         y = y.clamp(max=1)
     elif bad == "three-leaves":
         return fm, params, (x, x, y), (x[:2], x[:2], y[:2])
+    elif bad == "loss-shape-1":  # a replaced loss (review RA H1): not the bound closure
+        base = fm
+        fm = fm._replace(loss=lambda p, ex: base.loss(p, ex).reshape(1))
+    elif bad == "loss-raises":
+        def refuse(p, ex):
+            raise RuntimeError("user wrapper refuses")
+        fm = fm._replace(loss=refuse)
+    elif bad == "bias-none":  # the module edited after binding (review RA L1)
+        net[2].bias = None
+    elif bad == "param-after-bind":
+        net.register_parameter("extra", nn.Parameter(torch.zeros(2, dtype=F64)))
+    elif bad == "buffer-after-bind":
+        net[1].register_buffer("extra", torch.zeros(2, dtype=F64))
     return fm, params, (x, y), (x[:3], y[:3])
 
 
 _BAD = ["none", "width", "label-0", "label-later", "negative-label", "float-label", "label-shape",
-        "params", "x-float32", "one-logit", "unchained", "gelu", "three-leaves"]
+        "params", "x-float32", "one-logit", "unchained", "gelu", "three-leaves", "loss-shape-1",
+        "loss-raises", "bias-none", "param-after-bind", "buffer-after-bind"]
 
 
 def _outcome(fn):
@@ -111,11 +126,14 @@ def test_errors_and_scores_are_those_of_the_call(monkeypatch, bad):
         st = m.prepare(params, train)
         return m.score(params, st, None, test), m.self_score(params, st, None)
 
-    skipped = _outcome(run)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        skipped = _outcome(run)
     monkeypatch.setattr(trak_mlp, "example_ok", lambda *a: False)
     made = _outcome(run)
     if isinstance(skipped, tuple) and isinstance(skipped[0], type):
         assert skipped == made
+        assert not seen  # the error comes first: no layer_grads warning before it (RA L1)
     else:
         assert all(torch.equal(a, b) for a, b in zip(skipped, made, strict=True))
 

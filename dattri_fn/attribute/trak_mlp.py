@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..model import default_unpack
 from ..transforms import mlp_io as _mlp_io
@@ -50,6 +50,7 @@ from ..transforms.layer_grads_paths import _assemble
 from ..transforms.layers_losses import summed_losses
 from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
 from .outputs import _class_labels, _gather_labels, classification_margin_loss
+from .trak_pair import _captured
 
 
 def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None,
@@ -112,23 +113,38 @@ def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None,
 def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
     """Whether ``fn(params, example 0 of batch)`` (TRAK's boundary call of ``output_fn``,
     :func:`~dattri_fn.attribute.boundary.check_example_fn`) certainly returns a scalar without
-    raising: ``fn`` the loss of ``plan``'s model, the margin of a plain MLP that
-    :func:`~dattri_fn.transforms.mlp_io.mlp_chain` certifies, ``params`` in the module's
+    raising: ``fn`` the loss of ``plan``'s model and :func:`~dattri_fn.model.functional_model`'s
+    own loss closure of the margin (not a replaced ``loss``), bound to that model's module with
+    the default unpack, the module a plain MLP that :func:`~dattri_fn.transforms.mlp_io.mlp_chain`
+    certifies whose parameter names are still the bound ones, ``params`` the bound keys and
     shapes, ``batch`` an ``(x [B, in], y [B])`` pair that :func:`mlp_io.chain_weights` takes,
     the layers' widths chained from ``in`` to ``K >= 2`` logits and ``0 <= y_0 < K``. Then that
     call is one Linear/activation forward of ``x_0`` and the margin of its label: a scalar (NaN
     inputs give a NaN scalar, not an error). False (not certain): the caller makes the call."""
     model = None if plan is None else plan.model
-    if model is None or model.loss is not fn or model.loss_fn is not classification_margin_loss \
-            or model.unpack not in (None, default_unpack) or type(batch) not in (tuple, list) \
-            or len(batch) != 2 or params.keys() != model.params.keys() \
-            or any(params[k].shape != v.shape for k, v in model.params.items()) \
-            or not _mlp_io.plain_context():
+    if model is None or model.loss is not fn or type(batch) not in (tuple, list) \
+            or len(batch) != 2 or not _mlp_io.plain_context():
         return False
-    chain = mlp_chain(model.module)
+    # what the call reads is what its closure bound, not the model's fields: a replaced loss
+    # (fm._replace(loss=...)) may return anything (review RA H1, stop 26)
+    bound = _captured(fn, "loss")
+    if bound is None or bound.keys() != {"call", "loss_fn"} \
+            or bound["loss_fn"] is not classification_margin_loss:
+        return False
+    call = _captured(bound["call"], "call")
+    if call is None or not {"module", "unpack", "expected", "shapes", "fixed", "ties",
+                            "shared"} <= call.keys() \
+            or call["module"] is not model.module or call["unpack"] is not default_unpack \
+            or call["ties"] or call["shared"] or params.keys() != call["expected"] \
+            or any(tuple(v.shape) != call["shapes"][k] for k, v in params.items()):
+        return False
+    chain, fixed = mlp_chain(model.module), call["fixed"]
+    # a module edited after binding (a bias set to None): its strict call refuses the bound
+    # names, so the chain must read exactly those (review RA L1)
+    if chain is None or _chain_names(model.module, chain) != fixed.keys() | call["expected"]:
+        return False
     x, y = batch
-    weights = None if chain is None else _mlp_io.chain_weights(
-        chain, {**model.fixed, **params}, x, y, frozen=True)
+    weights = _mlp_io.chain_weights(chain, {**fixed, **params}, x, y, frozen=True)
     if weights is None:
         return False
     width = x.shape[1]
@@ -137,6 +153,24 @@ def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
             return False
         width = W.shape[0]
     return width >= 2 and y.shape[0] > 0 and 0 <= int(y[0]) < width
+
+
+def _chain_names(module, chain: list) -> set | None:
+    """The state names a certified chain's Linear layers hold (weight, and bias where set), or
+    None where ``module`` holds any other parameter, buffer or submodule (a strict call would
+    want its name too): a walk of the slot dicts, not of ``named_parameters``."""
+    names = set()
+    for name, lin, _ in chain:
+        pre = f"{name}." if name else ""
+        names.add(pre + "weight")
+        if lin._parameters["bias"] is not None:
+            names.add(pre + "bias")
+    held = 0
+    for m in (module,) if type(module) is nn.Linear else (module, *module._modules.values()):
+        if m._buffers or (m._modules and m is not module) or (m._modules and type(m) is nn.Linear):
+            return None
+        held += sum(v is not None for v in m._parameters.values())
+    return names if held == len(names) else None
 
 
 def _margin_head(z: Tensor, target: Tensor, lab: Tensor | None = None
