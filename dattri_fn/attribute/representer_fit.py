@@ -217,7 +217,7 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
     elif not (t.shape == (n,) and bool(((t >= 0) & (t < K)).all())):
         return None
     f64, rows = torch.float64, _block_rows(n, F)
-    wide = 2 * rows  # the checks' blocks: fewer vmapped calls, below the score's peak
+    wide = 2 * rows  # the head check's blocks (the loss check: _loss_rows), below the score's peak
     work = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
     head = _SoftmaxHead(h, t, h.new_empty(n, dtype=f64), K, l2, rows, work)
     gen = torch.Generator(device=h.device).manual_seed(0)
@@ -254,8 +254,12 @@ def _linear_softmax(head_fn: Callable, loss_on_logits: Callable, fixed: Params, 
                                                        device=h.device)])
                     T, s_b = torch.cat([T, head.targets(0, r)]), torch.cat([s_b, head.s[:r]])
                 # float targets: T is t in float64 already
-                tb = T if t.is_floating_point() else torch.cat([t[lo:hi], t[:r]]) \
-                    if a == starts[-1] else t[lo:hi]
+                if t.is_floating_point():
+                    tb = T
+                elif a == starts[-1]:
+                    tb = torch.cat([t[lo:hi], t[:r]])
+                else:
+                    tb = t[lo:hi]
                 grads, values = loss_rows(Z, tb)
                 del tb
                 # each formula checked and dropped before the next is formed
