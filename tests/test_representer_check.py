@@ -69,3 +69,20 @@ def test_the_loss_is_vmapped_once_per_block():
     assert _recognised(counted)
     loss = _loss_rows(_block_rows(N, FD), FD, K)
     assert len(calls) == -(-N // loss)
+
+
+def test_float_targets_are_checked_on_every_block():
+    """Soft targets [n, K] (the float path: T is the targets themselves): cross-entropy on
+    probabilities is recognised; a term only the last row's target carries is refused."""
+    h, params, y = _problem()
+    t = F.one_hot(y, K).to(F64) * 0.9 + 0.1 / K
+
+    def fit(loss):
+        return _linear_softmax(_head, loss, {}, ["W"], params, h, t, 0.1)
+
+    assert fit(F.cross_entropy) is not None
+
+    def odd(z, p):
+        return F.cross_entropy(z, p) + 1e-3 * p[K - 1] * (p[K - 1] > 0.5).to(z.dtype) * z[K - 1]
+
+    assert fit(odd) is None
