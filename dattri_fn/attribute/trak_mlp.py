@@ -136,7 +136,7 @@ def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
                             "shared"} <= call.keys() \
             or call["module"] is not model.module or call["unpack"] is not default_unpack \
             or call["ties"] or call["shared"] or params.keys() != call["expected"] \
-            or any(tuple(v.shape) != call["shapes"][k] for k, v in params.items()):
+            or any(v.shape != call["shapes"][k] for k, v in params.items()):
         return False
     chain, fixed = mlp_chain(model.module), call["fixed"]
     # a module edited after binding (a bias set to None): its strict call refuses the bound
@@ -167,9 +167,12 @@ def _chain_names(module, chain: list) -> set | None:
             names.add(pre + "bias")
     held = 0
     for m in (module,) if type(module) is nn.Linear else (module, *module._modules.values()):
-        if m._buffers or (m._modules and m is not module) or (m._modules and type(m) is nn.Linear):
+        d = vars(m)
+        if d["_buffers"] or (d["_modules"] and (m is not module or type(m) is nn.Linear)):
             return None
-        held += sum(v is not None for v in m._parameters.values())
+        for v in d["_parameters"].values():
+            if v is not None:
+                held += 1
     return names if held == len(names) else None
 
 
