@@ -169,6 +169,7 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
     the features (4096 rows a span, no copy), or features formed from the cached factors a
     power-of-two number of rows at a time (a block at least ``block_bytes``); with ``eigvecs``,
     factors only, their eigenbasis rows (:func:`_outer_rows`), each block rotated in it."""
+    n = state.cached_rows()
     if state.train_features is not None:
         feats, block = state.train_features.to(device), 4096
         rows = lambda s, e: feats[s:e]  # noqa: E731
@@ -181,7 +182,7 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
         # a block holds at most a sixteenth of the features it stands for (at least
         # block_bytes, at most 4096 rows), a power of two of rows: on the CPU each row's
         # product then equals the whole product's
-        want = max(1, max(block_bytes, state.cached_rows() * row // 16) // row)
+        want = max(1, max(block_bytes, n * row // 16) // row)
         block = min(4096, 1 << (want.bit_length() - 1))
         if eigvecs is not None:
             # each block's factors rotated in it, (Q_A^T a'_i, Q_G^T g'_i): no rotated copy of
@@ -192,5 +193,4 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
             def rows(s, e):  # (one block of every row: the factors themselves, no slices)
                 return _outer_rows(whole if s == 0 and e == n else {
                     ln: (a[s:e], g[s:e]) for ln, (a, g) in whole.items()}, eigvecs)
-    n = state.cached_rows()
     return rows, [(s, min(n, s + block)) for s in range(0, n, block)]
