@@ -74,3 +74,25 @@ def test_ops_do_not_grow_with_same_shape_layers():
             _eigvals("f", sums, 500, None)
         counts.append(c.calls)
     assert counts[0] == counts[1] < 14, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("damping", [None, 1e-3])
+def test_bits_equal_at_two_threads_above_and_at_the_grain(dtype, damping):
+    """At 2 threads: 64x1024 layers (above torch's 32768-element grain, where a full mean is split
+    over threads and a stack's row is not) keep the per-layer bits; 128x256 (at the grain) are
+    still one stack (shared storage) with the per-layer bits (review RC H1, stop 26)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        differ = []
+        for seed in range(3):
+            sums = _sums(seed, dtype, [(64, 1024), (128, 256)] * 3)
+            got, want = _eigvals("f", sums, 500, damping), _layer_by_layer("f", sums, 500, damping)
+            differ += [(seed, ln) for ln in want if not torch.equal(got[ln], want[ln])]
+        assert differ == []
+        ptr = {ln: got[ln].untyped_storage().data_ptr() for ln in got}
+        assert ptr["l1"] == ptr["l3"] == ptr["l5"]
+        assert len({ptr["l0"], ptr["l2"], ptr["l4"], ptr["l1"]}) == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,10 @@ from torch import Tensor
 
 from .._checks import _msg
 
+# torch's CPU parallel grain (at::internal::GRAIN_SIZE): a full reduction of more elements is
+# split over threads, which a stack's per-row reduction is not
+_GRAIN = 32768
+
 
 def _precondition(eigvecs: dict, eigvals: dict, phi: Tensor, kron_max: int) -> Tensor:
     """``(F' + damping)^-1`` applied to every row, layers side by side.  # [b, d] -> [b, d]"""
@@ -77,21 +81,32 @@ def _eigvals(func: str, sums: dict, n: int, damping: float | None) -> dict:
     direction: ~1e-17 of the largest in float32, ~1e-35 in float64) gives noise, while real
     small eigenvalues (1e-6 of the largest in float32, review R8) are kept.
 
-    Layers of one shape and dtype are computed as one stack ``[L, k_out, k_in]`` (each layer's
-    values are views of it): the same elementwise ops and per-layer reductions as layer by
-    layer, so the same bits, in one op each and one check for the stack."""
+    Contiguous CPU layers of one shape and dtype, of at most 32768 entries each, are computed as
+    one stack ``[L, k_out, k_in]`` (each layer's values are views of it): the same elementwise
+    ops, and per-layer reductions that below torch's parallel grain (32768 elements) run in the
+    order of a layer's own, so the same bits at any thread count, in one op each and one check
+    for the stack. Larger layers (a full mean is split over threads there, a stack's row is
+    not), other devices (untested kernels) and lone layers keep the per-layer form."""
     groups: dict = {}
     for ln, s in sums.items():
-        groups.setdefault((s.shape, s.dtype, s.device), []).append(ln)
+        stack = s.device.type == "cpu" and s.numel() <= _GRAIN and s.is_contiguous()
+        groups.setdefault((s.shape, s.dtype, s.device) if stack else ln, []).append(ln)
     eigvals, floors, bad = {}, {}, False
     for names in groups.values():
-        S = sums[names[0]][None] if len(names) == 1 else torch.stack([sums[ln] for ln in names])
-        lam = S / n
-        mu = lam + (0.1 * lam.mean((1, 2), keepdim=True) if damping is None else damping)
-        floor = mu.abs().amax((1, 2), keepdim=True) * torch.finfo(mu.dtype).eps if damping == 0 else 0
+        if len(names) == 1:
+            lam = sums[names[0]] / n
+            mu = lam + (0.1 * lam.mean() if damping is None else damping)
+            floor = mu.abs().amax() * torch.finfo(mu.dtype).eps if damping == 0 else 0
+            mus, fls = [mu], [floor]
+        else:
+            lam = torch.stack([sums[ln] for ln in names]) / n
+            mu = lam + (0.1 * lam.mean((1, 2), keepdim=True) if damping is None else damping)
+            floor = (mu.abs().amax((1, 2), keepdim=True) * torch.finfo(mu.dtype).eps
+                     if damping == 0 else 0)
+            mus, fls = mu, (floor if damping == 0 else [0] * len(names))
         bad = bad or not bool((mu > floor).all())
-        eigvals.update(zip(names, mu, strict=True))
-        floors.update(zip(names, floor, strict=True) if damping == 0 else ((ln, 0) for ln in names))
+        eigvals.update(zip(names, mus, strict=True))
+        floors.update(zip(names, fls, strict=True))
     for ln in sums if bad else ():  # the first layer that fails, in layer order
         if not bool((eigvals[ln] > floors[ln]).all()):
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where the "
