@@ -106,6 +106,9 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)} or a "
                          f"dattri_fn.solvers value, got {solver!r}.")
     solver_options = dict(solver_options)
+    if solver == "lissa" and solver_options.get("scale") is None:
+        raise ValueError("influence(scale=...): expected a float above the largest eigenvalue "
+                         "of the damped curvature (LiSSA's step is 1/scale), got None.")
     query_rank = solver_options.pop("query_rank", None)
     if query_rank is not None:
         check_int("influence", "query_rank", query_rank)

@@ -156,13 +156,66 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
             vmappable[key] = _vmaps(fm, params, data)
         if not vmappable[key]:  # transformers' SDPA, a KV-cache output: batch-level products
             return batch_gnvp(fm, params, data, batch_rows=rows)
-        return gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
+        if key not in frozen:
+            frozen[key] = _frozen_rows(fm, params, data)
+        if frozen[key] is False:  # a padding row reverse mode moves (a tied head): reverse only
+            return batch_gnvp(fm, params, data, batch_rows=rows)
+        op = gnvp(fm.forward, out_loss, params, data, batch_rows=rows, out_hvp=out_hvp)
+        return op if frozen[key] is None else _masked(op, frozen[key])
 
     vmappable: dict = {}  # params' keys -> whether vmap over examples runs the model
+    frozen: dict = {}  # params' keys -> flat indices of padding rows, None, or False (above)
     # its factored operators keep their factors within the budget: a caller may build one on
     # all its data and draw the Gauss-Newton of row subsets from it (FactoredOperator.on_rows)
     build.keeps_factors = True
     return build
+
+
+def _padding_rows(fm: FunctionalModel, params) -> dict[str, int]:
+    """``{key: p}`` for each attributed weight of an ``nn.Embedding(padding_idx=p)``."""
+    names = {id(t): n for n, t in fm.module.named_parameters()}
+    return {names[id(m.weight)]: m.padding_idx for m in fm.module.modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and m.padding_idx is not None and names.get(id(m.weight)) in params}
+
+
+def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
+    """Flat indices of the padding rows of ``params`` (``None``: no such row).
+
+    Reverse mode gives a padding row no gradient, forward mode (``jvp``) gives it one, so
+    ``gnvp`` alone is ``J_rev^T H J_fwd``, not symmetric. With ``P`` zeroing these rows,
+    ``P (J_rev^T H J_fwd) P = J_rev^T H J_rev``, the operator reverse mode's gradients live in.
+    ``False`` where a vjp on the first two examples moves a padding row (the weight is also
+    used elsewhere, e.g. a tied output head): then only a reverse-only product is consistent.
+    """
+    from torch.func import vjp, vmap
+
+    from .._checks import batch_size, batch_slice, iter_batches
+
+    pads = _padding_rows(fm, params)
+    if not pads:
+        return None
+    first = next(iter(iter_batches("gauss_newton", "data", data)))
+    head = batch_slice(first, 0, min(2, batch_size("gauss_newton", "data", first)))
+    out, vjp_fn = vjp(lambda p: vmap(fm.forward, in_dims=(None, 0))(p, head), dict(params))
+    gen = torch.Generator().manual_seed(0)
+    grads = vjp_fn(tree_map(lambda t: torch.rand(t.shape, generator=gen, dtype=t.dtype).to(
+        t.device) if isinstance(t, Tensor) and t.is_floating_point() else t, out))[0]
+    index, start = [], 0
+    for k, v in params.items():
+        if k in pads:
+            if grads[k][pads[k]].count_nonzero():
+                return False
+            width = v[0].numel()
+            index.append(torch.arange(start + pads[k] * width, start + (pads[k] + 1) * width))
+        start += v.numel()
+    return torch.cat(index).to(next(iter(params.values())).device)
+
+
+def _masked(op: LinOp, index: Tensor) -> LinOp:
+    """``V -> P op(P V)``, ``P`` zeroing the columns ``index`` (see :func:`_frozen_rows`)."""
+    return LinOp(lambda V: op.matmat(V.index_fill(1, index, 0)).index_fill_(1, index, 0),
+                 op.dim, op.dtype, op.device, name=op.name)
 
 
 def _vmaps(fm: FunctionalModel, params, data) -> bool:
