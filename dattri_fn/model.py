@@ -162,7 +162,23 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
             return loss_fn(out)
         return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
 
+    # what the closure reads, for :func:`bridged`: the capture engine differentiates the
+    # model's fields, not its ``loss``, so it must know the two agree
+    loss._bridge = (module, loss_fn, unpack)
     return FunctionalModel(selected, loss, forward, fixed, module, loss_fn, unpack)
+
+
+def bridged(model: FunctionalModel) -> bool:
+    """Whether ``model.loss`` is the closure :func:`functional_model` built for ``model.module``,
+    ``model.loss_fn`` and ``model.unpack`` (identity checks): False after
+    ``model._replace(loss=...)`` or ``_replace(loss_fn=...)``, where methods that differentiate
+    ``module`` with ``loss_fn`` (the per-layer capture, K-FAC) would not attribute ``loss``."""
+    bound = getattr(getattr(model, "loss", None), "_bridge", None)
+    if not isinstance(model, FunctionalModel) or not isinstance(bound, tuple) or len(bound) != 3:
+        return False
+    # not ``fixed``: dropout_masks rebinds it to equal tensors of the same storage
+    fields = (model.module, model.loss_fn, model.unpack)
+    return all(a is b for a, b in zip(bound, fields, strict=True))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

@@ -4,10 +4,11 @@ model's plan captures (:func:`layer_plan`), and what a check decided about them,
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 from .._checks import _msg
-from ..model import FunctionalModel
+from ..model import FunctionalModel, bridged
 from .layer_grads_ties import attributed_layers, tap_plan, tie_biases, tied_keys
 
 
@@ -91,6 +92,11 @@ class LayerPlan(NamedTuple):
         return tuple(self.tapped.layers)
 
 
+UNBRIDGED = ("layer_plan(model=...): the FunctionalModel's loss is not the one functional_model "
+             "built for its module and loss_fn (replaced?): per-example gradients are computed "
+             "densely by vmap(grad) of its loss.")
+
+
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     """Return the unchecked capture plan of ``model``'s attributed layers (None: there is none).
 
@@ -102,7 +108,8 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     bare parameter the check finds used otherwise is dropped after its one warning); every
     other attributed parameter stays dense (``vmap(grad)``).
     :func:`check_plan` checks it on an example batch (module Note); applying an unchecked plan
-    checks it on every call.
+    checks it on every call. A model whose ``loss`` is not :func:`functional_model`'s own for
+    its fields (:func:`~dattri_fn.model.bridged`; ``_replace(loss=...)``) gets None, warned.
     """
     if not isinstance(model, FunctionalModel):
         raise TypeError(f"layer_plan(model=...): expected a FunctionalModel from "
@@ -110,6 +117,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if model.loss_fn is None:
         raise ValueError("layer_plan(model=...): expected a FunctionalModel built with a "
                          "loss_fn, got loss_fn=None.")
+    if not bridged(model):
+        # the capture differentiates module with loss_fn: for another loss it would attribute
+        # the wrong function, silently (issue 14)
+        warnings.warn(UNBRIDGED, stacklevel=2)
+        return None
     return _plan_of(model, attributed_layers(model.module, model.params))
 
 

@@ -1,0 +1,106 @@
+"""A FunctionalModel whose ``loss`` was replaced (``fm._replace(loss=...)``, issue 14) is
+attributed over that loss: the per-layer capture (which differentiates ``module`` with
+``loss_fn``) is skipped with one warning, and the scores equal the dense ``vmap(grad)`` of the
+replaced loss given as a plain function. The model as built keeps the capture, unwarned."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dattri_fn.transforms.layer_grads_plan as plan_mod
+from dattri_fn import functional_model
+from dattri_fn.attribute import grad_cos, grad_dot, influence, tracin, trak
+from dattri_fn.attribute.outputs import classification_margin_loss
+from dattri_fn.model import bridged
+from dattri_fn.transforms.layer_grads import layer_plan
+
+
+def _setup(loss_fn=F.cross_entropy):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    fm = functional_model(net, loss_fn)
+    return fm, (x, y), (x[:4], y[:4])
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    """Counts the capture plans built (the fast path taken)."""
+    calls = []
+    real = plan_mod._plan_of
+    monkeypatch.setattr(plan_mod, "_plan_of", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _scores(make, loss, params, train, test):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m = make(loss)
+        S = m.score(params, m.prepare(params, train), train, test)
+    return S, [str(i.message) for i in w]
+
+
+def _replaced(fm):
+    base = fm.loss
+    return fm._replace(loss=lambda p, ex: 2 * base(p, ex))
+
+
+def test_bridged_identity():
+    fm, _, _ = _setup()
+    assert bridged(fm)
+    assert not bridged(_replaced(fm))
+    assert not bridged(fm._replace(loss_fn=F.mse_loss))
+    assert bridged(fm._replace(fixed=dict(fm.fixed)))  # dropout_masks does this
+    assert bridged(fm._replace(params={k: v + 1 for k, v in fm.params.items()}))
+
+
+METHODS = {
+    "grad_dot": (grad_dot, 4.0),
+    "grad_cos": (grad_cos, 1.0),
+    "tracin": (lambda f: tracin(f, lrs=[0.5]), 4.0),
+    # damping does not double with the loss: no fixed ratio to the model as built
+    "influence": (lambda f: influence(f, curvature="hessian", damping=10.0), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_replaced_loss_scores_its_loss(name, plans):
+    make, factor = METHODS[name]
+    fm, train, test = _setup()
+    fm2 = _replaced(fm)
+    S0, w0 = _scores(make, fm, fm.params, train, test)
+    assert not [m for m in w0 if "replaced?" in m] and plans, "the model as built: capture, no warning"
+    plans.clear()
+    S2, w2 = _scores(make, fm2, fm.params, train, test)
+    assert sum("replaced?" in m for m in w2) == 1 and not plans
+    dense, wd = _scores(make, fm2.loss, fm.params, train, test)
+    assert not [m for m in wd if "replaced?" in m]
+    torch.testing.assert_close(S2, dense, rtol=1e-12, atol=1e-12)
+    if factor is not None:  # 2x loss: gradients 2x
+        torch.testing.assert_close(S2, factor * S0, rtol=1e-10, atol=1e-12)
+    else:
+        assert not torch.allclose(S2, S0)
+
+
+def test_trak_margin_replaced(plans):
+    fm, train, test = _setup(classification_margin_loss)
+    fm2 = _replaced(fm)
+    make = lambda f: trak(f, proj_dim=8, seed=1)
+    S0, w0 = _scores(make, fm, fm.params, train, test)
+    assert not [m for m in w0 if "replaced?" in m] and plans
+    plans.clear()
+    S2, w2 = _scores(make, fm2, fm.params, train, test)
+    assert sum("replaced?" in m for m in w2) == 1 and not plans
+    dense, _ = _scores(make, fm2.loss, fm.params, train, test)
+    torch.testing.assert_close(S2, dense, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(S2, S0)
+
+
+def test_layer_plan_none_for_replaced():
+    fm, _, _ = _setup()
+    assert layer_plan(fm) is not None
+    with pytest.warns(UserWarning, match=r"layer_plan\(model=...\).*replaced\?"):
+        assert layer_plan(_replaced(fm)) is None
