@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._checks import check_int, check_optional_int, check_positive
+from .._checks import _msg, check_int, check_optional_int, check_positive
 from .._types import LinOp, Loss, Params
 from ..model import FunctionalModel, default_unpack
 from .method import check_checkpoints, loss_and_plan
@@ -134,6 +134,17 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
             isinstance(curvature, str) or callable(curvature)):
         raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
                          f"callable (params, train) -> LinOp, got {curvature!r}.")
+    if curvature in ("gauss_newton", "hessian") and solver in ("explicit", "cg", "minres", "lissa",
+                                                              "arnoldi") \
+            and isinstance(loss, FunctionalModel):
+        from ..operators.gauss_newton import no_second_order
+
+        bag = no_second_order(loss, loss.params)
+        if bag is not None:
+            raise ValueError(_msg("influence", "curvature", "'fisher' (or solver 'kfac'/'ekfac') "
+                                  f"for a model whose nn.EmbeddingBag {bag!r} is attributed: torch "
+                                  "has neither its forward-mode derivative nor its double backward",
+                                  repr(curvature)))
     given_m = solver_options.pop("M", "auto")
     if given_m != "auto":
         solver_options["M"] = given_m

@@ -137,6 +137,13 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
         rows = batch_rows or curvature_rows(sum(v.numel() for v in params.values()),
                                             _first_rows(data))
         key = tuple(params)
+        bag = no_second_order(fm, params)
+        if bag is not None:
+            raise ValueError(_msg("gauss_newton", "fm", "a model autodiff can differentiate "
+                                  "twice", f"nn.EmbeddingBag {bag!r} with its weight attributed "
+                                  "(torch has neither its forward-mode derivative nor its "
+                                  "double backward)", "Use the empirical Fisher "
+                                  "(influence(curvature='fisher')) or solver 'kfac'/'ekfac'."))
         if key not in taps:
             try:
                 if fm.unpack not in (None, default_unpack):
@@ -169,6 +176,15 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
     # all its data and draw the Gauss-Newton of row subsets from it (FactoredOperator.on_rows)
     build.keeps_factors = True
     return build
+
+
+def no_second_order(fm: FunctionalModel, params) -> str | None:
+    """The name of an ``nn.EmbeddingBag`` whose weight is in ``params`` (its Gauss-Newton and
+    Hessian products need forward AD or a double backward, which torch does not have), else None."""
+    names = {id(t): n for n, t in fm.module.named_parameters()}
+    return next((name for name, m in fm.module.named_modules()
+                 if isinstance(m, torch.nn.EmbeddingBag) and names.get(id(m.weight)) in params),
+                None)
 
 
 def _padding_rows(fm: FunctionalModel, params) -> dict[str, int]:
