@@ -133,7 +133,9 @@ def test_errors_and_scores_are_those_of_the_call(monkeypatch, bad):
     made = _outcome(run)
     if isinstance(skipped, tuple) and isinstance(skipped[0], type):
         assert skipped == made
-        assert not seen  # the error comes first: no layer_grads warning before it (RA L1)
+        # the error comes first: no layer_grads warning before it (RA L1); a replaced loss
+        # gets layer_plan's one warning at construction (issue 14), before any call
+        assert not [w for w in seen if "replaced?" not in str(w.message)]
     else:
         assert all(torch.equal(a, b) for a, b in zip(skipped, made, strict=True))
 
