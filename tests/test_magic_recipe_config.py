@@ -65,3 +65,27 @@ def test_settings_are_valid_rules():
     for name, rule in MAGIC_EXIT.items():
         assert _check_early_exit("test", rule, "band") == rule, name
     assert all(isinstance(v, int) and v >= 1 for v in MAGIC_RUNS.values())
+
+
+def test_cnn_recipe_takes_the_tasks_chunk_size(monkeypatch, one_thread):
+    """recipe('magic-ens') on digits-cnn vmaps its targets in chunks of MAGIC_CHUNKS['digits-cnn']
+    (patched to 3 here, which does not divide the 7 targets); the scores equal all targets at
+    once to float32 reordering (a chunk only changes the batched GEMM/conv shapes; on the bundled
+    run chunks of 25 and 10 gave torch.equal scores, benchmarks/magic_chunks.py --full).
+    Mutation: recipe() passing chunk_size=None -> fails."""
+    from dattri_fn.app.recipes import MAGIC_CHUNKS
+    from dattri_fn.eval.tasks import SGD_HPARAMS
+
+    task = get_task("digits-cnn", n_train=16, n_test=7, seed=0,
+                    hparams=dict(SGD_HPARAMS, epochs=1, batch_size=8))
+    models = [train_model(task, seed=c) for c in range(2)]
+    monkeypatch.setitem(MAGIC_CHUNKS, "digits-cnn", 3)
+    r = recipe("magic-ens", task, models)
+    seen = calls(monkeypatch)
+    got = r.method.score(r.params, r.method.prepare(r.params, r.train), r.train, r.test)
+    monkeypatch.undo()
+    assert [kw["chunk_size"] for kw in seen] == [3, 3]
+    method, params = magic_recipe(task, 2, chunk_size=None)
+    want = method.score(params, method.prepare(params, r.train), r.train, r.test)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

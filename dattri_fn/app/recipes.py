@@ -212,12 +212,14 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
 
 
 # Test targets per vmapped vjp in recipe("magic"/"magic-ens"), by task (absent: all at once).
-# digits-cnn, ms per reverse step for 50 targets on one thread (benchmarks.magic_speed, load
-# 3.4-3.9): 143-187 in chunks of 10 against 218-250 all at once; the [50 x 64]-image batched
-# activations overflow the cache (stop 20, load 6.3-6.6: 152-173 against 186-220). On
-# digits-lr/mlp chunks of 4-25 were slower (per-call overhead); on text-lm no chunking beat
+# digits-cnn: stop 20 chose 10 over all 50 at once (the [50 x 64]-image batched activations
+# overflow the cache). Stop 26 (benchmarks.magic_chunks: one step's pullback, settings
+# interleaved, 30-40 rounds, median per-round ratio to chunks of 10, A/A 0.97-1.01): 4-8 are
+# 1.07-1.40; 13-20 are 0.88-1.03; 25 is bimodal with the shared cache's state: 0.86-0.87 in two
+# runs (load 5.5-5.8), 1.29-1.54 in two others (load 3.5-3.7), and full 3-run recipes 25 vs 10
+# were 104.6 / 145.4 then 127.1 / 108.7 CPU-s (scores torch.equal). 10 stays: the robust one.
+# On digits-lr/mlp chunks of 4-25 were slower (per-call overhead); on text-lm no chunking beat
 # noise (stop 20, 16 targets: chunks of 4 1,149-1,186 ms, of 8 1,071-1,258, all 1,135-1,168).
-# The float32 weights were the same bit for bit in these runs (max diff 0).
 MAGIC_CHUNKS = {"digits-cnn": 10}
 
 # recipe("magic-ens")'s runs by task (absent: every model given) and every MAGIC recipe's early
