@@ -126,6 +126,9 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
                          f"call draws once for all examples), got a callable with "
                          f"randomness={randomness!r}.")
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
+    module = getattr(loss, "_bridge", (None,))[0]  # functional_model's loss names its module
+    if mode == "fwd-rev" and isinstance(module, torch.nn.Module) and padding_rows(module, params):
+        mode = "rev-rev"  # forward mode moves padding rows reverse mode freezes: H not symmetric
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:
         if batched is None:
@@ -148,6 +151,15 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         return vmap(one, chunk_size=chunk_size)(V)
 
     return _streamed("hvp", per_batch, flat0, batches, batch_rows, seed)
+
+
+def padding_rows(module: torch.nn.Module, params: Params) -> dict[str, int]:
+    """``{key: p}`` for each weight in ``params`` of an ``nn.Embedding(padding_idx=p)`` of
+    ``module`` (reverse mode gives row ``p`` no gradient; ``jvp`` gives it one)."""
+    names = {id(t): n for n, t in module.named_parameters()}
+    return {names[id(m.weight)]: m.padding_idx for m in module.modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and m.padding_idx is not None and names.get(id(m.weight)) in params}
 
 
 def _plain_rev_rev(batch_loss, flat0: Tensor, V: Tensor, batch: Batch,

@@ -39,7 +39,13 @@ from .._checks import _msg, batch_leaves, is_batch
 from .._types import LinOp
 from ..model import FunctionalModel, default_unpack
 from ..transforms.layers import cross_entropy_rows
-from .curvature import batch_gnvp, cross_entropy_out_hessian, cross_entropy_out_hvp, gnvp
+from .curvature import (
+    batch_gnvp,
+    cross_entropy_out_hessian,
+    cross_entropy_out_hvp,
+    gnvp,
+    padding_rows,
+)
 from .linear_curvature import FactoredCurvatureError, linear_gnvp, linear_tap
 
 __all__ = ["curvature_rows", "gauss_newton", "memory_budget"]
@@ -187,14 +193,6 @@ def no_second_order(fm: FunctionalModel, params) -> str | None:
                 None)
 
 
-def _padding_rows(fm: FunctionalModel, params) -> dict[str, int]:
-    """``{key: p}`` for each attributed weight of an ``nn.Embedding(padding_idx=p)``."""
-    names = {id(t): n for n, t in fm.module.named_parameters()}
-    return {names[id(m.weight)]: m.padding_idx for m in fm.module.modules()
-            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-            and m.padding_idx is not None and names.get(id(m.weight)) in params}
-
-
 def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
     """Flat indices of the padding rows of ``params`` (``None``: no such row).
 
@@ -208,7 +206,7 @@ def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
 
     from .._checks import batch_size, batch_slice, iter_batches
 
-    pads = _padding_rows(fm, params)
+    pads = padding_rows(fm.module, params)
     if not pads:
         return None
     first = next(iter(iter_batches("gauss_newton", "data", data)))
