@@ -13,6 +13,10 @@ not the caller, chooses how:
   over examples), or, where ``vmap`` cannot run the model (transformers' SDPA attention, an
   output holding a KV cache: probed on the first two examples),
   :func:`~dattri_fn.operators.curvature.batch_gnvp` (the same operator from one forward per batch);
+* the padding row of an attributed ``nn.Embedding(padding_idx=p)`` weight, which reverse mode
+  freezes and ``jvp`` does not, is masked in and out of ``gnvp`` (``P G P``: symmetric, equal to
+  the reverse-mode Gauss-Newton); where a vjp moves the row (a tied head), ``batch_gnvp``. An
+  attributed ``nn.EmbeddingBag`` is refused (torch has no second-order product for it);
 * softmax cross-entropy on ``[B, C]`` logits (``F.cross_entropy``, or a loss carrying the
   batched form ``per_example`` as :func:`~dattri_fn.eval.tasks.classification_loss` does) uses the
   closed-form output Hessian ``diag(p) - p p^T`` in both;
