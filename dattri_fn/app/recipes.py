@@ -333,10 +333,14 @@ def gauss_newton(fm: FunctionalModel, loss_fn, batch_rows: int | None = None):
     :func:`~dattri_fn.eval.tasks.classification_loss`; :func:`~dattri_fn.eval.tasks.lm_loss` measured no
     faster with it on text-lm, so the language model keeps autodiff).
     """
+    from ..model import default_unpack
     from ..operators import gauss_newton as build
 
-    return build(fm if fm.loss_fn is loss_fn else fm._replace(loss_fn=loss_fn),
-                 batch_rows=batch_rows)
+    if fm.loss_fn is not loss_fn:
+        # a bridge of its own (issue 14): _replace(loss_fn=...) left fm.loss on the old loss_fn
+        fm = functional_model(fm.module, loss_fn, params=list(fm.params),
+                              unpack=fm.unpack or default_unpack)
+    return build(fm, batch_rows=batch_rows)
 
 
 def curvature_rows(num_params: int, batch_size: int) -> int:

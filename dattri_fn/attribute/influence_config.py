@@ -9,7 +9,7 @@ import torch
 
 from .._checks import _msg, check_int, check_optional_int, check_positive
 from .._types import LinOp, Loss, Params
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel, bridged, default_unpack
 from .method import check_checkpoints, loss_and_plan
 
 RELATIF = ("l", "theta")
@@ -128,8 +128,9 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         raise ValueError(f"influence(per_layer=...): expected relatif=None with per-layer scores, "
                          f"got relatif={relatif!r}.")
     if curvature is None:
+        # a replaced loss (not bridged): the Hessian of that loss, not G of module and loss_fn
         curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)
-                     and loss.loss_fn is not None else "hessian")
+                     and loss.loss_fn is not None and bridged(loss) else "hessian")
     if (isinstance(curvature, str) and curvature not in CURVATURES) or not (
             isinstance(curvature, str) or callable(curvature)):
         raise ValueError(f"influence(curvature=...): expected one of {list(CURVATURES)} or a "
@@ -155,6 +156,12 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
             raise ValueError("influence(curvature=...): expected 'hessian', 'fisher' or a "
                              "callable for a plain loss, got 'gauss_newton' (it needs the "
                              "model's output: pass functional_model(module, loss_fn) as loss).")
+        if not bridged(loss):
+            raise ValueError("influence(loss=...): expected a FunctionalModel whose loss is "
+                             "functional_model's own for its module and loss_fn with "
+                             "curvature='gauss_newton', got a replaced loss: build "
+                             "functional_model(module, your_loss_fn) instead, or pass "
+                             "curvature='hessian'.")
         from ..operators import gauss_newton
 
         # G of the regularised objective is G + 2 l2 I: every solver adds damping the same way.
@@ -184,6 +191,12 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
+    if solver in ("kfac", "ekfac") and model is loss and not bridged(model):
+        # the factors come from module and loss_fn: they would invert another loss's curvature
+        raise ValueError(f"influence(loss=...): expected, with solver {solver!r}, a "
+                         "FunctionalModel whose loss is functional_model's own for its module "
+                         "and loss_fn, got a replaced loss: build functional_model(module, "
+                         "your_loss_fn) instead.")
     precondition = solver_options.get("M") if isinstance(solver_options.get("M"), str) else None
     precondition_options: dict = {}
     if isinstance(solver_options.get("M"), Solver) and solver_options["M"].name in ("kfac",
@@ -212,7 +225,7 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         train_fn=train_fn, base=base, plan=plan, test_fn=test_fn, plan_t=plan_t, layered=layered,
         factored=(solver == "explicit" and curvature == "hessian"
                   and isinstance(loss, FunctionalModel) and loss.loss_fn is not None
-                  and loss.unpack in (None, default_unpack)),
+                  and loss.unpack in (None, default_unpack) and bridged(loss)),
         score_dtype=score_dtype,
         sketch="always" if force_sketch else "auto" if auto_sketch else None,
         precondition=precondition, precondition_options=precondition_options)
