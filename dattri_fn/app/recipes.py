@@ -224,9 +224,10 @@ MAGIC_CHUNKS = {"digits-cnn": 10}
 
 # recipe("magic-ens")'s runs by task (absent: every model given) and every MAGIC recipe's early
 # exit by task (absent: EARLY_EXIT), stop 26, benchmarks/magic_config.py: the cheapest setting
-# whose VALIDATION LDS (32 other half-subsets, other retraining seeds) stays above every other
-# method's there. text-lm: 2 runs score 0.421 on validation against if-cg-ens's 0.397 (3 runs:
-# 0.433; stop 25, benchmarks/magic_ens_size.py); (1.1, 2) is the rule walking the fewest
+# whose VALIDATION LDS (32 other half-subsets, other retraining seeds) stays above the CG
+# influence ensemble's there (the only other method measured on validation). text-lm: 2 runs
+# score 0.421 on validation against if-cg-ens's 0.397 (3 runs: 0.433; stop 25,
+# benchmarks/magic_ens_size.py); (1.1, 2) is the rule walking the fewest
 # target-steps (0.566 of the full pass's, (1.2, 8) 0.686) that changes no band on the 3 recorded
 # runs (so the scores are (1.2, 8)'s) nor on a 4th seed; its margin there: the closest norm past
 # a stop comes back to 1.133x the walked minimum (a band changes at 1.1x). (1.1, 1) changed one.

@@ -245,7 +245,7 @@ def magic(loss: Loss | FunctionalModel, optimizer: Optimizer, *, epochs: int,
             the reverse pass once its params-cotangent norm has stayed above ``R`` times its
             running minimum for ``W`` steps (:func:`metagradient`; equal to the full pass when
             no later norm comes back within 1.1x of the minimum walked). The recipes use
-            :data:`~dattri_fn.attribute.metagradient.EARLY_EXIT`.
+            :data:`~dattri_fn.attribute.metagradient.EARLY_EXIT` (text-lm: ``recipes.MAGIC_EXIT``).
 
     Returns:
         ``Method`` named ``"magic"``; ``score -> [n_train, n_test]`` (or a TopK), positive =

@@ -101,10 +101,10 @@ def _as_int(x) -> int | None:
         return None
 
 
-# The recipes' early exit (stop 23, benchmarks/magic_exit.py): chosen on the VALIDATION LDS of
-# the runs recorded at stop 22 (benchmarks/magic_rules.py --records) as the rule with the
-# fewest steps walked among those whose validation LDS did not move; on those runs (in sample:
-# the recipes' own seeds) it changed no target's band.
+# The recipes' early exit (text-lm's: recipes.MAGIC_EXIT) (stop 23, benchmarks/magic_exit.py):
+# chosen on the VALIDATION LDS of the runs recorded at stop 22 (benchmarks/magic_rules.py
+# --records) as the rule with the fewest steps walked among those whose validation LDS did not
+# move; on those runs (in sample: the recipes' own seeds) it changed no target's band.
 EARLY_EXIT = (1.2, 8)
 
 
