@@ -104,3 +104,59 @@ def test_layer_plan_none_for_replaced():
     assert layer_plan(fm) is not None
     with pytest.warns(UserWarning, match=r"layer_plan\(model=...\).*replaced\?"):
         assert layer_plan(_replaced(fm)) is None
+
+
+def _reweighted(fm):
+    base = fm.loss
+    return fm._replace(loss=lambda p, ex: torch.where(ex[1] == 0, 1.0, 5.0) * base(p, ex))
+
+
+@pytest.mark.parametrize("solver", ["explicit", "cg"])
+def test_influence_hessian_of_a_reweighted_loss_is_that_losses(solver):
+    """A class-reweighted loss equals the built one on class-0 rows, so a value check on the
+    first examples cannot tell them apart: the batched/factored Hessian paths must not be taken
+    (review RG H1); scores equal influence over the plain replaced function."""
+    fm, train, test = _setup()
+    train[1][:3] = 0
+    fm2 = _reweighted(fm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _run(influence(fm2, solver=solver, damping=0.1), fm.params, train, test)
+    ref = _run(influence(fm2.loss, solver=solver, damping=0.1), fm.params, train, test)
+    assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_training_steps_and_magic_use_the_replaced_loss():
+    """make_step / magic on a replaced loss train on it (review RG H2: they ran module with
+    loss_fn): the same parameters and metagradients as with the plain function."""
+    from dattri_fn.attribute.magic import magic
+    from dattri_fn.training import make_step, sgd
+
+    fm, train, test = _setup()
+    base = fm.loss
+    fm2 = fm._replace(loss=lambda p, ex: 2 * base(p, ex))
+    w = torch.ones(12, dtype=torch.float64)
+    opt = sgd(0.1)
+    got, _ = make_step(fm2, opt)(fm.params, opt.init(fm.params), train, w)
+    ref, _ = make_step(fm2.loss, opt)(fm.params, opt.init(fm.params), train, w)
+    assert all(torch.allclose(got[k], ref[k], rtol=0, atol=1e-15) for k in ref)
+    S = [_run(magic(f, sgd(0.1), epochs=2, batch_size=4, seed=0), fm.params, train, test)
+         for f in (fm2, fm2.loss)]
+    assert torch.allclose(S[0], S[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["gn", "ekfac"])
+def test_source_refuses_a_replaced_loss_where_it_needs_the_module(curvature):
+    from dattri_fn.attribute.source import source
+
+    fm, _, _ = _setup()
+    fm2 = _reweighted(fm)
+    with pytest.raises(ValueError, match=r"source\(loss=\.\.\.\): expected a FunctionalModel whose "
+                       r"loss is functional_model's own .* got a replaced loss"):
+        source(fm2, curvature=curvature)
+
+
+def _run(method, params, train, test):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return method.score(params, method.prepare(params, train), train, test)

@@ -221,7 +221,10 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
     return InfluenceConfig(
         name=f"if_{solver}", solver=solver, damping=damping, curvature=curvature, l2=l2,
         relatif=relatif, per_layer=per_layer, query_rank=query_rank, chunk_size=chunk_size,
-        rows=rows, options=solver_options, loss=loss, model=model, target=target,
+        rows=rows, options=solver_options, target=target, model=model,
+        # a replaced loss is a plain per-example loss here: the batched and factored Hessian
+        # paths would differentiate module with loss_fn (stop 26 review RG H1)
+        loss=loss.loss if isinstance(loss, FunctionalModel) and not bridged(loss) else loss,
         train_fn=train_fn, base=base, plan=plan, test_fn=test_fn, plan_t=plan_t, layered=layered,
         factored=(solver == "explicit" and curvature == "hessian"
                   and isinstance(loss, FunctionalModel) and loss.loss_fn is not None

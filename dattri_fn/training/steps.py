@@ -38,7 +38,7 @@ from torch.func import grad, vmap
 
 from .._checks import _msg, check_int
 from .._types import Batch, Loss, Params
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel, bridged, default_unpack
 from ..module_call import call_module, shared_slots
 from ..transforms.layers import per_example_losses
 
@@ -235,7 +235,8 @@ def weighted_loss(loss: Loss | FunctionalModel) -> Callable[[Params, Batch, Tens
 
     A FunctionalModel with the default tuple layout takes :func:`model_losses`' batched path.
     """
-    if isinstance(loss, FunctionalModel) and loss.unpack in (None, default_unpack):
+    if isinstance(loss, FunctionalModel) and loss.unpack in (None, default_unpack) \
+            and bridged(loss):  # a replaced loss: model_losses would run module with loss_fn
         per_example = model_losses(loss)
     else:
         per_example = vmap(loss.loss if isinstance(loss, FunctionalModel) else loss,
