@@ -112,3 +112,32 @@ def test_influence_lissa_needs_scale():
     with pytest.raises(ValueError, match=r"influence\(scale=\.\.\.\)"):
         influence(fm.loss, solver="lissa", damping=0.1)
     influence(fm, solver="lissa", damping=0.1, scale=10.0)  # accepted
+
+
+class _TwoReaders(nn.Module):
+    """e (padding 0) and e2 (no padding) hold one weight; e2 reads token 0 only from row 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.e2 = nn.Embedding(12, 3, padding_idx=0), nn.Embedding(12, 3)
+        self.e2.weight = self.e.weight
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.e(x[:, :4]).sum(1) + self.e2(x[:, 4:]).sum(1)))
+
+
+def test_a_padding_weight_held_by_another_module_is_not_masked():
+    """The padding row is moved by e2's reads, which the first examples need not show (review
+    RH MED: masked, the GN was symmetric but 0.028 off reverse mode): the reverse-only product."""
+    torch.manual_seed(0)
+    model = _TwoReaders().double().eval()
+    with torch.no_grad():
+        model.e.weight[0].normal_()
+    x = torch.randint(1, 12, (N, 6))
+    x[:3, 0], x[5:, 4] = 0, 0
+    y = torch.randint(0, 3, (N,))
+    fm = functional_model(model, F.cross_entropy)
+    G, _ = _reference(model, fm, x, y)
+    A = gauss_newton(fm)(fm.params, (x, y)).dense()
+    assert (A - G).abs().max() < 1e-12

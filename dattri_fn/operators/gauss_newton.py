@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -207,8 +208,10 @@ def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
     Reverse mode gives a padding row no gradient, forward mode (``jvp``) gives it one, so
     ``gnvp`` alone is ``J_rev^T H J_fwd``, not symmetric. With ``P`` zeroing these rows,
     ``P (J_rev^T H J_fwd) P = J_rev^T H J_rev``, the operator reverse mode's gradients live in.
-    ``False`` where a vjp on the first two examples moves a padding row (the weight is also
-    used elsewhere, e.g. a tied output head): then only a reverse-only product is consistent.
+    ``False`` where the weight is held by another module too, or a vjp on the first two
+    examples moves a padding row (the weight is also used elsewhere, e.g. a tied output head):
+    then only a reverse-only product is consistent. A weight read by the forward outside its
+    modules is seen only where those first examples read it.
     """
     from torch.func import vjp, vmap
 
@@ -217,6 +220,10 @@ def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
     pads = padding_rows(fm.module, params)
     if not pads:
         return None
+    own = dict(fm.module.named_parameters())
+    uses = Counter(id(t) for _, t in fm.module.named_parameters(remove_duplicate=False))
+    if any(uses[id(own[k])] > 1 for k in pads):
+        return False  # held by another module too: the first examples cannot rule its use out
     first = next(iter(iter_batches("gauss_newton", "data", data)))
     head = batch_slice(first, 0, min(2, batch_size("gauss_newton", "data", first)))
     out, vjp_fn = vjp(lambda p: vmap(fm.forward, in_dims=(None, 0))(p, head), dict(params))
