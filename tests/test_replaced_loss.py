@@ -72,12 +72,12 @@ def test_replaced_loss_scores_its_loss(name, plans):
     fm, train, test = _setup()
     fm2 = _replaced(fm)
     S0, w0 = _scores(make, fm, fm.params, train, test)
-    assert not [m for m in w0 if "replaced?" in m] and plans, "the model as built: capture, no warning"
+    assert not [m for m in w0 if "(replaced with" in m] and plans, "the model as built: capture, no warning"
     plans.clear()
     S2, w2 = _scores(make, fm2, fm.params, train, test)
-    assert sum("replaced?" in m for m in w2) == 1 and not plans
+    assert sum("(replaced with" in m for m in w2) == 1 and not plans
     dense, wd = _scores(make, fm2.loss, fm.params, train, test)
-    assert not [m for m in wd if "replaced?" in m]
+    assert not [m for m in wd if "(replaced with" in m]
     torch.testing.assert_close(S2, dense, rtol=1e-12, atol=1e-12)
     if factor is not None:  # 2x loss: gradients 2x
         torch.testing.assert_close(S2, factor * S0, rtol=1e-10, atol=1e-12)
@@ -90,10 +90,10 @@ def test_trak_margin_replaced(plans):
     fm2 = _replaced(fm)
     make = lambda f: trak(f, proj_dim=8, seed=1)
     S0, w0 = _scores(make, fm, fm.params, train, test)
-    assert not [m for m in w0 if "replaced?" in m] and plans
+    assert not [m for m in w0 if "(replaced with" in m] and plans
     plans.clear()
     S2, w2 = _scores(make, fm2, fm.params, train, test)
-    assert sum("replaced?" in m for m in w2) == 1 and not plans
+    assert sum("(replaced with" in m for m in w2) == 1 and not plans
     dense, _ = _scores(make, fm2.loss, fm.params, train, test)
     torch.testing.assert_close(S2, dense, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(S2, S0)
@@ -102,7 +102,7 @@ def test_trak_margin_replaced(plans):
 def test_layer_plan_none_for_replaced():
     fm, _, _ = _setup()
     assert layer_plan(fm) is not None
-    with pytest.warns(UserWarning, match=r"layer_plan\(model=...\).*replaced\?"):
+    with pytest.warns(UserWarning, match=r"layer_plan\(model=...\).*replaced with _replace"):
         assert layer_plan(_replaced(fm)) is None
 
 

@@ -93,7 +93,8 @@ class LayerPlan(NamedTuple):
 
 
 UNBRIDGED = ("layer_plan(model=...): the FunctionalModel's loss is not the one functional_model "
-             "built for its module and loss_fn (replaced?): per-example gradients are computed "
+             "built for its module and loss_fn (replaced with _replace, or the FunctionalModel deep-"
+             "copied: its loss still reads the original module): per-example gradients are computed "
              "densely by vmap(grad) of its loss.")
 
 
