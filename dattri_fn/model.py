@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._checks import check_params
+from ._checks import _msg, check_params
 from ._types import Params
 from .module_call import call_module, shared_slots
 
@@ -179,6 +179,15 @@ def bridged(model: FunctionalModel) -> bool:
     # not ``fixed``: dropout_masks rebinds it to equal tensors of the same storage
     fields = (model.module, model.loss_fn, model.unpack)
     return all(a is b for a, b in zip(bound, fields, strict=True))
+
+
+def check_bridged(func: str, arg: str, model, condition: str = "", fix: str = "") -> None:
+    """Raise a ValueError naming ``func(arg=...)`` where ``model`` is a FunctionalModel that is not
+    :func:`bridged`: for methods that differentiate ``module`` with ``loss_fn`` by design."""
+    if isinstance(model, FunctionalModel) and not bridged(model):
+        raise ValueError(_msg(func, arg, "a FunctionalModel whose loss is functional_model's own "
+                              f"for its module and loss_fn{condition}", "a replaced loss",
+                              f"Build functional_model(module, your_loss_fn) instead{fix}."))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

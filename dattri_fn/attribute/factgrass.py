@@ -43,7 +43,7 @@ from .._checks import (
     iter_batches,
     regrouped,
 )
-from ..model import FunctionalModel, bridged
+from ..model import FunctionalModel, check_bridged
 from ..operators.gauss_newton import memory_budget
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import (
@@ -228,10 +228,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
     if model.loss_fn is None:
         raise ValueError(_msg(name, "model", "a FunctionalModel built with a loss_fn",
                               "loss_fn=None"))
-    if not bridged(model):  # its layers are captured with module and loss_fn, not model.loss
-        raise ValueError(_msg(name, "model", "a FunctionalModel whose loss is functional_model's "
-                              "own for its module and loss_fn", "a replaced loss: build "
-                              "functional_model(module, your_loss_fn) instead"))
+    check_bridged(name, "model", model)  # its layers are captured with module and loss_fn
     check_int(name, "proj_dim", proj_dim, minimum=1)
     check_int(name, "blowup", blowup, minimum=1)
     check_optional_int(name, "mask_dim", mask_dim)

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import _msg, check_int, check_optional_int, check_positive
 from .._types import LinOp, Loss, Params
-from ..model import FunctionalModel, bridged, default_unpack
+from ..model import FunctionalModel, bridged, check_bridged, default_unpack
 from .method import check_checkpoints, loss_and_plan
 
 RELATIF = ("l", "theta")
@@ -156,12 +156,8 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
             raise ValueError("influence(curvature=...): expected 'hessian', 'fisher' or a "
                              "callable for a plain loss, got 'gauss_newton' (it needs the "
                              "model's output: pass functional_model(module, loss_fn) as loss).")
-        if not bridged(loss):
-            raise ValueError("influence(loss=...): expected a FunctionalModel whose loss is "
-                             "functional_model's own for its module and loss_fn with "
-                             "curvature='gauss_newton', got a replaced loss: build "
-                             "functional_model(module, your_loss_fn) instead, or pass "
-                             "curvature='hessian'.")
+        check_bridged("influence", "loss", loss, " with curvature='gauss_newton'",
+                      ", or pass curvature='hessian'")
         from ..operators import gauss_newton
 
         # G of the regularised objective is G + 2 l2 I: every solver adds damping the same way.
@@ -191,12 +187,9 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
     if solver in ("kfac", "ekfac") and (model is None or model.loss_fn is None):
         raise ValueError(f"influence(model=...): solver {solver!r} needs the FunctionalModel "
                          "(with its loss_fn) that the loss came from, got None.")
-    if solver in ("kfac", "ekfac") and model is loss and not bridged(model):
+    if solver in ("kfac", "ekfac") and model is loss:
         # the factors come from module and loss_fn: they would invert another loss's curvature
-        raise ValueError(f"influence(loss=...): expected, with solver {solver!r}, a "
-                         "FunctionalModel whose loss is functional_model's own for its module "
-                         "and loss_fn, got a replaced loss: build functional_model(module, "
-                         "your_loss_fn) instead.")
+        check_bridged("influence", "loss", model, f" with solver {solver!r}")
     precondition = solver_options.get("M") if isinstance(solver_options.get("M"), str) else None
     precondition_options: dict = {}
     if isinstance(solver_options.get("M"), Solver) and solver_options["M"].name in ("kfac",

@@ -59,7 +59,7 @@ from torch.func import hessian, vmap
 
 from .._checks import _msg, all_finite, batch_size, check_int, check_positive, iter_batches
 from .._types import Loss, Params
-from ..model import FunctionalModel, bridged
+from ..model import FunctionalModel, check_bridged
 from ..training.record import Record, check_record
 from ..tree import ravel
 from .method import Method, loss_and_plan, stacked_per_sample_grad
@@ -192,12 +192,9 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         raise ValueError(_msg(name, "pooled", f"False with curvature={curvature!r} (its curvature "
                               "is always the mean over the segment's checkpoints)", "True"))
     model = loss if isinstance(loss, FunctionalModel) else None
-    if curvature in ("gn", "ekfac") and model is not None and not bridged(model):
-        # both are formed from module and loss_fn (stop 26 review RG H3)
-        raise ValueError(_msg(name, "loss", "a FunctionalModel whose loss is functional_model's "
-                              f"own for its module and loss_fn with curvature='{curvature}'",
-                              "a replaced loss", "Build functional_model(module, your_loss_fn), "
-                              "or pass curvature='hessian'."))
+    if curvature in ("gn", "ekfac"):  # both formed from module and loss_fn (review RG H3)
+        check_bridged(name, "loss", model, f" with curvature='{curvature}'",
+                      ", or pass curvature='hessian'")
     if curvature in ("gn", "ekfac") and model is None:
         raise TypeError(_msg(name, "loss", f"a FunctionalModel for curvature='{curvature}' (or "
                              "pass curvature='hessian')", type(loss).__name__))

@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_leaves, is_batch
 from .._types import LinOp
-from ..model import FunctionalModel, bridged, default_unpack
+from ..model import FunctionalModel, check_bridged, default_unpack
 from ..transforms.layers import cross_entropy_rows
 from .curvature import (
     batch_gnvp,
@@ -127,10 +127,7 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
     if not isinstance(fm, FunctionalModel) or fm.loss_fn is None:
         raise TypeError(_msg("gauss_newton", "fm", "a FunctionalModel built with a loss_fn",
                              type(fm).__name__))
-    if not bridged(fm):  # G is formed from module and loss_fn, not fm.loss
-        raise ValueError(_msg("gauss_newton", "fm", "a FunctionalModel whose loss is "
-                              "functional_model's own for its module and loss_fn", "a replaced "
-                              "loss: build functional_model(module, your_loss_fn) instead"))
+    check_bridged("gauss_newton", "fm", fm)  # G is formed from module and loss_fn
     budget = memory_budget(memory)
     loss_fn = fm.loss_fn
     unpack = fm.unpack or default_unpack

@@ -53,7 +53,7 @@ import torch
 
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
-from ..model import FunctionalModel, bridged
+from ..model import FunctionalModel, check_bridged
 from . import capture
 from .factored_grads import LayerGrads
 from .layer_grads_certified import (  # noqa: F401  (certified_plan and its core, issue 14)
@@ -398,12 +398,8 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
 
     func = "per_sample_layer_grads"
     if plan is None:
-        if isinstance(model, FunctionalModel) and model.loss_fn is not None \
-                and not bridged(model):
-            raise ValueError(f"{func}(model=...): expected a FunctionalModel whose loss is "
-                             f"functional_model's own for its module and loss_fn, got a "
-                             f"replaced loss: use per_sample_grad(model.loss, ...), or build "
-                             f"functional_model(module, your_loss_fn).")
+        if isinstance(model, FunctionalModel) and model.loss_fn is not None:
+            check_bridged(func, "model", model, fix=", or use per_sample_grad(model.loss, ...)")
         plan = layer_plan(model)
         if plan is None:
             raise ValueError(f"{func}(model=...): expected a model with an attributed "
