@@ -153,13 +153,20 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     return _streamed("hvp", per_batch, flat0, batches, batch_rows, seed)
 
 
+def attributed_embeddings(module: torch.nn.Module, params: Params):
+    """``(module name, module, key)`` for each ``nn.Embedding``/``nn.EmbeddingBag`` of ``module``
+    whose weight is ``params[key]``, in module order."""
+    names = {id(t): n for n, t in module.named_parameters()}
+    return [(name, m, names[id(m.weight)]) for name, m in module.named_modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and names.get(id(m.weight)) in params]
+
+
 def padding_rows(module: torch.nn.Module, params: Params) -> dict[str, int]:
     """``{key: p}`` for each weight in ``params`` of an ``nn.Embedding(padding_idx=p)`` of
     ``module`` (reverse mode gives row ``p`` no gradient; ``jvp`` gives it one)."""
-    names = {id(t): n for n, t in module.named_parameters()}
-    return {names[id(m.weight)]: m.padding_idx for m in module.modules()
-            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-            and m.padding_idx is not None and names.get(id(m.weight)) in params}
+    return {key: m.padding_idx for _, m, key in attributed_embeddings(module, params)
+            if m.padding_idx is not None}
 
 
 def _plain_rev_rev(batch_loss, flat0: Tensor, V: Tensor, batch: Batch,

@@ -45,6 +45,7 @@ from .._types import LinOp
 from ..model import FunctionalModel, check_bridged, default_unpack
 from ..transforms.layers import cross_entropy_rows
 from .curvature import (
+    attributed_embeddings,
     batch_gnvp,
     cross_entropy_out_hessian,
     cross_entropy_out_hvp,
@@ -193,10 +194,8 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
 def no_second_order(fm: FunctionalModel, params) -> str | None:
     """The name of an ``nn.EmbeddingBag`` whose weight is in ``params`` (its Gauss-Newton and
     Hessian products need forward AD or a double backward, which torch does not have), else None."""
-    names = {id(t): n for n, t in fm.module.named_parameters()}
-    return next((name for name, m in fm.module.named_modules()
-                 if isinstance(m, torch.nn.EmbeddingBag) and names.get(id(m.weight)) in params),
-                None)
+    return next((name for name, m, _ in attributed_embeddings(fm.module, params)
+                 if isinstance(m, torch.nn.EmbeddingBag)), None)
 
 
 def _frozen_rows(fm: FunctionalModel, params, data) -> Tensor | None | bool:
