@@ -64,8 +64,10 @@ def all_finite(x: Tensor) -> bool:
 
     A NaN or inf entry makes ``x.sum()`` NaN or inf, so a finite sum proves every entry
     finite; only a non-finite sum (a bad entry, or an overflow) pays for the elementwise test.
+    A tensor outside autograd is summed as it is (``detach`` is one more dispatch each scan).
     """
-    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+    return (math.isfinite((x.detach() if x.requires_grad else x).sum().item())
+            or bool(torch.isfinite(x).all()))
 
 
 def check_tensor(func: str, arg: str, x, *, ndim: int | None = None,
@@ -132,6 +134,8 @@ def is_batch(obj) -> bool:
     """True for a single Batch: a Tensor, or a tuple/list/dict whose leaves are Tensors."""
     if isinstance(obj, Tensor):
         return True
+    if type(obj) is tuple or type(obj) is list:  # (no Mapping: the abc check is the slow one)
+        return bool(obj) and all(isinstance(v, Tensor) for v in obj)
     if isinstance(obj, Mapping):
         return bool(obj) and all(isinstance(v, Tensor) for v in obj.values())
     if isinstance(obj, (tuple, list)):
@@ -142,6 +146,8 @@ def is_batch(obj) -> bool:
 def batch_leaves(batch) -> list[Tensor]:
     if isinstance(batch, Tensor):
         return [batch]
+    if type(batch) is tuple or type(batch) is list:
+        return list(batch)
     if isinstance(batch, Mapping):
         return list(batch.values())
     return list(batch)
@@ -299,6 +305,13 @@ def regrouped(func: str, arg: str, data, rows: int | None):
 
 def batch_to(batch, device):
     """Move every leaf to ``device`` (a no-op for tensors already there)."""
+    if isinstance(device, torch.device) and (
+            (type(batch) is Tensor and batch.device == device)
+            or (type(batch) is tuple and all(type(t) is Tensor and t.device == device
+                                             for t in batch))):
+        # what ``to`` gives back (the leaves themselves; a tuple cannot be changed in place),
+        # without a dispatch per leaf
+        return batch
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):

@@ -43,19 +43,24 @@ def _select(func: str, module, params, layers, *, tied: bool = False
 
 
 def _select_parts(func: str, module, params, layers, *, tied: bool = False,
-                  others: str = "error") -> tuple[list[str], tuple[str, ...], dict[str, str]]:
+                  others: str = "error", every: dict | None = None
+                  ) -> tuple[list[str], tuple[str, ...], dict[str, str]]:
     """:func:`_select` and the params outside the Kronecker layers: ``(layers, param names,
     {key: why it is outside})``.
 
     ``others="error"`` refuses such keys (the third item is then empty); ``"diagonal"``
     returns them with the reason, for :mod:`.kfac_diag`'s diagonal block, and then also takes
     the bias of a layer whose weight is not in ``params`` (the layer is not a Kronecker layer).
+    ``every``: ``capture.layer_specs(module)`` where the caller holds it (read once per call).
     """
-    specs = _kfac_specs(module)
+    every = capture.layer_specs(module) if every is None else every
+    specs = {n: s for n, s in every.items() if s.kind in _KFAC_KINDS}  # _kfac_specs'
     groups = {}  # the pooled tied groups of the params' tied keys: group -> members
     unpooled = {}  # tied keys that cannot be pooled: key -> why
+    # every tied key of params, read once (a key's entry does not depend on the others asked)
+    shared = _tied_uses(module, list(params)) if tied else None
     if tied:
-        for k in _tied_uses(module, list(params)):
+        for k in shared:
             members = tied_group(module, k, params)
             if isinstance(members, tuple):
                 groups[members[0]] = members
@@ -68,12 +73,12 @@ def _select_parts(func: str, module, params, layers, *, tied: bool = False,
         if others == "diagonal":  # a layer without its weight is no Kronecker layer
             lin = [n for n in lin if n in groups or specs[n].weight in owned]
     else:
-        allowed = [n for n in capture.layer_specs(module) if n in specs or n in groups]
+        allowed = [n for n in every if n in specs or n in groups]
         kind = "nn.Linear, Conv1D or Conv2d" + (" (or a tied Embedding/Linear group)"
                                                  if groups else "")
         lin = layer_names(func, "layers", dict(module.named_modules()), layers, allowed, kind,
                           "K-FAC layers")
-    order = {n: i for i, n in enumerate(capture.layer_specs(module))}
+    order = {n: i for i, n in enumerate(every)}
     lin.sort(key=order.__getitem__)
     # A layer owning a tied weight that cannot be pooled (a biased head declared before its
     # embedding, two Linears sharing a weight): its own inputs and output gradients miss the
@@ -103,7 +108,12 @@ def _select_parts(func: str, module, params, layers, *, tied: bool = False,
                                   "Add '<layer>.weight' to params or deselect the layer."))
         return lin, tuple(params), {k: _why_outside(module, k, params, specs, lin, unpooled)
                                     for k in stray}
-    tied_stray = _tied_uses(module, stray)
+    if not stray:
+        tied_stray = {}
+    elif shared is None:
+        tied_stray = _tied_uses(module, stray)
+    else:
+        tied_stray = {k: shared[k] for k in stray if k in shared}
     if tied_stray and not tied:
         raise ValueError(_msg(func, "params", "weights used by one layer each",
                               "; ".join(f"{k!r} shared by {uses}" for k, uses in
@@ -157,23 +167,17 @@ def _why_outside(module: nn.Module, key: str, params, specs, layers, unpooled) -
     return f"a parameter of a {kind}, not of an nn.Linear, Conv1D or Conv2d"
 
 
-def _group_of(module: nn.Module, name: str, params) -> tuple[str, ...] | None:
-    """The members of the pooled tied group ``name`` (its weight read by an Embedding and a
-    Linear) for ``params``, or None for a layer whose weight is its own."""
-    key = _keys(name)[0]
-    if not _tied_uses(module, [key]):
-        return None
-    members = tied_group(module, key, params)
-    return members if isinstance(members, tuple) else None
-
-
-def _capture_layers(module: nn.Module, names, params) -> list[str]:
+def _capture_layers(module: nn.Module, names, params, every: dict | None = None) -> list[str]:
     """The layers to capture for K-FAC layers ``names`` (:func:`_select_parts`' for
-    ``params``): each tied group's members in place of the group (module order)."""
+    ``params``): each tied group's members in place of the group (module order). ``every``:
+    ``capture.layer_specs(module)`` where the caller holds it."""
+    # one read of the module's tied keys for every layer (as _group_of's, layer by layer)
+    shared = _tied_uses(module, [_keys(n)[0] for n in names])
     out = set()
     for n in names:
-        out.update(_group_of(module, n, params) or (n,))
-    order = {n: i for i, n in enumerate(capture.layer_specs(module))}
+        members = tied_group(module, _keys(n)[0], params) if _keys(n)[0] in shared else None
+        out.update(members if isinstance(members, tuple) else (n,))
+    order = {n: i for i, n in enumerate(capture.layer_specs(module) if every is None else every)}
     return sorted(out, key=order.__getitem__)
 
 
@@ -213,10 +217,11 @@ def _check_call_parts(func, module, loss_fn, params, data, layers, chunk_size, t
                              type(loss_fn).__name__))
     chunk_size = check_optional_int(func, "chunk_size", chunk_size)
     state = module_state(func, module, params)
+    every = capture.layer_specs(module)
     names, param_names, rest = _select_parts(func, module, params, layers, tied=tied,
-                                             others=others)
+                                             others=others, every=every)
     batches = iter_batches(func, "data", data)
-    members = _capture_layers(module, names, params) if tied else names
+    members = _capture_layers(module, names, params, every) if tied else names
     if tapped is None:
         tapped = capture.tap(module, members, tied=True) if tied else capture.tap(module, names)
     elif getattr(tapped, "module", None) is not module or list(tapped.layers) != list(members) \
@@ -246,5 +251,7 @@ def kfac_tap(module: nn.Module, params, *, layers: str | Iterable[str] | None = 
     params = check_params(func, "params", params)
     if isinstance(layers, (list, tuple)) and not layers:  # every param in the diagonal block
         return capture.tap(module, [], tied=True)
-    names = _select_parts(func, module, params, layers, tied=True, others="diagonal")[0]
-    return capture.tap(module, _capture_layers(module, names, params), tied=True)
+    every = capture.layer_specs(module)
+    names = _select_parts(func, module, params, layers, tied=True, others="diagonal",
+                          every=every)[0]
+    return capture.tap(module, _capture_layers(module, names, params, every), tied=True)
