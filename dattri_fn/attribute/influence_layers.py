@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import _msg, batch_size, batch_slice
+from .._checks import _msg, batch_leaves, batch_slice
 from .._types import Params
 from ..model import default_unpack
 from ..module_call import call_module
@@ -107,11 +107,14 @@ def layer_pass(cfg: InfluenceConfig, p: Params, st: InfluenceState, batch, step,
     state = {**model.fixed, **p}
     like = next(iter(p.values()))
     unpack = model.unpack or default_unpack
-    n = batch_size(cfg.name, "train", batch)
+    # the pipeline's collect / _train_blocks / stream_self checked the batch (batch_size): its
+    # rows read without a second finiteness scan
+    n = batch_leaves(batch)[0].shape[0]
     size = n if cfg.chunk_size is None else cfg.chunk_size
     looped = [] if looped is None else looped
     for start in range(0, n, size):
-        args, kwargs, target = unpack(batch_slice(batch, start, start + size))
+        args, kwargs, target = unpack(batch if size >= n else batch_slice(batch, start,
+                                                                          start + size))
         seen: set[str] = set()
         use = tapped
         while kron:

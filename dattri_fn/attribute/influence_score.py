@@ -218,9 +218,9 @@ def captured_grads(cfg: InfluenceConfig, p: Params, st: InfluenceState,
     check (one autograd pass over per-example parameter copies, ~6 ms on digits-lr): the
     capture was built for these params in ``prepare``. With one token per example (``T = 1``)
     each entry is one product, as the plan's: bit for bit on the digits tasks. ``looped``: as
-    :func:`layer_pass`'s, shared with the training side of the call.
+    :func:`layer_pass`'s, shared with the training side of the call. ``p``: params that
+    :func:`pairs` checked in this call (no second finiteness scan of the same tensors).
     """
-    check_params(cfg.name, "params", p)
     QA = st.ihvp.eigen[0]
     looped = [] if looped is None else looped  # vmap's refusal: one warning per call
 
@@ -277,10 +277,18 @@ def layer_side(cfg: InfluenceConfig, ps, test_f: torch.Tensor, looped: list | No
                 rows[start] = v if start not in rows else rows[start] + v
 
             layer_pass(cfg, p, st, b, step, looped)
-        per = {layer: torch.cat([r[k] for k in sorted(r)]) for layer, r in parts.items()}
+        # (one chunk: its scores as they are, no one-piece cat copy)
+        per = {layer: r[0] if len(r) == 1 and 0 in r else torch.cat([r[k] for k in sorted(r)])
+               for layer, r in parts.items()}
         if cfg.per_layer:
             return _Formed(torch.cat([per[k] for k in ps[0][1].ihvp.parts], 1))
-        return _Formed(sum(per.values()))
+        # summed from the first layer's scores: sum()'s 0 + s_1 is a copy (equal values; a
+        # -0.0 entry becomes +0.0 there, and == holds between them)
+        it = iter(per.values())
+        total = next(it)
+        for v in it:
+            total = total + v
+        return _Formed(total)
 
     return rows_of
 

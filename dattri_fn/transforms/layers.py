@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from .._checks import _msg, batch_size, batch_slice, check_optional_int, check_params
+from .._checks import _msg, batch_leaves, batch_size, batch_slice, check_optional_int, check_params
 from . import capture
 
 # the loss helpers live in layers_losses; every name stays importable from here
@@ -357,11 +357,13 @@ def _streamed_per_call(tapped: TappedFn, loss_fn, state, args, kwargs, target, s
 
 
 def _chunks(batch, chunk_size):
-    """Yield ``(args, kwargs, target)`` of ``batch`` taken ``chunk_size`` rows at a time."""
-    n = batch_size("layer_io", "batch", batch)
+    """Yield ``(args, kwargs, target)`` of ``batch`` taken ``chunk_size`` rows at a time. Every
+    caller checked ``batch`` (``batch_size``: layer_io, kfac_stats' passes, kfac_diag): its rows
+    are read, not scanned again; a batch that is one chunk is taken unsliced."""
+    n = batch_leaves(batch)[0].shape[0]
     size = n if chunk_size is None else chunk_size
     for start in range(0, n, size):
-        yield unpack_example(batch_slice(batch, start, start + size))
+        yield unpack_example(batch if size >= n else batch_slice(batch, start, start + size))
 
 
 def layer_chunks(tapped: TappedFn, state, batch, chunk_size):
