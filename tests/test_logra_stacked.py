@@ -96,3 +96,29 @@ def test_bits_equal_at_two_threads_above_and_at_the_grain(dtype, damping):
         assert len({ptr["l0"], ptr["l2"], ptr["l4"], ptr["l1"]}) == 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_layer_entry_pins_no_more_than_its_shape_group():
+    """Review RC L1 (stop 26), documented in LoGraState: a layer's eigvals / eigvecs entry is a
+    view whose storage holds its shape group's values and nothing else (the state's own bytes)."""
+    from dattri_fn.attribute.logra import logra
+    from dattri_fn.model import functional_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                              torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    fm = functional_model(net, torch.nn.functional.cross_entropy)
+    data = (torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    st = logra(fm, proj_dim=4).prepare(fm.params, data)
+    lam = st.eigvals
+    assert len(lam) == 3
+    for ln, v in lam.items():
+        group = [u for u in lam.values() if u.shape == v.shape]
+        assert v.untyped_storage().nbytes() == sum(u.nbytes for u in group), ln
+    vecs = [q for pair in st.eigvecs.values() for q in pair]
+    for q in vecs:
+        group = [u for u in vecs if u.shape == q.shape]
+        assert q.untyped_storage().nbytes() == sum(u.nbytes for u in group)
+    # and a clone holds its layer alone
+    one = next(iter(lam.values())).clone()
+    assert one.untyped_storage().nbytes() == one.nbytes

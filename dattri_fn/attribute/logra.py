@@ -85,6 +85,12 @@ class LoGraState(NamedTuple):
             ``{layer: (a' [n_train, k_in], g' [n_train, k_out])}`` instead of the features:
             ``DW'_i = g'_i a'_i^T``, ``k_in + k_out`` numbers per layer and example instead of
             ``k_in k_out``; :meth:`feature_rows` forms rows of the features from them.
+
+    Layers of one shape share storage: their ``eigvecs`` are views of one batched ``eigh`` per
+    matrix size, their ``eigvals`` (CPU, <= 32768 entries a layer) of one ``[L, k_out, k_in]``
+    stack. One entry held after the state is dropped keeps its group's values alive: no more
+    than the state held for that group. ``.clone()`` it to hold it alone; the state does not
+    clone (one copy per layer and prepare, for memory the state holds anyway; review RC L1).
     """
 
     projections: dict
@@ -376,8 +382,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             if top_k is None and state.train_factors is not None and (
                     next(iter(state.train_factors.values()))[0].dtype == test_pre.dtype):
                 out = test_pre.new_empty(state.cached_rows(), test_pre.shape[0])
-                for s, e in spans:  # each block's product written in place
-                    torch.mm(rows(s, e), test_pre.T, out=out[s:e])
+                for s, e in spans:  # each block's product written in place (one block: out)
+                    torch.mm(rows(s, e), test_pre.T, out=out if len(spans) == 1 else out[s:e])
                 return out
             # (index batches: stream_scores counts a batch's rows)
             return stream_scores(lambda b: rows(int(b[0][0]), int(b[0][-1]) + 1),

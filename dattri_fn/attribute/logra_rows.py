@@ -174,8 +174,11 @@ def _cached_spans(state, device, block_bytes: int, eigvecs: dict | None = None) 
         feats, block = state.train_features.to(device), 4096
         rows = lambda s, e: feats[s:e]  # noqa: E731
     else:
-        held = state._replace(train_factors={ln: (a.to(device), g.to(device))
-                                             for ln, (a, g) in state.train_factors.items()})
+        # (factors already on ``device`` taken as they are: ``to`` would return them, one
+        # dispatch each later)
+        held = state._replace(train_factors={
+            ln: (a, g) if a.device == device and g.device == device else (a.to(device), g.to(device))
+            for ln, (a, g) in state.train_factors.items()})
         feats, rows = None, held.feature_rows
         d = sum(QA.shape[0] * QG.shape[0] for QA, QG in state.eigvecs.values())
         row = d * next(iter(held.train_factors.values()))[0].element_size()

@@ -213,7 +213,8 @@ def mlp_io(module: nn.Module, loss_fn, state: dict, args: tuple, kwargs: dict, t
     one = _one(x.dtype, x.device)
     with torch.no_grad():
         # the input read detached, as the engine's probes read it: no a carries the caller's graph
-        ins, outs, h = [], [], x.detach()
+        # (a tensor outside autograd is read as it is: its detached alias is the same values)
+        ins, outs, h = [], [], x.detach() if x.requires_grad else x
         for (_, _, acts), (W, b) in zip(chain, weights, strict=True):
             ins.append(h)
             # aten::linear's own dispatch for a 2-d input: addmm(b, h, W^T), or mm without b
