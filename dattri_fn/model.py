@@ -10,6 +10,7 @@ ordinary batch losses (``F.cross_entropy``) work unchanged under ``vmap``.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -160,25 +161,100 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         out, target = call(p, example)
         if target is None:
             return loss_fn(out)
-        return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
+        try:  # free unless it raises (Python 3.11 exceptions)
+            return loss_fn(out, target.unsqueeze(0) if isinstance(target, Tensor) else target)
+        except RuntimeError as err:
+            clear = target_dtype_error(loss_fn, out, target, err)
+            if clear is None:
+                raise
+            raise clear from err
 
     # what the closure reads, for :func:`bridged`: the capture engine differentiates the
     # model's fields, not its ``loss``, so it must know the two agree
-    loss._bridge = (module, loss_fn, unpack)
+    loss._bridge = Bridge(loss, module, loss_fn, unpack, fixed, expected, shapes, ties, shared)
     return FunctionalModel(selected, loss, forward, fixed, module, loss_fn, unpack)
+
+
+class Bridge(NamedTuple):
+    """What :func:`functional_model`'s ``loss`` closure reads (its ``_bridge`` mark): ``loss``
+    itself (a ``functools.wraps`` copy of the mark names another function), the module, batch
+    loss, unpack and fixed tensors, the selected keys and shapes, and the two call decisions."""
+
+    loss: Callable
+    module: nn.Module
+    loss_fn: Callable | None
+    unpack: Callable
+    fixed: Params
+    expected: set
+    shapes: dict
+    ties: bool
+    shared: Any
+
+
+def bridge_of(loss) -> Bridge | None:
+    """The :class:`Bridge` of :func:`functional_model`'s own ``loss`` closure; None for any
+    other function (a replaced loss, a wrapper that copied its ``__dict__``)."""
+    bound = getattr(loss, "_bridge", None)
+    return bound if isinstance(bound, Bridge) and bound.loss is loss else None
+
+
+def same_storage(a: Params, b: Params) -> bool:
+    """Whether two dicts hold, key by key, the same tensors or views of one storage
+    with equal data pointer, shape, stride, dtype and device (plain strided tensors only)."""
+    if a is b:
+        return True
+    if a.keys() != b.keys():  # the closure reads ``{**fixed, **params}``: order is free
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if x is y:
+            continue
+        if not (type(x) is type(y) is Tensor and x.layout == y.layout == torch.strided):
+            return False
+        if (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) != \
+                (y.data_ptr(), y.shape, y.stride(), y.dtype, y.device):
+            return False
+    return True
+
+
+# torch's words for a target of a dtype the loss does not take (BCE on integer labels,
+# cross-entropy on float class ids)
+_TARGET_DTYPE = re.compile(r"can't be cast to the desired output type|Found dtype \w+ but "
+                           r"expected|expected target dtype|expected scalar type")
+
+
+def target_dtype_error(loss_fn, out, target, err: RuntimeError) -> TypeError | None:
+    """A TypeError naming ``functional_model(loss_fn=...)``, the loss and the target dtype it
+    takes, for torch's dtype error of ``loss_fn(out, target)`` (None for any other error).
+    Marked ``blamed``: a public boundary's ``blame_data`` re-words it as its own call's data."""
+    if not isinstance(target, Tensor) or not _TARGET_DTYPE.search(str(err)):
+        return None
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    dtype = getattr(getattr(out, "logits", out), "dtype", None)
+    want = (f"floating targets ({dtype}, the output's dtype)" if not target.is_floating_point()
+            else "integer class ids (torch.int64)")
+    clear = TypeError(_msg(
+        "functional_model", "loss_fn", f"{want} for the loss {name}",
+        f"{target.dtype} targets (torch: {str(err).splitlines()[0]})",
+        "Cast the labels: y.float() for a loss of logits or values (binary_cross_entropy_with"
+        "_logits, mse_loss), y.long() for class indices (cross_entropy, nll_loss)."))
+    clear.blamed = ("functional_model", "loss_fn")
+    return clear
 
 
 def bridged(model: FunctionalModel) -> bool:
     """Whether ``model.loss`` is the closure :func:`functional_model` built for ``model.module``,
-    ``model.loss_fn`` and ``model.unpack`` (identity checks): False after
-    ``model._replace(loss=...)`` or ``_replace(loss_fn=...)``, where methods that differentiate
-    ``module`` with ``loss_fn`` (the per-layer capture, K-FAC) would not attribute ``loss``."""
-    bound = getattr(getattr(model, "loss", None), "_bridge", None)
-    if not isinstance(model, FunctionalModel) or not isinstance(bound, tuple) or len(bound) != 3:
+    ``model.loss_fn``, ``model.unpack`` (identity) and ``model.fixed`` (the same storage): False
+    after ``model._replace(loss=...)``, ``_replace(loss_fn=...)`` or ``_replace(fixed=<other
+    tensors>)``, where methods that differentiate ``module`` with ``loss_fn`` and ``fixed`` (the
+    per-layer capture, K-FAC) would not attribute ``loss``."""
+    bound = bridge_of(getattr(model, "loss", None))
+    if not isinstance(model, FunctionalModel) or bound is None:
         return False
-    # not ``fixed``: dropout_masks rebinds it to equal tensors of the same storage
-    fields = (model.module, model.loss_fn, model.unpack)
-    return all(a is b for a, b in zip(bound, fields, strict=True))
+    # ``fixed`` by storage, not identity: dropout_masks rebinds it to a new dict of new tensor
+    # objects over the same storage (detach), which the closure reads the same
+    return (bound.module is model.module and bound.loss_fn is model.loss_fn
+            and bound.unpack is model.unpack and same_storage(bound.fixed, model.fixed))
 
 
 def check_bridged(func: str, arg: str, model, condition: str = "", fix: str = "") -> None:
@@ -186,8 +262,27 @@ def check_bridged(func: str, arg: str, model, condition: str = "", fix: str = ""
     :func:`bridged`: for methods that differentiate ``module`` with ``loss_fn`` by design."""
     if isinstance(model, FunctionalModel) and not bridged(model):
         raise ValueError(_msg(func, arg, "a FunctionalModel whose loss is functional_model's own "
-                              f"for its module and loss_fn{condition}", "a replaced loss",
+                              f"for its module, loss_fn and fixed tensors{condition}",
+                              "a replaced loss (or other fixed tensors)",
                               f"Build functional_model(module, your_loss_fn) instead{fix}."))
+
+
+def check_eval(func: str, arg: str, model) -> None:
+    """Raise a ValueError naming ``func(arg=...)`` where ``model`` is a FunctionalModel with an
+    ``nn.Dropout`` (any of its kinds, ``p > 0``) in training mode: its per-example gradients
+    would be random draws (vmap refuses them, a capture pass mixes them). A module whose
+    forward runs under fixed masks (:func:`~dattri_fn.attribute.dropout_masks.dropout_members`'
+    ``mask(model)``) is deterministic and passes."""
+    if not isinstance(model, FunctionalModel) or getattr(model.module, "_dropout_fixed", False):
+        return
+    live = [n for n, m in model.module.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+    if live:
+        raise ValueError(_msg(
+            func, arg, "a module in eval mode (deterministic per-example gradients)",
+            f"Dropout in training mode at {live}",
+            "Call module.eval() before functional_model; to average over dropout masks, "
+            f"use dropout_members(lambda mask: {func}(mask(model), ...), n_masks=...)."))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

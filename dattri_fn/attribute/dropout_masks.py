@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .._checks import _msg, check_int, check_optional_int
-from ..model import FunctionalModel
+from ..model import FunctionalModel, check_bridged
 from .method import Method
 from .pipeline import merge_topk
 
@@ -120,7 +120,9 @@ def _masked_model(model: FunctionalModel, *, seed: int, member: int,
             return base.forward(self, *args, **kwargs)
 
     module = copy.copy(model.module)
-    module.__class__ = type(f"DropoutMember{base.__name__}", (base,), {"forward": forward})
+    # _dropout_fixed: model.check_eval passes this train-mode module (its masks are fixed)
+    module.__class__ = type(f"DropoutMember{base.__name__}", (base,),
+                            {"forward": forward, "_dropout_fixed": True})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train-mode dropout is the point here
         masked = functional_model(module, model.loss_fn, params=list(model.params),
@@ -132,6 +134,10 @@ def _masked(fn, *, seed: int, member: int, usage: dict):
     """``fn`` (a function, or a FunctionalModel: :func:`_masked_model`) run under member
     ``member``'s masks, the dropout counter restarting at every call."""
     if isinstance(fn, FunctionalModel):
+        # the masked model is rebuilt from module and loss_fn: a replaced loss (or other fixed
+        # tensors) would be dropped silently
+        check_bridged("dropout_members", "build", fn, " passed to mask(...)",
+                      "; or mask its loss, mask(model.loss)")
         return _masked_model(fn, seed=seed, member=member, usage=usage)
     if not callable(fn):
         raise TypeError(_msg("dropout_members", "build", "a builder that passes callables to "

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import _msg, check_int, check_optional_int, check_positive
 from .._types import LinOp, Loss, Params
-from ..model import FunctionalModel, bridged, check_bridged, default_unpack
+from ..model import FunctionalModel, bridged, check_bridged, check_eval, default_unpack
 from .method import check_checkpoints, loss_and_plan
 
 RELATIF = ("l", "theta")
@@ -109,6 +109,8 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
     if solver == "lissa" and solver_options.get("scale") is None:
         raise ValueError("influence(scale=...): expected a float above the largest eigenvalue "
                          "of the damped curvature (LiSSA's step is 1/scale), got None.")
+    if solver == "lissa":  # refused here, not later as ihvp_lissa(scale=...) (review RH L2)
+        check_positive("influence", "scale", solver_options["scale"])
     query_rank = solver_options.pop("query_rank", None)
     if query_rank is not None:
         check_int("influence", "query_rank", query_rank)
@@ -127,6 +129,8 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
     if per_layer and relatif is not None:
         raise ValueError(f"influence(per_layer=...): expected relatif=None with per-layer scores, "
                          f"got relatif={relatif!r}.")
+    for arg, fn in (("loss", loss), ("target", target), ("model", model)):
+        check_eval("influence", arg, fn)  # train-mode Dropout: random gradients and factors
     if curvature is None:
         # a replaced loss (not bridged): the Hessian of that loss, not G of module and loss_fn
         curvature = ("gauss_newton" if isinstance(loss, FunctionalModel)

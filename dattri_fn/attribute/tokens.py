@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel, check_bridged, default_unpack
 from ..operators.kfac_layers import _tied_uses
 from ..operators.kfac_tied import pooled_io, tied_group
 from ..transforms import capture
@@ -50,7 +50,8 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         test_features: ``p_j`` in the params' ravel layout.  # [n_test, P]
 
     Raises:
-        TypeError/ValueError: naming the argument: a parameter outside captured layers, layers
+        TypeError/ValueError: naming the argument: a replaced loss (``model._replace(loss=
+            ...)``: the scores are of module and loss_fn), a parameter outside captured layers, layers
             at different numbers of positions, features of another width, or summed token scores
             of the first ``min(B, 3)`` examples that are not their own gradients' scores (by
             autograd): layers whose positions mix examples (sequence-first where ``T == B``).
@@ -59,6 +60,7 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
     if not isinstance(model, FunctionalModel) or model.loss_fn is None:
         raise TypeError(_msg(func, "model", "a FunctionalModel with a loss_fn",
                              type(model).__name__))
+    check_bridged(func, "model", model)  # its layers are captured with module and loss_fn
     params = check_params(func, "params", params)
     if list(params) != list(model.params):
         raise ValueError(_msg(func, "params", f"the keys of model.params {list(model.params)}",

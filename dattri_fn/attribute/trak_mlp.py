@@ -43,14 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import default_unpack
+from ..model import bridge_of, default_unpack
 from ..transforms import mlp_io as _mlp_io
 from ..transforms.layer_grads import LayerPlan, PlanDecisions, decided_plan
 from ..transforms.layer_grads_paths import _assemble
 from ..transforms.layers_losses import summed_losses
 from ..transforms.mlp_io import ACTIVATIONS, mlp_chain
 from .outputs import _class_labels, _gather_labels, classification_margin_loss
-from .trak_pair import _captured
 
 
 def margin_io(plan: LayerPlan, params: dict, batch, losses: list | None = None,
@@ -125,23 +124,18 @@ def example_ok(plan: LayerPlan | None, fn, params: dict, batch) -> bool:
     if model is None or model.loss is not fn or type(batch) not in (tuple, list) \
             or len(batch) != 2 or not _mlp_io.plain_context():
         return False
-    # what the call reads is what its closure bound, not the model's fields: a replaced loss
-    # (fm._replace(loss=...)) may return anything (review RA H1, stop 26)
-    bound = _captured(fn, "loss")
-    if bound is None or bound.keys() != {"call", "loss_fn"} \
-            or bound["loss_fn"] is not classification_margin_loss:
+    # what the call reads is what its closure bound (its Bridge mark), not the model's fields:
+    # a replaced loss (fm._replace(loss=...)) may return anything (review RA H1, stop 26)
+    bound = bridge_of(fn)
+    if bound is None or bound.loss_fn is not classification_margin_loss \
+            or bound.module is not model.module or bound.unpack is not default_unpack \
+            or bound.ties or bound.shared or params.keys() != bound.expected \
+            or any(v.shape != bound.shapes[k] for k, v in params.items()):
         return False
-    call = _captured(bound["call"], "call")
-    if call is None or not {"module", "unpack", "expected", "shapes", "fixed", "ties",
-                            "shared"} <= call.keys() \
-            or call["module"] is not model.module or call["unpack"] is not default_unpack \
-            or call["ties"] or call["shared"] or params.keys() != call["expected"] \
-            or any(v.shape != call["shapes"][k] for k, v in params.items()):
-        return False
-    chain, fixed = mlp_chain(model.module), call["fixed"]
+    chain, fixed = mlp_chain(model.module), bound.fixed
     # a module edited after binding (a bias set to None): its strict call refuses the bound
     # names, so the chain must read exactly those (review RA L1)
-    if chain is None or _chain_names(model.module, chain) != fixed.keys() | call["expected"]:
+    if chain is None or _chain_names(model.module, chain) != fixed.keys() | bound.expected:
         return False
     x, y = batch
     weights = _mlp_io.chain_weights(chain, {**fixed, **params}, x, y, frozen=True)

@@ -113,7 +113,10 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
     The fast path is chosen here (module docstring): factored for Linear-only models, the
     closed-form softmax cross-entropy Hessian, merged batches; a model outside the factored
     limits gets autodiff after one ``RuntimeWarning`` per params selection, naming why (see
-    :func:`~dattri_fn.operators.linear_curvature.linear_gnvp`).
+    :func:`~dattri_fn.operators.linear_curvature.linear_gnvp`). An attributed
+    ``nn.Embedding(padding_idx=...)`` weight that another module holds too, or whose padding row
+    a vjp on the first two examples moves (a tied head), silently takes the reverse-only
+    :func:`~dattri_fn.operators.curvature.batch_gnvp` (the same operator, one forward per batch).
 
     Args:
         fm: a :class:`~dattri_fn.model.FunctionalModel` with a ``loss_fn`` (a batch loss such as

@@ -57,7 +57,8 @@ def _random_error(func: str, err: RuntimeError) -> Exception | None:
     return ValueError(f"{func}(randomness=...): expected randomness='different' (one draw per "
                       f"example) or 'same' (one draw shared by the batch) for a loss that samples "
                       f"(dropout...), got 'error' ({err}). Pass seed= too for the same draws on "
-                      f"every call.")
+                      f"every call; for a module left in training mode with Dropout, call "
+                      f"module.eval() instead (deterministic gradients).")
 
 
 def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,

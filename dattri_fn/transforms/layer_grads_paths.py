@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 from .._checks import batch_size
 from .._types import Batch, Params
-from ..model import FunctionalModel, default_unpack
+from ..model import FunctionalModel, default_unpack, target_dtype_error
 from ..tree import ravel_batched
 from .factored_grads import LayerGrads, _concat, _embedding_rows, _Lazy
 from .grad import per_sample_grad_unchecked
@@ -123,7 +123,16 @@ def _row_losses(model: FunctionalModel, params: Params, batch: Batch, ties: bool
         args, kwargs, target = unpack(batch_slice(batch, i, i + 1))
         out = call_module(model.module, {**model.fixed, **live}, args, kwargs,
                           tie_weights=ties)
-        losses.append(model.loss_fn(out) if target is None else model.loss_fn(out, target))
+        if target is None:
+            losses.append(model.loss_fn(out))
+            continue
+        try:  # free unless it raises: the first call on a method's data (the plan check)
+            losses.append(model.loss_fn(out, target))
+        except RuntimeError as err:
+            clear = target_dtype_error(model.loss_fn, out, target, err)
+            if clear is None:
+                raise
+            raise clear from err
     return lives, losses
 
 

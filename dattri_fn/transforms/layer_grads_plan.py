@@ -4,6 +4,8 @@ model's plan captures (:func:`layer_plan`), and what a check decided about them,
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -92,10 +94,20 @@ class LayerPlan(NamedTuple):
         return tuple(self.tapped.layers)
 
 
-UNBRIDGED = ("layer_plan(model=...): the FunctionalModel's loss is not the one functional_model "
-             "built for its module and loss_fn (replaced with _replace, or the FunctionalModel deep-"
-             "copied: its loss still reads the original module): per-example gradients are computed "
-             "densely by vmap(grad) of its loss.")
+UNBRIDGED = ("layer_plan(model=...): the FunctionalModel's loss ({loss}) is not the one "
+             "functional_model built for its module, loss_fn and fixed tensors (replaced with "
+             "_replace, or the FunctionalModel deep-copied: its loss still reads the original "
+             "module): per-example gradients are computed densely by vmap(grad) of its loss.")
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` (from the function calling this) of the first frame
+    outside the ``dattri_fn`` package: the user's own call, however deep the library's path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def layer_plan(model: FunctionalModel) -> LayerPlan | None:
@@ -121,7 +133,12 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if not bridged(model):
         # the capture differentiates module with loss_fn: for another loss it would attribute
         # the wrong function, silently (issue 14)
-        warnings.warn(UNBRIDGED, stacklevel=2)
+        # the loss named and located in the text: Python's default filter shows a text once
+        # per call site, and a second replaced model must be warned too (review RG L3)
+        loss = model.loss
+        name = getattr(loss, "__qualname__", type(loss).__name__)
+        warnings.warn(UNBRIDGED.format(loss=f"{name} at {id(loss):#x}"),
+                      stacklevel=user_stacklevel())
         return None
     return _plan_of(model, attributed_layers(model.module, model.params))
 
