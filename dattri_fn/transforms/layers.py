@@ -149,8 +149,8 @@ def module_state(func: str, module: nn.Module, params) -> dict[str, Tensor]:
         raise ValueError(_msg(func, "params", "the module's parameter shapes",
                               "; ".join(shape)))
     state = {k: v.detach() for k, v in module.named_buffers()}
-    state.update({k: v.detach() for k, v in own.items()})
-    state.update(params)
+    # (a parameter that params overrides is not detached first: the same keys, in the same order)
+    state.update({k: params[k] if k in params else v.detach() for k, v in own.items()})
     return state
 
 
