@@ -76,10 +76,11 @@ def loss_and_plan(func: str, arg: str, fn):
     A FunctionalModel's Linear layers get a plan (:func:`~dattri_fn.transforms.layer_grads.layer_plan`):
     their per-example gradients then come from one batched backward instead of ``vmap(grad)``.
     """
-    from ..model import FunctionalModel
+    from ..model import FunctionalModel, check_eval
     from ..transforms.layer_grads import layer_plan
 
     if isinstance(fn, FunctionalModel):
+        check_eval(func, arg, fn)  # train-mode Dropout: random gradients (review RU M3)
         if fn.loss_fn is None:
             raise ValueError(f"{func}({arg}=...): expected a FunctionalModel built with a "
                              f"loss_fn, got loss_fn=None.")

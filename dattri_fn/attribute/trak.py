@@ -35,7 +35,7 @@ from .._checks import (
     regrouped,
 )
 from .._types import Params
-from ..model import FunctionalModel, batched_loss
+from ..model import FunctionalModel, batched_loss, check_eval
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import decided_plan, layer_plan
@@ -206,6 +206,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
     # the margin and its weight bridged from one module: an example the margin accepts, the
     # weight accepts too (below), so the boundary calls only the margin on it
     weight_checked = _weight_follows(output_fn, weight_fn)
+    check_eval(name, "output_fn", output_fn)  # train-mode Dropout: random gradients
+    check_eval(name, "weight_fn", weight_fn)
     if isinstance(output_fn, FunctionalModel):
         if output_fn.loss_fn is None:
             raise ValueError(_msg(name, "output_fn", "a FunctionalModel built with a loss_fn "
