@@ -343,7 +343,7 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
 
     def add_gram(phi: Tensor) -> None:
         for blk, s, e in blocks:
-            p = phi[:, s:e]
+            p = phi if e - s == phi.shape[1] else phi[:, s:e]  # one block: no slice op
             gram = p.mT @ p
             grams[blk] = gram if grams[blk] is None else grams[blk] + gram
 

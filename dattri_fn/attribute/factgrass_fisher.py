@@ -54,7 +54,9 @@ def _inverses(func: str, grams: dict, blocks: tuple, n: int, damping: float | No
             raise ValueError(_msg(func, "damping", "a positive damping (or None) where "
                                   f"block {bad[0]!r}'s Fisher is singular",
                                   f"damping={damping}"))
-        inv = torch.cholesky_inverse(L).to(dtype)
+        inv = torch.cholesky_inverse(L)
+        if inv.dtype != dtype:  # (a dispatched .to costs an op even where it is a no-op)
+            inv = inv.to(dtype)
         inverses.update(zip(names, inv.unbind(), strict=True))
     return inverses
 

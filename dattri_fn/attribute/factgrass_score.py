@@ -144,7 +144,9 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
                                             test, device=device, func=func, arg="test"))
     if state.train_features is not None:
         check_cached_train(func, train, state.train_features.shape[0], read=False)
-        feats = state.train_features.to(device)
+        feats = state.train_features
+        if feats.device != device:  # (a dispatched .to is an op even where it is a no-op)
+            feats = feats.to(device)
         if top_k is None and feats.dtype == test_pre.dtype:
             # the whole [n_train, n_test] is returned anyway: one product, no block copies
             return feats @ test_pre.T
