@@ -43,7 +43,7 @@ def capture_row_bytes(batch, weights: Iterable[Tensor]) -> int:
             ``Conv1D``'s ``[in, out]``: each counts ``shape[0] + numel / shape[0]``).
     """
     leaves = batch_leaves(batch)
-    per_row = sum(t[0].numel() for t in leaves) if leaves and leaves[0].ndim else 1
+    per_row = sum(t.shape[1:].numel() for t in leaves) if leaves and leaves[0].ndim else 1
     widths, itemsize = 0, 4
     for w in weights:
         widths += w.shape[0] + w.numel() // max(w.shape[0], 1)
