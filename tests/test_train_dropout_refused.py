@@ -33,3 +33,11 @@ def test_eval_mode_is_accepted():
     fm = _train_mode_dropout()
     fm.module.eval()
     trak(fm, proj_dim=4), less(fm), dvemb(fm)
+
+
+@pytest.mark.parametrize("name", ["logra", "factgrass"])
+def test_train_mode_dropout_refused_by_projected_methods(name):
+    """Mutation: the check_eval call of logra / factgrass removed -> no ValueError."""
+    import dattri_fn.attribute as attribute
+    with pytest.raises(ValueError, match=rf"^{name}\(model=\.\.\.\): expected a module in eval mode"):
+        getattr(attribute, name)(_train_mode_dropout(), proj_dim=4)

@@ -43,7 +43,7 @@ from .._checks import (
     iter_batches,
     regrouped,
 )
-from ..model import FunctionalModel, check_bridged
+from ..model import FunctionalModel, check_bridged, check_eval
 from ..operators.gauss_newton import memory_budget
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import (
@@ -229,6 +229,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         raise ValueError(_msg(name, "model", "a FunctionalModel built with a loss_fn",
                               "loss_fn=None"))
     check_bridged(name, "model", model)  # its layers are captured with module and loss_fn
+    check_eval(name, "model", model)  # train-mode Dropout: random gradients and factors
     check_int(name, "proj_dim", proj_dim, minimum=1)
     check_int(name, "blowup", blowup, minimum=1)
     check_optional_int(name, "mask_dim", mask_dim)

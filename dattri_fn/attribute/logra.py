@@ -48,7 +48,7 @@ from .._checks import (
     refuse_ambiguous_list,
     regrouped,
 )
-from ..model import FunctionalModel, check_bridged, default_unpack
+from ..model import FunctionalModel, check_bridged, check_eval, default_unpack
 from ..operators.gauss_newton import memory_budget
 from ..operators.kfac import _kfac_specs
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
@@ -169,6 +169,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         raise ValueError(_msg(name, "model", "a FunctionalModel built with a loss_fn",
                               "loss_fn=None"))
     check_bridged(name, "model", model)  # its layers are captured with module and loss_fn
+    check_eval(name, "model", model)  # train-mode Dropout: random gradients and factors
     k_in, k_out = (proj_dim, proj_dim) if not isinstance(proj_dim, tuple) else proj_dim
     for k, arg in ((k_in, "proj_dim"), (k_out, "proj_dim")):
         check_optional_int(name, arg, k)
