@@ -53,6 +53,7 @@ from ..operators.gauss_newton import memory_budget
 from ..operators.kfac import _kfac_specs
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
+from ..transforms.padding import Positions
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
@@ -300,6 +301,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         # features; while every layer is in it, the cache holds these factors, not the features
         factors: dict = {}
         feats = _Gather(total)  # the features, once a layer has T > 1 (cache_features)
+        positions = Positions(func)  # A' counts each example's real positions only
         for batch in passes():
             if not merged:  # merged_passes checked each batch it merged
                 batch_size(func, "train", batch)
@@ -314,6 +316,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
                         factors = {ln: (_Gather(total), _Gather(total)) for ln in layers}
                 else:
                     io = raw(st, layers, batch)
+            positions.start(batch)
             held[0] = -(-(in_bytes + sum(a.nbytes + g.nbytes for a, g in io.values())) // max(b, 1))
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
@@ -322,7 +325,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             batch = None
             _accumulate(io, n, A, G, factors, feats, len(layers), cache_features,
                         {ln: projections[ln][0] is None and specs[ln].bias not in model.params
-                         for ln in io})
+                         for ln in io}, positions)
             n += b
         if layers is None:
             raise ValueError(_msg(func, "train", "at least one batch", "an empty iterable"))

@@ -21,6 +21,14 @@ over them, so that ``A (x) G = T * E_tok[a a^T] (x) E_tok[g g^T]``, the dense Fi
 cross-token terms dropped; for ``T = 1`` this is the usual K-FAC. The ``Lambda`` of EK-FAC does
 not depend on this choice (only the eigenvectors of ``A`` and ``G`` enter).
 
+Padding: in a Mapping batch with an ``attention_mask`` (zero at pads, the Hugging Face convention)
+``T`` is each example's count ``T_n`` of real positions and ``A`` sums over those only,
+``A = (1/N) sum_n (1/T_n) sum_{t real} a_nt a_nt^T`` (:mod:`dattri_fn.transforms.padding`), what
+the example gives unpadded; ``g`` is zero at positions the loss ignores (labels -100), so
+factors and scores do not depend on right or per-batch padding. (kronfluence and dattri divide
+one sum over all real tokens by their total count instead: the same when every example has as
+many real tokens.)
+
 Which Fisher (``fisher=``): ``g`` of the observed targets (empirical), of one target drawn per
 example from the model (true, kronfluence's default), or the exact expectation over the model's
 outputs (expected: ``sum_k g_k g_k^T`` over the columns ``b_k`` of ``H = B B^T``, the output

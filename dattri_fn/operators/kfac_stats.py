@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._checks import _msg, batch_size, check_optional_int, regroup
 from ..transforms import capture
 from ..transforms.layers import _stream_layer_io
+from ..transforms.padding import Positions, real_gram
 from .kfac_check import Rows, mismatched
 from .kfac_diag import diagonal_sums, warn_outside
 from .kfac_fisher import _expected_io, _ExpectedLoss, fisher_losses
@@ -92,13 +93,15 @@ def _tokens(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
 
 
 def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=None,
-            on_input=None, pooled=None, rows: Rows | None = None):
+            on_input=None, pooled=None, rows: Rows | None = None,
+            positions: Positions | None = None):
     """Run ``step(layer, a, g)`` on every batch; return the number of examples seen.
 
     Each layer's step runs as its ``g`` arrives in the backward pass
     (:func:`~dattri_fn.transforms.layers.streamed_io`), so the layers' gradients are never all
     held at once. ``pooled(group, parts)``: a tied group's step (:func:`.kfac_tied.tied_steps`).
-    ``rows``: receives the first batch (:mod:`.kfac_check`).
+    ``rows``: receives the first batch (:mod:`.kfac_check`). ``positions``: started at every
+    batch (its padding, :mod:`dattri_fn.transforms.padding`).
     """
     n = 0
     stream = _expected_io if isinstance(loss_fn, _ExpectedLoss) else _stream_layer_io
@@ -108,6 +111,8 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
         if rows is not None and rows.first is None:
             rows.first = batch
         n += batch_size(func, "data", batch)
+        if positions is not None:
+            positions.start(batch)
         stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
     if n == 0:
         raise ValueError(_msg(func, "data", "at least one batch", "no batches"))
@@ -119,6 +124,7 @@ def _transposed(tapped) -> tuple[str, ...]:
 
 
 _HELD_ENTRIES = 2**22
+_TAKE = object()  # on_input's mask: the batch's, as the layer's rows take it
 
 
 def _own(t: Tensor) -> Tensor:
@@ -165,16 +171,21 @@ def _kfac_sums(func, state, names, param_names, batches, tapped, loss_fn, chunk_
 
     # A is taken from each layer's input right after the forward, G as each g arrives in the
     # backward: no layer input is held through the backward pass (unless ``held`` asks).
-    def on_input(layer, a):
+    def on_input(layer, a, real=_TAKE):
         if rows is not None:
             rows.on_input(layer, a)
         if held is not None and hold(a):
             inputs.setdefault(layer, []).append(_own(a))
         a = a.reshape(a.shape[0], -1, a.shape[-1])
-        if bias[layer]:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        a2 = a.reshape(-1, a.shape[-1])
-        dA = (a2.T @ a2).div_(a.shape[1])  # scaled after the product: no [B, T, in] copy
+        if real is _TAKE:
+            real = positions.take(layer, a)
+        if real is not None:
+            dA = real_gram(a, real, bias[layer])
+        else:
+            if bias[layer]:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            a2 = a.reshape(-1, a.shape[-1])
+            dA = (a2.T @ a2).div_(a.shape[1])  # scaled after the product: no [B, T, in] copy
         if layer in A:
             A[layer] += dA
         else:
@@ -195,12 +206,17 @@ def _kfac_sums(func, state, names, param_names, batches, tapped, loss_fn, chunk_
     def pooled(group, parts):  # a tied group: G's one-hot share is diag(token counts)
         if rows is not None:
             rows.on_pooled(group, parts)
-        on_input(group, parts.ins())
+        a_p, T = parts.ins(), parts.h.shape[1]
+        real = positions.take(group, a_p, (T, parts.u.shape[1]))
+        if real is not None:  # a pad's one-hot "out" is not counted in G (its u is 0)
+            parts = parts._replace(ids=parts.ids.masked_fill(~real[:, T:], -1))
+        on_input(group, a_p, real)
         dG = parts.gram()
         G[group] = dG if group not in G else G[group].add_(dG)
 
+    positions = Positions(func)
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
-                pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows)
+                pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows, positions)
     _fill_unreached(func, tapped, names, A, G)
     return A, G, n
 
@@ -213,6 +229,9 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                  sampler: Callable | None = None, reduce: Callable | None = None,
                  dtype: torch.dtype | None = None, others: str | None = None) -> KFACFactors:
     """Return K-FAC factors ``A = E[(1/T) sum_t a a^T]``, ``G = E[sum_t g g^T]`` per Linear layer.
+
+    ``T``: the example's positions; in a batch with an ``attention_mask``, its real ones only
+    (:mod:`dattri_fn.transforms.padding`: pads do not enter ``A``).
 
     One pass over ``data``, accumulating running sums batch by batch (activations are never
     held beyond one batch). ``a`` is augmented to ``[a, 1]`` for layers whose bias is in
