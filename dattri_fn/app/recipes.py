@@ -212,15 +212,17 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
 
 
 # Test targets per vmapped vjp in recipe("magic"/"magic-ens"), by task (absent: all at once).
-# digits-cnn: stop 20 chose 10 over all 50 at once (the [50 x 64]-image batched activations
-# overflow the cache). Stop 26 (benchmarks.magic_chunks: one step's pullback, settings
-# interleaved, 30-40 rounds, median per-round ratio to chunks of 10, A/A 0.97-1.01): 4-8 are
-# 1.07-1.40; 13-20 are 0.88-1.03; 25 is bimodal with the shared cache's state: 0.86-0.87 in two
-# runs (load 5.5-5.8), 1.29-1.54 in two others (load 3.5-3.7), and full 3-run recipes 25 vs 10
-# were 104.6 / 145.4 then 127.1 / 108.7 CPU-s (scores torch.equal). 10 stays: the robust one.
-# On digits-lr/mlp chunks of 4-25 were slower (per-call overhead); on text-lm no chunking beat
-# noise (stop 20, 16 targets: chunks of 4 1,149-1,186 ms, of 8 1,071-1,258, all 1,135-1,168).
-MAGIC_CHUNKS = {"digits-cnn": 10}
+# digits-cnn: chunks of 10 from stop 20 to 26 (all 50 at once was 1.01-1.26x, 25 bimodal,
+# blamed on the cache); stop 27 found the cause in glibc's malloc thresholds: at the few MiB a
+# small run leaves them, a reverse step's freed temporaries go back to the kernel and are faulted
+# in again (~10k minor faults a step; larger chunks, larger temporaries). With metagradient's
+# _raise_malloc_thresholds (~0 faults) one step's pullback, interleaved (benchmarks.magic_chunks,
+# 30-40 rounds, median per-round ratio to chunks of 10, A/A 0.99): all at once 0.848 / 0.855,
+# 25 0.873 / 0.878, 17 0.896 / 0.919; without it, all at once 1.244. The 3-run recipe, prepare +
+# score (benchmarks.magic_heap --full against the stop-26 tree, processes alternated): 97.2 / 90.6
+# against 153.5 / 127.4 CPU-s, scores torch.equal. On digits-lr/mlp chunks of 4-25 were slower
+# (per-call overhead); on text-lm no chunking beat noise (stop 20).
+MAGIC_CHUNKS: dict[str, int] = {}
 
 # recipe("magic-ens")'s runs by task (absent: every model given) and every MAGIC recipe's early
 # exit by task (absent: EARLY_EXIT), stop 26, benchmarks/magic_config.py: the cheapest setting
