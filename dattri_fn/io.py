@@ -122,6 +122,40 @@ def _decode(obj):
     return obj
 
 
+def _unsaveable(obj, where: str = "obj") -> str | None:
+    """The path of the first LinOp, lambda or local function/class inside ``obj`` (closures
+    ``torch.save`` cannot pickle), or None."""
+    from ._types import LinOp
+
+    if _is_namedtuple(obj):
+        items = [(f"{where}.{f}", getattr(obj, f)) for f in type(obj)._fields]
+    elif isinstance(obj, dict):
+        items = [(f"{where}[{k!r}]", v) for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+    else:  # module-level functions and classes pickle by name: only local ones are refused
+        local = any(m in getattr(t, "__qualname__", "") for t in (obj, type(obj))
+                    for m in ("<locals>", "<lambda>"))
+        return where if isinstance(obj, LinOp) or (callable(obj) and local) else None
+    return next((bad for w, v in items if (bad := _unsaveable(v, w)) is not None), None)
+
+
+def _check_saveable(obj) -> None:
+    from .attribute.influence_config import InfluenceEnsembleState, InfluenceState
+
+    where = _unsaveable(obj)
+    if where is None:
+        return
+    fix = ("Save state.factors (tensors: eigenpairs, a Cholesky factor, K-FAC/EK-FAC factors) "
+           "instead; prepare(params, factors) rebuilds a kfac/ekfac state from them, other "
+           "solvers run prepare again." if isinstance(obj, (InfluenceState,
+                                                            InfluenceEnsembleState))
+           else "Save the tensors it was built from instead.")
+    raise TypeError(_msg("save", "obj", "tensors, numbers, strings, None and NamedTuples / "
+                         "dicts / lists / tuples of them", f"a {type(obj).__name__} holding "
+                         f"an operator or function at {where} (closures do not pickle)", fix))
+
+
 def save(obj: Any, path: str | os.PathLike) -> Path:
     """Return the path after writing ``obj`` there atomically (temp file, fsync, ``os.replace``).
 
@@ -137,12 +171,15 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
         The target path as a :class:`pathlib.Path`.
 
     Raises:
-        TypeError: ``path`` is not a str or PathLike.
+        TypeError: ``path`` is not a str or PathLike, or ``obj`` holds a function or a LinOp
+            (an ``InfluenceState``'s ``ihvp``: save its ``factors``), checked before any file
+            is made.
         Whatever ``torch.save`` raises; the temporary file is removed and an existing file at
         ``path`` is left as it was.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_msg("save", "path", "a str or os.PathLike", type(path).__name__))
+    _check_saveable(obj)  # before any file or directory is made
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_clean = _remove_stale_tmps(path)
@@ -179,7 +216,9 @@ def atomic_path(path: str | os.PathLike):
     so a killed writer's leftover is removed by the next save, load or :func:`clean_temps`.
 
     Raises:
-        TypeError: ``path`` is not a str or PathLike.
+        TypeError: ``path`` is not a str or PathLike, or ``obj`` holds a function or a LinOp
+            (an ``InfluenceState``'s ``ihvp``: save its ``factors``), checked before any file
+            is made.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_msg("atomic_path", "path", "a str or os.PathLike", type(path).__name__))
@@ -348,7 +387,9 @@ def load(path: str | os.PathLike, *, map_location=None, weights_only: bool = Tru
         The saved object.
 
     Raises:
-        TypeError: ``path`` is not a str or PathLike.
+        TypeError: ``path`` is not a str or PathLike, or ``obj`` holds a function or a LinOp
+            (an ``InfluenceState``'s ``ihvp``: save its ``factors``), checked before any file
+            is made.
         FileNotFoundError: nothing at ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):

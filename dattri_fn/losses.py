@@ -10,8 +10,9 @@ Samplers draw targets from the model's own predictive distribution, for the TRUE
 (``E_{y ~ p(y|x)}[g g^T]``, kronfluence's default) instead of the empirical one: a sampler is
 ``sample(output, target, generator) -> target'`` on a whole batch, outside any torch.func
 transform, with an explicit ``torch.Generator``. :func:`sample_categorical` serves logits
-``[B, K]``; ``causal_lm_loss.sample`` and ``causal_lm_mean_loss.sample`` draw every kept next
-token.
+``[B, K]`` with class labels ``[B]``, :func:`sample_bernoulli` one-logit binary cross-entropy
+(float labels of the logits' shape); ``causal_lm_loss.sample`` and ``causal_lm_mean_loss.sample``
+draw every kept next token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 from ._checks import _msg
 
 __all__ = ["causal_lm_loss", "causal_lm_margin", "causal_lm_margin_weight", "causal_lm_mean_loss",
-           "sample_categorical"]
+           "sample_bernoulli", "sample_categorical"]
 
 
 def _logits(output, func: str) -> Tensor:
@@ -149,7 +150,34 @@ def sample_categorical(output, target, generator: torch.Generator) -> Tensor:
         got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(_msg("sample_categorical", "output", "logits [B, K] (pass a sampler "
                               "for other outputs)", got))
+    # the drawn classes replace target: float or [B, K] targets are not class labels, and
+    # the loss would broadcast the classes against them (regression read as logits, RU2 H2)
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()
+                                       or target.dtype == torch.bool
+                                       or target.shape != logits.shape[:1]):
+        raise ValueError(_msg("sample_categorical", "target", f"integer class labels "
+                              f"{list(logits.shape[:1])} (the classes it draws replace them)",
+                              f"{target.dtype} {list(target.shape)}", "Pass a sampler that "
+                              "draws this loss's targets, or fisher='empirical'."))
     return _draw(logits, generator)
+
+
+def sample_bernoulli(output, target, generator: torch.Generator) -> Tensor:
+    """Return labels ``y ~ Bernoulli(sigmoid(logits))`` elementwise, for the true Fisher of
+    ``F.binary_cross_entropy_with_logits``.  # [B, ...] -> [B, ...] in target's dtype
+
+    ``output``: logits or an output with ``.logits``; ``target``: the float labels it replaces.
+    """
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor) \
+            or target.shape != logits.shape or not target.is_floating_point():
+        got = (f"{target.dtype} {list(target.shape)}" if isinstance(target, Tensor)
+               else type(target).__name__)
+        want = list(logits.shape) if isinstance(logits, Tensor) else "the output's shape"
+        raise ValueError(_msg("sample_bernoulli", "target", f"float labels {want}", got))
+    probs = logits.detach().float().sigmoid().to(generator.device)
+    return torch.bernoulli(probs, generator=generator).to(device=logits.device,
+                                                          dtype=target.dtype)
 
 
 def _sample_next_tokens(output, labels: Tensor, generator: torch.Generator) -> Tensor:

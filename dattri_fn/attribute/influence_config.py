@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -106,11 +107,11 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         raise ValueError(f"influence(solver=...): expected one of {list(SOLVERS)} or a "
                          f"dattri_fn.solvers value, got {solver!r}.")
     solver_options = dict(solver_options)
-    if solver == "lissa" and solver_options.get("scale") is None:
-        raise ValueError("influence(scale=...): expected a float above the largest eigenvalue "
-                         "of the damped curvature (LiSSA's step is 1/scale), got None.")
+    _check_required(solver, solver_options)
     if solver == "lissa":  # refused here, not later as ihvp_lissa(scale=...) (review RH L2)
         check_positive("influence", "scale", solver_options["scale"])
+    if solver == "arnoldi":
+        check_int("influence", "rank", solver_options["rank"])
     query_rank = solver_options.pop("query_rank", None)
     if query_rank is not None:
         check_int("influence", "query_rank", query_rank)
@@ -203,6 +204,8 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         if "query_rank" in precondition_options:
             raise ValueError("influence(M=...): expected factor settings only, got query_rank "
                              "(a scoring option) in the preconditioner.")
+    _check_fisher(model, solver_options if solver in ("kfac", "ekfac") else {})
+    _check_fisher(model, precondition_options if precondition in ("kfac", "ekfac") else {})
     force_sketch = precondition == "nystrom" and solver == "cg"
     if force_sketch:  # built by _sketched_cg from the curvature, named as this method
         precondition = None
@@ -229,6 +232,43 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         score_dtype=score_dtype,
         sketch="always" if force_sketch else "auto" if auto_sketch else None,
         precondition=precondition, precondition_options=precondition_options)
+
+
+_REQUIRED = {"scale": "a float above the largest eigenvalue of the damped curvature (LiSSA's "
+                      "step is 1/scale)",
+             "rank": "a positive int (the number of top eigenpairs Arnoldi keeps)"}
+
+
+def _inverse_fn(solver: str) -> Callable:
+    from .. import solve
+    from ..operators import datainf, kfac
+
+    return {"explicit": solve.ihvp_explicit, "cg": solve.ihvp_cg, "minres": solve.ihvp_minres,
+            "lissa": solve.ihvp_lissa, "arnoldi": solve.ihvp_arnoldi,
+            "datainf": datainf.ihvp_datainf, "kfac": kfac.ihvp_kfac,
+            "ekfac": kfac.ihvp_ekfac}[solver]
+
+
+def _check_required(solver: str, options: dict) -> None:
+    """Refuse at construction every keyword option the solver's inverse requires and that
+    ``prepare`` does not pass itself (arnoldi's ``rank`` raised a raw TypeError there: RU2 M1)."""
+    for name, p in inspect.signature(_inverse_fn(solver)).parameters.items():
+        if p.kind is p.KEYWORD_ONLY and p.default is p.empty and name != "damping" \
+                and options.get(name) is None:
+            raise ValueError(f"influence({name}=...): expected "
+                             f"{_REQUIRED.get(name, 'a value')} with solver={solver!r} (or pass "
+                             f"solver=dattri_fn.solvers.{solver}(...)), got None.")
+
+
+def _check_fisher(model: FunctionalModel | None, options: dict) -> None:
+    """Refuse the factors' ``fisher``/``seed``/``sampler`` here, not at ``prepare`` under the
+    factor builder's name (``fisher='true'`` on a loss with no known sampler: RU2 H2)."""
+    if model is None or model.loss_fn is None or "fisher" not in options:
+        return
+    from ..operators.kfac_fisher import fisher_losses
+
+    fisher_losses("influence", model.loss_fn, options["fisher"], options.get("seed", 0),
+                  options.get("sampler"))
 
 
 def checkpoints(name: str, params) -> list[Params] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .._checks import (
     _msg,
@@ -28,7 +29,7 @@ from .._checks import (
 from .._types import LinOp, Loss, Params
 from ..model import FunctionalModel, batched_loss, default_unpack
 from ..operators import kfac
-from ..operators.curvature import cross_entropy_out_hessian, fvp, hvp
+from ..operators.curvature import cross_entropy_out_hessian, fvp, gram, hvp
 from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian, linear_tap
 from ..operators.linear_gauss_newton import FactoredOperator
 from ..operators.linear_glm import restricted
@@ -48,7 +49,19 @@ from .pipeline import collect
 
 
 def _concat(train, func: str = "influence") -> Any:
-    return batch_cat(list(iter_batches(func, "train", train)))
+    batches = list(iter_batches(func, "train", train))
+    try:
+        return batch_cat(batches)
+    except (RuntimeError, TypeError, KeyError, IndexError) as err:
+        # e.g. dynamic padding: the examples are fine, their batches differ in length (RU2 M3)
+        shapes = list(dict.fromkeys(str(tree_map(lambda t: list(t.shape) if isinstance(
+            t, torch.Tensor) else t, b)) for b in batches))
+        raise ValueError(_msg(func, "train", "batches that concatenate along the first dim "
+                              "(LiSSA draws its mini-batches from all training examples at "
+                              "once)", f"batches of different layouts or trailing shapes: "
+                              f"{'; '.join(shapes[:3])}", "Pad every batch to one length "
+                              "(attention_mask 0, labels -100), or use solver 'cg', "
+                              "'explicit' or 'arnoldi', which take such batches.")) from err
 
 
 def _independent(model: FunctionalModel) -> bool:
@@ -183,6 +196,8 @@ def curvature_op(cfg: InfluenceConfig, params: Params, train, tapped) -> LinOp:
         first = peek(iter_batches(cfg.name, "train", train))
         return hvp(cfg.train_fn, params, train, chunk_size=cfg.chunk_size, batch_rows=cfg.rows,
                    batched=batched_for(cfg, params, first))
+    if cfg.plan is not None:  # the plan's rows: its per-example loop where vmap cannot run
+        return gram(grads(cfg, params), params, train, batch_rows=cfg.rows, func="fvp")
     return fvp(cfg.train_fn, params, train, chunk_size=cfg.chunk_size, batch_rows=cfg.rows)
 
 

@@ -10,14 +10,17 @@ memory per call grows like ``k x batch_rows x`` (activations of one example).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .._checks import (
+    _msg,
     batch_leaves,
     batch_size,
     batch_to,
@@ -48,6 +51,22 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
     return batches, flat0, unravel
 
 
+def _layout(batch) -> tuple:
+    leaves, spec = tree_flatten(batch)
+    return spec, tuple((t.shape[1:], t.dtype) if isinstance(t, Tensor) else None for t in leaves)
+
+
+def _regroup_runs(batches, rows: int | None, func: str):
+    """:func:`~dattri_fn._checks.regroup` within each run of consecutive batches of one layout
+    and trailing shapes: batches padded to different lengths (dynamic padding) are never
+    concatenated (RU2 M3); batches of one shape group exactly as before."""
+    if rows is None:
+        yield from batches
+        return
+    for _, run in itertools.groupby(batches, key=_layout):
+        yield from regroup(run, rows, func)
+
+
 def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches,
               batch_rows: int | None = None, seed: int | None = None):
     """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)`` (``seed``: every call
@@ -58,7 +77,7 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
         out = torch.zeros_like(V)
         n = 0
         with seeded(seed, device):
-            for batch in regroup(batches, batch_rows, func):
+            for batch in _regroup_runs(batches, batch_rows, func):
                 batch = batch_to(batch, device)
                 with blame_data(func, "data", batch):
                     out = out + per_batch(V, batch)
@@ -142,6 +161,11 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     grad_fn = torch.func.grad(batch_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        # as batch_gnvp: SDPA's fused CPU/GPU kernels have no second derivative (RU2 M4)
+        with sdpa_kernel(SDPBackend.MATH):
+            return _hvp_rows(V, batch)
+
+    def _hvp_rows(V: Tensor, batch: Batch) -> Tensor:
         if mode == "rev-rev" and randomness == "error" and \
                 torch._C._functorch.maybe_current_level() is None:
             return _plain_rev_rev(batch_loss, flat0, V, batch, chunk_size)
@@ -314,8 +338,7 @@ def batch_gnvp(model, params: Params, data, *, batch_rows: int | None = None) ->
             output (cross-entropy, ``causal_lm_loss``...).
         params, data, batch_rows: as in :func:`hvp`.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_unflatten
 
     from ..model import default_unpack
     from ..transforms.layers import per_example_losses
@@ -376,12 +399,34 @@ def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     batch is processed. ``chunk_size`` bounds the per-sample gradient ``vmap``; ``batch_rows``
     as in :func:`hvp`.
     """
-    batches, flat0, unravel = _prepare("fvp", params, data, chunk_size, batch_rows)
-    p = unravel(flat0)
+    flat0, unravel = ravel({k: v.detach() for k, v in params.items()})
+    p = unravel(flat0)  # the views fvp always differentiated (same bits as before RU2 M2)
+
+    def rows(batch: Batch) -> Tensor:
+        try:
+            return ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size,
+                                                           func="fvp"))
+        except RuntimeError as err:
+            if not str(err).startswith("vmap:"):
+                raise
+            raise ValueError(_msg("fvp", "loss", "a loss torch.func.vmap can run per example "
+                                  "(the empirical Fisher's rows)", f"vmap's refusal: "
+                                  f"{str(err)[:160]}...", "Pass the FunctionalModel itself "
+                                  "(e.g. influence(fm, curvature='fisher')): its layer plan "
+                                  "loops over examples where vmap cannot run.")) from err
+
+    return gram(rows, params, data, batch_rows=batch_rows, func="fvp", chunk_size=chunk_size)
+
+
+def gram(rows: Callable[[Batch], Tensor], params: Params, data, *,
+         batch_rows: int | None = None, func: str = "gram", chunk_size: int | None = None
+         ) -> LinOp:
+    """Return ``V -> (1/N) sum_i g_i g_i^T V`` from ``rows(batch) -> [B, P]`` gradients (the
+    empirical Fisher of :func:`fvp`, or of a layer plan's rows).  # [k, P] -> [k, P]"""
+    batches, flat0, _ = _prepare(func, params, data, chunk_size, batch_rows)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
-        G = ravel_batched(per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size,
-                                                     func="fvp"))
+        G = rows(batch)
         return (V @ G.T) @ G
 
-    return _streamed("fvp", per_batch, flat0, batches, batch_rows)
+    return _streamed(func, per_batch, flat0, batches, batch_rows)

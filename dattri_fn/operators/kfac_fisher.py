@@ -5,6 +5,7 @@ expectation over the model's outputs (see :mod:`dattri_fn.operators.kfac` for th
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +112,6 @@ def fisher_losses(func: str, loss_fn: Callable, fisher: str, seed: int,
     """Return ``() -> loss`` for one pass: ``loss_fn`` itself (empirical Fisher), a
     :class:`_SampledLoss` whose generator restarts at ``seed`` (true Fisher), or an
     :class:`_ExpectedLoss` (the exact expectation over the model's outputs)."""
-    from ..losses import sample_categorical
-
     if fisher not in ("empirical", "true", "expected"):
         raise ValueError(_msg(func, "fisher", "'empirical', 'true' or 'expected'", repr(fisher)))
     if fisher == "expected":
@@ -130,5 +129,33 @@ def fisher_losses(func: str, loss_fn: Callable, fisher: str, seed: int,
                              "-> target", type(sampler).__name__))
     if fisher == "empirical":
         return lambda: loss_fn
-    draw = sampler or getattr(loss_fn, "sample", None) or sample_categorical
+    draw = sampler or getattr(loss_fn, "sample", None) or _default_sampler(loss_fn)
+    if draw is None:  # classes drawn from a regression output would pass silently (RU2 H2)
+        raise ValueError(_msg(func, "sampler", "a sampler (output, target, generator) -> target "
+                              "with fisher='true' for this loss_fn (targets are drawn by default "
+                              "only for F.cross_entropy, nn.CrossEntropyLoss, cross_entropy_rows, "
+                              "F.binary_cross_entropy_with_logits, nn.BCEWithLogitsLoss and a "
+                              "loss with its own .sample)", f"None with loss_fn {_name(loss_fn)}",
+                              "Pass sampler=dattri_fn.losses.sample_categorical if the loss "
+                              "takes class labels and softmax logits, a sampler of your own "
+                              "otherwise, or fisher='empirical'."))
     return lambda: _SampledLoss(loss_fn, draw, seed)
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _default_sampler(loss_fn: Callable) -> Callable | None:
+    """The library's sampler for a loss it knows (softmax cross-entropy: classes; one-logit
+    binary cross-entropy: Bernoulli labels), else None."""
+    from ..losses import sample_bernoulli, sample_categorical
+    from ..transforms.layers import cross_entropy_rows
+
+    fn = loss_fn.func if isinstance(loss_fn, partial) and not loss_fn.args else loss_fn
+    if fn is F.cross_entropy or isinstance(fn, torch.nn.CrossEntropyLoss) \
+            or getattr(fn, "per_example", None) is cross_entropy_rows:
+        return sample_categorical
+    if fn is F.binary_cross_entropy_with_logits or isinstance(fn, torch.nn.BCEWithLogitsLoss):
+        return sample_bernoulli
+    return None
