@@ -9,10 +9,12 @@ ordinary batch losses (``F.cross_entropy``) work unchanged under ``vmap``.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from types import FunctionType
 from typing import Any, NamedTuple
 
 import torch
@@ -170,17 +172,22 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
             raise clear from err
 
     # what the closure reads, for :func:`bridged`: the capture engine differentiates the
-    # model's fields, not its ``loss``, so it must know the two agree
-    loss._bridge = Bridge(loss, module, loss_fn, unpack, fixed, expected, shapes, ties, shared)
+    # model's fields, not its ``loss``, so it must know the two agree. The mark holds no
+    # reference back to ``loss`` (a cycle would keep the module alive until a gc pass)
+    loss._bridge = Bridge(module, loss_fn, unpack, fixed, expected, shapes, ties, shared)
     return FunctionalModel(selected, loss, forward, fixed, module, loss_fn, unpack)
 
 
-class Bridge(NamedTuple):
-    """What :func:`functional_model`'s ``loss`` closure reads (its ``_bridge`` mark): ``loss``
-    itself (a ``functools.wraps`` copy of the mark names another function), the module, batch
-    loss, unpack and fixed tensors, the selected keys and shapes, and the two call decisions."""
+# the code of functional_model's ``loss`` closure: every model's loss runs it
+_LOSS_CODE = next(c for c in functional_model.__code__.co_consts
+                  if getattr(c, "co_name", None) == "loss")
 
-    loss: Callable
+
+class Bridge(NamedTuple):
+    """What :func:`functional_model`'s ``loss`` closure reads (its ``_bridge`` mark): the
+    module, batch loss, unpack and fixed tensors, the selected keys and shapes, and the two
+    call decisions."""
+
     module: nn.Module
     loss_fn: Callable | None
     unpack: Callable
@@ -195,12 +202,36 @@ def bridge_of(loss) -> Bridge | None:
     """The :class:`Bridge` of :func:`functional_model`'s own ``loss`` closure; None for any
     other function (a replaced loss, a wrapper that copied its ``__dict__``)."""
     bound = getattr(loss, "_bridge", None)
-    return bound if isinstance(bound, Bridge) and bound.loss is loss else None
+    if not isinstance(bound, Bridge):
+        return None
+    # the closure's own code (equal, not identical, after a cloudpickle round trip); a
+    # functools.wraps copy of the mark runs other code or names what it wraps
+    code = loss.__code__ if isinstance(loss, FunctionType) else None
+    if (code is not _LOSS_CODE and code != _LOSS_CODE) or "__wrapped__" in loss.__dict__:
+        return None
+    return bound
+
+
+def marked_module(fn) -> nn.Module | None:
+    """The module of the ``_bridge`` mark on ``fn`` or on what it wraps (``__wrapped__``), even
+    where ``fn`` is not :func:`functional_model`'s own loss: for decisions that are right either
+    way (hvp's rev-rev for padding rows)."""
+    for f in (fn, inspect.unwrap(fn) if callable(fn) else fn):
+        bound = getattr(f, "_bridge", None)
+        if isinstance(bound, Bridge):
+            return bound.module
+    return None
+
+
+# tensors whose data pointer is their values' (not a subclass's wrapper): a module's own
+# nn.Parameter is one (review RF L2)
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def same_storage(a: Params, b: Params) -> bool:
     """Whether two dicts hold, key by key, the same tensors or views of one storage
-    with equal data pointer, shape, stride, dtype and device (plain strided tensors only)."""
+    with equal data pointer, shape, stride, dtype and device (plain strided tensors and
+    ``nn.Parameter`` only)."""
     if a is b:
         return True
     if a.keys() != b.keys():  # the closure reads ``{**fixed, **params}``: order is free
@@ -209,7 +240,7 @@ def same_storage(a: Params, b: Params) -> bool:
         y = b[k]
         if x is y:
             continue
-        if not (type(x) is type(y) is Tensor and x.layout == y.layout == torch.strided):
+        if not (type(x) in _PLAIN and type(y) in _PLAIN and x.layout == y.layout == torch.strided):
             return False
         if (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device) != \
                 (y.data_ptr(), y.shape, y.stride(), y.dtype, y.device):
@@ -217,25 +248,40 @@ def same_storage(a: Params, b: Params) -> bool:
     return True
 
 
-# torch's words for a target of a dtype the loss does not take (BCE on integer labels,
-# cross-entropy on float class ids)
-_TARGET_DTYPE = re.compile(r"can't be cast to the desired output type|Found dtype \w+ but "
-                           r"expected|expected target dtype|expected scalar type")
+# torch's words for a target of a dtype the loss does not take: class ids of another integer
+# dtype or floats where int64 is wanted (cross_entropy, nll_loss); integers where floats are
+# wanted (binary_cross_entropy*); a generic mismatch counts only where torch found the target's
+_WANTS_INT64 = re.compile(r"expected target dtype to be Long|expected scalar type Long")
+_WANTS_FLOAT = re.compile(r"can't be cast to the desired output type|Found dtype \w+ but expected")
+_MISMATCH = re.compile(r"expected scalar type \w+ but found (\w+)")
+_TORCH_NAME = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+               torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+               torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
 
 
 def target_dtype_error(loss_fn, out, target, err: RuntimeError) -> TypeError | None:
     """A TypeError naming ``functional_model(loss_fn=...)``, the loss and the target dtype it
     takes, for torch's dtype error of ``loss_fn(out, target)`` (None for any other error).
     Marked ``blamed``: a public boundary's ``blame_data`` re-words it as its own call's data."""
-    if not isinstance(target, Tensor) or not _TARGET_DTYPE.search(str(err)):
+    if not isinstance(target, Tensor):
+        return None
+    text = str(err)
+    dtype = getattr(getattr(out, "logits", out), "dtype", None)
+    found = _MISMATCH.search(text)
+    if _WANTS_INT64.search(text):
+        if target.dtype == torch.int64:  # the class ids are fine: another tensor is not
+            return None
+        want = "integer class ids (torch.int64)"
+    elif _WANTS_FLOAT.search(text) or (found and found.group(1) == _TORCH_NAME.get(target.dtype)):
+        if target.dtype == dtype:
+            return None
+        want = f"floating targets ({dtype}, the output's dtype)"
+    else:  # e.g. a bmm on two float dtypes inside the loss: not the target's
         return None
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-    dtype = getattr(getattr(out, "logits", out), "dtype", None)
-    want = (f"floating targets ({dtype}, the output's dtype)" if not target.is_floating_point()
-            else "integer class ids (torch.int64)")
     clear = TypeError(_msg(
         "functional_model", "loss_fn", f"{want} for the loss {name}",
-        f"{target.dtype} targets (torch: {str(err).splitlines()[0]})",
+        f"{target.dtype} targets (torch: {text.splitlines()[0]})",
         "Cast the labels: y.float() for a loss of logits or values (binary_cross_entropy_with"
         "_logits, mse_loss), y.long() for class indices (cross_entropy, nll_loss)."))
     clear.blamed = ("functional_model", "loss_fn")
@@ -272,17 +318,26 @@ def check_eval(func: str, arg: str, model) -> None:
     ``nn.Dropout`` (any of its kinds, ``p > 0``) in training mode: its per-example gradients
     would be random draws (vmap refuses them, a capture pass mixes them). A module whose
     forward runs under fixed masks (:func:`~dattri_fn.attribute.dropout_masks.dropout_members`'
-    ``mask(model)``) is deterministic and passes."""
-    if not isinstance(model, FunctionalModel) or getattr(model.module, "_dropout_fixed", False):
+    ``mask(model)``) is deterministic and passes. The module's mode is read, not its forward:
+    a Dropout submodule that forward never calls is refused too (``module.eval()`` is the fix);
+    a functional ``F.dropout`` is not seen here (vmap's refusal names it later)."""
+    if isinstance(model, FunctionalModel):
+        check_eval_module(func, arg, model.module, (
+            "Call module.eval() before functional_model; to average over dropout masks, use "
+            f"dropout_members(lambda mask: {func}(mask(model), ...), n_masks=...)."))
+
+
+def check_eval_module(func: str, arg: str, module,
+                      fix: str = "Call module.eval() first.") -> None:
+    """:func:`check_eval` of a module itself (``kfac_factors(module=...)``)."""
+    if not isinstance(module, nn.Module) or getattr(module, "_dropout_fixed", False):
         return
-    live = [n for n, m in model.module.named_modules()
+    live = [n for n, m in module.named_modules()
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
     if live:
         raise ValueError(_msg(
             func, arg, "a module in eval mode (deterministic per-example gradients)",
-            f"Dropout in training mode at {live}",
-            "Call module.eval() before functional_model; to average over dropout masks, "
-            f"use dropout_members(lambda mask: {func}(mask(model), ...), n_masks=...)."))
+            f"Dropout in training mode at {live}", fix))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_replaced_loss import _scores as _score
 from torch import nn
 
 from dattri_fn import functional_model
@@ -30,12 +31,6 @@ def _setup(params=None):
     return functional_model(net, F.cross_entropy, params=params), (x, y), (x[:4], y[:4])
 
 
-def _score(make, fn, params, train, test):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        m = make(fn)
-        S = m.score(params, m.prepare(params, train), train, test)
-    return S, [str(i.message) for i in w]
 
 
 # RG M1 ----------------------------------------------------------------------------------------
@@ -68,8 +63,8 @@ def test_same_storage_fixed_stays_bridged():
 
 def test_a_wrapper_copying_the_mark_is_not_bridged():
     """functools.wraps copies the closure's __dict__ (its _bridge mark) onto another function:
-    bridge_of names the closure itself, so the wrapper is not functional_model's loss.
-    Mutation: bridge_of without ``bound.loss is loss`` -> bridged True."""
+    bridge_of reads the closure's own code and no ``__wrapped__``, so the wrapper is not
+    functional_model's loss. Mutation: bridge_of without both checks -> bridged True."""
     fm, _, _ = _setup()
 
     @functools.wraps(fm.loss)
@@ -199,8 +194,8 @@ def test_layer_plan_warning_points_at_the_user_and_names_each_model():
 
 def test_example_ok_reads_the_bridge_mark():
     """example_ok certifies functional_model's own margin closure (its Bridge), and nothing that
-    only copied the mark. Mutation: bridge_of without ``bound.loss is loss`` -> True for the
-    wrapper."""
+    only copied the mark. Mutation: bridge_of without the ``__code__`` and ``__wrapped__``
+    checks -> True for the wrapper."""
     import importlib
 
     trak_mlp = importlib.import_module("dattri_fn.attribute.trak_mlp")

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .._checks import _msg, check_int, check_optional_int
-from ..model import FunctionalModel, check_bridged
+from ..model import FunctionalModel, bridge_of, check_bridged
 from .method import Method
 from .pipeline import merge_topk
 
@@ -100,12 +100,14 @@ class _Masks(TorchFunctionMode):
 
 
 def _masked_model(model: FunctionalModel, *, seed: int, member: int,
-                  usage: dict) -> FunctionalModel:
+                  usage: dict, own_fixed: bool = False) -> FunctionalModel:
     """``model`` with a module whose every forward runs under member ``member``'s masks.
 
     The module is a shallow copy (the same parameters, buffers and submodules) whose class
     overrides ``forward`` only, so ``functional_call`` and the capture engine (K-FAC, EK-FAC,
     LoGra, factored Grad-Dot) run it as they run the original, with the masks fixed.
+    ``own_fixed``: keep the fixed tensors read from the module (``model.fixed`` holds equal
+    values in other storage: a deep copy).
     """
     import copy
     import warnings
@@ -127,7 +129,22 @@ def _masked_model(model: FunctionalModel, *, seed: int, member: int,
         warnings.simplefilter("ignore")  # train-mode dropout is the point here
         masked = functional_model(module, model.loss_fn, params=list(model.params),
                                   unpack=model.unpack)
-    return masked._replace(params=model.params, fixed=model.fixed)
+    return masked._replace(params=model.params, fixed=masked.fixed if own_fixed else model.fixed)
+
+
+def _copy_of_own(fn: FunctionalModel) -> bool:
+    """Whether ``fn`` is a copy of a model (``copy.deepcopy``): functional_model's loss for its
+    loss_fn and unpack, another module object, and ``fixed`` equal to that module's own
+    unselected parameters and buffers. Its module, rebuilt, is then the model it describes."""
+    bound = bridge_of(fn.loss)
+    if bound is None or bound.loss_fn is not fn.loss_fn or bound.unpack is not fn.unpack \
+            or bound.module is fn.module:
+        return False
+    own = {n: p for n, p in fn.module.named_parameters() if n not in fn.params}
+    own.update(fn.module.named_buffers())
+    return own.keys() == fn.fixed.keys() and all(
+        (v.shape, v.dtype, v.device) == (fn.fixed[k].shape, fn.fixed[k].dtype, fn.fixed[k].device)
+        and torch.equal(v.detach(), fn.fixed[k]) for k, v in own.items())
 
 
 def _masked(fn, *, seed: int, member: int, usage: dict):
@@ -135,10 +152,12 @@ def _masked(fn, *, seed: int, member: int, usage: dict):
     ``member``'s masks, the dropout counter restarting at every call."""
     if isinstance(fn, FunctionalModel):
         # the masked model is rebuilt from module and loss_fn: a replaced loss (or other fixed
-        # tensors) would be dropped silently
-        check_bridged("dropout_members", "build", fn, " passed to mask(...)",
-                      "; or mask its loss, mask(model.loss)")
-        return _masked_model(fn, seed=seed, member=member, usage=usage)
+        # tensors) would be dropped silently; a deep copy is rebuilt as it is (review RF L2)
+        copied = _copy_of_own(fn)
+        if not copied:
+            check_bridged("dropout_members", "build", fn, " passed to mask(...)",
+                          "; or mask its loss, mask(model.loss)")
+        return _masked_model(fn, seed=seed, member=member, usage=usage, own_fixed=copied)
     if not callable(fn):
         raise TypeError(_msg("dropout_members", "build", "a builder that passes callables to "
                              "mask(...)", type(fn).__name__))

@@ -50,7 +50,7 @@ from .._checks import (
     refuse_ambiguous_list,
 )
 from .._types import Loss, Params
-from ..model import FunctionalModel, check_eval
+from ..model import FunctionalModel
 from ..transforms import layer_grads
 from ..transforms.layer_grads import (
     LayerGrads,
@@ -134,8 +134,6 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
     kron = check_projection(name, projection, proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
     loss_in = loss
-    check_eval(name, "loss", loss)  # train-mode Dropout: random gradients (review RU M3)
-    check_eval(name, "target", target)
     loss, plan = loss_and_plan(name, "loss", loss)
     target, plan_t = (loss, plan) if target is None else loss_and_plan(name, "target", target)
     if plan is None or plan_t is None:

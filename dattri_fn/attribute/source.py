@@ -59,7 +59,7 @@ from torch.func import hessian, vmap
 
 from .._checks import _msg, all_finite, batch_size, check_int, check_positive, iter_batches
 from .._types import Loss, Params
-from ..model import FunctionalModel, check_bridged, check_eval
+from ..model import FunctionalModel, check_bridged
 from ..training.record import Record, check_record
 from ..tree import ravel
 from .method import Method, loss_and_plan, stacked_per_sample_grad
@@ -192,8 +192,6 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         raise ValueError(_msg(name, "pooled", f"False with curvature={curvature!r} (its curvature "
                               "is always the mean over the segment's checkpoints)", "True"))
     model = loss if isinstance(loss, FunctionalModel) else None
-    check_eval(name, "loss", loss)  # train-mode Dropout: random gradients
-    check_eval(name, "target", target)
     if curvature in ("gn", "ekfac"):  # both formed from module and loss_fn (review RG H3)
         check_bridged(name, "loss", model, f" with curvature='{curvature}'",
                       ", or pass curvature='hessian'")

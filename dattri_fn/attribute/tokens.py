@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_size, batch_to, blame_data, check_params, check_tensor
-from ..model import FunctionalModel, check_bridged, default_unpack
+from ..model import FunctionalModel, check_bridged, check_eval, default_unpack
 from ..operators.kfac_layers import _tied_uses
 from ..operators.kfac_tied import pooled_io, tied_group
 from ..transforms import capture
@@ -61,6 +61,7 @@ def token_scores(model: FunctionalModel, params, batch, test_features: Tensor) -
         raise TypeError(_msg(func, "model", "a FunctionalModel with a loss_fn",
                              type(model).__name__))
     check_bridged(func, "model", model)  # its layers are captured with module and loss_fn
+    check_eval(func, "model", model)  # train-mode Dropout: random gradients (review RF M1)
     params = check_params(func, "params", params)
     if list(params) != list(model.params):
         raise ValueError(_msg(func, "params", f"the keys of model.params {list(model.params)}",

@@ -51,26 +51,41 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _random_error(func: str, err: RuntimeError) -> Exception | None:
+def _random_error(func: str, err: RuntimeError, takes_randomness: bool = True
+                  ) -> Exception | None:
+    """A ValueError naming ``func`` for vmap's refusal of a loss that samples (None for any
+    other error). ``takes_randomness=False``: ``func`` has no ``randomness`` argument (an inner
+    call of a method), so the text names the loss, and it is marked ``blamed``: the public
+    boundary's ``blame_data`` re-words it with the method's own name."""
     if "randomness" not in str(err):
         return None
-    return ValueError(f"{func}(randomness=...): expected randomness='different' (one draw per "
-                      f"example) or 'same' (one draw shared by the batch) for a loss that samples "
-                      f"(dropout...), got 'error' ({err}). Pass seed= too for the same draws on "
-                      f"every call; for a module left in training mode with Dropout, call "
-                      f"module.eval() instead (deterministic gradients).")
+    if takes_randomness:
+        return ValueError(f"{func}(randomness=...): expected randomness='different' (one draw "
+                          f"per example) or 'same' (one draw shared by the batch) for a loss "
+                          f"that samples (dropout...), got 'error' ({err}). Pass seed= too for "
+                          f"the same draws on every call; for a module left in training mode "
+                          f"with Dropout, call module.eval() instead (deterministic gradients).")
+    clear = ValueError(f"{func}(loss=...): expected a loss that draws no random numbers "
+                       f"(deterministic per-example gradients), got one that samples "
+                       f"(dropout, e.g. F.dropout(x, p, training=module.training)) ({err}). "
+                       f"Call module.eval() before building the method; to average over "
+                       f"dropout masks, wrap it in dropout_members(lambda mask: ...(mask(loss)), "
+                       f"n_masks=...).")
+    clear.blamed = (func, "loss")
+    return clear
 
 
 def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
-                randomness: str = "error") -> Tensor:
+                randomness: str = "error", takes_randomness: bool = True) -> Tensor:
     """Return ``sum_i loss(params, x_i)``; raise naming ``func(loss=...)`` unless each is 0-d.
 
     Without the check a ``[K]``-valued loss would be differentiated as the sum of its outputs.
+    ``takes_randomness``: whether ``func`` has a ``randomness`` argument the error may name.
     """
     try:
         out = vmap(loss, in_dims=(None, 0), randomness=randomness)(params, batch)
     except RuntimeError as err:
-        clear = _random_error(func, err)
+        clear = _random_error(func, err, takes_randomness)
         if clear is None:
             raise
         raise clear from err
@@ -85,7 +100,7 @@ def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
 
 def _summed_loss(loss: Loss):
     def total(params: Params, batch: Batch) -> Tensor:
-        return summed_loss("grad", loss, params, batch)
+        return summed_loss("grad", loss, params, batch, takes_randomness=False)
 
     return total
 
@@ -150,22 +165,26 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
     device = _first_device(params)
     with blame_data("per_sample_grad", "batch", batch), seeded(seed, device):
         grads = per_sample_grad_unchecked(loss, params, batch_to(batch, device),
-                                          chunk_size=chunk_size, randomness=randomness)
+                                          chunk_size=chunk_size, randomness=randomness,
+                                          takes_randomness=True)
     return ravel_batched(grads) if flat else grads
 
 
 def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
                               chunk_size: int | None = None,
-                              func: str = "per_sample_grad", randomness: str = "error") -> Params:
+                              func: str = "per_sample_grad", randomness: str = "error",
+                              takes_randomness: bool = False) -> Params:
     """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}
 
-    ``func``: the public caller named by the error for a non-scalar loss.
+    ``func``: the public caller named by the error for a non-scalar loss. ``takes_randomness``:
+    whether the error for a loss that samples may name ``func(randomness=...)`` (inner loops of
+    a method: no, it names the loss and is re-worded at the method's boundary).
     """
     try:
         return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size,
                     randomness=randomness)(params, batch)
     except RuntimeError as e:
-        clear = _random_error(func, e)
+        clear = _random_error(func, e, takes_randomness)
         if clear is not None:
             raise clear from e
         if "scalar" not in str(e):

@@ -4,9 +4,11 @@ model's plan captures (:func:`layer_plan`), and what a check decided about them,
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import warnings
+import weakref
 from typing import Any, NamedTuple
 
 from .._checks import _msg
@@ -100,6 +102,22 @@ UNBRIDGED = ("layer_plan(model=...): the FunctionalModel's loss ({loss}) is not 
              "module): per-example gradients are computed densely by vmap(grad) of its loss.")
 
 
+# a number per replaced loss, never reused while the process runs (an address is, once the
+# loss is freed): the warning's text is new for every replaced model (review RF L4)
+_SERIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT = itertools.count(1)
+
+
+def _serial(loss) -> str:
+    try:
+        n = _SERIALS.get(loss)
+        if n is None:
+            n = _SERIALS.setdefault(loss, next(_NEXT))
+        return f"replaced loss #{n}"
+    except TypeError:  # not weakly referable or not hashable: its address
+        return f"at {id(loss):#x}"
+
+
 def user_stacklevel() -> int:
     """``warnings.warn``'s ``stacklevel`` (from the function calling this) of the first frame
     outside the ``dattri_fn`` package: the user's own call, however deep the library's path."""
@@ -133,11 +151,11 @@ def layer_plan(model: FunctionalModel) -> LayerPlan | None:
     if not bridged(model):
         # the capture differentiates module with loss_fn: for another loss it would attribute
         # the wrong function, silently (issue 14)
-        # the loss named and located in the text: Python's default filter shows a text once
+        # the loss named and numbered in the text: Python's default filter shows a text once
         # per call site, and a second replaced model must be warned too (review RG L3)
         loss = model.loss
         name = getattr(loss, "__qualname__", type(loss).__name__)
-        warnings.warn(UNBRIDGED.format(loss=f"{name} at {id(loss):#x}"),
+        warnings.warn(UNBRIDGED.format(loss=f"{name}, {_serial(loss)}"),
                       stacklevel=user_stacklevel())
         return None
     return _plan_of(model, attributed_layers(model.module, model.params))
