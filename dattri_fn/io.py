@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ._checks import _msg
+from ._types import LinOp
 
 try:
     import fcntl
@@ -125,8 +126,8 @@ def _decode(obj):
 def _unsaveable(obj, where: str = "obj") -> str | None:
     """The path of the first LinOp, lambda or local function/class inside ``obj`` (closures
     ``torch.save`` cannot pickle), or None."""
-    from ._types import LinOp
-
+    if isinstance(obj, torch.Tensor):
+        return None
     if _is_namedtuple(obj):
         items = [(f"{where}.{f}", getattr(obj, f)) for f in type(obj)._fields]
     elif isinstance(obj, dict):
