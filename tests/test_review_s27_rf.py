@@ -1,8 +1,9 @@
 """Review RF's findings on stop 27's hardening: a FunctionalModel is no reference cycle (M3),
-token_scores refuses train-mode Dropout (M1), hvp's padding decision reads a wrapped loss's
-module (M2, the model half), class ids of another integer dtype are named as such (L1), a deep
-copy can be masked and a module's own Parameters in ``fixed`` stay bridged (L2), a loss that
-samples is named by the method (L3), replaced models are warned once each for good (L4)."""
+token_scores and per_sample_layer_grads refuse train-mode Dropout (M1), hvp's padding decision
+reads a wrapped loss's module (M2, the model half), class ids of another integer dtype are named
+as such (L1), a deep copy can be masked and a module's own Parameters in ``fixed`` stay bridged
+(L2), a loss that samples is named by the method (L3), replaced models are warned once each for
+good (L4)."""
 
 import copy
 import functools
@@ -19,7 +20,7 @@ from dattri_fn import functional_model
 from dattri_fn.attribute import dropout_members, grad_dot, tracin
 from dattri_fn.attribute.tokens import token_scores
 from dattri_fn.model import bridge_of, bridged, check_eval_module, marked_module
-from dattri_fn.transforms.layer_grads import layer_plan
+from dattri_fn.transforms.layer_grads import layer_plan, per_sample_layer_grads
 
 F64 = torch.float64
 
@@ -84,6 +85,15 @@ def test_token_scores_refuses_train_mode_dropout():
     with pytest.raises(ValueError, match=r"^token_scores\(model=\.\.\.\): expected a module in "
                                          r"eval mode.*Dropout in training mode at \['2'\]"):
         token_scores(fm, fm.params, _data(), torch.ones(1, P, dtype=F64))
+
+
+def test_per_sample_layer_grads_refuses_train_mode_dropout():
+    """Was per_sample_grad(loss=...)'s vmap refusal. Mutation: the check_eval line removed."""
+    with pytest.warns(UserWarning, match="training mode"):
+        fm = functional_model(_mlp(0.5).train(), F.cross_entropy)
+    with pytest.raises(ValueError, match=r"^per_sample_layer_grads\(model=\.\.\.\): expected a "
+                                         r"module in eval mode"):
+        per_sample_layer_grads(fm, fm.params, _data())
 
 
 def test_check_eval_module_names_the_module_argument():

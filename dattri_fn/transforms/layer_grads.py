@@ -53,7 +53,7 @@ import torch
 
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
-from ..model import FunctionalModel, check_bridged
+from ..model import FunctionalModel, check_bridged, check_eval
 from . import capture
 from .factored_grads import LayerGrads
 from .layer_grads_certified import (  # noqa: F401  (certified_plan and its core, issue 14)
@@ -408,6 +408,7 @@ def per_sample_layer_grads(model: FunctionalModel, params: Params, batch: Batch,
     elif not isinstance(plan, LayerPlan) or plan.model is not model:
         got = "a plan of another model" if isinstance(plan, LayerPlan) else type(plan).__name__
         raise ValueError(_msg(func, "plan", "a LayerPlan of this model (layer_plan(model))", got))
+    check_eval(func, "model", model)  # train-mode Dropout: random gradients (review RF M1)
     params = check_params(func, "params", params)
     if list(params) != list(model.params):
         raise ValueError(f"{func}(params=...): expected the keys {list(model.params)}, got "
