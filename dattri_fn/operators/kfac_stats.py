@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import _msg, batch_size, check_optional_int, regroup
+from ..model import check_eval_module
 from ..transforms import capture
 from ..transforms.layers import _stream_layer_io
 from ..transforms.padding import Positions, real_gram
@@ -321,6 +322,7 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
     (the passes whose second run would capture the same ``(a, g)``)."""
     if others not in _OTHERS:
         raise ValueError(_msg(func, "others", "None, 'diagonal' or 'error'", repr(others)))
+    check_eval_module(func, "module", module)  # train-mode Dropout: random A, G (review RF M1)
     (state, names, pnames, batches, tapped, chunk_size), rest = _check_call_parts(
         func, module, loss_fn, params, data, layers, chunk_size, tapped, tied=True,
         others="error" if others == "error" else "diagonal")
