@@ -184,12 +184,13 @@ def _sample_next_tokens(output, labels: Tensor, generator: torch.Generator) -> T
     """Return ``labels`` with every kept next token drawn from ``softmax(logits[:, t - 1])``.
 
     Position 0 (never a target after the shift) and ``-100`` positions are kept.  # -> [B, T]
+    The draws are taken at the kept positions only, in order, so padding (labels ``-100``) does
+    not move the generator's stream: the same sequences padded otherwise get the same draws.
     """
     logits = _logits(output, "causal_lm_loss.sample")
-    drawn = _draw(logits[:, :-1], generator)
     out = labels.clone()
     keep = labels[:, 1:] != -100
-    out[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
+    out[:, 1:][keep] = _draw(logits[:, :-1][keep], generator)
     return out
 
 

@@ -32,7 +32,7 @@ from .._checks import (
     regroup,
 )
 from .._types import Batch, LinOp, Loss, Params
-from ..model import bridge_of
+from ..model import marked_module
 from ..module_call import call_module, shared_slots
 from ..transforms.grad import check_randomness, per_sample_grad_unchecked, seeded, summed_loss
 from ..tree import ravel, ravel_batched
@@ -118,9 +118,10 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         data: one Batch or a re-iterable of Batches (list, DataLoader), re-read on every call.
         chunk_size: rows of ``V`` per vmap call (bounds memory); None = all ``k`` at once.
         mode: ``"fwd-rev"`` or ``"rev-rev"``, as above; both give the same operator.
-            ``"fwd-rev"`` silently runs rev-rev where ``loss`` is functional_model's own and
-            ``params`` holds an ``nn.Embedding(padding_idx=...)`` weight (forward mode moves
-            the padding row reverse mode freezes: that H would not be symmetric).
+            ``"fwd-rev"`` silently runs rev-rev where ``loss`` is functional_model's own (or a
+            ``functools.wraps`` of it) and ``params`` holds an ``nn.Embedding(padding_idx=...)``
+            weight (forward mode moves the padding row reverse mode freezes: that H would not
+            be symmetric).
         batch_rows: merge consecutive batches into calls of at least this many examples
             (see the module docstring); None = one call per batch as given.
         randomness, seed: for a loss that samples (dropout), as in
@@ -149,8 +150,10 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
                          f"call draws once for all examples), got a callable with "
                          f"randomness={randomness!r}.")
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
-    bound = bridge_of(loss)  # functional_model's loss names its module
-    if mode == "fwd-rev" and bound is not None and padding_rows(bound.module, params):
+    # the module of functional_model's loss, or of a functools.wraps copy of it (review RF M2):
+    # rev-rev is right either way, so only this decision reads a mark it cannot vouch for
+    module = marked_module(loss)
+    if mode == "fwd-rev" and module is not None and padding_rows(module, params):
         mode = "rev-rev"  # forward mode moves padding rows reverse mode freezes: H not symmetric
 
     def batch_loss(flat: Tensor, batch: Batch) -> Tensor:

@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_map
 
 from .._checks import _msg, batch_leaves, is_batch
 from .._types import LinOp
-from ..model import FunctionalModel, check_bridged, default_unpack
+from ..model import FunctionalModel, check_bridged, check_eval, default_unpack
 from ..transforms.layers import cross_entropy_rows
 from .curvature import (
     attributed_embeddings,
@@ -129,11 +129,13 @@ def gauss_newton(fm: FunctionalModel, *, memory: int | str | None = None,
 
     Raises:
         TypeError: ``fm`` is not a FunctionalModel with a loss_fn.
+        ValueError: ``fm`` is not bridged (a replaced loss) or has a Dropout in training mode.
     """
     if not isinstance(fm, FunctionalModel) or fm.loss_fn is None:
         raise TypeError(_msg("gauss_newton", "fm", "a FunctionalModel built with a loss_fn",
                              type(fm).__name__))
     check_bridged("gauss_newton", "fm", fm)  # G is formed from module and loss_fn
+    check_eval("gauss_newton", "fm", fm)  # train-mode Dropout: a random G (review RF M1)
     budget = memory_budget(memory)
     loss_fn = fm.loss_fn
     unpack = fm.unpack or default_unpack
