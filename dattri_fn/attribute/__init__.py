@@ -19,7 +19,14 @@ from .pipeline import TopK, collect, merge_topk, stream_scores, stream_self
 from .representer import RepresenterState, representer
 from .source import SourceState, source
 from .tokens import token_scores
-from .trak import TRAKState, classification_margin, classification_weight, trak
+from .trak import (
+    TRAKState,
+    classification_margin,
+    classification_margin_loss,
+    classification_weight,
+    classification_weight_loss,
+    trak,
+)
 
 __all__ = [
     "Attributor",
@@ -40,7 +47,9 @@ __all__ = [
     "TopK",
     "adamw_influence",
     "classification_margin",
+    "classification_margin_loss",
     "classification_weight",
+    "classification_weight_loss",
     "collect",
     "dropout_ensemble",
     "dropout_grads",
