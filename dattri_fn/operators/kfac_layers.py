@@ -24,8 +24,10 @@ def _keys(layer: str) -> tuple[str, str]:
     return f"{prefix}weight", f"{prefix}bias"
 
 
-def _kfac_specs(module: nn.Module) -> dict:
-    return {n: s for n, s in capture.layer_specs(module).items() if s.kind in _KFAC_KINDS}
+def _kfac_specs(module: nn.Module, every: dict | None = None) -> dict:
+    """The Linear / Conv1D / Conv2d entries of ``every`` (``capture.layer_specs(module)``)."""
+    every = capture.layer_specs(module) if every is None else every
+    return {n: s for n, s in every.items() if s.kind in _KFAC_KINDS}
 
 
 def _select(func: str, module, params, layers, *, tied: bool = False
@@ -54,7 +56,7 @@ def _select_parts(func: str, module, params, layers, *, tied: bool = False,
     ``every``: ``capture.layer_specs(module)`` where the caller holds it (read once per call).
     """
     every = capture.layer_specs(module) if every is None else every
-    specs = {n: s for n, s in every.items() if s.kind in _KFAC_KINDS}  # _kfac_specs'
+    specs = _kfac_specs(module, every)
     groups = {}  # the pooled tied groups of the params' tied keys: group -> members
     unpooled = {}  # tied keys that cannot be pooled: key -> why
     # every tied key of params, read once (a key's entry does not depend on the others asked)
