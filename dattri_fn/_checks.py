@@ -196,7 +196,7 @@ def batch_slice(batch, start: int, stop: int):
         return batch[start:stop]
     if isinstance(batch, Mapping):
         return {k: v[start:stop] for k, v in batch.items()}
-    return type(batch)(v[start:stop] for v in batch)
+    return _rebuilt(batch, [v[start:stop] for v in batch])
 
 
 def batch_cat(batches: list):
@@ -208,7 +208,13 @@ def batch_cat(batches: list):
         return torch.cat(batches)
     if isinstance(first, Mapping):
         return {k: torch.cat([b[k] for b in batches]) for k in first}
-    return type(first)(torch.cat([b[i] for b in batches]) for i in range(len(first)))
+    return _rebuilt(first, [torch.cat([b[i] for b in batches]) for i in range(len(first))])
+
+
+def _rebuilt(batch, leaves: list):
+    """``leaves`` in ``batch``'s sequence type: a NamedTuple takes its fields positionally."""
+    make = getattr(type(batch), "_make", None)
+    return make(leaves) if make is not None else type(batch)(leaves)
 
 
 def regroup(batches: Iterable, rows: int | None, func: str = "regroup") -> Iterable:
@@ -316,7 +322,7 @@ def batch_to(batch, device):
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: v.to(device) for k, v in batch.items()}
-    return type(batch)(v.to(device) for v in batch)
+    return _rebuilt(batch, [v.to(device) for v in batch])
 
 
 class _Passes:

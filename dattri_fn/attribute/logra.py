@@ -50,13 +50,20 @@ from .._checks import (
 )
 from ..model import FunctionalModel, check_bridged, check_eval, default_unpack
 from ..operators.gauss_newton import memory_budget
-from ..operators.kfac import _kfac_specs
+from ..operators.kfac_layers import _kfac_specs, _unshared
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
 from ..transforms.padding import Positions
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
-from .logra_basis import _cast, _eigvecs, _projection, _projections, _widths  # noqa: F401 (_projection)
+from .logra_basis import (  # noqa: F401 (_projection)
+    _cast,
+    _check_dtype,
+    _eigvecs,
+    _projection,
+    _projections,
+    _widths,
+)
 from .logra_curvature import _add_lambda, _eigen_rows, _eigvals, _factored_sums, _precondition
 from .logra_rows import (
     _cached_spans,
@@ -179,15 +186,20 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
     check_int(name, "seed", seed, minimum=0)
     check_optional_int(name, "chunk_size", chunk_size)
     rows_min = check_optional_int(name, "batch_rows", batch_rows)
-    specs = {n: s for n, s in _kfac_specs(model.module).items() if s.weight in model.params}
+    every = _kfac_specs(model.module)
+    specs = {n: s for n, s in every.items() if s.weight in model.params}
+    # a weight another layer reads with its own bias: the capture cannot attribute it
+    shared = _unshared(model.module, specs, every)
+    why = " (" + "; ".join(f"{n}: {w}" for n, w in shared.items()) + ")" if shared else ""
+    specs = {n: s for n, s in specs.items() if n not in shared}
     if not specs:
         raise ValueError(_msg(name, "model", "an attributed nn.Linear, Conv1D or Conv2d layer "
-                              "(its weight in model.params)", "none"))
+                              "(its weight in model.params)", "none" + why))
     owned = {k for s in specs.values() for k in (s.weight, s.bias)}
     left = [k for k in model.params if k not in owned]
     if left:
         warnings.warn(f"logra: attributing through the layers {list(specs)} only; these "
-                      f"parameters are left out: {left}.", RuntimeWarning, stacklevel=2)
+                      f"parameters are left out: {left}{why}.", RuntimeWarning, stacklevel=2)
     unpack = model.unpack or default_unpack
     # Every layer's projections, drawn once here from the seed and the weights' widths (an
     # explicit value: prepare casts them, or draws a narrowed layer set's own)
@@ -363,6 +375,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         func = f"{name}.score"
         check_state(func, state)
         st = state_of(func, params)
+        _check_dtype(func, state.eigvecs, {n: st[specs[n].weight] for n in state.eigvecs})
         device = next(iter(st.values())).device
         check_optional_int(func, "top_k", top_k)
         fn = feature_fn(st, state, func, "train")
@@ -423,6 +436,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
 
             return record_self(func, train, diag, device=device, state=state)
         else:
+            _check_dtype(func, state.eigvecs, {n: st[specs[n].weight] for n in state.eigvecs})
             fn = feature_fn(st, state, func, "train")
             blocks = (fn(batch_to(b, device)) for b in
                       iter_batches(func, "train", regrouped(func, "train", train, rows_min)))

@@ -78,3 +78,15 @@ def _widths(io: dict, specs: dict, model: FunctionalModel) -> dict:
     """``{layer: (in (+1 with an attributed bias), out)}``: the factors' full widths."""
     return {n: (a.shape[-1] + (specs[n].bias in model.params), g.shape[-1])
             for n, (a, g) in io.items()}
+
+
+def _check_dtype(func: str, eigvecs: dict, weights: dict) -> None:
+    """Refuse params (``weights``: the attributed layers' weights) in another dtype than the
+    state's eigenvectors, which ``prepare`` formed in its params' dtype: the test rows would be
+    formed in one dtype and rotated in the other."""
+    want = next(iter(eigvecs.values()))[0].dtype
+    got = next(iter(weights.values())).dtype
+    if got != want:
+        raise ValueError(_msg(func, "params", f"params in {want}, the dtype of the state's "
+                              "eigenbasis (of prepare's params)", str(got),
+                              "Cast the params, or call prepare again with them."))

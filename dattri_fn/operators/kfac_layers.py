@@ -30,6 +30,27 @@ def _kfac_specs(module: nn.Module, every: dict | None = None) -> dict:
     return {n: s for n, s in every.items() if s.kind in _KFAC_KINDS}
 
 
+def _unshared(module: nn.Module, specs: dict, every: dict) -> dict[str, str]:
+    """``{layer: "shares its weight with layer <other>"}`` for the biased ``specs`` whose weight
+    another layer of ``every`` (:func:`_kfac_specs`) reads with a bias of its own or none: the
+    capture refuses that call ("its weight is used without its bias"), so the layer cannot be
+    attributed. A module sharing the bias too is one layer applied twice, which it takes."""
+    mods = dict(module.named_modules())
+    holders: dict[int, list[str]] = {}
+    for n in every:
+        holders.setdefault(id(mods[n].weight), []).append(n)
+    out = {}
+    for n, s in specs.items():
+        own = mods[n]
+        if s.bias is None:
+            continue
+        others = [o for o in holders.get(id(own.weight), ()) if mods[o] is not own
+                  and getattr(mods[o], "bias", None) is not own.bias]
+        if others:
+            out[n] = f"shares its weight with layer {others[0]}"
+    return out
+
+
 def _select(func: str, module, params, layers, *, tied: bool = False
             ) -> tuple[list[str], tuple[str, ...]]:
     """Return (layers in module order, param names in dict order); validate their match.
