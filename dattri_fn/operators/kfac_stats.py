@@ -215,7 +215,7 @@ def _kfac_sums(func, state, names, param_names, batches, tapped, loss_fn, chunk_
         dG = parts.gram()
         G[group] = dG if group not in G else G[group].add_(dG)
 
-    positions = Positions(func)
+    positions = Positions(func, tapped.module)
     n = _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows, on_input,
                 pooled if not isinstance(loss_fn, _ExpectedLoss) else None, rows, positions)
     _fill_unreached(func, tapped, names, A, G)

@@ -11,11 +11,20 @@ positions, each example normalised by its own count ``T_n`` of real positions:
 which is what the same example gives unpadded (``T_n = T``), so the statistics do not depend on
 right padding or on per-batch (dynamic) padding. A layer whose positions are not the mask's (a
 pooled ``[B, d]`` head has none: nothing to mask) is taken unmasked after one warning naming it.
+A Hugging Face encoder-decoder's decoder reads ``decoder_attention_mask``'s positions, not
+``attention_mask``'s (:class:`Positions`: layers are matched to a mask by more than width).
+
+Left padding is masked the same way, but the statistics equal the unpadded example's only if
+the model and loss see it as unpadded too: pass ``position_ids`` (counted from the first real
+token: HF models otherwise number the pads first) and set the label of the first real token to
+-100 (a causal LM loss's shift would otherwise let the last pad "predict" it).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -57,6 +66,58 @@ def real_gram(a: Tensor, real: Tensor, bias: bool = False) -> Tensor:
     return rows.T @ rows
 
 
+# Keys of a Mapping batch that describe the same positions as its attention_mask; another
+# sequence's key (_sequence_key) of the mask's width may be a second sequence (a dual encoder's
+# other tower), a model's own input under another name (``"x"``) is not
+_SAME_POSITIONS = frozenset(("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                             "labels", "label", "label_ids", "inputs_embeds", "special_tokens_mask",
+                             "global_attention_mask", "cache_position"))
+# an encoder-decoder's keys of its decoder's positions (Hugging Face names)
+_DECODER_KEYS = ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds",
+                 "decoder_position_ids")
+# cross-attention blocks (BART family and Whisper, BERT-style decoders, T5) and their key/value
+# projections, which read the ENCODER's positions; queries and outputs read the decoder's
+_CROSS_BLOCKS = ("encoder_attn", "crossattention", "EncDecAttention", "cross_attn",
+                 "cross_attention")
+_CROSS_KV = frozenset(("k_proj", "v_proj", "k", "v", "key", "value", "kv", "kv_proj", "to_k",
+                       "to_v", "to_kv", "k_lin", "v_lin"))
+_CROSS_Q_OUT = frozenset(("q_proj", "q", "query", "to_q", "q_lin", "out_proj", "o", "o_proj",
+                          "dense", "to_out", "out_lin"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_call() -> tuple[int, str]:
+    """``(stacklevel, name)`` for a warning issued by the caller of the function calling this:
+    the first frame outside ``dattri_fn`` (the user's line) and the library function it called
+    (``logra.<locals>.prepare`` -> ``logra(...).prepare``)."""
+    frame, level, entry = sys._getframe(2), 2, None
+    while frame is not None and frame.f_code.co_filename.startswith(_ROOT):
+        entry, frame, level = frame.f_code, frame.f_back, level + 1
+    name = entry.co_qualname.replace(".<locals>.", "(...).") if entry is not None else "?"
+    return level, name
+
+
+def _encoder_prefix(module) -> str | None:
+    """``"<name>."`` of a Hugging Face encoder-decoder's encoder, ``""`` where it has none to
+    find, None for a model that is no encoder-decoder."""
+    if module is None or not getattr(getattr(module, "config", None), "is_encoder_decoder",
+                                     False):
+        return None
+    get = getattr(module, "get_encoder", None)
+    enc = get() if callable(get) else None
+    found = [n for n, m in module.named_modules() if m is enc and n] if enc is not None else []
+    return found[0] + "." if found else ""
+
+
+def _cross_role(layer: str) -> str | None:
+    """``"kv"`` / ``"q"`` for a cross-attention block's key-value / query or output layer,
+    ``"?"`` for another layer inside one, None outside."""
+    parts = layer.split(".")
+    if not any(p in _CROSS_BLOCKS for p in parts[:-1]):
+        return None
+    return "kv" if parts[-1] in _CROSS_KV else "q" if parts[-1] in _CROSS_Q_OUT else "?"
+
+
 class Positions:
     """The real positions of the batch a statistics pass is in, as each layer reads them.
 
@@ -67,25 +128,97 @@ class Positions:
     positions that do not align with the mask's ``T`` (warned once per layer, naming it; the
     layer's statistic then includes the pad positions). ``parts``: the widths of position
     blocks concatenated along dim 1 that each repeat the mask (a tied weight's two uses).
+
+    Which mask a layer takes is decided by more than its width. ``module`` a Hugging Face
+    encoder-decoder (``config.is_encoder_decoder``): the layers under ``get_encoder()`` and the
+    cross-attention key/value projections (they read the encoder's states) take
+    ``attention_mask``; the other layers read the decoder's positions and take
+    ``decoder_attention_mask``, or, in a batch without one, stay unmasked (warned). Any model:
+    a batch holding another ``[B, T]`` tensor of the mask's width that need not describe its
+    positions (``decoder_input_ids``, a second tower's ids) masks nothing (warned), as does a
+    decoder layer, tied group or cross-attention layer whose positions cannot be told.
     """
 
-    def __init__(self, func: str):
-        self.func, self.real = func, None
+    def __init__(self, func: str, module=None):
+        self.func, self.real, self.dec, self.other = func, None, None, ()
+        self.decoder_key = self.padded = False
+        self.encoder = _encoder_prefix(module)
         self.offsets: dict[str, int] = {}
         self.warned: set[str] = set()
 
     def start(self, batch) -> None:
         self.real = padding_mask(batch)
         self.offsets.clear()
+        self.dec, self.other, self.decoder_key = None, (), False
+        if self.encoder is None and self.real is None:
+            return  # nothing masked: the unpadded path, no more reads of the batch
+        if self.encoder is not None:
+            self.decoder_key = isinstance(batch, Mapping) and "decoder_attention_mask" in batch
+            self.dec = padding_mask({"attention_mask": batch.get("decoder_attention_mask")}) \
+                if self.decoder_key else None
+            self.padded = self.real is not None or self.dec is not None or _ignored(batch)
+        if self.real is not None:
+            B, T = self.real.shape
+            skip = _SAME_POSITIONS.union(_DECODER_KEYS if self.encoder is not None else ())
+            self.other = tuple(sorted(
+                str(k) for k, v in batch.items() if k not in skip and _sequence_key(k)
+                and isinstance(v, Tensor) and v.ndim >= 2 and v.shape[:2] == (B, T)))
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            level, name = _user_call()
+            via = "" if name.replace("(...)", "") == self.func else f" ({self.func})"
+            warnings.warn(f"{name}{via}: {text}", stacklevel=level)
+
+    def _mask_of(self, layer: str, grouped: bool) -> tuple[Tensor | None, str]:
+        """The mask whose positions ``layer`` reads and its key (None: unmasked, warned where
+        it matters)."""
+        key = "attention_mask"
+        if self.encoder is None:
+            real = self.real
+        elif not self.padded:
+            return None, key
+        elif not self.encoder or grouped or _cross_role(layer) == "?":
+            what = ("a tied weight's uses (they may read encoder and decoder positions)"
+                    if grouped else "positions this encoder-decoder does not tell (encoder or "
+                    "decoder)")
+            self._warn_once(layer, f"layer {layer!r} reads {what}: its input statistic "
+                            "includes the padding positions. Leave it out of params, or accept "
+                            "that its A counts pads.")
+            return None, key
+        elif layer.startswith(self.encoder) or _cross_role(layer) == "kv":
+            real = self.real
+        elif not self.decoder_key:
+            self._warn_once("\0decoder", f"the decoder's layers (first: {layer!r}) read the "
+                            "decoder's positions and the batch has no decoder_attention_mask: "
+                            "their input statistics include the target padding (the encoder's "
+                            "attention_mask does not describe them). Pass decoder_attention_mask "
+                            "(zero at target pads) in the batch.")
+            return None, key
+        else:
+            real, key = self.dec, "decoder_attention_mask"
+        if real is not None and key == "attention_mask" and self.other:
+            self._warn_once("\0other", f"the batch holds {list(self.other)} of the "
+                            f"attention_mask's width {real.shape[1]}: a layer that reads those "
+                            "positions would take a mask that does not describe them, so no "
+                            "layer is masked and the input statistics include the padding. Pad "
+                            "that sequence to another width, or give the model one sequence per "
+                            "batch.")
+            return None, key
+        return real, key
 
     def take(self, layer: str, a: Tensor, parts: tuple[int, ...] | None = None) -> Tensor | None:
-        if self.real is None:
+        if self.real is None and self.encoder is None:
             return None
         b = a.shape[0]
         at = self.offsets.get(layer, 0)
         self.offsets[layer] = at + b
+        full, key = self._mask_of(layer, parts is not None)
+        if full is None:
+            return None
         width = math.prod(a.shape[1:-1])
-        real = self.real[at:at + b]
+        real = full[at:at + b]
         T = real.shape[1]
         if width == 1 and T != 1:  # one position per example (a pooled head): nothing to mask
             return None
@@ -94,10 +227,21 @@ class Positions:
             return real.repeat(1, len(parts))
         if real.shape[0] == b and width == T and parts is None:
             return real
-        if layer not in self.warned:
-            self.warned.add(layer)
-            warnings.warn(f"{self.func}: layer {layer!r} reads {width} positions per example "
-                          f"where the batch's attention_mask has {T}: its input statistic "
-                          "includes the padding positions (it depends on how much padding the "
-                          "batch has).", stacklevel=2)
+        self._warn_once(layer, f"layer {layer!r} reads {width} positions per example where the "
+                        f"batch's {key} has {T}: its input statistic includes "
+                        "the padding positions (it depends on how much padding the batch has). "
+                        "Leave it out of params, or accept that its A counts pads.")
         return None
+
+
+def _sequence_key(k) -> bool:
+    """Whether a batch key names a token sequence of its own (``decoder_input_ids``,
+    ``query_ids``, ``doc_attention_mask``, ``passage_inputs_embeds``)."""
+    return isinstance(k, str) and (k.startswith("decoder_") or k.endswith(("_ids", "_mask",
+                                                                            "_embeds")))
+
+
+def _ignored(batch) -> bool:
+    """Whether a Mapping batch's ``labels`` ignore some position (-100): a padded target."""
+    y = batch.get("labels") if isinstance(batch, Mapping) else None
+    return isinstance(y, Tensor) and not y.is_floating_point() and bool((y == -100).any())
