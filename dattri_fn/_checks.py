@@ -220,8 +220,9 @@ def _rebuilt(batch, leaves: list):
 def regroup(batches: Iterable, rows: int | None, func: str = "regroup") -> Iterable:
     """Yield consecutive batches merged until each has ``>= rows`` examples (None: as given).
 
-    Raises a ValueError naming ``func(batch_rows=...)`` when batches cannot be concatenated
-    (shapes that differ beyond the first dim, e.g. per-batch padding).
+    Only consecutive batches of one layout and trailing shapes are merged (per-batch padding
+    gives groups of their own); a ValueError naming ``func(batch_rows=...)`` is left for batches
+    that still cannot be concatenated.
     """
     if rows is None:
         yield from batches
@@ -235,15 +236,29 @@ def regroup(batches: Iterable, rows: int | None, func: str = "regroup") -> Itera
                                   "dim (same layout and trailing shapes)", f"{err}",
                                   "Pass batch_rows=None or pad batches to one shape.")) from err
 
-    buf, n = [], 0
+    buf, n, layout = [], 0, None
     for b in batches:
+        # batches of another layout or trailing shapes (dynamic padding) start a group of their
+        # own instead of failing to concatenate (review RU2 M3); one-shape data groups as before
+        key = _layout(b)
+        if buf and key != layout:
+            yield merged(buf)
+            buf, n = [], 0
         buf.append(b)
+        layout = key
         n += batch_leaves(b)[0].shape[0]
         if n >= rows:
             yield merged(buf)
             buf, n = [], 0
     if buf:
         yield merged(buf)
+
+
+def _layout(batch) -> tuple:
+    """A batch's container kind, keys and per-leaf ``(trailing shape, dtype)``."""
+    keys = tuple(batch) if isinstance(batch, Mapping) else None
+    return type(batch), keys, tuple((t.shape[1:], t.dtype) if isinstance(t, Tensor) else None
+                                    for t in batch_leaves(batch))
 
 
 class _Regrouped:
