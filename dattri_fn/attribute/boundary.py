@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .._checks import (
     _msg,
+    _rebuilt,
     _refuse_store,
     _Regrouped,
     batch_leaves,
@@ -26,7 +27,7 @@ def first_example(batch):
         return batch[0]
     if isinstance(batch, Mapping):
         return {k: v[0] for k, v in batch.items()}
-    return type(batch)(v[0] for v in batch)
+    return _rebuilt(batch, [v[0] for v in batch])
 
 
 def check_example_fn(func: str, arg: str, data_arg: str, fn: Callable, params: Params, batch,

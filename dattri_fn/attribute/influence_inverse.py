@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_map
 
 from .._checks import (
     _msg,
+    _rebuilt,
     all_finite,
     batch_cat,
     batch_size,
@@ -90,7 +91,7 @@ def _example(batch, i: int):
         return batch[i]
     if isinstance(batch, dict):
         return {k: v[i] for k, v in batch.items()}
-    return type(batch)(v[i] for v in batch)
+    return _rebuilt(batch, [v[i] for v in batch])
 
 
 def _same_losses(per_example: Loss, batched, params: Params, data,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .._checks import _msg, batch_slice, check_int, check_optional_int
+from .._checks import _msg, _rebuilt, batch_slice, check_int, check_optional_int
 from .._checks import batch_size as _batch_len
 from .._types import Batch, LinOp, as_linop
 
@@ -28,7 +28,7 @@ def _take(batch: Batch, idx: Tensor) -> Batch:
         return batch[idx.to(batch.device)]
     if isinstance(batch, Mapping):
         return {k: v[idx.to(v.device)] for k, v in batch.items()}
-    return type(batch)(v[idx.to(v.device)] for v in batch)
+    return _rebuilt(batch, [v[idx.to(v.device)] for v in batch])
 
 
 class SampledLinOp(LinOp):
