@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import _msg, batch_size, check_params, regrouped
+from .._checks import _msg, batch_leaves, batch_size, check_params, regrouped
 from .._types import Loss, Params
 from ..operators import kfac
 from ..operators.kfac_stats import _tokens as kfac_tokens
@@ -366,8 +366,8 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
                 def step(start, layer, a, g, st=st):
                     io = g if a is None else (a, g)  # a diagonal group: its gradient rows
                     v = kfac.layer_self_scores(st.ihvp, {layer: io}, layers=[layer])[layer]
-                    if not total:
-                        total.append(v.new_zeros(batch_size(name, "train", b)))
+                    if not total:  # (stream_self checked b, finite values included)
+                        total.append(v.new_zeros(batch_leaves(b)[0].shape[0]))
                     total[0][start:start + len(v)] += v / len(ps)
 
                 layer_pass(cfg, p, st, b, step, looped)
