@@ -30,6 +30,10 @@ SEL = ("model.decoder.layers.0.fc1", "model.decoder.layers.0.self_attn.q_proj",
 
 @pytest.fixture(scope="module")
 def bart():
+    return _bart()
+
+
+def _bart():
     torch.manual_seed(0)
     cfg = transformers.BartConfig(
         vocab_size=V, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -204,3 +208,26 @@ def test_cross_attention_roles():
     assert _cross_role("decoder.layer.0.crossattention.output.dense") == "q"
     assert _cross_role("model.decoder.layers.0.encoder_attn.gate") == "?"
     assert _cross_role("model.decoder.layers.0.self_attn.k_proj") is None
+
+
+def test_logra_same_width_never_silently_takes_the_encoder_mask(bart):
+    # logra.py's Positions gets the module only with G2_to_C2.patch: before it the batch's
+    # decoder keys of the mask's width stop all masking, warned; after it, the scores are exact
+    from dattri_fn.attribute import logra
+    m, src, tgt, p = bart
+    fm = functional_model(m, _loss, params=lambda n: n.startswith(SEL))
+    test = _alone(src, tgt)[:2]
+
+    def run(train):
+        meth = logra(fm, proj_dim=2)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            st = meth.prepare(fm.params, train)
+        return meth.score(fm.params, st, train, test), _padding_warnings(w)
+
+    ref, _ = run(_alone(src, tgt))
+    got, w = run([_batch(src, tgt, 10)])
+    if w:
+        assert len(w) == 1 and "'decoder_input_ids'" in str(w[0].message)
+    else:
+        assert _rel(got, ref) < 1e-12
