@@ -237,7 +237,8 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
 
         def grads(batch, fn, fn_plan) -> Tensor | LayerGrads:
             if fn_plan is None:
-                G = stacked_per_sample_grad(fn, stacked, batch)  # [C, B, P]
+                G = stacked_per_sample_grad(  # [C, B, P]
+                    fn, stacked, batch, refuse=(name, "loss" if fn is loss else "target"))
             elif kp is not None:
                 G = kp.layer_grads(held[id(fn_plan)](stacked, batch))  # [C, B, d]
             else:

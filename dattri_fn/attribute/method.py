@@ -100,9 +100,14 @@ def device_of(params: Params) -> torch.device:
 
 
 def stacked_per_sample_grad(loss: Loss, stacked: Params, batch: Batch, *,
-                            chunk_size: int | None = None) -> Tensor:
-    """Return per-sample gradients at every checkpoint, vmapped over C.  # -> [C, B, P]"""
-    per_ckpt = lambda p: per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size)
+                            chunk_size: int | None = None,
+                            refuse: tuple[str, str] | None = None) -> Tensor:
+    """Return per-sample gradients at every checkpoint, vmapped over C.  # -> [C, B, P]
+
+    ``refuse``: ``(method, argument)`` named if vmap cannot run the model
+    (:func:`~dattri_fn.transforms.grad.per_sample_grad_unchecked`)."""
+    per_ckpt = lambda p: per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size,
+                                                   refuse=refuse)
     if num_checkpoints(stacked) == 1:
         # One checkpoint: skip the outer vmap level (it doubled Grad-Dot's time on digits-mlp).
         one = per_ckpt({k: v[0] for k, v in stacked.items()})

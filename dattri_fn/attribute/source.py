@@ -198,6 +198,8 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
     if curvature in ("gn", "ekfac") and model is None:
         raise TypeError(_msg(name, "loss", f"a FunctionalModel for curvature='{curvature}' (or "
                              "pass curvature='hessian')", type(loss).__name__))
+    if curvature == "ekfac" and fisher == "true":
+        _check_sampler(model.loss_fn)
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
 
@@ -372,6 +374,26 @@ def _check_kronecker_only(model: FunctionalModel, params) -> None:
                               "Record the run with those layers' params only "
                               "(functional_model(..., params=...)), or use curvature='gn' or "
                               "'hessian'."))
+
+
+def _check_sampler(loss_fn) -> None:
+    """Refuse ``fisher="true"`` (the default) for a loss_fn with no known sampler here, not at
+    ``prepare`` as ``ekfac_factors(sampler=...)``: source has no ``sampler=`` (RU2 H2)."""
+    from ..operators.kfac_fisher import fisher_losses
+
+    try:
+        fisher_losses("source", loss_fn, "true", 0, None)
+    except ValueError as err:
+        raise ValueError(_msg("source", "fisher", "'empirical' with curvature='ekfac' for this "
+                              "loss_fn ('true' draws targets, by default only for "
+                              "F.cross_entropy, nn.CrossEntropyLoss, cross_entropy_rows, "
+                              "F.binary_cross_entropy_with_logits, nn.BCEWithLogitsLoss and a "
+                              "loss with its own .sample)", f"'true' with loss_fn "
+                              f"{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}",
+                              "Pass fisher='empirical', or set loss_fn.sample to a sampler "
+                              "(output, target, generator) -> target (e.g. "
+                              "dattri_fn.losses.sample_categorical for class labels and "
+                              "softmax logits).")) from err
 
 
 def _pooled_ekfac(model: FunctionalModel, group, train, fisher: str):

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .._checks import (
+    _msg,
     batch_size,
     batch_to,
     blame_data,
@@ -73,6 +74,24 @@ def _random_error(func: str, err: RuntimeError, takes_randomness: bool = True
                        f"n_masks=...).")
     clear.blamed = (func, "loss")
     return clear
+
+
+class VmapRefusal(ValueError, RuntimeError):
+    """vmap's refusal of a model, named. Still a RuntimeError: code that caught torch's own
+    error to loop over examples itself keeps doing so."""
+
+
+def vmap_refusal(func: str, arg: str, err: RuntimeError) -> VmapRefusal:
+    """vmap's refusal of a model (a stock HF Llama/GPT-2 given an attention mask: ``.item()``
+    in its mask helpers) as ``func(arg=...)``, with the remedy: the FunctionalModel's
+    per-layer capture runs the model batched, without vmap (RU2 M2)."""
+    fix = ("Pass the FunctionalModel to per_sample_layer_grads(fm, params, batch) instead "
+           "(.to_dense() gives these rows)" if func == "per_sample_grad" else
+           f"Pass the FunctionalModel itself ({func}(fm), not {func}(fm.loss))" if arg == "loss"
+           else f"Pass the FunctionalModel itself ({arg}=fm, not {arg}=fm.loss)")
+    return VmapRefusal(_msg(func, arg, "a loss torch.func.vmap can run per example",
+                           f"vmap's refusal of the model: {str(err).splitlines()[0][:160]}...",
+                           fix + ": its per-layer capture needs no vmap."))
 
 
 def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
@@ -166,19 +185,24 @@ def per_sample_grad(loss: Loss, params: Params, batch: Batch, *, chunk_size: int
     with blame_data("per_sample_grad", "batch", batch), seeded(seed, device):
         grads = per_sample_grad_unchecked(loss, params, batch_to(batch, device),
                                           chunk_size=chunk_size, randomness=randomness,
-                                          takes_randomness=True)
+                                          takes_randomness=True,
+                                          refuse=("per_sample_grad", "loss"))
     return ravel_batched(grads) if flat else grads
 
 
 def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
                               chunk_size: int | None = None,
                               func: str = "per_sample_grad", randomness: str = "error",
-                              takes_randomness: bool = False) -> Params:
+                              takes_randomness: bool = False,
+                              refuse: tuple[str, str] | None = None) -> Params:
     """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}
 
     ``func``: the public caller named by the error for a non-scalar loss. ``takes_randomness``:
     whether the error for a loss that samples may name ``func(randomness=...)`` (inner loops of
-    a method: no, it names the loss and is re-worded at the method's boundary).
+    a method: no, it names the loss and is re-worded at the method's boundary). ``refuse``:
+    ``(public call, argument)`` that vmap's refusal of the model (``.item()``, data-dependent
+    control flow) is re-raised under, for a caller with no loop to fall back to; None: raised
+    as torch's RuntimeError (callers that fall back catch it).
     """
     try:
         return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size,
@@ -187,6 +211,8 @@ def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
         clear = _random_error(func, e, takes_randomness)
         if clear is not None:
             raise clear from e
+        if refuse is not None and str(e).startswith("vmap:"):
+            raise vmap_refusal(*refuse, e) from e
         if "scalar" not in str(e):
             raise
         raise ValueError(f"{func}(loss=...): expected a per-example function (loss or "

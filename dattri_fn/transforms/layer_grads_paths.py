@@ -319,11 +319,15 @@ def _assemble(plan: LayerPlan, raw: dict, rest_grads: Params | None,
     return LayerGrads(factors, dense_t, layout), tuple(used)
 
 
-def _warn_loop(plan: LayerPlan, err: Exception) -> None:
+def _warn_loop(plan: LayerPlan, err: Exception, keys: list) -> None:
+    """One warning naming the ``keys`` whose rows now come from the per-example loop (RU2 L2:
+    the EK-FAC version names them; the user sees which of their parameters are slow)."""
+    what = (f"its parameters outside the captured layers, {keys}, get per-example gradients "
+            "from a loop of one backward pass per example (the captured layers keep one "
+            "batched pass)" if keys else "the checkpoints are taken one by one (every "
+            "attributed parameter is in a captured layer: no per-example loop)")
     warnings.warn(f"layer_grads: vmap cannot run {type(plan.model.module).__name__} ({err}"[:300]
-                  + "...); its parameters outside the captured layers get per-example gradients "
-                  "from a loop of one backward pass per example (the captured layers keep one "
-                  "batched pass).", RuntimeWarning, stacklevel=5)
+                  + f"...); {what}.", RuntimeWarning, stacklevel=5)
 
 
 def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, bool]:
@@ -341,7 +345,7 @@ def _dense(plan: LayerPlan, stacked: Params, batch: Batch) -> tuple[LayerGrads, 
         except RuntimeError as err:
             if not _vmap_failed(err):
                 raise
-            _warn_loop(plan, err)
+            _warn_loop(plan, err, list(stacked))
             loop = True
     if G is None:
         G = torch.stack([ravel_batched(_loop_grads(plan.model.loss, {k: v[c] for k, v in
@@ -417,7 +421,7 @@ def _factored_core(plan: LayerPlan, stacked: Params, batch: Batch, losses: list 
             # ``losses`` is not cleared (review R4 F4): C > 1 failed under vmap, where
             # batched_io records nothing; a plain C = 1 pass runs no vmap, and a row it had
             # recorded would leave C + 1 rows, which _factored does not hand back
-            _warn_loop(plan, err)
+            _warn_loop(plan, err, list(plan.autodiff))
             loop = True
     if plan.autodiff:
         fn = lambda p: _raw_split(plan, p, batch, args, kwargs, target, shapes, losses)
