@@ -48,7 +48,9 @@ def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params, stre
     side of this call (:func:`shared_stream`), else one of its own.
     """
     if plan is None:
-        return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b))
+        # no loop to fall back to: vmap's refusal of the model is named (RU2 M2)
+        return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b,
+                                                                 refuse=("influence", "loss")))
     stacked = {k: v[None] for k, v in params.items()}
     shift = 2 * l2 * torch.cat([v.reshape(-1) for v in params.values()]) if l2 else None
     # checked on the stream's first batch of >= 2 examples, then held
