@@ -10,7 +10,6 @@ memory per call grows like ``k x batch_rows x`` (activations of one example).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -51,22 +50,6 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
     return batches, flat0, unravel
 
 
-def _layout(batch) -> tuple:
-    leaves, spec = tree_flatten(batch)
-    return spec, tuple((t.shape[1:], t.dtype) if isinstance(t, Tensor) else None for t in leaves)
-
-
-def _regroup_runs(batches, rows: int | None, func: str):
-    """:func:`~dattri_fn._checks.regroup` within each run of consecutive batches of one layout
-    and trailing shapes: batches padded to different lengths (dynamic padding) are never
-    concatenated (RU2 M3); batches of one shape group exactly as before."""
-    if rows is None:
-        yield from batches
-        return
-    for _, run in itertools.groupby(batches, key=_layout):
-        yield from regroup(run, rows, func)
-
-
 def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Tensor, batches,
               batch_rows: int | None = None, seed: int | None = None):
     """Build the LinOp ``V -> (1/N) sum_batches per_batch(V, batch)`` (``seed``: every call
@@ -77,7 +60,7 @@ def _streamed(func: str, per_batch: Callable[[Tensor, Batch], Tensor], flat0: Te
         out = torch.zeros_like(V)
         n = 0
         with seeded(seed, device):
-            for batch in _regroup_runs(batches, batch_rows, func):
+            for batch in regroup(batches, batch_rows, func):
                 batch = batch_to(batch, device)
                 with blame_data(func, "data", batch):
                     out = out + per_batch(V, batch)
