@@ -1,6 +1,7 @@
 """metagradient raises glibc's malloc thresholds by glibc's own rule: the reverse pass's freed
 temporaries stay in the heap instead of being faulted back in (stop 27, digits-cnn ~0.7x a step)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -48,8 +49,11 @@ def _glibc() -> bool:
 
 
 def _child(arg: str) -> list[str]:
+    # glibc's tunables and another allocator preloaded would decide the thresholds instead
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     return subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True,
-                          timeout=120, check=True).stdout.split()
+                          timeout=120, check=True, env=env).stdout.split()
 
 
 @pytest.mark.slow  # two child processes import torch: 8-16 s on the shared machine
@@ -58,5 +62,6 @@ def test_metagradient_serves_blocks_up_to_31_mib_from_the_heap():
     """In a fresh process 4, 16 and 31 MiB tensors are mapped on their own (each freed one goes
     back to the kernel); after one small metagradient() all three come from the heap (the
     call removed: mapped again)."""
-    assert _child("none") == ["False", "False", "False"]
+    if _child("none") != ["False", "False", "False"]:
+        pytest.skip("this process's allocator maps none of the blocks apart (not glibc's defaults)")
     assert _child("metagradient") == ["True", "True", "True"]

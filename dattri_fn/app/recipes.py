@@ -212,17 +212,18 @@ def recipe(name: str, task, models: Sequence[nn.Module], *, damping: float = 1e-
 
 
 # Test targets per vmapped vjp in recipe("magic"/"magic-ens"), by task (absent: all at once).
-# digits-cnn: chunks of 10 from stop 20 to 26 (all 50 at once was 1.01-1.26x, 25 bimodal,
-# blamed on the cache); stop 27 found the cause in glibc's malloc thresholds: at the few MiB a
-# small run leaves them, a reverse step's freed temporaries go back to the kernel and are faulted
-# in again (~10k minor faults a step; larger chunks, larger temporaries). With metagradient's
-# _raise_malloc_thresholds (~0 faults) one step's pullback, interleaved (benchmarks.magic_chunks,
-# 30-40 rounds, median per-round ratio to chunks of 10, A/A 0.99): all at once 0.848 / 0.855,
-# 25 0.873 / 0.878, 17 0.896 / 0.919; without it, all at once 1.244. The 3-run recipe, prepare +
-# score (benchmarks.magic_heap --full against the stop-26 tree, processes alternated): 97.2 / 90.6
-# against 153.5 / 127.4 CPU-s, scores torch.equal. On digits-lr/mlp chunks of 4-25 were slower
-# (per-call overhead); on text-lm no chunking beat noise (stop 20).
-MAGIC_CHUNKS: dict[str, int] = {}
+# digits-cnn: chunks of 10 from stop 20 to 26 (all 50 at once was 1.01-1.26x, blamed on the
+# cache); stop 27 found the cause in glibc's malloc thresholds: at the few MiB a small run leaves
+# them, a reverse step's freed temporaries go back to the kernel and are faulted in again (~10k
+# minor faults a step). With metagradient's _raise_malloc_thresholds (~0 faults) one step's
+# pullback, interleaved (benchmarks.magic_chunks, 30-40 rounds, median per-round ratio to chunks
+# of 10, A/A 0.99): all 50 at once 0.848 / 0.855, 25 0.873 / 0.878; without it, all at once 1.244.
+# The 3-run recipe, prepare + score (benchmarks.magic_heap --full, processes alternated): 79-97
+# CPU-s against 111-129 for the stop-26 code, scores torch.equal. 50 caps the peak on a task built
+# with more test points (~1.75 MiB a target: 547 MiB at 50 against 482 at 10, review RA).
+# On digits-lr/mlp chunks of 4-25 were slower (per-call overhead); on text-lm no chunking beat
+# noise (stop 20).
+MAGIC_CHUNKS: dict[str, int] = {"digits-cnn": 50}
 
 # recipe("magic-ens")'s runs by task (absent: every model given) and every MAGIC recipe's early
 # exit by task (absent: EARLY_EXIT), stop 26, benchmarks/magic_config.py: the cheapest setting

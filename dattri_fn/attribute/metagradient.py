@@ -52,7 +52,8 @@ def _raise_malloc_thresholds() -> None:
 
     glibc maps a block above its mmap threshold (128 KiB at start) and, when such a block is freed,
     raises the threshold to its size (at most 32 MiB) and the trim threshold to twice that: the
-    state of any process that has freed a 32 MiB tensor. After a small run the thresholds sit at a
+    state of any process that has freed a mapped block just under 32 MiB (one of exactly 32 MiB
+    is over glibc's cap and leaves them). After a small run the thresholds sit at a
     few MiB, and a reverse step's 1-12 MiB temporaries go back to the kernel between vmapped calls
     and are faulted in again: ~10k minor faults per digits-cnn reverse step (50 targets in chunks
     of 10), 0.65-0.75x its thread CPU once gone (stop 27, ``benchmarks/magic_heap.py``). No
