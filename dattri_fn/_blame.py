@@ -62,7 +62,7 @@ def blame_keys(func: str, arg: str, params):
 def blame_data(func: str, arg: str, batch):
     """Report torch's error on the user's examples as ``func(arg=...)``, at a public boundary.
 
-    A RuntimeError or IndexError raised while the model and loss run on ``batch`` (a feature
+    A RuntimeError, IndexError or AssertionError raised while the model and loss run on ``batch`` (a feature
     width the model does not take, a label out of range, a float label for a class index, data
     in another dtype) becomes a ValueError (TypeError for dtypes) naming the call and the
     argument, with torch's message and the original chained (other errors, e.g. the user's own
@@ -84,7 +84,8 @@ def blame_data(func: str, arg: str, batch):
         outer = type(err)(f"{func}({arg}=...): {text}")
         outer.blamed = (func, arg)
         raise outer from err
-    except (RuntimeError, IndexError) as err:
+    except (RuntimeError, IndexError, AssertionError) as err:
+        # AssertionError: torch's decompositions assert on targets (labels [n, 1]: RU3 L2)
         text = str(err)
         if (_LIBRARY_ERROR.match(text) or _TRANSFORM_LIMIT.search(text)
                 or not _DATA_ERROR.search(text)):

@@ -217,9 +217,7 @@ def atomic_path(path: str | os.PathLike):
     so a killed writer's leftover is removed by the next save, load or :func:`clean_temps`.
 
     Raises:
-        TypeError: ``path`` is not a str or PathLike, or ``obj`` holds a function or a LinOp
-            (an ``InfluenceState``'s ``ihvp``: save its ``factors``), checked before any file
-            is made.
+        TypeError: ``path`` is not a str or PathLike.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_msg("atomic_path", "path", "a str or os.PathLike", type(path).__name__))
@@ -388,9 +386,7 @@ def load(path: str | os.PathLike, *, map_location=None, weights_only: bool = Tru
         The saved object.
 
     Raises:
-        TypeError: ``path`` is not a str or PathLike, or ``obj`` holds a function or a LinOp
-            (an ``InfluenceState``'s ``ihvp``: save its ``factors``), checked before any file
-            is made.
+        TypeError: ``path`` is not a str or PathLike.
         FileNotFoundError: nothing at ``path``.
     """
     if not isinstance(path, (str, os.PathLike)):

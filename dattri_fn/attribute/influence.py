@@ -177,7 +177,10 @@ def influence(loss: Loss | FunctionalModel, *, solver: str = "cg", damping: floa
             ``kfac``/``ekfac`` take ``fisher="true"`` and ``seed`` (targets drawn from the
             model, kronfluence's default) or ``fisher="expected"`` (the exact expectation over
             the model's outputs: the Gauss-Newton's layer blocks); see
-            :func:`~dattri_fn.operators.kfac.kfac_factors`.
+            :func:`~dattri_fn.operators.kfac.kfac_factors`. ``fisher="true"`` draws with
+            ``sampler=`` (or ``loss_fn.sample``, or the library's for softmax and one-logit
+            binary cross-entropy); on another loss it is refused at construction. A keyword the
+            chosen solver does not take is refused at construction, naming the ones it takes.
         target: test-side function ``target(params, example) -> Tensor[]`` whose DECREASE a
             positive score predicts, or a FunctionalModel (its ``loss``, batched Linear
             gradients); default: ``loss`` (e.g. pass minus a margin).

@@ -218,6 +218,7 @@ def influence_config(loss: Loss | FunctionalModel, *, solver, damping: float,
         if model is None or model.loss_fn is None:
             raise ValueError(f"influence(M=...): {precondition!r} needs the FunctionalModel "
                              "(with its loss_fn) that the loss came from, got None.")
+    _check_known(solver, solver_options)
     return InfluenceConfig(
         name=f"if_{solver}", solver=solver, damping=damping, curvature=curvature, l2=l2,
         relatif=relatif, per_layer=per_layer, query_rank=query_rank, chunk_size=chunk_size,
@@ -258,6 +259,29 @@ def _check_required(solver: str, options: dict) -> None:
             raise ValueError(f"influence({name}=...): expected "
                              f"{_REQUIRED.get(name, 'a value')} with solver={solver!r} (or pass "
                              f"solver=dattri_fn.solvers.{solver}(...)), got None.")
+
+
+_OWN = {"damping", "blocks", "chunk_size", "tapped", "batch_rows"}  # prepare passes these itself
+
+
+def _takes(solver: str) -> list[str]:
+    """The keyword options ``prepare`` forwards to the solver's inverse (or factor builder)."""
+    from ..operators import kfac
+
+    fn = {"kfac": kfac.kfac_factors, "ekfac": kfac.ekfac_factors}.get(solver) or _inverse_fn(solver)
+    return [n for n, p in inspect.signature(fn).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in _OWN]
+
+
+def _check_known(solver: str, options: dict) -> None:
+    """Refuse at construction a keyword the solver does not take (LiSSA's ``max_iter`` raised
+    ``ihvp_lissa``'s raw TypeError at ``prepare``: RU3 M1)."""
+    takes = _takes(solver) + (["query_rank"] if solver in ("kfac", "ekfac") else [])
+    unknown = [k for k in options if k not in takes]
+    if unknown:
+        raise TypeError(f"influence({unknown[0]}=...): solver {solver!r} takes "
+                        f"{', '.join(takes) or 'no options'}, got {unknown[0]}="
+                        f"{options[unknown[0]]!r}.")
 
 
 def _check_fisher(model: FunctionalModel | None, options: dict) -> None:

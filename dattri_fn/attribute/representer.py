@@ -190,7 +190,10 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
             step = step if most is None else min(step, most)
             with blame_data(func, arg, batch), blame_keys(func, "params", params):
                 for a in range(0, n, step):
-                    part = fn(params, batch_slice(batch, a, a + step))
+                    # RPS never differentiates its rows: a feature_fn running a backbone whose
+                    # parameters require grad must not leave its graph in the state (RU3 M2)
+                    with torch.no_grad():
+                        part = fn(params, batch_slice(batch, a, a + step))
                     if sink is not None:
                         sink(part)
                         del part

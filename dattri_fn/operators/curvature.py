@@ -147,6 +147,9 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     grad_fn = torch.func.grad(batch_loss)
 
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
+        # batched double backward through max-pooling asks is_contiguous inside vmap, which
+        # torch has only for the default format: channels-last images are copied (RU3 M3)
+        batch = tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, batch)
         # as batch_gnvp: SDPA's fused CPU/GPU kernels have no second derivative (RU2 M4)
         with sdpa_kernel(SDPBackend.MATH):
             return _hvp_rows(V, batch)
@@ -399,7 +402,9 @@ def fvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
                                   "(the empirical Fisher's rows)", f"vmap's refusal: "
                                   f"{str(err)[:160]}...", "Pass the FunctionalModel itself "
                                   "(e.g. influence(fm, curvature='fisher')): its layer plan "
-                                  "loops over examples where vmap cannot run.")) from err
+                                  "loops over examples where vmap cannot run. A loss replaced "
+                                  "by fm._replace(loss=...) has no layer plan: make that loss "
+                                  "vmappable.")) from err
 
     return gram(rows, params, data, batch_rows=batch_rows, func="fvp", chunk_size=chunk_size)
 

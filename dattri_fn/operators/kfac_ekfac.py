@@ -71,8 +71,8 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
                                       "are finite", f"NaN or inf in the {side} factor of layer "
                                       f"{k!r}", "A training example's gradient (or layer "
                                       "input) is not finite."))
-    QA = {k: torch.linalg.eigh(v)[1] for k, v in kf.A.items()}
-    QG = {k: torch.linalg.eigh(v)[1] for k, v in kf.G.items()}
+    QA = {k: _eigvecs(v) for k, v in kf.A.items()}
+    QG = {k: _eigvecs(v) for k, v in kf.G.items()}
     bias = {n: _keys(n)[1] in pnames for n in names}
     L = {}
 
@@ -132,3 +132,11 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
         QA, QG, Lambda = ({k: v.to(dtype) for k, v in d.items()} for d in (QA, QG, Lambda))
     return EKFACFactors(QA, QG, Lambda, pnames, torch.tensor(n, dtype=torch.int64), kf.transposed,
                         diag)
+
+
+def _eigvecs(v: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of the symmetric factor ``v``; torch has no half-precision eigh, so a
+    float16/bfloat16 factor is decomposed in float32 and its basis rounded back (RU3 M4)."""
+    if v.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.eigh(v.float())[1].to(v.dtype)
+    return torch.linalg.eigh(v)[1]

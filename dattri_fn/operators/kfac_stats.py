@@ -268,7 +268,10 @@ def kfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
             so equal data give equal draws.
         sampler: ``sample(output, target, generator) -> target'`` on a batch (see
             :mod:`dattri_fn.losses`); None = ``loss_fn.sample`` if the loss has one, else
-            :func:`~dattri_fn.losses.sample_categorical` (logits ``[B, K]``).
+            :func:`~dattri_fn.losses.sample_categorical` for softmax cross-entropy (logits
+            ``[B, K]``), :func:`~dattri_fn.losses.sample_bernoulli` for one-logit
+            ``binary_cross_entropy_with_logits``; ``fisher="true"`` on any other loss is
+            refused (pass a sampler, or ``fisher="empirical"``).
         reduce: ``reduce(sums, count) -> (sums, count)``, called once per pass with this
             process's statistic sums over its examples (a dict of tensors whose keys carry
             their pass's prefix: ``"A:"``/``"G:"`` for the K-FAC pass, ``"D:"`` for the

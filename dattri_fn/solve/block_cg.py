@@ -115,11 +115,14 @@ def _orth(W: Tensor) -> Tensor:
             T = d[:, None] * torch.linalg.solve_triangular(L, eye, upper=False).T
             return W @ T.to(W.dtype)
     W = W / W.norm(dim=0).clamp_min(tiny)
-    Q, R = torch.linalg.qr(W)
+    # torch has no half-precision QR (geqrf): float16/bfloat16 blocks factor in float32, their
+    # Q rounded back once (RU3 M4)
+    low = W.dtype in (torch.float16, torch.bfloat16)
+    Q, R = torch.linalg.qr(W.float() if low else W)
     kept = R.diagonal().abs() > floor
     if not bool(kept.all()):
-        Q = torch.linalg.qr(W[:, kept]).Q
-    return Q
+        Q = torch.linalg.qr((W.float() if low else W)[:, kept]).Q
+    return Q.to(W.dtype)
 
 
 def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
@@ -145,6 +148,8 @@ def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
     Z = R if M is None else M(R)
     Pd = _orth(Z)
     for _ in range(max_iter):
+        if Pd.shape[1] == 0:  # every new direction dependent at this precision (float16): the
+            break             # Krylov space is spent; the residuals stand as they are
         Q = op(Pd)
         S = (Pd.T @ Q).double()
         S = (S + S.T) / 2
