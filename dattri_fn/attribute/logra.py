@@ -313,7 +313,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         # features; while every layer is in it, the cache holds these factors, not the features
         factors: dict = {}
         feats = _Gather(total)  # the features, once a layer has T > 1 (cache_features)
-        positions = Positions(func)  # A' counts each example's real positions only
+        positions = Positions(func, model.module)  # A' over the real positions its layers read
         for batch in passes():
             if not merged:  # merged_passes checked each batch it merged
                 batch_size(func, "train", batch)
