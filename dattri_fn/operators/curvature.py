@@ -149,7 +149,7 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
     def per_batch(V: Tensor, batch: Batch) -> Tensor:
         # batched double backward through max-pooling asks is_contiguous inside vmap, which
         # torch has only for the default format: channels-last images are copied (RU3 M3)
-        batch = tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, batch)
+        batch = _contiguous(batch)
         # as batch_gnvp: SDPA's fused CPU/GPU kernels have no second derivative (RU2 M4)
         with sdpa_kernel(SDPBackend.MATH):
             return _hvp_rows(V, batch)
@@ -184,6 +184,15 @@ def padding_rows(module: torch.nn.Module, params: Params) -> dict[str, int]:
     ``module`` (reverse mode gives row ``p`` no gradient; ``jvp`` gives it one)."""
     return {key: m.padding_idx for _, m, key in attributed_embeddings(module, params)
             if m.padding_idx is not None}
+
+
+def _contiguous(batch: Batch) -> Batch:
+    """``batch`` with its tensors in the default memory format (a flat tuple of contiguous
+    tensors, the common case, returned as it is without a pytree walk)."""
+    if isinstance(batch, tuple) and all(not isinstance(t, Tensor) or t.is_contiguous()
+                                        for t in batch):
+        return batch
+    return tree_map(lambda t: t.contiguous() if isinstance(t, Tensor) else t, batch)
 
 
 def _plain_rev_rev(batch_loss, flat0: Tensor, V: Tensor, batch: Batch,
