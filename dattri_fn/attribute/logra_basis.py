@@ -63,9 +63,12 @@ def _eigvecs(factors: dict, func: str = "logra.prepare", n: int | None = None,
     vecs = [None] * len(mats)
     for idx, S in zip(by_size.values(), stacks, strict=True):
         try:
-            # torch has no half-precision eigh: float32, the basis rounded back (RU3 M4)
+            # torch has no half-precision eigh: float32, the basis rounded back (RU3 M4) except
+            # under autocast, whose eigh returns float32 for half inputs (the params' dtype)
             low = S.dtype in (torch.float16, torch.bfloat16)
-            Q = torch.linalg.eigh(S.float() if low else S)[1].to(S.dtype)
+            Q = torch.linalg.eigh(S.float() if low else S)[1]
+            if low and not torch.is_autocast_enabled(S.device.type):
+                Q = Q.to(S.dtype)
         except torch.linalg.LinAlgError as e:
             raise ValueError(_msg(func, "train", "training examples whose covariance factors "
                                   "have an eigendecomposition", f"a failed eigh ({e})",

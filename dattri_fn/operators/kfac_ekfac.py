@@ -136,7 +136,9 @@ def ekfac_factors(module: nn.Module, loss_fn: Callable, params, data, *,
 
 def _eigvecs(v: torch.Tensor) -> torch.Tensor:
     """The eigenvectors of the symmetric factor ``v``; torch has no half-precision eigh, so a
-    float16/bfloat16 factor is decomposed in float32 and its basis rounded back (RU3 M4)."""
+    float16/bfloat16 factor is decomposed in float32 and its basis rounded back (RU3 M4), except
+    under autocast, whose eigh returns float32 for half inputs."""
     if v.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.eigh(v.float())[1].to(v.dtype)
+        Q = torch.linalg.eigh(v.float())[1]
+        return Q if torch.is_autocast_enabled(v.device.type) else Q.to(v.dtype)
     return torch.linalg.eigh(v)[1]

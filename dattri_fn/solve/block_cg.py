@@ -122,7 +122,7 @@ def _orth(W: Tensor) -> Tensor:
     kept = R.diagonal().abs() > floor
     if not bool(kept.all()):
         Q = torch.linalg.qr((W.float() if low else W)[:, kept]).Q
-    return Q.to(W.dtype)
+    return Q if low and torch.is_autocast_enabled(W.device.type) else Q.to(W.dtype)
 
 
 def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
