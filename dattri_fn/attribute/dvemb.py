@@ -59,6 +59,7 @@ from .._types import Loss
 from ..model import FunctionalModel
 from ..training.record import Record, check_record
 from ..training.run import take
+from ..transforms.grad import Refuse, refusing
 from ..tree import ravel
 from .method import Method, loss_and_plan, stacked_per_sample_grad
 from .pipeline import collect, merge_topk
@@ -128,6 +129,9 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
     name = "dvemb"
     if curvature not in ("fisher", "hessian"):
         raise ValueError(_msg(name, "curvature", "'fisher' or 'hessian'", repr(curvature)))
+    # every model is vmapped here (no capture plan): a refusal names the argument to rewrite
+    train_refuse = Refuse(name, "loss", capture=False)
+    test_refuse = Refuse(name, "loss" if target is None else "target", capture=False)
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
     projection = _check_projection(name, projection)
@@ -192,7 +196,9 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
             if curvature == "fisher":
                 step = (prod @ G.T) @ G / b  # prod H_t
             else:
-                step = prod @ _batch_hessian(loss, ckpts[t].params, take(data, record.order[t]))
+                with refusing(train_refuse):
+                    H = _batch_hessian(loss, ckpts[t].params, take(data, record.order[t]))
+                step = prod @ H
             prod = prod - eta * (step + wd * prod)
         return DVEmbState(E, proj)
 
@@ -214,7 +220,7 @@ def dvemb(loss: Loss | FunctionalModel, *, curvature: str = "fisher",
 
         def f(fn):
             def feats(batch) -> Tensor:
-                G = stacked_per_sample_grad(fn, final, batch)[0]
+                G = stacked_per_sample_grad(fn, final, batch, refuse=test_refuse)[0]
                 return G if projector is None else projector(G)
             return feats
 

@@ -38,6 +38,7 @@ from .._checks import _msg, all_finite, check_int, check_optional_int
 from .._types import Loss, Params
 from ..model import FunctionalModel
 from ..training.record import Record, check_record
+from ..transforms.grad import Refuse
 from .method import Method, loss_and_plan, stacked_per_sample_grad
 from .pipeline import feature_method, in_chunks
 from .unit_rows import unit_rows  # noqa: F401  (less.unit_rows, as before)
@@ -117,6 +118,9 @@ def optimizer_method(name: str, loss: Loss | FunctionalModel, train_map: Callabl
     check_optional_int(name, "proj_dim", proj_dim)
     check_optional_int(name, "chunk_size", chunk_size)
     check_int(name, "seed", seed, minimum=0)
+    # every model is vmapped here (no capture plan): a refusal names the argument to rewrite
+    train_refuse = Refuse(name, "loss", capture=False)
+    test_refuse = Refuse(name, "loss" if target is None else "target", capture=False)
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
     steps = None if checkpoints is None else [check_int(name, "checkpoints", s, minimum=0)
@@ -133,11 +137,11 @@ def optimizer_method(name: str, loss: Loss | FunctionalModel, train_map: Callabl
             return unit_rows(G) if normalize else G
 
         def train_f(batch) -> Tensor:
-            G = stacked_per_sample_grad(loss, ck.stacked, batch)  # [C, B, P]
+            G = stacked_per_sample_grad(loss, ck.stacked, batch, refuse=train_refuse)  # [C, B, P]
             return finish(train_map(G, ck)) * ck.lrs[:, None, None]
 
         def test_f(batch) -> Tensor:
-            return finish(stacked_per_sample_grad(target, ck.stacked, batch))
+            return finish(stacked_per_sample_grad(target, ck.stacked, batch, refuse=test_refuse))
 
         device = ck.mu.device
         return in_chunks(train_f, chunk_size), in_chunks(test_f, chunk_size), device

@@ -24,7 +24,7 @@ from torch.func import vmap
 
 from .._checks import check_params
 from .._types import Batch, Loss, Params
-from ..transforms.grad import per_sample_grad_unchecked
+from ..transforms.grad import Refuse, per_sample_grad_unchecked
 from ..tree import ravel_batched
 
 
@@ -101,11 +101,11 @@ def device_of(params: Params) -> torch.device:
 
 def stacked_per_sample_grad(loss: Loss, stacked: Params, batch: Batch, *,
                             chunk_size: int | None = None,
-                            refuse: tuple[str, str] | None = None) -> Tensor:
+                            refuse: Refuse | tuple | None = None) -> Tensor:
     """Return per-sample gradients at every checkpoint, vmapped over C.  # -> [C, B, P]
 
-    ``refuse``: ``(method, argument)`` named if vmap cannot run the model
-    (:func:`~dattri_fn.transforms.grad.per_sample_grad_unchecked`)."""
+    ``refuse``: the :class:`~dattri_fn.transforms.grad.Refuse` ``(method, argument)`` named if
+    vmap cannot run the model (:func:`~dattri_fn.transforms.grad.per_sample_grad_unchecked`)."""
     per_ckpt = lambda p: per_sample_grad_unchecked(loss, p, batch, chunk_size=chunk_size,
                                                    refuse=refuse)
     if num_checkpoints(stacked) == 1:

@@ -61,6 +61,7 @@ from .._checks import _msg, all_finite, batch_size, check_int, check_positive, i
 from .._types import Loss, Params
 from ..model import FunctionalModel, check_bridged
 from ..training.record import Record, check_record
+from ..transforms.grad import Refuse, refusing
 from ..tree import ravel
 from .method import Method, loss_and_plan, stacked_per_sample_grad
 from .pipeline import collect, stream_scores, stream_self
@@ -100,7 +101,8 @@ def _hessian(loss: Loss, params: Params, data) -> Tensor:
     for batch in iter_batches("source", "train", data):
         b = batch_size("source", "train", batch)
         f = lambda flat, batch=batch: vmap(loss, in_dims=(None, 0))(unravel(flat), batch).sum()  # noqa: E731
-        h = hessian(f)(flat0)
+        with refusing(Refuse("source", "loss", capture=False)):  # every model is vmapped here
+            h = hessian(f)(flat0)
         total = h if total is None else total + h
         n += b
     return total / n
@@ -200,6 +202,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
                              "pass curvature='hessian')", type(loss).__name__))
     if curvature == "ekfac" and fisher == "true":
         _check_sampler(model.loss_fn)
+    refuse = Refuse(name, "loss", False), Refuse(name, "loss" if target is None else "target", False)
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
 
@@ -285,7 +288,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
 
     def train_f(state: SourceState):
         def f(batch) -> Tensor:  # [L, B, P]: gbar_l(z)
-            return torch.stack([stacked_per_sample_grad(loss, s.stacked, batch).mean(0)
+            return torch.stack([stacked_per_sample_grad(loss, s.stacked, batch, refuse=refuse[0]).mean(0)
                                 for s in state.segments])
         return f
 
@@ -293,7 +296,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         final = {k: v[None] for k, v in state.final.items()}
 
         def f(batch) -> Tensor:  # [L, k, P]: Seg_l^T q_l / N
-            q = stacked_per_sample_grad(target, final, batch)[0]  # [k, P]
+            q = stacked_per_sample_grad(target, final, batch, refuse=refuse[1])[0]  # [k, P]
             rows = []
             for s in reversed(state.segments):
                 if s.factors is not None:

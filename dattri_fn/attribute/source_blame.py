@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .._checks import _msg, batch_size, batch_slice, iter_batches
 from .._types import Loss
+from ..transforms.grad import Refuse
 from .method import stacked_per_sample_grad
 
 
@@ -40,7 +41,8 @@ def blame_train(func: str, loss: Loss, group, keys: list[str], train, li: int, w
     seen = 0
     for batch in iter_batches(func, "train", train):
         b = batch_size(func, "train", batch, first=seen)
-        G = stacked_per_sample_grad(loss, stacked, batch)  # [C, b, P]
+        G = stacked_per_sample_grad(loss, stacked, batch,  # [C, b, P]
+                                    refuse=Refuse(func.split(".")[0], "loss", capture=False))
         over = ~(G.square().sum(-1) <= big)  # [C, b], NaN too
         if bool(over.any()):
             i = int(over.any(0).nonzero()[0, 0])

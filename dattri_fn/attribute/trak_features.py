@@ -29,6 +29,7 @@ from .._checks import (
     regrouped,
 )
 from .._types import Params
+from ..transforms.grad import refusing
 from ..transforms.kronecker import kronecker_layers, make_kronecker_projector
 from ..transforms.layer_grads import (
     NonFiniteExamples,
@@ -110,6 +111,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
     more examples read, then held.
     """
     output_fn, weight_fn, plan, keys = cfg.output_fn, cfg.weight_fn, cfg.plan, cfg.keys
+    public = func.split(".")[0]  # trak.prepare -> trak: whose output_fn/weight_fn a refusal names
     proj_dim, chunk_size, rows_min, projectors = (cfg.proj_dim, cfg.chunk_size, cfg.rows_min,
                                                   cfg.projectors)
     stacked = stack_checkpoints(func, params)
@@ -265,7 +267,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             if into is None:
                 yield from rows
             return
-        G = stacked_per_sample_grad(output_fn, sub, batch)  # [C, b, P], one vmap
+        G = stacked_per_sample_grad(output_fn, sub, batch, refuse=(public, "output_fn"))  # [C, b, P]
         if not all_finite(G):  # named here: the projector's own scan would name itself
             raise NonFiniteGradient(_bad_column(G, sub))
         if G.dtype != fdt:  # checked before the cast too: finite values may overflow fdt
@@ -309,7 +311,8 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
             return torch.stack([cfg.weight_rows({k: v[c] for k, v in stacked.items()}, batch)
                                 for c in range(C)]).to(v0.dtype).mean(0)
         per_ckpt = lambda p: vmap(weight_fn, in_dims=(None, 0))(p, batch)
-        return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
+        with refusing((public, "weight_fn")):  # the remedy: weight_fn a FunctionalModel (above)
+            return vmap(per_ckpt)(stacked).to(v0.dtype).mean(0)
 
     def packed(batch) -> Tensor:  # [C, b, d + 1] in the params' dtype: features, then Q
         margins = [] if from_pass else None

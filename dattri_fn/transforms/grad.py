@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,17 +82,55 @@ class VmapRefusal(ValueError, RuntimeError):
     error to loop over examples itself keeps doing so."""
 
 
-def vmap_refusal(func: str, arg: str, err: RuntimeError) -> VmapRefusal:
+class Refuse(NamedTuple):
+    """The public ``func(arg=...)`` a vmap refusal is raised under. ``capture``: whether ``func``
+    takes the FunctionalModel's per-layer capture (the remedy), or vmaps every model (LESS,
+    DVEmb, SOURCE: the remedy is a vmappable forward). A plain ``(func, arg)`` is one too."""
+
+    func: str
+    arg: str
+    capture: bool = True
+
+
+def vmap_refusal(func: str, arg: str, err: RuntimeError, *, capture: bool = True
+                 ) -> VmapRefusal:
     """vmap's refusal of a model (a stock HF Llama/GPT-2 given an attention mask: ``.item()``
     in its mask helpers) as ``func(arg=...)``, with the remedy: the FunctionalModel's
-    per-layer capture runs the model batched, without vmap (RU2 M2)."""
-    fix = ("Pass the FunctionalModel to per_sample_layer_grads(fm, params, batch) instead "
-           "(.to_dense() gives these rows)" if func == "per_sample_grad" else
-           f"Pass the FunctionalModel itself ({func}(fm), not {func}(fm.loss))" if arg == "loss"
-           else f"Pass the FunctionalModel itself ({arg}=fm, not {arg}=fm.loss)")
+    per-layer capture runs the model batched, without vmap (RU2 M2); ``capture=False``: ``func``
+    vmaps every model, so the forward itself must change (or another method be used)."""
+    if not capture:
+        fix = (f"{func} vmaps {arg} per example for every model, a FunctionalModel too (it has "
+               "no per-layer capture): rewrite the forward without .item() or a Python branch "
+               "on a tensor's value (torch.where), or use a method whose per-layer capture "
+               "needs no vmap (grad_dot(fm), trak(fm)).")
+    elif func == "per_sample_grad":
+        fix = ("Pass the FunctionalModel to per_sample_layer_grads(fm, params, batch) instead "
+               "(.to_dense() gives these rows): its per-layer capture needs no vmap.")
+    else:
+        fix = (f"Pass the FunctionalModel itself ({func}(fm), not {func}(fm.loss))"
+               if arg == "loss" else f"Pass the FunctionalModel itself ({arg}=fm, not "
+               f"{arg}=fm.loss)") + ": its per-layer capture needs no vmap."
     return VmapRefusal(_msg(func, arg, "a loss torch.func.vmap can run per example",
                            f"vmap's refusal of the model: {str(err).splitlines()[0][:160]}...",
-                           fix + ": its per-layer capture needs no vmap."))
+                           fix))
+
+
+def _refused(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap's refusal of the model (not of a loss that samples)."""
+    return str(err).startswith("vmap:") and "randomness" not in str(err)
+
+
+@contextlib.contextmanager
+def refusing(refuse: Refuse | tuple | None):
+    """Re-raise vmap's refusal of the model inside as :func:`vmap_refusal` under ``refuse``
+    (for a raw ``vmap`` of the user's loss with no loop to fall back to); None: unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if refuse is None or isinstance(e, VmapRefusal) or not _refused(e):
+            raise
+        r = Refuse(*refuse)
+        raise vmap_refusal(r.func, r.arg, e, capture=r.capture) from e
 
 
 def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
@@ -194,13 +233,13 @@ def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
                               chunk_size: int | None = None,
                               func: str = "per_sample_grad", randomness: str = "error",
                               takes_randomness: bool = False,
-                              refuse: tuple[str, str] | None = None) -> Params:
+                              refuse: Refuse | tuple | None = None) -> Params:
     """:func:`per_sample_grad` as a dict, without validation: for inner loops.  # {name: [B, ...]}
 
     ``func``: the public caller named by the error for a non-scalar loss. ``takes_randomness``:
     whether the error for a loss that samples may name ``func(randomness=...)`` (inner loops of
     a method: no, it names the loss and is re-worded at the method's boundary). ``refuse``:
-    ``(public call, argument)`` that vmap's refusal of the model (``.item()``, data-dependent
+    the :class:`Refuse` (public call, argument) that vmap's refusal of the model (``.item()``, data-dependent
     control flow) is re-raised under, for a caller with no loop to fall back to; None: raised
     as torch's RuntimeError (callers that fall back catch it).
     """
@@ -211,8 +250,9 @@ def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
         clear = _random_error(func, e, takes_randomness)
         if clear is not None:
             raise clear from e
-        if refuse is not None and str(e).startswith("vmap:"):
-            raise vmap_refusal(*refuse, e) from e
+        if refuse is not None and _refused(e):
+            r = Refuse(*refuse)
+            raise vmap_refusal(r.func, r.arg, e, capture=r.capture) from e
         if "scalar" not in str(e):
             raise
         raise ValueError(f"{func}(loss=...): expected a per-example function (loss or "
