@@ -100,7 +100,9 @@ from .capture_specs import (  # noqa: F401
     _spec,
     _tokens,
     bias_grad,
+    grouped,
     layer_specs,
+    module_problems,
     probe_shapes,
     weight_grad,
 )

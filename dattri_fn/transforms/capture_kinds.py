@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .capture_norm import Broadcast, layer_norm_inspect
+from .capture_specs import grouped
 
 if TYPE_CHECKING:
     from .capture_mode import _Capture
@@ -91,7 +92,7 @@ def _conv2d_inspect(mode: _Capture, name, args, kwargs):
                                          _arg(args, kwargs, 5, "dilation", 1),
                                          _arg(args, kwargs, 6, "groups", 1))
     if groups != 1:
-        return f"groups = {groups} (only groups = 1 is factored)"
+        return grouped(groups)
     if x.ndim != 4:
         return f"an unbatched input {list(x.shape)}"
     B = mode.rows_of(x)

@@ -88,6 +88,21 @@ def layer_specs(module: nn.Module, *, norms: bool = False,
                                                   if s.kind != "layernorm"}, specs)
 
 
+def grouped(groups: int) -> str:
+    """Why a Conv2d call with ``groups > 1`` is not captured (its weight gradient is ``groups``
+    block-diagonal pieces, not one ``sum_t g_t a_t^T``)."""
+    return f"groups = {groups}, only groups = 1 is factored"
+
+
+def module_problems(module: nn.Module, specs: Mapping[str, LayerSpec]) -> dict[str, str]:
+    """``{layer: why}`` of the ``specs`` whose calls the capture refuses whatever the data, by
+    their module alone (a grouped ``nn.Conv2d``): a method can leave them out at construction,
+    in the one warning that names what it attributes, instead of a second one at its first pass."""
+    mods = dict(module.named_modules())
+    return {n: grouped(mods[n].groups) for n, s in specs.items()
+            if s.kind == "conv2d" and isinstance(mods.get(n), nn.Conv2d) and mods[n].groups != 1}
+
+
 def _with_bare(module: nn.Module, specs: dict[str, LayerSpec],
                every: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
     """``specs`` with the bare parameters (:func:`layer_specs`) after their module's layer."""
