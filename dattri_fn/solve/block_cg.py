@@ -128,19 +128,22 @@ def _orth(W: Tensor) -> Tensor:
 def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
     """Bare breakdown-free block PCG on the rows of ``B`` (one shared space); no validation.
 
-    Returns ``(X, iters, residual_norm)``: ``iters[i]`` is the number of steps row ``i`` took
-    before its residual met ``tol[i]`` (or ``max_iter``). Inside, the blocks are held as
-    columns (``[P, m]``): the updates ``X += Pd alpha`` then write a column-major ``[P, k]``,
-    twice the GEMM rate of ``alpha^T Pd`` into a row-major ``[k, P]`` (13 against 24 ms at
-    ``P = 9,610``, ``k = 200``, float32); the operator and ``M`` still get contiguous rows.
+    Returns ``(X, iters, residual_norm, spent)``: ``iters[i]`` is the number of steps row ``i``
+    took before its residual met ``tol[i]`` (or ``max_iter``); ``spent[i]``: row ``i`` stopped
+    short of both, when no new direction was independent at the dtype's precision. Inside, the
+    blocks are held as columns (``[P, m]``): the updates ``X += Pd alpha`` then write a
+    column-major ``[P, k]``, twice the GEMM rate of ``alpha^T Pd`` into a row-major ``[k, P]``
+    (13 against 24 ms at ``P = 9,610``, ``k = 200``, float32); the operator and ``M`` still get
+    contiguous rows.
     """
     k = B.shape[0]
     X = torch.zeros_like(B)
     iters = torch.zeros(k, dtype=torch.int64, device=B.device)
+    spent = torch.zeros(k, dtype=torch.bool, device=B.device)
     norms = B.norm(dim=1)
     rows = torch.nonzero(norms > tol).flatten()  # rows still iterating
     if rows.numel() == 0 or max_iter == 0:
-        return X, iters, norms
+        return X, iters, norms, spent
     op = lambda C: matmat(C.T.contiguous()).T  # noqa: E731  [P, m] -> [P, m]
     M = None if precond is None else (lambda C: precond(C.T.contiguous()).T)  # noqa: E731
     R = B[rows].T.contiguous()  # [P, k_active]
@@ -149,7 +152,8 @@ def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
     Pd = _orth(Z)
     for _ in range(max_iter):
         if Pd.shape[1] == 0:  # every new direction dependent at this precision (float16): the
-            break             # Krylov space is spent; the residuals stand as they are
+            spent[rows] = True  # Krylov space is spent; the residuals stand as they are
+            break
         Q = op(Pd)
         S = (Pd.T @ Q).double()
         S = (S + S.T) / 2
@@ -174,13 +178,43 @@ def _block(matmat, precond, B: Tensor, tol: Tensor, max_iter: int, where: str):
             keep = ~done
             rows, R, Xa = rows[keep], R[:, keep], Xa[:, keep]
             if rows.numel() == 0:
-                return X, iters, norms
+                return X, iters, norms, spent
         Z = R if M is None else M(R)
         beta = torch.cholesky_solve((Q.T @ Z).double(), L).to(B.dtype)  # [m, k_active]
         Pd = _orth(torch.addmm(Z, Pd, beta, alpha=-1.0))
     X[rows] = Xa.T
     norms[rows] = R.norm(dim=0)
-    return X, iters, norms
+    return X, iters, norms, spent
+
+
+def _steps(iters: Tensor) -> str:
+    lo, hi = int(iters.min()), int(iters.max())
+    return f"{hi} steps" if lo == hi else f"{lo} to {hi} steps"
+
+
+def _not_reached(func: str, V: Tensor, norms: Tensor, converged: Tensor, iters: Tensor,
+                 spent: Tensor, rtol, atol, max_iter: int, damping) -> str:
+    """The warning for rows that missed the tolerance: how many, after how many steps, why they
+    stopped (``max_iter`` run out, or the Krylov space spent at the dtype's precision) and the
+    worst relative residual each group reached, with the remedy that fits."""
+    rel = norms / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+    dt, eps = str(V.dtype)[6:], torch.finfo(V.dtype).eps
+    wider = [w for w in ("float32", "float64") if torch.finfo(getattr(torch, w)).eps < eps]
+    parts, fixes = [], []
+    for rows, why, fix in (
+            (~converged & ~spent, f"ran max_iter={max_iter} steps", "raise max_iter"),
+            (~converged & spent, "stopped after {steps}, when no new search direction was "
+             f"independent at {dt}'s precision (the Krylov space spent)",
+             (f"compute in {' or '.join(wider)}" if wider else "raise rtol or atol")
+             + f" (rtol={rtol:g}, atol={atol:g} is out of reach in {dt})")):
+        if bool(rows.any()):
+            parts.append(f"{int(rows.sum())} {why.format(steps=_steps(iters[rows]))}, worst "
+                         f"relative residual {float(rel[rows].max()):.3g}")
+            fixes.append(fix)
+    fix = " or ".join(fixes)
+    return (f"{func}: {int((~converged).sum())} of {V.shape[0]} rows did not reach rtol={rtol:g}, "
+            f"atol={atol:g}: {'; '.join(parts)}. {fix[0].upper() + fix[1:]}, or raise damping "
+            f"(now {damping:g}) to improve the conditioning.")
 
 
 def _settings(func: str, op, damping, rtol, atol, max_iter, M, block_size):
@@ -200,19 +234,14 @@ def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_
     tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
     parts = [_block(matmat, precond, V[s:s + block_size], tol[s:s + block_size], max_iter, where)
              for s in range(0, V.shape[0], block_size)]
-    X, iters, norms = (torch.cat(t) for t in zip(*parts, strict=True))
+    X, iters, norms, spent = (torch.cat(t) for t in zip(*parts, strict=True))
     if not all_finite(X):
         raise ValueError(f"{where}: expected an operator returning finite values, got "
                          f"NaN or inf in the block CG iterates. Check the curvature operator.")
     converged = norms <= tol
-    num_slow = int((~converged).sum())
-    if num_slow:
-        worst = float((norms / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny))
-                      .masked_fill(converged, 0).max())
-        warnings.warn(f"{func}: {num_slow} of {V.shape[0]} rows did not reach rtol={rtol:g}, "
-                      f"atol={atol:g} within max_iter={max_iter} (worst relative residual "
-                      f"{worst:.3g}). Raise max_iter, or raise damping (now {damping:g}) to "
-                      f"improve the conditioning.", RuntimeWarning, stacklevel=stacklevel)
+    if not bool(converged.all()):
+        warnings.warn(_not_reached(func, V, norms, converged, iters, spent, rtol, atol, max_iter,
+                                   damping), RuntimeWarning, stacklevel=stacklevel)
     return CGResult(X, iters, norms, converged, torch.zeros_like(converged))
 
 
