@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dattri_fn import functional_model
+from dattri_fn import functional_model, grad, per_sample_layer_grads
 from dattri_fn.attribute import dvemb, source, trak
 from dattri_fn.attribute.less import less
 from dattri_fn.attribute.outputs import classification_margin_loss, classification_weight_loss
@@ -146,3 +146,16 @@ def test_trak_plain_weight_fn_names_it_and_the_remedy_runs():
         _run(trak(mb, proj_dim=4, weight_fn=lambda p, ex: wb.loss(p, ex)), mb.params)
     _chained(info)
     assert torch.isfinite(_run(trak(mb, proj_dim=4, weight_fn=wb), mb.params)).all()
+
+
+def test_grad_names_the_loss_and_its_remedy_is_the_mean_gradient():
+    fg, fb = _models()
+    data = _data()
+    with pytest.raises(ValueError, match=r"^grad\(loss=\.\.\.\): expected a loss torch\.func\.vmap "
+                       r"can run per example.*per_sample_layer_grads\(fm, params, batch\) instead "
+                       r"\(for one batch, \.to_dense\(\)\[0\]\.mean\(0\) is this mean gradient\)"
+                       ) as info:
+        grad(fb.loss, fb.params, data)
+    _chained(info)
+    remedy = per_sample_layer_grads(fb, fb.params, data).to_dense()[0].mean(0)
+    torch.testing.assert_close(remedy, grad(fg.loss, fg.params, data), rtol=1e-12, atol=1e-14)

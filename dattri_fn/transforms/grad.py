@@ -103,9 +103,11 @@ def vmap_refusal(func: str, arg: str, err: RuntimeError, *, capture: bool = True
                "no per-layer capture): rewrite the forward without .item() or a Python branch "
                "on a tensor's value (torch.where), or use a method whose per-layer capture "
                "needs no vmap (grad_dot(fm), trak(fm)).")
-    elif func == "per_sample_grad":
+    elif func in ("per_sample_grad", "grad"):
+        rows = ".to_dense() gives these rows" if func == "per_sample_grad" else \
+            "for one batch, .to_dense()[0].mean(0) is this mean gradient"
         fix = ("Pass the FunctionalModel to per_sample_layer_grads(fm, params, batch) instead "
-               "(.to_dense() gives these rows): its per-layer capture needs no vmap.")
+               f"({rows}): its per-layer capture needs no vmap.")
     else:
         fix = (f"Pass the FunctionalModel itself ({func}(fm), not {func}(fm.loss))"
                if arg == "loss" else f"Pass the FunctionalModel itself ({arg}=fm, not "
@@ -181,7 +183,7 @@ def grad(loss: Loss, params: Params, data, *, flat: bool = True) -> Tensor | Par
     acc, n = None, 0
     for batch in iter_batches("grad", "data", data):
         n += batch_size("grad", "data", batch)
-        with blame_data("grad", "data", batch):
+        with blame_data("grad", "data", batch), refusing(("grad", "loss")):
             g = total_grad(params, batch_to(batch, device))
         acc = g if acc is None else {k: acc[k] + g[k] for k in acc}
     if acc is None:
