@@ -188,8 +188,8 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
     rows_min = check_optional_int(name, "batch_rows", batch_rows)
     every = _kfac_specs(model.module)
     specs = {n: s for n, s in every.items() if s.weight in model.params}
-    # a weight another layer reads with its own bias: the capture cannot attribute it
-    shared = _unshared(model.module, specs, every)
+    # left out in one warning: weights another layer reads with its own bias; layers refused by module
+    shared = {**_unshared(model.module, specs, every), **capture.module_problems(model.module, specs)}
     why = " (" + "; ".join(f"{n}: {w}" for n, w in shared.items()) + ")" if shared else ""
     specs = {n: s for n, s in specs.items() if n not in shared}
     if not specs:
