@@ -24,6 +24,7 @@ from .solve import (
     ihvp_explicit,
     ihvp_kfac,
     ihvp_lissa,
+    ihvp_minres,
     kfac_factors,
 )
 from .transforms.grad import grad, per_sample_grad
@@ -57,6 +58,7 @@ __all__ = [
     "ihvp_explicit",
     "ihvp_kfac",
     "ihvp_lissa",
+    "ihvp_minres",
     "kfac_factors",
     "linear_gnvp",
     "linear_hessian",
