@@ -19,6 +19,7 @@ from .._checks import (
     refuse_ambiguous_list,
 )
 from .._types import Params
+from . import train_print
 
 
 def first_example(batch):
@@ -77,9 +78,13 @@ def _unread_rows(func: str, data) -> int | None:
     return n
 
 
-def check_cached_train(func: str, train, n_cached: int, *, read: bool = True) -> None:
+def check_cached_train(func: str, train, n_cached: int, *, read: bool = True,
+                       rows: Tensor | None = None) -> None:
     """Raise if ``train`` has != ``n_cached`` rows: a Batch or a list/tuple of them counted, a
-    DataLoader by its dataset's length (a loader over a subset scores no other rows).
+    DataLoader by its dataset's length (a loader over a subset scores no other rows); with
+    ``rows`` (the state's :func:`~dattri_fn.attribute.train_print.take` print), also unless
+    ``train`` gives those rows in that order (the same live tensors pass with no tensor op;
+    others are read once, a one-shot iterator consumed).
 
     ``read=False`` is for a call that never reads ``train``'s values (its state caches the rows it
     scores): the rows are counted and every error about their type or count is raised as with
@@ -101,3 +106,4 @@ def check_cached_train(func: str, train, n_cached: int, *, read: bool = True) ->
         raise ValueError(_msg(func, "train", f"the {n_cached} training examples the state was "
                               "prepared on (its cached features are used)", f"{n} examples",
                               "Call prepare on this training set, or pass train=None."))
+    train_print.check(func, train, rows)

@@ -34,6 +34,8 @@ from .._checks import (
     iter_batches,
 )
 from .._types import Params
+from . import train_print
+from .boundary import check_cached_train
 from .method import Method
 from .outputs import example_label
 from .unit_rows import unit_rows
@@ -132,10 +134,13 @@ def _block(distances: Tensor, train_labels: Tensor, test_labels: Tensor, k: int,
 
 class KNNShapleyState(NamedTuple):
     """``features``: the training points' embeddings ``[n_train, F]``; ``labels``: their
-    labels ``[n_train]``."""
+    labels ``[n_train]``; ``train_print``: the print of the training rows in order
+    (:func:`~dattri_fn.attribute.train_print.take`, ``[n_train]`` int64; None in a state saved
+    before stop 28: ``score`` then counts the rows only)."""
 
     features: Tensor
     labels: Tensor
+    train_print: Tensor | None = None
 
 
 def _distances(metric: str, train: Tensor) -> Callable[[Tensor], Tensor]:
@@ -255,8 +260,9 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
 
     def prepare(params, train) -> KNNShapleyState:
         func = f"{name}.prepare"
+        printed = train_print.take(func, train)
         h, y = rows(func, "train", params, train, copy=True)
-        return KNNShapleyState(_check_embeddings(func, "train", h), y)
+        return KNNShapleyState(_check_embeddings(func, "train", h), y, printed)
 
     def check_state(func: str, state) -> KNNShapleyState:
         if not isinstance(state, KNNShapleyState):
@@ -265,7 +271,7 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
         return state
 
     def values(state: KNNShapleyState, h: Tensor, y: Tensor, func: str, arg: str) -> Tensor:
-        H, Y = state
+        H, Y = state.features, state.labels
         if h.shape[1] != H.shape[1]:
             raise ValueError(_msg(func, arg, f"embeddings of size F={H.shape[1]} like the "
                                   "state's", f"size {h.shape[1]}"))
@@ -284,6 +290,8 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
     def score(params, state, train, test, *, top_k: int | None = None, largest: bool = True):
         func = f"{name}.score"
         state = check_state(func, state)
+        check_cached_train(func, train, state.features.shape[0], read=False,
+                           rows=state.train_print)
         h, y = rows(func, "test", params, test, copy=False)
         S = values(state, h, y, func, "test")
         if top_k is None:
@@ -303,6 +311,9 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
                                   "examples of the state", f"{h.shape[0]}"))
         h = _check_embeddings(func, "train", h.to(state.features.dtype),
                               cast=h.dtype != state.features.dtype)
+        # the diagonal pairs row i of train with row i of the state (a one-shot iterator,
+        # read above, is not read again)
+        train_print.check(func, train, state.train_print, consume=False)
         n = h.shape[0]
         distance = _distances(metric, state.features)
         step, weight = _test_rows(n, n, chunk_size), _weight(n, k, h)

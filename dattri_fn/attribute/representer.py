@@ -41,6 +41,7 @@ from .._checks import (
 )
 from .._types import Params
 from ..solve.lbfgs import _lbfgs as _lbfgs
+from . import train_print
 from .boundary import check_cached_train
 from .method import Method, device_of
 from .outputs import example_label
@@ -69,11 +70,16 @@ class RepresenterState(NamedTuple):
         alpha: ``alpha_i = -1/(2 l2 n) dL(logits_i, y_i)/dlogits_i``.  # [n_train, K]
         classes: the class each training example's self-score explains (its label or its
             prediction, per ``explain``).  # [n_train] int64
+        train_print: the print of the training rows, in order
+            (:func:`~dattri_fn.attribute.train_print.take`): ``score`` refuses other rows or
+            another order. None (a state saved before stop 28): the rows are only counted.
+            # [n_train] int64
     """
 
     features: Tensor
     alpha: Tensor
     classes: Tensor
+    train_print: Tensor | None = None
 
 
 def representer(feature_fn: Callable[[Params, Any], Tensor],
@@ -217,6 +223,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
     def prepare(params: Params, train) -> RepresenterState:
         func = f"{name}.prepare"
         params = check_params(func, "params", params)
+        printed = train_print.take(func, train)
         h, dlogits, classes, labels = rows(func, "train", params, train)
         if refit is not None:
             targets = labels if refit == "labels" else _soft_targets(dlogits).detach()
@@ -232,13 +239,13 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                       "gradients are finite", f"NaN or inf in the {what} of "
                                       f"example {i}", "A training example (or the fitted head) "
                                       "overflows; check the data's scale."))
-        return RepresenterState(h, alpha, classes)
+        return RepresenterState(h, alpha, classes, printed)
 
     def check_state(func: str, state, params: Params, train) -> RepresenterState:
         if not isinstance(state, RepresenterState):
             raise TypeError(_msg(func, "state", "the RepresenterState returned by representer's "
                                  "prepare", type(state).__name__))
-        H, alpha, classes = state
+        H, alpha, classes = state.features, state.alpha, state.classes
         for arg, t, ndim in (("features", H, 2), ("alpha", alpha, 2), ("classes", classes, 1)):
             if not isinstance(t, Tensor) or t.ndim != ndim or t.shape[0] != H.shape[0] \
                     or t.is_floating_point() != (arg != "classes") \
@@ -249,9 +256,10 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                       f"features [n, F], alpha [n, K] and integer classes [n] "
                                       f"(n = {H.shape[0] if isinstance(H, Tensor) and H.ndim else '?'})",
                                       f"{arg} {got}", "Use the state prepare returned."))
-        check_cached_train(func, train, H.shape[0])
+        check_cached_train(func, train, H.shape[0], rows=state.train_print)
         device = device_of(params)
-        return RepresenterState(*(t.to(device) for t in state))
+        return RepresenterState(H.to(device), alpha.to(device), classes.to(device),
+                                state.train_print)
 
     def stored(func: str, state: RepresenterState, train, n: int, row_fn) -> Tensor | None:
         """The train side through a feature store (None when ``train`` is not one): a
@@ -296,7 +304,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         check_optional_int(func, "top_k", top_k)
         store_rows = None
         if _is_store(train):
-            H, alpha, _ = check_state(func, state, params, None)
+            H, alpha, _ = check_state(func, state, params, None)[:3]
             width = H.shape[1] + alpha.shape[1]
             # stored rows [h_i | alpha_i]: s_ij = alpha_i[c_j] <h_i, h_j> needs nothing else
             store_rows = stored(func, state, train, H.shape[0],
@@ -306,7 +314,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
                                       f"{width}", f"{store_rows.manifest.get('row_shape')}",
                                       "It was built by another method."))
         else:
-            H, alpha, _ = check_state(func, state, params, train)
+            H, alpha, _ = check_state(func, state, params, train)[:3]
         (n, F), K = H.shape, max(2, alpha.shape[1])  # one logit: classes 0 and 1
 
         def check_test(h_test: Tensor, c_test: Tensor) -> None:
@@ -365,7 +373,7 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         func = f"{name}.self_score"
         params = check_params(func, "params", params)
         store = _is_store(train)
-        H, alpha, classes = check_state(func, state, params, None if store else train)
+        H, alpha, classes = check_state(func, state, params, None if store else train)[:3]
         K = max(2, alpha.shape[1])
         if bool(((classes < 0) | (classes >= K)).any()):
             raise ValueError(_msg(func, "train", f"classes in [0, {K})",
