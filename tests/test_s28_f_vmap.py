@@ -159,3 +159,23 @@ def test_grad_names_the_loss_and_its_remedy_is_the_mean_gradient():
     _chained(info)
     remedy = per_sample_layer_grads(fb, fb.params, data).to_dense()[0].mean(0)
     torch.testing.assert_close(remedy, grad(fg.loss, fg.params, data), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["less", "less_target", "dvemb", "source_target", "grad_dot"])
+def test_a_non_scalar_loss_names_the_method_not_per_sample_grad(tmp_path, case):
+    """A [2]-valued loss: the method's own (arg=...), where it said per_sample_grad(loss=...)."""
+    from dattri_fn.attribute import grad_dot
+
+    fg, _ = _models()
+    vec = lambda p, ex: fg.loss(p, ex) * torch.ones(2, dtype=DT)  # noqa: E731
+    method, params, named = {
+        "less": (lambda: less(vec), lambda: _record("adam"), "less(loss"),
+        "less_target": (lambda: less(fg.loss, target=vec), lambda: _record("adam"),
+                        "less(target"),
+        "dvemb": (lambda: dvemb(vec), lambda: _record("sgd", tmp_path), "dvemb(loss"),
+        "source_target": (lambda: source(fg, target=vec, segments=1), lambda: _record("sgd"),
+                          "source(target"),
+        "grad_dot": (lambda: grad_dot(vec), lambda: fg.params, "grad_dot(loss")}[case]
+    with pytest.raises(ValueError, match=rf"^{named.replace('(', '[(]')}=\.\.\.\): expected a "
+                       r"per-example function .*returning a 0-d Tensor for ONE example"):
+        _run(method(), params())

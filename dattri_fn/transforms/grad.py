@@ -257,6 +257,8 @@ def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
             raise vmap_refusal(r.func, r.arg, e, capture=r.capture) from e
         if "scalar" not in str(e):
             raise
-        raise ValueError(f"{func}(loss=...): expected a per-example function (loss or "
-                         "target) returning a 0-d Tensor for ONE example, got a non-scalar "
-                         f"output ({e}). Reduce it to a scalar, e.g. .sum() or a margin.") from e
+        # a method's own name and argument where it gave them (less(target=...)), else func's
+        who = f"{func}(loss=...)" if refuse is None else "{}({}=...)".format(*refuse[:2])
+        raise ValueError(f"{who}: expected a per-example function (loss or target) returning "
+                         f"a 0-d Tensor for ONE example, got a non-scalar output ({e}). Reduce "
+                         "it to a scalar, e.g. .sum() or a margin.") from e
