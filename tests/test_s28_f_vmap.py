@@ -179,3 +179,23 @@ def test_a_non_scalar_loss_names_the_method_not_per_sample_grad(tmp_path, case):
     with pytest.raises(ValueError, match=rf"^{named.replace('(', '[(]')}=\.\.\.\): expected a "
                        r"per-example function .*returning a 0-d Tensor for ONE example"):
         _run(method(), params())
+
+
+@pytest.mark.parametrize("case", ["less", "dvemb", "source", "trak", "grad_dot"])
+def test_a_loss_that_samples_names_the_method_and_its_argument(tmp_path, case):
+    """A plain loss with dropout on: 'less(loss=...)', where it said 'less(test=...)',
+    'per_sample_grad(loss=...)' (trak) or raised torch's raw vmap error (source's Hessian)."""
+    from dattri_fn.attribute import grad_dot
+
+    fg, _ = _models()
+    drop = lambda p, ex: F.dropout(fg.loss(p, ex)[None], 0.5, training=True)[0]  # noqa: E731
+    method, params, named = {
+        "less": (lambda: less(drop), lambda: _record("adam"), "less(loss"),
+        "dvemb": (lambda: dvemb(drop), lambda: _record("sgd", tmp_path), "dvemb(loss"),
+        "source": (lambda: source(drop, curvature="hessian", segments=1), lambda: _record("sgd"),
+                   "source(loss"),
+        "trak": (lambda: trak(drop), lambda: fg.params, "trak(output_fn"),
+        "grad_dot": (lambda: grad_dot(drop), lambda: fg.params, "grad_dot(loss")}[case]
+    with pytest.raises(ValueError, match=rf"^{named.replace('(', '[(]')}=\.\.\.\): expected a "
+                       r"loss that draws no random numbers"):
+        _run(method(), params())

@@ -53,12 +53,13 @@ def seeded(seed: int | None, device: torch.device):
         yield
 
 
-def _random_error(func: str, err: RuntimeError, takes_randomness: bool = True
-                  ) -> Exception | None:
+def _random_error(func: str, err: RuntimeError, takes_randomness: bool = True,
+                  arg: str | None = None) -> Exception | None:
     """A ValueError naming ``func`` for vmap's refusal of a loss that samples (None for any
     other error). ``takes_randomness=False``: ``func`` has no ``randomness`` argument (an inner
     call of a method), so the text names the loss, and it is marked ``blamed``: the public
-    boundary's ``blame_data`` re-words it with the method's own name."""
+    boundary's ``blame_data`` re-words it with the method's own name; ``arg``: the method's own
+    argument the loss came as (``less(target=...)``), named as it is, not re-worded."""
     if "randomness" not in str(err):
         return None
     if takes_randomness:
@@ -67,13 +68,14 @@ def _random_error(func: str, err: RuntimeError, takes_randomness: bool = True
                           f"that samples (dropout...), got 'error' ({err}). Pass seed= too for "
                           f"the same draws on every call; for a module left in training mode "
                           f"with Dropout, call module.eval() instead (deterministic gradients).")
-    clear = ValueError(f"{func}(loss=...): expected a loss that draws no random numbers "
+    clear = ValueError(f"{func}({arg or 'loss'}=...): expected a loss that draws no random numbers "
                        f"(deterministic per-example gradients), got one that samples "
                        f"(dropout, e.g. F.dropout(x, p, training=module.training)) ({err}). "
                        f"Call module.eval() before building the method; to average over "
                        f"dropout masks, wrap it in dropout_members(lambda mask: ...(mask(loss)), "
                        f"n_masks=...).")
-    clear.blamed = (func, "loss")
+    if arg is None:
+        clear.blamed = (func, "loss")
     return clear
 
 
@@ -129,10 +131,13 @@ def refusing(refuse: Refuse | tuple | None):
     try:
         yield
     except RuntimeError as e:
-        if refuse is None or isinstance(e, VmapRefusal) or not _refused(e):
+        if refuse is None or isinstance(e, VmapRefusal):
             raise
         r = Refuse(*refuse)
-        raise vmap_refusal(r.func, r.arg, e, capture=r.capture) from e
+        clear = _random_error(r.func, e, False, r.arg)
+        if clear is None and not _refused(e):
+            raise
+        raise clear or vmap_refusal(r.func, r.arg, e, capture=r.capture) from e
 
 
 def summed_loss(func: str, loss: Loss, params: Params, batch: Batch,
@@ -249,7 +254,10 @@ def per_sample_grad_unchecked(loss: Loss, params: Params, batch: Batch, *,
         return vmap(torch.func.grad(loss), in_dims=(None, 0), chunk_size=chunk_size,
                     randomness=randomness)(params, batch)
     except RuntimeError as e:
-        clear = _random_error(func, e, takes_randomness)
+        if takes_randomness or refuse is None:
+            clear = _random_error(func, e, takes_randomness)
+        else:  # a method's plain loss: its own argument named (less(target=...))
+            clear = _random_error(refuse[0], e, False, refuse[1])
         if clear is not None:
             raise clear from e
         if refuse is not None and _refused(e):
