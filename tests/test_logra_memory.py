@@ -146,17 +146,22 @@ def test_several_blocks_rotate_one_block_of_cached_factors_at_a_time(monkeypatch
     spans = _cached_spans(state, x.device, 1, state.eigvecs)[1]
     block = spans[0][1] - spans[0][0]
     assert len(spans) > 1 and block < 64
-    Qs = {id(Q) for pair in state.eigvecs.values() for Q in pair}
+    # (by storage: the rows are rotated as Q^T a'^T, transposed views of the same tensors)
+    Qs = {Q.untyped_storage().data_ptr() for pair in state.eigvecs.values() for Q in pair}
     cached = {t.untyped_storage().data_ptr(): 0 for pair in state.train_factors.values()
               for t in pair}
     rows: list = []
 
     class Rotations(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if (getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm") and len(args) == 2
-                    and id(args[1]) in Qs and args[0].untyped_storage().data_ptr() in cached):
-                rows.append(args[0].shape[0])
-                cached[args[0].untyped_storage().data_ptr()] += args[0].shape[0]
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm") and len(args) == 2:
+                # x Q ([b, k] rows) or Q^T x^T ([k, b]): the rows' count either way
+                for q, x, b in ((args[1], args[0], args[0].shape[0]),
+                                (args[0], args[1], args[1].shape[-1])):
+                    ptr = x.untyped_storage().data_ptr()
+                    if q.untyped_storage().data_ptr() in Qs and ptr in cached:
+                        rows.append(b)
+                        cached[ptr] += b
             return func(*args, **(kwargs or {}))
 
     with Rotations():

@@ -53,8 +53,9 @@ def _factored_sums(factors: dict, eigvecs: dict, layers) -> dict:
         QA, QG = eigvecs[ln]
         # T = 1: Q_G^T DW'_i Q_A = (Q_G^T g'_i)(Q_A^T a'_i)^T, so its squares summed over i
         # are one [k_out, n] x [n, k_in] product of the squared rotated factors
-        ta, tg = a2.mm(QA), g2.mm(QG)
-        sums[ln] = tg.mul_(tg).mT.mm(ta.mul_(ta))  # squared in place: no [n, k] copies
+        # (rotated transposed, (Q^T a'^T): [k, n] GEMMs, as _outer_rows rotates the same rows)
+        ta, tg = QA.mT.mm(a2.mT), QG.mT.mm(g2.mT)
+        sums[ln] = tg.mul_(tg).mm(ta.mul_(ta).mT)  # squared in place: no [n, k] copies
     return sums
 
 
