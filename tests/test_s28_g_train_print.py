@@ -160,3 +160,15 @@ def test_print_bits():
         assert train_print.batch_print(t).shape == (10,)
     assert torch.equal(train_print.batch_print(x32.transpose(1, 2).contiguous()),
                        train_print.batch_print(x32.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_nan_example_named_by_its_index(name):
+    """NaN at example 20 of batches [8, 8, 8]: 'example 20', not 'row 4 of the batch' (L1)."""
+    m, p, (x, y), test = _setup(name)
+    x = x.clone()
+    x[20, 1] = float("nan")
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    with pytest.raises(ValueError, match=r"prepare\(train=\.\.\.\): expected finite values, "
+                       r"got NaN or inf in example 20\."):
+        m.prepare(p, batches)

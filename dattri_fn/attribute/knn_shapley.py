@@ -240,9 +240,9 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
     def rows(func: str, arg: str, params, data, *, copy: bool) -> tuple[Tensor, Tensor]:
         """``(embeddings [n, F], labels [n])``; a single batch's rows are not copied unless
         ``copy`` (a state must not alias the caller's tensors)."""
-        feats, labels = [], []
+        feats, labels, seen = [], [], 0
         for batch in iter_batches(func, arg, data):
-            batch_size(func, arg, batch)
+            seen += batch_size(func, arg, batch, first=seen)  # a NaN named by its data index
             if params:
                 batch = batch_to(batch, next(iter(params.values())).device)
             pair = vmap(lambda ex: (embed(params, ex), label_fn(ex)))(batch)

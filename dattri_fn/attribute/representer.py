@@ -186,11 +186,15 @@ def representer(feature_fn: Callable[[Params, Any], Tensor],
         batches = iter_batches(func, arg, data)
         check_first(func, arg, params, batches)
         fn = vmap(train_example if arg == "train" else test_example, in_dims=(None, 0))
-        total = (sum(batch_size(func, arg, b) for b in batches)
-                 if isinstance(batches, (list, tuple)) else None)
-        parts, cols, at, sources = [], None, 0, []
+        total = None
+        if isinstance(batches, (list, tuple)):  # a NaN example named by its index in the data
+            total = 0
+            for b in batches:
+                total += batch_size(func, arg, b, first=total)
+        parts, cols, at, sources, seen = [], None, 0, [], 0
         for batch in batches:
-            n = batch_size(func, arg, batch)
+            n = batch_size(func, arg, batch, first=seen)
+            seen += n
             batch = batch_to(batch, device_of(params))
             step = n if chunk_size is None else chunk_size
             step = step if most is None else min(step, most)

@@ -53,7 +53,7 @@ def example_fns(feature_fn: Callable[[Params, Any], Tensor],
         batch = peek(batches)
         if batch is None:
             raise ValueError(_msg(func, arg, "at least one batch", "an empty iterable"))
-        batch_size(func, arg, batch)
+        batch_size(func, arg, batch, first=0)
         with blame_keys(func, "params", params):
             check_first_example(func, arg, params, batch_to(batch, device_of(params)))
 

@@ -18,6 +18,7 @@ new one reuses never passes on its address.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -202,3 +203,14 @@ def check(func: str, train, rows: Tensor | None, *, consume: bool = True) -> Non
     raise ValueError(_msg(func, "train", "the rows prepare saw, in its order (the state caches "
                           "their features)", f"other rows or another order ({where})",
                           "Pass the same batches, or prepare on these."))
+
+
+def stamped(prepare, func: str):
+    """``prepare(params, train)`` whose state also holds :func:`take`'s print of ``train`` in
+    its ``train_print`` field (taken first, so a shuffled DataLoader is refused before work)."""
+    @functools.wraps(prepare)
+    def wrapped(params, train):
+        rows = take(func, train)
+        return prepare(params, train)._replace(train_print=rows)
+
+    return wrapped
