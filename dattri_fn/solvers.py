@@ -162,8 +162,8 @@ def lissa(*, scale: float, depth: int = 1000, repeats: int = 1, batch_size: int 
 def _factored(name: str, options: dict) -> Solver:
     unknown = sorted(set(options) - _FACTOR_OPTIONS)
     if unknown:
-        raise TypeError(f"{name}(...): unexpected settings {unknown}; expected some of "
-                        f"{sorted(_FACTOR_OPTIONS)} (the settings of {name}_factors).")
+        raise TypeError(f"{name}({unknown[0]}=...): expected some of {sorted(_FACTOR_OPTIONS)} "
+                        f"(the settings of {name}_factors), got unexpected settings {unknown}.")
     return Solver(name, options)
 
 

@@ -146,7 +146,9 @@ def test_values_that_need_the_model_say_so():
         solvers.ekfac()("A", 0.1)
     with pytest.raises(ValueError, match=r"ihvp_lissa\(scale=...\)"):
         solvers.lissa(scale=-1.0)
-    with pytest.raises(TypeError, match=r"ekfac\(...\): unexpected settings \['damping_rule'\]"):
+    with pytest.raises(TypeError, match=r"^ekfac\(damping_rule=\.\.\.\): expected some of \[.*\] "
+                       r"\(the settings of ekfac_factors\), got unexpected settings "
+                       r"\['damping_rule'\]\.$"):
         solvers.ekfac(damping_rule=1)
 
 

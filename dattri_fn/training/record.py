@@ -214,7 +214,7 @@ def _moments(func: str, rec: Recording, params: Params, opt_state) -> Moments | 
 
 def _grad_features(spec: GradSpec, params: Params) -> Callable:
     """``batch -> [B, d]``: per-example gradients at ``params``, projected if asked."""
-    from ..transforms.grad import per_sample_grad_unchecked
+    from ..transforms.grad import Refuse, per_sample_grad_unchecked
     from ..tree import ravel_batched
 
     proj = None
@@ -227,7 +227,8 @@ def _grad_features(spec: GradSpec, params: Params) -> Callable:
                               dtype=v0.dtype, packed=False)
 
     def features(b):
-        G = ravel_batched(per_sample_grad_unchecked(spec.loss, params, b))  # [B, P]
+        G = ravel_batched(per_sample_grad_unchecked(  # [B, P]; vmapped for every model
+            spec.loss, params, b, refuse=Refuse("GradSpec", "loss", capture=False)))
         return G if proj is None else proj(G)
 
     return features
