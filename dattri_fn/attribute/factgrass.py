@@ -70,7 +70,12 @@ from .factgrass_blocks import (  # noqa: F401 (importable from here, as before t
     _spans,
     _stage_two,
 )
-from .factgrass_fisher import _held_rows, _inverses  # noqa: F401 (_held_rows: as before)
+from .factgrass_fisher import (  # noqa: F401 (_held_rows: as before)
+    _gram_groups,
+    _group_gram,
+    _held_rows,
+    _inverses,
+)
 from .factgrass_flat import (  # noqa: F401 (importable from here, as before the split)
     _flat_capturable,
     _flat_checked,
@@ -340,13 +345,13 @@ def _prepare(cfg: _Config, params, train) -> FactGraSSState:
     else:
         passes = iter_batches(func, "train", regrouped(func, "train", train, rows_min))
     fisher = curvature == "fisher"
-    grams = dict.fromkeys(sk.stage1.dims)
+    groups = _gram_groups(blocks)
+    grams = dict.fromkeys(g[0] for g in groups)  # {(block, ...): [n_blocks, d, d]}
 
     def add_gram(phi: Tensor) -> None:
-        for blk, s, e in blocks:
-            p = phi if e - s == phi.shape[1] else phi[:, s:e]  # one block: no slice op
-            gram = p.mT @ p
-            grams[blk] = gram if grams[blk] is None else grams[blk] + gram
+        for names, s, e, d in groups:
+            gram = _group_gram(phi, s, e, d, blocks, names)
+            grams[names] = gram if grams[names] is None else grams[names] + gram
 
     # the cache holds each block's factors while every part takes the flat path (the
     # features are formed from them in fixed spans: for the Fisher below, and per score);

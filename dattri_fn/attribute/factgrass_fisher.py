@@ -1,6 +1,7 @@
-"""FactGraSS's curvature: each block's damped empirical Fisher, inverted by one batched Cholesky per
-block size; where it cannot be, the training data (or ``damping``) is named
-(:func:`~dattri_fn.attribute.factgrass.factgrass`'s ``prepare`` uses it).
+"""FactGraSS's curvature: each block's gram (one batched product per block width), its damped
+empirical Fisher, inverted by one batched Cholesky per width; where it cannot be, the training
+data (or ``damping``) is named (:func:`~dattri_fn.attribute.factgrass.factgrass`'s ``prepare``
+uses it).
 """
 
 from __future__ import annotations
@@ -15,29 +16,66 @@ from .factgrass_blocks import _factor_rows, _refuse_fisher, _Sketches
 from .factgrass_score import spans_of
 
 
+def _gram_groups(blocks: tuple) -> list:
+    """``[(names, start, stop, d)]``: the blocks of each width ``d``, in the order
+    :func:`_inverses` factors them; ``start:stop`` their columns where they lie side by side
+    (one ``[b, n_blocks, d]`` view of the rows), else ``stop`` is None."""
+    by_size = {}
+    for blk, s, e in blocks:
+        by_size.setdefault(e - s, []).append((blk, s, e))
+    out = []
+    for d, members in by_size.items():
+        s0 = members[0][1]
+        side = all(s == s0 + i * d for i, (_, s, _) in enumerate(members))
+        out.append((tuple(b for b, _, _ in members), s0, s0 + d * len(members) if side else None,
+                    d))
+    return out
+
+
+def _group_gram(phi: Tensor, s: int, e: int | None, d: int, blocks: tuple,
+                names: tuple) -> Tensor:
+    """``[p_b^T p_b for b in names]`` of the rows ``phi``: one batched product over blocks that
+    lie side by side (the same products as one ``mm`` each, bit for bit:
+    benchmarks/factgrass_bits), else one ``mm`` per block, stacked.  # [n_blocks, d, d]"""
+    if e is not None:
+        p = phi if e - s == phi.shape[1] else phi[:, s:e]  # every column: no slice op
+        p = p.view(p.shape[0], -1, d).transpose(0, 1)  # [n_blocks, b, d], a view
+        return torch.bmm(p.mT, p)
+    cols = {b: (s0, e0) for b, s0, e0 in blocks}
+    return torch.stack([phi[:, cols[b][0]:cols[b][1]].mT @ phi[:, cols[b][0]:cols[b][1]]
+                        for b in names])
+
+
 def _inverses(func: str, grams: dict, blocks: tuple, n: int, damping: float | None,
               held: Callable[[], Iterator]) -> dict:
-    """``{block: (F_b + damping_b I)^-1}`` with ``F_b = grams[b] / n`` and ``damping_b =
+    """``{block: (F_b + damping_b I)^-1}`` with ``F_b = gram_b / n`` and ``damping_b =
     damping``, or ``0.1 tr(F_b) / d_b`` where it is None.  # {b: [d_b, d_b]}
+
+    ``grams``: ``{(block, ...): [n_blocks, d, d]}``, each width's grams stacked (as
+    :func:`_gram_groups` groups them), or ``{block: [d_b, d_b]}``.
 
     ``held()``: the ``(start, phi)`` chunks of the training rows ``prepare`` holds
     (:func:`_held_rows`), read only where a Fisher is not finite, to name the example.
     """
-    inverses, by_size = {}, {}
-    for blk, s, e in blocks:
-        by_size.setdefault(e - s, []).append(blk)
-    for names in by_size.values():  # one stack, damping and factorisation per block size
-        # a block alone is not copied into a stack; the per-matrix mean of a stack's diagonals
-        # is each matrix's own (the same reduction, benchmarks/factgrass_bits)
-        A = (grams[names[0]][None] if len(names) == 1
-             else torch.stack([grams[b] for b in names])) / n
+    inverses = {}
+    if all(isinstance(k, str) for k in grams):  # {block: [d, d]}: stacked per block size here
+        by_size = {}
+        for blk, s, e in blocks:
+            by_size.setdefault(e - s, []).append(blk)
+        grams = {tuple(names): (grams[names[0]][None] if len(names) == 1
+                                else torch.stack([grams[b] for b in names]))
+                 for names in by_size.values()}
+    for names, G in grams.items():  # one damping and factorisation per block size
+        # the per-matrix mean of a stack's diagonals is each matrix's own (the same reduction,
+        # benchmarks/factgrass_bits)
+        A = G / n
         diag = A.diagonal(dim1=-2, dim2=-1)
         diag.add_(0.1 * diag.mean(-1, keepdim=True) if damping is None else damping)
         diag = None
         if not all_finite(A):  # the data's doing, or damping's (stop 25 review RD F1)
             damped = dict(zip(names, A.unbind(), strict=True))
             bad = [b for b in names if not all_finite(damped[b])]
-            if damping is not None and all(all_finite(grams[b]) for b in bad):
+            if damping is not None and all(all_finite(G[names.index(b)]) for b in bad):
                 # finite before damping: its sum with the diagonal leaves the dtype
                 big = torch.finfo(A.dtype).max
                 raise ValueError(_msg(func, "damping", "a damping whose sum with block "
