@@ -141,7 +141,8 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
     _check_blocks(func, state, sk)
     test_pre = _precondition(state, collect(feature_fn(cfg, params, sk, func, "test", held,
                                                        validated=True)[0],
-                                            test, device=device, func=func, arg="test"))
+                                            test, device=device, func=func, arg="test",
+                                            fresh=True))  # _Rows allocates its rows
     if state.train_features is not None:
         check_cached_train(func, train, state.train_features.shape[0], read=False)
         feats = state.train_features

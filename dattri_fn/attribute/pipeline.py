@@ -61,7 +61,7 @@ def features(func: str, arg: str, feature_fn: FeatureFn, batch) -> Tensor:
 
 
 def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
-            arg: str = "data") -> Tensor:
+            arg: str = "data", fresh: bool = False) -> Tensor:
     """Return ``cat_b feature_fn(batch_b)`` over every batch of ``data``.  # -> [n, F]
 
     Args:
@@ -71,6 +71,9 @@ def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
             :class:`~dattri_fn.store.StoreRecording` (built first, resuming).
         device: where each batch is moved first; None leaves batches where they are.
         func, arg: the public call and argument that errors name (``func(arg=...)``).
+        fresh: ``feature_fn`` returns tensors of its own (no view of its batch, a cache or
+            anything else a caller holds): the rows of data of one batch are returned as it
+            gave them, not copied by a concatenation of one block.
     """
     _check_callable(func, "feature_fn", feature_fn)
     data = from_store(func, feature_fn, data, device)
@@ -85,7 +88,8 @@ def collect(feature_fn: FeatureFn, data, *, device=None, func: str = "collect",
         blocks.append(_checked_rows(func, "feature_fn", features(func, arg, feature_fn, batch), b))
     if not blocks:
         raise ValueError(f"{func}({arg}=...): expected at least one batch, got an empty iterable.")
-    return cat_rows(blocks)
+    return blocks[0] if fresh and len(blocks) == 1 and isinstance(blocks[0], Tensor) else (
+        cat_rows(blocks))
 
 
 def _check_callable(func: str, arg: str, fn) -> None:
