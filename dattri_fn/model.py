@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from types import FunctionType
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from ._blame import target_dtype_error
 from ._checks import _msg, check_params
 from ._types import Params
 from .module_call import call_module, shared_slots
@@ -246,46 +246,6 @@ def same_storage(a: Params, b: Params) -> bool:
                 (y.data_ptr(), y.shape, y.stride(), y.dtype, y.device):
             return False
     return True
-
-
-# torch's words for a target of a dtype the loss does not take: class ids of another integer
-# dtype or floats where int64 is wanted (cross_entropy, nll_loss); integers where floats are
-# wanted (binary_cross_entropy*); a generic mismatch counts only where torch found the target's
-_WANTS_INT64 = re.compile(r"expected target dtype to be Long|expected scalar type Long")
-_WANTS_FLOAT = re.compile(r"can't be cast to the desired output type|Found dtype \w+ but expected")
-_MISMATCH = re.compile(r"expected scalar type \w+ but found (\w+)")
-_TORCH_NAME = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-               torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
-               torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
-
-
-def target_dtype_error(loss_fn, out, target, err: RuntimeError) -> TypeError | None:
-    """A TypeError naming ``functional_model(loss_fn=...)``, the loss and the target dtype it
-    takes, for torch's dtype error of ``loss_fn(out, target)`` (None for any other error).
-    Marked ``blamed``: a public boundary's ``blame_data`` re-words it as its own call's data."""
-    if not isinstance(target, Tensor):
-        return None
-    text = str(err)
-    dtype = getattr(getattr(out, "logits", out), "dtype", None)
-    found = _MISMATCH.search(text)
-    if _WANTS_INT64.search(text):
-        if target.dtype == torch.int64:  # the class ids are fine: another tensor is not
-            return None
-        want = "integer class ids (torch.int64)"
-    elif _WANTS_FLOAT.search(text) or (found and found.group(1) == _TORCH_NAME.get(target.dtype)):
-        if target.dtype == dtype:
-            return None
-        want = f"floating targets ({dtype}, the output's dtype)"
-    else:  # e.g. a bmm on two float dtypes inside the loss: not the target's
-        return None
-    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-    clear = TypeError(_msg(
-        "functional_model", "loss_fn", f"{want} for the loss {name}",
-        f"{target.dtype} targets (torch: {text.splitlines()[0]})",
-        "Cast the labels: y.float() for a loss of logits or values (binary_cross_entropy_with"
-        "_logits, mse_loss), y.long() for class indices (cross_entropy, nll_loss)."))
-    clear.blamed = ("functional_model", "loss_fn")
-    return clear
 
 
 def bridged(model: FunctionalModel) -> bool:
