@@ -19,6 +19,7 @@ from ._blame import (  # noqa: F401
     blame_keys,
     dtype_error,
 )
+from ._order import ONE_SHOT_FIX, check_order  # noqa: F401
 
 
 def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
@@ -293,12 +294,16 @@ def refuse_ambiguous_list(func: str, arg: str, data) -> None:
             "or wrap each shard in a 1-tuple (each example is then (x,))."))
 
 
-def count_rows(func: str, arg: str, data, *, check: bool = True) -> int | None:
+def count_rows(func: str, arg: str, data, *, check: bool = True,
+               ordered: bool = True) -> int | None:
     """Examples in a Batch, a list/tuple of Batches or a regrouped view of one; None for other
     iterables (a DataLoader's length is not its row count). ``check=False`` reads leading sizes
-    only, for a caller that validates every batch as it goes (None if one is not a batch)."""
+    only, for a caller that validates every batch as it goes (None if one is not a batch).
+    ``ordered``: the rows reach the output in order (see :func:`check_order`)."""
     if isinstance(data, _Regrouped):
         data = data.data
+    if ordered:
+        check_order(func, arg, data)
     _refuse_store(func, arg, data)
     refuse_ambiguous_list(func, arg, data)
     if is_batch(data):
@@ -386,12 +391,17 @@ def peek(batches: Iterable):
     return batches.peek() if isinstance(batches, _Passes) else next(iter(batches), None)
 
 
-def iter_batches(func: str, arg: str, data) -> Iterable:
+def iter_batches(func: str, arg: str, data, *, ordered: bool = True,
+                 once: bool = False) -> Iterable:
     """Return a re-iterable of batches: ``[data]`` for a single Batch, ``data`` for a list/DataLoader.
 
     Generators and iterators are refused, since operators re-read their data on every call;
     a re-iterable that is not a list or tuple (a DataLoader) has the rows of each complete pass
-    counted, and a pass that differs from the first raises, naming ``arg``.
+    counted, and a pass that differs from the first raises, naming ``arg``. ``ordered``: the
+    rows reach the output in order, so a shuffling or row-dropping DataLoader is refused
+    (:func:`check_order`); False for a sum over the rows (a curvature), where order is free.
+    ``once``: the caller reads the data in one pass (a top-k scan), so a one-shot iterator
+    is returned as it is.
     """
     refuse_ambiguous_list(func, arg, data)
     if is_batch(data):
@@ -400,8 +410,12 @@ def iter_batches(func: str, arg: str, data) -> Iterable:
     if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise TypeError(_msg(func, arg, "a Batch or a re-iterable of Batches", type(data).__name__))
     if iter(data) is data:
+        if once:
+            return data
         raise TypeError(_msg(func, arg, "a re-iterable of Batches (list, DataLoader)",
-                             "a one-shot iterator", "Wrap it in list(...)."))
+                             "a one-shot iterator", ONE_SHOT_FIX))
+    if ordered:
+        check_order(func, arg, data)
     if isinstance(data, (list, tuple, _Passes)):
         return data
     return _Passes(func, arg, data)
