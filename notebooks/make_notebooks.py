@@ -789,15 +789,19 @@ def neumann_influence(loss, *, damping, self_score_bug=False):
 `check_method` runs it on a problem with known answers: the self-scores are the diagonal of
 the scores; one batch, lists of batches and a DataLoader give the same scores; `top_k` is
 `torch.topk` of the full matrix; a duplicated training point scores like its original and
-positively; and on a convex problem the scores correlate with the **exact leave-one-out**
-(refitted in closed form) at least `min_loo_corr` (default 0.85; the exact influence reaches
-0.92 or more on the kit's fitted problems, Grad-Dot 0.25-0.82 on ill-conditioned ones):
+positively; and on a convex problem fitted at its minimiser the scores correlate with the
+**exact leave-one-out** (refitted in closed form) at least `min_loo_corr` (default 0.85; the
+exact influence reaches 0.92 or more on the kit's fitted problems, Grad-Dot 0.25-0.82 on
+ill-conditioned ones). `ridge_regression` is fitted; for a classifier use
+`logistic_regression(fit=True, l2=0.05)`. The result lists what was checked and what was
+skipped (on a problem that is not fitted, the leave-one-out property is skipped with a warning):
 
 # %%
 problem = ridge_regression(n=32, dim=3, seed=0, l2=0.05, cond=10.0)  # features scaled 1..10
 method = neumann_influence(problem.loss, damping=1e-3)
-check_method(method, problem)
+result = check_method(method, problem)
 print("neumann_influence keeps the method contract on", problem)
+print("checked:", result.checked, "skipped:", result.skipped)
 
 # %% [markdown]
 A wrong version forgets the inverse in `self_score` (it returns $|g_i|^2$):
@@ -809,6 +813,12 @@ try:
 except AssertionError as e:
     print(e)
     assert "self_score == diag" in str(e)
+
+# %% [markdown]
+What each check can see: a missing damping gives another valid method, so `check_method`
+passes it while `check_inverse` (above) catches it on the solver; and a "transposed" symmetric
+Kronecker factor is the same operator, so no check can fail it (`check_linop` catches an
+asymmetric one). Check the solver with `check_inverse` and the method with `check_method`.
 
 # %% [markdown]
 ## Property tests: many problems, drawn by hypothesis

@@ -17,9 +17,9 @@ failure message); this module gathers them.
 """
 
 from .assertions import default_rtol
-from .method_checks import check_method
+from .method_checks import MethodCheck, check_method
 from .operator_checks import MIXED_INPUT, check_inverse, check_linop
 from .projector_checks import check_projector, jl_d_eff
 
-__all__ = ["MIXED_INPUT", "check_inverse", "check_linop", "check_method", "check_projector",
+__all__ = ["MIXED_INPUT", "MethodCheck", "check_inverse", "check_linop", "check_method", "check_projector",
            "default_rtol", "jl_d_eff"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -10,7 +13,30 @@ from .assertions import _assert_close, _fail, _name
 from .problems import Problem
 from .references import exact_loo
 
-__all__ = ["check_method"]
+__all__ = ["MethodCheck", "check_method"]
+
+
+class MethodCheck(NamedTuple):
+    """What :func:`check_method` verified: ``checked`` property names, ``skipped`` name -> why."""
+
+    name: str
+    checked: tuple[str, ...]
+    skipped: dict[str, str]
+
+
+_FITTED = "ridge_regression(...) or logistic_regression(fit=True, l2>0)"
+
+
+def _loo_skip(problem: Problem, min_loo_corr) -> str | None:
+    """Why the exact-LOO property cannot run on ``problem`` (None: it runs)."""
+    if min_loo_corr is None:
+        return "min_loo_corr=None"
+    if not problem.convex:
+        return f"{problem.name} is not convex (leave-one-out has no unique refit)"
+    if not problem.fitted:
+        return (f"{problem.name} is not fitted at its minimiser (exact_loo refits from the "
+                f"minimiser)")
+    return None
 
 
 # -- methods --------------------------------------------------------------------------------------
@@ -54,7 +80,7 @@ def _check_stores(name: str, method, params, state, listed, test, S: Tensor, dia
 def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
                  batch_size: int = 3, rtol: float = 1e-8, min_loo_corr: float | None = 0.85,
                  top_k: int = 3, loo: Tensor | None = None, store=None,
-                 name: str | None = None) -> None:
+                 name: str | None = None) -> MethodCheck:
     """Check an attribution :class:`~dattri_fn.attribute.Method` on a :class:`Problem`.
 
     Properties, with ``train = problem.data`` and ``test`` its first ``n_test`` examples:
@@ -86,6 +112,11 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
         loo: ``exact_loo(problem)`` if already computed (it refits ``n`` times).
         store: a directory for the store property (a fresh sub-directory per call), or None
             to skip it (for a method that does not read its train side from a store).
+
+    Returns:
+        :class:`MethodCheck`: the properties checked and those skipped with the reason. A
+        skipped exact-LOO property (a problem not convex or not fitted) also warns once, naming
+        the reason and the problems it runs on, unless ``min_loo_corr=None`` asked for it.
 
     Raises:
         AssertionError: naming the violated property and the worst entry.
@@ -156,9 +187,21 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
     if not first > 0:
         _fail(check, name, "sign convention: a training point identical to the test point is "
               "a proponent (positive score)", f"score {first:.6g} on its own copy")
+    checked = ["shape", "self_score", "batching", "DataLoader", "top_k", "sign"]
+    skipped = {}
     if store is not None:
         _check_stores(name, method, params, state, listed, test, S, diag, rtol, store)
-    if min_loo_corr is not None and problem.convex and problem.fitted:
+        checked.append("store")
+    else:
+        skipped["store"] = "store=None"
+    why = _loo_skip(problem, min_loo_corr)
+    if why is not None:
+        skipped["loo"] = why
+        if min_loo_corr is not None:
+            warnings.warn(f"check_method({name}): skipped the exact leave-one-out property, the "
+                          f"one that catches a wrong inverse: {why}. It runs on {_FITTED}; pass "
+                          f"min_loo_corr=None to skip it on purpose.", UserWarning, stacklevel=2)
+    else:
         loo = exact_loo(problem) if loo is None else loo
         pair = torch.stack([full.detach().to(torch.float64).flatten(), loo.flatten().to(full.device)])
         corr = float(torch.corrcoef(pair)[0, 1])
@@ -169,3 +212,5 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
             _fail(check, name, f"agreement with exact leave-one-out on {problem.name}: Pearson "
                   f"correlation >= {min_loo_corr}",
                   f"correlation {corr:.4f}; worst test column {j}: {float(col[j]):.4f}")
+        checked.append("loo")
+    return MethodCheck(name, tuple(checked), skipped)
