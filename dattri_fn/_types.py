@@ -117,8 +117,11 @@ class LinOp:
         ``damping`` as a value: ``ihvp_cg(C + 0.1)`` solves the same system as
         ``ihvp_cg(C, damping=0.1)``.
         """
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
-            c = float(other)
+        c = _scalar(other)
+        if isinstance(c, Tensor):  # a 0-d tensor in autograd: its graph is kept
+            return LinOp(lambda V: self.matmat(V) + c * V, self.dim, self.dtype, self.device,
+                         name=f"({self.name} + c I)")
+        if c is not None:
             return LinOp(lambda V: self.matmat(V).add(V, alpha=c), self.dim, self.dtype,
                          self.device, name=f"({self.name} + {c:g} I)")
         B = _operand("LinOp.__add__", other, self)
@@ -128,27 +131,80 @@ class LinOp:
     __radd__ = __add__
 
     def __mul__(self, c) -> LinOp:
-        """``c A`` for a real number ``c``.  # [k, P] -> [k, P]"""
-        if isinstance(c, bool) or not isinstance(c, (int, float)):
+        """``c A`` for a real number or 0-d tensor ``c``.  # [k, P] -> [k, P]"""
+        s = _scalar(c)
+        if s is None and isinstance(c, Tensor):
+            raise TypeError(f"LinOp.__mul__(c=...): expected a real number or a 0-d tensor, got "
+                            f"{_kind(c)}. Apply the operator with op @ X (columns [P, m]) or "
+                            f"op(V) (rows [k, P]).")
+        if s is None:
             return NotImplemented
-        c = float(c)
+        c = s
         return LinOp(lambda V: self.matmat(V).mul(c), self.dim, self.dtype, self.device,
-                     name=f"{c:g} {self.name}")
+                     name=f"{c:g} {self.name}" if isinstance(c, float) else f"c {self.name}")
 
     __rmul__ = __mul__
+
+    def __truediv__(self, c) -> LinOp:
+        """``A / c`` = ``(1/c) A`` for a real number or 0-d tensor ``c != 0``.  # [k, P] -> [k, P]"""
+        s = _scalar(c)
+        if s is None:
+            raise TypeError(f"LinOp.__truediv__(c=...): expected a real number or a 0-d tensor, "
+                            f"got {_kind(c)}. An inverse is a solver's: ihvp_cg(op, ...) or "
+                            f"solvers.*(op).")
+        if isinstance(s, float) and s == 0:
+            raise ZeroDivisionError("LinOp.__truediv__(c=...): expected c != 0, got 0.")
+        return self * (1.0 / s)
+
+    def __matmul__(self, X) -> LinOp | Tensor:
+        """``A @ X``: ``A x`` for ``x`` ``[P]``, ``A X`` for columns ``X`` ``[P, m]``, and the
+        composition ``V -> A(B V)`` for a LinOp ``B``.  # [P] / [P, m] -> same; LinOp -> LinOp"""
+        if isinstance(X, LinOp):
+            B = _operand("LinOp.__matmul__", X, self)
+            return LinOp(lambda V: self.matmat(B.matmat(V)), self.dim, self.dtype, self.device,
+                         name=f"{self.name} @ {B.name}")
+        if not isinstance(X, Tensor):
+            return NotImplemented
+        if X.ndim == 1:
+            return self(X)
+        if X.ndim != 2 or X.shape[0] != self.dim:
+            raise ValueError(f"LinOp.__matmul__(X=...): expected [{self.dim}] or columns "
+                             f"[{self.dim}, m] (op(V) takes rows [k, {self.dim}]), got "
+                             f"{list(X.shape)}.")
+        return self(X.T.contiguous()).T
+
+    def __rmatmul__(self, X):
+        raise TypeError(f"LinOp.__rmatmul__(X=...): X @ op needs A's transpose, which a LinOp "
+                        f"does not carry; got {_kind(X)} @ {self.name}. Use op @ X (columns), "
+                        f"or op(V) for rows: V A^T, which is V A for a symmetric A (a curvature).")
 
     def __neg__(self) -> LinOp:
         return self * -1.0
 
     def __sub__(self, other) -> LinOp:
-        if isinstance(other, (int, float)) and not isinstance(other, bool):
-            return self + (-float(other))
+        c = _scalar(other)
+        if c is not None:
+            return self + (-c)
         return self + (-_operand("LinOp.__sub__", other, self))
 
     @staticmethod
     def identity(dim: int, dtype: torch.dtype = torch.float32, device="cpu") -> LinOp:
         """The identity ``V -> V`` on ``P = dim``.  # [k, P] -> [k, P]"""
         return LinOp(lambda V: V, dim, dtype, device, name="I")
+
+
+def _scalar(c) -> float | Tensor | None:
+    """``c`` as a multiplier: a float for a real number or a 0-d tensor outside autograd, the
+    0-d tensor itself in autograd (its graph kept), None for anything else."""
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return float(c)
+    if isinstance(c, Tensor) and c.ndim == 0 and not c.is_complex() and c.dtype != torch.bool:
+        return c if c.requires_grad else float(c)
+    return None
+
+
+def _kind(x) -> str:
+    return f"a tensor of shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
 def _operand(func: str, other, like: LinOp) -> LinOp:
