@@ -15,6 +15,8 @@ Contracts:
              dimension ``B``. Never mutated. Integer labels are allowed. Data arguments take
              one Batch or a list of them; a list of tensors of ONE shape and dtype reads both
              ways and is refused: a tuple ``(x, y)`` is one batch, ``[(x1,), (x2,)]`` shards.
+             A DataLoader must give its dataset's rows in order, all of them (no shuffle, no
+             ``drop_last`` that drops rows) wherever rows reach the output; a curvature takes any.
     Example  one element of a Batch, the leading dimension removed.
     Loss     ``loss(params, example) -> Tensor[]``: the loss of ONE example. Batch means are
              derived with ``vmap``.
