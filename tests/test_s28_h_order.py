@@ -123,7 +123,6 @@ def test_one_shot_iterator_names_the_streaming_remedy():
         iter_batches("m.score", "train", iter([(x, y)]))
 
 
-@pytest.mark.xfail(strict=True, reason="H_to_lead.patch: operators pass ordered=False")
 def test_operators_accept_a_shuffled_loader():
     from dattri_fn import grad, hvp
     fm, x, y = _setup()

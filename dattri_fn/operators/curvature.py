@@ -41,7 +41,7 @@ def _prepare(func: str, params: Params, data, chunk_size, batch_rows=None):
     check_params(func, "params", params)
     check_optional_int(func, "chunk_size", chunk_size)
     check_optional_int(func, "batch_rows", batch_rows)
-    batches = iter_batches(func, "data", data)
+    batches = iter_batches(func, "data", data, ordered=False)  # a sum over rows
     first = peek(batches)
     if first is None:
         raise ValueError(f"{func}(data=...): expected at least one batch, got an empty iterable.")

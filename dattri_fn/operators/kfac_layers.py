@@ -243,7 +243,7 @@ def _check_call_parts(func, module, loss_fn, params, data, layers, chunk_size, t
     every = capture.layer_specs(module)
     names, param_names, rest = _select_parts(func, module, params, layers, tied=tied,
                                              others=others, every=every)
-    batches = iter_batches(func, "data", data)
+    batches = iter_batches(func, "data", data, ordered=False)  # a sum over rows
     members = _capture_layers(module, names, params, every) if tied else names
     if tapped is None:
         tapped = capture.tap(module, members, tied=True) if tied else capture.tap(module, names)

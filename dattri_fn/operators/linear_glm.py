@@ -81,7 +81,7 @@ def glm_hessian(module: nn.Module, loss_fn: Callable, params, data, *,
         return None
     if op.factors is None or any(j is not None for _, J, _ in op.factors for j in J.values()):
         return None
-    first = peek(iter_batches("glm_hessian", "data", data))
+    first = peek(iter_batches("glm_hessian", "data", data, ordered=False))
     few = batch_slice(first, 0, min(_CHECK_ROWS, batch_size("glm_hessian", "data", first)))
     wrapped, flat_params = _unwrapped(module, params, tapped)
     state = {**dict(wrapped.named_buffers()), **flat_params}

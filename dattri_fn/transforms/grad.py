@@ -186,7 +186,7 @@ def grad(loss: Loss, params: Params, data, *, flat: bool = True) -> Tensor | Par
     device = _first_device(params)
     total_grad = torch.func.grad(_summed_loss(loss))
     acc, n = None, 0
-    for batch in iter_batches("grad", "data", data):
+    for batch in iter_batches("grad", "data", data, ordered=False):  # a sum over rows
         n += batch_size("grad", "data", batch)
         with blame_data("grad", "data", batch), refusing(("grad", "loss")):
             g = total_grad(params, batch_to(batch, device))
