@@ -201,13 +201,14 @@ def _unwrapped(train):
     return train
 
 
-def _train_blocks(func: str, train_features: FeatureFn, train, device):
-    """Yield ``(features, rows)`` per train batch, or per block of a store."""
+def _train_blocks(func: str, train_features: FeatureFn, train, device, once: bool = False):
+    """Yield ``(features, rows)`` per train batch, or per block of a store (``once``: one
+    pass, so a one-shot iterator of batches is read as it comes)."""
     if _is_store(train):
         for block in train.blocks(device):
             yield block, block.shape[-2] if train.manifest["layout"] == "stacked" else block.shape[0]
         return
-    for batch in iter_batches(func, "train", train):
+    for batch in iter_batches(func, "train", train, once=once):
         b = batch_size(func, "train", batch)
         if device is not None:
             batch = batch_to(batch, device)
@@ -319,7 +320,8 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
         total = count_rows(func, "train", train, check=False)
 
     def score_blocks():
-        for feats, b in _train_blocks(func, train_features, train, device):
+        # a top-k scan reads train once (no row count first): a one-shot iterator streams
+        for feats, b in _train_blocks(func, train_features, train, device, once=top_k is not None):
             if isinstance(feats, Tensor) and isinstance(test_features, Tensor) and (
                     feats.ndim != test_features.ndim or feats.shape[-1] != test_features.shape[-1]
                     or (feats.ndim == 3 and feats.shape[0] != test_features.shape[0])
