@@ -110,12 +110,19 @@ def cg(*, rtol: float = 1e-6, atol: float = 0.0, max_iter: int | None = None, M=
     rule: block CG on the Gauss-Newton, :func:`~dattri_fn.solve.ihvp_block_cg`; plain CG
     applied directly), ``None`` (plain CG), a preconditioner LinOp, ``"nystrom"`` (a randomized sketch
     of the operator itself, :func:`~dattri_fn.solve.nystrom.nystrom_preconditioner`), or
-    ``"kfac"``/``"ekfac"`` for influence to build from the model;
+    ``"kfac"``/``"ekfac"`` for influence to build from the model (which helps: see
+    :func:`~dattri_fn.solve.cg_solve`'s ``M``);
     ``negative_curvature="continue"``: the literal inverse of an indefinite system (no stop at
     ``p^T A p <= 0``)."""
     options = {"rtol": rtol, "atol": atol, "max_iter": max_iter,
                "negative_curvature": negative_curvature}
     ihvp_cg(_PROBE, **options)
+    if not (M is None or isinstance(M, (str, LinOp, torch.Tensor))):
+        got = f"Solver {M.name!r}" if isinstance(M, Solver) else type(M).__name__
+        raise TypeError(f"cg(M=...): expected 'auto', None, 'nystrom', 'kfac'/'ekfac' (built by "
+                        f"influence from the model), a LinOp or a [P, P] tensor, got {got}. A "
+                        f"K-FAC/EK-FAC preconditioner as a value: "
+                        f"kfac_operator(ekfac_factors(...)).inverse(damping).")
     if not (isinstance(M, str) and M == "auto"):  # None is kept: influence then sketches nothing
         options["M"] = M
     return Solver("cg", options)
