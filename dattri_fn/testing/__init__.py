@@ -15,6 +15,7 @@ own primitives with the checks they pass.
 
 from .checks import check_inverse, check_linop, check_method, check_projector, default_rtol, jl_d_eff
 from .matrices import indefinite_matrix, low_rank_plus_diagonal, psd_matrix, spd_matrix
+from .method_checks import MethodCheck
 from .problems import (
     Problem,
     conv_net,
@@ -36,6 +37,7 @@ from .references import (
 )
 
 __all__ = [
+    "MethodCheck",
     "Problem",
     "check_inverse",
     "check_linop",
