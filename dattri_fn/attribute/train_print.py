@@ -106,63 +106,119 @@ def take(func: str, train, *, shuffled: str = "refuse") -> Tensor | None:
     is nothing to print (a one-shot iterator, a store, a batch of another structure: ``prepare``
     then checks its data itself, and ``score`` counts rows as before).
 
+    Data in memory (a Batch, a list/tuple of them) is not read here: its leaves are kept by weak
+    reference with their ``_version``, and the print is formed from them when first needed
+    (:func:`resolved`: a ``score`` given other objects, :func:`settle` before a save), in place
+    of the empty tensor returned now. A DataLoader's batches are gone after a pass: read now.
+
     Raises:
         ValueError: ``train`` is a DataLoader with a random sampler (``shuffle=True``): each
             pass has another order, so no later call can give the rows in ``prepare``'s order
             (``shuffled="none"``: None instead, for a caller that can do without the order).
     """
-    data = _source(train)
+    # (a list of batches, the common case, skips _source's checks: this runs every prepare)
+    quick = type(train) in (list, tuple) and train and not isinstance(train[0], Tensor)
+    data = train if quick else _source(train)
     if data is None:
         return None
-    if _shuffled(data):
+    if not isinstance(data, (list, tuple)) and _shuffled(data):
         if shuffled == "none":
             return None
         raise ValueError(_msg(func, "train", "the training rows in a fixed order (the state "
                               "keeps a result per row, by position)", "a DataLoader with a "
                               "random sampler (shuffle=True): every pass has another order",
                               "Pass shuffle=False."))
-    parts, leaves = [], []
+    if isinstance(data, (list, tuple)):
+        batches, n = [], 0
+        for b in data:
+            leaves = batch_leaves(b) if is_batch(b) else None
+            if not leaves or leaves[0].ndim == 0:
+                return None  # (prepare refuses it by name; resolved() checks the rest)
+            n += leaves[0].shape[0]
+            batches.append([(weakref.ref(t), t._version) for t in leaves])
+        rows = torch.empty(0, dtype=torch.int64)
+        key = id(rows)
+        _SEEN[key] = (weakref.ref(rows, lambda _, key=key: _SEEN.pop(key, None)), batches, n)
+        return rows
+    parts = []
     for b in data:
         if not _printable(b):
             return None
         parts.append(batch_print(b).cpu())
-        if isinstance(data, (list, tuple)):
-            leaves.extend((weakref.ref(t), t._version) for t in batch_leaves(b))
-    if not parts:
+    return torch.cat(parts) if parts else None
+
+
+def _seen(rows: Tensor):
+    seen = _SEEN.get(id(rows))
+    return seen if seen is not None and seen[0]() is rows else None
+
+
+def resolved(rows: Tensor) -> Tensor | None:
+    """The full print ``rows`` (formed now, in place, from the leaves ``take`` kept where it was
+    left empty), or None where it cannot be known: those leaves were freed or modified since
+    (or a state saved before it was formed). Nothing is refused on an unknown print: the rows
+    are then only counted."""
+    if rows.numel():
+        return rows
+    seen = _seen(rows)
+    if seen is None:
         return None
-    rows = torch.cat(parts)
-    if isinstance(data, (list, tuple)):
-        key = id(rows)
-        _SEEN[key] = (weakref.ref(rows), leaves)
-        weakref.finalize(rows, _SEEN.pop, key, None)
+    parts = []
+    for batch in seen[1]:
+        leaves = [ref() for ref, _ in batch]
+        if any(t is None or t._version != v for t, (_, v) in zip(leaves, batch, strict=True)) \
+                or not _printable(leaves):
+            return None
+        parts.append(batch_print(leaves).cpu())
+    rows.resize_(seen[2]).copy_(torch.cat(parts))
     return rows
 
 
+def settle(obj) -> None:
+    """Form every pending ``train_print`` in a state (NamedTuples, lists, tuples, dicts), so a
+    saved state carries it: for :func:`dattri_fn.io.save`."""
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        for f in type(obj)._fields:
+            v = getattr(obj, f)
+            if f == "train_print" and isinstance(v, Tensor):
+                resolved(v)
+            else:
+                settle(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            settle(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            settle(v)
+
+
 def _same_objects(data, rows: Tensor) -> bool:
-    """Whether ``data`` holds the very leaves ``take`` printed, unmodified: no tensor op."""
-    seen = _SEEN.get(id(rows))
-    if seen is None or seen[0]() is not rows or not isinstance(data, (list, tuple)):
+    """Whether ``data`` holds the very leaves ``take`` saw, unmodified: no tensor op."""
+    seen = _seen(rows)
+    if seen is None or not isinstance(data, (list, tuple)) or len(data) != len(seen[1]):
         return False
-    leaves = seen[1]
-    i = 0
-    for b in data:
+    for b, kept in zip(data, seen[1], strict=True):
         if not is_batch(b):
             return False
-        for t in batch_leaves(b):
-            if i >= len(leaves) or leaves[i][0]() is not t or leaves[i][1] != t._version:
-                return False
-            i += 1
-    return i == len(leaves)
+        leaves = batch_leaves(b)
+        if len(leaves) != len(kept) or any(ref() is not t or v != t._version
+                                           for t, (ref, v) in zip(leaves, kept, strict=True)):
+            return False
+    return True
 
 
 def first_mismatch(train, rows: Tensor) -> int | None:
     """The first row index where ``train`` differs from the print ``rows`` (``len(rows)``
     where it has other rows past them or too few), or None where it gives the same rows in the
-    same order. Reads each batch once; a one-shot iterator is consumed."""
+    same order, or where the print is unknown (:func:`resolved`). Reads each batch once; a
+    one-shot iterator is consumed."""
     if isinstance(train, _Regrouped):
         train = train.data
     data = [train] if is_batch(train) else train
     if _same_objects(data, rows):
+        return None
+    rows = resolved(rows)
+    if rows is None:
         return None
     n = 0
     for b in data:
@@ -179,9 +235,16 @@ def first_mismatch(train, rows: Tensor) -> int | None:
 
 
 def matches(train, rows: Tensor | None) -> bool:
-    """True where ``train`` gives the printed rows in order; False without a print, for a
-    one-shot iterator (not read) and for what :func:`first_mismatch` finds different."""
+    """True where ``train`` gives the printed rows in order; False without a print, for an
+    unknown one, for a one-shot iterator (not read) and for what :func:`first_mismatch` finds
+    different."""
     if rows is None or train is None or _source(train) is None:
+        return False
+    if isinstance(train, _Regrouped):
+        train = train.data
+    if _same_objects([train] if is_batch(train) else train, rows):
+        return True
+    if resolved(rows) is None:
         return False
     try:
         return first_mismatch(train, rows) is None
@@ -191,8 +254,8 @@ def matches(train, rows: Tensor | None) -> bool:
 
 def check(func: str, train, rows: Tensor | None, *, consume: bool = True) -> None:
     """Raise unless ``train`` (not None) gives the rows printed in ``rows``, in order; nothing
-    without a print (a state saved before prints: counted only, by the caller), nor for a
-    one-shot iterator with ``consume=False`` (a caller that reads it next)."""
+    without a print or with an unknown one (the rows are counted only, by the caller), nor for
+    a one-shot iterator with ``consume=False`` (a caller that reads it next)."""
     if rows is None or train is None or (not consume and _source(train) is None):
         return
     i = first_mismatch(train, rows)
