@@ -15,15 +15,22 @@ from torch import Tensor
 _LIBRARY_ERROR = re.compile(r"^[\w./]+\([\w\[\]]+=\.\.\.\): expected")
 # An inner call's error about its own data argument (hvp/gnvp/linear_gnvp/kfac_factors(data=...)).
 _INNER_DATA_ERROR = re.compile(r"^([\w./]+)\((data|batch)=\.\.\.\): expected")
-_TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)|out of memory")
+# torch.utils.checkpoint's "different metadata" dump names shapes and dtypes of the model's
+# own recomputed tensors, not the user's data
+_TRANSFORM_LIMIT = re.compile(r"vmap|functorch|torch\.func|data-dependent|\.item\(\)|out of memory|"
+                              r"torch\.utils\.checkpoint")
 # What torch says when examples do not fit the model or the loss (shapes, labels, dtypes);
 # any other error (a user's own exception, out of memory) passes through as raised.
 _DATA_ERROR = re.compile(r"shape|size|mat1|mat2|out of bounds|out of range|dtype|scalar type|"
                          r"[Tt]arget|index", re.IGNORECASE)
 
 
-_DTYPE_ERROR = re.compile(r"dtype|scalar type|type \(\w+\) and \w+ type|Double and Float|"
-                          r"Float and Double")
+# torch's phrases for a dtype MISMATCH (matmul, conv, sdpa, norms, embedding ids, targets); a
+# text that only mentions a dtype (a metadata dump: "'dtype': torch.float32") is not one (RU5 M1)
+_DTYPE_ERROR = re.compile(r"same dtype|scalar types?\b|type \([\w.: ]+\) and \w+ type|mixed dtype|"
+                          r"[Ee]xpected (?:\w+ )?dtype|Found dtype \w+ but expected|Double and Float|"
+                          r"Float and Double|can't be cast to the desired output type|"
+                          r"but got a tensor with dtype")
 
 
 def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | None:

@@ -111,18 +111,34 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         module: any ``nn.Module``; for BatchNorm/Dropout call ``module.eval()`` first.
         loss_fn: batch loss ``loss_fn(output, target) -> Tensor[]`` (e.g. ``F.cross_entropy``);
             None if only ``forward`` is needed.
-        params: which parameters to attribute over (see :func:`select_params`).
-        unpack: ``example -> (args, kwargs, target)``.
+        params: which parameters to attribute over (see :func:`select_params`); None takes
+            every one, ``requires_grad=False`` included (warned where only some are frozen).
+        unpack: ``example -> (args, kwargs, target)``; for a model with absolute position
+            embeddings it warns once on a left-padded batch without ``position_ids``.
 
     Raises:
-        ValueError: unknown parameter names; later, a params dict whose keys differ from the
+        ValueError: unknown parameter names; Hugging Face gradient checkpointing
+            (:func:`check_checkpointing`); later, a params dict whose keys differ from the
             selection (the error names the missing and unexpected keys).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functional_model(module=...): expected an nn.Module, "
                         f"got {type(module).__name__}.")
+    from .transforms.padding import LeftPadCheck, _user_call, absolute_positions
+
+    check_checkpointing("functional_model", "module", module)
     all_params = dict(module.named_parameters())
     chosen = select_params(list(all_params), params, func="functional_model")
+    frozen = [n for n, p in all_params.items() if not p.requires_grad] if params is None else []
+    if 0 < len(frozen) < len(all_params):  # all frozen: a model frozen for use, not trained so
+        warnings.warn(f"functional_model(params=None): {len(frozen)} of {len(all_params)} "
+                      f"parameter tensors have requires_grad=False (first: {frozen[0]!r}) and "
+                      "are attributed over as well. For the trained ones only (adapters, LoRA): "
+                      "params=[n for n, p in module.named_parameters() if p.requires_grad]; to "
+                      "keep all and silence this: params=lambda name: True.",
+                      stacklevel=_user_call()[0])
+    if absolute_positions(module) and not isinstance(unpack, LeftPadCheck):
+        unpack = LeftPadCheck(unpack)  # left padding needs position_ids here (review RU5 L1)
     selected = {n: all_params[n].detach() for n in chosen}
     fixed = {n: p.detach() for n, p in all_params.items() if n not in selected}
     fixed.update({n: b.detach() for n, b in module.named_buffers()})
@@ -285,11 +301,15 @@ def check_eval(func: str, arg: str, model) -> None:
         check_eval_module(func, arg, model.module, (
             "Call module.eval() before functional_model; to average over dropout masks, use "
             f"dropout_members(lambda mask: {func}(mask(model), ...), n_masks=...)."))
+    else:  # a model's own loss (fm.loss): its module, for :func:`check_checkpointing` only
+        check_checkpointing(func, arg, marked_module(model))
 
 
 def check_eval_module(func: str, arg: str, module,
                       fix: str = "Call module.eval() first.") -> None:
-    """:func:`check_eval` of a module itself (``kfac_factors(module=...)``)."""
+    """:func:`check_eval` of a module itself (``kfac_factors(module=...)``), and
+    :func:`check_checkpointing`."""
+    check_checkpointing(func, arg, module)
     if not isinstance(module, nn.Module) or getattr(module, "_dropout_fixed", False):
         return
     live = [n for n, m in module.named_modules()
@@ -298,6 +318,38 @@ def check_eval_module(func: str, arg: str, module,
         raise ValueError(_msg(
             func, arg, "a module in eval mode (deterministic per-example gradients)",
             f"Dropout in training mode at {live}", fix))
+
+
+# the forward hook of Hugging Face's enable_input_require_grads (PEFT's: singular) on the input
+# embeddings: it calls requires_grad_(), which torch.func refuses inside a transform
+_REQUIRE_GRADS_HOOKS = frozenset(("make_inputs_require_grads", "make_inputs_require_grad"))
+
+
+def check_checkpointing(func: str, arg: str, module) -> None:
+    """Raise a ValueError naming ``func(arg=...)`` where ``module`` runs Hugging Face gradient
+    checkpointing (a submodule's ``gradient_checkpointing`` set, in training mode: torch's
+    checkpoint recomputes in backward, which the per-example paths do not follow) or carries
+    ``enable_input_require_grads``' hook (review RU5 M1). Eval mode with the hook removed runs."""
+    if not isinstance(module, nn.Module):
+        return
+    checkpoints = lambda m: m.training and getattr(m, "gradient_checkpointing", False) is True
+    hooked = lambda m: bool(m._forward_hooks) and any(
+        getattr(h, "__name__", None) in _REQUIRE_GRADS_HOOKS for h in m._forward_hooks.values())
+    if not any(checkpoints(m) or hooked(m) for m in module.modules()):
+        return  # (names are built on the error path only)
+    found = []
+    for n, m in module.named_modules():
+        if checkpoints(m):
+            found.append(f"gradient checkpointing at {n or type(m).__name__!r} in training mode")
+        if hooked(m):
+            found.append(f"the input-require-grads forward hook on {n or type(m).__name__!r}")
+    if found:
+        more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
+        raise ValueError(_msg(
+            func, arg, "a module torch.func can differentiate per example",
+            "; ".join(found[:2]) + more,
+            "Call model.gradient_checkpointing_disable(); model.disable_input_require_grads(); "
+            "model.eval() first (or remove that hook)."))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

@@ -29,9 +29,9 @@ import warnings
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["Positions", "padding_mask", "real_gram"]
+__all__ = ["LeftPadCheck", "Positions", "absolute_positions", "padding_mask", "real_gram"]
 
 
 def padding_mask(batch) -> Tensor | None:
@@ -95,6 +95,58 @@ def _user_call() -> tuple[int, str]:
         entry, frame, level = frame.f_code, frame.f_back, level + 1
     name = entry.co_qualname.replace(".<locals>.", "(...).") if entry is not None else "?"
     return level, name
+
+
+# the learned absolute position tables of Hugging Face models that number positions from the
+# first column whatever the mask says (GPT-2/GPT-Neo ``wpe``, BERT family); OPT's and BART's
+# ``embed_positions`` are left out (OPT counts from the mask)
+_ABSOLUTE = frozenset(("wpe", "position_embeddings"))
+
+
+def absolute_positions(module) -> bool:
+    """Whether ``module`` adds learned absolute position embeddings (GPT-2's ``wpe``): its config's
+    ``position_embedding_type`` where it has one, else an ``nn.Embedding`` by those names.
+    Rotary and ALiBi models (Llama, Qwen, BLOOM) have neither: left padding does not move them."""
+    kind = getattr(getattr(module, "config", None), "position_embedding_type", None)
+    if isinstance(kind, str):
+        return kind == "absolute"
+    return any(isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in _ABSOLUTE
+               for n, m in module.named_modules())
+
+
+class LeftPadCheck:
+    """An ``unpack`` that warns once, at the user's line, where a batch is left-padded (a row
+    whose ``attention_mask`` is 0 in the first column and not everywhere) with no
+    ``position_ids``: a model with absolute positions then shifts each example's tokens by its
+    pad count, and its scores are not the unpadded example's (GPT-2: 72%, review RU5 L1).
+    :func:`~dattri_fn.model.functional_model` wraps ``unpack`` in it for such a model only. A
+    batch without a mask costs a dict lookup; a per-example call under vmap is not read."""
+
+    __slots__ = ("unpack", "warned")
+
+    def __init__(self, unpack):
+        self.unpack, self.warned = unpack, False
+
+    def __call__(self, example):
+        out = self.unpack(example)
+        kwargs = out[1] if not self.warned and isinstance(out, tuple) and len(out) == 3 else None
+        mask = kwargs.get("attention_mask") if isinstance(kwargs, Mapping) else None
+        if (isinstance(mask, Tensor) and mask.ndim == 2 and "position_ids" not in kwargs
+                and not torch._C._functorch.is_functorch_wrapped_tensor(mask)):
+            real = mask != 0
+            if bool((~real[:, 0] & real.any(1)).any()):
+                self.warned = True
+                level, name = _user_call()
+                who = "" if name == "?" or name.startswith("_") else f"{name}: "
+                warnings.warn(
+                    f"{who}the batch is left-padded "
+                    "(attention_mask is 0 in its first column) and has no position_ids, and the "
+                    "model adds absolute position embeddings: each example's tokens take "
+                    "positions shifted by its pad count, so its scores are not those of the "
+                    "example unpadded. Pass position_ids counted from the first real token, "
+                    "(attention_mask.cumsum(1) - 1).clamp(min=0), or pad on the right.",
+                    stacklevel=level)
+        return out
 
 
 def _encoder_prefix(module) -> str | None:
