@@ -199,7 +199,15 @@ def knn_shapley(feature_fn: Callable[[Params, Any], Tensor] | None = None, *, k:
     points (``chunk_size`` per block); ``self_score`` is the diagonal
     of ``score(train, train)`` (each training point valued for itself as the test point, where
     it is its own nearest neighbour at distance 0). A data value per training point is
-    ``scores.mean(1)``.
+    ``scores.mean(1)``. ``score`` takes the rows ``prepare`` saw, in its order (or None).
+
+    Note:
+        Distance ties are broken by training index: the values are the exact Shapley values of
+        that index-ordered game, so equal points at one distance to a test point are valued
+        alike only when no point of another label falls between them in index order, and
+        where a test point has ties, permuting the training set can change its values (the
+        tied points', and nearer ones' whose coalitions' K-th neighbour is a tied point).
+        Embeddings with a continuous part almost never tie.
 
     Args:
         feature_fn: ``(params, example) -> [F]``, the embedding of ONE example (e.g. a model's
