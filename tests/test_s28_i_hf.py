@@ -245,3 +245,11 @@ def test_left_pad_check_only_on_absolute_models_and_real_left_padding():
         fm.unpack(right)
     with pytest.warns(UserWarning, match="left-padded"):
         fm.unpack(_batch([0, 1, 2, 3], "left"))
+
+
+def test_plain_loss_of_a_model_that_started_checkpointing_later_is_refused_at_construction():
+    m = _llama()
+    fm = functional_model(m, _lm_loss)
+    m.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match=r"^grad_dot\(loss=\.\.\.\): expected a module torch.func"):
+        grad_dot(fm.loss)

@@ -88,6 +88,7 @@ def loss_and_plan(func: str, arg: str, fn):
     if not callable(fn):
         raise TypeError(f"{func}({arg}=...): expected a per-example function (params, example) "
                         f"-> Tensor[] or a FunctionalModel, got {type(fn).__name__}.")
+    check_eval(func, arg, fn)  # fm.loss of a checkpointing module (review RU5 M1)
     return fn, None
 
 
