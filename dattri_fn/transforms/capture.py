@@ -29,7 +29,10 @@ Recognised calls (the "kinds"), each normalised to a linear form ``dW = sum_t g_
   output is broadcast over the batch (:mod:`.capture_norm`);
 * ``layernorm`` (asked for with ``layer_specs(..., norms=True)``): ``F.layer_norm`` with an
   affine weight; ``a`` = the normalised input ``xhat`` ``[B, T, D]`` and the gradients are
-  elementwise, ``dW = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (:mod:`.capture_norm`).
+  elementwise, ``dW = sum_t g_t * xhat_t``, ``db = sum_t g_t`` (:mod:`.capture_norm`); an
+  RMSNorm's scale is this kind with no bias: ``F.rms_norm`` (``nn.RMSNorm``), or the one 1-D
+  parameter of a norm module (HF's ``LlamaRMSNorm``, T5's ``T5LayerNorm``) read by ``w * x``
+  with ``x`` batch-first, ``a = x``.
 * ``bare`` (asked for with ``layer_specs(..., bare=True)``, named by the parameter's key): a
   1-D or 2-D ``nn.Parameter`` of a hand-written module read by rows: ``W[index]`` with a
   slice, an int or integer ids on dim 0 (text-lm's ``self.pos[:T]``), ``F.embedding(ids, W)``,

@@ -8,13 +8,14 @@ factored), and adds the layer's probe to the call's output.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .capture_norm import Broadcast, layer_norm_inspect
+from .capture_norm import Broadcast, layer_norm_inspect, rms_norm_inspect, scale_inspect
 from .capture_specs import grouped
 
 if TYPE_CHECKING:
@@ -198,4 +199,9 @@ _CALLS = {
     F.conv2d: ("conv2d", _conv2d_inspect, _conv2d_probe),
     F.embedding: ("embedding", _embedding_inspect, _add_positions),
     Tensor.__getitem__: ("bare", _bare_inspect, _add_positions),
+    F.rms_norm: ("layernorm", rms_norm_inspect, _add_positions),
+    # an RMSNorm's scale (weight * x_hat); a multiply reading any other selected tensor is a
+    # problem as before
+    **{f: ("layernorm", partial(scale_inspect, op=f.__name__), _add_positions)
+       for f in (Tensor.__mul__, Tensor.__rmul__, Tensor.mul, torch.mul)},
 }

@@ -50,6 +50,17 @@ def _name(func) -> str:
 
 
 
+def _one_tensor(users: list[tuple[str, str]], then: str, kinds: list[str] | None = None) -> str:
+    """One sentence naming every layer that reads one tensor (a tie of three or more), the same
+    for each of them (the plan's warning then gives it once)."""
+    same = len({r for _, r in users}) == 1
+    names = [(n or "<root>") + (f" ({kinds[i]})" if kinds else "") + ("" if same else f"'s {r}")
+             for i, (n, r) in enumerate(users)]
+    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
+    what = f"their {users[0][1]} is one tensor" if same else "one tensor is"
+    return f"{what} read by the layers {listed} (shared or tied), {then}"
+
+
 class _Record(NamedTuple):
     a: Tensor  # [B, T, in] (or [B, T] indices); [B, in] (or [B]) when flat
     flat: bool  # the call's input was [B, in] / [B]
@@ -84,29 +95,37 @@ class _Capture(TorchFunctionMode):
     def _shared(self, specs, state, keyed, tied: bool) -> None:
         """The roles of tensors read by several selected layers (problems, or tied groups)."""
         self.roles = {}
-        shared: dict[int, list[str]] = {}  # a weight tensor -> the layers reading it as weight
+        users: dict[int, list[tuple[str, str]]] = {}  # a tensor -> (layer, role) reading it
         for key, n, role in keyed:
-            other = self.roles.setdefault(id(state[key]), (n, role))
-            if other[0] == n:
+            self.roles.setdefault(id(state[key]), (n, role))
+            if all(m != n for m, _ in users.setdefault(id(state[key]), [])):
+                users[id(state[key])].append((n, role))
+        shared: dict[int, list[str]] = {}  # a tied weight -> the layers reading it as weight
+        for t, us in users.items():
+            if len(us) < 2:
                 continue
-            if tied and role == other[1] == "weight":
-                shared.setdefault(id(state[key]), [other[0]]).append(n)
-                continue
-            # one tensor, two layers: neither factor is the layer's own
-            same = role == other[1]
-            self.problems.setdefault(other[0], f"shares its {other[1]} with layer {n}"
-                                               + ("" if same else f" (its {role})"))
-            self.problems.setdefault(n, f"shares its {role} with layer {other[0]}"
-                                        + ("" if same else f" (its {other[1]})"))
+            if tied and all(r == "weight" for _, r in us):
+                shared[t] = [n for n, _ in us]
+            elif len(us) == 2:  # one tensor, two layers: neither factor is the layer's own
+                (a, ra), (b, rb) = us
+                self.problems.setdefault(a, f"shares its {ra} with layer {b}"
+                                            + ("" if ra == rb else f" (its {rb})"))
+                self.problems.setdefault(b, f"shares its {rb} with layer {a}"
+                                            + ("" if ra == rb else f" (its {ra})"))
+            else:  # T5's shared: one sentence naming every user (review RU5 L3)
+                for n, _ in us:
+                    self.problems.setdefault(n, _one_tensor(us, "so no one layer's factors "
+                                                                "give its gradient"))
         # A tied weight (tied=True) is attributed call by call to the member of the call's
         # kind: F.embedding to the Embedding, F.linear to the Linear. Two members of one kind
         # could not be told apart, so they stay problems.
         for t, members in shared.items():
             kinds = [specs[m].kind for m in members]
             if len(set(kinds)) < len(kinds):
+                why = _one_tensor([(m, "weight") for m in members], "of which a tie is factored "
+                                  "only with one layer of each kind", kinds)
                 for m in members:
-                    self.problems.setdefault(m, f"shares its weight with layer(s) "
-                                                f"{[o for o in members if o != m]} of the same kind")
+                    self.problems.setdefault(m, why)
                 continue
             for m, k in zip(members, kinds, strict=True):
                 self.group[m] = tuple(members)

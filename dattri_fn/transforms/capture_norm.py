@@ -9,6 +9,10 @@ over the normalised dims, so at positions ``t`` of one example
 ``a`` is ``xhat`` (recomputed from the call's input with the call's ``eps``, not the affine
 output), ``[B, T, D]`` with ``D`` the normalised dims' size.
 
+RMSNorm, the same kind with no bias: ``F.rms_norm`` (``a = x / rms(x)``), or a norm module's
+1-D scale read by one ``w * x`` with ``x`` batch-first (HF's ``LlamaRMSNorm``/``T5LayerNorm``
+write ``weight * x_hat``): ``dW = sum_t g_t * x_t`` whatever ``x`` is, so ``a = x`` itself.
+
 A broadcast embedding: GPT-2 reads ``wpe`` with position ids ``[1, T]`` shared by the batch
 (BERT keeps them as a ``[1, T]`` buffer; a hand-written model passes ``arange(T)``), and the
 ``[1, T, d]`` output is added to the ``[B, T, d]`` token embeddings. The lookup itself holds no
@@ -104,6 +108,56 @@ def layer_norm_inspect(mode: _Capture, name, args, kwargs):
         return xhat.reshape(B, math.prod(shape)), True, 1
     T = math.prod(x.shape[1:-k])
     return xhat.reshape(B, T, math.prod(shape)), False, T
+
+
+def _positions(mode: _Capture, x: Tensor, k: int):
+    """``(x [B, T, D], flat, T)`` of a norm's batch-first input or output over its last ``k``
+    dims, or why not."""
+    if x.ndim <= k:
+        return f"an unbatched input {list(x.shape)}"
+    B = mode.rows_of(x)
+    if isinstance(B, str):
+        return B
+    D = math.prod(x.shape[x.ndim - k:])
+    if x.ndim == k + 1:  # flat: [B, D]
+        return x.reshape(B, D), True, 1
+    T = math.prod(x.shape[1:-k])
+    return x.reshape(B, T, D), False, T
+
+
+def rms_norm_inspect(mode: _Capture, name, args, kwargs):
+    """``F.rms_norm`` (torch's ``nn.RMSNorm``): ``a = x / rms(x)``, its own unscaled call."""
+    from .capture_kinds import _arg
+
+    x, shape = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "normalized_shape")
+    w, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "eps")
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return "its weight is used as an input"
+    if mode.specs[name].bias is not None:
+        return "its weight is used without its bias"
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if x.ndim <= len(shape):
+        return f"an unbatched input {list(x.shape)}"
+    return _positions(mode, F.rms_norm(x, shape, None, eps), len(shape))
+
+
+def scale_inspect(mode: _Capture, name, args, kwargs, op: str = "__mul__"):
+    """``w * x`` (``x * w``, ``torch.mul``) of a norm's 1-D scale ``w`` [D] with a batch-first
+    ``x`` [B, ..., D]: the output is ``x``'s shape, so ``dw = sum_t g_t * x_t`` (``a = x``, as
+    the module computed it: HF's RMSNorm casts ``x / rms(x)`` back to the input's dtype)."""
+    if mode.specs[name].bias is not None:  # a LayerNorm's: g would reach its bias's sum too
+        return f"its tensors are used by {op}"
+    if len(args) != 2 or kwargs:
+        return f"a {op} with more than two operands (or out=)"
+    j = 0 if mode.roles.get(id(args[0])) == (name, "weight") else 1
+    w, x = args[j], args[1 - j]
+    if mode.roles.get(id(w)) != (name, "weight"):
+        return f"its weight is no positional operand of {op}"
+    if not isinstance(x, Tensor) or mode.roles.get(id(x)) is not None or w.ndim != 1 or \
+            x.ndim < 2 or x.shape[-1] != w.shape[0]:
+        got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        return f"a multiply with {got}, not an elementwise scale of the last dim of an input"
+    return _positions(mode, x, 1)
 
 
 def _operands(args, kwargs):

@@ -40,6 +40,21 @@ class LayerSpec(NamedTuple):
     out_features: int
 
 
+def _scale_key(m: nn.Module) -> str | None:
+    """The key of an RMSNorm-like module's one scale: torch's ``nn.RMSNorm`` (affine), or a
+    module of another library (HF's ``LlamaRMSNorm``, ``Qwen2RMSNorm``, T5's ``T5LayerNorm``, a
+    user's own) whose class name holds "norm" and whose only direct parameter is 1-D. The name
+    only makes it a candidate: the capture takes it where its one use is ``w * x`` with ``x``
+    batch-first (or ``F.rms_norm``), whose ``dw = sum_t g_t * x_t`` holds whatever ``x`` is
+    (:func:`.capture_norm.scale_inspect`); any other use (Gemma's ``1 + w``) is a problem."""
+    if isinstance(m, nn.RMSNorm):
+        return "weight" if m.weight is not None else None
+    if type(m).__module__.startswith("torch.") or "norm" not in type(m).__name__.lower():
+        return None
+    own = list(m.named_parameters(recurse=False))
+    return own[0][0] if len(own) == 1 and own[0][1].ndim == 1 else None
+
+
 def _spec(name: str, m: nn.Module, norms: bool = False) -> LayerSpec | None:
     prefix = f"{name}." if name else ""
     bias = f"{prefix}bias" if getattr(m, "bias", None) is not None else None
@@ -47,6 +62,8 @@ def _spec(name: str, m: nn.Module, norms: bool = False) -> LayerSpec | None:
         if not norms or m.weight is None:
             return None
         return LayerSpec("layernorm", f"{prefix}weight", bias, m.weight.numel())
+    if norms and (key := _scale_key(m)) is not None:  # RMSNorm: a LayerNorm kind with no bias
+        return LayerSpec("layernorm", prefix + key, None, getattr(m, key).numel())
     if isinstance(m, nn.Linear):
         return LayerSpec("linear", f"{prefix}weight", bias, m.out_features)
     if isinstance(m, nn.Conv2d):
@@ -66,7 +83,8 @@ def layer_specs(module: nn.Module, *, norms: bool = False,
     A module reached under several names (shared) is listed once, under its first name; the
     root module counts (name ``""``). ``norms=True`` adds each ``nn.LayerNorm`` with an affine
     weight (kind ``"layernorm"``, whose gradients are elementwise, not ``sum_t g_t a_t^T``:
-    only for consumers that know it, via :func:`weight_grad` / :func:`bias_grad`).
+    only for consumers that know it, via :func:`weight_grad` / :func:`bias_grad`), and each
+    RMSNorm-like module's scale as the same kind with no bias (:func:`_scale_key`).
 
     ``bare=True`` adds each *bare* parameter (kind ``"bare"``, named by its own key, listed
     after its module's layer if any): a 1-D or 2-D ``nn.Parameter`` registered directly on a
