@@ -49,8 +49,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
-
 from .._checks import _msg, batch_size, batch_slice, batch_to
 from .._types import Batch, Params
 from ..model import FunctionalModel, check_bridged, check_eval
@@ -63,7 +61,12 @@ from .layer_grads_certified import (  # noqa: F401  (certified_plan and its core
     _mlp_grads,
     certified_plan,
 )
-from .layer_grads_gap import _gap, _gap_sums  # noqa: F401  (the check's comparisons)
+from .layer_grads_gap import (  # noqa: F401  (the check's comparisons)
+    _device_type,
+    _gap,
+    _gap_sums,
+    tolerance,
+)
 from .layer_grads_narrow import _all_finite, _narrowed, _warn_dense
 
 # every path helper stays importable from here, as before the split
@@ -246,9 +249,10 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool 
                 if not bad_data:
                     why = (f"they are not finite on its first examples where vmap(grad)'s are "
                            f"(max difference {err:.3g}, gradient scale {scale:.3g})")
-            elif not err <= 10 * torch.finfo(dtype).eps ** 0.5 * max(scale, 1e-30):
+            elif not err <= (tol := tolerance(dtype, _device_type(stacked)))[0] * max(scale, 1e-30):
                 why = (f"they do not match vmap(grad) on its first examples (max difference "
-                       f"{err:.3g}, gradient scale {scale:.3g})")
+                       f"{err:.3g}, gradient scale {scale:.3g}, tolerance {tol[0]:.2g} of the "
+                       f"scale from {tol[1]}'s rounding)")
     except Exception as e:  # whatever the model's forward raises with probes
         why = f"the capture pass over this batch failed ({type(e).__name__}: {e})"
     if bad_data:

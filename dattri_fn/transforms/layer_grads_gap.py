@@ -82,3 +82,23 @@ def _flat(grads: Params, r: int):
     """``{key: [r, *shape]}`` (or ``{key: shape}`` with ``r = 1``) raveled to ``[r, P]``."""
     parts = [v.reshape(r, -1) for v in grads.values()]
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def tolerance(dtype: torch.dtype, device_type: str) -> tuple[float, str]:
+    """``(relative tolerance, what it comes from)`` of the check's gap: ``10 sqrt(eps)`` of the
+    rows' dtype, or ``10 eps`` of autocast's dtype where autocast computes in a coarser one
+    (review RU5 M4: bf16 rounding, 4e-3 of the scale, read as a mismatch). Not ``10 sqrt(eps)``
+    of bf16 (0.88 of the scale): that would pass examples mixed in a batch."""
+    tol, source = 10 * torch.finfo(dtype).eps ** 0.5, f"{dtype}".removeprefix("torch.")
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        if torch.finfo(low).eps > torch.finfo(dtype).eps:
+            tol, source = max(tol, 10 * torch.finfo(low).eps), \
+                f"autocast to {low}".replace("torch.", "")
+    return tol, source
+
+
+def _device_type(stacked) -> str:
+    """The device type of the checked params (where autocast would compute the rows)."""
+    return next(iter(stacked.values())).device.type if stacked else "cpu"
+
