@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .._checks import all_finite, check_int, check_optional_int, check_positive, check_tensor
 from .._types import LinOp
-from .cg import CGResult, _damped, _preconditioner
+from .cg import HALF, CGResult, _damped, _preconditioner, _wider, resolution_warning, true_residual
 from .explicit import as_operator, check_rhs
 
 __all__ = ["NotPositiveDefiniteError", "block_cg_solve", "ihvp_block_cg"]
@@ -193,25 +193,27 @@ def _steps(iters: Tensor) -> str:
 
 
 def _not_reached(func: str, V: Tensor, norms: Tensor, converged: Tensor, iters: Tensor,
-                 spent: Tensor, rtol, atol, max_iter: int, damping) -> str:
+                 spent: Tensor, claimed: Tensor, rtol, atol, max_iter: int, damping) -> str:
     """The warning for rows that missed the tolerance: how many, after how many steps, why they
-    stopped (``max_iter`` run out, or the Krylov space spent at the dtype's precision) and the
+    stopped (``max_iter`` run out, the Krylov space spent at the dtype's precision, or, in half
+    precision, a recursive residual that met the tolerance where the true one did not) and the
     worst relative residual each group reached, with the remedy that fits."""
     rel = norms / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
-    dt, eps = str(V.dtype)[6:], torch.finfo(V.dtype).eps
-    wider = [w for w in ("float32", "float64") if torch.finfo(getattr(torch, w)).eps < eps]
+    dt, wider = str(V.dtype)[6:], _wider(V.dtype)
+    precision = ((f"compute in {' or '.join(wider)}" if wider else "raise rtol or atol")
+                 + f" (rtol={rtol:g}, atol={atol:g} is out of reach in {dt})")
     parts, fixes = [], []
     for rows, why, fix in (
-            (~converged & ~spent, f"ran max_iter={max_iter} steps", "raise max_iter"),
+            (~converged & ~spent & ~claimed, f"ran max_iter={max_iter} steps", "raise max_iter"),
             (~converged & spent, "stopped after {steps}, when no new search direction was "
-             f"independent at {dt}'s precision (the Krylov space spent)",
-             (f"compute in {' or '.join(wider)}" if wider else "raise rtol or atol")
-             + f" (rtol={rtol:g}, atol={atol:g} is out of reach in {dt})")):
+             f"independent at {dt}'s precision (the Krylov space spent)", precision),
+            (~converged & claimed, "met it on the recursively updated residual after {steps}, "
+             f"not on the true residual ||b - (A + damping I) x|| ({dt} rounding)", precision)):
         if bool(rows.any()):
             parts.append(f"{int(rows.sum())} {why.format(steps=_steps(iters[rows]))}, worst "
                          f"relative residual {float(rel[rows].max()):.3g}")
             fixes.append(fix)
-    fix = " or ".join(fixes)
+    fix = " or ".join(dict.fromkeys(fixes))
     return (f"{func}: {int((~converged).sum())} of {V.shape[0]} rows did not reach rtol={rtol:g}, "
             f"atol={atol:g}: {'; '.join(parts)}. {fix[0].upper() + fix[1:]}, or raise damping "
             f"(now {damping:g}) to improve the conditioning.")
@@ -239,9 +241,16 @@ def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_
         raise ValueError(f"{where}: expected an operator returning finite values, got "
                          f"NaN or inf in the block CG iterates. Check the curvature operator.")
     converged = norms <= tol
+    claimed = torch.zeros_like(converged)
+    if V.dtype in HALF:  # the recursive residual cannot be trusted there (cg.HALF): the true one
+        true = torch.cat([true_residual(matmat, V[s:s + block_size], X[s:s + block_size])
+                          for s in range(0, V.shape[0], block_size)])
+        claimed = converged & (true > tol.float())
+        converged = true <= tol.float()
+        norms = true.to(norms.dtype)
     if not bool(converged.all()):
-        warnings.warn(_not_reached(func, V, norms, converged, iters, spent, rtol, atol, max_iter,
-                                   damping), RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(_not_reached(func, V, norms, converged, iters, spent, claimed, rtol, atol,
+                                   max_iter, damping), RuntimeWarning, stacklevel=stacklevel)
     return CGResult(X, iters, norms, converged, torch.zeros_like(converged))
 
 
@@ -268,7 +277,8 @@ def block_cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6,
 
     Returns:
         A :class:`~dattri_fn.solve.CGResult`: ``num_iters`` counts the steps of a row's group
-        until the row converged; ``negative_curvature`` is all False (see Raises).
+        until the row converged; ``negative_curvature`` is all False (see Raises). A
+        float16/bfloat16 system is judged on its true residual (one more product per group).
 
     Raises:
         TypeError, ValueError: as :func:`~dattri_fn.solve.cg_solve`; ``block_size < 1``; an
@@ -277,7 +287,8 @@ def block_cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6,
 
     Note:
         In exact arithmetic a group of ``k`` independent rows converges within ``ceil(P / k)``
-        steps. Rows that do not converge within ``max_iter`` warn, as in ``cg_solve``. Which
+        steps. Rows that do not converge within ``max_iter`` warn, as in ``cg_solve``; ``rtol``
+        below the dtype's ``eps`` (with ``atol = 0``) warns up front. Which
         rows share a group changes the iterates within the tolerance, not the solution.
 
     Example:
@@ -295,6 +306,7 @@ def block_cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6,
     B2 = B.unsqueeze(0) if vector else B
     check_tensor(func, "B", B2, ndim=2, dim_size={1: A.dim})
     check_rhs(func, B2, A.dtype, A.device)
+    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
     res = _solve(func, f"{func}(op=...)", matmat, precond, B2, rtol, atol, max_iter, block_size,
                  damping, 3)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else res
@@ -324,6 +336,7 @@ def ihvp_block_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float =
     """
     A, matmat, precond, damping, rtol, atol, max_iter, block_size = _settings(
         func, op, damping, rtol, atol, max_iter, M, block_size)
+    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
 
     def solve(V: Tensor) -> Tensor:  # [k, P]: LinOp's call adds the row dim of a vector
         check_rhs(func, V, A.dtype, A.device)

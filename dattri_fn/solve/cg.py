@@ -23,7 +23,8 @@ class CGResult(NamedTuple):
     Fields:
         x: the solutions ``[k, P]``.
         num_iters: CG steps each row took before it converged or stopped (int64).
-        residual_norm: the recursively updated ``||b - (A + damping*I) x||`` per row.
+        residual_norm: the recursively updated ``||b - (A + damping*I) x||`` per row; for a
+            float16/bfloat16 system the true one, from one more product at the end.
         converged: ``residual_norm <= max(rtol * ||b||, atol)`` and no negative curvature.
         negative_curvature: the row met ``p^T (A + damping*I) p <= 0`` and was stopped there.
     """
@@ -36,6 +37,37 @@ class CGResult(NamedTuple):
 
 
 NEGATIVE_CURVATURE = ("stop", "continue")
+# Half-precision CG's recursive residual drifts from the true one (float16's r^T r underflows to
+# 0, review RF M2: "converged" at a true residual of 1e-3 to 2e-2): these dtypes are judged on
+# the true residual, one more operator product at the end.
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _wider(dtype: torch.dtype) -> list[str]:
+    eps = torch.finfo(dtype).eps
+    return [w for w in ("float32", "float64") if torch.finfo(getattr(torch, w)).eps < eps]
+
+
+def resolution_warning(func: str, rtol: float, atol: float, dtype: torch.dtype,
+                       stacklevel: int) -> None:
+    """Warn when ``rtol`` (with ``atol = 0``) is below ``eps(dtype)``: no solve in ``dtype``
+    can reach or check a relative residual that small."""
+    eps = torch.finfo(dtype).eps
+    if rtol >= eps or atol > 0:
+        return
+    dt, wider = str(dtype)[6:], _wider(dtype)
+    how = ("rows are judged on their true residual ||b - (A + damping I) x||, formed once at "
+           "the end" if dtype in HALF else "a row's recursively updated residual can meet it "
+           "while its true residual ||b - (A + damping I) x|| stays above it")
+    fix = f"compute in {' or '.join(wider)}, or " if wider else ""
+    warnings.warn(f"{func}(rtol=...): expected rtol >= {eps:.3g}, what {dt} resolves, got "
+                  f"rtol={rtol:g} with atol=0; {how}. {(fix + 'pass').capitalize()} "
+                  f"rtol >= {eps:.3g}.", RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def true_residual(matmat, B: Tensor, X: Tensor) -> Tensor:
+    """``||B_i - (A + damping I) X_i||`` in float32, from one more operator product.  # [k]"""
+    return (B.float() - matmat(X).float()).norm(dim=1)
 
 
 def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond=None,
@@ -107,9 +139,23 @@ def _cg(matmat, B: Tensor, X: Tensor | None, tol: Tensor, max_iter: int, precond
     return X, iters, rs.sqrt(), converged, negative
 
 
+def _judged(matmat, B: Tensor, res: tuple, tol: Tensor, stop_on_negative: bool):
+    """``res`` judged on the true residual for a half dtype (its recursive one cannot be
+    trusted), with the mask of rows whose recursive residual met ``tol`` and the true one did
+    not; other dtypes pass through (no product, the same bits)."""
+    X, iters, norms, converged, negative = res
+    if B.dtype not in HALF:
+        return res, torch.zeros_like(converged)
+    true = true_residual(matmat, B, X)
+    reached = true <= tol.float()
+    claimed = converged & ~reached
+    converged = reached & ~negative if stop_on_negative else reached
+    return (X, iters, true.to(norms.dtype), converged, negative), claimed
+
+
 def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damping,
-                    stacklevel: int, stop_on_negative: bool = True) -> None:
-    X, _, res_norm, converged, negative = res
+                    stacklevel: int, stop_on_negative: bool = True, claimed=None) -> None:
+    X, iters, res_norm, converged, negative = res
     if not all_finite(X):
         raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
                          f"NaN or inf in the CG iterates. Check the curvature operator.")
@@ -125,15 +171,41 @@ def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damp
             f"iterate (negative_curvature=True). Raise damping (now {damping:g}) above "
             f"-lambda_min(A).", RuntimeWarning, stacklevel=stacklevel)
     num_slow = num_bad - num_neg
-    if num_slow:
-        bnorm = B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
-        worst = float((res_norm / bnorm).masked_fill(converged | negative, 0).max())
-        hint = "" if stop_on_negative else " (or use ihvp_minres for an indefinite operator)"
+    if not num_slow:
+        return
+    slow = ~converged & ~negative
+    rel = res_norm / B.norm(dim=1).clamp_min(torch.finfo(B.dtype).tiny)
+    hint = "" if stop_on_negative else " (or use ihvp_minres for an indefinite operator)"
+    claimed = torch.zeros_like(slow) if claimed is None else claimed & slow
+    ran = slow & ~claimed & (iters >= max_iter)
+    broke = slow & ~claimed & (iters < max_iter)  # p^T A p = 0 with negative_curvature="continue"
+    if not bool(claimed.any() | broke.any()):
         warnings.warn(
             f"{func}: {num_slow} of {k} rows did not reach rtol={rtol:g}, atol={atol:g} within "
-            f"max_iter={max_iter} (worst relative residual {worst:.3g}). Raise max_iter, or "
-            f"raise damping (now {damping:g}) to improve the conditioning{hint}.",
+            f"max_iter={max_iter} (worst relative residual {float(rel[slow].max()):.3g}). Raise "
+            f"max_iter, or raise damping (now {damping:g}) to improve the conditioning{hint}.",
             RuntimeWarning, stacklevel=stacklevel)
+        return
+    dt = str(B.dtype)[6:]
+    parts, fixes = [], []
+    for rows, why, fix in (
+            (ran, f"ran max_iter={max_iter} steps", "raise max_iter"),
+            (broke, "stopped after {steps} at a breakdown, p^T (A + damping*I) p = 0",
+             "use ihvp_minres"),
+            (claimed, "met it on the recursively updated residual after {steps}, not on the "
+             f"true residual ||b - (A + damping*I) x|| ({dt} rounding)",
+             f"compute in {' or '.join(_wider(B.dtype)) or 'a wider dtype'}")):
+        if bool(rows.any()):
+            lo, hi = int(iters[rows].min()), int(iters[rows].max())
+            steps = f"{hi} steps" if lo == hi else f"{lo} to {hi} steps"
+            parts.append(f"{int(rows.sum())} {why.format(steps=steps)}, worst relative residual "
+                         f"{float(rel[rows].max()):.3g}")
+            fixes.append(fix)
+    fix = " or ".join(fixes)
+    warnings.warn(
+        f"{func}: {num_slow} of {k} rows did not reach rtol={rtol:g}, atol={atol:g}: "
+        f"{'; '.join(parts)}. {fix[0].upper() + fix[1:]}, or raise damping (now {damping:g}) to "
+        f"improve the conditioning.", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _negative_rule(func: str, negative_curvature) -> bool:
@@ -239,7 +311,8 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
     Note:
         CG converges for symmetric positive-definite ``A + damping*I``, in at most ``P`` steps in
         exact arithmetic and fast when the condition number is small. Rows that did not
-        converge within ``max_iter`` warn ("raise max_iter or damping"). Negative-curvature rule:
+        converge within ``max_iter`` warn ("raise max_iter or damping"); ``rtol`` below the
+        dtype's ``eps`` (with ``atol = 0``) warns up front. Negative-curvature rule:
         if ``p^T (A + damping*I) p <= 0`` for a row's search direction (indefinite curvature of a
         non-convex model), that row stops at its last iterate, is flagged in
         ``negative_curvature`` and a warning says to raise damping; no NaN is returned.
@@ -273,11 +346,14 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
             raise ValueError(f"{func}(x0=...): expected shape {list(B.shape)} (like B), "
                              f"got {list(x0.shape)}.")
         X0 = check_rhs(func, x0.unsqueeze(0) if vector else x0, A.dtype, A.device)
+    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
     tol = torch.clamp(rtol * B2.norm(dim=1), min=atol)
     precond = _preconditioner(func, M, A, damping)
-    res = _cg(_damped(A, damping), B2, X0, tol, max_iter, precond, stop)
+    matmat = _damped(A, damping)
+    res, claimed = _judged(matmat, B2, _cg(matmat, B2, X0, tol, max_iter, precond, stop), tol,
+                           stop)
     _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3,
-                    stop_on_negative=stop)
+                    stop_on_negative=stop, claimed=claimed)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else CGResult(*res)
 
 
@@ -323,9 +399,10 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
     def solve(V: Tensor) -> Tensor:
         check_rhs(func, V, A.dtype, A.device)
         tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
-        res = _cg(matmat, V, None, tol, max_iter, precond, stop)
+        res, claimed = _judged(matmat, V, _cg(matmat, V, None, tol, max_iter, precond, stop),
+                               tol, stop)
         _warn_and_check(func, res, V, rtol, atol, max_iter, damping, stacklevel=4,
-                        stop_on_negative=stop)
+                        stop_on_negative=stop, claimed=claimed)
         return res[0]
 
     return LinOp(solve, A.dim, A.dtype, A.device, name=func)
