@@ -101,10 +101,15 @@ def vmap_refusal(func: str, arg: str, err: RuntimeError, *, capture: bool = True
     per-layer capture runs the model batched, without vmap (RU2 M2); ``capture=False``: ``func``
     vmaps every model, so the forward itself must change (or another method be used)."""
     if not capture:
-        fix = (f"{func} vmaps {arg} per example for every model, a FunctionalModel too (it has "
-               "no per-layer capture): rewrite the forward without .item() or a Python branch "
-               "on a tensor's value (torch.where), or use a method whose per-layer capture "
-               "needs no vmap (grad_dot(fm), trak(fm)).")
+        # the main trigger's fix first: the user cannot rewrite HF's mask helpers (review RF L1)
+        hf = ("a Hugging Face model given an attention mask (.item() in its mask helpers) runs "
+              "when loaded with attn_implementation='eager'; else rewrite the forward without "
+              ".item() or a Python branch on a tensor's value (torch.where)")
+        fix = (f"GradSpec vmaps {arg} per example for every model (DVEmb's recorded gradients "
+               f"have no per-layer capture): {hf}." if func == "GradSpec" else
+               f"{func} vmaps {arg} per example for every model, a FunctionalModel too (it has "
+               f"no per-layer capture): {hf}, or use a method whose per-layer capture needs no "
+               "vmap (grad_dot(fm), trak(fm)).")
     elif func in ("per_sample_grad", "grad"):
         rows = ".to_dense() gives these rows" if func == "per_sample_grad" else \
             "for one batch, .to_dense()[0].mean(0) is this mean gradient"
