@@ -203,7 +203,8 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
                              "pass curvature='hessian')", type(loss).__name__))
     if curvature == "ekfac" and fisher == "true":
         _check_sampler(model.loss_fn)
-    refuse = Refuse(name, "loss", False), Refuse(name, "loss" if target is None else "target", False)
+    train_refuse = Refuse(name, "loss", capture=False)
+    test_refuse = Refuse(name, "loss" if target is None else "target", capture=False)
     loss, _ = loss_and_plan(name, "loss", loss)
     target = loss if target is None else loss_and_plan(name, "target", target)[0]
 
@@ -289,7 +290,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
 
     def train_f(state: SourceState):
         def f(batch) -> Tensor:  # [L, B, P]: gbar_l(z)
-            return torch.stack([stacked_per_sample_grad(loss, s.stacked, batch, refuse=refuse[0]).mean(0)
+            return torch.stack([stacked_per_sample_grad(loss, s.stacked, batch, refuse=train_refuse).mean(0)
                                 for s in state.segments])
         return f
 
@@ -297,7 +298,7 @@ def source(loss: Loss | FunctionalModel, *, segments: int = 3, curvature: str = 
         final = {k: v[None] for k, v in state.final.items()}
 
         def f(batch) -> Tensor:  # [L, k, P]: Seg_l^T q_l / N
-            q = stacked_per_sample_grad(target, final, batch, refuse=refuse[1])[0]  # [k, P]
+            q = stacked_per_sample_grad(target, final, batch, refuse=test_refuse)[0]  # [k, P]
             rows = []
             for s in reversed(state.segments):
                 if s.factors is not None:
