@@ -333,7 +333,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
             if projections is None:
                 projections = projections_for(io, next(iter(io.values()))[0])
             # the raw factors and the (merged) batch are dropped before the features exist
-            io = _projected(io, projections, specs, model)
+            io = _projected(io, projections, specs, model, transposed=True)
             batch = None
             _accumulate(io, n, A, G, factors, feats, len(layers), cache_features,
                         {ln: projections[ln][0] is None and specs[ln].bias not in model.params

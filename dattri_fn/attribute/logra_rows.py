@@ -124,21 +124,26 @@ def _raw(tapped_for, specs: dict, model: FunctionalModel, unpack, chunk_size: in
     return out
 
 
-def _projected(io: dict, projections: dict, specs: dict, model: FunctionalModel) -> dict:
+def _projected(io: dict, projections: dict, specs: dict, model: FunctionalModel,
+               transposed: bool = False) -> dict:
     """``{layer: (a' [B, T, k_in], g' [B, T, k_out])}``: ``[a, 1] P_in`` and ``g P_out`` (a layer
-    given 2-d, ``[B, in]``, one position per example, stays 2-d: ``[B, k_in]``)."""
+    given 2-d, ``[B, in]``, one position per example, stays 2-d: ``[B, k_in]``); ``transposed``:
+    one-position factors laid out ``[k, B]`` (strides ``(1, B)``: prepare's, cached in the state)."""
     out = {}
     params = model.params
-    cast = torch._C._is_any_autocast_enabled()  # (an out= product is not autocast: kept plain)
+    # (an out= product is not autocast: kept plain)
+    transposed = transposed and not torch._C._is_any_autocast_enabled()
     for n, (a, g) in io.items():
         Pa, Pg = projections[n]
         flat = a.ndim == 2
         if not flat:
             B, T = a.shape[:2]
             a, g = a.reshape(B * T, -1), g.reshape(B * T, -1)
-        # one position per example: each product written into a [k, B] buffer's transposed view
-        # (the GEMM runs as P^T a^T: ~0.6-0.8x the [B, k] one's time at k = 8, digits-mlp)
-        one = (flat or T == 1) and not cast
+        # transposed (prepare's passes): a one-position product written into a [k, B] buffer's
+        # transposed view (the GEMM runs as P^T a^T: ~0.6-0.8x the [B, k] one's time at k = 8,
+        # digits-mlp), for the grams and the cached factors' rotations (Q^T a'^T); feature rows
+        # (_features: ~15% slower on such strided factors) keep the row form
+        one = transposed and (flat or T == 1)
         if specs[n].bias not in params:
             a = a if Pa is None else torch.mm(a, Pa, out=_transposed(a, Pa) if one else None)
         elif Pa is None:
