@@ -214,3 +214,17 @@ def test_llama_and_qwen2_default_params_take_no_vmap_grad(qwen):
         rows.append(torch.cat([grads[k].reshape(-1) for k in fm.params]))
     G = torch.stack(rows)
     assert (S - G @ G.T).abs().max() <= 1e-12 * (G @ G.T).abs().max()
+
+
+def test_token_scores_take_rmsnorm_scales_and_sum_to_the_gradient_scores():
+    """token_scores refused the RMSNorm keys by name; captured, position t scores
+    ``(g_t * x_hat_t) . m_w`` and the positions sum to ``grad_i . p_j`` (1e-12)."""
+    from dattri_fn.attribute.tokens import token_scores
+
+    fm = _fm("llama")
+    batch = _data(8, 4)
+    P = sum(v.numel() for v in fm.params.values())
+    p = torch.randn(2, P, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = token_scores(fm, fm.params, batch, p)
+    want = _vmap_rows(fm, batch) @ p.T
+    assert s.shape == (4, 5, 2) and (s.sum(1) - want).abs().max() <= 1e-12 * want.abs().max()
