@@ -19,12 +19,9 @@ from ._blame import (  # noqa: F401
     blame_keys,
     dtype_error,
 )
-from ._order import ONE_SHOT_FIX, check_order  # noqa: F401
 
-
-def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
-    text = f"{func}({arg}=...): expected {expected}, got {got}."
-    return f"{text} {fix}" if fix else text
+# _msg lives with the order check, which _checks imports (one copy, no import cycle)
+from ._order import ONE_SHOT_FIX, _msg, check_order  # noqa: F401
 
 
 def available_bytes(device) -> int | None:
@@ -401,7 +398,8 @@ def iter_batches(func: str, arg: str, data, *, ordered: bool = True,
     rows reach the output in order, so a shuffling or row-dropping DataLoader is refused
     (:func:`check_order`); False for a sum over the rows (a curvature), where order is free.
     ``once``: the caller reads the data in one pass (a top-k scan), so a one-shot iterator
-    is returned as it is.
+    is returned as it is; ``iter(loader)`` is order-checked through the sampler it keeps, but a
+    generator's order cannot be read and is taken as given.
     """
     refuse_ambiguous_list(func, arg, data)
     if is_batch(data):
@@ -411,6 +409,8 @@ def iter_batches(func: str, arg: str, data, *, ordered: bool = True,
         raise TypeError(_msg(func, arg, "a Batch or a re-iterable of Batches", type(data).__name__))
     if iter(data) is data:
         if once:
+            if ordered:
+                check_order(func, arg, data)
             return data
         raise TypeError(_msg(func, arg, "a re-iterable of Batches (list, DataLoader)",
                              "a one-shot iterator", ONE_SHOT_FIX))

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
+try:  # private, but its sampler attributes are what iter(loader) keeps of the loader
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+except ImportError:  # pragma: no cover
+    _BaseDataLoaderIter = ()
 
-def _msg(func: str, arg: str, expected: str, got: str, fix: str) -> str:
-    return f"{func}({arg}=...): expected {expected}, got {got}. {fix}"
+
+def _msg(func: str, arg: str, expected: str, got: str, fix: str = "") -> str:
+    text = f"{func}({arg}=...): expected {expected}, got {got}."
+    return f"{text} {fix}" if fix else text
 
 
 ONE_SHOT_FIX = ("Wrap it in list(...), or, for data larger than memory, pass an object whose "
                 "__iter__ builds the batches afresh on every call (each pass streams).")
+_ORDER_FIX = ("Pass shuffle=False (no sampler), a list of batches in the order the rows should "
+              "have, or, for data larger than memory, an object whose __iter__ builds the batches "
+              "in that order afresh on every call.")
+_SHARD_FIX = ("To shard rows across processes, give each its own rows with "
+              "dattri_fn.distributed.shard_data(data) (or shard_range(n)) and place its output "
+              "with dattri_fn.distributed.row_offset(n_local).")
+# a list/tuple sampler is compared index by index: a longer one (a user's own order) is refused
+_LIST_MAX = 100_000
 
 
 def _sequential(sampler, kind) -> bool:
@@ -18,37 +34,84 @@ def _sequential(sampler, kind) -> bool:
     return isinstance(sampler, kind) and type(sampler).__iter__ is kind.__iter__
 
 
-def check_order(func: str, arg: str, data) -> None:
-    """Refuse a DataLoader whose batches do not arrive in the dataset's order, or that drops rows
-    (``drop_last=True`` on a dataset that is not a multiple of the batch size): the rows of a
-    score, its top-k indices and self-scores follow the order the batches arrive in, silently.
+def _in_order(sampler, n: int | None) -> bool:
+    """``sampler`` yields ``0, 1, ..., n-1``: SequentialSampler, or that range as a range, a
+    short list/tuple or an integer Tensor (``n``: the dataset's length, None if unknown)."""
+    if _sequential(sampler, SequentialSampler):
+        return True
+    if n is None:
+        return False
+    if isinstance(sampler, range):
+        return sampler == range(n)
+    if isinstance(sampler, (list, tuple)):
+        return len(sampler) == n <= _LIST_MAX and all(
+            type(i) is int and i == j for j, i in enumerate(sampler))
+    if isinstance(sampler, Tensor):
+        return (sampler.ndim == 1 and not sampler.is_floating_point() and len(sampler) == n
+                and bool((sampler.cpu() == torch.arange(n)).all()))
+    return False
+
+
+def _parts(data):
+    """``(dataset, batch_sampler or None, sampler)`` of a DataLoader or of its iterator; None
+    for anything else or an IterableDataset (its order is its own)."""
+    if isinstance(data, DataLoader):
+        dataset, outer = data.dataset, data.batch_sampler
+        inner = data.sampler if outer is None else getattr(outer, "sampler", None)
+    elif _BaseDataLoaderIter and isinstance(data, _BaseDataLoaderIter):
+        dataset, index = data._dataset, data._index_sampler
+        outer = index if data._auto_collation else None
+        inner = index if outer is None else getattr(outer, "sampler", None)
+    else:
+        return None
+    return None if isinstance(dataset, IterableDataset) else (dataset, outer, inner)
+
+
+def check_order(func: str, arg: str, data, *, why: str | None = None) -> None:
+    """Refuse a DataLoader (or ``iter(loader)``) whose batches do not arrive in the dataset's
+    order, that drops rows (``drop_last=True`` on a dataset that is not a multiple of the batch
+    size), or, for an iterator, that has already given batches: the rows of a score, its top-k
+    indices and self-scores follow the order the batches arrive in, silently.
 
     Reads the loader's sampler objects only (no index is drawn, no batch is built); an
-    IterableDataset's order is its own and is accepted."""
-    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+    IterableDataset's order is its own and is accepted. ``why``: what follows the row order at
+    this call site, for the message (default: score rows, top-k indices and self-scores)."""
+    parts = _parts(data)
+    if parts is None:
         return
-    outer = data.batch_sampler
-    if outer is None or _sequential(outer, BatchSampler):
-        inner = data.sampler if outer is None else outer.sampler
-        if not _sequential(inner, SequentialSampler):
-            name = type(inner).__name__
-            what = ("with shuffle=True (its RandomSampler draws a new order on every pass)"
-                    if name == "RandomSampler" else
-                    f"whose sampler {name} does not give the dataset's order" if name in (
-                        "SubsetRandomSampler", "WeightedRandomSampler", "DistributedSampler")
-                    else f"whose sampler {name} has an order this check cannot read")
-        elif outer is not None and outer.drop_last and len(inner) % outer.batch_size:
-            n, cut = len(inner), len(inner) % outer.batch_size
-            raise ValueError(_msg(func, arg, "every example of the dataset",
-                                  f"{n - cut} examples of the {n} (drop_last=True drops the "
-                                  f"last {cut}, which are then never scored)",
-                                  "Pass drop_last=False."))
-        else:
-            return
-    else:
-        what = f"whose batch_sampler {type(outer).__name__} has an order this check cannot read"
+    dataset, outer, inner = parts
+    try:
+        n = len(dataset)
+    except TypeError:
+        n = None
     rows = "training rows" if arg == "train" else "rows"
-    raise ValueError(_msg(func, arg, f"the {rows} in a fixed order, the dataset's (score rows, "
-                          "top-k indices and self-scores follow the order the batches arrive in)",
-                          f"a DataLoader {what}", "Pass shuffle=False (no sampler), or a list "
-                          "of batches in the order the rows should have."))
+    why = why or "score rows, top-k indices and self-scores follow the order the batches arrive in"
+    expected = f"the {rows} in a fixed order, the dataset's ({why})"
+    fix = _ORDER_FIX
+    if outer is not None and not _sequential(outer, BatchSampler):
+        what = f"whose batch_sampler {type(outer).__name__} has an order this check cannot read"
+    elif not _in_order(inner, n):
+        name = type(inner).__name__
+        if name == "DistributedSampler":
+            what, fix = "whose sampler DistributedSampler gives one process a part of the " \
+                        "rows (padded with repeats where they do not divide evenly)", _SHARD_FIX
+        elif name == "RandomSampler":
+            what = "with shuffle=True (its RandomSampler draws a new order on every pass)"
+        elif name in ("SubsetRandomSampler", "WeightedRandomSampler"):
+            what = f"whose sampler {name} does not give the dataset's order"
+        else:
+            what = f"whose sampler {name} has an order this check cannot read"
+    elif outer is not None and outer.drop_last and len(inner) % outer.batch_size:
+        m, cut = len(inner), len(inner) % outer.batch_size
+        raise ValueError(_msg(func, arg, "every example of the dataset",
+                              f"{m - cut} examples of the {m} (drop_last=True drops the last "
+                              f"{cut}, which are then never scored)", "Pass drop_last=False."))
+    elif getattr(data, "_num_yielded", 0):
+        raise ValueError(_msg(func, arg, "every example of the dataset", "an iterator of a "
+                              f"DataLoader that has already given {data._num_yielded} "
+                              "batch(es), which are then never scored",
+                              "Pass a fresh iter(loader), or the loader itself."))
+    else:
+        return
+    kind = "an iterator of a DataLoader" if not isinstance(data, DataLoader) else "a DataLoader"
+    raise ValueError(_msg(func, arg, expected, f"{kind} {what}", fix))

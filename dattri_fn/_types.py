@@ -16,7 +16,9 @@ Contracts:
              one Batch or a list of them; a list of tensors of ONE shape and dtype reads both
              ways and is refused: a tuple ``(x, y)`` is one batch, ``[(x1,), (x2,)]`` shards.
              A DataLoader must give its dataset's rows in order, all of them (no shuffle, no
-             ``drop_last`` that drops rows) wherever rows reach the output; a curvature takes any.
+             ``drop_last`` that drops rows) wherever rows reach the output; a curvature takes any,
+             but a seeded draw per row (``fisher="true"``, a dropout ``seed=``) gives the same
+             result on every call only with the rows in a fixed order.
     Example  one element of a Batch, the leading dimension removed.
     Loss     ``loss(params, example) -> Tensor[]``: the loss of ONE example. Batch means are
              derived with ``vmap``.
@@ -28,6 +30,7 @@ Contracts:
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -119,7 +122,7 @@ class LinOp:
         ``damping`` as a value: ``ihvp_cg(C + 0.1)`` solves the same system as
         ``ihvp_cg(C, damping=0.1)``.
         """
-        c = _scalar(other)
+        c = _scalar(other, "LinOp.__add__", "other")
         if isinstance(c, Tensor):  # a 0-d tensor in autograd: its graph is kept
             return LinOp(lambda V: self.matmat(V) + c * V, self.dim, self.dtype, self.device,
                          name=f"({self.name} + c I)")
@@ -134,7 +137,7 @@ class LinOp:
 
     def __mul__(self, c) -> LinOp:
         """``c A`` for a real number or 0-d tensor ``c``.  # [k, P] -> [k, P]"""
-        s = _scalar(c)
+        s = _scalar(c, "LinOp.__mul__", "c")
         if s is None and isinstance(c, Tensor):
             raise TypeError(f"LinOp.__mul__(c=...): expected a real number or a 0-d tensor, got "
                             f"{_kind(c)}. Apply the operator with op @ X (columns [P, m]) or "
@@ -149,7 +152,7 @@ class LinOp:
 
     def __truediv__(self, c) -> LinOp:
         """``A / c`` = ``(1/c) A`` for a real number or 0-d tensor ``c != 0``.  # [k, P] -> [k, P]"""
-        s = _scalar(c)
+        s = _scalar(c, "LinOp.__truediv__", "c")
         if s is None:
             raise TypeError(f"LinOp.__truediv__(c=...): expected a real number or a 0-d tensor, "
                             f"got {_kind(c)}. An inverse is a solver's: ihvp_cg(op, ...) or "
@@ -184,7 +187,7 @@ class LinOp:
         return self * -1.0
 
     def __sub__(self, other) -> LinOp:
-        c = _scalar(other)
+        c = _scalar(other, "LinOp.__sub__", "other")
         if c is not None:
             return self + (-c)
         return self + (-_operand("LinOp.__sub__", other, self))
@@ -195,14 +198,22 @@ class LinOp:
         return LinOp(lambda V: V, dim, dtype, device, name="I")
 
 
-def _scalar(c) -> float | Tensor | None:
-    """``c`` as a multiplier: a float for a real number or a 0-d tensor outside autograd, the
-    0-d tensor itself in autograd (its graph kept), None for anything else."""
+def _scalar(c, func: str, arg: str) -> float | Tensor | None:
+    """``c`` as a multiplier: a finite float for a real number or a 0-d tensor outside autograd,
+    the 0-d tensor itself in autograd (its graph kept; its value is not read, so a NaN, an inf
+    or a zero divisor there is not caught), None for anything else. NaN/inf raise, naming
+    ``func(arg=...)``: the operator would give NaN rows on every later product."""
     if isinstance(c, (int, float)) and not isinstance(c, bool):
-        return float(c)
-    if isinstance(c, Tensor) and c.ndim == 0 and not c.is_complex() and c.dtype != torch.bool:
-        return c if c.requires_grad else float(c)
-    return None
+        s = float(c)
+    elif isinstance(c, Tensor) and c.ndim == 0 and not c.is_complex() and c.dtype != torch.bool:
+        if c.requires_grad:
+            return c
+        s = float(c)
+    else:
+        return None
+    if not math.isfinite(s):
+        raise ValueError(f"{func}({arg}=...): expected a finite number, got {s}.")
+    return s
 
 
 def _kind(x) -> str:

@@ -286,7 +286,8 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
     Args:
         train_features: ``batch -> [b, F]``, or ``[C, b, F]`` for an ensemble (summed over C).
         train: one Batch, a re-iterable of Batches (a shard list, a DataLoader), a FeatureStore
-            or a StoreRecording.
+            or a StoreRecording; with ``top_k``, also a one-shot iterator: ``iter(loader)`` is
+            checked for the dataset's order like the loader, a generator's order is taken as given.
         test_features: ``[n_test, F]`` (or ``[C, n_test, F]``), already preconditioned.
         top_k: keep only the ``top_k`` largest (or smallest, ``largest=False``) per test column.
         func: the public caller's name, for error messages (``func(train=...)``).
