@@ -101,3 +101,15 @@ def test_linop_zero_divisor_refused_and_finite_scalars_unchanged():
         op / torch.tensor(0.0)
     v = torch.arange(3.0, dtype=F64)[None]
     assert torch.equal((op * 2.5)(v), v * 2.5) and torch.equal((op + 1)(v), v + v)
+
+
+def test_check_method_skip_warning_names_the_argument():
+    # review RH LOW-7: the house form names the argument (was check_method(<method name>))
+    from dattri_fn.attribute import influence
+    from dattri_fn.testing import check_method, logistic_regression
+
+    p = logistic_regression(n=12, seed=1)
+    m = influence(p.loss, solver="explicit", damping=1e-3)
+    with pytest.warns(UserWarning, match=r"^check_method\(problem=...\): skipped the exact "
+                      r"leave-one-out property of \w+, the one that catches a wrong inverse"):
+        check_method(m, p)

@@ -198,7 +198,8 @@ def check_method(method, problem: Problem, *, params=None, n_test: int = 4,
     if why is not None:
         skipped["loo"] = why
         if min_loo_corr is not None:
-            warnings.warn(f"check_method({name}): skipped the exact leave-one-out property, the "
+            warnings.warn(f"check_method(problem=...): skipped the exact leave-one-out property of "
+                          f"{name}, the "
                           f"one that catches a wrong inverse: {why}. It runs on {_FITTED}; pass "
                           f"min_loo_corr=None to skip it on purpose.", UserWarning, stacklevel=2)
     else:
