@@ -181,6 +181,9 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_msg("save", "path", "a str or os.PathLike", type(path).__name__))
     _check_saveable(obj)  # before any file or directory is made
+    from .attribute.train_print import settle
+
+    settle(obj)  # a state's print of its training rows, formed now from them: the file keeps it
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_clean = _remove_stale_tmps(path)

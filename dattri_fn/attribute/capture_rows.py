@@ -88,8 +88,10 @@ def merged_passes(func: str, arg: str, data, row_bytes, budget: int, measured=No
         m = measured()
         return min(fit, ONE_PASS_ROWS if m is None else max(1, budget // share // m))
 
+    seen = 0  # a NaN example named by its index in the data
     for b in data:
-        rows = batch_size(func, arg, b)
+        rows = batch_size(func, arg, b, first=seen)
+        seen += rows
         if fit is None:
             fit = max(1, budget // row_bytes(b))
         lay = _layout(b)

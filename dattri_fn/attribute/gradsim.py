@@ -317,9 +317,9 @@ def _gradient_similarity(loss, name: str, *, target=None, lrs=None,
                 isinstance(train, (list, tuple)) and train and all(is_batch(b) for b in train)) \
                 else None
             if batches is not None:  # in memory: both sides of a batch from one pass
-                diag = []
+                diag, seen = [], 0
                 for b in batches:
-                    batch_size(name, "train", b)
+                    seen += batch_size(name, "train", b, first=seen)  # a NaN named by index
                     with blame_data(name, "train", b):
                         t, p = one_pass.both(batch_to(b, device))
                     diag.append(t.row_dots(p))  # [b]

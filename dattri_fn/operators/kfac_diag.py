@@ -317,7 +317,7 @@ def diagonal_sums(func: str, module: nn.Module, loss_fn, state, keys, batches, c
     sums: dict[str, Tensor] = {}
     n, looped = 0, []
     for batch in regroup(batches, batch_rows, func):
-        n += batch_size(func, "data", batch)
+        n += batch_size(func, "data", batch, first=n)
         for args, kwargs, target in _chunks(batch, chunk_size):
             for _, rows in diagonal_row_blocks(module, loss_fn, state, keys, args, kwargs,
                                                target, func=func, looped=looped):

@@ -111,7 +111,7 @@ def _passes(func, batches, tapped, loss_fn, state, chunk_size, step, batch_rows=
     for batch in regroup(batches, batch_rows, func):
         if rows is not None and rows.first is None:
             rows.first = batch
-        n += batch_size(func, "data", batch)
+        n += batch_size(func, "data", batch, first=n)
         if positions is not None:
             positions.start(batch)
         stream(tapped, loss_fn, state, batch, chunk_size, step, on_input)
