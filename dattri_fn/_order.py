@@ -25,6 +25,10 @@ _ORDER_FIX = ("Pass shuffle=False (no sampler), a list of batches in the order t
 _SHARD_FIX = ("To shard rows across processes, give each its own rows with "
               "dattri_fn.distributed.shard_data(data) (or shard_range(n)) and place its output "
               "with dattri_fn.distributed.row_offset(n_local).")
+# ``why=`` of a call site whose seeded draws land on rows by position (a shuffled loader there
+# gives a different answer on every call with the same seed)
+SEEDED_ORDER = ("the seeded {what} draws fall on rows by position, so seed= gives the same {of} "
+                "on every call only with the rows in a fixed order")
 # a list/tuple sampler is compared index by index: a longer one (a user's own order) is refused
 _LIST_MAX = 100_000
 
