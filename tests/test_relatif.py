@@ -153,20 +153,19 @@ def test_relatif_prepared_scales_equal_per_batch_scales(kind, solver):
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_relatif_refuses_another_training_set_size():
-    """The prepared 1/n_i are per training row: a train of fewer or more rows than prepare's
-    is refused naming if_explicit(train=...)."""
+def test_relatif_scores_another_training_set_row_by_row():
+    """The prepared 1/n_i serve only the rows prepare saw, in order (their print); fewer or more
+    rows get their own n_i (one more inverse application per batch): the same rows' scores."""
     params, loss, train = PROBLEMS["linear"](n=9, seed=1)
     _, _, test = PROBLEMS["linear"](n=2, seed=2)
     train = _batches(train, [5])
     m = influence(loss, solver="explicit", damping=0.1, relatif="l")
     state = m.prepare(params, train)
-    with pytest.raises(ValueError, match=r"if_explicit\(train=...\): expected the 9 training "
-                                         r"examples the state was prepared with.*got 5"):
-        m.score(params, state, train[:1], test)
-    with pytest.raises(ValueError, match=r"if_explicit\(train=...\): expected the 9 training "
-                                         r"examples .*got more than 9"):
-        m.self_score(params, state, [*train, train[0]])
+    S, s = m.score(params, state, train, test), m.self_score(params, state, train)
+    torch.testing.assert_close(m.score(params, state, train[:1], test), S[:5], rtol=1e-12,
+                               atol=1e-15)
+    torch.testing.assert_close(m.self_score(params, state, [*train, train[0]]),
+                               torch.cat([s, s[:5]]), rtol=1e-12, atol=1e-15)
 
 
 def test_relatif_scores_from_a_store_equal_scores_from_data(tmp_path):

@@ -33,13 +33,16 @@ class InfluenceState(NamedTuple):
     ``prepare`` saw, in order (``[n_train]``; None without RelatIF or without training data);
     ``keys``: the params' keys in the order ``prepare`` laid the inverse out in (``score`` and
     ``self_score`` take the same keys in any order and reorder them to it; None in a state
-    saved before stop 22, which takes params as given)."""
+    saved before stop 22, which takes params as given); ``train_print``: with ``row_scale``, the
+    print of those rows (:mod:`~dattri_fn.attribute.train_print`): ``score`` uses ``row_scale``
+    only for the same rows in that order, else one more inverse application per batch."""
 
     ihvp: LinOp
     factors: Any
     tap: Any = None
     row_scale: torch.Tensor | None = None
     keys: tuple[str, ...] | None = None
+    train_print: torch.Tensor | None = None
 
 
 class InfluenceEnsembleState(NamedTuple):

@@ -66,7 +66,7 @@ def _same_losses(per_example: Loss, batched, params: Params, data,
                  func: str = "influence") -> bool:
     """True when ``batched`` gives ``per_example``'s values on the first few examples of
     ``data`` (a custom ``unpack`` or a forward that mixes examples would not)."""
-    k = min(_CHECK_ROWS, batch_size(func, "train", data))
+    k = min(_CHECK_ROWS, batch_size(func, "train", data, first=0))  # (all rows: indices)
     with torch.no_grad():  # a loop, not vmap: vmap's loss batching rules import sympy
         one = torch.stack([per_example(params, _example(data, i)) for i in range(k)])
         many = batched(params, batch_slice(data, 0, k))

@@ -31,6 +31,7 @@ from ..operators.linear_curvature import FactoredCurvatureError, linear_hessian,
 from ..operators.linear_gauss_newton import FactoredOperator
 from ..operators.linear_glm import restricted
 from ..transforms import capture
+from . import train_print
 from .influence_cg import (  # noqa: F401 (moved at stop 25; build_inverse calls these names)
     AUTO_SKETCH_RHS_PER_RANK,
     SKETCH_SEED,
@@ -379,8 +380,10 @@ def build_state(cfg: InfluenceConfig, params: Params, train, tapped) -> Influenc
     """The state of ``cfg.solver`` at checked ``params`` on validated ``train``: the inverse,
     its factors, the scoring capture and RelatIF's row scales."""
     ihvp, factors = build_inverse(cfg, params, train, tapped)
-    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp, tapped),
-                          row_scale(cfg, params, ihvp, train), tuple(params))
+    scale = row_scale(cfg, params, ihvp, train)
+    return InfluenceState(ihvp, factors, score_tap(cfg, params, ihvp, tapped), scale,
+                          tuple(params), None if scale is None else train_print.take(
+                              cfg.name, train, shuffled="none"))
 
 
 def prepare(cfg: InfluenceConfig, params, train) -> InfluenceState | InfluenceEnsembleState:

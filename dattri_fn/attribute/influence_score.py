@@ -17,6 +17,7 @@ from ..operators.kfac_stats import _tokens as kfac_tokens
 from ..transforms.grad import per_sample_grad_unchecked
 from ..transforms.layer_grads import LayerPlan, layer_grads_fn
 from ..tree import ravel_batched
+from . import train_print
 from .influence_config import InfluenceConfig, InfluenceEnsembleState, InfluenceState, checkpoints
 from .influence_layers import (  # noqa: F401 (moved at stop 25)
     _NOT_CALLED,
@@ -301,6 +302,12 @@ def store_given(train) -> bool:
     return isinstance(train, (FeatureStore, StoreRecording))
 
 
+def same_rows(train, ps) -> bool:
+    """Whether RelatIF's prepared row scales fit ``train``: its print (the same rows, in order;
+    else one more inverse application per batch gives each row its own)."""
+    return not store_given(train) and train_print.matches(train, ps[0][1].train_print)
+
+
 def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None = None,
           largest: bool = True):
     """``influence(...).score``: ``g_i^T (C + damping I)^-1 g_j`` for every train ``i`` and
@@ -327,7 +334,7 @@ def score(cfg: InfluenceConfig, params, state, train, test, *, top_k: int | None
                              func=name, arg="test")) for fn, (p, st) in zip(fns, ps, strict=True)]
     test_f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     side, cursor = ((layer_side(cfg, ps, test_f, looped), None) if layers
-                    else train_side(cfg, ps, scales=not store_given(train), stream=stream))
+                    else train_side(cfg, ps, scales=same_rows(train, ps), stream=stream))
     S = stream_scores(side, regrouped(name, "train", train, rows), test_f,
                       top_k=top_k, largest=largest, func=name)
     if cursor is not None:
@@ -378,7 +385,7 @@ def self_score(cfg: InfluenceConfig, params, state, train) -> torch.Tensor:
         return stream_self(diag, lambda b: _Formed(None), data, device=device_of(ps[0][0]),
                            func=name, state=key)
     stream = shared_stream(cfg)
-    side, cursor = train_side(cfg, ps, scales=not given, stream=stream)
+    side, cursor = train_side(cfg, ps, scales=not given and same_rows(train, ps), stream=stream)
     S = stream_self(side, test_side(cfg, ps, stream), data, device=device_of(ps[0][0]), func=name,
                     state=key)
     if cursor is not None:

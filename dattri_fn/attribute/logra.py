@@ -54,6 +54,7 @@ from ..operators.kfac_layers import _kfac_specs, _unshared
 from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms import capture
 from ..transforms.padding import Positions
+from . import train_print
 from .boundary import check_cached_train
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .logra_basis import (  # noqa: F401 (_projection)
@@ -93,6 +94,7 @@ class LoGraState(NamedTuple):
             ``{layer: (a' [n_train, k_in], g' [n_train, k_out])}`` instead of the features:
             ``DW'_i = g'_i a'_i^T``, ``k_in + k_out`` numbers per layer and example instead of
             ``k_in k_out``; :meth:`feature_rows` forms rows of the features from them.
+        train_print: the rows' print (:mod:`.train_print`; None: counted only).  # [n_train]
 
     Layers of one shape share storage: their ``eigvecs`` are views of one batched ``eigh`` per
     matrix size, their ``eigvals`` (CPU, <= 32768 entries a layer) of one ``[L, k_out, k_in]``
@@ -106,6 +108,7 @@ class LoGraState(NamedTuple):
     eigvals: dict
     train_features: Tensor | None
     train_factors: dict | None = None
+    train_print: Tensor | None = None
 
     def cached_rows(self) -> int | None:
         """The number of training examples whose features the state holds (None: none)."""
@@ -316,7 +319,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         positions = Positions(func, model.module)  # A' over the real positions its layers read
         for batch in passes():
             if not merged:  # merged_passes checked each batch it merged
-                batch_size(func, "train", batch)
+                batch_size(func, "train", batch, first=n)
             batch = batch_to(batch, device)
             leaves = batch_leaves(batch)
             in_bytes, b = sum(t.nbytes for t in leaves), leaves[0].shape[0]
@@ -389,7 +392,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         test_pre = collect(test_fn, test, device=device, func=func, arg="test")
         test_pre = test_pre if eigen else precondition(state, test_pre)
         if state.cached_rows() is not None:
-            check_cached_train(func, train, state.cached_rows(), read=False)
+            check_cached_train(func, train, state.cached_rows(), read=False, rows=state.train_print)
             if (state.train_features is not None and top_k is None
                     and state.train_features.dtype == test_pre.dtype):
                 # the whole [n_train, n_test] is returned anyway: one product, no block copies
@@ -418,7 +421,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         st = state_of(func, params)
         device = next(iter(st.values())).device
         if state.cached_rows() is not None:
-            check_cached_train(func, train, state.cached_rows(), read=False)
+            check_cached_train(func, train, state.cached_rows(), read=False, rows=state.train_print)
             rows, spans = cached_spans(state, device)
             blocks = (rows(s, e) for s, e in spans)
         elif train is None:
@@ -443,6 +446,7 @@ def logra(model: FunctionalModel, *, proj_dim: int | tuple[int, int] | None = 16
         return check_finite_self(func, torch.cat([(phi * precondition(state, phi)).sum(1)
                                                   for phi in blocks]))
 
+    prepare = train_print.stamped(prepare, f"{name}.prepare")
     return Method(prepare, score, self_score, name)
 
 
