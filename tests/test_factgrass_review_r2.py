@@ -136,7 +136,7 @@ def test_a_state_saved_without_a_sketch_still_loads_and_scores(monkeypatch, tmp_
     m = factgrass(fm, proj_dim=16, mask_dim=5, seed=2)
     state = m.prepare(fm.params, (x, y))
     enc = io._encode(state)
-    for f in ("train_factors", "sketch"):
+    for f in ("train_factors", "sketch", "train_print"):
         del enc["fields"][f]
     torch.save(enc, tmp_path / "old.pt")
     old = io.load(tmp_path / "old.pt")

@@ -42,5 +42,5 @@ def test_self_score_still_refuses_a_nan_train_row(solver):
     bad = x.clone()
     bad[7, 2] = float("nan")
     with pytest.raises(ValueError, match=r"\(train=\.\.\.\): expected finite values, got NaN or "
-                       r"inf in row 2 of"):
+                       r"inf in example 7\."):
         m.self_score(fm.params, st, [(bad[:5], y[:5]), (bad[5:], y[5:])])

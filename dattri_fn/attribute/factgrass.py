@@ -55,6 +55,7 @@ from ..transforms.layer_grads import (
 )
 from ..transforms.mlp_io import mlp_chain
 from ..transforms.project import make_projector
+from . import train_print
 from .capture_rows import cached_row_count, can_merge, capture_row_bytes, merged_passes
 from .factgrass_blocks import (  # noqa: F401 (importable from here, as before the split)
     _blocks_of,
@@ -173,6 +174,9 @@ class FactGraSSState(NamedTuple):
             ("damping", lam))`` (``lam`` None for ``curvature="identity"``): ``score``,
             ``self_score`` and ``feature_rows`` refuse a state whose ``sketch`` differs from
             their factgrass's, by name. None (a state saved before stop 23): not checked.
+        train_print: the print of the training rows in order
+            (:func:`~dattri_fn.attribute.train_print.take`): ``score`` refuses other rows or
+            another order for cached rows; None (saved before stop 28): counted only.  # [n]
     """
 
     blocks: tuple
@@ -181,6 +185,7 @@ class FactGraSSState(NamedTuple):
     plan: PlanDecisions | None = None
     train_factors: dict | None = None
     sketch: tuple | None = None
+    train_print: Tensor | None = None
 
     def cached_rows(self) -> int | None:
         """The number of training examples whose features the state holds (None: none)."""
@@ -283,6 +288,7 @@ def factgrass(model: FunctionalModel, *, proj_dim: int = 256, blowup: int = 4,
         return _feature_rows(cfg, params, state, start, stop)
 
     prepare.feature_rows = feature_rows
+    prepare = train_print.stamped(prepare, f"{name}.prepare")
     return Method(prepare, score, self_score, name)
 
 

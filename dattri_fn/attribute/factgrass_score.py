@@ -144,7 +144,8 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
                                             test, device=device, func=func, arg="test",
                                             fresh=True))  # _Rows allocates its rows
     if state.train_features is not None:
-        check_cached_train(func, train, state.train_features.shape[0], read=False)
+        check_cached_train(func, train, state.train_features.shape[0], read=False,
+                           rows=state.train_print)
         feats = state.train_features
         if feats.device != device:  # (a dispatched .to is an op even where it is a no-op)
             feats = feats.to(device)
@@ -154,7 +155,8 @@ def score(cfg: _Config, params, state: FactGraSSState, train, test, *, top_k: in
         fn, blocks = _cached(feats)
         return stream_scores(fn, blocks, test_pre, top_k=top_k, largest=largest, func=func)
     if state.train_factors is not None:
-        check_cached_train(func, train, state.cached_rows(), read=False)
+        check_cached_train(func, train, state.cached_rows(), read=False,
+                           rows=state.train_print)
         form, spans = factor_rows(cfg, sk, state, device)
         if top_k is None and next(iter(state.train_factors.values()))[0].dtype == (
                 test_pre.dtype):
@@ -181,11 +183,13 @@ def self_score(cfg: _Config, params, state: FactGraSSState, train) -> Tensor:
     params = state_params(cfg, func, params, state)
     device = next(iter(params.values())).device
     if state.train_features is not None:
-        check_cached_train(func, train, state.train_features.shape[0], read=False)
+        check_cached_train(func, train, state.train_features.shape[0], read=False,
+                           rows=state.train_print)
         fn, blocks = _cached(state.train_features.to(device))
         rows = (fn(i) for i in blocks)
     elif state.train_factors is not None:
-        check_cached_train(func, train, state.cached_rows(), read=False)
+        check_cached_train(func, train, state.cached_rows(), read=False,
+                           rows=state.train_print)
         sk = cfg.sketch_for(params)
         _check_blocks(func, state, sk)
         form, spans = factor_rows(cfg, sk, state, device)

@@ -208,8 +208,10 @@ def _train_blocks(func: str, train_features: FeatureFn, train, device, once: boo
         for block in train.blocks(device):
             yield block, block.shape[-2] if train.manifest["layout"] == "stacked" else block.shape[0]
         return
+    seen = 0  # a NaN example is named by its index in the data, not its row in a batch
     for batch in iter_batches(func, "train", train, once=once):
-        b = batch_size(func, "train", batch)
+        b = batch_size(func, "train", batch, first=seen)
+        seen += b
         if device is not None:
             batch = batch_to(batch, device)
         yield features(func, "train", train_features, batch), b
@@ -251,7 +253,8 @@ def check_finite_scores(func: str, block: Tensor) -> None:
     if block.is_floating_point() and not all_finite(block):
         raise ValueError(_msg(func, "train", "examples whose per-example features (gradients) "
                               "are finite", "NaN or inf in the scores of a train batch",
-                              "A train or test example's gradient is not finite."))
+                              "A train or test example's gradient is not finite, or finite "
+                              "ones overflow in their dot product (compute in float64)."))
 
 
 def check_finite_self(func: str, diag: Tensor, first: int = 0,
@@ -335,8 +338,8 @@ def stream_scores(train_features: FeatureFn, train, test_features: Tensor, *,
             if block.shape[0] != b:
                 raise ValueError(f"{func}(train=...): expected the train feature map to give one "
                                  f"row per example ({b}), got {block.shape[0]}.")
-            if not isinstance(feats, Tensor):  # structured rows are not scanned: their scores are
-                check_finite_scores(func, block)
+            # every block, dense rows too: finite rows can still overflow in the dot (RU6 M1)
+            check_finite_scores(func, block)
             yield block
 
     if store and top_k is None and train.out is not None:
@@ -391,9 +394,10 @@ def stream_self(train_features: FeatureFn, test_features: FeatureFn, train, *, d
         return diag if device is None else diag.to(device)
     _check_callable(func, "train_features", train_features)
     _check_callable(func, "test_features", test_features)
-    out = []
+    out, seen = [], 0
     for batch in iter_batches(func, "train", train):
-        b = batch_size(func, "train", batch)
+        b = batch_size(func, "train", batch, first=seen)
+        seen += b
         if device is not None:
             batch = batch_to(batch, device)
         t = _checked_rows(func, "train_features", features(func, "train", train_features, batch), b)
