@@ -40,7 +40,7 @@ from ..store import FeatureStore, StoreRecording, record_self, self_scores
 from ..transforms.kronecker import FACTOR_KINDS
 from ..transforms.layer_grads import decided_plan, layer_plan
 from ..transforms.project import KINDS
-from . import trak_mlp
+from . import train_print, trak_mlp
 from .boundary import check_cached_train, check_example_fn
 from .method import Method, num_checkpoints
 from .outputs import (  # noqa: F401  (the classification_* helpers are imported from trak too)
@@ -354,7 +354,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
                                largest)
         test_feats = test_rows(K, calls.collect(func, "test", test, device).to(K.dtype))
         if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[1], read=False)
+            check_cached_train(func, train, state.train_features.shape[1], read=False,
+                               rows=state.train_print)
             idx, rows = cached_chunks(state, device)
             if top_k is None and len(idx) == 1:
                 # the whole cache is one block: its product directly, the same operations as
@@ -390,7 +391,8 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
         if dual:
             return dual_self_scores(func, state, K, dual, train, device)
         if state.train_features is not None:
-            check_cached_train(func, train, state.train_features.shape[1], read=False)
+            check_cached_train(func, train, state.train_features.shape[1], read=False,
+                               rows=state.train_print)
             idx, rows = cached_chunks(state, device)
             blocks = (rows(i) for i in idx)
         elif train is None:
@@ -418,4 +420,5 @@ def trak(output_fn: OutputFn | FunctionalModel, *, weight_fn: OutputFn | Functio
             return torch.cat([train_rows(phi, q).row_dots(test_rows(K, phi))
                               for phi, q in blocks])
 
+    prepare = train_print.stamped(prepare, f"{name}.prepare")
     return Method(prepare, score, self_score, name)

@@ -25,7 +25,7 @@ def dual_scores(func: str, state: TRAKState, K: Tensor, dual: bool | str, calls,
     ``test``; ``dual``: ``True`` or ``"factored"`` (:func:`check_state`).  # -> [n_train, n_test]"""
     if dual == "factored":
         n, rows = state.train_factors.num_rows, state.kernel_rows
-        check_cached_train(func, train, n, read=False)
+        check_cached_train(func, train, n, read=False, rows=state.train_print)
         check_optional_int(func, "top_k", top_k)
         train_lg = _moved(state.train_factors, device)
         # params of another dtype than prepare's: the test rows take the state's (review R3 F2)
@@ -37,7 +37,8 @@ def dual_scores(func: str, state: TRAKState, K: Tensor, dual: bool | str, calls,
             S = packed_matmul(K[c], n, rows, train_lg.select(c).scores(test_lg.select(c)), S)
         S.mul_((state.train_weights.to(device) / K.shape[0])[:, None])
         return S if top_k is None else merge_topk(None, S, 0, top_k, largest)
-    check_cached_train(func, train, state.train_features.shape[1], read=False)
+    check_cached_train(func, train, state.train_features.shape[1], read=False,
+                       rows=state.train_print)
     check_optional_int(func, "top_k", top_k)
     test_phi = calls.collect(func, "test", test, device).to(K.dtype)
     feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
@@ -52,7 +53,7 @@ def dual_self_scores(func: str, state: TRAKState, K: Tensor, dual: bool | str, t
     """Return ``s_ii = w_i / C sum_c [K_c Phi_c Phi_c^T]_ii``, without the ``[n, n]``.  # -> [n_train]"""
     if dual == "factored":
         n, rows = state.train_factors.num_rows, state.kernel_rows
-        check_cached_train(func, train, n, read=False)
+        check_cached_train(func, train, n, read=False, rows=state.train_print)
         train_lg = _moved(state.train_factors, device)
         s = 0
         for c in range(K.shape[0]):
@@ -61,7 +62,8 @@ def dual_self_scores(func: str, state: TRAKState, K: Tensor, dual: bool | str, t
             s = s + packed_diag(K[c], n, rows, lambda a, e, lc=lc: lc.rows(a, e).scores(
                 lc.rows(0, e)))
         return s * (state.train_weights.to(device) / K.shape[0])
-    check_cached_train(func, train, state.train_features.shape[1], read=False)
+    check_cached_train(func, train, state.train_features.shape[1], read=False,
+                       rows=state.train_print)
     feats, wts = state.train_features.to(device, K.dtype), state.train_weights.to(device)
     # s_ii = sum_c [K_c Phi_c Phi_c^T]_ii / C * Qbar_i, row by row without the n x n
     return (torch.bmm(K, feats) * feats).sum((0, 2)) * (wts / K.shape[0])

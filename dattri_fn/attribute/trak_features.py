@@ -362,7 +362,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         with named(func, "train"), holding(c) if hold_pass else contextlib.nullcontext():
             for batch in iter_batches(func, "train", data):
                 batch = batch_to(batch, v0.device)
-                b = batch_size(func, "train", batch)
+                b = batch_size(func, "train", batch, first=n)
                 step = b if chunk_size is None else chunk_size
                 for s in range(0, b, step):
                     part = batch if step >= b else batch_slice(batch, s, s + step)
@@ -392,7 +392,7 @@ def feature_calls(func: str, params, cfg: FeatureConfig,
         out, n = [], 0
         for batch in iter_batches(func, arg, regrouped(func, arg, data, rows_min)):
             batch = batch_to(batch, device)
-            b = batch_size(func, arg, batch)
+            b = batch_size(func, arg, batch, first=n)
             step = b if chunk_size is None else chunk_size
             for s in range(0, b, step):
                 part = batch if step >= b else batch_slice(batch, s, s + step)

@@ -47,6 +47,9 @@ class TRAKState(NamedTuple):
             else None.
         kernel_rows: rows a block of the packed dual kernel (with ``train_factors``); 0: the
             kernel is kept whole.
+        train_print: the print of the training rows in order
+            (:func:`~dattri_fn.attribute.train_print.take`): ``score`` refuses other rows or
+            another order for cached rows; None (saved before stop 28): counted only.  # [n]
     """
 
     kernel: Tensor
@@ -55,6 +58,7 @@ class TRAKState(NamedTuple):
     plan: PlanDecisions | None = None
     train_factors: LayerGrads | None = None
     kernel_rows: int = 0
+    train_print: Tensor | None = None
 
     # Saved states and state_hash name the class by module: kept where it was defined before.
     __module__ = "dattri_fn.attribute.trak"
