@@ -300,8 +300,12 @@ def test_factgrass_and_influence_with_layer_norms_equal_the_twin():
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")  # the factored Gauss-Newton's refusal is not ours
             S = m.score(fm.params, m.prepare(fm.params, train), train, test)
-            want = t.score(twin.params, t.prepare(twin.params, train), train, test)
         assert not [w for w in record if "layer_grads" in str(w.message)]
+        # the twin's norms are no module the capture recognises: that costs vmap(grad), warned
+        # since stop 28 (review RU5 M3); its scores are the reference all the same
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "layer_grads: the parameters", RuntimeWarning)
+            want = t.score(twin.params, t.prepare(twin.params, train), train, test)
         torch.testing.assert_close(S, want, rtol=1e-9, atol=1e-10)
 
 
