@@ -38,12 +38,14 @@ def _sequential(sampler, kind) -> bool:
     return isinstance(sampler, kind) and type(sampler).__iter__ is kind.__iter__
 
 
-def _in_order(sampler, n: int | None) -> bool:
-    """``sampler`` yields ``0, 1, ..., n-1``: SequentialSampler, or that range as a range, a
-    short list/tuple or an integer Tensor (``n``: the dataset's length, None if unknown)."""
+def _in_order(sampler, dataset) -> bool:
+    """``sampler`` yields ``0, 1, ..., n-1`` for the ``n`` rows of ``dataset``: SequentialSampler,
+    or that range as a range, a short list/tuple or an integer Tensor."""
     if _sequential(sampler, SequentialSampler):
         return True
-    if n is None:
+    try:
+        n = len(dataset)
+    except TypeError:
         return False
     if isinstance(sampler, range):
         return sampler == range(n)
@@ -84,17 +86,10 @@ def check_order(func: str, arg: str, data, *, why: str | None = None) -> None:
     if parts is None:
         return
     dataset, outer, inner = parts
-    try:
-        n = len(dataset)
-    except TypeError:
-        n = None
-    rows = "training rows" if arg == "train" else "rows"
-    why = why or "score rows, top-k indices and self-scores follow the order the batches arrive in"
-    expected = f"the {rows} in a fixed order, the dataset's ({why})"
     fix = _ORDER_FIX
     if outer is not None and not _sequential(outer, BatchSampler):
         what = f"whose batch_sampler {type(outer).__name__} has an order this check cannot read"
-    elif not _in_order(inner, n):
+    elif not _in_order(inner, dataset):
         name = type(inner).__name__
         if name == "DistributedSampler":
             what, fix = "whose sampler DistributedSampler gives one process a part of the " \
@@ -117,5 +112,8 @@ def check_order(func: str, arg: str, data, *, why: str | None = None) -> None:
                               "Pass a fresh iter(loader), or the loader itself."))
     else:
         return
+    rows = "training rows" if arg == "train" else "rows"
+    why = why or "score rows, top-k indices and self-scores follow the order the batches arrive in"
+    expected = f"the {rows} in a fixed order, the dataset's ({why})"
     kind = "an iterator of a DataLoader" if not isinstance(data, DataLoader) else "a DataLoader"
     raise ValueError(_msg(func, arg, expected, f"{kind} {what}", fix))
