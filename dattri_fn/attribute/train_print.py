@@ -19,6 +19,7 @@ new one reuses never passes on its address.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -68,9 +69,24 @@ def batch_print(batch) -> Tensor:
     return acc
 
 
+def _tensor_rows(loader) -> list | None:
+    """``[dataset.tensors]`` for a DataLoader that gives a ``TensorDataset``'s rows in order with
+    the default collate (its batches stack those rows: the same row prints), else None."""
+    from torch.utils.data import DataLoader, SequentialSampler, TensorDataset, default_collate
+
+    if not (isinstance(loader, DataLoader) and isinstance(loader.dataset, TensorDataset)
+            and loader.batch_size is not None and loader.collate_fn is default_collate
+            and type(loader.sampler) is SequentialSampler):
+        return None
+    return [tuple(loader.dataset.tensors)]
+
+
 def _source(train):
     """The user's data behind a regrouped view, or None for what has no print (a one-shot
-    iterator, which a second read would consume; a store; anything not iterable)."""
+    iterator, which a second read would consume; a store; anything not iterable; a DataLoader
+    over another dataset: printing it would cost a pass of the user's loading, which may also
+    be readable once, so its rows are only counted). A DataLoader over a ``TensorDataset`` is
+    its dataset's tensors (kept by weak reference, never read through the loader)."""
     if isinstance(train, _Regrouped):
         train = train.data
     if is_batch(train):
@@ -79,6 +95,8 @@ def _source(train):
         return None
     if iter(train) is train or hasattr(train, "manifest"):  # one-shot, or a FeatureStore
         return None
+    if isinstance(train, torch.utils.data.DataLoader):
+        return _tensor_rows(train)
     return train
 
 
@@ -135,7 +153,7 @@ def take(func: str, train, *, shuffled: str = "refuse") -> Tensor | None:
             if not leaves or leaves[0].ndim == 0:
                 return None  # (prepare refuses it by name; resolved() checks the rest)
             n += leaves[0].shape[0]
-            batches.append([(weakref.ref(t), t._version) for t in leaves])
+            batches.append([_kept(t) for t in leaves])
         rows = torch.empty(0, dtype=torch.int64)
         key = id(rows)
         _SEEN[key] = (weakref.ref(rows, lambda _, key=key: _SEEN.pop(key, None)), batches, n)
@@ -146,6 +164,28 @@ def take(func: str, train, *, shuffled: str = "refuse") -> Tensor | None:
             return None
         parts.append(batch_print(b).cpu())
     return torch.cat(parts) if parts else None
+
+
+def _kept(t: Tensor) -> tuple:
+    """``(weakref to t, its _version, weakref to its base, its geometry)``: a view (a slice of
+    the user's tensor, as an inline batch list makes) can be formed again from a base that
+    outlives it (a view shares its base's version counter, so a write through either shows)."""
+    base = t._base
+    if base is None:
+        return weakref.ref(t), t._version, None, None
+    return (weakref.ref(t), t._version, weakref.ref(base),
+            (tuple(t.shape), t.stride(), t.storage_offset()))
+
+
+def _alive(kept: tuple) -> Tensor | None:
+    """The kept leaf, or the same view of its live base, unmodified since; else None."""
+    ref, version, base_ref, geometry = kept
+    t = ref()
+    if t is None and base_ref is not None:
+        base = base_ref()
+        if base is not None:
+            t = base.as_strided(*geometry)
+    return t if t is not None and t._version == version else None
 
 
 def _seen(rows: Tensor):
@@ -165,9 +205,8 @@ def resolved(rows: Tensor) -> Tensor | None:
         return None
     parts = []
     for batch in seen[1]:
-        leaves = [ref() for ref, _ in batch]
-        if any(t is None or t._version != v for t, (_, v) in zip(leaves, batch, strict=True)) \
-                or not _printable(leaves):
+        leaves = [_alive(kept) for kept in batch]
+        if any(t is None for t in leaves) or not _printable(leaves):
             return None
         parts.append(batch_print(leaves).cpu())
     rows.resize_(seen[2]).copy_(torch.cat(parts))
@@ -201,8 +240,8 @@ def _same_objects(data, rows: Tensor) -> bool:
         if not is_batch(b):
             return False
         leaves = batch_leaves(b)
-        if len(leaves) != len(kept) or any(ref() is not t or v != t._version
-                                           for t, (ref, v) in zip(leaves, kept, strict=True)):
+        if len(leaves) != len(kept) or any(k[0]() is not t or k[1] != t._version
+                                           for t, k in zip(leaves, kept, strict=True)):
             return False
     return True
 
@@ -214,7 +253,11 @@ def first_mismatch(train, rows: Tensor) -> int | None:
     one-shot iterator is consumed."""
     if isinstance(train, _Regrouped):
         train = train.data
-    data = [train] if is_batch(train) else train
+    data = _source(train)
+    if data is None:
+        if not (isinstance(train, Iterable) and iter(train) is train):
+            return None  # a store, or a DataLoader over another dataset: counted only
+        data = train  # a one-shot iterator: read here, once
     if _same_objects(data, rows):
         return None
     rows = resolved(rows)
@@ -242,7 +285,7 @@ def matches(train, rows: Tensor | None) -> bool:
         return False
     if isinstance(train, _Regrouped):
         train = train.data
-    if _same_objects([train] if is_batch(train) else train, rows):
+    if _same_objects(_source(train), rows):
         return True
     if resolved(rows) is None:
         return False
@@ -257,6 +300,16 @@ def check(func: str, train, rows: Tensor | None, *, consume: bool = True) -> Non
     without a print or with an unknown one (the rows are counted only, by the caller), nor for
     a one-shot iterator with ``consume=False`` (a caller that reads it next)."""
     if rows is None or train is None or (not consume and _source(train) is None):
+        return
+    data = _source(train)
+    if data is not None and not _same_objects(data, rows) and resolved(rows) is None:
+        from ..transforms.layer_grads_plan import user_stacklevel
+
+        warnings.warn(f"{func}(train=...): cannot check that these are the rows prepare saw, in "
+                      "its order: the tensors prepare read were freed or written in place since "
+                      "(e.g. a temporary .clone() batch list), so the scores follow prepare's "
+                      "rows. Keep the training tensors alive and unchanged until score, or pass "
+                      "train=None.", UserWarning, stacklevel=user_stacklevel())
         return
     i = first_mismatch(train, rows)
     if i is None:
