@@ -28,7 +28,8 @@ def _solve(dtype, **kw):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         res = block_cg_solve(A, B, **kw)
-    return res, B, [str(w.message) for w in seen]
+    # an rtol below the dtype's eps also warns up front (tests/test_s28_f3_cg_residual.py)
+    return res, B, [str(w.message) for w in seen if "(rtol=...)" not in str(w.message)]
 
 
 def test_a_spent_krylov_space_is_named_not_max_iter():

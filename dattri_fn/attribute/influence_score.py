@@ -40,18 +40,20 @@ def _relatif_scale(kind: str, G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, sq.where(pos, 1).rsqrt(), 0)
 
 
-def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params, stream=None):
+def _grad_rows(fn: Loss, plan: LayerPlan | None, l2: float, params: Params, stream=None,
+               arg: str = "loss"):
     """Return ``batch -> [B, P]`` raveled per-example gradients of ``fn + l2 |p|^2``.
 
     With a plan, Linear layers come from one batched backward (``l2`` added as ``2 l2 p``);
     without, ``fn`` already holds the ``l2`` term and ``vmap(grad)`` does it. ``stream``: a
     :func:`~dattri_fn.transforms.layer_grads.layer_grads_fn` of ``plan`` shared with the other
-    side of this call (:func:`shared_stream`), else one of its own.
+    side of this call (:func:`shared_stream`), else one of its own. ``arg``: the argument
+    ``fn`` came from, which its errors name (``influence(target=...)``).
     """
     if plan is None:
         # no loop to fall back to: vmap's refusal of the model is named (RU2 M2)
         return lambda b: ravel_batched(per_sample_grad_unchecked(fn, params, b,
-                                                                 refuse=("influence", "loss")))
+                                                                 refuse=("influence", arg)))
     stacked = {k: v[None] for k, v in params.items()}
     shift = 2 * l2 * torch.cat([v.reshape(-1) for v in params.values()]) if l2 else None
     # checked on the stream's first batch of >= 2 examples, then held
@@ -95,7 +97,8 @@ def grads(cfg: InfluenceConfig, params: Params, test: bool = False, stream=None)
     if fn_plan is not None and list(params) != list(fn_plan.model.params):
         raise ValueError(f"{name}(params=...): expected the keys of the model's params "
                          f"in this order {list(fn_plan.model.params)}, got {list(params)}.")
-    rows = (_grad_rows(cfg.test_fn, cfg.plan_t, 0.0, params, stream) if test
+    rows = (_grad_rows(cfg.test_fn, cfg.plan_t, 0.0, params, stream,
+                       "loss" if cfg.target is None else "target") if test
             else _grad_rows(cfg.train_fn if cfg.plan is None else cfg.base, cfg.plan, cfg.l2,
                             params, stream))
     return in_chunks(rows, cfg.chunk_size)
