@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -17,10 +18,14 @@ from .explicit import as_operator, check_rhs
 _CHECK_EVERY = 16
 # Slack over the (j+1)*||v|| bound, for rounding when a per-step map has norm exactly 1.
 _SLACK = 1.01
-# Full-batch residual |(A + dI) x - v| / |v| above which a row warns: the truncated series leaves
-# exactly (I - (A + dI)/scale)^(depth+1) v, while float32 rounding over thousands of steps stays
-# near 1e-5 (1e-13 in float64), so 1e-3 flags truncation (and a singular A's unreachable part),
-# never rounding. Rows whose residual is this large give scores off by the same order or more.
+# Full-batch residual |(A + dI) x - v| / |v| above which a row warns. The truncated series leaves
+# exactly (I - (A + dI)/scale)^(depth+1) v; a converged answer's floor is rounding, about
+# eps * kappa(A + dI) (review RH, depth 40 kappa: float32 1.5e-6 / 1.4e-5 / 1.6e-4 at kappa
+# 1e2 / 1e3 / 1e4, float64 3e-13 at 1e4). So in float32 1e-3 flags truncation (and a singular A's
+# unreachable part), never rounding, up to kappa ~5e4; past that, convergence itself needs a depth
+# of order kappa * ln(1/1e-3) > 3e5 steps, not met in practice. In bfloat16/float16 (eps 8e-3 /
+# 1e-3) the floor is at or above 1e-3 and every call warns: there the remedy is float32. Rows
+# whose residual is this large give scores off by the same order or more.
 _RTOL = 1e-3
 
 
@@ -66,8 +71,11 @@ def ihvp_lissa(op: LinOp | Tensor | Callable[[Batch], LinOp], data: Batch | None
     Warns:
         RuntimeWarning: full batches: rows whose residual ``|(A + damping I) x - v| / |v|``
             (one more operator product per call) exceeds 1e-3, naming their count and the
-            worst (raise ``depth`` or ``damping``). Mini-batches: once per operator, that the
-            truncation is unchecked (a residual needs the full curvature).
+            worst (raise ``depth`` or ``damping``; in bfloat16/float16 rounding alone exceeds
+            it: compute in float32). Mini-batches (no residual: it needs the full curvature):
+            once per operator, when the settings alone leave ``(1 - damping/scale)^(depth+1)
+            > 1e-3`` of ``v`` along A's flattest directions, naming the curvature below which
+            directions are truncated and the depth that reaches the damping floor.
 
     Note:
         Convergence: with full batches the error shrinks like ``max_i |1 - mu_i/scale|^depth``
@@ -146,10 +154,7 @@ def ihvp_lissa(op: LinOp | Tensor | Callable[[Batch], LinOp], data: Batch | None
             _check_residual(func, A, X, V, vnorm, damping, depth)
         elif unchecked[0]:
             unchecked[0] = False
-            warnings.warn(f"{func}: on mini-batch curvature (batch_size={A.batch_size} of "
-                          f"{A.n} rows) the truncation at depth={depth} is unchecked: a residual "
-                          f"needs the full curvature. Compare against 2*depth, or check once on "
-                          f"the full curvature.", RuntimeWarning, stacklevel=3)
+            _note_truncation(func, A, damping, scale, depth, keep)
         return X
 
     return LinOp(solve, dim, dtype, device, name=func)
@@ -158,6 +163,8 @@ def ihvp_lissa(op: LinOp | Tensor | Callable[[Batch], LinOp], data: Batch | None
 def _check_residual(func: str, A: LinOp, X: Tensor, V: Tensor, vnorm: Tensor, damping: float,
                     depth: int) -> None:
     """Warn for rows with ``|(A + damping I) x - v| / |v| > _RTOL`` (one more product)."""
+    if V.shape[0] == 0:  # no rows: nothing to check (and max() of nothing raises)
+        return
     res = (A.matmat(X) + damping * X - V).norm(dim=1)
     rel = res / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
     num, worst = (float(t) for t in torch.stack([(rel > _RTOL).sum().to(rel.dtype), rel.max()]))
@@ -167,6 +174,25 @@ def _check_residual(func: str, A: LinOp, X: Tensor, V: Tensor, vnorm: Tensor, da
                       f"(worst {worst:.3g}): the series is truncated, or A + damping I is "
                       f"singular or ill-conditioned. Raise depth (now {depth}) or damping (now "
                       f"{damping:g}).", RuntimeWarning, stacklevel=4)
+
+
+def _note_truncation(func: str, A: SampledLinOp, damping: float, scale: float, depth: int,
+                     keep: float) -> None:
+    """Mini-batch LiSSA: warn when the settings alone leave ``keep^(depth+1) > _RTOL`` of ``v``
+    along an eigendirection of ``A + damping I`` at the damping floor (no product is taken).
+    ``|1 - mu/scale|^(depth+1) <= _RTOL`` holds for ``mu >= cut``, the number in the message."""
+    if keep ** (depth + 1) <= _RTOL:
+        return
+    cut = scale * (1.0 - _RTOL ** (1.0 / (depth + 1)))
+    need = (f"depth >= {math.ceil(math.log(_RTOL) / math.log(keep)) - 1}" if damping > 0
+            else "damping > 0")
+    warnings.warn(f"{func}: on mini-batch curvature (batch_size={A.batch_size} of {A.n} rows) "
+                  f"the truncation at depth={depth} is unchecked by a residual (it needs the "
+                  f"full curvature). From the settings alone (scale={scale:g}, "
+                  f"damping={damping:g}), more than {_RTOL:g} of v is left along directions where "
+                  f"A + damping I is below {cut:.3g}; every direction is reached with {need}. "
+                  f"To check an answer, compare it with depth={2 * depth}.", RuntimeWarning,
+                  stacklevel=4)
 
 
 def _check_divergence(func: str, H: Tensor, vnorm: Tensor, j: int, scale: float,
