@@ -25,11 +25,13 @@ from .._checks import (
     batch_to,
     blame_data,
     check_optional_int,
+    check_order,
     check_params,
     iter_batches,
     peek,
     regroup,
 )
+from .._order import SEEDED_ORDER
 from .._types import Batch, LinOp, Loss, Params
 from ..model import marked_module
 from ..module_call import call_module, shared_slots
@@ -132,6 +134,8 @@ def hvp(loss: Loss, params: Params, data, *, chunk_size: int | None = None,
         raise ValueError(f"hvp(batched=...): expected None for a loss that samples (one batched "
                          f"call draws once for all examples), got a callable with "
                          f"randomness={randomness!r}.")
+    if seed is not None:  # the seeded masks fall on rows by position (review RH LOW-2)
+        check_order("hvp", "data", data, why=SEEDED_ORDER.format(what="dropout", of="operator"))
     batches, flat0, unravel = _prepare("hvp", params, data, chunk_size, batch_rows)
     # the module of functional_model's loss, or of a functools.wraps copy of it (review RF M2):
     # rev-rev is right either way, so only this decision reads a mark it cannot vouch for

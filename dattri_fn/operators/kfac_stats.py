@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import _msg, batch_size, check_optional_int, regroup
+from .._order import SEEDED_ORDER, check_order
 from ..model import check_eval_module
 from ..transforms import capture
 from ..transforms.layers import _stream_layer_io
@@ -333,6 +334,8 @@ def _checked_kfac_pass(func, module, loss_fn, params, data, layers, chunk_size, 
     _check_reduce(func, reduce)
     _check_dtype(func, dtype)
     losses = fisher_losses(func, loss_fn, fisher, seed, sampler)
+    if fisher == "true":  # the seeded labels fall on rows by position (review RH LOW-2)
+        check_order(func, "data", data, why=SEEDED_ORDER.format(what="label", of="factors"))
     if fisher == "expected" and tapped.tied:
         raise ValueError(_msg(func, "fisher", "'empirical' or 'true' with a tied weight in "
                               "params (its pooled A would take the embedding's gradients once "
