@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -33,6 +35,11 @@ _DTYPE_ERROR = re.compile(r"same dtype|scalar types?\b|type \([\w.: ]+\) and \w+
                           r"but got a tensor with dtype")
 
 
+# an index of a floating dtype (float class labels into gather / index_select): never the
+# model's dtype, whatever the data's (RI MED-3)
+_INDEX_DTYPE = re.compile(r"[Ee]xpected dtype int[\w/ ]* for index")
+
+
 def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | None:
     """A clear TypeError for torch's dtype mismatch between ``batch`` and the model (None for
     any other error): the user's data, not an inner matmul, is what to fix."""
@@ -40,6 +47,10 @@ def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | No
         return None
     from ._checks import _msg, batch_leaves  # (error path only; _checks imports this module)
 
+    if _INDEX_DTYPE.search(str(err)):  # gather/index_select's index: labels, not the data
+        return TypeError(_msg(func, arg, "integer class labels or indices (torch.int64)",
+                              f"torch: {str(err).splitlines()[0]}",
+                              "Cast the labels or indices: y.long()."))
     leaves = [t for t in batch_leaves(batch) if isinstance(t, Tensor)]
     floats = {str(t.dtype) for t in leaves if t.is_floating_point()}
     dtypes = sorted(floats or {str(t.dtype) for t in leaves})  # integer inputs: show them
@@ -148,3 +159,77 @@ def target_dtype_error(loss_fn, out, target, err: RuntimeError) -> TypeError | N
         "_logits, mse_loss), y.long() for class indices (cross_entropy, nll_loss)."))
     clear.blamed = ("functional_model", "loss_fn")
     return clear
+
+
+_CHECKPOINT_REMEDY = ("Call model.activation_checkpointing_disable() (transformers < 5.25: "
+                      "gradient_checkpointing_disable()); model.disable_input_require_grads(); "
+                      "model.eval() first")
+
+
+# the forward hook of Hugging Face's enable_input_require_grads (PEFT's: singular) on the input
+# embeddings: it calls requires_grad_(), which torch.func refuses inside a transform
+_REQUIRE_GRADS_HOOKS = frozenset(("make_inputs_require_grads", "make_inputs_require_grad"))
+
+
+def require_grads_error(module, err: RuntimeError) -> ValueError | None:
+    """A ValueError naming ``functional_model(module=...)``, the hooked submodule and the
+    remedy, for torch's refusal of ``requires_grad_()`` inside a transform (vmap, grad) raised
+    by the input-require-grads hook (review RU5 M1, RI MED-2); None for any other error. The
+    capture paths run the hook outside any transform and are not refused."""
+    if "requires_grad_()" not in str(err):
+        return None
+    hooked = [n or type(m).__name__ for n, m in module.named_modules() if m._forward_hooks and any(
+        getattr(h, "__name__", None) in _REQUIRE_GRADS_HOOKS for h in m._forward_hooks.values())]
+    if not hooked:
+        return None
+    from ._checks import _msg  # (error path only)
+    from .transforms.padding import _outer_call
+
+    name = _outer_call()[1]
+    return ValueError(_msg(
+        "functional_model", "module", "a module torch.func can differentiate per example"
+        + (f" (here under {name})" if name != "?" else ""),
+        f"the input-require-grads forward hook on {hooked[0]!r}",
+        _CHECKPOINT_REMEDY + " (or remove that hook); grad_dot(model), logra and factgrass take it in "
+        "eval mode."))
+
+
+_NO_GRAD_INPUTS = "None of the inputs have requires_grad=True"
+
+
+_CHECKED = weakref.WeakSet()  # modules whose first grad-enabled library forward ran clean
+_NULL = contextlib.nullcontext()
+
+
+def refuse_reentrant_checkpoint(module):
+    """A context for one library forward of ``module``: on its first with grad enabled, torch's
+    warning that a reentrant ``torch.utils.checkpoint`` segment has no input requiring grad (a
+    user's own ``use_reentrant=True``, eval mode) becomes a ValueError naming
+    ``functional_model(module=...)``: its layers get no gradient and the scores miss them (55%
+    off, RI MED-4). Later forwards get a null context (one set lookup)."""
+    if module in _CHECKED or not torch.is_grad_enabled():
+        return _NULL
+    return _first_forward(module)
+
+
+@contextlib.contextmanager
+def _first_forward(module):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=_NO_GRAD_INPUTS, category=UserWarning)
+        try:
+            yield
+        except UserWarning as err:
+            if _NO_GRAD_INPUTS not in str(err):
+                raise
+            from ._checks import _msg  # (error path only)
+            from .transforms.padding import _outer_call
+
+            name = _outer_call()[1]
+            raise ValueError(_msg(
+                "functional_model", "module", "a module whose layers all reach the gradient"
+                + (f" (here under {name})" if name != "?" else ""),
+                "a torch.utils.checkpoint(use_reentrant=True) segment none of whose inputs "
+                "requires grad (its layers would get no gradient)",
+                "Use torch.utils.checkpoint(..., use_reentrant=False) or call the layers "
+                "without checkpointing.")) from err
+    _CHECKED.add(module)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ._blame import target_dtype_error
+from ._blame import _CHECKPOINT_REMEDY, require_grads_error, target_dtype_error
 from ._checks import _msg, check_params
 from ._types import Params
 from .module_call import call_module, shared_slots
@@ -113,18 +113,18 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
             None if only ``forward`` is needed.
         params: which parameters to attribute over (see :func:`select_params`); None takes
             every one, ``requires_grad=False`` included (warned where only some are frozen).
-        unpack: ``example -> (args, kwargs, target)``; for a model with absolute position
-            embeddings it warns once on a left-padded batch without ``position_ids``.
+        unpack: ``example -> (args, kwargs, target)``. A model with absolute position
+            embeddings warns once on a left-padded batch without ``position_ids``.
 
     Raises:
-        ValueError: unknown parameter names; Hugging Face gradient checkpointing
-            (:func:`check_checkpointing`); later, a params dict whose keys differ from the
+        ValueError: unknown parameter names; Hugging Face gradient checkpointing in training
+            mode (:func:`check_checkpointing`); later, a params dict whose keys differ from the
             selection (the error names the missing and unexpected keys).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functional_model(module=...): expected an nn.Module, "
                         f"got {type(module).__name__}.")
-    from .transforms.padding import LeftPadCheck, _user_call, absolute_positions
+    from .transforms.padding import _user_call, absolute_positions, watch_left_padding
 
     check_checkpointing("functional_model", "module", module)
     all_params = dict(module.named_parameters())
@@ -137,8 +137,8 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
                       "params=[n for n, p in module.named_parameters() if p.requires_grad]; to "
                       "keep all and silence this: params=lambda name: True.",
                       stacklevel=_user_call()[0])
-    if absolute_positions(module) and not isinstance(unpack, LeftPadCheck):
-        unpack = LeftPadCheck(unpack)  # left padding needs position_ids here (review RU5 L1)
+    if absolute_positions(module):  # left padding needs position_ids (review RU5 L1)
+        watch_left_padding(module)  # (a hook: unpack stays the caller's, for the fast paths)
     selected = {n: all_params[n].detach() for n in chosen}
     fixed = {n: p.detach() for n, p in all_params.items() if n not in selected}
     fixed.update({n: b.detach() for n, b in module.named_buffers()})
@@ -165,8 +165,14 @@ def functional_model(module: nn.Module, loss_fn: Callable | None = None, *,
         add_batch = lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t
         args = tuple(add_batch(a) for a in args)
         kwargs = {k: add_batch(v) for k, v in kwargs.items()}
-        out = call_module(module, {**fixed, **p}, args, kwargs, strict=True, tie_weights=ties,
-                          shared=shared)
+        try:  # free unless it raises (Python 3.11 exceptions)
+            out = call_module(module, {**fixed, **p}, args, kwargs, strict=True,
+                              tie_weights=ties, shared=shared)
+        except RuntimeError as err:
+            clear = require_grads_error(module, err)
+            if clear is None:
+                raise
+            raise clear from err
         return out, target
 
     def forward(p: Params, example):
@@ -320,36 +326,23 @@ def check_eval_module(func: str, arg: str, module,
             f"Dropout in training mode at {live}", fix))
 
 
-# the forward hook of Hugging Face's enable_input_require_grads (PEFT's: singular) on the input
-# embeddings: it calls requires_grad_(), which torch.func refuses inside a transform
-_REQUIRE_GRADS_HOOKS = frozenset(("make_inputs_require_grads", "make_inputs_require_grad"))
-
-
 def check_checkpointing(func: str, arg: str, module) -> None:
     """Raise a ValueError naming ``func(arg=...)`` where ``module`` runs Hugging Face gradient
-    checkpointing (a submodule's ``gradient_checkpointing`` set, in training mode: torch's
-    checkpoint recomputes in backward, which the per-example paths do not follow) or carries
-    ``enable_input_require_grads``' hook (review RU5 M1). Eval mode with the hook removed runs."""
+    checkpointing: a submodule's ``gradient_checkpointing`` set in training mode (torch's
+    checkpoint recomputes in backward, which the per-example paths do not follow; review RU5
+    M1). Eval mode runs (HF does not checkpoint there); its input-require-grads hook fails
+    only under a torch.func transform, named there (:func:`require_grads_error`)."""
     if not isinstance(module, nn.Module):
         return
     checkpoints = lambda m: m.training and getattr(m, "gradient_checkpointing", False) is True
-    hooked = lambda m: bool(m._forward_hooks) and any(
-        getattr(h, "__name__", None) in _REQUIRE_GRADS_HOOKS for h in m._forward_hooks.values())
-    if not any(checkpoints(m) or hooked(m) for m in module.modules()):
+    if not any(checkpoints(m) for m in module.modules()):
         return  # (names are built on the error path only)
-    found = []
-    for n, m in module.named_modules():
-        if checkpoints(m):
-            found.append(f"gradient checkpointing at {n or type(m).__name__!r} in training mode")
-        if hooked(m):
-            found.append(f"the input-require-grads forward hook on {n or type(m).__name__!r}")
-    if found:
-        more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
-        raise ValueError(_msg(
-            func, arg, "a module torch.func can differentiate per example",
-            "; ".join(found[:2]) + more,
-            "Call model.gradient_checkpointing_disable(); model.disable_input_require_grads(); "
-            "model.eval() first (or remove that hook)."))
+    found = [n or type(m).__name__ for n, m in module.named_modules() if checkpoints(m)]
+    more = f" (and {len(found) - 2} more)" if len(found) > 2 else ""
+    raise ValueError(_msg(
+        func, arg, "a module torch.func can differentiate per example",
+        "; ".join(f"gradient checkpointing at {n!r} in training mode" for n in found[:2]) + more,
+        _CHECKPOINT_REMEDY + "."))
 
 
 def batched_loss(model: FunctionalModel) -> Callable[[Params, Any], Tensor]:

@@ -13,7 +13,6 @@ from dattri_fn import functional_model
 from dattri_fn._blame import blame_data, dtype_error
 from dattri_fn.attribute import grad_dot, influence
 from dattri_fn.model import default_unpack
-from dattri_fn.transforms.padding import LeftPadCheck
 
 DT = torch.float64
 _IDS = torch.randint(1, 40, (6, 7), generator=torch.Generator().manual_seed(3))
@@ -66,25 +65,37 @@ def _scores(fm):
 
 # --- M1: gradient checkpointing -------------------------------------------------------------
 
-def test_checkpointing_hook_refused_at_functional_model():
-    m = _llama()
+def test_checkpointing_hook_named_under_a_transform_only():
+    # RI MED-2: the hook is taken by functional_model and the capture paths (exact in eval mode);
+    # under vmap torch's raw requires_grad_() error is named (mutation: no require_grads_error)
+    m, ref = _llama(), _llama()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' deprecation of the old name
         m.gradient_checkpointing_enable()
+    m.eval()
+    fm = functional_model(m, _lm_loss)
+    assert torch.equal(_scores(fm), _scores(functional_model(ref, _lm_loss)))
+    tr, te = _batch([0, 1, 2, 3]), _batch([4, 5])
     with pytest.raises(ValueError, match=r"^functional_model\(module=\.\.\.\): expected a module "
-                       r"torch.func can differentiate per example, got the input-require-grads "
-                       r"forward hook on 'model.embed_tokens'.*disable_input_require_grads\(\)"):
-        functional_model(m, _lm_loss)
+                       r"torch.func can differentiate per example.*got the input-require-grads "
+                       r"forward hook on 'model.embed_tokens'.*activation_checkpointing_disable"
+                       r".*gradient_checkpointing_disable.*disable_input_require_grads\(\)"):
+        grad_dot(fm.loss).score(fm.params, (), tr, te)
 
 
 def test_checkpointing_enabled_after_functional_model_refused_at_construction():
     # mutation: check_checkpointing out of check_eval_module / check_eval -> these construct
-    # and fail later with torch's raw functorch error
+    # and fail later (training-mode checkpointing; the eval-mode hook is RI MED-2's)
     m = _llama()
     fm = functional_model(m, _lm_loss)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m.gradient_checkpointing_enable()
+    m.disable_input_require_grads()
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.eval()
     with pytest.raises(ValueError, match=r"^grad_dot\(loss=\.\.\.\): expected a module torch.func"):
         grad_dot(fm)
     with pytest.raises(ValueError, match=r"^influence\(loss=\.\.\.\): expected a module torch"):
@@ -128,10 +139,17 @@ def test_dtype_blame_needs_a_mismatch_phrase():
                  "expected m1 and m2 to have the same dtype, but got: c10::BFloat16 != float",
                  "Expected tensor for argument #1 'indices' to have one of the following scalar "
                  "types: Long, Int; but got torch.FloatTensor instead",
-                 "gather(): Expected dtype int32/int64 for index",
                  "result type Float can't be cast to the desired output type Long"):
         err = dtype_error("grad_dot", "train", batch, RuntimeError(text))
         assert isinstance(err, TypeError) and str(err).startswith("grad_dot(train=...)"), text
+        assert "data of" in str(err), text
+    # RI MED-3: an index's dtype is the labels', never the data's (mutation: _INDEX_DTYPE out)
+    for text in ("gather(): Expected dtype int32/int64 for index",
+                 "gather(): Expected dtype int64 for index",
+                 "index_select(): Expected dtype int32 or int64 for index"):
+        err = dtype_error("grad_dot", "train", batch, RuntimeError(text))
+        assert str(err).startswith("grad_dot(train=...): expected integer class labels or "
+                                   "indices") and "data of" not in str(err), text
 
 
 def test_checkpoint_error_passes_blame_data_unchanged():
@@ -195,18 +213,19 @@ def test_frozen_parameters_no_warning(case):
 
 # --- L1: left padding without position_ids ----------------------------------------------------
 
-def _left_pad_warnings(fm, batch, calls=2):
+def _left_pad_warnings(fm, batch, calls=2, side="right", position_ids=False):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for _ in range(calls):
-            grad_dot(fm).score(fm.params, (), batch, _batch([4, 5]))
+            # one tokenizer pads every batch on one side: the first padded one decides
+            grad_dot(fm).score(fm.params, (), batch, _batch([4, 5], side, position_ids))
     return [w for w in rec if "left-padded" in str(w.message)]
 
 
 def test_left_padding_without_position_ids_warned_once_gpt2():
     # mutation: functional_model's LeftPadCheck out -> no warning (scores 72% off, review RU5)
     fm = functional_model(_gpt2(), _lm_loss)
-    got = _left_pad_warnings(fm, _batch([0, 1, 2, 3], "left"))
+    got = _left_pad_warnings(fm, _batch([0, 1, 2, 3], "left"), side="left")
     assert len(got) == 1 and got[0].filename == __file__
     assert "position_ids" in str(got[0].message) and "absolute position" in str(got[0].message)
 
@@ -216,7 +235,8 @@ def test_left_padding_not_warned(case):
     fm = functional_model(_llama() if case == "llama_left" else _gpt2(), _lm_loss)
     batch = _batch([0, 1, 2, 3], "right" if case == "right" else "left",
                    position_ids=case == "left_with_position_ids")
-    assert not _left_pad_warnings(fm, batch, calls=1)
+    assert not _left_pad_warnings(fm, batch, calls=1, side="right" if case == "right" else "left",
+                                  position_ids=case == "left_with_position_ids")
 
 
 class _Absolute(nn.Module):
@@ -233,23 +253,27 @@ class _Absolute(nn.Module):
 
 
 def test_left_pad_check_only_on_absolute_models_and_real_left_padding():
-    assert isinstance(functional_model(_Absolute().to(DT), _lm_loss).unpack, LeftPadCheck)
-    plain = functional_model(_adapted(freeze=False), F.cross_entropy)
-    assert plain.unpack is default_unpack  # other models: unchanged, no cost
     fm = functional_model(_Absolute().to(DT), _lm_loss)
+    assert fm.unpack is default_unpack  # RI MED-1: the fast paths' test sees the same object
     right = _batch([0, 1, 2, 3], "right")
     right["attention_mask"][1] = 0  # an empty row is not left padding (mutation: any(1) out)
     right["input_ids"][1], right["labels"][1] = 0, -100
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fm.unpack(right)
-    with pytest.warns(UserWarning, match="left-padded"):
-        fm.unpack(_batch([0, 1, 2, 3], "left"))
+        grad_dot(fm).score(fm.params, (), right, _batch([4, 5]))
+    fm = functional_model(_Absolute().to(DT), _lm_loss)
+    # RI LOW-3: the public call by name (mutation: the closure's name unread -> _gradient_simil...)
+    with pytest.warns(UserWarning, match=r"^grad_dot\(\.\.\.\)\.score\(\.\.\.\): the batch is left"):
+        grad_dot(fm).score(fm.params, (), _batch([0, 1, 2, 3], "left"), _batch([4, 5], "left"))
 
 
 def test_plain_loss_of_a_model_that_started_checkpointing_later_is_refused_at_construction():
     m = _llama()
     fm = functional_model(m, _lm_loss)
-    m.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.gradient_checkpointing_enable()
+    m.disable_input_require_grads()
+    m.train()
     with pytest.raises(ValueError, match=r"^grad_dot\(loss=\.\.\.\): expected a module torch.func"):
         grad_dot(fm.loss)

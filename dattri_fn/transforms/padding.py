@@ -22,16 +22,18 @@ token: HF models otherwise number the pads first) and set the label of the first
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LeftPadCheck", "Positions", "absolute_positions", "padding_mask", "real_gram"]
+__all__ = ["Positions", "absolute_positions", "padding_mask", "real_gram", "watch_left_padding"]
 
 
 def padding_mask(batch) -> Tensor | None:
@@ -98,55 +100,98 @@ def _user_call() -> tuple[int, str]:
 
 
 # the learned absolute position tables of Hugging Face models that number positions from the
-# first column whatever the mask says (GPT-2/GPT-Neo ``wpe``, BERT family); OPT's and BART's
-# ``embed_positions`` are left out (OPT counts from the mask)
-_ABSOLUTE = frozenset(("wpe", "position_embeddings"))
+# first column whatever the mask says: GPT-2/GPT-Neo ``wpe``, the BERT family's
+# ``position_embeddings``, the BART family's ``embed_positions`` (arange + offset). Not a table
+# with a padding_idx (RoBERTa counts positions from input_ids' non-pad tokens) nor one whose
+# forward takes the mask (OPT, BioGPT count from it): left padding does not move those
+_ABSOLUTE = frozenset(("wpe", "position_embeddings", "embed_positions"))
 
 
 def absolute_positions(module) -> bool:
-    """Whether ``module`` adds learned absolute position embeddings (GPT-2's ``wpe``): its config's
-    ``position_embedding_type`` where it has one, else an ``nn.Embedding`` by those names.
-    Rotary and ALiBi models (Llama, Qwen, BLOOM) have neither: left padding does not move them."""
+    """Whether ``module`` adds learned absolute position embeddings numbered from the first
+    column (GPT-2's ``wpe``, BERT's, BART's): an ``nn.Embedding`` by those names with no
+    ``padding_idx`` and no mask argument. Rotary and ALiBi models (Llama, Qwen, BLOOM) have none."""
     kind = getattr(getattr(module, "config", None), "position_embedding_type", None)
-    if isinstance(kind, str):
-        return kind == "absolute"
-    return any(isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in _ABSOLUTE
-               for n, m in module.named_modules())
+    if isinstance(kind, str) and kind != "absolute":
+        return False  # relative_key(_query): no absolute table is added
+    for n, m in module.named_modules():
+        if (isinstance(m, nn.Embedding) and n.rsplit(".", 1)[-1] in _ABSOLUTE
+                and m.padding_idx is None):
+            if type(m) is nn.Embedding:
+                return True
+            args = list(inspect.signature(type(m).forward).parameters)[1:2]
+            if args != ["attention_mask"]:
+                return True
+    return False
 
 
-class LeftPadCheck:
-    """An ``unpack`` that warns once, at the user's line, where a batch is left-padded (a row
-    whose ``attention_mask`` is 0 in the first column and not everywhere) with no
-    ``position_ids``: a model with absolute positions then shifts each example's tokens by its
-    pad count, and its scores are not the unpadded example's (GPT-2: 72%, review RU5 L1).
-    :func:`~dattri_fn.model.functional_model` wraps ``unpack`` in it for such a model only. A
-    batch without a mask costs a dict lookup; a per-example call under vmap is not read."""
+def _outer_call() -> tuple[int, str]:
+    """``(stacklevel, name)`` of the user's line that called the library, from its caller's
+    caller up (torch frames between library frames included); ``(0, "?")`` outside the library.
+    A private entry's closure says its public name (``_gradient_similarity``'s ``name``)."""
+    frame, level, found = sys._getframe(2), 2, (0, None)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_ROOT):
+            found = (level + 1, frame)
+        frame, level = frame.f_back, level + 1
+    level, entry = found
+    if entry is None:
+        return 0, "?"
+    qual = entry.f_code.co_qualname
+    public = entry.f_locals.get("name") if qual.startswith("_") else None
+    if isinstance(public, str) and public.isidentifier() and ".<locals>." in qual:
+        return level, f"{public}(...).{qual.rsplit('.', 1)[-1]}"
+    return level, qual.replace(".<locals>.", "(...).")
 
-    __slots__ = ("unpack", "warned")
 
-    def __init__(self, unpack):
-        self.unpack, self.warned = unpack, False
+_LOOKS = 16  # masked forwards read at most, waiting for one with padding
+_WATCHED = weakref.WeakSet()  # modules with the left-padding hook (one each)
 
-    def __call__(self, example):
-        out = self.unpack(example)
-        kwargs = out[1] if not self.warned and isinstance(out, tuple) and len(out) == 3 else None
-        mask = kwargs.get("attention_mask") if isinstance(kwargs, Mapping) else None
-        if (isinstance(mask, Tensor) and mask.ndim == 2 and "position_ids" not in kwargs
-                and not torch._C._functorch.is_functorch_wrapped_tensor(mask)):
-            real = mask != 0
-            if bool((~real[:, 0] & real.any(1)).any()):
-                self.warned = True
-                level, name = _user_call()
-                who = "" if name == "?" or name.startswith("_") else f"{name}: "
-                warnings.warn(
-                    f"{who}the batch is left-padded "
-                    "(attention_mask is 0 in its first column) and has no position_ids, and the "
-                    "model adds absolute position embeddings: each example's tokens take "
-                    "positions shifted by its pad count, so its scores are not those of the "
-                    "example unpadded. Pass position_ids counted from the first real token, "
-                    "(attention_mask.cumsum(1) - 1).clamp(min=0), or pad on the right.",
-                    stacklevel=level)
-        return out
+
+def watch_left_padding(module: nn.Module) -> None:
+    """Warn once, at the user's line, where a library call first runs ``module`` (a model with
+    :func:`absolute_positions`) on a left-padded batch (a row whose ``attention_mask`` is 0 in
+    the first column and not everywhere) without ``position_ids``: each example's tokens then
+    take positions shifted by its pad count, and its scores are not the unpadded example's
+    (GPT-2: 72%, review RU5 L1). A forward pre-hook, removed after the first ``[B, T]`` mask
+    with padding (or the 16th mask; one host read each): the first padded batch decides, as a
+    tokenizer pads on one side. ``unpack`` stays the caller's, so no fast path changes; a
+    per-example call under vmap and the user's own forwards are not read (RI MED-1)."""
+    if module in _WATCHED:
+        return
+    _WATCHED.add(module)
+    done, seen = [], []
+
+    def hook(mod, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if (done or not isinstance(mask, Tensor) or mask.ndim != 2
+                or torch._C._functorch.is_functorch_wrapped_tensor(mask)):
+            return None
+        level, name = _outer_call()
+        if level == 0:  # the user's own forward, not an attribution
+            return None
+        real = mask != 0
+        seen.append(True)
+        # a mask of ones (a one-row probe, an unpadded batch) says nothing of the side: read
+        # up to _LOOKS masks for one with padding
+        if len(seen) < _LOOKS and kwargs.get("position_ids") is None and bool(real.all()):
+            return None
+        done.append(True)
+        handle.remove()
+        _WATCHED.discard(mod)
+        if kwargs.get("position_ids") is not None:
+            return None
+        if bool((~real[:, 0] & real.any(1)).any()):
+            warnings.warn(
+                f"{name}(...): the batch is left-padded (attention_mask is 0 in its first "
+                "column) and has no position_ids, and the model adds absolute position "
+                "embeddings: each example's tokens take positions shifted by its pad count, so "
+                "its scores are not those of the example unpadded. Pass position_ids counted "
+                "from the first real token, (attention_mask.cumsum(1) - 1).clamp(min=0), or pad "
+                "on the right.", stacklevel=level)
+        return None
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _encoder_prefix(module) -> str | None:
