@@ -248,7 +248,7 @@ def test_case_03e_one_shot_loader_representer_prepare():
     m, params, x, y = _rps_problem()
     ref = m.prepare(params, [(x, y)])
     got = m.prepare(params, _once(x, y))
-    for a, b in zip(got, ref, strict=True):
+    for a, b in zip(got[:3], ref[:3], strict=True):  # (train_print: None for such a loader)
         torch.testing.assert_close(a, b, **EXACT)
 
 
