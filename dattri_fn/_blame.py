@@ -49,7 +49,7 @@ def dtype_error(func: str, arg: str, batch, err: RuntimeError) -> Exception | No
 
     if _INDEX_DTYPE.search(str(err)):  # gather/index_select's index: labels, not the data
         return TypeError(_msg(func, arg, "integer class labels or indices (torch.int64)",
-                              f"torch: {str(err).splitlines()[0]}",
+                              f"an index of another dtype (torch: {str(err).splitlines()[0]})",
                               "Cast the labels or indices: y.long()."))
     leaves = [t for t in batch_leaves(batch) if isinstance(t, Tensor)]
     floats = {str(t.dtype) for t in leaves if t.is_floating_point()}

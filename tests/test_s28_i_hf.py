@@ -149,7 +149,8 @@ def test_dtype_blame_needs_a_mismatch_phrase():
                  "index_select(): Expected dtype int32 or int64 for index"):
         err = dtype_error("grad_dot", "train", batch, RuntimeError(text))
         assert str(err).startswith("grad_dot(train=...): expected integer class labels or "
-                                   "indices") and "data of" not in str(err), text
+                                   "indices (torch.int64), got an index of another dtype"
+                                   ) and "data of" not in str(err), text
 
 
 def test_checkpoint_error_passes_blame_data_unchanged():
