@@ -137,3 +137,17 @@ def test_left_padding_decided_by_the_first_padded_batch():
         grad_dot(fm).score(fm.params, (), full, full)
     with pytest.warns(UserWarning, match="left-padded"):
         grad_dot(fm).score(fm.params, (), _batch([0, 1, 2, 3], "left"), full)
+
+
+def test_left_pad_hook_goes_after_16_library_forwards_without_padding():
+    # a model fed tuples never shows a mask: the hook (10 us a forward) does not stay
+    from dattri_fn.attribute import grad_dot
+    from dattri_fn.transforms.padding import _LOOKS
+
+    m = _Tiny("position_embeddings").to(DT).eval()
+    fm = functional_model(m, F.cross_entropy)
+    assert len(m._forward_pre_hooks) == 1
+    x, y = torch.randn(4, 8, dtype=DT), torch.randint(0, 3, (4,))
+    for _ in range(_LOOKS):
+        grad_dot(fm).score(fm.params, (), (x, y), (x, y))
+    assert not m._forward_pre_hooks

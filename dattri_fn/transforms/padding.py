@@ -144,7 +144,7 @@ def _outer_call() -> tuple[int, str]:
     return level, qual.replace(".<locals>.", "(...).")
 
 
-_LOOKS = 16  # masked forwards read at most, waiting for one with padding
+_LOOKS = 16  # library forwards read at most, waiting for a batch with padding
 _WATCHED = weakref.WeakSet()  # modules with the left-padding hook (one each)
 
 
@@ -154,9 +154,9 @@ def watch_left_padding(module: nn.Module) -> None:
     the first column and not everywhere) without ``position_ids``: each example's tokens then
     take positions shifted by its pad count, and its scores are not the unpadded example's
     (GPT-2: 72%, review RU5 L1). A forward pre-hook, removed after the first ``[B, T]`` mask
-    with padding (or the 16th mask; one host read each): the first padded batch decides, as a
-    tokenizer pads on one side. ``unpack`` stays the caller's, so no fast path changes; a
-    per-example call under vmap and the user's own forwards are not read (RI MED-1)."""
+    with padding or the 16th library forward (one host read each): the first padded batch
+    decides, as a tokenizer pads on one side. ``unpack`` stays the caller's, so no fast path
+    changes; a per-example call under vmap and the user's own forwards are not read (RI MED-1)."""
     if module in _WATCHED:
         return
     _WATCHED.add(module)
@@ -164,22 +164,24 @@ def watch_left_padding(module: nn.Module) -> None:
 
     def hook(mod, args, kwargs):
         mask = kwargs.get("attention_mask")
-        if (done or not isinstance(mask, Tensor) or mask.ndim != 2
-                or torch._C._functorch.is_functorch_wrapped_tensor(mask)):
+        if done or (isinstance(mask, Tensor)
+                    and torch._C._functorch.is_functorch_wrapped_tensor(mask)):
             return None
         level, name = _outer_call()
         if level == 0:  # the user's own forward, not an attribution
             return None
-        real = mask != 0
         seen.append(True)
-        # a mask of ones (a one-row probe, an unpadded batch) says nothing of the side: read
-        # up to _LOOKS masks for one with padding
-        if len(seen) < _LOOKS and kwargs.get("position_ids") is None and bool(real.all()):
+        masked = isinstance(mask, Tensor) and mask.ndim == 2
+        real = mask != 0 if masked else None
+        # no mask, or a mask of ones (a one-row probe, an unpadded batch), says nothing of the
+        # side: up to _LOOKS library forwards are read for one with padding, then the hook goes
+        if len(seen) < _LOOKS and (not masked or (kwargs.get("position_ids") is None
+                                                  and bool(real.all()))):
             return None
         done.append(True)
         handle.remove()
         _WATCHED.discard(mod)
-        if kwargs.get("position_ids") is not None:
+        if not masked or kwargs.get("position_ids") is not None:
             return None
         if bool((~real[:, 0] & real.any(1)).any()):
             warnings.warn(
