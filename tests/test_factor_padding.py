@@ -126,7 +126,10 @@ def test_pooled_scores_do_not_depend_on_padding(solver):
     S = {}
     for name, tr in runs.items():
         m = _method(fm, solver)
-        S[name] = m.score(fm.params, m.prepare(fm.params, tr), _alone(range(N)), te)
+        # LoGra scores the rows it cached: train=None (its train print refuses the same examples
+        # padded otherwise, since their bits differ)
+        at_score = None if solver == "logra" else _alone(range(N))
+        S[name] = m.score(fm.params, m.prepare(fm.params, tr), at_score, te)
     for name in ("T=11", "dynamic", "alone"):
         assert _rel(S[name], S["T=6"]) < 1e-12, name
     # the train side padded too
