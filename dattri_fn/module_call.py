@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._blame import refuse_reentrant_checkpoint, require_grads_error
+
 
 def shared_slots(module: nn.Module) -> tuple[tuple[dict, str], ...]:
     """``(slot dict, name)`` of every parameter and buffer of a submodule that ``module`` reaches
@@ -41,12 +43,25 @@ def call_module(module: nn.Module, tensors: Mapping[str, Tensor], args=(), kwarg
     if shared is None:
         shared = shared_slots(module)
     if not shared:
-        return functional_call(module, tensors, args, kwargs, strict=strict,
-                               tie_weights=tie_weights)
+        return _call(module, tensors, args, kwargs, strict, tie_weights)
     saved = [(slots, name, slots[name]) for slots, name in shared]
     try:
-        return functional_call(module, tensors, args, kwargs, strict=strict,
-                               tie_weights=tie_weights)
+        return _call(module, tensors, args, kwargs, strict, tie_weights)
     finally:
         for slots, name, original in saved:
             slots[name] = original
+
+
+def _call(module, tensors, args, kwargs, strict, tie_weights):
+    """``functional_call``, with two of Hugging Face's / torch's checkpointing traps named
+    (review RI MED-2, MED-4): the input-require-grads hook under a transform, and a user's
+    reentrant checkpoint whose layers would get no gradient (first grad-enabled forward)."""
+    try:  # free unless it raises (Python 3.11 exceptions)
+        with refuse_reentrant_checkpoint(module):
+            return functional_call(module, tensors, args, kwargs, strict=strict,
+                                   tie_weights=tie_weights)
+    except RuntimeError as err:
+        clear = require_grads_error(module, err)
+        if clear is None:
+            raise
+        raise clear from err

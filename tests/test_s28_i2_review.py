@@ -151,3 +151,28 @@ def test_left_pad_hook_goes_after_16_library_forwards_without_padding():
     for _ in range(_LOOKS):
         grad_dot(fm).score(fm.params, (), (x, y), (x, y))
     assert not m._forward_pre_hooks
+
+
+
+def test_call_module_names_both_traps():
+    # with I2_to_lead.patch (module_call._call): the vmap paths that do not run fm.loss (influence
+    # cg's per-example rows) name the hook; grad_dot names a user's reentrant checkpoint
+    # (mutations: require_grads_error / refuse_reentrant_checkpoint out of _call -> raw error / no error)
+    from test_s28_i_hf import _batch, _llama, _lm_loss
+
+    from dattri_fn.attribute import grad_dot
+
+    m = _llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.gradient_checkpointing_enable()
+    fm = functional_model(m.eval(), _lm_loss)
+    meth = influence(fm, solver="cg", damping=0.1)
+    with pytest.raises(ValueError, match=r"^functional_model\(module=\.\.\.\): .*input-require-grads"):
+        tr = _batch([0, 1, 2, 3])
+        meth.score(fm.params, meth.prepare(fm.params, tr), tr, _batch([4, 5]))
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 2, (6,))
+    fr = functional_model(_Reentrant(True).to(DT).eval(), F.cross_entropy)
+    with pytest.raises(ValueError, match=r"^functional_model\(module=\.\.\.\): expected a module "
+                       r"whose layers all reach the gradient \(here under grad_dot"):
+        grad_dot(fr).score(fr.params, (), (x, y), (x, y))
