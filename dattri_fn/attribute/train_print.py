@@ -35,6 +35,13 @@ _SEEN: dict[int, tuple] = {}
 _WEIGHTS: dict[tuple, Tensor] = {}
 
 
+def _leaves(b) -> list:
+    """A Batch's leaves, a Mapping's by sorted key (its key order is not part of its rows)."""
+    if isinstance(b, Mapping) and all(isinstance(k, str) for k in b):
+        return batch_leaves({k: b[k] for k in sorted(b)})
+    return batch_leaves(b)
+
+
 def _weights(m: int, device) -> Tensor:
     """``[m]`` fixed odd int64 weights below 2^32 (Knuth's multiplicative hash of the index):
     a 32-bit pattern times one never leaves int64."""
@@ -49,7 +56,7 @@ def _weights(m: int, device) -> Tensor:
 def _leaf_print(t: Tensor) -> Tensor:
     """``sum_j w_j bits(t[i, j])`` per row, int64, wrapping.  # [b, ...] -> [b]"""
     if t.is_complex():
-        t = torch.view_as_real(t)
+        t = torch.view_as_real(t.resolve_conj())
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
     elif t.is_floating_point():
@@ -63,7 +70,7 @@ def _leaf_print(t: Tensor) -> Tensor:
 def batch_print(batch) -> Tensor:
     """The print of every row of one Batch (all its leaves).  # -> [b] int64"""
     acc = None
-    for t in batch_leaves(batch):
+    for t in _leaves(batch):
         p = _leaf_print(t)
         acc = p if acc is None else acc * _LEAF + p.to(acc.device)
     return acc
@@ -105,7 +112,7 @@ def _printable(b) -> bool:
     the method's own checks, not here)."""
     if not is_batch(b):
         return False
-    leaves = batch_leaves(b)
+    leaves = _leaves(b)
     if any(t.ndim == 0 or t.is_meta for t in leaves):
         return False
     return leaves[0].shape[0] > 0 and all(t.shape[0] == leaves[0].shape[0] for t in leaves)
@@ -149,7 +156,7 @@ def take(func: str, train, *, shuffled: str = "refuse") -> Tensor | None:
     if isinstance(data, (list, tuple)):
         batches, n = [], 0
         for b in data:
-            leaves = batch_leaves(b) if is_batch(b) else None
+            leaves = _leaves(b) if is_batch(b) else None
             if not leaves or leaves[0].ndim == 0:
                 return None  # (prepare refuses it by name; resolved() checks the rest)
             n += leaves[0].shape[0]
@@ -239,7 +246,7 @@ def _same_objects(data, rows: Tensor) -> bool:
     for b, kept in zip(data, seen[1], strict=True):
         if not is_batch(b):
             return False
-        leaves = batch_leaves(b)
+        leaves = _leaves(b)
         if len(leaves) != len(kept) or any(k[0]() is not t or k[1] != t._version
                                            for t, k in zip(leaves, kept, strict=True)):
             return False
