@@ -50,15 +50,21 @@ def _name(func) -> str:
 
 
 
+class OneTensor(str):
+    """A :func:`_one_tensor` sentence: it names every layer given it, so the plan's warning
+    gives it once (review RF2 LOW-1: a substring test of the names dropped short names such as
+    "1" and "3", found among a shape's digits, from other sentences)."""
+
+
 def _one_tensor(users: list[tuple[str, str]], then: str, kinds: list[str] | None = None) -> str:
     """One sentence naming every layer that reads one tensor (a tie of three or more), the same
-    for each of them (the plan's warning then gives it once)."""
+    for each of them (the plan's warning then gives it once: :class:`OneTensor`)."""
     same = len({r for _, r in users}) == 1
     names = [(n or "<root>") + (f" ({kinds[i]})" if kinds else "") + ("" if same else f"'s {r}")
              for i, (n, r) in enumerate(users)]
     listed = ", ".join(names[:-1]) + f" and {names[-1]}"
     what = f"their {users[0][1]} is one tensor" if same else "one tensor is"
-    return f"{what} read by the layers {listed} (shared or tied), {then}"
+    return OneTensor(f"{what} read by the layers {listed} (shared or tied), {then}")
 
 
 class _Record(NamedTuple):

@@ -11,6 +11,7 @@ import warnings
 from .._checks import all_finite
 from .._types import Batch, Params
 from . import capture
+from .capture_mode import OneTensor
 from .layer_grads_paths import _unpack
 from .layer_grads_plan import LayerPlan, _plan_of, user_stacklevel
 
@@ -85,13 +86,13 @@ def _warn_dense(plan: LayerPlan, why: str, *, batch_only: bool = False) -> None:
 
 def _listed(problems: dict[str, str]) -> list[str]:
     """``"layer: why"`` per layer; a why that names every layer giving it (a tie of three or
-    more, review RU5 L3) is given once, on its own."""
+    more, review RU5 L3: a :class:`~.capture_mode.OneTensor`) is given once, on its own."""
     by: dict[str, list[str]] = {}
     for n, w in problems.items():
         by.setdefault(w, []).append(n or "<root>")
     out = []
     for w, ns in by.items():
-        if len(ns) > 1 and all(n in w for n in ns):
+        if len(ns) > 1 and isinstance(w, OneTensor):
             out.append(w)
         else:
             out.extend(f"{n}: {w}" for n in ns)
