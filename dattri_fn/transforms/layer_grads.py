@@ -65,6 +65,8 @@ from .layer_grads_gap import (  # noqa: F401  (the check's comparisons)
     _device_type,
     _gap,
     _gap_sums,
+    _mismatch,
+    _overall,
     tolerance,
 )
 from .layer_grads_narrow import _all_finite, _narrowed, _warn_dense
@@ -231,8 +233,9 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool 
         if active is not None:
             # the whole batch in one factored pass: its first rows are checked, all are kept
             lg, loop, layout, shapes = passed or _factored(active, stacked, batch, losses=losses)
-            err, scale, dtype = (_gap(lg, ref, k) if sums is None
-                                 else _gap_sums(lg, ref, sums, k, at=(0, k - 1)))
+            gaps = (_gap(lg, ref, k, keyed=True) if sums is None
+                    else _gap_sums(lg, ref, sums, k, at=(0, k - 1), keyed=True))
+            err, scale = _overall(gaps)
             if sums is not None and not math.isfinite(err) and _all_finite(ref) \
                     and not _all_finite(sums):
                 # review R5 F2: the rows compared are finite, the summed gradient is not (a
@@ -240,7 +243,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool 
                 # example's own row decides, as without the sum identity
                 ref = _example_rows(plan.model, {key: v[0] for key, v in first.items()}, head,
                                     ties)
-                err, scale, dtype = _gap(lg, ref, k)
+                gaps = _gap(lg, ref, k, keyed=True)
+                err, scale = _overall(gaps)
             if not (math.isfinite(err) and math.isfinite(scale)):
                 # review R4 F4: a tolerance of inf passed anything. Autodiff's own rows not
                 # finite: no answer is right (refused below, outside this try); else the
@@ -249,10 +253,8 @@ def _check(plan: LayerPlan, stacked: Params, batch: Batch, *, keep_shapes: bool 
                 if not bad_data:
                     why = (f"they are not finite on its first examples where vmap(grad)'s are "
                            f"(max difference {err:.3g}, gradient scale {scale:.3g})")
-            elif not err <= (tol := tolerance(dtype, _device_type(stacked)))[0] * max(scale, 1e-30):
-                why = (f"they do not match vmap(grad) on its first examples (max difference "
-                       f"{err:.3g}, gradient scale {scale:.3g}, tolerance {tol[0]:.2g} of the "
-                       f"scale from {tol[1]}'s rounding)")
+            else:  # each key against its own scale (review RF2 MED-1)
+                why = _mismatch(gaps, _device_type(stacked))
     except Exception as e:  # whatever the model's forward raises with probes
         why = f"the capture pass over this batch failed ({type(e).__name__}: {e})"
     if bad_data:

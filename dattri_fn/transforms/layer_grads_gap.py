@@ -6,26 +6,32 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from .._types import Params
 from ..tree import ravel_batched
 from .factored_grads import LayerGrads
 
 
-def _gap(lg: LayerGrads, ref: Params, k: int) -> tuple[float, float, torch.dtype]:
+def _gap(lg: LayerGrads, ref: Params, k: int, *, keyed: bool = False):
     """``(max |captured - autodiff|, max |autodiff|, dtype)`` over the first ``k`` examples at
     the first checkpoint, on the raveled rows (one ``[k, P]`` block per side: at the check's
     3 rows this costs less than a parameter-by-parameter comparison, whose per-key calls
-    dominate on small models). A NaN on either side gives a NaN difference."""
+    dominate on small models). A NaN on either side gives a NaN difference. ``keyed``: one
+    such triple per key of ``ref`` (:func:`_mismatch`), from one segmented maximum."""
     C, B = lg.dense.shape[:2]
     part = lg if (C, B) == (1, k) else lg.select(0).rows(0, k)
     want = ravel_batched(ref)[:k]  # {key: [k, *shape]} -> [k, P]
+    if keyed:
+        m = _key_maxima(torch.cat([part.to_dense()[0] - want, want]), ref).tolist()  # [K, 2k]
+        return {key: (max(row[:k], key=_nan_first), max(row[k:]), ref[key].dtype)
+                for key, row in zip(ref, m, strict=True)}
     return (float((part.to_dense()[0] - want).abs().max()), float(want.abs().max()),
             want.dtype)
 
 
 def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
-              at: tuple[int, ...] = (0,)) -> tuple[float, float, torch.dtype]:
+              at: tuple[int, ...] = (0,), *, keyed: bool = False):
     """The check's comparison from the reference rows of examples ``at`` and the pass's sum
     identity.
 
@@ -67,15 +73,70 @@ def _gap_sums(lg: LayerGrads, ref: Params, sums: Params, k: int,
     # of the cost): the r row errors, the sum's error, then each row's and each reference's
     # maximum magnitude
     block = torch.cat([got - want, rows.sum(0, keepdim=True) - _flat(sums, 1), rows, want])
-    values = block.abs().amax(1).tolist()
+    if keyed:  # the same worse-of-two pick, key by key
+        return {key: _worse(row, r, k, ref[key].dtype)
+                for key, row in zip(ref, _key_maxima(block, ref).tolist(), strict=True)}
+    return _worse(block.abs().amax(1).tolist(), r, k, want.dtype)
+
+
+def _worse(values: list[float], r: int, k: int, dtype: torch.dtype):
+    """:func:`_gap_sums`'s ``(error, scale, dtype)`` from the maxima of its block's rows."""
     err_r, err_s = max(values[:r]), values[r]
     scale_s, scale_r = max(values[r + 1:r + 1 + k]), max(values[r + 1 + k:])
     if not all(math.isfinite(v) for v in values[:r + 1]):
         # NaN, or an inf row error / sum error (review R4 F4: inf <= tol * inf passed, and the
         # worse part's pick, inf * scale > err * inf, took the finite one): no comparison holds
-        return float("nan"), max(scale_r, scale_s), want.dtype
+        return float("nan"), max(scale_r, scale_s), dtype
     worse = err_s * max(scale_r, 1e-30) > err_r * max(scale_s, 1e-30)
-    return (err_s, scale_s, want.dtype) if worse else (err_r, scale_r, want.dtype)
+    return (err_s, scale_s, dtype) if worse else (err_r, scale_r, dtype)
+
+
+def _nan_first(v: float) -> tuple[bool, float]:
+    """A max key that picks a NaN over any number."""
+    return math.isnan(v), v
+
+
+def _overall(gaps: dict) -> tuple[float, float]:
+    """The keyed gaps' ``(error, scale)`` over the whole model (NaN where any is not finite:
+    the check's non-finite branch)."""
+    errs = [e for e, _, _ in gaps.values()]
+    scale = max(s for _, s, _ in gaps.values())
+    return (max(errs) if all(math.isfinite(e) for e in errs) else float("nan")), scale
+
+
+def _key_maxima(block: Tensor, ref: Params) -> Tensor:
+    """``[K, R]``: the maximum of ``|block|`` ``[R, P]`` over each key's columns (``ref``'s
+    raveling order), one scatter for all keys."""
+    sizes = [v[0].numel() for v in ref.values()]
+    if len(sizes) == 1:
+        return block.abs().amax(1)[None]
+    idx = torch.repeat_interleave(torch.arange(len(sizes), device=block.device),
+                                  torch.tensor(sizes, device=block.device))
+    out = block.new_zeros(block.shape[0], len(sizes))
+    return out.scatter_reduce_(1, idx.expand_as(block), block.abs(), "amax",
+                               include_self=False).T
+
+
+def _mismatch(gaps: dict, device_type: str) -> str | None:
+    """Why the captured rows fail the check, or None: each key against its OWN scale (review
+    RF2 MED-1: against the model's largest gradient a small layer's rows passed mixed), at the
+    tolerance of the dtype that computed it (:func:`tolerance`). A key's scale is taken as at
+    least ``sqrt(eps)`` of the model's largest gradient (``eps`` of the computing dtype): a
+    gradient that cancels to near zero (a key bias under softmax) keeps no relative accuracy,
+    and the error allowed there, ``tol sqrt(eps)`` of the largest (10 eps for float32 and
+    float64, about eps for bf16 and fp16), is rounding."""
+    top = max((s for _, s, _ in gaps.values()), default=0.0)
+    worst, why = 1.0, None
+    for key, (err, scale, dtype) in gaps.items():
+        tol, source = tolerance(dtype, device_type)
+        floor = torch.finfo(_computing(dtype, device_type)).eps ** 0.5 * top
+        ratio = err / (tol * max(scale, floor, 1e-30))
+        if ratio > worst:
+            worst, why = ratio, (
+                f"they do not match vmap(grad) on its first examples (at {key}: max "
+                f"difference {err:.3g}, gradient scale {scale:.3g}, tolerance {tol:.2g} of "
+                f"the scale from {source}'s rounding)")
+    return why
 
 
 def _flat(grads: Params, r: int):
@@ -90,12 +151,24 @@ def tolerance(dtype: torch.dtype, device_type: str) -> tuple[float, str]:
     (review RU5 M4: bf16 rounding, 4e-3 of the scale, read as a mismatch). Not ``10 sqrt(eps)``
     of bf16 (0.88 of the scale): that would pass examples mixed in a batch."""
     tol, source = 10 * torch.finfo(dtype).eps ** 0.5, f"{dtype}".removeprefix("torch.")
+    if torch.finfo(dtype).bits <= 16:
+        # half rows (review RF2 MED-2): 10 sqrt(eps) is 0.88 (bf16) / 0.31 (fp16) of the
+        # scale and passed mixed examples; the reference is computed in the same dtype
+        tol = 10 * torch.finfo(dtype).eps
+    low = _computing(dtype, device_type)
+    if low != dtype:
+        tol, source = max(tol, 10 * torch.finfo(low).eps), \
+            f"autocast to {low}".replace("torch.", "")
+    return tol, source
+
+
+def _computing(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype that computes rows of ``dtype``: autocast's where it is enabled and coarser."""
     if torch.is_autocast_enabled(device_type):
         low = torch.get_autocast_dtype(device_type)
         if torch.finfo(low).eps > torch.finfo(dtype).eps:
-            tol, source = max(tol, 10 * torch.finfo(low).eps), \
-                f"autocast to {low}".replace("torch.", "")
-    return tol, source
+            return low
+    return dtype
 
 
 def _device_type(stacked) -> str:
