@@ -249,5 +249,6 @@ def test_a_saved_factored_state_holds_its_own_rows_only(monkeypatch, tmp_path):
     y = torch.randint(0, 3, (10,), generator=g)
     m = factgrass(fm, proj_dim=16, mask_dim=8)
     view = io.save(m.prepare(fm.params, (big[:10], y)), tmp_path / "view.pt")
-    copy = io.save(m.prepare(fm.params, (big[:10].clone(), y)), tmp_path / "copy.pt")
+    rows = (big[:10].clone(), y)  # alive at save: both states carry their train print
+    copy = io.save(m.prepare(fm.params, rows), tmp_path / "copy.pt")
     assert view.stat().st_size == copy.stat().st_size < 20000 * 5 * 8

@@ -61,6 +61,7 @@ def test_a_saved_state_holds_its_own_rows_only(tmp_path):
     y = torch.randint(0, 3, (20000,), generator=g)
     m = logra(fm, proj_dim=16)
     view = io.save(m.prepare(fm.params, (big[:10], y[:10])), tmp_path / "view.pt")
-    own = io.save(m.prepare(fm.params, (big[:10].clone(), y[:10].clone())), tmp_path / "own.pt")
+    rows = (big[:10].clone(), y[:10].clone())  # alive at save: both states carry their train print
+    own = io.save(m.prepare(fm.params, rows), tmp_path / "own.pt")
     assert view.stat().st_size == own.stat().st_size
     assert view.stat().st_size < big[:10].nbytes * 100  # the 480 kB storage is not in it
