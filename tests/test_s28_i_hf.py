@@ -278,3 +278,18 @@ def test_plain_loss_of_a_model_that_started_checkpointing_later_is_refused_at_co
     m.train()
     with pytest.raises(ValueError, match=r"^grad_dot\(loss=\.\.\.\): expected a module torch.func"):
         grad_dot(fm.loss)
+
+
+def test_a_watched_model_still_pickles_and_its_loaded_copy_does_not_watch():
+    """The left-padding hook is an object, not a closure: torch.save(model) works (it failed
+    with "Can't pickle local object" when the hook was a closure)."""
+    import io
+
+    m = _gpt2()
+    functional_model(m, _lm_loss)
+    assert len(m._forward_pre_hooks) == 1
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert all(h.done for h in loaded._forward_pre_hooks.values())

@@ -160,26 +160,39 @@ def watch_left_padding(module: nn.Module) -> None:
     if module in _WATCHED:
         return
     _WATCHED.add(module)
-    done, seen = [], []
+    hook = _LeftPadHook()
+    hook.handle = module.register_forward_pre_hook(hook, with_kwargs=True)
 
-    def hook(mod, args, kwargs):
+
+class _LeftPadHook:
+    """:func:`watch_left_padding`'s hook: an object, not a closure, so a model that carries it
+    still pickles (``torch.save(model)``); a copy loaded from a pickle no longer watches."""
+
+    def __init__(self):
+        self.done, self.seen, self.handle = False, 0, None
+
+    def __getstate__(self):
+        return {"done": True, "seen": self.seen, "handle": None}
+
+    def __call__(self, mod, args, kwargs):
         mask = kwargs.get("attention_mask")
-        if done or (isinstance(mask, Tensor)
-                    and torch._C._functorch.is_functorch_wrapped_tensor(mask)):
+        if self.done or (isinstance(mask, Tensor)
+                         and torch._C._functorch.is_functorch_wrapped_tensor(mask)):
             return None
         level, name = _outer_call()
         if level == 0:  # the user's own forward, not an attribution
             return None
-        seen.append(True)
+        self.seen += 1
         masked = isinstance(mask, Tensor) and mask.ndim == 2
         real = mask != 0 if masked else None
         # no mask, or a mask of ones (a one-row probe, an unpadded batch), says nothing of the
         # side: up to _LOOKS library forwards are read for one with padding, then the hook goes
-        if len(seen) < _LOOKS and (not masked or (kwargs.get("position_ids") is None
+        if self.seen < _LOOKS and (not masked or (kwargs.get("position_ids") is None
                                                   and bool(real.all()))):
             return None
-        done.append(True)
-        handle.remove()
+        self.done = True
+        if self.handle is not None:
+            self.handle.remove()
         _WATCHED.discard(mod)
         if not masked or kwargs.get("position_ids") is not None:
             return None
@@ -192,8 +205,6 @@ def watch_left_padding(module: nn.Module) -> None:
                 "from the first real token, (attention_mask.cumsum(1) - 1).clamp(min=0), or pad "
                 "on the right.", stacklevel=level)
         return None
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _encoder_prefix(module) -> str | None:
