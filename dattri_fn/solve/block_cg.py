@@ -42,7 +42,16 @@ from torch import Tensor
 
 from .._checks import all_finite, check_int, check_optional_int, check_positive, check_tensor
 from .._types import LinOp
-from .cg import HALF, CGResult, _damped, _preconditioner, _wider, resolution_warning, true_residual
+from .cg import (
+    HALF,
+    CGResult,
+    _damped,
+    _preconditioner,
+    _wider,
+    resolution_warning,
+    true_residual,
+    user_level,
+)
 from .explicit import as_operator, check_rhs
 
 __all__ = ["NotPositiveDefiniteError", "block_cg_solve", "ihvp_block_cg"]
@@ -231,8 +240,8 @@ def _settings(func: str, op, damping, rtol, atol, max_iter, M, block_size):
     return A, matmat, precond, damping, rtol, atol, max_iter, block_size
 
 
-def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_size, damping,
-           stacklevel: int) -> CGResult:
+def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_size,
+           damping) -> CGResult:
     tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
     parts = [_block(matmat, precond, V[s:s + block_size], tol[s:s + block_size], max_iter, where)
              for s in range(0, V.shape[0], block_size)]
@@ -250,7 +259,7 @@ def _solve(func, where, matmat, precond, V: Tensor, rtol, atol, max_iter, block_
         norms = true.to(norms.dtype)
     if not bool(converged.all()):
         warnings.warn(_not_reached(func, V, norms, converged, iters, spent, claimed, rtol, atol,
-                                   max_iter, damping), RuntimeWarning, stacklevel=stacklevel)
+                                   max_iter, damping), RuntimeWarning, stacklevel=user_level())
     return CGResult(X, iters, norms, converged, torch.zeros_like(converged))
 
 
@@ -306,9 +315,9 @@ def block_cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6,
     B2 = B.unsqueeze(0) if vector else B
     check_tensor(func, "B", B2, ndim=2, dim_size={1: A.dim})
     check_rhs(func, B2, A.dtype, A.device)
-    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
+    resolution_warning(func, rtol, atol, A.dtype)
     res = _solve(func, f"{func}(op=...)", matmat, precond, B2, rtol, atol, max_iter, block_size,
-                 damping, 3)
+                 damping)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else res
 
 
@@ -336,11 +345,11 @@ def ihvp_block_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float =
     """
     A, matmat, precond, damping, rtol, atol, max_iter, block_size = _settings(
         func, op, damping, rtol, atol, max_iter, M, block_size)
-    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
+    resolution_warning(func, rtol, atol, A.dtype)
 
     def solve(V: Tensor) -> Tensor:  # [k, P]: LinOp's call adds the row dim of a vector
         check_rhs(func, V, A.dtype, A.device)
         return _solve(func, f"{func}({arg}=...)", matmat, precond, V, rtol, atol, max_iter,
-                      block_size, damping, 4).x
+                      block_size, damping).x
 
     return LinOp(solve, A.dim, A.dtype, A.device, name=func)

@@ -43,13 +43,21 @@ NEGATIVE_CURVATURE = ("stop", "continue")
 HALF = (torch.float16, torch.bfloat16)
 
 
+
+def user_level() -> int:
+    """``warnings.warn``'s ``stacklevel``, for the function calling this, of the first frame
+    outside dattri_fn: a solver's warning points at the user's line whether the user called the
+    solver or a method (``influence``) that did."""
+    from ..transforms.layer_grads_plan import user_stacklevel
+
+    return user_stacklevel() - 1
+
 def _wider(dtype: torch.dtype) -> list[str]:
     eps = torch.finfo(dtype).eps
     return [w for w in ("float32", "float64") if torch.finfo(getattr(torch, w)).eps < eps]
 
 
-def resolution_warning(func: str, rtol: float, atol: float, dtype: torch.dtype,
-                       stacklevel: int) -> None:
+def resolution_warning(func: str, rtol: float, atol: float, dtype: torch.dtype) -> None:
     """Warn when ``rtol`` (with ``atol = 0``) is below ``eps(dtype)``: no solve in ``dtype``
     can reach or check a relative residual that small."""
     eps = torch.finfo(dtype).eps
@@ -62,7 +70,7 @@ def resolution_warning(func: str, rtol: float, atol: float, dtype: torch.dtype,
     fix = f"compute in {' or '.join(wider)}, or " if wider else ""
     warnings.warn(f"{func}(rtol=...): expected rtol >= {eps:.3g}, what {dt} resolves, got "
                   f"rtol={rtol:g} with atol=0; {how}. {(fix + 'pass').capitalize()} "
-                  f"rtol >= {eps:.3g}.", RuntimeWarning, stacklevel=stacklevel + 1)
+                  f"rtol >= {eps:.3g}.", RuntimeWarning, stacklevel=user_level())
 
 
 def true_residual(matmat, B: Tensor, X: Tensor) -> Tensor:
@@ -154,7 +162,7 @@ def _judged(matmat, B: Tensor, res: tuple, tol: Tensor, stop_on_negative: bool):
 
 
 def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damping,
-                    stacklevel: int, stop_on_negative: bool = True, claimed=None) -> None:
+                    stop_on_negative: bool = True, claimed=None) -> None:
     X, iters, res_norm, converged, negative = res
     if not all_finite(X):
         raise ValueError(f"{func}(op=...): expected an operator returning finite values, got "
@@ -169,7 +177,7 @@ def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damp
             f"{func}: negative curvature p^T (A + damping*I) p <= 0 met in {num_neg} of {k} "
             f"rows (the operator is indefinite or singular); those rows stopped at their last "
             f"iterate (negative_curvature=True). Raise damping (now {damping:g}) above "
-            f"-lambda_min(A).", RuntimeWarning, stacklevel=stacklevel)
+            f"-lambda_min(A).", RuntimeWarning, stacklevel=user_level())
     num_slow = num_bad - num_neg
     if not num_slow:
         return
@@ -184,7 +192,7 @@ def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damp
             f"{func}: {num_slow} of {k} rows did not reach rtol={rtol:g}, atol={atol:g} within "
             f"max_iter={max_iter} (worst relative residual {float(rel[slow].max()):.3g}). Raise "
             f"max_iter, or raise damping (now {damping:g}) to improve the conditioning{hint}.",
-            RuntimeWarning, stacklevel=stacklevel)
+            RuntimeWarning, stacklevel=user_level())
         return
     dt = str(B.dtype)[6:]
     parts, fixes = [], []
@@ -205,7 +213,7 @@ def _warn_and_check(func: str, res: tuple, B: Tensor, rtol, atol, max_iter, damp
     warnings.warn(
         f"{func}: {num_slow} of {k} rows did not reach rtol={rtol:g}, atol={atol:g}: "
         f"{'; '.join(parts)}. {fix[0].upper() + fix[1:]}, or raise damping (now {damping:g}) to "
-        f"improve the conditioning.", RuntimeWarning, stacklevel=stacklevel)
+        f"improve the conditioning.", RuntimeWarning, stacklevel=user_level())
 
 
 def _negative_rule(func: str, negative_curvature) -> bool:
@@ -346,13 +354,13 @@ def cg_solve(op, B: Tensor, *, damping: float = 0.0, rtol: float = 1e-6, atol: f
             raise ValueError(f"{func}(x0=...): expected shape {list(B.shape)} (like B), "
                              f"got {list(x0.shape)}.")
         X0 = check_rhs(func, x0.unsqueeze(0) if vector else x0, A.dtype, A.device)
-    resolution_warning(func, rtol, atol, A.dtype, stacklevel=2)
+    resolution_warning(func, rtol, atol, A.dtype)
     tol = torch.clamp(rtol * B2.norm(dim=1), min=atol)
     precond = _preconditioner(func, M, A, damping)
     matmat = _damped(A, damping)
     res, claimed = _judged(matmat, B2, _cg(matmat, B2, X0, tol, max_iter, precond, stop), tol,
                            stop)
-    _warn_and_check(func, res, B2, rtol, atol, max_iter, damping, stacklevel=3,
+    _warn_and_check(func, res, B2, rtol, atol, max_iter, damping,
                     stop_on_negative=stop, claimed=claimed)
     return CGResult(*(t.squeeze(0) for t in res)) if vector else CGResult(*res)
 
@@ -401,7 +409,7 @@ def ihvp_cg(op, *, damping: float = 0.0, rtol: float = 1e-6, atol: float = 0.0,
         tol = torch.clamp(rtol * V.norm(dim=1), min=atol)
         res, claimed = _judged(matmat, V, _cg(matmat, V, None, tol, max_iter, precond, stop),
                                tol, stop)
-        _warn_and_check(func, res, V, rtol, atol, max_iter, damping, stacklevel=4,
+        _warn_and_check(func, res, V, rtol, atol, max_iter, damping,
                         stop_on_negative=stop, claimed=claimed)
         return res[0]
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._checks import _msg, check_int, check_positive
 from .._types import Batch, LinOp
 from ..operators.stochastic import SampledLinOp, sampled_op
+from .cg import user_level
 from .explicit import as_operator, check_rhs
 
 # Divergence is tested every few steps (one device sync each), not every step.
@@ -173,7 +174,7 @@ def _check_residual(func: str, A: LinOp, X: Tensor, V: Tensor, vnorm: Tensor, da
                       f"|(A + damping I) x - v| / |v| above {_RTOL:g} after depth={depth} steps "
                       f"(worst {worst:.3g}): the series is truncated, or A + damping I is "
                       f"singular or ill-conditioned. Raise depth (now {depth}) or damping (now "
-                      f"{damping:g}).", RuntimeWarning, stacklevel=4)
+                      f"{damping:g}).", RuntimeWarning, stacklevel=user_level())
 
 
 def _note_truncation(func: str, A: SampledLinOp, damping: float, scale: float, depth: int,
@@ -192,7 +193,7 @@ def _note_truncation(func: str, A: SampledLinOp, damping: float, scale: float, d
                   f"damping={damping:g}), more than {_RTOL:g} of v is left along directions where "
                   f"A + damping I is below {cut:.3g}; every direction is reached with {need}. "
                   f"To check an answer, compare it with depth={2 * depth}.", RuntimeWarning,
-                  stacklevel=4)
+                  stacklevel=user_level())
 
 
 def _check_divergence(func: str, H: Tensor, vnorm: Tensor, j: int, scale: float,
